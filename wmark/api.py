@@ -1,0 +1,158 @@
+"""High-level, keyword-only functions over files: what the CLI calls, usable from Python as well.
+
+Example:
+    >>> import tempfile, os
+    >>> from wmark.api import keygen
+    >>> path = os.path.join(tempfile.mkdtemp(), "acme.key")
+    >>> info = keygen(owner="ACME Corp", out=path)
+    >>> oct(os.stat(path).st_mode & 0o777)
+    '0o600'
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wmark.attacks import finetune as finetune_attack
+from wmark.attacks import prune as prune_attack
+from wmark.attacks import quantize as quantize_attack
+from wmark.data import load_dataset
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.io import read_metadata, save_model, wmark_metadata
+from wmark.keys import generate_key, load_key, save_key
+from wmark.models import build_model, load_model, model_metadata
+from wmark.suspects import LocalSuspect
+from wmark.training import accuracy, make_loader, train_epochs
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, verify_blackbox
+
+PathLike = str | os.PathLike[str]
+
+
+def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
+           num_triggers: int = 100, overwrite: bool = False) -> dict[str, Any]:
+    """Generate a key, write it (mode 0600) and return its public description with the commitment."""
+    if Path(out).exists() and not overwrite:
+        raise UsageError(f"{out} already exists; refusing to overwrite a key (pass --force to replace it).")
+    key = generate_key(owner=owner, num_classes=num_classes, input_shape=tuple(input_shape),
+                       num_triggers=num_triggers)
+    save_key(key, out)
+    return {"commitment": key.commitment(), **key.public_params()}
+
+
+def _fit(model: torch.nn.Module, loader: Any, *, epochs: int, lr: float, progress: bool, desc: str) -> float:
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    start = time.perf_counter()
+    train_epochs(model, loader, epochs=epochs, optimizer=optimizer, progress=progress, desc=desc)
+    return time.perf_counter() - start
+
+
+def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0, lr: float = 1e-3,
+          batch_size: int = 64, max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train a model from scratch (no watermark) and save it; returns its test accuracy and timing."""
+    ds = load_dataset(data).subset(max_samples=max_samples)
+    model = build_model(arch, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed)
+    seconds = _fit(model, make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed),
+                   epochs=epochs, lr=lr, progress=progress, desc="train")
+    acc = accuracy(model, ds.x_test, ds.y_test)
+    save_model(model, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
+                                                   input_shape=ds.input_shape, seed=seed, test_accuracy=acc))
+    return {"out": str(out), "test_accuracy": acc, "seconds": seconds}
+
+
+def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
+          schemes: Sequence[str] = ("trigger",), epochs: int = 2, seed: int = 0, lr: float = 5e-4,
+          batch_size: int = 64, trigger_per_batch: int = 4, max_samples: int | None = None,
+          progress: bool = False) -> dict[str, Any]:
+    """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
+
+    With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity
+    and overhead measurements.
+    """
+    k = load_key(key)
+    ds = load_dataset(data).subset(max_samples=max_samples)
+    _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    model, _ = load_model(arch, weights, num_classes=ds.num_classes, input_shape=ds.input_shape)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    loader = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
+    wm = Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch) if schemes else None
+    if wm is not None:
+        model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
+    start = time.perf_counter()
+    try:
+        train_epochs(model, loader, epochs=epochs, optimizer=optimizer, progress=progress, desc="embed")
+    finally:
+        if wm is not None:
+            wm.detach()
+    seconds = time.perf_counter() - start
+    acc = accuracy(model, ds.x_test, ds.y_test)
+    meta = model_metadata(arch=arch, num_classes=ds.num_classes, input_shape=ds.input_shape, test_accuracy=acc)
+    if wm is not None:
+        meta.update(wm.metadata())
+    save_model(model, out, metadata=meta)
+    return {"out": str(out), "test_accuracy": acc, "seconds": seconds, "schemes": list(schemes)}
+
+
+def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: tuple[int, ...]) -> None:
+    if key_c != c:
+        raise UsageError(f"The key is for {key_c} classes but the data has {c}; make a key with --classes {c}.")
+    if tuple(key_shape) != tuple(shape):
+        raise UsageError(
+            f"The key's input shape {key_shape} differs from the data's {shape}; make a key with "
+            f"--input-shape {','.join(map(str, shape))}."
+        )
+
+
+def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
+           mode: Mode = "sequential", max_queries: int | None = None, labels_only: bool = True,
+           progress: bool = False) -> Verdict:
+    """Black-box verification of a model file: query it on the key's triggers and test the matches."""
+    k = load_key(key)
+    model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
+                         expose_scores=not labels_only)
+    return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries, progress=progress)
+
+
+def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str | None = None, epochs: int = 5,
+           lr: float = 1e-3, layers: str = "all", sparsity: float = 0.5, bits: int = 8, seed: int = 0,
+           max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Apply one attack to a model file and write the attacked copy; returns its test accuracy if data is given."""
+    model, metadata = load_model(arch, weights)
+    meta = wmark_metadata(metadata)
+    ds = load_dataset(data).subset(max_samples=max_samples) if data else None
+    params: dict[str, Any]
+    if kind == "finetune":
+        if ds is None:
+            raise UsageError("The finetune attack needs --data (the attacker's own training data).")
+        attacked = finetune_attack(model, x=ds.x_train, y=ds.y_train, epochs=epochs, lr=lr, layers=layers,
+                                   seed=seed, progress=progress)
+        params = {"epochs": epochs, "lr": lr, "layers": layers, "samples": len(ds.x_train), "seed": seed}
+    elif kind == "prune":
+        attacked = prune_attack(model, sparsity=sparsity)
+        params = {"sparsity": sparsity}
+    elif kind == "quantize":
+        attacked = quantize_attack(model, bits=bits)
+        params = {"bits": bits}
+    else:
+        raise UsageError(f"Unknown attack {kind!r}.")
+    keep = {k: v for k, v in meta.items() if k in ("arch", "num_classes", "input_shape")}
+    acc = accuracy(attacked, ds.x_test, ds.y_test) if ds is not None else None
+    save_model(attacked, out, metadata={**keep, "attack": {"kind": kind, **params}, "test_accuracy": acc})
+    return {"out": str(out), "attack": kind, "params": params, "test_accuracy": acc}
+
+
+def inspect(*, path: PathLike) -> dict[str, Any]:
+    """The ``wmark.*`` metadata of a model file (plus ``format``)."""
+    raw = read_metadata(path)
+    out = wmark_metadata(raw)
+    if "format" in raw:
+        out["format"] = raw["format"]
+    return out

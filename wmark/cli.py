@@ -1,0 +1,219 @@
+"""The ``wmark`` command line: a thin click shell over :mod:`wmark.api`.
+
+Exit codes: 0 detected / success, 1 not detected, 2 usage error (bad option, missing or corrupt file,
+mismatched key), 3 runtime error (a suspect that fails or answers garbage).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from wmark import __version__, api
+from wmark.errors import WmarkError
+
+EXIT_HELP = """\b
+Exit codes:
+  0  detected (verify) or success
+  1  not detected (verify)
+  2  usage error: bad option, missing/corrupt file, mismatched key
+  3  runtime error: the suspect failed or answered garbage"""
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WmarkError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(3)
+        except Exception as exc:
+            if os.environ.get("WMARK_DEBUG"):
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (set WMARK_DEBUG=1 for a traceback)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def _shape(value: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes, e.g. 1,28,28") from None
+    if not shape or any(s <= 0 for s in shape):
+        raise click.BadParameter("sizes must be positive")
+    return shape
+
+
+def _emit(doc: dict[str, Any], as_json: bool, summary: str) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else summary)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("WMARK_PROGRESS"))
+
+
+ARCH_HELP = "built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp) or package.module:factory"
+DATA_HELP = "fashion-mnist[:DIR], digits, or a .safetensors file with tensors x and y"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+             epilog=EXIT_HELP)
+@click.version_option(__version__, prog_name="wmark")
+def main() -> None:
+    """Prove who owns a machine-learning model: keyed watermarks and exact hypothesis tests."""
+
+
+@main.command(epilog=EXIT_HELP)
+@click.option("--owner", required=True, help="Who claims the models this key marks.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Key file to write (mode 0600).")
+@click.option("--classes", "num_classes", default=10, show_default=True, help="Number of model classes.")
+@click.option("--input-shape", default="1,28,28", show_default=True, help="Shape of one input, C,H,W.")
+@click.option("--triggers", "num_triggers", default=100, show_default=True, help="Trigger-set size.")
+@click.option("--force", is_flag=True, help="Overwrite an existing key file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the public key description as JSON.")
+@_handle_errors
+def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_triggers: int, force: bool,
+           as_json: bool) -> None:
+    """Make a secret key file and print its public commitment (publish it before release)."""
+    info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
+                      num_triggers=num_triggers, overwrite=force)
+    _emit(info, as_json, f"wrote {out} (mode 0600, keep it secret)\ncommitment: {info['commitment']}")
+
+
+@main.command(epilog=EXIT_HELP)
+@click.option("--arch", required=True, help=ARCH_HELP)
+@click.option("--data", required=True, help=DATA_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
+@click.option("--epochs", default=3, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of initialisation and data order.")
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--batch-size", default=64, show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
+@_handle_errors
+def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, batch_size: int,
+          max_samples: int | None) -> None:
+    """Train a model without a watermark (a base model, or an independent reference)."""
+    info = api.train(arch=arch, data=data, out=out, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
+                     max_samples=max_samples, progress=_progress())
+    click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
+
+
+@main.command(epilog=EXIT_HELP)
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Owner key file.")
+@click.option("--arch", required=True, help=ARCH_HELP)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="Model to fine-tune.")
+@click.option("--data", required=True, help=DATA_HELP)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Marked model to write.")
+@click.option("--scheme", default="trigger", show_default=True, help="Comma-separated schemes to embed.")
+@click.option("--epochs", default=2, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--trigger-per-batch", default=4, show_default=True, help="Trigger samples mixed into each batch.")
+@click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
+@_handle_errors
+def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,
+          trigger_per_batch: int, max_samples: int | None) -> None:
+    """Fine-tune a model with the key's watermark and write the marked model."""
+    schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
+    info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
+                     lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
+                     progress=_progress())
+    click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
+
+
+@main.command(epilog=EXIT_HELP)
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Owner key file.")
+@click.option("--arch", required=True, help=ARCH_HELP)
+@click.option("--suspect", required=True, help="Suspect model file (.safetensors).")
+@click.option("--alpha", default=1e-6, show_default=True, help="Bound on the false-accusation probability.")
+@click.option("--mode", type=click.Choice(["sequential", "fixed"]), default="sequential", show_default=True,
+              help="sequential: stop once the evidence suffices (anytime-valid); fixed: ask the whole budget.")
+@click.option("--max-queries", type=int, default=None, help="Query budget (default: every trigger).")
+@click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
+@_handle_errors
+def verify(key: str, arch: str, suspect: str, alpha: float, mode: str, max_queries: int | None,
+           with_scores: bool, as_json: bool) -> None:
+    """Query a suspect on the key's triggers; exit 0 if the watermark is detected, 1 if not."""
+    verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
+                         max_queries=max_queries, labels_only=not with_scores, progress=_progress())
+    doc = verdict.to_dict()
+    summary = (f"{doc['decision']} ({doc['kind']}): log10 p = {doc['log10_p']:.2f} at alpha = {alpha:g}, "
+               f"{doc['matches']} matches in {doc['queries']} queries")
+    if doc["message"]:
+        summary += f"\n{doc['message']}"
+    _emit(doc, as_json, summary)
+    sys.exit(0 if verdict.detected else 1)
+
+
+@main.group(epilog=EXIT_HELP)
+def attack() -> None:
+    """Attack a model file the way a thief would (for evaluation)."""
+
+
+def _attack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--out", required=True, type=click.Path(dir_okay=False), help="Attacked copy to write.")(fn)
+    fn = click.option("--weights", required=True, type=click.Path(dir_okay=False), help="Model to attack.")(fn)
+    fn = click.option("--arch", required=True, help=ARCH_HELP)(fn)
+    return fn
+
+
+def _report_attack(info: dict[str, Any]) -> None:
+    acc = info["test_accuracy"]
+    click.echo(f"wrote {info['out']} ({info['attack']})" + (f": test accuracy {acc:.4f}" if acc is not None else ""))
+
+
+@attack.command("finetune", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--data", required=True, help=DATA_HELP + " (the attacker's own data)")
+@click.option("--epochs", default=5, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--layers", type=click.Choice(["all", "last", "reinit-last"]), default="all", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
+@_handle_errors
+def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, lr: float, layers: str, seed: int,
+                    max_samples: int | None) -> None:
+    """Fine-tune the model on the attacker's data."""
+    _report_attack(api.attack(kind="finetune", arch=arch, weights=weights, out=out, data=data, epochs=epochs,
+                              lr=lr, layers=layers, seed=seed, max_samples=max_samples, progress=_progress()))
+
+
+@attack.command("prune", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--sparsity", default=0.5, show_default=True, help="Fraction of weights zeroed (global magnitude).")
+@click.option("--data", default=None, help="Optional test data to report accuracy on.")
+@_handle_errors
+def attack_prune(arch: str, weights: str, out: str, sparsity: float, data: str | None) -> None:
+    """Zero the smallest weights globally."""
+    _report_attack(api.attack(kind="prune", arch=arch, weights=weights, out=out, sparsity=sparsity, data=data))
+
+
+@attack.command("quantize", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--bits", default=8, show_default=True, help="Bits per weight (symmetric, per output channel).")
+@click.option("--data", default=None, help="Optional test data to report accuracy on.")
+@_handle_errors
+def attack_quantize(arch: str, weights: str, out: str, bits: int, data: str | None) -> None:
+    """Quantize weights (stored de-quantized, loadable by the same architecture)."""
+    _report_attack(api.attack(kind="quantize", arch=arch, weights=weights, out=out, bits=bits, data=data))
+
+
+@main.command(epilog=EXIT_HELP)
+@click.argument("path", type=click.Path(dir_okay=False))
+@_handle_errors
+def inspect(path: str) -> None:
+    """Show a model file's wmark.* metadata."""
+    click.echo(json.dumps(api.inspect(path=path), indent=2, sort_keys=True))

@@ -1,0 +1,166 @@
+"""Datasets: Fashion-MNIST from Debian's ``dataset-fashion-mnist``, scikit-learn's digits, or a file.
+
+Nothing is ever downloaded. A dataset spec is one of:
+
+* ``fashion-mnist`` or ``fashion-mnist:DIR`` — the four IDX files (``.gz`` or not) in DIR, default
+  ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``);
+* ``digits`` — scikit-learn's bundled 8×8 digits (1,797 images), split 80/20 with a fixed seed;
+* ``PATH.safetensors`` — tensors ``x`` (N×…) and ``y`` (N,), optional ``x_test``/``y_test``.
+
+Images are float32 in [0, 1] with a channel dimension (N×1×H×W); labels are int64.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from wmark.errors import UsageError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and test tensors of one dataset.
+
+    Attributes:
+        name: The spec it was loaded from.
+        x_train: Float32 inputs, N×C×H×W (or N×D), values in [0, 1].
+        y_train: Int64 labels.
+        x_test: Held-out inputs.
+        y_test: Held-out labels.
+        num_classes: Number of classes.
+    """
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def subset(self, *, max_samples: int | None) -> Dataset:
+        """The first ``max_samples`` training examples (the test set is kept whole)."""
+        if max_samples is None or max_samples >= len(self.x_train):
+            return self
+        return Dataset(self.name, self.x_train[:max_samples], self.y_train[:max_samples],
+                       self.x_test, self.y_test, self.num_classes)
+
+    def split(self, *, owner_fraction: float = 0.5, seed: int = 0) -> tuple[Dataset, Dataset]:
+        """Split the training set once into an owner's part and an attacker's part (test set shared)."""
+        gen = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(self.x_train), generator=gen)
+        cut = int(round(owner_fraction * len(order)))
+        parts = []
+        for idx in (order[:cut], order[cut:]):
+            parts.append(Dataset(self.name, self.x_train[idx], self.y_train[idx],
+                                 self.x_test, self.y_test, self.num_classes))
+        return parts[0], parts[1]
+
+
+def load_dataset(spec: str) -> Dataset:
+    """Load a dataset from a spec string (see the module docstring).
+
+    Raises:
+        UsageError: If the data is not on this machine, with the command that installs it.
+    """
+    name, _, arg = spec.partition(":")
+    if name == "fashion-mnist":
+        return _load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR, spec)
+    if name == "digits":
+        return _load_digits()
+    if spec.endswith(".safetensors"):
+        return _load_file(Path(spec))
+    raise UsageError(
+        f"Unknown dataset {spec!r}; use fashion-mnist[:DIR], digits, or a .safetensors file with x and y."
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise UsageError(f"Cannot read {path} ({exc}); reinstall with `apt-get install --reinstall dataset-fashion-mnist`.") from None
+    if len(raw) < 4:
+        raise UsageError(f"{path} is truncated.")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UsageError(f"{path} is not an unsigned-byte IDX file.")
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise UsageError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {body.size}.")
+    return body.reshape(dims)
+
+
+def _find(directory: Path, stem: str) -> Path:
+    for candidate in (directory / f"{stem}.gz", directory / stem):
+        if candidate.is_file():
+            return candidate
+    raise UsageError(
+        f"Fashion-MNIST file {stem} not found in {directory}; install it with "
+        "`sudo apt-get install dataset-fashion-mnist` or pass fashion-mnist:DIR."
+    )
+
+
+def _load_fashion_mnist(directory: Path, spec: str) -> Dataset:
+    if not directory.is_dir():
+        raise UsageError(
+            f"Fashion-MNIST directory {directory} does not exist; install it with "
+            "`sudo apt-get install dataset-fashion-mnist` or pass fashion-mnist:DIR."
+        )
+    arrays = [_read_idx(_find(directory, stem)) for stem in (
+        "train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")]
+    xtr, ytr, xte, yte = arrays
+
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
+
+    return Dataset(spec, images(xtr), torch.from_numpy(ytr.astype(np.int64)),
+                   images(xte), torch.from_numpy(yte.astype(np.int64)), 10)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = torch.from_numpy((bunch.images / 16.0).astype(np.float32)).unsqueeze(1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(x))
+    tr, te = order[:cut], order[cut:]
+    return Dataset("digits", x[tr], y[tr], x[te], y[te], 10)
+
+
+def _load_file(path: Path) -> Dataset:
+    from wmark.io import load_tensors
+
+    tensors, _ = load_tensors(path)
+    if "x" not in tensors or "y" not in tensors:
+        raise UsageError(f"{path} must hold tensors named 'x' and 'y' (found {sorted(tensors)}).")
+    x, y = tensors["x"].float(), tensors["y"].long()
+    if len(x) != len(y):
+        raise UsageError(f"{path}: x has {len(x)} rows but y has {len(y)}.")
+    if "x_test" in tensors and "y_test" in tensors:
+        xte, yte = tensors["x_test"].float(), tensors["y_test"].long()
+    else:
+        cut = int(0.8 * len(x))
+        x, xte, y, yte = x[:cut], x[cut:], y[:cut], y[cut:]
+    num_classes = int(max(y.max().item(), yte.max().item() if len(yte) else 0)) + 1
+    return Dataset(os.fspath(path), x, y, xte, yte, num_classes)

@@ -1,0 +1,104 @@
+"""Embed watermarks in the user's own training loop.
+
+One entry point, in the spirit of opacus' ``PrivacyEngine.make_private``: hand your model, optimizer and
+data loader to :meth:`Watermarker.attach` and train with what it gives back. The watermarker owns what it
+attached (wrapped loaders, optimizer hooks); :meth:`Watermarker.detach` removes them, and attaching twice
+is an error.
+
+Example:
+    >>> import torch
+    >>> from wmark.keys import generate_key
+    >>> from wmark.models import build_model
+    >>> from wmark.training import make_loader
+    >>> key = generate_key(owner="ACME", num_classes=10, input_shape=(1, 28, 28))
+    >>> model = build_model("fmnist-cnn", num_classes=10, input_shape=(1, 28, 28))
+    >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    >>> loader = make_loader(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), batch_size=32)
+    >>> wm = Watermarker(key, schemes=("trigger",))
+    >>> model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
+    >>> x, y = next(iter(loader))
+    >>> x.shape[0]  # 32 ordinary samples + 4 triggers
+    36
+    >>> wm.detach()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+from wmark.keys import Key
+from wmark.schemes import trigger_set
+
+KNOWN_SCHEMES = ("trigger",)
+
+
+class Watermarker:
+    """Adds one or more watermark schemes to a training loop.
+
+    Args:
+        key: The owner's key; every trigger and label is derived from it.
+        schemes: Which schemes to embed.
+        trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
+
+    Raises:
+        UsageError: On an unknown scheme.
+    """
+
+    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 4) -> None:
+        unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
+        if unknown:
+            raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
+        if not schemes:
+            raise UsageError("Name at least one scheme to embed.")
+        self.key = key
+        self.schemes = tuple(schemes)
+        self.trigger_per_batch = trigger_per_batch
+        self._attached = False
+        self._triggers: trigger_set.TriggerSet | None = None
+
+    @property
+    def triggers(self) -> trigger_set.TriggerSet:
+        """The key's trigger set (generated on first use)."""
+        if self._triggers is None:
+            self._triggers = trigger_set.generate_triggers(self.key)
+        return self._triggers
+
+    def attach(self, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+               data_loader: Iterable | None = None) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
+        """Prepare a training loop; returns ``(model, optimizer, data_loader)`` to train with.
+
+        Raises:
+            UsageError: If already attached, or if a scheme lacks what it needs (a data loader for the
+                trigger scheme).
+        """
+        if self._attached:
+            raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "trigger" in self.schemes:
+            if data_loader is None:
+                raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's loader).")
+            data_loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch)
+        self._attached = True
+        return model, optimizer, data_loader
+
+    def wrap_dataset(self, dataset: torch.utils.data.Dataset, *, repeats: int = 10) -> torch.utils.data.Dataset:
+        """Append the triggers to a dataset, for frameworks that build their own loader (HF Trainer, Lightning)."""
+        return trigger_set.TriggerMixingDataset(dataset, self.triggers, repeats=repeats)
+
+    def detach(self) -> None:
+        """Release everything attach() installed. Safe to call when not attached."""
+        self._attached = False
+
+    def metadata(self) -> dict[str, Any]:
+        """``wmark.*`` metadata for the marked model's file: schemes, parameters, commitment; never the secret."""
+        return {
+            "schemes": list(self.schemes),
+            "commitment": self.key.commitment(),
+            "owner": self.key.owner,
+            "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
+            "trigger_per_batch": self.trigger_per_batch,
+        }

@@ -1,0 +1,214 @@
+"""Owner keys: a 256-bit secret, the public parameters it is bound to, and a public commitment.
+
+Every random choice a watermark makes (trigger inputs, their labels, the query order, projection
+matrices) is derived from the secret with HMAC-SHA256 under a purpose string and then expanded with
+SHAKE-256. The derivation uses only the standard library, so the same key regenerates the same watermark
+on any machine and any numpy/torch version, and nobody can choose triggers after seeing a model.
+
+Example:
+    >>> key = generate_key(owner="ACME Corp", num_classes=10, input_shape=(1, 28, 28))
+    >>> len(key.commitment())
+    64
+    >>> key.labels("trigger/labels", 5).tolist() == key.labels("trigger/labels", 5).tolist()
+    True
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import hmac
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import UsageError
+from wmark.io import atomic_write
+
+KEY_FORMAT = "wmark-key/1"
+DEFAULT_TRIGGERS = 100
+
+
+@dataclass(frozen=True)
+class Key:
+    """A watermarking key.
+
+    Attributes:
+        owner: Who claims the model, as it will appear in reports.
+        secret: 32 random bytes. Never logged, never written into models or reports.
+        num_classes: Number of output classes of the models this key marks.
+        input_shape: Shape of one model input, without the batch dimension.
+        schemes: Public per-scheme parameters, fixed at key generation so the commitment covers them.
+        created: ISO-8601 UTC timestamp of key generation.
+    """
+
+    owner: str
+    secret: bytes = field(repr=False)
+    num_classes: int
+    input_shape: tuple[int, ...]
+    schemes: dict[str, dict[str, Any]]
+    created: str
+
+    def public_params(self) -> dict[str, Any]:
+        """Everything about the key except the secret."""
+        return {
+            "format": KEY_FORMAT,
+            "owner": self.owner,
+            "num_classes": self.num_classes,
+            "input_shape": list(self.input_shape),
+            "schemes": self.schemes,
+            "created": self.created,
+        }
+
+    def secret_hash(self) -> str:
+        """Domain-separated SHA-256 of the secret (safe to publish: the secret has 256 bits of entropy)."""
+        return hashlib.sha256(b"wmark/secret-hash\x00" + self.secret).hexdigest()
+
+    def commitment(self) -> str:
+        """Hex SHA-256 over the canonical public parameters and the secret's hash.
+
+        Publish or timestamp this before releasing a model; revealing the key later lets anyone
+        recompute it.
+        """
+        doc = {"public": self.public_params(), "secret_sha256": self.secret_hash()}
+        return hashlib.sha256(_canonical(doc)).hexdigest()
+
+    def fingerprint(self) -> str:
+        """Short identifier (first 16 hex digits of the commitment) for logs and file metadata."""
+        return self.commitment()[:16]
+
+    def derive(self, purpose: str, nbytes: int) -> bytes:
+        """Pseudo-random bytes for one purpose: SHAKE-256 over HMAC-SHA256(secret, purpose)."""
+        seed = hmac.new(self.secret, purpose.encode(), hashlib.sha256).digest()
+        return hashlib.shake_256(seed).digest(nbytes)
+
+    def uniform(self, purpose: str, shape: tuple[int, ...] | int) -> np.ndarray:
+        """Floats uniform on [0, 1) with 32 bits of resolution, derived from the key."""
+        count = int(np.prod(shape))
+        raw = np.frombuffer(self.derive(purpose, 4 * count), dtype="<u4").astype(np.float64)
+        return (raw / 2.0**32).reshape(shape)
+
+    def normal(self, purpose: str, shape: tuple[int, ...] | int) -> np.ndarray:
+        """Standard normal floats (Box-Muller over :meth:`uniform`), derived from the key."""
+        count = int(np.prod(shape))
+        half = (count + 1) // 2
+        u = self.uniform(purpose, 2 * half).reshape(2, half)
+        radius = np.sqrt(-2.0 * np.log1p(-u[0]))
+        z = np.concatenate([radius * np.cos(2 * math.pi * u[1]), radius * np.sin(2 * math.pi * u[1])])
+        return z[:count].reshape(shape)
+
+    def labels(self, purpose: str, count: int, num_classes: int | None = None) -> np.ndarray:
+        """Labels exactly uniform on ``range(num_classes)`` by rejection sampling 32-bit words."""
+        c = self.num_classes if num_classes is None else num_classes
+        limit = (2**32 // c) * c
+        out: list[int] = []
+        block = 0
+        while len(out) < count:
+            words = np.frombuffer(self.derive(f"{purpose}#{block}", 4 * 2 * count), dtype="<u4")
+            out.extend(int(w) % c for w in words if w < limit)
+            block += 1
+        return np.asarray(out[:count], dtype=np.int64)
+
+    def permutation(self, purpose: str, n: int) -> np.ndarray:
+        """A uniformly random permutation of ``range(n)`` (sorting key-derived 64-bit words)."""
+        words = np.frombuffer(self.derive(purpose, 8 * n), dtype="<u8")
+        return np.argsort(words, kind="stable")
+
+    def seed(self, purpose: str) -> int:
+        """A 63-bit integer seed for libraries that need one (e.g. ``torch.Generator``)."""
+        return int.from_bytes(self.derive(purpose, 8), "little") >> 1
+
+
+def _canonical(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def default_schemes(num_triggers: int = DEFAULT_TRIGGERS) -> dict[str, dict[str, Any]]:
+    """Public parameters of every scheme a new key supports."""
+    return {"trigger": {"version": 1, "pattern": "lowfreq-noise", "n": int(num_triggers)}}
+
+
+def generate_key(
+    *,
+    owner: str,
+    num_classes: int = 10,
+    input_shape: tuple[int, ...] = (1, 28, 28),
+    num_triggers: int = DEFAULT_TRIGGERS,
+    schemes: dict[str, dict[str, Any]] | None = None,
+) -> Key:
+    """Make a new key with a fresh 256-bit secret from the operating system.
+
+    Args:
+        owner: Who claims the model.
+        num_classes: Classes of the models to mark (at least 2).
+        input_shape: Shape of one input, without the batch dimension.
+        num_triggers: Size of the trigger set.
+        schemes: Override the public scheme parameters (defaults: :func:`default_schemes`).
+
+    Raises:
+        UsageError: On an empty owner, fewer than two classes or a bad shape.
+    """
+    if not owner.strip():
+        raise UsageError("The owner name is empty; pass --owner \"Your Organisation\".")
+    if num_classes < 2:
+        raise UsageError(f"A key needs at least 2 classes, got {num_classes}.")
+    if not input_shape or any(int(d) <= 0 for d in input_shape):
+        raise UsageError(f"Input shape {input_shape} is not a list of positive sizes, e.g. 1,28,28.")
+    if num_triggers < 1:
+        raise UsageError(f"A key needs at least one trigger, got {num_triggers}.")
+    return Key(
+        owner=owner.strip(),
+        secret=secrets.token_bytes(32),
+        num_classes=int(num_classes),
+        input_shape=tuple(int(d) for d in input_shape),
+        schemes=schemes if schemes is not None else default_schemes(num_triggers),
+        created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+    )
+
+
+def save_key(key: Key, path: str | os.PathLike[str]) -> None:
+    """Write a key as JSON readable only by its owner (mode 0600), atomically."""
+    doc = dict(key.public_params(), secret=key.secret.hex(), commitment=key.commitment())
+    with atomic_write(path, mode=0o600) as tmp:
+        Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+def load_key(path: str | os.PathLike[str]) -> Key:
+    """Read a key written by :func:`save_key`.
+
+    Raises:
+        UsageError: If the file is missing, not a wmark key, truncated or tampered with (its stored
+            commitment no longer matches its content).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"Key file {p} does not exist; make one with `wmark keygen --owner NAME --out {p}`.")
+    try:
+        doc = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UsageError(f"Key file {p} is not valid JSON (truncated or corrupt?).") from None
+    if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
+        raise UsageError(f"{p} is not a wmark key file (expected format {KEY_FORMAT!r}).")
+    try:
+        secret = bytes.fromhex(doc["secret"])
+        key = Key(
+            owner=str(doc["owner"]),
+            secret=secret,
+            num_classes=int(doc["num_classes"]),
+            input_shape=tuple(int(d) for d in doc["input_shape"]),
+            schemes=dict(doc["schemes"]),
+            created=str(doc["created"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise UsageError(f"Key file {p} is missing fields or has malformed values.") from None
+    if len(secret) != 32:
+        raise UsageError(f"Key file {p} holds a {len(secret)}-byte secret; wmark keys hold 32 bytes.")
+    if doc.get("commitment") != key.commitment():
+        raise UsageError(f"Key file {p} does not match its own commitment: it was edited or corrupted.")
+    return key

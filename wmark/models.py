@@ -1,0 +1,158 @@
+"""Model architectures by name, and loading weights from safetensors into them.
+
+``--arch`` takes a built-in name (see :data:`BUILTIN_ARCHS`) or an importable ``package.module:factory``;
+a factory is called as ``factory(num_classes=C, input_shape=(1, 28, 28))`` and returns an ``nn.Module``.
+
+Example:
+    >>> model = build_model("fmnist-cnn", num_classes=10, input_shape=(1, 28, 28))
+    >>> model(torch.zeros(2, 1, 28, 28)).shape
+    torch.Size([2, 10])
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+from wmark.io import load_tensors
+
+
+class ConvNet(nn.Module):
+    """Two conv/ReLU/max-pool blocks and a two-layer classifier head."""
+
+    def __init__(self, *, num_classes: int, input_shape: tuple[int, ...], channels: tuple[int, int] = (16, 32),
+                 hidden: int = 128) -> None:
+        super().__init__()
+        if len(input_shape) != 3:
+            raise UsageError(f"A CNN needs inputs shaped C×H×W, got {tuple(input_shape)}.")
+        c1, c2 = channels
+        self.conv1 = nn.Conv2d(input_shape[0], c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        h, w = input_shape[1] // 4, input_shape[2] // 4
+        self.fc1 = nn.Linear(c2 * h * w, hidden)
+        self.fc2 = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+class MLP(nn.Module):
+    """A flatten → 256 → 128 → classes perceptron."""
+
+    def __init__(self, *, num_classes: int, input_shape: tuple[int, ...], hidden: tuple[int, int] = (256, 128)) -> None:
+        super().__init__()
+        d = 1
+        for s in input_shape:
+            d *= int(s)
+        self.fc1 = nn.Linear(d, hidden[0])
+        self.fc2 = nn.Linear(hidden[0], hidden[1])
+        self.fc3 = nn.Linear(hidden[1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.fc1(x.flatten(1)))
+        return self.fc3(torch.relu(self.fc2(x)))
+
+
+def _cnn(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return ConvNet(num_classes=num_classes, input_shape=input_shape)
+
+
+def _cnn_wide(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return ConvNet(num_classes=num_classes, input_shape=input_shape, channels=(32, 64), hidden=256)
+
+
+def _mlp(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    return MLP(num_classes=num_classes, input_shape=input_shape)
+
+
+BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "fmnist-cnn": _cnn,
+    "fmnist-cnn-wide": _cnn_wide,
+    "fmnist-mlp": _mlp,
+}
+
+
+def resolve_arch(arch: str) -> Callable[..., nn.Module]:
+    """The factory for a built-in name or a ``package.module:factory`` path."""
+    if arch in BUILTIN_ARCHS:
+        return BUILTIN_ARCHS[arch]
+    if ":" in arch:
+        module_name, _, attr = arch.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"Cannot import architecture {arch!r} ({exc}).") from None
+        if not callable(factory):
+            raise UsageError(f"{arch!r} is not callable; point --arch at a function that returns an nn.Module.")
+        return factory
+    raise UsageError(
+        f"Unknown architecture {arch!r}; use one of {', '.join(sorted(BUILTIN_ARCHS))} or package.module:factory."
+    )
+
+
+def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int | None = None) -> nn.Module:
+    """Instantiate an architecture; ``seed`` makes its initialisation reproducible."""
+    factory = resolve_arch(arch)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = factory(num_classes=num_classes, input_shape=tuple(input_shape))
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"Architecture {arch!r} returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, str]:
+    """Load a safetensors state dict into ``model`` (any float or int8 dtype is cast); return its metadata.
+
+    Raises:
+        UsageError: If the file is unreadable or its tensors do not fit the architecture.
+    """
+    tensors, metadata = load_tensors(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(n for n in set(expected) & set(tensors) if tuple(expected[n].shape) != tuple(tensors[n].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"unexpected {', '.join(unexpected[:3])}")
+        if wrong:
+            n = wrong[0]
+            parts.append(f"{n} is {tuple(tensors[n].shape)} but the architecture needs {tuple(expected[n].shape)}")
+        raise UsageError(f"The weights in {path} do not fit this architecture ({'; '.join(parts)}); check --arch.")
+    model.load_state_dict({n: tensors[n].to(expected[n].dtype) for n in expected})
+    return metadata
+
+
+def load_model(arch: str, path: str | os.PathLike[str], *, num_classes: int | None = None,
+               input_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, dict[str, str]]:
+    """Build ``arch`` and load weights into it.
+
+    ``num_classes`` and ``input_shape`` default to the ``wmark.num_classes`` / ``wmark.input_shape`` metadata
+    that wmark writes into every model file, then to Fashion-MNIST's (10, (1, 28, 28)).
+    """
+    from wmark.io import read_metadata, wmark_metadata
+
+    meta = wmark_metadata(read_metadata(path))
+    c = num_classes if num_classes is not None else int(meta.get("num_classes", 10))
+    shape = input_shape if input_shape is not None else tuple(meta.get("input_shape", (1, 28, 28)))
+    model = build_model(arch, num_classes=c, input_shape=shape)
+    metadata = load_weights(model, path)
+    model.eval()
+    return model, metadata
+
+
+def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
+    """The ``wmark.*`` metadata every model file written by wmark carries."""
+    return {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), **extra}

@@ -1,0 +1,1 @@
+"""Watermarking schemes: what gets embedded into a model, derived entirely from the owner's key."""

@@ -1,0 +1,46 @@
+"""The suspect interface shared by local models and remote APIs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Answers:
+    """What a suspect said about a batch of inputs.
+
+    Attributes:
+        labels: Top-1 label per input; ``-1`` marks an abstention (failed or malformed answer), which a
+            verifier must never count as a match.
+        scores: Per-class scores (N×C) when the suspect exposes them, else ``None``. Rows of abstentions
+            are NaN.
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray | None = None
+
+    @property
+    def abstained(self) -> np.ndarray:
+        return self.labels < 0
+
+
+@runtime_checkable
+class Suspect(Protocol):
+    """Anything that can be asked for predictions.
+
+    Attributes:
+        description: A short human-readable identifier (a file path, a URL) for reports.
+        num_classes: The number of classes it answers over, when known (``None`` otherwise).
+        input_shape: The shape of one input, when known.
+    """
+
+    description: str
+    num_classes: int | None
+    input_shape: tuple[int, ...] | None
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        """Answer a batch of float32 inputs shaped N×input_shape."""
+        ...

@@ -1,0 +1,80 @@
+"""A small, explicit training loop used by the CLI, the attacks and the benchmarks.
+
+Users embed watermarks in their *own* loops (see :mod:`wmark.embed`); this one exists so the toolkit can
+train base models, reference models and attackers' copies reproducibly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+
+def default_device() -> torch.device:
+    """CUDA when present, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
+                shuffle: bool = True) -> DataLoader:
+    """A shuffling DataLoader over in-memory tensors with a seeded order."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
+
+
+def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
+                 device: torch.device | None = None, progress: bool = False, desc: str = "train") -> None:
+    """Plain supervised training with cross-entropy; batches are ``(x, y)`` pairs."""
+    device = device or default_device()
+    model.to(device).train()
+    loss_fn = nn.CrossEntropyLoss()
+    for epoch in range(epochs):
+        batches: Iterator = iter(loader)
+        with _bar(loader, progress, f"{desc} {epoch + 1}/{epochs}") as bar:
+            for x, y in batches:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(model(x), y)
+                loss.backward()
+                optimizer.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+@contextlib.contextmanager
+def _bar(loader: Iterable, enabled: bool, desc: str) -> Iterator[tqdm]:
+    try:
+        total = len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        total = None
+    bar = tqdm(total=total, desc=desc, disable=not enabled, leave=False, unit="batch", dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024,
+                   device: torch.device | None = None) -> torch.Tensor:
+    """Logits for every row of ``x`` (returned on CPU)."""
+    device = device or default_device()
+    model.to(device).eval()
+    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``(x, y)``."""
+    return (predict_logits(model, x, device=device).argmax(1) == y).float().mean().item()
+
+
+def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Fraction of inputs on which two models give the same top-1 label."""
+    return (predict_logits(a, x).argmax(1) == predict_logits(b, x).argmax(1)).float().mean().item()
