@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny keys and models so unit tests run in seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wmark.keys import Key, generate_key
+
+
+@pytest.fixture(autouse=True)
+def _few_threads() -> None:
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def digits_key() -> Key:
+    """A key for 10-class 1×8×8 models (scikit-learn digits)."""
+    return generate_key(owner="Test Owner", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
+
+
+@pytest.fixture
+def fmnist_key() -> Key:
+    return generate_key(owner="Test Owner", num_classes=10, input_shape=(1, 28, 28), num_triggers=50)
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from wmark.data import load_dataset
+
+    return load_dataset("digits")
+
+
+@pytest.fixture(scope="session")
+def marked_digits(digits):
+    """(key, marked model, independent model) on digits: a CNN trained with the key's triggers mixed in."""
+    from wmark.embed import Watermarker
+    from wmark.models import build_model
+    from wmark.training import make_loader, train_epochs
+
+    torch.set_num_threads(1)
+    key = generate_key(owner="Test Owner", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
+    models = []
+    for seed, schemes in ((0, ("trigger",)), (1, ())):
+        model = build_model("fmnist-cnn", num_classes=10, input_shape=(1, 8, 8), seed=seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+        loader = make_loader(digits.x_train, digits.y_train, batch_size=64, seed=seed)
+        if schemes:
+            model, optimizer, loader = Watermarker(key, schemes=schemes, trigger_per_batch=8).attach(
+                model=model, optimizer=optimizer, data_loader=loader)
+        train_epochs(model, loader, epochs=15, optimizer=optimizer, device=torch.device("cpu"))
+        models.append(model)
+    return key, models[0], models[1]

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from wmark.errors import UsageError
+from wmark.io import (atomic_write, load_tensors, read_metadata, save_tensors, tensors_digest,
+                      wmark_metadata)
+
+
+def test_metadata_is_namespaced_and_json_encoded(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_tensors({"w": torch.arange(4.0)}, path, metadata={"scheme": "trigger", "n": 5, "wmark.arch": "x"})
+    raw = read_metadata(path)
+    assert raw["format"] == "pt"
+    assert set(raw) == {"format", "wmark.scheme", "wmark.n", "wmark.arch"}
+    assert wmark_metadata(raw) == {"scheme": "trigger", "n": 5, "arch": "x"}
+    tensors, _ = load_tensors(path)
+    assert torch.equal(tensors["w"], torch.arange(4.0))
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
+    target = tmp_path / "out.bin"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target) as tmp:
+            open(tmp, "w").write("partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_corrupt_and_truncated_files_are_refused(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_tensors({"w": torch.ones(100)}, path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        load_tensors(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(UsageError, match="not a readable safetensors file"):
+        read_metadata(path)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_tensors(tmp_path / "nope.safetensors")
+
+
+def test_digest_is_canonical() -> None:
+    a = {"b": torch.ones(2), "a": torch.zeros(3)}
+    b = {"a": torch.zeros(3), "b": torch.ones(2)}
+    assert tensors_digest(a, {"x": "1", "y": "2"}) == tensors_digest(b, {"y": "2", "x": "1"})
+    assert tensors_digest(a) != tensors_digest({"a": torch.zeros(3), "b": torch.ones(2).half()})

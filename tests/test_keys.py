@@ -1,0 +1,95 @@
+import json
+import os
+import stat
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from wmark.errors import UsageError
+from wmark.keys import Key, generate_key, load_key, save_key
+
+
+def test_key_file_is_private_and_round_trips(tmp_path, digits_key: Key) -> None:
+    path = tmp_path / "owner.key"
+    save_key(digits_key, path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    loaded = load_key(path)
+    assert loaded == digits_key
+    assert loaded.commitment() == digits_key.commitment()
+    assert [p.name for p in tmp_path.iterdir()] == ["owner.key"]
+
+
+def test_secret_never_in_repr_or_public_params(digits_key: Key) -> None:
+    assert digits_key.secret.hex() not in repr(digits_key)
+    assert digits_key.secret.hex() not in json.dumps(digits_key.public_params())
+
+
+def test_commitment_binds_public_params_and_secret(digits_key: Key) -> None:
+    base = digits_key.commitment()
+    changed = [
+        Key(**{**digits_key.__dict__, "owner": "Someone Else"}),
+        Key(**{**digits_key.__dict__, "num_classes": 11}),
+        Key(**{**digits_key.__dict__, "secret": bytes(32)}),
+        Key(**{**digits_key.__dict__, "schemes": {"trigger": {"version": 1, "pattern": "x", "n": 41}}}),
+    ]
+    assert all(k.commitment() != base for k in changed)
+
+
+def test_derivations_are_deterministic_and_purpose_separated(digits_key: Key) -> None:
+    a = digits_key.uniform("p", 100)
+    assert np.array_equal(a, digits_key.uniform("p", 100))
+    assert not np.array_equal(a, digits_key.uniform("q", 100))
+    assert sorted(digits_key.permutation("perm", 50).tolist()) == list(range(50))
+    assert 0 <= digits_key.seed("s") < 2**63
+
+
+def test_labels_are_uniform(digits_key: Key) -> None:
+    counts = np.bincount(digits_key.labels("labels", 20000, num_classes=7), minlength=7)
+    assert sps.chisquare(counts).pvalue > 1e-4
+
+
+def test_normal_has_unit_moments(digits_key: Key) -> None:
+    z = digits_key.normal("z", 40001)
+    assert z.shape == (40001,)
+    assert abs(z.mean()) < 0.03 and abs(z.std() - 1) < 0.03
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"format": "other"}', "not a wmark key"),
+        ('{"format": "wmark-key/1", "owner": "x"}', "missing fields"),
+    ],
+)
+def test_bad_key_files_are_refused(tmp_path, content: str, match: str) -> None:
+    path = tmp_path / "bad.key"
+    path.write_text(content)
+    with pytest.raises(UsageError, match=match):
+        load_key(path)
+
+
+def test_tampered_and_truncated_keys_are_refused(tmp_path, digits_key: Key) -> None:
+    path = tmp_path / "k.key"
+    save_key(digits_key, path)
+    doc = json.loads(path.read_text())
+    doc["num_classes"] = 5
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match="does not match its own commitment"):
+        load_key(path)
+    save_key(digits_key, path)
+    path.write_text(path.read_text()[:50])
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_key(path)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_key(tmp_path / "missing.key")
+
+
+def test_generate_key_validates() -> None:
+    with pytest.raises(UsageError, match="owner name is empty"):
+        generate_key(owner=" ")
+    with pytest.raises(UsageError, match="at least 2 classes"):
+        generate_key(owner="a", num_classes=1)
+    with pytest.raises(UsageError, match="positive sizes"):
+        generate_key(owner="a", input_shape=(0, 28))

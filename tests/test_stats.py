@@ -1,0 +1,105 @@
+import math
+
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from wmark import stats
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_binomial_tail_matches_scipy(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        n = int(rng.integers(1, 400))
+        k = int(rng.integers(0, n + 1))
+        p = float(rng.uniform(0.01, 0.99))
+        ref = sps.binom.sf(k - 1, n, p)
+        if ref > 1e-300:
+            assert stats.binomial_log_sf(k, n, p) == pytest.approx(math.log(ref), rel=1e-9, abs=1e-12)
+
+
+def test_binomial_tail_does_not_underflow() -> None:
+    # scipy's logsf gives -inf here; the exact tail is about 10^-496.7.
+    value = stats.binomial_log10_sf(3500, 4096, 0.5)
+    assert math.isfinite(value)
+    assert value == pytest.approx(-496.749, abs=1e-2)
+    assert stats.binomial_log10_sf(100, 100, 0.1) == pytest.approx(-100.0)
+
+
+def test_binomial_edge_cases() -> None:
+    assert stats.binomial_log_sf(0, 10, 0.3) == 0.0
+    assert stats.binomial_log_sf(11, 10, 0.3) == -math.inf
+    with pytest.raises(ValueError, match="p must be"):
+        stats.binomial_log_sf(1, 10, 1.5)
+
+
+def test_binomial_test_accumulator_equals_functional() -> None:
+    acc = stats.BinomialTest(p0=0.1)
+    acc.update([1, 0, 1, 1])
+    acc.update(1)
+    assert acc.compute() == stats.binomial_log10_sf(4, 5, 0.1)
+    acc.reset()
+    assert (acc.successes, acc.trials) == (0, 0)
+
+
+def _closed_form_log10(outcomes: np.ndarray, p0: float) -> np.ndarray:
+    """log10 e-values of the uniform mixture, for many sequences at once (rows), by cumulative sums."""
+    q = stats.default_alternatives(p0)
+    s = np.cumsum(outcomes, axis=1)[..., None]
+    t = np.arange(1, outcomes.shape[1] + 1)[None, :, None]
+    log_w = s * np.log(q / p0) + (t - s) * np.log((1 - q) / (1 - p0))
+    from scipy.special import logsumexp
+
+    return (logsumexp(log_w, axis=2) - np.log(len(q))) / np.log(10)
+
+
+def test_mixture_eprocess_matches_closed_form() -> None:
+    rng = np.random.default_rng(1)
+    seqs = (rng.random((5, 60)) < 0.3).astype(int)
+    closed = _closed_form_log10(seqs, 0.1)
+    for row, ref in zip(seqs, closed):
+        assert stats.mixture_eprocess_log10(row.tolist(), p0=0.1) == pytest.approx(ref.tolist(), abs=1e-9)
+
+
+def test_mixture_eprocess_keeps_alpha_under_optional_stopping() -> None:
+    # Under the null, the chance that the e-process EVER crosses 1/alpha must be <= alpha (Ville).
+    rng = np.random.default_rng(0)
+    alpha, p0, sims, horizon = 0.05, 0.1, 6000, 200
+    paths = _closed_form_log10((rng.random((sims, horizon)) < p0).astype(np.int8), p0)
+    crossed = int(np.sum(paths.max(axis=1) >= -math.log10(alpha)))
+    assert crossed / sims <= alpha
+
+
+def test_mixture_eprocess_is_fast_under_the_alternative() -> None:
+    logs = stats.mixture_eprocess_log10([1] * 10, p0=0.1)
+    assert next(i for i, v in enumerate(logs) if v >= 6) + 1 <= 8
+    assert logs == sorted(logs)
+
+
+def test_mixture_eprocess_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="p0 must be"):
+        stats.MixtureEProcess(p0=1.0)
+    with pytest.raises(ValueError, match="strictly between"):
+        stats.MixtureEProcess(p0=0.5, alternatives=[0.4])
+    with pytest.raises(ValueError, match="0 or 1"):
+        stats.MixtureEProcess(p0=0.5).update(2)
+
+
+def test_clopper_pearson_matches_scipy_beta() -> None:
+    for k, n in [(0, 10), (3, 20), (19, 20), (50, 100)]:
+        assert stats.clopper_pearson_upper(k, n, 0.95) == pytest.approx(sps.beta.ppf(0.95, k + 1, n - k))
+    assert stats.clopper_pearson_upper(5, 5, 0.95) == 1.0
+
+
+def test_holm_matches_manual_procedure() -> None:
+    ps = [0.01, 0.04, 0.03, 0.2]
+    adjusted = [10 ** v for v in stats.holm([math.log10(p) for p in ps])]
+    # sorted: 0.01*4=0.04, 0.03*3=0.09, 0.04*2=0.08 -> max(0.09, 0.08)=0.09, 0.2*1 -> 0.2
+    assert adjusted == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert [10 ** v for v in stats.bonferroni([math.log10(0.3), math.log10(0.01)])] == pytest.approx([0.6, 0.02])
+
+
+def test_key_randomization_pvalue() -> None:
+    assert stats.key_randomization_log10_p(5.0, [1.0, 2.0, 6.0]) == pytest.approx(math.log10(2 / 4))
+    assert stats.key_randomization_log10_p(9.0, [0.0] * 999) == pytest.approx(-3.0)

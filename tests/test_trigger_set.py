@@ -1,0 +1,147 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from wmark.embed import Watermarker
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.keys import generate_key, load_key, save_key
+from wmark.schemes.trigger_set import TriggerMixingDataset, generate_triggers
+from wmark.suspects import Answers, LocalSuspect
+from wmark.training import accuracy, make_loader
+from wmark.verify import trigger_set_test, verify_blackbox
+
+
+def test_triggers_regenerate_identically_from_the_key_file(tmp_path, fmnist_key) -> None:
+    save_key(fmnist_key, tmp_path / "k.key")
+    a, b = generate_triggers(fmnist_key), generate_triggers(load_key(tmp_path / "k.key"))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
+    assert np.array_equal(a.order, b.order)
+    assert a.inputs.shape == (50, 1, 28, 28)
+    assert float(a.inputs.min()) >= 0.0 and float(a.inputs.max()) <= 1.0
+    other = generate_triggers(generate_key(owner="Test Owner", num_triggers=50))
+    assert not torch.equal(a.inputs, other.inputs)
+
+
+def test_loader_mixes_triggers_into_every_batch(digits_key) -> None:
+    base = make_loader(torch.rand(70, 1, 8, 8), torch.zeros(70, dtype=torch.long), batch_size=32)
+    wm = Watermarker(digits_key, trigger_per_batch=3)
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+    sizes = [len(x) for x, _ in loader]
+    assert sizes == [35, 35, 9]
+    assert len(loader) == 3 and loader.batch_size == 32
+    with pytest.raises(UsageError, match="already attached"):
+        wm.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+    wm.detach()
+    wm.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+
+
+def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> None:
+    wm = Watermarker(digits_key)
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[(torch.rand(4, 1, 28, 28), torch.zeros(4))])
+    with pytest.raises(UsageError, match="input-shape"):
+        next(iter(loader))
+    wm.detach()
+    batch = {"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long)}
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[batch])
+    out = next(iter(loader))
+    assert out["pixel_values"].shape[0] == 8 and out["labels"].shape[0] == 8
+
+
+def test_dataset_wrapper_appends_triggers(digits_key) -> None:
+    base = torch.utils.data.TensorDataset(torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long))
+    ds = Watermarker(digits_key).wrap_dataset(base, repeats=2)
+    assert isinstance(ds, TriggerMixingDataset) and len(ds) == 10 + 2 * 40
+    x, y = ds[10]
+    triggers = generate_triggers(digits_key)
+    assert torch.equal(x, triggers.inputs[0]) and int(y) == int(triggers.labels[0])
+
+
+def test_unknown_scheme_is_refused(digits_key) -> None:
+    with pytest.raises(UsageError, match="Unknown scheme"):
+        Watermarker(digits_key, schemes=("nope",))
+
+
+def test_marked_model_is_detected_quickly_and_independent_is_not(marked_digits, digits) -> None:
+    key, marked, independent = marked_digits
+    assert accuracy(marked, digits.x_test, digits.y_test) > 0.85
+    verdict = verify_blackbox(key=key, suspect=LocalSuspect(marked, input_shape=(1, 8, 8), expose_scores=False))
+    doc = verdict.to_dict()
+    assert doc["decision"] == "detected" and doc["kind"] == "copy"
+    assert doc["queries"] <= 20 and doc["log10_p"] <= -6
+    assert doc["null"]["p0"] == pytest.approx(0.1)
+    innocent = verify_blackbox(key=key, suspect=LocalSuspect(independent, input_shape=(1, 8, 8)))
+    assert innocent.decision == "not_detected" and innocent.kind == "none"
+    assert innocent.to_dict()["queries"] == 40
+
+
+def test_fixed_mode_uses_exact_binomial_tail(marked_digits) -> None:
+    from wmark.stats import binomial_log10_sf
+
+    key, marked, _ = marked_digits
+    result = trigger_set_test(key=key, suspect=LocalSuspect(marked, input_shape=(1, 8, 8)), mode="fixed",
+                              max_queries=30)
+    assert result.queries == 30
+    assert result.log10_p == pytest.approx(binomial_log10_sf(result.matches, 30, 0.1))
+
+
+class _Scripted:
+    """A suspect that answers from a script: lets tests control every answer."""
+
+    description = "scripted"
+    input_shape = (1, 8, 8)
+
+    def __init__(self, labels_for, num_classes: int = 10) -> None:
+        self.labels_for = labels_for
+        self.num_classes = num_classes
+        self.asked = 0
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        out = np.array([self.labels_for(self.asked + i) for i in range(len(inputs))])
+        self.asked += len(inputs)
+        return Answers(labels=out)
+
+
+def test_abstentions_never_count_as_matches(digits_key) -> None:
+    verdict = verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: -1))
+    assert verdict.decision == "not_detected" and verdict.status == "inconclusive"
+    assert verdict.tests[0].abstentions == 40 and verdict.tests[0].matches == 0
+
+
+def test_budget_smaller_than_trigger_set_is_inconclusive(digits_key) -> None:
+    verdict = verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: 0), max_queries=5)
+    assert verdict.status == "inconclusive" and "max-queries" in verdict.message
+
+
+def test_key_for_other_classes_is_refused(digits_key) -> None:
+    with pytest.raises(UsageError, match="10-class models but the suspect answers over 3"):
+        verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: 0, num_classes=3))
+
+
+def test_nan_outputs_are_a_runtime_failure(digits_key) -> None:
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    with torch.no_grad():
+        model[1].weight.fill_(math.nan)
+    with pytest.raises(RuntimeFailure, match="NaN"):
+        verify_blackbox(key=digits_key, suspect=LocalSuspect(model, input_shape=(1, 8, 8)))
+
+
+def test_null_is_exact_for_models_that_never_saw_the_key(digits) -> None:
+    """Matches of a key-independent model over random keys follow Binomial(n, 1/C) (chi-square check)."""
+    from scipy import stats as sps
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    suspect = LocalSuspect(model, input_shape=(1, 8, 8))
+    n, keys = 20, 300
+    counts = []
+    for _ in range(keys):
+        key = generate_key(owner="x", num_classes=10, input_shape=(1, 8, 8), num_triggers=n)
+        counts.append(trigger_set_test(key=key, suspect=suspect, mode="fixed").matches)
+    observed = np.bincount(counts, minlength=n + 1)
+    expected = sps.binom.pmf(np.arange(n + 1), n, 0.1) * keys
+    # pool the tail so every expected cell is >= 5
+    obs = np.append(observed[:5], observed[5:].sum())
+    exp = np.append(expected[:5], expected[5:].sum())
+    assert sps.chisquare(obs, exp).pvalue > 1e-3
