@@ -115,6 +115,12 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches."""
     k = load_key(key)
+    recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
+    if recorded is not None and int(recorded) != k.num_classes:
+        raise UsageError(
+            f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
+            "use the key made for this model."
+        )
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
