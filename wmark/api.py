@@ -20,12 +20,15 @@ from typing import Any
 import torch
 
 from wmark.attacks import finetune as finetune_attack
+from wmark.attacks import noise as noise_attack
+from wmark.attacks import permute as permute_attack
 from wmark.attacks import prune as prune_attack
 from wmark.attacks import quantize as quantize_attack
+from wmark.attacks import rename_tensors
 from wmark.data import load_dataset
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.io import read_metadata, save_model, wmark_metadata
+from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata
 from wmark.suspects import LocalSuspect
@@ -69,7 +72,7 @@ def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0
 def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
           schemes: Sequence[str] = ("trigger",), epochs: int = 2, seed: int = 0, lr: float = 5e-4,
           batch_size: int = 64, trigger_per_batch: int = 4, max_samples: int | None = None,
-          progress: bool = False) -> dict[str, Any]:
+          weights_layer: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
 
     With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity
@@ -82,7 +85,8 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
-    wm = Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch) if schemes else None
+    wm = (Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch, weights_layer=weights_layer)
+          if schemes else None)
     if wm is not None:
         model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     start = time.perf_counter()
@@ -127,10 +131,25 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries, progress=progress)
 
 
+def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
+                    anchor: PathLike | None = None) -> Verdict:
+    """White-box verification: test the key's weight watermark in a suspect file (no architecture needed).
+
+    See :func:`wmark.whitebox.verify.verify_whitebox`.
+    """
+    from wmark.whitebox.verify import verify_whitebox as _verify
+
+    return _verify(key=load_key(key), reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
+
+
 def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str | None = None, epochs: int = 5,
            lr: float = 1e-3, layers: str = "all", sparsity: float = 0.5, bits: int = 8, seed: int = 0,
-           max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Apply one attack to a model file and write the attacked copy; returns its test accuracy if data is given."""
+           std: float = 0.1, max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Apply one attack to a model file and write the attacked copy; returns its test accuracy if data is given.
+
+    ``kind`` is one of finetune, prune, quantize, noise, permute, rename. A renamed copy no longer loads
+    into ``arch`` (that is the point); its accuracy is measured before renaming, which changes no number.
+    """
     model, metadata = load_model(arch, weights)
     meta = wmark_metadata(metadata)
     ds = load_dataset(data).subset(max_samples=max_samples) if data else None
@@ -147,11 +166,24 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     elif kind == "quantize":
         attacked = quantize_attack(model, bits=bits)
         params = {"bits": bits}
+    elif kind == "noise":
+        attacked = noise_attack(model, std=std, seed=seed)
+        params = {"std": std, "seed": seed}
+    elif kind == "permute":
+        attacked = permute_attack(model, seed=seed)
+        params = {"seed": seed}
+    elif kind == "rename":
+        attacked = model
+        params = {"seed": seed}
     else:
         raise UsageError(f"Unknown attack {kind!r}.")
     keep = {k: v for k, v in meta.items() if k in ("arch", "num_classes", "input_shape")}
     acc = accuracy(attacked, ds.x_test, ds.y_test) if ds is not None else None
-    save_model(attacked, out, metadata={**keep, "attack": {"kind": kind, **params}, "test_accuracy": acc})
+    attack_meta = {**keep, "attack": {"kind": kind, **params}, "test_accuracy": acc}
+    if kind == "rename":
+        save_tensors(rename_tensors(attacked.state_dict(), seed=seed), out, metadata=attack_meta)
+    else:
+        save_model(attacked, out, metadata=attack_meta)
     return {"out": str(out), "attack": kind, "params": params, "test_accuracy": acc}
 
 

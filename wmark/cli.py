@@ -211,6 +211,37 @@ def attack_quantize(arch: str, weights: str, out: str, bits: int, data: str | No
     _report_attack(api.attack(kind="quantize", arch=arch, weights=weights, out=out, bits=bits, data=data))
 
 
+@attack.command("noise", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--std", default=0.1, show_default=True, help="Noise std relative to each weight tensor's RMS.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--data", default=None, help="Optional test data to report accuracy on.")
+@_handle_errors
+def attack_noise(arch: str, weights: str, out: str, std: float, seed: int, data: str | None) -> None:
+    """Add Gaussian noise to every conv/linear weight."""
+    _report_attack(api.attack(kind="noise", arch=arch, weights=weights, out=out, std=std, seed=seed, data=data))
+
+
+@attack.command("permute", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--seed", default=0, show_default=True)
+@click.option("--data", default=None, help="Optional test data to report accuracy on.")
+@_handle_errors
+def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
+    """Permute and positively rescale every hidden neuron (predictions unchanged)."""
+    _report_attack(api.attack(kind="permute", arch=arch, weights=weights, out=out, seed=seed, data=data))
+
+
+@attack.command("rename", epilog=EXIT_HELP)
+@_attack_options
+@click.option("--seed", default=0, show_default=True)
+@click.option("--data", default=None, help="Optional test data to report accuracy on.")
+@_handle_errors
+def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
+    """Scramble every tensor name (the copy no longer loads by name; white-box verification still reads it)."""
+    _report_attack(api.attack(kind="rename", arch=arch, weights=weights, out=out, seed=seed, data=data))
+
+
 @main.command(epilog=EXIT_HELP)
 @click.argument("path", type=click.Path(dir_okay=False))
 @_handle_errors

@@ -33,8 +33,9 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
+from wmark.schemes.weights import WeightsEmbedder
 
-KNOWN_SCHEMES = ("trigger",)
+KNOWN_SCHEMES = ("trigger", "weights")
 
 
 class Watermarker:
@@ -44,12 +45,14 @@ class Watermarker:
         key: The owner's key; every trigger and label is derived from it.
         schemes: Which schemes to embed.
         trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
+        weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
 
     Raises:
         UsageError: On an unknown scheme.
     """
 
-    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 4) -> None:
+    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 4,
+                 weights_layer: str | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
@@ -60,6 +63,9 @@ class Watermarker:
         self.trigger_per_batch = trigger_per_batch
         self._attached = False
         self._triggers: trigger_set.TriggerSet | None = None
+        self.weights_layer = weights_layer
+        self._weights: WeightsEmbedder | None = None
+        self._hooks: list[Any] = []
 
     @property
     def triggers(self) -> trigger_set.TriggerSet:
@@ -82,6 +88,11 @@ class Watermarker:
             if data_loader is None:
                 raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's loader).")
             data_loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch)
+        if "weights" in self.schemes:
+            if optimizer is None:
+                raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
+            self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
+            self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
         self._attached = True
         return model, optimizer, data_loader
 
@@ -91,6 +102,9 @@ class Watermarker:
 
     def detach(self) -> None:
         """Release everything attach() installed. Safe to call when not attached."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
         self._attached = False
 
     def metadata(self) -> dict[str, Any]:
@@ -101,4 +115,5 @@ class Watermarker:
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
             "trigger_per_batch": self.trigger_per_batch,
+            **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }

@@ -5,6 +5,8 @@ safetensors with the attack recorded under ``wmark.attack``.
 """
 
 from wmark.attacks.finetune import finetune, last_linear
+from wmark.attacks.neurons import permute, permute_state_dict, rename_tensors
+from wmark.attacks.noise import noise
 from wmark.attacks.weights import prune, quantize
 
-__all__ = ["finetune", "last_linear", "prune", "quantize"]
+__all__ = ["finetune", "last_linear", "noise", "permute", "permute_state_dict", "prune", "quantize", "rename_tensors"]

@@ -1,0 +1,207 @@
+"""Weight watermark (Uchida et al. 2017 style): a T-bit payload in a secret projection of one layer.
+
+What is marked: the *mean canonical row* ``v`` of one conv/linear layer (see :mod:`wmark.whitebox.chain`:
+rows normalised after undoing every earlier layer's rescaling), as the unit vector ``u = v / ||v||``. The
+key derives a projection ``X`` (T×M, i.i.d. N(0, 1)), a payload and the order in which payload bits sit on
+the projection's rows. Bit ``j`` reads ``1[X_j·u ≥ 0]``.
+
+How it is embedded: a hinge regularizer ``strength · mean_j relu(margin − s_j X_j·u)`` with
+``s_j = ±1`` the wanted bit. Unlike Uchida's cross-entropy it stops pushing once every bit sits ``margin``
+null standard deviations on the right side, so Adam does not keep inflating the same weights (the spiky
+weight histograms that give Uchida-style marks away, Cortiñas-Lorenzo & Pérez-González 2020) and the
+accuracy cost stays small. The gradient is added by an optimizer *step pre-hook*, so it works in any loop
+that calls ``optimizer.step()`` (plain PyTorch, HF Trainer, Lightning, DDP: after the all-reduce every rank
+holds the same weights and adds the same gradient).
+
+Why the null is exact: for a model that never saw the key, ``u`` is a fixed unit vector independent of
+``X``, so the ``X_j·u`` are independent N(0, 1) and each bit matches the key's bit with probability
+exactly ½, whatever the payload: matches ~ Binomial(T, ½).
+
+Payload: T key-derived bits, or an owner message (UTF-8) repeated to fill T bits (a repetition code:
+each message bit is decoded by majority vote) and XOR-ed with a key-derived pad.
+
+Example:
+    >>> import torch
+    >>> from wmark.keys import generate_key
+    >>> key = generate_key(owner="ACME")
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> emb = WeightsEmbedder(key, model)
+    >>> emb.chain
+    ['0.weight']
+    >>> handle = opt.register_step_pre_hook(emb.hook)
+    >>> handle.remove()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+from wmark.keys import Key, default_schemes
+from wmark.whitebox.chain import module_chain, watermark_vector
+
+SCHEME = "weights"
+
+
+def scheme_params(key: Key) -> dict[str, Any]:
+    """The key's public parameters of this scheme (the defaults for keys made before it existed)."""
+    params = dict(default_schemes()[SCHEME])
+    params.update(key.schemes.get(SCHEME, {}))
+    bits = params.get("bits")
+    if not isinstance(bits, int) or bits < 8:
+        raise UsageError(f"The key's weights scheme asks for {bits!r} bits; use an integer of at least 8.")
+    return params
+
+
+def projection(key: Key, dim: int) -> torch.Tensor:
+    """The secret T×dim projection, i.i.d. standard normal, derived from the key (float32)."""
+    bits = scheme_params(key)["bits"]
+    return torch.from_numpy(key.normal(f"weights/projection/{dim}", (bits, dim)).astype(np.float32))
+
+
+def _pad(key: Key, bits: int) -> np.ndarray:
+    raw = np.frombuffer(key.derive("weights/pad", (bits + 7) // 8), dtype=np.uint8)
+    return np.unpackbits(raw)[:bits].astype(np.int64)
+
+
+def _message_bits(message: str, bits: int) -> np.ndarray:
+    data = np.unpackbits(np.frombuffer(message.encode("utf-8"), dtype=np.uint8)).astype(np.int64)
+    if len(data) == 0 or 3 * len(data) > bits:
+        raise UsageError(
+            f"The message needs {len(data)} bits and the payload holds {bits}; a repetition code needs at least "
+            "3 copies, so shorten the message or raise the key's weights bits."
+        )
+    return data
+
+
+def payload_bits(key: Key) -> np.ndarray:
+    """The bit each projection row must read (0/1), in row order."""
+    params = scheme_params(key)
+    bits = int(params["bits"])
+    data = _pad(key, bits)
+    message = params.get("message")
+    if message:
+        msg = _message_bits(str(message), bits)
+        data = data ^ msg[np.arange(bits) % len(msg)]
+    order = key.permutation("weights/bit-order", bits)
+    rows = np.empty(bits, dtype=np.int64)
+    rows[order] = data
+    return rows
+
+
+def decode_message(key: Key, row_bits: np.ndarray) -> str | None:
+    """Majority-vote decoding of the owner message from extracted row bits (None if the key has none)."""
+    message = scheme_params(key).get("message")
+    if not message:
+        return None
+    bits = len(row_bits)
+    order = key.permutation("weights/bit-order", bits)
+    data = np.asarray(row_bits, dtype=np.int64)[order] ^ _pad(key, bits)
+    length = len(_message_bits(str(message), bits))
+    votes = np.zeros(length)
+    counts = np.zeros(length)
+    np.add.at(votes, np.arange(bits) % length, data)
+    np.add.at(counts, np.arange(bits) % length, 1)
+    decoded = (votes * 2 > counts).astype(np.uint8)
+    return np.packbits(decoded).tobytes().decode("utf-8", errors="replace")
+
+
+def projection_scores(key: Key, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``X_j·u`` for every row j of the key's projection (N(0, 1) each for an unmarked model)."""
+    v = watermark_vector([w.float() for w in weights])
+    x = projection(key, v.numel())
+    return x @ (v / v.norm().clamp_min(1e-12))
+
+
+def extract_bits(key: Key, weights: Sequence[torch.Tensor]) -> np.ndarray:
+    """The bits a chain of weights (marked layer last) reads under the key."""
+    return (projection_scores(key, weights) >= 0).to(torch.int64).numpy()
+
+
+class WeightsEmbedder:
+    """Embeds the key's payload into one layer of ``model`` through an optimizer step pre-hook.
+
+    Args:
+        key: The owner's key.
+        model: The model being trained.
+        layer: Name of the layer (or its weight) to mark; default the largest conv/linear weight before the
+            head.
+        margin: How many null standard deviations each projection must clear (default: the key's).
+        strength: Regularizer weight (default: the key's).
+
+    Raises:
+        UsageError: If the model has no layer to mark or ``layer`` is not a conv/linear layer.
+    """
+
+    def __init__(self, key: Key, model: nn.Module, *, layer: str | None = None, margin: float | None = None,
+                 strength: float | None = None) -> None:
+        params = scheme_params(key)
+        self.key = key
+        self.chain = module_chain(model, layer)
+        named = dict(model.named_parameters())
+        self._params = [named[n] for n in self.chain]
+        self.margin = float(params["margin"] if margin is None else margin)
+        self.strength = float(params["strength"] if strength is None else strength)
+        if self.margin < 0 or self.strength <= 0:
+            raise UsageError("The weights scheme needs margin >= 0 and strength > 0.")
+        self.bits = int(params["bits"])
+        self._x = projection(key, self._params[-1][0].numel())
+        self._signs = torch.from_numpy(2.0 * payload_bits(key) - 1.0).float()
+
+    @property
+    def layer(self) -> str:
+        """Name of the marked weight."""
+        return self.chain[-1]
+
+    def loss(self, weights: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The (unscaled) hinge loss; differentiable in the marked weight, earlier layers held fixed."""
+        ws = list(self._params) if weights is None else list(weights)
+        ws = [w.detach() for w in ws[:-1]] + [ws[-1]]
+        v = watermark_vector(ws)
+        u = v / v.norm().clamp_min(1e-12)
+        x = self._x.to(device=u.device, dtype=u.dtype)
+        z = self._signs.to(device=u.device, dtype=u.dtype) * (x @ u)
+        return torch.relu(self.margin - z).mean()
+
+    def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Optimizer step pre-hook: add ``strength ×`` the regularizer's gradient to the marked weight."""
+        weight = self._params[-1]
+        with torch.enable_grad():
+            leaf = weight.detach().float().requires_grad_(True)
+            value = self.loss([*self._params[:-1], leaf])
+            if value.item() == 0.0:
+                return
+            (grad,) = torch.autograd.grad(value * self.strength, leaf)
+        grad = grad.to(weight.dtype)
+        if weight.grad is None:
+            weight.grad = grad
+        else:
+            weight.grad.add_(grad)
+
+    def bit_errors(self) -> int:
+        """How many payload bits the model currently reads wrong."""
+        with torch.no_grad():
+            got = extract_bits(self.key, [p.detach().cpu() for p in self._params])
+        return int(np.sum(got != payload_bits(self.key)))
+
+    def metadata(self) -> dict[str, Any]:
+        """Public facts for the model file: which layers, their shapes, the scheme parameters."""
+        return {
+            "version": int(scheme_params(self.key)["version"]),
+            "layer": self.layer,
+            "shape": list(self._params[-1].shape),
+            "chain": list(self.chain),
+            "chain_shapes": [list(p.shape) for p in self._params],
+            "bits": self.bits,
+            "margin": self.margin,
+            "strength": self.strength,
+            "statistic": "mean canonical row, unit-normalised, signs of a key-derived Gaussian projection",
+            "bit_errors_at_save": self.bit_errors(),
+        }
+
