@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from wmark import remote as _remote
 from wmark.attacks import finetune as finetune_attack
 from wmark.attacks import noise as noise_attack
 from wmark.attacks import permute as permute_attack
@@ -140,6 +141,16 @@ def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, al
     from wmark.whitebox.verify import verify_whitebox as _verify
 
     return _verify(key=load_key(key), reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
+
+
+verify_remote = _remote.verify_remote
+
+
+def write_report(*, verdict: Verdict, key: PathLike, path: PathLike) -> dict[str, Any]:
+    """Write the evidence report of a verdict (HTML at ``path``, JSON next to it); return the JSON document."""
+    from wmark.report import write_report as _write
+
+    return _write(verdict=verdict, key=load_key(key), path=path)
 
 
 def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str | None = None, epochs: int = 5,

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from wmark import __version__, api
-from wmark.errors import WmarkError
+from wmark.errors import UsageError, WmarkError
 
 EXIT_HELP = """\b
 Exit codes:
@@ -133,22 +133,61 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
     click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
 
 
+def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of ``verify`` for a suspect reached over HTTP (see wmark.remote.verify_remote)."""
+    options = [
+        click.option("--protocol", type=click.Choice(["v2", "tfserving", "json"]), default="v2", show_default=True,
+                     help="HTTP suspect: Open Inference Protocol v2, TensorFlow Serving REST, or a JSON template."),
+        click.option("--model-name", default=None, help="HTTP suspect: model name on a v2/TF Serving server."),
+        click.option("--template", default=None, help="json protocol: torchserve, hf, or a template file."),
+        click.option("--token-env", default=None, help="HTTP suspect: environment variable holding a bearer token."),
+        click.option("--token-file", default=None, type=click.Path(dir_okay=False),
+                     help="HTTP suspect: file holding a bearer token."),
+        click.option("--rate", type=float, default=None, help="HTTP suspect: most requests per second."),
+        click.option("--timeout", type=float, default=10.0, show_default=True, help="HTTP suspect: seconds per answer."),
+        click.option("--retries", type=int, default=3, show_default=True,
+                     help="HTTP suspect: retries (backoff with jitter, honouring Retry-After)."),
+        click.option("--concurrency", type=int, default=1, show_default=True,
+                     help="HTTP suspect: requests in flight at once."),
+        click.option("--transcript", default=None, type=click.Path(dir_okay=False),
+                     help="HTTP suspect: SQLite transcript; re-running the same command resumes from it."),
+        click.option("--cover-data", default=None, help="HTTP suspect: dataset whose inputs serve as cover traffic."),
+        click.option("--cover-ratio", type=float, default=1.0, show_default=True,
+                     help="HTTP suspect: mean cover queries per trigger query."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command(epilog=EXIT_HELP)
 @click.option("--key", required=True, type=click.Path(dir_okay=False), help="Owner key file.")
-@click.option("--arch", required=True, help=ARCH_HELP)
-@click.option("--suspect", required=True, help="Suspect model file (.safetensors).")
+@click.option("--arch", default=None, help=ARCH_HELP + " (model-file suspects)")
+@click.option("--suspect", required=True,
+              help="Suspect model file (.safetensors) or prediction API URL (http://host:port/...).")
 @click.option("--alpha", default=1e-6, show_default=True, help="Bound on the false-accusation probability.")
 @click.option("--mode", type=click.Choice(["sequential", "fixed"]), default="sequential", show_default=True,
               help="sequential: stop once the evidence suffices (anytime-valid); fixed: ask the whole budget.")
 @click.option("--max-queries", type=int, default=None, help="Query budget (default: every trigger).")
 @click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
+@click.option("--report", default=None, type=click.Path(dir_okay=False),
+              help="Write an evidence report (HTML, with a .json twin).")
+@_remote_options
 @_handle_errors
-def verify(key: str, arch: str, suspect: str, alpha: float, mode: str, max_queries: int | None,
-           with_scores: bool, as_json: bool) -> None:
+def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, max_queries: int | None,
+           with_scores: bool, as_json: bool, report: str | None, **remote: Any) -> None:
     """Query a suspect on the key's triggers; exit 0 if the watermark is detected, 1 if not."""
-    verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
-                         max_queries=max_queries, labels_only=not with_scores, progress=_progress())
+    if suspect.startswith(("http://", "https://")):
+        verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
+                                    max_queries=max_queries, report=report, progress=_progress(), **remote)
+    else:
+        if arch is None:
+            raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
+        verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
+                             max_queries=max_queries, labels_only=not with_scores, progress=_progress())
+        if report is not None:
+            api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
     summary = (f"{doc['decision']} ({doc['kind']}): log10 p = {doc['log10_p']:.2f} at alpha = {alpha:g}, "
                f"{doc['matches']} matches in {doc['queries']} queries")
@@ -156,6 +195,23 @@ def verify(key: str, arch: str, suspect: str, alpha: float, mode: str, max_queri
         summary += f"\n{doc['message']}"
     _emit(doc, as_json, summary)
     sys.exit(0 if verdict.detected else 1)
+
+
+@main.command(epilog=EXIT_HELP)
+@click.option("--arch", required=True, help=ARCH_HELP)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="Model file to serve.")
+@click.option("--name", required=True, help="Model name in URLs (/v2/models/NAME).")
+@click.option("--port", default=8080, show_default=True, help="TCP port.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
+@click.option("--labels-only", is_flag=True, help="Answer only the top-1 label (INT64), like many paid APIs.")
+@click.option("--token-env", default=None, help="Require the bearer token held in this environment variable.")
+@_handle_errors
+def serve(arch: str, weights: str, name: str, port: int, host: str, labels_only: bool, token_env: str | None) -> None:
+    """Serve a model over the Open Inference Protocol v2 until interrupted."""
+    from wmark.serve import serve as run_server
+
+    run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
+               token_env=token_env, announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)

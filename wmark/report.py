@@ -1,0 +1,283 @@
+"""Evidence reports: one self-contained HTML page (and a JSON twin) that a non-specialist can read.
+
+The page states the claim, the key's public commitment and how anyone can check it once the key is
+revealed, the suspect, the test with its null hypothesis, the p-value (as log10), alpha, the queries, a
+plot of the evidence against the number of queries (matplotlib, embedded as a PNG data URI), the
+transcript's digest, software versions and seeds. It never contains the key's secret or the trigger
+labels. The plot is drawn with matplotlib's object API on an Agg canvas, so no global backend is touched.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+import os
+import platform
+import sys
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+from wmark import __version__
+from wmark.io import atomic_write
+from wmark.keys import Key
+from wmark.stats import log10_to_p
+from wmark.verify import Verdict
+
+_PACKAGES = ("numpy", "scipy", "torch", "httpx", "uvicorn", "starlette", "matplotlib", "safetensors")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions of Python, wmark and the libraries a verdict depends on."""
+    out = {"wmark": __version__, "python": sys.version.split()[0], "platform": platform.platform()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def json_twin(path: str | os.PathLike[str]) -> Path:
+    """The JSON file written next to an HTML report (``report.html`` → ``report.json``)."""
+    p = Path(path)
+    return p.with_suffix(".json") if p.suffix.lower() in (".html", ".htm") else p.with_name(p.name + ".json")
+
+
+def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
+    """The report's content as a JSON-ready document (what the HTML page shows)."""
+    doc = verdict.to_dict()
+    primary = min(verdict.tests, key=lambda t: t.log10_p) if verdict.tests else None
+    details = primary.details if primary else {}
+    return {
+        "format": "wmark-evidence/1",
+        "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "verdict": doc,
+        "key": {"commitment": key.commitment(), "fingerprint": key.fingerprint(), "public": key.public_params()},
+        "suspect": {"description": verdict.suspect, "probe": details.get("probe")},
+        "transcript": details.get("transcript"),
+        "seeds": {
+            "query_order": "derived from the key's secret (HMAC-SHA256, purpose 'trigger/order'); recomputable "
+                           "once the key is revealed",
+            "cover_traffic": "derived from the key's secret (purpose 'cover/traffic')"
+            if details.get("probe", {}).get("options", {}).get("cover_data") else "no cover traffic",
+            "retry_jitter": "fresh randomness; it changes only when requests are sent, never which or in what "
+                            "order answers are counted",
+        },
+        "software": software_versions(),
+    }
+
+
+def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Write the HTML report at ``path`` and its JSON twin; return the JSON document."""
+    doc = report_document(verdict=verdict, key=key)
+    page = render_html(doc, plot_png=_trajectory_png(verdict))
+    secret_hex = key.secret.hex()
+    text = json.dumps(doc, indent=2, sort_keys=True)
+    if secret_hex in page or secret_hex in text:
+        raise AssertionError("refusing to write a report that contains the key's secret")
+    with atomic_write(path) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    with atomic_write(json_twin(path)) as tmp:
+        Path(tmp).write_text(text + "\n", encoding="utf-8")
+    return doc
+
+
+def _trajectory_png(verdict: Verdict) -> bytes | None:
+    tests = [t for t in verdict.tests if t.trajectory]
+    if not tests:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 3.6), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    threshold = -math.log10(verdict.alpha)
+    for t in tests:
+        xs = list(range(1, len(t.trajectory) + 1))
+        ax.plot(xs, t.trajectory, marker="o", markersize=3, linewidth=1.6, color="#1f5f99",
+                label=f"{t.name}: log10 evidence (e-value)")
+    ax.axhline(threshold, color="#b03a2e", linestyle="--", linewidth=1.2,
+               label=f"decision threshold log10(1/alpha) = {threshold:g}")
+    ax.axhline(0.0, color="#888888", linewidth=0.8)
+    ax.set_xlabel("answered trigger queries")
+    ax.set_ylabel("log10 evidence")
+    ax.set_title("Evidence against 'the suspect never saw the key', query by query", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _rows(pairs: list[tuple[str, Any]]) -> str:
+    return "".join(f"<tr><th>{_e(k)}</th><td>{v}</td></tr>" for k, v in pairs)
+
+
+def _alpha_text(alpha: float) -> str:
+    exponent = math.log10(alpha)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return f"10<sup>{round(exponent)}</sup>"
+    return f"{alpha:g}"
+
+
+def _p_text(log10_p: float) -> str:
+    if log10_p <= -300:
+        return "below 10<sup>-300</sup>"
+    p = log10_to_p(log10_p)
+    if log10_p > -4:
+        return f"{p:.4g}"
+    mantissa = 10 ** (log10_p - math.floor(log10_p))
+    return f"{mantissa:.2f} &times; 10<sup>{math.floor(log10_p)}</sup>"
+
+
+_CSS = """
+body{font-family:Georgia,'DejaVu Serif',serif;color:#1d1d1d;background:#f4f4f1;margin:0;line-height:1.5}
+main{max-width:900px;margin:0 auto;background:#fff;padding:32px 44px 40px;box-shadow:0 0 12px #0002}
+h1{font-size:1.6em;margin:0 0 4px} h2{font-size:1.15em;border-bottom:1px solid #ddd;padding-bottom:3px;margin-top:28px}
+.sub{color:#555;margin:0 0 18px;font-size:.95em}
+.verdict{padding:14px 18px;border-radius:6px;font-size:1.05em;margin:10px 0 6px}
+.detected{background:#fbeaea;border-left:6px solid #b03a2e}
+.not_detected{background:#eaf4ea;border-left:6px solid #2e7d32}
+.inconclusive{background:#fff6e0;border-left:6px solid #c28b00}
+table{border-collapse:collapse;width:100%;font-size:.93em;margin:6px 0}
+th,td{text-align:left;vertical-align:top;padding:4px 8px;border-bottom:1px solid #eee}
+th{width:32%;color:#444;font-weight:normal}
+code,.mono{font-family:'DejaVu Sans Mono',Menlo,monospace;font-size:.86em;word-break:break-all}
+pre{background:#f6f6f6;padding:8px 10px;overflow-x:auto;font-size:.85em;border-radius:4px}
+img{max-width:100%;border:1px solid #eee} .note{color:#555;font-size:.9em}
+footer{margin-top:30px;color:#777;font-size:.8em}
+"""
+
+
+def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
+    """The HTML page for a report document (self-contained: inline CSS, the plot as a data URI)."""
+    v = doc["verdict"]
+    key = doc["key"]
+    public = key["public"]
+    test = v["tests"][0] if v["tests"] else {}
+    probe = (doc["suspect"] or {}).get("probe") or {}
+    status = "inconclusive" if v["status"] == "inconclusive" else v["decision"]
+    owner = _e(v["owner"])
+    suspect = _e(v["suspect"])
+    headline = {
+        "detected": f"<b>Detected.</b> The suspect's answers carry the watermark of the key committed to by "
+                    f"{owner}: evidence this strong would arise by chance with probability at most "
+                    f"{_p_text(v['log10_p'])}, below the bound alpha = {_alpha_text(v['alpha'])} fixed in advance.",
+        "not_detected": f"<b>Not detected.</b> The suspect's answers do not show {owner}'s watermark at the bound "
+                        f"alpha = {_alpha_text(v['alpha'])}. This does not prove independence; it means the evidence is "
+                        "insufficient for an accusation.",
+        "inconclusive": f"<b>Inconclusive.</b> {_e(v['message'])} Evidence so far: p-value at most "
+                        f"{_p_text(v['log10_p'])} (needs alpha = {_alpha_text(v['alpha'])}).",
+    }[status]
+    matches, answered = test.get("matches", 0), test.get("queries", 0) - test.get("abstentions", 0)
+    null = test.get("null", {})
+    claim = (f"{owner} claims that the model answering at <span class='mono'>{suspect}</span> was derived from a "
+             f"model {owner} trained with a secret watermark: a set of {public['schemes'].get('trigger', {}).get('n', '?')} "
+             "unusual inputs (triggers) with secretly chosen labels. A model that never saw the secret key agrees "
+             f"with those labels only by chance (probability 1 in {public['num_classes']} per input); a copy keeps "
+             "agreeing far more often.")
+    commit_rows = _rows([
+        ("Commitment (SHA-256)", f"<span class='mono'>{_e(key['commitment'])}</span>"),
+        ("Owner", owner), ("Key created", _e(public["created"])),
+        ("Classes", _e(public["num_classes"])), ("Input shape", _e(public["input_shape"])),
+        ("Scheme parameters", f"<span class='mono'>{_e(json.dumps(public['schemes'], sort_keys=True))}</span>"),
+    ])
+    sent = probe.get("sent", {})
+    reused = probe.get("reused", {})
+    http_stats = probe.get("http", {})
+    suspect_rows = [("Address", f"<span class='mono'>{suspect}</span>")]
+    if probe:
+        server = probe.get("server") or {}
+        outputs = ", ".join(f"{o.get('name')} {o.get('datatype')} {o.get('shape')}" for o in server.get("outputs", []))
+        suspect_rows += [
+            ("Protocol", _e(probe.get("protocol"))),
+            ("Model (as the server describes it)", _e(server.get("model", "not described"))
+             + (f"; outputs: {_e(outputs)}" if outputs else "")),
+            ("Answers received", "labels with scores" if probe.get("answers_with_scores") else "top-1 labels only"),
+            ("Authentication", _e(probe.get("options", {}).get("token", "none"))),
+        ]
+    test_rows = _rows([
+        ("Test", _e(test.get("name", ""))),
+        ("Null hypothesis", _e("The suspect never saw the key; each answer matches the secret label with "
+                               f"probability exactly {null.get('p0', 0):.4g} ({null.get('distribution', '')})")),
+        ("Why the null holds", _e(null.get("why", ""))),
+        ("Method", _e(test.get("method", ""))),
+        ("Mode", _e(test.get("details", {}).get("mode", ""))),
+        ("Matches", (f"{matches} of {answered} answered trigger queries"
+                     f" (chance level: about {answered * null.get('p0', 0):.1f})")),
+        ("Abstentions (failed or malformed answers, never counted as matches)", _e(test.get("abstentions", 0))),
+        ("log10 p-value", f"{v['log10_p']:.2f}"), ("p-value", _p_text(v["log10_p"])),
+        ("alpha (false-accusation bound)", f"{_alpha_text(v['alpha'])} (log10 = {math.log10(v['alpha']):.1f})"),
+        ("Decision", _e(f"{v['decision']} ({v['status']})")),
+    ])
+    query_rows = _rows([
+        ("Trigger queries counted", _e(v["queries"])),
+        (("Trigger queries sent in this run / reused from the transcript (answers that arrived after the "
+          "evidence sufficed are recorded but not counted)"),
+         f"{sent.get('trigger', v['queries'])} / {reused.get('trigger', 0)}"),
+        ("Cover queries (ordinary inputs, not counted)",
+         f"{sent.get('cover', 0)} sent, {reused.get('cover', 0)} reused"),
+        ("HTTP requests / retries", f"{http_stats.get('requests', 'n/a')} / {http_stats.get('retries', 'n/a')}"),
+    ])
+    plot = (f"<img alt='log10 evidence against queries' src='data:image/png;base64,"
+            f"{base64.b64encode(plot_png).decode()}'>" if plot_png else
+            "<p class='note'>This was a fixed-size test: a single exact p-value is computed once every planned "
+            "query is answered, so there is no running evidence to plot.</p>")
+    transcript = doc.get("transcript")
+    if transcript:
+        counts = "; ".join(f"{role}: " + ", ".join(f"{n} {s}" for s, n in sorted(c.items()))
+                           for role, c in sorted(transcript["counts"].items()))
+        transcript_html = "<table>" + _rows([
+            ("File", f"<span class='mono'>{_e(transcript['path'])}</span>"),
+            ("Digest (SHA-256 chain over every row)", f"<span class='mono'>{_e(transcript['sha256_chain'])}</span>"),
+            ("Rows", _e(counts)), ("Runs (a resumed probe adds one)", _e(transcript["runs"])),
+        ]) + "</table>" + ("<p class='note'>Every query is recorded before it is sent and every answer as it arrives, with "
+              "SHA-256 hashes of the input and of the raw answer. Recompute the digest with <code>python -c "
+              "\"from wmark.transcript import transcript_digest; print(transcript_digest('FILE'))\"</code>.</p>")
+    else:
+        transcript_html = "<p class='note'>No transcript was kept for this run.</p>"
+    software = _rows([(k, f"<span class='mono'>{_e(val)}</span>") for k, val in doc["software"].items()])
+    seeds = _rows([(k.replace("_", " "), _e(val)) for k, val in doc["seeds"].items()])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Watermark evidence report: {suspect}</title><style>{_CSS}</style></head>
+<body><main>
+<h1>Watermark evidence report</h1>
+<p class="sub">Generated {_e(doc['generated_at'])} by wmark {_e(doc['software']['wmark'])}</p>
+<div class="verdict {status}">{headline}</div>
+<h2>1. The claim</h2><p>{claim}</p>
+<h2>2. The key commitment, and how to check it</h2>
+<table>{commit_rows}</table>
+<p>The commitment is a SHA-256 hash of the key's public parameters and of a hash of its secret. {owner}
+published (or timestamped) it before this verification. The secret itself is not in this report. To check the
+claim later, {owner} reveals the key file; anyone then recomputes the commitment with
+<code>python -c "from wmark.keys import load_key; print(load_key('KEY_FILE').commitment())"</code> and compares it
+with the value above. Because the triggers, their labels and the order of the queries are all derived from
+that secret, they could not have been chosen after looking at the suspect, and the same key reproduces
+exactly the queries recorded in the transcript.</p>
+<h2>3. The suspect</h2><table>{_rows(suspect_rows)}</table>
+<h2>4. The test and its result</h2><table>{test_rows}</table>
+<p class="note">The p-value bounds the probability that a model which never saw the key would produce evidence
+at least this strong. The decision rule (detect when p &le; alpha) was fixed before any query.</p>
+<h2>5. Queries</h2><table>{query_rows}</table>
+<h2>6. Evidence, query by query</h2>{plot}
+<p class="note">The curve is the running log10 e-value; crossing the dashed line (1/alpha) is a detection. By
+Ville's inequality a model that never saw the key crosses it with probability at most alpha, however long the
+probe runs and whenever it stops.</p>
+<h2>7. Transcript</h2>{transcript_html}
+<h2>8. Software and seeds</h2><table>{software}</table><table>{seeds}</table>
+<footer>Key fingerprint {_e(key['fingerprint'])}. This page is self-contained; its JSON twin holds the same
+content in machine-readable form.</footer>
+</main></body></html>
+"""

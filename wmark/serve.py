@@ -1,0 +1,273 @@
+"""Serve a model over the Open Inference Protocol v2 (starlette + uvicorn), to try verification end to end.
+
+Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server metadata),
+``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
+``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``. With ``labels_only``
+the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise softmax scores
+(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``.
+
+Example:
+    >>> from wmark.models import build_model
+    >>> app = build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=(1, 28, 28)), name="m",
+    ...                 num_classes=10, input_shape=(1, 28, 28))
+    >>> sorted(r.path for r in app.routes)[:2]
+    ['/v2', '/v2/health/live']
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from wmark import __version__
+from wmark.errors import UsageError
+
+MAX_BATCH = 1024
+_FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+_INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
+
+
+class BadRequest(Exception):
+    """A request the server answers with HTTP 400."""
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
+              labels_only: bool = False, token: str | None = None, version: str = "1",
+              on_infer: Callable[[np.ndarray], None] | None = None) -> Starlette:
+    """The ASGI application serving ``model`` as ``name``.
+
+    Args:
+        model: The model (put in eval mode).
+        name: Its name in URLs.
+        num_classes: Number of classes it answers over.
+        input_shape: Shape of one input (without the batch dimension).
+        labels_only: Answer only the top-1 label instead of every class's probability.
+        token: Bearer token required on model routes (``None``: open).
+        version: The model version reported in metadata.
+        on_infer: Called with each batch of inputs before inference (tests count requests with it).
+    """
+    model.eval()
+    shape = tuple(int(s) for s in input_shape)
+    per_item = int(np.prod(shape))
+    lock = threading.Lock()
+    output = ({"name": "label", "datatype": "INT64", "shape": [-1]} if labels_only
+              else {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]})
+    metadata = {"name": name, "versions": [version], "platform": f"wmark-pytorch/{torch.__version__}",
+                "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *shape]}], "outputs": [output]}
+
+    def authorised(request: Request) -> bool:
+        if token is None:
+            return True
+        given = request.headers.get("authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+
+    def check_model(request: Request) -> JSONResponse | None:
+        if not authorised(request):
+            return _error(401, "missing or invalid bearer token")
+        if request.path_params["model"] != name:
+            return _error(404, f"unknown model {request.path_params['model']!r}")
+        return None
+
+    async def live(_: Request) -> JSONResponse:
+        return JSONResponse({"live": True})
+
+    async def server_meta(_: Request) -> JSONResponse:
+        return JSONResponse({"name": "wmark", "version": __version__, "extensions": []})
+
+    async def model_meta(request: Request) -> JSONResponse:
+        return check_model(request) or JSONResponse(metadata)
+
+    async def model_ready(request: Request) -> JSONResponse:
+        return check_model(request) or JSONResponse({"name": name, "ready": True})
+
+    def predict(x: np.ndarray) -> list[Any]:
+        with lock, torch.no_grad():
+            logits = model(torch.from_numpy(x)).float()
+        if labels_only:
+            return logits.argmax(1).tolist()
+        return torch.softmax(logits, 1).reshape(-1).tolist()
+
+    async def infer(request: Request) -> JSONResponse:
+        refused = check_model(request)
+        if refused is not None:
+            return refused
+        try:
+            doc = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return _error(400, "the request body is not JSON")
+        try:
+            x = _decode_input(doc, shape, per_item)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        if on_infer is not None:
+            on_infer(x)
+        data = await run_in_threadpool(predict, x)
+        out = dict(output, shape=[len(x)] if labels_only else [len(x), num_classes], data=data)
+        body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": [out]}
+        if isinstance(doc, dict) and "id" in doc:
+            body["id"] = doc["id"]
+        return JSONResponse(body)
+
+    routes = [
+        Route("/v2", server_meta),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", live),
+        Route("/v2/models/{model}", model_meta),
+        Route("/v2/models/{model}/ready", model_ready),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
+        raise BadRequest("the request needs \"inputs\": a list with one input tensor")
+    tensor = doc["inputs"][0]
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("data"), list):
+        raise BadRequest("the input tensor needs \"data\" (a flat list)")
+    datatype = str(tensor.get("datatype", "FP32")).upper()
+    if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES:
+        raise BadRequest(f"unsupported datatype {datatype!r}; send FP32")
+    dims = tensor.get("shape")
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+        raise BadRequest("the input tensor needs a \"shape\" of positive integers")
+    data = tensor["data"]
+    if any(isinstance(v, list) for v in data[:1]):
+        data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
+    total = int(np.prod(dims))
+    if len(data) != total:
+        raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
+    if total % per_item:
+        raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
+    batch = total // per_item
+    if batch > MAX_BATCH:
+        raise BadRequest(f"at most {MAX_BATCH} inputs per request")
+    try:
+        x = np.asarray(data, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BadRequest("data must be numbers") from None
+    if not np.isfinite(x).all():
+        raise BadRequest("data contains NaN or infinite values")
+    if datatype in _INT_TYPES:
+        x = x / _INT_TYPES[datatype]
+    return x.astype(np.float32).reshape(batch, *shape)
+
+
+class BackgroundServer:
+    """Runs an ASGI app with uvicorn in a daemon thread (for tests, benchmarks and notebooks).
+
+    ``port=0`` picks a free port; read it from :attr:`url` after :meth:`start` (or use :func:`serve_in_background`).
+
+    Args:
+        app: The ASGI application.
+        host: Interface to bind (default loopback only).
+        port: Port (0: any free one).
+    """
+
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False,
+                                     lifespan="off", timeout_keep_alive=30)
+        self.server = uvicorn.Server(self.config)
+        self.thread = threading.Thread(target=self._run, daemon=True, name="wmark-uvicorn")
+        self.host = host
+        self.port = port
+
+    def _run(self) -> None:
+        asyncio.run(self.server.serve())
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> BackgroundServer:
+        self.thread.start()
+        waited = 0.0
+        while not self.server.started:
+            if not self.thread.is_alive() or waited > timeout:
+                raise RuntimeError("the server thread did not start")
+            threading.Event().wait(0.01)
+            waited += 0.01
+        sockets = [s for srv in self.server.servers for s in srv.sockets]
+        self.port = int(sockets[0].getsockname()[1])
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+
+@contextlib.contextmanager
+def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[BackgroundServer]:
+    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block."""
+    server = BackgroundServer(app, host=host, port=port).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _check_port_free(host: str, port: int) -> None:
+    # uvicorn reports a busy port by logging and calling sys.exit; say it in one sentence instead.
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except OSError as exc:
+        raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port.") from None
+
+
+def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = "127.0.0.1", port: int = 8080,
+          labels_only: bool = False, token_env: str | None = None,
+          announce: Callable[[str], None] | None = None) -> None:
+    """Load a model file and serve it until interrupted (blocking).
+
+    Raises:
+        UsageError: If the weights do not load, the port is invalid or the token variable is unset.
+    """
+    from wmark.io import read_metadata, wmark_metadata
+    from wmark.models import load_model
+
+    if not 0 <= port <= 65535:
+        raise UsageError(f"Port {port} is out of range 0-65535.")
+    if not name or "/" in name:
+        raise UsageError(f"Model name {name!r} must be non-empty and contain no '/'.")
+    token = None
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        if not token:
+            raise UsageError(f"The environment variable {token_env} holding the token is unset or empty.")
+    meta = wmark_metadata(read_metadata(weights))
+    model, _ = load_model(arch, weights)
+    num_classes = int(meta.get("num_classes", 10))
+    shape = tuple(int(s) for s in meta.get("input_shape", (1, 28, 28)))
+    app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
+                    token=token)
+    _check_port_free(host, port)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    if announce is not None:
+        mode = "label-only" if labels_only else "scores"
+        auth = ", bearer token required" if token else ""
+        announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
+    server.run()

@@ -1,0 +1,474 @@
+"""A suspect behind a prediction API: one HTTP request per input, with the manners a paid API expects.
+
+:class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
+a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
+``Retry-After`` on 429/503, and a thread pool for concurrent requests. A failed or malformed answer (after
+the retries) is an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
+with one sentence: a refused token (401/403), an unknown model (404), an unreachable host, a TLS failure,
+or answers that do not fit the key's classes.
+
+Example:
+    >>> from wmark.suspects.protocols import V2Protocol
+    >>> proto = V2Protocol(url="http://127.0.0.1:9", model_name="m", num_classes=10, input_shape=(1, 28, 28))
+    >>> proto.endpoint
+    'http://127.0.0.1:9/v2/models/m/infer'
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import email.utils
+import hashlib
+import json
+import os
+import random
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.suspects.base import Answers
+from wmark.suspects.protocols import AnswerMismatch, MalformedAnswer, Parsed, WireProtocol
+
+USER_AGENT = "wmark-verifier"
+_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """Transport settings.
+
+    Attributes:
+        timeout: Seconds to wait for one answer (connect, read, write each).
+        retries: Further attempts after a failed one (timeouts, 429, 5xx, dropped connections).
+        backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
+        max_backoff: Cap of one backoff wait.
+        max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run.
+        rate: Most requests per second (``None``: unlimited).
+        concurrency: Requests in flight at once.
+        verify_tls: Check TLS certificates (a CA bundle path is accepted too).
+    """
+
+    timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 30.0
+    max_retry_after: float = 120.0
+    rate: float | None = None
+    concurrency: int = 1
+    verify_tls: bool | str = True
+
+    def __post_init__(self) -> None:
+        if self.timeout <= 0:
+            raise UsageError(f"The timeout must be positive, got {self.timeout}.")
+        if self.retries < 0:
+            raise UsageError(f"The number of retries cannot be negative, got {self.retries}.")
+        if self.rate is not None and self.rate <= 0:
+            raise UsageError(f"The request rate must be positive, got {self.rate}.")
+        if self.concurrency < 1:
+            raise UsageError(f"Concurrency must be at least 1, got {self.concurrency}.")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one query.
+
+    Attributes:
+        status: ``ok``, ``malformed`` (the server answered something that is not a prediction) or
+            ``failed`` (no answer after every retry).
+        label: The answered label, ``-1`` unless ``ok``.
+        scores: Every class's score when the API returned them.
+        answer: The raw answer body (text), when there was one.
+        answer_sha256: SHA-256 of the raw answer bytes.
+        error: Why it is not ``ok``.
+        http_status: The last HTTP status seen.
+        attempts: Requests sent for this query (1 + retries used).
+    """
+
+    status: str
+    label: int = -1
+    scores: tuple[float, ...] | None = None
+    answer: str | None = None
+    answer_sha256: str | None = None
+    error: str = ""
+    http_status: int | None = None
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+class RateLimiter:
+    """Spaces requests at least ``1/rate`` seconds apart across threads."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.interval = 0.0 if rate is None else 1.0 / rate
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self) -> None:
+        if self.interval == 0.0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        if slot > now:
+            time.sleep(slot - now)
+
+
+def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = None) -> str | None:
+    """The bearer token from an environment variable or a file (never from the command line).
+
+    Raises:
+        UsageError: If both or neither-but-empty sources are given, the variable is unset or the file unreadable.
+    """
+    if env and file:
+        raise UsageError("Give the token either with --token-env or with --token-file, not both.")
+    if env:
+        value = os.environ.get(env, "").strip()
+        if not value:
+            raise UsageError(f"The environment variable {env} holding the token is unset or empty; export it first.")
+        return value
+    if file:
+        try:
+            value = Path(file).read_text().strip()
+        except (OSError, UnicodeDecodeError):
+            raise UsageError(f"Cannot read the token file {file}; check the path and its permissions.") from None
+        if not value:
+            raise UsageError(f"The token file {file} is empty.")
+        return value
+    return None
+
+
+def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+@dataclass
+class _Stats:
+    requests: int = 0
+    retries: int = 0
+    ok: int = 0
+    malformed: int = 0
+    failed: int = 0
+    seconds_waiting: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **counts: float) -> None:
+        with self.lock:
+            for name, value in counts.items():
+                setattr(self, name, getattr(self, name) + value)
+
+
+class HttpSuspect:
+    """A :class:`~wmark.suspects.base.Suspect` reached over HTTP.
+
+    Args:
+        protocol: How to phrase requests and read answers.
+        token: Bearer token (sent as ``Authorization: Bearer …``; never logged or reported).
+        options: Transport settings.
+        headers: Extra static request headers (from a template).
+        seed: Seed of the backoff jitter (``None``: fresh randomness).
+
+    Call :meth:`connect` (or use :func:`open_http_suspect`) before querying: it checks the server and
+    the model and fails with one sentence when they are not what the key needs.
+    """
+
+    def __init__(self, *, protocol: WireProtocol, token: str | None = None, options: HttpOptions | None = None,
+                 headers: dict[str, str] | None = None, seed: int | None = None) -> None:
+        self.protocol = protocol
+        self.options = options or HttpOptions()
+        self.description = protocol.endpoint
+        self.num_classes: int | None = protocol.num_classes
+        self.input_shape: tuple[int, ...] | None = protocol.input_shape
+        self.server_info: dict[str, Any] = {}
+        self.stats = _Stats()
+        self._limiter = RateLimiter(self.options.rate)
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self._seen_ok = threading.Event()
+        send_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        if token:
+            send_headers["Authorization"] = f"Bearer {token}"
+        self._client = httpx.Client(
+            headers=send_headers,
+            timeout=httpx.Timeout(self.options.timeout),
+            verify=self.options.verify_tls,
+            limits=httpx.Limits(max_connections=self.options.concurrency + 2,
+                                max_keepalive_connections=self.options.concurrency + 2),
+            follow_redirects=False,
+        )
+        self._has_token = bool(token)
+
+    def __repr__(self) -> str:
+        return f"HttpSuspect({self.description!r}, protocol={self.protocol.name!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def connect(self) -> dict[str, Any]:
+        """Check the server answers and serves a model that fits the key; return what it said."""
+        self.server_info = self.protocol.discover(self._get_json)
+        return self.server_info
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        """Ask about a batch (one request per input, ``concurrency`` at a time); failures are abstentions."""
+        x = np.asarray(inputs, dtype=np.float32)
+        labels = np.full(len(x), -1, dtype=np.int64)
+        rows: list[tuple[float, ...] | None] = [None] * len(x)
+        for i, outcome in self.stream(x):
+            labels[i] = outcome.label
+            rows[i] = outcome.scores
+        scores = None
+        if all(r is not None for r in rows) and len(rows):
+            scores = np.asarray(rows, dtype=np.float64)
+        return Answers(labels=labels, scores=scores)
+
+    def stream(self, inputs: np.ndarray) -> Iterator[tuple[int, Outcome]]:
+        """Yield ``(index, outcome)`` for every input as its answer arrives (completion order).
+
+        When a fatal error (refused token, host gone, wrong model) happens, the answers that already arrived
+        are still yielded before it is raised, so a transcript loses nothing.
+        """
+        x = np.asarray(inputs, dtype=np.float32)
+        if self.options.concurrency == 1 or len(x) <= 1:
+            for i in range(len(x)):
+                yield i, self._ask(x[i])
+            return
+        fatal: BaseException | None = None
+        pool = cf.ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="wmark-http")
+        try:
+            futures = {pool.submit(self._ask, x[i]): i for i in range(len(x))}
+            for fut in cf.as_completed(futures):
+                if fut.cancelled():
+                    continue
+                try:
+                    outcome = fut.result()
+                except (UsageError, RuntimeFailure) as exc:
+                    if fatal is None:
+                        fatal = exc
+                        for other in futures:
+                            other.cancel()
+                    continue
+                yield futures[fut], outcome
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if fatal is not None:
+            raise fatal
+
+    def _ask(self, x: np.ndarray) -> Outcome:
+        req = self.protocol.request(x)
+        resp, attempts, error = self._send(req.method, req.url, req.body, what="inference")
+        if resp is None:
+            self.stats.add(failed=1)
+            return Outcome(status="failed", error=error, attempts=attempts,
+                           http_status=None if not error.startswith("HTTP ") else int(error.split()[1]))
+        raw = resp.content
+        digest = hashlib.sha256(raw).hexdigest()
+        text = raw.decode("utf-8", errors="replace")
+        if resp.status_code >= 400:
+            message = _server_error(resp)
+            if not self._seen_ok.is_set():
+                raise UsageError(
+                    f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
+                    f"{message}); check --protocol, --model-name and the key's input shape."
+                )
+            self.stats.add(malformed=1)
+            return Outcome(status="malformed", answer=text, answer_sha256=digest, attempts=attempts,
+                           http_status=resp.status_code, error=f"HTTP {resp.status_code}: {message}")
+        try:
+            parsed: Parsed = self.protocol.parse(json.loads(text))
+        except AnswerMismatch as exc:
+            if not self._seen_ok.is_set():
+                raise UsageError(f"The suspect at {self.description} does not fit the key: {exc}.") from None
+            return self._malformed(text, digest, attempts, resp.status_code, str(exc))
+        except (MalformedAnswer, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
+            return self._malformed(text, digest, attempts, resp.status_code, _short(exc))
+        self._seen_ok.set()
+        self.stats.add(ok=1)
+        return Outcome(status="ok", label=parsed.label, scores=parsed.scores, answer=text, answer_sha256=digest,
+                       http_status=resp.status_code, attempts=attempts)
+
+    def _malformed(self, text: str, digest: str, attempts: int, status: int, error: str) -> Outcome:
+        self.stats.add(malformed=1)
+        return Outcome(status="malformed", answer=text, answer_sha256=digest, error=f"malformed answer: {error}",
+                       http_status=status, attempts=attempts)
+
+    def _get_json(self, url: str) -> Any:
+        resp, _, error = self._send("GET", url, None, what="metadata")
+        if resp is None:
+            raise RuntimeFailure(f"The suspect at {url} did not answer ({error}); try again later or raise --retries.")
+        if resp.status_code >= 400:
+            raise UsageError(f"GET {url} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
+        try:
+            return json.loads(resp.content)
+        except (ValueError, UnicodeDecodeError):
+            raise RuntimeFailure(f"GET {url} did not return JSON; is this the right --protocol?") from None
+
+    def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
+        """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors."""
+        error = ""
+        connect_failures = 0
+        attempts = 0
+        for attempt in range(self.options.retries + 1):
+            self._limiter.wait()
+            attempts += 1
+            self.stats.add(requests=1, retries=int(attempt > 0))
+            wait: float | None = None
+            try:
+                resp = self._client.request(method, url, json=body) if body is not None else \
+                    self._client.request(method, url)
+            except httpx.ConnectError as exc:
+                if _is_tls(exc):
+                    raise RuntimeFailure(
+                        f"The TLS handshake with {_host(url)} failed ({_short(exc)}); check the https URL, or "
+                        "the server's certificate."
+                    ) from None
+                connect_failures += 1
+                error = f"cannot connect ({_short(exc)})"
+            except httpx.TimeoutException:
+                error = f"no answer within {self.options.timeout:g} s"
+            except httpx.TransportError as exc:
+                if _is_tls(exc):
+                    raise RuntimeFailure(f"The TLS connection to {_host(url)} failed ({_short(exc)}).") from None
+                error = f"connection dropped ({_short(exc)})"
+            else:
+                code = resp.status_code
+                if code in (401, 403):
+                    hint = "the token was refused" if self._has_token else "it needs a bearer token"
+                    raise UsageError(
+                        f"The suspect at {_host(url)} answered HTTP {code}: {hint}; pass a valid token with "
+                        "--token-env VAR or --token-file FILE."
+                    )
+                if code == 404:
+                    raise UsageError(
+                        f"{url} does not exist on the server (HTTP 404); check the URL and --model-name."
+                    )
+                if code not in _RETRY_STATUSES:
+                    return resp, attempts, ""
+                error = f"HTTP {code}"
+                if code in (429, 503):
+                    wait = parse_retry_after(resp.headers.get("Retry-After"))
+                    if wait is not None and wait > self.options.max_retry_after:
+                        raise RuntimeFailure(
+                            f"The suspect asks to wait {wait:.0f} s before the next request (HTTP {code} "
+                            "Retry-After); re-run the same command later, the transcript resumes."
+                        )
+            if attempt == self.options.retries:
+                break
+            delay = self._backoff(attempt) if wait is None else wait + self._jitter(0.1 * max(wait, 0.1))
+            self.stats.add(seconds_waiting=delay)
+            time.sleep(delay)
+        if connect_failures == attempts:
+            if what == "metadata" or not self._seen_ok.is_set():
+                raise RuntimeFailure(
+                    f"Cannot reach the suspect at {_host(url)} ({error}); check the URL and that the server is up."
+                )
+            raise RuntimeFailure(
+                f"The suspect at {_host(url)} stopped answering ({error}); answers so far are kept: re-run the "
+                "same command with the same --transcript to resume."
+            )
+        return None, attempts, error
+
+    def _backoff(self, attempt: int) -> float:
+        # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
+        return self._jitter(min(self.options.max_backoff, self.options.backoff * 2.0**attempt))
+
+    def _jitter(self, upper: float) -> float:
+        with self._rng_lock:
+            return self._rng.uniform(0.0, upper)
+
+
+def _server_error(resp: httpx.Response) -> str:
+    try:
+        doc = resp.json()
+        if isinstance(doc, dict) and "error" in doc:
+            return str(doc["error"])[:200]
+    except (ValueError, UnicodeDecodeError):
+        pass
+    return (resp.text or resp.reason_phrase or "no message")[:200].strip() or "no message"
+
+
+def _is_tls(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    depth = 0
+    while seen is not None and depth < 10:
+        if isinstance(seen, ssl.SSLError) or "SSL" in type(seen).__name__ or "CERTIFICATE" in str(seen).upper():
+            return True
+        seen = seen.__cause__ or seen.__context__
+        depth += 1
+    return False
+
+
+def _host(url: str) -> str:
+    try:
+        parsed = httpx.URL(url)
+        return f"{parsed.scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else "")
+    except (httpx.InvalidURL, TypeError):
+        return url
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:160]
+
+
+def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classes: int,
+                  input_shape: tuple[int, ...], template: str | None = None,
+                  version: str | None = None) -> WireProtocol:
+    """Build the wire protocol named ``protocol`` (``v2``, ``tfserving`` or ``json``)."""
+    from wmark.suspects.protocols import JsonTemplateProtocol, TFServingProtocol, V2Protocol, load_template
+
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"The suspect URL {url!r} must start with http:// or https://.")
+    if protocol == "v2":
+        return V2Protocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
+                          version=version)
+    if protocol == "tfserving":
+        return TFServingProtocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
+                                 version=version)
+    if protocol == "json":
+        if not template:
+            raise UsageError("The json protocol needs --template (torchserve, hf, or a template file).")
+        return JsonTemplateProtocol(url=url, template=load_template(template), num_classes=num_classes,
+                                    input_shape=input_shape)
+    raise UsageError(f"Unknown protocol {protocol!r}; use v2, tfserving or json.")
+
+
+def open_http_suspect(*, url: str, protocol: str, num_classes: int, input_shape: tuple[int, ...],
+                      model_name: str | None = None, template: str | None = None, token: str | None = None,
+                      options: HttpOptions | None = None, seed: int | None = None) -> HttpSuspect:
+    """Build an :class:`HttpSuspect` and check the server (see :meth:`HttpSuspect.connect`)."""
+    proto = make_protocol(protocol=protocol, url=url, model_name=model_name, num_classes=num_classes,
+                          input_shape=input_shape, template=template)
+    headers = getattr(proto, "headers", None)
+    suspect = HttpSuspect(protocol=proto, token=token, options=options, headers=headers, seed=seed)
+    try:
+        suspect.connect()
+    except BaseException:
+        suspect.close()
+        raise
+    return suspect

@@ -1,0 +1,558 @@
+"""Wire formats of prediction APIs: how to ask one input, and how to read one answer.
+
+Each protocol turns one float32 input into an HTTP request and one decoded JSON answer into a
+:class:`Parsed` label (plus scores when the API exposes them all). Transport concerns (auth, retries,
+rate limits) live in :mod:`wmark.suspects.http`; this module never touches the network except through the
+``get`` callable handed to :meth:`WireProtocol.discover`.
+
+Supported:
+
+* :class:`V2Protocol` — the Open Inference Protocol v2 (KServe, Triton, MLServer, ``wmark serve``).
+* :class:`TFServingProtocol` — TensorFlow Serving REST (``:predict``, row "instances" format).
+* :class:`JsonTemplateProtocol` — any JSON endpoint described by a small template; ready-made templates
+  for a TorchServe handler (``torchserve``) and a Hugging Face style ``[{label, score}]`` answer (``hf``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+
+from wmark.errors import UsageError
+
+GetJson = Callable[[str], Any]
+"""Fetch a URL with GET through the suspect's transport and return its decoded JSON."""
+
+
+class MalformedAnswer(ValueError):
+    """An answer that cannot be read as a prediction; it counts as an abstention, never a match."""
+
+
+class AnswerMismatch(MalformedAnswer):
+    """An answer that is well formed but does not fit the key (wrong number of classes, unknown label).
+
+    When it happens before any usable answer the suspect is the wrong model for the key, and the caller
+    raises a :class:`~wmark.errors.UsageError`; later it is treated as one malformed answer.
+    """
+
+
+@dataclass(frozen=True)
+class Parsed:
+    """One decoded answer: the top-1 label and, when the API returned every class's score, the scores."""
+
+    label: int
+    scores: tuple[float, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """One HTTP request to send."""
+
+    method: str
+    url: str
+    body: Any
+
+
+class WireProtocol:
+    """Base class of the protocols: override :meth:`request` and :meth:`parse`, optionally :meth:`discover`.
+
+    Args:
+        num_classes: The key's number of classes (answers are checked against it).
+        input_shape: The key's shape of one input.
+    """
+
+    name = "abstract"
+
+    def __init__(self, *, num_classes: int, input_shape: Sequence[int]) -> None:
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(int(s) for s in input_shape)
+
+    @property
+    def endpoint(self) -> str:
+        """The URL reports should name."""
+        raise NotImplementedError
+
+    def discover(self, get: GetJson) -> dict[str, Any]:
+        """Ask the server what it serves; return what was learnt (for reports)."""
+        return {}
+
+    def request(self, x: np.ndarray) -> Request:
+        """The request that asks the suspect about one input shaped ``input_shape``."""
+        raise NotImplementedError
+
+    def parse(self, doc: Any) -> Parsed:
+        """Read one decoded JSON answer; raise :class:`MalformedAnswer` when it is not a prediction."""
+        raise NotImplementedError
+
+    def _from_scores(self, values: Any) -> Parsed:
+        scores = _numbers(values, "scores")
+        if len(scores) != self.num_classes:
+            raise AnswerMismatch(
+                f"the suspect answers with {len(scores)} scores per input but the key is for "
+                f"{self.num_classes} classes"
+            )
+        if not all(math.isfinite(s) for s in scores):
+            raise MalformedAnswer("the scores contain NaN or infinite values")
+        return Parsed(label=int(np.argmax(scores)), scores=tuple(scores))
+
+    def _from_label(self, value: Any, names: Sequence[str] | None = None) -> Parsed:
+        return Parsed(label=label_index(value, self.num_classes, names))
+
+
+def label_index(value: Any, num_classes: int, names: Sequence[str] | None = None) -> int:
+    """Map an answered label (an int, ``"3"``, ``"LABEL_3"`` or a class name in ``names``) to its index.
+
+    Raises:
+        AnswerMismatch: If the label is outside the key's classes or an unknown name.
+        MalformedAnswer: If it is not a label at all.
+    """
+    if isinstance(value, bool) or value is None:
+        raise MalformedAnswer(f"{value!r} is not a label")
+    if isinstance(value, float):
+        if not math.isfinite(value) or value != int(value):
+            raise MalformedAnswer(f"{value!r} is not a class index")
+        value = int(value)
+    if isinstance(value, str):
+        if names is not None and value in names:
+            return list(names).index(value)
+        match = re.fullmatch(r"(?:label[_ ]?)?(\d+)", value.strip(), flags=re.IGNORECASE)
+        if not match:
+            raise AnswerMismatch(
+                f"the suspect answers the label {value!r}, which is not a class index; list the class names "
+                "under \"labels\" in the template"
+            )
+        value = int(match.group(1))
+    if not isinstance(value, int):
+        raise MalformedAnswer(f"{type(value).__name__} is not a label")
+    if not 0 <= value < num_classes:
+        raise AnswerMismatch(f"the suspect answers label {value}, outside the key's {num_classes} classes")
+    return value
+
+
+def _numbers(values: Any, what: str) -> list[float]:
+    if not isinstance(values, list) or not values:
+        raise MalformedAnswer(f"{what} are not a non-empty list")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise MalformedAnswer(f"{what} contain a non-number")
+        out.append(float(v))
+    return out
+
+
+def _unwrap(value: Any) -> Any:
+    # Batched APIs wrap a single answer in one-element lists, sometimes twice (Hugging Face pipelines).
+    while isinstance(value, list) and len(value) == 1 and isinstance(value[0], (list, dict)):
+        value = value[0]
+    return value
+
+
+def _split_model_url(url: str, marker: str) -> tuple[str, str | None]:
+    """Split ``http://h:p/prefix/<marker>/<name>...`` into the base URL and the model name."""
+    head, sep, tail = url.partition(marker)
+    if not sep:
+        return url.rstrip("/"), None
+    name = re.split(r"[/:]", tail, maxsplit=1)[0]
+    return head.rstrip("/"), name or None
+
+
+class V2Protocol(WireProtocol):
+    """Open Inference Protocol v2: ``GET /v2/models/{name}`` for metadata, ``POST .../infer`` to predict.
+
+    The input's name, datatype and shape come from the model's metadata. Answers may be FP32/FP64 scores
+    (N×C), an integer label (label-only servers), or Triton's classification strings ``"score:index[:name]"``
+    (top-k; the first is the top-1).
+
+    Args:
+        url: The server (``http://host:port``) or a model URL (``http://host:port/v2/models/NAME``).
+        model_name: The model's name (taken from ``url`` when it names one).
+        version: A model version, if the server keeps several.
+    """
+
+    name = "v2"
+
+    def __init__(self, *, url: str, model_name: str | None, num_classes: int, input_shape: Sequence[int],
+                 version: str | None = None) -> None:
+        super().__init__(num_classes=num_classes, input_shape=input_shape)
+        base, from_url = _split_model_url(url, "/v2/models/")
+        self.base = base
+        self.model_name = model_name or from_url
+        if not self.model_name:
+            raise UsageError("The v2 protocol needs a model name: pass --model-name or a URL ending in /v2/models/NAME.")
+        self.version = version
+        self.input_name = "input-0"
+        self.datatype = "FP32"
+        self.shape: list[int] = [1, *self.input_shape]
+        self.output_name: str | None = None
+
+    @property
+    def _model_path(self) -> str:
+        path = f"{self.base}/v2/models/{quote(self.model_name, safe='')}"
+        return f"{path}/versions/{quote(self.version, safe='')}" if self.version else path
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self._model_path}/infer"
+
+    def discover(self, get: GetJson) -> dict[str, Any]:
+        meta = get(self._model_path)
+        try:
+            first = meta["inputs"][0]
+            self.input_name = str(first["name"])
+            self.datatype = str(first.get("datatype", "FP32")).upper()
+            shape = [int(s) for s in first.get("shape", [])]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise UsageError(
+                f"{self._model_path} does not describe its inputs as the v2 protocol requires; is this a v2 server?"
+            ) from None
+        want = int(np.prod(self.input_shape))
+        if shape:
+            dims = [1 if s < 0 else s for s in shape]
+            per_item = dims[1:] if len(dims) > len(self.input_shape) or dims[0] == 1 else dims
+            if int(np.prod(per_item)) != want:
+                raise UsageError(
+                    f"Model {self.model_name} takes inputs shaped {shape} but the key's inputs are "
+                    f"{list(self.input_shape)}; use the key made for this model."
+                )
+            self.shape = [1, *per_item]
+        outputs = meta.get("outputs") or []
+        for out in outputs:
+            dims = [int(s) for s in out.get("shape", [])] if isinstance(out, dict) else []
+            is_scores = dims and str(out.get("datatype", "")).upper().startswith("FP") and dims[-1] > 1
+            if is_scores and dims[-1] != self.num_classes:
+                raise UsageError(
+                    f"Model {self.model_name} answers {dims[-1]} scores per input but the key is for "
+                    f"{self.num_classes} classes; use the key made for this model."
+                )
+        if len(outputs) > 1:
+            self.output_name = _preferred_output(outputs)
+        return {"model": self.model_name, "input": {"name": self.input_name, "datatype": self.datatype,
+                                                    "shape": shape},
+                "outputs": [{k: o.get(k) for k in ("name", "datatype", "shape")} for o in outputs
+                            if isinstance(o, dict)],
+                "platform": meta.get("platform")}
+
+    def request(self, x: np.ndarray) -> Request:
+        flat = np.asarray(x, dtype=np.float32).reshape(-1)
+        if self.datatype.startswith(("UINT", "INT")):
+            data: list[Any] = np.rint(np.clip(flat, 0.0, 1.0) * 255.0).astype(np.int64).tolist()
+        else:
+            data = flat.tolist()
+        body: dict[str, Any] = {"inputs": [{"name": self.input_name, "shape": self.shape,
+                                            "datatype": self.datatype, "data": data}]}
+        return Request("POST", self.endpoint, body)
+
+    def parse(self, doc: Any) -> Parsed:
+        if not isinstance(doc, dict) or not isinstance(doc.get("outputs"), list) or not doc["outputs"]:
+            raise MalformedAnswer("the answer has no outputs")
+        outputs = doc["outputs"]
+        chosen = next((o for o in outputs if isinstance(o, dict) and o.get("name") == self.output_name), None)
+        out = chosen or outputs[0]
+        if not isinstance(out, dict) or not isinstance(out.get("data"), list):
+            raise MalformedAnswer("the output has no data")
+        datatype = str(out.get("datatype", "")).upper()
+        data = out["data"]
+        if datatype == "BYTES":
+            return self._from_classification(data)
+        if datatype.startswith(("INT", "UINT")) or (len(data) == 1 and self.num_classes > 1):
+            if len(data) != 1:
+                raise AnswerMismatch(f"the suspect answers {len(data)} integers per input instead of one label")
+            return self._from_label(data[0])
+        return self._from_scores(data)
+
+    def _from_classification(self, data: list[Any]) -> Parsed:
+        # Triton's classification extension: "score:index" or "score:index:name", best first.
+        if not data or not isinstance(data[0], str):
+            raise MalformedAnswer("the classification output is empty")
+        parts = data[0].split(":")
+        if len(parts) < 2:
+            raise MalformedAnswer(f"{data[0]!r} is not a score:index classification")
+        return self._from_label(parts[1])
+
+
+def _preferred_output(outputs: list[Any]) -> str | None:
+    for want in ("FP", "INT", "UINT", "BYTES"):
+        for out in outputs:
+            if isinstance(out, dict) and str(out.get("datatype", "")).upper().startswith(want):
+                return str(out.get("name"))
+    return None
+
+
+class TFServingProtocol(WireProtocol):
+    """TensorFlow Serving REST: ``POST /v1/models/{name}[/versions/{v}]:predict`` with ``{"instances": [...]}``.
+
+    ``GET /v1/models/{name}`` checks the model exists; when ``/metadata`` says the model takes channels-last
+    images (H×W×C), inputs are transposed to match. Answers may be a score list, a bare label, or a dict of
+    named outputs (``scores``/``probabilities`` and ``classes``/``class_ids``); literal ``NaN`` and
+    ``Infinity`` tokens are read (and such a row counts as malformed).
+    """
+
+    name = "tfserving"
+    _SCORE_KEYS = ("scores", "probabilities", "probs", "logits", "predictions", "output_0")
+    _LABEL_KEYS = ("classes", "class_ids", "class", "label", "labels", "predicted_class")
+
+    def __init__(self, *, url: str, model_name: str | None, num_classes: int, input_shape: Sequence[int],
+                 version: str | None = None) -> None:
+        super().__init__(num_classes=num_classes, input_shape=input_shape)
+        base, from_url = _split_model_url(url, "/v1/models/")
+        self.base = base
+        self.model_name = model_name or from_url
+        if not self.model_name:
+            raise UsageError("TensorFlow Serving needs a model name: pass --model-name or a URL ending in /v1/models/NAME.")
+        self.version = version
+        self.channels_last = False
+
+    @property
+    def _model_path(self) -> str:
+        path = f"{self.base}/v1/models/{quote(self.model_name, safe='')}"
+        return f"{path}/versions/{quote(self.version, safe='')}" if self.version else path
+
+    @property
+    def endpoint(self) -> str:
+        return f"{self._model_path}:predict"
+
+    def discover(self, get: GetJson) -> dict[str, Any]:
+        status = get(self._model_path)
+        info: dict[str, Any] = {"model": self.model_name, "status": status.get("model_version_status")
+                                if isinstance(status, dict) else None}
+        try:
+            meta = get(f"{self._model_path}/metadata")
+        except UsageError:
+            return info
+        dims = _tf_input_dims(meta)
+        chw = self.input_shape
+        if dims and len(chw) == 3 and dims[1:] == [chw[1], chw[2], chw[0]] and list(chw) != dims[1:]:
+            self.channels_last = True
+        info["channels_last"] = self.channels_last
+        return info
+
+    def request(self, x: np.ndarray) -> Request:
+        arr = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
+        if self.channels_last:
+            arr = np.moveaxis(arr, 0, -1)
+        return Request("POST", self.endpoint, {"instances": [arr.tolist()]})
+
+    def parse(self, doc: Any) -> Parsed:
+        if not isinstance(doc, dict):
+            raise MalformedAnswer("the answer is not a JSON object")
+        if "error" in doc:
+            raise MalformedAnswer(f"the server answered an error: {str(doc['error'])[:200]}")
+        rows = doc.get("predictions", doc.get("outputs"))
+        if not isinstance(rows, list) or not rows:
+            raise MalformedAnswer("the answer has no predictions")
+        return self._parse_row(rows[0] if len(rows) == 1 or not isinstance(rows[0], (int, float)) else rows)
+
+    def _parse_row(self, row: Any) -> Parsed:
+        if isinstance(row, dict):
+            for name in self._SCORE_KEYS:
+                if name in row and isinstance(row[name], list) and len(row[name]) == self.num_classes:
+                    return self._from_scores(_unwrap(row[name]))
+            for name in self._LABEL_KEYS:
+                if name in row:
+                    value = row[name]
+                    if isinstance(value, list):
+                        scores = next((row[s] for s in self._SCORE_KEYS if isinstance(row.get(s), list)), None)
+                        value = _top_of(value, scores)
+                    return self._from_label(value)
+            raise MalformedAnswer(f"no scores or label among the outputs {sorted(row)[:5]}")
+        if isinstance(row, list):
+            if len(row) == 1:
+                return self._from_label(row[0])
+            return self._from_scores(row)
+        return self._from_label(row)
+
+
+def _tf_input_dims(meta: Any) -> list[int] | None:
+    try:
+        sigs = meta["metadata"]["signature_def"]["signature_def"]
+        sig = sigs.get("serving_default") or next(iter(sigs.values()))
+        tensor = next(iter(sig["inputs"].values()))
+        return [int(d["size"]) for d in tensor["tensor_shape"]["dim"]]
+    except (KeyError, TypeError, ValueError, StopIteration, AttributeError):
+        return None
+
+
+def _top_of(labels: list[Any], scores: Any) -> Any:
+    if not labels:
+        raise MalformedAnswer("the answer's class list is empty")
+    if isinstance(scores, list) and len(scores) == len(labels):
+        nums = _numbers(scores, "scores")
+        return labels[int(np.argmax(nums))]
+    return labels[0]
+
+
+BUILTIN_TEMPLATES: dict[str, dict[str, Any]] = {
+    # TorchServe's image classifier handler: JSON {"data": ...} in, a top-k {class: probability} map out
+    # (or {"class": name, "probability": p} from custom handlers).
+    "torchserve": {
+        "method": "POST",
+        "request": {"data": "$input"},
+        "response": [{"topk_map": ""}, {"label": "class"}, {"label": "label"}],
+    },
+    # Hugging Face pipelines / Inference Endpoints: {"inputs": ...} in, [{"label", "score"}] out,
+    # sometimes nested one level deeper.
+    "hf": {
+        "method": "POST",
+        "request": {"inputs": "$input"},
+        "response": [{"topk": "", "label_field": "label", "score_field": "score"}],
+    },
+}
+
+_PLACEHOLDERS = ("$input", "$input_flat", "$input_batch", "$input_b64")
+_EXTRACTORS = ("scores", "label", "topk", "topk_map")
+
+
+def load_template(spec: str) -> dict[str, Any]:
+    """A built-in template name (``torchserve``, ``hf``) or a JSON template file, validated.
+
+    A template is ``{"method": "POST", "headers": {...}, "request": <JSON with one placeholder>,
+    "response": [<extractor>, ...], "labels": [names] | null}``. Placeholders (a whole JSON string):
+    ``$input`` (nested list shaped like one input), ``$input_batch`` (the same inside a one-element list),
+    ``$input_flat`` (a flat list), ``$input_b64`` (base64 of the float32 little-endian bytes). Extractors,
+    tried in order, each read a dotted path (``""`` is the whole answer, integers index lists):
+    ``{"scores": path}`` (every class's score), ``{"label": path}`` (a bare label),
+    ``{"topk": path, "label_field": "label", "score_field": "score"}`` (a list of label/score objects) and
+    ``{"topk_map": path}`` (an object mapping labels to scores).
+    """
+    if spec in BUILTIN_TEMPLATES:
+        template = json.loads(json.dumps(BUILTIN_TEMPLATES[spec]))
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise UsageError(
+                f"Template {spec!r} is neither a built-in ({', '.join(sorted(BUILTIN_TEMPLATES))}) nor a file."
+            )
+        try:
+            template = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"Template {path} is not valid JSON ({exc.__class__.__name__}); fix the file.") from None
+    if not isinstance(template, dict) or "request" not in template or "response" not in template:
+        raise UsageError(f"Template {spec!r} needs a \"request\" and a \"response\" entry.")
+    response = template["response"]
+    if isinstance(response, dict):
+        response = [response]
+    if not isinstance(response, list) or not response or not all(
+            isinstance(r, dict) and any(k in r for k in _EXTRACTORS) for r in response):
+        raise UsageError(f"Template {spec!r}: \"response\" must list extractors using one of {', '.join(_EXTRACTORS)}.")
+    template["response"] = response
+    if _count_placeholders(template["request"]) != 1:
+        raise UsageError(f"Template {spec!r}: the request must hold exactly one of {', '.join(_PLACEHOLDERS)}.")
+    labels = template.get("labels")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(x, str) for x in labels)):
+        raise UsageError(f"Template {spec!r}: \"labels\" must be a list of class names.")
+    return template
+
+
+def _count_placeholders(node: Any) -> int:
+    if isinstance(node, str):
+        return int(node in _PLACEHOLDERS)
+    if isinstance(node, list):
+        return sum(_count_placeholders(v) for v in node)
+    if isinstance(node, dict):
+        return sum(_count_placeholders(v) for v in node.values())
+    return 0
+
+
+def _fill(node: Any, values: dict[str, Any]) -> Any:
+    if isinstance(node, str) and node in values:
+        return values[node]
+    if isinstance(node, list):
+        return [_fill(v, values) for v in node]
+    if isinstance(node, dict):
+        return {k: _fill(v, values) for k, v in node.items()}
+    return node
+
+
+def _at(doc: Any, path: str) -> Any:
+    node = doc
+    for part in [p for p in path.split(".") if p]:
+        node = _unwrap(node) if isinstance(node, list) and not part.lstrip("-").isdigit() else node
+        try:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            raise MalformedAnswer(f"the answer has nothing at {path!r}") from None
+    return node
+
+
+class JsonTemplateProtocol(WireProtocol):
+    """A JSON endpoint described by a template (see :func:`load_template`); the URL is the endpoint itself."""
+
+    name = "json"
+
+    def __init__(self, *, url: str, template: dict[str, Any], num_classes: int, input_shape: Sequence[int]) -> None:
+        super().__init__(num_classes=num_classes, input_shape=input_shape)
+        self.url = url
+        self.template = template
+        self.method = str(template.get("method", "POST")).upper()
+        self.names: list[str] | None = template.get("labels")
+        if self.names is not None and len(self.names) != self.num_classes:
+            raise UsageError(
+                f"The template names {len(self.names)} classes but the key is for {self.num_classes}; fix \"labels\"."
+            )
+
+    @property
+    def endpoint(self) -> str:
+        return self.url
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {str(k): str(v) for k, v in (self.template.get("headers") or {}).items()}
+
+    def request(self, x: np.ndarray) -> Request:
+        arr = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
+        values = {
+            "$input": arr.tolist(),
+            "$input_batch": [arr.tolist()],
+            "$input_flat": arr.reshape(-1).tolist(),
+            "$input_b64": base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii"),
+        }
+        return Request(self.method, self.url, _fill(self.template["request"], values))
+
+    def parse(self, doc: Any) -> Parsed:
+        reasons = []
+        mismatch: AnswerMismatch | None = None
+        for extractor in self.template["response"]:
+            try:
+                return self._extract(doc, extractor)
+            except AnswerMismatch as exc:
+                mismatch = mismatch or exc
+            except MalformedAnswer as exc:
+                reasons.append(str(exc))
+        if mismatch is not None:
+            raise mismatch
+        raise MalformedAnswer("; ".join(reasons) or "no extractor matched the answer")
+
+    def _extract(self, doc: Any, extractor: dict[str, Any]) -> Parsed:
+        if "scores" in extractor:
+            return self._from_scores(_unwrap(_at(doc, extractor["scores"])))
+        if "label" in extractor:
+            return self._from_label(_unwrap(_at(doc, extractor["label"])), self.names)
+        if "topk" in extractor:
+            items = _unwrap_list(_at(doc, extractor["topk"]))
+            lf, sf = extractor.get("label_field", "label"), extractor.get("score_field", "score")
+            if not isinstance(items, list) or not items or not all(isinstance(i, dict) and lf in i for i in items):
+                raise MalformedAnswer(f"the answer is not a list of objects with {lf!r}")
+            scores = [i.get(sf) for i in items]
+            best = items[int(np.argmax(_numbers(scores, "scores")))] if all(s is not None for s in scores) else items[0]
+            return self._from_label(best[lf], self.names)
+        mapping = _unwrap(_at(doc, extractor["topk_map"]))
+        if not isinstance(mapping, dict) or not mapping:
+            raise MalformedAnswer("the answer is not an object of label: score pairs")
+        scores = _numbers(list(mapping.values()), "scores")
+        return self._from_label(list(mapping)[int(np.argmax(scores))], self.names)
+
+
+def _unwrap_list(value: Any) -> Any:
+    # [[{label, score}, ...]] (a batch of one) → [{label, score}, ...]
+    while isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    return value

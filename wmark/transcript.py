@@ -1,0 +1,239 @@
+"""A durable record of every query sent to a suspect and every answer it gave (SQLite, WAL).
+
+Each query is written as ``pending`` before it is sent and updated with its answer as soon as the answer
+arrives, one committed transaction each (``synchronous=FULL``: the answer is on disk before the next one is
+counted). A process killed with ``kill -9`` therefore loses at most the answers of requests that were in
+flight. Rows hold the SHA-256 of the input bytes, the answer (raw text and SHA-256), the parsed label, and
+whether the query was a trigger or cover traffic. The file is bound to one key (by its public commitment,
+never the secret) and one suspect URL, so a transcript cannot be replayed against another claim.
+
+Resuming (what :meth:`Transcript.lookup` reuses):
+
+* ``ok`` — the answer is reused; the query is never sent again.
+* ``malformed`` — the server did answer, with something that is not a prediction; it is reused as an
+  abstention rather than paying for the same garbage again.
+* ``failed`` (no answer after every retry: timeouts, 429/5xx, dropped connections) and ``pending`` (sent,
+  but the process died before the answer was recorded) — sent again: they carry no information, and
+  re-asking cannot bias the test because whether a query is re-asked never depends on its answer.
+
+:func:`transcript_digest` is a SHA-256 chain over the rows in order; it goes into the evidence report so
+the transcript can be checked later.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark import __version__
+from wmark.errors import UsageError
+
+FORMAT = "wmark-transcript/1"
+FINAL_STATUSES = ("ok", "malformed")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run INTEGER PRIMARY KEY AUTOINCREMENT,
+    started_at TEXT NOT NULL,
+    wmark_version TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS queries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run INTEGER NOT NULL,
+    role TEXT NOT NULL CHECK (role IN ('trigger', 'cover')),
+    input_sha256 TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'ok', 'malformed', 'failed')),
+    label INTEGER,
+    scores TEXT,
+    answer TEXT,
+    answer_sha256 TEXT,
+    error TEXT,
+    http_status INTEGER,
+    attempts INTEGER,
+    sent_at TEXT NOT NULL,
+    answered_at TEXT
+);
+CREATE INDEX IF NOT EXISTS queries_by_input ON queries (input_sha256, status);
+"""
+
+MAX_ANSWER_CHARS = 65536
+
+
+def input_sha256(x: np.ndarray) -> str:
+    """SHA-256 of one input's float32 little-endian bytes, prefixed by its shape (what was asked, exactly)."""
+    arr = np.ascontiguousarray(np.asarray(x, dtype="<f4"))
+    h = hashlib.sha256(("x".join(map(str, arr.shape)) + "|").encode())
+    h.update(arr.tobytes())
+    return h.hexdigest()
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """A row of the transcript as :meth:`Transcript.lookup` returns it."""
+
+    seq: int
+    role: str
+    status: str
+    label: int
+    scores: tuple[float, ...] | None
+    error: str
+
+
+class Transcript:
+    """One SQLite transcript file bound to a key commitment and a suspect.
+
+    Args:
+        path: The file (created if missing).
+        key_commitment: The key's public commitment.
+        suspect: The suspect's URL (or description).
+        protocol: The wire protocol's name.
+
+    Raises:
+        UsageError: If the file belongs to another key or suspect, or is not a transcript.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key_commitment: str, suspect: str,
+                 protocol: str = "") -> None:
+        self.path = Path(path)
+        if self.path.parent and not self.path.parent.exists():
+            raise UsageError(f"Directory {self.path.parent} for the transcript does not exist; create it first.")
+        try:
+            self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{self.path} is not a wmark transcript ({exc}); give a new --transcript path.") from None
+        want = {"format": FORMAT, "key_commitment": key_commitment, "suspect": suspect, "protocol": protocol}
+        have = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        if have:
+            for name, value in want.items():
+                if have.get(name) != value:
+                    self._db.close()
+                    raise UsageError(
+                        f"The transcript {self.path} was made for another {name.replace('_', ' ')} "
+                        f"({have.get(name)!r}, not {value!r}); give a new --transcript path."
+                    )
+        else:
+            with self._tx():
+                self._db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)",
+                                     [*want.items(), ("created", _now())])
+        with self._tx():
+            cur = self._db.execute("INSERT INTO runs (started_at, wmark_version) VALUES (?, ?)",
+                                   (_now(), __version__))
+        self.run = int(cur.lastrowid or 0)
+        self.meta = want
+
+    def _tx(self) -> _Transaction:
+        return _Transaction(self._db)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def lookup(self, digest: str, role: str) -> Recorded | None:
+        """The reusable answer to an input (``ok`` first, else ``malformed``), or ``None`` if it must be sent."""
+        row = self._db.execute(
+            "SELECT seq, role, status, label, scores, error FROM queries WHERE input_sha256 = ? AND role = ? "
+            "AND status IN ('ok', 'malformed') ORDER BY (status = 'ok') DESC, seq DESC LIMIT 1",
+            (digest, role),
+        ).fetchone()
+        if row is None:
+            return None
+        seq, role_, status, label, scores, error = row
+        return Recorded(seq=seq, role=role_, status=status, label=-1 if label is None else int(label),
+                        scores=tuple(json.loads(scores)) if scores else None, error=error or "")
+
+    def begin(self, digests: list[tuple[str, str]]) -> list[int]:
+        """Record queries about to be sent (``(input_sha256, role)`` pairs) as pending; return their rows."""
+        seqs = []
+        with self._tx():
+            for digest, role in digests:
+                cur = self._db.execute(
+                    "INSERT INTO queries (run, role, input_sha256, status, sent_at) VALUES (?, ?, ?, 'pending', ?)",
+                    (self.run, role, digest, _now()))
+                seqs.append(int(cur.lastrowid or 0))
+        return seqs
+
+    def finish(self, seq: int, *, status: str, label: int = -1, scores: tuple[float, ...] | None = None,
+               answer: str | None = None, answer_sha256: str | None = None, error: str = "",
+               http_status: int | None = None, attempts: int = 1) -> None:
+        """Record the answer to a pending query (committed before returning)."""
+        if status not in ("ok", "malformed", "failed"):
+            raise ValueError(f"unknown status {status!r}")
+        with self._tx():
+            self._db.execute(
+                "UPDATE queries SET status = ?, label = ?, scores = ?, answer = ?, answer_sha256 = ?, error = ?, "
+                "http_status = ?, attempts = ?, answered_at = ? WHERE seq = ?",
+                (status, label if status == "ok" else None, json.dumps(list(scores)) if scores else None,
+                 None if answer is None else answer[:MAX_ANSWER_CHARS], answer_sha256, error or None, http_status,
+                 attempts, _now(), seq))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows per role and status."""
+        out: dict[str, dict[str, int]] = {}
+        for role, status, n in self._db.execute("SELECT role, status, COUNT(*) FROM queries GROUP BY role, status"):
+            out.setdefault(role, {})[status] = int(n)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """Path, binding, counts, number of runs and digest, for reports."""
+        runs = int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
+        return {"path": str(self.path), "format": FORMAT, "key_commitment": self.meta["key_commitment"],
+                "suspect": self.meta["suspect"], "protocol": self.meta["protocol"], "runs": runs,
+                "counts": self.counts(), "sha256_chain": _chain(self._db)}
+
+
+class _Transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+_CHAIN_COLUMNS = ("seq", "run", "role", "input_sha256", "status", "label", "scores", "answer_sha256", "error",
+                  "http_status", "attempts", "sent_at", "answered_at")
+
+
+def _chain(db: sqlite3.Connection) -> str:
+    h = hashlib.sha256(FORMAT.encode())
+    meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
+    h.update(json.dumps(meta, sort_keys=True).encode())
+    for row in db.execute(f"SELECT {', '.join(_CHAIN_COLUMNS)} FROM queries ORDER BY seq"):
+        h = hashlib.sha256(h.digest() + json.dumps(dict(zip(_CHAIN_COLUMNS, row)), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def transcript_digest(path: str | os.PathLike[str]) -> str:
+    """Recompute a transcript's digest: SHA-256 chained over its metadata and every row in order.
+
+    Raises:
+        UsageError: If the file is missing or not a transcript.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"Transcript {p} does not exist.")
+    try:
+        db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        try:
+            return _chain(db)
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise UsageError(f"{p} is not a wmark transcript ({exc}).") from None
