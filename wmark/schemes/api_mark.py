@@ -1,0 +1,439 @@
+"""API-side watermarking: keyed, logged wrong answers that a surrogate trained on the API inherits.
+
+A model served behind :class:`MarkedAPI` answers a small keyed fraction of queries with a keyed label
+instead of its own top-1 (in the spirit of DAWN, Szyller et al. 2021), deterministically per input, and
+records per client which queries it marked in a SQLite log (:class:`MarkLog`). A thief who trains a
+surrogate on those answers learns some of the wrong labels; :func:`api_mark_test` asks a suspect the
+logged inputs of one client and tests whether its answers follow the keyed labels.
+
+How an answer is marked, for one input ``x`` (``h`` = SHA-256 of its float32 bytes and shape):
+
+* **Whether.** ``u = PRF_key("api-mark/v1/mark", h)`` read as a uniform number in [0, 1); ``x`` is marked
+  when ``u < rate`` (and, optionally, when the served model's top-1 probability is below
+  ``max_confidence``).
+* **Which label.** A candidate set ``S(x)`` computed from the served model's scores alone: the
+  ``candidates`` classes ranked 2, 3, … by score (``"all"``: every class but the top-1). The answer is
+  ``ℓ(x) = S(x)[j]`` with ``j`` uniform on ``range(|S(x)|)`` drawn, by rejection sampling, from a second,
+  independent PRF output ``PRF_key("api-mark/v1/label", h)``.
+* **Scores.** When the API exposes scores, the probabilities of the top-1 and of ``ℓ(x)`` are swapped:
+  the answer stays a valid distribution with the served model's confidence profile, its argmax is
+  ``ℓ(x)``, and a soft-label or top-1-with-confidence thief learns ``ℓ(x)`` as strongly as any answer.
+
+The same input always gets the same answer, for every client, so asking twice or comparing clients
+reveals nothing.
+
+Null hypothesis and why it is exact. Let ``H0``: the suspect ``f`` was produced without access to the
+marked answers (any training data, any architecture, but nothing that depends on ``ℓ``). The verifier
+asks ``f`` the logged inputs ``x_1..x_n`` (a list fixed before the suspect is queried) and keeps the
+*conditioned* queries, those whose answer ``f(x_i)`` lies in ``S(x_i)`` (so differs from the served
+top-1). Under ``H0`` (modelling HMAC-SHA256 as a pseudo-random function), the ``ℓ(x_i)`` are independent
+of each other, of the marking decisions (a separate PRF output), of ``S(x_i)`` (the served model's scores)
+and of ``f``; so, conditionally on ``f`` and on which queries are conditioned, each match
+``1[f(x_i) = ℓ(x_i)]`` is an independent Bernoulli(1/|S(x_i)|). The number of matches among the ``m``
+conditioned queries is therefore exactly Poisson-binomial (Binomial(m, 1/k) when every ``|S| = k``), and
+the p-value P(matches ≥ observed) is exact — no reference models, no calibration. A runner-up-only set
+(``|S| = 1``) would carry no randomness and is refused.
+
+Example:
+    >>> import numpy as np
+    >>> from wmark.keys import generate_key
+    >>> key = generate_key(owner="ACME", num_classes=4, input_shape=(3,))
+    >>> class Fixed:
+    ...     description, num_classes, input_shape = "fixed", 4, (3,)
+    ...     def query(self, x):
+    ...         from wmark.suspects import Answers
+    ...         s = np.tile([0.1, 0.6, 0.2, 0.1], (len(x), 1))
+    ...         return Answers(labels=s.argmax(1), scores=s)
+    >>> api = MarkedAPI(key=key, backend=Fixed(), rate=0.5, candidates=2)
+    >>> x = np.random.default_rng(0).random((8, 3), dtype=np.float32)
+    >>> bool((api.query(x).labels == api.query(x).labels).all())
+    True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.keys import Key
+from wmark.suspects.base import Answers, Suspect
+
+SCHEME = "api-mark"
+VERSION = 1
+LOG_FORMAT = "wmark-api-mark-log/1"
+DEFAULT_RATE = 0.03
+DEFAULT_CANDIDATES = "all"
+
+
+def input_digest(x: np.ndarray) -> str:
+    """Hex SHA-256 of one input's shape and little-endian float32 bytes (what the PRF is keyed on)."""
+    arr = np.ascontiguousarray(x, dtype="<f4")
+    head = ("x".join(str(int(d)) for d in arr.shape) + ":").encode()
+    return hashlib.sha256(head + arr.tobytes()).hexdigest()
+
+
+def _prf_uniform(key: Key, purpose: str, digest: str) -> float:
+    word = int.from_bytes(key.derive(f"{SCHEME}/v{VERSION}/{purpose}/{digest}", 8), "little")
+    return word / 2.0**64
+
+
+def _prf_index(key: Key, digest: str, k: int) -> int:
+    """An index exactly uniform on range(k): rejection sampling over 32-bit PRF words."""
+    limit = (2**32 // k) * k
+    block = 0
+    while True:
+        raw = key.derive(f"{SCHEME}/v{VERSION}/label/{digest}#{block}", 64)
+        for w in np.frombuffer(raw, dtype="<u4"):
+            if int(w) < limit:
+                return int(w) % k
+        block += 1
+
+
+def parse_candidates(spec: int | str, num_classes: int) -> int:
+    """Size of the candidate set: an integer k (the k runner-up classes) or ``all`` (C − 1)."""
+    if isinstance(spec, str):
+        if spec.strip().lower() == "all":
+            return num_classes - 1
+        try:
+            spec = int(spec)
+        except ValueError:
+            raise UsageError(f"--candidates must be an integer or 'all', got {spec!r}.") from None
+    k = int(spec)
+    if not 2 <= k <= num_classes - 1:
+        raise UsageError(
+            f"The candidate set needs between 2 and {num_classes - 1} classes (got {k}): one runner-up alone "
+            "carries no randomness and gives no test."
+        )
+    return k
+
+
+def candidate_set(scores: np.ndarray, k: int) -> list[int]:
+    """The classes ranked 2..k+1 by score (ties broken by class index): a function of the scores only."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    return [int(c) for c in order[1:k + 1]]
+
+
+@dataclass(frozen=True)
+class MarkDecision:
+    """What the API decided for one input."""
+
+    digest: str
+    marked: bool
+    top1: int
+    candidates: tuple[int, ...] = ()
+    label: int = -1
+
+
+class MarkLog:
+    """SQLite record of the marked answers, per client.
+
+    One row per (client, marked input): the input's digest and float32 bytes, the served top-1, the
+    candidate set and the keyed label. A ``meta`` table binds the log to one key (its commitment) and
+    the scheme's parameters, so a log cannot be verified under another key. Per-client query counts
+    are kept as well, to report what fraction of a client's traffic was marked.
+
+    Args:
+        path: The database file (created if missing).
+        key: The owner's key; an existing log made under another key is refused.
+        rate: Marking rate (recorded for a new log; checked against an existing one when given).
+        candidates: Candidate-set size (same).
+        input_shape: Shape of one input.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: Key, rate: float | None = None,
+                 candidates: int | None = None, input_shape: Sequence[int] | None = None,
+                 create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise UsageError(f"API-mark log {self.path} does not exist; it is written by the marked API "
+                             "(`wmark api-mark answer ... --log FILE`).")
+        if create and self.path.parent and not self.path.parent.exists():
+            raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
+        try:
+            self._db = sqlite3.connect(self.path, timeout=30.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS marks (
+                    client TEXT NOT NULL, digest TEXT NOT NULL, shape TEXT NOT NULL, input BLOB NOT NULL,
+                    top1 INTEGER NOT NULL, candidates TEXT NOT NULL, label INTEGER NOT NULL,
+                    created REAL NOT NULL, PRIMARY KEY (client, digest));
+                CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, queries INTEGER NOT NULL);
+                """
+            )
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{self.path} is not a readable SQLite API-mark log ({exc}).") from None
+        meta = self.meta()
+        expected = {"format": LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes)}
+        if not meta:
+            if rate is None or candidates is None:
+                raise UsageError(f"{self.path} is an empty API-mark log; it is written by the marked API.")
+            values = dict(expected, rate=repr(float(rate)), candidates=str(int(candidates)),
+                          input_shape=json.dumps(list(input_shape or key.input_shape)), version=str(VERSION))
+            with self._db:
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(values.items()))
+            meta = values
+        if meta.get("format") != LOG_FORMAT:
+            raise UsageError(f"{self.path} is not a wmark API-mark log (expected format {LOG_FORMAT}).")
+        if meta.get("key_commitment") != key.commitment():
+            raise UsageError(f"The API-mark log {self.path} was written under another key; verify with the key "
+                             "that served the API.")
+        if rate is not None and float(meta["rate"]) != float(rate):
+            raise UsageError(f"The log {self.path} was written with rate {meta['rate']}, not {rate}; use a new log.")
+        if candidates is not None and int(meta["candidates"]) != int(candidates):
+            raise UsageError(f"The log {self.path} was written with {meta['candidates']} candidates, not "
+                             f"{candidates}; use a new log.")
+        self.rate = float(meta["rate"])
+        self.candidates = int(meta["candidates"])
+        self.input_shape = tuple(json.loads(meta["input_shape"]))
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+
+    def record(self, client: str, inputs: np.ndarray, decisions: Sequence[MarkDecision]) -> None:
+        """Store the marked decisions of one batch and count the client's queries."""
+        now = time.time()
+        rows = [
+            (client, d.digest, json.dumps(list(x.shape)), np.ascontiguousarray(x, dtype="<f4").tobytes(), d.top1,
+             json.dumps(list(d.candidates)), d.label, now)
+            for x, d in zip(inputs, decisions) if d.marked
+        ]
+        with self._db:
+            self._db.executemany("INSERT OR IGNORE INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute(
+                "INSERT INTO clients VALUES (?, ?) ON CONFLICT(client) DO UPDATE SET queries = queries + ?",
+                (client, len(decisions), len(decisions)),
+            )
+
+    def clients(self) -> dict[str, dict[str, int]]:
+        """Per client: queries answered and marked inputs recorded."""
+        out = {c: {"queries": int(q), "marked": 0} for c, q in self._db.execute("SELECT client, queries FROM clients")}
+        for c, n in self._db.execute("SELECT client, COUNT(*) FROM marks GROUP BY client"):
+            out.setdefault(c, {"queries": 0, "marked": 0})["marked"] = int(n)
+        return out
+
+    def records(self, client: str, limit: int | None = None) -> list[dict[str, Any]]:
+        """The marked inputs of one client, in the order they were first answered."""
+        sql = "SELECT digest, shape, input, top1, candidates, label FROM marks WHERE client = ? ORDER BY rowid"
+        rows = self._db.execute(sql + (" LIMIT ?" if limit else ""), (client, limit) if limit else (client,))
+        out = []
+        for digest, shape, blob, top1, cands, label in rows:
+            x = np.frombuffer(blob, dtype="<f4").reshape(json.loads(shape)).astype(np.float32)
+            out.append({"digest": digest, "x": x, "top1": int(top1), "candidates": json.loads(cands),
+                        "label": int(label)})
+        return out
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> MarkLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class MarkedAPI:
+    """Wraps the owner's serving path (any :class:`Suspect`) and marks a keyed fraction of answers.
+
+    It is itself a :class:`Suspect`, so anything that queries an API (an extraction attack, a client) can
+    query it. Answers are logged under ``client`` (see :meth:`for_client` for several clients).
+
+    Args:
+        key: The owner's key.
+        backend: The served model; must expose scores (the candidate set is ranked by them).
+        rate: Fraction of inputs marked (e.g. 0.01–0.05): each one is a wrong answer for honest users.
+        candidates: Candidate-set size ``k`` (the k runner-up classes) or ``"all"``.
+        max_confidence: Mark only inputs whose served top-1 probability is below this (1.0: any input).
+        expose_scores: Return (swapped) scores, or labels only.
+        log: Where marked answers are recorded (``None``: not recorded, e.g. for offline measurements).
+        client: Client id the answers are recorded under.
+    """
+
+    def __init__(self, *, key: Key, backend: Suspect, rate: float = DEFAULT_RATE,
+                 candidates: int | str = DEFAULT_CANDIDATES, max_confidence: float = 1.0,
+                 expose_scores: bool = True, log: MarkLog | None = None, client: str = "default") -> None:
+        if not 0.0 < rate < 1.0:
+            raise UsageError(f"The marking rate must be in (0, 1), got {rate}.")
+        if not 0.0 < max_confidence <= 1.0:
+            raise UsageError(f"max_confidence must be in (0, 1], got {max_confidence}.")
+        if backend.num_classes is not None and backend.num_classes != key.num_classes:
+            raise UsageError(f"The key is for {key.num_classes} classes but the served model answers over "
+                             f"{backend.num_classes}; use the key made for this model.")
+        self.key = key
+        self.backend = backend
+        self.rate = float(rate)
+        self.k = parse_candidates(candidates, key.num_classes)
+        self.max_confidence = float(max_confidence)
+        self.expose_scores = expose_scores
+        self.log = log
+        self.client = client
+        self.num_classes: int | None = key.num_classes
+        self.input_shape: tuple[int, ...] | None = tuple(key.input_shape)
+        self.description = f"marked API over {backend.description} (client {client})"
+
+    def for_client(self, client: str) -> MarkedAPI:
+        """The same API, logging under another client id."""
+        other = MarkedAPI(key=self.key, backend=self.backend, rate=self.rate, candidates=self.k,
+                          max_confidence=self.max_confidence, expose_scores=self.expose_scores, log=self.log,
+                          client=client)
+        return other
+
+    def decide(self, inputs: np.ndarray, scores: np.ndarray) -> list[MarkDecision]:
+        """The marking decision for each input, given the served model's scores."""
+        out = []
+        for x, s in zip(inputs, scores):
+            digest = input_digest(x)
+            top1 = int(np.argmax(s))
+            marked = _prf_uniform(self.key, "mark", digest) < self.rate and float(np.max(s)) < self.max_confidence
+            if not marked:
+                out.append(MarkDecision(digest=digest, marked=False, top1=top1))
+                continue
+            cands = candidate_set(s, self.k)
+            label = cands[_prf_index(self.key, digest, len(cands))]
+            out.append(MarkDecision(digest=digest, marked=True, top1=top1, candidates=tuple(cands), label=label))
+        return out
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        x = np.asarray(inputs, dtype=np.float32)
+        if x.shape[1:] != tuple(self.key.input_shape):
+            raise UsageError(f"The API takes inputs shaped {tuple(self.key.input_shape)}, got {x.shape[1:]}.")
+        served = self.backend.query(x)
+        if served.scores is None:
+            raise UsageError("The served model must expose scores to the marking wrapper (the candidate set is "
+                             "ranked by them); wrap a LocalSuspect with expose_scores=True.")
+        scores = np.array(served.scores, dtype=np.float64)
+        labels = np.array(served.labels, dtype=np.int64)
+        ok = labels >= 0
+        decisions = self.decide(x[ok], scores[ok])
+        idx = np.flatnonzero(ok)
+        for i, d in zip(idx, decisions):
+            if d.marked:
+                labels[i] = d.label
+                scores[i, [d.top1, d.label]] = scores[i, [d.label, d.top1]]
+        if self.log is not None:
+            self.log.record(self.client, x[ok], decisions)
+        return Answers(labels=labels, scores=scores.astype(np.float32) if self.expose_scores else None)
+
+
+def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
+    """log10 P(X ≥ k) for X a sum of independent Bernoulli(probs[i]), exact (log-space dynamic programme)."""
+    p = np.asarray(probs, dtype=np.float64)
+    n = len(p)
+    if k <= 0:
+        return 0.0
+    if k > n:
+        return -math.inf
+    if np.all(p == p[0]):
+        from wmark.stats import binomial_log10_sf
+
+        return binomial_log10_sf(k, n, float(p[0]))
+    log_dist = np.full(n + 1, -np.inf)
+    log_dist[0] = 0.0
+    with np.errstate(divide="ignore"):
+        lp, lq = np.log(p), np.log1p(-p)
+    for i in range(n):
+        shifted = np.concatenate([[-np.inf], log_dist[:-1] + lp[i]])
+        log_dist = np.logaddexp(log_dist + lq[i], shifted)
+    from scipy.special import logsumexp
+
+    return float(min(0.0, logsumexp(log_dist[k:]))) / math.log(10.0)
+
+
+def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_queries: int | None = None,
+                  batch_size: int = 256, min_answered: float = 0.5) -> Any:
+    """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
+
+    Null hypothesis (exact, see the module docstring): the suspect never learned from the marked answers,
+    so among the queries it answers inside the candidate set, matches are independent Bernoulli(1/|S(x)|).
+
+    Args:
+        key: The owner's key (must be the one the log was written under).
+        suspect: The model under suspicion.
+        log: The API-mark log.
+        client: Whose queries to replay (the account suspected of extraction).
+        max_queries: Ask at most this many logged inputs (the first ones logged).
+        batch_size: Inputs per request.
+        min_answered: Below this fraction of usable answers the result is flagged inconclusive.
+
+    Returns:
+        A :class:`wmark.verify.TestResult` with ``evidence_of="extracted"``.
+
+    Raises:
+        UsageError: If the log has no marks for this client, was written for other inputs, or its labels do
+            not follow from this key (another key, or an edited log).
+    """
+    from wmark.verify import TestResult, check_suspect_fits_key
+
+    check_suspect_fits_key(key, suspect)
+    if tuple(log.input_shape) != tuple(key.input_shape):
+        raise UsageError(f"The API-mark log holds inputs shaped {tuple(log.input_shape)} but the key's are "
+                         f"{tuple(key.input_shape)}; use the log of this model's API.")
+    records = log.records(client, limit=max_queries)
+    if not records:
+        known = ", ".join(sorted(log.clients())) or "none"
+        raise UsageError(f"The API-mark log has no marked queries for client {client!r} (clients: {known}).")
+    for r in records:
+        if input_digest(r["x"]) != r["digest"] or r["label"] != r["candidates"][_prf_index(key, r["digest"],
+                                                                                        len(r["candidates"]))]:
+            raise UsageError(f"The API-mark log {log.path} does not follow from this key (edited, or written "
+                             "under another key); use the original log and key.")
+    x = np.stack([r["x"] for r in records])
+    labels = []
+    for i in range(0, len(x), batch_size):
+        ans = suspect.query(x[i:i + batch_size])
+        got = np.asarray(ans.labels, dtype=np.int64).reshape(-1)
+        if len(got) != len(x[i:i + batch_size]):
+            raise RuntimeFailure(f"The suspect answered {len(got)} labels for {len(x[i:i + batch_size])} inputs.")
+        labels.append(got)
+    answers = np.concatenate(labels)
+    abstentions = int(np.sum(answers < 0))
+    probs, matches, agree_top1 = [], 0, 0
+    for r, a in zip(records, answers):
+        if a < 0:
+            continue
+        if a == r["top1"]:
+            agree_top1 += 1
+        if a in r["candidates"]:
+            probs.append(1.0 / len(r["candidates"]))
+            matches += int(a == r["label"])
+    log10_p = poisson_binomial_log10_sf(matches, probs) if probs else 0.0
+    answered = len(records) - abstentions
+    inconclusive = ""
+    if answered < min_answered * len(records):
+        inconclusive = (f"The suspect answered only {answered} of {len(records)} marked queries; too few usable "
+                        "answers to conclude about extraction.")
+    sizes = sorted({len(r["candidates"]) for r in records})
+    return TestResult(
+        name="api-mark",
+        evidence_of="extracted",
+        null={
+            "p0": probs[0] if probs and len(sizes) == 1 else (float(np.mean(probs)) if probs else None),
+            "distribution": (f"Binomial(conditioned, 1/{sizes[0]})" if len(sizes) == 1
+                             else "Poisson-binomial(1/|S(x)|) over conditioned queries"),
+            "why": "the keyed label of each marked input is drawn uniformly from candidates fixed by the served "
+                   "model's scores, by a PRF output independent of the marking decision and of any model that "
+                   "never saw the marked answers; conditioning on the suspect answering inside the candidate "
+                   "set leaves each match an independent Bernoulli(1/|S|)",
+        },
+        log10_p=log10_p,
+        queries=len(records),
+        matches=matches,
+        abstentions=abstentions,
+        method="exact Poisson-binomial (binomial when |S| is constant) upper tail over the conditioned queries, "
+               "summed in log space",
+        details={"client": client, "conditioned": len(probs), "agree_with_served_top1": agree_top1,
+                 "candidate_sizes": sizes, "log_rate": log.rate, "inconclusive": inconclusive},
+    )
