@@ -1,0 +1,252 @@
+"""Verifying over HTTP against real uvicorn servers on 127.0.0.1: detection, faults, bad input."""
+
+from __future__ import annotations
+
+import copy
+import socket
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from httpkit import Counting, faulty_v2_app, independent_model, memorising_model
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.keys import generate_key
+from wmark.schemes.trigger_set import generate_triggers
+from wmark.serve import build_app, serve_in_background
+from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, read_token
+from wmark.verify import verify_blackbox
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return generate_key(owner="Test Owner", num_classes=10, input_shape=SHAPE, num_triggers=40)
+
+
+@pytest.fixture(scope="module")
+def copy_model(key):
+    return memorising_model(key)
+
+
+def _open(url: str, key, **options):
+    return open_http_suspect(url=url, protocol="v2", model_name=options.pop("model_name", "m"),
+                             num_classes=key.num_classes, input_shape=SHAPE, token=options.pop("token", None),
+                             options=HttpOptions(**{"backoff": 0.01, **options}), seed=0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_stolen_copy_served_label_only_is_detected_and_independent_is_not(marked_digits, digits):
+    from wmark.attacks import finetune
+
+    key, marked, independent = marked_digits
+    attacker = digits.split(owner_fraction=0.5, seed=0)[1]
+    stolen = finetune(copy.deepcopy(marked), x=attacker.x_train, y=attacker.y_train, epochs=1, lr=1e-3, seed=3)
+    for model, expected in ((stolen, "detected"), (independent, "not_detected")):
+        counter = Counting()
+        app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True, on_infer=counter)
+        with serve_in_background(app) as server:
+            suspect = _open(server.url, key)
+            verdict = verify_blackbox(key=key, suspect=suspect, alpha=1e-6)
+            suspect.close()
+        assert verdict.decision == expected
+        assert counter.total == verdict.tests[0].queries
+        if expected == "detected":
+            assert verdict.tests[0].queries <= 20
+        else:
+            assert verdict.tests[0].queries == len(generate_triggers(key))
+
+
+def test_scores_output_and_concurrency_give_the_same_answers(key, copy_model):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE, labels_only=False)
+    triggers = generate_triggers(key).inputs.numpy()
+    with serve_in_background(app) as server:
+        one = _open(server.url, key)
+        eight = _open(f"{server.url}/v2/models/m", key, model_name=None, concurrency=8)
+        a, b = one.query(triggers), eight.query(triggers)
+        one.close()
+        eight.close()
+    expected = copy_model(torch.from_numpy(triggers)).argmax(1).numpy()
+    np.testing.assert_array_equal(a.labels, expected)
+    np.testing.assert_array_equal(b.labels, expected)
+    assert a.scores is not None and a.scores.shape == (40, 10)
+    np.testing.assert_allclose(a.scores.sum(1), 1.0, rtol=1e-5)
+
+
+def test_failed_answers_are_abstentions_never_matches(key, copy_model):
+    app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: 500)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, retries=2)
+        verdict = verify_blackbox(key=key, suspect=suspect, mode="fixed", max_queries=5)
+        suspect.close()
+    test = verdict.tests[0]
+    assert (test.queries, test.abstentions, test.matches) == (5, 5, 0)
+    assert calls["requests"] == 5 * 3
+    assert verdict.status == "inconclusive" and verdict.decision == "not_detected"
+
+
+def test_transient_500s_are_retried_and_detection_still_happens(key, copy_model):
+    app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: 503 if n % 2 == 0 else None)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, retries=2)
+        verdict = verify_blackbox(key=key, suspect=suspect)
+        suspect.close()
+    assert verdict.detected
+    assert verdict.tests[0].abstentions == 0
+    assert calls["requests"] == 2 * calls["answered"]
+    assert suspect.stats.retries == calls["answered"]
+
+
+def test_garbage_answers_are_malformed_abstentions(key, copy_model):
+    bodies = [b"not json at all", b'{"outputs": []}', b'{"outputs": [{"datatype": "INT64", "data": ["x"]}]}',
+              b'{"outputs": [{"datatype": "FP32", "data": [NaN, 1, 2, 3, 4, 5, 6, 7, 8, 9]}]}']
+    # The first answer is good, so later mismatches count as malformed rather than stopping the run.
+    app, _ = faulty_v2_app(copy_model, name="m", shape=SHAPE,
+                           behaviour=lambda n: None if n == 0 else bodies[(n - 1) % len(bodies)])
+    triggers = generate_triggers(key).inputs.numpy()[:9]
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key)
+        outcomes = [o for _, o in sorted(suspect.stream(triggers), key=lambda p: p[0])]
+        suspect.close()
+    assert outcomes[0].status == "ok"
+    assert [o.status for o in outcomes[1:]] == ["malformed"] * 8
+    assert all(o.label == -1 and o.answer_sha256 for o in outcomes[1:])
+
+
+def test_timeouts_become_abstentions(key, copy_model):
+    app, _ = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: None if n == 0 else 1.0)
+    triggers = generate_triggers(key).inputs.numpy()[:2]
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, timeout=0.2, retries=1)
+        answers = suspect.query(triggers)
+        suspect.close()
+    assert answers.labels[0] >= 0 and answers.labels[1] == -1
+
+
+def test_429_retry_after_is_honoured(key, copy_model):
+    app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE,
+                               behaviour=lambda n: (429, {"Retry-After": "1"}) if n == 0 else None)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, backoff=0.0, retries=2)
+        start = time.perf_counter()
+        answers = suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert answers.labels[0] >= 0
+    assert calls["requests"] == 2
+    assert elapsed >= 1.0
+
+
+def test_retry_after_parsing():
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == pytest.approx(10.0)
+    assert parse_retry_after("soon") is None
+    assert parse_retry_after(None) is None
+
+
+def test_too_long_retry_after_stops_with_a_clear_message(key, copy_model):
+    app, _ = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: (503, {"Retry-After": "3600"}))
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key)
+        with pytest.raises(RuntimeFailure, match="asks to wait 3600 s"):
+            suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        suspect.close()
+
+
+def test_server_dying_mid_run_is_a_clear_error(key, copy_model):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, retries=1)
+        first = suspect.query(generate_triggers(key).inputs.numpy()[:3])
+    assert (first.labels >= 0).all()
+    with pytest.raises(RuntimeFailure, match="stopped answering.*re-run the same command"):
+        suspect.query(generate_triggers(key).inputs.numpy()[3:6])
+    suspect.close()
+
+
+def test_unreachable_host(key):
+    with pytest.raises(RuntimeFailure, match="Cannot reach the suspect"):
+        _open(f"http://127.0.0.1:{_free_port()}", key, retries=0)
+
+
+def test_tls_error_is_named(key, copy_model):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE)
+    with serve_in_background(app) as server:
+        with pytest.raises(RuntimeFailure, match="TLS"):
+            _open(server.url.replace("http://", "https://"), key, retries=0)
+
+
+def test_wrong_model_name(key, copy_model):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE)
+    with serve_in_background(app) as server, pytest.raises(UsageError, match="HTTP 404.*--model-name"):
+        _open(server.url, key, model_name="other")
+
+
+def test_refused_or_missing_token(key, copy_model, monkeypatch):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE, token="s3cret-token")
+    with serve_in_background(app) as server:
+        with pytest.raises(UsageError, match="token was refused") as refused:
+            _open(server.url, key, token="wrong-token")
+        assert "wrong-token" not in str(refused.value)
+        with pytest.raises(UsageError, match="needs a bearer token"):
+            _open(server.url, key)
+        monkeypatch.setenv("WMARK_TEST_TOKEN", "s3cret-token")
+        suspect = _open(server.url, key, token=read_token(env="WMARK_TEST_TOKEN"))
+        assert "s3cret" not in repr(suspect)
+        assert suspect.query(generate_triggers(key).inputs.numpy()[:2]).labels.min() >= 0
+        suspect.close()
+
+
+def test_token_sources(tmp_path, monkeypatch):
+    path = tmp_path / "token"
+    path.write_text("abc\n")
+    assert read_token(file=path) == "abc"
+    monkeypatch.delenv("WMARK_NO_SUCH_VAR", raising=False)
+    with pytest.raises(UsageError, match="WMARK_NO_SUCH_VAR.*unset"):
+        read_token(env="WMARK_NO_SUCH_VAR")
+    with pytest.raises(UsageError, match="not both"):
+        read_token(env="X", file=path)
+    assert read_token() is None
+
+
+def test_classes_that_do_not_fit_the_key(key):
+    seven = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
+    app = build_app(model=seven, name="m", num_classes=7, input_shape=SHAPE, labels_only=False)
+    with serve_in_background(app) as server, pytest.raises(UsageError, match="7 scores per input.*10 classes"):
+        _open(server.url, key)
+
+    # A label-only server whose first answer is outside the key's classes.
+    twelve = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 12))
+    with torch.no_grad():
+        twelve[1].bias[11] = 100.0
+    app = build_app(model=twelve, name="m", num_classes=12, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key)
+        with pytest.raises(UsageError, match="label 11, outside the key's 10 classes"):
+            suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        suspect.close()
+
+
+def test_wrong_input_shape(key, copy_model):
+    app = build_app(model=independent_model(generate_key(owner="x", input_shape=(1, 28, 28))), name="m",
+                    num_classes=10, input_shape=(1, 28, 28))
+    with serve_in_background(app) as server, pytest.raises(UsageError, match=r"inputs shaped \[-1, 1, 28, 28\]"):
+        _open(server.url, key)
+
+
+def test_rate_limit_spaces_requests(key, copy_model):
+    app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, rate=20.0, concurrency=4)
+        start = time.perf_counter()
+        suspect.query(generate_triggers(key).inputs.numpy()[:11])
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert elapsed >= 10 / 20.0 * 0.95

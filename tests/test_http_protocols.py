@@ -1,0 +1,224 @@
+"""TensorFlow Serving and JSON-template endpoints (TorchServe, Hugging Face) served by real local servers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from httpkit import independent_model, memorising_model
+from wmark.errors import UsageError
+from wmark.keys import generate_key
+from wmark.schemes.trigger_set import generate_triggers
+from wmark.serve import serve_in_background
+from wmark.suspects.http import HttpOptions, open_http_suspect
+from wmark.suspects.protocols import (
+    AnswerMismatch,
+    MalformedAnswer,
+    TFServingProtocol,
+    V2Protocol,
+    label_index,
+    load_template,
+)
+from wmark.verify import verify_blackbox
+
+SHAPE = (1, 8, 8)
+NAMES = [f"class-{i}" for i in range(10)]
+
+
+@pytest.fixture(scope="module")
+def key():
+    return generate_key(owner="Test Owner", num_classes=10, input_shape=SHAPE, num_triggers=40)
+
+
+@pytest.fixture(scope="module")
+def copy_model(key):
+    return memorising_model(key)
+
+
+def _probs(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return torch.softmax(model(torch.from_numpy(np.asarray(x, dtype=np.float32))), 1).numpy()
+
+
+def tfserving_app(model: torch.nn.Module, *, style: str, channels_last: bool = False) -> Starlette:
+    """TF Serving REST: status, metadata, and :predict answering in one of several styles."""
+    dims = [{"size": "-1"}] + [{"size": str(s)} for s in ((8, 8, 1) if channels_last else SHAPE)]
+    calls = {"n": 0}
+
+    async def status(_: Request) -> JSONResponse:
+        return JSONResponse({"model_version_status": [{"version": "1", "state": "AVAILABLE"}]})
+
+    async def metadata(_: Request) -> JSONResponse:
+        return JSONResponse({"metadata": {"signature_def": {"signature_def": {"serving_default": {
+            "inputs": {"x": {"dtype": "DT_FLOAT", "tensor_shape": {"dim": dims}}}}}}}})
+
+    async def predict(request: Request) -> Response:
+        x = np.asarray(json.loads(await request.body())["instances"], dtype=np.float32)
+        if channels_last:
+            x = np.moveaxis(x, -1, 1)
+        p = _probs(model, x)
+        calls["n"] += 1
+        if style == "scores":
+            return JSONResponse({"predictions": p.tolist()})
+        if style == "nan-every-third":
+            row = "[" + ", ".join("NaN" if calls["n"] % 3 == 0 else repr(float(v)) for v in p[0]) + "]"
+            return Response('{"predictions": [' + row + "]}", media_type="application/json")
+        if style == "named":
+            top = np.argsort(-p[0])[:3]
+            return JSONResponse({"predictions": [{"classes": top.tolist(), "scores": p[0][top].tolist()}]})
+        return JSONResponse({"predictions": p.argmax(1).tolist()})
+
+    return Starlette(routes=[
+        Route("/v1/models/{name}", status),
+        Route("/v1/models/{name}/metadata", metadata),
+        Route("/v1/models/{name}:predict", predict, methods=["POST"]),
+    ])
+
+
+@pytest.mark.parametrize("style", ["scores", "label", "named"])
+def test_tfserving_detects_a_copy(key, copy_model, style):
+    with serve_in_background(tfserving_app(copy_model, style=style)) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE)
+        verdict = verify_blackbox(key=key, suspect=suspect)
+        suspect.close()
+    assert verdict.detected
+    assert verdict.tests[0].queries <= 20
+
+
+def test_tfserving_nan_tokens_are_abstentions(key, copy_model):
+    with serve_in_background(tfserving_app(copy_model, style="nan-every-third")) as server:
+        suspect = open_http_suspect(url=f"{server.url}/v1/models/m", protocol="tfserving", model_name=None,
+                                    num_classes=10, input_shape=SHAPE)
+        answers = suspect.query(generate_triggers(key).inputs.numpy()[:6])
+        suspect.close()
+    assert answers.labels.tolist()[2] == -1 and answers.labels.tolist()[5] == -1
+    assert (answers.labels[[0, 1, 3, 4]] >= 0).all()
+
+
+def test_tfserving_channels_last_is_discovered(key, copy_model):
+    with serve_in_background(tfserving_app(copy_model, style="label", channels_last=True)) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE)
+        assert suspect.server_info["channels_last"] is True
+        answers = suspect.query(generate_triggers(key).inputs.numpy())
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, generate_triggers(key).inputs.numpy()).argmax(1))
+
+
+def json_app(model: torch.nn.Module, *, style: str) -> Starlette:
+    async def torchserve(request: Request) -> JSONResponse:
+        x = np.asarray(json.loads(await request.body())["data"], dtype=np.float32)[None]
+        p = _probs(model, x)[0]
+        top = np.argsort(-p)[:5]
+        if style == "class":
+            return JSONResponse({"class": NAMES[int(top[0])], "probability": float(p[top[0]])})
+        return JSONResponse({NAMES[int(i)]: float(p[i]) for i in top[::-1]})
+
+    async def hf(request: Request) -> JSONResponse:
+        x = np.asarray(json.loads(await request.body())["inputs"], dtype=np.float32)[None]
+        p = _probs(model, x)[0]
+        items = [{"label": f"LABEL_{i}", "score": float(p[i])} for i in np.argsort(p)[-3:]]
+        return JSONResponse([items] if style == "nested" else items)
+
+    return Starlette(routes=[Route("/predictions/m", torchserve, methods=["POST"]),
+                             Route("/models/m", hf, methods=["POST"])])
+
+
+@pytest.mark.parametrize("style", ["topk", "class"])
+def test_torchserve_template(key, copy_model, tmp_path, style):
+    template = load_template("torchserve")
+    template["labels"] = NAMES
+    path = tmp_path / "torchserve.json"
+    path.write_text(json.dumps(template))
+    with serve_in_background(json_app(copy_model, style=style)) as server:
+        suspect = open_http_suspect(url=f"{server.url}/predictions/m", protocol="json", template=str(path),
+                                    num_classes=10, input_shape=SHAPE)
+        verdict = verify_blackbox(key=key, suspect=suspect)
+        suspect.close()
+    assert verdict.detected
+
+
+@pytest.mark.parametrize("style", ["flat", "nested"])
+def test_hugging_face_template(key, copy_model, style):
+    with serve_in_background(json_app(copy_model, style=style)) as server:
+        suspect = open_http_suspect(url=f"{server.url}/models/m", protocol="json", template="hf", num_classes=10,
+                                    input_shape=SHAPE)
+        triggers = generate_triggers(key).inputs.numpy()
+        answers = suspect.query(triggers)
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, triggers).argmax(1))
+
+
+def test_independent_model_over_json_is_not_detected(key):
+    with serve_in_background(json_app(independent_model(key), style="flat")) as server:
+        suspect = open_http_suspect(url=f"{server.url}/models/m", protocol="json", template="hf", num_classes=10,
+                                    input_shape=SHAPE)
+        verdict = verify_blackbox(key=key, suspect=suspect)
+        suspect.close()
+    assert not verdict.detected
+
+
+def test_class_names_without_a_label_list_are_refused(key, copy_model):
+    with serve_in_background(json_app(copy_model, style="class")) as server:
+        suspect = open_http_suspect(url=f"{server.url}/predictions/m", protocol="json", template="torchserve",
+                                    num_classes=10, input_shape=SHAPE, options=HttpOptions(retries=0))
+        with pytest.raises(UsageError, match="not a class index.*labels"):
+            suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        suspect.close()
+
+
+def test_template_validation(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"request": {"x": 1}, "response": [{"label": "y"}]}')
+    with pytest.raises(UsageError, match="exactly one of"):
+        load_template(str(bad))
+    bad.write_text("{not json")
+    with pytest.raises(UsageError, match="not valid JSON"):
+        load_template(str(bad))
+    with pytest.raises(UsageError, match="neither a built-in"):
+        load_template(str(tmp_path / "missing.json"))
+
+
+def test_label_index():
+    assert label_index("LABEL_3", 10) == 3
+    assert label_index(4.0, 10) == 4
+    assert label_index("Coat", 10, NAMES[:4] + ["Coat"] + NAMES[5:]) == 4
+    with pytest.raises(AnswerMismatch):
+        label_index(10, 10)
+    with pytest.raises(MalformedAnswer):
+        label_index(None, 10)
+    with pytest.raises(MalformedAnswer):
+        label_index(2.5, 10)
+
+
+def test_v2_parsing_variants():
+    proto = V2Protocol(url="http://h:1", model_name="m", num_classes=3, input_shape=(2,))
+    assert proto.parse({"outputs": [{"datatype": "FP32", "data": [0.1, 0.7, 0.2]}]}).label == 1
+    assert proto.parse({"outputs": [{"datatype": "INT64", "data": [2]}]}).label == 2
+    assert proto.parse({"outputs": [{"datatype": "BYTES", "data": ["0.9:1:cat", "0.1:0:dog"]}]}).label == 1
+    with pytest.raises(AnswerMismatch, match="4 scores"):
+        proto.parse({"outputs": [{"datatype": "FP32", "data": [0.1, 0.2, 0.3, 0.4]}]})
+    with pytest.raises(MalformedAnswer):
+        proto.parse({"outputs": [{"datatype": "FP32", "data": [float("nan"), 0.2, 0.3]}]})
+    body = proto.request(np.asarray([0.5, 1.0], dtype=np.float32)).body
+    assert body["inputs"][0]["shape"] == [1, 2] and body["inputs"][0]["data"] == [0.5, 1.0]
+    with pytest.raises(UsageError, match="model name"):
+        V2Protocol(url="http://h:1", model_name=None, num_classes=3, input_shape=(2,))
+
+
+def test_tfserving_parsing_of_literal_nan_tokens():
+    proto = TFServingProtocol(url="http://h:1/v1/models/m", model_name=None, num_classes=3, input_shape=(2,))
+    assert proto.endpoint == "http://h:1/v1/models/m:predict"
+    assert proto.parse(json.loads('{"predictions": [[0.1, 0.8, 0.1]]}')).label == 1
+    with pytest.raises(MalformedAnswer, match="NaN"):
+        proto.parse(json.loads('{"predictions": [[NaN, Infinity, 0.1]]}'))
+    with pytest.raises(MalformedAnswer, match="error"):
+        proto.parse({"error": "bad input"})
