@@ -151,7 +151,13 @@ class WeightsEmbedder:
         if self.margin < 0 or self.strength <= 0:
             raise UsageError("The weights scheme needs margin >= 0 and strength > 0.")
         self.bits = int(params["bits"])
-        self._x = projection(key, self._params[-1][0].numel())
+        dim = self._params[-1][0].numel()
+        if dim < 2 * self.bits:
+            raise UsageError(
+                f"Layer {self.layer} has {dim} inputs per neuron, too few for {self.bits} bits (need at least "
+                f"{2 * self.bits}); mark a wider layer or use a key with fewer weights bits."
+            )
+        self._x = projection(key, dim)
         self._signs = torch.from_numpy(2.0 * payload_bits(key) - 1.0).float()
 
     @property

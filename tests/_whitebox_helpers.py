@@ -1,0 +1,72 @@
+"""Tiny conv/linear chains and quick marking for the weight-watermark tests (milliseconds each)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from wmark.io import save_model
+from wmark.keys import Key, default_schemes, generate_key
+from wmark.schemes.weights import WeightsEmbedder
+
+
+class TinyCNN(nn.Module):
+    """conv1 (4) → pool → conv2 (16) → pool → flatten (16·4·4 = 256) → fc1 (32) → fc2 (10), on 1×16×16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 16, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc1 = nn.Linear(16 * 4 * 4, 32)
+        self.fc2 = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(torch.relu(self.conv1(x)))
+        x = self.pool(torch.relu(self.conv2(x)))
+        return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+
+def tiny_key(bits: int = 64, message: str | None = None) -> Key:
+    schemes = default_schemes(10)
+    schemes["weights"] = dict(schemes["weights"], bits=bits, message=message)
+    return generate_key(owner="Test Owner", input_shape=(1, 16, 16), num_triggers=10, schemes=schemes)
+
+
+def tiny_model(seed: int) -> TinyCNN:
+    torch.manual_seed(seed)
+    return TinyCNN()
+
+
+def task_data(seed: int = 0, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 16, 16, generator=gen)
+    teacher = torch.randn(16, 10, generator=torch.Generator().manual_seed(1234))
+    y = ((nn.functional.avg_pool2d(x, 4).flatten(1) - 0.5) @ teacher).argmax(1)
+    return x, y
+
+
+def train(model: nn.Module, *, steps: int, seed: int, embedder: WeightsEmbedder | None = None,
+          lr: float = 3e-3) -> nn.Module:
+    """Adam on a small synthetic task; with an embedder, its step pre-hook marks the model on the way."""
+    x, y = task_data(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    handle = optimizer.register_step_pre_hook(embedder.hook) if embedder is not None else None
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x), (32,), generator=gen)
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        optimizer.step()
+    if handle is not None:
+        handle.remove()
+    return model
+
+
+def marked_file(key: Key, path, *, seed: int = 0, steps: int = 60) -> tuple[nn.Module, WeightsEmbedder]:
+    """Mark a tiny CNN with the key and save it with the metadata the verifier reads."""
+    model = tiny_model(seed)
+    emb = WeightsEmbedder(key, model)
+    train(model, steps=steps, seed=seed, embedder=emb)
+    save_model(model, path, metadata={"weights": emb.metadata(), "commitment": key.commitment()})
+    return model, emb

@@ -1,0 +1,83 @@
+"""Attacks on weights: permutation with rescaling, renaming and noise (predictions, files, errors)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _whitebox_helpers import tiny_model
+from click.testing import CliRunner
+
+from wmark.attacks import finetune, noise, permute, rename_tensors
+from wmark.cli import main
+from wmark.errors import UsageError
+from wmark.io import load_tensors, save_model
+from wmark.models import build_model
+
+
+@pytest.mark.parametrize("arch", ["fmnist-cnn", "fmnist-mlp"])
+def test_permute_keeps_predictions_of_builtin_models(arch) -> None:
+    model = build_model(arch, num_classes=10, input_shape=(1, 28, 28), seed=0)
+    attacked = permute(model, seed=1)
+    x = torch.rand(32, 1, 28, 28)
+    torch.testing.assert_close(attacked(x), model(x), rtol=1e-4, atol=1e-5)
+    changed = [n for n, t in model.state_dict().items() if not torch.equal(t, attacked.state_dict()[n])]
+    assert len(changed) >= 4
+
+
+def test_permute_refuses_models_that_are_not_chains() -> None:
+    odd = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    with pytest.raises(UsageError, match="plain conv/linear"):
+        permute(odd)
+    normed = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.Linear(6, 2))
+    with pytest.raises(UsageError, match="normalisation layers"):
+        permute(normed)
+
+
+def test_rename_keeps_tensors_and_drops_every_name() -> None:
+    state = tiny_model(0).state_dict()
+    renamed = rename_tensors(state, seed=2)
+    assert len(renamed) == len(state) and not set(renamed) & set(state)
+    assert sorted(t.numel() for t in renamed.values()) == sorted(t.numel() for t in state.values())
+    assert rename_tensors(state, seed=2).keys() == renamed.keys()
+
+
+def test_noise_is_relative_to_each_weight() -> None:
+    model = tiny_model(0)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), noise(model, std=0.0).parameters()))
+    noisy = noise(model, std=0.5, seed=1)
+    delta = noisy.fc1.weight - model.fc1.weight
+    rms = model.fc1.weight.pow(2).mean().sqrt()
+    assert delta.pow(2).mean().sqrt().item() == pytest.approx(0.5 * rms.item(), rel=0.05)
+    assert torch.equal(noisy.fc1.bias, model.fc1.bias)
+    with pytest.raises(UsageError, match="--std"):
+        noise(model, std=-1.0)
+
+
+def test_finetune_last_only_changes_the_head() -> None:
+    model = tiny_model(0)
+    x, y = torch.rand(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    tuned = finetune(model, x=x, y=y, epochs=1, layers="last")
+    assert torch.equal(tuned.fc1.weight, model.fc1.weight)
+    assert not torch.equal(tuned.fc2.weight, model.fc2.weight)
+
+
+@pytest.mark.parametrize("kind,extra", [("permute", []), ("rename", []), ("noise", ["--std", "0.2"])])
+def test_attack_cli_writes_safetensors(tmp_path, kind, extra) -> None:
+    src, out = tmp_path / "m.safetensors", tmp_path / "a.safetensors"
+    save_model(build_model("fmnist-cnn", num_classes=10, input_shape=(1, 28, 28), seed=0), src,
+               metadata={"arch": "fmnist-cnn", "num_classes": 10, "input_shape": [1, 28, 28]})
+    result = CliRunner().invoke(main, ["attack", kind, "--arch", "fmnist-cnn", "--weights", str(src),
+                                       "--out", str(out), *extra])
+    assert result.exit_code == 0, result.output
+    tensors, meta = load_tensors(out)
+    assert '"kind": "%s"' % kind in meta["wmark.attack"]
+    assert ("conv1.weight" in tensors) == (kind != "rename")
+
+
+def test_attack_cli_bad_input_writes_nothing(tmp_path) -> None:
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    out = tmp_path / "a.safetensors"
+    result = CliRunner().invoke(main, ["attack", "permute", "--arch", "fmnist-cnn", "--weights",
+                                       str(tmp_path / "bad.safetensors"), "--out", str(out)])
+    assert result.exit_code == 2 and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.safetensors"]
