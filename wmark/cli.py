@@ -166,8 +166,14 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--suspect", required=True,
               help="Suspect model file (.safetensors) or prediction API URL (http://host:port/...).")
 @click.option("--alpha", default=1e-6, show_default=True, help="Bound on the false-accusation probability.")
-@click.option("--mode", type=click.Choice(["sequential", "fixed"]), default="sequential", show_default=True,
-              help="sequential: stop once the evidence suffices (anytime-valid); fixed: ask the whole budget.")
+@click.option("--mode", type=click.Choice(["sequential", "fixed", "whitebox"]), default="sequential",
+              show_default=True,
+              help="sequential: stop once the evidence suffices (anytime-valid); fixed: ask the whole budget; "
+                   "whitebox: read the suspect file's weights (needs --reference, not --arch).")
+@click.option("--reference", default=None, type=click.Path(dir_okay=False),
+              help="whitebox: the owner's marked model (written by `wmark embed --scheme weights`).")
+@click.option("--anchor", default=None, type=click.Path(dir_okay=False),
+              help="whitebox: optional unmarked base model to align to (makes the null exact by construction).")
 @click.option("--max-queries", type=int, default=None, help="Query budget (default: every trigger).")
 @click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
@@ -175,10 +181,22 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Write an evidence report (HTML, with a .json twin).")
 @_remote_options
 @_handle_errors
-def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, max_queries: int | None,
-           with_scores: bool, as_json: bool, report: str | None, **remote: Any) -> None:
-    """Query a suspect on the key's triggers; exit 0 if the watermark is detected, 1 if not."""
-    if suspect.startswith(("http://", "https://")):
+def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
+           anchor: str | None, max_queries: int | None, with_scores: bool, as_json: bool, report: str | None,
+           **remote: Any) -> None:
+    """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
+
+    Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
+    """
+    if mode == "whitebox":
+        if reference is None:
+            raise UsageError("--mode whitebox needs --reference (the owner's marked model file).")
+        if suspect.startswith(("http://", "https://")):
+            raise UsageError("--mode whitebox reads a suspect's weight file; pass a .safetensors path, not a URL.")
+        verdict = api.verify_whitebox(key=key, reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
+        if report is not None:
+            api.write_report(verdict=verdict, key=key, path=report)
+    elif suspect.startswith(("http://", "https://")):
         verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
                                     max_queries=max_queries, report=report, progress=_progress(), **remote)
     else:
@@ -189,8 +207,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, ma
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
+    unit = "bits" if mode == "whitebox" else "queries"
     summary = (f"{doc['decision']} ({doc['kind']}): log10 p = {doc['log10_p']:.2f} at alpha = {alpha:g}, "
-               f"{doc['matches']} matches in {doc['queries']} queries")
+               f"{doc['matches']} matches in {doc['queries']} {unit}")
     if doc["message"]:
         summary += f"\n{doc['message']}"
     _emit(doc, as_json, summary)
