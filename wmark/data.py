@@ -7,6 +7,10 @@ Nothing is ever downloaded. A dataset spec is one of:
 * ``digits`` — scikit-learn's bundled 8×8 digits (1,797 images), split 80/20 with a fixed seed;
 * ``PATH.safetensors`` — tensors ``x`` (N×…) and ``y`` (N,), optional ``x_test``/``y_test``.
 
+Any spec may end in ``@owner`` or ``@attacker``: the training set is then split once, with a fixed seed,
+into two disjoint halves (the test set is shared), so an owner and an attacker never train on the same
+images — e.g. ``fashion-mnist@attacker``.
+
 Images are float32 in [0, 1] with a channel dimension (N×1×H×W); labels are int64.
 """
 
@@ -78,6 +82,13 @@ def load_dataset(spec: str) -> Dataset:
     Raises:
         UsageError: If the data is not on this machine, with the command that installs it.
     """
+    base, _, part = spec.partition("@")
+    if part:
+        if part not in ("owner", "attacker"):
+            raise UsageError(f"Unknown split {part!r} in {spec!r}; use @owner or @attacker.")
+        owner, attacker = load_dataset(base).split(owner_fraction=0.5, seed=0)
+        chosen = owner if part == "owner" else attacker
+        return Dataset(spec, chosen.x_train, chosen.y_train, chosen.x_test, chosen.y_test, chosen.num_classes)
     name, _, arg = spec.partition(":")
     if name == "fashion-mnist":
         return _load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR, spec)

@@ -1,0 +1,61 @@
+"""Shared benchmark plumbing: a disk cache of trained models keyed by configuration, machine info, results."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("WMARK_BENCH_CACHE", ROOT / "cache"))
+RESULTS = ROOT / "results"
+
+
+def cached(config: dict[str, Any], make: Callable[[Path], None]) -> Path:
+    """Return the cached file for ``config``, calling ``make(path)`` first if it is not there yet."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    path = CACHE / f"{config.get('name', 'model')}-{digest}.safetensors"
+    if not path.exists():
+        make(path)
+    return path
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """A plain-text table of ``rows`` restricted to ``columns``."""
+    def fmt(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def write_results(name: str, doc: dict[str, Any]) -> Path:
+    """Write ``benchmarks/results/<name>.json`` (with machine info) and return its path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **doc}, indent=2, sort_keys=True) + "\n")
+    return path
