@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from httpkit import Counting, faulty_v2_app, independent_model, memorising_model
+
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers
@@ -178,9 +178,8 @@ def test_unreachable_host(key):
 
 def test_tls_error_is_named(key, copy_model):
     app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE)
-    with serve_in_background(app) as server:
-        with pytest.raises(RuntimeFailure, match="TLS"):
-            _open(server.url.replace("http://", "https://"), key, retries=0)
+    with serve_in_background(app) as server, pytest.raises(RuntimeFailure, match="TLS"):
+        _open(server.url.replace("http://", "https://"), key, retries=0)
 
 
 def test_wrong_model_name(key, copy_model):

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from httpkit import independent_model, memorising_model
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from httpkit import independent_model, memorising_model
 from wmark.errors import UsageError
 from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers

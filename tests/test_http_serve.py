@@ -1,0 +1,111 @@
+"""`wmark serve` as a real process, its v2 routes and errors, and `wmark verify --suspect URL` exit codes."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from wmark.io import save_model
+from wmark.keys import generate_key, save_key
+from wmark.models import build_model
+
+SHAPE = (1, 8, 8)
+TOKEN = "serve-test-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """An independent digits-shaped MLP served label-only with a token by `wmark serve`."""
+    tmp = tmp_path_factory.mktemp("serve")
+    weights = tmp / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0), weights,
+               metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    key = generate_key(owner="Test Owner", num_classes=10, input_shape=SHAPE, num_triggers=30)
+    save_key(key, tmp / "owner.key")
+    port = _free_port()
+    env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
+    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
+                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN"),
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    yield url, tmp, port
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def test_v2_routes_and_errors(served):
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    meta = httpx.get(f"{url}/v2/models/digits", headers=auth).json()
+    assert meta["inputs"][0]["shape"] == [-1, 1, 8, 8] and meta["outputs"][0]["datatype"] == "INT64"
+    assert httpx.get(f"{url}/v2/models/digits").status_code == 401
+    assert httpx.get(f"{url}/v2/models/other", headers=auth).status_code == 404
+    body = {"inputs": [{"name": "input", "shape": [2, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 128}]}
+    answer = httpx.post(f"{url}/v2/models/digits/infer", json=body, headers=auth).json()
+    assert answer["outputs"][0]["shape"] == [2] and all(0 <= v < 10 for v in answer["outputs"][0]["data"])
+    bad_bodies = [b"{", b'{"inputs": []}',
+                  b'{"inputs": [{"shape": [1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}',
+                  b'{"inputs": [{"shape": [1, 64], "datatype": "FP32", "data": [1, 2]}]}',
+                  b'{"inputs": [{"shape": [1, 64], "datatype": "STRING", "data": []}]}']
+    for raw in bad_bodies:
+        resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers=auth)
+        assert resp.status_code == 400 and resp.json()["error"], raw
+
+
+def test_cli_verify_over_http_and_an_exhausted_budget(served):
+    url, tmp, _ = served
+    base = ["verify", "--key", str(tmp / "owner.key"), "--suspect", f"{url}/v2/models/digits",
+            "--token-env", "WMARK_SERVE_TOKEN"]
+    env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
+    done = subprocess.run(_cli(*base), env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1 and "not_detected" in done.stdout
+    short = subprocess.run(_cli(*base, "--max-queries", "3", "--report", str(tmp / "r.html")), env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+    assert short.returncode == 1
+    assert "raise --max-queries" in short.stdout and "in 3 queries" in short.stdout
+    assert TOKEN not in short.stdout + short.stderr + (tmp / "r.html").read_text() + (tmp / "r.json").read_text()
+
+
+def test_cli_errors_are_one_sentence(served):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    url, tmp, port = served
+    key = str(tmp / "owner.key")
+    runner = CliRunner()
+    refused = runner.invoke(main, ["verify", "--key", key, "--suspect", url, "--model-name", "digits"])
+    assert refused.exit_code == 2 and "needs a bearer token" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+    gone = runner.invoke(main, ["verify", "--key", key, "--suspect", f"http://127.0.0.1:{_free_port()}",
+                                "--model-name", "digits", "--retries", "0"])
+    assert gone.exit_code == 3 and "Cannot reach the suspect" in gone.output
+    busy = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp / "m.safetensors"), "--name",
+                                "x", "--port", str(port)])
+    assert busy.exit_code == 2 and "pick another --port" in busy.output
+    no_arch = runner.invoke(main, ["verify", "--key", key, "--suspect", str(tmp / "m.safetensors")])
+    assert no_arch.exit_code == 2 and "--arch" in no_arch.output

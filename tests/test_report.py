@@ -1,0 +1,87 @@
+"""Evidence reports: self-contained HTML and JSON twin, every section present, no secret inside."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+
+import pytest
+from httpkit import independent_model, memorising_model
+
+from wmark import api
+from wmark.keys import generate_key, save_key
+from wmark.report import json_twin, write_report
+from wmark.schemes.trigger_set import generate_triggers
+from wmark.serve import build_app, serve_in_background
+from wmark.suspects import LocalSuspect
+from wmark.transcript import transcript_digest
+from wmark.verify import verify_blackbox
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def key_and_path(tmp_path_factory):
+    key = generate_key(owner="ACME <Corp> & Sons", num_classes=10, input_shape=SHAPE, num_triggers=40)
+    path = tmp_path_factory.mktemp("k") / "owner.key"
+    save_key(key, path)
+    return key, path
+
+
+def test_report_over_http_has_every_section_and_no_secret(key_and_path, tmp_path):
+    key, key_path = key_and_path
+    app = build_app(model=memorising_model(key), name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    report = tmp_path / "evidence.html"
+    transcript = tmp_path / "t.sqlite"
+    with serve_in_background(app) as server:
+        verdict = api.verify_remote(key=key_path, url=server.url, model_name="m", transcript=transcript,
+                                    report=report)
+    page = report.read_text()
+    doc = json.loads(json_twin(report).read_text())
+    assert verdict.detected and doc["verdict"]["decision"] == "detected"
+    for needle in ("The claim", "key commitment, and how to check it", key.commitment(), "Null hypothesis",
+                   "log10 p-value", "alpha", "Transcript", transcript_digest(transcript), "Software and seeds",
+                   "torch", "load_key('KEY_FILE').commitment()"):
+        assert needle in page, needle
+    assert "ACME &lt;Corp&gt; &amp; Sons" in page and "<Corp>" not in page
+    png = re.search(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert png and base64.b64decode(png.group(1)).startswith(b"\x89PNG")
+    assert not re.search(r"""(src|href)=['"]https?://""", page), "the page must be self-contained"
+    assert doc["transcript"]["sha256_chain"] == transcript_digest(transcript)
+    assert doc["key"]["commitment"] == key.commitment()
+    assert doc["verdict"]["tests"][0]["trajectory"] and doc["verdict"]["queries"] <= 20
+    secret = key.secret.hex()
+    labels = "".join(map(str, generate_triggers(key).labels.tolist()))
+    for text in (page, json_twin(report).read_text()):
+        assert secret not in text and secret.upper() not in text
+        assert labels not in text
+
+
+def test_fixed_mode_report_explains_there_is_no_curve(key_and_path, tmp_path):
+    key, _ = key_and_path
+    suspect = LocalSuspect(independent_model(key), input_shape=SHAPE, description="innocent.safetensors",
+                           expose_scores=False)
+    verdict = verify_blackbox(key=key, suspect=suspect, mode="fixed", max_queries=10)
+    doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    page = (tmp_path / "r.html").read_text()
+    assert doc["verdict"]["status"] == "inconclusive"
+    assert "Inconclusive." in page and "fixed-size test" in page and "No transcript" in page
+    assert json_twin(tmp_path / "r.html") == tmp_path / "r.json"
+
+
+def test_cli_verify_file_suspect_writes_a_report(key_and_path, tmp_path):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    _, key_path = key_and_path
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
+    weights = tmp_path / "s.safetensors"
+    save_model(model, weights, metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    result = CliRunner().invoke(main, ["verify", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
+                                       str(weights), "--report", str(tmp_path / "r.html")])
+    assert result.exit_code == 1, result.output
+    assert "not detected" in (tmp_path / "r.html").read_text().lower()
