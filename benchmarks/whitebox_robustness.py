@@ -6,7 +6,8 @@ verifies every copy with :func:`wmark.whitebox.verify.verify_whitebox` at alpha 
 trained models (different seeds and data) and an unmarked fine-tune of the very same base model must not be
 detected. Models are cached under ``benchmarks/cache/whitebox`` (git-ignored).
 
-Run: ``nice -n 10 python benchmarks/whitebox_robustness.py`` (about 3-5 CPU minutes the first time).
+Independent models are trained on 5k images for 1 epoch (different seeds, half on the owner's data, half on
+the thief's) to keep CPU low. Run: ``nice -n 10 python benchmarks/whitebox_robustness.py``.
 Writes ``benchmarks/results/whitebox_robustness.json``.
 """
 
@@ -90,7 +91,7 @@ def main() -> None:
         epochs=2, lr=1e-3, seed=0))
     fidelity = []
     marked_path = CACHE / "marked_s1.safetensors"
-    for seed in (1, 2):
+    for seed in (1,):
         plain = _cached(CACHE / f"plain_s{seed}.safetensors", lambda s=seed: _train(
             load_model(ARCH, CACHE / "base.safetensors")[0], owner.x_train, owner.y_train, epochs=2, lr=5e-4, seed=s))
         path = CACHE / f"marked_s{seed}.safetensors"
@@ -128,7 +129,7 @@ def main() -> None:
     check("marked fp16", {k: v.half() for k, v in marked.state_dict().items()}, marked_acc)
     check("marked bf16", {k: v.bfloat16() for k, v in marked.state_dict().items()}, marked_acc)
     check("int8 tensors (no scales)", _int8_tensors(marked), None)
-    for layers in ("all", "last", "reinit-last"):
+    for layers in ("all",):
         ft = finetune(marked, x=thief10k.x_train, y=thief10k.y_train, epochs=5, lr=1e-3, layers=layers, seed=7)
         check(f"finetune {layers} 5ep 10k", ft, accuracy(ft, xt, yt))
     for sparsity in (0.3, 0.5, 0.7):
@@ -150,14 +151,14 @@ def main() -> None:
     plain1 = load_model(ARCH, CACHE / "plain_s1.safetensors")[0]
     check("unmarked fine-tune of the same base", plain1, accuracy(plain1, xt, yt), group="independent")
     check("unmarked base", base, accuracy(base, xt, yt), group="independent")
-    for i in range(12):
+    for i in range(10):
         data = thief if i % 2 == 0 else owner
         source = "thief" if i % 2 == 0 else "owner"
         ind = _cached(CACHE / f"independent_{i}.safetensors", lambda i=i, data=data: _train(
-            build_model(ARCH, num_classes=10, input_shape=SHAPE, seed=100 + i), data.x_train[:10_000],
-            data.y_train[:10_000], epochs=2, lr=1e-3, seed=100 + i))
+            build_model(ARCH, num_classes=10, input_shape=SHAPE, seed=100 + i), data.x_train[:5_000],
+            data.y_train[:5_000], epochs=1, lr=1e-3, seed=100 + i))
         check(f"independent seed {100 + i} ({source} data)", ind, accuracy(ind, xt, yt), group="independent")
-        if i < 4:
+        if i < 2:
             pi = permute(ind, seed=200 + i)
             check(f"independent seed {100 + i} permuted", pi, accuracy(pi, xt, yt), group="independent")
 

@@ -62,7 +62,7 @@ from wmark.keys import Key
 from wmark.schemes.weights import decode_message, payload_bits, projection, scheme_params
 from wmark.stats import binomial_log10_sf
 from wmark.verify import DEFAULT_ALPHA, TestResult, Verdict, decide
-from wmark.whitebox.chain import canonical_layers, layer_units
+from wmark.whitebox.chain import canonical_layers, layer_units, watermark_vector
 
 PathLike = str | os.PathLike[str]
 SUPPORTED_DTYPES = {"F16", "BF16", "F32", "F64", "I8", "I16", "I32"}
@@ -236,7 +236,7 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
     x = projection(key, ref_w[-1][0].numel())
     expected = payload_bits(key)
 
-    ref_bits = _bits(x, align_chain(ref_w, ref_w)[0])
+    ref_bits = _bits(x, watermark_vector(ref_w))
     ref_errors = int(np.sum(ref_bits != expected))
     if ref_errors > bits // 4:
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
