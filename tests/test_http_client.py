@@ -15,7 +15,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.serve import build_app, serve_in_background
-from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, read_token
+from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, read_token, redact_url
 from wmark.verify import verify_blackbox
 
 SHAPE = (1, 8, 8)
@@ -142,6 +142,11 @@ def test_429_retry_after_is_honoured(key, copy_model):
     assert answers.labels[0] >= 0
     assert calls["requests"] == 2
     assert elapsed >= 1.0
+
+
+def test_credentials_in_the_url_never_reach_reports():
+    assert redact_url("https://u:pw@h.example:8443/v1/models/m:predict?api_key=abc") == \
+        "https://h.example:8443/v1/models/m:predict"
 
 
 def test_retry_after_parsing():

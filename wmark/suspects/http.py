@@ -201,7 +201,7 @@ class HttpSuspect:
                  headers: dict[str, str] | None = None, seed: int | None = None) -> None:
         self.protocol = protocol
         self.options = options or HttpOptions()
-        self.description = protocol.endpoint
+        self.description = redact_url(protocol.endpoint)
         self.num_classes: int | None = protocol.num_classes
         self.input_shape: tuple[int, ...] | None = protocol.input_shape
         self.server_info: dict[str, Any] = {}
@@ -320,13 +320,15 @@ class HttpSuspect:
     def _get_json(self, url: str) -> Any:
         resp, _, error = self._send("GET", url, None, what="metadata")
         if resp is None:
-            raise RuntimeFailure(f"The suspect at {url} did not answer ({error}); try again later or raise --retries.")
+            raise RuntimeFailure(
+                f"The suspect at {redact_url(url)} did not answer ({error}); try again later or raise --retries."
+            )
         if resp.status_code >= 400:
-            raise UsageError(f"GET {url} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
+            raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
         try:
             return json.loads(resp.content)
         except (ValueError, UnicodeDecodeError):
-            raise RuntimeFailure(f"GET {url} did not return JSON; is this the right --protocol?") from None
+            raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right --protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
         """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors."""
@@ -365,7 +367,7 @@ class HttpSuspect:
                     )
                 if code == 404:
                     raise UsageError(
-                        f"{url} does not exist on the server (HTTP 404); check the URL and --model-name."
+                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and --model-name."
                     )
                 if code not in _RETRY_STATUSES:
                     return resp, attempts, ""
@@ -400,6 +402,15 @@ class HttpSuspect:
     def _jitter(self, upper: float) -> float:
         with self._rng_lock:
             return self._rng.uniform(0.0, upper)
+
+
+def redact_url(url: str) -> str:
+    """The URL without user info or query string, which may carry credentials (for logs and reports)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return url
+    return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
 
 
 def _server_error(resp: httpx.Response) -> str:
