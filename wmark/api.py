@@ -117,8 +117,15 @@ def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: 
 
 def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
            mode: Mode = "sequential", max_queries: int | None = None, labels_only: bool = True,
+           api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
            progress: bool = False) -> Verdict:
-    """Black-box verification of a model file: query it on the key's triggers and test the matches."""
+    """Black-box verification of a model file: query it on the key's triggers and test the matches.
+
+    With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
+    client's marked queries (at most ``api_max_queries``): the extraction test. The two tests are combined
+    with Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted``
+    if only the API mark is.
+    """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
     if recorded is not None and int(recorded) != k.num_classes:
@@ -129,7 +136,21 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
-    return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries, progress=progress)
+    if api_log is None:
+        if client is not None:
+            raise UsageError("--client names whose marked queries to replay; it needs --api-log.")
+        return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
+                               progress=progress)
+    from wmark.schemes.api_mark import MarkLog, api_mark_test
+    from wmark.verify import decide, trigger_set_test
+
+    if client is None:
+        raise UsageError("--api-log needs --client (the API account suspected of extraction).")
+    trigger = trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
+                               progress=progress)
+    with MarkLog(api_log, key=k, create=False) as log:
+        extracted = api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries)
+    return decide(key=k, tests=[trigger, extracted], alpha=alpha, suspect=str(suspect))
 
 
 def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
@@ -196,6 +217,54 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     else:
         save_model(attacked, out, metadata=attack_meta)
     return {"out": str(out), "attack": kind, "params": params, "test_accuracy": acc}
+
+
+def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: PathLike, labels: str = "hard",
+            queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0, api_key: PathLike | None = None,
+            api_log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
+            candidates: str | int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Extract a surrogate of ``victim`` from its answers to the attacker's ``data`` and save it.
+
+    With ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
+    (answers marked with that key, marked queries logged under ``client`` in ``api_log``): the path a
+    real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
+    """
+    from wmark.attacks.extract import extract as run_extract
+    from wmark.schemes.api_mark import DEFAULT_CANDIDATES, DEFAULT_RATE, MarkedAPI, MarkLog, parse_candidates
+    from wmark.training import predict_logits
+
+    ds = load_dataset(data)
+    model, _ = load_model(victim_arch, victim)
+    served = LocalSuspect(model, input_shape=ds.input_shape, description=str(victim), expose_scores=True)
+    target: Any = served
+    log = None
+    if api_key is not None:
+        if api_log is None:
+            raise UsageError("--api-key needs --api-log (the SQLite file the marked API records its marks in).")
+        k = load_key(api_key)
+        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+        params = k.schemes.get("api-mark", {})
+        rate = float(rate if rate is not None else params.get("rate", DEFAULT_RATE))
+        cand = candidates if candidates is not None else params.get("candidates", DEFAULT_CANDIDATES)
+        log = MarkLog(api_log, key=k, rate=rate, candidates=parse_candidates(cand, k.num_classes))
+        target = MarkedAPI(key=k, backend=served, rate=rate, candidates=cand, log=log, client=client)
+    try:
+        result = run_extract(target, x=ds.x_train, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
+                             epochs=epochs, lr=lr, seed=seed, progress=progress)
+    finally:
+        if log is not None:
+            log.close()
+    surrogate = result.model
+    acc = accuracy(surrogate, ds.x_test, ds.y_test)
+    agree = float((predict_logits(surrogate, ds.x_test).argmax(1) == predict_logits(model, ds.x_test).argmax(1))
+                  .float().mean())
+    params_doc = {"victim_arch": victim_arch, "labels": labels, "queries": result.queries, "answered": result.answered,
+                  "epochs": epochs, "lr": lr, "seed": seed, "data": data, "marked_api": api_key is not None}
+    save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
+                                                       input_shape=ds.input_shape, test_accuracy=acc,
+                                                       attack={"kind": "extract", **params_doc}))
+    return {"out": str(out), "attack": "extract", "params": params_doc, "test_accuracy": acc,
+            "victim_agreement": agree, "query_seconds": result.query_seconds, "train_seconds": result.train_seconds}
 
 
 def inspect(*, path: PathLike) -> dict[str, Any]:

@@ -176,14 +176,19 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="whitebox: optional unmarked base model to align to (makes the null exact by construction).")
 @click.option("--max-queries", type=int, default=None, help="Query budget (default: every trigger).")
 @click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
+@click.option("--api-log", default=None, type=click.Path(dir_okay=False),
+              help="Extraction test: the SQLite log of the owner's marked API (model-file suspects).")
+@click.option("--client", default=None, help="Extraction test: the API client whose marked queries to replay.")
+@click.option("--api-max-queries", type=int, default=300, show_default=True,
+              help="Extraction test: most logged queries to ask.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
 @_remote_options
 @_handle_errors
 def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
-           anchor: str | None, max_queries: int | None, with_scores: bool, as_json: bool, report: str | None,
-           **remote: Any) -> None:
+           anchor: str | None, max_queries: int | None, with_scores: bool, api_log: str | None, client: str | None,
+           api_max_queries: int, as_json: bool, report: str | None, **remote: Any) -> None:
     """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
@@ -203,7 +208,8 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
         if arch is None:
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
-                             max_queries=max_queries, labels_only=not with_scores, progress=_progress())
+                             max_queries=max_queries, labels_only=not with_scores, api_log=api_log,
+                             client=client, api_max_queries=api_max_queries, progress=_progress())
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
@@ -266,6 +272,34 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
                               lr=lr, layers=layers, seed=seed, max_samples=max_samples, progress=_progress()))
 
 
+@attack.command("extract", epilog=EXIT_HELP)
+@click.option("--victim-arch", required=True, help="Victim architecture: " + ARCH_HELP)
+@click.option("--victim", required=True, type=click.Path(dir_okay=False), help="Victim model file (queried only).")
+@click.option("--arch", required=True, help="Surrogate architecture: " + ARCH_HELP)
+@click.option("--labels", type=click.Choice(["hard", "soft", "top1"]), default="hard", show_default=True,
+              help="What the victim answers: top-1 label, all probabilities, or top-1 with rounded confidence.")
+@click.option("--queries", default=10_000, show_default=True, help="Query budget.")
+@click.option("--data", required=True, help=DATA_HELP + " (the attacker's query inputs, e.g. fashion-mnist@attacker)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Surrogate to write.")
+@click.option("--epochs", default=6, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--api-key", default=None, type=click.Path(dir_okay=False),
+              help="Serve the victim behind the owner's marked API with this key (simulates the real path).")
+@click.option("--api-log", default=None, type=click.Path(dir_okay=False),
+              help="SQLite log the marked API records marked queries in.")
+@click.option("--client", default="attacker", show_default=True, help="Client id the marked API logs under.")
+@_handle_errors
+def attack_extract(victim_arch: str, victim: str, arch: str, labels: str, queries: int, data: str, out: str,
+                   epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str) -> None:
+    """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
+    info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
+                       queries=queries, epochs=epochs, lr=lr, seed=seed, api_key=api_key, api_log=api_log,
+                       client=client, progress=_progress())
+    click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers): test accuracy "
+               f"{info['test_accuracy']:.4f}, agreement with the victim {info['victim_agreement']:.4f}")
+
+
 @attack.command("prune", epilog=EXIT_HELP)
 @_attack_options
 @click.option("--sparsity", default=0.5, show_default=True, help="Fraction of weights zeroed (global magnitude).")
@@ -323,3 +357,5 @@ def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None
 def inspect(path: str) -> None:
     """Show a model file's wmark.* metadata."""
     click.echo(json.dumps(api.inspect(path=path), indent=2, sort_keys=True))
+if __name__ == "__main__":
+    main()

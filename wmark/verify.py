@@ -220,6 +220,9 @@ def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> 
         status = "inconclusive"
         message = ("The query budget ran out before every trigger was asked and before the evidence reached "
                    "1/alpha; raise --max-queries to conclude.")
+    elif not rejected and any(t.details.get("inconclusive") for t in tests):
+        status = "inconclusive"
+        message = " ".join(t.details["inconclusive"] for t in tests if t.details.get("inconclusive"))
     return Verdict(
         decision="detected" if rejected else "not_detected",
         kind=kind,
