@@ -289,13 +289,16 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--api-log", default=None, type=click.Path(dir_okay=False),
               help="SQLite log the marked API records marked queries in.")
 @click.option("--client", default="attacker", show_default=True, help="Client id the marked API logs under.")
+@click.option("--rate", type=float, default=None, help="Marked API: fraction of answers marked (default 0.03).")
+@click.option("--candidates", default=None, help="Marked API: candidate-set size k or 'all' (default all).")
 @_handle_errors
 def attack_extract(victim_arch: str, victim: str, arch: str, labels: str, queries: int, data: str, out: str,
-                   epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str) -> None:
+                   epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str,
+                   rate: float | None, candidates: str | None) -> None:
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, api_key=api_key, api_log=api_log,
-                       client=client, progress=_progress())
+                       client=client, rate=rate, candidates=candidates, progress=_progress())
     click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers): test accuracy "
                f"{info['test_accuracy']:.4f}, agreement with the victim {info['victim_agreement']:.4f}")
 

@@ -1,0 +1,120 @@
+"""Extraction attacks on tiny synthetic victims, the extract CLI, and verify --api-log."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from wmark.attacks.extract import extract, extraction_targets
+from wmark.cli import main
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.io import save_tensors
+from wmark.keys import generate_key, save_key
+from wmark.models import build_model, model_metadata
+from wmark.suspects import Answers, LocalSuspect
+from wmark.training import make_loader, train_epochs
+
+SHAPE = (1, 6, 6)
+C = 4
+
+
+def _data(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, *SHAPE, generator=gen)
+    y = (x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long() * 2 + (x[:, 0, :, :3].mean((1, 2)) > 0.5).long()
+    return x, y
+
+
+@pytest.fixture(scope="module")
+def victim() -> torch.nn.Module:
+    x, y = _data(1500)
+    model = build_model("fmnist-mlp", num_classes=C, input_shape=SHAPE, seed=0)
+    train_epochs(model, make_loader(x, y, seed=0), epochs=8, optimizer=torch.optim.Adam(model.parameters(), 3e-3))
+    return model
+
+
+@pytest.mark.parametrize("labels", ["hard", "soft", "top1"])
+def test_surrogates_agree_with_the_victim(victim, labels):
+    xq, _ = _data(1000, seed=1)
+    xt, _ = _data(500, seed=2)
+    api = LocalSuspect(victim, input_shape=SHAPE)
+    result = extract(api, x=xq, arch="fmnist-mlp", labels=labels, queries=800, epochs=8, seed=3)
+    assert result.queries == result.answered == 800
+    with torch.no_grad():
+        agree = (result.model(xt).argmax(1) == victim(xt).argmax(1)).float().mean().item()
+    assert agree > 0.8
+
+
+def test_top1_targets_round_the_confidence():
+    scores = np.array([[0.123, 0.877, 0.0, 0.0]])
+    t = extraction_targets(np.array([1]), scores, mode="top1", num_classes=4, decimals=1).numpy()
+    assert t[0, 1] == pytest.approx(0.9) and t[0, 0] == pytest.approx(0.1 / 3)
+    assert t.sum() == pytest.approx(1.0)
+
+
+def test_extract_bad_input(victim):
+    xq, _ = _data(50, seed=1)
+    label_only = LocalSuspect(victim, input_shape=SHAPE, expose_scores=False)
+    with pytest.raises(UsageError, match="needs a victim that returns scores"):
+        extract(label_only, x=xq, arch="fmnist-mlp", labels="soft", epochs=1)
+    with pytest.raises(UsageError, match="Unknown --labels"):
+        extract(label_only, x=xq, arch="fmnist-mlp", labels="probs", epochs=1)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="inputs shaped"):
+        extract(label_only, x=torch.rand(5, 1, 4, 4), arch="fmnist-mlp", epochs=1)
+
+    class Refuser:
+        description, num_classes, input_shape = "refuser", C, SHAPE
+
+        def query(self, inputs):
+            return Answers(labels=np.full(len(inputs), -1))
+
+    with pytest.raises(RuntimeFailure, match="abstained on every query"):
+        extract(Refuser(), x=xq, arch="fmnist-mlp", epochs=1)
+
+    class Partial:  # abstains on every other query: those are dropped, the rest trains
+        description, num_classes, input_shape = "partial", C, SHAPE
+
+        def query(self, inputs):
+            labels = label_only.query(inputs).labels.copy()
+            labels[::2] = -1
+            return Answers(labels=labels)
+
+    assert extract(Partial(), x=xq, arch="fmnist-mlp", epochs=1).answered == 25
+
+
+def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
+    x, y = _data(1200, seed=4)
+    xt, yt = _data(300, seed=5)
+    data = tmp_path / "data.safetensors"
+    save_tensors({"x": x, "y": y, "x_test": xt, "y_test": yt}, data)
+    weights = tmp_path / "victim.safetensors"
+    save_tensors(victim.state_dict(), weights,
+                 metadata=model_metadata(arch="fmnist-mlp", num_classes=C, input_shape=SHAPE))
+    key = tmp_path / "owner.key"
+    save_key(generate_key(owner="Owner", num_classes=C, input_shape=SHAPE), key)
+    log = tmp_path / "marks.sqlite"
+    runner = CliRunner()
+    out = tmp_path / "surrogate.safetensors"
+    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
+                               "--arch", "fmnist-mlp", "--labels", "hard", "--queries", "600", "--data", str(data),
+                               "--out", str(out), "--epochs", "40", "--api-key", str(key), "--api-log", str(log),
+                               "--client", "thief", "--rate", "0.15", "--candidates", "all"])
+    assert res.exit_code == 0, res.output
+    assert "agreement with the victim" in res.output
+    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
+                               "--api-log", str(log), "--client", "thief", "--mode", "fixed", "--json"])
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-mark"]
+    assert doc["correction"] == "holm"
+    # A 40-epoch surrogate of a 600-query task memorises its marked answers: extracted.
+    assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
+    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
+                               "--api-log", str(log), "--client", "nobody"])
+    assert res.exit_code == 2 and "no marked queries for client 'nobody'" in res.output
+    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
+                               "--client", "thief"])
+    assert res.exit_code == 2 and "needs --api-log" in res.output
