@@ -105,6 +105,9 @@ def _trajectory_png(verdict: Verdict) -> bytes | None:
     ax.axhline(threshold, color="#b03a2e", linestyle="--", linewidth=1.2,
                label=f"decision threshold log10(1/alpha) = {threshold:g}")
     ax.axhline(0.0, color="#888888", linewidth=0.8)
+    # Head-room above the curve and the threshold keeps the legend clear of both.
+    top = max([threshold, *(max(t.trajectory) for t in tests)])
+    ax.set_ylim(min(0.0, *(min(t.trajectory) for t in tests)) - 0.3, top * 1.35 + 0.5)
     ax.set_xlabel("answered trigger queries")
     ax.set_ylabel("log10 evidence")
     ax.set_title("Evidence against 'the suspect never saw the key', query by query", fontsize=10)
