@@ -25,7 +25,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   template: str | None = None, token_env: str | None = None, token_file: PathLike | None = None,
                   alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential", max_queries: int | None = None,
                   rate: float | None = None, timeout: float = 10.0, retries: int = 3, concurrency: int = 1,
-                  transcript: PathLike | None = None, cover_data: str | None = None, cover_ratio: float = 1.0,
+                  transcript: PathLike | None = None, transcript_sync: str = "fsync", cover_data: str | None = None, cover_ratio: float = 1.0,
                   report: PathLike | None = None, progress: bool = False) -> Verdict:
     """Verify a suspect prediction API with the key's trigger set.
 
@@ -45,6 +45,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         retries: Further attempts after a failed request.
         concurrency: Requests in flight at once.
         transcript: SQLite transcript to record to and resume from.
+        transcript_sync: ``fsync`` (each answer on disk before the next) or ``process`` (each answer survives
+            the process being killed, not an operating-system crash).
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
@@ -73,7 +75,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     try:
         if transcript is not None:
             log = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
-                             protocol=protocol)
+                             protocol=protocol, durability=transcript_sync)
         probe = ProbeSuspect(suspect, transcript=log, cover=cover)
         test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
                                 batch_size=concurrency, progress=progress)

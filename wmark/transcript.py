@@ -1,9 +1,10 @@
 """A durable record of every query sent to a suspect and every answer it gave (SQLite, WAL).
 
 Each query is written as ``pending`` before it is sent and updated with its answer as soon as the answer
-arrives, one committed transaction each (``synchronous=FULL``: the answer is on disk before the next one is
-counted). A process killed with ``kill -9`` therefore loses at most the answers of requests that were in
-flight. Rows hold the SHA-256 of the input bytes, the answer (raw text and SHA-256), the parsed label, and
+arrives, one committed transaction each. Answers are committed with ``synchronous=FULL`` (fsync'd: on disk
+before the next one is counted, surviving even a power cut) unless ``durability="process"``; pending rows
+only need to outlive the process (a lost one is simply sent again), so they skip the fsync. A process
+killed with ``kill -9`` therefore loses at most the answers of requests that were in flight. Rows hold the SHA-256 of the input bytes, the answer (raw text and SHA-256), the parsed label, and
 whether the query was a trigger or cover traffic. The file is bound to one key (by its public commitment,
 never the secret) and one suspect URL, so a transcript cannot be replayed against another claim.
 
@@ -100,13 +101,19 @@ class Transcript:
         key_commitment: The key's public commitment.
         suspect: The suspect's URL (or description).
         protocol: The wire protocol's name.
+        durability: ``"fsync"`` (every answer reaches the disk before the next is counted) or ``"process"``
+            (every answer survives the process being killed, but not an operating-system crash; faster on
+            disks with slow fsync).
 
     Raises:
         UsageError: If the file belongs to another key or suspect, or is not a transcript.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key_commitment: str, suspect: str,
-                 protocol: str = "") -> None:
+                 protocol: str = "", durability: str = "fsync") -> None:
+        if durability not in ("fsync", "process"):
+            raise UsageError(f"Unknown transcript durability {durability!r}; use fsync or process.")
+        self._answer_sync = "FULL" if durability == "fsync" else "NORMAL"
         self.path = Path(path)
         if self.path.parent and not self.path.parent.exists():
             raise UsageError(f"Directory {self.path.parent} for the transcript does not exist; create it first.")
@@ -159,6 +166,7 @@ class Transcript:
     def begin(self, digests: list[tuple[str, str]]) -> list[int]:
         """Record queries about to be sent (``(input_sha256, role)`` pairs) as pending; return their rows."""
         seqs = []
+        self._db.execute("PRAGMA synchronous=NORMAL")
         with self._tx():
             for digest, role in digests:
                 cur = self._db.execute(
@@ -173,6 +181,7 @@ class Transcript:
         """Record the answer to a pending query (committed before returning)."""
         if status not in ("ok", "malformed", "failed"):
             raise ValueError(f"unknown status {status!r}")
+        self._db.execute(f"PRAGMA synchronous={self._answer_sync}")
         with self._tx():
             self._db.execute(
                 "UPDATE queries SET status = ?, label = ?, scores = ?, answer = ?, answer_sha256 = ?, error = ?, "
