@@ -1,0 +1,75 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from wmark.data import load_dataset
+from wmark.errors import UsageError
+from wmark.io import save_tensors
+
+
+def _write_idx(path, array: np.ndarray, compress: bool) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, shape, compress in [("train-images-idx3-ubyte", (20, 28, 28), True),
+                                  ("train-labels-idx1-ubyte", (20,), True),
+                                  ("t10k-images-idx3-ubyte", (5, 28, 28), False),
+                                  ("t10k-labels-idx1-ubyte", (5,), False)]:
+        array = rng.integers(0, 10 if len(shape) == 1 else 256, shape)
+        _write_idx(tmp_path / (stem + (".gz" if compress else "")), array, compress)
+    return tmp_path
+
+
+def test_idx_files_load_gzipped_or_plain(idx_dir) -> None:
+    ds = load_dataset(f"fashion-mnist:{idx_dir}")
+    assert ds.x_train.shape == (20, 1, 28, 28) and ds.x_test.shape == (5, 1, 28, 28)
+    assert ds.x_train.dtype == torch.float32 and 0 <= float(ds.x_train.min()) and float(ds.x_train.max()) <= 1
+    assert ds.y_train.dtype == torch.int64 and ds.num_classes == 10
+
+
+def test_truncated_idx_is_refused(idx_dir) -> None:
+    path = idx_dir / "t10k-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(UsageError, match="truncated"):
+        load_dataset(f"fashion-mnist:{idx_dir}")
+
+
+def test_missing_directory_says_how_to_install(tmp_path) -> None:
+    with pytest.raises(UsageError, match="apt-get install dataset-fashion-mnist"):
+        load_dataset(f"fashion-mnist:{tmp_path / 'nowhere'}")
+
+
+def test_owner_and_attacker_halves_are_disjoint_and_fixed() -> None:
+    owner, attacker = load_dataset("digits@owner"), load_dataset("digits@attacker")
+    assert len(owner.x_train) + len(attacker.x_train) == len(load_dataset("digits").x_train)
+    flat_owner = {tuple(r.tolist()) for r in owner.x_train.flatten(1)}
+    overlap = sum(tuple(r.tolist()) in flat_owner for r in attacker.x_train.flatten(1))
+    full = load_dataset("digits").x_train.flatten(1)
+    duplicates = len(full) - len({tuple(r.tolist()) for r in full})
+    assert overlap <= duplicates
+    assert torch.equal(load_dataset("digits@owner").x_train, owner.x_train)
+    with pytest.raises(UsageError, match="@owner or @attacker"):
+        load_dataset("digits@thief")
+
+
+def test_safetensors_dataset(tmp_path) -> None:
+    path = tmp_path / "d.safetensors"
+    save_tensors({"x": torch.rand(10, 1, 4, 4), "y": torch.arange(10) % 3}, path)
+    ds = load_dataset(str(path))
+    assert len(ds.x_train) == 8 and len(ds.x_test) == 2 and ds.num_classes == 3
+    save_tensors({"inputs": torch.rand(3)}, path)
+    with pytest.raises(UsageError, match="'x' and 'y'"):
+        load_dataset(str(path))
+
+
+def test_unknown_spec() -> None:
+    with pytest.raises(UsageError, match="Unknown dataset"):
+        load_dataset("imagenet")
