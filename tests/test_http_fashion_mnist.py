@@ -19,12 +19,13 @@ def test_stolen_fashion_mnist_copy_over_http(tmp_path):
         pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     key = tmp_path / "owner.key"
     api.keygen(owner="ACME", out=key)
-    small = {"data": "fashion-mnist", "max_samples": 6000}
+    small = {"data": "fashion-mnist", "max_samples": 10000}
     api.train(arch="fmnist-cnn", out=tmp_path / "base.safetensors", epochs=1, seed=0, **small)
     api.embed(key=key, arch="fmnist-cnn", weights=tmp_path / "base.safetensors", out=tmp_path / "marked.safetensors",
-              epochs=2, **small)
-    api.attack(kind="finetune", arch="fmnist-cnn", weights=tmp_path / "marked.safetensors", epochs=1, seed=5,
-               out=tmp_path / "stolen.safetensors", **small)
+              epochs=3, trigger_per_batch=32, **small)
+    # The thief fine-tunes every layer on its own data at a typical fine-tuning rate.
+    api.attack(kind="finetune", arch="fmnist-cnn", weights=tmp_path / "marked.safetensors", epochs=2, lr=1e-4,
+               seed=5, out=tmp_path / "stolen.safetensors", **small)
     api.train(arch="fmnist-cnn", out=tmp_path / "independent.safetensors", epochs=1, seed=1, **small)
     verdicts = {}
     for name in ("stolen", "independent"):
