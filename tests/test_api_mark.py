@@ -93,19 +93,22 @@ def test_null_is_super_uniform_over_random_keys(tmp_path):
     x = _inputs(300, seed=1)
     innocent = LocalSuspect(_model(7), input_shape=SHAPE, expose_scores=False)
     backend = LocalSuspect(_model(0), input_shape=SHAPE)
-    pvals = []
+    pvals, anytime = [], []
     for i in range(150):
         k = generate_key(owner="null", num_classes=C, input_shape=SHAPE)
         log = MarkLog(tmp_path / f"n{i}.sqlite", key=k, rate=0.3, candidates=3)
         MarkedAPI(key=k, backend=backend, rate=0.3, candidates=3, log=log, client="c").query(x)
-        res = api_mark_test(key=k, suspect=innocent, log=log, client="c")
+        res = api_mark_test(key=k, suspect=innocent, log=log, client="c", statistic="exact")
         assert res.details["conditioned"] > 10
         pvals.append(10 ** res.log10_p)
+        anytime.append(10 ** res.details["anytime_log10_p"])
         log.close()
-    pvals = np.array(pvals)
-    for t in (0.05, 0.1, 0.25, 0.5):
-        # Binomial(150, t) upper 99.9 % quantile: a valid p-value exceeds it with probability < 0.001.
-        assert (pvals <= t).sum() <= stats.binom.ppf(0.999, len(pvals), t)
+    for p in (np.array(pvals), np.array(anytime)):
+        for t in (0.05, 0.1, 0.25, 0.5):
+            # Binomial(150, t) upper 99.9 % quantile: a valid p-value exceeds it with probability < 0.001.
+            assert (p <= t).sum() <= stats.binom.ppf(0.999, len(p), t)
+    # The exact statistic is not conservative by much: its p-values spread over (0, 1].
+    assert np.mean(np.array(pvals) <= 0.5) > 0.25
 
 
 def test_a_model_that_learned_the_answers_is_detected(key, tmp_path):
@@ -121,7 +124,9 @@ def test_a_model_that_learned_the_answers_is_detected(key, tmp_path):
 
     res = api_mark_test(key=key, suspect=Memoriser(), log=log, client="thief")
     assert res.matches == res.details["conditioned"] == res.queries
-    assert res.log10_p == pytest.approx(res.matches * np.log10(1 / 3))
+    assert res.details["exact_log10_p"] == pytest.approx(res.matches * np.log10(1 / 3))
+    # The anytime-valid statistic is weaker but still far beyond 1/alpha, and is what the verdict uses.
+    assert res.details["exact_log10_p"] < res.log10_p == res.details["anytime_log10_p"] < -20
     verdict = decide(key=key, tests=[res], alpha=1e-6, suspect="memoriser")
     assert verdict.decision == "detected" and verdict.kind == "extracted"
     # The served model itself answers its own top-1 on every marked input: no evidence of extraction.
@@ -173,3 +178,5 @@ def test_api_refuses_mismatched_backend_and_inputs(key, tmp_path):
         api.query(np.zeros((2, 1, 5, 5), dtype=np.float32))
     with pytest.raises(UsageError, match="rate"):
         MarkLog(tmp_path / "marks.sqlite", key=key, rate=0.5, candidates=2)
+    with pytest.raises(UsageError, match="Unknown statistic"):
+        api_mark_test(key=key, suspect=api, log=api.log, client="thief", statistic="bayes")

@@ -34,6 +34,15 @@ conditioned queries is therefore exactly Poisson-binomial (Binomial(m, 1/k) when
 the p-value P(matches ≥ observed) is exact — no reference models, no calibration. A runner-up-only set
 (``|S| = 1``) would carry no randomness and is refused.
 
+Who chose the logged inputs matters: the client did, and it saw each keyed label right after asking. It
+cannot change a label (each new input gets a fresh PRF output, revealed only once the input is logged,
+and every marked query is logged), but it could decide *when to stop* after a run of answers that happen
+to match some innocent model it wants to frame. Because each conditioned answer is a fresh
+Bernoulli(≤ 1/|S|) given everything before it, the matches in log order feed a mixture e-process
+(:class:`wmark.stats.MixtureEProcess`), whose p-value 1/max e-value is valid under any such stopping
+(Ville's inequality). The verdict uses that anytime-valid p-value by default and reports the exact
+Poisson-binomial one beside it.
+
 Example:
     >>> import numpy as np
     >>> from wmark.keys import generate_key
@@ -67,6 +76,7 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import Key
+from wmark.stats import MixtureEProcess
 from wmark.suspects.base import Answers, Suspect
 
 SCHEME = "api-mark"
@@ -353,7 +363,7 @@ def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
 
 
 def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_queries: int | None = None,
-                  batch_size: int = 256, min_answered: float = 0.5) -> Any:
+                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> Any:
     """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
 
     Null hypothesis (exact, see the module docstring): the suspect never learned from the marked answers,
@@ -367,6 +377,10 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
         max_queries: Ask at most this many logged inputs (the first ones logged).
         batch_size: Inputs per request.
         min_answered: Below this fraction of usable answers the result is flagged inconclusive.
+        statistic: ``anytime`` (default): p = 1 / max e-value of a mixture e-process over the conditioned
+            answers in log order (valid whatever rule the client used to choose and stop its queries);
+            ``exact``: the Poisson-binomial tail (exact for a log whose content did not adapt to the
+            answers). Both are always reported in ``details``.
 
     Returns:
         A :class:`wmark.verify.TestResult` with ``evidence_of="extracted"``.
@@ -378,6 +392,8 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
     from wmark.verify import TestResult, check_suspect_fits_key
 
     check_suspect_fits_key(key, suspect)
+    if statistic not in ("anytime", "exact"):
+        raise UsageError(f"Unknown statistic {statistic!r}; use anytime or exact.")
     if tuple(log.input_shape) != tuple(key.input_shape):
         raise UsageError(f"The API-mark log holds inputs shaped {tuple(log.input_shape)} but the key's are "
                          f"{tuple(key.input_shape)}; use the log of this model's API.")
@@ -400,7 +416,7 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
         labels.append(got)
     answers = np.concatenate(labels)
     abstentions = int(np.sum(answers < 0))
-    probs, matches, agree_top1 = [], 0, 0
+    probs, outcomes, agree_top1 = [], [], 0
     for r, a in zip(records, answers):
         if a < 0:
             continue
@@ -408,8 +424,19 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
             agree_top1 += 1
         if a in r["candidates"]:
             probs.append(1.0 / len(r["candidates"]))
-            matches += int(a == r["label"])
-    log10_p = poisson_binomial_log10_sf(matches, probs) if probs else 0.0
+            outcomes.append(int(a == r["label"]))
+    matches = sum(outcomes)
+    exact = poisson_binomial_log10_sf(matches, probs) if probs else 0.0
+    # The client, not the verifier, decided which inputs were logged and when it stopped querying; an
+    # anytime-valid e-process over the conditioned answers in log order stays valid even if that client
+    # adapted its queries to the answers it saw (e.g. to frame someone else's model).
+    anytime = 0.0
+    if probs:
+        eproc = MixtureEProcess(p0=max(probs))
+        for o in outcomes:
+            eproc.update(o)
+        anytime = -eproc.compute()
+    log10_p = anytime if statistic == "anytime" else exact
     answered = len(records) - abstentions
     inconclusive = ""
     if answered < min_answered * len(records):
@@ -432,8 +459,11 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
         queries=len(records),
         matches=matches,
         abstentions=abstentions,
-        method="exact Poisson-binomial (binomial when |S| is constant) upper tail over the conditioned queries, "
-               "summed in log space",
+        method=("anytime-valid p = 1/max e-value of a mixture likelihood-ratio e-process over the conditioned "
+                "answers in log order (Ville's inequality)" if statistic == "anytime" else
+                "exact Poisson-binomial (binomial when |S| is constant) upper tail over the conditioned queries, "
+                "summed in log space"),
         details={"client": client, "conditioned": len(probs), "agree_with_served_top1": agree_top1,
+                 "exact_log10_p": exact, "anytime_log10_p": anytime, "statistic": statistic,
                  "candidate_sizes": sizes, "log_rate": log.rate, "inconclusive": inconclusive},
     )
