@@ -118,7 +118,8 @@ def main() -> None:
     doc = {
         "benchmark": "http_probe",
         "what": "label-only v2 queries per second to a local `wmark serve` (fmnist-cnn) process; transcript is "
-                "SQLite WAL with synchronous=FULL, one commit per answer; medians over rounds",
+                "SQLite WAL, one commit per answer, fsync'd (fsync) or not (process: survives kill -9); "
+                "medians over rounds",
         "queries_per_run": args.queries, "rounds": args.rounds, "rows": rows,
         "speedup_concurrency_8_over_1": round(med[(8, "none")] / med[(1, "none")], 2),
         "ratio": "time with transcript / time without (= q/s without / q/s with), same server, alternating rounds",
