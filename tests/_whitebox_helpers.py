@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import torch
 from torch import nn
 
@@ -27,10 +30,14 @@ class TinyCNN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
-def tiny_key(bits: int = 64, message: str | None = None) -> Key:
+def tiny_key(bits: int = 64, message: str | None = None, *, seed: int | None = None) -> Key:
+    """A key for 1×16×16 inputs; with ``seed`` its secret is fixed, so tests that embed are deterministic."""
     schemes = default_schemes(10)
     schemes["weights"] = dict(schemes["weights"], bits=bits, message=message)
-    return generate_key(owner="Test Owner", input_shape=(1, 16, 16), num_triggers=10, schemes=schemes)
+    key = generate_key(owner="Test Owner", input_shape=(1, 16, 16), num_triggers=10, schemes=schemes)
+    if seed is None:
+        return key
+    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{seed}".encode()).digest())
 
 
 def tiny_model(seed: int) -> TinyCNN:

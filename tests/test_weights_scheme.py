@@ -50,13 +50,13 @@ def test_bits_of_unmarked_weights_are_fair_coins() -> None:
     # Null: weights independent of the key. Pool 40 keys x 64 bits and compare with Binomial(n, 1/2).
     model = tiny_model(3)
     weights = [model.conv1.weight, model.conv2.weight, model.fc1.weight]
-    matches = sum(int(np.sum(extract_bits(k, weights) == payload_bits(k))) for k in (tiny_key() for _ in range(40)))
+    matches = sum(int(np.sum(extract_bits(k, weights) == payload_bits(k))) for k in (tiny_key(seed=j) for j in range(40)))
     n = 40 * 64
     assert stats.binomtest(matches, n, 0.5).pvalue > 1e-3
 
 
 def test_embedding_gives_zero_bit_errors_and_small_change() -> None:
-    key = tiny_key()
+    key = tiny_key(seed=1)
     model = tiny_model(0)
     emb = WeightsEmbedder(key, model)
     assert emb.chain == ["conv1.weight", "conv2.weight", "fc1.weight"]
@@ -72,7 +72,7 @@ def test_embedding_gives_zero_bit_errors_and_small_change() -> None:
 
 
 def test_embedding_works_with_sgd_and_a_named_layer() -> None:
-    key = tiny_key(bits=16)
+    key = tiny_key(bits=16, seed=2)
     model = tiny_model(1)
     emb = WeightsEmbedder(key, model, layer="conv2", strength=50.0)
     assert emb.layer == "conv2.weight" and emb.chain == ["conv1.weight", "conv2.weight"]
@@ -115,9 +115,15 @@ def test_watermarker_owns_its_hook_and_records_metadata_without_secret() -> None
     assert key.secret.hex() not in json.dumps(meta)
 
 
-def test_trigger_and_weights_together(fmnist_key) -> None:
+def test_trigger_and_weights_together() -> None:
+    import dataclasses
+    import hashlib
+
     from wmark.models import build_model
     from wmark.training import make_loader, train_epochs
+
+    fmnist_key = dataclasses.replace(generate_key(owner="Test Owner", num_triggers=50),
+                                     secret=hashlib.sha256(b"wmark-test-key/fmnist").digest())
 
     model = build_model("fmnist-mlp", num_classes=10, input_shape=(1, 28, 28), seed=0)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
@@ -128,3 +134,52 @@ def test_trigger_and_weights_together(fmnist_key) -> None:
     wm.detach()
     assert wm.metadata()["weights"]["bit_errors_at_save"] == 0
     assert wm.metadata()["schemes"] == ["trigger", "weights"]
+
+
+def test_keygen_message_is_committed_written_into_the_weights_and_read_back(tmp_path) -> None:
+    import dataclasses
+
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.keys import load_key
+    from wmark.whitebox.verify import verify_whitebox
+
+    runner = CliRunner()
+    made = runner.invoke(main, ["keygen", "--owner", "ACME", "--out", str(tmp_path / "k.key"),
+                                "--message", "ACME Corp 2026", "--json"])
+    assert made.exit_code == 0, made.output
+    key = load_key(tmp_path / "k.key")
+    # 14 bytes = 112 bits; three copies need 336, rounded up to 384 payload bits.
+    assert scheme_params(key)["message"] == "ACME Corp 2026" and scheme_params(key)["bits"] == 384
+    assert json.loads(made.stdout)["commitment"] == key.commitment()
+    forged = dataclasses.replace(key, schemes={**key.schemes, "weights": {**key.schemes["weights"], "message": "EVIL"}})
+    assert forged.commitment() != key.commitment()
+
+    torch.manual_seed(0)
+    # 2000 inputs: 384 bits at margin 1.5 are well inside the capacity of a unit vector (about 0.3 bits per dim).
+    model = torch.nn.Sequential(torch.nn.Linear(2000, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    emb = WeightsEmbedder(key, model)
+    optimizer = torch.optim.Adam([model[0].weight], lr=5e-3)
+    for _ in range(500):
+        optimizer.zero_grad()
+        loss = emb.loss()
+        if loss.item() == 0.0:
+            break
+        loss.backward()
+        optimizer.step()
+    save_model(model, tmp_path / "m.safetensors", metadata={"weights": emb.metadata()})
+    test = verify_whitebox(key=key, reference=tmp_path / "m.safetensors", suspect=tmp_path / "m.safetensors").tests[0]
+    assert test.matches == 384 and test.details["decoded_message"] == "ACME Corp 2026"
+    assert key.secret.hex() not in made.stdout
+
+
+def test_keygen_rejects_an_empty_message(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    bad = CliRunner().invoke(main, ["keygen", "--owner", "ACME", "--out", str(tmp_path / "k.key"), "--message", ""])
+    assert bad.exit_code == 2 and "owner message is empty" in bad.stderr
+    assert not (tmp_path / "k.key").exists()

@@ -40,12 +40,23 @@ PathLike = str | os.PathLike[str]
 
 
 def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
-           num_triggers: int = 100, overwrite: bool = False) -> dict[str, Any]:
-    """Generate a key, write it (mode 0600) and return its public description with the commitment."""
+           num_triggers: int = 100, overwrite: bool = False, message: str | None = None) -> dict[str, Any]:
+    """Generate a key, write it (mode 0600) and return its public description with the commitment.
+
+    ``message`` (e.g. "ACME Corp 2026") becomes the weight watermark's payload, with repetition-code
+    redundancy; it is a public key parameter, so the commitment covers it.
+    """
     if Path(out).exists() and not overwrite:
         raise UsageError(f"{out} already exists; refusing to overwrite a key (pass --force to replace it).")
+    schemes = None
+    if message is not None:
+        from wmark.keys import default_schemes
+        from wmark.schemes.weights import params_for_message
+
+        schemes = default_schemes(num_triggers)
+        schemes["weights"] = params_for_message(message)
     key = generate_key(owner=owner, num_classes=num_classes, input_shape=tuple(input_shape),
-                       num_triggers=num_triggers)
+                       num_triggers=num_triggers, schemes=schemes)
     save_key(key, out)
     return {"commitment": key.commitment(), **key.public_params()}
 
@@ -157,6 +168,8 @@ def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, al
                     anchor: PathLike | None = None) -> Verdict:
     """White-box verification: test the key's weight watermark in a suspect file (no architecture needed).
 
+    Pass ``anchor`` (the unmarked base model ``reference`` was fine-tuned from) whenever you have it: the
+    alignment then never reads a key-dependent weight and the Binomial null is exact by construction.
     See :func:`wmark.whitebox.verify.verify_whitebox`.
     """
     from wmark.whitebox.verify import verify_whitebox as _verify

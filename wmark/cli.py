@@ -81,14 +81,16 @@ def main() -> None:
 @click.option("--classes", "num_classes", default=10, show_default=True, help="Number of model classes.")
 @click.option("--input-shape", default="1,28,28", show_default=True, help="Shape of one input, C,H,W.")
 @click.option("--triggers", "num_triggers", default=100, show_default=True, help="Trigger-set size.")
+@click.option("--message", default=None,
+              help="Owner message to write into the weight watermark (e.g. 'ACME Corp 2026'; public, committed).")
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the public key description as JSON.")
 @_handle_errors
-def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_triggers: int, force: bool,
-           as_json: bool) -> None:
+def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_triggers: int, message: str | None,
+           force: bool, as_json: bool) -> None:
     """Make a secret key file and print its public commitment (publish it before release)."""
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
-                      num_triggers=num_triggers, overwrite=force)
+                      num_triggers=num_triggers, overwrite=force, message=message)
     _emit(info, as_json, f"wrote {out} (mode 0600, keep it secret)\ncommitment: {info['commitment']}")
 
 
@@ -176,7 +178,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--reference", default=None, type=click.Path(dir_okay=False),
               help="whitebox: the owner's marked model (written by `wmark embed --scheme weights`).")
 @click.option("--anchor", default=None, type=click.Path(dir_okay=False),
-              help="whitebox: optional unmarked base model to align to (makes the null exact by construction).")
+              help="whitebox (recommended): the unmarked base model the reference was fine-tuned from; aligning "
+                   "to it makes the null exact by construction.")
 @click.option("--max-queries", type=int, default=None, help="Query budget (default: every trigger).")
 @click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
 @click.option("--api-log", default=None, type=click.Path(dir_okay=False),
@@ -202,6 +205,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
         if suspect.startswith(("http://", "https://")):
             raise UsageError("--mode whitebox reads a suspect's weight file; pass a .safetensors path, not a URL.")
         verdict = api.verify_whitebox(key=key, reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
+        if anchor is None:
+            click.echo("note: aligned to the marked reference (null checked empirically); pass --anchor with the "
+                       "base model it was fine-tuned from for a null exact by construction.", err=True)
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     elif suspect.startswith(("http://", "https://")):

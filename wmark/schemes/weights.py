@@ -18,13 +18,15 @@ Why the null is exact: for a model that never saw the key, ``u`` is a fixed unit
 exactly ½, whatever the payload: matches ~ Binomial(T, ½).
 
 Payload: T key-derived bits, or an owner message (UTF-8) repeated to fill T bits (a repetition code:
-each message bit is decoded by majority vote) and XOR-ed with a key-derived pad.
+each message bit is decoded by majority vote) and XOR-ed with a key-derived pad, so the payload bits are
+still uniform and the null is unchanged. The message is a public key parameter, covered by the key's
+commitment; a key made with a message gets enough bits for at least three copies (``params_for_message``).
 
 Example:
     >>> import torch
     >>> from wmark.keys import generate_key
     >>> key = generate_key(owner="ACME")
-    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    >>> model = torch.nn.Sequential(torch.nn.Linear(1024, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> emb = WeightsEmbedder(key, model)
     >>> emb.chain
@@ -35,7 +37,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +45,7 @@ import torch
 from torch import nn
 
 from wmark.errors import UsageError
+from wmark.io import tensors_digest
 from wmark.keys import Key, default_schemes
 from wmark.whitebox.chain import module_chain, watermark_vector
 
@@ -80,6 +83,21 @@ def _message_bits(message: str, bits: int) -> np.ndarray:
     return data
 
 
+def params_for_message(message: str, *, bits: int = 256) -> dict[str, Any]:
+    """Weights-scheme parameters for a key carrying ``message``: at least ``bits`` payload bits, more when
+    the message needs them for three copies (rounded up to a multiple of 64).
+
+    Raises:
+        UsageError: If the message is empty.
+    """
+    if not message:
+        raise UsageError("The owner message is empty; give some text such as 'ACME Corp 2026'.")
+    needed = 3 * 8 * len(message.encode("utf-8"))
+    total = max(int(bits), -(-needed // 64) * 64)
+    _message_bits(message, total)
+    return dict(default_schemes()[SCHEME], bits=total, message=message)
+
+
 def payload_bits(key: Key) -> np.ndarray:
     """The bit each projection row must read (0/1), in row order."""
     params = scheme_params(key)
@@ -110,6 +128,11 @@ def decode_message(key: Key, row_bits: np.ndarray) -> str | None:
     np.add.at(counts, np.arange(bits) % length, 1)
     decoded = (votes * 2 > counts).astype(np.uint8)
     return np.packbits(decoded).tobytes().decode("utf-8", errors="replace")
+
+
+def anchor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """Digest of the chain's earlier layers (as float32) before marking, to recognise the anchor later."""
+    return tensors_digest({n: t.detach().to("cpu", torch.float32) for n, t in tensors.items()})
 
 
 def projection_scores(key: Key, weights: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -159,6 +182,8 @@ class WeightsEmbedder:
             )
         self._x = projection(key, dim)
         self._signs = torch.from_numpy(2.0 * payload_bits(key) - 1.0).float()
+        # Taken before any key-driven step: these layers as they are now form a key-independent anchor.
+        self.anchor_digest = anchor_digest({n: p.detach() for n, p in zip(self.chain[:-1], self._params[:-1])})
 
     @property
     def layer(self) -> str:
@@ -209,5 +234,6 @@ class WeightsEmbedder:
             "strength": self.strength,
             "statistic": "mean canonical row, unit-normalised, signs of a key-derived Gaussian projection",
             "bit_errors_at_save": self.bit_errors(),
+            "anchor_digest": self.anchor_digest,
         }
 
