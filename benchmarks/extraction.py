@@ -3,12 +3,13 @@
 Protocol: the training set is split once into the owner's and the attacker's halves. The owner trains a
 CNN on its half and embeds the key's trigger set (so a copied model is ``copy``), then serves it behind
 :class:`wmark.schemes.api_mark.MarkedAPI` (rate and candidate set below). Each thief queries 10k images
-of the attacker's half through the API under its own client id (hard labels, soft labels, top-1 with
-rounded confidence, another architecture, and an early-stopped surrogate) and trains a surrogate; the
-marked queries go to one SQLite log. Verification = trigger-set test + API-mark test on the client's
+of the attacker's half through the API under its own client id (hard labels, soft labels, an MLP, all
+trained to convergence, and an early-stopped surrogate) and trains a surrogate; the marked queries go to
+one SQLite log. Verification = trigger-set test + API-mark test on the client's
 first ``--api-queries`` logged inputs, Holm at alpha = 1e-6. Independent models (other seeds, two other
 architectures, and one trained on the attacker's true labels) are tested against the thief's log and
-must all come out ``none``; a fine-tuned copy of the victim must come out ``copy``.
+must all come out ``none``; a fine-tuned copy of the victim must come out ``copy``. A boundary
+fingerprint (IPGuard-style) is measured as a baseline, calibrated on the first four independents only.
 
 Usage: nice -n 10 python benchmarks/extraction.py [--api-queries 300] [--rate 0.03] [--candidates all]
 """
@@ -90,9 +91,7 @@ def main() -> None:
     thieves = [
         ("hard", "fmnist-cnn", "hard", args.epochs),
         ("soft", "fmnist-cnn", "soft", args.epochs),
-        ("top1", "fmnist-cnn", "top1", args.epochs),
         ("mlp-hard", "fmnist-mlp", "hard", args.epochs),
-        ("wide-soft", "fmnist-cnn-wide", "soft", 8),
         ("hard-early-stop", "fmnist-cnn", "hard", 6),
     ]
     # The log is written while the thieves query; rebuild it together with the surrogates.
@@ -116,17 +115,17 @@ def main() -> None:
         surrogates[name] = (arch, path, labels, epochs)
 
     independents = []
-    for seed in range(1, 8):
+    for seed in range(1, 6):
         independents.append((f"cnn seed {seed}", "fmnist-cnn", {"data": ATTACKER, "max_samples": 10_000,
                                                                  "epochs": 6, "seed": seed}))
     independents.append(("mlp seed 1", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 1}))
     independents.append(("mlp seed 2", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 2}))
-    independents.append(("wide cnn seed 1", "fmnist-cnn-wide", {"data": ATTACKER, "max_samples": 10_000, "epochs": 4,
+    independents.append(("wide cnn seed 1", "fmnist-cnn-wide", {"data": ATTACKER, "max_samples": 10_000, "epochs": 2,
                                                                 "seed": 1}))
-    independents.append(("cnn, attacker's true labels (30k, 10 ep)", "fmnist-cnn",
-                         {"data": ATTACKER, "max_samples": None, "epochs": 10, "seed": 11}))
+    independents.append(("cnn, all 30k attacker images, true labels", "fmnist-cnn",
+                         {"data": ATTACKER, "max_samples": None, "epochs": 3, "seed": 11}))
     independents.append(("cnn, owner's data (other seed)", "fmnist-cnn", {"data": OWNER, "max_samples": None,
-                                                                          "epochs": 3, "seed": 12}))
+                                                                          "epochs": 2, "seed": 12}))
     copy_path = cached({"name": "extraction-copy", "key": tag, "epochs": 2},
                        lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim_path, out=p,
                                             data=ATTACKER, epochs=2, max_samples=10_000, seed=3))
