@@ -118,6 +118,14 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
                                "--client", "thief"])
     assert res.exit_code == 2 and "needs --api-log" in res.output
+    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
+                               "--api-log", str(log), "--client", "thief"])
+    assert res.exit_code == 2 and "--api-log works with a model-file suspect" in res.output
+    other_key = tmp_path / "other.key"
+    save_key(generate_key(owner="Other", num_classes=C, input_shape=SHAPE), other_key)
+    res = runner.invoke(main, ["verify", "--key", str(other_key), "--arch", "fmnist-mlp", "--suspect", str(out),
+                               "--api-log", str(log), "--client", "thief"])
+    assert res.exit_code == 2 and "written under another key" in res.output
 
 
 def test_boundary_fingerprint_points_sit_on_the_boundary_and_calibration_is_reported(victim):

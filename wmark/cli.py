@@ -199,6 +199,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
     """
+    if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
+        raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
+                         "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")
     if mode == "whitebox":
         if reference is None:
             raise UsageError("--mode whitebox needs --reference (the owner's marked model file).")
