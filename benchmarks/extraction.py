@@ -148,6 +148,11 @@ def main() -> None:
                          "api_conditioned": ext.details["conditioned"], "api_matches": ext.matches,
                          "api_log10_p": ext.log10_p, "kind": verdict.kind, "expected": expect,
                          "ok": verdict.kind == expect})
+            if role == "surrogate":  # evidence against the number of logged queries asked
+                rows[-1]["api_log10_p_by_queries"] = {
+                    n: api_mark_test(key=key, suspect=suspect, log=log, client=client, max_queries=n).log10_p
+                    for n in (50, 100, 200, 300, 1000)}
+                rows[-1]["api_exact_log10_p"] = ext.details["exact_log10_p"]
             rows[-1]["_path"], rows[-1]["_arch"] = str(path), arch
             print(table(rows[-1:], [c for c in rows[-1] if not c.startswith("_")]), flush=True)
 
