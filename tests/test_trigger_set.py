@@ -46,7 +46,7 @@ def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> N
     batch = {"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long)}
     _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[batch])
     out = next(iter(loader))
-    assert out["pixel_values"].shape[0] == 8 and out["labels"].shape[0] == 8
+    assert out["pixel_values"].shape[0] == 12 and out["labels"].shape[0] == 12
 
 
 def test_dataset_wrapper_appends_triggers(digits_key) -> None:

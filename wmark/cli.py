@@ -122,7 +122,7 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
 @click.option("--epochs", default=2, show_default=True)
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--trigger-per-batch", default=4, show_default=True, help="Trigger samples mixed into each batch.")
+@click.option("--trigger-per-batch", default=8, show_default=True, help="Trigger samples mixed into each batch.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @_handle_errors
 def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,

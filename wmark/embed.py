@@ -17,8 +17,8 @@ Example:
     >>> wm = Watermarker(key, schemes=("trigger",))
     >>> model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     >>> x, y = next(iter(loader))
-    >>> x.shape[0]  # 32 ordinary samples + 4 triggers
-    36
+    >>> x.shape[0]  # 32 ordinary samples + 8 triggers
+    40
     >>> wm.detach()
 """
 
@@ -51,7 +51,7 @@ class Watermarker:
         UsageError: On an unknown scheme.
     """
 
-    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 4,
+    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 8,
                  weights_layer: str | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:

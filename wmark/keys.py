@@ -132,7 +132,7 @@ def _canonical(doc: Any) -> bytes:
 def default_schemes(num_triggers: int = DEFAULT_TRIGGERS) -> dict[str, dict[str, Any]]:
     """Public parameters of every scheme a new key supports."""
     return {
-        "trigger": {"version": 1, "pattern": "lowfreq-noise", "n": int(num_triggers)},
+        "trigger": {"version": 1, "pattern": "blocks", "n": int(num_triggers)},
         "weights": {"version": 1, "bits": 256, "margin": 1.5, "strength": 1.0, "message": None},
     }
 
