@@ -16,6 +16,7 @@ Images are float32 in [0, 1] with a channel dimension (N×1×H×W); labels are i
 
 from __future__ import annotations
 
+import functools
 import gzip
 import os
 import struct
@@ -131,6 +132,14 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def _load_fashion_mnist(directory: Path, spec: str) -> Dataset:
+    xtr, ytr, xte, yte = _read_fashion_mnist(directory.resolve())
+    return Dataset(spec, xtr, ytr, xte, yte, 10)
+
+
+@functools.lru_cache(maxsize=2)
+def _read_fashion_mnist(directory: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Decoding the gzipped IDX files takes seconds; benchmarks and tests load them many times per process.
+    # Callers never modify the returned tensors in place.
     if not directory.is_dir():
         raise UsageError(
             f"Fashion-MNIST directory {directory} does not exist; install it with "
@@ -143,8 +152,7 @@ def _load_fashion_mnist(directory: Path, spec: str) -> Dataset:
     def images(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)
 
-    return Dataset(spec, images(xtr), torch.from_numpy(ytr.astype(np.int64)),
-                   images(xte), torch.from_numpy(yte.astype(np.int64)), 10)
+    return images(xtr), torch.from_numpy(ytr.astype(np.int64)), images(xte), torch.from_numpy(yte.astype(np.int64))
 
 
 def _load_digits() -> Dataset:
