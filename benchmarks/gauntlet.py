@@ -1,0 +1,424 @@
+"""The gauntlet: every watermarking scheme against every attack on real Fashion-MNIST, plus a null panel.
+
+Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
+
+* The training set is split once (fixed seed) into the owner's half and the attacker's half; attackers
+  never see the owner's data or key. The owner trains a base CNN and fine-tunes it once per scheme.
+* Rows are schemes: ``none`` (an unmarked fine-tune, the control), ``trigger`` (black-box trigger set),
+  ``weights`` (white-box weight watermark), ``trigger+weights`` (both, Holm-combined), ``api-mark`` (the
+  unmarked model served behind the keyed marking API; only extraction applies) and ``trigger+api-mark``
+  (the full deployment: marked weights served behind the marked API, so a copy should read ``copy`` and a
+  surrogate ``extracted``).
+* Columns are attacks: fine-tuning (all layers / last / re-initialised head), pruning, int8
+  quantization, weight noise, neuron permutation + rescaling, renaming, a combined attack, and extraction
+  (hard labels, soft labels, cross-architecture). An attack counts only if the attacked model keeps its
+  test accuracy within 5 pp of the watermarked model (every accuracy is reported anyway).
+* Null panel: independently trained models (seeds, data subsets, architectures, and one trained with true
+  labels on the attacker's split) are checked with every scheme; the false accusations must be 0.
+
+Every decision is at alpha = 1e-6. Trained models are cached on disk keyed by configuration
+(``benchmarks/cache/gauntlet``), so re-runs are cheap. Outputs: ``benchmarks/results/gauntlet.json``,
+``gauntlet.md`` and ``gauntlet.png`` (``--quick`` writes ``gauntlet-quick.*``).
+
+Usage: python benchmarks/gauntlet.py [--quick] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import CACHE, RESULTS, machine, table  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from wmark import api  # noqa: E402
+from wmark.errors import UsageError  # noqa: E402
+from wmark.keys import Key, default_schemes, save_key  # noqa: E402
+from wmark.models import load_model  # noqa: E402
+from wmark.schemes.api_mark import MarkLog, api_mark_test  # noqa: E402
+from wmark.suspects import LocalSuspect  # noqa: E402
+from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test  # noqa: E402
+
+OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
+ARCH = "fmnist-cnn"
+
+
+@dataclass
+class Plan:
+    """What one run does; ``quick`` is a small subset for CI smoke runs."""
+
+    owner_samples: int | None
+    attacker_samples: int
+    base_epochs: int
+    embed_epochs: int
+    attack_epochs: int
+    extract_queries: int
+    extract_epochs: int
+    attacks: list[str]
+    null_models: list[tuple[str, int, int | None, int]] = field(default_factory=list)
+
+
+FULL_ATTACKS = ["none", "finetune", "finetune-last", "finetune-reinit-last", "prune-30", "prune-50", "prune-70",
+                "quantize-int8", "noise", "permute", "rename", "permute+prune-50+finetune", "extract-hard",
+                "extract-soft", "extract-mlp"]
+QUICK_ATTACKS = ["none", "finetune", "prune-50", "quantize-int8", "permute", "extract-hard"]
+
+
+def make_plan(quick: bool) -> Plan:
+    if quick:
+        nulls = [(ARCH, s, 5000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 5000, 1)]
+        return Plan(owner_samples=8000, attacker_samples=5000, base_epochs=1, embed_epochs=2, attack_epochs=2,
+                    extract_queries=5000, extract_epochs=4, attacks=QUICK_ATTACKS, null_models=nulls)
+    nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
+                                                          5000, 5000, None, 20000])]
+    nulls += [("fmnist-mlp", 120 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
+    nulls += [("fmnist-cnn-wide", 130 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
+    return Plan(owner_samples=None, attacker_samples=10000, base_epochs=2, embed_epochs=2, attack_epochs=5,
+                extract_queries=10000, extract_epochs=6, attacks=FULL_ATTACKS, null_models=nulls)
+
+
+def gauntlet_key(seed: int) -> Key:
+    """A key whose secret is derived from the seed, so two runs with the same seed are identical."""
+    secret = hashlib.sha256(f"wmark-gauntlet-key/{seed}".encode()).digest()
+    return Key(owner="Gauntlet Owner", secret=secret, num_classes=10, input_shape=(1, 28, 28),
+               schemes=default_schemes(), created="2026-01-01T00:00:00+00:00")
+
+
+class Workshop:
+    """Makes (or finds in the cache) every model the gauntlet needs."""
+
+    def __init__(self, plan: Plan, seed: int, quick: bool) -> None:
+        self.plan, self.seed = plan, seed
+        self.dir = CACHE / "gauntlet" / ("quick" if quick else "full") / f"seed{seed}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.key_path = self.dir / "owner.key"
+        save_key(gauntlet_key(seed), self.key_path)
+        self.key = gauntlet_key(seed)
+        self.info: dict[str, dict[str, Any]] = {}
+
+    def path(self, config: dict[str, Any]) -> Path:
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        return self.dir / f"{config['name']}-{digest}.safetensors"
+
+    def get(self, config: dict[str, Any], make: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
+        """Return a cached model file and its info (accuracy, seconds), making it first if needed."""
+        path = self.path(config)
+        sidecar = path.with_suffix(".json")
+        if not (path.exists() and sidecar.exists()):
+            info = make(path)
+            sidecar.write_text(json.dumps({k: v for k, v in info.items() if _jsonable(v)}, sort_keys=True))
+        return path, json.loads(sidecar.read_text())
+
+    def base(self) -> Path:
+        p = self.plan
+        return self.get({"name": "base", "epochs": p.base_epochs, "n": p.owner_samples, "seed": self.seed},
+                        lambda out: api.train(arch=ARCH, data=OWNER, out=out, epochs=p.base_epochs, seed=self.seed,
+                                              max_samples=p.owner_samples))[0]
+
+    def marked(self, schemes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
+        p = self.plan
+        name = "+".join(schemes) if schemes else "plain"
+        return self.get({"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
+                         "key": self.key.fingerprint()},
+                        lambda out: api.embed(key=self.key_path, arch=ARCH, weights=self.base(), data=OWNER, out=out,
+                                              schemes=schemes, epochs=p.embed_epochs, seed=self.seed,
+                                              max_samples=p.owner_samples))
+
+    def attacked(self, row: str, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
+        """Apply one weight-space or fine-tuning attack to ``source``."""
+        p = self.plan
+        cfg = {"name": f"{row}-{attack}", "source": source.name, "epochs": p.attack_epochs, "n": p.attacker_samples}
+        common = {"arch": ARCH, "data": ATTACKER, "max_samples": p.attacker_samples}
+        steps: list[dict[str, Any]] = {
+            "finetune": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "all"}],
+            "finetune-last": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "last"}],
+            "finetune-reinit-last": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "reinit-last"}],
+            "prune-30": [{"kind": "prune", "sparsity": 0.3}],
+            "prune-50": [{"kind": "prune", "sparsity": 0.5}],
+            "prune-70": [{"kind": "prune", "sparsity": 0.7}],
+            "quantize-int8": [{"kind": "quantize", "bits": 8}],
+            "noise": [{"kind": "noise", "std": 0.3}],
+            "permute": [{"kind": "permute", "seed": 1}],
+            "rename": [{"kind": "permute", "seed": 1}, {"kind": "rename", "seed": 1}],
+            "permute+prune-50+finetune": [{"kind": "permute", "seed": 2}, {"kind": "prune", "sparsity": 0.5},
+                                          {"kind": "finetune", "epochs": p.attack_epochs, "layers": "all"}],
+        }[attack]
+
+        def make(out: Path) -> dict[str, Any]:
+            current, info = source, {}
+            for i, step in enumerate(steps):
+                target = out if i == len(steps) - 1 else out.with_name(f"{out.stem}-step{i}.safetensors")
+                info = api.attack(weights=current, out=target, **common, **step)
+                current = target
+            return info
+
+        return self.get(cfg, make)
+
+    def surrogate(self, row: str, victim: Path, labels: str, arch: str,
+                  marked_api: bool) -> tuple[Path, dict[str, Any]]:
+        p = self.plan
+        log = self.dir / f"{row}-api.sqlite"
+        cfg = {"name": f"{row}-extract-{labels}-{arch}", "victim": victim.name, "q": p.extract_queries,
+               "epochs": p.extract_epochs, "marked_api": marked_api}
+        client = f"thief-{labels}-{arch}"
+        return self.get(cfg, lambda out: api.extract(
+            victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
+            queries=p.extract_queries, epochs=p.extract_epochs, seed=self.seed,
+            api_key=self.key_path if marked_api else None, api_log=log if marked_api else None, client=client))
+
+    def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
+        return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},
+                        lambda out: api.train(arch=arch, data=ATTACKER, out=out, epochs=epochs, seed=seed,
+                                              max_samples=n))
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except TypeError:
+        return False
+
+
+class Tester:
+    """Runs a scheme's tests on a suspect file."""
+
+    def __init__(self, shop: Workshop, weights_reference: Path, anchor: Path) -> None:
+        self.shop, self.key = shop, shop.key
+        self.reference, self.anchor = weights_reference, anchor
+
+    def trigger(self, suspect: Path, arch: str) -> TestResult:
+        model, _ = load_model(arch, suspect, num_classes=10, input_shape=(1, 28, 28))
+        return trigger_set_test(key=self.key, suspect=LocalSuspect(model, input_shape=(1, 28, 28),
+                                                                   expose_scores=False))
+
+    def weights(self, suspect: Path) -> TestResult:
+        try:
+            verdict = api.verify_whitebox(key=self.shop.key_path, reference=self.reference, suspect=suspect,
+                                          anchor=self.anchor)
+        except UsageError as exc:
+            # A suspect without any tensor of the marked layer's shape cannot carry the mark.
+            return TestResult(name="weights", evidence_of="copy", null={}, log10_p=0.0, queries=0, matches=0,
+                              method="no compatible tensor", details={"note": str(exc)})
+        return verdict.tests[0]
+
+    def api_mark(self, suspect: Path, arch: str, row: str, client: str) -> TestResult:
+        model, _ = load_model(arch, suspect, num_classes=10, input_shape=(1, 28, 28))
+        with MarkLog(self.shop.dir / f"{row}-api.sqlite", key=self.key, create=False) as log:
+            return api_mark_test(key=self.key, suspect=LocalSuspect(model, input_shape=(1, 28, 28)), log=log,
+                                 client=client, max_queries=1000)
+
+    def run(self, scheme: str, suspect: Path, arch: str, *, row: str = "", client: str | None = None,
+            functional_twin: Path | None = None) -> dict[str, Any]:
+        """Every test of ``scheme`` on one suspect, Holm-combined into a verdict."""
+        blackbox_file = functional_twin or suspect
+        tests: list[TestResult] = []
+        parts = scheme.split("+")
+        if "none" in parts or "trigger" in parts:
+            tests.append(self.trigger(blackbox_file, arch))
+        if "none" in parts or "weights" in parts:
+            tests.append(self.weights(suspect))
+        if "api-mark" in parts and client is not None:
+            tests.append(self.api_mark(blackbox_file, arch, row, client))
+        if not tests:
+            # The API mark lives in answers, not weights: a copied checkpoint has no logged queries to replay.
+            return {"decision": "n/a", "kind": "n/a", "log10_p": None, "queries": 0}
+        verdict = decide(key=self.key, tests=tests, alpha=DEFAULT_ALPHA, suspect=str(suspect)).to_dict()
+        return {"decision": verdict["decision"], "kind": verdict["kind"], "log10_p": verdict["log10_p"],
+                "queries": verdict["queries"], "tests": {t["name"]: t["log10_p"] for t in verdict["tests"]}}
+
+
+SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark"]
+
+
+def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
+    start = time.perf_counter()
+    shop = Workshop(plan, seed, quick)
+    embeds = {
+        "none": (), "trigger": ("trigger",), "weights": ("weights",), "trigger+weights": ("trigger", "weights"),
+        "api-mark": (), "trigger+api-mark": ("trigger",),
+    }
+    marked = {row: shop.marked(s) for row, s in embeds.items()}
+    tester = Tester(shop, weights_reference=marked["weights"][0], anchor=shop.base())
+    plain_acc = marked["none"][1]["test_accuracy"]
+    fidelity = {row: {"accuracy": info["test_accuracy"], "gap_pp": 100 * (plain_acc - info["test_accuracy"]),
+                      "embed_seconds": info["seconds"]} for row, (_, info) in marked.items()}
+
+    cells: list[dict[str, Any]] = []
+    jobs = [(row, attack) for row in SCHEMES for attack in plan.attacks]
+    for row, attack in tqdm(jobs, desc="gauntlet", unit="cell", dynamic_ncols=True):
+        source, info = marked[row]
+        served_marked = "api-mark" in row
+        arch, client, twin = ARCH, None, None
+        if attack == "none":
+            suspect, acc = source, info["test_accuracy"]
+        elif attack.startswith("extract-"):
+            kind = attack.split("-", 1)[1]
+            labels, arch = ("hard", "fmnist-mlp") if kind == "mlp" else (kind, ARCH)
+            suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked)
+            acc = sinfo["test_accuracy"]
+            client = f"thief-{labels}-{arch}" if served_marked else None
+        else:
+            suspect, ainfo = shop.attacked(row, source, attack)
+            acc = ainfo["test_accuracy"]
+            if attack == "rename":
+                # Renaming changes no prediction: black-box tests query the functionally identical copy.
+                twin = suspect.with_name(f"{suspect.stem}-step0.safetensors")
+        result = tester.run(row, suspect, arch, row=row, client=client, functional_twin=twin)
+        within = acc is not None and acc >= info["test_accuracy"] - 0.05
+        expected = _expected(row, attack)
+        cells.append({"scheme": row, "attack": attack, "attacked_accuracy": acc, "counts": within,
+                      "expected": expected, **result})
+    null_panel = run_null_panel(shop, tester, plan)
+    return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity,
+            "wall_seconds": time.perf_counter() - start}
+
+
+def _expected(row: str, attack: str) -> str:
+    """What an honest reader should expect (for the table's last column; never used to decide)."""
+    if row == "none":
+        return "not_detected"
+    if attack.startswith("extract-"):
+        return "detected" if "api-mark" in row else "not_detected"
+    if row == "api-mark":
+        return "n/a"
+    return "detected"
+
+
+def run_null_panel(shop: Workshop, tester: Tester, plan: Plan) -> dict[str, Any]:
+    """Independent models checked with every scheme (api-mark against every logged thief's queries)."""
+    with MarkLog(shop.dir / "api-mark-api.sqlite", key=shop.key, create=False) as log:
+        clients = sorted(log.clients())
+    rows, accusations, min_log10_p = [], 0, 0.0
+    for arch, seed, n, epochs in tqdm(plan.null_models, desc="null panel", unit="model", dynamic_ncols=True):
+        path, info = shop.null_model(arch, seed, n, epochs)
+        checks = {"trigger": tester.run("trigger", path, arch), "weights": tester.run("weights", path, arch)}
+        for client in clients:
+            checks[f"api-mark[{client}]"] = tester.run("api-mark", path, arch, row="api-mark", client=client)
+        for name, res in checks.items():
+            accusations += res["decision"] == "detected"
+            min_log10_p = min(min_log10_p, res["log10_p"])
+            rows.append({"model": f"{arch} seed {seed} n={n or 'all'}", "accuracy": info["test_accuracy"],
+                         "scheme": name, "decision": res["decision"], "log10_p": res["log10_p"]})
+    return {"models": len(plan.null_models), "checks": len(rows), "false_accusations": accusations,
+            "min_log10_p": min_log10_p, "rows": rows}
+
+
+def write_outputs(doc: dict[str, Any], stem: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    heatmap(doc, RESULTS / f"{stem}.png")
+    (RESULTS / f"{stem}.md").write_text(markdown(doc, f"{stem}.png"))
+
+
+def _cell_text(cell: dict[str, Any]) -> str:
+    if cell["decision"] == "n/a":
+        return "n/a"
+    mark = "✔" if cell["decision"] == "detected" else "✘"
+    extra = f" {cell['kind']}" if cell["decision"] == "detected" and "api-mark" in cell["scheme"] else ""
+    return f"{mark} {cell['log10_p']:.1f}{extra}"
+
+
+def markdown(doc: dict[str, Any], png: str) -> str:
+    attacks = list(dict.fromkeys(c["attack"] for c in doc["cells"]))
+    schemes = list(dict.fromkeys(c["scheme"] for c in doc["cells"]))
+    by = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
+    lines = [f"# Gauntlet ({'quick' if doc['quick'] else 'full'} run, seed {doc['seed']})", "",
+             f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}; "
+             f"wall time {doc['wall_seconds'] / 60:.1f} min; alpha = {DEFAULT_ALPHA:g}.", "",
+             "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
+             "takes part). Attacked accuracy is in the second table; *italic* marks an attack that lost more "
+             "than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
+             "| scheme | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
+    for s in schemes:
+        row = []
+        for a in attacks:
+            c = by[(s, a)]
+            text = _cell_text(c)
+            row.append(text if c["counts"] or c["decision"] == "n/a" else f"*{text}*")
+        lines.append(f"| {s} | " + " | ".join(row) + " |")
+    lines += ["", "Attacked test accuracy:", "", "| scheme | " + " | ".join(attacks) + " |",
+              "|---|" + "---|" * len(attacks)]
+    for s in schemes:
+        lines.append(f"| {s} | " + " | ".join(
+            f"{by[(s, a)]['attacked_accuracy']:.3f}" if by[(s, a)]["attacked_accuracy"] is not None else "" for a in attacks)
+            + " |")
+    lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time:", "",
+              "| scheme | accuracy | gap (pp) | embed s |", "|---|---|---|---|"]
+    for s, f in doc["fidelity"].items():
+        lines.append(f"| {s} | {f['accuracy']:.4f} | {f['gap_pp']:+.2f} | {f['embed_seconds']:.1f} |")
+    n = doc["null_panel"]
+    lines += ["", f"Null panel: {n['models']} independent models, {n['checks']} checks, "
+              f"**{n['false_accusations']} false accusations**, smallest log10 p = {n['min_log10_p']:.2f}.", ""]
+    return "\n".join(lines)
+
+
+def heatmap(doc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    attacks = list(dict.fromkeys(c["attack"] for c in doc["cells"]))
+    schemes = list(dict.fromkeys(c["scheme"] for c in doc["cells"]))
+    by = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
+    grid = np.full((len(schemes), len(attacks)), np.nan)
+    for i, s in enumerate(schemes):
+        for j, a in enumerate(attacks):
+            c = by[(s, a)]
+            if c["decision"] != "n/a":
+                grid[i, j] = min(20.0, -c["log10_p"])
+    fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(attacks), 1.2 + 0.6 * len(schemes)))
+    im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=20, aspect="auto")
+    for i, s in enumerate(schemes):
+        for j, a in enumerate(attacks):
+            c = by[(s, a)]
+            text = "n/a" if c["decision"] == "n/a" else ("✔" if c["decision"] == "detected" else "✘")
+            ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < 12
+                    else "black", fontsize=11)
+    ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right")
+    ax.set_yticks(range(len(schemes)), schemes)
+    fig.colorbar(im, ax=ax, label="−log10 p (capped at 20; 6 = alpha)")
+    ax.set_title("wmark gauntlet: evidence per scheme and attack")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small subset for CI (under 5 minutes)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    plan = make_plan(args.quick)
+    result = run(plan, args.seed, args.quick)
+    doc = {"quick": args.quick, "seed": args.seed, "alpha": DEFAULT_ALPHA, "machine": machine(), **result}
+    stem = "gauntlet-quick" if args.quick else "gauntlet"
+    write_outputs(doc, stem)
+    print(table(doc["cells"], ["scheme", "attack", "attacked_accuracy", "decision", "kind", "log10_p", "queries",
+                               "expected"]))
+    n = doc["null_panel"]
+    print(f"\nnull panel: {n['models']} models, {n['checks']} checks, {n['false_accusations']} false accusations, "
+          f"min log10 p {n['min_log10_p']:.2f}; wall {doc['wall_seconds'] / 60:.1f} min")
+    print(f"wrote {RESULTS / (stem + '.json')}, .md, .png")
+    if n["false_accusations"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
