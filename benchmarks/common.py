@@ -15,7 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 CACHE = Path(os.environ.get("WMARK_BENCH_CACHE", ROOT / "cache"))
-RESULTS = ROOT / "results"
+RESULTS = Path(os.environ.get("WMARK_BENCH_RESULTS", ROOT / "results"))
 
 
 def cached(config: dict[str, Any], make: Callable[[Path], None]) -> Path:
