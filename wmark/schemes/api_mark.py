@@ -70,7 +70,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -78,6 +78,9 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import Key
 from wmark.stats import MixtureEProcess
 from wmark.suspects.base import Answers, Suspect
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
 SCHEME = "api-mark"
 VERSION = 1
@@ -248,7 +251,7 @@ class MarkLog:
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> MarkLog:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
