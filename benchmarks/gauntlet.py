@@ -11,7 +11,8 @@ Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
   surrogate ``extracted``).
 * Columns are attacks: fine-tuning (all layers / last / re-initialised head), pruning, int8
   quantization, weight noise, neuron permutation + rescaling, renaming, a combined attack, and extraction
-  (hard labels, soft labels, cross-architecture). An attack counts only if the attacked model keeps its
+  (hard labels, soft labels, cross-architecture, each trained to convergence, and an early-stopped
+  hard-label surrogate). An attack counts only if the attacked model keeps its
   test accuracy within 5 pp of the watermarked model (every accuracy is reported anyway).
 * Null panel: independently trained models (seeds, data subsets, architectures, and one trained with true
   labels on the attacker's split) are checked with every scheme; the false accusations must be 0.
@@ -72,21 +73,22 @@ class Plan:
 
 FULL_ATTACKS = ["none", "finetune", "finetune-last", "finetune-reinit-last", "prune-30", "prune-50", "prune-70",
                 "quantize-int8", "noise", "permute", "rename", "permute+prune-50+finetune", "extract-hard",
-                "extract-soft", "extract-mlp"]
+                "extract-soft", "extract-mlp", "extract-hard-early"]
 QUICK_ATTACKS = ["none", "finetune", "prune-50", "quantize-int8", "permute", "extract-hard"]
+EARLY_STOP_EPOCHS = 6
 
 
 def make_plan(quick: bool) -> Plan:
     if quick:
         nulls = [(ARCH, s, 5000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 5000, 1)]
         return Plan(owner_samples=8000, attacker_samples=5000, base_epochs=1, embed_epochs=2, attack_epochs=2,
-                    extract_queries=5000, extract_epochs=4, attacks=QUICK_ATTACKS, null_models=nulls)
+                    extract_queries=5000, extract_epochs=15, attacks=QUICK_ATTACKS, null_models=nulls)
     nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
                                                           5000, 5000, None, 20000])]
     nulls += [("fmnist-mlp", 120 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
     nulls += [("fmnist-cnn-wide", 130 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
     return Plan(owner_samples=None, attacker_samples=10000, base_epochs=2, embed_epochs=2, attack_epochs=5,
-                extract_queries=10000, extract_epochs=6, attacks=FULL_ATTACKS, null_models=nulls)
+                extract_queries=10000, extract_epochs=20, attacks=FULL_ATTACKS, null_models=nulls)
 
 
 def gauntlet_key(seed: int) -> Key:
@@ -166,22 +168,27 @@ class Workshop:
 
         return self.get(cfg, make)
 
-    def surrogate(self, row: str, victim: Path, labels: str, arch: str,
-                  marked_api: bool) -> tuple[Path, dict[str, Any]]:
+    def surrogate(self, row: str, victim: Path, labels: str, arch: str, marked_api: bool,
+                  epochs: int) -> tuple[Path, dict[str, Any]]:
         p = self.plan
         log = self.dir / f"{row}-api.sqlite"
-        cfg = {"name": f"{row}-extract-{labels}-{arch}", "victim": victim.name, "q": p.extract_queries,
-               "epochs": p.extract_epochs, "marked_api": marked_api}
-        client = f"thief-{labels}-{arch}"
+        cfg = {"name": f"{row}-extract-{labels}-{arch}-{epochs}", "victim": victim.name, "q": p.extract_queries,
+               "epochs": epochs, "marked_api": marked_api}
+        client = thief_client(labels, arch, epochs)
         return self.get(cfg, lambda out: api.extract(
             victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
-            queries=p.extract_queries, epochs=p.extract_epochs, seed=self.seed,
+            queries=p.extract_queries, epochs=epochs, seed=self.seed,
             api_key=self.key_path if marked_api else None, api_log=log if marked_api else None, client=client))
 
     def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
         return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},
                         lambda out: api.train(arch=arch, data=ATTACKER, out=out, epochs=epochs, seed=seed,
                                               max_samples=n))
+
+
+def thief_client(labels: str, arch: str, epochs: int) -> str:
+    """The API account an extraction thief queries under (its marked queries are logged under it)."""
+    return f"thief-{labels}-{arch}-{epochs}ep"
 
 
 def _jsonable(value: Any) -> bool:
@@ -266,10 +273,11 @@ def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
             suspect, acc = source, info["test_accuracy"]
         elif attack.startswith("extract-"):
             kind = attack.split("-", 1)[1]
-            labels, arch = ("hard", "fmnist-mlp") if kind == "mlp" else (kind, ARCH)
-            suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked)
+            labels, arch = ("hard", "fmnist-mlp") if kind == "mlp" else (kind.split("-")[0], ARCH)
+            epochs = EARLY_STOP_EPOCHS if kind.endswith("-early") else plan.extract_epochs
+            suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked, epochs)
             acc = sinfo["test_accuracy"]
-            client = f"thief-{labels}-{arch}" if served_marked else None
+            client = thief_client(labels, arch, epochs) if served_marked else None
         else:
             suspect, ainfo = shop.attacked(row, source, attack)
             acc = ainfo["test_accuracy"]

@@ -58,7 +58,8 @@ def generate_triggers(key: Key) -> TriggerSet:
     params = trigger_params(key)
     n = int(params["n"])
     shape = tuple(key.input_shape)
-    coarse_shape = tuple(max(1, s // 4) for s in shape[-2:]) if len(shape) >= 2 else None
+    # A 7×7 grid for 28×28 inputs; small inputs keep at least 4×4 blocks so 2^16 patterns stay distinct.
+    coarse_shape = tuple(max(min(s, 4), s // 4) for s in shape[-2:]) if len(shape) >= 2 else None
     fine = torch.from_numpy(key.uniform("trigger/fine", (n, *shape)).astype(np.float32))
     pattern = params.get("pattern", "blocks")
     if coarse_shape is not None and len(shape) == 3:
