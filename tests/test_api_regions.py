@@ -13,6 +13,7 @@ from wmark.schemes.api_regions import (
     accuracy_cost,
     build_region_map,
     cell_pluralities,
+    count_statistic_log10_sf,
     load_region_map,
     penultimate_featurizer,
     pooled_features,
@@ -83,19 +84,35 @@ def test_null_is_super_uniform_for_a_key_independent_model(data):
     # A fixed model, many keys: p-values must satisfy P(p <= a) <= a (up to sampling error), and the
     # match count per test must follow Binomial(cells, 1/(C-1)) exactly.
     backend, suspect = Linear(1), Linear(2)
-    logs, tail = [], []
+    logs, counts, tail = [], [], []
     for i in range(300):
         key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
         rmap = make_map(key, data, backend, num_regions=20, num_marked=8, iterations=2)
-        res = region_test(key=key, regions=rmap, suspect=suspect, inputs=data, min_inputs=3)
+        res = region_test(key=key, regions=rmap, suspect=suspect, inputs=data, min_inputs=3, statistic="plurality")
         logs.append(res.log10_p)
+        counts.append(res.details["count_log10_p"])
         n = res.details["cells_counted"]
         tail.append(stats.binom.sf(res.matches - 1, n, 1 / (C - 1)) if n else 1.0)
     p = 10.0 ** np.asarray(logs)
     np.testing.assert_allclose(p, tail, rtol=1e-9)
-    for a in (0.05, 0.1, 0.2, 0.5):
-        # one-sided binomial bound on the empirical rejection rate under the null
-        assert stats.binom.sf((p <= a).sum() - 1, len(p), a) > 1e-3
+    for pv in (p, 10.0 ** np.asarray(counts)):
+        for a in (0.05, 0.1, 0.2, 0.5):
+            # one-sided binomial bound on the empirical rejection rate under the null
+            assert stats.binom.sf((pv <= a).sum() - 1, len(pv), a) > 1e-3
+
+
+def test_count_statistic_matches_brute_force_enumeration():
+    import itertools
+
+    cells = [np.array([0, 3, 1, 0]), np.array([2, 2, 5]), np.array([7, 0])]
+    sums = [sum(choice) for choice in itertools.product(*cells)]
+    for observed in range(0, 17):
+        expected = np.mean([s >= observed for s in sums])
+        got = count_statistic_log10_sf(observed, cells)
+        assert (got == -np.inf and expected == 0) or 10.0 ** got == pytest.approx(expected, rel=1e-12)
+    # many cells: no underflow, and the all-maximal corner has probability prod(1/len)
+    many = [np.array([1, 0, 0, 0, 0, 0, 0, 0, 0])] * 400
+    assert count_statistic_log10_sf(400, many) == pytest.approx(-400 * np.log10(9))
 
 
 def test_a_thief_that_learned_the_cells_is_caught_and_the_server_is_not_falsely_framed(data):
@@ -103,8 +120,9 @@ def test_a_thief_that_learned_the_cells_is_caught_and_the_server_is_not_falsely_
     backend = Linear(1)
     rmap = make_map(key, data, backend, num_regions=20, num_marked=12)
     thief = RegionMarkedAPI(key=key, backend=backend, regions=rmap)
-    res = region_test(key=key, regions=rmap, suspect=thief, inputs=data, min_inputs=3)
+    res = region_test(key=key, regions=rmap, suspect=thief, inputs=data, min_inputs=3, statistic="plurality")
     assert res.matches == res.details["cells_counted"] > 0
+    assert res.details["count_log10_p"] <= res.log10_p + 1e-9
     assert res.log10_p == pytest.approx(stats.binom.logsf(res.matches - 1, res.matches, 1 / (C - 1)) / np.log(10))
     innocent = region_test(key=key, regions=rmap, suspect=backend, inputs=data, min_inputs=3)
     assert innocent.log10_p > -3
@@ -159,6 +177,8 @@ def test_errors(data):
         region_test(key=key, regions=rmap, suspect=Linear(2, num_classes=3), inputs=data)
     with pytest.raises(UsageError, match="No marked cell holds"):
         region_test(key=key, regions=rmap, suspect=backend, inputs=data[:2], min_inputs=5)
+    with pytest.raises(UsageError, match="statistic must be"):
+        region_test(key=key, regions=rmap, suspect=backend, inputs=data, statistic="mean")
     with pytest.raises(UsageError, match="input shape"):
         region_test(key=key, regions=rmap, suspect=backend, inputs=data[:, :3])
     other = generate_key(owner="x", num_classes=C, input_shape=(D,))

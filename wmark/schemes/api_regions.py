@@ -32,9 +32,12 @@ plurality of ``f``'s answers that differ from ``c_r`` (ties go to the smallest c
 Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the targets are independent of ``f``, of the
 cells, of which cells are marked and of each other; the per-cell plurality is a function of ``f`` and
 ``c_r`` only; so each cell matches with probability exactly ``1/(C − 1)``, independently across cells,
-and the number of matching cells among the ``m`` counted is Binomial(m, 1/(C − 1)). Aggregating per cell
-matters: inputs of one cell share one target, so per-input matches are *not* independent and a
-per-input binomial would be invalid.
+and the number of matching cells among the ``m`` counted is Binomial(m, 1/(C − 1)). The default ``count``
+statistic uses partial learning too: T = answers equal to their cell's target; given the suspect's
+answers, each cell adds the count of a uniformly drawn non-excluded class, independently, so T's exact
+law is a convolution over cells (:func:`count_statistic_log10_sf`). Aggregating per cell matters: inputs
+of one cell share one target, so per-input matches are *not* independent and a per-input binomial would
+be invalid.
 
 Example:
     >>> import numpy as np
@@ -311,8 +314,29 @@ def cell_pluralities(answers: np.ndarray, regions: np.ndarray, excluded: np.ndar
     return out
 
 
+def count_statistic_log10_sf(observed: int, cell_counts: list[np.ndarray]) -> float:
+    """log10 P(T >= observed) for T = sum over cells of one entry drawn uniformly from each cell's counts.
+
+    Each cell contributes ``counts[j]`` with probability ``1/len(counts)``, independently; the exact law of
+    the sum is the convolution of the cells' laws, computed in log space so it never underflows.
+    """
+    log_pmf = np.array([0.0])
+    for counts in cell_counts:
+        cell = np.full(int(max(counts)) + 1, -np.inf)
+        values, mult = np.unique(np.asarray(counts, dtype=np.int64), return_counts=True)
+        cell[values] = np.log(mult / len(counts))
+        out = np.full(len(log_pmf) + len(cell) - 1, -np.inf)
+        for v in values:
+            out[v:v + len(log_pmf)] = np.logaddexp(out[v:v + len(log_pmf)], log_pmf + cell[v])
+        log_pmf = out
+    if observed >= len(log_pmf):
+        return -np.inf
+    tail = log_pmf[max(observed, 0):]
+    return float(min(0.0, np.logaddexp.reduce(tail) / np.log(10)))
+
+
 def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.ndarray,
-                min_inputs: int = 5) -> TestResult:
+                min_inputs: int = 5, statistic: str = "count") -> TestResult:
     """Test whether a suspect answers the marked cells with their keyed labels.
 
     Args:
@@ -321,6 +345,11 @@ def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.nd
         suspect: The model under test.
         inputs: The owner's own held inputs, fixed before querying (never inputs a client chose).
         min_inputs: Cells with fewer of ``inputs`` are not counted (and not queried).
+        statistic: ``count`` (default): T = the number of answers equal to their cell's target, summed over
+            cells; its exact null law given the suspect's answers is the convolution over cells of a uniform
+            draw among the cell's counts of the C − 1 non-excluded classes (each cell's target is such a
+            draw, independently). ``plurality``: the number of cells whose plurality non-excluded answer is
+            the target, Binomial(cells, 1/(C − 1)). Both are exact; ``count`` uses partial learning.
 
     Returns:
         A ``TestResult`` (``evidence_of="extracted"``) with the exact binomial p-value over counted cells.
@@ -328,6 +357,8 @@ def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.nd
     Raises:
         UsageError: On a key/map/suspect mismatch or when no marked cell has ``min_inputs`` inputs.
     """
+    if statistic not in ("count", "plurality"):
+        raise UsageError(f"statistic must be 'count' or 'plurality', got {statistic!r}.")
     if regions.commitment != key.commitment():
         raise UsageError("The region map was built under another key; verify with the key that served the API.")
     if suspect.num_classes != key.num_classes:
@@ -348,19 +379,30 @@ def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.nd
     per_cell = cell_pluralities(answers, cells[keep], regions.excluded, key.num_classes)
     p0 = 1.0 / (key.num_classes - 1)
     counted = {r: v for r, v in per_cell.items() if v[0] >= 0}
-    matches = sum(int(v[0] == int(regions.target_of(np.array([r]))[0])) for r, v in counted.items())
-    log10_p = binomial_log10_sf(matches, len(counted), p0)
+    cell_matches = sum(int(v[0] == int(regions.target_of(np.array([r]))[0])) for r, v in counted.items())
+    plurality_log10_p = binomial_log10_sf(cell_matches, len(counted), p0)
     input_matches = int((answers == target[keep]).sum())
+    cell_counts = []
+    for r in np.unique(cells[keep]):
+        a = answers[cells[keep] == r]
+        n = np.bincount(a[a >= 0], minlength=key.num_classes)
+        cell_counts.append(np.delete(n, regions.excluded[r]))
+    count_log10_p = count_statistic_log10_sf(input_matches, cell_counts)
+    why = ("per marked cell, the keyed target is uniform on the C-1 classes other than the cell's excluded class, "
+           "independently across cells and of a suspect made without the marked answers")
+    if statistic == "count":
+        log10_p, matches, method = count_log10_p, input_matches, "exact convolution over marked cells"
+        null = {"why": why + "; the answers equal to their cell's target then sum to an exactly known law"}
+    else:
+        log10_p, matches, method = plurality_log10_p, cell_matches, "exact binomial over marked cells"
+        null = {"p_per_cell": p0, "why": why + "; each cell's plurality non-excluded answer matches it with "
+                "probability exactly 1/(C-1)"}
     return TestResult(
-        name=SCHEME, evidence_of="extracted",
-        null={"p_per_cell": p0, "why": "per marked cell, the keyed target is uniform on the C-1 classes other than "
-              "the cell's excluded class and independent of a suspect made without the marked answers; the "
-              "suspect's plurality non-excluded answer matches it with probability exactly 1/(C-1), "
-              "independently across cells (exact binomial over cells)"},
-        log10_p=log10_p, queries=int(keep.sum()), matches=matches,
-        abstentions=int((answers < 0).sum()), method="exact binomial over marked cells",
-        details={"cells_counted": len(counted), "cells_marked": len(regions.marked), "input_matches": input_matches,
-                 "cell_sizes": sizes},
+        name=SCHEME, evidence_of="extracted", null=null, log10_p=log10_p, queries=int(keep.sum()), matches=matches,
+        abstentions=int((answers < 0).sum()), method=method,
+        details={"statistic": statistic, "cells_counted": len(counted), "cells_marked": len(regions.marked),
+                 "input_matches": input_matches, "cell_matches": cell_matches,
+                 "count_log10_p": count_log10_p, "plurality_log10_p": plurality_log10_p, "cell_sizes": sizes},
     )
 
 
