@@ -138,10 +138,12 @@ class Workshop:
                                               schemes=schemes, epochs=p.embed_epochs, seed=self.seed,
                                               max_samples=p.owner_samples))
 
-    def attacked(self, row: str, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
+    def attacked(self, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
         """Apply one weight-space or fine-tuning attack to ``source``."""
         p = self.plan
-        cfg = {"name": f"{row}-{attack}", "source": source.name, "epochs": p.attack_epochs, "n": p.attacker_samples}
+        # Keyed by the source model, not the row: rows that share a model (none / api-mark) share its attacks.
+        cfg = {"name": f"{source.stem}-{attack}", "source": source.name, "epochs": p.attack_epochs,
+               "n": p.attacker_samples}
         common = {"arch": ARCH, "data": ATTACKER, "max_samples": p.attacker_samples}
         steps: list[dict[str, Any]] = {
             "finetune": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "all"}],
@@ -279,7 +281,7 @@ def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
             acc = sinfo["test_accuracy"]
             client = thief_client(labels, arch, epochs) if served_marked else None
         else:
-            suspect, ainfo = shop.attacked(row, source, attack)
+            suspect, ainfo = shop.attacked(source, attack)
             acc = ainfo["test_accuracy"]
             if attack == "rename":
                 # Renaming changes no prediction: black-box tests query the functionally identical copy.
@@ -363,7 +365,9 @@ def markdown(doc: dict[str, Any], png: str) -> str:
         lines.append(f"| {s} | " + " | ".join(
             f"{by[(s, a)]['attacked_accuracy']:.3f}" if by[(s, a)]["attacked_accuracy"] is not None else "" for a in attacks)
             + " |")
-    lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time:", "",
+    lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time (seconds as measured "
+              "when the cached model was made, whatever the machine's load then; `benchmarks/embed_overhead.py` "
+              "times embedding side by side):", "",
               "| scheme | accuracy | gap (pp) | embed s |", "|---|---|---|---|"]
     for s, f in doc["fidelity"].items():
         lines.append(f"| {s} | {f['accuracy']:.4f} | {f['gap_pp']:+.2f} | {f['embed_seconds']:.1f} |")
