@@ -3,21 +3,9 @@
 import json
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
+from clikit import REAL_DATA, run
 
-from wmark.cli import main
-from wmark.data import FASHION_MNIST_DIR
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs apt-get install dataset-fashion-mnist"),
-]
-
-
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout
+pytestmark = REAL_DATA
 
 
 def test_stolen_copy_detected_independent_not(tmp_path: Path) -> None:

@@ -6,14 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from clikit import REAL_DATA
 
-from wmark.data import FASHION_MNIST_DIR
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs apt-get install dataset-fashion-mnist"),
-]
+pytestmark = REAL_DATA
 
 
 def test_quick_gauntlet_runs_and_accuses_no_independent_model(tmp_path: Path) -> None:

@@ -4,21 +4,9 @@ weight marks together, permute then prune the copy, verify its weights (about a 
 import json
 from pathlib import Path
 
-import pytest
-from click.testing import CliRunner
+from clikit import REAL_DATA, run
 
-from wmark.cli import main
-from wmark.data import FASHION_MNIST_DIR
-
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="needs apt-get install dataset-fashion-mnist"),
-]
-
-
-def run(*args: str) -> tuple[int, str]:
-    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
-    return result.exit_code, result.stdout
+pytestmark = REAL_DATA
 
 
 def test_permuted_pruned_copy_detected_from_its_weights_independent_not(tmp_path: Path) -> None:
