@@ -23,24 +23,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import CACHE, cached, table, write_results  # noqa: E402
+import numpy as np
+import torch
+from common import CACHE, cached, table, write_results
 
-from wmark import api  # noqa: E402
-from wmark.attacks.extract import extract  # noqa: E402
-from wmark.data import load_dataset  # noqa: E402
-from wmark.io import save_model  # noqa: E402
-from wmark.keys import generate_key, load_key, save_key  # noqa: E402
-from wmark.models import load_model, model_metadata  # noqa: E402
-from wmark.schemes.api_regions import (  # noqa: E402
+from wmark import api
+from wmark.attacks.extract import extract
+from wmark.data import load_dataset
+from wmark.io import save_model
+from wmark.keys import generate_key, load_key, save_key
+from wmark.models import load_model, model_metadata
+from wmark.schemes.api_regions import (
     RegionMarkedAPI,
     accuracy_cost,
     build_region_map,
     penultimate_featurizer,
     region_test,
 )
-from wmark.suspects import LocalSuspect  # noqa: E402
+from wmark.suspects import LocalSuspect
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 ALPHA = 1e-6

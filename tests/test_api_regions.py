@@ -106,7 +106,7 @@ def test_count_statistic_matches_brute_force_enumeration():
 
     cells = [np.array([0, 3, 1, 0]), np.array([2, 2, 5]), np.array([7, 0])]
     sums = [sum(choice) for choice in itertools.product(*cells)]
-    for observed in range(0, 17):
+    for observed in range(17):
         expected = np.mean([s >= observed for s in sums])
         got = count_statistic_log10_sf(observed, cells)
         assert (got == -np.inf and expected == 0) or 10.0 ** got == pytest.approx(expected, rel=1e-12)
