@@ -108,8 +108,12 @@ def test_resume_after_the_server_died(key200, model200, tmp_path):
 
     def die_after_25(x) -> None:
         seen(x)
-        if seen.total == 25:
-            holder["server"].server.should_exit = True
+        if seen.total >= 25:
+            server = holder["server"].server
+            server.should_exit = server.force_exit = True
+            # Hold the event loop so the shutdown wins the race against the requests still arriving;
+            # a graceful drain could otherwise answer all of them before the server is gone.
+            time.sleep(0.3)
 
     app = build_app(model=model200, name="m", num_classes=10, input_shape=SHAPE, labels_only=True,
                     on_infer=die_after_25)
