@@ -59,3 +59,24 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps({"machine": machine(), **doc}, indent=2, sort_keys=True) + "\n")
     return path
+
+
+def extraction_victim(owner_data: str) -> tuple[Path, Any, Path]:
+    """The extraction benchmarks' shared owner: a cached key and a trigger-marked victim CNN.
+
+    Returns the key file, the loaded key and the victim's model file.
+    """
+    from wmark import api
+    from wmark.keys import generate_key, load_key, save_key
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    key_path = CACHE / "extraction-owner.key"
+    if not key_path.exists():
+        save_key(generate_key(owner="Benchmark Owner"), key_path)
+    key = load_key(key_path)
+    base = cached({"name": "base-cnn", "data": owner_data, "epochs": 2, "seed": 0},
+                  lambda p: api.train(arch="fmnist-cnn", data=owner_data, out=p, epochs=2, seed=0))
+    victim = cached({"name": "extraction-victim", "key": key.fingerprint(), "epochs": 2},
+                    lambda p: api.embed(key=key_path, arch="fmnist-cnn", weights=base, data=owner_data, out=p,
+                                        epochs=2))
+    return key_path, key, victim

@@ -27,11 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import CACHE, cached, table, write_results  # noqa: E402
+from common import CACHE, cached, extraction_victim, table, write_results  # noqa: E402
 
 from wmark import api  # noqa: E402
 from wmark.data import load_dataset  # noqa: E402
-from wmark.keys import generate_key, load_key, save_key  # noqa: E402
 from wmark.models import load_model  # noqa: E402
 from wmark.schemes.api_mark import MarkedAPI, MarkLog, api_mark_test, parse_candidates  # noqa: E402
 from wmark.schemes.boundary_fingerprint import (  # noqa: E402
@@ -54,18 +53,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="surrogate training epochs (converged thief)")
     args = parser.parse_args()
     start = time.perf_counter()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    key_path = CACHE / "extraction-owner.key"
-    if not key_path.exists():
-        save_key(generate_key(owner="Benchmark Owner"), key_path)
-    key = load_key(key_path)
+    key_path, key, victim_path = extraction_victim(OWNER)
     tag = key.fingerprint()
-
-    base = cached({"name": "base-cnn", "data": OWNER, "epochs": 2, "seed": 0},
-                  lambda p: api.train(arch="fmnist-cnn", data=OWNER, out=p, epochs=2, seed=0))
-    victim_path = cached({"name": "extraction-victim", "key": tag, "epochs": 2},
-                         lambda p: api.embed(key=key_path, arch="fmnist-cnn", weights=base, data=OWNER, out=p,
-                                             epochs=2))
     attacker = load_dataset(ATTACKER)
     xt, yt = attacker.x_test, attacker.y_test
     victim, _ = load_model("fmnist-cnn", victim_path)

@@ -25,13 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import CACHE, cached, table, write_results
+from common import cached, extraction_victim, table, write_results
 
 from wmark import api
 from wmark.attacks.extract import extract
 from wmark.data import load_dataset
 from wmark.io import save_model
-from wmark.keys import generate_key, load_key, save_key
 from wmark.models import load_model, model_metadata
 from wmark.schemes.api_regions import (
     RegionMarkedAPI,
@@ -67,17 +66,8 @@ def main() -> None:
     parser.add_argument("--name", default="extraction_regions", help="results file name")
     args = parser.parse_args()
     start = time.perf_counter()
-    CACHE.mkdir(parents=True, exist_ok=True)
-    key_path = CACHE / "extraction-owner.key"
-    if not key_path.exists():
-        save_key(generate_key(owner="Benchmark Owner"), key_path)
-    key = load_key(key_path)
+    key_path, key, victim_path = extraction_victim(OWNER)
     tag = key.fingerprint()
-    base = cached({"name": "base-cnn", "data": OWNER, "epochs": 2, "seed": 0},
-                  lambda p: api.train(arch="fmnist-cnn", data=OWNER, out=p, epochs=2, seed=0))
-    victim_path = cached({"name": "extraction-victim", "key": tag, "epochs": 2},
-                         lambda p: api.embed(key=key_path, arch="fmnist-cnn", weights=base, data=OWNER, out=p,
-                                             epochs=2))
     owner, attacker = load_dataset(OWNER), load_dataset(ATTACKER)
     victim, _ = load_model("fmnist-cnn", victim_path)
     served = LocalSuspect(victim, input_shape=(1, 28, 28), description="victim", expose_scores=True)

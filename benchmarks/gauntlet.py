@@ -30,7 +30,6 @@ import argparse
 import contextlib
 import hashlib
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
