@@ -258,6 +258,23 @@ class MarkLog:
         self.close()
 
 
+def query_with_scores(backend: Suspect, inputs: np.ndarray,
+                      input_shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ask the served model, as a marking wrapper must: return the float32 inputs, float64 scores and labels.
+
+    Raises:
+        UsageError: On inputs of another shape, or a backend that hides its scores (marks are chosen by them).
+    """
+    x = np.asarray(inputs, dtype=np.float32)
+    if x.shape[1:] != tuple(input_shape):
+        raise UsageError(f"The API takes inputs shaped {tuple(input_shape)}, got {x.shape[1:]}.")
+    served = backend.query(x)
+    if served.scores is None:
+        raise UsageError("The served model must expose scores to the marking wrapper (marks are chosen by them); "
+                         "wrap a LocalSuspect with expose_scores=True.")
+    return x, np.array(served.scores, dtype=np.float64), np.array(served.labels, dtype=np.int64)
+
+
 class MarkedAPI:
     """Wraps the owner's serving path (any :class:`Suspect`) and marks a keyed fraction of answers.
 
@@ -320,15 +337,7 @@ class MarkedAPI:
         return out
 
     def query(self, inputs: np.ndarray) -> Answers:
-        x = np.asarray(inputs, dtype=np.float32)
-        if x.shape[1:] != tuple(self.key.input_shape):
-            raise UsageError(f"The API takes inputs shaped {tuple(self.key.input_shape)}, got {x.shape[1:]}.")
-        served = self.backend.query(x)
-        if served.scores is None:
-            raise UsageError("The served model must expose scores to the marking wrapper (the candidate set is "
-                             "ranked by them); wrap a LocalSuspect with expose_scores=True.")
-        scores = np.array(served.scores, dtype=np.float64)
-        labels = np.array(served.labels, dtype=np.int64)
+        x, scores, labels = query_with_scores(self.backend, inputs, tuple(self.key.input_shape))
         ok = labels >= 0
         decisions = self.decide(x[ok], scores[ok])
         idx = np.flatnonzero(ok)

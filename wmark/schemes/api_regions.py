@@ -63,6 +63,7 @@ import torch
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
+from wmark.schemes.api_mark import query_with_scores
 from wmark.stats import binomial_log10_sf
 from wmark.suspects.base import Answers, Suspect
 from wmark.verify import TestResult
@@ -279,15 +280,7 @@ class RegionMarkedAPI:
         self.description = f"region-marked {backend.description}"
 
     def query(self, inputs: np.ndarray) -> Answers:
-        x = np.asarray(inputs, dtype=np.float32)
-        if x.shape[1:] != self.input_shape:
-            raise UsageError(f"The API takes inputs shaped {self.input_shape}, got {x.shape[1:]}.")
-        served = self.backend.query(x)
-        if served.scores is None:
-            raise UsageError("The served model must expose scores to the marking wrapper; wrap a LocalSuspect "
-                             "with expose_scores=True.")
-        scores = np.array(served.scores, dtype=np.float64)
-        labels = np.asarray(served.labels, dtype=np.int64).copy()
+        x, scores, labels = query_with_scores(self.backend, inputs, tuple(self.input_shape))
         target = self.map.target_of(self.map.regions(x))
         for i in np.flatnonzero(target >= 0):
             top, t = int(np.argmax(scores[i])), int(target[i])
