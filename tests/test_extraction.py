@@ -100,7 +100,7 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     runner = CliRunner()
     out = tmp_path / "surrogate.safetensors"
     res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
-                               "--arch", "fmnist-mlp", "--labels", "hard", "--queries", "600", "--data", str(data),
+                               "--arch", "fmnist-mlp", "--labels", "hard", "--queries", "1200", "--data", str(data),
                                "--out", str(out), "--epochs", "40", "--api-key", str(key), "--api-log", str(log),
                                "--client", "thief", "--rate", "0.15", "--candidates", "all"])
     assert res.exit_code == 0, res.output
@@ -110,7 +110,8 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-mark"]
     assert doc["correction"] == "holm"
-    # A 40-epoch surrogate of a 600-query task memorises its marked answers: extracted.
+    # A 40-epoch surrogate of a 1200-query task memorises its marked answers: extracted. (At 600 queries a
+    # fresh random key left too thin a margin: log10 p from -5.1 to -19; at 1200, -11 to -28 over 8 keys.)
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
     res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
                                "--api-log", str(log), "--client", "nobody"])
