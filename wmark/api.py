@@ -129,13 +129,17 @@ def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: 
 def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
            mode: Mode = "sequential", max_queries: int | None = None, labels_only: bool = True,
            api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
-           progress: bool = False) -> Verdict:
+           tiebreak: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
+           holdout: str | None = None, tiebreak_queries: int = 1000, progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
-    client's marked queries (at most ``api_max_queries``): the extraction test. The two tests are combined
-    with Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted``
-    if only the API mark is.
+    client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
+    from :func:`build_tiebreak`), ``served`` (the owner's served model file the rule was built from) and
+    ``holdout`` (the owner's own inputs, never a client's), the suspect is also asked the
+    ``tiebreak_queries`` holdout inputs nearest to a tie: the tie-break test. All tests are combined with
+    Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if
+    only an API-side mark is.
     """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
@@ -147,21 +151,81 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
-    if api_log is None:
-        if client is not None:
-            raise UsageError("--client names whose marked queries to replay; it needs --api-log.")
+    if api_log is None and client is not None:
+        raise UsageError("--client names whose marked queries to replay; it needs --api-log.")
+    if tiebreak is None and (served is not None or holdout is not None):
+        raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
+    if api_log is None and tiebreak is None:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
-    from wmark.schemes.api_mark import MarkLog, api_mark_test
     from wmark.verify import decide, trigger_set_test
 
-    if client is None:
-        raise UsageError("--api-log needs --client (the API account suspected of extraction).")
-    trigger = trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                               progress=progress)
-    with MarkLog(api_log, key=k, create=False) as log:
-        extracted = api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries)
-    return decide(key=k, tests=[trigger, extracted], alpha=alpha, suspect=str(suspect))
+    tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
+                              progress=progress)]
+    if api_log is not None:
+        from wmark.schemes.api_mark import MarkLog, api_mark_test
+
+        if client is None:
+            raise UsageError("--api-log needs --client (the API account suspected of extraction).")
+        with MarkLog(api_log, key=k, create=False) as log:
+            tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
+    if tiebreak is not None:
+        from wmark.schemes.api_tiebreak import tiebreak_test
+
+        if served is None or holdout is None:
+            raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) "
+                             "and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
+        rule, backend = _load_tiebreak(k, tiebreak, served_arch or arch, served)
+        ds = load_dataset(holdout)
+        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+        tests.append(tiebreak_test(key=k, rule=rule, served=backend, suspect=local, inputs=ds.x_train.numpy(),
+                                   queries=tiebreak_queries))
+    return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
+
+
+def _load_tiebreak(key: Any, rule_path: PathLike, arch: str, served: PathLike) -> tuple[Any, LocalSuspect]:
+    """The tie-break rule at ``rule_path`` and the served model it was built from, checked against each other."""
+    from wmark.io import load_tensors, tensors_digest
+    from wmark.schemes.api_regions import penultimate_featurizer
+    from wmark.schemes.api_tiebreak import load_tiebreak_rule
+
+    model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
+    rule = load_tiebreak_rule(rule_path, key=key, featurizer=penultimate_featurizer(model))
+    tensors, raw = load_tensors(served)
+    if rule.model_digest and rule.model_digest != tensors_digest(tensors, raw):
+        raise UsageError(f"The tie-break rule {rule_path} was built from another served model than {served}; pass "
+                         "the model file the API served.")
+    return rule, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served), expose_scores=True)
+
+
+def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
+                   components: int | None = None) -> dict[str, Any]:
+    """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
+
+    The rule file holds the key-independent feature map (no secret, no directions); serve with
+    :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
+    """
+    from wmark.io import load_tensors, tensors_digest
+    from wmark.schemes.api_regions import penultimate_featurizer
+    from wmark.schemes.api_tiebreak import DEFAULT_COMPONENTS, build_tiebreak_rule
+
+    k = load_key(key)
+    ds = load_dataset(data)
+    _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    local = LocalSuspect(model, input_shape=ds.input_shape, description=str(weights), expose_scores=True)
+    x = ds.x_train.numpy()
+    start = time.perf_counter()
+    feats = penultimate_featurizer(model)
+    params = k.schemes.get("api-tiebreak", {})
+    comps = int(components if components is not None else params.get("components", DEFAULT_COMPONENTS))
+    comps = min(comps, int(feats(x[:1]).shape[1]))
+    tensors, raw = load_tensors(weights)
+    rule = build_tiebreak_rule(key=k, x=x, served_scores=local.query(x).scores, featurizer=feats,
+                               feature_space="served-penultimate", components=comps,
+                               model_digest=tensors_digest(tensors, raw))
+    rule.save(out)
+    return {"out": str(out), "components": comps, "inputs": len(x), "seconds": time.perf_counter() - start}
 
 
 def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
@@ -235,11 +299,13 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
 def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: PathLike, labels: str = "hard",
             queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0, api_key: PathLike | None = None,
             api_log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
-            candidates: str | int | None = None, progress: bool = False) -> dict[str, Any]:
+            candidates: str | int | None = None, tiebreak: PathLike | None = None, beta: float | None = None,
+            progress: bool = False) -> dict[str, Any]:
     """Extract a surrogate of ``victim`` from its answers to the attacker's ``data`` and save it.
 
     With ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
-    (answers marked with that key, marked queries logged under ``client`` in ``api_log``): the path a
+    (answers marked with that key, marked queries logged under ``client`` in ``api_log``) or, with
+    ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper: the path a
     real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
     """
     from wmark.attacks.extract import extract as run_extract
@@ -251,7 +317,17 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     served = LocalSuspect(model, input_shape=ds.input_shape, description=str(victim), expose_scores=True)
     target: Any = served
     log = None
-    if api_key is not None:
+    if tiebreak is not None:
+        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI
+
+        if api_key is None or api_log is not None:
+            raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's "
+                             "key) and no --api-log.")
+        k = load_key(api_key)
+        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+        rule, _ = _load_tiebreak(k, tiebreak, victim_arch, victim)
+        target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA))
+    elif api_key is not None:
         if api_log is None:
             raise UsageError("--api-key needs --api-log (the SQLite file the marked API records its marks in).")
         k = load_key(api_key)
@@ -272,7 +348,8 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     agree = float((predict_logits(surrogate, ds.x_test).argmax(1) == predict_logits(model, ds.x_test).argmax(1))
                   .float().mean())
     params_doc = {"victim_arch": victim_arch, "labels": labels, "queries": result.queries, "answered": result.answered,
-                  "epochs": epochs, "lr": lr, "seed": seed, "data": data, "marked_api": api_key is not None}
+                  "epochs": epochs, "lr": lr, "seed": seed, "data": data,
+                  "marked_api": "tiebreak" if tiebreak is not None else ("api-mark" if api_key is not None else "")}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
                                                        input_shape=ds.input_shape, test_accuracy=acc,
                                                        attack={"kind": "extract", **params_doc}))

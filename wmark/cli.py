@@ -187,6 +187,15 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--client", default=None, help="Extraction test: the API client whose marked queries to replay.")
 @click.option("--api-max-queries", type=int, default=300, show_default=True,
               help="Extraction test: most logged queries to ask.")
+@click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
+              help="Tie-break test: the rule file written by `wmark tiebreak build` (model-file suspects).")
+@click.option("--served", default=None, type=click.Path(dir_okay=False),
+              help="Tie-break test: the owner's served model file the rule was built from.")
+@click.option("--served-arch", default=None, help="Tie-break test: architecture of --served (default: --arch).")
+@click.option("--holdout", default=None,
+              help="Tie-break test: the owner's own inputs, never a client's (" + DATA_HELP + ").")
+@click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
+              help="Tie-break test: holdout inputs asked (those nearest to a tie), fixed before querying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
@@ -194,7 +203,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @_handle_errors
 def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
            anchor: str | None, max_queries: int | None, with_scores: bool, api_log: str | None, client: str | None,
-           api_max_queries: int, as_json: bool, report: str | None, **remote: Any) -> None:
+           api_max_queries: int, tiebreak: str | None, served: str | None, served_arch: str | None,
+           holdout: str | None, tiebreak_queries: int, as_json: bool, report: str | None, **remote: Any) -> None:
     """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
@@ -202,6 +212,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
     if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
         raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
                          "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")
+    if tiebreak is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
+        raise UsageError("--tiebreak works with a model-file suspect in sequential or fixed mode; for an HTTP "
+                         "suspect, run the test from Python (wmark.schemes.api_tiebreak.tiebreak_test).")
     if mode == "whitebox":
         if reference is None:
             raise UsageError("--mode whitebox needs --reference (the owner's marked model file).")
@@ -221,7 +234,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
                              max_queries=max_queries, labels_only=not with_scores, api_log=api_log,
-                             client=client, api_max_queries=api_max_queries, progress=_progress())
+                             client=client, api_max_queries=api_max_queries, tiebreak=tiebreak, served=served,
+                             served_arch=served_arch, holdout=holdout, tiebreak_queries=tiebreak_queries,
+                             progress=_progress())
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
@@ -303,14 +318,18 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--client", default="attacker", show_default=True, help="Client id the marked API logs under.")
 @click.option("--rate", type=float, default=None, help="Marked API: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="Marked API: candidate-set size k or 'all' (default all).")
+@click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
+              help="Serve the victim behind the keyed tie-break wrapper with this rule (needs --api-key).")
+@click.option("--beta", type=float, default=None, help="Tie-break wrapper: log-odds shift (default 1.0).")
 @_handle_errors
 def attack_extract(victim_arch: str, victim: str, arch: str, labels: str, queries: int, data: str, out: str,
                    epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str,
-                   rate: float | None, candidates: str | None) -> None:
+                   rate: float | None, candidates: str | None, tiebreak: str | None, beta: float | None) -> None:
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, api_key=api_key, api_log=api_log,
-                       client=client, rate=rate, candidates=candidates, progress=_progress())
+                       client=client, rate=rate, candidates=candidates, tiebreak=tiebreak, beta=beta,
+                       progress=_progress())
     click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers): test accuracy "
                f"{info['test_accuracy']:.4f}, agreement with the victim {info['victim_agreement']:.4f}")
 
@@ -364,6 +383,29 @@ def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | Non
 def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
     """Scramble every tensor name (the copy no longer loads by name; white-box verification still reads it)."""
     _report_attack(api.attack(kind="rename", arch=arch, weights=weights, out=out, seed=seed, data=data))
+
+
+@main.group(epilog=EXIT_HELP)
+def tiebreak() -> None:
+    """Keyed tie-breaking, an API-side mark that extraction carries over (see wmark.schemes.api_tiebreak)."""
+
+
+@tiebreak.command("build", epilog=EXIT_HELP)
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Key file.")
+@click.option("--arch", required=True, help="Architecture of the served model: " + ARCH_HELP)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="The served model file.")
+@click.option("--data", required=True, help=DATA_HELP + " (the owner's own inputs, e.g. fashion-mnist@owner)")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rule file to write (.safetensors).")
+@click.option("--components", type=int, default=None, help="Principal feature directions kept (default 48).")
+@_handle_errors
+def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None) -> None:
+    """Build the tie-break rule the marked API serves with and `wmark verify --tiebreak` tests.
+
+    The file holds only the key-independent feature map; the keyed directions are re-derived from the key.
+    """
+    info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components)
+    click.echo(f"wrote {info['out']} ({info['components']} components from {info['inputs']} inputs, "
+               f"{info['seconds']:.1f} s)")
 
 
 @main.command(epilog=EXIT_HELP)

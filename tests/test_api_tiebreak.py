@@ -1,0 +1,293 @@
+"""Keyed tie-breaking: exact N(0, 1) null, what the API changes, a rule-follower is caught, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from wmark.errors import UsageError
+from wmark.io import load_tensors, save_tensors, wmark_metadata
+from wmark.keys import generate_key
+from wmark.schemes.api_tiebreak import (
+    TieBreakAPI,
+    accuracy_cost,
+    build_tiebreak_rule,
+    load_tiebreak_rule,
+    select_verification_inputs,
+    tiebreak_statistic,
+    tiebreak_test,
+    top_pairs,
+)
+from wmark.suspects import Answers
+
+C, D, F = 4, 6, 12
+
+
+class Linear:
+    """A fixed linear classifier on flat inputs: a model made without any key."""
+
+    def __init__(self, seed: int, num_classes: int = C, scale: float = 1.0) -> None:
+        rng = np.random.default_rng(seed)
+        self.w = rng.normal(size=(D, num_classes)) * scale
+        self.description, self.num_classes, self.input_shape = f"linear {seed}", num_classes, (D,)
+
+    def query(self, x: np.ndarray) -> Answers:
+        z = np.asarray(x, dtype=np.float64) @ self.w
+        p = np.exp(z - z.max(1, keepdims=True))
+        p /= p.sum(1, keepdims=True)
+        return Answers(labels=p.argmax(1), scores=p)
+
+
+_PROJ = np.random.default_rng(99).normal(size=(D, F))
+
+
+def featurizer(x: np.ndarray) -> np.ndarray:
+    """A fixed nonlinear feature map (stands in for the served model's penultimate layer)."""
+    return np.tanh(np.asarray(x, dtype=np.float64) @ _PROJ)
+
+
+@pytest.fixture(scope="module")
+def data() -> np.ndarray:
+    return np.random.default_rng(0).normal(size=(1500, D)).astype(np.float32)
+
+
+def make(key, data, backend, **kw):
+    rule = build_tiebreak_rule(key=key, x=data, served_scores=backend.query(data).scores, featurizer=featurizer,
+                               feature_space="test", components=kw.pop("components", 8))
+    return rule, TieBreakAPI(key=key, backend=backend, rule=rule, **kw)
+
+
+class Follower:
+    """A surrogate that answers the API's tie-broken label with probability ``q``, else the served top-1."""
+
+    def __init__(self, api: TieBreakAPI, q: float, seed: int = 0) -> None:
+        self.api, self.q, self.rng = api, q, np.random.default_rng(seed)
+        self.description, self.num_classes, self.input_shape = "follower", C, (D,)
+
+    def query(self, x: np.ndarray) -> Answers:
+        marked = self.api.query(x).labels
+        plain = self.api.backend.query(x).labels
+        return Answers(labels=np.where(self.rng.random(len(x)) < self.q, marked, plain))
+
+
+def test_api_changes_only_near_ties_within_the_top_two_and_is_deterministic(data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    _, api = make(key, data, backend, band=0.2)
+    first, second = api.query(data), api.query(data)
+    np.testing.assert_array_equal(first.labels, second.labels)
+    plain = backend.query(data)
+    ratio, lo, hi = top_pairs(plain.scores)
+    changed = first.labels != plain.labels
+    assert changed.any()
+    assert (ratio[changed] >= 0.2).all()
+    assert ((first.labels[changed] == lo[changed]) | (first.labels[changed] == hi[changed])).all()
+    np.testing.assert_array_equal(first.scores[ratio < 0.2], plain.scores[ratio < 0.2])
+    np.testing.assert_allclose(first.scores.sum(1), 1.0)
+    assert (first.scores.argmax(1) == first.labels).all()
+    labels_only = TieBreakAPI(key=key, backend=backend, rule=api.rule, band=0.2, expose_scores=False).query(data)
+    assert labels_only.scores is None
+    np.testing.assert_array_equal(labels_only.labels, first.labels)
+    cost = accuracy_cost(api=api, x=data, y=plain.labels)
+    assert cost["served_accuracy"] == 1.0
+    assert cost["accuracy_cost_pp"] == pytest.approx(100 * cost["changed_fraction"])
+
+
+def test_statistic_is_exactly_standard_normal_for_a_key_independent_suspect(data):
+    # One fixed served model and one fixed innocent suspect, 400 fresh keys: Z must be N(0, 1) (KS test
+    # against scipy), the p-value must be scipy's normal tail, and rejection rates must respect their level.
+    backend, suspect = Linear(1), Linear(2)
+    zs, logs = [], []
+    for i in range(400):
+        key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
+        rule, _ = make(key, data, backend)
+        res = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, inputs=data, queries=300)
+        zs.append(res.details["z"])
+        logs.append(res.log10_p)
+        assert res.log10_p == pytest.approx(min(0.0, stats.norm.logsf(res.details["z"]) / np.log(10)), abs=1e-9)
+    assert stats.kstest(zs, "norm").pvalue > 1e-3
+    p = 10.0 ** np.asarray(logs)
+    for a in (0.01, 0.05, 0.2, 0.5):
+        assert stats.binom.sf((p <= a).sum() - 1, len(p), a) > 1e-3
+
+
+def test_statistic_matches_a_direct_computation():
+    # Z = sum_g <w_g, v_g> / sqrt(sum_g |v_g|^2), v_g = sum of signed features per pair (no projection).
+    key = generate_key(owner="o", num_classes=3, input_shape=(D,))
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, D)).astype(np.float32)
+    rule = build_tiebreak_rule(key=key, x=x, served_scores=rng.dirichlet(np.ones(3), 200), featurizer=featurizer,
+                               feature_space="test", components=5)
+    psi = rng.normal(size=(40, 5))
+    lo = np.array([0] * 20 + [1] * 20)
+    hi = np.array([1] * 20 + [2] * 20)
+    answers = rng.integers(-1, 3, size=40)
+    z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers)
+    s = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
+    v1, v2 = s[:20] @ psi[:20], s[20:] @ psi[20:]
+    w1, w2 = rule.directions[0, 1], rule.directions[1, 2]
+    assert z == pytest.approx((w1 @ v1 + w2 @ v2) / np.sqrt(v1 @ v1 + v2 @ v2), rel=1e-12)
+    assert info["in_pair"] == int((s != 0).sum())
+
+
+def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    rule, api = make(key, data, backend, beta=3.0, components=F)
+    caught = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), inputs=data,
+                           queries=600)
+    # the evidence is capped near sqrt(pairs * components) standard deviations, whatever the query count
+    assert caught.log10_p < -5
+    assert caught.evidence_of == "extracted"
+    assert caught.matches > 0.6 * caught.details["in_pair"]
+    innocent = tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data, queries=600)
+    assert innocent.log10_p > -3
+    assert innocent.details["z"] == pytest.approx(0.0, abs=1e-6)  # its preference is projected out exactly
+
+
+def test_verification_inputs_are_the_nearest_ties():
+    scores = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2], [0.6, 0.3, 0.1]])
+    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=2), [2, 0])
+    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=10, min_ratio=0.45), [2, 0, 3])
+
+
+def test_save_load_roundtrip_rederives_directions(tmp_path, data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    rule, api = make(key, data, backend)
+    rule.save(tmp_path / "rule.safetensors")
+    back = load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=featurizer)
+    np.testing.assert_array_equal(back.directions, rule.directions)
+    np.testing.assert_allclose(back.centred(data[:5], np.zeros(5, int), np.ones(5, int)),
+                               rule.centred(data[:5], np.zeros(5, int), np.ones(5, int)))
+    again = TieBreakAPI(key=key, backend=backend, rule=back)
+    np.testing.assert_array_equal(again.query(data).labels, api.query(data).labels)
+    with pytest.raises(UsageError, match="built under another key"):
+        load_tiebreak_rule(tmp_path / "rule.safetensors", key=generate_key(owner="x", num_classes=C,
+                                                                             input_shape=(D,)), featurizer=featurizer)
+    # a rule file re-bound to a key for another class count is refused, not misread
+    other = dataclasses.replace(key, num_classes=3)
+    tensors, raw = load_tensors(tmp_path / "rule.safetensors")
+    save_tensors(tensors, tmp_path / "rule3.safetensors",
+                 metadata={**wmark_metadata(raw), "key_commitment": other.commitment()})
+    with pytest.raises(UsageError, match="for 4 classes, the key for 3"):
+        load_tiebreak_rule(tmp_path / "rule3.safetensors", key=other, featurizer=featurizer)
+
+
+def test_errors(data, tmp_path):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    scores = backend.query(data).scores
+    with pytest.raises(UsageError, match="one probability row per input"):
+        build_tiebreak_rule(key=key, x=data, served_scores=scores[:3], featurizer=featurizer, feature_space="t")
+    with pytest.raises(UsageError, match="components must be between"):
+        build_tiebreak_rule(key=key, x=data, served_scores=scores, featurizer=featurizer, feature_space="t",
+                            components=F + 1)
+    rule, _ = make(key, data, backend)
+    with pytest.raises(UsageError, match="beta must be positive"):
+        TieBreakAPI(key=key, backend=backend, rule=rule, beta=0)
+    with pytest.raises(UsageError, match="another key"):
+        TieBreakAPI(key=generate_key(owner="x", num_classes=C, input_shape=(D,)), backend=backend, rule=rule)
+    with pytest.raises(UsageError, match="answers 3 classes"):
+        tiebreak_test(key=key, rule=rule, served=backend, suspect=Linear(2, num_classes=3), inputs=data)
+    with pytest.raises(UsageError, match="input shape"):
+        tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data[:, :3])
+    confident = Linear(1, scale=200.0)
+    with pytest.raises(UsageError, match="near a tie"):
+        tiebreak_test(key=key, rule=rule, served=confident, suspect=backend, inputs=data[:5], min_ratio=0.999)
+    rule.save(tmp_path / "rule.safetensors")
+    with pytest.raises(UsageError, match="loaded without its featurizer"):
+        load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=None).features(data)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="features"):
+        load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=lambda x: x).features(data)
+
+
+def test_a_suspect_that_never_answers_in_pair_is_inconclusive(data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    rule, _ = make(key, data, backend)
+
+    class Refuser:
+        description, num_classes, input_shape = "refuser", C, (D,)
+
+        def query(self, x):
+            return Answers(labels=np.full(len(x), -1))
+
+    res = tiebreak_test(key=key, rule=rule, served=backend, suspect=Refuser(), inputs=data, queries=50)
+    assert res.log10_p == 0.0
+    assert res.abstentions == res.queries == 50
+    assert "no data" in res.details["inconclusive"]
+
+
+def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
+    import json
+
+    import torch
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.keys import save_key
+    from wmark.models import build_model, model_metadata
+    from wmark.training import make_loader, train_epochs
+
+    shape, c = (1, 6, 6), 4
+
+    def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.rand(n, *shape, generator=torch.Generator().manual_seed(seed))
+        y = ((x[:, 0, :3].mean((1, 2)) > x[:, 0, 3:].mean((1, 2))).long() * 2
+             + (x[:, 0, :, :3].mean((1, 2)) > 0.5).long())
+        return x, y
+
+    x, y = task(1500, 0)
+    victim = build_model("fmnist-mlp", num_classes=c, input_shape=shape, seed=0)
+    train_epochs(victim, make_loader(x, y, seed=0), epochs=8, optimizer=torch.optim.Adam(victim.parameters(), 3e-3))
+    weights = tmp_path / "victim.safetensors"
+    save_tensors(victim.state_dict(), weights, metadata=model_metadata(arch="fmnist-mlp", num_classes=c,
+                                                                       input_shape=shape))
+    for name, seed in (("thief", 4), ("owner", 6)):
+        xs, ys = task(1200, seed)
+        xt, yt = task(300, seed + 1)
+        save_tensors({"x": xs, "y": ys, "x_test": xt, "y_test": yt}, tmp_path / f"{name}.safetensors")
+    key, rule = tmp_path / "owner.key", tmp_path / "rule.safetensors"
+    save_key(generate_key(owner="Owner", num_classes=c, input_shape=shape), key)
+    runner = CliRunner()
+    res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
+                               str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out", str(rule)])
+    assert res.exit_code == 0, res.output
+    assert "48 components" in res.output
+    out = tmp_path / "surrogate.safetensors"
+    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
+                               "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(tmp_path / "thief.safetensors"),
+                               "--out", str(out), "--epochs", "40", "--api-key", str(key), "--tiebreak", str(rule),
+                               "--beta", "3"])
+    assert res.exit_code == 0, res.output
+    # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that): over 10 fresh
+    # keys this 40-epoch surrogate scored log10 p from -7.4 to -11.7, so alpha = 1e-4 keeps the test stable.
+    verify = ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--mode", "fixed", "--json", "--alpha", "1e-4"]
+    tb = ["--tiebreak", str(rule), "--served", str(weights), "--holdout", str(tmp_path / "owner.safetensors")]
+    res = runner.invoke(main, verify + ["--suspect", str(out)] + tb)
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
+    tie = doc["tests"][1]
+    assert tie["details"]["budget"] == 1000 and tie["queries"] <= 1000
+    assert (res.exit_code, doc["kind"]) == (0, "extracted"), tie
+    # the served model itself never learned the keyed tie-breaks: no evidence
+    res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb)
+    doc = json.loads(res.output)
+    assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][1]["log10_p"] > -3
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(weights)])
+    assert res.exit_code == 2 and "pass --tiebreak RULE too" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule)])
+    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule), "--served", str(out),
+                                        "--holdout", str(tmp_path / "owner.safetensors")])
+    assert res.exit_code == 2 and "built from another served model" in res.output
+    other = tmp_path / "other.key"
+    save_key(generate_key(owner="Other", num_classes=c, input_shape=shape), other)
+    res = runner.invoke(main, ["verify", "--key", str(other), "--arch", "fmnist-mlp", "--suspect", str(out)] + tb)
+    assert res.exit_code == 2 and "built under another key" in res.output
+    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m"] + tb)
+    assert res.exit_code == 2 and "--tiebreak works with a model-file suspect" in res.output
