@@ -61,6 +61,21 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     return path
 
 
+EXTRACTION_INDEPENDENTS = [
+    (f"cnn seed {s}", "fmnist-cnn", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": s})
+    for s in range(1, 6)] + [
+    ("mlp seed 1", "fmnist-mlp", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": 1}),
+    ("mlp seed 2", "fmnist-mlp", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": 2}),
+    ("wide cnn seed 1", "fmnist-cnn-wide",
+     {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 2, "seed": 1}),
+    ("cnn, all 30k attacker images, true labels", "fmnist-cnn",
+     {"data": "fashion-mnist@attacker", "max_samples": None, "epochs": 3, "seed": 11}),
+    ("cnn, owner's data (other seed)", "fmnist-cnn",
+     {"data": "fashion-mnist@owner", "max_samples": None, "epochs": 2, "seed": 12}),
+]
+"""The extraction benchmarks' independent models: (name, arch, ``api.train`` config), cached by config."""
+
+
 def extraction_victim(owner_data: str) -> tuple[Path, Any, Path]:
     """The extraction benchmarks' shared owner: a cached key and a trigger-marked victim CNN.
 

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
+from common import EXTRACTION_INDEPENDENTS as INDEPENDENTS
 from common import cached, extraction_victim, table, write_results
 
 from wmark import api
@@ -43,15 +44,6 @@ from wmark.suspects import LocalSuspect
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 ALPHA = 1e-6
-INDEPENDENTS = [(f"cnn seed {s}", "fmnist-cnn", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": s})
-                for s in range(1, 6)] + [
-    ("mlp seed 1", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 1}),
-    ("mlp seed 2", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 2}),
-    ("wide cnn seed 1", "fmnist-cnn-wide", {"data": ATTACKER, "max_samples": 10_000, "epochs": 2, "seed": 1}),
-    ("cnn, all 30k attacker images, true labels", "fmnist-cnn",
-     {"data": ATTACKER, "max_samples": None, "epochs": 3, "seed": 11}),
-    ("cnn, owner's data (other seed)", "fmnist-cnn", {"data": OWNER, "max_samples": None, "epochs": 2, "seed": 12}),
-]
 
 
 def main() -> None:

@@ -1,0 +1,159 @@
+"""Keyed tie-breaking vs extraction on Fashion-MNIST, over several keys: surrogates caught, innocents not.
+
+Protocol (same split, victim and independent models as ``benchmarks/extraction.py``, shared via the
+cache): for each of ``--keys`` fresh keys the owner builds a tie-break rule
+(:mod:`wmark.schemes.api_tiebreak`) from its own half and serves the victim behind
+:class:`~wmark.schemes.api_tiebreak.TieBreakAPI`. Each thief queries 10k images of the attacker's half and
+trains a surrogate for ``--epochs`` epochs (early-stopped: 6): hard-label CNN, soft-label CNN, hard-label
+MLP; with ``--converged`` also 20-epoch thieves under the first key. Verification asks each suspect the
+``--queries`` owner inputs closest to a tie (the owner's training half, never queried by a client; the
+rule's key-independent feature map is placed on the same inputs) and reports the exact Gaussian p-value. Independent models (CNN
+seeds, MLPs, a wide CNN, one trained on the attacker's true labels, one on the owner's data), the
+unmarked victim itself and a fine-tuned copy of it must stay above alpha = 1e-6 under every key (the mark
+lives in the API's answers, so a copied checkpoint carries the trigger set, not this mark).
+
+Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 5] [--beta 1.0] [--components 48]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np
+import torch
+from common import EXTRACTION_INDEPENDENTS as INDEPENDENTS
+from common import cached, extraction_victim, table, write_results
+
+from wmark import api
+from wmark.attacks.extract import extract
+from wmark.data import load_dataset
+from wmark.keys import generate_key
+from wmark.models import load_model
+from wmark.schemes.api_regions import penultimate_featurizer
+from wmark.schemes.api_tiebreak import TieBreakAPI, accuracy_cost, build_tiebreak_rule, tiebreak_test
+from wmark.suspects import LocalSuspect
+
+OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
+ALPHA = 1e-6
+THIEVES = [("hard", "fmnist-cnn", "hard"), ("soft", "fmnist-cnn", "soft"), ("mlp-hard", "fmnist-mlp", "hard")]
+
+
+def accuracy(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, plain: np.ndarray) -> tuple[float, float]:
+    with torch.no_grad():
+        pred = net.eval()(torch.from_numpy(x)).argmax(1).numpy()
+    return float((pred == y).mean()), float((pred == plain).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys", type=int, default=5, help="number of fresh keys")
+    parser.add_argument("--beta", type=float, default=1.0, help="log-odds shift per unit of the rule")
+    parser.add_argument("--components", type=int, default=48, help="principal directions of the feature map")
+    parser.add_argument("--queries", type=int, default=1000, help="verification queries per suspect")
+    parser.add_argument("--epochs", type=int, default=6, help="surrogate epochs (early-stopped thief)")
+    parser.add_argument("--converged", action="store_true", help="also 20-epoch thieves under the first key")
+    parser.add_argument("--name", default="extraction_tiebreak", help="results file name")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    _, owner_key, victim_path = extraction_victim(OWNER)
+    owner, attacker = load_dataset(OWNER), load_dataset(ATTACKER)
+    victim, _ = load_model("fmnist-cnn", victim_path)
+    served = LocalSuspect(victim, input_shape=(1, 28, 28), description="victim", expose_scores=True)
+    featurizer = penultimate_featurizer(victim)
+    x_build = x_verify = owner.x_train.numpy()
+    xt, yt = attacker.x_test.numpy(), attacker.y_test.numpy()
+    plain = served.query(xt).labels
+    build_scores = served.query(x_build).scores
+
+    fixed: list[tuple[str, str, Path, str]] = [("unmarked victim", "fmnist-cnn", victim_path, "independent")]
+    fixed.append(("fine-tuned copy of the victim", "fmnist-cnn",
+                  cached({"name": "extraction-copy", "key": owner_key.fingerprint(), "epochs": 2},
+                         lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim_path, out=p,
+                                              data=ATTACKER, epochs=2, max_samples=10_000, seed=3)), "independent"))
+    for name, arch, cfg in INDEPENDENTS:
+        path = cached({"name": "extraction-indep", "arch": arch, **cfg},
+                      lambda p, arch=arch, cfg=cfg: api.train(arch=arch, out=p, **cfg))
+        fixed.append((f"independent {name}", arch, path, "independent"))
+
+    rows: list[dict[str, Any]] = []
+    costs = []
+    for k in range(args.keys):
+        key = generate_key(owner=f"Benchmark Owner {k}", num_classes=10, input_shape=(1, 28, 28))
+        t0 = time.perf_counter()
+        rule = build_tiebreak_rule(key=key, x=x_build, served_scores=build_scores, featurizer=featurizer,
+                                   feature_space="served-penultimate", components=args.components)
+        build_s = time.perf_counter() - t0
+        marked_api = TieBreakAPI(key=key, backend=served, rule=rule, beta=args.beta)
+        t0 = time.perf_counter()
+        cost = accuracy_cost(api=marked_api, x=xt, y=yt)
+        cost.update(key=k, build_seconds=build_s, serve_seconds_10k_marked_and_plain=time.perf_counter() - t0)
+        costs.append(cost)
+        print(json.dumps(cost), flush=True)
+        thieves = [(name, arch, labels, args.epochs) for name, arch, labels in THIEVES]
+        if args.converged and k == 0:
+            thieves += [(name, arch, labels, 20) for name, arch, labels in THIEVES]
+        suspects: list[tuple[str, str, torch.nn.Module, str]] = []
+        for name, arch, labels, epochs in thieves:
+            t0 = time.perf_counter()
+            result = extract(marked_api, x=attacker.x_train, arch=arch, labels=labels,  # type: ignore[arg-type]
+                             queries=10_000, epochs=epochs, seed=1 + k)
+            suspects.append((f"surrogate {name} ({arch}, {labels}, {epochs} ep)", arch, result.model,
+                             "surrogate" if epochs == args.epochs else "surrogate-converged"))
+            print(f"  trained {name} {epochs} ep in {time.perf_counter() - t0:.0f} s", flush=True)
+        for model, arch, path, role in fixed:
+            suspects.append((model, arch, load_model(arch, path)[0], role))
+        for model, arch, net, role in suspects:
+            suspect = LocalSuspect(net, input_shape=(1, 28, 28), description=model, expose_scores=False)
+            res = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, inputs=x_verify,
+                                queries=args.queries)
+            acc, agree = accuracy(net, xt, yt, plain)
+            expect = "none" if role == "independent" else "extracted"
+            found = "extracted" if res.log10_p <= np.log10(ALPHA) else "none"
+            rows.append({"key": k, "role": role, "model": model, "accuracy": acc, "agreement": agree,
+                         "queries": res.queries, "in_pair": res.details["in_pair"],
+                         "follow_rate": res.matches / max(res.details["in_pair"], 1), "z": res.details["z"],
+                         "log10_p": res.log10_p, "verdict": found, "expected": expect, "ok": found == expect})
+            if role != "independent":
+                print(table(rows[-1:], ["model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "verdict"]),
+                      flush=True)
+
+    def stats(role: str) -> dict[str, Any]:
+        sel = [r for r in rows if r["role"] == role]
+        if not sel:
+            return {}
+        lp = [r["log10_p"] for r in sel]
+        return {"count": len(sel), "detected": sum(r["verdict"] == "extracted" for r in sel),
+                "median_log10_p": float(np.median(lp)), "max_log10_p": float(max(lp)), "min_log10_p": float(min(lp)),
+                "median_follow_rate": float(np.median([r["follow_rate"] for r in sel]))}
+
+    per_thief = {}
+    for name, arch, labels in THIEVES:
+        sel = [r for r in rows if r["role"] == "surrogate" and r["model"].startswith(f"surrogate {name} (")]
+        per_thief[name] = {"log10_p": [round(r["log10_p"], 2) for r in sel],
+                           "accuracy": [round(r["accuracy"], 4) for r in sel],
+                           "detected": sum(r["verdict"] == "extracted" for r in sel)}
+    summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": args.components,
+               "queries": args.queries, "epochs": args.epochs,
+               "verification_inputs": "owner's training half (never queried by a client), nearest ties first",
+               "mean_accuracy_cost_pp": float(np.mean([c["accuracy_cost_pp"] for c in costs])),
+               "mean_changed_fraction": float(np.mean([c["changed_fraction"] for c in costs])),
+               "mean_build_seconds": float(np.mean([c["build_seconds"] for c in costs])),
+               "early_stopped": stats("surrogate"), "converged": stats("surrogate-converged"),
+               "independent": stats("independent"), "per_thief": per_thief,
+               "false_accusations": sum(r["role"] == "independent" and not r["ok"] for r in rows),
+               "seconds": time.perf_counter() - start}
+    columns = ["key", "model", "accuracy", "agreement", "in_pair", "follow_rate", "z", "log10_p", "verdict", "ok"]
+    print("\n" + table([r for r in rows if r["role"] != "independent"], columns))
+    print(json.dumps(summary, indent=1))
+    write_results(args.name, {"summary": summary, "costs": costs, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
