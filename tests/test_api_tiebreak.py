@@ -229,7 +229,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     from click.testing import CliRunner
 
     from wmark.cli import main
-    from wmark.keys import save_key
+    from wmark.keys import load_key, save_key
     from wmark.models import build_model, model_metadata
     from wmark.training import make_loader, train_epochs
 
@@ -289,5 +289,36 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     save_key(generate_key(owner="Other", num_classes=c, input_shape=shape), other)
     res = runner.invoke(main, ["verify", "--key", str(other), "--arch", "fmnist-mlp", "--suspect", str(out)] + tb)
     assert res.exit_code == 2 and "built under another key" in res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m"] + tb)
-    assert res.exit_code == 2 and "--tiebreak works with a model-file suspect" in res.output
+    # the same, over HTTP: the owner serves the marked API, the thief's copy is served elsewhere
+    from wmark.models import load_model
+    from wmark.schemes.api_tiebreak import open_tiebreak_rule
+    from wmark.serve import build_app, serve_in_background
+    from wmark.suspects.http import open_http_suspect
+
+    owner_key = load_key(key)
+    loaded, backend = open_tiebreak_rule(key=owner_key, rule=rule, arch="fmnist-mlp", served=weights)
+    marked = TieBreakAPI(key=owner_key, backend=backend, rule=loaded)
+    app = build_app(model=victim, name="owner", num_classes=c, input_shape=shape, labels_only=True, answerer=marked)
+    probe = task(200, 9)[0].numpy()
+    with serve_in_background(app) as server:
+        remote = open_http_suspect(url=f"{server.url}/v2/models/owner", protocol="v2", num_classes=c,
+                                   input_shape=shape)
+        try:
+            np.testing.assert_array_equal(remote.query(probe).labels, marked.query(probe).labels)
+        finally:
+            remote.close()
+    thief, _ = load_model("fmnist-mlp", out)
+    app = build_app(model=thief, name="thief", num_classes=c, input_shape=shape, labels_only=True)
+    with serve_in_background(app) as server:
+        res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
+                                   "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
+                                   "--transcript", str(tmp_path / "t.sqlite")] + tb)
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
+    assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
+    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
+                               "--tiebreak", str(rule), "--holdout", str(tmp_path / "owner.safetensors")])
+    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
+    res = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
+                               "--api-key", str(key)])
+    assert res.exit_code == 2 and "needs both --api-key and --tiebreak" in res.output

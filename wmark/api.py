@@ -170,32 +170,14 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         with MarkLog(api_log, key=k, create=False) as log:
             tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
     if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import tiebreak_test
+        from wmark.schemes.api_tiebreak import tiebreak_test_from_files
 
         if served is None or holdout is None:
             raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) "
                              "and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
-        rule, backend = _load_tiebreak(k, tiebreak, served_arch or arch, served)
-        ds = load_dataset(holdout)
-        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
-        tests.append(tiebreak_test(key=k, rule=rule, served=backend, suspect=local, inputs=ds.x_train.numpy(),
-                                   queries=tiebreak_queries))
+        tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,
+                                              arch=served_arch or arch, holdout=holdout, queries=tiebreak_queries))
     return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
-
-
-def _load_tiebreak(key: Any, rule_path: PathLike, arch: str, served: PathLike) -> tuple[Any, LocalSuspect]:
-    """The tie-break rule at ``rule_path`` and the served model it was built from, checked against each other."""
-    from wmark.io import load_tensors, tensors_digest
-    from wmark.schemes.api_regions import penultimate_featurizer
-    from wmark.schemes.api_tiebreak import load_tiebreak_rule
-
-    model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
-    rule = load_tiebreak_rule(rule_path, key=key, featurizer=penultimate_featurizer(model))
-    tensors, raw = load_tensors(served)
-    if rule.model_digest and rule.model_digest != tensors_digest(tensors, raw):
-        raise UsageError(f"The tie-break rule {rule_path} was built from another served model than {served}; pass "
-                         "the model file the API served.")
-    return rule, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served), expose_scores=True)
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
@@ -318,14 +300,14 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     target: Any = served
     log = None
     if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI
+        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
 
         if api_key is None or api_log is not None:
             raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's "
                              "key) and no --api-log.")
         k = load_key(api_key)
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
-        rule, _ = _load_tiebreak(k, tiebreak, victim_arch, victim)
+        rule, _ = open_tiebreak_rule(key=k, rule=tiebreak, arch=victim_arch, served=victim)
         target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA))
     elif api_key is not None:
         if api_log is None:

@@ -188,7 +188,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--api-max-queries", type=int, default=300, show_default=True,
               help="Extraction test: most logged queries to ask.")
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
-              help="Tie-break test: the rule file written by `wmark tiebreak build` (model-file suspects).")
+              help="Tie-break test: the rule file written by `wmark tiebreak build` (model files and APIs).")
 @click.option("--served", default=None, type=click.Path(dir_okay=False),
               help="Tie-break test: the owner's served model file the rule was built from.")
 @click.option("--served-arch", default=None, help="Tie-break test: architecture of --served (default: --arch).")
@@ -212,9 +212,8 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
     if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
         raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
                          "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")
-    if tiebreak is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
-        raise UsageError("--tiebreak works with a model-file suspect in sequential or fixed mode; for an HTTP "
-                         "suspect, run the test from Python (wmark.schemes.api_tiebreak.tiebreak_test).")
+    if tiebreak is not None and mode == "whitebox":
+        raise UsageError("--tiebreak is a black-box test; use --mode sequential or fixed.")
     if mode == "whitebox":
         if reference is None:
             raise UsageError("--mode whitebox needs --reference (the owner's marked model file).")
@@ -228,7 +227,9 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
             api.write_report(verdict=verdict, key=key, path=report)
     elif suspect.startswith(("http://", "https://")):
         verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
-                                    max_queries=max_queries, report=report, progress=_progress(), **remote)
+                                    max_queries=max_queries, report=report, tiebreak=tiebreak, served=served,
+                                    served_arch=served_arch or arch, holdout=holdout,
+                                    tiebreak_queries=tiebreak_queries, progress=_progress(), **remote)
     else:
         if arch is None:
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
@@ -257,13 +258,20 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
 @click.option("--host", default="127.0.0.1", show_default=True, help="Interface to bind (loopback by default).")
 @click.option("--labels-only", is_flag=True, help="Answer only the top-1 label (INT64), like many paid APIs.")
 @click.option("--token-env", default=None, help="Require the bearer token held in this environment variable.")
+@click.option("--api-key", default=None, type=click.Path(dir_okay=False),
+              help="Mark the answers with this key's tie-break rule (with --tiebreak).")
+@click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
+              help="Tie-break rule built for this model file by `wmark tiebreak build` (with --api-key).")
+@click.option("--beta", type=float, default=None, help="Tie-break log-odds shift (default 1.0).")
 @_handle_errors
-def serve(arch: str, weights: str, name: str, port: int, host: str, labels_only: bool, token_env: str | None) -> None:
+def serve(arch: str, weights: str, name: str, port: int, host: str, labels_only: bool, token_env: str | None,
+          api_key: str | None, tiebreak: str | None, beta: float | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted."""
     from wmark.serve import serve as run_server
 
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
-               token_env=token_env, announce=lambda line: click.echo(line, err=True))
+               token_env=token_env, api_key=api_key, tiebreak=tiebreak, beta=beta,
+               announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)

@@ -26,8 +26,10 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential", max_queries: int | None = None,
                   rate: float | None = None, timeout: float = 10.0, retries: int = 3, concurrency: int = 1,
                   transcript: PathLike | None = None, transcript_sync: str = "fsync", cover_data: str | None = None, cover_ratio: float = 1.0,
-                  report: PathLike | None = None, progress: bool = False) -> Verdict:
-    """Verify a suspect prediction API with the key's trigger set.
+                  report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
+                  served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
+                  progress: bool = False) -> Verdict:
+    """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
 
     Args:
         key: The owner's key file.
@@ -50,6 +52,13 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
+        tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the
+            ``tiebreak_queries`` ``holdout`` inputs nearest to a tie of ``served`` (architecture
+            ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
+        served: The owner's served model file the rule was built from.
+        served_arch: Its architecture.
+        holdout: The owner's own inputs (dataset spec), never a client's.
+        tiebreak_queries: How many holdout inputs to ask.
         progress: Show a progress bar.
 
     Returns:
@@ -57,6 +66,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         the transcript summary.
     """
     k = load_key(key)
+    if tiebreak is None and (served is not None or holdout is not None):
+        raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
+    if tiebreak is not None and (served is None or holdout is None or served_arch is None):
+        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from), "
+                         "--served-arch and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -88,9 +102,16 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                         "cover_ratio": cover_ratio if cover else 0.0, "cover_data": cover_data,
                         "token": "bearer (from --token-env/--token-file)" if token else "none"},
         }
+        tests = [test]
+        if tiebreak is not None:
+            from wmark.schemes.api_tiebreak import tiebreak_test_from_files
+
+            tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
+                                                  served=served, arch=served_arch, holdout=holdout,
+                                                  queries=tiebreak_queries))
         if log is not None:
             test.details["transcript"] = log.summary()
-        verdict = decide(key=k, tests=[test], alpha=alpha, suspect=suspect.description)
+        verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)
     finally:
         suspect.close()
         if log is not None:

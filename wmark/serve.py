@@ -37,6 +37,7 @@ from starlette.routing import Route
 
 from wmark import __version__
 from wmark.errors import UsageError
+from wmark.suspects.base import Suspect
 
 MAX_BATCH = 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
@@ -53,7 +54,7 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
               labels_only: bool = False, token: str | None = None, version: str = "1",
-              on_infer: Callable[[np.ndarray], None] | None = None) -> Starlette:
+              on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -65,6 +66,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         token: Bearer token required on model routes (``None``: open).
         version: The model version reported in metadata.
         on_infer: Called with each batch of inputs before inference (tests count requests with it).
+        answerer: What answers instead of the bare model, e.g. a
+            :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
+            must return scores unless ``labels_only``.
     """
     model.eval()
     shape = tuple(int(s) for s in input_shape)
@@ -101,6 +105,12 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         return check_model(request) or JSONResponse({"name": name, "ready": True})
 
     def predict(x: np.ndarray) -> list[Any]:
+        if answerer is not None:
+            with lock:
+                answers = answerer.query(x)
+            if labels_only:
+                return np.asarray(answers.labels, dtype=np.int64).tolist()
+            return np.asarray(answers.scores, dtype=np.float32).reshape(-1).tolist()
         with lock, torch.no_grad():
             logits = model(torch.from_numpy(x)).float()
         if labels_only:
@@ -238,9 +248,13 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = "127.0.0.1", port: int = 8080,
-          labels_only: bool = False, token_env: str | None = None,
+          labels_only: bool = False, token_env: str | None = None, api_key: str | os.PathLike[str] | None = None,
+          tiebreak: str | os.PathLike[str] | None = None, beta: float | None = None,
           announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
+
+    With ``api_key`` and ``tiebreak`` (a rule from ``wmark tiebreak build`` for this model file), answers go
+    through the keyed tie-break wrapper: the API-side mark that extraction carries over. It keeps no state.
 
     Raises:
         UsageError: If the weights do not load, the port is invalid or the token variable is unset.
@@ -261,13 +275,23 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
     model, _ = load_model(arch, weights)
     num_classes = int(meta.get("num_classes", 10))
     shape = tuple(int(s) for s in meta.get("input_shape", (1, 28, 28)))
+    answerer = None
+    if (api_key is None) != (tiebreak is None):
+        raise UsageError("Serving with the tie-break mark needs both --api-key and --tiebreak.")
+    if api_key is not None and tiebreak is not None:
+        from wmark.keys import load_key
+        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
+
+        key = load_key(api_key)
+        rule, backend = open_tiebreak_rule(key=key, rule=tiebreak, arch=arch, served=weights)
+        answerer = TieBreakAPI(key=key, backend=backend, rule=rule, beta=DEFAULT_BETA if beta is None else beta)
     app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
-                    token=token)
+                    token=token, answerer=answerer)
     _check_port_free(host, port)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
     server = uvicorn.Server(config)
     if announce is not None:
         mode = "label-only" if labels_only else "scores"
-        auth = ", bearer token required" if token else ""
+        auth = (", bearer token required" if token else "") + (", tie-break marked" if answerer else "")
         announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
     server.run()

@@ -220,6 +220,31 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         model_digest=str(meta.get("model_digest", "")), featurizer=featurizer)
 
 
+def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
+                       served: str | os.PathLike[str]) -> tuple[TieBreakRule, Suspect]:
+    """Load a rule file with the served model it was built from, checked against each other.
+
+    Returns:
+        The rule (featurizer attached) and the served model as a score-exposing local suspect.
+
+    Raises:
+        UsageError: If the rule was built under another key or from another served model file.
+    """
+    from wmark.io import tensors_digest
+    from wmark.models import load_model
+    from wmark.schemes.api_regions import penultimate_featurizer
+    from wmark.suspects import LocalSuspect
+
+    model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
+    loaded = load_tiebreak_rule(rule, key=key, featurizer=penultimate_featurizer(model))
+    tensors, raw = load_tensors(served)
+    if loaded.model_digest and loaded.model_digest != tensors_digest(tensors, raw):
+        raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; pass "
+                         "the model file the API served.")
+    return loaded, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served),
+                                expose_scores=True)
+
+
 class TieBreakAPI:
     """A serving wrapper that leans near-ties towards the keyed rule (a :class:`Suspect` itself).
 
@@ -373,6 +398,24 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         log10_p=min(0.0, log10_p), queries=len(xs), matches=info["agree"],
         abstentions=int((answers < 0).sum()), method="exact Gaussian (fixed n, owner-chosen inputs)", details=details,
     )
+
+
+def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
+                             arch: str, holdout: str, queries: int = DEFAULT_QUERIES) -> TestResult:
+    """:func:`tiebreak_test` from the files a dispute has: rule, served model file and holdout dataset spec.
+
+    Raises:
+        UsageError: On any mismatch between key, rule, served model and holdout data.
+    """
+    from wmark.data import load_dataset
+
+    loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
+    ds = load_dataset(holdout)
+    if ds.num_classes != key.num_classes or tuple(ds.input_shape) != tuple(key.input_shape):
+        raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped {tuple(ds.input_shape)}; "
+                         f"the key is for {key.num_classes} classes of {tuple(key.input_shape)}. Use the owner's data.")
+    return tiebreak_test(key=key, rule=loaded, served=backend, suspect=suspect, inputs=ds.x_train.numpy(),
+                         queries=queries)
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
