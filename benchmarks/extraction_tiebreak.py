@@ -6,7 +6,7 @@ cache): for each of ``--keys`` fresh keys the owner builds a tie-break rule
 :class:`~wmark.schemes.api_tiebreak.TieBreakAPI`. Each thief queries 10k images of the attacker's half and
 trains a surrogate for ``--epochs`` epochs (early-stopped: 6): hard-label CNN, soft-label CNN, hard-label
 MLP; with ``--converged`` also 20-epoch thieves under the first key. Verification asks each suspect the
-``--queries`` owner inputs closest to a tie (the owner's training half, never queried by a client; the
+``--queries`` owner inputs where the served model leans without being sure (the owner's training half, never queried by a client; the
 rule's key-independent feature map is placed on the same inputs) and reports the exact Gaussian p-value. Independent models (CNN
 seeds, MLPs, a wide CNN, one trained on the attacker's true labels, one on the owner's data), the
 unmarked victim itself and a fine-tuned copy of it must stay above alpha = 1e-6 under every key (the mark
@@ -141,7 +141,7 @@ def main() -> None:
                            "detected": sum(r["verdict"] == "extracted" for r in sel)}
     summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": args.components,
                "queries": args.queries, "epochs": args.epochs,
-               "verification_inputs": "owner's training half (never queried by a client), nearest ties first",
+               "verification_inputs": "owner's training half (never queried by a client), first inputs with 0.3 <= p2/p1 < 0.7",
                "mean_accuracy_cost_pp": float(np.mean([c["accuracy_cost_pp"] for c in costs])),
                "mean_changed_fraction": float(np.mean([c["changed_fraction"] for c in costs])),
                "mean_build_seconds": float(np.mean([c["build_seconds"] for c in costs])),

@@ -148,10 +148,12 @@ def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):
     assert innocent.details["z"] == pytest.approx(0.0, abs=1e-6)  # its preference is projected out exactly
 
 
-def test_verification_inputs_are_the_nearest_ties():
-    scores = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2], [0.6, 0.3, 0.1]])
-    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=2), [2, 0])
-    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=10, min_ratio=0.45), [2, 0, 3])
+def test_verification_inputs_are_the_first_in_the_ratio_band():
+    scores = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.6, 0.3, 0.1], [0.4, 0.4, 0.2], [0.55, 0.3, 0.15]])
+    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=10), [2, 4])
+    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=1), [2])
+    np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=10, min_ratio=0.8, max_ratio=1.01),
+                                  [0, 3])
 
 
 def test_save_load_roundtrip_rederives_directions(tmp_path, data):
@@ -196,7 +198,7 @@ def test_errors(data, tmp_path):
     with pytest.raises(UsageError, match="input shape"):
         tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data[:, :3])
     confident = Linear(1, scale=200.0)
-    with pytest.raises(UsageError, match="near a tie"):
+    with pytest.raises(UsageError, match="None of the 5 verification inputs"):
         tiebreak_test(key=key, rule=rule, served=confident, suspect=backend, inputs=data[:5], min_ratio=0.999)
     rule.save(tmp_path / "rule.safetensors")
     with pytest.raises(UsageError, match="loaded without its featurizer"):
@@ -264,8 +266,9 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
                                "--out", str(out), "--epochs", "40", "--api-key", str(key), "--tiebreak", str(rule),
                                "--beta", "3"])
     assert res.exit_code == 0, res.output
-    # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that): over 10 fresh
-    # keys this 40-epoch surrogate scored log10 p from -7.4 to -11.7, so alpha = 1e-4 keeps the test stable.
+    # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that): over 6 fresh
+    # keys this 40-epoch surrogate scored log10 p from -7.2 to -13.3 (286 eligible holdout inputs), so alpha =
+    # 1e-4 keeps the test stable.
     verify = ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--mode", "fixed", "--json", "--alpha", "1e-4"]
     tb = ["--tiebreak", str(rule), "--served", str(weights), "--holdout", str(tmp_path / "owner.safetensors")]
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb)

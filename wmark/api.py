@@ -137,7 +137,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
     from :func:`build_tiebreak`), ``served`` (the owner's served model file the rule was built from) and
     ``holdout`` (the owner's own inputs, never a client's), the suspect is also asked the
-    ``tiebreak_queries`` holdout inputs nearest to a tie: the tie-break test. All tests are combined with
+    ``tiebreak_queries`` holdout inputs where the served model leans without being sure: the tie-break test. All tests are combined with
     Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if
     only an API-side mark is.
     """

@@ -195,7 +195,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--holdout", default=None,
               help="Tie-break test: the owner's own inputs, never a client's (" + DATA_HELP + ").")
 @click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
-              help="Tie-break test: holdout inputs asked (those nearest to a tie), fixed before querying.")
+              help="Tie-break test: holdout inputs asked (where the served model leans, 0.3 <= p2/p1 < 0.7), fixed before querying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")

@@ -16,8 +16,11 @@ suspect exists and never read from a suspect. The rule file stores it (safetenso
 ``w`` are re-derived from the key and never stored.
 
 Verification (:func:`tiebreak_test`) and why its null is exact. The owner picks ``n`` of its own held
-inputs, never ones a client chose, by a key-independent criterion: the inputs where the *unmarked*
-served model is closest to a tie (largest ``p_b / p_a``). The suspect answers them; ``s_i = +1`` if it
+inputs, never ones a client chose, by a key-independent criterion: the first ``n`` (in the holdout's
+stored order) where the *unmarked* served model leans without being sure, ``0.3 <= p_b / p_a < 0.7``
+(with ``beta = 1`` these are the inputs whose answers the rule flips only where ``|u|`` is large, and
+early-stopped surrogates follow it there more than at exact ties: median log10 p −4.2 vs −3.0 over nine
+surrogates in ``benchmarks/``). The suspect answers them; ``s_i = +1`` if it
 answers the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (other classes and
 abstentions carry no evidence). Per pair ``g``, ``v_g = Σ_{i in g} s_i psi_i``, minus its projection on the
 served model's own preference directions (``Σ sign(d_i) psi_i`` and ``Σ d_i psi_i`` with ``d_i`` the
@@ -69,6 +72,7 @@ VERSION = 1
 DEFAULT_COMPONENTS = 48
 DEFAULT_BETA = 1.0
 DEFAULT_PAIR_RATIO = 0.3
+DEFAULT_MAX_RATIO = 0.7
 DEFAULT_BAND = 0.05
 DEFAULT_QUERIES = 1000
 
@@ -291,12 +295,14 @@ class TieBreakAPI:
         return Answers(labels=labels, scores=scores if self.expose_scores else None)
 
 
-def select_verification_inputs(*, scores: np.ndarray, count: int,
-                               min_ratio: float = DEFAULT_PAIR_RATIO) -> np.ndarray:
-    """Indices of the ``count`` inputs closest to a tie for the unmarked served model (key-independent)."""
+def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: float = DEFAULT_PAIR_RATIO,
+                               max_ratio: float = DEFAULT_MAX_RATIO) -> np.ndarray:
+    """Indices of the first ``count`` inputs with ``min_ratio <= p_b / p_a < max_ratio`` (key-independent).
+
+    ``scores`` are the unmarked served model's; ``max_ratio`` above 1 admits exact ties.
+    """
     ratio, _, _ = top_pairs(scores)
-    candidates = np.flatnonzero(ratio >= min_ratio)
-    return candidates[np.argsort(-ratio[candidates], kind="stable")][:count]
+    return np.flatnonzero((ratio >= min_ratio) & (ratio < max_ratio))[:count]
 
 
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, answers: np.ndarray,
@@ -341,7 +347,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
 
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect, inputs: np.ndarray,
-                  queries: int = DEFAULT_QUERIES, min_ratio: float = DEFAULT_PAIR_RATIO) -> TestResult:
+                  queries: int = DEFAULT_QUERIES, min_ratio: float = DEFAULT_PAIR_RATIO,
+                  max_ratio: float = DEFAULT_MAX_RATIO) -> TestResult:
     """Test whether a suspect breaks the served model's near-ties the way the keyed rule does.
 
     Args:
@@ -351,8 +358,9 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
             gives the pairs; it is never the suspect.
         suspect: The model under test (labels suffice).
         inputs: The owner's own held inputs, never inputs a client chose.
-        queries: How many of them to ask (the ``n`` closest to a tie), fixed before querying.
-        min_ratio: Only inputs with ``p_b / p_a`` at least this are eligible.
+        queries: How many of them to ask, fixed before querying.
+        min_ratio: Only inputs with ``p_b / p_a`` at least this are eligible...
+        max_ratio: ...and below this.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that follow the rule.
@@ -372,9 +380,9 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
     if queries < 1:
         raise UsageError(f"queries must be at least 1, got {queries}.")
     _, ref_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
-    chosen = select_verification_inputs(scores=ref_scores, count=queries, min_ratio=min_ratio)
+    chosen = select_verification_inputs(scores=ref_scores, count=queries, min_ratio=min_ratio, max_ratio=max_ratio)
     if len(chosen) == 0:
-        raise UsageError(f"None of the {len(x)} verification inputs is near a tie (p_b/p_a >= {min_ratio}); give "
+        raise UsageError(f"None of the {len(x)} verification inputs has {min_ratio} <= p_b/p_a < {max_ratio}; give "
                          "more held inputs from the owner's distribution.")
     xs, ref = x[chosen], ref_scores[chosen]
     _, lo, hi = top_pairs(ref)
@@ -386,7 +394,7 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         raise UsageError(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
     z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers, reference_logodds=logodds)
     log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
-    details: dict[str, Any] = {"z": z, "components": rule.components, "min_ratio": min_ratio,
+    details: dict[str, Any] = {"z": z, "components": rule.components, "min_ratio": min_ratio, "max_ratio": max_ratio,
                                "eligible_inputs": len(chosen), "budget": int(queries), **info}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
