@@ -137,7 +137,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
     from :func:`build_tiebreak`), ``served`` (the owner's served model file the rule was built from) and
     ``holdout`` (the owner's own inputs, never a client's), the suspect is also asked the
-    ``tiebreak_queries`` holdout inputs where the served model leans without being sure: the tie-break test. All tests are combined with
+    ``tiebreak_queries`` holdout inputs nearest to a tie: the tie-break test. All tests are combined with
     Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if
     only an API-side mark is.
     """
@@ -189,25 +189,20 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.api_regions import penultimate_featurizer
-    from wmark.schemes.api_tiebreak import DEFAULT_COMPONENTS, build_tiebreak_rule
+    from wmark.schemes.api_tiebreak import build_tiebreak_rule
 
     k = load_key(key)
     ds = load_dataset(data)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
-    local = LocalSuspect(model, input_shape=ds.input_shape, description=str(weights), expose_scores=True)
-    x = ds.x_train.numpy()
     start = time.perf_counter()
-    feats = penultimate_featurizer(model)
-    params = k.schemes.get("api-tiebreak", {})
-    comps = int(components if components is not None else params.get("components", DEFAULT_COMPONENTS))
-    comps = min(comps, int(feats(x[:1]).shape[1]))
     tensors, raw = load_tensors(weights)
-    rule = build_tiebreak_rule(key=k, x=x, served_scores=local.query(x).scores, featurizer=feats,
-                               feature_space="served-penultimate", components=comps,
+    rule = build_tiebreak_rule(key=k, x=ds.x_train.numpy(), featurizer=penultimate_featurizer(model),
+                               feature_space="served-penultimate", components=components,
                                model_digest=tensors_digest(tensors, raw))
     rule.save(out)
-    return {"out": str(out), "components": comps, "inputs": len(x), "seconds": time.perf_counter() - start}
+    return {"out": str(out), "components": rule.components, "inputs": len(ds.x_train),
+            "seconds": time.perf_counter() - start}
 
 
 def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,

@@ -195,7 +195,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--holdout", default=None,
               help="Tie-break test: the owner's own inputs, never a client's (" + DATA_HELP + ").")
 @click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
-              help="Tie-break test: holdout inputs asked (where the served model leans, 0.3 <= p2/p1 < 0.7), fixed before querying.")
+              help="Tie-break test: holdout inputs asked (those nearest to a tie), fixed before querying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
@@ -262,7 +262,7 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
               help="Mark the answers with this key's tie-break rule (with --tiebreak).")
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
               help="Tie-break rule built for this model file by `wmark tiebreak build` (with --api-key).")
-@click.option("--beta", type=float, default=None, help="Tie-break log-odds shift (default 1.0).")
+@click.option("--beta", type=float, default=None, help="Scale of the keyed log-probability shift (default 1.0).")
 @_handle_errors
 def serve(arch: str, weights: str, name: str, port: int, host: str, labels_only: bool, token_env: str | None,
           api_key: str | None, tiebreak: str | None, beta: float | None) -> None:
@@ -328,7 +328,7 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--candidates", default=None, help="Marked API: candidate-set size k or 'all' (default all).")
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
               help="Serve the victim behind the keyed tie-break wrapper with this rule (needs --api-key).")
-@click.option("--beta", type=float, default=None, help="Tie-break wrapper: log-odds shift (default 1.0).")
+@click.option("--beta", type=float, default=None, help="Tie-break wrapper: scale of the keyed log-probability shift (default 1.0).")
 @_handle_errors
 def attack_extract(victim_arch: str, victim: str, arch: str, labels: str, queries: int, data: str, out: str,
                    epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str,
@@ -404,7 +404,7 @@ def tiebreak() -> None:
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="The served model file.")
 @click.option("--data", required=True, help=DATA_HELP + " (the owner's own inputs, e.g. fashion-mnist@owner)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rule file to write (.safetensors).")
-@click.option("--components", type=int, default=None, help="Principal feature directions kept (default 48).")
+@click.option("--components", type=int, default=None, help="Principal feature directions kept (default 64, at most the live ones).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None) -> None:
     """Build the tie-break rule the marked API serves with and `wmark verify --tiebreak` tests.

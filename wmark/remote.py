@@ -53,7 +53,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
         tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the
-            ``tiebreak_queries`` ``holdout`` inputs where ``served`` leans without being sure (architecture
+            ``tiebreak_queries`` ``holdout`` inputs nearest to a tie of ``served`` (architecture
             ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
         served: The owner's served model file the rule was built from.
         served_arch: Its architecture.
