@@ -9,7 +9,7 @@ label, near-ties follow the keyed shift, exposed scores carry it everywhere. A s
 answers learns that head as part of the task; isolated keyed flips (:mod:`wmark.schemes.api_mark`) are
 memorised late instead, and a surrogate that stops training early never inherits them. (A first version
 drew one direction per class *pair*, shifting only the top two; against early-stopped surrogates it gave
-a median log10 p of −3.8, the per-class head −6.6, over five keys each; see
+a median log10 p of −3.8 over five keys, the per-class head −6.5 over ten; see
 ``benchmarks/extraction_tiebreak.py``.)
 
 The rule file (:func:`build_tiebreak_rule`, once, from the owner's own inputs) stores the feature map:
