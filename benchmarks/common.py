@@ -61,21 +61,6 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     return path
 
 
-EXTRACTION_INDEPENDENTS = [
-    (f"cnn seed {s}", "fmnist-cnn", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": s})
-    for s in range(1, 6)] + [
-    ("mlp seed 1", "fmnist-mlp", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": 1}),
-    ("mlp seed 2", "fmnist-mlp", {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 6, "seed": 2}),
-    ("wide cnn seed 1", "fmnist-cnn-wide",
-     {"data": "fashion-mnist@attacker", "max_samples": 10_000, "epochs": 2, "seed": 1}),
-    ("cnn, all 30k attacker images, true labels", "fmnist-cnn",
-     {"data": "fashion-mnist@attacker", "max_samples": None, "epochs": 3, "seed": 11}),
-    ("cnn, owner's data (other seed)", "fmnist-cnn",
-     {"data": "fashion-mnist@owner", "max_samples": None, "epochs": 2, "seed": 12}),
-]
-"""The extraction benchmarks' independent models: (name, arch, ``api.train`` config), cached by config."""
-
-
 def extraction_victim(owner_data: str) -> tuple[Path, Any, Path]:
     """The extraction benchmarks' shared owner: a cached key and a trigger-marked victim CNN.
 
@@ -95,3 +80,32 @@ def extraction_victim(owner_data: str) -> tuple[Path, Any, Path]:
                     lambda p: api.embed(key=key_path, arch="fmnist-cnn", weights=base, data=owner_data, out=p,
                                         epochs=2))
     return key_path, key, victim
+
+
+def extraction_independents() -> list[tuple[str, str, Path]]:
+    """The extraction benchmarks' independent models (name, arch, cached file): other seeds, two other
+    architectures, one trained with true labels on all the attacker's images, one on the owner's data."""
+    attacker, owner = "fashion-mnist@attacker", "fashion-mnist@owner"
+    configs = [(f"cnn seed {s}", "fmnist-cnn", {"data": attacker, "max_samples": 10_000, "epochs": 6, "seed": s})
+               for s in range(1, 6)] + [
+        ("mlp seed 1", "fmnist-mlp", {"data": attacker, "max_samples": 10_000, "epochs": 6, "seed": 1}),
+        ("mlp seed 2", "fmnist-mlp", {"data": attacker, "max_samples": 10_000, "epochs": 6, "seed": 2}),
+        ("wide cnn seed 1", "fmnist-cnn-wide", {"data": attacker, "max_samples": 10_000, "epochs": 2, "seed": 1}),
+        ("cnn, all 30k attacker images, true labels", "fmnist-cnn",
+         {"data": attacker, "max_samples": None, "epochs": 3, "seed": 11}),
+        ("cnn, owner's data (other seed)", "fmnist-cnn", {"data": owner, "max_samples": None, "epochs": 2, "seed": 12}),
+    ]
+    from wmark import api
+
+    return [(name, arch, cached({"name": "extraction-indep", "arch": arch, **cfg},
+                                lambda p, arch=arch, cfg=cfg: api.train(arch=arch, out=p, **cfg)))
+            for name, arch, cfg in configs]
+
+
+def extraction_copy(key: Any, victim: Path) -> Path:
+    """A copy of the extraction victim fine-tuned by the attacker (2 epochs on 10k of their images), cached."""
+    from wmark import api
+
+    return cached({"name": "extraction-copy", "key": key.fingerprint(), "epochs": 2},
+                  lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim, out=p,
+                                       data="fashion-mnist@attacker", epochs=2, max_samples=10_000, seed=3))

@@ -27,7 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from common import CACHE, cached, extraction_victim, table, write_results  # noqa: E402
+from common import (  # noqa: E402
+    CACHE,
+    cached,
+    extraction_copy,
+    extraction_independents,
+    extraction_victim,
+    table,
+    write_results,
+)
 
 from wmark import api  # noqa: E402
 from wmark.data import load_dataset  # noqa: E402
@@ -103,21 +111,7 @@ def main() -> None:
         path = cached(cfg, make)
         surrogates[name] = (arch, path, labels, epochs)
 
-    independents = []
-    for seed in range(1, 6):
-        independents.append((f"cnn seed {seed}", "fmnist-cnn", {"data": ATTACKER, "max_samples": 10_000,
-                                                                 "epochs": 6, "seed": seed}))
-    independents.append(("mlp seed 1", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 1}))
-    independents.append(("mlp seed 2", "fmnist-mlp", {"data": ATTACKER, "max_samples": 10_000, "epochs": 6, "seed": 2}))
-    independents.append(("wide cnn seed 1", "fmnist-cnn-wide", {"data": ATTACKER, "max_samples": 10_000, "epochs": 2,
-                                                                "seed": 1}))
-    independents.append(("cnn, all 30k attacker images, true labels", "fmnist-cnn",
-                         {"data": ATTACKER, "max_samples": None, "epochs": 3, "seed": 11}))
-    independents.append(("cnn, owner's data (other seed)", "fmnist-cnn", {"data": OWNER, "max_samples": None,
-                                                                          "epochs": 2, "seed": 12}))
-    copy_path = cached({"name": "extraction-copy", "key": tag, "epochs": 2},
-                       lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim_path, out=p,
-                                            data=ATTACKER, epochs=2, max_samples=10_000, seed=3))
+    copy_path = extraction_copy(key, victim_path)
 
     rows = []
     with MarkLog(log_path, key=key, create=False) as log:
@@ -150,9 +144,7 @@ def main() -> None:
             check(f"surrogate {name} ({arch}, {labels}, {epochs} ep)", arch, path, f"thief-{name}", expect,
                   "surrogate")
         check("fine-tuned copy (2 ep, 10k attacker images)", "fmnist-cnn", copy_path, "thief-hard", "copy", "copy")
-        for name, arch, cfg in independents:
-            path = cached({"name": "extraction-indep", "arch": arch, **cfg},
-                          lambda p, arch=arch, cfg=cfg: api.train(arch=arch, out=p, **cfg))
+        for name, arch, path in extraction_independents():
             check(f"independent {name}", arch, path, "thief-hard", "none", "independent")
 
     fingerprint = boundary_fingerprint_baseline(key=key, victim=victim, rows=rows)

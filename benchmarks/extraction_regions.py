@@ -25,19 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import EXTRACTION_INDEPENDENTS as INDEPENDENTS
-from common import cached, extraction_victim, table, write_results
+from common import cached, extraction_independents, extraction_victim, table, write_results
 
-from wmark import api
 from wmark.attacks.extract import extract
 from wmark.data import load_dataset
 from wmark.io import save_model
-from wmark.models import load_model, model_metadata
+from wmark.models import load_model, model_metadata, penultimate_featurizer
 from wmark.schemes.api_regions import (
     RegionMarkedAPI,
     accuracy_cost,
     build_region_map,
-    penultimate_featurizer,
     region_test,
 )
 from wmark.suspects import LocalSuspect
@@ -95,9 +92,7 @@ def main() -> None:
 
         path = cached({"name": f"regions-surrogate-{name}", "arch": arch, "labels": labels, **config}, make)
         suspects.append((f"surrogate {name} ({arch}, {labels}, {args.epochs} ep)", arch, path, "surrogate"))
-    for name, arch, cfg in INDEPENDENTS:
-        path = cached({"name": "extraction-indep", "arch": arch, **cfg},
-                      lambda p, arch=arch, cfg=cfg: api.train(arch=arch, out=p, **cfg))
+    for name, arch, path in extraction_independents():
         suspects.append((f"independent {name}", arch, path, "independent"))
 
     rows = []

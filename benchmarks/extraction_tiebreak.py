@@ -28,15 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import EXTRACTION_INDEPENDENTS as INDEPENDENTS
-from common import cached, extraction_victim, table, write_results
+from common import extraction_copy, extraction_independents, extraction_victim, table, write_results
 
-from wmark import api
 from wmark.attacks.extract import extract
 from wmark.data import load_dataset
 from wmark.keys import generate_key
-from wmark.models import load_model
-from wmark.schemes.api_regions import penultimate_featurizer
+from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import TieBreakAPI, accuracy_cost, build_tiebreak_rule, tiebreak_test
 from wmark.suspects import LocalSuspect
 
@@ -72,13 +69,9 @@ def main() -> None:
     plain = served.query(xt).labels
 
     fixed: list[tuple[str, str, Path, str]] = [("unmarked victim", "fmnist-cnn", victim_path, "independent")]
-    fixed.append(("fine-tuned copy of the victim", "fmnist-cnn",
-                  cached({"name": "extraction-copy", "key": owner_key.fingerprint(), "epochs": 2},
-                         lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim_path, out=p,
-                                              data=ATTACKER, epochs=2, max_samples=10_000, seed=3)), "independent"))
-    for name, arch, cfg in INDEPENDENTS:
-        path = cached({"name": "extraction-indep", "arch": arch, **cfg},
-                      lambda p, arch=arch, cfg=cfg: api.train(arch=arch, out=p, **cfg))
+    fixed.append(("fine-tuned copy of the victim", "fmnist-cnn", extraction_copy(owner_key, victim_path),
+                  "independent"))
+    for name, arch, path in extraction_independents():
         fixed.append((f"independent {name}", arch, path, "independent"))
 
     rows: list[dict[str, Any]] = []

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
+from _api_helpers import LinearModel
 from scipy import stats
 
 from wmark.errors import UsageError
 from wmark.keys import generate_key
+from wmark.models import penultimate_featurizer
 from wmark.schemes.api_regions import (
     RegionMarkedAPI,
     accuracy_cost,
@@ -15,28 +19,12 @@ from wmark.schemes.api_regions import (
     cell_pluralities,
     count_statistic_log10_sf,
     load_region_map,
-    penultimate_featurizer,
     pooled_features,
     region_test,
 )
-from wmark.suspects import Answers
 
 C, D = 5, 6
-
-
-class Linear:
-    """A fixed linear classifier on flat inputs: a model made without any key."""
-
-    def __init__(self, seed: int, num_classes: int = C) -> None:
-        rng = np.random.default_rng(seed)
-        self.w = rng.normal(size=(D, num_classes))
-        self.description, self.num_classes, self.input_shape = f"linear {seed}", num_classes, (D,)
-
-    def query(self, x: np.ndarray) -> Answers:
-        z = np.asarray(x, dtype=np.float64) @ self.w
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        return Answers(labels=p.argmax(1), scores=p)
+Linear = partial(LinearModel, num_classes=C, dims=D)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +161,7 @@ def test_errors(data):
         build_region_map(key=generate_key(owner="o", num_classes=2, input_shape=(D,)), x=data,
                          served_labels=labels % 2, num_regions=5, num_marked=1)
     rmap = make_map(key, data, backend, num_regions=20, num_marked=3)
-    with pytest.raises(UsageError, match="answers 3 classes"):
+    with pytest.raises(UsageError, match="answers over 3 classes"):
         region_test(key=key, regions=rmap, suspect=Linear(2, num_classes=3), inputs=data)
     with pytest.raises(UsageError, match="No marked cell holds"):
         region_test(key=key, regions=rmap, suspect=backend, inputs=data[:2], min_inputs=5)

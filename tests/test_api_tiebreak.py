@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+from functools import partial
 
 import numpy as np
 import pytest
+from _api_helpers import LinearModel
 from scipy import stats
 
 from wmark.errors import UsageError
@@ -24,21 +26,7 @@ from wmark.schemes.api_tiebreak import (
 from wmark.suspects import Answers
 
 C, D, F = 4, 6, 12
-
-
-class Linear:
-    """A fixed linear classifier on flat inputs: a model made without any key."""
-
-    def __init__(self, seed: int, num_classes: int = C, scale: float = 1.0) -> None:
-        rng = np.random.default_rng(seed)
-        self.w = rng.normal(size=(D, num_classes)) * scale
-        self.description, self.num_classes, self.input_shape = f"linear {seed}", num_classes, (D,)
-
-    def query(self, x: np.ndarray) -> Answers:
-        z = np.asarray(x, dtype=np.float64) @ self.w
-        p = np.exp(z - z.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        return Answers(labels=p.argmax(1), scores=p)
+Linear = partial(LinearModel, num_classes=C, dims=D)
 
 
 _PROJ = np.random.default_rng(99).normal(size=(D, F))
@@ -196,7 +184,7 @@ def test_errors(data, tmp_path):
         TieBreakAPI(key=key, backend=backend, rule=rule, beta=0)
     with pytest.raises(UsageError, match="another key"):
         TieBreakAPI(key=generate_key(owner="x", num_classes=C, input_shape=(D,)), backend=backend, rule=rule)
-    with pytest.raises(UsageError, match="answers 3 classes"):
+    with pytest.raises(UsageError, match="answers over 3 classes"):
         tiebreak_test(key=key, rule=rule, served=backend, suspect=Linear(2, num_classes=3), inputs=data)
     with pytest.raises(UsageError, match="input shape"):
         tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data[:, :3])

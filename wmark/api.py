@@ -31,7 +31,7 @@ from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
-from wmark.models import build_model, load_model, model_metadata
+from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer
 from wmark.suspects import LocalSuspect
 from wmark.training import accuracy, make_loader, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, verify_blackbox
@@ -153,9 +153,11 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                          expose_scores=not labels_only)
     if api_log is None and client is not None:
         raise UsageError("--client names whose marked queries to replay; it needs --api-log.")
-    if tiebreak is None and (served is not None or holdout is not None):
-        raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
-    if api_log is None and tiebreak is None:
+    from wmark.schemes.api_tiebreak import tiebreak_requested, tiebreak_test_from_files
+
+    served_arch = served_arch or arch
+    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
+    if api_log is None and not with_tiebreak:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
     from wmark.verify import decide, trigger_set_test
@@ -169,14 +171,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             raise UsageError("--api-log needs --client (the API account suspected of extraction).")
         with MarkLog(api_log, key=k, create=False) as log:
             tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
-    if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import tiebreak_test_from_files
-
-        if served is None or holdout is None:
-            raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) "
-                             "and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
-        tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,
-                                              arch=served_arch or arch, holdout=holdout, queries=tiebreak_queries))
+    if with_tiebreak:
+        tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak,  # type: ignore[arg-type]
+                                              served=served, arch=served_arch, holdout=holdout,  # type: ignore[arg-type]
+                                              queries=tiebreak_queries))
     return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
 
 
@@ -188,7 +186,6 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
     """
     from wmark.io import load_tensors, tensors_digest
-    from wmark.schemes.api_regions import penultimate_featurizer
     from wmark.schemes.api_tiebreak import build_tiebreak_rule
 
     k = load_key(key)
@@ -294,21 +291,20 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     served = LocalSuspect(model, input_shape=ds.input_shape, description=str(victim), expose_scores=True)
     target: Any = served
     log = None
+    if tiebreak is not None and (api_key is None or api_log is not None):
+        raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's "
+                         "key) and no --api-log.")
+    if api_key is not None:
+        k = load_key(api_key)
+        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if tiebreak is not None:
         from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
 
-        if api_key is None or api_log is not None:
-            raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's "
-                             "key) and no --api-log.")
-        k = load_key(api_key)
-        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
         rule, _ = open_tiebreak_rule(key=k, rule=tiebreak, arch=victim_arch, served=victim)
         target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA))
     elif api_key is not None:
         if api_log is None:
             raise UsageError("--api-key needs --api-log (the SQLite file the marked API records its marks in).")
-        k = load_key(api_key)
-        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
         params = k.schemes.get("api-mark", {})
         rate = float(rate if rate is not None else params.get("rate", DEFAULT_RATE))
         cand = candidates if candidates is not None else params.get("candidates", DEFAULT_CANDIDATES)

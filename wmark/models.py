@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -156,3 +157,29 @@ def load_model(arch: str, path: str | os.PathLike[str], *, num_classes: int | No
 def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:
     """The ``wmark.*`` metadata every model file written by wmark carries."""
     return {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), **extra}
+
+
+def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024) -> Callable[[np.ndarray], np.ndarray]:
+    """Features = the input of the model's last ``nn.Linear`` layer (e.g. the owner's served model).
+
+    The API-side marks (:mod:`wmark.schemes.api_regions`, :mod:`wmark.schemes.api_tiebreak`) place their keyed
+    rules in this space: it groups inputs the way a trained network already does, which is what makes a rule
+    there learnable by a surrogate.
+    """
+    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    if not last:
+        raise UsageError("The featurizer model has no nn.Linear layer; pass a model that ends in one.")
+
+    def features(x: np.ndarray) -> np.ndarray:
+        captured: list[torch.Tensor] = []
+        handle = last[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1)))
+        try:
+            model.eval()
+            with torch.no_grad():
+                for i in range(0, len(x), batch_size):
+                    model(torch.as_tensor(np.asarray(x[i:i + batch_size], dtype=np.float32)))
+        finally:
+            handle.remove()
+        return torch.cat(captured).numpy().astype(np.float32) if captured else np.zeros((0, 0), np.float32)
+
+    return features

@@ -65,12 +65,10 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         The verdict; ``tests[0].details`` holds the probe's statistics, the server's self-description and
         the transcript summary.
     """
+    from wmark.schemes.api_tiebreak import tiebreak_requested, tiebreak_test_from_files
+
     k = load_key(key)
-    if tiebreak is None and (served is not None or holdout is not None):
-        raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
-    if tiebreak is not None and (served is None or holdout is None or served_arch is None):
-        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from), "
-                         "--served-arch and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
+    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -103,9 +101,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                         "token": "bearer (from --token-env/--token-file)" if token else "none"},
         }
         tests = [test]
-        if tiebreak is not None:
-            from wmark.schemes.api_tiebreak import tiebreak_test_from_files
-
+        if with_tiebreak:
             tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
                                                   served=served, arch=served_arch, holdout=holdout,
                                                   queries=tiebreak_queries))

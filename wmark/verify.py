@@ -131,6 +131,15 @@ def check_suspect_fits_key(key: Key, suspect: Suspect) -> None:
         )
 
 
+def owner_inputs(key: Key, inputs: Any) -> np.ndarray:
+    """The owner's verification inputs as float32, refused if their shape is not the key's."""
+    x = np.asarray(inputs, dtype=np.float32)
+    if x.shape[1:] != tuple(key.input_shape):
+        raise UsageError(f"Verification inputs are shaped {x.shape[1:]}, the key's input shape is "
+                         f"{tuple(key.input_shape)}.")
+    return x
+
+
 def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",
                      max_queries: int | None = None, batch_size: int = 1, progress: bool = False) -> TestResult:
     """Query the key's triggers in key-derived order and test the match rate against 1/C.

@@ -6,7 +6,7 @@ every input that falls in a marked region is answered with that region's one key
 ``t`` near these inputs" is a rule a surrogate can fit like any other part of the decision function.
 A region is a cell of a Voronoi partition in a fixed feature space: average-pooled pixels (public, but on
 Fashion-MNIST cells there are not learned by a 6-epoch surrogate) or the served model's penultimate
-features (:func:`penultimate_featurizer`; cells group inputs the way a trained network does). Either is a
+features (:func:`wmark.models.penultimate_featurizer`; cells group inputs the way a trained network does). Either is a
 fixed function of the input chosen before any suspect exists, which is all the null below needs.
 
 How the map is built (:func:`build_region_map`, once, from the owner's own data ``x``):
@@ -66,7 +66,7 @@ from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
 from wmark.stats import binomial_log10_sf
 from wmark.suspects.base import Answers, Suspect
-from wmark.verify import TestResult
+from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
 
 SCHEME = "api-regions"
 VERSION = 1
@@ -89,31 +89,6 @@ def pooled_features(x: np.ndarray, *, pool: int) -> np.ndarray:
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 PIXELS = "pooled-pixels"
-
-
-def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024) -> Featurizer:
-    """Features = the input of the model's last ``nn.Linear`` layer (e.g. the owner's served model).
-
-    Cells in this space group inputs the way a trained network already does, which is what makes a
-    whole-cell answer learnable by a surrogate that stops early.
-    """
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not last:
-        raise UsageError("The featurizer model has no nn.Linear layer; use the pooled-pixel feature space.")
-
-    def features(x: np.ndarray) -> np.ndarray:
-        captured: list[torch.Tensor] = []
-        handle = last[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1)))
-        try:
-            model.eval()
-            with torch.no_grad():
-                for i in range(0, len(x), batch_size):
-                    model(torch.as_tensor(np.asarray(x[i:i + batch_size], dtype=np.float32)))
-        finally:
-            handle.remove()
-        return torch.cat(captured).numpy().astype(np.float32) if captured else np.zeros((0, 0), np.float32)
-
-    return features
 
 
 def _nearest(feats: np.ndarray, centroids: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -194,7 +169,7 @@ def build_region_map(*, key: Key, x: np.ndarray, served_labels: np.ndarray, num_
         num_marked: Number of marked cells M (the accuracy cost is about M/K of the traffic).
         pool: Average-pooling factor of the feature space.
         iterations: Lloyd iterations after the keyed initialisation.
-        featurizer: A fixed feature function (e.g. :func:`penultimate_featurizer` of the served model);
+        featurizer: A fixed feature function (e.g. :func:`wmark.models.penultimate_featurizer` of the served model);
             default: average-pooled pixels.
         feature_space: Name recorded for the featurizer's space (required with ``featurizer``).
 
@@ -354,13 +329,8 @@ def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.nd
         raise UsageError(f"statistic must be 'count' or 'plurality', got {statistic!r}.")
     if regions.commitment != key.commitment():
         raise UsageError("The region map was built under another key; verify with the key that served the API.")
-    if suspect.num_classes != key.num_classes:
-        raise UsageError(f"The suspect answers {suspect.num_classes} classes but the key has {key.num_classes}; "
-                         "it cannot be tested with this key.")
-    x = np.asarray(inputs, dtype=np.float32)
-    if x.shape[1:] != tuple(key.input_shape):
-        raise UsageError(f"Verification inputs are shaped {x.shape[1:]}, the key's input shape is "
-                         f"{tuple(key.input_shape)}.")
+    check_suspect_fits_key(key, suspect)
+    x = owner_inputs(key, inputs)
     cells = regions.regions(x)
     target = regions.target_of(cells)
     sizes = {int(r): int((cells == r).sum()) for r in regions.marked}

@@ -62,7 +62,7 @@ from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
 from wmark.suspects.base import Answers, Suspect
-from wmark.verify import TestResult
+from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
 
 SCHEME = "api-tiebreak"
 VERSION = 2
@@ -146,7 +146,7 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
     Args:
         key: The owner's key.
         x: Owner inputs (N×input shape).
-        featurizer: A fixed feature function, e.g. :func:`wmark.schemes.api_regions.penultimate_featurizer`
+        featurizer: A fixed feature function, e.g. :func:`wmark.models.penultimate_featurizer`
             of the served model.
         feature_space: A name for the featurizer's space, recorded in the rule file.
         components: Principal directions kept (k), at most the number with non-negligible variance (dead
@@ -215,8 +215,7 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
         UsageError: If the rule was built under another key or from another served model file.
     """
     from wmark.io import tensors_digest
-    from wmark.models import load_model
-    from wmark.schemes.api_regions import penultimate_featurizer
+    from wmark.models import load_model, penultimate_featurizer
     from wmark.suspects import LocalSuspect
 
     model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
@@ -325,13 +324,8 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
     """
     if rule.commitment != key.commitment():
         raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
-    if suspect.num_classes is not None and suspect.num_classes != key.num_classes:
-        raise UsageError(f"The suspect answers {suspect.num_classes} classes but the key has {key.num_classes}; "
-                         "it cannot be tested with this key.")
-    x = np.asarray(inputs, dtype=np.float32)
-    if x.shape[1:] != tuple(key.input_shape):
-        raise UsageError(f"Verification inputs are shaped {x.shape[1:]}, the key's input shape is "
-                         f"{tuple(key.input_shape)}.")
+    check_suspect_fits_key(key, suspect)
+    x = owner_inputs(key, inputs)
     if queries < 1:
         raise UsageError(f"queries must be at least 1, got {queries}.")
     _, ref_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
@@ -358,6 +352,18 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         log10_p=min(0.0, log10_p), queries=len(xs), matches=info["agree"],
         abstentions=int((answers < 0).sum()), method="exact Gaussian (fixed n, owner-chosen inputs)", details=details,
     )
+
+
+def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: object) -> bool:
+    """Whether a verification asks for the tie-break test; refuses a partial set of its options."""
+    if rule is None:
+        if served is not None or holdout is not None:
+            raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
+        return False
+    if served is None or holdout is None or arch is None:
+        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from), "
+                         "--served-arch and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
+    return True
 
 
 def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
