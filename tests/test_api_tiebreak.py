@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from functools import partial
 
 import numpy as np
@@ -14,14 +15,17 @@ from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
 from wmark.schemes.api_tiebreak import (
+    REFERENCE_RECIPES,
     TieBreakAPI,
     accuracy_cost,
     build_tiebreak_rule,
+    commit_verification_inputs,
     load_tiebreak_rule,
     select_verification_inputs,
     tiebreak_statistic,
     tiebreak_test,
     top_pairs,
+    train_reference_surrogates,
 )
 from wmark.suspects import Answers
 
@@ -124,23 +128,64 @@ def test_statistic_matches_a_direct_computation():
 
 
 def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):
-    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
-    backend = Linear(1)
-    rule, api = make(key, data, backend, beta=3.0, components=F)
-    caught = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), inputs=data,
-                           queries=600)
-    # the evidence is capped near sqrt(pairs * components) standard deviations, whatever the query count
-    assert caught.log10_p < -5
-    assert caught.evidence_of == "extracted"
-    assert caught.matches > 0.6 * caught.details["in_pair"]
-    innocent = tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data, queries=600)
-    assert innocent.log10_p > -3
+    # Fixed keys keep this deterministic: over fresh random keys the follower's log10 p spreads from about
+    # -3.5 to -12 (the evidence is capped near sqrt(pairs * components) standard deviations here).
+    caught, innocent = [], []
+    for seed in range(5):
+        key = dataclasses.replace(generate_key(owner="o", num_classes=C, input_shape=(D,)),
+                                  secret=hashlib.sha256(f"wmark-test-key/tiebreak/{seed}".encode()).digest())
+        backend = Linear(1)
+        rule, api = make(key, data, backend, beta=3.0, components=F)
+        res = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9, seed=seed),
+                            inputs=data, queries=600)
+        assert res.evidence_of == "extracted" and res.matches > 0.6 * res.details["in_pair"]
+        caught.append(res.log10_p)
+        innocent.append(tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data,
+                                      queries=600).log10_p)
+    assert max(caught) < -3 and np.median(caught) < -5, caught
+    assert min(innocent) > -3, innocent
 
 
 def test_verification_inputs_are_the_nearest_ties():
     scores = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2], [0.6, 0.3, 0.1]])
     np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=2), [2, 0])
     np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=10, min_ratio=0.45), [2, 0, 3])
+
+
+def test_reference_ranking_puts_the_most_open_calls_first():
+    served = np.array([[0.6, 0.3, 0.1], [0.5, 0.4, 0.1], [0.2, 0.7, 0.1], [0.1, 0.1, 0.8]])
+    # served pairs (lo, hi): (0, 1), (0, 1), (0, 1), (0, 2); the references' log(p_lo / p_hi) averages
+    # to 1.0, -1.5, 0.05 and 0.0 on the four rows
+    ref1 = np.array([[np.e, 1, 1], [1, np.e ** 2, 1], [np.e ** 0.1, 1, 1], [1, 1, 1]], dtype=float)
+    ref2 = np.array([[np.e, 1, 1], [1, np.e, 1], [1, 1, 1], [1, 5, 1]], dtype=float)
+    refs = [r / r.sum(1, keepdims=True) for r in (ref1, ref2)]
+    np.testing.assert_array_equal(select_verification_inputs(scores=served, count=4, reference_scores=refs),
+                                  [3, 2, 0, 1])
+    with pytest.raises(UsageError, match="Reference scores are shaped"):
+        select_verification_inputs(scores=served, count=2, reference_scores=[refs[0][:3]])
+
+
+def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
+    backend = Linear(1)
+    refs = train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], queries=400)
+    assert len(refs) == len(REFERENCE_RECIPES)
+    chosen = []
+    for owner in ("a", "b"):
+        key = generate_key(owner=owner, num_classes=C, input_shape=(D,))
+        rule = commit_verification_inputs(make(key, data, backend)[0], served=backend, x=data, references=refs,
+                                          count=300, how="test")
+        chosen.append(rule.verification_inputs)
+    # the committed inputs depend on the served model and the references, never on the key
+    np.testing.assert_array_equal(chosen[0], chosen[1])
+    rule.save(tmp_path / "rule.safetensors")
+    back = load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=featurizer)
+    np.testing.assert_array_equal(back.verification_inputs, chosen[1])
+    assert back.verification == "4 reference surrogates (test)"
+    res = tiebreak_test(key=key, rule=back, served=backend, suspect=backend, queries=120)
+    assert res.queries == 120 and res.details["selection"].startswith("committed in the rule: 4 reference")
+    plain = make(key, data, backend)[0]
+    with pytest.raises(UsageError, match="carries no committed verification inputs"):
+        tiebreak_test(key=key, rule=plain, served=backend, suspect=backend)
 
 
 def test_save_load_roundtrip_rederives_directions(tmp_path, data):
@@ -250,7 +295,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
                                str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out", str(rule)])
     assert res.exit_code == 0, res.output
-    assert "64 components" in res.output
+    assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
     out = tmp_path / "surrogate.safetensors"
     res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
                                "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(tmp_path / "thief.safetensors"),
@@ -258,10 +303,10 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
                                "--beta", "2"])
     assert res.exit_code == 0, res.output
     # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that): over 6 fresh
-    # keys this 40-epoch surrogate scored log10 p from -9.2 to -14.8 (417 holdout inputs near a tie), so
-    # alpha = 1e-4 keeps the test stable.
+    # keys this 40-epoch surrogate scored log10 p from -8.0 to -12.5 (the 1000 committed verification inputs),
+    # so alpha = 1e-4 keeps the test stable.
     verify = ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--mode", "fixed", "--json", "--alpha", "1e-4"]
-    tb = ["--tiebreak", str(rule), "--served", str(weights), "--holdout", str(tmp_path / "owner.safetensors")]
+    tb = ["--tiebreak", str(rule), "--served", str(weights)]
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
@@ -276,9 +321,10 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert res.exit_code == 2 and "pass --tiebreak RULE too" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule), "--served", str(out),
-                                        "--holdout", str(tmp_path / "owner.safetensors")])
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule), "--served", str(out)])
     assert res.exit_code == 2 and "built from another served model" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--holdout", str(tmp_path / "owner.safetensors")] + tb)
+    assert res.exit_code == 2 and "commits its own verification inputs" in res.output
     other = tmp_path / "other.key"
     save_key(generate_key(owner="Other", num_classes=c, input_shape=shape), other)
     res = runner.invoke(main, ["verify", "--key", str(other), "--arch", "fmnist-mlp", "--suspect", str(out)] + tb)
@@ -311,7 +357,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
-                               "--tiebreak", str(rule), "--holdout", str(tmp_path / "owner.safetensors")])
+                               "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
     res = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
                                "--api-key", str(key)])

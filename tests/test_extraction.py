@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from wmark.attacks.extract import extract, extraction_targets
+from wmark.attacks.extract import accuracy_reached, extract, extraction_targets
 from wmark.cli import main
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.io import save_tensors
@@ -47,6 +47,26 @@ def test_surrogates_agree_with_the_victim(victim, labels):
     with torch.no_grad():
         agree = (result.model(xt).argmax(1) == victim(xt).argmax(1)).float().mean().item()
     assert agree > 0.8
+
+
+def test_a_thief_can_stop_once_good_enough(victim):
+    xq, _ = _data(1000, seed=1)
+    xt, yt = _data(500, seed=2)
+    api = LocalSuspect(victim, input_shape=SHAPE)
+    seen = []
+
+    def stop(model: torch.nn.Module) -> bool:
+        seen.append(accuracy_reached(xt, yt, 0.0)(model) and not model.training)
+        return len(seen) == 3
+
+    result = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=10, seed=3, stop=stop)
+    assert result.epochs == 3 and seen == [True, True, True]
+    assert extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=2, seed=3).epochs == 2
+    unreachable = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=2, seed=3,
+                          stop=accuracy_reached(xt, yt, 1.01))
+    assert unreachable.epochs == 2
+    first = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=10, seed=3, stop=accuracy_reached(xt, yt, 0.0))
+    assert first.epochs == 1
 
 
 def test_top1_targets_round_the_confidence():
@@ -104,7 +124,12 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
                                "--out", str(out), "--epochs", "40", "--api-key", str(key), "--api-log", str(log),
                                "--client", "thief", "--rate", "0.15", "--candidates", "all"])
     assert res.exit_code == 0, res.output
-    assert "agreement with the victim" in res.output
+    assert "40 epoch(s)" in res.output and "agreement with the victim" in res.output
+    quick = tmp_path / "quick.safetensors"
+    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
+                               "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(data), "--out", str(quick),
+                               "--epochs", "40", "--until-accuracy", "0.0"])
+    assert res.exit_code == 0 and "1 epoch(s)" in res.output, res.output
     res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
                                "--api-log", str(log), "--client", "thief", "--mode", "fixed", "--json"])
     doc = json.loads(res.output)

@@ -31,7 +31,7 @@ from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
-from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer
+from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
 from wmark.training import accuracy, make_loader, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, verify_blackbox
@@ -135,9 +135,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 
     With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
     client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
-    from :func:`build_tiebreak`), ``served`` (the owner's served model file the rule was built from) and
-    ``holdout`` (the owner's own inputs, never a client's), the suspect is also asked the
-    ``tiebreak_queries`` holdout inputs nearest to a tie: the tie-break test. All tests are combined with
+    from :func:`build_tiebreak`) and ``served`` (the owner's served model file the rule was built from), the
+    suspect is also asked the first ``tiebreak_queries`` verification inputs the rule commits (``holdout``,
+    the owner's own inputs, only for a rule that commits none): the tie-break test. All tests are combined with
     Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if
     only an API-side mark is.
     """
@@ -179,26 +179,48 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
-                   components: int | None = None) -> dict[str, Any]:
+                   components: int | None = None, references: Sequence[str] | None = None,
+                   verify_count: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
-    The rule file holds the key-independent feature map (no secret, no directions); serve with
+    The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
+    verification inputs, committed now, before any suspect exists: the ``verify_count`` inputs of ``data``
+    whose call between the served model's top two classes reference surrogates leave most open. The
+    references are distilled from the *unmarked* served model (architectures ``references``; default: the
+    served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties). Serve with
     :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
     """
     from wmark.io import load_tensors, tensors_digest
-    from wmark.schemes.api_tiebreak import build_tiebreak_rule
+    from wmark.schemes.api_tiebreak import (
+        REFERENCE_RECIPES,
+        build_tiebreak_rule,
+        commit_verification_inputs,
+        train_reference_surrogates,
+    )
 
     k = load_key(key)
     ds = load_dataset(data)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    if verify_count < 1:
+        raise UsageError(f"--verify-count must be at least 1, got {verify_count}.")
+    archs = list(dict.fromkeys([arch, "fmnist-mlp"] if references is None else references))
+    for name in archs:
+        resolve_arch(name)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True)
     start = time.perf_counter()
     tensors, raw = load_tensors(weights)
-    rule = build_tiebreak_rule(key=k, x=ds.x_train.numpy(), featurizer=penultimate_featurizer(model),
+    x = ds.x_train.numpy()
+    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(model),
                                feature_space="served-penultimate", components=components,
                                model_digest=tensors_digest(tensors, raw))
+    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed) if archs else []
+    recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES)
+    rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
+                                      how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule.save(out)
-    return {"out": str(out), "components": rule.components, "inputs": len(ds.x_train),
+    return {"out": str(out), "components": rule.components, "inputs": len(ds.x_train), "references": len(refs),
+            "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
             "seconds": time.perf_counter() - start}
 
 
@@ -274,14 +296,17 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
             queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0, api_key: PathLike | None = None,
             api_log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
             candidates: str | int | None = None, tiebreak: PathLike | None = None, beta: float | None = None,
-            progress: bool = False) -> dict[str, Any]:
+            until_accuracy: float | None = None, progress: bool = False) -> dict[str, Any]:
     """Extract a surrogate of ``victim`` from its answers to the attacker's ``data`` and save it.
 
-    With ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
+    With ``until_accuracy`` the thief stops after the first epoch whose accuracy on ``data``'s test split
+    reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With
+    ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
     (answers marked with that key, marked queries logged under ``client`` in ``api_log``) or, with
     ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper: the path a
     real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
     """
+    from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
     from wmark.schemes.api_mark import DEFAULT_CANDIDATES, DEFAULT_RATE, MarkedAPI, MarkLog, parse_candidates
     from wmark.training import predict_logits
@@ -311,8 +336,9 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
         log = MarkLog(api_log, key=k, rate=rate, candidates=parse_candidates(cand, k.num_classes))
         target = MarkedAPI(key=k, backend=served, rate=rate, candidates=cand, log=log, client=client)
     try:
+        stop = None if until_accuracy is None else accuracy_reached(ds.x_test, ds.y_test, until_accuracy)
         result = run_extract(target, x=ds.x_train, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
-                             epochs=epochs, lr=lr, seed=seed, progress=progress)
+                             epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop)
     finally:
         if log is not None:
             log.close()
@@ -321,7 +347,8 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     agree = float((predict_logits(surrogate, ds.x_test).argmax(1) == predict_logits(model, ds.x_test).argmax(1))
                   .float().mean())
     params_doc = {"victim_arch": victim_arch, "labels": labels, "queries": result.queries, "answered": result.answered,
-                  "epochs": epochs, "lr": lr, "seed": seed, "data": data,
+                  "epochs": result.epochs, "max_epochs": epochs, "until_accuracy": until_accuracy, "lr": lr,
+                  "seed": seed, "data": data,
                   "marked_api": "tiebreak" if tiebreak is not None else ("api-mark" if api_key is not None else "")}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
                                                        input_shape=ds.input_shape, test_accuracy=acc,

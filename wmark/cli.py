@@ -193,9 +193,10 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Tie-break test: the owner's served model file the rule was built from.")
 @click.option("--served-arch", default=None, help="Tie-break test: architecture of --served (default: --arch).")
 @click.option("--holdout", default=None,
-              help="Tie-break test: the owner's own inputs, never a client's (" + DATA_HELP + ").")
+              help="Tie-break test, only for a rule that commits no verification inputs: the owner's own inputs, "
+                   "never a client's (" + DATA_HELP + ").")
 @click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
-              help="Tie-break test: holdout inputs asked (those nearest to a tie), fixed before querying.")
+              help="Tie-break test: verification inputs asked (the first of the rule's ranking), fixed before querying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
@@ -329,17 +330,21 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
               help="Serve the victim behind the keyed tie-break wrapper with this rule (needs --api-key).")
 @click.option("--beta", type=float, default=None, help="Tie-break wrapper: scale of the keyed log-probability shift (default 1.0).")
+@click.option("--until-accuracy", type=float, default=None,
+              help="Stop after the first epoch whose accuracy on the data's test split reaches this (--epochs is the cap).")
 @_handle_errors
 def attack_extract(victim_arch: str, victim: str, arch: str, labels: str, queries: int, data: str, out: str,
                    epochs: int, lr: float, seed: int, api_key: str | None, api_log: str | None, client: str,
-                   rate: float | None, candidates: str | None, tiebreak: str | None, beta: float | None) -> None:
+                   rate: float | None, candidates: str | None, tiebreak: str | None, beta: float | None,
+                   until_accuracy: float | None) -> None:
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, api_key=api_key, api_log=api_log,
                        client=client, rate=rate, candidates=candidates, tiebreak=tiebreak, beta=beta,
-                       progress=_progress())
-    click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers): test accuracy "
-               f"{info['test_accuracy']:.4f}, agreement with the victim {info['victim_agreement']:.4f}")
+                       until_accuracy=until_accuracy, progress=_progress())
+    click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers, "
+               f"{info['params']['epochs']} epoch(s)): test accuracy {info['test_accuracy']:.4f}, agreement with the "
+               f"victim {info['victim_agreement']:.4f}")
 
 
 @attack.command("prune", epilog=EXIT_HELP)
@@ -405,14 +410,25 @@ def tiebreak() -> None:
 @click.option("--data", required=True, help=DATA_HELP + " (the owner's own inputs, e.g. fashion-mnist@owner)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rule file to write (.safetensors).")
 @click.option("--components", type=int, default=None, help="Principal feature directions kept (default 64, at most the live ones).")
+@click.option("--references", default=None,
+              help="Architectures of the reference surrogates (distilled from the unmarked served model) that pick "
+                   "the verification inputs, comma-separated, or 'none' for the served model's nearest ties "
+                   "(default: --arch and fmnist-mlp).")
+@click.option("--verify-count", type=int, default=1000, show_default=True,
+              help="Verification inputs committed in the rule (the most a verification asks).")
 @_handle_errors
-def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None) -> None:
+def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
+                   references: str | None, verify_count: int) -> None:
     """Build the tie-break rule the marked API serves with and `wmark verify --tiebreak` tests.
 
-    The file holds only the key-independent feature map; the keyed directions are re-derived from the key.
+    The file holds the key-independent feature map and the owner's verification inputs, committed before any
+    suspect exists; the keyed directions are re-derived from the key, never stored.
     """
-    info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components)
-    click.echo(f"wrote {info['out']} ({info['components']} components from {info['inputs']} inputs, "
+    refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
+    info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
+                              references=refs, verify_count=verify_count)
+    click.echo(f"wrote {info['out']} ({info['components']} components from {info['inputs']} inputs; "
+               f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
 
 

@@ -52,13 +52,14 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
-        tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the
-            ``tiebreak_queries`` ``holdout`` inputs nearest to a tie of ``served`` (architecture
+        tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the first
+            ``tiebreak_queries`` verification inputs the rule commits (pairs from ``served``, architecture
             ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
         served: The owner's served model file the rule was built from.
         served_arch: Its architecture.
-        holdout: The owner's own inputs (dataset spec), never a client's.
-        tiebreak_queries: How many holdout inputs to ask.
+        holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
+            never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
+        tiebreak_queries: How many verification inputs to ask.
         progress: Show a progress bar.
 
     Returns:

@@ -7,7 +7,7 @@ train base models, reference models and attackers' copies reproducibly.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -28,8 +28,16 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, seed:
 
 
 def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
-                 device: torch.device | None = None, progress: bool = False, desc: str = "train") -> None:
-    """Plain supervised training with cross-entropy; batches are ``(x, y)`` pairs."""
+                 device: torch.device | None = None, progress: bool = False, desc: str = "train",
+                 stop: Callable[[nn.Module], bool] | None = None) -> int:
+    """Plain supervised training with cross-entropy; batches are ``(x, y)`` pairs.
+
+    Args:
+        stop: Called with the model (in eval mode) after each epoch; training ends early when it returns True.
+
+    Returns:
+        The number of epochs trained.
+    """
     device = device or default_device()
     model.to(device).train()
     loss_fn = nn.CrossEntropyLoss()
@@ -44,7 +52,13 @@ def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: 
                 optimizer.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if stop is not None:
+            model.eval()
+            if stop(model):
+                return epoch + 1
+            model.train()
     model.eval()
+    return epochs
 
 
 @contextlib.contextmanager

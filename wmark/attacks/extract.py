@@ -16,6 +16,7 @@ Abstentions (label −1) are dropped and counted; an API that refuses everything
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +27,7 @@ from torch import nn
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.models import build_model
 from wmark.suspects.base import Suspect
-from wmark.training import make_loader, train_epochs
+from wmark.training import accuracy, make_loader, train_epochs
 
 LabelMode = Literal["hard", "soft", "top1"]
 LABEL_MODES = ("hard", "soft", "top1")
@@ -42,6 +43,7 @@ class Extraction:
         answered: Inputs the victim answered (abstentions excluded).
         query_seconds: Time spent querying the victim.
         train_seconds: Time spent training.
+        epochs: Epochs trained (fewer than asked when ``stop`` ended training early).
     """
 
     model: nn.Module
@@ -49,6 +51,7 @@ class Extraction:
     answered: int
     query_seconds: float
     train_seconds: float
+    epochs: int
 
 
 def query_victim(victim: Suspect, x: np.ndarray, *, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray | None]:
@@ -86,7 +89,7 @@ def extraction_targets(labels: np.ndarray, scores: np.ndarray | None, *, mode: L
 
 def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels: LabelMode = "hard",
             queries: int | None = None, epochs: int = 6, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-            decimals: int = 2, progress: bool = False) -> Extraction:
+            decimals: int = 2, progress: bool = False, stop: Callable[[nn.Module], bool] | None = None) -> Extraction:
     """Train a surrogate of ``victim`` on its answers to (at most ``queries`` of) the thief's inputs ``x``.
 
     Args:
@@ -101,6 +104,8 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
         seed: Seed of the query choice, initialisation and data order.
         decimals: Rounding of the confidence in ``top1`` mode.
         progress: Show a progress bar on stderr.
+        stop: Called with the surrogate after each epoch; training ends when it returns True (a thief that
+            stops once the surrogate is good enough, e.g. :func:`accuracy_reached`). ``epochs`` is then the cap.
 
     Raises:
         UsageError: On a bad mode or budget, or ``soft``/``top1`` against a label-only victim.
@@ -129,7 +134,25 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
     model = build_model(arch, num_classes=num_classes, input_shape=tuple(xs.shape[1:]), seed=seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
-    train_epochs(model, make_loader(xq[torch.as_tensor(ok)], targets, batch_size=batch_size, seed=seed),
-                 epochs=epochs, optimizer=optimizer, progress=progress, desc="extract")
+    trained = train_epochs(model, make_loader(xq[torch.as_tensor(ok)], targets, batch_size=batch_size, seed=seed),
+                           epochs=epochs, optimizer=optimizer, progress=progress, desc="extract", stop=stop)
     return Extraction(model=model, queries=len(xq), answered=int(ok.sum()), query_seconds=query_seconds,
-                      train_seconds=time.perf_counter() - start)
+                      train_seconds=time.perf_counter() - start, epochs=trained)
+
+
+def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, target: float) -> Callable[[nn.Module], bool]:
+    """A ``stop`` rule for :func:`extract`: the surrogate's accuracy on labelled ``(x, y)`` is at least ``target``.
+
+    Example:
+        >>> import torch
+        >>> rule = accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)
+        >>> rule(torch.nn.Linear(3, 2).requires_grad_(False).zero_())
+        True
+    """
+    xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    ys = torch.as_tensor(np.asarray(y)).long()
+
+    def reached(model: nn.Module) -> bool:
+        return accuracy(model, xs, ys) >= target
+
+    return reached

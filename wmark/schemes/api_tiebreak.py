@@ -17,15 +17,20 @@ fixed before any suspect exists and never read from a suspect. The directions ``
 the key and never stored.
 
 Verification (:func:`tiebreak_test`) and why its null is exact. The owner picks ``n`` of its own held
-inputs, never ones a client chose, by a key-independent criterion: those where the *unmarked* served
-model is closest to a tie between its top two classes ``{a, b}`` (largest ``p_b / p_a``). The suspect
+inputs, never ones a client chose, by a key-independent criterion, and commits them in the rule file
+when it is built: those where *reference surrogates* — models the owner distils from the **unmarked**
+served model, several architectures and training lengths (:func:`train_reference_surrogates`) — are
+closest to a tie between the served model's top two classes ``{a, b}`` (smallest ``|mean_r log(p_r(a) /
+p_r(b))|``). There a surrogate's own fit leaves the call open and the keyed lean it learnt decides it;
+against early-stopped surrogates this more than doubles the evidence per query over the served model's
+own nearest ties (largest ``p_b / p_a``), which remain the choice when no reference is given. The suspect
 answers them; ``s_i = +1`` if it answers the pair's smaller class index, ``−1`` for the larger, ``0``
 otherwise (other classes and abstentions carry no evidence). With ``phi_i`` the features centred per pair
 over the chosen inputs, ``v_c = Σ_i s_i phi_i ([lo_i = c] − [hi_i = c])`` and
 ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``. ``H0``: the suspect was made without access to the marked
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
-the served model and the owner's data); given all of those, ``Z`` is a fixed linear combination of
+the served model, the references distilled from it and the owner's data, never from the key); given all of those, ``Z`` is a fixed linear combination of
 independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
 ``p = P(N(0, 1) ≥ Z)``, computed in log space. The inputs share the ``w_c``, so per-input agreements are
 correlated; the statistic accounts for that, a per-input binomial would not. (Gaussian draws come from
@@ -48,8 +53,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,6 +77,8 @@ DEFAULT_BETA = 1.0
 DEFAULT_PAIR_RATIO = 0.3
 DEFAULT_QUERIES = 1000
 EIGEN_FLOOR = 1e-6
+REFERENCE_RECIPES: tuple[tuple[str, int], ...] = (("hard", 3), ("hard", 6), ("hard", 10), ("soft", 4))
+REFERENCE_QUERIES = 10_000
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -97,6 +105,9 @@ class TieBreakRule:
         feature_space: Name of the featurizer's space (e.g. ``served-penultimate``).
         model_digest: Digest of the served model file whose features define the rule (empty if unknown).
         featurizer: The feature function (not stored; pass it again when loading).
+        verification_inputs: The owner's verification inputs, ranked, committed with the rule (or None: pass
+            held inputs to :func:`tiebreak_test`).
+        verification: How they were chosen (recorded in the file and the report).
     """
 
     mean: np.ndarray
@@ -106,6 +117,8 @@ class TieBreakRule:
     feature_space: str
     model_digest: str = ""
     featurizer: Featurizer | None = field(default=None, compare=False)
+    verification_inputs: np.ndarray | None = field(default=None, compare=False)
+    verification: str = ""
 
     @property
     def components(self) -> int:
@@ -130,9 +143,13 @@ class TieBreakRule:
         """Write the feature map (no directions) as safetensors."""
         tensors = {"mean": torch.from_numpy(np.ascontiguousarray(self.mean, dtype=np.float64)),
                    "projection": torch.from_numpy(np.ascontiguousarray(self.projection, dtype=np.float64))}
+        if self.verification_inputs is not None:
+            tensors["verification_inputs"] = torch.from_numpy(
+                np.ascontiguousarray(self.verification_inputs, dtype=np.float32))
         save_tensors(tensors, path, metadata={"scheme": SCHEME, "version": VERSION, "key_commitment": self.commitment,
                                               "num_classes": int(self.directions.shape[0]),
-                                              "feature_space": self.feature_space, "model_digest": self.model_digest})
+                                              "feature_space": self.feature_space, "model_digest": self.model_digest,
+                                              "verification": self.verification})
 
 
 def _directions(key: Key, k: int) -> np.ndarray:
@@ -198,10 +215,13 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
     if meta.get("key_commitment") != key.commitment():
         raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
     projection = tensors["projection"].numpy()
+    committed = tensors.get("verification_inputs")
     return TieBreakRule(mean=tensors["mean"].numpy(), projection=projection,
                         directions=_directions(key, projection.shape[1]), commitment=key.commitment(),
                         feature_space=str(meta.get("feature_space", "")),
-                        model_digest=str(meta.get("model_digest", "")), featurizer=featurizer)
+                        model_digest=str(meta.get("model_digest", "")), featurizer=featurizer,
+                        verification_inputs=None if committed is None else committed.numpy(),
+                        verification=str(meta.get("verification", "")))
 
 
 def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
@@ -262,12 +282,91 @@ class TieBreakAPI:
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
 
 
-def select_verification_inputs(*, scores: np.ndarray, count: int,
-                               min_ratio: float = DEFAULT_PAIR_RATIO) -> np.ndarray:
-    """Indices of the ``count`` inputs closest to a tie for the unmarked served model (key-independent)."""
-    ratio, _, _ = top_pairs(scores)
-    candidates = np.flatnonzero(ratio >= min_ratio)
-    return candidates[np.argsort(-ratio[candidates], kind="stable")][:count]
+def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: float = DEFAULT_PAIR_RATIO,
+                               reference_scores: Sequence[np.ndarray] | None = None) -> np.ndarray:
+    """Indices of the ``count`` inputs whose call between the served model's top two classes is most open.
+
+    Key-independent by construction: it reads only the unmarked served model's scores and, if given, those
+    of reference surrogates distilled from it.
+
+    Args:
+        scores: The unmarked served model's scores (N×C); its top two classes form each input's pair.
+        count: How many to return, best first.
+        min_ratio: Without references, only inputs with ``p_b / p_a`` at least this are eligible.
+        reference_scores: Scores of reference surrogates (each N×C). Inputs are then ranked by
+            ``|mean_r log(p_r(a) / p_r(b))|``, smallest first: where the surrogates, taken together, are
+            closest to a tie between the served pair. Without them: largest ``p_b / p_a`` first.
+    """
+    ratio, lo, hi = top_pairs(scores)
+    if not reference_scores:
+        candidates = np.flatnonzero(ratio >= min_ratio)
+        return candidates[np.argsort(-ratio[candidates], kind="stable")][:count]
+    rows = np.arange(len(ratio))
+    lean = np.zeros(len(ratio))
+    for ref in reference_scores:
+        r = np.maximum(np.asarray(ref, dtype=np.float64), 1e-12)
+        if r.shape != np.shape(scores):
+            raise UsageError(f"Reference scores are shaped {r.shape}, the served model's {np.shape(scores)}.")
+        lean += np.log(r[rows, lo] / r[rows, hi])
+    return np.argsort(np.abs(lean / len(reference_scores)), kind="stable")[:count]
+
+
+def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
+                               queries: int = REFERENCE_QUERIES) -> list[torch.nn.Module]:
+    """Distil reference surrogates from the **unmarked** served model on the owner's inputs (key-independent).
+
+    For each architecture, one surrogate per recipe in ``REFERENCE_RECIPES`` (hard labels for 3, 6 and 10
+    epochs, soft labels for 4): early- and late-stopped thieves of several kinds, so that the inputs they
+    jointly leave open are open for a thief too.
+
+    Args:
+        served: The unmarked served model, exposing scores.
+        x: The owner's inputs.
+        archs: Architectures (any ``--arch`` name), e.g. the served one and an MLP.
+        seed: Base seed of the queries and initialisations.
+        queries: Inputs each surrogate is distilled from (at most ``len(x)``).
+    """
+    from wmark.attacks.extract import extract
+
+    nets = []
+    for i, arch in enumerate(archs):
+        for j, (labels, epochs) in enumerate(REFERENCE_RECIPES):
+            nets.append(extract(served, x=x, arch=arch, labels=labels, queries=min(queries, len(x)),  # type: ignore[arg-type]
+                                epochs=epochs, seed=seed + 101 + 10 * i + j).model)
+    return nets
+
+
+def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.ndarray,
+                               references: Sequence[torch.nn.Module] = (), count: int = DEFAULT_QUERIES,
+                               how: str = "") -> TieBreakRule:
+    """The rule with ``count`` ranked verification inputs from the owner's ``x`` committed to it.
+
+    Args:
+        rule: A rule from :func:`build_tiebreak_rule`.
+        served: The unmarked served model (exposing scores).
+        x: The owner's held inputs, never a client's.
+        references: Reference surrogates (:func:`train_reference_surrogates`); none: the served model's
+            nearest ties.
+        count: Inputs to commit (the most a verification will ask).
+        how: A description of the references, recorded in the file.
+
+    Raises:
+        UsageError: When no input qualifies.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    _, scores, _ = query_with_scores(served, x, tuple(x.shape[1:]))
+    ref_scores = []
+    for net in references:
+        net.eval()
+        with torch.no_grad():
+            ref_scores.append(np.concatenate([torch.softmax(net(torch.from_numpy(x[i:i + 4096])), 1).double().numpy()
+                                              for i in range(0, len(x), 4096)]))
+    chosen = select_verification_inputs(scores=scores, count=count, reference_scores=ref_scores)
+    if len(chosen) == 0:
+        raise UsageError(f"None of the {len(x)} owner inputs is near a tie of the served model; give more inputs.")
+    label = (f"{len(references)} reference surrogates ({how})" if references else
+             f"nearest ties of the served model (p_b/p_a >= {DEFAULT_PAIR_RATIO})")
+    return dataclasses.replace(rule, verification_inputs=x[chosen], verification=label)
 
 
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -302,8 +401,9 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
                "pairs": len(np.unique(groups[in_pair]))}
 
 
-def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect, inputs: np.ndarray,
-                  queries: int = DEFAULT_QUERIES, min_ratio: float = DEFAULT_PAIR_RATIO) -> TestResult:
+def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
+                  inputs: np.ndarray | None = None, queries: int = DEFAULT_QUERIES,
+                  min_ratio: float = DEFAULT_PAIR_RATIO) -> TestResult:
     """Test whether a suspect breaks the served model's near-ties the way the keyed head does.
 
     Args:
@@ -312,9 +412,11 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         served: The owner's *unmarked* served model (exposing scores): it picks the verification inputs and
             gives the pairs; it is never the suspect.
         suspect: The model under test (labels suffice).
-        inputs: The owner's own held inputs, never inputs a client chose.
-        queries: How many of them to ask (the ``n`` closest to a tie), fixed before querying.
-        min_ratio: Only inputs with ``p_b / p_a`` at least this are eligible.
+        inputs: None: ask the verification inputs committed in the rule (the first ``queries`` of their
+            ranking). Otherwise the owner's own held inputs, never inputs a client chose; the ``queries``
+            nearest to a tie of ``served`` are asked.
+        queries: How many to ask, fixed before querying.
+        min_ratio: With ``inputs``, only those with ``p_b / p_a`` at least this are eligible.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
@@ -325,23 +427,33 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
     if rule.commitment != key.commitment():
         raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
     check_suspect_fits_key(key, suspect)
-    x = owner_inputs(key, inputs)
     if queries < 1:
         raise UsageError(f"queries must be at least 1, got {queries}.")
-    _, ref_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
-    chosen = select_verification_inputs(scores=ref_scores, count=queries, min_ratio=min_ratio)
-    if len(chosen) == 0:
-        raise UsageError(f"None of the {len(x)} verification inputs is near a tie (p_b/p_a >= {min_ratio}); give "
-                         "more held inputs from the owner's distribution.")
-    xs = x[chosen]
-    _, lo, hi = top_pairs(ref_scores[chosen])
+    if inputs is None:
+        if rule.verification_inputs is None:
+            raise UsageError("This tie-break rule carries no committed verification inputs; pass the owner's held "
+                             "inputs (--holdout), or rebuild the rule with `wmark tiebreak build`.")
+        xs = owner_inputs(key, rule.verification_inputs)[:queries]
+        selection = f"committed in the rule: {rule.verification}"
+        _, pair_scores, _ = query_with_scores(served, xs, tuple(key.input_shape))
+    else:
+        x = owner_inputs(key, inputs)
+        _, all_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
+        chosen = select_verification_inputs(scores=all_scores, count=queries, min_ratio=min_ratio)
+        if len(chosen) == 0:
+            raise UsageError(f"None of the {len(x)} verification inputs is near a tie (p_b/p_a >= {min_ratio}); "
+                             "give more held inputs from the owner's distribution.")
+        xs = x[chosen]
+        selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
+        pair_scores = all_scores[chosen]
+    _, lo, hi = top_pairs(pair_scores)
     answers = np.asarray(suspect.query(xs).labels, dtype=np.int64).reshape(-1)
     if len(answers) != len(xs):
         raise UsageError(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
     z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers)
     log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
-    details: dict[str, Any] = {"z": z, "components": rule.components, "min_ratio": min_ratio,
-                               "eligible_inputs": len(chosen), "budget": int(queries), **info}
+    details: dict[str, Any] = {"z": z, "components": rule.components, "selection": selection,
+                               "budget": int(queries), **info}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
     return TestResult(
@@ -360,22 +472,29 @@ def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: o
         if served is not None or holdout is not None:
             raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
         return False
-    if served is None or holdout is None or arch is None:
-        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from), "
-                         "--served-arch and --holdout (the owner's own inputs, e.g. fashion-mnist@owner).")
+    if served is None or arch is None:
+        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) and "
+                         "--served-arch.")
     return True
 
 
 def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
-                             arch: str, holdout: str, queries: int = DEFAULT_QUERIES) -> TestResult:
-    """:func:`tiebreak_test` from the files a dispute has: rule, served model file and holdout dataset spec.
+                             arch: str, holdout: str | None = None, queries: int = DEFAULT_QUERIES) -> TestResult:
+    """:func:`tiebreak_test` from the files a dispute has: rule, served model file and, for a rule that
+    carries no committed verification inputs, a holdout dataset spec.
 
     Raises:
-        UsageError: On any mismatch between key, rule, served model and holdout data.
+        UsageError: On any mismatch between key, rule, served model and holdout data, or a holdout given for
+            a rule that commits its own inputs.
     """
     from wmark.data import load_dataset
 
     loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
+    if holdout is None:
+        return tiebreak_test(key=key, rule=loaded, served=backend, suspect=suspect, queries=queries)
+    if loaded.verification_inputs is not None:
+        raise UsageError(f"The tie-break rule {rule} commits its own verification inputs (chosen when it was built); "
+                         "drop --holdout.")
     ds = load_dataset(holdout)
     if ds.num_classes != key.num_classes or tuple(ds.input_shape) != tuple(key.input_shape):
         raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped {tuple(ds.input_shape)}; "
