@@ -145,7 +145,7 @@ def main() -> None:
         if not sel:
             return {}
         lp = [r[field] for r in sel]
-        return {"count": len(sel), "detected": sum(v <= np.log10(ALPHA) for v in lp),
+        return {"count": len(sel), "detected": int(sum(v <= np.log10(ALPHA) for v in lp)),
                 "median_log10_p": float(np.median(lp)), "max_log10_p": float(max(lp)), "min_log10_p": float(min(lp))}
 
     per_thief = {}
@@ -157,8 +157,8 @@ def main() -> None:
                 "log10_p_served_ties": [round(r["log10_p_served_ties"], 2) for r in sel],
                 "accuracy": [round(r["accuracy"], 4) for r in sel],
                 "epochs": [int(r["model"].rsplit(", ", 1)[1].split()[0]) for r in sel],
-                "detected": sum(r["verdict"] == "extracted" for r in sel),
-                "detected_served_ties": sum(r["log10_p_served_ties"] <= np.log10(ALPHA) for r in sel)}
+                "detected": int(sum(r["verdict"] == "extracted" for r in sel)),
+                "detected_served_ties": int(sum(r["log10_p_served_ties"] <= np.log10(ALPHA) for r in sel))}
     roles = ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent")
     summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": args.components,
                "queries": args.queries, "epochs": args.epochs, "victim_accuracy": victim_accuracy,
@@ -172,9 +172,9 @@ def main() -> None:
                **{role: stats(role) for role in roles},
                "served_ties": {role: stats(role, "log10_p_served_ties") for role in roles},
                "per_thief": per_thief,
-               "false_accusations": sum(r["role"] == "independent" and not r["ok"] for r in rows),
-               "false_accusations_served_ties": sum(r["role"] == "independent"
-                                                    and r["log10_p_served_ties"] <= np.log10(ALPHA) for r in rows),
+               "false_accusations": int(sum(r["role"] == "independent" and not r["ok"] for r in rows)),
+               "false_accusations_served_ties": int(sum(r["role"] == "independent"
+                                                        and r["log10_p_served_ties"] <= np.log10(ALPHA) for r in rows)),
                "seconds": time.perf_counter() - start}
     columns = ["key", "model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "log10_p_served_ties",
                "verdict", "ok"]
