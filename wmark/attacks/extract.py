@@ -145,8 +145,9 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
 
     Example:
         >>> import torch
-        >>> rule = accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)
-        >>> rule(torch.nn.Linear(3, 2).requires_grad_(False).zero_())
+        >>> model = torch.nn.Linear(3, 2)
+        >>> _ = torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
+        >>> accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)(model)
         True
     """
     xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
