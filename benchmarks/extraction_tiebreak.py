@@ -9,9 +9,10 @@ verification inputs the references leave most open, and serves the victim behind
 trains a surrogate: hard-label CNN, soft-label CNN, hard-label MLP, each twice — for ``--epochs`` epochs
 (early-stopped: 6) and *minimal in scope*: stopped after the first epoch whose accuracy is within 5 pp of
 the victim's (at most 40 epochs; the weakest thief the issue's bar admits); with ``--converged`` also
-20-epoch thieves under the first key. Every suspect answers the committed inputs (exact Gaussian p-value)
-and, side by side, the served model's own nearest ties among the same owner inputs (the selection
-without references). Independent models (CNN seeds, MLPs, a wide CNN, one trained on the attacker's true
+20-epoch thieves under the first key. Every suspect answers the committed inputs with labels only (exact
+Gaussian p-value) and, side by side, the served model's own nearest ties among the same owner inputs (the
+selection without references) and the committed inputs with its probabilities (a leaked file, an API that
+returns them: the test then reads the clipped lean ``log(p_lo / p_hi)``). Independent models (CNN seeds, MLPs, a wide CNN, one trained on the attacker's true
 labels, one on the owner's data), the unmarked victim itself and a fine-tuned copy of it must stay above
 alpha = 1e-6 under every key (the mark lives in the API's answers, so a copied checkpoint carries the
 trigger set, not this mark).
@@ -128,6 +129,8 @@ def main() -> None:
             res = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, queries=args.queries)
             ties = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, inputs=x_owner,
                                  queries=args.queries)
+            scored = tiebreak_test(key=key, rule=rule, served=served, queries=args.queries,
+                                   suspect=LocalSuspect(net, input_shape=(1, 28, 28), expose_scores=True))
             acc, agree = accuracy(net, xt, yt, plain)
             expect = "none" if role == "independent" else "extracted"
             found = "extracted" if res.log10_p <= np.log10(ALPHA) else "none"
@@ -135,10 +138,10 @@ def main() -> None:
                          "queries": res.queries, "in_pair": res.details["in_pair"],
                          "follow_rate": res.matches / max(res.details["in_pair"], 1), "z": res.details["z"],
                          "log10_p": res.log10_p, "verdict": found, "expected": expect, "ok": found == expect,
-                         "log10_p_served_ties": ties.log10_p})
+                         "log10_p_served_ties": ties.log10_p, "log10_p_scores": scored.log10_p})
             if role != "independent":
                 print(table(rows[-1:], ["model", "accuracy", "agreement", "follow_rate", "log10_p",
-                                        "log10_p_served_ties", "verdict"]), flush=True)
+                                        "log10_p_served_ties", "log10_p_scores", "verdict"]), flush=True)
 
     def stats(role: str, field: str = "log10_p") -> dict[str, Any]:
         sel = [r for r in rows if r["role"] == role]
@@ -158,7 +161,9 @@ def main() -> None:
                 "accuracy": [round(r["accuracy"], 4) for r in sel],
                 "epochs": [int(r["model"].rsplit(", ", 1)[1].split()[0]) for r in sel],
                 "detected": int(sum(r["verdict"] == "extracted" for r in sel)),
-                "detected_served_ties": int(sum(r["log10_p_served_ties"] <= np.log10(ALPHA) for r in sel))}
+                "detected_served_ties": int(sum(r["log10_p_served_ties"] <= np.log10(ALPHA) for r in sel)),
+                "log10_p_scores": [round(r["log10_p_scores"], 2) for r in sel],
+                "detected_scores": int(sum(r["log10_p_scores"] <= np.log10(ALPHA) for r in sel))}
     roles = ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent")
     summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": args.components,
                "queries": args.queries, "epochs": args.epochs, "victim_accuracy": victim_accuracy,
@@ -171,13 +176,16 @@ def main() -> None:
                "mean_build_seconds": float(np.mean([c["build_seconds"] for c in costs])),
                **{role: stats(role) for role in roles},
                "served_ties": {role: stats(role, "log10_p_served_ties") for role in roles},
+               "scores": {role: stats(role, "log10_p_scores") for role in roles},
                "per_thief": per_thief,
                "false_accusations": int(sum(r["role"] == "independent" and not r["ok"] for r in rows)),
                "false_accusations_served_ties": int(sum(r["role"] == "independent"
                                                         and r["log10_p_served_ties"] <= np.log10(ALPHA) for r in rows)),
+               "false_accusations_scores": int(sum(r["role"] == "independent"
+                                                   and r["log10_p_scores"] <= np.log10(ALPHA) for r in rows)),
                "seconds": time.perf_counter() - start}
     columns = ["key", "model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "log10_p_served_ties",
-               "verdict", "ok"]
+               "log10_p_scores", "verdict", "ok"]
     print("\n" + table([r for r in rows if r["role"] != "independent"], columns))
     print(json.dumps(summary, indent=1))
     write_results(args.name, {"summary": summary, "costs": costs, "rows": rows})

@@ -21,6 +21,7 @@ from wmark.schemes.api_tiebreak import (
     build_tiebreak_rule,
     commit_verification_inputs,
     load_tiebreak_rule,
+    probability_leans,
     select_verification_inputs,
     tiebreak_statistic,
     tiebreak_test,
@@ -94,19 +95,33 @@ def test_api_shifts_by_the_keyed_head_changes_only_close_calls_and_is_determinis
 def test_statistic_is_exactly_standard_normal_for_a_key_independent_suspect(data):
     # One fixed served model and one fixed innocent suspect, 400 fresh keys: Z must be N(0, 1) (KS test
     # against scipy), the p-value must be scipy's normal tail, and rejection rates must respect their level.
+    # Both readings of the suspect: its labels' signs, and its probabilities' clipped lean.
     backend, suspect = Linear(1), Linear(2)
-    zs, logs = [], []
-    for i in range(400):
-        key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
-        rule, _ = make(key, data, backend)
-        res = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, inputs=data, queries=300)
-        zs.append(res.details["z"])
-        logs.append(res.log10_p)
-        assert res.log10_p == pytest.approx(min(0.0, stats.norm.logsf(res.details["z"]) / np.log(10)), abs=1e-9)
-    assert stats.kstest(zs, "norm").pvalue > 1e-3
-    p = 10.0 ** np.asarray(logs)
-    for a in (0.01, 0.05, 0.2, 0.5):
-        assert stats.binom.sf((p <= a).sum() - 1, len(p), a) > 1e-3
+    for use_scores, read in ((False, "labels"), (True, "probabilities")):
+        zs, logs = [], []
+        for i in range(400):
+            key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
+            rule, _ = make(key, data, backend)
+            res = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, inputs=data, queries=300,
+                                use_scores=use_scores)
+            assert res.details["read"].startswith(read)
+            zs.append(res.details["z"])
+            logs.append(res.log10_p)
+            assert res.log10_p == pytest.approx(min(0.0, stats.norm.logsf(res.details["z"]) / np.log(10)),
+                                                abs=1e-9)
+        assert stats.kstest(zs, "norm").pvalue > 1e-3
+        p = 10.0 ** np.asarray(logs)
+        for a in (0.01, 0.05, 0.2, 0.5):
+            assert stats.binom.sf((p <= a).sum() - 1, len(p), a) > 1e-3
+
+
+def test_probability_leans_read_only_probabilities():
+    lo, hi = np.array([0, 0, 1, 0]), np.array([1, 2, 2, 1])
+    probs = np.array([[0.5, 0.2, 0.3], [0.98, 0.01, 0.01], [0.2, 0.3, 0.5], [np.nan] * 3])
+    np.testing.assert_allclose(probability_leans(probs, lo, hi), [np.log(2.5), 2.0, np.log(0.6), 0.0])
+    assert probability_leans(None, lo, hi) is None
+    assert probability_leans(np.log(probs[:3]), lo[:3], hi[:3]) is None  # logits are not guessed at
+    assert probability_leans(probs * 2, lo, hi) is None
 
 
 def test_statistic_matches_a_direct_computation():
@@ -122,9 +137,16 @@ def test_statistic_matches_a_direct_computation():
     z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers)
     s = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
     p1, p2 = psi[:20] - psi[:20].mean(0), psi[20:] - psi[20:].mean(0)
-    v = np.stack([s[:20] @ p1, s[20:] @ p2 - s[:20] @ p1, -(s[20:] @ p2)])
-    assert z == pytest.approx((rule.directions * v).sum() / np.sqrt((v ** 2).sum()), rel=1e-12)
+
+    def direct(c: np.ndarray) -> float:
+        v = np.stack([c[:20] @ p1, c[20:] @ p2 - c[:20] @ p1, -(c[20:] @ p2)])
+        return float((rule.directions * v).sum() / np.sqrt((v ** 2).sum()))
+
+    assert z == pytest.approx(direct(s), rel=1e-12)
     assert info["in_pair"] == int((s != 0).sum())
+    leans = rng.normal(size=40)
+    z, info2 = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers, leans=leans)
+    assert z == pytest.approx(direct(leans), rel=1e-12) and info2 == info
 
 
 def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):

@@ -24,15 +24,17 @@ closest to a tie between the served model's top two classes ``{a, b}`` (smallest
 p_r(b))|``). There a surrogate's own fit leaves the call open and the keyed lean it learnt decides it;
 over ten keys it caught 41 of 60 early-stopped surrogates at alpha = 1e-6 where the served model's own
 nearest ties (largest ``p_b / p_a``, the choice when no reference is given) caught 31
-(``benchmarks/extraction_tiebreak.py``). The suspect
-answers them; ``s_i = +1`` if it answers the pair's smaller class index, ``−1`` for the larger, ``0``
-otherwise (other classes and abstentions carry no evidence). With ``phi_i`` the features centred per pair
+(``benchmarks/extraction_tiebreak.py``). The suspect answers them; ``s_i = +1`` if it answers the pair's smaller class index, ``−1`` for the larger, ``0``
+otherwise (other classes and abstentions carry no evidence). A suspect that answers with probabilities (a
+leaked model file, an API that returns them) gives more: ``s_i = log(p_lo / p_hi)`` clipped at ``±2``,
+which also counts the calls it moved without flipping. With ``phi_i`` the features centred per pair
 over the chosen inputs, ``v_c = Σ_i s_i phi_i ([lo_i = c] − [hi_i = c])`` and
 ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``. ``H0``: the suspect was made without access to the marked
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
-the served model, the references distilled from it and the owner's data, never from the key); given all of those, ``Z`` is a fixed linear combination of
-independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
+the served model, the references distilled from it and the owner's data, never from the key), and the
+``s_i`` are functions of the suspect's answers alone; given all of those, ``Z`` is a fixed linear
+combination of independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
 ``p = P(N(0, 1) ≥ Z)``, computed in log space. The inputs share the ``w_c``, so per-input agreements are
 correlated; the statistic accounts for that, a per-input binomial would not. (Gaussian draws come from
 32-bit uniforms by Box–Muller; the discretisation is far below any reported p-value.)
@@ -80,6 +82,7 @@ DEFAULT_QUERIES = 1000
 EIGEN_FLOOR = 1e-6
 REFERENCE_RECIPES: tuple[tuple[str, int], ...] = (("hard", 3), ("hard", 6), ("hard", 10), ("soft", 4))
 REFERENCE_QUERIES = 10_000
+LEAN_CLIP = 2.0
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -367,8 +370,28 @@ def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.nda
     return dataclasses.replace(rule, verification_inputs=x[chosen], verification=label)
 
 
+def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
+    """The suspect's lean ``log(p_lo / p_hi)`` per input, clipped at ``±LEAN_CLIP``; NaN rows (abstentions) 0.
+
+    Returns None unless ``scores`` are probabilities (non-negative rows summing to 1): logits or other
+    scores are not guessed at, and the test then reads the labels.
+    """
+    if scores is None:
+        return None
+    sc = np.asarray(scores, dtype=np.float64)
+    if sc.ndim != 2 or sc.shape[0] != len(lo):
+        return None
+    ok = np.isfinite(sc).all(axis=1)
+    if not ok.any() or (sc[ok] < 0).any() or not np.allclose(sc[ok].sum(axis=1), 1.0, atol=1e-3):
+        return None
+    rows = np.arange(len(sc))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lean = np.log(np.maximum(sc[rows, lo], 1e-300)) - np.log(np.maximum(sc[rows, hi], 1e-300))
+    return np.where(ok, np.clip(lean, -LEAN_CLIP, LEAN_CLIP), 0.0)
+
+
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                       answers: np.ndarray) -> tuple[float, dict[str, Any]]:
+                       answers: np.ndarray, leans: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
     """The exact Z statistic of the module docstring for answers on inputs with features ``psi``.
 
     Args:
@@ -377,12 +400,16 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
         lo: The smaller class of each input's pair (under the unmarked served model).
         hi: The larger class of each input's pair.
         answers: The suspect's labels (−1 = abstention).
+        leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
+            used in place of the label signs ``s_i``: any function of the suspect's own answers keeps the
+            null exact, and a lean also counts the calls a surrogate moved without flipping.
 
     Returns:
-        ``Z`` (N(0, 1) exactly under H0; 0 when no answer falls in its pair) and details.
+        ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
     """
     a = np.asarray(answers, dtype=np.int64)
-    s = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
+    signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
+    s = signs if leans is None else np.asarray(leans, dtype=np.float64)
     phi = np.array(psi, dtype=np.float64)
     groups = lo * rule.directions.shape[0] + hi
     for g in np.unique(groups):
@@ -394,14 +421,14 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     z = float((rule.directions * v).sum() / np.sqrt(variance)) if variance > 0 else 0.0
     u = psi @ rule.directions.T
     lean = u[np.arange(len(a)), lo] - u[np.arange(len(a)), hi]
-    in_pair = s != 0
-    return z, {"in_pair": int(in_pair.sum()), "agree": int(np.sum(in_pair & (np.sign(lean) == s))),
+    in_pair = signs != 0
+    return z, {"in_pair": int(in_pair.sum()), "agree": int(np.sum(in_pair & (np.sign(lean) == signs))),
                "pairs": len(np.unique(groups[in_pair]))}
 
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                   inputs: np.ndarray | None = None, queries: int = DEFAULT_QUERIES,
-                  min_ratio: float = DEFAULT_PAIR_RATIO) -> TestResult:
+                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool = True) -> TestResult:
     """Test whether a suspect breaks the served model's near-ties the way the keyed head does.
 
     Args:
@@ -415,6 +442,8 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
             nearest to a tie of ``served`` are asked.
         queries: How many to ask, fixed before querying.
         min_ratio: With ``inputs``, only those with ``p_b / p_a`` at least this are eligible.
+        use_scores: When the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)`` (clipped)
+            instead of its labels' signs; the null is exact either way.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
@@ -445,13 +474,16 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
         pair_scores = all_scores[chosen]
     _, lo, hi = top_pairs(pair_scores)
-    answers = np.asarray(suspect.query(xs).labels, dtype=np.int64).reshape(-1)
+    said = suspect.query(xs)
+    answers = np.asarray(said.labels, dtype=np.int64).reshape(-1)
     if len(answers) != len(xs):
         raise UsageError(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
-    z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers)
+    leans = probability_leans(said.scores, lo, hi) if use_scores else None
+    z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers, leans=leans)
     log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
     details: dict[str, Any] = {"z": z, "components": rule.components, "selection": selection,
-                               "budget": int(queries), **info}
+                               "budget": int(queries), "read": "labels" if leans is None else
+                               f"probabilities: log(p_lo / p_hi) clipped at ±{LEAN_CLIP:g}", **info}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
     return TestResult(
