@@ -22,11 +22,12 @@ when it is built: those where *reference surrogates* — models the owner distil
 served model, several architectures and training lengths (:func:`train_reference_surrogates`) — are
 closest to a tie between the served model's top two classes ``{a, b}`` (smallest ``|mean_r log(p_r(a) /
 p_r(b))|``). There a surrogate's own fit leaves the call open and the keyed lean it learnt decides it;
-over ten keys it caught 41 of 60 early-stopped surrogates at alpha = 1e-6 where the served model's own
-nearest ties (largest ``p_b / p_a``, the choice when no reference is given) caught 31
-(``benchmarks/extraction_tiebreak.py``). The suspect answers them; ``s_i = +1`` if it answers the pair's smaller class index, ``−1`` for the larger, ``0``
-otherwise (other classes and abstentions carry no evidence). A suspect that answers with probabilities (a
-leaked model file, an API that returns them) gives more: ``s_i = log(p_lo / p_hi)`` clipped at ``±2``,
+over three runs of ten keys it caught 124 of 180 early-stopped surrogates at alpha = 1e-6 from labels
+where the served model's own nearest ties (largest ``p_b / p_a``, the choice when no reference is given)
+caught 94 (``benchmarks/extraction_tiebreak.py``). The suspect answers them; ``s_i = +1`` if it answers
+the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (other classes and abstentions
+carry no evidence). A suspect that answers with probabilities (a leaked model file, an API that returns
+them) gives more: ``s_i = log(p_lo / p_hi)`` clipped at ``±2``,
 which also counts the calls it moved without flipping. With ``phi_i`` the features centred per pair
 over the chosen inputs, ``v_c = Σ_i s_i phi_i ([lo_i = c] − [hi_i = c])`` and
 ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``. ``H0``: the suspect was made without access to the marked
