@@ -67,11 +67,13 @@ import numpy as np
 import torch
 from scipy.special import log_ndtr
 
+from wmark.attacks.extract import extract
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
 from wmark.suspects.base import Answers, Suspect
+from wmark.training import predict_logits
 from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
 
 SCHEME = "api-tiebreak"
@@ -287,6 +289,13 @@ class TieBreakAPI:
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
 
 
+def pair_log_odds(probs: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Per row, ``log(p_lo / p_hi)`` of a probability matrix (probabilities floored at 1e-12)."""
+    p = np.asarray(probs, dtype=np.float64)
+    rows = np.arange(len(p))
+    return np.log(np.maximum(p[rows, lo], 1e-12)) - np.log(np.maximum(p[rows, hi], 1e-12))
+
+
 def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: float = DEFAULT_PAIR_RATIO,
                                reference_scores: Sequence[np.ndarray] | None = None) -> np.ndarray:
     """Indices of the ``count`` inputs whose call between the served model's top two classes is most open.
@@ -306,13 +315,11 @@ def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: flo
     if not reference_scores:
         candidates = np.flatnonzero(ratio >= min_ratio)
         return candidates[np.argsort(-ratio[candidates], kind="stable")][:count]
-    rows = np.arange(len(ratio))
     lean = np.zeros(len(ratio))
     for ref in reference_scores:
-        r = np.maximum(np.asarray(ref, dtype=np.float64), 1e-12)
-        if r.shape != np.shape(scores):
-            raise UsageError(f"Reference scores are shaped {r.shape}, the served model's {np.shape(scores)}.")
-        lean += np.log(r[rows, lo] / r[rows, hi])
+        if np.shape(ref) != np.shape(scores):
+            raise UsageError(f"Reference scores are shaped {np.shape(ref)}, the served model's {np.shape(scores)}.")
+        lean += pair_log_odds(ref, lo, hi)
     return np.argsort(np.abs(lean / len(reference_scores)), kind="stable")[:count]
 
 
@@ -331,8 +338,6 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         seed: Base seed of the queries and initialisations.
         queries: Inputs each surrogate is distilled from (at most ``len(x)``).
     """
-    from wmark.attacks.extract import extract
-
     nets = []
     for i, arch in enumerate(archs):
         for j, (labels, epochs) in enumerate(REFERENCE_RECIPES):
@@ -360,8 +365,6 @@ def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.nda
     """
     x = np.asarray(x, dtype=np.float32)
     _, scores, _ = query_with_scores(served, x, tuple(x.shape[1:]))
-    from wmark.training import predict_logits
-
     ref_scores = [torch.softmax(predict_logits(net, torch.from_numpy(x)).double(), 1).numpy() for net in references]
     chosen = select_verification_inputs(scores=scores, count=count, reference_scores=ref_scores)
     if len(chosen) == 0:
@@ -385,10 +388,9 @@ def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray)
     ok = np.isfinite(sc).all(axis=1)
     if not ok.any() or (sc[ok] < 0).any() or not np.allclose(sc[ok].sum(axis=1), 1.0, atol=1e-3):
         return None
-    rows = np.arange(len(sc))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lean = np.log(np.maximum(sc[rows, lo], 1e-300)) - np.log(np.maximum(sc[rows, hi], 1e-300))
-    return np.where(ok, np.clip(lean, -LEAN_CLIP, LEAN_CLIP), 0.0)
+    with np.errstate(invalid="ignore"):
+        lean = np.clip(pair_log_odds(sc, lo, hi), -LEAN_CLIP, LEAN_CLIP)
+    return np.where(ok, lean, 0.0)
 
 
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
