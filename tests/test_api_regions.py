@@ -7,6 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 from _api_helpers import LinearModel
+from keykit import seeded_key
 from scipy import stats
 
 from wmark.errors import UsageError
@@ -61,7 +62,7 @@ def test_targets_are_uniform_on_the_other_classes():
     labels = np.zeros(60, dtype=np.int64)
     counts = np.zeros(C, dtype=np.int64)
     for i in range(300):
-        key = generate_key(owner=f"o{i}", num_classes=C, input_shape=(D,))
+        key = seeded_key(f"regions/targets/{i}", owner=f"o{i}", num_classes=C, input_shape=(D,))
         rmap = build_region_map(key=key, x=x, served_labels=labels, num_regions=6, num_marked=3, iterations=0)
         counts += np.bincount(rmap.targets, minlength=C)
     assert counts[0] == 0
@@ -74,7 +75,7 @@ def test_null_is_super_uniform_for_a_key_independent_model(data):
     backend, suspect = Linear(1), Linear(2)
     logs, counts, tail = [], [], []
     for i in range(300):
-        key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
+        key = seeded_key(f"regions/null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
         rmap = make_map(key, data, backend, num_regions=20, num_marked=8, iterations=2)
         res = region_test(key=key, regions=rmap, suspect=suspect, inputs=data, min_inputs=3, statistic="plurality")
         logs.append(res.log10_p)

@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from keykit import seeded_key
 
 from wmark.embed import Watermarker
 from wmark.errors import RuntimeFailure, UsageError
@@ -136,8 +137,9 @@ def test_null_is_exact_for_models_that_never_saw_the_key(digits) -> None:
     suspect = LocalSuspect(model, input_shape=(1, 8, 8))
     n, keys = 20, 300
     counts = []
-    for _ in range(keys):
-        key = generate_key(owner="x", num_classes=10, input_shape=(1, 8, 8), num_triggers=n)
+    for i in range(keys):
+        key = seeded_key(f"trigger/null/{i}", owner="x", num_classes=10, input_shape=(1, 8, 8),
+                         num_triggers=n)
         counts.append(trigger_set_test(key=key, suspect=suspect, mode="fixed").matches)
     observed = np.bincount(counts, minlength=n + 1)
     expected = sps.binom.pmf(np.arange(n + 1), n, 0.1) * keys
