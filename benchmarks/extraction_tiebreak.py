@@ -17,7 +17,7 @@ labels, one on the owner's data), the unmarked victim itself and a fine-tuned co
 alpha = 1e-6 under every key (the mark lives in the API's answers, so a copied checkpoint carries the
 trigger set, not this mark).
 
-Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1.0] [--components 64] [--converged]
+Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1.0] [--components N] [--skip N] [--converged]
 """
 
 from __future__ import annotations
@@ -66,7 +66,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=10, help="number of fresh keys")
     parser.add_argument("--beta", type=float, default=1.0, help="scale of the keyed log-probability shift")
-    parser.add_argument("--components", type=int, default=64, help="principal directions of the feature map")
+    parser.add_argument("--components", type=int, default=None, help="principal directions of the feature map "
+                        "(default: the library's)")
+    parser.add_argument("--skip", type=int, default=None, help="leading principal directions left out "
+                        "(default: the library's)")
     parser.add_argument("--queries", type=int, default=1000, help="verification queries per suspect")
     parser.add_argument("--epochs", type=int, default=6, help="surrogate epochs (early-stopped thief)")
     parser.add_argument("--converged", action="store_true", help="also 20-epoch thieves under the first key")
@@ -100,7 +103,7 @@ def main() -> None:
         key = generate_key(owner=f"Benchmark Owner {k}", num_classes=10, input_shape=(1, 28, 28))
         t0 = time.perf_counter()
         rule = build_tiebreak_rule(key=key, x=x_owner, featurizer=featurizer, feature_space="served-penultimate",
-                                   components=args.components)
+                                   components=args.components, skip=args.skip)
         rule = commit_verification_inputs(rule, served=served, x=x_owner, references=references, count=args.queries,
                                           how="benchmark")
         build_s = time.perf_counter() - t0
@@ -165,7 +168,8 @@ def main() -> None:
                 "log10_p_scores": [round(r["log10_p_scores"], 2) for r in sel],
                 "detected_scores": int(sum(r["log10_p_scores"] <= np.log10(ALPHA) for r in sel))}
     roles = ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent")
-    summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": args.components,
+    summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": rule.components,
+               "skipped_leading": rule.skipped,
                "queries": args.queries, "epochs": args.epochs, "victim_accuracy": victim_accuracy,
                "in_scope": f"first epoch with accuracy >= victim - {SCOPE_PP} pp (cap {SCOPE_CAP})",
                "verification_inputs": "committed: the owner inputs the reference surrogates leave most open "

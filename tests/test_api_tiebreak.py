@@ -9,6 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 from _api_helpers import LinearModel
+from keykit import seeded_key
 from scipy import stats
 
 from wmark.errors import UsageError
@@ -100,7 +101,7 @@ def test_statistic_is_exactly_standard_normal_for_a_key_independent_suspect(data
     for use_scores, read in ((False, "labels"), (True, "probabilities")):
         zs, logs = [], []
         for i in range(400):
-            key = generate_key(owner=f"k{i}", num_classes=C, input_shape=(D,))
+            key = seeded_key(f"tiebreak/null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
             rule, _ = make(key, data, backend)
             res = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, inputs=data, queries=300,
                                 use_scores=use_scores)
@@ -232,6 +233,30 @@ def test_save_load_roundtrip_rederives_directions(tmp_path, data):
         load_tiebreak_rule(tmp_path / "rule3.safetensors", key=other, featurizer=featurizer)
 
 
+def test_the_leading_directions_are_left_out_and_the_rest_whitened(tmp_path):
+    rng = np.random.default_rng(3)
+    scales = np.array([40, 30, 20, 9, 8, 7, 6, 5, 4, 1, 0.7, 0.5])  # well separated around the cut
+    x = (rng.normal(size=(4000, 12)) * scales).astype(np.float32)
+    key = generate_key(owner="o", num_classes=C, input_shape=(12,))
+    rule = build_tiebreak_rule(key=key, x=x, featurizer=lambda v: v, feature_space="t", components=6, skip=3)
+    # The kept directions are the 4th to 9th largest-variance columns; the others carry (almost) no weight.
+    weight = np.abs(rule.projection).sum(axis=1)
+    assert np.all(weight[:3] < 0.05 * weight[3:9].min()) and np.all(weight[9:] < 0.05 * weight[3:9].min())
+    # Exactly orthogonal to the three leading sample principal directions (in covariance).
+    lead = np.linalg.eigh(np.cov((x - x.mean(0)).T.astype(np.float64)))[1][:, -3:]
+    np.testing.assert_allclose(np.cov(np.c_[(x - x.mean(0)) @ lead, rule.features(x)].T)[:3, 3:], 0, atol=1e-6)
+    psi = rule.features(x)
+    np.testing.assert_allclose(np.cov(psi.T), np.eye(6), atol=1e-6)
+    rule.save(tmp_path / "rule.safetensors")
+    loaded = load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=lambda v: v)
+    assert loaded.skipped == 3 and loaded.components == 6
+    np.testing.assert_allclose(loaded.shifts(x[:50]), rule.shifts(x[:50]))
+    # By default the leading 16 are left out when there are enough live directions (at most a quarter).
+    wide = (rng.normal(size=(3000, 80)) * np.linspace(5, 1, 80)).astype(np.float32)
+    rule = build_tiebreak_rule(key=key, x=wide, featurizer=lambda v: v, feature_space="t")
+    assert (rule.skipped, rule.components) == (16, 64)
+
+
 def test_errors(data, tmp_path):
     key = generate_key(owner="o", num_classes=C, input_shape=(D,))
     backend = Linear(1)
@@ -245,7 +270,12 @@ def test_errors(data, tmp_path):
 
     with pytest.raises(UsageError, match=f"vary in only {F} directions"):
         build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t", components=F + 2)
-    assert build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t").components == F
+    default = build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t")
+    assert (default.skipped, default.components) == (F // 4, F - F // 4)
+    with pytest.raises(UsageError, match=rf"use components \+ skip <= {F} \(got 10 \+ 3\)"):
+        build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t", components=10, skip=3)
+    with pytest.raises(UsageError, match="skip must be 0 or more"):
+        build_tiebreak_rule(key=key, x=data, featurizer=featurizer, feature_space="t", skip=-1)
     rule, _ = make(key, data, backend)
     with pytest.raises(UsageError, match="beta must be positive"):
         TieBreakAPI(key=key, backend=backend, rule=rule, beta=0)

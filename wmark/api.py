@@ -179,8 +179,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
-                   components: int | None = None, references: Sequence[str] | None = None,
-                   verify_count: int = 1000, seed: int = 0) -> dict[str, Any]:
+                   components: int | None = None, skip: int | None = None,
+                   references: Sequence[str] | None = None, verify_count: int = 1000,
+                   seed: int = 0) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
@@ -212,14 +213,15 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     tensors, raw = load_tensors(weights)
     x = ds.x_train.numpy()
     rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(model),
-                               feature_space="served-penultimate", components=components,
+                               feature_space="served-penultimate", components=components, skip=skip,
                                model_digest=tensors_digest(tensors, raw))
     refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed) if archs else []
     recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES)
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule.save(out)
-    return {"out": str(out), "components": rule.components, "inputs": len(ds.x_train), "references": len(refs),
+    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(ds.x_train),
+            "references": len(refs),
             "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
             "seconds": time.perf_counter() - start}
 
