@@ -22,12 +22,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cached, table, write_results  # noqa: E402
+from common import cached, table, write_results
 
-from wmark import api  # noqa: E402
-from wmark.keys import generate_key, load_key, save_key  # noqa: E402
-from wmark.models import load_model  # noqa: E402
-from wmark.schemes.trigger_set import generate_triggers  # noqa: E402
+from wmark import api
+from wmark.keys import generate_key, load_key, save_key
+from wmark.models import load_model
+from wmark.schemes.trigger_set import generate_triggers
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 
