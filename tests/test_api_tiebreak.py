@@ -251,10 +251,10 @@ def test_the_leading_directions_are_left_out_and_the_rest_whitened(tmp_path):
     loaded = load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=lambda v: v)
     assert loaded.skipped == 3 and loaded.components == 6
     np.testing.assert_allclose(loaded.shifts(x[:50]), rule.shifts(x[:50]))
-    # By default the leading 16 are left out when there are enough live directions (at most a quarter).
+    # By default none is left out and the top 64 are kept.
     wide = (rng.normal(size=(3000, 80)) * np.linspace(5, 1, 80)).astype(np.float32)
     rule = build_tiebreak_rule(key=key, x=wide, featurizer=lambda v: v, feature_space="t")
-    assert (rule.skipped, rule.components) == (16, 64)
+    assert (rule.skipped, rule.components) == (0, 64)
 
 
 def test_errors(data, tmp_path):
@@ -271,7 +271,8 @@ def test_errors(data, tmp_path):
     with pytest.raises(UsageError, match=f"vary in only {F} directions"):
         build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t", components=F + 2)
     default = build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t")
-    assert (default.skipped, default.components) == (F // 4, F - F // 4)
+    assert (default.skipped, default.components) == (0, F)
+    assert build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t", skip=3).components == F - 3
     with pytest.raises(UsageError, match=rf"use components \+ skip <= {F} \(got 10 \+ 3\)"):
         build_tiebreak_rule(key=key, x=data, featurizer=dead, feature_space="t", components=10, skip=3)
     with pytest.raises(UsageError, match="skip must be 0 or more"):

@@ -411,7 +411,7 @@ def tiebreak() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rule file to write (.safetensors).")
 @click.option("--components", type=int, default=None, help="Principal feature directions kept (default 64, at most the live ones).")
 @click.option("--skip-leading", "skip", type=int, default=None,
-              help="Largest-variance feature directions left out (default 16, at most a quarter of the live ones).")
+              help="Largest-variance feature directions left out (default 0; at most a quarter of the live ones).")
 @click.option("--references", default=None,
               help="Architectures of the reference surrogates (distilled from the unmarked served model) that pick "
                    "the verification inputs, comma-separated, or 'none' for the served model's nearest ties "
