@@ -68,8 +68,7 @@ def main() -> None:
     parser.add_argument("--beta", type=float, default=1.0, help="scale of the keyed log-probability shift")
     parser.add_argument("--components", type=int, default=None, help="principal directions of the feature map "
                         "(default: the library's)")
-    parser.add_argument("--skip", type=int, default=None, help="leading principal directions left out "
-                        "(default: the library's)")
+    parser.add_argument("--skip", type=int, default=0, help="leading principal directions left out")
     parser.add_argument("--queries", type=int, default=1000, help="verification queries per suspect")
     parser.add_argument("--epochs", type=int, default=6, help="surrogate epochs (early-stopped thief)")
     parser.add_argument("--converged", action="store_true", help="also 20-epoch thieves under the first key")

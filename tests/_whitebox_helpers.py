@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-
 import torch
+from keykit import seeded_key
 from torch import nn
 
 from wmark.io import save_model
@@ -34,10 +32,8 @@ def tiny_key(bits: int = 64, message: str | None = None, *, seed: int | None = N
     """A key for 1×16×16 inputs; with ``seed`` its secret is fixed, so tests that embed are deterministic."""
     schemes = default_schemes(10)
     schemes["weights"] = dict(schemes["weights"], bits=bits, message=message)
-    key = generate_key(owner="Test Owner", input_shape=(1, 16, 16), num_triggers=10, schemes=schemes)
-    if seed is None:
-        return key
-    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{seed}".encode()).digest())
+    kwargs = {"owner": "Test Owner", "input_shape": (1, 16, 16), "num_triggers": 10, "schemes": schemes}
+    return generate_key(**kwargs) if seed is None else seeded_key(str(seed), **kwargs)
 
 
 def tiny_model(seed: int) -> TinyCNN:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from functools import partial
 
 import numpy as np
@@ -155,8 +154,7 @@ def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):
     # -3.5 to -12 (the evidence is capped near sqrt(pairs * components) standard deviations here).
     caught, innocent = [], []
     for seed in range(5):
-        key = dataclasses.replace(generate_key(owner="o", num_classes=C, input_shape=(D,)),
-                                  secret=hashlib.sha256(f"wmark-test-key/tiebreak/{seed}".encode()).digest())
+        key = seeded_key(f"tiebreak/{seed}", owner="o", num_classes=C, input_shape=(D,))
         backend = Linear(1)
         rule, api = make(key, data, backend, beta=3.0, components=F)
         res = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9, seed=seed),

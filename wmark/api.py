@@ -179,7 +179,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
-                   components: int | None = None, skip: int | None = None,
+                   components: int | None = None, skip: int = 0,
                    references: Sequence[str] | None = None, verify_count: int = 1000,
                    seed: int = 0) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.

@@ -410,8 +410,8 @@ def tiebreak() -> None:
 @click.option("--data", required=True, help=DATA_HELP + " (the owner's own inputs, e.g. fashion-mnist@owner)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Rule file to write (.safetensors).")
 @click.option("--components", type=int, default=None, help="Principal feature directions kept (default 64, at most the live ones).")
-@click.option("--skip-leading", "skip", type=int, default=None,
-              help="Largest-variance feature directions left out (default 0; at most a quarter of the live ones).")
+@click.option("--skip-leading", "skip", type=int, default=0, show_default=True,
+              help="Largest-variance feature directions left out before the kept components.")
 @click.option("--references", default=None,
               help="Architectures of the reference surrogates (distilled from the unmarked served model) that pick "
                    "the verification inputs, comma-separated, or 'none' for the served model's nearest ties "
@@ -420,7 +420,7 @@ def tiebreak() -> None:
               help="Verification inputs committed in the rule (the most a verification asks).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
-                   skip: int | None, references: str | None, verify_count: int) -> None:
+                   skip: int, references: str | None, verify_count: int) -> None:
     """Build the tie-break rule the marked API serves with and `wmark verify --tiebreak` tests.
 
     The file holds the key-independent feature map and the owner's verification inputs, committed before any
@@ -429,8 +429,8 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
                               skip=skip, references=refs, verify_count=verify_count)
-    click.echo(f"wrote {info['out']} ({info['components']} components after the leading {info['skipped']}, from "
-               f"{info['inputs']} inputs; "
+    skipped = f" after the leading {info['skipped']}" if info["skipped"] else ""
+    click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
 

@@ -82,7 +82,6 @@ from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
 SCHEME = "api-tiebreak"
 VERSION = 2
 DEFAULT_COMPONENTS = 64
-DEFAULT_SKIP = 0
 DEFAULT_BETA = 1.0
 DEFAULT_PAIR_RATIO = 0.3
 DEFAULT_QUERIES = 1000
@@ -169,7 +168,7 @@ def _directions(key: Key, k: int) -> np.ndarray:
 
 
 def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feature_space: str,
-                        components: int | None = None, skip: int | None = None,
+                        components: int | None = None, skip: int = 0,
                         model_digest: str = "") -> TieBreakRule:
     """Build the rule's feature map from the owner's inputs.
 
@@ -181,8 +180,7 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
         feature_space: A name for the featurizer's space, recorded in the rule file.
         components: Principal directions kept (k); default: ``DEFAULT_COMPONENTS`` or all the live ones
             (non-negligible variance; dead ReLU units have none) below the skipped ones, whichever is fewer.
-        skip: Leading (largest-variance) principal directions left out; default ``DEFAULT_SKIP`` (none), at
-            most a quarter of the live directions and at most what ``components`` leaves room for.
+        skip: Leading (largest-variance) principal directions left out (default none).
         model_digest: Digest of the served model file, recorded so verification can check it.
 
     Raises:
@@ -198,8 +196,6 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
     live = int((evals > EIGEN_FLOOR * max(float(evals[-1]), 1e-300)).sum())
     if components is not None and not 1 <= components <= feats.shape[1]:
         raise UsageError(f"components must be between 1 and the feature size {feats.shape[1]}, got {components}.")
-    if skip is None:
-        skip = max(0, min(DEFAULT_SKIP, live // 4, live - (components or 0)))
     if skip < 0:
         raise UsageError(f"skip must be 0 or more, got {skip}.")
     if components is None:
