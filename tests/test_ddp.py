@@ -15,7 +15,6 @@ from wmark.verify import verify_blackbox
 
 
 def test_ddp_two_ranks_derive_identical_triggers_and_embed(tmp_path) -> None:
-    # A fixed key: with fresh ones this test failed once in a few dozen full-suite runs.
     key = seeded_key("ddp/0", owner="DDP Owner", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
     save_key(key, tmp_path / "k.key")
     script = Path(__file__).parent / "scripts" / "ddp_embed.py"

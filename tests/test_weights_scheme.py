@@ -13,8 +13,14 @@ from scipy import stats
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.keys import generate_key
-from wmark.schemes.weights import (WeightsEmbedder, decode_message, extract_bits, payload_bits, projection,
-                                   scheme_params)
+from wmark.schemes.weights import (
+    WeightsEmbedder,
+    decode_message,
+    extract_bits,
+    payload_bits,
+    projection,
+    scheme_params,
+)
 
 
 def test_payload_is_key_derived_and_deterministic() -> None:
@@ -26,7 +32,9 @@ def test_payload_is_key_derived_and_deterministic() -> None:
 
 
 def test_message_round_trips_through_repetition_code_even_with_bit_errors() -> None:
-    key = tiny_key(bits=256, message="ACME")
+    # A fixed key (the flipped positions are fixed too): with fresh keys these 20 flips defeat the 8-fold
+    # majority for 40 of 2000 keys, which failed a clean-clone run of the suite.
+    key = tiny_key(bits=256, message="ACME", seed=7)
     bits = payload_bits(key)
     assert decode_message(key, bits) == "ACME"
     flipped = bits.copy()

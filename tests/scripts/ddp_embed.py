@@ -3,6 +3,7 @@
 Usage: torchrun --nproc_per_node=2 ddp_embed.py KEY OUT_MODEL OUT_JSON
 """
 
+import gc
 import hashlib
 import json
 import sys
@@ -50,8 +51,11 @@ def main(key_path: str, out_model: str, out_json: str) -> None:
                                                       "input_shape": [1, 8, 8]})
         same = all(torch.equal(gathered[0], g) for g in gathered)
         json.dump({"digests": digests, "ranks_in_sync": same}, open(out_json, "w"))
-    # Leave together: a rank that tears gloo down while its peer is still writing aborts the peer.
+    # Leave together: a rank that tears gloo down while its peer is still writing aborts the peer. Release the
+    # DDP wrapper (its reducer holds gloo work) before the group, not during interpreter shutdown.
     dist.barrier()
+    del model, optimizer, loader
+    gc.collect()
     dist.destroy_process_group()
 
 
