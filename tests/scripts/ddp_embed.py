@@ -50,7 +50,8 @@ def main(key_path: str, out_model: str, out_json: str) -> None:
         save_model(model.module, out_model, metadata={**wm.metadata(), "arch": "fmnist-cnn", "num_classes": 10,
                                                       "input_shape": [1, 8, 8]})
         same = all(torch.equal(gathered[0], g) for g in gathered)
-        json.dump({"digests": digests, "ranks_in_sync": same}, open(out_json, "w"))
+        with open(out_json, "w") as f:
+            json.dump({"digests": digests, "ranks_in_sync": same}, f)
     # Leave together: a rank that tears gloo down while its peer is still writing aborts the peer. Release the
     # DDP wrapper (its reducer holds gloo work) before the group, not during interpreter shutdown.
     dist.barrier()
