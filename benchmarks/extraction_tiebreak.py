@@ -17,6 +17,12 @@ labels, one on the owner's data), the unmarked victim itself and a fine-tuned co
 alpha = 1e-6 under every key (the mark lives in the API's answers, so a copied checkpoint carries the
 trigger set, not this mark).
 
+The API also logs each thief's near-tie queries (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`, one
+client per thief), and every thief is tested on its own logged inputs
+(:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries. Every independent
+model is tested on every thief's log under every key (1000 queries): the null of that test assumes only that
+the client's queries did not depend on the answers, which holds for these fixed query sets.
+
 Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1.0] [--components N] [--skip N] [--converged]
 """
 
@@ -25,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,9 +48,12 @@ from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import (
     TieBreakAPI,
+    TieBreakLog,
     accuracy_cost,
     build_tiebreak_rule,
     commit_verification_inputs,
+    select_log_inputs,
+    tiebreak_log_test,
     tiebreak_test,
     train_reference_surrogates,
 )
@@ -54,6 +64,7 @@ ALPHA = 1e-6
 THIEVES = [("hard", "fmnist-cnn", "hard"), ("soft", "fmnist-cnn", "soft"), ("mlp-hard", "fmnist-mlp", "hard")]
 REFERENCE_ARCHS = ["fmnist-cnn", "fmnist-mlp"]
 SCOPE_PP, SCOPE_CAP = 5.0, 40
+LOG_BUDGETS = (300, 500)
 
 
 def accuracy(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, plain: np.ndarray) -> tuple[float, float]:
@@ -97,7 +108,9 @@ def main() -> None:
         fixed.append((f"independent {name}", arch, path, "independent"))
 
     rows: list[dict[str, Any]] = []
+    innocent_log_checks: list[dict[str, Any]] = []
     costs = []
+    logs_dir = tempfile.TemporaryDirectory(prefix="wmark-tiebreak-logs-")
     for k in range(args.keys):
         key = generate_key(owner=f"Benchmark Owner {k}", num_classes=10, input_shape=(1, 28, 28))
         t0 = time.perf_counter()
@@ -106,7 +119,8 @@ def main() -> None:
         rule = commit_verification_inputs(rule, served=served, x=x_owner, references=references, count=args.queries,
                                           how="benchmark")
         build_s = time.perf_counter() - t0
-        marked_api = TieBreakAPI(key=key, backend=served, rule=rule, beta=args.beta)
+        log = TieBreakLog(Path(logs_dir.name) / f"key{k}.sqlite", key=key)
+        marked_api = TieBreakAPI(key=key, backend=served, rule=rule, beta=args.beta, log=log)
         t0 = time.perf_counter()
         cost = accuracy_cost(api=marked_api, x=xt, y=yt)
         cost.update(key=k, build_seconds=build_s, serve_seconds_10k_marked_and_plain=time.perf_counter() - t0)
@@ -116,17 +130,25 @@ def main() -> None:
         thieves += [(name, arch, labels, SCOPE_CAP, "surrogate-in-scope") for name, arch, labels in THIEVES]
         if args.converged and k == 0:
             thieves += [(name, arch, labels, 20, "surrogate-converged") for name, arch, labels in THIEVES]
-        suspects: list[tuple[str, str, torch.nn.Module, str]] = []
+        suspects: list[tuple[str, str, torch.nn.Module, str, str | None]] = []
         for name, arch, labels, epochs, role in thieves:
             t0 = time.perf_counter()
-            result = extract(marked_api, x=attacker.x_train, arch=arch, labels=labels,  # type: ignore[arg-type]
-                             queries=10_000, epochs=epochs, seed=1 + k,
+            client = f"{role}/{name}"
+            result = extract(marked_api.for_client(client), x=attacker.x_train, arch=arch,  # type: ignore[arg-type]
+                             labels=labels, queries=10_000, epochs=epochs, seed=1 + k,
                              stop=in_scope if role == "surrogate-in-scope" else None)
-            suspects.append((f"surrogate {name} ({arch}, {labels}, {result.epochs} ep)", arch, result.model, role))
+            suspects.append((f"surrogate {name} ({arch}, {labels}, {result.epochs} ep)", arch, result.model, role,
+                             client))
             print(f"  trained {name} {result.epochs} ep in {time.perf_counter() - t0:.0f} s", flush=True)
         for model, arch, path, role in fixed:
-            suspects.append((model, arch, load_model(arch, path)[0], role))
-        for model, arch, net, role in suspects:
+            suspects.append((model, arch, load_model(arch, path)[0], role, None))
+        clients = [client for *_, client in suspects if client is not None]
+        t0 = time.perf_counter()
+        # ranked once per client (key-free), then asked of every suspect
+        ranked = {c: select_log_inputs(key=key, rule=rule, served=served, log=log, client=c, count=args.queries)
+                  for c in clients}
+        costs[-1]["log_rank_seconds_per_client"] = (time.perf_counter() - t0) / len(clients)
+        for model, arch, net, role, client in suspects:
             suspect = LocalSuspect(net, input_shape=(1, 28, 28), description=model, expose_scores=False)
             res = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, queries=args.queries)
             ties = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, inputs=x_owner,
@@ -141,9 +163,25 @@ def main() -> None:
                          "follow_rate": res.matches / max(res.details["in_pair"], 1), "z": res.details["z"],
                          "log10_p": res.log10_p, "verdict": found, "expected": expect, "ok": found == expect,
                          "log10_p_served_ties": ties.log10_p, "log10_p_scores": scored.log10_p})
+            if client is not None:
+                t0 = time.perf_counter()
+                logged = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
+                                               chosen=ranked[client], queries=n) for n in (*LOG_BUDGETS, args.queries)}
+                rows[-1].update({"client": client, "log10_p_log": logged[args.queries].log10_p,
+                                 "log_queries": logged[args.queries].queries,
+                                 "log_seconds": time.perf_counter() - t0,
+                                 **{f"log10_p_log_{n}": logged[n].log10_p for n in LOG_BUDGETS}})
+            else:
+                for c in clients:
+                    res = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect, chosen=ranked[c],
+                                            queries=args.queries)
+                    innocent_log_checks.append({"key": k, "model": model, "client": c, "log10_p": res.log10_p,
+                                                "queries": res.queries})
             if role != "independent":
                 print(table(rows[-1:], ["model", "accuracy", "agreement", "follow_rate", "log10_p",
-                                        "log10_p_served_ties", "log10_p_scores", "verdict"]), flush=True)
+                                        "log10_p_served_ties", "log10_p_scores", "log10_p_log_300",
+                                        "log10_p_log", "verdict"]), flush=True)
+        log.close()
 
     def stats(role: str, field: str = "log10_p") -> dict[str, Any]:
         sel = [r for r in rows if r["role"] == role]
@@ -165,7 +203,13 @@ def main() -> None:
                 "detected": int(sum(r["verdict"] == "extracted" for r in sel)),
                 "detected_served_ties": int(sum(r["log10_p_served_ties"] <= np.log10(ALPHA) for r in sel)),
                 "log10_p_scores": [round(r["log10_p_scores"], 2) for r in sel],
-                "detected_scores": int(sum(r["log10_p_scores"] <= np.log10(ALPHA) for r in sel))}
+                "detected_scores": int(sum(r["log10_p_scores"] <= np.log10(ALPHA) for r in sel)),
+                "log10_p_log": [round(r["log10_p_log"], 2) for r in sel],
+                **{f"detected_log_{n}": int(sum(r[f"log10_p_log_{n}"] <= np.log10(ALPHA) for r in sel))
+                   for n in LOG_BUDGETS},
+                "detected_log": int(sum(r["log10_p_log"] <= np.log10(ALPHA) for r in sel)),
+                "detected_log_holm3": int(sum(r["log10_p_log"] <= np.log10(ALPHA / 3) for r in sel))}
+    innocent_log = [c["log10_p"] for c in innocent_log_checks]
     roles = ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent")
     summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": rule.components,
                "skipped_leading": rule.skipped,
@@ -180,6 +224,14 @@ def main() -> None:
                **{role: stats(role) for role in roles},
                "served_ties": {role: stats(role, "log10_p_served_ties") for role in roles},
                "scores": {role: stats(role, "log10_p_scores") for role in roles},
+               "client_log": {**{role: stats(role, "log10_p_log") for role in roles[:3]},
+                              **{f"{role} at {n}": stats(role, f"log10_p_log_{n}") for role in roles[:3]
+                                 for n in LOG_BUDGETS},
+                              "holm3_threshold": f"log10 p <= {np.log10(ALPHA / 3):.2f} (alpha / 3: trigger set, "
+                                                 "committed and log tests together)",
+                              "innocent_checks": len(innocent_log),
+                              "innocent_false_accusations": int(sum(v <= np.log10(ALPHA) for v in innocent_log)),
+                              "innocent_min_log10_p": float(min(innocent_log)) if innocent_log else None},
                "per_thief": per_thief,
                "false_accusations": int(sum(r["role"] == "independent" and not r["ok"] for r in rows)),
                "false_accusations_served_ties": int(sum(r["role"] == "independent"
@@ -188,10 +240,12 @@ def main() -> None:
                                                    and r["log10_p_scores"] <= np.log10(ALPHA) for r in rows)),
                "seconds": time.perf_counter() - start}
     columns = ["key", "model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "log10_p_served_ties",
-               "log10_p_scores", "verdict", "ok"]
+               "log10_p_scores", "log10_p_log_300", "log10_p_log_500", "log10_p_log", "verdict", "ok"]
     print("\n" + table([r for r in rows if r["role"] != "independent"], columns))
     print(json.dumps(summary, indent=1))
-    write_results(args.name, {"summary": summary, "costs": costs, "rows": rows})
+    write_results(args.name, {"summary": summary, "costs": costs, "rows": rows,
+                              "innocent_log_checks": innocent_log_checks})
+    logs_dir.cleanup()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from functools import partial
 
 import numpy as np
 import pytest
+import torch
 from _api_helpers import LinearModel
 from keykit import seeded_key
 from scipy import stats
@@ -15,20 +16,25 @@ from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
 from wmark.schemes.api_tiebreak import (
+    LOG_MIN_RATIO,
     REFERENCE_RECIPES,
     TieBreakAPI,
+    TieBreakLog,
     accuracy_cost,
     build_tiebreak_rule,
     commit_verification_inputs,
     load_tiebreak_rule,
     probability_leans,
+    select_log_inputs,
     select_verification_inputs,
+    tiebreak_log_test,
     tiebreak_statistic,
     tiebreak_test,
     top_pairs,
     train_reference_surrogates,
 )
 from wmark.suspects import Answers
+from wmark.training import predict_logits
 
 C, D, F = 4, 6, 12
 Linear = partial(LinearModel, num_classes=C, dims=D)
@@ -167,6 +173,90 @@ def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):
     assert min(innocent) > -3, innocent
 
 
+def test_the_log_keeps_each_clients_near_tie_inputs_and_is_bound_to_the_key(tmp_path, data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    path = tmp_path / "tiebreak.sqlite"
+    with TieBreakLog(path, key=key) as log:
+        rule, api = make(key, data, backend, log=log)
+        api.for_client("alice").query(data[:500])
+        api.for_client("alice").query(data[:100])  # asked again: counted, kept once
+        api.for_client("bob").query(data[500:800])
+        ratio, _, _ = top_pairs(backend.query(data).scores)
+        near = ratio >= LOG_MIN_RATIO
+        assert 0 < near[:500].sum() < 500  # the filter keeps some and drops some
+        assert log.clients() == {"alice": {"queries": 600, "kept": int(near[:500].sum())},
+                                 "bob": {"queries": 300, "kept": int(near[500:800].sum())}}
+        np.testing.assert_array_equal(log.inputs("alice"), data[:500][near[:500]])
+        with pytest.raises(UsageError, match=r"no inputs of client 'carol' \(clients: alice, bob\)"):
+            log.inputs("carol")
+    with TieBreakLog(path, key=key, create=False) as reopened:
+        np.testing.assert_array_equal(reopened.inputs("bob"), data[500:800][near[500:800]])
+    with pytest.raises(UsageError, match="written under another key"):
+        TieBreakLog(path, key=generate_key(owner="x", num_classes=C, input_shape=(D,)))
+    with pytest.raises(UsageError, match="does not exist; the tie-break API writes it"):
+        TieBreakLog(tmp_path / "missing.sqlite", key=key, create=False)
+    from wmark.schemes.api_mark import MarkLog
+
+    MarkLog(tmp_path / "mark.sqlite", key=key, rate=0.1, candidates=2).close()
+    with pytest.raises(UsageError, match="not a wmark tie-break log"):
+        TieBreakLog(tmp_path / "mark.sqlite", key=key)
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 10)
+    with pytest.raises(UsageError, match="not a readable SQLite tie-break log"):
+        TieBreakLog(tmp_path / "junk.sqlite", key=key)
+    other = generate_key(owner="x", num_classes=C, input_shape=(D,))
+    with TieBreakLog(tmp_path / "other.sqlite", key=other) as log, pytest.raises(UsageError, match="another key"):
+        TieBreakAPI(key=key, backend=backend, rule=rule, log=log)
+
+
+def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_follower(tmp_path, data):
+    # A client whose queries are a fixed dataset (not chosen by the answers): over 300 keys an innocent
+    # suspect's Z on that client's logged inputs is N(0, 1) (KS against scipy). A rule follower is caught.
+    backend, innocent = Linear(1), Linear(2)
+    zs = []
+    for i in range(300):
+        key = seeded_key(f"tiebreak/log-null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
+        with TieBreakLog(tmp_path / f"log{i}.sqlite", key=key) as log:
+            rule, api = make(key, data, backend, log=log)
+            api.for_client("c").query(data[:1000])
+            res = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
+                                    queries=300)
+            zs.append(res.details["z"])
+    assert res.name == "api-tiebreak-log" and res.evidence_of == "extracted" and res.queries == 300
+    assert "without regard to the marked answers" in res.null["assumption"]
+    assert res.details["client"] == "c" and "1000 queries logged" in res.details["selection"]
+    assert stats.kstest(zs, "norm").pvalue > 1e-3
+    key = seeded_key("tiebreak/log-follower", owner="o", num_classes=C, input_shape=(D,))
+    with TieBreakLog(tmp_path / "follow.sqlite", key=key) as log:
+        rule, api = make(key, data, backend, log=log, beta=3.0, components=F)
+        api.for_client("thief").query(data)
+        caught = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), log=log,
+                                   client="thief", queries=600)
+        clean = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief",
+                                  queries=600)
+        with pytest.raises(UsageError, match="another key"):
+            tiebreak_log_test(key=generate_key(owner="x", num_classes=C, input_shape=(D,)), rule=rule,
+                              served=backend, suspect=backend, log=log, client="thief")
+        with pytest.raises(UsageError, match="queries must be at least 1"):
+            tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief", queries=0)
+        committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), inputs=data,
+                                  queries=600)
+        # ranked once, asked of several suspects: the same test
+        ranked = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief", count=600)
+        again = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, chosen=ranked, queries=600)
+        assert again.log10_p == clean.log10_p and again.details["selection"] == clean.details["selection"]
+        with pytest.raises(UsageError, match="needs the API's log and the client"):
+            tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log)
+    assert caught.log10_p < -5 and clean.log10_p > -3, (caught.log10_p, clean.log10_p)
+    # a verdict resting on the log test alone says so; with the assumption-free test also rejecting, it need not
+    from wmark.verify import decide
+
+    alone = decide(key=key, tests=[caught, clean], alpha=1e-3, suspect="s")
+    assert alone.kind == "extracted"
+    assert "rests on a stated assumption (api-tiebreak-log: the client chose its queries" in alone.message
+    assert decide(key=key, tests=[committed, caught], alpha=1e-3, suspect="s").message == ""
+
+
 def test_verification_inputs_are_the_nearest_ties():
     scores = np.array([[0.5, 0.45, 0.05], [0.9, 0.05, 0.05], [0.4, 0.4, 0.2], [0.6, 0.3, 0.1]])
     np.testing.assert_array_equal(select_verification_inputs(scores=scores, count=2), [2, 0])
@@ -204,6 +294,34 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
     assert back.verification == "4 reference surrogates (test)"
     res = tiebreak_test(key=key, rule=back, served=backend, suspect=backend, queries=120)
     assert res.queries == 120 and res.details["selection"].startswith("committed in the rule: 4 reference")
+    # the references travel with the rule and rank a client's logged inputs the same way
+    assert [arch for arch, _ in back.references] == ["fmnist-mlp"] * len(REFERENCE_RECIPES)
+    for (_, saved), (_, loaded) in zip(refs, back.references):
+        np.testing.assert_allclose(predict_logits(loaded, torch.from_numpy(data)).numpy(),
+                                   predict_logits(saved, torch.from_numpy(data)).numpy(), atol=1e-6)
+    with TieBreakLog(tmp_path / "log.sqlite", key=key) as log:
+        TieBreakAPI(key=key, backend=backend, rule=back, log=log, client="c").query(data)
+        logged = log.inputs("c")
+
+        class Recorder:
+            description, num_classes, input_shape, asked = "recorder", C, (D,), []
+
+            def query(self, x):
+                self.asked.append(np.array(x))
+                return backend.query(x)
+
+        res = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c", queries=50)
+    assert res.details["selection"].startswith(f"most open for the rule's 4 reference surrogates among the {len(logged)}")
+    expected = select_verification_inputs(scores=backend.query(logged).scores, count=50, min_ratio=0.0,
+                                          reference_scores=[torch.softmax(predict_logits(n, torch.from_numpy(logged))
+                                                                          .double(), 1).numpy() for _, n in refs])
+    assert res.queries == 50
+    np.testing.assert_array_equal(np.concatenate(Recorder.asked), logged[expected])
+    tensors, raw = load_tensors(tmp_path / "rule.safetensors")
+    save_tensors({n: t for n, t in tensors.items() if not n.startswith("reference1/")}, tmp_path / "damaged.safetensors",
+                 metadata=wmark_metadata(raw))
+    with pytest.raises(UsageError, match="Reference surrogate 1 in the tie-break rule .* does not fit"):
+        load_tiebreak_rule(tmp_path / "damaged.safetensors", key=key, featurizer=featurizer)
     plain = make(key, data, backend)[0]
     with pytest.raises(UsageError, match="carries no committed verification inputs"):
         tiebreak_test(key=key, rule=plain, served=backend, suspect=backend)
@@ -351,7 +469,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
                                "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(tmp_path / "thief.safetensors"),
                                "--out", str(out), "--epochs", "40", "--api-key", str(key), "--tiebreak", str(rule),
-                               "--beta", "2"])
+                               "--beta", "2", "--api-log", str(tmp_path / "tb.sqlite"), "--client", "thief-1"])
     assert res.exit_code == 0, res.output
     # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that): over 6 fresh
     # keys this 40-epoch surrogate scored log10 p from -8.0 to -12.5 (the 1000 committed verification inputs),
@@ -368,6 +486,25 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][1]["log10_p"] > -3
+    # the thief's own logged queries: a second, stronger tie-break test that names its extra assumption
+    logged = ["--tiebreak-log", str(tmp_path / "tb.sqlite"), "--client", "thief-1"]
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--report", str(tmp_path / "r.html")] + tb + logged)
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak", "api-tiebreak-log"]
+    page = (tmp_path / "r.html").read_text()
+    assert "Every test, combined" in page and "api-tiebreak-log" in page and "without regard to the marked" in page
+    assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][2]
+    assert "without regard to the marked answers" in doc["tests"][2]["null"]["assumption"]
+    assert doc["tests"][2]["details"]["client"] == "thief-1" and doc["tests"][2]["log10_p"] < -4
+    res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb + logged)
+    doc = json.loads(res.output)
+    assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
+    res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:2])
+    assert res.exit_code == 2 and "--tiebreak-log needs --client" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out)] + logged)
+    assert res.exit_code == 2 and "--tiebreak-log needs --tiebreak" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:3] + ["nobody"])
+    assert res.exit_code == 2 and "no inputs of client 'nobody' (clients: thief-1)" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(weights)])
     assert res.exit_code == 2 and "pass --tiebreak RULE too" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule)])
@@ -403,13 +540,64 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     with serve_in_background(app) as server:
         res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
                                    "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
-                                   "--transcript", str(tmp_path / "t.sqlite")] + tb)
+                                   "--transcript", str(tmp_path / "t.sqlite")] + tb + logged)
     doc = json.loads(res.output)
-    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
-    assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak", "api-tiebreak-log"]
+    assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1:]
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
     res = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
                                "--api-key", str(key)])
     assert res.exit_code == 2 and "needs both --api-key and --tiebreak" in res.output
+
+
+def test_the_served_api_logs_each_client_under_its_own_token(tmp_path, data):
+    import os
+
+    import torch
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.serve import build_app, read_clients, serve_in_background
+    from wmark.suspects.http import open_http_suspect
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    tokens = {"alice": "token-a", "bob": "token-b"}
+    with TieBreakLog(tmp_path / "served.sqlite", key=key) as log:
+        _, api = make(key, data, backend, log=log)
+        app = build_app(model=torch.nn.Linear(D, C), name="m", num_classes=C, input_shape=(D,), answerer=api,
+                        clients=tokens)
+        with serve_in_background(app) as server:
+            for client, x in (("alice", data[:300]), ("bob", data[300:400])):
+                remote = open_http_suspect(url=f"{server.url}/v2/models/m", protocol="v2", num_classes=C,
+                                           input_shape=(D,), token=tokens[client])
+                try:
+                    np.testing.assert_array_equal(remote.query(x).labels, api.query(x).labels)
+                finally:
+                    remote.close()
+            with pytest.raises(UsageError, match="token was refused"):
+                open_http_suspect(url=f"{server.url}/v2/models/m", protocol="v2", num_classes=C, input_shape=(D,),
+                                  token="token-c")
+        assert {c: v["queries"] for c, v in log.clients().items()} == {"alice": 300, "bob": 100, "anonymous": 400}
+        near = top_pairs(backend.query(data).scores)[0] >= LOG_MIN_RATIO
+        np.testing.assert_array_equal(log.inputs("bob"), data[300:400][near[300:400]])
+    with pytest.raises(UsageError, match="not both"):
+        build_app(model=torch.nn.Linear(D, C), name="m", num_classes=C, input_shape=(D,), token="t", clients=tokens)
+    with pytest.raises(UsageError, match="non-empty and distinct"):
+        build_app(model=torch.nn.Linear(D, C), name="m", num_classes=C, input_shape=(D,), clients={"a": "t", "b": "t"})
+    path = tmp_path / "clients.json"
+    path.write_text('{"alice": "token-a"}')
+    os.chmod(path, 0o644)
+    with pytest.raises(UsageError, match="readable by others; `chmod 600"):
+        read_clients(path)
+    os.chmod(path, 0o600)
+    assert read_clients(path) == {"alice": "token-a"}
+    for bad, message in (('["token"]', "non-empty JSON object"), ('{"a": "t", "b": "t"}', "same token")):
+        path.write_text(bad)
+        with pytest.raises(UsageError, match=message):
+            read_clients(path)
+    res = CliRunner().invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp_path / "w.safetensors"),
+                                    "--name", "m", "--tiebreak-log", str(tmp_path / "x.sqlite")])
+    assert res.exit_code == 2

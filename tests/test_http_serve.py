@@ -109,3 +109,60 @@ def test_cli_errors_are_one_sentence(served):
     assert busy.exit_code == 2 and "pick another --port" in busy.output
     no_arch = runner.invoke(main, ["verify", "--key", key, "--suspect", str(tmp / "m.safetensors")])
     assert no_arch.exit_code == 2 and "--arch" in no_arch.output
+
+
+def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
+    """`wmark serve --clients --tiebreak-log`: each token's near-tie queries land under its client's name."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from wmark import api
+    from wmark.io import save_tensors
+    from wmark.keys import load_key
+    from wmark.schemes.api_tiebreak import TieBreakLog
+    from wmark.suspects.http import open_http_suspect
+
+    weights, key = tmp_path / "m.safetensors", tmp_path / "owner.key"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0), weights,
+               metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    save_key(generate_key(owner="Owner", num_classes=10, input_shape=SHAPE), key)
+    x = torch.rand(600, *SHAPE, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 10, (600,), generator=torch.Generator().manual_seed(1))
+    save_tensors({"x": x, "y": y, "x_test": x[:50].clone(), "y_test": y[:50].clone()}, tmp_path / "owner.safetensors")
+    api.build_tiebreak(key=key, arch="fmnist-mlp", weights=weights, data=str(tmp_path / "owner.safetensors"),
+                       out=tmp_path / "rule.safetensors", components=8, references=[], verify_count=100)
+    clients = tmp_path / "clients.json"
+    clients.write_text(json.dumps({"thief": "thief-token", "honest": "honest-token"}))
+    clients.chmod(0o600)
+    port = _free_port()
+    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
+                                 "--port", str(port), "--labels-only", "--api-key", str(key), "--tiebreak",
+                                 str(tmp_path / "rule.safetensors"), "--clients", str(clients),
+                                 "--tiebreak-log", str(tmp_path / "served.sqlite")),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        for client, n in (("thief", 300), ("honest", 40)):
+            remote = open_http_suspect(url=f"{url}/v2/models/m", protocol="v2", num_classes=10, input_shape=SHAPE,
+                                       token=f"{client}-token")
+            try:
+                assert (remote.query(np.random.default_rng(n).random((n, *SHAPE), dtype=np.float32)).labels >= 0).all()
+            finally:
+                remote.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    with TieBreakLog(tmp_path / "served.sqlite", key=load_key(key), create=False) as log:
+        counts = log.clients()
+        assert {c: v["queries"] for c, v in counts.items()} == {"thief": 300, "honest": 40}
+        assert 0 < counts["thief"]["kept"] <= 300 and len(log.inputs("thief")) == counts["thief"]["kept"]

@@ -130,16 +130,19 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            mode: Mode = "sequential", max_queries: int | None = None, labels_only: bool = True,
            api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
            tiebreak: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
-           holdout: str | None = None, tiebreak_queries: int = 1000, progress: bool = False) -> Verdict:
+           holdout: str | None = None, tiebreak_queries: int = 1000, tiebreak_log: PathLike | None = None,
+           log_queries: int = 1000, progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
     client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
     from :func:`build_tiebreak`) and ``served`` (the owner's served model file the rule was built from), the
     suspect is also asked the first ``tiebreak_queries`` verification inputs the rule commits (``holdout``,
-    the owner's own inputs, only for a rule that commits none): the tie-break test. All tests are combined with
-    Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if
-    only an API-side mark is.
+    the owner's own inputs, only for a rule that commits none): the tie-break test. With ``tiebreak_log`` (the
+    tie-break API's log) and ``client`` as well, it is also asked the ``log_queries`` inputs that client asked
+    nearest to a tie: the stronger tie-break test, which assumes the client did not pick its queries by the
+    marked answers. All tests are combined with Holm's correction; the verdict's ``kind`` is ``copy`` if the
+    trigger set is found, ``extracted`` if only an API-side mark is.
     """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
@@ -151,12 +154,18 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
-    if api_log is None and client is not None:
-        raise UsageError("--client names whose marked queries to replay; it needs --api-log.")
-    from wmark.schemes.api_tiebreak import tiebreak_requested, tiebreak_test_from_files
+    if api_log is None and tiebreak_log is None and client is not None:
+        raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
+    from wmark.schemes.api_tiebreak import (
+        check_log_options,
+        tiebreak_log_test_from_files,
+        tiebreak_requested,
+        tiebreak_test_from_files,
+    )
 
     served_arch = served_arch or arch
     with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
+    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
     if api_log is None and not with_tiebreak:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
@@ -175,6 +184,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak,  # type: ignore[arg-type]
                                               served=served, arch=served_arch, holdout=holdout,  # type: ignore[arg-type]
                                               queries=tiebreak_queries))
+    if tiebreak_log is not None:
+        tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
+                                                  arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
+                                                  queries=log_queries))
     return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
 
 
@@ -305,8 +318,8 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With
     ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
     (answers marked with that key, marked queries logged under ``client`` in ``api_log``) or, with
-    ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper: the path a
-    real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
+    ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper (its near-tie queries
+    logged under ``client`` in ``api_log`` when given): the path a real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
@@ -317,18 +330,19 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     model, _ = load_model(victim_arch, victim)
     served = LocalSuspect(model, input_shape=ds.input_shape, description=str(victim), expose_scores=True)
     target: Any = served
-    log = None
-    if tiebreak is not None and (api_key is None or api_log is not None):
-        raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's "
-                         "key) and no --api-log.")
+    log: Any = None
+    if tiebreak is not None and api_key is None:
+        raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's key).")
     if api_key is not None:
         k = load_key(api_key)
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
+        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
 
         rule, _ = open_tiebreak_rule(key=k, rule=tiebreak, arch=victim_arch, served=victim)
-        target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA))
+        log = None if api_log is None else TieBreakLog(api_log, key=k)
+        target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA),
+                             log=log, client=client)
     elif api_key is not None:
         if api_log is None:
             raise UsageError("--api-key needs --api-log (the SQLite file the marked API records its marks in).")

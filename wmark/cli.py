@@ -184,7 +184,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--with-scores", is_flag=True, help="Let the verifier see scores, not only labels.")
 @click.option("--api-log", default=None, type=click.Path(dir_okay=False),
               help="Extraction test: the SQLite log of the owner's marked API (model-file suspects).")
-@click.option("--client", default=None, help="Extraction test: the API client whose marked queries to replay.")
+@click.option("--client", default=None,
+              help="Extraction tests: the API client whose queries to replay (with --api-log or --tiebreak-log).")
 @click.option("--api-max-queries", type=int, default=300, show_default=True,
               help="Extraction test: most logged queries to ask.")
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
@@ -197,6 +198,11 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "never a client's (" + DATA_HELP + ").")
 @click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
               help="Tie-break test: verification inputs asked (the first of the rule's ranking), fixed before querying.")
+@click.option("--tiebreak-log", default=None, type=click.Path(dir_okay=False),
+              help="Tie-break test on a client's own queries: the log the tie-break API wrote (with --client; "
+                   "assumes the client did not pick its queries by the answers).")
+@click.option("--log-queries", type=int, default=1000, show_default=True,
+              help="Tie-break log test: the client's logged inputs asked (those nearest a tie), fixed before querying.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
@@ -205,7 +211,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
            anchor: str | None, max_queries: int | None, with_scores: bool, api_log: str | None, client: str | None,
            api_max_queries: int, tiebreak: str | None, served: str | None, served_arch: str | None,
-           holdout: str | None, tiebreak_queries: int, as_json: bool, report: str | None, **remote: Any) -> None:
+           holdout: str | None, tiebreak_queries: int, tiebreak_log: str | None, log_queries: int, as_json: bool,
+           report: str | None, **remote: Any) -> None:
     """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
@@ -213,8 +220,8 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
     if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
         raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
                          "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")
-    if tiebreak is not None and mode == "whitebox":
-        raise UsageError("--tiebreak is a black-box test; use --mode sequential or fixed.")
+    if (tiebreak is not None or tiebreak_log is not None) and mode == "whitebox":
+        raise UsageError("--tiebreak and --tiebreak-log are black-box tests; use --mode sequential or fixed.")
     if mode == "whitebox":
         if reference is None:
             raise UsageError("--mode whitebox needs --reference (the owner's marked model file).")
@@ -230,7 +237,8 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
         verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode,  # type: ignore[arg-type]
                                     max_queries=max_queries, report=report, tiebreak=tiebreak, served=served,
                                     served_arch=served_arch or arch, holdout=holdout,
-                                    tiebreak_queries=tiebreak_queries, progress=_progress(), **remote)
+                                    tiebreak_queries=tiebreak_queries, tiebreak_log=tiebreak_log, client=client,
+                                    log_queries=log_queries, progress=_progress(), **remote)
     else:
         if arch is None:
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
@@ -238,7 +246,7 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
                              max_queries=max_queries, labels_only=not with_scores, api_log=api_log,
                              client=client, api_max_queries=api_max_queries, tiebreak=tiebreak, served=served,
                              served_arch=served_arch, holdout=holdout, tiebreak_queries=tiebreak_queries,
-                             progress=_progress())
+                             tiebreak_log=tiebreak_log, log_queries=log_queries, progress=_progress())
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
@@ -264,15 +272,20 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
 @click.option("--tiebreak", default=None, type=click.Path(dir_okay=False),
               help="Tie-break rule built for this model file by `wmark tiebreak build` (with --api-key).")
 @click.option("--beta", type=float, default=None, help="Scale of the keyed log-probability shift (default 1.0).")
+@click.option("--clients", "clients_file", default=None, type=click.Path(dir_okay=False),
+              help="Per-client bearer tokens: a JSON object client name -> token (chmod 600); instead of --token-env.")
+@click.option("--tiebreak-log", default=None, type=click.Path(dir_okay=False),
+              help="Record each client's near-tie inputs here (SQLite) for `wmark verify --tiebreak-log`.")
 @_handle_errors
 def serve(arch: str, weights: str, name: str, port: int, host: str, labels_only: bool, token_env: str | None,
-          api_key: str | None, tiebreak: str | None, beta: float | None) -> None:
+          api_key: str | None, tiebreak: str | None, beta: float | None, clients_file: str | None,
+          tiebreak_log: str | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted."""
     from wmark.serve import serve as run_server
 
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
-               token_env=token_env, api_key=api_key, tiebreak=tiebreak, beta=beta,
-               announce=lambda line: click.echo(line, err=True))
+               token_env=token_env, api_key=api_key, tiebreak=tiebreak, beta=beta, clients_file=clients_file,
+               tiebreak_log=tiebreak_log, announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)
@@ -323,7 +336,8 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--api-key", default=None, type=click.Path(dir_okay=False),
               help="Serve the victim behind the owner's marked API with this key (simulates the real path).")
 @click.option("--api-log", default=None, type=click.Path(dir_okay=False),
-              help="SQLite log the marked API records marked queries in.")
+              help="SQLite log the marked API records queries in (the API-mark's marked ones, or with --tiebreak "
+                   "the near-tie ones).")
 @click.option("--client", default="attacker", show_default=True, help="Client id the marked API logs under.")
 @click.option("--rate", type=float, default=None, help="Marked API: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="Marked API: candidate-set size k or 'all' (default all).")

@@ -28,6 +28,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   transcript: PathLike | None = None, transcript_sync: str = "fsync", cover_data: str | None = None, cover_ratio: float = 1.0,
                   report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
                   served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
+                  tiebreak_log: PathLike | None = None, client: str | None = None, log_queries: int = 1000,
                   progress: bool = False) -> Verdict:
     """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
 
@@ -60,16 +61,26 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
             never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
         tiebreak_queries: How many verification inputs to ask.
+        tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect the
+            ``log_queries`` inputs ``client`` asked nearest to a tie (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
+        client: The API client suspected of training the suspect.
+        log_queries: How many of the client's logged inputs to ask.
         progress: Show a progress bar.
 
     Returns:
         The verdict; ``tests[0].details`` holds the probe's statistics, the server's self-description and
         the transcript summary.
     """
-    from wmark.schemes.api_tiebreak import tiebreak_requested, tiebreak_test_from_files
+    from wmark.schemes.api_tiebreak import (
+        check_log_options,
+        tiebreak_log_test_from_files,
+        tiebreak_requested,
+        tiebreak_test_from_files,
+    )
 
     k = load_key(key)
     with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
+    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -106,6 +117,10 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
             tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
                                                   served=served, arch=served_arch, holdout=holdout,
                                                   queries=tiebreak_queries))
+        if tiebreak_log is not None:
+            tests.append(tiebreak_log_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
+                                                      served=served, arch=served_arch, log=tiebreak_log,  # type: ignore[arg-type]
+                                                      client=client, queries=log_queries))  # type: ignore[arg-type]
         if log is not None:
             test.details["transcript"] = log.summary()
         verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)

@@ -250,6 +250,19 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
               "\"from wmark.transcript import transcript_digest; print(transcript_digest('FILE'))\"</code>.</p>")
     else:
         transcript_html = "<p class='note'>No transcript was kept for this run.</p>"
+    all_tests_html = ""
+    if len(v["tests"]) > 1:
+        head = ("<tr><th>Test</th><th>A rejection shows</th><th>Null distribution and why it holds</th>"
+                "<th>Assumption</th><th>Queries</th><th>log10 p</th></tr>")
+        body = "".join(
+            f"<tr><td>{_e(t.get('name', ''))}</td><td>{_e(t.get('evidence_of', ''))}</td>"
+            f"<td>{_e(t.get('null', {}).get('distribution', ''))}: {_e(t.get('null', {}).get('why', ''))}</td>"
+            f"<td>{_e(t.get('null', {}).get('assumption', 'none'))}</td><td>{_e(t.get('queries', 0))}</td>"
+            f"<td>{t.get('log10_p', 0.0):.2f}</td></tr>" for t in v["tests"])
+        all_tests_html = (f"<h2>4b. Every test, combined</h2><table>{head}{body}</table><p class='note'>The tests are "
+                          "combined with Holm's correction, which keeps the false-accusation bound alpha over all of "
+                          f"them; the combined log10 p-value is {v['log10_p']:.2f}. The verdict names the kind of "
+                          f"evidence found: {_e(v.get('kind', ''))}.</p>")
     software = _rows([(k, f"<span class='mono'>{_e(val)}</span>") for k, val in doc["software"].items()])
     seeds = _rows([(k.replace("_", " "), _e(val)) for k, val in doc["seeds"].items()])
     return f"""<!DOCTYPE html>
@@ -273,6 +286,7 @@ exactly the queries recorded in the transcript.</p>
 <h2>4. The test and its result</h2><table>{test_rows}</table>
 <p class="note">The p-value bounds the probability that a model which never saw the key would produce evidence
 at least this strong. The decision rule (detect when p &le; alpha) was fixed before any query.</p>
+{all_tests_html}
 <h2>5. Queries</h2><table>{query_rows}</table>
 <h2>6. Evidence, query by query</h2>{plot}
 <p class="note">The curve is the running log10 e-value; crossing the dashed line (1/alpha) is a detection. By

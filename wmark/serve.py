@@ -23,7 +23,8 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -54,7 +55,8 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
               labels_only: bool = False, token: str | None = None, version: str = "1",
-              on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None) -> Starlette:
+              on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
+              clients: Mapping[str, str] | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -69,7 +71,20 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         answerer: What answers instead of the bare model, e.g. a
             :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
             must return scores unless ``labels_only``.
+        clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
+            and an ``answerer`` with a ``for_client`` method (the tie-break API) answers, and logs, as that
+            client.
+
+    Raises:
+        UsageError: On both ``token`` and ``clients``, or an empty or duplicated client token.
     """
+    if token is not None and clients is not None:
+        raise UsageError("Give one bearer token or per-client tokens, not both.")
+    if clients is not None and (not clients or any(not t for t in clients.values())
+                                or len(set(clients.values())) != len(clients)):
+        raise UsageError("Per-client tokens must be non-empty and distinct, one per client.")
+    by_client = {name: answerer.for_client(name) for name in clients or {}  # type: ignore[attr-defined]
+                 } if answerer is not None and hasattr(answerer, "for_client") else {}
     model.eval()
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
@@ -79,14 +94,21 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     metadata = {"name": name, "versions": [version], "platform": f"wmark-pytorch/{torch.__version__}",
                 "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *shape]}], "outputs": [output]}
 
-    def authorised(request: Request) -> bool:
+    def client_of(request: Request) -> str | None:
+        """The client a request authenticates as ("" when the server is open), or None if it does not."""
+        given = request.headers.get("authorization", "").encode()
+        if clients is not None:
+            found = None
+            for client, secret in clients.items():  # every token compared, in constant time each
+                if hmac.compare_digest(given, f"Bearer {secret}".encode()):
+                    found = client
+            return found
         if token is None:
-            return True
-        given = request.headers.get("authorization", "")
-        return hmac.compare_digest(given.encode(), f"Bearer {token}".encode())
+            return ""
+        return "" if hmac.compare_digest(given, f"Bearer {token}".encode()) else None
 
     def check_model(request: Request) -> JSONResponse | None:
-        if not authorised(request):
+        if client_of(request) is None:
             return _error(401, "missing or invalid bearer token")
         if request.path_params["model"] != name:
             return _error(404, f"unknown model {request.path_params['model']!r}")
@@ -104,10 +126,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     async def model_ready(request: Request) -> JSONResponse:
         return check_model(request) or JSONResponse({"name": name, "ready": True})
 
-    def predict(x: np.ndarray) -> list[Any]:
+    def predict(x: np.ndarray, client: str) -> list[Any]:
         if answerer is not None:
             with lock:
-                answers = answerer.query(x)
+                answers = by_client.get(client, answerer).query(x)
             if labels_only:
                 return np.asarray(answers.labels, dtype=np.int64).tolist()
             return np.asarray(answers.scores, dtype=np.float32).reshape(-1).tolist()
@@ -131,7 +153,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return _error(400, str(exc))
         if on_infer is not None:
             on_infer(x)
-        data = await run_in_threadpool(predict, x)
+        data = await run_in_threadpool(predict, x, client_of(request) or "")
         out = dict(output, shape=[len(x)] if labels_only else [len(x), num_classes], data=data)
         body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": [out]}
         if isinstance(doc, dict) and "id" in doc:
@@ -250,11 +272,15 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = "127.0.0.1", port: int = 8080,
           labels_only: bool = False, token_env: str | None = None, api_key: str | os.PathLike[str] | None = None,
           tiebreak: str | os.PathLike[str] | None = None, beta: float | None = None,
+          clients_file: str | os.PathLike[str] | None = None, tiebreak_log: str | os.PathLike[str] | None = None,
           announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
 
     With ``api_key`` and ``tiebreak`` (a rule from ``wmark tiebreak build`` for this model file), answers go
-    through the keyed tie-break wrapper: the API-side mark that extraction carries over. It keeps no state.
+    through the keyed tie-break wrapper: the API-side mark that extraction carries over. It keeps no state
+    unless ``tiebreak_log`` is given: then each client's near-tie inputs are recorded there
+    (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`), under the names of ``clients_file`` (a JSON object,
+    client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one.
 
     Raises:
         UsageError: If the weights do not load, the port is invalid or the token variable is unset.
@@ -275,23 +301,59 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
     model, _ = load_model(arch, weights)
     num_classes = int(meta.get("num_classes", 10))
     shape = tuple(int(s) for s in meta.get("input_shape", (1, 28, 28)))
+    if token is not None and clients_file is not None:
+        raise UsageError("Give --token-env or --clients (per-client tokens), not both.")
+    clients = None if clients_file is None else read_clients(clients_file)
     answerer = None
     if (api_key is None) != (tiebreak is None):
         raise UsageError("Serving with the tie-break mark needs both --api-key and --tiebreak.")
+    if tiebreak_log is not None and tiebreak is None:
+        raise UsageError("--tiebreak-log records the tie-break API's clients; pass --api-key and --tiebreak too.")
+    log = None
     if api_key is not None and tiebreak is not None:
         from wmark.keys import load_key
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
+        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
 
         key = load_key(api_key)
         rule, backend = open_tiebreak_rule(key=key, rule=tiebreak, arch=arch, served=weights)
-        answerer = TieBreakAPI(key=key, backend=backend, rule=rule, beta=DEFAULT_BETA if beta is None else beta)
-    app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
-                    token=token, answerer=answerer)
-    _check_port_free(host, port)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    if announce is not None:
-        mode = "label-only" if labels_only else "scores"
-        auth = (", bearer token required" if token else "") + (", tie-break marked" if answerer else "")
-        announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
-    server.run()
+        log = None if tiebreak_log is None else TieBreakLog(tiebreak_log, key=key)
+        answerer = TieBreakAPI(key=key, backend=backend, rule=rule, beta=DEFAULT_BETA if beta is None else beta,
+                               log=log)
+    try:
+        app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
+                        token=token, answerer=answerer, clients=clients)
+        _check_port_free(host, port)
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        server = uvicorn.Server(config)
+        if announce is not None:
+            mode = "label-only" if labels_only else "scores"
+            auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
+            auth += (", tie-break marked" if answerer else "") + (f", logging to {tiebreak_log}" if log else "")
+            announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
+        server.run()
+    finally:
+        if log is not None:
+            log.close()
+
+
+def read_clients(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Read a per-client token file: a JSON object, client name → bearer token, readable by its owner only.
+
+    Raises:
+        UsageError: If the file is missing, readable by others, not such an object, or reuses a token.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"Client token file {p} does not exist; write a JSON object {{\"client\": \"token\"}}.")
+    if os.name == "posix" and p.stat().st_mode & 0o077:
+        raise UsageError(f"Client token file {p} is readable by others; `chmod 600 {p}` (it holds bearer tokens).")
+    try:
+        doc = json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError):
+        doc = None
+    if not isinstance(doc, dict) or not doc or not all(isinstance(k, str) and k and isinstance(v, str) and v
+                                                       for k, v in doc.items()):
+        raise UsageError(f"Client token file {p} must be a non-empty JSON object of client name -> token strings.")
+    if len(set(doc.values())) != len(doc):
+        raise UsageError(f"Client token file {p} gives two clients the same token; give each client its own.")
+    return doc

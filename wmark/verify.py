@@ -232,6 +232,10 @@ def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> 
     elif not rejected and any(t.details.get("inconclusive") for t in tests):
         status = "inconclusive"
         message = " ".join(t.details["inconclusive"] for t in tests if t.details.get("inconclusive"))
+    assumed = [f"{t.name}: {t.null['assumption']}" for t in rejected if t.null.get("assumption")]
+    if assumed and not any(not t.null.get("assumption") for t in rejected):
+        message = " ".join(filter(None, [message, "The evidence rests on a stated assumption ("
+                                         + "; ".join(assumed) + ")."]))
     return Verdict(
         decision="detected" if rejected else "not_detected",
         kind=kind,

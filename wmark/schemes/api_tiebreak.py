@@ -45,6 +45,14 @@ correlated; the statistic accounts for that, a per-input binomial would not. (Ga
 
 The test is fixed-n: the owner fixes ``n`` before querying, and the report records it.
 
+A client's own queries (:func:`tiebreak_log_test`). The API can log each client's near-tie inputs
+(:class:`TieBreakLog`, SQLite; ``wmark serve --clients --tiebreak-log``). A surrogate was fitted to exactly
+those inputs and the marked answers it got there, so asking it them again (the ones the rule's reference
+surrogates leave most open) gives much stronger evidence than the owner's inputs. The same ``Z`` is exactly
+N(0, 1) provided the client's inputs do not depend on the key, i.e. the client did not choose its queries by
+the answers it got (a fixed dataset, as extraction attacks use): an assumption the verdict states, and one
+the committed-input test does not need.
+
 Example:
     >>> import numpy as np
     >>> from wmark.keys import generate_key
@@ -61,10 +69,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import sqlite3
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -74,10 +87,14 @@ from wmark.attacks.extract import extract
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
-from wmark.schemes.api_mark import query_with_scores
+from wmark.models import build_model
+from wmark.schemes.api_mark import input_digest, query_with_scores
 from wmark.suspects.base import Answers, Suspect
 from wmark.training import predict_logits
 from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
 SCHEME = "api-tiebreak"
 VERSION = 2
@@ -89,6 +106,8 @@ EIGEN_FLOOR = 1e-6
 REFERENCE_RECIPES: tuple[tuple[str, int], ...] = (("hard", 3), ("hard", 6), ("hard", 10), ("soft", 4))
 REFERENCE_QUERIES = 10_000
 LEAN_CLIP = 2.0
+LOG_FORMAT = "wmark-tiebreak-log/1"
+LOG_MIN_RATIO = 0.05
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -118,6 +137,9 @@ class TieBreakRule:
         verification_inputs: The owner's verification inputs, ranked, committed with the rule (or None: pass
             held inputs to :func:`tiebreak_test`).
         verification: How they were chosen (recorded in the file and the report).
+        skipped: Leading principal directions left out of the feature map.
+        references: The reference surrogates that chose the verification inputs, as (architecture, model),
+            stored with the rule: :func:`tiebreak_log_test` ranks a client's logged inputs by them too.
     """
 
     mean: np.ndarray
@@ -130,6 +152,7 @@ class TieBreakRule:
     verification_inputs: np.ndarray | None = field(default=None, compare=False)
     verification: str = ""
     skipped: int = 0
+    references: tuple[tuple[str, torch.nn.Module], ...] = field(default=(), compare=False)
 
     @property
     def components(self) -> int:
@@ -157,10 +180,13 @@ class TieBreakRule:
         if self.verification_inputs is not None:
             tensors["verification_inputs"] = torch.from_numpy(
                 np.ascontiguousarray(self.verification_inputs, dtype=np.float32))
+        for i, (_, net) in enumerate(self.references):
+            tensors.update({f"reference{i}/{name}": t for name, t in net.state_dict().items()})
         save_tensors(tensors, path, metadata={"scheme": SCHEME, "version": VERSION, "key_commitment": self.commitment,
                                               "num_classes": int(self.directions.shape[0]),
                                               "feature_space": self.feature_space, "model_digest": self.model_digest,
-                                              "verification": self.verification, "skipped_leading": self.skipped})
+                                              "verification": self.verification, "skipped_leading": self.skipped,
+                                              "reference_archs": [arch for arch, _ in self.references]})
 
 
 def _directions(key: Key, k: int) -> np.ndarray:
@@ -233,13 +259,23 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
         raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
     projection = tensors["projection"].numpy()
     committed = tensors.get("verification_inputs")
+    references = []
+    for i, arch in enumerate(meta.get("reference_archs") or []):
+        prefix = f"reference{i}/"
+        net = build_model(str(arch), num_classes=key.num_classes, input_shape=tuple(key.input_shape))
+        try:
+            net.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
+        except RuntimeError:
+            raise UsageError(f"Reference surrogate {i} in the tie-break rule {path} does not fit architecture "
+                             f"{arch!r}; the file is damaged, rebuild it with `wmark tiebreak build`.") from None
+        references.append((str(arch), net.eval()))
     return TieBreakRule(mean=tensors["mean"].numpy(), projection=projection,
                         directions=_directions(key, projection.shape[1]), commitment=key.commitment(),
                         feature_space=str(meta.get("feature_space", "")),
                         model_digest=str(meta.get("model_digest", "")), featurizer=featurizer,
                         verification_inputs=None if committed is None else committed.numpy(),
                         verification=str(meta.get("verification", "")),
-                        skipped=int(meta.get("skipped_leading", 0)))
+                        skipped=int(meta.get("skipped_leading", 0)), references=tuple(references))
 
 
 def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
@@ -266,6 +302,111 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
                                 expose_scores=True)
 
 
+class TieBreakLog:
+    """SQLite record of the inputs each client asked the tie-break API, near a tie of the served model.
+
+    A surrogate fits its own training queries best, so testing it on exactly the inputs its maker sent
+    (:func:`tiebreak_log_test`) is much stronger than on the owner's inputs. Only inputs whose served
+    runner-up has at least ``LOG_MIN_RATIO`` of the top score are kept: a key-free filter (the served
+    model's scores alone) that keeps every input the verification could pick and drops the confident
+    majority. Per-client query counts are kept as well. A ``meta`` table binds the log to one key (its
+    commitment), so a log cannot be verified under another key.
+
+    Args:
+        path: The database file (created unless ``create`` is false).
+        key: The owner's key; a log written under another key is refused.
+        create: Make a new log if missing (the API does); verification opens existing logs only.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, key: Key, create: bool = True) -> None:
+        self.path = Path(path)
+        if not create and not self.path.is_file():
+            raise UsageError(f"Tie-break log {self.path} does not exist; the tie-break API writes it "
+                             "(`wmark attack extract --tiebreak RULE --api-log FILE`, or TieBreakAPI(log=...)).")
+        if create and not self.path.parent.exists():
+            raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
+        try:
+            # a server answers from worker threads; the lock serialises them on this one connection
+            self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+            self._lock = threading.Lock()
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS inputs (
+                    client TEXT NOT NULL, digest TEXT NOT NULL, input BLOB NOT NULL, ratio REAL NOT NULL,
+                    created REAL NOT NULL, PRIMARY KEY (client, digest));
+                CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, queries INTEGER NOT NULL);
+                """
+            )
+        except sqlite3.DatabaseError as exc:
+            raise UsageError(f"{self.path} is not a readable SQLite tie-break log ({exc}).") from None
+        meta = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
+        expected = {"format": LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes),
+                    "input_shape": json.dumps(list(key.input_shape)), "min_ratio": repr(LOG_MIN_RATIO)}
+        if not meta:
+            if not create:
+                raise UsageError(f"{self.path} is an empty tie-break log; the tie-break API writes it.")
+            with self._db:
+                self._db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(expected.items()))
+            meta = expected
+        if meta.get("format") != LOG_FORMAT:
+            raise UsageError(f"{self.path} is not a wmark tie-break log (expected format {LOG_FORMAT}); an API-mark "
+                             "log goes to --api-log instead.")
+        if meta.get("key_commitment") != key.commitment():
+            raise UsageError(f"The tie-break log {self.path} was written under another key; verify with the key "
+                             "that served the API.")
+        self.commitment = key.commitment()
+        self.input_shape = tuple(json.loads(meta["input_shape"]))
+        self.min_ratio = float(meta["min_ratio"])
+
+    def record(self, client: str, inputs: np.ndarray, scores: np.ndarray) -> None:
+        """Count one batch for ``client`` and keep its inputs near a tie of the served ``scores``."""
+        ratio, _, _ = top_pairs(scores)
+        now = time.time()
+        rows = [(client, input_digest(x), np.ascontiguousarray(x, dtype="<f4").tobytes(), float(r), now)
+                for x, r in zip(inputs, ratio) if r >= self.min_ratio]
+        with self._lock, self._db:
+            self._db.executemany("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.execute(
+                "INSERT INTO clients VALUES (?, ?) ON CONFLICT(client) DO UPDATE SET queries = queries + ?",
+                (client, len(inputs), len(inputs)),
+            )
+
+    def clients(self) -> dict[str, dict[str, int]]:
+        """Per client: queries answered and inputs kept."""
+        with self._lock:
+            counts = self._db.execute("SELECT client, queries FROM clients").fetchall()
+            kept = self._db.execute("SELECT client, COUNT(*) FROM inputs GROUP BY client").fetchall()
+        out = {c: {"queries": int(q), "kept": 0} for c, q in counts}
+        for c, n in kept:
+            out.setdefault(c, {"queries": 0, "kept": 0})["kept"] = int(n)
+        return out
+
+    def inputs(self, client: str) -> np.ndarray:
+        """The kept inputs of one client, in the order they were first asked (N×shape, float32).
+
+        Raises:
+            UsageError: If the log holds nothing for ``client``.
+        """
+        with self._lock:
+            rows = self._db.execute("SELECT input FROM inputs WHERE client = ? ORDER BY rowid", (client,)).fetchall()
+        if not rows:
+            known = ", ".join(sorted(self.clients())) or "none"
+            raise UsageError(f"The tie-break log {self.path} holds no inputs of client {client!r} (clients: {known}).")
+        return np.stack([np.frombuffer(b, dtype="<f4") for (b,) in rows]).reshape(-1, *self.input_shape).copy()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 class TieBreakAPI:
     """A serving wrapper that shifts every answer by the keyed head (a :class:`Suspect` itself).
 
@@ -275,10 +416,13 @@ class TieBreakAPI:
         rule: The tie-break rule built under ``key`` from this served model.
         beta: Scale of the keyed log-probability shift (the accuracy cost grows with it).
         expose_scores: Return the shifted scores, or labels only.
+        log: Where to record each client's near-tie inputs (:class:`TieBreakLog`), for
+            :func:`tiebreak_log_test`; None keeps no state.
+        client: Whose queries these are (see :meth:`for_client`).
     """
 
     def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
-                 expose_scores: bool = True) -> None:
+                 expose_scores: bool = True, log: TieBreakLog | None = None, client: str = "anonymous") -> None:
         if rule.commitment != key.commitment():
             raise UsageError("The tie-break rule was built under another key; build it with the serving key.")
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
@@ -286,14 +430,24 @@ class TieBreakAPI:
                              "serve the model the key was made for.")
         if beta <= 0:
             raise UsageError(f"beta must be positive, got {beta}.")
+        if log is not None and log.commitment != key.commitment():
+            raise UsageError(f"The tie-break log {log.path} belongs to another key; open a log under the serving key.")
         self.key, self.backend, self.rule = key, backend, rule
         self.beta, self.expose_scores = float(beta), expose_scores
+        self.log, self.client = log, client
         self.num_classes = key.num_classes
         self.input_shape = tuple(key.input_shape)
         self.description = f"tie-break-marked {backend.description}"
 
+    def for_client(self, client: str) -> TieBreakAPI:
+        """The same API answering (and logging) as ``client``."""
+        return TieBreakAPI(key=self.key, backend=self.backend, rule=self.rule, beta=self.beta,
+                           expose_scores=self.expose_scores, log=self.log, client=client)
+
     def query(self, inputs: np.ndarray) -> Answers:
         x, scores, _ = query_with_scores(self.backend, inputs, self.input_shape)
+        if self.log is not None:
+            self.log.record(self.client, x, scores)
         logits = np.log(np.maximum(scores, 1e-300)) + self.beta * self.rule.shifts(x)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
@@ -335,7 +489,7 @@ def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: flo
 
 
 def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
-                               queries: int = REFERENCE_QUERIES) -> list[torch.nn.Module]:
+                               queries: int = REFERENCE_QUERIES) -> list[tuple[str, torch.nn.Module]]:
     """Distil reference surrogates from the **unmarked** served model on the owner's inputs (key-independent).
 
     For each architecture, one surrogate per recipe in ``REFERENCE_RECIPES`` (hard labels for 3, 6 and 10
@@ -348,26 +502,36 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         archs: Architectures (any ``--arch`` name), e.g. the served one and an MLP.
         seed: Base seed of the queries and initialisations.
         queries: Inputs each surrogate is distilled from (at most ``len(x)``).
+
+    Returns:
+        (architecture, model) per surrogate.
     """
     nets = []
     for i, arch in enumerate(archs):
         for j, (labels, epochs) in enumerate(REFERENCE_RECIPES):
-            nets.append(extract(served, x=x, arch=arch, labels=labels, queries=min(queries, len(x)),  # type: ignore[arg-type]
-                                epochs=epochs, seed=seed + 101 + 10 * i + j).model)
+            nets.append((arch, extract(served, x=x, arch=arch, labels=labels, queries=min(queries, len(x)),  # type: ignore[arg-type]
+                                       epochs=epochs, seed=seed + 101 + 10 * i + j).model.eval()))
     return nets
 
 
+def reference_scores(references: Sequence[tuple[str, torch.nn.Module]], x: np.ndarray) -> list[np.ndarray]:
+    """Each reference surrogate's probabilities on ``x`` (float64)."""
+    return [torch.softmax(predict_logits(net, torch.from_numpy(np.asarray(x, dtype=np.float32))).double(), 1).numpy()
+            for _, net in references]
+
+
 def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.ndarray,
-                               references: Sequence[torch.nn.Module] = (), count: int = DEFAULT_QUERIES,
+                               references: Sequence[tuple[str, torch.nn.Module]] = (), count: int = DEFAULT_QUERIES,
                                how: str = "") -> TieBreakRule:
-    """The rule with ``count`` ranked verification inputs from the owner's ``x`` committed to it.
+    """The rule with ``count`` ranked verification inputs from the owner's ``x`` committed to it, and the
+    references that chose them (saved with the rule, for :func:`tiebreak_log_test`).
 
     Args:
         rule: A rule from :func:`build_tiebreak_rule`.
         served: The unmarked served model (exposing scores).
         x: The owner's held inputs, never a client's.
-        references: Reference surrogates (:func:`train_reference_surrogates`); none: the served model's
-            nearest ties.
+        references: Reference surrogates as (architecture, model) (:func:`train_reference_surrogates`);
+            none: the served model's nearest ties.
         count: Inputs to commit (the most a verification will ask).
         how: A description of the references, recorded in the file.
 
@@ -376,13 +540,12 @@ def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.nda
     """
     x = np.asarray(x, dtype=np.float32)
     _, scores, _ = query_with_scores(served, x, tuple(x.shape[1:]))
-    ref_scores = [torch.softmax(predict_logits(net, torch.from_numpy(x)).double(), 1).numpy() for net in references]
-    chosen = select_verification_inputs(scores=scores, count=count, reference_scores=ref_scores)
+    chosen = select_verification_inputs(scores=scores, count=count, reference_scores=reference_scores(references, x))
     if len(chosen) == 0:
         raise UsageError(f"None of the {len(x)} owner inputs is near a tie of the served model; give more inputs.")
     label = (f"{len(references)} reference surrogates ({how})" if references else
              f"nearest ties of the served model (p_b/p_a >= {DEFAULT_PAIR_RATIO})")
-    return dataclasses.replace(rule, verification_inputs=x[chosen], verification=label)
+    return dataclasses.replace(rule, verification_inputs=x[chosen], verification=label, references=tuple(references))
 
 
 def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
@@ -487,6 +650,20 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         xs = x[chosen]
         selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
         pair_scores = all_scores[chosen]
+    z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=xs, pair_scores=pair_scores,
+                                            use_scores=use_scores)
+    return _result(name=SCHEME, z=z, info=info, answers=answers, read=read, rule=rule, selection=selection,
+                   budget=queries, method="exact Gaussian (fixed n, owner-chosen inputs)",
+                   null={"distribution": "N(0, 1)", "why": NULL_WHY})
+
+
+NULL_WHY = ("the keyed directions are independent standard normal vectors, independent of a suspect made without "
+            "the marked answers and of the owner-chosen inputs, so the normalised projection of the suspect's "
+            "pair-signed feature sums on them is exactly N(0, 1)")
+
+
+def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair_scores: np.ndarray,
+                   use_scores: bool) -> tuple[float, dict[str, Any], np.ndarray, str]:
     _, lo, hi = top_pairs(pair_scores)
     said = suspect.query(xs)
     answers = np.asarray(said.labels, dtype=np.int64).reshape(-1)
@@ -494,20 +671,115 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         raise UsageError(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
     leans = probability_leans(said.scores, lo, hi) if use_scores else None
     z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers, leans=leans)
+    read = "labels" if leans is None else f"probabilities: log(p_lo / p_hi) clipped at ±{LEAN_CLIP:g}"
+    return z, info, answers, read
+
+
+def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
+            selection: str, budget: int, method: str, null: dict[str, str],
+            extra: dict[str, Any] | None = None) -> TestResult:
     log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
     details: dict[str, Any] = {"z": z, "components": rule.components, "skipped_leading": rule.skipped,
-                               "selection": selection,
-                               "budget": int(queries), "read": "labels" if leans is None else
-                               f"probabilities: log(p_lo / p_hi) clipped at ±{LEAN_CLIP:g}", **info}
+                               "selection": selection, "budget": int(budget), "read": read, **info, **(extra or {})}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
-    return TestResult(
-        name=SCHEME, evidence_of="extracted",
-        null={"distribution": "N(0, 1)", "why": "the keyed directions are independent standard normal vectors, "
-              "independent of a suspect made without the marked answers and of the owner-chosen inputs, so the "
-              "normalised projection of the suspect's pair-signed feature sums on them is exactly N(0, 1)"},
-        log10_p=min(0.0, log10_p), queries=len(xs), matches=info["agree"],
-        abstentions=int((answers < 0).sum()), method="exact Gaussian (fixed n, owner-chosen inputs)", details=details,
+    return TestResult(name=name, evidence_of="extracted", null=null, log10_p=min(0.0, log10_p), queries=len(answers),
+                      matches=info["agree"], abstentions=int((answers < 0).sum()), method=method, details=details)
+
+
+@dataclass(frozen=True)
+class LogInputs:
+    """A client's logged inputs ranked for the log test (:func:`select_log_inputs`): key-free, reusable
+    across suspects.
+
+    Attributes:
+        client: Whose queries they are.
+        x: The inputs, best first.
+        scores: The unmarked served model's scores on them (their pairs).
+        selection: How they were chosen (recorded in the test's details).
+    """
+
+    client: str
+    x: np.ndarray
+    scores: np.ndarray
+    selection: str
+
+
+def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: TieBreakLog, client: str,
+                      count: int = DEFAULT_QUERIES) -> LogInputs:
+    """Rank ``client``'s logged inputs for :func:`tiebreak_log_test`: the ``count`` the rule's reference
+    surrogates leave most open (without references, the served model's nearest ties). Key-free: it reads the
+    log, the unmarked served model and the references, never the key's directions.
+
+    Raises:
+        UsageError: On a key/rule mismatch, a bad count or a client with no logged inputs.
+    """
+    if rule.commitment != key.commitment():
+        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+    if count < 1:
+        raise UsageError(f"queries must be at least 1, got {count}.")
+    x = owner_inputs(key, log.inputs(client))
+    _, scores, _ = query_with_scores(served, x, tuple(key.input_shape))
+    chosen = select_verification_inputs(scores=scores, count=count, min_ratio=0.0,
+                                        reference_scores=reference_scores(rule.references, x))
+    how = (f"most open for the rule's {len(rule.references)} reference surrogates" if rule.references
+           else "nearest ties of the served model")
+    queries = log.clients().get(client, {}).get("queries", 0)
+    return LogInputs(client=client, x=x[chosen], scores=scores[chosen],
+                     selection=f"{how} among the {len(x)} near-tie inputs client {client!r} asked ({queries} queries "
+                               "logged)")
+
+
+def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
+                      log: TieBreakLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
+                      queries: int = DEFAULT_QUERIES, use_scores: bool = True) -> TestResult:
+    """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
+
+    A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
+    faithfully than anywhere else (``benchmarks/extraction_tiebreak.py`` measures how much). The first
+    ``queries`` of the client's logged inputs ranked by :func:`select_log_inputs` are asked, and ``Z`` is the
+    statistic of the module docstring.
+
+    The null needs one assumption the committed-input test does not: the client chose its queries without
+    regard to the marked answers (a fixed dataset, as extraction attacks use). Then the inputs are
+    independent of the key and ``Z ~ N(0, 1)`` exactly for any suspect made without the marked answers. A
+    client who adapted its queries to earlier marked answers *and* knew an innocent model's answers could
+    steer its log towards inputs where that model agrees with the keyed lean it had seen; the verdict
+    states the assumption, and the committed-input test stands without it.
+
+    Args:
+        key: The owner's key (the rule and the log must be under it).
+        rule: The tie-break rule the API served with.
+        served: The owner's *unmarked* served model (exposing scores): it ranks the inputs and gives the pairs.
+        suspect: The model under test (labels suffice).
+        log: The API's log (with ``client``), or
+        client: The API client suspected of training the suspect.
+        chosen: Instead of ``log`` and ``client``: their inputs already ranked by :func:`select_log_inputs`
+            (to test many suspects against one client without ranking again).
+        queries: How many logged inputs to ask, fixed before querying.
+        use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
+
+    Raises:
+        UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
+    """
+    check_suspect_fits_key(key, suspect)
+    if chosen is None:
+        if log is None or client is None:
+            raise UsageError("The log test needs the API's log and the client, or their ranked inputs (chosen=).")
+        chosen = select_log_inputs(key=key, rule=rule, served=served, log=log, client=client, count=queries)
+    elif rule.commitment != key.commitment():
+        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+    if queries < 1:
+        raise UsageError(f"queries must be at least 1, got {queries}.")
+    z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=chosen.x[:queries],
+                                            pair_scores=chosen.scores[:queries], use_scores=use_scores)
+    return _result(
+        name=f"{SCHEME}-log", z=z, info=info, answers=answers, read=read, rule=rule, budget=queries,
+        selection=chosen.selection, method="exact Gaussian (fixed n, the client's logged inputs)",
+        null={"distribution": "N(0, 1)", "why": NULL_WHY.replace("owner-chosen inputs", "client's inputs"),
+              "assumption": "the client chose its queries without regard to the marked answers (e.g. a fixed "
+                            "dataset); the committed-input tie-break test needs no such assumption"},
+        extra={"client": chosen.client},
     )
 
 
@@ -521,6 +793,16 @@ def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: o
         raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) and "
                          "--served-arch.")
     return True
+
+
+def check_log_options(*, log: object, client: object, with_tiebreak: bool) -> None:
+    """Refuses a tie-break log without the rule, the served model or the client it is read for."""
+    if log is None:
+        return
+    if not with_tiebreak:
+        raise UsageError("--tiebreak-log needs --tiebreak (the rule the API served with) and --served.")
+    if client is None:
+        raise UsageError("--tiebreak-log needs --client (the API account suspected of extraction).")
 
 
 def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
@@ -546,6 +828,20 @@ def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathL
                          f"the key is for {key.num_classes} classes of {tuple(key.input_shape)}. Use the owner's data.")
     return tiebreak_test(key=key, rule=loaded, served=backend, suspect=suspect, inputs=ds.x_train.numpy(),
                          queries=queries)
+
+
+def tiebreak_log_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str],
+                                 served: str | os.PathLike[str], arch: str, log: str | os.PathLike[str], client: str,
+                                 queries: int = DEFAULT_QUERIES) -> TestResult:
+    """:func:`tiebreak_log_test` from the files a dispute has: rule, served model file and the API's log.
+
+    Raises:
+        UsageError: On any mismatch between key, rule, served model and log, or an unknown client.
+    """
+    loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
+    with TieBreakLog(log, key=key, create=False) as opened:
+        return tiebreak_log_test(key=key, rule=loaded, served=backend, suspect=suspect, log=opened, client=client,
+                                 queries=queries)
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
