@@ -308,8 +308,8 @@ class TieBreakLog:
     A surrogate fits its own training queries best, so testing it on exactly the inputs its maker sent
     (:func:`tiebreak_log_test`) is much stronger than on the owner's inputs. Only inputs whose served
     runner-up has at least ``LOG_MIN_RATIO`` of the top score are kept: a key-free filter (the served
-    model's scores alone) that keeps every input the verification could pick and drops the confident
-    majority. Per-client query counts are kept as well. A ``meta`` table binds the log to one key (its
+    model's scores alone) that keeps the near ties the verification ranks (38 % of Fashion-MNIST queries)
+    and drops the confident majority. Per-client query counts are kept as well. A ``meta`` table binds the log to one key (its
     commitment), so a log cannot be verified under another key.
 
     Args:
