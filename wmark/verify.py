@@ -52,6 +52,8 @@ class TestResult:
         details: Test-specific extras.
     """
 
+    __test__ = False  # not a pytest test class, though its name starts with "Test"
+
     name: str
     evidence_of: str
     null: dict[str, Any]
