@@ -29,6 +29,19 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
 
 
+def _wait_ready(proc: subprocess.Popen, url: str) -> None:
+    """Wait (at most a minute) until a `wmark serve` process answers its readiness route."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    raise AssertionError(f"{url} was not ready within 60 s")
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An independent digits-shaped MLP served label-only with a token by `wmark serve`."""
@@ -44,14 +57,7 @@ def served(tmp_path_factory):
                                  "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+    _wait_ready(proc, url)
     yield url, tmp, port
     proc.terminate()
     proc.wait(timeout=10)
@@ -144,14 +150,7 @@ def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        _wait_ready(proc, url)
         for client, n in (("thief", 300), ("honest", 40)):
             remote = open_http_suspect(url=f"{url}/v2/models/m", protocol="v2", num_classes=10, input_shape=SHAPE,
                                        token=f"{client}-token")

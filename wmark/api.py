@@ -319,7 +319,8 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
     ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
     (answers marked with that key, marked queries logged under ``client`` in ``api_log``) or, with
     ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper (its near-tie queries
-    logged under ``client`` in ``api_log`` when given): the path a real thief's queries take. Returns the surrogate's test accuracy and its agreement with the victim.
+    logged under ``client`` in ``api_log`` when given): the path a real thief's queries take. Returns the
+    surrogate's test accuracy and its agreement with the victim.
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract

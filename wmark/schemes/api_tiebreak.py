@@ -309,8 +309,8 @@ class TieBreakLog:
     (:func:`tiebreak_log_test`) is much stronger than on the owner's inputs. Only inputs whose served
     runner-up has at least ``LOG_MIN_RATIO`` of the top score are kept: a key-free filter (the served
     model's scores alone) that keeps the near ties the verification ranks (38 % of Fashion-MNIST queries)
-    and drops the confident majority. Per-client query counts are kept as well. A ``meta`` table binds the log to one key (its
-    commitment), so a log cannot be verified under another key.
+    and drops the confident majority. Per-client query counts are kept as well. A ``meta`` table binds the
+    log to one key (its commitment), so a log cannot be verified under another key.
 
     Args:
         path: The database file (created unless ``create`` is false).
@@ -628,8 +628,7 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
     Raises:
         UsageError: On a key/rule/suspect mismatch or when no input is near a tie.
     """
-    if rule.commitment != key.commitment():
-        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+    _check_rule_key(rule, key)
     check_suspect_fits_key(key, suspect)
     if queries < 1:
         raise UsageError(f"queries must be at least 1, got {queries}.")
@@ -660,6 +659,11 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
 NULL_WHY = ("the keyed directions are independent standard normal vectors, independent of a suspect made without "
             "the marked answers and of the owner-chosen inputs, so the normalised projection of the suspect's "
             "pair-signed feature sums on them is exactly N(0, 1)")
+
+
+def _check_rule_key(rule: TieBreakRule, key: Key) -> None:
+    if rule.commitment != key.commitment():
+        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
 
 
 def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair_scores: np.ndarray,
@@ -714,8 +718,7 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Tie
     Raises:
         UsageError: On a key/rule mismatch, a bad count or a client with no logged inputs.
     """
-    if rule.commitment != key.commitment():
-        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+    _check_rule_key(rule, key)
     if count < 1:
         raise UsageError(f"queries must be at least 1, got {count}.")
     x = owner_inputs(key, log.inputs(client))
@@ -762,15 +765,14 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     Raises:
         UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
     """
+    _check_rule_key(rule, key)
     check_suspect_fits_key(key, suspect)
+    if queries < 1:
+        raise UsageError(f"queries must be at least 1, got {queries}.")
     if chosen is None:
         if log is None or client is None:
             raise UsageError("The log test needs the API's log and the client, or their ranked inputs (chosen=).")
         chosen = select_log_inputs(key=key, rule=rule, served=served, log=log, client=client, count=queries)
-    elif rule.commitment != key.commitment():
-        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
-    if queries < 1:
-        raise UsageError(f"queries must be at least 1, got {queries}.")
     z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=chosen.x[:queries],
                                             pair_scores=chosen.scores[:queries], use_scores=use_scores)
     return _result(
