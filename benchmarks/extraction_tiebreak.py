@@ -83,6 +83,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000, help="verification queries per suspect")
     parser.add_argument("--epochs", type=int, default=6, help="surrogate epochs (early-stopped thief)")
     parser.add_argument("--converged", action="store_true", help="also 20-epoch thieves under the first key")
+    parser.add_argument("--reference-repeats", type=int, default=None,
+                        help="reference surrogates per architecture and recipe (default: the library's)")
     parser.add_argument("--name", default="extraction_tiebreak", help="results file name")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -97,7 +99,8 @@ def main() -> None:
     victim_accuracy = float((plain == yt).mean())
     in_scope = accuracy_reached(xt, yt, victim_accuracy - SCOPE_PP / 100)
     t0 = time.perf_counter()
-    references = train_reference_surrogates(served=served, x=x_owner, archs=REFERENCE_ARCHS)
+    repeats = {} if args.reference_repeats is None else {"repeats": args.reference_repeats}
+    references = train_reference_surrogates(served=served, x=x_owner, archs=REFERENCE_ARCHS, **repeats)
     reference_seconds = time.perf_counter() - t0
     print(f"{len(references)} reference surrogates in {reference_seconds:.0f} s", flush=True)
 

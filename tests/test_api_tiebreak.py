@@ -18,6 +18,7 @@ from wmark.keys import generate_key
 from wmark.schemes.api_tiebreak import (
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
+    REFERENCE_REPEATS,
     TieBreakAPI,
     TieBreakLog,
     accuracy_cost,
@@ -279,7 +280,13 @@ def test_reference_ranking_puts_the_most_open_calls_first():
 def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
     backend = Linear(1)
     refs = train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], queries=400)
-    assert len(refs) == len(REFERENCE_RECIPES)
+    n_refs = REFERENCE_REPEATS * len(REFERENCE_RECIPES)
+    assert len(refs) == n_refs
+    # each repeat of a recipe has its own seed, so no two references are the same network
+    outputs = [predict_logits(net, torch.from_numpy(data)).numpy() for _, net in refs]
+    assert all(not np.allclose(outputs[i], outputs[j]) for i in range(n_refs) for j in range(i))
+    with pytest.raises(UsageError, match="repeats must be at least 1"):
+        train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], repeats=0)
     chosen = []
     for owner in ("a", "b"):
         key = generate_key(owner=owner, num_classes=C, input_shape=(D,))
@@ -291,11 +298,11 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
     rule.save(tmp_path / "rule.safetensors")
     back = load_tiebreak_rule(tmp_path / "rule.safetensors", key=key, featurizer=featurizer)
     np.testing.assert_array_equal(back.verification_inputs, chosen[1])
-    assert back.verification == "4 reference surrogates (test)"
+    assert back.verification == f"{n_refs} reference surrogates (test)"
     res = tiebreak_test(key=key, rule=back, served=backend, suspect=backend, queries=120)
-    assert res.queries == 120 and res.details["selection"].startswith("committed in the rule: 4 reference")
+    assert res.queries == 120 and res.details["selection"].startswith(f"committed in the rule: {n_refs} reference")
     # the references travel with the rule and rank a client's logged inputs the same way
-    assert [arch for arch, _ in back.references] == ["fmnist-mlp"] * len(REFERENCE_RECIPES)
+    assert [arch for arch, _ in back.references] == ["fmnist-mlp"] * n_refs
     for (_, saved), (_, loaded) in zip(refs, back.references):
         np.testing.assert_allclose(predict_logits(loaded, torch.from_numpy(data)).numpy(),
                                    predict_logits(saved, torch.from_numpy(data)).numpy(), atol=1e-6)
@@ -311,7 +318,7 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
                 return backend.query(x)
 
         res = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c", queries=50)
-    assert res.details["selection"].startswith(f"most open for the rule's 4 reference surrogates among the {len(logged)}")
+    assert res.details["selection"].startswith(f"most open for the rule's {n_refs} reference surrogates among the {len(logged)}")
     expected = select_verification_inputs(scores=backend.query(logged).scores, count=50, min_ratio=0.0,
                                           reference_scores=[torch.softmax(predict_logits(n, torch.from_numpy(logged))
                                                                           .double(), 1).numpy() for _, n in refs])
@@ -462,7 +469,8 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     save_key(seeded_key("tiebreak/cli", owner="Owner", num_classes=c, input_shape=shape), key)
     runner = CliRunner()
     res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
-                               str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out", str(rule)])
+                               str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out", str(rule),
+                               "--reference-repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
     out = tmp_path / "surrogate.safetensors"

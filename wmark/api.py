@@ -194,19 +194,21 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
                    components: int | None = None, skip: int = 0,
                    references: Sequence[str] | None = None, verify_count: int = 1000,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, reference_repeats: int | None = None) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
     verification inputs, committed now, before any suspect exists: the ``verify_count`` inputs of ``data``
     whose call between the served model's top two classes reference surrogates leave most open. The
     references are distilled from the *unmarked* served model (architectures ``references``; default: the
-    served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties). Serve with
+    served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties), ``reference_repeats``
+    per architecture and recipe (default two, each from its own seed). Serve with
     :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.api_tiebreak import (
         REFERENCE_RECIPES,
+        REFERENCE_REPEATS,
         build_tiebreak_rule,
         commit_verification_inputs,
         train_reference_surrogates,
@@ -228,8 +230,9 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(model),
                                feature_space="served-penultimate", components=components, skip=skip,
                                model_digest=tensors_digest(tensors, raw))
-    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed) if archs else []
-    recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES)
+    repeats = REFERENCE_REPEATS if reference_repeats is None else reference_repeats
+    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats) if archs else []
+    recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule.save(out)

@@ -430,11 +430,13 @@ def tiebreak() -> None:
               help="Architectures of the reference surrogates (distilled from the unmarked served model) that pick "
                    "the verification inputs, comma-separated, or 'none' for the served model's nearest ties "
                    "(default: --arch and fmnist-mlp).")
+@click.option("--reference-repeats", type=int, default=None,
+              help="Reference surrogates per architecture and recipe, each from its own seed (default 2).")
 @click.option("--verify-count", type=int, default=1000, show_default=True,
               help="Verification inputs committed in the rule (the most a verification asks).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
-                   skip: int, references: str | None, verify_count: int) -> None:
+                   skip: int, references: str | None, reference_repeats: int | None, verify_count: int) -> None:
     """Build the tie-break rule the marked API serves with and `wmark verify --tiebreak` tests.
 
     The file holds the key-independent feature map and the owner's verification inputs, committed before any
@@ -442,7 +444,8 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     """
     refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
-                              skip=skip, references=refs, verify_count=verify_count)
+                              skip=skip, references=refs, verify_count=verify_count,
+                              reference_repeats=reference_repeats)
     skipped = f" after the leading {info['skipped']}" if info["skipped"] else ""
     click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
