@@ -508,6 +508,15 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb + logged)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
+    # the log test alone: the committed inputs are not asked, and Holm corrects for two tests
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb + logged)
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
+    assert (res.exit_code, doc["kind"]) == (0, "extracted")
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb)
+    assert res.exit_code == 2 and "--tiebreak-queries 0 skips the committed-input test" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "-1"] + tb + logged)
+    assert res.exit_code == 2 and "--tiebreak-queries must be at least 0" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:2])
     assert res.exit_code == 2 and "--tiebreak-log needs --client" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + logged)
@@ -553,6 +562,13 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1:]
+    with serve_in_background(app) as server:
+        res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
+                                   "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
+                                   "--tiebreak-queries", "0"] + tb + logged)
+    doc = json.loads(res.output)
+    assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
+    assert (res.exit_code, doc["kind"]) == (0, "extracted")
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output

@@ -141,7 +141,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     the owner's own inputs, only for a rule that commits none): the tie-break test. With ``tiebreak_log`` (the
     tie-break API's log) and ``client`` as well, it is also asked the ``log_queries`` inputs that client asked
     nearest to a tie: the stronger tie-break test, which assumes the client did not pick its queries by the
-    marked answers. All tests are combined with Holm's correction; the verdict's ``kind`` is ``copy`` if the
+    marked answers (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with Holm's correction; the verdict's ``kind`` is ``copy`` if the
     trigger set is found, ``extracted`` if only an API-side mark is.
     """
     k = load_key(key)
@@ -158,6 +158,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
     from wmark.schemes.api_tiebreak import (
         check_log_options,
+        committed_test_wanted,
         tiebreak_log_test_from_files,
         tiebreak_requested,
         tiebreak_test_from_files,
@@ -166,6 +167,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     served_arch = served_arch or arch
     with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
     check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
+    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
     if api_log is None and not with_tiebreak:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
@@ -180,7 +182,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             raise UsageError("--api-log needs --client (the API account suspected of extraction).")
         with MarkLog(api_log, key=k, create=False) as log:
             tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
-    if with_tiebreak:
+    if committed:
         tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak,  # type: ignore[arg-type]
                                               served=served, arch=served_arch, holdout=holdout,  # type: ignore[arg-type]
                                               queries=tiebreak_queries))

@@ -197,7 +197,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Tie-break test, only for a rule that commits no verification inputs: the owner's own inputs, "
                    "never a client's (" + DATA_HELP + ").")
 @click.option("--tiebreak-queries", type=int, default=1000, show_default=True,
-              help="Tie-break test: verification inputs asked (the first of the rule's ranking), fixed before querying.")
+              help="Tie-break test: verification inputs asked (the first of the rule's ranking), fixed before querying; "
+                   "0 with --tiebreak-log: only the client's queries.")
 @click.option("--tiebreak-log", default=None, type=click.Path(dir_okay=False),
               help="Tie-break test on a client's own queries: the log the tie-break API wrote (with --client; "
                    "assumes the client did not pick its queries by the answers).")

@@ -60,7 +60,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         served_arch: Its architecture.
         holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
             never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
-        tiebreak_queries: How many verification inputs to ask.
+        tiebreak_queries: How many verification inputs to ask (0: none, only the log test).
         tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect the
             ``log_queries`` inputs ``client`` asked nearest to a tie (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
         client: The API client suspected of training the suspect.
@@ -73,6 +73,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     """
     from wmark.schemes.api_tiebreak import (
         check_log_options,
+        committed_test_wanted,
         tiebreak_log_test_from_files,
         tiebreak_requested,
         tiebreak_test_from_files,
@@ -81,6 +82,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     k = load_key(key)
     with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
     check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
+    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -113,7 +115,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                         "token": "bearer (from --token-env/--token-file)" if token else "none"},
         }
         tests = [test]
-        if with_tiebreak:
+        if committed:
             tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
                                                   served=served, arch=served_arch, holdout=holdout,
                                                   queries=tiebreak_queries))

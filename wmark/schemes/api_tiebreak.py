@@ -818,6 +818,23 @@ def check_log_options(*, log: object, client: object, with_tiebreak: bool) -> No
         raise UsageError("--tiebreak-log needs --client (the API account suspected of extraction).")
 
 
+def committed_test_wanted(*, queries: int, log: object) -> bool:
+    """Whether a verification with the tie-break rule also asks its committed inputs.
+
+    ``queries=0`` skips that test, which makes sense only next to the log test: the verdict then corrects for
+    one test fewer, and the suspect is asked only the client's queries.
+
+    Raises:
+        UsageError: On a negative count, or 0 without a tie-break log.
+    """
+    if queries < 0:
+        raise UsageError(f"--tiebreak-queries must be at least 0, got {queries}.")
+    if queries == 0 and log is None:
+        raise UsageError("--tiebreak-queries 0 skips the committed-input test, leaving only the log test; "
+                         "pass --tiebreak-log and --client, or ask at least one committed input.")
+    return queries > 0
+
+
 def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
                              arch: str, holdout: str | None = None, queries: int = DEFAULT_QUERIES) -> TestResult:
     """:func:`tiebreak_test` from the files a dispute has: rule, served model file and, for a rule that
