@@ -141,8 +141,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     the owner's own inputs, only for a rule that commits none): the tie-break test. With ``tiebreak_log`` (the
     tie-break API's log) and ``client`` as well, it is also asked the ``log_queries`` inputs that client asked
     nearest to a tie: the stronger tie-break test, which assumes the client did not pick its queries by the
-    marked answers (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with Holm's correction; the verdict's ``kind`` is ``copy`` if the
-    trigger set is found, ``extracted`` if only an API-side mark is.
+    marked answers (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with
+    Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if only an
+    API-side mark is.
     """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
