@@ -497,8 +497,9 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
     For each architecture, ``repeats`` surrogates per recipe in ``REFERENCE_RECIPES`` (hard labels for 3, 6
     and 10 epochs, soft labels for 4), each from its own seed: early- and late-stopped thieves of several
     kinds, so that the inputs they jointly leave open are open for a thief too. (Two per recipe rather than
-    one ranked 60 in-scope thieves' logs better: log10 p lower by 0.41 ± 0.10 at 1000 queries and
-    0.32 ± 0.15 at 300, paired by thief; 41 rather than 38 of them reached 1e-6 with 300 queries.)
+    one ranked minimal in-scope thieves' logs better, paired by thief: log10 p lower by 0.53 ± 0.15 at 1000
+    queries over 36 thieves, ``benchmarks/tiebreak_references.py``, and by 0.41 ± 0.10 over 60 more in a
+    prototype; at 300 queries +0.27 ± 0.24 and −0.32 ± 0.15, i.e. no clear change.)
 
     Args:
         served: The unmarked served model, exposing scores.
