@@ -69,7 +69,7 @@ class Dataset:
         """Split the training set once into an owner's part and an attacker's part (test set shared)."""
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(self.x_train), generator=gen)
-        cut = int(round(owner_fraction * len(order)))
+        cut = round(owner_fraction * len(order))
         parts = []
         for idx in (order[:cut], order[cut:]):
             parts.append(Dataset(self.name, self.x_train[idx], self.y_train[idx],

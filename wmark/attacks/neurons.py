@@ -9,6 +9,7 @@ It is exact for ReLU networks (max-pooling commutes with positive scaling) witho
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ def permute_state_dict(tensors: Mapping[str, torch.Tensor], *, chain: Sequence[s
     out = {n: t.clone() for n, t in tensors.items()}
     rng = np.random.default_rng(seed)
     lo, hi = np.log(scale_range[0]), np.log(scale_range[1])
-    for prev, nxt in zip(chain[:-1], chain[1:]):
+    for prev, nxt in itertools.pairwise(chain):
         w, w_next = out[prev], out[nxt]
         units, _ = layer_units(w_next.shape, w.shape)
         n = w.shape[0]
@@ -74,7 +75,7 @@ def permute(model: nn.Module, *, seed: int = 0, scale_range: tuple[float, float]
     if len(names) < 2:
         raise UsageError("Permuting needs at least two conv/linear layers.")
     shapes = {n: p.shape for n, p in model.named_parameters()}
-    for prev, nxt in zip(names[:-1], names[1:]):
+    for prev, nxt in itertools.pairwise(names):
         try:
             layer_units(shapes[nxt], shapes[prev])
         except UsageError:
