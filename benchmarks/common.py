@@ -8,6 +8,7 @@ import os
 import platform
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -109,3 +110,47 @@ def extraction_copy(key: Any, victim: Path) -> Path:
     return cached({"name": "extraction-copy", "key": key.fingerprint(), "epochs": 2},
                   lambda p: api.attack(kind="finetune", arch="fmnist-cnn", weights=victim, out=p,
                                        data="fashion-mnist@attacker", epochs=2, max_samples=10_000, seed=3))
+
+
+# The tie-break benchmarks' thieves (name, architecture, labels) and what "in scope" means for them.
+TIEBREAK_THIEVES = (("hard", "fmnist-cnn", "hard"), ("soft", "fmnist-cnn", "soft"), ("mlp-hard", "fmnist-mlp", "hard"))
+TIEBREAK_REFERENCE_ARCHS = ("fmnist-cnn", "fmnist-mlp")
+SCOPE_PP, SCOPE_CAP = 5.0, 40
+
+
+@dataclass
+class TieBreakSetting:
+    """What the tie-break benchmarks share: the extraction victim served with its scores, the owner's inputs,
+    the attacker's split and its held-out test set, and the in-scope stopping rule."""
+
+    owner_key: Any
+    victim_path: Path
+    victim: torch.nn.Module
+    served: Any
+    x_owner: Any
+    attacker: Any
+    xt: Any
+    yt: Any
+    victim_accuracy: float
+    in_scope: Callable[..., bool]
+
+
+def tiebreak_setting() -> TieBreakSetting:
+    """Load the shared tie-break setting; a thief is in scope from its first epoch within ``SCOPE_PP`` of the
+    victim's accuracy on the attacker's test images."""
+    from wmark.attacks.extract import accuracy_reached
+    from wmark.data import load_dataset
+    from wmark.models import load_model
+    from wmark.suspects import LocalSuspect
+
+    owner_data, attacker_data = "fashion-mnist@owner", "fashion-mnist@attacker"
+    _, owner_key, victim_path = extraction_victim(owner_data)
+    owner, attacker = load_dataset(owner_data), load_dataset(attacker_data)
+    victim, _ = load_model("fmnist-cnn", victim_path)
+    served = LocalSuspect(victim, input_shape=(1, 28, 28), description="victim", expose_scores=True)
+    xt, yt = attacker.x_test.numpy(), attacker.y_test.numpy()
+    victim_accuracy = float((served.query(xt).labels == yt).mean())
+    return TieBreakSetting(owner_key=owner_key, victim_path=victim_path, victim=victim, served=served,
+                           x_owner=owner.x_train.numpy(), attacker=attacker, xt=xt, yt=yt,
+                           victim_accuracy=victim_accuracy,
+                           in_scope=accuracy_reached(xt, yt, victim_accuracy - SCOPE_PP / 100))

@@ -40,10 +40,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import extraction_copy, extraction_independents, extraction_victim, table, write_results
+from common import (
+    SCOPE_CAP,
+    SCOPE_PP,
+    TIEBREAK_REFERENCE_ARCHS,
+    TIEBREAK_THIEVES,
+    extraction_copy,
+    extraction_independents,
+    table,
+    tiebreak_setting,
+    write_results,
+)
 
-from wmark.attacks.extract import accuracy_reached, extract
-from wmark.data import load_dataset
+from wmark.attacks.extract import extract
 from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import (
@@ -59,11 +68,7 @@ from wmark.schemes.api_tiebreak import (
 )
 from wmark.suspects import LocalSuspect
 
-OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 ALPHA = 1e-6
-THIEVES = [("hard", "fmnist-cnn", "hard"), ("soft", "fmnist-cnn", "soft"), ("mlp-hard", "fmnist-mlp", "hard")]
-REFERENCE_ARCHS = ["fmnist-cnn", "fmnist-mlp"]
-SCOPE_PP, SCOPE_CAP = 5.0, 40
 LOG_BUDGETS = (300, 500)
 
 
@@ -88,19 +93,15 @@ def main() -> None:
     parser.add_argument("--name", default="extraction_tiebreak", help="results file name")
     args = parser.parse_args()
     start = time.perf_counter()
-    _, owner_key, victim_path = extraction_victim(OWNER)
-    owner, attacker = load_dataset(OWNER), load_dataset(ATTACKER)
-    victim, _ = load_model("fmnist-cnn", victim_path)
-    served = LocalSuspect(victim, input_shape=(1, 28, 28), description="victim", expose_scores=True)
+    setting = tiebreak_setting()
+    owner_key, victim_path, victim, served = setting.owner_key, setting.victim_path, setting.victim, setting.served
     featurizer = penultimate_featurizer(victim)
-    x_owner = owner.x_train.numpy()
-    xt, yt = attacker.x_test.numpy(), attacker.y_test.numpy()
+    x_owner, attacker, xt, yt = setting.x_owner, setting.attacker, setting.xt, setting.yt
     plain = served.query(xt).labels
-    victim_accuracy = float((plain == yt).mean())
-    in_scope = accuracy_reached(xt, yt, victim_accuracy - SCOPE_PP / 100)
+    victim_accuracy, in_scope = setting.victim_accuracy, setting.in_scope
     t0 = time.perf_counter()
     repeats = {} if args.reference_repeats is None else {"repeats": args.reference_repeats}
-    references = train_reference_surrogates(served=served, x=x_owner, archs=REFERENCE_ARCHS, **repeats)
+    references = train_reference_surrogates(served=served, x=x_owner, archs=TIEBREAK_REFERENCE_ARCHS, **repeats)
     reference_seconds = time.perf_counter() - t0
     print(f"{len(references)} reference surrogates in {reference_seconds:.0f} s", flush=True)
 
@@ -129,10 +130,10 @@ def main() -> None:
         cost.update(key=k, build_seconds=build_s, serve_seconds_10k_marked_and_plain=time.perf_counter() - t0)
         costs.append(cost)
         print(json.dumps(cost), flush=True)
-        thieves = [(name, arch, labels, args.epochs, "surrogate") for name, arch, labels in THIEVES]
-        thieves += [(name, arch, labels, SCOPE_CAP, "surrogate-in-scope") for name, arch, labels in THIEVES]
+        thieves = [(name, arch, labels, args.epochs, "surrogate") for name, arch, labels in TIEBREAK_THIEVES]
+        thieves += [(name, arch, labels, SCOPE_CAP, "surrogate-in-scope") for name, arch, labels in TIEBREAK_THIEVES]
         if args.converged and k == 0:
-            thieves += [(name, arch, labels, 20, "surrogate-converged") for name, arch, labels in THIEVES]
+            thieves += [(name, arch, labels, 20, "surrogate-converged") for name, arch, labels in TIEBREAK_THIEVES]
         suspects: list[tuple[str, str, torch.nn.Module, str, str | None]] = []
         for name, arch, labels, epochs, role in thieves:
             t0 = time.perf_counter()
@@ -197,7 +198,7 @@ def main() -> None:
 
     per_thief = {}
     for role in ("surrogate", "surrogate-in-scope"):
-        for name, _, _ in THIEVES:
+        for name, _, _ in TIEBREAK_THIEVES:
             sel = [r for r in rows if r["role"] == role and r["model"].startswith(f"surrogate {name} (")]
             per_thief[f"{role} {name}"] = {
                 "log10_p": [round(r["log10_p"], 2) for r in sel],
@@ -220,7 +221,7 @@ def main() -> None:
                "queries": args.queries, "epochs": args.epochs, "victim_accuracy": victim_accuracy,
                "in_scope": f"first epoch with accuracy >= victim - {SCOPE_PP} pp (cap {SCOPE_CAP})",
                "verification_inputs": "committed: the owner inputs the reference surrogates leave most open "
-                                      f"({len(references)} references: {', '.join(REFERENCE_ARCHS)})",
+                                      f"({len(references)} references: {', '.join(TIEBREAK_REFERENCE_ARCHS)})",
                "reference_seconds": reference_seconds,
                "mean_accuracy_cost_pp": float(np.mean([c["accuracy_cost_pp"] for c in costs])),
                "mean_changed_fraction": float(np.mean([c["changed_fraction"] for c in costs])),

@@ -26,10 +26,17 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import extraction_independents, extraction_victim, table, write_results
+from common import (
+    SCOPE_CAP,
+    TIEBREAK_REFERENCE_ARCHS,
+    TIEBREAK_THIEVES,
+    extraction_independents,
+    table,
+    tiebreak_setting,
+    write_results,
+)
 
-from wmark.attacks.extract import accuracy_reached, extract
-from wmark.data import load_dataset
+from wmark.attacks.extract import extract
 from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import (
@@ -46,7 +53,6 @@ from wmark.suspects import LocalSuspect
 from wmark.training import accuracy
 
 ALPHA = 1e-6
-THIEVES = [("hard", "fmnist-cnn", "hard"), ("soft", "fmnist-cnn", "soft"), ("mlp-hard", "fmnist-mlp", "hard")]
 BUDGETS = (300, 500, 1000)
 
 
@@ -55,14 +61,10 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=10, help="number of fresh keys")
     args = parser.parse_args()
     start = time.perf_counter()
-    _, _, victim_path = extraction_victim("fashion-mnist@owner")
-    owner, attacker = load_dataset("fashion-mnist@owner"), load_dataset("fashion-mnist@attacker")
-    victim, _ = load_model("fmnist-cnn", victim_path)
-    served = LocalSuspect(victim, input_shape=(1, 28, 28), description="victim", expose_scores=True)
-    x_owner = owner.x_train.numpy()
-    xt, yt = attacker.x_test.numpy(), attacker.y_test.numpy()
-    in_scope = accuracy_reached(xt, yt, float((served.query(xt).labels == yt).mean()) - 0.05)
-    references = train_reference_surrogates(served=served, x=x_owner, archs=["fmnist-cnn", "fmnist-mlp"], repeats=2)
+    setting = tiebreak_setting()
+    victim, served, x_owner, attacker = setting.victim, setting.served, setting.x_owner, setting.attacker
+    in_scope = setting.in_scope
+    references = train_reference_surrogates(served=served, x=x_owner, archs=TIEBREAK_REFERENCE_ARCHS, repeats=2)
     rankings = {"8 references": references[:len(references) // 2], "16 references": references}
     innocents = [("unmarked victim", victim)] + [(f"independent {name}", load_model(arch, path)[0])
                                                  for name, arch, path in extraction_independents()]
@@ -77,9 +79,9 @@ def main() -> None:
                  for name, refs in rankings.items()}
         log = TieBreakLog(Path(logs_dir.name) / f"key{k}.sqlite", key=key)
         api = TieBreakAPI(key=key, backend=served, rule=base, log=log)
-        for name, arch, labels in THIEVES:
+        for name, arch, labels in TIEBREAK_THIEVES:
             result = extract(api.for_client(name), x=attacker.x_train, arch=arch,  # type: ignore[arg-type]
-                             labels=labels, queries=10_000, epochs=40, seed=1 + k, stop=in_scope)
+                             labels=labels, queries=10_000, epochs=SCOPE_CAP, seed=1 + k, stop=in_scope)
             suspect = LocalSuspect(result.model, input_shape=(1, 28, 28), expose_scores=False)
             row: dict[str, Any] = {"key": k, "thief": name, "epochs": result.epochs,
                                    "accuracy": accuracy(result.model, attacker.x_test, attacker.y_test)}
@@ -90,7 +92,7 @@ def main() -> None:
                                                                    chosen=chosen, queries=n).log10_p
                 row[f"{ranking}: committed 1000"] = tiebreak_test(key=key, rule=rule, served=served,
                                                                   suspect=suspect).log10_p
-                if name == THIEVES[0][0]:  # the thieves share their queries (seed 1 + k), hence one log per key
+                if name == TIEBREAK_THIEVES[0][0]:  # the thieves share their queries (seed 1 + k), hence one log per key
                     for model, net in innocents:
                         innocent = LocalSuspect(net, input_shape=(1, 28, 28), expose_scores=False)
                         innocent_rows.append({"key": k, "model": model, "ranking": ranking,
