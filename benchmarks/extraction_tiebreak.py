@@ -19,9 +19,11 @@ trigger set, not this mark).
 
 The API also logs each thief's near-tie queries (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`, one
 client per thief), and every thief is tested on its own logged inputs
-(:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries. Every independent
-model is tested on every thief's log under every key (1000 queries): the null of that test assumes only that
-the client's queries did not depend on the answers, which holds for these fixed query sets.
+(:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries, side by side in
+rounds (the library's default: the later rounds chosen from the suspect's own earlier answers) and in one
+round (the first inputs of the references' ranking). Every independent model is tested on each key's log
+(1000 queries, both ways; the thieves under a key ask the same queries): the null of that test assumes only
+that the client's queries did not depend on the answers, which holds for these fixed query sets.
 
 Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1.0] [--components N] [--skip N] [--converged]
 """
@@ -149,8 +151,7 @@ def main() -> None:
         clients = [client for *_, client in suspects if client is not None]
         t0 = time.perf_counter()
         # ranked once per client (key-free), then asked of every suspect
-        ranked = {c: select_log_inputs(key=key, rule=rule, served=served, log=log, client=c, count=args.queries)
-                  for c in clients}
+        ranked = {c: select_log_inputs(key=key, rule=rule, served=served, log=log, client=c) for c in clients}
         costs[-1]["log_rank_seconds_per_client"] = (time.perf_counter() - t0) / len(clients)
         for model, arch, net, role, client in suspects:
             suspect = LocalSuspect(net, input_shape=(1, 28, 28), description=model, expose_scores=False)
@@ -171,17 +172,24 @@ def main() -> None:
                 t0 = time.perf_counter()
                 logged = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
                                                chosen=ranked[client], queries=n) for n in (*LOG_BUDGETS, args.queries)}
+                seconds = time.perf_counter() - t0
+                static = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
+                                               chosen=ranked[client], queries=n, rounds=1)
+                          for n in (*LOG_BUDGETS, args.queries)}
                 rows[-1].update({"client": client, "log10_p_log": logged[args.queries].log10_p,
-                                 "log_queries": logged[args.queries].queries,
-                                 "log_seconds": time.perf_counter() - t0,
-                                 **{f"log10_p_log_{n}": logged[n].log10_p for n in LOG_BUDGETS}})
+                                 "log_queries": logged[args.queries].queries, "log_seconds": seconds,
+                                 **{f"log10_p_log_{n}": logged[n].log10_p for n in LOG_BUDGETS},
+                                 "log10_p_log_static": static[args.queries].log10_p,
+                                 **{f"log10_p_log_static_{n}": static[n].log10_p for n in LOG_BUDGETS}})
             else:
                 # every thief under a key asks the same 10k queries (seed 1 + k), so their logs are identical:
                 # one check per key and model, not one per thief
                 res = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect, chosen=ranked[clients[0]],
                                         queries=args.queries)
+                one = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect, chosen=ranked[clients[0]],
+                                        queries=args.queries, rounds=1)
                 innocent_log_checks.append({"key": k, "model": model, "client": clients[0], "log10_p": res.log10_p,
-                                            "queries": res.queries})
+                                            "log10_p_static": one.log10_p, "queries": res.queries})
             if role != "independent":
                 print(table(rows[-1:], ["model", "accuracy", "agreement", "follow_rate", "log10_p",
                                         "log10_p_served_ties", "log10_p_scores", "log10_p_log_300",
@@ -213,8 +221,21 @@ def main() -> None:
                 **{f"detected_log_{n}": int(sum(r[f"log10_p_log_{n}"] <= np.log10(ALPHA) for r in sel))
                    for n in LOG_BUDGETS},
                 "detected_log": int(sum(r["log10_p_log"] <= np.log10(ALPHA) for r in sel)),
+                "log10_p_log_static": [round(r["log10_p_log_static"], 2) for r in sel],
+                "detected_log_static": int(sum(r["log10_p_log_static"] <= np.log10(ALPHA) for r in sel)),
+                **{f"detected_log_static_{n}": int(sum(r[f"log10_p_log_static_{n}"] <= np.log10(ALPHA) for r in sel))
+                   for n in LOG_BUDGETS},
                 "detected_log_holm3": int(sum(r["log10_p_log"] <= np.log10(ALPHA / 3) for r in sel))}
-    innocent_log = [c["log10_p"] for c in innocent_log_checks]
+    innocent_log = [c[f] for c in innocent_log_checks for f in ("log10_p", "log10_p_static")]
+
+    def paired(role: str, n: int | None) -> dict[str, Any]:
+        # rounds minus one round, the same thieves and logs: negative = the rounds give stronger evidence
+        tail = "" if n is None else f"_{n}"
+        d = [r[f"log10_p_log{tail}"] - r[f"log10_p_log_static{tail}"] for r in rows if r["role"] == role]
+        if not d:
+            return {}
+        return {"count": len(d), "mean": float(np.mean(d)), "standard_error": float(np.std(d, ddof=1) / np.sqrt(len(d)))
+                if len(d) > 1 else None, "better": int(sum(v < 0 for v in d))}
     roles = ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent")
     summary = {"alpha": ALPHA, "keys": args.keys, "beta": args.beta, "components": rule.components,
                "skipped_leading": rule.skipped,
@@ -232,6 +253,11 @@ def main() -> None:
                "client_log": {**{role: stats(role, "log10_p_log") for role in roles[:3]},
                               **{f"{role} at {n}": stats(role, f"log10_p_log_{n}") for role in roles[:3]
                                  for n in LOG_BUDGETS},
+                              "one round": {**{role: stats(role, "log10_p_log_static") for role in roles[:3]},
+                                            **{f"{role} at {n}": stats(role, f"log10_p_log_static_{n}")
+                                               for role in roles[:3] for n in LOG_BUDGETS}},
+                              "rounds minus one round": {f"{role} at {n or args.queries}": paired(role, n)
+                                                         for role in roles[:2] for n in (*LOG_BUDGETS, None)},
                               "holm3_threshold": f"log10 p <= {np.log10(ALPHA / 3):.2f} (alpha / 3: trigger set, "
                                                  "committed and log tests together)",
                               "innocent_checks": len(innocent_log),
@@ -245,7 +271,8 @@ def main() -> None:
                                                    and r["log10_p_scores"] <= np.log10(ALPHA) for r in rows)),
                "seconds": time.perf_counter() - start}
     columns = ["key", "model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "log10_p_served_ties",
-               "log10_p_scores", "log10_p_log_300", "log10_p_log_500", "log10_p_log", "verdict", "ok"]
+               "log10_p_scores", "log10_p_log_300", "log10_p_log_500", "log10_p_log", "log10_p_log_static", "verdict",
+               "ok"]
     print("\n" + table([r for r in rows if r["role"] != "independent"], columns))
     print(json.dumps(summary, indent=1))
     write_results(args.name, {"summary": summary, "costs": costs, "rows": rows,

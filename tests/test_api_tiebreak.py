@@ -240,10 +240,12 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
                               served=backend, suspect=backend, log=log, client="thief")
         with pytest.raises(UsageError, match="queries must be at least 1"):
             tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief", queries=0)
+        with pytest.raises(UsageError, match="rounds must be at least 1"):
+            tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief", rounds=0)
         committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), inputs=data,
                                   queries=600)
         # ranked once, asked of several suspects: the same test
-        ranked = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief", count=600)
+        ranked = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief")
         again = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, chosen=ranked, queries=600)
         assert again.log10_p == clean.log10_p and again.details["selection"] == clean.details["selection"]
         with pytest.raises(UsageError, match="needs the API's log and the client"):
@@ -317,13 +319,24 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
                 self.asked.append(np.array(x))
                 return backend.query(x)
 
-        res = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c", queries=50)
+        res = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c", queries=50,
+                                rounds=1)
+        one_round = np.concatenate(Recorder.asked)
+        Recorder.asked = []
+        rounds = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c",
+                                   queries=50)
     assert res.details["selection"].startswith(f"most open for the rule's {n_refs} reference surrogates among the {len(logged)}")
     expected = select_verification_inputs(scores=backend.query(logged).scores, count=50, min_ratio=0.0,
                                           reference_scores=[torch.softmax(predict_logits(n, torch.from_numpy(logged))
                                                                           .double(), 1).numpy() for _, n in refs])
-    assert res.queries == 50
-    np.testing.assert_array_equal(np.concatenate(Recorder.asked), logged[expected])
+    assert res.queries == 50 and rounds.queries == 50
+    np.testing.assert_array_equal(one_round, logged[expected])
+    # in rounds: the first 40 % by the same ranking, then 50 distinct logged inputs in all
+    assert [len(a) for a in Recorder.asked] == [20, 10, 10, 10] and rounds.details["rounds"] == 4
+    np.testing.assert_array_equal(Recorder.asked[0], logged[expected[:20]])
+    asked = np.concatenate(Recorder.asked)
+    assert len(np.unique(asked, axis=0)) == 50 and "asked in 4 rounds" in rounds.details["selection"]
+    assert {a.tobytes() for a in asked} <= {x.tobytes() for x in logged}
     tensors, raw = load_tensors(tmp_path / "rule.safetensors")
     save_tensors({n: t for n, t in tensors.items() if not n.startswith("reference1/")}, tmp_path / "damaged.safetensors",
                  metadata=wmark_metadata(raw))
