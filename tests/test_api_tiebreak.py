@@ -525,7 +525,13 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
-    assert (res.exit_code, doc["kind"]) == (0, "extracted")
+    assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == 4
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0", "--log-rounds", "1"]
+                        + tb + logged)
+    doc = json.loads(res.output)
+    assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == 1
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--log-rounds", "0"] + tb + logged)
+    assert res.exit_code == 2 and "rounds must be at least 1" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb)
     assert res.exit_code == 2 and "--tiebreak-queries 0 skips the committed-input test" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "-1"] + tb + logged)
@@ -567,14 +573,37 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
         finally:
             remote.close()
     thief, _ = load_model("fmnist-mlp", out)
-    app = build_app(model=thief, name="thief", num_classes=c, input_shape=shape, labels_only=True)
+
+    class Counting(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module) -> None:
+            super().__init__()
+            self.net, self.rows = net, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.rows += len(x)
+            return self.net(x)
+
+    counting = Counting(thief)
+    app = build_app(model=counting, name="thief", num_classes=c, input_shape=shape, labels_only=True)
+    remote_verify = ["verify", "--key", str(key), "--mode", "fixed", "--json", "--alpha", "1e-4",
+                     "--served-arch", "fmnist-mlp"]
     with serve_in_background(app) as server:
-        res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
-                                   "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
-                                   "--transcript", str(tmp_path / "t.sqlite")] + tb + logged)
+        port = int(server.url.rsplit(":", 1)[1])
+        res = runner.invoke(main, remote_verify + ["--suspect", f"{server.url}/v2/models/thief",
+                                                   "--transcript", str(tmp_path / "t.sqlite")] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1:]
+    assert counting.rows > 0
+    # the log test's later rounds follow from the answers, so the transcript replays them all: run again on
+    # it, the suspect answers no new input and the numbers are the same
+    counting.rows = 0
+    with serve_in_background(app, port=port) as server:
+        res = runner.invoke(main, remote_verify + ["--suspect", f"{server.url}/v2/models/thief",
+                                                   "--transcript", str(tmp_path / "t.sqlite")] + tb + logged)
+    assert res.exit_code == 0, res.output
+    assert [t["log10_p"] for t in json.loads(res.output)["tests"]] == [t["log10_p"] for t in doc["tests"]]
+    assert counting.rows == 0
     with serve_in_background(app) as server:
         res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
                                    "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",

@@ -131,7 +131,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
            tiebreak: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
            holdout: str | None = None, tiebreak_queries: int = 1000, tiebreak_log: PathLike | None = None,
-           log_queries: int = 1000, progress: bool = False) -> Verdict:
+           log_queries: int = 1000, log_rounds: int = 4, progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
@@ -139,9 +139,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     from :func:`build_tiebreak`) and ``served`` (the owner's served model file the rule was built from), the
     suspect is also asked the first ``tiebreak_queries`` verification inputs the rule commits (``holdout``,
     the owner's own inputs, only for a rule that commits none): the tie-break test. With ``tiebreak_log`` (the
-    tie-break API's log) and ``client`` as well, it is also asked the ``log_queries`` inputs that client asked
-    nearest to a tie: the stronger tie-break test, which assumes the client did not pick its queries by the
-    marked answers (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with
+    tie-break API's log) and ``client`` as well, it is also asked ``log_queries`` of the inputs that client
+    asked, in ``log_rounds`` rounds (the later ones chosen from the suspect's earlier answers): the stronger
+    tie-break test, which assumes the client did not pick its queries by the marked answers
+    (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with
     Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if only an
     API-side mark is.
     """
@@ -190,7 +191,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     if tiebreak_log is not None:
         tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
                                                   arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
-                                                  queries=log_queries))
+                                                  queries=log_queries, rounds=log_rounds))
     return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
 
 

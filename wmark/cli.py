@@ -203,7 +203,10 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
               help="Tie-break test on a client's own queries: the log the tie-break API wrote (with --client; "
                    "assumes the client did not pick its queries by the answers).")
 @click.option("--log-queries", type=int, default=1000, show_default=True,
-              help="Tie-break log test: the client's logged inputs asked (those nearest a tie), fixed before querying.")
+              help="Tie-break log test: the client's logged inputs asked, fixed before querying.")
+@click.option("--log-rounds", type=int, default=4, show_default=True,
+              help="Tie-break log test: rounds to ask them in (the first by the references' ranking, the later "
+                   "ones where the suspect's earlier answers put it closest to a tie); 1: the ranking alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
@@ -212,8 +215,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
            anchor: str | None, max_queries: int | None, with_scores: bool, api_log: str | None, client: str | None,
            api_max_queries: int, tiebreak: str | None, served: str | None, served_arch: str | None,
-           holdout: str | None, tiebreak_queries: int, tiebreak_log: str | None, log_queries: int, as_json: bool,
-           report: str | None, **remote: Any) -> None:
+           holdout: str | None, tiebreak_queries: int, tiebreak_log: str | None, log_queries: int, log_rounds: int,
+           as_json: bool, report: str | None, **remote: Any) -> None:
     """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
@@ -239,7 +242,7 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
                                     max_queries=max_queries, report=report, tiebreak=tiebreak, served=served,
                                     served_arch=served_arch or arch, holdout=holdout,
                                     tiebreak_queries=tiebreak_queries, tiebreak_log=tiebreak_log, client=client,
-                                    log_queries=log_queries, progress=_progress(), **remote)
+                                    log_queries=log_queries, log_rounds=log_rounds, progress=_progress(), **remote)
     else:
         if arch is None:
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
@@ -247,7 +250,8 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
                              max_queries=max_queries, labels_only=not with_scores, api_log=api_log,
                              client=client, api_max_queries=api_max_queries, tiebreak=tiebreak, served=served,
                              served_arch=served_arch, holdout=holdout, tiebreak_queries=tiebreak_queries,
-                             tiebreak_log=tiebreak_log, log_queries=log_queries, progress=_progress())
+                             tiebreak_log=tiebreak_log, log_queries=log_queries, log_rounds=log_rounds,
+                             progress=_progress())
         if report is not None:
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()

@@ -29,7 +29,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
                   served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
                   tiebreak_log: PathLike | None = None, client: str | None = None, log_queries: int = 1000,
-                  progress: bool = False) -> Verdict:
+                  log_rounds: int = 4, progress: bool = False) -> Verdict:
     """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
 
     Args:
@@ -61,10 +61,12 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
             never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
         tiebreak_queries: How many verification inputs to ask (0: none, only the log test).
-        tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect the
-            ``log_queries`` inputs ``client`` asked nearest to a tie (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
+        tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect
+            ``log_queries`` of the inputs ``client`` asked (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
         client: The API client suspected of training the suspect.
         log_queries: How many of the client's logged inputs to ask.
+        log_rounds: In how many rounds (the later ones chosen from the suspect's earlier answers; the
+            transcript replays them identically on resume).
         progress: Show a progress bar.
 
     Returns:
@@ -122,7 +124,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         if tiebreak_log is not None:
             tests.append(tiebreak_log_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
                                                       served=served, arch=served_arch, log=tiebreak_log,  # type: ignore[arg-type]
-                                                      client=client, queries=log_queries))  # type: ignore[arg-type]
+                                                      client=client, queries=log_queries,  # type: ignore[arg-type]
+                                                      rounds=log_rounds))
         if log is not None:
             test.details["transcript"] = log.summary()
         verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)

@@ -51,7 +51,10 @@ those inputs and the marked answers it got there, so asking it them again (the o
 surrogates leave most open) gives much stronger evidence than the owner's inputs. The same ``Z`` is exactly
 N(0, 1) provided the client's inputs do not depend on the key, i.e. the client did not choose its queries by
 the answers it got (a fixed dataset, as extraction attacks use): an assumption the verdict states, and one
-the committed-input test does not need.
+the committed-input test does not need. The test asks in rounds: the first by the references' ranking,
+the later ones where the suspect's own earlier answers put it closest to a tie. Those rounds depend on the
+suspect's answers and key-free quantities only, so under ``H0`` the inputs asked stay independent of the
+key's directions and ``Z`` stays exactly N(0, 1).
 
 Example:
     >>> import numpy as np
@@ -802,7 +805,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         log: The API's log (with ``client``), or
         client: The API client suspected of training the suspect.
         chosen: Instead of ``log`` and ``client``: their inputs already ranked by :func:`select_log_inputs`
-            (to test many suspects against one client without ranking again).
+            (to test many suspects against one client without ranking again; keep its default, all the
+            client's inputs, so that the later rounds have inputs to choose from).
         queries: How many logged inputs to ask in all, fixed before querying.
         rounds: In how many rounds to ask them (1: the ranking's first ``queries``).
         use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
@@ -945,7 +949,7 @@ def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathL
 
 def tiebreak_log_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str],
                                  served: str | os.PathLike[str], arch: str, log: str | os.PathLike[str], client: str,
-                                 queries: int = DEFAULT_QUERIES) -> TestResult:
+                                 queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS) -> TestResult:
     """:func:`tiebreak_log_test` from the files a dispute has: rule, served model file and the API's log.
 
     Raises:
@@ -954,7 +958,7 @@ def tiebreak_log_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.P
     loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
     with TieBreakLog(log, key=key, create=False) as opened:
         return tiebreak_log_test(key=key, rule=loaded, served=backend, suspect=suspect, log=opened, client=client,
-                                 queries=queries)
+                                 queries=queries, rounds=rounds)
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
