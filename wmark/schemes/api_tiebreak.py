@@ -786,9 +786,10 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     key-free quantities (the log, the served model, the references, the rule's features), never from the
     key's directions. A suspect made without the marked answers answers independently of the directions, so
     the inputs asked and the answers are too, and given them ``Z ~ N(0, 1)`` exactly as for a fixed set.
-    (``benchmarks/extraction_tiebreak.py``, 30 minimal in-scope thieves paired: four rounds lowered log10 p at
-    1000 queries by 1.52 ± 0.20 and caught all 30 at 1e-6, one round 29; at 300 queries −0.18 ± 0.14. In a
-    prototype over 60 more: 58 against 54. ``rounds=1`` asks the first ``queries`` of the ranking.)
+    (``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves, paired: four rounds
+    lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27 at 1e-6, one round
+    29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. ``rounds=1``
+    asks the first ``queries`` of the ranking.)
 
     The null needs one assumption the committed-input test does not: the client chose its queries without
     regard to the marked answers (a fixed dataset, as extraction attacks use). Then the logged inputs are
