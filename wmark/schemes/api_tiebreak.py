@@ -482,16 +482,22 @@ def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: flo
             ``|mean_r log(p_r(a) / p_r(b))|``, smallest first: where the surrogates, taken together, are
             closest to a tie between the served pair. Without them: largest ``p_b / p_a`` first.
     """
-    ratio, lo, hi = top_pairs(scores)
     if not reference_scores:
+        ratio = top_pairs(scores)[0]
         candidates = np.flatnonzero(ratio >= min_ratio)
         return candidates[np.argsort(-ratio[candidates], kind="stable")][:count]
-    lean = np.zeros(len(ratio))
+    return np.argsort(np.abs(reference_lean(scores, reference_scores)), kind="stable")[:count]
+
+
+def reference_lean(scores: np.ndarray, reference_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per input, the reference surrogates' mean ``log(p_lo / p_hi)`` on the served model's top-two pair."""
+    _, lo, hi = top_pairs(scores)
+    lean = np.zeros(len(lo))
     for ref in reference_scores:
         if np.shape(ref) != np.shape(scores):
             raise UsageError(f"Reference scores are shaped {np.shape(ref)}, the served model's {np.shape(scores)}.")
         lean += pair_log_odds(ref, lo, hi)
-    return np.argsort(np.abs(lean / len(reference_scores)), kind="stable")[:count]
+    return lean / len(reference_scores)
 
 
 def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
@@ -750,10 +756,8 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Tie
     x = owner_inputs(key, log.inputs(client))
     _, scores, _ = query_with_scores(served, x, tuple(key.input_shape))
     refs = reference_scores(rule.references, x)
-    chosen = select_verification_inputs(scores=scores, count=len(x) if count is None else count, min_ratio=0.0,
-                                        reference_scores=refs)
-    _, lo, hi = top_pairs(scores)
-    leans = np.mean([pair_log_odds(r, lo, hi) for r in refs], axis=0) if refs else pair_log_odds(scores, lo, hi)
+    leans = reference_lean(scores, refs) if refs else pair_log_odds(scores, *top_pairs(scores)[1:])
+    chosen = np.argsort(np.abs(leans), kind="stable")[:count]
     how = (f"most open for the rule's {len(rule.references)} reference surrogates" if rule.references
            else "nearest ties of the served model")
     queries = log.clients().get(client, {}).get("queries", 0)
@@ -831,7 +835,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     asked = np.zeros(0, dtype=np.int64)
     answers, evidence = np.zeros(0, dtype=np.int64), np.zeros(0)
     reads = []
-    for size in _round_sizes(budget, rounds):
+    sizes = _round_sizes(budget, rounds)
+    for size in sizes:
         if len(asked) == 0:
             batch = np.arange(size)
         else:
@@ -845,7 +850,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     read = reads[0] if len(set(reads)) == 1 else "labels"
     z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
                                  leans=None if read == "labels" else evidence)
-    rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {_round_sizes(budget, rounds)[0]} "
+    rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
                                           "by that ranking, the rest where the suspect's answers so far put it "
                                           "closest to a tie")
     return _result(
