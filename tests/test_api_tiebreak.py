@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import numpy as np
@@ -518,6 +519,11 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][2]
     assert "without regard to the marked answers" in doc["tests"][2]["null"]["assumption"]
     assert doc["tests"][2]["details"]["client"] == "thief-1" and doc["tests"][2]["log10_p"] < -4
+    # sequential (the default): the trigger set runs until its evidence clears Holm's first step over three
+    sequential = [a for a in verify if a not in ("--mode", "fixed")]
+    trig = json.loads(runner.invoke(main, sequential + ["--suspect", str(out)] + tb + logged).output)["tests"][0]
+    assert (trig["details"]["mode"], trig["details"]["family"]) == ("sequential", 3)
+    assert trig["details"]["stops_at_log10_p"] == pytest.approx(-4 - math.log10(3))
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb + logged)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
@@ -606,11 +612,12 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert counting.rows == 0
     with serve_in_background(app) as server:
         res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
-                                   "--mode", "fixed", "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
+                                   "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
                                    "--tiebreak-queries", "0"] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted")
+    assert doc["tests"][0]["details"]["family"] == 2  # sequential over HTTP too: it stops at 2 / alpha
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output

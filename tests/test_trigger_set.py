@@ -147,3 +147,22 @@ def test_null_is_exact_for_models_that_never_saw_the_key(digits) -> None:
     obs = np.append(observed[:5], observed[5:].sum())
     exp = np.append(expected[:5], expected[5:].sum())
     assert sps.chisquare(obs, exp).pvalue > 1e-3
+
+
+def test_a_sequential_test_combined_with_others_runs_to_the_level_holm_needs(marked_digits) -> None:
+    """Stopping at 1/alpha and then correcting for three tests would leave a found copy undetected."""
+    from wmark.verify import TestResult, decide
+
+    key, marked, _ = marked_digits
+    suspect = LocalSuspect(marked, input_shape=(1, 8, 8), expose_scores=False)
+    silent = TestResult(name="api-tiebreak", evidence_of="extracted", null={}, log10_p=0.0, queries=1000, matches=0)
+    alone = trigger_set_test(key=key, suspect=suspect, alpha=1e-6)
+    combined = trigger_set_test(key=key, suspect=suspect, alpha=1e-6, family=3)
+    assert -7.0 < alone.log10_p <= -6.0 and combined.log10_p <= -6.0 - math.log10(3)
+    assert combined.queries > alone.queries and combined.details["family"] == 3
+    assert combined.details["stops_at_log10_p"] == pytest.approx(-6.0 - math.log10(3))
+    assert not decide(key=key, tests=[alone, silent, silent], alpha=1e-6, suspect="copy").detected
+    verdict = decide(key=key, tests=[combined, silent, silent], alpha=1e-6, suspect="copy")
+    assert verdict.detected and verdict.kind == "copy"
+    with pytest.raises(UsageError, match="family .* at least 1"):
+        trigger_set_test(key=key, suspect=suspect, alpha=1e-6, family=0)

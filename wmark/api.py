@@ -175,8 +175,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                                progress=progress)
     from wmark.verify import decide, trigger_set_test
 
+    family = 1 + (api_log is not None) + committed + (tiebreak_log is not None)
     tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                              progress=progress)]
+                              progress=progress, family=family)]
     if api_log is not None:
         from wmark.schemes.api_mark import MarkLog, api_mark_test
 

@@ -106,7 +106,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                              protocol=protocol, durability=transcript_sync)
         probe = ProbeSuspect(suspect, transcript=log, cover=cover)
         test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
-                                batch_size=concurrency, progress=progress)
+                                batch_size=concurrency, progress=progress,
+                                family=1 + committed + (tiebreak_log is not None))
         test.details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
             **probe.stats.to_dict(),

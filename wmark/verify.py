@@ -143,22 +143,31 @@ def owner_inputs(key: Key, inputs: Any) -> np.ndarray:
 
 
 def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",
-                     max_queries: int | None = None, batch_size: int = 1, progress: bool = False) -> TestResult:
+                     max_queries: int | None = None, batch_size: int = 1, progress: bool = False,
+                     family: int = 1) -> TestResult:
     """Query the key's triggers in key-derived order and test the match rate against 1/C.
 
     Null hypothesis: the suspect never saw the key, so each answer matches the uniformly random secret
     label with probability exactly 1/C, independently across triggers.
 
     In ``sequential`` mode the evidence is a mixture e-process (:class:`wmark.stats.MixtureEProcess`); the
-    test stops as soon as it reaches 1/alpha, and the reported p-value (1 / max e-value) stays valid under
-    that optional stopping. In ``fixed`` mode all ``max_queries`` triggers are asked and the p-value is the
-    exact binomial tail.
+    test stops as soon as it reaches ``family``/alpha, and the reported p-value (1 / max e-value) stays
+    valid under that optional stopping. In ``fixed`` mode all ``max_queries`` triggers are asked and the
+    p-value is the exact binomial tail.
+
+    Args:
+        family: How many tests the verdict combines with Holm's correction (:func:`decide`). Holm's first
+            step needs p <= alpha / family, so a sequential test that stopped at 1/alpha would leave a copy
+            it had found below the bar; it stops at ``family``/alpha instead.
     """
     if mode not in ("sequential", "fixed"):
         raise UsageError(f"Unknown mode {mode!r}; use sequential or fixed.")
     if not 0.0 < alpha < 1.0:
         raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
+    if family < 1:
+        raise UsageError(f"family (the number of tests combined) must be at least 1, got {family}.")
     check_suspect_fits_key(key, suspect)
+    stop_at = alpha / family
     triggers = generate_triggers(key)
     budget = len(triggers) if max_queries is None else min(int(max_queries), len(triggers))
     if budget < 1:
@@ -170,7 +179,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
     step = max(1, batch_size if mode == "sequential" else budget)
     bar = tqdm(total=budget, desc="querying triggers", disable=not progress, leave=False, unit="q")
     try:
-        while queries < budget and not (mode == "sequential" and eproc.crossed(alpha)):
+        while queries < budget and not (mode == "sequential" and eproc.crossed(stop_at)):
             idx = triggers.order[queries:min(budget, queries + step)]
             answers = suspect.query(triggers.inputs[idx].numpy())
             got = np.asarray(answers.labels).reshape(-1)
@@ -185,7 +194,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
                 hit = int(label == int(triggers.labels[j]))
                 eproc.update(hit)
                 fixed.update(hit)
-                if mode == "sequential" and eproc.crossed(alpha):
+                if mode == "sequential" and eproc.crossed(stop_at):
                     break
     finally:
         bar.close()
@@ -210,7 +219,8 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
         abstentions=abstentions,
         method=method,
         trajectory=list(eproc.history) if mode == "sequential" else [],
-        details={"mode": mode, "budget": budget, "triggers": len(triggers)},
+        details={"mode": mode, "budget": budget, "triggers": len(triggers),
+                 **({"stops_at_log10_p": math.log10(stop_at), "family": family} if mode == "sequential" else {})},
     )
 
 
