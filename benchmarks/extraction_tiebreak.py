@@ -25,7 +25,14 @@ round (the first inputs of the references' ranking). Every independent model is 
 (1000 queries, both ways; the thieves under a key ask the same queries): the null of that test assumes only
 that the client's queries did not depend on the answers, which holds for these fixed query sets.
 
+The summary's ``verify`` section counts what ``wmark verify`` decides from these p-values: the trigger set,
+the committed inputs and the log test combined with Holm, with equal weights and with the library's weights
+(the log test 8, the others 1: :func:`wmark.verify.decide`). The trigger set is not run here (these suspects
+never saw it) and enters at p = 1, the least favourable value for detection. ``--rescore FILE`` recomputes
+that section of a saved run without rerunning it.
+
 Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1.0] [--components N] [--skip N] [--converged]
+       python benchmarks/extraction_tiebreak.py --rescore benchmarks/results/extraction_tiebreak.json
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from wmark.attacks.extract import extract
 from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import (
+    LOG_TEST_WEIGHT,
     TieBreakAPI,
     TieBreakLog,
     accuracy_cost,
@@ -68,6 +76,7 @@ from wmark.schemes.api_tiebreak import (
     tiebreak_test,
     train_reference_surrogates,
 )
+from wmark.stats import holm
 from wmark.suspects import LocalSuspect
 
 ALPHA = 1e-6
@@ -78,6 +87,35 @@ def accuracy(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, plain: np.ndarr
     with torch.no_grad():
         pred = net.eval()(torch.from_numpy(x)).argmax(1).numpy()
     return float((pred == y).mean()), float((pred == plain).mean())
+
+
+def verify_counts(rows: list[dict[str, Any]], innocent_log_checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """How many suspects per role ``wmark verify`` calls ``extracted`` over trigger set (p = 1), committed
+    inputs and log test, with Holm's equal weights and with the library's (1, 1, ``LOG_TEST_WEIGHT``)."""
+    log_p = {(c["key"], c["model"]): c["log10_p"] for c in innocent_log_checks}
+    out: dict[str, Any] = {"alpha": ALPHA, "weights": {"trigger-set": 1.0, "api-tiebreak": 1.0,
+                                                       "api-tiebreak-log": LOG_TEST_WEIGHT}}
+    for role in ("surrogate", "surrogate-in-scope", "surrogate-converged", "independent"):
+        sel = [r for r in rows if r["role"] == role]
+        pairs = [(r["log10_p"], r["log10_p_log"] if "log10_p_log" in r else log_p.get((r["key"], r["model"])))
+                 for r in sel]
+        pairs = [(c, lg) for c, lg in pairs if lg is not None]
+        if not pairs:
+            continue
+        counts = {}
+        for name, weights in (("holm", [1.0, 1.0, 1.0]), ("weighted holm", [1.0, 1.0, LOG_TEST_WEIGHT])):
+            smallest = [min(holm([0.0, c, lg], weights)) for c, lg in pairs]
+            counts[name] = int(sum(v <= np.log10(ALPHA) for v in smallest))
+        out[role] = {"count": len(pairs), "extracted": counts}
+    return out
+
+
+def rescore(path: Path) -> None:
+    """Recompute the ``verify`` section of a saved run from its per-suspect p-values."""
+    doc = json.loads(path.read_text())
+    doc["summary"]["verify"] = verify_counts(doc["rows"], doc["innocent_log_checks"])
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    print(json.dumps(doc["summary"]["verify"], indent=1))
 
 
 def main() -> None:
@@ -93,7 +131,11 @@ def main() -> None:
     parser.add_argument("--reference-repeats", type=int, default=None,
                         help="reference surrogates per architecture and recipe (default: the library's)")
     parser.add_argument("--name", default="extraction_tiebreak", help="results file name")
+    parser.add_argument("--rescore", type=Path, default=None, help="recompute the verify counts of a saved run")
     args = parser.parse_args()
+    if args.rescore is not None:
+        rescore(args.rescore)
+        return
     start = time.perf_counter()
     setting = tiebreak_setting()
     owner_key, victim_path, victim, served = setting.owner_key, setting.victim_path, setting.victim, setting.served
@@ -264,6 +306,7 @@ def main() -> None:
                               "innocent_false_accusations": int(sum(v <= np.log10(ALPHA) for v in innocent_log)),
                               "innocent_min_log10_p": float(min(innocent_log)) if innocent_log else None},
                "per_thief": per_thief,
+               "verify": verify_counts(rows, innocent_log_checks),
                "false_accusations": int(sum(r["role"] == "independent" and not r["ok"] for r in rows)),
                "false_accusations_served_ties": int(sum(r["role"] == "independent"
                                                         and r["log10_p_served_ties"] <= np.log10(ALPHA) for r in rows)),

@@ -519,11 +519,13 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][2]
     assert "without regard to the marked answers" in doc["tests"][2]["null"]["assumption"]
     assert doc["tests"][2]["details"]["client"] == "thief-1" and doc["tests"][2]["log10_p"] < -4
-    # sequential (the default): the trigger set runs until its evidence clears Holm's first step over three
+    assert doc["correction"] == "weighted holm" and [t["weight"] for t in doc["tests"]] == [1.0, 1.0, 8.0]
+    assert doc["tests"][2]["adjusted_log10_p"] == pytest.approx(doc["tests"][2]["log10_p"] - math.log10(0.8))
+    # sequential (the default): the trigger set runs until its evidence clears its share (1/10) of alpha
     sequential = [a for a in verify if a not in ("--mode", "fixed")]
     trig = json.loads(runner.invoke(main, sequential + ["--suspect", str(out)] + tb + logged).output)["tests"][0]
-    assert (trig["details"]["mode"], trig["details"]["family"]) == ("sequential", 3)
-    assert trig["details"]["stops_at_log10_p"] == pytest.approx(-4 - math.log10(3))
+    assert (trig["details"]["mode"], trig["details"]["alpha_share"]) == ("sequential", pytest.approx(0.1))
+    assert trig["details"]["stops_at_log10_p"] == pytest.approx(-5.0)
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb + logged)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
@@ -617,7 +619,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted")
-    assert doc["tests"][0]["details"]["family"] == 2  # sequential over HTTP too: it stops at 2 / alpha
+    assert doc["tests"][0]["details"]["alpha_share"] == pytest.approx(1 / 9)  # sequential over HTTP too
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--tiebreak", str(rule)])
     assert res.exit_code == 2 and "--tiebreak needs --served" in res.output

@@ -100,6 +100,38 @@ def test_holm_matches_manual_procedure() -> None:
     assert [10 ** v for v in stats.bonferroni([math.log10(0.3), math.log10(0.01)])] == pytest.approx([0.6, 0.02])
 
 
+def _closed_weighted_bonferroni(ps: list[float], ws: list[float]) -> list[float]:
+    """Adjusted p-values of closed testing with weighted Bonferroni intersection tests, by brute force."""
+    m = len(ps)
+    adjusted = []
+    for i in range(m):
+        worst = 0.0
+        for mask in range(1, 2 ** m):
+            members = [j for j in range(m) if mask >> j & 1]
+            if i in members:
+                total = sum(ws[j] for j in members)
+                worst = max(worst, min(1.0, min(ps[j] * total / ws[j] for j in members)))
+        adjusted.append(worst)
+    return adjusted
+
+
+def test_weighted_holm_is_the_closed_weighted_bonferroni_procedure() -> None:
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        m = int(rng.integers(1, 6))
+        ps = list(10 ** rng.uniform(-8, 0, size=m))
+        ws = list(rng.uniform(0.05, 8, size=m))
+        got = [10 ** v for v in stats.holm([math.log10(p) for p in ps], ws)]
+        assert got == pytest.approx(_closed_weighted_bonferroni(ps, ws), rel=1e-9)
+    # equal weights are plain Holm; a weight of 0.8 of the whole needs p <= 0.8 alpha on its own
+    assert stats.holm([-3.0, -1.0], [5.0, 5.0]) == pytest.approx(stats.holm([-3.0, -1.0]))
+    assert stats.holm([-6.05, 0.0, 0.0], [8.0, 1.0, 1.0])[0] == pytest.approx(-6.05 - math.log10(0.8))
+    with pytest.raises(ValueError, match="one positive, finite weight per p-value"):
+        stats.holm([-1.0, -2.0], [1.0, 0.0])
+    with pytest.raises(ValueError, match="one positive, finite weight per p-value"):
+        stats.holm([-1.0, -2.0], [1.0])
+
+
 def test_key_randomization_pvalue() -> None:
     assert stats.key_randomization_log10_p(5.0, [1.0, 2.0, 6.0]) == pytest.approx(math.log10(2 / 4))
     assert stats.key_randomization_log10_p(9.0, [0.0] * 999) == pytest.approx(-3.0)

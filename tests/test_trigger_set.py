@@ -151,18 +151,46 @@ def test_null_is_exact_for_models_that_never_saw_the_key(digits) -> None:
 
 def test_a_sequential_test_combined_with_others_runs_to_the_level_holm_needs(marked_digits) -> None:
     """Stopping at 1/alpha and then correcting for three tests would leave a found copy undetected."""
-    from wmark.verify import TestResult, decide
+    from wmark.verify import TestResult, alpha_share, decide
 
     key, marked, _ = marked_digits
     suspect = LocalSuspect(marked, input_shape=(1, 8, 8), expose_scores=False)
     silent = TestResult(name="api-tiebreak", evidence_of="extracted", null={}, log10_p=0.0, queries=1000, matches=0)
     alone = trigger_set_test(key=key, suspect=suspect, alpha=1e-6)
-    combined = trigger_set_test(key=key, suspect=suspect, alpha=1e-6, family=3)
+    combined = trigger_set_test(key=key, suspect=suspect, alpha=1e-6, share=alpha_share(1.0, [1.0, 1.0, 1.0]))
     assert -7.0 < alone.log10_p <= -6.0 and combined.log10_p <= -6.0 - math.log10(3)
-    assert combined.queries > alone.queries and combined.details["family"] == 3
+    assert combined.queries > alone.queries and combined.details["alpha_share"] == pytest.approx(1 / 3)
     assert combined.details["stops_at_log10_p"] == pytest.approx(-6.0 - math.log10(3))
     assert not decide(key=key, tests=[alone, silent, silent], alpha=1e-6, suspect="copy").detected
     verdict = decide(key=key, tests=[combined, silent, silent], alpha=1e-6, suspect="copy")
-    assert verdict.detected and verdict.kind == "copy"
-    with pytest.raises(UsageError, match="family .* at least 1"):
-        trigger_set_test(key=key, suspect=suspect, alpha=1e-6, family=0)
+    assert verdict.detected and verdict.kind == "copy" and verdict.to_dict()["correction"] == "holm"
+    # next to the tie-break log test (weight 8) the trigger set gets a tenth of alpha, and runs on to 10/alpha
+    logged = TestResult(name="api-tiebreak-log", evidence_of="extracted", null={}, log10_p=0.0, queries=1000,
+                        matches=0, weight=8.0)
+    tenth = trigger_set_test(key=key, suspect=suspect, alpha=1e-6, share=alpha_share(1.0, [1.0, 1.0, 8.0]))
+    doc = decide(key=key, tests=[tenth, silent, logged], alpha=1e-6, suspect="copy").to_dict()
+    assert tenth.log10_p <= -7.0 and (doc["decision"], doc["kind"], doc["correction"]) == ("detected", "copy",
+                                                                                          "weighted holm")
+    assert doc["tests"][0]["adjusted_log10_p"] == pytest.approx(tenth.log10_p + 1.0)
+    assert [t["weight"] for t in doc["tests"]] == [1.0, 1.0, 8.0]
+    with pytest.raises(UsageError, match=r"share .* must be in \(0, 1\]"):
+        trigger_set_test(key=key, suspect=suspect, alpha=1e-6, share=0.0)
+
+
+def test_the_weighted_verdict_judges_the_log_test_at_most_of_alpha(fmnist_key) -> None:
+    """Weighted Holm over trigger set (1), committed inputs (1) and log test (8): the log test alone at
+    p = 0.85 alpha is not enough, at 0.75 alpha it is; with equal weights it would need alpha / 3."""
+    from wmark.verify import TestResult, decide
+
+    def result(name: str, log10_p: float, weight: float = 1.0) -> TestResult:
+        return TestResult(name=name, evidence_of="copy" if name == "trigger-set" else "extracted", null={},
+                          log10_p=log10_p, queries=10, matches=0, weight=weight)
+
+    def verdict(log10_p: float, weight: float) -> str:
+        tests = [result("trigger-set", -0.2), result("api-tiebreak", -3.0), result("api-tiebreak-log", log10_p, weight)]
+        return decide(key=fmnist_key, tests=tests, alpha=1e-6, suspect="s").kind
+
+    assert verdict(-6 + math.log10(0.85), 8.0) == "none"
+    assert verdict(-6 + math.log10(0.75), 8.0) == "extracted"
+    assert verdict(-6 + math.log10(0.75), 1.0) == "none"
+    assert verdict(-6 - math.log10(3) - 0.01, 1.0) == "extracted"

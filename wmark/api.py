@@ -142,9 +142,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     tie-break API's log) and ``client`` as well, it is also asked ``log_queries`` of the inputs that client
     asked, in ``log_rounds`` rounds (the later ones chosen from the suspect's earlier answers): the stronger
     tie-break test, which assumes the client did not pick its queries by the marked answers
-    (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with
-    Holm's correction; the verdict's ``kind`` is ``copy`` if the trigger set is found, ``extracted`` if only an
-    API-side mark is.
+    (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with Holm's correction,
+    weighted 8 to 1 towards the log test (:func:`wmark.verify.decide`); the verdict's ``kind`` is ``copy`` if
+    the trigger set is found, ``extracted`` if only an API-side mark is.
     """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
@@ -159,6 +159,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     if api_log is None and tiebreak_log is None and client is not None:
         raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
     from wmark.schemes.api_tiebreak import (
+        LOG_TEST_WEIGHT,
         check_log_options,
         committed_test_wanted,
         tiebreak_log_test_from_files,
@@ -173,11 +174,11 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     if api_log is None and not with_tiebreak:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
-    from wmark.verify import decide, trigger_set_test
+    from wmark.verify import alpha_share, decide, trigger_set_test
 
-    family = 1 + (api_log is not None) + committed + (tiebreak_log is not None)
+    weights = [1.0] * (1 + (api_log is not None) + committed) + [LOG_TEST_WEIGHT] * (tiebreak_log is not None)
     tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                              progress=progress, family=family)]
+                              progress=progress, share=alpha_share(1.0, weights))]
     if api_log is not None:
         from wmark.schemes.api_mark import MarkLog, api_mark_test
 

@@ -16,7 +16,7 @@ from wmark.keys import load_key
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.transcript import Transcript
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, decide, trigger_set_test
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, alpha_share, decide, trigger_set_test
 
 PathLike = str | os.PathLike[str]
 
@@ -74,6 +74,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         the transcript summary.
     """
     from wmark.schemes.api_tiebreak import (
+        LOG_TEST_WEIGHT,
         check_log_options,
         committed_test_wanted,
         tiebreak_log_test_from_files,
@@ -107,7 +108,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         probe = ProbeSuspect(suspect, transcript=log, cover=cover)
         test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
                                 batch_size=concurrency, progress=progress,
-                                family=1 + committed + (tiebreak_log is not None))
+                                share=alpha_share(1.0, [1.0] * (1 + committed)
+                                                  + [LOG_TEST_WEIGHT] * (tiebreak_log is not None)))
         test.details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
             **probe.stats.to_dict(),

@@ -253,14 +253,19 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
     all_tests_html = ""
     if len(v["tests"]) > 1:
         head = ("<tr><th>Test</th><th>A rejection shows</th><th>Null distribution and why it holds</th>"
-                "<th>Assumption</th><th>Queries</th><th>log10 p</th></tr>")
+                "<th>Assumption</th><th>Queries</th><th>Weight</th><th>log10 p</th><th>adjusted</th></tr>")
         body = "".join(
             f"<tr><td>{_e(t.get('name', ''))}</td><td>{_e(t.get('evidence_of', ''))}</td>"
             f"<td>{_e(t.get('null', {}).get('distribution', ''))}: {_e(t.get('null', {}).get('why', ''))}</td>"
             f"<td>{_e(t.get('null', {}).get('assumption', 'none'))}</td><td>{_e(t.get('queries', 0))}</td>"
-            f"<td>{t.get('log10_p', 0.0):.2f}</td></tr>" for t in v["tests"])
+            f"<td>{t.get('weight', 1.0):g}</td><td>{t.get('log10_p', 0.0):.2f}</td>"
+            f"<td>{t.get('adjusted_log10_p', t.get('log10_p', 0.0)):.2f}</td></tr>" for t in v["tests"])
+        weighted = v.get("correction") == "weighted holm"
+        how = ("Holm's correction, weighted by each test's prior weight (fixed by the kind of test before any "
+               "answer; a test of weight w among weights summing to W is judged at alpha w / W first)"
+               if weighted else "Holm's correction")
         all_tests_html = (f"<h2>4b. Every test, combined</h2><table>{head}{body}</table><p class='note'>The tests are "
-                          "combined with Holm's correction, which keeps the false-accusation bound alpha over all of "
+                          f"combined with {how}, which keeps the false-accusation bound alpha over all of "
                           f"them; the combined log10 p-value is {v['log10_p']:.2f}. The verdict names the kind of "
                           f"evidence found: {_e(v.get('kind', ''))}.</p>")
     software = _rows([(k, f"<span class='mono'>{_e(val)}</span>") for k, val in doc["software"].items()])

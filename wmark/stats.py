@@ -159,14 +159,27 @@ def clopper_pearson_upper(k: int, n: int, confidence: float) -> float:
     return float(betaincinv(k + 1, n - k, confidence))
 
 
-def holm(log10_pvalues: Sequence[float]) -> list[float]:
-    """Holm–Bonferroni adjusted log10 p-values (family-wise error control, any dependence)."""
+def holm(log10_pvalues: Sequence[float], weights: Sequence[float] | None = None) -> list[float]:
+    """Holm–Bonferroni adjusted log10 p-values (family-wise error control, any dependence).
+
+    With ``weights`` (positive, fixed before the data are seen) this is weighted Holm (Holm 1979): the
+    shortcut of closed testing with weighted Bonferroni tests, where a hypothesis of weight ``w_i`` among
+    remaining weights summing to ``W`` is rejected when ``p_i <= alpha * w_i / W``. Equal weights give the
+    plain procedure.
+
+    Raises:
+        ValueError: On weights that do not match the p-values or are not positive and finite.
+    """
     m = len(log10_pvalues)
-    order = sorted(range(m), key=lambda i: log10_pvalues[i])
+    w = [1.0] * m if weights is None else [float(v) for v in weights]
+    if len(w) != m or not all(math.isfinite(v) and v > 0 for v in w):
+        raise ValueError(f"Give one positive, finite weight per p-value (got {list(w)} for {m} p-values).")
+    order = sorted(range(m), key=lambda i: log10_pvalues[i] - math.log10(w[i]))
     adjusted = [0.0] * m
     running = -math.inf
     for rank, i in enumerate(order):
-        value = min(0.0, log10_pvalues[i] + math.log10(m - rank))
+        remaining = math.fsum(w[j] for j in order[rank:])
+        value = min(0.0, log10_pvalues[i] + math.log10(remaining / w[i]))
         running = max(running, value)
         adjusted[i] = running
     return adjusted

@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -50,6 +51,9 @@ class TestResult:
         method: How the p-value was computed.
         trajectory: log10 evidence after each counted answer (sequential tests), for plots.
         details: Test-specific extras.
+        weight: Its prior weight in the verdict's weighted Holm correction (:func:`decide`), fixed by the kind of
+            test before any answer is seen: the tie-break log test, the extraction test the API is built for,
+            weighs ``8``, every other test ``1``.
     """
 
     __test__ = False  # not a pytest test class, though its name starts with "Test"
@@ -64,6 +68,7 @@ class TestResult:
     method: str = ""
     trajectory: list[float] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    weight: float = 1.0
 
     @property
     def answered(self) -> int:
@@ -75,7 +80,8 @@ class Verdict:
     """The outcome of verifying one suspect.
 
     ``decision`` is ``detected`` when the Holm-adjusted p-value of some test is at most ``alpha``;
-    ``kind`` says what the rejected tests are evidence of (``copy``, ``extracted`` or ``none``).
+    ``kind`` says what the rejected tests are evidence of (``copy``, ``extracted`` or ``none``);
+    ``adjusted`` holds each test's adjusted log10 p-value.
     """
 
     decision: str
@@ -88,6 +94,7 @@ class Verdict:
     owner: str
     status: str = "complete"
     message: str = ""
+    adjusted: list[float] = field(default_factory=list)
 
     @property
     def detected(self) -> bool:
@@ -110,10 +117,20 @@ class Verdict:
             "suspect": self.suspect,
             "owner": self.owner,
             "key_commitment": self.key_commitment,
-            "correction": "holm" if len(self.tests) > 1 else "none",
-            "tests": [dict(asdict(t), log10_p=_finite(t.log10_p)) for t in self.tests],
+            "correction": self.correction,
+            "tests": [dict(asdict(t), log10_p=_finite(t.log10_p),
+                           **({"adjusted_log10_p": _finite(a)} if len(self.tests) > 1 else {}))
+                      for t, a in zip(self.tests, self.adjusted or [t.log10_p for t in self.tests])],
             "wmark_version": __version__,
         }
+
+
+    @property
+    def correction(self) -> str:
+        """How the tests were combined: ``none`` (one test), ``holm`` or ``weighted holm``."""
+        if len(self.tests) < 2:
+            return "none"
+        return "holm" if len({t.weight for t in self.tests}) == 1 else "weighted holm"
 
 
 def _finite(value: float) -> float:
@@ -144,30 +161,30 @@ def owner_inputs(key: Key, inputs: Any) -> np.ndarray:
 
 def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",
                      max_queries: int | None = None, batch_size: int = 1, progress: bool = False,
-                     family: int = 1) -> TestResult:
+                     share: float = 1.0) -> TestResult:
     """Query the key's triggers in key-derived order and test the match rate against 1/C.
 
     Null hypothesis: the suspect never saw the key, so each answer matches the uniformly random secret
     label with probability exactly 1/C, independently across triggers.
 
     In ``sequential`` mode the evidence is a mixture e-process (:class:`wmark.stats.MixtureEProcess`); the
-    test stops as soon as it reaches ``family``/alpha, and the reported p-value (1 / max e-value) stays
-    valid under that optional stopping. In ``fixed`` mode all ``max_queries`` triggers are asked and the
-    p-value is the exact binomial tail.
+    test stops as soon as it reaches 1 / (``share`` × alpha), and the reported p-value (1 / max e-value)
+    stays valid under that optional stopping. In ``fixed`` mode all ``max_queries`` triggers are asked and
+    the p-value is the exact binomial tail.
 
     Args:
-        family: How many tests the verdict combines with Holm's correction (:func:`decide`). Holm's first
-            step needs p <= alpha / family, so a sequential test that stopped at 1/alpha would leave a copy
-            it had found below the bar; it stops at ``family``/alpha instead.
+        share: The share of alpha the verdict's Holm correction gives this test when it is combined with
+            others (:func:`alpha_share`; 1/m for m equal weights). Holm's first step needs p <= share × alpha,
+            so a sequential test that stopped at 1/alpha would leave a copy it had found below the bar.
     """
     if mode not in ("sequential", "fixed"):
         raise UsageError(f"Unknown mode {mode!r}; use sequential or fixed.")
     if not 0.0 < alpha < 1.0:
         raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
-    if family < 1:
-        raise UsageError(f"family (the number of tests combined) must be at least 1, got {family}.")
+    if not 0.0 < share <= 1.0:
+        raise UsageError(f"share (of alpha, for a combined verdict) must be in (0, 1], got {share}.")
     check_suspect_fits_key(key, suspect)
-    stop_at = alpha / family
+    stop_at = alpha * share
     triggers = generate_triggers(key)
     budget = len(triggers) if max_queries is None else min(int(max_queries), len(triggers))
     if budget < 1:
@@ -220,15 +237,19 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
         method=method,
         trajectory=list(eproc.history) if mode == "sequential" else [],
         details={"mode": mode, "budget": budget, "triggers": len(triggers),
-                 **({"stops_at_log10_p": math.log10(stop_at), "family": family} if mode == "sequential" else {})},
+                 **({"stops_at_log10_p": math.log10(stop_at), "alpha_share": share} if mode == "sequential" else {})},
     )
 
 
 def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> Verdict:
-    """Combine tests with Holm's correction and name the kind of evidence found."""
+    """Combine tests with (weighted) Holm's correction and name the kind of evidence found.
+
+    Each test enters with its prior :attr:`TestResult.weight`; the weights are fixed by the kinds of test
+    run, never by their answers, so the family-wise bound alpha holds (:func:`wmark.stats.holm`).
+    """
     if not tests:
         raise UsageError("No test was run.")
-    adjusted = holm([t.log10_p for t in tests])
+    adjusted = holm([t.log10_p for t in tests], [t.weight for t in tests])
     threshold = math.log10(alpha)
     rejected = [t for t, a in zip(tests, adjusted) if a <= threshold]
     kinds = {t.evidence_of for t in rejected}
@@ -259,7 +280,15 @@ def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> 
         owner=key.owner,
         status=status,
         message=message,
+        adjusted=adjusted,
     )
+
+
+def alpha_share(weight: float, weights: Sequence[float]) -> float:
+    """The share of alpha Holm's first step gives a test of ``weight`` among tests of ``weights`` (all of them,
+    its own included): a sequential test that will be combined stops once its evidence reaches
+    1 / (share × alpha)."""
+    return float(weight) / math.fsum(weights)
 
 
 def verify_blackbox(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",

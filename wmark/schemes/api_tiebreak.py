@@ -114,6 +114,7 @@ LOG_FORMAT = "wmark-tiebreak-log/1"
 LOG_MIN_RATIO = 0.05
 DEFAULT_LOG_ROUNDS = 4
 LOG_FIRST_ROUND = 0.4
+LOG_TEST_WEIGHT = 8.0
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -707,14 +708,15 @@ def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair
 
 def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
             selection: str, budget: int, method: str, null: dict[str, str],
-            extra: dict[str, Any] | None = None) -> TestResult:
+            extra: dict[str, Any] | None = None, weight: float = 1.0) -> TestResult:
     log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
     details: dict[str, Any] = {"z": z, "components": rule.components, "skipped_leading": rule.skipped,
                                "selection": selection, "budget": int(budget), "read": read, **info, **(extra or {})}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
     return TestResult(name=name, evidence_of="extracted", null=null, log10_p=min(0.0, log10_p), queries=len(answers),
-                      matches=info["agree"], abstentions=int((answers < 0).sum()), method=method, details=details)
+                      matches=info["agree"], abstentions=int((answers < 0).sum()), method=method, details=details,
+                      weight=weight)
 
 
 @dataclass(frozen=True)
@@ -795,6 +797,11 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. ``rounds=1``
     asks the first ``queries`` of the ranking.)
 
+    In a verdict (:func:`wmark.verify.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
+    other test: it is the extraction test the logging API is built for, so weighted Holm gives it 0.8 of
+    alpha next to the trigger set and the committed inputs (``p <= 0.8 alpha`` instead of ``alpha / 3``).
+    The weight is fixed by the kind of test, before any answer, so the verdict's bound holds.
+
     The null needs one assumption the committed-input test does not: the client chose its queries without
     regard to the marked answers (a fixed dataset, as extraction attacks use). Then the logged inputs are
     independent of the key and ``Z ~ N(0, 1)`` exactly for any suspect made without the marked answers. A
@@ -859,7 +866,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         null={"distribution": "N(0, 1)", "why": NULL_WHY.replace("owner-chosen inputs", "client's inputs"),
               "assumption": "the client chose its queries without regard to the marked answers (e.g. a fixed "
                             "dataset); the committed-input tie-break test needs no such assumption"},
-        extra={"client": chosen.client, "rounds": rounds},
+        extra={"client": chosen.client, "rounds": rounds}, weight=LOG_TEST_WEIGHT,
     )
 
 
