@@ -124,7 +124,6 @@ class Verdict:
             "wmark_version": __version__,
         }
 
-
     @property
     def correction(self) -> str:
         """How the tests were combined: ``none`` (one test), ``holm`` or ``weighted holm``."""
