@@ -133,7 +133,8 @@ def test_probability_leans_read_only_probabilities():
 
 
 def test_statistic_matches_a_direct_computation():
-    # Z = sum_c <w_c, v_c> / sqrt(sum_c |v_c|^2), v_c = sum_i s_i phi_i ([lo_i = c] - [hi_i = c]), phi centred per pair.
+    # Z = sum_c <w_c, v_c> / sqrt(sum_c |v_c|^2), phi centred per pair, v_c = sum_i phi_i (s_i ([lo_i = c] -
+    # [hi_i = c]) + t_i ([o_i = c] - ([lo_i = c] + [hi_i = c]) / 2)), t_i = 1 for a label o_i outside the pair.
     key = generate_key(owner="o", num_classes=3, input_shape=(D,))
     rng = np.random.default_rng(5)
     x = rng.normal(size=(200, D)).astype(np.float32)
@@ -145,16 +146,21 @@ def test_statistic_matches_a_direct_computation():
     z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers)
     s = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
     p1, p2 = psi[:20] - psi[:20].mean(0), psi[20:] - psi[20:].mean(0)
+    o1, o2 = (answers[:20] == 2).astype(float), (answers[20:] == 0).astype(float)  # the class outside each pair
 
-    def direct(c: np.ndarray) -> float:
-        v = np.stack([c[:20] @ p1, c[20:] @ p2 - c[:20] @ p1, -(c[20:] @ p2)])
+    def direct(c: np.ndarray, t: float) -> float:
+        v = np.stack([c[:20] @ p1 - t / 2 * o1 @ p1 + t * o2 @ p2,
+                      c[20:] @ p2 - c[:20] @ p1 - t / 2 * (o1 @ p1 + o2 @ p2),
+                      -(c[20:] @ p2) + t * o1 @ p1 - t / 2 * o2 @ p2])
         return float((rule.directions * v).sum() / np.sqrt((v ** 2).sum()))
 
-    assert z == pytest.approx(direct(s), rel=1e-12)
-    assert info["in_pair"] == int((s != 0).sum())
+    assert o1.sum() > 0 and o2.sum() > 0
+    assert z == pytest.approx(direct(s, 1.0), rel=1e-12)
+    assert info["in_pair"] == int((s != 0).sum()) and info["outside_pair"] == int(o1.sum() + o2.sum())
+    # probabilities are read as the pair's clipped lean only
     leans = rng.normal(size=40)
     z, info2 = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers, leans=leans)
-    assert z == pytest.approx(direct(leans), rel=1e-12) and info2 == info
+    assert z == pytest.approx(direct(leans, 0.0), rel=1e-12) and info2 == info
 
 
 def test_a_rule_follower_is_caught_and_the_unmarked_server_is_not(data):

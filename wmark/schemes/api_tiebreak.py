@@ -28,12 +28,16 @@ p_r(b))|``). There a surrogate's own fit leaves the call open and the keyed lean
 over three runs of ten keys it caught 124 of 180 early-stopped surrogates at alpha = 1e-6 from labels
 where the served model's own nearest ties (largest ``p_b / p_a``, the choice when no reference is given)
 caught 94 (``benchmarks/extraction_tiebreak.py``). The suspect answers them; ``s_i = +1`` if it answers
-the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (other classes and abstentions
-carry no evidence). A suspect that answers with probabilities (a leaked model file, an API that returns
-them) gives more: ``s_i = log(p_lo / p_hi)`` clipped at ``±2``,
-which also counts the calls it moved without flipping. With ``phi_i`` the features centred per pair
-over the chosen inputs, ``v_c = Σ_i s_i phi_i ([lo_i = c] − [hi_i = c])`` and
-``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``. ``H0``: the suspect was made without access to the marked
+the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (abstentions carry no evidence). A
+suspect that answers with probabilities (a leaked model file, an API that returns them) gives more:
+``s_i = log(p_lo / p_hi)`` clipped at ``±2``, which also counts the calls it moved without flipping. With
+``phi_i`` the features centred per pair over the chosen inputs,
+``v_c = Σ_i phi_i (s_i ([lo_i = c] − [hi_i = c]) + t_i ([o_i = c] − ([lo_i = c] + [hi_i = c]) / 2))``
+and ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``, where a label ``o_i`` outside the pair counts with
+``t_i = OUTSIDE_WEIGHT`` (1; an in-pair label weighs 2 on the same scale): the keyed head raised that
+class against the pair. (Labels outside the pair are about 7 % of a surrogate's answers there; counting
+them lowered log10 p by 0.58 ± 0.11 on 60 minimal thieves' own 1000 queries, better for 51; see
+``docs/tiebreak-research.md``.) ``H0``: the suspect was made without access to the marked
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
 the served model, the references distilled from it and the owner's data, never from the key), and the
@@ -115,6 +119,7 @@ LOG_MIN_RATIO = 0.05
 DEFAULT_LOG_ROUNDS = 4
 LOG_FIRST_ROUND = 0.4
 LOG_TEST_WEIGHT = 8.0
+OUTSIDE_WEIGHT = 1.0
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -591,8 +596,16 @@ def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray)
     return np.where(ok, lean, 0.0)
 
 
-def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *, num_classes: int) -> np.ndarray:
-    """``v_c = Σ_i s_i phi_i ([lo_i = c] − [hi_i = c])`` with the features centred per pair (C×k)."""
+def _outside(answers: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The class answered where it is neither of the pair, else −1 (in the pair, or an abstention)."""
+    a = np.asarray(answers, dtype=np.int64)
+    return np.where((a >= 0) & (a != lo) & (a != hi), a, -1)
+
+
+def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *, num_classes: int,
+               outside: np.ndarray | None = None) -> np.ndarray:
+    """``v_c`` of the module docstring (C×k), the features centred per pair; ``outside`` (from
+    :func:`_outside`) adds the labels outside each pair, None leaves them out (a probability reading)."""
     phi = np.array(psi, dtype=np.float64)
     groups = lo * num_classes + hi
     for g in np.unique(groups):
@@ -600,6 +613,11 @@ def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *
     v = np.zeros((num_classes, phi.shape[1]))
     np.add.at(v, lo, s[:, None] * phi)
     np.add.at(v, hi, -s[:, None] * phi)
+    if outside is not None:
+        out = outside >= 0
+        np.add.at(v, outside[out], OUTSIDE_WEIGHT * phi[out])
+        np.add.at(v, lo[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
+        np.add.at(v, hi[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
     return v
 
 
@@ -612,10 +630,10 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
         psi: Features of the verification inputs (n×k), as :meth:`TieBreakRule.features` gives them.
         lo: The smaller class of each input's pair (under the unmarked served model).
         hi: The larger class of each input's pair.
-        answers: The suspect's labels (−1 = abstention).
+        answers: The suspect's labels (−1 = abstention); labels outside an input's pair count too.
         leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
-            used in place of the label signs ``s_i``: any function of the suspect's own answers keeps the
-            null exact, and a lean also counts the calls a surrogate moved without flipping.
+            used in place of the labels: any function of the suspect's own answers keeps the null exact, and
+            a lean also counts the calls a surrogate moved without flipping.
 
     Returns:
         ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
@@ -623,7 +641,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     a = np.asarray(answers, dtype=np.int64)
     signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
     s = signs if leans is None else np.asarray(leans, dtype=np.float64)
-    v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0])
+    outside = _outside(a, lo, hi) if leans is None else None
+    v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
     groups = lo * rule.directions.shape[0] + hi
     variance = float((v ** 2).sum())
     z = float((rule.directions * v).sum() / np.sqrt(variance)) if variance > 0 else 0.0
@@ -631,7 +650,7 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     lean = u[np.arange(len(a)), lo] - u[np.arange(len(a)), hi]
     in_pair = signs != 0
     return z, {"in_pair": int(in_pair.sum()), "agree": int(np.sum(in_pair & (np.sign(lean) == signs))),
-               "pairs": len(np.unique(groups[in_pair]))}
+               "pairs": len(np.unique(groups[in_pair])), "outside_pair": int(((a >= 0) & ~in_pair).sum())}
 
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
@@ -847,7 +866,9 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         if len(asked) == 0:
             batch = np.arange(size)
         else:
+            outside = _outside(answers, lo[asked], hi[asked]) if set(reads) == {"labels"} else None
             batch = _next_round(psi=psi, lo=lo, hi=hi, leans=chosen.leans, asked=asked, evidence=evidence,
+                                outside=outside,
                                 num_classes=key.num_classes, size=size)
         said, signs, read = _ask(suspect=suspect, xs=chosen.x[batch], lo=lo[batch], hi=hi[batch],
                                  use_scores=use_scores)
@@ -884,10 +905,10 @@ def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
 
 
 def _next_round(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, leans: np.ndarray, asked: np.ndarray,
-                evidence: np.ndarray, num_classes: int, size: int) -> np.ndarray:
+                evidence: np.ndarray, outside: np.ndarray | None, num_classes: int, size: int) -> np.ndarray:
     """The ``size`` unasked inputs where the suspect looks closest to a tie: the key-free lean plus the
     lean the suspect's answers so far point to (its pair sums projected on each input's features)."""
-    v = _pair_sums(psi[asked], lo[asked], hi[asked], evidence, num_classes=num_classes)
+    v = _pair_sums(psi[asked], lo[asked], hi[asked], evidence, num_classes=num_classes, outside=outside)
     tilt = np.einsum("nk,nk->n", psi, v[lo] - v[hi])
     spread = float(tilt[asked].std())
     scale = float(np.abs(leans[asked]).mean()) / spread if spread > 0 else 0.0
