@@ -219,13 +219,16 @@ def test_the_log_keeps_each_clients_near_tie_inputs_and_is_bound_to_the_key(tmp_
 
 def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_follower(tmp_path, data):
     # A client whose queries are a fixed dataset (not chosen by the answers): over 300 keys an innocent
-    # suspect's Z on that client's logged inputs is N(0, 1) (KS against scipy). A rule follower is caught.
+    # suspect's Z on that client's logged inputs is N(0, 1) (KS against scipy), with the later rounds
+    # following the references that call its answers best. A rule follower is caught.
     backend, innocent = Linear(1), Linear(2)
+    refs = tuple(train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], queries=400))
     zs = []
     for i in range(300):
         key = seeded_key(f"tiebreak/log-null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
         with TieBreakLog(tmp_path / f"log{i}.sqlite", key=key) as log:
             rule, api = make(key, data, backend, log=log)
+            rule = dataclasses.replace(rule, references=refs)
             api.for_client("c").query(data[:1000])
             res = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
                                     queries=300)
@@ -233,6 +236,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert res.name == "api-tiebreak-log" and res.evidence_of == "extracted" and res.queries == 300
     assert "without regard to the marked answers" in res.null["assumption"]
     assert res.details["client"] == "c" and "1000 queries logged" in res.details["selection"]
+    assert "most open for the rule's 8 reference surrogates" in res.details["selection"]
     assert stats.kstest(zs, "norm").pvalue > 1e-3
     key = seeded_key("tiebreak/log-follower", owner="o", num_classes=C, input_shape=(D,))
     with TieBreakLog(tmp_path / "follow.sqlite", key=key) as log:
@@ -265,6 +269,24 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert alone.kind == "extracted"
     assert "rests on a stated assumption (api-tiebreak-log: the client chose its queries" in alone.message
     assert decide(key=key, tests=[committed, caught], alpha=1e-3, suspect="s").message == ""
+
+
+def test_later_rounds_follow_the_references_that_call_the_suspects_answers_best():
+    from wmark.schemes.api_tiebreak import REFERENCE_SHARE, _closest_references
+
+    rng = np.random.default_rng(3)
+    answers = rng.choice([-1.0, 1.0, 0.0], size=200)
+    agreeing = np.where(answers == 0, rng.normal(size=200), answers * rng.uniform(0.1, 2, size=200))
+    per_ref = rng.normal(size=(8, 200))
+    per_ref[[2, 5]] = agreeing + 0.01 * rng.normal(size=(2, 200))  # these two call every answer
+    asked = np.arange(120)
+    assert REFERENCE_SHARE == 0.25  # a quarter of eight: the two that agree
+    got = _closest_references(per_ref.mean(axis=0), per_ref, asked=asked, evidence=answers[asked])
+    np.testing.assert_allclose(got, per_ref[[2, 5]].mean(axis=0))
+    # no references, or no answer in a pair yet: the mean lean the ranking used
+    mean = per_ref.mean(axis=0)
+    np.testing.assert_array_equal(_closest_references(mean, None, asked=asked, evidence=answers[asked]), mean)
+    np.testing.assert_array_equal(_closest_references(mean, per_ref, asked=asked, evidence=np.zeros(120)), mean)
 
 
 def test_verification_inputs_are_the_nearest_ties():

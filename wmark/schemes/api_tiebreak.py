@@ -120,6 +120,7 @@ DEFAULT_LOG_ROUNDS = 4
 LOG_FIRST_ROUND = 0.4
 LOG_TEST_WEIGHT = 8.0
 OUTSIDE_WEIGHT = 1.0
+REFERENCE_SHARE = 0.25
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -495,15 +496,20 @@ def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: flo
     return np.argsort(np.abs(reference_lean(scores, reference_scores)), kind="stable")[:count]
 
 
-def reference_lean(scores: np.ndarray, reference_scores: Sequence[np.ndarray]) -> np.ndarray:
-    """Per input, the reference surrogates' mean ``log(p_lo / p_hi)`` on the served model's top-two pair."""
+def reference_leans(scores: np.ndarray, reference_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per reference surrogate and input, ``log(p_lo / p_hi)`` on the served model's top-two pair (R×n)."""
     _, lo, hi = top_pairs(scores)
-    lean = np.zeros(len(lo))
+    rows = []
     for ref in reference_scores:
         if np.shape(ref) != np.shape(scores):
             raise UsageError(f"Reference scores are shaped {np.shape(ref)}, the served model's {np.shape(scores)}.")
-        lean += pair_log_odds(ref, lo, hi)
-    return lean / len(reference_scores)
+        rows.append(pair_log_odds(ref, lo, hi))
+    return np.array(rows).reshape(len(rows), len(lo))
+
+
+def reference_lean(scores: np.ndarray, reference_scores: Sequence[np.ndarray]) -> np.ndarray:
+    """Per input, the reference surrogates' mean ``log(p_lo / p_hi)`` on the served model's top-two pair."""
+    return reference_leans(scores, reference_scores).mean(axis=0)
 
 
 def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
@@ -750,6 +756,8 @@ class LogInputs:
         leans: The key-free lean towards each pair's smaller class that ranked them: the reference
             surrogates' mean ``log(p_lo / p_hi)``, or the served model's own without references.
         selection: How they were chosen (recorded in the test's details).
+        reference_leans: Each reference surrogate's own lean (R×n; None without references): the test's
+            later rounds follow the references that call the suspect's answers best.
     """
 
     client: str
@@ -757,6 +765,7 @@ class LogInputs:
     scores: np.ndarray
     leans: np.ndarray
     selection: str
+    reference_leans: np.ndarray | None = None
 
 
 def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: TieBreakLog, client: str,
@@ -777,14 +786,16 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Tie
     x = owner_inputs(key, log.inputs(client))
     _, scores, _ = query_with_scores(served, x, tuple(key.input_shape))
     refs = reference_scores(rule.references, x)
-    leans = reference_lean(scores, refs) if refs else pair_log_odds(scores, *top_pairs(scores)[1:])
+    per_reference = reference_leans(scores, refs) if refs else None
+    leans = per_reference.mean(axis=0) if per_reference is not None else pair_log_odds(scores, *top_pairs(scores)[1:])
     chosen = np.argsort(np.abs(leans), kind="stable")[:count]
     how = (f"most open for the rule's {len(rule.references)} reference surrogates" if rule.references
            else "nearest ties of the served model")
     queries = log.clients().get(client, {}).get("queries", 0)
     return LogInputs(client=client, x=x[chosen], scores=scores[chosen], leans=leans[chosen],
                      selection=f"{how} among the {len(x)} near-tie inputs client {client!r} asked ({queries} queries "
-                               "logged)")
+                               "logged)",
+                     reference_leans=None if per_reference is None else per_reference[:, chosen])
 
 
 def _round_sizes(queries: int, rounds: int) -> list[int]:
@@ -867,8 +878,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
             batch = np.arange(size)
         else:
             outside = _outside(answers, lo[asked], hi[asked]) if set(reads) == {"labels"} else None
-            batch = _next_round(psi=psi, lo=lo, hi=hi, leans=chosen.leans, asked=asked, evidence=evidence,
-                                outside=outside,
+            batch = _next_round(psi=psi, lo=lo, hi=hi, leans=chosen.leans, reference_leans=chosen.reference_leans,
+                                asked=asked, evidence=evidence, outside=outside,
                                 num_classes=key.num_classes, size=size)
         said, signs, read = _ask(suspect=suspect, xs=chosen.x[batch], lo=lo[batch], hi=hi[batch],
                                  use_scores=use_scores)
@@ -904,17 +915,35 @@ def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     return answers, leans, f"probabilities: log(p_lo / p_hi) clipped at ±{LEAN_CLIP:g}"
 
 
-def _next_round(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, leans: np.ndarray, asked: np.ndarray,
-                evidence: np.ndarray, outside: np.ndarray | None, num_classes: int, size: int) -> np.ndarray:
-    """The ``size`` unasked inputs where the suspect looks closest to a tie: the key-free lean plus the
-    lean the suspect's answers so far point to (its pair sums projected on each input's features)."""
+def _next_round(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, leans: np.ndarray,
+                reference_leans: np.ndarray | None, asked: np.ndarray, evidence: np.ndarray,
+                outside: np.ndarray | None, num_classes: int, size: int) -> np.ndarray:
+    """The ``size`` unasked inputs where the suspect looks closest to a tie: the key-free lean of the
+    references that call its answers so far best, plus the lean those answers point to (its pair sums
+    projected on each input's features)."""
+    base = _closest_references(leans, reference_leans, asked=asked, evidence=evidence)
     v = _pair_sums(psi[asked], lo[asked], hi[asked], evidence, num_classes=num_classes, outside=outside)
     tilt = np.einsum("nk,nk->n", psi, v[lo] - v[hi])
     spread = float(tilt[asked].std())
-    scale = float(np.abs(leans[asked]).mean()) / spread if spread > 0 else 0.0
-    closeness = np.abs(leans + scale * tilt)
+    scale = float(np.abs(base[asked]).mean()) / spread if spread > 0 else 0.0
+    closeness = np.abs(base + scale * tilt)
     closeness[asked] = np.inf
     return np.argsort(closeness, kind="stable")[:size]
+
+
+def _closest_references(leans: np.ndarray, reference_leans: np.ndarray | None, *, asked: np.ndarray,
+                        evidence: np.ndarray) -> np.ndarray:
+    """The mean lean of the ``REFERENCE_SHARE`` of reference surrogates whose calls agree most often with the
+    suspect's answers so far (all of them, ``leans``, without references or answers in a pair)."""
+    if reference_leans is None or len(reference_leans) < 2:
+        return leans
+    answered = asked[evidence != 0]
+    if len(answered) == 0:
+        return leans
+    calls = np.sign(reference_leans[:, answered]) == np.sign(evidence[evidence != 0])
+    keep = max(1, round(REFERENCE_SHARE * len(reference_leans)))
+    best = np.argsort(-calls.mean(axis=1), kind="stable")[:keep]
+    return reference_leans[best].mean(axis=0)
 
 
 def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: object) -> bool:
