@@ -827,8 +827,9 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     the inputs asked and the answers are too, and given them ``Z ~ N(0, 1)`` exactly as for a fixed set.
     (``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves, paired: four rounds
     lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27 at 1e-6, one round
-    29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. ``rounds=1``
-    asks the first ``queries`` of the ranking.)
+    29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. With the rounds
+    following the closest references and labels outside the pair counted, a third run: −2.10 ± 0.21, 30
+    against 27, and −1.10 ± 0.23 at 300 queries. ``rounds=1`` asks the first ``queries`` of the ranking.)
 
     In a verdict (:func:`wmark.verify.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
     other test: it is the extraction test the logging API is built for, so weighted Holm gives it 0.8 of
