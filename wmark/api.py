@@ -159,12 +159,12 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     if api_log is None and tiebreak_log is None and client is not None:
         raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
     from wmark.schemes.api_tiebreak import (
-        LOG_TEST_WEIGHT,
         check_log_options,
         committed_test_wanted,
         tiebreak_log_test_from_files,
         tiebreak_requested,
         tiebreak_test_from_files,
+        trigger_share,
     )
 
     served_arch = served_arch or arch
@@ -174,11 +174,11 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     if api_log is None and not with_tiebreak:
         return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
                                progress=progress)
-    from wmark.verify import alpha_share, decide, trigger_set_test
+    from wmark.verify import decide, trigger_set_test
 
-    weights = [1.0] * (1 + (api_log is not None) + committed) + [LOG_TEST_WEIGHT] * (tiebreak_log is not None)
+    share = trigger_share(other_tests=(api_log is not None) + committed, log_test=tiebreak_log is not None)
     tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                              progress=progress, share=alpha_share(1.0, weights))]
+                              progress=progress, share=share)]
     if api_log is not None:
         from wmark.schemes.api_mark import MarkLog, api_mark_test
 

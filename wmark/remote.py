@@ -16,7 +16,7 @@ from wmark.keys import load_key
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.transcript import Transcript
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, alpha_share, decide, trigger_set_test
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, decide, trigger_set_test
 
 PathLike = str | os.PathLike[str]
 
@@ -74,12 +74,12 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         the transcript summary.
     """
     from wmark.schemes.api_tiebreak import (
-        LOG_TEST_WEIGHT,
         check_log_options,
         committed_test_wanted,
         tiebreak_log_test_from_files,
         tiebreak_requested,
         tiebreak_test_from_files,
+        trigger_share,
     )
 
     k = load_key(key)
@@ -108,8 +108,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         probe = ProbeSuspect(suspect, transcript=log, cover=cover)
         test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
                                 batch_size=concurrency, progress=progress,
-                                share=alpha_share(1.0, [1.0] * (1 + committed)
-                                                  + [LOG_TEST_WEIGHT] * (tiebreak_log is not None)))
+                                share=trigger_share(other_tests=committed, log_test=tiebreak_log is not None))
         test.details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
             **probe.stats.to_dict(),

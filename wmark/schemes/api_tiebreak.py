@@ -98,7 +98,7 @@ from wmark.models import build_model
 from wmark.schemes.api_mark import input_digest, query_with_scores
 from wmark.suspects.base import Answers, Suspect
 from wmark.training import predict_logits
-from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
+from wmark.verify import TestResult, alpha_share, check_suspect_fits_key, owner_inputs
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
@@ -823,8 +823,9 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
 
     Why the rounds keep the null exact: each round, and which references it follows, is chosen from the
     suspect's own earlier answers and key-free quantities (the log, the served model, the references, the
-    rule's features), never from the key's directions. A suspect made without the marked answers answers independently of the directions, so
-    the inputs asked and the answers are too, and given them ``Z ~ N(0, 1)`` exactly as for a fixed set.
+    rule's features), never from the key's directions. A suspect made without the marked answers answers
+    independently of the directions, so the inputs asked and the answers are too, and given them
+    ``Z ~ N(0, 1)`` exactly as for a fixed set.
     (``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves, paired: four rounds
     lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27 at 1e-6, one round
     29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. With the rounds
@@ -960,6 +961,13 @@ def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: o
         raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) and "
                          "--served-arch.")
     return True
+
+
+def trigger_share(*, other_tests: int, log_test: bool) -> float:
+    """The share of alpha a verdict's weighted Holm gives the trigger-set test (weight 1) next to
+    ``other_tests`` tests of weight 1 and, with ``log_test``, the log test (``LOG_TEST_WEIGHT``): how far a
+    sequential trigger test must run (:func:`wmark.verify.trigger_set_test`)."""
+    return alpha_share(1.0, [1.0] * (1 + other_tests) + [LOG_TEST_WEIGHT] * log_test)
 
 
 def check_log_options(*, log: object, client: object, with_tiebreak: bool) -> None:
