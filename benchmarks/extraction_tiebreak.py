@@ -21,7 +21,9 @@ The API also logs each thief's near-tie queries (:class:`~wmark.schemes.api_tieb
 client per thief), and every thief is tested on its own logged inputs
 (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries, side by side in
 rounds (the library's default: the later rounds chosen from the suspect's own earlier answers) and in one
-round (the first inputs of the references' ranking). Every independent model is tested on each key's log
+round (the first inputs of the references' ranking), and in the previous release's schedule (``PREVIOUS``:
+four rounds from a 40 % start, following four of the first 16 references, ranked by those 16; the
+library's default is 21 rounds from a 5 % start with 32 references). Every independent model is tested on each key's log
 (1000 queries, both ways; the thieves under a key ask the same queries): the null of that test assumes only
 that the client's queries did not depend on the answers, which holds for these fixed query sets.
 
@@ -38,6 +40,7 @@ Usage: nice -n 10 python benchmarks/extraction_tiebreak.py [--keys 10] [--beta 1
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -66,6 +69,7 @@ from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
 from wmark.schemes.api_tiebreak import (
     LOG_TEST_WEIGHT,
+    LogInputs,
     TieBreakAPI,
     TieBreakLog,
     accuracy_cost,
@@ -81,6 +85,16 @@ from wmark.suspects import LocalSuspect
 
 ALPHA = 1e-6
 LOG_BUDGETS = (300, 500)
+PREVIOUS = {"rounds": 4, "first_share": 0.4, "references": 16}
+
+
+def previous_inputs(chosen: LogInputs) -> LogInputs:
+    """The same client's inputs as the previous release ranked them: by its 16 references only."""
+    per = chosen.reference_leans[:PREVIOUS["references"]]
+    leans = per.mean(axis=0)
+    order = np.argsort(np.abs(leans), kind="stable")
+    return dataclasses.replace(chosen, x=chosen.x[order], scores=chosen.scores[order], leans=leans[order],
+                               reference_leans=per[:, order])
 
 
 def accuracy(net: torch.nn.Module, x: np.ndarray, y: np.ndarray, plain: np.ndarray) -> tuple[float, float]:
@@ -194,6 +208,8 @@ def main() -> None:
         t0 = time.perf_counter()
         # ranked once per client (key-free), then asked of every suspect
         ranked = {c: select_log_inputs(key=key, rule=rule, served=served, log=log, client=c) for c in clients}
+        previous = {c: previous_inputs(ranked[c]) for c in clients}
+        earlier = {"rounds": PREVIOUS["rounds"], "first_share": PREVIOUS["first_share"]}
         costs[-1]["log_rank_seconds_per_client"] = (time.perf_counter() - t0) / len(clients)
         for model, arch, net, role, client in suspects:
             suspect = LocalSuspect(net, input_shape=(1, 28, 28), description=model, expose_scores=False)
@@ -218,6 +234,11 @@ def main() -> None:
                 static = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
                                                chosen=ranked[client], queries=n, rounds=1)
                           for n in (*LOG_BUDGETS, args.queries)}
+                before = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
+                                               chosen=previous[client], queries=n, **earlier)
+                          for n in (*LOG_BUDGETS, args.queries)}
+                rows[-1].update({"log10_p_log_previous": before[args.queries].log10_p,
+                                 **{f"log10_p_log_previous_{n}": before[n].log10_p for n in LOG_BUDGETS}})
                 rows[-1].update({"client": client, "log10_p_log": logged[args.queries].log10_p,
                                  "log_queries": logged[args.queries].queries, "log_seconds": seconds,
                                  **{f"log10_p_log_{n}": logged[n].log10_p for n in LOG_BUDGETS},
@@ -230,12 +251,15 @@ def main() -> None:
                                         queries=args.queries)
                 one = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect, chosen=ranked[clients[0]],
                                         queries=args.queries, rounds=1)
+                before = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
+                                           chosen=previous[clients[0]], queries=args.queries, **earlier)
                 innocent_log_checks.append({"key": k, "model": model, "client": clients[0], "log10_p": res.log10_p,
-                                            "log10_p_static": one.log10_p, "queries": res.queries})
+                                            "log10_p_static": one.log10_p, "log10_p_previous": before.log10_p,
+                                            "queries": res.queries})
             if role != "independent":
                 print(table(rows[-1:], ["model", "accuracy", "agreement", "follow_rate", "log10_p",
                                         "log10_p_served_ties", "log10_p_scores", "log10_p_log_300",
-                                        "log10_p_log", "verdict"]), flush=True)
+                                        "log10_p_log", "log10_p_log_previous", "verdict"]), flush=True)
         log.close()
 
     def stats(role: str, field: str = "log10_p") -> dict[str, Any]:
@@ -263,17 +287,22 @@ def main() -> None:
                 **{f"detected_log_{n}": int(sum(r[f"log10_p_log_{n}"] <= np.log10(ALPHA) for r in sel))
                    for n in LOG_BUDGETS},
                 "detected_log": int(sum(r["log10_p_log"] <= np.log10(ALPHA) for r in sel)),
+                "log10_p_log_previous": [round(r["log10_p_log_previous"], 2) for r in sel],
+                "detected_log_previous": int(sum(r["log10_p_log_previous"] <= np.log10(ALPHA) for r in sel)),
+                **{f"detected_log_previous_{n}": int(sum(r[f"log10_p_log_previous_{n}"] <= np.log10(ALPHA)
+                                                         for r in sel)) for n in LOG_BUDGETS},
                 "log10_p_log_static": [round(r["log10_p_log_static"], 2) for r in sel],
                 "detected_log_static": int(sum(r["log10_p_log_static"] <= np.log10(ALPHA) for r in sel)),
                 **{f"detected_log_static_{n}": int(sum(r[f"log10_p_log_static_{n}"] <= np.log10(ALPHA) for r in sel))
                    for n in LOG_BUDGETS},
                 "detected_log_holm3": int(sum(r["log10_p_log"] <= np.log10(ALPHA / 3) for r in sel))}
-    innocent_log = [c[f] for c in innocent_log_checks for f in ("log10_p", "log10_p_static")]
+    innocent_log = [c[f] for c in innocent_log_checks for f in ("log10_p", "log10_p_static", "log10_p_previous")]
 
-    def paired(role: str, n: int | None) -> dict[str, Any]:
-        # rounds minus one round, the same thieves and logs: negative = the rounds give stronger evidence
+    def paired(role: str, n: int | None, other: str = "static") -> dict[str, Any]:
+        # the library's rounds minus another schedule, the same thieves and logs: negative = the library's
+        # rounds give stronger evidence
         tail = "" if n is None else f"_{n}"
-        d = [r[f"log10_p_log{tail}"] - r[f"log10_p_log_static{tail}"] for r in rows if r["role"] == role]
+        d = [r[f"log10_p_log{tail}"] - r[f"log10_p_log_{other}{tail}"] for r in rows if r["role"] == role]
         if not d:
             return {}
         return {"count": len(d), "mean": float(np.mean(d)), "standard_error": float(np.std(d, ddof=1) / np.sqrt(len(d)))
@@ -300,6 +329,13 @@ def main() -> None:
                                                for role in roles[:3] for n in LOG_BUDGETS}},
                               "rounds minus one round": {f"{role} at {n or args.queries}": paired(role, n)
                                                          for role in roles[:2] for n in (*LOG_BUDGETS, None)},
+                              "previous schedule": {
+                                  **{role: stats(role, "log10_p_log_previous") for role in roles[:3]},
+                                  **{f"{role} at {n}": stats(role, f"log10_p_log_previous_{n}") for role in roles[:3]
+                                     for n in LOG_BUDGETS}, "schedule": PREVIOUS},
+                              "rounds minus previous schedule": {
+                                  f"{role} at {n or args.queries}": paired(role, n, "previous")
+                                  for role in roles[:2] for n in (*LOG_BUDGETS, None)},
                               "holm3_threshold": f"log10 p <= {np.log10(ALPHA / 3):.2f} (alpha / 3: trigger set, "
                                                  "committed and log tests together)",
                               "innocent_checks": len(innocent_log),
@@ -314,8 +350,8 @@ def main() -> None:
                                                    and r["log10_p_scores"] <= np.log10(ALPHA) for r in rows)),
                "seconds": time.perf_counter() - start}
     columns = ["key", "model", "accuracy", "agreement", "follow_rate", "z", "log10_p", "log10_p_served_ties",
-               "log10_p_scores", "log10_p_log_300", "log10_p_log_500", "log10_p_log", "log10_p_log_static", "verdict",
-               "ok"]
+               "log10_p_scores", "log10_p_log_300", "log10_p_log_500", "log10_p_log", "log10_p_log_previous",
+               "log10_p_log_static", "verdict", "ok"]
     print("\n" + table([r for r in rows if r["role"] != "independent"], columns))
     print(json.dumps(summary, indent=1))
     write_results(args.name, {"summary": summary, "costs": costs, "rows": rows,

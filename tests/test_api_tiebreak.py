@@ -17,6 +17,7 @@ from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
 from wmark.schemes.api_tiebreak import (
+    DEFAULT_LOG_ROUNDS,
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
     REFERENCE_REPEATS,
@@ -236,7 +237,9 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert res.name == "api-tiebreak-log" and res.evidence_of == "extracted" and res.queries == 300
     assert "without regard to the marked answers" in res.null["assumption"]
     assert res.details["client"] == "c" and "1000 queries logged" in res.details["selection"]
-    assert "most open for the rule's 8 reference surrogates" in res.details["selection"]
+    n_refs = REFERENCE_REPEATS * len(REFERENCE_RECIPES)
+    assert f"most open for the rule's {n_refs} reference surrogates" in res.details["selection"]
+    assert f"asked in {DEFAULT_LOG_ROUNDS} rounds, the first 15 by that ranking" in res.details["selection"]
     assert stats.kstest(zs, "norm").pvalue > 1e-3
     key = seeded_key("tiebreak/log-follower", owner="o", num_classes=C, input_shape=(D,))
     with TieBreakLog(tmp_path / "follow.sqlite", key=key) as log:
@@ -253,6 +256,9 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
             tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief", queries=0)
         with pytest.raises(UsageError, match="rounds must be at least 1"):
             tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief", rounds=0)
+        with pytest.raises(UsageError, match=r"first_share must be in \(0, 1\]"):
+            tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, log=log, client="thief",
+                              first_share=0)
         committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9), inputs=data,
                                   queries=600)
         # ranked once, asked of several suspects: the same test
@@ -272,16 +278,21 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
 
 
 def test_later_rounds_follow_the_references_that_call_the_suspects_answers_best():
-    from wmark.schemes.api_tiebreak import REFERENCE_SHARE, _closest_references
+    from wmark.schemes.api_tiebreak import FOLLOWED_REFERENCES, _closest_references
 
     rng = np.random.default_rng(3)
     answers = rng.choice([-1.0, 1.0, 0.0], size=200)
     agreeing = np.where(answers == 0, rng.normal(size=200), answers * rng.uniform(0.1, 2, size=200))
-    per_ref = rng.normal(size=(8, 200))
-    per_ref[[2, 5]] = agreeing + 0.01 * rng.normal(size=(2, 200))  # these two call every answer
+    per_ref = rng.normal(size=(12, 200))
+    assert FOLLOWED_REFERENCES == 4
+    follow = [2, 5, 7, 11]
+    per_ref[follow] = agreeing + 0.01 * rng.normal(size=(4, 200))  # these four call every answer
     asked = np.arange(120)
-    assert REFERENCE_SHARE == 0.25  # a quarter of eight: the two that agree
     got = _closest_references(per_ref.mean(axis=0), per_ref, asked=asked, evidence=answers[asked])
+    np.testing.assert_allclose(got, per_ref[follow].mean(axis=0))
+    # with fewer than twice as many references, half of them are followed
+    four = per_ref[[0, 2, 3, 5]]
+    got = _closest_references(four.mean(axis=0), four, asked=asked, evidence=answers[asked])
     np.testing.assert_allclose(got, per_ref[[2, 5]].mean(axis=0))
     # no references, or no answer in a pair yet: the mean lean the ranking used
     mean = per_ref.mean(axis=0)
@@ -353,7 +364,11 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
         one_round = np.concatenate(Recorder.asked)
         Recorder.asked = []
         rounds = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c",
-                                   queries=50)
+                                   queries=50, rounds=4, first_share=0.4)
+        four = Recorder.asked
+        Recorder.asked = []
+        default = tiebreak_log_test(key=key, rule=back, served=backend, suspect=Recorder(), log=log, client="c",
+                                    queries=50)
     assert res.details["selection"].startswith(f"most open for the rule's {n_refs} reference surrogates among the {len(logged)}")
     expected = select_verification_inputs(scores=backend.query(logged).scores, count=50, min_ratio=0.0,
                                           reference_scores=[torch.softmax(predict_logits(n, torch.from_numpy(logged))
@@ -361,11 +376,16 @@ def test_committed_inputs_are_key_independent_saved_and_used(tmp_path, data):
     assert res.queries == 50 and rounds.queries == 50
     np.testing.assert_array_equal(one_round, logged[expected])
     # in rounds: the first 40 % by the same ranking, then 50 distinct logged inputs in all
-    assert [len(a) for a in Recorder.asked] == [20, 10, 10, 10] and rounds.details["rounds"] == 4
-    np.testing.assert_array_equal(Recorder.asked[0], logged[expected[:20]])
-    asked = np.concatenate(Recorder.asked)
+    assert [len(a) for a in four] == [20, 10, 10, 10] and rounds.details["rounds"] == 4
+    np.testing.assert_array_equal(four[0], logged[expected[:20]])
+    asked = np.concatenate(four)
     assert len(np.unique(asked, axis=0)) == 50 and "asked in 4 rounds" in rounds.details["selection"]
     assert {a.tobytes() for a in asked} <= {x.tobytes() for x in logged}
+    # the default: a 5 % start (3 of 50), then 20 rounds of 2 or 3, still 50 distinct logged inputs
+    sizes = [len(a) for a in Recorder.asked]
+    assert sizes[0] == 3 and len(sizes) == DEFAULT_LOG_ROUNDS and set(sizes[1:]) == {2, 3} and sum(sizes) == 50
+    np.testing.assert_array_equal(Recorder.asked[0], logged[expected[:3]])
+    assert len(np.unique(np.concatenate(Recorder.asked), axis=0)) == 50 and default.details["rounds"] == 21
     tensors, raw = load_tensors(tmp_path / "rule.safetensors")
     save_tensors({n: t for n, t in tensors.items() if not n.startswith("reference1/")}, tmp_path / "damaged.safetensors",
                  metadata=wmark_metadata(raw))
@@ -561,7 +581,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
-    assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == 4
+    assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == DEFAULT_LOG_ROUNDS
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0", "--log-rounds", "1"]
                         + tb + logged)
     doc = json.loads(res.output)
@@ -705,3 +725,16 @@ def test_the_served_api_logs_each_client_under_its_own_token(tmp_path, data):
     res = CliRunner().invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp_path / "w.safetensors"),
                                     "--name", "m", "--tiebreak-log", str(tmp_path / "x.sqlite")])
     assert res.exit_code == 2
+
+
+def test_every_entry_point_asks_in_the_librarys_default_rounds():
+    import inspect
+
+    from wmark.api import verify
+    from wmark.cli import main
+    from wmark.remote import verify_remote
+
+    assert inspect.signature(verify).parameters["log_rounds"].default == DEFAULT_LOG_ROUNDS
+    assert inspect.signature(verify_remote).parameters["log_rounds"].default == DEFAULT_LOG_ROUNDS
+    option = next(p for p in main.commands["verify"].params if p.name == "log_rounds")
+    assert option.default == DEFAULT_LOG_ROUNDS

@@ -90,7 +90,7 @@ def test_tiebreak_surrogate_is_caught_on_its_own_queries_and_the_independent_is_
             logged[name] = tests[1].log10_p
             kinds[name] = decide(key=key, tests=tests, alpha=1e-4, suspect=name).kind
     # Plumbing on real data, not power (benchmarks/extraction_tiebreak.py measures that): this fixed key and
-    # seed give log10 p -7.1 on the thief's own queries in four rounds with the labels outside each pair counted
-    # (-6.7 without them, -6.6 in one round), the independent -0.4.
+    # seed give log10 p -8.1 on the thief's own queries in the default 21 rounds with 16 MLP references (-7.1 in
+    # four rounds with 8, -6.6 in one round), -6.2 on the committed inputs; the independent -0.3.
     assert logged["thief"] < -4.5 and logged["independent"] > -3, logged
     assert kinds == {"thief": "extracted", "independent": "none"}

@@ -131,7 +131,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
            tiebreak: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
            holdout: str | None = None, tiebreak_queries: int = 1000, tiebreak_log: PathLike | None = None,
-           log_queries: int = 1000, log_rounds: int = 4, progress: bool = False) -> Verdict:
+           log_queries: int = 1000, log_rounds: int = 21, progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that

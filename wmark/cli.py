@@ -204,7 +204,7 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                    "assumes the client did not pick its queries by the answers).")
 @click.option("--log-queries", type=int, default=1000, show_default=True,
               help="Tie-break log test: the client's logged inputs asked, fixed before querying.")
-@click.option("--log-rounds", type=int, default=4, show_default=True,
+@click.option("--log-rounds", type=int, default=21, show_default=True,
               help="Tie-break log test: rounds to ask them in (the first by the references' ranking, the later "
                    "ones where the suspect's earlier answers put it closest to a tie); 1: the ranking alone.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")

@@ -29,7 +29,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
                   served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
                   tiebreak_log: PathLike | None = None, client: str | None = None, log_queries: int = 1000,
-                  log_rounds: int = 4, progress: bool = False) -> Verdict:
+                  log_rounds: int = 21, progress: bool = False) -> Verdict:
     """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
 
     Args:

@@ -112,15 +112,15 @@ DEFAULT_QUERIES = 1000
 EIGEN_FLOOR = 1e-6
 REFERENCE_RECIPES: tuple[tuple[str, int], ...] = (("hard", 3), ("hard", 6), ("hard", 10), ("soft", 4))
 REFERENCE_QUERIES = 10_000
-REFERENCE_REPEATS = 2
+REFERENCE_REPEATS = 4
 LEAN_CLIP = 2.0
 LOG_FORMAT = "wmark-tiebreak-log/1"
 LOG_MIN_RATIO = 0.05
-DEFAULT_LOG_ROUNDS = 4
-LOG_FIRST_ROUND = 0.4
+DEFAULT_LOG_ROUNDS = 21
+LOG_FIRST_ROUND = 0.05
 LOG_TEST_WEIGHT = 8.0
 OUTSIDE_WEIGHT = 1.0
-REFERENCE_SHARE = 0.25
+FOLLOWED_REFERENCES = 4
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
 
@@ -522,7 +522,9 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
     kinds, so that the inputs they jointly leave open are open for a thief too. (Two per recipe rather than
     one ranked minimal in-scope thieves' logs better, paired by thief: log10 p lower by 0.53 ± 0.15 at 1000
     queries over 36 thieves, ``benchmarks/tiebreak_references.py``, and by 0.41 ± 0.10 over 60 more in a
-    prototype; at 300 queries +0.27 ± 0.24 and −0.32 ± 0.15, i.e. no clear change.)
+    prototype; at 300 queries +0.27 ± 0.24 and −0.32 ± 0.15, i.e. no clear change. Four rather than two
+    give the log test's rounds more to choose from: −0.59 ± 0.16 at 1000 queries on those 60 in 21 rounds,
+    nothing in four; ``docs/tiebreak-research.md``.)
 
     Args:
         served: The unmarked served model, exposing scores.
@@ -798,8 +800,8 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Tie
                      reference_leans=None if per_reference is None else per_reference[:, chosen])
 
 
-def _round_sizes(queries: int, rounds: int) -> list[int]:
-    first = max(1, int(np.ceil(LOG_FIRST_ROUND * queries))) if rounds > 1 else queries
+def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
+    first = max(1, int(np.ceil(first_share * queries))) if rounds > 1 else queries
     rest = np.array_split(np.arange(queries - first), rounds - 1) if rounds > 1 else []
     return [first] + [len(r) for r in rest if len(r)]
 
@@ -807,30 +809,33 @@ def _round_sizes(queries: int, rounds: int) -> list[int]:
 def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                       log: TieBreakLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                       queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
-                      use_scores: bool = True) -> TestResult:
+                      first_share: float = LOG_FIRST_ROUND, use_scores: bool = True) -> TestResult:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
 
     A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
     faithfully than anywhere else (``benchmarks/extraction_tiebreak.py`` measures how much). ``queries`` of
-    the client's logged inputs are asked in ``rounds``: first the ``LOG_FIRST_ROUND`` share the reference
-    surrogates leave most open (:func:`select_log_inputs`), then, round by round, those where *this suspect*
-    is predicted closest to a tie: the mean lean of the quarter of the references (``REFERENCE_SHARE``)
-    whose calls agree most often with its answers so far, plus the keyed-looking lean it has shown (its
-    pair sums ``v`` of the module docstring, projected on each candidate's features, scaled to that lean).
-    ``Z`` is the statistic of the module docstring over every answer. (Following the closest references
-    rather than all of them lowered log10 p by 1.14 ± 0.14 at 1000 queries and 1.04 ± 0.18 at 300 on 60
-    minimal thieves in a prototype; ``docs/tiebreak-research.md``.)
+    the client's logged inputs are asked in ``rounds`` (default 21): first the ``LOG_FIRST_ROUND`` share (5 %)
+    the reference surrogates leave most open (:func:`select_log_inputs`), then, in rounds of equal size,
+    those where *this suspect* is predicted closest to a tie: the mean lean of the ``FOLLOWED_REFERENCES``
+    (4) references whose calls agree most often with its answers so far, plus the keyed-looking lean it has
+    shown (its pair sums ``v`` of the module docstring, projected on each candidate's features, scaled to
+    that lean). ``Z`` is the statistic of the module docstring over every answer. (Following the closest
+    references rather than all of them lowered log10 p by 1.14 ± 0.14 at 1000 queries and 1.04 ± 0.18 at 300
+    on 60 minimal thieves in a prototype. Many short rounds let that choice follow the suspect sooner: 21
+    rounds from a 5 % start with 32 references instead of 4 rounds from 40 % with 16, on the same 60,
+    −1.48 ± 0.18 at 1000 queries, −0.95 ± 0.19 at 500, −0.51 ± 0.21 at 300; ``docs/tiebreak-research.md``.)
 
     Why the rounds keep the null exact: each round, and which references it follows, is chosen from the
     suspect's own earlier answers and key-free quantities (the log, the served model, the references, the
     rule's features), never from the key's directions. A suspect made without the marked answers answers
     independently of the directions, so the inputs asked and the answers are too, and given them
     ``Z ~ N(0, 1)`` exactly as for a fixed set.
-    (``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves, paired: four rounds
-    lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27 at 1e-6, one round
-    29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against 54. With the rounds
-    following the closest references and labels outside the pair counted, a third run: −2.10 ± 0.21, 30
-    against 27, and −1.10 ± 0.23 at 300 queries. ``rounds=1`` asks the first ``queries`` of the ranking.)
+    (Earlier versions, ``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves,
+    paired: four rounds lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27
+    at 1e-6, one round 29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against
+    54. With the rounds following the closest references and labels outside the pair counted, a third run:
+    −2.10 ± 0.21, 30 against 27, and −1.10 ± 0.23 at 300 queries. ``rounds=1`` asks the first ``queries``
+    of the ranking.)
 
     In a verdict (:func:`wmark.verify.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
     other test: it is the extraction test the logging API is built for, so weighted Holm gives it 0.8 of
@@ -856,6 +861,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
             client's inputs, so that the later rounds have inputs to choose from).
         queries: How many logged inputs to ask in all, fixed before querying.
         rounds: In how many rounds to ask them (1: the ranking's first ``queries``).
+        first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
         use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
 
     Raises:
@@ -867,6 +873,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         raise UsageError(f"queries must be at least 1, got {queries}.")
     if rounds < 1:
         raise UsageError(f"rounds must be at least 1, got {rounds}.")
+    if not 0 < first_share <= 1:
+        raise UsageError(f"first_share must be in (0, 1], got {first_share}.")
     if chosen is None:
         if log is None or client is None:
             raise UsageError("The log test needs the API's log and the client, or their ranked inputs (chosen=).")
@@ -877,7 +885,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     asked = np.zeros(0, dtype=np.int64)
     answers, evidence = np.zeros(0, dtype=np.int64), np.zeros(0)
     reads = []
-    sizes = _round_sizes(budget, rounds)
+    sizes = _round_sizes(budget, rounds, first_share)
     for size in sizes:
         if len(asked) == 0:
             batch = np.arange(size)
@@ -938,15 +946,16 @@ def _next_round(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, leans: np.nd
 
 def _closest_references(leans: np.ndarray, reference_leans: np.ndarray | None, *, asked: np.ndarray,
                         evidence: np.ndarray) -> np.ndarray:
-    """The mean lean of the ``REFERENCE_SHARE`` of reference surrogates whose calls agree most often with the
-    suspect's answers so far (all of them, ``leans``, without references or answers in a pair)."""
+    """The mean lean of the ``FOLLOWED_REFERENCES`` reference surrogates (at most half of them) whose calls
+    agree most often with the suspect's answers so far (all of them, ``leans``, without references or answers
+    in a pair)."""
     if reference_leans is None or len(reference_leans) < 2:
         return leans
     answered = asked[evidence != 0]
     if len(answered) == 0:
         return leans
     calls = np.sign(reference_leans[:, answered]) == np.sign(evidence[evidence != 0])
-    keep = max(1, round(REFERENCE_SHARE * len(reference_leans)))
+    keep = min(FOLLOWED_REFERENCES, len(reference_leans) // 2)
     best = np.argsort(-calls.mean(axis=1), kind="stable")[:keep]
     return reference_leans[best].mean(axis=0)
 
