@@ -21,11 +21,12 @@ The API also logs each thief's near-tie queries (:class:`~wmark.schemes.api_tieb
 client per thief), and every thief is tested on its own logged inputs
 (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries, side by side in
 rounds (the library's default: the later rounds chosen from the suspect's own earlier answers) and in one
-round (the first inputs of the references' ranking), and in the previous release's schedule (``PREVIOUS``:
-four rounds from a 40 % start, following four of the first 16 references, ranked by those 16; the
-library's default is 21 rounds from a 5 % start with 32 references). Every independent model is tested on each key's log
-(1000 queries, both ways; the thieves under a key ask the same queries): the null of that test assumes only
-that the client's queries did not depend on the answers, which holds for these fixed query sets.
+round (the first inputs of the references' ranking), and in the previous release's schedule
+(``PREVIOUS_SCHEDULE``: four rounds from a 40 % start, following four of the first 16 references, ranked by
+those 16; the library's default is 21 rounds from a 5 % start with 32 references). Every independent model
+is tested on each key's log (1000 queries, all three ways; the thieves under a key ask the same queries):
+the null of that test assumes only that the client's queries did not depend on the answers, which holds
+for these fixed query sets.
 
 The summary's ``verify`` section counts what ``wmark verify`` decides from these p-values: the trigger set,
 the committed inputs and the log test combined with Holm, with equal weights and with the library's weights
@@ -85,12 +86,13 @@ from wmark.suspects import LocalSuspect
 
 ALPHA = 1e-6
 LOG_BUDGETS = (300, 500)
-PREVIOUS = {"rounds": 4, "first_share": 0.4, "references": 16}
+PREVIOUS_SCHEDULE = {"rounds": 4, "first_share": 0.4}
+PREVIOUS_REFERENCES = 16
 
 
 def previous_inputs(chosen: LogInputs) -> LogInputs:
     """The same client's inputs as the previous release ranked them: by its 16 references only."""
-    per = chosen.reference_leans[:PREVIOUS["references"]]
+    per = chosen.reference_leans[:PREVIOUS_REFERENCES]
     leans = per.mean(axis=0)
     order = np.argsort(np.abs(leans), kind="stable")
     return dataclasses.replace(chosen, x=chosen.x[order], scores=chosen.scores[order], leans=leans[order],
@@ -208,9 +210,8 @@ def main() -> None:
         t0 = time.perf_counter()
         # ranked once per client (key-free), then asked of every suspect
         ranked = {c: select_log_inputs(key=key, rule=rule, served=served, log=log, client=c) for c in clients}
-        previous = {c: previous_inputs(ranked[c]) for c in clients}
-        earlier = {"rounds": PREVIOUS["rounds"], "first_share": PREVIOUS["first_share"]}
         costs[-1]["log_rank_seconds_per_client"] = (time.perf_counter() - t0) / len(clients)
+        previous = {c: previous_inputs(ranked[c]) for c in clients}
         for model, arch, net, role, client in suspects:
             suspect = LocalSuspect(net, input_shape=(1, 28, 28), description=model, expose_scores=False)
             res = tiebreak_test(key=key, rule=rule, served=served, suspect=suspect, queries=args.queries)
@@ -235,7 +236,7 @@ def main() -> None:
                                                chosen=ranked[client], queries=n, rounds=1)
                           for n in (*LOG_BUDGETS, args.queries)}
                 before = {n: tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
-                                               chosen=previous[client], queries=n, **earlier)
+                                               chosen=previous[client], queries=n, **PREVIOUS_SCHEDULE)
                           for n in (*LOG_BUDGETS, args.queries)}
                 rows[-1].update({"log10_p_log_previous": before[args.queries].log10_p,
                                  **{f"log10_p_log_previous_{n}": before[n].log10_p for n in LOG_BUDGETS}})
@@ -252,7 +253,8 @@ def main() -> None:
                 one = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect, chosen=ranked[clients[0]],
                                         queries=args.queries, rounds=1)
                 before = tiebreak_log_test(key=key, rule=rule, served=served, suspect=suspect,
-                                           chosen=previous[clients[0]], queries=args.queries, **earlier)
+                                           chosen=previous[clients[0]], queries=args.queries,
+                                           **PREVIOUS_SCHEDULE)
                 innocent_log_checks.append({"key": k, "model": model, "client": clients[0], "log10_p": res.log10_p,
                                             "log10_p_static": one.log10_p, "log10_p_previous": before.log10_p,
                                             "queries": res.queries})
@@ -332,7 +334,8 @@ def main() -> None:
                               "previous schedule": {
                                   **{role: stats(role, "log10_p_log_previous") for role in roles[:3]},
                                   **{f"{role} at {n}": stats(role, f"log10_p_log_previous_{n}") for role in roles[:3]
-                                     for n in LOG_BUDGETS}, "schedule": PREVIOUS},
+                                     for n in LOG_BUDGETS},
+                                  "schedule": {**PREVIOUS_SCHEDULE, "references": PREVIOUS_REFERENCES}},
                               "rounds minus previous schedule": {
                                   f"{role} at {n or args.queries}": paired(role, n, "previous")
                                   for role in roles[:2] for n in (*LOG_BUDGETS, None)},
