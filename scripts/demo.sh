@@ -3,7 +3,8 @@
 # keygen -> train -> embed -> a thief steals and fine-tunes -> verify the stolen copy and an independent model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
+bin=$(bash scripts/install.sh | tail -n 1)
+export PATH="$bin:$PATH"
 out=${WMARK_DEMO_DIR:-demo-out}
 mkdir -p "$out"
 export WMARK_PROGRESS=1

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Install everything and run the whole test suite (slow end-to-end tests included).
+# Install everything, then lint, type-check and run the whole test suite (slow end-to-end tests included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install.sh
-python3 -m pytest -q "$@"
+bin=$(bash scripts/install.sh | tail -n 1)
+export PATH="$bin:$PATH"
+ruff check wmark
+mypy wmark
+python -m pytest -q "$@"

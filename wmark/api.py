@@ -100,7 +100,7 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     wm = (Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch, weights_layer=weights_layer)
           if schemes else None)
     if wm is not None:
-        model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
+        model, _, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     start = time.perf_counter()
     try:
         train_epochs(model, loader, epochs=epochs, optimizer=optimizer, progress=progress, desc="embed")
@@ -286,7 +286,7 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     if kind == "finetune":
         if ds is None:
             raise UsageError("The finetune attack needs --data (the attacker's own training data).")
-        attacked = finetune_attack(model, x=ds.x_train, y=ds.y_train, epochs=epochs, lr=lr, layers=layers,
+        attacked = finetune_attack(model, x=ds.x_train, y=ds.y_train, epochs=epochs, lr=lr, layers=layers,  # type: ignore[arg-type]
                                    seed=seed, progress=progress)
         params = {"epochs": epochs, "lr": lr, "layers": layers, "samples": len(ds.x_train), "seed": seed}
     elif kind == "prune":

@@ -121,7 +121,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         tests = [test]
         if committed:
             tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
-                                                  served=served, arch=served_arch, holdout=holdout,
+                                                  served=served, arch=served_arch,  # type: ignore[arg-type]
+                                                  holdout=holdout,
                                                   queries=tiebreak_queries))
         if tiebreak_log is not None:
             tests.append(tiebreak_log_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]

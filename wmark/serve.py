@@ -83,7 +83,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     if clients is not None and (not clients or any(not t for t in clients.values())
                                 or len(set(clients.values())) != len(clients)):
         raise UsageError("Per-client tokens must be non-empty and distinct, one per client.")
-    by_client = {name: answerer.for_client(name) for name in clients or {}  # type: ignore[attr-defined]
+    by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     model.eval()
     shape = tuple(int(s) for s in input_shape)

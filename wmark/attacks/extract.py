@@ -64,7 +64,8 @@ def query_victim(victim: Suspect, x: np.ndarray, *, batch_size: int = 256) -> tu
     lab = np.concatenate(labels) if labels else np.empty(0, dtype=np.int64)
     if len(lab) != len(x):
         raise RuntimeFailure(f"The victim answered {len(lab)} labels for {len(x)} queries.")
-    sc = None if any(s is None for s in scores) or not scores else np.concatenate(scores)
+    present = [s for s in scores if s is not None]
+    sc = np.concatenate(present) if scores and len(present) == len(scores) else None
     return lab, sc
 
 

@@ -353,6 +353,7 @@ def region_test(*, key: Key, regions: RegionMap, suspect: Suspect, inputs: np.nd
     count_log10_p = count_statistic_log10_sf(input_matches, cell_counts)
     why = ("per marked cell, the keyed target is uniform on the C-1 classes other than the cell's excluded class, "
            "independently across cells and of a suspect made without the marked answers")
+    null: dict[str, Any]
     if statistic == "count":
         log10_p, matches, method = count_log10_p, input_matches, "exact convolution over marked cells"
         null = {"why": why + "; the answers equal to their cell's target then sum to an exactly known law"}

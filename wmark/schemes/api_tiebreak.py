@@ -884,7 +884,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     psi = rule.features(chosen.x)
     asked = np.zeros(0, dtype=np.int64)
     answers, evidence = np.zeros(0, dtype=np.int64), np.zeros(0)
-    reads = []
+    reads: list[str] = []
     sizes = _round_sizes(budget, rounds, first_share)
     for size in sizes:
         if len(asked) == 0:

@@ -37,9 +37,14 @@ class Suspect(Protocol):
         input_shape: The shape of one input, when known.
     """
 
-    description: str
-    num_classes: int | None
-    input_shape: tuple[int, ...] | None
+    @property
+    def description(self) -> str: ...
+
+    @property
+    def num_classes(self) -> int | None: ...
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None: ...
 
     def query(self, inputs: np.ndarray) -> Answers:
         """Answer a batch of float32 inputs shaped N×input_shape."""

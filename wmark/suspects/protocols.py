@@ -196,7 +196,7 @@ class V2Protocol(WireProtocol):
 
     @property
     def _model_path(self) -> str:
-        path = f"{self.base}/v2/models/{quote(self.model_name, safe='')}"
+        path = f"{self.base}/v2/models/{quote(self.model_name or '', safe='')}"
         return f"{path}/versions/{quote(self.version, safe='')}" if self.version else path
 
     @property
@@ -313,7 +313,7 @@ class TFServingProtocol(WireProtocol):
 
     @property
     def _model_path(self) -> str:
-        path = f"{self.base}/v1/models/{quote(self.model_name, safe='')}"
+        path = f"{self.base}/v1/models/{quote(self.model_name or '', safe='')}"
         return f"{path}/versions/{quote(self.version, safe='')}" if self.version else path
 
     @property

@@ -179,7 +179,7 @@ def _layers(weights: Sequence[torch.Tensor], *, after: _Layer | None = None) -> 
         layer = _Layer(flat, units, rest, scale, torch.empty(0))
         layer.norms = _row_norms(flat, layer.column_scale)
         out.append(layer)
-        scale, previous = layer.norms, w.shape
+        scale, previous = layer.norms, (int(w.shape[0]), int(w.shape[1]))
     return out
 
 
@@ -278,7 +278,8 @@ def _align(ref_layers: Sequence[_Layer], sus_layers: Sequence[_Layer]) -> tuple[
 
 def _reference_chain(key: Key, ref: _File, chain: Sequence[str] | None) -> tuple[list[str], dict[str, Any]]:
     meta = wmark_metadata(ref.metadata)
-    info = meta.get("weights") if isinstance(meta.get("weights"), dict) else {}
+    recorded_info = meta.get("weights")
+    info: dict[str, Any] = recorded_info if isinstance(recorded_info, dict) else {}
     commitment = meta.get("commitment")
     if commitment and commitment != key.commitment():
         raise UsageError(f"The reference {ref.path} was marked with another key (commitment {str(commitment)[:16]}); "
