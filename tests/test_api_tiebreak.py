@@ -590,19 +590,19 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     res = runner.invoke(main, verify + ["--suspect", str(out), "--log-rounds", "0"] + tb + logged)
     assert res.exit_code == 2 and "rounds must be at least 1" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb)
-    assert res.exit_code == 2 and "--tiebreak-queries 0 skips the committed-input test" in res.output
+    assert res.exit_code == 2 and "Asking no committed tie-break input leaves only the log test" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "-1"] + tb + logged)
-    assert res.exit_code == 2 and "--tiebreak-queries must be at least 0" in res.output
+    assert res.exit_code == 2 and "committed tie-break inputs to ask must be at least 0" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:2])
-    assert res.exit_code == 2 and "--tiebreak-log needs --client" in res.output
+    assert res.exit_code == 2 and "name the client suspected of extraction" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + logged)
-    assert res.exit_code == 2 and "--tiebreak-log needs --tiebreak" in res.output
+    assert res.exit_code == 2 and "give the tie-break rule too" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:3] + ["nobody"])
     assert res.exit_code == 2 and "no inputs of client 'nobody' (clients: thief-1)" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(weights)])
-    assert res.exit_code == 2 and "pass --tiebreak RULE too" in res.output
+    assert res.exit_code == 2 and "give the tie-break rule too" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule)])
-    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
+    assert res.exit_code == 2 and "needs the served model file the rule was built from" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule), "--served", str(out)])
     assert res.exit_code == 2 and "built from another served model" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--holdout", str(tmp_path / "owner.safetensors")] + tb)
@@ -671,7 +671,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert doc["tests"][0]["details"]["alpha_share"] == pytest.approx(1 / 9)  # sequential over HTTP too
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--tiebreak", str(rule)])
-    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
+    assert res.exit_code == 2 and "needs the served model file the rule was built from" in res.output
     res = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
                                "--api-key", str(key)])
     assert res.exit_code == 2 and "needs both --api-key and --tiebreak" in res.output

@@ -143,7 +143,7 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     assert res.exit_code == 2 and "no marked queries for client 'nobody'" in res.output
     res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
                                "--client", "thief"])
-    assert res.exit_code == 2 and "needs --api-log" in res.output
+    assert res.exit_code == 2 and "give the API's query log too" in res.output
     res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
                                "--api-log", str(log), "--client", "thief"])
     assert res.exit_code == 2 and "--api-log works with a model-file suspect" in res.output

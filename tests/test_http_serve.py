@@ -92,7 +92,7 @@ def test_cli_verify_over_http_and_an_exhausted_budget(served):
     short = subprocess.run(_cli(*base, "--max-queries", "3", "--report", str(tmp / "r.html")), env=env,
                            capture_output=True, text=True, timeout=120, check=False)
     assert short.returncode == 1
-    assert "raise --max-queries" in short.stdout and "in 3 queries" in short.stdout
+    assert "raise the query budget" in short.stdout and "in 3 queries" in short.stdout
     assert TOKEN not in short.stdout + short.stderr + (tmp / "r.html").read_text() + (tmp / "r.json").read_text()
 
 

@@ -34,7 +34,7 @@ from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
 from wmark.training import accuracy, make_loader, train_epochs
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, verify_blackbox
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
 
@@ -156,45 +156,12 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
-    if api_log is None and tiebreak_log is None and client is not None:
-        raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
-    from wmark.schemes.api_tiebreak import (
-        check_log_options,
-        committed_test_wanted,
-        tiebreak_log_test_from_files,
-        tiebreak_requested,
-        tiebreak_test_from_files,
-        trigger_share,
-    )
-
-    served_arch = served_arch or arch
-    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
-    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
-    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
-    if api_log is None and not with_tiebreak:
-        return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                               progress=progress)
-    from wmark.verify import decide, trigger_set_test
-
-    share = trigger_share(other_tests=(api_log is not None) + committed, log_test=tiebreak_log is not None)
-    tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                              progress=progress, share=share)]
-    if api_log is not None:
-        from wmark.schemes.api_mark import MarkLog, api_mark_test
-
-        if client is None:
-            raise UsageError("--api-log needs --client (the API account suspected of extraction).")
-        with MarkLog(api_log, key=k, create=False) as log:
-            tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
-    if committed:
-        tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak,  # type: ignore[arg-type]
-                                              served=served, arch=served_arch, holdout=holdout,  # type: ignore[arg-type]
-                                              queries=tiebreak_queries))
-    if tiebreak_log is not None:
-        tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
-                                                  arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
-                                                  queries=log_queries, rounds=log_rounds))
-    return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
+    tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, api_log=api_log,
+                           client=client, api_max_queries=api_max_queries, rule=tiebreak, served=served,
+                           served_arch=served_arch or arch, holdout=holdout,
+                           rule_queries=tiebreak_queries, tiebreak_log=tiebreak_log, log_queries=log_queries,
+                           log_rounds=log_rounds)
+    return Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,

@@ -16,7 +16,7 @@ from wmark.keys import load_key
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.transcript import Transcript
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, decide, trigger_set_test
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
 
@@ -73,19 +73,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         The verdict; ``tests[0].details`` holds the probe's statistics, the server's self-description and
         the transcript summary.
     """
-    from wmark.schemes.api_tiebreak import (
-        check_log_options,
-        committed_test_wanted,
-        tiebreak_log_test_from_files,
-        tiebreak_requested,
-        tiebreak_test_from_files,
-        trigger_share,
-    )
-
     k = load_key(key)
-    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
-    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
-    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
+    tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
+                           client=client, rule=tiebreak, served=served, served_arch=served_arch, holdout=holdout,
+                           rule_queries=tiebreak_queries, tiebreak_log=tiebreak_log, log_queries=log_queries,
+                           log_rounds=log_rounds)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -106,32 +98,18 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
             log = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
                              protocol=protocol, durability=transcript_sync)
         probe = ProbeSuspect(suspect, transcript=log, cover=cover)
-        test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
-                                batch_size=concurrency, progress=progress,
-                                share=trigger_share(other_tests=committed, log_test=tiebreak_log is not None))
-        test.details["probe"] = {
+        verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)
+        verdict.tests[0].details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
             **probe.stats.to_dict(),
             "http": {"requests": suspect.stats.requests, "retries": suspect.stats.retries,
                      "seconds_backing_off": round(suspect.stats.seconds_waiting, 3)},
             "options": {"rate": rate, "timeout": timeout, "retries": retries, "concurrency": concurrency,
                         "cover_ratio": cover_ratio if cover else 0.0, "cover_data": cover_data,
-                        "token": "bearer (from --token-env/--token-file)" if token else "none"},
+                        "token": "bearer" if token else "none"},
         }
-        tests = [test]
-        if committed:
-            tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
-                                                  served=served, arch=served_arch,  # type: ignore[arg-type]
-                                                  holdout=holdout,
-                                                  queries=tiebreak_queries))
-        if tiebreak_log is not None:
-            tests.append(tiebreak_log_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
-                                                      served=served, arch=served_arch, log=tiebreak_log,  # type: ignore[arg-type]
-                                                      client=client, queries=log_queries,  # type: ignore[arg-type]
-                                                      rounds=log_rounds))
         if log is not None:
-            test.details["transcript"] = log.summary()
-        verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)
+            verdict.tests[0].details["transcript"] = log.summary()
     finally:
         suspect.close()
         if log is not None:

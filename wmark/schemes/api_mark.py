@@ -75,6 +75,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
+from wmark.evidence import TestResult, check_suspect_fits_key
 from wmark.keys import Key
 from wmark.stats import MixtureEProcess
 from wmark.suspects.base import Answers, Suspect
@@ -350,6 +351,26 @@ class MarkedAPI:
         return Answers(labels=labels, scores=scores.astype(np.float32) if self.expose_scores else None)
 
 
+@dataclass(frozen=True)
+class ApiMarkTest:
+    """:func:`api_mark_test` on one client's logged marked inputs as an :class:`~wmark.evidence.EvidenceTest`
+    of weight 1 (the log is opened when the test runs)."""
+
+    key: Key
+    log: str | os.PathLike[str]
+    client: str
+    max_queries: int | None = 300
+    name: str = SCHEME
+    weight: float = 1.0
+    null: str = ("the suspect never learned from the marked answers: among its answers inside each candidate set, "
+                 "matches with the keyed labels are independent Bernoulli(1/|S|)")
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        with MarkLog(self.log, key=self.key, create=False) as opened:
+            return api_mark_test(key=self.key, suspect=suspect, log=opened, client=self.client,
+                                 max_queries=self.max_queries)
+
+
 def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
     """log10 P(X ≥ k) for X a sum of independent Bernoulli(probs[i]), exact (log-space dynamic programme)."""
     p = np.asarray(probs, dtype=np.float64)
@@ -375,7 +396,7 @@ def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
 
 
 def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_queries: int | None = None,
-                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> Any:
+                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> TestResult:
     """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
 
     Null hypothesis (exact, see the module docstring): the suspect never learned from the marked answers,
@@ -395,14 +416,12 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
             answers). Both are always reported in ``details``.
 
     Returns:
-        A :class:`wmark.verify.TestResult` with ``evidence_of="extracted"``.
+        A :class:`wmark.evidence.TestResult` with ``evidence_of="extracted"``.
 
     Raises:
         UsageError: If the log has no marks for this client, was written for other inputs, or its labels do
             not follow from this key (another key, or an edited log).
     """
-    from wmark.verify import TestResult, check_suspect_fits_key
-
     check_suspect_fits_key(key, suspect)
     if statistic not in ("anytime", "exact"):
         raise UsageError(f"Unknown statistic {statistic!r}; use anytime or exact.")

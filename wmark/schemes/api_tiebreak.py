@@ -91,14 +91,14 @@ import torch
 from scipy.special import log_ndtr
 
 from wmark.attacks.extract import extract
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.evidence import TestResult, check_suspect_fits_key, owner_inputs
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
 from wmark.models import build_model
 from wmark.schemes.api_mark import input_digest, query_with_scores
 from wmark.suspects.base import Answers, Suspect
 from wmark.training import predict_logits
-from wmark.verify import TestResult, alpha_share, check_suspect_fits_key, owner_inputs
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
@@ -921,7 +921,7 @@ def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
     said = suspect.query(xs)
     answers = np.asarray(said.labels, dtype=np.int64).reshape(-1)
     if len(answers) != len(xs):
-        raise UsageError(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
+        raise RuntimeFailure(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
     leans = probability_leans(said.scores, lo, hi) if use_scores else None
     if leans is None:
         return answers, np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0)), "labels"
@@ -960,89 +960,86 @@ def _closest_references(leans: np.ndarray, reference_leans: np.ndarray | None, *
     return reference_leans[best].mean(axis=0)
 
 
-def tiebreak_requested(*, rule: object, served: object, arch: object, holdout: object) -> bool:
-    """Whether a verification asks for the tie-break test; refuses a partial set of its options."""
-    if rule is None:
-        if served is not None or holdout is not None:
-            raise UsageError("--served and --holdout belong to the tie-break test; pass --tiebreak RULE too.")
-        return False
-    if served is None or arch is None:
-        raise UsageError("--tiebreak needs --served (the owner's served model file the rule was built from) and "
-                         "--served-arch.")
-    return True
+@dataclass(frozen=True)
+class TieBreakTest:
+    """:func:`tiebreak_test` on the rule's committed inputs (or the owner's ``inputs``) as an
+    :class:`~wmark.evidence.EvidenceTest` of weight 1."""
+
+    key: Key
+    rule: TieBreakRule
+    served: Suspect
+    inputs: np.ndarray | None = None
+    queries: int = DEFAULT_QUERIES
+    name: str = SCHEME
+    weight: float = 1.0
+    null: str = NULL_WHY
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
+                             queries=self.queries)
 
 
-def trigger_share(*, other_tests: int, log_test: bool) -> float:
-    """The share of alpha a verdict's weighted Holm gives the trigger-set test (weight 1) next to
-    ``other_tests`` tests of weight 1 and, with ``log_test``, the log test (``LOG_TEST_WEIGHT``): how far a
-    sequential trigger test must run (:func:`wmark.verify.trigger_set_test`)."""
-    return alpha_share(1.0, [1.0] * (1 + other_tests) + [LOG_TEST_WEIGHT] * log_test)
+@dataclass(frozen=True)
+class TieBreakLogTest:
+    """:func:`tiebreak_log_test` on one client's logged inputs as an :class:`~wmark.evidence.EvidenceTest`
+    of weight ``LOG_TEST_WEIGHT``; the inputs are ranked once, when the test is made (key-free)."""
+
+    key: Key
+    rule: TieBreakRule
+    served: Suspect
+    chosen: LogInputs
+    queries: int = DEFAULT_QUERIES
+    rounds: int = DEFAULT_LOG_ROUNDS
+    name: str = f"{SCHEME}-log"
+    weight: float = LOG_TEST_WEIGHT
+    null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
+                                 chosen=self.chosen, queries=self.queries, rounds=self.rounds)
 
 
-def check_log_options(*, log: object, client: object, with_tiebreak: bool) -> None:
-    """Refuses a tie-break log without the rule, the served model or the client it is read for."""
-    if log is None:
-        return
-    if not with_tiebreak:
-        raise UsageError("--tiebreak-log needs --tiebreak (the rule the API served with) and --served.")
-    if client is None:
-        raise UsageError("--tiebreak-log needs --client (the API account suspected of extraction).")
-
-
-def committed_test_wanted(*, queries: int, log: object) -> bool:
-    """Whether a verification with the tie-break rule also asks its committed inputs.
-
-    ``queries=0`` skips that test, which makes sense only next to the log test: the verdict then corrects for
-    one test fewer, and the suspect is asked only the client's queries.
-
-    Raises:
-        UsageError: On a negative count, or 0 without a tie-break log.
-    """
-    if queries < 0:
-        raise UsageError(f"--tiebreak-queries must be at least 0, got {queries}.")
-    if queries == 0 and log is None:
-        raise UsageError("--tiebreak-queries 0 skips the committed-input test, leaving only the log test; "
-                         "pass --tiebreak-log and --client, or ask at least one committed input.")
-    return queries > 0
-
-
-def tiebreak_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str], served: str | os.PathLike[str],
-                             arch: str, holdout: str | None = None, queries: int = DEFAULT_QUERIES) -> TestResult:
-    """:func:`tiebreak_test` from the files a dispute has: rule, served model file and, for a rule that
-    carries no committed verification inputs, a holdout dataset spec.
+def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str], arch: str,
+                              holdout: str | None = None, queries: int = DEFAULT_QUERIES,
+                              log: str | os.PathLike[str] | None = None, client: str | None = None,
+                              log_queries: int = DEFAULT_QUERIES,
+                              log_rounds: int = DEFAULT_LOG_ROUNDS) -> list[TieBreakTest | TieBreakLogTest]:
+    """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
+    ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
+    ``client``, the log test on that client's queries.
 
     Raises:
-        UsageError: On any mismatch between key, rule, served model and holdout data, or a holdout given for
-            a rule that commits its own inputs.
+        UsageError: On any mismatch between key, rule, served model, holdout data and log, a holdout given for
+            a rule that commits its own inputs, or an unknown client.
     """
     from wmark.data import load_dataset
 
     loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
-    if holdout is None:
-        return tiebreak_test(key=key, rule=loaded, served=backend, suspect=suspect, queries=queries)
-    if loaded.verification_inputs is not None:
-        raise UsageError(f"The tie-break rule {rule} commits its own verification inputs (chosen when it was built); "
-                         "drop --holdout.")
-    ds = load_dataset(holdout)
-    if ds.num_classes != key.num_classes or tuple(ds.input_shape) != tuple(key.input_shape):
-        raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped {tuple(ds.input_shape)}; "
-                         f"the key is for {key.num_classes} classes of {tuple(key.input_shape)}. Use the owner's data.")
-    return tiebreak_test(key=key, rule=loaded, served=backend, suspect=suspect, inputs=ds.x_train.numpy(),
-                         queries=queries)
-
-
-def tiebreak_log_test_from_files(*, key: Key, suspect: Suspect, rule: str | os.PathLike[str],
-                                 served: str | os.PathLike[str], arch: str, log: str | os.PathLike[str], client: str,
-                                 queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS) -> TestResult:
-    """:func:`tiebreak_log_test` from the files a dispute has: rule, served model file and the API's log.
-
-    Raises:
-        UsageError: On any mismatch between key, rule, served model and log, or an unknown client.
-    """
-    loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
-    with TieBreakLog(log, key=key, create=False) as opened:
-        return tiebreak_log_test(key=key, rule=loaded, served=backend, suspect=suspect, log=opened, client=client,
-                                 queries=queries, rounds=rounds)
+    tests: list[TieBreakTest | TieBreakLogTest] = []
+    if queries > 0:
+        inputs = None
+        if holdout is not None:
+            if loaded.verification_inputs is not None:
+                raise UsageError(f"The tie-break rule {rule} commits its own verification inputs (chosen when it was "
+                                 "built); give no holdout data.")
+            ds = load_dataset(holdout)
+            if ds.num_classes != key.num_classes or tuple(ds.input_shape) != tuple(key.input_shape):
+                raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped "
+                                 f"{tuple(ds.input_shape)}; the key is for {key.num_classes} classes of "
+                                 f"{tuple(key.input_shape)}. Use the owner's data.")
+            inputs = ds.x_train.numpy()
+        elif loaded.verification_inputs is None:
+            raise UsageError(f"The tie-break rule {rule} carries no committed verification inputs; give the owner's "
+                             "held inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
+        tests.append(TieBreakTest(key=key, rule=loaded, served=backend, inputs=inputs, queries=queries))
+    if log is not None:
+        if client is None:
+            raise UsageError("A query log is read for one client; name the client suspected of extraction.")
+        with TieBreakLog(log, key=key, create=False) as opened:
+            chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
+        tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
+                                     rounds=log_rounds))
+    return tests
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
