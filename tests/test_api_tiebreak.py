@@ -16,7 +16,7 @@ from scipy import stats
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
-from wmark.schemes.api_tiebreak import (
+from wmark.schemes.tiebreak import (
     DEFAULT_LOG_ROUNDS,
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
@@ -278,7 +278,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
 
 
 def test_later_rounds_follow_the_references_that_call_the_suspects_answers_best():
-    from wmark.schemes.api_tiebreak import FOLLOWED_REFERENCES, _closest_references
+    from wmark.schemes.tiebreak.tests import FOLLOWED_REFERENCES, _closest_references
 
     rng = np.random.default_rng(3)
     answers = rng.choice([-1.0, 1.0, 0.0], size=200)
@@ -613,7 +613,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert res.exit_code == 2 and "built under another key" in res.output
     # the same, over HTTP: the owner serves the marked API, the thief's copy is served elsewhere
     from wmark.models import load_model
-    from wmark.schemes.api_tiebreak import open_tiebreak_rule
+    from wmark.schemes.tiebreak import open_tiebreak_rule
     from wmark.serve import build_app, serve_in_background
     from wmark.suspects.http import open_http_suspect
 

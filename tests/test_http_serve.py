@@ -127,7 +127,7 @@ def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
     from wmark import api
     from wmark.io import save_tensors
     from wmark.keys import load_key
-    from wmark.schemes.api_tiebreak import TieBreakLog
+    from wmark.schemes.tiebreak import TieBreakLog
     from wmark.suspects.http import open_http_suspect
 
     weights, key = tmp_path / "m.safetensors", tmp_path / "owner.key"

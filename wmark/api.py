@@ -176,10 +176,10 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     references are distilled from the *unmarked* served model (architectures ``references``; default: the
     served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties), ``reference_repeats``
     per architecture and recipe (default two, each from its own seed). Serve with
-    :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
+    :class:`~wmark.schemes.tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
     """
     from wmark.io import load_tensors, tensors_digest
-    from wmark.schemes.api_tiebreak import (
+    from wmark.schemes.tiebreak import (
         REFERENCE_RECIPES,
         REFERENCE_REPEATS,
         build_tiebreak_rule,
@@ -314,7 +314,7 @@ def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: Pa
         k = load_key(api_key)
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
+        from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
 
         rule, _ = open_tiebreak_rule(key=k, rule=tiebreak, arch=victim_arch, served=victim)
         log = None if api_log is None else TieBreakLog(api_log, key=k)

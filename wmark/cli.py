@@ -419,7 +419,7 @@ def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None
 
 @main.group(epilog=EXIT_HELP)
 def tiebreak() -> None:
-    """Keyed tie-breaking, an API-side mark that extraction carries over (see wmark.schemes.api_tiebreak)."""
+    """Keyed tie-breaking, an API-side mark that extraction carries over (see wmark.schemes.tiebreak)."""
 
 
 @tiebreak.command("build", epilog=EXIT_HELP)

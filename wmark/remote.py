@@ -53,7 +53,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
-        tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the first
+        tiebreak: A tie-break rule file (:mod:`wmark.schemes.tiebreak`): also ask the suspect the first
             ``tiebreak_queries`` verification inputs the rule commits (pairs from ``served``, architecture
             ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
         served: The owner's served model file the rule was built from.
@@ -62,7 +62,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
             never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
         tiebreak_queries: How many verification inputs to ask (0: none, only the log test).
         tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect
-            ``log_queries`` of the inputs ``client`` asked (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
+            ``log_queries`` of the inputs ``client`` asked (:func:`~wmark.schemes.tiebreak.tiebreak_log_test`).
         client: The API client suspected of training the suspect.
         log_queries: How many of the client's logged inputs to ask.
         log_rounds: In how many rounds (the later ones chosen from the suspect's earlier answers; the

@@ -69,7 +69,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         version: The model version reported in metadata.
         on_infer: Called with each batch of inputs before inference (tests count requests with it).
         answerer: What answers instead of the bare model, e.g. a
-            :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
+            :class:`~wmark.schemes.tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
             must return scores unless ``labels_only``.
         clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
             and an ``answerer`` with a ``for_client`` method (the tie-break API) answers, and logs, as that
@@ -279,7 +279,7 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
     With ``api_key`` and ``tiebreak`` (a rule from ``wmark tiebreak build`` for this model file), answers go
     through the keyed tie-break wrapper: the API-side mark that extraction carries over. It keeps no state
     unless ``tiebreak_log`` is given: then each client's near-tie inputs are recorded there
-    (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`), under the names of ``clients_file`` (a JSON object,
+    (:class:`~wmark.schemes.tiebreak.TieBreakLog`), under the names of ``clients_file`` (a JSON object,
     client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one.
 
     Raises:
@@ -312,7 +312,7 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
     log = None
     if api_key is not None and tiebreak is not None:
         from wmark.keys import load_key
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
+        from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
 
         key = load_key(api_key)
         rule, backend = open_tiebreak_rule(key=key, rule=tiebreak, arch=arch, served=weights)

@@ -227,7 +227,7 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
 
         tests.append(ApiMarkTest(key=key, log=api_log, client=client, max_queries=api_max_queries))  # type: ignore[arg-type]
     if rule is not None:
-        from wmark.schemes.api_tiebreak import tiebreak_tests_from_files
+        from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
         tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch,  # type: ignore[arg-type]
                                                holdout=holdout, queries=rule_queries, log=tiebreak_log, client=client,
