@@ -104,8 +104,8 @@ def main() -> None:
 
         def make(p: Path, arch: str = arch, labels: str = labels, epochs: int = epochs, name: str = name) -> None:
             info.update(api.extract(victim_arch="fmnist-cnn", victim=victim_path, arch=arch, data=ATTACKER, out=p,
-                                    labels=labels, queries=10_000, epochs=epochs, seed=1, api_key=key_path,
-                                    api_log=log_path, client=f"thief-{name}", rate=args.rate,
+                                    labels=labels, queries=10_000, epochs=epochs, seed=1, key=key_path,
+                                    mark="flip", log=log_path, client=f"thief-{name}", rate=args.rate,
                                     candidates=args.candidates))
 
         path = cached(cfg, make)

@@ -49,3 +49,27 @@ def test_the_verifier_refuses_a_bad_alpha_no_tests_or_a_non_positive_weight():
         Verifier(key=key, alpha=1e-6, tests=[])
     with pytest.raises(UsageError, match="weight must be positive"):
         Verifier(key=key, alpha=1e-6, tests=[Recording("a", 0.0, 0.0)])
+
+
+def test_a_suspect_answering_the_wrong_number_of_labels_is_a_runtime_error():
+    import numpy as np
+
+    from wmark.errors import RuntimeFailure
+    from wmark.schemes.tiebreak.tests import _ask
+    from wmark.suspects import Answers
+    from wmark.verify import TriggerSetTest
+
+    key = generate_key(owner="ACME", num_classes=3, input_shape=(1, 4, 4))
+
+    class Short:
+        description, num_classes, input_shape = "short", 3, (1, 4, 4)
+
+        def query(self, inputs):
+            return Answers(labels=np.zeros(max(0, len(inputs) - 1), dtype=np.int64))
+
+    with pytest.raises(RuntimeFailure, match="answered 0 labels for 1 inputs") as caught:
+        Verifier(key=key, alpha=1e-6, tests=[TriggerSetTest(key=key)]).run(suspect=Short())
+    assert caught.value.exit_code == 3
+    with pytest.raises(RuntimeFailure, match="answered 1 labels for 2 queries"):
+        _ask(suspect=Short(), xs=np.zeros((2, 1, 4, 4), np.float32), lo=np.zeros(2, int), hi=np.ones(2, int),
+             use_scores=False)

@@ -1,4 +1,4 @@
-"""Extraction attacks on tiny synthetic victims, the extract CLI, and verify --api-log."""
+"""Extraction attacks on tiny synthetic victims, the extract CLI, and `wmark verify extraction` of a flip-mark log."""
 
 from __future__ import annotations
 
@@ -121,8 +121,8 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     out = tmp_path / "surrogate.safetensors"
     res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
                                "--arch", "fmnist-mlp", "--labels", "hard", "--queries", "1200", "--data", str(data),
-                               "--out", str(out), "--epochs", "40", "--api-key", str(key), "--api-log", str(log),
-                               "--client", "thief", "--rate", "0.15", "--candidates", "all"])
+                               "--out", str(out), "--epochs", "40", "--mark", "flip", "--key", str(key), "--log",
+                               str(log), "--client", "thief", "--rate", "0.15", "--candidates", "all"])
     assert res.exit_code == 0, res.output
     assert "40 epoch(s)" in res.output and "agreement with the victim" in res.output
     quick = tmp_path / "quick.safetensors"
@@ -130,25 +130,30 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
                                "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(data), "--out", str(quick),
                                "--epochs", "40", "--until-accuracy", "0.0"])
     assert res.exit_code == 0 and "1 epoch(s)" in res.output, res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "thief", "--mode", "fixed", "--json"])
+    extraction = ["verify", "extraction", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out)]
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--fixed", "--json"])
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-mark"]
     assert doc["correction"] == "holm"
     # A 40-epoch surrogate of a 1200-query task memorises its marked answers: extracted. (At 600 queries a
     # fresh random key left too thin a margin: log10 p from -5.1 to -19; at 1200, -11 to -28 over 8 keys.)
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "nobody"])
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "nobody"])
     assert res.exit_code == 2 and "no marked queries for client 'nobody'" in res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--client", "thief"])
-    assert res.exit_code == 2 and "give the API's query log too" in res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
-                               "--api-log", str(log), "--client", "thief"])
-    assert res.exit_code == 2 and "--api-log works with a model-file suspect" in res.output
+    res = runner.invoke(main, extraction + ["--client", "thief"])
+    assert res.exit_code == 2 and "Give the query log your API wrote" in res.output
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--rounds", "3"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --rounds does not apply without --rule (tie-break only)."
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--transcript", "t.sqlite"])
+    assert res.exit_code == 2 and "--transcript does not apply to a model-file suspect" in res.output
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
+                               "--arch", "fmnist-mlp", "--log", str(log), "--client", "thief"])
+    assert res.exit_code == 2 and "--arch does not apply to an API suspect" in res.output
+    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
+                               "--arch", "fmnist-mlp", "--data", str(data), "--out", str(quick), "--rate", "0.1"])
+    assert res.exit_code == 2 and "--rate does not apply without --mark" in res.output
     other_key = tmp_path / "other.key"
     save_key(generate_key(owner="Other", num_classes=C, input_shape=SHAPE), other_key)
-    res = runner.invoke(main, ["verify", "--key", str(other_key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "thief"])
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(other_key), "--arch", "fmnist-mlp", "--suspect",
+                               str(out), "--log", str(log), "--client", "thief"])
     assert res.exit_code == 2 and "written under another key" in res.output

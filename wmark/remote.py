@@ -1,4 +1,5 @@
-"""Black-box verification of a suspect served over HTTP: the file-level function behind ``wmark verify --suspect URL``.
+"""Black-box verification of a suspect served over HTTP: the function behind ``wmark verify api`` and
+``wmark verify extraction --suspect URL``.
 
 It opens the suspect (checking the server, the model and the key fit), wraps it with a transcript and
 cover traffic, runs the trigger-set test, and writes the evidence report. Concurrency is used by asking
@@ -26,11 +27,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential", max_queries: int | None = None,
                   rate: float | None = None, timeout: float = 10.0, retries: int = 3, concurrency: int = 1,
                   transcript: PathLike | None = None, transcript_sync: str = "fsync", cover_data: str | None = None, cover_ratio: float = 1.0,
-                  report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
-                  served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
-                  tiebreak_log: PathLike | None = None, client: str | None = None, log_queries: int = 1000,
+                  report: PathLike | None = None, log: PathLike | None = None, client: str | None = None,
+                  rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
+                  holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
                   log_rounds: int = 21, progress: bool = False) -> Verdict:
-    """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
+    """Verify a suspect prediction API with the key's trigger set (and optionally the API-side mark tests).
 
     Args:
         key: The owner's key file.
@@ -53,20 +54,18 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
-        tiebreak: A tie-break rule file (:mod:`wmark.schemes.tiebreak`): also ask the suspect the first
-            ``tiebreak_queries`` verification inputs the rule commits (pairs from ``served``, architecture
-            ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
-        served: The owner's served model file the rule was built from.
-        served_arch: Its architecture.
-        holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
-            never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
-        tiebreak_queries: How many verification inputs to ask (0: none, only the log test).
-        tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect
-            ``log_queries`` of the inputs ``client`` asked (:func:`~wmark.schemes.tiebreak.tiebreak_log_test`).
+        log: The owner's marked API's query log, with ``client``: also ask the suspect that client's logged
+            queries (see :func:`wmark.verify.assemble_tests`, which assembles the tests for files and APIs alike).
         client: The API client suspected of training the suspect.
-        log_queries: How many of the client's logged inputs to ask.
-        log_rounds: In how many rounds (the later ones chosen from the suspect's earlier answers; the
-            transcript replays them identically on resume).
+        rule: The tie-break rule the owner's API served with: also ask its committed inputs (``rule_queries``)
+            and, with a tie-break log, the log test.
+        served: The served model file, only if it moved since the rule was built.
+        served_arch: Its architecture, only for a rule that records none.
+        holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec).
+        rule_queries: Committed tie-break inputs to ask (0: none, only the log test).
+        log_queries: Logged inputs to ask (default 1000 for a tie-break log, 300 for a flip-mark log).
+        log_rounds: Tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
+            answers; the transcript replays them identically on resume).
         progress: Show a progress bar.
 
     Returns:
@@ -75,9 +74,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     """
     k = load_key(key)
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
-                           client=client, rule=tiebreak, served=served, served_arch=served_arch, holdout=holdout,
-                           rule_queries=tiebreak_queries, tiebreak_log=tiebreak_log, log_queries=log_queries,
-                           log_rounds=log_rounds)
+                           log=log, client=client, rule=rule, served=served, served_arch=served_arch,
+                           holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -92,12 +90,12 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     suspect = open_http_suspect(url=url, protocol=protocol, num_classes=k.num_classes,
                                 input_shape=tuple(k.input_shape), model_name=model_name, template=template,
                                 token=token, options=options)
-    log = None
+    record = None
     try:
         if transcript is not None:
-            log = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
+            record = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
                              protocol=protocol, durability=transcript_sync)
-        probe = ProbeSuspect(suspect, transcript=log, cover=cover)
+        probe = ProbeSuspect(suspect, transcript=record, cover=cover)
         verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)
         verdict.tests[0].details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
@@ -108,12 +106,12 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                         "cover_ratio": cover_ratio if cover else 0.0, "cover_data": cover_data,
                         "token": "bearer" if token else "none"},
         }
-        if log is not None:
-            verdict.tests[0].details["transcript"] = log.summary()
+        if record is not None:
+            verdict.tests[0].details["transcript"] = record.summary()
     finally:
         suspect.close()
-        if log is not None:
-            log.close()
+        if record is not None:
+            record.close()
     if report is not None:
         from wmark.report import write_report
 

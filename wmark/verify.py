@@ -175,13 +175,17 @@ def verify_blackbox(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA,
 
 
 def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | None = None, batch_size: int = 1,
-                   progress: bool = False, api_log: PathLike | None = None, client: str | None = None,
-                   api_max_queries: int | None = 300, rule: PathLike | None = None, served: PathLike | None = None,
-                   served_arch: str | None = None, holdout: str | None = None, rule_queries: int = 1000,
-                   tiebreak_log: PathLike | None = None, log_queries: int = 1000,
+                   progress: bool = False, log: PathLike | None = None, client: str | None = None,
+                   rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
+                   holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
                    log_rounds: int = 21) -> list[EvidenceTest]:
     """The tests one verification runs, in order: the trigger set, then the API-side marks the files given
     allow. The one place a workflow's tests are put together (a model file and an HTTP suspect alike).
+
+    The query ``log`` says which mark's API wrote it: a flip-mark log gives the flip-mark test on ``client``'s
+    marked inputs (at most ``log_queries``, default 300); a tie-break log gives the log test on ``client``'s
+    inputs (``log_queries``, default 1000, in ``log_rounds`` rounds) and needs the ``rule``. A tie-break
+    ``rule`` also gives the committed-input test (its first ``rule_queries``; 0 skips it, next to a log).
 
     Args:
         key: The owner's key.
@@ -189,47 +193,55 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         max_queries: Its query budget (default: every trigger).
         batch_size: Triggers per request in sequential mode.
         progress: Show a progress bar.
-        api_log: The flip mark's log (:class:`~wmark.schemes.api_mark.MarkLog`): ask ``client``'s marked inputs,
-            at most ``api_max_queries``.
+        log: The marked API's query log (:class:`~wmark.schemes.querylog.QueryLog`).
         client: The API client suspected of extraction (with a log).
-        api_max_queries: See ``api_log``.
-        rule: A tie-break rule file: ask its first ``rule_queries`` committed inputs (0: none, only the log test).
-        served: The served model file the rule was built from.
-        served_arch: Its architecture.
+        rule: The tie-break rule file the API served with.
+        served: The served model file, only if it moved since the rule was built.
+        served_arch: Its architecture, only for a rule that records none.
         holdout: Only for a rule that commits no inputs: the owner's held inputs (dataset spec).
-        rule_queries: See ``rule``.
-        tiebreak_log: The tie-break API's log: ask ``log_queries`` of ``client``'s inputs in ``log_rounds`` rounds.
-        log_queries: See ``tiebreak_log``.
-        log_rounds: See ``tiebreak_log``.
+        rule_queries: Committed tie-break inputs to ask.
+        log_queries: Logged inputs to ask.
+        log_rounds: Tie-break log test: rounds to ask them in.
 
     Raises:
         UsageError: On a partial or inconsistent set of files.
     """
-    if client is not None and api_log is None and tiebreak_log is None:
-        raise UsageError("A client names whose logged queries to ask; give the API's query log too.")
-    if (api_log is not None or tiebreak_log is not None) and client is None:
-        raise UsageError("A query log is read for one client; name the client suspected of extraction.")
-    if rule is None and (served is not None or holdout is not None or tiebreak_log is not None):
-        raise UsageError("The served model, holdout inputs and tie-break log belong to the tie-break test; give the "
-                         "tie-break rule too.")
-    if rule is not None and (served is None or served_arch is None):
-        raise UsageError("The tie-break test needs the served model file the rule was built from and its "
-                         "architecture.")
+    if (client is None) != (log is None):
+        raise UsageError("A query log is read for one client; give both the log and the client suspected of "
+                         "extraction.")
+    if rule is None and (served is not None or served_arch is not None or holdout is not None):
+        raise UsageError("The served model and holdout inputs belong to the tie-break test; give its rule too.")
     if rule_queries < 0:
         raise UsageError(f"The number of committed tie-break inputs to ask must be at least 0, got {rule_queries}.")
-    if rule is not None and rule_queries == 0 and tiebreak_log is None:
-        raise UsageError("Asking no committed tie-break input leaves only the log test; give the tie-break log and "
-                         "the client, or ask at least one committed input.")
+    if log_queries is not None and log_queries < 1:
+        raise UsageError(f"The number of logged inputs to ask must be at least 1, got {log_queries}.")
     tests: list[EvidenceTest] = [TriggerSetTest(key=key, mode=mode, max_queries=max_queries, batch_size=batch_size,
                                                 progress=progress)]
-    if api_log is not None:
+    mark = None
+    if log is not None:
+        from wmark.schemes.querylog import QueryLog
+
+        with QueryLog(log, key=key) as opened:
+            mark = opened.mark
+    if mark == "flip":
+        if rule is not None:
+            raise UsageError(f"The query log {log} was written by the flip mark's API, which has no tie-break rule; "
+                             "give no rule.")
         from wmark.schemes.api_mark import ApiMarkTest
 
-        tests.append(ApiMarkTest(key=key, log=api_log, client=client, max_queries=api_max_queries))  # type: ignore[arg-type]
+        tests.append(ApiMarkTest(key=key, log=log, client=client,  # type: ignore[arg-type]
+                                 max_queries=300 if log_queries is None else log_queries))
+        return tests
+    if mark == "tiebreak" and rule is None:
+        raise UsageError(f"The query log {log} was written by the tie-break mark's API; give the rule it served with.")
     if rule is not None:
-        from wmark.schemes.tiebreak import tiebreak_tests_from_files
+        if rule_queries == 0 and log is None:
+            raise UsageError("Asking no committed tie-break input leaves only the log test; give the query log and "
+                             "the client, or ask at least one committed input.")
+        from wmark.schemes.tiebreak import DEFAULT_QUERIES, tiebreak_tests_from_files
 
-        tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch,  # type: ignore[arg-type]
-                                               holdout=holdout, queries=rule_queries, log=tiebreak_log, client=client,
-                                               log_queries=log_queries, log_rounds=log_rounds))
+        tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
+                                               queries=rule_queries, log=log, client=client,
+                                               log_queries=DEFAULT_QUERIES if log_queries is None else log_queries,
+                                               log_rounds=log_rounds))
     return tests

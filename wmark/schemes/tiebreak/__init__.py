@@ -74,7 +74,7 @@ Example:
 """
 
 from wmark.distill import REFERENCE_QUERIES, REFERENCE_RECIPES, REFERENCE_REPEATS, train_reference_surrogates
-from wmark.schemes.tiebreak.log import LOG_FORMAT, LOG_MIN_RATIO, TieBreakLog
+from wmark.schemes.querylog import LOG_FORMAT, LOG_MIN_RATIO, TieBreakLog
 from wmark.schemes.tiebreak.rule import (
     DEFAULT_COMPONENTS,
     DEFAULT_PAIR_RATIO,

@@ -11,6 +11,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +23,7 @@ from wmark.keys import Key
 from wmark.models import build_model
 from wmark.schemes.api_mark import query_with_scores
 from wmark.suspects.base import Suspect
+from wmark.suspects.local import LocalSuspect
 
 SCHEME = "api-tiebreak"
 VERSION = 2
@@ -68,6 +70,9 @@ class TieBreakRule:
         skipped: Leading principal directions left out of the feature map.
         references: The reference surrogates that chose the verification inputs, as (architecture, model),
             stored with the rule: :func:`tiebreak_log_test` ranks a client's logged inputs by them too.
+        served_arch: The served model's architecture (recorded so the rule file says what it was built from).
+        served_path: Where the served model file was when the rule was built (absolute).
+        input_shape: The shape of one input.
     """
 
     mean: np.ndarray
@@ -81,6 +86,9 @@ class TieBreakRule:
     verification: str = ""
     skipped: int = 0
     references: tuple[tuple[str, torch.nn.Module], ...] = field(default=(), compare=False)
+    served_arch: str = ""
+    served_path: str = ""
+    input_shape: tuple[int, ...] = ()
 
     @property
     def components(self) -> int:
@@ -114,7 +122,9 @@ class TieBreakRule:
                                               "num_classes": int(self.directions.shape[0]),
                                               "feature_space": self.feature_space, "model_digest": self.model_digest,
                                               "verification": self.verification, "skipped_leading": self.skipped,
-                                              "reference_archs": [arch for arch, _ in self.references]})
+                                              "reference_archs": [arch for arch, _ in self.references],
+                                              "served_arch": self.served_arch, "served_path": self.served_path,
+                                              "input_shape": list(self.input_shape)})
 
 
 def _directions(key: Key, k: int) -> np.ndarray:
@@ -203,29 +213,53 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         model_digest=str(meta.get("model_digest", "")), featurizer=featurizer,
                         verification_inputs=None if committed is None else committed.numpy(),
                         verification=str(meta.get("verification", "")),
-                        skipped=int(meta.get("skipped_leading", 0)), references=tuple(references))
+                        skipped=int(meta.get("skipped_leading", 0)), references=tuple(references),
+                        served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
+                        input_shape=tuple(int(d) for d in meta.get("input_shape") or key.input_shape))
 
 
-def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], arch: str,
-                       served: str | os.PathLike[str]) -> tuple[TieBreakRule, Suspect]:
+def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
+                       arch: str | None = None) -> tuple[TieBreakRule, LocalSuspect]:
     """Load a rule file with the served model it was built from, checked against each other.
+
+    The rule records the served model's architecture, path and digest: the model is loaded from that path
+    unless ``served`` gives its new location (the file moved), and its digest must match either way.
+
+    Args:
+        key: The owner's key (the rule must be built under it).
+        rule: The rule file.
+        served: The served model file, only if it is no longer where the rule says.
+        arch: Its architecture, only for a rule that records none.
 
     Returns:
         The rule (featurizer attached) and the served model as a score-exposing local suspect.
 
     Raises:
-        UsageError: If the rule was built under another key or from another served model file.
+        UsageError: If the rule was built under another key or from another served model file, or the served
+            model cannot be found.
     """
-    from wmark.io import tensors_digest
+    from wmark.io import read_metadata, tensors_digest
     from wmark.models import load_model, penultimate_featurizer
-    from wmark.suspects import LocalSuspect
 
+    meta = wmark_metadata(read_metadata(rule))
+    arch = arch or str(meta.get("served_arch") or "")
+    if served is None:
+        recorded = str(meta.get("served_path") or "")
+        if not recorded or not arch:
+            raise UsageError(f"The tie-break rule {rule} does not record its served model; give the served model file "
+                             "and its architecture.")
+        if not Path(recorded).is_file():
+            raise UsageError(f"The served model {recorded} recorded in the tie-break rule {rule} is missing; give its "
+                             "new location (the served model file).")
+        served = recorded
+    if not arch:
+        raise UsageError(f"The tie-break rule {rule} does not record the served model's architecture; give it.")
     model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
     loaded = load_tiebreak_rule(rule, key=key, featurizer=penultimate_featurizer(model))
     tensors, raw = load_tensors(served)
     if loaded.model_digest and loaded.model_digest != tensors_digest(tensors, raw):
-        raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; pass "
-                         "the model file the API served.")
+        raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; give the "
+                         "model file the API served.")
     return loaded, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served),
                                 expose_scores=True)
 

@@ -9,8 +9,8 @@ import numpy as np
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
-from wmark.schemes.tiebreak.log import TieBreakLog
-from wmark.schemes.tiebreak.rule import TieBreakRule
+from wmark.schemes.querylog import QueryLog
+from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
 from wmark.suspects.base import Answers, Suspect
 
 DEFAULT_BETA = 1.0
@@ -25,13 +25,13 @@ class TieBreakAPI:
         rule: The tie-break rule built under ``key`` from this served model.
         beta: Scale of the keyed log-probability shift (the accuracy cost grows with it).
         expose_scores: Return the shifted scores, or labels only.
-        log: Where to record each client's near-tie inputs (:class:`TieBreakLog`), for
+        log: Where to record each client's near-tie inputs (:class:`~wmark.schemes.querylog.TieBreakLog`), for
             :func:`tiebreak_log_test`; None keeps no state.
         client: Whose queries these are (see :meth:`for_client`).
     """
 
     def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
-                 expose_scores: bool = True, log: TieBreakLog | None = None, client: str = "anonymous") -> None:
+                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous") -> None:
         if rule.commitment != key.commitment():
             raise UsageError("The tie-break rule was built under another key; build it with the serving key.")
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
@@ -40,7 +40,10 @@ class TieBreakAPI:
         if beta <= 0:
             raise UsageError(f"beta must be positive, got {beta}.")
         if log is not None and log.commitment != key.commitment():
-            raise UsageError(f"The tie-break log {log.path} belongs to another key; open a log under the serving key.")
+            raise UsageError(f"The query log {log.path} belongs to another key; open a log under the serving key.")
+        if log is not None and log.mark != "tiebreak":
+            raise UsageError(f"The query log {log.path} belongs to the {log.mark} mark; give the tie-break mark its "
+                             "own log.")
         self.key, self.backend, self.rule = key, backend, rule
         self.beta, self.expose_scores = float(beta), expose_scores
         self.log, self.client = log, client
@@ -56,7 +59,7 @@ class TieBreakAPI:
     def query(self, inputs: np.ndarray) -> Answers:
         x, scores, _ = query_with_scores(self.backend, inputs, self.input_shape)
         if self.log is not None:
-            self.log.record(self.client, x, scores)
+            self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
         logits = np.log(np.maximum(scores, 1e-300)) + self.beta * self.rule.shifts(x)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)

@@ -17,7 +17,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.evidence import TestResult, check_suspect_fits_key, owner_inputs
 from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
-from wmark.schemes.tiebreak.log import TieBreakLog
+from wmark.schemes.querylog import QueryLog, TieBreakLog
 from wmark.schemes.tiebreak.rule import (
     DEFAULT_PAIR_RATIO,
     DEFAULT_QUERIES,
@@ -224,7 +224,7 @@ class LogInputs:
     reference_leans: np.ndarray | None = None
 
 
-def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: TieBreakLog, client: str,
+def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: QueryLog, client: str,
                       count: int | None = None) -> LogInputs:
     """Rank ``client``'s logged inputs for :func:`tiebreak_log_test`: first those the rule's reference
     surrogates leave most open (without references, the served model's nearest ties). Key-free: it reads the
@@ -237,6 +237,9 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Tie
         UsageError: On a key/rule mismatch, a bad count or a client with no logged inputs.
     """
     _check_rule_key(rule, key)
+    if log.mark != "tiebreak":
+        raise UsageError(f"The query log {log.path} was written by the {log.mark} mark's API; the tie-break log test "
+                         "reads the tie-break mark's log.")
     if count is not None and count < 1:
         raise UsageError(f"queries must be at least 1, got {count}.")
     x = owner_inputs(key, log.inputs(client))
@@ -261,7 +264,7 @@ def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
 
 
 def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
-                      log: TieBreakLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
+                      log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                       queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
                       first_share: float = LOG_FIRST_ROUND, use_scores: bool = True) -> TestResult:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
@@ -453,14 +456,15 @@ class TieBreakLogTest:
                                  chosen=self.chosen, queries=self.queries, rounds=self.rounds)
 
 
-def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str], arch: str,
-                              holdout: str | None = None, queries: int = DEFAULT_QUERIES,
+def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
+                              arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
                               log_queries: int = DEFAULT_QUERIES,
                               log_rounds: int = DEFAULT_LOG_ROUNDS) -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
-    ``client``, the log test on that client's queries.
+    ``client``, the log test on that client's queries. The served model is the one the rule records
+    (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
 
     Raises:
         UsageError: On any mismatch between key, rule, served model, holdout data and log, a holdout given for
