@@ -171,3 +171,15 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
         assert 0 < counts["thief"]["kept"] <= 300 and len(log.inputs("thief")) == counts["thief"]["kept"]
         if mark == "flip":
             assert all(r["label"] in r["candidates"] for r in log.records("thief"))
+    # the third command reads the log the server wrote; the served model itself never learned its own marks
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    res = CliRunner().invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", str(weights), "--arch",
+                                    "fmnist-mlp", "--log", str(tmp_path / "served.sqlite"), "--client", "thief",
+                                    "--json", *served[:2 if mark == "tiebreak" else 0]])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1, res.output
+    assert [t["name"] for t in doc["tests"]] == (["trigger-set", "api-tiebreak", "api-tiebreak-log"]
+                                                if mark == "tiebreak" else ["trigger-set", "api-mark"])

@@ -94,8 +94,8 @@ class QueryLog:
         if mark is not None and mark not in MARKS:
             raise UsageError(f"Unknown API mark {mark!r}; use tiebreak or flip.")
         if not create and not self.path.is_file():
-            raise UsageError(f"Query log {self.path} does not exist; the marked API writes it (`wmark serve --mark "
-                             "... --log FILE`).")
+            raise UsageError(f"Query log {self.path} does not exist; the marked API writes it when serving with a "
+                             "log.")
         if create and not self.path.parent.exists():
             raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
         try:

@@ -147,7 +147,7 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
     if inputs is None:
         if rule.verification_inputs is None:
             raise UsageError("This tie-break rule carries no committed verification inputs; pass the owner's held "
-                             "inputs (--holdout), or rebuild the rule with `wmark tiebreak build`.")
+                             "inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
         xs = owner_inputs(key, rule.verification_inputs)[:queries]
         selection = f"committed in the rule: {rule.verification}"
         _, pair_scores, _ = query_with_scores(served, xs, tuple(key.input_shape))
