@@ -129,3 +129,27 @@ def test_nan_model_is_a_runtime_error_without_traceback(workdir, tmp_path) -> No
 def test_help_documents_exit_codes() -> None:
     code, out, _ = run("verify", "file", "--help")
     assert code == 0 and "not detected" in out and "usage error" in out
+
+
+def test_each_verify_workflow_lists_and_takes_only_its_own_options(workdir) -> None:
+    key, marked = str(workdir / "owner.key"), str(workdir / "marked.safetensors")
+    helps = {name: run("verify", name, "--help")[1] for name in ("file", "api", "extraction")}
+    assert "--transcript" not in helps["file"] and "--log" not in helps["file"] and "--whitebox" in helps["file"]
+    assert "--arch" not in helps["api"] and "--whitebox" not in helps["api"] and "--transcript" in helps["api"]
+    assert "--rule" in helps["extraction"] and "--whitebox" not in helps["extraction"]
+    for name in ("file", "api", "extraction"):
+        assert "--mode " not in helps[name] and "--api-key" not in helps[name] and "--served-arch" not in helps[name]
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--transcript", "t")
+    assert code == 2 and "No such option '--transcript'" in err
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--whitebox", "--reference", marked,
+                       "--budget", "5")
+    assert code == 2 and err.strip() == ("error: --budget does not apply to --whitebox (it reads weights, it asks no "
+                                         "queries).")
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--anchor", marked)
+    assert code == 2 and err.strip() == "error: --anchor does not apply without --whitebox."
+    code, _, err = run("verify", "api", "--key", key, "--suspect", marked)
+    assert code == 2 and "not an http(s) URL; for a model file use `wmark verify file`" in err
+    code, out, _ = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--fixed",
+                       "--budget", "30", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["queries"] == 30 and doc["tests"][0]["details"]["mode"] == "fixed"
