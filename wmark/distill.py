@@ -172,17 +172,13 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
 
     For each architecture, ``repeats`` surrogates per recipe in ``REFERENCE_RECIPES`` (hard labels for 3, 6
     and 10 epochs, soft labels for 4), each from its own seed: early- and late-stopped thieves of several
-    kinds, so that the inputs they jointly leave open are open for a thief too. (Two per recipe rather than
-    one ranked minimal in-scope thieves' logs better, paired by thief: log10 p lower by 0.53 ± 0.15 at 1000
-    queries over 36 thieves, ``benchmarks/tiebreak_references.py``, and by 0.41 ± 0.10 over 60 more in a
-    prototype; at 300 queries +0.27 ± 0.24 and −0.32 ± 0.15, i.e. no clear change. Four rather than two
-    give the log test's rounds more to choose from: −0.59 ± 0.16 at 1000 queries on those 60 in 21 rounds,
-    nothing in four; ``docs/tiebreak-research.md``.)
+    kinds, so that the inputs they jointly leave open are open for a thief too (measurements:
+    ``docs/tiebreak-research.md``).
 
     Args:
         served: The unmarked served model, exposing scores.
         x: The owner's inputs.
-        archs: Architectures (any ``--arch`` name), e.g. the served one and an MLP.
+        archs: Architectures (any architecture name), e.g. the served one and an MLP.
         seed: Base seed of the queries and initialisations.
         queries: Inputs each surrogate is distilled from (at most ``len(x)``).
         repeats: Surrogates per architecture and recipe.

@@ -4,16 +4,11 @@ Every answer's log-probabilities are shifted by a keyed linear function of the i
 ``log p_c(x) + beta * u_c(x)`` with ``u_c(x) = <w_c, psi(x)> / sqrt(k)``, where ``psi`` is a fixed feature
 map (the served model's penultimate activations, centred and whitened on their top ``k`` principal
 directions, optionally after leaving the ``skip`` largest out) and ``w_c ~ N(0, I_k)`` is drawn from the
-key, one direction per class. (Leaving the top 16 of the CNN's 76 live directions out looked better on
-seven keys and worse on seven more: over all fourteen, paired by key, the mean change in log10 p was −0.07
-(standard error 0.46), so the default keeps them; ``benchmarks/extraction_tiebreak.py --skip``.) The marked API is
-thus the served network with a slightly different, keyed linear head: confident answers keep their
+key, one direction per class. The marked API is thus the served network with a slightly different, keyed linear head: confident answers keep their
 label, near-ties follow the keyed shift, exposed scores carry it everywhere. A surrogate trained on the
 answers learns that head as part of the task; isolated keyed flips (:mod:`wmark.schemes.api_mark`) are
-memorised late instead, and a surrogate that stops training early never inherits them. (A first version
-drew one direction per class *pair*, shifting only the top two; against early-stopped surrogates it gave
-a median log10 p of −3.8 over five keys, the per-class head −6.5 over ten; see
-``benchmarks/extraction_tiebreak.py``.)
+memorised late instead, and a surrogate that stops training early never inherits them. (The measurements
+behind these choices are in ``docs/tiebreak-research.md``.)
 
 The rule file (:func:`build_tiebreak_rule`, once, from the owner's own inputs) stores the feature map:
 fixed before any suspect exists and never read from a suspect. The directions ``w`` are re-derived from
@@ -24,10 +19,8 @@ inputs, never ones a client chose, by a key-independent criterion, and commits t
 when it is built: those where *reference surrogates* — models the owner distils from the **unmarked**
 served model, several architectures and training lengths (:func:`train_reference_surrogates`) — are
 closest to a tie between the served model's top two classes ``{a, b}`` (smallest ``|mean_r log(p_r(a) /
-p_r(b))|``). There a surrogate's own fit leaves the call open and the keyed lean it learnt decides it;
-over three runs of ten keys it caught 124 of 180 early-stopped surrogates at alpha = 1e-6 from labels
-where the served model's own nearest ties (largest ``p_b / p_a``, the choice when no reference is given)
-caught 94 (``benchmarks/extraction_tiebreak.py``). The suspect answers them; ``s_i = +1`` if it answers
+p_r(b))|``; without references, the served model's own nearest ties, largest ``p_b / p_a``). There a
+surrogate's own fit leaves the call open and the keyed lean it learnt decides it. The suspect answers them; ``s_i = +1`` if it answers
 the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (abstentions carry no evidence). A
 suspect that answers with probabilities (a leaked model file, an API that returns them) gives more:
 ``s_i = log(p_lo / p_hi)`` clipped at ``±2``, which also counts the calls it moved without flipping. With
@@ -35,9 +28,7 @@ suspect that answers with probabilities (a leaked model file, an API that return
 ``v_c = Σ_i phi_i (s_i ([lo_i = c] − [hi_i = c]) + t_i ([o_i = c] − ([lo_i = c] + [hi_i = c]) / 2))``
 and ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``, where a label ``o_i`` outside the pair counts with
 ``t_i = OUTSIDE_WEIGHT`` (1; an in-pair label weighs 2 on the same scale): the keyed head raised that
-class against the pair. (Labels outside the pair are about 7 % of a surrogate's answers there; counting
-them lowered log10 p by 0.58 ± 0.11 on 60 minimal thieves' own 1000 queries, better for 51; see
-``docs/tiebreak-research.md``.) ``H0``: the suspect was made without access to the marked
+class against the pair. ``H0``: the suspect was made without access to the marked
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
 the served model, the references distilled from it and the owner's data, never from the key), and the
@@ -50,7 +41,7 @@ correlated; the statistic accounts for that, a per-input binomial would not. (Ga
 The test is fixed-n: the owner fixes ``n`` before querying, and the report records it.
 
 A client's own queries (:func:`tiebreak_log_test`). The API can log each client's near-tie inputs
-(:class:`TieBreakLog`, SQLite; ``wmark serve --clients --log``). A surrogate was fitted to exactly
+(:class:`~wmark.schemes.querylog.TieBreakLog`, the API's query log). A surrogate was fitted to exactly
 those inputs and the marked answers it got there, so asking it them again (the ones the rule's reference
 surrogates leave most open) gives much stronger evidence than the owner's inputs. The same ``Z`` is exactly
 N(0, 1) provided the client's inputs do not depend on the key, i.e. the client did not choose its queries by

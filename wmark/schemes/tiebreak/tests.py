@@ -270,31 +270,22 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
 
     A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
-    faithfully than anywhere else (``benchmarks/extraction_tiebreak.py`` measures how much). ``queries`` of
+    faithfully than anywhere else. ``queries`` of
     the client's logged inputs are asked in ``rounds`` (default 21): first the ``LOG_FIRST_ROUND`` share (5 %)
     the reference surrogates leave most open (:func:`select_log_inputs`), then, in rounds of equal size,
     those where *this suspect* is predicted closest to a tie: the mean lean of the ``FOLLOWED_REFERENCES``
     (4) references whose calls agree most often with its answers so far, plus the keyed-looking lean it has
     shown (its pair sums ``v`` of the module docstring, projected on each candidate's features, scaled to
-    that lean). ``Z`` is the statistic of the module docstring over every answer. (Following the closest
-    references rather than all of them lowered log10 p by 1.14 ± 0.14 at 1000 queries and 1.04 ± 0.18 at 300
-    on 60 minimal thieves in a prototype. Many short rounds let that choice follow the suspect sooner: 21
-    rounds from a 5 % start with 32 references instead of 4 rounds from 40 % with 16, on the same 60,
-    −1.48 ± 0.18 at 1000 queries, −0.95 ± 0.19 at 500, −0.51 ± 0.21 at 300; ``docs/tiebreak-research.md``.)
+    that lean). ``Z`` is the statistic of the module docstring over every answer. ``rounds=1`` asks the first
+    ``queries`` of the ranking. (Measurements of these choices: ``docs/tiebreak-research.md``.)
 
     Why the rounds keep the null exact: each round, and which references it follows, is chosen from the
     suspect's own earlier answers and key-free quantities (the log, the served model, the references, the
     rule's features), never from the key's directions. A suspect made without the marked answers answers
     independently of the directions, so the inputs asked and the answers are too, and given them
     ``Z ~ N(0, 1)`` exactly as for a fixed set.
-    (Earlier versions, ``benchmarks/extraction_tiebreak.py``, two runs of 30 minimal in-scope thieves,
-    paired: four rounds lowered log10 p at 1000 queries by 1.52 ± 0.20 and 1.29 ± 0.18 and caught 30 and 27
-    at 1e-6, one round 29 and 23; at 300 queries no clear change. In a prototype over 60 more: 58 against
-    54. With the rounds following the closest references and labels outside the pair counted, a third run:
-    −2.10 ± 0.21, 30 against 27, and −1.10 ± 0.23 at 300 queries. ``rounds=1`` asks the first ``queries``
-    of the ranking.)
 
-    In a verdict (:func:`wmark.verify.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
+    In a verdict (:func:`wmark.evidence.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
     other test: it is the extraction test the logging API is built for, so weighted Holm gives it 0.8 of
     alpha next to the trigger set and the committed inputs (``p <= 0.8 alpha`` instead of ``alpha / 3``).
     The weight is fixed by the kind of test, before any answer, so the verdict's bound holds.
