@@ -23,10 +23,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "research")]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from boundary_fingerprint import (  # noqa: E402
+    craft_boundary_fingerprint,
+    fingerprint_test,
+    match_count,
+)
 from common import (  # noqa: E402
     CACHE,
     cached,
@@ -41,11 +46,6 @@ from wmark import api  # noqa: E402
 from wmark.data import load_dataset  # noqa: E402
 from wmark.models import load_model  # noqa: E402
 from wmark.schemes.api_mark import MarkedAPI, MarkLog, api_mark_test, parse_candidates  # noqa: E402
-from wmark.schemes.boundary_fingerprint import (  # noqa: E402
-    craft_boundary_fingerprint,
-    fingerprint_test,
-    match_count,
-)
 from wmark.suspects import LocalSuspect  # noqa: E402
 from wmark.verify import decide, trigger_set_test  # noqa: E402
 
@@ -104,8 +104,8 @@ def main() -> None:
 
         def make(p: Path, arch: str = arch, labels: str = labels, epochs: int = epochs, name: str = name) -> None:
             info.update(api.extract(victim_arch="fmnist-cnn", victim=victim_path, arch=arch, data=ATTACKER, out=p,
-                                    labels=labels, queries=10_000, epochs=epochs, seed=1, api_key=key_path,
-                                    api_log=log_path, client=f"thief-{name}", rate=args.rate,
+                                    labels=labels, queries=10_000, epochs=epochs, seed=1, key=key_path,
+                                    mark="flip", log=log_path, client=f"thief-{name}", rate=args.rate,
                                     candidates=args.candidates))
 
         path = cached(cfg, make)

@@ -2,10 +2,10 @@
 
 Protocol (same split, victim and independent models as ``benchmarks/extraction.py``, shared via the
 cache): the owner distils reference surrogates from its *unmarked* served model once (key-independent,
-:func:`~wmark.schemes.api_tiebreak.train_reference_surrogates`); for each of ``--keys`` fresh keys it builds
-a tie-break rule (:mod:`wmark.schemes.api_tiebreak`) from its own half, commits the ``--queries``
+:func:`~wmark.schemes.tiebreak.train_reference_surrogates`); for each of ``--keys`` fresh keys it builds
+a tie-break rule (:mod:`wmark.schemes.tiebreak`) from its own half, commits the ``--queries``
 verification inputs the references leave most open, and serves the victim behind
-:class:`~wmark.schemes.api_tiebreak.TieBreakAPI`. Each thief queries 10k images of the attacker's half and
+:class:`~wmark.schemes.tiebreak.TieBreakAPI`. Each thief queries 10k images of the attacker's half and
 trains a surrogate: hard-label CNN, soft-label CNN, hard-label MLP, each twice — for ``--epochs`` epochs
 (early-stopped: 6) and *minimal in scope*: stopped after the first epoch whose accuracy is within 5 pp of
 the victim's (at most 40 epochs; the weakest thief the issue's bar admits); with ``--converged`` also
@@ -17,9 +17,9 @@ labels, one on the owner's data), the unmarked victim itself and a fine-tuned co
 alpha = 1e-6 under every key (the mark lives in the API's answers, so a copied checkpoint carries the
 trigger set, not this mark).
 
-The API also logs each thief's near-tie queries (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`, one
+The API also logs each thief's near-tie queries (:class:`~wmark.schemes.tiebreak.TieBreakLog`, one
 client per thief), and every thief is tested on its own logged inputs
-(:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries, side by side in
+(:func:`~wmark.schemes.tiebreak.tiebreak_log_test`) with 300, 500 and 1000 queries, side by side in
 rounds (the library's default: the later rounds chosen from the suspect's own earlier answers) and in one
 round (the first inputs of the references' ranking), and in the previous release's schedule
 (``PREVIOUS_SCHEDULE``: four rounds from a 40 % start, following four of the first 16 references, ranked by
@@ -68,7 +68,7 @@ from common import (
 from wmark.attacks.extract import extract
 from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
-from wmark.schemes.api_tiebreak import (
+from wmark.schemes.tiebreak import (
     LOG_TEST_WEIGHT,
     LogInputs,
     TieBreakAPI,

@@ -179,7 +179,8 @@ class Workshop:
         return self.get(cfg, lambda out: api.extract(
             victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
             queries=p.extract_queries, epochs=epochs, seed=self.seed,
-            api_key=self.key_path if marked_api else None, api_log=log if marked_api else None, client=client))
+            key=self.key_path if marked_api else None, mark="flip" if marked_api else None,
+            log=log if marked_api else None, client=client))
 
     def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
         return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},

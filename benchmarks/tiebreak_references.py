@@ -40,7 +40,7 @@ from common import (
 from wmark.attacks.extract import extract
 from wmark.keys import generate_key
 from wmark.models import load_model, penultimate_featurizer
-from wmark.schemes.api_tiebreak import (
+from wmark.schemes.tiebreak import (
     TieBreakAPI,
     TieBreakLog,
     build_tiebreak_rule,

@@ -30,10 +30,10 @@ wmark train --arch fmnist-cnn --data fashion-mnist@attacker --epochs 2 --seed 7 
 
 step "6. The owner verifies the stolen copy (labels only, sequential test, alpha = 1e-6)"
 set +e
-wmark verify --key "$out/acme.key" --arch fmnist-cnn --suspect "$out/stolen.safetensors"
+wmark verify file --key "$out/acme.key" --arch fmnist-cnn --suspect "$out/stolen.safetensors"
 stolen=$?
 step "7. ... and the independent model: it must not be accused"
-wmark verify --key "$out/acme.key" --arch fmnist-cnn --suspect "$out/independent.safetensors"
+wmark verify file --key "$out/acme.key" --arch fmnist-cnn --suspect "$out/independent.safetensors"
 independent=$?
 set -e
 echo

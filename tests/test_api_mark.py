@@ -62,7 +62,7 @@ def test_answers_are_deterministic_per_input_and_client_independent(key, tmp_pat
     assert np.allclose(a.scores.max(1), plain.scores.max(1))
     counts = log.clients()
     assert counts["thief"]["queries"] == 400 and counts["other"]["queries"] == 400
-    assert counts["thief"]["marked"] == counts["other"]["marked"] >= marked.sum()
+    assert counts["thief"]["kept"] == counts["other"]["kept"] >= marked.sum()
     for r in log.records("thief"):
         assert r["label"] in r["candidates"] and r["top1"] not in r["candidates"]
         assert input_digest(r["x"]) == r["digest"]
@@ -163,10 +163,17 @@ def test_bad_input_is_refused_or_inconclusive(key, tmp_path):
     assert "answered only" in verdict.message
     log.close()
     with sqlite3.connect(tmp_path / "marks.sqlite") as db:  # an edited log: labels shifted
-        db.execute(f"UPDATE marks SET label = (label + 1) % {C}")
+        db.execute(f"UPDATE inputs SET label = (label + 1) % {C}")
     with MarkLog(tmp_path / "marks.sqlite", key=key, create=False) as edited, \
             pytest.raises(UsageError, match="does not follow from this key"):
         api_mark_test(key=key, suspect=innocent, log=edited, client="thief")
+    from wmark.schemes.querylog import TieBreakLog
+
+    with TieBreakLog(tmp_path / "tb.sqlite", key=key) as other_mark:  # one log format, but the test checks the mark
+        with pytest.raises(UsageError, match="flip-mark test reads the flip mark's log"):
+            api_mark_test(key=key, suspect=innocent, log=other_mark, client="thief")
+    with pytest.raises(UsageError, match="written by the tiebreak mark's API, not the flip"):
+        MarkLog(tmp_path / "tb.sqlite", key=key, create=False)
 
 
 def test_api_refuses_mismatched_backend_and_inputs(key, tmp_path):

@@ -16,7 +16,7 @@ from scipy import stats
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
-from wmark.schemes.api_tiebreak import (
+from wmark.schemes.tiebreak import (
     DEFAULT_LOG_ROUNDS,
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
@@ -203,15 +203,17 @@ def test_the_log_keeps_each_clients_near_tie_inputs_and_is_bound_to_the_key(tmp_
         np.testing.assert_array_equal(reopened.inputs("bob"), data[500:800][near[500:800]])
     with pytest.raises(UsageError, match="written under another key"):
         TieBreakLog(path, key=generate_key(owner="x", num_classes=C, input_shape=(D,)))
-    with pytest.raises(UsageError, match="does not exist; the tie-break API writes it"):
+    with pytest.raises(UsageError, match="does not exist; the marked API writes it"):
         TieBreakLog(tmp_path / "missing.sqlite", key=key, create=False)
     from wmark.schemes.api_mark import MarkLog
 
     MarkLog(tmp_path / "mark.sqlite", key=key, rate=0.1, candidates=2).close()
-    with pytest.raises(UsageError, match="not a wmark tie-break log"):
+    with pytest.raises(UsageError, match="written by the flip mark's API, not the tiebreak mark's"):
         TieBreakLog(tmp_path / "mark.sqlite", key=key)
+    with MarkLog(tmp_path / "mark.sqlite", key=key) as flip, pytest.raises(UsageError, match="belongs to the flip"):
+        TieBreakAPI(key=key, backend=backend, rule=rule, log=flip)
     (tmp_path / "junk.sqlite").write_bytes(b"not a database at all" * 10)
-    with pytest.raises(UsageError, match="not a readable SQLite tie-break log"):
+    with pytest.raises(UsageError, match="not a readable SQLite query log"):
         TieBreakLog(tmp_path / "junk.sqlite", key=key)
     other = generate_key(owner="x", num_classes=C, input_shape=(D,))
     with TieBreakLog(tmp_path / "other.sqlite", key=other) as log, pytest.raises(UsageError, match="another key"):
@@ -278,7 +280,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
 
 
 def test_later_rounds_follow_the_references_that_call_the_suspects_answers_best():
-    from wmark.schemes.api_tiebreak import FOLLOWED_REFERENCES, _closest_references
+    from wmark.schemes.tiebreak.tests import FOLLOWED_REFERENCES, _closest_references
 
     rng = np.random.default_rng(3)
     answers = rng.choice([-1.0, 1.0, 0.0], size=200)
@@ -537,17 +539,19 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert res.exit_code == 0, res.output
     assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
     out = tmp_path / "surrogate.safetensors"
-    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
-                               "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(tmp_path / "thief.safetensors"),
-                               "--out", str(out), "--epochs", "40", "--api-key", str(key), "--tiebreak", str(rule),
-                               "--beta", "2", "--api-log", str(tmp_path / "tb.sqlite"), "--client", "thief-1"])
+    # the rule names the served model: the thief's marked API needs only the rule and the key
+    res = runner.invoke(main, ["attack", "extract", "--arch", "fmnist-mlp", "--queries", "1200", "--data",
+                               str(tmp_path / "thief.safetensors"), "--out", str(out), "--epochs", "40", "--mark",
+                               "tiebreak", "--key", str(key), "--rule", str(rule), "--beta", "2", "--log",
+                               str(tmp_path / "tb.sqlite"), "--client", "thief-1"])
     assert res.exit_code == 0, res.output
     # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that). Over 6 fresh
     # keys this 40-epoch surrogate scored log10 p from -8.0 to -12.5 on the 1000 committed inputs, but one
     # clean-clone run drew a key at -3.9, so the key is fixed: it gives -9.9 there and -14.7 on the thief's
     # own queries, against alpha = 1e-4.
-    verify = ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--mode", "fixed", "--json", "--alpha", "1e-4"]
-    tb = ["--tiebreak", str(rule), "--served", str(weights)]
+    verify = ["verify", "extraction", "--key", str(key), "--arch", "fmnist-mlp", "--fixed", "--json", "--alpha",
+              "1e-4"]
+    tb = ["--rule", str(rule)]
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak"]
@@ -559,7 +563,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][1]["log10_p"] > -3
     # the thief's own logged queries: a second, stronger tie-break test that names its extra assumption
-    logged = ["--tiebreak-log", str(tmp_path / "tb.sqlite"), "--client", "thief-1"]
+    logged = ["--log", str(tmp_path / "tb.sqlite"), "--client", "thief-1"]
     res = runner.invoke(main, verify + ["--suspect", str(out), "--report", str(tmp_path / "r.html")] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak", "api-tiebreak-log"]
@@ -571,7 +575,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert doc["correction"] == "weighted holm" and [t["weight"] for t in doc["tests"]] == [1.0, 1.0, 8.0]
     assert doc["tests"][2]["adjusted_log10_p"] == pytest.approx(doc["tests"][2]["log10_p"] - math.log10(0.8))
     # sequential (the default): the trigger set runs until its evidence clears its share (1/10) of alpha
-    sequential = [a for a in verify if a not in ("--mode", "fixed")]
+    sequential = [a for a in verify if a != "--fixed"]
     trig = json.loads(runner.invoke(main, sequential + ["--suspect", str(out)] + tb + logged).output)["tests"][0]
     assert (trig["details"]["mode"], trig["details"]["alpha_share"]) == ("sequential", pytest.approx(0.1))
     assert trig["details"]["stops_at_log10_p"] == pytest.approx(-5.0)
@@ -579,46 +583,55 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
     # the log test alone: the committed inputs are not asked, and Holm corrects for two tests
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb + logged)
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--rule-queries", "0"] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == DEFAULT_LOG_ROUNDS
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0", "--log-rounds", "1"]
-                        + tb + logged)
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--rule-queries", "0", "--rounds", "1"] + tb + logged)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["tests"][1]["details"]["rounds"] == 1
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--log-rounds", "0"] + tb + logged)
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--rounds", "0"] + tb + logged)
     assert res.exit_code == 2 and "rounds must be at least 1" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "0"] + tb)
-    assert res.exit_code == 2 and "--tiebreak-queries 0 skips the committed-input test" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak-queries", "-1"] + tb + logged)
-    assert res.exit_code == 2 and "--tiebreak-queries must be at least 0" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--rule-queries", "0"] + tb)
+    assert res.exit_code == 2 and "Asking no committed tie-break input leaves only the log test" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--rule-queries", "-1"] + tb + logged)
+    assert res.exit_code == 2 and "committed tie-break inputs to ask must be at least 0" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:2])
-    assert res.exit_code == 2 and "--tiebreak-log needs --client" in res.output
+    assert res.exit_code == 2 and "--log needs --client" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + logged)
-    assert res.exit_code == 2 and "--tiebreak-log needs --tiebreak" in res.output
+    assert res.exit_code == 2 and "written by the tie-break mark's API; give the rule it served with" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out)] + tb + logged[:3] + ["nobody"])
     assert res.exit_code == 2 and "no inputs of client 'nobody' (clients: thief-1)" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(weights)])
-    assert res.exit_code == 2 and "pass --tiebreak RULE too" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule)])
-    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
-    res = runner.invoke(main, verify + ["--suspect", str(out), "--tiebreak", str(rule), "--served", str(out)])
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(weights)] + logged)
+    assert res.exit_code == 2 and res.output.strip() == "error: --served does not apply without --rule (tie-break only)."
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(out)] + tb)
     assert res.exit_code == 2 and "built from another served model" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(out), "--holdout", str(tmp_path / "owner.safetensors")] + tb)
     assert res.exit_code == 2 and "commits its own verification inputs" in res.output
     other = tmp_path / "other.key"
     save_key(generate_key(owner="Other", num_classes=c, input_shape=shape), other)
-    res = runner.invoke(main, ["verify", "--key", str(other), "--arch", "fmnist-mlp", "--suspect", str(out)] + tb)
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(other), "--arch", "fmnist-mlp", "--suspect",
+                               str(out)] + tb)
     assert res.exit_code == 2 and "built under another key" in res.output
+    # the served model moved: the rule says where it was, --served says where it is (its digest is checked)
+    moved = tmp_path / "moved.safetensors"
+    weights.rename(moved)
+    try:
+        res = runner.invoke(main, verify + ["--suspect", str(out)] + tb)
+        assert res.exit_code == 2 and "recorded in the tie-break rule" in res.output and "is missing" in res.output
+        res = runner.invoke(main, verify + ["--suspect", str(out), "--served", str(moved)] + tb)
+        assert res.exit_code == 0, res.output
+    finally:
+        moved.rename(weights)
     # the same, over HTTP: the owner serves the marked API, the thief's copy is served elsewhere
     from wmark.models import load_model
-    from wmark.schemes.api_tiebreak import open_tiebreak_rule
+    from wmark.schemes.tiebreak import open_tiebreak_rule
     from wmark.serve import build_app, serve_in_background
     from wmark.suspects.http import open_http_suspect
 
     owner_key = load_key(key)
-    loaded, backend = open_tiebreak_rule(key=owner_key, rule=rule, arch="fmnist-mlp", served=weights)
+    loaded, backend = open_tiebreak_rule(key=owner_key, rule=rule)
+    assert (loaded.served_arch, loaded.served_path, loaded.input_shape) == ("fmnist-mlp", str(weights), shape)
     marked = TieBreakAPI(key=owner_key, backend=backend, rule=loaded)
     app = build_app(model=victim, name="owner", num_classes=c, input_shape=shape, labels_only=True, answerer=marked)
     probe = task(200, 9)[0].numpy()
@@ -642,8 +655,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
 
     counting = Counting(thief)
     app = build_app(model=counting, name="thief", num_classes=c, input_shape=shape, labels_only=True)
-    remote_verify = ["verify", "--key", str(key), "--mode", "fixed", "--json", "--alpha", "1e-4",
-                     "--served-arch", "fmnist-mlp"]
+    remote_verify = ["verify", "extraction", "--key", str(key), "--fixed", "--json", "--alpha", "1e-4"]
     with serve_in_background(app) as server:
         port = int(server.url.rsplit(":", 1)[1])
         res = runner.invoke(main, remote_verify + ["--suspect", f"{server.url}/v2/models/thief",
@@ -662,19 +674,22 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert [t["log10_p"] for t in json.loads(res.output)["tests"]] == [t["log10_p"] for t in doc["tests"]]
     assert counting.rows == 0
     with serve_in_background(app) as server:
-        res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", f"{server.url}/v2/models/thief",
-                                   "--json", "--alpha", "1e-4", "--served-arch", "fmnist-mlp",
-                                   "--tiebreak-queries", "0"] + tb + logged)
+        res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect",
+                                   f"{server.url}/v2/models/thief", "--json", "--alpha", "1e-4", "--rule-queries",
+                                   "0"] + tb + logged)
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-tiebreak-log"]
     assert (res.exit_code, doc["kind"]) == (0, "extracted")
     assert doc["tests"][0]["details"]["alpha_share"] == pytest.approx(1 / 9)  # sequential over HTTP too
-    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
-                               "--tiebreak", str(rule)])
-    assert res.exit_code == 2 and "--tiebreak needs --served" in res.output
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
+                               "--with-scores"] + tb)
+    assert res.exit_code == 2 and res.output.strip() == "error: --with-scores does not apply to an API suspect."
     res = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
-                               "--api-key", str(key)])
-    assert res.exit_code == 2 and "needs both --api-key and --tiebreak" in res.output
+                               "--key", str(key)])
+    assert res.exit_code == 2 and res.output.strip() == "error: --key does not apply without --mark."
+    res = runner.invoke(main, ["serve", "--name", "m", "--mark", "tiebreak", "--key", str(key), "--rule", str(rule),
+                               "--rate", "0.1"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --rate does not apply to --mark tiebreak."
 
 
 def test_the_served_api_logs_each_client_under_its_own_token(tmp_path, data):
@@ -724,8 +739,8 @@ def test_the_served_api_logs_each_client_under_its_own_token(tmp_path, data):
         with pytest.raises(UsageError, match=message):
             read_clients(path)
     res = CliRunner().invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp_path / "w.safetensors"),
-                                    "--name", "m", "--tiebreak-log", str(tmp_path / "x.sqlite")])
-    assert res.exit_code == 2
+                                    "--name", "m", "--log", str(tmp_path / "x.sqlite")])
+    assert res.exit_code == 2 and "--log does not apply without --mark" in res.output
 
 
 def test_every_entry_point_asks_in_the_librarys_default_rounds():
@@ -737,5 +752,5 @@ def test_every_entry_point_asks_in_the_librarys_default_rounds():
 
     assert inspect.signature(verify).parameters["log_rounds"].default == DEFAULT_LOG_ROUNDS
     assert inspect.signature(verify_remote).parameters["log_rounds"].default == DEFAULT_LOG_ROUNDS
-    option = next(p for p in main.commands["verify"].params if p.name == "log_rounds")
+    option = next(p for p in main.commands["verify"].commands["extraction"].params if p.name == "rounds")
     assert option.default == DEFAULT_LOG_ROUNDS

@@ -47,7 +47,7 @@ def test_keygen_prints_commitment_and_writes_private_file(tmp_path) -> None:
 
 def test_marked_model_verifies_and_metadata_has_no_secret(workdir) -> None:
     key_doc = json.loads((workdir / "owner.key").read_text())
-    code, out, _ = run("verify", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
+    code, out, _ = run("verify", "file", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
                        "--suspect", str(workdir / "marked.safetensors"), "--json")
     doc = json.loads(out)
     assert code == 0, out
@@ -63,8 +63,8 @@ def test_marked_model_verifies_and_metadata_has_no_secret(workdir) -> None:
 
 
 def test_base_model_is_not_detected_and_exit_code_is_1(workdir) -> None:
-    code, out, _ = run("verify", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
-                       "--suspect", str(workdir / "base.safetensors"), "--mode", "fixed")
+    code, out, _ = run("verify", "file", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
+                       "--suspect", str(workdir / "base.safetensors"), "--fixed")
     assert code == 1 and out.startswith("not_detected")
 
 
@@ -79,7 +79,7 @@ def test_attacks_write_copies_that_still_verify(workdir, kind, extra) -> None:
                        "--out", str(out_path), *extra)
     assert code == 0, out
     assert json.loads(run("inspect", str(out_path))[1])["attack"]["kind"] == kind
-    code, out, _ = run("verify", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
+    code, out, _ = run("verify", "file", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
                        "--suspect", str(out_path))
     assert code == 0, out
 
@@ -94,13 +94,13 @@ def test_bad_inputs_give_one_sentence_and_exit_2(workdir, tmp_path) -> None:
     run("keygen", "--owner", "X", "--out", str(other_key), "--classes", "5", "--input-shape", "1,8,8")
     save_tensors({"fc9.weight": torch.ones(2)}, tmp_path / "alien.safetensors")
     cases = [
-        (["verify", "--key", str(tmp_path / "none.key"), "--arch", "fmnist-cnn", "--suspect", marked], "keygen"),
-        (["verify", "--key", str(bad_key), "--arch", "fmnist-cnn", "--suspect", marked], "not valid JSON"),
-        (["verify", "--key", key, "--arch", "fmnist-cnn", "--suspect", str(corrupt)], "not a readable safetensors"),
-        (["verify", "--key", str(other_key), "--arch", "fmnist-cnn", "--suspect", marked], "5-class models"),
-        (["verify", "--key", key, "--arch", "fmnist-cnn", "--suspect", str(tmp_path / "alien.safetensors")],
+        (["verify", "file", "--key", str(tmp_path / "none.key"), "--arch", "fmnist-cnn", "--suspect", marked], "keygen"),
+        (["verify", "file", "--key", str(bad_key), "--arch", "fmnist-cnn", "--suspect", marked], "not valid JSON"),
+        (["verify", "file", "--key", key, "--arch", "fmnist-cnn", "--suspect", str(corrupt)], "not a readable safetensors"),
+        (["verify", "file", "--key", str(other_key), "--arch", "fmnist-cnn", "--suspect", marked], "5-class models"),
+        (["verify", "file", "--key", key, "--arch", "fmnist-cnn", "--suspect", str(tmp_path / "alien.safetensors")],
          "do not fit this architecture"),
-        (["verify", "--key", key, "--arch", "resnet-9000", "--suspect", marked], "Unknown architecture"),
+        (["verify", "file", "--key", key, "--arch", "resnet-9000", "--suspect", marked], "Unknown architecture"),
         (["train", "--arch", "fmnist-cnn", "--data", f"fashion-mnist:{tmp_path}/nowhere", "--out",
           str(tmp_path / "o.safetensors")], "apt-get install dataset-fashion-mnist"),
         (["embed", "--key", str(other_key), "--arch", "fmnist-cnn", "--weights", marked, "--data", "digits",
@@ -120,12 +120,36 @@ def test_nan_model_is_a_runtime_error_without_traceback(workdir, tmp_path) -> No
     tensors, meta = load_tensors(workdir / "marked.safetensors")
     tensors["fc2.bias"] = torch.full_like(tensors["fc2.bias"], float("nan"))
     save_tensors(tensors, tmp_path / "nan.safetensors", metadata={})
-    proc = subprocess.run([sys.executable, "-m", "wmark.cli", "verify", "--key", str(workdir / "owner.key"),
+    proc = subprocess.run([sys.executable, "-m", "wmark.cli", "verify", "file", "--key", str(workdir / "owner.key"),
                            "--arch", "fmnist-cnn", "--suspect", str(tmp_path / "nan.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 3 and "NaN" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_help_documents_exit_codes() -> None:
-    code, out, _ = run("verify", "--help")
+    code, out, _ = run("verify", "file", "--help")
     assert code == 0 and "not detected" in out and "usage error" in out
+
+
+def test_each_verify_workflow_lists_and_takes_only_its_own_options(workdir) -> None:
+    key, marked = str(workdir / "owner.key"), str(workdir / "marked.safetensors")
+    helps = {name: run("verify", name, "--help")[1] for name in ("file", "api", "extraction")}
+    assert "--transcript" not in helps["file"] and "--log" not in helps["file"] and "--whitebox" in helps["file"]
+    assert "--arch" not in helps["api"] and "--whitebox" not in helps["api"] and "--transcript" in helps["api"]
+    assert "--rule" in helps["extraction"] and "--whitebox" not in helps["extraction"]
+    for name in ("file", "api", "extraction"):
+        assert "--mode " not in helps[name] and "--api-key" not in helps[name] and "--served-arch" not in helps[name]
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--transcript", "t")
+    assert code == 2 and "No such option '--transcript'" in err
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--whitebox", "--reference", marked,
+                       "--budget", "5")
+    assert code == 2 and err.strip() == ("error: --budget does not apply to --whitebox (it reads weights, it asks no "
+                                         "queries).")
+    code, _, err = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--anchor", marked)
+    assert code == 2 and err.strip() == "error: --anchor does not apply without --whitebox."
+    code, _, err = run("verify", "api", "--key", key, "--suspect", marked)
+    assert code == 2 and "not an http(s) URL; for a model file use `wmark verify file`" in err
+    code, out, _ = run("verify", "file", "--key", key, "--suspect", marked, "--arch", "fmnist-cnn", "--fixed",
+                       "--budget", "30", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["queries"] == 30 and doc["tests"][0]["details"]["mode"] == "fixed"

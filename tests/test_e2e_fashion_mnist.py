@@ -28,13 +28,13 @@ def test_stolen_copy_detected_independent_not(tmp_path: Path) -> None:
     assert run("train", "--arch", "fmnist-mlp", "--data", "fashion-mnist@attacker", "--max-samples", "15000",
                "--epochs", "1", "--seed", "3", "--out", str(indep))[0] == 0
 
-    code, out = run("verify", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(marked), "--json")
+    code, out = run("verify", "file", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(marked), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["decision"] == "detected" and doc["queries"] <= 20
     # A full-strength fine-tune (all layers, lr 1e-3, 5 epochs) erases part of the mark: more queries, same verdict.
-    code, out = run("verify", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(stolen), "--json")
+    code, out = run("verify", "file", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(stolen), "--json")
     doc = json.loads(out)
     assert code == 0 and doc["decision"] == "detected" and doc["kind"] == "copy"
     assert json.loads(run("inspect", str(stolen))[1])["test_accuracy"] > 0.8
-    code, out = run("verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(indep), "--json")
+    code, out = run("verify", "file", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(indep), "--json")
     assert code == 1 and json.loads(out)["decision"] == "not_detected"

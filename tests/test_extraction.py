@@ -1,4 +1,4 @@
-"""Extraction attacks on tiny synthetic victims, the extract CLI, and verify --api-log."""
+"""Extraction attacks on tiny synthetic victims, the extract CLI, and `wmark verify extraction` of a flip-mark log."""
 
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def test_extract_bad_input(victim):
     label_only = LocalSuspect(victim, input_shape=SHAPE, expose_scores=False)
     with pytest.raises(UsageError, match="needs a victim that returns scores"):
         extract(label_only, x=xq, arch="fmnist-mlp", labels="soft", epochs=1)
-    with pytest.raises(UsageError, match="Unknown --labels"):
+    with pytest.raises(UsageError, match="Unknown label mode"):
         extract(label_only, x=xq, arch="fmnist-mlp", labels="probs", epochs=1)  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="inputs shaped"):
         extract(label_only, x=torch.rand(5, 1, 4, 4), arch="fmnist-mlp", epochs=1)
@@ -121,8 +121,8 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     out = tmp_path / "surrogate.safetensors"
     res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
                                "--arch", "fmnist-mlp", "--labels", "hard", "--queries", "1200", "--data", str(data),
-                               "--out", str(out), "--epochs", "40", "--api-key", str(key), "--api-log", str(log),
-                               "--client", "thief", "--rate", "0.15", "--candidates", "all"])
+                               "--out", str(out), "--epochs", "40", "--mark", "flip", "--key", str(key), "--log",
+                               str(log), "--client", "thief", "--rate", "0.15", "--candidates", "all"])
     assert res.exit_code == 0, res.output
     assert "40 epoch(s)" in res.output and "agreement with the victim" in res.output
     quick = tmp_path / "quick.safetensors"
@@ -130,44 +130,30 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
                                "--arch", "fmnist-mlp", "--queries", "1200", "--data", str(data), "--out", str(quick),
                                "--epochs", "40", "--until-accuracy", "0.0"])
     assert res.exit_code == 0 and "1 epoch(s)" in res.output, res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "thief", "--mode", "fixed", "--json"])
+    extraction = ["verify", "extraction", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out)]
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--fixed", "--json"])
     doc = json.loads(res.output)
     assert [t["name"] for t in doc["tests"]] == ["trigger-set", "api-mark"]
     assert doc["correction"] == "holm"
     # A 40-epoch surrogate of a 1200-query task memorises its marked answers: extracted. (At 600 queries a
     # fresh random key left too thin a margin: log10 p from -5.1 to -19; at 1200, -11 to -28 over 8 keys.)
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), doc["tests"][1]
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "nobody"])
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "nobody"])
     assert res.exit_code == 2 and "no marked queries for client 'nobody'" in res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--client", "thief"])
-    assert res.exit_code == 2 and "needs --api-log" in res.output
-    res = runner.invoke(main, ["verify", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
-                               "--api-log", str(log), "--client", "thief"])
-    assert res.exit_code == 2 and "--api-log works with a model-file suspect" in res.output
+    res = runner.invoke(main, extraction + ["--client", "thief"])
+    assert res.exit_code == 2 and "Give the query log your API wrote" in res.output
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--rounds", "3"])
+    assert res.exit_code == 2 and res.output.strip() == "error: --rounds does not apply without --rule (tie-break only)."
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--transcript", "t.sqlite"])
+    assert res.exit_code == 2 and "--transcript does not apply to a model-file suspect" in res.output
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",
+                               "--arch", "fmnist-mlp", "--log", str(log), "--client", "thief"])
+    assert res.exit_code == 2 and "--arch does not apply to an API suspect" in res.output
+    res = runner.invoke(main, ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights),
+                               "--arch", "fmnist-mlp", "--data", str(data), "--out", str(quick), "--rate", "0.1"])
+    assert res.exit_code == 2 and "--rate does not apply without --mark" in res.output
     other_key = tmp_path / "other.key"
     save_key(generate_key(owner="Other", num_classes=C, input_shape=SHAPE), other_key)
-    res = runner.invoke(main, ["verify", "--key", str(other_key), "--arch", "fmnist-mlp", "--suspect", str(out),
-                               "--api-log", str(log), "--client", "thief"])
+    res = runner.invoke(main, ["verify", "extraction", "--key", str(other_key), "--arch", "fmnist-mlp", "--suspect",
+                               str(out), "--log", str(log), "--client", "thief"])
     assert res.exit_code == 2 and "written under another key" in res.output
-
-
-def test_boundary_fingerprint_points_sit_on_the_boundary_and_calibration_is_reported(victim):
-    from wmark.schemes.boundary_fingerprint import craft_boundary_fingerprint, fingerprint_test, match_count
-
-    key = generate_key(owner="Owner", num_classes=C, input_shape=SHAPE)
-    x, _ = _data(300, seed=6)
-    fp = craft_boundary_fingerprint(model=victim, x=x, key=key, n=40, steps=80)
-    again = craft_boundary_fingerprint(model=victim, x=x, key=key, n=40, steps=80)
-    assert torch.equal(fp.x, again.x)  # seed points come from the key, not from a choice made later
-    with torch.no_grad():
-        top2 = victim(fp.x).topk(2, dim=1).values
-    assert float((top2[:, 0] - top2[:, 1]).median()) < 0.5  # near the top-two boundary
-    assert match_count(victim, fp) == 40
-    test = fingerprint_test(suspect_matches=40, n=40, reference_matches=[20, 25, 30])
-    assert test["rank_log10_p"] == pytest.approx(np.log10(1 / 4))
-    assert 75 / 120 < test["reference_upper"] < 1 and test["log10_p"] < -1
-    with pytest.raises(UsageError, match="held-out reference"):
-        fingerprint_test(suspect_matches=1, n=40, reference_matches=[])

@@ -48,7 +48,7 @@ def test_tiebreak_surrogate_is_caught_on_its_own_queries_and_the_independent_is_
 
     from wmark.attacks.extract import accuracy_reached
     from wmark.models import penultimate_featurizer
-    from wmark.schemes.api_tiebreak import (
+    from wmark.schemes.tiebreak import (
         TieBreakAPI,
         TieBreakLog,
         build_tiebreak_rule,

@@ -84,15 +84,15 @@ def test_v2_routes_and_errors(served):
 
 def test_cli_verify_over_http_and_an_exhausted_budget(served):
     url, tmp, _ = served
-    base = ["verify", "--key", str(tmp / "owner.key"), "--suspect", f"{url}/v2/models/digits",
+    base = ["verify", "api", "--key", str(tmp / "owner.key"), "--suspect", f"{url}/v2/models/digits",
             "--token-env", "WMARK_SERVE_TOKEN"]
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
     done = subprocess.run(_cli(*base), env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1 and "not_detected" in done.stdout
-    short = subprocess.run(_cli(*base, "--max-queries", "3", "--report", str(tmp / "r.html")), env=env,
+    short = subprocess.run(_cli(*base, "--budget", "3", "--report", str(tmp / "r.html")), env=env,
                            capture_output=True, text=True, timeout=120, check=False)
     assert short.returncode == 1
-    assert "raise --max-queries" in short.stdout and "in 3 queries" in short.stdout
+    assert "raise the query budget" in short.stdout and "in 3 queries" in short.stdout
     assert TOKEN not in short.stdout + short.stderr + (tmp / "r.html").read_text() + (tmp / "r.json").read_text()
 
 
@@ -104,21 +104,22 @@ def test_cli_errors_are_one_sentence(served):
     url, tmp, port = served
     key = str(tmp / "owner.key")
     runner = CliRunner()
-    refused = runner.invoke(main, ["verify", "--key", key, "--suspect", url, "--model-name", "digits"])
+    refused = runner.invoke(main, ["verify", "api", "--key", key, "--suspect", url, "--model-name", "digits"])
     assert refused.exit_code == 2 and "needs a bearer token" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
-    gone = runner.invoke(main, ["verify", "--key", key, "--suspect", f"http://127.0.0.1:{_free_port()}",
+    gone = runner.invoke(main, ["verify", "api", "--key", key, "--suspect", f"http://127.0.0.1:{_free_port()}",
                                 "--model-name", "digits", "--retries", "0"])
     assert gone.exit_code == 3 and "Cannot reach the suspect" in gone.output
     busy = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp / "m.safetensors"), "--name",
                                 "x", "--port", str(port)])
     assert busy.exit_code == 2 and "pick another --port" in busy.output
-    no_arch = runner.invoke(main, ["verify", "--key", key, "--suspect", str(tmp / "m.safetensors")])
+    no_arch = runner.invoke(main, ["verify", "file", "--key", key, "--suspect", str(tmp / "m.safetensors")])
     assert no_arch.exit_code == 2 and "--arch" in no_arch.output
 
 
-def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
-    """`wmark serve --clients --tiebreak-log`: each token's near-tie queries land under its client's name."""
+@pytest.mark.parametrize("mark", ["tiebreak", "flip"])
+def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
+    """`wmark serve --mark tiebreak|flip --clients --log`: each token's queries land under its client's name."""
     import json
 
     import numpy as np
@@ -127,7 +128,7 @@ def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
     from wmark import api
     from wmark.io import save_tensors
     from wmark.keys import load_key
-    from wmark.schemes.api_tiebreak import TieBreakLog
+    from wmark.schemes.querylog import QueryLog
     from wmark.suspects.http import open_http_suspect
 
     weights, key = tmp_path / "m.safetensors", tmp_path / "owner.key"
@@ -143,10 +144,12 @@ def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
     clients.write_text(json.dumps({"thief": "thief-token", "honest": "honest-token"}))
     clients.chmod(0o600)
     port = _free_port()
-    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
-                                 "--port", str(port), "--labels-only", "--api-key", str(key), "--tiebreak",
-                                 str(tmp_path / "rule.safetensors"), "--clients", str(clients),
-                                 "--tiebreak-log", str(tmp_path / "served.sqlite")),
+    # the rule names the served model: no --arch/--weights for the tie-break mark
+    served = (["--rule", str(tmp_path / "rule.safetensors")] if mark == "tiebreak"
+              else ["--arch", "fmnist-mlp", "--weights", str(weights), "--rate", "0.2"])
+    proc = subprocess.Popen(_cli("serve", "--name", "m", "--port", str(port), "--labels-only", "--mark", mark,
+                                 "--key", str(key), *served, "--clients", str(clients),
+                                 "--log", str(tmp_path / "served.sqlite")),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -161,7 +164,22 @@ def test_serve_logs_each_client_of_the_tiebreak_api(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    with TieBreakLog(tmp_path / "served.sqlite", key=load_key(key), create=False) as log:
+    with QueryLog(tmp_path / "served.sqlite", key=load_key(key)) as log:
         counts = log.clients()
+        assert log.mark == mark
         assert {c: v["queries"] for c, v in counts.items()} == {"thief": 300, "honest": 40}
         assert 0 < counts["thief"]["kept"] <= 300 and len(log.inputs("thief")) == counts["thief"]["kept"]
+        if mark == "flip":
+            assert all(r["label"] in r["candidates"] for r in log.records("thief"))
+    # the third command reads the log the server wrote; the served model itself never learned its own marks
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    res = CliRunner().invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", str(weights), "--arch",
+                                    "fmnist-mlp", "--log", str(tmp_path / "served.sqlite"), "--client", "thief",
+                                    "--json", *served[:2 if mark == "tiebreak" else 0]])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1, res.output
+    assert [t["name"] for t in doc["tests"]] == (["trigger-set", "api-tiebreak", "api-tiebreak-log"]
+                                                if mark == "tiebreak" else ["trigger-set", "api-mark"])

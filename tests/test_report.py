@@ -81,7 +81,7 @@ def test_cli_verify_file_suspect_writes_a_report(key_and_path, tmp_path):
     model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
     weights = tmp_path / "s.safetensors"
     save_model(model, weights, metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
-    result = CliRunner().invoke(main, ["verify", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
                                        str(weights), "--report", str(tmp_path / "r.html")])
     assert result.exit_code == 1, result.output
     assert "not detected" in (tmp_path / "r.html").read_text().lower()

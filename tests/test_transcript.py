@@ -61,8 +61,8 @@ def test_kill_9_mid_run_then_resume_repeats_no_answered_query(key200, model200, 
     app = build_app(model=model200, name="m", num_classes=10, input_shape=SHAPE, labels_only=True, on_infer=counter)
     transcript = tmp_path / "probe.sqlite"
     with serve_in_background(app) as server:
-        args = ["verify", "--key", str(key_path), "--suspect", server.url, "--model-name", "m", "--mode", "fixed",
-                "--max-queries", "200", "--rate", "60", "--json"]
+        args = ["verify", "api", "--key", str(key_path), "--suspect", server.url, "--model-name", "m", "--fixed",
+                "--budget", "200", "--rate", "60", "--json"]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         proc = subprocess.Popen(_cli(*args, "--transcript", str(transcript)), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -240,7 +240,7 @@ def test_cli_whitebox_exit_codes(setup, tmp_path) -> None:
     key, _, d = setup
     save_key(key, tmp_path / "k.key")
     save_model(tiny_model(77), tmp_path / "indep.safetensors")
-    base = ["verify", "--mode", "whitebox", "--key", str(tmp_path / "k.key"), "--reference", str(d / "marked.safetensors")]
+    base = ["verify", "file", "--whitebox", "--key", str(tmp_path / "k.key"), "--reference", str(d / "marked.safetensors")]
     runner = CliRunner()
     hit = runner.invoke(main, [*base, "--suspect", str(d / "marked.safetensors"), "--json"])
     assert hit.exit_code == 0, hit.output
@@ -251,6 +251,6 @@ def test_cli_whitebox_exit_codes(setup, tmp_path) -> None:
     (tmp_path / "bad.safetensors").write_bytes(b"{}")
     bad = runner.invoke(main, [*base, "--suspect", str(tmp_path / "bad.safetensors")])
     assert bad.exit_code == 2 and "not a readable safetensors file" in bad.stderr
-    no_ref = runner.invoke(main, ["verify", "--mode", "whitebox", "--key", str(tmp_path / "k.key"),
+    no_ref = runner.invoke(main, ["verify", "file", "--whitebox", "--key", str(tmp_path / "k.key"),
                                   "--suspect", str(d / "marked.safetensors")])
     assert no_ref.exit_code == 2 and "--reference" in no_ref.stderr

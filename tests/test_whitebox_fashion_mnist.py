@@ -26,7 +26,7 @@ def test_permuted_pruned_copy_detected_from_its_weights_independent_not(tmp_path
     assert run("train", "--arch", "fmnist-cnn", "--data", "fashion-mnist@attacker", "--max-samples", "6000",
                "--epochs", "1", "--seed", "3", "--out", str(indep))[0] == 0
 
-    whitebox = ["verify", "--mode", "whitebox", "--key", str(key), "--reference", str(marked), "--json"]
+    whitebox = ["verify", "file", "--whitebox", "--key", str(key), "--reference", str(marked), "--json"]
     code, out = run(*whitebox, "--anchor", str(base), "--suspect", str(stolen))
     doc = json.loads(out)
     test = doc["tests"][0]

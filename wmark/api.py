@@ -11,6 +11,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
 from wmark.training import accuracy, make_loader, train_epochs
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, verify_blackbox
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
 
@@ -128,23 +129,19 @@ def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: 
 
 def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
            mode: Mode = "sequential", max_queries: int | None = None, labels_only: bool = True,
-           api_log: PathLike | None = None, client: str | None = None, api_max_queries: int | None = 300,
-           tiebreak: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
-           holdout: str | None = None, tiebreak_queries: int = 1000, tiebreak_log: PathLike | None = None,
-           log_queries: int = 1000, log_rounds: int = 21, progress: bool = False) -> Verdict:
+           log: PathLike | None = None, client: str | None = None, rule: PathLike | None = None,
+           served: PathLike | None = None, served_arch: str | None = None, holdout: str | None = None,
+           rule_queries: int = 1000, log_queries: int | None = None, log_rounds: int = 21,
+           progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
-    With ``api_log`` (written by the owner's marked API) and ``client``, the suspect is also asked that
-    client's marked queries (at most ``api_max_queries``): the extraction test. With ``tiebreak`` (a rule
-    from :func:`build_tiebreak`) and ``served`` (the owner's served model file the rule was built from), the
-    suspect is also asked the first ``tiebreak_queries`` verification inputs the rule commits (``holdout``,
-    the owner's own inputs, only for a rule that commits none): the tie-break test. With ``tiebreak_log`` (the
-    tie-break API's log) and ``client`` as well, it is also asked ``log_queries`` of the inputs that client
-    asked, in ``log_rounds`` rounds (the later ones chosen from the suspect's earlier answers): the stronger
-    tie-break test, which assumes the client did not pick its queries by the marked answers
-    (``tiebreak_queries=0`` then skips the committed inputs). All tests are combined with Holm's correction,
-    weighted 8 to 1 towards the log test (:func:`wmark.verify.decide`); the verdict's ``kind`` is ``copy`` if
-    the trigger set is found, ``extracted`` if only an API-side mark is.
+    With a marked API's query ``log`` and a ``client``, the suspect is also asked that client's logged
+    queries: the flip-mark test for a flip-mark log, the tie-break log test for a tie-break log (with the
+    ``rule`` the API served with). A tie-break ``rule`` also adds the committed-input test (its first
+    ``rule_queries`` inputs; 0 skips it next to a log). The served model is the one the rule records
+    (``served``/``served_arch`` only if it moved). All tests are combined by :class:`wmark.evidence.Verifier`
+    (weighted Holm, 8 to 1 towards the log test); the verdict's ``kind`` is ``copy`` if the trigger set is
+    found, ``extracted`` if only an API-side mark is. See :func:`wmark.verify.assemble_tests`.
     """
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
@@ -156,45 +153,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                          expose_scores=not labels_only)
-    if api_log is None and tiebreak_log is None and client is not None:
-        raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
-    from wmark.schemes.api_tiebreak import (
-        check_log_options,
-        committed_test_wanted,
-        tiebreak_log_test_from_files,
-        tiebreak_requested,
-        tiebreak_test_from_files,
-        trigger_share,
-    )
-
-    served_arch = served_arch or arch
-    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
-    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
-    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
-    if api_log is None and not with_tiebreak:
-        return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                               progress=progress)
-    from wmark.verify import decide, trigger_set_test
-
-    share = trigger_share(other_tests=(api_log is not None) + committed, log_test=tiebreak_log is not None)
-    tests = [trigger_set_test(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                              progress=progress, share=share)]
-    if api_log is not None:
-        from wmark.schemes.api_mark import MarkLog, api_mark_test
-
-        if client is None:
-            raise UsageError("--api-log needs --client (the API account suspected of extraction).")
-        with MarkLog(api_log, key=k, create=False) as log:
-            tests.append(api_mark_test(key=k, suspect=local, log=log, client=client, max_queries=api_max_queries))
-    if committed:
-        tests.append(tiebreak_test_from_files(key=k, suspect=local, rule=tiebreak,  # type: ignore[arg-type]
-                                              served=served, arch=served_arch, holdout=holdout,  # type: ignore[arg-type]
-                                              queries=tiebreak_queries))
-    if tiebreak_log is not None:
-        tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
-                                                  arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
-                                                  queries=log_queries, rounds=log_rounds))
-    return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
+    tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, log=log, client=client,
+                           rule=rule, served=served, served_arch=served_arch, holdout=holdout,
+                           rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
+    return Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
@@ -209,10 +171,11 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     references are distilled from the *unmarked* served model (architectures ``references``; default: the
     served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties), ``reference_repeats``
     per architecture and recipe (default two, each from its own seed). Serve with
-    :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` and verify with ``verify(..., tiebreak=out)``.
+    :class:`~wmark.schemes.tiebreak.TieBreakAPI` (``wmark serve --mark tiebreak``) and verify with
+    ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest.
     """
     from wmark.io import load_tensors, tensors_digest
-    from wmark.schemes.api_tiebreak import (
+    from wmark.schemes.tiebreak import (
         REFERENCE_RECIPES,
         REFERENCE_REPEATS,
         build_tiebreak_rule,
@@ -224,7 +187,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     ds = load_dataset(data)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if verify_count < 1:
-        raise UsageError(f"--verify-count must be at least 1, got {verify_count}.")
+        raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
     archs = list(dict.fromkeys([arch, "fmnist-mlp"] if references is None else references))
     for name in archs:
         resolve_arch(name)
@@ -241,6 +204,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
+    rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
+                               input_shape=tuple(k.input_shape))
     rule.save(out)
     return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(ds.x_train),
             "references": len(refs),
@@ -316,66 +281,46 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     return {"out": str(out), "attack": kind, "params": params, "test_accuracy": acc}
 
 
-def extract(*, victim_arch: str, victim: PathLike, arch: str, data: str, out: PathLike, labels: str = "hard",
-            queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0, api_key: PathLike | None = None,
-            api_log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
-            candidates: str | int | None = None, tiebreak: PathLike | None = None, beta: float | None = None,
-            until_accuracy: float | None = None, progress: bool = False) -> dict[str, Any]:
+def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data: str, out: PathLike,
+            labels: str = "hard", queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0,
+            key: PathLike | None = None, mark: str | None = None, rule: PathLike | None = None,
+            log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
+            candidates: str | int | None = None, beta: float | None = None, until_accuracy: float | None = None,
+            progress: bool = False) -> dict[str, Any]:
     """Extract a surrogate of ``victim`` from its answers to the attacker's ``data`` and save it.
 
     With ``until_accuracy`` the thief stops after the first epoch whose accuracy on ``data``'s test split
-    reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With
-    ``api_key`` the victim is served behind the owner's :class:`~wmark.schemes.api_mark.MarkedAPI`
-    (answers marked with that key, marked queries logged under ``client`` in ``api_log``) or, with
-    ``tiebreak`` (a rule from :func:`build_tiebreak`), behind the keyed tie-break wrapper (its near-tie queries
-    logged under ``client`` in ``api_log`` when given): the path a real thief's queries take. Returns the
+    reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With a
+    ``mark`` and the owner's ``key`` the victim is served behind that marked API (:func:`wmark.marks.open_served`:
+    ``tiebreak`` with ``rule``, whose served model is the victim unless ``victim`` names it, or ``flip``), its
+    queries logged under ``client`` in ``log`` when given: the path a real thief's queries take. Returns the
     surrogate's test accuracy and its agreement with the victim.
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
-    from wmark.schemes.api_mark import DEFAULT_CANDIDATES, DEFAULT_RATE, MarkedAPI, MarkLog, parse_candidates
+    from wmark.marks import answerer_for, open_served
     from wmark.training import predict_logits
 
     ds = load_dataset(data)
-    model, _ = load_model(victim_arch, victim)
-    served = LocalSuspect(model, input_shape=ds.input_shape, description=str(victim), expose_scores=True)
-    target: Any = served
-    log: Any = None
-    if tiebreak is not None and api_key is None:
-        raise UsageError("--tiebreak serves the victim behind the tie-break wrapper: pass --api-key (the rule's key).")
-    if api_key is not None:
-        k = load_key(api_key)
+    k = None if key is None else load_key(key)
+    if k is not None:
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
-    if tiebreak is not None:
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
-
-        rule, _ = open_tiebreak_rule(key=k, rule=tiebreak, arch=victim_arch, served=victim)
-        log = None if api_log is None else TieBreakLog(api_log, key=k)
-        target = TieBreakAPI(key=k, backend=served, rule=rule, beta=float(beta if beta is not None else DEFAULT_BETA),
-                             log=log, client=client)
-    elif api_key is not None:
-        if api_log is None:
-            raise UsageError("--api-key needs --api-log (the SQLite file the marked API records its marks in).")
-        params = k.schemes.get("api-mark", {})
-        rate = float(rate if rate is not None else params.get("rate", DEFAULT_RATE))
-        cand = candidates if candidates is not None else params.get("candidates", DEFAULT_CANDIDATES)
-        log = MarkLog(api_log, key=k, rate=rate, candidates=parse_candidates(cand, k.num_classes))
-        target = MarkedAPI(key=k, backend=served, rate=rate, candidates=cand, log=log, client=client)
+    served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
+                         candidates=candidates, log=log, client=client)
     try:
+        target = answerer_for(served)
         stop = None if until_accuracy is None else accuracy_reached(ds.x_test, ds.y_test, until_accuracy)
         result = run_extract(target, x=ds.x_train, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
                              epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop)
     finally:
-        if log is not None:
-            log.close()
-    surrogate = result.model
+        served.close()
+    surrogate, model = result.model, served.model
     acc = accuracy(surrogate, ds.x_test, ds.y_test)
     agree = float((predict_logits(surrogate, ds.x_test).argmax(1) == predict_logits(model, ds.x_test).argmax(1))
                   .float().mean())
-    params_doc = {"victim_arch": victim_arch, "labels": labels, "queries": result.queries, "answered": result.answered,
+    params_doc = {"victim_arch": served.arch, "labels": labels, "queries": result.queries, "answered": result.answered,
                   "epochs": result.epochs, "max_epochs": epochs, "until_accuracy": until_accuracy, "lr": lr,
-                  "seed": seed, "data": data,
-                  "marked_api": "tiebreak" if tiebreak is not None else ("api-mark" if api_key is not None else "")}
+                  "seed": seed, "data": data, "marked_api": served.mark}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
                                                        input_shape=ds.input_shape, test_accuracy=acc,
                                                        attack={"kind": "extract", **params_doc}))

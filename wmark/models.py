@@ -162,7 +162,7 @@ def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...],
 def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024) -> Callable[[np.ndarray], np.ndarray]:
     """Features = the input of the model's last ``nn.Linear`` layer (e.g. the owner's served model).
 
-    The API-side marks (:mod:`wmark.schemes.api_regions`, :mod:`wmark.schemes.api_tiebreak`) place their keyed
+    The tie-break API mark (:mod:`wmark.schemes.tiebreak`) places its keyed
     rules in this space: it groups inputs the way a trained network already does, which is what makes a rule
     there learnable by a surrogate.
     """

@@ -1,4 +1,5 @@
-"""Black-box verification of a suspect served over HTTP: the file-level function behind ``wmark verify --suspect URL``.
+"""Black-box verification of a suspect served over HTTP: the function behind ``wmark verify api`` and
+``wmark verify extraction --suspect URL``.
 
 It opens the suspect (checking the server, the model and the key fit), wraps it with a transcript and
 cover traffic, runs the trigger-set test, and writes the evidence report. Concurrency is used by asking
@@ -16,7 +17,7 @@ from wmark.keys import load_key
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.transcript import Transcript
-from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, decide, trigger_set_test
+from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
 
@@ -26,11 +27,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential", max_queries: int | None = None,
                   rate: float | None = None, timeout: float = 10.0, retries: int = 3, concurrency: int = 1,
                   transcript: PathLike | None = None, transcript_sync: str = "fsync", cover_data: str | None = None, cover_ratio: float = 1.0,
-                  report: PathLike | None = None, tiebreak: PathLike | None = None, served: PathLike | None = None,
-                  served_arch: str | None = None, holdout: str | None = None, tiebreak_queries: int = 1000,
-                  tiebreak_log: PathLike | None = None, client: str | None = None, log_queries: int = 1000,
+                  report: PathLike | None = None, log: PathLike | None = None, client: str | None = None,
+                  rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
+                  holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
                   log_rounds: int = 21, progress: bool = False) -> Verdict:
-    """Verify a suspect prediction API with the key's trigger set (and optionally the tie-break test).
+    """Verify a suspect prediction API with the key's trigger set (and optionally the API-side mark tests).
 
     Args:
         key: The owner's key file.
@@ -53,39 +54,28 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover_data: Dataset spec whose test inputs serve as cover traffic.
         cover_ratio: Mean cover queries per trigger query.
         report: Write the evidence report here (HTML) and its JSON twin next to it.
-        tiebreak: A tie-break rule file (:mod:`wmark.schemes.api_tiebreak`): also ask the suspect the first
-            ``tiebreak_queries`` verification inputs the rule commits (pairs from ``served``, architecture
-            ``served_arch``), through the same transcript; Holm-combined with the trigger-set test.
-        served: The owner's served model file the rule was built from.
-        served_arch: Its architecture.
-        holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec),
-            never a client's; the ``tiebreak_queries`` nearest to a tie of ``served`` are asked.
-        tiebreak_queries: How many verification inputs to ask (0: none, only the log test).
-        tiebreak_log: The tie-break API's log (with ``tiebreak`` and ``client``): also ask the suspect
-            ``log_queries`` of the inputs ``client`` asked (:func:`~wmark.schemes.api_tiebreak.tiebreak_log_test`).
+        log: The owner's marked API's query log, with ``client``: also ask the suspect that client's logged
+            queries (see :func:`wmark.verify.assemble_tests`, which assembles the tests for files and APIs alike).
         client: The API client suspected of training the suspect.
-        log_queries: How many of the client's logged inputs to ask.
-        log_rounds: In how many rounds (the later ones chosen from the suspect's earlier answers; the
-            transcript replays them identically on resume).
+        rule: The tie-break rule the owner's API served with: also ask its committed inputs (``rule_queries``)
+            and, with a tie-break log, the log test.
+        served: The served model file, only if it moved since the rule was built.
+        served_arch: Its architecture, only for a rule that records none.
+        holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec).
+        rule_queries: Committed tie-break inputs to ask (0: none, only the log test).
+        log_queries: Logged inputs to ask (default 1000 for a tie-break log, 300 for a flip-mark log).
+        log_rounds: Tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
+            answers; the transcript replays them identically on resume).
         progress: Show a progress bar.
 
     Returns:
         The verdict; ``tests[0].details`` holds the probe's statistics, the server's self-description and
         the transcript summary.
     """
-    from wmark.schemes.api_tiebreak import (
-        check_log_options,
-        committed_test_wanted,
-        tiebreak_log_test_from_files,
-        tiebreak_requested,
-        tiebreak_test_from_files,
-        trigger_share,
-    )
-
     k = load_key(key)
-    with_tiebreak = tiebreak_requested(rule=tiebreak, served=served, arch=served_arch, holdout=holdout)
-    check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
-    committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
+    tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
+                           log=log, client=client, rule=rule, served=served, served_arch=served_arch,
+                           holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
@@ -100,42 +90,28 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     suspect = open_http_suspect(url=url, protocol=protocol, num_classes=k.num_classes,
                                 input_shape=tuple(k.input_shape), model_name=model_name, template=template,
                                 token=token, options=options)
-    log = None
+    record = None
     try:
         if transcript is not None:
-            log = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
+            record = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
                              protocol=protocol, durability=transcript_sync)
-        probe = ProbeSuspect(suspect, transcript=log, cover=cover)
-        test = trigger_set_test(key=k, suspect=probe, alpha=alpha, mode=mode, max_queries=max_queries,
-                                batch_size=concurrency, progress=progress,
-                                share=trigger_share(other_tests=committed, log_test=tiebreak_log is not None))
-        test.details["probe"] = {
+        probe = ProbeSuspect(suspect, transcript=record, cover=cover)
+        verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)
+        verdict.tests[0].details["probe"] = {
             "protocol": protocol, "endpoint": suspect.description, "server": suspect.server_info,
             **probe.stats.to_dict(),
             "http": {"requests": suspect.stats.requests, "retries": suspect.stats.retries,
                      "seconds_backing_off": round(suspect.stats.seconds_waiting, 3)},
             "options": {"rate": rate, "timeout": timeout, "retries": retries, "concurrency": concurrency,
                         "cover_ratio": cover_ratio if cover else 0.0, "cover_data": cover_data,
-                        "token": "bearer (from --token-env/--token-file)" if token else "none"},
+                        "token": "bearer" if token else "none"},
         }
-        tests = [test]
-        if committed:
-            tests.append(tiebreak_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
-                                                  served=served, arch=served_arch,  # type: ignore[arg-type]
-                                                  holdout=holdout,
-                                                  queries=tiebreak_queries))
-        if tiebreak_log is not None:
-            tests.append(tiebreak_log_test_from_files(key=k, suspect=probe, rule=tiebreak,  # type: ignore[arg-type]
-                                                      served=served, arch=served_arch, log=tiebreak_log,  # type: ignore[arg-type]
-                                                      client=client, queries=log_queries,  # type: ignore[arg-type]
-                                                      rounds=log_rounds))
-        if log is not None:
-            test.details["transcript"] = log.summary()
-        verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)
+        if record is not None:
+            verdict.tests[0].details["transcript"] = record.summary()
     finally:
         suspect.close()
-        if log is not None:
-            log.close()
+        if record is not None:
+            record.close()
     if report is not None:
         from wmark.report import write_report
 

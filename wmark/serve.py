@@ -69,11 +69,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         version: The model version reported in metadata.
         on_infer: Called with each batch of inputs before inference (tests count requests with it).
         answerer: What answers instead of the bare model, e.g. a
-            :class:`~wmark.schemes.api_tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
+            :class:`~wmark.schemes.tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
             must return scores unless ``labels_only``.
         clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
-            and an ``answerer`` with a ``for_client`` method (the tie-break API) answers, and logs, as that
-            client.
+            and an ``answerer`` with a ``for_client`` method (a marked API) answers, and logs, as that client.
 
     Raises:
         UsageError: On both ``token`` and ``clients``, or an empty or duplicated client token.
@@ -269,24 +268,27 @@ def _check_port_free(host: str, port: int) -> None:
         raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port.") from None
 
 
-def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = "127.0.0.1", port: int = 8080,
-          labels_only: bool = False, token_env: str | None = None, api_key: str | os.PathLike[str] | None = None,
-          tiebreak: str | os.PathLike[str] | None = None, beta: float | None = None,
-          clients_file: str | os.PathLike[str] | None = None, tiebreak_log: str | os.PathLike[str] | None = None,
-          announce: Callable[[str], None] | None = None) -> None:
+def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
+          port: int = 8080, labels_only: bool = False, token_env: str | None = None,
+          key: str | os.PathLike[str] | None = None, mark: str | None = None,
+          rule: str | os.PathLike[str] | None = None, beta: float | None = None, rate: float | None = None,
+          candidates: str | None = None, clients_file: str | os.PathLike[str] | None = None,
+          log: str | os.PathLike[str] | None = None, announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
 
-    With ``api_key`` and ``tiebreak`` (a rule from ``wmark tiebreak build`` for this model file), answers go
-    through the keyed tie-break wrapper: the API-side mark that extraction carries over. It keeps no state
-    unless ``tiebreak_log`` is given: then each client's near-tie inputs are recorded there
-    (:class:`~wmark.schemes.api_tiebreak.TieBreakLog`), under the names of ``clients_file`` (a JSON object,
+    With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
+    ``tiebreak`` with ``rule`` (from ``wmark tiebreak build``, which names the served model, so ``arch`` and
+    ``weights`` are needed only if it moved) or ``flip`` (``rate``, ``candidates``). It keeps no state unless
+    ``log`` is given: then each client's queries are recorded there
+    (:class:`~wmark.schemes.querylog.QueryLog`), under the names of ``clients_file`` (a JSON object,
     client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one.
 
     Raises:
-        UsageError: If the weights do not load, the port is invalid or the token variable is unset.
+        UsageError: If the weights do not load, the port is invalid, the token variable is unset, or an option
+            of a mark is given without it.
     """
-    from wmark.io import read_metadata, wmark_metadata
-    from wmark.models import load_model
+    from wmark.keys import load_key
+    from wmark.marks import open_served
 
     if not 0 <= port <= 65535:
         raise UsageError(f"Port {port} is out of range 0-65535.")
@@ -297,43 +299,25 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
         token = os.environ.get(token_env, "").strip()
         if not token:
             raise UsageError(f"The environment variable {token_env} holding the token is unset or empty.")
-    meta = wmark_metadata(read_metadata(weights))
-    model, _ = load_model(arch, weights)
-    num_classes = int(meta.get("num_classes", 10))
-    shape = tuple(int(s) for s in meta.get("input_shape", (1, 28, 28)))
     if token is not None and clients_file is not None:
-        raise UsageError("Give --token-env or --clients (per-client tokens), not both.")
+        raise UsageError("Give one bearer token or per-client tokens, not both.")
     clients = None if clients_file is None else read_clients(clients_file)
-    answerer = None
-    if (api_key is None) != (tiebreak is None):
-        raise UsageError("Serving with the tie-break mark needs both --api-key and --tiebreak.")
-    if tiebreak_log is not None and tiebreak is None:
-        raise UsageError("--tiebreak-log records the tie-break API's clients; pass --api-key and --tiebreak too.")
-    log = None
-    if api_key is not None and tiebreak is not None:
-        from wmark.keys import load_key
-        from wmark.schemes.api_tiebreak import DEFAULT_BETA, TieBreakAPI, TieBreakLog, open_tiebreak_rule
-
-        key = load_key(api_key)
-        rule, backend = open_tiebreak_rule(key=key, rule=tiebreak, arch=arch, served=weights)
-        log = None if tiebreak_log is None else TieBreakLog(tiebreak_log, key=key)
-        answerer = TieBreakAPI(key=key, backend=backend, rule=rule, beta=DEFAULT_BETA if beta is None else beta,
-                               log=log)
+    served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
+                         beta=beta, rate=rate, candidates=candidates, log=log)
     try:
-        app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
-                        token=token, answerer=answerer, clients=clients)
+        app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
+                        labels_only=labels_only, token=token, answerer=served.answerer, clients=clients)
         _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
         if announce is not None:
             mode = "label-only" if labels_only else "scores"
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
-            auth += (", tie-break marked" if answerer else "") + (f", logging to {tiebreak_log}" if log else "")
+            auth += (f", {served.mark} marked" if served.mark else "") + (f", logging to {log}" if served.log else "")
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
         server.run()
     finally:
-        if log is not None:
-            log.close()
+        served.close()
 
 
 def read_clients(path: str | os.PathLike[str]) -> dict[str, str]:

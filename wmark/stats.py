@@ -183,20 +183,3 @@ def holm(log10_pvalues: Sequence[float], weights: Sequence[float] | None = None)
         running = max(running, value)
         adjusted[i] = running
     return adjusted
-
-
-def bonferroni(log10_pvalues: Sequence[float]) -> list[float]:
-    """Bonferroni adjusted log10 p-values."""
-    m = len(log10_pvalues)
-    return [min(0.0, p + math.log10(m)) if m else 0.0 for p in log10_pvalues]
-
-
-def key_randomization_log10_p(true_score: float, null_scores: Sequence[float]) -> float:
-    """Exact permutation p-value: (1 + #{null ≥ true}) / (K + 1), as log10.
-
-    Exact whenever the suspect's score under the true key is exchangeable with its scores under the K
-    fresh keys, i.e. nothing the suspect computes depends on which key is the true one.
-    """
-    scores = np.asarray(null_scores, dtype=np.float64)
-    count = int(np.sum(scores >= true_score))
-    return math.log10((1 + count) / (len(scores) + 1))

@@ -1,7 +1,9 @@
-"""Verification: hypothesis tests that say whether a suspect carries the owner's watermark.
+"""Black-box verification with the key's trigger set, and the one place a verification's tests are assembled.
 
-Each test states its null hypothesis and returns an exact log10 p-value; :class:`Verdict` combines tests
-with Holm's correction and decides at the false-accusation bound ``alpha``.
+:func:`trigger_set_test` queries the key's triggers; :func:`assemble_tests` lists the tests a workflow runs
+(the trigger set and, for extraction, the API-side marks), and :class:`wmark.evidence.Verifier` runs and
+combines them. :class:`TestResult`, :class:`Verdict`, :func:`decide` and :func:`alpha_share` live in
+:mod:`wmark.evidence` and are re-exported here.
 
 Example:
     >>> import torch
@@ -18,144 +20,36 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+import os
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from wmark import __version__
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.evidence import (
+    DEFAULT_ALPHA,
+    EvidenceTest,
+    TestResult,
+    Verdict,
+    Verifier,
+    alpha_share,
+    check_suspect_fits_key,
+    decide,
+    owner_inputs,
+)
 from wmark.keys import Key
 from wmark.schemes.trigger_set import generate_triggers
-from wmark.stats import BinomialTest, MixtureEProcess, holm, log10_to_p
+from wmark.stats import BinomialTest, MixtureEProcess
 from wmark.suspects.base import Suspect
 
-DEFAULT_ALPHA = 1e-6
+__all__ = ["DEFAULT_ALPHA", "EvidenceTest", "Mode", "TestResult", "TriggerSetTest", "Verdict", "Verifier",
+           "alpha_share", "assemble_tests", "check_suspect_fits_key", "decide", "owner_inputs", "trigger_set_test",
+           "verify_blackbox"]
+
 Mode = Literal["sequential", "fixed"]
-
-
-@dataclass
-class TestResult:
-    """One hypothesis test on one suspect.
-
-    Attributes:
-        name: Which test (e.g. ``trigger-set``).
-        evidence_of: What a rejection shows: ``copy`` (memorised watermark) or ``extracted``.
-        null: The null hypothesis: per-query probability under it and why that holds.
-        log10_p: log10 of the (exact or anytime-valid) p-value.
-        queries: Queries sent to the suspect for this test.
-        matches: Answers that matched the key.
-        abstentions: Queries with no usable answer (never counted as matches).
-        method: How the p-value was computed.
-        trajectory: log10 evidence after each counted answer (sequential tests), for plots.
-        details: Test-specific extras.
-        weight: Its prior weight in the verdict's weighted Holm correction (:func:`decide`), fixed by the kind of
-            test before any answer is seen: the tie-break log test, the extraction test the API is built for,
-            weighs ``8``, every other test ``1``.
-    """
-
-    __test__ = False  # not a pytest test class, though its name starts with "Test"
-
-    name: str
-    evidence_of: str
-    null: dict[str, Any]
-    log10_p: float
-    queries: int
-    matches: int
-    abstentions: int = 0
-    method: str = ""
-    trajectory: list[float] = field(default_factory=list)
-    details: dict[str, Any] = field(default_factory=dict)
-    weight: float = 1.0
-
-    @property
-    def answered(self) -> int:
-        return self.queries - self.abstentions
-
-
-@dataclass
-class Verdict:
-    """The outcome of verifying one suspect.
-
-    ``decision`` is ``detected`` when the Holm-adjusted p-value of some test is at most ``alpha``;
-    ``kind`` says what the rejected tests are evidence of (``copy``, ``extracted`` or ``none``);
-    ``adjusted`` holds each test's adjusted log10 p-value.
-    """
-
-    decision: str
-    kind: str
-    log10_p: float
-    alpha: float
-    tests: list[TestResult]
-    suspect: str
-    key_commitment: str
-    owner: str
-    status: str = "complete"
-    message: str = ""
-    adjusted: list[float] = field(default_factory=list)
-
-    @property
-    def detected(self) -> bool:
-        return self.decision == "detected"
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready document; never contains the key's secret."""
-        primary = min(self.tests, key=lambda t: t.log10_p) if self.tests else None
-        return {
-            "decision": self.decision,
-            "kind": self.kind,
-            "status": self.status,
-            "message": self.message,
-            "log10_p": _finite(self.log10_p),
-            "p_value": log10_to_p(self.log10_p),
-            "alpha": self.alpha,
-            "queries": sum(t.queries for t in self.tests),
-            "matches": primary.matches if primary else 0,
-            "null": primary.null if primary else {},
-            "suspect": self.suspect,
-            "owner": self.owner,
-            "key_commitment": self.key_commitment,
-            "correction": self.correction,
-            "tests": [dict(asdict(t), log10_p=_finite(t.log10_p),
-                           **({"adjusted_log10_p": _finite(a)} if len(self.tests) > 1 else {}))
-                      for t, a in zip(self.tests, self.adjusted or [t.log10_p for t in self.tests])],
-            "wmark_version": __version__,
-        }
-
-    @property
-    def correction(self) -> str:
-        """How the tests were combined: ``none`` (one test), ``holm`` or ``weighted holm``."""
-        if len(self.tests) < 2:
-            return "none"
-        return "holm" if len({t.weight for t in self.tests}) == 1 else "weighted holm"
-
-
-def _finite(value: float) -> float:
-    return value if math.isfinite(value) else -1e300
-
-
-def check_suspect_fits_key(key: Key, suspect: Suspect) -> None:
-    """Refuse a suspect whose classes or input shape differ from the key's."""
-    if suspect.num_classes is not None and suspect.num_classes != key.num_classes:
-        raise UsageError(
-            f"The key is for {key.num_classes}-class models but the suspect answers over {suspect.num_classes} "
-            "classes; use the key made for this model."
-        )
-    if suspect.input_shape is not None and tuple(suspect.input_shape) != tuple(key.input_shape):
-        raise UsageError(
-            f"The key's inputs are {tuple(key.input_shape)} but the suspect takes {tuple(suspect.input_shape)}."
-        )
-
-
-def owner_inputs(key: Key, inputs: Any) -> np.ndarray:
-    """The owner's verification inputs as float32, refused if their shape is not the key's."""
-    x = np.asarray(inputs, dtype=np.float32)
-    if x.shape[1:] != tuple(key.input_shape):
-        raise UsageError(f"Verification inputs are shaped {x.shape[1:]}, the key's input shape is "
-                         f"{tuple(key.input_shape)}.")
-    return x
+PathLike = str | os.PathLike[str]
 
 
 def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",
@@ -200,7 +94,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
             answers = suspect.query(triggers.inputs[idx].numpy())
             got = np.asarray(answers.labels).reshape(-1)
             if len(got) != len(idx):
-                raise UsageError(f"The suspect answered {len(got)} labels for {len(idx)} inputs.")
+                raise RuntimeFailure(f"The suspect answered {len(got)} labels for {len(idx)} inputs.")
             for j, label in zip(idx, got):
                 queries += 1
                 bar.update(1)
@@ -240,54 +134,27 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
     )
 
 
-def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> Verdict:
-    """Combine tests with (weighted) Holm's correction and name the kind of evidence found.
+@dataclass(frozen=True)
+class TriggerSetTest:
+    """The trigger-set test as an :class:`~wmark.evidence.EvidenceTest` (see :func:`trigger_set_test`)."""
 
-    Each test enters with its prior :attr:`TestResult.weight`; the weights are fixed by the kinds of test
-    run, never by their answers, so the family-wise bound alpha holds (:func:`wmark.stats.holm`).
-    """
-    if not tests:
-        raise UsageError("No test was run.")
-    adjusted = holm([t.log10_p for t in tests], [t.weight for t in tests])
-    threshold = math.log10(alpha)
-    rejected = [t for t, a in zip(tests, adjusted) if a <= threshold]
-    kinds = {t.evidence_of for t in rejected}
-    kind = "copy" if "copy" in kinds else ("extracted" if "extracted" in kinds else "none")
-    answered = sum(t.answered for t in tests)
-    status, message = "complete", ""
-    if not rejected and answered == 0:
-        status, message = "inconclusive", "The suspect gave no usable answer; nothing can be concluded."
-    elif not rejected and any(t.details.get("budget", 0) < t.details.get("triggers", 0) for t in tests):
-        status = "inconclusive"
-        message = ("The query budget ran out before every trigger was asked and before the evidence reached "
-                   "1/alpha; raise --max-queries to conclude.")
-    elif not rejected and any(t.details.get("inconclusive") for t in tests):
-        status = "inconclusive"
-        message = " ".join(t.details["inconclusive"] for t in tests if t.details.get("inconclusive"))
-    assumed = [f"{t.name}: {t.null['assumption']}" for t in rejected if t.null.get("assumption")]
-    if assumed and not any(not t.null.get("assumption") for t in rejected):
-        message = " ".join(filter(None, [message, "The evidence rests on a stated assumption ("
-                                         + "; ".join(assumed) + ")."]))
-    return Verdict(
-        decision="detected" if rejected else "not_detected",
-        kind=kind,
-        log10_p=min(adjusted),
-        alpha=alpha,
-        tests=tests,
-        suspect=suspect,
-        key_commitment=key.commitment(),
-        owner=key.owner,
-        status=status,
-        message=message,
-        adjusted=adjusted,
-    )
+    key: Key
+    mode: Mode = "sequential"
+    max_queries: int | None = None
+    batch_size: int = 1
+    progress: bool = False
+    name: str = "trigger-set"
+    weight: float = 1.0
 
+    @property
+    def null(self) -> str:
+        return ("the suspect never saw the key: each answer matches its trigger's label with probability "
+                f"1/{self.key.num_classes}")
 
-def alpha_share(weight: float, weights: Sequence[float]) -> float:
-    """The share of alpha Holm's first step gives a test of ``weight`` among tests of ``weights`` (all of them,
-    its own included): a sequential test that will be combined stops once its evidence reaches
-    1 / (share × alpha)."""
-    return float(weight) / math.fsum(weights)
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        return trigger_set_test(key=self.key, suspect=suspect, alpha=alpha, mode=self.mode,
+                                max_queries=self.max_queries, batch_size=self.batch_size, progress=self.progress,
+                                share=share)
 
 
 def verify_blackbox(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential",
@@ -303,6 +170,78 @@ def verify_blackbox(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA,
         batch_size: Triggers per request in sequential mode.
         progress: Show a progress bar on stderr.
     """
-    test = trigger_set_test(key=key, suspect=suspect, alpha=alpha, mode=mode, max_queries=max_queries,
-                            batch_size=batch_size, progress=progress)
-    return decide(key=key, tests=[test], alpha=alpha, suspect=suspect.description)
+    test = TriggerSetTest(key=key, mode=mode, max_queries=max_queries, batch_size=batch_size, progress=progress)
+    return Verifier(key=key, alpha=alpha, tests=[test]).run(suspect=suspect)
+
+
+def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | None = None, batch_size: int = 1,
+                   progress: bool = False, log: PathLike | None = None, client: str | None = None,
+                   rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
+                   holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
+                   log_rounds: int = 21) -> list[EvidenceTest]:
+    """The tests one verification runs, in order: the trigger set, then the API-side marks the files given
+    allow. The one place a workflow's tests are put together (a model file and an HTTP suspect alike).
+
+    The query ``log`` says which mark's API wrote it: a flip-mark log gives the flip-mark test on ``client``'s
+    marked inputs (at most ``log_queries``, default 300); a tie-break log gives the log test on ``client``'s
+    inputs (``log_queries``, default 1000, in ``log_rounds`` rounds) and needs the ``rule``. A tie-break
+    ``rule`` also gives the committed-input test (its first ``rule_queries``; 0 skips it, next to a log).
+
+    Args:
+        key: The owner's key.
+        mode: The trigger-set test: ``sequential`` or ``fixed``.
+        max_queries: Its query budget (default: every trigger).
+        batch_size: Triggers per request in sequential mode.
+        progress: Show a progress bar.
+        log: The marked API's query log (:class:`~wmark.schemes.querylog.QueryLog`).
+        client: The API client suspected of extraction (with a log).
+        rule: The tie-break rule file the API served with.
+        served: The served model file, only if it moved since the rule was built.
+        served_arch: Its architecture, only for a rule that records none.
+        holdout: Only for a rule that commits no inputs: the owner's held inputs (dataset spec).
+        rule_queries: Committed tie-break inputs to ask.
+        log_queries: Logged inputs to ask.
+        log_rounds: Tie-break log test: rounds to ask them in.
+
+    Raises:
+        UsageError: On a partial or inconsistent set of files.
+    """
+    if (client is None) != (log is None):
+        raise UsageError("A query log is read for one client; give both the log and the client suspected of "
+                         "extraction.")
+    if rule is None and (served is not None or served_arch is not None or holdout is not None):
+        raise UsageError("The served model and holdout inputs belong to the tie-break test; give its rule too.")
+    if rule_queries < 0:
+        raise UsageError(f"The number of committed tie-break inputs to ask must be at least 0, got {rule_queries}.")
+    if log_queries is not None and log_queries < 1:
+        raise UsageError(f"The number of logged inputs to ask must be at least 1, got {log_queries}.")
+    tests: list[EvidenceTest] = [TriggerSetTest(key=key, mode=mode, max_queries=max_queries, batch_size=batch_size,
+                                                progress=progress)]
+    mark = None
+    if log is not None:
+        from wmark.schemes.querylog import QueryLog
+
+        with QueryLog(log, key=key) as opened:
+            mark = opened.mark
+    if mark == "flip":
+        if rule is not None:
+            raise UsageError(f"The query log {log} was written by the flip mark's API, which has no tie-break rule; "
+                             "give no rule.")
+        from wmark.schemes.api_mark import ApiMarkTest
+
+        tests.append(ApiMarkTest(key=key, log=log, client=client,  # type: ignore[arg-type]
+                                 max_queries=300 if log_queries is None else log_queries))
+        return tests
+    if mark == "tiebreak" and rule is None:
+        raise UsageError(f"The query log {log} was written by the tie-break mark's API; give the rule it served with.")
+    if rule is not None:
+        if rule_queries == 0 and log is None:
+            raise UsageError("Asking no committed tie-break input leaves only the log test; give the query log and "
+                             "the client, or ask at least one committed input.")
+        from wmark.schemes.tiebreak import DEFAULT_QUERIES, tiebreak_tests_from_files
+
+        tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
+                                               queries=rule_queries, log=log, client=client,
+                                               log_queries=DEFAULT_QUERIES if log_queries is None else log_queries,
+                                               log_rounds=log_rounds))
+    return tests

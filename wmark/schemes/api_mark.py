@@ -2,7 +2,7 @@
 
 A model served behind :class:`MarkedAPI` answers a small keyed fraction of queries with a keyed label
 instead of its own top-1 (in the spirit of DAWN, Szyller et al. 2021), deterministically per input, and
-records per client which queries it marked in a SQLite log (:class:`MarkLog`). A thief who trains a
+records per client which queries it marked in its query log (:class:`~wmark.schemes.querylog.MarkLog`). A thief who trains a
 surrogate on those answers learns some of the wrong labels; :func:`api_mark_test` asks a suspect the
 logged inputs of one client and tests whether its answers follow the keyed labels.
 
@@ -61,39 +61,24 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
+from wmark.evidence import TestResult, check_suspect_fits_key
 from wmark.keys import Key
+from wmark.schemes.querylog import MarkLog, QueryLog, input_digest
 from wmark.stats import MixtureEProcess
 from wmark.suspects.base import Answers, Suspect
 
-if TYPE_CHECKING:
-    from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
-
 SCHEME = "api-mark"
 VERSION = 1
-LOG_FORMAT = "wmark-api-mark-log/1"
 DEFAULT_RATE = 0.03
 DEFAULT_CANDIDATES = "all"
-
-
-def input_digest(x: np.ndarray) -> str:
-    """Hex SHA-256 of one input's shape and little-endian float32 bytes (what the PRF is keyed on)."""
-    arr = np.ascontiguousarray(x, dtype="<f4")
-    head = ("x".join(str(int(d)) for d in arr.shape) + ":").encode()
-    return hashlib.sha256(head + arr.tobytes()).hexdigest()
 
 
 def _prf_uniform(key: Key, purpose: str, digest: str) -> float:
@@ -121,7 +106,7 @@ def parse_candidates(spec: int | str, num_classes: int) -> int:
         try:
             spec = int(spec)
         except ValueError:
-            raise UsageError(f"--candidates must be an integer or 'all', got {spec!r}.") from None
+            raise UsageError(f"The candidate-set size must be an integer or 'all', got {spec!r}.") from None
     k = int(spec)
     if not 2 <= k <= num_classes - 1:
         raise UsageError(
@@ -146,116 +131,6 @@ class MarkDecision:
     top1: int
     candidates: tuple[int, ...] = ()
     label: int = -1
-
-
-class MarkLog:
-    """SQLite record of the marked answers, per client.
-
-    One row per (client, marked input): the input's digest and float32 bytes, the served top-1, the
-    candidate set and the keyed label. A ``meta`` table binds the log to one key (its commitment) and
-    the scheme's parameters, so a log cannot be verified under another key. Per-client query counts
-    are kept as well, to report what fraction of a client's traffic was marked.
-
-    Args:
-        path: The database file (created if missing).
-        key: The owner's key; an existing log made under another key is refused.
-        rate: Marking rate (recorded for a new log; checked against an existing one when given).
-        candidates: Candidate-set size (same).
-        input_shape: Shape of one input.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], *, key: Key, rate: float | None = None,
-                 candidates: int | None = None, input_shape: Sequence[int] | None = None,
-                 create: bool = True) -> None:
-        self.path = Path(path)
-        if not create and not self.path.is_file():
-            raise UsageError(f"API-mark log {self.path} does not exist; it is written by the marked API "
-                             "(`wmark api-mark answer ... --log FILE`).")
-        if create and self.path.parent and not self.path.parent.exists():
-            raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
-        try:
-            self._db = sqlite3.connect(self.path, timeout=30.0)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.executescript(
-                """
-                CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
-                CREATE TABLE IF NOT EXISTS marks (
-                    client TEXT NOT NULL, digest TEXT NOT NULL, shape TEXT NOT NULL, input BLOB NOT NULL,
-                    top1 INTEGER NOT NULL, candidates TEXT NOT NULL, label INTEGER NOT NULL,
-                    created REAL NOT NULL, PRIMARY KEY (client, digest));
-                CREATE TABLE IF NOT EXISTS clients (client TEXT PRIMARY KEY, queries INTEGER NOT NULL);
-                """
-            )
-        except sqlite3.DatabaseError as exc:
-            raise UsageError(f"{self.path} is not a readable SQLite API-mark log ({exc}).") from None
-        meta = self.meta()
-        expected = {"format": LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes)}
-        if not meta:
-            if rate is None or candidates is None:
-                raise UsageError(f"{self.path} is an empty API-mark log; it is written by the marked API.")
-            values = dict(expected, rate=repr(float(rate)), candidates=str(int(candidates)),
-                          input_shape=json.dumps(list(input_shape or key.input_shape)), version=str(VERSION))
-            with self._db:
-                self._db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(values.items()))
-            meta = values
-        if meta.get("format") != LOG_FORMAT:
-            raise UsageError(f"{self.path} is not a wmark API-mark log (expected format {LOG_FORMAT}).")
-        if meta.get("key_commitment") != key.commitment():
-            raise UsageError(f"The API-mark log {self.path} was written under another key; verify with the key "
-                             "that served the API.")
-        if rate is not None and float(meta["rate"]) != float(rate):
-            raise UsageError(f"The log {self.path} was written with rate {meta['rate']}, not {rate}; use a new log.")
-        if candidates is not None and int(meta["candidates"]) != int(candidates):
-            raise UsageError(f"The log {self.path} was written with {meta['candidates']} candidates, not "
-                             f"{candidates}; use a new log.")
-        self.rate = float(meta["rate"])
-        self.candidates = int(meta["candidates"])
-        self.input_shape = tuple(json.loads(meta["input_shape"]))
-
-    def meta(self) -> dict[str, str]:
-        return dict(self._db.execute("SELECT name, value FROM meta").fetchall())
-
-    def record(self, client: str, inputs: np.ndarray, decisions: Sequence[MarkDecision]) -> None:
-        """Store the marked decisions of one batch and count the client's queries."""
-        now = time.time()
-        rows = [
-            (client, d.digest, json.dumps(list(x.shape)), np.ascontiguousarray(x, dtype="<f4").tobytes(), d.top1,
-             json.dumps(list(d.candidates)), d.label, now)
-            for x, d in zip(inputs, decisions) if d.marked
-        ]
-        with self._db:
-            self._db.executemany("INSERT OR IGNORE INTO marks VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            self._db.execute(
-                "INSERT INTO clients VALUES (?, ?) ON CONFLICT(client) DO UPDATE SET queries = queries + ?",
-                (client, len(decisions), len(decisions)),
-            )
-
-    def clients(self) -> dict[str, dict[str, int]]:
-        """Per client: queries answered and marked inputs recorded."""
-        out = {c: {"queries": int(q), "marked": 0} for c, q in self._db.execute("SELECT client, queries FROM clients")}
-        for c, n in self._db.execute("SELECT client, COUNT(*) FROM marks GROUP BY client"):
-            out.setdefault(c, {"queries": 0, "marked": 0})["marked"] = int(n)
-        return out
-
-    def records(self, client: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """The marked inputs of one client, in the order they were first answered."""
-        sql = "SELECT digest, shape, input, top1, candidates, label FROM marks WHERE client = ? ORDER BY rowid"
-        rows = self._db.execute(sql + (" LIMIT ?" if limit else ""), (client, limit) if limit else (client,))
-        out = []
-        for digest, shape, blob, top1, cands, label in rows:
-            x = np.frombuffer(blob, dtype="<f4").reshape(json.loads(shape)).astype(np.float32)
-            out.append({"digest": digest, "x": x, "top1": int(top1), "candidates": json.loads(cands),
-                        "label": int(label)})
-        return out
-
-    def close(self) -> None:
-        self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def query_with_scores(backend: Suspect, inputs: np.ndarray,
@@ -294,7 +169,7 @@ class MarkedAPI:
 
     def __init__(self, *, key: Key, backend: Suspect, rate: float = DEFAULT_RATE,
                  candidates: int | str = DEFAULT_CANDIDATES, max_confidence: float = 1.0,
-                 expose_scores: bool = True, log: MarkLog | None = None, client: str = "default") -> None:
+                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "default") -> None:
         if not 0.0 < rate < 1.0:
             raise UsageError(f"The marking rate must be in (0, 1), got {rate}.")
         if not 0.0 < max_confidence <= 1.0:
@@ -302,6 +177,8 @@ class MarkedAPI:
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
             raise UsageError(f"The key is for {key.num_classes} classes but the served model answers over "
                              f"{backend.num_classes}; use the key made for this model.")
+        if log is not None and log.mark != "flip":
+            raise UsageError(f"The query log {log.path} belongs to the {log.mark} mark; give the flip mark its own log.")
         self.key = key
         self.backend = backend
         self.rate = float(rate)
@@ -346,8 +223,28 @@ class MarkedAPI:
                 labels[i] = d.label
                 scores[i, [d.top1, d.label]] = scores[i, [d.label, d.top1]]
         if self.log is not None:
-            self.log.record(self.client, x[ok], decisions)
+            self.log.record_marks(self.client, x[ok], decisions)
         return Answers(labels=labels, scores=scores.astype(np.float32) if self.expose_scores else None)
+
+
+@dataclass(frozen=True)
+class ApiMarkTest:
+    """:func:`api_mark_test` on one client's logged marked inputs as an :class:`~wmark.evidence.EvidenceTest`
+    of weight 1 (the log is opened when the test runs)."""
+
+    key: Key
+    log: str | os.PathLike[str]
+    client: str
+    max_queries: int | None = 300
+    name: str = SCHEME
+    weight: float = 1.0
+    null: str = ("the suspect never learned from the marked answers: among its answers inside each candidate set, "
+                 "matches with the keyed labels are independent Bernoulli(1/|S|)")
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        with MarkLog(self.log, key=self.key, create=False) as opened:
+            return api_mark_test(key=self.key, suspect=suspect, log=opened, client=self.client,
+                                 max_queries=self.max_queries)
 
 
 def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
@@ -374,8 +271,8 @@ def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
     return float(min(0.0, logsumexp(log_dist[k:]))) / math.log(10.0)
 
 
-def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_queries: int | None = None,
-                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> Any:
+def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max_queries: int | None = None,
+                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> TestResult:
     """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
 
     Null hypothesis (exact, see the module docstring): the suspect never learned from the marked answers,
@@ -384,7 +281,7 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
     Args:
         key: The owner's key (must be the one the log was written under).
         suspect: The model under suspicion.
-        log: The API-mark log.
+        log: The flip mark's query log.
         client: Whose queries to replay (the account suspected of extraction).
         max_queries: Ask at most this many logged inputs (the first ones logged).
         batch_size: Inputs per request.
@@ -395,28 +292,29 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: MarkLog, client: str, max_
             answers). Both are always reported in ``details``.
 
     Returns:
-        A :class:`wmark.verify.TestResult` with ``evidence_of="extracted"``.
+        A :class:`wmark.evidence.TestResult` with ``evidence_of="extracted"``.
 
     Raises:
         UsageError: If the log has no marks for this client, was written for other inputs, or its labels do
             not follow from this key (another key, or an edited log).
     """
-    from wmark.verify import TestResult, check_suspect_fits_key
-
     check_suspect_fits_key(key, suspect)
     if statistic not in ("anytime", "exact"):
         raise UsageError(f"Unknown statistic {statistic!r}; use anytime or exact.")
+    if log.mark != "flip":
+        raise UsageError(f"The query log {log.path} was written by the {log.mark} mark's API; the flip-mark test reads "
+                         "the flip mark's log.")
     if tuple(log.input_shape) != tuple(key.input_shape):
-        raise UsageError(f"The API-mark log holds inputs shaped {tuple(log.input_shape)} but the key's are "
+        raise UsageError(f"The query log holds inputs shaped {tuple(log.input_shape)} but the key's are "
                          f"{tuple(key.input_shape)}; use the log of this model's API.")
     records = log.records(client, limit=max_queries)
     if not records:
         known = ", ".join(sorted(log.clients())) or "none"
-        raise UsageError(f"The API-mark log has no marked queries for client {client!r} (clients: {known}).")
+        raise UsageError(f"The query log has no marked queries for client {client!r} (clients: {known}).")
     for r in records:
         if input_digest(r["x"]) != r["digest"] or r["label"] != r["candidates"][_prf_index(key, r["digest"],
                                                                                         len(r["candidates"]))]:
-            raise UsageError(f"The API-mark log {log.path} does not follow from this key (edited, or written "
+            raise UsageError(f"The query log {log.path} does not follow from this key (edited, or written "
                              "under another key); use the original log and key.")
     x = np.stack([r["x"] for r in records])
     labels = []

@@ -1,7 +1,7 @@
 """Keyed region marks vs early-stopped extraction on Fashion-MNIST: surrogates caught, innocents not.
 
 Protocol (same split, victim and independent models as ``benchmarks/extraction.py``, shared via the
-cache): the owner builds a keyed region map (:mod:`wmark.schemes.api_regions`) from its own half and
+cache): the owner builds a keyed region map (``benchmarks/research/api_regions.py``) from its own half and
 serves the victim behind :class:`~wmark.schemes.api_regions.RegionMarkedAPI`. Each thief queries 10k
 images of the attacker's half and trains a surrogate for only 6 epochs (hard-label CNN, soft-label CNN,
 hard-label MLP). Verification asks each suspect the owner's own inputs (its training half, never queried
@@ -10,7 +10,7 @@ to their cell's target; convolution over cells) with the plurality-per-cell bino
 models (CNN seeds, MLPs, a wide CNN, one trained on the attacker's true labels, one on the owner's data)
 must stay above alpha = 1e-6. The accuracy cost for honest users is measured on the test set.
 
-Usage: nice -n 10 python benchmarks/extraction_regions.py [--space victim|pixels] [--regions 600] [--marked 12]
+Usage: nice -n 10 python benchmarks/research/extraction_regions.py [--space victim|pixels] [--regions 600] [--marked 12]
 """
 
 from __future__ import annotations
@@ -21,22 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 import numpy as np
 import torch
+from api_regions import (
+    RegionMarkedAPI,
+    accuracy_cost,
+    build_region_map,
+    region_test,
+)
 from common import cached, extraction_independents, extraction_victim, table, write_results
 
 from wmark.attacks.extract import extract
 from wmark.data import load_dataset
 from wmark.io import save_model
 from wmark.models import load_model, model_metadata, penultimate_featurizer
-from wmark.schemes.api_regions import (
-    RegionMarkedAPI,
-    accuracy_cost,
-    build_region_map,
-    region_test,
-)
 from wmark.suspects import LocalSuspect
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"

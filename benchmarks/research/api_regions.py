@@ -61,12 +61,12 @@ import numpy as np
 import torch
 
 from wmark.errors import UsageError
+from wmark.evidence import TestResult, check_suspect_fits_key, owner_inputs
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
 from wmark.schemes.api_mark import query_with_scores
 from wmark.stats import binomial_log10_sf
 from wmark.suspects.base import Answers, Suspect
-from wmark.verify import TestResult, check_suspect_fits_key, owner_inputs
 
 SCHEME = "api-regions"
 VERSION = 1

@@ -7,13 +7,7 @@ from functools import partial
 import numpy as np
 import pytest
 from _api_helpers import LinearModel
-from keykit import seeded_key
-from scipy import stats
-
-from wmark.errors import UsageError
-from wmark.keys import generate_key
-from wmark.models import penultimate_featurizer
-from wmark.schemes.api_regions import (
+from api_regions import (
     RegionMarkedAPI,
     accuracy_cost,
     build_region_map,
@@ -23,6 +17,12 @@ from wmark.schemes.api_regions import (
     pooled_features,
     region_test,
 )
+from keykit import seeded_key
+from scipy import stats
+
+from wmark.errors import UsageError
+from wmark.keys import generate_key
+from wmark.models import penultimate_featurizer
 
 C, D = 5, 6
 Linear = partial(LinearModel, num_classes=C, dims=D)

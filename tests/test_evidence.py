@@ -1,0 +1,75 @@
+"""The evidence core: one Verifier splits alpha by the tests' weights, runs them and combines them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+
+from wmark.errors import UsageError
+from wmark.evidence import TestResult, Verifier, alpha_share
+from wmark.keys import generate_key
+
+
+@dataclass
+class Recording:
+    """A test with a fixed p-value that records the share of alpha it was run with."""
+
+    name: str
+    weight: float
+    log10_p: float
+    null: str = "fixed for the test"
+    seen: list[tuple[float, float]] = field(default_factory=list)
+
+    def run(self, suspect, *, alpha, share):
+        self.seen.append((alpha, share))
+        return TestResult(name=self.name, evidence_of="extracted", null={"why": self.null}, log10_p=self.log10_p,
+                          queries=1, matches=0)
+
+
+def test_the_verifier_gives_each_test_its_weighted_share_and_combines_by_weighted_holm():
+    key = generate_key(owner="ACME", num_classes=3, input_shape=(2,))
+    tests = [Recording("a", 1.0, -6.5), Recording("b", 1.0, 0.0), Recording("log", 8.0, -6.2)]
+    verdict = Verifier(key=key, alpha=1e-6, tests=tests).run(suspect=None, description="s")
+    assert [t.seen[0][1] for t in tests] == pytest.approx([0.1, 0.1, 0.8])
+    assert all(t.seen[0][0] == 1e-6 for t in tests)
+    assert [t.weight for t in verdict.tests] == [1.0, 1.0, 8.0]
+    assert verdict.correction == "weighted holm" and verdict.detected and verdict.kind == "extracted"
+    # weighted Holm: the log test's p of 10^-6.2 is below 0.8 alpha, but alpha/3 would miss it alone
+    assert verdict.adjusted[2] == pytest.approx(-6.2 - math.log10(0.8))
+    assert alpha_share(8.0, [1.0, 1.0, 8.0]) == pytest.approx(0.8)
+
+
+def test_the_verifier_refuses_a_bad_alpha_no_tests_or_a_non_positive_weight():
+    key = generate_key(owner="ACME", num_classes=3, input_shape=(2,))
+    with pytest.raises(UsageError, match="alpha must be in"):
+        Verifier(key=key, alpha=1.5, tests=[Recording("a", 1.0, 0.0)])
+    with pytest.raises(UsageError, match="No test"):
+        Verifier(key=key, alpha=1e-6, tests=[])
+    with pytest.raises(UsageError, match="weight must be positive"):
+        Verifier(key=key, alpha=1e-6, tests=[Recording("a", 0.0, 0.0)])
+
+
+def test_a_suspect_answering_the_wrong_number_of_labels_is_a_runtime_error():
+    import numpy as np
+
+    from wmark.errors import RuntimeFailure
+    from wmark.schemes.tiebreak.tests import _ask
+    from wmark.suspects import Answers
+    from wmark.verify import TriggerSetTest
+
+    key = generate_key(owner="ACME", num_classes=3, input_shape=(1, 4, 4))
+
+    class Short:
+        description, num_classes, input_shape = "short", 3, (1, 4, 4)
+
+        def query(self, inputs):
+            return Answers(labels=np.zeros(max(0, len(inputs) - 1), dtype=np.int64))
+
+    with pytest.raises(RuntimeFailure, match="answered 0 labels for 1 inputs") as caught:
+        Verifier(key=key, alpha=1e-6, tests=[TriggerSetTest(key=key)]).run(suspect=Short())
+    assert caught.value.exit_code == 3
+    with pytest.raises(RuntimeFailure, match="answered 1 labels for 2 queries"):
+        _ask(suspect=Short(), xs=np.zeros((2, 1, 4, 4), np.float32), lo=np.zeros(2, int), hi=np.ones(2, int),
+             use_scores=False)

@@ -1,0 +1,71 @@
+"""Helpers shared by the ``wmark`` command modules: error handling, output, help texts."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import click
+
+from wmark.errors import UsageError, WmarkError
+
+EXIT_HELP = """\b
+Exit codes:
+  0  detected (verify) or success
+  1  not detected or inconclusive (verify)
+  2  usage error: bad option, missing/corrupt file, mismatched key
+  3  runtime error: the suspect failed or answered garbage"""
+
+ARCH_HELP = "built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp) or package.module:factory"
+DATA_HELP = "fashion-mnist[:DIR], digits, or a .safetensors file with tensors x and y"
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except WmarkError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
+            sys.exit(3)
+        except Exception as exc:
+            if os.environ.get("WMARK_DEBUG"):
+                raise
+            click.echo(f"error: unexpected {type(exc).__name__}: {exc} (set WMARK_DEBUG=1 for a traceback)", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+def _emit(doc: dict[str, Any], as_json: bool, summary: str) -> None:
+    click.echo(json.dumps(doc, indent=2, sort_keys=True) if as_json else summary)
+
+
+def _progress() -> bool:
+    return sys.stderr.isatty() or bool(os.environ.get("WMARK_PROGRESS"))
+
+
+def given(names: Iterable[str]) -> list[str]:
+    """The options among ``names`` (parameter names) the user gave on the command line, as ``--flag`` spellings."""
+    ctx = click.get_current_context()
+    out = []
+    for name in names:
+        source = ctx.get_parameter_source(name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT"):
+            param = next(p for p in ctx.command.params if p.name == name)
+            out.append(max(param.opts, key=len))
+    return out
+
+
+def refuse(names: Iterable[str], why: str) -> None:
+    """Refuse, in one sentence, options given where they do not apply (exit 2)."""
+    flags = given(names)
+    if flags:
+        raise UsageError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply {why}.")

@@ -1,0 +1,76 @@
+"""The marked API: the served model behind the keyed tie-breaking head (a :class:`~wmark.suspects.Suspect`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import UsageError
+from wmark.keys import Key
+from wmark.schemes.api_mark import query_with_scores
+from wmark.schemes.querylog import QueryLog
+from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
+from wmark.suspects.base import Answers, Suspect
+
+DEFAULT_BETA = 1.0
+
+
+class TieBreakAPI:
+    """A serving wrapper that shifts every answer by the keyed head (a :class:`Suspect` itself).
+
+    Args:
+        key: The owner's key.
+        backend: The served model; it must expose scores.
+        rule: The tie-break rule built under ``key`` from this served model.
+        beta: Scale of the keyed log-probability shift (the accuracy cost grows with it).
+        expose_scores: Return the shifted scores, or labels only.
+        log: Where to record each client's near-tie inputs (:class:`~wmark.schemes.querylog.TieBreakLog`), for
+            :func:`tiebreak_log_test`; None keeps no state.
+        client: Whose queries these are (see :meth:`for_client`).
+    """
+
+    def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
+                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous") -> None:
+        if rule.commitment != key.commitment():
+            raise UsageError("The tie-break rule was built under another key; build it with the serving key.")
+        if backend.num_classes is not None and backend.num_classes != key.num_classes:
+            raise UsageError(f"The served model has {backend.num_classes} classes but the key {key.num_classes}; "
+                             "serve the model the key was made for.")
+        if beta <= 0:
+            raise UsageError(f"beta must be positive, got {beta}.")
+        if log is not None and log.commitment != key.commitment():
+            raise UsageError(f"The query log {log.path} belongs to another key; open a log under the serving key.")
+        if log is not None and log.mark != "tiebreak":
+            raise UsageError(f"The query log {log.path} belongs to the {log.mark} mark; give the tie-break mark its "
+                             "own log.")
+        self.key, self.backend, self.rule = key, backend, rule
+        self.beta, self.expose_scores = float(beta), expose_scores
+        self.log, self.client = log, client
+        self.num_classes = key.num_classes
+        self.input_shape = tuple(key.input_shape)
+        self.description = f"tie-break-marked {backend.description}"
+
+    def for_client(self, client: str) -> TieBreakAPI:
+        """The same API answering (and logging) as ``client``."""
+        return TieBreakAPI(key=self.key, backend=self.backend, rule=self.rule, beta=self.beta,
+                           expose_scores=self.expose_scores, log=self.log, client=client)
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        x, scores, _ = query_with_scores(self.backend, inputs, self.input_shape)
+        if self.log is not None:
+            self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
+        logits = np.log(np.maximum(scores, 1e-300)) + self.beta * self.rule.shifts(x)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
+
+
+def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """Accuracy of the served labels vs the marked answers on labelled inputs (honest users' cost)."""
+    plain = np.asarray(api.backend.query(x).labels)
+    marked = np.asarray(api.query(x).labels)
+    y = np.asarray(y)
+    return {"served_accuracy": float((plain == y).mean()), "api_accuracy": float((marked == y).mean()),
+            "accuracy_cost_pp": 100.0 * float((plain == y).mean() - (marked == y).mean()),
+            "changed_fraction": float((marked != plain).mean())}

@@ -1,0 +1,491 @@
+"""The tie-break tests: the exact Gaussian statistic, the committed-input test and the log test.
+
+See :mod:`wmark.schemes.tiebreak` for the statistic and why its null is exact.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.special import log_ndtr
+
+from wmark.distill import reference_scores
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.evidence import TestResult, check_suspect_fits_key, owner_inputs
+from wmark.keys import Key
+from wmark.schemes.api_mark import query_with_scores
+from wmark.schemes.querylog import QueryLog, TieBreakLog
+from wmark.schemes.tiebreak.rule import (
+    DEFAULT_PAIR_RATIO,
+    DEFAULT_QUERIES,
+    SCHEME,
+    TieBreakRule,
+    open_tiebreak_rule,
+    pair_log_odds,
+    reference_leans,
+    select_verification_inputs,
+    top_pairs,
+)
+from wmark.suspects.base import Suspect
+
+LEAN_CLIP = 2.0
+DEFAULT_LOG_ROUNDS = 21
+LOG_FIRST_ROUND = 0.05
+LOG_TEST_WEIGHT = 8.0
+OUTSIDE_WEIGHT = 1.0
+FOLLOWED_REFERENCES = 4
+
+
+def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
+    """The suspect's lean ``log(p_lo / p_hi)`` per input, clipped at ``±LEAN_CLIP``; NaN rows (abstentions) 0.
+
+    Returns None unless ``scores`` are probabilities (non-negative rows summing to 1): logits or other
+    scores are not guessed at, and the test then reads the labels.
+    """
+    if scores is None:
+        return None
+    sc = np.asarray(scores, dtype=np.float64)
+    if sc.ndim != 2 or sc.shape[0] != len(lo):
+        return None
+    ok = np.isfinite(sc).all(axis=1)
+    if not ok.any() or (sc[ok] < 0).any() or not np.allclose(sc[ok].sum(axis=1), 1.0, atol=1e-3):
+        return None
+    with np.errstate(invalid="ignore"):
+        lean = np.clip(pair_log_odds(sc, lo, hi), -LEAN_CLIP, LEAN_CLIP)
+    return np.where(ok, lean, 0.0)
+
+
+def _outside(answers: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The class answered where it is neither of the pair, else −1 (in the pair, or an abstention)."""
+    a = np.asarray(answers, dtype=np.int64)
+    return np.where((a >= 0) & (a != lo) & (a != hi), a, -1)
+
+
+def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *, num_classes: int,
+               outside: np.ndarray | None = None) -> np.ndarray:
+    """``v_c`` of the module docstring (C×k), the features centred per pair; ``outside`` (from
+    :func:`_outside`) adds the labels outside each pair, None leaves them out (a probability reading)."""
+    phi = np.array(psi, dtype=np.float64)
+    groups = lo * num_classes + hi
+    for g in np.unique(groups):
+        phi[groups == g] -= phi[groups == g].mean(axis=0)
+    v = np.zeros((num_classes, phi.shape[1]))
+    np.add.at(v, lo, s[:, None] * phi)
+    np.add.at(v, hi, -s[:, None] * phi)
+    if outside is not None:
+        out = outside >= 0
+        np.add.at(v, outside[out], OUTSIDE_WEIGHT * phi[out])
+        np.add.at(v, lo[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
+        np.add.at(v, hi[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
+    return v
+
+
+def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                       answers: np.ndarray, leans: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
+    """The exact Z statistic of the module docstring for answers on inputs with features ``psi``.
+
+    Args:
+        rule: The tie-break rule (its directions are used only here).
+        psi: Features of the verification inputs (n×k), as :meth:`TieBreakRule.features` gives them.
+        lo: The smaller class of each input's pair (under the unmarked served model).
+        hi: The larger class of each input's pair.
+        answers: The suspect's labels (−1 = abstention); labels outside an input's pair count too.
+        leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
+            used in place of the labels: any function of the suspect's own answers keeps the null exact, and
+            a lean also counts the calls a surrogate moved without flipping.
+
+    Returns:
+        ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
+    """
+    a = np.asarray(answers, dtype=np.int64)
+    signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
+    s = signs if leans is None else np.asarray(leans, dtype=np.float64)
+    outside = _outside(a, lo, hi) if leans is None else None
+    v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
+    groups = lo * rule.directions.shape[0] + hi
+    variance = float((v ** 2).sum())
+    z = float((rule.directions * v).sum() / np.sqrt(variance)) if variance > 0 else 0.0
+    u = psi @ rule.directions.T
+    lean = u[np.arange(len(a)), lo] - u[np.arange(len(a)), hi]
+    in_pair = signs != 0
+    return z, {"in_pair": int(in_pair.sum()), "agree": int(np.sum(in_pair & (np.sign(lean) == signs))),
+               "pairs": len(np.unique(groups[in_pair])), "outside_pair": int(((a >= 0) & ~in_pair).sum())}
+
+
+def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
+                  inputs: np.ndarray | None = None, queries: int = DEFAULT_QUERIES,
+                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool = True) -> TestResult:
+    """Test whether a suspect breaks the served model's near-ties the way the keyed head does.
+
+    Args:
+        key: The owner's key (the rule must have been built under it).
+        rule: The tie-break rule.
+        served: The owner's *unmarked* served model (exposing scores): it picks the verification inputs and
+            gives the pairs; it is never the suspect.
+        suspect: The model under test (labels suffice).
+        inputs: None: ask the verification inputs committed in the rule (the first ``queries`` of their
+            ranking). Otherwise the owner's own held inputs, never inputs a client chose; the ``queries``
+            nearest to a tie of ``served`` are asked.
+        queries: How many to ask, fixed before querying.
+        min_ratio: With ``inputs``, only those with ``p_b / p_a`` at least this are eligible.
+        use_scores: When the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)`` (clipped)
+            instead of its labels' signs; the null is exact either way.
+
+    Returns:
+        A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
+
+    Raises:
+        UsageError: On a key/rule/suspect mismatch or when no input is near a tie.
+    """
+    _check_rule_key(rule, key)
+    check_suspect_fits_key(key, suspect)
+    if queries < 1:
+        raise UsageError(f"queries must be at least 1, got {queries}.")
+    if inputs is None:
+        if rule.verification_inputs is None:
+            raise UsageError("This tie-break rule carries no committed verification inputs; pass the owner's held "
+                             "inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
+        xs = owner_inputs(key, rule.verification_inputs)[:queries]
+        selection = f"committed in the rule: {rule.verification}"
+        _, pair_scores, _ = query_with_scores(served, xs, tuple(key.input_shape))
+    else:
+        x = owner_inputs(key, inputs)
+        _, all_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
+        chosen = select_verification_inputs(scores=all_scores, count=queries, min_ratio=min_ratio)
+        if len(chosen) == 0:
+            raise UsageError(f"None of the {len(x)} verification inputs is near a tie (p_b/p_a >= {min_ratio}); "
+                             "give more held inputs from the owner's distribution.")
+        xs = x[chosen]
+        selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
+        pair_scores = all_scores[chosen]
+    z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=xs, pair_scores=pair_scores,
+                                            use_scores=use_scores)
+    return _result(name=SCHEME, z=z, info=info, answers=answers, read=read, rule=rule, selection=selection,
+                   budget=queries, method="exact Gaussian (fixed n, owner-chosen inputs)",
+                   null={"distribution": "N(0, 1)", "why": NULL_WHY})
+
+
+NULL_WHY = ("the keyed directions are independent standard normal vectors, independent of a suspect made without "
+            "the marked answers and of the owner-chosen inputs, so the normalised projection of the suspect's "
+            "pair-signed feature sums on them is exactly N(0, 1)")
+
+
+def _check_rule_key(rule: TieBreakRule, key: Key) -> None:
+    if rule.commitment != key.commitment():
+        raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+
+
+def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair_scores: np.ndarray,
+                   use_scores: bool) -> tuple[float, dict[str, Any], np.ndarray, str]:
+    _, lo, hi = top_pairs(pair_scores)
+    answers, evidence, read = _ask(suspect=suspect, xs=xs, lo=lo, hi=hi, use_scores=use_scores)
+    z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers,
+                                 leans=None if read == "labels" else evidence)
+    return z, info, answers, read
+
+
+def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
+            selection: str, budget: int, method: str, null: dict[str, str],
+            extra: dict[str, Any] | None = None, weight: float = 1.0) -> TestResult:
+    log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
+    details: dict[str, Any] = {"z": z, "components": rule.components, "skipped_leading": rule.skipped,
+                               "selection": selection, "budget": int(budget), "read": read, **info, **(extra or {})}
+    if info["in_pair"] == 0:
+        details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
+    return TestResult(name=name, evidence_of="extracted", null=null, log10_p=min(0.0, log10_p), queries=len(answers),
+                      matches=info["agree"], abstentions=int((answers < 0).sum()), method=method, details=details,
+                      weight=weight)
+
+
+@dataclass(frozen=True)
+class LogInputs:
+    """A client's logged inputs ranked for the log test (:func:`select_log_inputs`): key-free, reusable
+    across suspects.
+
+    Attributes:
+        client: Whose queries they are.
+        x: The inputs, best first.
+        scores: The unmarked served model's scores on them (their pairs).
+        leans: The key-free lean towards each pair's smaller class that ranked them: the reference
+            surrogates' mean ``log(p_lo / p_hi)``, or the served model's own without references.
+        selection: How they were chosen (recorded in the test's details).
+        reference_leans: Each reference surrogate's own lean (R×n; None without references): the test's
+            later rounds follow the references that call the suspect's answers best.
+    """
+
+    client: str
+    x: np.ndarray
+    scores: np.ndarray
+    leans: np.ndarray
+    selection: str
+    reference_leans: np.ndarray | None = None
+
+
+def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: QueryLog, client: str,
+                      count: int | None = None) -> LogInputs:
+    """Rank ``client``'s logged inputs for :func:`tiebreak_log_test`: first those the rule's reference
+    surrogates leave most open (without references, the served model's nearest ties). Key-free: it reads the
+    log, the unmarked served model and the references, never the key's directions.
+
+    Args:
+        count: Keep only the best ``count`` (default all: the test's later rounds choose among the rest).
+
+    Raises:
+        UsageError: On a key/rule mismatch, a bad count or a client with no logged inputs.
+    """
+    _check_rule_key(rule, key)
+    if log.mark != "tiebreak":
+        raise UsageError(f"The query log {log.path} was written by the {log.mark} mark's API; the tie-break log test "
+                         "reads the tie-break mark's log.")
+    if count is not None and count < 1:
+        raise UsageError(f"queries must be at least 1, got {count}.")
+    x = owner_inputs(key, log.inputs(client))
+    _, scores, _ = query_with_scores(served, x, tuple(key.input_shape))
+    refs = reference_scores(rule.references, x)
+    per_reference = reference_leans(scores, refs) if refs else None
+    leans = per_reference.mean(axis=0) if per_reference is not None else pair_log_odds(scores, *top_pairs(scores)[1:])
+    chosen = np.argsort(np.abs(leans), kind="stable")[:count]
+    how = (f"most open for the rule's {len(rule.references)} reference surrogates" if rule.references
+           else "nearest ties of the served model")
+    queries = log.clients().get(client, {}).get("queries", 0)
+    return LogInputs(client=client, x=x[chosen], scores=scores[chosen], leans=leans[chosen],
+                     selection=f"{how} among the {len(x)} near-tie inputs client {client!r} asked ({queries} queries "
+                               "logged)",
+                     reference_leans=None if per_reference is None else per_reference[:, chosen])
+
+
+def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
+    first = max(1, int(np.ceil(first_share * queries))) if rounds > 1 else queries
+    rest = np.array_split(np.arange(queries - first), rounds - 1) if rounds > 1 else []
+    return [first] + [len(r) for r in rest if len(r)]
+
+
+def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
+                      log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
+                      queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
+                      first_share: float = LOG_FIRST_ROUND, use_scores: bool = True) -> TestResult:
+    """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
+
+    A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
+    faithfully than anywhere else. ``queries`` of
+    the client's logged inputs are asked in ``rounds`` (default 21): first the ``LOG_FIRST_ROUND`` share (5 %)
+    the reference surrogates leave most open (:func:`select_log_inputs`), then, in rounds of equal size,
+    those where *this suspect* is predicted closest to a tie: the mean lean of the ``FOLLOWED_REFERENCES``
+    (4) references whose calls agree most often with its answers so far, plus the keyed-looking lean it has
+    shown (its pair sums ``v`` of the module docstring, projected on each candidate's features, scaled to
+    that lean). ``Z`` is the statistic of the module docstring over every answer. ``rounds=1`` asks the first
+    ``queries`` of the ranking. (Measurements of these choices: ``docs/tiebreak-research.md``.)
+
+    Why the rounds keep the null exact: each round, and which references it follows, is chosen from the
+    suspect's own earlier answers and key-free quantities (the log, the served model, the references, the
+    rule's features), never from the key's directions. A suspect made without the marked answers answers
+    independently of the directions, so the inputs asked and the answers are too, and given them
+    ``Z ~ N(0, 1)`` exactly as for a fixed set.
+
+    In a verdict (:func:`wmark.evidence.decide`) this test weighs ``LOG_TEST_WEIGHT`` (8) against 1 for each
+    other test: it is the extraction test the logging API is built for, so weighted Holm gives it 0.8 of
+    alpha next to the trigger set and the committed inputs (``p <= 0.8 alpha`` instead of ``alpha / 3``).
+    The weight is fixed by the kind of test, before any answer, so the verdict's bound holds.
+
+    The null needs one assumption the committed-input test does not: the client chose its queries without
+    regard to the marked answers (a fixed dataset, as extraction attacks use). Then the logged inputs are
+    independent of the key and ``Z ~ N(0, 1)`` exactly for any suspect made without the marked answers. A
+    client who adapted its queries to earlier marked answers *and* knew an innocent model's answers could
+    steer its log towards inputs where that model agrees with the keyed lean it had seen; the verdict
+    states the assumption, and the committed-input test stands without it.
+
+    Args:
+        key: The owner's key (the rule and the log must be under it).
+        rule: The tie-break rule the API served with.
+        served: The owner's *unmarked* served model (exposing scores): it ranks the inputs and gives the pairs.
+        suspect: The model under test (labels suffice).
+        log: The API's log (with ``client``), or
+        client: The API client suspected of training the suspect.
+        chosen: Instead of ``log`` and ``client``: their inputs already ranked by :func:`select_log_inputs`
+            (to test many suspects against one client without ranking again; keep its default, all the
+            client's inputs, so that the later rounds have inputs to choose from).
+        queries: How many logged inputs to ask in all, fixed before querying.
+        rounds: In how many rounds to ask them (1: the ranking's first ``queries``).
+        first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
+        use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
+
+    Raises:
+        UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
+    """
+    _check_rule_key(rule, key)
+    check_suspect_fits_key(key, suspect)
+    if queries < 1:
+        raise UsageError(f"queries must be at least 1, got {queries}.")
+    if rounds < 1:
+        raise UsageError(f"rounds must be at least 1, got {rounds}.")
+    if not 0 < first_share <= 1:
+        raise UsageError(f"first_share must be in (0, 1], got {first_share}.")
+    if chosen is None:
+        if log is None or client is None:
+            raise UsageError("The log test needs the API's log and the client, or their ranked inputs (chosen=).")
+        chosen = select_log_inputs(key=key, rule=rule, served=served, log=log, client=client)
+    budget = min(queries, len(chosen.x))
+    _, lo, hi = top_pairs(chosen.scores)
+    psi = rule.features(chosen.x)
+    asked = np.zeros(0, dtype=np.int64)
+    answers, evidence = np.zeros(0, dtype=np.int64), np.zeros(0)
+    reads: list[str] = []
+    sizes = _round_sizes(budget, rounds, first_share)
+    for size in sizes:
+        if len(asked) == 0:
+            batch = np.arange(size)
+        else:
+            outside = _outside(answers, lo[asked], hi[asked]) if set(reads) == {"labels"} else None
+            batch = _next_round(psi=psi, lo=lo, hi=hi, leans=chosen.leans, reference_leans=chosen.reference_leans,
+                                asked=asked, evidence=evidence, outside=outside,
+                                num_classes=key.num_classes, size=size)
+        said, signs, read = _ask(suspect=suspect, xs=chosen.x[batch], lo=lo[batch], hi=hi[batch],
+                                 use_scores=use_scores)
+        asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
+        evidence = np.concatenate([evidence, signs])
+        reads.append(read)
+    read = reads[0] if len(set(reads)) == 1 else "labels"
+    z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
+                                 leans=None if read == "labels" else evidence)
+    rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
+                                          "by that ranking, the rest where the suspect's answers so far put it "
+                                          "closest to a tie")
+    return _result(
+        name=f"{SCHEME}-log", z=z, info=info, answers=answers, read=read, rule=rule, budget=budget,
+        selection=chosen.selection + rounds_note, method="exact Gaussian (fixed n, the client's logged inputs)",
+        null={"distribution": "N(0, 1)", "why": NULL_WHY.replace("owner-chosen inputs", "client's inputs"),
+              "assumption": "the client chose its queries without regard to the marked answers (e.g. a fixed "
+                            "dataset); the committed-input tie-break test needs no such assumption"},
+        extra={"client": chosen.client, "rounds": rounds}, weight=LOG_TEST_WEIGHT,
+    )
+
+
+def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+         use_scores: bool) -> tuple[np.ndarray, np.ndarray, str]:
+    """The suspect's labels on ``xs``, its evidence per input (lean or ±1 / 0) and how it was read."""
+    said = suspect.query(xs)
+    answers = np.asarray(said.labels, dtype=np.int64).reshape(-1)
+    if len(answers) != len(xs):
+        raise RuntimeFailure(f"The suspect answered {len(answers)} labels for {len(xs)} queries.")
+    leans = probability_leans(said.scores, lo, hi) if use_scores else None
+    if leans is None:
+        return answers, np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0)), "labels"
+    return answers, leans, f"probabilities: log(p_lo / p_hi) clipped at ±{LEAN_CLIP:g}"
+
+
+def _next_round(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, leans: np.ndarray,
+                reference_leans: np.ndarray | None, asked: np.ndarray, evidence: np.ndarray,
+                outside: np.ndarray | None, num_classes: int, size: int) -> np.ndarray:
+    """The ``size`` unasked inputs where the suspect looks closest to a tie: the key-free lean of the
+    references that call its answers so far best, plus the lean those answers point to (its pair sums
+    projected on each input's features)."""
+    base = _closest_references(leans, reference_leans, asked=asked, evidence=evidence)
+    v = _pair_sums(psi[asked], lo[asked], hi[asked], evidence, num_classes=num_classes, outside=outside)
+    tilt = np.einsum("nk,nk->n", psi, v[lo] - v[hi])
+    spread = float(tilt[asked].std())
+    scale = float(np.abs(base[asked]).mean()) / spread if spread > 0 else 0.0
+    closeness = np.abs(base + scale * tilt)
+    closeness[asked] = np.inf
+    return np.argsort(closeness, kind="stable")[:size]
+
+
+def _closest_references(leans: np.ndarray, reference_leans: np.ndarray | None, *, asked: np.ndarray,
+                        evidence: np.ndarray) -> np.ndarray:
+    """The mean lean of the ``FOLLOWED_REFERENCES`` reference surrogates (at most half of them) whose calls
+    agree most often with the suspect's answers so far (all of them, ``leans``, without references or answers
+    in a pair)."""
+    if reference_leans is None or len(reference_leans) < 2:
+        return leans
+    answered = asked[evidence != 0]
+    if len(answered) == 0:
+        return leans
+    calls = np.sign(reference_leans[:, answered]) == np.sign(evidence[evidence != 0])
+    keep = min(FOLLOWED_REFERENCES, len(reference_leans) // 2)
+    best = np.argsort(-calls.mean(axis=1), kind="stable")[:keep]
+    return reference_leans[best].mean(axis=0)
+
+
+@dataclass(frozen=True)
+class TieBreakTest:
+    """:func:`tiebreak_test` on the rule's committed inputs (or the owner's ``inputs``) as an
+    :class:`~wmark.evidence.EvidenceTest` of weight 1."""
+
+    key: Key
+    rule: TieBreakRule
+    served: Suspect
+    inputs: np.ndarray | None = None
+    queries: int = DEFAULT_QUERIES
+    name: str = SCHEME
+    weight: float = 1.0
+    null: str = NULL_WHY
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
+                             queries=self.queries)
+
+
+@dataclass(frozen=True)
+class TieBreakLogTest:
+    """:func:`tiebreak_log_test` on one client's logged inputs as an :class:`~wmark.evidence.EvidenceTest`
+    of weight ``LOG_TEST_WEIGHT``; the inputs are ranked once, when the test is made (key-free)."""
+
+    key: Key
+    rule: TieBreakRule
+    served: Suspect
+    chosen: LogInputs
+    queries: int = DEFAULT_QUERIES
+    rounds: int = DEFAULT_LOG_ROUNDS
+    name: str = f"{SCHEME}-log"
+    weight: float = LOG_TEST_WEIGHT
+    null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
+
+    def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
+                                 chosen=self.chosen, queries=self.queries, rounds=self.rounds)
+
+
+def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
+                              arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
+                              log: str | os.PathLike[str] | None = None, client: str | None = None,
+                              log_queries: int = DEFAULT_QUERIES,
+                              log_rounds: int = DEFAULT_LOG_ROUNDS) -> list[TieBreakTest | TieBreakLogTest]:
+    """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
+    ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
+    ``client``, the log test on that client's queries. The served model is the one the rule records
+    (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
+
+    Raises:
+        UsageError: On any mismatch between key, rule, served model, holdout data and log, a holdout given for
+            a rule that commits its own inputs, or an unknown client.
+    """
+    from wmark.data import load_dataset
+
+    loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
+    tests: list[TieBreakTest | TieBreakLogTest] = []
+    if queries > 0:
+        inputs = None
+        if holdout is not None:
+            if loaded.verification_inputs is not None:
+                raise UsageError(f"The tie-break rule {rule} commits its own verification inputs (chosen when it was "
+                                 "built); give no holdout data.")
+            ds = load_dataset(holdout)
+            if ds.num_classes != key.num_classes or tuple(ds.input_shape) != tuple(key.input_shape):
+                raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped "
+                                 f"{tuple(ds.input_shape)}; the key is for {key.num_classes} classes of "
+                                 f"{tuple(key.input_shape)}. Use the owner's data.")
+            inputs = ds.x_train.numpy()
+        elif loaded.verification_inputs is None:
+            raise UsageError(f"The tie-break rule {rule} carries no committed verification inputs; give the owner's "
+                             "held inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
+        tests.append(TieBreakTest(key=key, rule=loaded, served=backend, inputs=inputs, queries=queries))
+    if log is not None:
+        if client is None:
+            raise UsageError("A query log is read for one client; name the client suspected of extraction.")
+        with TieBreakLog(log, key=key, create=False) as opened:
+            chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
+        tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
+                                     rounds=log_rounds))
+    return tests
