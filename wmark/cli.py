@@ -141,6 +141,8 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--protocol", type=click.Choice(["v2", "tfserving", "json"]), default="v2", show_default=True,
                      help="HTTP suspect: Open Inference Protocol v2, TensorFlow Serving REST, or a JSON template."),
         click.option("--model-name", default=None, help="HTTP suspect: model name on a v2/TF Serving server."),
+        click.option("--input-name", default=None,
+                     help="v2 protocol: input tensor name (default: the server's, else input-0 with the key's shape)."),
         click.option("--template", default=None, help="json protocol: torchserve, hf, or a template file."),
         click.option("--token-env", default=None, help="HTTP suspect: environment variable holding a bearer token."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False),
