@@ -439,12 +439,16 @@ def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
     with that run's date; the null panel and the full-row summary stay this run's own."""
     when = earlier["machine"]["date"]
     kept = [dict(c, measured=when) for c in earlier["cells"] if c["scheme"] not in doc["rows"]]
+    if not kept:
+        return
     order = {row: i for i, row in enumerate(SCHEMES)}
     doc["cells"] = sorted(kept + doc["cells"], key=lambda c: order.get(c["scheme"], len(order)))
     for row, fid in earlier["fidelity"].items():
         if row not in doc["rows"]:
             doc["fidelity"].setdefault(row, dict(fid, measured=when))
-    doc["carried"] = {"from": when, "rows": sorted({c["scheme"] for c in kept}, key=lambda r: order.get(r, 99))}
+    panel = earlier["null_panel"]
+    doc["carried"] = {"from": when, "rows": sorted({c["scheme"] for c in kept}, key=lambda r: order.get(r, 99)),
+                      "null_panel": {k: panel[k] for k in ("models", "checks", "false_accusations", "min_log10_p")}}
 
 
 def write_outputs(doc: dict[str, Any], stem: str) -> None:
@@ -502,6 +506,11 @@ def markdown(doc: dict[str, Any], png: str) -> str:
     n = doc["null_panel"]
     lines += ["", f"Null panel: {n['models']} independent models, {n['checks']} checks, "
               f"**{n['false_accusations']} false accusations**, smallest log10 p = {n['min_log10_p']:.2f}.", ""]
+    if doc.get("carried"):
+        e = doc["carried"]["null_panel"]
+        lines += [f"The earlier run's null panel (rows {', '.join(doc['carried']['rows'])}): {e['models']} models, "
+                  f"{e['checks']} checks, {e['false_accusations']} false accusations, smallest log10 p = "
+                  f"{e['min_log10_p']:.2f}.", ""]
     return "\n".join(lines)
 
 
