@@ -6,16 +6,22 @@ Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
   never see the owner's data or key. The owner trains a base CNN and fine-tunes it once per scheme.
 * Rows are schemes: ``none`` (an unmarked fine-tune, the control), ``trigger`` (black-box trigger set),
   ``weights`` (white-box weight watermark), ``trigger+weights`` (both, Holm-combined), ``api-mark`` (the
-  unmarked model served behind the keyed marking API; only extraction applies) and ``trigger+api-mark``
-  (the full deployment: marked weights served behind the marked API, so a copy should read ``copy`` and a
-  surrogate ``extracted``).
+  unmarked model served behind the keyed per-input marking API; only extraction applies),
+  ``trigger+api-mark`` (trigger-set weights behind that API) and ``trigger+weights+api-tiebreak``, the full
+  deployment: the trigger-set + weight-marked model served behind the keyed tie-break API
+  (:mod:`wmark.schemes.api_tiebreak`; its rule built from the owner's half with reference surrogates and
+  committed verification inputs, every client's near-tie queries logged). Its verdict combines, with the
+  library's weighted Holm, the trigger set, the weight mark, the committed-input tie-break test and, for a
+  surrogate, the log test on its thief's own logged queries; a copy should read ``copy`` and a surrogate
+  ``extracted``.
 * Columns are attacks: fine-tuning (all layers / last / re-initialised head), pruning, int8
   quantization, weight noise, neuron permutation + rescaling, renaming, a combined attack, and extraction
   (hard labels, soft labels, cross-architecture, each trained to convergence, and an early-stopped
   hard-label surrogate). An attack counts only if the attacked model keeps its
   test accuracy within 5 pp of the watermarked model (every accuracy is reported anyway).
-* Null panel: independently trained models (seeds, data subsets, architectures, and one trained with true
-  labels on the attacker's split) are checked with every scheme; the false accusations must be 0.
+* Null panel: independently trained models (seeds, data subsets, architectures) are checked with every
+  row: the API rows against every logged thief's queries (and the full row without a log as well); the
+  false accusations must be 0.
 
 Every decision is at alpha = 1e-6. Trained models are cached on disk keyed by configuration
 (``benchmarks/cache/gauntlet``), so re-runs are cheap. Outputs: ``benchmarks/results/gauntlet.json``,
@@ -48,11 +54,22 @@ from wmark.errors import UsageError  # noqa: E402
 from wmark.keys import Key, default_schemes, save_key  # noqa: E402
 from wmark.models import load_model  # noqa: E402
 from wmark.schemes.api_mark import MarkLog, api_mark_test  # noqa: E402
+from wmark.schemes.api_tiebreak import (  # noqa: E402
+    LogInputs,
+    TieBreakLog,
+    open_tiebreak_rule,
+    select_log_inputs,
+    tiebreak_log_test,
+    tiebreak_test,
+    trigger_share,
+)
 from wmark.suspects import LocalSuspect  # noqa: E402
 from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test  # noqa: E402
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 ARCH = "fmnist-cnn"
+FULL_ROW = "trigger+weights+api-tiebreak"
+TIEBREAK_QUERIES = 1000
 
 
 @dataclass
@@ -68,6 +85,9 @@ class Plan:
     extract_epochs: int
     attacks: list[str]
     null_models: list[tuple[str, int, int | None, int]] = field(default_factory=list)
+    # reference surrogates of the tie-break rule: architectures and seeds per recipe (None: the library's)
+    tiebreak_references: tuple[str, ...] = (ARCH, "fmnist-mlp")
+    tiebreak_reference_repeats: int | None = None
 
 
 FULL_ATTACKS = ["none", "finetune", "finetune-last", "finetune-reinit-last", "prune-30", "prune-50", "prune-70",
@@ -80,8 +100,10 @@ EARLY_STOP_EPOCHS = 6
 def make_plan(quick: bool) -> Plan:
     if quick:
         nulls = [(ARCH, s, 5000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 5000, 1)]
+        # no reference surrogates: the rule commits the served model's nearest ties (a smoke run, in seconds)
         return Plan(owner_samples=8000, attacker_samples=5000, base_epochs=1, embed_epochs=2, attack_epochs=2,
-                    extract_queries=5000, extract_epochs=15, attacks=QUICK_ATTACKS, null_models=nulls)
+                    extract_queries=5000, extract_epochs=15, attacks=QUICK_ATTACKS, null_models=nulls,
+                    tiebreak_references=())
     nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
                                                           5000, 5000, None, 20000])]
     nulls += [("fmnist-mlp", 120 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
@@ -169,18 +191,35 @@ class Workshop:
 
         return self.get(cfg, make)
 
+    def tiebreak_rule(self, served: Path) -> Path:
+        """The tie-break rule for ``served`` (built from the owner's half, verification inputs committed)."""
+        p = self.plan
+        cfg = {"name": "tiebreak-rule", "served": served.name, "references": list(p.tiebreak_references),
+               "repeats": p.tiebreak_reference_repeats, "verify": TIEBREAK_QUERIES, "seed": self.seed,
+               "key": self.key.fingerprint()}
+        path = self.path(cfg)
+        sidecar = path.with_suffix(".json")
+        if not (path.exists() and sidecar.exists()):
+            info = api.build_tiebreak(key=self.key_path, arch=ARCH, weights=served, data=OWNER, out=path,
+                                      references=p.tiebreak_references, verify_count=TIEBREAK_QUERIES, seed=self.seed,
+                                      reference_repeats=p.tiebreak_reference_repeats)
+            sidecar.write_text(json.dumps({k: v for k, v in info.items() if _jsonable(v)}, sort_keys=True))
+        return path
+
     def surrogate(self, row: str, victim: Path, labels: str, arch: str, marked_api: bool,
-                  epochs: int) -> tuple[Path, dict[str, Any]]:
+                  epochs: int, tiebreak: Path | None = None) -> tuple[Path, dict[str, Any]]:
         p = self.plan
         log = self.dir / f"{row}-api.sqlite"
         cfg = {"name": f"{row}-extract-{labels}-{arch}-{epochs}", "victim": victim.name, "q": p.extract_queries,
                "epochs": epochs, "marked_api": marked_api}
+        if tiebreak is not None:
+            cfg["tiebreak"] = tiebreak.name
         client = thief_client(labels, arch, epochs)
         return self.get(cfg, lambda out: api.extract(
             victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
             queries=p.extract_queries, epochs=epochs, seed=self.seed,
-            key=self.key_path if marked_api else None, mark="flip" if marked_api else None,
-            log=log if marked_api else None, client=client))
+            api_key=self.key_path if marked_api else None, api_log=log if marked_api else None, client=client,
+            tiebreak=tiebreak))
 
     def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
         return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},
@@ -202,20 +241,37 @@ def _jsonable(value: Any) -> bool:
 
 
 class Tester:
-    """Runs a scheme's tests on a suspect file."""
+    """Runs a scheme's tests on a suspect file (each component test once per suspect, then combined)."""
 
-    def __init__(self, shop: Workshop, weights_reference: Path, anchor: Path) -> None:
+    def __init__(self, shop: Workshop, weights_references: dict[str, Path], anchor: Path, served: Path,
+                 rule: Path) -> None:
         self.shop, self.key = shop, shop.key
-        self.reference, self.anchor = weights_reference, anchor
+        self.references, self.anchor = weights_references, anchor
+        self.rule, self.served = open_tiebreak_rule(key=self.key, rule=rule, arch=ARCH, served=served)
+        self._tests: dict[tuple[str, ...], TestResult] = {}
+        self._ranked: dict[str, LogInputs] = {}
 
-    def trigger(self, suspect: Path, arch: str) -> TestResult:
-        model, _ = load_model(arch, suspect, num_classes=10, input_shape=(1, 28, 28))
-        return trigger_set_test(key=self.key, suspect=LocalSuspect(model, input_shape=(1, 28, 28),
-                                                                   expose_scores=False))
+    def _once(self, name: tuple[str, ...], make: Callable[[], TestResult]) -> TestResult:
+        if name not in self._tests:
+            self._tests[name] = make()
+        return self._tests[name]
 
-    def weights(self, suspect: Path) -> TestResult:
+    def _suspect(self, path: Path, arch: str) -> LocalSuspect:
+        model, _ = load_model(arch, path, num_classes=10, input_shape=(1, 28, 28))
+        return LocalSuspect(model, input_shape=(1, 28, 28), expose_scores=False)
+
+    def trigger(self, suspect: Path, arch: str, share: float = 1.0) -> TestResult:
+        return self._once(("trigger", str(suspect), f"{share:.6f}"), lambda: trigger_set_test(
+            key=self.key, suspect=self._suspect(suspect, arch), share=share))
+
+    def weights(self, suspect: Path, row: str) -> TestResult:
+        """The weight mark, aligned to the row's marked model (the weights-only model for the older rows)."""
+        reference = self.references[row]
+        return self._once(("weights", str(suspect), str(reference)), lambda: self._weights(suspect, reference))
+
+    def _weights(self, suspect: Path, reference: Path) -> TestResult:
         try:
-            verdict = api.verify_whitebox(key=self.shop.key_path, reference=self.reference, suspect=suspect,
+            verdict = api.verify_whitebox(key=self.shop.key_path, reference=reference, suspect=suspect,
                                           anchor=self.anchor)
         except UsageError as exc:
             # A suspect without any tensor of the marked layer's shape cannot carry the mark.
@@ -229,47 +285,79 @@ class Tester:
             return api_mark_test(key=self.key, suspect=LocalSuspect(model, input_shape=(1, 28, 28)), log=log,
                                  client=client, max_queries=1000)
 
+    def tiebreak(self, suspect: Path, arch: str) -> TestResult:
+        """The committed verification inputs, asked with labels only."""
+        return self._once(("tiebreak", str(suspect)), lambda: tiebreak_test(
+            key=self.key, rule=self.rule, served=self.served, suspect=self._suspect(suspect, arch),
+            queries=TIEBREAK_QUERIES))
+
+    def tiebreak_log(self, suspect: Path, arch: str, client: str) -> TestResult:
+        """The log test on the inputs ``client`` asked the tie-break API (ranked once per client, key-free)."""
+        if client not in self._ranked:
+            with TieBreakLog(self.shop.dir / f"{FULL_ROW}-api.sqlite", key=self.key, create=False) as log:
+                self._ranked[client] = select_log_inputs(key=self.key, rule=self.rule, served=self.served, log=log,
+                                                         client=client)
+        return self._once(("tiebreak-log", str(suspect), client), lambda: tiebreak_log_test(
+            key=self.key, rule=self.rule, served=self.served, suspect=self._suspect(suspect, arch),
+            chosen=self._ranked[client], queries=TIEBREAK_QUERIES))
+
     def run(self, scheme: str, suspect: Path, arch: str, *, row: str = "", client: str | None = None,
             functional_twin: Path | None = None) -> dict[str, Any]:
-        """Every test of ``scheme`` on one suspect, Holm-combined into a verdict."""
+        """Every test of ``scheme`` on one suspect, combined into a verdict by (weighted) Holm."""
         blackbox_file = functional_twin or suspect
         tests: list[TestResult] = []
         parts = scheme.split("+")
+        tiebreak = "api-tiebreak" in parts
         if "none" in parts or "trigger" in parts:
-            tests.append(self.trigger(blackbox_file, arch))
+            # next to the tie-break tests the trigger test stops at its share of alpha, as `wmark verify` does
+            share = trigger_share(other_tests=2, log_test=client is not None) if tiebreak else 1.0
+            tests.append(self.trigger(blackbox_file, arch, share))
         if "none" in parts or "weights" in parts:
-            tests.append(self.weights(suspect))
+            tests.append(self.weights(suspect, scheme))
         if "api-mark" in parts and client is not None:
             tests.append(self.api_mark(blackbox_file, arch, row, client))
+        if tiebreak:
+            tests.append(self.tiebreak(blackbox_file, arch))
+            if client is not None:
+                tests.append(self.tiebreak_log(blackbox_file, arch, client))
         if not tests:
             # The API mark lives in answers, not weights: a copied checkpoint has no logged queries to replay.
             return {"decision": "n/a", "kind": "n/a", "log10_p": None, "queries": 0}
         verdict = decide(key=self.key, tests=tests, alpha=DEFAULT_ALPHA, suspect=str(suspect)).to_dict()
         return {"decision": verdict["decision"], "kind": verdict["kind"], "log10_p": verdict["log10_p"],
-                "queries": verdict["queries"], "tests": {t["name"]: t["log10_p"] for t in verdict["tests"]}}
+                "queries": verdict["queries"], "correction": verdict["correction"],
+                "tests": {t["name"]: t["log10_p"] for t in verdict["tests"]}}
 
 
-SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark"]
+SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark", FULL_ROW]
 
 
-def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
+EMBEDS: dict[str, tuple[str, ...]] = {
+    "none": (), "trigger": ("trigger",), "weights": ("weights",), "trigger+weights": ("trigger", "weights"),
+    "api-mark": (), "trigger+api-mark": ("trigger",), FULL_ROW: ("trigger", "weights"),
+}
+
+
+def run(plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     shop = Workshop(plan, seed, quick)
-    embeds = {
-        "none": (), "trigger": ("trigger",), "weights": ("weights",), "trigger+weights": ("trigger", "weights"),
-        "api-mark": (), "trigger+api-mark": ("trigger",),
-    }
-    marked = {row: shop.marked(s) for row, s in embeds.items()}
-    tester = Tester(shop, weights_reference=marked["weights"][0], anchor=shop.base())
+    # the older rows' weight test aligns to the weights-only model; the full row to its own served model
+    needed = set(rows) | {"none"} | ({"weights"} if set(rows) & {"none", "weights", "trigger+weights"} else set())
+    marked = {row: shop.marked(EMBEDS[row]) for row in SCHEMES if row in needed}
+    served = shop.marked(EMBEDS[FULL_ROW])[0]
+    rule = shop.tiebreak_rule(served)
+    references = {row: marked["weights"][0] for row in ("none", "weights", "trigger+weights") if "weights" in marked}
+    references[FULL_ROW] = served
+    tester = Tester(shop, weights_references=references, anchor=shop.base(), served=served, rule=rule)
     plain_acc = marked["none"][1]["test_accuracy"]
     fidelity = {row: {"accuracy": info["test_accuracy"], "gap_pp": 100 * (plain_acc - info["test_accuracy"]),
                       "embed_seconds": info["seconds"]} for row, (_, info) in marked.items()}
 
     cells: list[dict[str, Any]] = []
-    jobs = [(row, attack) for row in SCHEMES for attack in plan.attacks]
+    jobs = [(row, attack) for row in rows for attack in plan.attacks]
     for row, attack in tqdm(jobs, desc="gauntlet", unit="cell", dynamic_ncols=True):
         source, info = marked[row]
-        served_marked = "api-mark" in row
+        served_marked = "api-" in row
         arch, client, twin = ARCH, None, None
         if attack == "none":
             suspect, acc = source, info["test_accuracy"]
@@ -277,7 +365,8 @@ def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
             kind = attack.split("-", 1)[1]
             labels, arch = ("hard", "fmnist-mlp") if kind == "mlp" else (kind.split("-")[0], ARCH)
             epochs = EARLY_STOP_EPOCHS if kind.endswith("-early") else plan.extract_epochs
-            suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked, epochs)
+            suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked, epochs,
+                                            tiebreak=rule if row == FULL_ROW else None)
             acc = sinfo["test_accuracy"]
             client = thief_client(labels, arch, epochs) if served_marked else None
         else:
@@ -291,9 +380,19 @@ def run(plan: Plan, seed: int, quick: bool) -> dict[str, Any]:
         expected = _expected(row, attack)
         cells.append({"scheme": row, "attack": attack, "attacked_accuracy": acc, "counts": within,
                       "expected": expected, **result})
-    null_panel = run_null_panel(shop, tester, plan)
-    return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity,
+    null_panel = run_null_panel(shop, tester, plan, rows)
+    rule_info = json.loads(rule.with_suffix(".json").read_text())
+    return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity, "full_row": full_row_summary(cells),
+            "tiebreak_rule": {k: rule_info.get(k) for k in ("components", "references", "verification", "seconds")},
             "wall_seconds": time.perf_counter() - start}
+
+
+def full_row_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+    """Whether the full deployment row catches every attack that stays within the 5-pp accuracy budget."""
+    counted = [c for c in cells if c["scheme"] == FULL_ROW and c["counts"]]
+    missed = [c["attack"] for c in counted if c["decision"] != "detected"]
+    return {"scheme": FULL_ROW, "attacks_in_budget": len(counted), "caught": len(counted) - len(missed),
+            "missed": missed, "weakest_log10_p": max((c["log10_p"] for c in counted), default=None)}
 
 
 def _expected(row: str, attack: str) -> str:
@@ -301,22 +400,31 @@ def _expected(row: str, attack: str) -> str:
     if row == "none":
         return "not_detected"
     if attack.startswith("extract-"):
-        return "detected" if "api-mark" in row else "not_detected"
+        return "detected" if "api-" in row else "not_detected"
     if row == "api-mark":
         return "n/a"
     return "detected"
 
 
-def run_null_panel(shop: Workshop, tester: Tester, plan: Plan) -> dict[str, Any]:
-    """Independent models checked with every scheme (api-mark against every logged thief's queries)."""
-    with MarkLog(shop.dir / "api-mark-api.sqlite", key=shop.key, create=False) as log:
-        clients = sorted(log.clients())
+def run_null_panel(shop: Workshop, tester: Tester, plan: Plan, schemes: list[str]) -> dict[str, Any]:
+    """Independent models checked with every row run: the API rows against every logged thief's queries, the
+    full row also without a log (as a copy is checked)."""
+    clients: dict[str, list[str]] = {}
+    for row in ("api-mark", "trigger+api-mark"):
+        if row in schemes:
+            with MarkLog(shop.dir / f"{row}-api.sqlite", key=shop.key, create=False) as log:
+                clients[row] = sorted(log.clients())
+    if FULL_ROW in schemes:
+        with TieBreakLog(shop.dir / f"{FULL_ROW}-api.sqlite", key=shop.key, create=False) as tlog:
+            clients[FULL_ROW] = sorted(tlog.clients())
+    plain = [row for row in ("trigger", "weights", "trigger+weights", FULL_ROW) if row in schemes]
     rows, accusations, min_log10_p = [], 0, 0.0
     for arch, seed, n, epochs in tqdm(plan.null_models, desc="null panel", unit="model", dynamic_ncols=True):
         path, info = shop.null_model(arch, seed, n, epochs)
-        checks = {"trigger": tester.run("trigger", path, arch), "weights": tester.run("weights", path, arch)}
-        for client in clients:
-            checks[f"api-mark[{client}]"] = tester.run("api-mark", path, arch, row="api-mark", client=client)
+        checks = {row: tester.run(row, path, arch) for row in plain}
+        for row, names in clients.items():
+            for client in names:
+                checks[f"{row}[{client}]"] = tester.run(row, path, arch, row=row, client=client)
         for name, res in checks.items():
             accusations += res["decision"] == "detected"
             min_log10_p = min(min_log10_p, res["log10_p"])
@@ -324,6 +432,23 @@ def run_null_panel(shop: Workshop, tester: Tester, plan: Plan) -> dict[str, Any]
                          "scheme": name, "decision": res["decision"], "log10_p": res["log10_p"]})
     return {"models": len(plan.null_models), "checks": len(rows), "false_accusations": accusations,
             "min_log10_p": min_log10_p, "rows": rows}
+
+
+def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
+    """Add the cells (and fidelity) of the rows this run did not measure from an earlier run, each labelled
+    with that run's date; the null panel and the full-row summary stay this run's own."""
+    when = earlier["machine"]["date"]
+    kept = [dict(c, measured=when) for c in earlier["cells"] if c["scheme"] not in doc["rows"]]
+    if not kept:
+        return
+    order = {row: i for i, row in enumerate(SCHEMES)}
+    doc["cells"] = sorted(kept + doc["cells"], key=lambda c: order.get(c["scheme"], len(order)))
+    for row, fid in earlier["fidelity"].items():
+        if row not in doc["rows"]:
+            doc["fidelity"].setdefault(row, dict(fid, measured=when))
+    panel = earlier["null_panel"]
+    doc["carried"] = {"from": when, "rows": sorted({c["scheme"] for c in kept}, key=lambda r: order.get(r, 99)),
+                      "null_panel": {k: panel[k] for k in ("models", "checks", "false_accusations", "min_log10_p")}}
 
 
 def write_outputs(doc: dict[str, Any], stem: str) -> None:
@@ -337,7 +462,7 @@ def _cell_text(cell: dict[str, Any]) -> str:
     if cell["decision"] == "n/a":
         return "n/a"
     mark = "✔" if cell["decision"] == "detected" else "✘"
-    extra = f" {cell['kind']}" if cell["decision"] == "detected" and "api-mark" in cell["scheme"] else ""
+    extra = f" {cell['kind']}" if cell["decision"] == "detected" and "api-" in cell["scheme"] else ""
     return f"{mark} {cell['log10_p']:.1f}{extra}"
 
 
@@ -351,6 +476,9 @@ def markdown(doc: dict[str, Any], png: str) -> str:
              "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
              "takes part). Attacked accuracy is in the second table; *italic* marks an attack that lost more "
              "than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
+             *([f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
+                f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run.", ""]
+               if doc.get("carried") else []),
              "| scheme | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for s in schemes:
         row = []
@@ -371,9 +499,18 @@ def markdown(doc: dict[str, Any], png: str) -> str:
               "| scheme | accuracy | gap (pp) | embed s |", "|---|---|---|---|"]
     for s, f in doc["fidelity"].items():
         lines.append(f"| {s} | {f['accuracy']:.4f} | {f['gap_pp']:+.2f} | {f['embed_seconds']:.1f} |")
+    full = doc["full_row"]
+    lines += ["", f"Full deployment ({full['scheme']}): {full['caught']} of {full['attacks_in_budget']} attacks within "
+              f"the 5-pp budget caught" + (f"; missed: {', '.join(full['missed'])}" if full["missed"] else "")
+              + (f"; weakest log10 p = {full['weakest_log10_p']:.2f}." if full["weakest_log10_p"] is not None else ".")]
     n = doc["null_panel"]
     lines += ["", f"Null panel: {n['models']} independent models, {n['checks']} checks, "
               f"**{n['false_accusations']} false accusations**, smallest log10 p = {n['min_log10_p']:.2f}.", ""]
+    if doc.get("carried"):
+        e = doc["carried"]["null_panel"]
+        lines += [f"The earlier run's null panel (rows {', '.join(doc['carried']['rows'])}): {e['models']} models, "
+                  f"{e['checks']} checks, {e['false_accusations']} false accusations, smallest log10 p = "
+                  f"{e['min_log10_p']:.2f}.", ""]
     return "\n".join(lines)
 
 
@@ -414,17 +551,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subset for CI (under 5 minutes)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default=",".join(SCHEMES), help="comma-separated rows to run (default: all)")
+    parser.add_argument("--carry", type=Path, default=None,
+                        help="an earlier results file whose cells of the rows not run are kept, labelled as such")
+    parser.add_argument("--render", type=Path, default=None,
+                        help="write the outputs again from a saved results file (with --carry: adding its rows)")
     args = parser.parse_args()
+    if args.render is not None:
+        doc = json.loads(args.render.read_text())
+        if args.carry is not None:
+            carry_rows(doc, json.loads(args.carry.read_text()))
+        write_outputs(doc, "gauntlet-quick" if doc["quick"] else "gauntlet")
+        return
+    rows = [r for r in SCHEMES if r in args.rows.split(",")]
+    unknown = set(args.rows.split(",")) - set(SCHEMES)
+    if unknown or not rows:
+        parser.error(f"unknown rows {sorted(unknown)}; choose among {', '.join(SCHEMES)}")
     torch.manual_seed(args.seed)
     plan = make_plan(args.quick)
-    result = run(plan, args.seed, args.quick)
-    doc = {"quick": args.quick, "seed": args.seed, "alpha": DEFAULT_ALPHA, "machine": machine(), **result}
+    result = run(plan, args.seed, args.quick, rows)
+    doc = {"quick": args.quick, "seed": args.seed, "alpha": DEFAULT_ALPHA, "machine": machine(), "rows": rows,
+           **result}
+    if args.carry is not None:
+        carry_rows(doc, json.loads(args.carry.read_text()))
     stem = "gauntlet-quick" if args.quick else "gauntlet"
     write_outputs(doc, stem)
     print(table(doc["cells"], ["scheme", "attack", "attacked_accuracy", "decision", "kind", "log10_p", "queries",
                                "expected"]))
     n = doc["null_panel"]
-    print(f"\nnull panel: {n['models']} models, {n['checks']} checks, {n['false_accusations']} false accusations, "
+    full = doc["full_row"]
+    print(f"\nfull row: {full['caught']} of {full['attacks_in_budget']} attacks in budget caught, missed {full['missed']}")
+    print(f"null panel: {n['models']} models, {n['checks']} checks, {n['false_accusations']} false accusations, "
           f"min log10 p {n['min_log10_p']:.2f}; wall {doc['wall_seconds'] / 60:.1f} min")
     print(f"wrote {RESULTS / (stem + '.json')}, .md, .png")
     if n["false_accusations"]:

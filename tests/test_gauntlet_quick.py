@@ -28,4 +28,11 @@ def test_quick_gauntlet_runs_and_accuses_no_independent_model(tmp_path: Path) ->
     assert cells[("trigger", "none")]["decision"] == "detected"
     assert cells[("weights", "permute")]["decision"] == "detected"
     assert cells[("trigger+api-mark", "none")]["kind"] == "copy"
+    full = "trigger+weights+api-tiebreak"
+    assert cells[(full, "none")]["kind"] == "copy" and cells[(full, "permute")]["decision"] == "detected"
+    assert set(cells[(full, "extract-hard")]["tests"]) == {"trigger-set", "weights", "api-tiebreak", "api-tiebreak-log"}
+    assert cells[(full, "extract-hard")]["correction"] == "weighted holm"
+    assert doc["full_row"]["scheme"] == full and doc["full_row"]["attacks_in_budget"] >= 1
+    checked = {r["scheme"] for r in doc["null_panel"]["rows"]}
+    assert full in checked and any(name.startswith(f"{full}[") for name in checked)
     assert set(doc["fidelity"]) >= {"none", "trigger", "weights", "trigger+weights"}

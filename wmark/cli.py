@@ -18,13 +18,11 @@ from wmark.cli_verify import verify
 
 
 def _shape(value: str) -> tuple[int, ...]:
+    # Only parsing here: the library checks the sizes (a usage error, exit 2, like every bad value).
     try:
-        shape = tuple(int(v) for v in value.split(","))
+        return tuple(int(v) for v in value.split(","))
     except ValueError:
-        raise click.BadParameter(f"{value!r} is not a comma-separated list of sizes, e.g. 1,28,28") from None
-    if not shape or any(s <= 0 for s in shape):
-        raise click.BadParameter("sizes must be positive")
-    return shape
+        raise UsageError(f"--input-shape {value!r} is not a comma-separated list of sizes, e.g. 1,28,28.") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

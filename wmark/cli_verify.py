@@ -23,7 +23,7 @@ from wmark.evidence import Verdict
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
 from wmark.verify import Mode
 
-HTTP_OPTIONS = ("protocol", "model_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
+HTTP_OPTIONS = ("protocol", "model_name", "input_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
                 "concurrency", "transcript", "transcript_sync", "cover_data", "cover_ratio")
 
 
@@ -57,6 +57,8 @@ def _http_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--protocol", type=click.Choice(["v2", "tfserving", "json"]), default="v2", show_default=True,
                      help="Open Inference Protocol v2, TensorFlow Serving REST, or a JSON template."),
         click.option("--model-name", default=None, help="Model name on a v2/TF Serving server."),
+        click.option("--input-name", default=None,
+                     help="v2: input tensor name (default: the server's, else input-0 with the key's shape)."),
         click.option("--template", default=None, help="json protocol: torchserve, hf, or a template file."),
         click.option("--token-env", default=None, help="Environment variable holding a bearer token."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False),

@@ -170,6 +170,8 @@ def _load_digits() -> Dataset:
 def _load_file(path: Path) -> Dataset:
     from wmark.io import load_tensors
 
+    if not path.is_file():
+        raise UsageError(f"Data file not found: {path}; give an existing .safetensors file with tensors x and y.")
     tensors, _ = load_tensors(path)
     if "x" not in tensors or "y" not in tensors:
         raise UsageError(f"{path} must hold tensors named 'x' and 'y' (found {sorted(tensors)}).")

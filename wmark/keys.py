@@ -137,6 +137,10 @@ def default_schemes(num_triggers: int = DEFAULT_TRIGGERS) -> dict[str, dict[str,
     }
 
 
+MAX_INPUT_DIMS = 4
+"""Most dimensions of one input (channels, height, width, and one more for volumes or time)."""
+
+
 def generate_key(
     *,
     owner: str,
@@ -161,8 +165,9 @@ def generate_key(
         raise UsageError("The owner name is empty; pass --owner \"Your Organisation\".")
     if num_classes < 2:
         raise UsageError(f"A key needs at least 2 classes, got {num_classes}.")
-    if not input_shape or any(int(d) <= 0 for d in input_shape):
-        raise UsageError(f"Input shape {input_shape} is not a list of positive sizes, e.g. 1,28,28.")
+    if not 1 <= len(input_shape) <= MAX_INPUT_DIMS or any(int(d) <= 0 for d in input_shape):
+        raise UsageError(f"Input shape {','.join(str(d) for d in input_shape) or 'empty'} must be 1 to "
+                         f"{MAX_INPUT_DIMS} positive sizes, e.g. 1,28,28.")
     if num_triggers < 1:
         raise UsageError(f"A key needs at least one trigger, got {num_triggers}.")
     return Key(
@@ -214,4 +219,20 @@ def load_key(path: str | os.PathLike[str]) -> Key:
         raise UsageError(f"Key file {p} holds a {len(secret)}-byte secret; wmark keys hold 32 bytes.")
     if doc.get("commitment") != key.commitment():
         raise UsageError(f"Key file {p} does not match its own commitment: it was edited or corrupted.")
+    _check_private(p)
     return key
+
+
+ALLOW_OPEN_KEY_ENV = "WMARK_ALLOW_OPEN_KEY"
+"""Set to ``1`` to read a key file other users can access (read-only media that cannot be chmod-ed)."""
+
+
+def _check_private(path: Path) -> None:
+    """Refuse a key file that group or others may access, as OpenSSH refuses such private keys: the secret
+    is what makes a verdict the owner's, and a readable copy lets anyone forge or dodge the marks."""
+    if os.name != "posix" or os.environ.get(ALLOW_OPEN_KEY_ENV) == "1":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise UsageError(f"Key file {path} is accessible by other users (mode {mode:04o}); restrict it with "
+                         f"`chmod 600 {path}` (or set {ALLOW_OPEN_KEY_ENV}=1 for read-only media).")

@@ -208,6 +208,7 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
             ("Model (as the server describes it)", _e(server.get("model", "not described"))
              + (f"; outputs: {_e(outputs)}" if outputs else "")),
             ("Answers received", "labels with scores" if probe.get("answers_with_scores") else "top-1 labels only"),
+            *([("Input sent", _e(server["note"]))] if server.get("input_from") == "key" else []),
             ("Authentication", _e(probe.get("options", {}).get("token", "none"))),
         ]
     test_rows = _rows([

@@ -449,15 +449,21 @@ def _short(exc: BaseException) -> str:
 
 def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classes: int,
                   input_shape: tuple[int, ...], template: str | None = None,
-                  version: str | None = None) -> WireProtocol:
-    """Build the wire protocol named ``protocol`` (``v2``, ``tfserving`` or ``json``)."""
+                  version: str | None = None, input_name: str | None = None) -> WireProtocol:
+    """Build the wire protocol named ``protocol`` (``v2``, ``tfserving`` or ``json``).
+
+    Raises:
+        UsageError: On a bad URL, an unknown protocol, or an option the protocol does not take.
+    """
     from wmark.suspects.protocols import JsonTemplateProtocol, TFServingProtocol, V2Protocol, load_template
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"The suspect URL {url!r} must start with http:// or https://.")
+    if input_name is not None and protocol != "v2":
+        raise UsageError(f"An input name applies to the v2 protocol only, not {protocol}.")
     if protocol == "v2":
         return V2Protocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
-                          version=version)
+                          version=version, input_name=input_name)
     if protocol == "tfserving":
         return TFServingProtocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
                                  version=version)
@@ -471,10 +477,16 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
 
 def open_http_suspect(*, url: str, protocol: str, num_classes: int, input_shape: tuple[int, ...],
                       model_name: str | None = None, template: str | None = None, token: str | None = None,
-                      options: HttpOptions | None = None, seed: int | None = None) -> HttpSuspect:
-    """Build an :class:`HttpSuspect` and check the server (see :meth:`HttpSuspect.connect`)."""
+                      options: HttpOptions | None = None, seed: int | None = None,
+                      input_name: str | None = None) -> HttpSuspect:
+    """Build an :class:`HttpSuspect` and check the server (see :meth:`HttpSuspect.connect`).
+
+    ``input_name`` names the v2 input tensor: it overrides the server's name, and is needed when the server
+    describes no inputs and its model wants a name other than ``input-0`` (the key's input shape and FP32 are
+    sent then; ``server_info["input_from"]`` says ``"key"``).
+    """
     proto = make_protocol(protocol=protocol, url=url, model_name=model_name, num_classes=num_classes,
-                          input_shape=input_shape, template=template)
+                          input_shape=input_shape, template=template, input_name=input_name)
     headers = getattr(proto, "headers", None)
     suspect = HttpSuspect(protocol=proto, token=token, options=options, headers=headers, seed=seed)
     try:

@@ -29,6 +29,9 @@ import numpy as np
 
 from wmark.errors import UsageError
 
+DEFAULT_INPUT_NAME = "input-0"
+"""The v2 input name sent to a server that describes no inputs (KServe's examples name theirs so)."""
+
 GetJson = Callable[[str], Any]
 """Fetch a URL with GET through the suspect's transport and return its decoded JSON."""
 
@@ -168,20 +171,24 @@ def _split_model_url(url: str, marker: str) -> tuple[str, str | None]:
 class V2Protocol(WireProtocol):
     """Open Inference Protocol v2: ``GET /v2/models/{name}`` for metadata, ``POST .../infer`` to predict.
 
-    The input's name, datatype and shape come from the model's metadata. Answers may be FP32/FP64 scores
-    (N×C), an integer label (label-only servers), or Triton's classification strings ``"score:index[:name]"``
-    (top-k; the first is the top-1).
+    The input's name, datatype and shape come from the model's metadata. A server that describes no inputs
+    (a KServe ``ModelServer`` with a custom Python ``Model`` answers ``"inputs": []``) is sent the key's input
+    spec instead: FP32, shaped ``[1, *input_shape]``, named ``input_name``; :meth:`discover` records that the
+    spec came from the key. Answers may be FP32/FP64 scores (N×C), an integer label (label-only servers), or
+    Triton's classification strings ``"score:index[:name]"`` (top-k; the first is the top-1).
 
     Args:
         url: The server (``http://host:port``) or a model URL (``http://host:port/v2/models/NAME``).
         model_name: The model's name (taken from ``url`` when it names one).
         version: A model version, if the server keeps several.
+        input_name: The input tensor's name; overrides the server's, and names the input when the server
+            describes none (default ``DEFAULT_INPUT_NAME``).
     """
 
     name = "v2"
 
     def __init__(self, *, url: str, model_name: str | None, num_classes: int, input_shape: Sequence[int],
-                 version: str | None = None) -> None:
+                 version: str | None = None, input_name: str | None = None) -> None:
         super().__init__(num_classes=num_classes, input_shape=input_shape)
         base, from_url = _split_model_url(url, "/v2/models/")
         self.base = base
@@ -189,7 +196,10 @@ class V2Protocol(WireProtocol):
         if not self.model_name:
             raise UsageError("The v2 protocol needs a model name: pass --model-name or a URL ending in /v2/models/NAME.")
         self.version = version
-        self.input_name = "input-0"
+        if input_name is not None and not input_name.strip():
+            raise UsageError("The v2 input name cannot be empty; give the name the model's input tensor has.")
+        self.chosen_input_name = input_name
+        self.input_name = input_name or DEFAULT_INPUT_NAME
         self.datatype = "FP32"
         self.shape: list[int] = [1, *self.input_shape]
         self.output_name: str | None = None
@@ -205,41 +215,57 @@ class V2Protocol(WireProtocol):
 
     def discover(self, get: GetJson) -> dict[str, Any]:
         meta = get(self._model_path)
+        if not isinstance(meta, dict) or not ({"name", "inputs"} & set(meta)) or \
+                not isinstance(meta.get("inputs") or [], list):
+            raise UsageError(f"{self._model_path} does not answer with v2 model metadata; is this a v2 server?")
+        outputs = self._check_outputs(meta.get("outputs"))
+        info: dict[str, Any] = {"model": self.model_name, "platform": meta.get("platform"),
+                                "outputs": [{k: o.get(k) for k in ("name", "datatype", "shape")} for o in outputs]}
+        if not meta.get("inputs"):
+            # KServe's custom Python models describe no inputs: ask in the key's input spec, and say so.
+            self.shape = [1, *self.input_shape]
+            return {**info, "input": {"name": self.input_name, "datatype": self.datatype, "shape": self.shape},
+                    "input_from": "key",
+                    "note": f"the server does not describe its inputs; sent the key's input spec ({self.input_name}, "
+                            f"FP32, shape {self.shape})"}
         try:
             first = meta["inputs"][0]
-            self.input_name = str(first["name"])
+            self.input_name = self.chosen_input_name or str(first["name"])
             self.datatype = str(first.get("datatype", "FP32")).upper()
             shape = [int(s) for s in first.get("shape", [])]
-        except (KeyError, IndexError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise UsageError(
                 f"{self._model_path} does not describe its inputs as the v2 protocol requires; is this a v2 server?"
             ) from None
-        want = int(np.prod(self.input_shape))
         if shape:
             dims = [1 if s < 0 else s for s in shape]
             per_item = dims[1:] if len(dims) > len(self.input_shape) or dims[0] == 1 else dims
-            if int(np.prod(per_item)) != want:
+            if int(np.prod(per_item)) != int(np.prod(self.input_shape)):
                 raise UsageError(
                     f"Model {self.model_name} takes inputs shaped {shape} but the key's inputs are "
                     f"{list(self.input_shape)}; use the key made for this model."
                 )
             self.shape = [1, *per_item]
-        outputs = meta.get("outputs") or []
-        for out in outputs:
-            dims = [int(s) for s in out.get("shape", [])] if isinstance(out, dict) else []
+        return {**info, "input": {"name": self.input_name, "datatype": self.datatype, "shape": shape},
+                "input_from": "server"}
+
+    def _check_outputs(self, outputs: Any) -> list[dict[str, Any]]:
+        """The described outputs (dicts only); refuses score outputs of the wrong width."""
+        described = [o for o in outputs if isinstance(o, dict)] if isinstance(outputs, list) else []
+        for out in described:
+            try:
+                dims = [int(s) for s in out.get("shape") or []]
+            except (TypeError, ValueError):
+                dims = []
             is_scores = dims and str(out.get("datatype", "")).upper().startswith("FP") and dims[-1] > 1
             if is_scores and dims[-1] != self.num_classes:
                 raise UsageError(
                     f"Model {self.model_name} answers {dims[-1]} scores per input but the key is for "
                     f"{self.num_classes} classes; use the key made for this model."
                 )
-        if len(outputs) > 1:
-            self.output_name = _preferred_output(outputs)
-        return {"model": self.model_name, "input": {"name": self.input_name, "datatype": self.datatype,
-                                                    "shape": shape},
-                "outputs": [{k: o.get(k) for k in ("name", "datatype", "shape")} for o in outputs
-                            if isinstance(o, dict)],
-                "platform": meta.get("platform")}
+        if len(described) > 1:
+            self.output_name = _preferred_output(described)
+        return described
 
     def request(self, x: np.ndarray) -> Request:
         flat = np.asarray(x, dtype=np.float32).reshape(-1)

@@ -1,0 +1,96 @@
+"""Bad input found by a sweep: an open key file, impossible keygen values, a missing data file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from wmark.cli import main
+from wmark.data import load_dataset
+from wmark.errors import UsageError
+from wmark.keys import ALLOW_OPEN_KEY_ENV, generate_key, load_key, save_key
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+@pytest.fixture()
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "owner.key"
+    save_key(generate_key(owner="Test Owner", num_classes=10, input_shape=(1, 8, 8), num_triggers=10), path)
+    return path
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_a_key_file_others_can_read_is_refused(key_file: Path, mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_OPEN_KEY_ENV, raising=False)
+    key_file.chmod(mode)
+    with pytest.raises(UsageError, match=rf"accessible by other users \(mode {mode:04o}\); restrict it with "
+                                         rf"`chmod 600 {key_file}`"):
+        load_key(key_file)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_a_private_key_file_loads(key_file: Path, mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_OPEN_KEY_ENV, raising=False)
+    key_file.chmod(mode)
+    assert load_key(key_file).owner == "Test Owner"
+
+
+def test_the_escape_hatch_reads_an_open_key(key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    key_file.chmod(0o644)
+    monkeypatch.setenv(ALLOW_OPEN_KEY_ENV, "1")
+    assert load_key(key_file).owner == "Test Owner"
+    monkeypatch.setenv(ALLOW_OPEN_KEY_ENV, "yes")
+    with pytest.raises(UsageError, match="chmod 600"):
+        load_key(key_file)
+
+
+def test_an_open_key_file_stops_the_cli_with_exit_2(key_file: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ALLOW_OPEN_KEY_ENV, raising=False)
+    key_file.chmod(0o644)
+    code, err = _cli("verify", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect",
+                     str(tmp_path / "any.safetensors"))
+    assert code == 2
+    assert err.strip() == (f"error: Key file {key_file} is accessible by other users (mode 0644); restrict it with "
+                           f"`chmod 600 {key_file}` (or set {ALLOW_OPEN_KEY_ENV}=1 for read-only media).")
+
+
+def test_keygen_writes_a_private_key(tmp_path: Path) -> None:
+    out = tmp_path / "k.key"
+    code, _ = _cli("keygen", "--owner", "ACME", "--out", str(out), "--input-shape", "3,32,32")
+    assert code == 0 and (os.name != "posix" or out.stat().st_mode & 0o777 == 0o600)
+    assert load_key(out).input_shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--input-shape", "0,0,0"], "Input shape 0,0,0 must be 1 to 4 positive sizes, e.g. 1,28,28."),
+    (["--input-shape", "1,-28,28"], "Input shape 1,-28,28 must be 1 to 4 positive sizes"),
+    (["--input-shape", "1,2,3,4,5"], "Input shape 1,2,3,4,5 must be 1 to 4 positive sizes"),
+    (["--input-shape", "a,b"], "--input-shape 'a,b' is not a comma-separated list of sizes, e.g. 1,28,28."),
+    (["--input-shape", ""], "--input-shape '' is not a comma-separated list of sizes"),
+    (["--classes", "1"], "A key needs at least 2 classes, got 1."),
+    (["--classes", "-3"], "A key needs at least 2 classes, got -3."),
+    (["--triggers", "0"], "A key needs at least one trigger, got 0."),
+    (["--triggers", "-2", "--message", "ACME 2026"], "A key needs at least one trigger, got -2."),
+])
+def test_bad_keygen_values_exit_2_with_one_sentence(tmp_path: Path, args: list[str], message: str) -> None:
+    out = tmp_path / "k.key"
+    code, err = _cli("keygen", "--owner", "ACME", "--out", str(out), *args)
+    assert code == 2
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "unexpected" not in err
+    assert not out.exists()
+
+
+def test_a_missing_data_file_is_named_as_data(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.safetensors"
+    with pytest.raises(UsageError, match=rf"^Data file not found: {missing};"):
+        load_dataset(str(missing))
+    code, err = _cli("train", "--arch", "fmnist-mlp", "--data", str(missing), "--out", str(tmp_path / "m.safetensors"))
+    assert code == 2 and err.startswith(f"error: Data file not found: {missing}") and "Model file" not in err
