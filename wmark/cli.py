@@ -15,6 +15,7 @@ import click
 from wmark import __version__, api
 from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress
 from wmark.cli_verify import verify
+from wmark.errors import UsageError
 
 
 def _shape(value: str) -> tuple[int, ...]:
