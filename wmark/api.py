@@ -154,8 +154,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             "use the key made for this model."
         )
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
-    local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
-                         expose_scores=not labels_only)
+    from wmark.recheck import RecordingSuspect
+
+    local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
+                                          expose_scores=not labels_only), key=k)  # answers go into the report
     if api_log is None and tiebreak_log is None and client is not None:
         raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
     from wmark.schemes.api_tiebreak import (
@@ -172,8 +174,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     check_log_options(log=tiebreak_log, client=client, with_tiebreak=with_tiebreak)
     committed = with_tiebreak and committed_test_wanted(queries=tiebreak_queries, log=tiebreak_log)
     if api_log is None and not with_tiebreak:
-        return verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
-                               progress=progress)
+        return local.attach(verify_blackbox(key=k, suspect=local, alpha=alpha, mode=mode, max_queries=max_queries,
+                                            progress=progress), suspect_file=suspect)
     from wmark.verify import decide, trigger_set_test
 
     share = trigger_share(other_tests=(api_log is not None) + committed, log_test=tiebreak_log is not None)
@@ -194,7 +196,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
                                                   arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
                                                   queries=log_queries, rounds=log_rounds))
-    return decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect))
+    return local.attach(decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect)), suspect_file=suspect)
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,

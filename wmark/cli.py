@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from wmark import __version__, api
+from wmark import __version__, api, cli_evidence
 from wmark.errors import UsageError, WmarkError
 
 EXIT_HELP = """\b
@@ -210,17 +210,27 @@ def _remote_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--json", "as_json", is_flag=True, help="Print the verdict as one JSON document.")
 @click.option("--report", default=None, type=click.Path(dir_okay=False),
               help="Write an evidence report (HTML, with a .json twin).")
+@click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
+              help="The owner's public key (PEM): the release (--reference, or --signed-model) must be signed with it "
+                   "and the key must be the one it was released under.")
+@click.option("--signed-model", default=None, type=click.Path(), help="Black-box: the owner's signed release.")
+@click.option("--reference-signature", default=None, type=click.Path(dir_okay=False),
+              help="whitebox: the reference's signature bundle (default REFERENCE.sig).")
 @_remote_options
 @_handle_errors
 def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, reference: str | None,
            anchor: str | None, max_queries: int | None, with_scores: bool, api_log: str | None, client: str | None,
            api_max_queries: int, tiebreak: str | None, served: str | None, served_arch: str | None,
            holdout: str | None, tiebreak_queries: int, tiebreak_log: str | None, log_queries: int, log_rounds: int,
-           as_json: bool, report: str | None, **remote: Any) -> None:
+           as_json: bool, report: str | None, signer_key: str | None, signed_model: str | None,
+           reference_signature: str | None, **remote: Any) -> None:
     """Test a suspect for the key's watermark; exit 0 if detected, 1 if not.
 
     Black-box (default) queries the key's triggers; --mode whitebox reads the suspect's weights.
     """
+    release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
+                                         reference=reference if mode == "whitebox" else None,
+                                         reference_signature=reference_signature)
     if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
         raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
                          "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")
@@ -253,6 +263,10 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
                              tiebreak_log=tiebreak_log, log_queries=log_queries, log_rounds=log_rounds,
                              progress=_progress())
         if report is not None:
+            api.write_report(verdict=verdict, key=key, path=report)
+    if release is not None:
+        verdict.tests[0].details["provenance"] = release
+        if report is not None:  # again, now recording the signed release that was checked
             api.write_report(verdict=verdict, key=key, path=report)
     doc = verdict.to_dict()
     unit = "bits" if mode == "whitebox" else "queries"
@@ -458,10 +472,24 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
 
 
 @main.command(epilog=EXIT_HELP)
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path())
+@click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
+              help="Check the signature next to the file (PATH.sig) against this public key (PEM).")
 @_handle_errors
-def inspect(path: str) -> None:
-    """Show a model file's wmark.* metadata."""
-    click.echo(json.dumps(api.inspect(path=path), indent=2, sort_keys=True))
+def inspect(path: str, signer_key: str | None) -> None:
+    """Show a model file's wmark.* metadata and whether it is signed, and by whom."""
+    from pathlib import Path
+
+    from wmark import signing
+
+    out = api.inspect(path=path) if Path(path).is_file() and path.endswith(".safetensors") else {}
+    if signer_key is not None:
+        out["signature"] = signing.verify_file(path=path, public_key=signer_key).to_dict()
+    else:
+        out["signature"] = signing.describe_signature(path=path) or "unsigned (no " + str(signing.signature_path(path)) + ")"
+    click.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+cli_evidence.register(main, _handle_errors)
 if __name__ == "__main__":
     main()

@@ -1,0 +1,149 @@
+"""Signing with OpenSSF model-signing: files, models with provenance, certificates, and forged keys refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from clikit import run
+from sigkit import certificate_chain, memorised_mlp, save_marked, signing_pair
+
+from keykit import seeded_key
+from wmark.keys import save_key
+from wmark.signing import (
+    EvidenceError,
+    check_key_provenance,
+    describe_signature,
+    provenance_path,
+    sign_file,
+    sign_model,
+    signature_path,
+    verify_file,
+    verify_model,
+)
+
+SHAPE = (1, 8, 8)
+
+
+def _flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return signing_pair(tmp_path)
+
+
+@pytest.fixture
+def released(tmp_path, pair):
+    """A model marked with a key, signed at release with its provenance statement."""
+    key = seeded_key("release", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=5), key, tmp_path / "marked.safetensors")
+    sign_model(path=model, private_key=pair[0])
+    return key, model
+
+
+def test_a_signed_file_verifies_and_any_flipped_byte_fails(tmp_path, pair):
+    target = tmp_path / "report.json"
+    target.write_text(json.dumps({"verdict": "detected", "log10_p": -7.25}))
+    sig = sign_file(path=target, private_key=pair[0])
+    assert sig == signature_path(target) and sig.is_file()
+    info = verify_file(path=target, public_key=pair[1])
+    assert info.verified and info.signer_kind == "key" and info.signer.startswith("sha256:")
+    assert describe_signature(path=target)["signer"] == info.signer
+    original = target.read_bytes()
+    for offset in range(len(original)):
+        _flip(target, offset)
+        with pytest.raises(EvidenceError, match="altered after signing"):
+            verify_file(path=target, public_key=pair[1])
+        target.write_bytes(original)
+    bundle = sig.read_bytes()
+    for offset in (len(bundle) // 2, len(bundle) - 40):
+        _flip(sig, offset)
+        with pytest.raises(EvidenceError, match="signature"):
+            verify_file(path=target, public_key=pair[1])
+        sig.write_bytes(bundle)
+
+
+def test_unsigned_and_other_signer_are_refused(tmp_path, pair):
+    target = tmp_path / "t.sqlite"
+    target.write_bytes(b"rows")
+    with pytest.raises(EvidenceError, match="is not signed"):
+        verify_file(path=target, public_key=pair[1])
+    sign_file(path=target, private_key=pair[0])
+    _, other = signing_pair(tmp_path, "intruder")
+    with pytest.raises(EvidenceError, match="another key"):
+        verify_file(path=target, public_key=other)
+
+
+def test_certificate_signing_names_the_subject(tmp_path):
+    leaf_key, leaf_cert, ca = certificate_chain(tmp_path)
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"\x00" * 100)
+    sign_file(path=target, private_key=leaf_key, certificate=leaf_cert, chain=[ca])
+    info = verify_file(path=target, certificate_chain=[ca])
+    assert info.signer_kind == "certificate" and "ACME Corp" in info.signer
+    _flip(target, 7)
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_file(path=target, certificate_chain=[ca])
+
+
+def test_signed_model_binds_its_commitment_and_a_different_key_is_refused(tmp_path, pair, released):
+    key, model = released
+    doc = check_key_provenance(key=key, model=model, public_key=pair[1])
+    assert doc["commitment"] == key.commitment() and doc["signed_at"]
+    statement = json.loads(provenance_path(model).read_text())
+    assert statement["commitment"] == key.commitment() and "secret" not in json.dumps(statement)
+    # An accuser's key chosen later (however well it fits a suspect) is not the committed one.
+    forged = seeded_key("chosen-after-seeing-the-suspect", input_shape=SHAPE, num_triggers=20)
+    with pytest.raises(EvidenceError, match="not the one .* was signed with"):
+        check_key_provenance(key=forged, model=model, public_key=pair[1])
+
+
+@pytest.mark.parametrize("which", ["model", "metadata", "provenance", "bundle"])
+def test_one_flipped_byte_of_a_signed_release_fails(pair, released, which):
+    _, model = released
+    if which == "model":
+        _flip(model, -3)  # a weight's byte
+    elif which == "metadata":
+        _flip(model, 12)  # inside the safetensors JSON header, where the commitment sits
+    elif which == "provenance":
+        _flip(provenance_path(model), 40)
+    else:
+        _flip(signature_path(model), 200)
+    with pytest.raises(EvidenceError):
+        verify_model(path=model, public_key=pair[1])
+
+
+def test_cli_sign_verify_inspect(tmp_path, pair, released):
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    code, out = run("verify-signature", str(model), "--public-key", str(pair[1]), "--key", str(key_file))
+    assert code == 0 and key.commitment() in out
+    code, out = run("inspect", str(model))
+    doc = json.loads(out)
+    assert doc["commitment"] == key.commitment() and doc["signature"]["signer_kind"] == "key"
+    code, out = run("inspect", str(model), "--signer-key", str(pair[1]))
+    assert code == 0 and json.loads(out)["signature"]["verified"] is True
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    code, out = run("inspect", str(plain))
+    assert "unsigned" in json.loads(out)["signature"]
+    _flip(model, -3)
+    code, _ = run("verify-signature", str(model), "--public-key", str(pair[1]))
+    assert code == 2
+
+
+def test_cli_signing_key_and_sign_any_file(tmp_path):
+    code, out = run("signing-key", "--private-key", str(tmp_path / "a.pem"), "--public-key", str(tmp_path / "a.pub"))
+    assert code == 0 and "fingerprint" in out
+    assert oct((tmp_path / "a.pem").stat().st_mode & 0o777) == "0o600"
+    target = tmp_path / "r.json"
+    target.write_text("{}")
+    code, _ = run("sign", str(target), "--private-key", str(tmp_path / "a.pem"))
+    assert code == 0 and not provenance_path(target).exists()
+    code, out = run("verify-signature", str(target), "--public-key", str(tmp_path / "a.pub"))
+    assert code == 0 and out.startswith("valid")

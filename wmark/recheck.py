@@ -1,0 +1,298 @@
+"""Re-checking a verdict from the revealed key and the recorded answers alone, without the suspect.
+
+In a dispute the other side's expert distrusts the owner's machine. The evidence report therefore
+records everything a verdict depends on except the key's secret: the key's public parameters and
+commitment, the suspect's digest (a file's SHA-256, or an API's URL with the transcript's digests), the
+digest of every trigger asked with the answer it got (in the report for a model file, in the transcript
+for an API), alpha, the test parameters and p-values, and the software versions. Once the owner reveals
+the key, :func:`recheck` regenerates the triggers from it, feeds the recorded answers, looked up by the
+digest of each input, to the very same test code the verifier ran (:func:`wmark.verify.trigger_set_test`
+and :func:`wmark.verify.decide`, not a second implementation), and compares the decision and log10 p.
+
+Outcomes: ``same`` (exit 0), ``different`` or ``partial`` (exit 1: a test that cannot be recomputed here is
+named, and the verdict is then not confirmed), and tampered (an :class:`~wmark.signing.EvidenceError`,
+exit 2: a digest or signature fails, or the key's commitment is not the report's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import UsageError
+from wmark.keys import Key, load_key
+from wmark.schemes.trigger_set import generate_triggers
+from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
+from wmark.suspects.base import Answers, Suspect
+from wmark.transcript import input_sha256, transcript_digest
+from wmark.verify import TestResult, Verdict, decide, trigger_set_test
+
+PathLike = str | os.PathLike[str]
+TOLERANCE = 1e-9
+RECHECKABLE = ("trigger-set",)
+
+
+def canonical_sha256(doc: Any) -> str:
+    """SHA-256 of a JSON document in canonical form (sorted keys, no spaces): the report's content digest."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class RecordingSuspect:
+    """Passes queries through to a suspect and records the answer to each of the key's triggers, in order.
+
+    The record goes into the evidence report of a model-file suspect (an API's answers are in its
+    transcript), so the verdict can be recomputed without the suspect.
+    """
+
+    def __init__(self, inner: Suspect, *, key: Key) -> None:
+        self.inner = inner
+        self._triggers = {input_sha256(x): i for i, x in enumerate(generate_triggers(key).inputs.numpy())}
+        self.digests: list[str] = []
+        self.labels: list[int] = []
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.inner.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self.inner.input_shape
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        answers = self.inner.query(inputs)
+        for x, label in zip(np.asarray(inputs, dtype=np.float32), np.asarray(answers.labels).reshape(-1)):
+            digest = input_sha256(x)
+            if digest in self._triggers:
+                self.digests.append(digest)
+                self.labels.append(int(label))
+        return answers
+
+    def attach(self, verdict: Verdict, *, suspect_file: PathLike | None = None) -> Verdict:
+        """Put the record (and the suspect file's SHA-256) into the trigger-set test's details; return the verdict."""
+        for test in verdict.tests:
+            if test.name == "trigger-set":
+                test.details["answers"] = {"input_sha256": list(self.digests), "labels": list(self.labels)}
+                if suspect_file is not None:
+                    test.details["suspect_file"] = {"path": str(suspect_file), "sha256": file_sha256(suspect_file)}
+        return verdict
+
+
+class ReplaySuspect:
+    """Answers each input with the label recorded for its digest; refuses an input nobody recorded."""
+
+    def __init__(self, answers: dict[str, int], *, num_classes: int, input_shape: tuple[int, ...],
+                 description: str, source: str) -> None:
+        self.answers = answers
+        self.num_classes = num_classes
+        self.input_shape = input_shape
+        self.description = description
+        self.source = source
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        labels = []
+        for x in np.asarray(inputs, dtype=np.float32):
+            digest = input_sha256(x)
+            if digest not in self.answers:
+                raise EvidenceError(f"{self.source} holds no answer to trigger {digest[:16]}..., which this key makes "
+                                    "the verifier ask: the record is not of this key's verification, or was altered.")
+            labels.append(self.answers[digest])
+        return Answers(labels=np.asarray(labels, dtype=np.int64))
+
+
+def transcript_answers(path: PathLike) -> dict[str, int]:
+    """The trigger answers a transcript holds, by input digest, as the probe reused them: the latest ``ok``
+    answer, else an abstention (``-1``) for an input answered only with garbage or never answered."""
+    try:
+        db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT input_sha256, status, label FROM queries WHERE role = 'trigger' "
+                              "ORDER BY seq").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise EvidenceError(f"{path} is not a readable wmark transcript ({exc}): it was altered or truncated.") from None
+    out: dict[str, int] = {}
+    for digest, status, label in rows:
+        if status == "ok":
+            out[digest] = int(label)
+        else:
+            out.setdefault(digest, -1)
+    return out
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -1e300
+
+
+@dataclass
+class Recheck:
+    """The outcome of re-checking a report.
+
+    Attributes:
+        status: ``same``, ``different`` or ``partial`` (some test could not be recomputed here).
+        message: One sentence for people.
+        original: The report's decision and log10 p.
+        recomputed: The recomputed decision and log10 p.
+        tests: Per test: whether it was recomputed, both log10 p values, and why not when it was not.
+        checks: The integrity checks that passed (digests, signature, commitment).
+    """
+
+    status: str
+    message: str
+    original: dict[str, Any]
+    recomputed: dict[str, Any]
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "same" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), exit_code=self.exit_code)
+
+
+def _load_report(path: PathLike) -> tuple[Path, dict[str, Any]]:
+    from wmark.report import json_twin
+
+    p = Path(path)
+    if p.suffix.lower() in (".html", ".htm"):
+        p = json_twin(p)
+    if not p.is_file():
+        raise UsageError(f"Report {p} does not exist.")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EvidenceError(f"The report {p} is not valid JSON: it was altered or truncated.") from None
+    if not isinstance(doc, dict) or doc.get("format") != "wmark-evidence/1":
+        raise EvidenceError(f"{p} is not a wmark evidence report (format wmark-evidence/1).")
+    return p, doc
+
+
+def _test_from_dict(doc: dict[str, Any]) -> TestResult:
+    return TestResult(name=doc["name"], evidence_of=doc["evidence_of"], null=doc.get("null", {}),
+                      log10_p=float(doc["log10_p"]), queries=int(doc["queries"]), matches=int(doc["matches"]),
+                      abstentions=int(doc.get("abstentions", 0)), method=doc.get("method", ""),
+                      trajectory=list(doc.get("trajectory", [])), details=dict(doc.get("details", {})),
+                      weight=float(doc.get("weight", 1.0)))
+
+
+def _answers_for(test: dict[str, Any], doc: dict[str, Any], report: Path, transcript: PathLike | None,
+                 checks: list[str]) -> tuple[dict[str, int], str]:
+    details = test.get("details", {})
+    recorded = details.get("answers")
+    if recorded is not None:
+        digests, labels = recorded.get("input_sha256", []), recorded.get("labels", [])
+        if len(digests) != len(labels):
+            raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers.")
+        return {d: int(v) for d, v in zip(digests, labels)}, f"the report {report.name}"
+    summary = doc.get("transcript") or details.get("transcript")
+    if not summary:
+        raise EvidenceError(f"The report {report} records neither the answers nor a transcript, so its verdict cannot "
+                            "be recomputed.")
+    path = Path(transcript) if transcript is not None else Path(summary["path"])
+    if transcript is None and not path.is_absolute() and not path.is_file():
+        path = report.parent / path.name
+    if not path.is_file():
+        raise UsageError(f"The transcript {path} does not exist; pass the file the report names with --transcript.")
+    want_file = summary.get("file_sha256")
+    if want_file is not None and file_sha256(path) != want_file:
+        raise EvidenceError(f"The transcript {path} is not byte for byte the one the report names (its SHA-256 "
+                            "differs): it was altered.")
+    if transcript_digest(path) != summary.get("sha256_chain"):
+        raise EvidenceError(f"The transcript {path} does not match the digest in the report: rows were altered, added "
+                            "or removed.")
+    checks.append("transcript digest" + (" and file SHA-256" if want_file else ""))
+    return transcript_answers(path), f"the transcript {path.name}"
+
+
+def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | None = None,
+            signer_key: PathLike | None = None) -> Recheck:
+    """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
+
+    Args:
+        report: The evidence report (its JSON twin, or the HTML next to it).
+        key: The revealed key file (or a loaded key).
+        transcript: The transcript the report names (default: the path it records, or that name next to it).
+        signer_key: The owner's public key: the report's signature ``R.json.sig`` must then verify.
+
+    Raises:
+        EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
+            key's commitment is not the report's, or a trigger's answer is missing (exit 2).
+    """
+    path, doc = _load_report(report)
+    checks: list[str] = []
+    integrity = doc.get("integrity") or {}
+    body = {k: v for k, v in doc.items() if k != "integrity"}
+    if integrity.get("content_sha256") != canonical_sha256(body):
+        raise EvidenceError(f"The report {path} does not match its own content digest: it was edited after it was "
+                            "written.")
+    checks.append("report content digest")
+    if signer_key is not None:
+        info = verify_file(path=path, public_key=signer_key)
+        checks.append(f"report signature by {info.signer}")
+    elif signature_path(path).is_file():
+        checks.append("report signature present but not checked (no signer key given)")
+    k = key if isinstance(key, Key) else load_key(key)
+    committed = doc.get("key", {}).get("commitment")
+    if k.commitment() != committed or doc["verdict"].get("key_commitment") != committed:
+        raise EvidenceError(f"The revealed key's commitment {k.commitment()[:16]}... is not the one the report was made "
+                            f"with ({str(committed)[:16]}...).")
+    checks.append("key commitment")
+    verdict = doc["verdict"]
+    alpha = float(verdict["alpha"])
+    tests: list[TestResult] = []
+    rows: list[dict[str, Any]] = []
+    for test in verdict["tests"]:
+        original = _test_from_dict(test)
+        if test["name"] not in RECHECKABLE:
+            tests.append(original)
+            rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
+                         "recomputed_log10_p": None,
+                         "note": "not re-checkable here: its p-value is taken from the report, not recomputed"})
+            continue
+        answers, source = _answers_for(test, doc, path, transcript, checks)
+        details = test.get("details", {})
+        replay = ReplaySuspect(answers, num_classes=k.num_classes, input_shape=tuple(k.input_shape),
+                               description=verdict["suspect"], source=source)
+        redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
+                                  max_queries=int(details.get("budget", len(answers))), batch_size=1,
+                                  share=float(details.get("alpha_share", 1.0)))
+        redone.weight = original.weight
+        tests.append(redone)
+        rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,
+                     "recomputed_log10_p": _finite(redone.log10_p), "queries": redone.queries,
+                     "matches": redone.matches, "answers_from": source})
+    again = decide(key=k, tests=tests, alpha=alpha, suspect=verdict["suspect"])
+    original_doc = {"decision": verdict["decision"], "log10_p": float(verdict["log10_p"])}
+    recomputed_doc = {"decision": again.decision, "log10_p": _finite(again.log10_p)}
+    same_tests = all(abs(r["original_log10_p"] - r["recomputed_log10_p"]) <= TOLERANCE for r in rows if r["rechecked"])
+    same = (same_tests and again.decision == verdict["decision"]
+            and abs(_finite(again.log10_p) - float(verdict["log10_p"])) <= TOLERANCE)
+    unchecked = [r["name"] for r in rows if not r["rechecked"]]
+    if not same:
+        status = "different"
+        message = (f"The recomputed verdict differs: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, the "
+                   f"report says {verdict['decision']} at {float(verdict['log10_p']):.6f}.")
+    elif unchecked:
+        status = "partial"
+        message = (f"The re-checkable tests match, but {', '.join(unchecked)} cannot be recomputed here, so the verdict "
+                   "is not confirmed.")
+    else:
+        status = "same"
+        message = (f"Same verdict: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, recomputed from the "
+                   "revealed key and the recorded answers.")
+    return Recheck(status=status, message=message, original=original_doc, recomputed=recomputed_doc, tests=rows,
+                   checks=checks)
