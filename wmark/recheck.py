@@ -232,13 +232,19 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
             key's commitment is not the report's, or a trigger's answer is missing (exit 2).
     """
+    from wmark.report import report_text
+
     path, doc = _load_report(report)
     checks: list[str] = []
-    integrity = doc.get("integrity") or {}
-    body = {k: v for k, v in doc.items() if k != "integrity"}
-    if integrity.get("content_sha256") != canonical_sha256(body):
+    integrity = doc.get("integrity")
+    body = dict(doc, integrity={k: v for k, v in integrity.items() if k != "content_sha256"}) if isinstance(
+        integrity, dict) else doc
+    if not isinstance(integrity, dict) or integrity.get("content_sha256") != canonical_sha256(body):
         raise EvidenceError(f"The report {path} does not match its own content digest: it was edited after it was "
                             "written.")
+    if path.read_text(encoding="utf-8") != report_text(doc):
+        raise EvidenceError(f"The report {path} is not byte for byte the text wmark wrote for its content: it was "
+                            "altered.")
     checks.append("report content digest")
     if signer_key is not None:
         info = verify_file(path=path, public_key=signer_key)

@@ -95,9 +95,11 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         },
         "software": software_versions(),
     }
-    return dict(body, integrity={"content_sha256": canonical_sha256(body),
-                                 "how": "SHA-256 of this document without 'integrity', as JSON with sorted keys and "
-                                        "no spaces; sign the file (wmark sign) to bind it to its author"})
+    body["integrity"] = {"how": "content_sha256 is the SHA-256 of this document without it, as JSON with sorted "
+                                "keys and no spaces; the file is that document as json.dumps(indent=2, "
+                                "sort_keys=True) writes it; sign the file (wmark sign) to bind it to its author"}
+    body["integrity"]["content_sha256"] = canonical_sha256(body)
+    return body
 
 
 def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -111,8 +113,13 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
     with atomic_write(path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     with atomic_write(json_twin(path)) as tmp:
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
+        Path(tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
+
+
+def report_text(doc: dict[str, Any]) -> str:
+    """The exact text of a report's JSON twin (a re-check refuses a file that differs from it by one byte)."""
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 def _trajectory_png(verdict: Verdict) -> bytes | None:
