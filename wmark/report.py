@@ -95,10 +95,11 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         },
         "software": software_versions(),
     }
-    body["integrity"] = {"how": "content_sha256 is the SHA-256 of this document without it, as JSON with sorted "
+    integrity: dict[str, str] = {"how": "content_sha256 is the SHA-256 of this document without it, as JSON with sorted "
                                 "keys and no spaces; the file is that document as json.dumps(indent=2, "
                                 "sort_keys=True) writes it; sign the file (wmark sign) to bind it to its author"}
-    body["integrity"]["content_sha256"] = canonical_sha256(body)
+    body["integrity"] = integrity
+    integrity["content_sha256"] = canonical_sha256(body)
     return body
 
 
