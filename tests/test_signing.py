@@ -147,3 +147,26 @@ def test_cli_signing_key_and_sign_any_file(tmp_path):
     assert code == 0 and not provenance_path(target).exists()
     code, out = run("verify-signature", str(target), "--public-key", str(tmp_path / "a.pub"))
     assert code == 0 and out.startswith("valid")
+
+
+def test_cli_verify_checks_the_signed_release_before_trusting_the_key(tmp_path, pair, released):
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    base = ["verify", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect", str(model)]
+    code, _ = run(*base, "--signer-key", str(pair[1]), "--signed-model", str(model), "--report", str(tmp_path / "r.html"))
+    assert code in (0, 1)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["provenance"]["commitment"] == key.commitment() and doc["provenance"]["signer"].startswith("sha256:")
+    assert "Signed release checked" in (tmp_path / "r.html").read_text()
+    other = seeded_key("picked later", input_shape=SHAPE, num_triggers=20)
+    save_key(other, tmp_path / "other.key")
+    code, _ = run("verify", "--key", str(tmp_path / "other.key"), "--arch", "fmnist-mlp", "--suspect", str(model),
+                  "--signer-key", str(pair[1]), "--signed-model", str(model))
+    assert code == 2
+    unsigned = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "unsigned.safetensors")
+    code, _ = run("verify", "--key", str(key_file), "--mode", "whitebox", "--reference", str(unsigned), "--suspect",
+                  str(model), "--signer-key", str(pair[1]))
+    assert code == 2
+    code, _ = run(*base, "--signed-model", str(model))
+    assert code == 2
