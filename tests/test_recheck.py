@@ -166,3 +166,14 @@ def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed
     outcome = recheck(report=tmp_path / "r.json", key=key)
     assert outcome.status == "partial" and outcome.exit_code == 1 and "tiebreak" in outcome.message
     assert [t["rechecked"] for t in outcome.tests] == [True, False]
+
+
+def test_a_report_without_recorded_answers_is_not_confirmed_rather_than_called_tampered(files, tmp_path):
+    from wmark.suspects import LocalSuspect
+    from wmark.verify import verify_blackbox
+
+    key, _ = files
+    verdict = verify_blackbox(key=key, suspect=LocalSuspect(memorised_mlp(key), input_shape=SHAPE))
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    outcome = recheck(report=tmp_path / "r.json", key=key)
+    assert outcome.status == "partial" and "neither its answers nor a transcript" in outcome.tests[0]["note"]

@@ -199,9 +199,6 @@ def _answers_for(test: dict[str, Any], doc: dict[str, Any], report: Path, transc
             raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers.")
         return {d: int(v) for d, v in zip(digests, labels)}, f"the report {report.name}"
     summary = doc.get("transcript") or details.get("transcript")
-    if not summary:
-        raise EvidenceError(f"The report {report} records neither the answers nor a transcript, so its verdict cannot "
-                            "be recomputed.")
     path = Path(transcript) if transcript is not None else Path(summary["path"])
     if transcript is None and not path.is_absolute() and not path.is_file():
         path = report.parent / path.name
@@ -263,11 +260,15 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     rows: list[dict[str, Any]] = []
     for test in verdict["tests"]:
         original = _test_from_dict(test)
-        if test["name"] not in RECHECKABLE:
+        recorded = test.get("details", {}).get("answers") is not None or bool(
+            doc.get("transcript") or test.get("details", {}).get("transcript"))
+        if test["name"] not in RECHECKABLE or not recorded:
+            why = ("not re-checkable here" if test["name"] not in RECHECKABLE
+                   else "not re-checkable: the report records neither its answers nor a transcript")
             tests.append(original)
             rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
                          "recomputed_log10_p": None,
-                         "note": "not re-checkable here: its p-value is taken from the report, not recomputed"})
+                         "note": f"{why}: its p-value is taken from the report, not recomputed"})
             continue
         answers, source = _answers_for(test, doc, path, transcript, checks)
         details = test.get("details", {})
