@@ -5,8 +5,8 @@
     presents them as "triggers" against independent models. A naive verifier (count matches on the presented
     inputs, binomial test at 1/C) is measured for contrast. wmark never takes triggers from the accuser: it
     regenerates them from the key, so the accuser's only lever is its key, and every path (model file
-    sequential and fixed, HTTP with a transcript, white-box against the accuser's own weight-marked reference)
-    is run with it. Also shown: none of the adversarial inputs is among the triggers wmark asks, and a key
+    sequential and fixed, HTTP with a transcript, the tie-break test with a rule the accuser built for its own
+    served model, white-box against the accuser's own weight-marked reference) is run with it. Also shown: none of the adversarial inputs is among the triggers wmark asks, and a key
     file whose trigger parameters were edited is refused (by its own commitment, and, re-committed, by the
     commitment in the accuser's signed release).
 (b) Key search: an accuser generates N keys and keeps the one that fits an independent model best. Measured:
@@ -153,6 +153,9 @@ def main() -> None:
     api.embed(key=acc_key_file, arch="fmnist-mlp", weights=accuser_files[1][1], data="fashion-mnist@attacker",
               out=reference, schemes=("trigger", "weights"), epochs=1, max_samples=samples)
     release = sign_model(path=reference, private_key=signer_private)
+    rule = work / "accuser-tiebreak.safetensors"
+    api.build_tiebreak(key=acc_key_file, arch="fmnist-mlp", weights=reference, data="fashion-mnist@attacker",
+                       out=rule, references=[], verify_count=300)
 
     trigger_digests = {input_sha256(t) for t in generate_triggers(acc_key).inputs.numpy()}
     adv_digests = {input_sha256(a) for a in adv.numpy()}
@@ -183,12 +186,21 @@ def main() -> None:
         outcome = recheck(report=report.with_suffix(".json"), key=acc_key_file, transcript=transcript)
         rechecks.append({"path": "http", "model": i, "status": outcome.status,
                          "delta": abs(outcome.recomputed["log10_p"] - outcome.original["log10_p"])})
+        verdict = api.verify(key=acc_key_file, arch=arch, suspect=path, mode="fixed", tiebreak=rule, served=reference,
+                             served_arch="fmnist-mlp", tiebreak_queries=300)
+        row["tiebreak_combined"] = verdict.log10_p
+        row["tiebreak_test"] = verdict.tests[1].log10_p
+        api.write_report(verdict=verdict, key=acc_key_file, path=work / f"r-{i}-tiebreak.html")
+        outcome = recheck(report=work / f"r-{i}-tiebreak.json", key=acc_key_file)
+        rechecks.append({"path": "tiebreak (trigger part recomputed, tie-break not re-checkable)", "model": i,
+                         "status": outcome.status, "delta": abs(outcome.tests[0]["recomputed_log10_p"]
+                                                                - outcome.tests[0]["original_log10_p"])})
         try:
             row["whitebox"] = api.verify_whitebox(key=acc_key_file, reference=reference, suspect=path).log10_p
         except UsageError as exc:
             row["whitebox"] = "refused: no layer shaped like the reference's" if "no tensor of shape" in str(exc) \
                 else f"refused: {exc}"
-        paths = [row[k] for k in ("file_sequential", "file_fixed", "http_sequential", "whitebox")
+        paths = [row[k] for k in ("file_sequential", "file_fixed", "http_sequential", "tiebreak_combined", "whitebox")
                  if isinstance(row[k], float)]
         row["wmark_min_log10_p"] = min(paths)
         row["wmark_reaches_alpha"] = min(paths) <= math.log10(ALPHA)
@@ -223,7 +235,7 @@ def main() -> None:
         "refusals": refusals, "rows": rows,
     }
     print(table(rows, ["model", "naive_matches", "naive_log10_p", "file_sequential", "file_fixed", "http_sequential",
-                       "whitebox", "wmark_reaches_alpha"]))
+                       "tiebreak_test", "whitebox", "wmark_reaches_alpha"]))
     print(f"naive verifier: {naive_hits} of {len(rows)} independent models at alpha = {ALPHA:g}; wmark: {wmark_hits} "
           f"of {len(rows)} (any path); adversarial inputs among wmark's triggers: {len(trigger_digests & adv_digests)}")
 
@@ -289,11 +301,13 @@ def main() -> None:
     fresh_doc = json.loads(fresh.stdout) if fresh.returncode in (0, 1) else {"error": fresh.stderr}
     results["tampering"] = {name: {"detected": c, "flips": n} for name, (c, n) in tamper.items()}
     results["recheck"] = {"reports": len(rechecks), "same": sum(r["status"] == "same" for r in rechecks),
+                          "partial_with_tiebreak": sum(r["status"] == "partial" for r in rechecks),
                           "max_abs_delta_log10_p": max(r["delta"] for r in rechecks),
                           "fresh_process": {"exit": fresh.returncode, "status": fresh_doc.get("status")}}
     results["release"] = {k: v for k, v in release.items() if k != "model"}
     print(table([{"target": k, "detected": f"{c} of {n}"} for k, (c, n) in tamper.items()], ["target", "detected"]))
-    print(f"recheck: {results['recheck']['same']} of {len(rechecks)} reports give the same verdict "
+    print(f"recheck: {results['recheck']['same']} of {len(rechecks)} reports give the same verdict, "
+          f"{results['recheck']['partial_with_tiebreak']} partial (the tie-break test is not re-checkable here) "
           f"(max |delta log10 p| {results['recheck']['max_abs_delta_log10_p']:.2g}); fresh process exit "
           f"{fresh.returncode}")
     print(f"wrote {write_results('forgery_quick' if quick else 'forgery', results)}")
