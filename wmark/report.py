@@ -73,7 +73,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         "verdict": doc,
         "key": {"commitment": key.commitment(), "fingerprint": key.fingerprint(), "public": key.public_params()},
         "suspect": {"description": verdict.suspect, "probe": details.get("probe"),
-                    "file": trigger.get("suspect_file"),
+                    "file": trigger.get("suspect_file") or _file_digest(verdict.suspect),
                     "transcript_sha256_chain": (transcript or {}).get("sha256_chain")},
         "transcript": transcript,
         "provenance": next((t.details["provenance"] for t in verdict.tests if "provenance" in t.details), None),
@@ -116,6 +116,14 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
     with atomic_write(json_twin(path)) as tmp:
         Path(tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
+
+
+def _file_digest(description: str) -> dict[str, str] | None:
+    """The suspect's SHA-256 when it is a local file (a white-box suspect), so a holder of the file can match it."""
+    from wmark.signing import file_sha256
+
+    p = Path(description)
+    return {"path": description, "sha256": file_sha256(p)} if p.is_file() else None
 
 
 def report_text(doc: dict[str, Any]) -> str:
