@@ -170,3 +170,33 @@ def test_cli_verify_checks_the_signed_release_before_trusting_the_key(tmp_path, 
     assert code == 2
     code, _ = run(*base, "--signed-model", str(model))
     assert code == 2
+
+
+def test_a_model_directory_is_signed_as_a_whole_and_bound_to_a_key(tmp_path, pair):
+    key = seeded_key("directory", input_shape=SHAPE, num_triggers=20)
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_labels": 10}')
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)  # not readable safetensors: signed, no wmark metadata
+    info = sign_model(path=model, private_key=pair[0], key=key)
+    assert info["commitment"] == key.commitment()
+    assert check_key_provenance(key=key, model=model, public_key=pair[1])["model_sha256"].keys() == {
+        "config.json", "model.safetensors"}
+    (model / "extra.bin").write_bytes(b"smuggled")
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_model(path=model, public_key=pair[1])
+    (model / "extra.bin").unlink()
+    _flip(model / "config.json", 3)
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_model(path=model, public_key=pair[1])
+
+
+def test_bundles_verify_with_the_model_signing_command_line(tmp_path, pair, released):
+    import subprocess
+    import sys
+
+    _, model = released
+    proc = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(model), "--signature",
+                           str(signature_path(model)), "--public_key", str(pair[1])],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
