@@ -9,6 +9,7 @@ usage error.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -140,8 +141,6 @@ def register(main: click.Group, handle_errors: Any) -> None:
     @handle_errors
     def recheck(report: str, key: str, transcript: str | None, signer_key: str | None, as_json: bool) -> None:
         """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect."""
-        import sys
-
         from wmark.recheck import recheck as run
 
         outcome = run(report=report, key=key, transcript=transcript, signer_key=signer_key)

@@ -40,6 +40,7 @@ from typing import Any
 from wmark import __version__
 from wmark.errors import UsageError
 from wmark.io import atomic_write
+from wmark.keys import Key
 
 PathLike = str | os.PathLike[str]
 SIGNATURE_SUFFIX = ".sig"
@@ -304,7 +305,7 @@ def _model_metadata(path: Path) -> dict[str, Any]:
     return merged
 
 
-def sign_model(*, path: PathLike, private_key: PathLike, key: Any | None = None,
+def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
                certificate: PathLike | None = None, chain: Sequence[PathLike] = ()) -> dict[str, Any]:
     """Sign a released model and its provenance statement (``PATH.sig``, ``PATH.provenance.json[.sig]``).
 
@@ -380,7 +381,7 @@ def verify_model(*, path: PathLike, public_key: PathLike | None = None,
             "provenance_signature": prov_info.to_dict()}
 
 
-def check_key_provenance(*, key: Any, model: PathLike, public_key: PathLike | None = None,
+def check_key_provenance(*, key: Key, model: PathLike, public_key: PathLike | None = None,
                          certificate_chain: Sequence[PathLike] | None = None, signature: PathLike | None = None,
                          ) -> dict[str, Any]:
     """Verify the owner's signed model and that ``key`` is the one it was released under.
