@@ -90,3 +90,22 @@ def test_key_search_is_bounded_and_the_best_key_is_refused_by_the_signed_release
     with pytest.raises(EvidenceError, match="not the one .* was signed with"):
         check_key_provenance(key=keys[best], model=release, public_key=public)
     assert check_key_provenance(key=committed, model=release, public_key=public)["commitment"] == committed.commitment()
+
+
+def test_over_http_the_server_sees_only_the_keys_triggers_never_the_accusers_inputs(arena):
+    from wmark.serve import build_app, serve_in_background
+    from wmark.suspects.http import HttpOptions, open_http_suspect
+
+    independents, adv, _ = arena
+    key = seeded_key("dishonest accuser", input_shape=SHAPE, num_triggers=100)
+    received: list[str] = []
+    app = build_app(model=independents[0], name="m", num_classes=10, input_shape=SHAPE, labels_only=True,
+                    on_infer=lambda x: received.extend(input_sha256(v) for v in np.asarray(x, dtype=np.float32)))
+    with serve_in_background(app) as server:
+        suspect = open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=10, input_shape=SHAPE,
+                                    token=None, options=HttpOptions(backoff=0.01))
+        verdict = verify_blackbox(key=key, suspect=suspect, mode="fixed")
+        suspect.close()
+    assert verdict.decision == "not_detected" and len(received) == 100
+    assert set(received) == {input_sha256(t) for t in generate_triggers(key).inputs.numpy()}
+    assert not set(received) & {input_sha256(a) for a in adv.numpy()}
