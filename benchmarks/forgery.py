@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -311,6 +312,7 @@ def main() -> None:
           f"(max |delta log10 p| {results['recheck']['max_abs_delta_log10_p']:.2g}); fresh process exit "
           f"{fresh.returncode}")
     print(f"wrote {write_results('forgery_quick' if quick else 'forgery', results)}")
+    shutil.rmtree(work)  # the accuser's keys, reports and transcripts were only needed for the checks above
 
 
 if __name__ == "__main__":
