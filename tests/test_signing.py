@@ -200,3 +200,25 @@ def test_bundles_verify_with_the_model_signing_command_line(tmp_path, pair, rele
                            str(signature_path(model)), "--public_key", str(pair[1])],
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_owner_files_a_verification_relies_on_must_be_signed_under_the_key_too(tmp_path, pair, released):
+    from wmark.cli_evidence import check_release
+
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    rule = tmp_path / "rule.safetensors"
+    rule.write_bytes(b"a tie-break rule built at release")
+    with pytest.raises(EvidenceError, match="is not signed"):
+        check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                      reference_signature=None, owner_files=(str(rule), None))
+    sign_model(path=rule, private_key=pair[0], key=key)
+    doc = check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                        reference_signature=None, owner_files=(str(rule), str(model)))
+    assert [f["model"] for f in doc["owner_files"]] == [str(rule)]
+    later = seeded_key("rule built later", input_shape=SHAPE, num_triggers=20)
+    sign_model(path=rule, private_key=pair[0], key=later)
+    with pytest.raises(EvidenceError, match="not the key of that release"):
+        check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                      reference_signature=None, owner_files=(str(rule),))

@@ -230,7 +230,7 @@ def verify(key: str, arch: str | None, suspect: str, alpha: float, mode: str, re
     """
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
                                          reference=reference if mode == "whitebox" else None,
-                                         reference_signature=reference_signature)
+                                         reference_signature=reference_signature, owner_files=(tiebreak, served))
     if api_log is not None and (mode == "whitebox" or suspect.startswith(("http://", "https://"))):
         raise UsageError("--api-log works with a model-file suspect in sequential or fixed mode; for an HTTP "
                          "suspect, run the extraction test from Python (wmark.schemes.api_mark.api_mark_test).")

@@ -30,10 +30,12 @@ def _is_model(path: Path) -> bool:
 
 
 def check_release(*, key: str, signer_key: str | None, signed_model: str | None, reference: str | None,
-                  reference_signature: str | None) -> dict[str, Any] | None:
+                  reference_signature: str | None, owner_files: tuple[str | None, ...] = ()) -> dict[str, Any] | None:
     """For ``wmark verify``: check the owner's signed release before trusting its key or reference model.
 
-    Returns what the report records about it, or ``None`` when no check was asked for.
+    ``owner_files`` (the tie-break rule, the served model) must then be signed under the same key as well, since
+    an owner could otherwise make them after seeing a suspect. Returns what the report records, or ``None``
+    when no check was asked for.
     """
     if signer_key is None:
         if signed_model is not None or reference_signature is not None:
@@ -46,8 +48,12 @@ def check_release(*, key: str, signer_key: str | None, signed_model: str | None,
     if model is None:
         raise UsageError("--signer-key checks a signed release: pass --signed-model (black-box) or --reference "
                          "(white-box).")
-    return signing.check_key_provenance(key=load_key(key), model=model, public_key=signer_key,
-                                        signature=reference_signature if reference is not None else None)
+    k = load_key(key)
+    release = signing.check_key_provenance(key=k, model=model, public_key=signer_key,
+                                           signature=reference_signature if reference is not None else None)
+    others = [signing.check_key_provenance(key=k, model=f, public_key=signer_key)
+              for f in dict.fromkeys(f for f in owner_files if f is not None and f != model)]
+    return dict(release, owner_files=others) if others else release
 
 
 def register(main: click.Group, handle_errors: Any) -> None:
