@@ -156,15 +156,15 @@ def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed
     from wmark.suspects import LocalSuspect
 
     key, d = files
-    suspect = RecordingSuspect(LocalSuspect(memorised_mlp(key), input_shape=SHAPE), key=key)
+    suspect = RecordingSuspect(LocalSuspect(memorised_mlp(key), input_shape=SHAPE))
     trig = trigger_set_test(key=key, suspect=suspect, share=0.5)
-    other = TestResult(name="tiebreak", evidence_of="extracted", null={"p0": 0.5}, log10_p=-1.0, queries=10,
+    other = TestResult(name="api-tiebreak-log", evidence_of="extracted", null={"p0": 0.5}, log10_p=-1.0, queries=10,
                        matches=8)
     verdict = suspect.attach(decide(key=key, tests=[trig, other], alpha=1e-6, suspect="local"))
     write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
     assert "not re-checkable here" in (tmp_path / "r.html").read_text()
     outcome = recheck(report=tmp_path / "r.json", key=key)
-    assert outcome.status == "partial" and outcome.exit_code == 1 and "tiebreak" in outcome.message
+    assert outcome.status == "partial" and outcome.exit_code == 1 and "api-tiebreak-log" in outcome.message
     assert [t["rechecked"] for t in outcome.tests] == [True, False]
 
 
@@ -177,3 +177,24 @@ def test_a_report_without_recorded_answers_is_not_confirmed_rather_than_called_t
     write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
     outcome = recheck(report=tmp_path / "r.json", key=key)
     assert outcome.status == "partial" and "neither its answers nor a transcript" in outcome.tests[0]["note"]
+
+
+def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rule_and_served_model(files, tmp_path):
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=150)
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors", mode="fixed",
+                         tiebreak=rule, served=d / "copy.safetensors", tiebreak_queries=150)
+    assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
+    doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert doc["recheck"]["tests"]["api-tiebreak"].startswith("recomputed")
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
+    assert abs(outcome.tests[1]["recomputed_log10_p"] - verdict.tests[1].log10_p) <= 1e-9
+    moved = tmp_path / "moved-rule.safetensors"
+    rule.rename(moved)
+    assert recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved}).status == "same"
+    _flip(moved, -5)
+    with pytest.raises(EvidenceError, match="rule file .* is not the one the report names"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved})

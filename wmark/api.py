@@ -157,7 +157,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     from wmark.recheck import RecordingSuspect
 
     local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
-                                          expose_scores=not labels_only), key=k)  # answers go into the report
+                                          expose_scores=not labels_only))  # answers go into the report
     if api_log is None and tiebreak_log is None and client is not None:
         raise UsageError("--client names whose queries to replay; it needs --api-log or --tiebreak-log.")
     from wmark.schemes.api_tiebreak import (
@@ -196,7 +196,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         tests.append(tiebreak_log_test_from_files(key=k, suspect=local, rule=tiebreak, served=served,  # type: ignore[arg-type]
                                                   arch=served_arch, log=tiebreak_log, client=client,  # type: ignore[arg-type]
                                                   queries=log_queries, rounds=log_rounds))
-    return local.attach(decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect)), suspect_file=suspect)
+    files = {"rule": tiebreak, "served": served, "arch": served_arch, "holdout": holdout, "queries": tiebreak_queries}
+    return local.attach(decide(key=k, tests=tests, alpha=alpha, suspect=str(suspect)), suspect_file=suspect,
+                        tiebreak=files if committed else None)
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,

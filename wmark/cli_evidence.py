@@ -143,13 +143,19 @@ def register(main: click.Group, handle_errors: Any) -> None:
                   help="The transcript the report names (API suspects; default: the path it records).")
     @click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
                   help="The report author's public key: its signature REPORT.json.sig must verify.")
+    @click.option("--rule", default=None, type=click.Path(dir_okay=False),
+                  help="Tie-break test: the owner's rule file (default: the path the report names).")
+    @click.option("--served", default=None, type=click.Path(dir_okay=False),
+                  help="Tie-break test: the owner's served model file (default: the path the report names).")
     @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
     @handle_errors
-    def recheck(report: str, key: str, transcript: str | None, signer_key: str | None, as_json: bool) -> None:
+    def recheck(report: str, key: str, transcript: str | None, signer_key: str | None, rule: str | None,
+                served: str | None, as_json: bool) -> None:
         """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect."""
         from wmark.recheck import recheck as run
 
-        outcome = run(report=report, key=key, transcript=transcript, signer_key=signer_key)
+        owner_files = {k: v for k, v in (("rule", rule), ("served", served)) if v is not None}
+        outcome = run(report=report, key=key, transcript=transcript, signer_key=signer_key, owner_files=owner_files)
         if as_json:
             click.echo(json.dumps(outcome.to_dict(), indent=2, sort_keys=True))
         else:

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,6 @@ import numpy as np
 
 from wmark.errors import UsageError
 from wmark.keys import Key, load_key
-from wmark.schemes.trigger_set import generate_triggers
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
 from wmark.transcript import input_sha256, transcript_digest
@@ -37,7 +37,8 @@ from wmark.verify import TestResult, Verdict, decide, trigger_set_test
 
 PathLike = str | os.PathLike[str]
 TOLERANCE = 1e-9
-RECHECKABLE = ("trigger-set",)
+TIEBREAK = "api-tiebreak"
+RECHECKABLE = ("trigger-set", TIEBREAK)
 
 
 def canonical_sha256(doc: Any) -> str:
@@ -46,15 +47,14 @@ def canonical_sha256(doc: Any) -> str:
 
 
 class RecordingSuspect:
-    """Passes queries through to a suspect and records the answer to each of the key's triggers, in order.
+    """Passes queries through to a suspect and records the answer to every input asked, in order.
 
     The record goes into the evidence report of a model-file suspect (an API's answers are in its
     transcript), so the verdict can be recomputed without the suspect.
     """
 
-    def __init__(self, inner: Suspect, *, key: Key) -> None:
+    def __init__(self, inner: Suspect) -> None:
         self.inner = inner
-        self._triggers = {input_sha256(x): i for i, x in enumerate(generate_triggers(key).inputs.numpy())}
         self.digests: list[str] = []
         self.labels: list[int] = []
 
@@ -73,19 +73,24 @@ class RecordingSuspect:
     def query(self, inputs: np.ndarray) -> Answers:
         answers = self.inner.query(inputs)
         for x, label in zip(np.asarray(inputs, dtype=np.float32), np.asarray(answers.labels).reshape(-1)):
-            digest = input_sha256(x)
-            if digest in self._triggers:
-                self.digests.append(digest)
-                self.labels.append(int(label))
+            self.digests.append(input_sha256(x))
+            self.labels.append(int(label))
         return answers
 
-    def attach(self, verdict: Verdict, *, suspect_file: PathLike | None = None) -> Verdict:
-        """Put the record (and the suspect file's SHA-256) into the trigger-set test's details; return the verdict."""
+    def attach(self, verdict: Verdict, *, suspect_file: PathLike | None = None,
+               tiebreak: dict[str, Any] | None = None) -> Verdict:
+        """Put the record (and the suspect file's SHA-256) into the trigger-set test's details and, given the
+        tie-break test's files (``rule``, ``served``, ``arch``, ``holdout``, ``queries``), their paths and SHA-256
+        into its details; return the verdict."""
         for test in verdict.tests:
             if test.name == "trigger-set":
                 test.details["answers"] = {"input_sha256": list(self.digests), "labels": list(self.labels)}
                 if suspect_file is not None:
                     test.details["suspect_file"] = {"path": str(suspect_file), "sha256": file_sha256(suspect_file)}
+            elif test.name == TIEBREAK and tiebreak is not None:
+                test.details["files"] = {
+                    **{k: v for k, v in tiebreak.items() if k not in ("rule", "served")},
+                    **{k: {"path": str(tiebreak[k]), "sha256": file_sha256(tiebreak[k])} for k in ("rule", "served")}}
         return verdict
 
 
@@ -189,9 +194,11 @@ def _test_from_dict(doc: dict[str, Any]) -> TestResult:
                       weight=float(doc.get("weight", 1.0)))
 
 
-def _answers_for(test: dict[str, Any], doc: dict[str, Any], report: Path, transcript: PathLike | None,
-                 checks: list[str]) -> tuple[dict[str, int], str]:
-    details = test.get("details", {})
+def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
+                 checks: list[str]) -> tuple[dict[str, int], str] | None:
+    """Every recorded answer by input digest: from the report (a model file) or the transcript (an API)."""
+    details: dict[str, Any] = next((t.get("details", {}) for t in doc["verdict"]["tests"]
+                                    if t["name"] == "trigger-set"), {})
     recorded = details.get("answers")
     if recorded is not None:
         digests, labels = recorded.get("input_sha256", []), recorded.get("labels", [])
@@ -199,6 +206,8 @@ def _answers_for(test: dict[str, Any], doc: dict[str, Any], report: Path, transc
             raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers.")
         return {d: int(v) for d, v in zip(digests, labels)}, f"the report {report.name}"
     summary = doc.get("transcript") or details.get("transcript")
+    if not summary:
+        return None
     path = Path(transcript) if transcript is not None else Path(summary["path"])
     if transcript is None and not path.is_absolute() and not path.is_file():
         path = report.parent / path.name
@@ -215,8 +224,39 @@ def _answers_for(test: dict[str, Any], doc: dict[str, Any], report: Path, transc
     return transcript_answers(path), f"the transcript {path.name}"
 
 
+def not_recheckable(test: dict[str, Any], *, has_record: bool) -> str:
+    """Why a test (as a report holds it) cannot be recomputed here; empty when it can."""
+    details = test.get("details", {})
+    if test["name"] not in RECHECKABLE:
+        return "not re-checkable here"
+    if not has_record:
+        return "not re-checkable: the report records neither its answers nor a transcript"
+    if test["name"] == TIEBREAK and ("files" not in details or details.get("read") != "labels"):
+        return ("not re-checkable here: the report does not name the rule and served model files, or the test read "
+                "scores")
+    return ""
+
+
+def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], overrides: Mapping[str, PathLike],
+                     checks: list[str]) -> TestResult:
+    """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model."""
+    from wmark.schemes.api_tiebreak import tiebreak_test_from_files
+
+    paths = {}
+    for name in ("rule", "served"):
+        p = Path(overrides.get(name) or files[name]["path"])
+        if not p.is_file():
+            raise UsageError(f"The tie-break {name} file {p} does not exist; pass the one the report names.")
+        if file_sha256(p) != files[name]["sha256"]:
+            raise EvidenceError(f"The tie-break {name} file {p} is not the one the report names (its SHA-256 differs).")
+        paths[name] = p
+    checks.append("tie-break rule and served model SHA-256")
+    return tiebreak_test_from_files(key=key, suspect=replay, rule=paths["rule"], served=paths["served"],
+                                    arch=files["arch"], holdout=files.get("holdout"), queries=int(files["queries"]))
+
+
 def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | None = None,
-            signer_key: PathLike | None = None) -> Recheck:
+            signer_key: PathLike | None = None, owner_files: Mapping[str, PathLike] | None = None) -> Recheck:
     """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
 
     Args:
@@ -224,6 +264,8 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
         key: The revealed key file (or a loaded key).
         transcript: The transcript the report names (default: the path it records, or that name next to it).
         signer_key: The owner's public key: the report's signature ``R.json.sig`` must then verify.
+        owner_files: The tie-break test's ``rule`` and ``served`` model files, where they are not at the paths the
+            report names (their SHA-256 must match the report's).
 
     Raises:
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
@@ -258,30 +300,31 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     alpha = float(verdict["alpha"])
     tests: list[TestResult] = []
     rows: list[dict[str, Any]] = []
+    record = _answers_for(doc, path, transcript, checks)
     for test in verdict["tests"]:
         original = _test_from_dict(test)
-        recorded = test.get("details", {}).get("answers") is not None or bool(
-            doc.get("transcript") or test.get("details", {}).get("transcript"))
-        if test["name"] not in RECHECKABLE or not recorded:
-            why = ("not re-checkable here" if test["name"] not in RECHECKABLE
-                   else "not re-checkable: the report records neither its answers nor a transcript")
+        why = not_recheckable(test, has_record=record is not None)
+        if why:
             tests.append(original)
             rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
-                         "recomputed_log10_p": None,
-                         "note": f"{why}: its p-value is taken from the report, not recomputed"})
+                         "recomputed_log10_p": None, "note": f"{why}: its p-value is taken from the report, not recomputed"})
             continue
-        answers, source = _answers_for(test, doc, path, transcript, checks)
+        assert record is not None
+        replay = ReplaySuspect(record[0], num_classes=k.num_classes, input_shape=tuple(k.input_shape),
+                               description=verdict["suspect"], source=record[1])
         details = test.get("details", {})
-        replay = ReplaySuspect(answers, num_classes=k.num_classes, input_shape=tuple(k.input_shape),
-                               description=verdict["suspect"], source=source)
-        redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
-                                  max_queries=int(details.get("budget", len(answers))), batch_size=1,
-                                  share=float(details.get("alpha_share", 1.0)))
+        if test["name"] == TIEBREAK:
+            redone = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
+                                      checks=checks)
+        else:
+            redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
+                                      max_queries=int(details.get("budget", len(record[0]))), batch_size=1,
+                                      share=float(details.get("alpha_share", 1.0)))
         redone.weight = original.weight
         tests.append(redone)
         rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,
                      "recomputed_log10_p": _finite(redone.log10_p), "queries": redone.queries,
-                     "matches": redone.matches, "answers_from": source})
+                     "matches": redone.matches, "answers_from": record[1]})
     again = decide(key=k, tests=tests, alpha=alpha, suspect=verdict["suspect"])
     original_doc = {"decision": verdict["decision"], "log10_p": float(verdict["log10_p"])}
     recomputed_doc = {"decision": again.decision, "log10_p": _finite(again.log10_p)}

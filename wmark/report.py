@@ -57,7 +57,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     (the suspect's digests, every trigger's recorded answer or the transcript's digests) and ends with
     ``integrity.content_sha256``, the SHA-256 of everything else in canonical JSON.
     """
-    from wmark.recheck import RECHECKABLE, canonical_sha256
+    from wmark.recheck import canonical_sha256, not_recheckable
     from wmark.signing import file_sha256
 
     doc = verdict.to_dict()
@@ -67,6 +67,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     transcript = details.get("transcript") or trigger.get("transcript")
     if transcript and Path(transcript["path"]).is_file():
         transcript = dict(transcript, file_sha256=file_sha256(transcript["path"]))
+    has_record = trigger.get("answers") is not None or bool(transcript)
     body = {
         "format": "wmark-evidence/1",
         "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -80,9 +81,8 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         "recheck": {
             "command": "wmark recheck --report REPORT.json --key REVEALED.key"
                        + (" --transcript TRANSCRIPT" if transcript else ""),
-            "tests": {t.name: ("recomputed from the revealed key and the recorded answers"
-                               if t.name in RECHECKABLE and (t.details.get("answers") is not None or transcript)
-                               else "not re-checkable here: its p-value is taken from the report")
+            "tests": {t.name: (not_recheckable({"name": t.name, "details": t.details}, has_record=has_record)
+                               or "recomputed from the revealed key and the recorded answers")
                       for t in verdict.tests},
         },
         "seeds": {
