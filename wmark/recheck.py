@@ -3,11 +3,12 @@
 In a dispute the other side's expert distrusts the owner's machine. The evidence report therefore
 records everything a verdict depends on except the key's secret: the key's public parameters and
 commitment, the suspect's digest (a file's SHA-256, or an API's URL with the transcript's digests), the
-digest of every trigger asked with the answer it got (in the report for a model file, in the transcript
+digest of every input asked with the answer it got (in the report for a model file, in the transcript
 for an API), alpha, the test parameters and p-values, and the software versions. Once the owner reveals
 the key, :func:`recheck` regenerates the triggers from it, feeds the recorded answers, looked up by the
-digest of each input, to the very same test code the verifier ran (:func:`wmark.verify.trigger_set_test`
-and :func:`wmark.verify.decide`, not a second implementation), and compares the decision and log10 p.
+digest of each input, to the very same test code the verifier ran (:func:`wmark.verify.trigger_set_test`,
+:func:`wmark.schemes.api_tiebreak.tiebreak_test_from_files` with the owner's rule and served model, and
+:func:`wmark.verify.decide`: not a second implementation), and compares the decision and log10 p.
 
 Outcomes: ``same`` (exit 0), ``different`` or ``partial`` (exit 1: a test that cannot be recomputed here is
 named, and the verdict is then not confirmed), and tampered (an :class:`~wmark.signing.EvidenceError`,
@@ -110,14 +111,15 @@ class ReplaySuspect:
         for x in np.asarray(inputs, dtype=np.float32):
             digest = input_sha256(x)
             if digest not in self.answers:
-                raise EvidenceError(f"{self.source} holds no answer to trigger {digest[:16]}..., which this key makes "
+                raise EvidenceError(f"{self.source} holds no answer to input {digest[:16]}..., which this key makes "
                                     "the verifier ask: the record is not of this key's verification, or was altered.")
             labels.append(self.answers[digest])
         return Answers(labels=np.asarray(labels, dtype=np.int64))
 
 
 def transcript_answers(path: PathLike) -> dict[str, int]:
-    """The trigger answers a transcript holds, by input digest, as the probe reused them: the latest ``ok``
+    """The answers a transcript holds (every role but cover traffic), by input digest, as the probe reused them:
+    the latest ``ok``
     answer, else an abstention (``-1``) for an input answered only with garbage or never answered."""
     try:
         db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
