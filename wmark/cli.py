@@ -472,7 +472,7 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
 
 
 @main.command(epilog=EXIT_HELP)
-@click.argument("path", type=click.Path())
+@click.argument("path", type=click.Path(exists=True))
 @click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
               help="Check the signature next to the file (PATH.sig) against this public key (PEM).")
 @_handle_errors
