@@ -198,3 +198,23 @@ def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rul
     _flip(moved, -5)
     with pytest.raises(EvidenceError, match="rule file .* is not the one the report names"):
         recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved})
+
+
+def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript(files, tmp_path):
+    from wmark.models import load_model
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=120)
+    model, _ = load_model("fmnist-mlp", d / "independent.safetensors")
+    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        verdict = api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", tiebreak=rule,
+                                    served=d / "copy.safetensors", served_arch="fmnist-mlp", tiebreak_queries=120,
+                                    transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+    assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
+    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
+    assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9

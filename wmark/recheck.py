@@ -88,11 +88,21 @@ class RecordingSuspect:
                 test.details["answers"] = {"input_sha256": list(self.digests), "labels": list(self.labels)}
                 if suspect_file is not None:
                     test.details["suspect_file"] = {"path": str(suspect_file), "sha256": file_sha256(suspect_file)}
-            elif test.name == TIEBREAK and tiebreak is not None:
-                test.details["files"] = {
-                    **{k: v for k, v in tiebreak.items() if k not in ("rule", "served")},
-                    **{k: {"path": str(tiebreak[k]), "sha256": file_sha256(tiebreak[k])} for k in ("rule", "served")}}
+        if tiebreak is not None:
+            record_tiebreak_files(verdict, **tiebreak)
         return verdict
+
+
+def record_tiebreak_files(verdict: Verdict, *, rule: PathLike, served: PathLike, arch: str, holdout: str | None,
+                          queries: int) -> Verdict:
+    """Name the owner files the tie-break test ran with (paths and SHA-256) in its details, so a re-check can
+    replay it with the same rule and served model; return the verdict."""
+    for test in verdict.tests:
+        if test.name == TIEBREAK:
+            test.details["files"] = {"arch": arch, "holdout": holdout, "queries": int(queries),
+                                     **{name: {"path": str(p), "sha256": file_sha256(p)}
+                                        for name, p in (("rule", rule), ("served", served))}}
+    return verdict
 
 
 class ReplaySuspect:

@@ -132,6 +132,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         if log is not None:
             test.details["transcript"] = log.summary()
         verdict = decide(key=k, tests=tests, alpha=alpha, suspect=suspect.description)
+        if committed:  # the report names the rule and served model, so the tie-break test can be re-checked
+            from wmark.recheck import record_tiebreak_files
+
+            record_tiebreak_files(verdict, rule=tiebreak, served=served, arch=served_arch,  # type: ignore[arg-type]
+                                  holdout=holdout, queries=tiebreak_queries)
     finally:
         suspect.close()
         if log is not None:
