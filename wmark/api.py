@@ -151,12 +151,17 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             "use the key made for this model."
         )
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
-    local = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
-                         expose_scores=not labels_only)
+    from wmark.recheck import RecordingSuspect, tiebreak_files
+
+    local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
+                                          expose_scores=not labels_only))  # answers go into the report
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, log=log, client=client,
                            rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
-    return Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
+    verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
+    files = tiebreak_files(key=k, rule=rule, served=served, served_arch=served_arch, holdout=holdout,
+                           queries=rule_queries)
+    return local.attach(verdict, suspect_file=suspect, tiebreak=files)
 
 
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,

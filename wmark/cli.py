@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from wmark import __version__, api
+from wmark import __version__, api, cli_evidence
 from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress
 from wmark.cli_verify import verify
 from wmark.errors import UsageError
@@ -306,13 +306,26 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
 
 
 @main.command(epilog=EXIT_HELP)
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
+              help="Check the signature next to the file (PATH.sig) against this public key (PEM).")
 @_handle_errors
-def inspect(path: str) -> None:
-    """Show a model file's wmark.* metadata."""
-    click.echo(json.dumps(api.inspect(path=path), indent=2, sort_keys=True))
+def inspect(path: str, signer_key: str | None) -> None:
+    """Show a model file's wmark.* metadata and whether it is signed, and by whom."""
+    from pathlib import Path
+
+    from wmark import signing
+
+    out = api.inspect(path=path) if Path(path).is_file() and path.endswith(".safetensors") else {}
+    if signer_key is not None:
+        out["signature"] = signing.verify_file(path=path, public_key=signer_key).to_dict()
+    else:
+        out["signature"] = signing.describe_signature(path=path) or "unsigned (no " + str(signing.signature_path(path)) + ")"
+    click.echo(json.dumps(out, indent=2, sort_keys=True))
+
 
 main.add_command(verify)
+cli_evidence.register(main, _handle_errors)
 
 if __name__ == "__main__":
     main()

@@ -16,10 +16,12 @@ from typing import Any
 
 import click
 
-from wmark import api
+from wmark import api, cli_evidence
 from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, refuse
 from wmark.errors import UsageError
 from wmark.evidence import Verdict
+from wmark.keys import load_key
+from wmark.recheck import tiebreak_files
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
 from wmark.verify import Mode
 
@@ -82,6 +84,24 @@ def _http_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+def _provenance_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options that check the owner's signed release before its key or files are trusted (wmark.signing)."""
+    fn = click.option("--signed-model", default=None, type=click.Path(),
+                      help="The owner's signed release (black-box; white-box checks --reference).")(fn)
+    fn = click.option("--signer-key", default=None, type=click.Path(dir_okay=False),
+                      help="The owner's public key (PEM): the release must be signed with it and the key must be the "
+                           "one it was released under.")(fn)
+    return fn
+
+
+def _checked_release(verdict: Verdict, release: dict[str, Any] | None, *, key: str, report: str | None) -> None:
+    """Record the signed release that was checked in the verdict, and write the report (again) with it."""
+    if release is not None:
+        verdict.tests[0].details["provenance"] = release
+    if report is not None:
+        api.write_report(verdict=verdict, key=key, path=report)
+
+
 def _is_url(suspect: str) -> bool:
     return suspect.startswith(("http://", "https://"))
 
@@ -113,11 +133,18 @@ def verify() -> None:
 @click.option("--anchor", default=None, type=click.Path(dir_okay=False),
               help="whitebox (recommended): the unmarked base model the reference was fine-tuned from; aligning "
                    "to it makes the null exact by construction.")
+@_provenance_options
+@click.option("--reference-signature", default=None, type=click.Path(dir_okay=False),
+              help="whitebox, with --signer-key: the reference's signature bundle (default REFERENCE.sig).")
 @_handle_errors
 def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, arch: str | None,
                 budget: int | None, fixed: bool, with_scores: bool, whitebox: bool, reference: str | None,
-                anchor: str | None) -> None:
+                anchor: str | None, signer_key: str | None, signed_model: str | None,
+                reference_signature: str | None) -> None:
     """A stolen model file: query it on the key's triggers (black-box) or read its weights (--whitebox)."""
+    release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
+                                         reference=reference if whitebox else None,
+                                         reference_signature=reference_signature)
     if whitebox:
         refuse(["arch", "budget", "fixed", "with_scores"], "to --whitebox (it reads weights, it asks no queries)")
         if reference is None:
@@ -133,8 +160,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
                              "read its weights with --whitebox --reference.")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
                              max_queries=budget, labels_only=not with_scores, progress=_progress())
-    if report is not None:
-        api.write_report(verdict=verdict, key=key, path=report)
+    _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json, unit="bits" if whitebox else "queries")
 
 
@@ -143,14 +169,19 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
 @click.option("--suspect", required=True, help="The suspect API: http://host:port, .../v2/models/NAME or a JSON endpoint.")
 @_trigger_options
 @_http_options
+@_provenance_options
 @_handle_errors
 def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, budget: int | None,
-               fixed: bool, **http: Any) -> None:
+               fixed: bool, signer_key: str | None, signed_model: str | None, **http: Any) -> None:
     """A suspect prediction API: ask it the key's triggers over HTTP, with a transcript and cover traffic."""
     if not _is_url(suspect):
         raise UsageError(f"{suspect} is not an http(s) URL; for a model file use `wmark verify file`.")
+    release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
+                                         reference_signature=None)
     verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
                                 max_queries=budget, report=report, progress=_progress(), **http)
+    if release is not None:
+        _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json)
 
 
@@ -178,11 +209,13 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
 @click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
 @_trigger_options
 @_http_options
+@_provenance_options
 @_handle_errors
 def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, log: str | None,
                       client: str | None, rule: str | None, served: str | None, holdout: str | None,
                       rule_queries: int, log_queries: int | None, rounds: int, arch: str | None,
-                      with_scores: bool, budget: int | None, fixed: bool, **http: Any) -> None:
+                      with_scores: bool, budget: int | None, fixed: bool, signer_key: str | None,
+                      signed_model: str | None, **http: Any) -> None:
     """A surrogate of your marked API: ask it the client's logged queries and the rule's committed inputs."""
     if log is None and rule is None:
         raise UsageError("Give the query log your API wrote (--log, with --client) or the tie-break rule (--rule).")
@@ -193,6 +226,11 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         refuse(["served", "holdout", "rule_queries", "rounds"], "without --rule (tie-break only)")
     if log is None:
         refuse(["log_queries", "rounds"], "without --log")
+    files = tiebreak_files(key=load_key(key), rule=rule, served=served, served_arch=None, holdout=holdout,
+                           queries=1) if rule is not None else None
+    release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
+                                         reference_signature=None,
+                                         owner_files=(rule, (files["served"] or None) if files else None))
     tests: dict[str, Any] = {"log": log, "client": client, "rule": rule, "served": served, "holdout": holdout,
                              "rule_queries": rule_queries, "log_queries": log_queries, "log_rounds": rounds}
     mode: Mode = "fixed" if fixed else "sequential"
@@ -206,6 +244,6 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,
                              max_queries=budget, labels_only=not with_scores, progress=_progress(), **tests)
-        if report is not None:
-            api.write_report(verdict=verdict, key=key, path=report)
+    if release is not None or not _is_url(suspect):
+        _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json)

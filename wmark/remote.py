@@ -14,6 +14,7 @@ import os
 from wmark.data import load_dataset
 from wmark.errors import UsageError
 from wmark.keys import load_key
+from wmark.recheck import record_tiebreak_files, tiebreak_files
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.transcript import Transcript
@@ -110,6 +111,10 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         }
         if record is not None:
             verdict.tests[0].details["transcript"] = record.summary()
+        files = tiebreak_files(key=k, rule=rule, served=served, served_arch=served_arch, holdout=holdout,
+                               queries=rule_queries)
+        if files is not None:  # the report names the rule and served model, so the tie-break test can be re-checked
+            record_tiebreak_files(verdict, **files)
     finally:
         suspect.close()
         if record is not None:

@@ -3,8 +3,10 @@
 The page states the claim, the key's public commitment and how anyone can check it once the key is
 revealed, the suspect, the test with its null hypothesis, the p-value (as log10), alpha, the queries, a
 plot of the evidence against the number of queries (matplotlib, embedded as a PNG data URI), the
-transcript's digest, software versions and seeds. It never contains the key's secret or the trigger
-labels. The plot is drawn with matplotlib's object API on an Agg canvas, so no global backend is touched.
+transcript's digest, software versions and seeds, and what a third party needs to recompute the verdict
+once the key is revealed (section 9, :mod:`wmark.recheck`). It never contains the key's secret or the trigger
+inputs; for a model-file suspect it records the suspect's answer to each trigger asked, by the trigger's
+SHA-256. The plot is drawn with matplotlib's object API on an Agg canvas, so no global backend is touched.
 """
 
 from __future__ import annotations
@@ -49,17 +51,40 @@ def json_twin(path: str | os.PathLike[str]) -> Path:
 
 
 def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
-    """The report's content as a JSON-ready document (what the HTML page shows)."""
+    """The report's content as a JSON-ready document (what the HTML page shows).
+
+    It carries what :func:`wmark.recheck.recheck` needs to recompute the verdict once the key is revealed
+    (the suspect's digests, every trigger's recorded answer or the transcript's digests) and ends with
+    ``integrity.content_sha256``, the SHA-256 of everything else in canonical JSON.
+    """
+    from wmark.recheck import canonical_sha256, not_recheckable
+    from wmark.signing import file_sha256
+
     doc = verdict.to_dict()
     primary = min(verdict.tests, key=lambda t: t.log10_p) if verdict.tests else None
     details = primary.details if primary else {}
-    return {
+    trigger = next((t.details for t in verdict.tests if t.name == "trigger-set"), {})
+    transcript = details.get("transcript") or trigger.get("transcript")
+    if transcript and Path(transcript["path"]).is_file():
+        transcript = dict(transcript, file_sha256=file_sha256(transcript["path"]))
+    has_record = trigger.get("answers") is not None or bool(transcript)
+    body = {
         "format": "wmark-evidence/1",
         "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "verdict": doc,
         "key": {"commitment": key.commitment(), "fingerprint": key.fingerprint(), "public": key.public_params()},
-        "suspect": {"description": verdict.suspect, "probe": details.get("probe")},
-        "transcript": details.get("transcript"),
+        "suspect": {"description": verdict.suspect, "probe": details.get("probe"),
+                    "file": trigger.get("suspect_file") or _file_digest(verdict.suspect),
+                    "transcript_sha256_chain": (transcript or {}).get("sha256_chain")},
+        "transcript": transcript,
+        "provenance": next((t.details["provenance"] for t in verdict.tests if "provenance" in t.details), None),
+        "recheck": {
+            "command": "wmark recheck --report REPORT.json --key REVEALED.key"
+                       + (" --transcript TRANSCRIPT" if transcript else ""),
+            "tests": {t.name: (not_recheckable({"name": t.name, "details": t.details}, has_record=has_record)
+                               or "recomputed from the revealed key and the recorded answers")
+                      for t in verdict.tests},
+        },
         "seeds": {
             "query_order": "derived from the key's secret (HMAC-SHA256, purpose 'trigger/order'); recomputable "
                            "once the key is revealed",
@@ -70,6 +95,12 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         },
         "software": software_versions(),
     }
+    integrity: dict[str, str] = {"how": "content_sha256 is the SHA-256 of this document without it, as JSON with sorted "
+                                "keys and no spaces; the file is that document as json.dumps(indent=2, "
+                                "sort_keys=True) writes it; sign the file (wmark sign) to bind it to its author"}
+    body["integrity"] = integrity
+    integrity["content_sha256"] = canonical_sha256(body)
+    return body
 
 
 def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -83,8 +114,21 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
     with atomic_write(path) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     with atomic_write(json_twin(path)) as tmp:
-        Path(tmp).write_text(text + "\n", encoding="utf-8")
+        Path(tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
+
+
+def _file_digest(description: str) -> dict[str, str] | None:
+    """The suspect's SHA-256 when it is a local file (a white-box suspect), so a holder of the file can match it."""
+    from wmark.signing import file_sha256
+
+    p = Path(description)
+    return {"path": description, "sha256": file_sha256(p)} if p.is_file() else None
+
+
+def report_text(doc: dict[str, Any]) -> str:
+    """The exact text of a report's JSON twin (a re-check refuses a file that differs from it by one byte)."""
+    return json.dumps(doc, indent=2, sort_keys=True) + "\n"
 
 
 def _trajectory_png(verdict: Verdict) -> bytes | None:
@@ -271,6 +315,7 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
                           f"evidence found: {_e(v.get('kind', ''))}.</p>")
     software = _rows([(k, f"<span class='mono'>{_e(val)}</span>") for k, val in doc["software"].items()])
     seeds = _rows([(k.replace("_", " "), _e(val)) for k, val in doc["seeds"].items()])
+    recheck_html = _recheck_html(doc)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>Watermark evidence report: {suspect}</title><style>{_CSS}</style></head>
@@ -300,7 +345,29 @@ Ville's inequality a model that never saw the key crosses it with probability at
 probe runs and whenever it stops.</p>
 <h2>7. Transcript</h2>{transcript_html}
 <h2>8. Software and seeds</h2><table>{software}</table><table>{seeds}</table>
+{recheck_html}
 <footer>Key fingerprint {_e(key['fingerprint'])}. This page is self-contained; its JSON twin holds the same
 content in machine-readable form.</footer>
 </main></body></html>
 """
+
+
+def _recheck_html(doc: dict[str, Any]) -> str:
+    """Section 9: how anyone recomputes the verdict, what each test allows, and the provenance checked."""
+    recheck = doc.get("recheck") or {}
+    rows = [("Command", f"<code>{_e(recheck.get('command', ''))}</code>")]
+    rows += [(f"Test {name}", _e(how)) for name, how in recheck.get("tests", {}).items()]
+    suspect_file = (doc.get("suspect") or {}).get("file")
+    if suspect_file:
+        rows.append(("Suspect file SHA-256", f"<span class='mono'>{_e(suspect_file['sha256'])}</span>"))
+    rows.append(("Content digest of the JSON twin",
+                 f"<span class='mono'>{_e(doc.get('integrity', {}).get('content_sha256', ''))}</span>"))
+    prov = doc.get("provenance")
+    if prov:
+        signer = f"{_e(prov.get('signer_kind'))} <span class='mono'>{_e(prov.get('signer'))}</span>"
+        rows += [("Signed release checked", f"<span class='mono'>{_e(prov.get('model'))}</span>, signed by {signer}"),
+                 ("Release signed at", f"{_e(prov.get('signed_at'))} ({_e(prov.get('signed_at_is'))})")]
+    return ("<h2>9. Re-checking this verdict</h2><table>" + _rows(rows) + "</table><p class='note'>Once the key is "
+            "revealed, the command regenerates the triggers from it, replays the recorded answers through the same "
+            "test code and says whether the decision and log10 p-value match (exit 0), differ (1) or whether the "
+            "report, transcript or key was tampered with (2). It never needs the suspect.</p>")

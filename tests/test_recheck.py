@@ -1,0 +1,220 @@
+"""Re-checking verdicts from the revealed key and the recorded answers: same verdict, tampering detected."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from clikit import run
+from sigkit import memorised_mlp, save_marked, signing_pair
+
+from keykit import seeded_key
+from wmark import api
+from wmark.io import save_model
+from wmark.keys import save_key
+from wmark.models import build_model, model_metadata
+from wmark.recheck import recheck
+from wmark.report import write_report
+from wmark.signing import EvidenceError, sign_file
+from wmark.verify import TestResult, decide, trigger_set_test
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A key file, a copy that memorised it and an independent model, as safetensors files."""
+    d = tmp_path_factory.mktemp("recheck")
+    key = seeded_key("recheck", input_shape=SHAPE, num_triggers=40)
+    save_key(key, d / "owner.key")
+    save_marked(memorised_mlp(key), key, d / "copy.safetensors")
+    independent = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=7)
+    save_model(independent, d / "independent.safetensors",
+               metadata=model_metadata(arch="fmnist-mlp", num_classes=10, input_shape=SHAPE))
+    return key, d
+
+
+def _flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("suspect,mode,expected", [("copy", "sequential", "detected"), ("copy", "fixed", "detected"),
+                                                   ("independent", "sequential", "not_detected"),
+                                                   ("independent", "fixed", "not_detected")])
+def test_a_file_verdict_is_recomputed_exactly_from_the_key_and_the_report(files, tmp_path, suspect, mode, expected):
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / f"{suspect}.safetensors", mode=mode)
+    assert verdict.decision == expected
+    doc = api.write_report(verdict=verdict, key=d / "owner.key", path=tmp_path / "r.html")
+    answers = doc["verdict"]["tests"][0]["details"]["answers"]
+    assert len(answers["labels"]) == verdict.tests[0].queries and doc["suspect"]["file"]["sha256"]
+    assert key.secret.hex() not in (tmp_path / "r.json").read_text()
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "same" and outcome.exit_code == 0
+    assert outcome.recomputed["decision"] == expected
+    assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9
+    assert outcome.tests[0]["queries"] == verdict.tests[0].queries
+
+
+def test_recheck_in_a_fresh_process_gives_the_same_verdict(files, tmp_path):
+    _, d = files
+    code, _ = run("verify", "file", "--key", str(d / "owner.key"), "--arch", "fmnist-mlp", "--suspect",
+                  str(d / "copy.safetensors"), "--report", str(tmp_path / "r.html"))
+    assert code == 0
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    proc = subprocess.run([sys.executable, "-m", "wmark.cli", "recheck", "--report", str(tmp_path / "r.json"),
+                           "--key", str(d / "owner.key"), "--json"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert doc["status"] == "same" and doc["recomputed"]["decision"] == "detected"
+    assert abs(doc["recomputed"]["log10_p"] - report["verdict"]["log10_p"]) <= 1e-9
+
+
+def test_a_flipped_byte_or_an_edited_report_is_tampering(files, tmp_path):
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "copy.safetensors", mode="fixed")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    report = tmp_path / "r.json"
+    original = report.read_bytes()
+    for offset in range(0, len(original), max(1, len(original) // 25)):
+        _flip(report, offset)
+        with pytest.raises(EvidenceError, match="altered|edited|not a wmark"):
+            recheck(report=report, key=d / "owner.key")
+        report.write_bytes(original)
+        code, _ = run("recheck", "--report", str(report), "--key", str(d / "owner.key"))
+        assert code == 0
+    # A forger who edits the answers and recomputes the content digest gets a different verdict, not the same one
+    # (and, in sequential mode, a record missing the answers the key makes the verifier ask: tampered).
+    from wmark.recheck import canonical_sha256
+
+    doc = json.loads(original)
+    labels = doc["verdict"]["tests"][0]["details"]["answers"]["labels"]
+    doc["verdict"]["tests"][0]["details"]["answers"]["labels"] = [(v + 1) % 10 for v in labels]
+    doc["integrity"].pop("content_sha256")
+    doc["integrity"]["content_sha256"] = canonical_sha256(doc)
+    report.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    outcome = recheck(report=report, key=d / "owner.key")
+    assert outcome.status == "different" and outcome.exit_code == 1
+
+
+def test_a_signed_report_must_verify_and_another_key_is_refused(files, tmp_path):
+    key, d = files
+    private, public = signing_pair(tmp_path)
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    sign_file(path=tmp_path / "r.json", private_key=private)
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", signer_key=public)
+    assert outcome.status == "same" and any("signature" in c for c in outcome.checks)
+    other = seeded_key("someone else", input_shape=SHAPE, num_triggers=40)
+    save_key(other, tmp_path / "other.key")
+    code, _ = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(tmp_path / "other.key"))
+    assert code == 2
+    # Re-signed by an intruder: the owner's public key no longer verifies the report.
+    intruder, _ = signing_pair(tmp_path, "intruder")
+    sign_file(path=tmp_path / "r.json", private_key=intruder)
+    code, _ = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(d / "owner.key"),
+                  "--signer-key", str(public))
+    assert code == 2
+
+
+def test_an_api_verdict_is_recomputed_from_its_transcript_and_a_flipped_byte_fails(files, tmp_path):
+    from httpkit import memorising_model
+
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    app = build_app(model=memorising_model(key, keep=0.7), name="m", num_classes=10, input_shape=SHAPE,
+                    labels_only=True)
+    with serve_in_background(app) as server:
+        verdict = api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", concurrency=4,
+                                    transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+    assert verdict.decision == "detected"
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
+    assert outcome.status == "same" and abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9
+    assert "transcript digest and file SHA-256" in outcome.checks
+    transcript = tmp_path / "t.sqlite"
+    original = transcript.read_bytes()
+    for offset in (100, len(original) // 2, len(original) - 10):
+        _flip(transcript, offset)
+        with pytest.raises(EvidenceError, match="transcript"):
+            recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=transcript)
+        transcript.write_bytes(original)
+    code, out = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(d / "owner.key"),
+                    "--transcript", str(transcript))
+    assert code == 0 and "Same verdict" in out
+
+
+def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed(files, tmp_path):
+    from wmark.recheck import RecordingSuspect
+    from wmark.suspects import LocalSuspect
+
+    key, d = files
+    suspect = RecordingSuspect(LocalSuspect(memorised_mlp(key), input_shape=SHAPE))
+    trig = trigger_set_test(key=key, suspect=suspect, share=0.5)
+    other = TestResult(name="api-tiebreak-log", evidence_of="extracted", null={"p0": 0.5}, log10_p=-1.0, queries=10,
+                       matches=8)
+    verdict = suspect.attach(decide(key=key, tests=[trig, other], alpha=1e-6, suspect="local"))
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert "not re-checkable here" in (tmp_path / "r.html").read_text()
+    outcome = recheck(report=tmp_path / "r.json", key=key)
+    assert outcome.status == "partial" and outcome.exit_code == 1 and "api-tiebreak-log" in outcome.message
+    assert [t["rechecked"] for t in outcome.tests] == [True, False]
+
+
+def test_a_report_without_recorded_answers_is_not_confirmed_rather_than_called_tampered(files, tmp_path):
+    from wmark.suspects import LocalSuspect
+    from wmark.verify import verify_blackbox
+
+    key, _ = files
+    verdict = verify_blackbox(key=key, suspect=LocalSuspect(memorised_mlp(key), input_shape=SHAPE))
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    outcome = recheck(report=tmp_path / "r.json", key=key)
+    assert outcome.status == "partial" and "neither its answers nor a transcript" in outcome.tests[0]["note"]
+
+
+def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rule_and_served_model(files, tmp_path):
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=150)
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors", mode="fixed",
+                         rule=rule, rule_queries=150)
+    assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
+    doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert doc["recheck"]["tests"]["api-tiebreak"].startswith("recomputed")
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
+    assert abs(outcome.tests[1]["recomputed_log10_p"] - verdict.tests[1].log10_p) <= 1e-9
+    moved = tmp_path / "moved-rule.safetensors"
+    rule.rename(moved)
+    assert recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved}).status == "same"
+    _flip(moved, -5)
+    with pytest.raises(EvidenceError, match="rule file .* is not the one the report names"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved})
+
+
+def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript(files, tmp_path):
+    from wmark.models import load_model
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=120)
+    model, _ = load_model("fmnist-mlp", d / "independent.safetensors")
+    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        verdict = api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
+                                    rule_queries=120,
+                                    transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+    assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
+    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
+    assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9

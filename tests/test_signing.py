@@ -1,0 +1,224 @@
+"""Signing with OpenSSF model-signing: files, models with provenance, certificates, and forged keys refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from clikit import run
+from sigkit import certificate_chain, memorised_mlp, save_marked, signing_pair
+
+from keykit import seeded_key
+from wmark.keys import save_key
+from wmark.signing import (
+    EvidenceError,
+    check_key_provenance,
+    describe_signature,
+    provenance_path,
+    sign_file,
+    sign_model,
+    signature_path,
+    verify_file,
+    verify_model,
+)
+
+SHAPE = (1, 8, 8)
+
+
+def _flip(path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset % len(data)] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def pair(tmp_path):
+    return signing_pair(tmp_path)
+
+
+@pytest.fixture
+def released(tmp_path, pair):
+    """A model marked with a key, signed at release with its provenance statement."""
+    key = seeded_key("release", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=5), key, tmp_path / "marked.safetensors")
+    sign_model(path=model, private_key=pair[0])
+    return key, model
+
+
+def test_a_signed_file_verifies_and_any_flipped_byte_fails(tmp_path, pair):
+    target = tmp_path / "report.json"
+    target.write_text(json.dumps({"verdict": "detected", "log10_p": -7.25}))
+    sig = sign_file(path=target, private_key=pair[0])
+    assert sig == signature_path(target) and sig.is_file()
+    info = verify_file(path=target, public_key=pair[1])
+    assert info.verified and info.signer_kind == "key" and info.signer.startswith("sha256:")
+    assert describe_signature(path=target)["signer"] == info.signer
+    original = target.read_bytes()
+    for offset in range(len(original)):
+        _flip(target, offset)
+        with pytest.raises(EvidenceError, match="altered after signing"):
+            verify_file(path=target, public_key=pair[1])
+        target.write_bytes(original)
+    bundle = sig.read_bytes()
+    for offset in (len(bundle) // 2, len(bundle) - 40):
+        _flip(sig, offset)
+        with pytest.raises(EvidenceError, match="signature"):
+            verify_file(path=target, public_key=pair[1])
+        sig.write_bytes(bundle)
+
+
+def test_unsigned_and_other_signer_are_refused(tmp_path, pair):
+    target = tmp_path / "t.sqlite"
+    target.write_bytes(b"rows")
+    with pytest.raises(EvidenceError, match="is not signed"):
+        verify_file(path=target, public_key=pair[1])
+    sign_file(path=target, private_key=pair[0])
+    _, other = signing_pair(tmp_path, "intruder")
+    with pytest.raises(EvidenceError, match="another key"):
+        verify_file(path=target, public_key=other)
+
+
+def test_certificate_signing_names_the_subject(tmp_path):
+    leaf_key, leaf_cert, ca = certificate_chain(tmp_path)
+    target = tmp_path / "m.bin"
+    target.write_bytes(b"\x00" * 100)
+    sign_file(path=target, private_key=leaf_key, certificate=leaf_cert, chain=[ca])
+    info = verify_file(path=target, certificate_chain=[ca])
+    assert info.signer_kind == "certificate" and "ACME Corp" in info.signer
+    _flip(target, 7)
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_file(path=target, certificate_chain=[ca])
+
+
+def test_signed_model_binds_its_commitment_and_a_different_key_is_refused(tmp_path, pair, released):
+    key, model = released
+    doc = check_key_provenance(key=key, model=model, public_key=pair[1])
+    assert doc["commitment"] == key.commitment() and doc["signed_at"]
+    statement = json.loads(provenance_path(model).read_text())
+    assert statement["commitment"] == key.commitment() and "secret" not in json.dumps(statement)
+    # An accuser's key chosen later (however well it fits a suspect) is not the committed one.
+    forged = seeded_key("chosen-after-seeing-the-suspect", input_shape=SHAPE, num_triggers=20)
+    with pytest.raises(EvidenceError, match="not the one .* was signed with"):
+        check_key_provenance(key=forged, model=model, public_key=pair[1])
+
+
+@pytest.mark.parametrize("which", ["model", "metadata", "provenance", "bundle"])
+def test_one_flipped_byte_of_a_signed_release_fails(pair, released, which):
+    _, model = released
+    if which == "model":
+        _flip(model, -3)  # a weight's byte
+    elif which == "metadata":
+        _flip(model, 12)  # inside the safetensors JSON header, where the commitment sits
+    elif which == "provenance":
+        _flip(provenance_path(model), 40)
+    else:
+        _flip(signature_path(model), 200)
+    with pytest.raises(EvidenceError):
+        verify_model(path=model, public_key=pair[1])
+
+
+def test_cli_sign_verify_inspect(tmp_path, pair, released):
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    code, out = run("verify-signature", str(model), "--public-key", str(pair[1]), "--key", str(key_file))
+    assert code == 0 and key.commitment() in out
+    code, out = run("inspect", str(model))
+    doc = json.loads(out)
+    assert doc["commitment"] == key.commitment() and doc["signature"]["signer_kind"] == "key"
+    code, out = run("inspect", str(model), "--signer-key", str(pair[1]))
+    assert code == 0 and json.loads(out)["signature"]["verified"] is True
+    plain = tmp_path / "notes.txt"
+    plain.write_text("x")
+    code, out = run("inspect", str(plain))
+    assert "unsigned" in json.loads(out)["signature"]
+    _flip(model, -3)
+    code, _ = run("verify-signature", str(model), "--public-key", str(pair[1]))
+    assert code == 2
+
+
+def test_cli_signing_key_and_sign_any_file(tmp_path):
+    code, out = run("signing-key", "--private-key", str(tmp_path / "a.pem"), "--public-key", str(tmp_path / "a.pub"))
+    assert code == 0 and "fingerprint" in out
+    assert oct((tmp_path / "a.pem").stat().st_mode & 0o777) == "0o600"
+    target = tmp_path / "r.json"
+    target.write_text("{}")
+    code, _ = run("sign", str(target), "--private-key", str(tmp_path / "a.pem"))
+    assert code == 0 and not provenance_path(target).exists()
+    code, out = run("verify-signature", str(target), "--public-key", str(tmp_path / "a.pub"))
+    assert code == 0 and out.startswith("valid")
+
+
+def test_cli_verify_checks_the_signed_release_before_trusting_the_key(tmp_path, pair, released):
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    base = ["verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect", str(model)]
+    code, _ = run(*base, "--signer-key", str(pair[1]), "--signed-model", str(model), "--report", str(tmp_path / "r.html"))
+    assert code in (0, 1)
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc["provenance"]["commitment"] == key.commitment() and doc["provenance"]["signer"].startswith("sha256:")
+    assert "Signed release checked" in (tmp_path / "r.html").read_text()
+    other = seeded_key("picked later", input_shape=SHAPE, num_triggers=20)
+    save_key(other, tmp_path / "other.key")
+    code, _ = run("verify", "file", "--key", str(tmp_path / "other.key"), "--arch", "fmnist-mlp", "--suspect", str(model),
+                  "--signer-key", str(pair[1]), "--signed-model", str(model))
+    assert code == 2
+    unsigned = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "unsigned.safetensors")
+    code, _ = run("verify", "file", "--key", str(key_file), "--whitebox", "--reference", str(unsigned), "--suspect",
+                  str(model), "--signer-key", str(pair[1]))
+    assert code == 2
+    code, _ = run(*base, "--signed-model", str(model))
+    assert code == 2
+
+
+def test_a_model_directory_is_signed_as_a_whole_and_bound_to_a_key(tmp_path, pair):
+    key = seeded_key("directory", input_shape=SHAPE, num_triggers=20)
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_labels": 10}')
+    (model / "model.safetensors").write_bytes(b"\x00" * 64)  # not readable safetensors: signed, no wmark metadata
+    info = sign_model(path=model, private_key=pair[0], key=key)
+    assert info["commitment"] == key.commitment()
+    assert check_key_provenance(key=key, model=model, public_key=pair[1])["model_sha256"].keys() == {
+        "config.json", "model.safetensors"}
+    (model / "extra.bin").write_bytes(b"smuggled")
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_model(path=model, public_key=pair[1])
+    (model / "extra.bin").unlink()
+    _flip(model / "config.json", 3)
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_model(path=model, public_key=pair[1])
+
+
+def test_bundles_verify_with_the_model_signing_command_line(tmp_path, pair, released):
+    import subprocess
+    import sys
+
+    _, model = released
+    proc = subprocess.run([sys.executable, "-m", "model_signing", "verify", "key", str(model), "--signature",
+                           str(signature_path(model)), "--public_key", str(pair[1])],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_owner_files_a_verification_relies_on_must_be_signed_under_the_key_too(tmp_path, pair, released):
+    from wmark.cli_evidence import check_release
+
+    key, model = released
+    key_file = tmp_path / "k.key"
+    save_key(key, key_file)
+    rule = tmp_path / "rule.safetensors"
+    rule.write_bytes(b"a tie-break rule built at release")
+    with pytest.raises(EvidenceError, match="is not signed"):
+        check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                      reference_signature=None, owner_files=(str(rule), None))
+    sign_model(path=rule, private_key=pair[0], key=key)
+    doc = check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                        reference_signature=None, owner_files=(str(rule), str(model)))
+    assert [f["model"] for f in doc["owner_files"]] == [str(rule)]
+    later = seeded_key("rule built later", input_shape=SHAPE, num_triggers=20)
+    sign_model(path=rule, private_key=pair[0], key=later)
+    with pytest.raises(EvidenceError, match="not the key of that release"):
+        check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
+                      reference_signature=None, owner_files=(str(rule),))

@@ -1,0 +1,375 @@
+"""Re-checking a verdict from the revealed key and the recorded answers alone, without the suspect.
+
+In a dispute the other side's expert distrusts the owner's machine. The evidence report therefore
+records everything a verdict depends on except the key's secret: the key's public parameters and
+commitment, the suspect's digest (a file's SHA-256, or an API's URL with the transcript's digests), the
+digest of every input asked with the answer it got (in the report for a model file, in the transcript
+for an API), alpha, the test parameters and p-values, and the software versions. Once the owner reveals
+the key, :func:`recheck` regenerates the triggers from it, feeds the recorded answers, looked up by the
+digest of each input, to the very same test code the verifier ran (:func:`wmark.verify.trigger_set_test`,
+:func:`wmark.schemes.tiebreak.tiebreak_tests_from_files` with the owner's rule and served model, and
+:func:`wmark.verify.decide`: not a second implementation), and compares the decision and log10 p.
+
+Outcomes: ``same`` (exit 0), ``different`` or ``partial`` (exit 1: a test that cannot be recomputed here is
+named, and the verdict is then not confirmed), and tampered (an :class:`~wmark.signing.EvidenceError`,
+exit 2: a digest or signature fails, or the key's commitment is not the report's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sqlite3
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import UsageError
+from wmark.evidence import TestResult, Verdict, decide
+from wmark.keys import Key, load_key
+from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
+from wmark.suspects.base import Answers, Suspect
+from wmark.transcript import input_sha256, transcript_digest
+from wmark.verify import trigger_set_test
+
+PathLike = str | os.PathLike[str]
+TOLERANCE = 1e-9
+TIEBREAK = "api-tiebreak"
+RECHECKABLE = ("trigger-set", TIEBREAK)
+
+
+def canonical_sha256(doc: Any) -> str:
+    """SHA-256 of a JSON document in canonical form (sorted keys, no spaces): the report's content digest."""
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+class RecordingSuspect:
+    """Passes queries through to a suspect and records the answer to every input asked, in order.
+
+    The record goes into the evidence report of a model-file suspect (an API's answers are in its
+    transcript), so the verdict can be recomputed without the suspect.
+    """
+
+    def __init__(self, inner: Suspect) -> None:
+        self.inner = inner
+        self.digests: list[str] = []
+        self.labels: list[int] = []
+
+    @property
+    def description(self) -> str:
+        return self.inner.description
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.inner.num_classes
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        return self.inner.input_shape
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        answers = self.inner.query(inputs)
+        for x, label in zip(np.asarray(inputs, dtype=np.float32), np.asarray(answers.labels).reshape(-1)):
+            self.digests.append(input_sha256(x))
+            self.labels.append(int(label))
+        return answers
+
+    def attach(self, verdict: Verdict, *, suspect_file: PathLike | None = None,
+               tiebreak: dict[str, Any] | None = None) -> Verdict:
+        """Put the record (and the suspect file's SHA-256) into the trigger-set test's details and, given the
+        tie-break test's files (``rule``, ``served``, ``arch``, ``holdout``, ``queries``), their paths and SHA-256
+        into its details; return the verdict."""
+        for test in verdict.tests:
+            if test.name == "trigger-set":
+                test.details["answers"] = {"input_sha256": list(self.digests), "labels": list(self.labels)}
+                if suspect_file is not None:
+                    test.details["suspect_file"] = {"path": str(suspect_file), "sha256": file_sha256(suspect_file)}
+        if tiebreak is not None:
+            record_tiebreak_files(verdict, **tiebreak)
+        return verdict
+
+
+def tiebreak_files(*, key: Key, rule: PathLike | None, served: PathLike | None, served_arch: str | None,
+                   holdout: str | None, queries: int) -> dict[str, Any] | None:
+    """The owner files a committed-input tie-break test runs with (``None`` when there is no such test): the
+    rule and the served model it names (or ``served``, where it moved), for :func:`record_tiebreak_files`."""
+    if rule is None or queries <= 0:
+        return None
+    from wmark.io import read_metadata, wmark_metadata
+
+    meta = wmark_metadata(read_metadata(rule))
+    return {"rule": rule, "served": served or str(meta.get("served_path") or ""),
+            "arch": served_arch or str(meta.get("served_arch") or ""), "holdout": holdout, "queries": queries}
+
+
+def record_tiebreak_files(verdict: Verdict, *, rule: PathLike, served: PathLike, arch: str, holdout: str | None,
+                          queries: int) -> Verdict:
+    """Name the owner files the tie-break test ran with (paths and SHA-256) in its details, so a re-check can
+    replay it with the same rule and served model; return the verdict."""
+    for test in verdict.tests:
+        if test.name == TIEBREAK:
+            test.details["files"] = {"arch": arch, "holdout": holdout, "queries": int(queries),
+                                     **{name: {"path": str(p), "sha256": file_sha256(p)}
+                                        for name, p in (("rule", rule), ("served", served))}}
+    return verdict
+
+
+class ReplaySuspect:
+    """Answers each input with the label recorded for its digest; refuses an input nobody recorded."""
+
+    def __init__(self, answers: dict[str, int], *, num_classes: int, input_shape: tuple[int, ...],
+                 description: str, source: str) -> None:
+        self.answers = answers
+        self.num_classes = num_classes
+        self.input_shape = input_shape
+        self.description = description
+        self.source = source
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        labels = []
+        for x in np.asarray(inputs, dtype=np.float32):
+            digest = input_sha256(x)
+            if digest not in self.answers:
+                raise EvidenceError(f"{self.source} holds no answer to input {digest[:16]}..., which this key makes "
+                                    "the verifier ask: the record is not of this key's verification, or was altered.")
+            labels.append(self.answers[digest])
+        return Answers(labels=np.asarray(labels, dtype=np.int64))
+
+
+def transcript_answers(path: PathLike) -> dict[str, int]:
+    """The answers a transcript holds (every role but cover traffic), by input digest, as the probe reused them:
+    the latest ``ok``
+    answer, else an abstention (``-1``) for an input answered only with garbage or never answered."""
+    try:
+        db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT input_sha256, status, label FROM queries WHERE role = 'trigger' "
+                              "ORDER BY seq").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise EvidenceError(f"{path} is not a readable wmark transcript ({exc}): it was altered or truncated.") from None
+    out: dict[str, int] = {}
+    for digest, status, label in rows:
+        if status == "ok":
+            out[digest] = int(label)
+        else:
+            out.setdefault(digest, -1)
+    return out
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -1e300
+
+
+@dataclass
+class Recheck:
+    """The outcome of re-checking a report.
+
+    Attributes:
+        status: ``same``, ``different`` or ``partial`` (some test could not be recomputed here).
+        message: One sentence for people.
+        original: The report's decision and log10 p.
+        recomputed: The recomputed decision and log10 p.
+        tests: Per test: whether it was recomputed, both log10 p values, and why not when it was not.
+        checks: The integrity checks that passed (digests, signature, commitment).
+    """
+
+    status: str
+    message: str
+    original: dict[str, Any]
+    recomputed: dict[str, Any]
+    tests: list[dict[str, Any]] = field(default_factory=list)
+    checks: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.status == "same" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(asdict(self), exit_code=self.exit_code)
+
+
+def _load_report(path: PathLike) -> tuple[Path, dict[str, Any]]:
+    from wmark.report import json_twin
+
+    p = Path(path)
+    if p.suffix.lower() in (".html", ".htm"):
+        p = json_twin(p)
+    if not p.is_file():
+        raise UsageError(f"Report {p} does not exist.")
+    try:
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise EvidenceError(f"The report {p} is not valid JSON: it was altered or truncated.") from None
+    if not isinstance(doc, dict) or doc.get("format") != "wmark-evidence/1":
+        raise EvidenceError(f"{p} is not a wmark evidence report (format wmark-evidence/1).")
+    return p, doc
+
+
+def _test_from_dict(doc: dict[str, Any]) -> TestResult:
+    return TestResult(name=doc["name"], evidence_of=doc["evidence_of"], null=doc.get("null", {}),
+                      log10_p=float(doc["log10_p"]), queries=int(doc["queries"]), matches=int(doc["matches"]),
+                      abstentions=int(doc.get("abstentions", 0)), method=doc.get("method", ""),
+                      trajectory=list(doc.get("trajectory", [])), details=dict(doc.get("details", {})),
+                      weight=float(doc.get("weight", 1.0)))
+
+
+def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
+                 checks: list[str]) -> tuple[dict[str, int], str] | None:
+    """Every recorded answer by input digest: from the report (a model file) or the transcript (an API)."""
+    details: dict[str, Any] = next((t.get("details", {}) for t in doc["verdict"]["tests"]
+                                    if t["name"] == "trigger-set"), {})
+    recorded = details.get("answers")
+    if recorded is not None:
+        digests, labels = recorded.get("input_sha256", []), recorded.get("labels", [])
+        if len(digests) != len(labels):
+            raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers.")
+        return {d: int(v) for d, v in zip(digests, labels)}, f"the report {report.name}"
+    summary = doc.get("transcript") or details.get("transcript")
+    if not summary:
+        return None
+    path = Path(transcript) if transcript is not None else Path(summary["path"])
+    if transcript is None and not path.is_absolute() and not path.is_file():
+        path = report.parent / path.name
+    if not path.is_file():
+        raise UsageError(f"The transcript {path} does not exist; pass the file the report names with --transcript.")
+    want_file = summary.get("file_sha256")
+    if want_file is not None and file_sha256(path) != want_file:
+        raise EvidenceError(f"The transcript {path} is not byte for byte the one the report names (its SHA-256 "
+                            "differs): it was altered.")
+    if transcript_digest(path) != summary.get("sha256_chain"):
+        raise EvidenceError(f"The transcript {path} does not match the digest in the report: rows were altered, added "
+                            "or removed.")
+    checks.append("transcript digest" + (" and file SHA-256" if want_file else ""))
+    return transcript_answers(path), f"the transcript {path.name}"
+
+
+def not_recheckable(test: dict[str, Any], *, has_record: bool) -> str:
+    """Why a test (as a report holds it) cannot be recomputed here; empty when it can."""
+    details = test.get("details", {})
+    if test["name"] not in RECHECKABLE:
+        return "not re-checkable here"
+    if not has_record:
+        return "not re-checkable: the report records neither its answers nor a transcript"
+    if test["name"] == TIEBREAK and ("files" not in details or details.get("read") != "labels"):
+        return ("not re-checkable here: the report does not name the rule and served model files, or the test read "
+                "scores")
+    return ""
+
+
+def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], overrides: Mapping[str, PathLike],
+                     checks: list[str], alpha: float, share: float) -> TestResult:
+    """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model."""
+    from wmark.schemes.tiebreak import tiebreak_tests_from_files
+
+    paths = {}
+    for name in ("rule", "served"):
+        p = Path(overrides.get(name) or files[name]["path"])
+        if not p.is_file():
+            raise UsageError(f"The tie-break {name} file {p} does not exist; pass the one the report names.")
+        if file_sha256(p) != files[name]["sha256"]:
+            raise EvidenceError(f"The tie-break {name} file {p} is not the one the report names (its SHA-256 differs).")
+        paths[name] = p
+    checks.append("tie-break rule and served model SHA-256")
+    (test,) = tiebreak_tests_from_files(key=key, rule=paths["rule"], served=paths["served"], arch=files["arch"] or None,
+                                        holdout=files.get("holdout"), queries=int(files["queries"]))
+    return test.run(replay, alpha=alpha, share=share)
+
+
+def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | None = None,
+            signer_key: PathLike | None = None, owner_files: Mapping[str, PathLike] | None = None) -> Recheck:
+    """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
+
+    Args:
+        report: The evidence report (its JSON twin, or the HTML next to it).
+        key: The revealed key file (or a loaded key).
+        transcript: The transcript the report names (default: the path it records, or that name next to it).
+        signer_key: The owner's public key: the report's signature ``R.json.sig`` must then verify.
+        owner_files: The tie-break test's ``rule`` and ``served`` model files, where they are not at the paths the
+            report names (their SHA-256 must match the report's).
+
+    Raises:
+        EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
+            key's commitment is not the report's, or a trigger's answer is missing (exit 2).
+    """
+    from wmark.report import report_text
+
+    path, doc = _load_report(report)
+    checks: list[str] = []
+    integrity = doc.get("integrity")
+    body = dict(doc, integrity={k: v for k, v in integrity.items() if k != "content_sha256"}) if isinstance(
+        integrity, dict) else doc
+    if not isinstance(integrity, dict) or integrity.get("content_sha256") != canonical_sha256(body):
+        raise EvidenceError(f"The report {path} does not match its own content digest: it was edited after it was "
+                            "written.")
+    if path.read_text(encoding="utf-8") != report_text(doc):
+        raise EvidenceError(f"The report {path} is not byte for byte the text wmark wrote for its content: it was "
+                            "altered.")
+    checks.append("report content digest")
+    if signer_key is not None:
+        info = verify_file(path=path, public_key=signer_key)
+        checks.append(f"report signature by {info.signer}")
+    elif signature_path(path).is_file():
+        checks.append("report signature present but not checked (no signer key given)")
+    k = key if isinstance(key, Key) else load_key(key)
+    committed = doc.get("key", {}).get("commitment")
+    if k.commitment() != committed or doc["verdict"].get("key_commitment") != committed:
+        raise EvidenceError(f"The revealed key's commitment {k.commitment()[:16]}... is not the one the report was made "
+                            f"with ({str(committed)[:16]}...).")
+    checks.append("key commitment")
+    verdict = doc["verdict"]
+    alpha = float(verdict["alpha"])
+    tests: list[TestResult] = []
+    rows: list[dict[str, Any]] = []
+    record = _answers_for(doc, path, transcript, checks)
+    for test in verdict["tests"]:
+        original = _test_from_dict(test)
+        why = not_recheckable(test, has_record=record is not None)
+        if why:
+            tests.append(original)
+            rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
+                         "recomputed_log10_p": None, "note": f"{why}: its p-value is taken from the report, not recomputed"})
+            continue
+        assert record is not None
+        replay = ReplaySuspect(record[0], num_classes=k.num_classes, input_shape=tuple(k.input_shape),
+                               description=verdict["suspect"], source=record[1])
+        details = test.get("details", {})
+        if test["name"] == TIEBREAK:
+            redone = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
+                                      checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
+        else:
+            redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
+                                      max_queries=int(details.get("budget", len(record[0]))), batch_size=1,
+                                      share=float(details.get("alpha_share", 1.0)))
+        redone.weight = original.weight
+        tests.append(redone)
+        rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,
+                     "recomputed_log10_p": _finite(redone.log10_p), "queries": redone.queries,
+                     "matches": redone.matches, "answers_from": record[1]})
+    again = decide(key=k, tests=tests, alpha=alpha, suspect=verdict["suspect"])
+    original_doc = {"decision": verdict["decision"], "log10_p": float(verdict["log10_p"])}
+    recomputed_doc = {"decision": again.decision, "log10_p": _finite(again.log10_p)}
+    same_tests = all(abs(r["original_log10_p"] - r["recomputed_log10_p"]) <= TOLERANCE for r in rows if r["rechecked"])
+    same = (same_tests and again.decision == verdict["decision"]
+            and abs(_finite(again.log10_p) - float(verdict["log10_p"])) <= TOLERANCE)
+    unchecked = [r["name"] for r in rows if not r["rechecked"]]
+    if not same:
+        status = "different"
+        message = (f"The recomputed verdict differs: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, the "
+                   f"report says {verdict['decision']} at {float(verdict['log10_p']):.6f}.")
+    elif unchecked:
+        status = "partial"
+        message = (f"The re-checkable tests match, but {', '.join(unchecked)} cannot be recomputed here, so the verdict "
+                   "is not confirmed.")
+    else:
+        status = "same"
+        message = (f"Same verdict: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, recomputed from the "
+                   "revealed key and the recorded answers.")
+    return Recheck(status=status, message=message, original=original_doc, recomputed=recomputed_doc, tests=rows,
+                   checks=checks)
