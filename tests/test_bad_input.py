@@ -55,7 +55,7 @@ def test_an_open_key_file_stops_the_cli_with_exit_2(key_file: Path, tmp_path: Pa
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(ALLOW_OPEN_KEY_ENV, raising=False)
     key_file.chmod(0o644)
-    code, err = _cli("verify", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect",
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect",
                      str(tmp_path / "any.safetensors"))
     assert code == 2
     assert err.strip() == (f"error: Key file {key_file} is accessible by other users (mode 0644); restrict it with "

@@ -110,7 +110,7 @@ def test_unmarked_model_on_kserve_is_not_detected(kserve_peer: tuple[str, Path])
 @pytest.mark.slow
 def test_cli_input_name_is_sent_to_kserve(kserve_peer: tuple[str, Path]) -> None:
     url, key_path = kserve_peer
-    code, out = run("verify", "--key", str(key_path), "--suspect", url, "--model-name", "marked",
+    code, out = run("verify", "api", "--key", str(key_path), "--suspect", url, "--model-name", "marked",
                     "--input-name", "pixels", "--json")
     assert code == 0
     server = json.loads(out)["tests"][0]["details"]["probe"]["server"]
