@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -387,12 +388,29 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
             auth += (", tie-break marked" if answerer else "") + (f", logging to {tiebreak_log}" if log else "")
             auth += (", policy" if policy else "") + (", extraction monitor" if monitor else "")
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
-        server.run()
+        _run_until_terminated(server)
     finally:
         if log is not None:
             log.close()
         if gate is not None:
             gate.close()
+
+
+def _run_until_terminated(server: uvicorn.Server) -> None:
+    """Run uvicorn; on SIGTERM, exit through ``finally`` blocks (uvicorn re-raises the signal after its
+    graceful shutdown, and the default handler would kill the process before logs and state are saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _make_gate(*, policy: str | os.PathLike[str] | None, monitor: str | os.PathLike[str] | None,

@@ -179,14 +179,14 @@ class Gate:
                 return self._refuse(client, c, Refusal(403, "blocked", "this client is blocked after an extraction "
                                                        "alarm; contact the API owner"))
             quota = c.rules.quota
+            if quota.per_day is not None and n > quota.per_day:
+                return self._refuse(client, c, Refusal(413, "batch", f"send at most {quota.per_day} inputs per "
+                                                       "request (the daily quota)"))
             if quota.total is not None and c.total + n > quota.total:
                 return self._refuse(client, c, Refusal(403, "total-quota", f"this request of {n} queries would "
                                     f"exceed the total quota of {quota.total} ({quota.total - c.total} left)"))
             day = _utc_day(now)
             today = c.today if c.day == day else 0
-            if quota.per_day is not None and n > quota.per_day:
-                return self._refuse(client, c, Refusal(413, "batch", f"send at most {quota.per_day} inputs per "
-                                                       "request (the daily quota)"))
             if quota.per_day is not None and today + n > quota.per_day:
                 return self._refuse(client, c, Refusal(429, "daily-quota", f"this request of {n} queries would "
                                     f"exceed the daily quota of {quota.per_day} ({quota.per_day - today} left "

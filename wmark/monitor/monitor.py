@@ -143,7 +143,7 @@ def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np
     if len(maxima) < 3:
         raise UsageError(f"Calibration needs at least 3 honest streams, got {len(maxima)}; record more.")
     n_scale = min(len(maxima) - 2, max(1, round(scale_share * len(maxima))))
-    floors = {"coverage": 1.0 / (num_classes * (num_classes - 1)), "prada": 0.01}
+    floors = {"coverage": 1.0 / num_classes, "prada": 0.01}
     scales = {s: max(max(m[s] for m in maxima[:n_scale]), floors.get(s, 1.0 / cfg.window)) for s in SIGNALS}
     scored = MonitorProfile(feature_map, num_classes, cfg, {"scales": scales})
     held = sorted(scored.score(m) for m in maxima[n_scale:])

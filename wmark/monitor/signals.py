@@ -9,7 +9,7 @@ heuristics for spotting model extraction from a query stream, and each rests on 
   all classes together rather than per predicted class). *Assumes* natural inputs give a roughly normal
   set of such distances, while synthetic chains (seeds plus small perturbations of them) give a skewed,
   multi-modal one. The statistic is ``1 - W`` with ``W`` the Shapiro–Wilk statistic of the window's
-  distances. Exact repeats (distance 0) are left out: re-sending the same input is what honest clients do.
+  distances. Repeats (within ``REPEAT_RADIUS``: the same input) are left out: re-sending the same input is what honest clients do.
 * ``near_dup`` — the JBDA-style synthetic signal (Papernot et al. 2017): the share of queries that lie
   within ``near_radius`` of an earlier query without being a repeat. *Assumes* honest clients do not send
   many slightly perturbed copies of their own inputs.
@@ -17,9 +17,10 @@ heuristics for spotting model extraction from a query stream, and each rests on 
   feature map's principal subspace above the 99.9 % quantile of the owner's own inputs. *Assumes* the
   owner's inputs are representative of honest traffic; noise and perturbed inputs leave that subspace.
 * ``coverage`` — after Kesarwani et al. 2018 (the share of the model's decision regions a client has
-  explored): the share of ordered (top-1, top-2) class pairs — which decision boundary an input lies
-  toward — seen in the window. *Assumes* an honest client serves one task and so touches few regions; a
-  broad honest client (a benchmark, a whole test set) breaks this assumption and looks like a thief.
+  explored): the effective number (``exp`` of the entropy) of predicted classes — the decision regions
+  the window's inputs fall in — over the number of classes. The entropy form keeps a few stray queries
+  from counting as exploration. *Assumes* an honest client serves one task and so touches few regions;
+  a broad honest client (a benchmark, a whole test set) breaks this assumption and looks like a thief.
 * ``near_tie`` — the share of queries whose runner-up probability is at least ``near_tie_ratio`` of the
   top one (near a decision boundary). *Assumes* honest inputs are mostly confidently classified while
   boundary-seeking extraction is not.
@@ -44,6 +45,8 @@ import numpy as np
 from scipy import stats
 
 SIGNALS = ("prada", "near_dup", "ood", "coverage", "near_tie")
+# Same input up to float rounding of the projection (natural neighbours are ~1 apart in these units).
+REPEAT_RADIUS = 1e-3
 _MIN_SHAPIRO = 20
 
 
@@ -128,7 +131,18 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    # float64: the expansion |a|² + |b|² - 2ab cancels, and float32 would turn repeats into near duplicates.
+    a, b = a.astype(np.float64), b.astype(np.float64)
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T), 0.0)
+
+
+def effective_count(values: np.ndarray) -> float:
+    """``exp`` of the entropy of the values' histogram: how many distinct values, weighted by use."""
+    if not len(values):
+        return 0.0
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
 
 
 def shapiro_statistic(values: np.ndarray) -> float:
@@ -164,7 +178,7 @@ class ClientState:
         self.near = np.zeros(w, dtype=bool)
         self.ood = np.zeros(w, dtype=bool)
         self.tie = np.zeros(w, dtype=bool)
-        self.pair = np.full(w, -1, dtype=np.int64)
+        self.top = np.full(w, -1, dtype=np.int64)
         self.filled = 0
         self.pos = 0
         self.queries = 0
@@ -207,13 +221,13 @@ class ClientState:
     def observe(self, feats: np.ndarray, residual: np.ndarray, probs: np.ndarray) -> dict[str, float] | None:
         """Record a batch of queries; return the signals when this batch reaches a check, else ``None``."""
         dmin = self._nearest(feats)
-        repeat = dmin <= 1e-6
+        repeat = dmin <= REPEAT_RADIUS
         top2 = np.argsort(-probs, axis=1)[:, :2]
         p = np.take_along_axis(probs, top2, axis=1)
         self._push(dmin=np.where(repeat | ~np.isfinite(dmin), np.nan, dmin),
                    near=~repeat & (dmin < self.near_radius), ood=residual > self.ood_radius,
                    tie=p[:, 1] >= self.config.near_tie_ratio * np.maximum(p[:, 0], 1e-12),
-                   pair=top2[:, 0] * self.num_classes + top2[:, 1])
+                   top=top2[:, 0])
         self._remember(feats[~repeat])
         self.queries += len(feats)
         self.repeats += int(repeat.sum())
@@ -227,12 +241,12 @@ class ClientState:
         """The window's signals (higher = more like extraction), each in [0, 1]."""
         k = self.filled
         d = self.dmin[:k]
-        pairs = self.pair[:k]
+        top = self.top[:k]
         c = self.num_classes
         return {
             "prada": 1.0 - shapiro_statistic(d[np.isfinite(d)]),
             "near_dup": float(self.near[:k].mean()) if k else 0.0,
             "ood": float(self.ood[:k].mean()) if k else 0.0,
-            "coverage": len(np.unique(pairs[pairs >= 0])) / (c * (c - 1)) if c > 1 else 0.0,
+            "coverage": effective_count(top[top >= 0]) / c,
             "near_tie": float(self.tie[:k].mean()) if k else 0.0,
         }
