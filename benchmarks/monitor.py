@@ -46,8 +46,8 @@ from common import cached, table, write_results  # noqa: E402
 from wmark import api  # noqa: E402
 from wmark.data import load_dataset  # noqa: E402
 from wmark.models import load_model  # noqa: E402
-from wmark.monitor.monitor import MonitorProfile, calibrate, first_alarm, run_stream  # noqa: E402
-from wmark.monitor.signals import SIGNALS, fit_feature_map  # noqa: E402
+from wmark.monitor.monitor import MonitorProfile, calibrate_maxima, run_stream  # noqa: E402
+from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map  # noqa: E402
 from wmark.training import predict_logits  # noqa: E402
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
@@ -118,23 +118,53 @@ def jbda_stream(x_seed: np.ndarray, oracle: torch.nn.Module, *, total: int, seed
     return torch.cat(queries).numpy()[:total]
 
 
-def detect(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, chunk: int | None = None) -> dict[str, Any]:
-    queries, score, signals = first_alarm(profile, run_stream(profile, x, probs, chunk=chunk))
-    fired = max(SIGNALS, key=lambda s: signals.get(s, 0) / profile.calibration["scales"][s]) if signals else ""
-    return {"alarm_at": queries, "score": score, "signal": fired, "length": len(x)}
+VARIANTS = {"all five signals": SIGNALS, "without near_tie": tuple(s for s in SIGNALS if s != "near_tie"),
+            "PRADA alone": ("prada",)}
 
 
-def summary(name: str, runs: list[dict[str, Any]], group: str) -> dict[str, Any]:
-    hits = [r["alarm_at"] for r in runs if r["alarm_at"] is not None]
-    return {"client": name, "group": group, "runs": len(runs), "flagged": len(hits),
-            "median_at": statistics.median(hits) if hits else "-", "worst_at": max(hits) if len(hits) == len(runs)
-            else "never", "length": runs[0]["length"], "signal": statistics.mode(r["signal"] for r in runs),
-            "max_score": max(r["score"] for r in runs)}
+class Trace:
+    """One stream's signals at every check (computed once, then scored under every alarm variant)."""
+
+    def __init__(self, probe: MonitorProfile, x: np.ndarray, probs: np.ndarray, chunk: int | None = None) -> None:
+        checks = run_stream(probe, x, probs, chunk=chunk)
+        self.queries = np.asarray([q for q, _ in checks])
+        self.values = np.asarray([[sig[s] for s in SIGNALS] for _, sig in checks]).reshape(len(checks), len(SIGNALS))
+        self.length = len(x)
+
+    def maxima(self) -> dict[str, float]:
+        return {s: float(self.values[:, j].max(initial=0.0)) for j, s in enumerate(SIGNALS)}
+
+    def first(self, profile: MonitorProfile, only: str | None = None) -> tuple[int | None, float, str]:
+        """First alarm (queries), highest score, and the signal that drove it (``only``: that signal alone)."""
+        scales = profile.calibration["scales"]
+        used = [s for s in SIGNALS if s in scales and (only is None or s == only)]
+        if not used or not len(self.queries):
+            return None, 0.0, ""
+        ratios = np.stack([self.values[:, SIGNALS.index(s)] / scales[s] for s in used], 1)
+        score = ratios.max(1)
+        over = np.flatnonzero(score > profile.calibration["threshold"])
+        at = int(over[0]) if len(over) else int(score.argmax())
+        return (int(self.queries[at]) if len(over) else None), float(score.max()), used[int(ratios[at].argmax())]
+
+
+def summary(name: str, traces: list[Trace], group: str, profile: MonitorProfile) -> dict[str, Any]:
+    runs = [t.first(profile) for t in traces]
+    hits = [q for q, _, _ in runs if q is not None]
+    row: dict[str, Any] = {
+        "client": name, "group": group, "runs": len(runs), "flagged": len(hits),
+        "median_at": statistics.median(hits) if hits else "-",
+        "worst_at": max(hits) if len(hits) == len(runs) else "never", "length": traces[0].length,
+        "signal": statistics.mode(sig for _, _, sig in runs), "max_score": max(sc for _, sc, _ in runs)}
+    for s in profile.calibration["scales"]:
+        alone = [t.first(profile, only=s)[0] for t in traces]
+        got = [q for q in alone if q is not None]
+        row[f"by_{s}"] = f"{len(got)}/{len(alone)}" + (f" med {statistics.median(got):g}" if got else "")
+    return row
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer and shorter streams (minutes)")
+    parser.add_argument("--quick", action="store_true", help="fewer streams (minutes)")
     parser.add_argument("--e2e", action="store_true", help="also a small run through a real server")
     parser.add_argument("--target-rate", type=float, default=0.01)
     args = parser.parse_args()
@@ -148,83 +178,91 @@ def main() -> None:
     att_x, att_y = attacker.x_train.numpy(), attacker.y_train.numpy()
     cal_p, test_p, att_p = (probabilities(model, x) for x in (cal_x, test_x, att_x))
     fmap = fit_feature_map(x=fit_x, dim=32)
+    config = MonitorConfig()
+    probe = MonitorProfile(fmap, 10, config)
 
     t0 = time.perf_counter()
     rng = np.random.default_rng(1000)
-    cal_streams = []
+    cal = []
     for i in range(n_cal):
         idx = shop_stream(cal_x, cal_y, n=length, rng=rng, style=("interactive", "batch")[i % 2])
-        cal_streams.append((cal_x[idx], cal_p[idx]))
-    profile = calibrate(feature_map=fmap, streams=cal_streams, num_classes=10, target_rate=args.target_rate)
+        cal.append(Trace(probe, cal_x[idx], cal_p[idx]).maxima())
     calib_s = time.perf_counter() - t0
-    del cal_streams
-    print(f"calibrated on {n_cal} streams × {length} in {calib_s:.0f} s: threshold {profile.calibration['threshold']:.3f}"
-          f" (bound {profile.calibration['false_alarm_bound']:.3g}); scales {profile.calibration['scales']}", flush=True)
+    profiles = {name: calibrate_maxima(maxima=cal, feature_map=fmap, num_classes=10, config=config,
+                                       target_rate=args.target_rate, signals=sig) for name, sig in VARIANTS.items()}
+    for name, prof in profiles.items():
+        print(f"{name}: calibrated on {n_cal} streams × {length} ({calib_s:.0f} s): threshold "
+              f"{prof.calibration['threshold']:.3f}, bound {prof.calibration['false_alarm_bound']:.3g}, "
+              f"scales {prof.calibration['scales']}", flush=True)
 
-    rows: list[dict[str, Any]] = []
+    traces: dict[tuple[str, str], list[Trace]] = {}
     rng = np.random.default_rng(2000)
     for style in ("interactive", "batch"):
-        runs = []
-        for _ in range(n_eval):
-            idx = shop_stream(test_x, test_y, n=length, rng=rng, style=style)
-            runs.append(detect(profile, test_x[idx], test_p[idx]))
-        rows.append(summary(f"shop-{style}", runs, "honest"))
-        print(table(rows[-1:], list(rows[-1])), flush=True)
-    broad = [detect(profile, test_x[p], test_p[p]) for p in
-             (np.random.default_rng(s).permutation(len(test_x)) for s in range(seeds))]
-    rows.append(summary("broad (whole test set once)", broad, "honest-broad"))
-
-    thieves: dict[str, list[dict[str, Any]]] = {k: [] for k in ("natural-random", "natural-10k", "jbda", "noise")}
-    spread: dict[str, list[list[dict[str, Any]]]] = {k: [] for k in ("natural dealt at random", "natural by class",
-                                                                    "jbda dealt at random")}
+        traces[(f"shop-{style}", "honest")] = [
+            Trace(probe, test_x[idx], test_p[idx]) for idx in
+            (shop_stream(test_x, test_y, n=length, rng=rng, style=style) for _ in range(n_eval))]
+        print(f"evaluated {n_eval} {style} shops", flush=True)
+    traces[("broad (whole test set once)", "honest-broad")] = [
+        Trace(probe, test_x[p], test_p[p]) for p in (np.random.default_rng(s).permutation(len(test_x))
+                                                     for s in range(seeds))]
+    thief_names = ("natural-random", "natural-10k", "jbda", "noise")
+    for name in thief_names:
+        traces[(name, "thief")] = []
+    spread_names = ("natural dealt at random", "natural by class", "jbda dealt at random")
+    spread: dict[str, list[list[Trace]]] = {k: [] for k in spread_names}
     for s in range(seeds):
         r = np.random.default_rng(3000 + s)
         pick = r.choice(len(att_x), size=5000, replace=False)
-        thieves["natural-random"].append(detect(profile, att_x[pick], att_p[pick]))
+        traces[("natural-random", "thief")].append(Trace(probe, att_x[pick], att_p[pick]))
         perm = torch.randperm(len(att_x), generator=torch.Generator().manual_seed(s)).numpy()[:10_000]
-        thieves["natural-10k"].append(detect(profile, att_x[perm], att_p[perm], chunk=256))
+        traces[("natural-10k", "thief")].append(Trace(probe, att_x[perm], att_p[perm], chunk=256))
         seed_idx = np.concatenate([r.choice(np.flatnonzero(att_y == c), 10, replace=False) for c in range(10)])
         jx = jbda_stream(att_x[seed_idx], model, total=3200, seed=s)
         jp = probabilities(model, jx)
-        thieves["jbda"].append(detect(profile, jx, jp))
+        traces[("jbda", "thief")].append(Trace(probe, jx, jp))
         nx = r.random((2000, 1, 28, 28), dtype=np.float32)
-        thieves["noise"].append(detect(profile, nx, probabilities(model, nx)))
+        traces[("noise", "thief")].append(Trace(probe, nx, probabilities(model, nx)))
         tokens = r.integers(5, size=10_000)
-        spread["natural dealt at random"].append([detect(profile, att_x[perm][tokens == t], att_p[perm][tokens == t])
+        spread["natural dealt at random"].append([Trace(probe, att_x[perm][tokens == t], att_p[perm][tokens == t])
                                                   for t in range(5)])
         by_class = [perm[np.isin(att_y[perm], (2 * t, 2 * t + 1))] for t in range(5)]
-        spread["natural by class"].append([detect(profile, att_x[ix], att_p[ix]) for ix in by_class])
+        spread["natural by class"].append([Trace(probe, att_x[ix], att_p[ix]) for ix in by_class])
         tj = r.integers(5, size=len(jx))
-        spread["jbda dealt at random"].append([detect(profile, jx[tj == t], jp[tj == t]) for t in range(5)])
-    for name, runs in thieves.items():
-        rows.append(summary(name, runs, "thief"))
-    for name, per_seed in spread.items():
-        flat = [tok for runs in per_seed for tok in runs]
-        row = summary(f"5 tokens: {name}", flat, "thief-5-tokens")
-        # What the thief obtained before every one of its tokens was flagged (per seed; 'never' if one never is).
-        got = [sum(t["alarm_at"] for t in runs) if all(t["alarm_at"] is not None for t in runs) else None
-               for runs in per_seed]
-        row["all_tokens_flagged_after_total"] = (statistics.median(g for g in got if g is not None)
-                                                 if any(g is not None for g in got) else "never")
-        rows.append(row)
+        spread["jbda dealt at random"].append([Trace(probe, jx[tj == t], jp[tj == t]) for t in range(5)])
+    print(f"thieves traced ({time.perf_counter() - start:.0f} s)", flush=True)
 
+    results: dict[str, Any] = {}
     columns = ["client", "group", "runs", "flagged", "median_at", "worst_at", "length", "signal", "max_score"]
-    print(table(rows, columns))
-    doc: dict[str, Any] = {"quick": args.quick, "calibration": profile.calibration, "calibration_seconds": calib_s,
-                           "near_radius": fmap.near_radius, "ood_radius": fmap.ood_radius,
-                           "config": profile.config.to_dict(), "rows": rows,
-                           "honest_false_alarm_rate": sum(r["flagged"] for r in rows if r["group"] == "honest")
-                           / sum(r["runs"] for r in rows if r["group"] == "honest"),
-                           "seconds": time.perf_counter() - start}
+    for variant, prof in profiles.items():
+        rows = [summary(name, ts, group, prof) for (name, group), ts in traces.items()]
+        for name, per_seed in spread.items():
+            row = summary(f"5 tokens: {name}", [t for runs in per_seed for t in runs], "thief-5-tokens", prof)
+            # Queries the thief got in all before its last token was flagged, per seed ('never': one never was).
+            got = []
+            for runs in per_seed:
+                firsts = [t.first(prof)[0] for t in runs]
+                got.append(sum(firsts) if all(q is not None for q in firsts) else None)  # type: ignore[misc]
+            done = [g for g in got if g is not None]
+            row["all_tokens_flagged_after_total"] = statistics.median(done) if done else "never"
+            row["seeds_all_tokens_flagged"] = f"{len(done)}/{len(got)}"
+            rows.append(row)
+        honest = [r for r in rows if r["group"] == "honest"]
+        rate = sum(r["flagged"] for r in honest) / sum(r["runs"] for r in honest)
+        print(f"\n== {variant} (honest task-specific false alarms {rate:.2%})")
+        print(table(rows, columns + [f"by_{s}" for s in prof.calibration["scales"]]))
+        results[variant] = {"calibration": prof.calibration, "rows": rows, "honest_false_alarm_rate": rate}
+    doc: dict[str, Any] = {"quick": args.quick, "variants": results, "calibration_seconds": calib_s,
+                           "calibration_streams": n_cal, "evaluation_streams_per_style": n_eval,
+                           "stream_length": length, "thief_seeds": seeds, "near_radius": fmap.near_radius,
+                           "ood_radius": fmap.ood_radius, "config": config.to_dict()}
     if args.e2e:
-        doc["e2e"] = end_to_end(profile, test_x, test_y, test_p, att_x)
+        doc["e2e"] = end_to_end(profiles["all five signals"], test_x, test_y, att_x)
         print(doc["e2e"])
-    print(f"honest false alarms: {doc['honest_false_alarm_rate']:.3%}; wrote "
-          f"{write_results('monitor_quick' if args.quick else 'monitor', doc)} ({doc['seconds']:.0f} s)")
+    doc["seconds"] = time.perf_counter() - start
+    print(f"wrote {write_results('monitor_quick' if args.quick else 'monitor', doc)} ({doc['seconds']:.0f} s)")
 
 
-def end_to_end(profile: MonitorProfile, test_x: np.ndarray, test_y: np.ndarray, test_p: np.ndarray,
-               att_x: np.ndarray) -> dict[str, Any]:
+def end_to_end(profile: MonitorProfile, test_x: np.ndarray, test_y: np.ndarray, att_x: np.ndarray) -> dict[str, Any]:
     """A shop and a noise thief through a real server: the thief's answers turn label-only after its alarm."""
     import json
     import tempfile

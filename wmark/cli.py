@@ -481,15 +481,18 @@ def monitor() -> None:
 @click.option("--target-rate", type=float, default=0.01, show_default=True,
               help="Wanted chance that an honest stream as long as these ever alarms.")
 @click.option("--dim", type=int, default=32, show_default=True, help="Reduced feature dimension.")
+@click.option("--signals", default=None,
+              help="Signals that vote in the alarm, comma-separated (default all: prada,near_dup,ood,coverage,near_tie).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file to write (.safetensors).")
 @_handle_errors
 def monitor_calibrate(arch: str, weights: str, data: str, streams: str, target_rate: float, dim: int,
-                      out: str) -> None:
+                      signals: str | None, out: str) -> None:
     """Calibrate the extraction monitor's alarm on honest traffic and write its profile."""
     from wmark.monitor.api import calibrate_profile
 
+    chosen = None if signals is None else [s.strip() for s in signals.split(",") if s.strip()]
     info = calibrate_profile(arch=arch, weights=weights, data=data, streams=streams, out=out,
-                             target_rate=target_rate, dim=dim)
+                             target_rate=target_rate, dim=dim, signals=chosen)
     click.echo(f"wrote {info['out']} (threshold {info['threshold']:.3f} from {info['streams']} honest streams, "
                f"{info['queries']} queries; false-alarm bound {info['false_alarm_bound']:.3g} per stream)")
 

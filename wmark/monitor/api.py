@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from wmark.errors import UsageError
 from wmark.io import load_tensors
 from wmark.monitor.gate import STATE_FORMAT
 from wmark.monitor.monitor import calibrate, save_profile
-from wmark.monitor.signals import MonitorConfig, fit_feature_map
+from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map
 
 PathLike = str | os.PathLike[str]
 
@@ -34,7 +35,8 @@ def read_streams(path: PathLike) -> list[np.ndarray]:
 
 
 def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathLike, out: PathLike,
-                      target_rate: float = 0.01, dim: int = 32, config: MonitorConfig | None = None) -> dict[str, Any]:
+                      target_rate: float = 0.01, dim: int = 32, config: MonitorConfig | None = None,
+                      signals: Sequence[str] | None = None) -> dict[str, Any]:
     """Fit the feature map on the owner's inputs, calibrate the alarm on honest streams, write the profile.
 
     Args:
@@ -46,6 +48,7 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
         target_rate: Wanted chance that an honest stream as long as these ever alarms.
         dim: Reduced feature dimension.
         config: Window settings.
+        signals: The signals that vote in the alarm (default all).
 
     Returns:
         The calibration record (threshold, scales, the false-alarm bound that holds, counts).
@@ -63,7 +66,7 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
         raise UsageError(f"The streams in {streams} do not have the shape of the inputs in {data}.")
     pairs = [(x, torch.softmax(predict_logits(model, torch.from_numpy(x)), 1).numpy()) for x in honest]
     profile = calibrate(feature_map=fmap, streams=pairs, num_classes=ds.num_classes, target_rate=target_rate,
-                        config=config)
+                        config=config, signals=SIGNALS if signals is None else signals)
     save_profile(profile, out)
     return {"out": str(out), **profile.calibration, "seconds": time.perf_counter() - start}
 

@@ -114,9 +114,14 @@ def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chu
     return out
 
 
+def stream_maxima(checks: Sequence[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Each signal's largest value over one stream's checks (what calibration keeps of a stream)."""
+    return {s: max((sig[s] for _, sig in checks), default=0.0) for s in SIGNALS}
+
+
 def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int,
-              target_rate: float = 0.01, config: MonitorConfig | None = None, scale_share: float = 1 / 3
-              ) -> MonitorProfile:
+              target_rate: float = 0.01, config: MonitorConfig | None = None, signals: Sequence[str] = SIGNALS,
+              scale_share: float = 1 / 3) -> MonitorProfile:
     """Set the alarm on honest streams so that an honest stream alarms with probability ≤ ``target_rate``.
 
     Args:
@@ -126,33 +131,46 @@ def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np
         num_classes: Classes the model answers over.
         target_rate: Wanted chance that an honest stream ever alarms.
         config: Window settings (default :class:`~wmark.monitor.signals.MonitorConfig`).
+        signals: The signals that vote in the alarm (all are still computed and exported).
         scale_share: Share of the streams that set the per-signal scales; the rest set the threshold.
 
     Raises:
-        UsageError: With fewer than 3 streams or a rate outside (0, 1).
+        UsageError: With fewer than 3 streams, a rate outside (0, 1) or an unknown signal.
     """
-    if not 0 < target_rate < 1:
-        raise UsageError(f"The target false-alarm rate must be between 0 and 1, not {target_rate}.")
     cfg = config or MonitorConfig()
     probe = MonitorProfile(feature_map, num_classes, cfg)
     maxima, queries = [], 0
     for x, probs in streams:
-        checks = run_stream(probe, x, probs)
+        maxima.append(stream_maxima(run_stream(probe, x, probs)))
         queries += len(x)
-        maxima.append({s: max((sig[s] for _, sig in checks), default=0.0) for s in SIGNALS})
+    profile = calibrate_maxima(maxima=maxima, feature_map=feature_map, num_classes=num_classes, config=cfg,
+                               target_rate=target_rate, signals=signals, scale_share=scale_share)
+    profile.calibration["queries"] = queries
+    return profile
+
+
+def calibrate_maxima(*, maxima: Sequence[dict[str, float]], feature_map: FeatureMap, num_classes: int,
+                     config: MonitorConfig, target_rate: float = 0.01, signals: Sequence[str] = SIGNALS,
+                     scale_share: float = 1 / 3) -> MonitorProfile:
+    """:func:`calibrate` from the honest streams' :func:`stream_maxima` (to try several signal sets)."""
+    if not 0 < target_rate < 1:
+        raise UsageError(f"The target false-alarm rate must be between 0 and 1, not {target_rate}.")
+    unknown = sorted(set(signals) - set(SIGNALS))
+    if unknown or not signals:
+        raise UsageError(f"Unknown or no alarm signals {unknown}; choose from {', '.join(SIGNALS)}.")
     if len(maxima) < 3:
         raise UsageError(f"Calibration needs at least 3 honest streams, got {len(maxima)}; record more.")
     n_scale = min(len(maxima) - 2, max(1, round(scale_share * len(maxima))))
     floors = {"coverage": 1.0 / num_classes, "prada": 0.01}
-    scales = {s: max(max(m[s] for m in maxima[:n_scale]), floors.get(s, 1.0 / cfg.window)) for s in SIGNALS}
-    scored = MonitorProfile(feature_map, num_classes, cfg, {"scales": scales})
+    scales = {s: max(max(m[s] for m in maxima[:n_scale]), floors.get(s, 1.0 / config.window)) for s in signals}
+    scored = MonitorProfile(feature_map, num_classes, config, {"scales": scales})
     held = sorted(scored.score(m) for m in maxima[n_scale:])
     k = math.ceil((1 - target_rate) * (len(held) + 1))
     threshold, bound = (held[k - 1], target_rate) if k <= len(held) else (held[-1], 1 / (len(held) + 1))
     calibration = {"scales": scales, "threshold": float(threshold), "target_rate": target_rate,
                    "false_alarm_bound": bound, "streams": len(maxima), "threshold_streams": len(held),
-                   "queries": queries}
-    return MonitorProfile(feature_map, num_classes, cfg, calibration)
+                   "queries": None}
+    return MonitorProfile(feature_map, num_classes, config, calibration)
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,7 @@ class FeatureMap:
     Attributes:
         mean: Mean input, flattened (D,).
         components: D×k orthonormal principal directions.
-        near_radius: Distance below which a non-repeat counts as a near duplicate (1 % quantile of
+        near_radius: Distance below which a non-repeat counts as a near duplicate (0.1 % quantile of
             nearest-neighbour distances among the owner's inputs).
         ood_radius: Residual norm above which an input counts as out of distribution (99.9 % quantile of
             the owner's inputs).
@@ -127,7 +127,7 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
     np.fill_diagonal(d2, np.inf)
     nearest = np.sqrt(d2.min(1))
     nearest = nearest[nearest > 1e-6]
-    return FeatureMap(probe.mean, components, float(np.quantile(nearest, 0.01)), float(np.quantile(residual, 0.999)))
+    return FeatureMap(probe.mean, components, float(np.quantile(nearest, 0.001)), float(np.quantile(residual, 0.999)))
 
 
 def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
