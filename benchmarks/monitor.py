@@ -169,7 +169,7 @@ def main() -> None:
     parser.add_argument("--target-rate", type=float, default=0.01)
     args = parser.parse_args()
     start = time.perf_counter()
-    n_cal, n_eval, length, seeds = (30, 10, 20_000, 3) if args.quick else (200, 100, 20_000, 10)
+    n_cal, n_eval, length, seeds = (30, 10, 20_000, 3) if args.quick else (150, 100, 20_000, 10)
     owner, attacker, full = load_dataset(OWNER), load_dataset(ATTACKER), load_dataset("fashion-mnist")
     _, model = served_model()
     fit_x = owner.x_train[:TRAIN_SIZE].numpy()

@@ -68,6 +68,15 @@ def test_shapiro_flags_perturbation_chain_not_gaussian_natural_queries(fmap):
     assert shapiro_statistic(np.ones(50)) == 1.0 and shapiro_statistic(np.arange(5.0)) == 1.0
 
 
+@pytest.mark.parametrize("n", [20, 57, 256])
+def test_shapiro_statistic_matches_scipy(n):
+    from scipy import stats
+
+    rng = np.random.default_rng(n)
+    for sample in (rng.normal(size=n), rng.exponential(size=n), np.concatenate([rng.normal(size=n - 5), [9.0] * 5])):
+        assert shapiro_statistic(sample) == pytest.approx(stats.shapiro(sample).statistic, abs=2e-3)
+
+
 def test_near_duplicates_ood_coverage_and_near_ties(fmap):
     honest = state_after(natural(200, 6), confident(200, [1], 1), fmap)
     jbda = state_after(chain(200, 7), confident(200, [1], 1), fmap)

@@ -60,6 +60,7 @@ class _Client:
     requests: int = 0
     refusals: dict[str, int] = field(default_factory=dict)
     alarm: dict[str, Any] | None = None
+    series: tuple[Any, ...] | None = None  # this client's metric children, looked up once
 
 
 def _utc_day(now: float) -> int:
@@ -106,6 +107,7 @@ class Gate:
             rules = self.policy.for_client(name)
             self.clients[name] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate, now=now))
         self.last_save = now
+        self.exported: dict[str, int] = {}
         self.registry = prom.CollectorRegistry(auto_describe=True)
         self.m_queries = prom.Counter("wmark_queries", "Inputs answered, per client.", ["client"],
                                       registry=self.registry)
@@ -202,10 +204,14 @@ class Gate:
                                                            " queries/s exceeded; retry later", wait))
             c.day, c.today, c.total = day, today + n, c.total + n
             c.requests += 1
-            self.m_queries.labels(client).inc(n)
-            self.m_requests.labels(client).inc()
-            self.m_today.labels(client).set(c.today)
-            self.m_total.labels(client).set(c.total)
+            if c.series is None:
+                c.series = (self.m_queries.labels(client), self.m_requests.labels(client),
+                            self.m_today.labels(client), self.m_total.labels(client))
+            queries, requests, used_today, used_total = c.series
+            queries.inc(n)
+            requests.inc()
+            used_today.set(c.today)
+            used_total.set(c.total)
             return None
 
     def answer_mode(self, client: str) -> tuple[str, int]:
@@ -223,11 +229,13 @@ class Gate:
         alarm = None
         if self.monitor is not None:
             alarm = self.monitor.observe(client, x, probs)
-            status = self.monitor.status().get(client)
-            if status is not None and status["signals"]:
-                self.m_score.labels(client).set(status["score"])
+            latest = self.monitor.latest(client)
+            if latest is not None and latest[0] != self.exported.get(client):
+                # Gauges change only at a check (every few dozen queries), so only then set them.
+                self.exported[client] = latest[0]
+                self.m_score.labels(client).set(latest[2])
                 for s in SIGNALS:
-                    self.m_signal.labels(client, s).set(status["signals"][s])
+                    self.m_signal.labels(client, s).set(latest[1][s])
         now = self.clock()
         with self.lock:
             if alarm is not None:

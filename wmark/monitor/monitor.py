@@ -222,6 +222,14 @@ class ExtractionMonitor:
                                                 time.time())
             return alarm
 
+    def latest(self, client: str) -> tuple[int, dict[str, float], float] | None:
+        """``(queries at the last check, its signals, its score)`` for one client (``None``: no check yet)."""
+        with self.lock:
+            state = self.states.get(client)
+            if state is None or not state.signals:
+                return None
+            return state.last_check, dict(state.signals), self.scores.get(client, 0.0)
+
     def status(self) -> dict[str, dict[str, Any]]:
         """Per client: queries, repeats, latest signals and score, alarm state."""
         with self.lock:

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -145,12 +146,31 @@ def effective_count(values: np.ndarray) -> float:
     return float(np.exp(-(p * np.log(p)).sum()))
 
 
+@functools.lru_cache(maxsize=64)
+def _shapiro_weights(n: int) -> np.ndarray:
+    """Royston's (1992, AS R94) approximation of the Shapiro–Wilk coefficients for ``n`` > 11 values."""
+    m = stats.norm.ppf((np.arange(1, n + 1) - 0.375) / (n + 0.25))
+    mm = float(m @ m)
+    u = 1.0 / np.sqrt(n)
+    an = m[-1] / np.sqrt(mm) + np.polyval([-2.706056, 4.434685, -2.071190, -0.147981, 0.221157, 0.0], u)
+    an1 = m[-2] / np.sqrt(mm) + np.polyval([-3.582633, 5.682633, -1.752461, -0.293762, 0.042981, 0.0], u)
+    phi = (mm - 2 * m[-1] ** 2 - 2 * m[-2] ** 2) / (1 - 2 * an ** 2 - 2 * an1 ** 2)
+    a = m / np.sqrt(phi)
+    a[-1], a[-2], a[0], a[1] = an, an1, -an, -an1
+    return a
+
+
 def shapiro_statistic(values: np.ndarray) -> float:
-    """Shapiro–Wilk ``W`` of ``values`` (1.0 when there are too few, or they are all equal)."""
-    v = np.asarray(values, dtype=np.float64)
-    if len(v) < _MIN_SHAPIRO or np.ptp(v) <= 1e-12:
+    """Shapiro–Wilk ``W`` of ``values`` (1.0 when there are too few, or they are all equal).
+
+    The coefficients are Royston's approximation, as in scipy's ``shapiro``, cached per sample size: the
+    monitor evaluates it on every check of every client, where scipy's per-call overhead would dominate.
+    """
+    v = np.sort(np.asarray(values, dtype=np.float64))
+    if len(v) < _MIN_SHAPIRO or v[-1] - v[0] <= 1e-12:
         return 1.0
-    return float(stats.shapiro(v).statistic)
+    centred = v - v.mean()
+    return float(min(1.0, (_shapiro_weights(len(v)) @ v) ** 2 / (centred @ centred)))
 
 
 class ClientState:
@@ -171,6 +191,7 @@ class ClientState:
         self.near_radius = near_radius
         self.ood_radius = ood_radius
         self.store = np.zeros((config.store, dim), dtype=np.float32)
+        self.store_sq = np.zeros(config.store, dtype=np.float32)  # cached squared norms of the stored rows
         self.stored = 0
         self.store_pos = 0
         w = config.window
@@ -190,7 +211,16 @@ class ClientState:
         """Each query's distance to the nearest earlier one (this batch's earlier rows included)."""
         best = np.full(len(feats), np.inf)
         if self.stored:
-            best = _sqdist(feats, self.store[: self.stored]).min(1)
+            n = self.stored
+            d2 = (feats * feats).sum(1)[:, None] + self.store_sq[None, :n] - 2.0 * (feats @ self.store[:n].T)
+            nearest = d2.argmin(1)
+            best = np.maximum(d2[np.arange(len(feats)), nearest], 0.0).astype(np.float64)
+            # float32 |a|² + |b|² - 2ab cancels to ~1e-3 near zero: recompute the closest pairs exactly, so
+            # that repeats come out at 0 and near duplicates at their true distance.
+            close = best < 0.01
+            if close.any():
+                diff = feats[close].astype(np.float64) - self.store[nearest[close]].astype(np.float64)
+                best[close] = (diff * diff).sum(1)
         if len(feats) > 1:
             inner = _sqdist(feats, feats)
             inner[np.triu_indices(len(feats))] = np.inf
@@ -213,10 +243,12 @@ class ClientState:
 
     def _remember(self, feats: np.ndarray) -> None:
         cap = self.config.store
-        for row in feats[-cap:]:
-            self.store[self.store_pos] = row
-            self.store_pos = (self.store_pos + 1) % cap
-            self.stored = min(cap, self.stored + 1)
+        rows = feats[-cap:]
+        idx = (self.store_pos + np.arange(len(rows))) % cap
+        self.store[idx] = rows
+        self.store_sq[idx] = (rows * rows).sum(1)
+        self.store_pos = int((self.store_pos + len(rows)) % cap)
+        self.stored = min(cap, self.stored + len(rows))
 
     def observe(self, feats: np.ndarray, residual: np.ndarray, probs: np.ndarray) -> dict[str, float] | None:
         """Record a batch of queries; return the signals when this batch reaches a check, else ``None``."""
