@@ -112,6 +112,16 @@ def test_answer_modes_per_client(model):
     assert [o["name"] for o in meta["outputs"]] == ["top_k_labels", "top_k_scores"]
 
 
+def test_labels_only_server_caps_every_policy_answer_mode(model):
+    gate = Gate(policy=parse_policy({"default": {"answer": "top-k"}}, clients=list(CLIENTS)), clients=list(CLIENTS))
+    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, clients=CLIENTS, gate=gate,
+                    labels_only=True)
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        out = post(http, "lab", natural(2, 9)).json()["outputs"]
+        meta = http.get("/v2/models/m", headers={"Authorization": f"Bearer {CLIENTS['lab']}"}).json()
+    assert [o["name"] for o in out] == ["label"] and [o["name"] for o in meta["outputs"]] == ["label"]
+
+
 def test_alarm_switches_thief_to_label_only_or_blocks_and_is_logged(model, profile, tmp_path):
     log = tmp_path / "alarms.jsonl"
     app = app_with(model, {"default": {"on_alarm": {"action": "label-only"}},

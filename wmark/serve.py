@@ -126,7 +126,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         return JSONResponse({"name": "wmark", "version": __version__, "extensions": []})
 
     def metadata_for(client: str) -> dict[str, Any]:
-        if gate is None:
+        if gate is None or labels_only:
             return metadata
         mode, k = gate.answer_mode(client)
         outputs = [{"name": "label", "datatype": "INT64", "shape": [-1]}] if mode == "label" else [
