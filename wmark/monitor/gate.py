@@ -229,8 +229,10 @@ class Gate:
         alarm = None
         if self.monitor is not None:
             alarm = self.monitor.observe(client, x, probs)
-            latest = self.monitor.latest(client)
-            if latest is not None and latest[0] != self.exported.get(client):
+            latest = None
+            if self.monitor.checked.get(client) != self.exported.get(client):
+                latest = self.monitor.latest(client)
+            if latest is not None:
                 # Gauges change only at a check (every few dozen queries), so only then set them.
                 self.exported[client] = latest[0]
                 self.m_score.labels(client).set(latest[2])
