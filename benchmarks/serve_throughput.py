@@ -9,7 +9,9 @@ keep-alive connections, alternating plain/monitored for ``--rounds`` rounds so t
 machine hits both alike; requests carry one test image (interactive) or 64 (batch). The table gives the
 median requests/s per server and the overhead = 1 − the median over rounds of monitored/plain (each round's
 two runs back to back). ``gate_ms`` is the gate's own time per request (admission + monitor), measured
-in-process without HTTP.
+in-process without HTTP. ``cpu_ms_*`` is the server process's CPU time per request (median over rounds),
+less sensitive to other load on a shared machine than requests/s; ``cpu_overhead`` = 1 − plain/monitored
+is the requests/s a CPU-bound server loses.
 
 Usage: nice -n 10 python benchmarks/serve_throughput.py [--quick]
 """
@@ -64,7 +66,8 @@ print(json.dumps({"requests": sum(counts), "seconds": time.perf_counter() - star
 """
 
 
-COLUMNS = ["inputs_per_request", "plain_rps", "monitored_rps", "overhead", "gate_ms"]
+COLUMNS = ["inputs_per_request", "plain_rps", "monitored_rps", "overhead", "gate_ms", "cpu_ms_plain",
+           "cpu_ms_monitored", "cpu_overhead"]
 
 
 def gate_ms(gate: Gate, model: Any, x: np.ndarray, batch: int, requests: int = 300) -> float:
@@ -79,11 +82,14 @@ def gate_ms(gate: Gate, model: Any, x: np.ndarray, batch: int, requests: int = 3
     return (time.perf_counter() - start) / requests * 1e3
 
 
-def load(url: str, seconds: float, concurrency: int, body_file: Path) -> float:
+def load(url: str, seconds: float, concurrency: int, body_file: Path) -> tuple[float, float]:
+    """Requests/s the client process got, and the server process's CPU milliseconds per request."""
+    cpu = time.process_time()
     out = subprocess.run([sys.executable, "-c", LOAD, url, CLIENTS["load"], str(seconds), str(concurrency),
                           str(body_file)], capture_output=True, text=True, check=True)
+    cpu = time.process_time() - cpu
     doc = json.loads(out.stdout)
-    return doc["requests"] / doc["seconds"]
+    return doc["requests"] / doc["seconds"], cpu / doc["requests"] * 1e3
 
 
 def main() -> None:
@@ -125,16 +131,23 @@ def main() -> None:
                 body_file.write_text(json.dumps({"inputs": [{"name": "input", "shape": list(x.shape),
                                                              "datatype": "FP32", "data": x.reshape(-1).tolist()}]}))
                 rates: dict[str, list[float]] = {"plain": [], "monitored": []}
-                load(urls["plain"], 1.0, args.concurrency, body_file)  # warm-up
+                cpu: dict[str, list[float]] = {"plain": [], "monitored": []}
+                for which in ("plain", "monitored"):  # warm-up
+                    load(urls[which], 1.0, args.concurrency, body_file)
                 for r in range(rounds):
                     order = ("plain", "monitored") if r % 2 == 0 else ("monitored", "plain")
                     for which in order:
-                        rates[which].append(load(urls[which], seconds, args.concurrency, body_file))
+                        rps, ms = load(urls[which], seconds, args.concurrency, body_file)
+                        rates[which].append(rps)
+                        cpu[which].append(ms)
                 p, m = statistics.median(rates["plain"]), statistics.median(rates["monitored"])
                 paired = [b / a for a, b in zip(rates["plain"], rates["monitored"])]
+                cp, cm = statistics.median(cpu["plain"]), statistics.median(cpu["monitored"])
                 rows.append({"inputs_per_request": batch, "plain_rps": p, "monitored_rps": m,
                              "overhead": 1 - statistics.median(paired), "gate_ms": gate_ms(gate, model, test_x, batch),
-                             "plain_all": rates["plain"], "monitored_all": rates["monitored"]})
+                             "cpu_ms_plain": cp, "cpu_ms_monitored": cm, "cpu_overhead": 1 - cp / cm,
+                             "plain_all": rates["plain"], "monitored_all": rates["monitored"],
+                             "cpu_ms_plain_all": cpu["plain"], "cpu_ms_monitored_all": cpu["monitored"]})
                 print(table(rows[-1:], COLUMNS), flush=True)
         seen = monitor.status()["load"]["queries"]
     print(table(rows, COLUMNS))
