@@ -9,7 +9,14 @@ import pytest
 
 from wmark.errors import UsageError
 from wmark.monitor.gate import Gate
-from wmark.monitor.monitor import ExtractionMonitor, calibrate, first_alarm, load_profile, run_stream, save_profile
+from wmark.monitor.monitor import (
+    ExtractionMonitor,
+    calibrate,
+    first_alarm,
+    load_profile,
+    run_stream,
+    save_profile,
+)
 from wmark.monitor.policy import Policy, RateLimit, TokenBucket, load_policy, parse_policy
 from wmark.monitor.signals import ClientState, MonitorConfig, fit_feature_map, shapiro_statistic
 
@@ -64,7 +71,8 @@ def test_shapiro_flags_perturbation_chain_not_gaussian_natural_queries(fmap):
     mixed = np.concatenate([np.concatenate([s[None], s + 0.02 * rng.normal(size=(4, D))]) for s in seeds])
     honest = state_after(natural(200, 5), confident(200, [0, 1], 0), fmap)
     thief = state_after(mixed.astype(np.float32), confident(200, [0, 1], 0), fmap)
-    assert honest["prada"] < 0.1 < 0.3 < thief["prada"]
+    assert honest["prada"] < 0.1
+    assert thief["prada"] > 0.3
     assert shapiro_statistic(np.ones(50)) == 1.0 and shapiro_statistic(np.arange(5.0)) == 1.0
 
 

@@ -174,8 +174,8 @@ def _cli(*args: str) -> list[str]:
 
 @pytest.mark.parametrize("policy, message", [
     ('{"default": {"quota": {"per_day": -1}}}', "Policy default.quota.per_day: must be zero or more, not -1."),
-    ('{"clients": {"eve": {}}}', "Policy clients.eve: names an unknown client; the server's clients are lab, shop, "
-                                 "thief."),
+    ('{"clients": {"eve": {}}}',
+     "Policy clients.eve: names an unknown client; the server's clients are lab, shop, thief."),
     ('{"default": {"on_alarm": {"action": "explode"}}}', "Policy default.on_alarm.action: is \"explode\""),
     ('{"default": {"speed": 3}}', "Policy default: has unknown field 'speed'"),
     ('{"default": {"rate": {"queries_per_second": "fast"}}}',
