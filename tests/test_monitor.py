@@ -203,3 +203,26 @@ def test_token_bucket_and_quotas_on_a_fake_clock():
     assert refusal is not None and (refusal.status, refusal.reason, refusal.headers()) == (403, "total-quota", {})
     assert gate.admit("a", 5) is None and gate.admit("a", 11).status == 413
     assert Gate(policy=Policy(), clients=["b"]).answer_mode("b") == ("scores", 3)
+
+
+def test_state_file_keeps_quotas_and_alarms_across_restarts(fmap, tmp_path):
+    profile = calibrate(feature_map=fmap, streams=honest_streams(12, 7), num_classes=4, target_rate=0.1, config=CONFIG)
+    policy = parse_policy({"default": {"quota": {"total": 1000}, "on_alarm": {"action": "block"}}},
+                          clients=["shop", "thief"])
+    state, log = tmp_path / "state.json", tmp_path / "alarms.jsonl"
+    gate = Gate(policy=policy, clients=["shop", "thief"], monitor=ExtractionMonitor(profile=profile),
+                alarm_log=log, state_path=state)
+    x = chain(32, 8)
+    for i in (0, 16):  # the first check, at 32 queries, raises the alarm
+        assert gate.admit("thief", 16) is None
+        gate.after_answer("thief", x[i:i + 16], confident(16, [0], 0))
+    assert gate.admit("thief", 1).reason == "blocked"
+    assert gate.admit("shop", 40) is None
+    gate.close()
+    again = Gate(policy=policy, clients=["shop", "thief"], state_path=state)
+    assert again.admit("thief", 1).reason == "blocked"
+    assert again.admit("shop", 961).reason == "total-quota" and again.admit("shop", 960) is None
+    assert json.loads(log.read_text())["client"] == "thief"
+    state.write_text("[]")
+    with pytest.raises(UsageError, match="is not a wmark state file"):
+        Gate(policy=policy, clients=["shop"], state_path=state)
