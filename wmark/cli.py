@@ -114,10 +114,19 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
 @click.option("--log", default=None, type=click.Path(dir_okay=False),
               help="Record each client's queries in this query log (SQLite) for `wmark verify extraction`.")
+@click.option("--policy", default=None, type=click.Path(dir_okay=False),
+              help="Per-client policy (JSON): quotas, rate limits, answer modes, alarm actions; see docs/monitoring.md.")
+@click.option("--monitor", default=None, type=click.Path(dir_okay=False),
+              help="Watch clients for extraction with this profile from `wmark monitor calibrate`.")
+@click.option("--alarm-log", default=None, type=click.Path(dir_okay=False),
+              help="Append one JSON line per extraction alarm here.")
+@click.option("--monitor-state", default=None, type=click.Path(dir_okay=False),
+              help="Keep quota counts and alarms in this JSON file across restarts.")
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
-          beta: float | None, rate: float | None, candidates: str | None, log: str | None) -> None:
+          beta: float | None, rate: float | None, candidates: str | None, log: str | None, policy: str | None,
+          monitor: str | None, alarm_log: str | None, monitor_state: str | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
     from wmark.cli_common import refuse
     from wmark.serve import serve as run_server
@@ -130,7 +139,8 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
         refuse(["rule", "beta"], "to --mark flip")
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
-               clients_file=clients_file, log=log, announce=lambda line: click.echo(line, err=True))
+               clients_file=clients_file, log=log, policy=policy, monitor=monitor, alarm_log=alarm_log,
+               monitor_state=monitor_state, announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)
@@ -303,6 +313,59 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
+
+
+@main.group(epilog=EXIT_HELP)
+def monitor() -> None:
+    """Watch the owner's own API for extraction (see `wmark serve --policy/--monitor`)."""
+
+
+@monitor.command("calibrate", epilog=EXIT_HELP)
+@click.option("--arch", required=True, help="Architecture of the served model: " + ARCH_HELP)
+@click.option("--weights", required=True, type=click.Path(dir_okay=False), help="The served model file.")
+@click.option("--data", required=True, help=DATA_HELP + " (the owner's natural inputs; fits the feature space)")
+@click.option("--streams", required=True, type=click.Path(dir_okay=False),
+              help="Honest streams: .safetensors with x (inputs in arrival order) and stream (id per input).")
+@click.option("--target-rate", type=float, default=0.01, show_default=True,
+              help="Wanted chance that an honest stream as long as these ever alarms.")
+@click.option("--dim", type=int, default=32, show_default=True, help="Reduced feature dimension.")
+@click.option("--signals", default=None,
+              help="Signals that vote in the alarm, comma-separated (default all: prada,near_dup,ood,coverage,near_tie).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file to write (.safetensors).")
+@_handle_errors
+def monitor_calibrate(arch: str, weights: str, data: str, streams: str, target_rate: float, dim: int,
+                      signals: str | None, out: str) -> None:
+    """Calibrate the extraction monitor's alarm on honest traffic and write its profile."""
+    from wmark.monitor.api import calibrate_profile
+
+    chosen = None if signals is None else [s.strip() for s in signals.split(",") if s.strip()]
+    info = calibrate_profile(arch=arch, weights=weights, data=data, streams=streams, out=out,
+                             target_rate=target_rate, dim=dim, signals=chosen)
+    click.echo(f"wrote {info['out']} (threshold {info['threshold']:.3f} from {info['streams']} honest streams, "
+               f"{info['queries']} queries; false-alarm bound {info['false_alarm_bound']:.3g} per stream)")
+
+
+@monitor.command("report", epilog=EXIT_HELP)
+@click.option("--alarm-log", required=True, type=click.Path(dir_okay=False), help="The server's alarm log.")
+@click.option("--state", default=None, type=click.Path(dir_okay=False), help="The server's --monitor-state file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_handle_errors
+def monitor_report(alarm_log: str, state: str | None, as_json: bool) -> None:
+    """Summarise clients: alarms (first one, signals, action) and, with --state, queries and refusals."""
+    from wmark.monitor.api import monitor_report as summarise
+
+    doc = summarise(alarm_log=alarm_log, state=state)
+    lines = [f"{doc['alarms']} alarms, {len(doc['clients'])} clients"]
+    for name, c in doc["clients"].items():
+        first = c.get("first_alarm")
+        line = f"  {name}: " + (f"ALARM at {first['queries']} queries (score {first['score']} > "
+                                f"{first['threshold']}, action {first['action']}, {first['time']})"
+                                if first else "no alarm")
+        if "queries_total" in c:
+            refused = ", ".join(f"{k} {v}" for k, v in sorted((c.get("refusals") or {}).items())) or "none"
+            line += f"; {c['queries_total']} queries, {c['requests']} requests, refused: {refused}"
+        lines.append(line)
+    _emit(doc, as_json, "\n".join(lines))
 
 
 @main.command(epilog=EXIT_HELP)

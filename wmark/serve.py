@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -33,15 +34,18 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from wmark import __version__
 from wmark.errors import UsageError
+from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
 
 MAX_BATCH = 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
+ANONYMOUS = "anonymous"
+LABEL_OUTPUT = {"name": "label", "datatype": "INT64", "shape": [-1]}
 _INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
 
 
@@ -56,7 +60,7 @@ def _error(status: int, message: str) -> JSONResponse:
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
-              clients: Mapping[str, str] | None = None) -> Starlette:
+              clients: Mapping[str, str] | None = None, gate: Gate | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -88,6 +92,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
     lock = threading.Lock()
+    metrics_token = None if gate is None else gate.metrics_token
     output = ({"name": "label", "datatype": "INT64", "shape": [-1]} if labels_only
               else {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]})
     metadata = {"name": name, "versions": [version], "platform": f"wmark-pytorch/{torch.__version__}",
@@ -119,26 +124,52 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     async def server_meta(_: Request) -> JSONResponse:
         return JSONResponse({"name": "wmark", "version": __version__, "extensions": []})
 
+    def metadata_for(client: str) -> dict[str, Any]:
+        if gate is None or labels_only:
+            return metadata
+        mode, k = gate.answer_mode(client)
+        outputs = [{"name": "label", "datatype": "INT64", "shape": [-1]}] if mode == "label" else [
+            {"name": "top_k_labels", "datatype": "INT64", "shape": [-1, k]},
+            {"name": "top_k_scores", "datatype": "FP32", "shape": [-1, k]}] if mode == "top-k" else [
+            {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]}]
+        return dict(metadata, outputs=outputs)
+
     async def model_meta(request: Request) -> JSONResponse:
-        return check_model(request) or JSONResponse(metadata)
+        return check_model(request) or JSONResponse(metadata_for(client_of(request) or ANONYMOUS))
 
     async def model_ready(request: Request) -> JSONResponse:
         return check_model(request) or JSONResponse({"name": name, "ready": True})
 
-    def predict(x: np.ndarray, client: str) -> list[Any]:
+    def predict(x: np.ndarray, client: str) -> tuple[np.ndarray | None, np.ndarray]:
+        """The served probabilities (None when the answerer gives labels only) and top-1 labels."""
         if answerer is not None:
             with lock:
                 answers = by_client.get(client, answerer).query(x)
-            if labels_only:
-                return np.asarray(answers.labels, dtype=np.int64).tolist()
-            return np.asarray(answers.scores, dtype=np.float32).reshape(-1).tolist()
+            scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
+            return scores, np.asarray(answers.labels, dtype=np.int64)
         with lock, torch.no_grad():
             logits = model(torch.from_numpy(x)).float()
-        if labels_only:
-            return logits.argmax(1).tolist()
-        return torch.softmax(logits, 1).reshape(-1).tolist()
+        return torch.softmax(logits, 1).numpy(), logits.argmax(1).numpy()
 
-    async def infer(request: Request) -> JSONResponse:
+    def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:
+        probs, labels = predict(x, client)
+        mode, k = "scores", num_classes
+        if gate is not None:
+            seen = probs if probs is not None else np.eye(num_classes, dtype=np.float32)[labels]
+            gate.after_answer(client or ANONYMOUS, x, seen)
+            mode, k = gate.answer_mode(client or ANONYMOUS)
+        if labels_only or probs is None or mode == "label":
+            return [dict(output if labels_only else LABEL_OUTPUT, shape=[len(x)], data=labels.tolist())]
+        assert probs is not None
+        if mode == "top-k":
+            k = min(k, num_classes)
+            top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            return [{"name": "top_k_labels", "datatype": "INT64", "shape": [len(x), k], "data": top.reshape(-1).tolist()},
+                    {"name": "top_k_scores", "datatype": "FP32", "shape": [len(x), k],
+                     "data": np.take_along_axis(probs, top, axis=1).reshape(-1).tolist()}]
+        return [dict(output, shape=[len(x), num_classes], data=probs.reshape(-1).tolist())]
+
+    async def infer(request: Request) -> Response:
         refused = check_model(request)
         if refused is not None:
             return refused
@@ -150,14 +181,27 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             x = _decode_input(doc, shape, per_item)
         except BadRequest as exc:
             return _error(400, str(exc))
+        client = client_of(request) or ""
+        if gate is not None:
+            refusal = gate.admit(client or ANONYMOUS, len(x))
+            if refusal is not None:
+                return JSONResponse({"error": refusal.message, "reason": refusal.reason}, status_code=refusal.status,
+                                    headers=refusal.headers())
         if on_infer is not None:
             on_infer(x)
-        data = await run_in_threadpool(predict, x, client_of(request) or "")
-        out = dict(output, shape=[len(x)] if labels_only else [len(x), num_classes], data=data)
-        body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": [out]}
+        outputs = await run_in_threadpool(answer, x, client)
+        body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs}
         if isinstance(doc, dict) and "id" in doc:
             body["id"] = doc["id"]
         return JSONResponse(body)
+
+    async def metrics(request: Request) -> Response:
+        assert gate is not None
+        if metrics_token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
+                                                                 f"Bearer {metrics_token}".encode()):
+            return _error(401, "missing or invalid bearer token for /metrics")
+        text, content_type = gate.metrics()
+        return Response(text, media_type=content_type)
 
     routes = [
         Route("/v2", server_meta),
@@ -167,6 +211,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
     ]
+    if gate is not None:
+        routes.append(Route("/metrics", metrics))
     return Starlette(routes=routes)
 
 
@@ -273,7 +319,9 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           key: str | os.PathLike[str] | None = None, mark: str | None = None,
           rule: str | os.PathLike[str] | None = None, beta: float | None = None, rate: float | None = None,
           candidates: str | None = None, clients_file: str | os.PathLike[str] | None = None,
-          log: str | os.PathLike[str] | None = None, announce: Callable[[str], None] | None = None) -> None:
+          log: str | os.PathLike[str] | None = None, policy: str | os.PathLike[str] | None = None,
+          monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
+          monitor_state: str | os.PathLike[str] | None = None, announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
@@ -283,9 +331,14 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     (:class:`~wmark.schemes.querylog.QueryLog`), under the names of ``clients_file`` (a JSON object,
     client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one.
 
+    With ``policy`` (a policy file, :mod:`wmark.monitor.policy`) and/or ``monitor`` (a calibrated profile from
+    ``wmark monitor calibrate``), every request passes a :class:`~wmark.monitor.gate.Gate`: quotas, rate
+    limits, answer modes, the extraction monitor's alarms (one JSON line each in ``alarm_log``) and their
+    actions; ``monitor_state`` keeps quota counts and alarms across restarts; ``GET /metrics`` is served.
+
     Raises:
-        UsageError: If the weights do not load, the port is invalid, the token variable is unset, or an option
-            of a mark is given without it.
+        UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
+            of a mark is given without it, or the policy file or monitor profile is invalid.
     """
     from wmark.keys import load_key
     from wmark.marks import open_served
@@ -304,9 +357,13 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     clients = None if clients_file is None else read_clients(clients_file)
     served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
                          beta=beta, rate=rate, candidates=candidates, log=log)
+    gate = None
     try:
+        gate = _make_gate(policy=policy, monitor=monitor, alarm_log=alarm_log, monitor_state=monitor_state,
+                          clients=list(clients or [ANONYMOUS]), labels_only=labels_only,
+                          num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)))
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
-                        labels_only=labels_only, token=token, answerer=served.answerer, clients=clients)
+                        labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate)
         _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
@@ -314,10 +371,58 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             mode = "label-only" if labels_only else "scores"
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
             auth += (f", {served.mark} marked" if served.mark else "") + (f", logging to {log}" if served.log else "")
+            auth += (", policy" if policy else "") + (", extraction monitor" if monitor else "")
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
-        server.run()
+        _run_until_terminated(server)
     finally:
         served.close()
+        if gate is not None:
+            gate.close()
+
+
+def _run_until_terminated(server: uvicorn.Server) -> None:
+    """Run uvicorn; on SIGTERM, exit through ``finally`` blocks (uvicorn re-raises the signal after its
+    graceful shutdown, and the default handler would kill the process before logs and state are saved)."""
+    if threading.current_thread() is not threading.main_thread():
+        server.run()
+        return
+
+    def stop(_sig: int, _frame: Any) -> None:
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _make_gate(*, policy: str | os.PathLike[str] | None, monitor: str | os.PathLike[str] | None,
+               alarm_log: str | os.PathLike[str] | None, monitor_state: str | os.PathLike[str] | None,
+               clients: list[str], labels_only: bool, num_classes: int, input_size: int) -> Gate | None:
+    """The request gate for :func:`serve`, or ``None`` when neither a policy nor a monitor is asked for."""
+    from wmark.monitor.monitor import ExtractionMonitor, load_profile
+    from wmark.monitor.policy import load_policy
+
+    if policy is None and monitor is None:
+        if alarm_log is not None or monitor_state is not None:
+            raise UsageError("An alarm log or monitor state file needs a policy file or a monitor profile too.")
+        return None
+    rules = None if policy is None else load_policy(policy, clients=clients)
+    watcher = None
+    if monitor is not None:
+        profile = load_profile(monitor)
+        if profile.num_classes != num_classes or profile.feature_map.mean.size != input_size:
+            raise UsageError(f"Monitor profile {monitor} was calibrated for another input shape or class count; "
+                             "calibrate it on this model's inputs.")
+        watcher = ExtractionMonitor(profile=profile)
+    metrics_token = None
+    if rules is not None and rules.metrics_token_env is not None:
+        metrics_token = os.environ.get(rules.metrics_token_env, "").strip()
+        if not metrics_token:
+            raise UsageError(f"The environment variable {rules.metrics_token_env} holding the metrics token is unset.")
+    return Gate(policy=rules, clients=clients, monitor=watcher, alarm_log=alarm_log, state_path=monitor_state,
+                labels_only=labels_only, metrics_token=metrics_token)
 
 
 def read_clients(path: str | os.PathLike[str]) -> dict[str, str]:

@@ -1,0 +1,116 @@
+"""Library functions behind ``wmark monitor``: calibrate a profile from files, summarise alarms and state."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmark.errors import UsageError
+from wmark.io import load_tensors
+from wmark.monitor.gate import STATE_FORMAT
+from wmark.monitor.monitor import calibrate, save_profile
+from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map
+
+PathLike = str | os.PathLike[str]
+
+
+def read_streams(path: PathLike) -> list[np.ndarray]:
+    """Honest streams from a safetensors file: ``x`` (N×…, arrival order) and ``stream`` (N,) ids.
+
+    Raises:
+        UsageError: If the tensors are missing or their lengths differ.
+    """
+    tensors, _ = load_tensors(path)
+    if "x" not in tensors or "stream" not in tensors or len(tensors["x"]) != len(tensors["stream"]):
+        raise UsageError(f"Stream file {path} needs tensors x (inputs) and stream (one id per input) of one length.")
+    x, ids = tensors["x"].float().numpy(), tensors["stream"].long().numpy()
+    return [x[ids == s] for s in np.unique(ids)]
+
+
+def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathLike, out: PathLike,
+                      target_rate: float = 0.01, dim: int = 32, config: MonitorConfig | None = None,
+                      signals: Sequence[str] | None = None) -> dict[str, Any]:
+    """Fit the feature map on the owner's inputs, calibrate the alarm on honest streams, write the profile.
+
+    Args:
+        arch: Architecture of the served model.
+        weights: The served model file (its probabilities feed the decision-region signals).
+        data: Dataset spec of the owner's natural inputs (its training inputs fit the feature map).
+        streams: Honest streams (see :func:`read_streams`), held apart from the traffic to be judged.
+        out: Profile file to write.
+        target_rate: Wanted chance that an honest stream as long as these ever alarms.
+        dim: Reduced feature dimension.
+        config: Window settings.
+        signals: The signals that vote in the alarm (default all).
+
+    Returns:
+        The calibration record (threshold, scales, the false-alarm bound that holds, counts).
+    """
+    from wmark.data import load_dataset
+    from wmark.models import load_model
+    from wmark.training import predict_logits
+
+    start = time.perf_counter()
+    ds = load_dataset(data)
+    model, _ = load_model(arch, weights)
+    fmap = fit_feature_map(x=ds.x_train.numpy(), dim=dim)
+    honest = read_streams(streams)
+    if honest and honest[0][0].size != fmap.mean.size:
+        raise UsageError(f"The streams in {streams} do not have the shape of the inputs in {data}.")
+    pairs = [(x, torch.softmax(predict_logits(model, torch.from_numpy(x)), 1).numpy()) for x in honest]
+    profile = calibrate(feature_map=fmap, streams=pairs, num_classes=ds.num_classes, target_rate=target_rate,
+                        config=config, signals=SIGNALS if signals is None else signals)
+    save_profile(profile, out)
+    return {"out": str(out), **profile.calibration, "seconds": time.perf_counter() - start}
+
+
+def monitor_report(*, alarm_log: PathLike, state: PathLike | None = None) -> dict[str, Any]:
+    """Summarise clients from the alarm log (and the server's state file, when given).
+
+    Returns:
+        ``{"clients": {name: {...}}, "alarms": n}``: per client its first alarm (queries, score, signals,
+        action, time), its alarm count and, from the state, queries, requests and refusals by reason.
+
+    Raises:
+        UsageError: If a file is missing or not what the server writes.
+    """
+    log = Path(alarm_log)
+    if not log.is_file():
+        raise UsageError(f"Alarm log {log} does not exist; pass the file given to `wmark serve` as the alarm log.")
+    clients: dict[str, dict[str, Any]] = {}
+    count = 0
+    for number, line in enumerate(log.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            name = rec["client"]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"Line {number} of {log} is not an alarm record; is it a wmark alarm log?") from None
+        count += 1
+        entry = clients.setdefault(name, {"alarms": 0})
+        entry["alarms"] += 1
+        entry.setdefault("first_alarm", {k: rec.get(k) for k in ("time", "queries", "score", "threshold",
+                                                                 "signals", "action")})
+    if state is not None:
+        p = Path(state)
+        try:
+            doc = json.loads(p.read_text())
+            saved = doc["clients"] if doc.get("format") == STATE_FORMAT else None
+        except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise UsageError(f"State file {p} is missing or not a wmark monitor state file.")
+        for name, rec in saved.items():
+            entry = clients.setdefault(name, {"alarms": 0})
+            entry.update({k: rec.get(k) for k in ("queries_total", "queries_today", "requests", "refusals", "score",
+                                                  "signals")})
+            entry["alarm_state"] = None if not rec.get("alarm") else rec["alarm"].get("action")
+    return {"clients": dict(sorted(clients.items())), "alarms": count}

@@ -1,0 +1,278 @@
+"""The request-path side of the policy and the monitor: admit or refuse, shape the answer, watch, count.
+
+:class:`Gate` is what :func:`wmark.serve.build_app` consults on each inference request: :meth:`Gate.admit`
+before the model runs (quotas, rate limit, a block after an alarm), :meth:`Gate.answer_mode` for the shape
+of the answer, and :meth:`Gate.after_answer` with the served probabilities (the extraction monitor, alarm
+actions, the alarm log). Counters and gauges go to a private Prometheus registry that ``GET /metrics``
+renders. Only client *names* ever reach metrics, logs and the state file, never their tokens.
+
+Example:
+    >>> from wmark.monitor.policy import parse_policy
+    >>> gate = Gate(policy=parse_policy({"default": {"quota": {"total": 2}}}, clients=["a"]), clients=["a"])
+    >>> gate.admit("a", 2) is None, gate.admit("a", 1).status
+    (True, 403)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wmark.errors import UsageError
+from wmark.io import atomic_write
+from wmark.monitor.monitor import Alarm, ExtractionMonitor
+from wmark.monitor.policy import ClientPolicy, Policy, RateLimit, TokenBucket
+from wmark.monitor.signals import SIGNALS
+
+STATE_FORMAT = "wmark-monitor-state/1"
+_SAVE_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A refused request: HTTP status, a machine-readable reason, a sentence, and seconds to wait (or None)."""
+
+    status: int
+    reason: str
+    message: str
+    retry_after: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+@dataclass
+class _Client:
+    rules: ClientPolicy
+    bucket: TokenBucket | None
+    day: int = -1
+    today: int = 0
+    total: int = 0
+    requests: int = 0
+    refusals: dict[str, int] = field(default_factory=dict)
+    alarm: dict[str, Any] | None = None
+    series: tuple[Any, ...] | None = None  # this client's metric children, looked up once
+
+
+def _utc_day(now: float) -> int:
+    return int(now // 86_400)
+
+
+class Gate:
+    """Per-client admission, answer shaping and monitoring for one server.
+
+    Args:
+        policy: The policy (``None``: every client gets full scores, no limits, alarms only logged).
+        clients: Client names the server knows.
+        monitor: The extraction monitor (``None``: no monitoring, policy only).
+        alarm_log: File that gets one JSON line per alarm (appended).
+        state_path: JSON file keeping quota counts and alarm states across restarts.
+        labels_only: Cap every client at the top-1 label.
+        metrics_token: Bearer token ``GET /metrics`` requires (``None``: open).
+        clock: Seconds since the epoch (tests pass a fake one).
+
+    Raises:
+        UsageError: If ``prometheus-client`` is missing or the state file is unreadable.
+    """
+
+    def __init__(self, *, policy: Policy | None, clients: Iterable[str], monitor: ExtractionMonitor | None = None,
+                 alarm_log: str | os.PathLike[str] | None = None, state_path: str | os.PathLike[str] | None = None,
+                 labels_only: bool = False, metrics_token: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        try:
+            import prometheus_client as prom
+        except ImportError:
+            raise UsageError("Serving with a policy or monitor needs prometheus-client; "
+                             "`pip install 'wmark[monitor]'`.") from None
+        self.policy = policy or Policy()
+        self.monitor = monitor
+        self.alarm_log = None if alarm_log is None else Path(alarm_log)
+        self.state_path = None if state_path is None else Path(state_path)
+        self.labels_only = labels_only
+        self.metrics_token = metrics_token
+        self.clock = clock
+        self.lock = threading.Lock()
+        now = clock()
+        self.clients: dict[str, _Client] = {}
+        for name in clients:
+            rules = self.policy.for_client(name)
+            self.clients[name] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate, now=now))
+        self.last_save = now
+        self.exported: dict[str, int] = {}
+        self.registry = prom.CollectorRegistry(auto_describe=True)
+        self.m_queries = prom.Counter("wmark_queries", "Inputs answered, per client.", ["client"],
+                                      registry=self.registry)
+        self.m_requests = prom.Counter("wmark_requests", "Inference requests answered, per client.", ["client"],
+                                       registry=self.registry)
+        self.m_refusals = prom.Counter("wmark_refusals", "Inference requests refused, per client and reason.",
+                                       ["client", "reason"], registry=self.registry)
+        self.m_alarm = prom.Gauge("wmark_monitor_alarm", "1 once the extraction monitor raised an alarm.",
+                                  ["client"], registry=self.registry)
+        self.m_score = prom.Gauge("wmark_monitor_score", "Latest combined extraction score (alarm above "
+                                  "wmark_monitor_threshold).", ["client"], registry=self.registry)
+        self.m_signal = prom.Gauge("wmark_monitor_signal", "Latest value of each extraction signal.",
+                                   ["client", "signal"], registry=self.registry)
+        self.m_threshold = prom.Gauge("wmark_monitor_threshold", "Calibrated alarm threshold of the score.",
+                                      registry=self.registry)
+        self.m_today = prom.Gauge("wmark_quota_used_today", "Queries counted against today's quota.", ["client"],
+                                  registry=self.registry)
+        self.m_total = prom.Gauge("wmark_quota_used_total", "Queries counted against the total quota.", ["client"],
+                                  registry=self.registry)
+        if monitor is not None:
+            self.m_threshold.set(monitor.threshold)
+        for name in self.clients:
+            self.m_queries.labels(name)
+            self.m_alarm.labels(name).set(0)
+        if self.state_path is not None and self.state_path.exists():
+            self._load_state(now)
+
+    def _load_state(self, now: float) -> None:
+        assert self.state_path is not None
+        try:
+            doc = json.loads(self.state_path.read_text())
+            saved = doc["clients"] if doc.get("format") == STATE_FORMAT else None
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+            saved = None
+        if not isinstance(saved, dict):
+            raise UsageError(f"Monitor state file {self.state_path} is not a wmark state file; move it away.")
+        for name, rec in saved.items():
+            c = self.clients.get(name)
+            if c is None or not isinstance(rec, dict):
+                continue
+            c.total = int(rec.get("queries_total", 0))
+            c.day, c.today = int(rec.get("day", -1)), int(rec.get("queries_today", 0))
+            if rec.get("alarm"):
+                self._apply_alarm(name, c, dict(rec["alarm"]), now)
+
+    def _apply_alarm(self, name: str, c: _Client, alarm: dict[str, Any], now: float) -> None:
+        action = c.rules.on_alarm
+        alarm["action"] = action.action
+        c.alarm = alarm
+        if action.action == "throttle" and action.rate is not None:
+            if c.bucket is None:
+                c.bucket = TokenBucket(action.rate, now=now)
+            c.bucket.reset_rate(action.rate, now=now)
+        self.m_alarm.labels(name).set(1)
+
+    def _refuse(self, name: str, c: _Client, refusal: Refusal) -> Refusal:
+        c.refusals[refusal.reason] = c.refusals.get(refusal.reason, 0) + 1
+        self.m_refusals.labels(name, refusal.reason).inc()
+        return refusal
+
+    def admit(self, client: str, n: int) -> Refusal | None:
+        """Count ``n`` queries for ``client`` and return ``None``, or count nothing and return a refusal."""
+        now = self.clock()
+        with self.lock:
+            c = self.clients.get(client)
+            if c is None:
+                rules = self.policy.default
+                c = self.clients[client] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate,
+                                                                                                       now=now))
+            if c.alarm is not None and c.alarm["action"] == "block":
+                return self._refuse(client, c, Refusal(403, "blocked", "this client is blocked after an extraction "
+                                                       "alarm; contact the API owner"))
+            quota = c.rules.quota
+            if quota.per_day is not None and n > quota.per_day:
+                return self._refuse(client, c, Refusal(413, "batch", f"send at most {quota.per_day} inputs per "
+                                                       "request (the daily quota)"))
+            if quota.total is not None and c.total + n > quota.total:
+                return self._refuse(client, c, Refusal(403, "total-quota", f"this request of {n} queries would "
+                                    f"exceed the total quota of {quota.total} ({quota.total - c.total} left)"))
+            day = _utc_day(now)
+            today = c.today if c.day == day else 0
+            if quota.per_day is not None and today + n > quota.per_day:
+                return self._refuse(client, c, Refusal(429, "daily-quota", f"this request of {n} queries would "
+                                    f"exceed the daily quota of {quota.per_day} ({quota.per_day - today} left "
+                                    "today, UTC)", (day + 1) * 86_400 - now))
+            if c.bucket is not None:
+                rate: RateLimit = c.bucket.rate
+                if n > rate.burst:
+                    return self._refuse(client, c, Refusal(413, "batch", f"send at most {rate.burst} inputs per "
+                                                           "request (the rate limit's burst)"))
+                wait = c.bucket.take(n, now=now)
+                if wait > 0:
+                    return self._refuse(client, c, Refusal(429, "rate", f"rate limit of {rate.queries_per_second:g}"
+                                                           " queries/s exceeded; retry later", wait))
+            c.day, c.today, c.total = day, today + n, c.total + n
+            c.requests += 1
+            if c.series is None:
+                c.series = (self.m_queries.labels(client), self.m_requests.labels(client),
+                            self.m_today.labels(client), self.m_total.labels(client))
+            queries, requests, used_today, used_total = c.series
+            queries.inc(n)
+            requests.inc()
+            used_today.set(c.today)
+            used_total.set(c.total)
+            return None
+
+    def answer_mode(self, client: str) -> tuple[str, int]:
+        """``(mode, k)``: ``"scores"``, ``"top-k"`` or ``"label"`` for this client now."""
+        with self.lock:
+            c = self.clients.get(client)
+            rules = c.rules if c is not None else self.policy.default
+            alarmed = c is not None and c.alarm is not None and c.alarm["action"] == "label-only"
+        if self.labels_only or alarmed:
+            return "label", 1
+        return rules.answer, rules.top_k
+
+    def after_answer(self, client: str, x: np.ndarray, probs: np.ndarray) -> Alarm | None:
+        """Feed the monitor with an answered request; apply and log a newly raised alarm."""
+        alarm = None
+        if self.monitor is not None:
+            alarm = self.monitor.observe(client, x, probs)
+            latest = None
+            if self.monitor.checked.get(client) != self.exported.get(client):
+                latest = self.monitor.latest(client)
+            if latest is not None:
+                # Gauges change only at a check (every few dozen queries), so only then set them.
+                self.exported[client] = latest[0]
+                self.m_score.labels(client).set(latest[2])
+                for s in SIGNALS:
+                    self.m_signal.labels(client, s).set(latest[1][s])
+        now = self.clock()
+        with self.lock:
+            if alarm is not None:
+                c = self.clients[client]
+                record = alarm.to_dict()
+                self._apply_alarm(client, c, record, now)
+                if self.alarm_log is not None:
+                    with self.alarm_log.open("a") as f:
+                        f.write(json.dumps(record, sort_keys=True) + "\n")
+            if self.state_path is not None and (alarm is not None or now - self.last_save >= _SAVE_EVERY_S):
+                self._save_state(now)
+        return alarm
+
+    def _save_state(self, now: float) -> None:
+        assert self.state_path is not None
+        self.last_save = now
+        status = self.monitor.status() if self.monitor is not None else {}
+        doc = {"format": STATE_FORMAT, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
+               "clients": {name: {"queries_total": c.total, "day": c.day, "queries_today": c.today,
+                                  "requests": c.requests, "refusals": dict(c.refusals), "alarm": c.alarm,
+                                  "score": status.get(name, {}).get("score"),
+                                  "signals": status.get(name, {}).get("signals", {})}
+                           for name, c in self.clients.items()}}
+        with atomic_write(self.state_path) as tmp:
+            Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+    def close(self) -> None:
+        """Write the state file one last time."""
+        if self.state_path is not None:
+            with self.lock:
+                self._save_state(self.clock())
+
+    def metrics(self) -> tuple[bytes, str]:
+        """The Prometheus text exposition and its content type."""
+        import prometheus_client as prom
+
+        return prom.generate_latest(self.registry), prom.CONTENT_TYPE_LATEST
+
