@@ -99,10 +99,10 @@ EARLY_STOP_EPOCHS = 6
 
 def make_plan(quick: bool) -> Plan:
     if quick:
-        nulls = [(ARCH, s, 5000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 5000, 1)]
+        nulls = [(ARCH, s, 3000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 3000, 1)]
         # no reference surrogates: the rule commits the served model's nearest ties (a smoke run, in seconds)
-        return Plan(owner_samples=8000, attacker_samples=5000, base_epochs=1, embed_epochs=2, attack_epochs=2,
-                    extract_queries=5000, extract_epochs=15, attacks=QUICK_ATTACKS, null_models=nulls,
+        return Plan(owner_samples=8000, attacker_samples=3000, base_epochs=1, embed_epochs=2, attack_epochs=1,
+                    extract_queries=3000, extract_epochs=8, attacks=QUICK_ATTACKS, null_models=nulls,
                     tiebreak_references=())
     nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
                                                           5000, 5000, None, 20000])]
