@@ -99,10 +99,10 @@ EARLY_STOP_EPOCHS = 6
 
 def make_plan(quick: bool) -> Plan:
     if quick:
-        nulls = [(ARCH, s, 5000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 5000, 1)]
+        nulls = [(ARCH, s, 3000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 3000, 1)]
         # no reference surrogates: the rule commits the served model's nearest ties (a smoke run, in seconds)
-        return Plan(owner_samples=8000, attacker_samples=5000, base_epochs=1, embed_epochs=2, attack_epochs=2,
-                    extract_queries=5000, extract_epochs=15, attacks=QUICK_ATTACKS, null_models=nulls,
+        return Plan(owner_samples=8000, attacker_samples=3000, base_epochs=1, embed_epochs=2, attack_epochs=1,
+                    extract_queries=3000, extract_epochs=8, attacks=QUICK_ATTACKS, null_models=nulls,
                     tiebreak_references=())
     nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
                                                           5000, 5000, None, 20000])]
@@ -476,6 +476,7 @@ def markdown(doc: dict[str, Any], png: str) -> str:
              "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
              "takes part). Attacked accuracy is in the second table; *italic* marks an attack that lost more "
              "than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
+             *([doc["note"], ""] if doc.get("note") else []),
              *([f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
                 f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run.", ""]
                if doc.get("carried") else []),
@@ -498,7 +499,8 @@ def markdown(doc: dict[str, Any], png: str) -> str:
               "times embedding side by side):", "",
               "| scheme | accuracy | gap (pp) | embed s |", "|---|---|---|---|"]
     for s, f in doc["fidelity"].items():
-        lines.append(f"| {s} | {f['accuracy']:.4f} | {f['gap_pp']:+.2f} | {f['embed_seconds']:.1f} |")
+        when = " (earlier run)" if f.get("measured") else ""
+        lines.append(f"| {s}{when} | {f['accuracy']:.4f} | {f['gap_pp']:+.2f} | {f['embed_seconds']:.1f} |")
     full = doc["full_row"]
     lines += ["", f"Full deployment ({full['scheme']}): {full['caught']} of {full['attacks_in_budget']} attacks within "
               f"the 5-pp budget caught" + (f"; missed: {', '.join(full['missed'])}" if full["missed"] else "")
