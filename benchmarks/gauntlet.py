@@ -9,7 +9,7 @@ Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
   unmarked model served behind the keyed per-input marking API; only extraction applies),
   ``trigger+api-mark`` (trigger-set weights behind that API) and ``trigger+weights+api-tiebreak``, the full
   deployment: the trigger-set + weight-marked model served behind the keyed tie-break API
-  (:mod:`wmark.schemes.api_tiebreak`; its rule built from the owner's half with reference surrogates and
+  (:mod:`wmark.schemes.tiebreak`; its rule built from the owner's half with reference surrogates and
   committed verification inputs, every client's near-tie queries logged). Its verdict combines, with the
   library's weighted Holm, the trigger set, the weight mark, the committed-input tie-break test and, for a
   surrogate, the log test on its thief's own logged queries; a copy should read ``copy`` and a surrogate
@@ -53,15 +53,16 @@ from wmark import api  # noqa: E402
 from wmark.errors import UsageError  # noqa: E402
 from wmark.keys import Key, default_schemes, save_key  # noqa: E402
 from wmark.models import load_model  # noqa: E402
-from wmark.schemes.api_mark import MarkLog, api_mark_test  # noqa: E402
-from wmark.schemes.api_tiebreak import (  # noqa: E402
+from wmark.evidence import alpha_share  # noqa: E402
+from wmark.schemes.api_mark import api_mark_test  # noqa: E402
+from wmark.schemes.querylog import MarkLog, TieBreakLog  # noqa: E402
+from wmark.schemes.tiebreak import (  # noqa: E402
+    LOG_TEST_WEIGHT,
     LogInputs,
-    TieBreakLog,
     open_tiebreak_rule,
     select_log_inputs,
     tiebreak_log_test,
     tiebreak_test,
-    trigger_share,
 )
 from wmark.suspects import LocalSuspect  # noqa: E402
 from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test  # noqa: E402
@@ -218,8 +219,9 @@ class Workshop:
         return self.get(cfg, lambda out: api.extract(
             victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
             queries=p.extract_queries, epochs=epochs, seed=self.seed,
-            api_key=self.key_path if marked_api else None, api_log=log if marked_api else None, client=client,
-            tiebreak=tiebreak))
+            key=self.key_path if (marked_api or tiebreak is not None) else None,
+            mark="tiebreak" if tiebreak is not None else ("flip" if marked_api else None), rule=tiebreak,
+            log=log if (marked_api or tiebreak is not None) else None, client=client))
 
     def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
         return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},
@@ -310,7 +312,8 @@ class Tester:
         tiebreak = "api-tiebreak" in parts
         if "none" in parts or "trigger" in parts:
             # next to the tie-break tests the trigger test stops at its share of alpha, as `wmark verify` does
-            share = trigger_share(other_tests=2, log_test=client is not None) if tiebreak else 1.0
+            weights = [1.0, 1.0, 1.0] + ([LOG_TEST_WEIGHT] if client is not None else [])
+            share = alpha_share(1.0, weights) if tiebreak else 1.0
             tests.append(self.trigger(blackbox_file, arch, share))
         if "none" in parts or "weights" in parts:
             tests.append(self.weights(suspect, scheme))
