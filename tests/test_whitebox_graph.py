@@ -368,3 +368,24 @@ def test_cli_refuses_a_reference_plan_it_cannot_align(bert, tmp_path) -> None:
                                    str(d / "ref.safetensors"), "--suspect", str(d / "ref.safetensors"), "--anchor",
                                    str(d / "anchor.safetensors"), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["decision"] == "detected"
+
+
+def test_resnet_small_is_a_builtin_arch_marked_inside_its_last_block() -> None:
+    from wmark.models import build_model
+
+    model = build_model("resnet-small", num_classes=10, input_shape=(3, 32, 32), seed=0)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+    assert WeightsEmbedder(tiny_key(64, seed=2), model).layer == "blocks.3.conv2.weight"
+
+
+@pytest.mark.slow
+def test_rgb32_fashion_mnist_is_padded_and_replicated() -> None:
+    from wmark.data import FASHION_MNIST_DIR, load_dataset
+
+    if not FASHION_MNIST_DIR.is_dir():
+        pytest.skip("dataset-fashion-mnist is not installed")
+    rgb, grey = load_dataset("fashion-mnist-rgb32"), load_dataset("fashion-mnist")
+    x = rgb.x_train[:3]
+    assert rgb.input_shape == (3, 32, 32) and len(rgb.x_test) == len(grey.x_test)
+    assert torch.equal(x[:, 0], x[:, 2]) and float(x[:, :, :2].abs().sum()) == 0.0
+    assert torch.equal(x[:, 1, 2:30, 2:30], grey.x_train[:3, 0])
