@@ -41,10 +41,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, RESULTS, machine, table  # noqa: E402
+from common import CACHE, RESULTS, machine, table
 
-from wmark.attacks import prune, quantize, rename_tensors  # noqa: E402
-from wmark.attacks.symmetry import (  # noqa: E402
+from wmark.attacks import prune, quantize, rename_tensors
+from wmark.attacks.symmetry import (
     absorb_final_norm,
     fold_batchnorm,
     fuse_qkv,
@@ -52,11 +52,11 @@ from wmark.attacks.symmetry import (  # noqa: E402
     permute_heads,
     permute_spaces,
 )
-from wmark.io import load_tensors, save_model, save_tensors  # noqa: E402
-from wmark.keys import generate_key, load_key, save_key  # noqa: E402
-from wmark.schemes.weights import WeightsEmbedder  # noqa: E402
-from wmark.whitebox.graph import read_graph  # noqa: E402
-from wmark.whitebox.verify import verify_whitebox  # noqa: E402
+from wmark.io import load_tensors, save_model, save_tensors
+from wmark.keys import generate_key, load_key, save_key
+from wmark.schemes.weights import WeightsEmbedder
+from wmark.whitebox.graph import read_graph
+from wmark.whitebox.verify import verify_whitebox
 
 ALPHA = 1e-6
 DIR = CACHE / "whitebox_real"

@@ -259,7 +259,7 @@ def test_independent_resnets_are_not_detected(cnn) -> None:
 
 def test_alignment_never_reads_the_marked_layer(cnn) -> None:
     """With an anchor the permutations come from (anchor, suspect) only: the null is exact by construction."""
-    _, model, d = cnn
+    _, _, d = cnn
     info = json.loads(dict(load_tensors(d / "ref.safetensors")[1])["wmark.weights"])
     layers, spaces, iters = plan_layers(info)
     src, _ = load_tensors(d / "anchor.safetensors")
@@ -355,7 +355,7 @@ def test_graphs_that_cannot_be_aligned_are_refused() -> None:
 
 
 def test_cli_refuses_a_reference_plan_it_cannot_align(bert, tmp_path) -> None:
-    key, model, d = bert
+    key, _, d = bert
     tensors, meta = load_tensors(d / "ref.safetensors")
     info = json.loads(meta["wmark.weights"])
     info["graph"]["spaces"]["hidden"]["kind"] = "opaque"
