@@ -181,6 +181,15 @@ def read_graph(model: nn.Module) -> Graph:
     Raises:
         UsageError: If the model cannot be traced.
     """
+    wrapped = getattr(model, "module", None)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(wrapped, nn.Module):
+        # Data-parallel wrappers cannot be traced; their parameters are the wrapped model's under "module.".
+        inner = read_graph(wrapped)
+        for space in inner.spaces.values():
+            space.params = [f"module.{p}" for p in space.params]
+        inner.layers = [Layer(f"module.{lay.name}", lay.shape, lay.inp, lay.out, lay.transpose,
+                              None if lay.bias is None else f"module.{lay.bias}") for lay in inner.layers]
+        return inner
     if _bert_layers(model):
         return _read_bert(model)
     return _read_fx(model)
