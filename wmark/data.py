@@ -4,6 +4,8 @@ Nothing is ever downloaded. A dataset spec is one of:
 
 * ``fashion-mnist`` or ``fashion-mnist:DIR`` — the four IDX files (``.gz`` or not) in DIR, default
   ``/usr/share/datasets/fashion-mnist`` (``apt-get install dataset-fashion-mnist``);
+* ``fashion-mnist-rgb32[:DIR]`` — the same images as 3×32×32 (padded by 2, grey replicated into three
+  channels), a stand-in for RGB inputs (e.g. ``--arch resnet-small``);
 * ``digits`` — scikit-learn's bundled 8×8 digits (1,797 images), split 80/20 with a fixed seed;
 * ``PATH.safetensors`` — tensors ``x`` (N×…) and ``y`` (N,), optional ``x_test``/``y_test``.
 
@@ -93,13 +95,22 @@ def load_dataset(spec: str) -> Dataset:
     name, _, arg = spec.partition(":")
     if name == "fashion-mnist":
         return _load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR, spec)
+    if name == "fashion-mnist-rgb32":
+        gray = _load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR, spec)
+        return Dataset(spec, _rgb32(gray.x_train), gray.y_train, _rgb32(gray.x_test), gray.y_test, 10)
     if name == "digits":
         return _load_digits()
     if spec.endswith(".safetensors"):
         return _load_file(Path(spec))
     raise UsageError(
-        f"Unknown dataset {spec!r}; use fashion-mnist[:DIR], digits, or a .safetensors file with x and y."
+        f"Unknown dataset {spec!r}; use fashion-mnist[:DIR], fashion-mnist-rgb32[:DIR], digits, or a .safetensors "
+        "file with x and y."
     )
+
+
+def _rgb32(x: torch.Tensor) -> torch.Tensor:
+    """28×28 grey images as 3×32×32 (zero pad 2, channels replicated as a view: no copy until indexed)."""
+    return torch.nn.functional.pad(x, (2, 2, 2, 2)).expand(-1, 3, -1, -1)
 
 
 def _read_idx(path: Path) -> np.ndarray:

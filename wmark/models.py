@@ -75,7 +75,14 @@ def _mlp(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
     return MLP(num_classes=num_classes, input_shape=input_shape)
 
 
+def _resnet(*, num_classes: int, input_shape: tuple[int, ...]) -> nn.Module:
+    from wmark.resnet import ResNet
+
+    return ResNet(num_classes=num_classes, input_shape=input_shape)
+
+
 BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet-small": _resnet,
     "fmnist-cnn": _cnn,
     "fmnist-cnn-wide": _cnn_wide,
     "fmnist-mlp": _mlp,

@@ -7,6 +7,18 @@ safetensors with the attack recorded under ``wmark.attack``.
 from wmark.attacks.finetune import finetune, last_linear
 from wmark.attacks.neurons import permute, permute_state_dict, rename_tensors
 from wmark.attacks.noise import noise
+from wmark.attacks.symmetry import (
+    absorb_final_norm,
+    fold_batchnorm,
+    fuse_qkv,
+    lora_merge,
+    permute_heads,
+    permute_spaces,
+    split_qkv,
+)
 from wmark.attacks.weights import prune, quantize
 
-__all__ = ["finetune", "last_linear", "noise", "permute", "permute_state_dict", "prune", "quantize", "rename_tensors"]
+__all__ = [
+    "absorb_final_norm", "finetune", "fold_batchnorm", "fuse_qkv", "last_linear", "lora_merge", "noise", "permute",
+    "permute_heads", "permute_spaces", "permute_state_dict", "prune", "quantize", "rename_tensors", "split_qkv",
+]

@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -48,6 +49,7 @@ from wmark.errors import UsageError
 from wmark.io import tensors_digest
 from wmark.keys import Key, default_schemes
 from wmark.whitebox.chain import module_chain, watermark_vector
+from wmark.whitebox.graph import Graph, Layer, binorm_vector, default_marked, plan, plan_metadata, read_graph
 
 SCHEME = "weights"
 
@@ -147,8 +149,32 @@ def extract_bits(key: Key, weights: Sequence[torch.Tensor]) -> np.ndarray:
     return (projection_scores(key, weights) >= 0).to(torch.int64).numpy()
 
 
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+
+
+def _graph_form(model: nn.Module) -> Graph | None:
+    """The model's graph when the mark needs the graph form (normalisation, embeddings or residual adds),
+    None for a plain conv/linear chain, which keeps the chain form (read by module order, checked here
+    against the traced graph).
+
+    Raises:
+        UsageError: If the graph cannot be read.
+    """
+    graph = read_graph(model)
+    joined = any(len(graph.writers(s)) > 1 for s in graph.spaces)
+    if graph.family != "fx" or joined or any(isinstance(m, _NORMS) for m in model.modules()):
+        return graph
+    return None
+
+
 class WeightsEmbedder:
     """Embeds the key's payload into one layer of ``model`` through an optimizer step pre-hook.
+
+    Plain conv/linear chains (the built-in models) carry the mark in the *chain form* of
+    :mod:`wmark.whitebox.chain`. Models with normalisation, embeddings or residual adds (ResNets,
+    BERT-style encoders) carry it in the *graph form*: the mean binormalised row of the marked layer
+    (:func:`wmark.whitebox.graph.binorm_vector`), with the alignment plan read from the real graph
+    (:mod:`wmark.whitebox.graph`) recorded in the metadata.
 
     Args:
         key: The owner's key.
@@ -166,14 +192,25 @@ class WeightsEmbedder:
                  strength: float | None = None) -> None:
         params = scheme_params(key)
         self.key = key
-        self.chain = module_chain(model, layer)
+        self.bits = int(params["bits"])
+        self.graph = _graph_form(model)
+        self._plan: list[Layer] = []
+        if self.graph is None:
+            self.chain = module_chain(model, layer)
+            _check_chain(model, self.chain)
+        else:
+            name = default_marked(self.graph, bits=self.bits) if layer is None else (
+                layer if layer.endswith("weight") else f"{layer}.weight")
+            self._plan = plan(self.graph, name)
+            if self._plan[-1].transpose:
+                raise UsageError(f"{name} is an embedding table; mark a conv/linear layer.")
+            self.chain = [lay.name for lay in self._plan]
         named = dict(model.named_parameters())
         self._params = [named[n] for n in self.chain]
         self.margin = float(params["margin"] if margin is None else margin)
         self.strength = float(params["strength"] if strength is None else strength)
         if self.margin < 0 or self.strength <= 0:
             raise UsageError("The weights scheme needs margin >= 0 and strength > 0.")
-        self.bits = int(params["bits"])
         dim = self._params[-1][0].numel()
         if dim < 2 * self.bits:
             raise UsageError(
@@ -194,11 +231,18 @@ class WeightsEmbedder:
         """The (unscaled) hinge loss; differentiable in the marked weight, earlier layers held fixed."""
         ws = list(self._params) if weights is None else list(weights)
         ws = [w.detach() for w in ws[:-1]] + [ws[-1]]
-        v = watermark_vector(ws)
+        v = self._vector(ws)
         u = v / v.norm().clamp_min(1e-12)
         x = self._x.to(device=u.device, dtype=u.dtype)
         z = self._signs.to(device=u.device, dtype=u.dtype) * (x @ u)
         return torch.relu(self.margin - z).mean()
+
+    def _vector(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        if self.graph is None:
+            return watermark_vector(weights)
+        marked = weights[-1]
+        units = self.graph.spaces[self._plan[-1].inp].size
+        return binorm_vector(marked.reshape(marked.shape[0], -1).float(), units)
 
     def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer step pre-hook: add ``strength ×`` the regularizer's gradient to the marked weight."""
@@ -218,7 +262,11 @@ class WeightsEmbedder:
     def bit_errors(self) -> int:
         """How many payload bits the model currently reads wrong."""
         with torch.no_grad():
-            got = extract_bits(self.key, [p.detach().cpu() for p in self._params])
+            if self.graph is None:
+                got = extract_bits(self.key, [p.detach().cpu() for p in self._params])
+            else:
+                v = self._vector([p.detach().cpu() for p in self._params])
+                got = ((projection(self.key, v.numel()) @ (v / v.norm().clamp_min(1e-12))) >= 0).long().numpy()
         return int(np.sum(got != payload_bits(self.key)))
 
     def metadata(self) -> dict[str, Any]:
@@ -235,5 +283,15 @@ class WeightsEmbedder:
             "statistic": "mean canonical row, unit-normalised, signs of a key-derived Gaussian projection",
             "bit_errors_at_save": self.bit_errors(),
             "anchor_digest": self.anchor_digest,
+            **({"graph": plan_metadata(self.graph, self._plan)} if self.graph is not None else {}),
         }
+
+
+def _check_chain(model: nn.Module, chain: Sequence[str]) -> None:
+    """Refuse a chain-form chain whose layers do not feed each other in the traced graph."""
+    graph = read_graph(model)
+    for prev, nxt in itertools.pairwise(chain):
+        if graph.layer(nxt).inp != graph.layer(prev).out:
+            raise UsageError(f"{nxt} does not read {prev}'s outputs in the model's graph; mark a layer of a plain "
+                             "conv/linear chain.")
 

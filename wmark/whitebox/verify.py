@@ -276,14 +276,18 @@ def _align(ref_layers: Sequence[_Layer], sus_layers: Sequence[_Layer]) -> tuple[
     return mean.flatten(), quality
 
 
+def _check_commitment(key: Key, ref: _File) -> None:
+    commitment = wmark_metadata(ref.metadata).get("commitment")
+    if commitment and commitment != key.commitment():
+        raise UsageError(f"The reference {ref.path} was marked with another key (commitment {str(commitment)[:16]}); "
+                         "use the key it was marked with.")
+
+
 def _reference_chain(key: Key, ref: _File, chain: Sequence[str] | None) -> tuple[list[str], dict[str, Any]]:
     meta = wmark_metadata(ref.metadata)
     recorded_info = meta.get("weights")
     info: dict[str, Any] = recorded_info if isinstance(recorded_info, dict) else {}
-    commitment = meta.get("commitment")
-    if commitment and commitment != key.commitment():
-        raise UsageError(f"The reference {ref.path} was marked with another key (commitment {str(commitment)[:16]}); "
-                         "use the key it was marked with.")
+    _check_commitment(key, ref)
     names = list(chain) if chain else list(info.get("chain", []))
     if not names:
         raise UsageError(f"The reference {ref.path} has no wmark.weights metadata; pass the marked model written by "
@@ -334,6 +338,15 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
         raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
     bits = int(scheme_params(key)["bits"])
     ref = _File.open(reference, "reference")
+    recorded_info = wmark_metadata(ref.metadata).get("weights")
+    if isinstance(recorded_info, dict) and "graph" in recorded_info and not chain:
+        # A mark recorded with a graph plan (residual CNNs, transformers): see wmark.whitebox.align.
+        from wmark.whitebox.align import verify_graph
+
+        _check_commitment(key, ref)
+        return verify_graph(key=key, info=recorded_info, ref=ref, sus=_File.open(suspect, "suspect"),
+                            anc=None if anchor is None else _File.open(anchor, "anchor"), alpha=alpha,
+                            suspect_label=str(suspect))
     names, info = _reference_chain(key, ref, chain)
     ref_w = [ref.load(n) for n in names]
     x = projection(key, ref_w[-1][0].numel())

@@ -1,0 +1,259 @@
+"""Function-preserving rewrites of residual CNNs and BERT-style transformers, read from the real graph.
+
+What a thief can do to a stolen model's weights without changing one prediction:
+
+* :func:`permute_spaces` — permute every space of the graph (:mod:`wmark.whitebox.graph`): channels inside
+  each residual block, the residual stream's channels together across every block and downsample conv
+  that writes it (BatchNorm statistics and parameters follow), a transformer's hidden dimension across
+  embeddings, every Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and
+  its MLP neurons;
+* :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
+* :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;
+* :func:`fuse_qkv` / :func:`split_qkv` — one fused QKV tensor per layer, under new names, and back;
+* :func:`absorb_final_norm` — the last LayerNorm's gain and bias absorbed into the linear layer(s) that
+  read it (in a post-LN encoder only the last norm feeds nothing but linear readers);
+* :func:`lora_merge` — a LoRA fine-tune (low-rank adapters trained by the caller) merged into the weights.
+
+All but the last keep the function exactly (up to float rounding); tests check outputs to 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+from wmark.whitebox.graph import FIXED, Graph, read_graph
+
+
+@torch.no_grad()
+def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0,
+                   spaces: Sequence[str] | None = None,
+                   extra_readers: Mapping[str, Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+    """Permute the units of spaces (default: every free space that some layer reads), keeping the function.
+
+    Args:
+        tensors: The model's state dict.
+        graph: Its graph (:func:`wmark.whitebox.graph.read_graph`).
+        seed: Seed of the permutations.
+        spaces: Names of the spaces to permute.
+        extra_readers: Space name → weights that read it but that the graph could not place (e.g. a
+            classifier on mean-pooled hidden states of a BERT-style encoder): their columns are permuted too.
+
+    Raises:
+        UsageError: If a named space is fixed or opaque, or a tensor is missing.
+    """
+    names = list(spaces) if spaces is not None else free_spaces(graph)
+    out = {n: t.clone() for n, t in tensors.items()}
+    rng = np.random.default_rng(seed)
+    for s in names:
+        space = graph.spaces.get(s)
+        if space is None or space.kind != "free":
+            raise UsageError(f"Space {s!r} is not a permutable space of this graph.")
+        perm = torch.from_numpy(rng.permutation(space.size))
+        for lay in graph.layers:
+            if lay.out == s:
+                _need(out, lay.name)
+                out[lay.name] = out[lay.name][:, perm] if lay.transpose else out[lay.name][perm]
+                if lay.bias:
+                    out[lay.bias] = out[lay.bias][perm]
+            if lay.inp == s:
+                out[lay.name] = _permute_columns(_need(out, lay.name), perm)
+        for p in space.params:
+            out[p] = _need(out, p)[perm]
+        for name in (extra_readers or {}).get(s, ()):
+            out[name] = _permute_columns(_need(out, name), perm)
+    return out
+
+
+def _need(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name not in tensors:
+        raise UsageError(f"The state dict has no tensor {name!r}; pass the state dict of the model the graph was "
+                         "read from.")
+    return tensors[name]
+
+
+def _permute_columns(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    units = len(perm)
+    v = w.reshape(w.shape[0], units, -1)
+    return v[:, perm, :].reshape(w.shape).contiguous()
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with every BatchNorm that follows a conv folded into it.
+
+    The conv's weight becomes ``w·γ/σ`` (σ from the running variance), its bias ``(b − μ)·γ/σ + β``, and the
+    BatchNorm becomes an identity.
+
+    Raises:
+        UsageError: If the graph cannot be traced, or a BatchNorm follows something other than a conv.
+    """
+    read_graph(model)
+    traced = torch.fx.symbolic_trace(model)
+    modules = dict(traced.named_modules())
+    pairs: list[tuple[str, str]] = []
+    for node in traced.graph.nodes:
+        if node.op == "call_module" and isinstance(modules[node.target], (nn.BatchNorm1d, nn.BatchNorm2d)):
+            src = node.args[0]
+            ok = (isinstance(src, torch.fx.Node) and src.op == "call_module"
+                  and isinstance(modules[src.target], (nn.Conv1d, nn.Conv2d, nn.Linear)) and len(src.users) == 1)
+            if not ok:
+                raise UsageError(f"BatchNorm {node.target} does not directly follow a conv used only by it; it cannot "
+                                 "be folded.")
+            pairs.append((str(src.target), str(node.target)))
+    attacked = copy.deepcopy(model).eval()
+    for conv_name, bn_name in pairs:
+        conv, bn = attacked.get_submodule(conv_name), attacked.get_submodule(bn_name)
+        assert isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None
+        assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)) and bn.running_mean is not None
+        with torch.no_grad():
+            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            old = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.mul_(scale.view(-1, *[1] * (conv.weight.dim() - 1)))
+            conv.bias = nn.Parameter((old - bn.running_mean) * scale + bn.bias)
+        _set(attacked, bn_name, nn.Identity())
+    return attacked
+
+
+def _set(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
+
+
+def _layer_bases(tensors: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+    bases = sorted({n[: n.index("attention.self.")] for n in tensors
+                    if n.startswith(f"{prefix}encoder.layer.") and "attention.self." in n})
+    if not bases:
+        raise UsageError(f"No BERT-style encoder layers under {prefix!r}encoder.layer.*; pass the model's prefix.")
+    return bases
+
+
+@torch.no_grad()
+def permute_heads(tensors: Mapping[str, torch.Tensor], *, num_heads: int, prefix: str = "",
+                  seed: int = 0) -> dict[str, torch.Tensor]:
+    """Permute the attention heads of every encoder layer (Q/K/V row blocks and output columns together)."""
+    out = {n: t.clone() for n, t in tensors.items()}
+    rng = np.random.default_rng(seed)
+    for base in _layer_bases(tensors, prefix):
+        o = f"{base}attention.output.dense.weight"
+        hidden = int(_need(out, o).shape[1])
+        if hidden % num_heads:
+            raise UsageError(f"{hidden} hidden units do not split into {num_heads} heads; pass the model's head count.")
+        size = hidden // num_heads
+        idx = torch.from_numpy(rng.permutation(num_heads))
+        units = (idx[:, None] * size + torch.arange(size)[None, :]).flatten()
+        for part in ("query", "key", "value"):
+            for kind in ("weight", "bias"):
+                name = f"{base}attention.self.{part}.{kind}"
+                if name in out:
+                    out[name] = out[name][units]
+        out[o] = out[o][:, units]
+    return out
+
+
+def fuse_qkv(tensors: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Replace each layer's query/key/value tensors by one ``attention.self.qkv`` tensor (rows Q, K, V)."""
+    out = dict(tensors)
+    for base in _layer_bases(tensors, prefix):
+        for kind in ("weight", "bias"):
+            names = [f"{base}attention.self.{p}.{kind}" for p in ("query", "key", "value")]
+            if all(n in out for n in names):
+                out[f"{base}attention.self.qkv.{kind}"] = torch.cat([out.pop(n) for n in names])
+    return out
+
+
+def split_qkv(tensors: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Undo :func:`fuse_qkv`: three equal row blocks back into query, key and value."""
+    out = dict(tensors)
+    for name in [n for n in tensors if n.startswith(prefix) and ".attention.self.qkv." in n]:
+        base, _, kind = name.rpartition(".qkv.")
+        for part, chunk in zip(("query", "key", "value"), out.pop(name).chunk(3)):
+            out[f"{base}.{part}.{kind}"] = chunk.clone()
+    return out
+
+
+@torch.no_grad()
+def absorb_final_norm(tensors: Mapping[str, torch.Tensor], *, norm: str,
+                      readers: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Absorb a LayerNorm's gain and bias into the linear layers that read its output (gain 1, bias 0 after).
+
+    Exact when the norm's output reaches ``readers`` only through linear ops (e.g. mean pooling) — in a
+    post-LN encoder, the last layer's output norm.
+    """
+    g, b = _need(tensors, f"{norm}.weight"), _need(tensors, f"{norm}.bias")
+    out = {n: t.clone() for n, t in tensors.items()}
+    for r in readers:
+        w = _need(out, f"{r}.weight")
+        bias = out.get(f"{r}.bias")
+        out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
+        out[f"{r}.weight"] = w * g[None, :]
+    out[f"{norm}.weight"] = torch.ones_like(g)
+    out[f"{norm}.bias"] = torch.zeros_like(b)
+    return out
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + scale · B A x`` with the base frozen; ``B`` starts at zero so training starts at the base."""
+
+    def __init__(self, base: nn.Linear, *, rank: int, alpha: float, generator: torch.Generator) -> None:
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale
+
+    def merged(self) -> nn.Linear:
+        with torch.no_grad():
+            self.base.weight.add_((self.b @ self.a) * self.scale)
+        return self.base
+
+
+def lora_merge(model: nn.Module, *, train: Callable[[nn.Module], None], rank: int = 8, alpha: float = 16.0,
+               targets: Callable[[str, nn.Linear], bool] | None = None, trainable: Sequence[str] = (),
+               seed: int = 0) -> nn.Module:
+    """A copy of ``model`` fine-tuned through LoRA adapters, which are then merged into its weights.
+
+    Args:
+        model: The stolen model.
+        train: Trains the wrapped copy in place (only adapter parameters and ``trainable`` ones require grad).
+        rank: Adapter rank.
+        alpha: LoRA scaling numerator (the update is ``alpha / rank · B A``).
+        targets: Which ``nn.Linear`` layers get an adapter (default: all but the last one, the head).
+        trainable: Names of parameters trained in full alongside the adapters (e.g. the head).
+        seed: Seed of the adapters' initialisation.
+    """
+    if rank < 1:
+        raise UsageError(f"LoRA rank must be at least 1, got {rank}.")
+    attacked = copy.deepcopy(model)
+    linears = [(n, m) for n, m in attacked.named_modules() if isinstance(m, nn.Linear)]
+    chosen = [n for n, m in linears if (targets(n, m) if targets else n != linears[-1][0])]
+    if not chosen:
+        raise UsageError("No linear layer was chosen for LoRA adapters.")
+    for name, p in attacked.named_parameters():
+        p.requires_grad_(name in trainable)
+    gen = torch.Generator().manual_seed(seed)
+    for name in chosen:
+        base = attacked.get_submodule(name)
+        assert isinstance(base, nn.Linear)
+        _set(attacked, name, LoRALinear(base, rank=rank, alpha=alpha, generator=gen))
+    train(attacked)
+    for name in chosen:
+        wrapped = attacked.get_submodule(name)
+        assert isinstance(wrapped, LoRALinear)
+        _set(attacked, name, wrapped.merged())
+    for p in attacked.parameters():
+        p.requires_grad_(True)
+    return attacked
+
+
+def free_spaces(graph: Graph) -> list[str]:
+    """Spaces a thief may permute: free and read by some layer (outputs of the model are not)."""
+    readers = {lay.inp for lay in graph.layers}
+    return [s for s, sp in graph.spaces.items() if sp.kind not in (FIXED, "opaque") and s in readers]

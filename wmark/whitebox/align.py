@@ -1,0 +1,278 @@
+"""White-box verification of a mark recorded with a graph plan (residual CNNs, BERT-style transformers).
+
+The marked model's ``wmark.weights.graph`` metadata (:func:`wmark.whitebox.graph.plan_metadata`) lists the
+layers to align: writers of the marked layer's input space, writers of *their* input spaces, back to
+fixed spaces (image channels, the vocabulary). The suspect's tensors are found by shape (names may be
+scrambled), then each space's permutation is recovered by optimal assignment on the binormalised rows of
+its writers (every writer of a space, summed: a residual stream is matched across all the blocks that
+write it at once), after their own inputs have been put in the reference order. Binormalisation
+(:func:`~wmark.whitebox.graph.binormalize`) makes the comparison blind to positive per-row and per-input
+rescaling, so BatchNorm folded into a conv, norm gains absorbed into the next layer or int8 row scales do
+not disturb it.
+
+Resolution goes in two passes: first each space from the writers whose inputs are already aligned
+(the stem or the embeddings come first because their inputs are fixed), then every space again from all
+of its writers, now that every input is aligned.
+
+The null stays exact with an anchor: every similarity reads the suspect and the *anchor's* copies of the
+plan's layers, never the marked layer, so the permutation applied to the suspect's marked vector is a
+function of two key-independent files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from wmark.errors import UsageError
+from wmark.keys import Key
+from wmark.schemes.weights import anchor_digest, decode_message, payload_bits, projection, scheme_params
+from wmark.stats import binomial_log10_sf
+from wmark.verify import TestResult, Verdict, decide
+from wmark.whitebox.graph import BINORM_ITERS, FIXED, Layer, binorm_vector, binormalize
+from wmark.whitebox.verify import match_neurons
+
+Loader = Callable[[str], torch.Tensor]
+
+
+def plan_layers(info: dict[str, Any]) -> tuple[list[Layer], dict[str, dict[str, Any]], int]:
+    """The recorded plan as layers (marked last), its spaces, and the binormalisation iterations.
+
+    Raises:
+        UsageError: If the metadata is not a plan.
+    """
+    graph = info.get("graph")
+    try:
+        layers = [Layer(d["name"], tuple(int(s) for s in d["shape"]), d["in"], d["out"], bool(d["transpose"]))
+                  for d in graph["layers"]]  # type: ignore[index]
+        spaces = {k: dict(v) for k, v in graph["spaces"].items()}  # type: ignore[index]
+        iters = int(graph.get("iters", BINORM_ITERS))  # type: ignore[union-attr]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise UsageError("The reference's wmark.weights.graph metadata is malformed; pass the model written by "
+                         "`wmark embed`.") from None
+    if not layers or any(s.get("kind") not in ("fixed", "free") for s in spaces.values()):
+        raise UsageError("The reference's weight plan is empty or names a space that cannot be aligned; pass the "
+                         "model written by `wmark embed`.")
+    return layers, spaces, iters
+
+
+def view2d(tensor: torch.Tensor, layer: Layer) -> torch.Tensor:
+    """The tensor as ``(rows, columns)`` in float32: an embedding table transposed, a conv flattened."""
+    t = tensor.to(torch.float32)
+    return t.T.contiguous() if layer.transpose else t.reshape(t.shape[0], -1)
+
+
+def marked_vector(tensor: torch.Tensor, layer: Layer, units: int, *, iters: int = BINORM_ITERS) -> torch.Tensor:
+    """The statistic the projection reads from the marked layer, in the tensor's own unit order."""
+    return binorm_vector(view2d(tensor, layer), units, iters=iters)
+
+
+def _signature(w: torch.Tensor, units: int, perm: torch.Tensor | None, iters: int) -> torch.Tensor:
+    b = binormalize(w, units, iters=iters)
+    if perm is not None:
+        b = b[:, perm, :]
+    flat = b.flatten(1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+class Aligner:
+    """Recovers the suspect's permutation of every space of a plan (see the module docstring).
+
+    Args:
+        layers: The plan (marked layer last; it is never read).
+        spaces: Space sizes and kinds.
+        source: Loads the anchor's (or reference's) tensor of a plan layer by its name.
+        suspect_shapes: Every suspect tensor's shape.
+        suspect: Loads a suspect tensor by name.
+        iters: Binormalisation iterations.
+    """
+
+    def __init__(self, *, layers: Sequence[Layer], spaces: dict[str, dict[str, Any]], source: Loader,
+                 suspect_shapes: dict[str, tuple[int, ...]], suspect: Loader, iters: int = BINORM_ITERS) -> None:
+        self.writers = list(layers[:-1])
+        self.marked = layers[-1]
+        self.spaces = spaces
+        self.source = source
+        self.shapes = suspect_shapes
+        self.suspect = suspect
+        self.iters = iters
+        self.perms: dict[str, torch.Tensor | None] = {s: None for s, v in spaces.items() if v["kind"] == FIXED}
+        self.chosen: dict[str, str] = {}
+        self.quality: dict[str, float] = {}
+        self._cache: dict[str, torch.Tensor] = {}
+
+    def _units(self, layer: Layer) -> int:
+        return int(self.spaces[layer.inp]["size"])
+
+    def _load(self, name: str, loader: Loader, layer: Layer, key: str) -> torch.Tensor:
+        if key not in self._cache:
+            self._cache[key] = view2d(loader(name), layer)
+        return self._cache[key]
+
+    def _similarity(self, layer: Layer, sus_name: str) -> torch.Tensor:
+        units = self._units(layer)
+        ref = self._load(layer.name, self.source, layer, f"ref:{layer.name}")
+        sus = self._load(sus_name, self.suspect, layer, f"sus:{sus_name}")
+        return _signature(ref, units, None, self.iters) @ _signature(sus, units, self.perms[layer.inp], self.iters).T
+
+    def _choose(self, layer: Layer) -> str:
+        """The unused suspect tensor of the layer's shape whose rows best match the source's, one by one."""
+        if layer.name in self.chosen:
+            return self.chosen[layer.name]
+        taken = set(self.chosen.values())
+        options = sorted(n for n, s in self.shapes.items() if s == layer.shape and n not in taken)
+        if not options:
+            raise UsageError(f"The suspect has no tensor of shape {layer.shape} for {layer.name}, which the alignment "
+                             "needs; white-box verification cannot apply, try black-box verification.")
+        if len(options) == 1:
+            pick = options[0]
+        else:
+            pick = max(options, key=lambda n: float(self._similarity(layer, n).amax(dim=1).mean()))
+        self.chosen[layer.name] = pick
+        return pick
+
+    def _resolve(self, space: str, writers: Sequence[Layer]) -> None:
+        total: torch.Tensor | None = None
+        for layer in writers:
+            sim = self._similarity(layer, self._choose(layer))
+            total = sim if total is None else total + sim
+        assert total is not None
+        sim_np = total.numpy() / len(writers)
+        order = match_neurons(sim_np)
+        self.quality[space] = float(sim_np[np.arange(len(order)), order].mean())
+        self.perms[space] = torch.from_numpy(order)
+
+    def run(self) -> None:
+        """Resolve every space of the plan (two passes; see the module docstring).
+
+        Raises:
+            UsageError: If a space cannot be reached from a fixed one.
+        """
+        pending = list(dict.fromkeys(w.out for w in self.writers if w.out not in self.perms))
+        order: list[str] = []
+        while pending:
+            ready = [s for s in pending if any(w.out == s and w.inp in self.perms for w in self.writers)]
+            if not ready:
+                raise UsageError(f"The plan's space {pending[0]!r} cannot be reached from the model's inputs; the "
+                                 "reference's weight graph cannot be aligned.")
+            for s in ready:
+                self._resolve(s, [w for w in self.writers if w.out == s and w.inp in self.perms])
+                order.append(s)
+                pending.remove(s)
+        for s in order:
+            self._resolve(s, [w for w in self.writers if w.out == s])
+
+    def candidates(self) -> list[str]:
+        """Suspect tensors that may be the marked layer: its shape, not taken by an aligned layer."""
+        taken = set(self.chosen.values())
+        return sorted(n for n, s in self.shapes.items() if s == self.marked.shape and n not in taken)
+
+    def vector(self, name: str) -> torch.Tensor:
+        """The suspect tensor's marked statistic with its inputs in the source's unit order."""
+        units = self._units(self.marked)
+        v = marked_vector(self.suspect(name), self.marked, units, iters=self.iters).reshape(units, -1)
+        perm = self.perms.get(self.marked.inp)
+        return (v if perm is None else v[perm]).flatten()
+
+
+def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
+    norm = vector.norm()
+    if not torch.isfinite(norm) or norm == 0:
+        return np.full(x.shape[0], -1, dtype=np.int64)
+    return ((x @ (vector / norm)) >= 0).to(torch.int64).numpy()
+
+
+def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any | None, alpha: float,
+                 suspect_label: str) -> Verdict:
+    """The white-box test for a graph plan; ``ref``/``sus``/``anc`` are opened safetensors files.
+
+    Raises:
+        UsageError: On a reference that does not carry the key's mark, an anchor that is not its base, or a
+            suspect without the tensors the plan needs.
+    """
+    layers, spaces, iters = plan_layers(info)
+    missing = [lay.name for lay in layers if ref.shapes.get(lay.name) != lay.shape]
+    if missing:
+        raise UsageError(f"The reference {ref.path} lacks {missing[0]!r} with its recorded shape; pass the "
+                         "unmodified marked model.")
+    bits = int(scheme_params(key)["bits"])
+    marked = layers[-1]
+    units = int(spaces[marked.inp]["size"])
+    ref_vec = marked_vector(ref.load(marked.name), marked, units, iters=iters)
+    x = projection(key, ref_vec.numel())
+    expected = payload_bits(key)
+    ref_errors = int(np.sum(_bits(x, ref_vec) != expected))
+    if ref_errors > bits // 4:
+        raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
+                         "weight watermark; check --key and --reference.")
+    source = ref
+    if anc is not None:
+        bad = [lay.name for lay in layers[:-1] if anc.shapes.get(lay.name) != lay.shape]
+        if bad:
+            raise UsageError(f"The anchor {anc.path} lacks {bad[0]!r} with the reference's shape; pass the base "
+                             "model the reference was fine-tuned from.")
+        recorded = info.get("anchor_digest")
+        if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
+            raise UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from (its layers "
+                             "differ from those recorded at embedding); pass that base model, or leave --anchor out.")
+        source = anc
+    aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=sus.shapes,
+                      suspect=sus.load, iters=iters)
+    aligner.run()
+    candidates = aligner.candidates()
+    if not candidates:
+        raise UsageError(f"The suspect {sus.path} has no free tensor of shape {marked.shape} (the marked layer's), "
+                         "so white-box verification cannot apply; try black-box verification.")
+    best: tuple[int, str, np.ndarray] | None = None
+    for name in candidates:
+        got = _bits(x, aligner.vector(name))
+        matches = int(np.sum(got == expected))
+        if best is None or matches > best[0]:
+            best = (matches, name, got)
+    assert best is not None
+    matches, found, got = best
+    raw = binomial_log10_sf(matches, bits, 0.5)
+    adjusted = min(0.0, raw + math.log10(len(candidates)))
+    exact = anc is not None
+    test = TestResult(
+        name="weights",
+        evidence_of="copy",
+        null={
+            "p0": 0.5,
+            "distribution": f"Binomial({bits}, 1/2)",
+            "why": "for a model that never saw the key, the aligned vector the projection reads is independent of "
+                   "the key's Gaussian projection, so each bit matches the payload with probability exactly 1/2; " + (
+                       "the alignment reads only the suspect and the unmarked anchor, both independent of the key, "
+                       "so this holds by construction" if exact else
+                       "the alignment reads the reference's layers other than the marked one; they were trained "
+                       "alongside it, so pass the unmarked base model as anchor for a null exact by construction"),
+            "exact_by_construction": exact,
+        },
+        log10_p=adjusted,
+        queries=bits,
+        matches=matches,
+        method=f"exact binomial tail P(X >= matches), X ~ Binomial({bits}, 1/2), summed in log space; "
+               f"Bonferroni over {len(candidates)} candidate tensor(s)",
+        details={
+            "mode": "whitebox",
+            "form": "graph",
+            "family": info.get("graph", {}).get("family"),
+            "bits": bits,
+            "bit_error_rate": (bits - matches) / bits,
+            "log10_p_uncorrected": raw,
+            "candidates": len(candidates),
+            "layer_found": found,
+            "reference_layer": marked.name,
+            "layers_found": dict(aligner.chosen),
+            "alignment_similarity": {s: round(v, 4) for s, v in aligner.quality.items()},
+            "aligned_to": "anchor" if exact else "reference",
+            "anchor_recorded": bool(info.get("anchor_digest")),
+            "reference_bit_errors": ref_errors,
+            "decoded_message": decode_message(key, got),
+        },
+    )
+    return decide(key=key, tests=[test], alpha=alpha, suspect=suspect_label)

@@ -1,0 +1,456 @@
+"""The unit spaces of a network, read from its real computation graph, and the alignment plan of a weight mark.
+
+A *space* is a set of units (channels, hidden dimensions, neurons) whose order a thief may permute without
+changing the function, as long as every tensor that writes or reads it is permuted the same way:
+
+* a conv/linear layer *writes* its output space (its rows) and *reads* its input space (its columns,
+  ``rest`` columns per unit: a kernel window, or ``H·W`` columns after a flatten);
+* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space;
+* a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
+  only together across every block that adds into it and every downsample conv writing it;
+* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
+
+How the graph is read:
+
+* ``torch.fx`` symbolic tracing for plain PyTorch models (ResNet-style CNNs, MLPs, ``nn.Sequential``);
+* explicit rules for BERT-style encoders (detected from the module tree: ``embeddings.word_embeddings``
+  and ``encoder.layer.N`` with ``intermediate.dense`` / ``output.dense``), whose Hugging Face ``forward``
+  cannot be traced: one hidden space shared by the word/position/token-type embeddings (as writers: their
+  columns are hidden units), every ``attention.output.dense`` and ``output.dense`` (rows) and every
+  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it; one MLP
+  space per layer (``intermediate.dense`` rows, ``output.dense`` columns). Attention heads are opaque for
+  alignment (heads permute and each head's factors admit invertible maps, not a permutation).
+
+The *plan* of a marked layer is what verification aligns: the marked layer's input space, the writers
+of that space, the writers of their input spaces, and so on back to spaces that are fixed (image channels,
+the vocabulary). It is recorded in the marked model's metadata so the verifier needs no model code.
+
+Example:
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    >>> g = read_graph(net)
+    >>> [(layer.name, layer.inp, layer.out) for layer in g.layers]
+    [('0.weight', 'input', '0'), ('2.weight', '0', '2')]
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+
+FIXED = "fixed"
+BINORM_ITERS = 20
+_TINY = 1e-20
+
+_KEEP_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
+    nn.Sigmoid, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+)
+_KEEP_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.gelu,
+    nn.functional.silu, nn.functional.dropout, nn.functional.max_pool2d, nn.functional.avg_pool2d,
+    nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu,
+}
+_KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_SCALES = {operator.mul, operator.truediv, torch.mul}
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One weight tensor as a map from one space to another.
+
+    Attributes:
+        name: The weight's parameter name.
+        shape: Its shape.
+        inp: The space its columns read (``fixed``-kind spaces are never permuted).
+        out: The space its rows write.
+        transpose: True for an embedding table, whose *columns* are the units of ``out`` (rows: tokens).
+        bias: The bias parameter (permuted with the rows), if any.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    inp: str
+    out: str
+    transpose: bool = False
+    bias: str | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.shape[1] if self.transpose else self.shape[0]
+
+    @property
+    def columns(self) -> int:
+        if self.transpose:
+            return self.shape[0]
+        n = 1
+        for d in self.shape[1:]:
+            n *= d
+        return n
+
+
+@dataclass
+class Space:
+    """A set of units that permute together.
+
+    Attributes:
+        size: Number of units.
+        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable) or ``opaque``.
+        params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
+        why: For an opaque space, the op that made it so.
+    """
+
+    size: int
+    kind: str = "free"
+    params: list[str] = field(default_factory=list)
+    why: str = ""
+
+
+@dataclass
+class Graph:
+    """Spaces and layers of a model, in forward order."""
+
+    spaces: dict[str, Space]
+    layers: list[Layer]
+    family: str
+
+    def layer(self, name: str) -> Layer:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise UsageError(f"{name!r} is not the weight of a conv/linear layer the graph reader found; choose one of "
+                         f"{', '.join(lay.name for lay in self.layers)}.")
+
+    def units(self, layer: Layer) -> tuple[int, int]:
+        """``(units, rest)`` of the layer's input side."""
+        size = self.spaces[layer.inp].size
+        if layer.columns % size:
+            raise UsageError(f"{layer.name} has {layer.columns} inputs, not a multiple of the {size} units feeding it; "
+                             "the graph cannot be aligned.")
+        return size, layer.columns // size
+
+    def writers(self, space: str) -> list[Layer]:
+        return [lay for lay in self.layers if lay.out == space]
+
+
+class _Spaces:
+    """Union-find over space names, with sizes, kinds and per-unit parameters."""
+
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+        self.info: dict[str, Space] = {}
+
+    def new(self, name: str, size: int, kind: str = "free", why: str = "") -> str:
+        self.parent[name] = name
+        self.info[name] = Space(size, kind, why=why)
+        return name
+
+    def find(self, name: str) -> str:
+        while self.parent[name] != name:
+            self.parent[name] = self.parent[self.parent[name]]
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> str:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return ra
+        ia, ib = self.info[ra], self.info[rb]
+        if ia.size and ib.size and ia.size != ib.size:
+            raise UsageError(f"A residual add joins {ia.size} and {ib.size} channels; the graph cannot be aligned.")
+        kind = "opaque" if "opaque" in (ia.kind, ib.kind) else ("fixed" if "fixed" in (ia.kind, ib.kind) else "free")
+        self.parent[rb] = ra
+        self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why)
+        return ra
+
+
+def read_graph(model: nn.Module) -> Graph:
+    """The model's spaces and layers, from ``torch.fx`` or the BERT-style encoder rules.
+
+    Raises:
+        UsageError: If the model cannot be traced.
+    """
+    wrapped = getattr(model, "module", None)
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(wrapped, nn.Module):
+        # Data-parallel wrappers cannot be traced; their parameters are the wrapped model's under "module.".
+        inner = read_graph(wrapped)
+        for space in inner.spaces.values():
+            space.params = [f"module.{p}" for p in space.params]
+        inner.layers = [Layer(f"module.{lay.name}", lay.shape, lay.inp, lay.out, lay.transpose,
+                              None if lay.bias is None else f"module.{lay.bias}") for lay in inner.layers]
+        return inner
+    if _bert_layers(model):
+        return _read_bert(model)
+    return _read_fx(model)
+
+
+def _read_fx(model: nn.Module) -> Graph:
+    try:
+        traced = torch.fx.symbolic_trace(model)
+    except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "cannot read this forward"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:100]
+        raise UsageError(f"torch.fx cannot trace the model's forward ({first}), so its weight graph cannot be read; "
+                         "mark a model whose forward has no data-dependent control flow.") from None
+    modules = dict(traced.named_modules())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    sp = _Spaces()
+    label: dict[Any, str] = {}
+    layers: list[tuple[str, str, str, str | None]] = []
+    seen: set[str] = set()
+    fixed = 0
+    for node in traced.graph.nodes:
+        tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if node.op == "placeholder":
+            label[node] = sp.new(f"input{fixed or ''}", 0, FIXED)
+            fixed += 1
+        elif node.op == "call_module" and isinstance(modules[node.target], _LAYERS):
+            target = str(node.target)
+            if target in seen:
+                raise UsageError(f"Layer {target} is applied more than once; wmark cannot align shared weights.")
+            seen.add(target)
+            mod = modules[target]
+            out = sp.new(target, int(mod.weight.shape[0]))
+            src = sp.find(label[tensor_args[0]]) if tensor_args else sp.new(f"opaque:{node.name}", 0, "opaque")
+            bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
+            layers.append((f"{target}.weight", src, out, bias))
+            label[node] = out
+        elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
+            label[node] = sp.find(label[tensor_args[0]])
+            mod = modules[node.target]
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+                names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+                sp.info[label[node]].params.extend(n for n in names if n in params or n in buffers)
+        elif node.op in ("call_function", "call_method") and tensor_args:
+            label[node] = _through(node, tensor_args, label, sp)
+        elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
+    return _assemble(sp, layers, params, family="fx")
+
+
+def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spaces) -> str:
+    """The space of a function/method node's output; opaque unless the op keeps or joins spaces."""
+    target = node.target
+    first = sp.find(label[tensor_args[0]])
+    if target in _ADDS or target == "add":
+        if len(tensor_args) == 2:
+            return sp.union(first, label[tensor_args[1]])
+        return first
+    if (target in _SCALES or target in ("mul", "div")) and len(tensor_args) == 1:
+        return first
+    if target in _KEEP_FUNCTIONS or (node.op == "call_method" and target in _KEEP_METHODS):
+        if target in (torch.flatten, "flatten") and _arg(node, 1, "start_dim", 0) != 1:
+            return sp.new(f"opaque:{node.name}", 0, "opaque", why="flatten not from dim 1")
+        return first
+    if node.op == "call_method" and target in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
+        return first
+    if node.op == "call_method" and target == "mean" and 1 not in _dims(_arg(node, 1, "dim", None)):
+        return first
+    return sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(target, "__name__", str(target)))
+
+
+def _arg(node: Any, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _dims(value: Any) -> set[int]:
+    if value is None:
+        return {1}
+    return set(value) if isinstance(value, (tuple, list)) else {int(value)}
+
+
+def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
+              family: str, transposed: frozenset[str] = frozenset()) -> Graph:
+    out: list[Layer] = []
+    for name, inp, outp, bias in layers:
+        shape = tuple(int(d) for d in params[name].shape)
+        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias))
+    spaces: dict[str, Space] = {}
+    for name in sp.parent:
+        root = sp.find(name)
+        spaces.setdefault(root, sp.info[root])
+    for layer in out:
+        space = spaces[layer.inp]
+        if space.kind == FIXED and not space.size:
+            space.size = layer.columns if layer.transpose else layer.shape[1]
+    return Graph(spaces, out, family)
+
+
+_BERT_LAYER = re.compile(r"^(.*?)encoder\.layer\.(\d+)\.intermediate\.dense$")
+
+
+def _bert_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """``(prefix, index)`` of each encoder layer of a BERT-style model (empty: not one)."""
+    found = []
+    for name, _ in model.named_modules():
+        m = _BERT_LAYER.match(name)
+        if m:
+            found.append((m.group(1), m.group(2)))
+    if not found:
+        return []
+    prefixes = {p for p, _ in found}
+    names = {n for n, _ in model.named_modules()}
+    if len(prefixes) != 1 or f"{found[0][0]}embeddings.word_embeddings" not in names:
+        return []
+    return found
+
+
+def _read_bert(model: nn.Module) -> Graph:
+    """Explicit rules for a BERT-style encoder (module docstring); refuses a layout they do not describe."""
+    blocks = _bert_layers(model)
+    prefix = blocks[0][0]
+    params = dict(model.named_parameters())
+    sp = _Spaces()
+    hidden = int(params[f"{prefix}embeddings.word_embeddings.weight"].shape[1])
+    stream = sp.new("hidden", hidden)
+    layers: list[tuple[str, str, str, str | None]] = []
+    transposed = set()
+
+    def need(name: str) -> str:
+        if name not in params:
+            raise UsageError(f"The BERT-style model has no parameter {name!r}; its layout is not one wmark can "
+                             "align (expected Hugging Face BertModel parameter names).")
+        return name
+
+    def bias(name: str) -> str | None:
+        b = name[: -len("weight")] + "bias"
+        return b if b in params else None
+
+    for part in ("word", "position", "token_type"):
+        name = f"{prefix}embeddings.{part}_embeddings.weight"
+        if name in params:
+            layers.append((name, sp.new(f"{part}s", 0, FIXED), stream, None))
+            transposed.add(name)
+    norms = [f"{prefix}embeddings.LayerNorm"]
+    for _, i in blocks:
+        base = f"{prefix}encoder.layer.{i}."
+        heads_qk = sp.new(f"heads{i}.qk", hidden, "opaque", why="attention heads")
+        heads_v = sp.new(f"heads{i}.v", hidden, "opaque", why="attention heads")
+        for qkv, space in (("query", heads_qk), ("key", heads_qk), ("value", heads_v)):
+            w = need(f"{base}attention.self.{qkv}.weight")
+            layers.append((w, stream, space, bias(w)))
+        w = need(f"{base}attention.output.dense.weight")
+        layers.append((w, heads_v, stream, bias(w)))
+        mlp = sp.new(f"mlp{i}", int(params[need(f"{base}intermediate.dense.weight")].shape[0]))
+        w = f"{base}intermediate.dense.weight"
+        layers.append((w, stream, mlp, bias(w)))
+        w = need(f"{base}output.dense.weight")
+        layers.append((w, mlp, stream, bias(w)))
+        norms += [f"{base}attention.output.LayerNorm", f"{base}output.LayerNorm"]
+    for norm in norms:
+        sp.info[stream].params += [need(f"{norm}.{p}") for p in ("weight", "bias")]
+    embedding_names = {f"{prefix}embeddings.{p}_embeddings.weight" for p in ("word", "position", "token_type")}
+    used = {name for name, *_ in layers}
+    head_input = sp.new("head input", hidden, "opaque", why="a head the rules cannot place (pooled hidden states or "
+                        "pooler output)")
+    for name, p in params.items():
+        # 2-D weights outside the encoder: the pooler reads the hidden space; a classifier may read pooled
+        # hidden states or the pooler's output, which the rules do not guess.
+        if name.endswith(".weight") and p.dim() == 2 and name not in used and name not in embedding_names \
+                and not name.startswith(f"{prefix}encoder."):
+            src = stream if name == f"{prefix}pooler.dense.weight" else head_input
+            layers.append((name, src, sp.new(name, int(p.shape[0])), bias(name)))
+    return _assemble(sp, layers, params, family="bert", transposed=frozenset(transposed))
+
+
+def plan(graph: Graph, marked: str) -> list[Layer]:
+    """The layers verification aligns for ``marked`` (marked last): writers of every space it depends on.
+
+    Raises:
+        UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
+            can be aligned).
+    """
+    target = graph.layer(marked)
+    first = graph.spaces[target.inp]
+    if first.kind == "opaque":
+        raise UsageError(f"{marked} reads the output of {first.why or 'an op'} that wmark cannot align through; "
+                         "mark a layer fed only by conv/linear layers, normalisation, activations, pooling and "
+                         "residual adds.")
+    needed: list[str] = []
+    todo = [target.inp]
+    while todo:
+        s = todo.pop()
+        if s in needed or graph.spaces[s].kind == FIXED:
+            continue
+        needed.append(s)
+        writers = [w for w in graph.writers(s) if w.name != marked and graph.spaces[w.inp].kind != "opaque"]
+        if not writers:
+            raise UsageError(f"Space {s!r} feeding {marked} is written by no layer wmark can align (only through "
+                             "opaque ops or the marked layer itself); mark another layer.")
+        todo.extend(w.inp for w in writers)
+    chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
+              and graph.spaces[lay.inp].kind != "opaque"]
+    return [*chosen, target]
+
+
+def plan_metadata(graph: Graph, layers: Sequence[Layer]) -> dict[str, Any]:
+    """The plan as JSON for the marked model's metadata."""
+    spaces = {s for lay in layers for s in (lay.inp, lay.out)}
+    return {
+        "family": graph.family,
+        "form": "binorm",
+        "iters": BINORM_ITERS,
+        "spaces": {s: {"size": graph.spaces[s].size, "kind": graph.spaces[s].kind} for s in sorted(spaces)},
+        "layers": [{"name": lay.name, "shape": list(lay.shape), "in": lay.inp, "out": lay.out,
+                    "transpose": lay.transpose} for lay in layers],
+    }
+
+
+def default_marked(graph: Graph, *, bits: int) -> str:
+    """The largest weight (ties: the latest) whose inputs can be aligned and hold ``2·bits`` columns per row.
+
+    The last layer (the head) is never chosen.
+
+    Raises:
+        UsageError: If no layer qualifies.
+    """
+    best: tuple[int, int, str] | None = None
+    for i, lay in enumerate(graph.layers[:-1]):
+        if lay.transpose or lay.columns < 2 * bits:
+            continue
+        try:
+            plan(graph, lay.name)
+        except UsageError:
+            continue
+        cand = (lay.rows * lay.columns, i, lay.name)
+        best = cand if best is None or cand > best else best
+    if best is None:
+        raise UsageError(f"No layer of this model both has {2 * bits} inputs per neuron and inputs wmark can align; "
+                         "use a key with fewer weights bits or a wider model.")
+    return best[2]
+
+
+def binormalize(weight: torch.Tensor, units: int, *, iters: int = BINORM_ITERS) -> torch.Tensor:
+    """``(out, units, rest)`` view of a weight scaled so that every row and every unit's column block has the
+    same norm (Sinkhorn on squared block norms).
+
+    Positive per-row and per-unit rescaling (BatchNorm folded in, norm gains absorbed, int8 scales, ReLU
+    rescaling) leaves the result unchanged once the iteration has converged; permuting units permutes it.
+    """
+    v = weight.reshape(weight.shape[0], units, -1)
+    a = v.pow(2).sum(2)
+    rows, cols = a.shape
+    c = torch.ones(cols, dtype=a.dtype, device=a.device)
+    r = torch.ones(rows, dtype=a.dtype, device=a.device)
+    for _ in range(iters):
+        r = 1.0 / (a @ c).clamp_min(_TINY)
+        c = (rows / cols) / (a.T @ r).clamp_min(_TINY)
+    return v * r.sqrt()[:, None, None] * c.sqrt()[None, :, None]
+
+
+def binorm_vector(weight: torch.Tensor, units: int, *, iters: int = BINORM_ITERS) -> torch.Tensor:
+    """The marked statistic: the mean binormalised row, ``(units·rest,)`` (invariant to permuting rows)."""
+    return binormalize(weight, units, iters=iters).mean(dim=0).flatten()
