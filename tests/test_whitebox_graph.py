@@ -361,10 +361,10 @@ def test_cli_refuses_a_reference_plan_it_cannot_align(bert, tmp_path) -> None:
     info["graph"]["spaces"]["hidden"]["kind"] = "opaque"
     save_tensors(tensors, tmp_path / "bad.safetensors", metadata={**meta, "wmark.weights": json.dumps(info)})
     save_key(key, tmp_path / "k.key")
-    result = CliRunner().invoke(main, ["verify", "--mode", "whitebox", "--key", str(tmp_path / "k.key"), "--reference",
+    result = CliRunner().invoke(main, ["verify", "file", "--whitebox", "--key", str(tmp_path / "k.key"), "--reference",
                                        str(tmp_path / "bad.safetensors"), "--suspect", str(d / "ref.safetensors")])
     assert result.exit_code == 2 and "names a space that cannot be aligned" in result.stderr
-    ok = CliRunner().invoke(main, ["verify", "--mode", "whitebox", "--key", str(tmp_path / "k.key"), "--reference",
+    ok = CliRunner().invoke(main, ["verify", "file", "--whitebox", "--key", str(tmp_path / "k.key"), "--reference",
                                    str(d / "ref.safetensors"), "--suspect", str(d / "ref.safetensors"), "--anchor",
                                    str(d / "anchor.safetensors"), "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout)["decision"] == "detected"

@@ -21,7 +21,6 @@ function of two key-independent files.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,11 +29,10 @@ import torch
 
 from wmark.errors import UsageError
 from wmark.keys import Key
-from wmark.schemes.weights import anchor_digest, decode_message, payload_bits, projection, scheme_params
-from wmark.stats import binomial_log10_sf
-from wmark.verify import TestResult, Verdict, decide
+from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
+from wmark.verify import Verdict, decide
 from wmark.whitebox.graph import BINORM_ITERS, FIXED, Layer, binorm_vector, binormalize
-from wmark.whitebox.verify import match_neurons
+from wmark.whitebox.verify import match_neurons, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
 
@@ -235,44 +233,12 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
             best = (matches, name, got)
     assert best is not None
     matches, found, got = best
-    raw = binomial_log10_sf(matches, bits, 0.5)
-    adjusted = min(0.0, raw + math.log10(len(candidates)))
-    exact = anc is not None
-    test = TestResult(
-        name="weights",
-        evidence_of="copy",
-        null={
-            "p0": 0.5,
-            "distribution": f"Binomial({bits}, 1/2)",
-            "why": "for a model that never saw the key, the aligned vector the projection reads is independent of "
-                   "the key's Gaussian projection, so each bit matches the payload with probability exactly 1/2; " + (
-                       "the alignment reads only the suspect and the unmarked anchor, both independent of the key, "
-                       "so this holds by construction" if exact else
-                       "the alignment reads the reference's layers other than the marked one; they were trained "
-                       "alongside it, so pass the unmarked base model as anchor for a null exact by construction"),
-            "exact_by_construction": exact,
-        },
-        log10_p=adjusted,
-        queries=bits,
-        matches=matches,
-        method=f"exact binomial tail P(X >= matches), X ~ Binomial({bits}, 1/2), summed in log space; "
-               f"Bonferroni over {len(candidates)} candidate tensor(s)",
-        details={
-            "mode": "whitebox",
-            "form": "graph",
-            "family": info.get("graph", {}).get("family"),
-            "bits": bits,
-            "bit_error_rate": (bits - matches) / bits,
-            "log10_p_uncorrected": raw,
-            "candidates": len(candidates),
-            "layer_found": found,
-            "reference_layer": marked.name,
-            "layers_found": dict(aligner.chosen),
-            "alignment_similarity": {s: round(v, 4) for s, v in aligner.quality.items()},
-            "aligned_to": "anchor" if exact else "reference",
-            "anchor_recorded": bool(info.get("anchor_digest")),
-            "reference_bit_errors": ref_errors,
-            "decoded_message": decode_message(key, got),
-        },
-    )
+    test = weights_test_result(
+        key=key, matches=matches, bits=bits, candidates=len(candidates), got=got, exact=anc is not None,
+        not_exact_why="the alignment reads the reference's layers other than the marked one; they were trained "
+                      "alongside it, so pass the unmarked base model as anchor for a null exact by construction",
+        details={"form": "graph", "family": info.get("graph", {}).get("family"), "layer_found": found,
+                 "reference_layer": marked.name, "layers_found": dict(aligner.chosen),
+                 "alignment_similarity": {s: round(v, 4) for s, v in aligner.quality.items()},
+                 "anchor_recorded": bool(info.get("anchor_digest")), "reference_bit_errors": ref_errors})
     return decide(key=key, tests=[test], alpha=alpha, suspect=suspect_label)

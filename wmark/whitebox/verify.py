@@ -394,9 +394,24 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
             best = (matches, name, got, q)
     assert best is not None
     matches, found, got, q = best
+    test = weights_test_result(
+        key=key, matches=matches, bits=bits, candidates=len(candidates), got=got, exact=anchor is not None,
+        not_exact_why="the alignment reads only the reference's layers before the marked one (never the projected "
+                      "layer); they were trained alongside it, so exactness is checked empirically "
+                      "(benchmarks/whitebox_null.py); pass the unmarked base model as anchor for a null exact by "
+                      "construction",
+        details={"layer_found": found, "reference_layer": names[-1], "chain_found": [*chosen, found],
+                 "alignment_similarity": [round(v, 4) for v in q], "unaligned_layers": skipped,
+                 "anchor_recorded": bool(info.get("anchor_digest")), "reference_bit_errors": ref_errors})
+    return decide(key=key, tests=[test], alpha=alpha, suspect=str(suspect))
+
+
+def weights_test_result(*, key: Key, matches: int, bits: int, candidates: int, got: np.ndarray, exact: bool,
+                        not_exact_why: str, details: dict[str, Any]) -> TestResult:
+    """The weight mark's test result: the exact Binomial(bits, 1/2) tail of the best of ``candidates``
+    tensors, Bonferroni-corrected, with the null stated (exact by construction when aligned to the anchor)."""
     raw = binomial_log10_sf(matches, bits, 0.5)
-    adjusted = min(0.0, raw + math.log10(len(candidates)))
-    test = TestResult(
+    return TestResult(
         name="weights",
         evidence_of="copy",
         null={
@@ -406,36 +421,19 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
                    "the key's Gaussian projection, so each bit is the sign of an independent N(0, 1) and matches "
                    "the payload with probability exactly 1/2; " + (
                        "the alignment reads only the suspect and the unmarked anchor, both independent of the key, "
-                       "so this holds by construction" if anchor is not None else
-                       "the alignment reads only the reference's layers before the marked one (never the projected "
-                       "layer); they were trained alongside it, so exactness is checked empirically "
-                       "(benchmarks/whitebox_null.py); pass the unmarked base model as anchor for a null exact by "
-                       "construction"),
-            "exact_by_construction": anchor is not None,
+                       "so this holds by construction" if exact else not_exact_why),
+            "exact_by_construction": exact,
         },
-        log10_p=adjusted,
+        log10_p=min(0.0, raw + math.log10(candidates)),
         queries=bits,
         matches=matches,
         method=f"exact binomial tail P(X >= matches), X ~ Binomial({bits}, 1/2), summed in log space; "
-               f"Bonferroni over {len(candidates)} candidate tensor(s)",
-        details={
-            "mode": "whitebox",
-            "bits": bits,
-            "bit_error_rate": (bits - matches) / bits,
-            "log10_p_uncorrected": raw,
-            "candidates": len(candidates),
-            "layer_found": found,
-            "reference_layer": names[-1],
-            "chain_found": [*chosen, found],
-            "alignment_similarity": [round(v, 4) for v in q],
-            "unaligned_layers": skipped,
-            "aligned_to": "anchor" if anchor is not None else "reference",
-            "anchor_recorded": bool(info.get("anchor_digest")),
-            "reference_bit_errors": ref_errors,
-            "decoded_message": decode_message(key, got),
-        },
+               f"Bonferroni over {candidates} candidate tensor(s)",
+        details={"mode": "whitebox", "bits": bits, "bit_error_rate": (bits - matches) / bits,
+                 "log10_p_uncorrected": raw, "candidates": candidates,
+                 "aligned_to": "anchor" if exact else "reference", **details,
+                 "decoded_message": decode_message(key, got)},
     )
-    return decide(key=key, tests=[test], alpha=alpha, suspect=str(suspect))
 
 
 def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
