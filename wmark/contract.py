@@ -45,13 +45,13 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def _forward_names(model: nn.Module) -> tuple[set[str], set[str], bool]:
-    """The forward's named parameters, the required ones among them, and whether it takes ``**kwargs``."""
+def _forward_names(model: nn.Module) -> tuple[list[str], set[str], bool]:
+    """The forward's named parameters in order, the required ones, and whether it takes ``**kwargs``."""
     try:
         params = inspect.signature(model.forward).parameters.values()
     except (TypeError, ValueError):
-        return set(), set(), True
-    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        return [], set(), True
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     required = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                 and p.default is p.empty}
     return named, required, any(p.kind == p.VAR_KEYWORD for p in params)
@@ -61,23 +61,28 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     """Run ``model`` on a batch already on its device: a tensor positionally, a dict by keyword.
 
     A dict goes in as keywords when the forward names its keys (extra keys it does not take, such as
-    ``token_type_ids`` for a model without them, are dropped); a forward that takes one positional batch and
-    none of the keys gets the whole dict.
+    ``token_type_ids`` for a model without them, are dropped); a forward that takes one required batch and
+    none of the keys gets the whole dict, one that takes only ``**kwargs`` gets every key.
 
     Raises:
         UsageError: If the forward needs a named input the dict batch lacks.
     """
     if not isinstance(batch, Mapping):
         return model(batch)
-    named, required, var_kw = _forward_names(model)
-    if var_kw:
-        return model(**batch)
-    if not named & set(batch) and len(required) <= 1:
-        return model(dict(batch))
-    missing = sorted(required - set(batch))
+    names, required, var_kw = _forward_names(model)
+    named, keys = set(names), set(batch)
+    if not named & keys:
+        if var_kw and not named:
+            return model(**batch)
+        if len(required) == 1:
+            return model(dict(batch))
+        wanted = sorted(required) or names[:2]
+        raise UsageError(f"The batch has no {' or '.join(repr(w) for w in wanted)} (it holds "
+                         f"{', '.join(repr(k) for k in batch) or 'nothing'}); name the model's inputs in the batch.")
+    missing = sorted(required - keys)
     if missing:
         raise UsageError(f"The batch has no {', '.join(repr(m) for m in missing)} (it holds "
-                         f"{', '.join(repr(k) for k in batch) or 'nothing'}); name the model's inputs in the batch.")
+                         f"{', '.join(repr(k) for k in batch)}); name the model's inputs in the batch.")
     return model(**{k: v for k, v in batch.items() if k in named})
 
 

@@ -129,5 +129,6 @@ class Watermarker:
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
             "trigger_per_batch": self.trigger_per_batch,
+            **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }

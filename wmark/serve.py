@@ -4,7 +4,8 @@ Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server m
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
 ``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``. With ``labels_only``
 the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise softmax scores
-(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``.
+(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
+is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
 
 Example:
     >>> from wmark.models import build_model
@@ -39,6 +40,7 @@ from starlette.routing import Route
 from wmark import __version__
 from wmark.errors import UsageError
 from wmark.suspects.base import Suspect
+from wmark.text import TextInputs
 
 MAX_BATCH = 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
@@ -56,7 +58,7 @@ def _error(status: int, message: str) -> JSONResponse:
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
-              clients: Mapping[str, str] | None = None) -> Starlette:
+              clients: Mapping[str, str] | None = None, text: TextInputs | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -74,6 +76,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
             and an ``answerer`` with a ``for_client`` method (the tie-break API) answers, and logs, as that
             client.
+        text: For a text classifier, how strings become its inputs: it is then served at
+            ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
 
     Raises:
         UsageError: On both ``token`` and ``clients``, or an empty or duplicated client token.
@@ -143,6 +147,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         refused = check_model(request)
         if refused is not None:
             return refused
+        if text is not None:
+            return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
         try:
             doc = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
@@ -168,6 +174,19 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
     ]
+    if text is not None:
+        from wmark.suspects.local import LocalSuspect
+        from wmark.text_serving import hf_text_endpoint
+
+        text_suspect = LocalSuspect(model, input_shape=shape, text=text)
+
+        def answer_text(x: np.ndarray, client: str) -> Any:
+            with lock:
+                return by_client.get(client, answerer or text_suspect).query(x)
+
+        routes.append(Route("/hf/models/{model}", hf_text_endpoint(
+            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model),
+            methods=["POST"]))
     return Starlette(routes=routes)
 
 
@@ -299,6 +318,9 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
             raise UsageError(f"The environment variable {token_env} holding the token is unset or empty.")
     meta = wmark_metadata(read_metadata(weights))
     model, _ = load_model(arch, weights)
+    from wmark.text_serving import text_inputs_of
+
+    text = text_inputs_of(meta)
     num_classes = int(meta.get("num_classes", 10))
     shape = tuple(int(s) for s in meta.get("input_shape", (1, 28, 28)))
     if token is not None and clients_file is not None:
@@ -321,7 +343,7 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
                                log=log)
     try:
         app = build_app(model=model, name=name, num_classes=num_classes, input_shape=shape, labels_only=labels_only,
-                        token=token, answerer=answerer, clients=clients)
+                        token=token, answerer=answerer, clients=clients, text=text)
         _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
@@ -329,7 +351,8 @@ def serve(*, arch: str, weights: str | os.PathLike[str], name: str, host: str = 
             mode = "label-only" if labels_only else "scores"
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
             auth += (", tie-break marked" if answerer else "") + (f", logging to {tiebreak_log}" if log else "")
-            announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
+            route = "hf" if text is not None else "v2"
+            announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
         server.run()
     finally:
         if log is not None:

@@ -125,6 +125,8 @@ def trigger_vocabulary(tokenizer: Any) -> list[str]:
     special = set(getattr(tokenizer, "all_special_tokens", []))
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     words = [w for w, _ in vocab if w not in special and w.isascii() and w.isalpha() and len(w) >= 3]
+    if not words:
+        return []
     encoded = tokenizer(words, add_special_tokens=False)["input_ids"]
     ids = tokenizer.convert_tokens_to_ids(words)
     return [w for w, e, i in zip(words, encoded, ids) if list(e) == [i]]

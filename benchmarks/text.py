@@ -1,0 +1,154 @@
+"""MiniLM on Debian fortunes, end to end through the Python API: embedding cost, detection, theft, null panel.
+
+What it measures, side by side on the same machine:
+
+* the owner fine-tunes MiniLM (all-MiniLM-L6-v2 + a linear head) on its third of the fortunes, once without
+  and once with the key's text triggers (identical seed, data order and optimizer): the accuracy cost;
+* the marked model verified black-box, label-only, at alpha = 1e-6 (sequential, at most 20 queries);
+* a thief's full fine-tune of the marked model on its own third (3 epochs): verified again;
+* independent text models (the unmarked fine-tune, linear probes on frozen MiniLM features with other seeds and
+  data, tiny BERTs trained from scratch, bag-of-words models) verified on all 100 triggers (fixed mode):
+  none may be detected.
+
+Run ``python benchmarks/text.py`` (about 30-60 minutes on 2 shared cores) or ``--quick`` (a few minutes,
+subsets: the numbers show the plumbing, not the full-size result). Results: ``benchmarks/results/text.json``
+(``text_quick.json`` for ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.common import table, write_results  # noqa: E402
+from wmark.data import Dataset, load_dataset  # noqa: E402
+from wmark.embed import Watermarker  # noqa: E402
+from wmark.keys import Key, generate_key  # noqa: E402
+from wmark.models import build_model  # noqa: E402
+from wmark.suspects import LocalSuspect  # noqa: E402
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality  # noqa: E402
+from wmark.training import accuracy, make_loader, train_epochs  # noqa: E402
+from wmark.verify import verify_blackbox  # noqa: E402
+
+ALPHA = 1e-6
+
+
+def finetune(model: torch.nn.Module, ds: Dataset, *, epochs: int, lr: float, seed: int, key: Key | None = None,
+             per_batch: int = 8, batch_size: int = 32, params: Any = None) -> float:
+    """AdamW fine-tune (optionally with the key's triggers mixed in); returns seconds."""
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(params if params is not None else model.parameters(), lr=lr)
+    loader: Any = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
+    wm = None
+    if key is not None:
+        wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=per_batch)
+        model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)  # type: ignore[assignment]
+    start = time.perf_counter()
+    try:
+        train_epochs(model, loader, epochs=epochs, optimizer=optimizer, device=torch.device("cpu"))
+    finally:
+        if wm is not None:
+            wm.detach()
+    return time.perf_counter() - start
+
+
+def trigger_accuracy(model: torch.nn.Module, key: Key) -> float:
+    from wmark.schemes.trigger_set import generate_triggers
+
+    triggers = generate_triggers(key)
+    answers = LocalSuspect(model, input_shape=(64,), text=TextInputs.from_key(key)).query(triggers.queries(range(len(triggers))))
+    return float((torch.as_tensor(answers.labels) == triggers.labels).float().mean())
+
+
+def verdicts(model: torch.nn.Module, key: Key) -> dict[str, Any]:
+    """Label-only verification: sequential within 20 queries, and fixed over every trigger."""
+    suspect = LocalSuspect(model, input_shape=(64,), text=TextInputs.from_key(key), expose_scores=False)
+    seq = verify_blackbox(key=key, suspect=suspect, alpha=ALPHA, mode="sequential", max_queries=20)
+    fixed = verify_blackbox(key=key, suspect=suspect, alpha=ALPHA, mode="fixed")
+    return {"seq_detected": seq.detected, "seq_queries": seq.tests[0].queries, "seq_log10_p": round(seq.log10_p, 2),
+            "fixed_detected": fixed.detected, "fixed_matches": fixed.tests[0].matches,
+            "fixed_log10_p": round(fixed.log10_p, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Subsets and one epoch: minutes, not the full numbers.")
+    parser.add_argument("--epochs", type=int, default=3, help="Owner fine-tune epochs (full mode).")
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    quick = args.quick
+    owner, thief_data = load_dataset("fortunes@owner"), load_dataset("fortunes@attacker")
+    n_train, n_test = (400, 400) if quick else (None, None)
+    owner = owner.subset(max_samples=n_train)
+    thief_data = thief_data.subset(max_samples=n_train)
+    if n_test is not None:
+        owner = Dataset(owner.name, owner.x_train, owner.y_train, owner.x_test[:n_test], owner.y_test[:n_test],
+                        owner.num_classes)
+    x_test, y_test = owner.x_test, owner.y_test
+    epochs = 1 if quick else args.epochs
+    thief_epochs = 1 if quick else 3
+    tok = load_tokenizer(MINILM)
+    key = generate_key(owner="ACME", num_classes=owner.num_classes, num_triggers=100,
+                       modality=text_modality(tokenizer=tok, name=MINILM, max_length=64))
+    rows: list[dict[str, Any]] = []
+    doc: dict[str, Any] = {"quick": quick, "alpha": ALPHA, "owner_train": len(owner.x_train), "test": len(x_test),
+                           "epochs": epochs, "lr": args.lr, "per_batch": args.per_batch, "thief_epochs": thief_epochs}
+
+    def record(name: str, role: str, model: torch.nn.Module, seconds: float) -> None:
+        row = {"model": name, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
+               "trigger_acc": round(trigger_accuracy(model, key), 3), "train_s": round(seconds, 1),
+               **verdicts(model, key)}
+        rows.append(row)
+        print(row, flush=True)
+
+    clean = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
+    marked = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
+    s_clean = finetune(clean, owner, epochs=epochs, lr=args.lr, seed=0)
+    record("minilm fine-tune, no triggers", "independent", clean, s_clean)
+    s_marked = finetune(marked, owner, epochs=epochs, lr=args.lr, seed=0, key=key, per_batch=args.per_batch)
+    record("minilm fine-tune + triggers", "marked", marked, s_marked)
+    doc["embed_cost_pp"] = round(100 * (rows[0]["test_acc"] - rows[1]["test_acc"]), 2)
+    s_thief = finetune(marked, thief_data, epochs=thief_epochs, lr=5e-5, seed=7)
+    record(f"thief: {thief_epochs}-epoch full fine-tune on own third", "stolen", marked, s_thief)
+
+    # Independent panel (the unmarked fine-tune above is the first).
+    encoder = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
+    for seed, part in ((1, owner), (2, thief_data), (3, owner), (4, thief_data)):
+        probe = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=seed)
+        probe.load_state_dict(encoder.state_dict())
+        torch.nn.init.normal_(probe.head.weight, std=0.02)  # type: ignore[union-attr, arg-type]
+        for p in probe.encoder.parameters():  # type: ignore[union-attr]
+            p.requires_grad_(False)
+        s = finetune(probe, part, epochs=1, lr=1e-3, seed=seed, params=probe.head.parameters())  # type: ignore[union-attr]
+        record(f"minilm linear probe seed {seed} ({'owner' if part is owner else 'attacker'} third)", "independent",
+               probe, s)
+    for arch, lr, count in (("tiny-bert", 1e-3, 3), ("text-bow", 3e-3, 3)):
+        for seed in range(count):
+            part = owner if seed % 2 == 0 else thief_data
+            model = build_model(arch, num_classes=owner.num_classes, input_shape=(64,), seed=100 + seed)
+            s = finetune(model, part, epochs=2 if quick else 5, lr=lr, seed=100 + seed)
+            record(f"{arch} from scratch seed {100 + seed}", "independent", model, s)
+    indep = [r for r in rows if r["role"] == "independent"]
+    doc.update(rows=rows, independent=len(indep), independent_detected=sum(r["seq_detected"] or r["fixed_detected"]
+                                                                              for r in indep))
+    print(table(rows, ["model", "role", "test_acc", "trigger_acc", "seq_detected", "seq_queries", "seq_log10_p",
+                       "fixed_matches", "fixed_log10_p", "train_s"]))
+    print(f"embedding cost: {doc['embed_cost_pp']} pp; independent detected: {doc['independent_detected']}"
+          f"/{doc['independent']}")
+    path = write_results("text_quick" if quick else "text", doc)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
