@@ -29,17 +29,41 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import table, write_results  # noqa: E402
-from wmark.data import Dataset, load_dataset  # noqa: E402
-from wmark.embed import Watermarker  # noqa: E402
-from wmark.keys import Key, generate_key  # noqa: E402
-from wmark.models import build_model  # noqa: E402
-from wmark.suspects import LocalSuspect  # noqa: E402
-from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality  # noqa: E402
-from wmark.training import accuracy, make_loader, train_epochs  # noqa: E402
-from wmark.verify import verify_blackbox  # noqa: E402
+from benchmarks.common import table, write_results
+from wmark.data import Dataset, load_dataset
+from wmark.embed import Watermarker
+from wmark.keys import Key, generate_key
+from wmark.models import build_model
+from wmark.suspects import LocalSuspect
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
+from wmark.training import accuracy, train_epochs
+from wmark.verify import verify_blackbox
 
 ALPHA = 1e-6
+
+
+class BucketedBatches:
+    """Batches of texts of similar length (shuffled within and across buckets each epoch, seeded).
+
+    The text models trim a batch to its longest text, so grouping by length halves the cost of a fortunes
+    epoch on a CPU; the owner's runs with and without triggers see identical batches.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, seed: int) -> None:
+        self.x, self.y, self.batch_size, self.seed, self.epoch = x, y, batch_size, seed, 0
+
+    def __len__(self) -> int:
+        return (len(self.x) + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self) -> Any:
+        gen = torch.Generator().manual_seed(self.seed * 1000 + self.epoch)
+        self.epoch += 1
+        lengths = (self.x != 0).sum(1) + torch.rand(len(self.x), generator=gen) * 8  # jitter mixes neighbours
+        order = torch.argsort(lengths)
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        for b in torch.randperm(len(batches), generator=gen).tolist():
+            idx = batches[b]
+            yield self.x[idx], self.y[idx]
 
 
 def finetune(model: torch.nn.Module, ds: Dataset, *, epochs: int, lr: float, seed: int, key: Key | None = None,
@@ -47,7 +71,7 @@ def finetune(model: torch.nn.Module, ds: Dataset, *, epochs: int, lr: float, see
     """AdamW fine-tune (optionally with the key's triggers mixed in); returns seconds."""
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(params if params is not None else model.parameters(), lr=lr)
-    loader: Any = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
+    loader: Any = BucketedBatches(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
     wm = None
     if key is not None:
         wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=per_batch)
@@ -82,14 +106,14 @@ def verdicts(model: torch.nn.Module, key: Key) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Subsets and one epoch: minutes, not the full numbers.")
-    parser.add_argument("--epochs", type=int, default=3, help="Owner fine-tune epochs (full mode).")
+    parser.add_argument("--epochs", type=int, default=2, help="Owner fine-tune epochs (full mode).")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
     args = parser.parse_args()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     quick = args.quick
     owner, thief_data = load_dataset("fortunes@owner"), load_dataset("fortunes@attacker")
-    n_train, n_test = (400, 400) if quick else (None, None)
+    n_train, n_test = (96, 96) if quick else (None, None)
     owner = owner.subset(max_samples=n_train)
     thief_data = thief_data.subset(max_samples=n_train)
     if n_test is not None:
@@ -124,20 +148,21 @@ def main() -> None:
 
     # Independent panel (the unmarked fine-tune above is the first).
     encoder = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
-    for seed, part in ((1, owner), (2, thief_data), (3, owner), (4, thief_data)):
+    probe_data = [d.subset(max_samples=96 if quick else 800) for d in (owner, thief_data)]
+    for seed, part in ((1, probe_data[0]), (2, probe_data[1]), (3, probe_data[0]), (4, probe_data[1])):
         probe = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=seed)
         probe.load_state_dict(encoder.state_dict())
         torch.nn.init.normal_(probe.head.weight, std=0.02)  # type: ignore[union-attr, arg-type]
         for p in probe.encoder.parameters():  # type: ignore[union-attr]
             p.requires_grad_(False)
         s = finetune(probe, part, epochs=1, lr=1e-3, seed=seed, params=probe.head.parameters())  # type: ignore[union-attr]
-        record(f"minilm linear probe seed {seed} ({'owner' if part is owner else 'attacker'} third)", "independent",
+        record(f"minilm linear probe seed {seed} ({'owner' if part is probe_data[0] else 'attacker'} third)", "independent",
                probe, s)
     for arch, lr, count in (("tiny-bert", 1e-3, 3), ("text-bow", 3e-3, 3)):
         for seed in range(count):
             part = owner if seed % 2 == 0 else thief_data
             model = build_model(arch, num_classes=owner.num_classes, input_shape=(64,), seed=100 + seed)
-            s = finetune(model, part, epochs=2 if quick else 5, lr=lr, seed=100 + seed)
+            s = finetune(model, part, epochs=1 if quick else 4, lr=lr, seed=100 + seed)
             record(f"{arch} from scratch seed {100 + seed}", "independent", model, s)
     indep = [r for r in rows if r["role"] == "independent"]
     doc.update(rows=rows, independent=len(indep), independent_detected=sum(r["seq_detected"] or r["fixed_detected"]

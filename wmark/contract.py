@@ -57,6 +57,11 @@ def _forward_names(model: nn.Module) -> tuple[list[str], set[str], bool]:
     return named, required, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
+def forward_names(model: nn.Module) -> list[str]:
+    """The names of the parameters the model's ``forward`` takes by keyword, in order."""
+    return _forward_names(model)[0]
+
+
 def call_model(model: nn.Module, batch: Batch) -> Any:
     """Run ``model`` on a batch already on its device: a tensor positionally, a dict by keyword.
 

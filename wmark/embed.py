@@ -100,10 +100,28 @@ class Watermarker:
         if "weights" in self.schemes:
             if optimizer is None:
                 raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
-            self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
-            self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
+            self._hook_weights(model, optimizer)
         self._attached = True
         return model, optimizer, data_loader
+
+    def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Install only the weights scheme's step pre-hook, on an optimizer a framework built.
+
+        The trainer integrations (:mod:`wmark.integrations`) call this when training starts; the triggers reach
+        the model through :meth:`wrap_dataset` or the integration itself. Does nothing without the weights scheme.
+
+        Raises:
+            UsageError: If already attached.
+        """
+        if self._attached:
+            raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "weights" in self.schemes:
+            self._hook_weights(model, optimizer)
+        self._attached = True
+
+    def _hook_weights(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
+        self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
 
     def wrap_dataset(self, dataset: torch.utils.data.Dataset, *, repeats: int = 10) -> torch.utils.data.Dataset:
         """Append the triggers to a dataset, for frameworks that build their own loader (HF Trainer, Lightning).
