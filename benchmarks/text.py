@@ -106,7 +106,8 @@ def verdicts(model: torch.nn.Module, key: Key) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Subsets and one epoch: minutes, not the full numbers.")
-    parser.add_argument("--epochs", type=int, default=2, help="Owner fine-tune epochs (full mode).")
+    parser.add_argument("--epochs", type=int, default=3, help="Owner fine-tune epochs (full mode).")
+    parser.add_argument("--triggers", type=int, default=50, help="Trigger-set size of the key.")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
     args = parser.parse_args()
@@ -123,11 +124,13 @@ def main() -> None:
     epochs = 1 if quick else args.epochs
     thief_epochs = 1 if quick else 3
     tok = load_tokenizer(MINILM)
-    key = generate_key(owner="ACME", num_classes=owner.num_classes, num_triggers=100,
+    key = generate_key(owner="ACME", num_classes=owner.num_classes, num_triggers=args.triggers,
                        modality=text_modality(tokenizer=tok, name=MINILM, max_length=64))
     rows: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"quick": quick, "alpha": ALPHA, "owner_train": len(owner.x_train), "test": len(x_test),
-                           "epochs": epochs, "lr": args.lr, "per_batch": args.per_batch, "thief_epochs": thief_epochs}
+                           "epochs": epochs, "lr": args.lr, "per_batch": args.per_batch, "thief_epochs": thief_epochs,
+                           "triggers": args.triggers, "thief_lr": 5e-5, "rows": rows}
+    name = "text_quick" if quick else "text"
 
     def record(name: str, role: str, model: torch.nn.Module, seconds: float) -> None:
         row = {"model": name, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
@@ -135,6 +138,7 @@ def main() -> None:
                **verdicts(model, key)}
         rows.append(row)
         print(row, flush=True)
+        write_results(name, dict(doc, partial=True))
 
     clean = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
     marked = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
@@ -171,7 +175,8 @@ def main() -> None:
                        "fixed_matches", "fixed_log10_p", "train_s"]))
     print(f"embedding cost: {doc['embed_cost_pp']} pp; independent detected: {doc['independent_detected']}"
           f"/{doc['independent']}")
-    path = write_results("text_quick" if quick else "text", doc)
+    doc["partial"] = False
+    path = write_results(name, doc)
     print(f"wrote {path}")
 
 

@@ -64,7 +64,10 @@ def fortunes_texts(directory: Path = FORTUNES_DIR) -> tuple[tuple[str, ...], tup
     for label, name in enumerate(largest):
         for text in by_category[name]:
             seen.setdefault(text, set()).add(label)
-    kept = sorted((t, next(iter(labels))) for t, labels in seen.items() if len(labels) == 1)
+    # Ordered by a hash of the text: a fixed order that does not group a category or an alphabet range, so the
+    # first N texts of a part are a fair sample of it.
+    kept = sorted(((t, next(iter(labels))) for t, labels in seen.items() if len(labels) == 1),
+                  key=lambda item: hashlib.sha256(b"order|" + item[0].encode()).digest())
     return tuple(t for t, _ in kept), tuple(label for _, label in kept), tuple(largest)
 
 
