@@ -7,10 +7,11 @@ What it measures, side by side on the same machine:
 * the marked model verified black-box, label-only, at alpha = 1e-6 (sequential, at most 20 queries);
 * a thief's full fine-tune of the marked model on its own third (3 epochs): verified again;
 * independent text models (the unmarked fine-tune, linear probes on frozen MiniLM features with other seeds and
-  data, tiny BERTs trained from scratch, bag-of-words models) verified on all 100 triggers (fixed mode):
-  none may be detected.
+  data, tiny BERTs trained from scratch, bag-of-words models) verified on every trigger (fixed mode) and
+  sequentially: none may be detected.
 
-Run ``python benchmarks/text.py`` (about 30-60 minutes on 2 shared cores) or ``--quick`` (a few minutes,
+Run ``python benchmarks/text.py --part owner`` and ``--part panel`` side by side, then ``--combine`` (about 45
+minutes on 2 shared cores at the default 1,600 training and 1,000 test texts), or ``--quick`` (a few minutes,
 subsets: the numbers show the plumbing, not the full-size result). Results: ``benchmarks/results/text.json``
 (``text_quick.json`` for ``--quick``).
 """
@@ -18,6 +19,8 @@ subsets: the numbers show the plumbing, not the full-size result). Results: ``be
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import os
 import sys
 import time
@@ -106,15 +109,26 @@ def verdicts(model: torch.nn.Module, key: Key) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Subsets and one epoch: minutes, not the full numbers.")
-    parser.add_argument("--epochs", type=int, default=3, help="Owner fine-tune epochs (full mode).")
-    parser.add_argument("--triggers", type=int, default=50, help="Trigger-set size of the key.")
+    parser.add_argument("--epochs", type=int, default=2, help="Owner fine-tune epochs (full mode).")
+    parser.add_argument("--triggers", type=int, default=40, help="Trigger-set size of the key.")
+    parser.add_argument("--train", type=int, default=1600,
+                        help="Texts of each third to train on (full mode; 0: the whole third, ~2.4k).")
+    parser.add_argument("--test", type=int, default=1000, help="Test texts (full mode; 0: the whole third, ~2.3k).")
+    parser.add_argument("--part", choices=("all", "owner", "panel"), default="all",
+                        help="owner: the clean/marked fine-tunes and the theft; panel: the other independent "
+                             "models (run the two in parallel, then --combine).")
+    parser.add_argument("--combine", action="store_true", help="Merge the owner and panel results into one file.")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
     args = parser.parse_args()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    if args.combine:
+        combine(quick=args.quick)
+        return
+    # One thread: on a shared, oversubscribed CPU two OpenMP threads per process ran 6x slower than one.
+    torch.set_num_threads(1)
     quick = args.quick
     owner, thief_data = load_dataset("fortunes@owner"), load_dataset("fortunes@attacker")
-    n_train, n_test = (96, 96) if quick else (None, None)
+    n_train, n_test = (96, 96) if quick else (args.train or None, args.test or None)
     owner = owner.subset(max_samples=n_train)
     thief_data = thief_data.subset(max_samples=n_train)
     if n_test is not None:
@@ -124,33 +138,57 @@ def main() -> None:
     epochs = 1 if quick else args.epochs
     thief_epochs = 1 if quick else 3
     tok = load_tokenizer(MINILM)
-    key = generate_key(owner="ACME", num_classes=owner.num_classes, num_triggers=args.triggers,
-                       modality=text_modality(tokenizer=tok, name=MINILM, max_length=64))
+    # A fixed secret: the owner and panel parts (separate processes) must test against the same key.
+    key = dataclasses.replace(
+        generate_key(owner="ACME", num_classes=owner.num_classes, num_triggers=args.triggers,
+                     modality=text_modality(tokenizer=tok, name=MINILM, max_length=64)),
+        secret=hashlib.sha256(b"wmark/benchmarks/text").digest(), created="2026-12-03T00:00:00+00:00")
     rows: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"quick": quick, "alpha": ALPHA, "owner_train": len(owner.x_train), "test": len(x_test),
                            "epochs": epochs, "lr": args.lr, "per_batch": args.per_batch, "thief_epochs": thief_epochs,
                            "triggers": args.triggers, "thief_lr": 5e-5, "rows": rows}
-    name = "text_quick" if quick else "text"
+    name = ("text_quick" if quick else "text") + ("" if args.part == "all" else f"_{args.part}")
 
-    def record(name: str, role: str, model: torch.nn.Module, seconds: float) -> None:
-        row = {"model": name, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
+    def record(label: str, role: str, model: torch.nn.Module, seconds: float) -> None:
+        row = {"model": label, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
                "trigger_acc": round(trigger_accuracy(model, key), 3), "train_s": round(seconds, 1),
                **verdicts(model, key)}
         rows.append(row)
         print(row, flush=True)
         write_results(name, dict(doc, partial=True))
 
+    if args.part in ("all", "owner"):
+        owner_part(key=key, owner=owner, thief_data=thief_data, epochs=epochs, thief_epochs=thief_epochs, args=args,
+                   record=record, doc=doc)
+    if args.part in ("all", "panel"):
+        panel_part(owner=owner, thief_data=thief_data, quick=quick, record=record)
+    summarise(doc)
+    print(table(rows, COLUMNS))
+    doc["partial"] = False
+    path = write_results(name, doc)
+    print(f"wrote {path}")
+
+
+COLUMNS = ["model", "role", "test_acc", "trigger_acc", "seq_detected", "seq_queries", "seq_log10_p", "fixed_matches",
+           "fixed_log10_p", "train_s"]
+
+
+def owner_part(*, key: Key, owner: Dataset, thief_data: Dataset, epochs: int, thief_epochs: int, args: Any,
+               record: Any, doc: dict[str, Any]) -> None:
+    """The owner's paired fine-tunes (without and with triggers) and the thief's fine-tune of the marked model."""
     clean = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
-    marked = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
     s_clean = finetune(clean, owner, epochs=epochs, lr=args.lr, seed=0)
     record("minilm fine-tune, no triggers", "independent", clean, s_clean)
+    del clean
+    marked = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
     s_marked = finetune(marked, owner, epochs=epochs, lr=args.lr, seed=0, key=key, per_batch=args.per_batch)
     record("minilm fine-tune + triggers", "marked", marked, s_marked)
-    doc["embed_cost_pp"] = round(100 * (rows[0]["test_acc"] - rows[1]["test_acc"]), 2)
     s_thief = finetune(marked, thief_data, epochs=thief_epochs, lr=5e-5, seed=7)
     record(f"thief: {thief_epochs}-epoch full fine-tune on own third", "stolen", marked, s_thief)
 
-    # Independent panel (the unmarked fine-tune above is the first).
+
+def panel_part(*, owner: Dataset, thief_data: Dataset, quick: bool, record: Any) -> None:
+    """Independent models besides the owner's unmarked fine-tune: probes, scratch BERTs, bags of words."""
     encoder = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
     probe_data = [d.subset(max_samples=96 if quick else 800) for d in (owner, thief_data)]
     for seed, part in ((1, probe_data[0]), (2, probe_data[1]), (3, probe_data[0]), (4, probe_data[1])):
@@ -168,16 +206,40 @@ def main() -> None:
             model = build_model(arch, num_classes=owner.num_classes, input_shape=(64,), seed=100 + seed)
             s = finetune(model, part, epochs=1 if quick else 4, lr=lr, seed=100 + seed)
             record(f"{arch} from scratch seed {100 + seed}", "independent", model, s)
+
+
+def summarise(doc: dict[str, Any]) -> None:
+    """Headline numbers from the rows: embedding cost, detection of the marked and stolen copies, the null panel."""
+    rows = doc["rows"]
+    by_role = {r["role"]: r for r in rows if r["role"] in ("marked", "stolen")}
+    clean = next((r for r in rows if r["model"].startswith("minilm fine-tune, no")), None)
+    if clean is not None and "marked" in by_role:
+        doc["embed_cost_pp"] = round(100 * (clean["test_acc"] - by_role["marked"]["test_acc"]), 2)
+    for role in ("marked", "stolen"):
+        if role in by_role:
+            doc[f"{role}_detected_within_20"] = by_role[role]["seq_detected"]
     indep = [r for r in rows if r["role"] == "independent"]
-    doc.update(rows=rows, independent=len(indep), independent_detected=sum(r["seq_detected"] or r["fixed_detected"]
-                                                                              for r in indep))
-    print(table(rows, ["model", "role", "test_acc", "trigger_acc", "seq_detected", "seq_queries", "seq_log10_p",
-                       "fixed_matches", "fixed_log10_p", "train_s"]))
-    print(f"embedding cost: {doc['embed_cost_pp']} pp; independent detected: {doc['independent_detected']}"
+    doc["independent"] = len(indep)
+    doc["independent_detected"] = sum(bool(r["seq_detected"] or r["fixed_detected"]) for r in indep)
+    print(f"embedding cost: {doc.get('embed_cost_pp')} pp; independent detected: {doc['independent_detected']}"
           f"/{doc['independent']}")
-    doc["partial"] = False
-    path = write_results(name, doc)
-    print(f"wrote {path}")
+
+
+def combine(*, quick: bool) -> None:
+    """Merge ``text_owner.json`` and ``text_panel.json`` (run in parallel) into ``text.json``."""
+    import json
+
+    from benchmarks.common import RESULTS
+
+    base = "text_quick" if quick else "text"
+    parts = [json.loads((RESULTS / f"{base}_{p}.json").read_text()) for p in ("owner", "panel")]
+    doc = {k: v for k, v in parts[0].items() if k not in ("machine", "rows", "partial")}
+    doc["rows"] = parts[0]["rows"] + parts[1]["rows"]
+    doc["partial"] = any(p.get("partial", True) for p in parts)
+    doc["parts_machine"] = [p["machine"] for p in parts]
+    summarise(doc)
+    print(table(doc["rows"], COLUMNS))
+    print(f"wrote {write_results(base, doc)}")
 
 
 if __name__ == "__main__":
