@@ -64,8 +64,9 @@ def _progress() -> bool:
     return sys.stderr.isatty() or bool(os.environ.get("WMARK_PROGRESS"))
 
 
-ARCH_HELP = "built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp) or package.module:factory"
-DATA_HELP = "fashion-mnist[:DIR], digits, or a .safetensors file with tensors x and y"
+ARCH_HELP = ("built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp; text: minilm-classifier, tiny-bert, text-bow) "
+             "or package.module:factory")
+DATA_HELP = "fashion-mnist[:DIR], digits, fortunes[:DIR][@owner|@attacker], or a .safetensors file with tensors x and y"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},

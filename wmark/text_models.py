@@ -86,9 +86,11 @@ def minilm_classifier(*, num_classes: int, input_shape: tuple[int, ...] = (64,))
     """MiniLM-L6 (all-MiniLM-L6-v2, loaded offline from its PyPI package) + mean pooling + a linear head."""
     _offline()
     from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
 
     from wmark.text import minilm_dir
 
+    hf_logging.disable_progress_bar()  # a bar per model load would clutter the CLI's output
     encoder = AutoModel.from_pretrained(minilm_dir(), local_files_only=True)
     return TextClassifier(encoder, num_classes=num_classes)
 
