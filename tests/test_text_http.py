@@ -131,3 +131,22 @@ def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, t
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
+    import numpy as np
+
+    from wmark.suspects.protocols import JsonTemplateProtocol, load_template
+
+    hf = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template=load_template("hf"), num_classes=4,
+                              input_shape=(32,))
+    assert hf.request(np.asarray(["two words"], dtype=object)[0]).body == {"inputs": "two words"}
+    batched = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template={"request": {"texts": "$input_batch"},
+                                                                          "response": {"label": "label"}},
+                                   num_classes=4, input_shape=(32,))
+    assert batched.request("two words").body == {"texts": ["two words"]}
+    b64 = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template={"request": {"x": "$input_b64"},
+                                                                      "response": {"label": "label"}},
+                               num_classes=4, input_shape=(32,))
+    with pytest.raises(UsageError, match="cannot carry text"):
+        b64.request("two words")

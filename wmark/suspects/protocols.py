@@ -463,16 +463,6 @@ def _count_placeholders(node: Any) -> int:
     return 0
 
 
-def _count_placeholders_of(node: Any, placeholder: str) -> int:
-    if isinstance(node, str):
-        return int(node == placeholder)
-    if isinstance(node, list):
-        return sum(_count_placeholders_of(v, placeholder) for v in node)
-    if isinstance(node, dict):
-        return sum(_count_placeholders_of(v, placeholder) for v in node.values())
-    return 0
-
-
 def _fill(node: Any, values: dict[str, Any]) -> Any:
     if isinstance(node, str) and node in values:
         return values[node]
@@ -533,7 +523,7 @@ class JsonTemplateProtocol(WireProtocol):
     def _text_request(self, text: str) -> Request:
         # A text input is sent as the string itself (``$input``) or a one-string batch (``$input_batch``).
         for placeholder in ("$input_flat", "$input_b64"):
-            if _count_placeholders_of(self.template["request"], placeholder):
+            if json.dumps(placeholder) in json.dumps(self.template["request"]):
                 raise UsageError(f"The template sends {placeholder}, which cannot carry text; use $input or $input_batch.")
         return Request(self.method, self.url, _fill(self.template["request"], {"$input": text, "$input_batch": [text]}))
 
