@@ -118,8 +118,12 @@ def main() -> None:
                         help="owner: the clean/marked fine-tunes and the theft; panel: the other independent "
                              "models (run the two in parallel, then --combine).")
     parser.add_argument("--combine", action="store_true", help="Merge the owner and panel results into one file.")
+    parser.add_argument("--variant", default="",
+                        help="Name of a variant of the owner part (e.g. fewer triggers per batch): skips the unmarked "
+                             "fine-tune, which the default owner run measures, and writes text_owner_<variant>.json.")
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
+    parser.add_argument("--thief-lr", type=float, default=5e-5, help="The thief's AdamW learning rate.")
     args = parser.parse_args()
     if args.combine:
         combine(quick=args.quick)
@@ -146,8 +150,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     doc: dict[str, Any] = {"quick": quick, "alpha": ALPHA, "owner_train": len(owner.x_train), "test": len(x_test),
                            "epochs": epochs, "lr": args.lr, "per_batch": args.per_batch, "thief_epochs": thief_epochs,
-                           "triggers": args.triggers, "thief_lr": 5e-5, "rows": rows}
+                           "triggers": args.triggers, "thief_lr": args.thief_lr, "rows": rows}
     name = ("text_quick" if quick else "text") + ("" if args.part == "all" else f"_{args.part}")
+    name += f"_{args.variant}" if args.variant else ""
 
     def record(label: str, role: str, model: torch.nn.Module, seconds: float) -> None:
         row = {"model": label, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
@@ -159,7 +164,7 @@ def main() -> None:
 
     if args.part in ("all", "owner"):
         owner_part(key=key, owner=owner, thief_data=thief_data, epochs=epochs, thief_epochs=thief_epochs, args=args,
-                   record=record, doc=doc)
+                   record=record, doc=doc, clean=not args.variant)
     if args.part in ("all", "panel"):
         panel_part(owner=owner, thief_data=thief_data, quick=quick, record=record)
     summarise(doc)
@@ -174,17 +179,18 @@ COLUMNS = ["model", "role", "test_acc", "trigger_acc", "seq_detected", "seq_quer
 
 
 def owner_part(*, key: Key, owner: Dataset, thief_data: Dataset, epochs: int, thief_epochs: int, args: Any,
-               record: Any, doc: dict[str, Any]) -> None:
+               record: Any, doc: dict[str, Any], clean: bool = True) -> None:
     """The owner's paired fine-tunes (without and with triggers) and the thief's fine-tune of the marked model."""
-    clean = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
-    s_clean = finetune(clean, owner, epochs=epochs, lr=args.lr, seed=0)
-    record("minilm fine-tune, no triggers", "independent", clean, s_clean)
-    del clean
+    if clean:
+        plain = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
+        s_clean = finetune(plain, owner, epochs=epochs, lr=args.lr, seed=0)
+        record("minilm fine-tune, no triggers", "independent", plain, s_clean)
+        del plain
     marked = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=0)
     s_marked = finetune(marked, owner, epochs=epochs, lr=args.lr, seed=0, key=key, per_batch=args.per_batch)
     record("minilm fine-tune + triggers", "marked", marked, s_marked)
-    s_thief = finetune(marked, thief_data, epochs=thief_epochs, lr=5e-5, seed=7)
-    record(f"thief: {thief_epochs}-epoch full fine-tune on own third", "stolen", marked, s_thief)
+    s_thief = finetune(marked, thief_data, epochs=thief_epochs, lr=args.thief_lr, seed=7)
+    record(f"thief: {thief_epochs}-epoch full fine-tune on own third, lr {args.thief_lr:g}", "stolen", marked, s_thief)
 
 
 def panel_part(*, owner: Dataset, thief_data: Dataset, quick: bool, record: Any) -> None:
