@@ -124,6 +124,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--per-batch", type=int, default=8, help="Triggers mixed into each batch of 32.")
     parser.add_argument("--thief-lr", type=float, default=5e-5, help="The thief's AdamW learning rate.")
+    parser.add_argument("--clean-seed", type=int, default=None,
+                        help="Only the unmarked fine-tune, with this seed (head and data order): the run-to-run "
+                             "spread the embedding cost is compared with. Writes text_clean_seed<N>.json.")
     args = parser.parse_args()
     if args.combine:
         combine(quick=args.quick)
@@ -153,6 +156,10 @@ def main() -> None:
                            "triggers": args.triggers, "thief_lr": args.thief_lr, "rows": rows}
     name = ("text_quick" if quick else "text") + ("" if args.part == "all" else f"_{args.part}")
     name += f"_{args.variant}" if args.variant else ""
+    if args.clean_seed is not None:
+        name = f"text_clean_seed{args.clean_seed}"
+        plain = build_model("minilm-classifier", num_classes=owner.num_classes, input_shape=(64,), seed=args.clean_seed)
+        seconds = finetune(plain, owner, epochs=epochs, lr=args.lr, seed=args.clean_seed)
 
     def record(label: str, role: str, model: torch.nn.Module, seconds: float) -> None:
         row = {"model": label, "role": role, "test_acc": round(accuracy(model, x_test, y_test), 4),
@@ -162,10 +169,12 @@ def main() -> None:
         print(row, flush=True)
         write_results(name, dict(doc, partial=True))
 
-    if args.part in ("all", "owner"):
+    if args.clean_seed is not None:
+        record(f"minilm fine-tune, no triggers, seed {args.clean_seed}", "independent", plain, seconds)
+    elif args.part in ("all", "owner"):
         owner_part(key=key, owner=owner, thief_data=thief_data, epochs=epochs, thief_epochs=thief_epochs, args=args,
                    record=record, doc=doc, clean=not args.variant)
-    if args.part in ("all", "panel"):
+    if args.part in ("all", "panel") and args.clean_seed is None:
         panel_part(owner=owner, thief_data=thief_data, quick=quick, record=record)
     summarise(doc)
     print(table(rows, COLUMNS))
