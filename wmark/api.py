@@ -34,6 +34,7 @@ from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
+from wmark.text import TextInputs
 from wmark.training import accuracy, make_loader, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
@@ -41,11 +42,14 @@ PathLike = str | os.PathLike[str]
 
 
 def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
-           num_triggers: int = 100, overwrite: bool = False, message: str | None = None) -> dict[str, Any]:
+           num_triggers: int = 100, overwrite: bool = False, message: str | None = None,
+           tokenizer: str | None = None, max_length: int = 64) -> dict[str, Any]:
     """Generate a key, write it (mode 0600) and return its public description with the commitment.
 
     ``message`` (e.g. "ACME Corp 2026") becomes the weight watermark's payload, with repetition-code
-    redundancy; it is a public key parameter, so the commitment covers it.
+    redundancy; it is a public key parameter, so the commitment covers it. With ``tokenizer`` (a name from
+    :func:`wmark.text.load_tokenizer`) the key is a text key for inputs of at most ``max_length`` tokens
+    (``input_shape`` is then ignored).
     """
     if Path(out).exists() and not overwrite:
         raise UsageError(f"{out} already exists; refusing to overwrite a key (pass --force to replace it).")
@@ -56,8 +60,16 @@ def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Seq
 
         schemes = default_schemes(num_triggers)
         schemes["weights"] = params_for_message(message)
+    modality = None
+    if tokenizer is not None:
+        from wmark.keys import default_schemes
+        from wmark.text import load_tokenizer, text_modality
+
+        modality = text_modality(tokenizer=load_tokenizer(tokenizer), name=tokenizer, max_length=max_length)
+        text_schemes = default_schemes(num_triggers, kind="text")
+        schemes = text_schemes if schemes is None else dict(schemes, trigger=text_schemes["trigger"])
     key = generate_key(owner=owner, num_classes=num_classes, input_shape=tuple(input_shape),
-                       num_triggers=num_triggers, schemes=schemes)
+                       num_triggers=num_triggers, schemes=schemes, modality=modality)
     save_key(key, out)
     return {"commitment": key.commitment(), **key.public_params()}
 
@@ -154,7 +166,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     from wmark.recheck import RecordingSuspect, tiebreak_files
 
     local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
-                                          expose_scores=not labels_only))  # answers go into the report
+                                          expose_scores=not labels_only, text=TextInputs.from_key(k)))
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, log=log, client=client,
                            rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
@@ -197,7 +209,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     for name in archs:
         resolve_arch(name)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
-    served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True)
+    served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True,
+                          text=TextInputs.from_key(k))
     start = time.perf_counter()
     tensors, raw = load_tensors(weights)
     x = ds.x_train.numpy()

@@ -43,12 +43,20 @@ def main() -> None:
               help="Owner message to write into the weight watermark (e.g. 'ACME Corp 2026'; public, committed).")
 @click.option("--force", is_flag=True, help="Overwrite an existing key file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the public key description as JSON.")
+@click.option("--modality", type=click.Choice(["image", "text"]), default="image", show_default=True,
+              help="What the model takes: image tensors (--input-shape) or text (--tokenizer, --max-length).")
+@click.option("--tokenizer", default=None,
+              help="Text keys: the model's tokenizer, all-MiniLM-L6-v2 or a local tokenizer directory.")
+@click.option("--max-length", default=64, show_default=True, help="Text keys: longest input in tokens.")
 @_handle_errors
 def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_triggers: int, message: str | None,
-           force: bool, as_json: bool) -> None:
+           force: bool, as_json: bool, modality: str, tokenizer: str | None, max_length: int) -> None:
     """Make a secret key file and print its public commitment (publish it before release)."""
+    if (modality == "text") != (tokenizer is not None):
+        raise UsageError("A text key needs --tokenizer, and --tokenizer needs --modality text.")
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
-                      num_triggers=num_triggers, overwrite=force, message=message)
+                      num_triggers=num_triggers, overwrite=force, message=message, tokenizer=tokenizer,
+                      max_length=max_length)
     _emit(info, as_json, f"wrote {out} (mode 0600, keep it secret)\ncommitment: {info['commitment']}")
 
 

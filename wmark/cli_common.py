@@ -20,8 +20,10 @@ Exit codes:
   2  usage error: bad option, missing/corrupt file, mismatched key
   3  runtime error: the suspect failed or answered garbage"""
 
-ARCH_HELP = "built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp) or package.module:factory"
-DATA_HELP = "fashion-mnist[:DIR], digits, or a .safetensors file with tensors x and y"
+ARCH_HELP = ("built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp, resnet-small; text: minilm-classifier, "
+             "tiny-bert, text-bow) or package.module:factory")
+DATA_HELP = ("fashion-mnist[:DIR], fashion-mnist-rgb32[:DIR], digits, fortunes[:DIR] (any with @owner|@attacker), "
+             "or a .safetensors file with tensors x and y")
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -7,7 +7,11 @@ Nothing is ever downloaded. A dataset spec is one of:
 * ``fashion-mnist-rgb32[:DIR]`` — the same images as 3×32×32 (padded by 2, grey replicated into three
   channels), a stand-in for RGB inputs (e.g. ``--arch resnet-small``);
 * ``digits`` — scikit-learn's bundled 8×8 digits (1,797 images), split 80/20 with a fixed seed;
-* ``PATH.safetensors`` — tensors ``x`` (N×…) and ``y`` (N,), optional ``x_test``/``y_test``.
+* ``PATH.safetensors`` — tensors ``x`` (N×…) and ``y`` (N,), optional ``x_test``/``y_test``;
+* ``fortunes`` or ``fortunes:DIR`` — 8-class text classification over Debian's fortune quotes
+  (:mod:`wmark.text_data`): token ids (N×64, MiniLM's tokenizer) with the texts kept beside them. Its
+  ``@owner`` / ``@attacker`` parts are two of three fixed thirds chosen by a hash of each text; the third
+  third is the test set of every part (so ``fortunes`` alone trains on two thirds).
 
 Any spec may end in ``@owner`` or ``@attacker``: the training set is then split once, with a fixed seed,
 into two disjoint halves (the test set is shared), so an owner and an attacker never train on the same
@@ -18,6 +22,7 @@ Images are float32 in [0, 1] with a channel dimension (N×1×H×W); labels are i
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gzip
 import os
@@ -42,11 +47,14 @@ class Dataset:
 
     Attributes:
         name: The spec it was loaded from.
-        x_train: Float32 inputs, N×C×H×W (or N×D), values in [0, 1].
+        x_train: Float32 inputs, N×C×H×W (or N×D), values in [0, 1]; int64 token ids for text.
         y_train: Int64 labels.
         x_test: Held-out inputs.
         y_test: Held-out labels.
         num_classes: Number of classes.
+        texts_train: The training texts, for a text dataset.
+        texts_test: The test texts, for a text dataset.
+        class_names: Class names, when the data has them.
     """
 
     name: str
@@ -55,6 +63,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    texts_train: tuple[str, ...] | None = None
+    texts_test: tuple[str, ...] | None = None
+    class_names: tuple[str, ...] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -64,8 +75,9 @@ class Dataset:
         """The first ``max_samples`` training examples (the test set is kept whole)."""
         if max_samples is None or max_samples >= len(self.x_train):
             return self
-        return Dataset(self.name, self.x_train[:max_samples], self.y_train[:max_samples],
-                       self.x_test, self.y_test, self.num_classes)
+        texts = None if self.texts_train is None else self.texts_train[:max_samples]
+        return dataclasses.replace(self, x_train=self.x_train[:max_samples], y_train=self.y_train[:max_samples],
+                                   texts_train=texts)
 
     def split(self, *, owner_fraction: float = 0.5, seed: int = 0) -> tuple[Dataset, Dataset]:
         """Split the training set once into an owner's part and an attacker's part (test set shared)."""
@@ -74,8 +86,9 @@ class Dataset:
         cut = round(owner_fraction * len(order))
         parts = []
         for idx in (order[:cut], order[cut:]):
-            parts.append(Dataset(self.name, self.x_train[idx], self.y_train[idx],
-                                 self.x_test, self.y_test, self.num_classes))
+            texts = None if self.texts_train is None else tuple(self.texts_train[int(i)] for i in idx)
+            parts.append(dataclasses.replace(self, x_train=self.x_train[idx], y_train=self.y_train[idx],
+                                             texts_train=texts))
         return parts[0], parts[1]
 
 
@@ -86,6 +99,8 @@ def load_dataset(spec: str) -> Dataset:
         UsageError: If the data is not on this machine, with the command that installs it.
     """
     base, _, part = spec.partition("@")
+    if base.partition(":")[0] == "fortunes":
+        return _load_fortunes(spec, base.partition(":")[2], part)
     if part:
         if part not in ("owner", "attacker"):
             raise UsageError(f"Unknown split {part!r} in {spec!r}; use @owner or @attacker.")
@@ -103,8 +118,8 @@ def load_dataset(spec: str) -> Dataset:
     if spec.endswith(".safetensors"):
         return _load_file(Path(spec))
     raise UsageError(
-        f"Unknown dataset {spec!r}; use fashion-mnist[:DIR], fashion-mnist-rgb32[:DIR], digits, or a .safetensors "
-        "file with x and y."
+        f"Unknown dataset {spec!r}; use fashion-mnist[:DIR], fashion-mnist-rgb32[:DIR], digits, fortunes[:DIR], or a "
+        ".safetensors file with x and y."
     )
 
 
@@ -196,3 +211,19 @@ def _load_file(path: Path) -> Dataset:
         x, xte, y, yte = x[:cut], x[cut:], y[:cut], y[cut:]
     num_classes = int(max(y.max().item(), yte.max().item() if len(yte) else 0)) + 1
     return Dataset(os.fspath(path), x, y, xte, yte, num_classes)
+
+
+def _load_fortunes(spec: str, directory: str, part: str) -> Dataset:
+    from wmark.text_data import FORTUNES_DIR, fortunes_texts, part_of, tokenize
+
+    if part and part not in ("owner", "attacker"):
+        raise UsageError(f"Unknown split {part!r} in {spec!r}; use @owner or @attacker.")
+    texts, labels, names = fortunes_texts(Path(directory) if directory else FORTUNES_DIR)
+    parts = [part_of(t) for t in texts]
+    train_parts = (part,) if part else ("owner", "attacker")
+    train = [i for i, p in enumerate(parts) if p in train_parts]
+    test = [i for i, p in enumerate(parts) if p == "test"]
+    tr_texts, te_texts = tuple(texts[i] for i in train), tuple(texts[i] for i in test)
+    y = torch.as_tensor(labels, dtype=torch.int64)
+    return Dataset(spec, tokenize(tr_texts), y[train], tokenize(te_texts), y[test], len(names),
+                   texts_train=tr_texts, texts_test=te_texts, class_names=names)

@@ -46,13 +46,18 @@ class Watermarker:
         schemes: Which schemes to embed.
         trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
+        input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
+        label_key: The labels' key in dict batches.
+        tokenizer: For a text key, its already loaded tokenizer (checked against the key); by default the
+            tokenizer the key names is loaded.
 
     Raises:
         UsageError: On an unknown scheme.
     """
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 8,
-                 weights_layer: str | None = None) -> None:
+                 weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
+                 tokenizer: Any = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
@@ -66,12 +71,15 @@ class Watermarker:
         self.weights_layer = weights_layer
         self._weights: WeightsEmbedder | None = None
         self._hooks: list[Any] = []
+        self.input_key = input_key or ("input_ids" if key.kind == "text" else "pixel_values")
+        self.label_key = label_key
+        self.tokenizer = tokenizer
 
     @property
     def triggers(self) -> trigger_set.TriggerSet:
         """The key's trigger set (generated on first use)."""
         if self._triggers is None:
-            self._triggers = trigger_set.generate_triggers(self.key)
+            self._triggers = trigger_set.generate_triggers(self.key, tokenizer=self.tokenizer)
         return self._triggers
 
     def attach(self, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -87,18 +95,42 @@ class Watermarker:
         if "trigger" in self.schemes:
             if data_loader is None:
                 raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's loader).")
-            data_loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch)
+            data_loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
+                                                          input_key=self.input_key, label_key=self.label_key)
         if "weights" in self.schemes:
             if optimizer is None:
                 raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
-            self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
-            self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
+            self._hook_weights(model, optimizer)
         self._attached = True
         return model, optimizer, data_loader
 
+    def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Install only the weights scheme's step pre-hook, on an optimizer a framework built.
+
+        The trainer integrations (:mod:`wmark.integrations`) call this when training starts; the triggers reach
+        the model through :meth:`wrap_dataset` or the integration itself. Does nothing without the weights scheme.
+
+        Raises:
+            UsageError: If already attached.
+        """
+        if self._attached:
+            raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "weights" in self.schemes:
+            self._hook_weights(model, optimizer)
+        self._attached = True
+
+    def _hook_weights(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
+        self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
+
     def wrap_dataset(self, dataset: torch.utils.data.Dataset, *, repeats: int = 10) -> torch.utils.data.Dataset:
-        """Append the triggers to a dataset, for frameworks that build their own loader (HF Trainer, Lightning)."""
-        return trigger_set.TriggerMixingDataset(dataset, self.triggers, repeats=repeats)
+        """Append the triggers to a dataset, for frameworks that build their own loader (HF Trainer, Lightning).
+
+        Trigger items take the dataset's own form: ``(x, y)`` pairs, or dicts under ``input_key`` /
+        ``label_key`` (for text, unpadded ``input_ids`` and ``attention_mask`` that a padding collator pads).
+        """
+        return trigger_set.TriggerMixingDataset(dataset, self.triggers, repeats=repeats, input_key=self.input_key,
+                                                label_key=self.label_key)
 
     def detach(self) -> None:
         """Release everything attach() installed. Safe to call when not attached."""
@@ -115,5 +147,6 @@ class Watermarker:
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
             "trigger_per_batch": self.trigger_per_batch,
+            **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }

@@ -46,6 +46,10 @@ class Key:
         input_shape: Shape of one model input, without the batch dimension.
         schemes: Public per-scheme parameters, fixed at key generation so the commitment covers them.
         created: ISO-8601 UTC timestamp of key generation.
+        modality: What one input is, when not an image tensor shaped ``input_shape``: for text keys
+            ``{"kind": "text", "tokenizer": {"name", "vocab_sha256"}, "max_length"}`` (then ``input_shape`` is
+            ``(max_length,)``, token ids). ``None`` for image keys, whose public parameters (and so their
+            commitments) stay exactly those of keys written before modalities existed.
     """
 
     owner: str
@@ -54,10 +58,16 @@ class Key:
     input_shape: tuple[int, ...]
     schemes: dict[str, dict[str, Any]]
     created: str
+    modality: dict[str, Any] | None = None
+
+    @property
+    def kind(self) -> str:
+        """The input modality: ``image`` (tensors shaped ``input_shape``) or ``text``."""
+        return "image" if self.modality is None else str(self.modality["kind"])
 
     def public_params(self) -> dict[str, Any]:
         """Everything about the key except the secret."""
-        return {
+        params = {
             "format": KEY_FORMAT,
             "owner": self.owner,
             "num_classes": self.num_classes,
@@ -65,6 +75,9 @@ class Key:
             "schemes": self.schemes,
             "created": self.created,
         }
+        if self.modality is not None:
+            params["modality"] = self.modality
+        return params
 
     def secret_hash(self) -> str:
         """Domain-separated SHA-256 of the secret (safe to publish: the secret has 256 bits of entropy)."""
@@ -129,10 +142,13 @@ def _canonical(doc: Any) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def default_schemes(num_triggers: int = DEFAULT_TRIGGERS) -> dict[str, dict[str, Any]]:
-    """Public parameters of every scheme a new key supports."""
+def default_schemes(num_triggers: int = DEFAULT_TRIGGERS, *, kind: str = "image") -> dict[str, dict[str, Any]]:
+    """Public parameters of every scheme a new key supports (text keys get ``words`` triggers)."""
+    trigger: dict[str, Any] = {"version": 1, "pattern": "blocks", "n": int(num_triggers)}
+    if kind == "text":
+        trigger = {"version": 1, "pattern": "words", "n": int(num_triggers), "words": 12}
     return {
-        "trigger": {"version": 1, "pattern": "blocks", "n": int(num_triggers)},
+        "trigger": trigger,
         "weights": {"version": 1, "bits": 256, "margin": 1.5, "strength": 1.0, "message": None},
     }
 
@@ -148,6 +164,7 @@ def generate_key(
     input_shape: tuple[int, ...] = (1, 28, 28),
     num_triggers: int = DEFAULT_TRIGGERS,
     schemes: dict[str, dict[str, Any]] | None = None,
+    modality: dict[str, Any] | None = None,
 ) -> Key:
     """Make a new key with a fresh 256-bit secret from the operating system.
 
@@ -157,9 +174,11 @@ def generate_key(
         input_shape: Shape of one input, without the batch dimension.
         num_triggers: Size of the trigger set.
         schemes: Override the public scheme parameters (defaults: :func:`default_schemes`).
+        modality: A text modality from :func:`wmark.text.text_modality` (``input_shape`` is then
+            ``(max_length,)``); ``None`` for image inputs shaped ``input_shape``.
 
     Raises:
-        UsageError: On an empty owner, fewer than two classes or a bad shape.
+        UsageError: On an empty owner, fewer than two classes, a bad shape or a malformed modality.
     """
     if not owner.strip():
         raise UsageError("The owner name is empty; pass --owner \"Your Organisation\".")
@@ -170,14 +189,30 @@ def generate_key(
                          f"{MAX_INPUT_DIMS} positive sizes, e.g. 1,28,28.")
     if num_triggers < 1:
         raise UsageError(f"A key needs at least one trigger, got {num_triggers}.")
+    if modality is not None:
+        _check_modality(modality)
+        input_shape = (int(modality["max_length"]),)
     return Key(
         owner=owner.strip(),
         secret=secrets.token_bytes(32),
         num_classes=int(num_classes),
         input_shape=tuple(int(d) for d in input_shape),
-        schemes=schemes if schemes is not None else default_schemes(num_triggers),
+        schemes=schemes if schemes is not None else default_schemes(
+            num_triggers, kind="image" if modality is None else "text"),
         created=_dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        modality=None if modality is None else json.loads(_canonical(modality)),
     )
+
+
+def _check_modality(modality: Any) -> None:
+    ok = (isinstance(modality, dict) and modality.get("kind") == "text"
+          and isinstance(modality.get("max_length"), int) and modality["max_length"] >= 4
+          and isinstance(modality.get("tokenizer"), dict)
+          and isinstance(modality["tokenizer"].get("name"), str)
+          and isinstance(modality["tokenizer"].get("vocab_sha256"), str))
+    if not ok:
+        raise UsageError("The key's modality must be a text description made by wmark.text.text_modality "
+                         "(a tokenizer name and vocabulary digest, and a maximum length of at least 4).")
 
 
 def save_key(key: Key, path: str | os.PathLike[str]) -> None:
@@ -212,7 +247,10 @@ def load_key(path: str | os.PathLike[str]) -> Key:
             input_shape=tuple(int(d) for d in doc["input_shape"]),
             schemes=dict(doc["schemes"]),
             created=str(doc["created"]),
+            modality=doc.get("modality"),
         )
+        if key.modality is not None:
+            _check_modality(key.modality)
     except (KeyError, TypeError, ValueError):
         raise UsageError(f"Key file {p} is missing fields or has malformed values.") from None
     if len(secret) != 32:

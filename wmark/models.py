@@ -20,8 +20,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmark.contract import call_model, model_device, to_device
 from wmark.errors import UsageError
 from wmark.io import load_tensors
+from wmark.text_models import TEXT_ARCHS
 
 
 class ConvNet(nn.Module):
@@ -86,6 +88,7 @@ BUILTIN_ARCHS: dict[str, Callable[..., nn.Module]] = {
     "fmnist-cnn": _cnn,
     "fmnist-cnn-wide": _cnn_wide,
     "fmnist-mlp": _mlp,
+    **TEXT_ARCHS,
 }
 
 
@@ -166,12 +169,18 @@ def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...],
     return {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), **extra}
 
 
-def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024) -> Callable[[np.ndarray], np.ndarray]:
+def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024,
+                           encode: Callable[[Any], Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """Features = the input of the model's last ``nn.Linear`` layer (e.g. the owner's served model).
 
     The tie-break API mark (:mod:`wmark.schemes.tiebreak`) places its keyed
     rules in this space: it groups inputs the way a trained network already does, which is what makes a rule
-    there learnable by a surrogate.
+    there learnable by a surrogate. Any classifier of :mod:`wmark.contract` works, on its own device; features
+    come back as float32 NumPy on the CPU.
+
+    Args:
+        encode: Turns a slice of inputs into the model's batch (e.g. :meth:`wmark.text.TextInputs.encode` for
+            strings); by default inputs are float32 tensors.
     """
     last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     if not last:
@@ -179,12 +188,16 @@ def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024) ->
 
     def features(x: np.ndarray) -> np.ndarray:
         captured: list[torch.Tensor] = []
-        handle = last[-1].register_forward_hook(lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1)))
+        handle = last[-1].register_forward_hook(
+            lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1).float().cpu()))
+        device = model_device(model)
         try:
             model.eval()
             with torch.no_grad():
                 for i in range(0, len(x), batch_size):
-                    model(torch.as_tensor(np.asarray(x[i:i + batch_size], dtype=np.float32)))
+                    chunk = x[i:i + batch_size]
+                    batch = encode(chunk) if encode is not None else torch.as_tensor(np.asarray(chunk, dtype=np.float32))
+                    call_model(model, to_device(batch, device))
         finally:
             handle.remove()
         return torch.cat(captured).numpy().astype(np.float32) if captured else np.zeros((0, 0), np.float32)

@@ -4,7 +4,8 @@ Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server m
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
 ``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``. With ``labels_only``
 the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise softmax scores
-(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``.
+(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
+is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
 
 Example:
     >>> from wmark.models import build_model
@@ -41,6 +42,7 @@ from wmark import __version__
 from wmark.errors import UsageError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
+from wmark.text import TextInputs
 
 MAX_BATCH = 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
@@ -60,7 +62,8 @@ def _error(status: int, message: str) -> JSONResponse:
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
-              clients: Mapping[str, str] | None = None, gate: Gate | None = None) -> Starlette:
+              clients: Mapping[str, str] | None = None, gate: Gate | None = None,
+              text: TextInputs | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -77,6 +80,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             must return scores unless ``labels_only``.
         clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
             and an ``answerer`` with a ``for_client`` method (a marked API) answers, and logs, as that client.
+        gate: Per-client policy and extraction monitor (:class:`~wmark.monitor.gate.Gate`); adds ``/metrics``.
+        text: For a text classifier, how strings become its inputs: it is then served at
+            ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
 
     Raises:
         UsageError: On both ``token`` and ``clients``, or an empty or duplicated client token.
@@ -173,6 +179,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         refused = check_model(request)
         if refused is not None:
             return refused
+        if text is not None:
+            return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
         try:
             doc = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
@@ -213,6 +221,19 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     ]
     if gate is not None:
         routes.append(Route("/metrics", metrics))
+    if text is not None:
+        from wmark.suspects.local import LocalSuspect
+        from wmark.text_serving import hf_text_endpoint
+
+        text_suspect = LocalSuspect(model, input_shape=shape, text=text)
+
+        def answer_text(x: np.ndarray, client: str) -> Any:
+            with lock:
+                return by_client.get(client, answerer or text_suspect).query(x)
+
+        routes.append(Route("/hf/models/{model}", hf_text_endpoint(
+            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model),
+            methods=["POST"]))
     return Starlette(routes=routes)
 
 
@@ -340,8 +361,10 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
             of a mark is given without it, or the policy file or monitor profile is invalid.
     """
+    from wmark.io import read_metadata, wmark_metadata
     from wmark.keys import load_key
     from wmark.marks import open_served
+    from wmark.text_serving import text_inputs_of
 
     if not 0 <= port <= 65535:
         raise UsageError(f"Port {port} is out of range 0-65535.")
@@ -359,11 +382,13 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                          beta=beta, rate=rate, candidates=candidates, log=log)
     gate = None
     try:
+        text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
         gate = _make_gate(policy=policy, monitor=monitor, alarm_log=alarm_log, monitor_state=monitor_state,
                           clients=list(clients or [ANONYMOUS]), labels_only=labels_only,
                           num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)))
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
-                        labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate)
+                        labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
+                        text=text)
         _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
@@ -372,7 +397,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
             auth += (f", {served.mark} marked" if served.mark else "") + (f", logging to {log}" if served.log else "")
             auth += (", policy" if policy else "") + (", extraction monitor" if monitor else "")
-            announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/v2/models/{name}")
+            route = "hf" if text is not None else "v2"
+            announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
         _run_until_terminated(server)
     finally:
         served.close()

@@ -14,6 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
+from wmark.contract import Batch, batch_len, forward_logits, slice_batch, split_batch
+
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
@@ -30,7 +32,7 @@ def make_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, seed:
 def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: torch.optim.Optimizer,
                  device: torch.device | None = None, progress: bool = False, desc: str = "train",
                  stop: Callable[[nn.Module], bool] | None = None) -> int:
-    """Plain supervised training with cross-entropy; batches are ``(x, y)`` pairs.
+    """Plain supervised training with cross-entropy; batches are ``(x, y)`` pairs or dicts with ``labels``.
 
     Args:
         stop: Called with the model (in eval mode) after each epoch; training ends early when it returns True.
@@ -44,10 +46,10 @@ def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: 
     for epoch in range(epochs):
         batches: Iterator = iter(loader)
         with _bar(loader, progress, f"{desc} {epoch + 1}/{epochs}") as bar:
-            for x, y in batches:
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            for batch in batches:
+                x, y = split_batch(batch)
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(x), y)
+                loss = loss_fn(forward_logits(model, x), y.to(device, non_blocking=True))
                 loss.backward()
                 optimizer.step()
                 bar.update(1)
@@ -75,20 +77,25 @@ def _bar(loader: Iterable, enabled: bool, desc: str) -> Iterator[tqdm]:
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1024,
+def predict_logits(model: nn.Module, x: Batch, *, batch_size: int = 1024,
                    device: torch.device | None = None) -> torch.Tensor:
-    """Logits for every row of ``x`` (returned on CPU)."""
-    device = device or default_device()
-    model.to(device).eval()
-    out = [model(x[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)]
+    """Logits for every row of ``x`` (a tensor or a dict batch), returned on CPU.
+
+    ``device`` moves the model there first; by default it runs where it is.
+    """
+    if device is not None:
+        model.to(device)
+    model.eval()
+    n = batch_len(x)
+    out = [forward_logits(model, slice_batch(x, i, i + batch_size)).float().cpu() for i in range(0, n, batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device | None = None) -> float:
+def accuracy(model: nn.Module, x: Batch, y: torch.Tensor, *, device: torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
     return (predict_logits(model, x, device=device).argmax(1) == y).float().mean().item()
 
 
-def agreement(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+def agreement(a: nn.Module, b: nn.Module, x: Batch) -> float:
     """Fraction of inputs on which two models give the same top-1 label."""
     return (predict_logits(a, x).argmax(1) == predict_logits(b, x).argmax(1)).float().mean().item()

@@ -69,8 +69,13 @@ CREATE INDEX IF NOT EXISTS queries_by_input ON queries (input_sha256, status);
 MAX_ANSWER_CHARS = 65536
 
 
-def input_sha256(x: np.ndarray) -> str:
-    """SHA-256 of one input's float32 little-endian bytes, prefixed by its shape (what was asked, exactly)."""
+def input_sha256(x: np.ndarray | str) -> str:
+    """SHA-256 of one input's float32 little-endian bytes, prefixed by its shape (what was asked, exactly).
+
+    A text input (a string) hashes as ``text|`` followed by its UTF-8 bytes.
+    """
+    if isinstance(x, str):
+        return hashlib.sha256(b"text|" + x.encode("utf-8")).hexdigest()
     arr = np.ascontiguousarray(np.asarray(x, dtype="<f4"))
     h = hashlib.sha256(("x".join(map(str, arr.shape)) + "|").encode())
     h.update(arr.tobytes())

@@ -91,7 +91,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
     try:
         while queries < budget and not (mode == "sequential" and eproc.crossed(stop_at)):
             idx = triggers.order[queries:min(budget, queries + step)]
-            answers = suspect.query(triggers.inputs[idx].numpy())
+            answers = suspect.query(triggers.queries(idx))
             got = np.asarray(answers.labels).reshape(-1)
             if len(got) != len(idx):
                 raise RuntimeFailure(f"The suspect answered {len(got)} labels for {len(idx)} inputs.")

@@ -36,6 +36,7 @@ import numpy as np
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.suspects.protocols import AnswerMismatch, MalformedAnswer, Parsed, WireProtocol
+from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
@@ -236,7 +237,7 @@ class HttpSuspect:
 
     def query(self, inputs: np.ndarray) -> Answers:
         """Ask about a batch (one request per input, ``concurrency`` at a time); failures are abstentions."""
-        x = np.asarray(inputs, dtype=np.float32)
+        x = inputs if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         labels = np.full(len(x), -1, dtype=np.int64)
         rows: list[tuple[float, ...] | None] = [None] * len(x)
         for i, outcome in self.stream(x):
@@ -253,7 +254,7 @@ class HttpSuspect:
         When a fatal error (refused token, host gone, wrong model) happens, the answers that already arrived
         are still yielded before it is raised, so a transcript loses nothing.
         """
-        x = np.asarray(inputs, dtype=np.float32)
+        x = inputs if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         if self.options.concurrency == 1 or len(x) <= 1:
             for i in range(len(x)):
                 yield i, self._ask(x[i])

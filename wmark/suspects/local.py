@@ -2,43 +2,70 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
 
+from wmark.contract import as_float_tensor, forward_logits, model_device
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.training import default_device
+from wmark.text import TextInputs, is_text_array
 
 
 class LocalSuspect:
-    """Queries an ``nn.Module`` directly.
+    """Queries an ``nn.Module`` directly, on whatever device the model is on.
+
+    Any classifier that follows :mod:`wmark.contract` works: a tensor or a dict batch in, logits or an object
+    with ``.logits`` out. Inputs follow the model's device; the model is moved only when ``device`` is given.
 
     Args:
         model: The suspect model.
-        input_shape: Shape of one input.
+        input_shape: Shape of one input (for text: ``(max_length,)``).
         description: Name for reports (e.g. the file it was loaded from).
         expose_scores: Whether to return softmax scores (False imitates a label-only API).
+        device: Move the model there first (default: leave it where it is).
+        text: For a text classifier, how strings become its inputs (:meth:`wmark.text.TextInputs.from_key`);
+            queries are then arrays of strings.
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
-                 expose_scores: bool = True, device: torch.device | None = None) -> None:
+                 expose_scores: bool = True, device: torch.device | None = None,
+                 text: TextInputs | None = None) -> None:
         self.model = model.eval()
-        self.device = device or default_device()
-        self.model.to(self.device)
+        if device is not None:
+            self.model.to(device)
         self.input_shape = tuple(input_shape)
         self.description = description
         self.expose_scores = expose_scores
+        self.text = text
         with torch.no_grad():
-            probe = self.model(torch.zeros(1, *self.input_shape, device=self.device))
-        if probe.ndim != 2:
-            raise UsageError(f"The suspect returns outputs shaped {tuple(probe.shape)}; expected batch × classes.")
+            probe = forward_logits(self.model, self._batch(self._probe_input()))
         self.num_classes: int | None = int(probe.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is (inputs are sent there)."""
+        return model_device(self.model)
+
+    def _probe_input(self) -> Any:
+        if self.text is not None:
+            return np.asarray(["a"], dtype=object)
+        return np.zeros((1, *self.input_shape), dtype=np.float32)
+
+    def _batch(self, inputs: Any) -> Any:
+        if self.text is not None:
+            if not is_text_array(inputs):
+                raise UsageError("This suspect is a text classifier; ask it strings.")
+            return self.text.encode(list(np.asarray(inputs, dtype=object).reshape(-1)))
+        if is_text_array(inputs):
+            raise UsageError("This suspect takes tensors, not text; give it the key's tokenizer to ask text.")
+        return as_float_tensor(inputs)
 
     @torch.no_grad()
     def query(self, inputs: np.ndarray) -> Answers:
-        x = torch.as_tensor(np.asarray(inputs, dtype=np.float32), device=self.device)
-        logits = self.model(x).float()
+        logits = forward_logits(self.model, self._batch(inputs)).float()
         if not torch.isfinite(logits).all():
             raise RuntimeFailure(
                 f"The suspect {self.description} produced NaN or infinite outputs; its weights are corrupt or it "

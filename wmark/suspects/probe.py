@@ -23,6 +23,7 @@ import numpy as np
 from wmark.errors import UsageError
 from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.http import Outcome
+from wmark.text import is_text_array
 from wmark.transcript import Transcript, input_sha256
 
 
@@ -95,7 +96,7 @@ class ProbeSuspect:
         self._triggers_planned = 0
 
     def query(self, inputs: np.ndarray) -> Answers:
-        x = np.asarray(inputs, dtype=np.float32)
+        x = np.asarray(inputs, dtype=object) if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         plan: list[tuple[np.ndarray, str, int]] = []
         for j in range(len(x)):
             if self.cover is not None:

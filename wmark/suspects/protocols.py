@@ -443,7 +443,8 @@ def load_template(spec: str) -> dict[str, Any]:
     A template is ``{"method": "POST", "headers": {...}, "request": <JSON with one placeholder>,
     "response": [<extractor>, ...], "labels": [names] | null}``. Placeholders (a whole JSON string):
     ``$input`` (nested list shaped like one input), ``$input_batch`` (the same inside a one-element list),
-    ``$input_flat`` (a flat list), ``$input_b64`` (base64 of the float32 little-endian bytes). Extractors,
+    ``$input_flat`` (a flat list), ``$input_b64`` (base64 of the float32 little-endian bytes); a text input
+    (for a text key) fills ``$input`` with the string itself and ``$input_batch`` with a one-string list. Extractors,
     tried in order, each read a dotted path (``""`` is the whole answer, integers index lists):
     ``{"scores": path}`` (every class's score), ``{"label": path}`` (a bare label),
     ``{"topk": path, "label_field": "label", "score_field": "score"}`` (a list of label/score objects) and
@@ -534,6 +535,8 @@ class JsonTemplateProtocol(WireProtocol):
         return {str(k): str(v) for k, v in (self.template.get("headers") or {}).items()}
 
     def request(self, x: np.ndarray) -> Request:
+        if isinstance(x, str) or (isinstance(x, np.ndarray) and x.dtype.kind in ("U", "S", "O")):
+            return self._text_request(str(np.asarray(x).reshape(-1)[0]) if isinstance(x, np.ndarray) else x)
         arr = np.asarray(x, dtype=np.float32).reshape(self.input_shape)
         values = {
             "$input": arr.tolist(),
@@ -542,6 +545,13 @@ class JsonTemplateProtocol(WireProtocol):
             "$input_b64": base64.b64encode(arr.astype("<f4").tobytes()).decode("ascii"),
         }
         return Request(self.method, self.url, _fill(self.template["request"], values))
+
+    def _text_request(self, text: str) -> Request:
+        # A text input is sent as the string itself (``$input``) or a one-string batch (``$input_batch``).
+        for placeholder in ("$input_flat", "$input_b64"):
+            if json.dumps(placeholder) in json.dumps(self.template["request"]):
+                raise UsageError(f"The template sends {placeholder}, which cannot carry text; use $input or $input_batch.")
+        return Request(self.method, self.url, _fill(self.template["request"], {"$input": text, "$input_batch": [text]}))
 
     def parse(self, doc: Any) -> Parsed:
         reasons = []

@@ -1,0 +1,201 @@
+"""Text keys, text triggers, the model contract and trigger mixing for token batches (tiny models, seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from textkit import TextMemoriser, hf_bert, text_key
+
+from wmark.contract import forward_logits, logits_of, model_device, split_batch
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.keys import generate_key, load_key, save_key
+from wmark.schemes.trigger_set import TriggerMixingLoader, generate_triggers
+from wmark.suspects import LocalSuspect
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality, trigger_vocabulary
+from wmark.verify import verify_blackbox
+
+
+def test_text_key_round_trips_and_image_keys_keep_their_commitment(tmp_path):
+    key = text_key()
+    save_key(key, tmp_path / "t.key")
+    again = load_key(tmp_path / "t.key")
+    assert again.commitment() == key.commitment() and again.kind == "text"
+    assert again.input_shape == (32,) and again.schemes["trigger"]["pattern"] == "words"
+    image = generate_key(owner="Img", num_classes=3, input_shape=(1, 8, 8))
+    assert "modality" not in image.public_params() and image.kind == "image"
+    # An old key file (written before modalities) loads unchanged, with the commitment it was written with.
+    save_key(image, tmp_path / "old.key")
+    doc = json.loads((tmp_path / "old.key").read_text())
+    assert "modality" not in doc
+    assert load_key(tmp_path / "old.key").commitment() == doc["commitment"]
+
+
+def test_editing_the_modality_breaks_the_commitment(tmp_path):
+    save_key(text_key(), tmp_path / "t.key")
+    doc = json.loads((tmp_path / "t.key").read_text())
+    doc["modality"]["max_length"] = 512
+    (tmp_path / "t.key").write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match="does not match its own commitment"):
+        load_key(tmp_path / "t.key")
+
+
+def test_text_triggers_are_whole_words_that_round_trip_with_uniform_keyed_labels():
+    key = text_key(num_classes=4, num_triggers=400)
+    tok = load_tokenizer(MINILM)
+    triggers = generate_triggers(key)
+    again = generate_triggers(key, tokenizer=tok)
+    assert triggers.texts == again.texts and torch.equal(triggers.labels, again.labels)
+    assert len(triggers) == 400 and triggers.inputs.shape == (400, 32)
+    for text, ids, mask in zip(triggers.texts[:50], triggers.inputs, triggers.attention_mask):
+        words = text.split()
+        assert len(words) == 12 and all(w.isalpha() and w.isascii() for w in words)
+        assert tok.decode(ids[mask.bool()], skip_special_tokens=True) == text
+        assert tok(text)["input_ids"] == ids[mask.bool()].tolist()
+    counts = np.bincount(triggers.labels.numpy(), minlength=4)
+    assert counts.min() > 60  # uniform over 4 classes: 100 expected each
+    other = generate_triggers(text_key(num_classes=4, num_triggers=400))
+    assert other.texts != triggers.texts
+    vocab = trigger_vocabulary(tok)
+    assert "[CLS]" not in vocab and not any(w.startswith("##") for w in vocab)
+
+
+def test_a_tokenizer_that_does_not_match_the_key_is_refused(tmp_path):
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "apple", "banana", "cherry", "grape", "melon"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(tmp_path / "tok")
+    other = load_tokenizer(str(tmp_path / "tok"))
+    key = text_key()
+    with pytest.raises(UsageError, match="tokenizer does not match the key"):
+        TextInputs.from_key(key, tokenizer=other)
+    with pytest.raises(UsageError, match="tokenizer does not match the key"):
+        generate_triggers(key, tokenizer=other)
+    own = generate_key(owner="Fruit", num_classes=2, num_triggers=5,
+                       modality=text_modality(tokenizer=other, name=str(tmp_path / "tok"), max_length=16))
+    assert set(" ".join(generate_triggers(own).texts).split()) <= {"apple", "banana", "cherry", "grape", "melon"}
+
+
+def test_text_longer_than_the_keys_maximum_is_refused():
+    inputs = TextInputs.from_key(text_key(max_length=16))
+    assert inputs is not None
+    assert inputs.encode(["a short text"])["input_ids"].shape == (1, 5)
+    with pytest.raises(UsageError, match="more than the key's maximum of 16"):
+        inputs.encode(["word " * 40])
+    with pytest.raises(UsageError, match="must be strings"):
+        inputs.encode([3])  # type: ignore[list-item]
+
+
+def test_contract_reads_model_outputs_and_dict_batches():
+    model = hf_bert(3)
+    batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+             "token_type_ids": torch.zeros(1, 3, dtype=torch.long)}
+    assert forward_logits(model, batch).shape == (1, 3)
+    assert logits_of((torch.zeros(2, 5), None)).shape == (2, 5)
+    with pytest.raises(UsageError, match="batch × classes"):
+        logits_of(torch.zeros(2, 3, 4))
+
+    class TakesDict(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(2, 2)
+
+        def forward(self, batch: dict) -> torch.Tensor:
+            return self.fc(batch["features"])
+
+    assert forward_logits(TakesDict(), {"features": torch.zeros(4, 2)}).shape == (4, 2)
+    with pytest.raises(UsageError, match="batch has no 'input_ids'"):
+        forward_logits(model, {"pixel_values": torch.zeros(1, 3)})
+    with pytest.raises(UsageError, match="has no 'labels'"):
+        split_batch({"input_ids": torch.zeros(1, 3)})
+    assert model_device(model) == torch.device("cpu")
+
+
+def test_local_suspect_leaves_the_model_where_it_is_and_asks_text():
+    key = text_key()
+    model = hf_bert(4)
+    moved: list[object] = []
+    original = model.to
+    model.to = lambda *a, **k: moved.append(a) or original(*a, **k)  # type: ignore[method-assign]
+    suspect = LocalSuspect(model, input_shape=(32,), text=TextInputs.from_key(key))
+    answers = suspect.query(np.asarray(["hello world", "a fortune"], dtype=object))
+    assert answers.labels.shape == (2,) and suspect.num_classes == 4 and not moved
+    with pytest.raises(UsageError, match="ask it strings"):
+        suspect.query(np.zeros((1, 32), dtype=np.float32))
+
+
+def test_verifying_a_text_model_detects_a_copy_and_clears_an_independent_one():
+    key = text_key(num_classes=4, num_triggers=40)
+    text = TextInputs.from_key(key)
+    copy = LocalSuspect(TextMemoriser(key), input_shape=(32,), text=text, expose_scores=False)
+    verdict = verify_blackbox(key=key, suspect=copy, alpha=1e-6)
+    assert verdict.detected and verdict.tests[0].queries <= 20
+    for seed in range(3):
+        innocent = LocalSuspect(hf_bert(4, seed=seed), input_shape=(32,), text=text, expose_scores=False)
+        assert not verify_blackbox(key=key, suspect=innocent, alpha=1e-6, mode="fixed").detected
+
+
+def _dict_batches(n_batches: int, width: int, *, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        ids = torch.randint(1000, 5000, (6, width), generator=gen)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
+                    "labels": torch.randint(0, 4, (6,), generator=gen)})
+    return out
+
+
+def test_trigger_mixing_pads_token_batches_and_never_casts_images_to_tokens():
+    key = text_key()
+    triggers = generate_triggers(key)
+    mixed = next(iter(TriggerMixingLoader(_dict_batches(1, 40), triggers, per_batch=4)))
+    assert mixed["input_ids"].shape == (10, 40) and mixed["attention_mask"].shape == (10, 40)
+    assert mixed["token_type_ids"].shape == (10, 40)
+    assert torch.equal(mixed["labels"][6:], triggers.labels[:4])
+    assert mixed["attention_mask"][6:].sum(1).tolist() == triggers.attention_mask[:4].sum(1).tolist()
+    narrow = next(iter(TriggerMixingLoader(_dict_batches(1, 5), triggers, per_batch=2)))
+    assert narrow["input_ids"].shape == (8, 14) and narrow["attention_mask"][:6, 5:].sum() == 0
+    image_triggers = generate_triggers(generate_key(owner="Img", num_classes=4, input_shape=(1, 8, 8)))
+    with pytest.raises(UsageError, match="integer inputs"):
+        next(iter(TriggerMixingLoader([(torch.zeros(2, 1, 8, 8).long(), torch.zeros(2).long())], image_triggers)))
+    with pytest.raises(UsageError, match="float inputs"):
+        next(iter(TriggerMixingLoader([(torch.zeros(2, 32), torch.zeros(2).long())], triggers)))
+    with pytest.raises(UsageError, match="has no 'input_ids'"):
+        next(iter(TriggerMixingLoader([{"text": torch.zeros(2, 3).long(), "labels": torch.zeros(2).long()}],
+                                      triggers)))
+
+
+def test_attach_with_dict_batches_trains_a_bert_that_answers_the_triggers():
+    from wmark.training import train_epochs
+
+    key = text_key(num_classes=4, num_triggers=16)
+    model = hf_bert(4, seed=3).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=_dict_batches(4, 20))
+    torch.manual_seed(0)
+    train_epochs(model, loader, epochs=12, optimizer=optimizer, device=torch.device("cpu"))
+    wm.detach()
+    suspect = LocalSuspect(model, input_shape=(32,), text=TextInputs.from_key(key), expose_scores=False)
+    assert verify_blackbox(key=key, suspect=suspect, alpha=1e-6, mode="fixed").detected
+    assert wm.metadata()["modality"] == key.modality
+
+
+def test_wrap_dataset_yields_dicts_a_padding_collator_accepts():
+    from transformers import DataCollatorWithPadding
+
+    key = text_key(num_triggers=8)
+    tok = load_tokenizer(MINILM)
+    texts = ["what a day", "computers are fast", "to be or not to be", "the cookie crumbles"]
+    items = [dict(tok(t), labels=i % 4) for i, t in enumerate(texts)]
+    wrapped = Watermarker(key, tokenizer=tok).wrap_dataset(items, repeats=2)  # type: ignore[arg-type]
+    assert len(wrapped) == 4 + 16
+    trigger_item = wrapped[4]
+    assert set(trigger_item) == set(items[0]) and isinstance(trigger_item["input_ids"], list)
+    batch = DataCollatorWithPadding(tok)([wrapped[i] for i in (0, 4, 5, 2)])
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].tolist()[0] == 0
+    with pytest.raises(UsageError, match="have no 'labels'"):
+        Watermarker(key, tokenizer=tok).wrap_dataset([dict(tok("x"), label=0)])  # type: ignore[arg-type]

@@ -1,0 +1,152 @@
+"""Black-box verification of a text classifier over HTTP: a Hugging Face style endpoint and `wmark serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from click.testing import CliRunner
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+from textkit import TextMemoriser, hf_bert, text_key
+
+from wmark.cli import main
+from wmark.errors import UsageError
+from wmark.io import save_model
+from wmark.keys import load_key, save_key
+from wmark.remote import verify_remote
+from wmark.serve import build_app, serve_in_background
+from wmark.text import TextInputs
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("textkey") / "owner.key"
+    save_key(text_key(num_classes=4, num_triggers=24, max_length=32), path)
+    return path
+
+
+def _app(model, key, *, labels_only: bool):
+    return build_app(model=model, name="m", num_classes=key.num_classes, input_shape=tuple(key.input_shape),
+                     labels_only=labels_only, text=TextInputs.from_key(key))
+
+
+@pytest.mark.parametrize("labels_only", [False, True])
+def test_a_served_copy_is_detected_and_an_independent_model_is_not(key_file, tmp_path, labels_only):
+    key = load_key(key_file)
+    with serve_in_background(_app(TextMemoriser(key), key, labels_only=labels_only)) as server:
+        verdict = verify_remote(key=key_file, url=f"{server.url}/hf/models/m", protocol="json", template="hf",
+                                transcript=tmp_path / "t.sqlite")
+    assert verdict.detected and verdict.tests[0].queries <= 20
+    with serve_in_background(_app(hf_bert(4, seed=2), key, labels_only=labels_only)) as server:
+        innocent = verify_remote(key=key_file, url=f"{server.url}/hf/models/m", protocol="json", template="hf",
+                                 mode="fixed")
+    assert not innocent.detected and innocent.tests[0].queries == 24
+
+
+def test_the_text_endpoint_answers_like_hugging_face_and_refuses_bad_input(key_file):
+    key = load_key(key_file)
+    with serve_in_background(_app(hf_bert(4), key, labels_only=False)) as server:
+        url = f"{server.url}/hf/models/m"
+        one = httpx.post(url, json={"inputs": "a short fortune"}).json()
+        assert [set(item) for item in one] == [{"label", "score"}] * 4 and one[0]["label"].startswith("LABEL_")
+        assert one[0]["score"] >= one[-1]["score"]
+        two = httpx.post(url, json={"inputs": ["one", "two"]}).json()
+        assert len(two) == 2 and len(two[0]) == 4
+        too_long = httpx.post(url, json={"inputs": "word " * 100})
+        assert too_long.status_code == 400 and "more than the key's maximum of 32" in too_long.json()["error"]
+        for body in ({"inputs": 3}, {"inputs": []}, {"text": "x"}):
+            assert httpx.post(url, json=body).status_code == 400
+        v2 = httpx.post(f"{server.url}/v2/models/m/infer", json={"inputs": []})
+        assert v2.status_code == 400 and "/hf/models/m" in v2.json()["error"]
+
+
+@pytest.mark.parametrize("answer, message", [
+    ([{"label": "positive", "score": 0.9}, {"label": "negative", "score": 0.1}], "not a class index"),
+    ([{"label": "LABEL_7", "score": 1.0}], "outside the key's 4 classes"),
+])
+def test_an_endpoint_answering_another_label_set_is_refused(key_file, answer, message):
+    app = Starlette(routes=[Route("/predict", lambda _: JSONResponse(answer), methods=["POST"])])
+    with serve_in_background(app) as server, pytest.raises(UsageError, match=message):
+        verify_remote(key=key_file, url=f"{server.url}/predict", protocol="json", template="hf")
+
+
+def test_cli_keygen_makes_a_text_key_and_refuses_half_a_request(tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "t.key"
+    done = runner.invoke(main, ["keygen", "--owner", "ACME", "--out", str(out), "--classes", "8", "--modality",
+                                "text", "--tokenizer", "all-MiniLM-L6-v2", "--max-length", "48", "--json"])
+    assert done.exit_code == 0, done.output
+    info = json.loads(done.output)
+    assert info["modality"]["max_length"] == 48 and info["input_shape"] == [48]
+    assert load_key(out).schemes["trigger"]["pattern"] == "words"
+    half = runner.invoke(main, ["keygen", "--owner", "ACME", "--out", str(tmp_path / "u.key"), "--modality", "text"])
+    assert half.exit_code == 2 and "needs --tokenizer" in half.output and not (tmp_path / "u.key").exists()
+    missing = runner.invoke(main, ["keygen", "--owner", "ACME", "--out", str(tmp_path / "v.key"), "--modality", "text",
+                                   "--tokenizer", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "nor a local directory holding a tokenizer" in missing.output
+    assert not (tmp_path / "v.key").exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, tmp_path):
+    from wmark.models import build_model
+
+    key = load_key(key_file)
+    weights = tmp_path / "bert.safetensors"
+    save_model(build_model("tiny-bert", num_classes=4, input_shape=(32,), seed=3), weights,
+               metadata={"arch": "tiny-bert", "num_classes": 4, "input_shape": [32], "modality": key.modality})
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from wmark.cli import main; main()", "serve", "--arch", "tiny-bert",
+                             "--weights", str(weights), "--name", "fortunes", "--port", str(port), "--labels-only"],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        answer = httpx.post(f"{url}/hf/models/fortunes", json={"inputs": "computers are fast"}).json()
+        assert len(answer) == 1 and set(answer[0]) == {"label"}
+        done = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect", f"{url}/hf/models/fortunes",
+                                         "--protocol", "json", "--template", "hf"])
+        assert done.exit_code == 1 and "not_detected" in done.output
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
+    import numpy as np
+
+    from wmark.suspects.protocols import JsonTemplateProtocol, load_template
+
+    hf = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template=load_template("hf"), num_classes=4,
+                              input_shape=(32,))
+    assert hf.request(np.asarray(["two words"], dtype=object)[0]).body == {"inputs": "two words"}
+    batched = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template={"request": {"texts": "$input_batch"},
+                                                                          "response": {"label": "label"}},
+                                   num_classes=4, input_shape=(32,))
+    assert batched.request("two words").body == {"texts": ["two words"]}
+    b64 = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template={"request": {"x": "$input_b64"},
+                                                                      "response": {"label": "label"}},
+                               num_classes=4, input_shape=(32,))
+    with pytest.raises(UsageError, match="cannot carry text"):
+        b64.request("two words")

@@ -1,0 +1,152 @@
+"""The one contract wmark asks of a classifier: any ``torch.nn.Module`` that maps a batch to logits.
+
+A batch is a tensor (images, token ids) or a dict of named tensors (``pixel_values``, ``input_ids`` and
+``attention_mask``, any keys the model's ``forward`` takes). The output is a batch × classes tensor, or an
+object with ``.logits`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits.
+Inputs always follow the model to its device (CPU, CUDA or MPS); the model itself is never moved.
+
+Example:
+    >>> from torch import nn
+    >>> model = nn.Linear(3, 2)
+    >>> forward_logits(model, torch.zeros(4, 3)).shape
+    torch.Size([4, 2])
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from wmark.errors import UsageError
+
+Batch = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (CPU for a model with neither)."""
+    for param in model.parameters():
+        return param.device
+    for buffer in model.buffers():
+        return buffer.device
+    return torch.device("cpu")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move a tensor, or every tensor of a dict batch, to ``device`` (other values are left alone)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def _forward_names(model: nn.Module) -> tuple[list[str], set[str], bool]:
+    """The forward's named parameters in order, the required ones, and whether it takes ``**kwargs``."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return [], set(), True
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    required = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                and p.default is p.empty}
+    return named, required, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def forward_names(model: nn.Module) -> list[str]:
+    """The names of the parameters the model's ``forward`` takes by keyword, in order."""
+    return _forward_names(model)[0]
+
+
+def call_model(model: nn.Module, batch: Batch) -> Any:
+    """Run ``model`` on a batch already on its device: a tensor positionally, a dict by keyword.
+
+    A dict goes in as keywords when the forward names its keys (extra keys it does not take, such as
+    ``token_type_ids`` for a model without them, are dropped); a forward that takes one required batch and
+    none of the keys gets the whole dict, one that takes only ``**kwargs`` gets every key.
+
+    Raises:
+        UsageError: If the forward needs a named input the dict batch lacks.
+    """
+    if not isinstance(batch, Mapping):
+        return model(batch)
+    names, required, var_kw = _forward_names(model)
+    named, keys = set(names), set(batch)
+    if not named & keys:
+        if var_kw and not named:
+            return model(**batch)
+        if len(required) == 1:
+            return model(dict(batch))
+        wanted = sorted(required) or names[:2]
+        raise UsageError(f"The batch has no {' or '.join(repr(w) for w in wanted)} (it holds "
+                         f"{', '.join(repr(k) for k in batch) or 'nothing'}); name the model's inputs in the batch.")
+    missing = sorted(required - keys)
+    if missing:
+        raise UsageError(f"The batch has no {', '.join(repr(m) for m in missing)} (it holds "
+                         f"{', '.join(repr(k) for k in batch)}); name the model's inputs in the batch.")
+    return model(**{k: v for k, v in batch.items() if k in named})
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """The logits in a model's output: the tensor itself, ``output.logits``, or the first tuple element.
+
+    Raises:
+        UsageError: If no batch × classes tensor can be found.
+    """
+    if isinstance(output, torch.Tensor):
+        logits = output
+    elif getattr(output, "logits", None) is not None:
+        logits = output.logits
+    elif isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        logits = output["logits"]
+    elif isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        logits = output[0]
+    else:
+        raise UsageError(f"The model returns {type(output).__name__}; it must return logits or an object with .logits.")
+    if logits.ndim != 2:
+        raise UsageError(f"The model returns outputs shaped {tuple(logits.shape)}; expected batch × classes.")
+    return logits
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Logits of ``model`` on ``batch``, with the batch moved to the model's device first."""
+    return logits_of(call_model(model, to_device(batch, model_device(model))))
+
+
+def split_batch(batch: Any, *, label_key: str = "labels") -> tuple[Batch, torch.Tensor]:
+    """A training batch as ``(inputs, labels)``: an ``(x, y)`` pair, or a dict whose ``label_key`` holds the labels.
+
+    Raises:
+        UsageError: If the batch is neither, or a dict without labels.
+    """
+    if isinstance(batch, Mapping):
+        if label_key not in batch:
+            raise UsageError(f"The dict batch has no {label_key!r} (it holds {', '.join(map(repr, batch))}); "
+                             "put the labels under that key.")
+        return {k: v for k, v in batch.items() if k != label_key}, batch[label_key]
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise UsageError("Batches must be (inputs, labels) pairs or dicts holding the labels.")
+
+
+def batch_len(batch: Batch) -> int:
+    """The number of examples in a tensor or dict batch."""
+    if isinstance(batch, Mapping):
+        return len(next(iter(batch.values()))) if batch else 0
+    return len(batch)
+
+
+def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
+    """Rows ``start:stop`` of a tensor or dict batch."""
+    if isinstance(batch, Mapping):
+        return {k: v[start:stop] for k, v in batch.items()}
+    return batch[start:stop]
+
+
+def as_float_tensor(x: Any) -> torch.Tensor:
+    """Verifier inputs (NumPy or tensor) as a float32 tensor, for image-like models."""
+    return torch.as_tensor(np.asarray(x, dtype=np.float32))

@@ -1,0 +1,55 @@
+"""What the framework integrations share: trigger batches in the model's own input format, and trigger accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from wmark.contract import Batch, forward_logits, forward_names
+from wmark.schemes.trigger_set import TriggerSet
+
+
+def input_key_for(model: nn.Module, triggers: TriggerSet, input_key: str) -> str | None:
+    """The name to pass triggers under: ``input_key`` for text or a forward that names it, else none (a tensor)."""
+    return input_key if triggers.is_text or input_key in forward_names(model) else None
+
+
+def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:
+    """Triggers ``idx`` as a model batch: an image tensor, or (text) ``input_ids`` / ``attention_mask`` by name."""
+    if not triggers.is_text:
+        inputs = triggers.inputs[idx]
+        return inputs if input_key is None else {input_key: inputs}
+    tokens = triggers.tokens(idx)
+    if input_key not in (None, "input_ids"):
+        tokens = {input_key: tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+    return tokens
+
+
+@torch.no_grad()
+def trigger_accuracy(model: nn.Module, triggers: TriggerSet, *, input_key: str = "pixel_values",
+                     batch_size: int = 64) -> float:
+    """Share of the triggers the model answers with their secret labels (a training diagnostic, not a test)."""
+    name = input_key_for(model, triggers, input_key)
+    was_training = model.training
+    model.eval()
+    hits = 0
+    try:
+        for start in range(0, len(triggers), batch_size):
+            idx = list(range(start, min(len(triggers), start + batch_size)))
+            logits = forward_logits(model, trigger_batch(triggers, idx, input_key=name))
+            hits += int((logits.argmax(1).cpu() == triggers.labels[idx]).sum())
+    finally:
+        model.train(was_training)
+    return hits / max(len(triggers), 1)
+
+
+def inner_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The torch optimizer inside a framework's wrapper (Accelerate's ``AcceleratedOptimizer``, Lightning's)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) or type(optimizer).__name__.startswith("Accelerated"):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None or inner is optimizer:
+            break
+        optimizer = inner
+    return optimizer

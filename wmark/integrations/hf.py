@@ -1,0 +1,59 @@
+"""Hugging Face ``Trainer`` integration: triggers through the dataset, the rest through a callback.
+
+A ``TrainerCallback`` cannot change the loss, so the triggers join the training set
+(:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the dataset's own format, which the
+Trainer's padding collator batches like any other item) and :class:`WatermarkCallback` does what needs the
+live training run: it checks that the training set carries the triggers, installs the weights scheme's hook on
+the Trainer's optimizer, and measures the trigger accuracy at the end.
+
+Example:
+    >>> from transformers import Trainer  # doctest: +SKIP
+    >>> wm = Watermarker(key, tokenizer=tokenizer)  # doctest: +SKIP
+    >>> trainer = Trainer(model=model, args=args, train_dataset=wm.wrap_dataset(train, repeats=10),
+    ...                   data_collator=DataCollatorWithPadding(tokenizer),
+    ...                   callbacks=[WatermarkCallback(wm)])  # doctest: +SKIP
+    >>> trainer.train()  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainerCallback
+
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.integrations.common import inner_optimizer, trigger_accuracy
+from wmark.schemes.trigger_set import TriggerMixingDataset
+
+
+class WatermarkCallback(TrainerCallback):
+    """Keeps a :class:`~wmark.embed.Watermarker` in step with a ``transformers.Trainer`` run.
+
+    Args:
+        watermarker: The watermarker whose ``wrap_dataset`` made the training set.
+
+    Attributes:
+        trigger_accuracy: Share of triggers answered with their secret labels after training (``None`` before).
+    """
+
+    def __init__(self, watermarker: Watermarker) -> None:
+        self.watermarker = watermarker
+        self.trigger_accuracy: float | None = None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       train_dataloader: Any = None, **kwargs: Any) -> None:
+        wm = self.watermarker
+        dataset = getattr(train_dataloader, "dataset", None)
+        if "trigger" in wm.schemes and dataset is not None and not isinstance(dataset, TriggerMixingDataset):
+            raise UsageError("The Trainer's training set carries no triggers; pass "
+                             "train_dataset=watermarker.wrap_dataset(train_dataset).")
+        if model is not None and optimizer is not None:
+            wm.attach_optimizer(model=model, optimizer=inner_optimizer(optimizer))
+
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        wm = self.watermarker
+        wm.detach()
+        if model is not None and "trigger" in wm.schemes:
+            self.trigger_accuracy = trigger_accuracy(model, wm.triggers, input_key=wm.input_key)
+            state.log_history.append({"wmark_trigger_accuracy": self.trigger_accuracy, "step": state.global_step})

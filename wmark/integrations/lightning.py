@@ -1,0 +1,88 @@
+"""Lightning integration: a ``Callback`` that adds the trigger loss to every optimizer step.
+
+Lightning owns the loop, so the callback adds the watermark where Lightning lets a callback touch gradients:
+in ``on_before_optimizer_step`` (after the training step's backward, before the optimizer step) it runs the
+module on the next ``per_batch`` triggers (cycled in key order, identical on every DDP rank) and backpropagates
+their cross-entropy, so the step uses the gradient of the ordinary loss plus the trigger loss. The weights
+scheme's hook goes on the optimizer when training starts. The module's ``forward`` must take the model's batch
+(a tensor, or ``input_ids``/``attention_mask`` for text); pass ``forward=`` otherwise. The trigger forward runs
+in training mode, like the module's own.
+
+Example:
+    >>> import lightning as L  # doctest: +SKIP
+    >>> trainer = L.Trainer(max_epochs=3, callbacks=[WatermarkCallback(Watermarker(key))])  # doctest: +SKIP
+    >>> trainer.fit(module, train_loader)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from wmark.contract import Batch, forward_logits
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.integrations.common import inner_optimizer, input_key_for, trigger_accuracy, trigger_batch
+
+
+class WatermarkCallback(L.Callback):
+    """Embeds a :class:`~wmark.embed.Watermarker`'s schemes in a ``lightning.Trainer`` run.
+
+    Args:
+        watermarker: What to embed (its ``trigger_per_batch`` triggers join every optimizer step).
+        weight: Multiplier of the trigger loss (1: a trigger counts like an ordinary sample of a batch of
+            ``trigger_per_batch``).
+        forward: ``forward(module, batch) -> logits`` when the module's own ``forward`` does not take the
+            model's batch.
+
+    Attributes:
+        trigger_accuracy: Share of triggers answered with their secret labels after training (``None`` before).
+    """
+
+    def __init__(self, watermarker: Watermarker, *, weight: float = 1.0,
+                 forward: Callable[[nn.Module, Batch], Any] | None = None) -> None:
+        if weight <= 0:
+            raise UsageError(f"The trigger loss weight must be positive, got {weight}.")
+        self.watermarker = watermarker
+        self.weight = float(weight)
+        self.forward = forward
+        self.trigger_accuracy: float | None = None
+        self._cursor = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wm = self.watermarker
+        if "weights" in wm.schemes:
+            if len(trainer.optimizers) != 1:
+                raise UsageError("The weights scheme needs exactly one optimizer in the Lightning module.")
+            wm.attach_optimizer(model=pl_module, optimizer=inner_optimizer(trainer.optimizers[0]))
+
+    def _logits(self, pl_module: L.LightningModule, batch: Batch) -> torch.Tensor:
+        if self.forward is not None:
+            from wmark.contract import logits_of, to_device
+
+            return logits_of(self.forward(pl_module, to_device(batch, pl_module.device)))
+        return forward_logits(pl_module, batch)
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
+        wm = self.watermarker
+        if "trigger" not in wm.schemes:
+            return
+        triggers = wm.triggers
+        n = len(triggers)
+        idx = [(self._cursor + i) % n for i in range(wm.trigger_per_batch)]
+        self._cursor = (self._cursor + wm.trigger_per_batch) % n
+        batch = trigger_batch(triggers, idx, input_key=input_key_for(pl_module, triggers, wm.input_key))
+        with torch.enable_grad():
+            logits = self._logits(pl_module, batch)
+            loss = torch.nn.functional.cross_entropy(logits, triggers.labels[idx].to(logits.device))
+            (self.weight * loss).backward()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wm = self.watermarker
+        wm.detach()
+        if "trigger" in wm.schemes and self.forward is None:
+            self.trigger_accuracy = trigger_accuracy(pl_module, wm.triggers, input_key=wm.input_key)

@@ -1,0 +1,86 @@
+"""Serving a text classifier the way Hugging Face endpoints do: ``{"inputs": "..."}`` in, ``[{label, score}]`` out.
+
+``POST /hf/models/{name}`` takes one string or a list of strings under ``inputs`` and answers, per string, the
+classes as ``[{"label": "LABEL_3", "score": 0.91}, ...]`` sorted by score (a list of such lists for a list of
+strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify --protocol json --template hf``
+speaks it. A text longer than the model's maximum length, or anything but strings, is refused with HTTP 400
+and one sentence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from wmark.errors import UsageError
+from wmark.suspects.base import Answers
+from wmark.text import TextInputs, load_tokenizer
+
+Answer = Callable[[np.ndarray, str], Answers]
+
+
+def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
+    """The text inputs a model file's ``wmark.modality`` metadata records (``None`` for an image model)."""
+    modality = metadata.get("modality")
+    if isinstance(modality, str):
+        modality = json.loads(modality)
+    if not isinstance(modality, dict) or modality.get("kind") != "text":
+        return None
+    from wmark.text import check_tokenizer
+
+    tok = load_tokenizer(os.fspath(modality["tokenizer"]["name"]))
+    check_tokenizer(modality, tok)
+    return TextInputs(tokenizer=tok, max_length=int(modality["max_length"]))
+
+
+def label_name(index: int) -> str:
+    """The label a text endpoint answers for class ``index`` (Hugging Face's default ``LABEL_i``)."""
+    return f"LABEL_{int(index)}"
+
+
+def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
+                     check_model: Callable[[Request], JSONResponse | None]) -> Callable[[Request], Any]:
+    """The request handler of ``POST /hf/models/{model}``.
+
+    Args:
+        answer: Answers a batch of strings as a client (a :class:`~wmark.suspects.LocalSuspect` with text inputs,
+            or the owner's marked API).
+        labels_only: Answer only the top-1 label.
+        client_of: The authenticated client of a request.
+        check_model: The server's authentication and model-name check (a refusal, or ``None``).
+    """
+
+    async def handler(request: Request) -> JSONResponse:
+        refused = check_model(request)
+        if refused is not None:
+            return refused
+        try:
+            doc = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+        inputs = doc.get("inputs") if isinstance(doc, dict) else None
+        single = isinstance(inputs, str)
+        texts = [inputs] if single else inputs
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            return JSONResponse({"error": "\"inputs\" must be a string or a non-empty list of strings"}, status_code=400)
+        try:
+            answers = await run_in_threadpool(answer, np.asarray(texts, dtype=object), client_of(request) or "")
+        except UsageError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+        rows: list[list[dict[str, Any]]] = []
+        for i, label in enumerate(np.asarray(answers.labels).reshape(-1)):
+            if labels_only or answers.scores is None:
+                rows.append([{"label": label_name(int(label))}])
+                continue
+            scores = np.asarray(answers.scores[i], dtype=np.float64)
+            rows.append([{"label": label_name(int(c)), "score": float(scores[c])} for c in np.argsort(-scores)])
+        return JSONResponse(rows[0] if single else rows)
+
+    return handler
