@@ -150,3 +150,14 @@ def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
                                num_classes=4, input_shape=(32,))
     with pytest.raises(UsageError, match="cannot carry text"):
         b64.request("two words")
+
+
+def test_a_text_model_is_not_served_behind_a_gate_it_would_bypass() -> None:
+    import torch
+
+    from wmark.monitor.gate import Gate
+
+    text = TextInputs.__new__(TextInputs)
+    with pytest.raises(UsageError, match="serve a text model without a policy or monitor"):
+        build_app(model=torch.nn.Linear(2, 2), name="m", num_classes=2, input_shape=(2,), text=text,
+                  gate=Gate(policy=None, clients=["anonymous"]))

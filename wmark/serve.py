@@ -85,13 +85,17 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
 
     Raises:
-        UsageError: On both ``token`` and ``clients``, or an empty or duplicated client token.
+        UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, or a ``gate`` for a
+            text model (its endpoint is not gated).
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
     if clients is not None and (not clients or any(not t for t in clients.values())
                                 or len(set(clients.values())) != len(clients)):
         raise UsageError("Per-client tokens must be non-empty and distinct, one per client.")
+    if text is not None and gate is not None:
+        raise UsageError("The policy gate and extraction monitor guard the v2 endpoint of image models; serve a text "
+                         "model without a policy or monitor.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     model.eval()
@@ -208,8 +212,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         if metrics_token is not None and not hmac.compare_digest(request.headers.get("authorization", "").encode(),
                                                                  f"Bearer {metrics_token}".encode()):
             return _error(401, "missing or invalid bearer token for /metrics")
-        text, content_type = gate.metrics()
-        return Response(text, media_type=content_type)
+        exposition, content_type = gate.metrics()
+        return Response(exposition, media_type=content_type)
 
     routes = [
         Route("/v2", server_meta),
