@@ -222,3 +222,23 @@ def test_tfserving_parsing_of_literal_nan_tokens():
         proto.parse(json.loads('{"predictions": [[NaN, Infinity, 0.1]]}'))
     with pytest.raises(MalformedAnswer, match="error"):
         proto.parse({"error": "bad input"})
+
+
+def test_several_labels_per_input_are_a_runtime_failure(key):
+    """A v2 server that answers two integers for one input answers garbage: exit 3, not a usage error."""
+    from wmark.errors import RuntimeFailure
+
+    async def meta(_: Request) -> JSONResponse:
+        return JSONResponse({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
+                             "outputs": [{"name": "label", "datatype": "INT64", "shape": [-1, 2]}]})
+
+    async def infer(_: Request) -> JSONResponse:
+        return JSONResponse({"outputs": [{"name": "label", "datatype": "INT64", "shape": [1, 2], "data": [3, 4]}]})
+
+    app = Starlette(routes=[Route("/v2/models/m", meta), Route("/v2/models/m/infer", infer, methods=["POST"])])
+    with serve_in_background(app) as server:
+        suspect = open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=10, input_shape=SHAPE,
+                                    options=HttpOptions(retries=0))
+        with pytest.raises(RuntimeFailure, match="2 integers per input instead of one label"):
+            suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        suspect.close()

@@ -35,7 +35,13 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.suspects.protocols import AnswerMismatch, MalformedAnswer, Parsed, WireProtocol
+from wmark.suspects.protocols import (
+    AnswerCountMismatch,
+    AnswerMismatch,
+    MalformedAnswer,
+    Parsed,
+    WireProtocol,
+)
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
@@ -304,7 +310,8 @@ class HttpSuspect:
             parsed: Parsed = self.protocol.parse(json.loads(text))
         except AnswerMismatch as exc:
             if not self._seen_ok.is_set():
-                raise UsageError(f"The suspect at {self.description} does not fit the key: {exc}.") from None
+                failure = RuntimeFailure if isinstance(exc, AnswerCountMismatch) else UsageError
+                raise failure(f"The suspect at {self.description} does not fit the key: {exc}.") from None
             return self._malformed(text, digest, attempts, resp.status_code, str(exc))
         except (MalformedAnswer, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
             return self._malformed(text, digest, attempts, resp.status_code, _short(exc))

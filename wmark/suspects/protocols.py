@@ -48,6 +48,11 @@ class AnswerMismatch(MalformedAnswer):
     """
 
 
+class AnswerCountMismatch(AnswerMismatch):
+    """Several labels answered for one input: the suspect answers garbage whatever the key, so before any
+    usable answer the caller raises a :class:`~wmark.errors.RuntimeFailure` (exit 3), not a usage error."""
+
+
 @dataclass(frozen=True)
 class Parsed:
     """One decoded answer: the top-1 label and, when the API returned every class's score, the scores."""
@@ -291,7 +296,7 @@ class V2Protocol(WireProtocol):
             return self._from_classification(data)
         if datatype.startswith(("INT", "UINT")) or (len(data) == 1 and self.num_classes > 1):
             if len(data) != 1:
-                raise AnswerMismatch(f"the suspect answers {len(data)} integers per input instead of one label")
+                raise AnswerCountMismatch(f"the suspect answers {len(data)} integers per input instead of one label")
             return self._from_label(data[0])
         return self._from_scores(data)
 
