@@ -49,7 +49,7 @@ def test_noise_is_relative_to_each_weight() -> None:
     rms = model.fc1.weight.pow(2).mean().sqrt()
     assert delta.pow(2).mean().sqrt().item() == pytest.approx(0.5 * rms.item(), rel=0.05)
     assert torch.equal(noisy.fc1.bias, model.fc1.bias)
-    with pytest.raises(UsageError, match="--std"):
+    with pytest.raises(UsageError, match="noise std must be between 0 and 10"):
         noise(model, std=-1.0)
 
 

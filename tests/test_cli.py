@@ -104,7 +104,7 @@ def test_bad_inputs_give_one_sentence_and_exit_2(workdir, tmp_path) -> None:
         (["train", "--arch", "fmnist-cnn", "--data", f"fashion-mnist:{tmp_path}/nowhere", "--out",
           str(tmp_path / "o.safetensors")], "apt-get install dataset-fashion-mnist"),
         (["embed", "--key", str(other_key), "--arch", "fmnist-cnn", "--weights", marked, "--data", "digits",
-          "--out", str(tmp_path / "o.safetensors")], "--classes 10"),
+          "--out", str(tmp_path / "o.safetensors")], "a key for 10 classes"),
     ]
     for args, message in cases:
         code, out, err = run(*args)

@@ -189,7 +189,7 @@ def test_tls_error_is_named(key, copy_model):
 
 def test_wrong_model_name(key, copy_model):
     app = build_app(model=copy_model, name="m", num_classes=10, input_shape=SHAPE)
-    with serve_in_background(app) as server, pytest.raises(UsageError, match="HTTP 404.*--model-name"):
+    with serve_in_background(app) as server, pytest.raises(UsageError, match="HTTP 404.*the model name"):
         _open(server.url, key, model_name="other")
 
 

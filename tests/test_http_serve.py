@@ -112,7 +112,7 @@ def test_cli_errors_are_one_sentence(served):
     assert gone.exit_code == 3 and "Cannot reach the suspect" in gone.output
     busy = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp / "m.safetensors"), "--name",
                                 "x", "--port", str(port)])
-    assert busy.exit_code == 2 and "pick another --port" in busy.output
+    assert busy.exit_code == 2 and "pick another port" in busy.output
     no_arch = runner.invoke(main, ["verify", "file", "--key", key, "--suspect", str(tmp / "m.safetensors")])
     assert no_arch.exit_code == 2 and "--arch" in no_arch.output
 

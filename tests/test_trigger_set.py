@@ -41,7 +41,7 @@ def test_loader_mixes_triggers_into_every_batch(digits_key) -> None:
 def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> None:
     wm = Watermarker(digits_key)
     _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[(torch.rand(4, 1, 28, 28), torch.zeros(4))])
-    with pytest.raises(UsageError, match="input-shape"):
+    with pytest.raises(UsageError, match="input shape matches the model"):
         next(iter(loader))
     wm.detach()
     batch = {"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long)}

@@ -52,7 +52,7 @@ def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Seq
     (``input_shape`` is then ignored).
     """
     if Path(out).exists() and not overwrite:
-        raise UsageError(f"{out} already exists; refusing to overwrite a key (pass --force to replace it).")
+        raise UsageError(f"{out} already exists; refusing to overwrite a key (overwrite=True replaces it).")
     schemes = None
     if message is not None:
         from wmark.keys import default_schemes
@@ -131,11 +131,11 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
 
 def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: tuple[int, ...]) -> None:
     if key_c != c:
-        raise UsageError(f"The key is for {key_c} classes but the data has {c}; make a key with --classes {c}.")
+        raise UsageError(f"The key is for {key_c} classes but the data has {c}; make a key for {c} classes.")
     if tuple(key_shape) != tuple(shape):
         raise UsageError(
-            f"The key's input shape {key_shape} differs from the data's {shape}; make a key with "
-            f"--input-shape {','.join(map(str, shape))}."
+            f"The key's input shape {key_shape} differs from the data's {shape}; make a key for inputs shaped "
+            f"{','.join(map(str, shape))}."
         )
 
 
@@ -268,7 +268,7 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     params: dict[str, Any]
     if kind == "finetune":
         if ds is None:
-            raise UsageError("The finetune attack needs --data (the attacker's own training data).")
+            raise UsageError("The finetune attack needs the attacker's own training data (data=).")
         attacked = finetune_attack(model, x=ds.x_train, y=ds.y_train, epochs=epochs, lr=lr, layers=layers,  # type: ignore[arg-type]
                                    seed=seed, progress=progress)
         params = {"epochs": epochs, "lr": lr, "layers": layers, "samples": len(ds.x_train), "seed": seed}

@@ -181,7 +181,7 @@ def generate_key(
         UsageError: On an empty owner, fewer than two classes, a bad shape or a malformed modality.
     """
     if not owner.strip():
-        raise UsageError("The owner name is empty; pass --owner \"Your Organisation\".")
+        raise UsageError("The owner name is empty; give one, e.g. \"Your Organisation\".")
     if num_classes < 2:
         raise UsageError(f"A key needs at least 2 classes, got {num_classes}.")
     if not 1 <= len(input_shape) <= MAX_INPUT_DIMS or any(int(d) <= 0 for d in input_shape):

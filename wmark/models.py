@@ -103,7 +103,7 @@ def resolve_arch(arch: str) -> Callable[..., nn.Module]:
         except (ImportError, AttributeError) as exc:
             raise UsageError(f"Cannot import architecture {arch!r} ({exc}).") from None
         if not callable(factory):
-            raise UsageError(f"{arch!r} is not callable; point --arch at a function that returns an nn.Module.")
+            raise UsageError(f"{arch!r} is not callable; point the architecture at a function that returns an nn.Module.")
         return factory
     raise UsageError(
         f"Unknown architecture {arch!r}; use one of {', '.join(sorted(BUILTIN_ARCHS))} or package.module:factory."
@@ -141,7 +141,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> dict[str, st
         if wrong:
             n = wrong[0]
             parts.append(f"{n} is {tuple(tensors[n].shape)} but the architecture needs {tuple(expected[n].shape)}")
-        raise UsageError(f"The weights in {path} do not fit this architecture ({'; '.join(parts)}); check --arch.")
+        raise UsageError(f"The weights in {path} do not fit this architecture ({'; '.join(parts)}); check the architecture.")
     model.load_state_dict({n: tensors[n].to(expected[n].dtype) for n in expected})
     return metadata
 

@@ -238,7 +238,7 @@ def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
     if transcript is None and not path.is_absolute() and not path.is_file():
         path = report.parent / path.name
     if not path.is_file():
-        raise UsageError(f"The transcript {path} does not exist; pass the file the report names with --transcript.")
+        raise UsageError(f"The transcript {path} does not exist; pass the transcript file the report names.")
     want_file = summary.get("file_sha256")
     if want_file is not None and file_sha256(path) != want_file:
         raise EvidenceError(f"The transcript {path} is not byte for byte the one the report names (its SHA-256 "

@@ -336,7 +336,7 @@ def _check_port_free(host: str, port: int) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as exc:
-        raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port.") from None
+        raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another port.") from None
 
 
 def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",

@@ -128,7 +128,7 @@ class Transcript:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
-            raise UsageError(f"{self.path} is not a wmark transcript ({exc}); give a new --transcript path.") from None
+            raise UsageError(f"{self.path} is not a wmark transcript ({exc}); give a new transcript path.") from None
         want = {"format": FORMAT, "key_commitment": key_commitment, "suspect": suspect, "protocol": protocol}
         have = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
         if have:
@@ -137,7 +137,7 @@ class Transcript:
                     self._db.close()
                     raise UsageError(
                         f"The transcript {self.path} was made for another {name.replace('_', ' ')} "
-                        f"({have.get(name)!r}, not {value!r}); give a new --transcript path."
+                        f"({have.get(name)!r}, not {value!r}); give a new transcript path."
                     )
         else:
             with self._tx():

@@ -18,7 +18,7 @@ def last_linear(model: nn.Module) -> nn.Linear:
     """The classifier head: the last ``nn.Linear`` registered in the model."""
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise UsageError("The model has no nn.Linear layer to treat as its head; use --layers all.")
+        raise UsageError("The model has no nn.Linear layer to treat as its head; fine-tune all layers.")
     return linears[-1]
 
 
@@ -31,7 +31,7 @@ def finetune(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor, epochs: int 
             head first, then trains every parameter.
     """
     if layers not in ("all", "last", "reinit-last"):
-        raise UsageError(f"Unknown --layers {layers!r}; use all, last or reinit-last.")
+        raise UsageError(f"Unknown layers {layers!r} to fine-tune; use all, last or reinit-last.")
     attacked = copy.deepcopy(model)
     torch.manual_seed(seed)
     head = last_linear(attacked)

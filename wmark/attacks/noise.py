@@ -19,7 +19,7 @@ def noise(model: nn.Module, *, std: float, seed: int = 0) -> nn.Module:
     weight tensor's root-mean-square.
     """
     if not 0.0 <= std <= 10.0:
-        raise UsageError(f"--std must be between 0 and 10 (relative to each weight's RMS), got {std}.")
+        raise UsageError(f"The noise std must be between 0 and 10 (relative to each weight's RMS), got {std}.")
     attacked = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
     for m in attacked.modules():

@@ -18,7 +18,7 @@ def _weight_tensors(model: nn.Module) -> list[torch.Tensor]:
 def prune(model: nn.Module, *, sparsity: float) -> nn.Module:
     """Global magnitude pruning: zero the ``sparsity`` fraction of conv/linear weights smallest in |w|."""
     if not 0.0 <= sparsity < 1.0:
-        raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}.")
+        raise UsageError(f"The pruning sparsity must be in [0, 1), got {sparsity}.")
     attacked = copy.deepcopy(model)
     weights = _weight_tensors(attacked)
     if not weights or sparsity == 0.0:
@@ -41,7 +41,7 @@ def quantize(model: nn.Module, *, bits: int = 8) -> nn.Module:
     into the original architecture.
     """
     if not 2 <= bits <= 16:
-        raise UsageError(f"--bits must be between 2 and 16, got {bits}.")
+        raise UsageError(f"Quantisation bits must be between 2 and 16, got {bits}.")
     attacked = copy.deepcopy(model)
     levels = 2 ** (bits - 1) - 1
     for w in _weight_tensors(attacked):

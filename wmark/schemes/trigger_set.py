@@ -204,7 +204,7 @@ class TriggerMixingLoader:
             if tuple(x.shape[1:]) != tuple(tx.shape[1:]):
                 raise UsageError(
                     f"Batches hold inputs of shape {tuple(x.shape[1:])} but the key's triggers are "
-                    f"{tuple(tx.shape[1:])}; make a key with --input-shape matching the model."
+                    f"{tuple(tx.shape[1:])}; make a key whose input shape matches the model's."
                 )
             mixed = (torch.cat([x, tx.to(x.device, x.dtype)]), torch.cat([y, ty.to(y.device, y.dtype)]))
             return type(batch)(mixed) if isinstance(batch, list) else mixed

@@ -139,7 +139,7 @@ def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
         UsageError: If both or neither-but-empty sources are given, the variable is unset or the file unreadable.
     """
     if env and file:
-        raise UsageError("Give the token either with --token-env or with --token-file, not both.")
+        raise UsageError("Give the token either from an environment variable or from a file, not both.")
     if env:
         value = os.environ.get(env, "").strip()
         if not value:
@@ -301,7 +301,7 @@ class HttpSuspect:
             if not self._seen_ok.is_set():
                 raise UsageError(
                     f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
-                    f"{message}); check --protocol, --model-name and the key's input shape."
+                    f"{message}); check the protocol, the model name and the key's input shape."
                 )
             self.stats.add(malformed=1)
             return Outcome(status="malformed", answer=text, answer_sha256=digest, attempts=attempts,
@@ -329,14 +329,14 @@ class HttpSuspect:
         resp, _, error = self._send("GET", url, None, what="metadata")
         if resp is None:
             raise RuntimeFailure(
-                f"The suspect at {redact_url(url)} did not answer ({error}); try again later or raise --retries."
+                f"The suspect at {redact_url(url)} did not answer ({error}); try again later or allow more retries."
             )
         if resp.status_code >= 400:
             raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
         try:
             return json.loads(resp.content)
         except (ValueError, UnicodeDecodeError):
-            raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right --protocol?") from None
+            raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
         """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors."""
@@ -375,7 +375,7 @@ class HttpSuspect:
                     )
                 if code == 404:
                     raise UsageError(
-                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and --model-name."
+                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
                     )
                 if code not in _RETRY_STATUSES:
                     return resp, attempts, ""
@@ -477,7 +477,7 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
                                  version=version)
     if protocol == "json":
         if not template:
-            raise UsageError("The json protocol needs --template (torchserve, hf, or a template file).")
+            raise UsageError("The json protocol needs a template (torchserve, hf, or a template file).")
         return JsonTemplateProtocol(url=url, template=load_template(template), num_classes=num_classes,
                                     input_shape=input_shape)
     raise UsageError(f"Unknown protocol {protocol!r}; use v2, tfserving or json.")

@@ -41,7 +41,7 @@ class CoverTraffic:
 
     def __init__(self, inputs: np.ndarray, *, ratio: float, seed: int) -> None:
         if ratio <= 0:
-            raise UsageError(f"--cover-ratio must be positive, got {ratio}.")
+            raise UsageError(f"The cover ratio must be positive, got {ratio}.")
         if len(inputs) == 0:
             raise UsageError("The cover data set is empty.")
         self.inputs = np.asarray(inputs, dtype=np.float32)

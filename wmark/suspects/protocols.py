@@ -199,7 +199,7 @@ class V2Protocol(WireProtocol):
         self.base = base
         self.model_name = model_name or from_url
         if not self.model_name:
-            raise UsageError("The v2 protocol needs a model name: pass --model-name or a URL ending in /v2/models/NAME.")
+            raise UsageError("The v2 protocol needs a model name: give it, or a URL ending in /v2/models/NAME.")
         self.version = version
         if input_name is not None and not input_name.strip():
             raise UsageError("The v2 input name cannot be empty; give the name the model's input tensor has.")
@@ -338,7 +338,7 @@ class TFServingProtocol(WireProtocol):
         self.base = base
         self.model_name = model_name or from_url
         if not self.model_name:
-            raise UsageError("TensorFlow Serving needs a model name: pass --model-name or a URL ending in /v1/models/NAME.")
+            raise UsageError("TensorFlow Serving needs a model name: give it, or a URL ending in /v1/models/NAME.")
         self.version = version
         self.channels_last = False
 
