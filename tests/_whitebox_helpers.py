@@ -50,12 +50,14 @@ def task_data(seed: int = 0, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train(model: nn.Module, *, steps: int, seed: int, embedder: WeightsEmbedder | None = None,
-          lr: float = 3e-3) -> nn.Module:
-    """Adam on a small synthetic task; with an embedder, its step pre-hook marks the model on the way."""
-    x, y = task_data(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+          lr: float = 3e-3, data: tuple[torch.Tensor, torch.Tensor] | None = None) -> nn.Module:
+    """Adam on a small synthetic task (or ``data``); with an embedder, its step pre-hook marks the model on
+    the way. Frozen parameters stay frozen; the model comes back in eval mode."""
+    x, y = task_data(seed) if data is None else data
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     handle = optimizer.register_step_pre_hook(embedder.hook) if embedder is not None else None
     gen = torch.Generator().manual_seed(seed)
+    model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(x), (32,), generator=gen)
         optimizer.zero_grad()
@@ -63,7 +65,7 @@ def train(model: nn.Module, *, steps: int, seed: int, embedder: WeightsEmbedder 
         optimizer.step()
     if handle is not None:
         handle.remove()
-    return model
+    return model.eval()
 
 
 def marked_file(key: Key, path, *, seed: int = 0, steps: int = 60) -> tuple[nn.Module, WeightsEmbedder]:

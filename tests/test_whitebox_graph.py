@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from _whitebox_helpers import tiny_key
+from _whitebox_helpers import train as _train
 from click.testing import CliRunner
 from torch import nn
 from transformers import BertConfig, BertModel
@@ -71,19 +72,7 @@ def text_task(seed: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, steps: int, seed: int,
           embedder: WeightsEmbedder | None = None, lr: float = 3e-3) -> nn.Module:
-    x, y = data
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
-    handle = optimizer.register_step_pre_hook(embedder.hook) if embedder is not None else None
-    gen = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (32,), generator=gen)
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
-        optimizer.step()
-    if handle is not None:
-        handle.remove()
-    return model.eval()
+    return _train(model, data=data, steps=steps, seed=seed, embedder=embedder, lr=lr)
 
 
 def mark(base: nn.Module, key, data, d, *, steps: int, lr: float) -> nn.Module:
