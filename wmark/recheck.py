@@ -34,6 +34,7 @@ from wmark.evidence import TestResult, Verdict, decide
 from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
+from wmark.text import is_text_array
 from wmark.transcript import input_sha256, transcript_digest
 from wmark.verify import trigger_set_test
 
@@ -74,8 +75,8 @@ class RecordingSuspect:
 
     def query(self, inputs: np.ndarray) -> Answers:
         answers = self.inner.query(inputs)
-        for x, label in zip(np.asarray(inputs, dtype=np.float32), np.asarray(answers.labels).reshape(-1)):
-            self.digests.append(input_sha256(x))
+        for digest, label in zip(batch_sha256(inputs), np.asarray(answers.labels).reshape(-1)):
+            self.digests.append(digest)
             self.labels.append(int(label))
         return answers
 
@@ -119,6 +120,13 @@ def record_tiebreak_files(verdict: Verdict, *, rule: PathLike, served: PathLike,
     return verdict
 
 
+def batch_sha256(inputs: Any) -> list[str]:
+    """The transcript's digest of each input of a batch: float32 tensors, or strings for a text key."""
+    if is_text_array(inputs):
+        return [input_sha256(str(x)) for x in inputs]
+    return [input_sha256(x) for x in np.asarray(inputs, dtype=np.float32)]
+
+
 class ReplaySuspect:
     """Answers each input with the label recorded for its digest; refuses an input nobody recorded."""
 
@@ -132,8 +140,7 @@ class ReplaySuspect:
 
     def query(self, inputs: np.ndarray) -> Answers:
         labels = []
-        for x in np.asarray(inputs, dtype=np.float32):
-            digest = input_sha256(x)
+        for digest in batch_sha256(inputs):
             if digest not in self.answers:
                 raise EvidenceError(f"{self.source} holds no answer to input {digest[:16]}..., which this key makes "
                                     "the verifier ask: the record is not of this key's verification, or was altered.")
