@@ -41,6 +41,7 @@ WHAT = {
     "monitor_quick": "its quick mode",
     "serve_throughput": "serving throughput with and without the policy gate and monitor",
     "text": "MiniLM on fortunes: embedding cost, black-box detection, thief's fine-tune, null panel",
+    "research_trigger_features": "trigger retention with triggers pulled to their label's feature region (negative)",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
