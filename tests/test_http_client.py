@@ -171,7 +171,7 @@ def test_server_dying_mid_run_is_a_clear_error(key, copy_model):
         suspect = _open(server.url, key, retries=1)
         first = suspect.query(generate_triggers(key).inputs.numpy()[:3])
     assert (first.labels >= 0).all()
-    with pytest.raises(RuntimeFailure, match="stopped answering.*re-run the same command"):
+    with pytest.raises(RuntimeFailure, match="stopped answering.*re-run the same verification"):
         suspect.query(generate_triggers(key).inputs.numpy()[3:6])
     suspect.close()
 

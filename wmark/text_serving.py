@@ -2,7 +2,7 @@
 
 ``POST /hf/models/{name}`` takes one string or a list of strings under ``inputs`` and answers, per string, the
 classes as ``[{"label": "LABEL_3", "score": 0.91}, ...]`` sorted by score (a list of such lists for a list of
-strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify --protocol json --template hf``
+strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify api --protocol json --template hf``
 speaks it. A text longer than the model's maximum length, or anything but strings, is refused with HTTP 400
 and one sentence.
 """

@@ -370,8 +370,8 @@ class HttpSuspect:
                 if code in (401, 403):
                     hint = "the token was refused" if self._has_token else "it needs a bearer token"
                     raise UsageError(
-                        f"The suspect at {_host(url)} answered HTTP {code}: {hint}; pass a valid token with "
-                        "--token-env VAR or --token-file FILE."
+                        f"The suspect at {_host(url)} answered HTTP {code}: {hint}; pass a valid token from an "
+                        "environment variable or a file."
                     )
                 if code == 404:
                     raise UsageError(
@@ -399,7 +399,7 @@ class HttpSuspect:
                 )
             raise RuntimeFailure(
                 f"The suspect at {_host(url)} stopped answering ({error}); answers so far are kept: re-run the "
-                "same command with the same --transcript to resume."
+                "same verification with the same transcript to resume."
             )
         return None, attempts, error
 

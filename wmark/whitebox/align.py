@@ -206,7 +206,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
     ref_errors = int(np.sum(_bits(x, ref_vec) != expected))
     if ref_errors > bits // 4:
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
-                         "weight watermark; check --key and --reference.")
+                         "weight watermark; check the key and the reference.")
     source = ref
     if anc is not None:
         bad = [lay.name for lay in layers[:-1] if anc.shapes.get(lay.name) != lay.shape]
@@ -216,7 +216,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         recorded = info.get("anchor_digest")
         if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
             raise UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from (its layers "
-                             "differ from those recorded at embedding); pass that base model, or leave --anchor out.")
+                             "differ from those recorded at embedding); pass that base model, or no anchor.")
         source = anc
     aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=sus.shapes,
                       suspect=sus.load, iters=iters)

@@ -357,7 +357,7 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
     ref_errors = int(np.sum(ref_bits != expected))
     if ref_errors > bits // 4:
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
-                         "weight watermark; check --key and --reference.")
+                         "weight watermark; check the key and the reference.")
     anchor_w = ref_w
     align_to = ref_layers[:-1]
     if anchor is not None:
@@ -370,7 +370,7 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
         recorded = info.get("anchor_digest")
         if recorded and anchor_digest(dict(zip(names[:-1], anchor_w[:-1]))) != recorded:
             raise UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from (its layers "
-                             "differ from those recorded at embedding); pass that base model, or leave --anchor out.")
+                             "differ from those recorded at embedding); pass that base model, or no anchor.")
         align_to = _layers(anchor_w[:-1])
 
     sus = _File.open(suspect, "suspect")
