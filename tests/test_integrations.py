@@ -76,9 +76,10 @@ def test_lightning_callback_embeds_the_triggers():
         def configure_optimizers(self) -> torch.optim.Optimizer:
             return torch.optim.AdamW(self.parameters(), lr=3e-3)
 
+    L.seed_everything(0, verbose=False)  # dropout draws from the global generator
     module = Module()
     callback = WatermarkCallback(Watermarker(key, trigger_per_batch=8, tokenizer=tok))
-    trainer = L.Trainer(max_epochs=24, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(max_epochs=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(module, loader)
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy > 0.8
