@@ -171,7 +171,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                            rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
     verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
-    files = tiebreak_files(key=k, rule=rule, served=served, served_arch=served_arch, holdout=holdout,
+    files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            queries=rule_queries)
     return local.attach(verdict, suspect_file=suspect, tiebreak=files)
 

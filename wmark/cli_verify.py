@@ -20,7 +20,6 @@ from wmark import api, cli_evidence
 from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, refuse
 from wmark.errors import UsageError
 from wmark.evidence import Verdict
-from wmark.keys import load_key
 from wmark.recheck import tiebreak_files
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
 from wmark.verify import Mode
@@ -226,8 +225,8 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         refuse(["served", "holdout", "rule_queries", "rounds"], "without --rule (tie-break only)")
     if log is None:
         refuse(["log_queries", "rounds"], "without --log")
-    files = tiebreak_files(key=load_key(key), rule=rule, served=served, served_arch=None, holdout=holdout,
-                           queries=1) if rule is not None else None
+    files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
+                           queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
                                          reference_signature=None,
                                          owner_files=(rule, (files["served"] or None) if files else None))

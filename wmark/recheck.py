@@ -95,7 +95,7 @@ class RecordingSuspect:
         return verdict
 
 
-def tiebreak_files(*, key: Key, rule: PathLike | None, served: PathLike | None, served_arch: str | None,
+def tiebreak_files(*, rule: PathLike | None, served: PathLike | None, served_arch: str | None,
                    holdout: str | None, queries: int) -> dict[str, Any] | None:
     """The owner files a committed-input tie-break test runs with (``None`` when there is no such test): the
     rule and the served model it names (or ``served``, where it moved), for :func:`record_tiebreak_files`."""

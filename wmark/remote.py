@@ -111,7 +111,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         }
         if record is not None:
             verdict.tests[0].details["transcript"] = record.summary()
-        files = tiebreak_files(key=k, rule=rule, served=served, served_arch=served_arch, holdout=holdout,
+        files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                                queries=rule_queries)
         if files is not None:  # the report names the rule and served model, so the tie-break test can be re-checked
             record_tiebreak_files(verdict, **files)
