@@ -79,8 +79,11 @@ def test_lightning_callback_embeds_the_triggers():
     L.seed_everything(0, verbose=False)  # dropout draws from the global generator
     module = Module()
     callback = WatermarkCallback(Watermarker(key, trigger_per_batch=8, tokenizer=tok))
-    trainer = L.Trainer(max_epochs=40, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    # Clipping (which Lightning applies after the callback's trigger backward) keeps the learnt share stable
+    # across CPUs and thread counts: unclipped, 8- and 16-thread runs learnt 14 of 16 and one CI machine 9.
+    trainer = L.Trainer(max_epochs=60, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        gradient_clip_val=1.0)
     trainer.fit(module, loader)
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy > 0.8
     assert _detected(module.model, key)
