@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmark.contract import call_model, model_device, to_device
+from wmark.contract import forward_logits, model_device, to_device
 from wmark.errors import UsageError
 from wmark.io import load_tensors
 from wmark.text_models import TEXT_ARCHS
@@ -169,37 +171,90 @@ def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...],
     return {"arch": arch, "num_classes": num_classes, "input_shape": list(input_shape), **extra}
 
 
+class PenultimateFeaturizer:
+    """Features = the input of the model's last ``nn.Linear`` layer, read by one forward hook it owns.
+
+    Callable as ``featurizer(x) -> features`` (float32 NumPy on the CPU, batched by ``batch_size``), and
+    :meth:`logits_and_features` gives the logits and the features of one batch from the *same* forward pass,
+    so a marked API built on these features runs the model once per request. The hook stays on the layer
+    for the featurizer's life (:meth:`close` removes it) and records only the calls this featurizer makes, on
+    the thread that makes them: featurizers and plain inference can run concurrently on one model.
+
+    Args:
+        model: Any classifier of :mod:`wmark.contract` ending in an ``nn.Linear`` (run on its own device).
+        batch_size: Inputs per forward pass when called on an array.
+        encode: Turns a slice of inputs into the model's batch (e.g. :meth:`wmark.text.TextInputs.encode` for
+            strings); by default inputs are float32 tensors.
+
+    Raises:
+        UsageError: On a model without an ``nn.Linear`` layer.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, batch_size: int = 1024,
+                 encode: Callable[[Any], Any] | None = None) -> None:
+        last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        if not last:
+            raise UsageError("The featurizer model has no nn.Linear layer; pass a model that ends in one.")
+        self.model, self.batch_size, self.encode = model, batch_size, encode
+        self._local = threading.local()
+        local = self._local
+
+        def record(_module: nn.Module, inp: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+            captured = getattr(local, "captured", None)
+            if captured is not None:
+                captured.append(inp[0].detach().flatten(1))
+
+        self._handle: Any = last[-1].register_forward_hook(record)
+        weakref.finalize(self, self._handle.remove)
+
+    def close(self) -> None:
+        """Remove the hook from the model (the featurizer cannot be used afterwards)."""
+        self._handle.remove()
+        self._handle = None
+
+    def logits_and_features(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the features of one model batch (on the model's device), from one forward pass.
+
+        Raises:
+            UsageError: After :meth:`close`, or when the last ``nn.Linear`` does not run exactly once per forward
+                pass (its input is then no per-example feature).
+        """
+        if self._handle is None:
+            raise UsageError("This featurizer was closed; make a new one with penultimate_featurizer(model).")
+        captured: list[torch.Tensor] = []
+        self._local.captured = captured
+        try:
+            logits = forward_logits(self.model, to_device(batch, model_device(self.model)))
+        finally:
+            self._local.captured = None
+        if len(captured) != 1 or len(captured[0]) != len(logits):
+            raise UsageError(f"The model's last nn.Linear ran {len(captured)} times in one forward pass; features are "
+                             "read from a final linear head that runs once per example, so give a model ending in one.")
+        return logits, captured[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        self.model.eval()
+        chunks: list[np.ndarray] = []
+        with torch.no_grad():
+            for i in range(0, len(x), self.batch_size):
+                chunk = x[i:i + self.batch_size]
+                batch = (self.encode(chunk) if self.encode is not None
+                         else torch.as_tensor(np.asarray(chunk, dtype=np.float32)))
+                chunks.append(self.logits_and_features(batch)[1].float().cpu().numpy())
+        return np.concatenate(chunks).astype(np.float32) if chunks else np.zeros((0, 0), np.float32)
+
+
 def penultimate_featurizer(model: torch.nn.Module, *, batch_size: int = 1024,
-                           encode: Callable[[Any], Any] | None = None) -> Callable[[np.ndarray], np.ndarray]:
+                           encode: Callable[[Any], Any] | None = None) -> PenultimateFeaturizer:
     """Features = the input of the model's last ``nn.Linear`` layer (e.g. the owner's served model).
 
     The tie-break API mark (:mod:`wmark.schemes.tiebreak`) places its keyed
     rules in this space: it groups inputs the way a trained network already does, which is what makes a rule
     there learnable by a surrogate. Any classifier of :mod:`wmark.contract` works, on its own device; features
-    come back as float32 NumPy on the CPU.
+    come back as float32 NumPy on the CPU. See :class:`PenultimateFeaturizer`.
 
     Args:
         encode: Turns a slice of inputs into the model's batch (e.g. :meth:`wmark.text.TextInputs.encode` for
             strings); by default inputs are float32 tensors.
     """
-    last = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    if not last:
-        raise UsageError("The featurizer model has no nn.Linear layer; pass a model that ends in one.")
-
-    def features(x: np.ndarray) -> np.ndarray:
-        captured: list[torch.Tensor] = []
-        handle = last[-1].register_forward_hook(
-            lambda _m, inp, _out: captured.append(inp[0].detach().flatten(1).float().cpu()))
-        device = model_device(model)
-        try:
-            model.eval()
-            with torch.no_grad():
-                for i in range(0, len(x), batch_size):
-                    chunk = x[i:i + batch_size]
-                    batch = encode(chunk) if encode is not None else torch.as_tensor(np.asarray(chunk, dtype=np.float32))
-                    call_model(model, to_device(batch, device))
-        finally:
-            handle.remove()
-        return torch.cat(captured).numpy().astype(np.float32) if captured else np.zeros((0, 0), np.float32)
-
-    return features
+    return PenultimateFeaturizer(model, batch_size=batch_size, encode=encode)

@@ -101,7 +101,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     model.eval()
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
-    lock = threading.Lock()
+    # Requests run concurrently in the threadpool: an eval-mode model, the answerers, the query log and the gate
+    # are safe to share between threads. A Hugging Face fast tokenizer is not ("Already borrowed"), so the text
+    # endpoint encodes under this lock.
+    text_lock = threading.Lock()
     metrics_token = None if gate is None else gate.metrics_token
     output = ({"name": "label", "datatype": "INT64", "shape": [-1]} if labels_only
               else {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]})
@@ -153,11 +156,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     def predict(x: np.ndarray, client: str) -> tuple[np.ndarray | None, np.ndarray]:
         """The served probabilities (None when the answerer gives labels only) and top-1 labels."""
         if answerer is not None:
-            with lock:
-                answers = by_client.get(client, answerer).query(x)
+            answers = by_client.get(client, answerer).query(x)
             scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
             return scores, np.asarray(answers.labels, dtype=np.int64)
-        with lock, torch.no_grad():
+        with torch.no_grad():
             logits = model(torch.from_numpy(x)).float()
         return torch.softmax(logits, 1).numpy(), logits.argmax(1).numpy()
 
@@ -232,7 +234,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         text_suspect = LocalSuspect(model, input_shape=shape, text=text)
 
         def answer_text(x: np.ndarray, client: str) -> Any:
-            with lock:
+            with text_lock:
                 return by_client.get(client, answerer or text_suspect).query(x)
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,6 +12,9 @@ from wmark.contract import as_float_tensor, forward_logits, model_device
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, is_text_array
+
+if TYPE_CHECKING:
+    from wmark.models import PenultimateFeaturizer
 
 
 class LocalSuspect:
@@ -65,7 +68,22 @@ class LocalSuspect:
 
     @torch.no_grad()
     def query(self, inputs: np.ndarray) -> Answers:
-        logits = forward_logits(self.model, self._batch(inputs)).float()
+        return self._answers(forward_logits(self.model, self._batch(inputs)))
+
+    @torch.no_grad()
+    def query_with_features(self, inputs: np.ndarray, featurizer: PenultimateFeaturizer) -> tuple[Answers, np.ndarray]:
+        """The answers and ``featurizer``'s features of ``inputs`` from one forward pass of this model.
+
+        Raises:
+            UsageError: When ``featurizer`` reads another model.
+        """
+        if featurizer.model is not self.model:
+            raise UsageError("The featurizer reads another model than this suspect's; build it on the same model.")
+        logits, features = featurizer.logits_and_features(self._batch(inputs))
+        return self._answers(logits), features.float().cpu().numpy()
+
+    def _answers(self, logits: torch.Tensor) -> Answers:
+        logits = logits.float()
         if not torch.isfinite(logits).all():
             raise RuntimeFailure(
                 f"The suspect {self.description} produced NaN or infinite outputs; its weights are corrupt or it "

@@ -99,7 +99,11 @@ class TieBreakRule:
         if self.featurizer is None:
             raise UsageError("This tie-break rule was loaded without its featurizer; pass featurizer= to "
                              "load_tiebreak_rule (the served model's penultimate_featurizer).")
-        f = np.asarray(self.featurizer(np.asarray(x, dtype=np.float32)), dtype=np.float64)
+        return self.whiten(self.featurizer(np.asarray(x, dtype=np.float32)))
+
+    def whiten(self, raw: np.ndarray) -> np.ndarray:
+        """Whitened features ``psi`` (n×k) of the featurizer's raw output (n×D)."""
+        f = np.asarray(raw, dtype=np.float64)
         if f.ndim != 2 or f.shape[1] != len(self.mean):
             raise UsageError(f"The featurizer gives {f.shape[1:]} features, the rule expects {len(self.mean)}; "
                              "use the served model the rule was built from.")
@@ -107,7 +111,11 @@ class TieBreakRule:
 
     def shifts(self, x: np.ndarray) -> np.ndarray:
         """The keyed log-probability shift per class, ``u_c(x)`` (n×C), about N(0, 1) per entry."""
-        return self.features(x) @ self.directions.T / np.sqrt(self.components)
+        return self.shifts_of(self.features(x))
+
+    def shifts_of(self, psi: np.ndarray) -> np.ndarray:
+        """The keyed shift (n×C) of whitened features ``psi`` (from :meth:`features` or :meth:`whiten`)."""
+        return psi @ self.directions.T / np.sqrt(self.components)
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write the feature map (no directions) as safetensors."""

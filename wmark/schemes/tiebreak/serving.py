@@ -8,10 +8,12 @@ import numpy as np
 
 from wmark.errors import UsageError
 from wmark.keys import Key
+from wmark.models import PenultimateFeaturizer
 from wmark.schemes.api_mark import query_with_scores
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
 from wmark.suspects.base import Answers, Suspect
+from wmark.suspects.local import LocalSuspect
 
 DEFAULT_BETA = 1.0
 
@@ -57,13 +59,29 @@ class TieBreakAPI:
                            expose_scores=self.expose_scores, log=self.log, client=client)
 
     def query(self, inputs: np.ndarray) -> Answers:
-        x, scores, _ = query_with_scores(self.backend, inputs, self.input_shape)
+        x, scores, shifts = self._scores_and_shifts(inputs)
         if self.log is not None:
             self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
-        logits = np.log(np.maximum(scores, 1e-300)) + self.beta * self.rule.shifts(x)
+        logits = np.log(np.maximum(scores, 1e-300)) + self.beta * shifts
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
+
+
+    def _scores_and_shifts(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The float32 inputs, the served scores and the keyed shifts: from one forward pass when the rule reads
+        the backend model's own penultimate features (a local model), else from the backend and the featurizer."""
+        feat, backend = self.rule.featurizer, self.backend
+        if (isinstance(feat, PenultimateFeaturizer) and isinstance(backend, LocalSuspect) and backend.expose_scores
+                and feat.model is backend.model and backend.text is None):
+            x = np.asarray(inputs, dtype=np.float32)
+            if x.shape[1:] != self.input_shape:
+                raise UsageError(f"The API takes inputs shaped {self.input_shape}, got {x.shape[1:]}.")
+            answers, raw = backend.query_with_features(x, feat)
+            assert answers.scores is not None
+            return x, np.array(answers.scores, dtype=np.float64), self.rule.shifts_of(self.rule.whiten(raw))
+        x, scores, _ = query_with_scores(backend, inputs, self.input_shape)
+        return x, scores, self.rule.shifts(x)
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
