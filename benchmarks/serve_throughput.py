@@ -1,17 +1,24 @@
-"""Requests per second of `wmark serve` with and without the policy gate and extraction monitor, side by side.
+"""Requests per second of `wmark serve`: unmarked, gated, and tie-break marked, side by side.
 
-One process runs two servers on 127.0.0.1 over the same Fashion-MNIST CNN (from ``benchmarks/monitor.py``'s
-cache): ``plain`` (per-client tokens only) and ``monitored`` (a policy with a rate limit and quotas that
-never bite, the extraction monitor with a calibrated profile, an alarm log, Prometheus metrics). The
-monitored client is first fed 4,096 queries so its nearest-distance store is full (the steady state). A
-separate client process then loads one server at a time for ``--seconds`` with ``--concurrency``
-keep-alive connections, alternating plain/monitored for ``--rounds`` rounds so that drift on a shared
-machine hits both alike; requests carry one test image (interactive) or 64 (batch). The table gives the
-median requests/s per server and the overhead = 1 − the median over rounds of monitored/plain (each round's
-two runs back to back). ``gate_ms`` is the gate's own time per request (admission + monitor), measured
-in-process without HTTP. ``cpu_ms_*`` is the server process's CPU time per request (median over rounds),
-less sensitive to other load on a shared machine than requests/s; ``cpu_overhead`` = 1 − plain/monitored
-is the requests/s a CPU-bound server loses.
+One process runs four servers on 127.0.0.1 over the same Fashion-MNIST CNN (from ``benchmarks/monitor.py``'s
+cache), all with per-client tokens:
+
+* ``plain``: the unmarked model;
+* ``monitored``: a policy with a rate limit and quotas that never bite, the extraction monitor with a calibrated
+  profile, an alarm log, Prometheus metrics; the client is first fed 4,096 queries so its nearest-distance
+  store is full (the steady state);
+* ``marked``: the tie-break API mark with a query log, as ``wmark serve --mark tiebreak --log`` runs it (scores
+  and the rule's features from one forward pass);
+* ``marked-2pass``: the same mark with a featurizer the API cannot share a pass with (the model runs twice),
+  to show what the single pass saves.
+
+A separate client process loads one server at a time for ``--seconds`` with ``--concurrency`` keep-alive
+connections; every round runs all four in a rotated order so that drift on a shared machine hits them alike;
+requests carry one test image (interactive) or 64 (batch). Per server the table gives the median
+requests/s, ``vs_plain`` = the median over rounds of its requests/s over plain's in the same round, and the
+server process's CPU milliseconds per request (``cpu_ms``, less sensitive to other load on a shared machine;
+``cpu_vs_plain`` = plain's over its own, the throughput ratio a CPU-bound server would see). ``gate_ms`` is
+the gate's own time per request (admission + monitor), measured in-process without HTTP.
 
 Usage: nice -n 10 python benchmarks/serve_throughput.py [--quick]
 """
@@ -19,6 +26,7 @@ Usage: nice -n 10 python benchmarks/serve_throughput.py [--quick]
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -30,16 +38,21 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from common import table, write_results  # noqa: E402
-from monitor import TRAIN_SIZE, OWNER, probabilities, served_model, shop_stream  # noqa: E402
+import numpy as np
+from common import table, write_results
+from monitor import OWNER, TRAIN_SIZE, probabilities, served_model, shop_stream
 
-from wmark.data import load_dataset  # noqa: E402
-from wmark.monitor.gate import Gate  # noqa: E402
-from wmark.monitor.monitor import ExtractionMonitor, calibrate  # noqa: E402
-from wmark.monitor.policy import parse_policy  # noqa: E402
-from wmark.monitor.signals import fit_feature_map  # noqa: E402
-from wmark.serve import build_app, serve_in_background  # noqa: E402
+from wmark.data import load_dataset
+from wmark.keys import generate_key
+from wmark.models import penultimate_featurizer
+from wmark.monitor.gate import Gate
+from wmark.monitor.monitor import ExtractionMonitor, calibrate
+from wmark.monitor.policy import parse_policy
+from wmark.monitor.signals import fit_feature_map
+from wmark.schemes.querylog import TieBreakLog
+from wmark.schemes.tiebreak import TieBreakAPI, build_tiebreak_rule
+from wmark.serve import build_app, serve_in_background
+from wmark.suspects import LocalSuspect
 
 CLIENTS = {"load": "load-token", "other": "other-token"}
 LOAD = r"""
@@ -66,8 +79,8 @@ print(json.dumps({"requests": sum(counts), "seconds": time.perf_counter() - star
 """
 
 
-COLUMNS = ["inputs_per_request", "plain_rps", "monitored_rps", "overhead", "gate_ms", "cpu_ms_plain",
-           "cpu_ms_monitored", "cpu_overhead"]
+SERVERS = ("plain", "monitored", "marked", "marked-2pass")
+COLUMNS = ["inputs_per_request", "server", "rps", "vs_plain", "cpu_ms", "cpu_vs_plain", "gate_ms"]
 
 
 def gate_ms(gate: Gate, model: Any, x: np.ndarray, batch: int, requests: int = 300) -> float:
@@ -92,6 +105,14 @@ def load(url: str, seconds: float, concurrency: int, body_file: Path) -> tuple[f
     return doc["requests"] / doc["seconds"], cpu / doc["requests"] * 1e3
 
 
+def marked_api(model: Any, x_owner: np.ndarray, key: Any, log: TieBreakLog, *, one_pass: bool) -> TieBreakAPI:
+    """The tie-break API over ``model``; ``one_pass=False`` hides the featurizer's model from it."""
+    feat = penultimate_featurizer(model)
+    rule = build_tiebreak_rule(key=key, x=x_owner, featurizer=feat if one_pass else (lambda v: feat(v)),
+                               feature_space="served-penultimate")
+    return TieBreakAPI(key=key, backend=LocalSuspect(model, input_shape=(1, 28, 28)), rule=rule, log=log)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -100,7 +121,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2)
     args = parser.parse_args()
     seconds = args.seconds or 1.5
-    rounds = args.rounds or (3 if args.quick else 30)
+    rounds = args.rounds or (3 if args.quick else 20)
     _, model = served_model()
     owner, full = load_dataset(OWNER), load_dataset("fashion-mnist")
     cal_x, cal_y = owner.x_train[TRAIN_SIZE:].numpy(), owner.y_train[TRAIN_SIZE:].numpy()
@@ -120,40 +141,47 @@ def main() -> None:
         for i in range(0, 4096, 64):  # steady state: the client's store is full
             x = test_x[i:i + 64]
             gate.after_answer("load", x, probabilities(model, x))
-        apps = {"plain": build_app(model=model, name="fm", num_classes=10, input_shape=(1, 28, 28), clients=CLIENTS),
-                "monitored": build_app(model=model, name="fm", num_classes=10, input_shape=(1, 28, 28),
-                                       clients=CLIENTS, gate=gate)}
-        with serve_in_background(apps["plain"]) as plain, serve_in_background(apps["monitored"]) as monitored:
-            urls = {"plain": plain.url, "monitored": monitored.url}
+        x_owner = owner.x_train[:5000].numpy()
+        key = generate_key(owner="benchmark", num_classes=10, input_shape=(1, 28, 28))
+        logs = [TieBreakLog(Path(tmp) / f"log{i}.sqlite", key=key) for i in range(2)]
+        common = {"model": model, "name": "fm", "num_classes": 10, "input_shape": (1, 28, 28), "clients": CLIENTS}
+        apps = {"plain": build_app(**common), "monitored": build_app(**common, gate=gate),
+                "marked": build_app(**common, answerer=marked_api(model, x_owner, key, logs[0], one_pass=True)),
+                "marked-2pass": build_app(**common, answerer=marked_api(model, x_owner, key, logs[1], one_pass=False))}
+        with contextlib.ExitStack() as stack:
+            urls = {name: stack.enter_context(serve_in_background(app)).url for name, app in apps.items()}
             for batch in (1, 64):
                 body_file = Path(tmp) / f"body{batch}.json"
                 x = test_x[4096:4096 + batch]
                 body_file.write_text(json.dumps({"inputs": [{"name": "input", "shape": list(x.shape),
                                                              "datatype": "FP32", "data": x.reshape(-1).tolist()}]}))
-                rates: dict[str, list[float]] = {"plain": [], "monitored": []}
-                cpu: dict[str, list[float]] = {"plain": [], "monitored": []}
-                for which in ("plain", "monitored"):  # warm-up
-                    load(urls[which], 1.0, args.concurrency, body_file)
+                rates: dict[str, list[float]] = {name: [] for name in SERVERS}
+                cpu: dict[str, list[float]] = {name: [] for name in SERVERS}
+                for name in SERVERS:  # warm-up
+                    load(urls[name], 1.0, args.concurrency, body_file)
                 for r in range(rounds):
-                    order = ("plain", "monitored") if r % 2 == 0 else ("monitored", "plain")
-                    for which in order:
-                        rps, ms = load(urls[which], seconds, args.concurrency, body_file)
-                        rates[which].append(rps)
-                        cpu[which].append(ms)
-                p, m = statistics.median(rates["plain"]), statistics.median(rates["monitored"])
-                paired = [b / a for a, b in zip(rates["plain"], rates["monitored"])]
-                cp, cm = statistics.median(cpu["plain"]), statistics.median(cpu["monitored"])
-                rows.append({"inputs_per_request": batch, "plain_rps": p, "monitored_rps": m,
-                             "overhead": 1 - statistics.median(paired), "gate_ms": gate_ms(gate, model, test_x, batch),
-                             "cpu_ms_plain": cp, "cpu_ms_monitored": cm, "cpu_overhead": 1 - cp / cm,
-                             "plain_all": rates["plain"], "monitored_all": rates["monitored"],
-                             "cpu_ms_plain_all": cpu["plain"], "cpu_ms_monitored_all": cpu["monitored"]})
-                print(table(rows[-1:], COLUMNS), flush=True)
+                    for name in SERVERS[r % len(SERVERS):] + SERVERS[:r % len(SERVERS)]:
+                        rps, ms = load(urls[name], seconds, args.concurrency, body_file)
+                        rates[name].append(rps)
+                        cpu[name].append(ms)
+                for name in SERVERS:
+                    paired = [b / a for a, b in zip(rates["plain"], rates[name])]
+                    row = {"inputs_per_request": batch, "server": name, "rps": statistics.median(rates[name]),
+                           "vs_plain": statistics.median(paired), "cpu_ms": statistics.median(cpu[name]),
+                           "cpu_vs_plain": statistics.median(cpu["plain"]) / statistics.median(cpu[name]),
+                           "rps_all": rates[name], "cpu_ms_all": cpu[name]}
+                    if name == "monitored":
+                        row["gate_ms"] = gate_ms(gate, model, test_x, batch)
+                    rows.append(row)
+                print(table(rows[-len(SERVERS):], COLUMNS), flush=True)
         seen = monitor.status()["load"]["queries"]
+        logged = [log.clients().get("load", {}) for log in logs]
+        for log in logs:
+            log.close()
     print(table(rows, COLUMNS))
     path = write_results("serve_throughput", {"rows": rows, "seconds_per_round": seconds, "rounds": rounds,
                                               "concurrency": args.concurrency, "monitored_queries": seen,
-                                              "quick": args.quick})
+                                              "marked_log": logged, "quick": args.quick})
     print(f"wrote {path}")
 
 

@@ -133,3 +133,19 @@ def test_the_marked_server_answers_concurrent_clients_as_it_answers_one(tmp_path
                 got = np.concatenate(list(pool.map(client, range(12))))
         np.testing.assert_array_equal(got, want)
         assert sum(v["queries"] for c, v in log.clients().items() if c != "anonymous") == 600
+
+
+def test_the_query_log_fsyncs_each_request_only_when_asked(tmp_path):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    key = generate_key(owner="o", num_classes=C, input_shape=SHAPE)
+    for durability, level in (("process", 1), ("fsync", 2)):  # SQLite's NORMAL and FULL
+        with TieBreakLog(tmp_path / f"{durability}.sqlite", key=key, durability=durability) as log:
+            assert log._db.execute("PRAGMA synchronous").fetchone()[0] == level
+    with pytest.raises(UsageError, match="durability 'always'; use process or fsync"):
+        TieBreakLog(tmp_path / "x.sqlite", key=key, durability="always")
+    res = CliRunner().invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp_path / "w.safetensors"),
+                                    "--name", "m", "--mark", "tiebreak", "--log-sync", "fsync"])
+    assert res.exit_code == 2 and "--log-sync does not apply without --log" in res.output

@@ -122,6 +122,9 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
 @click.option("--log", default=None, type=click.Path(dir_okay=False),
               help="Record each client's queries in this query log (SQLite) for `wmark verify extraction`.")
+@click.option("--log-sync", type=click.Choice(["process", "fsync"]), default="process", show_default=True,
+              help="process: logged rows survive a crash of the server, not of the OS; fsync: each request's rows "
+                   "reach the disk before it is answered (slower).")
 @click.option("--policy", default=None, type=click.Path(dir_okay=False),
               help="Per-client policy (JSON): quotas, rate limits, answer modes, alarm actions; see docs/monitoring.md.")
 @click.option("--monitor", default=None, type=click.Path(dir_okay=False),
@@ -133,21 +136,24 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
-          beta: float | None, rate: float | None, candidates: str | None, log: str | None, policy: str | None,
+          beta: float | None, rate: float | None, candidates: str | None, log: str | None, log_sync: str,
+          policy: str | None,
           monitor: str | None, alarm_log: str | None, monitor_state: str | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
     from wmark.cli_common import refuse
     from wmark.serve import serve as run_server
 
     if mark is None:
-        refuse(["key", "rule", "beta", "rate", "candidates", "log"], "without --mark")
+        refuse(["key", "rule", "beta", "rate", "candidates", "log", "log_sync"], "without --mark")
     elif mark == "tiebreak":
         refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
         refuse(["rule", "beta"], "to --mark flip")
+    if log is None:
+        refuse(["log_sync"], "without --log")
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
-               clients_file=clients_file, log=log, policy=policy, monitor=monitor, alarm_log=alarm_log,
+               clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
                monitor_state=monitor_state, announce=lambda line: click.echo(line, err=True))
 
 

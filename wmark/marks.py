@@ -59,7 +59,7 @@ class Served:
 def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | None = None,
                 weights: PathLike | None = None, rule: PathLike | None = None, beta: float | None = None,
                 rate: float | None = None, candidates: str | int | None = None, log: PathLike | None = None,
-                client: str = "anonymous") -> Served:
+                log_durability: str = "process", client: str = "anonymous") -> Served:
     """Load the served model and, with a ``mark``, wrap it in that marked API.
 
     Args:
@@ -72,6 +72,7 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         rate: Flip: fraction of answers marked.
         candidates: Flip: candidate-set size or ``all``.
         log: Record each client's queries in this query log (created if missing).
+        log_durability: ``process`` or ``fsync`` (see :class:`~wmark.schemes.querylog.QueryLog`).
         client: The client answers are logged under until ``for_client`` says otherwise.
 
     Raises:
@@ -96,7 +97,7 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
 
         loaded, backend = open_tiebreak_rule(key=key, rule=rule, served=weights, arch=arch)
-        opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key)
+        opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability)
         answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
                                     beta=DEFAULT_BETA if beta is None else beta, log=opened, client=client)
         return Served(model=backend.model, arch=arch or loaded.served_arch, weights=backend.description,
@@ -114,7 +115,8 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
     params = key.schemes.get("api-mark", {})
     rate = float(rate if rate is not None else params.get("rate", DEFAULT_RATE))
     cand = candidates if candidates is not None else params.get("candidates", DEFAULT_CANDIDATES)
-    opened = None if log is None else MarkLog(log, key=key, rate=rate, candidates=parse_candidates(cand, key.num_classes))
+    opened = None if log is None else MarkLog(log, key=key, rate=rate, candidates=parse_candidates(cand, key.num_classes),
+                                        durability=log_durability)
     backend = LocalSuspect(served.model, input_shape=served.input_shape, description=served.weights,
                            expose_scores=True)
     served.answerer = MarkedAPI(key=key, backend=backend, rate=rate, candidates=cand, log=opened, client=client)

@@ -346,7 +346,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           key: str | os.PathLike[str] | None = None, mark: str | None = None,
           rule: str | os.PathLike[str] | None = None, beta: float | None = None, rate: float | None = None,
           candidates: str | None = None, clients_file: str | os.PathLike[str] | None = None,
-          log: str | os.PathLike[str] | None = None, policy: str | os.PathLike[str] | None = None,
+          log: str | os.PathLike[str] | None = None, log_durability: str = "process",
+          policy: str | os.PathLike[str] | None = None,
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
@@ -356,7 +357,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     ``weights`` are needed only if it moved) or ``flip`` (``rate``, ``candidates``). It keeps no state unless
     ``log`` is given: then each client's queries are recorded there
     (:class:`~wmark.schemes.querylog.QueryLog`), under the names of ``clients_file`` (a JSON object,
-    client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one.
+    client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one;
+    ``log_durability`` (``process`` or ``fsync``) says whether each request's rows are fsync'd.
 
     With ``policy`` (a policy file, :mod:`wmark.monitor.policy`) and/or ``monitor`` (a calibrated profile from
     ``wmark monitor calibrate``), every request passes a :class:`~wmark.monitor.gate.Gate`: quotas, rate
@@ -385,7 +387,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError("Give one bearer token or per-client tokens, not both.")
     clients = None if clients_file is None else read_clients(clients_file)
     served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
-                         beta=beta, rate=rate, candidates=candidates, log=log)
+                         beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
     gate = None
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))

@@ -83,14 +83,19 @@ class QueryLog:
         params: The mark's parameters, recorded in a new log (flip: ``rate`` and ``candidates``; tie-break:
             ``min_ratio``, default ``LOG_MIN_RATIO``); checked against an existing log where given.
         create: Make a new log if missing (the API does); verification opens existing logs only.
+        durability: ``"process"`` (each request's rows survive a crash of the server process, not a power cut;
+            no fsync per request) or ``"fsync"`` (each request's rows reach the disk before it is answered,
+            several milliseconds per request on most disks).
 
     Raises:
         UsageError: On a missing, unreadable or foreign log, another key, another mark or other parameters.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, mark: str | None = None,
-                 params: dict[str, Any] | None = None, create: bool = False) -> None:
+                 params: dict[str, Any] | None = None, create: bool = False, durability: str = "process") -> None:
         self.path = Path(path)
+        if durability not in ("process", "fsync"):
+            raise UsageError(f"Unknown query log durability {durability!r}; use process or fsync.")
         if mark is not None and mark not in MARKS:
             raise UsageError(f"Unknown API mark {mark!r}; use tiebreak or flip.")
         if not create and not self.path.is_file():
@@ -103,6 +108,8 @@ class QueryLog:
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             self._lock = threading.Lock()
             self._db.execute("PRAGMA journal_mode=WAL")
+            # WAL + NORMAL: commits survive the process, and no fsync per request (FULL's cost 3 ms of a 4 ms request)
+            self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")
             self._db.executescript(
                 """
                 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -236,8 +243,9 @@ class QueryLog:
 class TieBreakLog(QueryLog):
     """A :class:`QueryLog` of the tie-break mark (created if missing unless ``create`` is false)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, key: Key, create: bool = True) -> None:
-        super().__init__(path, key=key, mark="tiebreak", create=create)
+    def __init__(self, path: str | os.PathLike[str], *, key: Key, create: bool = True,
+                 durability: str = "process") -> None:
+        super().__init__(path, key=key, mark="tiebreak", create=create, durability=durability)
 
 
 class MarkLog(QueryLog):
@@ -245,8 +253,8 @@ class MarkLog(QueryLog):
     checked against them where given."""
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, rate: float | None = None,
-                 candidates: int | None = None, create: bool = True) -> None:
+                 candidates: int | None = None, create: bool = True, durability: str = "process") -> None:
         params = {name: value for name, value in (("rate", None if rate is None else float(rate)),
                                                   ("candidates", None if candidates is None else int(candidates)))
                   if value is not None}
-        super().__init__(path, key=key, mark="flip", params=params, create=create)
+        super().__init__(path, key=key, mark="flip", params=params, create=create, durability=durability)
