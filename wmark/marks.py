@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wmark.errors import UsageError
-from wmark.io import read_metadata, wmark_metadata
+from wmark.io import wmark_metadata
 from wmark.keys import Key
 from wmark.models import load_model
 from wmark.schemes.querylog import MARKS, QueryLog
@@ -127,10 +127,10 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
 def _unmarked(*, arch: str | None, weights: PathLike | None) -> Served:
     if arch is None or weights is None:
         raise UsageError("Give the served model file and its architecture.")
-    meta = wmark_metadata(read_metadata(weights))
-    model, _ = load_model(arch, weights)
-    return Served(model=model, arch=arch, weights=str(weights), num_classes=int(meta.get("num_classes", 10)),
-                  input_shape=tuple(int(s) for s in meta.get("input_shape", (1, 28, 28))))
+    model, metadata = load_model(arch, weights)
+    meta = wmark_metadata(metadata)
+    return Served(model=model, arch=arch, weights=str(weights), num_classes=int(meta["num_classes"]),
+                  input_shape=tuple(int(s) for s in meta["input_shape"]))
 
 
 def answerer_for(served: Served) -> Suspect:

@@ -153,13 +153,21 @@ def load_model(arch: str, path: str | os.PathLike[str], *, num_classes: int | No
     """Build ``arch`` and load weights into it.
 
     ``num_classes`` and ``input_shape`` default to the ``wmark.num_classes`` / ``wmark.input_shape`` metadata
-    that wmark writes into every model file, then to Fashion-MNIST's (10, (1, 28, 28)).
+    that wmark writes into every model file.
+
+    Raises:
+        UsageError: When the file records neither and they are not given (nothing is guessed).
     """
     from wmark.io import read_metadata, wmark_metadata
 
     meta = wmark_metadata(read_metadata(path))
-    c = num_classes if num_classes is not None else int(meta.get("num_classes", 10))
-    shape = input_shape if input_shape is not None else tuple(meta.get("input_shape", (1, 28, 28)))
+    missing = [name for name, given in (("num_classes", num_classes), ("input_shape", input_shape))
+               if given is None and name not in meta]
+    if missing:
+        raise UsageError(f"The model file {path} records no wmark.{' or wmark.'.join(missing)} (it was not written by "
+                         "wmark); give its number of classes and input shape, e.g. from the key.")
+    c = num_classes if num_classes is not None else int(meta["num_classes"])
+    shape = input_shape if input_shape is not None else tuple(meta["input_shape"])
     model = build_model(arch, num_classes=c, input_shape=shape)
     metadata = load_weights(model, path)
     model.eval()
