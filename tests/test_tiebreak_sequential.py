@@ -143,6 +143,7 @@ def test_the_budget_is_respected_and_the_p_value_is_the_largest_e_value(logged):
                                   max_queries=230, round_size=50)
     assert res.queries == 230 and res.details["budget"] == 230 and res.details["stopped"] == "budget"
     assert res.details["rounds"] == len(res.trajectory) == 5 and res.details["max_queries"] == 230
+    assert res.details["trajectory_queries"] == [50, 100, 150, 200, 230]
     assert "the budget of 230 inputs was asked" == res.details["stopped_because"]
     assert res.log10_p == pytest.approx(-max(0.0, *res.trajectory))
     assert res.details["directions"] <= res.details["rounds"]

@@ -150,7 +150,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     With a marked API's query ``log`` and a ``client``, the suspect is also asked that client's logged
     queries: the flip-mark test for a flip-mark log, the tie-break log test for a tie-break log (with the
     ``rule`` the API served with). A tie-break ``rule`` also adds the committed-input test (its first
-    ``rule_queries`` inputs; 0 skips it next to a log). The served model is the one the rule records
+    ``rule_queries`` inputs; 0 skips it next to a log). ``mode`` applies to the trigger set and the tie-break log
+    test alike: ``sequential`` asks until the evidence suffices (the log test at most ``log_queries``, default
+    10,000 of the client's logged inputs), ``fixed`` a fixed number (the log test ``log_queries``, default 1000,
+    in ``log_rounds`` rounds). The served model is the one the rule records
     (``served``/``served_arch`` only if it moved). All tests are combined by :class:`wmark.evidence.Verifier`
     (weighted Holm, 8 to 1 towards the log test); the verdict's ``kind`` is ``copy`` if the trigger set is
     found, ``extracted`` if only an API-side mark is. See :func:`wmark.verify.assemble_tests`.

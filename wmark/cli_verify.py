@@ -22,6 +22,7 @@ from wmark.errors import UsageError
 from wmark.evidence import Verdict
 from wmark.recheck import tiebreak_files
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
+from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_ROUND
 from wmark.verify import Mode
 
 HTTP_OPTIONS = ("protocol", "model_name", "input_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
@@ -49,6 +50,17 @@ def _trigger_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option("--fixed", is_flag=True,
                       help="Ask the whole budget and use the exact binomial tail (default: sequential, stopping "
                            "once the evidence suffices; anytime-valid).")(fn)
+    return fn
+
+
+def _extraction_modes(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """How the trigger set and the tie-break log test ask: sequential (default) or fixed, and the trigger budget."""
+    fn = click.option("--budget", type=int, default=None,
+                      help="Most trigger queries (default: every trigger).")(fn)
+    fn = click.option("--fixed", is_flag=True,
+                      help="Fixed-n tests: every trigger in the budget (exact binomial tail) and exactly --log-queries "
+                           "of a tie-break log (default 1000, in --rounds rounds; exact Gaussian tail). Default: "
+                           "sequential, each stopping once its evidence suffices (anytime-valid).")(fn)
     return fn
 
 
@@ -200,13 +212,14 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
 @click.option("--rule-queries", type=int, default=DEFAULT_QUERIES, show_default=True,
               help="tiebreak: committed verification inputs asked (0 with --log: only the client's queries).")
 @click.option("--log-queries", type=int, default=None,
-              help="The client's logged inputs asked (default 1000 for a tie-break log, 300 for a flip log).")
+              help="The client's logged inputs asked: a tie-break log at most " + f"{SEQUENTIAL_BUDGET}" + " (until "
+                   "the evidence decides; with --fixed exactly 1000), a flip log 300.")
 @click.option("--rounds", type=int, default=DEFAULT_LOG_ROUNDS, show_default=True,
-              help="tiebreak log: rounds to ask them in (the later ones where the suspect's earlier answers put it "
-                   "closest to a tie); 1: the references' ranking alone.")
+              help="tiebreak log with --fixed: rounds to ask them in (the later ones where the suspect's earlier "
+                   "answers put it closest to a tie); 1: the references' ranking alone.")
 @click.option("--arch", default=None, help=ARCH_HELP + " (a model-file suspect)")
 @click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
-@_trigger_options
+@_extraction_modes
 @_http_options
 @_provenance_options
 @_handle_errors
@@ -225,6 +238,9 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         refuse(["served", "holdout", "rule_queries", "rounds"], "without --rule (tie-break only)")
     if log is None:
         refuse(["log_queries", "rounds"], "without --log")
+    if not fixed:
+        refuse(["rounds"], "without --fixed (the sequential log test asks in rounds of "
+               f"{SEQUENTIAL_ROUND} until the evidence decides)")
     files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
                            queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,

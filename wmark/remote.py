@@ -45,7 +45,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         token_env: Environment variable holding a bearer token.
         token_file: File holding a bearer token.
         alpha: Bound on the probability of accusing a model that never saw the key.
-        mode: ``sequential`` (stop once the evidence suffices) or ``fixed``.
+        mode: ``sequential`` (stop once the evidence suffices) or ``fixed``, for the trigger set and the tie-break
+            log test alike.
         max_queries: Trigger query budget (cover traffic and retries are not counted).
         rate: Most requests per second.
         timeout: Seconds to wait for one answer.
@@ -66,8 +67,9 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         served_arch: Its architecture, only for a rule that records none.
         holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec).
         rule_queries: Committed tie-break inputs to ask (0: none, only the log test).
-        log_queries: Logged inputs to ask (default 1000 for a tie-break log, 300 for a flip-mark log).
-        log_rounds: Tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
+        log_queries: Logged inputs to ask: for a tie-break log at most 10,000, sequentially (exactly 1000 in
+            ``fixed`` mode); 300 for a flip-mark log.
+        log_rounds: Fixed tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
             answers; the transcript replays them identically on resume).
         progress: Show a progress bar.
 

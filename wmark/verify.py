@@ -184,12 +184,15 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
 
     The query ``log`` says which mark's API wrote it: a flip-mark log gives the flip-mark test on ``client``'s
     marked inputs (at most ``log_queries``, default 300); a tie-break log gives the log test on ``client``'s
-    inputs (``log_queries``, default 1000, in ``log_rounds`` rounds) and needs the ``rule``. A tie-break
+    inputs and needs the ``rule``: with ``mode`` ``sequential`` it asks them until its evidence reaches its share
+    of alpha, the log runs out or ``log_queries`` are asked (default 10,000;
+    :func:`~wmark.schemes.tiebreak.sequential.tiebreak_log_sequential`), with ``fixed`` exactly ``log_queries``
+    (default 1000) in ``log_rounds`` rounds, the exact Gaussian tail. A tie-break
     ``rule`` also gives the committed-input test (its first ``rule_queries``; 0 skips it, next to a log).
 
     Args:
         key: The owner's key.
-        mode: The trigger-set test: ``sequential`` or ``fixed``.
+        mode: The trigger-set test and the tie-break log test: ``sequential`` or ``fixed``.
         max_queries: Its query budget (default: every trigger).
         batch_size: Triggers per request in sequential mode.
         progress: Show a progress bar.
@@ -200,8 +203,8 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         served_arch: Its architecture, only for a rule that records none.
         holdout: Only for a rule that commits no inputs: the owner's held inputs (dataset spec).
         rule_queries: Committed tie-break inputs to ask.
-        log_queries: Logged inputs to ask.
-        log_rounds: Tie-break log test: rounds to ask them in.
+        log_queries: Logged inputs to ask (sequential: at most).
+        log_rounds: Fixed tie-break log test: rounds to ask them in.
 
     Raises:
         UsageError: On a partial or inconsistent set of files.
@@ -238,10 +241,9 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         if rule_queries == 0 and log is None:
             raise UsageError("Asking no committed tie-break input leaves only the log test; give the query log and "
                              "the client, or ask at least one committed input.")
-        from wmark.schemes.tiebreak import DEFAULT_QUERIES, tiebreak_tests_from_files
+        from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
         tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
-                                               queries=rule_queries, log=log, client=client,
-                                               log_queries=DEFAULT_QUERIES if log_queries is None else log_queries,
-                                               log_rounds=log_rounds))
+                                               queries=rule_queries, log=log, client=client, log_queries=log_queries,
+                                               log_rounds=log_rounds, log_mode=mode))
     return tests

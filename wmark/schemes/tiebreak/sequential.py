@@ -138,6 +138,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
     reads: list[str] = []
     directions = 0
     trajectory: list[float] = []
+    asked_after: list[int] = []
     stopped = "budget" if budget < len(chosen.x) else "log"
     while len(asked) < budget:
         size = min(round_size, budget - len(asked))
@@ -165,6 +166,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
             directions += 1
             eproc.update(float(w @ residual) / norm, norm / unit)
         trajectory.append(eproc.history[-1] if eproc.history else 0.0)
+        asked_after.append(len(asked))
         if eproc.crossed(stop_at):
             stopped = "evidence"
             break
@@ -175,7 +177,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
            "budget": f"the budget of {budget} inputs was asked", "log": f"the client's log ({budget} inputs) ran out"}
     details = {
         "mode": "sequential", "budget": int(budget), "max_queries": int(max_queries), "log_inputs": len(chosen.x),
-        "round_size": int(round_size), "rounds": len(reads), "directions": directions, "stopped": stopped,
+        "round_size": int(round_size), "rounds": len(reads), "trajectory_queries": asked_after, "directions": directions, "stopped": stopped,
         "stopped_because": why[stopped], "stops_at_log10_p": math.log10(stop_at), "alpha_share": share, "rho": rho,
         "weight_total": eproc.weight,
         "drift_z": eproc.total / math.sqrt(eproc.weight) if eproc.weight > 0 else 0.0, "z": z, "components": rule.components, "skipped_leading": rule.skipped,
