@@ -149,7 +149,7 @@ def test_the_budget_is_respected_and_the_p_value_is_the_largest_e_value(logged):
     assert res.details["directions"] <= res.details["rounds"]
 
 
-def test_the_verdict_runs_it_with_its_share_of_alpha_and_the_fixed_mode_stays(logged):
+def test_the_verdict_runs_it_with_its_share_of_alpha_and_the_fixed_mode_stays_the_default(logged):
     key, rule, api, backend, ranked = logged
 
     class Fixed:
@@ -159,13 +159,13 @@ def test_the_verdict_runs_it_with_its_share_of_alpha_and_the_fixed_mode_stays(lo
             return TestResult(name=self.name, evidence_of="copy", null={"why": self.null}, log10_p=0.0, queries=1,
                               matches=0)
 
-    log_test = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=ranked)
+    log_test = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=ranked, mode="sequential")
     verdict = Verifier(key=key, alpha=1e-6, tests=[Fixed(), Fixed(), log_test]).run(suspect=Follower(api, q=0.9))
     seq = verdict.tests[2]
     assert seq.details["mode"] == "sequential" and seq.details["alpha_share"] == pytest.approx(0.8)
     assert seq.details["max_queries"] == SEQUENTIAL_BUDGET
     assert verdict.detected and verdict.kind == "extracted"
-    fixed = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=ranked, mode="fixed", queries=300, rounds=3)
+    fixed = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=ranked, queries=300, rounds=3)
     res = fixed.run(Follower(api, q=0.9), alpha=1e-6, share=0.8)
     assert res.queries == 300 and res.details["rounds"] == 3 and "fixed n" in res.method
 

@@ -50,8 +50,8 @@ the committed-input test does not need. The test asks in rounds: the first by th
 the later ones where the suspect's own earlier answers put it closest to a tie. Those rounds depend on the
 suspect's answers and key-free quantities only, so under ``H0`` the inputs asked stay independent of the
 key's directions and ``Z`` stays exactly N(0, 1). That fixed-n test asks a number of inputs fixed in advance;
-:func:`tiebreak_log_sequential` (:mod:`wmark.schemes.tiebreak.sequential`, the default of ``wmark verify
-extraction``) keeps asking the client's logged inputs until an e-process over the Gram–Schmidt projections
+:func:`tiebreak_log_sequential` (:mod:`wmark.schemes.tiebreak.sequential`, ``wmark verify extraction
+--log-sequential``) keeps asking the client's logged inputs until an e-process over the Gram–Schmidt projections
 of its pair sums decides, the log runs out or a stated budget is reached, with alpha kept under that
 optional stopping.
 

@@ -432,10 +432,10 @@ class TieBreakLogTest:
     """The log test on one client's logged inputs as an :class:`~wmark.evidence.EvidenceTest` of weight
     ``LOG_TEST_WEIGHT``; the inputs are ranked once, when the test is made (key-free).
 
-    ``mode`` ``sequential`` (the default) asks until the evidence reaches its share of alpha, the log runs out
-    or ``queries`` (default ``SEQUENTIAL_BUDGET``, 10,000) are asked
-    (:func:`~wmark.schemes.tiebreak.sequential.tiebreak_log_sequential`); ``fixed`` asks exactly ``queries``
-    (default 1000) in ``rounds`` (:func:`tiebreak_log_test`)."""
+    ``mode`` ``fixed`` (the default) asks exactly ``queries`` (default 1000) in ``rounds``
+    (:func:`tiebreak_log_test`); ``sequential`` asks until the evidence reaches its share of alpha, the log runs
+    out or ``queries`` (default ``SEQUENTIAL_BUDGET``, 10,000) are asked
+    (:func:`~wmark.schemes.tiebreak.sequential.tiebreak_log_sequential`)."""
 
     key: Key
     rule: TieBreakRule
@@ -443,7 +443,7 @@ class TieBreakLogTest:
     chosen: LogInputs
     queries: int | None = None
     rounds: int = DEFAULT_LOG_ROUNDS
-    mode: str = "sequential"
+    mode: str = "fixed"
     name: str = f"{SCHEME}-log"
     weight: float = LOG_TEST_WEIGHT
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
@@ -464,7 +464,7 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
                               arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
                               log_queries: int | None = None, log_rounds: int = DEFAULT_LOG_ROUNDS,
-                              log_mode: str = "sequential") -> list[TieBreakTest | TieBreakLogTest]:
+                              log_mode: str = "fixed") -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
     ``client``, the log test on that client's queries (``log_mode``, ``log_queries`` and ``log_rounds`` as
