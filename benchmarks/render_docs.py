@@ -32,6 +32,7 @@ WHAT = {
     "extraction_tiebreak": "the tie-break API mark against extracted surrogates (first run)",
     "extraction_tiebreak_replication4": "tie-break mark, current library, ten fresh keys",
     "extraction_tiebreak_replication5": "tie-break mark, current library, ten more fresh keys",
+    "extraction_tiebreak_sequential": "the sequential log test beside the fixed one on the same keys, thieves and logs",
     "tiebreak_references": "eight against sixteen reference surrogates",
     "http_probe": "queries/s against a local server and the transcript's overhead",
     "gauntlet": "every scheme against every attack, with a null panel",

@@ -576,9 +576,18 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert doc["tests"][2]["adjusted_log10_p"] == pytest.approx(doc["tests"][2]["log10_p"] - math.log10(0.8))
     # sequential (the default): the trigger set runs until its evidence clears its share (1/10) of alpha
     sequential = [a for a in verify if a != "--fixed"]
-    trig = json.loads(runner.invoke(main, sequential + ["--suspect", str(out)] + tb + logged).output)["tests"][0]
+    res = runner.invoke(main, sequential + ["--suspect", str(out), "--log-sequential"] + tb + logged)
+    trig, seq = json.loads(res.output)["tests"][0], json.loads(res.output)["tests"][2]
     assert (trig["details"]["mode"], trig["details"]["alpha_share"]) == ("sequential", pytest.approx(0.1))
     assert trig["details"]["stops_at_log10_p"] == pytest.approx(-5.0)
+    # --log-sequential: the log test asks the client's logged inputs until its evidence clears 0.8 of alpha
+    assert (seq["details"]["mode"], seq["details"]["alpha_share"]) == ("sequential", pytest.approx(0.8))
+    assert (res.exit_code, seq["details"]["stopped"]) == (0, "evidence") and seq["log10_p"] <= math.log10(0.8e-4)
+    assert seq["queries"] < seq["details"]["log_inputs"] and "anytime-valid" in seq["method"]
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--log-sequential", "--rounds", "3"] + tb + logged)
+    assert res.exit_code == 2 and "--rounds does not apply to --log-sequential" in res.output
+    res = runner.invoke(main, verify + ["--suspect", str(out), "--log-sequential"] + tb)
+    assert res.exit_code == 2 and "--log-sequential does not apply without --log" in res.output
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb + logged)
     doc = json.loads(res.output)
     assert (res.exit_code, doc["kind"]) == (1, "none") and doc["tests"][2]["log10_p"] > -3
@@ -754,3 +763,8 @@ def test_every_entry_point_asks_in_the_librarys_default_rounds():
     assert inspect.signature(verify_remote).parameters["log_rounds"].default == DEFAULT_LOG_ROUNDS
     option = next(p for p in main.commands["verify"].commands["extraction"].params if p.name == "rounds")
     assert option.default == DEFAULT_LOG_ROUNDS
+    # and the fixed-n log test by default (the sequential one is --log-sequential; docs/extraction.md says why)
+    from wmark.verify import assemble_tests
+
+    for entry in (verify, verify_remote, assemble_tests):
+        assert inspect.signature(entry).parameters["log_mode"].default == "fixed"

@@ -144,13 +144,15 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            log: PathLike | None = None, client: str | None = None, rule: PathLike | None = None,
            served: PathLike | None = None, served_arch: str | None = None, holdout: str | None = None,
            rule_queries: int = 1000, log_queries: int | None = None, log_rounds: int = 21,
-           progress: bool = False) -> Verdict:
+           log_mode: Mode = "fixed", progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With a marked API's query ``log`` and a ``client``, the suspect is also asked that client's logged
     queries: the flip-mark test for a flip-mark log, the tie-break log test for a tie-break log (with the
     ``rule`` the API served with). A tie-break ``rule`` also adds the committed-input test (its first
-    ``rule_queries`` inputs; 0 skips it next to a log). The served model is the one the rule records
+    ``rule_queries`` inputs; 0 skips it next to a log). The tie-break log test asks ``log_queries`` (default
+    1000) in ``log_rounds`` rounds, or with ``log_mode="sequential"`` until its evidence suffices (at most
+    ``log_queries``, default 10,000). The served model is the one the rule records
     (``served``/``served_arch`` only if it moved). All tests are combined by :class:`wmark.evidence.Verifier`
     (weighted Holm, 8 to 1 towards the log test); the verdict's ``kind`` is ``copy`` if the trigger set is
     found, ``extracted`` if only an API-side mark is. See :func:`wmark.verify.assemble_tests`.
@@ -169,7 +171,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                                           expose_scores=not labels_only, text=TextInputs.from_key(k)))
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, log=log, client=client,
                            rule=rule, served=served, served_arch=served_arch, holdout=holdout,
-                           rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
+                           rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
+                           log_mode=log_mode)
     verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
     files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            queries=rule_queries)

@@ -22,6 +22,7 @@ from wmark.errors import UsageError
 from wmark.evidence import Verdict
 from wmark.recheck import tiebreak_files
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
+from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_ROUND
 from wmark.verify import Mode
 
 HTTP_OPTIONS = ("protocol", "model_name", "input_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
@@ -200,10 +201,14 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
 @click.option("--rule-queries", type=int, default=DEFAULT_QUERIES, show_default=True,
               help="tiebreak: committed verification inputs asked (0 with --log: only the client's queries).")
 @click.option("--log-queries", type=int, default=None,
-              help="The client's logged inputs asked (default 1000 for a tie-break log, 300 for a flip log).")
+              help="The client's logged inputs asked (default 1000 for a tie-break log, at most "
+                   f"{SEQUENTIAL_BUDGET} with --log-sequential; 300 for a flip log).")
 @click.option("--rounds", type=int, default=DEFAULT_LOG_ROUNDS, show_default=True,
               help="tiebreak log: rounds to ask them in (the later ones where the suspect's earlier answers put it "
                    "closest to a tie); 1: the references' ranking alone.")
+@click.option("--log-sequential", is_flag=True,
+              help="tiebreak log: ask until the evidence decides, the log runs out or --log-queries are asked "
+                   f"(rounds of {SEQUENTIAL_ROUND}; anytime-valid e-process) instead of exactly --log-queries.")
 @click.option("--arch", default=None, help=ARCH_HELP + " (a model-file suspect)")
 @click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
 @_trigger_options
@@ -212,7 +217,7 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
 @_handle_errors
 def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, log: str | None,
                       client: str | None, rule: str | None, served: str | None, holdout: str | None,
-                      rule_queries: int, log_queries: int | None, rounds: int, arch: str | None,
+                      rule_queries: int, log_queries: int | None, rounds: int, log_sequential: bool, arch: str | None,
                       with_scores: bool, budget: int | None, fixed: bool, signer_key: str | None,
                       signed_model: str | None, **http: Any) -> None:
     """A surrogate of your marked API: ask it the client's logged queries and the rule's committed inputs."""
@@ -222,16 +227,19 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         raise UsageError("--log needs --client (the API client suspected of training the suspect).")
     refuse(["client"] if log is None else [], "without --log")
     if rule is None:
-        refuse(["served", "holdout", "rule_queries", "rounds"], "without --rule (tie-break only)")
+        refuse(["served", "holdout", "rule_queries", "rounds", "log_sequential"], "without --rule (tie-break only)")
     if log is None:
-        refuse(["log_queries", "rounds"], "without --log")
+        refuse(["log_queries", "rounds", "log_sequential"], "without --log")
+    if log_sequential:
+        refuse(["rounds"], f"to --log-sequential (it asks in rounds of {SEQUENTIAL_ROUND} until the evidence decides)")
     files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
                            queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
                                          reference_signature=None,
                                          owner_files=(rule, (files["served"] or None) if files else None))
     tests: dict[str, Any] = {"log": log, "client": client, "rule": rule, "served": served, "holdout": holdout,
-                             "rule_queries": rule_queries, "log_queries": log_queries, "log_rounds": rounds}
+                             "rule_queries": rule_queries, "log_queries": log_queries, "log_rounds": rounds,
+                             "log_mode": "sequential" if log_sequential else "fixed"}
     mode: Mode = "fixed" if fixed else "sequential"
     if _is_url(suspect):
         refuse(["arch", "with_scores"], "to an API suspect")

@@ -31,7 +31,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                   report: PathLike | None = None, log: PathLike | None = None, client: str | None = None,
                   rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
                   holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
-                  log_rounds: int = 21, progress: bool = False) -> Verdict:
+                  log_rounds: int = 21, log_mode: Mode = "fixed", progress: bool = False) -> Verdict:
     """Verify a suspect prediction API with the key's trigger set (and optionally the API-side mark tests).
 
     Args:
@@ -66,8 +66,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         served_arch: Its architecture, only for a rule that records none.
         holdout: Only for a rule that commits no verification inputs: the owner's own inputs (dataset spec).
         rule_queries: Committed tie-break inputs to ask (0: none, only the log test).
-        log_queries: Logged inputs to ask (default 1000 for a tie-break log, 300 for a flip-mark log).
-        log_rounds: Tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
+        log_queries: Logged inputs to ask: for a tie-break log 1000 (``log_mode`` ``sequential``: at most
+            10,000); 300 for a flip-mark log.
+        log_mode: The tie-break log test: ``fixed`` (exactly ``log_queries`` in ``log_rounds``) or
+            ``sequential`` (until the evidence suffices; anytime-valid).
+        log_rounds: Fixed tie-break log test: in how many rounds (the later ones chosen from the suspect's earlier
             answers; the transcript replays them identically on resume).
         progress: Show a progress bar.
 
@@ -78,7 +81,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     k = load_key(key)
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
                            log=log, client=client, rule=rule, served=served, served_arch=served_arch,
-                           holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds)
+                           holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
+                           log_mode=log_mode)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None

@@ -142,9 +142,10 @@ def _trajectory_png(verdict: Verdict) -> bytes | None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     threshold = -math.log10(verdict.alpha)
-    for t in tests:
-        xs = list(range(1, len(t.trajectory) + 1))
-        ax.plot(xs, t.trajectory, marker="o", markersize=3, linewidth=1.6, color="#1f5f99",
+    for t, color in zip(tests, ("#1f5f99", "#2e8b57", "#8e44ad", "#d35400")):
+        # a test that updates its evidence once per round of queries records how many had been asked
+        xs = t.details.get("trajectory_queries") or list(range(1, len(t.trajectory) + 1))
+        ax.plot(xs, t.trajectory, marker="o", markersize=3, linewidth=1.6, color=color,
                 label=f"{t.name}: log10 evidence (e-value)")
     ax.axhline(threshold, color="#b03a2e", linestyle="--", linewidth=1.2,
                label=f"decision threshold log10(1/alpha) = {threshold:g}")
@@ -152,7 +153,7 @@ def _trajectory_png(verdict: Verdict) -> bytes | None:
     # Head-room above the curve and the threshold keeps the legend clear of both.
     top = max([threshold, *(max(t.trajectory) for t in tests)])
     ax.set_ylim(min(0.0, *(min(t.trajectory) for t in tests)) - 0.3, top * 1.35 + 0.5)
-    ax.set_xlabel("answered trigger queries")
+    ax.set_xlabel("answered queries")
     ax.set_ylabel("log10 evidence")
     ax.set_title("Evidence against 'the suspect never saw the key', query by query", fontsize=10)
     ax.grid(True, alpha=0.3)

@@ -178,13 +178,16 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
                    progress: bool = False, log: PathLike | None = None, client: str | None = None,
                    rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
                    holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
-                   log_rounds: int = 21) -> list[EvidenceTest]:
+                   log_rounds: int = 21, log_mode: Mode = "fixed") -> list[EvidenceTest]:
     """The tests one verification runs, in order: the trigger set, then the API-side marks the files given
     allow. The one place a workflow's tests are put together (a model file and an HTTP suspect alike).
 
     The query ``log`` says which mark's API wrote it: a flip-mark log gives the flip-mark test on ``client``'s
     marked inputs (at most ``log_queries``, default 300); a tie-break log gives the log test on ``client``'s
-    inputs (``log_queries``, default 1000, in ``log_rounds`` rounds) and needs the ``rule``. A tie-break
+    inputs and needs the ``rule``: with ``log_mode`` ``fixed`` (the default) exactly ``log_queries`` (default
+    1000) in ``log_rounds`` rounds, the exact Gaussian tail; with ``sequential`` until its evidence reaches its
+    share of alpha, the log runs out or ``log_queries`` are asked (default 10,000;
+    :func:`~wmark.schemes.tiebreak.sequential.tiebreak_log_sequential`). A tie-break
     ``rule`` also gives the committed-input test (its first ``rule_queries``; 0 skips it, next to a log).
 
     Args:
@@ -200,8 +203,9 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         served_arch: Its architecture, only for a rule that records none.
         holdout: Only for a rule that commits no inputs: the owner's held inputs (dataset spec).
         rule_queries: Committed tie-break inputs to ask.
-        log_queries: Logged inputs to ask.
-        log_rounds: Tie-break log test: rounds to ask them in.
+        log_queries: Logged inputs to ask (sequential: at most).
+        log_rounds: Fixed tie-break log test: rounds to ask them in.
+        log_mode: The tie-break log test: ``fixed`` or ``sequential``.
 
     Raises:
         UsageError: On a partial or inconsistent set of files.
@@ -238,10 +242,9 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         if rule_queries == 0 and log is None:
             raise UsageError("Asking no committed tie-break input leaves only the log test; give the query log and "
                              "the client, or ask at least one committed input.")
-        from wmark.schemes.tiebreak import DEFAULT_QUERIES, tiebreak_tests_from_files
+        from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
         tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
-                                               queries=rule_queries, log=log, client=client,
-                                               log_queries=DEFAULT_QUERIES if log_queries is None else log_queries,
-                                               log_rounds=log_rounds))
+                                               queries=rule_queries, log=log, client=client, log_queries=log_queries,
+                                               log_rounds=log_rounds, log_mode=log_mode))
     return tests

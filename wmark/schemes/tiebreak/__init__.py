@@ -49,7 +49,11 @@ the answers it got (a fixed dataset, as extraction attacks use): an assumption t
 the committed-input test does not need. The test asks in rounds: the first by the references' ranking,
 the later ones where the suspect's own earlier answers put it closest to a tie. Those rounds depend on the
 suspect's answers and key-free quantities only, so under ``H0`` the inputs asked stay independent of the
-key's directions and ``Z`` stays exactly N(0, 1).
+key's directions and ``Z`` stays exactly N(0, 1). That fixed-n test asks a number of inputs fixed in advance;
+:func:`tiebreak_log_sequential` (:mod:`wmark.schemes.tiebreak.sequential`, ``wmark verify extraction
+--log-sequential``) keeps asking the client's logged inputs until an e-process over the Gram–Schmidt projections
+of its pair sums decides, the log runs out or a stated budget is reached, with alpha kept under that
+optional stopping.
 
 Example:
     >>> import numpy as np
@@ -83,6 +87,12 @@ from wmark.schemes.tiebreak.rule import (
     select_verification_inputs,
     top_pairs,
 )
+from wmark.schemes.tiebreak.sequential import (
+    SEQUENTIAL_BUDGET,
+    SEQUENTIAL_RHO,
+    SEQUENTIAL_ROUND,
+    tiebreak_log_sequential,
+)
 from wmark.schemes.tiebreak.serving import DEFAULT_BETA, TieBreakAPI, accuracy_cost
 from wmark.schemes.tiebreak.tests import (
     DEFAULT_LOG_ROUNDS,
@@ -105,10 +115,11 @@ from wmark.schemes.tiebreak.tests import (
 __all__ = [
     "DEFAULT_BETA", "DEFAULT_COMPONENTS", "DEFAULT_LOG_ROUNDS", "DEFAULT_PAIR_RATIO", "DEFAULT_QUERIES",
     "FOLLOWED_REFERENCES", "LEAN_CLIP", "LOG_FIRST_ROUND", "LOG_FORMAT", "LOG_MIN_RATIO", "LOG_TEST_WEIGHT",
-    "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "VERSION",
+    "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "SEQUENTIAL_BUDGET",
+    "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "VERSION",
     "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
     "build_tiebreak_rule", "commit_verification_inputs", "load_tiebreak_rule", "open_tiebreak_rule",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
-    "select_verification_inputs", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
+    "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
     "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates",
 ]

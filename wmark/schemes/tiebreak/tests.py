@@ -429,32 +429,46 @@ class TieBreakTest:
 
 @dataclass(frozen=True)
 class TieBreakLogTest:
-    """:func:`tiebreak_log_test` on one client's logged inputs as an :class:`~wmark.evidence.EvidenceTest`
-    of weight ``LOG_TEST_WEIGHT``; the inputs are ranked once, when the test is made (key-free)."""
+    """The log test on one client's logged inputs as an :class:`~wmark.evidence.EvidenceTest` of weight
+    ``LOG_TEST_WEIGHT``; the inputs are ranked once, when the test is made (key-free).
+
+    ``mode`` ``fixed`` (the default) asks exactly ``queries`` (default 1000) in ``rounds``
+    (:func:`tiebreak_log_test`); ``sequential`` asks until the evidence reaches its share of alpha, the log runs
+    out or ``queries`` (default ``SEQUENTIAL_BUDGET``, 10,000) are asked
+    (:func:`~wmark.schemes.tiebreak.sequential.tiebreak_log_sequential`)."""
 
     key: Key
     rule: TieBreakRule
     served: Suspect
     chosen: LogInputs
-    queries: int = DEFAULT_QUERIES
+    queries: int | None = None
     rounds: int = DEFAULT_LOG_ROUNDS
+    mode: str = "fixed"
     name: str = f"{SCHEME}-log"
     weight: float = LOG_TEST_WEIGHT
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
+        if self.mode == "sequential":
+            from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, tiebreak_log_sequential
+
+            return tiebreak_log_sequential(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
+                                           chosen=self.chosen, alpha=alpha, share=share,
+                                           max_queries=SEQUENTIAL_BUDGET if self.queries is None else self.queries)
         return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
-                                 chosen=self.chosen, queries=self.queries, rounds=self.rounds)
+                                 chosen=self.chosen, queries=DEFAULT_QUERIES if self.queries is None else self.queries,
+                                 rounds=self.rounds)
 
 
 def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
                               arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
-                              log_queries: int = DEFAULT_QUERIES,
-                              log_rounds: int = DEFAULT_LOG_ROUNDS) -> list[TieBreakTest | TieBreakLogTest]:
+                              log_queries: int | None = None, log_rounds: int = DEFAULT_LOG_ROUNDS,
+                              log_mode: str = "fixed") -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
-    ``client``, the log test on that client's queries. The served model is the one the rule records
+    ``client``, the log test on that client's queries (``log_mode``, ``log_queries`` and ``log_rounds`` as
+    :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``). The served model is the one the rule records
     (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
 
     Raises:
@@ -463,6 +477,8 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
     """
     from wmark.data import load_dataset
 
+    if log_mode not in ("sequential", "fixed"):
+        raise UsageError(f"Unknown log test mode {log_mode!r}; use sequential or fixed.")
     loaded, backend = open_tiebreak_rule(key=key, rule=rule, arch=arch, served=served)
     tests: list[TieBreakTest | TieBreakLogTest] = []
     if queries > 0:
@@ -487,5 +503,5 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
         with TieBreakLog(log, key=key, create=False) as opened:
             chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
-                                     rounds=log_rounds))
+                                     rounds=log_rounds, mode=log_mode))
     return tests
