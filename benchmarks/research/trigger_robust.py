@@ -68,7 +68,28 @@ VARIANTS: dict[str, dict[str, float]] = {
     "look0.1": {"look": 0.1},
     "look0.2": {"look": 0.2},
     "reserve16": {"reserve": 16},
+    # The library's own loop (Watermarker.attach + train_epochs, as api.embed runs it), to check the option.
+    "lib-base": {"lib": 1},
+    "lib-look0.05": {"lib": 1, "look": 0.05},
 }
+
+
+def embed_library(model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: Any, cfg: dict[str, float], seed: int,
+                  *, epochs: int = 2, lr: float = 5e-4) -> float:
+    """Embed through ``Watermarker`` exactly as ``api.embed`` does; returns the loop's wall seconds."""
+    from wmark.embed import Watermarker
+    from wmark.training import make_loader, train_epochs
+
+    torch.manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    wm = Watermarker(key, trigger_lookahead=cfg.get("look", 0.0))
+    model, opt, loader = wm.attach(model=model, optimizer=opt, data_loader=make_loader(x, y, batch_size=64, seed=seed))
+    start = time.perf_counter()
+    try:
+        train_epochs(model, loader, epochs=epochs, optimizer=opt)
+    finally:
+        wm.detach()
+    return time.perf_counter() - start
 
 
 def accuracy(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -243,14 +264,17 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for name in args.variants.split(","):
             cfg = VARIANTS[name]
             m = copy.deepcopy(base)
-            secs = embed(m, xo, yo, None if cfg.get("unmarked") else trig, cfg, k)
+            if cfg.get("lib"):
+                secs = embed_library(m, xo, yo, key, cfg, k)
+            else:
+                secs = embed(m, xo, yo, None if cfg.get("unmarked") else trig, cfg, k)
             r: dict[str, Any] = {"key": k, "variant": name, "acc": accuracy(m, xt, yt), "embed_s": secs}
             r["q_marked"], r["kept_marked"] = queries(m, trig)
             if not cfg.get("unmarked"):
                 s = finetune(m, x=xa, y=ya, epochs=5, lr=1e-3, layers="all", seed=k)
                 r["q_ft"], r["kept_ft"] = queries(s, trig)
                 r["acc_ft"] = accuracy(s, xt, yt)
-                if not args.quick:
+                if not (args.quick or args.no_reinit):
                     s2 = finetune(m, x=xa, y=ya, epochs=5, lr=1e-3, layers="reinit-last", seed=k)
                     r["q_reinit"], r["kept_reinit"] = queries(s2, trig)
             rows.append(r)
@@ -341,6 +365,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 keys, no head re-init attack")
     parser.add_argument("--keys", type=int, default=10)
+    parser.add_argument("--no-reinit", action="store_true", help="skip the head re-init attack")
     parser.add_argument("--first", type=int, default=0, help="first key index (to split keys across processes)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--key-dir", default=None, help="keep the fresh keys here (outside the repository) so a "
