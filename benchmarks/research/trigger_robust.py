@@ -20,9 +20,14 @@ Variants (knobs in ``VARIANTS``):
              descent direction by r*|w| (first-order lookahead).
   reserve<k> k of the head's input units kept silent on natural data (L1 on their activations) and an
              extra cross-entropy of the triggers through those units alone.
+  lib-base, lib-look0.05
+             the library's own loop (``Watermarker`` + ``train_epochs``, as ``api.embed``), mixing or with
+             ``trigger_lookahead=0.05``: checks that the library option reproduces the prototype.
 
 Usage: python benchmarks/research/trigger_robust.py [--quick] [--keys 10] [--first 0] [--variants a,b]
-       [--threads 1] [--part NAME]      (one part per process; ``--merge NAME,NAME`` joins parts)
+       [--no-reinit] [--key-dir DIR] [--threads 1] [--part NAME]
+       (one part per process; ``--merge NAME,NAME`` joins parts; ``--timing`` times the embeddings interleaved;
+       about 25 s per key and variant on an idle 2-core machine)
 """
 
 from __future__ import annotations
