@@ -17,7 +17,8 @@ Variants (knobs in ``VARIANTS``):
   noise<s>   trigger loss on Gaussian-perturbed weights, sd s * rms(w) per tensor (Bansal et al. 2022).
   sam<r>     trigger loss on adversarially perturbed weights (SAM on the trigger batch), radius r*|w|.
   look<r>    trigger loss after a simulated fine-tune step: weights moved along the natural batch's
-             descent direction by r*|w| (first-order lookahead).
+             descent direction by r*|w| (first-order lookahead). looksign<r>: the same along sign(-g),
+             the direction of the thief's first Adam step.
   reserve<k> k of the head's input units kept silent on natural data (L1 on their activations) and an
              extra cross-entropy of the triggers through those units alone.
   lib-base, lib-look0.05
@@ -72,6 +73,8 @@ VARIANTS: dict[str, dict[str, float]] = {
     "look0.05": {"look": 0.05},
     "look0.1": {"look": 0.1},
     "look0.2": {"look": 0.2},
+    "look0.03": {"look": 0.03},
+    "looksign0.05": {"look": 0.05, "sign": 1},
     "reserve16": {"reserve": 16},
     # The library's own loop (Watermarker.attach + train_epochs, as api.embed runs it), to check the option.
     "lib-base": {"lib": 1},
@@ -187,6 +190,8 @@ def embed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trig: TriggerSet |
                 pert = {}
                 for n, p in params.items():
                     g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    if cfg.get("sign"):
+                        g = torch.sign(g)  # Adam's first step: every coordinate moves alike
                     pert[n] = p - (cfg["look"] * p.detach().norm() * g / g.norm().clamp(min=1e-12))
                 (tw * nt / tot * F.cross_entropy(functional_call(model, pert, (tx,)), ty)).backward()
             elif cfg.get("noise") or cfg.get("sam") or cfg.get("ewgrad"):
