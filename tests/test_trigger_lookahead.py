@@ -67,7 +67,7 @@ def test_the_hook_adds_the_trigger_gradient_at_the_looked_ahead_weights_and_rest
     expected_model = copy.deepcopy(model)
     with torch.no_grad():
         for n, p in expected_model.named_parameters():
-            p.sub_(natural[n] * (0.1 * p.norm() / natural[n].norm()))
+            p.sub_(natural[n].sign() * (0.1 * p.norm() / natural[n].sign().norm()))
     loss = F.cross_entropy(expected_model(triggers.inputs[:4]), triggers.labels[:4]) * (4 / 16)
     expected = dict(zip(params, torch.autograd.grad(loss, list(expected_model.parameters()))))
 

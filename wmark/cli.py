@@ -91,7 +91,7 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
 @click.option("--trigger-per-batch", default=8, show_default=True, help="Trigger samples mixed into each batch.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--trigger-lookahead", default=0.0, show_default=True,
-              help="0 mixes triggers into batches; a radius (e.g. 0.03) learns them past a simulated fine-tune step.")
+              help="0 mixes triggers into batches; a radius (e.g. 0.05) learns them past a simulated fine-tune step.")
 @_handle_errors
 def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,
           trigger_per_batch: int, max_samples: int | None, trigger_lookahead: float) -> None:

@@ -48,9 +48,9 @@ class Watermarker:
         trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
         trigger_lookahead: ``0`` mixes the triggers into the batches. A positive radius instead learns them
             at weights moved by a simulated fine-tune step of that size (relative to each tensor's norm) along
-            the natural batch's descent direction, in an optimizer step pre-hook, so that they survive a
-            thief's fine-tune better (``docs/trigger-embedding.md``). Try 0.03: from about 0.1 on, the triggers
-            are no longer learnt. Needs ``optimizer=`` and works with :meth:`attach` only.
+            the sign of the natural batch's descent direction, in an optimizer step pre-hook, so that they
+            survive a thief's fine-tune better (``docs/trigger-embedding.md``). Try 0.05. Needs ``optimizer=``
+            and works with :meth:`attach` only.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.

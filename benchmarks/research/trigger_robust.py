@@ -23,7 +23,9 @@ Variants (knobs in ``VARIANTS``):
              extra cross-entropy of the triggers through those units alone.
   lib-base, lib-look0.05
              the library's own loop (``Watermarker`` + ``train_epochs``, as ``api.embed``), mixing or with
-             ``trigger_lookahead=0.05``: checks that the library option reproduces the prototype.
+             ``trigger_lookahead=0.05`` (sign direction, as looksign0.05): checks that the library option
+             reproduces the prototype. (``lib-lookgrad0.05`` rows in the results: the library's earlier
+             gradient-direction lookahead.)
 
 Usage: python benchmarks/research/trigger_robust.py [--quick] [--keys 10] [--first 0] [--variants a,b]
        [--no-reinit] [--key-dir DIR] [--threads 1] [--part NAME]

@@ -4,8 +4,9 @@ A thief who fine-tunes a stolen copy on natural data moves every weight along th
 directions, and triggers learnt only at the current weights are forgotten on the way. This embedding
 anticipates the move: at each optimizer step, after the user's loss on a natural batch has filled the
 gradients, the weights are moved by a simulated fine-tune step (each tensor by ``radius`` times its norm
-along its normalised descent direction), the trigger loss is evaluated there, and its gradient is added to
-the natural one at the original weights (a first-order lookahead, as in MAML or SAM). The weights and
+along the sign of its descent direction, as an Adam step moves), the trigger loss is evaluated there, and
+its gradient is added to the natural one at the original weights (a first-order lookahead, as in MAML or
+SAM). The weights and
 buffers are restored exactly before the optimizer steps.
 
 The triggers and their labels are the key's own (:func:`wmark.schemes.trigger_set.generate_triggers`), so the
@@ -107,9 +108,11 @@ class LookaheadTriggerStep:
             with torch.no_grad():
                 for p in params:
                     if p.grad is not None:
-                        norm = p.grad.norm()
+                        # Adam's step moves every coordinate alike, so the simulated step follows sign(g).
+                        step = torch.sign(p.grad)
+                        norm = step.norm()
                         if norm > 0:
-                            p.sub_(p.grad * (self.radius * p.norm() / norm))
+                            p.sub_(step * (self.radius * p.norm() / norm))
             with torch.enable_grad():
                 logits = forward_logits(self.model, batch)
                 loss = F.cross_entropy(logits, self.triggers.labels[idx].to(logits.device)) * weight
