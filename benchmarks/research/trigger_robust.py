@@ -410,7 +410,7 @@ def main() -> None:
     name = f"{args.name}_{args.part}" if args.part else args.name
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-            "cpus": os.cpu_count(), "alpha": ALPHA, "variants": {v: VARIANTS[v] for v in {r["variant"] for r in rows}},
+            "cpus": os.cpu_count(), "alpha": ALPHA, "variants": {v: VARIANTS.get(v, {}) for v in {r["variant"] for r in rows}},
             "argv": sys.argv[1:]}
     (RESULTS / f"{name}.json").write_text(json.dumps({"machine": meta, "summary": summary, "rows": rows}, indent=1))
     print(f"wrote {RESULTS / (name + '.json')}")
