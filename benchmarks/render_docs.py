@@ -43,6 +43,9 @@ WHAT = {
     "serve_throughput": "serving throughput with and without the policy gate and monitor",
     "text": "MiniLM on fortunes: embedding cost, black-box detection, thief's fine-tune, null panel",
     "research_trigger_features": "trigger retention with triggers pulled to their label's feature region (negative)",
+    "research_trigger_robust": "trigger-embedding variants on the same 10 fresh keys: mixing vs lookahead",
+    "research_trigger_robust_quick": "its quick prune: eleven embedding variants on 2-3 keys",
+    "research_trigger_robust_timing": "embedding wall time of mixing and lookahead, interleaved with the plain loop",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")

@@ -97,11 +97,11 @@ def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0
 def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
           schemes: Sequence[str] = ("trigger",), epochs: int = 2, seed: int = 0, lr: float = 5e-4,
           batch_size: int = 64, trigger_per_batch: int = 8, max_samples: int | None = None,
-          weights_layer: str | None = None, progress: bool = False) -> dict[str, Any]:
+          weights_layer: str | None = None, progress: bool = False, trigger_lookahead: float = 0.0) -> dict[str, Any]:
     """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
 
     With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity
-    and overhead measurements.
+    and overhead measurements. ``trigger_lookahead`` is :class:`~wmark.embed.Watermarker`'s option of that name.
     """
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
@@ -110,8 +110,8 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
-    wm = (Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch, weights_layer=weights_layer)
-          if schemes else None)
+    wm = (Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch, weights_layer=weights_layer,
+                      trigger_lookahead=trigger_lookahead) if schemes else None)
     if wm is not None:
         model, _, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     start = time.perf_counter()

@@ -90,14 +90,16 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
 @click.option("--seed", default=0, show_default=True)
 @click.option("--trigger-per-batch", default=8, show_default=True, help="Trigger samples mixed into each batch.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
+@click.option("--trigger-lookahead", default=0.0, show_default=True,
+              help="0 mixes triggers into batches; a radius (e.g. 0.05) learns them past a simulated fine-tune step.")
 @_handle_errors
 def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,
-          trigger_per_batch: int, max_samples: int | None) -> None:
+          trigger_per_batch: int, max_samples: int | None, trigger_lookahead: float) -> None:
     """Fine-tune a model with the key's watermark and write the marked model."""
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
                      lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
-                     progress=_progress())
+                     progress=_progress(), trigger_lookahead=trigger_lookahead)
     click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
 
 

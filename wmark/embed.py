@@ -33,6 +33,7 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
+from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
 
 KNOWN_SCHEMES = ("trigger", "weights")
@@ -45,6 +46,11 @@ class Watermarker:
         key: The owner's key; every trigger and label is derived from it.
         schemes: Which schemes to embed.
         trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
+        trigger_lookahead: ``0`` mixes the triggers into the batches. A positive radius instead learns them
+            at weights moved by a simulated fine-tune step of that size (relative to each tensor's norm) along
+            the sign of the natural batch's descent direction, in an optimizer step pre-hook, so that they
+            survive a thief's fine-tune better (``docs/trigger-embedding.md``). Try 0.05. Needs ``optimizer=``
+            and works with :meth:`attach` only.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -57,15 +63,18 @@ class Watermarker:
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 8,
                  weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, trigger_lookahead: float = 0.0) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
         if not schemes:
             raise UsageError("Name at least one scheme to embed.")
+        if trigger_lookahead < 0:
+            raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
         self.key = key
         self.schemes = tuple(schemes)
         self.trigger_per_batch = trigger_per_batch
+        self.trigger_lookahead = float(trigger_lookahead)
         self._attached = False
         self._triggers: trigger_set.TriggerSet | None = None
         self.weights_layer = weights_layer
@@ -94,15 +103,26 @@ class Watermarker:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
         if "trigger" in self.schemes:
             if data_loader is None:
-                raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's loader).")
-            data_loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
-                                                          input_key=self.input_key, label_key=self.label_key)
+                raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's "
+                                 "loader).")
+            data_loader = self._attach_triggers(model, optimizer, data_loader)
         if "weights" in self.schemes:
             if optimizer is None:
                 raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
             self._hook_weights(model, optimizer)
         self._attached = True
         return model, optimizer, data_loader
+
+    def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
+        if self.trigger_lookahead == 0:
+            return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
+                                                   input_key=self.input_key, label_key=self.label_key)
+        if optimizer is None:
+            raise UsageError("Lookahead trigger embedding needs optimizer= (it adds its gradient in a step pre-hook).")
+        step = LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
+                                    per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model))
+        self._hooks.append(optimizer.register_step_pre_hook(step.hook))
+        return step.wrap_loader(data_loader, label_key=self.label_key)
 
     def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Install only the weights scheme's step pre-hook, on an optimizer a framework built.
@@ -115,9 +135,20 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        self._refuse_lookahead()
         if "weights" in self.schemes:
             self._hook_weights(model, optimizer)
         self._attached = True
+
+    def _refuse_lookahead(self) -> None:
+        if "trigger" in self.schemes and self.trigger_lookahead > 0:
+            raise UsageError("Lookahead trigger embedding runs in attach()'s own loop only; make the Watermarker "
+                             "with trigger_lookahead=0 for a framework's trainer.")
+
+    def _trigger_input_name(self, model: nn.Module) -> str | None:
+        from wmark.integrations.common import input_key_for
+
+        return input_key_for(getattr(model, "module", model), self.triggers, self.input_key)
 
     def _hook_weights(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self._weights = WeightsEmbedder(self.key, model, layer=self.weights_layer)
@@ -128,7 +159,11 @@ class Watermarker:
 
         Trigger items take the dataset's own form: ``(x, y)`` pairs, or dicts under ``input_key`` /
         ``label_key`` (for text, unpadded ``input_ids`` and ``attention_mask`` that a padding collator pads).
+
+        Raises:
+            UsageError: With lookahead trigger embedding, which needs :meth:`attach`.
         """
+        self._refuse_lookahead()
         return trigger_set.TriggerMixingDataset(dataset, self.triggers, repeats=repeats, input_key=self.input_key,
                                                 label_key=self.label_key)
 
@@ -147,6 +182,7 @@ class Watermarker:
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
             "trigger_per_batch": self.trigger_per_batch,
+            **({"trigger_lookahead": self.trigger_lookahead} if self.trigger_lookahead > 0 else {}),
             **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }

@@ -47,6 +47,9 @@ class WatermarkCallback(L.Callback):
                  forward: Callable[[nn.Module, Batch], Any] | None = None) -> None:
         if weight <= 0:
             raise UsageError(f"The trigger loss weight must be positive, got {weight}.")
+        if "trigger" in watermarker.schemes and watermarker.trigger_lookahead > 0:
+            raise UsageError("Lookahead trigger embedding runs in Watermarker.attach()'s loop only; make the "
+                             "Watermarker with trigger_lookahead=0 for Lightning.")
         self.watermarker = watermarker
         self.weight = float(weight)
         self.forward = forward

@@ -1,0 +1,169 @@
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from keykit import seeded_key
+
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
+from wmark.schemes.trigger_set import generate_triggers
+from wmark.suspects import LocalSuspect
+from wmark.training import make_loader
+from wmark.verify import trigger_set_test, verify_blackbox
+
+
+def _tiny(batchnorm: bool = False) -> torch.nn.Module:
+    layers: list[torch.nn.Module] = [torch.nn.Flatten(), torch.nn.Linear(64, 48)]
+    if batchnorm:
+        layers.append(torch.nn.BatchNorm1d(48))
+    return torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(48, 10))
+
+
+def _train_with_lookahead(key, radius: float = 0.05, epochs: int = 30) -> tuple[torch.nn.Module, list[int]]:
+    torch.manual_seed(0)
+    model = _tiny()
+    x = torch.rand(256, 1, 8, 8)
+    y = x.flatten(1)[:, :10].argmax(1)  # a learnable natural task: which of the first ten pixels is brightest
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    wm = Watermarker(key, trigger_lookahead=radius, trigger_per_batch=8)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer,
+                                         data_loader=make_loader(x, y, batch_size=32, seed=0))
+    sizes = []
+    for _ in range(epochs):
+        for bx, by in loader:
+            sizes.append(len(bx))
+            optimizer.zero_grad()
+            F.cross_entropy(model(bx), by).backward()
+            optimizer.step()
+    wm.detach()
+    return model.eval(), sizes
+
+
+def test_lookahead_learns_the_triggers_without_mixing_them_into_batches(digits_key) -> None:
+    model, sizes = _train_with_lookahead(digits_key)
+    assert set(sizes) == {32}  # the user's batches pass through unchanged
+    triggers = generate_triggers(digits_key)
+    with torch.no_grad():
+        learnt = (model(triggers.inputs).argmax(1) == triggers.labels).float().mean().item()
+    assert learnt >= 0.85
+    verdict = verify_blackbox(key=digits_key, suspect=LocalSuspect(model, input_shape=(1, 8, 8), expose_scores=False))
+    assert verdict.decision == "detected" and verdict.to_dict()["log10_p"] <= -6
+
+
+def test_the_hook_adds_the_trigger_gradient_at_the_looked_ahead_weights_and_restores_everything(digits_key) -> None:
+    torch.manual_seed(1)
+    model = _tiny(batchnorm=True).train()
+    triggers = generate_triggers(digits_key)
+    step = LookaheadTriggerStep(model=model, triggers=triggers, radius=0.1, per_batch=4)
+    step.batch_size = 16
+    F.cross_entropy(model(torch.rand(16, 1, 8, 8)), torch.randint(0, 10, (16,))).backward()
+    params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    natural = {n: p.grad.clone() for n, p in model.named_parameters()}
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+
+    expected_model = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in expected_model.named_parameters():
+            p.sub_(natural[n].sign() * (0.1 * p.norm() / natural[n].sign().norm()))
+    loss = F.cross_entropy(expected_model(triggers.inputs[:4]), triggers.labels[:4]) * (4 / 16)
+    expected = dict(zip(params, torch.autograd.grad(loss, list(expected_model.parameters()))))
+
+    step.hook(torch.optim.SGD(model.parameters(), lr=0.1), (), {})
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), params[n])
+        torch.testing.assert_close(p.grad, natural[n] + expected[n])
+    for n, b in model.named_buffers():
+        assert torch.equal(b, buffers[n])
+    # The next step uses the next triggers of the key's cycle.
+    assert step._next_indices() == [4, 5, 6, 7]
+
+
+def test_the_hook_does_nothing_without_a_natural_gradient(digits_key) -> None:
+    model = _tiny()
+    step = LookaheadTriggerStep(model=model, triggers=generate_triggers(digits_key), radius=0.05, per_batch=4)
+    step.hook(torch.optim.SGD(model.parameters(), lr=0.1), (), {})
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_lookahead_is_off_by_default_and_recorded_when_on(digits_key) -> None:
+    plain = Watermarker(digits_key)
+    assert plain.trigger_lookahead == 0.0 and "trigger_lookahead" not in plain.metadata()
+    base = make_loader(torch.rand(40, 1, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=20)
+    _, _, loader = plain.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+    assert [len(x) for x, _ in loader] == [28, 28]  # default: triggers mixed into each batch
+    assert Watermarker(digits_key, trigger_lookahead=0.05).metadata()["trigger_lookahead"] == 0.05
+
+
+def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
+    with pytest.raises(UsageError, match="0 \\(off\\) or positive"):
+        Watermarker(digits_key, trigger_lookahead=-0.1)
+    with pytest.raises(UsageError, match="must be positive"):
+        LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.0, per_batch=4)
+    wm = Watermarker(digits_key, trigger_lookahead=0.05)
+    base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
+    with pytest.raises(UsageError, match="needs optimizer="):
+        wm.attach(model=_tiny(), data_loader=base)
+    with pytest.raises(UsageError, match="attach\\(\\)'s own loop"):
+        wm.wrap_dataset(torch.utils.data.TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
+    model = _tiny()
+    with pytest.raises(UsageError, match="attach\\(\\)'s own loop"):
+        wm.attach_optimizer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_the_null_stays_exact_for_a_lookahead_marked_model(digits_key) -> None:
+    """Labels are the key's own: the key's labels are uniform over many keys, and a lookahead-marked model,
+    independent of other keys, matches their triggers as Binomial(n, 1/C) (chi-square checks)."""
+    from scipy import stats as sps
+
+    wm = Watermarker(digits_key, trigger_lookahead=0.05)
+    assert torch.equal(wm.triggers.labels, generate_triggers(digits_key).labels)
+    model, _ = _train_with_lookahead(digits_key, epochs=5)
+    suspect = LocalSuspect(model, input_shape=(1, 8, 8))
+    n, keys = 20, 300
+    counts, labels = [], []
+    for i in range(keys):
+        key = seeded_key(f"lookahead/null/{i}", num_classes=10, input_shape=(1, 8, 8), num_triggers=n)
+        labels.append(generate_triggers(key).labels.numpy())
+        counts.append(trigger_set_test(key=key, suspect=suspect, mode="fixed").matches)
+    assert sps.chisquare(np.bincount(np.concatenate(labels), minlength=10)).pvalue > 1e-3
+    observed = np.bincount(counts, minlength=n + 1)
+    expected = sps.binom.pmf(np.arange(n + 1), n, 0.1) * keys
+    obs, exp = np.append(observed[:5], observed[5:].sum()), np.append(expected[:5], expected[5:].sum())
+    assert sps.chisquare(obs, exp).pvalue > 1e-3
+
+
+@pytest.mark.slow
+def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    torch.set_num_threads(1)
+    key, base, marked = tmp_path / "k.key", tmp_path / "base.safetensors", tmp_path / "marked.safetensors"
+
+    def run(*args: str) -> str:
+        result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return result.stdout
+
+    run("keygen", "--owner", "ACME", "--out", str(key), "--input-shape", "1,8,8", "--triggers", "40")
+    run("train", "--arch", "fmnist-cnn", "--data", "digits", "--epochs", "8", "--lr", "3e-3", "--out", str(base))
+    run("embed", "--key", str(key), "--arch", "fmnist-cnn", "--weights", str(base), "--data", "digits", "--epochs",
+        "15", "--lr", "3e-3", "--trigger-lookahead", "0.05", "--out", str(marked))
+    assert json.loads(run("inspect", str(marked)))["trigger_lookahead"] == 0.05
+    doc = json.loads(run("verify", "file", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(marked),
+                         "--json"))
+    assert doc["decision"] == "detected"
+
+
+def test_the_lightning_callback_refuses_lookahead(digits_key) -> None:
+    pytest.importorskip("lightning")
+    from wmark.integrations.lightning import WatermarkCallback
+
+    with pytest.raises(UsageError, match="trigger_lookahead=0 for Lightning"):
+        WatermarkCallback(Watermarker(digits_key, trigger_lookahead=0.05))

@@ -1,0 +1,134 @@
+"""Lookahead trigger embedding: learn the triggers where a thief's fine-tune will take the weights.
+
+A thief who fine-tunes a stolen copy on natural data moves every weight along that data's descent
+directions, and triggers learnt only at the current weights are forgotten on the way. This embedding
+anticipates the move: at each optimizer step, after the user's loss on a natural batch has filled the
+gradients, the weights are moved by a simulated fine-tune step (each tensor by ``radius`` times its norm
+along the sign of its descent direction, as an Adam step moves), the trigger loss is evaluated there, and
+its gradient is added to the natural one at the original weights (a first-order lookahead, as in MAML or
+SAM). The weights and
+buffers are restored exactly before the optimizer steps.
+
+The triggers and their labels are the key's own (:func:`wmark.schemes.trigger_set.generate_triggers`), so the
+null is unchanged: a model that never saw the key matches each label with probability exactly 1/C.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmark.contract import forward_logits, model_device, split_batch, to_device
+from wmark.errors import UsageError
+from wmark.schemes.trigger_set import TriggerSet
+
+
+class _BatchSizeLoader:
+    """Passes batches through unchanged and records how many natural samples the last one held."""
+
+    def __init__(self, loader: Iterable, step: LookaheadTriggerStep, label_key: str) -> None:
+        self.loader = loader
+        self.step = step
+        self.label_key = label_key
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # Training frameworks inspect loader attributes (sampler, dataset, batch_size); pass them through.
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self.step.batch_size = len(split_batch(batch, label_key=self.label_key)[1])
+            yield batch
+
+
+class LookaheadTriggerStep:
+    """Optimizer step pre-hook that adds the lookahead trigger gradient (see the module docstring).
+
+    Args:
+        model: The model being trained (a ``DistributedDataParallel`` wrapper is looked through).
+        triggers: The key's trigger set.
+        radius: Size of the simulated fine-tune step, relative to each parameter tensor's norm.
+        per_batch: Triggers per step; their loss is weighted ``per_batch / natural batch size``, as if they
+            had joined the batch.
+        input_key: Name to pass the triggers under, or ``None`` to pass a tensor.
+
+    Raises:
+        UsageError: If ``radius`` is not positive or ``per_batch`` is below 1.
+    """
+
+    def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
+                 input_key: str | None = None) -> None:
+        if not radius > 0:
+            raise UsageError(f"The lookahead radius must be positive, got {radius}.")
+        if per_batch < 1:
+            raise UsageError(f"per_batch must be at least 1, got {per_batch}.")
+        self.model: nn.Module = getattr(model, "module", model) if hasattr(model, "no_sync") else model
+        self.triggers = triggers
+        self.radius = float(radius)
+        self.per_batch = per_batch
+        self.input_key = input_key
+        self.batch_size: int | None = None
+        self._cursor = 0
+
+    def wrap_loader(self, loader: Iterable, *, label_key: str = "labels") -> _BatchSizeLoader:
+        """The user's loader, unchanged, but telling this step the natural batch size."""
+        return _BatchSizeLoader(loader, self, label_key)
+
+    def _next_indices(self) -> list[int]:
+        n = len(self.triggers)
+        idx = [(self._cursor + i) % n for i in range(self.per_batch)]
+        self._cursor = (self._cursor + self.per_batch) % n
+        return idx
+
+    def _batch(self, idx: list[int]) -> Any:
+        from wmark.integrations.common import trigger_batch
+
+        return to_device(trigger_batch(self.triggers, idx, input_key=self.input_key), model_device(self.model))
+
+    def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Add ``per_batch / batch size ×`` the trigger loss's gradient at the looked-ahead weights."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params or all(p.grad is None for p in params):
+            return  # no natural gradient this step (nothing to anticipate, nothing will step)
+        idx = self._next_indices()
+        batch = self._batch(idx)
+        weight = self.per_batch / (self.batch_size or self.per_batch)
+        saved = [p.detach().clone() for p in params]
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        # Adam's step moves every coordinate alike, so the simulated step follows sign(g).
+                        step = torch.sign(p.grad)
+                        norm = step.norm()
+                        if norm > 0:
+                            p.sub_(step * (self.radius * p.norm() / norm))
+            with torch.enable_grad():
+                logits = forward_logits(self.model, batch)
+                loss = F.cross_entropy(logits, self.triggers.labels[idx].to(logits.device)) * weight
+                # autograd.grad, not backward(): a DistributedDataParallel wrapper's reducer must not see this pass.
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            with torch.no_grad():
+                for p, original in zip(params, saved):
+                    p.copy_(original)
+                # A trigger-only forward must not move normalisation statistics away from the natural data's.
+                for b, original in zip(self.model.buffers(), buffers):
+                    b.copy_(original)
+        for p, g in zip(params, grads):
+            if g is None:
+                continue
+            if p.grad is None:
+                p.grad = g.to(p.dtype)
+            else:
+                p.grad.add_(g.to(p.dtype))
