@@ -5,10 +5,10 @@ owner's half for the rule and the references, the attacker's 10k images as the t
 ``--keys`` fresh keys one rule is built, and the API serves it in each marking variant side by side:
 
 * ``shift b``: the library's keyed log-probability shift at scale ``b`` (``beta``; the default is 1);
-* ``swap g``: the near-tie swap (``near_tie=g``): where the served top two classes are within ``g`` in
-  log-probability, the answer is the one of the two the keyed shift prefers (their probabilities swapped),
-  elsewhere the served answer unchanged. A changed answer then costs at most ``tanh(g / 2)`` in expected
-  accuracy for a calibrated model, whatever the shift's size.
+* ``swap g``: a near-tie swap: where the served top two classes are within ``g`` in log-probability, the
+  answer is the one of the two the keyed shift prefers (their probabilities swapped), elsewhere the served
+  answer unchanged. A changed answer then costs at most ``tanh(g / 2)`` in expected accuracy for a calibrated
+  model, whatever the shift's size.
 
 Per variant: the honest cost (accuracy of the served vs the marked labels on the attacker's 10k test
 images, the same for every client) and, per thief, the committed-input test and the client's log test (the
@@ -53,12 +53,39 @@ from wmark.schemes.tiebreak import (
     tiebreak_test,
     train_reference_surrogates,
 )
-from wmark.suspects import LocalSuspect
+from wmark.suspects import Answers, LocalSuspect
 
 ALPHA = 1e-6
 WEIGHTS = {"trigger": 1.0, "committed": 1.0, "log": 8.0}
 COLUMNS = ["variant", "honest_cost_pp", "changed", "detected", "min_z_log", "median_z_log", "min_z_committed",
            "median_z_committed"]
+
+
+class SwapAPI(TieBreakAPI):
+    """The near-tie swap variant (see the module docstring)."""
+
+    def __init__(self, *, gap: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gap = gap
+
+    def for_client(self, client: str) -> SwapAPI:
+        return SwapAPI(gap=self.gap, key=self.key, backend=self.backend, rule=self.rule, beta=self.beta,
+                       expose_scores=self.expose_scores, log=self.log, client=client)
+
+    def query(self, inputs: np.ndarray) -> Answers:
+        from wmark.schemes.tiebreak import top_pairs
+
+        x, scores, shifts = self._scores_and_shifts(inputs)
+        if self.log is not None:
+            self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
+        rows = np.arange(len(x))
+        order = np.argsort(-scores, axis=1, kind="stable")
+        t1, t2 = order[:, 0], order[:, 1]
+        gap = np.log(np.maximum(scores[rows, t1], 1e-300)) - np.log(np.maximum(scores[rows, t2], 1e-300))
+        swap = (gap < self.gap) & (shifts[rows, t2] > shifts[rows, t1])
+        probs = scores.copy()
+        probs[rows[swap], t1[swap]], probs[rows[swap], t2[swap]] = scores[rows[swap], t2[swap]], scores[rows[swap], t1[swap]]
+        return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
 
 
 def bn_cnn(num_classes: int = 10) -> nn.Module:
@@ -103,7 +130,7 @@ def make_api(variant: str, **kwargs: Any) -> TieBreakAPI:
     kind, value = variant.split()
     if kind == "shift":
         return TieBreakAPI(beta=float(value), **kwargs)
-    return TieBreakAPI(near_tie=float(value), **kwargs)
+    return SwapAPI(gap=float(value), **kwargs)
 
 
 def main() -> None:
@@ -111,9 +138,6 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=3)
     parser.add_argument("--variants", default="shift 1,shift 0.5,swap 1,swap 0.5")
     parser.add_argument("--thieves", default="cnn-hard,mlp-hard,bn-sgd")
-    parser.add_argument("--reference-repeats", type=int, default=None,
-                        help="reference surrogates per architecture and recipe (default: the library's)")
-    parser.add_argument("--first-key", type=int, default=0, help="index of the first key (to split a run)")
     parser.add_argument("--name", default="tiebreak_cost")
     args = parser.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
@@ -122,13 +146,11 @@ def main() -> None:
     setting = tiebreak_setting()
     served, victim = setting.served, setting.victim
     featurizer = penultimate_featurizer(victim)
-    repeats = {} if args.reference_repeats is None else {"repeats": args.reference_repeats}
-    references = train_reference_surrogates(served=served, x=setting.x_owner, archs=TIEBREAK_REFERENCE_ARCHS,
-                                            **repeats)
+    references = train_reference_surrogates(served=served, x=setting.x_owner, archs=TIEBREAK_REFERENCE_ARCHS)
     print(f"{len(references)} references in {time.perf_counter() - start:.0f} s", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for k in range(args.first_key, args.first_key + args.keys):
+        for k in range(args.keys):
             key = generate_key(owner=f"Cost Owner {k}", num_classes=10, input_shape=(1, 28, 28))
             rule = build_tiebreak_rule(key=key, x=setting.x_owner, featurizer=featurizer,
                                        feature_space="served-penultimate")
@@ -178,7 +200,6 @@ def main() -> None:
     print(table(summary, COLUMNS))
     path = write_results(args.name, {"summary": summary, "rows": rows, "keys": args.keys, "alpha": ALPHA,
                                      "weights": WEIGHTS, "victim_accuracy": setting.victim_accuracy,
-                                     "references": len(references),
                                      "seconds": time.perf_counter() - start})
     print(f"wrote {path}")
 

@@ -307,8 +307,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
             labels: str = "hard", queries: int = 10_000, epochs: int = 6, lr: float = 1e-3, seed: int = 0,
             key: PathLike | None = None, mark: str | None = None, rule: PathLike | None = None,
             log: PathLike | None = None, client: str = "attacker", rate: float | None = None,
-            candidates: str | int | None = None, beta: float | None = None, near_tie: float | None = None,
-            until_accuracy: float | None = None,
+            candidates: str | int | None = None, beta: float | None = None, until_accuracy: float | None = None,
             progress: bool = False) -> dict[str, Any]:
     """Extract a surrogate of ``victim`` from its answers to the attacker's ``data`` and save it.
 
@@ -328,8 +327,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     k = None if key is None else load_key(key)
     if k is not None:
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
-    served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, near_tie=near_tie,
-                         rate=rate,
+    served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
     try:
         target = answerer_for(served)

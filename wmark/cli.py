@@ -120,9 +120,6 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--rule", default=None, type=click.Path(dir_okay=False),
               help="tiebreak: the rule from `wmark tiebreak build` (it names the served model).")
 @click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default 1.0).")
-@click.option("--near-tie", type=float, default=None,
-              help="tiebreak: mark only near ties, answering the keyed choice of the top two where they are within "
-                   "this log-probability gap (instead of --beta's shift; see docs/extraction.md for its cost).")
 @click.option("--rate", type=float, default=None, help="flip: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
 @click.option("--log", default=None, type=click.Path(dir_okay=False),
@@ -141,8 +138,7 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
-          beta: float | None, near_tie: float | None, rate: float | None, candidates: str | None, log: str | None,
-          log_sync: str,
+          beta: float | None, rate: float | None, candidates: str | None, log: str | None, log_sync: str,
           policy: str | None,
           monitor: str | None, alarm_log: str | None, monitor_state: str | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
@@ -150,16 +146,15 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
     from wmark.serve import serve as run_server
 
     if mark is None:
-        refuse(["key", "rule", "beta", "near_tie", "rate", "candidates", "log", "log_sync"], "without --mark")
+        refuse(["key", "rule", "beta", "rate", "candidates", "log", "log_sync"], "without --mark")
     elif mark == "tiebreak":
         refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
-        refuse(["rule", "beta", "near_tie"], "to --mark flip")
+        refuse(["rule", "beta"], "to --mark flip")
     if log is None:
         refuse(["log_sync"], "without --log")
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
-               token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, near_tie=near_tie, rate=rate,
-               candidates=candidates,
+               token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
                clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
                monitor_state=monitor_state, announce=lambda line: click.echo(line, err=True))
 
@@ -219,29 +214,25 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--rate", type=float, default=None, help="flip: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
 @click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default 1.0).")
-@click.option("--near-tie", type=float, default=None,
-              help="tiebreak: mark only near ties, answering the keyed choice of the top two where they are within "
-                   "this log-probability gap (instead of --beta's shift; see docs/extraction.md for its cost).")
 @click.option("--until-accuracy", type=float, default=None,
               help="Stop after the first epoch whose accuracy on the data's test split reaches this (--epochs is the cap).")
 @_handle_errors
 def attack_extract(victim_arch: str | None, victim: str | None, arch: str, labels: str, queries: int, data: str,
                    out: str, epochs: int, lr: float, seed: int, mark: str | None, key: str | None, rule: str | None,
                    log: str | None, client: str, rate: float | None, candidates: str | None, beta: float | None,
-                   near_tie: float | None, until_accuracy: float | None) -> None:
+                   until_accuracy: float | None) -> None:
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
     from wmark.cli_common import refuse
 
     if mark is None:
-        refuse(["key", "rule", "log", "client", "rate", "candidates", "beta", "near_tie"], "without --mark")
+        refuse(["key", "rule", "log", "client", "rate", "candidates", "beta"], "without --mark")
     elif mark == "tiebreak":
         refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
-        refuse(["rule", "beta", "near_tie"], "to --mark flip")
+        refuse(["rule", "beta"], "to --mark flip")
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, key=key, mark=mark, rule=rule, log=log,
-                       client=client, rate=rate, candidates=candidates, beta=beta, near_tie=near_tie,
-                       until_accuracy=until_accuracy,
+                       client=client, rate=rate, candidates=candidates, beta=beta, until_accuracy=until_accuracy,
                        progress=_progress())
     click.echo(f"wrote {info['out']} (extract, {labels} labels, {info['params']['answered']} answers, "
                f"{info['params']['epochs']} epoch(s)): test accuracy {info['test_accuracy']:.4f}, agreement with the "

@@ -58,7 +58,6 @@ class Served:
 
 def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | None = None,
                 weights: PathLike | None = None, rule: PathLike | None = None, beta: float | None = None,
-                near_tie: float | None = None,
                 rate: float | None = None, candidates: str | int | None = None, log: PathLike | None = None,
                 log_durability: str = "process", client: str = "anonymous") -> Served:
     """Load the served model and, with a ``mark``, wrap it in that marked API.
@@ -70,8 +69,6 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         weights: The served model file (tie-break: only if it moved since the rule was built).
         rule: Tie-break: the rule file from ``wmark tiebreak build``.
         beta: Tie-break: scale of the keyed log-probability shift.
-        near_tie: Tie-break: mark by the near-tie swap within this log-probability gap instead of the shift
-            (:class:`~wmark.schemes.tiebreak.TieBreakAPI`).
         rate: Flip: fraction of answers marked.
         candidates: Flip: candidate-set size or ``all``.
         log: Record each client's queries in this query log (created if missing).
@@ -82,7 +79,7 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         UsageError: On a parameter of the other mark, a missing key or rule, or mismatched files.
     """
     if mark is None:
-        given = [name for name, value in (("key", key), ("rule", rule), ("beta", beta), ("near_tie", near_tie), ("rate", rate),
+        given = [name for name, value in (("key", key), ("rule", rule), ("beta", beta), ("rate", rate),
                                           ("candidates", candidates), ("log", log)) if value is not None]
         if given:
             raise UsageError(f"{', '.join(given)} apply only to a marked API; choose a mark (tiebreak or flip).")
@@ -94,8 +91,6 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
     if mark == "tiebreak":
         if rate is not None or candidates is not None:
             raise UsageError("The marking rate and candidate-set size belong to the flip mark, not the tie-break mark.")
-        if beta is not None and near_tie is not None:
-            raise UsageError("Mark by the keyed shift (beta) or by the near-tie swap (near_tie), not both.")
         if rule is None:
             raise UsageError("The tie-break mark serves with a rule; build one with `wmark tiebreak build`.")
         from wmark.schemes.querylog import TieBreakLog
@@ -104,13 +99,12 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         loaded, backend = open_tiebreak_rule(key=key, rule=rule, served=weights, arch=arch)
         opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability)
         answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
-                                    beta=DEFAULT_BETA if beta is None else beta, near_tie=near_tie, log=opened,
-                                    client=client)
+                                    beta=DEFAULT_BETA if beta is None else beta, log=opened, client=client)
         return Served(model=backend.model, arch=arch or loaded.served_arch, weights=backend.description,
                       num_classes=key.num_classes, input_shape=tuple(key.input_shape), answerer=answerer, log=opened,
                       mark=mark)
-    if rule is not None or beta is not None or near_tie is not None:
-        raise UsageError("The rule, beta and the near-tie gap belong to the tie-break mark, not the flip mark.")
+    if rule is not None or beta is not None:
+        raise UsageError("The rule and beta belong to the tie-break mark, not the flip mark.")
     from wmark.schemes.api_mark import DEFAULT_CANDIDATES, DEFAULT_RATE, MarkedAPI, parse_candidates
     from wmark.schemes.querylog import MarkLog
 

@@ -344,8 +344,7 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
           port: int = 8080, labels_only: bool = False, token_env: str | None = None,
           key: str | os.PathLike[str] | None = None, mark: str | None = None,
-          rule: str | os.PathLike[str] | None = None, beta: float | None = None, near_tie: float | None = None,
-          rate: float | None = None,
+          rule: str | os.PathLike[str] | None = None, beta: float | None = None, rate: float | None = None,
           candidates: str | None = None, clients_file: str | os.PathLike[str] | None = None,
           log: str | os.PathLike[str] | None = None, log_durability: str = "process",
           policy: str | os.PathLike[str] | None = None,
@@ -355,7 +354,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
     ``tiebreak`` with ``rule`` (from ``wmark tiebreak build``, which names the served model, so ``arch`` and
-    ``weights`` are needed only if it moved; ``beta`` or ``near_tie``) or ``flip`` (``rate``, ``candidates``). It keeps no state unless
+    ``weights`` are needed only if it moved) or ``flip`` (``rate``, ``candidates``). It keeps no state unless
     ``log`` is given: then each client's queries are recorded there
     (:class:`~wmark.schemes.querylog.QueryLog`), under the names of ``clients_file`` (a JSON object,
     client name → bearer token, readable by its owner only), or under ``"anonymous"`` without one;
@@ -388,8 +387,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError("Give one bearer token or per-client tokens, not both.")
     clients = None if clients_file is None else read_clients(clients_file)
     served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
-                         beta=beta, near_tie=near_tie, rate=rate, candidates=candidates, log=log,
-                         log_durability=log_durability)
+                         beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
     gate = None
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))

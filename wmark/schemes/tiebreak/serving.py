@@ -19,23 +19,13 @@ DEFAULT_BETA = 1.0
 
 
 class TieBreakAPI:
-    """A serving wrapper that marks answers with the keyed head (a :class:`Suspect` itself).
-
-    Two ways to mark, both read by the same tests (whose null does not depend on how the API marked):
-
-    * the keyed **shift** (default): every answer's log-probabilities move by ``beta`` times the keyed shift
-      ``u(x)``; calls flip where the served margin is smaller than the shift, so some flips are far from a tie;
-    * the **near-tie swap** (``near_tie=g``): where the served top two classes are within ``g`` in
-      log-probability, the answer is the one of the two the keyed shift prefers (their scores swap), and every
-      other answer is the served one. For a calibrated model a changed answer then costs at most
-      ``tanh(g / 2)`` in expected accuracy, however strong the keyed preference.
+    """A serving wrapper that shifts every answer by the keyed head (a :class:`Suspect` itself).
 
     Args:
         key: The owner's key.
         backend: The served model; it must expose scores.
         rule: The tie-break rule built under ``key`` from this served model.
-        beta: Scale of the keyed log-probability shift (the accuracy cost grows with it); unused with ``near_tie``.
-        near_tie: Mark by the near-tie swap within this log-probability gap instead of the shift.
+        beta: Scale of the keyed log-probability shift (the accuracy cost grows with it).
         expose_scores: Return the shifted scores, or labels only.
         log: Where to record each client's near-tie inputs (:class:`~wmark.schemes.querylog.TieBreakLog`), for
             :func:`tiebreak_log_test`; None keeps no state.
@@ -43,8 +33,7 @@ class TieBreakAPI:
     """
 
     def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
-                 near_tie: float | None = None, expose_scores: bool = True, log: QueryLog | None = None,
-                 client: str = "anonymous") -> None:
+                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous") -> None:
         if rule.commitment != key.commitment():
             raise UsageError("The tie-break rule was built under another key; build it with the serving key.")
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
@@ -52,8 +41,6 @@ class TieBreakAPI:
                              "serve the model the key was made for.")
         if beta <= 0:
             raise UsageError(f"beta must be positive, got {beta}.")
-        if near_tie is not None and not near_tie > 0:
-            raise UsageError(f"The near-tie gap must be positive, got {near_tie}.")
         if log is not None and log.commitment != key.commitment():
             raise UsageError(f"The query log {log.path} belongs to another key; open a log under the serving key.")
         if log is not None and log.mark != "tiebreak":
@@ -61,7 +48,6 @@ class TieBreakAPI:
                              "own log.")
         self.key, self.backend, self.rule = key, backend, rule
         self.beta, self.expose_scores = float(beta), expose_scores
-        self.near_tie = None if near_tie is None else float(near_tie)
         self.log, self.client = log, client
         self.num_classes = key.num_classes
         self.input_shape = tuple(key.input_shape)
@@ -69,19 +55,16 @@ class TieBreakAPI:
 
     def for_client(self, client: str) -> TieBreakAPI:
         """The same API answering (and logging) as ``client``."""
-        return TieBreakAPI(key=self.key, backend=self.backend, rule=self.rule, beta=self.beta, near_tie=self.near_tie,
+        return TieBreakAPI(key=self.key, backend=self.backend, rule=self.rule, beta=self.beta,
                            expose_scores=self.expose_scores, log=self.log, client=client)
 
     def query(self, inputs: np.ndarray) -> Answers:
         x, scores, shifts = self._scores_and_shifts(inputs)
         if self.log is not None:
             self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
-        if self.near_tie is not None:
-            probs = _near_tie_swap(scores, shifts, self.near_tie)
-        else:
-            logits = np.log(np.maximum(scores, 1e-300)) + self.beta * shifts
-            probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-            probs /= probs.sum(axis=1, keepdims=True)
+        logits = np.log(np.maximum(scores, 1e-300)) + self.beta * shifts
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
 
 
@@ -99,20 +82,6 @@ class TieBreakAPI:
             return x, np.array(answers.scores, dtype=np.float64), self.rule.shifts_of(self.rule.whiten(raw))
         x, scores, _ = query_with_scores(backend, inputs, self.input_shape)
         return x, scores, self.rule.shifts(x)
-
-
-def _near_tie_swap(scores: np.ndarray, shifts: np.ndarray, gap: float) -> np.ndarray:
-    """``scores`` with the top two swapped where they are within ``gap`` in log-probability and the keyed shift
-    prefers the runner-up."""
-    rows = np.arange(len(scores))
-    order = np.argsort(-scores, axis=1, kind="stable")
-    first, second = order[:, 0], order[:, 1]
-    top, runner = scores[rows, first], scores[rows, second]
-    close = np.log(np.maximum(top, 1e-300)) - np.log(np.maximum(runner, 1e-300)) < gap
-    swap = rows[close & (shifts[rows, second] > shifts[rows, first])]
-    probs = scores.copy()
-    probs[swap, first[swap]], probs[swap, second[swap]] = runner[swap], top[swap]
-    return probs
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
