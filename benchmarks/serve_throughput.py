@@ -179,7 +179,8 @@ def main() -> None:
         for log in logs:
             log.close()
     print(table(rows, COLUMNS))
-    path = write_results("serve_throughput", {"rows": rows, "seconds_per_round": seconds, "rounds": rounds,
+    summary = [{k: v for k, v in row.items() if not k.endswith("_all")} for row in rows]
+    path = write_results("serve_throughput", {"summary": summary, "rows": rows, "seconds_per_round": seconds, "rounds": rounds,
                                               "concurrency": args.concurrency, "monitored_queries": seen,
                                               "marked_log": logged, "quick": args.quick})
     print(f"wrote {path}")
