@@ -266,8 +266,7 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     into ``arch`` (that is the point); its accuracy is measured before renaming, which changes no number.
     """
     ds = load_dataset(data).subset(max_samples=max_samples) if data else None
-    model, metadata = load_model(arch, weights, num_classes=None if ds is None else ds.num_classes,
-                                 input_shape=None if ds is None else tuple(ds.input_shape))
+    model, metadata = load_model(arch, weights)
     meta = wmark_metadata(metadata)
     params: dict[str, Any]
     if kind == "finetune":

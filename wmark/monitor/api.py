@@ -59,7 +59,7 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
 
     start = time.perf_counter()
     ds = load_dataset(data)
-    model, _ = load_model(arch, weights, num_classes=ds.num_classes, input_shape=tuple(ds.input_shape))
+    model, _ = load_model(arch, weights)
     fmap = fit_feature_map(x=ds.x_train.numpy(), dim=dim)
     honest = read_streams(streams)
     if honest and honest[0][0].size != fmap.mean.size:
