@@ -154,3 +154,26 @@ def tiebreak_setting() -> TieBreakSetting:
                            x_owner=owner.x_train.numpy(), attacker=attacker, xt=xt, yt=yt,
                            victim_accuracy=victim_accuracy,
                            in_scope=accuracy_reached(xt, yt, victim_accuracy - SCOPE_PP / 100))
+
+
+def cached_references(setting: Any, repeats: dict[str, int]) -> list[tuple[str, torch.nn.Module]]:
+    """The reference surrogates distilled from the unmarked victim (key-free), trained once and cached."""
+    from wmark.io import load_tensors, save_tensors, wmark_metadata
+    from wmark.models import build_model
+
+    def make(path: Path) -> None:
+        from wmark.schemes.tiebreak import train_reference_surrogates
+
+        nets = train_reference_surrogates(served=setting.served, x=setting.x_owner, archs=TIEBREAK_REFERENCE_ARCHS,
+                                          **repeats)
+        save_tensors({f"{i}/{n}": t for i, (_, net) in enumerate(nets) for n, t in net.state_dict().items()}, path,
+                     metadata={"archs": [arch for arch, _ in nets]})
+
+    path = cached({"name": "tiebreak-references", "victim": str(setting.victim_path.name), **repeats}, make)
+    tensors, raw = load_tensors(path)
+    out = []
+    for i, arch in enumerate(wmark_metadata(raw)["archs"]):
+        net = build_model(arch, num_classes=10, input_shape=(1, 28, 28))
+        net.load_state_dict({n.split("/", 1)[1]: t for n, t in tensors.items() if n.startswith(f"{i}/")})
+        out.append((arch, net.eval()))
+    return out

@@ -68,7 +68,7 @@ from common import (
     SCOPE_PP,
     TIEBREAK_REFERENCE_ARCHS,
     TIEBREAK_THIEVES,
-    cached,
+    cached_references,
     extraction_copy,
     extraction_independents,
     table,
@@ -91,7 +91,6 @@ from wmark.schemes.tiebreak import (
     select_log_inputs,
     tiebreak_log_test,
     tiebreak_test,
-    train_reference_surrogates,
 )
 from wmark.schemes.tiebreak.sequential import tiebreak_log_sequential
 from wmark.stats import holm
@@ -218,27 +217,6 @@ def sequential_summary(rows: list[dict[str, Any]], innocent: list[dict[str, Any]
                               "min_log10_p_fixed": float(min(c["log10_p"] for c in innocent)),
                               "queries_median": float(np.median([c["seq_queries"] for c in innocent])),
                               "queries_worst": int(max(c["seq_queries"] for c in innocent))}
-    return out
-
-
-def cached_references(setting: Any, repeats: dict[str, int]) -> list[tuple[str, torch.nn.Module]]:
-    """The reference surrogates distilled from the unmarked victim (key-free), trained once and cached."""
-    from wmark.io import load_tensors, save_tensors, wmark_metadata
-    from wmark.models import build_model
-
-    def make(path: Path) -> None:
-        nets = train_reference_surrogates(served=setting.served, x=setting.x_owner, archs=TIEBREAK_REFERENCE_ARCHS,
-                                          **repeats)
-        save_tensors({f"{i}/{n}": t for i, (_, net) in enumerate(nets) for n, t in net.state_dict().items()}, path,
-                     metadata={"archs": [arch for arch, _ in nets]})
-
-    path = cached({"name": "tiebreak-references", "victim": str(setting.victim_path.name), **repeats}, make)
-    tensors, raw = load_tensors(path)
-    out = []
-    for i, arch in enumerate(wmark_metadata(raw)["archs"]):
-        net = build_model(arch, num_classes=10, input_shape=(1, 28, 28))
-        net.load_state_dict({n.split("/", 1)[1]: t for n, t in tensors.items() if n.startswith(f"{i}/")})
-        out.append((arch, net.eval()))
     return out
 
 

@@ -15,9 +15,9 @@ images, the same for every client) and, per thief, the committed-input test and 
 library's defaults: 1000 queries in 21 rounds) on a surrogate trained until within 5 pp of the victim. The
 thieves: ``cnn-hard`` and ``mlp-hard`` (the reference panel's families: the library's ``extract`` with Adam),
 and ``bn-sgd`` from outside the panel: a BatchNorm CNN with dropout trained with SGD + momentum, label
-smoothing 0.1 and random-shift augmentation. ``detected`` is weighted Bonferroni at alpha = 1e-6 over the
+smoothing 0.1 and random-shift augmentation. ``detected`` is the library's weighted Holm at alpha = 1e-6 over the
 trigger set (p = 1, never run: these surrogates never saw it), the committed inputs (weight 1) and the log test
-(weight 8): the first step of the library's weighted Holm.
+(weight 8).
 
 The near-tie swap is research: it is not in the library (measured here to give less evidence than the shift
 at the same honest cost; see docs/research/tiebreak.md).
@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from common import SCOPE_CAP, TIEBREAK_REFERENCE_ARCHS, table, tiebreak_setting, write_results
+from common import SCOPE_CAP, cached_references, table, tiebreak_setting, write_results
 from torch import nn
 
 from wmark.distill import extract, query_victim
@@ -54,8 +54,8 @@ from wmark.schemes.tiebreak import (
     select_log_inputs,
     tiebreak_log_test,
     tiebreak_test,
-    train_reference_surrogates,
 )
+from wmark.stats import holm
 from wmark.suspects import Answers, LocalSuspect
 
 ALPHA = 1e-6
@@ -125,8 +125,8 @@ def bn_sgd_thief(api: Any, x: np.ndarray, *, seed: int, in_scope: Any) -> tuple[
 
 
 def detected(p: dict[str, float]) -> bool:
-    total = sum(WEIGHTS.values())
-    return any(np.log10(ALPHA * WEIGHTS[name] / total) >= value for name, value in p.items())
+    """Whether weighted Holm over the three tests rejects at ``ALPHA`` (the verdict's rule)."""
+    return min(holm([p[name] for name in WEIGHTS], list(WEIGHTS.values()))) <= np.log10(ALPHA)
 
 
 def make_api(variant: str, **kwargs: Any) -> TieBreakAPI:
@@ -153,8 +153,7 @@ def main() -> None:
     served, victim = setting.served, setting.victim
     featurizer = penultimate_featurizer(victim)
     repeats = {} if args.reference_repeats is None else {"repeats": args.reference_repeats}
-    references = train_reference_surrogates(served=served, x=setting.x_owner, archs=TIEBREAK_REFERENCE_ARCHS,
-                                            **repeats)
+    references = cached_references(setting, repeats)
     print(f"{len(references)} references in {time.perf_counter() - start:.0f} s", flush=True)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
