@@ -90,7 +90,31 @@ def default_alternatives(p0: float, size: int = 20) -> np.ndarray:
     return p0 + (1.0 - p0) * np.linspace(0.05, 0.99, size)
 
 
-class MixtureEProcess:
+class _RunningEvidence:
+    """What every e-process here keeps: the log10 e-value after each update and its running maximum."""
+
+    history: list[float]
+    _best: float
+
+    def _clear(self) -> None:
+        self.history = []
+        self._best = -math.inf
+
+    def _record(self, current: float) -> float:
+        self.history.append(current)
+        self._best = max(self._best, current)
+        return current
+
+    def compute(self) -> float:
+        """log10 of the largest e-value so far (0 before any update): ``10 ** -compute()`` is the p-value."""
+        return max(0.0, self._best)
+
+    def crossed(self, alpha: float) -> bool:
+        """Whether the evidence has reached 1/α."""
+        return self.compute() >= -math.log10(alpha)
+
+
+class MixtureEProcess(_RunningEvidence):
     """Anytime-valid evidence against H0: E[X_t | past] ≤ p0 for binary outcomes X_t.
 
     The e-value is a uniform mixture, over alternatives q in (p0, 1), of the likelihood ratios
@@ -120,8 +144,7 @@ class MixtureEProcess:
         self._log_w = np.zeros_like(self._log_win)
         self.trials = 0
         self.successes = 0
-        self.history: list[float] = []
-        self._best = -math.inf
+        self._clear()
 
     def update(self, outcome: int) -> float:
         """Add one outcome; return log10 of the current e-value."""
@@ -130,18 +153,7 @@ class MixtureEProcess:
         self._log_w += self._log_win if outcome else self._log_loss
         self.trials += 1
         self.successes += outcome
-        current = float(logsumexp(self._log_w) + self._log_prior) / LN10
-        self.history.append(current)
-        self._best = max(self._best, current)
-        return current
-
-    def compute(self) -> float:
-        """log10 of the largest e-value so far (0 before any outcome)."""
-        return max(0.0, self._best)
-
-    def crossed(self, alpha: float) -> bool:
-        """Whether the evidence has reached 1/α."""
-        return self.compute() >= -math.log10(alpha)
+        return self._record(float(logsumexp(self._log_w) + self._log_prior) / LN10)
 
 
 def mixture_eprocess_log10(outcomes: Iterable[int], *, p0: float) -> list[float]:
@@ -150,7 +162,7 @@ def mixture_eprocess_log10(outcomes: Iterable[int], *, p0: float) -> list[float]
     return [e.update(int(o)) for o in outcomes]
 
 
-class GaussianMixtureEProcess:
+class GaussianMixtureEProcess(_RunningEvidence):
     """Anytime-valid evidence that standard normal scores drift upwards: H0: T_j iid N(0, 1).
 
     Each score ``T_j`` comes with a weight ``a_j`` fixed before it is seen (predictable). Given the running sums
@@ -175,8 +187,7 @@ class GaussianMixtureEProcess:
     def reset(self) -> None:
         self.total = 0.0  # M
         self.weight = 0.0  # A
-        self.history: list[float] = []
-        self._best = -math.inf
+        self._clear()
 
     def log_e(self) -> float:
         """Natural log of the current e-value."""
@@ -191,18 +202,7 @@ class GaussianMixtureEProcess:
             raise ValueError(f"need a finite score and a finite weight >= 0, got {score} and {weight}")
         self.total += weight * score
         self.weight += weight * weight
-        current = self.log_e() / LN10
-        self.history.append(current)
-        self._best = max(self._best, current)
-        return current
-
-    def compute(self) -> float:
-        """log10 of the largest e-value so far (0 before any score)."""
-        return max(0.0, self._best)
-
-    def crossed(self, alpha: float) -> bool:
-        """Whether the evidence has reached 1/α."""
-        return self.compute() >= -math.log10(alpha)
+        return self._record(self.log_e() / LN10)
 
 
 def clopper_pearson_upper(k: int, n: int, confidence: float) -> float:

@@ -24,25 +24,16 @@ from torch import nn
 
 from wmark.contract import forward_logits, model_device, split_batch, to_device
 from wmark.errors import UsageError
-from wmark.schemes.trigger_set import TriggerSet
+from wmark.schemes.trigger_set import LoaderProxy, TriggerSet
 
 
-class _BatchSizeLoader:
+class _BatchSizeLoader(LoaderProxy):
     """Passes batches through unchanged and records how many natural samples the last one held."""
 
     def __init__(self, loader: Iterable, step: LookaheadTriggerStep, label_key: str) -> None:
         self.loader = loader
         self.step = step
         self.label_key = label_key
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        # Training frameworks inspect loader attributes (sampler, dataset, batch_size); pass them through.
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:

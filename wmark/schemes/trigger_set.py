@@ -150,7 +150,22 @@ def _check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
                          "text key with the model's tokenizer.")
 
 
-class TriggerMixingLoader:
+class LoaderProxy:
+    """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``)."""
+
+    loader: Iterable
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # Training frameworks inspect loader attributes (sampler, dataset, batch_size); pass them through.
+        if name == "loader":
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+
+class TriggerMixingLoader(LoaderProxy):
     """Wraps a data loader so every batch carries ``per_batch`` trigger samples as well.
 
     Batches may be ``(x, y)`` tuples/lists or dicts (``input_key`` / ``label_key``, as Hugging Face uses;
@@ -170,15 +185,6 @@ class TriggerMixingLoader:
         self.input_key = input_key or ("input_ids" if triggers.is_text else "pixel_values")
         self.label_key = label_key
         self._cursor = 0
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    def __getattr__(self, name: str) -> Any:
-        # Training frameworks inspect loader attributes (sampler, dataset, batch_size); pass them through.
-        if name == "loader":
-            raise AttributeError(name)
-        return getattr(self.loader, name)
 
     def _next_triggers(self) -> list[int]:
         n = len(self.triggers)
