@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 import pytest
 import torch
-from _api_helpers import LinearModel
+from _api_helpers import Follower, LinearModel
 from keykit import seeded_key
 from scipy import stats
 
@@ -60,19 +60,6 @@ def make(key, data, backend, **kw):
     rule = build_tiebreak_rule(key=key, x=data, featurizer=featurizer, feature_space="test",
                                components=kw.pop("components", 8))
     return rule, TieBreakAPI(key=key, backend=backend, rule=rule, **kw)
-
-
-class Follower:
-    """A surrogate that answers the API's tie-broken label with probability ``q``, else the served top-1."""
-
-    def __init__(self, api: TieBreakAPI, q: float, seed: int = 0) -> None:
-        self.api, self.q, self.rng = api, q, np.random.default_rng(seed)
-        self.description, self.num_classes, self.input_shape = "follower", C, (D,)
-
-    def query(self, x: np.ndarray) -> Answers:
-        marked = self.api.query(x).labels
-        plain = self.api.backend.query(x).labels
-        return Answers(labels=np.where(self.rng.random(len(x)) < self.q, marked, plain))
 
 
 def test_api_shifts_by_the_keyed_head_changes_only_close_calls_and_is_deterministic(data):

@@ -8,7 +8,7 @@ from functools import partial
 
 import numpy as np
 import pytest
-from _api_helpers import LinearModel
+from _api_helpers import Follower, LinearModel
 from keykit import seeded_key
 from scipy import integrate, stats
 
@@ -26,7 +26,6 @@ from wmark.schemes.tiebreak import (
     tiebreak_log_sequential,
 )
 from wmark.stats import GaussianMixtureEProcess
-from wmark.suspects import Answers
 
 C, D, F = 4, 16, 32
 Linear = partial(LinearModel, num_classes=C, dims=D)
@@ -59,19 +58,6 @@ def logged(data, tmp_path_factory):
         api.for_client("thief").query(data)
         ranked = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief")
     return key, rule, TieBreakAPI(key=key, backend=backend, rule=rule, beta=3.0), backend, ranked
-
-
-class Follower:
-    """A surrogate that answers the API's tie-broken label with probability ``q``, else the served top-1."""
-
-    def __init__(self, api: TieBreakAPI, q: float, seed: int = 0) -> None:
-        self.api, self.q, self.rng = api, q, np.random.default_rng(seed)
-        self.description, self.num_classes, self.input_shape = "follower", C, (D,)
-
-    def query(self, x: np.ndarray) -> Answers:
-        marked = self.api.query(x).labels
-        plain = self.api.backend.query(x).labels
-        return Answers(labels=np.where(self.rng.random(len(x)) < self.q, marked, plain))
 
 
 def test_the_e_process_is_its_mixture_integral_and_starts_at_one():
