@@ -18,7 +18,7 @@ wmark train --arch fmnist-cnn --data fashion-mnist@owner --epochs 2 --out "$out/
 
 step "3. ... and fine-tunes it with the key's trigger-set watermark before release"
 wmark embed --key "$out/acme.key" --arch fmnist-cnn --weights "$out/base.safetensors" \
-  --data fashion-mnist@owner --epochs 2 --out "$out/marked.safetensors"
+  --data fashion-mnist@owner --epochs 4 --out "$out/marked.safetensors"
 wmark inspect "$out/marked.safetensors"
 
 step "4. A thief copies the checkpoint and fine-tunes it on 10k images of their own (5 epochs)"

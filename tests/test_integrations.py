@@ -48,6 +48,29 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
         plain.train()
 
 
+def test_hf_trainer_learns_lookahead_triggers_through_the_callback_alone(tmp_path):
+    """Lookahead adds the triggers in the optimizer step: the training set stays as it is."""
+    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+
+    from wmark.integrations.hf import WatermarkCallback
+
+    key = text_key(num_classes=4, num_triggers=16)
+    tok = load_tokenizer(MINILM)
+    train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
+    wm = Watermarker(key, tokenizer=tok, trigger_lookahead=0.05)
+    callback = WatermarkCallback(wm)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=60, per_device_train_batch_size=8,
+                             learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    model = hf_bert(4, seed=5)
+    Trainer(model=model, args=args, train_dataset=train,  # type: ignore[arg-type]
+            data_collator=DataCollatorWithPadding(tok), callbacks=[callback]).train()
+    assert callback.trigger_accuracy is not None and callback.trigger_accuracy > 0.8
+    assert _detected(model, key)
+    with pytest.raises(UsageError, match="not through the dataset"):
+        wm.wrap_dataset(train)  # type: ignore[arg-type]
+
+
 def test_lightning_callback_embeds_the_triggers():
     import lightning as L
 

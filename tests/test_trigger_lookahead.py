@@ -8,7 +8,7 @@ from keykit import seeded_key
 
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LookaheadTriggerStep
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects import LocalSuspect
 from wmark.training import make_loader
@@ -88,13 +88,20 @@ def test_the_hook_does_nothing_without_a_natural_gradient(digits_key) -> None:
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_lookahead_is_off_by_default_and_recorded_when_on(digits_key) -> None:
-    plain = Watermarker(digits_key)
-    assert plain.trigger_lookahead == 0.0 and "trigger_lookahead" not in plain.metadata()
+def test_lookahead_is_the_default_for_image_keys_and_recorded(digits_key) -> None:
+    wm = Watermarker(digits_key)
+    assert wm.trigger_lookahead == DEFAULT_LOOKAHEAD == 0.05 and wm.metadata()["trigger_lookahead"] == 0.05
+    mixing = Watermarker(digits_key, trigger_lookahead=0)
+    assert "trigger_lookahead" not in mixing.metadata()
     base = make_loader(torch.rand(40, 1, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=20)
-    _, _, loader = plain.attach(model=torch.nn.Linear(1, 1), data_loader=base)
-    assert [len(x) for x, _ in loader] == [28, 28]  # default: triggers mixed into each batch
-    assert Watermarker(digits_key, trigger_lookahead=0.05).metadata()["trigger_lookahead"] == 0.05
+    _, _, loader = mixing.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+    assert [len(x) for x, _ in loader] == [28, 28]  # lookahead off: triggers mixed into each batch
+
+
+def test_text_keys_mix_their_triggers_by_default() -> None:
+    from textkit import text_key
+
+    assert Watermarker(text_key(num_classes=4, num_triggers=16)).trigger_lookahead == 0.0
 
 
 def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
@@ -104,13 +111,32 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
         LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.0, per_batch=4)
     wm = Watermarker(digits_key, trigger_lookahead=0.05)
     base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
-    with pytest.raises(UsageError, match="needs optimizer="):
+    with pytest.raises(UsageError, match="needs optimizer=.*trigger_lookahead=0"):
         wm.attach(model=_tiny(), data_loader=base)
-    with pytest.raises(UsageError, match="attach\\(\\)'s own loop"):
+    with pytest.raises(UsageError, match="not through the dataset"):
         wm.wrap_dataset(torch.utils.data.TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
+    with pytest.raises(UsageError, match="positive trigger_lookahead"):
+        Watermarker(digits_key, trigger_lookahead=0).lookahead_step(_tiny())
+
+
+def test_attach_optimizer_installs_the_lookahead_hook_for_a_framework(digits_key) -> None:
+    """What the Hugging Face callback does: the hook on the Trainer's optimizer, weighted by its batch size."""
+    torch.manual_seed(0)
     model = _tiny()
-    with pytest.raises(UsageError, match="attach\\(\\)'s own loop"):
-        wm.attach_optimizer(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.rand(256, 1, 8, 8)
+    y = x.flatten(1)[:, :10].argmax(1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    wm = Watermarker(digits_key, trigger_per_batch=8)
+    wm.attach_optimizer(model=model, optimizer=optimizer, trigger_batch_size=32)
+    for _ in range(30):
+        for bx, by in make_loader(x, y, batch_size=32, seed=0):
+            optimizer.zero_grad()
+            F.cross_entropy(model(bx), by).backward()
+            optimizer.step()
+    wm.detach()
+    triggers = generate_triggers(digits_key)
+    with torch.no_grad():
+        assert (model(triggers.inputs).argmax(1) == triggers.labels).float().mean().item() >= 0.85
 
 
 def test_the_null_stays_exact_for_a_lookahead_marked_model(digits_key) -> None:
@@ -161,9 +187,33 @@ def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
     assert doc["decision"] == "detected"
 
 
-def test_the_lightning_callback_refuses_lookahead(digits_key) -> None:
-    pytest.importorskip("lightning")
+def test_the_lightning_callback_learns_lookahead_triggers(digits_key) -> None:
+    L = pytest.importorskip("lightning")
     from wmark.integrations.lightning import WatermarkCallback
 
-    with pytest.raises(UsageError, match="trigger_lookahead=0 for Lightning"):
-        WatermarkCallback(Watermarker(digits_key, trigger_lookahead=0.05))
+    L.seed_everything(0, verbose=False)  # the data and the initialisation
+    x = torch.rand(256, 1, 8, 8)
+    y = x.flatten(1)[:, :10].argmax(1)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = _tiny()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    module = Module()
+    callback = WatermarkCallback(Watermarker(digits_key, trigger_per_batch=8), weight=0.25)
+    trainer = L.Trainer(max_epochs=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(module, make_loader(x, y, batch_size=32, seed=0))
+    assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
+    with pytest.raises(UsageError, match="drop forward="):
+        WatermarkCallback(Watermarker(digits_key), forward=lambda m, b: m(b))

@@ -27,7 +27,7 @@ def test_triggers_regenerate_identically_from_the_key_file(tmp_path, fmnist_key)
 
 def test_loader_mixes_triggers_into_every_batch(digits_key) -> None:
     base = make_loader(torch.rand(70, 1, 8, 8), torch.zeros(70, dtype=torch.long), batch_size=32)
-    wm = Watermarker(digits_key, trigger_per_batch=3)
+    wm = Watermarker(digits_key, trigger_per_batch=3, trigger_lookahead=0)
     _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=base)
     sizes = [len(x) for x, _ in loader]
     assert sizes == [35, 35, 9]
@@ -39,7 +39,7 @@ def test_loader_mixes_triggers_into_every_batch(digits_key) -> None:
 
 
 def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> None:
-    wm = Watermarker(digits_key)
+    wm = Watermarker(digits_key, trigger_lookahead=0)
     _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[(torch.rand(4, 1, 28, 28), torch.zeros(4))])
     with pytest.raises(UsageError, match="input shape matches the model"):
         next(iter(loader))
@@ -52,7 +52,7 @@ def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> N
 
 def test_dataset_wrapper_appends_triggers(digits_key) -> None:
     base = torch.utils.data.TensorDataset(torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long))
-    ds = Watermarker(digits_key).wrap_dataset(base, repeats=2)
+    ds = Watermarker(digits_key, trigger_lookahead=0).wrap_dataset(base, repeats=2)
     assert isinstance(ds, TriggerMixingDataset) and len(ds) == 10 + 2 * 40
     x, y = ds[10]
     triggers = generate_triggers(digits_key)

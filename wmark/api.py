@@ -95,9 +95,10 @@ def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0
 
 
 def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
-          schemes: Sequence[str] = ("trigger",), epochs: int = 2, seed: int = 0, lr: float = 5e-4,
+          schemes: Sequence[str] = ("trigger",), epochs: int = 4, seed: int = 0, lr: float = 5e-4,
           batch_size: int = 64, trigger_per_batch: int = 8, max_samples: int | None = None,
-          weights_layer: str | None = None, progress: bool = False, trigger_lookahead: float = 0.0) -> dict[str, Any]:
+          weights_layer: str | None = None, progress: bool = False,
+          trigger_lookahead: float | None = None) -> dict[str, Any]:
     """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
 
     With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity

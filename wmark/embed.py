@@ -33,7 +33,7 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
-from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
 
 KNOWN_SCHEMES = ("trigger", "weights")
@@ -46,11 +46,13 @@ class Watermarker:
         key: The owner's key; every trigger and label is derived from it.
         schemes: Which schemes to embed.
         trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
-        trigger_lookahead: ``0`` mixes the triggers into the batches. A positive radius instead learns them
-            at weights moved by a simulated fine-tune step of that size (relative to each tensor's norm) along
-            the sign of the natural batch's descent direction, in an optimizer step pre-hook, so that they
-            survive a thief's fine-tune better (``docs/trigger-embedding.md``). Try 0.05. Needs ``optimizer=``
-            and works with :meth:`attach` only.
+        trigger_lookahead: A positive radius learns the triggers at weights moved by a simulated fine-tune step
+            of that size (relative to each tensor's norm) along the sign of the natural batch's descent
+            direction, in an optimizer step pre-hook, so that they survive a thief's fine-tune
+            (``docs/trigger-embedding.md``); :meth:`attach` then needs ``optimizer=``. ``0`` mixes the triggers
+            into the batches instead. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST
+            CNNs) for image keys, ``0`` for text keys, whose triggers survive a fine-tune without it and where
+            it was not measured.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -63,12 +65,14 @@ class Watermarker:
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 8,
                  weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
-                 tokenizer: Any = None, trigger_lookahead: float = 0.0) -> None:
+                 tokenizer: Any = None, trigger_lookahead: float | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
         if not schemes:
             raise UsageError("Name at least one scheme to embed.")
+        if trigger_lookahead is None:
+            trigger_lookahead = 0.0 if key.kind == "text" else DEFAULT_LOOKAHEAD
         if trigger_lookahead < 0:
             raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
         self.key = key
@@ -118,32 +122,59 @@ class Watermarker:
             return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
                                                    input_key=self.input_key, label_key=self.label_key)
         if optimizer is None:
-            raise UsageError("Lookahead trigger embedding needs optimizer= (it adds its gradient in a step pre-hook).")
-        step = LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
-                                    per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model))
+            raise UsageError("Lookahead trigger embedding needs optimizer= (it adds its gradient in a step pre-hook); "
+                             "pass it, or make the Watermarker with trigger_lookahead=0 to mix the triggers into the "
+                             "batches.")
+        step = self.lookahead_step(model)
         self._hooks.append(optimizer.register_step_pre_hook(step.hook))
         return step.wrap_loader(data_loader, label_key=self.label_key)
 
-    def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Install only the weights scheme's step pre-hook, on an optimizer a framework built.
+    def lookahead_step(self, model: nn.Module) -> LookaheadTriggerStep:
+        """The lookahead trigger step for ``model`` (for a trainer integration that calls it itself).
 
-        The trainer integrations (:mod:`wmark.integrations`) call this when training starts; the triggers reach
-        the model through :meth:`wrap_dataset` or the integration itself. Does nothing without the weights scheme.
+        Raises:
+            UsageError: If this Watermarker mixes its triggers (``trigger_lookahead=0``).
+        """
+        if self.trigger_lookahead <= 0:
+            raise UsageError("This Watermarker mixes its triggers into the batches; make it with a positive "
+                             "trigger_lookahead for a lookahead step.")
+        return LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
+                                    per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model))
+
+    def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         trigger_batch_size: int | None = None) -> None:
+        """Install the step pre-hooks on an optimizer a framework built: the weights scheme's and, with
+        ``trigger_batch_size``, the lookahead trigger step's.
+
+        The trainer integrations (:mod:`wmark.integrations`) call this when training starts. Mixed triggers
+        reach the model through :meth:`wrap_dataset`; lookahead triggers through this hook (the Hugging Face
+        ``Trainer``) or the integration's own callback (Lightning, whose optimizer computes the gradients inside
+        ``step``, after any pre-hook).
+
+        Args:
+            model: The model being trained.
+            optimizer: The framework's (inner) optimizer.
+            trigger_batch_size: Natural samples per optimizer step (batch size × accumulation steps), to weigh
+                the lookahead triggers as if they had joined the batch; None installs no trigger hook.
 
         Raises:
             UsageError: If already attached.
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
-        self._refuse_lookahead()
         if "weights" in self.schemes:
             self._hook_weights(model, optimizer)
+        if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_lookahead > 0:
+            step = self.lookahead_step(model)
+            step.batch_size = trigger_batch_size
+            self._hooks.append(optimizer.register_step_pre_hook(step.hook))
         self._attached = True
 
     def _refuse_lookahead(self) -> None:
         if "trigger" in self.schemes and self.trigger_lookahead > 0:
-            raise UsageError("Lookahead trigger embedding runs in attach()'s own loop only; make the Watermarker "
-                             "with trigger_lookahead=0 for a framework's trainer.")
+            raise UsageError("Lookahead trigger embedding adds the triggers in the optimizer step, not through the "
+                             "dataset: train on the dataset as it is with the integration's callback, or make the "
+                             "Watermarker with trigger_lookahead=0 to mix the triggers into the dataset.")
 
     def _trigger_input_name(self, model: nn.Module) -> str | None:
         from wmark.integrations.common import input_key_for
@@ -155,13 +186,14 @@ class Watermarker:
         self._hooks.append(optimizer.register_step_pre_hook(self._weights.hook))
 
     def wrap_dataset(self, dataset: torch.utils.data.Dataset, *, repeats: int = 10) -> torch.utils.data.Dataset:
-        """Append the triggers to a dataset, for frameworks that build their own loader (HF Trainer, Lightning).
+        """Append the triggers to a dataset, for a framework that builds its own loader (the HF ``Trainer``).
 
         Trigger items take the dataset's own form: ``(x, y)`` pairs, or dicts under ``input_key`` /
         ``label_key`` (for text, unpadded ``input_ids`` and ``attention_mask`` that a padding collator pads).
 
         Raises:
-            UsageError: With lookahead trigger embedding, which needs :meth:`attach`.
+            UsageError: With lookahead trigger embedding, which adds the triggers in the optimizer step instead
+                (:class:`wmark.integrations.hf.WatermarkCallback` does it for the ``Trainer``).
         """
         self._refuse_lookahead()
         return trigger_set.TriggerMixingDataset(dataset, self.triggers, repeats=repeats, input_key=self.input_key,

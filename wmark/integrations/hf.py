@@ -1,10 +1,13 @@
-"""Hugging Face ``Trainer`` integration: triggers through the dataset, the rest through a callback.
+"""Hugging Face ``Trainer`` integration: a callback, and for mixed triggers a wrapped dataset.
 
-A ``TrainerCallback`` cannot change the loss, so the triggers join the training set
-(:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the dataset's own format, which the
-Trainer's padding collator batches like any other item) and :class:`WatermarkCallback` does what needs the
-live training run: it checks that the training set carries the triggers, installs the weights scheme's hook on
-the Trainer's optimizer, and measures the trigger accuracy at the end.
+A ``TrainerCallback`` cannot change the loss. Mixed triggers (``trigger_lookahead=0``, the default for text
+keys) therefore join the training set (:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the
+dataset's own format, which the Trainer's padding collator batches like any other item). Lookahead triggers
+(the default for image keys) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
+pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
+``per_device_train_batch_size × gradient_accumulation_steps`` samples. The callback also checks that a mixing
+run's training set carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy
+at the end.
 
 Example:
     >>> from transformers import Trainer  # doctest: +SKIP
@@ -45,11 +48,17 @@ class WatermarkCallback(TrainerCallback):
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker
         dataset = getattr(train_dataloader, "dataset", None)
-        if "trigger" in wm.schemes and dataset is not None and not isinstance(dataset, TriggerMixingDataset):
+        mixing = "trigger" in wm.schemes and wm.trigger_lookahead == 0
+        if mixing and dataset is not None and not isinstance(dataset, TriggerMixingDataset):
             raise UsageError("The Trainer's training set carries no triggers; pass "
                              "train_dataset=watermarker.wrap_dataset(train_dataset).")
         if model is not None and optimizer is not None:
-            wm.attach_optimizer(model=model, optimizer=inner_optimizer(optimizer))
+            steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+            wm.attach_optimizer(model=model, optimizer=inner_optimizer(optimizer),
+                                trigger_batch_size=None if mixing else int(args.per_device_train_batch_size) * steps)
+        elif "trigger" in wm.schemes and not mixing:
+            raise UsageError("Lookahead trigger embedding needs the Trainer's optimizer when training begins; use a "
+                             "transformers Trainer that passes it to callbacks, or trigger_lookahead=0.")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker

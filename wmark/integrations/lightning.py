@@ -2,11 +2,12 @@
 
 Lightning owns the loop, so the callback adds the watermark where Lightning lets a callback touch gradients:
 in ``on_before_optimizer_step`` (after the training step's backward, before the optimizer step) it runs the
-module on the next ``per_batch`` triggers (cycled in key order, identical on every DDP rank) and backpropagates
-their cross-entropy, so the step uses the gradient of the ordinary loss plus the trigger loss. The weights
-scheme's hook goes on the optimizer when training starts. The module's ``forward`` must take the model's batch
-(a tensor, or ``input_ids``/``attention_mask`` for text); pass ``forward=`` otherwise. The trigger forward runs
-in training mode, like the module's own.
+module on the next ``per_batch`` triggers (cycled in key order, identical on every DDP rank) and adds the
+gradient of their cross-entropy, so the step uses the gradient of the ordinary loss plus the trigger loss; with
+lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the default for image keys) that gradient is
+taken at the looked-ahead weights. The weights scheme's hook goes on the optimizer when training starts. The
+module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
+``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own.
 
 Example:
     >>> import lightning as L  # doctest: +SKIP
@@ -27,6 +28,7 @@ from wmark.contract import Batch, forward_logits
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.integrations.common import inner_optimizer, input_key_for, trigger_accuracy, trigger_batch
+from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
 
 
 class WatermarkCallback(L.Callback):
@@ -47,17 +49,20 @@ class WatermarkCallback(L.Callback):
                  forward: Callable[[nn.Module, Batch], Any] | None = None) -> None:
         if weight <= 0:
             raise UsageError(f"The trigger loss weight must be positive, got {weight}.")
-        if "trigger" in watermarker.schemes and watermarker.trigger_lookahead > 0:
-            raise UsageError("Lookahead trigger embedding runs in Watermarker.attach()'s loop only; make the "
-                             "Watermarker with trigger_lookahead=0 for Lightning.")
+        if "trigger" in watermarker.schemes and watermarker.trigger_lookahead > 0 and forward is not None:
+            raise UsageError("Lookahead trigger embedding runs the module's own forward; drop forward= or make the "
+                             "Watermarker with trigger_lookahead=0.")
         self.watermarker = watermarker
         self.weight = float(weight)
         self.forward = forward
         self.trigger_accuracy: float | None = None
         self._cursor = 0
+        self._lookahead: LookaheadTriggerStep | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wm = self.watermarker
+        if "trigger" in wm.schemes and wm.trigger_lookahead > 0:
+            self._lookahead = wm.lookahead_step(pl_module)
         if "weights" in wm.schemes:
             if len(trainer.optimizers) != 1:
                 raise UsageError("The weights scheme needs exactly one optimizer in the Lightning module.")
@@ -73,6 +78,9 @@ class WatermarkCallback(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: Any) -> None:
         wm = self.watermarker
         if "trigger" not in wm.schemes:
+            return
+        if self._lookahead is not None:
+            self._lookahead.add_gradient(weight=self.weight)
             return
         triggers = wm.triggers
         n = len(triggers)
