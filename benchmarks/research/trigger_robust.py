@@ -26,11 +26,21 @@ Variants (knobs in ``VARIANTS``):
              ``trigger_lookahead=0.05`` (sign direction, as looksign0.05): checks that the library option
              reproduces the prototype. (``lib-lookgrad0.05`` rows in the results: the library's earlier
              gradient-direction lookahead.)
+  Third round (``--name research_trigger_robust3``):
+  lookboth<r>   trigger loss half at the moved, half at the current weights.
+  lookema<r>, lookadam<r>
+                direction: sign of an EMA of the natural gradients, or Adam's m / sqrt(v) of them.
+  lookrand<r>   radius drawn uniformly in [0, 2r] each step.
+  ...e3, ...e4  3 or 4 embedding epochs (``plain3``/``plain4`` and ``lib-plain4`` are their unmarked twins:
+                every variant's cost and time are measured against the unmarked run of the same loop and length).
+  lib-basee4, lib-look0.05e4
+                the library's loop for 4 epochs, mixing or with its default lookahead (0.05).
 
 Usage: python benchmarks/research/trigger_robust.py [--quick] [--keys 10] [--first 0] [--variants a,b]
        [--no-reinit] [--key-dir DIR] [--threads 1] [--part NAME]
-       (one part per process; ``--merge NAME,NAME`` joins parts; ``--timing`` times the embeddings interleaved;
-       about 25 s per key and variant on an idle 2-core machine)
+       [--name research_trigger_robust3] (one part per process; ``--merge NAME,NAME`` joins parts; ``--timing``
+       times the embeddings interleaved, ``--timing-variants`` picks them; about 25 s per key, variant and 2
+       epochs on an idle 2-core machine)
 """
 
 from __future__ import annotations
@@ -78,9 +88,25 @@ VARIANTS: dict[str, dict[str, float]] = {
     "look0.03": {"look": 0.03},
     "looksign0.05": {"look": 0.05, "sign": 1},
     "reserve16": {"reserve": 16},
+    "lookboth0.05": {"look": 0.05, "sign": 1, "both": 1},
+    "lookema0.05": {"look": 0.05, "sign": 1, "ema": 0.9},
+    "lookadam0.05": {"look": 0.05, "adam": 1},
+    "lookrand0.05": {"look": 0.05, "sign": 1, "rand": 1},
+    "looksign0.07": {"look": 0.07, "sign": 1},
+    "lookboth0.07": {"look": 0.07, "sign": 1, "both": 1},
+    "lookboth0.1": {"look": 0.1, "sign": 1, "both": 1},
+    "plain3": {"unmarked": 1, "epochs": 3},
+    "looksign0.05e3": {"look": 0.05, "sign": 1, "epochs": 3},
+    "basee3": {"epochs": 3},
+    "lookboth0.05e3": {"look": 0.05, "sign": 1, "both": 1, "epochs": 3},
+    "plain4": {"unmarked": 1, "epochs": 4},
+    "looksign0.05e4": {"look": 0.05, "sign": 1, "epochs": 4},
     # The library's own loop (Watermarker.attach + train_epochs, as api.embed runs it), to check the option.
     "lib-base": {"lib": 1},
     "lib-look0.05": {"lib": 1, "look": 0.05},
+    "lib-plain4": {"lib": 1, "unmarked": 1, "epochs": 4},
+    "lib-basee4": {"lib": 1, "epochs": 4},
+    "lib-look0.05e4": {"lib": 1, "look": 0.05, "epochs": 4},
 }
 
 
@@ -92,13 +118,16 @@ def embed_library(model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: Any, 
 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    wm = Watermarker(key, trigger_lookahead=cfg.get("look", 0.0))
-    model, opt, loader = wm.attach(model=model, optimizer=opt, data_loader=make_loader(x, y, batch_size=64, seed=seed))
+    loader = make_loader(x, y, batch_size=64, seed=seed)
+    wm = None if cfg.get("unmarked") else Watermarker(key, trigger_lookahead=cfg.get("look", 0.0))
+    if wm is not None:
+        model, opt, loader = wm.attach(model=model, optimizer=opt, data_loader=loader)
     start = time.perf_counter()
     try:
         train_epochs(model, loader, epochs=epochs, optimizer=opt)
     finally:
-        wm.detach()
+        if wm is not None:
+            wm.detach()
     return time.perf_counter() - start
 
 
@@ -163,6 +192,7 @@ def embed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trig: TriggerSet |
     reserved = torch.randperm(head.in_features, generator=torch.Generator().manual_seed(20_000 + seed))[
         : int(cfg.get("reserve", 0))]
     cursor = 0
+    moments: dict[str, list[torch.Tensor]] = {}
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -189,13 +219,25 @@ def embed(model: nn.Module, x: torch.Tensor, y: torch.Tensor, trig: TriggerSet |
                 loss.backward()
             elif cfg.get("look"):
                 (nb / tot * F.cross_entropy(model(bx), by)).backward()
+                radius = cfg["look"]
+                if cfg.get("rand"):
+                    radius = float(torch.rand((), generator=noise_gen)) * 2 * cfg["look"]
                 pert = {}
                 for n, p in params.items():
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                    if cfg.get("ema") or cfg.get("adam"):
+                        beta = cfg.get("ema") or 0.9
+                        m1 = moments.setdefault(n, [torch.zeros_like(p), torch.zeros_like(p)])
+                        m1[0].mul_(beta).add_(g, alpha=1 - beta)
+                        m1[1].mul_(0.999).add_(g * g, alpha=0.001)
+                        g = m1[0] / (m1[1].sqrt() + 1e-8) if cfg.get("adam") else m1[0]
                     if cfg.get("sign"):
                         g = torch.sign(g)  # Adam's first step: every coordinate moves alike
-                    pert[n] = p - (cfg["look"] * p.detach().norm() * g / g.norm().clamp(min=1e-12))
-                (tw * nt / tot * F.cross_entropy(functional_call(model, pert, (tx,)), ty)).backward()
+                    pert[n] = p - (radius * p.detach().norm() * g / g.norm().clamp(min=1e-12))
+                share = 0.5 if cfg.get("both") else 1.0
+                (share * tw * nt / tot * F.cross_entropy(functional_call(model, pert, (tx,)), ty)).backward()
+                if cfg.get("both"):
+                    (share * tw * nt / tot * F.cross_entropy(model(tx), ty)).backward()
             elif cfg.get("noise") or cfg.get("sam") or cfg.get("ewgrad"):
                 if cfg.get("noise"):
                     pert = {n: p + cfg["noise"] * p.detach().pow(2).mean().sqrt()
@@ -277,9 +319,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             cfg = VARIANTS[name]
             m = copy.deepcopy(base)
             if cfg.get("lib"):
-                secs = embed_library(m, xo, yo, key, cfg, k)
+                secs = embed_library(m, xo, yo, key, cfg, k, epochs=int(cfg.get("epochs", 2)))
             else:
-                secs = embed(m, xo, yo, None if cfg.get("unmarked") else trig, cfg, k)
+                secs = embed(m, xo, yo, None if cfg.get("unmarked") else trig, cfg, k, epochs=int(cfg.get("epochs", 2)))
             r: dict[str, Any] = {"key": k, "variant": name, "acc": accuracy(m, xt, yt), "embed_s": secs}
             r["q_marked"], r["kept_marked"] = queries(m, trig)
             if not cfg.get("unmarked"):
@@ -308,7 +350,7 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     base = base_model(owner.x_train, owner.y_train)
     key = generate_key(owner="robust timing", num_classes=10, input_shape=(1, 28, 28))
     trig = generate_triggers(key)
-    names = ["plain", "base", "look0.05", "lib-plain", "lib-base", "lib-look0.05"]
+    names = args.timing_variants.split(",")
     secs: dict[str, list[float]] = {n: [] for n in names}
     for rep in range(args.reps):
         for name in names:
@@ -334,33 +376,44 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps_per_run": len(x) // 64, "reps": args.reps, "seconds": secs, "ratio_to_plain_median": ratio}
 
 
+def _plain_of(name: str) -> tuple[bool, int]:
+    """The unmarked comparator of a variant: the same loop (prototype or library) for the same epochs."""
+    cfg = VARIANTS[name]
+    return bool(cfg.get("lib")), int(cfg.get("epochs", 2))
+
+
 def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per variant: retention, queries, misses, fidelity and time against ``plain`` on the same keys."""
-    plain = {r["key"]: r for r in rows if r["variant"] == "plain"}
+    """Per variant: retention, queries, misses, fidelity and time against its unmarked twin on the same keys."""
+    plains: dict[tuple[bool, int], dict[int, dict[str, Any]]] = {}
+    for r in rows:
+        if VARIANTS[r["variant"]].get("unmarked"):
+            plains.setdefault(_plain_of(r["variant"]), {})[r["key"]] = r
     out = []
     for name in dict.fromkeys(r["variant"] for r in rows):
         rs = [r for r in rows if r["variant"] == name]
         s: dict[str, Any] = {"variant": name, "keys": len(rs), "acc_mean": float(np.mean([r["acc"] for r in rs]))}
+        plain = plains.get(_plain_of(name), {})
+        if VARIANTS[name].get("unmarked"):
+            s["null_kept_mean"] = float(np.mean([r["kept_marked"] for r in rs]))
+            s["null_detected"] = sum(r["q_marked"] is not None for r in rs)
+            out.append(s)
+            continue
         if plain:
             s["acc_cost_pp"] = float(np.mean([100 * (plain[r["key"]]["acc"] - r["acc"]) for r in rs if r["key"] in plain]))
             s["time_ratio_median"] = float(np.median([r["embed_s"] / plain[r["key"]]["embed_s"] for r in rs
                                                       if r["key"] in plain]))
-        if name == "plain":
-            s["null_kept_mean"] = float(np.mean([r["kept_marked"] for r in rs]))
-            s["null_detected"] = sum(r["q_marked"] is not None for r in rs)
-        else:
-            kept = np.array([r["kept_ft"] for r in rs])
-            qs = [r["q_ft"] for r in rs]
-            s.update(kept_ft_mean=float(kept.mean()), kept_ft_min=float(kept.min()), kept_ft_max=float(kept.max()),
-                     q_ft_median=float(np.median([q if q is not None else np.inf for q in qs])),
-                     q_ft_worst=max((q for q in qs if q is not None), default=None),
-                     missed=sum(q is None for q in qs), marked_kept_mean=float(np.mean([r["kept_marked"] for r in rs])))
-            if "kept_reinit" in rs[0]:
-                s["kept_reinit_mean"] = float(np.mean([r["kept_reinit"] for r in rs]))
-                s["reinit_detected"] = sum(r["q_reinit"] is not None for r in rs)
-            if "base" in {r["variant"] for r in rows} and name != "base":
-                b = {r["key"]: r["kept_ft"] for r in rows if r["variant"] == "base"}
-                s["better_than_base_keys"] = sum(r["kept_ft"] > b[r["key"]] for r in rs if r["key"] in b)
+        kept = np.array([r["kept_ft"] for r in rs])
+        qs = [r["q_ft"] for r in rs]
+        s.update(kept_ft_mean=float(kept.mean()), kept_ft_min=float(kept.min()), kept_ft_max=float(kept.max()),
+                 q_ft_median=float(np.median([q if q is not None else np.inf for q in qs])),
+                 q_ft_worst=max((q for q in qs if q is not None), default=None),
+                 missed=sum(q is None for q in qs), marked_kept_mean=float(np.mean([r["kept_marked"] for r in rs])))
+        if "kept_reinit" in rs[0]:
+            s["kept_reinit_mean"] = float(np.mean([r["kept_reinit"] for r in rs]))
+            s["reinit_detected"] = sum(r["q_reinit"] is not None for r in rs)
+        if "base" in {r["variant"] for r in rows} and name != "base":
+            b = {r["key"]: r["kept_ft"] for r in rows if r["variant"] == "base"}
+            s["better_than_base_keys"] = sum(r["kept_ft"] > b[r["key"]] for r in rs if r["key"] in b)
         out.append(s)
     return out
 
@@ -388,6 +441,8 @@ def main() -> None:
     parser.add_argument("--name", default="research_trigger_robust")
     parser.add_argument("--timing", action="store_true", help="only time the embeddings, interleaved")
     parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--timing-variants", default="lib-plain,lib-base,lib-look0.05",
+                        help="what --timing compares (include plain / lib-plain, the references of the ratios)")
     args = parser.parse_args()
     if args.timing:
         torch.set_num_threads(args.threads)
