@@ -62,7 +62,7 @@ class LookaheadTriggerStep:
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None) -> None:
+                 input_key: str | None = None, every: int = 1) -> None:
         if not radius > 0:
             raise UsageError(f"The lookahead radius must be positive, got {radius}.")
         if per_batch < 1:
@@ -74,6 +74,9 @@ class LookaheadTriggerStep:
         self.input_key = input_key
         self.batch_size: int | None = None
         self._cursor = 0
+        self._call = _Call(self.model)
+        self.every = every
+        self._steps = 0
 
     def wrap_loader(self, loader: Iterable, *, label_key: str = "labels") -> _BatchSizeLoader:
         """The user's loader, unchanged, but telling this step the natural batch size."""
@@ -104,24 +107,29 @@ class LookaheadTriggerStep:
         natural data's).
         """
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        if not named or all(p.grad is None for _, p in named):
+        live: list[torch.Tensor] = [p for _, p in named if p.grad is not None]
+        if not live:
             return  # no natural gradient this step (nothing to anticipate, nothing will step)
+        self._steps += 1
+        if (self._steps - 1) % self.every:
+            return
+        weight = weight * self.every
         idx = self._next_indices()
         batch = self._batch(idx)
-        moved: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for n, p in named:
-                q = p.detach()
-                if p.grad is not None:
-                    # Adam's step moves every coordinate alike, so the simulated step follows sign(g).
-                    step = torch.sign(p.grad)
-                    norm = step.norm()
-                    if norm > 0:
-                        q = q - step * (self.radius * p.norm() / norm)
-                moved[f"model.{n}"] = q.requires_grad_(True)
+            # Adam's step moves every coordinate alike, so the simulated step follows sign(g), scaled to radius times
+            # the tensor's norm (a zero gradient's sign is zero: that tensor does not move). Batched over tensors:
+            # this runs every optimizer step.
+            steps = torch._foreach_sign([p.grad for p in live if p.grad is not None])
+            sizes = torch._foreach_clamp_min(torch._foreach_norm(steps), 1.0)
+            scales = torch._foreach_div(torch._foreach_mul(torch._foreach_norm(live), self.radius), sizes)
+            torch._foreach_mul_(steps, list(scales))  # 0-dim tensors broadcast
+            ahead = iter(torch._foreach_sub(live, steps))
+            moved = {f"model.{n}": (next(ahead) if p.grad is not None else p.detach()).requires_grad_(True)
+                     for n, p in named}
             state = {**moved, **{f"model.{n}": b.clone() for n, b in self.model.named_buffers()}}
         with torch.enable_grad():
-            logits = logits_of(functional_call(_Call(self.model), state, (batch,)))
+            logits = logits_of(functional_call(self._call, state, (batch,)))
             loss = F.cross_entropy(logits, self.triggers.labels[idx].to(logits.device)) * weight
             # autograd.grad, not backward(): a DistributedDataParallel wrapper's reducer must not see this pass.
             grads = torch.autograd.grad(loss, list(moved.values()), allow_unused=True)
