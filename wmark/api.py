@@ -189,8 +189,11 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     verification inputs, committed now, before any suspect exists: the ``verify_count`` inputs of ``data``
     whose call between the served model's top two classes reference surrogates leave most open. The
     references are distilled from the *unmarked* served model (architectures ``references``; default: the
-    served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties), ``reference_repeats``
-    per architecture and recipe (default two, each from its own seed). Serve with
+    served one and ``fmnist-mlp``, for a text key ``text-bow``; empty: no references, the served model's nearest
+    ties), ``reference_repeats`` per architecture and recipe (default ``REFERENCE_REPEATS``, each from its own
+    seed; for a text key one, as a bag-of-words reference stores a vocabulary-sized embedding). For a text key
+    the owner's inputs are the dataset's texts (those within the key's maximum length) and the rule commits
+    strings. Serve with
     :class:`~wmark.schemes.tiebreak.TieBreakAPI` (``wmark serve --mark tiebreak``) and verify with
     ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest.
     """
@@ -202,33 +205,37 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
         commit_verification_inputs,
         train_reference_surrogates,
     )
+    from wmark.schemes.tiebreak.inputs import owner_texts
 
     k = load_key(key)
     ds = load_dataset(data)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
-    archs = list(dict.fromkeys([arch, "fmnist-mlp"] if references is None else references))
+    text = TextInputs.from_key(k)
+    default_refs = ["text-bow"] if text is not None else [arch, "fmnist-mlp"]
+    archs = list(dict.fromkeys(default_refs if references is None else references))
     for name in archs:
         resolve_arch(name)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True,
-                          text=TextInputs.from_key(k))
+                          text=text)
     start = time.perf_counter()
     tensors, raw = load_tensors(weights)
-    x = ds.x_train.numpy()
-    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(model),
-                               feature_space="served-penultimate", components=components, skip=skip,
-                               model_digest=tensors_digest(tensors, raw))
-    repeats = REFERENCE_REPEATS if reference_repeats is None else reference_repeats
-    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats) if archs else []
+    x: Any = ds.x_train.numpy() if text is None else owner_texts(ds.texts_train or (), text)
+    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(
+        model, encode=None if text is None else text.encode), feature_space="served-penultimate",
+        components=components, skip=skip, model_digest=tensors_digest(tensors, raw), text=text)
+    repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
+    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
+                                      text=text) if archs else []
     recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
                                input_shape=tuple(k.input_shape))
     rule.save(out)
-    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(ds.x_train),
+    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(x),
             "references": len(refs),
             "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
             "seconds": time.perf_counter() - start}
