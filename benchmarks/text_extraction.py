@@ -202,7 +202,7 @@ def main() -> None:
                            "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
                                                                  "caught"]))
-    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "keys": n_keys, "queries": queries,
+    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries,
            "victim": {"arch": "tiny-bert (from scratch; not MiniLM, see the docstring)", "epochs": args.victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},

@@ -321,12 +321,16 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With a
     ``mark`` and the owner's ``key`` the victim is served behind that marked API (:func:`wmark.marks.open_served`:
     ``tiebreak`` with ``rule``, whose served model is the victim unless ``victim`` names it, or ``flip``), its
-    queries logged under ``client`` in ``log`` when given: the path a real thief's queries take. Returns the
-    surrogate's test accuracy and its agreement with the victim.
+    queries logged under ``client`` in ``log`` when given: the path a real thief's queries take. A text victim
+    (a text key, or a model file recording a text modality) is asked ``data``'s texts within its maximum
+    length, as strings, and ``arch`` is then a text architecture. Returns the surrogate's test accuracy and its
+    agreement with the victim.
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
     from wmark.marks import answerer_for, open_served
+    from wmark.schemes.tiebreak.inputs import owner_texts
+    from wmark.text_serving import text_inputs_of
     from wmark.training import predict_logits
 
     ds = load_dataset(data)
@@ -336,10 +340,12 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
     try:
+        text = TextInputs.from_key(k) if k is not None else text_inputs_of(wmark_metadata(read_metadata(served.weights)))
+        x: Any = ds.x_train if text is None else owner_texts(ds.texts_train or (), text)
         target = answerer_for(served)
         stop = None if until_accuracy is None else accuracy_reached(ds.x_test, ds.y_test, until_accuracy)
-        result = run_extract(target, x=ds.x_train, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
-                             epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop)
+        result = run_extract(target, x=x, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
+                             epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop, text=text)
     finally:
         served.close()
     surrogate, model = result.model, served.model
@@ -349,9 +355,11 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     params_doc = {"victim_arch": served.arch, "labels": labels, "queries": result.queries, "answered": result.answered,
                   "epochs": result.epochs, "max_epochs": epochs, "until_accuracy": until_accuracy, "lr": lr,
                   "seed": seed, "data": data, "marked_api": served.mark}
+    modality = {} if text is None else {"modality": k.modality if k is not None else
+                                        wmark_metadata(read_metadata(served.weights))["modality"]}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
                                                        input_shape=ds.input_shape, test_accuracy=acc,
-                                                       attack={"kind": "extract", **params_doc}))
+                                                       attack={"kind": "extract", **params_doc}, **modality))
     return {"out": str(out), "attack": "extract", "params": params_doc, "test_accuracy": acc,
             "victim_agreement": agree, "query_seconds": result.query_seconds, "train_seconds": result.train_seconds}
 

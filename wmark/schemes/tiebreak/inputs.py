@@ -91,7 +91,9 @@ def owner_texts(texts: Sequence[str], text: TextInputs) -> np.ndarray:
     Raises:
         UsageError: If none fits.
     """
-    ids = text.tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"] if texts else []
+    # verbose=False: the tokenizer would warn about every text longer than the model's limit, which is dropped here
+    ids = (text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
+           if texts else [])
     kept = [t for t, i in zip(texts, ids) if len(i) <= text.max_length]
     if not kept:
         raise UsageError(f"None of the {len(texts)} texts fits the key's maximum of {text.max_length} tokens; give "
