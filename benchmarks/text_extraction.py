@@ -124,6 +124,8 @@ def main() -> None:
                              "thief seeds (default 1,0.5; 1 with --quick).")
     parser.add_argument("--victim-epochs", type=int, default=3, help="Epochs of the victim (tiny BERT).")
     parser.add_argument("--thief-epochs", type=int, default=None, help="Thief epoch cap (default 20; 8 quick).")
+    parser.add_argument("--name", default=None,
+                        help="Results file name (default text_extraction, text_extraction_quick with --quick).")
     args = parser.parse_args()
     quick = args.quick
     n_keys = args.keys or (1 if quick else 3)
@@ -211,7 +213,7 @@ def main() -> None:
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
                        "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls)},
            "seconds": round(time.perf_counter() - start, 1)}
-    path = write_results("text_extraction_quick" if quick else "text_extraction", doc)
+    path = write_results(args.name or ("text_extraction_quick" if quick else "text_extraction"), doc)
     print(f"wrote {path}")
 
 
