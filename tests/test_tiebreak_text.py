@@ -207,6 +207,9 @@ def test_bad_inputs_are_refused_in_one_sentence(world, tmp_path):
     with pytest.raises(UsageError, match="key is for an image classifier"):
         build_tiebreak_rule(key=image_key, x=np.zeros((40, 5)), featurizer=lambda v: v, feature_space="identity",
                             text=world["text"])
+    with pytest.raises(UsageError, match="rule's inputs are texts; build it with penultimate_featurizer"):
+        build_tiebreak_rule(key=key, x=world["owner_x"], featurizer=penultimate_featurizer(world["served"]),
+                            feature_space="served-penultimate")
     from transformers import BertTokenizerFast
 
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "apple", "banana", "cherry"]

@@ -21,7 +21,7 @@ from wmark.distill import reference_scores
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
-from wmark.models import build_model
+from wmark.models import PenultimateFeaturizer, build_model
 from wmark.schemes.tiebreak.inputs import pack_texts, rule_inputs, served_scores, unpack_texts
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
@@ -180,6 +180,9 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
             tokenizer that does not match the key.
     """
     text = _check_text(key, text)
+    if text is not None and isinstance(featurizer, PenultimateFeaturizer) and featurizer.encode is None:
+        raise UsageError("The featurizer reads token ids but the rule's inputs are texts; build it with "
+                         "penultimate_featurizer(model, encode=text.encode).")
     x = rule_inputs(x, text=text is not None, input_shape=tuple(key.input_shape) if text else x_shape(x))
     feats = np.asarray(featurizer(x), dtype=np.float64)
     if feats.ndim != 2 or len(feats) != len(x):
