@@ -37,10 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import table, write_results
+from benchmarks.common import cached, table, write_results
 from wmark.data import load_dataset
 from wmark.distill import accuracy_reached, extract
 from wmark.evidence import decide
+from wmark.io import load_tensors, save_tensors
 from wmark.keys import generate_key
 from wmark.models import build_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
@@ -56,6 +57,7 @@ from wmark.schemes.tiebreak import (
     train_reference_surrogates,
 )
 from wmark.suspects import LocalSuspect
+from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
 from wmark.training import accuracy, make_loader, train_epochs
 
@@ -82,10 +84,11 @@ def train(arch: str, x: np.ndarray, y: np.ndarray, text: TextInputs, *, epochs: 
     return model.eval()
 
 
-def verdict_of(key: Any, rule: Any, backend: LocalSuspect, model: torch.nn.Module, text: TextInputs, chosen: Any,
+def verdict_of(key: Any, rule: Any, backend: LocalSuspect, model: Any, text: TextInputs, chosen: Any,
                *, queries: int, log_queries: int) -> dict[str, Any]:
     """The committed-input and log tests on a label-only suspect, combined by weighted Holm at ``ALPHA``."""
-    suspect = LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False)
+    suspect = (model if isinstance(model, MiniLMProbe)
+               else LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False))
     committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries)
     logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
                                queries=log_queries)
@@ -94,12 +97,86 @@ def verdict_of(key: Any, rule: Any, backend: LocalSuspect, model: torch.nn.Modul
             "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
 
 
+class MiniLMProbe:
+    """A thief's surrogate on the public MiniLM encoder: a linear head on its frozen mean-pooled features.
+
+    The encoder is deterministic, so its features are computed once per text (:func:`minilm_features`) and the
+    probe answers from them: the same labels as ``minilm-classifier`` with that frozen encoder and this head,
+    without rerunning MiniLM (25 texts/s on one shared core) for every verification query.
+    """
+
+    def __init__(self, head: torch.nn.Linear, features: dict[str, np.ndarray]) -> None:
+        self.head, self.features = head.eval(), features
+        self.num_classes, self.input_shape, self.description = 8, (LENGTH,), "MiniLM probe"
+
+    def logits(self, x: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(torch.from_numpy(np.stack([self.features[str(t)] for t in x])))
+
+    def query(self, x: Any) -> Answers:
+        return Answers(labels=self.logits(x).argmax(1).numpy().astype(np.int64))
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float((self.logits(x).argmax(1).numpy() == y).mean())
+
+
+def minilm_features(texts: list[str], text: TextInputs) -> dict[str, np.ndarray]:
+    """MiniLM's mean-pooled features of ``texts`` (the input of ``minilm-classifier``'s head), cached on disk."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+    def make(path: Path) -> None:
+        model = build_model("minilm-classifier", num_classes=8, input_shape=(LENGTH,), seed=0).eval()
+        feats = penultimate_featurizer(model, encode=text.encode, batch_size=64)(np.asarray(texts, dtype=object))
+        save_tensors({"features": torch.from_numpy(feats)}, path, metadata={"texts": digest})
+
+    path = cached({"name": "minilm-fortunes-features", "texts": digest}, make)
+    feats = load_tensors(path)[0]["features"].numpy()
+    return dict(zip(texts, feats))
+
+
+def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray, features: dict[str, np.ndarray],
+                *, target: float | None, seed: int, max_epochs: int = 400) -> tuple[MiniLMProbe, int]:
+    """A MiniLM-probe surrogate fitted (full-batch Adam) to the API's labels on the thief's texts, stopped at the
+    first of every 20 epochs whose test accuracy reaches ``target`` (None: trained to the cap)."""
+    labels = torch.as_tensor(np.asarray(api.query(xa).labels))
+    feats = torch.from_numpy(np.stack([features[t] for t in xa]))
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(feats.shape[1], 8)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    probe = MiniLMProbe(head, features)
+    for epoch in range(1, max_epochs + 1):
+        head.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), labels).backward()
+        optimizer.step()
+        if target is not None and epoch % 20 == 0 and probe.accuracy(xe, ye) >= target:
+            break
+    return probe, epoch
+
+
 def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: LocalSuspect, text: TextInputs,
             xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
-            victim_acc: float, cap: int, queries: int, seed: int) -> Any:
+            victim_acc: float, cap: int, queries: int, seed: int,
+            features: dict[str, np.ndarray] | None = None) -> Any:
     """The honest cost of ``api``, then per thief architecture its label-only surrogate (trained until within 5 pp
     of the victim or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
     cost = accuracy_cost(api=api.for_client("honest"), x=xe, y=ye)
+    # the MiniLM probe twice: stopped at the first check within 5 pp (minimal), and trained to its cap (converged)
+    for variant, target in (("minimal", victim_acc - 0.05), ("converged", None)):
+        if features is None:
+            break
+        client = "thief-minilm-probe"
+        probe, epochs = probe_thief(api.for_client(client), xa, xe, ye, features, target=target, seed=seed)
+        chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
+        row = {"thief": f"minilm-probe ({variant})", "victim_acc": round(victim_acc, 3),
+               "api_acc": round(cost["api_accuracy"], 3), "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3),
+               "surrogate_acc": round(probe.accuracy(xe, ye), 3), "epochs": epochs, "queries": len(xa),
+               "logged": len(chosen.x), **verdict_of(key, rule, backend, probe, text, chosen, queries=queries,
+                                                      log_queries=queries)}
+        row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
+        yield row, chosen
     for t, arch in enumerate(("text-bow", "tiny-bert")):
         client = f"thief-{arch}"
         stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=cap if arch == "text-bow" else max(3, cap // 3),
@@ -124,6 +201,9 @@ def main() -> None:
                              "thief seeds (default 1,0.5; 1 with --quick).")
     parser.add_argument("--victim-epochs", type=int, default=3, help="Epochs of the victim (tiny BERT).")
     parser.add_argument("--thief-epochs", type=int, default=None, help="Thief epoch cap (default 20; 8 quick).")
+    parser.add_argument("--minilm-thief", action="store_true",
+                        help="Add a thief on the public MiniLM encoder (a linear probe on its frozen features, computed "
+                             "once per text and cached: about 4 minutes on one core).")
     parser.add_argument("--name", default=None,
                         help="Results file name (default text_extraction, text_extraction_quick with --quick).")
     args = parser.parse_args()
@@ -148,6 +228,11 @@ def main() -> None:
     backend = LocalSuspect(victim, input_shape=(LENGTH,), text=text, description="victim tiny-bert")
     refs = train_reference_surrogates(served=backend, x=xo, archs=["text-bow"], repeats=1, text=text)
     print(f"victim {victim_acc:.3f}; {len(refs)} references ({time.perf_counter() - start:.0f} s)", flush=True)
+    features = None
+    if args.minilm_thief:
+        needed = sorted(set(xa) | set(xe) | set(xo))
+        features = minilm_features(needed, text)
+        print(f"MiniLM features of {len(needed)} texts ({time.perf_counter() - start:.0f} s)", flush=True)
 
     panel: list[tuple[str, torch.nn.Module]] = [
         ("text-bow, thief third, true labels", train("text-bow", xa, ya, text, epochs=8, seed=1)),
@@ -176,7 +261,7 @@ def main() -> None:
                 api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
                 for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
                                            ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
-                                           queries=queries, seed=100 + 10 * k):
+                                           queries=queries, seed=100 + 10 * k, features=features):
                     rows.append({"key": k, "beta": beta, **row})
                     print(table([rows[-1]], list(rows[-1])), flush=True)
                     for name, model in panel:
@@ -207,7 +292,7 @@ def main() -> None:
     doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries,
            "victim": {"arch": "tiny-bert (from scratch; not MiniLM, see the docstring)", "epochs": args.victim_epochs,
                       "accuracy": round(victim_acc, 4)},
-           "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
+           "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
