@@ -255,9 +255,14 @@ def test_over_http_a_thief_of_the_marked_text_endpoint_is_caught_label_only(worl
         verdict = verify_remote(key=key_file, url=f"{server.url}/hf/models/s", protocol="json", template="hf",
                                 mode="fixed", rule=rule_file, rule_queries=300, log=log_path, client="mallory",
                                 log_queries=300)
+        sequential = verify_remote(key=key_file, url=f"{server.url}/hf/models/s", protocol="json", template="hf",
+                                   mode="fixed", alpha=1e-3, rule=rule_file, rule_queries=0, log=log_path,
+                                   client="mallory", log_queries=600, log_mode="sequential")
     by_name = {t.name: t for t in verdict.tests}
     assert verdict.detected and by_name["api-tiebreak-log"].log10_p < -5
     assert by_name["api-tiebreak"].details["read"] == "labels"
+    (logged,) = [t for t in sequential.tests if t.name == "api-tiebreak-log"]
+    assert sequential.detected and logged.details["mode"] == "sequential" and logged.queries < 600
 
 
 def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_thief(world, tmp_path):
