@@ -190,8 +190,11 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     verification inputs, committed now, before any suspect exists: the ``verify_count`` inputs of ``data``
     whose call between the served model's top two classes reference surrogates leave most open. The
     references are distilled from the *unmarked* served model (architectures ``references``; default: the
-    served one and ``fmnist-mlp``; empty: no references, the served model's nearest ties), ``reference_repeats``
-    per architecture and recipe (default two, each from its own seed). Serve with
+    served one and ``fmnist-mlp``, for a text key ``text-bow``; empty: no references, the served model's nearest
+    ties), ``reference_repeats`` per architecture and recipe (default ``REFERENCE_REPEATS``, each from its own
+    seed; for a text key one, as a bag-of-words reference stores a vocabulary-sized embedding). For a text key
+    the owner's inputs are the dataset's texts (those within the key's maximum length) and the rule commits
+    strings. Serve with
     :class:`~wmark.schemes.tiebreak.TieBreakAPI` (``wmark serve --mark tiebreak``) and verify with
     ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest.
     """
@@ -203,33 +206,37 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
         commit_verification_inputs,
         train_reference_surrogates,
     )
+    from wmark.schemes.tiebreak.inputs import owner_texts
 
     k = load_key(key)
     ds = load_dataset(data)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
-    archs = list(dict.fromkeys([arch, "fmnist-mlp"] if references is None else references))
+    text = TextInputs.from_key(k)
+    default_refs = ["text-bow"] if text is not None else [arch, "fmnist-mlp"]
+    archs = list(dict.fromkeys(default_refs if references is None else references))
     for name in archs:
         resolve_arch(name)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True,
-                          text=TextInputs.from_key(k))
+                          text=text)
     start = time.perf_counter()
     tensors, raw = load_tensors(weights)
-    x = ds.x_train.numpy()
-    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(model),
-                               feature_space="served-penultimate", components=components, skip=skip,
-                               model_digest=tensors_digest(tensors, raw))
-    repeats = REFERENCE_REPEATS if reference_repeats is None else reference_repeats
-    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats) if archs else []
+    x: Any = ds.x_train.numpy() if text is None else owner_texts(ds.texts_train or (), text)
+    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(
+        model, encode=None if text is None else text.encode), feature_space="served-penultimate",
+        components=components, skip=skip, model_digest=tensors_digest(tensors, raw), text=text)
+    repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
+    refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
+                                      text=text) if archs else []
     recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
                                input_shape=tuple(k.input_shape))
     rule.save(out)
-    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(ds.x_train),
+    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(x),
             "references": len(refs),
             "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
             "seconds": time.perf_counter() - start}
@@ -315,12 +322,16 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     reaches it (``epochs`` is then the cap): the least-trained surrogate that meets a quality bar. With a
     ``mark`` and the owner's ``key`` the victim is served behind that marked API (:func:`wmark.marks.open_served`:
     ``tiebreak`` with ``rule``, whose served model is the victim unless ``victim`` names it, or ``flip``), its
-    queries logged under ``client`` in ``log`` when given: the path a real thief's queries take. Returns the
-    surrogate's test accuracy and its agreement with the victim.
+    queries logged under ``client`` in ``log`` when given: the path a real thief's queries take. A text victim
+    (a text key, or a model file recording a text modality) is asked ``data``'s texts within its maximum
+    length, as strings, and ``arch`` is then a text architecture. Returns the surrogate's test accuracy and its
+    agreement with the victim.
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
     from wmark.marks import answerer_for, open_served
+    from wmark.schemes.tiebreak.inputs import owner_texts
+    from wmark.text_serving import text_inputs_of
     from wmark.training import predict_logits
 
     ds = load_dataset(data)
@@ -330,10 +341,12 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
     try:
+        text = TextInputs.from_key(k) if k is not None else text_inputs_of(wmark_metadata(read_metadata(served.weights)))
+        x: Any = ds.x_train if text is None else owner_texts(ds.texts_train or (), text)
         target = answerer_for(served)
         stop = None if until_accuracy is None else accuracy_reached(ds.x_test, ds.y_test, until_accuracy)
-        result = run_extract(target, x=ds.x_train, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
-                             epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop)
+        result = run_extract(target, x=x, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
+                             epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop, text=text)
     finally:
         served.close()
     surrogate, model = result.model, served.model
@@ -343,9 +356,11 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     params_doc = {"victim_arch": served.arch, "labels": labels, "queries": result.queries, "answered": result.answered,
                   "epochs": result.epochs, "max_epochs": epochs, "until_accuracy": until_accuracy, "lr": lr,
                   "seed": seed, "data": data, "marked_api": served.mark}
+    modality = {} if text is None else {"modality": k.modality if k is not None else
+                                        wmark_metadata(read_metadata(served.weights))["modality"]}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
                                                        input_shape=ds.input_shape, test_accuracy=acc,
-                                                       attack={"kind": "extract", **params_doc}))
+                                                       attack={"kind": "extract", **params_doc}, **modality))
     return {"out": str(out), "attack": "extract", "params": params_doc, "test_accuracy": acc,
             "victim_agreement": agree, "query_seconds": result.query_seconds, "train_seconds": result.train_seconds}
 

@@ -309,9 +309,10 @@ def tiebreak() -> None:
 @click.option("--references", default=None,
               help="Architectures of the reference surrogates (distilled from the unmarked served model) that pick "
                    "the verification inputs, comma-separated, or 'none' for the served model's nearest ties "
-                   "(default: --arch and fmnist-mlp).")
+                   "(default: --arch and fmnist-mlp; text-bow for a text key, whose rule commits texts).")
 @click.option("--reference-repeats", type=int, default=None,
-              help="Reference surrogates per architecture and recipe, each from its own seed (default 2).")
+              help="Reference surrogates per architecture and recipe, each from its own seed (default 4; 1 for a "
+                   "text key).")
 @click.option("--verify-count", type=int, default=1000, show_default=True,
               help="Verification inputs committed in the rule (the most a verification asks).")
 @_handle_errors

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.models import build_model
 from wmark.suspects.base import Suspect
+from wmark.text import TextInputs, is_text_array
 from wmark.training import accuracy, make_loader, predict_logits, train_epochs
 
 LabelMode = Literal["hard", "soft", "top1"]
@@ -94,7 +95,8 @@ def extraction_targets(labels: np.ndarray, scores: np.ndarray | None, *, mode: L
 
 def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels: LabelMode = "hard",
             queries: int | None = None, epochs: int = 6, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
-            decimals: int = 2, progress: bool = False, stop: Callable[[nn.Module], bool] | None = None) -> Extraction:
+            decimals: int = 2, progress: bool = False, stop: Callable[[nn.Module], bool] | None = None,
+            text: TextInputs | None = None) -> Extraction:
     """Train a surrogate of ``victim`` on its answers to (at most ``queries`` of) the thief's inputs ``x``.
 
     Args:
@@ -118,17 +120,23 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
     """
     if labels not in LABEL_MODES:
         raise UsageError(f"Unknown label mode {labels!r}; use hard, soft or top1.")
-    xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
-    if victim.input_shape is not None and tuple(xs.shape[1:]) != tuple(victim.input_shape):
-        raise UsageError(f"The query data has inputs shaped {tuple(xs.shape[1:])} but the victim takes "
-                         f"{tuple(victim.input_shape)}.")
+    if is_text_array(x) != (text is not None):
+        raise UsageError("Text queries need the thief's tokenizer (text=), and only text queries take one.")
+    if text is not None:
+        strings = np.asarray(x, dtype=object).reshape(-1)
+        xs = text.encode(list(strings), pad_to_max=True)["input_ids"]
+    else:
+        xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        if victim.input_shape is not None and tuple(xs.shape[1:]) != tuple(victim.input_shape):
+            raise UsageError(f"The query data has inputs shaped {tuple(xs.shape[1:])} but the victim takes "
+                             f"{tuple(victim.input_shape)}.")
     budget = len(xs) if queries is None else int(queries)
     if budget < 1:
         raise UsageError(f"The query budget must be at least 1, got {budget}.")
     order = torch.randperm(len(xs), generator=torch.Generator().manual_seed(seed))[:budget]
     xq = xs[order]
     start = time.perf_counter()
-    lab, scores = query_victim(victim, xq.numpy())
+    lab, scores = query_victim(victim, strings[order.numpy()] if text is not None else xq.numpy())
     query_seconds = time.perf_counter() - start
     ok = lab >= 0
     if not ok.any():
@@ -155,7 +163,9 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
         >>> accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)(model)
         True
     """
-    xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
+    arr = np.asarray(x)
+    # token ids stay integers; images are float32
+    xs = torch.as_tensor(arr if arr.dtype.kind in "iu" else arr.astype(np.float32))
     ys = torch.as_tensor(np.asarray(y)).long()
 
     def reached(model: nn.Module) -> bool:
@@ -165,8 +175,8 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
 
 
 def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
-                               queries: int = REFERENCE_QUERIES,
-                               repeats: int = REFERENCE_REPEATS) -> list[tuple[str, torch.nn.Module]]:
+                               queries: int = REFERENCE_QUERIES, repeats: int = REFERENCE_REPEATS,
+                               text: TextInputs | None = None) -> list[tuple[str, torch.nn.Module]]:
     """Distil the tie-break scheme's reference surrogates from the **unmarked** served model on the owner's inputs
     (key-independent).
 
@@ -182,6 +192,8 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         seed: Base seed of the queries and initialisations.
         queries: Inputs each surrogate is distilled from (at most ``len(x)``).
         repeats: Surrogates per architecture and recipe.
+        text: For a text model, the key's tokenization (``x`` is then strings, ``archs`` text architectures,
+            e.g. ``text-bow``).
 
     Returns:
         (architecture, model) per surrogate.
@@ -196,11 +208,16 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         for i, arch in enumerate(archs):
             for j, (labels, epochs) in enumerate(REFERENCE_RECIPES):
                 nets.append((arch, extract(served, x=x, arch=arch, labels=labels, queries=min(queries, len(x)),  # type: ignore[arg-type]
-                                           epochs=epochs, seed=seed + 1000 * r + 101 + 10 * i + j).model.eval()))
+                                           epochs=epochs, seed=seed + 1000 * r + 101 + 10 * i + j,
+                                           text=text).model.eval()))
     return nets
 
 
-def reference_scores(references: Sequence[tuple[str, torch.nn.Module]], x: np.ndarray) -> list[np.ndarray]:
-    """Each reference surrogate's probabilities on ``x`` (float64)."""
-    return [torch.softmax(predict_logits(net, torch.from_numpy(np.asarray(x, dtype=np.float32))).double(), 1).numpy()
-            for _, net in references]
+def reference_scores(references: Sequence[tuple[str, torch.nn.Module]], x: np.ndarray,
+                     text: TextInputs | None = None) -> list[np.ndarray]:
+    """Each reference surrogate's probabilities on ``x`` (float64); strings are tokenized by ``text``."""
+    if not references:
+        return []
+    batch: Any = (text.encode(list(np.asarray(x, dtype=object).reshape(-1))) if text is not None
+                  else torch.from_numpy(np.asarray(x, dtype=np.float32)))
+    return [torch.softmax(predict_logits(net, batch).double(), 1).numpy() for _, net in references]

@@ -1,11 +1,13 @@
-"""One per-client query log for both API-side marks (SQLite, format ``wmark-query-log/1``).
+"""One per-client query log for both API-side marks (SQLite, format ``wmark-query-log/1``; ``wmark-query-log/1+text``
+for a text key's log).
 
 A marked API records, per client, what its extraction test will need: the tie-break mark keeps the inputs
 near a tie of the served model (:meth:`QueryLog.record_near_ties`), the flip mark keeps its marked inputs with
 their served top-1, candidate set and keyed label (:meth:`QueryLog.record_marks`); both count each client's
 queries. The ``meta`` table binds the log to one key (its commitment) and names the mark that wrote it and
 that mark's parameters, so verification reads the right test from the log itself and refuses a log written
-under another key. :class:`TieBreakLog` and :class:`MarkLog` open a log of one mark.
+under another key. A text key's log keeps each input as the exact UTF-8 bytes of the string the client sent;
+its format name differs, so a reader of image logs refuses it instead of misreading it. :class:`TieBreakLog` and :class:`MarkLog` open a log of one mark.
 
 Example:
     >>> import os, tempfile
@@ -42,6 +44,7 @@ if TYPE_CHECKING:
     from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
 
 LOG_FORMAT = "wmark-query-log/1"
+TEXT_LOG_FORMAT = "wmark-query-log/1+text"
 MARKS = ("tiebreak", "flip")
 LOG_MIN_RATIO = 0.05
 
@@ -51,6 +54,11 @@ def input_digest(x: np.ndarray) -> str:
     arr = np.ascontiguousarray(x, dtype="<f4")
     head = ("x".join(str(int(d)) for d in arr.shape) + ":").encode()
     return hashlib.sha256(head + arr.tobytes()).hexdigest()
+
+
+def text_digest(text: str) -> str:
+    """Hex SHA-256 of one text input's UTF-8 bytes (prefixed, so no image input shares it)."""
+    return hashlib.sha256(b"text:" + text.encode("utf-8")).hexdigest()
 
 
 class Decision(Protocol):
@@ -127,8 +135,12 @@ class QueryLog:
             if not create or mark is None:
                 raise UsageError(f"{self.path} is an empty query log; the marked API writes it.")
             meta = self._initialise(key, mark, dict(params or {}))
-        if meta.get("format") != LOG_FORMAT:
-            raise UsageError(f"{self.path} is not a wmark query log (expected format {LOG_FORMAT}); logs of earlier "
+        want = TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT
+        if meta.get("format") in (LOG_FORMAT, TEXT_LOG_FORMAT) and meta.get("format") != want:
+            raise UsageError(f"The query log {self.path} holds {'text' if want == LOG_FORMAT else 'image'} inputs, the "
+                             f"key is for {key.kind} inputs; verify with the key that served the API.")
+        if meta.get("format") != want:
+            raise UsageError(f"{self.path} is not a wmark query log (expected format {want}); logs of earlier "
                              "versions are not read, serve again to write a new one.")
         if meta.get("key_commitment") != key.commitment():
             raise UsageError(f"The query log {self.path} was written under another key; verify with the key that "
@@ -137,6 +149,7 @@ class QueryLog:
             raise UsageError(f"The query log {self.path} was written by the {meta['mark']} mark's API, not the "
                              f"{mark} mark's; use that mark's log.")
         self.mark = meta["mark"]
+        self.text = want == TEXT_LOG_FORMAT
         self.commitment = key.commitment()
         self.input_shape = tuple(json.loads(meta["input_shape"]))
         self.params = json.loads(meta["params"])
@@ -150,7 +163,9 @@ class QueryLog:
             params.setdefault("min_ratio", LOG_MIN_RATIO)
         elif {"rate", "candidates"} - set(params):
             raise UsageError("A new flip-mark log records the marking rate and the candidate-set size; give both.")
-        meta = {"format": LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes),
+        if mark == "flip" and key.kind == "text":
+            raise UsageError("The flip mark serves image classifiers; mark a text API with the tie-break mark.")
+        meta = {"format": TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes),
                 "input_shape": json.dumps(list(key.input_shape)), "mark": mark,
                 "params": json.dumps(params, sort_keys=True)}
         with self._db:
@@ -178,13 +193,28 @@ class QueryLog:
 
     def record_near_ties(self, client: str, inputs: np.ndarray, ratios: np.ndarray) -> None:
         """Tie-break mark: count one batch for ``client`` and keep the inputs whose served runner-up to top score
-        ratio is at least ``min_ratio`` (a key-free filter: the near ties the log test ranks)."""
+        ratio is at least ``min_ratio`` (a key-free filter: the near ties the log test ranks). A text log takes
+        strings and keeps their UTF-8 bytes.
+
+        Raises:
+            UsageError: On strings for an image log or numbers for a text log.
+        """
         now = time.time()
-        rows = [(client, input_digest(x), np.ascontiguousarray(x, dtype="<f4").tobytes(), float(r), None, None, None,
-                 now) for x, r in zip(inputs, ratios) if r >= self.min_ratio]
+        rows = [(client, *self._encode(x), float(r), None, None, None, now)
+                for x, r in zip(inputs, ratios) if r >= self.min_ratio]
         with self._lock, self._db:
             self._db.executemany("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._count(client, len(inputs))
+
+    def _encode(self, x: Any) -> tuple[str, bytes]:
+        """One input's digest and stored bytes."""
+        value = x.item() if isinstance(x, np.generic) else x
+        if self.text != isinstance(value, str):
+            raise UsageError(f"The query log {self.path} keeps {'text' if self.text else 'image'} inputs; log "
+                             f"{'strings' if self.text else 'float arrays'}.")
+        if isinstance(value, str):
+            return text_digest(value), value.encode("utf-8")
+        return input_digest(x), np.ascontiguousarray(x, dtype="<f4").tobytes()
 
     def record_marks(self, client: str, inputs: np.ndarray, decisions: Sequence[Decision]) -> None:
         """Flip mark: count one batch for ``client`` and keep its marked inputs with their decisions."""
@@ -212,7 +242,8 @@ class QueryLog:
             return rows.fetchall()
 
     def inputs(self, client: str) -> np.ndarray:
-        """The kept inputs of one client, in the order they were first asked (N×shape, float32).
+        """The kept inputs of one client, in the order they were first asked (N×shape, float32; for a text log an
+        object array of the strings, exactly as sent).
 
         Raises:
             UsageError: If the log holds nothing for ``client``.
@@ -221,6 +252,10 @@ class QueryLog:
         if not rows:
             known = ", ".join(sorted(self.clients())) or "none"
             raise UsageError(f"The query log {self.path} holds no inputs of client {client!r} (clients: {known}).")
+        if self.text:
+            texts = np.empty(len(rows), dtype=object)
+            texts[:] = [bytes(r[1]).decode("utf-8") for r in rows]
+            return texts
         return np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows]).reshape(-1, *self.input_shape).copy()
 
     def records(self, client: str, limit: int | None = None) -> list[dict[str, Any]]:

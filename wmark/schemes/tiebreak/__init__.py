@@ -40,6 +40,12 @@ correlated; the statistic accounts for that, a per-input binomial would not. (Ga
 
 The test is fixed-n: the owner fixes ``n`` before querying, and the report records it.
 
+Text classifiers (a key with a text modality) work the same way: inputs are strings everywhere (the API's
+queries, the rule's committed inputs, the log), the features are the served model's penultimate activations
+of the tokenized strings, and the reference surrogates are text models (``text-bow``) distilled from the
+unmarked served model on the owner's texts. Nothing of that reads the key, so the null is the same exact
+N(0, 1); :mod:`wmark.schemes.tiebreak.inputs` refuses strings for an image key and tensors for a text key.
+
 A client's own queries (:func:`tiebreak_log_test`). The API can log each client's near-tie inputs
 (:class:`~wmark.schemes.querylog.TieBreakLog`, the API's query log). A surrogate was fitted to exactly
 those inputs and the marked answers it got there, so asking it them again (the ones the rule's reference
@@ -69,7 +75,8 @@ Example:
 """
 
 from wmark.distill import REFERENCE_QUERIES, REFERENCE_RECIPES, REFERENCE_REPEATS, train_reference_surrogates
-from wmark.schemes.querylog import LOG_FORMAT, LOG_MIN_RATIO, TieBreakLog
+from wmark.schemes.querylog import LOG_FORMAT, LOG_MIN_RATIO, TEXT_LOG_FORMAT, TieBreakLog
+from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.schemes.tiebreak.rule import (
     DEFAULT_COMPONENTS,
     DEFAULT_PAIR_RATIO,
@@ -116,9 +123,9 @@ __all__ = [
     "DEFAULT_BETA", "DEFAULT_COMPONENTS", "DEFAULT_LOG_ROUNDS", "DEFAULT_PAIR_RATIO", "DEFAULT_QUERIES",
     "FOLLOWED_REFERENCES", "LEAN_CLIP", "LOG_FIRST_ROUND", "LOG_FORMAT", "LOG_MIN_RATIO", "LOG_TEST_WEIGHT",
     "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "SEQUENTIAL_BUDGET",
-    "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "VERSION",
+    "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "TEXT_LOG_FORMAT", "VERSION",
     "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
-    "build_tiebreak_rule", "commit_verification_inputs", "load_tiebreak_rule", "open_tiebreak_rule",
+    "build_tiebreak_rule", "commit_verification_inputs", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
     "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
     "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates",

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,10 +21,11 @@ from wmark.distill import reference_scores
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import Key
-from wmark.models import build_model
-from wmark.schemes.api_mark import query_with_scores
+from wmark.models import PenultimateFeaturizer, build_model
+from wmark.schemes.tiebreak.inputs import pack_texts, rule_inputs, served_scores, unpack_texts
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
+from wmark.text import TextInputs, check_tokenizer
 
 SCHEME = "api-tiebreak"
 VERSION = 2
@@ -72,7 +74,9 @@ class TieBreakRule:
             stored with the rule: :func:`tiebreak_log_test` ranks a client's logged inputs by them too.
         served_arch: The served model's architecture (recorded so the rule file says what it was built from).
         served_path: Where the served model file was when the rule was built (absolute).
-        input_shape: The shape of one input.
+        input_shape: The shape of one input (for text: the key's maximum length in tokens).
+        text: For a text key, how its strings become the served model's inputs (its tokenizer, checked
+            against the key); the rule's inputs are then strings. Not stored: rebuilt from the key on load.
     """
 
     mean: np.ndarray
@@ -89,6 +93,7 @@ class TieBreakRule:
     served_arch: str = ""
     served_path: str = ""
     input_shape: tuple[int, ...] = ()
+    text: TextInputs | None = field(default=None, compare=False)
 
     @property
     def components(self) -> int:
@@ -99,7 +104,11 @@ class TieBreakRule:
         if self.featurizer is None:
             raise UsageError("This tie-break rule was loaded without its featurizer; pass featurizer= to "
                              "load_tiebreak_rule (the served model's penultimate_featurizer).")
-        return self.whiten(self.featurizer(np.asarray(x, dtype=np.float32)))
+        return self.whiten(self.featurizer(self.inputs(x)))
+
+    def inputs(self, x: Any) -> np.ndarray:
+        """``x`` as this rule's inputs (strings for a text rule, float32 otherwise), the other kind refused."""
+        return rule_inputs(x, text=self.text is not None, input_shape=self.input_shape or x_shape(x))
 
     def whiten(self, raw: np.ndarray) -> np.ndarray:
         """Whitened features ``psi`` (n×k) of the featurizer's raw output (n×D)."""
@@ -121,7 +130,10 @@ class TieBreakRule:
         """Write the feature map (no directions) as safetensors."""
         tensors = {"mean": torch.from_numpy(np.ascontiguousarray(self.mean, dtype=np.float64)),
                    "projection": torch.from_numpy(np.ascontiguousarray(self.projection, dtype=np.float64))}
-        if self.verification_inputs is not None:
+        if self.verification_inputs is not None and self.text is not None:
+            # committed texts: their UTF-8 bytes and end offsets (plain tensors, an exact round trip)
+            tensors["verification_texts"], tensors["verification_ends"] = pack_texts(list(self.verification_inputs))
+        elif self.verification_inputs is not None:
             tensors["verification_inputs"] = torch.from_numpy(
                 np.ascontiguousarray(self.verification_inputs, dtype=np.float32))
         for i, (_, net) in enumerate(self.references):
@@ -132,7 +144,13 @@ class TieBreakRule:
                                               "verification": self.verification, "skipped_leading": self.skipped,
                                               "reference_archs": [arch for arch, _ in self.references],
                                               "served_arch": self.served_arch, "served_path": self.served_path,
-                                              "input_shape": list(self.input_shape)})
+                                              "input_shape": list(self.input_shape),
+                                              "input_kind": "image" if self.text is None else "text"})
+
+
+def x_shape(x: Any) -> tuple[int, ...]:
+    """The shape of one input of a batch (what a rule built without a recorded shape takes)."""
+    return tuple(np.shape(x)[1:])
 
 
 def _directions(key: Key, k: int) -> np.ndarray:
@@ -141,7 +159,7 @@ def _directions(key: Key, k: int) -> np.ndarray:
 
 def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feature_space: str,
                         components: int | None = None, skip: int = 0,
-                        model_digest: str = "") -> TieBreakRule:
+                        model_digest: str = "", text: TextInputs | None = None) -> TieBreakRule:
     """Build the rule's feature map from the owner's inputs.
 
     Args:
@@ -154,11 +172,19 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
             (non-negligible variance; dead ReLU units have none) below the skipped ones, whichever is fewer.
         skip: Leading (largest-variance) principal directions left out (default none).
         model_digest: Digest of the served model file, recorded so verification can check it.
+        text: For a text key: its tokenization (:meth:`wmark.text.TextInputs.from_key`); ``x`` is then strings
+            and ``featurizer`` must tokenize them (``penultimate_featurizer(model, encode=text.encode)``).
 
     Raises:
-        UsageError: On inconsistent sizes or too few inputs.
+        UsageError: On inconsistent sizes, too few inputs, inputs of the other kind than the key's, or a
+            tokenizer that does not match the key.
     """
-    feats = np.asarray(featurizer(np.asarray(x, dtype=np.float32)), dtype=np.float64)
+    text = _check_text(key, text)
+    if text is not None and isinstance(featurizer, PenultimateFeaturizer) and featurizer.encode is None:
+        raise UsageError("The featurizer reads token ids but the rule's inputs are texts; build it with "
+                         "penultimate_featurizer(model, encode=text.encode).")
+    x = rule_inputs(x, text=text is not None, input_shape=tuple(key.input_shape) if text else x_shape(x))
+    feats = np.asarray(featurizer(x), dtype=np.float64)
     if feats.ndim != 2 or len(feats) != len(x):
         raise UsageError("The featurizer must return one feature row per input.")
     if len(x) < 4:
@@ -182,14 +208,37 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
     projection = evecs[:, kept] / np.sqrt(evals[kept])
     return TieBreakRule(mean=mean, projection=projection, directions=_directions(key, components),
                         commitment=key.commitment(), feature_space=feature_space, model_digest=model_digest,
-                        featurizer=featurizer, skipped=skip)
+                        featurizer=featurizer, skipped=skip, text=text,
+                        input_shape=tuple(key.input_shape) if text is not None else ())
 
 
-def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Featurizer) -> TieBreakRule:
+def _check_text(key: Key, text: TextInputs | None) -> TextInputs | None:
+    """The key's text inputs (``text`` checked against the key, or the key's own tokenizer); None for an image
+    key, which takes none."""
+    if key.kind != "text":
+        if text is not None:
+            raise UsageError("The key is for an image classifier; build its tie-break rule without a tokenizer.")
+        return None
+    if text is None:
+        return TextInputs.from_key(key)
+    assert key.modality is not None
+    check_tokenizer(key.modality, text.tokenizer)
+    if text.max_length != int(key.modality["max_length"]):
+        raise UsageError(f"The text inputs allow {text.max_length} tokens, the key {key.modality['max_length']}; "
+                         "use the key's (TextInputs.from_key).")
+    return text
+
+
+def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Featurizer,
+                       text: TextInputs | None = None) -> TieBreakRule:
     """Read a rule written by :meth:`TieBreakRule.save` and re-derive its directions from ``key``.
 
+    Args:
+        text: For a text key, its tokenization (default: the key's own tokenizer, loaded and checked).
+
     Raises:
-        UsageError: If the file is not a tie-break rule, is for another class count or another key.
+        UsageError: If the file is not a tie-break rule, is for another class count or another key, or ``text``'s
+            tokenizer is not the key's.
     """
     tensors, raw = load_tensors(path)
     meta = wmark_metadata(raw)
@@ -203,12 +252,16 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                          f"{key.num_classes}.")
     if meta.get("key_commitment") != key.commitment():
         raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
+    text = _check_text(key, text)  # the key's commitment covers its modality: a rule of its key has its kind
     projection = tensors["projection"].numpy()
-    committed = tensors.get("verification_inputs")
+    committed = (tensors["verification_inputs"].numpy() if "verification_inputs" in tensors else
+                 unpack_texts(tensors["verification_texts"], tensors["verification_ends"])
+                 if "verification_texts" in tensors else None)
+    shape = tuple(int(d) for d in meta.get("input_shape") or key.input_shape)
     references = []
     for i, arch in enumerate(meta.get("reference_archs") or []):
         prefix = f"reference{i}/"
-        net = build_model(str(arch), num_classes=key.num_classes, input_shape=tuple(key.input_shape))
+        net = build_model(str(arch), num_classes=key.num_classes, input_shape=shape)
         try:
             net.load_state_dict({n[len(prefix):]: t for n, t in tensors.items() if n.startswith(prefix)})
         except RuntimeError:
@@ -219,11 +272,11 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         directions=_directions(key, projection.shape[1]), commitment=key.commitment(),
                         feature_space=str(meta.get("feature_space", "")),
                         model_digest=str(meta.get("model_digest", "")), featurizer=featurizer,
-                        verification_inputs=None if committed is None else committed.numpy(),
+                        verification_inputs=committed,
                         verification=str(meta.get("verification", "")),
                         skipped=int(meta.get("skipped_leading", 0)), references=tuple(references),
                         served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
-                        input_shape=tuple(int(d) for d in meta.get("input_shape") or key.input_shape))
+                        input_shape=shape, text=text)
 
 
 def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
@@ -263,13 +316,15 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     if not arch:
         raise UsageError(f"The tie-break rule {rule} does not record the served model's architecture; give it.")
     model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
-    loaded = load_tiebreak_rule(rule, key=key, featurizer=penultimate_featurizer(model))
+    text = TextInputs.from_key(key)
+    loaded = load_tiebreak_rule(rule, key=key, text=text, featurizer=penultimate_featurizer(
+        model, encode=None if text is None else text.encode))
     tensors, raw = load_tensors(served)
     if loaded.model_digest and loaded.model_digest != tensors_digest(tensors, raw):
         raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; give the "
                          "model file the API served.")
     return loaded, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served),
-                                expose_scores=True)
+                                expose_scores=True, text=text)
 
 
 def select_verification_inputs(*, scores: np.ndarray, count: int, min_ratio: float = DEFAULT_PAIR_RATIO,
@@ -328,9 +383,10 @@ def commit_verification_inputs(rule: TieBreakRule, *, served: Suspect, x: np.nda
     Raises:
         UsageError: When no input qualifies.
     """
-    x = np.asarray(x, dtype=np.float32)
-    _, scores, _ = query_with_scores(served, x, tuple(x.shape[1:]))
-    chosen = select_verification_inputs(scores=scores, count=count, reference_scores=reference_scores(references, x))
+    x = rule.inputs(x)
+    scores = served_scores(served, x)
+    chosen = select_verification_inputs(scores=scores, count=count,
+                                        reference_scores=reference_scores(references, x, rule.text))
     if len(chosen) == 0:
         raise UsageError(f"None of the {len(x)} owner inputs is near a tie of the served model; give more inputs.")
     label = (f"{len(references)} reference surrogates ({how})" if references else

@@ -9,17 +9,23 @@ import numpy as np
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.models import PenultimateFeaturizer
-from wmark.schemes.api_mark import query_with_scores
 from wmark.schemes.querylog import QueryLog
+from wmark.schemes.tiebreak.inputs import served_scores
 from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
 from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.local import LocalSuspect
+from wmark.text import check_tokenizer
 
 DEFAULT_BETA = 1.0
 
 
 class TieBreakAPI:
     """A serving wrapper that shifts every answer by the keyed head (a :class:`Suspect` itself).
+
+    For a text key it takes arrays of strings, as the served text classifier does (a
+    :class:`~wmark.suspects.LocalSuspect` with ``text=``); the shift is read from the served model's penultimate
+    features of the tokenized strings, from the same forward pass as its answer, and the log keeps the
+    near-tie strings themselves.
 
     Args:
         key: The owner's key.
@@ -46,6 +52,16 @@ class TieBreakAPI:
         if log is not None and log.mark != "tiebreak":
             raise UsageError(f"The query log {log.path} belongs to the {log.mark} mark; give the tie-break mark its "
                              "own log.")
+        if (rule.text is not None) != (key.kind == "text"):
+            raise UsageError(f"The tie-break rule is for {'text' if rule.text is not None else 'image'} inputs, the "
+                             f"key for {key.kind} inputs; build the rule under the serving key.")
+        served_text = getattr(backend, "text", None)
+        if key.kind == "text" and served_text is not None:
+            assert key.modality is not None
+            check_tokenizer(key.modality, served_text.tokenizer)
+            if served_text.max_length != int(key.modality["max_length"]):
+                raise UsageError(f"The served model takes {served_text.max_length} tokens, the key "
+                                 f"{key.modality['max_length']}; serve it with the key's maximum length.")
         self.key, self.backend, self.rule = key, backend, rule
         self.beta, self.expose_scores = float(beta), expose_scores
         self.log, self.client = log, client
@@ -69,19 +85,19 @@ class TieBreakAPI:
 
 
     def _scores_and_shifts(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The float32 inputs, the served scores and the keyed shifts: from one forward pass when the rule reads
-        the backend model's own penultimate features (a local model), else from the backend and the featurizer."""
+        """The inputs (float32, or strings for a text key), the served scores and the keyed shifts: from one forward
+        pass when the rule reads the backend model's own penultimate features (a local model), else from the
+        backend and the featurizer."""
         feat, backend = self.rule.featurizer, self.backend
+        x = self.rule.inputs(inputs)
+        if x.ndim > 1 and x.shape[1:] != self.input_shape:
+            raise UsageError(f"The API takes inputs shaped {self.input_shape}, got {x.shape[1:]}.")
         if (isinstance(feat, PenultimateFeaturizer) and isinstance(backend, LocalSuspect) and backend.expose_scores
-                and feat.model is backend.model and backend.text is None):
-            x = np.asarray(inputs, dtype=np.float32)
-            if x.shape[1:] != self.input_shape:
-                raise UsageError(f"The API takes inputs shaped {self.input_shape}, got {x.shape[1:]}.")
+                and feat.model is backend.model):
             answers, raw = backend.query_with_features(x, feat)
             assert answers.scores is not None
             return x, np.array(answers.scores, dtype=np.float64), self.rule.shifts_of(self.rule.whiten(raw))
-        x, scores, _ = query_with_scores(backend, inputs, self.input_shape)
-        return x, scores, self.rule.shifts(x)
+        return x, served_scores(backend, x), self.rule.shifts(x)
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:

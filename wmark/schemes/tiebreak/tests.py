@@ -14,10 +14,10 @@ from scipy.special import log_ndtr
 
 from wmark.distill import reference_scores
 from wmark.errors import RuntimeFailure, UsageError
-from wmark.evidence import TestResult, check_suspect_fits_key, owner_inputs
+from wmark.evidence import TestResult, check_suspect_fits_key
 from wmark.keys import Key
-from wmark.schemes.api_mark import query_with_scores
 from wmark.schemes.querylog import QueryLog, TieBreakLog
+from wmark.schemes.tiebreak.inputs import served_scores
 from wmark.schemes.tiebreak.rule import (
     DEFAULT_PAIR_RATIO,
     DEFAULT_QUERIES,
@@ -148,12 +148,12 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         if rule.verification_inputs is None:
             raise UsageError("This tie-break rule carries no committed verification inputs; pass the owner's held "
                              "inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
-        xs = owner_inputs(key, rule.verification_inputs)[:queries]
+        xs = _owner_inputs(key, rule, rule.verification_inputs)[:queries]
         selection = f"committed in the rule: {rule.verification}"
-        _, pair_scores, _ = query_with_scores(served, xs, tuple(key.input_shape))
+        pair_scores = served_scores(served, xs)
     else:
-        x = owner_inputs(key, inputs)
-        _, all_scores, _ = query_with_scores(served, x, tuple(key.input_shape))
+        x = _owner_inputs(key, rule, inputs)
+        all_scores = served_scores(served, x)
         chosen = select_verification_inputs(scores=all_scores, count=queries, min_ratio=min_ratio)
         if len(chosen) == 0:
             raise UsageError(f"None of the {len(x)} verification inputs is near a tie (p_b/p_a >= {min_ratio}); "
@@ -176,6 +176,20 @@ NULL_WHY = ("the keyed directions are independent standard normal vectors, indep
 def _check_rule_key(rule: TieBreakRule, key: Key) -> None:
     if rule.commitment != key.commitment():
         raise UsageError("The tie-break rule was built under another key; verify with the key that served the API.")
+    if (rule.text is not None) != (key.kind == "text"):
+        raise UsageError(f"The tie-break rule is for {'text' if rule.text is not None else 'image'} inputs, the key "
+                         f"for {key.kind} inputs; verify with the key that served the API.")
+
+
+def _owner_inputs(key: Key, rule: TieBreakRule, inputs: Any) -> np.ndarray:
+    """Verification inputs as the rule takes them (strings for a text key; float32 of the key's shape)."""
+    if rule.text is not None:
+        return rule.inputs(inputs)
+    x = rule.inputs(inputs)
+    if x.shape[1:] != tuple(key.input_shape):
+        raise UsageError(f"Verification inputs are shaped {x.shape[1:]}, the key's input shape is "
+                         f"{tuple(key.input_shape)}.")
+    return x
 
 
 def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair_scores: np.ndarray,
@@ -242,9 +256,9 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Que
                          "reads the tie-break mark's log.")
     if count is not None and count < 1:
         raise UsageError(f"queries must be at least 1, got {count}.")
-    x = owner_inputs(key, log.inputs(client))
-    _, scores, _ = query_with_scores(served, x, tuple(key.input_shape))
-    refs = reference_scores(rule.references, x)
+    x = _owner_inputs(key, rule, log.inputs(client))
+    scores = served_scores(served, x)
+    refs = reference_scores(rule.references, x, rule.text)
     per_reference = reference_leans(scores, refs) if refs else None
     leans = per_reference.mean(axis=0) if per_reference is not None else pair_log_odds(scores, *top_pairs(scores)[1:])
     chosen = np.argsort(np.abs(leans), kind="stable")[:count]
@@ -492,7 +506,7 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
                 raise UsageError(f"The holdout {holdout} has {ds.num_classes} classes of inputs shaped "
                                  f"{tuple(ds.input_shape)}; the key is for {key.num_classes} classes of "
                                  f"{tuple(key.input_shape)}. Use the owner's data.")
-            inputs = ds.x_train.numpy()
+            inputs = ds.x_train.numpy() if loaded.text is None else np.asarray(ds.texts_train or (), dtype=object)
         elif loaded.verification_inputs is None:
             raise UsageError(f"The tie-break rule {rule} carries no committed verification inputs; give the owner's "
                              "held inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")

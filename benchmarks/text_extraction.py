@@ -1,0 +1,306 @@
+"""Label-only extraction of a tie-break-marked text API on Debian fortunes: honest cost, thieves caught, null panel.
+
+What it measures, on fresh keys:
+
+* the victim: a tiny BERT trained from scratch on the owner's third of the fortunes (8 categories, texts of at
+  most 64 MiniLM tokens). Not the MiniLM fine-tune of ``benchmarks/text.py``: that costs ~13 minutes per run on
+  2 shared cores and caches no model, and every marked answer reruns the served model. The victim's accuracy
+  is what it is (fortunes categories are hard; see the table);
+* the rule: the served model's penultimate features, 4 ``text-bow`` reference surrogates distilled from the
+  *unmarked* victim on the owner's texts, the owner's ``--commit`` most open texts committed (key-free);
+* honest users' accuracy through the marked, label-only API on the test third (the cost);
+* thieves: a ``text-bow`` and a ``tiny-bert`` surrogate distilled label-only from the marked API on the
+  thief's own third, trained until within 5 pp of the victim (or the epoch cap); the committed-input test and
+  the log test on the thief's logged near-ties, combined by weighted Holm at alpha = 1e-6;
+* the null panel: independent text models (trained on true labels of other thirds, other seeds and
+  architectures, and a surrogate distilled from the *unmarked* victim), tested the same way against every
+  thief's log: none may be accused.
+
+``python benchmarks/text_extraction.py`` (full: 3 keys, 1000 committed / 1000 logged queries, shift scales
+``--betas`` 1 and 0.5 side by side on the same keys and thief seeds) or ``--quick`` (1 key, 300 / 300, fewer
+epochs: the plumbing, not the full result). Writes
+``benchmarks/results/text_extraction.json`` (``text_extraction_quick.json`` for ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from benchmarks.common import cached, table, write_results
+from wmark.data import load_dataset
+from wmark.distill import accuracy_reached, extract
+from wmark.evidence import decide
+from wmark.io import load_tensors, save_tensors
+from wmark.keys import generate_key
+from wmark.models import build_model, penultimate_featurizer
+from wmark.schemes.tiebreak import (
+    TieBreakAPI,
+    TieBreakLog,
+    accuracy_cost,
+    build_tiebreak_rule,
+    commit_verification_inputs,
+    owner_texts,
+    select_log_inputs,
+    tiebreak_log_test,
+    tiebreak_test,
+    train_reference_surrogates,
+)
+from wmark.suspects import LocalSuspect
+from wmark.suspects.base import Answers
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
+from wmark.training import accuracy, make_loader, train_epochs
+
+ALPHA = 1e-6
+LENGTH = 64
+VICTIM_LR = {"tiny-bert": 1e-3, "text-bow": 3e-3}
+
+
+def texts_and_labels(texts: Any, labels: torch.Tensor, text: TextInputs) -> tuple[np.ndarray, np.ndarray]:
+    """The texts within the key's maximum length (what the API accepts) and their labels."""
+    kept = set(owner_texts(list(texts), text))
+    idx = [i for i, t in enumerate(texts) if t in kept]
+    x = np.empty(len(idx), dtype=object)
+    x[:] = [texts[i] for i in idx]
+    return x, labels.numpy()[idx]
+
+
+def train(arch: str, x: np.ndarray, y: np.ndarray, text: TextInputs, *, epochs: int, seed: int) -> torch.nn.Module:
+    """A text classifier trained on true labels (Adam, batch 32)."""
+    model = build_model(arch, num_classes=8, input_shape=(LENGTH,), seed=seed)
+    ids = text.encode(list(x), pad_to_max=True)["input_ids"]
+    train_epochs(model, make_loader(ids, torch.as_tensor(y), batch_size=32, seed=seed), epochs=epochs,
+                 optimizer=torch.optim.Adam(model.parameters(), lr=VICTIM_LR[arch]), device=torch.device("cpu"))
+    return model.eval()
+
+
+def verdict_of(key: Any, rule: Any, backend: LocalSuspect, model: Any, text: TextInputs, chosen: Any,
+               *, queries: int, log_queries: int) -> dict[str, Any]:
+    """The committed-input and log tests on a label-only suspect, combined by weighted Holm at ``ALPHA``."""
+    suspect = (model if isinstance(model, MiniLMProbe)
+               else LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False))
+    committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries)
+    logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
+                               queries=log_queries)
+    verdict = decide(key=key, tests=[committed, logged], alpha=ALPHA, suspect="suspect")
+    return {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
+            "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
+
+
+class MiniLMProbe:
+    """A thief's surrogate on the public MiniLM encoder: a linear head on its frozen mean-pooled features.
+
+    The encoder is deterministic, so its features are computed once per text (:func:`minilm_features`) and the
+    probe answers from them: the same labels as ``minilm-classifier`` with that frozen encoder and this head,
+    without rerunning MiniLM (25 texts/s on one shared core) for every verification query.
+    """
+
+    def __init__(self, head: torch.nn.Linear, features: dict[str, np.ndarray]) -> None:
+        self.head, self.features = head.eval(), features
+        self.num_classes, self.input_shape, self.description = 8, (LENGTH,), "MiniLM probe"
+
+    def logits(self, x: Any) -> torch.Tensor:
+        with torch.no_grad():
+            return self.head(torch.from_numpy(np.stack([self.features[str(t)] for t in x])))
+
+    def query(self, x: Any) -> Answers:
+        return Answers(labels=self.logits(x).argmax(1).numpy().astype(np.int64))
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float((self.logits(x).argmax(1).numpy() == y).mean())
+
+
+def minilm_features(texts: list[str], text: TextInputs) -> dict[str, np.ndarray]:
+    """MiniLM's mean-pooled features of ``texts`` (the input of ``minilm-classifier``'s head), cached on disk."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+
+    def make(path: Path) -> None:
+        model = build_model("minilm-classifier", num_classes=8, input_shape=(LENGTH,), seed=0).eval()
+        feats = penultimate_featurizer(model, encode=text.encode, batch_size=64)(np.asarray(texts, dtype=object))
+        save_tensors({"features": torch.from_numpy(feats)}, path, metadata={"texts": digest})
+
+    path = cached({"name": "minilm-fortunes-features", "texts": digest}, make)
+    feats = load_tensors(path)[0]["features"].numpy()
+    return dict(zip(texts, feats))
+
+
+def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray, features: dict[str, np.ndarray],
+                *, target: float | None, seed: int, max_epochs: int = 400) -> tuple[MiniLMProbe, int]:
+    """A MiniLM-probe surrogate fitted (full-batch Adam) to the API's labels on the thief's texts, stopped at the
+    first of every 20 epochs whose test accuracy reaches ``target`` (None: trained to the cap)."""
+    labels = torch.as_tensor(np.asarray(api.query(xa).labels))
+    feats = torch.from_numpy(np.stack([features[t] for t in xa]))
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(feats.shape[1], 8)
+    optimizer = torch.optim.Adam(head.parameters(), lr=1e-2)
+    probe = MiniLMProbe(head, features)
+    for epoch in range(1, max_epochs + 1):
+        head.train()
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(head(feats), labels).backward()
+        optimizer.step()
+        if target is not None and epoch % 20 == 0 and probe.accuracy(xe, ye) >= target:
+            break
+    return probe, epoch
+
+
+def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: LocalSuspect, text: TextInputs,
+            xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
+            victim_acc: float, cap: int, queries: int, seed: int,
+            features: dict[str, np.ndarray] | None = None) -> Any:
+    """The honest cost of ``api``, then per thief architecture its label-only surrogate (trained until within 5 pp
+    of the victim or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
+    cost = accuracy_cost(api=api.for_client("honest"), x=xe, y=ye)
+    # the MiniLM probe twice: stopped at the first check within 5 pp (minimal), and trained to its cap (converged)
+    for variant, target in (("minimal", victim_acc - 0.05), ("converged", None)):
+        if features is None:
+            break
+        client = "thief-minilm-probe"
+        probe, epochs = probe_thief(api.for_client(client), xa, xe, ye, features, target=target, seed=seed)
+        chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
+        row = {"thief": f"minilm-probe ({variant})", "victim_acc": round(victim_acc, 3),
+               "api_acc": round(cost["api_accuracy"], 3), "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3),
+               "surrogate_acc": round(probe.accuracy(xe, ye), 3), "epochs": epochs, "queries": len(xa),
+               "logged": len(chosen.x), **verdict_of(key, rule, backend, probe, text, chosen, queries=queries,
+                                                      log_queries=queries)}
+        row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
+        yield row, chosen
+    for t, arch in enumerate(("text-bow", "tiny-bert")):
+        client = f"thief-{arch}"
+        stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=cap if arch == "text-bow" else max(3, cap // 3),
+                         lr=VICTIM_LR[arch], batch_size=32, seed=seed + t, text=text,
+                         stop=accuracy_reached(ids_e, y_e, victim_acc - 0.05))
+        chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
+        row = {"thief": arch, "victim_acc": round(victim_acc, 3), "api_acc": round(cost["api_accuracy"], 3),
+               "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3),
+               "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3), "epochs": stolen.epochs,
+               "queries": stolen.queries, "logged": len(chosen.x),
+               **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries, log_queries=queries)}
+        row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
+        yield row, chosen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 key, 300/300 queries, fewer epochs: minutes.")
+    parser.add_argument("--keys", type=int, default=None, help="Fresh keys (default 3; 1 with --quick).")
+    parser.add_argument("--betas", default=None,
+                        help="Scales of the keyed shift, comma-separated, measured side by side on the same keys and "
+                             "thief seeds (default 1,0.5; 1 with --quick).")
+    parser.add_argument("--victim-epochs", type=int, default=3, help="Epochs of the victim (tiny BERT).")
+    parser.add_argument("--thief-epochs", type=int, default=None, help="Thief epoch cap (default 20; 8 quick).")
+    parser.add_argument("--minilm-thief", action="store_true",
+                        help="Add a thief on the public MiniLM encoder (a linear probe on its frozen features, computed "
+                             "once per text and cached: about 4 minutes on one core).")
+    parser.add_argument("--name", default=None,
+                        help="Results file name (default text_extraction, text_extraction_quick with --quick).")
+    args = parser.parse_args()
+    quick = args.quick
+    n_keys = args.keys or (1 if quick else 3)
+    queries = 300 if quick else 1000
+    cap = args.thief_epochs or (8 if quick else 20)
+    betas = [float(b) for b in (args.betas or ("1" if quick else "1,0.5")).split(",")]
+    start = time.perf_counter()
+    tok = load_tokenizer(MINILM)
+    modality = text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH)
+    text = TextInputs(tokenizer=tok, max_length=LENGTH)
+    owner_ds, thief_ds = load_dataset("fortunes@owner"), load_dataset("fortunes@attacker")
+    xo, yo = texts_and_labels(owner_ds.texts_train, owner_ds.y_train, text)
+    xa, ya = texts_and_labels(thief_ds.texts_train, thief_ds.y_train, text)
+    xe, ye = texts_and_labels(owner_ds.texts_test, owner_ds.y_test, text)
+    ids_e, y_e = text.encode(list(xe), pad_to_max=True)["input_ids"], torch.as_tensor(ye)
+    print(f"texts: owner {len(xo)}, thief {len(xa)}, test {len(xe)}", flush=True)
+
+    victim = train("tiny-bert", xo, yo, text, epochs=args.victim_epochs, seed=0)
+    victim_acc = accuracy(victim, ids_e, y_e)
+    backend = LocalSuspect(victim, input_shape=(LENGTH,), text=text, description="victim tiny-bert")
+    refs = train_reference_surrogates(served=backend, x=xo, archs=["text-bow"], repeats=1, text=text)
+    print(f"victim {victim_acc:.3f}; {len(refs)} references ({time.perf_counter() - start:.0f} s)", flush=True)
+    features = None
+    if args.minilm_thief:
+        needed = sorted(set(xa) | set(xe) | set(xo))
+        features = minilm_features(needed, text)
+        print(f"MiniLM features of {len(needed)} texts ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    panel: list[tuple[str, torch.nn.Module]] = [
+        ("text-bow, thief third, true labels", train("text-bow", xa, ya, text, epochs=8, seed=1)),
+        ("text-bow, owner third, true labels", train("text-bow", xo, yo, text, epochs=8, seed=2)),
+        ("tiny-bert, thief third, true labels", train("tiny-bert", xa, ya, text, epochs=3, seed=3)),
+        ("tiny-bert, owner third, seed 4", train("tiny-bert", xo, yo, text, epochs=3, seed=4)),
+        ("text-bow, distilled from the unmarked victim", extract(backend, x=xa, arch="text-bow", epochs=8, seed=5,
+                                                                  text=text).model),
+        ("tiny-bert, distilled from the unmarked victim", extract(backend, x=xa, arch="tiny-bert", epochs=3, seed=6,
+                                                                   text=text).model),
+    ]
+    panel_acc = {name: round(accuracy(m, ids_e, y_e), 3) for name, m in panel}
+    print(f"panel trained ({time.perf_counter() - start:.0f} s)", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    nulls: list[dict[str, Any]] = []
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"wmark-text-extraction-{os.getpid()}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    for k in range(n_keys):
+        key = generate_key(owner=f"Fortunes owner {k}", num_classes=8, modality=modality)
+        rule = build_tiebreak_rule(key=key, x=xo, featurizer=penultimate_featurizer(victim, encode=text.encode),
+                                   feature_space="served-penultimate", text=text)
+        rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
+        for beta in betas:
+            with TieBreakLog(workdir / f"key{k}-beta{beta:g}.sqlite", key=key) as log:
+                api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
+                for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
+                                           ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
+                                           queries=queries, seed=100 + 10 * k, features=features):
+                    rows.append({"key": k, "beta": beta, **row})
+                    print(table([rows[-1]], list(rows[-1])), flush=True)
+                    for name, model in panel:
+                        nulls.append({"key": k, "beta": beta, "log_of": row["thief"], "model": name,
+                                      **verdict_of(key, rule, backend, model, text, chosen, queries=queries,
+                                                   log_queries=queries)})
+        print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
+    accused = [n for n in nulls if n["verdict"] != "none"]
+    caught = [r for r in rows if r["verdict"] == "extracted"]
+    print()
+    print(table(rows, ["key", "beta", "thief", "victim_acc", "api_acc", "cost_pp", "surrogate_acc", "within_5pp", "epochs",
+                       "committed_log10_p", "log_log10_p", "verdict"]))
+    print()
+    print(table([{"model": name, "test_acc": acc,
+                  "min_committed_log10_p": min(n["committed_log10_p"] for n in nulls if n["model"] == name),
+                  "min_log_log10_p": min(n["log_log10_p"] for n in nulls if n["model"] == name),
+                  "accused": sum(n["verdict"] != "none" for n in nulls if n["model"] == name)}
+                 for name, acc in panel_acc.items()],
+                ["model", "test_acc", "min_committed_log10_p", "min_log_log10_p", "accused"]))
+    print(f"\nthieves caught at alpha {ALPHA:g}: {len(caught)}/{len(rows)}; independent models accused: "
+          f"{len(accused)}/{len(nulls)} ({len(panel)} models x {n_keys} keys x {len(betas)} betas x 2 logs)")
+    per_beta = {f"{b:g}": {"mean_cost_pp": round(float(np.mean([r["cost_pp"] for r in rows if r["beta"] == b])), 2),
+                           "caught": sum(r["verdict"] == "extracted" for r in rows if r["beta"] == b),
+                           "in_scope": sum(r["within_5pp"] for r in rows if r["beta"] == b),
+                           "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
+    print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
+                                                                 "caught"]))
+    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries,
+           "victim": {"arch": "tiny-bert (from scratch; not MiniLM, see the docstring)", "epochs": args.victim_epochs,
+                      "accuracy": round(victim_acc, 4)},
+           "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
+           "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
+           "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
+           "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
+                       "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls)},
+           "seconds": round(time.perf_counter() - start, 1)}
+    path = write_results(args.name or ("text_extraction_quick" if quick else "text_extraction"), doc)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
