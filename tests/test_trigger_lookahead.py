@@ -93,8 +93,9 @@ def test_the_hook_does_nothing_without_a_natural_gradient(digits_key) -> None:
 def test_lookahead_is_the_default_for_image_keys_and_recorded(digits_key) -> None:
     wm = Watermarker(digits_key)
     assert wm.trigger_lookahead == DEFAULT_LOOKAHEAD == 0.05 and wm.metadata()["trigger_lookahead"] == 0.05
+    assert wm.trigger_per_batch == 4 and wm.metadata()["trigger_per_batch"] == 4
     mixing = Watermarker(digits_key, trigger_lookahead=0)
-    assert "trigger_lookahead" not in mixing.metadata()
+    assert "trigger_lookahead" not in mixing.metadata() and mixing.trigger_per_batch == 8
     base = make_loader(torch.rand(40, 1, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=20)
     _, _, loader = mixing.attach(model=torch.nn.Linear(1, 1), data_loader=base)
     assert [len(x) for x, _ in loader] == [28, 28]  # lookahead off: triggers mixed into each batch
@@ -109,6 +110,8 @@ def test_text_keys_mix_their_triggers_by_default() -> None:
 def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
     with pytest.raises(UsageError, match="0 \\(off\\) or positive"):
         Watermarker(digits_key, trigger_lookahead=-0.1)
+    with pytest.raises(UsageError, match="trigger_per_batch must be at least 1"):
+        Watermarker(digits_key, trigger_per_batch=0)
     with pytest.raises(UsageError, match="must be positive"):
         LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.0, per_batch=4)
     wm = Watermarker(digits_key, trigger_lookahead=0.05)

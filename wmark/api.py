@@ -96,13 +96,14 @@ def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0
 
 def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
           schemes: Sequence[str] = ("trigger",), epochs: int = 4, seed: int = 0, lr: float = 5e-4,
-          batch_size: int = 64, trigger_per_batch: int = 8, max_samples: int | None = None,
+          batch_size: int = 64, trigger_per_batch: int | None = None, max_samples: int | None = None,
           weights_layer: str | None = None, progress: bool = False,
           trigger_lookahead: float | None = None) -> dict[str, Any]:
     """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
 
     With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity
-    and overhead measurements. ``trigger_lookahead`` is :class:`~wmark.embed.Watermarker`'s option of that name.
+    and overhead measurements. ``trigger_lookahead`` and ``trigger_per_batch`` are :class:`~wmark.embed.Watermarker`'s
+    options of those names (None: its defaults).
     """
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)

@@ -89,14 +89,15 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
               help="Epochs of the fine-tune that embeds the mark (longer embedding survives a thief's fine-tune better).")
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--trigger-per-batch", default=8, show_default=True, help="Trigger samples per optimizer step.")
+@click.option("--trigger-per-batch", type=int, default=None,
+              help="Trigger samples per optimizer step. [default: 4 with lookahead, 8 when mixing]")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--trigger-lookahead", type=float, default=None,
               help="Radius of the simulated fine-tune step the triggers are learnt past; 0 mixes them into the "
                    "batches instead. [default: 0.05 for image keys, 0 for text keys]")
 @_handle_errors
 def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,
-          trigger_per_batch: int, max_samples: int | None, trigger_lookahead: float | None) -> None:
+          trigger_per_batch: int | None, max_samples: int | None, trigger_lookahead: float | None) -> None:
     """Fine-tune a model with the key's watermark and write the marked model."""
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,

@@ -33,7 +33,7 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
-from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
 
 KNOWN_SCHEMES = ("trigger", "weights")
@@ -45,7 +45,9 @@ class Watermarker:
     Args:
         key: The owner's key; every trigger and label is derived from it.
         schemes: Which schemes to embed.
-        trigger_per_batch: Trigger samples appended to each batch (trigger scheme).
+        trigger_per_batch: Trigger samples per optimizer step (trigger scheme). Default (None): 8 when mixing
+            (they join each batch), ``LOOKAHEAD_PER_BATCH`` (4) with lookahead, whose separate trigger pass costs
+            time per sample and which kept about as many triggers with 4 as with 8.
         trigger_lookahead: A positive radius learns the triggers at weights moved by a simulated fine-tune step
             of that size (relative to each tensor's norm) along the sign of the natural batch's descent
             direction, in an optimizer step pre-hook, so that they survive a thief's fine-tune
@@ -63,7 +65,7 @@ class Watermarker:
         UsageError: On an unknown scheme.
     """
 
-    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int = 8,
+    def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int | None = None,
                  weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
                  tokenizer: Any = None, trigger_lookahead: float | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
@@ -77,6 +79,10 @@ class Watermarker:
             raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
         self.key = key
         self.schemes = tuple(schemes)
+        if trigger_per_batch is None:
+            trigger_per_batch = LOOKAHEAD_PER_BATCH if trigger_lookahead > 0 else trigger_set.MIXING_PER_BATCH
+        if trigger_per_batch < 1:
+            raise UsageError(f"trigger_per_batch must be at least 1, got {trigger_per_batch}.")
         self.trigger_per_batch = trigger_per_batch
         self.trigger_lookahead = float(trigger_lookahead)
         self._attached = False

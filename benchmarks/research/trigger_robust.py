@@ -34,7 +34,10 @@ Variants (knobs in ``VARIANTS``):
   ...e3, ...e4  3 or 4 embedding epochs (``plain3``/``plain4`` and ``lib-plain4`` are their unmarked twins:
                 every variant's cost and time are measured against the unmarked run of the same loop and length).
   lib-basee4, lib-look0.05e4
-                the library's loop for 4 epochs, mixing or with its default lookahead (0.05).
+                the library's loop for 4 epochs, mixing or with lookahead 0.05 (8 triggers per step).
+  lib-look0.05e4pb4   the same with 4 triggers per step (the library's default with lookahead).
+  lib-look0.05e4every2
+                the trigger pass on every other step only, weighted twice.
 
 Usage: python benchmarks/research/trigger_robust.py [--quick] [--keys 10] [--first 0] [--variants a,b]
        [--no-reinit] [--key-dir DIR] [--threads 1] [--part NAME]
@@ -65,6 +68,7 @@ from wmark.attacks.finetune import finetune, last_linear
 from wmark.data import load_dataset
 from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model
+from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
 from wmark.schemes.trigger_set import TriggerSet, generate_triggers
 from wmark.stats import MixtureEProcess
 
@@ -107,7 +111,25 @@ VARIANTS: dict[str, dict[str, float]] = {
     "lib-plain4": {"lib": 1, "unmarked": 1, "epochs": 4},
     "lib-basee4": {"lib": 1, "epochs": 4},
     "lib-look0.05e4": {"lib": 1, "look": 0.05, "epochs": 4},
+    "lib-look0.05e4every2": {"lib": 1, "look": 0.05, "epochs": 4, "every": 2},
+    "lib-look0.05e4pb4": {"lib": 1, "look": 0.05, "epochs": 4, "per_batch": 4},
 }
+
+
+class EveryStep(LookaheadTriggerStep):
+    """The library's lookahead step with its trigger pass on every ``every``-th step only, weighted ``every`` times."""
+
+    def __init__(self, *, every: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.every = every
+        self.steps = 0
+
+    def add_gradient(self, *, weight: float) -> None:
+        if all(p.grad is None for p in self.model.parameters()):
+            return
+        self.steps += 1
+        if (self.steps - 1) % self.every == 0:
+            super().add_gradient(weight=weight * self.every)
 
 
 def embed_library(model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: Any, cfg: dict[str, float], seed: int,
@@ -119,7 +141,14 @@ def embed_library(model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: Any, 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loader = make_loader(x, y, batch_size=64, seed=seed)
-    wm = None if cfg.get("unmarked") else Watermarker(key, trigger_lookahead=cfg.get("look", 0.0))
+    if cfg.get("every"):
+        import functools
+
+        import wmark.embed
+
+        wmark.embed.LookaheadTriggerStep = functools.partial(EveryStep, every=int(cfg["every"]))  # type: ignore[misc]
+    wm = None if cfg.get("unmarked") else Watermarker(key, trigger_lookahead=cfg.get("look", 0.0),
+                                                      trigger_per_batch=int(cfg.get("per_batch", 8)))
     if wm is not None:
         model, opt, loader = wm.attach(model=model, optimizer=opt, data_loader=loader)
     start = time.perf_counter()
@@ -363,7 +392,8 @@ def timing(args: argparse.Namespace) -> dict[str, Any]:
             loader = make_loader(x, y, batch_size=64, seed=rep)
             wm = None
             if name != "lib-plain":
-                wm = Watermarker(key, trigger_lookahead=0.05 if "look" in name else 0.0)
+                cfg = VARIANTS[name]
+                wm = Watermarker(key, trigger_lookahead=cfg.get("look", 0.0), trigger_per_batch=int(cfg.get("per_batch", 8)))
                 m, opt, loader = wm.attach(model=m, optimizer=opt, data_loader=loader)
             start = time.perf_counter()
             train_epochs(m, loader, epochs=1, optimizer=opt)

@@ -30,6 +30,7 @@ from wmark.errors import UsageError
 from wmark.schemes.trigger_set import LoaderProxy, TriggerSet
 
 DEFAULT_LOOKAHEAD = 0.05
+LOOKAHEAD_PER_BATCH = 4
 
 
 class _BatchSizeLoader(LoaderProxy):
@@ -62,7 +63,7 @@ class LookaheadTriggerStep:
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None, every: int = 1) -> None:
+                 input_key: str | None = None) -> None:
         if not radius > 0:
             raise UsageError(f"The lookahead radius must be positive, got {radius}.")
         if per_batch < 1:
@@ -75,8 +76,6 @@ class LookaheadTriggerStep:
         self.batch_size: int | None = None
         self._cursor = 0
         self._call = _Call(self.model)
-        self.every = every
-        self._steps = 0
 
     def wrap_loader(self, loader: Iterable, *, label_key: str = "labels") -> _BatchSizeLoader:
         """The user's loader, unchanged, but telling this step the natural batch size."""
@@ -110,10 +109,6 @@ class LookaheadTriggerStep:
         live: list[torch.Tensor] = [p for _, p in named if p.grad is not None]
         if not live:
             return  # no natural gradient this step (nothing to anticipate, nothing will step)
-        self._steps += 1
-        if (self._steps - 1) % self.every:
-            return
-        weight = weight * self.every
         idx = self._next_indices()
         batch = self._batch(idx)
         with torch.no_grad():

@@ -34,6 +34,7 @@ from wmark.errors import UsageError
 from wmark.keys import Key
 
 SCHEME = "trigger"
+MIXING_PER_BATCH = 8
 
 
 @dataclass(frozen=True)
