@@ -57,7 +57,7 @@ def test_hf_trainer_learns_lookahead_triggers_through_the_callback_alone(tmp_pat
     key = text_key(num_classes=4, num_triggers=16)
     tok = load_tokenizer(MINILM)
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
-    wm = Watermarker(key, tokenizer=tok, trigger_lookahead=0.05)
+    wm = Watermarker(key, tokenizer=tok, trigger_lookahead=0.05, trigger_per_batch=8)
     callback = WatermarkCallback(wm)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=60, per_device_train_batch_size=8,
                              learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
