@@ -168,12 +168,13 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
-        if "weights" in self.schemes:
-            self._hook_weights(model, optimizer)
         if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_lookahead > 0:
+            # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
             step = self.lookahead_step(model)
             step.batch_size = trigger_batch_size
             self._hooks.append(optimizer.register_step_pre_hook(step.hook))
+        if "weights" in self.schemes:
+            self._hook_weights(model, optimizer)
         self._attached = True
 
     def _refuse_lookahead(self) -> None:
