@@ -47,6 +47,17 @@ WHAT = {
     "research_trigger_robust": "trigger-embedding variants on the same 10 fresh keys: mixing vs lookahead",
     "research_trigger_robust_quick": "its quick prune: eleven embedding variants on 2-3 keys",
     "research_trigger_robust_timing": "embedding wall time of mixing and lookahead, interleaved with the plain loop",
+    "research_trigger_robust3": "third round: lookahead for 4 epochs vs mixing on 10 held-out fresh keys",
+    "research_trigger_robust3_quick": "third round's selection: lookahead direction, radius and length on 3 keys",
+    "research_trigger_robust3_pb4": "third round: lookahead with 4 triggers per step on the held-out keys",
+    "research_trigger_robust3_every": "third round: the trigger pass on every other step (negative)",
+    "research_trigger_robust3_fresh": "the default embedding (lookahead, 4 per step, 4 epochs) on 10 further fresh keys",
+    "research_trigger_robust3_reinit": "the adopted embedding against a re-initialised head",
+    "research_trigger_robust3_timing": "embedding time: plain, mixing, lookahead with 8 and 4 per step, interleaved",
+    "text_extraction": "the tie-break mark on a text classifier (fortunes, tiny-BERT victim): cost, thieves, null",
+    "text_extraction_low_beta": "the same at shift scales 0.15 and 0.1",
+    "text_extraction_minilm": "the same with a thief on the public MiniLM encoder",
+    "text_extraction_quick": "its quick mode",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
