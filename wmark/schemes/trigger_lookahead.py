@@ -3,13 +3,14 @@
 A thief who fine-tunes a stolen copy on natural data moves every weight along that data's descent
 directions, and triggers learnt only at the current weights are forgotten on the way. This embedding
 anticipates the move: at each optimizer step, after the user's loss on a natural batch has filled the
-gradients, the weights are moved by a simulated fine-tune step (each tensor by ``radius`` times its norm
-along the sign of its descent direction, as an Adam step moves), the trigger loss is evaluated there, and
+gradients, a copy of the weights is moved by a simulated fine-tune step (each tensor by ``radius`` times its
+norm along the sign of its descent direction, as an Adam step moves), the trigger loss is evaluated there, and
 its gradient is added to the natural one at the original weights (a first-order lookahead, as in MAML or
-SAM). The weights and buffers are restored exactly before the optimizer steps.
+SAM). The model's own weights and buffers are never changed by it.
 
-It is :class:`~wmark.embed.Watermarker`'s default for image keys, at ``DEFAULT_LOOKAHEAD``: a radius chosen on
-Fashion-MNIST CNNs against a 5-epoch Adam fine-tune (``docs/trigger-embedding.md``); other data may want another.
+It is :class:`~wmark.embed.Watermarker`'s default for image keys, at ``DEFAULT_LOOKAHEAD`` with
+``LOOKAHEAD_PER_BATCH`` triggers per step: chosen on Fashion-MNIST CNNs against a 5-epoch Adam fine-tune
+(``docs/trigger-embedding.md``); other data may want other values.
 
 The triggers and their labels are the key's own (:func:`wmark.schemes.trigger_set.generate_triggers`), so the
 null is unchanged: a model that never saw the key matches each label with probability exactly 1/C.
