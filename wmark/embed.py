@@ -15,10 +15,12 @@ Example:
     >>> optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     >>> loader = make_loader(torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,)), batch_size=32)
     >>> wm = Watermarker(key, schemes=("trigger",))
+    >>> wm.trigger_lookahead, wm.trigger_per_batch  # an image key's default: lookahead, 4 triggers per step
+    (0.05, 4)
     >>> model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     >>> x, y = next(iter(loader))
-    >>> x.shape[0]  # 32 ordinary samples + 8 triggers
-    40
+    >>> x.shape[0]  # the batches stay as they are: the optimizer step learns the triggers
+    32
     >>> wm.detach()
 """
 
