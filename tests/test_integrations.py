@@ -28,7 +28,8 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
 
     from wmark.integrations.hf import WatermarkCallback
 
-    key = text_key(num_classes=4, num_triggers=16)
+    # A fixed key: how many of 16 random trigger texts 8 training texts' worth of steps teach varies with the key.
+    key = text_key(num_classes=4, num_triggers=16, tag="integrations/hf-wrapped/0")
     tok = load_tokenizer(MINILM)
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
     wm = Watermarker(key, tokenizer=tok)
@@ -54,7 +55,7 @@ def test_hf_trainer_learns_lookahead_triggers_through_the_callback_alone(tmp_pat
 
     from wmark.integrations.hf import WatermarkCallback
 
-    key = text_key(num_classes=4, num_triggers=16)
+    key = text_key(num_classes=4, num_triggers=16, tag="integrations/hf-lookahead/0")
     tok = load_tokenizer(MINILM)
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
     wm = Watermarker(key, tokenizer=tok, trigger_lookahead=0.05, trigger_per_batch=8)
@@ -76,7 +77,7 @@ def test_lightning_callback_embeds_the_triggers():
 
     from wmark.integrations.lightning import WatermarkCallback
 
-    key = text_key(num_classes=4, num_triggers=16)
+    key = text_key(num_classes=4, num_triggers=16, tag="integrations/lightning/0")
     tok = load_tokenizer(MINILM)
     enc = tok(TEXTS, padding=True, return_tensors="pt")
     labels = torch.arange(len(TEXTS)) % 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+
 import os
 
 import torch
@@ -13,11 +16,15 @@ from wmark.text import MINILM, load_tokenizer, text_modality
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def text_key(*, num_classes: int = 4, num_triggers: int = 24, max_length: int = 32) -> Key:
-    """A text key over the MiniLM tokenizer."""
+def text_key(*, num_classes: int = 4, num_triggers: int = 24, max_length: int = 32, tag: str | None = None) -> Key:
+    """A text key over the MiniLM tokenizer; with ``tag``, a fixed one (its secret derived from the tag), so that
+    training tests see the same trigger words and labels on every run."""
     tok = load_tokenizer(MINILM)
-    return generate_key(owner="Text Owner", num_classes=num_classes, num_triggers=num_triggers,
-                        modality=text_modality(tokenizer=tok, name=MINILM, max_length=max_length))
+    key = generate_key(owner="Text Owner", num_classes=num_classes, num_triggers=num_triggers,
+                       modality=text_modality(tokenizer=tok, name=MINILM, max_length=max_length))
+    if tag is None:
+        return key
+    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest())
 
 
 def hf_bert(num_classes: int, *, seed: int = 0) -> torch.nn.Module:
