@@ -6,10 +6,10 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
+from servekit import wait_ready
 
 from wmark.io import save_model
 from wmark.keys import generate_key, save_key
@@ -29,19 +29,6 @@ def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
 
 
-def _wait_ready(proc: subprocess.Popen, url: str) -> None:
-    """Wait (at most a minute) until a `wmark serve` process answers its readiness route."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-    raise AssertionError(f"{url} was not ready within 60 s")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """An independent digits-shaped MLP served label-only with a token by `wmark serve`."""
@@ -57,7 +44,7 @@ def served(tmp_path_factory):
                                  "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    _wait_ready(proc, url)
+    wait_ready(proc, url)
     yield url, tmp, port
     proc.terminate()
     proc.wait(timeout=10)
@@ -153,7 +140,7 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, url)
+        wait_ready(proc, url)
         for client, n in (("thief", 300), ("honest", 40)):
             remote = open_http_suspect(url=f"{url}/v2/models/m", protocol="v2", num_classes=10, input_shape=SHAPE,
                                        token=f"{client}-token")

@@ -7,11 +7,11 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from click.testing import CliRunner
+from servekit import wait_ready
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -115,14 +115,7 @@ def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, t
                             stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        wait_ready(proc, url)
         answer = httpx.post(f"{url}/hf/models/fortunes", json={"inputs": "computers are fast"}).json()
         assert len(answer) == 1 and set(answer[0]) == {"label"}
         done = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect", f"{url}/hf/models/fortunes",

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
+from servekit import wait_ready
 from textkit import text_key
 
 from wmark.distill import extract
@@ -272,7 +273,6 @@ def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_th
     import socket
     import subprocess
     import sys
-    import time
 
     from click.testing import CliRunner
 
@@ -290,14 +290,7 @@ def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_th
     url = f"http://127.0.0.1:{port}/hf/models/fortunes"
     texts = list(world["thief_x"][:40])
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        wait_ready(proc, f"http://127.0.0.1:{port}")
         answer = httpx.post(url, json={"inputs": texts}).json()
         assert httpx.post(url, json={"inputs": [[1.0, 2.0]]}).status_code == 400
     finally:
