@@ -141,14 +141,18 @@ def embed_library(model: nn.Module, x: torch.Tensor, y: torch.Tensor, key: Any, 
     torch.manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loader = make_loader(x, y, batch_size=64, seed=seed)
-    if cfg.get("every"):
-        import functools
+    every = int(cfg.get("every", 1))
 
-        import wmark.embed
+    class Marker(Watermarker):
+        def lookahead_step(self, model: nn.Module) -> LookaheadTriggerStep:
+            step = super().lookahead_step(model)
+            if every == 1:
+                return step
+            return EveryStep(every=every, model=model, triggers=step.triggers, radius=step.radius,
+                             per_batch=step.per_batch, input_key=step.input_key)
 
-        wmark.embed.LookaheadTriggerStep = functools.partial(EveryStep, every=int(cfg["every"]))  # type: ignore[misc]
-    wm = None if cfg.get("unmarked") else Watermarker(key, trigger_lookahead=cfg.get("look", 0.0),
-                                                      trigger_per_batch=int(cfg.get("per_batch", 8)))
+    wm = None if cfg.get("unmarked") else Marker(key, trigger_lookahead=cfg.get("look", 0.0),
+                                                 trigger_per_batch=int(cfg.get("per_batch", 8)))
     if wm is not None:
         model, opt, loader = wm.attach(model=model, optimizer=opt, data_loader=loader)
     start = time.perf_counter()
