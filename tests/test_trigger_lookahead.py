@@ -83,6 +83,59 @@ def test_the_hook_adds_the_trigger_gradient_at_the_looked_ahead_weights_and_rest
     assert step._next_indices() == [4, 5, 6, 7]
 
 
+def test_a_margin_drops_the_loss_of_triggers_already_learnt_at_the_looked_ahead_weights(digits_key) -> None:
+    torch.manual_seed(2)
+    model = _tiny()
+    triggers = generate_triggers(digits_key)
+    teach = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(15):  # learn the first four triggers, each to its own positive margin
+        teach.zero_grad()
+        F.cross_entropy(model(triggers.inputs[:4]), triggers.labels[:4]).backward()
+        teach.step()
+    model.zero_grad()
+    F.cross_entropy(model(torch.rand(16, 1, 8, 8)), torch.randint(0, 10, (16,))).backward()
+    natural = {n: p.grad.clone() for n, p in model.named_parameters()}
+    ahead = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in ahead.named_parameters():
+            p.sub_(natural[n].sign() * (0.05 * p.norm() / natural[n].sign().norm()))
+        logits = ahead(triggers.inputs[:4])
+    true = logits.gather(1, triggers.labels[:4, None]).squeeze(1)
+    margins = true - logits.scatter(1, triggers.labels[:4, None], float("-inf")).amax(1)
+    # A margin between the four triggers' own: only those below it count, still divided by 4.
+    cut = float(margins.sort().values[1:3].mean())
+    keep = margins < cut
+    assert 0 < int(keep.sum()) < 4
+    loss = F.cross_entropy(ahead(triggers.inputs[:4])[keep], triggers.labels[:4][keep], reduction="sum") / 4
+    expected = dict(zip(natural, torch.autograd.grad(loss, list(ahead.parameters()))))
+
+    step = LookaheadTriggerStep(model=model, triggers=triggers, radius=0.05, per_batch=4, margin=cut)
+    step.add_gradient(weight=1.0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, natural[n] + expected[n])
+
+    # Every trigger already leads by more than this margin: nothing is added.
+    learnt = LookaheadTriggerStep(model=model, triggers=triggers, radius=0.05, per_batch=4,
+                                  margin=float(margins.min()) - 1.0)
+    before = {n: p.grad.clone() for n, p in model.named_parameters()}
+    learnt.add_gradient(weight=1.0)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.grad, before[n])
+
+
+def test_a_trigger_margin_needs_lookahead_and_is_recorded(digits_key) -> None:
+    wm = Watermarker(digits_key, trigger_margin=2.0)
+    assert wm.metadata()["trigger_margin"] == 2.0 and wm.lookahead_step(_tiny()).margin == 2.0
+    assert "trigger_margin" not in Watermarker(digits_key).metadata()
+    with pytest.raises(UsageError, match="needs lookahead embedding.*trigger_lookahead > 0"):
+        Watermarker(digits_key, trigger_lookahead=0, trigger_margin=2.0)
+    with pytest.raises(UsageError, match="at least 0"):
+        Watermarker(digits_key, trigger_margin=-1.0)
+    with pytest.raises(UsageError, match="margin must be at least 0"):
+        LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.05, per_batch=4,
+                             margin=-0.5)
+
+
 def test_the_hook_does_nothing_without_a_natural_gradient(digits_key) -> None:
     model = _tiny()
     step = LookaheadTriggerStep(model=model, triggers=generate_triggers(digits_key), radius=0.05, per_batch=4)

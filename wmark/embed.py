@@ -57,6 +57,9 @@ class Watermarker:
             into the batches instead. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST
             CNNs) for image keys, ``0`` for text keys, whose triggers survive a fine-tune without it and where
             it was not measured.
+        trigger_margin: With lookahead, a trigger whose label already leads every other logit by this much at the
+            looked-ahead weights adds no loss: learnt triggers stop costing accuracy. Default None: every trigger
+            always adds its loss.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -64,12 +67,13 @@ class Watermarker:
             tokenizer the key names is loaded.
 
     Raises:
-        UsageError: On an unknown scheme.
+        UsageError: On an unknown scheme, or a margin without lookahead.
     """
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int | None = None,
                  weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
-                 tokenizer: Any = None, trigger_lookahead: float | None = None) -> None:
+                 tokenizer: Any = None, trigger_lookahead: float | None = None,
+                 trigger_margin: float | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
@@ -87,6 +91,10 @@ class Watermarker:
             raise UsageError(f"trigger_per_batch must be at least 1, got {trigger_per_batch}.")
         self.trigger_per_batch = trigger_per_batch
         self.trigger_lookahead = float(trigger_lookahead)
+        if trigger_margin is not None and (trigger_lookahead == 0 or trigger_margin < 0):
+            raise UsageError(f"A trigger margin ({trigger_margin}) must be at least 0 and needs lookahead embedding, "
+                             "which computes the trigger loss itself; set trigger_lookahead > 0 or drop the margin.")
+        self.trigger_margin = trigger_margin
         self._attached = False
         self._triggers: trigger_set.TriggerSet | None = None
         self.weights_layer = weights_layer
@@ -147,7 +155,8 @@ class Watermarker:
             raise UsageError("This Watermarker mixes its triggers into the batches; make it with a positive "
                              "trigger_lookahead for a lookahead step.")
         return LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
-                                    per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model))
+                                    per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model),
+                                    margin=self.trigger_margin)
 
     def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                          trigger_batch_size: int | None = None) -> None:
@@ -224,6 +233,7 @@ class Watermarker:
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
             "trigger_per_batch": self.trigger_per_batch,
             **({"trigger_lookahead": self.trigger_lookahead} if self.trigger_lookahead > 0 else {}),
+            **({"trigger_margin": self.trigger_margin} if self.trigger_margin is not None else {}),
             **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }

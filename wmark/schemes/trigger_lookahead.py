@@ -58,17 +58,23 @@ class LookaheadTriggerStep:
         per_batch: Triggers per step; their loss is weighted ``per_batch / natural batch size``, as if they
             had joined the batch.
         input_key: Name to pass the triggers under, or ``None`` to pass a tensor.
+        margin: If set, a trigger whose label already leads every other logit by at least this much at the
+            looked-ahead weights adds no loss, so learnt triggers stop pulling the weights away from the natural
+            task (the loss is still divided by ``per_batch``).
 
     Raises:
-        UsageError: If ``radius`` is not positive or ``per_batch`` is below 1.
+        UsageError: If ``radius`` is not positive, ``per_batch`` is below 1 or ``margin`` is negative.
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None) -> None:
+                 input_key: str | None = None, margin: float | None = None) -> None:
         if not radius > 0:
             raise UsageError(f"The lookahead radius must be positive, got {radius}.")
         if per_batch < 1:
             raise UsageError(f"per_batch must be at least 1, got {per_batch}.")
+        if margin is not None and margin < 0:
+            raise UsageError(f"The trigger margin must be at least 0 (or None for none), got {margin}.")
+        self.margin = margin
         self.model: nn.Module = getattr(model, "module", model) if hasattr(model, "no_sync") else model
         self.triggers = triggers
         self.radius = float(radius)
@@ -126,7 +132,13 @@ class LookaheadTriggerStep:
             state = {**moved, **{f"model.{n}": b.clone() for n, b in self.model.named_buffers()}}
         with torch.enable_grad():
             logits = logits_of(functional_call(self._call, state, (batch,)))
-            loss = F.cross_entropy(logits, self.triggers.labels[idx].to(logits.device)) * weight
+            labels = self.triggers.labels[idx].to(logits.device)
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            if self.margin is not None:
+                losses = losses[_margins(logits.detach(), labels) < self.margin]
+                if not len(losses):
+                    return
+            loss = losses.sum() / len(idx) * weight
             # autograd.grad, not backward(): a DistributedDataParallel wrapper's reducer must not see this pass.
             grads = torch.autograd.grad(loss, list(moved.values()), allow_unused=True)
         for (_, p), g in zip(named, grads):
@@ -136,6 +148,13 @@ class LookaheadTriggerStep:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
+
+
+def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each row's label logit minus its best other logit."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), float("-inf"))
+    return true - others.amax(1)
 
 
 class _Call(nn.Module):
