@@ -12,6 +12,7 @@ from wmark.attacks.symmetry import (
     fold_batchnorm,
     fuse_qkv,
     lora_merge,
+    permute_decoder_heads,
     permute_heads,
     permute_spaces,
     split_qkv,
@@ -20,5 +21,6 @@ from wmark.attacks.weights import prune, quantize
 
 __all__ = [
     "absorb_final_norm", "finetune", "fold_batchnorm", "fuse_qkv", "last_linear", "lora_merge", "noise", "permute",
-    "permute_heads", "permute_spaces", "permute_state_dict", "prune", "quantize", "rename_tensors", "split_qkv",
+    "permute_decoder_heads", "permute_heads", "permute_spaces", "permute_state_dict", "prune", "quantize",
+    "rename_tensors", "split_qkv",
 ]
