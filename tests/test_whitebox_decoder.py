@@ -14,7 +14,7 @@ from _whitebox_helpers import tiny_key
 from _whitebox_helpers import train as _train
 from scipy import stats
 from torch import nn
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 from wmark.attacks import prune, quantize, rename_tensors
 from wmark.attacks.symmetry import permute_decoder_heads, permute_spaces
@@ -98,6 +98,15 @@ def test_decoder_rules_read_signed_hidden_and_swiglu_spaces() -> None:
     # The down-projection's rows write the hidden stream, so its plan also resolves the stream's signs.
     names = [lay.name for lay in plan(g, "model.layers.1.mlp.down_proj.weight")]
     assert names[0] == "model.embed_tokens.weight" and "model.layers.0.mlp.down_proj.weight" in names
+    def small(**kw: bool) -> LlamaConfig:
+        return LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, **kw)
+
+    bare = read_graph(LlamaModel(small()))
+    assert bare.family == "decoder" and bare.layers[0].name == "embed_tokens.weight"
+    # A language-model head tied to the embedding still reads the hidden stream (and is the last layer).
+    tied = read_graph(LlamaForCausalLM(small(tie_word_embeddings=True)))
+    assert (tied.layers[-1].name, tied.layers[-1].inp) == ("lm_head.weight", "hidden")
 
 
 def test_signed_permutation_and_head_permutation_keep_the_function() -> None:

@@ -6,7 +6,7 @@ Hugging Face decoders cannot be traced, so their spaces are read from parameter 
 
 * ``P.embed_tokens`` (its columns), every ``self_attn.o_proj`` and ``mlp.down_proj`` (rows) write one
   *hidden* space, which every ``q/k/v_proj``, ``gate_proj``, ``up_proj`` and the head (``score`` or
-  ``lm_head``, after the final norm) read (columns); the gains of every ``input_layernorm``,
+  ``lm_head``, after the final norm, tied to the embedding or not) read (columns); the gains of every ``input_layernorm``,
   ``post_attention_layernorm`` and ``P.norm`` are indexed by it;
 * one MLP space per layer: ``gate_proj`` and ``up_proj`` rows write it, ``down_proj`` columns read it;
 * attention heads are opaque, as in BERT: heads permute, each head's factors admit invertible maps, and
@@ -60,7 +60,8 @@ def read_decoder(model: nn.Module) -> Graph:
     """
     blocks = decoder_layers(model)
     prefix = blocks[0][0]
-    params = dict(model.named_parameters())
+    # Duplicates kept: a head tied to the embedding is still a reader of the hidden stream.
+    params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
     sp = _Spaces()
     embed = f"{prefix}embed_tokens.weight"
