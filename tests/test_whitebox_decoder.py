@@ -1,6 +1,7 @@
 """Weight mark of a Llama-style decoder (RMSNorm, SwiGLU, RoPE): read by explicit rules, aligned through signed
-permutations of the hidden stream and SwiGLU neurons, detected after every function-preserving rewrite plus
-fine-tuning, pruning and int8; independent decoders and the unmarked anchor never; unknown layouts refused."""
+permutations of the hidden stream and SwiGLU neurons and per-norm gain signs, detected after every
+function-preserving rewrite plus fine-tuning, pruning and int8; independent decoders and the unmarked anchor
+never; unknown layouts refused."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 from wmark.attacks import prune, quantize, rename_tensors
-from wmark.attacks.symmetry import permute_decoder_heads, permute_spaces
+from wmark.attacks.symmetry import flip_gain_signs, permute_decoder_heads, permute_spaces
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_model, save_tensors
 from wmark.schemes.weights import WeightsEmbedder
@@ -53,9 +54,12 @@ def train(model: nn.Module, data: tuple[torch.Tensor, torch.Tensor], *, steps: i
 
 
 def rewritten(model: nn.Module, seed: int = 3) -> dict[str, torch.Tensor]:
-    """Signed permutation of the hidden stream and every SwiGLU space, then a head permutation."""
-    sd = permute_spaces(model.state_dict(), graph=read_graph(model), seed=seed, signs=True)
-    return permute_decoder_heads(sd, num_heads=4, seed=seed + 1)
+    """Signed permutation of the hidden stream and every SwiGLU space, sign flips of every norm gain with its
+    readers' columns, then a head permutation."""
+    graph = read_graph(model)
+    sd = permute_spaces(model.state_dict(), graph=graph, seed=seed, signs=True)
+    sd = flip_gain_signs(sd, graph=graph, seed=seed + 1)
+    return permute_decoder_heads(sd, num_heads=4, seed=seed + 2)
 
 
 def as_model(sd: dict[str, torch.Tensor]) -> TinyLlama:
@@ -119,6 +123,7 @@ def test_signed_permutation_and_head_permutation_keep_the_function() -> None:
     best = match.abs().max(dim=1)
     assert bool((best.values > 0.9999).all())
     assert 16 <= int((match[torch.arange(64), best.indices] < 0).sum()) <= 48
+    assert 16 <= int((sd["model.layers.1.post_attention_layernorm.weight"] < 0).sum()) <= 48
     ids = text_task(5, n=16)[0]
     with torch.no_grad():
         assert torch.allclose(as_model(sd)(ids), model(ids), atol=1e-5)
@@ -145,19 +150,23 @@ def test_alignment_recovers_the_signs_and_never_reads_the_marked_layer(llama) ->
     assert order is not None and bool((signs < 0).any())
     assert torch.allclose(sus["model.embed_tokens.weight"][:, order] * signs, src["model.embed_tokens.weight"])
     order, signs = aligner.perms["mlp1"], aligner.signs["mlp1"]
-    assert order is not None
-    up = "model.layers.1.mlp.up_proj.weight"
     hidden = aligner.perms["hidden"]
-    assert hidden is not None
-    undone = sus[up][order][:, hidden] * signs[:, None] * aligner.signs["hidden"][None, :]
-    assert torch.allclose(undone, src[up], atol=1e-6)
+    assert order is not None and hidden is not None
+    gain = aligner.gain_signs["model.layers.1.post_attention_layernorm.weight"]
+    assert bool((gain < 0).any())
+    for part, row_signs in (("up", signs), ("gate", torch.ones(128))):
+        name = f"model.layers.1.mlp.{part}_proj.weight"
+        undone = sus[name][order][:, hidden] * row_signs[:, None] * (aligner.signs["hidden"] * gain)[None, :]
+        assert torch.allclose(undone, src[name], atol=1e-6), part
 
 
-@pytest.mark.parametrize("attack", ["signed + head permutation, renamed",
+@pytest.mark.parametrize("attack", ["none", "signed + gain signs + head permutation, renamed",
                                     "fine-tune, prune 30%, int8 of the signed rewrite, renamed"])
 def test_decoder_mark_survives(llama, attack) -> None:
     key, model, _, d = llama
-    if attack.startswith("signed"):
+    if attack == "none":
+        tensors = model.state_dict()
+    elif attack.startswith("signed"):
         tensors = rename_tensors(rewritten(model), seed=1)
     else:
         thief = train(as_model(rewritten(model)), text_task(2), steps=40, seed=2, lr=1e-3)
@@ -224,3 +233,5 @@ def test_layouts_the_decoder_rules_do_not_describe_are_refused() -> None:
         read_graph(extra)
     with pytest.raises(UsageError, match="sign flips of space 'mlp1'.* show only in"):
         WeightsEmbedder(tiny_key(32, seed=1), TinyLlama(0), layer="model.layers.1.mlp.up_proj")
+    with pytest.raises(UsageError, match="norm-gain signs of the writers of space 'mlp1'.* show only in"):
+        WeightsEmbedder(tiny_key(32, seed=1), TinyLlama(0), layer="model.layers.1.mlp.gate_proj")

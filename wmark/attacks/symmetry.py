@@ -8,6 +8,7 @@ What a thief can do to a stolen model's weights without changing one prediction:
   embeddings, every Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and
   its MLP neurons; with ``signs=True`` also a random sign flip of every unit of a *signed* space (an
   RMSNorm decoder's hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns);
+* :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
 * :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
 * :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;
   :func:`permute_decoder_heads` the same for a Llama-style decoder (whole heads, so RoPE is unaffected;
@@ -78,6 +79,31 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
             out[p] = _need(out, p)[perm]
         for name in (extra_readers or {}).get(s, ()):
             out[name] = _permute_columns(_need(out, name), perm, flip)
+    return out
+
+
+@torch.no_grad()
+def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Flip the sign of a random half of every norm gain's entries and of the columns that read them.
+
+    An RMSNorm gain multiplies each unit elementwise, so negating entry ``j`` of the gain and column ``j`` of
+    every layer reading the norm's output keeps the function; each norm gets its own flips, independent of
+    the hidden stream's. The gains are those the graph records for its layers (Llama-style decoders).
+
+    Raises:
+        UsageError: If the graph records no gains, or a tensor is missing.
+    """
+    gains = list(dict.fromkeys(lay.gain for lay in graph.layers if lay.gain))
+    if not gains:
+        raise UsageError("The graph records no norm gains read by its layers; pass a Llama-style decoder's graph.")
+    out = {n: t.clone() for n, t in tensors.items()}
+    rng = np.random.default_rng(seed)
+    for gain in gains:
+        flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
+        out[gain] = out[gain] * flip.to(out[gain].dtype)
+        for lay in graph.layers:
+            if lay.gain == gain:
+                out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)
     return out
 
 

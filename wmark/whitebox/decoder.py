@@ -6,8 +6,9 @@ Hugging Face decoders cannot be traced, so their spaces are read from parameter 
 
 * ``P.embed_tokens`` (its columns), every ``self_attn.o_proj`` and ``mlp.down_proj`` (rows) write one
   *hidden* space, which every ``q/k/v_proj``, ``gate_proj``, ``up_proj`` and the head (``score`` or
-  ``lm_head``, after the final norm, tied to the embedding or not) read (columns); the gains of every ``input_layernorm``,
-  ``post_attention_layernorm`` and ``P.norm`` are indexed by it;
+  ``lm_head``, after the final norm, tied to the embedding or not) read (columns); the gains of every
+  ``input_layernorm``, ``post_attention_layernorm`` and ``P.norm`` are indexed by it, and each reader
+  records the gain it reads through;
 * one MLP space per layer: ``gate_proj`` and ``up_proj`` rows write it, ``down_proj`` columns read it;
 * attention heads are opaque, as in BERT: heads permute, each head's factors admit invertible maps, and
   RoPE rotates pairs of query/key rows, so no row of Q/K/V/O is aligned on its own.
@@ -18,6 +19,10 @@ Why both spaces are *signed*: RMSNorm divides by the root mean square without su
 every writer's rows and every reader's columns follow. In the SwiGLU MLP ``down(silu(gate·x) ⊙ up·x)`` a
 neuron flips when its ``up`` row and ``down`` column flip together; its ``gate`` row cannot (SiLU is not
 odd), so gate layers are marked as writers whose rows do not carry the signs.
+
+A gain adds signs of its own: negating entry ``j`` of one norm's gain and column ``j`` of the layers
+reading that norm keeps the function too, independently for every norm. The aligner reads those signs
+from the readers whose rows never flip, the gates (:class:`wmark.whitebox.align.Aligner`).
 
 Any parameter outside this layout (a norm with a bias or one that subtracts the mean, per-head norms, a
 head the rules cannot place) is refused rather than guessed.
@@ -68,6 +73,7 @@ def read_decoder(model: nn.Module) -> Graph:
     stream = sp.new("hidden", int(params[embed].shape[1]), SIGNED)
     layers: list[tuple[str, str, str, str | None]] = [(embed, sp.new("tokens", 0, FIXED), stream, None)]
     unsigned: set[str] = set()
+    gains: dict[str, str] = {}
     placed = {embed}
 
     def need(name: str) -> str:
@@ -85,37 +91,38 @@ def read_decoder(model: nn.Module) -> Graph:
         layers.append((w, inp, out, bias))
         return w
 
-    def norm(name: str) -> None:
+    def norm(name: str) -> str:
         module = modules.get(name)
         if module is None or not type(module).__name__.endswith("RMSNorm") or getattr(module, "bias", None) is not None:
             raise UsageError(f"{name} is not a bias-free RMSNorm, so the hidden units of this decoder may not flip "
                              "sign; wmark reads only Llama-style decoders normalised by RMSNorm.")
         sp.info[stream].params.append(need(f"{name}.weight"))
+        return f"{name}.weight"
 
     for _, i in blocks:
         base = f"{prefix}layers.{i}."
         width = int(params[need(f"{base}self_attn.o_proj.weight")].shape[1])
         heads_qk = sp.new(f"heads{i}.qk", width, "opaque", why="attention heads")
         heads_v = sp.new(f"heads{i}.v", width, "opaque", why="attention heads")
-        norm(f"{base}input_layernorm")
+        gain = norm(f"{base}input_layernorm")
         for part, space in (("q", heads_qk), ("k", heads_qk), ("v", heads_v)):
-            linear(f"{base}self_attn.{part}_proj", stream, space)
+            gains[linear(f"{base}self_attn.{part}_proj", stream, space)] = gain
         linear(f"{base}self_attn.o_proj", heads_v, stream)
-        norm(f"{base}post_attention_layernorm")
+        gain = norm(f"{base}post_attention_layernorm")
         mlp = sp.new(f"mlp{i}", int(params[need(f"{base}mlp.up_proj.weight")].shape[0]), SIGNED)
         unsigned.add(linear(f"{base}mlp.gate_proj", stream, mlp))
-        linear(f"{base}mlp.up_proj", stream, mlp)
+        gains[f"{base}mlp.gate_proj.weight"] = gains[linear(f"{base}mlp.up_proj", stream, mlp)] = gain
         linear(f"{base}mlp.down_proj", mlp, stream)
-    norm(f"{prefix}norm")
+    gain = norm(f"{prefix}norm")
     for name, p in params.items():
         head = name.rsplit(".", 2)
         if name not in placed and name.endswith(".weight") and p.dim() == 2 and len(head) >= 2 \
                 and head[-2] in _HEADS and not name.startswith(f"{prefix}layers."):
-            linear(name[: -len(".weight")], stream, sp.new(name, int(p.shape[0])))
+            gains[linear(name[: -len(".weight")], stream, sp.new(name, int(p.shape[0])))] = gain
     stray = [n for n in params if n not in placed]
     if stray:
         raise UsageError(f"The Llama-style model's parameter {stray[0]!r} is not one the decoder rules place (they "
                          "describe embed_tokens, q/k/v/o, gate/up/down, RMSNorm gains and a score or lm_head); "
                          "wmark cannot align this layout.")
     return _assemble(sp, layers, params, family="decoder", transposed=frozenset({embed}),
-                     unsigned=frozenset(unsigned))
+                     unsigned=frozenset(unsigned), gains=gains)

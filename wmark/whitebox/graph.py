@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -83,6 +83,8 @@ class Layer:
         bias: The bias parameter (permuted with the rows), if any.
         signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
             whose output passes through the non-odd SiLU before the product that carries the sign).
+        gain: The per-unit gain (an RMSNorm weight) its columns read a signed ``inp`` space through, if any:
+            a thief may flip the signs of that gain and of its readers' columns, on top of the space's own.
     """
 
     name: str
@@ -92,6 +94,7 @@ class Layer:
     transpose: bool = False
     bias: str | None = None
     signs: bool = True
+    gain: str | None = None
 
     @property
     def rows(self) -> int:
@@ -287,11 +290,13 @@ def _dims(value: Any) -> set[int]:
 
 
 def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
-              family: str, transposed: frozenset[str] = frozenset(), unsigned: frozenset[str] = frozenset()) -> Graph:
+              family: str, transposed: frozenset[str] = frozenset(), unsigned: frozenset[str] = frozenset(),
+              gains: Mapping[str, str] | None = None) -> Graph:
     out: list[Layer] = []
     for name, inp, outp, bias in layers:
         shape = tuple(int(d) for d in params[name].shape)
-        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias, name not in unsigned))
+        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias, name not in unsigned,
+                         (gains or {}).get(name)))
     spaces: dict[str, Space] = {}
     for name in sp.parent:
         root = sp.find(name)
@@ -413,9 +418,16 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         if graph.spaces[s].kind == SIGNED and not any(w.signs for w in writers):
             raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
                              "itself; mark another layer.")
+        gained = {w.gain for w in writers if w.gain}
+        if any(all(w.signs for w in writers if w.gain == g) for g in gained):
+            raise UsageError(f"The norm-gain signs of the writers of space {s!r}, which {marked} depends on, show "
+                             f"only in {marked} itself; mark another layer.")
         todo.extend(w.inp for w in writers)
     chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
               and graph.spaces[lay.inp].kind != "opaque"]
+    if target.gain and first.kind == SIGNED and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
+        raise UsageError(f"The signs {marked} reads through {target.gain} show in no other layer wmark aligns; mark "
+                         "another layer.")
     return [*chosen, target]
 
 
@@ -428,7 +440,7 @@ def plan_metadata(graph: Graph, layers: Sequence[Layer]) -> dict[str, Any]:
         "iters": BINORM_ITERS,
         "spaces": {s: {"size": graph.spaces[s].size, "kind": graph.spaces[s].kind} for s in sorted(spaces)},
         "layers": [{"name": lay.name, "shape": list(lay.shape), "in": lay.inp, "out": lay.out,
-                    "transpose": lay.transpose, "signs": lay.signs} for lay in layers],
+                    "transpose": lay.transpose, "signs": lay.signs, "gain": lay.gain} for lay in layers],
     }
 
 
