@@ -18,7 +18,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 from wmark.attacks import prune, quantize, rename_tensors
-from wmark.attacks.symmetry import flip_gain_signs, permute_decoder_heads, permute_spaces
+from wmark.attacks.symmetry import absorb_final_norm, flip_gain_signs, permute_decoder_heads, permute_spaces
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_model, save_tensors
 from wmark.schemes.weights import WeightsEmbedder
@@ -60,6 +60,15 @@ def rewritten(model: nn.Module, seed: int = 3) -> dict[str, torch.Tensor]:
     sd = permute_spaces(model.state_dict(), graph=graph, seed=seed, signs=True)
     sd = flip_gain_signs(sd, graph=graph, seed=seed + 1)
     return permute_decoder_heads(sd, num_heads=4, seed=seed + 2)
+
+
+def absorbed(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every RMSNorm gain absorbed into the layers reading it (each norm feeds only linear layers)."""
+    graph = read_graph(model)
+    for gain in dict.fromkeys(lay.gain for lay in graph.layers if lay.gain):
+        readers = [lay.name.removesuffix(".weight") for lay in graph.layers if lay.gain == gain]
+        sd = absorb_final_norm(sd, norm=gain.removesuffix(".weight"), readers=readers)
+    return sd
 
 
 def as_model(sd: dict[str, torch.Tensor]) -> TinyLlama:
@@ -127,6 +136,7 @@ def test_signed_permutation_and_head_permutation_keep_the_function() -> None:
     ids = text_task(5, n=16)[0]
     with torch.no_grad():
         assert torch.allclose(as_model(sd)(ids), model(ids), atol=1e-5)
+        assert torch.allclose(as_model(absorbed(model, sd))(ids), model(ids), atol=1e-5)
         assert not torch.allclose(TinyLlama(5).eval()(ids), model(ids), atol=1e-3)
 
 
@@ -161,13 +171,17 @@ def test_alignment_recovers_the_signs_and_never_reads_the_marked_layer(llama) ->
 
 
 @pytest.mark.parametrize("attack", ["none", "signed + gain signs + head permutation, renamed",
+                                    "signed rewrite, every norm gain absorbed",
                                     "fine-tune, prune 30%, int8 of the signed rewrite, renamed"])
 def test_decoder_mark_survives(llama, attack) -> None:
     key, model, _, d = llama
     if attack == "none":
         tensors = model.state_dict()
-    elif attack.startswith("signed"):
+    elif attack.startswith("signed + gain"):
         tensors = rename_tensors(rewritten(model), seed=1)
+    elif attack.startswith("signed rewrite"):
+        tensors = absorbed(model, rewritten(model))
+        assert all(bool((tensors[p] == 1).all()) for p in read_graph(model).spaces["hidden"].params)
     else:
         thief = train(as_model(rewritten(model)), text_task(2), steps=40, seed=2, lr=1e-3)
         tensors = rename_tensors(quantize(prune(thief, sparsity=0.3)).state_dict(), seed=2)

@@ -15,7 +15,8 @@ What a thief can do to a stolen model's weights without changing one prediction:
   grouped key/value heads move with their query groups);
 * :func:`fuse_qkv` / :func:`split_qkv` — one fused QKV tensor per layer, under new names, and back;
 * :func:`absorb_final_norm` — the last LayerNorm's gain and bias absorbed into the linear layer(s) that
-  read it (in a post-LN encoder only the last norm feeds nothing but linear readers);
+  read it (in a post-LN encoder only the last norm feeds nothing but linear readers); in a pre-norm
+  decoder every RMSNorm gain can be absorbed so;
 * :func:`lora_merge` — a LoRA fine-tune (low-rank adapters trained by the caller) merged into the weights.
 
 All but the last keep the function exactly (up to float rounding); tests check outputs to 1e-4.
@@ -265,20 +266,23 @@ def split_qkv(tensors: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[
 @torch.no_grad()
 def absorb_final_norm(tensors: Mapping[str, torch.Tensor], *, norm: str,
                       readers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Absorb a LayerNorm's gain and bias into the linear layers that read its output (gain 1, bias 0 after).
+    """Absorb a norm's gain (and a LayerNorm's bias) into the linear layers that read its output (gain 1, bias 0
+    after).
 
     Exact when the norm's output reaches ``readers`` only through linear ops (e.g. mean pooling) — in a
-    post-LN encoder, the last layer's output norm.
+    post-LN encoder, the last layer's output norm; in a pre-norm decoder, every RMSNorm (it has no bias).
     """
-    g, b = _need(tensors, f"{norm}.weight"), _need(tensors, f"{norm}.bias")
+    g, b = _need(tensors, f"{norm}.weight"), tensors.get(f"{norm}.bias")
     out = {n: t.clone() for n, t in tensors.items()}
     for r in readers:
         w = _need(out, f"{r}.weight")
-        bias = out.get(f"{r}.bias")
-        out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
+        if b is not None:
+            bias = out.get(f"{r}.bias")
+            out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
         out[f"{r}.weight"] = w * g[None, :]
     out[f"{norm}.weight"] = torch.ones_like(g)
-    out[f"{norm}.bias"] = torch.zeros_like(b)
+    if b is not None:
+        out[f"{norm}.bias"] = torch.zeros_like(b)
     return out
 
 
