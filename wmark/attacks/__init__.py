@@ -21,7 +21,7 @@ from wmark.attacks.symmetry import (
 from wmark.attacks.weights import prune, quantize
 
 __all__ = [
-    "absorb_final_norm", "finetune", "flip_gain_signs", "fold_batchnorm", "fuse_qkv", "last_linear", "lora_merge", "noise", "permute",
-    "permute_decoder_heads", "permute_heads", "permute_spaces", "permute_state_dict", "prune", "quantize",
-    "rename_tensors", "split_qkv",
+    "absorb_final_norm", "finetune", "flip_gain_signs", "fold_batchnorm", "fuse_qkv", "last_linear", "lora_merge",
+    "noise", "permute", "permute_decoder_heads", "permute_heads", "permute_spaces", "permute_state_dict", "prune",
+    "quantize", "rename_tensors", "split_qkv",
 ]

@@ -201,7 +201,8 @@ def read_graph(model: nn.Module) -> Graph:
         for space in inner.spaces.values():
             space.params = [f"module.{p}" for p in space.params]
         inner.layers = [replace(lay, name=f"module.{lay.name}",
-                                bias=None if lay.bias is None else f"module.{lay.bias}") for lay in inner.layers]
+                                bias=None if lay.bias is None else f"module.{lay.bias}",
+                                gain=None if lay.gain is None else f"module.{lay.gain}") for lay in inner.layers]
         return inner
     if _bert_layers(model):
         return _read_bert(model)
