@@ -110,15 +110,16 @@ def read_decoder(model: nn.Module) -> Graph:
         linear(f"{base}self_attn.o_proj", heads_v, stream)
         gain = norm(f"{base}post_attention_layernorm")
         mlp = sp.new(f"mlp{i}", int(params[need(f"{base}mlp.up_proj.weight")].shape[0]), SIGNED)
-        unsigned.add(linear(f"{base}mlp.gate_proj", stream, mlp))
-        gains[f"{base}mlp.gate_proj.weight"] = gains[linear(f"{base}mlp.up_proj", stream, mlp)] = gain
+        gate, up = linear(f"{base}mlp.gate_proj", stream, mlp), linear(f"{base}mlp.up_proj", stream, mlp)
+        unsigned.add(gate)
+        gains[gate] = gains[up] = gain
         linear(f"{base}mlp.down_proj", mlp, stream)
     gain = norm(f"{prefix}norm")
     for name, p in params.items():
-        head = name.rsplit(".", 2)
-        if name not in placed and name.endswith(".weight") and p.dim() == 2 and len(head) >= 2 \
-                and head[-2] in _HEADS and not name.startswith(f"{prefix}layers."):
-            gains[linear(name[: -len(".weight")], stream, sp.new(name, int(p.shape[0])))] = gain
+        module = name.removesuffix(".weight")
+        if name not in placed and name.endswith(".weight") and p.dim() == 2 and module.rsplit(".", 1)[-1] in _HEADS \
+                and not name.startswith(f"{prefix}layers."):
+            gains[linear(module, stream, sp.new(name, int(p.shape[0])))] = gain
     stray = [n for n in params if n not in placed]
     if stray:
         raise UsageError(f"The Llama-style model's parameter {stray[0]!r} is not one the decoder rules place (they "
