@@ -92,6 +92,7 @@ def llama(tmp_path_factory):
     save_model(base, d / "anchor.safetensors")
     model = copy.deepcopy(base)
     emb = WeightsEmbedder(key, model)
+    assert emb.layer == "model.layers.1.mlp.down_proj.weight"
     train(model, text_task(1), steps=120, seed=1, embedder=emb)
     assert emb.bit_errors() == 0
     save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
@@ -108,9 +109,14 @@ def test_decoder_rules_read_signed_hidden_and_swiglu_spaces() -> None:
     assert not g.layer("model.layers.1.mlp.gate_proj.weight").signs
     assert g.layer("model.layers.1.mlp.up_proj.weight").signs
     assert g.layer("score.weight").inp == "hidden" and g.layer("model.embed_tokens.weight").transpose
+    # Each reader records the norm gain it reads through (whose signs a thief may flip with its columns).
+    assert g.layer("model.layers.1.mlp.gate_proj.weight").gain == "model.layers.1.post_attention_layernorm.weight"
+    assert g.layer("score.weight").gain == "model.norm.weight"
+    assert g.layer("model.layers.1.mlp.down_proj.weight").gain is None
     # The down-projection's rows write the hidden stream, so its plan also resolves the stream's signs.
     names = [lay.name for lay in plan(g, "model.layers.1.mlp.down_proj.weight")]
     assert names[0] == "model.embed_tokens.weight" and "model.layers.0.mlp.down_proj.weight" in names
+
     def small(**kw: bool) -> LlamaConfig:
         return LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                            num_attention_heads=2, **kw)
