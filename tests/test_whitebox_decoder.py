@@ -13,14 +13,17 @@ import pytest
 import torch
 from _whitebox_helpers import tiny_key
 from _whitebox_helpers import train as _train
+from click.testing import CliRunner
 from scipy import stats
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification, LlamaModel
 
 from wmark.attacks import prune, quantize, rename_tensors
 from wmark.attacks.symmetry import absorb_final_norm, flip_gain_signs, permute_decoder_heads, permute_spaces
+from wmark.cli import main
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_model, save_tensors
+from wmark.keys import save_key
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.align import Aligner, plan_layers
 from wmark.whitebox.graph import plan, read_graph
@@ -195,6 +198,18 @@ def test_decoder_mark_survives(llama, attack) -> None:
     test = verdict.tests[0]
     assert verdict.detected and test.details["family"] == "decoder" and test.matches >= 30, test.matches
     assert test.null["exact_by_construction"]
+
+
+def test_cli_verifies_a_signed_rewrite(llama, tmp_path) -> None:
+    key, model, _, d = llama
+    save_key(key, tmp_path / "k.key")
+    save_tensors(rename_tensors(rewritten(model, seed=11), seed=3), tmp_path / "sus.safetensors")
+    result = CliRunner().invoke(main, ["verify", "file", "--whitebox", "--key", str(tmp_path / "k.key"), "--reference",
+                                       str(d / "ref.safetensors"), "--suspect", str(tmp_path / "sus.safetensors"),
+                                       "--anchor", str(d / "anchor.safetensors"), "--json"])
+    assert result.exit_code == 0, result.stderr
+    verdict = json.loads(result.stdout)
+    assert verdict["decision"] == "detected" and verdict["tests"][0]["details"]["family"] == "decoder"
 
 
 def test_signs_must_be_recovered(llama, tmp_path) -> None:
