@@ -1,4 +1,4 @@
-"""Function-preserving rewrites of residual CNNs and BERT-style transformers, read from the real graph.
+"""Function-preserving rewrites of residual CNNs and transformers (BERT, Llama), read from the real graph.
 
 What a thief can do to a stolen model's weights without changing one prediction:
 
@@ -6,12 +6,17 @@ What a thief can do to a stolen model's weights without changing one prediction:
   each residual block, the residual stream's channels together across every block and downsample conv
   that writes it (BatchNorm statistics and parameters follow), a transformer's hidden dimension across
   embeddings, every Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and
-  its MLP neurons;
+  its MLP neurons; with ``signs=True`` also a random sign flip of every unit of a *signed* space (an
+  RMSNorm decoder's hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns);
+* :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
 * :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
 * :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;
+  :func:`permute_decoder_heads` the same for a Llama-style decoder (whole heads, so RoPE is unaffected;
+  grouped key/value heads move with their query groups);
 * :func:`fuse_qkv` / :func:`split_qkv` — one fused QKV tensor per layer, under new names, and back;
 * :func:`absorb_final_norm` — the last LayerNorm's gain and bias absorbed into the linear layer(s) that
-  read it (in a post-LN encoder only the last norm feeds nothing but linear readers);
+  read it (in a post-LN encoder only the last norm feeds nothing but linear readers); in a pre-norm
+  decoder every RMSNorm gain can be absorbed so;
 * :func:`lora_merge` — a LoRA fine-tune (low-rank adapters trained by the caller) merged into the weights.
 
 All but the last keep the function exactly (up to float rounding); tests check outputs to 1e-4.
@@ -27,13 +32,14 @@ import torch
 from torch import nn
 
 from wmark.errors import UsageError
-from wmark.whitebox.graph import FIXED, Graph, read_graph
+from wmark.whitebox.graph import SIGNED, Graph, read_graph
 
 
 @torch.no_grad()
 def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0,
                    spaces: Sequence[str] | None = None,
-                   extra_readers: Mapping[str, Sequence[str]] | None = None) -> dict[str, torch.Tensor]:
+                   extra_readers: Mapping[str, Sequence[str]] | None = None,
+                   signs: bool = False) -> dict[str, torch.Tensor]:
     """Permute the units of spaces (default: every free space that some layer reads), keeping the function.
 
     Args:
@@ -43,6 +49,9 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
         spaces: Names of the spaces to permute.
         extra_readers: Space name → weights that read it but that the graph could not place (e.g. a
             classifier on mean-pooled hidden states of a BERT-style encoder): their columns are permuted too.
+        signs: Also flip the sign of a random half of the units of every signed space: the rows of its
+            writers that carry signs (not a SwiGLU gate's) and their biases, and the columns of its readers.
+            Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain.
 
     Raises:
         UsageError: If a named space is fixed or opaque, or a tensor is missing.
@@ -52,22 +61,55 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
     rng = np.random.default_rng(seed)
     for s in names:
         space = graph.spaces.get(s)
-        if space is None or space.kind != "free":
+        if space is None or space.kind not in ("free", SIGNED):
             raise UsageError(f"Space {s!r} is not a permutable space of this graph.")
         perm = torch.from_numpy(rng.permutation(space.size))
+        flip = torch.ones(space.size)
+        if signs and space.kind == SIGNED:
+            flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=space.size)).float()
         for lay in graph.layers:
             if lay.out == s:
-                _need(out, lay.name)
-                out[lay.name] = out[lay.name][:, perm] if lay.transpose else out[lay.name][perm]
+                row = flip if lay.signs else torch.ones(space.size)
+                w = _need(out, lay.name)
+                out[lay.name] = (w[:, perm] * row.to(w.dtype)) if lay.transpose else _scale_rows(w[perm], row)
                 if lay.bias:
-                    out[lay.bias] = out[lay.bias][perm]
+                    out[lay.bias] = out[lay.bias][perm] * row.to(out[lay.bias].dtype)
             if lay.inp == s:
-                out[lay.name] = _permute_columns(_need(out, lay.name), perm)
+                out[lay.name] = _permute_columns(_need(out, lay.name), perm, flip)
         for p in space.params:
             out[p] = _need(out, p)[perm]
         for name in (extra_readers or {}).get(s, ()):
-            out[name] = _permute_columns(_need(out, name), perm)
+            out[name] = _permute_columns(_need(out, name), perm, flip)
     return out
+
+
+@torch.no_grad()
+def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Flip the sign of a random half of every norm gain's entries and of the columns that read them.
+
+    An RMSNorm gain multiplies each unit elementwise, so negating entry ``j`` of the gain and column ``j`` of
+    every layer reading the norm's output keeps the function; each norm gets its own flips, independent of
+    the hidden stream's. The gains are those the graph records for its layers (Llama-style decoders).
+
+    Raises:
+        UsageError: If the graph records no gains, or a tensor is missing.
+    """
+    gains = list(dict.fromkeys(lay.gain for lay in graph.layers if lay.gain))
+    if not gains:
+        raise UsageError("The graph records no norm gains read by its layers; pass a Llama-style decoder's graph.")
+    out = {n: t.clone() for n, t in tensors.items()}
+    rng = np.random.default_rng(seed)
+    for gain in gains:
+        flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
+        out[gain] = out[gain] * flip.to(out[gain].dtype)
+        for lay in graph.layers:
+            if lay.gain == gain:
+                out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)
+    return out
+
+
+def _scale_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return w * scale.to(w.dtype).view(-1, *[1] * (w.dim() - 1))
 
 
 def _need(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -77,10 +119,12 @@ def _need(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
     return tensors[name]
 
 
-def _permute_columns(w: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def _permute_columns(w: torch.Tensor, perm: torch.Tensor, flip: torch.Tensor | None = None) -> torch.Tensor:
     units = len(perm)
-    v = w.reshape(w.shape[0], units, -1)
-    return v[:, perm, :].reshape(w.shape).contiguous()
+    v = w.reshape(w.shape[0], units, -1)[:, perm, :]
+    if flip is not None:
+        v = v * flip.to(w.dtype)[None, :, None]
+    return v.reshape(w.shape).contiguous()
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -155,6 +199,49 @@ def permute_heads(tensors: Mapping[str, torch.Tensor], *, num_heads: int, prefix
     return out
 
 
+@torch.no_grad()
+def permute_decoder_heads(tensors: Mapping[str, torch.Tensor], *, num_heads: int,
+                          seed: int = 0) -> dict[str, torch.Tensor]:
+    """Permute the attention heads of every layer of a Llama-style decoder, keeping the function.
+
+    Whole heads move (``q/k/v_proj`` row blocks, ``o_proj`` column blocks), so the rotary embedding, which
+    rotates the same pairs of rows in every head, is unaffected. With grouped key/value heads the
+    key/value heads are permuted and each query group follows its key/value head, its own heads shuffled.
+
+    Raises:
+        UsageError: If the state dict has no ``self_attn.q_proj`` weights or the head count does not divide them.
+    """
+    out = {n: t.clone() for n, t in tensors.items()}
+    bases = sorted(n[: -len("q_proj.weight")] for n in tensors if n.endswith("self_attn.q_proj.weight"))
+    if not bases:
+        raise UsageError("The state dict has no self_attn.q_proj weights; pass a Llama-style decoder's state dict.")
+    rng = np.random.default_rng(seed)
+    for base in bases:
+        rows, kv_rows = int(out[f"{base}q_proj.weight"].shape[0]), int(_need(out, f"{base}k_proj.weight").shape[0])
+        size = rows // num_heads
+        if rows % num_heads or kv_rows % size or num_heads % (kv_rows // size):
+            raise UsageError(f"{rows} query rows and {kv_rows} key rows do not split into {num_heads} heads; pass "
+                             "the model's head count.")
+        kv_heads = kv_rows // size
+        group = num_heads // kv_heads
+        kv_order = rng.permutation(kv_heads)
+        q_order = np.concatenate([k * group + rng.permutation(group) for k in kv_order])
+        for part, order in (("q", q_order), ("k", kv_order), ("v", kv_order)):
+            for kind in ("weight", "bias"):
+                name = f"{base}{part}_proj.{kind}"
+                if name in out:
+                    out[name] = out[name][_head_units(order, size)]
+        o = f"{base}o_proj.weight"
+        out[o] = _need(out, o)[:, _head_units(q_order, size)]
+    return out
+
+
+def _head_units(order: np.ndarray, size: int) -> torch.Tensor:
+    """Row indices of whole heads of ``size`` rows, in ``order``."""
+    idx = torch.from_numpy(order)
+    return (idx[:, None] * size + torch.arange(size)[None, :]).flatten()
+
+
 def fuse_qkv(tensors: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[str, torch.Tensor]:
     """Replace each layer's query/key/value tensors by one ``attention.self.qkv`` tensor (rows Q, K, V)."""
     out = dict(tensors)
@@ -179,20 +266,23 @@ def split_qkv(tensors: Mapping[str, torch.Tensor], *, prefix: str = "") -> dict[
 @torch.no_grad()
 def absorb_final_norm(tensors: Mapping[str, torch.Tensor], *, norm: str,
                       readers: Sequence[str]) -> dict[str, torch.Tensor]:
-    """Absorb a LayerNorm's gain and bias into the linear layers that read its output (gain 1, bias 0 after).
+    """Absorb a norm's gain (and a LayerNorm's bias) into the linear layers that read its output (gain 1, bias 0
+    after).
 
     Exact when the norm's output reaches ``readers`` only through linear ops (e.g. mean pooling) — in a
-    post-LN encoder, the last layer's output norm.
+    post-LN encoder, the last layer's output norm; in a pre-norm decoder, every RMSNorm (it has no bias).
     """
-    g, b = _need(tensors, f"{norm}.weight"), _need(tensors, f"{norm}.bias")
+    g, b = _need(tensors, f"{norm}.weight"), tensors.get(f"{norm}.bias")
     out = {n: t.clone() for n, t in tensors.items()}
     for r in readers:
         w = _need(out, f"{r}.weight")
-        bias = out.get(f"{r}.bias")
-        out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
+        if b is not None:
+            bias = out.get(f"{r}.bias")
+            out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
         out[f"{r}.weight"] = w * g[None, :]
     out[f"{norm}.weight"] = torch.ones_like(g)
-    out[f"{norm}.bias"] = torch.zeros_like(b)
+    if b is not None:
+        out[f"{norm}.bias"] = torch.zeros_like(b)
     return out
 
 
@@ -256,4 +346,4 @@ def lora_merge(model: nn.Module, *, train: Callable[[nn.Module], None], rank: in
 def free_spaces(graph: Graph) -> list[str]:
     """Spaces a thief may permute: free and read by some layer (outputs of the model are not)."""
     readers = {lay.inp for lay in graph.layers}
-    return [s for s, sp in graph.spaces.items() if sp.kind not in (FIXED, "opaque") and s in readers]
+    return [s for s, sp in graph.spaces.items() if sp.kind in ("free", SIGNED) and s in readers]

@@ -172,8 +172,8 @@ class WeightsEmbedder:
 
     Plain conv/linear chains (the built-in models) carry the mark in the *chain form* of
     :mod:`wmark.whitebox.chain`. Models with normalisation, embeddings or residual adds (ResNets,
-    BERT-style encoders) carry it in the *graph form*: the mean binormalised row of the marked layer
-    (:func:`wmark.whitebox.graph.binorm_vector`), with the alignment plan read from the real graph
+    BERT-style encoders, Llama-style decoders) carry it in the *graph form*: the mean binormalised row of
+    the marked layer (:func:`wmark.whitebox.graph.binorm_vector`), with the alignment plan read from the real graph
     (:mod:`wmark.whitebox.graph`) recorded in the metadata.
 
     Args:

@@ -2,7 +2,8 @@
 
 :mod:`wmark.whitebox.chain` holds the layer chain and its rescaling-invariant canonical form of plain
 conv/linear models (shared with the embedding scheme); :mod:`wmark.whitebox.graph` reads the unit spaces of
-residual CNNs and BERT-style transformers from their real graph (``torch.fx`` or explicit rules) and the
+residual CNNs and BERT-style transformers from their real graph (``torch.fx`` or explicit rules;
+:mod:`wmark.whitebox.decoder` holds those of Llama-style RMSNorm decoders, whose spaces are signed) and the
 binormalised form their mark lives in; :mod:`wmark.whitebox.align` aligns a suspect to the anchor through
 that graph; :mod:`wmark.whitebox.verify` holds :func:`~wmark.whitebox.verify.verify_whitebox`, which
 serves both.

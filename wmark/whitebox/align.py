@@ -1,4 +1,4 @@
-"""White-box verification of a mark recorded with a graph plan (residual CNNs, BERT-style transformers).
+"""White-box verification of a mark recorded with a graph plan (residual CNNs, BERT encoders, Llama decoders).
 
 The marked model's ``wmark.weights.graph`` metadata (:func:`wmark.whitebox.graph.plan_metadata`) lists the
 layers to align: writers of the marked layer's input space, writers of *their* input spaces, back to
@@ -9,6 +9,16 @@ write it at once), after their own inputs have been put in the reference order. 
 (:func:`~wmark.whitebox.graph.binormalize`) makes the comparison blind to positive per-row and per-input
 rescaling, so BatchNorm folded into a conv, norm gains absorbed into the next layer or int8 row scales do
 not disturb it.
+
+A *signed* space (an RMSNorm decoder's hidden stream or SwiGLU neurons, :mod:`wmark.whitebox.decoder`)
+may also have its units' signs flipped. Its assignment maximises ``|Σ s| + Σ g``, with ``s`` the summed
+similarity of the writers whose rows carry the signs and ``g`` that of the others (a SwiGLU gate), and each
+unit's sign is the sign of its matched ``s``. The signs are applied with the permutation wherever the
+space is read (input columns) and, when the marked layer's rows carry them, to its rows before the mean
+the mark is read from. The layers reading a signed space through a norm gain (a decoder's ``gate_proj`` and
+``up_proj``) may carry that gain's own signs on their columns; they are read from the writers whose rows
+never flip (the gate): neurons matched on sign-blind magnitudes, each column's sign from the matched rows,
+matched again with those signs, kept only if they fit the rows better than no extra signs.
 
 Resolution goes in two passes: first each space from the writers whose inputs are already aligned
 (the stem or the embeddings come first because their inputs are fixed), then every space again from all
@@ -31,7 +41,7 @@ from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
 from wmark.verify import Verdict, decide
-from wmark.whitebox.graph import BINORM_ITERS, FIXED, Layer, binorm_vector, binormalize
+from wmark.whitebox.graph import BINORM_ITERS, FIXED, SIGNED, Layer, binorm_vector, binormalize
 from wmark.whitebox.verify import match_neurons, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
@@ -45,14 +55,15 @@ def plan_layers(info: dict[str, Any]) -> tuple[list[Layer], dict[str, dict[str, 
     """
     graph = info.get("graph")
     try:
-        layers = [Layer(d["name"], tuple(int(s) for s in d["shape"]), d["in"], d["out"], bool(d["transpose"]))
+        layers = [Layer(d["name"], tuple(int(s) for s in d["shape"]), d["in"], d["out"], bool(d["transpose"]),
+                        signs=bool(d.get("signs", True)), gain=d.get("gain") or None)
                   for d in graph["layers"]]  # type: ignore[index]
         spaces = {k: dict(v) for k, v in graph["spaces"].items()}  # type: ignore[index]
         iters = int(graph.get("iters", BINORM_ITERS))  # type: ignore[union-attr]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UsageError("The reference's wmark.weights.graph metadata is malformed; pass the model written by "
                          "`wmark embed`.") from None
-    if not layers or any(s.get("kind") not in ("fixed", "free") for s in spaces.values()):
+    if not layers or any(s.get("kind") not in (FIXED, "free", SIGNED) for s in spaces.values()):
         raise UsageError("The reference's weight plan is empty or names a space that cannot be aligned; pass the "
                          "model written by `wmark embed`.")
     return layers, spaces, iters
@@ -69,11 +80,24 @@ def marked_vector(tensor: torch.Tensor, layer: Layer, units: int, *, iters: int 
     return binorm_vector(view2d(tensor, layer), units, iters=iters)
 
 
-def _signature(w: torch.Tensor, units: int, perm: torch.Tensor | None, iters: int) -> torch.Tensor:
+def _signature(w: torch.Tensor, units: int, perm: torch.Tensor | None, sign: torch.Tensor | None,
+               iters: int) -> torch.Tensor:
     b = binormalize(w, units, iters=iters)
     if perm is not None:
         b = b[:, perm, :]
+    if sign is not None:
+        b = b * sign[None, :, None]
     flat = b.flatten(1)
+    return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def _magnitude_signature(w: torch.Tensor, units: int, perm: torch.Tensor | None, iters: int) -> torch.Tensor:
+    """Centred magnitudes of the binormalised rows: blind to every sign of rows and columns."""
+    b = binormalize(w, units, iters=iters)
+    if perm is not None:
+        b = b[:, perm, :]
+    flat = b.abs().flatten(1)
+    flat = flat - flat.mean(dim=1, keepdim=True)
     return flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
 
@@ -99,6 +123,10 @@ class Aligner:
         self.suspect = suspect
         self.iters = iters
         self.perms: dict[str, torch.Tensor | None] = {s: None for s, v in spaces.items() if v["kind"] == FIXED}
+        # Per reference unit of a signed space: ±1, the sign of the suspect unit matched to it.
+        self.signs: dict[str, torch.Tensor] = {}
+        # Per norm gain: ±1 per reference unit, the extra sign its readers' columns carry.
+        self.gain_signs: dict[str, torch.Tensor] = {}
         self.chosen: dict[str, str] = {}
         self.quality: dict[str, float] = {}
         self._cache: dict[str, torch.Tensor] = {}
@@ -115,7 +143,25 @@ class Aligner:
         units = self._units(layer)
         ref = self._load(layer.name, self.source, layer, f"ref:{layer.name}")
         sus = self._load(sus_name, self.suspect, layer, f"sus:{sus_name}")
-        return _signature(ref, units, None, self.iters) @ _signature(sus, units, self.perms[layer.inp], self.iters).T
+        return _signature(ref, units, None, None, self.iters) @ _signature(
+            sus, units, self.perms[layer.inp], self._column_signs(layer), self.iters).T
+
+    def _column_signs(self, layer: Layer) -> torch.Tensor | None:
+        sign = self.signs.get(layer.inp)
+        extra = self.gain_signs.get(layer.gain) if layer.gain else None
+        if extra is None or sign is None:
+            return sign if extra is None else extra
+        return sign * extra
+
+    def _magnitude_similarity(self, layer: Layer, sus_name: str) -> torch.Tensor:
+        units = self._units(layer)
+        ref = self._load(layer.name, self.source, layer, f"ref:{layer.name}")
+        sus = self._load(sus_name, self.suspect, layer, f"sus:{sus_name}")
+        return _magnitude_signature(ref, units, None, self.iters) @ _magnitude_signature(
+            sus, units, self.perms[layer.inp], self.iters).T
+
+    def _signed(self, space: str) -> bool:
+        return self.spaces[space]["kind"] == SIGNED
 
     def _choose(self, layer: Layer) -> str:
         """The unused suspect tensor of the layer's shape whose rows best match the source's, one by one."""
@@ -128,21 +174,84 @@ class Aligner:
                              "needs; white-box verification cannot apply, try black-box verification.")
         if len(options) == 1:
             pick = options[0]
+        elif layer.gain and self._signed(layer.inp):
+            # Its columns may carry a norm gain's signs, not known yet: choose on sign-blind magnitudes.
+            pick = max(options, key=lambda n: float(self._magnitude_similarity(layer, n).amax(dim=1).mean()))
         else:
-            pick = max(options, key=lambda n: float(self._similarity(layer, n).amax(dim=1).mean()))
+            signed = self._signed(layer.out)
+            pick = max(options, key=lambda n: float(
+                (self._similarity(layer, n).abs() if signed else self._similarity(layer, n)).amax(dim=1).mean()))
         self.chosen[layer.name] = pick
         return pick
 
+    def _fixed_row_agreement(self, fixed: Sequence[Layer], order: torch.Tensor) -> torch.Tensor:
+        """Per input unit: summed product of matched rows of writers whose rows never flip (without gain signs)."""
+        agree: torch.Tensor | None = None
+        for layer in fixed:
+            units = self._units(layer)
+            ref = binormalize(self._load(layer.name, self.source, layer, f"ref:{layer.name}"), units, iters=self.iters)
+            sus_name = self._choose(layer)
+            sus = binormalize(self._load(sus_name, self.suspect, layer, f"sus:{sus_name}"), units, iters=self.iters)
+            perm, sign = self.perms[layer.inp], self.signs.get(layer.inp)
+            sus = sus[order] if perm is None else sus[order][:, perm, :]
+            if sign is not None:
+                sus = sus * sign[None, :, None]
+            part = (ref * sus).sum(dim=(0, 2))
+            agree = part if agree is None else agree + part
+        assert agree is not None
+        return agree
+
+    def _resolve_gain(self, gain: str, writers: Sequence[Layer]) -> None:
+        """The extra column signs of the writers reading ``gain``, from those whose rows never flip.
+
+        Their neurons are first matched on sign-blind magnitudes, each column's sign is read from the matched
+        rows, the neurons are matched again with those signs and the signs read again. The result is kept
+        only if it matches the rows better than no extra signs (an unflipped gain).
+        """
+        fixed = [w for w in writers if w.gain == gain and not w.signs]
+        group = [w for w in writers if w.gain == gain]
+
+        def fit(order: torch.Tensor) -> tuple[torch.Tensor, float]:
+            agree = self._fixed_row_agreement(fixed, order)
+            return torch.where(agree < 0, -1.0, 1.0), float(agree.abs().sum())
+
+        magnitude = sum(self._magnitude_similarity(w, self._choose(w)) for w in group)
+        assert isinstance(magnitude, torch.Tensor)
+        estimate, _ = fit(torch.from_numpy(match_neurons(magnitude.numpy())))
+        candidates = []
+        for extra in (estimate, None):
+            self.gain_signs.pop(gain, None)
+            if extra is not None:
+                self.gain_signs[gain] = extra
+            sim = sum(self._similarity(w, self._choose(w)) for w in fixed)
+            assert isinstance(sim, torch.Tensor)
+            order = torch.from_numpy(match_neurons(sim.numpy()))
+            signs, score = fit(order)
+            candidates.append((score, signs))
+        self.gain_signs[gain] = max(candidates, key=lambda c: c[0])[1]
+
     def _resolve(self, space: str, writers: Sequence[Layer]) -> None:
+        for gain in dict.fromkeys(w.gain for w in writers if w.gain and self._signed(w.inp)):
+            if any(w.gain == gain and not w.signs for w in writers):
+                self._resolve_gain(gain, writers)
         total: torch.Tensor | None = None
+        carried: torch.Tensor | None = None
         for layer in writers:
             sim = self._similarity(layer, self._choose(layer))
-            total = sim if total is None else total + sim
+            if self._signed(space) and layer.signs:
+                carried = sim if carried is None else carried + sim
+            else:
+                total = sim if total is None else total + sim
+        if carried is not None:
+            total = carried.abs() if total is None else total + carried.abs()
         assert total is not None
         sim_np = total.numpy() / len(writers)
         order = match_neurons(sim_np)
         self.quality[space] = float(sim_np[np.arange(len(order)), order].mean())
         self.perms[space] = torch.from_numpy(order)
+        if carried is not None:
+            matched = carried[torch.arange(len(order)), self.perms[space]]
+            self.signs[space] = torch.where(matched < 0, -1.0, 1.0)
 
     def run(self) -> None:
         """Resolve every space of the plan (two passes; see the module docstring).
@@ -170,11 +279,35 @@ class Aligner:
         return sorted(n for n, s in self.shapes.items() if s == self.marked.shape and n not in taken)
 
     def vector(self, name: str) -> torch.Tensor:
-        """The suspect tensor's marked statistic with its inputs in the source's unit order."""
+        """The suspect tensor's marked statistic with its inputs in the source's unit order and signs.
+
+        Raises:
+            UsageError: If the marked rows follow a signed space whose signs the plan did not resolve.
+        """
         units = self._units(self.marked)
-        v = marked_vector(self.suspect(name), self.marked, units, iters=self.iters).reshape(units, -1)
+        rows = self._row_signs()
+        if rows is None:
+            v = marked_vector(self.suspect(name), self.marked, units, iters=self.iters).reshape(units, -1)
+        else:
+            b = binormalize(view2d(self.suspect(name), self.marked), units, iters=self.iters)
+            v = (b * rows[:, None, None]).mean(dim=0)
         perm = self.perms.get(self.marked.inp)
-        return (v if perm is None else v[perm]).flatten()
+        v = v if perm is None else v[perm]
+        sign = self._column_signs(self.marked)
+        return (v if sign is None else v * sign[:, None]).flatten()
+
+    def _row_signs(self) -> torch.Tensor | None:
+        """±1 per suspect row of the marked layer when its rows flip with a signed space, else None."""
+        out = self.marked.out
+        if not (self.marked.signs and self._signed(out)):
+            return None
+        order, sign = self.perms.get(out), self.signs.get(out)
+        if order is None or sign is None:
+            raise UsageError(f"The reference's plan does not resolve the signs of {out!r}, which the marked layer's "
+                             "rows follow; pass the model written by `wmark embed`.")
+        rows = torch.empty_like(sign)
+        rows[order] = sign
+        return rows
 
 
 def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:

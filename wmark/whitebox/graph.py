@@ -19,7 +19,10 @@ How the graph is read:
   columns are hidden units), every ``attention.output.dense`` and ``output.dense`` (rows) and every
   Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it; one MLP
   space per layer (``intermediate.dense`` rows, ``output.dense`` columns). Attention heads are opaque for
-  alignment (heads permute and each head's factors admit invertible maps, not a permutation).
+  alignment (heads permute and each head's factors admit invertible maps, not a permutation);
+* explicit rules for Llama-style decoders with RMSNorm (:mod:`wmark.whitebox.decoder`), whose hidden
+  stream and SwiGLU neurons are *signed* spaces: a thief may flip the sign of their units as well as
+  permute them.
 
 The *plan* of a marked layer is what verification aligns: the marked layer's input space, the writers
 of that space, the writers of their input spaces, and so on back to spaces that are fixed (image channels,
@@ -37,8 +40,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -47,6 +50,7 @@ from torch import nn
 from wmark.errors import UsageError
 
 FIXED = "fixed"
+SIGNED = "signed"
 BINORM_ITERS = 20
 _TINY = 1e-20
 
@@ -77,6 +81,10 @@ class Layer:
         out: The space its rows write.
         transpose: True for an embedding table, whose *columns* are the units of ``out`` (rows: tokens).
         bias: The bias parameter (permuted with the rows), if any.
+        signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
+            whose output passes through the non-odd SiLU before the product that carries the sign).
+        gain: The per-unit gain (an RMSNorm weight) its columns read a signed ``inp`` space through, if any:
+            a thief may flip the signs of that gain and of its readers' columns, on top of the space's own.
     """
 
     name: str
@@ -85,6 +93,8 @@ class Layer:
     out: str
     transpose: bool = False
     bias: str | None = None
+    signs: bool = True
+    gain: str | None = None
 
     @property
     def rows(self) -> int:
@@ -106,7 +116,8 @@ class Space:
 
     Attributes:
         size: Number of units.
-        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable) or ``opaque``.
+        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``signed``
+            (permutable with sign flips: a hidden stream normalised by RMSNorm, SwiGLU neurons) or ``opaque``.
         params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
         why: For an opaque space, the op that made it so.
     """
@@ -169,7 +180,9 @@ class _Spaces:
         ia, ib = self.info[ra], self.info[rb]
         if ia.size and ib.size and ia.size != ib.size:
             raise UsageError(f"A residual add joins {ia.size} and {ib.size} channels; the graph cannot be aligned.")
-        kind = "opaque" if "opaque" in (ia.kind, ib.kind) else ("fixed" if "fixed" in (ia.kind, ib.kind) else "free")
+        kinds = (ia.kind, ib.kind)
+        # The most constrained kind wins: a joined space may flip signs only if every part may.
+        kind = next(k for k in ("opaque", FIXED, "free", SIGNED) if k in kinds)
         self.parent[rb] = ra
         self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why)
         return ra
@@ -187,11 +200,16 @@ def read_graph(model: nn.Module) -> Graph:
         inner = read_graph(wrapped)
         for space in inner.spaces.values():
             space.params = [f"module.{p}" for p in space.params]
-        inner.layers = [Layer(f"module.{lay.name}", lay.shape, lay.inp, lay.out, lay.transpose,
-                              None if lay.bias is None else f"module.{lay.bias}") for lay in inner.layers]
+        inner.layers = [replace(lay, name=f"module.{lay.name}",
+                                bias=None if lay.bias is None else f"module.{lay.bias}",
+                                gain=None if lay.gain is None else f"module.{lay.gain}") for lay in inner.layers]
         return inner
     if _bert_layers(model):
         return _read_bert(model)
+    from wmark.whitebox.decoder import decoder_layers, read_decoder  # decoder builds on this module
+
+    if decoder_layers(model):
+        return read_decoder(model)
     return _read_fx(model)
 
 
@@ -273,11 +291,13 @@ def _dims(value: Any) -> set[int]:
 
 
 def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
-              family: str, transposed: frozenset[str] = frozenset()) -> Graph:
+              family: str, transposed: frozenset[str] = frozenset(), unsigned: frozenset[str] = frozenset(),
+              gains: Mapping[str, str] | None = None) -> Graph:
     out: list[Layer] = []
     for name, inp, outp, bias in layers:
         shape = tuple(int(d) for d in params[name].shape)
-        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias))
+        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias, name not in unsigned,
+                         (gains or {}).get(name)))
     spaces: dict[str, Space] = {}
     for name in sp.parent:
         root = sp.find(name)
@@ -369,9 +389,13 @@ def _read_bert(model: nn.Module) -> Graph:
 def plan(graph: Graph, marked: str) -> list[Layer]:
     """The layers verification aligns for ``marked`` (marked last): writers of every space it depends on.
 
+    A marked layer whose rows flip with a signed output space (a down-projection writing an RMSNorm hidden
+    stream) also depends on that space: its statistic, a mean over rows, is read with the rows un-flipped.
+    Every signed space needs a writer other than the marked layer whose rows carry its signs.
+
     Raises:
         UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
-            can be aligned).
+            can be aligned), or the signs of a space it depends on cannot be read.
     """
     target = graph.layer(marked)
     first = graph.spaces[target.inp]
@@ -381,6 +405,8 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
                          "residual adds.")
     needed: list[str] = []
     todo = [target.inp]
+    if graph.spaces[target.out].kind == SIGNED and target.signs:
+        todo.append(target.out)
     while todo:
         s = todo.pop()
         if s in needed or graph.spaces[s].kind == FIXED:
@@ -390,9 +416,19 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         if not writers:
             raise UsageError(f"Space {s!r} feeding {marked} is written by no layer wmark can align (only through "
                              "opaque ops or the marked layer itself); mark another layer.")
+        if graph.spaces[s].kind == SIGNED and not any(w.signs for w in writers):
+            raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
+                             "itself; mark another layer.")
+        gained = {w.gain for w in writers if w.gain}
+        if any(all(w.signs for w in writers if w.gain == g) for g in gained):
+            raise UsageError(f"The norm-gain signs of the writers of space {s!r}, which {marked} depends on, show "
+                             f"only in {marked} itself; mark another layer.")
         todo.extend(w.inp for w in writers)
     chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
               and graph.spaces[lay.inp].kind != "opaque"]
+    if target.gain and first.kind == SIGNED and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
+        raise UsageError(f"The signs {marked} reads through {target.gain} show in no other layer wmark aligns; mark "
+                         "another layer.")
     return [*chosen, target]
 
 
@@ -405,7 +441,7 @@ def plan_metadata(graph: Graph, layers: Sequence[Layer]) -> dict[str, Any]:
         "iters": BINORM_ITERS,
         "spaces": {s: {"size": graph.spaces[s].size, "kind": graph.spaces[s].kind} for s in sorted(spaces)},
         "layers": [{"name": lay.name, "shape": list(lay.shape), "in": lay.inp, "out": lay.out,
-                    "transpose": lay.transpose} for lay in layers],
+                    "transpose": lay.transpose, "signs": lay.signs, "gain": lay.gain} for lay in layers],
     }
 
 
