@@ -127,6 +127,9 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     meta = model_metadata(arch=arch, num_classes=ds.num_classes, input_shape=ds.input_shape, test_accuracy=acc)
     if wm is not None:
         meta.update(wm.metadata())
+    elif k.modality is not None:
+        # the unmarked baseline of a text key still records its tokenization, so it can be served as text
+        meta["modality"] = k.modality
     save_model(model, out, metadata=meta)
     return {"out": str(out), "test_accuracy": acc, "seconds": seconds, "schemes": list(schemes)}
 
