@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import CACHE, RESULTS, machine, table  # noqa: E402
-from gauntlet_families import EMBEDS, FULL_ROW, REWRITES, SCHEMES, Family, Plan, family, rewrite  # noqa: E402
+from gauntlet_families import (EMBEDS, FULL_ROW, REWRITES, SCHEMES, Family, Plan, family,  # noqa: E402
+                               rewrite, sliced)
 from tqdm.auto import tqdm  # noqa: E402
 
 from wmark import api  # noqa: E402
@@ -113,11 +114,14 @@ class Workshop:
     def marked(self, schemes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
         p = self.plan
         name = "+".join(schemes) if schemes else "plain"
-        return self.get({"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
-                         "key": self.key.fingerprint()},
-                        lambda out: api.embed(key=self.key_path, arch=self.fam.arch, weights=self.base(), data=self.fam.owner, out=out,
-                                              schemes=schemes, epochs=p.embed_epochs, seed=self.seed,
-                                              max_samples=p.owner_samples))
+        cfg = {"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
+               "key": self.key.fingerprint()}
+        per_batch, lookahead = (p.trigger_per_batch, p.trigger_lookahead) if "trigger" in schemes else (None, None)
+        cfg.update({k: v for k, v in (("trigger_per_batch", per_batch), ("lookahead", lookahead)) if v is not None})
+        return self.get(cfg, lambda out: api.embed(
+            key=self.key_path, arch=self.fam.arch, weights=self.base(), data=self.fam.owner, out=out, schemes=schemes,
+            epochs=p.embed_epochs, seed=self.seed, max_samples=p.owner_samples, trigger_per_batch=per_batch,
+            trigger_lookahead=lookahead))
 
     def attacked(self, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
         """Apply one weight-space or fine-tuning attack to ``source``."""
@@ -146,12 +150,16 @@ class Workshop:
         cfg = {"name": "tiebreak-rule", "served": served.name, "references": list(p.tiebreak_references),
                "repeats": p.tiebreak_reference_repeats, "verify": TIEBREAK_QUERIES, "seed": self.seed,
                "key": self.key.fingerprint()}
+        # the cnn rule sees the owner's whole half (as it always has); the other families their own subset
+        subset = None if self.fam.name == "cnn" else p.owner_samples
+        if subset is not None:
+            cfg["n"] = subset
         path = self.path(cfg)
         sidecar = path.with_suffix(".json")
         if not (path.exists() and sidecar.exists()):
             info = api.build_tiebreak(key=self.key_path, arch=self.fam.arch, weights=served, data=self.fam.owner, out=path,
                                       references=p.tiebreak_references, verify_count=TIEBREAK_QUERIES, seed=self.seed,
-                                      reference_repeats=p.tiebreak_reference_repeats)
+                                      reference_repeats=p.tiebreak_reference_repeats, max_samples=subset)
             sidecar.write_text(json.dumps({k: v for k, v in info.items() if _jsonable(v)}, sort_keys=True))
         return path
 
@@ -286,6 +294,7 @@ class Tester:
 def run(fam: Family, plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
     shop = Workshop(fam, plan, seed, quick)
+    shop.fam = fam = sliced(fam, plan, shop.dir)
     # the older rows' weight test aligns to the weights-only model (the control's too, when it is made; else the
     # served model); the full row to its own served model
     older = {"weights", "trigger+weights"} | ({"none"} if fam.name == "cnn" else set())
@@ -411,6 +420,7 @@ def family_doc(fam: Family, plan: Plan) -> dict[str, Any]:
             "tiebreak_references": list(plan.tiebreak_references),
             "tiebreak_reference_repeats": plan.tiebreak_reference_repeats, "refused": fam.refused,
             "samples": {"owner": plan.owner_samples, "attacker": plan.attacker_samples},
+            "slice": list(plan.slice_data) if plan.slice_data else None,
             "epochs": {"base": plan.base_epochs, "embed": plan.embed_epochs, "attack": plan.attack_epochs,
                        "extract": plan.extract_epochs, "extract_early": plan.early_stop_epochs},
             "extract_queries": plan.extract_queries}
@@ -497,6 +507,9 @@ def family_lines(fam: dict[str, Any] | None) -> list[str]:
              + f". Tie-break rule's reference surrogates: {refs}"
              + (f", {fam['tiebreak_reference_repeats']} seed(s) per recipe" if fam["tiebreak_reference_repeats"] else "")
              + ".", ""]
+    if fam.get("slice"):
+        lines += [f"Smoke-run data: the first {fam['slice'][0]} training images (split into the two halves) and the "
+                  f"first {fam['slice'][1]} test images.", ""]
     if fam["refused"]:
         lines += ["Not run for this family (the library does not support it; no cell is shown for it):", ""]
         lines += [f"- {what}: {why}." for what, why in fam["refused"].items()] + [""]
