@@ -396,7 +396,7 @@ def run_null_panel(shop: Workshop, tester: Tester, plan: Plan, schemes: list[str
 
 def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
     """Add the cells (and fidelity) of the rows this run did not measure from an earlier run, each labelled
-    with that run's date; the null panel and the full-row summary stay this run's own."""
+    with that run's date; the null panel stays this run's own, the full-row summary reads the merged cells."""
     when = earlier["machine"]["date"]
     kept = [dict(c, measured=when) for c in earlier["cells"] if c["scheme"] not in doc["rows"]]
     if not kept:
@@ -406,6 +406,7 @@ def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
     for row, fid in earlier["fidelity"].items():
         if row not in doc["rows"]:
             doc["fidelity"].setdefault(row, dict(fid, measured=when))
+    doc["full_row"] = full_row_summary(doc["cells"], doc["full_row"]["scheme"])
     panel = earlier["null_panel"]
     doc["carried"] = {"from": when, "rows": sorted({c["scheme"] for c in kept}, key=lambda r: order.get(r, 99)),
                       "null_panel": {k: panel[k] for k in ("models", "checks", "false_accusations", "min_log10_p")}}
