@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from common import CACHE, RESULTS, machine, table  # noqa: E402
 from gauntlet_families import (EMBEDS, FULL_ROW, REWRITES, SCHEMES, Family, Plan, family,  # noqa: E402
-                               rewrite, sliced)
+                               family_doc, family_lines, rewrite, sliced)
 from tqdm.auto import tqdm  # noqa: E402
 
 from wmark import api  # noqa: E402
@@ -412,21 +412,6 @@ def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
                       "null_panel": {k: panel[k] for k in ("models", "checks", "false_accusations", "min_log10_p")}}
 
 
-def family_doc(fam: Family, plan: Plan) -> dict[str, Any]:
-    """What a non-cnn family's run used and refused (the cnn gauntlet's documents stay as they were)."""
-    return {"name": fam.name, "arch": fam.arch, "owner": fam.owner, "attacker": fam.attacker,
-            "input_shape": list(fam.input_shape), "num_classes": fam.num_classes,
-            "surrogates": {a: f"{labels} labels -> {arch}" for a, (labels, arch) in fam.surrogates.items()
-                           if a in plan.attacks},
-            "tiebreak_references": list(plan.tiebreak_references),
-            "tiebreak_reference_repeats": plan.tiebreak_reference_repeats, "refused": fam.refused,
-            "samples": {"owner": plan.owner_samples, "attacker": plan.attacker_samples},
-            "slice": list(plan.slice_data) if plan.slice_data else None,
-            "epochs": {"base": plan.base_epochs, "embed": plan.embed_epochs, "attack": plan.attack_epochs,
-                       "extract": plan.extract_epochs, "extract_early": plan.early_stop_epochs},
-            "extract_queries": plan.extract_queries}
-
-
 def write_outputs(doc: dict[str, Any], stem: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
@@ -492,29 +477,6 @@ def markdown(doc: dict[str, Any], png: str) -> str:
                   f"{e['checks']} checks, {e['false_accusations']} false accusations, smallest log10 p = "
                   f"{e['min_log10_p']:.2f}.", ""]
     return "\n".join(lines)
-
-
-def family_lines(fam: dict[str, Any] | None) -> list[str]:
-    """The markdown paragraph on a non-cnn family: model, data, scale, thieves, the rule's references, refusals."""
-    if not fam:
-        return []
-    n, e = fam["samples"], fam["epochs"]
-    refs = ", ".join(fam["tiebreak_references"]) or "none (the served model's nearest ties)"
-    lines = [f"Family `{fam['name']}`: `{fam['arch']}` on `{fam['owner']}` / `{fam['attacker']}` (inputs "
-             f"{'x'.join(map(str, fam['input_shape']))}, {fam['num_classes']} classes); {n['owner'] or 'all'} owner and "
-             f"{n['attacker']} attacker samples at most; epochs: base {e['base']}, embedding {e['embed']}, attacks "
-             f"{e['attack']}, extraction {e['extract']} (early-stopped {e['extract_early']}) on {fam['extract_queries']} "
-             f"queries. Thieves: " + "; ".join(f"{a}: {s}" for a, s in fam["surrogates"].items())
-             + f". Tie-break rule's reference surrogates: {refs}"
-             + (f", {fam['tiebreak_reference_repeats']} seed(s) per recipe" if fam["tiebreak_reference_repeats"] else "")
-             + ".", ""]
-    if fam.get("slice"):
-        lines += [f"Smoke-run data: the first {fam['slice'][0]} training images (split into the two halves) and the "
-                  f"first {fam['slice'][1]} test images.", ""]
-    if fam["refused"]:
-        lines += ["Not run for this family (the library does not support it; no cell is shown for it):", ""]
-        lines += [f"- {what}: {why}." for what, why in fam["refused"].items()] + [""]
-    return lines
 
 
 def heatmap(doc: dict[str, Any], path: Path) -> None:
