@@ -1,4 +1,4 @@
-"""The gauntlet: every watermarking scheme against every attack on real Fashion-MNIST, plus a null panel.
+"""The gauntlet: every watermarking scheme against every attack on real data, per model family, plus a null panel.
 
 Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
 
@@ -23,11 +23,19 @@ Protocol (in the spirit of Lukas et al., IEEE S&P 2022, with exact statistics):
   row: the API rows against every logged thief's queries (and the full row without a log as well); the
   false accusations must be 0.
 
+``--family`` picks the model family (:mod:`gauntlet_families`): ``cnn`` (the default, ``fmnist-cnn`` on
+Fashion-MNIST 1×28×28, described above), ``resnet`` (``resnet-small`` with BatchNorm and residual adds on
+Fashion-MNIST as 3×32×32; the residual-stream permutation replaces the plain-chain one and BatchNorm folding
+is added) or ``text`` (``tiny-bert`` on Debian fortunes with a text key; hidden-space + head permutation and
+fused QKV; ``tiny-bert`` and ``text-bow`` thieves). Each family's plan states its scale, its thieves and what
+the library cannot run on it (refused with the reason, never shown as a cell).
+
 Every decision is at alpha = 1e-6. Trained models are cached on disk keyed by configuration
 (``benchmarks/cache/gauntlet``), so re-runs are cheap. Outputs: ``benchmarks/results/gauntlet.json``,
-``gauntlet.md`` and ``gauntlet.png`` (``--quick`` writes ``gauntlet-quick.*``).
+``gauntlet.md`` and ``gauntlet.png`` (``--quick`` writes ``gauntlet-quick.*``); for the other families
+``gauntlet-<family>[-quick].*``.
 
-Usage: python benchmarks/gauntlet.py [--quick] [--seed 0]
+Usage: python benchmarks/gauntlet.py [--family cnn|resnet|text] [--quick] [--seed 0]
 """
 
 from __future__ import annotations
@@ -39,7 +47,6 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +54,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from common import CACHE, RESULTS, machine, table  # noqa: E402
+from gauntlet_families import (EMBEDS, FULL_ROW, REWRITES, SCHEMES, Family, Plan, family,  # noqa: E402
+                               family_doc, family_lines, rewrite, sliced)
 from tqdm.auto import tqdm  # noqa: E402
 
 from wmark import api  # noqa: E402
 from wmark.errors import UsageError  # noqa: E402
-from wmark.keys import Key, default_schemes, save_key  # noqa: E402
+from wmark.keys import save_key  # noqa: E402
 from wmark.models import load_model  # noqa: E402
 from wmark.evidence import alpha_share  # noqa: E402
 from wmark.schemes.api_mark import api_mark_test  # noqa: E402
@@ -65,71 +74,22 @@ from wmark.schemes.tiebreak import (  # noqa: E402
     tiebreak_test,
 )
 from wmark.suspects import LocalSuspect  # noqa: E402
+from wmark.text import TextInputs  # noqa: E402
 from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test  # noqa: E402
 
-OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
-ARCH = "fmnist-cnn"
-FULL_ROW = "trigger+weights+api-tiebreak"
 TIEBREAK_QUERIES = 1000
-
-
-@dataclass
-class Plan:
-    """What one run does; ``quick`` is a small subset for CI smoke runs."""
-
-    owner_samples: int | None
-    attacker_samples: int
-    base_epochs: int
-    embed_epochs: int
-    attack_epochs: int
-    extract_queries: int
-    extract_epochs: int
-    attacks: list[str]
-    null_models: list[tuple[str, int, int | None, int]] = field(default_factory=list)
-    # reference surrogates of the tie-break rule: architectures and seeds per recipe (None: the library's)
-    tiebreak_references: tuple[str, ...] = (ARCH, "fmnist-mlp")
-    tiebreak_reference_repeats: int | None = None
-
-
-FULL_ATTACKS = ["none", "finetune", "finetune-last", "finetune-reinit-last", "prune-30", "prune-50", "prune-70",
-                "quantize-int8", "noise", "permute", "rename", "permute+prune-50+finetune", "extract-hard",
-                "extract-soft", "extract-mlp", "extract-hard-early"]
-QUICK_ATTACKS = ["none", "finetune", "prune-50", "quantize-int8", "permute", "extract-hard"]
-EARLY_STOP_EPOCHS = 6
-
-
-def make_plan(quick: bool) -> Plan:
-    if quick:
-        nulls = [(ARCH, s, 3000, 1) for s in (101, 102)] + [("fmnist-mlp", 103, 3000, 1)]
-        # no reference surrogates: the rule commits the served model's nearest ties (a smoke run, in seconds)
-        return Plan(owner_samples=8000, attacker_samples=3000, base_epochs=1, embed_epochs=2, attack_epochs=1,
-                    extract_queries=3000, extract_epochs=8, attacks=QUICK_ATTACKS, null_models=nulls,
-                    tiebreak_references=())
-    nulls = [(ARCH, 100 + s, n, 2) for s, n in enumerate([None, None, None, None, 20000, 20000, 10000, 10000,
-                                                          5000, 5000, None, 20000])]
-    nulls += [("fmnist-mlp", 120 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
-    nulls += [("fmnist-cnn-wide", 130 + s, n, 2) for s, n in enumerate([None, 20000, 10000, 5000])]
-    return Plan(owner_samples=None, attacker_samples=10000, base_epochs=2, embed_epochs=2, attack_epochs=5,
-                extract_queries=10000, extract_epochs=20, attacks=FULL_ATTACKS, null_models=nulls)
-
-
-def gauntlet_key(seed: int) -> Key:
-    """A key whose secret is derived from the seed, so two runs with the same seed are identical."""
-    secret = hashlib.sha256(f"wmark-gauntlet-key/{seed}".encode()).digest()
-    return Key(owner="Gauntlet Owner", secret=secret, num_classes=10, input_shape=(1, 28, 28),
-               schemes=default_schemes(), created="2026-01-01T00:00:00+00:00")
 
 
 class Workshop:
     """Makes (or finds in the cache) every model the gauntlet needs."""
 
-    def __init__(self, plan: Plan, seed: int, quick: bool) -> None:
-        self.plan, self.seed = plan, seed
-        self.dir = CACHE / "gauntlet" / ("quick" if quick else "full") / f"seed{seed}"
+    def __init__(self, fam: Family, plan: Plan, seed: int, quick: bool) -> None:
+        self.fam, self.plan, self.seed = fam, plan, seed
+        self.dir = fam.cache_dir(CACHE, quick, seed)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.key_path = self.dir / "owner.key"
-        save_key(gauntlet_key(seed), self.key_path)
-        self.key = gauntlet_key(seed)
+        self.key = fam.key(seed)
+        save_key(self.key, self.key_path)
         self.info: dict[str, dict[str, Any]] = {}
 
     def path(self, config: dict[str, Any]) -> Path:
@@ -148,17 +108,20 @@ class Workshop:
     def base(self) -> Path:
         p = self.plan
         return self.get({"name": "base", "epochs": p.base_epochs, "n": p.owner_samples, "seed": self.seed},
-                        lambda out: api.train(arch=ARCH, data=OWNER, out=out, epochs=p.base_epochs, seed=self.seed,
+                        lambda out: api.train(arch=self.fam.arch, data=self.fam.owner, out=out, epochs=p.base_epochs, seed=self.seed,
                                               max_samples=p.owner_samples))[0]
 
     def marked(self, schemes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
         p = self.plan
         name = "+".join(schemes) if schemes else "plain"
-        return self.get({"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
-                         "key": self.key.fingerprint()},
-                        lambda out: api.embed(key=self.key_path, arch=ARCH, weights=self.base(), data=OWNER, out=out,
-                                              schemes=schemes, epochs=p.embed_epochs, seed=self.seed,
-                                              max_samples=p.owner_samples))
+        cfg = {"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
+               "key": self.key.fingerprint()}
+        per_batch, lookahead = (p.trigger_per_batch, p.trigger_lookahead) if "trigger" in schemes else (None, None)
+        cfg.update({k: v for k, v in (("trigger_per_batch", per_batch), ("lookahead", lookahead)) if v is not None})
+        return self.get(cfg, lambda out: api.embed(
+            key=self.key_path, arch=self.fam.arch, weights=self.base(), data=self.fam.owner, out=out, schemes=schemes,
+            epochs=p.embed_epochs, seed=self.seed, max_samples=p.owner_samples, trigger_per_batch=per_batch,
+            trigger_lookahead=lookahead))
 
     def attacked(self, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
         """Apply one weight-space or fine-tuning attack to ``source``."""
@@ -166,27 +129,16 @@ class Workshop:
         # Keyed by the source model, not the row: rows that share a model (none / api-mark) share its attacks.
         cfg = {"name": f"{source.stem}-{attack}", "source": source.name, "epochs": p.attack_epochs,
                "n": p.attacker_samples}
-        common = {"arch": ARCH, "data": ATTACKER, "max_samples": p.attacker_samples}
-        steps: list[dict[str, Any]] = {
-            "finetune": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "all"}],
-            "finetune-last": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "last"}],
-            "finetune-reinit-last": [{"kind": "finetune", "epochs": p.attack_epochs, "layers": "reinit-last"}],
-            "prune-30": [{"kind": "prune", "sparsity": 0.3}],
-            "prune-50": [{"kind": "prune", "sparsity": 0.5}],
-            "prune-70": [{"kind": "prune", "sparsity": 0.7}],
-            "quantize-int8": [{"kind": "quantize", "bits": 8}],
-            "noise": [{"kind": "noise", "std": 0.3}],
-            "permute": [{"kind": "permute", "seed": 1}],
-            "rename": [{"kind": "permute", "seed": 1}, {"kind": "rename", "seed": 1}],
-            "permute+prune-50+finetune": [{"kind": "permute", "seed": 2}, {"kind": "prune", "sparsity": 0.5},
-                                          {"kind": "finetune", "epochs": p.attack_epochs, "layers": "all"}],
-        }[attack]
-
+        common = {"arch": self.fam.arch, "data": self.fam.attacker, "max_samples": p.attacker_samples}
+        steps = self.fam.steps[attack]
         def make(out: Path) -> dict[str, Any]:
             current, info = source, {}
             for i, step in enumerate(steps):
                 target = out if i == len(steps) - 1 else out.with_name(f"{out.stem}-step{i}.safetensors")
-                info = api.attack(weights=current, out=target, **common, **step)
+                if step["kind"] in REWRITES:
+                    info = rewrite(step["kind"], weights=current, out=target, seed=step.get("seed", 0), **common)
+                else:
+                    info = api.attack(weights=current, out=target, **common, **step)
                 current = target
             return info
 
@@ -198,12 +150,16 @@ class Workshop:
         cfg = {"name": "tiebreak-rule", "served": served.name, "references": list(p.tiebreak_references),
                "repeats": p.tiebreak_reference_repeats, "verify": TIEBREAK_QUERIES, "seed": self.seed,
                "key": self.key.fingerprint()}
+        # the cnn rule sees the owner's whole half (as it always has); the other families their own subset
+        subset = None if self.fam.name == "cnn" else p.owner_samples
+        if subset is not None:
+            cfg["n"] = subset
         path = self.path(cfg)
         sidecar = path.with_suffix(".json")
         if not (path.exists() and sidecar.exists()):
-            info = api.build_tiebreak(key=self.key_path, arch=ARCH, weights=served, data=OWNER, out=path,
+            info = api.build_tiebreak(key=self.key_path, arch=self.fam.arch, weights=served, data=self.fam.owner, out=path,
                                       references=p.tiebreak_references, verify_count=TIEBREAK_QUERIES, seed=self.seed,
-                                      reference_repeats=p.tiebreak_reference_repeats)
+                                      reference_repeats=p.tiebreak_reference_repeats, max_samples=subset)
             sidecar.write_text(json.dumps({k: v for k, v in info.items() if _jsonable(v)}, sort_keys=True))
         return path
 
@@ -217,7 +173,7 @@ class Workshop:
             cfg["tiebreak"] = tiebreak.name
         client = thief_client(labels, arch, epochs)
         return self.get(cfg, lambda out: api.extract(
-            victim_arch=ARCH, victim=victim, arch=arch, data=f"{ATTACKER}", out=out, labels=labels,
+            victim_arch=self.fam.arch, victim=victim, arch=arch, data=self.fam.attacker, out=out, labels=labels,
             queries=p.extract_queries, epochs=epochs, seed=self.seed,
             key=self.key_path if (marked_api or tiebreak is not None) else None,
             mark="tiebreak" if tiebreak is not None else ("flip" if marked_api else None), rule=tiebreak,
@@ -225,7 +181,7 @@ class Workshop:
 
     def null_model(self, arch: str, seed: int, n: int | None, epochs: int) -> tuple[Path, dict[str, Any]]:
         return self.get({"name": f"null-{arch}", "seed": seed, "n": n, "epochs": epochs},
-                        lambda out: api.train(arch=arch, data=ATTACKER, out=out, epochs=epochs, seed=seed,
+                        lambda out: api.train(arch=arch, data=self.fam.attacker, out=out, epochs=epochs, seed=seed,
                                               max_samples=n))
 
 
@@ -249,7 +205,9 @@ class Tester:
                  rule: Path) -> None:
         self.shop, self.key = shop, shop.key
         self.references, self.anchor = weights_references, anchor
-        self.rule, self.served = open_tiebreak_rule(key=self.key, rule=rule, arch=ARCH, served=served)
+        self.fam = shop.fam
+        self.rule, self.served = open_tiebreak_rule(key=self.key, rule=rule, arch=self.fam.arch, served=served)
+        self.text = TextInputs.from_key(self.key)
         self._tests: dict[tuple[str, ...], TestResult] = {}
         self._ranked: dict[str, LogInputs] = {}
 
@@ -259,8 +217,8 @@ class Tester:
         return self._tests[name]
 
     def _suspect(self, path: Path, arch: str) -> LocalSuspect:
-        model, _ = load_model(arch, path, num_classes=10, input_shape=(1, 28, 28))
-        return LocalSuspect(model, input_shape=(1, 28, 28), expose_scores=False)
+        model, _ = load_model(arch, path, num_classes=self.fam.num_classes, input_shape=self.fam.input_shape)
+        return LocalSuspect(model, input_shape=self.fam.input_shape, expose_scores=False, text=self.text)
 
     def trigger(self, suspect: Path, arch: str, share: float = 1.0) -> TestResult:
         return self._once(("trigger", str(suspect), f"{share:.6f}"), lambda: trigger_set_test(
@@ -282,9 +240,9 @@ class Tester:
         return verdict.tests[0]
 
     def api_mark(self, suspect: Path, arch: str, row: str, client: str) -> TestResult:
-        model, _ = load_model(arch, suspect, num_classes=10, input_shape=(1, 28, 28))
+        model, _ = load_model(arch, suspect, num_classes=self.fam.num_classes, input_shape=self.fam.input_shape)
         with MarkLog(self.shop.dir / f"{row}-api.sqlite", key=self.key, create=False) as log:
-            return api_mark_test(key=self.key, suspect=LocalSuspect(model, input_shape=(1, 28, 28)), log=log,
+            return api_mark_test(key=self.key, suspect=LocalSuspect(model, input_shape=self.fam.input_shape), log=log,
                                  client=client, max_queries=1000)
 
     def tiebreak(self, suspect: Path, arch: str) -> TestResult:
@@ -296,7 +254,7 @@ class Tester:
     def tiebreak_log(self, suspect: Path, arch: str, client: str) -> TestResult:
         """The log test on the inputs ``client`` asked the tie-break API (ranked once per client, key-free)."""
         if client not in self._ranked:
-            with TieBreakLog(self.shop.dir / f"{FULL_ROW}-api.sqlite", key=self.key, create=False) as log:
+            with TieBreakLog(self.shop.dir / f"{self.fam.full_row}-api.sqlite", key=self.key, create=False) as log:
                 self._ranked[client] = select_log_inputs(key=self.key, rule=self.rule, served=self.served, log=log,
                                                          client=client)
         return self._once(("tiebreak-log", str(suspect), client), lambda: tiebreak_log_test(
@@ -310,12 +268,13 @@ class Tester:
         tests: list[TestResult] = []
         parts = scheme.split("+")
         tiebreak = "api-tiebreak" in parts
+        whitebox = self.fam.whitebox and ("none" in parts or "weights" in parts)
         if "none" in parts or "trigger" in parts:
             # next to the tie-break tests the trigger test stops at its share of alpha, as `wmark verify` does
-            weights = [1.0, 1.0, 1.0] + ([LOG_TEST_WEIGHT] if client is not None else [])
+            weights = [1.0] * (2 + whitebox) + ([LOG_TEST_WEIGHT] if client is not None else [])
             share = alpha_share(1.0, weights) if tiebreak else 1.0
             tests.append(self.trigger(blackbox_file, arch, share))
-        if "none" in parts or "weights" in parts:
+        if whitebox:
             tests.append(self.weights(suspect, scheme))
         if "api-mark" in parts and client is not None:
             tests.append(self.api_mark(blackbox_file, arch, row, client))
@@ -332,25 +291,20 @@ class Tester:
                 "tests": {t["name"]: t["log10_p"] for t in verdict["tests"]}}
 
 
-SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark", FULL_ROW]
-
-
-EMBEDS: dict[str, tuple[str, ...]] = {
-    "none": (), "trigger": ("trigger",), "weights": ("weights",), "trigger+weights": ("trigger", "weights"),
-    "api-mark": (), "trigger+api-mark": ("trigger",), FULL_ROW: ("trigger", "weights"),
-}
-
-
-def run(plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
+def run(fam: Family, plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
     start = time.perf_counter()
-    shop = Workshop(plan, seed, quick)
-    # the older rows' weight test aligns to the weights-only model; the full row to its own served model
-    needed = set(rows) | {"none"} | ({"weights"} if set(rows) & {"none", "weights", "trigger+weights"} else set())
+    shop = Workshop(fam, plan, seed, quick)
+    shop.fam = fam = sliced(fam, plan, shop.dir)
+    # the older rows' weight test aligns to the weights-only model (the control's too, when it is made; else the
+    # served model); the full row to its own served model
+    older = {"weights", "trigger+weights"} | ({"none"} if fam.name == "cnn" else set())
+    needed = set(rows) | {"none"} | ({"weights"} if fam.whitebox and set(rows) & older else set())
     marked = {row: shop.marked(EMBEDS[row]) for row in SCHEMES if row in needed}
-    served = shop.marked(EMBEDS[FULL_ROW])[0]
+    served = shop.marked(EMBEDS[fam.full_row])[0]
     rule = shop.tiebreak_rule(served)
-    references = {row: marked["weights"][0] for row in ("none", "weights", "trigger+weights") if "weights" in marked}
-    references[FULL_ROW] = served
+    references = {row: marked["weights"][0] if "weights" in marked else served
+                  for row in ("none", "weights", "trigger+weights")}
+    references[fam.full_row] = served
     tester = Tester(shop, weights_references=references, anchor=shop.base(), served=served, rule=rule)
     plain_acc = marked["none"][1]["test_accuracy"]
     fidelity = {row: {"accuracy": info["test_accuracy"], "gap_pp": 100 * (plain_acc - info["test_accuracy"]),
@@ -361,23 +315,24 @@ def run(plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
     for row, attack in tqdm(jobs, desc="gauntlet", unit="cell", dynamic_ncols=True):
         source, info = marked[row]
         served_marked = "api-" in row
-        arch, client, twin = ARCH, None, None
+        arch, client, twin = fam.arch, None, None
         if attack == "none":
             suspect, acc = source, info["test_accuracy"]
         elif attack.startswith("extract-"):
-            kind = attack.split("-", 1)[1]
-            labels, arch = ("hard", "fmnist-mlp") if kind == "mlp" else (kind.split("-")[0], ARCH)
-            epochs = EARLY_STOP_EPOCHS if kind.endswith("-early") else plan.extract_epochs
+            labels, arch = fam.surrogates[attack]
+            epochs = plan.early_stop_epochs if attack.endswith("-early") else plan.extract_epochs
             suspect, sinfo = shop.surrogate(row, source, labels, arch, served_marked, epochs,
-                                            tiebreak=rule if row == FULL_ROW else None)
+                                            tiebreak=rule if row == fam.full_row else None)
             acc = sinfo["test_accuracy"]
             client = thief_client(labels, arch, epochs) if served_marked else None
         else:
             suspect, ainfo = shop.attacked(source, attack)
             acc = ainfo["test_accuracy"]
-            if attack == "rename":
-                # Renaming changes no prediction: black-box tests query the functionally identical copy.
-                twin = suspect.with_name(f"{suspect.stem}-step0.safetensors")
+            if attack in fam.twins:
+                # Renaming, folding or fusing changes no prediction but leaves a file the architecture no longer
+                # loads: black-box tests query the functionally identical file before that step.
+                twin = (source if fam.twins[attack] == "source"
+                        else suspect.with_name(f"{suspect.stem}-step0.safetensors"))
         result = tester.run(row, suspect, arch, row=row, client=client, functional_twin=twin)
         within = acc is not None and acc >= info["test_accuracy"] - 0.05
         expected = _expected(row, attack)
@@ -385,16 +340,17 @@ def run(plan: Plan, seed: int, quick: bool, rows: list[str]) -> dict[str, Any]:
                       "expected": expected, **result})
     null_panel = run_null_panel(shop, tester, plan, rows)
     rule_info = json.loads(rule.with_suffix(".json").read_text())
-    return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity, "full_row": full_row_summary(cells),
+    return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity,
+            "full_row": full_row_summary(cells, fam.full_row),
             "tiebreak_rule": {k: rule_info.get(k) for k in ("components", "references", "verification", "seconds")},
             "wall_seconds": time.perf_counter() - start}
 
 
-def full_row_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
+def full_row_summary(cells: list[dict[str, Any]], full_row: str = FULL_ROW) -> dict[str, Any]:
     """Whether the full deployment row catches every attack that stays within the 5-pp accuracy budget."""
-    counted = [c for c in cells if c["scheme"] == FULL_ROW and c["counts"]]
+    counted = [c for c in cells if c["scheme"] == full_row and c["counts"]]
     missed = [c["attack"] for c in counted if c["decision"] != "detected"]
-    return {"scheme": FULL_ROW, "attacks_in_budget": len(counted), "caught": len(counted) - len(missed),
+    return {"scheme": full_row, "attacks_in_budget": len(counted), "caught": len(counted) - len(missed),
             "missed": missed, "weakest_log10_p": max((c["log10_p"] for c in counted), default=None)}
 
 
@@ -417,10 +373,11 @@ def run_null_panel(shop: Workshop, tester: Tester, plan: Plan, schemes: list[str
         if row in schemes:
             with MarkLog(shop.dir / f"{row}-api.sqlite", key=shop.key, create=False) as log:
                 clients[row] = sorted(log.clients())
-    if FULL_ROW in schemes:
-        with TieBreakLog(shop.dir / f"{FULL_ROW}-api.sqlite", key=shop.key, create=False) as tlog:
-            clients[FULL_ROW] = sorted(tlog.clients())
-    plain = [row for row in ("trigger", "weights", "trigger+weights", FULL_ROW) if row in schemes]
+    full = shop.fam.full_row
+    if full in schemes:
+        with TieBreakLog(shop.dir / f"{full}-api.sqlite", key=shop.key, create=False) as tlog:
+            clients[full] = sorted(tlog.clients())
+    plain = [row for row in ("trigger", "weights", "trigger+weights", full) if row in schemes]
     rows, accusations, min_log10_p = [], 0, 0.0
     for arch, seed, n, epochs in tqdm(plan.null_models, desc="null panel", unit="model", dynamic_ncols=True):
         path, info = shop.null_model(arch, seed, n, epochs)
@@ -439,7 +396,7 @@ def run_null_panel(shop: Workshop, tester: Tester, plan: Plan, schemes: list[str
 
 def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
     """Add the cells (and fidelity) of the rows this run did not measure from an earlier run, each labelled
-    with that run's date; the null panel and the full-row summary stay this run's own."""
+    with that run's date; the null panel stays this run's own, the full-row summary reads the merged cells."""
     when = earlier["machine"]["date"]
     kept = [dict(c, measured=when) for c in earlier["cells"] if c["scheme"] not in doc["rows"]]
     if not kept:
@@ -449,6 +406,7 @@ def carry_rows(doc: dict[str, Any], earlier: dict[str, Any]) -> None:
     for row, fid in earlier["fidelity"].items():
         if row not in doc["rows"]:
             doc["fidelity"].setdefault(row, dict(fid, measured=when))
+    doc["full_row"] = full_row_summary(doc["cells"], doc["full_row"]["scheme"])
     panel = earlier["null_panel"]
     doc["carried"] = {"from": when, "rows": sorted({c["scheme"] for c in kept}, key=lambda r: order.get(r, 99)),
                       "null_panel": {k: panel[k] for k in ("models", "checks", "false_accusations", "min_log10_p")}}
@@ -473,13 +431,15 @@ def markdown(doc: dict[str, Any], png: str) -> str:
     attacks = list(dict.fromkeys(c["attack"] for c in doc["cells"]))
     schemes = list(dict.fromkeys(c["scheme"] for c in doc["cells"]))
     by = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
-    lines = [f"# Gauntlet ({'quick' if doc['quick'] else 'full'} run, seed {doc['seed']})", "",
+    fam = doc.get("family")
+    title = f"# Gauntlet: {fam['name']} family" if fam else "# Gauntlet"
+    lines = [f"{title} ({'quick' if doc['quick'] else 'full'} run, seed {doc['seed']})", "",
              f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}; "
              f"wall time {doc['wall_seconds'] / 60:.1f} min; alpha = {DEFAULT_ALPHA:g}.", "",
              "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
              "takes part). Attacked accuracy is in the second table; *italic* marks an attack that lost more "
              "than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
-             *([doc["note"], ""] if doc.get("note") else []),
+             *([doc["note"], ""] if doc.get("note") else []), *family_lines(fam),
              *([f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
                 f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run.", ""]
                if doc.get("carried") else []),
@@ -555,8 +515,10 @@ def heatmap(doc: dict[str, Any], path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small subset for CI (under 5 minutes)")
+    parser.add_argument("--family", choices=("cnn", "resnet", "text"), default="cnn",
+                        help="model family: fmnist-cnn, resnet-small on 3x32x32 images, or tiny-bert on fortunes")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default=",".join(SCHEMES), help="comma-separated rows to run (default: all)")
+    parser.add_argument("--rows", default=None, help="comma-separated rows to run (default: all of the family's)")
     parser.add_argument("--carry", type=Path, default=None,
                         help="an earlier results file whose cells of the rows not run are kept, labelled as such")
     parser.add_argument("--render", type=Path, default=None,
@@ -566,20 +528,25 @@ def main() -> None:
         doc = json.loads(args.render.read_text())
         if args.carry is not None:
             carry_rows(doc, json.loads(args.carry.read_text()))
-        write_outputs(doc, "gauntlet-quick" if doc["quick"] else "gauntlet")
+        write_outputs(doc, family(doc.get("family", {}).get("name", "cnn"), 1).stem(doc["quick"]))
         return
-    rows = [r for r in SCHEMES if r in args.rows.split(",")]
-    unknown = set(args.rows.split(",")) - set(SCHEMES)
+    plan = family(args.family, 1).plan(args.quick)
+    fam = family(args.family, plan.attack_epochs)
+    offered = list(fam.rows)
+    asked = args.rows.split(",") if args.rows else (plan.rows or offered)
+    rows = [r for r in offered if r in asked]
+    unknown = set(asked) - set(offered)
     if unknown or not rows:
-        parser.error(f"unknown rows {sorted(unknown)}; choose among {', '.join(SCHEMES)}")
+        parser.error(f"unknown rows {sorted(unknown)} for the {fam.name} family; choose among {', '.join(offered)}")
     torch.manual_seed(args.seed)
-    plan = make_plan(args.quick)
-    result = run(plan, args.seed, args.quick, rows)
+    result = run(fam, plan, args.seed, args.quick, rows)
     doc = {"quick": args.quick, "seed": args.seed, "alpha": DEFAULT_ALPHA, "machine": machine(), "rows": rows,
            **result}
+    if fam.name != "cnn":
+        doc["family"] = family_doc(fam, plan)
     if args.carry is not None:
         carry_rows(doc, json.loads(args.carry.read_text()))
-    stem = "gauntlet-quick" if args.quick else "gauntlet"
+    stem = fam.stem(args.quick)
     write_outputs(doc, stem)
     print(table(doc["cells"], ["scheme", "attack", "attacked_accuracy", "decision", "kind", "log10_p", "queries",
                                "expected"]))

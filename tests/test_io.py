@@ -45,3 +45,10 @@ def test_digest_is_canonical() -> None:
     b = {"a": torch.zeros(3), "b": torch.ones(2)}
     assert tensors_digest(a, {"x": "1", "y": "2"}) == tensors_digest(b, {"y": "2", "x": "1"})
     assert tensors_digest(a) != tensors_digest({"a": torch.zeros(3), "b": torch.ones(2).half()})
+
+
+def test_digest_reads_zero_dim_tensors() -> None:
+    # BatchNorm's num_batches_tracked is a 0-dim int64 buffer; it must count like any other tensor
+    a = {"n": torch.tensor(3), "w": torch.ones(2)}
+    assert tensors_digest(a) != tensors_digest({"n": torch.tensor(4), "w": torch.ones(2)})
+    assert tensors_digest(a) == tensors_digest({"w": torch.ones(2), "n": torch.tensor(3)})

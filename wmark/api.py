@@ -127,6 +127,9 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     meta = model_metadata(arch=arch, num_classes=ds.num_classes, input_shape=ds.input_shape, test_accuracy=acc)
     if wm is not None:
         meta.update(wm.metadata())
+    elif k.modality is not None:
+        # the unmarked baseline of a text key still records its tokenization, so it can be served as text
+        meta["modality"] = k.modality
     save_model(model, out, metadata=meta)
     return {"out": str(out), "test_accuracy": acc, "seconds": seconds, "schemes": list(schemes)}
 
@@ -184,7 +187,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLike,
                    components: int | None = None, skip: int = 0,
                    references: Sequence[str] | None = None, verify_count: int = 1000,
-                   seed: int = 0, reference_repeats: int | None = None) -> dict[str, Any]:
+                   seed: int = 0, reference_repeats: int | None = None,
+                   max_samples: int | None = None) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
@@ -195,7 +199,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     ties), ``reference_repeats`` per architecture and recipe (default ``REFERENCE_REPEATS``, each from its own
     seed; for a text key one, as a bag-of-words reference stores a vocabulary-sized embedding). For a text key
     the owner's inputs are the dataset's texts (those within the key's maximum length) and the rule commits
-    strings. Serve with
+    strings. ``max_samples`` keeps the first that many of ``data``'s training inputs (the owner's own subset). Serve with
     :class:`~wmark.schemes.tiebreak.TieBreakAPI` (``wmark serve --mark tiebreak``) and verify with
     ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest.
     """
@@ -210,7 +214,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     from wmark.schemes.tiebreak.inputs import owner_texts
 
     k = load_key(key)
-    ds = load_dataset(data)
+    ds = load_dataset(data).subset(max_samples=max_samples)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from wmark.errors import UsageError
-from wmark.io import wmark_metadata
+from wmark.io import read_metadata, wmark_metadata
 from wmark.keys import Key
 from wmark.models import load_model
 from wmark.schemes.querylog import MARKS, QueryLog
@@ -137,4 +137,9 @@ def answerer_for(served: Served) -> Suspect:
     """What answers queries: the marked API, or the bare model (exposing scores)."""
     if served.answerer is not None:
         return served.answerer
-    return LocalSuspect(served.model, input_shape=served.input_shape, description=served.weights, expose_scores=True)
+    from wmark.text_serving import text_inputs_of
+
+    # an unmarked text model is asked strings, tokenized as its file records
+    text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
+    return LocalSuspect(served.model, input_shape=served.input_shape, description=served.weights, expose_scores=True,
+                        text=text)
