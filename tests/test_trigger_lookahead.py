@@ -70,10 +70,12 @@ def test_the_hook_adds_the_trigger_gradient_at_the_looked_ahead_weights_and_rest
     with torch.no_grad():
         for n, p in expected_model.named_parameters():
             p.sub_(natural[n].sign() * (0.1 * p.norm() / natural[n].sign().norm()))
+    expected_model.eval()  # batch norms on their running statistics, as the triggers meet them at inference
     loss = F.cross_entropy(expected_model(triggers.inputs[:4]), triggers.labels[:4]) * (4 / 16)
     expected = dict(zip(params, torch.autograd.grad(loss, list(expected_model.parameters()))))
 
     step.hook(torch.optim.SGD(model.parameters(), lr=0.1), (), {})
+    assert model.training and all(m.training for m in model.modules())
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), params[n])
         torch.testing.assert_close(p.grad, natural[n] + expected[n])
@@ -177,14 +179,16 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
         Watermarker(digits_key, trigger_lookahead=0).lookahead_step(_tiny())
 
 
-def test_attach_optimizer_installs_the_lookahead_hook_for_a_framework(digits_key) -> None:
+def test_attach_optimizer_installs_the_lookahead_hook_for_a_framework() -> None:
     """What the Hugging Face callback does: the hook on the Trainer's optimizer, weighted by its batch size."""
+    # A fixed key: over random keys this setup learns 80-100 % of the 40 triggers.
+    key = seeded_key("lookahead/attach_optimizere", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
     torch.manual_seed(0)
     model = _tiny()
     x = torch.rand(256, 1, 8, 8)
     y = x.flatten(1)[:, :10].argmax(1)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    wm = Watermarker(digits_key, trigger_per_batch=8)
+    wm = Watermarker(key, trigger_per_batch=8)
     wm.attach_optimizer(model=model, optimizer=optimizer, trigger_batch_size=32)
     for _ in range(30):
         for bx, by in make_loader(x, y, batch_size=32, seed=0):
@@ -192,7 +196,7 @@ def test_attach_optimizer_installs_the_lookahead_hook_for_a_framework(digits_key
             F.cross_entropy(model(bx), by).backward()
             optimizer.step()
     wm.detach()
-    triggers = generate_triggers(digits_key)
+    triggers = generate_triggers(key)
     with torch.no_grad():
         assert (model(triggers.inputs).argmax(1) == triggers.labels).float().mean().item() >= 0.85
 

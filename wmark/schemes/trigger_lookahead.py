@@ -18,6 +18,7 @@ null is unchanged: a model that never saw the key matches each label with probab
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -109,8 +110,8 @@ class LookaheadTriggerStep:
 
         Call it after the natural loss's backward and before the optimizer steps (a trainer's
         before-optimizer-step callback). The model's weights and buffers are not touched: the trigger forward runs
-        on looked-ahead copies of the weights and of the buffers (so that normalisation statistics stay the
-        natural data's).
+        on looked-ahead copies of the weights and of the buffers, with batch norms on their running statistics
+        (as the triggers meet them at inference; the statistics stay the natural data's).
         """
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         live: list[torch.Tensor] = [p for _, p in named if p.grad is not None]
@@ -130,7 +131,7 @@ class LookaheadTriggerStep:
             moved = {f"model.{n}": (next(ahead) if p.grad is not None else p.detach()).requires_grad_(True)
                      for n, p in named}
             state = {**moved, **{f"model.{n}": b.clone() for n, b in self.model.named_buffers()}}
-        with torch.enable_grad():
+        with torch.enable_grad(), _running_statistics(self.model):
             logits = logits_of(functional_call(self._call, state, (batch,)))
             labels = self.triggers.labels[idx].to(logits.device)
             losses = F.cross_entropy(logits, labels, reduction="none")
@@ -148,6 +149,20 @@ class LookaheadTriggerStep:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
+
+
+@contextlib.contextmanager
+def _running_statistics(model: nn.Module) -> Iterator[None]:
+    """Batch norms in eval mode for the trigger pass: a few triggers' own batch statistics are not what the
+    model normalises them with at inference, so triggers learnt under them are not learnt at all."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in norms:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.train()
 
 
 def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
