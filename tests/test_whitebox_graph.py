@@ -378,3 +378,20 @@ def test_rgb32_fashion_mnist_is_padded_and_replicated() -> None:
     assert rgb.input_shape == (3, 32, 32) and len(rgb.x_test) == len(grey.x_test)
     assert torch.equal(x[:, 0], x[:, 2]) and float(x[:, :, :2].abs().sum()) == 0.0
     assert torch.equal(x[:, 1, 2:30, 2:30], grey.x_train[:3, 0])
+
+
+def test_a_tensor_that_is_a_candidate_for_an_embedding_and_a_linear_layer_is_viewed_for_each(tmp_path) -> None:
+    """tiny-bert's 64-position table and its 64-neuron MLP weights share the raw shape (64, 32)."""
+    from wmark.models import build_model
+
+    torch.set_num_threads(1)
+    model = build_model("tiny-bert", num_classes=8, input_shape=(64,), seed=0)
+    ids = torch.randint(1, 1000, (256, 12), generator=torch.Generator().manual_seed(0))
+    _train(model, steps=200, seed=0, lr=2e-3, data=(ids, ids[:, 0] % 8))
+    key = tiny_key(32, seed=3)
+    marked = mark(model, key, (ids, ids[:, 1] % 8), tmp_path, steps=120, lr=3e-4)
+    assert {tuple(p.shape) for n, p in marked.named_parameters() if "position" in n or "intermediate.dense.w" in n} \
+        == {(64, 32)}
+    verdict = check(key, tmp_path, marked.state_dict(), "itself")
+    assert verdict.detected and verdict.tests[0].matches >= 30
+

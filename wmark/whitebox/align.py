@@ -135,6 +135,9 @@ class Aligner:
         return int(self.spaces[layer.inp]["size"])
 
     def _load(self, name: str, loader: Loader, layer: Layer, key: str) -> torch.Tensor:
+        # One suspect tensor may be a candidate for an embedding (read transposed) and for a linear layer of the
+        # same raw shape (a 64-position table and a 64-neuron MLP): each view is cached on its own.
+        key = f"{key}:{'T' if layer.transpose else 'N'}"
         if key not in self._cache:
             self._cache[key] = view2d(loader(name), layer)
         return self._cache[key]
