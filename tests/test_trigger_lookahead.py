@@ -22,13 +22,14 @@ def _tiny(batchnorm: bool = False) -> torch.nn.Module:
     return torch.nn.Sequential(*layers, torch.nn.ReLU(), torch.nn.Linear(48, 10))
 
 
-def _train_with_lookahead(key, radius: float = 0.05, epochs: int = 30) -> tuple[torch.nn.Module, list[int]]:
+def _train_with_lookahead(key, radius: float = 0.05, epochs: int = 30,
+                          margin: float | None = None) -> tuple[torch.nn.Module, list[int]]:
     torch.manual_seed(0)
     model = _tiny()
     x = torch.rand(256, 1, 8, 8)
     y = x.flatten(1)[:, :10].argmax(1)  # a learnable natural task: which of the first ten pixels is brightest
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    wm = Watermarker(key, trigger_lookahead=radius, trigger_per_batch=8)
+    wm = Watermarker(key, trigger_lookahead=radius, trigger_per_batch=8, trigger_margin=margin)
     model, optimizer, loader = wm.attach(model=model, optimizer=optimizer,
                                          data_loader=make_loader(x, y, batch_size=32, seed=0))
     sizes = []
@@ -53,6 +54,16 @@ def test_lookahead_learns_the_triggers_without_mixing_them_into_batches() -> Non
     assert learnt >= 0.8
     verdict = verify_blackbox(key=key, suspect=LocalSuspect(model, input_shape=(1, 8, 8), expose_scores=False))
     assert verdict.decision == "detected" and verdict.to_dict()["log10_p"] <= -6
+
+
+def test_a_margin_without_lookahead_learns_the_triggers_in_their_own_pass() -> None:
+    key = seeded_key("lookahead/learns", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
+    model, sizes = _train_with_lookahead(key, radius=0.0, margin=3.0)
+    assert set(sizes) == {32}
+    triggers = generate_triggers(key)
+    with torch.no_grad():
+        logits = model(triggers.inputs)
+    assert (logits.argmax(1) == triggers.labels).float().mean().item() >= 0.8  # as with lookahead, this key
 
 
 def test_the_hook_adds_the_trigger_gradient_at_the_looked_ahead_weights_and_restores_everything(digits_key) -> None:
@@ -125,12 +136,17 @@ def test_a_margin_drops_the_loss_of_triggers_already_learnt_at_the_looked_ahead_
         assert torch.equal(p.grad, before[n])
 
 
-def test_a_trigger_margin_needs_lookahead_and_is_recorded(digits_key) -> None:
+def test_a_trigger_margin_is_recorded_and_without_lookahead_gets_its_own_pass(digits_key) -> None:
     wm = Watermarker(digits_key, trigger_margin=2.0)
     assert wm.metadata()["trigger_margin"] == 2.0 and wm.lookahead_step(_tiny()).margin == 2.0
     assert "trigger_margin" not in Watermarker(digits_key).metadata()
-    with pytest.raises(UsageError, match="needs lookahead embedding.*trigger_lookahead > 0"):
-        Watermarker(digits_key, trigger_lookahead=0, trigger_margin=2.0)
+    own = Watermarker(digits_key, trigger_lookahead=0, trigger_margin=2.0)  # a margin cannot apply to mixed batches
+    assert own.trigger_step and own.trigger_per_batch == 4 and own.lookahead_step(_tiny()).radius == 0.0
+    assert "trigger_lookahead" not in own.metadata()
+    base = make_loader(torch.rand(40, 1, 8, 8), torch.zeros(40, dtype=torch.long), batch_size=20)
+    model = _tiny()
+    _, _, loader = own.attach(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), data_loader=base)
+    assert [len(x) for x, _ in loader] == [20, 20]
     with pytest.raises(UsageError, match="at least 0"):
         Watermarker(digits_key, trigger_margin=-1.0)
     with pytest.raises(UsageError, match="margin must be at least 0"):
@@ -167,8 +183,8 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
         Watermarker(digits_key, trigger_lookahead=-0.1)
     with pytest.raises(UsageError, match="trigger_per_batch must be at least 1"):
         Watermarker(digits_key, trigger_per_batch=0)
-    with pytest.raises(UsageError, match="must be positive"):
-        LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.0, per_batch=4)
+    with pytest.raises(UsageError, match="radius must be at least 0"):
+        LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=-0.1, per_batch=4)
     wm = Watermarker(digits_key, trigger_lookahead=0.05)
     base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
     with pytest.raises(UsageError, match="needs optimizer=.*trigger_lookahead=0"):

@@ -57,9 +57,11 @@ class Watermarker:
             into the batches instead. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST
             CNNs) for image keys, ``0`` for text keys, whose triggers survive a fine-tune without it and where
             it was not measured.
-        trigger_margin: With lookahead, a trigger whose label already leads every other logit by this much at the
-            looked-ahead weights adds no loss: learnt triggers stop costing accuracy. Default None: every trigger
-            always adds its loss.
+        trigger_margin: A trigger whose label already leads every other logit by this much (at the looked-ahead
+            weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. It needs the
+            library's own trigger pass: with ``trigger_lookahead=0`` the triggers then get that pass at the current
+            weights instead of joining the batches (``docs/text.md`` measures it on MiniLM). Default None: every
+            trigger always adds its loss.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -67,7 +69,7 @@ class Watermarker:
             tokenizer the key names is loaded.
 
     Raises:
-        UsageError: On an unknown scheme, or a margin without lookahead.
+        UsageError: On an unknown scheme, a negative radius or margin.
     """
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int | None = None,
@@ -85,16 +87,18 @@ class Watermarker:
             raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
         self.key = key
         self.schemes = tuple(schemes)
+        if trigger_margin is not None and trigger_margin < 0:
+            raise UsageError(f"The trigger margin must be at least 0, got {trigger_margin}.")
+        self.trigger_margin = trigger_margin
+        # The library computes the trigger loss itself (its own pass in the optimizer step) for lookahead, and for
+        # a margin, which mixed batches cannot apply: the user's loss averages the triggers with the data.
+        self.trigger_step = trigger_lookahead > 0 or trigger_margin is not None
         if trigger_per_batch is None:
-            trigger_per_batch = LOOKAHEAD_PER_BATCH if trigger_lookahead > 0 else trigger_set.MIXING_PER_BATCH
+            trigger_per_batch = LOOKAHEAD_PER_BATCH if self.trigger_step else trigger_set.MIXING_PER_BATCH
         if trigger_per_batch < 1:
             raise UsageError(f"trigger_per_batch must be at least 1, got {trigger_per_batch}.")
         self.trigger_per_batch = trigger_per_batch
         self.trigger_lookahead = float(trigger_lookahead)
-        if trigger_margin is not None and (trigger_lookahead == 0 or trigger_margin < 0):
-            raise UsageError(f"A trigger margin ({trigger_margin}) must be at least 0 and needs lookahead embedding, "
-                             "which computes the trigger loss itself; set trigger_lookahead > 0 or drop the margin.")
-        self.trigger_margin = trigger_margin
         self._attached = False
         self._triggers: trigger_set.TriggerSet | None = None
         self.weights_layer = weights_layer
@@ -134,26 +138,26 @@ class Watermarker:
         return model, optimizer, data_loader
 
     def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
-        if self.trigger_lookahead == 0:
+        if not self.trigger_step:
             return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
                                                    input_key=self.input_key, label_key=self.label_key)
         if optimizer is None:
             raise UsageError("Lookahead trigger embedding needs optimizer= (it adds its gradient in a step pre-hook); "
-                             "pass it, or make the Watermarker with trigger_lookahead=0 to mix the triggers into the "
-                             "batches.")
+                             "pass it, or make the Watermarker with trigger_lookahead=0 and no trigger_margin to mix the "
+                             "triggers into the batches.")
         step = self.lookahead_step(model)
         self._hooks.append(optimizer.register_step_pre_hook(step.hook))
         return step.wrap_loader(data_loader, label_key=self.label_key)
 
     def lookahead_step(self, model: nn.Module) -> LookaheadTriggerStep:
-        """The lookahead trigger step for ``model`` (for a trainer integration that calls it itself).
+        """The trigger step for ``model`` (for a trainer integration that calls it itself); radius 0 without lookahead.
 
         Raises:
-            UsageError: If this Watermarker mixes its triggers (``trigger_lookahead=0``).
+            UsageError: If this Watermarker mixes its triggers (``trigger_lookahead=0``, no margin).
         """
-        if self.trigger_lookahead <= 0:
+        if not self.trigger_step:
             raise UsageError("This Watermarker mixes its triggers into the batches; make it with a positive "
-                             "trigger_lookahead for a lookahead step.")
+                             "trigger_lookahead or a trigger_margin for a trigger step.")
         return LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
                                     per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model),
                                     margin=self.trigger_margin)
@@ -179,7 +183,7 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
-        if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_lookahead > 0:
+        if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
             # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
             step = self.lookahead_step(model)
             step.batch_size = trigger_batch_size
@@ -189,10 +193,11 @@ class Watermarker:
         self._attached = True
 
     def _refuse_lookahead(self) -> None:
-        if "trigger" in self.schemes and self.trigger_lookahead > 0:
+        if "trigger" in self.schemes and self.trigger_step:
             raise UsageError("Lookahead trigger embedding adds the triggers in the optimizer step, not through the "
                              "dataset: train on the dataset as it is with the integration's callback, or make the "
-                             "Watermarker with trigger_lookahead=0 to mix the triggers into the dataset.")
+                             "Watermarker with trigger_lookahead=0 and no trigger_margin to mix the triggers into the "
+                             "dataset.")
 
     def _trigger_input_name(self, model: nn.Module) -> str | None:
         from wmark.integrations.common import input_key_for

@@ -48,7 +48,7 @@ class WatermarkCallback(TrainerCallback):
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker
         dataset = getattr(train_dataloader, "dataset", None)
-        mixing = "trigger" in wm.schemes and wm.trigger_lookahead == 0
+        mixing = "trigger" in wm.schemes and not wm.trigger_step
         if mixing and dataset is not None and not isinstance(dataset, TriggerMixingDataset):
             raise UsageError("The Trainer's training set carries no triggers; pass "
                              "train_dataset=watermarker.wrap_dataset(train_dataset).")

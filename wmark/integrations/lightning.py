@@ -49,7 +49,7 @@ class WatermarkCallback(L.Callback):
                  forward: Callable[[nn.Module, Batch], Any] | None = None) -> None:
         if weight <= 0:
             raise UsageError(f"The trigger loss weight must be positive, got {weight}.")
-        if "trigger" in watermarker.schemes and watermarker.trigger_lookahead > 0 and forward is not None:
+        if "trigger" in watermarker.schemes and watermarker.trigger_step and forward is not None:
             raise UsageError("Lookahead trigger embedding runs the module's own forward; drop forward= or make the "
                              "Watermarker with trigger_lookahead=0.")
         self.watermarker = watermarker
@@ -61,7 +61,7 @@ class WatermarkCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wm = self.watermarker
-        if "trigger" in wm.schemes and wm.trigger_lookahead > 0:
+        if "trigger" in wm.schemes and wm.trigger_step:
             self._lookahead = wm.lookahead_step(pl_module)
         if "weights" in wm.schemes:
             if len(trainer.optimizers) != 1:

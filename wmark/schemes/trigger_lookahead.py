@@ -55,7 +55,8 @@ class LookaheadTriggerStep:
     Args:
         model: The model being trained (a ``DistributedDataParallel`` wrapper is looked through).
         triggers: The key's trigger set.
-        radius: Size of the simulated fine-tune step, relative to each parameter tensor's norm.
+        radius: Size of the simulated fine-tune step, relative to each parameter tensor's norm (0: the triggers'
+            own pass at the current weights).
         per_batch: Triggers per step; their loss is weighted ``per_batch / natural batch size``, as if they
             had joined the batch.
         input_key: Name to pass the triggers under, or ``None`` to pass a tensor.
@@ -64,13 +65,13 @@ class LookaheadTriggerStep:
             task (the loss is still divided by ``per_batch``).
 
     Raises:
-        UsageError: If ``radius`` is not positive, ``per_batch`` is below 1 or ``margin`` is negative.
+        UsageError: If ``radius`` or ``margin`` is negative or ``per_batch`` is below 1.
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
                  input_key: str | None = None, margin: float | None = None) -> None:
-        if not radius > 0:
-            raise UsageError(f"The lookahead radius must be positive, got {radius}.")
+        if not radius >= 0:
+            raise UsageError(f"The lookahead radius must be at least 0, got {radius}.")
         if per_batch < 1:
             raise UsageError(f"per_batch must be at least 1, got {per_batch}.")
         if margin is not None and margin < 0:
