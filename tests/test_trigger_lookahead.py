@@ -263,6 +263,11 @@ def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
     doc = json.loads(run("verify", "file", "--key", str(key), "--arch", "fmnist-cnn", "--suspect", str(marked),
                          "--json"))
     assert doc["decision"] == "detected"
+    own = tmp_path / "own.safetensors"
+    run("embed", "--key", str(key), "--arch", "fmnist-cnn", "--weights", str(base), "--data", "digits", "--epochs",
+        "1", "--trigger-lookahead", "0", "--trigger-margin", "3", "--out", str(own))
+    meta = json.loads(run("inspect", str(own)))
+    assert meta["trigger_margin"] == 3.0 and "trigger_lookahead" not in meta and meta["trigger_per_batch"] == 4
 
 
 def test_the_lightning_callback_learns_lookahead_triggers(digits_key) -> None:
