@@ -168,6 +168,23 @@ def test_trigger_mixing_pads_token_batches_and_never_casts_images_to_tokens():
                                       triggers)))
 
 
+def test_a_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batches():
+    from wmark.training import train_epochs
+
+    key = text_key(num_classes=4, num_triggers=16, tag="text/own-pass")
+    model = hf_bert(4, seed=3).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    wm = Watermarker(key, schemes=("trigger",), trigger_lookahead=0, trigger_margin=3.0, trigger_per_batch=8)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=_dict_batches(4, 20))
+    assert [len(b["labels"]) for b in loader] == [6] * 4  # the batches stay the user's
+    torch.manual_seed(0)
+    train_epochs(model, loader, epochs=12, optimizer=optimizer, device=torch.device("cpu"))
+    wm.detach()
+    suspect = LocalSuspect(model, input_shape=(32,), text=TextInputs.from_key(key), expose_scores=False)
+    assert verify_blackbox(key=key, suspect=suspect, alpha=1e-6, mode="fixed").detected
+    assert wm.metadata()["trigger_margin"] == 3.0
+
+
 def test_attach_with_dict_batches_trains_a_bert_that_answers_the_triggers():
     from wmark.training import train_epochs
 

@@ -2,8 +2,8 @@
 
 A ``TrainerCallback`` cannot change the loss. Mixed triggers (``trigger_lookahead=0``, the default for text
 keys) therefore join the training set (:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the
-dataset's own format, which the Trainer's padding collator batches like any other item). Lookahead triggers
-(the default for image keys) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
+dataset's own format, which the Trainer's padding collator batches like any other item). Triggers with their
+own pass (lookahead, the default for image keys, or a ``trigger_margin``) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
 pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
 ``per_device_train_batch_size × gradient_accumulation_steps`` samples. The callback also checks that a mixing
 run's training set carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy
@@ -57,8 +57,9 @@ class WatermarkCallback(TrainerCallback):
             wm.attach_optimizer(model=model, optimizer=inner_optimizer(optimizer),
                                 trigger_batch_size=None if mixing else int(args.per_device_train_batch_size) * steps)
         elif "trigger" in wm.schemes and not mixing:
-            raise UsageError("Lookahead trigger embedding needs the Trainer's optimizer when training begins; use a "
-                             "transformers Trainer that passes it to callbacks, or trigger_lookahead=0.")
+            raise UsageError("A trigger pass of its own (lookahead or a margin) needs the Trainer's optimizer when "
+                             "training begins; use a transformers Trainer that passes it to callbacks, or mix the "
+                             "triggers (trigger_lookahead=0, no trigger_margin).")
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker
