@@ -36,6 +36,8 @@ WHAT = {
     "tiebreak_references": "eight against sixteen reference surrogates",
     "http_probe": "queries/s against a local server and the transcript's overhead",
     "gauntlet": "every scheme against every attack, with a null panel",
+    "gauntlet-resnet": "the gauntlet on a BatchNorm residual CNN (resnet-small, Fashion-MNIST 3x32x32, reduced scale)",
+    "gauntlet-text": "the gauntlet on a text transformer (tiny-bert on fortunes)",
     "forgery": "false claims (adversarial 'triggers', key search) and tampering",
     "forgery_quick": "its quick mode",
     "monitor": "the extraction monitor on honest and thief traffic",
@@ -58,6 +60,8 @@ WHAT = {
     "text_extraction_low_beta": "the same at shift scales 0.15 and 0.1",
     "text_extraction_minilm": "the same with a thief on the public MiniLM encoder",
     "text_extraction_quick": "its quick mode",
+    "research_text_cost": "what each text trigger embedding costs a MiniLM fine-tune on the whole owner third, per seed",
+    "research_lookahead_batchnorm": "lookahead against mixing on a BatchNorm resnet: triggers learnt",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")

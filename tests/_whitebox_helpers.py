@@ -6,9 +6,10 @@ import torch
 from keykit import seeded_key
 from torch import nn
 
-from wmark.io import save_model
+from wmark.io import save_model, save_tensors
 from wmark.keys import Key, default_schemes, generate_key
 from wmark.schemes.weights import WeightsEmbedder
+from wmark.whitebox.verify import verify_whitebox
 
 
 class TinyCNN(nn.Module):
@@ -75,3 +76,11 @@ def marked_file(key: Key, path, *, seed: int = 0, steps: int = 60) -> tuple[nn.M
     train(model, steps=steps, seed=seed, embedder=emb)
     save_model(model, path, metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return model, emb
+
+
+def check(key: Key, d, tensors: dict[str, torch.Tensor], name: str):
+    """Verify ``tensors`` (saved as ``d/name.safetensors``) against ``d``'s reference and anchor files."""
+    save_tensors(tensors, d / f"{name}.safetensors")
+    return verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=d / f"{name}.safetensors",
+                           anchor=d / "anchor.safetensors")
+

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _whitebox_helpers import tiny_key
+from _whitebox_helpers import check, tiny_key
 from _whitebox_helpers import train as _train
 from click.testing import CliRunner
 from scipy import stats
@@ -78,12 +78,6 @@ def as_model(sd: dict[str, torch.Tensor]) -> TinyLlama:
     out = TinyLlama(99)
     out.load_state_dict(sd)
     return out.eval()
-
-
-def check(key, d, tensors, name: str):
-    save_tensors(tensors, d / f"{name}.safetensors")
-    return verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=d / f"{name}.safetensors",
-                           anchor=d / "anchor.safetensors")
 
 
 @pytest.fixture(scope="module")

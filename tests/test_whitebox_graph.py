@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _whitebox_helpers import tiny_key
+from _whitebox_helpers import check, tiny_key
 from _whitebox_helpers import train as _train
 from click.testing import CliRunner
 from torch import nn
@@ -34,7 +34,6 @@ from wmark.resnet import ResNet
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.align import Aligner, plan_layers
 from wmark.whitebox.graph import binormalize, plan, read_graph
-from wmark.whitebox.verify import verify_whitebox
 
 
 def resnet(seed: int) -> ResNet:
@@ -83,12 +82,6 @@ def mark(base: nn.Module, key, data, d, *, steps: int, lr: float) -> nn.Module:
     assert emb.bit_errors() == 0
     save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return model
-
-
-def check(key, d, tensors, name: str):
-    save_tensors(tensors, d / f"{name}.safetensors")
-    return verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=d / f"{name}.safetensors",
-                           anchor=d / "anchor.safetensors")
 
 
 @pytest.fixture(scope="module")
