@@ -174,8 +174,8 @@ def family(name: str, attack_epochs: int) -> Family:
             steps=steps, whitebox=False, text=True, twins={"fused-qkv": "source"},
             refused={
                 "weights, trigger+weights (and the weight mark in the full row)":
-                    "not run in this family yet: when its results were recorded the alignment crashed on "
-                    "tiny-bert, whose 64-position table and 64-neuron MLP share a raw shape (a view cache keyed "
+                    "wmark.whitebox is not run in this family yet: when its results were recorded the alignment "
+                    "crashed on tiny-bert, whose 64-position table and 64-neuron MLP share a raw shape (a view cache keyed "
                     "by tensor name only; fixed since, a marked tiny-bert now verifies against its trained base), "
                     "so the text rows use the trigger set and the tie-break API only",
                 "api-mark, trigger+api-mark": "the flip mark serves image classifiers only (wmark refuses a text "
@@ -343,8 +343,8 @@ def family_lines(fam: dict[str, Any] | None) -> list[str]:
              + (f", {fam['tiebreak_reference_repeats']} seed(s) per recipe" if fam["tiebreak_reference_repeats"] else "")
              + ".", ""]
     if fam.get("slice"):
-        lines += [f"Smoke-run data: the first {fam['slice'][0]} training images (split into the two halves) and the "
-                  f"first {fam['slice'][1]} test images.", ""]
+        lines += [(f"Smoke-run data: the first {fam['slice'][0]} training images (split into the two halves) and "
+                   f"the first {fam['slice'][1]} test images."), ""]
     if fam["refused"]:
         lines += ["Not run for this family (the library does not support it; no cell is shown for it):", ""]
         lines += [f"- {what}: {why}." for what, why in fam["refused"].items()] + [""]
