@@ -84,3 +84,24 @@ def check(key: Key, d, tensors: dict[str, torch.Tensor], name: str):
     return verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=d / f"{name}.safetensors",
                            anchor=d / "anchor.safetensors")
 
+
+def guarded_aligner(d, sus: dict[str, torch.Tensor]):
+    """An aligner from ``d``'s anchor to ``sus`` that fails the test if it ever reads the marked layer, run."""
+    import json
+
+    from wmark.io import load_tensors
+    from wmark.whitebox.align import Aligner, plan_layers
+
+    info = json.loads(dict(load_tensors(d / "ref.safetensors")[1])["wmark.weights"])
+    layers, spaces, iters = plan_layers(info)
+    src, _ = load_tensors(d / "anchor.safetensors")
+
+    def source(name: str) -> torch.Tensor:
+        assert name != layers[-1].name, "the marked layer was read"
+        return src[name]
+
+    aligner = Aligner(layers=layers, spaces=spaces, source=source,
+                      suspect_shapes={n: tuple(t.shape) for n, t in sus.items()}, suspect=sus.__getitem__, iters=iters)
+    aligner.run()
+    return aligner, layers
+

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _whitebox_helpers import check, tiny_key
+from _whitebox_helpers import check, guarded_aligner, tiny_key
 from _whitebox_helpers import train as _train
 from click.testing import CliRunner
 from torch import nn
@@ -242,18 +242,7 @@ def test_independent_resnets_are_not_detected(cnn) -> None:
 def test_alignment_never_reads_the_marked_layer(cnn) -> None:
     """With an anchor the permutations come from (anchor, suspect) only: the null is exact by construction."""
     _, _, d = cnn
-    info = json.loads(dict(load_tensors(d / "ref.safetensors")[1])["wmark.weights"])
-    layers, spaces, iters = plan_layers(info)
-    src, _ = load_tensors(d / "anchor.safetensors")
-    sus = {n: t for n, t in train(resnet(7), image_task(7), steps=20, seed=7).state_dict().items()}
-
-    def source(name: str) -> torch.Tensor:
-        assert name != layers[-1].name, "the marked layer was read"
-        return src[name]
-
-    aligner = Aligner(layers=layers, spaces=spaces, source=source,
-                      suspect_shapes={n: tuple(t.shape) for n, t in sus.items()}, suspect=sus.__getitem__, iters=iters)
-    aligner.run()
+    aligner, layers = guarded_aligner(d, {n: t for n, t in train(resnet(7), image_task(7), steps=20, seed=7).state_dict().items()})
     assert layers[-1].inp in aligner.perms and aligner.candidates()
 
 
