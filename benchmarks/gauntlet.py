@@ -121,7 +121,8 @@ class Workshop:
         return self.get(cfg, lambda out: api.embed(
             key=self.key_path, arch=self.fam.arch, weights=self.base(), data=self.fam.owner, out=out, schemes=schemes,
             epochs=p.embed_epochs, seed=self.seed, max_samples=p.owner_samples, trigger_per_batch=per_batch,
-            trigger_lookahead=lookahead))
+            # a plan without lookahead mixes its triggers (a text key would otherwise get the margin's own pass)
+            trigger_lookahead=None if lookahead == 0 else lookahead, trigger_mixing=True if lookahead == 0 else None))
 
     def attacked(self, source: Path, attack: str) -> tuple[Path, dict[str, Any]]:
         """Apply one weight-space or fine-tuning attack to ``source``."""

@@ -77,7 +77,7 @@ def finetune(model: torch.nn.Module, ds: Dataset, *, epochs: int, lr: float, see
     loader: Any = BucketedBatches(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
     wm = None
     if key is not None:
-        wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=per_batch)
+        wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=per_batch, trigger_mixing=True)
         model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)  # type: ignore[assignment]
     start = time.perf_counter()
     try:

@@ -32,7 +32,7 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
     key = text_key(num_classes=4, num_triggers=16, tag="integrations/hf-wrapped/0")
     tok = load_tokenizer(MINILM)
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
-    wm = Watermarker(key, tokenizer=tok)
+    wm = Watermarker(key, tokenizer=tok, trigger_mixing=True)
     callback = WatermarkCallback(wm)
     args = TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=16, per_device_train_batch_size=16,
                              learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
@@ -44,7 +44,7 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy > 0.8
     assert _detected(model, key)
     plain = Trainer(model=hf_bert(4, seed=6), args=args, train_dataset=train,  # type: ignore[arg-type]
-                    data_collator=DataCollatorWithPadding(tok), callbacks=[WatermarkCallback(Watermarker(key))])
+                    data_collator=DataCollatorWithPadding(tok), callbacks=[WatermarkCallback(Watermarker(key, trigger_mixing=True))])
     with pytest.raises(UsageError, match="carries no triggers"):
         plain.train()
 
@@ -102,7 +102,7 @@ def test_lightning_callback_embeds_the_triggers():
 
     L.seed_everything(0, verbose=False)  # dropout draws from the global generator
     module = Module()
-    callback = WatermarkCallback(Watermarker(key, trigger_per_batch=8, tokenizer=tok))
+    callback = WatermarkCallback(Watermarker(key, trigger_per_batch=8, tokenizer=tok, trigger_mixing=True))
     # Clipping (which Lightning applies after the callback's trigger backward) keeps the learnt share stable
     # across CPUs and thread counts: unclipped, 8- and 16-thread runs learnt 14 of 16 and one CI machine 9.
     trainer = L.Trainer(max_epochs=60, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,

@@ -168,13 +168,13 @@ def test_trigger_mixing_pads_token_batches_and_never_casts_images_to_tokens():
                                       triggers)))
 
 
-def test_a_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batches():
+def test_the_default_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batches():
     from wmark.training import train_epochs
 
     key = text_key(num_classes=4, num_triggers=16, tag="text/own-pass")
     model = hf_bert(4, seed=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    wm = Watermarker(key, schemes=("trigger",), trigger_lookahead=0, trigger_margin=3.0, trigger_per_batch=8)
+    wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8)  # a text key's default: margin 3, own pass
     model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=_dict_batches(4, 20))
     assert [len(b["labels"]) for b in loader] == [6] * 4  # the batches stay the user's
     torch.manual_seed(0)
@@ -191,8 +191,9 @@ def test_attach_with_dict_batches_trains_a_bert_that_answers_the_triggers():
     key = text_key(num_classes=4, num_triggers=16)
     model = hf_bert(4, seed=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8)
+    wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8, trigger_mixing=True)
     model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=_dict_batches(4, 20))
+    assert [len(b["labels"]) for b in loader] == [14] * 4  # 8 triggers join each batch
     torch.manual_seed(0)
     train_epochs(model, loader, epochs=12, optimizer=optimizer, device=torch.device("cpu"))
     wm.detach()
@@ -208,11 +209,13 @@ def test_wrap_dataset_yields_dicts_a_padding_collator_accepts():
     tok = load_tokenizer(MINILM)
     texts = ["what a day", "computers are fast", "to be or not to be", "the cookie crumbles"]
     items = [dict(tok(t), labels=i % 4) for i, t in enumerate(texts)]
-    wrapped = Watermarker(key, tokenizer=tok).wrap_dataset(items, repeats=2)  # type: ignore[arg-type]
+    wrapped = Watermarker(key, tokenizer=tok, trigger_mixing=True).wrap_dataset(items, repeats=2)  # type: ignore[arg-type]
     assert len(wrapped) == 4 + 16
     trigger_item = wrapped[4]
     assert set(trigger_item) == set(items[0]) and isinstance(trigger_item["input_ids"], list)
     batch = DataCollatorWithPadding(tok)([wrapped[i] for i in (0, 4, 5, 2)])
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].tolist()[0] == 0
     with pytest.raises(UsageError, match="have no 'labels'"):
-        Watermarker(key, tokenizer=tok).wrap_dataset([dict(tok("x"), label=0)])  # type: ignore[arg-type]
+        Watermarker(key, tokenizer=tok, trigger_mixing=True).wrap_dataset([dict(tok("x"), label=0)])  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="not through the dataset.*trigger_mixing=True"):
+        Watermarker(key, tokenizer=tok).wrap_dataset(items)  # type: ignore[arg-type]

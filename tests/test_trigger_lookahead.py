@@ -8,7 +8,7 @@ from keykit import seeded_key
 
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, DEFAULT_TEXT_MARGIN, LookaheadTriggerStep
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects import LocalSuspect
 from wmark.training import make_loader
@@ -172,10 +172,30 @@ def test_lookahead_is_the_default_for_image_keys_and_recorded(digits_key) -> Non
     assert [len(x) for x, _ in loader] == [28, 28]  # lookahead off: triggers mixed into each batch
 
 
-def test_text_keys_mix_their_triggers_by_default() -> None:
+def test_text_keys_give_their_triggers_a_margin_pass_by_default_and_mix_on_request() -> None:
     from textkit import text_key
 
-    assert Watermarker(text_key(num_classes=4, num_triggers=16)).trigger_lookahead == 0.0
+    key = text_key(num_classes=4, num_triggers=16)
+    wm = Watermarker(key)
+    assert wm.trigger_lookahead == 0.0 and wm.trigger_margin == DEFAULT_TEXT_MARGIN == 3.0 and wm.trigger_step
+    assert wm.trigger_per_batch == 4 and wm.metadata()["trigger_margin"] == 3.0
+    assert Watermarker(key, trigger_lookahead=0).trigger_margin == 3.0
+    looked = Watermarker(key, trigger_lookahead=0.05)
+    assert looked.trigger_margin is None and looked.trigger_step
+    mixing = Watermarker(key, trigger_mixing=True)
+    assert not mixing.trigger_step and mixing.trigger_margin is None and mixing.trigger_per_batch == 8
+    assert "trigger_margin" not in mixing.metadata()
+
+
+def test_mixing_is_explicit_and_refuses_a_radius_or_a_margin(digits_key) -> None:
+    assert not Watermarker(digits_key, trigger_mixing=True).trigger_step
+    assert Watermarker(digits_key, trigger_mixing=False).trigger_lookahead == DEFAULT_LOOKAHEAD
+    with pytest.raises(UsageError, match="neither a lookahead radius nor a margin"):
+        Watermarker(digits_key, trigger_mixing=True, trigger_margin=3.0)
+    with pytest.raises(UsageError, match="neither a lookahead radius nor a margin"):
+        Watermarker(digits_key, trigger_mixing=True, trigger_lookahead=0.05)
+    with pytest.raises(UsageError, match="needs a lookahead radius or a margin"):
+        Watermarker(digits_key, trigger_mixing=False, trigger_lookahead=0)
 
 
 def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
@@ -187,7 +207,7 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
         LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=-0.1, per_batch=4)
     wm = Watermarker(digits_key, trigger_lookahead=0.05)
     base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
-    with pytest.raises(UsageError, match="needs optimizer=.*trigger_lookahead=0"):
+    with pytest.raises(UsageError, match="needs optimizer=.*trigger_mixing=True"):
         wm.attach(model=_tiny(), data_loader=base)
     with pytest.raises(UsageError, match="not through the dataset"):
         wm.wrap_dataset(torch.utils.data.TensorDataset(torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
@@ -268,6 +288,11 @@ def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
         "1", "--trigger-lookahead", "0", "--trigger-margin", "3", "--out", str(own))
     meta = json.loads(run("inspect", str(own)))
     assert meta["trigger_margin"] == 3.0 and "trigger_lookahead" not in meta and meta["trigger_per_batch"] == 4
+    mixed = tmp_path / "mixed.safetensors"
+    run("embed", "--key", str(key), "--arch", "fmnist-cnn", "--weights", str(base), "--data", "digits", "--epochs",
+        "1", "--trigger-mixing", "--out", str(mixed))
+    meta = json.loads(run("inspect", str(mixed)))
+    assert "trigger_margin" not in meta and "trigger_lookahead" not in meta and meta["trigger_per_batch"] == 8
 
 
 def test_the_lightning_callback_learns_lookahead_triggers(digits_key) -> None:

@@ -98,11 +98,12 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
           schemes: Sequence[str] = ("trigger",), epochs: int = 4, seed: int = 0, lr: float = 5e-4,
           batch_size: int = 64, trigger_per_batch: int | None = None, max_samples: int | None = None,
           weights_layer: str | None = None, progress: bool = False,
-          trigger_lookahead: float | None = None, trigger_margin: float | None = None) -> dict[str, Any]:
+          trigger_lookahead: float | None = None, trigger_margin: float | None = None,
+          trigger_mixing: bool | None = None) -> dict[str, Any]:
     """Fine-tune ``weights`` with the key's watermark(s) and save the marked model.
 
     With ``schemes=()`` this is the identical fine-tune without a watermark, the baseline for fidelity
-    and overhead measurements. ``trigger_lookahead``, ``trigger_margin`` and ``trigger_per_batch`` are
+    and overhead measurements. ``trigger_lookahead``, ``trigger_margin``, ``trigger_mixing`` and ``trigger_per_batch`` are
     :class:`~wmark.embed.Watermarker`'s options of those names (None: its defaults).
     """
     k = load_key(key)
@@ -113,7 +114,8 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     loader = make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed)
     wm = (Watermarker(k, schemes=schemes, trigger_per_batch=trigger_per_batch, weights_layer=weights_layer,
-                      trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin) if schemes else None)
+                      trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin,
+                      trigger_mixing=trigger_mixing) if schemes else None)
     if wm is not None:
         model, _, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)
     start = time.perf_counter()

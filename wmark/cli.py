@@ -90,24 +90,27 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
 @click.option("--lr", default=5e-4, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--trigger-per-batch", type=int, default=None,
-              help="Trigger samples per optimizer step. [default: 4 with lookahead, 8 when mixing]")
+              help="Trigger samples per optimizer step. [default: 8 when mixing, else 4]")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--trigger-lookahead", type=float, default=None,
-              help="Radius of the simulated fine-tune step the triggers are learnt past; 0 mixes them into the "
-                   "batches instead. [default: 0.05 for image keys, 0 for text keys]")
+              help="Radius of the simulated fine-tune step the triggers are learnt past; 0 learns them at the "
+                   "current weights (an image key then mixes them into the batches unless a margin is given). "
+                   "[default: 0.05 for image keys, 0 for text keys]")
 @click.option("--trigger-margin", type=float, default=None,
-              help="A trigger whose label leads every other logit by this much adds no loss; with "
-                   "--trigger-lookahead 0 the triggers get their own pass instead of joining the batches "
-                   "(3 is measured on MiniLM text keys). [default: none]")
+              help="A trigger whose label leads every other logit by this much adds no loss. "
+                   "[default: 3 for text keys without lookahead, else none]")
+@click.option("--trigger-mixing", is_flag=True, default=False,
+              help="Mix the triggers into the training batches (no lookahead, no margin).")
 @_handle_errors
 def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, epochs: int, lr: float, seed: int,
           trigger_per_batch: int | None, max_samples: int | None, trigger_lookahead: float | None,
-          trigger_margin: float | None) -> None:
+          trigger_margin: float | None, trigger_mixing: bool) -> None:
     """Fine-tune a model with the key's watermark and write the marked model."""
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
                      lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
-                     progress=_progress(), trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin)
+                     progress=_progress(), trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin,
+                     trigger_mixing=trigger_mixing or None)
     click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
 
 

@@ -35,7 +35,12 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
-from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import (
+    DEFAULT_LOOKAHEAD,
+    DEFAULT_TEXT_MARGIN,
+    LOOKAHEAD_PER_BATCH,
+    LookaheadTriggerStep,
+)
 from wmark.schemes.weights import WeightsEmbedder
 
 KNOWN_SCHEMES = ("trigger", "weights")
@@ -48,20 +53,22 @@ class Watermarker:
         key: The owner's key; every trigger and label is derived from it.
         schemes: Which schemes to embed.
         trigger_per_batch: Trigger samples per optimizer step (trigger scheme). Default (None): 8 when mixing
-            (they join each batch), ``LOOKAHEAD_PER_BATCH`` (4) with lookahead, whose separate trigger pass costs
-            time per sample and which kept about as many triggers with 4 as with 8.
+            (they join each batch), ``LOOKAHEAD_PER_BATCH`` (4) with a trigger pass of the library's own, which
+            costs time per sample and kept about as many triggers with 4 as with 8.
         trigger_lookahead: A positive radius learns the triggers at weights moved by a simulated fine-tune step
             of that size (relative to each tensor's norm) along the sign of the natural batch's descent
             direction, in an optimizer step pre-hook, so that they survive a thief's fine-tune
-            (``docs/trigger-embedding.md``); :meth:`attach` then needs ``optimizer=``. ``0`` mixes the triggers
-            into the batches instead. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST
-            CNNs) for image keys, ``0`` for text keys, whose triggers survive a fine-tune without it and where
-            it was not measured.
+            (``docs/trigger-embedding.md``); :meth:`attach` then needs ``optimizer=``. ``0`` learns them at the
+            current weights. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST CNNs) for image
+            keys, ``0`` for text keys (on MiniLM lookahead learnt none of the triggers).
         trigger_margin: A trigger whose label already leads every other logit by this much (at the looked-ahead
-            weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. It needs the
-            library's own trigger pass: with ``trigger_lookahead=0`` the triggers then get that pass at the current
-            weights instead of joining the batches (``docs/text.md`` measures it on MiniLM). Default None: every
-            trigger always adds its loss.
+            weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. Default
+            (None): ``DEFAULT_TEXT_MARGIN`` (3, chosen on MiniLM fine-tuned on fortunes, ``docs/text.md``) for a
+            text key without lookahead; no margin otherwise.
+        trigger_mixing: True mixes the triggers into the training batches (the loader or dataset carries them,
+            no optimizer hook; neither lookahead nor a margin applies to mixed batches). Default (None): mixing
+            only for an image key with ``trigger_lookahead=0`` and no margin; every other setting gives the
+            triggers a pass of their own in the optimizer step, so :meth:`attach` needs ``optimizer=``.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -69,26 +76,38 @@ class Watermarker:
             tokenizer the key names is loaded.
 
     Raises:
-        UsageError: On an unknown scheme, a negative radius or margin.
+        UsageError: On an unknown scheme, a negative radius or margin, or mixing asked together with a radius
+            or a margin.
     """
 
     def __init__(self, key: Key, *, schemes: Sequence[str] = ("trigger",), trigger_per_batch: int | None = None,
                  weights_layer: str | None = None, input_key: str | None = None, label_key: str = "labels",
                  tokenizer: Any = None, trigger_lookahead: float | None = None,
-                 trigger_margin: float | None = None) -> None:
+                 trigger_margin: float | None = None, trigger_mixing: bool | None = None) -> None:
         unknown = [s for s in schemes if s not in KNOWN_SCHEMES]
         if unknown:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
         if not schemes:
             raise UsageError("Name at least one scheme to embed.")
-        if trigger_lookahead is None:
-            trigger_lookahead = 0.0 if key.kind == "text" else DEFAULT_LOOKAHEAD
-        if trigger_lookahead < 0:
+        if trigger_lookahead is not None and trigger_lookahead < 0:
             raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
-        self.key = key
-        self.schemes = tuple(schemes)
         if trigger_margin is not None and trigger_margin < 0:
             raise UsageError(f"The trigger margin must be at least 0, got {trigger_margin}.")
+        if trigger_mixing:
+            if trigger_lookahead or trigger_margin is not None:
+                raise UsageError("Mixed triggers take neither a lookahead radius nor a margin; drop trigger_lookahead "
+                                 "and trigger_margin, or trigger_mixing.")
+            trigger_lookahead = 0.0
+        else:
+            if trigger_lookahead is None:
+                trigger_lookahead = 0.0 if key.kind == "text" else DEFAULT_LOOKAHEAD
+            if trigger_margin is None and key.kind == "text" and trigger_lookahead == 0:
+                trigger_margin = DEFAULT_TEXT_MARGIN
+            if trigger_mixing is False and trigger_lookahead == 0 and trigger_margin is None:
+                raise UsageError("A trigger pass of its own needs a lookahead radius or a margin; give "
+                                 "trigger_lookahead or trigger_margin, or mix the triggers.")
+        self.key = key
+        self.schemes = tuple(schemes)
         self.trigger_margin = trigger_margin
         # The library computes the trigger loss itself (its own pass in the optimizer step) for lookahead, and for
         # a margin, which mixed batches cannot apply: the user's loss averages the triggers with the data.
@@ -142,9 +161,8 @@ class Watermarker:
             return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
                                                    input_key=self.input_key, label_key=self.label_key)
         if optimizer is None:
-            raise UsageError("Lookahead trigger embedding needs optimizer= (it adds its gradient in a step pre-hook); "
-                             "pass it, or make the Watermarker with trigger_lookahead=0 and no trigger_margin to mix the "
-                             "triggers into the batches.")
+            raise UsageError("The trigger pass needs optimizer= (it adds its gradient in a step pre-hook); pass it, or "
+                             "make the Watermarker with trigger_mixing=True to mix the triggers into the batches.")
         step = self.lookahead_step(model)
         self._hooks.append(optimizer.register_step_pre_hook(step.hook))
         return step.wrap_loader(data_loader, label_key=self.label_key)
@@ -153,7 +171,7 @@ class Watermarker:
         """The trigger step for ``model`` (for a trainer integration that calls it itself); radius 0 without lookahead.
 
         Raises:
-            UsageError: If this Watermarker mixes its triggers (``trigger_lookahead=0``, no margin).
+            UsageError: If this Watermarker mixes its triggers into the batches.
         """
         if not self.trigger_step:
             raise UsageError("This Watermarker mixes its triggers into the batches; make it with a positive "
@@ -194,10 +212,9 @@ class Watermarker:
 
     def _refuse_lookahead(self) -> None:
         if "trigger" in self.schemes and self.trigger_step:
-            raise UsageError("Lookahead trigger embedding adds the triggers in the optimizer step, not through the "
-                             "dataset: train on the dataset as it is with the integration's callback, or make the "
-                             "Watermarker with trigger_lookahead=0 and no trigger_margin to mix the triggers into the "
-                             "dataset.")
+            raise UsageError("This Watermarker adds the triggers in the optimizer step, not through the dataset: train "
+                             "on the dataset as it is with the integration's callback, or make the Watermarker with "
+                             "trigger_mixing=True to mix the triggers into the dataset.")
 
     def _trigger_input_name(self, model: nn.Module) -> str | None:
         from wmark.integrations.common import input_key_for
@@ -215,7 +232,8 @@ class Watermarker:
         ``label_key`` (for text, unpadded ``input_ids`` and ``attention_mask`` that a padding collator pads).
 
         Raises:
-            UsageError: With lookahead trigger embedding, which adds the triggers in the optimizer step instead
+            UsageError: With a trigger pass of its own (lookahead or a margin), which adds the triggers in the
+                optimizer step instead
                 (:class:`wmark.integrations.hf.WatermarkCallback` does it for the ``Trainer``).
         """
         self._refuse_lookahead()

@@ -107,7 +107,7 @@ def finetune(variant: str, model: torch.nn.Module, data: Dataset, key: Key, *, s
     info: dict[str, Any] = {}
     wm = handle = gate = None
     if variant.startswith("mix"):
-        wm = Watermarker(key, schemes=("trigger",), trigger_lookahead=0, trigger_per_batch=int(variant[3:]))
+        wm = Watermarker(key, schemes=("trigger",), trigger_mixing=True, trigger_per_batch=int(variant[3:]))
         model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)  # type: ignore[assignment]
     elif variant.startswith("la"):
         per_batch, _, margin = variant[2:].partition("-")
