@@ -26,14 +26,12 @@ import torch
 from wmark.keys import Key, default_schemes
 
 FULL_ROW = "trigger+weights+api-tiebreak"
-TEXT_FULL_ROW = "trigger+api-tiebreak"
 EARLY_STOP_EPOCHS = 6
 
-SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark", FULL_ROW, TEXT_FULL_ROW]
+SCHEMES = ["none", "trigger", "weights", "trigger+weights", "api-mark", "trigger+api-mark", FULL_ROW]
 EMBEDS: dict[str, tuple[str, ...]] = {
     "none": (), "trigger": ("trigger",), "weights": ("weights",), "trigger+weights": ("trigger", "weights"),
     "api-mark": (), "trigger+api-mark": ("trigger",), FULL_ROW: ("trigger", "weights"),
-    TEXT_FULL_ROW: ("trigger",),
 }
 
 
@@ -112,6 +110,8 @@ class Family:
 
             modality = text_modality(tokenizer=load_tokenizer(MINILM), name=MINILM, max_length=64)
             schemes = default_schemes(kind="text")
+            # tiny-bert's widest layer reads 64 MLP neurons per row: room for 32 bits (two columns a bit)
+            schemes["weights"] = dict(schemes["weights"], bits=32)
         return Key(owner="Gauntlet Owner", secret=secret, num_classes=self.num_classes, input_shape=self.input_shape,
                    schemes=schemes, created="2026-01-01T00:00:00+00:00", modality=modality)
 
@@ -168,16 +168,11 @@ def family(name: str, attack_epochs: int) -> Family:
             steps.pop(dropped)
         return Family(
             name="text", arch="tiny-bert", owner="fortunes@owner", attacker="fortunes@attacker", num_classes=8,
-            input_shape=(64,), rows=("none", "trigger", TEXT_FULL_ROW), full_row=TEXT_FULL_ROW,
+            input_shape=(64,), rows=("none", "trigger", "weights", "trigger+weights", FULL_ROW), full_row=FULL_ROW,
             surrogates={"extract-hard": ("hard", "tiny-bert"), "extract-soft": ("soft", "tiny-bert"),
                         "extract-bow": ("hard", "text-bow"), "extract-hard-early": ("hard", "tiny-bert")},
-            steps=steps, whitebox=False, text=True, twins={"fused-qkv": "source"},
+            steps=steps, whitebox=True, text=True, twins={"fused-qkv": "source"},
             refused={
-                "weights, trigger+weights (and the weight mark in the full row)":
-                    "wmark.whitebox is not run in this family yet: when its results were recorded the alignment "
-                    "crashed on tiny-bert, whose 64-position table and 64-neuron MLP share a raw shape (a view cache keyed "
-                    "by tensor name only; fixed since, a marked tiny-bert now verifies against its trained base), "
-                    "so the text rows use the trigger set and the tie-break API only",
                 "api-mark, trigger+api-mark": "the flip mark serves image classifiers only (wmark refuses a text "
                                               "API: 'mark a text API with the tie-break mark')",
             })
@@ -233,10 +228,12 @@ def _resnet_plan(quick: bool) -> Plan:
 def _text_plan(quick: bool) -> Plan:
     if quick:
         nulls = [("tiny-bert", 101, 300, 1), ("text-bow", 102, 300, 1)]
+        # no trigger+weights row: the full row already combines both marks on the same model (a smoke run)
         return Plan(owner_samples=400, attacker_samples=300, base_epochs=1, embed_epochs=6, attack_epochs=1,
                     extract_queries=300, extract_epochs=2,
                     attacks=["none", "finetune", "prune-50", "permute", "fused-qkv", "extract-hard"],
-                    null_models=nulls, tiebreak_references=(), early_stop_epochs=1)
+                    null_models=nulls, tiebreak_references=(), rows=["none", "trigger", "weights", FULL_ROW],
+                    early_stop_epochs=1)
     nulls = [("tiny-bert", 100 + s, n, 4) for s, n in enumerate([None, None, None, 1200, 1200, 600])]
     nulls += [("text-bow", 110 + s, n, 4) for s, n in enumerate([None, None, 1200, 600])]
     return Plan(owner_samples=None, attacker_samples=5000, base_epochs=6, embed_epochs=6, attack_epochs=3,

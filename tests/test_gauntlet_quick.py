@@ -56,7 +56,7 @@ def test_quick_gauntlet_runs_and_accuses_no_independent_model(tmp_path: Path) ->
 
 @pytest.mark.parametrize(("family", "full", "tests"), [
     ("resnet", FULL, {"trigger-set", "weights", "api-tiebreak", "api-tiebreak-log"}),
-    pytest.param("text", "trigger+api-tiebreak", {"trigger-set", "api-tiebreak", "api-tiebreak-log"},
+    pytest.param("text", FULL, {"trigger-set", "weights", "api-tiebreak", "api-tiebreak-log"},
                  marks=pytest.mark.skipif(not FORTUNES_DIR.is_dir(), reason="needs apt-get install fortunes")),
 ])
 def test_quick_gauntlet_per_family(tmp_path: Path, family: str, full: str, tests: set[str]) -> None:
@@ -64,7 +64,7 @@ def test_quick_gauntlet_per_family(tmp_path: Path, family: str, full: str, tests
     assert doc["family"]["name"] == family
     assert doc["null_panel"]["false_accusations"] == 0 and doc["null_panel"]["models"] >= 2
     cells = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
-    assert {s for s, _ in cells} == ({"none", full} if family == "resnet" else {"none", "trigger", full})
+    assert {s for s, _ in cells} == ({"none", full} if family == "resnet" else {"none", "trigger", "weights", full})
     assert all(c["decision"] == "not_detected" for (s, _), c in cells.items() if s == "none")
     # the trigger set is found in the unmarked copy (the resnet quick run has no trigger-only row: CPU)
     assert cells[(full, "none")]["tests"]["trigger-set"] < -6
@@ -80,5 +80,12 @@ def test_quick_gauntlet_per_family(tmp_path: Path, family: str, full: str, tests
         # folding BatchNorm into the convs leaves the weight mark readable
         assert cells[(full, "bn-fold")]["tests"]["weights"] < -6
     else:
-        assert any("whitebox" in why for why in doc["family"]["refused"].values())
+        assert not any("weights" in what for what in doc["family"]["refused"])
+        # the weight mark is read through the hidden/head permutation and the fused, renamed QKV file, and the
+        # control's weight test (aligned to the weight-marked model) reads chance
+        for attack in ("none", "permute", "fused-qkv"):
+            assert cells[("weights", attack)]["tests"]["weights"] < -6
+            assert cells[(full, attack)]["tests"]["weights"] < -6
+        assert cells[("none", "fused-qkv")]["tests"]["weights"] > -3
         assert cells[(full, "fused-qkv")]["decision"] == "detected"
+        assert "weights" in checked
