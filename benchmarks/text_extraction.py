@@ -3,18 +3,22 @@
 What it measures, on fresh keys:
 
 * the victim: a tiny BERT trained from scratch on the owner's third of the fortunes (8 categories, texts of at
-  most 64 MiniLM tokens). Not the MiniLM fine-tune of ``benchmarks/text.py``: that costs ~13 minutes per run on
-  2 shared cores and caches no model, and every marked answer reruns the served model. The victim's accuracy
-  is what it is (fortunes categories are hard; see the table);
+  most 64 MiniLM tokens), or with ``--victim minilm`` MiniLM fine-tuned on it (2 epochs, Adam 1e-4,
+  cached on disk). A MiniLM model's answers and features are computed once per text (:class:`TextTable`: the
+  same answers as running it, without rerunning MiniLM for every repeat of a text). The victim's accuracy is
+  what it is (fortunes categories are hard; see the table);
 * the rule: the served model's penultimate features, 4 ``text-bow`` reference surrogates distilled from the
   *unmarked* victim on the owner's texts, the owner's ``--commit`` most open texts committed (key-free);
 * honest users' accuracy through the marked, label-only API on the test third (the cost);
 * thieves: a ``text-bow`` and a ``tiny-bert`` surrogate distilled label-only from the marked API on the
-  thief's own third, trained until within 5 pp of the victim (or the epoch cap); the committed-input test and
+  thief's own third, trained until within 5 pp of the victim (or the epoch cap); with ``--victim minilm`` a
+  full MiniLM fine-tune (at most 3 epochs, stopped at the first epoch within 5 pp), a linear probe on frozen
+  MiniLM features (stopped at the first check within 5 pp) and a ``text-bow``; the committed-input test and
   the log test on the thief's logged near-ties, combined by weighted Holm at alpha = 1e-6;
 * the null panel: independent text models (trained on true labels of other thirds, other seeds and
-  architectures, and a surrogate distilled from the *unmarked* victim), tested the same way against every
-  thief's log: none may be accused.
+  architectures, and a surrogate distilled from the *unmarked* victim; with ``--victim minilm`` also MiniLM
+  fine-tuned on the owner's third with another seed, on the thief's third, and distilled from the unmarked
+  victim), tested the same way against every thief's log: none may be accused.
 
 ``python benchmarks/text_extraction.py`` (full: 3 keys, 1000 committed / 1000 logged queries, shift scales
 ``--betas`` 1 and 0.5 side by side on the same keys and thief seeds) or ``--quick`` (1 key, 300 / 300, fewer
@@ -41,7 +45,7 @@ from benchmarks.common import cached, table, write_results
 from wmark.data import load_dataset
 from wmark.distill import accuracy_reached, extract
 from wmark.evidence import decide
-from wmark.io import load_tensors, save_tensors
+from wmark.io import load_tensors, save_model, save_tensors
 from wmark.keys import generate_key
 from wmark.models import build_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
@@ -63,7 +67,8 @@ from wmark.training import accuracy, make_loader, train_epochs
 
 ALPHA = 1e-6
 LENGTH = 64
-VICTIM_LR = {"tiny-bert": 1e-3, "text-bow": 3e-3}
+VICTIM_LR = {"tiny-bert": 1e-3, "text-bow": 3e-3, "minilm-classifier": 1e-4}
+VICTIM_ARCH = {"tiny-bert": "tiny-bert", "minilm": "minilm-classifier"}
 
 
 def texts_and_labels(texts: Any, labels: torch.Tensor, text: TextInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -84,11 +89,73 @@ def train(arch: str, x: np.ndarray, y: np.ndarray, text: TextInputs, *, epochs: 
     return model.eval()
 
 
-def verdict_of(key: Any, rule: Any, backend: LocalSuspect, model: Any, text: TextInputs, chosen: Any,
+def trained(arch: str, x: np.ndarray, y: np.ndarray, text: TextInputs, *, epochs: int, seed: int) -> torch.nn.Module:
+    """:func:`train`, cached on disk for MiniLM (minutes per fine-tune on one core)."""
+    if arch != "minilm-classifier":
+        return train(arch, x, y, text, epochs=epochs, seed=seed)
+    return _cached_minilm({"name": "text-extraction-minilm", "texts": _digest(x), "labels": _digest(y),
+                           "epochs": epochs, "seed": seed}, lambda: train(arch, x, y, text, epochs=epochs, seed=seed))
+
+
+def _digest(values: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(map(str, values)).encode()).hexdigest()[:16]
+
+
+def _cached_minilm(config: dict[str, Any], make: Any) -> torch.nn.Module:
+    """A MiniLM classifier made by ``make()`` once per ``config`` and kept as safetensors in the benchmark cache."""
+    path = cached(config, lambda p: save_model(make(), p))
+    model = build_model("minilm-classifier", num_classes=8, input_shape=(LENGTH,), seed=0)
+    model.load_state_dict(load_tensors(path)[0])
+    return model.eval()
+
+
+class TextTable:
+    """A deterministic text classifier answering from a memo of its logits and penultimate features per text.
+
+    The same answers as ``LocalSuspect(model, text=text)`` and the same features as its ``penultimate_featurizer``,
+    each text run once: a MiniLM forward costs tens of milliseconds per text on one core, and the benchmark asks
+    the same texts again for every key, shift scale and null check.
+    """
+
+    def __init__(self, model: torch.nn.Module, text: TextInputs, *, description: str, expose_scores: bool) -> None:
+        self.model, self.text, self.description, self.expose_scores = model.eval(), text, description, expose_scores
+        self.featurizer = penultimate_featurizer(model, encode=text.encode, batch_size=64)
+        self.num_classes, self.input_shape = 8, (LENGTH,)
+        self._memo: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _rows(self, x: Any) -> tuple[np.ndarray, np.ndarray]:
+        texts = [str(t) for t in np.asarray(x, dtype=object).reshape(-1)]
+        missing = sorted({t for t in texts if t not in self._memo}, key=len)
+        with torch.no_grad():
+            for i in range(0, len(missing), 64):
+                chunk = missing[i:i + 64]
+                logits, feats = self.featurizer.logits_and_features(self.text.encode(chunk))
+                for t, lg, f in zip(chunk, logits.float().numpy(), feats.float().numpy()):
+                    self._memo[t] = (lg, f)
+        if not texts:
+            return np.zeros((0, 8)), np.zeros((0, 0))
+        return np.stack([self._memo[t][0] for t in texts]), np.stack([self._memo[t][1] for t in texts])
+
+    def features(self, x: Any) -> np.ndarray:
+        return self._rows(x)[1].astype(np.float32)
+
+    def query(self, x: Any) -> Answers:
+        logits = self._rows(x)[0].astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return Answers(labels=probs.argmax(1).astype(np.int64), scores=probs if self.expose_scores else None)
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float((self.query(x).labels == y).mean())
+
+
+def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, chosen: Any,
                *, queries: int, log_queries: int) -> dict[str, Any]:
     """The committed-input and log tests on a label-only suspect, combined by weighted Holm at ``ALPHA``."""
-    suspect = (model if isinstance(model, MiniLMProbe)
-               else LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False))
+    suspect = (LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False)
+               if isinstance(model, torch.nn.Module) else model)
     committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries)
     logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
                                queries=log_queries)
@@ -156,37 +223,35 @@ def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray
     return probe, epoch
 
 
-def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: LocalSuspect, text: TextInputs,
+def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: Any, text: TextInputs,
             xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
-            victim_acc: float, cap: int, queries: int, seed: int,
+            victim_acc: float, cap: int, queries: int, seed: int, archs: tuple[str, ...],
             features: dict[str, np.ndarray] | None = None) -> Any:
-    """The honest cost of ``api``, then per thief architecture its label-only surrogate (trained until within 5 pp
-    of the victim or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
+    """The honest cost of ``api``, then per thief its label-only surrogate (trained until within 5 pp of the victim
+    or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
     cost = accuracy_cost(api=api.for_client("honest"), x=xe, y=ye)
+    common = {"victim_acc": round(victim_acc, 3), "api_acc": round(cost["api_accuracy"], 3),
+              "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3)}
     # the MiniLM probe twice: stopped at the first check within 5 pp (minimal), and trained to its cap (converged)
     for variant, target in (("minimal", victim_acc - 0.05), ("converged", None)):
-        if features is None:
-            break
-        client = "thief-minilm-probe"
+        if features is None or f"minilm-probe-{variant}" not in archs:
+            continue
+        client = f"thief-minilm-probe-{variant}"
         probe, epochs = probe_thief(api.for_client(client), xa, xe, ye, features, target=target, seed=seed)
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
-        row = {"thief": f"minilm-probe ({variant})", "victim_acc": round(victim_acc, 3),
-               "api_acc": round(cost["api_accuracy"], 3), "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3),
-               "surrogate_acc": round(probe.accuracy(xe, ye), 3), "epochs": epochs, "queries": len(xa),
-               "logged": len(chosen.x), **verdict_of(key, rule, backend, probe, text, chosen, queries=queries,
-                                                      log_queries=queries)}
+        row = {"thief": f"minilm-probe ({variant})", **common, "surrogate_acc": round(probe.accuracy(xe, ye), 3),
+               "epochs": epochs, "queries": len(xa), "logged": len(chosen.x),
+               **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=queries)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
-    for t, arch in enumerate(("text-bow", "tiny-bert")):
+    for t, arch in enumerate(a for a in ("text-bow", "tiny-bert", "minilm-classifier") if a in archs):
         client = f"thief-{arch}"
-        stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=cap if arch == "text-bow" else max(3, cap // 3),
-                         lr=VICTIM_LR[arch], batch_size=32, seed=seed + t, text=text,
-                         stop=accuracy_reached(ids_e, y_e, victim_acc - 0.05))
+        epochs = {"text-bow": cap, "tiny-bert": max(3, cap // 3), "minilm-classifier": 3}[arch]
+        stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=epochs, lr=VICTIM_LR[arch], batch_size=32,
+                         seed=seed + t, text=text, stop=accuracy_reached(ids_e, y_e, victim_acc - 0.05))
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
-        row = {"thief": arch, "victim_acc": round(victim_acc, 3), "api_acc": round(cost["api_accuracy"], 3),
-               "cost_pp": round(cost["accuracy_cost_pp"], 2), "changed": round(cost["changed_fraction"], 3),
-               "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3), "epochs": stolen.epochs,
-               "queries": stolen.queries, "logged": len(chosen.x),
+        row = {"thief": arch, **common, "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3),
+               "epochs": stolen.epochs, "queries": stolen.queries, "logged": len(chosen.x),
                **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries, log_queries=queries)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
@@ -199,11 +264,17 @@ def main() -> None:
     parser.add_argument("--betas", default=None,
                         help="Scales of the keyed shift, comma-separated, measured side by side on the same keys and "
                              "thief seeds (default 1,0.5; 1 with --quick).")
-    parser.add_argument("--victim-epochs", type=int, default=3, help="Epochs of the victim (tiny BERT).")
+    parser.add_argument("--victim", choices=sorted(VICTIM_ARCH), default="tiny-bert",
+                        help="The served model: a tiny BERT from scratch (3 epochs), or MiniLM fine-tuned (2 epochs, "
+                             "cached), whose thief fine-tunes MiniLM too and whose null panel adds three MiniLM "
+                             "fine-tunes.")
+    parser.add_argument("--victim-epochs", type=int, default=None, help="Epochs of the victim (3 tiny BERT, 2 MiniLM).")
     parser.add_argument("--thief-epochs", type=int, default=None, help="Thief epoch cap (default 20; 8 quick).")
     parser.add_argument("--minilm-thief", action="store_true",
                         help="Add a thief on the public MiniLM encoder (a linear probe on its frozen features, computed "
                              "once per text and cached: about 4 minutes on one core).")
+    parser.add_argument("--max-texts", type=int, default=None,
+                        help="Keep at most this many texts of each third (a smoke run of the plumbing).")
     parser.add_argument("--name", default=None,
                         help="Results file name (default text_extraction, text_extraction_quick with --quick).")
     args = parser.parse_args()
@@ -220,21 +291,32 @@ def main() -> None:
     xo, yo = texts_and_labels(owner_ds.texts_train, owner_ds.y_train, text)
     xa, ya = texts_and_labels(thief_ds.texts_train, thief_ds.y_train, text)
     xe, ye = texts_and_labels(owner_ds.texts_test, owner_ds.y_test, text)
+    if args.max_texts:
+        (xo, yo), (xa, ya), (xe, ye) = ((v[:args.max_texts], w[:args.max_texts]) for v, w in ((xo, yo), (xa, ya), (xe, ye)))
     ids_e, y_e = text.encode(list(xe), pad_to_max=True)["input_ids"], torch.as_tensor(ye)
     print(f"texts: owner {len(xo)}, thief {len(xa)}, test {len(xe)}", flush=True)
 
-    victim = train("tiny-bert", xo, yo, text, epochs=args.victim_epochs, seed=0)
+    minilm = args.victim == "minilm"
+    arch = VICTIM_ARCH[args.victim]
+    victim_epochs = args.victim_epochs or (2 if minilm else 3)
+    victim = trained(arch, xo, yo, text, epochs=victim_epochs, seed=0)
     victim_acc = accuracy(victim, ids_e, y_e)
-    backend = LocalSuspect(victim, input_shape=(LENGTH,), text=text, description="victim tiny-bert")
+    backend: Any = (TextTable(victim, text, description="victim MiniLM", expose_scores=True) if minilm
+                    else LocalSuspect(victim, input_shape=(LENGTH,), text=text, description="victim tiny-bert"))
     refs = train_reference_surrogates(served=backend, x=xo, archs=["text-bow"], repeats=1, text=text)
     print(f"victim {victim_acc:.3f}; {len(refs)} references ({time.perf_counter() - start:.0f} s)", flush=True)
+    archs: tuple[str, ...] = ("text-bow", "tiny-bert")
+    if minilm:
+        archs = ("minilm-classifier", "minilm-probe-minimal", "text-bow")
+    elif args.minilm_thief:
+        archs = ("minilm-probe-minimal", "minilm-probe-converged", "text-bow", "tiny-bert")
     features = None
-    if args.minilm_thief:
+    if minilm or args.minilm_thief:
         needed = sorted(set(xa) | set(xe) | set(xo))
         features = minilm_features(needed, text)
         print(f"MiniLM features of {len(needed)} texts ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    panel: list[tuple[str, torch.nn.Module]] = [
+    panel: list[tuple[str, Any]] = [
         ("text-bow, thief third, true labels", train("text-bow", xa, ya, text, epochs=8, seed=1)),
         ("text-bow, owner third, true labels", train("text-bow", xo, yo, text, epochs=8, seed=2)),
         ("tiny-bert, thief third, true labels", train("tiny-bert", xa, ya, text, epochs=3, seed=3)),
@@ -244,7 +326,20 @@ def main() -> None:
         ("tiny-bert, distilled from the unmarked victim", extract(backend, x=xa, arch="tiny-bert", epochs=3, seed=6,
                                                                    text=text).model),
     ]
-    panel_acc = {name: round(accuracy(m, ids_e, y_e), 3) for name, m in panel}
+    if minilm:
+        panel += [
+            ("MiniLM, owner third, seed 1", TextTable(trained(arch, xo, yo, text, epochs=victim_epochs, seed=1), text,
+                                                       description="MiniLM seed 1", expose_scores=False)),
+            ("MiniLM, thief third, true labels", TextTable(trained(arch, xa, ya, text, epochs=victim_epochs, seed=2),
+                                                            text, description="MiniLM thief third", expose_scores=False)),
+            ("MiniLM, distilled from the unmarked victim", TextTable(_cached_minilm(
+                {"name": "text-extraction-minilm-distilled", "texts": _digest(xa), "victim": [_digest(xo), _digest(yo), victim_epochs],
+                 "seed": 3},
+                lambda: extract(backend, x=xa, arch=arch, epochs=victim_epochs, lr=VICTIM_LR[arch], batch_size=32,
+                                seed=3, text=text).model), text, description="MiniLM distilled", expose_scores=False)),
+        ]
+    panel_acc = {name: round(m.accuracy(xe, ye) if isinstance(m, TextTable) else accuracy(m, ids_e, y_e), 3)
+                 for name, m in panel}
     print(f"panel trained ({time.perf_counter() - start:.0f} s)", flush=True)
 
     rows: list[dict[str, Any]] = []
@@ -253,7 +348,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     for k in range(n_keys):
         key = generate_key(owner=f"Fortunes owner {k}", num_classes=8, modality=modality)
-        rule = build_tiebreak_rule(key=key, x=xo, featurizer=penultimate_featurizer(victim, encode=text.encode),
+        featurizer = backend.features if minilm else penultimate_featurizer(victim, encode=text.encode)
+        rule = build_tiebreak_rule(key=key, x=xo, featurizer=featurizer,
                                    feature_space="served-penultimate", text=text)
         rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
         for beta in betas:
@@ -261,7 +357,7 @@ def main() -> None:
                 api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
                 for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
                                            ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
-                                           queries=queries, seed=100 + 10 * k, features=features):
+                                           queries=queries, seed=100 + 10 * k, archs=archs, features=features):
                     rows.append({"key": k, "beta": beta, **row})
                     print(table([rows[-1]], list(rows[-1])), flush=True)
                     for name, model in panel:
@@ -290,7 +386,7 @@ def main() -> None:
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
                                                                  "caught"]))
     doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries,
-           "victim": {"arch": "tiny-bert (from scratch; not MiniLM, see the docstring)", "epochs": args.victim_epochs,
+           "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
