@@ -225,7 +225,7 @@ def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray
 
 def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: Any, text: TextInputs,
             xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
-            victim_acc: float, cap: int, queries: int, seed: int, archs: tuple[str, ...],
+            victim_acc: float, cap: int, queries: int, log_queries: int, seed: int, archs: tuple[str, ...],
             features: dict[str, np.ndarray] | None = None) -> Any:
     """The honest cost of ``api``, then per thief its label-only surrogate (trained until within 5 pp of the victim
     or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
@@ -241,18 +241,21 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
         row = {"thief": f"minilm-probe ({variant})", **common, "surrogate_acc": round(probe.accuracy(xe, ye), 3),
                "epochs": epochs, "queries": len(xa), "logged": len(chosen.x),
-               **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=queries)}
+               **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=log_queries)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
-    for t, arch in enumerate(a for a in ("text-bow", "tiny-bert", "minilm-classifier") if a in archs):
-        client = f"thief-{arch}"
+    # "minilm-3ep": the MiniLM thief's whole 3-epoch fine-tune, not stopped once within 5 pp
+    for t, name in enumerate(a for a in ("text-bow", "tiny-bert", "minilm-classifier", "minilm-3ep") if a in archs):
+        client, arch = f"thief-{name}", "minilm-classifier" if name == "minilm-3ep" else name
         epochs = {"text-bow": cap, "tiny-bert": max(3, cap // 3), "minilm-classifier": 3}[arch]
+        stop = None if name == "minilm-3ep" else accuracy_reached(ids_e, y_e, victim_acc - 0.05)
         stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=epochs, lr=VICTIM_LR[arch], batch_size=32,
-                         seed=seed + t, text=text, stop=accuracy_reached(ids_e, y_e, victim_acc - 0.05))
+                         seed=seed + t, text=text, stop=stop)
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
-        row = {"thief": arch, **common, "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3),
+        row = {"thief": name, **common, "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3),
                "epochs": stolen.epochs, "queries": stolen.queries, "logged": len(chosen.x),
-               **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries, log_queries=queries)}
+               **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries,
+                            log_queries=log_queries)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
 
@@ -273,6 +276,11 @@ def main() -> None:
     parser.add_argument("--minilm-thief", action="store_true",
                         help="Add a thief on the public MiniLM encoder (a linear probe on its frozen features, computed "
                              "once per text and cached: about 4 minutes on one core).")
+    parser.add_argument("--log-queries", type=int, default=None,
+                        help="Logged queries the log test asks (default: as many as the committed-input test).")
+    parser.add_argument("--thieves", default=None,
+                        help="Comma-separated thieves (text-bow, tiny-bert, minilm-classifier, minilm-3ep, "
+                             "minilm-probe-minimal, minilm-probe-converged); default by victim.")
     parser.add_argument("--max-texts", type=int, default=None,
                         help="Keep at most this many texts of each third (a smoke run of the plumbing).")
     parser.add_argument("--name", default=None,
@@ -310,8 +318,11 @@ def main() -> None:
         archs = ("minilm-classifier", "minilm-probe-minimal", "text-bow")
     elif args.minilm_thief:
         archs = ("minilm-probe-minimal", "minilm-probe-converged", "text-bow", "tiny-bert")
+    if args.thieves:
+        archs = tuple(args.thieves.split(","))
+    log_queries = args.log_queries or queries
     features = None
-    if minilm or args.minilm_thief:
+    if any(a.startswith("minilm-probe") for a in archs):
         needed = sorted(set(xa) | set(xe) | set(xo))
         features = minilm_features(needed, text)
         print(f"MiniLM features of {len(needed)} texts ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -357,13 +368,14 @@ def main() -> None:
                 api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
                 for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
                                            ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
-                                           queries=queries, seed=100 + 10 * k, archs=archs, features=features):
+                                           queries=queries, log_queries=log_queries, seed=100 + 10 * k,
+                                           archs=archs, features=features):
                     rows.append({"key": k, "beta": beta, **row})
                     print(table([rows[-1]], list(rows[-1])), flush=True)
                     for name, model in panel:
                         nulls.append({"key": k, "beta": beta, "log_of": row["thief"], "model": name,
                                       **verdict_of(key, rule, backend, model, text, chosen, queries=queries,
-                                                   log_queries=queries)})
+                                                   log_queries=log_queries)})
         print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
     accused = [n for n in nulls if n["verdict"] != "none"]
     caught = [r for r in rows if r["verdict"] == "extracted"]
@@ -385,7 +397,7 @@ def main() -> None:
                            "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
                                                                  "caught"]))
-    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries,
+    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
