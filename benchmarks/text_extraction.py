@@ -160,8 +160,12 @@ def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, 
     logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
                                queries=log_queries)
     verdict = decide(key=key, tests=[committed, logged], alpha=ALPHA, suspect="suspect")
-    return {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
-            "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
+    out = {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
+           "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
+    if log_queries != queries:  # the same log test at the committed test's size, side by side
+        fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries)
+        out[f"log_log10_p_at_{queries}"] = round(fewer.log10_p, 2)
+    return out
 
 
 class MiniLMProbe:
