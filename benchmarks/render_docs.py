@@ -62,7 +62,7 @@ WHAT = {
     "text_extraction_quick": "its quick mode",
     "research_text_cost": "what each text trigger embedding costs a MiniLM fine-tune on the whole owner third, per seed",
     "research_lookahead_batchnorm": "lookahead against mixing on a BatchNorm resnet: triggers learnt",
-    "research_text_default_scratch": "the text default (margin, own pass) against mixing on text models trained from scratch",
+    "research_text_default_scratch": "the margin's own trigger pass against mixing on text models trained from scratch",
     "text_extraction_minilm_victim": "the tie-break mark on a MiniLM victim, with MiniLM thieves and MiniLM nulls",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",

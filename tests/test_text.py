@@ -168,13 +168,13 @@ def test_trigger_mixing_pads_token_batches_and_never_casts_images_to_tokens():
                                       triggers)))
 
 
-def test_the_default_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batches():
+def test_a_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batches():
     from wmark.training import train_epochs
 
     key = text_key(num_classes=4, num_triggers=16, tag="text/own-pass")
     model = hf_bert(4, seed=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8)  # a text key's default: margin 3, own pass
+    wm = Watermarker(key, schemes=("trigger",), trigger_margin=3.0, trigger_per_batch=8)
     model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=_dict_batches(4, 20))
     assert [len(b["labels"]) for b in loader] == [6] * 4  # the batches stay the user's
     torch.manual_seed(0)
@@ -218,4 +218,4 @@ def test_wrap_dataset_yields_dicts_a_padding_collator_accepts():
     with pytest.raises(UsageError, match="have no 'labels'"):
         Watermarker(key, tokenizer=tok, trigger_mixing=True).wrap_dataset([dict(tok("x"), label=0)])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="not through the dataset.*trigger_mixing=True"):
-        Watermarker(key, tokenizer=tok).wrap_dataset(items)  # type: ignore[arg-type]
+        Watermarker(key, tokenizer=tok, trigger_margin=3.0).wrap_dataset(items)  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ from keykit import seeded_key
 
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, DEFAULT_TEXT_MARGIN, LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LookaheadTriggerStep
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects import LocalSuspect
 from wmark.training import make_loader
@@ -172,19 +172,18 @@ def test_lookahead_is_the_default_for_image_keys_and_recorded(digits_key) -> Non
     assert [len(x) for x, _ in loader] == [28, 28]  # lookahead off: triggers mixed into each batch
 
 
-def test_text_keys_give_their_triggers_a_margin_pass_by_default_and_mix_on_request() -> None:
+def test_text_keys_mix_their_triggers_by_default_and_take_a_margin_pass_on_request() -> None:
     from textkit import text_key
 
     key = text_key(num_classes=4, num_triggers=16)
     wm = Watermarker(key)
-    assert wm.trigger_lookahead == 0.0 and wm.trigger_margin == DEFAULT_TEXT_MARGIN == 3.0 and wm.trigger_step
-    assert wm.trigger_per_batch == 4 and wm.metadata()["trigger_margin"] == 3.0
-    assert Watermarker(key, trigger_lookahead=0).trigger_margin == 3.0
-    looked = Watermarker(key, trigger_lookahead=0.05)
-    assert looked.trigger_margin is None and looked.trigger_step
-    mixing = Watermarker(key, trigger_mixing=True)
-    assert not mixing.trigger_step and mixing.trigger_margin is None and mixing.trigger_per_batch == 8
-    assert "trigger_margin" not in mixing.metadata()
+    assert wm.trigger_lookahead == 0.0 and wm.trigger_margin is None and not wm.trigger_step
+    assert wm.trigger_per_batch == 8 and "trigger_margin" not in wm.metadata()
+    assert not Watermarker(key, trigger_mixing=True).trigger_step
+    own = Watermarker(key, trigger_margin=3.0)
+    assert own.trigger_step and own.trigger_per_batch == 4 and own.metadata()["trigger_margin"] == 3.0
+    with pytest.raises(UsageError, match="needs a lookahead radius or a margin"):
+        Watermarker(key, trigger_mixing=False)
 
 
 def test_mixing_is_explicit_and_refuses_a_radius_or_a_margin(digits_key) -> None:

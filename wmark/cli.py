@@ -93,12 +93,11 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
               help="Trigger samples per optimizer step. [default: 8 when mixing, else 4]")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @click.option("--trigger-lookahead", type=float, default=None,
-              help="Radius of the simulated fine-tune step the triggers are learnt past; 0 learns them at the "
-                   "current weights (an image key then mixes them into the batches unless a margin is given). "
-                   "[default: 0.05 for image keys, 0 for text keys]")
+              help="Radius of the simulated fine-tune step the triggers are learnt past; 0 mixes them into the "
+                   "batches unless a margin is given. [default: 0.05 for image keys, 0 for text keys]")
 @click.option("--trigger-margin", type=float, default=None,
-              help="A trigger whose label leads every other logit by this much adds no loss. "
-                   "[default: 3 for text keys without lookahead, else none]")
+              help="A trigger whose label leads every other logit by this much adds no loss; without lookahead "
+                   "the triggers then get their own pass instead of joining the batches. [default: none]")
 @click.option("--trigger-mixing", is_flag=True, default=False,
               help="Mix the triggers into the training batches (no lookahead, no margin).")
 @_handle_errors

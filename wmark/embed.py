@@ -35,12 +35,7 @@ from torch import nn
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
-from wmark.schemes.trigger_lookahead import (
-    DEFAULT_LOOKAHEAD,
-    DEFAULT_TEXT_MARGIN,
-    LOOKAHEAD_PER_BATCH,
-    LookaheadTriggerStep,
-)
+from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
 
 KNOWN_SCHEMES = ("trigger", "weights")
@@ -62,13 +57,13 @@ class Watermarker:
             current weights. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST CNNs) for image
             keys, ``0`` for text keys (on MiniLM lookahead learnt none of the triggers).
         trigger_margin: A trigger whose label already leads every other logit by this much (at the looked-ahead
-            weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. Default
-            (None): ``DEFAULT_TEXT_MARGIN`` (3, chosen on MiniLM fine-tuned on fortunes, ``docs/text.md``) for a
-            text key without lookahead; no margin otherwise.
+            weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. It needs the
+            library's own trigger pass, so with ``trigger_lookahead=0`` the triggers get that pass at the current
+            weights instead of joining the batches. Default None: every trigger always adds its loss.
         trigger_mixing: True mixes the triggers into the training batches (the loader or dataset carries them,
-            no optimizer hook; neither lookahead nor a margin applies to mixed batches). Default (None): mixing
-            only for an image key with ``trigger_lookahead=0`` and no margin; every other setting gives the
-            triggers a pass of their own in the optimizer step, so :meth:`attach` needs ``optimizer=``.
+            no optimizer hook; neither lookahead nor a margin applies to mixed batches); False asks for their own
+            pass. Default (None): mixing exactly when there is neither lookahead nor a margin (a text key's
+            default, or ``trigger_lookahead=0``); otherwise :meth:`attach` needs ``optimizer=``.
         weights_layer: Layer to mark (weights scheme); default the largest conv/linear layer before the head.
         input_key: The inputs' key in dict batches (default ``input_ids`` for text keys, else ``pixel_values``).
         label_key: The labels' key in dict batches.
@@ -101,8 +96,6 @@ class Watermarker:
         else:
             if trigger_lookahead is None:
                 trigger_lookahead = 0.0 if key.kind == "text" else DEFAULT_LOOKAHEAD
-            if trigger_margin is None and key.kind == "text" and trigger_lookahead == 0:
-                trigger_margin = DEFAULT_TEXT_MARGIN
             if trigger_mixing is False and trigger_lookahead == 0 and trigger_margin is None:
                 raise UsageError("A trigger pass of its own needs a lookahead radius or a margin; give "
                                  "trigger_lookahead or trigger_margin, or mix the triggers.")

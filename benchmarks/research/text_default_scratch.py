@@ -1,10 +1,10 @@
-"""Does the text default (the margin's own pass) learn the triggers of a text model trained from scratch?
+"""Does the margin's own trigger pass learn the triggers of a text model trained from scratch?
 
-The text default (``trigger_margin=3``, 4 triggers per optimizer step in a pass of their own) was chosen on
-MiniLM fine-tuned on the fortunes. This checks it on the two from-scratch text models of ``--arch``
+The margin's own pass (``trigger_margin=3``, 4 triggers per optimizer step in a pass of their own) was measured
+on MiniLM fine-tuned on the fortunes. This checks it on the two from-scratch text models of ``--arch``
 (``tiny-bert``, ``text-bow``): each is trained on the owner's whole third of the fortunes for ``--base-epochs``
 (Adam), then the same base is embedded for ``--epochs`` three ways per seed, side by side: no triggers,
-the default, and 8 triggers mixed into every batch (``trigger_mixing=True``). Reported per run: test accuracy,
+the margin's own pass, and 8 triggers mixed into every batch (the text default). Reported per run: test accuracy,
 triggers learnt, and label-only detection at alpha = 1e-6 (sequential, at most 20 queries; fixed over all).
 
 Run: ``python benchmarks/research/text_default_scratch.py --seeds 0 1``; writes
@@ -38,7 +38,7 @@ from wmark.models import build_model
 from wmark.training import accuracy, train_epochs
 
 LR = {"tiny-bert": 1e-3, "text-bow": 3e-3}
-VARIANTS = {"clean": None, "default": {}, "mix8": {"trigger_mixing": True, "trigger_per_batch": 8}}
+VARIANTS = {"clean": None, "margin3": {"trigger_margin": 3.0}, "mix8": {"trigger_mixing": True, "trigger_per_batch": 8}}
 
 
 def run(model: torch.nn.Module, data: Any, *, key: Any, options: dict[str, Any] | None, epochs: int, lr: float,
@@ -86,7 +86,7 @@ def main() -> None:
     summary = []
     for arch in args.archs:
         clean = {r["seed"]: r["test_acc"] for r in rows if r["arch"] == arch and r["variant"] == "clean"}
-        for variant in ("default", "mix8"):
+        for variant in ("margin3", "mix8"):
             mine = [r for r in rows if r["arch"] == arch and r["variant"] == variant]
             costs = [100 * (clean[r["seed"]] - r["test_acc"]) for r in mine]
             summary.append({"arch": arch, "variant": variant, "seeds": len(mine),

@@ -1,9 +1,9 @@
 """Hugging Face ``Trainer`` integration: a callback, and for mixed triggers a wrapped dataset.
 
-A ``TrainerCallback`` cannot change the loss. Mixed triggers (``trigger_mixing=True``) therefore join the training
-set (:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the dataset's own format, which the
-Trainer's padding collator batches like any other item). Triggers with their own pass (lookahead, the default
-for image keys, or a margin, the default for text keys) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
+A ``TrainerCallback`` cannot change the loss. Mixed triggers (a text key's default, or ``trigger_mixing=True``)
+therefore join the training set (:meth:`wmark.embed.Watermarker.wrap_dataset` yields them as dicts in the
+dataset's own format, which the Trainer's padding collator batches like any other item). Triggers with their
+own pass (lookahead, the default for image keys, or a ``trigger_margin``) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
 pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
 ``per_device_train_batch_size × gradient_accumulation_steps`` samples. The callback also checks that a mixing
 run's training set carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy
@@ -11,16 +11,16 @@ at the end.
 
 Example:
     >>> from transformers import Trainer  # doctest: +SKIP
-    >>> wm = Watermarker(key, tokenizer=tokenizer)  # a text key: the triggers' own pass  # doctest: +SKIP
-    >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
+    >>> wm = Watermarker(key, tokenizer=tokenizer)  # a text key: mixed triggers  # doctest: +SKIP
+    >>> trainer = Trainer(model=model, args=args, train_dataset=wm.wrap_dataset(train, repeats=10),
+    ...                   data_collator=DataCollatorWithPadding(tokenizer),
     ...                   callbacks=[WatermarkCallback(wm)])  # doctest: +SKIP
     >>> trainer.train()  # doctest: +SKIP
 
-    Mixed triggers join the training set instead:
+    A trigger pass of their own (lookahead or a margin) leaves the training set as it is:
 
-    >>> wm = Watermarker(key, tokenizer=tokenizer, trigger_mixing=True)  # doctest: +SKIP
-    >>> trainer = Trainer(model=model, args=args, train_dataset=wm.wrap_dataset(train, repeats=10),
-    ...                   data_collator=DataCollatorWithPadding(tokenizer),
+    >>> wm = Watermarker(key, tokenizer=tokenizer, trigger_margin=3.0)  # doctest: +SKIP
+    >>> trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer),
     ...                   callbacks=[WatermarkCallback(wm)])  # doctest: +SKIP
 """
 

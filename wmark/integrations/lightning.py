@@ -5,7 +5,7 @@ in ``on_before_optimizer_step`` (after the training step's backward, before the 
 module on the next ``per_batch`` triggers (cycled in key order, identical on every DDP rank) and adds the
 gradient of their cross-entropy, so the step uses the gradient of the ordinary loss plus the trigger loss; with
 lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the default for image keys) that gradient is
-taken at the looked-ahead weights, and with a margin (the default for text keys) learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
+taken at the looked-ahead weights, and with a ``trigger_margin`` learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
 module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
 ``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own.
 

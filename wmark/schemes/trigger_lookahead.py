@@ -33,7 +33,6 @@ from wmark.schemes.trigger_set import LoaderProxy, TriggerSet
 
 DEFAULT_LOOKAHEAD = 0.05
 LOOKAHEAD_PER_BATCH = 4
-DEFAULT_TEXT_MARGIN = 3.0
 
 
 class _BatchSizeLoader(LoaderProxy):
