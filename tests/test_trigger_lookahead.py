@@ -324,22 +324,3 @@ def test_the_lightning_callback_learns_lookahead_triggers(digits_key) -> None:
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
     with pytest.raises(UsageError, match="drop forward="):
         WatermarkCallback(Watermarker(digits_key), forward=lambda m, b: m(b))
-
-
-def test_focus_spends_the_pass_on_the_triggers_not_yet_learnt(digits_key) -> None:
-    triggers = generate_triggers(digits_key)
-    model = _tiny()
-    with torch.no_grad():  # every answer is class 0 by a wide margin: the triggers labelled 0 are learnt
-        model[-1].weight.zero_()
-        model[-1].bias.copy_(torch.tensor([10.0] + [0.0] * 9))
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    step = LookaheadTriggerStep(model=model, triggers=triggers, radius=0.0, per_batch=4, margin=1.0, focus=True)
-    seen = list(range(len(triggers)))
-    for _ in range(len(triggers) // 4):
-        step.add_gradient(weight=1.0)
-    assert step._learnt.tolist() == (triggers.labels == 0).tolist()
-    picked = step._next_indices()
-    assert not step._learnt[picked].any() and len(set(picked)) == 4
-    plain = LookaheadTriggerStep(model=model, triggers=triggers, radius=0.0, per_batch=4, margin=1.0)
-    assert [plain._next_indices() for _ in range(2)] == [seen[:4], seen[4:8]]

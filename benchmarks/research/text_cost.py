@@ -10,7 +10,6 @@ trigger embedding:
 * ``laK``: the library's lookahead step, K triggers per step (radius 0.05); ``laK-M`` with ``trigger_margin=M``;
 * ``ownK-M``: the library's own trigger pass, ``Watermarker(trigger_lookahead=0, trigger_margin=M)``, the same as
   ``gateK-M``;
-* ``focusK-M``: the own pass with ``focus=True``: each step takes the next triggers not learnt when last seen;
 * ``gateK-M``: a separate trigger pass at the current weights, K triggers per step, whose cross-entropy counts
   only for triggers the model does not yet answer with a logit margin of at least M: once a trigger is
   learnt it stops pulling on the weights.
@@ -50,7 +49,6 @@ from wmark.embed import Watermarker
 from wmark.integrations.common import trigger_batch
 from wmark.keys import Key, generate_key
 from wmark.models import build_model
-from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.text import MINILM, load_tokenizer, text_modality
 from wmark.training import accuracy, train_epochs
@@ -121,13 +119,6 @@ def finetune(variant: str, model: torch.nn.Module, data: Dataset, key: Key, *, s
         wm = Watermarker(key, schemes=("trigger",), trigger_lookahead=0, trigger_per_batch=int(per_batch),
                          trigger_margin=float(margin))
         model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)  # type: ignore[assignment]
-    elif variant.startswith("focus"):
-        per_batch, margin = variant[5:].split("-")
-        step = LookaheadTriggerStep(model=model, triggers=generate_triggers(key), radius=0.0, per_batch=int(per_batch),
-                                    input_key=Watermarker(key)._trigger_input_name(model), margin=float(margin),
-                                    focus=True)
-        handle = optimizer.register_step_pre_hook(step.hook)
-        loader = step.wrap_loader(loader)
     elif variant.startswith("gate"):
         per_batch, margin = variant[4:].split("-")
         gate = GatedTriggerStep(model, key, per_batch=int(per_batch), margin=float(margin))

@@ -63,15 +63,13 @@ class LookaheadTriggerStep:
         margin: If set, a trigger whose label already leads every other logit by at least this much at the
             looked-ahead weights adds no loss, so learnt triggers stop pulling the weights away from the natural
             task (the loss is still divided by ``per_batch``).
-        focus: With a margin, each step takes the next triggers not learnt when last seen (cycling through the
-            learnt ones only to fill the step), so the pass spends its triggers where they are still needed.
 
     Raises:
         UsageError: If ``radius`` or ``margin`` is negative or ``per_batch`` is below 1.
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None, margin: float | None = None, focus: bool = False) -> None:
+                 input_key: str | None = None, margin: float | None = None) -> None:
         if not radius >= 0:
             raise UsageError(f"The lookahead radius must be at least 0, got {radius}.")
         if per_batch < 1:
@@ -79,8 +77,6 @@ class LookaheadTriggerStep:
         if margin is not None and margin < 0:
             raise UsageError(f"The trigger margin must be at least 0 (or None for none), got {margin}.")
         self.margin = margin
-        self.focus = focus and margin is not None
-        self._learnt = torch.zeros(len(triggers), dtype=torch.bool)
         self.model: nn.Module = getattr(model, "module", model) if hasattr(model, "no_sync") else model
         self.triggers = triggers
         self.radius = float(radius)
@@ -96,13 +92,8 @@ class LookaheadTriggerStep:
 
     def _next_indices(self) -> list[int]:
         n = len(self.triggers)
-        if not self.focus:
-            idx = [(self._cursor + i) % n for i in range(self.per_batch)]
-            self._cursor = (self._cursor + self.per_batch) % n
-            return idx
-        order = [(self._cursor + i) % n for i in range(n)]
-        idx = ([i for i in order if not self._learnt[i]] + [i for i in order if self._learnt[i]])[:self.per_batch]
-        self._cursor = (idx[-1] + 1) % n if len(idx) < n else self._cursor
+        idx = [(self._cursor + i) % n for i in range(self.per_batch)]
+        self._cursor = (self._cursor + self.per_batch) % n
         return idx
 
     def _batch(self, idx: list[int]) -> Any:
@@ -146,9 +137,7 @@ class LookaheadTriggerStep:
             labels = self.triggers.labels[idx].to(logits.device)
             losses = F.cross_entropy(logits, labels, reduction="none")
             if self.margin is not None:
-                open_ = _margins(logits.detach(), labels) < self.margin
-                self._learnt[torch.as_tensor(idx)] = ~open_.cpu()
-                losses = losses[open_]
+                losses = losses[_margins(logits.detach(), labels) < self.margin]
                 if not len(losses):
                     return
             loss = losses.sum() / len(idx) * weight
