@@ -54,6 +54,7 @@ queries): the beta 0.5 pass checks that its logs equal beta 1's and reuses those
 Cost: ``accuracy_cost`` (the served vs the marked labels on the attacker's 10k test images) per key and beta.
 
 Usage: nice -n 10 python benchmarks/extraction_families.py [--quick] [--keys 3] [--betas 1,0.5] [--families a,b]
+       python benchmarks/extraction_families.py --rescore benchmarks/results/extraction_families.json
 """
 
 from __future__ import annotations
@@ -351,6 +352,12 @@ def summarise(rows: list[dict[str, Any]], null_checks: list[dict[str, Any]], cos
                 entry[f"caught_{tag}_all_thieves"] = int(sum(r[field] <= lg for r in sel))
                 entry[f"median_log10_p_{tag}"] = float(np.median(vals)) if vals else None
                 entry[f"worst_log10_p_{tag}"] = float(max(vals)) if vals else None
+            # the verdict under each reference subset (``none`` is free of every family)
+            entry["caught_by_subset"] = {s: int(sum(verdict_log10_p(r["tests"][s]["committed"], r["tests"][s]["log"]) <= lg
+                                                    for r in scope)) for s in SUBSETS}
+            entry["worst_log10_p_by_subset"] = {
+                s: float(max(verdict_log10_p(r["tests"][s]["committed"], r["tests"][s]["log"]) for r in scope))
+                if scope else None for s in SUBSETS}
             for s in SUBSETS:
                 entry[f"log_test_log10_p_{s}"] = [round(r["tests"][s]["log"], 2) for r in sel]
                 entry[f"committed_log10_p_{s}"] = [round(r["tests"][s]["committed"], 2) for r in sel]
@@ -372,6 +379,8 @@ def summarise(rows: list[dict[str, Any]], null_checks: list[dict[str, Any]], cos
                                                                                     "cnn-adam-soft"))),
             "in_scope_outside_reference_families": int(sum(r["family"] not in ("cnn-adam-hard", "mlp-adam-hard",
                                                                                "cnn-adam-soft") for r in scope)),
+            "caught_by_subset": {s: int(sum(verdict_log10_p(r["tests"][s]["committed"], r["tests"][s]["log"]) <= lg
+                                            for r in scope)) for s in SUBSETS},
             "accuracy_cost_pp_mean": float(np.mean([c["accuracy_cost_pp"] for c in mine])) if mine else None,
             "accuracy_cost_pp_by_key": [round(c["accuracy_cost_pp"], 2) for c in mine],
             "changed_fraction_mean": float(np.mean([c["changed_fraction"] for c in mine])) if mine else None}
@@ -398,7 +407,14 @@ def main() -> None:
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                         help="also the sequential LFO log test of every thief (default: on, off with --quick)")
     parser.add_argument("--name", default=None, help="results file name (default extraction_families[_quick])")
+    parser.add_argument("--rescore", type=Path, default=None, help="recompute the summary of a saved run from its rows")
     args = parser.parse_args()
+    if args.rescore is not None:
+        doc = json.loads(args.rescore.read_text())
+        doc["summary"] = summarise(doc["rows"], doc["null_checks"], doc["costs"], doc["betas"])
+        args.rescore.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        print(json.dumps({k: v for k, v in doc["summary"].items() if k.startswith("beta")}, indent=1))
+        return
     keys = args.keys or (1 if args.quick else 3)
     betas = [float(b) for b in (args.betas or ("1" if args.quick else "1,0.5")).split(",")]
     names = args.families.split(",") if args.families else list(QUICK_FAMILIES if args.quick else FAMILIES)
