@@ -53,8 +53,8 @@ class Watermarker:
         trigger_lookahead: A positive radius learns the triggers at weights moved by a simulated fine-tune step
             of that size (relative to each tensor's norm) along the sign of the natural batch's descent
             direction, in an optimizer step pre-hook, so that they survive a thief's fine-tune
-            (``docs/trigger-embedding.md``); :meth:`attach` then needs ``optimizer=``. ``0`` learns them at the
-            current weights. Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST CNNs) for image
+            (``docs/trigger-embedding.md``); :meth:`attach` then needs ``optimizer=``. ``0`` turns lookahead off
+            (the triggers are mixed in, or with a margin get their own pass at the current weights). Default (None): ``DEFAULT_LOOKAHEAD`` (0.05, chosen on Fashion-MNIST CNNs) for image
             keys, ``0`` for text keys (on MiniLM lookahead learnt none of the triggers).
         trigger_margin: A trigger whose label already leads every other logit by this much (at the looked-ahead
             weights) adds no loss, so learnt triggers stop pulling the weights from the natural task. It needs the
