@@ -197,11 +197,12 @@ def wide_dropout(api: Any, x: np.ndarray, seed: int, in_scope: Callable[[nn.Modu
     return wide_fit(xq, torch.as_tensor(labels), seed, in_scope)
 
 
-def wide_fit(xq: np.ndarray, y: torch.Tensor, seed: int, in_scope: Callable[[nn.Module], bool]) -> tuple[nn.Module, int]:
+def wide_fit(xq: np.ndarray, y: torch.Tensor, seed: int, in_scope: Callable[[nn.Module], bool],
+             epochs: int = SCOPE_CAP) -> tuple[nn.Module, int]:
     torch.manual_seed(seed)
     model = wide_cnn()
     return fit(model, xq, y, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05),
-               loss_fn=nn.CrossEntropyLoss(), seed=seed, in_scope=in_scope)
+               loss_fn=nn.CrossEntropyLoss(), seed=seed, in_scope=in_scope, epochs=epochs)
 
 
 class Ensemble(nn.Module):
@@ -289,9 +290,9 @@ def true_label_nulls(setting: Any, quick: bool) -> list[tuple[str, nn.Module]]:
     if quick:
         return out
     xo = np.asarray(setting.x_owner[:QUERIES], dtype=np.float32)
-    yo = torch.as_tensor(load_owner_labels(setting)[:QUERIES]).long()
+    yo = torch.as_tensor(load_owner_labels()[:QUERIES]).long()
     out.append(("wide-cnn-dropout, true labels of 10k owner images (AdamW, 3 ep)",
-                wide_fit_epochs(xo, yo, 78, 3)))
+                wide_fit(xo, yo, 78, never, epochs=3)[0]))
     model = build_model("resnet-small", num_classes=10, input_shape=SHAPE, seed=79)
     out.append(("resnet-small, true labels of 10k attacker images (Adam, 2 ep)",
                 fit(model, xa, ya, optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
@@ -299,17 +300,10 @@ def true_label_nulls(setting: Any, quick: bool) -> list[tuple[str, nn.Module]]:
     return out
 
 
-def load_owner_labels(setting: Any) -> np.ndarray:
+def load_owner_labels() -> np.ndarray:
     from wmark.data import load_dataset
 
     return load_dataset("fashion-mnist@owner").y_train.numpy()
-
-
-def wide_fit_epochs(x: np.ndarray, y: torch.Tensor, seed: int, epochs: int) -> nn.Module:
-    torch.manual_seed(seed)
-    model = wide_cnn()
-    return fit(model, x, y, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05),
-               loss_fn=nn.CrossEntropyLoss(), seed=seed, in_scope=never, epochs=epochs)[0]
 
 
 def null_panel(setting: Any, families: list[Family], quick: bool) -> list[dict[str, Any]]:
