@@ -3,7 +3,7 @@
 The margin's own pass (``trigger_margin=3``, 4 triggers per optimizer step in a pass of their own) was measured
 on MiniLM fine-tuned on the fortunes. This checks it on the two from-scratch text models of ``--arch``
 (``tiny-bert``, ``text-bow``): each is trained on the owner's whole third of the fortunes for ``--base-epochs``
-(Adam), then the same base is embedded for ``--epochs`` three ways per seed, side by side: no triggers,
+(``text_cost.finetune``: AdamW, length-bucketed batches of 32), then the same base is embedded for ``--epochs`` three ways per seed, side by side: no triggers,
 the margin's own pass, and 8 triggers mixed into every batch (the text default). Reported per run: test accuracy,
 triggers learnt, and label-only detection at alpha = 1e-6 (sequential, at most 20 queries; fixed over all).
 
@@ -19,7 +19,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +29,14 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import RESULTS, machine, table
-from benchmarks.research.text_cost import text_key
-from benchmarks.text import BucketedBatches, trigger_accuracy, verdicts
+from benchmarks.research.text_cost import finetune, text_key
+from benchmarks.text import trigger_accuracy, verdicts
 from wmark.data import load_dataset
-from wmark.embed import Watermarker
 from wmark.models import build_model
-from wmark.training import accuracy, train_epochs
+from wmark.training import accuracy
 
 LR = {"tiny-bert": 1e-3, "text-bow": 3e-3}
-VARIANTS = {"clean": None, "margin3": {"trigger_margin": 3.0}, "mix8": {"trigger_mixing": True, "trigger_per_batch": 8}}
-
-
-def run(model: torch.nn.Module, data: Any, *, key: Any, options: dict[str, Any] | None, epochs: int, lr: float,
-        seed: int) -> float:
-    """Adam over length-bucketed batches of 32, with the key's triggers embedded per ``options``; seconds."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    loader: Any = BucketedBatches(data.x_train, data.y_train, batch_size=32, seed=seed)
-    wm = None
-    if options is not None:
-        wm = Watermarker(key, schemes=("trigger",), **options)
-        model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader)  # type: ignore[assignment]
-    start = time.perf_counter()
-    try:
-        train_epochs(model, loader, epochs=epochs, optimizer=optimizer, device=torch.device("cpu"))
-    finally:
-        if wm is not None:
-            wm.detach()
-    return time.perf_counter() - start
+VARIANTS = ("clean", "own4-3", "mix8")  # text_cost's variants: no triggers, the margin's own pass, mixing
 
 
 def main() -> None:
@@ -74,11 +53,11 @@ def main() -> None:
         for seed in args.seeds:
             key = text_key(seed, owner.num_classes)
             base = build_model(arch, num_classes=owner.num_classes, input_shape=(64,), seed=seed)
-            run(base, owner, key=key, options=None, epochs=args.base_epochs, lr=LR[arch], seed=seed)
-            for variant, options in VARIANTS.items():
+            finetune("clean", base, owner, key, seed=seed, epochs=args.base_epochs, lr=LR[arch])
+            for variant in VARIANTS:
                 model = copy.deepcopy(base)
-                seconds = run(model, owner, key=key, options=options, epochs=args.epochs, lr=LR[arch], seed=100 + seed)
-                row = {"arch": arch, "seed": seed, "variant": variant, "train_s": round(seconds, 1),
+                info = finetune(variant, model, owner, key, seed=100 + seed, epochs=args.epochs, lr=LR[arch])
+                row = {"arch": arch, "seed": seed, "variant": variant, **info,
                        "test_acc": round(accuracy(model, owner.x_test, owner.y_test), 4),
                        "trigger_acc": round(trigger_accuracy(model, key), 3), **verdicts(model, key)}
                 rows.append(row)
@@ -86,7 +65,7 @@ def main() -> None:
     summary = []
     for arch in args.archs:
         clean = {r["seed"]: r["test_acc"] for r in rows if r["arch"] == arch and r["variant"] == "clean"}
-        for variant in ("margin3", "mix8"):
+        for variant in VARIANTS[1:]:
             mine = [r for r in rows if r["arch"] == arch and r["variant"] == variant]
             costs = [100 * (clean[r["seed"]] - r["test_acc"]) for r in mine]
             summary.append({"arch": arch, "variant": variant, "seeds": len(mine),
