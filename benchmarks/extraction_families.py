@@ -88,7 +88,7 @@ from torch import nn
 
 from wmark.distill import extract, query_victim
 from wmark.evidence import alpha_share
-from wmark.keys import generate_key
+from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
     LOG_TEST_WEIGHT,
@@ -112,6 +112,9 @@ QUERIES = 10_000
 SHAPE = (1, 28, 28)
 SUBSETS = ("all", "cnn", "mlp", "none")
 LFO_SUBSET = {"conv": "mlp", "mlp": "cnn", "both": "none"}
+# other readings of the log test, beside the library's (1000 logged queries in 21 rounds), on the LFO and all
+# subsets: 2000 logged queries; the 1000 logged ones pooled with the 1000 committed inputs into one Z
+VARIANTS = {"log2000": {"queries": 2000}, "pooled": {"pool_committed": 1000}}
 Train = Callable[[Any, np.ndarray, int, Callable[[nn.Module], bool]], tuple[nn.Module, int]]
 
 
@@ -340,7 +343,10 @@ def summarise(rows: list[dict[str, Any]], null_checks: list[dict[str, Any]], cos
                                      "lfo_subset": sel[0]["lfo_subset"],
                                      "mean_epochs": float(np.mean([r["epochs"] for r in sel])),
                                      "accuracy": [round(r["accuracy"], 4) for r in sel]}
-            for tag, field in (("lfo", "verdict_lfo"), ("in_sample", "verdict_all")):
+            readings = [("lfo", "verdict_lfo"), ("in_sample", "verdict_all")]
+            readings += [(f"{tag}_{v}", f"{field}_{v}") for v in VARIANTS for tag, field in readings[:2]
+                         if all(f"{field}_{v}" in r for r in sel)]
+            for tag, field in readings:
                 vals = [r[field] for r in scope]
                 entry[f"caught_{tag}"] = int(sum(v <= lg for v in vals))
                 entry[f"caught_{tag}_all_thieves"] = int(sum(r[field] <= lg for r in sel))
@@ -368,6 +374,9 @@ def summarise(rows: list[dict[str, Any]], null_checks: list[dict[str, Any]], cos
             "in_scope": len(scope),
             "caught_lfo": int(sum(r["verdict_lfo"] <= lg for r in scope)),
             "caught_in_sample": int(sum(r["verdict_all"] <= lg for r in scope)),
+            **{f"caught_{tag}_{v}": int(sum(r[f"verdict_{field}_{v}"] <= lg for r in scope))
+               for v in VARIANTS for tag, field in (("lfo", "lfo"), ("in_sample", "all"))
+               if all(f"verdict_{field}_{v}" in r for r in scope)},
             "caught_lfo_outside_reference_families": int(sum(r["verdict_lfo"] <= lg for r in scope
                                                              if r["family"] not in ("cnn-adam-hard", "mlp-adam-hard",
                                                                                     "cnn-adam-soft"))),
@@ -388,7 +397,12 @@ def summarise(rows: list[dict[str, Any]], null_checks: list[dict[str, Any]], cos
         "min_log10_p_single_test": float(min(single)) if single else None,
         "min_verdict_log10_p": float(min(verdicts)) if verdicts else None,
         "min_log10_p_by_kind": {kind: float(min(c["log10_p"] for c in null_checks if c["kind"] == kind))
-                                for kind in dict.fromkeys(c["kind"] for c in null_checks)}}
+                                for kind in dict.fromkeys(c["kind"] for c in null_checks)},
+        "by_test": {test: {"checks": len(sel), "false_accusations_verdict": int(sum(c["verdict_log10_p"] <= lg
+                                                                                    for c in sel)),
+                           "min_verdict_log10_p": float(min(c["verdict_log10_p"] for c in sel))}
+                    for test in dict.fromkeys(c["test"] for c in null_checks if "verdict_log10_p" in c)
+                    for sel in [[c for c in null_checks if c["test"] == test and "verdict_log10_p" in c]]}}
     return out
 
 
@@ -401,6 +415,9 @@ def main() -> None:
     parser.add_argument("--sequential", action=argparse.BooleanOptionalAction, default=None,
                         help="also the sequential LFO log test of every thief (default: on, off with --quick)")
     parser.add_argument("--name", default=None, help="results file name (default extraction_families[_quick])")
+    parser.add_argument("--keys-dir", type=Path, default=None,
+                        help="load the keys k0.key, k1.key, ... from here, or write fresh ones there (to run betas "
+                             "side by side in separate processes on the same keys)")
     parser.add_argument("--rescore", type=Path, default=None, help="recompute the summary of a saved run from its rows")
     args = parser.parse_args()
     if args.rescore is not None:
@@ -434,7 +451,7 @@ def main() -> None:
     null_checks: list[dict[str, Any]] = []
     costs: list[dict[str, Any]] = []
     rules: dict[int, dict[str, Any]] = {}
-    keyset = [generate_key(owner=f"Families Owner {k}", num_classes=10, input_shape=SHAPE) for k in range(keys)]
+    keyset = [family_key(k, args.keys_dir) for k in range(keys)]
     checked: dict[tuple[int, str, str], float] = {}  # (key, log digest, subset) -> a null model's log10 p, per model
     log_digests: dict[tuple[float, int, str], str] = {}
     tmp = tempfile.TemporaryDirectory(prefix="wmark-families-")
@@ -485,6 +502,11 @@ def main() -> None:
                     tests[s] = {"committed": committed.log10_p, "log": logged.log10_p, "z_log": logged.details["z"],
                                 "z_committed": committed.details["z"]}
                 lfo = LFO_SUBSET[fam.group]
+                for s in dict.fromkeys((lfo, "all")):
+                    for variant, kw in VARIANTS.items():
+                        res = tiebreak_log_test(key=key, rule=rules[k][s], served=served, suspect=suspect,
+                                                chosen=chosen[s], **kw)
+                        tests[s][variant], tests[s][f"z_{variant}"] = res.log10_p, res.details["z"]
                 raw = log.inputs(fam.name)
                 log_digests[(beta, k, fam.name)] = digest(raw)
                 row = {"key": k, "beta": beta, "family": fam.name, "group": fam.group, "served_scores": fam.scores,
@@ -494,6 +516,9 @@ def main() -> None:
                        "log_digest": log_digests[(beta, k, fam.name)], "lfo_subset": lfo, "tests": tests,
                        "verdict_lfo": verdict_log10_p(tests[lfo]["committed"], tests[lfo]["log"]),
                        "verdict_all": verdict_log10_p(tests["all"]["committed"], tests["all"]["log"])}
+                for variant in VARIANTS:
+                    row[f"verdict_lfo_{variant}"] = verdict_log10_p(tests[lfo]["committed"], tests[lfo][variant])
+                    row[f"verdict_all_{variant}"] = verdict_log10_p(tests["all"]["committed"], tests["all"][variant])
                 if sequential:
                     t0 = time.perf_counter()
                     seq = tiebreak_log_sequential(key=key, rule=rules[k][lfo], served=served, suspect=suspect,
@@ -519,6 +544,11 @@ def main() -> None:
                                             "subset": s, "log_of": fam.name, "log_digest": row["log_digest"],
                                             "log10_p": res.log10_p,
                                             "verdict_log10_p": verdict_log10_p(committed, res.log10_p)})
+                        for variant, kw in VARIANTS.items():
+                            other = tiebreak_log_test(key=key, rule=rules[k][s], served=served, suspect=innocent,
+                                                      chosen=chosen[s], **kw)
+                            null_checks.append({**null_checks[-1], "test": variant, "log10_p": other.log10_p,
+                                                "verdict_log10_p": verdict_log10_p(committed, other.log10_p)})
                 if time.perf_counter() - t0 > 1:
                     print(f"  null checks on {fam.name}'s log: {time.perf_counter() - t0:.0f} s", flush=True)
             if beta != betas[0]:
@@ -539,6 +569,19 @@ def main() -> None:
                      "mean_epochs", "sequential_queries_median"]))
     print(json.dumps(summary["null_panel"], indent=1))
     print(f"{time.perf_counter() - start:.0f} s")
+
+
+def family_key(k: int, keys_dir: Path | None) -> Any:
+    """Key ``k``: fresh, or shared through ``keys_dir`` (loaded when there, else written there, 0600)."""
+    if keys_dir is None:
+        return generate_key(owner=f"Families Owner {k}", num_classes=10, input_shape=SHAPE)
+    path = keys_dir / f"k{k}.key"
+    if path.exists():
+        return load_key(path)
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    key = generate_key(owner=f"Families Owner {k}", num_classes=10, input_shape=SHAPE)
+    save_key(key, path)
+    return key
 
 
 def committed_null(null: dict[str, Any], k: int, s: str, key: Any, rules: dict[int, dict[str, Any]], served: Any,
