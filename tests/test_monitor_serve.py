@@ -15,13 +15,18 @@ import torch
 from click.testing import CliRunner
 
 from wmark.cli import main
+from wmark.errors import UsageError
 from wmark.io import save_model, save_tensors
-from wmark.models import build_model
+from wmark.keys import generate_key
+from wmark.models import build_model, penultimate_featurizer
 from wmark.monitor.gate import Gate
 from wmark.monitor.monitor import ExtractionMonitor, calibrate, save_profile
 from wmark.monitor.policy import parse_policy
 from wmark.monitor.signals import MonitorConfig, fit_feature_map
+from wmark.schemes.querylog import TieBreakLog
+from wmark.schemes.tiebreak import TieBreakAPI, build_tiebreak_rule
 from wmark.serve import build_app, serve_in_background
+from wmark.suspects import LocalSuspect
 
 SHAPE = (1, 4, 4)
 CLIENTS = {"shop": "tok-shop-secret", "lab": "tok-lab-secret", "thief": "tok-thief-secret"}
@@ -168,6 +173,56 @@ def test_throttle_action_and_metrics_token(model, profile):
     assert codes[:4] == [200] * 4 and codes[4] == 200 and codes[5] == 429  # burst of 8 left, then throttled
 
 
+def test_mark_on_alarm_marks_only_the_flagged_client_from_its_alarm_on(model, profile, tmp_path):
+    key = generate_key(owner="o", num_classes=10, input_shape=SHAPE)
+    rule = build_tiebreak_rule(key=key, x=natural(400, 7), featurizer=penultimate_featurizer(model),
+                               feature_space="served-penultimate", components=8)
+    backend = LocalSuspect(model, input_shape=SHAPE)
+    reference = TieBreakAPI(key=key, backend=backend, rule=rule)
+    honest = natural(96, 3)
+    noise = np.random.default_rng(4).random((96, *SHAPE), dtype=np.float32)
+    with TieBreakLog(tmp_path / "log.sqlite", key=key) as log:
+        gate = Gate(policy=parse_policy({"default": {"mark": "on-alarm"}, "clients": {"lab": {"mark": "always"}}},
+                                        clients=list(CLIENTS)),
+                    clients=list(CLIENTS), monitor=ExtractionMonitor(profile=profile))
+        app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, clients=CLIENTS, gate=gate,
+                        answerer=TieBreakAPI(key=key, backend=backend, rule=rule, log=log))
+        got: dict[str, list[np.ndarray]] = {"shop": [], "thief": [], "lab": []}
+        with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+            for i in range(0, 96, 8):
+                for who, x in (("shop", honest), ("thief", noise), ("lab", honest)):
+                    got[who].append(np.asarray(post(http, who, x[i:i + 8]).json()["outputs"][0]["data"]).reshape(8, 10))
+        thief_logged, logged_clients = log.inputs("thief"), set(log.clients())
+    bare_honest, bare_noise = backend.query(honest).scores, backend.query(noise).scores
+    np.testing.assert_allclose(np.concatenate(got["shop"]), bare_honest, atol=1e-6)  # never flagged: never marked
+    np.testing.assert_allclose(np.concatenate(got["lab"]), reference.query(honest).scores, atol=1e-6)
+    assert logged_clients == {"thief", "lab"}  # the shop's queries were never marked, so never logged
+    # The request that completes the first check (32 queries) raises the alarm; the next one is marked.
+    thief = np.concatenate(got["thief"])
+    np.testing.assert_allclose(thief[:32], bare_noise[:32], atol=1e-6)
+    np.testing.assert_allclose(thief[32:], reference.query(noise[32:]).scores, atol=1e-6)
+    assert not np.allclose(thief[32:], bare_noise[32:], atol=1e-4)
+    marked = {tuple(np.round(v.reshape(-1), 5)) for v in noise[32:]}
+    assert all(tuple(np.round(v.reshape(-1), 5)) in marked for v in thief_logged)
+
+
+def test_mark_on_alarm_needs_a_served_mark_and_a_monitor(model, profile):
+    gate = Gate(policy=parse_policy({"default": {"mark": "on-alarm"}}, clients=list(CLIENTS)), clients=list(CLIENTS),
+                monitor=ExtractionMonitor(profile=profile))
+    with pytest.raises(UsageError, match="no API-side mark is served; serve with --mark tiebreak"):
+        build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, clients=CLIENTS, gate=gate)
+    key = generate_key(owner="o", num_classes=10, input_shape=SHAPE)
+    rule = build_tiebreak_rule(key=key, x=natural(200, 7), featurizer=penultimate_featurizer(model),
+                               feature_space="served-penultimate", components=4)
+    unwatched = Gate(policy=parse_policy({"clients": {"shop": {"mark": "on-alarm"}}}, clients=list(CLIENTS)),
+                     clients=list(CLIENTS))
+    with pytest.raises(UsageError, match="no monitor raises alarms; add --monitor"):
+        build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, clients=CLIENTS, gate=unwatched,
+                  answerer=TieBreakAPI(key=key, backend=LocalSuspect(model, input_shape=SHAPE), rule=rule))
+    with pytest.raises(UsageError, match='Policy default.mark: is "sometimes"; use one of always, on-alarm.'):
+        parse_policy({"default": {"mark": "sometimes"}}, clients=list(CLIENTS))
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
 
@@ -178,6 +233,7 @@ def _cli(*args: str) -> list[str]:
      "Policy clients.eve: names an unknown client; the server's clients are lab, shop, thief."),
     ('{"default": {"on_alarm": {"action": "explode"}}}', "Policy default.on_alarm.action: is \"explode\""),
     ('{"default": {"speed": 3}}', "Policy default: has unknown field 'speed'"),
+    ('{"default": {"mark": "on-alarm"}}', "The policy marks clients on alarm (\"mark\": \"on-alarm\") but no API-side"),
     ('{"default": {"rate": {"queries_per_second": "fast"}}}',
      "Policy default.rate.queries_per_second: must be a number, not \"fast\"."),
 ])

@@ -39,6 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from wmark import __version__
+from wmark.contract import forward_logits
 from wmark.errors import UsageError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
@@ -81,12 +82,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         clients: Client name → bearer token, instead of one ``token``: a request must carry one of them,
             and an ``answerer`` with a ``for_client`` method (a marked API) answers, and logs, as that client.
         gate: Per-client policy and extraction monitor (:class:`~wmark.monitor.gate.Gate`); adds ``/metrics``.
+            A client whose policy says ``"mark": "on-alarm"`` gets the bare model's answers (not the
+            ``answerer``'s) until the monitor's alarm for it.
         text: For a text classifier, how strings become its inputs: it is then served at
             ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
 
     Raises:
-        UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, or a ``gate`` for a
-            text model (its endpoint is not gated).
+        UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` for a
+            text model (its endpoint is not gated), or a policy that marks on alarm without an ``answerer`` or
+            without a monitor.
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
@@ -96,6 +100,13 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     if text is not None and gate is not None:
         raise UsageError("The policy gate and extraction monitor guard the v2 endpoint of image models; serve a text "
                          "model without a policy or monitor.")
+    if gate is not None and gate.policy.marks_on_alarm:
+        if answerer is None:
+            raise UsageError("The policy marks clients on alarm (\"mark\": \"on-alarm\") but no API-side mark is "
+                             "served; serve with --mark tiebreak and its rule, or drop the field.")
+        if gate.monitor is None:
+            raise UsageError("The policy marks clients on alarm (\"mark\": \"on-alarm\") but no monitor raises "
+                             "alarms; add --monitor with a calibrated profile.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     model.eval()
@@ -155,12 +166,12 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
     def predict(x: np.ndarray, client: str) -> tuple[np.ndarray | None, np.ndarray]:
         """The served probabilities (None when the answerer gives labels only) and top-1 labels."""
-        if answerer is not None:
+        if answerer is not None and (gate is None or gate.marked(client or ANONYMOUS)):
             answers = by_client.get(client, answerer).query(x)
             scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
             return scores, np.asarray(answers.labels, dtype=np.int64)
         with torch.no_grad():
-            logits = model(torch.from_numpy(x)).float()
+            logits = forward_logits(model, torch.from_numpy(x)).float().cpu()
         return torch.softmax(logits, 1).numpy(), logits.argmax(1).numpy()
 
     def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:

@@ -224,6 +224,13 @@ class Gate:
             return "label", 1
         return rules.answer, rules.top_k
 
+    def marked(self, client: str) -> bool:
+        """Whether the served API-side mark answers ``client`` now: always, or after its alarm (policy ``mark``)."""
+        with self.lock:
+            c = self.clients.get(client)
+            rules = c.rules if c is not None else self.policy.default
+            return rules.mark == "always" or (c is not None and c.alarm is not None)
+
     def after_answer(self, client: str, x: np.ndarray, probs: np.ndarray) -> Alarm | None:
         """Feed the monitor with an answered request; apply and log a newly raised alarm."""
         alarm = None

@@ -22,6 +22,10 @@ Every field is optional. A client's entry replaces the default's fields one by o
 * ``on_alarm``: what happens once the extraction monitor raises an alarm for the client: ``"log"`` (only
   the alarm line and metrics), ``"throttle"`` (the rate becomes ``queries_per_second``/``burst``),
   ``"label-only"`` (answers shrink to the top-1 label) or ``"block"`` (every request refused with 403).
+* ``mark``: with an API-side mark served (``wmark serve --mark tiebreak``), whom it marks: ``"always"``
+  (the default: every answer) or ``"on-alarm"`` (only answers after the monitor's alarm for the client;
+  until then the client gets the bare model's answers and pays no accuracy for the mark, and only its
+  marked queries are logged).
 * ``metrics_token_env``: the environment variable holding a bearer token ``GET /metrics`` then requires.
 
 Example:
@@ -44,7 +48,8 @@ from wmark.errors import UsageError
 
 ANSWER_MODES = ("scores", "top-k", "label")
 ALARM_ACTIONS = ("log", "throttle", "label-only", "block")
-_CLIENT_FIELDS = {"answer", "top_k", "rate", "quota", "on_alarm"}
+MARK_MODES = ("always", "on-alarm")
+_CLIENT_FIELDS = {"answer", "top_k", "rate", "quota", "on_alarm", "mark"}
 _TOP_FIELDS = {"default", "clients", "metrics_token_env"}
 SECONDS_PER_DAY = 86_400
 
@@ -82,6 +87,7 @@ class ClientPolicy:
     rate: RateLimit | None = None
     quota: Quota = field(default_factory=Quota)
     on_alarm: AlarmAction = field(default_factory=AlarmAction)
+    mark: str = "always"
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,11 @@ class Policy:
     def for_client(self, client: str) -> ClientPolicy:
         """The rules that apply to ``client`` (the default for a client the file does not name)."""
         return self.clients.get(client, self.default)
+
+    @property
+    def marks_on_alarm(self) -> bool:
+        """Whether some client is marked only after an alarm (the server then needs a mark and a monitor)."""
+        return any(rules.mark == "on-alarm" for rules in (self.default, *self.clients.values()))
 
 
 def _fail(where: str, problem: str) -> UsageError:
@@ -155,6 +166,10 @@ def _client(value: Any, where: str, base: ClientPolicy) -> ClientPolicy:
         elif len(a) > 1:
             raise _fail(f"{where}.on_alarm", f"gives a rate, which only the \"throttle\" action takes, not {action!r}")
         out = replace(out, on_alarm=AlarmAction(action, rate))
+    if "mark" in doc:
+        if doc["mark"] not in MARK_MODES:
+            raise _fail(f"{where}.mark", f"is {json.dumps(doc['mark'])}; use one of {', '.join(MARK_MODES)}")
+        out = replace(out, mark=doc["mark"])
     return out
 
 
