@@ -64,6 +64,13 @@ WHAT = {
     "research_lookahead_batchnorm": "lookahead against mixing on a BatchNorm resnet: triggers learnt",
     "research_text_default_scratch": "the margin's own trigger pass against mixing on text models trained from scratch",
     "text_extraction_minilm_victim": "the tie-break mark on a MiniLM victim, with MiniLM thieves and MiniLM nulls",
+    "text_extraction_minilm_pooled": "the MiniLM victim at beta 1 on three more keys; the log test pooled with committed texts",
+    "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
+    "mark_on_alarm_quick": "its quick mode",
+    "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
+    "extraction_families_quick": "its quick mode",
+    "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on three fresh keys",
+    "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
