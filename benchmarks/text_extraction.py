@@ -162,12 +162,6 @@ def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, 
     verdict = decide(key=key, tests=[committed, logged], alpha=ALPHA, suspect="suspect")
     out = {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
            "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
-    # side by side: the log test with the committed texts' answers pooled into its Z, in the same verdict
-    pooled = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
-                               queries=log_queries, pool_committed=queries)
-    both = decide(key=key, tests=[committed, pooled], alpha=ALPHA, suspect="suspect")
-    out.update(pooled_log10_p=round(pooled.log10_p, 2), verdict_pooled=both.kind,
-               verdict_pooled_log10_p=round(min(both.adjusted), 2))
     if log_queries != queries:  # the same log test at the committed test's size, side by side
         fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries)
         out[f"log_log10_p_at_{queries}"] = round(fewer.log10_p, 2)
@@ -388,11 +382,10 @@ def main() -> None:
                                                    log_queries=log_queries)})
         print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
     accused = [n for n in nulls if n["verdict"] != "none"]
-    accused_pooled = [n for n in nulls if n["verdict_pooled"] != "none"]
     caught = [r for r in rows if r["verdict"] == "extracted"]
     print()
     print(table(rows, ["key", "beta", "thief", "victim_acc", "api_acc", "cost_pp", "surrogate_acc", "within_5pp", "epochs",
-                       "committed_log10_p", "log_log10_p", "verdict", "pooled_log10_p", "verdict_pooled"]))
+                       "committed_log10_p", "log_log10_p", "verdict"]))
     print()
     print(table([{"model": name, "test_acc": acc,
                   "min_committed_log10_p": min(n["committed_log10_p"] for n in nulls if n["model"] == name),
@@ -406,8 +399,6 @@ def main() -> None:
                            "caught": sum(r["verdict"] == "extracted" for r in rows if r["beta"] == b),
                            "caught_in_scope": sum(r["verdict"] == "extracted" and r["within_5pp"] for r in rows
                                                   if r["beta"] == b),
-                           "caught_in_scope_pooled": sum(r["verdict_pooled"] == "extracted" and r["within_5pp"]
-                                                         for r in rows if r["beta"] == b),
                            "in_scope": sum(r["within_5pp"] for r in rows if r["beta"] == b),
                            "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
@@ -419,10 +410,7 @@ def main() -> None:
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
-                       "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls),
-                       "independent_accused_pooled": len(accused_pooled),
-                       "min_null_pooled_verdict_log10_p": min((n["verdict_pooled_log10_p"] for n in nulls),
-                                                              default=None)},
+                       "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls)},
            "seconds": round(time.perf_counter() - start, 1)}
     path = write_results(args.name or ("text_extraction_quick" if quick else "text_extraction"), doc)
     print(f"wrote {path}")

@@ -266,48 +266,6 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert decide(key=key, tests=[committed, caught], alpha=1e-3, suspect="s").message == ""
 
 
-def test_the_log_test_pooled_with_the_committed_inputs_is_one_exact_statistic(tmp_path, data):
-    # Pooling counts the committed inputs' answers in the log test's Z: the same statistic over both sets
-    # of answers (checked against a direct computation), still N(0, 1) over keys for an innocent suspect.
-    from wmark.schemes.tiebreak.inputs import served_scores
-
-    backend, innocent = Linear(1), Linear(2)
-    zs = []
-    for i in range(200):
-        key = seeded_key(f"tiebreak/pooled-null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
-        path = tmp_path / f"log{i}.sqlite"
-        with TieBreakLog(path, key=key) as log:
-            rule, api = make(key, data[:1000], backend, log=log)
-            rule = commit_verification_inputs(rule, served=backend, x=data[1000:], references=[], count=200,
-                                              how="test")
-            api.for_client("c").query(data[:1000])
-            res = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
-                                    queries=200, rounds=4, pool_committed=150)
-            zs.append(res.details["z"])
-    assert res.queries == 350 and res.details["pooled_committed"] == 150 and res.details["budget"] == 350
-    assert "pooled with the rule's first 150 committed inputs" in res.details["selection"]
-    assert stats.kstest(zs, "norm").pvalue > 1e-3
-    # one round asks the ranking's first inputs, so the pooled Z can be recomputed from both answer sets
-    with TieBreakLog(path, key=key, create=False) as log:
-        ranked = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="c")
-    one = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, chosen=ranked, queries=100,
-                            rounds=1, pool_committed=150)
-    xs = np.concatenate([ranked.x[:100], rule.verification_inputs[:150]])
-    _, lo, hi = top_pairs(served_scores(backend, xs))
-    said = innocent.query(xs)
-    z, _ = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=said.labels,
-                              leans=probability_leans(said.scores, lo, hi))
-    assert one.details["z"] == pytest.approx(z, abs=1e-12)
-    alone = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, chosen=ranked, queries=100,
-                              rounds=1)
-    assert alone.queries == 100 and alone.details["pooled_committed"] == 0 and alone.details["z"] != one.details["z"]
-    with pytest.raises(UsageError, match="pool_committed must be at least 0"):
-        tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, chosen=ranked, pool_committed=-1)
-    bare = dataclasses.replace(rule, verification_inputs=None)
-    with pytest.raises(UsageError, match="no committed verification inputs to pool"):
-        tiebreak_log_test(key=key, rule=bare, served=backend, suspect=innocent, chosen=ranked, pool_committed=10)
-
-
 def test_later_rounds_follow_the_references_that_call_the_suspects_answers_best():
     from wmark.schemes.tiebreak.tests import FOLLOWED_REFERENCES, _closest_references
 

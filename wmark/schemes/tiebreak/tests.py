@@ -280,8 +280,7 @@ def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
 def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                       log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                       queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
-                      first_share: float = LOG_FIRST_ROUND, use_scores: bool = True,
-                      pool_committed: int = 0) -> TestResult:
+                      first_share: float = LOG_FIRST_ROUND, use_scores: bool = True) -> TestResult:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
 
     A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
@@ -326,9 +325,6 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         rounds: In how many rounds to ask them (1: the ranking's first ``queries``).
         first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
         use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
-        pool_committed: Also ask the first ``pool_committed`` of the rule's committed inputs and count their
-            answers in the same ``Z`` (one statistic over both sets of answers: still a function of answers and
-            key-free inputs, so still exactly N(0, 1) under the null). The rounds choose from the log alone.
 
     Raises:
         UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
@@ -337,11 +333,6 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     check_suspect_fits_key(key, suspect)
     if queries < 1:
         raise UsageError(f"queries must be at least 1, got {queries}.")
-    if pool_committed < 0:
-        raise UsageError(f"pool_committed must be at least 0, got {pool_committed}.")
-    if pool_committed and rule.verification_inputs is None:
-        raise UsageError("This tie-break rule carries no committed verification inputs to pool with the log; "
-                         "rebuild it with `wmark tiebreak build`, or pool none.")
     if rounds < 1:
         raise UsageError(f"rounds must be at least 1, got {rounds}.")
     if not 0 < first_share <= 1:
@@ -370,31 +361,19 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
-    psi, lo, hi = psi[asked], lo[asked], hi[asked]
-    pooled_note = ""
-    if pool_committed:
-        xs = _owner_inputs(key, rule, rule.verification_inputs)[:pool_committed]
-        _, lo_c, hi_c = top_pairs(served_scores(served, xs))
-        said, signs, read = _ask(suspect=suspect, xs=xs, lo=lo_c, hi=hi_c, use_scores=use_scores)
-        psi, lo, hi = np.concatenate([psi, rule.features(xs)]), np.concatenate([lo, lo_c]), np.concatenate([hi, hi_c])
-        answers, evidence = np.concatenate([answers, said]), np.concatenate([evidence, signs])
-        reads.append(read)
-        pooled_note = f"; pooled with the rule's first {len(xs)} committed inputs ({rule.verification})"
     read = reads[0] if len(set(reads)) == 1 else "labels"
-    z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers,
+    z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
                                  leans=None if read == "labels" else evidence)
-    rounds_note = ("" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
-                                           "by that ranking, the rest where the suspect's answers so far put it "
-                                           "closest to a tie")) + pooled_note
-    pooled = len(answers) - len(asked)
+    rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
+                                          "by that ranking, the rest where the suspect's answers so far put it "
+                                          "closest to a tie")
     return _result(
-        name=f"{SCHEME}-log", z=z, info=info, answers=answers, read=read, rule=rule, budget=budget + pooled,
+        name=f"{SCHEME}-log", z=z, info=info, answers=answers, read=read, rule=rule, budget=budget,
         selection=chosen.selection + rounds_note, method="exact Gaussian (fixed n, the client's logged inputs)",
         null={"distribution": "N(0, 1)", "why": NULL_WHY.replace("owner-chosen inputs", "client's inputs"),
               "assumption": "the client chose its queries without regard to the marked answers (e.g. a fixed "
                             "dataset); the committed-input tie-break test needs no such assumption"},
-        extra={"client": chosen.client, "rounds": rounds, "pooled_committed": pooled},
-        weight=LOG_TEST_WEIGHT,
+        extra={"client": chosen.client, "rounds": rounds}, weight=LOG_TEST_WEIGHT,
     )
 
 
