@@ -138,7 +138,8 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
               help="process: logged rows survive a crash of the server, not of the OS; fsync: each request's rows "
                    "reach the disk before it is answered (slower).")
 @click.option("--policy", default=None, type=click.Path(dir_okay=False),
-              help="Per-client policy (JSON): quotas, rate limits, answer modes, alarm actions; see docs/monitoring.md.")
+              help="Per-client policy (JSON): quotas, rate limits, answer modes, alarm actions, whom --mark marks "
+                   "(always or on-alarm); see docs/monitoring.md.")
 @click.option("--monitor", default=None, type=click.Path(dir_okay=False),
               help="Watch clients for extraction with this profile from `wmark monitor calibrate`.")
 @click.option("--alarm-log", default=None, type=click.Path(dir_okay=False),
