@@ -20,8 +20,9 @@ tie-break benchmarks' victim (``common.tiebreak_setting``, 88.1 %):
   images through it (HTTP, one input per request) and stop at their first epoch within 5 pp of the victim; the same
   thief (same seed and queries) is trained side by side on the always-marked API in-process. Both are
   verified the library's way (weighted Holm at alpha = 1e-6: the 1000 committed inputs, chosen with all 32
-  references, and the client's own log test, 1000 queries in 21 rounds) and two independent models are
-  tested on every log.
+  references, and the client's own log test, 1000 queries in 21 rounds), and again leave-family-out (the
+  committed inputs and the log's ranking from the other architecture's 16 references only, as in
+  ``extraction_families.py``); two independent models are tested on every log.
 
 Usage: nice -n 10 python benchmarks/mark_on_alarm.py [--quick]
 """
@@ -43,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np
 import torch
 from common import cached_references, extraction_independents, table, tiebreak_setting, write_results
-from extraction_families import FAMILIES, SHAPE, family_key, load_owner_labels, verdict_log10_p
+from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, family_key, load_owner_labels, verdict_log10_p
 from monitor import Trace, probabilities, shop_stream
 
 from wmark.models import load_model, penultimate_featurizer
@@ -145,9 +146,12 @@ def main() -> None:
         key = family_key(k, args.keys_dir)
         t0 = time.perf_counter()
         base = build_tiebreak_rule(key=key, x=x_owner, featurizer=featurizer, feature_space="served-penultimate")
-        rule = commit_verification_inputs(base, served=served, x=x_owner, references=references, count=1000,
-                                          how="all references")
-        print(f"key {k}: rule and commitment in {time.perf_counter() - t0:.0f} s", flush=True)
+        subsets = {"all": references, "cnn": [r for r in references if r[0] == "fmnist-cnn"],
+                   "mlp": [r for r in references if r[0] == "fmnist-mlp"]}
+        rules = {s: commit_verification_inputs(base, served=served, x=x_owner, references=refs, count=1000,
+                                               how=f"{s} references") for s, refs in subsets.items()}
+        rule = rules["all"]
+        print(f"key {k}: rule and commitments in {time.perf_counter() - t0:.0f} s", flush=True)
         always = TieBreakAPI(key=key, backend=served, rule=rule, beta=args.beta, expose_scores=False)
         marked_ok = always.query(setting.xt).labels == setting.yt
         per_shop = [stream_cost(s["idx"], s["alarm_at"], bare_ok, marked_ok) for s in shops]
@@ -200,8 +204,17 @@ def main() -> None:
                                      "committed_log10_p": committed.log10_p, "log_log10_p": logged.log10_p,
                                      "verdict_log10_p": verdict_log10_p(committed.log10_p, logged.log10_p)})
                         rows[-1]["extracted"] = bool(rows[-1]["verdict_log10_p"] <= np.log10(ALPHA))
+                        # leave-family-out: the committed inputs and the log's ranking from the other family's
+                        # references only
+                        lfo = rules[LFO_SUBSET[fam.group]]
+                        c_lfo = tiebreak_test(key=key, rule=lfo, served=served, suspect=suspect).log10_p
+                        l_lfo = tiebreak_log_test(key=key, rule=lfo, served=served, suspect=suspect, log=log,
+                                                  client=fam.name).log10_p
+                        rows[-1].update(lfo_subset=LFO_SUBSET[fam.group], verdict_lfo_log10_p=verdict_log10_p(c_lfo, l_lfo))
+                        rows[-1]["extracted_lfo"] = bool(rows[-1]["verdict_lfo_log10_p"] <= np.log10(ALPHA))
                         print(table([rows[-1]], ["key", "family", "mark", "epochs", "accuracy", "flagged_at",
-                                                 "logged_inputs", "verdict_log10_p", "extracted"]), flush=True)
+                                                 "logged_inputs", "verdict_log10_p", "extracted",
+                                                 "verdict_lfo_log10_p"]), flush=True)
                         for null_name, net0 in independents:
                             innocent = LocalSuspect(net0, input_shape=SHAPE, description=null_name)
                             c0 = tiebreak_test(key=key, rule=rule, served=served, suspect=innocent).log10_p
@@ -223,6 +236,8 @@ def main() -> None:
                            f"{sum(r['mark'] == 'on-alarm' for r in rows)}",
         "caught_on_alarm": sum(r["extracted"] for r in rows if r["mark"] == "on-alarm"),
         "caught_always": sum(r["extracted"] for r in rows if r["mark"] == "always"),
+        "caught_lfo_on_alarm": sum(r["extracted_lfo"] for r in rows if r["mark"] == "on-alarm"),
+        "caught_lfo_always": sum(r["extracted_lfo"] for r in rows if r["mark"] == "always"),
         "thieves_per_mode": sum(r["mark"] == "always" for r in rows),
         "in_scope_on_alarm": sum(r["within_5pp"] for r in rows if r["mark"] == "on-alarm"),
         "in_scope_always": sum(r["within_5pp"] for r in rows if r["mark"] == "always"),
