@@ -70,7 +70,7 @@ WHAT = {
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
     "extraction_families_quick": "its quick mode",
     "extraction_families_variants_quick": "quick mode (one key, four families) with the 2000-query and pooled log tests",
-    "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on three fresh keys",
+    "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on two fresh keys",
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
