@@ -72,6 +72,8 @@ WHAT = {
     "extraction_families_variants_quick": "quick mode (one key, four families) with the 2000-query and pooled log tests",
     "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on two fresh keys",
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
+    "tiebreak_invariance_k0": "the principal feature map against shift-invariant ones (32, 16 directions), keys 0-1",
+    "tiebreak_invariance_k2": "the same on keys 2-3",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
