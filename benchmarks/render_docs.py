@@ -74,6 +74,10 @@ WHAT = {
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
     "tiebreak_invariance_k0": "the principal feature map against shift-invariant ones (32, 16 directions), keys 0-1",
     "tiebreak_invariance_k2": "the same on keys 2-3",
+    "tiebreak_aug_references_k0": "MLP references distilled with shift augmentation, leave-family-out, keys 0-1",
+    "tiebreak_aug_references_k2": "the same on keys 2-3",
+    "tiebreak_aug_references_control_k0": "augmented references against as many more unshifted ones, keys 0-1",
+    "tiebreak_aug_references_control_k2": "the same on keys 2-3",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
