@@ -78,6 +78,8 @@ WHAT = {
     "tiebreak_aug_references_k2": "the same on keys 2-3",
     "tiebreak_aug_references_control_k0": "augmented references against as many more unshifted ones, keys 0-1",
     "tiebreak_aug_references_control_k2": "the same on keys 2-3",
+    "tiebreak_tta_k0": "the log test reading the suspect on shifted copies of the logged inputs, keys 0-1",
+    "tiebreak_tta_k2": "the same on keys 2-3",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
            "extraction_tiebreak_replication3", "extraction_tiebreak_skip16")
