@@ -67,8 +67,9 @@ def tta_log10_p(*, rule: Any, chosen: Any, suspect: LocalSuspect, count: int, ma
     x = chosen.x[:count]
     _, lo, hi = top_pairs(chosen.scores[:count])
     copies = [x] + ([t(x) for t in image_shifts(max_shift).transforms] if max_shift else [])
-    leans = np.mean([probability_leans(suspect.query(c).scores, lo, hi) for c in copies], axis=0)
-    answers = np.asarray(suspect.query(x).labels)
+    said = [suspect.query(c) for c in copies]
+    leans = np.mean([probability_leans(a.scores, lo, hi) for a in said], axis=0)
+    answers = np.asarray(said[0].labels)
     z, _ = tiebreak_statistic(rule=rule, psi=rule.features(x), lo=lo, hi=hi, answers=answers, leans=leans)
     return (float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0), z
 
