@@ -136,8 +136,10 @@ def query_pool(x: np.ndarray, seed: int) -> np.ndarray:
 
 def fit(model: nn.Module, x: np.ndarray, targets: torch.Tensor, *, optimizer: torch.optim.Optimizer,
         loss_fn: nn.Module, seed: int, in_scope: Callable[[nn.Module], bool], batch: int = 64,
-        epochs: int = SCOPE_CAP) -> tuple[nn.Module, int]:
-    """Train until ``in_scope`` (checked after each epoch) or ``epochs``; returns the model in eval mode."""
+        epochs: int = SCOPE_CAP,
+        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None) -> tuple[nn.Module, int]:
+    """Train until ``in_scope`` (checked after each epoch) or ``epochs``; returns the model in eval mode.
+    ``augment`` transforms each batch (drawing from the same seeded generator)."""
     xs, gen = torch.from_numpy(x), torch.Generator().manual_seed(seed)
     for epoch in range(1, epochs + 1):
         model.train()
@@ -145,7 +147,7 @@ def fit(model: nn.Module, x: np.ndarray, targets: torch.Tensor, *, optimizer: to
         for i in range(0, len(xs), batch):
             idx = perm[i:i + batch]
             optimizer.zero_grad()
-            loss_fn(model(xs[idx]), targets[idx]).backward()
+            loss_fn(model(xs[idx] if augment is None else augment(xs[idx], gen)), targets[idx]).backward()
             optimizer.step()
         model.eval()
         if in_scope(model):

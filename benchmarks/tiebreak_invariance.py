@@ -42,7 +42,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from common import (
-    SCOPE_CAP,
     SCOPE_PP,
     cached_references,
     extraction_independents,
@@ -51,7 +50,7 @@ from common import (
     tiebreak_setting,
     write_results,
 )
-from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, Family, query_pool, true_label_nulls
+from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, Family, fit, query_pool, true_label_nulls
 from invariant_map import image_shifts, invariant_rule
 from torch import nn
 
@@ -97,23 +96,9 @@ def cnn_affine(api: Any, x: np.ndarray, seed: int, in_scope: Any) -> tuple[nn.Mo
     """The library CNN with Adam on the marked labels of its 10k queries, each batch randomly affine-augmented."""
     xq = query_pool(x, seed)
     labels, _ = query_victim(api, xq)
-    xs, ys = torch.from_numpy(xq), torch.as_tensor(labels)
     model = build_model("fmnist-cnn", num_classes=10, input_shape=SHAPE, seed=seed)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(seed)
-    loss_fn = nn.CrossEntropyLoss()
-    for epoch in range(1, SCOPE_CAP + 1):
-        model.train()
-        perm = torch.randperm(len(xs), generator=gen)
-        for i in range(0, len(xs), 64):
-            idx = perm[i:i + 64]
-            opt.zero_grad()
-            loss_fn(model(affine_batch(xs[idx], gen)), ys[idx]).backward()
-            opt.step()
-        model.eval()
-        if in_scope(model):
-            return model, epoch
-    return model, SCOPE_CAP
+    return fit(model, xq, torch.as_tensor(labels), optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+               loss_fn=nn.CrossEntropyLoss(), seed=seed, in_scope=in_scope, augment=affine_batch)
 
 
 THIEVES = {**{n: FAMILIES[n] for n in ("cnn-adam-hard", "mlp-adam-hard", "bn-cnn-sgd")},
