@@ -221,7 +221,7 @@ def main() -> None:
         write(f"key {k}")
     summary = write("complete")
     tmp.cleanup()
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1, default=lambda o: o.item()))
     print(f"{time.perf_counter() - start:.0f} s")
 
 
