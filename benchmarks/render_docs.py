@@ -82,6 +82,7 @@ WHAT = {
     "tiebreak_tta_k2": "the same on keys 2-3",
     "tiebreak_weighting_k0": "the tie-break statistic with key-free per-direction weights at test time, keys 0-1",
     "tiebreak_weighting_k2": "the same on keys 2-3",
+    "research_pooled_invariance": "how far the keyed shift survives image shifts under conv-layer feature maps",
     "tiebreak_scaling": "how the LFO log-test Z grows with the honest cost, fitted on the beta 1, 0.5 and 0.4 families runs",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",

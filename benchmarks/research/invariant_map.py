@@ -107,3 +107,44 @@ def invariant_rule(*, invariance: Invariance, components: int, **build: Any) -> 
     mean, projection = invariant_projection(np.asarray(build["x"]), build["featurizer"], invariance=invariance,
                                             components=components)
     return dataclasses.replace(rule, mean=mean, projection=projection)
+
+
+class PooledFeaturizer:
+    """Features from a conv layer's output pooled over space: its global average per channel and, with
+    ``quadrants``, its average over each quadrant (2 × 2 grid), after a ReLU. Averages over large regions move little when the image
+    shifts by a pixel or two, and the channels are the served model's own learnt filters. Reads the served
+    model only (no key). Runs the model once per call (a second pass next to the served answer).
+
+    Args:
+        model: The served classifier.
+        layer: The name of the conv module whose output is pooled (as in ``model.named_modules()``).
+        quadrants: Add the quadrant averages (4 × the channels) to the global ones.
+        batch_size: Inputs per forward pass.
+    """
+
+    def __init__(self, model: Any, layer: str, *, quadrants: bool = True, batch_size: int = 1024) -> None:
+        modules = dict(model.named_modules())
+        if layer not in modules:
+            raise UsageError(f"The model has no module {layer!r}; name one of {sorted(n for n in modules if n)}.")
+        self.model, self.layer, self.quadrants, self.batch_size = model, modules[layer], quadrants, batch_size
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        import torch
+
+        captured: list[Any] = []
+        handle = self.layer.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+        chunks = []
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                for i in range(0, len(x), self.batch_size):
+                    captured.clear()
+                    self.model(torch.as_tensor(np.asarray(x[i:i + self.batch_size], dtype=np.float32)))
+                    act = torch.relu(captured[0])
+                    parts = [act.mean(dim=(2, 3))]
+                    if self.quadrants:
+                        parts.append(torch.nn.functional.adaptive_avg_pool2d(act, 2).flatten(1))
+                    chunks.append(torch.cat(parts, dim=1).numpy())
+        finally:
+            handle.remove()
+        return np.concatenate(chunks).astype(np.float32)

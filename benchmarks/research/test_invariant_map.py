@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from invariant_map import Invariance, image_shifts, invariant_rule
+import torch
+from invariant_map import Invariance, PooledFeaturizer, image_shifts, invariant_rule
 from keykit import seeded_key
 from scipy import stats
 
 from wmark.errors import UsageError
+from wmark.models import build_model
 from wmark.schemes.tiebreak import build_tiebreak_rule, tiebreak_statistic, top_pairs
 
 SHAPE = (1, 8, 8)
@@ -91,3 +93,17 @@ def test_bad_requests_are_refused_in_one_sentence(images):
         invariant_rule(**build, invariance=Invariance(name="nothing", transforms=()))
     with pytest.raises(UsageError, match="must keep the shape"):
         invariant_rule(**build, invariance=Invariance(name="crop", transforms=(lambda v: v[..., 1:, 1:],)))
+
+
+def test_pooled_featurizer_averages_a_conv_layer_globally_and_by_quadrant():
+    model = build_model("fmnist-cnn", num_classes=10, input_shape=(1, 28, 28), seed=0)
+    x = np.random.default_rng(1).uniform(size=(5, 1, 28, 28)).astype(np.float32)
+    both, only = PooledFeaturizer(model, "conv2")(x), PooledFeaturizer(model, "conv2", quadrants=False)(x)
+    assert both.shape == (5, 32 * 5) and only.shape == (5, 32)
+    with torch.no_grad():
+        act = torch.relu(model.conv2(model.pool(torch.relu(model.conv1(torch.from_numpy(x))))))
+    np.testing.assert_allclose(only, act.mean(dim=(2, 3)).numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(both[:, :32], only, rtol=1e-6)
+    assert not model._forward_hooks and not model.conv2._forward_hooks
+    with pytest.raises(UsageError, match="no module 'conv9'"):
+        PooledFeaturizer(model, "conv9")
