@@ -11,13 +11,14 @@ The served model here: the library's ``fmnist-cnn`` trained on the owner's label
 cached. Everything else as ``tiebreak_weighting.py``'s uniform reading: per fresh key one rule (principal 64
 directions of this model's penultimate features), 32 reference surrogates distilled from it unmarked, the
 label-only API at beta 1 with a log, its honest cost on the attacker's 10k test images, and the thieves of
-``tiebreak_invariance.THIEVES`` (``cnn-adam-hard``, ``mlp-adam-hard``, ``bn-cnn-sgd``, ``cnn-affine``) verified
+``tiebreak_invariance.THIEVES`` (``cnn-adam-hard``, ``mlp-adam-hard``, ``bn-cnn-sgd``, ``cnn-affine``; others of
+``extraction_families`` with ``--families``) verified
 leave-family-out (conv thieves with the 16 MLP references, the MLP thief with the 16 CNN ones): the
 committed-input and log tests combined by weighted Holm. A thief is in scope within 5 pp of this victim.
 Null panel: ``tiebreak_invariance.null_models`` of this victim (its unmarked self, five extraction
 independents, the two augmenting families distilled from it unmarked, a true-label BatchNorm CNN).
 
-Usage: nice -n 10 python benchmarks/tiebreak_aug_victim.py [--keys 4] [--first-key 0] [--victim-epochs 6]
+Usage: nice -n 10 python benchmarks/tiebreak_aug_victim.py [--keys 4] [--first-key 0] [--victim-epochs 6] [--families ...]
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from common import (
     tiebreak_setting,
     write_results,
 )
-from extraction_families import LFO_SUBSET, SHAPE, fit
+from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, fit
 from tiebreak_invariance import THIEVES, null_models, verdict
 
 from wmark.attacks.extract import accuracy_reached
@@ -99,8 +100,11 @@ def main() -> None:
     parser.add_argument("--keys", type=int, default=4)
     parser.add_argument("--first-key", type=int, default=0)
     parser.add_argument("--victim-epochs", type=int, default=6)
+    parser.add_argument("--families", default=",".join(THIEVES),
+                        help="Comma-separated thief families (those of tiebreak_invariance and extraction_families).")
     parser.add_argument("--name", default="tiebreak_aug_victim")
     args = parser.parse_args()
+    families = [{**FAMILIES, **THIEVES}[f.strip()] for f in args.families.split(",")]
     start = time.perf_counter()
     setting = augmented_setting(args.victim_epochs)
     served = setting.served
@@ -152,12 +156,14 @@ def main() -> None:
         costs.append({"key": k, **cost})
         print(f"key {k}: cost {cost['accuracy_cost_pp']:.2f} pp", flush=True)
         null_committed: dict[tuple[int, str], float] = {}
-        for fam in THIEVES.values():
+        for fam in families:
             t0 = time.perf_counter()
             net, epochs = fam.train(api.for_client(fam.name), x_att, 1 + k, setting.in_scope)
             suspect = LocalSuspect(net.eval(), input_shape=SHAPE, description=fam.name)
             acc = float((suspect.query(setting.xt).labels == setting.yt).mean())
             s = LFO_SUBSET[fam.group]
+            if s not in rules:
+                raise SystemExit(f"{fam.name}: leave-family-out subset {s!r} is not committed here.")
             chosen = select_log_inputs(key=key, rule=rules[s], served=served, log=log, client=fam.name)
             com = tiebreak_test(key=key, rule=rules[s], served=served, suspect=suspect)
             lt = tiebreak_log_test(key=key, rule=rules[s], served=served, suspect=suspect, chosen=chosen)
