@@ -65,6 +65,7 @@ WHAT = {
     "research_text_default_scratch": "the margin's own trigger pass against mixing on text models trained from scratch",
     "text_extraction_minilm_victim": "the tie-break mark on a MiniLM victim, with MiniLM thieves and MiniLM nulls",
     "text_extraction_minilm_pooled": "the MiniLM victim at beta 1 on three more keys; the log test pooled with committed texts",
+    "text_extraction_minilm_more": "the MiniLM victim and its in-scope MiniLM thief at beta 1 on three more keys, library unchanged",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
     "mark_on_alarm_quick": "its quick mode",
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
@@ -83,6 +84,8 @@ WHAT = {
     "tiebreak_weighting_k0": "the tie-break statistic with key-free per-direction weights at test time, keys 0-1",
     "tiebreak_weighting_k2": "the same on keys 2-3",
     "research_pooled_invariance": "how far the keyed shift survives image shifts under conv-layer feature maps",
+    "tiebreak_aug_victim": "the tie-break mark on a served CNN trained with shifts, four thief families, four keys",
+    "tiebreak_aug_victim_families": "the same served CNN against eight thief families on three more keys",
     "tiebreak_scaling": "how the LFO log-test Z grows with the honest cost, fitted on the beta 1, 0.5 and 0.4 families runs",
 }
 HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak_replication", "extraction_tiebreak_replication2",
