@@ -10,7 +10,8 @@ The served model here: the library's ``fmnist-cnn`` trained on the owner's label
 ``bn-cnn-sgd`` thief's augmentation (each batch rolled by up to 2 pixels), Adam, ``--victim-epochs`` epochs,
 cached. Everything else as ``tiebreak_weighting.py``'s uniform reading: per fresh key one rule (principal 64
 directions of this model's penultimate features), 32 reference surrogates distilled from it unmarked, the
-label-only API at beta 1 with a log, its honest cost on the attacker's 10k test images, and the thieves of
+label-only API at beta 1 (``--beta``) with a log, its honest cost on the attacker's 10k test images, and the
+thieves of
 ``tiebreak_invariance.THIEVES`` (``cnn-adam-hard``, ``mlp-adam-hard``, ``bn-cnn-sgd``, ``cnn-affine``; others of
 ``extraction_families`` with ``--families``) verified
 leave-family-out (conv thieves with the 16 MLP references, the MLP thief with the 16 CNN ones): the
@@ -18,7 +19,7 @@ committed-input and log tests combined by weighted Holm. A thief is in scope wit
 Null panel: ``tiebreak_invariance.null_models`` of this victim (its unmarked self, five extraction
 independents, the two augmenting families distilled from it unmarked, a true-label BatchNorm CNN).
 
-Usage: nice -n 10 python benchmarks/tiebreak_aug_victim.py [--keys 4] [--first-key 0] [--victim-epochs 6] [--families ...]
+Usage: nice -n 10 python benchmarks/tiebreak_aug_victim.py [--keys 4] [--first-key 0] [--victim-epochs 6] [--families ...] [--beta 1]
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--victim-epochs", type=int, default=6)
     parser.add_argument("--families", default=",".join(THIEVES),
                         help="Comma-separated thief families (those of tiebreak_invariance and extraction_families).")
+    parser.add_argument("--beta", type=float, default=1.0, help="Scale of the keyed shift (default 1, the library's).")
     parser.add_argument("--name", default="tiebreak_aug_victim")
     args = parser.parse_args()
     families = [{**FAMILIES, **THIEVES}[f.strip()] for f in args.families.split(",")]
@@ -136,7 +138,7 @@ def main() -> None:
         doc = {"summary": summary, "rows": rows, "null_checks": nulls, "costs": costs, "progress": done,
                "victim": {"training": f"fmnist-cnn, owner's images rolled by up to 2 px, Adam, {args.victim_epochs} "
                                       "epochs", "accuracy": setting.victim_accuracy},
-               "first_key": args.first_key, "keys": args.keys, "scope_pp": SCOPE_PP,
+               "first_key": args.first_key, "keys": args.keys, "beta": args.beta, "scope_pp": SCOPE_PP,
                "null_models": [n for n, _ in nets], "seconds": time.perf_counter() - start, "machine": machine()}
         write_results(args.name, json.loads(json.dumps(doc, default=lambda o: o.item())))
         return summary
@@ -151,7 +153,7 @@ def main() -> None:
         rules = {s: dataclasses.replace(base, verification_inputs=c.verification_inputs, verification=c.verification,
                                         references=c.references) for s, c in commits.items()}
         log = TieBreakLog(Path(tmp.name) / f"k{k}.sqlite", key=key)
-        api = TieBreakAPI(key=key, backend=served, rule=base, beta=1.0, log=log, expose_scores=False)
+        api = TieBreakAPI(key=key, backend=served, rule=base, beta=args.beta, log=log, expose_scores=False)
         cost = accuracy_cost(api=api, x=setting.xt, y=setting.yt)
         costs.append({"key": k, **cost})
         print(f"key {k}: cost {cost['accuracy_cost_pp']:.2f} pp", flush=True)
