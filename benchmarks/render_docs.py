@@ -86,6 +86,8 @@ WHAT = {
     "research_pooled_invariance": "how far the keyed shift survives image shifts under conv-layer feature maps",
     "tiebreak_aug_victim": "the tie-break mark on a served CNN trained with shifts, four thief families, four keys",
     "tiebreak_aug_victim_families": "the same served CNN against eight thief families on three more keys",
+    "tiebreak_aug_victim_k11": "the same served CNN, four thief families, keys 11-12",
+    "tiebreak_aug_victim_k13": "the same on keys 13-14",
     "tiebreak_aug_victim_b05": "the same served CNN at beta 0.5, four thief families, four more keys",
     "tiebreak_scaling": "how the LFO log-test Z grows with the honest cost, fitted on the beta 1, 0.5 and 0.4 families runs",
 }
