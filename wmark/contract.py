@@ -39,7 +39,8 @@ def model_device(model: nn.Module) -> torch.device:
 def to_device(batch: Any, device: torch.device) -> Any:
     """Move a tensor, or every tensor of a dict batch, to ``device`` (other values are left alone)."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        # non_blocking only where the copy is host-to-CUDA; a copy down to the CPU must be complete before use
+        return batch.to(device, non_blocking=torch.device(device).type == "cuda")
     if isinstance(batch, Mapping):
         return {k: to_device(v, device) for k, v in batch.items()}
     return batch
@@ -147,6 +148,15 @@ def slice_batch(batch: Batch, start: int, stop: int) -> Batch:
     return batch[start:stop]
 
 
+def host_array(x: Any) -> np.ndarray:
+    """``x`` as a NumPy array in host memory (a tensor on any device is detached and copied to the CPU)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
 def as_float_tensor(x: Any) -> torch.Tensor:
     """Verifier inputs (NumPy or tensor) as a float32 tensor, for image-like models."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to("cpu", torch.float32)
     return torch.as_tensor(np.asarray(x, dtype=np.float32))

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from wmark.contract import as_float_tensor, host_array
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.models import build_model
 from wmark.suspects.base import Suspect
@@ -126,7 +127,7 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
         strings = np.asarray(x, dtype=object).reshape(-1)
         xs = text.encode(list(strings), pad_to_max=True)["input_ids"]
     else:
-        xs = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        xs = as_float_tensor(x)
         if victim.input_shape is not None and tuple(xs.shape[1:]) != tuple(victim.input_shape):
             raise UsageError(f"The query data has inputs shaped {tuple(xs.shape[1:])} but the victim takes "
                              f"{tuple(victim.input_shape)}.")
@@ -163,10 +164,10 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
         >>> accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)(model)
         True
     """
-    arr = np.asarray(x)
+    arr = host_array(x)
     # token ids stay integers; images are float32
     xs = torch.as_tensor(arr if arr.dtype.kind in "iu" else arr.astype(np.float32))
-    ys = torch.as_tensor(np.asarray(y)).long()
+    ys = torch.as_tensor(host_array(y)).long()
 
     def reached(model: nn.Module) -> bool:
         return accuracy(model, xs, ys) >= target
@@ -219,5 +220,5 @@ def reference_scores(references: Sequence[tuple[str, torch.nn.Module]], x: np.nd
     if not references:
         return []
     batch: Any = (text.encode(list(np.asarray(x, dtype=object).reshape(-1))) if text is not None
-                  else torch.from_numpy(np.asarray(x, dtype=np.float32)))
+                  else as_float_tensor(x))
     return [torch.softmax(predict_logits(net, batch).double(), 1).numpy() for _, net in references]

@@ -44,6 +44,7 @@ from wmark.errors import UsageError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
 from wmark.text import TextInputs
+from wmark.training import resolve_device
 
 MAX_BATCH = 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
@@ -360,7 +361,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           log: str | os.PathLike[str] | None = None, log_durability: str = "process",
           policy: str | os.PathLike[str] | None = None,
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
-          monitor_state: str | os.PathLike[str] | None = None, announce: Callable[[str], None] | None = None) -> None:
+          monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
+          announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
@@ -376,6 +378,9 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     limits, answer modes, the extraction monitor's alarms (one JSON line each in ``alarm_log``) and their
     actions; ``monitor_state`` keeps quota counts and alarms across restarts; ``GET /metrics`` is served.
 
+    The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
+    arrive as host arrays and follow it there.
+
     Raises:
         UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
             of a mark is given without it, or the policy file or monitor profile is invalid.
@@ -389,6 +394,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError(f"Port {port} is out of range 0-65535.")
     if not name or "/" in name:
         raise UsageError(f"Model name {name!r} must be non-empty and contain no '/'.")
+    on = resolve_device(device)
     token = None
     if token_env:
         token = os.environ.get(token_env, "").strip()
@@ -399,6 +405,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     clients = None if clients_file is None else read_clients(clients_file)
     served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
                          beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
+    served.model.to(on)
     gate = None
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
@@ -416,6 +423,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
             auth += (f", {served.mark} marked" if served.mark else "") + (f", logging to {log}" if served.log else "")
             auth += (", policy" if policy else "") + (", extraction monitor" if monitor else "")
+            auth += f", on {on}" if on.type != "cpu" else ""
             route = "hf" if text is not None else "v2"
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
         _run_until_terminated(server)

@@ -14,12 +14,47 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
-from wmark.contract import Batch, batch_len, forward_logits, slice_batch, split_batch
+from wmark.contract import Batch, batch_len, forward_logits, model_device, slice_batch, split_batch
+from wmark.errors import UsageError
 
 
 def default_device() -> torch.device:
     """CUDA when present, else CPU."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """The device a user named (``cpu``, ``cuda``, ``cuda:1``, ``mps``), or :func:`default_device` for None.
+
+    Raises:
+        UsageError: If the name is not a device, or names an accelerator this machine does not have.
+
+    Example:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"{name!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
+    if device.type == "cuda" and (not torch.cuda.is_available()
+                                  or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"Device {name!r} is not available here (CUDA devices: {torch.cuda.device_count()}); "
+                         "use --device cpu.")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError("MPS is not available here; use --device cpu.")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{name!r} is not a device wmark serves on; use cpu, cuda, cuda:N or mps.")
+    return device
+
+
+def _training_device(model: nn.Module) -> torch.device:
+    """Where a model trains when no device is given: where it already is if that is an accelerator (a model the
+    caller placed on ``cuda:1`` or MPS stays there), else :func:`default_device`."""
+    here = model_device(model)
+    return here if here.type != "cpu" else default_device()
 
 
 def make_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, seed: int = 0,
@@ -40,7 +75,7 @@ def train_epochs(model: nn.Module, loader: Iterable, *, epochs: int, optimizer: 
     Returns:
         The number of epochs trained.
     """
-    device = device or default_device()
+    device = device or _training_device(model)
     model.to(device).train()
     loss_fn = nn.CrossEntropyLoss()
     for epoch in range(epochs):
@@ -93,7 +128,7 @@ def predict_logits(model: nn.Module, x: Batch, *, batch_size: int = 1024,
 
 def accuracy(model: nn.Module, x: Batch, y: torch.Tensor, *, device: torch.device | None = None) -> float:
     """Top-1 accuracy of ``model`` on ``(x, y)``."""
-    return (predict_logits(model, x, device=device).argmax(1) == y).float().mean().item()
+    return (predict_logits(model, x, device=device).argmax(1) == torch.as_tensor(y).cpu()).float().mean().item()
 
 
 def agreement(a: nn.Module, b: nn.Module, x: Batch) -> float:

@@ -48,13 +48,13 @@ def permute_state_dict(tensors: Mapping[str, torch.Tensor], *, chain: Sequence[s
         w, w_next = out[prev], out[nxt]
         units, _ = layer_units(w_next.shape, w.shape)
         n = w.shape[0]
-        perm = torch.from_numpy(rng.permutation(n))
-        scale = torch.from_numpy(np.exp(rng.uniform(lo, hi, n))).to(w.dtype)
+        perm = torch.from_numpy(rng.permutation(n)).to(w.device)
+        scale = torch.from_numpy(np.exp(rng.uniform(lo, hi, n))).to(w)
         shape = [n] + [1] * (w.dim() - 1)
         out[prev] = w[perm] * scale.view(shape)
         bias = _bias_name(prev)
         if bias in out:
-            out[bias] = out[bias][perm] * scale
+            out[bias] = out[bias][perm] * scale.to(out[bias])
         v = w_next.reshape(w_next.shape[0], units, -1)
         out[nxt] = (v[:, perm, :] / scale.view(1, n, 1)).reshape(w_next.shape).contiguous()
     return out

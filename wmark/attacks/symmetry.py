@@ -71,9 +71,9 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
             if lay.out == s:
                 row = flip if lay.signs else torch.ones(space.size)
                 w = _need(out, lay.name)
-                out[lay.name] = (w[:, perm] * row.to(w.dtype)) if lay.transpose else _scale_rows(w[perm], row)
+                out[lay.name] = (w[:, perm] * row.to(w)) if lay.transpose else _scale_rows(w[perm], row)
                 if lay.bias:
-                    out[lay.bias] = out[lay.bias][perm] * row.to(out[lay.bias].dtype)
+                    out[lay.bias] = out[lay.bias][perm] * row.to(out[lay.bias])
             if lay.inp == s:
                 out[lay.name] = _permute_columns(_need(out, lay.name), perm, flip)
         for p in space.params:
@@ -101,7 +101,7 @@ def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: 
     rng = np.random.default_rng(seed)
     for gain in gains:
         flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
-        out[gain] = out[gain] * flip.to(out[gain].dtype)
+        out[gain] = out[gain] * flip.to(out[gain])
         for lay in graph.layers:
             if lay.gain == gain:
                 out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)
@@ -109,7 +109,7 @@ def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: 
 
 
 def _scale_rows(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return w * scale.to(w.dtype).view(-1, *[1] * (w.dim() - 1))
+    return w * scale.to(w).view(-1, *[1] * (w.dim() - 1))
 
 
 def _need(tensors: Mapping[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -123,7 +123,7 @@ def _permute_columns(w: torch.Tensor, perm: torch.Tensor, flip: torch.Tensor | N
     units = len(perm)
     v = w.reshape(w.shape[0], units, -1)[:, perm, :]
     if flip is not None:
-        v = v * flip.to(w.dtype)[None, :, None]
+        v = v * flip.to(w)[None, :, None]
     return v.reshape(w.shape).contiguous()
 
 
@@ -278,7 +278,7 @@ def absorb_final_norm(tensors: Mapping[str, torch.Tensor], *, norm: str,
         w = _need(out, f"{r}.weight")
         if b is not None:
             bias = out.get(f"{r}.bias")
-            out[f"{r}.bias"] = (bias if bias is not None else torch.zeros(w.shape[0])) + w @ b
+            out[f"{r}.bias"] = (bias if bias is not None else torch.zeros_like(w[:, 0])) + w @ b
         out[f"{r}.weight"] = w * g[None, :]
     out[f"{norm}.weight"] = torch.ones_like(g)
     if b is not None:
@@ -293,8 +293,10 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scale = alpha / rank
-        self.a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5)
-        self.b = nn.Parameter(torch.zeros(base.out_features, rank))
+        # drawn on the CPU (the generator's device), then placed with the base layer
+        a = torch.randn(rank, base.in_features, generator=generator) / base.in_features ** 0.5
+        self.a = nn.Parameter(a.to(base.weight))
+        self.b = nn.Parameter(torch.zeros(base.out_features, rank).to(base.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + (x @ self.a.T @ self.b.T) * self.scale

@@ -139,7 +139,7 @@ def anchor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 
 def projection_scores(key: Key, weights: Sequence[torch.Tensor]) -> torch.Tensor:
     """``X_j·u`` for every row j of the key's projection (N(0, 1) each for an unmarked model)."""
-    v = watermark_vector([w.float() for w in weights])
+    v = watermark_vector([w.detach().float().cpu() for w in weights])
     x = projection(key, v.numel())
     return x @ (v / v.norm().clamp_min(1e-12))
 
