@@ -263,8 +263,9 @@ def align_chain(reference: Sequence[torch.Tensor], suspect: Sequence[torch.Tenso
     Returns:
         The aligned vector, and the mean matched similarity of each aligned layer.
     """
-    ref_layers = _layers([w.float() for w in reference[:-1]])
-    return _align(ref_layers, _layers([w.float() for w in suspect]))
+    # alignment runs on the CPU (NumPy assignment); weights may come from a model on any device
+    ref_layers = _layers([w.detach().float().cpu() for w in reference[:-1]])
+    return _align(ref_layers, _layers([w.detach().float().cpu() for w in suspect]))
 
 
 def _align(ref_layers: Sequence[_Layer], sus_layers: Sequence[_Layer]) -> tuple[torch.Tensor, list[float]]:
