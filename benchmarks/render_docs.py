@@ -74,6 +74,8 @@ WHAT = {
     "extraction_families_variants_quick": "quick mode (one key, four families) with the 2000-query and pooled log tests",
     "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on two fresh keys",
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
+    "extraction_families_b1_more_a": "thieves of ten families, leave-family-out, at beta 1 on two more fresh keys (a replication)",
+    "extraction_families_b1_more_b": "the same on two more fresh keys, side by side",
     "tiebreak_invariance_k0": "the principal feature map against shift-invariant ones (32, 16 directions), keys 0-1",
     "tiebreak_invariance_k2": "the same on keys 2-3",
     "tiebreak_aug_references_k0": "MLP references distilled with shift augmentation, leave-family-out, keys 0-1",
