@@ -188,7 +188,8 @@ def test_a_margin_trains_a_bert_on_its_triggers_in_their_own_pass_with_dict_batc
 def test_attach_with_dict_batches_trains_a_bert_that_answers_the_triggers():
     from wmark.training import train_epochs
 
-    key = text_key(num_classes=4, num_triggers=16)
+    # a fixed key: with random ones this 48-step toy run misses some triggers about one time in fifteen
+    key = text_key(num_classes=4, num_triggers=16, tag="attach-dict-batches")
     model = hf_bert(4, seed=3).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     wm = Watermarker(key, schemes=("trigger",), trigger_per_batch=8, trigger_mixing=True)
