@@ -72,7 +72,7 @@ def test_training_leaves_an_accelerator_placed_model_where_it_is() -> None:
     assert model.weight.device == META
 
 
-def test_copies_down_to_the_host_are_complete() -> None:
+def test_host_arrays_detach_and_a_move_to_where_a_tensor_is_keeps_it() -> None:
     x = torch.arange(6.0).reshape(2, 3)
     assert to_device({"x": x}, torch.device("cpu"))["x"] is x
     assert host_array(x.requires_grad_()).tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]

@@ -157,6 +157,4 @@ def host_array(x: Any) -> np.ndarray:
 
 def as_float_tensor(x: Any) -> torch.Tensor:
     """Verifier inputs (NumPy or tensor) as a float32 tensor, for image-like models."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float32)
-    return torch.as_tensor(np.asarray(x, dtype=np.float32))
+    return torch.as_tensor(host_array(x), dtype=torch.float32)
