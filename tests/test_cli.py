@@ -62,6 +62,23 @@ def test_marked_model_verifies_and_metadata_has_no_secret(workdir) -> None:
     assert key_doc["secret"] not in (workdir / "marked.safetensors").read_bytes().decode("latin-1")
 
 
+def test_a_suspect_file_answers_on_the_named_device(workdir) -> None:
+    args = ["verify", "file", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
+            "--suspect", str(workdir / "marked.safetensors"), "--json"]
+    code, out, _ = run(*args, "--device", "cpu")
+    assert code == 0 and json.loads(out)["decision"] == "detected"
+    code, _, err = run(*args, "--device", "gpu0")
+    assert code == 2 and "'gpu0' is not a device; use cpu, cuda" in err
+    code, _, err = run("verify", "file", "--key", str(workdir / "owner.key"), "--suspect",
+                       str(workdir / "marked.safetensors"), "--whitebox", "--reference",
+                       str(workdir / "marked.safetensors"), "--device", "cpu")
+    assert code == 2 and err.strip() == ("error: --device does not apply to --whitebox (it reads weights, it asks "
+                                         "no queries).")
+    code, _, err = run("verify", "extraction", "--key", str(workdir / "owner.key"), "--suspect",
+                       "http://127.0.0.1:9", "--rule", "r.safetensors", "--device", "cpu")
+    assert code == 2 and err.strip() == "error: --device does not apply to an API suspect."
+
+
 def test_base_model_is_not_detected_and_exit_code_is_1(workdir) -> None:
     code, out, _ = run("verify", "file", "--key", str(workdir / "owner.key"), "--arch", "fmnist-cnn",
                        "--suspect", str(workdir / "base.safetensors"), "--fixed")

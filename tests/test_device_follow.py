@@ -96,3 +96,19 @@ def test_serve_refuses_a_missing_accelerator_in_one_sentence(tmp_path) -> None:
                                        str(tmp_path / "absent.safetensors"), "--device", "cuda"])
     assert result.exit_code == 2
     assert "is not available here" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("command", [
+    ["verify", "file", "--arch", "fmnist-mlp", "--suspect", "{tmp}/absent.safetensors"],
+    ["verify", "extraction", "--arch", "fmnist-mlp", "--suspect", "{tmp}/absent.safetensors", "--rule",
+     "{tmp}/absent.rule"],
+    ["tiebreak", "build", "--arch", "fmnist-mlp", "--weights", "{tmp}/absent.safetensors", "--data", "digits",
+     "--out", "{tmp}/rule.safetensors"],
+])
+def test_verifiers_refuse_a_missing_accelerator_before_reading_anything(tmp_path, command) -> None:
+    args = [part.format(tmp=tmp_path) for part in command]
+    result = CliRunner().invoke(main, [*args, "--key", str(tmp_path / "absent.key"), "--device", "cuda"])
+    assert result.exit_code == 2, result.output
+    assert "is not available here" in result.output and "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []

@@ -35,7 +35,7 @@ from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
 from wmark.text import TextInputs
-from wmark.training import accuracy, make_loader, train_epochs
+from wmark.training import accuracy, make_loader, resolve_device, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
@@ -151,7 +151,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
            log: PathLike | None = None, client: str | None = None, rule: PathLike | None = None,
            served: PathLike | None = None, served_arch: str | None = None, holdout: str | None = None,
            rule_queries: int = 1000, log_queries: int | None = None, log_rounds: int = 21,
-           log_mode: Mode = "fixed", progress: bool = False) -> Verdict:
+           log_mode: Mode = "fixed", device: str | None = None, progress: bool = False) -> Verdict:
     """Black-box verification of a model file: query it on the key's triggers and test the matches.
 
     With a marked API's query ``log`` and a ``client``, the suspect is also asked that client's logged
@@ -163,7 +163,12 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     (``served``/``served_arch`` only if it moved). All tests are combined by :class:`wmark.evidence.Verifier`
     (weighted Holm, 8 to 1 towards the log test); the verdict's ``kind`` is ``copy`` if the trigger set is
     found, ``extracted`` if only an API-side mark is. See :func:`wmark.verify.assemble_tests`.
+
+    The suspect answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present). Its
+    answers are recorded, so a re-check needs no device. The owner's served model, which ranks a tie-break
+    log, stays on the CPU: the ranking is recomputed by ``wmark recheck`` and must come out the same there.
     """
+    on = resolve_device(device)
     k = load_key(key)
     recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
     if recorded is not None and int(recorded) != k.num_classes:
@@ -172,6 +177,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             "use the key made for this model."
         )
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    model.to(on)
     from wmark.recheck import RecordingSuspect, tiebreak_files
 
     local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
@@ -190,7 +196,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
                    components: int | None = None, skip: int = 0,
                    references: Sequence[str] | None = None, verify_count: int = 1000,
                    seed: int = 0, reference_repeats: int | None = None,
-                   max_samples: int | None = None) -> dict[str, Any]:
+                   max_samples: int | None = None, device: str | None = None) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
@@ -203,7 +209,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     the owner's inputs are the dataset's texts (those within the key's maximum length) and the rule commits
     strings. ``max_samples`` keeps the first that many of ``data``'s training inputs (the owner's own subset). Serve with
     :class:`~wmark.schemes.tiebreak.TieBreakAPI` (``wmark serve --mark tiebreak``) and verify with
-    ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest.
+    ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest. The served
+    model and the references run on ``device`` (default CUDA when present).
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.tiebreak import (
@@ -215,6 +222,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     )
     from wmark.schemes.tiebreak.inputs import owner_texts
 
+    on = resolve_device(device)
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
@@ -226,6 +234,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     for name in archs:
         resolve_arch(name)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    model.to(on)
     served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True,
                           text=text)
     start = time.perf_counter()
@@ -236,7 +245,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
         components=components, skip=skip, model_digest=tensors_digest(tensors, raw), text=text)
     repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
     refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
-                                      text=text) if archs else []
+                                      text=text, device=on) if archs else []
     recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")

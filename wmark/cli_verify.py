@@ -136,17 +136,19 @@ def verify() -> None:
 @_provenance_options
 @click.option("--reference-signature", default=None, type=click.Path(dir_okay=False),
               help="whitebox, with --signer-key: the reference's signature bundle (default REFERENCE.sig).")
+@click.option("--device", default=None,
+              help="A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present].")
 @_handle_errors
 def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, arch: str | None,
                 budget: int | None, fixed: bool, with_scores: bool, whitebox: bool, reference: str | None,
                 anchor: str | None, signer_key: str | None, signed_model: str | None,
-                reference_signature: str | None) -> None:
+                reference_signature: str | None, device: str | None) -> None:
     """A stolen model file: query it on the key's triggers (black-box) or read its weights (--whitebox)."""
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
                                          reference=reference if whitebox else None,
                                          reference_signature=reference_signature)
     if whitebox:
-        refuse(["arch", "budget", "fixed", "with_scores"], "to --whitebox (it reads weights, it asks no queries)")
+        refuse(["arch", "budget", "fixed", "with_scores", "device"], "to --whitebox (it reads weights, it asks no queries)")
         if reference is None:
             raise UsageError("--whitebox needs --reference (the owner's marked model file).")
         verdict = api.verify_whitebox(key=key, reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
@@ -159,7 +161,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
             raise UsageError("A black-box check of a model file needs --arch (the architecture its weights fit); or "
                              "read its weights with --whitebox --reference.")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
-                             max_queries=budget, labels_only=not with_scores, progress=_progress())
+                             max_queries=budget, labels_only=not with_scores, device=device, progress=_progress())
     _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json, unit="bits" if whitebox else "queries")
 
@@ -211,6 +213,8 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
                    f"(rounds of {SEQUENTIAL_ROUND}; anytime-valid e-process) instead of exactly --log-queries.")
 @click.option("--arch", default=None, help=ARCH_HELP + " (a model-file suspect)")
 @click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
+@click.option("--device", default=None,
+              help="A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present].")
 @_trigger_options
 @_http_options
 @_provenance_options
@@ -218,8 +222,8 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
 def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, log: str | None,
                       client: str | None, rule: str | None, served: str | None, holdout: str | None,
                       rule_queries: int, log_queries: int | None, rounds: int, log_sequential: bool, arch: str | None,
-                      with_scores: bool, budget: int | None, fixed: bool, signer_key: str | None,
-                      signed_model: str | None, **http: Any) -> None:
+                      with_scores: bool, device: str | None, budget: int | None, fixed: bool,
+                      signer_key: str | None, signed_model: str | None, **http: Any) -> None:
     """A surrogate of your marked API: ask it the client's logged queries and the rule's committed inputs."""
     if log is None and rule is None:
         raise UsageError("Give the query log your API wrote (--log, with --client) or the tie-break rule (--rule).")
@@ -242,15 +246,15 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
                              "log_mode": "sequential" if log_sequential else "fixed"}
     mode: Mode = "fixed" if fixed else "sequential"
     if _is_url(suspect):
-        refuse(["arch", "with_scores"], "to an API suspect")
+        refuse(["arch", "with_scores", "device"], "to an API suspect")
         verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode, max_queries=budget, report=report,
                                     progress=_progress(), **tests, **http)
     else:
         refuse(HTTP_OPTIONS, "to a model-file suspect (they are for an API URL)")
         if arch is None:
             raise UsageError("A model-file suspect needs --arch (the architecture its weights fit).")
-        verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode,
-                             max_queries=budget, labels_only=not with_scores, progress=_progress(), **tests)
+        verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode=mode, max_queries=budget,
+                             labels_only=not with_scores, device=device, progress=_progress(), **tests)
     if release is not None or not _is_url(suspect):
         _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json)

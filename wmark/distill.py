@@ -97,7 +97,7 @@ def extraction_targets(labels: np.ndarray, scores: np.ndarray | None, *, mode: L
 def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels: LabelMode = "hard",
             queries: int | None = None, epochs: int = 6, lr: float = 1e-3, batch_size: int = 64, seed: int = 0,
             decimals: int = 2, progress: bool = False, stop: Callable[[nn.Module], bool] | None = None,
-            text: TextInputs | None = None) -> Extraction:
+            text: TextInputs | None = None, device: torch.device | None = None) -> Extraction:
     """Train a surrogate of ``victim`` on its answers to (at most ``queries`` of) the thief's inputs ``x``.
 
     Args:
@@ -114,6 +114,8 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
         progress: Show a progress bar on stderr.
         stop: Called with the surrogate after each epoch; training ends when it returns True (a thief that
             stops once the surrogate is good enough, e.g. :func:`accuracy_reached`). ``epochs`` is then the cap.
+        text: For text queries (``x`` holds strings), the thief's tokenization.
+        device: Where the surrogate trains (default: CUDA when present).
 
     Raises:
         UsageError: On a bad mode or budget, or ``soft``/``top1`` against a label-only victim.
@@ -149,7 +151,8 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     start = time.perf_counter()
     trained = train_epochs(model, make_loader(xq[torch.as_tensor(ok)], targets, batch_size=batch_size, seed=seed),
-                           epochs=epochs, optimizer=optimizer, progress=progress, desc="extract", stop=stop)
+                           epochs=epochs, optimizer=optimizer, device=device, progress=progress, desc="extract",
+                           stop=stop)
     return Extraction(model=model, queries=len(xq), answered=int(ok.sum()), query_seconds=query_seconds,
                       train_seconds=time.perf_counter() - start, epochs=trained)
 
@@ -177,14 +180,15 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
 
 def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequence[str], seed: int = 0,
                                queries: int = REFERENCE_QUERIES, repeats: int = REFERENCE_REPEATS,
-                               text: TextInputs | None = None) -> list[tuple[str, torch.nn.Module]]:
+                               text: TextInputs | None = None,
+                               device: torch.device | None = None) -> list[tuple[str, torch.nn.Module]]:
     """Distil the tie-break scheme's reference surrogates from the **unmarked** served model on the owner's inputs
     (key-independent).
 
     For each architecture, ``repeats`` surrogates per recipe in ``REFERENCE_RECIPES`` (hard labels for 3, 6
     and 10 epochs, soft labels for 4), each from its own seed: early- and late-stopped thieves of several
     kinds, so that the inputs they jointly leave open are open for a thief too (measurements:
-    ``docs/tiebreak-research.md``).
+    ``docs/research/tiebreak.md``).
 
     Args:
         served: The unmarked served model, exposing scores.
@@ -195,6 +199,7 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         repeats: Surrogates per architecture and recipe.
         text: For a text model, the key's tokenization (``x`` is then strings, ``archs`` text architectures,
             e.g. ``text-bow``).
+        device: Where the surrogates train (default: CUDA when present).
 
     Returns:
         (architecture, model) per surrogate.
@@ -210,7 +215,7 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
             for j, (labels, epochs) in enumerate(REFERENCE_RECIPES):
                 nets.append((arch, extract(served, x=x, arch=arch, labels=labels, queries=min(queries, len(x)),  # type: ignore[arg-type]
                                            epochs=epochs, seed=seed + 1000 * r + 101 + 10 * i + j,
-                                           text=text).model.eval()))
+                                           text=text, device=device).model.eval()))
     return nets
 
 

@@ -8,7 +8,7 @@ key, one direction per class. The marked API is thus the served network with a s
 label, near-ties follow the keyed shift, exposed scores carry it everywhere. A surrogate trained on the
 answers learns that head as part of the task; isolated keyed flips (:mod:`wmark.schemes.api_mark`) are
 memorised late instead, and a surrogate that stops training early never inherits them. (The measurements
-behind these choices are in ``docs/tiebreak-research.md``.)
+behind these choices are in ``docs/research/tiebreak.md``.)
 
 The rule file (:func:`build_tiebreak_rule`, once, from the owner's own inputs) stores the feature map:
 fixed before any suspect exists and never read from a suspect. The directions ``w`` are re-derived from

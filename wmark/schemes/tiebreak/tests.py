@@ -291,7 +291,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
     (4) references whose calls agree most often with its answers so far, plus the keyed-looking lean it has
     shown (its pair sums ``v`` of the module docstring, projected on each candidate's features, scaled to
     that lean). ``Z`` is the statistic of the module docstring over every answer. ``rounds=1`` asks the first
-    ``queries`` of the ranking. (Measurements of these choices: ``docs/tiebreak-research.md``.)
+    ``queries`` of the ranking. (Measurements of these choices: ``docs/research/tiebreak.md``.)
 
     Why the rounds keep the null exact: each round, and which references it follows, is chosen from the
     suspect's own earlier answers and key-free quantities (the log, the served model, the references, the
