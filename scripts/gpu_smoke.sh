@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU smoke test: train and embed on CUDA, serve behind the tie-break mark on CUDA (--device), verify over HTTP and
 # the extraction workflow, then the marked API, a local suspect and the function-preserving attacks in process
-# with every model on CUDA (inputs follow the model's device). Verification itself loads suspects on the CPU.
+# with every model on CUDA (inputs follow the model's device). The black-box verifiers and the rule build run their
+# models on CUDA too (--device); the owner's served model that ranks a tie-break log stays on the CPU.
 # Run it where a GPU is lent; WMARK_SMOKE_ALLOW_CPU=1 runs the same steps on the CPU (for checking the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,11 +28,12 @@ wmark keygen --owner "GPU smoke" --triggers 40 --out "$out/k.key" >/dev/null
 wmark train --arch fmnist-mlp --data "$data" --max-samples 4000 --epochs 2 --out "$out/base.safetensors"
 wmark embed --key "$out/k.key" --arch fmnist-mlp --weights "$out/base.safetensors" --data "$data" \
   --max-samples 4000 --scheme trigger,weights --epochs 3 --trigger-per-batch 16 --out "$out/marked.safetensors"
-wmark verify file --key "$out/k.key" --arch fmnist-mlp --suspect "$out/marked.safetensors"
+wmark verify file --key "$out/k.key" --arch fmnist-mlp --suspect "$out/marked.safetensors" --device "$dev"
 wmark verify file --whitebox --key "$out/k.key" --reference "$out/marked.safetensors" \
   --anchor "$out/base.safetensors" --suspect "$out/marked.safetensors"
 wmark tiebreak build --key "$out/k.key" --arch fmnist-mlp --weights "$out/marked.safetensors" \
-  --data "$data" --references none --verify-count 200 --out "$out/rule.safetensors"
+  --data "$data" --references fmnist-mlp --reference-repeats 1 --verify-count 200 --device "$dev" \
+  --out "$out/rule.safetensors"
 printf '{"thief": "smoke-token-1234"}' > "$out/clients.json" && chmod 600 "$out/clients.json"
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 wmark serve --name m --mark tiebreak --key "$out/k.key" --rule "$out/rule.safetensors" \
@@ -55,7 +57,7 @@ wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$port" --model-n
 # a copy of the marked file served plainly, as a thief would: detected
 wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$copy_port" --model-name c \
   --transcript "$out/copy.sqlite"
-wmark verify extraction --key "$out/k.key" --suspect "$out/marked.safetensors" --arch fmnist-mlp \
+wmark verify extraction --key "$out/k.key" --suspect "$out/marked.safetensors" --arch fmnist-mlp --device "$dev" \
   --rule "$out/rule.safetensors" --log "$out/api.sqlite" --client thief --rule-queries 200 --log-queries 40
 python - "$out" "$dev" <<'PY'
 import sys
