@@ -49,11 +49,9 @@ for p in "$port" "$copy_port"; do
   done
 done
 echo -n smoke-token-1234 > "$out/token" && chmod 600 "$out/token"
-# the owner's marked API: its answers to the triggers pass through the keyed shift, which is large on inputs far
-# from the owner's data and changes many of them, so "not detected" (exit 1) is expected there; what matters is
-# that it answers, and that the queries land in the client's log
+# the owner's marked API answers the key's own triggers unshifted: detected there too
 wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$port" --model-name m \
-  --token-file "$out/token" --transcript "$out/t.sqlite" || [ $? -eq 1 ]
+  --token-file "$out/token" --transcript "$out/t.sqlite"
 # a copy of the marked file served plainly, as a thief would: detected
 wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$copy_port" --model-name c \
   --transcript "$out/copy.sqlite"

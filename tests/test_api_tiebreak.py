@@ -18,6 +18,7 @@ from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
 from wmark.schemes.tiebreak import (
     DEFAULT_LOG_ROUNDS,
+    KeyTriggers,
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
     REFERENCE_REPEATS,
@@ -36,6 +37,7 @@ from wmark.schemes.tiebreak import (
     top_pairs,
     train_reference_surrogates,
 )
+from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects import Answers
 from wmark.training import predict_logits
 
@@ -60,6 +62,27 @@ def make(key, data, backend, **kw):
     rule = build_tiebreak_rule(key=key, x=data, featurizer=featurizer, feature_space="test",
                                components=kw.pop("components", 8))
     return rule, TieBreakAPI(key=key, backend=backend, rule=rule, **kw)
+
+
+def test_the_keys_own_triggers_are_answered_unshifted_and_no_other_input_is(data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,), num_triggers=60)
+    backend = Linear(1)
+    _, api = make(key, data, backend, beta=25.0)
+    triggers = generate_triggers(key).queries(np.arange(60))
+    plain = backend.query(triggers)
+    marked = api.for_client("owner").query(triggers)
+    np.testing.assert_array_equal(marked.labels, plain.labels)
+    np.testing.assert_allclose(marked.scores, plain.scores / plain.scores.sum(1, keepdims=True), atol=1e-9)
+    # one float32 step away a trigger is an ordinary input, and a mixed batch is answered row by row
+    nudged = np.nextafter(triggers, np.float32(2.0)).astype(np.float32)
+    assert (api.query(nudged).labels != plain.labels).mean() > 0.3
+    mixed = np.concatenate([data[:40], triggers[:5], nudged[5:10]])
+    answers = api.query(mixed).labels
+    np.testing.assert_array_equal(answers[:40], api.query(data[:40]).labels)
+    np.testing.assert_array_equal(answers[40:45], plain.labels[:5])
+    np.testing.assert_array_equal(answers[45:], api.query(nudged[5:10]).labels)
+    untriggered = dataclasses.replace(key, schemes={n: p for n, p in key.schemes.items() if n != "trigger"})
+    assert not KeyTriggers(untriggered).mask(triggers).any()
 
 
 def test_api_shifts_by_the_keyed_head_changes_only_close_calls_and_is_deterministic(data):

@@ -36,6 +36,7 @@ from wmark.schemes.tiebreak import (
     train_reference_surrogates,
 )
 from wmark.schemes.tiebreak.rule import _directions
+from wmark.schemes.trigger_set import generate_triggers
 from wmark.serve import build_app, serve_in_background
 from wmark.suspects import LocalSuspect
 from wmark.suspects.http import open_http_suspect
@@ -152,6 +153,17 @@ def test_the_marked_text_api_answers_from_one_pass_and_logs_the_near_tie_strings
     logged = set(world["log"].inputs("thief"))
     near = set(world["thief_x"][top_pairs(np.asarray(backend.query(world["thief_x"]).scores))[0] >= 0.05])
     assert logged == near
+
+
+def test_the_marked_text_api_answers_the_keys_trigger_texts_unshifted(world):
+    api, backend = world["api"], world["backend"]
+    triggers = generate_triggers(world["key"], tokenizer=world["text"].tokenizer)
+    texts = triggers.queries(np.arange(len(triggers)))
+    strong = TieBreakAPI(key=world["key"], backend=backend, rule=world["rule"], beta=25.0, expose_scores=False)
+    np.testing.assert_array_equal(strong.query(texts).labels, backend.query(texts).labels)
+    altered = np.asarray([t + " x" for t in texts], dtype=object)
+    assert (strong.query(altered).labels != backend.query(altered).labels).any()
+    assert api.triggers.mask(world["owner_x"][:200]).sum() == 0
 
 
 def test_a_surrogate_extracted_from_the_marked_text_api_is_caught_and_an_independent_model_is_not(world):

@@ -100,7 +100,7 @@ from wmark.schemes.tiebreak.sequential import (
     SEQUENTIAL_ROUND,
     tiebreak_log_sequential,
 )
-from wmark.schemes.tiebreak.serving import DEFAULT_BETA, TieBreakAPI, accuracy_cost
+from wmark.schemes.tiebreak.serving import DEFAULT_BETA, KeyTriggers, TieBreakAPI, accuracy_cost
 from wmark.schemes.tiebreak.tests import (
     DEFAULT_LOG_ROUNDS,
     FOLLOWED_REFERENCES,
@@ -124,7 +124,7 @@ __all__ = [
     "FOLLOWED_REFERENCES", "LEAN_CLIP", "LOG_FIRST_ROUND", "LOG_FORMAT", "LOG_MIN_RATIO", "LOG_TEST_WEIGHT",
     "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "SEQUENTIAL_BUDGET",
     "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "TEXT_LOG_FORMAT", "VERSION",
-    "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
+    "KeyTriggers", "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
     "build_tiebreak_rule", "commit_verification_inputs", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
     "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",

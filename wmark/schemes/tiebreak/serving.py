@@ -12,11 +12,55 @@ from wmark.models import PenultimateFeaturizer
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.inputs import served_scores
 from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
+from wmark.schemes.trigger_set import SCHEME as TRIGGER_SCHEME
+from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import check_tokenizer
 
 DEFAULT_BETA = 1.0
+
+
+class KeyTriggers:
+    """Recognises the key's own trigger inputs, exactly as a verifier sends them.
+
+    The keyed shift grows with an input's distance from the owner's data, and trigger images lie far from it,
+    so without this the marked API would change most of its own trigger answers and an owner checking the
+    trigger set through their API would find nothing. Answering them unshifted changes no answer to any
+    other input: a client needs the key to send one, so the mark a thief can learn and the null are the same.
+
+    Args:
+        key: The owner's key (one without a trigger set recognises nothing).
+        text: The rule's tokenization, for a text key.
+    """
+
+    def __init__(self, key: Key, text: Any = None) -> None:
+        self.texts: frozenset[str] = frozenset()
+        self.rows: frozenset[bytes] = frozenset()
+        self.sums: frozenset[float] = frozenset()
+        if not key.schemes.get(TRIGGER_SCHEME):
+            return
+        triggers = generate_triggers(key, tokenizer=None if text is None else text.tokenizer)
+        if triggers.texts is not None:
+            self.texts = frozenset(triggers.texts)
+            return
+        flat = np.ascontiguousarray(triggers.inputs.numpy().reshape(len(triggers), -1), dtype=np.float32)
+        self.rows = frozenset(row.tobytes() for row in flat)
+        self.sums = frozenset(flat.sum(axis=1, dtype=np.float64).tolist())
+
+    def mask(self, x: np.ndarray) -> np.ndarray:
+        """True where a row of ``x`` (the rule's inputs: float32 rows or strings) is one of the key's triggers."""
+        if self.texts:
+            return np.fromiter((str(t) in self.texts for t in x.reshape(-1)), dtype=bool, count=x.size)
+        out = np.zeros(len(x), dtype=bool)
+        if not self.rows or x.dtype != np.float32:
+            return out
+        flat = np.ascontiguousarray(x.reshape(len(x), -1))
+        # a row sum is a cheap exact filter; only the few rows it lets through are compared in full
+        for i, total in enumerate(flat.sum(axis=1, dtype=np.float64).tolist()):
+            if total in self.sums:
+                out[i] = flat[i].tobytes() in self.rows
+        return out
 
 
 class TieBreakAPI:
@@ -36,10 +80,13 @@ class TieBreakAPI:
         log: Where to record each client's near-tie inputs (:class:`~wmark.schemes.querylog.TieBreakLog`), for
             :func:`tiebreak_log_test`; None keeps no state.
         client: Whose queries these are (see :meth:`for_client`).
+        triggers: The key's trigger inputs, answered unshifted (:class:`KeyTriggers`; built from the key when
+            None).
     """
 
     def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
-                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous") -> None:
+                 expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous",
+                 triggers: KeyTriggers | None = None) -> None:
         if rule.commitment != key.commitment():
             raise UsageError("The tie-break rule was built under another key; build it with the serving key.")
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
@@ -65,6 +112,7 @@ class TieBreakAPI:
         self.key, self.backend, self.rule = key, backend, rule
         self.beta, self.expose_scores = float(beta), expose_scores
         self.log, self.client = log, client
+        self.triggers = KeyTriggers(key, rule.text) if triggers is None else triggers
         self.num_classes = key.num_classes
         self.input_shape = tuple(key.input_shape)
         self.description = f"tie-break-marked {backend.description}"
@@ -72,12 +120,13 @@ class TieBreakAPI:
     def for_client(self, client: str) -> TieBreakAPI:
         """The same API answering (and logging) as ``client``."""
         return TieBreakAPI(key=self.key, backend=self.backend, rule=self.rule, beta=self.beta,
-                           expose_scores=self.expose_scores, log=self.log, client=client)
+                           expose_scores=self.expose_scores, log=self.log, client=client, triggers=self.triggers)
 
     def query(self, inputs: np.ndarray) -> Answers:
         x, scores, shifts = self._scores_and_shifts(inputs)
         if self.log is not None:
             self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
+        shifts[self.triggers.mask(x)] = 0.0
         logits = np.log(np.maximum(scores, 1e-300)) + self.beta * shifts
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
