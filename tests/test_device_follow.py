@@ -105,10 +105,13 @@ def test_serve_refuses_a_missing_accelerator_in_one_sentence(tmp_path) -> None:
      "{tmp}/absent.rule"],
     ["tiebreak", "build", "--arch", "fmnist-mlp", "--weights", "{tmp}/absent.safetensors", "--data", "digits",
      "--out", "{tmp}/rule.safetensors"],
+    ["monitor", "calibrate", "--arch", "fmnist-mlp", "--weights", "{tmp}/absent.safetensors", "--data", "digits",
+     "--streams", "{tmp}/absent.streams", "--out", "{tmp}/profile.safetensors"],
 ])
 def test_verifiers_refuse_a_missing_accelerator_before_reading_anything(tmp_path, command) -> None:
     args = [part.format(tmp=tmp_path) for part in command]
-    result = CliRunner().invoke(main, [*args, "--key", str(tmp_path / "absent.key"), "--device", "cuda"])
+    key = [] if args[0] == "monitor" else ["--key", str(tmp_path / "absent.key")]
+    result = CliRunner().invoke(main, [*args, *key, "--device", "cuda"])
     assert result.exit_code == 2, result.output
     assert "is not available here" in result.output and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []

@@ -365,15 +365,18 @@ def monitor() -> None:
 @click.option("--signals", default=None,
               help="Signals that vote in the alarm, comma-separated (default all: prada,near_dup,ood,coverage,near_tie).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Profile file to write (.safetensors).")
+@click.option("--device", default=None,
+              help="The served model answers the streams on this device: cpu, cuda, cuda:N or mps [default: CUDA "
+                   "when present].")
 @_handle_errors
 def monitor_calibrate(arch: str, weights: str, data: str, streams: str, target_rate: float, dim: int,
-                      signals: str | None, out: str) -> None:
+                      signals: str | None, out: str, device: str | None) -> None:
     """Calibrate the extraction monitor's alarm on honest traffic and write its profile."""
     from wmark.monitor.api import calibrate_profile
 
     chosen = None if signals is None else [s.strip() for s in signals.split(",") if s.strip()]
     info = calibrate_profile(arch=arch, weights=weights, data=data, streams=streams, out=out,
-                             target_rate=target_rate, dim=dim, signals=chosen)
+                             target_rate=target_rate, dim=dim, signals=chosen, device=device)
     click.echo(f"wrote {info['out']} (threshold {info['threshold']:.3f} from {info['streams']} honest streams, "
                f"{info['queries']} queries; false-alarm bound {info['false_alarm_bound']:.3g} per stream)")
 

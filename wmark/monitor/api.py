@@ -36,7 +36,7 @@ def read_streams(path: PathLike) -> list[np.ndarray]:
 
 def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathLike, out: PathLike,
                       target_rate: float = 0.01, dim: int = 32, config: MonitorConfig | None = None,
-                      signals: Sequence[str] | None = None) -> dict[str, Any]:
+                      signals: Sequence[str] | None = None, device: str | None = None) -> dict[str, Any]:
     """Fit the feature map on the owner's inputs, calibrate the alarm on honest streams, write the profile.
 
     Args:
@@ -49,17 +49,20 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
         dim: Reduced feature dimension.
         config: Window settings.
         signals: The signals that vote in the alarm (default all).
+        device: Where the served model answers the streams (default CUDA when present).
 
     Returns:
         The calibration record (threshold, scales, the false-alarm bound that holds, counts).
     """
     from wmark.data import load_dataset
     from wmark.models import load_model
-    from wmark.training import predict_logits
+    from wmark.training import predict_logits, resolve_device
 
+    on = resolve_device(device)
     start = time.perf_counter()
     ds = load_dataset(data)
     model, _ = load_model(arch, weights)
+    model.to(on)
     fmap = fit_feature_map(x=ds.x_train.numpy(), dim=dim)
     honest = read_streams(streams)
     if honest and honest[0][0].size != fmap.mean.size:
