@@ -281,6 +281,19 @@ def test_over_http_a_thief_of_the_marked_text_endpoint_is_caught_label_only(worl
     assert sequential.detected and logged.details["mode"] == "sequential" and logged.queries < 600
 
 
+def test_the_trigger_texts_come_back_unshifted_over_the_hf_endpoint(world):
+    key, backend, text = world["key"], world["backend"], world["text"]
+    strong = TieBreakAPI(key=key, backend=backend, rule=world["rule"], beta=25.0, expose_scores=False)
+    app = build_app(model=world["served"], name="m", num_classes=CLASSES, input_shape=(LENGTH,), labels_only=True,
+                    answerer=strong, text=text)
+    triggers = generate_triggers(key, tokenizer=text.tokenizer)
+    texts = triggers.queries(np.arange(len(triggers)))
+    with serve_in_background(app) as server:
+        answer = httpx.post(f"{server.url}/hf/models/m", json={"inputs": list(texts)}).json()
+    labels = [int(row[0]["label"].removeprefix("LABEL_")) for row in answer]
+    assert labels == list(backend.query(texts).labels)
+
+
 def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_thief(world, tmp_path):
     """`wmark serve --mark tiebreak` answers the HF text endpoint through the marked API and logs near-tie strings;
     `wmark verify extraction` tests a surrogate file against the rule and a client's log."""
