@@ -67,6 +67,7 @@ WHAT = {
     "text_extraction_minilm_pooled": "the MiniLM victim at beta 1 on three more keys; the log test pooled with committed texts",
     "text_extraction_minilm_more": "the MiniLM victim and its in-scope MiniLM thief at beta 1 on three more keys, library unchanged",
     "text_extraction_minilm_k12": "the same on three more keys (keys 10-12 of the MiniLM victim), a plain replication",
+    "text_extraction_minilm_k15": "the same on three more keys (keys 13-15 of the MiniLM victim), a plain replication",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
     "mark_on_alarm_quick": "its quick mode",
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
