@@ -66,6 +66,9 @@ class KeyTriggers:
 class TieBreakAPI:
     """A serving wrapper that shifts every answer by the keyed head (a :class:`Suspect` itself).
 
+    The key's own trigger inputs are the exception: they are answered as the served model answers them
+    (:class:`KeyTriggers`), so the owner's trigger-set check through this API finds what the model learnt.
+
     For a text key it takes arrays of strings, as the served text classifier does (a
     :class:`~wmark.suspects.LocalSuspect` with ``text=``); the shift is read from the served model's penultimate
     features of the tokenized strings, from the same forward pass as its answer, and the log keeps the
