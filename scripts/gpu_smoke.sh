@@ -2,7 +2,9 @@
 # GPU smoke test: train and embed on CUDA, serve behind the tie-break mark on CUDA (--device), verify over HTTP and
 # the extraction workflow, then the marked API, a local suspect and the function-preserving attacks in process
 # with every model on CUDA (inputs follow the model's device). The black-box verifiers and the rule build run their
-# models on CUDA too (--device); the owner's served model that ranks a tie-break log stays on the CPU.
+# models on CUDA too (--device); the owner's served model that ranks a tie-break log stays on the CPU. Then the same
+# for a MiniLM text classifier (dict batches on the device): train, embed, verify the file, build the text rule,
+# serve it behind the tie-break mark and verify the HF text endpoint.
 # Run it where a GPU is lent; WMARK_SMOKE_ALLOW_CPU=1 runs the same steps on the CPU (for checking the script).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +24,17 @@ dev=$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "c
 out=$(mktemp -d)
 server=
 copy=
-trap 'for pid in $server $copy; do kill "$pid" 2>/dev/null || true; done; rm -rf "$out"' EXIT
+text_server=
+trap 'for pid in $server $copy $text_server; do kill "$pid" 2>/dev/null || true; done; rm -rf "$out"' EXIT
+free_port() { python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+wait_ready() {
+  for _ in $(seq 120); do
+    curl -fs "http://127.0.0.1:$1/v2/health/ready" >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "server on port $1 never became ready" >&2
+  return 1
+}
 data=fashion-mnist@owner
 wmark keygen --owner "GPU smoke" --triggers 40 --out "$out/k.key" >/dev/null
 wmark train --arch fmnist-mlp --data "$data" --max-samples 4000 --epochs 2 --out "$out/base.safetensors"
@@ -35,19 +47,15 @@ wmark tiebreak build --key "$out/k.key" --arch fmnist-mlp --weights "$out/marked
   --data "$data" --references fmnist-mlp --reference-repeats 1 --verify-count 200 --device "$dev" \
   --out "$out/rule.safetensors"
 printf '{"thief": "smoke-token-1234"}' > "$out/clients.json" && chmod 600 "$out/clients.json"
-port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+port=$(free_port)
 wmark serve --name m --mark tiebreak --key "$out/k.key" --rule "$out/rule.safetensors" \
   --log "$out/api.sqlite" --clients "$out/clients.json" --port "$port" --device "$dev" &
 server=$!
-copy_port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+copy_port=$(free_port)
 wmark serve --name c --arch fmnist-mlp --weights "$out/marked.safetensors" --port "$copy_port" --device "$dev" &
 copy=$!
-for p in "$port" "$copy_port"; do
-  for _ in $(seq 60); do
-    curl -fs "http://127.0.0.1:$p/v2/health/ready" >/dev/null 2>&1 && break
-    sleep 1
-  done
-done
+wait_ready "$port"
+wait_ready "$copy_port"
 echo -n smoke-token-1234 > "$out/token" && chmod 600 "$out/token"
 # the owner's marked API answers the key's own triggers unshifted: detected there too
 wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$port" --model-name m \
@@ -81,4 +89,21 @@ attacked = permute_state_dict(model.state_dict(), chain=layer_names(model), seed
 assert {t.device.type for t in attacked.values()} == {dev.type}
 print("in-process tie-break API, local suspect and attacks on", dev)
 PY
+export HF_HUB_OFFLINE=1
+text=fortunes@owner
+wmark keygen --owner "GPU smoke text" --classes 8 --modality text --tokenizer all-MiniLM-L6-v2 --max-length 64 \
+  --triggers 40 --out "$out/t.key" >/dev/null
+wmark train --arch minilm-classifier --data "$text" --max-samples 600 --epochs 1 --out "$out/tbase.safetensors"
+wmark embed --key "$out/t.key" --arch minilm-classifier --weights "$out/tbase.safetensors" --data "$text" \
+  --max-samples 600 --epochs 2 --scheme trigger --out "$out/tmarked.safetensors"
+wmark verify file --key "$out/t.key" --arch minilm-classifier --suspect "$out/tmarked.safetensors" --device "$dev"
+wmark tiebreak build --key "$out/t.key" --arch minilm-classifier --weights "$out/tmarked.safetensors" \
+  --data "$text" --max-samples 600 --references none --verify-count 100 --device "$dev" --out "$out/trule.safetensors"
+text_port=$(free_port)
+wmark serve --name t --mark tiebreak --key "$out/t.key" --rule "$out/trule.safetensors" --log "$out/tapi.sqlite" \
+  --port "$text_port" --device "$dev" &
+text_server=$!
+wait_ready "$text_port"
+wmark verify api --key "$out/t.key" --suspect "http://127.0.0.1:$text_port/hf/models/t" --protocol json \
+  --template hf --transcript "$out/tt.sqlite"
 echo "GPU smoke OK"

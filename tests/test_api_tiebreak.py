@@ -548,6 +548,11 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
                                "--reference-repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
+    res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
+                               str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out",
+                               str(tmp_path / "small.safetensors"), "--references", "none", "--max-samples", "500",
+                               "--verify-count", "100"])
+    assert res.exit_code == 0 and "from 500 inputs; 100 verification inputs" in res.output, res.output
     out = tmp_path / "surrogate.safetensors"
     # the rule names the served model: the thief's marked API needs only the rule and the key
     res = runner.invoke(main, ["attack", "extract", "--arch", "fmnist-mlp", "--queries", "1200", "--data",

@@ -325,13 +325,14 @@ def tiebreak() -> None:
                    "text key).")
 @click.option("--verify-count", type=int, default=1000, show_default=True,
               help="Verification inputs committed in the rule (the most a verification asks).")
+@click.option("--max-samples", type=int, default=None, help="Use only the first N of the owner's inputs.")
 @click.option("--device", default=None,
               help="Run the served model and train the references on this device: cpu, cuda, cuda:N or mps "
                    "[default: CUDA when present].")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,
-                   device: str | None) -> None:
+                   max_samples: int | None, device: str | None) -> None:
     """Build the tie-break rule that `wmark serve --mark tiebreak` serves with and `wmark verify extraction` tests.
 
     The file holds the key-independent feature map, the owner's verification inputs (committed before any
@@ -341,7 +342,7 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
                               skip=skip, references=refs, verify_count=verify_count,
-                              reference_repeats=reference_repeats, device=device)
+                              reference_repeats=reference_repeats, max_samples=max_samples, device=device)
     skipped = f" after the leading {info['skipped']}" if info["skipped"] else ""
     click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
