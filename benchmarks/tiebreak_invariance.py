@@ -5,7 +5,10 @@ learn the keyed shift only along feature directions a shift leaves in place. The
 the 64 largest whitened directions of the served model's penultimate features; on the Fashion-MNIST victim a
 1-pixel roll keeps only ~0.7 of the keyed shift's correlation, a (2, 2) roll ~0.2. The research map
 (``research/invariant_map.py``: ``invariant_rule`` with ``image_shifts(2)``) keeps instead the directions that move
-least under shifts of up to 2 pixels. Measured here, not adopted: ``docs/research/extraction-families.md``.
+least under shifts of up to 2 pixels; ``conv1-global`` reads the served CNN's first conv layer, ReLU'd and
+averaged over the image (``PooledFeaturizer``; its keyed difference near ties survives a 1-pixel shift with
+correlation 0.98, ``research/pooled_invariance.py``). Measured here, not adopted:
+``docs/research/extraction-families.md``.
 
 Per fresh key and map: one rule, its 1000 verification inputs committed with all 32 references, the 16 CNN ones
 and the 16 MLP ones; one label-only marked API (beta 1) with a log; the honest cost on the attacker's 10k test
@@ -21,7 +24,8 @@ Null panel (key-free): the unmarked victim, five extraction independents, ``bn-c
 distilled from the unmarked victim (seed 1) and a true-label BatchNorm CNN; each asked the committed inputs of
 every subset and every thief's log under its LFO and in-sample subsets, under every key and map.
 
-Usage: nice -n 10 python benchmarks/tiebreak_invariance.py [--keys 2] [--first-key 0] [--name tiebreak_invariance]
+Usage: nice -n 10 python benchmarks/tiebreak_invariance.py [--keys 2] [--first-key 0] [--maps principal64,conv1-global]
+[--name tiebreak_invariance]
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from common import (
     write_results,
 )
 from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, Family, fit, query_pool, true_label_nulls
-from invariant_map import image_shifts, invariant_rule
+from invariant_map import PooledFeaturizer, image_shifts, invariant_rule
 from torch import nn
 
 from wmark.distill import query_victim
@@ -75,7 +79,7 @@ ALPHA = 1e-6
 WEIGHTS = [1.0, 1.0, LOG_TEST_WEIGHT]
 SUBSETS = ("all", "cnn", "mlp")
 MAPS = {"principal64": {"components": 64}, "invariant32": {"components": 32, "invariance": 2},
-        "invariant16": {"components": 16, "invariance": 2}}
+        "invariant16": {"components": 16, "invariance": 2}, "conv1-global": {"components": 15, "pooled": "conv1"}}
 
 
 def affine_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -187,8 +191,10 @@ def main() -> None:
         for m in maps:
             t0 = time.perf_counter()
             spec = MAPS[m]
-            build = {"key": key, "x": setting.x_owner, "featurizer": featurizer,
-                     "feature_space": "served-penultimate", "components": spec["components"]}
+            build = {"key": key, "x": setting.x_owner, "components": spec["components"],
+                     "featurizer": (PooledFeaturizer(setting.victim, spec["pooled"], quadrants=False) if "pooled" in spec
+                                    else featurizer),
+                     "feature_space": f"served-{spec['pooled']}-global" if "pooled" in spec else "served-penultimate"}
             base = (invariant_rule(invariance=image_shifts(spec["invariance"]), **build) if "invariance" in spec
                     else build_tiebreak_rule(**build))
             if not commits:  # the committed inputs depend on the served model and references only
