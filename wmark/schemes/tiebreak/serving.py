@@ -16,7 +16,7 @@ from wmark.schemes.trigger_set import SCHEME as TRIGGER_SCHEME
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.local import LocalSuspect
-from wmark.text import check_tokenizer
+from wmark.text import TextInputs, check_tokenizer
 
 DEFAULT_BETA = 1.0
 
@@ -34,7 +34,7 @@ class KeyTriggers:
         text: The rule's tokenization, for a text key.
     """
 
-    def __init__(self, key: Key, text: Any = None) -> None:
+    def __init__(self, key: Key, text: TextInputs | None = None) -> None:
         self.texts: frozenset[str] = frozenset()
         self.rows: frozenset[bytes] = frozenset()
         self.sums: frozenset[float] = frozenset()
