@@ -25,6 +25,7 @@ from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
 from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_ROUND
 from wmark.verify import Mode
 
+SUSPECT_DEVICE_HELP = "A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present]."
 HTTP_OPTIONS = ("protocol", "model_name", "input_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
                 "concurrency", "transcript", "transcript_sync", "cover_data", "cover_ratio")
 
@@ -136,8 +137,7 @@ def verify() -> None:
 @_provenance_options
 @click.option("--reference-signature", default=None, type=click.Path(dir_okay=False),
               help="whitebox, with --signer-key: the reference's signature bundle (default REFERENCE.sig).")
-@click.option("--device", default=None,
-              help="A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present].")
+@click.option("--device", default=None, help=SUSPECT_DEVICE_HELP)
 @_handle_errors
 def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, arch: str | None,
                 budget: int | None, fixed: bool, with_scores: bool, whitebox: bool, reference: str | None,
@@ -213,8 +213,7 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
                    f"(rounds of {SEQUENTIAL_ROUND}; anytime-valid e-process) instead of exactly --log-queries.")
 @click.option("--arch", default=None, help=ARCH_HELP + " (a model-file suspect)")
 @click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
-@click.option("--device", default=None,
-              help="A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present].")
+@click.option("--device", default=None, help=SUSPECT_DEVICE_HELP)
 @_trigger_options
 @_http_options
 @_provenance_options
