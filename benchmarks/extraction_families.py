@@ -40,7 +40,10 @@ Leave-family-out (LFO): conv-family thieves are verified with the ``mlp`` subset
 weighted Holm (``wmark.evidence.decide``) at alpha = 1e-6 over the trigger set (not run: p = 1), the committed
 inputs (weight 1) and the client's log test (weight 8, 1000 queries in 21 rounds). Every thief is also tested
 under all four subsets (in the JSON). With ``--sequential`` (default in full mode) the LFO log test also runs
-sequentially (``tiebreak_log_sequential``: the queries it needs).
+sequentially (``tiebreak_log_sequential``: the queries it needs). ``--variants`` (default all) adds other
+readings of every thief and null on the LFO and ``all`` subsets: ``log2000`` (the log test asking 2000 logged
+inputs) and ``labels`` (both tests reading the suspect's labels only, as `wmark verify extraction` reads a model
+file without ``--with-scores``); the main reading is the suspect's probabilities.
 
 Null panel (key-free, built once): the extraction independents (``common.extraction_independents``), the
 unmarked victim, a surrogate of every family distilled from the *unmarked* victim (seed 1: the same queries and
@@ -112,9 +115,12 @@ QUERIES = 10_000
 SHAPE = (1, 28, 28)
 SUBSETS = ("all", "cnn", "mlp", "none")
 LFO_SUBSET = {"conv": "mlp", "mlp": "cnn", "both": "none"}
-# another reading of the log test, beside the library's (1000 logged queries in 21 rounds), on the LFO and all
-# subsets: 2000 logged queries
-VARIANTS = {"log2000": {"queries": 2000}}
+# other readings beside the library's (the suspect's probabilities, 1000 logged queries in 21 rounds), on the LFO
+# and all subsets: the log test asking 2000 logged queries; both tests reading only the suspect's labels
+VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
+    "log2000": {"log": {"queries": 2000}, "committed": {}},
+    "labels": {"log": {"use_scores": False}, "committed": {"use_scores": False}},
+}
 Train = Callable[[Any, np.ndarray, int, Callable[[nn.Module], bool]], tuple[nn.Module, int]]
 
 
@@ -420,8 +426,11 @@ def main() -> None:
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="load the keys k0.key, k1.key, ... from here, or write fresh ones there (to run betas "
                              "side by side in separate processes on the same keys)")
-    parser.add_argument("--variants", action=argparse.BooleanOptionalAction, default=True,
-                        help="also read every thief and null with the 2000-query log test")
+    parser.add_argument("--variants", default=",".join(VARIANTS),
+                        help="other readings of every thief and null, comma-separated: "
+                             f"{', '.join(VARIANTS)} (default all)")
+    parser.add_argument("--no-variants", dest="variants", action="store_const", const="",
+                        help="the library's reading only")
     parser.add_argument("--rescore", type=Path, default=None, help="recompute the summary of a saved run from its rows")
     args = parser.parse_args()
     if args.rescore is not None:
@@ -435,7 +444,7 @@ def main() -> None:
     names = args.families.split(",") if args.families else list(QUICK_FAMILIES if args.quick else FAMILIES)
     families = [FAMILIES[n.strip()] for n in names]
     sequential = (not args.quick) if args.sequential is None else args.sequential
-    variants = VARIANTS if args.variants else {}
+    variants = {v: VARIANTS[v] for v in filter(None, (v.strip() for v in args.variants.split(",")))}
     name = args.name or ("extraction_families_quick" if args.quick else "extraction_families")
     start = time.perf_counter()
     setting = tiebreak_setting()
@@ -510,8 +519,11 @@ def main() -> None:
                 for s in dict.fromkeys((lfo, "all")):
                     for variant, kw in variants.items():
                         res = tiebreak_log_test(key=key, rule=rules[k][s], served=served, suspect=suspect,
-                                                chosen=chosen[s], **kw)
+                                                chosen=chosen[s], **kw["log"])
                         tests[s][variant], tests[s][f"z_{variant}"] = res.log10_p, res.details["z"]
+                        tests[s][f"committed_{variant}"] = (
+                            tiebreak_test(key=key, rule=rules[k][s], served=served, suspect=suspect,
+                                          **kw["committed"]).log10_p if kw["committed"] else tests[s]["committed"])
                 raw = log.inputs(fam.name)
                 log_digests[(beta, k, fam.name)] = digest(raw)
                 row = {"key": k, "beta": beta, "family": fam.name, "group": fam.group, "served_scores": fam.scores,
@@ -522,8 +534,10 @@ def main() -> None:
                        "verdict_lfo": verdict_log10_p(tests[lfo]["committed"], tests[lfo]["log"]),
                        "verdict_all": verdict_log10_p(tests["all"]["committed"], tests["all"]["log"])}
                 for variant in variants:
-                    row[f"verdict_lfo_{variant}"] = verdict_log10_p(tests[lfo]["committed"], tests[lfo][variant])
-                    row[f"verdict_all_{variant}"] = verdict_log10_p(tests["all"]["committed"], tests["all"][variant])
+                    row[f"verdict_lfo_{variant}"] = verdict_log10_p(tests[lfo][f"committed_{variant}"],
+                                                                    tests[lfo][variant])
+                    row[f"verdict_all_{variant}"] = verdict_log10_p(tests["all"][f"committed_{variant}"],
+                                                                    tests["all"][variant])
                 if sequential:
                     t0 = time.perf_counter()
                     seq = tiebreak_log_sequential(key=key, rule=rules[k][lfo], served=served, suspect=suspect,
@@ -551,9 +565,14 @@ def main() -> None:
                                             "verdict_log10_p": verdict_log10_p(committed, res.log10_p)})
                         for variant, kw in variants.items():
                             other = tiebreak_log_test(key=key, rule=rules[k][s], served=served, suspect=innocent,
-                                                      chosen=chosen[s], **kw)
-                            null_checks.append({**null_checks[-1], "test": variant, "log10_p": other.log10_p,
-                                                "verdict_log10_p": verdict_log10_p(committed, other.log10_p)})
+                                                      chosen=chosen[s], **kw["log"])
+                            paired = (committed_null(null, k, s, key, rules, served, innocent, null_checks,
+                                                     reading=variant, **kw["committed"])
+                                      if kw["committed"] else committed)
+                            null_checks.append({"key": k, "model": null["model"], "kind": null["kind"],
+                                                "test": variant, "subset": s, "log_of": fam.name,
+                                                "log_digest": row["log_digest"], "log10_p": other.log10_p,
+                                                "verdict_log10_p": verdict_log10_p(paired, other.log10_p)})
                 if time.perf_counter() - t0 > 1:
                     print(f"  null checks on {fam.name}'s log: {time.perf_counter() - t0:.0f} s", flush=True)
             if beta != betas[0]:
@@ -590,15 +609,18 @@ def family_key(k: int, keys_dir: Path | None) -> Any:
 
 
 def committed_null(null: dict[str, Any], k: int, s: str, key: Any, rules: dict[int, dict[str, Any]], served: Any,
-                   innocent: LocalSuspect, null_checks: list[dict[str, Any]]) -> float:
-    """A null model's committed-input log10 p under key ``k`` and subset ``s`` (run and recorded once)."""
+                   innocent: LocalSuspect, null_checks: list[dict[str, Any]], *, reading: str = "",
+                   **kwargs: Any) -> float:
+    """A null model's committed-input log10 p under key ``k`` and subset ``s`` (run and recorded once per
+    ``reading``, whose ``kwargs`` go to ``tiebreak_test``)."""
     cache = null.setdefault("_committed", {})
-    if (k, s) not in cache:
-        res = tiebreak_test(key=key, rule=rules[k][s], served=served, suspect=innocent)
-        cache[(k, s)] = res.log10_p
-        null_checks.append({"key": k, "model": null["model"], "kind": null["kind"], "test": "committed",
-                            "subset": s, "log10_p": res.log10_p})
-    return float(cache[(k, s)])
+    if (k, s, reading) not in cache:
+        res = tiebreak_test(key=key, rule=rules[k][s], served=served, suspect=innocent, **kwargs)
+        cache[(k, s, reading)] = res.log10_p
+        null_checks.append({"key": k, "model": null["model"], "kind": null["kind"],
+                            "test": f"committed_{reading}" if reading else "committed", "subset": s,
+                            "log10_p": res.log10_p})
+    return float(cache[(k, s, reading)])
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ What it measures, on fresh keys:
   thief's own third, trained until within 5 pp of the victim (or the epoch cap); with ``--victim minilm`` a
   full MiniLM fine-tune (at most 3 epochs, stopped at the first epoch within 5 pp), a linear probe on frozen
   MiniLM features (stopped at the first check within 5 pp) and a ``text-bow``; the committed-input test and
-  the log test on the thief's logged near-ties, combined by weighted Holm at alpha = 1e-6;
+  the log test on the thief's logged near-ties, combined by weighted Holm at alpha = 1e-6, reading the
+  suspect's labels (as `wmark verify extraction` reads a model file without ``--with-scores``) and, beside, its
+  probabilities (``scores_*``; not for the MiniLM probe);
 * the null panel: independent text models (trained on true labels of other thirds, other seeds and
   architectures, and a surrogate distilled from the *unmarked* victim; with ``--victim minilm`` also MiniLM
   fine-tuned on the owner's third with another seed, on the thief's third, and distilled from the unmarked
@@ -29,6 +31,7 @@ epochs: the plumbing, not the full result). Writes
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 import time
@@ -153,9 +156,30 @@ class TextTable:
 
 def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, chosen: Any,
                *, queries: int, log_queries: int) -> dict[str, Any]:
-    """The committed-input and log tests on a label-only suspect, combined by weighted Holm at ``ALPHA``."""
-    suspect = (LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=False)
-               if isinstance(model, torch.nn.Module) else model)
+    """The committed-input and log tests on the suspect's labels, combined by weighted Holm at ``ALPHA``; where the
+    suspect has probabilities (a model, or a memo of one), the same tests reading them beside (``scores_*``)."""
+    out = _verdict(key, rule, backend, _reading(model, text, scores=False), chosen, queries=queries,
+                   log_queries=log_queries)
+    scored = _reading(model, text, scores=True)
+    if scored is not None:
+        out.update({f"scores_{k}": v for k, v in _verdict(key, rule, backend, scored, chosen, queries=queries,
+                                                         log_queries=log_queries).items()})
+    return out
+
+
+def _reading(model: Any, text: TextInputs, *, scores: bool) -> Any:
+    """``model`` as a suspect answering labels only, or with its probabilities (None where it has none)."""
+    if isinstance(model, torch.nn.Module):
+        return LocalSuspect(model, input_shape=(LENGTH,), text=text, expose_scores=scores)
+    if isinstance(model, TextTable):
+        view = copy.copy(model)  # shares the memo
+        view.expose_scores = scores
+        return view
+    return None if scores else model
+
+
+def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
+             *, queries: int, log_queries: int) -> dict[str, Any]:
     committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries)
     logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
                                queries=log_queries)
@@ -382,6 +406,7 @@ def main() -> None:
                                                    log_queries=log_queries)})
         print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
     accused = [n for n in nulls if n["verdict"] != "none"]
+    accused_scores = [n for n in nulls if n.get("scores_verdict", "none") != "none"]
     caught = [r for r in rows if r["verdict"] == "extracted"]
     print()
     print(table(rows, ["key", "beta", "thief", "victim_acc", "api_acc", "cost_pp", "surrogate_acc", "within_5pp", "epochs",
@@ -399,10 +424,15 @@ def main() -> None:
                            "caught": sum(r["verdict"] == "extracted" for r in rows if r["beta"] == b),
                            "caught_in_scope": sum(r["verdict"] == "extracted" and r["within_5pp"] for r in rows
                                                   if r["beta"] == b),
+                           "caught_in_scope_scores": sum(r.get("scores_verdict") == "extracted" and r["within_5pp"]
+                                                         for r in rows if r["beta"] == b),
                            "in_scope": sum(r["within_5pp"] for r in rows if r["beta"] == b),
                            "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
-                                                                 "caught"]))
+                                                                 "caught", "caught_in_scope",
+                                                                 "caught_in_scope_scores"]))
+    print(f"independent models accused reading probabilities: {len(accused_scores)}/"
+          f"{sum('scores_verdict' in n for n in nulls)}")
     doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
@@ -410,7 +440,11 @@ def main() -> None:
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
-                       "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls)},
+                       "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls),
+                       "independent_accused_scores": len(accused_scores),
+                       "independent_tests_scores": sum("scores_verdict" in n for n in nulls),
+                       "min_null_verdict_log10_p_scores": min((n["scores_verdict_log10_p"] for n in nulls
+                                                               if "scores_verdict" in n), default=None)},
            "seconds": round(time.perf_counter() - start, 1)}
     path = write_results(args.name or ("text_extraction_quick" if quick else "text_extraction"), doc)
     print(f"wrote {path}")
