@@ -200,6 +200,24 @@ def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rul
         recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved})
 
 
+def test_a_tiebreak_test_that_read_the_suspects_probabilities_is_recomputed_from_the_recorded_scores(files, tmp_path):
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=150)
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors", mode="fixed",
+                         rule=rule, rule_queries=150, labels_only=False)
+    assert verdict.tests[1].details["read"].startswith("probabilities")
+    doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert doc["recheck"]["tests"]["api-tiebreak"].startswith("recomputed")
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
+    assert abs(outcome.tests[1]["recomputed_log10_p"] - verdict.tests[1].log10_p) <= 1e-9
+    labels_only = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors",
+                             mode="fixed", rule=rule, rule_queries=150)
+    assert labels_only.tests[1].log10_p != verdict.tests[1].log10_p  # the scores, not the labels, were replayed
+
+
 def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript(files, tmp_path):
     from wmark.models import load_model
     from wmark.serve import build_app, serve_in_background

@@ -53,13 +53,15 @@ class RecordingSuspect:
     """Passes queries through to a suspect and records the answer to every input asked, in order.
 
     The record goes into the evidence report of a model-file suspect (an API's answers are in its
-    transcript), so the verdict can be recomputed without the suspect.
+    transcript), so the verdict can be recomputed without the suspect. Where the suspect gives scores they are
+    recorded too (exactly, as JSON numbers): a tie-break test that read them can then be recomputed as well.
     """
 
     def __init__(self, inner: Suspect) -> None:
         self.inner = inner
         self.digests: list[str] = []
         self.labels: list[int] = []
+        self.scores: list[list[float] | None] = []
 
     @property
     def description(self) -> str:
@@ -75,9 +77,12 @@ class RecordingSuspect:
 
     def query(self, inputs: np.ndarray) -> Answers:
         answers = self.inner.query(inputs)
-        for digest, label in zip(batch_sha256(inputs), np.asarray(answers.labels).reshape(-1)):
+        labels = np.asarray(answers.labels).reshape(-1)
+        rows = [None] * len(labels) if answers.scores is None else np.asarray(answers.scores, dtype=np.float64).tolist()
+        for digest, label, row in zip(batch_sha256(inputs), labels, rows):
             self.digests.append(digest)
             self.labels.append(int(label))
+            self.scores.append(row)
         return answers
 
     def attach(self, verdict: Verdict, *, suspect_file: PathLike | None = None,
@@ -88,6 +93,8 @@ class RecordingSuspect:
         for test in verdict.tests:
             if test.name == "trigger-set":
                 test.details["answers"] = {"input_sha256": list(self.digests), "labels": list(self.labels)}
+                if any(row is not None for row in self.scores):
+                    test.details["answers"]["scores"] = list(self.scores)
                 if suspect_file is not None:
                     test.details["suspect_file"] = {"path": str(suspect_file), "sha256": file_sha256(suspect_file)}
         if tiebreak is not None:
@@ -128,24 +135,29 @@ def batch_sha256(inputs: Any) -> list[str]:
 
 
 class ReplaySuspect:
-    """Answers each input with the label recorded for its digest; refuses an input nobody recorded."""
+    """Answers each input with the label (and the scores, where recorded) recorded for its digest; refuses an
+    input nobody recorded."""
 
     def __init__(self, answers: dict[str, int], *, num_classes: int, input_shape: tuple[int, ...],
-                 description: str, source: str) -> None:
+                 description: str, source: str, scores: Mapping[str, list[float] | None] | None = None) -> None:
         self.answers = answers
+        self.scores = scores or {}
         self.num_classes = num_classes
         self.input_shape = input_shape
         self.description = description
         self.source = source
 
     def query(self, inputs: np.ndarray) -> Answers:
-        labels = []
-        for digest in batch_sha256(inputs):
+        digests = batch_sha256(inputs)
+        for digest in digests:
             if digest not in self.answers:
                 raise EvidenceError(f"{self.source} holds no answer to input {digest[:16]}..., which this key makes "
                                     "the verifier ask: the record is not of this key's verification, or was altered.")
-            labels.append(self.answers[digest])
-        return Answers(labels=np.asarray(labels, dtype=np.int64))
+        labels = [self.answers[digest] for digest in digests]
+        rows = [self.scores.get(digest) for digest in digests]
+        if not rows or any(row is None for row in rows):
+            return Answers(labels=np.asarray(labels, dtype=np.int64))
+        return Answers(labels=np.asarray(labels, dtype=np.int64), scores=np.asarray(rows, dtype=np.float64))
 
 
 def transcript_answers(path: PathLike) -> dict[str, int]:
@@ -227,17 +239,29 @@ def _test_from_dict(doc: dict[str, Any]) -> TestResult:
                       weight=float(doc.get("weight", 1.0)))
 
 
+@dataclass(frozen=True)
+class _Record:
+    """The recorded answers by input digest (labels, and scores where the report holds them) and their source."""
+
+    labels: dict[str, int]
+    source: str
+    scores: dict[str, list[float] | None] = field(default_factory=dict)
+
+
 def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
-                 checks: list[str]) -> tuple[dict[str, int], str] | None:
+                 checks: list[str]) -> _Record | None:
     """Every recorded answer by input digest: from the report (a model file) or the transcript (an API)."""
     details: dict[str, Any] = next((t.get("details", {}) for t in doc["verdict"]["tests"]
                                     if t["name"] == "trigger-set"), {})
     recorded = details.get("answers")
     if recorded is not None:
         digests, labels = recorded.get("input_sha256", []), recorded.get("labels", [])
-        if len(digests) != len(labels):
-            raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers.")
-        return {d: int(v) for d, v in zip(digests, labels)}, f"the report {report.name}"
+        scores = recorded.get("scores", [None] * len(digests))
+        if not len(digests) == len(labels) == len(scores):
+            raise EvidenceError(f"The report {report} records {len(digests)} trigger digests but {len(labels)} answers "
+                                f"and {len(scores)} score rows.")
+        return _Record(labels={d: int(v) for d, v in zip(digests, labels)}, source=f"the report {report.name}",
+                       scores=dict(zip(digests, scores)))
     summary = doc.get("transcript") or details.get("transcript")
     if not summary:
         return None
@@ -254,19 +278,21 @@ def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
         raise EvidenceError(f"The transcript {path} does not match the digest in the report: rows were altered, added "
                             "or removed.")
     checks.append("transcript digest" + (" and file SHA-256" if want_file else ""))
-    return transcript_answers(path), f"the transcript {path.name}"
+    return _Record(labels=transcript_answers(path), source=f"the transcript {path.name}")
 
 
-def not_recheckable(test: dict[str, Any], *, has_record: bool) -> str:
-    """Why a test (as a report holds it) cannot be recomputed here; empty when it can."""
+def not_recheckable(test: dict[str, Any], *, has_record: bool, has_scores: bool = False) -> str:
+    """Why a test (as a report holds it) cannot be recomputed here; empty when it can. ``has_scores``: the
+    record holds the suspect's scores (a model file read with them), so a test that read them can be replayed."""
     details = test.get("details", {})
     if test["name"] not in RECHECKABLE:
         return "not re-checkable here"
     if not has_record:
         return "not re-checkable: the report records neither its answers nor a transcript"
-    if test["name"] == TIEBREAK and ("files" not in details or details.get("read") != "labels"):
-        return ("not re-checkable here: the report does not name the rule and served model files, or the test read "
-                "scores")
+    if test["name"] == TIEBREAK and "files" not in details:
+        return "not re-checkable here: the report does not name the rule and served model files"
+    if test["name"] == TIEBREAK and details.get("read") != "labels" and not has_scores:
+        return "not re-checkable here: the test read scores the record does not hold"
     return ""
 
 
@@ -337,28 +363,29 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     record = _answers_for(doc, path, transcript, checks)
     for test in verdict["tests"]:
         original = _test_from_dict(test)
-        why = not_recheckable(test, has_record=record is not None)
+        why = not_recheckable(test, has_record=record is not None,
+                              has_scores=record is not None and any(v is not None for v in record.scores.values()))
         if why:
             tests.append(original)
             rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
                          "recomputed_log10_p": None, "note": f"{why}: its p-value is taken from the report, not recomputed"})
             continue
         assert record is not None
-        replay = ReplaySuspect(record[0], num_classes=k.num_classes, input_shape=tuple(k.input_shape),
-                               description=verdict["suspect"], source=record[1])
+        replay = ReplaySuspect(record.labels, num_classes=k.num_classes, input_shape=tuple(k.input_shape),
+                               description=verdict["suspect"], source=record.source, scores=record.scores)
         details = test.get("details", {})
         if test["name"] == TIEBREAK:
             redone = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
                                       checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
         else:
             redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
-                                      max_queries=int(details.get("budget", len(record[0]))), batch_size=1,
+                                      max_queries=int(details.get("budget", len(record.labels))), batch_size=1,
                                       share=float(details.get("alpha_share", 1.0)))
         redone.weight = original.weight
         tests.append(redone)
         rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,
                      "recomputed_log10_p": _finite(redone.log10_p), "queries": redone.queries,
-                     "matches": redone.matches, "answers_from": record[1]})
+                     "matches": redone.matches, "answers_from": record.source})
     again = decide(key=k, tests=tests, alpha=alpha, suspect=verdict["suspect"])
     original_doc = {"decision": verdict["decision"], "log10_p": float(verdict["log10_p"])}
     recomputed_doc = {"decision": again.decision, "log10_p": _finite(again.log10_p)}

@@ -68,6 +68,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     if transcript and Path(transcript["path"]).is_file():
         transcript = dict(transcript, file_sha256=file_sha256(transcript["path"]))
     has_record = trigger.get("answers") is not None or bool(transcript)
+    has_scores = bool((trigger.get("answers") or {}).get("scores"))
     body = {
         "format": "wmark-evidence/1",
         "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
@@ -81,7 +82,8 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         "recheck": {
             "command": "wmark recheck --report REPORT.json --key REVEALED.key"
                        + (" --transcript TRANSCRIPT" if transcript else ""),
-            "tests": {t.name: (not_recheckable({"name": t.name, "details": t.details}, has_record=has_record)
+            "tests": {t.name: (not_recheckable({"name": t.name, "details": t.details}, has_record=has_record,
+                                               has_scores=has_scores)
                                or "recomputed from the revealed key and the recorded answers")
                       for t in verdict.tests},
         },
