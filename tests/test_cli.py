@@ -69,6 +69,8 @@ def test_a_suspect_file_answers_on_the_named_device(workdir) -> None:
     assert code == 0 and json.loads(out)["decision"] == "detected"
     code, _, err = run(*args, "--device", "gpu0")
     assert code == 2 and "'gpu0' is not a device; use cpu, cuda" in err
+    code, _, err = run(*args, "--with-scores")  # the trigger set reads labels: scores would change nothing
+    assert code == 2 and "No such option '--with-scores'" in err
     code, _, err = run("verify", "file", "--key", str(workdir / "owner.key"), "--suspect",
                        str(workdir / "marked.safetensors"), "--whitebox", "--reference",
                        str(workdir / "marked.safetensors"), "--device", "cpu")

@@ -144,6 +144,9 @@ def test_cli_extract_through_marked_api_then_verify(victim, tmp_path):
     assert res.exit_code == 2 and "Give the query log your API wrote" in res.output
     res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--rounds", "3"])
     assert res.exit_code == 2 and res.output.strip() == "error: --rounds does not apply without --rule (tie-break only)."
+    res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--with-scores"])
+    assert res.exit_code == 2 and res.output.strip() == ("error: --with-scores does not apply without --rule "
+                                                         "(tie-break only).")
     res = runner.invoke(main, extraction + ["--log", str(log), "--client", "thief", "--transcript", "t.sqlite"])
     assert res.exit_code == 2 and "--transcript does not apply to a model-file suspect" in res.output
     res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect", "http://127.0.0.1:9/v2/models/m",

@@ -127,7 +127,6 @@ def verify() -> None:
 @click.option("--suspect", required=True, type=click.Path(dir_okay=False), help="Suspect model file (.safetensors).")
 @click.option("--arch", default=None, help=ARCH_HELP + " (black-box: the architecture the suspect's weights fit)")
 @_trigger_options
-@click.option("--with-scores", is_flag=True, help="Black-box: let the verifier see scores, not only labels.")
 @click.option("--whitebox", is_flag=True, help="Read the suspect's weights instead of querying it (needs --reference).")
 @click.option("--reference", default=None, type=click.Path(dir_okay=False),
               help="whitebox: the owner's marked model (written by `wmark embed --scheme weights`).")
@@ -140,7 +139,7 @@ def verify() -> None:
 @click.option("--device", default=None, help=SUSPECT_DEVICE_HELP)
 @_handle_errors
 def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspect: str, arch: str | None,
-                budget: int | None, fixed: bool, with_scores: bool, whitebox: bool, reference: str | None,
+                budget: int | None, fixed: bool, whitebox: bool, reference: str | None,
                 anchor: str | None, signer_key: str | None, signed_model: str | None,
                 reference_signature: str | None, device: str | None) -> None:
     """A stolen model file: query it on the key's triggers (black-box) or read its weights (--whitebox)."""
@@ -148,7 +147,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
                                          reference=reference if whitebox else None,
                                          reference_signature=reference_signature)
     if whitebox:
-        refuse(["arch", "budget", "fixed", "with_scores", "device"], "to --whitebox (it reads weights, it asks no queries)")
+        refuse(["arch", "budget", "fixed", "device"], "to --whitebox (it reads weights, it asks no queries)")
         if reference is None:
             raise UsageError("--whitebox needs --reference (the owner's marked model file).")
         verdict = api.verify_whitebox(key=key, reference=reference, suspect=suspect, alpha=alpha, anchor=anchor)
@@ -161,7 +160,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
             raise UsageError("A black-box check of a model file needs --arch (the architecture its weights fit); or "
                              "read its weights with --whitebox --reference.")
         verdict = api.verify(key=key, arch=arch, suspect=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
-                             max_queries=budget, labels_only=not with_scores, device=device, progress=_progress())
+                             max_queries=budget, device=device, progress=_progress())
     _checked_release(verdict, release, key=key, report=report)
     _finish(verdict, as_json=as_json, unit="bits" if whitebox else "queries")
 
@@ -212,7 +211,9 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
               help="tiebreak log: ask until the evidence decides, the log runs out or --log-queries are asked "
                    f"(rounds of {SEQUENTIAL_ROUND}; anytime-valid e-process) instead of exactly --log-queries.")
 @click.option("--arch", default=None, help=ARCH_HELP + " (a model-file suspect)")
-@click.option("--with-scores", is_flag=True, help="A model-file suspect: let the verifier see scores.")
+@click.option("--with-scores", is_flag=True,
+              help="tiebreak, a model-file suspect: read its probabilities instead of its labels (labels by default: "
+                   "as strong for images, stronger for text in the panels measured).")
 @click.option("--device", default=None, help=SUSPECT_DEVICE_HELP)
 @_trigger_options
 @_http_options
@@ -230,7 +231,8 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         raise UsageError("--log needs --client (the API client suspected of training the suspect).")
     refuse(["client"] if log is None else [], "without --log")
     if rule is None:
-        refuse(["served", "holdout", "rule_queries", "rounds", "log_sequential"], "without --rule (tie-break only)")
+        refuse(["served", "holdout", "rule_queries", "rounds", "log_sequential", "with_scores"],
+               "without --rule (tie-break only)")
     if log is None:
         refuse(["log_queries", "rounds", "log_sequential"], "without --log")
     if log_sequential:
