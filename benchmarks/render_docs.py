@@ -68,6 +68,8 @@ WHAT = {
     "text_extraction_minilm_more": "the MiniLM victim and its in-scope MiniLM thief at beta 1 on three more keys, library unchanged",
     "text_extraction_minilm_k12": "the same on three more keys (keys 10-12 of the MiniLM victim), a plain replication",
     "text_extraction_minilm_k15": "the same on three more keys (keys 13-15 of the MiniLM victim), a plain replication",
+    "text_extraction_minilm_readings": "the same on three more keys, each suspect read from its labels and from its "
+                                       "probabilities side by side",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
     "mark_on_alarm_quick": "its quick mode",
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
@@ -77,6 +79,9 @@ WHAT = {
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
     "extraction_families_b1_more_a": "thieves of ten families, leave-family-out, at beta 1 on two more fresh keys (a replication)",
     "extraction_families_b1_more_b": "the same on two more fresh keys, side by side",
+    "extraction_families_readings": "the beta 1 families on two more fresh keys, every thief and null read from its "
+                                    "probabilities and from its labels",
+    "extraction_families_readings_b": "the same on two more fresh keys, side by side",
     "tiebreak_invariance_k0": "the principal feature map against shift-invariant ones (32, 16 directions), keys 0-1",
     "tiebreak_invariance_k2": "the same on keys 2-3",
     "tiebreak_conv1_k0": "the principal feature map against the first conv layer pooled over the image, keys 0-1",
