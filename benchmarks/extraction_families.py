@@ -444,7 +444,10 @@ def main() -> None:
     names = args.families.split(",") if args.families else list(QUICK_FAMILIES if args.quick else FAMILIES)
     families = [FAMILIES[n.strip()] for n in names]
     sequential = (not args.quick) if args.sequential is None else args.sequential
-    variants = {v: VARIANTS[v] for v in filter(None, (v.strip() for v in args.variants.split(",")))}
+    chosen_variants = [v for v in (v.strip() for v in args.variants.split(",")) if v]
+    if set(chosen_variants) - set(VARIANTS):
+        parser.error(f"--variants: choose among {', '.join(VARIANTS)}")
+    variants = {v: VARIANTS[v] for v in chosen_variants}
     name = args.name or ("extraction_families_quick" if args.quick else "extraction_families")
     start = time.perf_counter()
     setting = tiebreak_setting()
