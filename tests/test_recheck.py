@@ -179,19 +179,26 @@ def test_a_report_without_recorded_answers_is_not_confirmed_rather_than_called_t
     assert outcome.status == "partial" and "neither its answers nor a transcript" in outcome.tests[0]["note"]
 
 
-def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rule_and_served_model(files, tmp_path):
+def _tiebreak_verdict(files, tmp_path, *, labels_only: bool):
+    """A verdict with the committed-input tie-break test on an independent model, its rule and its re-check."""
     key, d = files
     rule = tmp_path / "rule.safetensors"
     api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
                        out=rule, references=[], verify_count=150)
     verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors", mode="fixed",
-                         rule=rule, rule_queries=150)
+                         rule=rule, rule_queries=150, labels_only=labels_only)
     assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
     doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
     assert doc["recheck"]["tests"]["api-tiebreak"].startswith("recomputed")
     outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
     assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
     assert abs(outcome.tests[1]["recomputed_log10_p"] - verdict.tests[1].log10_p) <= 1e-9
+    return verdict, rule
+
+
+def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rule_and_served_model(files, tmp_path):
+    _, d = files
+    _, rule = _tiebreak_verdict(files, tmp_path, labels_only=True)
     moved = tmp_path / "moved-rule.safetensors"
     rule.rename(moved)
     assert recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": moved}).status == "same"
@@ -201,18 +208,9 @@ def test_the_tiebreak_test_on_committed_inputs_is_recomputed_with_the_owners_rul
 
 
 def test_a_tiebreak_test_that_read_the_suspects_probabilities_is_recomputed_from_the_recorded_scores(files, tmp_path):
-    key, d = files
-    rule = tmp_path / "rule.safetensors"
-    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
-                       out=rule, references=[], verify_count=150)
-    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors", mode="fixed",
-                         rule=rule, rule_queries=150, labels_only=False)
+    _, d = files
+    verdict, rule = _tiebreak_verdict(files, tmp_path, labels_only=False)
     assert verdict.tests[1].details["read"].startswith("probabilities")
-    doc = write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
-    assert doc["recheck"]["tests"]["api-tiebreak"].startswith("recomputed")
-    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
-    assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
-    assert abs(outcome.tests[1]["recomputed_log10_p"] - verdict.tests[1].log10_p) <= 1e-9
     labels_only = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors",
                              mode="fixed", rule=rule, rule_queries=150)
     assert labels_only.tests[1].log10_p != verdict.tests[1].log10_p  # the scores, not the labels, were replayed
