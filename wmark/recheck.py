@@ -247,6 +247,10 @@ class _Record:
     source: str
     scores: dict[str, list[float] | None] = field(default_factory=dict)
 
+    @property
+    def has_scores(self) -> bool:
+        return any(row is not None for row in self.scores.values())
+
 
 def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
                  checks: list[str]) -> _Record | None:
@@ -363,8 +367,7 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     record = _answers_for(doc, path, transcript, checks)
     for test in verdict["tests"]:
         original = _test_from_dict(test)
-        why = not_recheckable(test, has_record=record is not None,
-                              has_scores=record is not None and any(v is not None for v in record.scores.values()))
+        why = not_recheckable(test, has_record=record is not None, has_scores=record is not None and record.has_scores)
         if why:
             tests.append(original)
             rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
