@@ -337,3 +337,34 @@ def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_th
                                      "thief", "--rule-queries", "300", "--log-queries", "300", "--fixed", "--json"])
     assert done.exit_code == 0, done.output
     assert '"extracted"' in done.output
+
+
+def test_a_text_suspect_is_read_from_its_labels_unless_its_probabilities_are_asked_for(world, tmp_path):
+    """A confident text classifier's labels are the stronger evidence, so a text rule reads them by default even
+    from a suspect that answers with probabilities; asking for them reads the clipped lean, and a report of either
+    reading is re-checked the way it was read."""
+    from wmark import api
+    from wmark.recheck import recheck
+    from wmark.report import write_report
+
+    key, rule, backend = world["key"], world["rule"], world["backend"]
+    scored = suspect(world, world["surrogate"], scores=True)
+    by_default = tiebreak_test(key=key, rule=rule, served=backend, suspect=scored, queries=300)
+    labels = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect(world, world["surrogate"]), queries=300)
+    asked = tiebreak_test(key=key, rule=rule, served=backend, suspect=scored, queries=300, use_scores=True)
+    logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=scored, log=world["log"], client="thief",
+                               queries=300)
+    assert by_default.details["read"] == "labels" and by_default.log10_p == labels.log10_p
+    assert logged.details["read"] == "labels"
+    assert asked.details["read"].startswith("probabilities") and asked.log10_p != labels.log10_p
+    tmp = world["tmp"]
+    save_model(world["surrogate"], tmp_path / "s.safetensors",
+               metadata={"arch": "text-bow", "num_classes": CLASSES, "input_shape": [LENGTH]})
+    for labels_only in (True, False):
+        verdict = api.verify(key=tmp / "owner.key", arch="text-bow", suspect=tmp_path / "s.safetensors", mode="fixed",
+                             rule=tmp / "rule.safetensors", rule_queries=300, labels_only=labels_only)
+        (test,) = [t for t in verdict.tests if t.name == "api-tiebreak"]
+        assert test.details["read"].startswith("labels" if labels_only else "probabilities")
+        write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+        outcome = recheck(report=tmp_path / "r.json", key=tmp / "owner.key")
+        assert outcome.status == "same", outcome.message

@@ -159,7 +159,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     ``rule`` the API served with). A tie-break ``rule`` also adds the committed-input test (its first
     ``rule_queries`` inputs; 0 skips it next to a log). The tie-break log test asks ``log_queries`` (default
     1000) in ``log_rounds`` rounds, or with ``log_mode="sequential"`` until its evidence suffices (at most
-    ``log_queries``, default 10,000). The served model is the one the rule records
+    ``log_queries``, default 10,000). The tie-break tests read the suspect's labels; with ``labels_only=False``
+    its probabilities (the suspect then exposes them). The served model is the one the rule records
     (``served``/``served_arch`` only if it moved). All tests are combined by :class:`wmark.evidence.Verifier`
     (weighted Holm, 8 to 1 towards the log test); the verdict's ``kind`` is ``copy`` if the trigger set is
     found, ``extracted`` if only an API-side mark is. See :func:`wmark.verify.assemble_tests`.
@@ -185,7 +186,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, progress=progress, log=log, client=client,
                            rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
-                           log_mode=log_mode)
+                           log_mode=log_mode, use_scores=not labels_only)
     verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
     files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            queries=rule_queries)

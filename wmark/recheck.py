@@ -301,8 +301,9 @@ def not_recheckable(test: dict[str, Any], *, has_record: bool, has_scores: bool 
 
 
 def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], overrides: Mapping[str, PathLike],
-                     checks: list[str], alpha: float, share: float) -> TestResult:
-    """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model."""
+                     checks: list[str], alpha: float, share: float, read: str) -> TestResult:
+    """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model,
+    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities)."""
     from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
     paths = {}
@@ -315,7 +316,8 @@ def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], 
         paths[name] = p
     checks.append("tie-break rule and served model SHA-256")
     (test,) = tiebreak_tests_from_files(key=key, rule=paths["rule"], served=paths["served"], arch=files["arch"] or None,
-                                        holdout=files.get("holdout"), queries=int(files["queries"]))
+                                        holdout=files.get("holdout"), queries=int(files["queries"]),
+                                        use_scores=read != "labels")
     return test.run(replay, alpha=alpha, share=share)
 
 
@@ -379,7 +381,8 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
         details = test.get("details", {})
         if test["name"] == TIEBREAK:
             redone = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
-                                      checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
+                                      checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
+                                      read=str(details.get("read", "labels")))
         else:
             redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
                                       max_queries=int(details.get("budget", len(record.labels))), batch_size=1,

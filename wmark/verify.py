@@ -178,7 +178,8 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
                    progress: bool = False, log: PathLike | None = None, client: str | None = None,
                    rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
                    holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
-                   log_rounds: int = 21, log_mode: Mode = "fixed") -> list[EvidenceTest]:
+                   log_rounds: int = 21, log_mode: Mode = "fixed",
+                   use_scores: bool | None = None) -> list[EvidenceTest]:
     """The tests one verification runs, in order: the trigger set, then the API-side marks the files given
     allow. The one place a workflow's tests are put together (a model file and an HTTP suspect alike).
 
@@ -206,6 +207,9 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         log_queries: Logged inputs to ask (sequential: at most).
         log_rounds: Fixed tie-break log test: rounds to ask them in.
         log_mode: The tie-break log test: ``fixed`` or ``sequential``.
+        use_scores: The tie-break tests: read the suspect's probabilities where it gives them (True), its labels
+            (False), or by default probabilities for an image key and labels for a text key
+            (:func:`~wmark.schemes.tiebreak.tests.reads_scores`).
 
     Raises:
         UsageError: On a partial or inconsistent set of files.
@@ -246,5 +250,5 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
 
         tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
                                                queries=rule_queries, log=log, client=client, log_queries=log_queries,
-                                               log_rounds=log_rounds, log_mode=log_mode))
+                                               log_rounds=log_rounds, log_mode=log_mode, use_scores=use_scores))
     return tests

@@ -58,6 +58,7 @@ from wmark.schemes.tiebreak.tests import (
     _next_round,
     _outside,
     _pair_sums,
+    reads_scores,
     select_log_inputs,
     tiebreak_statistic,
 )
@@ -74,7 +75,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
                             log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                             alpha: float = DEFAULT_ALPHA, share: float = 1.0, max_queries: int = SEQUENTIAL_BUDGET,
                             round_size: int = SEQUENTIAL_ROUND, rho: float = SEQUENTIAL_RHO,
-                            use_scores: bool = True) -> TestResult:
+                            use_scores: bool | None = None) -> TestResult:
     """The anytime-valid log test: ask the client's logged inputs until the evidence decides (module docstring).
 
     The first round asks the ``round_size`` inputs the reference surrogates leave most open
@@ -97,7 +98,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
         max_queries: The most logged inputs to ask (the budget, stated in the result).
         round_size: Inputs per round: the e-process is updated, and stopping considered, after each.
         rho: The mixing scale of the e-process (see the module docstring for the default's choice).
-        use_scores: Read probabilities when the suspect gives them (see :func:`~wmark.schemes.tiebreak.tiebreak_test`).
+        use_scores: Read probabilities when the suspect gives them (see :func:`~wmark.schemes.tiebreak.tiebreak_test`;
+            by default for an image rule only).
 
     Returns:
         A ``TestResult`` of weight ``LOG_TEST_WEIGHT`` whose ``log10_p`` is ``-log10 max E`` (anytime-valid),
@@ -151,7 +153,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
                                 outside=_outside(answers, lo[asked], hi[asked]) if labels_only else None,
                                 num_classes=key.num_classes, size=size)
         said, signs, read = _ask(suspect=suspect, xs=chosen.x[batch], lo=lo[batch], hi=hi[batch],
-                                 use_scores=use_scores)
+                                 use_scores=reads_scores(rule, use_scores))
         asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
         evidence = np.concatenate([evidence, signs])
         reads.append(read)

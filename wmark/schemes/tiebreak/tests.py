@@ -117,7 +117,7 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                   inputs: np.ndarray | None = None, queries: int = DEFAULT_QUERIES,
-                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool = True) -> TestResult:
+                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool | None = None) -> TestResult:
     """Test whether a suspect breaks the served model's near-ties the way the keyed head does.
 
     Args:
@@ -131,8 +131,9 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
             nearest to a tie of ``served`` are asked.
         queries: How many to ask, fixed before querying.
         min_ratio: With ``inputs``, only those with ``p_b / p_a`` at least this are eligible.
-        use_scores: When the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)`` (clipped)
-            instead of its labels' signs; the null is exact either way.
+        use_scores: True: when the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)``
+            (clipped) instead of its labels' signs; False: read labels. None (the default): probabilities for an
+            image rule, labels for a text rule (:func:`reads_scores`). The null is exact either way.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
@@ -162,7 +163,7 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
         pair_scores = all_scores[chosen]
     z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=xs, pair_scores=pair_scores,
-                                            use_scores=use_scores)
+                                            use_scores=reads_scores(rule, use_scores))
     return _result(name=SCHEME, z=z, info=info, answers=answers, read=read, rule=rule, selection=selection,
                    budget=queries, method="exact Gaussian (fixed n, owner-chosen inputs)",
                    null={"distribution": "N(0, 1)", "why": NULL_WHY})
@@ -280,7 +281,7 @@ def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
 def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                       log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                       queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
-                      first_share: float = LOG_FIRST_ROUND, use_scores: bool = True) -> TestResult:
+                      first_share: float = LOG_FIRST_ROUND, use_scores: bool | None = None) -> TestResult:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
 
     A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
@@ -324,7 +325,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         queries: How many logged inputs to ask in all, fixed before querying.
         rounds: In how many rounds to ask them (1: the ranking's first ``queries``).
         first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
-        use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`).
+        use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`; by default for an
+            image rule only).
 
     Raises:
         UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
@@ -357,7 +359,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
                                 asked=asked, evidence=evidence, outside=outside,
                                 num_classes=key.num_classes, size=size)
         said, signs, read = _ask(suspect=suspect, xs=chosen.x[batch], lo=lo[batch], hi=hi[batch],
-                                 use_scores=use_scores)
+                                 use_scores=reads_scores(rule, use_scores))
         asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
@@ -375,6 +377,17 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
                             "dataset); the committed-input tie-break test needs no such assumption"},
         extra={"client": chosen.client, "rounds": rounds}, weight=LOG_TEST_WEIGHT,
     )
+
+
+def reads_scores(rule: TieBreakRule, use_scores: bool | None) -> bool:
+    """Whether the tie-break tests read a suspect's probabilities (where it gives them) rather than its labels.
+
+    ``use_scores`` when given; by default probabilities for an image rule and labels for a text rule. A
+    fine-tuned text classifier is confident: its clipped lean sits at the clip wherever the task decides the
+    answer and is small at the close calls where the keyed lean shows, so its labels are the stronger evidence
+    (measured on MiniLM thieves: ``docs/extraction.md``); for images the two readings measured the same.
+    """
+    return rule.text is None if use_scores is None else use_scores
 
 
 def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -432,13 +445,14 @@ class TieBreakTest:
     served: Suspect
     inputs: np.ndarray | None = None
     queries: int = DEFAULT_QUERIES
+    use_scores: bool | None = None
     name: str = SCHEME
     weight: float = 1.0
     null: str = NULL_WHY
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
-                             queries=self.queries)
+                             queries=self.queries, use_scores=self.use_scores)
 
 
 @dataclass(frozen=True)
@@ -458,6 +472,7 @@ class TieBreakLogTest:
     queries: int | None = None
     rounds: int = DEFAULT_LOG_ROUNDS
     mode: str = "fixed"
+    use_scores: bool | None = None
     name: str = f"{SCHEME}-log"
     weight: float = LOG_TEST_WEIGHT
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
@@ -468,21 +483,23 @@ class TieBreakLogTest:
 
             return tiebreak_log_sequential(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
                                            chosen=self.chosen, alpha=alpha, share=share,
-                                           max_queries=SEQUENTIAL_BUDGET if self.queries is None else self.queries)
+                                           max_queries=SEQUENTIAL_BUDGET if self.queries is None else self.queries,
+                                           use_scores=self.use_scores)
         return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
                                  chosen=self.chosen, queries=DEFAULT_QUERIES if self.queries is None else self.queries,
-                                 rounds=self.rounds)
+                                 rounds=self.rounds, use_scores=self.use_scores)
 
 
 def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
                               arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
                               log_queries: int | None = None, log_rounds: int = DEFAULT_LOG_ROUNDS,
-                              log_mode: str = "fixed") -> list[TieBreakTest | TieBreakLogTest]:
+                              log_mode: str = "fixed", use_scores: bool | None = None) -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
     ``client``, the log test on that client's queries (``log_mode``, ``log_queries`` and ``log_rounds`` as
-    :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``). The served model is the one the rule records
+    :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``; ``use_scores`` for both, as
+    :func:`tiebreak_test`'s). The served model is the one the rule records
     (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
 
     Raises:
@@ -510,12 +527,13 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
         elif loaded.verification_inputs is None:
             raise UsageError(f"The tie-break rule {rule} carries no committed verification inputs; give the owner's "
                              "held inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
-        tests.append(TieBreakTest(key=key, rule=loaded, served=backend, inputs=inputs, queries=queries))
+        tests.append(TieBreakTest(key=key, rule=loaded, served=backend, inputs=inputs, queries=queries,
+                                  use_scores=use_scores))
     if log is not None:
         if client is None:
             raise UsageError("A query log is read for one client; name the client suspected of extraction.")
         with TieBreakLog(log, key=key, create=False) as opened:
             chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
-                                     rounds=log_rounds, mode=log_mode))
+                                     rounds=log_rounds, mode=log_mode, use_scores=use_scores))
     return tests
