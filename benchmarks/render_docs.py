@@ -70,6 +70,9 @@ WHAT = {
     "text_extraction_minilm_k15": "the same on three more keys (keys 13-15 of the MiniLM victim), a plain replication",
     "text_extraction_minilm_readings": "the same on three more keys, each suspect read from its labels and from its "
                                        "probabilities side by side",
+    "text_extraction_minilm_readings2_a": "both readings on three more fresh keys (the run that decided a text key "
+                                          "reads labels by default)",
+    "text_extraction_minilm_readings2_b": "its twin on three more fresh keys, in parallel",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
     "mark_on_alarm_quick": "its quick mode",
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",

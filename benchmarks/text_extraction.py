@@ -159,11 +159,11 @@ def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, 
     """The committed-input and log tests on the suspect's labels, combined by weighted Holm at ``ALPHA``; where the
     suspect has probabilities (a model, or a memo of one), the same tests reading them beside (``scores_*``)."""
     out = _verdict(key, rule, backend, _reading(model, text, scores=False), chosen, queries=queries,
-                   log_queries=log_queries)
+                   log_queries=log_queries, use_scores=False)
     scored = _reading(model, text, scores=True)
     if scored is not None:
         out.update({f"scores_{k}": v for k, v in _verdict(key, rule, backend, scored, chosen, queries=queries,
-                                                         log_queries=log_queries).items()})
+                                                         log_queries=log_queries, use_scores=True).items()})
     return out
 
 
@@ -179,15 +179,17 @@ def _reading(model: Any, text: TextInputs, *, scores: bool) -> Any:
 
 
 def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
-             *, queries: int, log_queries: int) -> dict[str, Any]:
-    committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries)
+             *, queries: int, log_queries: int, use_scores: bool) -> dict[str, Any]:
+    committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries,
+                              use_scores=use_scores)
     logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
-                               queries=log_queries)
+                               queries=log_queries, use_scores=use_scores)
     verdict = decide(key=key, tests=[committed, logged], alpha=ALPHA, suspect="suspect")
     out = {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
            "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
     if log_queries != queries:  # the same log test at the committed test's size, side by side
-        fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries)
+        fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries,
+                                  use_scores=use_scores)
         out[f"log_log10_p_at_{queries}"] = round(fewer.log10_p, 2)
     return out
 
