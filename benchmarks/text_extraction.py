@@ -49,7 +49,7 @@ from wmark.data import load_dataset
 from wmark.distill import accuracy_reached, extract
 from wmark.evidence import decide
 from wmark.io import load_tensors, save_model, save_tensors
-from wmark.keys import generate_key
+from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
     TieBreakAPI,
@@ -290,6 +290,18 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         yield row, chosen
 
 
+def text_key(k: int, keys_dir: Path | None, modality: dict[str, Any]) -> Any:
+    """Key ``k``: fresh, or shared through ``keys_dir`` (loaded when there, else written there, 0600)."""
+    path = None if keys_dir is None else keys_dir / f"k{k}.key"
+    if path is not None and path.exists():
+        return load_key(path)
+    key = generate_key(owner=f"Fortunes owner {k}", num_classes=8, modality=modality)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_key(key, path)
+    return key
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 key, 300/300 queries, fewer epochs: minutes.")
@@ -315,6 +327,11 @@ def main() -> None:
                         help="Keep at most this many texts of each third (a smoke run of the plumbing).")
     parser.add_argument("--name", default=None,
                         help="Results file name (default text_extraction, text_extraction_quick with --quick).")
+    parser.add_argument("--components", type=int, default=None,
+                        help="Principal directions of the served features the rule keeps (default: the library's).")
+    parser.add_argument("--keys-dir", type=Path, default=None,
+                        help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
+                             "settings side by side in separate processes on the same keys and thief seeds).")
     args = parser.parse_args()
     quick = args.quick
     n_keys = args.keys or (1 if quick else 3)
@@ -387,11 +404,13 @@ def main() -> None:
     nulls: list[dict[str, Any]] = []
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / f"wmark-text-extraction-{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
-    for k in range(n_keys):
-        key = generate_key(owner=f"Fortunes owner {k}", num_classes=8, modality=modality)
+    keyset = [text_key(k, args.keys_dir, modality) for k in range(n_keys)]
+    kept = None
+    for k, key in enumerate(keyset):
         featurizer = backend.features if minilm else penultimate_featurizer(victim, encode=text.encode)
-        rule = build_tiebreak_rule(key=key, x=xo, featurizer=featurizer,
+        rule = build_tiebreak_rule(key=key, x=xo, featurizer=featurizer, components=args.components,
                                    feature_space="served-penultimate", text=text)
+        kept = rule.components
         rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
         for beta in betas:
             with TieBreakLog(workdir / f"key{k}-beta{beta:g}.sqlite", key=key) as log:
@@ -439,6 +458,7 @@ def main() -> None:
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
+           "components": kept,
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
