@@ -1,0 +1,92 @@
+"""Honest clients' cost of the tie-break mark on the MiniLM text victim, by feature directions kept and shift scale.
+
+Trains no thief: the marked answers are the served log-probabilities plus ``beta`` times the rule's keyed shift,
+so the cost of any (directions, beta) is read off the served model's memoised logits and features on the test
+texts. Also prints the shift's root-mean-square per class on the owner's texts (where the whitening was fitted)
+and on the test texts: whitening the smaller principal directions from 2,019 texts underestimates their
+variance, so on new texts the shift is larger than on the owner's, the more so the more directions are kept.
+
+    python benchmarks/research/text_components_cost.py --keys-dir DIR [--components 64,128,256] [--betas ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.common import table, write_results  # noqa: E402
+from benchmarks.text_extraction import (  # noqa: E402
+    LENGTH,
+    TextTable,
+    text_key,
+    texts_and_labels,
+    trained,
+)
+from wmark.data import load_dataset  # noqa: E402
+from wmark.schemes.tiebreak import build_tiebreak_rule  # noqa: E402
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keys-dir", type=Path, action="append", required=True,
+                        help="Keys k0.key, k1.key, ... (as text_extraction.py --keys-dir); repeat for more.")
+    parser.add_argument("--keys", type=int, default=3, help="Keys per directory.")
+    parser.add_argument("--components", default="64,128,256")
+    parser.add_argument("--betas", default="0.6,0.7,0.8,0.9,1.0")
+    parser.add_argument("--name", default="research_text_components_cost")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    tok = load_tokenizer(MINILM)
+    modality = text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH)
+    text = TextInputs(tokenizer=tok, max_length=LENGTH)
+    owner = load_dataset("fortunes@owner")
+    xo, yo = texts_and_labels(owner.texts_train, owner.y_train, text)
+    xe, ye = texts_and_labels(owner.texts_test, owner.y_test, text)
+    victim = TextTable(trained("minilm-classifier", xo, yo, text, epochs=2, seed=0), text, description="victim",
+                       expose_scores=True)
+    scores = np.asarray(victim.query(xe).scores)
+    logp = np.log(scores)
+    plain = logp.argmax(1)
+    served_acc = float((plain == ye).mean())
+    feats_o, feats_e = victim.features(xo), victim.features(xe)
+    print(f"victim {served_acc:.4f}; features of {len(xo)} + {len(xe)} texts ({time.perf_counter() - start:.0f} s)",
+          flush=True)
+    rows = []
+    keys = [(str(d), k, text_key(k, d, modality)) for d in args.keys_dir for k in range(args.keys)]
+    for where, k, key in keys:
+        for comps in (int(c) for c in args.components.split(",")):
+            rule = build_tiebreak_rule(key=key, x=xo, featurizer=victim.features, feature_space="served-penultimate",
+                                       components=comps, text=text)
+            shift_o, shift_e = rule.shifts_of(rule.whiten(feats_o)), rule.shifts_of(rule.whiten(feats_e))
+            for beta in (float(b) for b in args.betas.split(",")):
+                marked = (logp + beta * shift_e).argmax(1)
+                rows.append({"keys": where, "key": k, "components": comps, "beta": beta,
+                             "cost_pp": round(100 * (served_acc - float((marked == ye).mean())), 2),
+                             "changed": round(float((marked != plain).mean()), 4),
+                             "shift_rms_owner": round(float(np.sqrt((shift_o ** 2).mean())), 3),
+                             "shift_rms_test": round(float(np.sqrt((shift_e ** 2).mean())), 3)})
+    print(table(rows, list(rows[0])))
+    summary = []
+    for comps in sorted({r["components"] for r in rows}):
+        for beta in sorted({r["beta"] for r in rows}):
+            sel = [r for r in rows if r["components"] == comps and r["beta"] == beta]
+            summary.append({"components": comps, "beta": beta,
+                            "mean_cost_pp": round(float(np.mean([r["cost_pp"] for r in sel])), 2),
+                            "mean_changed": round(float(np.mean([r["changed"] for r in sel])), 4),
+                            "shift_rms_test": round(float(np.mean([r["shift_rms_test"] for r in sel])), 3)})
+    print()
+    print(table(summary, list(summary[0])))
+    path = write_results(args.name, {"served_accuracy": served_acc, "rows": rows, "summary": summary,
+                                     "keys": len(keys), "seconds": round(time.perf_counter() - start, 1)})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
