@@ -73,6 +73,13 @@ WHAT = {
     "text_extraction_minilm_readings2_a": "both readings on three more fresh keys (the run that decided a text key "
                                           "reads labels by default)",
     "text_extraction_minilm_readings2_b": "its twin on three more fresh keys, in parallel",
+    "text_extraction_minilm_k64": "the MiniLM thief on three more keys with the rule's 64 feature directions "
+                                  "(first stage of the directions comparison)",
+    "text_extraction_minilm_k256": "the same keys and thief seeds with 256 feature directions",
+    "text_extraction_minilm_s2k64": "three more keys with 64 feature directions (second stage)",
+    "text_extraction_minilm_s2k128": "the same keys and thief seeds with 128 feature directions",
+    "research_text_components_cost": "the text mark's honest cost by feature directions and shift scale on ten "
+                                     "keys, read off the victim's answers (no thief)",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
     "mark_on_alarm_quick": "its quick mode",
     "extraction_families": "thieves of ten families, leave-family-out, at beta 1 on three fresh keys (beta 0.5 on one)",
