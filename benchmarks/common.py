@@ -29,6 +29,22 @@ def cached(config: dict[str, Any], make: Callable[[Path], None]) -> Path:
     return path
 
 
+def shared_key(k: int, keys_dir: Path | None, make: Callable[[], Any]) -> Any:
+    """Key ``k``: ``make()`` fresh, or shared through ``keys_dir`` (``k{k}.key`` loaded when there, else written
+    there, 0600), so that settings can be compared in separate processes on the same keys."""
+    from wmark.keys import load_key, save_key
+
+    if keys_dir is None:
+        return make()
+    path = keys_dir / f"k{k}.key"
+    if path.exists():
+        return load_key(path)
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    key = make()
+    save_key(key, path)
+    return key
+
+
 def machine() -> dict[str, Any]:
     """Where the numbers were measured."""
     return {

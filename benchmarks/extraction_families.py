@@ -82,6 +82,7 @@ from common import (
     SCOPE_PP,
     cached_references,
     extraction_independents,
+    shared_key,
     table,
     tiebreak_setting,
     write_results,
@@ -91,7 +92,7 @@ from torch import nn
 
 from wmark.distill import extract, query_victim
 from wmark.evidence import alpha_share
-from wmark.keys import generate_key, load_key, save_key
+from wmark.keys import generate_key
 from wmark.models import build_model, load_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
     LOG_TEST_WEIGHT,
@@ -599,16 +600,9 @@ def main() -> None:
 
 
 def family_key(k: int, keys_dir: Path | None) -> Any:
-    """Key ``k``: fresh, or shared through ``keys_dir`` (loaded when there, else written there, 0600)."""
-    if keys_dir is None:
-        return generate_key(owner=f"Families Owner {k}", num_classes=10, input_shape=SHAPE)
-    path = keys_dir / f"k{k}.key"
-    if path.exists():
-        return load_key(path)
-    keys_dir.mkdir(parents=True, exist_ok=True)
-    key = generate_key(owner=f"Families Owner {k}", num_classes=10, input_shape=SHAPE)
-    save_key(key, path)
-    return key
+    """Key ``k``: fresh, or shared through ``keys_dir`` (:func:`benchmarks.common.shared_key`)."""
+    return shared_key(k, keys_dir, lambda: generate_key(owner=f"Families Owner {k}", num_classes=10,
+                                                          input_shape=SHAPE))
 
 
 def committed_null(null: dict[str, Any], k: int, s: str, key: Any, rules: dict[int, dict[str, Any]], served: Any,

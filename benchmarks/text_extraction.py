@@ -44,12 +44,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks.common import cached, table, write_results
+from benchmarks.common import cached, shared_key, table, write_results
 from wmark.data import load_dataset
 from wmark.distill import accuracy_reached, extract
 from wmark.evidence import decide
 from wmark.io import load_tensors, save_model, save_tensors
-from wmark.keys import generate_key, load_key, save_key
+from wmark.keys import generate_key
 from wmark.models import build_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
     TieBreakAPI,
@@ -291,15 +291,9 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
 
 
 def text_key(k: int, keys_dir: Path | None, modality: dict[str, Any]) -> Any:
-    """Key ``k``: fresh, or shared through ``keys_dir`` (loaded when there, else written there, 0600)."""
-    path = None if keys_dir is None else keys_dir / f"k{k}.key"
-    if path is not None and path.exists():
-        return load_key(path)
-    key = generate_key(owner=f"Fortunes owner {k}", num_classes=8, modality=modality)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_key(key, path)
-    return key
+    """Key ``k``: fresh, or shared through ``keys_dir`` (:func:`benchmarks.common.shared_key`)."""
+    return shared_key(k, keys_dir, lambda: generate_key(owner=f"Fortunes owner {k}", num_classes=8,
+                                                          modality=modality))
 
 
 def main() -> None:
