@@ -274,11 +274,13 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
                **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=log_queries)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
-    # "minilm-3ep": the MiniLM thief's whole 3-epoch fine-tune, not stopped once within 5 pp
-    for t, name in enumerate(a for a in ("text-bow", "tiny-bert", "minilm-classifier", "minilm-3ep") if a in archs):
-        client, arch = f"thief-{name}", "minilm-classifier" if name == "minilm-3ep" else name
-        epochs = {"text-bow": cap, "tiny-bert": max(3, cap // 3), "minilm-classifier": 3}[arch]
-        stop = None if name == "minilm-3ep" else accuracy_reached(ids_e, y_e, victim_acc - 0.05)
+    # "minilm-3ep" / "minilm-1ep": the MiniLM thief's whole 3-epoch or exactly one-epoch fine-tune, not stopped once
+    # within 5 pp (one epoch: every setting's thief trains the same, so their evidence compares at equal training)
+    fixed = {"minilm-3ep": 3, "minilm-1ep": 1}
+    for t, name in enumerate(a for a in ("text-bow", "tiny-bert", "minilm-classifier", *fixed) if a in archs):
+        client, arch = f"thief-{name}", "minilm-classifier" if name in fixed else name
+        epochs = fixed.get(name) or {"text-bow": cap, "tiny-bert": max(3, cap // 3), "minilm-classifier": 3}[arch]
+        stop = None if name in fixed else accuracy_reached(ids_e, y_e, victim_acc - 0.05)
         stolen = extract(api.for_client(client), x=xa, arch=arch, epochs=epochs, lr=VICTIM_LR[arch], batch_size=32,
                          seed=seed + t, text=text, stop=stop)
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
@@ -315,7 +317,7 @@ def main() -> None:
     parser.add_argument("--log-queries", type=int, default=None,
                         help="Logged queries the log test asks (default: as many as the committed-input test).")
     parser.add_argument("--thieves", default=None,
-                        help="Comma-separated thieves (text-bow, tiny-bert, minilm-classifier, minilm-3ep, "
+                        help="Comma-separated thieves (text-bow, tiny-bert, minilm-classifier, minilm-3ep, minilm-1ep, "
                              "minilm-probe-minimal, minilm-probe-converged); default by victim.")
     parser.add_argument("--max-texts", type=int, default=None,
                         help="Keep at most this many texts of each third (a smoke run of the plumbing).")
