@@ -84,6 +84,8 @@ WHAT = {
     "text_extraction_minilm_s3ak128": "the same keys and thief seeds with 128 feature directions",
     "text_extraction_minilm_s4k64": "six more keys with 64 feature directions at beta 1 (fourth stage)",
     "text_extraction_minilm_s4k128": "the same keys and thief seeds with 128 feature directions at beta 0.95 (equal cost)",
+    "text_extraction_minilm_s5k64": "six more keys, 64 directions at beta 1, a MiniLM thief trained exactly one epoch (fifth stage)",
+    "text_extraction_minilm_s5k128": "the same keys and thief seeds, 128 directions at beta 0.95",
     "research_text_components_cost": "the text mark's honest cost by feature directions and shift scale on ten "
                                      "keys, read off the victim's answers (no thief)",
     "mark_on_alarm": "the tie-break mark only for clients the monitor flags: honest shops' cost, thieves' verdicts",
