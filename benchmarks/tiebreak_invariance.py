@@ -7,7 +7,9 @@ the 64 largest whitened directions of the served model's penultimate features; o
 (``research/invariant_map.py``: ``invariant_rule`` with ``image_shifts(2)``) keeps instead the directions that move
 least under shifts of up to 2 pixels; ``conv1-global`` reads the served CNN's first conv layer, ReLU'd and
 averaged over the image (``PooledFeaturizer``; its keyed difference near ties survives a 1-pixel shift with
-correlation 0.98, ``research/pooled_invariance.py``). Measured here, not adopted:
+correlation 0.98, ``research/pooled_invariance.py``); ``rank1`` / ``rank3`` keep the principal map and draw a
+rank-1 or rank-3 keyed head (``research/rank_map.py``: the same shift energy in fewer feature directions, read by
+its exact conditional ``Z``). Measured here, not adopted:
 ``docs/research/extraction-families.md``.
 
 Per fresh key and map: one rule, its 1000 verification inputs committed with all 32 references, the 16 CNN ones
@@ -56,6 +58,7 @@ from common import (
 )
 from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, Family, fit, query_pool, true_label_nulls
 from invariant_map import PooledFeaturizer, image_shifts, invariant_rule
+from rank_map import rank_rule, use_rank_statistic
 from torch import nn
 
 from wmark.distill import query_victim
@@ -79,7 +82,8 @@ ALPHA = 1e-6
 WEIGHTS = [1.0, 1.0, LOG_TEST_WEIGHT]
 SUBSETS = ("all", "cnn", "mlp")
 MAPS = {"principal64": {"components": 64}, "invariant32": {"components": 32, "invariance": 2},
-        "invariant16": {"components": 16, "invariance": 2}, "conv1-global": {"components": 15, "pooled": "conv1"}}
+        "invariant16": {"components": 16, "invariance": 2}, "conv1-global": {"components": 15, "pooled": "conv1"},
+        "rank1": {"components": 64, "rank": 1}, "rank3": {"components": 64, "rank": 3}}
 
 
 def affine_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -153,6 +157,11 @@ def summarise(rows: list[dict[str, Any]], nulls: list[dict[str, Any]], costs: li
 
 
 def main() -> None:
+    with use_rank_statistic():  # a rank map's rule is read by its conditional Z; every other rule as before
+        run()
+
+
+def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keys", type=int, default=2)
     parser.add_argument("--first-key", type=int, default=0)
@@ -197,6 +206,8 @@ def main() -> None:
                      "feature_space": f"served-{spec['pooled']}-global" if "pooled" in spec else "served-penultimate"}
             base = (invariant_rule(invariance=image_shifts(spec["invariance"]), **build) if "invariance" in spec
                     else build_tiebreak_rule(**build))
+            if "rank" in spec:
+                base = rank_rule(base, key=key, rank=spec["rank"])
             if not commits:  # the committed inputs depend on the served model and references only
                 commits.update({s: commit_verification_inputs(base, served=served, x=setting.x_owner, references=refs,
                                                               count=1000, how=f"{s} references")
