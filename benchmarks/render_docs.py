@@ -104,6 +104,8 @@ WHAT = {
     "tiebreak_invariance_k2": "the same on keys 2-3",
     "tiebreak_conv1_k0": "the principal feature map against the first conv layer pooled over the image, keys 0-1",
     "tiebreak_conv1_k2": "the same on keys 2-3",
+    "tiebreak_rank_k24": "the library's keyed head against rank-1 and rank-3 heads (same map and energy), keys 24-25",
+    "tiebreak_rank_k26": "the same on keys 26-27",
     "tiebreak_aug_references_k0": "MLP references distilled with shift augmentation, leave-family-out, keys 0-1",
     "tiebreak_aug_references_k2": "the same on keys 2-3",
     "tiebreak_aug_references_control_k0": "augmented references against as many more unshifted ones, keys 0-1",
