@@ -9,7 +9,9 @@ least under shifts of up to 2 pixels; ``conv1-global`` reads the served CNN's fi
 averaged over the image (``PooledFeaturizer``; its keyed difference near ties survives a 1-pixel shift with
 correlation 0.98, ``research/pooled_invariance.py``); ``rank1`` / ``rank3`` keep the principal map and draw a
 rank-1 or rank-3 keyed head (``research/rank_map.py``: the same shift energy in fewer feature directions, read by
-its exact conditional ``Z``). Measured here, not adopted:
+its exact conditional ``Z``); ``shared32-mlp`` keeps the 32 directions of the principal space that the 16 MLP
+references represent best (``research/shared_map.py``; leave-family-out only for the conv thieves). Measured
+here, not adopted:
 ``docs/research/extraction-families.md``.
 
 Per fresh key and map: one rule, its 1000 verification inputs committed with all 32 references, the 16 CNN ones
@@ -59,6 +61,7 @@ from common import (
 from extraction_families import FAMILIES, LFO_SUBSET, SHAPE, Family, fit, query_pool, true_label_nulls
 from invariant_map import PooledFeaturizer, image_shifts, invariant_rule
 from rank_map import rank_rule, use_rank_statistic
+from shared_map import shared_rule
 from torch import nn
 
 from wmark.distill import query_victim
@@ -83,7 +86,8 @@ WEIGHTS = [1.0, 1.0, LOG_TEST_WEIGHT]
 SUBSETS = ("all", "cnn", "mlp")
 MAPS = {"principal64": {"components": 64}, "invariant32": {"components": 32, "invariance": 2},
         "invariant16": {"components": 16, "invariance": 2}, "conv1-global": {"components": 15, "pooled": "conv1"},
-        "rank1": {"components": 64, "rank": 1}, "rank3": {"components": 64, "rank": 3}}
+        "rank1": {"components": 64, "rank": 1}, "rank3": {"components": 64, "rank": 3},
+        "shared32-mlp": {"components": 32, "shared": "mlp"}}
 
 
 def affine_batch(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -204,8 +208,12 @@ def run() -> None:
                      "featurizer": (PooledFeaturizer(setting.victim, spec["pooled"], quadrants=False) if "pooled" in spec
                                     else featurizer),
                      "feature_space": f"served-{spec['pooled']}-global" if "pooled" in spec else "served-penultimate"}
-            base = (invariant_rule(invariance=image_shifts(spec["invariance"]), **build) if "invariance" in spec
-                    else build_tiebreak_rule(**build))
+            r2 = None
+            if "shared" in spec:
+                base, r2 = shared_rule(references=subsets[spec["shared"]], **build)
+            else:
+                base = (invariant_rule(invariance=image_shifts(spec["invariance"]), **build) if "invariance" in spec
+                        else build_tiebreak_rule(**build))
             if "rank" in spec:
                 base = rank_rule(base, key=key, rank=spec["rank"])
             if not commits:  # the committed inputs depend on the served model and references only
@@ -218,7 +226,8 @@ def run() -> None:
             log = TieBreakLog(Path(tmp.name) / f"k{k}-{m}.sqlite", key=key)
             api = TieBreakAPI(key=key, backend=served, rule=rules["all"], beta=1.0, log=log, expose_scores=False)
             cost = accuracy_cost(api=api, x=setting.xt, y=setting.yt)
-            costs.append({"key": k, "map": m, **cost})
+            costs.append({"key": k, "map": m, **cost,
+                          **({} if r2 is None else {"shared_r2": [round(float(v), 4) for v in r2]})})
             print(f"key {k} {m}: rule in {time.perf_counter() - t0:.0f} s, cost {cost['accuracy_cost_pp']:.2f} pp",
                   flush=True)
             committed_null: dict[tuple[int, str], float] = {}
