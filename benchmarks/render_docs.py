@@ -106,6 +106,8 @@ WHAT = {
     "tiebreak_conv1_k2": "the same on keys 2-3",
     "tiebreak_rank_k24": "the library's keyed head against rank-1 and rank-3 heads (same map and energy), keys 24-25",
     "tiebreak_rank_k26": "the same on keys 26-27",
+    "tiebreak_shared_k30": "the principal map against the 32 directions the MLP references represent best, keys 30-31",
+    "tiebreak_shared_k32": "the same on keys 32-33",
     "tiebreak_aug_references_k0": "MLP references distilled with shift augmentation, leave-family-out, keys 0-1",
     "tiebreak_aug_references_k2": "the same on keys 2-3",
     "tiebreak_aug_references_control_k0": "augmented references against as many more unshifted ones, keys 0-1",
