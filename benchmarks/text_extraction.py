@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent / "research")]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.common import cached, shared_key, table, write_results
@@ -67,8 +67,6 @@ from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
 from wmark.training import accuracy, make_loader, train_epochs
-
-from rank_map import rank_rule, use_rank_statistic  # noqa: E402  (research/, put on the path above)
 
 ALPHA = 1e-6
 LENGTH = 64
@@ -301,11 +299,6 @@ def text_key(k: int, keys_dir: Path | None, modality: dict[str, Any]) -> Any:
 
 
 def main() -> None:
-    with use_rank_statistic():  # a --rank rule is read by its conditional Z; the library's rule as always
-        run()
-
-
-def run() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 key, 300/300 queries, fewer epochs: minutes.")
     parser.add_argument("--keys", type=int, default=None, help="Fresh keys (default 3; 1 with --quick).")
@@ -332,8 +325,6 @@ def run() -> None:
                         help="Results file name (default text_extraction, text_extraction_quick with --quick).")
     parser.add_argument("--components", type=int, default=None,
                         help="Principal directions of the served features the rule keeps (default: the library's).")
-    parser.add_argument("--rank", type=int, default=None,
-                        help="A research rank-r keyed head instead of the library's (research/rank_map.py).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -417,8 +408,6 @@ def run() -> None:
                                    feature_space="served-penultimate", text=text)
         kept = rule.components
         rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
-        if args.rank:
-            rule = rank_rule(rule, key=key, rank=args.rank)
         for beta in betas:
             with TieBreakLog(workdir / f"key{k}-beta{beta:g}.sqlite", key=key) as log:
                 api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
@@ -465,7 +454,7 @@ def run() -> None:
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
-           "components": kept, "rank": args.rank,
+           "components": kept,
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),

@@ -15,8 +15,8 @@ here, not adopted:
 ``docs/research/extraction-families.md``.
 
 Per fresh key and map: one rule, its 1000 verification inputs committed with all 32 references, the 16 CNN ones
-and the 16 MLP ones; one label-only marked API (beta 1, or the map's ``--map-betas``) with a log; the honest
-cost on the attacker's 10k test images; thieves trained through it with the same seeds under every map (paired), verified leave-family-out as in
+and the 16 MLP ones; one label-only marked API (beta 1) with a log; the honest cost on the attacker's 10k test
+images; thieves trained through it with the same seeds under every map (paired), verified leave-family-out as in
 ``extraction_families.py`` (conv thieves with the MLP references, the MLP thief with the CNN ones) and in-sample.
 
 Thieves: ``cnn-adam-hard`` and ``mlp-adam-hard`` (the reference panel's families), ``bn-cnn-sgd`` (rolls of up to
@@ -172,11 +172,8 @@ def run() -> None:
     parser.add_argument("--maps", default=",".join(MAPS))
     parser.add_argument("--families", default=",".join(THIEVES))
     parser.add_argument("--name", default="tiebreak_invariance")
-    parser.add_argument("--map-betas", default="",
-                        help="Shift scales other than 1 per map, e.g. shared32-mlp=0.84 (to compare maps at equal cost).")
     args = parser.parse_args()
     maps = [m.strip() for m in args.maps.split(",")]
-    betas = {m: float(b) for m, b in (item.split("=") for item in args.map_betas.split(",") if item)}
     families = [THIEVES[f.strip()] for f in args.families.split(",")]
     start = time.perf_counter()
     setting = tiebreak_setting()
@@ -196,7 +193,7 @@ def run() -> None:
 
     def write(done: str) -> None:
         plain = {"summary": summarise(rows, nulls, costs), "rows": rows, "null_checks": nulls,
-                 "costs": costs, "progress": done, "maps": {m: {**MAPS[m], "beta": betas.get(m, 1.0)} for m in maps},
+                 "costs": costs, "progress": done, "maps": {m: MAPS[m] for m in maps},
                  "families": [f.name for f in families], "first_key": args.first_key, "keys": args.keys,
                  "victim_accuracy": setting.victim_accuracy, "scope_pp": SCOPE_PP,
                  "null_models": [n for n, _ in nets], "seconds": time.perf_counter() - start, "machine": machine()}
@@ -227,8 +224,7 @@ def run() -> None:
                                             verification=c.verification, references=c.references)
                      for s, c in commits.items()}
             log = TieBreakLog(Path(tmp.name) / f"k{k}-{m}.sqlite", key=key)
-            api = TieBreakAPI(key=key, backend=served, rule=rules["all"], beta=betas.get(m, 1.0), log=log,
-                              expose_scores=False)
+            api = TieBreakAPI(key=key, backend=served, rule=rules["all"], beta=1.0, log=log, expose_scores=False)
             cost = accuracy_cost(api=api, x=setting.xt, y=setting.yt)
             costs.append({"key": k, "map": m, **cost,
                           **({} if r2 is None else {"shared_r2": [round(float(v), 4) for v in r2]})})

@@ -18,6 +18,10 @@ RESULTS = Path(__file__).resolve().parents[1] / "results"
 BAR = -6.0
 
 
+def _scope(row: dict) -> str:
+    return "" if row["within_5pp"] else " (out)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="+")
@@ -41,9 +45,8 @@ def main() -> None:
         print("| family | key | epochs | verdict LFO | epochs (base) | verdict LFO (base) |")
         print("|---|---|---|---|---|---|")
         for b, o in sorted(pairs, key=lambda p: (p[1]["family"], p[1]["key"])):
-            scope = lambda r: "" if r["within_5pp"] else " (out)"  # noqa: E731
-            print(f"| {o['family']} | {o['key']} | {o['epochs']} | {o['verdict_lfo']:.1f}{scope(o)} | {b['epochs']} | "
-                  f"{b['verdict_lfo']:.1f}{scope(b)} |")
+            print(f"| {o['family']} | {o['key']} | {o['epochs']} | {o['verdict_lfo']:.1f}{_scope(o)} | {b['epochs']} | "
+                  f"{b['verdict_lfo']:.1f}{_scope(b)} |")
         for label, sel in (("map", [o for _, o in pairs]), ("base", [b for b, _ in pairs])):
             scoped = [r for r in sel if r["within_5pp"]]
             name = m if label == "map" else args.baseline

@@ -1,11 +1,11 @@
-"""A low-rank keyed head for the tie-break rule (research; ``docs/research/extraction-families.md``).
+"""A low-rank keyed head for the tie-break rule (measured, not adopted: ``docs/research/extraction-families.md``).
 
 The library's keyed head ``w`` (C×k) has iid N(0, 1) entries, so its shift ``u(x) = w psi(x) / sqrt(k)`` moves
 each class along its own direction: a surrogate must pick up C−1 new feature directions to reproduce it. A
-rank-``r`` head ``w ~ a b`` (``a``: C×r, ``b``: r×k, both iid N(0, 1) from the key) puts the same shift energy into ``r``
-feature directions read out to every class. The hypothesis: a thief that
-stops early learns a few strong directions sooner than many weak ones (gradient descent fits the largest
-singular modes of its target first), so it carries more of a low-rank mark per changed answer.
+rank-``r`` head ``w ~ a b`` (``a``: C×r, ``b``: r×k, both iid N(0, 1) from the key) puts the same shift energy
+into ``r`` feature directions read out to every class. The hypothesis: a thief that stops early learns a few
+strong directions sooner than many weak ones (gradient descent fits the largest singular modes of its target
+first), so it carries more of a low-rank mark per changed answer.
 
 The served head is normalised so that its energy does not vary from key to key (an unnormalised product of
 Gaussians does: on two keys a rank-1 head cost 0.45 and 4.65 pp at beta 1 where the library's cost 2.49 and
@@ -22,14 +22,17 @@ same ``Z`` for the same fraction of the shift learnt, so only the learning can d
 :func:`rank_rule` turns a library rule into a :class:`RankRule` (the same feature map, the low-rank head);
 :func:`use_rank_statistic` makes the library's tests read a :class:`RankRule` with the conditional ``Z`` (a
 research patch of ``wmark.schemes.tiebreak.tests.tiebreak_statistic``; every other rule is read as before).
+Side by side with the library's head (``benchmarks/tiebreak_invariance.py --maps principal64,rank1,rank3``) both
+low-rank heads were weaker: their thieves reached the accuracy bar sooner and carried less of the mark.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
