@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from wmark.errors import UsageError
+from wmark.monitor.api import monitor_report
 from wmark.monitor.gate import Gate
 from wmark.monitor.monitor import (
     ExtractionMonitor,
@@ -226,3 +227,11 @@ def test_state_file_keeps_quotas_and_alarms_across_restarts(fmap, tmp_path):
     state.write_text("[]")
     with pytest.raises(UsageError, match="is not a wmark state file"):
         Gate(policy=policy, clients=["shop"], state_path=state)
+
+
+def test_the_alarm_log_exists_from_the_start_so_a_quiet_server_reports_no_alarms(tmp_path):
+    log = tmp_path / "alarms.jsonl"
+    Gate(policy=Policy(), clients=["shop"], alarm_log=log).close()
+    assert monitor_report(alarm_log=log) == {"clients": {}, "alarms": 0}
+    with pytest.raises(UsageError, match="Cannot create the alarm log .* choose a writable path"):
+        Gate(policy=Policy(), clients=["shop"], alarm_log=tmp_path / "missing" / "alarms.jsonl")

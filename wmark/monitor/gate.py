@@ -96,6 +96,13 @@ class Gate:
         self.policy = policy or Policy()
         self.monitor = monitor
         self.alarm_log = None if alarm_log is None else Path(alarm_log)
+        if self.alarm_log is not None:
+            # created up front, so that `wmark monitor report` on a server that raised no alarm reports none
+            try:
+                self.alarm_log.touch()
+            except OSError as e:
+                raise UsageError(f"Cannot create the alarm log {self.alarm_log} ({e.strerror}); "
+                                 "choose a writable path.") from None
         self.state_path = None if state_path is None else Path(state_path)
         self.labels_only = labels_only
         self.metrics_token = metrics_token
