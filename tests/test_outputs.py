@@ -1,0 +1,85 @@
+"""Output files: unwritable paths are refused in one sentence that names them, before any work, leaving nothing."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from wmark.cli import main
+from wmark.errors import RuntimeFailure, UsageError
+from wmark.io import atomic_write, load_tensors
+from wmark.keys import generate_key, load_key, save_key
+
+
+def _cli(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+def _deny_new_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only directory as a non-root user sees it (the tests run as root, which may write anywhere)."""
+    def refuse(*_args: Any, **_kwargs: Any) -> tuple[int, str]:
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/.x.tmp")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+@pytest.fixture()
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "owner.key"
+    save_key(generate_key(owner="Test Owner", num_classes=10, input_shape=(1, 8, 8), num_triggers=10), path)
+    return path
+
+
+# D1: permission errors name the real path, never a temporary file
+
+
+def test_a_read_only_directory_names_the_file_not_a_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _deny_new_files(monkeypatch)
+    with pytest.raises(UsageError, match=rf"^Cannot write {tmp_path / 'k.key'}: permission denied; choose a writable"):
+        with atomic_write(tmp_path / "k.key"):
+            pass
+
+
+def test_keygen_into_a_read_only_directory_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _deny_new_files(monkeypatch)
+    code, err = _cli("keygen", "--owner", "A", "--out", str(tmp_path / "k.key"))
+    assert code == 2
+    assert err == f"error: Cannot write {tmp_path / 'k.key'}: permission denied; choose a writable directory.\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_a_runtime_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(*_args: Any) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full)
+    with pytest.raises(RuntimeFailure, match=rf"^Cannot write {tmp_path / 'out.bin'}: No space left on device"):
+        with atomic_write(tmp_path / "out.bin") as tmp:
+            Path(tmp).write_text("x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreadable_key_is_a_usage_error(key_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(*_args: Any, **_kwargs: Any) -> str:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(UsageError, match=rf"^Cannot read key file {key_file}: permission denied"):
+        load_key(key_file)
+
+
+def test_a_model_in_an_unsearchable_directory_is_a_usage_error(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(*_args: Any, **_kwargs: Any) -> bool:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(Path, "is_file", denied)
+    with pytest.raises(UsageError, match="^Cannot read model file .*m.safetensors: permission denied"):
+        load_tensors(tmp_path / "m.safetensors")
