@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from wmark import api
 from wmark.cli import main
 from wmark.errors import RuntimeFailure, UsageError
-from wmark.io import atomic_write, load_tensors
+from wmark.io import atomic_write, atomic_writes, load_tensors
 from wmark.keys import generate_key, load_key, save_key
 
 
@@ -28,6 +29,10 @@ def _deny_new_files(monkeypatch: pytest.MonkeyPatch) -> None:
         raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/.x.tmp")
 
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def _must_not_run(*_args: Any, **_kwargs: Any) -> Any:
+    raise AssertionError("the work ran before its output path was checked")
 
 
 @pytest.fixture()
@@ -83,3 +88,48 @@ def test_a_model_in_an_unsearchable_directory_is_a_usage_error(tmp_path: Path,
     monkeypatch.setattr(Path, "is_file", denied)
     with pytest.raises(UsageError, match="^Cannot read model file .*m.safetensors: permission denied"):
         load_tensors(tmp_path / "m.safetensors")
+
+
+# D2: every output path is checked before the work; files that belong together appear together
+
+
+def test_train_into_a_missing_directory_stops_before_training(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "train", _must_not_run)
+    code, err = _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--out", str(tmp_path / "no" / "m.st"))
+    assert (code, err) == (2, f"error: Directory {tmp_path / 'no'} does not exist; create it first.\n")
+
+
+def test_verify_api_checks_its_report_before_sending_a_query(key_file: Path, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "verify_remote", _must_not_run)
+    code, err = _cli("verify", "api", "--key", str(key_file), "--suspect", "http://127.0.0.1:9", "--budget", "10",
+                     "--report", str(tmp_path / "no" / "r.html"))
+    assert (code, err) == (2, f"error: Directory {tmp_path / 'no'} does not exist; create it first.\n")
+
+
+def test_a_directory_where_the_report_twin_goes_is_refused_first(key_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "rep.json").mkdir()
+    monkeypatch.setattr(api, "verify", _must_not_run)
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect",
+                     str(tmp_path / "s.safetensors"), "--report", str(tmp_path / "rep.html"))
+    assert (code, err) == (2, f"error: Cannot write {tmp_path / 'rep.json'}: it is a directory; give a file path.\n")
+    assert not (tmp_path / "rep.html").exists()
+
+
+def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.replace
+
+    def second_fails(src: str, dst: Any) -> None:
+        if str(dst).endswith(".json"):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(UsageError, match="r.json: it is a directory"):
+        with atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps:
+            for tmp in tmps:
+                Path(tmp).write_text("x")
+    assert list(tmp_path.iterdir()) == []
