@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import tempfile
@@ -16,6 +17,7 @@ from wmark.cli import main
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.io import atomic_write, atomic_writes, load_tensors
 from wmark.keys import generate_key, load_key, save_key
+from wmark.schemes.querylog import MarkLog
 
 
 def _cli(*args: str) -> tuple[int, str]:
@@ -133,3 +135,35 @@ def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
             for tmp in tmps:
                 Path(tmp).write_text("x")
     assert list(tmp_path.iterdir()) == []
+
+
+# D3: a refused mark leaves no log behind, and never deletes one that was there
+
+
+def test_a_refused_flip_log_for_a_text_key_leaves_no_file(tmp_path: Path) -> None:
+    key = generate_key(owner="A", num_classes=4, input_shape=(1, 8, 8), num_triggers=10)
+    text_key = dataclasses.replace(key, modality={"kind": "text"})
+    with pytest.raises(UsageError, match="flip mark serves image classifiers"):
+        MarkLog(tmp_path / "q.sqlite", key=text_key, rate=0.1, candidates=2)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_existing_log_is_kept(tmp_path: Path) -> None:
+    owner = generate_key(owner="A", num_classes=4, input_shape=(1, 8, 8), num_triggers=10)
+    other = generate_key(owner="B", num_classes=4, input_shape=(1, 8, 8), num_triggers=10)
+    MarkLog(tmp_path / "q.sqlite", key=owner, rate=0.1, candidates=2).close()
+    with pytest.raises(UsageError, match="another key"):
+        MarkLog(tmp_path / "q.sqlite", key=other, rate=0.1, candidates=2)
+    assert (tmp_path / "q.sqlite").is_file()
+
+
+def test_serve_with_a_refused_rate_leaves_no_log(tmp_path: Path, key_file: Path) -> None:
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    weights = tmp_path / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), weights, metadata={"num_classes": 10, "input_shape": [1, 8, 8]})
+    code, err = _cli("serve", "--name", "s", "--arch", "fmnist-mlp", "--weights", str(weights), "--mark", "flip",
+                     "--key", str(key_file), "--rate", "2", "--log", str(tmp_path / "q.sqlite"))
+    assert (code, err) == (2, "error: The marking rate must be in (0, 1), got 2.0.\n")
+    assert not (tmp_path / "q.sqlite").exists()
