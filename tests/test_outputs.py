@@ -120,6 +120,13 @@ def test_a_directory_where_the_report_twin_goes_is_refused_first(key_file: Path,
     assert not (tmp_path / "rep.html").exists()
 
 
+def test_a_refused_option_is_named_before_its_path_is_checked(key_file: Path, tmp_path: Path) -> None:
+    code, err = _cli("verify", "extraction", "--key", str(key_file), "--suspect", str(tmp_path / "s.safetensors"),
+                     "--rule", str(tmp_path / "r.safetensors"), "--transcript", str(tmp_path / "no" / "t.sqlite"))
+    assert code == 2
+    assert "--transcript does not apply to a model-file suspect" in err
+
+
 def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.replace

@@ -248,7 +248,8 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         refuse(["log_queries", "rounds", "log_sequential"], "without --log")
     if log_sequential:
         refuse(["rounds"], f"to --log-sequential (it asks in rounds of {SEQUENTIAL_ROUND} until the evidence decides)")
-    check_outputs(http["transcript"], report=report)
+    # a model-file suspect refuses --transcript below, with the sentence that says why
+    check_outputs(http["transcript"] if _is_url(suspect) else None, report=report)
     files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
                            queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
