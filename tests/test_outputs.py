@@ -164,13 +164,25 @@ def test_a_refused_existing_log_is_kept(tmp_path: Path) -> None:
     assert (tmp_path / "q.sqlite").is_file()
 
 
-def test_serve_with_a_refused_rate_leaves_no_log(tmp_path: Path, key_file: Path) -> None:
+@pytest.fixture()
+def weights(tmp_path: Path) -> Path:
     from wmark.io import save_model
     from wmark.models import build_model
 
-    weights = tmp_path / "m.safetensors"
-    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), weights, metadata={"num_classes": 10, "input_shape": [1, 8, 8]})
+    path = tmp_path / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), path,
+               metadata={"num_classes": 10, "input_shape": [1, 8, 8]})
+    return path
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--rate", "2"], "The marking rate must be in (0, 1), got 2.0."),
+    (["--policy", "missing.json"], "missing.json"),
+])
+def test_serve_refused_before_serving_leaves_no_log(tmp_path: Path, key_file: Path, weights: Path, extra: list[str],
+                                                    message: str) -> None:
     code, err = _cli("serve", "--name", "s", "--arch", "fmnist-mlp", "--weights", str(weights), "--mark", "flip",
-                     "--key", str(key_file), "--rate", "2", "--log", str(tmp_path / "q.sqlite"))
-    assert (code, err) == (2, "error: The marking rate must be in (0, 1), got 2.0.\n")
+                     "--key", str(key_file), "--log", str(tmp_path / "q.sqlite"), *extra)
+    assert code == 2
+    assert message in err
     assert not (tmp_path / "q.sqlite").exists()
