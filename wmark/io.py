@@ -42,16 +42,16 @@ def check_output(path: str | os.PathLike[str]) -> None:
     """
     target = Path(path)
     parent = target.parent
-    if not parent.is_dir():
-        if parent.exists():
-            raise UsageError(f"Cannot write {target}: {parent} is not a directory; choose another path.")
-        raise UsageError(f"Directory {parent} does not exist; create it first.")
-    if target.is_dir():
-        raise UsageError(f"Cannot write {target}: it is a directory; give a file path.")
-    # A real probe file, not os.access: root, read-only mounts and ACLs all answer access() wrongly.
     try:
+        if not parent.is_dir():
+            if parent.exists():
+                raise UsageError(f"Cannot write {target}: {parent} is not a directory; choose another path.")
+            raise UsageError(f"Directory {parent} does not exist; create it first.")
+        if target.is_dir():
+            raise UsageError(f"Cannot write {target}: it is a directory; give a file path.")
+        # A real probe file, not os.access: root, read-only mounts and ACLs all answer access() wrongly.
         fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
-    except OSError as exc:
+    except OSError as exc:  # is_dir() raises too when a directory on the way may not be searched
         raise _write_error(target, exc) from None
     os.close(fd)
     os.unlink(probe)
@@ -112,7 +112,8 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
 def _write_error(target: str | Path, exc: OSError) -> UsageError | RuntimeFailure:
     """One sentence for a failed write that names the file the user asked for, not a temporary one."""
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
-        return UsageError(f"Cannot write {target}: permission denied; choose a writable directory.")
+        why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return UsageError(f"Cannot write {target}: {why}; choose a writable directory.")
     if isinstance(exc, IsADirectoryError):
         return UsageError(f"Cannot write {target}: it is a directory; give a file path.")
     return RuntimeFailure(f"Cannot write {target}: {exc.strerror or type(exc).__name__}; free space or choose "
