@@ -13,7 +13,7 @@ from typing import Any
 import click
 
 from wmark import __version__, api, cli_evidence
-from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress
+from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, check_outputs
 from wmark.cli_verify import verify
 from wmark.errors import UsageError
 
@@ -54,6 +54,7 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
     """Make a secret key file and print its public commitment (publish it before release)."""
     if (modality == "text") != (tokenizer is not None):
         raise UsageError("A text key needs --tokenizer, and --tokenizer needs --modality text.")
+    check_outputs(out)
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
                       num_triggers=num_triggers, overwrite=force, message=message, tokenizer=tokenizer,
                       max_length=max_length)
@@ -73,6 +74,7 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
 def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, batch_size: int,
           max_samples: int | None) -> None:
     """Train a model without a watermark (a base model, or an independent reference)."""
+    check_outputs(out)
     info = api.train(arch=arch, data=data, out=out, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size,
                      max_samples=max_samples, progress=_progress())
     click.echo(f"wrote {out}: test accuracy {info['test_accuracy']:.4f} ({info['seconds']:.1f}s)")
@@ -105,6 +107,7 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
           trigger_per_batch: int | None, max_samples: int | None, trigger_lookahead: float | None,
           trigger_margin: float | None, trigger_mixing: bool) -> None:
     """Fine-tune a model with the key's watermark and write the marked model."""
+    check_outputs(out)
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
                      lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
@@ -165,6 +168,7 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
         refuse(["rule", "beta"], "to --mark flip")
     if log is None:
         refuse(["log_sync"], "without --log")
+    check_outputs(log, alarm_log, monitor_state)
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
                clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
@@ -200,6 +204,7 @@ def _report_attack(info: dict[str, Any]) -> None:
 def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, lr: float, layers: str, seed: int,
                     max_samples: int | None) -> None:
     """Fine-tune the model on the attacker's data."""
+    check_outputs(out)
     _report_attack(api.attack(kind="finetune", arch=arch, weights=weights, out=out, data=data, epochs=epochs,
                               lr=lr, layers=layers, seed=seed, max_samples=max_samples, progress=_progress()))
 
@@ -242,6 +247,7 @@ def attack_extract(victim_arch: str | None, victim: str | None, arch: str, label
         refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
         refuse(["rule", "beta"], "to --mark flip")
+    check_outputs(out, log)
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, key=key, mark=mark, rule=rule, log=log,
                        client=client, rate=rate, candidates=candidates, beta=beta, until_accuracy=until_accuracy,
@@ -258,6 +264,7 @@ def attack_extract(victim_arch: str | None, victim: str | None, arch: str, label
 @_handle_errors
 def attack_prune(arch: str, weights: str, out: str, sparsity: float, data: str | None) -> None:
     """Zero the smallest weights globally."""
+    check_outputs(out)
     _report_attack(api.attack(kind="prune", arch=arch, weights=weights, out=out, sparsity=sparsity, data=data))
 
 
@@ -268,6 +275,7 @@ def attack_prune(arch: str, weights: str, out: str, sparsity: float, data: str |
 @_handle_errors
 def attack_quantize(arch: str, weights: str, out: str, bits: int, data: str | None) -> None:
     """Quantize weights (stored de-quantized, loadable by the same architecture)."""
+    check_outputs(out)
     _report_attack(api.attack(kind="quantize", arch=arch, weights=weights, out=out, bits=bits, data=data))
 
 
@@ -279,6 +287,7 @@ def attack_quantize(arch: str, weights: str, out: str, bits: int, data: str | No
 @_handle_errors
 def attack_noise(arch: str, weights: str, out: str, std: float, seed: int, data: str | None) -> None:
     """Add Gaussian noise to every conv/linear weight."""
+    check_outputs(out)
     _report_attack(api.attack(kind="noise", arch=arch, weights=weights, out=out, std=std, seed=seed, data=data))
 
 
@@ -289,6 +298,7 @@ def attack_noise(arch: str, weights: str, out: str, std: float, seed: int, data:
 @_handle_errors
 def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
     """Permute and positively rescale every hidden neuron (predictions unchanged)."""
+    check_outputs(out)
     _report_attack(api.attack(kind="permute", arch=arch, weights=weights, out=out, seed=seed, data=data))
 
 
@@ -299,6 +309,7 @@ def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | Non
 @_handle_errors
 def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
     """Scramble every tensor name (the copy no longer loads by name; white-box verification still reads it)."""
+    check_outputs(out)
     _report_attack(api.attack(kind="rename", arch=arch, weights=weights, out=out, seed=seed, data=data))
 
 
@@ -339,6 +350,7 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     suspect exists) and the served model's architecture, path and digest; the keyed directions are re-derived
     from the key, never stored.
     """
+    check_outputs(out)
     refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
                               skip=skip, references=refs, verify_count=verify_count,
@@ -375,6 +387,7 @@ def monitor_calibrate(arch: str, weights: str, data: str, streams: str, target_r
     """Calibrate the extraction monitor's alarm on honest traffic and write its profile."""
     from wmark.monitor.api import calibrate_profile
 
+    check_outputs(out)
     chosen = None if signals is None else [s.strip() for s in signals.split(",") if s.strip()]
     info = calibrate_profile(arch=arch, weights=weights, data=data, streams=streams, out=out,
                              target_rate=target_rate, dim=dim, signals=chosen, device=device)

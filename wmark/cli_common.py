@@ -12,6 +12,8 @@ from typing import Any
 import click
 
 from wmark.errors import UsageError, WmarkError
+from wmark.io import check_output
+from wmark.report import json_twin
 
 EXIT_HELP = """\b
 Exit codes:
@@ -71,3 +73,20 @@ def refuse(names: Iterable[str], why: str) -> None:
     flags = given(names)
     if flags:
         raise UsageError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply {why}.")
+
+
+def check_outputs(*paths: str | None, report: str | None = None) -> None:
+    """Refuse, before any work, an output path the command could not write (exit 2).
+
+    Commands call this first so that a mistyped ``--out`` or ``--report`` does not throw away a training run
+    or a verification's paid queries; ``report`` also checks the JSON twin written next to it.
+
+    Args:
+        paths: Files the command writes or appends to; None for an option not given.
+        report: The evidence report, if any.
+    """
+    wanted = [p for p in paths if p is not None]
+    if report is not None:
+        wanted += [report, str(json_twin(report))]
+    for path in wanted:
+        check_output(path)

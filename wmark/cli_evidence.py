@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from wmark import signing
+from wmark.cli_common import check_outputs
 from wmark.errors import UsageError
 
 EVIDENCE_EXIT_HELP = """\b
@@ -66,6 +67,7 @@ def register(main: click.Group, handle_errors: Any) -> None:
     @handle_errors
     def signing_key(private_key: str, public_key: str, force: bool) -> None:
         """Make an elliptic-curve (P-256) key pair for signing models and reports offline."""
+        check_outputs(private_key, public_key)
         info = signing.generate_signing_key(private_key=private_key, public_key=public_key, overwrite=force)
         click.echo(f"wrote {private_key} (mode 0600, keep it secret) and {public_key}\n"
                    f"public key fingerprint: sha256:{info['fingerprint']}")

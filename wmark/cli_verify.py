@@ -17,7 +17,16 @@ from typing import Any
 import click
 
 from wmark import api, cli_evidence
-from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, refuse
+from wmark.cli_common import (
+    ARCH_HELP,
+    DATA_HELP,
+    EXIT_HELP,
+    _emit,
+    _handle_errors,
+    _progress,
+    check_outputs,
+    refuse,
+)
 from wmark.errors import UsageError
 from wmark.evidence import Verdict
 from wmark.recheck import tiebreak_files
@@ -143,6 +152,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
                 anchor: str | None, signer_key: str | None, signed_model: str | None,
                 reference_signature: str | None, device: str | None) -> None:
     """A stolen model file: query it on the key's triggers (black-box) or read its weights (--whitebox)."""
+    check_outputs(report=report)
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
                                          reference=reference if whitebox else None,
                                          reference_signature=reference_signature)
@@ -177,6 +187,7 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
     """A suspect prediction API: ask it the key's triggers over HTTP, with a transcript and cover traffic."""
     if not _is_url(suspect):
         raise UsageError(f"{suspect} is not an http(s) URL; for a model file use `wmark verify file`.")
+    check_outputs(http["transcript"], report=report)
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
                                          reference_signature=None)
     verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
@@ -237,6 +248,8 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
         refuse(["log_queries", "rounds", "log_sequential"], "without --log")
     if log_sequential:
         refuse(["rounds"], f"to --log-sequential (it asks in rounds of {SEQUENTIAL_ROUND} until the evidence decides)")
+    # a model-file suspect refuses --transcript below, with the sentence that says why
+    check_outputs(http["transcript"] if _is_url(suspect) else None, report=report)
     files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
                            queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,

@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -25,29 +26,98 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
 
 METADATA_PREFIX = "wmark."
 
 
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds.
+def check_output(path: str | os.PathLike[str]) -> None:
+    """Refuse an output path that cannot be written, before any work is done for it.
 
-    A crash or an exception leaves no partial file behind, and readers never see a half-written one.
+    Its directory must exist and take new files, and the path must not be a directory, so that a long
+    training run or a paid verification is not lost to a mistyped ``--out`` or ``--report``.
+
+    Raises:
+        UsageError: Naming the path and what to do about it.
     """
     target = Path(path)
-    if target.parent and not target.parent.exists():
-        raise UsageError(f"Directory {target.parent} does not exist; create it first.")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent or ".")
-    os.close(fd)
-    os.chmod(tmp, mode)
+    parent = target.parent
     try:
-        yield tmp
-        os.replace(tmp, target)
+        if not parent.is_dir():
+            if parent.exists():
+                raise UsageError(f"Cannot write {target}: {parent} is not a directory; choose another path.")
+            raise UsageError(f"Directory {parent} does not exist; create it first.")
+        if target.is_dir():
+            raise UsageError(f"Cannot write {target}: it is a directory; give a file path.")
+        # A real probe file, not os.access: root, read-only mounts and ACLs all answer access() wrongly.
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+    except OSError as exc:  # is_dir() raises too when a directory on the way may not be searched
+        raise _write_error(target, exc) from None
+    os.close(fd)
+    os.unlink(probe)
+
+
+@contextlib.contextmanager
+def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator[list[str]]:
+    """Yield temporary paths next to ``paths``; rename them all into place only if the block succeeds.
+
+    A crash or an exception leaves no partial file behind, and readers never see a half-written one. Every
+    file is complete on disk before the first rename, and a failed rename takes back the renames before it,
+    so files that belong together (a report and its JSON twin) appear all together or not at all.
+
+    Raises:
+        UsageError: If a path cannot be written (missing or read-only directory, a directory in its place).
+        RuntimeFailure: If writing fails for another reason (a full disk, an I/O error).
+    """
+    targets = [Path(p) for p in paths]
+    for target in targets:
+        check_output(target)
+    tmps: list[str] = []
+    done: list[Path] = []
+    try:
+        try:
+            for target in targets:
+                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                os.close(fd)
+                tmps.append(tmp)
+                os.chmod(tmp, mode)
+        except OSError as exc:
+            raise _write_error(target, exc) from None
+        try:
+            yield list(tmps)
+        except OSError as exc:
+            raise _write_error(" and ".join(str(t) for t in targets), exc) from None
+        for target, tmp in zip(targets, tmps):
+            try:
+                os.replace(tmp, target)
+            except OSError as exc:
+                for placed in done:
+                    placed.unlink(missing_ok=True)
+                raise _write_error(target, exc) from None
+            done.append(target)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[str]:
+    """Yield a temporary path next to ``path``; rename it into place only if the block succeeds (see
+    :func:`atomic_writes`)."""
+    with atomic_writes(path, mode=mode) as tmps:
+        yield tmps[0]
+
+
+def _write_error(target: str | Path, exc: OSError) -> UsageError | RuntimeFailure:
+    """One sentence for a failed write that names the file the user asked for, not a temporary one."""
+    if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
+        why = "read-only file system" if exc.errno == errno.EROFS else "permission denied"
+        return UsageError(f"Cannot write {target}: {why}; choose a writable directory.")
+    if isinstance(exc, IsADirectoryError):
+        return UsageError(f"Cannot write {target}: it is a directory; give a file path.")
+    return RuntimeFailure(f"Cannot write {target}: {exc.strerror or type(exc).__name__}; free space or choose "
+                          "another directory.")
 
 
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
@@ -80,8 +150,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
         UsageError: If the file is missing or is not a readable safetensors file.
     """
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"Model file {p} does not exist.")
+    _require_model_file(p)
     try:
         tensors = load_file(str(p))
         with safe_open(str(p), "pt") as f:
@@ -94,8 +163,7 @@ def load_tensors(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor],
 def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """Only the metadata of a safetensors file, without loading its tensors."""
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"Model file {p} does not exist.")
+    _require_model_file(p)
     try:
         with safe_open(str(p), "pt") as f:
             return dict(f.metadata() or {})
@@ -128,6 +196,17 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     h.update(json.dumps(dict(sorted((metadata or {}).items())), sort_keys=True).encode())
     return h.hexdigest()
+
+
+def _require_model_file(p: Path) -> None:
+    # is_file() raises, rather than answers False, when a directory on the way may not be searched
+    try:
+        found = p.is_file()
+    except PermissionError:
+        raise UsageError(f"Cannot read model file {p}: permission denied; fix the permissions of the file and its "
+                         "directories.") from None
+    if not found:
+        raise UsageError(f"Model file {p} does not exist.")
 
 
 def _short(exc: BaseException) -> str:

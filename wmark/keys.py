@@ -230,11 +230,22 @@ def load_key(path: str | os.PathLike[str]) -> Key:
             commitment no longer matches its content).
     """
     p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"Key file {p} does not exist; make one with `wmark keygen --owner NAME --out {p}`.")
     try:
-        doc = json.loads(p.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        text = p.read_text()
+    except FileNotFoundError:
+        raise UsageError(f"Key file {p} does not exist; make one with `wmark keygen --owner NAME --out {p}`.") from None
+    except IsADirectoryError:
+        raise UsageError(f"Key file {p} is a directory; give the key file itself.") from None
+    except PermissionError:
+        raise UsageError(f"Cannot read key file {p}: permission denied; run as its owner or fix the permissions "
+                         "of the file and its directories.") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"Key file {p} is not valid JSON (truncated or corrupt?).") from None
+    except OSError as exc:
+        raise UsageError(f"Cannot read key file {p} ({exc.strerror or type(exc).__name__}); check the file.") from None
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError:
         raise UsageError(f"Key file {p} is not valid JSON (truncated or corrupt?).") from None
     if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
         raise UsageError(f"{p} is not a wmark key file (expected format {KEY_FORMAT!r}).")

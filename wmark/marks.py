@@ -98,8 +98,12 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
 
         loaded, backend = open_tiebreak_rule(key=key, rule=rule, served=weights, arch=arch)
         opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability)
-        answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
-                                    beta=DEFAULT_BETA if beta is None else beta, log=opened, client=client)
+        try:
+            answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
+                                        beta=DEFAULT_BETA if beta is None else beta, log=opened, client=client)
+        except BaseException:
+            _discard(opened)
+            raise
         return Served(model=backend.model, arch=arch or loaded.served_arch, weights=backend.description,
                       num_classes=key.num_classes, input_shape=tuple(key.input_shape), answerer=answerer, log=opened,
                       mark=mark)
@@ -119,9 +123,19 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
                                         durability=log_durability)
     backend = LocalSuspect(served.model, input_shape=served.input_shape, description=served.weights,
                            expose_scores=True)
-    served.answerer = MarkedAPI(key=key, backend=backend, rate=rate, candidates=cand, log=opened, client=client)
+    try:
+        served.answerer = MarkedAPI(key=key, backend=backend, rate=rate, candidates=cand, log=opened, client=client)
+    except BaseException:
+        _discard(opened)
+        raise
     served.log, served.mark = opened, mark
     return served
+
+
+def _discard(log: QueryLog | None) -> None:
+    # a refused mark parameter (a rate out of range) must not leave the log it was checked after
+    if log is not None:
+        log.discard()
 
 
 def _unmarked(*, arch: str | None, weights: PathLike | None) -> Served:

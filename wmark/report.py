@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from wmark import __version__
-from wmark.io import atomic_write
+from wmark.io import atomic_writes
 from wmark.keys import Key
 from wmark.stats import log10_to_p
 from wmark.verify import Verdict
@@ -113,10 +113,10 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
     text = json.dumps(doc, indent=2, sort_keys=True)
     if secret_hex in page or secret_hex in text:
         raise AssertionError("refusing to write a report that contains the key's secret")
-    with atomic_write(path) as tmp:
-        Path(tmp).write_text(page, encoding="utf-8")
-    with atomic_write(json_twin(path)) as tmp:
-        Path(tmp).write_text(report_text(doc), encoding="utf-8")
+    # One transaction for both: a page without its twin cannot be re-checked, a twin without its page misleads.
+    with atomic_writes(path, json_twin(path)) as (html_tmp, json_tmp):
+        Path(html_tmp).write_text(page, encoding="utf-8")
+        Path(json_tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
 
 

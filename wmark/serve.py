@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from wmark import __version__
 from wmark.contract import forward_logits
-from wmark.errors import UsageError
+from wmark.errors import UsageError, WmarkError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
 from wmark.text import TextInputs
@@ -407,6 +407,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                          beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
     served.model.to(on)
     gate = None
+    serving = False
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
         gate = _make_gate(policy=policy, monitor=monitor, alarm_log=alarm_log, monitor_state=monitor_state,
@@ -426,7 +427,13 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             auth += f", on {on}" if on.type != "cpu" else ""
             route = "hf" if text is not None else "v2"
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
+        serving = True
         _run_until_terminated(server)
+    except WmarkError:
+        # refused before the first request (a bad policy, a busy port): a log this run created holds nothing yet
+        if not serving and served.log is not None:
+            served.log.discard()
+        raise
     finally:
         served.close()
         if gate is not None:

@@ -111,6 +111,16 @@ class QueryLog:
                              "log.")
         if create and not self.path.parent.exists():
             raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
+        # a refusal after this point must not leave behind a log this call made (an empty database)
+        self._created = create and not self.path.exists()
+        try:
+            self._open(key, mark, params, create, durability)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open(self, key: Key, mark: str | None, params: dict[str, Any] | None, create: bool,
+              durability: str) -> None:
         try:
             # a server answers from worker threads; the lock serialises them on this one connection
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
@@ -267,6 +277,15 @@ class QueryLog:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+
+    def discard(self) -> None:
+        """Close the log and, if opening it created the file, delete it: for a server that refuses to start."""
+        db = getattr(self, "_db", None)  # None when connecting itself failed
+        if db is not None:
+            db.close()
+        if self._created:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{self.path}{suffix}").unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
         return self
