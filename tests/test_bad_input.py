@@ -79,6 +79,9 @@ def test_keygen_writes_a_private_key(tmp_path: Path) -> None:
     (["--classes", "-3"], "A key needs at least 2 classes, got -3."),
     (["--triggers", "0"], "A key needs at least one trigger, got 0."),
     (["--triggers", "-2", "--message", "ACME 2026"], "A key needs at least one trigger, got -2."),
+    (["--max-length", "32"], "--max-length does not apply to an image key (give --modality text for a text key)."),
+    (["--modality", "text", "--tokenizer", "all-MiniLM-L6-v2", "--input-shape", "1,8,8"],
+     "--input-shape does not apply to a text key (its inputs are token sequences of at most --max-length)."),
 ])
 def test_bad_keygen_values_exit_2_with_one_sentence(tmp_path: Path, args: list[str], message: str) -> None:
     out = tmp_path / "k.key"
@@ -86,6 +89,16 @@ def test_bad_keygen_values_exit_2_with_one_sentence(tmp_path: Path, args: list[s
     assert code == 2
     assert err.startswith(f"error: {message}") and err.count("\n") == 1 and "unexpected" not in err
     assert not out.exists()
+
+
+def test_keygen_onto_an_existing_key_names_the_cli_option(tmp_path: Path) -> None:
+    out = tmp_path / "k.key"
+    assert _cli("keygen", "--owner", "ACME", "--out", str(out))[0] == 0
+    before = out.read_text()
+    code, err = _cli("keygen", "--owner", "ACME", "--out", str(out))
+    assert code == 2 and err == f"error: {out} already exists; refusing to overwrite a key (--force replaces it).\n"
+    assert out.read_text() == before
+    assert _cli("keygen", "--owner", "ACME", "--out", str(out), "--force")[0] == 0 and out.read_text() != before
 
 
 def test_a_missing_data_file_is_named_as_data(tmp_path: Path) -> None:

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 from wmark import __version__, api, cli_evidence
-from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, check_outputs
+from wmark.cli_common import (
+    ARCH_HELP,
+    DATA_HELP,
+    EXIT_HELP,
+    _emit,
+    _handle_errors,
+    _progress,
+    check_outputs,
+    refuse,
+)
 from wmark.cli_verify import verify
 from wmark.errors import UsageError
 
@@ -54,6 +64,12 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
     """Make a secret key file and print its public commitment (publish it before release)."""
     if (modality == "text") != (tokenizer is not None):
         raise UsageError("A text key needs --tokenizer, and --tokenizer needs --modality text.")
+    if modality == "text":
+        refuse(["input_shape"], "to a text key (its inputs are token sequences of at most --max-length)")
+    else:
+        refuse(["max_length"], "to an image key (give --modality text for a text key)")
+    if Path(out).exists() and not force:
+        raise UsageError(f"{out} already exists; refusing to overwrite a key (--force replaces it).")
     check_outputs(out)
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
                       num_triggers=num_triggers, overwrite=force, message=message, tokenizer=tokenizer,
@@ -157,7 +173,6 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
           policy: str | None,
           monitor: str | None, alarm_log: str | None, monitor_state: str | None, device: str | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
-    from wmark.cli_common import refuse
     from wmark.serve import serve as run_server
 
     if mark is None:
@@ -239,7 +254,6 @@ def attack_extract(victim_arch: str | None, victim: str | None, arch: str, label
                    log: str | None, client: str, rate: float | None, candidates: str | None, beta: float | None,
                    until_accuracy: float | None) -> None:
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
-    from wmark.cli_common import refuse
 
     if mark is None:
         refuse(["key", "rule", "log", "client", "rate", "candidates", "beta"], "without --mark")

@@ -20,7 +20,7 @@ Exit codes:
   0  detected (verify) or success
   1  not detected or inconclusive (verify)
   2  usage error: bad option, missing/corrupt file, mismatched key
-  3  runtime error: the suspect failed or answered garbage"""
+  3  runtime error: the suspect failed or broke its protocol (e.g. the wrong number of labels)"""
 
 ARCH_HELP = ("built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp, resnet-small; text: minilm-classifier, "
              "tiny-bert, text-bow) or package.module:factory")
