@@ -9,6 +9,7 @@ import torch
 from textkit import hf_bert, text_key
 from torch import nn
 
+from wmark.contract import forward_logits
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.keys import Key, generate_key
@@ -78,6 +79,23 @@ def test_a_dict_batch_without_the_inputs_key_is_refused_on_the_trigger_pass() ->
     with pytest.raises(UsageError, match=r"dict batch has no 'pixel_values' \(it holds 'image'\); name the inputs' "
                                          r"key when attaching \(input_key=\)"):
         _fit(_image_key(), _NamedImages(), [{"image": _IMAGES[0], "labels": _IMAGES[1]}])
+
+
+def test_a_forward_naming_pixel_values_is_not_handed_a_dict_without_them() -> None:
+    with pytest.raises(UsageError, match=r"^The batch has no 'pixel_values' \(it holds 'image'\); name the model's"):
+        forward_logits(_NamedImages(), {"image": _IMAGES[0]})
+    assert forward_logits(_NamedImages(), {"pixel_values": _IMAGES[0]}).shape == (4, 4)
+
+
+def test_a_hugging_face_model_needs_its_main_input_in_a_dict_batch() -> None:
+    model = hf_bert(4)
+    ids, mask = torch.randint(1000, 2000, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(UsageError, match=r"^The batch has no 'input_ids' or 'inputs_embeds' \(it holds 'ids', "
+                                         r"'attention_mask'\); name the model's inputs in the batch\.$"):
+        forward_logits(model, {"ids": ids, "attention_mask": mask})
+    assert forward_logits(model, {"input_ids": ids, "attention_mask": mask}).shape == (2, 4)
+    embeds = model.bert.embeddings.word_embeddings(ids)
+    assert forward_logits(model, {"inputs_embeds": embeds}).shape == (2, 4)  # its other main input
 
 
 def test_a_text_key_with_dict_batches_keyed_otherwise_is_refused_on_the_trigger_pass() -> None:
