@@ -13,6 +13,7 @@ from wmark.contract import forward_logits
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.keys import Key, generate_key
+from wmark.suspects import LocalSuspect
 from wmark.training import train_epochs
 
 
@@ -103,3 +104,12 @@ def test_a_text_key_with_dict_batches_keyed_otherwise_is_refused_on_the_trigger_
                 "labels": torch.randint(0, 4, (4,))}]
     with pytest.raises(UsageError, match=r"dict batch has no 'input_ids' \(it holds 'ids', 'attention_mask'\)"):
         _fit(text_key(), hf_bert(4), batches, trigger_margin=2.0)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch on a string index, before it fails
+def test_a_local_suspect_that_takes_dict_batches_needs_input_key() -> None:
+    with pytest.raises(UsageError, match=r"fails on a tensor of shape \(1, 1, 8, 8\) \(IndexError: .*\); give "
+                                         r"input_key= if its forward takes a dict batch"):
+        LocalSuspect(_DictImages(), input_shape=(1, 8, 8))
+    suspect = LocalSuspect(_DictImages(), input_shape=(1, 8, 8), input_key="pixel_values")
+    assert suspect.num_classes == 4 and suspect.query(torch.rand(3, 1, 8, 8).numpy()).labels.shape == (3,)
