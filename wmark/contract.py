@@ -26,6 +26,10 @@ from wmark.errors import UsageError
 
 Batch = torch.Tensor | Mapping[str, torch.Tensor]
 
+# The names a forward takes its main input under (Hugging Face's, for text, images and audio). A parameter so named
+# wants that tensor, never the whole dict batch; a forward that names one wants a dict batch to hold one of them.
+INPUT_NAMES = frozenset({"input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"})
+
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
@@ -68,10 +72,12 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
 
     A dict goes in as keywords when the forward names its keys (extra keys it does not take, such as
     ``token_type_ids`` for a model without them, are dropped); a forward that takes one required batch and
-    none of the keys gets the whole dict, one that takes only ``**kwargs`` gets every key.
+    none of the keys gets the whole dict (unless that parameter is named as an input, such as ``pixel_values``),
+    one that takes only ``**kwargs`` gets every key.
 
     Raises:
-        UsageError: If the forward needs a named input the dict batch lacks.
+        UsageError: If the forward needs a named input the dict batch lacks: a required one, or, when every
+            input is optional (Hugging Face models), each of the main inputs (:data:`INPUT_NAMES`) it names.
     """
     if not isinstance(batch, Mapping):
         return model(batch)
@@ -80,15 +86,19 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     if not named & keys:
         if var_kw and not named:
             return model(**batch)
-        if len(required) == 1:
+        if len(required) == 1 and not required & INPUT_NAMES:
             return model(dict(batch))
         wanted = sorted(required) or names[:2]
         raise UsageError(f"The batch has no {' or '.join(repr(w) for w in wanted)} (it holds "
                          f"{', '.join(repr(k) for k in batch) or 'nothing'}); name the model's inputs in the batch.")
-    missing = sorted(required - keys)
+    missing = ", ".join(repr(m) for m in sorted(required - keys))
+    main = [n for n in names if n in INPUT_NAMES]
+    if not required and main and not keys & set(main):
+        # Every input optional (Hugging Face): without its main input the model fails deep inside, naming neither.
+        missing = " or ".join(repr(m) for m in main)
     if missing:
-        raise UsageError(f"The batch has no {', '.join(repr(m) for m in missing)} (it holds "
-                         f"{', '.join(repr(k) for k in batch)}); name the model's inputs in the batch.")
+        raise UsageError(f"The batch has no {missing} (it holds {', '.join(repr(k) for k in batch)}); name the "
+                         "model's inputs in the batch.")
     return model(**{k: v for k, v in batch.items() if k in named})
 
 

@@ -171,7 +171,7 @@ class Watermarker:
                              "trigger_lookahead or a trigger_margin for a trigger step.")
         return LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
                                     per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model),
-                                    margin=self.trigger_margin)
+                                    margin=self.trigger_margin, batch_key=self.input_key)
 
     def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                          trigger_batch_size: int | None = None) -> None:

@@ -19,7 +19,7 @@ null is unchanged: a model that never saw the key matches each label with probab
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -29,14 +29,14 @@ from torch.func import functional_call
 
 from wmark.contract import call_model, logits_of, model_device, split_batch, to_device
 from wmark.errors import UsageError
-from wmark.schemes.trigger_set import LoaderProxy, TriggerSet
+from wmark.schemes.trigger_set import LoaderProxy, TriggerSet, check_kinds
 
 DEFAULT_LOOKAHEAD = 0.05
 LOOKAHEAD_PER_BATCH = 4
 
 
 class _BatchSizeLoader(LoaderProxy):
-    """Passes batches through unchanged and records how many natural samples the last one held."""
+    """Passes batches through unchanged, showing each to the step (its size, its inputs' kind and form)."""
 
     def __init__(self, loader: Iterable, step: LookaheadTriggerStep, label_key: str) -> None:
         self.loader = loader
@@ -45,7 +45,7 @@ class _BatchSizeLoader(LoaderProxy):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            self.step.batch_size = len(split_batch(batch, label_key=self.label_key)[1])
+            self.step.see_batch(batch, label_key=self.label_key)
             yield batch
 
 
@@ -59,7 +59,9 @@ class LookaheadTriggerStep:
             own pass at the current weights).
         per_batch: Triggers per step; their loss is weighted ``per_batch / natural batch size``, as if they
             had joined the batch.
-        input_key: Name to pass the triggers under, or ``None`` to pass a tensor.
+        input_key: Name to pass the triggers under, or ``None`` to pass a tensor (until a dict batch is seen).
+        batch_key: The inputs' key in natural dict batches (default ``input_ids`` for text triggers, else
+            ``pixel_values``); a model trained on dict batches gets its triggers under it.
         margin: If set, a trigger whose label already leads every other logit by at least this much at the
             looked-ahead weights adds no loss, so learnt triggers stop pulling the weights away from the natural
             task (the loss is still divided by ``per_batch``).
@@ -69,7 +71,7 @@ class LookaheadTriggerStep:
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None, margin: float | None = None) -> None:
+                 input_key: str | None = None, margin: float | None = None, batch_key: str | None = None) -> None:
         if not radius >= 0:
             raise UsageError(f"The lookahead radius must be at least 0, got {radius}.")
         if per_batch < 1:
@@ -82,6 +84,7 @@ class LookaheadTriggerStep:
         self.radius = float(radius)
         self.per_batch = per_batch
         self.input_key = input_key
+        self.batch_key = batch_key or ("input_ids" if triggers.is_text else "pixel_values")
         self.batch_size: int | None = None
         self._cursor = 0
         self._call = _Call(self.model)
@@ -89,6 +92,28 @@ class LookaheadTriggerStep:
     def wrap_loader(self, loader: Iterable, *, label_key: str = "labels") -> _BatchSizeLoader:
         """The user's loader, unchanged, but telling this step the natural batch size."""
         return _BatchSizeLoader(loader, self, label_key)
+
+    def see_batch(self, batch: Any, *, label_key: str = "labels") -> None:
+        """Take note of a natural batch before its step: its size, and the form the triggers must take to match it.
+
+        Raises:
+            UsageError: If a dict batch lacks ``batch_key``, or the batch's inputs are not of the triggers' kind
+                (float images for an image key, token ids for a text key).
+        """
+        inputs, labels = split_batch(batch, label_key=label_key)
+        self.batch_size = len(labels)
+        if isinstance(inputs, Mapping):
+            if self.batch_key not in inputs:
+                raise UsageError(f"The dict batch has no {self.batch_key!r} (it holds "
+                                 f"{', '.join(map(repr, inputs)) or 'nothing'}); name the inputs' key when attaching "
+                                 "(input_key=).")
+            inputs = inputs[self.batch_key]
+            if self.input_key is None:
+                # A forward that takes the whole dict (one parameter, no input named) indexes it by the batch's key,
+                # so the triggers go under that key, as mixing puts them.
+                self.input_key = self.batch_key
+        if isinstance(inputs, torch.Tensor):
+            check_kinds(inputs, self.triggers)
 
     def _next_indices(self) -> list[int]:
         n = len(self.triggers)

@@ -142,7 +142,15 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
     return torch.cat([a, b])
 
 
-def _check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
+def check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
+    """Refuse natural inputs of another kind than the triggers: floats for a text key, token ids for an image key.
+
+    Every trigger path (mixed into the batches or given a pass of its own) calls it on the natural batches, because
+    the triggers reach the same model and would fail inside it with an error that names neither the key nor the fix.
+
+    Raises:
+        UsageError: If ``x`` is a float tensor and the triggers are text, or an integer tensor and they are images.
+    """
     if triggers.is_text and x.is_floating_point():
         raise UsageError("The key is a text key but the batches hold float inputs; use a key made for this model's "
                          "inputs.")
@@ -203,7 +211,7 @@ class TriggerMixingLoader(LoaderProxy):
             return self._mix_dict(batch, idx)
         if isinstance(batch, (tuple, list)) and len(batch) >= 2:
             x, y = batch[0], batch[1]
-            _check_kinds(x, self.triggers)
+            check_kinds(x, self.triggers)
             if self.triggers.is_text and x.ndim == 2:
                 ids = self.triggers.tokens(idx)["input_ids"]
                 mixed = (_pad_cat(x, ids, self.triggers.pad_token_id), torch.cat([y, ty.to(y.device, y.dtype)]))
@@ -225,7 +233,7 @@ class TriggerMixingLoader(LoaderProxy):
             raise UsageError(f"The dict batch has no {' or '.join(map(repr, missing))} (it holds "
                              f"{', '.join(map(repr, batch))}); name the input and label keys when attaching.")
         x, y = batch[input_key], batch[self.label_key]
-        _check_kinds(x, triggers)
+        check_kinds(x, triggers)
         out = dict(batch)
         out[self.label_key] = torch.cat([y, triggers.labels[idx].to(y.device, y.dtype)])
         if not triggers.is_text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,11 +32,17 @@ class LocalSuspect:
         device: Move the model there first (default: leave it where it is).
         text: For a text classifier, how strings become its inputs (:meth:`wmark.text.TextInputs.from_key`);
             queries are then arrays of strings.
+        input_key: For an image model whose forward takes a dict batch, the key its images go under
+            (``pixel_values``); by default they go in as a tensor.
+
+    Raises:
+        UsageError: If the model fails on a probe input of ``input_shape`` by treating it as the wrong kind of
+            batch (an index, key, type or attribute error: a model that wants a dict, or another shape).
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
                  expose_scores: bool = True, device: torch.device | None = None,
-                 text: TextInputs | None = None) -> None:
+                 text: TextInputs | None = None, input_key: str | None = None) -> None:
         self.model = model.eval()
         if device is not None:
             self.model.to(device)
@@ -43,8 +50,17 @@ class LocalSuspect:
         self.description = description
         self.expose_scores = expose_scores
         self.text = text
-        with torch.no_grad():
-            probe = forward_logits(self.model, self._batch(self._probe_input()))
+        self.input_key = input_key
+        probe_input = self._batch(self._probe_input())
+        try:
+            with torch.no_grad():
+                probe = forward_logits(self.model, probe_input)
+        except (IndexError, KeyError, TypeError, AttributeError) as e:
+            # Raised inside the user's model, which cannot say what it was given; the probe can.
+            given = (f"a dict of {', '.join(map(repr, probe_input))}" if isinstance(probe_input, Mapping)
+                     else f"a tensor of shape {tuple(probe_input.shape)}")
+            raise UsageError(f"The suspect {self.description} fails on {given} ({type(e).__name__}: {e}); give "
+                             "input_key= if its forward takes a dict batch, else check input_shape.") from e
         self.num_classes: int | None = int(probe.shape[1])
 
     @property
@@ -64,7 +80,8 @@ class LocalSuspect:
             return self.text.encode(list(np.asarray(inputs, dtype=object).reshape(-1)))
         if is_text_array(inputs):
             raise UsageError("This suspect takes tensors, not text; give it the key's tokenizer to ask text.")
-        return as_float_tensor(inputs)
+        images = as_float_tensor(inputs)
+        return images if self.input_key is None else {self.input_key: images}
 
     @torch.no_grad()
     def query(self, inputs: np.ndarray) -> Answers:

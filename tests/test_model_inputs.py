@@ -1,0 +1,115 @@
+"""Inputs of the wrong kind or under the wrong name: every trigger path and the contract refuse them in one sentence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from textkit import hf_bert, text_key
+from torch import nn
+
+from wmark.contract import forward_logits
+from wmark.embed import Watermarker
+from wmark.errors import UsageError
+from wmark.keys import Key, generate_key
+from wmark.suspects import LocalSuspect
+from wmark.training import train_epochs
+
+
+class _DictImages(nn.Module):
+    """An image classifier whose forward takes the whole dict batch and reads its images by key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(batch["pixel_values"].flatten(1))
+
+
+class _NamedImages(nn.Module):
+    """An image classifier whose forward names its input ``pixel_values``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.fc(pixel_values.flatten(1))
+
+
+def _image_key() -> Key:
+    return generate_key(owner="Inputs", num_classes=4, input_shape=(1, 8, 8), num_triggers=8)
+
+
+def _fit(key: Key, model: nn.Module, batches: list[Any], **options: Any) -> Watermarker:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wm = Watermarker(key, **options)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=batches)
+    assert optimizer is not None
+    train_epochs(model, loader, epochs=1, optimizer=optimizer, device=torch.device("cpu"))
+    return wm
+
+
+_IMAGES = (torch.rand(4, 1, 8, 8), torch.randint(0, 4, (4,)))
+
+
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {"trigger_lookahead": 0.05}, {"trigger_mixing": True}])
+def test_a_text_key_on_an_image_model_is_refused_on_every_trigger_path(options: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))
+    with pytest.raises(UsageError, match="text key but the batches hold float inputs; use a key made for"):
+        _fit(text_key(), model, [_IMAGES], **options)
+
+
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {}, {"trigger_mixing": True}])
+def test_an_image_key_on_token_batches_is_refused_on_every_trigger_path(options: dict[str, Any]) -> None:
+    model = nn.Sequential(nn.Embedding(100, 4), nn.Flatten(), nn.Linear(4 * 6, 4))
+    tokens = (torch.randint(0, 100, (4, 6)), torch.randint(0, 4, (4,)))
+    with pytest.raises(UsageError, match="integer inputs .* but the key's triggers are images"):
+        _fit(_image_key(), model, [tokens], **options)
+
+
+def test_a_model_that_takes_the_dict_batch_gets_its_triggers_under_the_batch_key() -> None:
+    batches = [{"pixel_values": _IMAGES[0], "labels": _IMAGES[1]}]
+    wm = _fit(_image_key(), _DictImages(), batches)  # the default: lookahead, the triggers in their own pass
+    assert wm.trigger_lookahead > 0
+
+
+def test_a_dict_batch_without_the_inputs_key_is_refused_on_the_trigger_pass() -> None:
+    with pytest.raises(UsageError, match=r"dict batch has no 'pixel_values' \(it holds 'image'\); name the inputs' "
+                                         r"key when attaching \(input_key=\)"):
+        _fit(_image_key(), _NamedImages(), [{"image": _IMAGES[0], "labels": _IMAGES[1]}])
+
+
+def test_a_forward_naming_pixel_values_is_not_handed_a_dict_without_them() -> None:
+    with pytest.raises(UsageError, match=r"^The batch has no 'pixel_values' \(it holds 'image'\); name the model's"):
+        forward_logits(_NamedImages(), {"image": _IMAGES[0]})
+    assert forward_logits(_NamedImages(), {"pixel_values": _IMAGES[0]}).shape == (4, 4)
+
+
+def test_a_hugging_face_model_needs_its_main_input_in_a_dict_batch() -> None:
+    model = hf_bert(4)
+    ids, mask = torch.randint(1000, 2000, (2, 5)), torch.ones(2, 5, dtype=torch.long)
+    with pytest.raises(UsageError, match=r"^The batch has no 'input_ids' or 'inputs_embeds' \(it holds 'ids', "
+                                         r"'attention_mask'\); name the model's inputs in the batch\.$"):
+        forward_logits(model, {"ids": ids, "attention_mask": mask})
+    assert forward_logits(model, {"input_ids": ids, "attention_mask": mask}).shape == (2, 4)
+    embeds = model.bert.embeddings.word_embeddings(ids)
+    assert forward_logits(model, {"inputs_embeds": embeds}).shape == (2, 4)  # its other main input
+
+
+def test_a_text_key_with_dict_batches_keyed_otherwise_is_refused_on_the_trigger_pass() -> None:
+    batches = [{"ids": torch.randint(1000, 2000, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+                "labels": torch.randint(0, 4, (4,))}]
+    with pytest.raises(UsageError, match=r"dict batch has no 'input_ids' \(it holds 'ids', 'attention_mask'\)"):
+        _fit(text_key(), hf_bert(4), batches, trigger_margin=2.0)
+
+
+@pytest.mark.filterwarnings("ignore:Using a non-tuple sequence")  # torch on a string index, before it fails
+def test_a_local_suspect_that_takes_dict_batches_needs_input_key() -> None:
+    with pytest.raises(UsageError, match=r"fails on a tensor of shape \(1, 1, 8, 8\) \(IndexError: .*\); give "
+                                         r"input_key= if its forward takes a dict batch"):
+        LocalSuspect(_DictImages(), input_shape=(1, 8, 8))
+    suspect = LocalSuspect(_DictImages(), input_shape=(1, 8, 8), input_key="pixel_values")
+    assert suspect.num_classes == 4 and suspect.query(torch.rand(3, 1, 8, 8).numpy()).labels.shape == (3,)
