@@ -101,6 +101,22 @@ def test_keygen_onto_an_existing_key_names_the_cli_option(tmp_path: Path) -> Non
     assert _cli("keygen", "--owner", "ACME", "--out", str(out), "--force")[0] == 0 and out.read_text() != before
 
 
+def test_no_command_writes_over_a_key_file(tmp_path: Path) -> None:
+    key = tmp_path / "owner.key"
+    assert _cli("keygen", "--owner", "ACME", "--out", str(key), "--input-shape", "1,8,8")[0] == 0
+    model = tmp_path / "m.safetensors"
+    assert _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--epochs", "1", "--max-samples", "64",
+                "--out", str(model))[0] == 0
+    secret = key.read_text()
+    code, err = _cli("attack", "noise", "--arch", "fmnist-mlp", "--weights", str(model), "--out", str(key))
+    assert code == 2 and err == (f"error: {key} is a wmark key file; writing there would destroy its secret, so "
+                                 "choose another path.\n")
+    code, err = _cli("verify", "file", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(model),
+                     "--report", str(key))
+    assert code == 2 and "is a wmark key file" in err
+    assert key.read_text() == secret
+
+
 def test_a_missing_data_file_is_named_as_data(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere.safetensors"
     with pytest.raises(UsageError, match=rf"^Data file not found: {missing};"):

@@ -26,6 +26,7 @@ from wmark.cli_common import (
 )
 from wmark.cli_verify import verify
 from wmark.errors import UsageError
+from wmark.io import check_output
 
 
 def _shape(value: str) -> tuple[int, ...]:
@@ -70,7 +71,7 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
         refuse(["max_length"], "to an image key (give --modality text for a text key)")
     if Path(out).exists() and not force:
         raise UsageError(f"{out} already exists; refusing to overwrite a key (--force replaces it).")
-    check_outputs(out)
+    check_output(out)  # not check_outputs: --force may replace a key
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
                       num_triggers=num_triggers, overwrite=force, message=message, tokenizer=tokenizer,
                       max_length=max_length)
