@@ -28,6 +28,7 @@ from wmark.schemes.tiebreak import (
     build_tiebreak_rule,
     commit_verification_inputs,
     load_tiebreak_rule,
+    open_tiebreak_rule,
     probability_leans,
     select_log_inputs,
     select_verification_inputs,
@@ -429,6 +430,31 @@ def test_save_load_roundtrip_rederives_directions(tmp_path, data):
                  metadata={**wmark_metadata(raw), "key_commitment": other.commitment()})
     with pytest.raises(UsageError, match="for 4 classes, the key for 3"):
         load_tiebreak_rule(tmp_path / "rule3.safetensors", key=other, featurizer=featurizer)
+
+
+def test_a_model_file_given_as_the_rule_is_named_as_not_a_rule(tmp_path):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    save_tensors({"w": torch.zeros(2)}, tmp_path / "model.safetensors", metadata={"arch": "fmnist-mlp"})
+    with pytest.raises(UsageError, match=r"model.safetensors is not a wmark tie-break rule; build one with"):
+        open_tiebreak_rule(key=key, rule=tmp_path / "model.safetensors")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"projection": torch.zeros(3, 2)}, r"damaged \(feature map of shapes \(\d+,\) and \(3, 2\), or not finite\)"),
+    ({"mean": torch.full((D,), float("nan"))}, r"damaged \(feature map .* or not finite\)"),
+    ({"wmark.version": "x"}, r"damaged \(version 'x'\)"),
+    ({"wmark.skipped_leading": "x"}, r"damaged \(skipped_leading 'x'\)"),
+    ({"wmark.input_shape": '["a"]'}, r"damaged \(input shape \['a'\]\)"),
+])
+def test_a_damaged_rule_file_is_refused_in_one_sentence(tmp_path, data, change, message):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    make(key, data, Linear(1))[0].save(tmp_path / "rule.safetensors")
+    tensors, raw = load_tensors(tmp_path / "rule.safetensors")
+    tensors.update({n: t for n, t in change.items() if not n.startswith("wmark.")})
+    save_tensors(tensors, tmp_path / "bad.safetensors",
+                 metadata={**wmark_metadata(raw), **{n[6:]: v for n, v in change.items() if n.startswith("wmark.")}})
+    with pytest.raises(UsageError, match=rf"^The tie-break rule .*bad.safetensors is {message}; rebuild it with"):
+        load_tiebreak_rule(tmp_path / "bad.safetensors", key=key, featurizer=featurizer)
 
 
 def test_the_leading_directions_are_left_out_and_the_rest_whitened(tmp_path):

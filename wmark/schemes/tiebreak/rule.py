@@ -244,20 +244,26 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
     meta = wmark_metadata(raw)
     if meta.get("scheme") != SCHEME or not {"mean", "projection"} <= set(tensors):
         raise UsageError(f"{path} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
-    if int(meta.get("version", 0)) != VERSION:
+    if _meta_int(meta, "version", 0, path) != VERSION:
         raise UsageError(f"{path} is a version {meta.get('version')} tie-break rule; rebuild it with this wmark "
                          f"(`wmark tiebreak build`), which reads version {VERSION}.")
-    if int(meta.get("num_classes", key.num_classes)) != key.num_classes:
+    if _meta_int(meta, "num_classes", key.num_classes, path) != key.num_classes:
         raise UsageError(f"The tie-break rule {path} is for {meta['num_classes']} classes, the key for "
                          f"{key.num_classes}.")
     if meta.get("key_commitment") != key.commitment():
         raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
     text = _check_text(key, text)  # the key's commitment covers its modality: a rule of its key has its kind
-    projection = tensors["projection"].numpy()
+    mean, projection = tensors["mean"].numpy(), tensors["projection"].numpy()
+    if (mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != len(mean) or projection.shape[1] < 1
+            or not (np.isfinite(mean).all() and np.isfinite(projection).all())):
+        raise _damaged(path, f"feature map of shapes {tuple(mean.shape)} and {tuple(projection.shape)}, or not finite")
     committed = (tensors["verification_inputs"].numpy() if "verification_inputs" in tensors else
                  unpack_texts(tensors["verification_texts"], tensors["verification_ends"])
                  if "verification_texts" in tensors else None)
-    shape = tuple(int(d) for d in meta.get("input_shape") or key.input_shape)
+    try:
+        shape = tuple(int(d) for d in meta.get("input_shape") or key.input_shape)
+    except (TypeError, ValueError):
+        raise _damaged(path, f"input shape {meta.get('input_shape')!r}") from None
     references = []
     for i, arch in enumerate(meta.get("reference_archs") or []):
         prefix = f"reference{i}/"
@@ -268,15 +274,26 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
             raise UsageError(f"Reference surrogate {i} in the tie-break rule {path} does not fit architecture "
                              f"{arch!r}; the file is damaged, rebuild it with `wmark tiebreak build`.") from None
         references.append((str(arch), net.eval()))
-    return TieBreakRule(mean=tensors["mean"].numpy(), projection=projection,
+    return TieBreakRule(mean=mean, projection=projection,
                         directions=_directions(key, projection.shape[1]), commitment=key.commitment(),
                         feature_space=str(meta.get("feature_space", "")),
                         model_digest=str(meta.get("model_digest", "")), featurizer=featurizer,
                         verification_inputs=committed,
                         verification=str(meta.get("verification", "")),
-                        skipped=int(meta.get("skipped_leading", 0)), references=tuple(references),
+                        skipped=_meta_int(meta, "skipped_leading", 0, path), references=tuple(references),
                         served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
                         input_shape=shape, text=text)
+
+
+def _meta_int(meta: dict[str, Any], name: str, default: int, path: str | os.PathLike[str]) -> int:
+    try:
+        return int(meta.get(name, default))
+    except (TypeError, ValueError):
+        raise _damaged(path, f"{name} {meta.get(name)!r}") from None
+
+
+def _damaged(path: str | os.PathLike[str], what: str) -> UsageError:
+    return UsageError(f"The tie-break rule {path} is damaged ({what}); rebuild it with `wmark tiebreak build`.")
 
 
 def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
@@ -303,6 +320,8 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     from wmark.models import load_model, penultimate_featurizer
 
     meta = wmark_metadata(read_metadata(rule))
+    if meta.get("scheme") != SCHEME:
+        raise UsageError(f"{rule} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
     arch = arch or str(meta.get("served_arch") or "")
     if served is None:
         recorded = str(meta.get("served_path") or "")
