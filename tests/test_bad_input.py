@@ -123,3 +123,18 @@ def test_a_missing_data_file_is_named_as_data(tmp_path: Path) -> None:
         load_dataset(str(missing))
     code, err = _cli("train", "--arch", "fmnist-mlp", "--data", str(missing), "--out", str(tmp_path / "m.safetensors"))
     assert code == 2 and err.startswith(f"error: Data file not found: {missing}") and "Model file" not in err
+
+
+@pytest.mark.parametrize(("meta", "message"), [
+    ({"num_classes": "ten", "input_shape": [1, 8, 8]}, r"records an unreadable wmark.num_classes \('ten'\)"),
+    ({"num_classes": 1, "input_shape": [1, 8, 8]}, r"records an unreadable wmark.num_classes \(1\)"),
+    ({"num_classes": 10, "input_shape": ["a"]}, r"records an unreadable wmark.input_shape \(\['a'\]\)"),
+])
+def test_a_model_file_with_unreadable_sizes_is_refused(tmp_path: Path, meta: dict, message: str) -> None:
+    from wmark.io import save_model
+    from wmark.models import build_model, load_model
+
+    path = tmp_path / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), path, metadata=meta)
+    with pytest.raises(UsageError, match=message):
+        load_model("fmnist-mlp", path)

@@ -14,7 +14,7 @@ from scipy import stats
 
 from wmark.attacks import permute_state_dict, rename_tensors
 from wmark.cli import main
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
 from wmark.io import load_tensors, save_model, save_tensors
 from wmark.keys import save_key
 from wmark.whitebox.verify import match_neurons, verify_whitebox
@@ -234,6 +234,10 @@ def test_corrupt_and_odd_dtype_files(setup, tmp_path) -> None:
     save_tensors(tensors, tmp_path / "bool.safetensors")
     with pytest.raises(UsageError, match="has dtype BOOL"):
         verify_whitebox(key=key, reference=d / "marked.safetensors", suspect=tmp_path / "bool.safetensors")
+    save_tensors({n: torch.full_like(t, float("nan")) for n, t in model.state_dict().items()},
+                 tmp_path / "nan.safetensors")
+    with pytest.raises(RuntimeFailure, match=r"holds NaN or infinite values; white-box verification needs finite"):
+        verify_whitebox(key=key, reference=d / "marked.safetensors", suspect=tmp_path / "nan.safetensors")
 
 
 def test_cli_whitebox_exit_codes(setup, tmp_path) -> None:

@@ -166,12 +166,29 @@ def load_model(arch: str, path: str | os.PathLike[str], *, num_classes: int | No
     if missing:
         raise UsageError(f"The model file {path} records no wmark.{' or wmark.'.join(missing)} (it was not written by "
                          "wmark); give its number of classes and input shape, e.g. from the key.")
-    c = num_classes if num_classes is not None else int(meta["num_classes"])
-    shape = input_shape if input_shape is not None else tuple(meta["input_shape"])
+    c = num_classes if num_classes is not None else recorded_classes(meta, path)
+    try:
+        shape = input_shape if input_shape is not None else tuple(int(d) for d in meta["input_shape"])
+    except (TypeError, ValueError):
+        raise UsageError(f"The model file {path} records an unreadable wmark.input_shape "
+                         f"({meta['input_shape']!r}); give the input shape, e.g. from the key.") from None
     model = build_model(arch, num_classes=c, input_shape=shape)
     metadata = load_weights(model, path)
     model.eval()
     return model, metadata
+
+
+def recorded_classes(meta: dict[str, Any], path: str | os.PathLike[str]) -> int:
+    """The ``wmark.num_classes`` a model file records (``meta``: its decoded metadata), checked to be a count."""
+    value = meta["num_classes"]
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 2 or isinstance(value, bool):
+        raise UsageError(f"The model file {path} records an unreadable wmark.num_classes ({value!r}); the file is "
+                         "damaged, or give the number of classes (e.g. from the key).")
+    return count
 
 
 def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:

@@ -63,7 +63,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from scipy.optimize import linear_sum_assignment
 
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
 from wmark.io import wmark_metadata
 from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, decode_message, payload_bits, projection, scheme_params
@@ -111,9 +111,14 @@ class _File:
             )
         try:
             with safe_open(str(self.path), "pt") as f:
-                return f.get_tensor(name).to(torch.float32)
+                tensor = f.get_tensor(name).to(torch.float32)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
             raise UsageError(f"Tensor {name!r} in {self.path} cannot be read ({exc}); the file is corrupt.") from None
+        if not torch.isfinite(tensor).all():
+            # a NaN row would read as no bits at all: "not detected" on a file that holds no model
+            raise RuntimeFailure(f"Tensor {name!r} in {self.path} holds NaN or infinite values; white-box "
+                                 "verification needs finite weights.")
+        return tensor
 
 
 @dataclass
