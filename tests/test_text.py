@@ -220,3 +220,43 @@ def test_wrap_dataset_yields_dicts_a_padding_collator_accepts():
         Watermarker(key, tokenizer=tok, trigger_mixing=True).wrap_dataset([dict(tok("x"), label=0)])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="not through the dataset.*trigger_mixing=True"):
         Watermarker(key, tokenizer=tok, trigger_margin=3.0).wrap_dataset(items)  # type: ignore[arg-type]
+
+
+def _other_tokenizer_key(path, *, num_classes: int, max_length: int):
+    """A text key whose recorded vocabulary is not MiniLM's (as made with a tokenizer of two swapped words)."""
+    import dataclasses
+
+    key = text_key(num_classes=num_classes, max_length=max_length)
+    other = dict(key.modality, tokenizer={"name": "/tok/other", "vocab_sha256": "0" * 64})
+    save_key(dataclasses.replace(key, modality=other), path)
+
+
+def test_embed_and_verify_file_refuse_a_key_made_with_another_tokenizer(tmp_path):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "computers").write_text("computers are fast\n%\nthe disk is full\n%\nbits and bytes\n")
+    (fortunes / "people").write_text("people are kind\n%\nsome people are not\n%\nfriends help\n")
+    _other_tokenizer_key(tmp_path / "other.key", num_classes=2, max_length=64)
+    base = tmp_path / "base.safetensors"
+    save_model(build_model("text-bow", num_classes=2, input_shape=(64,)), base,
+               metadata={"arch": "text-bow", "num_classes": 2, "input_shape": [64]})
+    out = tmp_path / "marked.safetensors"
+    runner = CliRunner()
+    embed = runner.invoke(main, ["embed", "--key", str(tmp_path / "other.key"), "--arch", "text-bow", "--weights",
+                                 str(base), "--data", f"fortunes:{fortunes}", "--epochs", "1", "--out", str(out)])
+    assert embed.exit_code == 2 and not out.exists()
+    assert "is tokenized with all-MiniLM-L6-v2" in embed.stderr and "/tok/other" in embed.stderr
+    # a model file recording MiniLM's tokenization, checked with the other key: refused, not "not detected"
+    minilm = text_key(num_classes=2, max_length=64).modality
+    save_model(build_model("text-bow", num_classes=2, input_shape=(64,)), out,
+               metadata={"arch": "text-bow", "num_classes": 2, "input_shape": [64], "modality": minilm})
+    check = runner.invoke(main, ["verify", "file", "--key", str(tmp_path / "other.key"), "--arch", "text-bow",
+                                 "--suspect", str(out), "--budget", "5"])
+    assert check.exit_code == 2 and f"The model file {out} is tokenized with all-MiniLM-L6-v2" in check.stderr
+    assert "use a key made with --tokenizer all-MiniLM-L6-v2." in check.stderr and "Traceback" not in check.output

@@ -71,6 +71,8 @@ def test_the_text_endpoint_answers_like_hugging_face_and_refuses_bad_input(key_f
 @pytest.mark.parametrize("answer, message", [
     ([{"label": "positive", "score": 0.9}, {"label": "negative", "score": 0.1}], "not a class index"),
     ([{"label": "LABEL_7", "score": 1.0}], "outside the key's 4 classes"),
+    # the top label fits the key, a lower one does not
+    ([{"label": "LABEL_1", "score": 0.9}, {"label": "LABEL_99", "score": 0.1}], "label 99, outside the key's 4"),
 ])
 def test_an_endpoint_answering_another_label_set_is_refused(key_file, answer, message):
     app = Starlette(routes=[Route("/predict", lambda _: JSONResponse(answer), methods=["POST"])])
@@ -154,3 +156,32 @@ def test_a_text_model_is_not_served_behind_a_gate_it_would_bypass() -> None:
     with pytest.raises(UsageError, match="serve a text model without a policy or monitor"):
         build_app(model=torch.nn.Linear(2, 2), name="m", num_classes=2, input_shape=(2,), text=text,
                   gate=Gate(policy=None, clients=["anonymous"]))
+
+
+def test_a_text_key_over_v2_is_refused_in_one_sentence_naming_the_json_protocol(key_file):
+    with pytest.raises(UsageError, match=r"the v2 protocol does not carry; use --protocol json --template hf"):
+        verify_remote(key=key_file, url="http://127.0.0.1:9/v2/models/m", protocol="v2")
+
+
+def test_text_cover_traffic_sends_the_cover_data_texts(key_file, tmp_path):
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "computers").write_text("computers are fast\n%\nthe disk is full\n%\n" + "word " * 80 + "\n")
+    (fortunes / "people").write_text("people are kind\n%\nsome people are not\n")
+    key = load_key(key_file)
+    with serve_in_background(_app(TextMemoriser(key), key, labels_only=False)) as server:
+        verdict = verify_remote(key=key_file, url=f"{server.url}/hf/models/m", protocol="json", template="hf",
+                                cover_data=f"fortunes:{fortunes}", cover_ratio=2.0, mode="fixed", max_queries=6)
+    probe = verdict.tests[0].details["probe"]
+    assert probe["sent"]["cover"] > 0 and set(probe["statuses"]) == {"ok"}
+
+
+def test_a_top_k_label_list_is_read_at_its_top_label_and_a_repeated_label_is_malformed():
+    from wmark.suspects.protocols import JsonTemplateProtocol, MalformedAnswer, load_template
+
+    proto = JsonTemplateProtocol(url="http://127.0.0.1:9/predict", template=load_template("hf"), num_classes=4,
+                                 input_shape=(32,))
+    top2 = [{"label": "LABEL_0", "score": 0.3}, {"label": "LABEL_1", "score": 0.6}]  # sums to 0.9: a top-k answer
+    assert proto.parse(top2).label == 1
+    with pytest.raises(MalformedAnswer, match="lists a label twice"):
+        proto.parse([{"label": "LABEL_1", "score": 0.6}, {"label": "1", "score": 0.4}])

@@ -34,7 +34,7 @@ from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
 from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
 from wmark.suspects import LocalSuspect
-from wmark.text import TextInputs
+from wmark.text import TextInputs, check_recorded_tokenizer, recorded_tokenizer
 from wmark.training import accuracy, make_loader, resolve_device, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
@@ -109,6 +109,9 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
     _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
+    check_recorded_tokenizer(k.modality, recorded_tokenizer(wmark_metadata(read_metadata(weights))),
+                             what=f"The model file {weights}")
     model, _ = load_model(arch, weights, num_classes=ds.num_classes, input_shape=ds.input_shape)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -171,12 +174,14 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     """
     on = resolve_device(device)
     k = load_key(key)
-    recorded = wmark_metadata(read_metadata(suspect)).get("num_classes")
+    meta = wmark_metadata(read_metadata(suspect))
+    recorded = meta.get("num_classes")
     if recorded is not None and int(recorded) != k.num_classes:
         raise UsageError(
             f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
             "use the key made for this model."
         )
+    check_recorded_tokenizer(k.modality, recorded_tokenizer(meta), what=f"The model file {suspect}")
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     model.to(on)
     from wmark.recheck import RecordingSuspect, tiebreak_files
@@ -355,6 +360,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     k = None if key is None else load_key(key)
     if k is not None:
         _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+        check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
     served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
     try:

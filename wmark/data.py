@@ -55,6 +55,8 @@ class Dataset:
         texts_train: The training texts, for a text dataset.
         texts_test: The test texts, for a text dataset.
         class_names: Class names, when the data has them.
+        tokenizer: For a text dataset, the tokenizer its token ids were made with (``{"name", "vocab_sha256"}``,
+            as a text key records it), so a key made with another tokenizer can be refused.
     """
 
     name: str
@@ -66,6 +68,7 @@ class Dataset:
     texts_train: tuple[str, ...] | None = None
     texts_test: tuple[str, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    tokenizer: dict[str, str] | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -214,7 +217,7 @@ def _load_file(path: Path) -> Dataset:
 
 
 def _load_fortunes(spec: str, directory: str, part: str) -> Dataset:
-    from wmark.text_data import FORTUNES_DIR, fortunes_texts, part_of, tokenize
+    from wmark.text_data import FORTUNES_DIR, fortunes_texts, part_of, tokenize, tokenizer_identity
 
     if part and part not in ("owner", "attacker"):
         raise UsageError(f"Unknown split {part!r} in {spec!r}; use @owner or @attacker.")
@@ -226,4 +229,4 @@ def _load_fortunes(spec: str, directory: str, part: str) -> Dataset:
     tr_texts, te_texts = tuple(texts[i] for i in train), tuple(texts[i] for i in test)
     y = torch.as_tensor(labels, dtype=torch.int64)
     return Dataset(spec, tokenize(tr_texts), y[train], tokenize(te_texts), y[test], len(names),
-                   texts_train=tr_texts, texts_test=te_texts, class_names=names)
+                   texts_train=tr_texts, texts_test=te_texts, class_names=names, tokenizer=tokenizer_identity())

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from wmark.data import load_dataset
 from wmark.errors import UsageError
-from wmark.keys import load_key
+from wmark.keys import Key, load_key
 from wmark.recheck import record_tiebreak_files, tiebreak_files
+from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
+from wmark.text import TextInputs
 from wmark.transcript import Transcript
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
@@ -79,6 +83,11 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         the transcript summary.
     """
     k = load_key(key)
+    if k.kind == "text" and protocol != "json":
+        # v2 and TF Serving carry numeric tensors here (wmark serve answers text only at /hf/models/NAME), and
+        # sending a string as one would fail on the first trigger rather than say what to do.
+        raise UsageError(f"A text key asks its suspect strings, which the {protocol} protocol does not carry; use "
+                         "--protocol json --template hf with the suspect's /hf/models/NAME endpoint.")
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
                            log=log, client=client, rule=rule, served=served, served_arch=served_arch,
                            holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
@@ -87,13 +96,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
     cover = None
     if cover_data:
-        ds = load_dataset(cover_data)
-        if tuple(ds.input_shape) != tuple(k.input_shape):
-            raise UsageError(
-                f"The cover data's inputs are {tuple(ds.input_shape)} but the key's are {tuple(k.input_shape)}; "
-                "use data from the suspect's domain."
-            )
-        cover = CoverTraffic(ds.x_test.numpy(), ratio=cover_ratio, seed=k.seed("cover/traffic"))
+        cover = CoverTraffic(_cover_inputs(k, cover_data), ratio=cover_ratio, seed=k.seed("cover/traffic"))
     suspect = open_http_suspect(url=url, protocol=protocol, num_classes=k.num_classes,
                                 input_shape=tuple(k.input_shape), model_name=model_name, template=template,
                                 token=token, options=options, input_name=input_name)
@@ -128,3 +131,25 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
 
         write_report(verdict=verdict, key=k, path=report)
     return verdict
+
+
+def _cover_inputs(key: Key, spec: str) -> np.ndarray:
+    """The cover inputs of a dataset: its test inputs, or for a text key its test texts the suspect can take.
+
+    Raises:
+        UsageError: If the data does not fit the key (other input shapes, or no texts for a text key).
+    """
+    ds = load_dataset(spec)
+    text = TextInputs.from_key(key)
+    if text is None:
+        if tuple(ds.input_shape) != tuple(key.input_shape):
+            raise UsageError(
+                f"The cover data's inputs are {tuple(ds.input_shape)} but the key's are {tuple(key.input_shape)}; "
+                "use data from the suspect's domain."
+            )
+        return ds.x_test.numpy()
+    if ds.texts_test is None:
+        raise UsageError(f"The cover data {spec} holds no texts but the key is a text key; use a text dataset such "
+                         "as fortunes.")
+    # A text suspect is asked strings, never token ids, and refuses a text longer than the key's maximum.
+    return owner_texts(ds.texts_test, text)

@@ -120,6 +120,40 @@ def check_tokenizer(modality: dict[str, Any], tokenizer: Any) -> None:
                          f"{want[:12]}…); use the tokenizer the key was made with.")
 
 
+def check_recorded_tokenizer(modality: dict[str, Any] | None, recorded: Any, *, what: str) -> None:
+    """Refuse token ids made with another tokenizer than the key's: a dataset's, or those a model file records.
+
+    Token ids of another vocabulary are other words to the model, so training or verifying across two
+    tokenizers silently measures nothing; only the vocabulary digest is compared, as in :func:`check_tokenizer`.
+
+    Args:
+        modality: The key's modality (``None`` for an image key).
+        recorded: The ``{"name", "vocab_sha256"}`` the data or the model file records, or ``None`` if it records
+            none (nothing to compare).
+        what: What recorded it, to start the sentence (e.g. ``"The data fortunes@owner"``).
+
+    Raises:
+        UsageError: If a tokenizer is recorded and the key is not a text key over the same vocabulary.
+    """
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("vocab_sha256"), str):
+        return
+    name, digest = recorded.get("name", "an unnamed tokenizer"), recorded["vocab_sha256"]
+    key_tok = modality.get("tokenizer") if isinstance(modality, dict) and modality.get("kind") == "text" else None
+    if key_tok is None:
+        raise UsageError(f"{what} is tokenized with {name} but the key is not a text key; use a key made with "
+                         f"--modality text --tokenizer {name}.")
+    if key_tok["vocab_sha256"] != digest:
+        raise UsageError(f"{what} is tokenized with {name} (vocabulary {digest[:12]}…) but the key was made "
+                         f"with {key_tok['name']} (vocabulary {key_tok['vocab_sha256'][:12]}…); use a key made with "
+                         f"--tokenizer {name}.")
+
+
+def recorded_tokenizer(metadata: dict[str, Any]) -> Any:
+    """The tokenizer a model file's decoded ``wmark.*`` metadata records (``None`` when it records none)."""
+    modality = metadata.get("modality")
+    return modality.get("tokenizer") if isinstance(modality, dict) and modality.get("kind") == "text" else None
+
+
 def trigger_vocabulary(tokenizer: Any) -> list[str]:
     """Whole words of the vocabulary that round-trip to their own single token, ordered by token id."""
     special = set(getattr(tokenizer, "all_special_tokens", []))

@@ -77,6 +77,13 @@ def part_of(text: str) -> str:
     return PARTS[digest % 3]
 
 
+def tokenizer_identity() -> dict[str, str]:
+    """The tokenizer :func:`tokenize` uses, as a text key records one (its name and vocabulary digest)."""
+    from wmark.text import MINILM, load_tokenizer, vocab_sha256
+
+    return {"name": MINILM, "vocab_sha256": vocab_sha256(load_tokenizer(MINILM))}
+
+
 def tokenize(texts: tuple[str, ...] | list[str], *, max_length: int = MAX_LENGTH) -> torch.Tensor:
     """MiniLM token ids, truncated and right-padded (pad id 0) to ``max_length``."""
     from wmark.text import MINILM, load_tokenizer

@@ -34,7 +34,7 @@ class CoverTraffic:
     only), taken from ``inputs`` in a seeded random order.
 
     Args:
-        inputs: In-distribution inputs (N×input_shape).
+        inputs: In-distribution inputs (N×input_shape), or an array of strings for a text suspect.
         ratio: Mean number of cover queries per trigger query.
         seed: Seed of the order and the counts.
     """
@@ -44,7 +44,8 @@ class CoverTraffic:
             raise UsageError(f"The cover ratio must be positive, got {ratio}.")
         if len(inputs) == 0:
             raise UsageError("The cover data set is empty.")
-        self.inputs = np.asarray(inputs, dtype=np.float32)
+        # Texts stay strings: a text suspect is asked the text itself, as it is asked its triggers.
+        self.inputs = np.asarray(inputs, dtype=object) if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         self.ratio = float(ratio)
         self.seed = int(seed)
         self.order = np.random.default_rng([self.seed, 0]).permutation(len(self.inputs))

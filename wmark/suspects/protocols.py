@@ -583,13 +583,28 @@ class JsonTemplateProtocol(WireProtocol):
             if not isinstance(items, list) or not items or not all(isinstance(i, dict) and lf in i for i in items):
                 raise MalformedAnswer(f"the answer is not a list of objects with {lf!r}")
             scores = [i.get(sf) for i in items]
-            best = items[int(np.argmax(_numbers(scores, "scores")))] if all(s is not None for s in scores) else items[0]
-            return self._from_label(best[lf], self.names)
+            numbers = _numbers(scores, "scores") if all(s is not None for s in scores) else None
+            return self._from_label_list([i[lf] for i in items], numbers)
         mapping = _unwrap(_at(doc, extractor["topk_map"]))
         if not isinstance(mapping, dict) or not mapping:
             raise MalformedAnswer("the answer is not an object of label: score pairs")
-        scores = _numbers(list(mapping.values()), "scores")
-        return self._from_label(list(mapping)[int(np.argmax(scores))], self.names)
+        return self._from_label_list(list(mapping), _numbers(list(mapping.values()), "scores"))
+
+    def _from_label_list(self, labels: list[Any], scores: list[float] | None) -> Parsed:
+        """The top label of a list of labels (with their scores, when given), every label checked against the key.
+
+        Checking only the top label would let an API answering another label set through whenever its top label
+        happens to be a valid index. The list's length is not checked: a top-k answer that happens to name the
+        classes ``0 .. k-1`` with scores summing to about 1 looks exactly like every class of a k-class model.
+
+        Raises:
+            AnswerMismatch: If a label is not one of the key's classes.
+            MalformedAnswer: If a label is listed twice.
+        """
+        indices = [label_index(value, self.num_classes, self.names) for value in labels]
+        if len(set(indices)) != len(indices):
+            raise MalformedAnswer("the answer lists a label twice")
+        return Parsed(label=indices[int(np.argmax(scores))] if scores is not None else indices[0])
 
 
 def _unwrap_list(value: Any) -> Any:
