@@ -32,7 +32,14 @@ from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import generate_key, load_key, save_key
-from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer, resolve_arch
+from wmark.models import (
+    build_model,
+    load_model,
+    model_metadata,
+    penultimate_featurizer,
+    recorded_classes,
+    resolve_arch,
+)
 from wmark.suspects import LocalSuspect
 from wmark.text import TextInputs, check_recorded_tokenizer, recorded_tokenizer
 from wmark.training import accuracy, make_loader, resolve_device, train_epochs
@@ -175,8 +182,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     on = resolve_device(device)
     k = load_key(key)
     meta = wmark_metadata(read_metadata(suspect))
-    recorded = meta.get("num_classes")
-    if recorded is not None and int(recorded) != k.num_classes:
+    recorded = None if meta.get("num_classes") is None else recorded_classes(meta, suspect)
+    if recorded is not None and recorded != k.num_classes:
         raise UsageError(
             f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
             "use the key made for this model."
