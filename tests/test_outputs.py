@@ -186,3 +186,19 @@ def test_serve_refused_before_serving_leaves_no_log(tmp_path: Path, key_file: Pa
     assert code == 2
     assert message in err
     assert not (tmp_path / "q.sqlite").exists()
+
+
+def test_serve_refused_on_a_busy_port_leaves_no_alarm_log(tmp_path: Path, weights: Path) -> None:
+    import json
+    import socket
+
+    policy = tmp_path / "policy.json"
+    policy.write_text(json.dumps({"default": {"quota": {"total": 1000}}}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        code, err = _cli("serve", "--name", "s", "--arch", "fmnist-mlp", "--weights", str(weights),
+                         "--port", str(busy.getsockname()[1]), "--policy", str(policy),
+                         "--alarm-log", str(tmp_path / "alarms.jsonl"))
+    assert code == 2 and err.count("\n") == 1
+    assert not (tmp_path / "alarms.jsonl").exists()

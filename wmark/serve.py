@@ -433,6 +433,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         # refused before the first request (a bad policy, a busy port): a log this run created holds nothing yet
         if not serving and served.log is not None:
             served.log.discard()
+        if not serving and gate is not None and gate.created_alarm_log and gate.alarm_log is not None:
+            gate.alarm_log.unlink(missing_ok=True)
         raise
     finally:
         served.close()

@@ -96,6 +96,7 @@ class Gate:
         self.policy = policy or Policy()
         self.monitor = monitor
         self.alarm_log = None if alarm_log is None else Path(alarm_log)
+        self.created_alarm_log = self.alarm_log is not None and not self.alarm_log.exists()
         if self.alarm_log is not None:
             # created up front, so that `wmark monitor report` on a server that raised no alarm reports none
             try:
