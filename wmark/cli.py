@@ -13,17 +13,8 @@ from typing import Any
 
 import click
 
-from wmark import __version__, api, cli_evidence
-from wmark.cli_common import (
-    ARCH_HELP,
-    DATA_HELP,
-    EXIT_HELP,
-    _emit,
-    _handle_errors,
-    _progress,
-    check_outputs,
-    refuse,
-)
+from wmark import __version__, api, cli_common, cli_evidence
+from wmark.cli_common import ARCH_HELP, DATA_HELP, EXIT_HELP, _emit, _handle_errors, _progress, check_outputs
 from wmark.cli_verify import verify
 from wmark.errors import UsageError
 from wmark.io import check_output
@@ -66,9 +57,9 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
     if (modality == "text") != (tokenizer is not None):
         raise UsageError("A text key needs --tokenizer, and --tokenizer needs --modality text.")
     if modality == "text":
-        refuse(["input_shape"], "to a text key (its inputs are token sequences of at most --max-length)")
+        cli_common.refuse(["input_shape"], "to a text key (its inputs are token sequences of at most --max-length)")
     else:
-        refuse(["max_length"], "to an image key (give --modality text for a text key)")
+        cli_common.refuse(["max_length"], "to an image key (give --modality text for a text key)")
     if Path(out).exists() and not force:
         raise UsageError(f"{out} already exists; refusing to overwrite a key (--force replaces it).")
     check_output(out)  # not check_outputs: --force may replace a key
@@ -177,13 +168,13 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
     from wmark.serve import serve as run_server
 
     if mark is None:
-        refuse(["key", "rule", "beta", "rate", "candidates", "log", "log_sync"], "without --mark")
+        cli_common.refuse(["key", "rule", "beta", "rate", "candidates", "log", "log_sync"], "without --mark")
     elif mark == "tiebreak":
-        refuse(["rate", "candidates"], "to --mark tiebreak")
+        cli_common.refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
-        refuse(["rule", "beta"], "to --mark flip")
+        cli_common.refuse(["rule", "beta"], "to --mark flip")
     if log is None:
-        refuse(["log_sync"], "without --log")
+        cli_common.refuse(["log_sync"], "without --log")
     check_outputs(log, alarm_log, monitor_state)
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
@@ -257,11 +248,11 @@ def attack_extract(victim_arch: str | None, victim: str | None, arch: str, label
     """Train a surrogate on the victim's answers to the attacker's own inputs (model extraction)."""
 
     if mark is None:
-        refuse(["key", "rule", "log", "client", "rate", "candidates", "beta"], "without --mark")
+        cli_common.refuse(["key", "rule", "log", "client", "rate", "candidates", "beta"], "without --mark")
     elif mark == "tiebreak":
-        refuse(["rate", "candidates"], "to --mark tiebreak")
+        cli_common.refuse(["rate", "candidates"], "to --mark tiebreak")
     else:
-        refuse(["rule", "beta"], "to --mark flip")
+        cli_common.refuse(["rule", "beta"], "to --mark flip")
     check_outputs(out, log)
     info = api.extract(victim_arch=victim_arch, victim=victim, arch=arch, data=data, out=out, labels=labels,
                        queries=queries, epochs=epochs, lr=lr, seed=seed, key=key, mark=mark, rule=rule, log=log,
