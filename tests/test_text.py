@@ -260,3 +260,22 @@ def test_embed_and_verify_file_refuse_a_key_made_with_another_tokenizer(tmp_path
                                  "--suspect", str(out), "--budget", "5"])
     assert check.exit_code == 2 and f"The model file {out} is tokenized with all-MiniLM-L6-v2" in check.stderr
     assert "use a key made with --tokenizer all-MiniLM-L6-v2." in check.stderr and "Traceback" not in check.output
+
+
+@pytest.mark.parametrize(("which", "message"), [
+    ("long", "The key's texts are at most 128 tokens but the data's are 64; make a key with --max-length 64."),
+    ("image", "The key is an image key but the data are texts; make a key with --modality text for them."),
+])
+def test_a_key_of_another_length_or_kind_than_the_data_names_the_fix(tmp_path, which, message):
+    from wmark.api import embed
+
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "computers").write_text("computers are fast\n%\nthe disk is full\n")
+    (fortunes / "people").write_text("people are kind\n%\nfriends help\n")
+    key = (text_key(num_classes=2, max_length=128) if which == "long"
+           else generate_key(owner="o", num_classes=2, input_shape=(64,)))
+    save_key(key, tmp_path / "k.key")
+    with pytest.raises(UsageError, match=rf"^{message.replace('.', '[.]')}$"):
+        embed(key=tmp_path / "k.key", arch="text-bow", weights=tmp_path / "none.safetensors",
+              data=f"fortunes:{fortunes}", out=tmp_path / "m.safetensors")

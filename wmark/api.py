@@ -27,11 +27,11 @@ from wmark.attacks import permute as permute_attack
 from wmark.attacks import prune as prune_attack
 from wmark.attacks import quantize as quantize_attack
 from wmark.attacks import rename_tensors
-from wmark.data import load_dataset
+from wmark.data import Dataset, load_dataset
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
 from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
-from wmark.keys import generate_key, load_key, save_key
+from wmark.keys import Key, generate_key, load_key, save_key
 from wmark.models import (
     build_model,
     load_model,
@@ -115,7 +115,7 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     """
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
-    _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    _check_key_fits_data(k, ds)
     check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
     check_recorded_tokenizer(k.modality, recorded_tokenizer(wmark_metadata(read_metadata(weights))),
                              what=f"The model file {weights}")
@@ -146,10 +146,19 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     return {"out": str(out), "test_accuracy": acc, "seconds": seconds, "schemes": list(schemes)}
 
 
-def _check_key_fits_data(key_c: int, key_shape: tuple[int, ...], c: int, shape: tuple[int, ...]) -> None:
+def _check_key_fits_data(key: Key, ds: Dataset) -> None:
+    key_c, key_shape, c, shape = key.num_classes, tuple(key.input_shape), ds.num_classes, tuple(ds.input_shape)
     if key_c != c:
         raise UsageError(f"The key is for {key_c} classes but the data has {c}; make a key for {c} classes.")
-    if tuple(key_shape) != tuple(shape):
+    text_data, text_key = ds.texts_train is not None, key.modality is not None
+    if text_data != text_key:
+        raise UsageError(f"The key is {'a text' if text_key else 'an image'} key but the data are "
+                         f"{'texts' if text_data else 'images'}; make a key with "
+                         f"{'--modality text' if text_data else '--modality image'} for them.")
+    if text_key and key_shape != shape:
+        raise UsageError(f"The key's texts are at most {key_shape[0]} tokens but the data's are {shape[0]}; make a "
+                         f"key with --max-length {shape[0]}.")
+    if key_shape != shape:
         raise UsageError(
             f"The key's input shape {key_shape} differs from the data's {shape}; make a key for inputs shaped "
             f"{','.join(map(str, shape))}."
@@ -238,7 +247,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     on = resolve_device(device)
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
-    _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+    _check_key_fits_data(k, ds)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
     text = TextInputs.from_key(k)
@@ -366,7 +375,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     ds = load_dataset(data)
     k = None if key is None else load_key(key)
     if k is not None:
-        _check_key_fits_data(k.num_classes, tuple(k.input_shape), ds.num_classes, ds.input_shape)
+        _check_key_fits_data(k, ds)
         check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
     served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
