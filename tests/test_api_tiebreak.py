@@ -439,6 +439,14 @@ def test_a_model_file_given_as_the_rule_is_named_as_not_a_rule(tmp_path):
         open_tiebreak_rule(key=key, rule=tmp_path / "model.safetensors")
 
 
+def test_a_rule_opened_with_another_key_names_the_key_before_building_the_served_model(tmp_path, data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    make(key, data, Linear(1))[0].save(tmp_path / "rule.safetensors")
+    other = generate_key(owner="o", num_classes=C + 3, input_shape=(D,))
+    with pytest.raises(UsageError, match=r"rule.safetensors was built under another key; use the key that served"):
+        open_tiebreak_rule(key=other, rule=tmp_path / "rule.safetensors")
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"projection": torch.zeros(3, 2)}, r"damaged \(feature map of shapes \(\d+,\) and \(3, 2\), or not finite\)"),
     ({"mean": torch.full((D,), float("nan"))}, r"damaged \(feature map .* or not finite\)"),

@@ -143,3 +143,24 @@ def test_a_model_file_with_unreadable_sizes_is_refused(tmp_path: Path, meta: dic
         save_key(generate_key(owner="o", num_classes=10, input_shape=(1, 8, 8), num_triggers=10), key)
         code, err = _cli("verify", "file", "--key", str(key), "--arch", "fmnist-mlp", "--suspect", str(path))
         assert code == 2 and "records an unreadable wmark.num_classes" in err and err.count("\n") == 1
+
+
+def test_a_key_of_the_other_kind_than_the_architecture_names_the_key_to_use(tmp_path: Path) -> None:
+    from textkit import text_key
+
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    image_key, txt_key = tmp_path / "image.key", tmp_path / "text.key"
+    save_key(generate_key(owner="o", num_classes=8, input_shape=(64,), num_triggers=10), image_key)
+    save_key(text_key(num_classes=8, max_length=64), txt_key)
+    bow, mlp = tmp_path / "bow.safetensors", tmp_path / "mlp.safetensors"
+    save_model(build_model("text-bow", num_classes=8, input_shape=(64,)), bow,
+               metadata={"num_classes": 8, "input_shape": [64]})
+    save_model(build_model("fmnist-mlp", num_classes=8, input_shape=(1, 8, 8)), mlp,
+               metadata={"num_classes": 8, "input_shape": [1, 8, 8]})
+    code, err = _cli("verify", "file", "--key", str(image_key), "--arch", "text-bow", "--suspect", str(bow))
+    assert code == 2 and err == ("error: text-bow is a text model but the key is an image key; use a text key made "
+                                 "for it (`wmark keygen --modality text`).\n")
+    code, err = _cli("verify", "file", "--key", str(txt_key), "--arch", "fmnist-mlp", "--suspect", str(mlp))
+    assert code == 2 and err == "error: fmnist-mlp takes images but the key is a text key; use an image key made for it.\n"

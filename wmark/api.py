@@ -34,6 +34,7 @@ from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import Key, generate_key, load_key, save_key
 from wmark.models import (
     build_model,
+    check_key_fits_arch,
     load_model,
     model_metadata,
     penultimate_featurizer,
@@ -119,6 +120,7 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
     check_recorded_tokenizer(k.modality, recorded_tokenizer(wmark_metadata(read_metadata(weights))),
                              what=f"The model file {weights}")
+    check_key_fits_arch(k.modality, arch)
     model, _ = load_model(arch, weights, num_classes=ds.num_classes, input_shape=ds.input_shape)
     torch.manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -198,6 +200,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             "use the key made for this model."
         )
     check_recorded_tokenizer(k.modality, recorded_tokenizer(meta), what=f"The model file {suspect}")
+    check_key_fits_arch(k.modality, arch)
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     model.to(on)
     from wmark.recheck import RecordingSuspect, tiebreak_files
@@ -255,6 +258,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     archs = list(dict.fromkeys(default_refs if references is None else references))
     for name in archs:
         resolve_arch(name)
+    check_key_fits_arch(k.modality, arch)
     model, _ = load_model(arch, weights, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     model.to(on)
     served = LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(weights), expose_scores=True,

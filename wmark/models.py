@@ -178,6 +178,20 @@ def load_model(arch: str, path: str | os.PathLike[str], *, num_classes: int | No
     return model, metadata
 
 
+def check_key_fits_arch(modality: dict[str, Any] | None, arch: str) -> None:
+    """Refuse a built-in architecture of the other input kind than a key's (``modality``: the key's, None for
+    images) before its model is built, where the mismatch would surface as a shape or dtype error.
+
+    Raises:
+        UsageError: Naming the kind of key to use.
+    """
+    if arch in TEXT_ARCHS and modality is None:
+        raise UsageError(f"{arch} is a text model but the key is an image key; use a text key made for it "
+                         "(`wmark keygen --modality text`).")
+    if arch in BUILTIN_ARCHS and arch not in TEXT_ARCHS and modality is not None:
+        raise UsageError(f"{arch} takes images but the key is a text key; use an image key made for it.")
+
+
 def recorded_classes(meta: dict[str, Any], path: str | os.PathLike[str]) -> int:
     """The ``wmark.num_classes`` a model file records (``meta``: its decoded metadata), checked to be a count."""
     value = meta["num_classes"]

@@ -322,6 +322,8 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     meta = wmark_metadata(read_metadata(rule))
     if meta.get("scheme") != SCHEME:
         raise UsageError(f"{rule} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
+    if meta.get("key_commitment") != key.commitment():  # before the served model is built for this key's classes
+        raise UsageError(f"The tie-break rule {rule} was built under another key; use the key that served the API.")
     arch = arch or str(meta.get("served_arch") or "")
     if served is None:
         recorded = str(meta.get("served_path") or "")
