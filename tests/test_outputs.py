@@ -142,6 +142,15 @@ def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
             for tmp in tmps:
                 Path(tmp).write_text("x")
     assert list(tmp_path.iterdir()) == []
+    # over an older pair, a failed second rename puts the older first file back: the old pair stays whole
+    (tmp_path / "r.html").write_text("old page")
+    (tmp_path / "r.json").write_text("old twin")
+    with pytest.raises(UsageError, match="r.json: it is a directory"):
+        with atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps:
+            for tmp in tmps:
+                Path(tmp).write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.json"]
+    assert (tmp_path / "r.html").read_text() == "old page" and (tmp_path / "r.json").read_text() == "old twin"
 
 
 # D3: a refused mark leaves no log behind, and never deletes one that was there
@@ -188,7 +197,7 @@ def test_serve_refused_before_serving_leaves_no_log(tmp_path: Path, key_file: Pa
     assert not (tmp_path / "q.sqlite").exists()
 
 
-def test_serve_refused_on_a_busy_port_leaves_no_alarm_log(tmp_path: Path, weights: Path) -> None:
+def test_serve_refused_before_serving_leaves_no_alarm_log_or_state(tmp_path: Path, weights: Path) -> None:
     import json
     import socket
 
@@ -199,6 +208,20 @@ def test_serve_refused_on_a_busy_port_leaves_no_alarm_log(tmp_path: Path, weight
         busy.listen()
         code, err = _cli("serve", "--name", "s", "--arch", "fmnist-mlp", "--weights", str(weights),
                          "--port", str(busy.getsockname()[1]), "--policy", str(policy),
-                         "--alarm-log", str(tmp_path / "alarms.jsonl"))
+                         "--alarm-log", str(tmp_path / "alarms.jsonl"), "--monitor-state", str(tmp_path / "st.json"))
     assert code == 2 and err.count("\n") == 1
-    assert not (tmp_path / "alarms.jsonl").exists()
+    assert not (tmp_path / "alarms.jsonl").exists() and not (tmp_path / "st.json").exists()
+    (tmp_path / "bad-state.json").write_text("[]")
+    code, err = _cli("serve", "--name", "s", "--arch", "fmnist-mlp", "--weights", str(weights), "--policy",
+                     str(policy), "--alarm-log", str(tmp_path / "alarms.jsonl"), "--monitor-state",
+                     str(tmp_path / "bad-state.json"))
+    assert code == 2 and "is not a wmark state file" in err
+    assert not (tmp_path / "alarms.jsonl").exists() and (tmp_path / "bad-state.json").read_text() == "[]"
+
+
+def test_attack_extract_refused_before_querying_leaves_no_log(tmp_path: Path, key_file: Path, weights: Path) -> None:
+    code, err = _cli("attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(weights), "--arch",
+                     "no-such-arch", "--data", "digits", "--out", str(tmp_path / "s.safetensors"), "--mark", "flip",
+                     "--key", str(key_file), "--log", str(tmp_path / "q.sqlite"))
+    assert code == 2 and "no-such-arch" in err
+    assert not (tmp_path / "q.sqlite").exists()

@@ -29,7 +29,7 @@ from wmark.attacks import quantize as quantize_attack
 from wmark.attacks import rename_tensors
 from wmark.data import Dataset, load_dataset
 from wmark.embed import Watermarker
-from wmark.errors import UsageError
+from wmark.errors import UsageError, WmarkError
 from wmark.io import read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.keys import Key, generate_key, load_key, save_key
 from wmark.models import (
@@ -193,7 +193,10 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     on = resolve_device(device)
     k = load_key(key)
     meta = wmark_metadata(read_metadata(suspect))
-    recorded = None if meta.get("num_classes") is None else recorded_classes(meta, suspect)
+    try:
+        recorded = None if meta.get("num_classes") is None else recorded_classes(meta, suspect)
+    except UsageError:
+        recorded = None  # the suspect's own metadata is not evidence, nor may it block verification by the key
     if recorded is not None and recorded != k.num_classes:
         raise UsageError(
             f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
@@ -381,6 +384,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     if k is not None:
         _check_key_fits_data(k, ds)
         check_recorded_tokenizer(k.modality, ds.tokenizer, what=f"The data {data}")
+    resolve_arch(arch)
     served = open_served(key=k, mark=mark, arch=victim_arch, weights=victim, rule=rule, beta=beta, rate=rate,
                          candidates=candidates, log=log, client=client)
     try:
@@ -390,6 +394,11 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
         stop = None if until_accuracy is None else accuracy_reached(ds.x_test, ds.y_test, until_accuracy)
         result = run_extract(target, x=x, arch=arch, labels=labels, queries=queries,  # type: ignore[arg-type]
                              epochs=epochs, lr=lr, seed=seed, progress=progress, stop=stop, text=text)
+    except WmarkError:
+        # refused before a query was answered: a log this call created holds nothing worth keeping
+        if served.log is not None and not served.log.clients():
+            served.log.discard()
+        raise
     finally:
         served.close()
     surrogate, model = result.model, served.model

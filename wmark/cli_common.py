@@ -86,6 +86,11 @@ def check_outputs(*paths: str | None, report: str | None = None) -> None:
     Args:
         paths: Files the command writes or appends to; None for an option not given.
         report: The evidence report, if any.
+
+    Raises:
+        UsageError: For a path in a missing or read-only directory, a directory in its place, or a wmark key
+            file there (writing would destroy its secret).
+        RuntimeFailure: If probing the directory fails otherwise (a full disk).
     """
     wanted = [p for p in paths if p is not None]
     if report is not None:

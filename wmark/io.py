@@ -73,7 +73,8 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
     for target in targets:
         check_output(target)
     tmps: list[str] = []
-    done: list[Path] = []
+    backups: list[str | None] = []
+    done: list[tuple[Path, str | None]] = []
     try:
         try:
             for target in targets:
@@ -87,18 +88,38 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
             yield list(tmps)
         except OSError as exc:
             raise _write_error(" and ".join(str(t) for t in targets), exc) from None
-        for target, tmp in zip(targets, tmps):
+        # what each target held before: a failed rename puts those files back instead of leaving a mix
+        for target in targets:
+            backups.append(_backup(target))
+        for target, tmp, backup in zip(targets, tmps, backups):
             try:
                 os.replace(tmp, target)
             except OSError as exc:
-                for placed in done:
-                    placed.unlink(missing_ok=True)
+                for placed, old in done:
+                    if old is None:
+                        placed.unlink(missing_ok=True)
+                    else:
+                        os.replace(old, placed)
                 raise _write_error(target, exc) from None
-            done.append(target)
+            done.append((target, backup))
     finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        for leftover in [*tmps, *(b for b in backups if b is not None)]:
+            if os.path.exists(leftover):
+                os.unlink(leftover)
+
+
+def _backup(target: Path) -> str | None:
+    """A hard link to ``target``'s current file (None if there is none, or links are not supported there)."""
+    if not target.is_file():
+        return None
+    fd, backup = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+    os.close(fd)
+    os.unlink(backup)
+    try:
+        os.link(target, backup)
+    except OSError:
+        return None
+    return backup
 
 
 @contextlib.contextmanager

@@ -439,7 +439,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     finally:
         served.close()
         if gate is not None:
-            gate.close()
+            gate.close(save=serving)
 
 
 def _run_until_terminated(server: uvicorn.Server) -> None:

@@ -96,14 +96,7 @@ class Gate:
         self.policy = policy or Policy()
         self.monitor = monitor
         self.alarm_log = None if alarm_log is None else Path(alarm_log)
-        self.created_alarm_log = self.alarm_log is not None and not self.alarm_log.exists()
-        if self.alarm_log is not None:
-            # created up front, so that `wmark monitor report` on a server that raised no alarm reports none
-            try:
-                self.alarm_log.touch()
-            except OSError as e:
-                raise UsageError(f"Cannot create the alarm log {self.alarm_log} ({e.strerror}); "
-                                 "choose a writable path.") from None
+        self.created_alarm_log = False
         self.state_path = None if state_path is None else Path(state_path)
         self.labels_only = labels_only
         self.metrics_token = metrics_token
@@ -142,6 +135,16 @@ class Gate:
             self.m_alarm.labels(name).set(0)
         if self.state_path is not None and self.state_path.exists():
             self._load_state(now)
+        if self.alarm_log is not None:
+            # created once nothing else can refuse, so that `wmark monitor report` on a quiet server reports none
+            try:
+                with self.alarm_log.open("x"):
+                    self.created_alarm_log = True
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise UsageError(f"Cannot create the alarm log {self.alarm_log} ({e.strerror}); "
+                                 "choose a writable path.") from None
 
     def _load_state(self, now: float) -> None:
         assert self.state_path is not None
@@ -279,9 +282,9 @@ class Gate:
         with atomic_write(self.state_path) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
-    def close(self) -> None:
-        """Write the state file one last time."""
-        if self.state_path is not None:
+    def close(self, *, save: bool = True) -> None:
+        """Write the state file one last time (``save=False``: a server that never served leaves none)."""
+        if save and self.state_path is not None:
             with self.lock:
                 self._save_state(self.clock())
 

@@ -111,8 +111,18 @@ class QueryLog:
                              "log.")
         if create and not self.path.parent.exists():
             raise UsageError(f"Directory {self.path.parent} does not exist; create it first.")
-        # a refusal after this point must not leave behind a log this call made (an empty database)
-        self._created = create and not self.path.exists()
+        # a refusal after this point must not leave behind a log this call made (an empty database); the file is
+        # claimed exclusively, so a log another process created at the same moment is never taken for ours
+        self._created = False
+        if create:
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+                self._created = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise UsageError(f"Cannot create the query log {self.path} ({exc.strerror}); choose a writable "
+                                 "path.") from None
         try:
             self._open(key, mark, params, create, durability)
         except BaseException:

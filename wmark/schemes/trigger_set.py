@@ -145,8 +145,8 @@ def _pad_cat(a: torch.Tensor, b: torch.Tensor, value: int) -> torch.Tensor:
 def check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
     """Refuse natural inputs of another kind than the triggers: floats for a text key, token ids for an image key.
 
-    Every trigger path (mixed into the batches or given a pass of its own) calls it on the natural batches, because
-    the triggers reach the same model and would fail inside it with an error that names neither the key nor the fix.
+    Mixing and the trigger pass of :meth:`wmark.embed.Watermarker.attach` call it on the natural batches, because the
+    triggers reach the same model and would fail inside it with an error that names neither the key nor the fix.
 
     Raises:
         UsageError: If ``x`` is a float tensor and the triggers are text, or an integer tensor and they are images.

@@ -36,8 +36,8 @@ class LocalSuspect:
             (``pixel_values``); by default they go in as a tensor.
 
     Raises:
-        UsageError: If the model fails on a probe input of ``input_shape`` by treating it as the wrong kind of
-            batch (an index, key, type or attribute error: a model that wants a dict, or another shape).
+        UsageError: If the model fails on a probe input of ``input_shape`` with an index, key, type or attribute
+            error (typically a model that wants a dict batch).
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",

@@ -250,8 +250,7 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
     if _meta_int(meta, "num_classes", key.num_classes, path) != key.num_classes:
         raise UsageError(f"The tie-break rule {path} is for {meta['num_classes']} classes, the key for "
                          f"{key.num_classes}.")
-    if meta.get("key_commitment") != key.commitment():
-        raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
+    _check_rule_key(meta, key, path)
     text = _check_text(key, text)  # the key's commitment covers its modality: a rule of its key has its kind
     mean, projection = tensors["mean"].numpy(), tensors["projection"].numpy()
     if (mean.ndim != 1 or projection.ndim != 2 or projection.shape[0] != len(mean) or projection.shape[1] < 1
@@ -283,6 +282,11 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         skipped=_meta_int(meta, "skipped_leading", 0, path), references=tuple(references),
                         served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
                         input_shape=shape, text=text)
+
+
+def _check_rule_key(meta: dict[str, Any], key: Key, path: str | os.PathLike[str]) -> None:
+    if meta.get("key_commitment") != key.commitment():
+        raise UsageError(f"The tie-break rule {path} was built under another key; use the key that served the API.")
 
 
 def _meta_int(meta: dict[str, Any], name: str, default: int, path: str | os.PathLike[str]) -> int:
@@ -322,8 +326,7 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     meta = wmark_metadata(read_metadata(rule))
     if meta.get("scheme") != SCHEME:
         raise UsageError(f"{rule} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
-    if meta.get("key_commitment") != key.commitment():  # before the served model is built for this key's classes
-        raise UsageError(f"The tie-break rule {rule} was built under another key; use the key that served the API.")
+    _check_rule_key(meta, key, rule)  # before the served model is built for this key's classes
     arch = arch or str(meta.get("served_arch") or "")
     if served is None:
         recorded = str(meta.get("served_path") or "")
