@@ -18,13 +18,13 @@ from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.serve import serve_in_background
 from wmark.suspects.http import HttpOptions, open_http_suspect
+from wmark.suspects.json_template import load_template
 from wmark.suspects.protocols import (
     AnswerMismatch,
     MalformedAnswer,
     TFServingProtocol,
     V2Protocol,
     label_index,
-    load_template,
 )
 from wmark.verify import verify_blackbox
 

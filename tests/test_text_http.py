@@ -131,7 +131,7 @@ def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, t
 def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
     import numpy as np
 
-    from wmark.suspects.protocols import JsonTemplateProtocol, load_template
+    from wmark.suspects.json_template import JsonTemplateProtocol, load_template
 
     hf = JsonTemplateProtocol(url="http://127.0.0.1:9/p", template=load_template("hf"), num_classes=4,
                               input_shape=(32,))
@@ -177,7 +177,8 @@ def test_text_cover_traffic_sends_the_cover_data_texts(key_file, tmp_path):
 
 
 def test_a_top_k_label_list_is_read_at_its_top_label_and_a_repeated_label_is_malformed():
-    from wmark.suspects.protocols import JsonTemplateProtocol, MalformedAnswer, load_template
+    from wmark.suspects.json_template import JsonTemplateProtocol, load_template
+    from wmark.suspects.protocols import MalformedAnswer
 
     proto = JsonTemplateProtocol(url="http://127.0.0.1:9/predict", template=load_template("hf"), num_classes=4,
                                  input_shape=(32,))

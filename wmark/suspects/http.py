@@ -463,7 +463,8 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
     Raises:
         UsageError: On a bad URL, an unknown protocol, or an option the protocol does not take.
     """
-    from wmark.suspects.protocols import JsonTemplateProtocol, TFServingProtocol, V2Protocol, load_template
+    from wmark.suspects.json_template import JsonTemplateProtocol, load_template
+    from wmark.suspects.protocols import TFServingProtocol, V2Protocol
 
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"The suspect URL {url!r} must start with http:// or https://.")
