@@ -96,7 +96,8 @@ def test_keygen_onto_an_existing_key_names_the_cli_option(tmp_path: Path) -> Non
     assert _cli("keygen", "--owner", "ACME", "--out", str(out))[0] == 0
     before = out.read_text()
     code, err = _cli("keygen", "--owner", "ACME", "--out", str(out))
-    assert code == 2 and err == f"error: {out} already exists; refusing to overwrite a key (--force replaces it).\n"
+    assert code == 2 and err == (f"error: {out} already exists; refusing to overwrite a key (`--force`, or "
+                                 "overwrite=True in Python, replaces it).\n")
     assert out.read_text() == before
     assert _cli("keygen", "--owner", "ACME", "--out", str(out), "--force")[0] == 0 and out.read_text() != before
 

@@ -60,7 +60,7 @@ def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Seq
     (``input_shape`` is then ignored).
     """
     if Path(out).exists() and not overwrite:
-        raise UsageError(f"{out} already exists; refusing to overwrite a key (overwrite=True replaces it).")
+        raise UsageError(f"{out} already exists; refusing to overwrite a key (`--force`, or overwrite=True in Python, replaces it).")
     schemes = None
     if message is not None:
         from wmark.keys import default_schemes

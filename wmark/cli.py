@@ -60,8 +60,6 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
         cli_common.refuse(["input_shape"], "to a text key (its inputs are token sequences of at most --max-length)")
     else:
         cli_common.refuse(["max_length"], "to an image key (give --modality text for a text key)")
-    if Path(out).exists() and not force:
-        raise UsageError(f"{out} already exists; refusing to overwrite a key (--force replaces it).")
     check_output(out)  # not check_outputs: --force may replace a key
     info = api.keygen(owner=owner, out=out, num_classes=num_classes, input_shape=_shape(input_shape),
                       num_triggers=num_triggers, overwrite=force, message=message, tokenizer=tokenizer,
@@ -431,7 +429,6 @@ def monitor_report(alarm_log: str, state: str | None, as_json: bool) -> None:
 @_handle_errors
 def inspect(path: str, signer_key: str | None) -> None:
     """Show a model file's wmark.* metadata and whether it is signed, and by whom."""
-    from pathlib import Path
 
     from wmark import signing
 
