@@ -296,8 +296,10 @@ def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
     assert "trigger_margin" not in meta and "trigger_lookahead" not in meta and meta["trigger_per_batch"] == 8
 
 
-def test_the_lightning_callback_learns_lookahead_triggers(digits_key) -> None:
+def test_the_lightning_callback_learns_lookahead_triggers() -> None:
     L = pytest.importorskip("lightning")
+    # a fixed key: how fast triggers are learnt varies with the key, and a fresh one once learnt 0.75 (< 0.8)
+    digits_key = seeded_key("lookahead/lightning", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
     from wmark.integrations.lightning import WatermarkCallback
 
     L.seed_everything(0, verbose=False)  # the data and the initialisation
