@@ -253,6 +253,31 @@ def test_embed_refuses_a_key_made_with_another_tokenizer(tmp_path):
     assert "is tokenized with all-MiniLM-L6-v2" in embed.stderr and "/tok/other" in embed.stderr
 
 
+def test_wmark_train_records_the_datas_tokenizer_in_a_text_model_file(tmp_path):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.data import Dataset
+    from wmark.io import read_metadata, wmark_metadata
+    from wmark.text import recorded_tokenizer
+    from wmark.text_serving import text_inputs_of
+
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "computers").write_text("computers are fast\n%\nthe disk is full\n%\nbits and bytes\n")
+    (fortunes / "people").write_text("people are kind\n%\nsome people are not\n%\nfriends help\n")
+    out = tmp_path / "trained.safetensors"
+    result = CliRunner().invoke(main, ["train", "--arch", "text-bow", "--data", f"fortunes:{fortunes}", "--epochs", "1",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = wmark_metadata(read_metadata(out))
+    assert meta["modality"] == text_key(max_length=64).modality  # what a MiniLM key over 64 tokens records
+    assert recorded_tokenizer(meta)["name"] == MINILM and text_inputs_of(meta).max_length == 64  # servable as text
+    images = Dataset("images", torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 1, 4, 4),
+                     torch.zeros(1, dtype=torch.int64), num_classes=2)
+    assert images.modality is None  # an image model's file records no modality, as before
+
+
 def test_verify_file_verifies_a_suspect_recording_another_tokenizer_and_notes_it(tmp_path):
     """A thief who writes another tokenizer into a stolen file cannot block `verify file`; the report says so."""
     import html

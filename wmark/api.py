@@ -91,14 +91,19 @@ def _fit(model: torch.nn.Module, loader: Any, *, epochs: int, lr: float, progres
 
 def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0, lr: float = 1e-3,
           batch_size: int = 64, max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Train a model from scratch (no watermark) and save it; returns its test accuracy and timing."""
+    """Train a model from scratch (no watermark) and save it; returns its test accuracy and timing.
+
+    A model trained on text records the data's tokenization (:attr:`wmark.data.Dataset.modality`), as ``embed``
+    records a text key's, so ``embed`` can refuse a key made with another tokenizer and the file can be served.
+    """
     ds = load_dataset(data).subset(max_samples=max_samples)
     model = build_model(arch, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed)
     seconds = _fit(model, make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed),
                    epochs=epochs, lr=lr, progress=progress, desc="train")
     acc = accuracy(model, ds.x_test, ds.y_test)
-    save_model(model, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
-                                                   input_shape=ds.input_shape, seed=seed, test_accuracy=acc))
+    modality = {} if ds.modality is None else {"modality": ds.modality}
+    save_model(model, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes, input_shape=ds.input_shape,
+                                                   seed=seed, test_accuracy=acc, **modality))
     return {"out": str(out), "test_accuracy": acc, "seconds": seconds}
 
 
