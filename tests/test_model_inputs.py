@@ -147,6 +147,10 @@ def test_a_text_suspect_whose_forward_names_its_inputs_otherwise_is_told_to_wrap
                                          r"as input_ids and attention_mask; wrap the model in a module whose "
                                          r"forward\(input_ids, attention_mask\) calls it with them\.$"):
         LocalSuspect(_PositionalText(), input_shape=(32,), text=text)
+    one_tensor = nn.Sequential(nn.Embedding(30522, 8), nn.Flatten(), nn.Linear(256, 4))  # forward(input): no dict
+    with pytest.raises(UsageError, match=r"^The suspect local model fails on a dict of 'input_ids', 'attention_mask' "
+                                         r"\(.*\); wrap the model in a module whose forward\(input_ids, attention_mask\)"):
+        LocalSuspect(one_tensor, input_shape=(32,), text=text)
     suspect = LocalSuspect(_Named(_PositionalText()), input_shape=(32,), text=text)
     assert suspect.num_classes == 4
     assert suspect.query(np.asarray(["computers are fast", "people are kind"], dtype=object)).labels.shape == (2,)
