@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from textkit import hf_bert, text_key
@@ -113,3 +114,50 @@ def test_a_local_suspect_that_takes_dict_batches_needs_input_key() -> None:
         LocalSuspect(_DictImages(), input_shape=(1, 8, 8))
     suspect = LocalSuspect(_DictImages(), input_shape=(1, 8, 8), input_key="pixel_values")
     assert suspect.num_classes == 4 and suspect.query(torch.rand(3, 1, 8, 8).numpy()).labels.shape == (3,)
+
+
+class _PositionalText(nn.Module):
+    """A text classifier whose forward takes its token ids and mask under names of its own, positionally."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.EmbeddingBag(30522, 8, mode="sum")
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(ids, per_sample_weights=mask.float()))
+
+
+class _Named(nn.Module):
+    """Wraps a model so its forward takes the names a text suspect is asked under (the fix the message names)."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.inner(input_ids, attention_mask)
+
+
+def test_a_text_suspect_whose_forward_names_its_inputs_otherwise_is_told_to_wrap_it() -> None:
+    from wmark.text import TextInputs
+
+    text = TextInputs.from_key(text_key())
+    with pytest.raises(UsageError, match=r"^The suspect local model's forward takes \(ids, mask\), but text goes in "
+                                         r"as input_ids and attention_mask; wrap the model in a module whose "
+                                         r"forward\(input_ids, attention_mask\) calls it with them\.$"):
+        LocalSuspect(_PositionalText(), input_shape=(32,), text=text)
+    one_tensor = nn.Sequential(nn.Embedding(30522, 8), nn.Flatten(), nn.Linear(256, 4))  # forward(input): no dict
+    with pytest.raises(UsageError, match=r"^The suspect local model fails on a dict of 'input_ids', 'attention_mask' "
+                                         r"\(.*\); wrap the model in a module whose forward\(input_ids, attention_mask\)"):
+        LocalSuspect(one_tensor, input_shape=(32,), text=text)
+    suspect = LocalSuspect(_Named(_PositionalText()), input_shape=(32,), text=text)
+    assert suspect.num_classes == 4
+    assert suspect.query(np.asarray(["computers are fast", "people are kind"], dtype=object)).labels.shape == (2,)
+
+
+def test_an_image_suspect_asked_under_another_input_key_is_told_which_to_give() -> None:
+    with pytest.raises(UsageError, match=r"^The suspect local model's forward takes \(pixel_values\), not images "
+                                         r"under 'image'; give input_key= the name it takes them by, or wrap"):
+        LocalSuspect(_NamedImages(), input_shape=(1, 8, 8), input_key="image")
+    assert LocalSuspect(_NamedImages(), input_shape=(1, 8, 8), input_key="pixel_values").num_classes == 4

@@ -231,7 +231,7 @@ def _other_tokenizer_key(path, *, num_classes: int, max_length: int):
     save_key(dataclasses.replace(key, modality=other), path)
 
 
-def test_embed_and_verify_file_refuse_a_key_made_with_another_tokenizer(tmp_path):
+def test_embed_refuses_a_key_made_with_another_tokenizer(tmp_path):
     from click.testing import CliRunner
 
     from wmark.cli import main
@@ -247,19 +247,77 @@ def test_embed_and_verify_file_refuse_a_key_made_with_another_tokenizer(tmp_path
     save_model(build_model("text-bow", num_classes=2, input_shape=(64,)), base,
                metadata={"arch": "text-bow", "num_classes": 2, "input_shape": [64]})
     out = tmp_path / "marked.safetensors"
-    runner = CliRunner()
-    embed = runner.invoke(main, ["embed", "--key", str(tmp_path / "other.key"), "--arch", "text-bow", "--weights",
-                                 str(base), "--data", f"fortunes:{fortunes}", "--epochs", "1", "--out", str(out)])
+    embed = CliRunner().invoke(main, ["embed", "--key", str(tmp_path / "other.key"), "--arch", "text-bow", "--weights",
+                                      str(base), "--data", f"fortunes:{fortunes}", "--epochs", "1", "--out", str(out)])
     assert embed.exit_code == 2 and not out.exists()
     assert "is tokenized with all-MiniLM-L6-v2" in embed.stderr and "/tok/other" in embed.stderr
-    # a model file recording MiniLM's tokenization, checked with the other key: refused, not "not detected"
-    minilm = text_key(num_classes=2, max_length=64).modality
-    save_model(build_model("text-bow", num_classes=2, input_shape=(64,)), out,
-               metadata={"arch": "text-bow", "num_classes": 2, "input_shape": [64], "modality": minilm})
-    check = runner.invoke(main, ["verify", "file", "--key", str(tmp_path / "other.key"), "--arch", "text-bow",
-                                 "--suspect", str(out), "--budget", "5"])
-    assert check.exit_code == 2 and f"The model file {out} is tokenized with all-MiniLM-L6-v2" in check.stderr
-    assert "use a key made with --tokenizer all-MiniLM-L6-v2." in check.stderr and "Traceback" not in check.output
+
+
+def test_wmark_train_records_the_datas_tokenizer_in_a_text_model_file(tmp_path):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.data import Dataset
+    from wmark.io import read_metadata, wmark_metadata
+    from wmark.text import recorded_tokenizer
+    from wmark.text_serving import text_inputs_of
+
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    (fortunes / "computers").write_text("computers are fast\n%\nthe disk is full\n%\nbits and bytes\n")
+    (fortunes / "people").write_text("people are kind\n%\nsome people are not\n%\nfriends help\n")
+    out = tmp_path / "trained.safetensors"
+    result = CliRunner().invoke(main, ["train", "--arch", "text-bow", "--data", f"fortunes:{fortunes}", "--epochs", "1",
+                                       "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    meta = wmark_metadata(read_metadata(out))
+    assert meta["modality"] == text_key(max_length=64).modality  # what a MiniLM key over 64 tokens records
+    assert recorded_tokenizer(meta)["name"] == MINILM and text_inputs_of(meta).max_length == 64  # servable as text
+    images = Dataset("images", torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64), torch.zeros(1, 1, 4, 4),
+                     torch.zeros(1, dtype=torch.int64), num_classes=2)
+    assert images.modality is None  # an image model's file records no modality, as before
+
+
+def test_verify_file_verifies_a_suspect_recording_another_tokenizer_and_notes_it(tmp_path):
+    """A thief who writes another tokenizer into a stolen file cannot block `verify file`; the report says so."""
+    import html
+
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    key = text_key(num_classes=4, max_length=64, tag="recorded-tokenizer")
+    save_key(key, tmp_path / "k.key")
+    # the copy: a bag of words that learnt the key's triggers (a few dozen full-batch steps, well under a second)
+    triggers = generate_triggers(key)
+    model = build_model("text-bow", num_classes=4, input_shape=(64,), seed=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(60):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(triggers.inputs, triggers.attention_mask), triggers.labels).backward()
+        optimizer.step()
+    stolen = tmp_path / "stolen.safetensors"
+    claimed = dict(key.modality, tokenizer={"name": "/tok/thief\x1b[2J", "vocab_sha256": "f" * 64})
+    save_model(model, stolen, metadata={"arch": "text-bow", "num_classes": 4, "input_shape": [64], "modality": claimed})
+    report = tmp_path / "report.html"
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(tmp_path / "k.key"), "--arch", "text-bow",
+                                       "--suspect", str(stolen), "--fixed", "--json", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    note = (f"The model file {stolen} records the tokenizer '/tok/thief\\x1b[2J' (vocabulary ffffffffffff…) while "
+            f"the key's is {MINILM} (vocabulary {key.modality['tokenizer']['vocab_sha256'][:12]}…); it was verified "
+            "anyway, on the key's triggers tokenized with the key's tokenizer.")
+    assert doc["decision"] == "detected" and doc["queries"] == 24 and doc["message"] == note
+    assert json.loads(report.with_suffix(".json").read_text())["verdict"]["message"] == note
+    assert f"<p class='note'>{html.escape(note)}</p>" in report.read_text()
+    # the owner's own file, recording the key's tokenizer, gets no note
+    save_model(model, stolen, metadata={"arch": "text-bow", "num_classes": 4, "input_shape": [64],
+                                        "modality": key.modality})
+    again = CliRunner().invoke(main, ["verify", "file", "--key", str(tmp_path / "k.key"), "--arch", "text-bow",
+                                      "--suspect", str(stolen), "--fixed", "--json"])
+    assert again.exit_code == 0 and json.loads(again.stdout)["message"] == ""
 
 
 @pytest.mark.parametrize(("which", "message"), [

@@ -42,7 +42,7 @@ from wmark.models import (
     resolve_arch,
 )
 from wmark.suspects import LocalSuspect
-from wmark.text import TextInputs, check_recorded_tokenizer, recorded_tokenizer
+from wmark.text import TextInputs, check_recorded_tokenizer, recorded_tokenizer, recorded_tokenizer_note
 from wmark.training import accuracy, make_loader, resolve_device, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
@@ -91,14 +91,19 @@ def _fit(model: torch.nn.Module, loader: Any, *, epochs: int, lr: float, progres
 
 def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0, lr: float = 1e-3,
           batch_size: int = 64, max_samples: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Train a model from scratch (no watermark) and save it; returns its test accuracy and timing."""
+    """Train a model from scratch (no watermark) and save it; returns its test accuracy and timing.
+
+    A model trained on text records the data's tokenization (:attr:`wmark.data.Dataset.modality`), as ``embed``
+    records a text key's, so ``embed`` can refuse a key made with another tokenizer and the file can be served.
+    """
     ds = load_dataset(data).subset(max_samples=max_samples)
     model = build_model(arch, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed)
     seconds = _fit(model, make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed),
                    epochs=epochs, lr=lr, progress=progress, desc="train")
     acc = accuracy(model, ds.x_test, ds.y_test)
-    save_model(model, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,
-                                                   input_shape=ds.input_shape, seed=seed, test_accuracy=acc))
+    modality = {} if ds.modality is None else {"modality": ds.modality}
+    save_model(model, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes, input_shape=ds.input_shape,
+                                                   seed=seed, test_accuracy=acc, **modality))
     return {"out": str(out), "test_accuracy": acc, "seconds": seconds}
 
 
@@ -189,6 +194,9 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     The suspect answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present). Its
     answers are recorded, so a re-check needs no device. The owner's served model, which ranks a tie-break
     log, stays on the CPU: the ranking is recomputed by ``wmark recheck`` and must come out the same there.
+
+    A suspect whose file records another tokenizer than a text key's is verified all the same, on the triggers
+    the key's tokenizer makes; the verdict's ``message`` says what the file records.
     """
     on = resolve_device(device)
     k = load_key(key)
@@ -202,7 +210,8 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
             f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
             "use the key made for this model."
         )
-    check_recorded_tokenizer(k.modality, recorded_tokenizer(meta), what=f"The model file {suspect}")
+    # Not refused: the suspect's holder wrote its metadata, and a thief could write another tokenizer to block us.
+    note = recorded_tokenizer_note(k.modality, recorded_tokenizer(meta), what=f"The model file {suspect}")
     check_key_fits_arch(k.modality, arch)
     model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
     model.to(on)
@@ -215,6 +224,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
                            log_mode=log_mode, use_scores=not labels_only)
     verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
+    verdict.message = " ".join(filter(None, [verdict.message, note]))
     files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            queries=rule_queries)
     return local.attach(verdict, suspect_file=suspect, tiebreak=files)

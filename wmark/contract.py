@@ -31,6 +31,24 @@ Batch = torch.Tensor | Mapping[str, torch.Tensor]
 INPUT_NAMES = frozenset({"input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features"})
 
 
+class BatchKeysError(UsageError):
+    """A dict batch lacks inputs the model's ``forward`` names.
+
+    Its message tells a caller who builds the batch to name the inputs in it; a caller that does not build it
+    (a :class:`~wmark.suspects.LocalSuspect`, whose batches the key's tokenizer makes) catches this and names
+    the fix open to its own caller.
+
+    Attributes:
+        wanted: The names the forward wants that the batch lacks (``every``: all of them; else any one).
+        held: The keys the batch holds.
+    """
+
+    def __init__(self, wanted: list[str], held: list[str], *, every: bool = False) -> None:
+        self.wanted, self.held = wanted, held
+        super().__init__(f"The batch has no {(', ' if every else ' or ').join(repr(w) for w in wanted)} (it holds "
+                         f"{', '.join(repr(k) for k in held) or 'nothing'}); name the model's inputs in the batch.")
+
+
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model with neither)."""
     for param in model.parameters():
@@ -76,7 +94,7 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
     one that takes only ``**kwargs`` gets every key.
 
     Raises:
-        UsageError: If the forward needs a named input the dict batch lacks: a required one, or, when every
+        BatchKeysError: If the forward needs a named input the dict batch lacks: a required one, or, when every
             input is optional (Hugging Face models), each of the main inputs (:data:`INPUT_NAMES`) it names.
     """
     if not isinstance(batch, Mapping):
@@ -88,17 +106,14 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
             return model(**batch)
         if len(required) == 1 and not required & INPUT_NAMES:
             return model(dict(batch))
-        wanted = sorted(required) or names[:2]
-        raise UsageError(f"The batch has no {' or '.join(repr(w) for w in wanted)} (it holds "
-                         f"{', '.join(repr(k) for k in batch) or 'nothing'}); name the model's inputs in the batch.")
-    missing = ", ".join(repr(m) for m in sorted(required - keys))
+        raise BatchKeysError(sorted(required) or names[:2], list(batch))
+    missing = sorted(required - keys)
     main = [n for n in names if n in INPUT_NAMES]
     if not required and main and not keys & set(main):
         # Every input optional (Hugging Face): without its main input the model fails deep inside, naming neither.
-        missing = " or ".join(repr(m) for m in main)
+        raise BatchKeysError(main, list(batch))
     if missing:
-        raise UsageError(f"The batch has no {missing} (it holds {', '.join(repr(k) for k in batch)}); name the "
-                         "model's inputs in the batch.")
+        raise BatchKeysError(missing, list(batch), every=True)
     return model(**{k: v for k, v in batch.items() if k in named})
 
 

@@ -29,6 +29,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -73,6 +74,17 @@ class Dataset:
     @property
     def input_shape(self) -> tuple[int, ...]:
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def modality(self) -> dict[str, Any] | None:
+        """The modality a model trained on these token ids records, as a text key does (``None`` for images).
+
+        Written into the model file, it lets the file be served as text and lets ``embed`` refuse a key made with
+        another tokenizer than the one the model learnt its token ids from.
+        """
+        if self.tokenizer is None:
+            return None
+        return {"kind": "text", "tokenizer": dict(self.tokenizer), "max_length": int(self.input_shape[0])}
 
     def subset(self, *, max_samples: int | None) -> Dataset:
         """The first ``max_samples`` training examples (the test set is kept whole)."""

@@ -230,6 +230,9 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
         "inconclusive": f"<b>Inconclusive.</b> {_e(v['message'])} Evidence so far: p-value at most "
                         f"{_p_text(v['log10_p'])} (needs alpha = {_alpha_text(v['alpha'])}).",
     }[status]
+    # An inconclusive headline quotes the message; otherwise it still holds caveats (an assumption, what the
+    # suspect's file records) that the reader must see next to the verdict.
+    caveat = f"<p class='note'>{_e(v['message'])}</p>" if v.get("message") and status != "inconclusive" else ""
     matches, answered = test.get("matches", 0), test.get("queries", 0) - test.get("abstentions", 0)
     null = test.get("null", {})
     claim = (f"{owner} claims that the model answering at <span class='mono'>{suspect}</span> was derived from a "
@@ -325,7 +328,7 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
 <body><main>
 <h1>Watermark evidence report</h1>
 <p class="sub">Generated {_e(doc['generated_at'])} by wmark {_e(doc['software']['wmark'])}</p>
-<div class="verdict {status}">{headline}</div>
+<div class="verdict {status}">{headline}</div>{caveat}
 <h2>1. The claim</h2><p>{claim}</p>
 <h2>2. The key commitment, and how to check it</h2>
 <table>{commit_rows}</table>

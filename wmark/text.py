@@ -120,11 +120,23 @@ def check_tokenizer(modality: dict[str, Any], tokenizer: Any) -> None:
                          f"{want[:12]}…); use the tokenizer the key was made with.")
 
 
-def check_recorded_tokenizer(modality: dict[str, Any] | None, recorded: Any, *, what: str) -> None:
-    """Refuse token ids made with another tokenizer than the key's: a dataset's, or those a model file records.
+def _other_tokenizer(modality: dict[str, Any] | None, recorded: Any) -> tuple[str, str, Any] | None:
+    """``(name, digest, key's tokenizer or None)`` when ``recorded`` names a vocabulary the key does not have."""
+    if not isinstance(recorded, dict) or not isinstance(recorded.get("vocab_sha256"), str):
+        return None
+    name, digest = str(recorded.get("name", "an unnamed tokenizer")), recorded["vocab_sha256"]
+    key_tok = modality.get("tokenizer") if isinstance(modality, dict) and modality.get("kind") == "text" else None
+    if key_tok is not None and key_tok["vocab_sha256"] == digest:
+        return None
+    return name, digest, key_tok
 
-    Token ids of another vocabulary are other words to the model, so training or verifying across two
-    tokenizers silently measures nothing; only the vocabulary digest is compared, as in :func:`check_tokenizer`.
+
+def check_recorded_tokenizer(modality: dict[str, Any] | None, recorded: Any, *, what: str) -> None:
+    """Refuse token ids made with another tokenizer than the key's: the owner's data's, or their model file's.
+
+    Token ids of another vocabulary are other words to the model, so training across two tokenizers silently
+    learns nothing; only the vocabulary digest is compared, as in :func:`check_tokenizer`. Only for the owner's
+    own inputs: a suspect's record is its holder's claim, which :func:`recorded_tokenizer_note` reports instead.
 
     Args:
         modality: The key's modality (``None`` for an image key).
@@ -135,17 +147,46 @@ def check_recorded_tokenizer(modality: dict[str, Any] | None, recorded: Any, *, 
     Raises:
         UsageError: If a tokenizer is recorded and the key is not a text key over the same vocabulary.
     """
-    if not isinstance(recorded, dict) or not isinstance(recorded.get("vocab_sha256"), str):
+    other = _other_tokenizer(modality, recorded)
+    if other is None:
         return
-    name, digest = recorded.get("name", "an unnamed tokenizer"), recorded["vocab_sha256"]
-    key_tok = modality.get("tokenizer") if isinstance(modality, dict) and modality.get("kind") == "text" else None
+    name, digest, key_tok = other
     if key_tok is None:
         raise UsageError(f"{what} is tokenized with {name} but the key is not a text key; use a key made with "
                          f"--modality text --tokenizer {name}.")
-    if key_tok["vocab_sha256"] != digest:
-        raise UsageError(f"{what} is tokenized with {name} (vocabulary {digest[:12]}…) but the key was made "
-                         f"with {key_tok['name']} (vocabulary {key_tok['vocab_sha256'][:12]}…); use a key made with "
-                         f"--tokenizer {name}.")
+    raise UsageError(f"{what} is tokenized with {name} (vocabulary {digest[:12]}…) but the key was made "
+                     f"with {key_tok['name']} (vocabulary {key_tok['vocab_sha256'][:12]}…); use a key made with "
+                     f"--tokenizer {name}.")
+
+
+def _shown(claim: str, limit: int) -> str:
+    # A suspect's metadata is written by whoever holds the file: keep what it says short and free of control
+    # characters before it reaches a terminal or a report.
+    claim = claim[:limit]
+    return claim if claim.isascii() and claim.isprintable() else ascii(claim)
+
+
+def recorded_tokenizer_note(modality: dict[str, Any] | None, recorded: Any, *, what: str) -> str:
+    """A sentence for a verdict when a suspect's model file records another tokenizer than the key's ("" if not).
+
+    The suspect is verified anyway, asked the key's triggers as the key's tokenizer makes them (as an HTTP or
+    white-box suspect is): its metadata is its holder's claim, and a thief who could block verification by
+    writing another tokenizer's name into a stolen file would. The note tells the reader of the verdict.
+
+    Args:
+        modality: The key's modality (``None`` for an image key).
+        recorded: What the suspect's file records (:func:`recorded_tokenizer`), or ``None``.
+        what: The suspect, to start the sentence (e.g. ``"The model file stolen.safetensors"``).
+    """
+    other = _other_tokenizer(modality, recorded)
+    if other is None:
+        return ""
+    name, digest, key_tok = other
+    claim = f"{what} records the tokenizer {_shown(name, 120)} (vocabulary {_shown(digest[:12], 12)}…)"
+    if key_tok is None:
+        return f"{claim} but the key is an image key; it was verified anyway, on the key's image triggers."
+    return (f"{claim} while the key's is {key_tok['name']} (vocabulary {key_tok['vocab_sha256'][:12]}…); it was "
+            "verified anyway, on the key's triggers tokenized with the key's tokenizer.")
 
 
 def recorded_tokenizer(metadata: dict[str, Any]) -> Any:

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmark.contract import as_float_tensor, forward_logits, model_device
+from wmark.contract import BatchKeysError, as_float_tensor, forward_logits, forward_names, model_device
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, is_text_array
@@ -37,7 +37,8 @@ class LocalSuspect:
 
     Raises:
         UsageError: If the model fails on a probe input of ``input_shape`` with an index, key, type or attribute
-            error (typically a model that wants a dict batch).
+            error (typically a model that wants a dict batch), or its forward does not take the inputs by the
+            names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images).
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
@@ -55,13 +56,28 @@ class LocalSuspect:
         try:
             with torch.no_grad():
                 probe = forward_logits(self.model, probe_input)
+        except BatchKeysError as e:
+            # The contract's own fix ("name the inputs in the batch") is not open here: this class builds the batch.
+            raise UsageError(self._names_fix(e.held)) from e
         except (IndexError, KeyError, TypeError, AttributeError) as e:
             # Raised inside the user's model, which cannot say what it was given; the probe can.
             given = (f"a dict of {', '.join(map(repr, probe_input))}" if isinstance(probe_input, Mapping)
                      else f"a tensor of shape {tuple(probe_input.shape)}")
-            raise UsageError(f"The suspect {self.description} fails on {given} ({type(e).__name__}: {e}); give "
-                             "input_key= if its forward takes a dict batch, else check input_shape.") from e
+            fix = ("wrap the model in a module whose forward(input_ids, attention_mask) calls it with them"
+                   if self.text is not None else "give input_key= if its forward takes a dict batch, else check "
+                   "input_shape")
+            raise UsageError(f"The suspect {self.description} fails on {given} ({type(e).__name__}: {e}); "
+                             f"{fix}.") from e
         self.num_classes: int | None = int(probe.shape[1])
+
+    def _names_fix(self, held: list[str]) -> str:
+        """The sentence for a forward that does not take the batch's keys, naming what the caller can change."""
+        takes = f"The suspect {self.description}'s forward takes ({', '.join(forward_names(self.model))})"
+        if self.text is not None:
+            return (f"{takes}, but text goes in as {' and '.join(held)}; wrap the model in a module whose "
+                    f"forward({', '.join(held)}) calls it with them.")
+        return (f"{takes}, not images under {self.input_key!r}; give input_key= the name it takes them by, or wrap "
+                f"the model in a module whose forward({self.input_key}) calls it.")
 
     @property
     def device(self) -> torch.device:
