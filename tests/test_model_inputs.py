@@ -101,6 +101,16 @@ def test_a_model_that_takes_the_dict_batch_gets_its_triggers_under_the_batch_key
         assert torch.equal(triggers, wm.triggers.inputs[4 * step:4 * step + 4])
 
 
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {"trigger_mixing": True}])
+def test_a_text_key_on_dict_image_batches_is_refused_as_the_wrong_key_not_a_misnamed_input(
+        options: dict[str, Any]) -> None:
+    # the batch holds pixel_values, not the text key's input_ids: the fix is another key, not input_key=
+    batches = [{"pixel_values": _IMAGES[0], "labels": _IMAGES[1]}]
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _fit(text_key(), _NamedImages(), batches, **options)
+
+
 def test_a_dict_batch_without_the_inputs_key_is_refused_on_the_trigger_pass() -> None:
     with pytest.raises(UsageError, match=r"dict batch has no 'pixel_values' \(it holds 'image'\); name the inputs' "
                                          r"key when attaching \(input_key=\)"):
