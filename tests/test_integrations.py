@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from textkit import hf_bert, text_key
 
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
+from wmark.keys import Key, generate_key
 from wmark.suspects import LocalSuspect
 from wmark.text import MINILM, TextInputs, load_tokenizer
 from wmark.verify import verify_blackbox
@@ -111,3 +114,158 @@ def test_lightning_callback_embeds_the_triggers():
     trainer.fit(module, loader)
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy > 0.8
     assert _detected(module.model, key)
+
+
+# The trainer integrations check the user's batches before their trigger pass, as Watermarker.attach does.
+
+
+class _HFImages(torch.nn.Module):
+    """A tiny image classifier in the Hugging Face manner: a named input, a loss when given labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = torch.nn.Linear(64, 4)
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        logits = self.fc(pixel_values.flatten(1))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return {"loss": loss, "logits": logits}
+
+
+class _HFImagesNamedOtherwise(_HFImages):
+    """The same, its input named ``image`` (the Trainer passes a forward only the columns it names)."""
+
+    def forward(self, image: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:  # type: ignore[override]
+        return super().forward(image, labels)
+
+
+def _image_key() -> Key:
+    return generate_key(owner="Integrations", num_classes=4, input_shape=(1, 8, 8), num_triggers=8)
+
+
+def _hf_train(tmp_path, model: torch.nn.Module, train: list[dict[str, Any]], wm: Watermarker, **trainer: Any):
+    from transformers import Trainer, TrainingArguments
+
+    from wmark.integrations.hf import WatermarkCallback
+
+    callback = WatermarkCallback(wm)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=train, callbacks=[callback], **trainer).train()  # type: ignore[arg-type]
+    return callback
+
+
+def _weights(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _unchanged(model: torch.nn.Module, before: list[torch.Tensor]) -> bool:
+    return all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+_IMAGE_ITEMS = [{"pixel_values": torch.rand(1, 8, 8), "labels": i % 4} for i in range(8)]
+
+
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {"trigger_lookahead": 0.05}])
+def test_the_hf_callback_refuses_a_text_key_on_an_image_model_before_the_first_step(tmp_path, options):
+    model = _HFImages()
+    before = _weights(model)
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _hf_train(tmp_path, model, _IMAGE_ITEMS, Watermarker(text_key(), **options))
+    assert _unchanged(model, before)
+
+
+def test_the_hf_callback_refuses_an_image_key_on_token_batches_before_the_first_step(tmp_path):
+    from transformers import DataCollatorWithPadding
+
+    tok = load_tokenizer(MINILM)
+    model = hf_bert(4, seed=5)
+    before = _weights(model)
+    train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
+    with pytest.raises(UsageError, match=r"^The batches hold integer inputs \(token ids\?\) but the key's triggers "
+                                         r"are images; make a text key with the model's tokenizer\.$"):
+        _hf_train(tmp_path, model, train, Watermarker(_image_key()), data_collator=DataCollatorWithPadding(tok))
+    assert _unchanged(model, before)
+
+
+def test_the_hf_callback_refuses_a_dict_batch_without_the_inputs_key_and_takes_it_once_named(tmp_path):
+    items = [{"image": item["pixel_values"], "labels": item["labels"]} for item in _IMAGE_ITEMS]
+    model = _HFImagesNamedOtherwise()
+    before = _weights(model)
+    with pytest.raises(UsageError, match=r"^The dict batch has no 'pixel_values' \(it holds 'image'\); name the "
+                                         r"inputs' key when attaching \(input_key=\)\.$"):
+        _hf_train(tmp_path, model, items, Watermarker(_image_key()))
+    assert _unchanged(model, before)
+    callback = _hf_train(tmp_path, model, items, Watermarker(_image_key(), input_key="image"))
+    assert callback.trigger_accuracy is not None and not _unchanged(model, before)
+
+
+def _lightning_fit(net: torch.nn.Module, batches: list[Any], wm: Watermarker) -> Any:
+    import lightning as L
+
+    from wmark.integrations.lightning import WatermarkCallback
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = (batch["image"], batch["labels"]) if isinstance(batch, dict) else batch
+            return torch.nn.functional.cross_entropy(self(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    callback = WatermarkCallback(wm)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
+    trainer.fit(Module(), torch.utils.data.DataLoader(batches, batch_size=4))
+    return callback
+
+
+def _image_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 4))
+
+
+_IMAGE_PAIRS = [(item["pixel_values"], item["labels"]) for item in _IMAGE_ITEMS]
+
+
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {"trigger_lookahead": 0.05}, {"trigger_mixing": True}])
+def test_the_lightning_callback_refuses_a_text_key_on_an_image_model_before_the_first_step(options):
+    net = _image_net()
+    before = _weights(net)
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _lightning_fit(net, _IMAGE_PAIRS, Watermarker(text_key(), **options))
+    assert _unchanged(net, before)
+
+
+def test_the_lightning_callback_refuses_an_image_key_on_token_batches_before_the_first_step():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Embedding(100, 4), torch.nn.Flatten(), torch.nn.Linear(4 * 6, 4))
+    before = _weights(net)
+    tokens = [(torch.randint(0, 100, (6,)), i % 4) for i in range(8)]
+    with pytest.raises(UsageError, match=r"^The batches hold integer inputs \(token ids\?\) but the key's triggers "
+                                         r"are images; make a text key with the model's tokenizer\.$"):
+        _lightning_fit(net, tokens, Watermarker(_image_key()))
+    assert _unchanged(net, before)
+
+
+def test_the_lightning_callback_refuses_a_dict_batch_without_the_inputs_key_and_takes_it_once_named():
+    net = _image_net()
+    before = _weights(net)
+    items = [{"image": image, "labels": label} for image, label in _IMAGE_PAIRS]
+    with pytest.raises(UsageError, match=r"^The dict batch has no 'pixel_values' \(it holds 'image'\); name the "
+                                         r"inputs' key when attaching \(input_key=\)\.$"):
+        _lightning_fit(net, items, Watermarker(_image_key()))
+    assert _unchanged(net, before)
+    callback = _lightning_fit(net, items, Watermarker(_image_key(), input_key="image"))
+    assert callback.trigger_accuracy is not None and not _unchanged(net, before)

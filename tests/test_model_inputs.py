@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -71,10 +72,44 @@ def test_an_image_key_on_token_batches_is_refused_on_every_trigger_path(options:
         _fit(_image_key(), model, [tokens], **options)
 
 
+class _RecordingDictImages(_DictImages):
+    """Records what each forward call receives; reads a bare tensor too, so that only the record shows the form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[Any] = []
+
+    def forward(self, batch: Any) -> torch.Tensor:  # type: ignore[override]
+        self.calls.append(batch)
+        images = batch["pixel_values"] if isinstance(batch, Mapping) else batch
+        return self.fc(images.flatten(1))
+
+
 def test_a_model_that_takes_the_dict_batch_gets_its_triggers_under_the_batch_key() -> None:
+    model = _RecordingDictImages()
+    natural = [{"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.randint(0, 4, (4,))} for _ in range(2)]
+    wm = _fit(_image_key(), model, natural)  # the default: lookahead, the triggers in their own pass
+    assert wm.trigger_lookahead > 0 and wm.trigger_per_batch == 4
+    # Each step: the natural batch's forward, then the trigger pass's in the optimizer step pre-hook.
+    assert len(model.calls) == 4
+    for step, (seen, passed) in enumerate(zip(model.calls[::2], model.calls[1::2])):
+        assert isinstance(seen, Mapping) and torch.equal(seen["pixel_values"], natural[step]["pixel_values"])
+        assert isinstance(passed, Mapping), f"the triggers reached the model as {type(passed).__name__}, not a dict"
+        assert set(passed) == {"pixel_values"}
+        triggers = passed["pixel_values"]
+        assert triggers.shape == (4, 1, 8, 8) and triggers.dtype == torch.float32
+        # the key's triggers in its cycle order: 0-3 at the first step, 4-7 at the second
+        assert torch.equal(triggers, wm.triggers.inputs[4 * step:4 * step + 4])
+
+
+@pytest.mark.parametrize("options", [{"trigger_margin": 3.0}, {"trigger_mixing": True}])
+def test_a_text_key_on_dict_image_batches_is_refused_as_the_wrong_key_not_a_misnamed_input(
+        options: dict[str, Any]) -> None:
+    # the batch holds pixel_values, not the text key's input_ids: the fix is another key, not input_key=
     batches = [{"pixel_values": _IMAGES[0], "labels": _IMAGES[1]}]
-    wm = _fit(_image_key(), _DictImages(), batches)  # the default: lookahead, the triggers in their own pass
-    assert wm.trigger_lookahead > 0
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _fit(text_key(), _NamedImages(), batches, **options)
 
 
 def test_a_dict_batch_without_the_inputs_key_is_refused_on_the_trigger_pass() -> None:

@@ -49,9 +49,9 @@ def key_file(tmp_path: Path) -> Path:
 
 def test_a_read_only_directory_names_the_file_not_a_temp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _deny_new_files(monkeypatch)
-    with pytest.raises(UsageError, match=rf"^Cannot write {tmp_path / 'k.key'}: permission denied; choose a writable"):
-        with atomic_write(tmp_path / "k.key"):
-            pass
+    with (pytest.raises(UsageError, match=rf"^Cannot write {tmp_path / 'k.key'}: permission denied; choose a writable"),
+          atomic_write(tmp_path / "k.key")):
+        pass
 
 
 def test_keygen_into_a_read_only_directory_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,9 +67,9 @@ def test_a_full_disk_is_a_runtime_failure(tmp_path: Path, monkeypatch: pytest.Mo
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "replace", full)
-    with pytest.raises(RuntimeFailure, match=rf"^Cannot write {tmp_path / 'out.bin'}: No space left on device"):
-        with atomic_write(tmp_path / "out.bin") as tmp:
-            Path(tmp).write_text("x")
+    with (pytest.raises(RuntimeFailure, match=rf"^Cannot write {tmp_path / 'out.bin'}: No space left on device"),
+          atomic_write(tmp_path / "out.bin") as tmp):
+        Path(tmp).write_text("x")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -137,18 +137,18 @@ def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
         real(src, dst)
 
     monkeypatch.setattr(os, "replace", second_fails)
-    with pytest.raises(UsageError, match="r.json: it is a directory"):
-        with atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps:
-            for tmp in tmps:
-                Path(tmp).write_text("x")
+    with (pytest.raises(UsageError, match="r.json: it is a directory"),
+          atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps):
+        for tmp in tmps:
+            Path(tmp).write_text("x")
     assert list(tmp_path.iterdir()) == []
     # over an older pair, a failed second rename puts the older first file back: the old pair stays whole
     (tmp_path / "r.html").write_text("old page")
     (tmp_path / "r.json").write_text("old twin")
-    with pytest.raises(UsageError, match="r.json: it is a directory"):
-        with atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps:
-            for tmp in tmps:
-                Path(tmp).write_text("new")
+    with (pytest.raises(UsageError, match="r.json: it is a directory"),
+          atomic_writes(tmp_path / "r.html", tmp_path / "r.json") as tmps):
+        for tmp in tmps:
+            Path(tmp).write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "r.json"]
     assert (tmp_path / "r.html").read_text() == "old page" and (tmp_path / "r.json").read_text() == "old twin"
 

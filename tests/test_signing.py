@@ -6,9 +6,10 @@ import json
 
 import pytest
 from clikit import run
+from keykit import seeded_key
 from sigkit import certificate_chain, memorised_mlp, save_marked, signing_pair
 
-from keykit import seeded_key
+from wmark.errors import UsageError
 from wmark.keys import save_key
 from wmark.signing import (
     EvidenceError,
@@ -222,3 +223,68 @@ def test_owner_files_a_verification_relies_on_must_be_signed_under_the_key_too(t
     with pytest.raises(EvidenceError, match="not the key of that release"):
         check_release(key=str(key_file), signer_key=str(pair[1]), signed_model=str(model), reference=None,
                       reference_signature=None, owner_files=(str(rule),))
+
+
+def _sign_cli(*args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    result = CliRunner().invoke(main, ["sign", *args], catch_exceptions=False)
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize("which", ["model", "provenance", "file"])
+def test_sign_refuses_to_write_a_bundle_over_a_key_file_and_writes_nothing(tmp_path, pair, which):
+    key = seeded_key("a key where the bundle goes", input_shape=SHAPE, num_triggers=20)
+    if which == "file":
+        target = tmp_path / "report.json"
+        target.write_text("{}")
+        sig = signature_path(target)
+    else:
+        target = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+        # the provenance statement's bundle is the last file sign_model writes: it must be checked with the first
+        sig = signature_path(target if which == "model" else provenance_path(target))
+    save_key(key, sig)
+    secret, before = sig.read_bytes(), sorted(p.name for p in tmp_path.iterdir())
+    code, err = _sign_cli(str(target), "--private-key", str(pair[0]))
+    assert code == 2 and err == (f"error: {sig} is a wmark key file; writing there would destroy its secret, so "
+                                 "choose another path.\n")
+    assert sig.read_bytes() == secret and sorted(p.name for p in tmp_path.iterdir()) == before
+    with pytest.raises(UsageError, match=r"is a wmark key file; writing there would destroy its secret"):
+        (sign_file(path=target, private_key=pair[0]) if which == "file"
+         else sign_model(path=target, private_key=pair[0]))
+    assert sig.read_bytes() == secret and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_bundle_path_in_a_missing_directory_is_refused_before_signing(tmp_path, pair, monkeypatch):
+    import model_signing.signing
+
+    def must_not_run(*_args, **_kwargs):
+        raise AssertionError("signing began before the bundle's path was checked")
+
+    target = tmp_path / "report.json"
+    target.write_text("{}")
+    monkeypatch.setattr(model_signing.signing, "Config", must_not_run)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(UsageError, match=rf"^Directory {tmp_path / 'missing'} does not exist; create it first\.$"):
+        sign_file(path=target, private_key=pair[0], signature=tmp_path / "missing" / "report.json.sig")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_sign_in_a_read_only_directory_exits_2_and_writes_nothing(tmp_path, pair, monkeypatch):
+    import errno
+    import tempfile
+
+    key = seeded_key("read-only release", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def refuse(*_args, **_kwargs):  # a read-only directory as a non-root user sees it (the tests may run as root)
+        raise PermissionError(errno.EACCES, "Permission denied", "/somewhere/.x.tmp")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    code, err = _sign_cli(str(model), "--private-key", str(pair[0]))
+    assert code == 2 and err == (f"error: Cannot write {signature_path(model)}: permission denied; choose a writable "
+                                 "directory.\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -7,14 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
 
 import click
 
 from wmark.errors import UsageError, WmarkError
 from wmark.io import check_output
-from wmark.keys import KEY_FORMAT
+from wmark.keys import refuse_key_file
 from wmark.report import json_twin
 
 EXIT_HELP = """\b
@@ -96,19 +95,5 @@ def check_outputs(*paths: str | None, report: str | None = None) -> None:
     if report is not None:
         wanted += [report, str(json_twin(report))]
     for path in wanted:
-        if _is_key_file(path):
-            raise UsageError(f"{path} is a wmark key file; writing there would destroy its secret, so choose "
-                             "another path.")
+        refuse_key_file(path)
         check_output(path)
-
-
-def _is_key_file(path: str) -> bool:
-    """Whether ``path`` holds a wmark key (a small JSON document of the key format)."""
-    p = Path(path)
-    try:
-        if not p.is_file() or p.stat().st_size > 1 << 20:
-            return False
-        doc = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(doc, dict) and doc.get("format") == KEY_FORMAT

@@ -222,6 +222,27 @@ def save_key(key: Key, path: str | os.PathLike[str]) -> None:
         Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
+def refuse_key_file(path: str | os.PathLike[str]) -> None:
+    """Refuse to write an output over a wmark key file, whose secret no other copy may hold.
+
+    Commands (and library functions that write next to their input, such as :func:`wmark.signing.sign_file`)
+    call it with :func:`wmark.io.check_output` before any work.
+
+    Raises:
+        UsageError: If ``path`` holds a wmark key (a small JSON document of the key format).
+    """
+    p = Path(path)
+    try:
+        if not p.is_file() or p.stat().st_size > 1 << 20:
+            return
+        doc = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return  # not readable as a key: check_output says what else is wrong with the path
+    if isinstance(doc, dict) and doc.get("format") == KEY_FORMAT:
+        raise UsageError(f"{path} is a wmark key file; writing there would destroy its secret, so choose another "
+                         "path.")
+
+
 def load_key(path: str | os.PathLike[str]) -> Key:
     """Read a key written by :func:`save_key`.
 

@@ -39,8 +39,8 @@ from typing import Any
 
 from wmark import __version__
 from wmark.errors import UsageError
-from wmark.io import atomic_write
-from wmark.keys import Key
+from wmark.io import atomic_write, check_output
+from wmark.keys import Key, refuse_key_file
 
 PathLike = str | os.PathLike[str]
 SIGNATURE_SUFFIX = ".sig"
@@ -144,6 +144,30 @@ def _existing(path: PathLike, what: str) -> Path:
     return p
 
 
+def signing_outputs(path: PathLike, *, model: bool) -> list[Path]:
+    """The files signing ``path`` writes: ``PATH.sig``, and for a model its provenance statement and that one's bundle.
+
+    ``wmark sign`` checks them (:func:`check_signing_outputs`) before any work, as every command checks its outputs.
+    """
+    target = Path(path)
+    if not model:
+        return [signature_path(target)]
+    prov = provenance_path(target)
+    return [signature_path(target), prov, signature_path(prov)]
+
+
+def check_signing_outputs(*paths: PathLike) -> None:
+    """Refuse, before anything is written, a bundle or statement path that cannot be written or holds a wmark key.
+
+    Raises:
+        UsageError: For a path in a missing or read-only directory, a directory in its place, or a wmark key file
+            there (a bundle written over it would destroy the key's secret).
+    """
+    for p in paths:
+        refuse_key_file(p)
+        check_output(p)
+
+
 def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | None = None,
               chain: Sequence[PathLike] = (), signature: PathLike | None = None) -> Path:
     """Sign a file or directory with ``model-signing``; return the bundle's path (default ``PATH.sig``).
@@ -154,11 +178,16 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
         certificate: With a signing certificate for that key, sign as that certificate (its ``chain`` of
             intermediate certificates is embedded too) instead of as a bare key.
         signature: Where to write the bundle.
+
+    Raises:
+        UsageError: If the bundle's path cannot be written or holds a wmark key (checked before signing), or the
+            key cannot sign.
     """
     ms = _require_library()
     target = _existing(path, "The file to sign")
     _existing(private_key, "The private key")
     out = Path(signature) if signature is not None else signature_path(target)
+    check_signing_outputs(out)
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
     config = ms.signing.Config()
@@ -320,9 +349,12 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
         certificate: Sign as this certificate (with its ``chain``) instead of as a bare key.
 
     Raises:
-        UsageError: If ``key``'s commitment differs from the one the model records.
+        UsageError: If ``key``'s commitment differs from the one the model records, or a file it writes cannot be
+            written or holds a wmark key (all checked before the first is written).
     """
     target = _existing(path, "The model to sign")
+    _existing(private_key, "The private key")
+    check_signing_outputs(*signing_outputs(target, model=True))
     meta = _model_metadata(target)
     recorded = meta.get("commitment")
     commitment = key.commitment() if key is not None else recorded

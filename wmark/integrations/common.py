@@ -2,18 +2,38 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from wmark.contract import Batch, forward_logits, forward_names
-from wmark.schemes.trigger_set import TriggerSet
+from wmark.schemes.trigger_set import TriggerSet, check_inputs
 
 
 def input_key_for(model: nn.Module, triggers: TriggerSet, input_key: str) -> str | None:
     """The name to pass triggers under: ``input_key`` for text or a forward that names it, else none (a tensor)."""
     return input_key if triggers.is_text or input_key in forward_names(model) else None
+
+
+def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, label_key: str) -> None:
+    """Refuse a user's training batch that the integration's trigger pass cannot follow, as ``attach`` does.
+
+    A trainer owns the loop, so the integration sees the batch as the user's code gets it: an ``(inputs, labels)``
+    pair, a dict (its ``label_key`` is not an input, so a refusal does not list it), or the inputs alone.
+
+    Raises:
+        UsageError: If a dict batch lacks ``input_key`` or the inputs are not of the triggers' kind
+            (:func:`wmark.schemes.trigger_set.check_inputs`).
+    """
+    if isinstance(batch, Mapping):
+        inputs: Any = {k: v for k, v in batch.items() if k != label_key}
+    elif isinstance(batch, (tuple, list)) and batch:
+        inputs = batch[0]
+    else:
+        inputs = batch
+    check_inputs(inputs, triggers, batch_key=input_key)
 
 
 def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:

@@ -5,9 +5,10 @@ therefore join the training set (:meth:`wmark.embed.Watermarker.wrap_dataset` yi
 dataset's own format, which the Trainer's padding collator batches like any other item). Triggers with their
 own pass (lookahead, the default for image keys, or a ``trigger_margin``) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
 pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
-``per_device_train_batch_size × gradient_accumulation_steps`` samples. The callback also checks that a mixing
-run's training set carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy
-at the end.
+``per_device_train_batch_size × gradient_accumulation_steps`` samples, after checking the first batch the model
+receives (a text key's triggers on an image model, or a dict batch without the inputs' key, are refused as
+:meth:`wmark.embed.Watermarker.attach` refuses them). The callback also checks that a mixing run's training set
+carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy at the end.
 
 Example:
     >>> from transformers import Trainer  # doctest: +SKIP
@@ -28,11 +29,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+from torch import nn
 from transformers import TrainerCallback
 
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.integrations.common import inner_optimizer, trigger_accuracy
+from wmark.integrations.common import check_natural_batch, inner_optimizer, trigger_accuracy
 from wmark.schemes.trigger_set import TriggerMixingDataset
 
 
@@ -49,6 +52,7 @@ class WatermarkCallback(TrainerCallback):
     def __init__(self, watermarker: Watermarker) -> None:
         self.watermarker = watermarker
         self.trigger_accuracy: float | None = None
+        self._first_batch: torch.utils.hooks.RemovableHandle | None = None
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
@@ -66,9 +70,33 @@ class WatermarkCallback(TrainerCallback):
             raise UsageError("A trigger pass of its own (lookahead or a margin) needs the Trainer's optimizer when "
                              "training begins; use a transformers Trainer that passes it to callbacks, or mix the "
                              "triggers (trigger_mixing=True).")
+        if "trigger" in wm.schemes and not mixing:
+            self._check_first_batch(model)
+
+    def _check_first_batch(self, model: nn.Module) -> None:
+        """Check the first batch the model's forward receives, before the first optimizer step's trigger pass.
+
+        A callback is never shown a batch, and the training set's items are not yet the collated tensors the
+        model gets, so a forward pre-hook sees the Trainer's own call (``model(**inputs)``) and then removes itself.
+        """
+        wm = self.watermarker
+
+        def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self._stop_checking()
+            # model(**inputs) names every tensor; a custom compute_loss may pass the inputs first, positionally.
+            batch = args[0] if args else {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+            check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+
+        self._first_batch = model.register_forward_pre_hook(check, with_kwargs=True)
+
+    def _stop_checking(self) -> None:
+        if self._first_batch is not None:
+            self._first_batch.remove()
+            self._first_batch = None
 
     def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker
+        self._stop_checking()  # a run of no steps never called the model
         wm.detach()
         if model is not None and "trigger" in wm.schemes:
             self.trigger_accuracy = trigger_accuracy(model, wm.triggers, input_key=wm.input_key)

@@ -7,7 +7,9 @@ gradient of their cross-entropy, so the step uses the gradient of the ordinary l
 lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the default for image keys) that gradient is
 taken at the looked-ahead weights, and with a ``trigger_margin`` learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
 module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
-``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own.
+``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own. Each
+training batch is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers on an
+image model, or a dict batch without the inputs' key, are refused before the trigger pass reaches the module.
 
 Example:
     >>> import lightning as L  # doctest: +SKIP
@@ -27,7 +29,13 @@ from torch import nn
 from wmark.contract import Batch, forward_logits
 from wmark.embed import Watermarker
 from wmark.errors import UsageError
-from wmark.integrations.common import inner_optimizer, input_key_for, trigger_accuracy, trigger_batch
+from wmark.integrations.common import (
+    check_natural_batch,
+    inner_optimizer,
+    input_key_for,
+    trigger_accuracy,
+    trigger_batch,
+)
 from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
 
 
@@ -67,6 +75,17 @@ class WatermarkCallback(L.Callback):
             if len(trainer.optimizers) != 1:
                 raise UsageError("The weights scheme needs exactly one optimizer in the Lightning module.")
             wm.attach_optimizer(model=pl_module, optimizer=inner_optimizer(trainer.optimizers[0]))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        """Refuse a batch the trigger pass cannot follow (inputs of the other kind, a dict without the inputs' key).
+
+        Raises:
+            UsageError: Before the training step, naming the fix.
+        """
+        wm = self.watermarker
+        if "trigger" in wm.schemes:
+            check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
 
     def _logits(self, pl_module: L.LightningModule, batch: Batch) -> torch.Tensor:
         if self.forward is not None:

@@ -29,7 +29,7 @@ from torch.func import functional_call
 
 from wmark.contract import call_model, logits_of, model_device, split_batch, to_device
 from wmark.errors import UsageError
-from wmark.schemes.trigger_set import LoaderProxy, TriggerSet, check_kinds
+from wmark.schemes.trigger_set import LoaderProxy, TriggerSet, check_inputs
 
 DEFAULT_LOOKAHEAD = 0.05
 LOOKAHEAD_PER_BATCH = 4
@@ -102,18 +102,11 @@ class LookaheadTriggerStep:
         """
         inputs, labels = split_batch(batch, label_key=label_key)
         self.batch_size = len(labels)
-        if isinstance(inputs, Mapping):
-            if self.batch_key not in inputs:
-                raise UsageError(f"The dict batch has no {self.batch_key!r} (it holds "
-                                 f"{', '.join(map(repr, inputs)) or 'nothing'}); name the inputs' key when attaching "
-                                 "(input_key=).")
-            inputs = inputs[self.batch_key]
-            if self.input_key is None:
-                # A forward that takes the whole dict (one parameter, no input named) indexes it by the batch's key,
-                # so the triggers go under that key, as mixing puts them.
-                self.input_key = self.batch_key
-        if isinstance(inputs, torch.Tensor):
-            check_kinds(inputs, self.triggers)
+        check_inputs(inputs, self.triggers, batch_key=self.batch_key)
+        if isinstance(inputs, Mapping) and self.input_key is None:
+            # A forward that takes the whole dict (one parameter, no input named) indexes it by the batch's key,
+            # so the triggers go under that key, as mixing puts them.
+            self.input_key = self.batch_key
 
     def _next_indices(self) -> list[int]:
         n = len(self.triggers)

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from wmark.contract import INPUT_NAMES
 from wmark.errors import UsageError
 from wmark.keys import Key
 
@@ -159,6 +160,43 @@ def check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
                          "text key with the model's tokenizer.")
 
 
+def check_inputs(inputs: Any, triggers: TriggerSet, *, batch_key: str) -> None:
+    """Refuse a natural batch's inputs that the triggers' own pass cannot follow, before that pass runs.
+
+    The trigger pass of :meth:`wmark.embed.Watermarker.attach` and those of the trainer integrations
+    (:mod:`wmark.integrations`) call it on the user's batches: the triggers reach the same model, and would fail
+    inside it with an error that names neither the key nor the fix.
+
+    Args:
+        inputs: The batch's inputs without its labels: a tensor, or a dict of named tensors.
+        batch_key: The inputs' key in a dict batch (the Watermarker's ``input_key``).
+
+    Raises:
+        UsageError: If the inputs are not of the triggers' kind (:func:`check_kinds`; in a dict without ``batch_key``,
+            a main input under another name, such as ``pixel_values`` for a text key), or a dict lacks ``batch_key``.
+    """
+    if isinstance(inputs, Mapping):
+        if batch_key not in inputs:
+            _check_other_inputs(inputs, triggers)
+            raise UsageError(f"The dict batch has no {batch_key!r} (it holds "
+                             f"{', '.join(map(repr, inputs)) or 'nothing'}); name the inputs' key when attaching "
+                             "(input_key=).")
+        inputs = inputs[batch_key]
+    if isinstance(inputs, torch.Tensor):
+        check_kinds(inputs, triggers)
+
+
+def _check_other_inputs(batch: Mapping[str, Any], triggers: TriggerSet) -> None:
+    """In a dict batch without the inputs' key, refuse a main input of the other kind under its own name.
+
+    A text key's batch holding ``pixel_values`` asks for another key, not for ``input_key=``: say that first.
+    (``inputs_embeds`` are floats for a text model, so they tell nothing.)
+    """
+    for name, value in batch.items():
+        if name in INPUT_NAMES and name != "inputs_embeds" and isinstance(value, torch.Tensor):
+            check_kinds(value, triggers)
+
+
 class LoaderProxy:
     """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``)."""
 
@@ -230,6 +268,8 @@ class TriggerMixingLoader(LoaderProxy):
         input_key = self.input_key
         missing = [k for k in (input_key, self.label_key) if k not in batch]
         if missing:
+            if input_key in missing:
+                _check_other_inputs(batch, triggers)
             raise UsageError(f"The dict batch has no {' or '.join(map(repr, missing))} (it holds "
                              f"{', '.join(map(repr, batch))}); name the input and label keys when attaching.")
         x, y = batch[input_key], batch[self.label_key]
