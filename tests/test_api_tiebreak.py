@@ -607,6 +607,15 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     tie = doc["tests"][1]
     assert tie["details"]["budget"] == 1000 and tie["queries"] <= 1000
     assert (res.exit_code, doc["kind"]) == (0, "extracted"), tie
+    # the thief writes another class count into the copy: it cannot block verification, and the verdict says so
+    lying = tmp_path / "lying.safetensors"
+    save_tensors(load_tensors(out)[0], lying, metadata=model_metadata(arch="fmnist-mlp", num_classes=c + 3,
+                                                                      input_shape=shape))
+    res = runner.invoke(main, verify + ["--suspect", str(lying)] + tb)
+    doc = json.loads(res.stdout)
+    assert (res.exit_code, doc["kind"]) == (0, "extracted") and doc["message"].endswith(
+        f"The model file {lying} records {c + 3} classes (wmark.num_classes) while the key is for {c}-class models; "
+        f"it was verified anyway, as the {c}-class model its weights fit.")
     # the served model itself never learned the keyed tie-breaks: no evidence
     res = runner.invoke(main, verify + ["--suspect", str(weights)] + tb)
     doc = json.loads(res.output)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from wmark.cli import main
@@ -165,3 +166,59 @@ def test_a_key_of_the_other_kind_than_the_architecture_names_the_key_to_use(tmp_
                                  "for it (`wmark keygen --modality text`).\n")
     code, err = _cli("verify", "file", "--key", str(txt_key), "--arch", "fmnist-mlp", "--suspect", str(mlp))
     assert code == 2 and err == "error: fmnist-mlp takes images but the key is a text key; use an image key made for it.\n"
+
+
+def _digits_suspect(path: Path, *, classes: int, meta: dict) -> None:
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    save_model(build_model("fmnist-mlp", num_classes=classes, input_shape=(1, 8, 8), seed=0), path, metadata=meta)
+
+
+@pytest.mark.parametrize(("recorded", "shown"), [(3, "3"), ("ten\x1b[2J", r"'ten\x1b[2J'")])
+def test_a_suspect_whose_file_records_other_classes_is_verified_with_a_note(
+        key_file: Path, tmp_path: Path, recorded: object, shown: str) -> None:
+    """A thief who writes another class count into a stolen file cannot block `verify file`; the verdict says so."""
+    import json
+
+    suspect = tmp_path / "stolen.safetensors"
+    _digits_suspect(suspect, classes=10, meta={"arch": "fmnist-mlp", "num_classes": recorded, "input_shape": [1, 8, 8]})
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp",
+                                       "--suspect", str(suspect), "--json"])
+    assert result.exit_code in (0, 1) and result.stderr == "", result.output
+    assert json.loads(result.stdout)["message"] == (
+        f"The model file {suspect} records {shown} classes (wmark.num_classes) while the key is for 10-class models; "
+        "it was verified anyway, as the 10-class model its weights fit.")
+    # a file recording the key's count gets no note
+    _digits_suspect(suspect, classes=10, meta={"num_classes": 10})
+    again = CliRunner().invoke(main, ["verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp",
+                                      "--suspect", str(suspect), "--json"])
+    assert again.exit_code in (0, 1) and json.loads(again.stdout)["message"] == ""
+
+
+@pytest.mark.parametrize("meta", [{"num_classes": 10}, {"num_classes": 3}, {}])
+def test_a_suspect_whose_output_layer_has_other_classes_is_refused_in_one_sentence(
+        key_file: Path, tmp_path: Path, meta: dict) -> None:
+    # whatever the file records (the key's count, the weights' or nothing), the weights decide
+    suspect = tmp_path / "three.safetensors"
+    _digits_suspect(suspect, classes=3, meta=meta)
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp", "--suspect", str(suspect))
+    assert code == 2 and err == (f"error: The key is for 10-class models but the weights in {suspect} are for 3 "
+                                 "classes; use the key made for this model.\n")
+
+
+def five_logits(*, num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """An architecture that answers over 5 classes whatever it is asked to build (a factory for --arch)."""
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 5))
+
+
+def test_a_suspect_whose_forward_answers_over_other_classes_is_refused_in_one_sentence(
+        key_file: Path, tmp_path: Path) -> None:
+    from wmark.io import save_model
+
+    suspect = tmp_path / "five.safetensors"
+    save_model(five_logits(num_classes=10, input_shape=(1, 8, 8)), suspect, metadata={"num_classes": 10})
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", f"{__name__}:five_logits",
+                     "--suspect", str(suspect))
+    assert code == 2 and err == ("error: The key is for 10-class models but the suspect answers over 5 classes; use "
+                                 "the key made for this model.\n")

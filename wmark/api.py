@@ -35,10 +35,11 @@ from wmark.keys import Key, generate_key, load_key, save_key
 from wmark.models import (
     build_model,
     check_key_fits_arch,
+    fitted_classes,
     load_model,
     model_metadata,
     penultimate_featurizer,
-    recorded_classes,
+    recorded_classes_note,
     resolve_arch,
 )
 from wmark.suspects import LocalSuspect
@@ -195,26 +196,31 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     answers are recorded, so a re-check needs no device. The owner's served model, which ranks a tie-break
     log, stays on the CPU: the ranking is recomputed by ``wmark recheck`` and must come out the same there.
 
-    A suspect whose file records another tokenizer than a text key's is verified all the same, on the triggers
-    the key's tokenizer makes; the verdict's ``message`` says what the file records.
+    The suspect is sized by the key: its weights must fit a model of the key's classes (one whose output layer
+    has another size is refused, naming the count its weights are for). A suspect whose file records another
+    class count than the key's, or another tokenizer than a text key's, is verified all the same (on the
+    triggers the key's tokenizer makes); the verdict's ``message`` says what the file records.
     """
     on = resolve_device(device)
     k = load_key(key)
     meta = wmark_metadata(read_metadata(suspect))
-    try:
-        recorded = None if meta.get("num_classes") is None else recorded_classes(meta, suspect)
-    except UsageError:
-        recorded = None  # the suspect's own metadata is not evidence, nor may it block verification by the key
-    if recorded is not None and recorded != k.num_classes:
-        raise UsageError(
-            f"The key is for {k.num_classes}-class models but {suspect} records {recorded} classes; "
-            "use the key made for this model."
-        )
-    # Not refused: the suspect's holder wrote its metadata, and a thief could write another tokenizer to block us.
-    note = recorded_tokenizer_note(k.modality, recorded_tokenizer(meta), what=f"The model file {suspect}")
     check_key_fits_arch(k.modality, arch)
-    model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=tuple(k.input_shape))
+    shape = tuple(k.input_shape)
+    try:
+        model, _ = load_model(arch, suspect, num_classes=k.num_classes, input_shape=shape)
+    except UsageError:
+        # Sized by the key, not by what the file records: only the weights say which key they are for.
+        fitted = fitted_classes(arch, suspect, input_shape=shape, other_than=k.num_classes)
+        if fitted is None:
+            raise
+        raise UsageError(f"The key is for {k.num_classes}-class models but the weights in {suspect} are for "
+                         f"{fitted} classes; use the key made for this model.") from None
     model.to(on)
+    # Not refused: the suspect's holder wrote its metadata, and a thief could write another class count or
+    # tokenizer into it to block us. The weights fit the key (the forward's logits are checked when it answers).
+    what = f"The model file {suspect}"
+    notes = [recorded_classes_note(meta, k.num_classes, what=what),
+             recorded_tokenizer_note(k.modality, recorded_tokenizer(meta), what=what)]
     from wmark.recheck import RecordingSuspect, tiebreak_files
 
     local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
@@ -224,7 +230,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
                            rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
                            log_mode=log_mode, use_scores=not labels_only)
     verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=local, description=str(suspect))
-    verdict.message = " ".join(filter(None, [verdict.message, note]))
+    verdict.message = " ".join(filter(None, [verdict.message, *notes]))
     files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                            queries=rule_queries)
     return local.attach(verdict, suspect_file=suspect, tiebreak=files)

@@ -25,6 +25,7 @@ from torch import nn
 from wmark.contract import forward_logits, model_device, to_device
 from wmark.errors import UsageError
 from wmark.io import load_tensors
+from wmark.text import shown_claim
 from wmark.text_models import TEXT_ARCHS
 
 
@@ -192,17 +193,66 @@ def check_key_fits_arch(modality: dict[str, Any] | None, arch: str) -> None:
         raise UsageError(f"{arch} takes images but the key is a text key; use an image key made for it.")
 
 
-def recorded_classes(meta: dict[str, Any], path: str | os.PathLike[str]) -> int:
-    """The ``wmark.num_classes`` a model file records (``meta``: its decoded metadata), checked to be a count."""
-    value = meta["num_classes"]
+def _as_count(value: Any) -> int | None:
+    # A class count as metadata decodes it: an int (or a string of one) of at least 2, never a JSON true.
     try:
         count = int(value)
     except (TypeError, ValueError):
-        count = 0
-    if count < 2 or isinstance(value, bool):
+        return None
+    return None if count < 2 or isinstance(value, bool) else count
+
+
+def recorded_classes(meta: dict[str, Any], path: str | os.PathLike[str]) -> int:
+    """The ``wmark.num_classes`` a model file records (``meta``: its decoded metadata), checked to be a count."""
+    value = meta["num_classes"]
+    count = _as_count(value)
+    if count is None:
         raise UsageError(f"The model file {path} records an unreadable wmark.num_classes ({value!r}); the file is "
                          "damaged, or give the number of classes (e.g. from the key).")
     return count
+
+
+def recorded_classes_note(meta: dict[str, Any], num_classes: int, *, what: str) -> str:
+    """A sentence for a verdict when a suspect's model file records another class count than the key's ("" if not).
+
+    Called once the suspect's weights have loaded into a ``num_classes``-class model: its metadata is its holder's
+    claim, and a thief who could block verification by writing another ``wmark.num_classes`` into a stolen file
+    would. The note tells the reader of the verdict what the file claims.
+
+    Args:
+        meta: The suspect file's decoded ``wmark.*`` metadata.
+        num_classes: The key's number of classes, which the suspect was loaded and verified with.
+        what: The suspect, to start the sentence (e.g. ``"The model file stolen.safetensors"``).
+    """
+    value = meta.get("num_classes")
+    # an unreadable count disagrees with the key too, and is shown as written
+    if value is None or _as_count(value) == num_classes:
+        return ""
+    return (f"{what} records {shown_claim(str(value), 40)} classes (wmark.num_classes) while the key is for "
+            f"{num_classes}-class models; it was verified anyway, as the {num_classes}-class model its weights fit.")
+
+
+def fitted_classes(arch: str, path: str | os.PathLike[str], *, input_shape: tuple[int, ...],
+                   other_than: int) -> int | None:
+    """The number of classes, other than ``other_than``, of the ``arch`` model whose shapes the file's weights have.
+
+    Read off the weights, not the file's metadata (a suspect's holder writes that): a tensor that a model built for
+    ``other_than`` classes has ``other_than`` rows of (the output layer) proposes its row count in the file, which
+    counts only if an ``arch`` model built for that many classes has exactly the file's tensor names and shapes.
+    ``None`` when no such count exists (the weights differ from the architecture elsewhere).
+    """
+    tensors, _ = load_tensors(path)
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    expected = build_model(arch, num_classes=other_than, input_shape=input_shape).state_dict()
+    if set(expected) != set(shapes):
+        return None
+    counts = {shapes[n][0] for n, t in expected.items()
+              if t.ndim and t.shape[0] == other_than and shapes[n] and shapes[n][0] != other_than}
+    if len(counts) != 1:  # an output layer's weight and bias agree on one count; anything else is not a count
+        return None
+    count = counts.pop()
+    built = build_model(arch, num_classes=count, input_shape=input_shape).state_dict()
+    return count if {n: tuple(t.shape) for n, t in built.items()} == shapes else None
 
 
 def model_metadata(*, arch: str, num_classes: int, input_shape: tuple[int, ...], **extra: Any) -> dict[str, Any]:

@@ -159,9 +159,12 @@ def check_recorded_tokenizer(modality: dict[str, Any] | None, recorded: Any, *, 
                      f"--tokenizer {name}.")
 
 
-def _shown(claim: str, limit: int) -> str:
-    # A suspect's metadata is written by whoever holds the file: keep what it says short and free of control
-    # characters before it reaches a terminal or a report.
+def shown_claim(claim: str, limit: int) -> str:
+    """``claim`` cut to ``limit`` characters, quoted as Python's ``ascii`` writes it unless plain printable ASCII.
+
+    A suspect's metadata is written by whoever holds the file: what it says is kept short and free of control
+    characters before it reaches a terminal or a report.
+    """
     claim = claim[:limit]
     return claim if claim.isascii() and claim.isprintable() else ascii(claim)
 
@@ -182,7 +185,7 @@ def recorded_tokenizer_note(modality: dict[str, Any] | None, recorded: Any, *, w
     if other is None:
         return ""
     name, digest, key_tok = other
-    claim = f"{what} records the tokenizer {_shown(name, 120)} (vocabulary {_shown(digest[:12], 12)}…)"
+    claim = f"{what} records the tokenizer {shown_claim(name, 120)} (vocabulary {shown_claim(digest[:12], 12)}…)"
     if key_tok is None:
         return f"{claim} but the key is an image key; it was verified anyway, on the key's image triggers."
     return (f"{claim} while the key's is {key_tok['name']} (vocabulary {key_tok['vocab_sha256'][:12]}…); it was "
