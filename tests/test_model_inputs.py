@@ -128,7 +128,8 @@ def test_a_hugging_face_model_needs_its_main_input_in_a_dict_batch() -> None:
     model = hf_bert(4)
     ids, mask = torch.randint(1000, 2000, (2, 5)), torch.ones(2, 5, dtype=torch.long)
     with pytest.raises(UsageError, match=r"^The batch has no 'input_ids' or 'inputs_embeds' \(it holds 'ids', "
-                                         r"'attention_mask'\); name the model's inputs in the batch\.$"):
+                                         r"'attention_mask'\); name the model's inputs in the batch, or wrap the "
+                                         r"model in a module whose forward takes the batch's keys\.$"):
         forward_logits(model, {"ids": ids, "attention_mask": mask})
     assert forward_logits(model, {"input_ids": ids, "attention_mask": mask}).shape == (2, 4)
     embeds = model.bert.embeddings.word_embeddings(ids)

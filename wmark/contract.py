@@ -34,9 +34,10 @@ INPUT_NAMES = frozenset({"input_ids", "inputs_embeds", "pixel_values", "input_va
 class BatchKeysError(UsageError):
     """A dict batch lacks inputs the model's ``forward`` names.
 
-    Its message tells a caller who builds the batch to name the inputs in it; a caller that does not build it
-    (a :class:`~wmark.suspects.LocalSuspect`, whose batches the key's tokenizer makes) catches this and names
-    the fix open to its own caller.
+    Its message names both fixes: the inputs named in the batch (for a caller who builds it), or the model
+    wrapped so its forward takes the batch's keys (for one who does not, such as a trigger pass whose text
+    batches are always ``input_ids``/``attention_mask``). A :class:`~wmark.suspects.LocalSuspect` catches this
+    and names the one fix open to its own caller.
 
     Attributes:
         wanted: The names the forward wants that the batch lacks (``every``: all of them; else any one).
@@ -46,7 +47,8 @@ class BatchKeysError(UsageError):
     def __init__(self, wanted: list[str], held: list[str], *, every: bool = False) -> None:
         self.wanted, self.held = wanted, held
         super().__init__(f"The batch has no {(', ' if every else ' or ').join(repr(w) for w in wanted)} (it holds "
-                         f"{', '.join(repr(k) for k in held) or 'nothing'}); name the model's inputs in the batch.")
+                         f"{', '.join(repr(k) for k in held) or 'nothing'}); name the model's inputs in the batch, or wrap the "
+                         "model in a module whose forward takes the batch's keys.")
 
 
 def model_device(model: nn.Module) -> torch.device:
