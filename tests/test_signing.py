@@ -288,3 +288,15 @@ def test_sign_in_a_read_only_directory_exits_2_and_writes_nothing(tmp_path, pair
     assert code == 2 and err == (f"error: Cannot write {signature_path(model)}: permission denied; choose a writable "
                                  "directory.\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_private_key_the_signer_cannot_use_leaves_no_statement_or_bundle(tmp_path, pair):
+    key = seeded_key("unusable signing key", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+    bad = tmp_path / "bad.pem"
+    bad.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = _sign_cli(str(model), "--private-key", str(bad))
+    assert code == 2 and err.startswith(f"error: Could not sign {model} with {bad} (")
+    assert err.endswith("; use an unencrypted P-256/384/521 EC key (and its certificate).\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -375,10 +375,17 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
         "wmark_version": __version__,
     }
     prov = provenance_path(target)
-    with atomic_write(prov) as tmp:
-        Path(tmp).write_text(json.dumps(statement, indent=2, sort_keys=True) + "\n")
+    # The model is signed first: a private key the library cannot use is refused before anything is written.
     model_sig = sign_file(path=target, private_key=private_key, certificate=certificate, chain=chain)
-    prov_sig = sign_file(path=prov, private_key=private_key, certificate=certificate, chain=chain)
+    try:
+        with atomic_write(prov) as tmp:
+            Path(tmp).write_text(json.dumps(statement, indent=2, sort_keys=True) + "\n")
+        prov_sig = sign_file(path=prov, private_key=private_key, certificate=certificate, chain=chain)
+    except BaseException:
+        # A model signature without its statement is half a release: take back what this call wrote.
+        for written in (model_sig, prov):
+            written.unlink(missing_ok=True)
+        raise
     return {"model": str(target), "signature": str(model_sig), "provenance": str(prov),
             "provenance_signature": str(prov_sig), "commitment": commitment}
 
