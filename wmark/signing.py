@@ -191,17 +191,27 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
     config = ms.signing.Config()
+
+    def cannot_sign(why: str) -> UsageError:
+        return UsageError(f"Could not sign {target} with {private_key} ({(why.splitlines() or [''])[0][:120]}); "
+                          "use an unencrypted P-256/384/521 EC key (and its certificate).")
+
     try:
         if certificate is not None:
             config.use_certificate_signer(private_key=private_key, signing_certificate=certificate,
                                           certificate_chain=[Path(c) for c in chain])
         else:
             config.use_elliptic_key_signer(private_key=private_key)
+    except AttributeError:
+        # model-signing reads the key's curve, which an RSA, DSA or Ed25519 key has none of
+        raise cannot_sign("not an elliptic-curve key") from None
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key (no password is asked for)
+        raise cannot_sign(str(exc)) from None
+    try:
         with atomic_write(out) as tmp:
             config.sign(target, tmp)
     except ValueError as exc:
-        raise UsageError(f"Could not sign {target} with {private_key} ({str(exc).splitlines()[0][:120]}); use an "
-                         "unencrypted P-256/384/521 EC key (and its certificate).") from None
+        raise cannot_sign(str(exc)) from None
     return out
 
 
