@@ -322,3 +322,36 @@ def test_a_private_key_of_another_kind_or_encrypted_is_refused_in_one_sentence(t
     assert code == 2 and err == (f"error: Could not sign {model} with {bad} ({why}); use an unencrypted P-256/384/521 "
                                  "EC key (and its certificate).\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("fails", ["statement", "statement's bundle"])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failure_after_the_model_is_signed_leaves_the_files_as_they_were(tmp_path, pair, monkeypatch, fails,
+                                                                          earlier):
+    import wmark.signing as signing
+    from wmark.errors import RuntimeFailure
+
+    key = seeded_key("half a release", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+    if earlier:  # an earlier release of the same file, which a failed re-signing must leave whole
+        sign_model(path=model, private_key=pair[0])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real_write, real_sign = signing.atomic_write, signing.sign_file
+
+    def write(path, **kwargs):
+        if path == provenance_path(model) and fails == "statement":
+            raise RuntimeFailure(f"Cannot write {path}: No space left on device")
+        return real_write(path, **kwargs)
+
+    def sign(*, path, **kwargs):
+        if path == provenance_path(model) and fails == "statement's bundle":
+            raise KeyboardInterrupt
+        return real_sign(path=path, **kwargs)
+
+    monkeypatch.setattr(signing, "atomic_write", write)
+    monkeypatch.setattr(signing, "sign_file", sign)
+    with pytest.raises((RuntimeFailure, KeyboardInterrupt)):
+        sign_model(path=model, private_key=pair[0])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    if earlier:
+        assert verify_model(path=model, public_key=pair[1])["statement"]["commitment"] == key.commitment()

@@ -385,6 +385,8 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
         "wmark_version": __version__,
     }
     prov = provenance_path(target)
+    # What an earlier release left there (the statement's bundle is written last, atomically: it needs none).
+    earlier = {p: p.read_bytes() if p.is_file() else None for p in (signature_path(target), prov)}
     # The model is signed first: a private key the library cannot use is refused before anything is written.
     model_sig = sign_file(path=target, private_key=private_key, certificate=certificate, chain=chain)
     try:
@@ -392,9 +394,13 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
             Path(tmp).write_text(json.dumps(statement, indent=2, sort_keys=True) + "\n")
         prov_sig = sign_file(path=prov, private_key=private_key, certificate=certificate, chain=chain)
     except BaseException:
-        # A model signature without its statement is half a release: take back what this call wrote.
-        for written in (model_sig, prov):
-            written.unlink(missing_ok=True)
+        # A model signature without its statement is half a release: take back what this call wrote, putting an
+        # earlier release's files back as they were.
+        for written, before in earlier.items():
+            if before is None:
+                written.unlink(missing_ok=True)
+            else:
+                written.write_bytes(before)
         raise
     return {"model": str(target), "signature": str(model_sig), "provenance": str(prov),
             "provenance_signature": str(prov_sig), "commitment": commitment}
