@@ -328,7 +328,7 @@ def test_a_private_key_of_another_kind_or_encrypted_is_refused_in_one_sentence(t
 @pytest.mark.parametrize("earlier", [False, True])
 def test_a_failure_after_the_model_is_signed_leaves_the_files_as_they_were(tmp_path, pair, monkeypatch, fails,
                                                                           earlier):
-    import wmark.signing as signing
+    from wmark import signing
     from wmark.errors import RuntimeFailure
 
     key = seeded_key("half a release", input_shape=SHAPE, num_triggers=20)
