@@ -5,12 +5,13 @@ from __future__ import annotations
 import hashlib
 import random
 import secrets
+import types
 
 import pytest
 import torch
-
 from keykit import seeded_key
 
+import wmark.keys
 from wmark.keys import Key
 
 
@@ -28,7 +29,11 @@ def _reproducible_secrets(request: pytest.FixtureRequest, monkeypatch: pytest.Mo
     """
     seed = hashlib.sha256(request.node.nodeid.encode()).digest()
     stream = random.Random(seed)
-    monkeypatch.setattr(secrets, "token_bytes", lambda n=32: stream.randbytes(n))
+    # Only wmark.keys sees the stream: the secrets module stays random for everyone else (lock and temporary file
+    # names in filelock and huggingface_hub, which two test runs on one cache must not share).
+    draws = types.SimpleNamespace(**{name: getattr(secrets, name) for name in secrets.__all__})
+    draws.token_bytes = lambda n=32: stream.randbytes(n)
+    monkeypatch.setattr(wmark.keys, "secrets", draws)
 
 
 @pytest.fixture

@@ -196,6 +196,25 @@ def test_a_suspect_whose_file_records_other_classes_is_verified_with_a_note(
     assert again.exit_code in (0, 1) and json.loads(again.stdout)["message"] == ""
 
 
+@pytest.mark.parametrize("name", ["wmark.num_classes", "wmark.modality", "wmark.notes"])
+def test_a_suspect_whose_metadata_nests_too_deep_for_json_is_still_verified(
+        key_file: Path, tmp_path: Path, name: str) -> None:
+    """Metadata the JSON parser cannot follow (it recurses) is the thief's to write: it must not stop `verify file`."""
+    from safetensors.torch import load_file, save_file
+
+    from wmark.io import save_model, wmark_metadata
+    from wmark.models import build_model
+
+    deep = "[" * 100_000 + "]" * 100_000
+    assert wmark_metadata({name: deep}) == {name.removeprefix("wmark."): deep}  # kept as written, as other non-JSON
+    suspect = tmp_path / "stolen.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0), suspect)
+    save_file(load_file(str(suspect)), str(suspect), metadata={"wmark.num_classes": "10", name: deep})
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp",
+                                       "--suspect", str(suspect), "--budget", "5"])
+    assert result.exit_code in (0, 1) and result.stderr == "", result.output
+
+
 @pytest.mark.parametrize("meta", [{"num_classes": 10}, {"num_classes": 3}, {}])
 def test_a_suspect_whose_output_layer_has_other_classes_is_refused_in_one_sentence(
         key_file: Path, tmp_path: Path, meta: dict) -> None:

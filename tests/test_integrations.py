@@ -203,6 +203,43 @@ def test_the_hf_callback_refuses_a_dict_batch_without_the_inputs_key_and_takes_i
     assert callback.trigger_accuracy is not None and not _unchanged(model, before)
 
 
+def test_a_refusal_of_the_hf_callback_leaves_no_hook_on_the_trainers_optimizer_or_model(tmp_path):
+    """The Trainer keeps its optimizer for its next train(): the refused watermarker's trigger pass must not run."""
+    from transformers import Trainer, TrainingArguments
+
+    from wmark.integrations.common import inner_optimizer
+    from wmark.integrations.hf import WatermarkCallback
+
+    model = _HFImages()
+    wm = Watermarker(text_key(), trigger_margin=3.0)
+    callback = WatermarkCallback(wm)
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_IMAGE_ITEMS, callbacks=[callback])  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="^The key is a text key"):
+        trainer.train()
+    assert not wm._attached and not inner_optimizer(trainer.optimizer)._optimizer_step_pre_hooks
+    assert not model._forward_pre_hooks
+    # the same Trainer, without the callback, trains as it would have
+    trainer.remove_callback(callback)
+    before = _weights(model)
+    trainer.train()
+    assert not _unchanged(model, before)
+
+
+def test_the_hf_callback_keeps_one_first_batch_hook_when_training_begins_again():
+    from wmark.integrations.hf import WatermarkCallback
+
+    model = _HFImages()
+    callback = WatermarkCallback(Watermarker(_image_key()))
+    callback._check_first_batch(model)  # a run that failed before the model's first forward (a collator's error)
+    callback._check_first_batch(model)  # the next train()
+    assert len(model._forward_pre_hooks) == 1
+    model(torch.rand(2, 1, 8, 8))
+    assert not model._forward_pre_hooks
+
+
 def _lightning_fit(net: torch.nn.Module, batches: list[Any], wm: Watermarker) -> Any:
     import lightning as L
 

@@ -95,3 +95,15 @@ def test_generate_key_validates() -> None:
         generate_key(owner="a", num_classes=1)
     with pytest.raises(UsageError, match="positive sizes"):
         generate_key(owner="a", input_shape=(0, 28))
+
+
+def test_the_tests_fix_only_the_keys_secrets(request) -> None:
+    """conftest draws key secrets from a stream seeded by the test's id, and leaves the secrets module alone."""
+    import hashlib
+    import random
+    import secrets
+
+    stream = random.Random(hashlib.sha256(request.node.nodeid.encode()).digest())
+    first, second = (generate_key(owner="o", num_classes=2, input_shape=(4,), num_triggers=1) for _ in range(2))
+    assert (first.secret, second.secret) == (stream.randbytes(32), stream.randbytes(32))
+    assert secrets.token_bytes.__module__ == "secrets" and secrets.token_bytes(16) != secrets.token_bytes(16)

@@ -300,3 +300,58 @@ def test_a_private_key_the_signer_cannot_use_leaves_no_statement_or_bundle(tmp_p
     assert code == 2 and err.startswith(f"error: Could not sign {model} with {bad} (")
     assert err.endswith("; use an unencrypted P-256/384/521 EC key (and its certificate).\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(("kind", "why"), [("rsa", "not an elliptic-curve key"), ("ed25519", "not an elliptic-curve key"),
+                                          ("encrypted", "Password was not given but private key is encrypted")])
+def test_a_private_key_of_another_kind_or_encrypted_is_refused_in_one_sentence(tmp_path, kind, why):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+
+    made = {"rsa": lambda: rsa.generate_private_key(public_exponent=65537, key_size=2048),
+            "ed25519": ed25519.Ed25519PrivateKey.generate,
+            "encrypted": lambda: ec.generate_private_key(ec.SECP256R1())}[kind]()
+    encryption = (serialization.BestAvailableEncryption(b"pass") if kind == "encrypted"
+                  else serialization.NoEncryption())
+    bad = tmp_path / f"{kind}.pem"
+    bad.write_bytes(made.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
+    key = seeded_key("a key of another kind", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code, err = _sign_cli(str(model), "--private-key", str(bad))
+    assert code == 2 and err == (f"error: Could not sign {model} with {bad} ({why}); use an unencrypted P-256/384/521 "
+                                 "EC key (and its certificate).\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("fails", ["statement", "statement's bundle"])
+@pytest.mark.parametrize("earlier", [False, True])
+def test_a_failure_after_the_model_is_signed_leaves_the_files_as_they_were(tmp_path, pair, monkeypatch, fails,
+                                                                          earlier):
+    from wmark import signing
+    from wmark.errors import RuntimeFailure
+
+    key = seeded_key("half a release", input_shape=SHAPE, num_triggers=20)
+    model = save_marked(memorised_mlp(key, steps=1), key, tmp_path / "m.safetensors")
+    if earlier:  # an earlier release of the same file, which a failed re-signing must leave whole
+        sign_model(path=model, private_key=pair[0])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    real_write, real_sign = signing.atomic_write, signing.sign_file
+
+    def write(path, **kwargs):
+        if path == provenance_path(model) and fails == "statement":
+            raise RuntimeFailure(f"Cannot write {path}: No space left on device")
+        return real_write(path, **kwargs)
+
+    def sign(*, path, **kwargs):
+        if path == provenance_path(model) and fails == "statement's bundle":
+            raise KeyboardInterrupt
+        return real_sign(path=path, **kwargs)
+
+    monkeypatch.setattr(signing, "atomic_write", write)
+    monkeypatch.setattr(signing, "sign_file", sign)
+    with pytest.raises((RuntimeFailure, KeyboardInterrupt)):
+        sign_model(path=model, private_key=pair[0])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    if earlier:
+        assert verify_model(path=model, public_key=pair[1])["statement"]["commitment"] == key.commitment()

@@ -199,7 +199,7 @@ def wmark_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
         if name.startswith(METADATA_PREFIX):
             try:
                 out[name[len(METADATA_PREFIX):]] = json.loads(value)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # nested too deep is not JSON wmark wrote either
                 out[name[len(METADATA_PREFIX):]] = value
     return out
 

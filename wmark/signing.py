@@ -191,17 +191,27 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
     config = ms.signing.Config()
+
+    def cannot_sign(why: str) -> UsageError:
+        return UsageError(f"Could not sign {target} with {private_key} ({(why.splitlines() or [''])[0][:120]}); "
+                          "use an unencrypted P-256/384/521 EC key (and its certificate).")
+
     try:
         if certificate is not None:
             config.use_certificate_signer(private_key=private_key, signing_certificate=certificate,
                                           certificate_chain=[Path(c) for c in chain])
         else:
             config.use_elliptic_key_signer(private_key=private_key)
+    except AttributeError:
+        # model-signing reads the key's curve, which an RSA, DSA or Ed25519 key has none of
+        raise cannot_sign("not an elliptic-curve key") from None
+    except (ValueError, TypeError) as exc:  # TypeError: an encrypted key (no password is asked for)
+        raise cannot_sign(str(exc)) from None
+    try:
         with atomic_write(out) as tmp:
             config.sign(target, tmp)
     except ValueError as exc:
-        raise UsageError(f"Could not sign {target} with {private_key} ({str(exc).splitlines()[0][:120]}); use an "
-                         "unencrypted P-256/384/521 EC key (and its certificate).") from None
+        raise cannot_sign(str(exc)) from None
     return out
 
 
@@ -375,6 +385,8 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
         "wmark_version": __version__,
     }
     prov = provenance_path(target)
+    # What an earlier release left there (the statement's bundle is written last, atomically: it needs none).
+    earlier = {p: p.read_bytes() if p.is_file() else None for p in (signature_path(target), prov)}
     # The model is signed first: a private key the library cannot use is refused before anything is written.
     model_sig = sign_file(path=target, private_key=private_key, certificate=certificate, chain=chain)
     try:
@@ -382,9 +394,13 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
             Path(tmp).write_text(json.dumps(statement, indent=2, sort_keys=True) + "\n")
         prov_sig = sign_file(path=prov, private_key=private_key, certificate=certificate, chain=chain)
     except BaseException:
-        # A model signature without its statement is half a release: take back what this call wrote.
-        for written in (model_sig, prov):
-            written.unlink(missing_ok=True)
+        # A model signature without its statement is half a release: take back what this call wrote, putting an
+        # earlier release's files back as they were.
+        for written, before in earlier.items():
+            if before is None:
+                written.unlink(missing_ok=True)
+            else:
+                written.write_bytes(before)
         raise
     return {"model": str(target), "signature": str(model_sig), "provenance": str(prov),
             "provenance_signature": str(prov_sig), "commitment": commitment}

@@ -80,12 +80,19 @@ class WatermarkCallback(TrainerCallback):
         model gets, so a forward pre-hook sees the Trainer's own call (``model(**inputs)``) and then removes itself.
         """
         wm = self.watermarker
+        self._stop_checking()  # a run that failed before its first forward left its hook
 
         def check(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             self._stop_checking()
             # model(**inputs) names every tensor; a custom compute_loss may pass the inputs first, positionally.
             batch = args[0] if args else {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
-            check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+            try:
+                check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+            except UsageError:
+                # No step runs and the Trainer calls no on_train_end: release the hooks on its optimizer, which it
+                # keeps for its next train().
+                wm.detach()
+                raise
 
         self._first_batch = model.register_forward_pre_hook(check, with_kwargs=True)
 
