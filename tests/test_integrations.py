@@ -191,16 +191,18 @@ def test_the_hf_callback_refuses_an_image_key_on_token_batches_before_the_first_
     assert _unchanged(model, before)
 
 
-def test_the_hf_callback_refuses_a_dict_batch_without_the_inputs_key_and_takes_it_once_named(tmp_path):
+def test_the_hf_callback_trains_dict_batches_that_name_their_inputs_otherwise_and_checks_their_kind(tmp_path):
+    """The trigger pass builds its own batches, so ``{"image": ...}`` batches need no ``input_key``."""
     items = [{"image": item["pixel_values"], "labels": item["labels"]} for item in _IMAGE_ITEMS]
     model = _HFImagesNamedOtherwise()
     before = _weights(model)
-    with pytest.raises(UsageError, match=r"^The dict batch has no 'pixel_values' \(it holds 'image'\); name the "
-                                         r"inputs' key when attaching \(input_key=\)\.$"):
-        _hf_train(tmp_path, model, items, Watermarker(_image_key()))
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _hf_train(tmp_path, model, items, Watermarker(text_key(), trigger_margin=3.0))
     assert _unchanged(model, before)
-    callback = _hf_train(tmp_path, model, items, Watermarker(_image_key(), input_key="image"))
-    assert callback.trigger_accuracy is not None and not _unchanged(model, before)
+    for wm in (Watermarker(_image_key()), Watermarker(_image_key(), input_key="image")):
+        callback = _hf_train(tmp_path, model, items, wm)
+        assert callback.trigger_accuracy is not None and not _unchanged(model, before)
 
 
 def test_a_refusal_of_the_hf_callback_leaves_no_hook_on_the_trainers_optimizer_or_model(tmp_path):
@@ -296,13 +298,16 @@ def test_the_lightning_callback_refuses_an_image_key_on_token_batches_before_the
     assert _unchanged(net, before)
 
 
-def test_the_lightning_callback_refuses_a_dict_batch_without_the_inputs_key_and_takes_it_once_named():
+def test_the_lightning_callback_trains_dict_batches_that_name_their_inputs_otherwise_and_checks_their_kind():
     net = _image_net()
     before = _weights(net)
     items = [{"image": image, "labels": label} for image, label in _IMAGE_PAIRS]
-    with pytest.raises(UsageError, match=r"^The dict batch has no 'pixel_values' \(it holds 'image'\); name the "
-                                         r"inputs' key when attaching \(input_key=\)\.$"):
-        _lightning_fit(net, items, Watermarker(_image_key()))
-    assert _unchanged(net, before)
-    callback = _lightning_fit(net, items, Watermarker(_image_key(), input_key="image"))
-    assert callback.trigger_accuracy is not None and not _unchanged(net, before)
+    refused = Watermarker(text_key(), trigger_margin=3.0)
+    with pytest.raises(UsageError, match=r"^The key is a text key but the batches hold float inputs; use a key made "
+                                         r"for this model's inputs\.$"):
+        _lightning_fit(net, items, refused)
+    assert _unchanged(net, before) and not refused._attached
+    for wm in (Watermarker(_image_key()), Watermarker(_image_key(), input_key="image")):
+        callback = _lightning_fit(net, items, wm)
+        assert callback.trigger_accuracy is not None and not _unchanged(net, before)
+

@@ -23,9 +23,11 @@ def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, lab
     A trainer owns the loop, so the integration sees the batch as the user's code gets it: an ``(inputs, labels)``
     pair, a dict (its ``label_key`` is not an input, so a refusal does not list it), or the inputs alone.
 
+    The trigger pass builds its own batches (:func:`trigger_batch`), so a dict batch that names its inputs
+    otherwise (``{"image": ...}``) trains as it is; only the inputs' kind is checked.
+
     Raises:
-        UsageError: If a dict batch lacks ``input_key`` or the inputs are not of the triggers' kind
-            (:func:`wmark.schemes.trigger_set.check_inputs`).
+        UsageError: If the inputs are not of the triggers' kind (:func:`wmark.schemes.trigger_set.check_inputs`).
     """
     if isinstance(batch, Mapping):
         inputs: Any = {k: v for k, v in batch.items() if k != label_key}
@@ -33,7 +35,7 @@ def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, lab
         inputs = batch[0]
     else:
         inputs = batch
-    check_inputs(inputs, triggers, batch_key=input_key)
+    check_inputs(inputs, triggers, batch_key=input_key, require_key=False)
 
 
 def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:

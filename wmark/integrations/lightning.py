@@ -85,7 +85,11 @@ class WatermarkCallback(L.Callback):
         """
         wm = self.watermarker
         if "trigger" in wm.schemes:
-            check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+            try:
+                check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+            except UsageError:
+                wm.detach()  # the run ends here, so the Watermarker can be attached again once fixed
+                raise
 
     def _logits(self, pl_module: L.LightningModule, batch: Batch) -> torch.Tensor:
         if self.forward is not None:

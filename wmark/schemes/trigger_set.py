@@ -160,7 +160,7 @@ def check_kinds(x: torch.Tensor, triggers: TriggerSet) -> None:
                          "text key with the model's tokenizer.")
 
 
-def check_inputs(inputs: Any, triggers: TriggerSet, *, batch_key: str) -> None:
+def check_inputs(inputs: Any, triggers: TriggerSet, *, batch_key: str, require_key: bool = True) -> None:
     """Refuse a natural batch's inputs that the triggers' own pass cannot follow, before that pass runs.
 
     The trigger pass of :meth:`wmark.embed.Watermarker.attach` and those of the trainer integrations
@@ -170,14 +170,19 @@ def check_inputs(inputs: Any, triggers: TriggerSet, *, batch_key: str) -> None:
     Args:
         inputs: The batch's inputs without its labels: a tensor, or a dict of named tensors.
         batch_key: The inputs' key in a dict batch (the Watermarker's ``input_key``).
+        require_key: Whether a dict batch must hold ``batch_key``: mixing puts the triggers there, but a trainer
+            integration's pass builds its own trigger batches, so there a dict without it is only checked for kind.
 
     Raises:
         UsageError: If the inputs are not of the triggers' kind (:func:`check_kinds`; in a dict without ``batch_key``,
-            a main input under another name, such as ``pixel_values`` for a text key), or a dict lacks ``batch_key``.
+            a main input under another name, such as ``pixel_values`` for a text key), or a dict lacks a required
+            ``batch_key``.
     """
     if isinstance(inputs, Mapping):
         if batch_key not in inputs:
-            _check_other_inputs(inputs, triggers)
+            _check_other_inputs(inputs, triggers, lone=not require_key)
+            if not require_key:
+                return
             raise UsageError(f"The dict batch has no {batch_key!r} (it holds "
                              f"{', '.join(map(repr, inputs)) or 'nothing'}); name the inputs' key when attaching "
                              "(input_key=).")
@@ -186,15 +191,18 @@ def check_inputs(inputs: Any, triggers: TriggerSet, *, batch_key: str) -> None:
         check_kinds(inputs, triggers)
 
 
-def _check_other_inputs(batch: Mapping[str, Any], triggers: TriggerSet) -> None:
+def _check_other_inputs(batch: Mapping[str, Any], triggers: TriggerSet, *, lone: bool = False) -> None:
     """In a dict batch without the inputs' key, refuse a main input of the other kind under its own name.
 
     A text key's batch holding ``pixel_values`` asks for another key, not for ``input_key=``: say that first.
-    (``inputs_embeds`` are floats for a text model, so they tell nothing.)
+    (``inputs_embeds`` are floats for a text model, so they tell nothing.) With ``lone``, a batch with no main
+    input but a single tensor (``{"image": ...}``) has that tensor checked: it can only be the inputs.
     """
-    for name, value in batch.items():
-        if name in INPUT_NAMES and name != "inputs_embeds" and isinstance(value, torch.Tensor):
-            check_kinds(value, triggers)
+    main = [v for name, v in batch.items()
+            if name in INPUT_NAMES and name != "inputs_embeds" and isinstance(v, torch.Tensor)]
+    tensors = [v for v in batch.values() if isinstance(v, torch.Tensor)]
+    for value in main or (tensors if lone and len(tensors) == 1 else []):
+        check_kinds(value, triggers)
 
 
 class LoaderProxy:
