@@ -95,6 +95,8 @@ WHAT = {
     "extraction_families_variants_quick": "quick mode (one key, four families) with the 2000-query and pooled log tests",
     "extraction_families_b05": "thieves of ten families, leave-family-out, at beta 0.5 on two fresh keys",
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
+    "extraction_families_curve_b1": "the cost-power curve on two fresh keys shared by its points: beta 1",
+    "extraction_families_curve_b07_b04": "the same keys, thieves and seeds at beta 0.7 and 0.4",
     "extraction_families_b1_more_a": "thieves of ten families, leave-family-out, at beta 1 on two more fresh keys (a replication)",
     "extraction_families_b1_more_b": "the same on two more fresh keys, side by side",
     "extraction_families_readings": "the beta 1 families on two more fresh keys, every thief and null read from its "

@@ -6,7 +6,7 @@ dataset's own format, which the Trainer's padding collator batches like any othe
 own pass (lookahead, the default for image keys, or a ``trigger_margin``) need no wrapped dataset: :class:`WatermarkCallback` adds their gradient in a step
 pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
 ``per_device_train_batch_size × gradient_accumulation_steps`` samples, after checking the first batch the model
-receives (a text key's triggers on an image model, or a dict batch without the inputs' key, are refused as
+receives (a text key's triggers on an image model, or the reverse, are refused as
 :meth:`wmark.embed.Watermarker.attach` refuses them). The callback also checks that a mixing run's training set
 carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy at the end.
 

@@ -8,8 +8,8 @@ lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the defaul
 taken at the looked-ahead weights, and with a ``trigger_margin`` learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
 module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
 ``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own. Each
-training batch is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers on an
-image model, or a dict batch without the inputs' key, are refused before the trigger pass reaches the module.
+training batch's kind is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers
+on an image model, or the reverse, are refused before the trigger pass reaches the module.
 
 Example:
     >>> import lightning as L  # doctest: +SKIP
@@ -78,7 +78,7 @@ class WatermarkCallback(L.Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        """Refuse a batch the trigger pass cannot follow (inputs of the other kind, a dict without the inputs' key).
+        """Refuse a batch of the other kind than the triggers (a text key's on images, an image key's on tokens).
 
         Raises:
             UsageError: Before the training step, naming the fix.
