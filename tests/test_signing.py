@@ -355,3 +355,28 @@ def test_a_failure_after_the_model_is_signed_leaves_the_files_as_they_were(tmp_p
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
     if earlier:
         assert verify_model(path=model, public_key=pair[1])["statement"]["commitment"] == key.commitment()
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ed25519", "garbage"])
+def test_verify_signature_refuses_a_public_key_it_cannot_read_in_one_sentence(tmp_path, pair, kind):
+    from click.testing import CliRunner
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+
+    from wmark.cli import main
+
+    target = tmp_path / "r.json"
+    target.write_text("{}")
+    sign_file(path=target, private_key=pair[0])
+    public = tmp_path / f"{kind}.pub"
+    if kind == "garbage":
+        public.write_text("not a key\n")
+    else:
+        private = (rsa.generate_private_key(public_exponent=65537, key_size=2048) if kind == "rsa"
+                   else ed25519.Ed25519PrivateKey.generate())
+        public.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
+                                                             serialization.PublicFormat.SubjectPublicKeyInfo))
+    result = CliRunner().invoke(main, ["verify-signature", str(target), "--public-key", str(public)])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: Could not read {public} as an elliptic-curve public key (")
+    assert result.stderr.endswith("; use the P-256/384/521 EC public key (PEM) that matches the signing key.\n")

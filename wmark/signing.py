@@ -279,7 +279,11 @@ def verify_file(*, path: PathLike, public_key: PathLike | None = None,
     config = ms.verifying.Config()
     if public_key is not None:
         _existing(public_key, "The public key")
-        config.use_elliptic_key_verifier(public_key=public_key)
+        try:
+            config.use_elliptic_key_verifier(public_key=public_key)
+        except (ValueError, TypeError, AttributeError) as exc:  # AttributeError: an RSA or Ed25519 key (no curve)
+            raise UsageError(f"Could not read {public_key} as an elliptic-curve public key ({str(exc)[:80]}); use the "
+                             "P-256/384/521 EC public key (PEM) that matches the signing key.") from None
     else:
         config.use_certificate_verifier(certificate_chain=[Path(c) for c in certificate_chain or ()])
     try:
