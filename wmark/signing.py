@@ -144,18 +144,6 @@ def _existing(path: PathLike, what: str) -> Path:
     return p
 
 
-def signing_outputs(path: PathLike, *, model: bool) -> list[Path]:
-    """The files signing ``path`` writes: ``PATH.sig``, and for a model its provenance statement and that one's bundle.
-
-    ``wmark sign`` checks them (:func:`check_signing_outputs`) before any work, as every command checks its outputs.
-    """
-    target = Path(path)
-    if not model:
-        return [signature_path(target)]
-    prov = provenance_path(target)
-    return [signature_path(target), prov, signature_path(prov)]
-
-
 def check_signing_outputs(*paths: PathLike) -> None:
     """Refuse, before anything is written, a bundle or statement path that cannot be written or holds a wmark key.
 
@@ -368,7 +356,8 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
     """
     target = _existing(path, "The model to sign")
     _existing(private_key, "The private key")
-    check_signing_outputs(*signing_outputs(target, model=True))
+    prov = provenance_path(target)
+    check_signing_outputs(signature_path(target), prov, signature_path(prov))
     meta = _model_metadata(target)
     recorded = meta.get("commitment")
     commitment = key.commitment() if key is not None else recorded
@@ -388,7 +377,6 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
         "signed_at_is": CLOCK_NOTE,
         "wmark_version": __version__,
     }
-    prov = provenance_path(target)
     # What an earlier release left there (the statement's bundle is written last, atomically: it needs none).
     earlier = {p: p.read_bytes() if p.is_file() else None for p in (signature_path(target), prov)}
     # The model is signed first: a private key the library cannot use is refused before anything is written.
