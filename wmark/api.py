@@ -214,7 +214,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
         if fitted is None:
             raise
         raise UsageError(f"The key is for {k.num_classes}-class models but the weights in {suspect} are for "
-                         f"{fitted} classes; use the key made for this model.") from None
+                         f"{fitted} {'class' if fitted == 1 else 'classes'}; use the key made for this model.") from None
     model.to(on)
     # Not refused: the suspect's holder wrote its metadata, and a thief could write another class count or
     # tokenizer into it to block us. The weights fit the key (the forward's logits are checked when it answers).
