@@ -97,8 +97,8 @@ WHAT = {
     "extraction_families_b04": "the same at beta 0.4 on the same keys and thief seeds",
     "extraction_families_curve_b1": "the cost-power curve on two fresh keys shared by its points: beta 1",
     "extraction_families_curve_b07_b04": "the same keys, thieves and seeds at beta 0.7 and 0.4",
-    "extraction_curve_same_keys": "the curve's points and thief pairs from the two runs above "
-                                  "(research/compare_scales.py)",
+    "extraction_curve_same_keys": "the same-keys curve's points and thief pairs, from extraction_families_curve_b1 "
+                                  "and _b07_b04 (research/compare_scales.py)",
     "extraction_families_b1_more_a": "thieves of ten families, leave-family-out, at beta 1 on two more fresh keys (a replication)",
     "extraction_families_b1_more_b": "the same on two more fresh keys, side by side",
     "extraction_families_readings": "the beta 1 families on two more fresh keys, every thief and null read from its "
