@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from functools import partial
 
 import numpy as np
@@ -582,6 +583,11 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
                                "--reference-repeats", "1"])
     assert res.exit_code == 0, res.output
     assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
+    cost = re.search(r"served at beta 1, this key changes (\S+) % of the answers on the 300 test inputs and costs "
+                     r"honest clients (\S+) accuracy points \((\S+) % -> (\S+) %\); a lower --beta costs less", res.output)
+    assert cost is not None, res.output
+    changed, lost, plain, marked = map(float, cost.groups())
+    assert 0 < changed <= 100 and lost == pytest.approx(plain - marked, abs=0.011)
     res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
                                str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out",
                                str(tmp_path / "small.safetensors"), "--references", "none", "--max-samples", "500",
@@ -826,3 +832,57 @@ def test_every_entry_point_asks_in_the_librarys_default_rounds():
 
     for entry in (verify, verify_remote, assemble_tests):
         assert inspect.signature(entry).parameters["log_mode"].default == "fixed"
+
+
+def test_the_rule_build_reports_this_keys_honest_cost_on_the_test_split(tmp_path):
+    """The cost varies by key, so the build measures it: the marked API's labels against the served ones."""
+    from wmark import api
+    from wmark.data import load_dataset
+    from wmark.keys import load_key, save_key
+    from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer
+    from wmark.schemes.tiebreak import TieBreakAPI, accuracy_cost, load_tiebreak_rule
+    from wmark.suspects import LocalSuspect
+    from wmark.training import make_loader, train_epochs
+
+    ds = load_dataset("digits")
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0)
+    train_epochs(model, make_loader(ds.x_train, ds.y_train, seed=0), epochs=3,
+                 optimizer=torch.optim.Adam(model.parameters(), 3e-3))
+    weights, key, rule = tmp_path / "served.safetensors", tmp_path / "owner.key", tmp_path / "rule.safetensors"
+    save_tensors(model.state_dict(), weights, metadata=model_metadata(arch="fmnist-mlp", num_classes=10,
+                                                                       input_shape=(1, 8, 8)))
+    save_key(seeded_key("tiebreak/honest cost", num_classes=10, input_shape=(1, 8, 8)), key)
+    info = api.build_tiebreak(key=key, arch="fmnist-mlp", weights=weights, data="digits", out=rule, references=[],
+                              verify_count=100)
+    served, _ = load_model("fmnist-mlp", weights, num_classes=10, input_shape=(1, 8, 8))
+    k = load_key(key)
+    marked = TieBreakAPI(key=k, backend=LocalSuspect(served, input_shape=(1, 8, 8)), expose_scores=False,
+                         rule=load_tiebreak_rule(rule, key=k, featurizer=penultimate_featurizer(served)))
+    expected = accuracy_cost(api=marked, x=ds.x_test.numpy(), y=ds.y_test.numpy())
+    assert info["honest_cost"] == {"beta": 1.0, "test_inputs": len(ds.y_test), **expected}
+    assert 0 < expected["changed_fraction"] < 0.5
+
+
+def test_a_text_rule_build_scores_the_test_texts_a_text_api_takes(tmp_path):
+    from textkit import text_key
+
+    from wmark import api
+    from wmark.data import load_dataset
+    from wmark.keys import save_key
+    from wmark.models import build_model, model_metadata
+    from wmark.text import MINILM, load_tokenizer
+
+    key = text_key(num_classes=8, max_length=64, tag="honest cost")
+    save_key(key, tmp_path / "t.key")
+    model = build_model("text-bow", num_classes=8, input_shape=(64,), seed=0)
+    weights = tmp_path / "bow.safetensors"
+    save_tensors(model.state_dict(), weights, metadata=model_metadata(arch="text-bow", num_classes=8,
+                                                                       input_shape=(64,), modality=key.modality))
+    info = api.build_tiebreak(key=tmp_path / "t.key", arch="text-bow", weights=weights, data="fortunes@owner",
+                              out=tmp_path / "rule.safetensors", references=[], verify_count=50, max_samples=300)
+    texts = load_dataset("fortunes@owner").texts_test or ()
+    lengths = [len(ids) for ids in load_tokenizer(MINILM)(list(texts), truncation=False, verbose=False)["input_ids"]]
+    cost = info["honest_cost"]
+    assert cost["test_inputs"] == sum(n <= 64 for n in lengths) < len(texts)
+    assert 0 < cost["changed_fraction"] <= 1
+    assert cost["accuracy_cost_pp"] == pytest.approx(100 * (cost["served_accuracy"] - cost["api_accuracy"]))

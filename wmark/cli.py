@@ -363,6 +363,12 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
+    cost = info["honest_cost"]
+    if cost is not None:
+        click.echo(f"served at beta {cost['beta']:g}, this key changes {100 * cost['changed_fraction']:.1f} % of the "
+                   f"answers on the {cost['test_inputs']} test inputs and costs honest clients "
+                   f"{cost['accuracy_cost_pp']:.2f} accuracy points ({100 * cost['served_accuracy']:.2f} % -> "
+                   f"{100 * cost['api_accuracy']:.2f} %); a lower --beta costs less and catches fewer thieves")
 
 
 @main.group(epilog=EXIT_HELP)
