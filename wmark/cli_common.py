@@ -12,8 +12,7 @@ from typing import Any
 import click
 
 from wmark.errors import UsageError, WmarkError
-from wmark.io import check_output
-from wmark.keys import refuse_key_file
+from wmark.keys import check_outputs_spare_keys
 from wmark.report import json_twin
 
 EXIT_HELP = """\b
@@ -94,6 +93,4 @@ def check_outputs(*paths: str | None, report: str | None = None) -> None:
     wanted = [p for p in paths if p is not None]
     if report is not None:
         wanted += [report, str(json_twin(report))]
-    for path in wanted:
-        refuse_key_file(path)
-        check_output(path)
+    check_outputs_spare_keys(*wanted)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from wmark.errors import UsageError
-from wmark.io import atomic_write
+from wmark.io import atomic_write, check_output
 
 KEY_FORMAT = "wmark-key/1"
 DEFAULT_TRIGGERS = 100
@@ -222,15 +222,23 @@ def save_key(key: Key, path: str | os.PathLike[str]) -> None:
         Path(tmp).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
 
 
-def refuse_key_file(path: str | os.PathLike[str]) -> None:
-    """Refuse to write an output over a wmark key file, whose secret no other copy may hold.
+def check_outputs_spare_keys(*paths: str | os.PathLike[str]) -> None:
+    """Check, before any work, that each output path can be written and does not hold a wmark key.
 
-    Commands (and library functions that write next to their input, such as :func:`wmark.signing.sign_file`)
-    call it with :func:`wmark.io.check_output` before any work.
+    A key's secret has no other copy, so no output may replace a key file. Commands (through
+    :func:`wmark.cli_common.check_outputs`) and library functions that write next to their input (such as
+    :func:`wmark.signing.sign_file`) call it before they start.
 
     Raises:
-        UsageError: If ``path`` holds a wmark key (a small JSON document of the key format).
+        UsageError: If a path holds a wmark key (a small JSON document of the key format), or
+            :func:`wmark.io.check_output` refuses it.
     """
+    for path in paths:
+        _refuse_key_file(path)
+        check_output(path)
+
+
+def _refuse_key_file(path: str | os.PathLike[str]) -> None:
     p = Path(path)
     try:
         if not p.is_file() or p.stat().st_size > 1 << 20:

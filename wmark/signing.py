@@ -39,8 +39,8 @@ from typing import Any
 
 from wmark import __version__
 from wmark.errors import UsageError
-from wmark.io import atomic_write, check_output
-from wmark.keys import Key, refuse_key_file
+from wmark.io import atomic_write
+from wmark.keys import Key, check_outputs_spare_keys
 
 PathLike = str | os.PathLike[str]
 SIGNATURE_SUFFIX = ".sig"
@@ -144,18 +144,6 @@ def _existing(path: PathLike, what: str) -> Path:
     return p
 
 
-def check_signing_outputs(*paths: PathLike) -> None:
-    """Refuse, before anything is written, a bundle or statement path that cannot be written or holds a wmark key.
-
-    Raises:
-        UsageError: For a path in a missing or read-only directory, a directory in its place, or a wmark key file
-            there (a bundle written over it would destroy the key's secret).
-    """
-    for p in paths:
-        refuse_key_file(p)
-        check_output(p)
-
-
 def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | None = None,
               chain: Sequence[PathLike] = (), signature: PathLike | None = None) -> Path:
     """Sign a file or directory with ``model-signing``; return the bundle's path (default ``PATH.sig``).
@@ -175,7 +163,7 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
     target = _existing(path, "The file to sign")
     _existing(private_key, "The private key")
     out = Path(signature) if signature is not None else signature_path(target)
-    check_signing_outputs(out)
+    check_outputs_spare_keys(out)
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
     config = ms.signing.Config()
@@ -357,7 +345,7 @@ def sign_model(*, path: PathLike, private_key: PathLike, key: Key | None = None,
     target = _existing(path, "The model to sign")
     _existing(private_key, "The private key")
     prov = provenance_path(target)
-    check_signing_outputs(signature_path(target), prov, signature_path(prov))
+    check_outputs_spare_keys(signature_path(target), prov, signature_path(prov))
     meta = _model_metadata(target)
     recorded = meta.get("commitment")
     commitment = key.commitment() if key is not None else recorded
