@@ -318,14 +318,13 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset,
     import numpy as np
 
     from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, accuracy_cost
+    from wmark.schemes.tiebreak.inputs import fitting_texts
 
     y = ds.y_test.numpy()
     x: Any = ds.x_test.numpy()
     if text is not None:
-        texts = list(ds.texts_test or ())
-        ids = (text.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
-               if texts else [])
-        fits = [i for i, t in enumerate(ids) if len(t) <= text.max_length]
+        texts = ds.texts_test or ()
+        fits = fitting_texts(texts, text)
         x, y = np.empty(len(fits), dtype=object), y[fits]
         x[:] = [texts[i] for i in fits]
     if len(x) == 0:

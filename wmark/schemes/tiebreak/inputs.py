@@ -82,19 +82,26 @@ def unpack_texts(data: torch.Tensor, ends: torch.Tensor) -> np.ndarray:
     return out
 
 
-def owner_texts(texts: Sequence[str], text: TextInputs) -> np.ndarray:
-    """The texts a text key's API can take (those within its maximum length, in order), as an object array.
+def fitting_texts(texts: Sequence[str], text: TextInputs) -> list[int]:
+    """The positions of the texts a text key's API can take: those within its maximum length, in order.
 
-    A served text model refuses longer texts rather than truncating them, so the owner's inputs for the rule are
-    those a client could have sent.
-
-    Raises:
-        UsageError: If none fits.
+    A served text model refuses longer texts rather than truncating them.
     """
     # verbose=False: the tokenizer would warn about every text longer than the model's limit, which is dropped here
     ids = (text.tokenizer(list(texts), add_special_tokens=True, truncation=False, verbose=False)["input_ids"]
            if texts else [])
-    kept = [t for t, i in zip(texts, ids) if len(i) <= text.max_length]
+    return [i for i, t in enumerate(ids) if len(t) <= text.max_length]
+
+
+def owner_texts(texts: Sequence[str], text: TextInputs) -> np.ndarray:
+    """The texts a text key's API can take (:func:`fitting_texts`, in order), as an object array.
+
+    The owner's inputs for the rule are those a client could have sent.
+
+    Raises:
+        UsageError: If none fits.
+    """
+    kept = [texts[i] for i in fitting_texts(texts, text)]
     if not kept:
         raise UsageError(f"None of the {len(texts)} texts fits the key's maximum of {text.max_length} tokens; give "
                          "shorter texts.")
