@@ -39,13 +39,16 @@ class BatchKeysError(UsageError):
     batches are always ``input_ids``/``attention_mask``). A :class:`~wmark.suspects.LocalSuspect` catches this
     and names the one fix open to its own caller.
 
-    Attributes:
+    Args:
         wanted: The names the forward wants that the batch lacks (``every``: all of them; else any one).
         held: The keys the batch holds.
+
+    Attributes:
+        held: The keys the batch holds (the message a caller writes instead names them).
     """
 
     def __init__(self, wanted: list[str], held: list[str], *, every: bool = False) -> None:
-        self.wanted, self.held = wanted, held
+        self.held = held
         super().__init__(f"The batch has no {(', ' if every else ' or ').join(repr(w) for w in wanted)} (it holds "
                          f"{', '.join(repr(k) for k in held) or 'nothing'}); name the model's inputs in the batch, or wrap the "
                          "model in a module whose forward takes the batch's keys.")
