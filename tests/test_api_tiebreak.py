@@ -584,9 +584,11 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert res.exit_code == 0, res.output
     assert "64 components" in res.output and "1000 verification inputs chosen by 4 reference surrogates" in res.output
     cost = re.search(r"served at beta 1, this key changes (\S+) % of the answers on the 300 test inputs and costs "
-                     r"honest clients (\S+) accuracy points \((\S+) % -> (\S+) %\); a lower --beta costs less", res.output)
+                     r"honest clients (\S+) ± (\S+) accuracy points \((\S+) % -> (\S+) %\); a lower scale \(`serve "
+                     r"--beta`, or `--max-cost` here\) costs less", res.output)
     assert cost is not None, res.output
-    changed, lost, plain, marked = map(float, cost.groups())
+    changed, lost, se, plain, marked = map(float, cost.groups())
+    assert 0 < se < lost
     assert 0 < changed <= 100 and lost == pytest.approx(plain - marked, abs=0.011)
     res = runner.invoke(main, ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights",
                                str(weights), "--data", str(tmp_path / "owner.safetensors"), "--out",
@@ -859,7 +861,9 @@ def test_the_rule_build_reports_this_keys_honest_cost_on_the_test_split(tmp_path
     marked = TieBreakAPI(key=k, backend=LocalSuspect(served, input_shape=(1, 8, 8)), expose_scores=False,
                          rule=load_tiebreak_rule(rule, key=k, featurizer=penultimate_featurizer(served)))
     expected = accuracy_cost(api=marked, x=ds.x_test.numpy(), y=ds.y_test.numpy())
-    assert info["honest_cost"] == {"beta": 1.0, "test_inputs": len(ds.y_test), **expected}
+    cost = info["honest_cost"]
+    assert cost["beta"] == 1.0 and cost["test_inputs"] == len(ds.y_test) and cost["cost_se_pp"] > 0
+    assert {name: cost[name] for name in expected} == pytest.approx(expected)
     assert 0 < expected["changed_fraction"] < 0.5
 
 

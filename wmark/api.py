@@ -240,7 +240,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
                    components: int | None = None, skip: int = 0,
                    references: Sequence[str] | None = None, verify_count: int = 1000,
                    seed: int = 0, reference_repeats: int | None = None,
-                   max_samples: int | None = None, device: str | None = None) -> dict[str, Any]:
+                   max_samples: int | None = None, device: str | None = None,
+                   max_cost: float | None = None) -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
@@ -256,8 +257,15 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     ``verify(..., rule=out)``. The rule records the served model's architecture, path and digest. The served
     model and the references run on ``device`` (default CUDA when present).
 
-    The result's ``honest_cost`` is what the marked API at the default scale costs honest clients on ``data``'s
-    test split (accuracy points lost, answers changed), measured for this key, since it varies by key.
+    The result's ``honest_cost`` is what the marked API costs honest clients on ``data``'s test split (accuracy
+    points lost with their standard error, answers changed), measured for this key, since it varies by key.
+    With ``max_cost`` (accuracy points) the rule records the largest scale of the keyed shift, up to the default,
+    whose cost on the test split (and every smaller scale's) is at most that; the API serves it unless told
+    another. A lower cost catches fewer thieves (docs/extraction.md, "Which point to choose").
+
+    Raises:
+        UsageError: On mismatched files or settings, or when ``max_cost`` is given and the data has no test
+            split, or no scale costs that little (nothing is written then).
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.tiebreak import (
@@ -275,6 +283,10 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     _check_key_fits_data(k, ds)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
+    if max_cost is not None and not max_cost > 0:
+        raise UsageError(f"max_cost is in accuracy points and must be positive, got {max_cost}.")
+    if max_cost is not None and len(ds.y_test) == 0:
+        raise UsageError(f"{data} has no test split to measure the cost on; drop max_cost or use data with one.")
     text = TextInputs.from_key(k)
     default_refs = ["text-bow"] if text is not None else [arch, "fmnist-mlp"]
     archs = list(dict.fromkeys(default_refs if references is None else references))
@@ -299,25 +311,33 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
                                input_shape=tuple(k.input_shape))
+    cost = _test_split_cost(k, served, rule, ds, text, max_cost)
+    if cost is not None:
+        rule = dataclasses.replace(rule, beta=cost["beta"])
     rule.save(out)
     return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(x),
             "references": len(refs),
             "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
-            "honest_cost": _test_split_cost(k, served, rule, ds, text),
-            "seconds": time.perf_counter() - start}
+            "honest_cost": cost, "seconds": time.perf_counter() - start}
 
 
-def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset,
-                     text: TextInputs | None) -> dict[str, Any] | None:
-    """What the marked API at the default scale costs honest clients on the data's test split (``None``: no split).
+def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, text: TextInputs | None,
+                     max_cost: float | None) -> dict[str, Any] | None:
+    """What the marked API costs honest clients on the data's test split (``None``: no split), at the default scale
+    or, with ``max_cost``, at the largest scale within it.
 
-    The cost of a scale depends on the key about twofold (0.34–0.97 pp at beta 0.4 over five Fashion-MNIST keys),
-    so the owner sees their own key's before serving it. A text API takes only texts within the key's maximum
-    length, so those are the ones scored.
+    The cost of a scale depends on the key about twofold, so the owner sees their own key's before serving it.
+    A text API takes only texts within the key's maximum length, so those are the ones scored.
     """
     import numpy as np
 
-    from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, accuracy_cost
+    from wmark.schemes.tiebreak import (
+        BETA_GRID,
+        DEFAULT_BETA,
+        TieBreakAPI,
+        accuracy_costs,
+        largest_beta_within,
+    )
     from wmark.schemes.tiebreak.inputs import fitting_texts
 
     y = ds.y_test.numpy()
@@ -328,9 +348,21 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset,
         x, y = np.empty(len(fits), dtype=object), y[fits]
         x[:] = [texts[i] for i in fits]
     if len(x) == 0:
+        if max_cost is not None:
+            raise UsageError("None of the test split's texts fit the key's maximum length, so the cost cannot be "
+                             "measured; drop max_cost or use a key with a longer maximum length.")
         return None
     marked = TieBreakAPI(key=key, backend=served, rule=rule, beta=DEFAULT_BETA, expose_scores=False)
-    return {"beta": DEFAULT_BETA, "test_inputs": len(x), **accuracy_cost(api=marked, x=x, y=y)}
+    costs = accuracy_costs(api=marked, x=x, y=y, betas=[DEFAULT_BETA] if max_cost is None else BETA_GRID)
+    if max_cost is None:
+        return {"test_inputs": len(x), **costs[0]}
+    chosen = largest_beta_within(costs, max_cost)
+    if chosen is None:
+        raise UsageError(f"No scale of the mark costs at most {max_cost:g} accuracy points on the test split: the "
+                         f"smallest tried, beta {costs[0]['beta']:g}, costs {costs[0]['accuracy_cost_pp']:.2f}; raise "
+                         "the cost allowed, or serve unmarked and mark only clients the monitor flags.")
+    return {"test_inputs": len(x), **chosen, "max_cost_pp": float(max_cost),
+            "default_cost_pp": next(c["accuracy_cost_pp"] for c in costs if c["beta"] == DEFAULT_BETA)}
 
 
 def verify_whitebox(*, key: PathLike, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,

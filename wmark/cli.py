@@ -344,10 +344,13 @@ def tiebreak() -> None:
 @click.option("--device", default=None,
               help="Run the served model and train the references on this device: cpu, cuda, cuda:N or mps "
                    "[default: CUDA when present].")
+@click.option("--max-cost", type=float, default=None,
+              help="Accuracy points honest clients may lose: the rule records the largest scale of the mark (up to "
+                   "the default 1.0) within it on the data's test split, and `wmark serve` serves that scale.")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,
-                   max_samples: int | None, device: str | None) -> None:
+                   max_samples: int | None, device: str | None, max_cost: float | None) -> None:
     """Build the tie-break rule that `wmark serve --mark tiebreak` serves with and `wmark verify extraction` tests.
 
     The file holds the key-independent feature map, the owner's verification inputs (committed before any
@@ -358,17 +361,22 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     refs = None if references is None else [a.strip() for a in references.split(",") if a.strip() not in ("", "none")]
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
                               skip=skip, references=refs, verify_count=verify_count,
-                              reference_repeats=reference_repeats, max_samples=max_samples, device=device)
+                              reference_repeats=reference_repeats, max_samples=max_samples, device=device,
+                              max_cost=max_cost)
     skipped = f" after the leading {info['skipped']}" if info["skipped"] else ""
     click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
     cost = info["honest_cost"]
-    if cost is not None:
-        click.echo(f"served at beta {cost['beta']:g}, this key changes {100 * cost['changed_fraction']:.1f} % of the "
-                   f"answers on the {cost['test_inputs']} test inputs and costs honest clients "
-                   f"{cost['accuracy_cost_pp']:.2f} accuracy points ({100 * cost['served_accuracy']:.2f} % -> "
-                   f"{100 * cost['api_accuracy']:.2f} %); a lower --beta costs less and catches fewer thieves")
+    if cost is None:
+        return
+    chosen = "" if max_cost is None else (f" (the largest scale within {max_cost:g} points; the default 1.0 costs "
+                                          f"{cost['default_cost_pp']:.2f})")
+    click.echo(f"served at beta {cost['beta']:g}{chosen}, this key changes {100 * cost['changed_fraction']:.1f} % of "
+               f"the answers on the {cost['test_inputs']} test inputs and costs honest clients "
+               f"{cost['accuracy_cost_pp']:.2f} ± {cost['cost_se_pp']:.2f} accuracy points "
+               f"({100 * cost['served_accuracy']:.2f} % -> {100 * cost['api_accuracy']:.2f} %); a lower scale (`serve "
+               "--beta`, or `--max-cost` here) costs less and catches fewer thieves")
 
 
 @main.group(epilog=EXIT_HELP)

@@ -68,7 +68,7 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         arch: The served model's architecture (tie-break: only if the rule records none).
         weights: The served model file (tie-break: only if it moved since the rule was built).
         rule: Tie-break: the rule file from ``wmark tiebreak build``.
-        beta: Tie-break: scale of the keyed log-probability shift.
+        beta: Tie-break: scale of the keyed log-probability shift (default: the rule's).
         rate: Flip: fraction of answers marked.
         candidates: Flip: candidate-set size or ``all``.
         log: Record each client's queries in this query log (created if missing).
@@ -94,13 +94,13 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         if rule is None:
             raise UsageError("The tie-break mark serves with a rule; build one with `wmark tiebreak build`.")
         from wmark.schemes.querylog import TieBreakLog
-        from wmark.schemes.tiebreak import DEFAULT_BETA, TieBreakAPI, open_tiebreak_rule
+        from wmark.schemes.tiebreak import TieBreakAPI, open_tiebreak_rule
 
         loaded, backend = open_tiebreak_rule(key=key, rule=rule, served=weights, arch=arch)
         opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability)
         try:
             answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
-                                        beta=DEFAULT_BETA if beta is None else beta, log=opened, client=client)
+                                        beta=beta, log=opened, client=client)
         except BaseException:
             _discard(opened)
             raise

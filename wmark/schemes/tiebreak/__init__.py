@@ -78,6 +78,7 @@ from wmark.distill import REFERENCE_QUERIES, REFERENCE_RECIPES, REFERENCE_REPEAT
 from wmark.schemes.querylog import LOG_FORMAT, LOG_MIN_RATIO, TEXT_LOG_FORMAT, TieBreakLog
 from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.schemes.tiebreak.rule import (
+    DEFAULT_BETA,
     DEFAULT_COMPONENTS,
     DEFAULT_PAIR_RATIO,
     DEFAULT_QUERIES,
@@ -100,7 +101,14 @@ from wmark.schemes.tiebreak.sequential import (
     SEQUENTIAL_ROUND,
     tiebreak_log_sequential,
 )
-from wmark.schemes.tiebreak.serving import DEFAULT_BETA, KeyTriggers, TieBreakAPI, accuracy_cost
+from wmark.schemes.tiebreak.serving import (
+    BETA_GRID,
+    KeyTriggers,
+    TieBreakAPI,
+    accuracy_cost,
+    accuracy_costs,
+    largest_beta_within,
+)
 from wmark.schemes.tiebreak.tests import (
     DEFAULT_LOG_ROUNDS,
     FOLLOWED_REFERENCES,
@@ -120,12 +128,12 @@ from wmark.schemes.tiebreak.tests import (
 )
 
 __all__ = [
-    "DEFAULT_BETA", "DEFAULT_COMPONENTS", "DEFAULT_LOG_ROUNDS", "DEFAULT_PAIR_RATIO", "DEFAULT_QUERIES",
+    "BETA_GRID", "DEFAULT_BETA", "DEFAULT_COMPONENTS", "DEFAULT_LOG_ROUNDS", "DEFAULT_PAIR_RATIO", "DEFAULT_QUERIES",
     "FOLLOWED_REFERENCES", "LEAN_CLIP", "LOG_FIRST_ROUND", "LOG_FORMAT", "LOG_MIN_RATIO", "LOG_TEST_WEIGHT",
     "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "SEQUENTIAL_BUDGET",
     "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "TEXT_LOG_FORMAT", "VERSION",
     "KeyTriggers", "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
-    "build_tiebreak_rule", "commit_verification_inputs", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
+    "accuracy_costs", "build_tiebreak_rule", "commit_verification_inputs", "largest_beta_within", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
     "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
     "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates",

@@ -32,6 +32,7 @@ VERSION = 2
 DEFAULT_COMPONENTS = 64
 DEFAULT_PAIR_RATIO = 0.3
 DEFAULT_QUERIES = 1000
+DEFAULT_BETA = 1.0
 EIGEN_FLOOR = 1e-6
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
@@ -77,6 +78,8 @@ class TieBreakRule:
         input_shape: The shape of one input (for text: the key's maximum length in tokens).
         text: For a text key, how its strings become the served model's inputs (its tokenizer, checked
             against the key); the rule's inputs are then strings. Not stored: rebuilt from the key on load.
+        beta: The scale of the keyed shift the API serves with unless told otherwise (the owner's choice of
+            cost against evidence, e.g. from ``wmark tiebreak build --max-cost``).
     """
 
     mean: np.ndarray
@@ -94,6 +97,7 @@ class TieBreakRule:
     served_path: str = ""
     input_shape: tuple[int, ...] = ()
     text: TextInputs | None = field(default=None, compare=False)
+    beta: float = DEFAULT_BETA
 
     @property
     def components(self) -> int:
@@ -145,7 +149,8 @@ class TieBreakRule:
                                               "reference_archs": [arch for arch, _ in self.references],
                                               "served_arch": self.served_arch, "served_path": self.served_path,
                                               "input_shape": list(self.input_shape),
-                                              "input_kind": "image" if self.text is None else "text"})
+                                              "input_kind": "image" if self.text is None else "text",
+                                              "beta": self.beta})
 
 
 def x_shape(x: Any) -> tuple[int, ...]:
@@ -281,7 +286,17 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         verification=str(meta.get("verification", "")),
                         skipped=_meta_int(meta, "skipped_leading", 0, path), references=tuple(references),
                         served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
-                        input_shape=shape, text=text)
+                        input_shape=shape, text=text, beta=_meta_beta(meta, path))
+
+
+def _meta_beta(meta: dict[str, Any], path: str | os.PathLike[str]) -> float:
+    try:
+        beta = float(meta.get("beta", DEFAULT_BETA))
+    except (TypeError, ValueError):
+        raise _damaged(path, f"beta {meta.get('beta')!r}") from None
+    if not (np.isfinite(beta) and beta > 0):
+        raise _damaged(path, f"beta {beta!r}")
+    return beta
 
 
 def _check_rule_key(meta: dict[str, Any], key: Key, path: str | os.PathLike[str]) -> None:

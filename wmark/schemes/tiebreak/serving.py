@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs, check_tokenizer
 
-DEFAULT_BETA = 1.0
+BETA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
 
 
 class KeyTriggers:
@@ -78,7 +79,8 @@ class TieBreakAPI:
         key: The owner's key.
         backend: The served model; it must expose scores.
         rule: The tie-break rule built under ``key`` from this served model.
-        beta: Scale of the keyed log-probability shift (the accuracy cost grows with it).
+        beta: Scale of the keyed log-probability shift (the accuracy cost grows with it); default the rule's
+            (``DEFAULT_BETA`` unless the owner chose another when building it).
         expose_scores: Return the shifted scores, or labels only.
         log: Where to record each client's near-tie inputs (:class:`~wmark.schemes.querylog.TieBreakLog`), for
             :func:`tiebreak_log_test`; None keeps no state.
@@ -87,7 +89,7 @@ class TieBreakAPI:
             None).
     """
 
-    def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float = DEFAULT_BETA,
+    def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float | None = None,
                  expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous",
                  triggers: KeyTriggers | None = None) -> None:
         if rule.commitment != key.commitment():
@@ -95,7 +97,8 @@ class TieBreakAPI:
         if backend.num_classes is not None and backend.num_classes != key.num_classes:
             raise UsageError(f"The served model has {backend.num_classes} classes but the key {key.num_classes}; "
                              "serve the model the key was made for.")
-        if beta <= 0:
+        beta = rule.beta if beta is None else beta
+        if not beta > 0:
             raise UsageError(f"beta must be positive, got {beta}.")
         if log is not None and log.commitment != key.commitment():
             raise UsageError(f"The query log {log.path} belongs to another key; open a log under the serving key.")
@@ -130,9 +133,7 @@ class TieBreakAPI:
         if self.log is not None:
             self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
         shifts[self.triggers.mask(x)] = 0.0
-        logits = np.log(np.maximum(scores, 1e-300)) + self.beta * shifts
-        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-        probs /= probs.sum(axis=1, keepdims=True)
+        probs = _shifted(scores, shifts, self.beta)
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
 
 
@@ -152,6 +153,12 @@ class TieBreakAPI:
         return x, served_scores(backend, x), self.rule.shifts(x)
 
 
+def _shifted(scores: np.ndarray, shifts: np.ndarray, beta: float) -> np.ndarray:
+    logits = np.log(np.maximum(scores, 1e-300)) + beta * shifts
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """Accuracy of the served labels vs the marked answers on labelled inputs (honest users' cost)."""
     plain = np.asarray(api.backend.query(x).labels)
@@ -160,3 +167,42 @@ def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str
     return {"served_accuracy": float((plain == y).mean()), "api_accuracy": float((marked == y).mean()),
             "accuracy_cost_pp": 100.0 * float((plain == y).mean() - (marked == y).mean()),
             "changed_fraction": float((marked != plain).mean())}
+
+
+def accuracy_costs(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray,
+                   betas: Sequence[float] = BETA_GRID) -> list[dict[str, Any]]:
+    """:func:`accuracy_cost` at each scale in ``betas`` from one forward pass (nothing is logged).
+
+    Each entry adds ``beta`` and ``cost_se_pp``, the standard error of the cost over these inputs (the paired
+    difference of served and marked correctness), so an owner can tell a real difference between scales from
+    the sampling noise of a small test set.
+    """
+    x, scores, shifts = api._scores_and_shifts(x)
+    shifts[api.triggers.mask(x)] = 0.0
+    plain, y = np.argmax(scores, axis=1), np.asarray(y)
+    out = []
+    for beta in betas:
+        if not beta > 0:
+            raise UsageError(f"beta must be positive, got {beta}.")
+        marked = np.argmax(_shifted(scores, shifts, float(beta)), axis=1)
+        lost = (plain == y).astype(np.float64) - (marked == y)
+        out.append({"beta": float(beta), "served_accuracy": float((plain == y).mean()),
+                    "api_accuracy": float((marked == y).mean()), "accuracy_cost_pp": 100.0 * float(lost.mean()),
+                    "cost_se_pp": 100.0 * float(lost.std(ddof=1) / np.sqrt(len(lost))) if len(lost) > 1 else 0.0,
+                    "changed_fraction": float((marked != plain).mean())})
+    return out
+
+
+def largest_beta_within(costs: Sequence[dict[str, Any]], max_cost_pp: float) -> dict[str, Any] | None:
+    """The entry of :func:`accuracy_costs` with the largest scale such that it and every smaller scale cost at
+    most ``max_cost_pp`` (None when even the smallest costs more).
+
+    Every smaller scale must pass too, so a scale whose cost dips under the target by the test set's noise,
+    above one that does not, is never chosen.
+    """
+    best = None
+    for entry in sorted(costs, key=lambda c: c["beta"]):
+        if entry["accuracy_cost_pp"] > max_cost_pp:
+            break
+        best = entry
+    return best

@@ -1,0 +1,162 @@
+"""A cost the owner sets: the tie-break build picks the largest scale within it, the rule records it, the API serves
+it; what cannot be met is refused before anything is written."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from keykit import seeded_key
+
+from wmark import api
+from wmark.cli import main
+from wmark.data import load_dataset
+from wmark.errors import UsageError
+from wmark.io import load_tensors, save_tensors
+from wmark.keys import load_key, save_key
+from wmark.marks import open_served
+from wmark.models import build_model, load_model, model_metadata, penultimate_featurizer
+from wmark.schemes.tiebreak import (
+    BETA_GRID,
+    DEFAULT_BETA,
+    TieBreakAPI,
+    accuracy_cost,
+    accuracy_costs,
+    largest_beta_within,
+    load_tiebreak_rule,
+)
+from wmark.suspects import LocalSuspect
+from wmark.training import make_loader, train_epochs
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def served_files(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """A digits MLP, its key and a rule at the default scale (no references: the served model's nearest ties)."""
+    tmp = tmp_path_factory.mktemp("cost")
+    ds = load_dataset("digits")
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
+    train_epochs(model, make_loader(ds.x_train, ds.y_train, seed=0), epochs=3,
+                 optimizer=torch.optim.Adam(model.parameters(), 3e-3))
+    weights, key = tmp / "served.safetensors", tmp / "owner.key"
+    save_tensors(model.state_dict(), weights, metadata=model_metadata(arch="fmnist-mlp", num_classes=10,
+                                                                       input_shape=SHAPE))
+    save_key(seeded_key("tiebreak/cost target", num_classes=10, input_shape=SHAPE), key)
+    rule = tmp / "rule.safetensors"
+    info = api.build_tiebreak(key=key, arch="fmnist-mlp", weights=weights, data="digits", out=rule, references=[],
+                              verify_count=100)
+    return ds, weights, key, rule, info
+
+
+def _marked(weights, key, rule, beta=None) -> TieBreakAPI:
+    served, _ = load_model("fmnist-mlp", weights, num_classes=10, input_shape=SHAPE)
+    k = load_key(key)
+    return TieBreakAPI(key=k, backend=LocalSuspect(served, input_shape=SHAPE), expose_scores=False, beta=beta,
+                       rule=load_tiebreak_rule(rule, key=k, featurizer=penultimate_featurizer(served)))
+
+
+def test_costs_at_every_scale_match_the_api_and_their_standard_error(served_files):
+    ds, weights, key, rule, _ = served_files
+    x, y = ds.x_test.numpy(), ds.y_test.numpy()
+    costs = accuracy_costs(api=_marked(weights, key, rule), x=x, y=y, betas=(0.3, 1.0, 2.0))
+    for entry in costs:
+        api_at = _marked(weights, key, rule, beta=entry["beta"])
+        one = accuracy_cost(api=api_at, x=x, y=y)
+        assert {k: entry[k] for k in one} == pytest.approx(one)
+        served = np.asarray(api_at.backend.query(x).labels) == y
+        marked = np.asarray(api_at.query(x).labels) == y
+        diff = served.astype(float) - marked
+        assert entry["cost_se_pp"] == pytest.approx(100 * diff.std(ddof=1) / np.sqrt(len(y)))
+    assert [c["changed_fraction"] for c in costs] == sorted(c["changed_fraction"] for c in costs)
+    with pytest.raises(UsageError, match="beta must be positive"):
+        accuracy_costs(api=_marked(weights, key, rule), x=x, y=y, betas=(0.5, 0.0))
+
+
+def test_the_largest_scale_within_the_target_needs_every_smaller_scale_within_it_too():
+    costs = [{"beta": b, "accuracy_cost_pp": c} for b, c in [(0.2, 0.1), (0.1, 0.0), (0.3, 0.6), (0.4, 0.4),
+                                                             (0.5, 0.9)]]
+    assert largest_beta_within(costs, 0.5)["beta"] == 0.2  # 0.4 dips under by noise above 0.3, which does not
+    assert largest_beta_within(costs, 1.0)["beta"] == 0.5
+    assert largest_beta_within(costs[1:2], 0.0)["beta"] == 0.1
+    assert largest_beta_within([{"beta": 0.1, "accuracy_cost_pp": 0.3}], 0.2) is None
+
+
+def test_the_default_build_serves_the_default_scale(served_files):
+    _, weights, key, rule, info = served_files
+    assert info["honest_cost"]["beta"] == DEFAULT_BETA and "max_cost_pp" not in info["honest_cost"]
+    assert _marked(weights, key, rule).beta == DEFAULT_BETA
+
+
+def test_a_cost_target_is_recorded_in_the_rule_and_served(served_files, tmp_path):
+    ds, weights, key, default_rule, default_info = served_files
+    target = default_info["honest_cost"]["accuracy_cost_pp"] / 2
+    assert target > 0
+    out = tmp_path / "cheap.safetensors"
+    info = api.build_tiebreak(key=key, arch="fmnist-mlp", weights=weights, data="digits", out=out, references=[],
+                              verify_count=100, max_cost=target)
+    cost = info["honest_cost"]
+    assert 0 < cost["beta"] < DEFAULT_BETA and cost["beta"] in BETA_GRID
+    assert cost["accuracy_cost_pp"] <= target and cost["max_cost_pp"] == target
+    assert cost["default_cost_pp"] == pytest.approx(default_info["honest_cost"]["accuracy_cost_pp"])
+    # the next scale up, or one below it, costs more than the target: nothing larger would have done
+    grid = accuracy_costs(api=_marked(weights, key, out), x=ds.x_test.numpy(), y=ds.y_test.numpy())
+    above = [c for c in grid if c["beta"] > cost["beta"]]
+    assert above and above[0]["accuracy_cost_pp"] > target
+    # the same rule otherwise: only the served scale differs
+    tensors, _ = load_tensors(out)
+    assert all(torch.equal(t, load_tensors(default_rule)[0][n]) for n, t in tensors.items())
+    served_api = _marked(weights, key, out)
+    assert served_api.beta == cost["beta"]
+    assert accuracy_cost(api=served_api, x=ds.x_test.numpy(), y=ds.y_test.numpy())["accuracy_cost_pp"] == \
+        pytest.approx(cost["accuracy_cost_pp"])
+    served = open_served(key=load_key(key), mark="tiebreak", rule=out)
+    assert served.answerer.beta == cost["beta"]
+    assert open_served(key=load_key(key), mark="tiebreak", rule=out, beta=0.8).answerer.beta == 0.8
+
+
+def test_an_unreachable_or_meaningless_target_is_refused_and_nothing_is_written(served_files, tmp_path, monkeypatch):
+    ds, weights, key, _, _ = served_files
+    out = tmp_path / "rule.safetensors"
+    common = {"key": key, "arch": "fmnist-mlp", "weights": weights, "out": out, "references": [], "verify_count": 100}
+    with pytest.raises(UsageError, match=r"No scale of the mark costs at most 1e-09 accuracy points.*monitor flags"):
+        api.build_tiebreak(data="digits", max_cost=1e-9, **common)
+    with pytest.raises(UsageError, match="must be positive"):
+        api.build_tiebreak(data="digits", max_cost=0, **common)
+    untested = dataclasses.replace(ds, x_test=ds.x_test[:0], y_test=ds.y_test[:0])
+    monkeypatch.setattr(api, "load_dataset", lambda spec: untested)
+    with pytest.raises(UsageError, match="has no test split to measure the cost on; drop max_cost"):
+        api.build_tiebreak(data="digits", max_cost=1.0, **common)
+    assert not out.exists()
+    assert api.build_tiebreak(data="digits", **common)["honest_cost"] is None  # without a target: built, no cost
+
+
+def test_the_cli_prints_the_chosen_scale_and_exits_2_when_none_fits(served_files, tmp_path):
+    _, weights, key, _, default_info = served_files
+    target = default_info["honest_cost"]["accuracy_cost_pp"] / 2
+    out = tmp_path / "rule.safetensors"
+    args = ["tiebreak", "build", "--key", str(key), "--arch", "fmnist-mlp", "--weights", str(weights),
+            "--data", "digits", "--out", str(out), "--references", "none", "--verify-count", "100"]
+    done = CliRunner().invoke(main, [*args, "--max-cost", f"{target}"])
+    assert done.exit_code == 0, done.output
+    assert f"(the largest scale within {target:g} points; the default 1.0 costs" in done.stdout
+    assert "accuracy points" in done.stdout and "±" in done.stdout
+    out.unlink()
+    refused = CliRunner().invoke(main, [*args, "--max-cost", "1e-9"])
+    assert refused.exit_code == 2 and "No scale of the mark" in refused.stderr and not out.exists()
+
+
+def test_a_damaged_recorded_scale_is_refused(served_files, tmp_path):
+    _, weights, key, rule, _ = served_files
+    tensors, raw = load_tensors(rule)
+    for bad in ("-1", "nan", '"x"'):
+        path = tmp_path / "bad.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata={**raw, "wmark.beta": bad})
+        served, _ = load_model("fmnist-mlp", weights, num_classes=10, input_shape=SHAPE)
+        with pytest.raises(UsageError, match="is damaged .*beta"):
+            load_tiebreak_rule(path, key=load_key(key), featurizer=penultimate_featurizer(served))
