@@ -124,6 +124,17 @@ def test_a_forward_naming_pixel_values_is_not_handed_a_dict_without_them() -> No
     assert forward_logits(_NamedImages(), {"pixel_values": _IMAGES[0]}).shape == (4, 4)
 
 
+class _TwoInputs(torch.nn.Module):
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(len(ids), 4) + mask.sum()
+
+
+def test_a_forward_with_two_required_inputs_names_both_as_needed() -> None:
+    # both are needed, so the message lists them ("no 'ids', 'mask'"), not as alternatives ("'ids' or 'mask'")
+    with pytest.raises(UsageError, match=r"^The batch has no 'ids', 'mask' \(it holds 'input_ids'\); name the model"):
+        forward_logits(_TwoInputs(), {"input_ids": torch.zeros(2, 3)})
+
+
 def test_a_hugging_face_model_needs_its_main_input_in_a_dict_batch() -> None:
     model = hf_bert(4)
     ids, mask = torch.randint(1000, 2000, (2, 5)), torch.ones(2, 5, dtype=torch.long)

@@ -111,7 +111,8 @@ def call_model(model: nn.Module, batch: Batch) -> Any:
             return model(**batch)
         if len(required) == 1 and not required & INPUT_NAMES:
             return model(dict(batch))
-        raise BatchKeysError(sorted(required) or names[:2], list(batch))
+        # required inputs are each needed ("no 'a', 'b'"); without any, the first two names are alternatives
+        raise BatchKeysError(sorted(required) or names[:2], list(batch), every=bool(required))
     missing = sorted(required - keys)
     main = [n for n in names if n in INPUT_NAMES]
     if not required and main and not keys & set(main):
