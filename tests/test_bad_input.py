@@ -196,6 +196,21 @@ def test_a_suspect_whose_file_records_other_classes_is_verified_with_a_note(
     assert again.exit_code in (0, 1) and json.loads(again.stdout)["message"] == ""
 
 
+@pytest.mark.parametrize(("recorded", "shown"), [([3, 32, 32], "[3, 32, 32]"), ("big\x07", r"'big\x07'")])
+def test_a_suspect_whose_file_records_another_input_shape_is_verified_with_a_note(
+        key_file: Path, tmp_path: Path, recorded: object, shown: str) -> None:
+    import json
+
+    suspect = tmp_path / "stolen.safetensors"
+    _digits_suspect(suspect, classes=10, meta={"num_classes": 10, "input_shape": recorded})
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_file), "--arch", "fmnist-mlp",
+                                       "--suspect", str(suspect), "--json"])
+    assert result.exit_code in (0, 1) and result.stderr == "", result.output
+    assert json.loads(result.stdout)["message"] == (
+        f"The model file {suspect} records inputs shaped {shown} (wmark.input_shape) while the key's are (1, 8, 8); "
+        "it was verified anyway, on the key's inputs.")
+
+
 @pytest.mark.parametrize("name", ["wmark.num_classes", "wmark.modality", "wmark.notes"])
 def test_a_suspect_whose_metadata_nests_too_deep_for_json_is_still_verified(
         key_file: Path, tmp_path: Path, name: str) -> None:

@@ -40,6 +40,7 @@ from wmark.models import (
     model_metadata,
     penultimate_featurizer,
     recorded_classes_note,
+    recorded_shape_note,
     resolve_arch,
 )
 from wmark.suspects import LocalSuspect
@@ -198,7 +199,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
 
     The suspect is sized by the key: its weights must fit a model of the key's classes (one whose output layer
     has another size is refused, naming the count its weights are for). A suspect whose file records another
-    class count than the key's, or another tokenizer than a text key's, is verified all the same (on the
+    class count or input shape than the key's, or another tokenizer than a text key's, is verified all the same (on the
     triggers the key's tokenizer makes); the verdict's ``message`` says what the file records.
     """
     on = resolve_device(device)
@@ -219,7 +220,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     # Not refused: the suspect's holder wrote its metadata, and a thief could write another class count or
     # tokenizer into it to block us. The weights fit the key (the forward's logits are checked when it answers).
     what = f"The model file {suspect}"
-    notes = [recorded_classes_note(meta, k.num_classes, what=what),
+    notes = [recorded_classes_note(meta, k.num_classes, what=what), recorded_shape_note(meta, shape, what=what),
              recorded_tokenizer_note(k.modality, recorded_tokenizer(meta), what=what)]
     from wmark.recheck import RecordingSuspect, tiebreak_files
 

@@ -232,6 +232,25 @@ def recorded_classes_note(meta: dict[str, Any], num_classes: int, *, what: str) 
             f"{num_classes}-class models; it was verified anyway, as the {num_classes}-class model its weights fit.")
 
 
+def recorded_shape_note(meta: dict[str, Any], input_shape: tuple[int, ...], *, what: str) -> str:
+    """A sentence for a verdict when a suspect's model file records another input shape than the key's ("" if not).
+
+    Like :func:`recorded_classes_note`: the file's metadata is its holder's claim, the suspect was asked the key's
+    inputs (the forward's answers are checked when it answers), and the note tells the verdict's reader what the
+    file claims.
+    """
+    value = meta.get("input_shape")
+    if value is None:
+        return ""
+    try:
+        if tuple(int(d) for d in value) == tuple(input_shape):
+            return ""
+    except (TypeError, ValueError):
+        pass
+    return (f"{what} records inputs shaped {shown_claim(str(value), 40)} (wmark.input_shape) while the key's are "
+            f"{tuple(input_shape)}; it was verified anyway, on the key's inputs.")
+
+
 def fitted_classes(arch: str, path: str | os.PathLike[str], *, input_shape: tuple[int, ...],
                    other_than: int) -> int | None:
     """The number of classes, other than ``other_than``, of the ``arch`` model whose shapes the file's weights have.
