@@ -312,7 +312,8 @@ def run(fam: Family, plan: Plan, seed: int, quick: bool, rows: list[str]) -> dic
                       "embed_seconds": info["seconds"]} for row, (_, info) in marked.items()}
 
     cells: list[dict[str, Any]] = []
-    jobs = [(row, attack) for row in rows for attack in plan.attacks]
+    jobs = [(row, attack) for row in rows for attack in plan.attacks
+            if not attack.startswith("extract-") or plan.extract_rows is None or row in plan.extract_rows]
     for row, attack in tqdm(jobs, desc="gauntlet", unit="cell", dynamic_ncols=True):
         source, info = marked[row]
         served_marked = "api-" in row
@@ -370,12 +371,13 @@ def run_null_panel(shop: Workshop, tester: Tester, plan: Plan, schemes: list[str
     """Independent models checked with every row run: the API rows against every logged thief's queries, the
     full row also without a log (as a copy is checked)."""
     clients: dict[str, list[str]] = {}
+    extracted = [row for row in schemes if plan.extract_rows is None or row in plan.extract_rows]
     for row in ("api-mark", "trigger+api-mark"):
-        if row in schemes:
+        if row in extracted:  # a row no thief queried has no log
             with MarkLog(shop.dir / f"{row}-api.sqlite", key=shop.key, create=False) as log:
                 clients[row] = sorted(log.clients())
     full = shop.fam.full_row
-    if full in schemes:
+    if full in extracted:
         with TieBreakLog(shop.dir / f"{full}-api.sqlite", key=shop.key, create=False) as tlog:
             clients[full] = sorted(tlog.clients())
     plain = [row for row in ("trigger", "weights", "trigger+weights", full) if row in schemes]
@@ -438,8 +440,8 @@ def markdown(doc: dict[str, Any], png: str) -> str:
              f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}; "
              f"wall time {doc['wall_seconds'] / 60:.1f} min; alpha = {DEFAULT_ALPHA:g}.", "",
              "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
-             "takes part). Attacked accuracy is in the second table; *italic* marks an attack that lost more "
-             "than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
+             "takes part); – not run. Attacked accuracy is in the second table; *italic* marks an attack that "
+             "lost more than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
              *([doc["note"], ""] if doc.get("note") else []), *family_lines(fam),
              *([f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
                 f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run.", ""]
@@ -448,7 +450,10 @@ def markdown(doc: dict[str, Any], png: str) -> str:
     for s in schemes:
         row = []
         for a in attacks:
-            c = by[(s, a)]
+            c = by.get((s, a))
+            if c is None:  # not run (a smoke run extracts only from some rows)
+                row.append("–")
+                continue
             text = _cell_text(c)
             row.append(text if c["counts"] or c["decision"] == "n/a" else f"*{text}*")
         lines.append(f"| {s} | " + " | ".join(row) + " |")
@@ -456,7 +461,8 @@ def markdown(doc: dict[str, Any], png: str) -> str:
               "|---|" + "---|" * len(attacks)]
     for s in schemes:
         lines.append(f"| {s} | " + " | ".join(
-            f"{by[(s, a)]['attacked_accuracy']:.3f}" if by[(s, a)]["attacked_accuracy"] is not None else "" for a in attacks)
+            f"{by[(s, a)]['attacked_accuracy']:.3f}" if by.get((s, a), {}).get("attacked_accuracy") is not None else ""
+            for a in attacks)
             + " |")
     lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time (seconds as measured "
               "when the cached model was made, whatever the machine's load then; `benchmarks/embed_overhead.py` "
@@ -493,15 +499,16 @@ def heatmap(doc: dict[str, Any], path: Path) -> None:
     grid = np.full((len(schemes), len(attacks)), np.nan)
     for i, s in enumerate(schemes):
         for j, a in enumerate(attacks):
-            c = by[(s, a)]
-            if c["decision"] != "n/a":
+            c = by.get((s, a))
+            if c is not None and c["decision"] != "n/a":
                 grid[i, j] = min(20.0, -c["log10_p"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(attacks), 1.2 + 0.6 * len(schemes)))
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=20, aspect="auto")
     for i, s in enumerate(schemes):
         for j, a in enumerate(attacks):
-            c = by[(s, a)]
-            text = "n/a" if c["decision"] == "n/a" else ("✔" if c["decision"] == "detected" else "✘")
+            c = by.get((s, a))
+            text = ("–" if c is None else "n/a" if c["decision"] == "n/a"
+                    else "✔" if c["decision"] == "detected" else "✘")
             ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < 12
                     else "black", fontsize=11)
     ax.set_xticks(range(len(attacks)), attacks, rotation=45, ha="right")
