@@ -15,9 +15,13 @@ import wmark.keys
 from wmark.keys import Key
 
 
+_CORES = torch.get_num_threads()
+
+
 @pytest.fixture(autouse=True)
-def _few_threads() -> None:
-    torch.set_num_threads(1)
+def _few_threads(request: pytest.FixtureRequest) -> None:
+    # Tiny unit-test models run fastest on one thread; the slow end-to-end tests train real CNNs on every core.
+    torch.set_num_threads(_CORES if request.node.get_closest_marker("slow") else 1)
 
 
 @pytest.fixture(autouse=True)
