@@ -10,6 +10,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from keykit import seeded_key
+from scipy import stats
 
 from wmark import api
 from wmark.cli import main
@@ -85,6 +86,20 @@ def test_the_largest_scale_within_the_target_needs_every_smaller_scale_within_it
     assert largest_beta_within([{"beta": 0.1, "accuracy_cost_pp": 0.3}], 0.2) is None
 
 
+def test_a_scale_must_fit_the_target_with_its_standard_error_at_the_confidence_asked():
+    costs = [{"beta": 0.1, "accuracy_cost_pp": 0.1, "cost_se_pp": 0.1},
+             {"beta": 0.2, "accuracy_cost_pp": 0.3, "cost_se_pp": 0.2}]
+    z90, z95 = stats.norm.ppf(0.9), stats.norm.ppf(0.95)
+    assert largest_beta_within(costs, 0.3 + 0.2 * z90 + 1e-9)["beta"] == 0.2  # the default: 90 % one-sided
+    assert largest_beta_within(costs, 0.3 + 0.2 * z90 - 1e-9)["beta"] == 0.1
+    assert largest_beta_within(costs, 0.3 + 0.2 * z90 + 1e-9, confidence=0.95)["beta"] == 0.1
+    assert largest_beta_within(costs, 0.3 + 0.2 * z95 + 1e-9, confidence=0.95)["beta"] == 0.2
+    assert largest_beta_within(costs, 0.3, confidence=0.5)["beta"] == 0.2
+    for bad in (0.4, 1.0):
+        with pytest.raises(UsageError, match=r"confidence must be in \[0.5, 1\)"):
+            largest_beta_within(costs, 1.0, confidence=bad)
+
+
 def test_the_default_build_serves_the_default_scale(served_files):
     _, weights, key, rule, info = served_files
     assert info["honest_cost"]["beta"] == DEFAULT_BETA and "max_cost_pp" not in info["honest_cost"]
@@ -100,12 +115,14 @@ def test_a_cost_target_is_recorded_in_the_rule_and_served(served_files, tmp_path
                               verify_count=100, max_cost=target)
     cost = info["honest_cost"]
     assert 0 < cost["beta"] < DEFAULT_BETA and cost["beta"] in BETA_GRID
-    assert cost["accuracy_cost_pp"] <= target and cost["max_cost_pp"] == target
+    assert cost["accuracy_cost_pp"] <= target and cost["max_cost_pp"] == target and cost["confidence"] == 0.9
     assert cost["default_cost_pp"] == pytest.approx(default_info["honest_cost"]["accuracy_cost_pp"])
-    # the next scale up, or one below it, costs more than the target: nothing larger would have done
+    # within the target with 90 % confidence, and the next scale up is not: nothing larger would have done
+    z = stats.norm.ppf(0.9)
+    assert cost["accuracy_cost_pp"] + z * cost["cost_se_pp"] <= target
     grid = accuracy_costs(api=_marked(weights, key, out), x=ds.x_test.numpy(), y=ds.y_test.numpy())
     above = [c for c in grid if c["beta"] > cost["beta"]]
-    assert above and above[0]["accuracy_cost_pp"] > target
+    assert above and above[0]["accuracy_cost_pp"] + z * above[0]["cost_se_pp"] > target
     # the same rule otherwise: only the served scale differs
     tensors, _ = load_tensors(out)
     assert all(torch.equal(t, load_tensors(default_rule)[0][n]) for n, t in tensors.items())
@@ -122,7 +139,8 @@ def test_an_unreachable_or_meaningless_target_is_refused_and_nothing_is_written(
     ds, weights, key, _, _ = served_files
     out = tmp_path / "rule.safetensors"
     common = {"key": key, "arch": "fmnist-mlp", "weights": weights, "out": out, "references": [], "verify_count": 100}
-    with pytest.raises(UsageError, match=r"No scale of the mark costs at most 1e-09 accuracy points.*monitor flags"):
+    with pytest.raises(UsageError, match=r"No scale of the mark costs at most 1e-09 accuracy points with 90 % confidence on the test "
+                                         r"split: the smallest tried, beta 0.05, costs .* ± .*monitor flags"):
         api.build_tiebreak(data="digits", max_cost=1e-9, **common)
     with pytest.raises(UsageError, match="must be positive"):
         api.build_tiebreak(data="digits", max_cost=0, **common)
@@ -142,7 +160,7 @@ def test_the_cli_prints_the_chosen_scale_and_exits_2_when_none_fits(served_files
             "--data", "digits", "--out", str(out), "--references", "none", "--verify-count", "100"]
     done = CliRunner().invoke(main, [*args, "--max-cost", f"{target}"])
     assert done.exit_code == 0, done.output
-    assert f"(the largest scale within {target:g} points; the default 1.0 costs" in done.stdout
+    assert f"(the largest scale within {target:g} points with 90 % confidence; the default 1.0 costs" in done.stdout
     assert "accuracy points" in done.stdout and "±" in done.stdout
     out.unlink()
     refused = CliRunner().invoke(main, [*args, "--max-cost", "1e-9"])

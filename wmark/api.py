@@ -261,8 +261,9 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     The result's ``honest_cost`` is what the marked API costs honest clients on ``data``'s test split (accuracy
     points lost with their standard error, answers changed), measured for this key, since it varies by key.
     With ``max_cost`` (accuracy points) the rule records the largest scale of the keyed shift, up to the default,
-    whose cost on the test split (and every smaller scale's) is at most that; the API serves it unless told
-    another. A lower cost catches fewer thieves (docs/extraction.md, "Which point to choose").
+    whose cost (and every smaller scale's) is at most that with 90 % one-sided confidence on the test split
+    (:func:`~wmark.schemes.tiebreak.largest_beta_within`); the API serves it unless told another. A lower cost
+    catches fewer thieves (docs/extraction.md, "Which point to choose").
 
     Raises:
         UsageError: On mismatched files or settings, or when ``max_cost`` is given and the data has no test
@@ -334,6 +335,7 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, tex
 
     from wmark.schemes.tiebreak import (
         BETA_GRID,
+        COST_CONFIDENCE,
         DEFAULT_BETA,
         TieBreakAPI,
         accuracy_costs,
@@ -357,12 +359,14 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, tex
     costs = accuracy_costs(api=marked, x=x, y=y, betas=[DEFAULT_BETA] if max_cost is None else BETA_GRID)
     if max_cost is None:
         return {"test_inputs": len(x), **costs[0]}
-    chosen = largest_beta_within(costs, max_cost)
+    chosen = largest_beta_within(costs, max_cost, confidence=COST_CONFIDENCE)
     if chosen is None:
-        raise UsageError(f"No scale of the mark costs at most {max_cost:g} accuracy points on the test split: the "
-                         f"smallest tried, beta {costs[0]['beta']:g}, costs {costs[0]['accuracy_cost_pp']:.2f}; raise "
-                         "the cost allowed, or serve unmarked and mark only clients the monitor flags.")
-    return {"test_inputs": len(x), **chosen, "max_cost_pp": float(max_cost),
+        low = costs[0]
+        raise UsageError(f"No scale of the mark costs at most {max_cost:g} accuracy points with "
+                         f"{100 * COST_CONFIDENCE:g} % confidence on the test split: the smallest tried, beta "
+                         f"{low['beta']:g}, costs {low['accuracy_cost_pp']:.2f} ± {low['cost_se_pp']:.2f}; raise the "
+                         "cost allowed, or serve unmarked and mark only clients the monitor flags.")
+    return {"test_inputs": len(x), **chosen, "max_cost_pp": float(max_cost), "confidence": COST_CONFIDENCE,
             "default_cost_pp": next(c["accuracy_cost_pp"] for c in costs if c["beta"] == DEFAULT_BETA)}
 
 

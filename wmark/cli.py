@@ -346,7 +346,8 @@ def tiebreak() -> None:
                    "[default: CUDA when present].")
 @click.option("--max-cost", type=float, default=None,
               help="Accuracy points honest clients may lose: the rule records the largest scale of the mark (up to "
-                   "the default 1.0) within it on the data's test split, and `wmark serve` serves that scale.")
+                   "the default 1.0) within it with 90 % confidence on the data's test split, and `wmark serve` "
+                   "serves that scale.")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,
@@ -370,7 +371,8 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     cost = info["honest_cost"]
     if cost is None:
         return
-    chosen = "" if max_cost is None else (f" (the largest scale within {max_cost:g} points; the default 1.0 costs "
+    chosen = "" if max_cost is None else (f" (the largest scale within {max_cost:g} points with "
+                                          f"{100 * cost['confidence']:g} % confidence; the default 1.0 costs "
                                           f"{cost['default_cost_pp']:.2f})")
     click.echo(f"served at beta {cost['beta']:g}{chosen}, this key changes {100 * cost['changed_fraction']:.1f} % of "
                f"the answers on the {cost['test_inputs']} test inputs and costs honest clients "

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
 from wmark.errors import UsageError
 from wmark.keys import Key
@@ -20,6 +21,7 @@ from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs, check_tokenizer
 
 BETA_GRID = tuple(round(0.05 * i, 2) for i in range(1, 21))
+COST_CONFIDENCE = 0.9
 
 
 class KeyTriggers:
@@ -193,16 +195,26 @@ def accuracy_costs(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray,
     return out
 
 
-def largest_beta_within(costs: Sequence[dict[str, Any]], max_cost_pp: float) -> dict[str, Any] | None:
-    """The entry of :func:`accuracy_costs` with the largest scale such that it and every smaller scale cost at
-    most ``max_cost_pp`` (None when even the smallest costs more).
+def largest_beta_within(costs: Sequence[dict[str, Any]], max_cost_pp: float, *,
+                        confidence: float = COST_CONFIDENCE) -> dict[str, Any] | None:
+    """The entry of :func:`accuracy_costs` with the largest scale whose cost, and every smaller scale's, is at most
+    ``max_cost_pp`` with one-sided ``confidence`` (None when even the smallest fails).
 
-    Every smaller scale must pass too, so a scale whose cost dips under the target by the test set's noise,
-    above one that does not, is never chosen.
+    A scale passes when its measured cost plus ``z`` standard errors (``z`` the normal quantile of
+    ``confidence``) is at most the target: the largest scale whose measured cost merely falls under the target
+    costs more than that on new inputs about half the time, and more often still because it is the largest of
+    several. Every smaller scale must pass too, so a scale that dips under by noise above one that does not is
+    never chosen. ``confidence=0.5`` compares the measured costs themselves.
+
+    Raises:
+        UsageError: If ``confidence`` is not in [0.5, 1).
     """
+    if not 0.5 <= confidence < 1:
+        raise UsageError(f"confidence must be in [0.5, 1), got {confidence}.")
+    z = float(norm.ppf(confidence))
     best = None
     for entry in sorted(costs, key=lambda c: c["beta"]):
-        if entry["accuracy_cost_pp"] > max_cost_pp:
+        if entry["accuracy_cost_pp"] + z * entry.get("cost_se_pp", 0.0) > max_cost_pp:
             break
         best = entry
     return best
