@@ -151,6 +151,9 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+    announced = proc.stderr.read().decode() if proc.stderr else ""
+    # the served scale is the rule's (1 unless `tiebreak build --max-cost` chose another)
+    assert (", tiebreak marked at beta 1, logging to" if mark == "tiebreak" else ", flip marked, logging to") in announced
     with QueryLog(tmp_path / "served.sqlite", key=load_key(key)) as log:
         counts = log.clients()
         assert log.mark == mark

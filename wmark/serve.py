@@ -422,7 +422,9 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         if announce is not None:
             mode = "label-only" if labels_only else "scores"
             auth = (", bearer token required" if token else "") + (f", {len(clients)} client tokens" if clients else "")
-            auth += (f", {served.mark} marked" if served.mark else "") + (f", logging to {log}" if served.log else "")
+            scale = getattr(served.answerer, "beta", None)
+            auth += (f", {served.mark} marked" if served.mark else "") + (f" at beta {scale:g}" if scale else "")
+            auth += f", logging to {log}" if served.log else ""
             auth += (", policy" if policy else "") + (", extraction monitor" if monitor else "")
             auth += f", on {on}" if on.type != "cpu" else ""
             route = "hf" if text is not None else "v2"
