@@ -186,6 +186,11 @@ _SHAPE_NOTE = ("records inputs shaped {shown} (wmark.input_shape) while the key'
     ({"num_classes": "ten\x1b[2J"}, _CLASSES_NOTE.format(shown=r"'ten\x1b[2J'")),
     ({"num_classes": 10, "input_shape": [3, 32, 32]}, _SHAPE_NOTE.format(shown="[3, 32, 32]")),
     ({"num_classes": 10, "input_shape": "big\x07"}, _SHAPE_NOTE.format(shown=r"'big\x07'")),
+    # not a list of plain ints, so not the key's (1, 8, 8), however it reads; infinity must not stop the verdict
+    ({"num_classes": 10, "input_shape": [float("inf"), 8, 8]}, _SHAPE_NOTE.format(shown="[inf, 8, 8]")),
+    ({"num_classes": 10, "input_shape": [1.9, 8.7, 8.2]}, _SHAPE_NOTE.format(shown="[1.9, 8.7, 8.2]")),
+    ({"num_classes": 10, "input_shape": "188"}, _SHAPE_NOTE.format(shown="188")),
+    ({"num_classes": 10, "input_shape": [True, 8, 8]}, _SHAPE_NOTE.format(shown="[True, 8, 8]")),
     ({"num_classes": 10, "input_shape": [1, 8, 8]}, None),
 ])
 def test_a_suspect_whose_file_records_another_class_count_or_shape_is_verified_with_a_note(

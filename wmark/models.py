@@ -240,13 +240,11 @@ def recorded_shape_note(meta: dict[str, Any], input_shape: tuple[int, ...], *, w
     file claims.
     """
     value = meta.get("input_shape")
-    if value is None:
+    # only a list of plain ints is a shape: "188", [1.9, 8.7, 8.2] or [true, 8, 8] are not the key's (1, 8, 8),
+    # and [1e999, 8, 8] must not stop verification
+    if value is None or (isinstance(value, list) and all(type(d) is int for d in value)
+                         and tuple(value) == tuple(input_shape)):
         return ""
-    try:
-        if tuple(int(d) for d in value) == tuple(input_shape):
-            return ""
-    except (TypeError, ValueError):
-        pass
     return (f"{what} records inputs shaped {shown_claim(str(value), 40)} (wmark.input_shape) while the key's are "
             f"{tuple(input_shape)}; it was verified anyway, on the key's inputs.")
 
