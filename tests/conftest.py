@@ -6,6 +6,7 @@ import hashlib
 import random
 import secrets
 import types
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,14 +15,18 @@ from keykit import seeded_key
 import wmark.keys
 from wmark.keys import Key
 
-
 _CORES = torch.get_num_threads()
+# Module and session fixtures are set up before the per-test fixture below: they get one thread too, whatever ran
+# before them, so what they train does not depend on the order of the tests.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
-def _few_threads(request: pytest.FixtureRequest) -> None:
+def _few_threads(request: pytest.FixtureRequest) -> Iterator[None]:
     # Tiny unit-test models run fastest on one thread; the slow end-to-end tests train real CNNs on every core.
     torch.set_num_threads(_CORES if request.node.get_closest_marker("slow") else 1)
+    yield
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
