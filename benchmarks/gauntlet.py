@@ -312,7 +312,8 @@ def run(fam: Family, plan: Plan, seed: int, quick: bool, rows: list[str]) -> dic
                       "embed_seconds": info["seconds"]} for row, (_, info) in marked.items()}
 
     cells: list[dict[str, Any]] = []
-    jobs = [(row, attack) for row in rows for attack in plan.attacks
+    pairs = [(row, attack) for row in rows for attack in plan.attacks]
+    jobs = [(row, attack) for row, attack in pairs
             if not attack.startswith("extract-") or plan.extract_rows is None or row in plan.extract_rows]
     for row, attack in tqdm(jobs, desc="gauntlet", unit="cell", dynamic_ncols=True):
         source, info = marked[row]
@@ -343,6 +344,7 @@ def run(fam: Family, plan: Plan, seed: int, quick: bool, rows: list[str]) -> dic
     null_panel = run_null_panel(shop, tester, plan, rows)
     rule_info = json.loads(rule.with_suffix(".json").read_text())
     return {"cells": cells, "null_panel": null_panel, "fidelity": fidelity,
+            "not_run": [list(pair) for pair in pairs if pair not in jobs],
             "full_row": full_row_summary(cells, fam.full_row),
             "tiebreak_rule": {k: rule_info.get(k) for k in ("components", "references", "verification", "seconds")},
             "wall_seconds": time.perf_counter() - start}
@@ -430,10 +432,18 @@ def _cell_text(cell: dict[str, Any]) -> str:
     return f"{mark} {cell['log10_p']:.1f}{extra}"
 
 
+def _cells(doc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any] | None]:
+    """The cells by (scheme, attack), with None for the pairs the run's plan left out (a smoke run extracts only
+    from some rows); any other missing pair is an error, not a blank."""
+    by: dict[tuple[str, str], dict[str, Any] | None] = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
+    by.update({(s, a): None for s, a in doc.get("not_run", [])})
+    return by
+
+
 def markdown(doc: dict[str, Any], png: str) -> str:
     attacks = list(dict.fromkeys(c["attack"] for c in doc["cells"]))
     schemes = list(dict.fromkeys(c["scheme"] for c in doc["cells"]))
-    by = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
+    by = _cells(doc)
     fam = doc.get("family")
     title = f"# Gauntlet: {fam['name']} family" if fam else "# Gauntlet"
     lines = [f"{title} ({'quick' if doc['quick'] else 'full'} run, seed {doc['seed']})", "",
@@ -450,8 +460,8 @@ def markdown(doc: dict[str, Any], png: str) -> str:
     for s in schemes:
         row = []
         for a in attacks:
-            c = by.get((s, a))
-            if c is None:  # not run (a smoke run extracts only from some rows)
+            c = by[(s, a)]
+            if c is None:
                 row.append("–")
                 continue
             text = _cell_text(c)
@@ -461,8 +471,8 @@ def markdown(doc: dict[str, Any], png: str) -> str:
               "|---|" + "---|" * len(attacks)]
     for s in schemes:
         lines.append(f"| {s} | " + " | ".join(
-            f"{by[(s, a)]['attacked_accuracy']:.3f}" if by.get((s, a), {}).get("attacked_accuracy") is not None else ""
-            for a in attacks)
+            f"{by[(s, a)]['attacked_accuracy']:.3f}" if (by[(s, a)] or {}).get("attacked_accuracy") is not None
+            else "" for a in attacks)
             + " |")
     lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time (seconds as measured "
               "when the cached model was made, whatever the machine's load then; `benchmarks/embed_overhead.py` "
@@ -495,18 +505,18 @@ def heatmap(doc: dict[str, Any], path: Path) -> None:
 
     attacks = list(dict.fromkeys(c["attack"] for c in doc["cells"]))
     schemes = list(dict.fromkeys(c["scheme"] for c in doc["cells"]))
-    by = {(c["scheme"], c["attack"]): c for c in doc["cells"]}
+    by = _cells(doc)
     grid = np.full((len(schemes), len(attacks)), np.nan)
     for i, s in enumerate(schemes):
         for j, a in enumerate(attacks):
-            c = by.get((s, a))
+            c = by[(s, a)]
             if c is not None and c["decision"] != "n/a":
                 grid[i, j] = min(20.0, -c["log10_p"])
     fig, ax = plt.subplots(figsize=(1.0 + 0.85 * len(attacks), 1.2 + 0.6 * len(schemes)))
     im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=20, aspect="auto")
     for i, s in enumerate(schemes):
         for j, a in enumerate(attacks):
-            c = by.get((s, a))
+            c = by[(s, a)]
             text = ("–" if c is None else "n/a" if c["decision"] == "n/a"
                     else "✔" if c["decision"] == "detected" else "✘")
             ax.text(j, i, text, ha="center", va="center", color="white" if np.isnan(grid[i, j]) or grid[i, j] < 12
