@@ -511,7 +511,7 @@ def test_errors(data, tmp_path):
     with pytest.raises(UsageError, match="skip must be 0 or more"):
         build_tiebreak_rule(key=key, x=data, featurizer=featurizer, feature_space="t", skip=-1)
     rule, _ = make(key, data, backend)
-    with pytest.raises(UsageError, match="beta must be positive"):
+    with pytest.raises(UsageError, match="beta must be above 0 and at most 100"):
         TieBreakAPI(key=key, backend=backend, rule=rule, beta=0)
     with pytest.raises(UsageError, match="another key"):
         TieBreakAPI(key=generate_key(owner="x", num_classes=C, input_shape=(D,)), backend=backend, rule=rule)
@@ -602,6 +602,7 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
                                "tiebreak", "--key", str(key), "--rule", str(rule), "--beta", "2", "--log",
                                str(tmp_path / "tb.sqlite"), "--client", "thief-1"])
     assert res.exit_code == 0, res.output
+    assert wmark_metadata(load_tensors(out)[1])["attack"]["beta"] == 2.0  # the scale the thief was answered at
     # This checks the plumbing, not the power (benchmarks/extraction_tiebreak.py measures that). Over 6 fresh
     # keys this 40-epoch surrogate scored log10 p from -8.0 to -12.5 on the 1000 committed inputs, but one
     # clean-clone run drew a key at -3.9, so the key is fixed: it gives -9.9 there and -14.7 on the thief's

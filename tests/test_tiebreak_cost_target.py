@@ -73,22 +73,40 @@ def test_costs_at_every_scale_match_the_api_and_their_standard_error(served_file
         diff = served.astype(float) - marked
         assert entry["cost_se_pp"] == pytest.approx(100 * diff.std(ddof=1) / np.sqrt(len(y)))
     assert [c["changed_fraction"] for c in costs] == sorted(c["changed_fraction"] for c in costs)
-    with pytest.raises(UsageError, match="beta must be positive"):
-        accuracy_costs(api=_marked(weights, key, rule), x=x, y=y, betas=(0.5, 0.0))
+    for bad in (0.0, float("inf"), 1e308):
+        with pytest.raises(UsageError, match="beta must be above 0 and at most 100"):
+            accuracy_costs(api=_marked(weights, key, rule), x=x, y=y, betas=(0.5, bad))
+        with pytest.raises(UsageError, match="beta must be above 0 and at most 100"):
+            _marked(weights, key, rule, beta=bad)
+    assert {c["inputs"] for c in costs} == {len(y)}
+
+
+def _entries(*rows: tuple) -> list[dict]:
+    return [{"beta": b, "accuracy_cost_pp": c, "cost_se_pp": se, "inputs": n} for b, c, se, n in rows]
 
 
 def test_the_largest_scale_within_the_target_needs_every_smaller_scale_within_it_too():
-    costs = [{"beta": b, "accuracy_cost_pp": c} for b, c in [(0.2, 0.1), (0.1, 0.0), (0.3, 0.6), (0.4, 0.4),
-                                                             (0.5, 0.9)]]
+    big = 10**9  # so many inputs that the one-answer floor of the standard error is nil
+    costs = _entries((0.2, 0.1, 0, big), (0.1, 0.0, 0, big), (0.3, 0.6, 0, big), (0.4, 0.4, 0, big),
+                     (0.5, 0.9, 0, big))
     assert largest_beta_within(costs, 0.5)["beta"] == 0.2  # 0.4 dips under by noise above 0.3, which does not
     assert largest_beta_within(costs, 1.0)["beta"] == 0.5
-    assert largest_beta_within(costs[1:2], 0.0)["beta"] == 0.1
-    assert largest_beta_within([{"beta": 0.1, "accuracy_cost_pp": 0.3}], 0.2) is None
+    assert largest_beta_within(costs[1:2], 1e-6)["beta"] == 0.1
+    assert largest_beta_within(_entries((0.1, 0.3, 0, big)), 0.2) is None
+    for bad in (float("nan"), 0.0, -1.0, float("inf"), 1e300):
+        with pytest.raises(UsageError, match="above 0 and at most 100"):
+            largest_beta_within(costs, bad)
+
+
+def test_no_changed_answer_in_a_small_sample_is_not_taken_as_no_cost():
+    # 0 of 400 answers lost, so the sample's standard error is 0: one answer's worth (0.25 pp) is assumed
+    costs = _entries((0.1, 0.0, 0.0, 400))
+    assert largest_beta_within(costs, 0.25 * stats.norm.ppf(0.9) - 1e-9) is None
+    assert largest_beta_within(costs, 0.25 * stats.norm.ppf(0.9) + 1e-9)["beta"] == 0.1
 
 
 def test_a_scale_must_fit_the_target_with_its_standard_error_at_the_confidence_asked():
-    costs = [{"beta": 0.1, "accuracy_cost_pp": 0.1, "cost_se_pp": 0.1},
-             {"beta": 0.2, "accuracy_cost_pp": 0.3, "cost_se_pp": 0.2}]
+    costs = _entries((0.1, 0.1, 0.1, 10**6), (0.2, 0.3, 0.2, 10**6))
     z90, z95 = stats.norm.ppf(0.9), stats.norm.ppf(0.95)
     assert largest_beta_within(costs, 0.3 + 0.2 * z90 + 1e-9)["beta"] == 0.2  # the default: 90 % one-sided
     assert largest_beta_within(costs, 0.3 + 0.2 * z90 - 1e-9)["beta"] == 0.1
@@ -142,14 +160,32 @@ def test_an_unreachable_or_meaningless_target_is_refused_and_nothing_is_written(
     with pytest.raises(UsageError, match=r"No scale of the mark costs at most 1e-09 accuracy points with 90 % confidence on the test "
                                          r"split: the smallest tried, beta 0.05, costs .* ± .*monitor flags"):
         api.build_tiebreak(data="digits", max_cost=1e-9, **common)
-    with pytest.raises(UsageError, match="must be positive"):
-        api.build_tiebreak(data="digits", max_cost=0, **common)
+    for bad in (0, -1, float("nan"), float("inf"), 1e300):
+        with pytest.raises(UsageError, match=r"max_cost is in accuracy points, above 0 and at most 100; got"):
+            api.build_tiebreak(data="digits", max_cost=bad, **common)
+    small = dataclasses.replace(ds, x_test=ds.x_test[:299], y_test=ds.y_test[:299])
+    monkeypatch.setattr(api, "load_dataset", lambda spec: small)
+    with pytest.raises(UsageError, match=r"The test split has 299 inputs the API takes; bounding the cost needs at "
+                                         r"least 300: drop max_cost"):
+        api.build_tiebreak(data="digits", max_cost=50.0, **common)
     untested = dataclasses.replace(ds, x_test=ds.x_test[:0], y_test=ds.y_test[:0])
     monkeypatch.setattr(api, "load_dataset", lambda spec: untested)
     with pytest.raises(UsageError, match="has no test split to measure the cost on; drop max_cost"):
         api.build_tiebreak(data="digits", max_cost=1.0, **common)
     assert not out.exists()
     assert api.build_tiebreak(data="digits", **common)["honest_cost"] is None  # without a target: built, no cost
+
+
+def test_an_unreachable_target_is_refused_before_the_references_train(served_files, tmp_path, monkeypatch):
+    from wmark.schemes import tiebreak
+
+    _, weights, key, _, _ = served_files
+    trained = []
+    monkeypatch.setattr(tiebreak, "train_reference_surrogates", lambda **kw: trained.append(kw))
+    with pytest.raises(UsageError, match="No scale of the mark"):
+        api.build_tiebreak(key=key, arch="fmnist-mlp", weights=weights, data="digits", out=tmp_path / "r.st",
+                           verify_count=100, max_cost=1e-9, reference_repeats=1)
+    assert trained == []
 
 
 def test_the_cli_prints_the_chosen_scale_and_exits_2_when_none_fits(served_files, tmp_path):
@@ -167,10 +203,21 @@ def test_the_cli_prints_the_chosen_scale_and_exits_2_when_none_fits(served_files
     assert refused.exit_code == 2 and "No scale of the mark" in refused.stderr and not out.exists()
 
 
+def test_a_rule_written_without_a_scale_serves_the_default(served_files, tmp_path):
+    from safetensors.torch import save_file
+
+    _, weights, key, rule, _ = served_files
+    tensors, raw = load_tensors(rule)
+    path = tmp_path / "older.safetensors"
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path),
+              metadata={n: v for n, v in raw.items() if n != "wmark.beta"})
+    assert _marked(weights, key, path).beta == DEFAULT_BETA
+
+
 def test_a_damaged_recorded_scale_is_refused(served_files, tmp_path):
     _, weights, key, rule, _ = served_files
     tensors, raw = load_tensors(rule)
-    for bad in ("-1", "nan", '"x"'):
+    for bad in ("-1", "nan", '"x"', "true", "1" + "0" * 400, "1e308", "null", '"0.5"'):
         path = tmp_path / "bad.safetensors"
         from safetensors.torch import save_file
 

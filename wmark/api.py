@@ -49,6 +49,8 @@ from wmark.training import accuracy, make_loader, resolve_device, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
+# test inputs a cost target is checked on at least (with fewer, one answer moves the cost by a third of a point)
+MIN_COST_INPUTS = 300
 
 
 def keygen(*, owner: str, out: PathLike, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28),
@@ -266,11 +268,13 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     catches fewer thieves (docs/extraction.md, "Which point to choose").
 
     Raises:
-        UsageError: On mismatched files or settings, or when ``max_cost`` is given and the data has no test
-            split, or no scale costs that little (nothing is written then).
+        UsageError: On mismatched files or settings, or when ``max_cost`` is given and the data's test split has
+            fewer than ``MIN_COST_INPUTS`` inputs the API takes, or no scale costs that little (refused before
+            the references train; nothing is written).
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.tiebreak import (
+        DEFAULT_BETA,
         REFERENCE_RECIPES,
         REFERENCE_REPEATS,
         build_tiebreak_rule,
@@ -285,8 +289,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     _check_key_fits_data(k, ds)
     if verify_count < 1:
         raise UsageError(f"The number of verification inputs to commit must be at least 1, got {verify_count}.")
-    if max_cost is not None and not max_cost > 0:
-        raise UsageError(f"max_cost is in accuracy points and must be positive, got {max_cost}.")
+    if max_cost is not None and not 0 < max_cost <= 100:
+        raise UsageError(f"max_cost is in accuracy points, above 0 and at most 100; got {max_cost}.")
     if max_cost is not None and len(ds.y_test) == 0:
         raise UsageError(f"{data} has no test split to measure the cost on; drop max_cost or use data with one.")
     text = TextInputs.from_key(k)
@@ -305,6 +309,9 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(
         model, encode=None if text is None else text.encode), feature_space="served-penultimate",
         components=components, skip=skip, model_digest=tensors_digest(tensors, raw), text=text)
+    # the cost depends only on the feature map, the key and the served model: a target no scale meets is refused
+    # before the references train
+    cost = _test_split_cost(k, served, rule, ds, text, max_cost)
     repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
     refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
                                       text=text, device=on) if archs else []
@@ -312,10 +319,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
-                               input_shape=tuple(k.input_shape))
-    cost = _test_split_cost(k, served, rule, ds, text, max_cost)
-    if cost is not None:
-        rule = dataclasses.replace(rule, beta=cost["beta"])
+                               input_shape=tuple(k.input_shape), beta=DEFAULT_BETA if cost is None else cost["beta"])
     rule.save(out)
     return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(x),
             "references": len(refs),
@@ -355,6 +359,9 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, tex
             raise UsageError("None of the test split's texts fit the key's maximum length, so the cost cannot be "
                              "measured; drop max_cost or use a key with a longer maximum length.")
         return None
+    if max_cost is not None and len(x) < MIN_COST_INPUTS:
+        raise UsageError(f"The test split has {len(x)} inputs the API takes; bounding the cost needs at least "
+                         f"{MIN_COST_INPUTS}: drop max_cost or use data with a larger test split.")
     marked = TieBreakAPI(key=key, backend=served, rule=rule, beta=DEFAULT_BETA, expose_scores=False)
     costs = accuracy_costs(api=marked, x=x, y=y, betas=[DEFAULT_BETA] if max_cost is None else BETA_GRID)
     if max_cost is None:
@@ -490,7 +497,8 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
                   .float().mean())
     params_doc = {"victim_arch": served.arch, "labels": labels, "queries": result.queries, "answered": result.answered,
                   "epochs": result.epochs, "max_epochs": epochs, "until_accuracy": until_accuracy, "lr": lr,
-                  "seed": seed, "data": data, "marked_api": served.mark}
+                  "seed": seed, "data": data, "marked_api": served.mark,
+                  **({"beta": served.answerer.beta} if served.mark == "tiebreak" else {})}
     modality = {} if text is None else {"modality": k.modality if k is not None else
                                         wmark_metadata(read_metadata(served.weights))["modality"]}
     save_model(surrogate, out, metadata=model_metadata(arch=arch, num_classes=ds.num_classes,

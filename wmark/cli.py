@@ -138,7 +138,7 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--key", default=None, type=click.Path(dir_okay=False), help="Owner key file (with --mark).")
 @click.option("--rule", default=None, type=click.Path(dir_okay=False),
               help="tiebreak: the rule from `wmark tiebreak build` (it names the served model).")
-@click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default 1.0).")
+@click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default: the rule's, 1.0 unless built with --max-cost).")
 @click.option("--rate", type=float, default=None, help="flip: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
 @click.option("--log", default=None, type=click.Path(dir_okay=False),
@@ -235,7 +235,7 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--client", default="attacker", show_default=True, help="Client name the marked API logs under.")
 @click.option("--rate", type=float, default=None, help="flip: fraction of answers marked (default 0.03).")
 @click.option("--candidates", default=None, help="flip: candidate-set size k or 'all' (default all).")
-@click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default 1.0).")
+@click.option("--beta", type=float, default=None, help="tiebreak: scale of the keyed log-probability shift (default: the rule's, 1.0 unless built with --max-cost).")
 @click.option("--until-accuracy", type=float, default=None,
               help="Stop after the first epoch whose accuracy on the data's test split reaches this (--epochs is the cap).")
 @_handle_errors

@@ -25,7 +25,7 @@ from wmark.models import PenultimateFeaturizer, build_model
 from wmark.schemes.tiebreak.inputs import pack_texts, rule_inputs, served_scores, unpack_texts
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
-from wmark.text import TextInputs, check_tokenizer
+from wmark.text import TextInputs, check_tokenizer, shown_claim
 
 SCHEME = "api-tiebreak"
 VERSION = 2
@@ -33,6 +33,8 @@ DEFAULT_COMPONENTS = 64
 DEFAULT_PAIR_RATIO = 0.3
 DEFAULT_QUERIES = 1000
 DEFAULT_BETA = 1.0
+# a scale far past any measured one turns every answer into the key's lean (and overflows to NaN scores)
+MAX_BETA = 100.0
 EIGEN_FLOOR = 1e-6
 
 Featurizer = Callable[[np.ndarray], np.ndarray]
@@ -290,13 +292,19 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
 
 
 def _meta_beta(meta: dict[str, Any], path: str | os.PathLike[str]) -> float:
+    value = meta.get("beta", DEFAULT_BETA)
     try:
-        beta = float(meta.get("beta", DEFAULT_BETA))
-    except (TypeError, ValueError):
-        raise _damaged(path, f"beta {meta.get('beta')!r}") from None
-    if not (np.isfinite(beta) and beta > 0):
-        raise _damaged(path, f"beta {beta!r}")
-    return beta
+        ok = type(value) in (int, float) and check_beta(float(value))  # a JSON true is no scale
+    except OverflowError:  # an integer past float range
+        ok = False
+    if not ok:
+        raise _damaged(path, f"beta {shown_claim(str(value), 40)}")
+    return float(value)
+
+
+def check_beta(beta: float) -> bool:
+    """Whether ``beta`` is a scale the tie-break mark can serve: finite, above 0, at most ``MAX_BETA``."""
+    return bool(np.isfinite(beta) and 0 < beta <= MAX_BETA)
 
 
 def _check_rule_key(meta: dict[str, Any], key: Key, path: str | os.PathLike[str]) -> None:

@@ -13,7 +13,7 @@ from wmark.keys import Key
 from wmark.models import PenultimateFeaturizer
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.inputs import served_scores
-from wmark.schemes.tiebreak.rule import TieBreakRule, top_pairs
+from wmark.schemes.tiebreak.rule import MAX_BETA, TieBreakRule, check_beta, top_pairs
 from wmark.schemes.trigger_set import SCHEME as TRIGGER_SCHEME
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.suspects.base import Answers, Suspect
@@ -100,8 +100,8 @@ class TieBreakAPI:
             raise UsageError(f"The served model has {backend.num_classes} classes but the key {key.num_classes}; "
                              "serve the model the key was made for.")
         beta = rule.beta if beta is None else beta
-        if not beta > 0:
-            raise UsageError(f"beta must be positive, got {beta}.")
+        if not check_beta(beta):
+            raise UsageError(f"beta must be above 0 and at most {MAX_BETA:g}, got {beta}.")
         if log is not None and log.commitment != key.commitment():
             raise UsageError(f"The query log {log.path} belongs to another key; open a log under the serving key.")
         if log is not None and log.mark != "tiebreak":
@@ -175,7 +175,7 @@ def accuracy_costs(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray,
                    betas: Sequence[float] = BETA_GRID) -> list[dict[str, Any]]:
     """:func:`accuracy_cost` at each scale in ``betas`` from one forward pass (nothing is logged).
 
-    Each entry adds ``beta`` and ``cost_se_pp``, the standard error of the cost over these inputs (the paired
+    Each entry adds ``beta``, ``inputs`` (how many were scored) and ``cost_se_pp``, the standard error of the cost over these inputs (the paired
     difference of served and marked correctness), so an owner can tell a real difference between scales from
     the sampling noise of a small test set.
     """
@@ -184,11 +184,11 @@ def accuracy_costs(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray,
     plain, y = np.argmax(scores, axis=1), np.asarray(y)
     out = []
     for beta in betas:
-        if not beta > 0:
-            raise UsageError(f"beta must be positive, got {beta}.")
+        if not check_beta(beta):
+            raise UsageError(f"beta must be above 0 and at most {MAX_BETA:g}, got {beta}.")
         marked = np.argmax(_shifted(scores, shifts, float(beta)), axis=1)
         lost = (plain == y).astype(np.float64) - (marked == y)
-        out.append({"beta": float(beta), "served_accuracy": float((plain == y).mean()),
+        out.append({"beta": float(beta), "inputs": len(y), "served_accuracy": float((plain == y).mean()),
                     "api_accuracy": float((marked == y).mean()), "accuracy_cost_pp": 100.0 * float(lost.mean()),
                     "cost_se_pp": 100.0 * float(lost.std(ddof=1) / np.sqrt(len(lost))) if len(lost) > 1 else 0.0,
                     "changed_fraction": float((marked != plain).mean())})
@@ -204,17 +204,22 @@ def largest_beta_within(costs: Sequence[dict[str, Any]], max_cost_pp: float, *,
     ``confidence``) is at most the target: the largest scale whose measured cost merely falls under the target
     costs more than that on new inputs about half the time, and more often still because it is the largest of
     several. Every smaller scale must pass too, so a scale that dips under by noise above one that does not is
-    never chosen. ``confidence=0.5`` compares the measured costs themselves.
+    never chosen. ``confidence=0.5`` compares the measured costs themselves. The standard error is taken as at
+    least one answer's worth (100 / inputs points), since a sample in which no answer changed bounds nothing.
 
     Raises:
-        UsageError: If ``confidence`` is not in [0.5, 1).
+        UsageError: If ``confidence`` is not in [0.5, 1) or ``max_cost_pp`` not in (0, 100].
     """
     if not 0.5 <= confidence < 1:
         raise UsageError(f"confidence must be in [0.5, 1), got {confidence}.")
+    if not 0 < max_cost_pp <= 100:
+        raise UsageError(f"The cost allowed is in accuracy points, above 0 and at most 100; got {max_cost_pp}.")
     z = float(norm.ppf(confidence))
     best = None
     for entry in sorted(costs, key=lambda c: c["beta"]):
-        if entry["accuracy_cost_pp"] + z * entry.get("cost_se_pp", 0.0) > max_cost_pp:
+        # no answer changed is no proof of no cost: one lost answer in the inputs is the least error assumed
+        se = max(entry["cost_se_pp"], 100.0 / entry["inputs"])
+        if entry["accuracy_cost_pp"] + z * se > max_cost_pp:
             break
         best = entry
     return best
