@@ -225,3 +225,6 @@ def test_a_damaged_recorded_scale_is_refused(served_files, tmp_path):
         served, _ = load_model("fmnist-mlp", weights, num_classes=10, input_shape=SHAPE)
         with pytest.raises(UsageError, match="is damaged .*beta"):
             load_tiebreak_rule(path, key=load_key(key), featurizer=penultimate_featurizer(served))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata={**raw, "wmark.skipped_leading": "1e999"})
+    with pytest.raises(UsageError, match=r"is damaged \(skipped_leading inf\)"):
+        load_tiebreak_rule(path, key=load_key(key), featurizer=penultimate_featurizer(served))

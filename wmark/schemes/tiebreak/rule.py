@@ -315,7 +315,7 @@ def _check_rule_key(meta: dict[str, Any], key: Key, path: str | os.PathLike[str]
 def _meta_int(meta: dict[str, Any], name: str, default: int, path: str | os.PathLike[str]) -> int:
     try:
         return int(meta.get(name, default))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an infinite count
         raise _damaged(path, f"{name} {meta.get(name)!r}") from None
 
 
