@@ -228,3 +228,6 @@ def test_a_damaged_recorded_scale_is_refused(served_files, tmp_path):
     save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata={**raw, "wmark.skipped_leading": "1e999"})
     with pytest.raises(UsageError, match=r"is damaged \(skipped_leading inf\)"):
         load_tiebreak_rule(path, key=load_key(key), featurizer=penultimate_featurizer(served))
+    save_file({n: t.contiguous() for n, t in tensors.items()}, str(path), metadata={**raw, "wmark.input_shape": "[1e999]"})
+    with pytest.raises(UsageError, match=r"is damaged \(input shape \[inf\]\)"):
+        load_tiebreak_rule(path, key=load_key(key), featurizer=penultimate_featurizer(served))

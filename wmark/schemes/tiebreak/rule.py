@@ -268,7 +268,7 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                  if "verification_texts" in tensors else None)
     try:
         shape = tuple(int(d) for d in meta.get("input_shape") or key.input_shape)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise _damaged(path, f"input shape {meta.get('input_shape')!r}") from None
     references = []
     for i, arch in enumerate(meta.get("reference_archs") or []):
