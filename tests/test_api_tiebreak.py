@@ -891,3 +891,14 @@ def test_a_text_rule_build_scores_the_test_texts_a_text_api_takes(tmp_path):
     assert cost["test_inputs"] == sum(n <= 64 for n in lengths) < len(texts)
     assert 0 < cost["changed_fraction"] <= 1
     assert cost["accuracy_cost_pp"] == pytest.approx(100 * (cost["served_accuracy"] - cost["api_accuracy"]))
+    # a cost target picks a scale for a text rule too, and the text API serves it
+    from wmark.marks import open_served
+
+    target = max(cost["accuracy_cost_pp"], 1.0)
+    info = api.build_tiebreak(key=tmp_path / "t.key", arch="text-bow", weights=weights, data="fortunes@owner",
+                              out=tmp_path / "cheap.safetensors", references=[], verify_count=50, max_samples=300,
+                              max_cost=target)
+    picked = info["honest_cost"]
+    assert picked["test_inputs"] == cost["test_inputs"] and picked["max_cost_pp"] == target
+    assert picked["accuracy_cost_pp"] + stats.norm.ppf(0.9) * picked["cost_se_pp"] <= target
+    assert open_served(key=key, mark="tiebreak", rule=tmp_path / "cheap.safetensors").answerer.beta == picked["beta"]
