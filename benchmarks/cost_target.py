@@ -12,7 +12,11 @@ half in turn the scale is picked (the library's ``accuracy_costs`` and ``largest
 picked, the mean cost on each held-out set, how often it exceeds the target and by how much. The rule needs no
 reference surrogates: the cost depends only on the feature map and the key.
 
-Usage: python benchmarks/cost_target.py [--keys 20] [--targets 0.5,1,1.7,3] [--confidences 0.5,0.9,0.95]
+With ``--text``: the MiniLM victim of ``benchmarks/text_extraction.py`` (fine-tuned on the owner's third of the
+Debian fortunes, 8 categories, texts of at most 64 tokens); its test texts are split in halves the same way, and
+the held-out measure is the other half only (the fortunes have no spare honest texts the victim never saw).
+
+Usage: python benchmarks/cost_target.py [--keys 20] [--targets 0.5,1,1.7,3] [--confidences 0.5,0.9,0.95] [--text]
 """
 
 from __future__ import annotations
@@ -40,28 +44,61 @@ from wmark.schemes.tiebreak import (
 )
 
 
+def image_owner() -> dict[str, Any]:
+    """The Fashion-MNIST extraction victim: owner inputs, test images, 30k attacker training images, fresh keys."""
+    setting = tiebreak_setting()
+    return {"victim": "fmnist-cnn (extraction victim)", "served": setting.served, "x_owner": setting.x_owner,
+            "featurizer": penultimate_featurizer(setting.victim), "text": None, "x_test": setting.xt,
+            "y_test": setting.yt, "x_new": setting.attacker.x_train.numpy(), "y_new": setting.attacker.y_train.numpy(),
+            "accuracy": setting.victim_accuracy, "key": lambda k: generate_key(owner=f"cost target {k}")}
+
+
+def text_owner() -> dict[str, Any]:
+    """The MiniLM fortunes victim of ``benchmarks/text_extraction.py`` (cached), its texts and fresh text keys."""
+    from text_extraction import LENGTH, TextTable, texts_and_labels, trained
+
+    from wmark.data import load_dataset
+    from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
+
+    tok = load_tokenizer(MINILM)
+    modality = text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH)
+    text = TextInputs(tokenizer=tok, max_length=LENGTH)
+    ds = load_dataset("fortunes@owner")
+    xo, yo = texts_and_labels(ds.texts_train, ds.y_train, text)
+    xe, ye = texts_and_labels(ds.texts_test, ds.y_test, text)
+    table_ = TextTable(trained("minilm-classifier", xo, yo, text, epochs=2, seed=0), text,
+                       description="victim MiniLM", expose_scores=True)
+    return {"victim": "MiniLM fine-tuned on the owner's fortunes", "served": table_, "x_owner": xo,
+            "featurizer": table_.features, "text": text, "x_test": xe, "y_test": ye, "x_new": None, "y_new": None,
+            "accuracy": table_.accuracy(xe, ye),
+            "key": lambda k: generate_key(owner=f"cost target text {k}", num_classes=8, modality=modality)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--keys", type=int, default=20, help="Fresh keys (default 20).")
     parser.add_argument("--targets", default="0.5,1,1.7,3", help="Cost targets in accuracy points.")
     parser.add_argument("--confidences", default="0.5,0.9,0.95", help="Confidence levels of the pick.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the test images' split into halves.")
+    parser.add_argument("--text", action="store_true", help="The MiniLM text victim on the fortunes instead.")
     args = parser.parse_args()
     targets = [float(t) for t in args.targets.split(",")]
     levels = [float(c) for c in args.confidences.split(",")]
     start = time.perf_counter()
-    setting = tiebreak_setting()
-    x_new, y_new = setting.attacker.x_train.numpy(), setting.attacker.y_train.numpy()
-    order = np.random.default_rng(args.seed).permutation(len(setting.yt))
+    owner = text_owner() if args.text else image_owner()
+    order = np.random.default_rng(args.seed).permutation(len(owner["y_test"]))
     halves = (order[: len(order) // 2], order[len(order) // 2:])
     rows: list[dict[str, Any]] = []
     for k in range(args.keys):
-        key = generate_key(owner=f"cost target {k}")
-        rule = build_tiebreak_rule(key=key, x=setting.x_owner, featurizer=penultimate_featurizer(setting.victim),
-                                   feature_space="served-penultimate")
-        api = TieBreakAPI(key=key, backend=setting.served, rule=rule, expose_scores=False)
-        on_half = [accuracy_costs(api=api, x=setting.xt[h], y=setting.yt[h], betas=BETA_GRID) for h in halves]
-        on_new = {c["beta"]: c for c in accuracy_costs(api=api, x=x_new, y=y_new, betas=BETA_GRID)}
+        key = owner["key"](k)
+        rule = build_tiebreak_rule(key=key, x=owner["x_owner"], featurizer=owner["featurizer"],
+                                   feature_space="served-penultimate", text=owner["text"])
+        api = TieBreakAPI(key=key, backend=owner["served"], rule=rule, expose_scores=False)
+        on_half = [accuracy_costs(api=api, x=owner["x_test"][h], y=owner["y_test"][h], betas=BETA_GRID)
+                   for h in halves]
+        x_new, y_new = owner["x_new"], owner["y_new"]
+        on_new = (None if x_new is None else
+                  {c["beta"]: c for c in accuracy_costs(api=api, x=x_new, y=y_new, betas=BETA_GRID)})
         for side in (0, 1):
             other = {c["beta"]: c for c in on_half[1 - side]}
             for target in targets:
@@ -71,9 +108,9 @@ def main() -> None:
                     rows.append({"key": k, "half": side, "target_pp": target, "confidence": level, "beta": beta,
                                  "cost_pick_pp": picked["accuracy_cost_pp"] if picked else None,
                                  "cost_other_half_pp": other[beta]["accuracy_cost_pp"] if picked else None,
-                                 "cost_new_pp": on_new[beta]["accuracy_cost_pp"] if picked else None,
-                                 "default_cost_new_pp": on_new[1.0]["accuracy_cost_pp"]})
-        print(f"key {k}: the default scale costs {on_new[1.0]['accuracy_cost_pp']:.2f} pp on the 30k; picked "
+                                 "cost_new_pp": on_new[beta]["accuracy_cost_pp"] if picked and on_new else None,
+                                 "default_cost_other_half_pp": other[1.0]["accuracy_cost_pp"]})
+        print(f"key {k}: the default scale costs {rows[-1]['default_cost_other_half_pp']:.2f} pp on a half; picked "
               + ", ".join(f"{r['target_pp']:g}@{r['confidence']:g} -> {r['beta']}"
                           for r in rows if r["key"] == k and r["half"] == 0), flush=True)
     summary = []
@@ -82,7 +119,7 @@ def main() -> None:
             group = [r for r in rows if r["target_pp"] == target and r["confidence"] == level]
             picked = [r for r in group if r["beta"] is not None]
             half_over = [r["cost_other_half_pp"] - target for r in picked]
-            new_over = [r["cost_new_pp"] - target for r in picked]
+            new_over = [r["cost_new_pp"] - target for r in picked if r["cost_new_pp"] is not None]
             summary.append({
                 "target_pp": target, "confidence": level, "picks": len(group), "refused": len(group) - len(picked),
                 "beta_median": float(np.median([r["beta"] for r in picked])) if picked else None,
@@ -91,17 +128,17 @@ def main() -> None:
                 "cost_other_half_mean": float(np.mean([r["cost_other_half_pp"] for r in picked])) if picked else None,
                 "other_half_over": sum(o > 0 for o in half_over),
                 "other_half_worst_excess": float(max(half_over)) if half_over else None,
-                "cost_new_mean": float(np.mean([r["cost_new_pp"] for r in picked])) if picked else None,
+                "cost_new_mean": float(np.mean([r["cost_new_pp"] for r in picked])) if new_over else None,
                 "new_over": sum(o > 0 for o in new_over),
                 "new_worst_excess": float(max(new_over)) if new_over else None})
     print(table(summary, ["target_pp", "confidence", "picks", "refused", "beta_median", "beta_range", "cost_pick_mean",
                           "cost_other_half_mean", "other_half_over", "other_half_worst_excess", "cost_new_mean",
                           "new_over", "new_worst_excess"]))
-    path = write_results("cost_target", {"keys": args.keys, "targets": targets, "confidences": levels,
+    path = write_results("cost_target_text" if args.text else "cost_target", {"victim": owner["victim"],"keys": args.keys, "targets": targets, "confidences": levels,
                                          "split_seed": args.seed,
-                                         "images": {"picked_on": len(halves[0]), "other_half": len(halves[1]),
-                                                    "new": len(y_new)},
-                                         "victim_accuracy": setting.victim_accuracy, "rows": rows,
+                                         "inputs": {"picked_on": len(halves[0]), "other_half": len(halves[1]),
+                                                    "new": None if owner["y_new"] is None else len(owner["y_new"])},
+                                         "victim_accuracy": owner["accuracy"], "rows": rows,
                                          "summary": summary, "seconds": time.perf_counter() - start})
     print(f"wrote {path}")
 

@@ -43,6 +43,7 @@ WHAT = {
     "monitor": "the extraction monitor on honest and thief traffic",
     "monitor_quick": "its quick mode",
     "serve_throughput": "serving throughput: unmarked, gated and tie-break marked (one pass and two) side by side",
+    "cost_target_text": "`cost_target.py --text`: the same on the MiniLM fortunes victim, 10 keys (halves of about 950 test texts)",
     "cost_target": "how well `tiebreak build --max-cost` holds its target: scales picked on half the test split, cost on the other half and on 30k training images, 20 keys",
     "tiebreak_cost_k0": "the tie-break mark's cost-power curve (shift scales, near-tie swap), one key, three thief families",
     "text": "MiniLM on fortunes: embedding cost, black-box detection, thief's fine-tune, null panel",
