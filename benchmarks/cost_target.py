@@ -55,23 +55,13 @@ def image_owner() -> dict[str, Any]:
 
 def text_owner() -> dict[str, Any]:
     """The MiniLM fortunes victim of ``benchmarks/text_extraction.py`` (cached), its texts and fresh text keys."""
-    from text_extraction import LENGTH, TextTable, texts_and_labels, trained
+    from text_extraction import fortunes_minilm_victim
 
-    from wmark.data import load_dataset
-    from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
-
-    tok = load_tokenizer(MINILM)
-    modality = text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH)
-    text = TextInputs(tokenizer=tok, max_length=LENGTH)
-    ds = load_dataset("fortunes@owner")
-    xo, yo = texts_and_labels(ds.texts_train, ds.y_train, text)
-    xe, ye = texts_and_labels(ds.texts_test, ds.y_test, text)
-    table_ = TextTable(trained("minilm-classifier", xo, yo, text, epochs=2, seed=0), text,
-                       description="victim MiniLM", expose_scores=True)
-    return {"victim": "MiniLM fine-tuned on the owner's fortunes", "served": table_, "x_owner": xo,
-            "featurizer": table_.features, "text": text, "x_test": xe, "y_test": ye, "x_new": None, "y_new": None,
-            "accuracy": table_.accuracy(xe, ye),
-            "key": lambda k: generate_key(owner=f"cost target text {k}", num_classes=8, modality=modality)}
+    v = fortunes_minilm_victim()
+    return {"victim": "MiniLM fine-tuned on the owner's fortunes", "served": v["victim"], "x_owner": v["xo"],
+            "featurizer": v["victim"].features, "text": v["text"], "x_test": v["xe"], "y_test": v["ye"],
+            "x_new": None, "y_new": None, "accuracy": v["victim"].accuracy(v["xe"], v["ye"]),
+            "key": lambda k: generate_key(owner=f"cost target text {k}", num_classes=8, modality=v["modality"])}
 
 
 def main() -> None:

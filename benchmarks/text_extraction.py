@@ -114,6 +114,21 @@ def _cached_minilm(config: dict[str, Any], make: Any) -> torch.nn.Module:
     return model.eval()
 
 
+def fortunes_minilm_victim() -> dict[str, Any]:
+    """The MiniLM victim fine-tuned on the owner's third of the fortunes (2 epochs, seed 0, cached) as a
+    :class:`TextTable`, with its tokenization (``text``, ``modality``) and the owner's training and test texts within
+    ``LENGTH`` tokens (``xo``, ``yo``, ``xe``, ``ye``): the setting the research scripts on its cost share."""
+    tok = load_tokenizer(MINILM)
+    text = TextInputs(tokenizer=tok, max_length=LENGTH)
+    owner = load_dataset("fortunes@owner")
+    xo, yo = texts_and_labels(owner.texts_train, owner.y_train, text)
+    xe, ye = texts_and_labels(owner.texts_test, owner.y_test, text)
+    victim = TextTable(trained("minilm-classifier", xo, yo, text, epochs=2, seed=0), text, description="victim MiniLM",
+                       expose_scores=True)
+    return {"text": text, "modality": text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH), "xo": xo,
+            "yo": yo, "xe": xe, "ye": ye, "victim": victim}
+
+
 class TextTable:
     """A deterministic text classifier answering from a memo of its logits and penultimate features per text.
 

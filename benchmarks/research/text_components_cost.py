@@ -20,16 +20,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import table, write_results  # noqa: E402
-from benchmarks.text_extraction import (  # noqa: E402
-    LENGTH,
-    TextTable,
-    text_key,
-    texts_and_labels,
-    trained,
-)
-from wmark.data import load_dataset  # noqa: E402
+from benchmarks.text_extraction import fortunes_minilm_victim, text_key  # noqa: E402
 from wmark.schemes.tiebreak import TieBreakAPI, accuracy_cost, build_tiebreak_rule  # noqa: E402
-from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality  # noqa: E402
 
 
 def main() -> None:
@@ -42,14 +34,8 @@ def main() -> None:
     parser.add_argument("--name", default="research_text_components_cost")
     args = parser.parse_args()
     start = time.perf_counter()
-    tok = load_tokenizer(MINILM)
-    modality = text_modality(tokenizer=tok, name=MINILM, max_length=LENGTH)
-    text = TextInputs(tokenizer=tok, max_length=LENGTH)
-    owner = load_dataset("fortunes@owner")
-    xo, yo = texts_and_labels(owner.texts_train, owner.y_train, text)
-    xe, ye = texts_and_labels(owner.texts_test, owner.y_test, text)
-    victim = TextTable(trained("minilm-classifier", xo, yo, text, epochs=2, seed=0), text, description="victim",
-                       expose_scores=True)
+    v = fortunes_minilm_victim()
+    text, modality, xo, xe, ye, victim = v["text"], v["modality"], v["xo"], v["xe"], v["ye"], v["victim"]
     served_acc = float((np.asarray(victim.query(xe).labels) == ye).mean())
     feats_o, feats_e = victim.features(xo), victim.features(xe)
     print(f"victim {served_acc:.4f}; features of {len(xo)} + {len(xe)} texts ({time.perf_counter() - start:.0f} s)",
