@@ -66,11 +66,15 @@ def test_costs_at_every_scale_match_the_api_and_their_standard_error(served_file
     costs = accuracy_costs(api=_marked(weights, key, rule), x=x, y=y, betas=(0.3, 1.0, 2.0))
     for entry in costs:
         api_at = _marked(weights, key, rule, beta=entry["beta"])
-        one = accuracy_cost(api=api_at, x=x, y=y)
-        assert {k: entry[k] for k in one} == pytest.approx(one)
-        served = np.asarray(api_at.backend.query(x).labels) == y
-        marked = np.asarray(api_at.query(x).labels) == y
+        assert accuracy_cost(api=api_at, x=x, y=y) == pytest.approx(entry)  # the API's own scale
+        # against the labels the served model and the marked API answer, asked one by one
+        plain, answered = np.asarray(api_at.backend.query(x).labels), np.asarray(api_at.query(x).labels)
+        served, marked = plain == y, answered == y
         diff = served.astype(float) - marked
+        assert entry["served_accuracy"] == pytest.approx(served.mean())
+        assert entry["api_accuracy"] == pytest.approx(marked.mean())
+        assert entry["accuracy_cost_pp"] == pytest.approx(100 * diff.mean())
+        assert entry["changed_fraction"] == pytest.approx((plain != answered).mean())
         assert entry["cost_se_pp"] == pytest.approx(100 * diff.std(ddof=1) / np.sqrt(len(y)))
     assert [c["changed_fraction"] for c in costs] == sorted(c["changed_fraction"] for c in costs)
     for bad in (0.0, float("inf"), 1e308):

@@ -162,22 +162,18 @@ def _shifted(scores: np.ndarray, shifts: np.ndarray, beta: float) -> np.ndarray:
 
 
 def accuracy_cost(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """Accuracy of the served labels vs the marked answers on labelled inputs (honest users' cost)."""
-    plain = np.asarray(api.backend.query(x).labels)
-    marked = np.asarray(api.query(x).labels)
-    y = np.asarray(y)
-    return {"served_accuracy": float((plain == y).mean()), "api_accuracy": float((marked == y).mean()),
-            "accuracy_cost_pp": 100.0 * float((plain == y).mean() - (marked == y).mean()),
-            "changed_fraction": float((marked != plain).mean())}
+    """Honest users' cost of the marked API at its own scale: :func:`accuracy_costs` at ``api.beta``."""
+    return accuracy_costs(api=api, x=x, y=y, betas=(api.beta,))[0]
 
 
 def accuracy_costs(*, api: TieBreakAPI, x: np.ndarray, y: np.ndarray,
                    betas: Sequence[float] = BETA_GRID) -> list[dict[str, Any]]:
-    """:func:`accuracy_cost` at each scale in ``betas`` from one forward pass (nothing is logged).
+    """Honest users' cost of the marked API at each scale in ``betas``, from one forward pass (nothing is logged).
 
-    Each entry adds ``beta``, ``inputs`` (how many were scored) and ``cost_se_pp``, the standard error of the cost over these inputs (the paired
-    difference of served and marked correctness), so an owner can tell a real difference between scales from
-    the sampling noise of a small test set.
+    Per scale: ``beta``, ``inputs`` (how many were scored), the served and marked labels' accuracy on ``y``
+    (``served_accuracy``, ``api_accuracy``), ``accuracy_cost_pp`` (their difference in points), ``cost_se_pp`` (its
+    standard error: the paired difference of served and marked correctness, so that a real difference between
+    scales can be told from a small test set's noise) and ``changed_fraction`` (answers the mark changed).
     """
     x, scores, shifts = api._scores_and_shifts(x)
     shifts[api.triggers.mask(x)] = 0.0
