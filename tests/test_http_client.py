@@ -254,3 +254,43 @@ def test_rate_limit_spaces_requests(key, copy_model):
         elapsed = time.perf_counter() - start
         suspect.close()
     assert elapsed >= 10 / 20.0 * 0.95
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"timeout": float("nan")}, "The timeout must be a positive finite number of seconds, got nan."),
+    ({"timeout": float("inf")}, "The timeout must be a positive finite number of seconds, got inf."),
+    ({"timeout": 0.0}, "The timeout must be a positive finite number of seconds, got 0.0."),
+    ({"rate": float("nan")}, "The request rate must be positive, got nan."),
+    ({"rate": -1.0}, "The request rate must be positive, got -1.0."),
+])
+def test_transport_settings_no_request_can_use_are_refused(options, message):
+    """A NaN or infinite timeout crashed inside httpx (exit 3); a NaN rate silently sent with no limit at all."""
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        HttpOptions(**options)
+
+
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_cover_ratio_no_draw_can_use_is_refused(ratio):
+    from wmark.suspects.probe import CoverTraffic
+
+    with pytest.raises(UsageError, match=f"^The cover ratio must be a positive finite number, got {ratio}.$"):
+        CoverTraffic(np.zeros((4, *SHAPE), dtype=np.float32), ratio=ratio, seed=0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--timeout", "nan"], "The timeout must be a positive finite number of seconds, got nan."),
+    (["--timeout", "inf"], "The timeout must be a positive finite number of seconds, got inf."),
+    (["--cover-data", "digits", "--cover-ratio", "inf"], "The cover ratio must be a positive finite number, got inf."),
+])
+def test_bad_transport_options_exit_2_before_any_request(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.keys import save_key
+
+    key_file = tmp_path / "k.key"
+    save_key(generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=10), key_file)
+    # port 9 (discard) answers nothing: the options must be refused before the suspect is contacted
+    result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect",
+                                       "http://127.0.0.1:9/v2/models/m", *args])
+    assert (result.exit_code, result.stderr) == (2, f"error: {message}\n")

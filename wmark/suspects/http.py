@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import ssl
@@ -73,11 +74,12 @@ class HttpOptions:
     verify_tls: bool | str = True
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise UsageError(f"The timeout must be positive, got {self.timeout}.")
+        # `not (0 < x)` also refuses NaN: a NaN timeout crashed httpx, a NaN rate silently lifted the limit
+        if not (0 < self.timeout < math.inf):
+            raise UsageError(f"The timeout must be a positive finite number of seconds, got {self.timeout}.")
         if self.retries < 0:
             raise UsageError(f"The number of retries cannot be negative, got {self.retries}.")
-        if self.rate is not None and self.rate <= 0:
+        if self.rate is not None and not (self.rate > 0):
             raise UsageError(f"The request rate must be positive, got {self.rate}.")
         if self.concurrency < 1:
             raise UsageError(f"Concurrency must be at least 1, got {self.concurrency}.")
