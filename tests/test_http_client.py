@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import time
 
@@ -218,6 +219,37 @@ def test_token_sources(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="not both"):
         read_token(env="X", file=path)
     assert read_token() is None
+
+
+def test_a_key_file_or_a_multi_line_token_is_never_sent(tmp_path, monkeypatch, capsys):
+    """`--token-file owner.key` used to send the key (secret and all) to the suspect as the bearer token, and a
+    token no header can carry stopped the run with httpx's message quoting the whole header, token included."""
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.keys import load_key, save_key
+
+    key_file = tmp_path / "owner.key"
+    save_key(generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=10), key_file)
+    secret = load_key(key_file).secret.hex()
+    one_line = tmp_path / "compact.key"
+    one_line.write_text(json.dumps(json.loads(key_file.read_text())))
+    for path in (key_file, one_line):
+        with pytest.raises(UsageError, match=rf"^The token file {path} holds a wmark key, not a token; sending it "
+                                             "would give the suspect the key's secret"):
+            read_token(file=path)
+    two_lines = tmp_path / "token"
+    two_lines.write_text("tok-part-one\ntok-part-two\n")
+    with pytest.raises(UsageError, match="holds more than one line or control characters; a bearer token is one line"):
+        read_token(file=two_lines)
+    monkeypatch.setenv("WMARK_TEST_TOKEN", "abc\rdef")
+    with pytest.raises(UsageError, match="^The environment variable WMARK_TEST_TOKEN holds more than one line"):
+        read_token(env="WMARK_TEST_TOKEN")
+    for token_file in (key_file, two_lines):
+        result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect",
+                                           "http://127.0.0.1:9/v2/models/m", "--token-file", str(token_file)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1
+        assert secret not in result.stderr and "tok-part" not in result.stderr
 
 
 def test_classes_that_do_not_fit_the_key(key):
