@@ -252,3 +252,41 @@ def test_a_suspect_whose_forward_answers_over_other_classes_is_refused_in_one_se
                      "--suspect", str(suspect))
     assert code == 2 and err == ("error: The key is for 10-class models but the suspect answers over 5 classes; use "
                                  "the key made for this model.\n")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--lr", "nan"], "The learning rate must be a positive finite number, got nan."),
+    (["--lr", "-1"], "The learning rate must be a positive finite number, got -1.0."),
+    (["--lr", "inf"], "The learning rate must be a positive finite number, got inf."),
+    (["--epochs", "0"], "Training needs at least 1 epoch, got 0."),
+    (["--max-samples", "0"], "The training-sample limit (max_samples) must be at least 1, got 0."),
+    (["--max-samples", "-5"], "The training-sample limit (max_samples) must be at least 1, got -5."),
+])
+@pytest.mark.parametrize("command", ["train", "embed", "finetune", "extract"])
+def test_a_training_setting_no_run_can_use_exits_2_and_writes_nothing(
+        key_file: Path, tmp_path: Path, command: str, args: list[str], message: str) -> None:
+    """Zero epochs used to write the untouched model as trained, a negative sample limit to drop the last samples,
+    and a bad learning rate or batch size to fail inside PyTorch with exit 3."""
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    if command == "extract" and args[0] == "--max-samples":
+        return  # extract takes --queries, not a sample limit
+    model, out = tmp_path / "m.safetensors", tmp_path / "out.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), model,
+               metadata={"num_classes": 10, "input_shape": [1, 8, 8]})
+    base = {"train": ["train", "--arch", "fmnist-mlp", "--data", "digits"],
+            "embed": ["embed", "--key", str(key_file), "--arch", "fmnist-mlp", "--weights", str(model), "--data",
+                      "digits"],
+            "finetune": ["attack", "finetune", "--arch", "fmnist-mlp", "--weights", str(model), "--data", "digits"],
+            "extract": ["attack", "extract", "--victim-arch", "fmnist-mlp", "--victim", str(model), "--arch",
+                        "fmnist-mlp", "--data", "digits", "--queries", "32"]}[command]
+    code, err = _cli(*base, "--out", str(out), *args)
+    assert (code, err) == (2, f"error: {message}\n")
+    assert not out.exists()
+
+
+def test_a_batch_size_below_1_exits_2(tmp_path: Path) -> None:
+    out = tmp_path / "m.safetensors"
+    code, err = _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--batch-size", "0", "--out", str(out))
+    assert (code, err) == (2, "error: The batch size must be at least 1, got 0.\n") and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import socket
 import time
 
@@ -220,6 +221,37 @@ def test_token_sources(tmp_path, monkeypatch):
     assert read_token() is None
 
 
+def test_a_key_file_or_a_multi_line_token_is_never_sent(tmp_path, monkeypatch, capsys):
+    """`--token-file owner.key` used to send the key (secret and all) to the suspect as the bearer token, and a
+    token no header can carry stopped the run with httpx's message quoting the whole header, token included."""
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.keys import load_key, save_key
+
+    key_file = tmp_path / "owner.key"
+    save_key(generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=10), key_file)
+    secret = load_key(key_file).secret.hex()
+    one_line = tmp_path / "compact.key"
+    one_line.write_text(json.dumps(json.loads(key_file.read_text())))
+    for path in (key_file, one_line):
+        with pytest.raises(UsageError, match=rf"^The token file {path} holds a wmark key, not a token; sending it "
+                                             "would give the suspect the key's secret"):
+            read_token(file=path)
+    two_lines = tmp_path / "token"
+    two_lines.write_text("tok-part-one\ntok-part-two\n")
+    with pytest.raises(UsageError, match="holds more than one line or control characters; a bearer token is one line"):
+        read_token(file=two_lines)
+    monkeypatch.setenv("WMARK_TEST_TOKEN", "abc\rdef")
+    with pytest.raises(UsageError, match="^The environment variable WMARK_TEST_TOKEN holds more than one line"):
+        read_token(env="WMARK_TEST_TOKEN")
+    for token_file in (key_file, two_lines):
+        result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect",
+                                           "http://127.0.0.1:9/v2/models/m", "--token-file", str(token_file)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1
+        assert secret not in result.stderr and "tok-part" not in result.stderr
+
+
 def test_classes_that_do_not_fit_the_key(key):
     seven = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 7))
     app = build_app(model=seven, name="m", num_classes=7, input_shape=SHAPE, labels_only=False)
@@ -254,3 +286,43 @@ def test_rate_limit_spaces_requests(key, copy_model):
         elapsed = time.perf_counter() - start
         suspect.close()
     assert elapsed >= 10 / 20.0 * 0.95
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ({"timeout": float("nan")}, "The timeout must be a positive finite number of seconds, got nan."),
+    ({"timeout": float("inf")}, "The timeout must be a positive finite number of seconds, got inf."),
+    ({"timeout": 0.0}, "The timeout must be a positive finite number of seconds, got 0.0."),
+    ({"rate": float("nan")}, "The request rate must be positive, got nan."),
+    ({"rate": -1.0}, "The request rate must be positive, got -1.0."),
+])
+def test_transport_settings_no_request_can_use_are_refused(options, message):
+    """A NaN or infinite timeout crashed inside httpx (exit 3); a NaN rate silently sent with no limit at all."""
+    with pytest.raises(UsageError, match=f"^{message}$"):
+        HttpOptions(**options)
+
+
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), 0.0, -1.0])
+def test_a_cover_ratio_no_draw_can_use_is_refused(ratio):
+    from wmark.suspects.probe import CoverTraffic
+
+    with pytest.raises(UsageError, match=f"^The cover ratio must be a positive finite number, got {ratio}.$"):
+        CoverTraffic(np.zeros((4, *SHAPE), dtype=np.float32), ratio=ratio, seed=0)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--timeout", "nan"], "The timeout must be a positive finite number of seconds, got nan."),
+    (["--timeout", "inf"], "The timeout must be a positive finite number of seconds, got inf."),
+    (["--cover-data", "digits", "--cover-ratio", "inf"], "The cover ratio must be a positive finite number, got inf."),
+])
+def test_bad_transport_options_exit_2_before_any_request(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.keys import save_key
+
+    key_file = tmp_path / "k.key"
+    save_key(generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=10), key_file)
+    # port 9 (discard) answers nothing: the options must be refused before the suspect is contacted
+    result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect",
+                                       "http://127.0.0.1:9/v2/models/m", *args])
+    assert (result.exit_code, result.stderr) == (2, f"error: {message}\n")

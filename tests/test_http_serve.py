@@ -173,3 +173,23 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
     assert res.exit_code == 1, res.output
     assert [t["name"] for t in doc["tests"]] == (["trigger-set", "api-tiebreak", "api-tiebreak-log"]
                                                 if mark == "tiebreak" else ["trigger-set", "api-mark"])
+
+
+def test_serve_on_port_0_announces_the_port_it_listens_on(tmp_path):
+    """`--port 0` (any free port) used to announce http://127.0.0.1:0/..., a URL no client can reach."""
+    import re
+
+    weights = tmp_path / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0), weights,
+               metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
+                                 "--port", "0"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline().decode()
+        found = re.fullmatch(r"serving m \(scores\) on (http://127\.0\.0\.1:(\d+))/v2/models/m\n", line)
+        assert found is not None and int(found[2]) != 0, line
+        wait_ready(proc, found[1])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -77,6 +77,13 @@ def test_shapiro_flags_perturbation_chain_not_gaussian_natural_queries(fmap):
     assert shapiro_statistic(np.ones(50)) == 1.0 and shapiro_statistic(np.arange(5.0)) == 1.0
 
 
+@pytest.mark.parametrize("dim", [0, -1])
+def test_a_feature_dimension_below_1_is_refused(dim):
+    """--dim 0 crashed with an IndexError (exit 3) and --dim -1 silently kept all directions but the last."""
+    with pytest.raises(UsageError, match=rf"^The reduced feature dimension \(--dim\) must be at least 1, got {dim}.$"):
+        fit_feature_map(x=natural(200, 0), dim=dim)
+
+
 @pytest.mark.parametrize("n", [20, 57, 256])
 def test_shapiro_statistic_matches_scipy(n):
     from scipy import stats

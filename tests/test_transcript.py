@@ -172,6 +172,41 @@ def test_transcript_is_bound_to_its_key_and_suspect(tmp_path):
         Transcript(tmp_path / "junk.sqlite", key_commitment="a" * 64, suspect="s")
 
 
+def _sqlite_state(path) -> tuple[bytes, list[str]]:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return path.read_bytes(), [db.execute("PRAGMA journal_mode").fetchone()[0],
+                                   *sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master"))]
+    finally:
+        db.close()
+
+
+def test_a_query_log_and_a_transcript_refuse_each_other_untouched(tmp_path):
+    """Both are SQLite files: given one for the other, each used to add its tables (and WAL mode) to the file
+    before refusing it."""
+    from wmark.schemes.querylog import TieBreakLog
+
+    key = generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=10)
+    log, transcript, own = tmp_path / "log.sqlite", tmp_path / "t.sqlite", tmp_path / "own.sqlite"
+    TieBreakLog(log, key=key).close()
+    Transcript(transcript, key_commitment=key.commitment(), suspect="http://x/infer", protocol="v2").close()
+    db = sqlite3.connect(own)
+    db.execute("CREATE TABLE results (score REAL)")
+    db.commit()
+    db.close()
+    for path, why in ((log, "it holds 'wmark-query-log/1' data"), (own, "it is another SQLite database")):
+        before = _sqlite_state(path)
+        with pytest.raises(UsageError, match=rf"^{path} is not a wmark transcript \({why}\); give a new "):
+            Transcript(path, key_commitment=key.commitment(), suspect="http://x/infer", protocol="v2")
+        assert _sqlite_state(path) == before
+    for path in (transcript, own):
+        before = _sqlite_state(path)
+        with pytest.raises(UsageError, match=rf"^{path} is not a wmark query log \(it (holds 'wmark-transcript/1' "
+                                             r"data|is another SQLite database)\); give the log"):
+            TieBreakLog(path, key=key)
+        assert _sqlite_state(path) == before
+
+
 def test_digest_is_recomputable_and_tamper_evident(tmp_path):
     path = tmp_path / "t.sqlite"
     log = Transcript(path, key_commitment="a" * 64, suspect="http://x/infer", protocol="v2")

@@ -1,4 +1,5 @@
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -154,6 +155,21 @@ def test_a_trigger_margin_is_recorded_and_without_lookahead_gets_its_own_pass(di
     with pytest.raises(UsageError, match="margin must be at least 0"):
         LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.05, per_batch=4,
                              margin=-0.5)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_radius_or_margin_that_is_not_a_finite_number_is_refused(digits_key, value) -> None:
+    """A NaN radius used to switch the lookahead off silently (mixing instead) and a NaN margin to be recorded
+    and trained with; `wmark embed --trigger-lookahead nan` wrote a model as if nothing were wrong."""
+    with pytest.raises(UsageError, match=rf"^The trigger lookahead radius must be 0 \(off\) or positive and finite, "
+                                         rf"got {value}.$"):
+        Watermarker(digits_key, trigger_lookahead=value)
+    with pytest.raises(UsageError, match=rf"^The trigger margin must be at least 0 and finite, got {value}.$"):
+        Watermarker(digits_key, trigger_margin=value)
+    if math.isnan(value):
+        with pytest.raises(UsageError, match="margin must be at least 0"):
+            LookaheadTriggerStep(model=_tiny(), triggers=generate_triggers(digits_key), radius=0.05, per_batch=4,
+                                 margin=value)
 
 
 def test_the_hook_does_nothing_without_a_natural_gradient(digits_key) -> None:

@@ -115,6 +115,30 @@ def test_budget_smaller_than_trigger_set_is_inconclusive(digits_key) -> None:
     assert verdict.status == "inconclusive" and "raise the query budget" in verdict.message
 
 
+@pytest.mark.parametrize("mode", ["sequential", "fixed"])
+def test_a_key_too_small_for_alpha_says_so_even_for_a_perfect_copy(mode) -> None:
+    """A 3-trigger key (best p = 10**-3) used to report a perfect copy as plainly `not_detected`, which reads as
+    innocent; the verdict now says that no answer could have reached alpha and what to change."""
+    key = seeded_key("three-triggers", num_classes=10, input_shape=(1, 8, 8), num_triggers=3)
+    triggers = generate_triggers(key)
+    def perfect() -> _Scripted:
+        return _Scripted(lambda i: int(triggers.labels[triggers.order[i]]))
+
+    verdict = verify_blackbox(key=key, suspect=perfect(), mode=mode)
+    assert verdict.decision == "not_detected" and verdict.tests[0].matches == 3
+    assert verdict.status == "inconclusive" and verdict.message == (
+        "Even a suspect that answered every one of the 3 triggers asked with its secret label could not reach "
+        "alpha = 1e-06 here; verify with a key of more triggers, a larger budget or a larger alpha.")
+    assert verify_blackbox(key=key, suspect=perfect(), mode=mode, alpha=1e-2).detected
+
+
+def test_a_perfect_copy_of_a_key_large_enough_is_detected_without_a_note(digits_key) -> None:
+    triggers = generate_triggers(digits_key)
+    verdict = verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: int(triggers.labels[triggers.order[i]])))
+    assert verdict.detected and verdict.status == "complete" and verdict.message == ""
+    assert verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: 0)).status == "complete"
+
+
 def test_key_for_other_classes_is_refused(digits_key) -> None:
     with pytest.raises(UsageError, match="10-class models but the suspect answers over 3"):
         verify_blackbox(key=digits_key, suspect=_Scripted(lambda i: 0, num_classes=3))

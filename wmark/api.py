@@ -45,7 +45,7 @@ from wmark.models import (
 )
 from wmark.suspects import LocalSuspect
 from wmark.text import TextInputs, check_recorded_tokenizer, recorded_tokenizer, recorded_tokenizer_note
-from wmark.training import accuracy, make_loader, resolve_device, train_epochs
+from wmark.training import accuracy, check_schedule, make_loader, resolve_device, train_epochs
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
@@ -100,6 +100,7 @@ def train(*, arch: str, data: str, out: PathLike, epochs: int = 3, seed: int = 0
     A model trained on text records the data's tokenization (:attr:`wmark.data.Dataset.modality`), as ``embed``
     records a text key's, so ``embed`` can refuse a key made with another tokenizer and the file can be served.
     """
+    check_schedule(epochs=epochs, lr=lr, batch_size=batch_size)
     ds = load_dataset(data).subset(max_samples=max_samples)
     model = build_model(arch, num_classes=ds.num_classes, input_shape=ds.input_shape, seed=seed)
     seconds = _fit(model, make_loader(ds.x_train, ds.y_train, batch_size=batch_size, seed=seed),
@@ -123,6 +124,7 @@ def embed(*, key: PathLike, arch: str, weights: PathLike, data: str, out: PathLi
     and overhead measurements. ``trigger_lookahead``, ``trigger_margin``, ``trigger_mixing`` and ``trigger_per_batch`` are
     :class:`~wmark.embed.Watermarker`'s options of those names (None: its defaults).
     """
+    check_schedule(epochs=epochs, lr=lr, batch_size=batch_size)
     k = load_key(key)
     ds = load_dataset(data).subset(max_samples=max_samples)
     _check_key_fits_data(k, ds)
@@ -408,6 +410,8 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     ``kind`` is one of finetune, prune, quantize, noise, permute, rename. A renamed copy no longer loads
     into ``arch`` (that is the point); its accuracy is measured before renaming, which changes no number.
     """
+    if kind == "finetune":
+        check_schedule(epochs=epochs, lr=lr)
     ds = load_dataset(data).subset(max_samples=max_samples) if data else None
     model, metadata = load_model(arch, weights)
     meta = wmark_metadata(metadata)
@@ -469,6 +473,7 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     from wmark.text_serving import text_inputs_of
     from wmark.training import predict_logits
 
+    check_schedule(epochs=epochs, lr=lr)
     ds = load_dataset(data)
     k = None if key is None else load_key(key)
     if k is not None:

@@ -87,7 +87,13 @@ class Dataset:
         return {"kind": "text", "tokenizer": dict(self.tokenizer), "max_length": int(self.input_shape[0])}
 
     def subset(self, *, max_samples: int | None) -> Dataset:
-        """The first ``max_samples`` training examples (the test set is kept whole)."""
+        """The first ``max_samples`` training examples (the test set is kept whole).
+
+        Raises:
+            UsageError: If ``max_samples`` is below 1 (a negative one would silently drop the *last* examples).
+        """
+        if max_samples is not None and max_samples < 1:
+            raise UsageError(f"The training-sample limit (max_samples) must be at least 1, got {max_samples}.")
         if max_samples is None or max_samples >= len(self.x_train):
             return self
         texts = None if self.texts_train is None else self.texts_train[:max_samples]

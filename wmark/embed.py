@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -84,10 +85,12 @@ class Watermarker:
             raise UsageError(f"Unknown scheme(s) {', '.join(unknown)}; choose from {', '.join(KNOWN_SCHEMES)}.")
         if not schemes:
             raise UsageError("Name at least one scheme to embed.")
-        if trigger_lookahead is not None and trigger_lookahead < 0:
-            raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive, got {trigger_lookahead}.")
-        if trigger_margin is not None and trigger_margin < 0:
-            raise UsageError(f"The trigger margin must be at least 0, got {trigger_margin}.")
+        # `not (0 <= x < inf)` also refuses NaN, which silently switched the lookahead off or voided the margin
+        if trigger_lookahead is not None and not (0 <= trigger_lookahead < math.inf):
+            raise UsageError(f"The trigger lookahead radius must be 0 (off) or positive and finite, got "
+                             f"{trigger_lookahead}.")
+        if trigger_margin is not None and not (0 <= trigger_margin < math.inf):
+            raise UsageError(f"The trigger margin must be at least 0 and finite, got {trigger_margin}.")
         if trigger_mixing:
             if trigger_lookahead or trigger_margin is not None:
                 raise UsageError("Mixed triggers take neither a lookahead radius nor a margin; drop trigger_lookahead "

@@ -343,12 +343,14 @@ def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> 
         server.stop()
 
 
-def _check_port_free(host: str, port: int) -> None:
+def _check_port_free(host: str, port: int) -> int:
+    """The port to serve on: ``port``, or for 0 a free one the system picks (announced, so clients can reach it)."""
     # uvicorn reports a busy port by logging and calling sys.exit; say it in one sentence instead.
     try:
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
+            return int(probe.getsockname()[1])
     except OSError as exc:
         raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another port.") from None
 
@@ -416,7 +418,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
                         text=text)
-        _check_port_free(host, port)
+        port = _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)
         if announce is not None:

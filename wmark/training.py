@@ -7,6 +7,7 @@ train base models, reference models and attackers' copies reproducibly.
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
@@ -55,6 +56,24 @@ def _training_device(model: nn.Module) -> torch.device:
     caller placed on ``cuda:1`` or MPS stays there), else :func:`default_device`."""
     here = model_device(model)
     return here if here.type != "cpu" else default_device()
+
+
+def check_schedule(*, epochs: int, lr: float, batch_size: int | None = None) -> None:
+    """Refuse training settings no run can use, before any data is loaded or a file written.
+
+    Without this an epoch count below 1 writes the untouched model as if it were trained, and a bad learning
+    rate or batch size fails deep inside PyTorch with a message that names no option.
+
+    Raises:
+        UsageError: For fewer than 1 epoch, a learning rate that is not a positive finite number, a batch
+            size below 1.
+    """
+    if epochs < 1:
+        raise UsageError(f"Training needs at least 1 epoch, got {epochs}.")
+    if not (0 < lr < math.inf):
+        raise UsageError(f"The learning rate must be a positive finite number, got {lr}.")
+    if batch_size is not None and batch_size < 1:
+        raise UsageError(f"The batch size must be at least 1, got {batch_size}.")
 
 
 def make_loader(x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 64, seed: int = 0,

@@ -124,6 +124,12 @@ class Transcript:
             raise UsageError(f"Directory {self.path.parent} for the transcript does not exist; create it first.")
         try:
             self._db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            # Another SQLite file (a query log given as the transcript) is refused before anything is written: the
+            # schema below and WAL mode would otherwise change a file that is not a transcript.
+            foreign = foreign_sqlite(self._db, formats=(FORMAT,), tables=("meta", "runs", "queries"))
+            if foreign is not None:
+                self._db.close()
+                raise UsageError(f"{self.path} is not a wmark transcript ({foreign}); give a new transcript path.")
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(_SCHEMA)
@@ -208,6 +214,25 @@ class Transcript:
         return {"path": str(self.path), "format": FORMAT, "key_commitment": self.meta["key_commitment"],
                 "suspect": self.meta["suspect"], "protocol": self.meta["protocol"], "runs": runs,
                 "counts": self.counts(), "sha256_chain": _chain(self._db)}
+
+
+def foreign_sqlite(db: sqlite3.Connection, *, formats: tuple[str, ...], tables: tuple[str, ...]) -> str | None:
+    """What makes an SQLite database not one of ``formats`` (a phrase), or ``None`` if it is one or is empty.
+
+    A database holding only some of ``tables`` and no format yet (one whose creation was cut short) is not
+    foreign.
+
+    Raises:
+        sqlite3.DatabaseError: If the file is not an SQLite database.
+    """
+    found = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    found.discard("sqlite_sequence")
+    row = db.execute("SELECT value FROM meta WHERE name = 'format'").fetchone() if "meta" in found else None
+    if row is not None and row[0] not in formats:
+        return f"it holds {row[0]!r} data"
+    if row is None and found - set(tables):
+        return "it is another SQLite database"
+    return None
 
 
 class _Transaction:

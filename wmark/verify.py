@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -108,6 +108,18 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
                     break
     finally:
         bar.close()
+    details: dict[str, Any] = {"mode": mode, "budget": budget, "triggers": len(triggers)}
+    if mode == "sequential":
+        details.update(stops_at_log10_p=math.log10(stop_at), alpha_share=share)
+    answered = queries - abstentions
+    # A key (or budget) too small for alpha fails even a perfect copy: say so, or "not detected" reads as innocent.
+    # C**budget bounds every test's evidence (the likelihood ratio of an all-matching suspect).
+    if (budget * math.log10(key.num_classes) < -math.log10(stop_at)
+            or (0 < answered == fixed.successes and queries == budget and mode == "sequential"
+                and not eproc.crossed(stop_at))):
+        details["inconclusive"] = (
+            f"Even a suspect that answered every one of the {budget} triggers asked with its secret label could not reach "
+            f"alpha = {alpha:g} here; verify with a key of more triggers, a larger budget or a larger alpha.")
     if mode == "sequential":
         log10_p = -eproc.compute()
         method = "anytime-valid p = 1/max e-value of a mixture likelihood-ratio e-process (Ville's inequality)"
@@ -129,8 +141,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
         abstentions=abstentions,
         method=method,
         trajectory=list(eproc.history) if mode == "sequential" else [],
-        details={"mode": mode, "budget": budget, "triggers": len(triggers),
-                 **({"stops_at_log10_p": math.log10(stop_at), "alpha_share": share} if mode == "sequential" else {})},
+        details=details,
     )
 
 

@@ -45,6 +45,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from scipy import stats
 
+from wmark.errors import UsageError
+
 SIGNALS = ("prada", "near_dup", "ood", "coverage", "near_tie")
 # Same input up to float rounding of the projection (natural neighbours are ~1 apart in these units).
 REPEAT_RADIUS = 1e-3
@@ -114,7 +116,12 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
         dim: Principal directions kept.
         seed: Seed of the sample.
         sample: Most inputs used.
+
+    Raises:
+        UsageError: If ``dim`` is below 1 (0 crashed, and a negative one silently dropped directions from the end).
     """
+    if dim < 1:
+        raise UsageError(f"The reduced feature dimension (--dim) must be at least 1, got {dim}.")
     flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(flat))[:sample]

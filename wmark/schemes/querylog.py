@@ -39,6 +39,7 @@ import numpy as np
 
 from wmark.errors import UsageError
 from wmark.keys import Key
+from wmark.transcript import foreign_sqlite
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # a torch dependency; typing.Self needs Python 3.11
@@ -135,6 +136,12 @@ class QueryLog:
             # a server answers from worker threads; the lock serialises them on this one connection
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             self._lock = threading.Lock()
+            # another SQLite file (a verification transcript given as the log) is refused before anything is written
+            foreign = foreign_sqlite(self._db, formats=(LOG_FORMAT, TEXT_LOG_FORMAT),
+                                     tables=("meta", "inputs", "clients"))
+            if foreign is not None:
+                raise UsageError(f"{self.path} is not a wmark query log ({foreign}); give the log the marked API "
+                                 "wrote, or a new path to serve with.")
             self._db.execute("PRAGMA journal_mode=WAL")
             # WAL + NORMAL: commits survive the process, and no fsync per request (FULL's cost 3 ms of a 4 ms request)
             self._db.execute(f"PRAGMA synchronous={'FULL' if durability == 'fsync' else 'NORMAL'}")

@@ -76,7 +76,7 @@ class LookaheadTriggerStep:
             raise UsageError(f"The lookahead radius must be at least 0, got {radius}.")
         if per_batch < 1:
             raise UsageError(f"per_batch must be at least 1, got {per_batch}.")
-        if margin is not None and margin < 0:
+        if margin is not None and not margin >= 0:  # NaN too: it would void the margin silently
             raise UsageError(f"The trigger margin must be at least 0 (or None for none), got {margin}.")
         self.margin = margin
         self.model: nn.Module = getattr(model, "module", model) if hasattr(model, "no_sync") else model

@@ -20,6 +20,7 @@ import concurrent.futures as cf
 import email.utils
 import hashlib
 import json
+import math
 import os
 import random
 import ssl
@@ -34,6 +35,7 @@ import httpx
 import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
+from wmark.keys import KEY_FORMAT
 from wmark.suspects.base import Answers
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
@@ -73,11 +75,12 @@ class HttpOptions:
     verify_tls: bool | str = True
 
     def __post_init__(self) -> None:
-        if self.timeout <= 0:
-            raise UsageError(f"The timeout must be positive, got {self.timeout}.")
+        # `not (0 < x)` also refuses NaN: a NaN timeout crashed httpx, a NaN rate silently lifted the limit
+        if not (0 < self.timeout < math.inf):
+            raise UsageError(f"The timeout must be a positive finite number of seconds, got {self.timeout}.")
         if self.retries < 0:
             raise UsageError(f"The number of retries cannot be negative, got {self.retries}.")
-        if self.rate is not None and self.rate <= 0:
+        if self.rate is not None and not (self.rate > 0):
             raise UsageError(f"The request rate must be positive, got {self.rate}.")
         if self.concurrency < 1:
             raise UsageError(f"Concurrency must be at least 1, got {self.concurrency}.")
@@ -144,7 +147,7 @@ def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
         value = os.environ.get(env, "").strip()
         if not value:
             raise UsageError(f"The environment variable {env} holding the token is unset or empty; export it first.")
-        return value
+        return _checked_token(value, f"The environment variable {env}")
     if file:
         try:
             value = Path(file).read_text().strip()
@@ -152,8 +155,23 @@ def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
             raise UsageError(f"Cannot read the token file {file}; check the path and its permissions.") from None
         if not value:
             raise UsageError(f"The token file {file} is empty.")
-        return value
+        return _checked_token(value, f"The token file {file}")
     return None
+
+
+def _checked_token(value: str, source: str) -> str:
+    # The token goes to the suspect, who may be the thief: a key file given by mistake must never be sent, and a
+    # value no header can carry must be refused here, since httpx's refusal quotes the header (the token) in full.
+    try:
+        doc = json.loads(value)
+    except ValueError:
+        doc = None
+    if isinstance(doc, dict) and doc.get("format") == KEY_FORMAT:
+        raise UsageError(f"{source} holds a wmark key, not a token; sending it would give the suspect the key's "
+                         "secret, so give the bearer token instead.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise UsageError(f"{source} holds more than one line or control characters; a bearer token is one line.")
+    return value
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:

@@ -14,6 +14,7 @@ trigger count only, so a resumed run asks the very same cover queries and finds 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,8 +41,9 @@ class CoverTraffic:
     """
 
     def __init__(self, inputs: np.ndarray, *, ratio: float, seed: int) -> None:
-        if ratio <= 0:
-            raise UsageError(f"The cover ratio must be positive, got {ratio}.")
+        # NaN and infinity reach numpy's Poisson draw otherwise, which fails with a message naming no option
+        if not (0 < ratio < math.inf):
+            raise UsageError(f"The cover ratio must be a positive finite number, got {ratio}.")
         if len(inputs) == 0:
             raise UsageError("The cover data set is empty.")
         # Texts stay strings: a text suspect is asked the text itself, as it is asked its triggers.
