@@ -254,24 +254,33 @@ def test_a_suspect_whose_forward_answers_over_other_classes_is_refused_in_one_se
                                  "the key made for this model.\n")
 
 
-@pytest.mark.parametrize(("args", "message"), [
+_BAD_SCHEDULES = [
     (["--lr", "nan"], "The learning rate must be a positive finite number, got nan."),
     (["--lr", "-1"], "The learning rate must be a positive finite number, got -1.0."),
     (["--lr", "inf"], "The learning rate must be a positive finite number, got inf."),
     (["--epochs", "0"], "Training needs at least 1 epoch, got 0."),
     (["--max-samples", "0"], "The training-sample limit (max_samples) must be at least 1, got 0."),
     (["--max-samples", "-5"], "The training-sample limit (max_samples) must be at least 1, got -5."),
+]
+_EXTRACT_ONLY = [
+    (["--until-accuracy", "nan"], "The accuracy target is a fraction in [0, 1], got nan."),
+    (["--until-accuracy", "2"], "The accuracy target is a fraction in [0, 1], got 2.0."),
+]
+
+
+@pytest.mark.parametrize(("command", "args", "message"), [
+    *((command, args, message) for command in ("train", "embed", "finetune") for args, message in _BAD_SCHEDULES),
+    # extract takes --queries, not a sample limit, and alone takes an accuracy target
+    *(("extract", args, message) for args, message in _BAD_SCHEDULES + _EXTRACT_ONLY if args[0] != "--max-samples"),
 ])
-@pytest.mark.parametrize("command", ["train", "embed", "finetune", "extract"])
 def test_a_training_setting_no_run_can_use_exits_2_and_writes_nothing(
         key_file: Path, tmp_path: Path, command: str, args: list[str], message: str) -> None:
     """Zero epochs used to write the untouched model as trained, a negative sample limit to drop the last samples,
-    and a bad learning rate or batch size to fail inside PyTorch with exit 3."""
+    a bad learning rate or batch size to fail inside PyTorch with exit 3, and an accuracy target no thief can
+    reach to train to the epoch cap without a word."""
     from wmark.io import save_model
     from wmark.models import build_model
 
-    if command == "extract" and args[0] == "--max-samples":
-        return  # extract takes --queries, not a sample limit
     model, out = tmp_path / "m.safetensors", tmp_path / "out.safetensors"
     save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), model,
                metadata={"num_classes": 10, "input_shape": [1, 8, 8]})

@@ -62,9 +62,10 @@ def test_a_thief_can_stop_once_good_enough(victim):
     result = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=10, seed=3, stop=stop)
     assert result.epochs == 3 and seen == [True, True, True]
     assert extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=2, seed=3).epochs == 2
-    unreachable = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=2, seed=3,
-                          stop=accuracy_reached(xt, yt, 1.01))
-    assert unreachable.epochs == 2
+    never = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=2, seed=3, stop=lambda model: False)
+    assert never.epochs == 2
+    with pytest.raises(UsageError, match=r"^The accuracy target is a fraction in \[0, 1\], got 1.01.$"):
+        accuracy_reached(xt, yt, 1.01)
     first = extract(api, x=xq, arch="fmnist-mlp", queries=800, epochs=10, seed=3, stop=accuracy_reached(xt, yt, 0.0))
     assert first.epochs == 1
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import socket
 import time
 
@@ -301,18 +302,21 @@ def test_transport_settings_no_request_can_use_are_refused(options, message):
         HttpOptions(**options)
 
 
-@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), 0.0, -1.0])
+@pytest.mark.parametrize("ratio", [float("nan"), float("inf"), 0.0, -1.0, 1e19])
 def test_a_cover_ratio_no_draw_can_use_is_refused(ratio):
+    """1e19 is finite but numpy's Poisson draw fails on it naming no option."""
     from wmark.suspects.probe import CoverTraffic
 
-    with pytest.raises(UsageError, match=f"^The cover ratio must be a positive finite number, got {ratio}.$"):
+    message = f"The cover ratio must be a number above 0 and at most 1000, got {ratio}."
+    with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
         CoverTraffic(np.zeros((4, *SHAPE), dtype=np.float32), ratio=ratio, seed=0)
 
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--timeout", "nan"], "The timeout must be a positive finite number of seconds, got nan."),
     (["--timeout", "inf"], "The timeout must be a positive finite number of seconds, got inf."),
-    (["--cover-data", "digits", "--cover-ratio", "inf"], "The cover ratio must be a positive finite number, got inf."),
+    (["--cover-data", "digits", "--cover-ratio", "inf"], "The cover ratio must be a number above 0 and at most 1000, got inf."),
+    (["--cover-ratio", "5"], "--cover-ratio does not apply without --cover-data."),
 ])
 def test_bad_transport_options_exit_2_before_any_request(tmp_path, args, message):
     from click.testing import CliRunner

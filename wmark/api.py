@@ -468,12 +468,15 @@ def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data
     """
     from wmark.attacks.extract import accuracy_reached
     from wmark.attacks.extract import extract as run_extract
+    from wmark.distill import check_accuracy_target
     from wmark.marks import answerer_for, open_served
     from wmark.schemes.tiebreak.inputs import owner_texts
     from wmark.text_serving import text_inputs_of
     from wmark.training import predict_logits
 
     check_schedule(epochs=epochs, lr=lr)
+    if until_accuracy is not None:
+        check_accuracy_target(until_accuracy)
     ds = load_dataset(data)
     k = None if key is None else load_key(key)
     if k is not None:

@@ -188,6 +188,7 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
     if not _is_url(suspect):
         raise UsageError(f"{suspect} is not an http(s) URL; for a model file use `wmark verify file`.")
     check_outputs(http["transcript"], report=report)
+    refuse([] if http["cover_data"] else ["cover_ratio"], "without --cover-data")
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
                                          reference_signature=None)
     verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode="fixed" if fixed else "sequential",
@@ -261,6 +262,7 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
     mode: Mode = "fixed" if fixed else "sequential"
     if _is_url(suspect):
         refuse(["arch", "with_scores", "device"], "to an API suspect")
+        refuse([] if http["cover_data"] else ["cover_ratio"], "without --cover-data")
         verdict = api.verify_remote(key=key, url=suspect, alpha=alpha, mode=mode, max_queries=budget, report=report,
                                     progress=_progress(), **tests, **http)
     else:

@@ -157,6 +157,12 @@ def extract(victim: Suspect, *, x: torch.Tensor | np.ndarray, arch: str, labels:
                       train_seconds=time.perf_counter() - start, epochs=trained)
 
 
+def check_accuracy_target(target: float) -> None:
+    """Refuse an accuracy target outside [0, 1] (an accuracy is a fraction; NaN fails every comparison)."""
+    if not (0 <= target <= 1):
+        raise UsageError(f"The accuracy target is a fraction in [0, 1], got {target}.")
+
+
 def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, target: float) -> Callable[[nn.Module], bool]:
     """A ``stop`` rule for :func:`extract`: the surrogate's accuracy on labelled ``(x, y)`` is at least ``target``.
 
@@ -166,7 +172,12 @@ def accuracy_reached(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray,
         >>> _ = torch.nn.init.zeros_(model.weight), torch.nn.init.zeros_(model.bias)
         >>> accuracy_reached(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long), 0.5)(model)
         True
+
+    Raises:
+        UsageError: If ``target`` is not in [0, 1]: a thief could never stop, and would train to its cap saying
+            nothing.
     """
+    check_accuracy_target(target)
     arr = host_array(x)
     # token ids stay integers; images are float32
     xs = torch.as_tensor(arr if arr.dtype.kind in "iu" else arr.astype(np.float32))

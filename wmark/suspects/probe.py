@@ -14,7 +14,6 @@ trigger count only, so a resumed run asks the very same cover queries and finds 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +25,8 @@ from wmark.suspects.base import Answers, Suspect
 from wmark.suspects.http import Outcome
 from wmark.text import is_text_array
 from wmark.transcript import Transcript, input_sha256
+
+MAX_COVER_RATIO = 1000
 
 
 class CoverTraffic:
@@ -41,9 +42,9 @@ class CoverTraffic:
     """
 
     def __init__(self, inputs: np.ndarray, *, ratio: float, seed: int) -> None:
-        # NaN and infinity reach numpy's Poisson draw otherwise, which fails with a message naming no option
-        if not (0 < ratio < math.inf):
-            raise UsageError(f"The cover ratio must be a positive finite number, got {ratio}.")
+        # NaN, infinity and huge ratios reach numpy's Poisson draw otherwise, which fails naming no option
+        if not (0 < ratio <= MAX_COVER_RATIO):
+            raise UsageError(f"The cover ratio must be a number above 0 and at most {MAX_COVER_RATIO}, got {ratio}.")
         if len(inputs) == 0:
             raise UsageError("The cover data set is empty.")
         # Texts stay strings: a text suspect is asked the text itself, as it is asked its triggers.
