@@ -562,6 +562,8 @@ def main() -> None:
            **result}
     if fam.name != "cnn":
         doc["family"] = family_doc(fam, plan)
+    elif plan.slice_data is not None:
+        doc["slice"] = list(plan.slice_data)  # the first training and test images the run used
     if args.carry is not None:
         carry_rows(doc, json.loads(args.carry.read_text()))
     stem = fam.stem(args.quick)
