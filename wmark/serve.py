@@ -250,7 +250,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                 return by_client.get(client, answerer or text_suspect).query(x)
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
-            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model),
+            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
+            max_batch=MAX_BATCH),
             methods=["POST"]))
     return Starlette(routes=routes)
 
