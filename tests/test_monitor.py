@@ -170,6 +170,10 @@ def test_monitor_latches_one_alarm_per_client(fmap):
     ({"default": {"on_alarm": {"action": "block", "queries_per_second": 1}}}, r"only the \"throttle\" action"),
     ({"default": {"top_k": True}}, r"default.top_k: must be an integer"),
     ([], r"file: must be a JSON object"),
+    # JSON integers are unbounded: these crashed with an OverflowError (math.isfinite, the token bucket's float)
+    ({"default": {"rate": {"queries_per_second": 10 ** 400}}}, r"queries_per_second: is too large; give at most"),
+    ({"default": {"rate": {"queries_per_second": 1, "burst": 10 ** 400}}}, r"default.rate.burst: is too large"),
+    ({"default": {"quota": {"per_day": -10 ** 400}}}, r"default.quota.per_day: is too large"),
 ])
 def test_bad_policies_get_one_sentence(doc, message):
     with pytest.raises(UsageError, match=message) as err:
