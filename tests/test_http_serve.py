@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -68,6 +69,19 @@ def test_v2_routes_and_errors(served):
         resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers=auth)
         assert resp.status_code == 400 and resp.json()["error"], raw
 
+
+
+@pytest.mark.parametrize("data, message", [
+    ([[0.5] * 32, [0.5]], "nested lists of equal lengths"),  # ragged: numpy's ValueError was a 500
+    ([["a"] * 64], "nested lists of equal lengths"),
+    ([10 ** 400] + [0] * 63, "must be numbers"),  # beyond a float: OverflowError, a 500
+    ([1e39] + [0] * 63, "beyond FP32's range"),  # finite in JSON, inf in FP32: NaN scores failed to serialise
+])
+def test_malformed_input_values_get_400_not_500(served, data, message):
+    url, _, _ = served
+    raw = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": data}]})
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 400 and message in resp.json()["error"]
 
 def test_cli_verify_over_http_and_an_exhausted_budget(served):
     url, tmp, _ = served

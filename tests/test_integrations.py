@@ -311,3 +311,55 @@ def test_the_lightning_callback_trains_dict_batches_that_name_their_inputs_other
         callback = _lightning_fit(net, items, wm)
         assert callback.trigger_accuracy is not None and not _unchanged(net, before)
 
+
+
+class _FailingOnce(_HFImages):
+    """Raises in its forward until told otherwise: a run that dies mid-training (an OOM, a bad batch)."""
+
+    fail = True
+
+    def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, Any]:
+        if self.fail:
+            raise RuntimeError("the run dies")
+        return super().forward(pixel_values, labels)
+
+
+def test_an_hf_run_that_raises_leaves_the_watermarker_free_for_the_next_train(tmp_path):
+    """No callback runs when a Trainer run raises, so the watermarker stayed attached and the next train() was
+    refused ("already attached"), its hooks left on the optimizer the Trainer keeps."""
+    from transformers import Trainer, TrainingArguments
+
+    from wmark.integrations.common import inner_optimizer
+    from wmark.integrations.hf import WatermarkCallback
+
+    model = _FailingOnce()
+    callback = WatermarkCallback(Watermarker(_image_key()))
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
+                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
+                             dataloader_num_workers=0, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=_IMAGE_ITEMS, callbacks=[callback])  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="the run dies"):
+        trainer.train()
+    model.fail = False
+    trainer.train()
+    assert callback.trigger_accuracy is not None
+    assert not callback.watermarker._attached and not inner_optimizer(trainer.optimizer)._optimizer_step_pre_hooks
+
+
+def test_a_lightning_run_that_raises_leaves_the_watermarker_free_for_the_next_fit():
+    """on_train_end never runs after an exception: the weights scheme's hook stayed, and the next fit() was refused
+    ("already attached")."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 4))
+    wm = Watermarker(_image_key(), schemes=("trigger", "weights"), weights_layer="net.3.weight")
+
+    def dies(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if torch.is_tensor(args[0]):  # not the weights scheme's torch.fx trace, which passes proxies
+            raise RuntimeError("the run dies")
+
+    hook = net.register_forward_pre_hook(dies)
+    with pytest.raises(RuntimeError, match="the run dies"):
+        _lightning_fit(net, _IMAGE_PAIRS, wm)
+    assert not wm._attached
+    hook.remove()
+    callback = _lightning_fit(net, _IMAGE_PAIRS, wm)
+    assert callback.trigger_accuracy is not None and not wm._attached

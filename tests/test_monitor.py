@@ -9,7 +9,7 @@ import pytest
 
 from wmark.errors import UsageError
 from wmark.monitor.api import monitor_report
-from wmark.monitor.gate import Gate
+from wmark.monitor.gate import STATE_FORMAT, Gate
 from wmark.monitor.monitor import (
     ExtractionMonitor,
     calibrate,
@@ -170,6 +170,10 @@ def test_monitor_latches_one_alarm_per_client(fmap):
     ({"default": {"on_alarm": {"action": "block", "queries_per_second": 1}}}, r"only the \"throttle\" action"),
     ({"default": {"top_k": True}}, r"default.top_k: must be an integer"),
     ([], r"file: must be a JSON object"),
+    # JSON integers are unbounded: these crashed with an OverflowError (math.isfinite, the token bucket's float)
+    ({"default": {"rate": {"queries_per_second": 10 ** 400}}}, r"queries_per_second: is too large; give at most"),
+    ({"default": {"rate": {"queries_per_second": 1, "burst": 10 ** 400}}}, r"default.rate.burst: is too large"),
+    ({"default": {"quota": {"per_day": -10 ** 400}}}, r"default.quota.per_day: is too large"),
 ])
 def test_bad_policies_get_one_sentence(doc, message):
     with pytest.raises(UsageError, match=message) as err:
@@ -235,6 +239,26 @@ def test_state_file_keeps_quotas_and_alarms_across_restarts(fmap, tmp_path):
     with pytest.raises(UsageError, match="is not a wmark state file"):
         Gate(policy=policy, clients=["shop"], state_path=state)
 
+
+
+@pytest.mark.parametrize("record", [{"queries_total": "x"}, {"queries_total": None}, {"day": 1e400},
+                                    {"queries_today": -50}, {"alarm": "yes"}, {"alarm": [1, 2]}])
+def test_a_hand_edited_state_record_is_refused_in_one_sentence(tmp_path, record):
+    """Each of these crashed the server's start in int() or dict() (exit 3, "unexpected ValueError")."""
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {"shop": record}}))
+    with pytest.raises(UsageError, match=r"has an invalid record for client 'shop' .*; fix it or move the file away"):
+        Gate(policy=Policy(), clients=["shop"], state_path=state)
+
+
+def test_a_state_file_of_another_format_version_says_so(tmp_path):
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"format": "wmark-monitor-state/2", "clients": {}}))
+    with pytest.raises(UsageError, match=r"is in format wmark-monitor-state/2, which this wmark does not read"):
+        Gate(policy=Policy(), clients=["shop"], state_path=state)
+    state.write_bytes(b"\x00\x01 not json")
+    with pytest.raises(UsageError, match="is not a wmark state file"):
+        Gate(policy=Policy(), clients=["shop"], state_path=state)
 
 def test_the_alarm_log_exists_from_the_start_so_a_quiet_server_reports_no_alarms(tmp_path):
     log = tmp_path / "alarms.jsonl"

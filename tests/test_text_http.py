@@ -68,6 +68,19 @@ def test_the_text_endpoint_answers_like_hugging_face_and_refuses_bad_input(key_f
         assert v2.status_code == 400 and "/hf/models/m" in v2.json()["error"]
 
 
+
+def test_the_text_endpoint_refuses_too_many_texts_and_lone_surrogates(key_file):
+    """5000 strings were all answered at once (the v2 endpoint caps a request at 1024 inputs), and a lone surrogate,
+    valid JSON, failed inside the tokenizer with a 500."""
+    key = load_key(key_file)
+    with serve_in_background(_app(hf_bert(4), key, labels_only=False)) as server:
+        url = f"{server.url}/hf/models/m"
+        many = httpx.post(url, json={"inputs": ["hi"] * 1025}, timeout=30)
+        assert many.status_code == 400 and "at most 1024 inputs per request" in many.json()["error"]
+        assert httpx.post(url, json={"inputs": ["hi"] * 1024}, timeout=30).status_code == 200
+        surrogate = httpx.post(url, content=b'{"inputs": ["fine", "\\ud800"]}')
+        assert surrogate.status_code == 400 and "valid Unicode" in surrogate.json()["error"]
+
 @pytest.mark.parametrize("answer, message", [
     ([{"label": "positive", "score": 0.9}, {"label": "negative", "score": 0.1}], "not a class index"),
     ([{"label": "LABEL_7", "score": 1.0}], "outside the key's 4 classes"),

@@ -232,6 +232,49 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
         Watermarker(digits_key, trigger_lookahead=0).lookahead_step(_tiny())
 
 
+
+def test_an_attach_that_fails_part_way_leaves_the_optimizer_as_it_was(digits_key) -> None:
+    """The weights scheme refusing its layer left the trigger hook on the optimizer: training learnt triggers the
+    caller believed unattached, and attaching again after the fix added them twice."""
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 512), torch.nn.ReLU(), torch.nn.Linear(512, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
+    for attach in ("attach", "attach_optimizer"):
+        wm = Watermarker(digits_key, schemes=("trigger", "weights"), weights_layer="nope")
+        with pytest.raises(UsageError, match="'nope.weight' is not the weight of a conv/linear layer; choose one of"):
+            if attach == "attach":
+                wm.attach(model=model, optimizer=optimizer, data_loader=base)
+            else:
+                wm.attach_optimizer(model=model, optimizer=optimizer, trigger_batch_size=4)
+        assert not optimizer._optimizer_step_pre_hooks and not wm._hooks and "weights" not in wm.metadata()
+        wm.weights_layer = "3.weight"  # fixed, the same Watermarker attaches once
+        wm.attach(model=model, optimizer=optimizer, data_loader=base)
+        assert len(optimizer._optimizer_step_pre_hooks) == 2
+        wm.detach()
+        assert not optimizer._optimizer_step_pre_hooks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_in_another_float_dtype_gets_its_triggers_in_that_dtype(digits_key, dtype) -> None:
+    """The float32 triggers reached a half-precision (or double) model as they were: the first optimizer step failed
+    with "mat1 and mat2 must have the same dtype", and so did the integrations' trigger accuracy."""
+    from wmark.integrations.common import trigger_accuracy
+
+    torch.manual_seed(0)
+    model = _tiny().to(dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wm = Watermarker(digits_key, trigger_lookahead=0.05, trigger_per_batch=4)
+    data = make_loader(torch.rand(8, 1, 8, 8).to(dtype), torch.zeros(8, dtype=torch.long), batch_size=4)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=data)
+    bx, by = next(iter(loader))
+    F.cross_entropy(model(bx), by).backward()
+    natural = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()  # the hook adds the trigger gradient in the model's dtype
+    assert all(p.grad.dtype == dtype for p in model.parameters())
+    assert any(not torch.equal(p.grad, g) for p, g in zip(model.parameters(), natural))
+    wm.detach()
+    assert 0.0 <= trigger_accuracy(model, wm.triggers) <= 1.0
+
 def test_attach_optimizer_installs_the_lookahead_hook_for_a_framework() -> None:
     """What the Hugging Face callback does: the hook on the Trainer's optimizer, weighted by its batch size."""
     # A fixed key: over random keys this setup learns 80-100 % of the 40 triggers.

@@ -59,6 +59,21 @@ def test_dataset_wrapper_appends_triggers(digits_key) -> None:
     assert torch.equal(x, triggers.inputs[0]) and int(y) == int(triggers.labels[0])
 
 
+
+def test_dataset_wrapper_refuses_a_repeat_count_below_1_and_items_of_another_shape(digits_key) -> None:
+    """repeats=0 appended no trigger at all, silently, and -1 failed in len(); items of another shape than the key's
+    triggers failed in the collator's torch.stack on the first batch holding a trigger, naming neither."""
+    wm = Watermarker(digits_key, trigger_lookahead=0)
+    base = torch.utils.data.TensorDataset(torch.rand(10, 1, 8, 8), torch.zeros(10, dtype=torch.long))
+    for repeats in (0, -1):
+        with pytest.raises(UsageError, match=f"repeats must be an integer of at least 1, got {repeats}"):
+            wm.wrap_dataset(base, repeats=repeats)
+    wide = torch.utils.data.TensorDataset(torch.rand(10, 3, 32, 32), torch.zeros(10, dtype=torch.long))
+    with pytest.raises(UsageError, match=r"inputs of shape \(3, 32, 32\) but the key's triggers are \(1, 8, 8\)"):
+        wm.wrap_dataset(wide)
+    with pytest.raises(UsageError, match=r"inputs of shape \(3, 32, 32\)"):
+        wm.wrap_dataset([{"pixel_values": torch.rand(3, 32, 32), "labels": 0}])  # type: ignore[arg-type]
+
 def test_unknown_scheme_is_refused(digits_key) -> None:
     with pytest.raises(UsageError, match="Unknown scheme"):
         Watermarker(digits_key, schemes=("nope",))

@@ -3,7 +3,8 @@
 A batch is a tensor (images, token ids) or a dict of named tensors (``pixel_values``, ``input_ids`` and
 ``attention_mask``, any keys the model's ``forward`` takes). The output is a batch × classes tensor, or an
 object with ``.logits`` (a Hugging Face ``ModelOutput``), or a tuple whose first element is the logits.
-Inputs always follow the model to its device (CPU, CUDA or MPS); the model itself is never moved.
+Inputs always follow the model to its device (CPU, CUDA or MPS) and floating-point dtype; the model itself is never
+moved or cast.
 
 Example:
     >>> from torch import nn
@@ -63,14 +64,31 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def to_device(batch: Any, device: torch.device) -> Any:
-    """Move a tensor, or every tensor of a dict batch, to ``device`` (other values are left alone)."""
+def model_float_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (None for a model with none)."""
+    for param in model.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def to_device(batch: Any, device: torch.device, float_dtype: torch.dtype | None = None) -> Any:
+    """Move a tensor, or every tensor of a dict batch, to ``device`` (other values are left alone); with
+    ``float_dtype``, floating-point tensors are cast to it (token ids and masks keep theirs)."""
     if isinstance(batch, torch.Tensor):
+        dtype = float_dtype if float_dtype is not None and batch.is_floating_point() else batch.dtype
         # non_blocking only where the copy is host-to-CUDA; a copy down to the CPU must be complete before use
-        return batch.to(device, non_blocking=torch.device(device).type == "cuda")
+        return batch.to(device, dtype, non_blocking=torch.device(device).type == "cuda")
     if isinstance(batch, Mapping):
-        return {k: to_device(v, device) for k, v in batch.items()}
+        return {k: to_device(v, device, float_dtype) for k, v in batch.items()}
     return batch
+
+
+def to_model(batch: Any, model: nn.Module) -> Any:
+    """``batch`` on the model's device, its floating-point tensors in the model's dtype: triggers and verifier
+    inputs are float32, and a float16, bfloat16 or float64 model refuses them ("mat1 and mat2 must have the same
+    dtype")."""
+    return to_device(batch, model_device(model), model_float_dtype(model))
 
 
 def _forward_names(model: nn.Module) -> tuple[list[str], set[str], bool]:
@@ -145,8 +163,8 @@ def logits_of(output: Any) -> torch.Tensor:
 
 
 def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Logits of ``model`` on ``batch``, with the batch moved to the model's device first."""
-    return logits_of(call_model(model, to_device(batch, model_device(model))))
+    """Logits of ``model`` on ``batch``, with the batch moved to the model's device and dtype first (:func:`to_model`)."""
+    return logits_of(call_model(model, to_model(batch, model)))
 
 
 def split_batch(batch: Any, *, label_key: str = "labels") -> tuple[Batch, torch.Tensor]:

@@ -26,8 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -140,17 +141,32 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
-        if "trigger" in self.schemes:
-            if data_loader is None:
-                raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's "
-                                 "loader).")
-            data_loader = self._attach_triggers(model, optimizer, data_loader)
-        if "weights" in self.schemes:
-            if optimizer is None:
-                raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
-            self._hook_weights(model, optimizer)
+        with self._all_or_nothing():
+            if "trigger" in self.schemes:
+                if data_loader is None:
+                    raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's "
+                                     "loader).")
+                data_loader = self._attach_triggers(model, optimizer, data_loader)
+            if "weights" in self.schemes:
+                if optimizer is None:
+                    raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
+                self._hook_weights(model, optimizer)
         self._attached = True
         return model, optimizer, data_loader
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self) -> Iterator[None]:
+        """Remove the hooks an attach installed if a later scheme refuses, so the optimizer is left as it was.
+
+        Without it a trigger hook stayed on the optimizer when the weights scheme refused its layer: training
+        then learnt triggers the caller believed unattached, and attaching again after the fix added them twice.
+        """
+        try:
+            yield
+        except BaseException:
+            self.detach()
+            self._weights = None
+            raise
 
     def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
         if not self.trigger_step:
@@ -197,13 +213,14 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
-        if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
-            # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
-            step = self.lookahead_step(model)
-            step.batch_size = trigger_batch_size
-            self._hooks.append(optimizer.register_step_pre_hook(step.hook))
-        if "weights" in self.schemes:
-            self._hook_weights(model, optimizer)
+        with self._all_or_nothing():
+            if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
+                # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
+                step = self.lookahead_step(model)
+                step.batch_size = trigger_batch_size
+                self._hooks.append(optimizer.register_step_pre_hook(step.hook))
+            if "weights" in self.schemes:
+                self._hook_weights(model, optimizer)
         self._attached = True
 
     def _refuse_lookahead(self) -> None:

@@ -250,7 +250,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                 return by_client.get(client, answerer or text_suspect).query(x)
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
-            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model),
+            answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
+            max_batch=MAX_BATCH),
             methods=["POST"]))
     return Starlette(routes=routes)
 
@@ -269,7 +270,10 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
         raise BadRequest("the input tensor needs a \"shape\" of positive integers")
     data = tensor["data"]
     if any(isinstance(v, list) for v in data[:1]):
-        data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
+        try:
+            data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
+        except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
+            raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
     total = int(np.prod(dims))
     if len(data) != total:
         raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
@@ -280,13 +284,16 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
         raise BadRequest(f"at most {MAX_BATCH} inputs per request")
     try:
         x = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequest("data must be numbers") from None
-    if not np.isfinite(x).all():
-        raise BadRequest("data contains NaN or infinite values")
     if datatype in _INT_TYPES:
         x = x / _INT_TYPES[datatype]
-    return x.astype(np.float32).reshape(batch, *shape)
+    with np.errstate(over="ignore"):
+        x = x.astype(np.float32)
+    # checked after the cast: a value beyond FP32's range (1e39) becomes inf there, and its NaN scores are no JSON
+    if not np.isfinite(x).all():
+        raise BadRequest("data contains NaN or infinite values, or values beyond FP32's range")
+    return x.reshape(batch, *shape)
 
 
 class BackgroundServer:

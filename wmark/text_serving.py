@@ -46,7 +46,8 @@ def label_name(index: int) -> str:
 
 
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
-                     check_model: Callable[[Request], JSONResponse | None]) -> Callable[[Request], Any]:
+                     check_model: Callable[[Request], JSONResponse | None],
+                     max_batch: int = 1024) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
     Args:
@@ -55,6 +56,7 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         labels_only: Answer only the top-1 label.
         client_of: The authenticated client of a request.
         check_model: The server's authentication and model-name check (a refusal, or ``None``).
+        max_batch: Most strings one request may hold (the v2 endpoint's limit, so neither is a way to exhaust memory).
     """
 
     async def handler(request: Request) -> JSONResponse:
@@ -70,6 +72,14 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         texts = [inputs] if single else inputs
         if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
             return JSONResponse({"error": "\"inputs\" must be a string or a non-empty list of strings"}, status_code=400)
+        if len(texts) > max_batch:
+            return JSONResponse({"error": f"at most {max_batch} inputs per request"}, status_code=400)
+        try:
+            for t in texts:
+                t.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON) fails inside the tokenizer: a 500
+            return JSONResponse({"error": "\"inputs\" must be valid Unicode text (no lone surrogates)"},
+                                status_code=400)
         try:
             answers = await run_in_threadpool(answer, np.asarray(texts, dtype=object), client_of(request) or "")
         except UsageError as exc:

@@ -53,10 +53,16 @@ class WatermarkCallback(TrainerCallback):
         self.watermarker = watermarker
         self.trigger_accuracy: float | None = None
         self._first_batch: torch.utils.hooks.RemovableHandle | None = None
+        self._attached = False  # by this callback, for a run that may raise before on_train_end
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
                        train_dataloader: Any = None, **kwargs: Any) -> None:
         wm = self.watermarker
+        if self._attached:
+            # The Trainer calls no callback when a run raises, so the last one left its hooks on the optimizer it
+            # keeps for this train(): release them, or the watermarker would refuse to attach twice.
+            wm.detach()
+            self._attached = False
         dataset = getattr(train_dataloader, "dataset", None)
         mixing = "trigger" in wm.schemes and not wm.trigger_step
         if mixing and dataset is not None and not isinstance(dataset, TriggerMixingDataset):
@@ -66,6 +72,7 @@ class WatermarkCallback(TrainerCallback):
             steps = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
             wm.attach_optimizer(model=model, optimizer=inner_optimizer(optimizer),
                                 trigger_batch_size=None if mixing else int(args.per_device_train_batch_size) * steps)
+            self._attached = True
         elif "trigger" in wm.schemes and not mixing:
             raise UsageError("A trigger pass of its own (lookahead or a margin) needs the Trainer's optimizer when "
                              "training begins; use a transformers Trainer that passes it to callbacks, or mix the "
@@ -105,6 +112,7 @@ class WatermarkCallback(TrainerCallback):
         wm = self.watermarker
         self._stop_checking()  # a run of no steps never called the model
         wm.detach()
+        self._attached = False
         if model is not None and "trigger" in wm.schemes:
             self.trigger_accuracy = trigger_accuracy(model, wm.triggers, input_key=wm.input_key)
             state.log_history.append({"wmark_trigger_accuracy": self.trigger_accuracy, "step": state.global_step})

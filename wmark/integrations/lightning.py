@@ -115,6 +115,11 @@ class WatermarkCallback(L.Callback):
             loss = torch.nn.functional.cross_entropy(logits, triggers.labels[idx].to(logits.device))
             (self.weight * loss).backward()
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        # A run that raised never reaches on_train_end: without this the Watermarker stayed attached, its hooks on the
+        # dead run's optimizer, and the next fit() was refused as attaching twice.
+        self.watermarker.detach()
+
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wm = self.watermarker
         wm.detach()

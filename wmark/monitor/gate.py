@@ -148,21 +148,33 @@ class Gate:
 
     def _load_state(self, now: float) -> None:
         assert self.state_path is not None
+        doc = None
         try:
             doc = json.loads(self.state_path.read_text())
             saved = doc["clients"] if doc.get("format") == STATE_FORMAT else None
         except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
             saved = None
         if not isinstance(saved, dict):
+            found = doc.get("format") if isinstance(doc, dict) else None
+            if isinstance(found, str) and found.startswith("wmark-monitor-state/"):
+                raise UsageError(f"Monitor state file {self.state_path} is in format {found}, which this wmark does "
+                                 f"not read ({STATE_FORMAT}); move it away or serve with the wmark that wrote it.")
             raise UsageError(f"Monitor state file {self.state_path} is not a wmark state file; move it away.")
         for name, rec in saved.items():
             c = self.clients.get(name)
             if c is None or not isinstance(rec, dict):
                 continue
-            c.total = int(rec.get("queries_total", 0))
-            c.day, c.today = int(rec.get("day", -1)), int(rec.get("queries_today", 0))
-            if rec.get("alarm"):
-                self._apply_alarm(name, c, dict(rec["alarm"]), now)
+            counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0)]
+            alarm = rec.get("alarm")
+            # Checked before any is applied: a hand-edited count ("x", null, 1e400) or alarm crashed int()/dict().
+            if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= -1 for v in counts)
+                    or min(counts[0], counts[2]) < 0 or not (alarm is None or isinstance(alarm, dict))):
+                raise UsageError(f"Monitor state file {self.state_path} has an invalid record for client {name!r} "
+                                 "(counts must be integers of at least 0, an alarm an object); fix it or move the "
+                                 "file away.")
+            c.total, c.day, c.today = counts
+            if alarm:
+                self._apply_alarm(name, c, dict(alarm), now)
 
     def _apply_alarm(self, name: str, c: _Client, alarm: dict[str, Any], now: float) -> None:
         action = c.rules.on_alarm

@@ -39,6 +39,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -114,6 +115,9 @@ def _fail(where: str, problem: str) -> UsageError:
 
 def _number(value: Any, where: str, *, integer: bool = False, positive: bool = False) -> Any:
     kind = int if integer else (int, float)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+        # JSON integers are unbounded; one of hundreds of digits crashed math.isfinite and the token bucket's floats
+        raise _fail(where, f"is too large; give at most {sys.float_info.max:g}")
     if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
         raise _fail(where, f"must be {'an integer' if integer else 'a number'}, not {json.dumps(value)}")
     if value < 0 or (positive and value == 0):

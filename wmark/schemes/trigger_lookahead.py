@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from wmark.contract import call_model, logits_of, model_device, split_batch, to_device
+from wmark.contract import call_model, logits_of, split_batch, to_model
 from wmark.errors import UsageError
 from wmark.schemes.trigger_set import LoaderProxy, TriggerSet, check_inputs
 
@@ -117,7 +117,7 @@ class LookaheadTriggerStep:
     def _batch(self, idx: list[int]) -> Any:
         from wmark.integrations.common import trigger_batch
 
-        return to_device(trigger_batch(self.triggers, idx, input_key=self.input_key), model_device(self.model))
+        return to_model(trigger_batch(self.triggers, idx, input_key=self.input_key), self.model)
 
     def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Optimizer step pre-hook: add ``per_batch / batch size ×`` the trigger loss's gradient at the looked-ahead

@@ -307,6 +307,9 @@ class TriggerMixingDataset(Dataset):
 
     def __init__(self, dataset: Dataset, triggers: TriggerSet, *, repeats: int = 10, input_key: str | None = None,
                  label_key: str = "labels") -> None:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            # 0 appended no trigger at all, silently; a negative count failed later in len()
+            raise UsageError(f"repeats must be an integer of at least 1, got {repeats!r}.")
         self.dataset = dataset
         self.triggers = triggers
         self.repeats = repeats
@@ -322,6 +325,15 @@ class TriggerMixingDataset(Dataset):
             if missing:
                 raise UsageError(f"The dataset's items have no {' or '.join(map(repr, missing))} (they hold "
                                  f"{', '.join(map(repr, self._example))}); name the input and label keys.")
+        x = self._example.get(self.input_key) if isinstance(self._example, Mapping) else (
+            self._example[0] if isinstance(self._example, (tuple, list)) and self._example else None)
+        if isinstance(x, torch.Tensor):
+            # as the mixing loader checks its batches: otherwise the collator fails on the first mixed batch
+            check_kinds(x, triggers)
+            if not triggers.is_text and tuple(x.shape) != tuple(triggers.inputs.shape[1:]):
+                raise UsageError(f"The dataset's items hold inputs of shape {tuple(x.shape)} but the key's triggers "
+                                 f"are {tuple(triggers.inputs.shape[1:])}; make a key whose input shape matches the "
+                                 "model's.")
 
     def __len__(self) -> int:
         return self._base + self.repeats * len(self.triggers)
