@@ -71,15 +71,18 @@ def test_v2_routes_and_errors(served):
 
 
 
-@pytest.mark.parametrize("data, message", [
-    ([[0.5] * 32, [0.5]], "nested lists of equal lengths"),  # ragged: numpy's ValueError was a 500
-    ([["a"] * 64], "nested lists of equal lengths"),
-    ([10 ** 400] + [0] * 63, "must be numbers"),  # beyond a float: OverflowError, a 500
-    ([1e39] + [0] * 63, "beyond FP32's range"),  # finite in JSON, inf in FP32: NaN scores failed to serialise
+@pytest.mark.parametrize("data, message, datatype", [
+    ([[0.5] * 32, [0.5]], "nested lists of equal lengths", "FP32"),  # ragged: numpy's ValueError was a 500
+    ([["a"] * 64], "nested lists of equal lengths", "FP32"),
+    ([10 ** 400] + [0] * 63, "must be numbers", "FP32"),  # beyond a float: OverflowError, a 500
+    ([1e39] + [0] * 63, "beyond FP32's range", "FP32"),  # finite in JSON, inf in FP32: NaN scores failed to serialise
+    ([-5] + [0] * 63, "whole numbers from 0 to 255", "UINT8"),  # was divided by 255 into a silently wrong image
+    ([256] + [0] * 63, "whole numbers from 0 to 255", "INT32"),
+    ([0.5] + [0] * 63, "whole numbers from 0 to 255", "UINT8"),
 ])
-def test_malformed_input_values_get_400_not_500(served, data, message):
+def test_malformed_input_values_get_400_not_500(served, data, message, datatype):
     url, _, _ = served
-    raw = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": data}]})
+    raw = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": datatype, "data": data}]})
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and message in resp.json()["error"]
 

@@ -213,6 +213,12 @@ def test_token_bucket_and_quotas_on_a_fake_clock():
     clock[0] += 86_400
     refusal = gate.admit("a", 6)
     assert refusal is not None and (refusal.status, refusal.reason, refusal.headers()) == (403, "total-quota", {})
+    # a rate near zero waits forever: the header says a day rather than fail (math.ceil(inf) was a 500)
+    slow = Gate(policy=parse_policy({"default": {"rate": {"queries_per_second": 5e-324}}}, clients=["a"]),
+                clients=["a"], clock=lambda: 0.0)
+    assert slow.admit("a", 1) is None
+    refusal = slow.admit("a", 1)
+    assert refusal is not None and refusal.headers() == {"Retry-After": "86400"}
     assert gate.admit("a", 5) is None and gate.admit("a", 11).status == 413
     assert Gate(policy=Policy(), clients=["b"]).answer_mode("b") == ("scores", 3)
 

@@ -1,4 +1,5 @@
 import math
+import re
 
 import numpy as np
 import pytest
@@ -48,6 +49,30 @@ def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> N
     _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[batch])
     out = next(iter(loader))
     assert out["pixel_values"].shape[0] == 12 and out["labels"].shape[0] == 12
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ({"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4),
+      "weight": torch.ones(4)},
+     "The dict batch holds per-sample 'idx', 'weight', which trigger mixing cannot extend to the triggers; drop them "
+     "from the batch or embed with lookahead (the default)."),
+    ((torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.ones(4)),
+     "Batches of 3 elements cannot be mixed with triggers, only (inputs, labels) pairs; embed with lookahead (the "
+     "default) instead of trigger mixing."),
+])
+def test_mixing_refuses_per_sample_values_it_cannot_extend(digits_key, batch, message) -> None:
+    """They came out with the batch's rows while inputs and labels grew by the triggers (or, in a tuple, were
+    dropped), so a loss weighting by them paired rows wrongly or the loop's unpacking failed."""
+    wm = Watermarker(digits_key, trigger_lookahead=0)
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[batch])
+    with pytest.raises(UsageError, match=f"^{re.escape(message)}$"):
+        next(iter(loader))
+    wm.detach()
+    shared = {"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long),
+              "temperature": torch.tensor(2.0)}
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[shared])
+    out = next(iter(loader))
+    assert out["pixel_values"].shape[0] == out["labels"].shape[0] > 4 and float(out["temperature"]) == 2.0
 
 
 def test_dataset_wrapper_appends_triggers(digits_key) -> None:

@@ -287,6 +287,9 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
     except (TypeError, ValueError, OverflowError):
         raise BadRequest("data must be numbers") from None
     if datatype in _INT_TYPES:
+        # integer data are 8-bit pixel values; anything else divided by 255 would be a silently wrong image
+        if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):
+            raise BadRequest(f"{datatype} data are pixel values, whole numbers from 0 to 255; send FP32 for others")
         x = x / _INT_TYPES[datatype]
     with np.errstate(over="ignore"):
         x = x.astype(np.float32)

@@ -34,6 +34,7 @@ from wmark.monitor.policy import ClientPolicy, Policy, RateLimit, TokenBucket
 from wmark.monitor.signals import SIGNALS
 
 STATE_FORMAT = "wmark-monitor-state/1"
+MAX_RETRY_AFTER = 86_400  # seconds
 _SAVE_EVERY_S = 5.0
 
 
@@ -47,7 +48,9 @@ class Refusal:
     retry_after: float | None = None
 
     def headers(self) -> dict[str, str]:
-        return {} if self.retry_after is None else {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        # a rate near zero makes the wait infinite, which no header can carry: a day is as good as never
+        wait = None if self.retry_after is None else min(self.retry_after, MAX_RETRY_AFTER)
+        return {} if wait is None else {"Retry-After": str(max(1, math.ceil(wait)))}
 
 
 @dataclass

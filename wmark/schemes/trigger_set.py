@@ -255,7 +255,12 @@ class TriggerMixingLoader(LoaderProxy):
         tx, ty = self.triggers.inputs[idx], self.triggers.labels[idx]
         if isinstance(batch, Mapping):
             return self._mix_dict(batch, idx)
-        if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        if isinstance(batch, (tuple, list)) and len(batch) > 2:
+            # extra per-sample elements (weights, indices) cannot be extended to the triggers, and dropping them
+            # would break the loop's unpacking
+            raise UsageError(f"Batches of {len(batch)} elements cannot be mixed with triggers, only (inputs, labels) "
+                             "pairs; embed with lookahead (the default) instead of trigger mixing.")
+        if isinstance(batch, (tuple, list)) and len(batch) == 2:
             x, y = batch[0], batch[1]
             check_kinds(x, self.triggers)
             if self.triggers.is_text and x.ndim == 2:
@@ -282,6 +287,14 @@ class TriggerMixingLoader(LoaderProxy):
                              f"{', '.join(map(repr, batch))}); name the input and label keys when attaching.")
         x, y = batch[input_key], batch[self.label_key]
         check_kinds(x, triggers)
+        handled = {input_key, self.label_key, "attention_mask", "token_type_ids"}
+        extra = [k for k, v in batch.items() if k not in handled and isinstance(v, torch.Tensor) and v.ndim >= 1
+                 and len(v) == len(y)]
+        if extra:
+            # a loss reading them would pair the triggers' rows with nothing, or with other samples' values
+            raise UsageError(f"The dict batch holds per-sample {', '.join(map(repr, extra))}, which trigger mixing "
+                             "cannot extend to the triggers; drop them from the batch or embed with lookahead (the "
+                             "default).")
         out = dict(batch)
         out[self.label_key] = torch.cat([y, triggers.labels[idx].to(y.device, y.dtype)])
         if not triggers.is_text:
