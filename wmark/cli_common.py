@@ -13,7 +13,7 @@ import click
 
 from wmark.errors import UsageError, WmarkError
 from wmark.keys import check_outputs_spare_keys
-from wmark.report import json_twin
+from wmark.report import report_paths
 
 EXIT_HELP = """\b
 Exit codes:
@@ -92,5 +92,5 @@ def check_outputs(*paths: str | None, report: str | None = None) -> None:
     """
     wanted = [p for p in paths if p is not None]
     if report is not None:
-        wanted += [report, str(json_twin(report))]
+        wanted += [str(p) for p in report_paths(report)]
     check_outputs_spare_keys(*wanted)
