@@ -133,6 +133,11 @@ def test_cli_sign_verify_inspect(tmp_path, pair, released):
     plain.write_text("x")
     code, out = run("inspect", str(plain))
     assert "unsigned" in json.loads(out)["signature"]
+    # a model under another name used to show no metadata at all, as if it were unmarked
+    renamed = tmp_path / "model.st"
+    renamed.write_bytes(model.read_bytes())
+    code, out = run("inspect", str(renamed))
+    assert code == 0 and json.loads(out)["commitment"] == key.commitment()
     _flip(model, -3)
     code, _ = run("verify-signature", str(model), "--public-key", str(pair[1]))
     assert code == 2
