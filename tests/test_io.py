@@ -52,3 +52,19 @@ def test_digest_reads_zero_dim_tensors() -> None:
     a = {"n": torch.tensor(3), "w": torch.ones(2)}
     assert tensors_digest(a) != tensors_digest({"n": torch.tensor(4), "w": torch.ones(2)})
     assert tensors_digest(a) == tensors_digest({"w": torch.ones(2), "n": torch.tensor(3)})
+
+
+def test_tied_and_overlapping_tensors_are_saved_under_every_name(tmp_path) -> None:
+    # a head tied to its embedding crashed save_model with safetensors' "Some tensors share memory"
+    from wmark.io import save_model
+
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    save_model(model, tmp_path / "tied.safetensors")
+    tensors, _ = load_tensors(tmp_path / "tied.safetensors")
+    assert set(tensors) == {"0.weight", "1.weight"}
+    assert torch.equal(tensors["0.weight"], tensors["1.weight"]) and torch.equal(tensors["1.weight"], model[1].weight)
+    fused = torch.randn(12, 4)
+    save_tensors({"fused": fused, "q": fused[:4], "k": fused[4:8]}, tmp_path / "views.safetensors")
+    tensors, _ = load_tensors(tmp_path / "views.safetensors")
+    assert torch.equal(tensors["fused"], fused) and torch.equal(tensors["k"], fused[4:8])

@@ -104,6 +104,34 @@ def test_a_flipped_byte_or_an_edited_report_is_tampering(files, tmp_path):
     assert outcome.status == "different" and outcome.exit_code == 1
 
 
+@pytest.mark.parametrize("where,value", [((), {"verdict": []}), (("verdict",), {"alpha": "x"}),
+                                         (("verdict", "tests", 0), {"queries": None}),
+                                         (("verdict", "tests", 0, "details"), {"budget": "x"}),
+                                         (("verdict", "tests", 0, "details", "answers"), {"labels": 5}),
+                                         (("verdict", "tests", 0, "details", "answers"), {"labels": [None]}),
+                                         (("verdict", "tests", 0, "details"), {"answers": []}), ((), {"key": []})])
+def test_a_re_digested_report_with_fields_of_the_wrong_type_is_refused_in_one_sentence(files, tmp_path, where, value):
+    # these crashed recheck with "unexpected TypeError/AttributeError" (exit 3) instead of calling the report edited
+    from wmark.recheck import canonical_sha256
+
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "copy.safetensors", mode="fixed")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    report = tmp_path / "r.json"
+    doc = json.loads(report.read_text())
+    node = doc
+    for step in where:
+        node = node[step]
+    node.update(value)
+    doc["integrity"].pop("content_sha256")
+    doc["integrity"]["content_sha256"] = canonical_sha256(doc)
+    report.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+    with pytest.raises(EvidenceError, match="lacks fields wmark writes or holds them with the wrong type"):
+        recheck(report=report, key=d / "owner.key")
+    code, _ = run("recheck", "--report", str(report), "--key", str(d / "owner.key"))
+    assert code == 2
+
+
 def test_a_signed_report_must_verify_and_another_key_is_refused(files, tmp_path):
     key, d = files
     private, public = signing_pair(tmp_path)

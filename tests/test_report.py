@@ -85,3 +85,48 @@ def test_cli_verify_file_suspect_writes_a_report(key_and_path, tmp_path):
                                        str(weights), "--report", str(tmp_path / "r.html")])
     assert result.exit_code == 1, result.output
     assert "not detected" in (tmp_path / "r.html").read_text().lower()
+
+
+def test_a_report_path_named_json_holds_the_json_and_rechecks(key_and_path, tmp_path):
+    # `--report evidence.json` used to put the HTML page in evidence.json, which recheck then called tampered
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.models import build_model
+    from wmark.recheck import recheck
+
+    _, key_path = key_and_path
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
+    weights = tmp_path / "s.safetensors"
+    save_model(model, weights, metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
+                                       str(weights), "--report", str(tmp_path / "evidence.json")])
+    assert result.exit_code == 1, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["evidence.html", "evidence.json", "s.safetensors"]
+    assert json.loads((tmp_path / "evidence.json").read_text())["format"] == "wmark-evidence/1"
+    assert "not detected" in (tmp_path / "evidence.html").read_text().lower()
+    outcome = recheck(report=tmp_path / "evidence.json", key=key_path)
+    assert outcome.status == "same" and outcome.recomputed["decision"] == "not_detected"
+
+
+@pytest.mark.parametrize("target", ["suspect", "key"])
+def test_a_report_over_a_file_the_command_reads_is_refused_before_work(key_and_path, tmp_path, target):
+    # `--report` naming the suspect overwrote the stolen model, the evidence itself, with the HTML page
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    _, key_path = key_and_path
+    weights = tmp_path / "s.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0), weights,
+               metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    path = weights if target == "suspect" else key_path
+    before = path.read_bytes()
+    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
+                                       str(weights), "--report", str(path)])
+    assert result.exit_code == 2, result.output
+    assert "choose another" in result.stderr and "Traceback" not in result.output
+    assert path.read_bytes() == before and not path.with_name(path.name + ".json").exists()

@@ -68,6 +68,32 @@ def test_a_signed_file_verifies_and_any_flipped_byte_fails(tmp_path, pair):
         sig.write_bytes(bundle)
 
 
+@pytest.mark.parametrize("field,value", [("verificationMaterial", []), ("verificationMaterial", None),
+                                         ("publicKey", "x"), ("payload", [5]), ("payload", {"subject": 5}),
+                                         ("payload", {"subject": [{"digest": 5}]})])
+def test_a_bundle_edited_to_the_wrong_json_types_is_called_altered(tmp_path, pair, field, value):
+    # these crashed inspect and verify-signature with "unexpected AttributeError" (exit 3)
+    import base64
+
+    target = tmp_path / "report.json"
+    target.write_text("{}")
+    sig = sign_file(path=target, private_key=pair[0])
+    doc = json.loads(sig.read_text())
+    if field == "payload":
+        doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(value).encode()).decode()
+    elif field == "publicKey":
+        doc["verificationMaterial"]["publicKey"] = value
+    else:
+        doc[field] = value
+    sig.write_text(json.dumps(doc))
+    with pytest.raises(EvidenceError, match="not a readable Sigstore bundle: it was altered"):
+        describe_signature(path=target)
+    with pytest.raises(EvidenceError, match="not a readable Sigstore bundle: it was altered"):
+        verify_file(path=target, public_key=pair[1])
+    code, _ = run("inspect", str(target))
+    assert code == 2
+
+
 def test_unsigned_and_other_signer_are_refused(tmp_path, pair):
     target = tmp_path / "t.sqlite"
     target.write_bytes(b"rows")
@@ -133,6 +159,11 @@ def test_cli_sign_verify_inspect(tmp_path, pair, released):
     plain.write_text("x")
     code, out = run("inspect", str(plain))
     assert "unsigned" in json.loads(out)["signature"]
+    # a model under another name used to show no metadata at all, as if it were unmarked
+    renamed = tmp_path / "model.st"
+    renamed.write_bytes(model.read_bytes())
+    code, out = run("inspect", str(renamed))
+    assert code == 0 and json.loads(out)["commitment"] == key.commitment()
     _flip(model, -3)
     code, _ = run("verify-signature", str(model), "--public-key", str(pair[1]))
     assert code == 2

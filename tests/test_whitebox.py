@@ -74,6 +74,26 @@ def test_permuted_rescaled_renamed_copy_keeps_predictions_and_verifies(setup) ->
     assert min(test.details["alignment_similarity"]) > 0.99
 
 
+def test_permuted_copy_verifies_when_an_earlier_layer_shares_the_marked_shape(tmp_path) -> None:
+    # hidden layers b and c are both 128x128: b must still be aligned when c is the marked layer
+    from wmark.schemes.weights import WeightsEmbedder
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 128), torch.nn.ReLU(), torch.nn.Linear(128, 128),
+                                torch.nn.ReLU(), torch.nn.Linear(128, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+    key = tiny_key(seed=3)
+    emb = WeightsEmbedder(key, model, layer="5")
+    assert emb.chain == ["1.weight", "3.weight", "5.weight"]
+    train(model, steps=150, seed=0, embedder=emb)
+    save_model(model, tmp_path / "ref.safetensors", metadata={"weights": emb.metadata()})
+    chain = ["1.weight", "3.weight", "5.weight", "7.weight"]
+    save_tensors(permute_state_dict(model.state_dict(), chain=chain, seed=1), tmp_path / "copy.safetensors")
+    verdict = verify_whitebox(key=key, reference=tmp_path / "ref.safetensors", suspect=tmp_path / "copy.safetensors")
+    test = verdict.tests[0]
+    assert verdict.detected and test.matches == 64 and test.details["candidates"] == 2
+    assert test.details["chain_found"] == ["1.weight", "3.weight", "5.weight"] and test.details["unaligned_layers"] == []
+
+
 def test_unaligned_reading_of_a_permuted_copy_fails_so_alignment_matters(setup) -> None:
     key, model, d = setup
     from wmark.schemes.weights import extract_bits, payload_bits

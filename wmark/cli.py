@@ -448,12 +448,27 @@ def inspect(path: str, signer_key: str | None) -> None:
 
     from wmark import signing
 
-    out = api.inspect(path=path) if Path(path).is_file() and path.endswith(".safetensors") else {}
+    out = api.inspect(path=path) if _is_safetensors(Path(path)) else {}
     if signer_key is not None:
         out["signature"] = signing.verify_file(path=path, public_key=signer_key).to_dict()
     else:
         out["signature"] = signing.describe_signature(path=path) or "unsigned (no " + str(signing.signature_path(path)) + ")"
     click.echo(json.dumps(out, indent=2, sort_keys=True))
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Named ``.safetensors``, or laid out as one (a length, then a JSON header): a model saved as ``m.st`` has
+    metadata to show too, and a corrupt ``.safetensors`` file must be called corrupt, not shown as unmarked."""
+    if not path.is_file():
+        return False
+    if path.suffix.lower() == ".safetensors":
+        return True
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False  # unreadable: the signature check below says so
+    return len(head) == 9 and head[8:] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
 
 
 main.add_command(verify)

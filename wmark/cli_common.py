@@ -13,7 +13,7 @@ import click
 
 from wmark.errors import UsageError, WmarkError
 from wmark.keys import check_outputs_spare_keys
-from wmark.report import json_twin
+from wmark.report import report_paths
 
 EXIT_HELP = """\b
 Exit codes:
@@ -75,7 +75,7 @@ def refuse(names: Iterable[str], why: str) -> None:
         raise UsageError(f"{', '.join(flags)} {'does' if len(flags) == 1 else 'do'} not apply {why}.")
 
 
-def check_outputs(*paths: str | None, report: str | None = None) -> None:
+def check_outputs(*paths: str | None, report: str | None = None, reads: Iterable[str | None] = ()) -> None:
     """Refuse, before any work, an output path the command could not write (exit 2).
 
     Commands call this first so that a mistyped ``--out`` or ``--report`` does not throw away a training run
@@ -84,13 +84,20 @@ def check_outputs(*paths: str | None, report: str | None = None) -> None:
     Args:
         paths: Files the command writes or appends to; None for an option not given.
         report: The evidence report, if any.
+        reads: Files the command reads (the key, the suspect, the reference): the report may be none of them,
+            since writing it there would destroy the evidence it describes.
 
     Raises:
-        UsageError: For a path in a missing or read-only directory, a directory in its place, or a wmark key
-            file there (writing would destroy its secret).
+        UsageError: For a path in a missing or read-only directory, a directory in its place, a wmark key
+            file there (writing would destroy its secret), or a report over a file the command reads.
         RuntimeFailure: If probing the directory fails otherwise (a full disk).
     """
     wanted = [p for p in paths if p is not None]
     if report is not None:
-        wanted += [report, str(json_twin(report))]
+        wanted += [str(p) for p in report_paths(report)]
+        for out in report_paths(report):
+            for src in (r for r in reads if r is not None):
+                if os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src):
+                    raise UsageError(f"The report would be written over {src}, which this command reads; choose "
+                                     "another --report path.")
     check_outputs_spare_keys(*wanted)

@@ -152,7 +152,7 @@ def verify_file(key: str, alpha: float, as_json: bool, report: str | None, suspe
                 anchor: str | None, signer_key: str | None, signed_model: str | None,
                 reference_signature: str | None, device: str | None) -> None:
     """A stolen model file: query it on the key's triggers (black-box) or read its weights (--whitebox)."""
-    check_outputs(report=report)
+    check_outputs(report=report, reads=(key, suspect, reference, anchor, signed_model, reference_signature))
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model,
                                          reference=reference if whitebox else None,
                                          reference_signature=reference_signature)
@@ -187,7 +187,8 @@ def verify_api(key: str, alpha: float, as_json: bool, report: str | None, suspec
     """A suspect prediction API: ask it the key's triggers over HTTP, with a transcript and cover traffic."""
     if not _is_url(suspect):
         raise UsageError(f"{suspect} is not an http(s) URL; for a model file use `wmark verify file`.")
-    check_outputs(http["transcript"], report=report)
+    check_outputs(http["transcript"], report=report,
+                  reads=(key, http["transcript"], http["token_file"], http["template"], signed_model))
     refuse([] if http["cover_data"] else ["cover_ratio"], "without --cover-data")
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,
                                          reference_signature=None)
@@ -250,7 +251,9 @@ def verify_extraction(key: str, alpha: float, as_json: bool, report: str | None,
     if log_sequential:
         refuse(["rounds"], f"to --log-sequential (it asks in rounds of {SEQUENTIAL_ROUND} until the evidence decides)")
     # a model-file suspect refuses --transcript below, with the sentence that says why
-    check_outputs(http["transcript"] if _is_url(suspect) else None, report=report)
+    check_outputs(http["transcript"] if _is_url(suspect) else None, report=report,
+                  reads=(key, suspect, log, rule, served, http["transcript"], http["token_file"], http["template"],
+                         signed_model))
     files = tiebreak_files(rule=rule, served=served, served_arch=None, holdout=holdout,
                            queries=1) if rule is not None and signer_key is not None else None
     release = cli_evidence.check_release(key=key, signer_key=signer_key, signed_model=signed_model, reference=None,

@@ -153,8 +153,20 @@ def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
 def save_tensors(
     tensors: Mapping[str, torch.Tensor], path: str | os.PathLike[str], *, metadata: Mapping[str, Any] | None = None
 ) -> None:
-    """Save tensors (made contiguous, on CPU) with ``wmark.*`` metadata, atomically."""
-    clean = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    """Save tensors (made contiguous, on CPU) with ``wmark.*`` metadata, atomically.
+
+    Tensors that share memory (a head tied to its embedding, views of one fused weight) are each written in
+    full under their own name: safetensors refuses shared memory, and the white-box verifier finds layers by
+    name and shape, a tied head included.
+    """
+    clean: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for name, t in tensors.items():
+        c = t.detach().to("cpu").contiguous()
+        if c.untyped_storage().data_ptr() in storages:
+            c = c.clone()
+        storages.add(c.untyped_storage().data_ptr())
+        clean[name] = c
     with atomic_write(path) as tmp:
         save_file(clean, tmp, metadata=encode_metadata(metadata or {}))
 

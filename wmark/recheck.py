@@ -231,6 +231,37 @@ def _load_report(path: PathLike) -> tuple[Path, dict[str, Any]]:
     return p, doc
 
 
+def _check_structure(path: Path, doc: dict[str, Any]) -> None:
+    """Refuse a report whose fields are missing or of the wrong JSON type (edited, its digest recomputed, or
+    written by another tool), in one sentence rather than a crash half-way through the recomputation."""
+    number, text = (int, float), (str,)
+    verdict = doc.get("verdict")
+    fields: list[tuple[Any, tuple[type, ...]]] = [(doc.get("key"), (dict,)), (verdict, (dict,))]
+    if isinstance(verdict, dict):
+        fields += [(verdict.get(k), number) for k in ("alpha", "log10_p")]
+        tests = verdict.get("tests")
+        fields += [(verdict.get(k), text) for k in ("decision", "suspect")] + [(tests, (list,))]
+        for test in tests if isinstance(tests, list) else []:
+            fields.append((test, (dict,)))
+            if isinstance(test, dict):
+                fields += [(test.get(k), text) for k in ("name", "evidence_of")]
+                fields += [(test.get(k), number) for k in ("log10_p", "queries", "matches")]
+                fields += [(test.get(k, d), t) for k, d, t in (("details", {}, (dict,)), ("null", {}, (dict,)),
+                                                               ("trajectory", [], (list,)), ("weight", 1.0, number),
+                                                               ("abstentions", 0, number), ("method", "", text))]
+                details = test.get("details", {})
+                if isinstance(details, dict):
+                    fields += [(details.get(k, 1), number) for k in ("alpha_share", "budget")]
+                    answers = {} if details.get("answers") is None else details["answers"]
+                    fields.append((answers, (dict,)))
+                    for k, t in (("input_sha256", text), ("labels", (int,))):
+                        rows = answers.get(k, []) if isinstance(answers, dict) else []
+                        fields += [(rows, (list,))] + [(v, t) for v in (rows if isinstance(rows, list) else [])]
+    if not all(isinstance(v, t) and not isinstance(v, bool) for v, t in fields):
+        raise EvidenceError(f"The report {path} lacks fields wmark writes or holds them with the wrong type: it was "
+                            "edited (and its digest recomputed) or written by another tool.")
+
+
 def _test_from_dict(doc: dict[str, Any]) -> TestResult:
     return TestResult(name=doc["name"], evidence_of=doc["evidence_of"], null=doc.get("null", {}),
                       log10_p=float(doc["log10_p"]), queries=int(doc["queries"]), matches=int(doc["matches"]),
@@ -350,6 +381,7 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     if path.read_text(encoding="utf-8") != report_text(doc):
         raise EvidenceError(f"The report {path} is not byte for byte the text wmark wrote for its content: it was "
                             "altered.")
+    _check_structure(path, doc)
     checks.append("report content digest")
     if signer_key is not None:
         info = verify_file(path=path, public_key=signer_key)

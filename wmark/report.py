@@ -50,6 +50,16 @@ def json_twin(path: str | os.PathLike[str]) -> Path:
     return p.with_suffix(".json") if p.suffix.lower() in (".html", ".htm") else p.with_name(p.name + ".json")
 
 
+def report_paths(path: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """The HTML page and the JSON twin a report path stands for.
+
+    ``report.html`` gives ``report.json`` next to it; ``report.json`` gives ``report.html``, so the file a user
+    named ``.json`` holds the JSON that ``wmark recheck`` reads, not the page.
+    """
+    p = Path(path)
+    return (p.with_suffix(".html"), p) if p.suffix.lower() == ".json" else (p, json_twin(p))
+
+
 def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     """The report's content as a JSON-ready document (what the HTML page shows).
 
@@ -106,7 +116,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
 
 
 def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Write the HTML report at ``path`` and its JSON twin; return the JSON document."""
+    """Write the HTML report and its JSON twin at :func:`report_paths` of ``path``; return the JSON document."""
     doc = report_document(verdict=verdict, key=key)
     page = render_html(doc, plot_png=_trajectory_png(verdict))
     secret_hex = key.secret.hex()
@@ -114,7 +124,7 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
     if secret_hex in page or secret_hex in text:
         raise AssertionError("refusing to write a report that contains the key's secret")
     # One transaction for both: a page without its twin cannot be re-checked, a twin without its page misleads.
-    with atomic_writes(path, json_twin(path)) as (html_tmp, json_tmp):
+    with atomic_writes(*report_paths(path)) as (html_tmp, json_tmp):
         Path(html_tmp).write_text(page, encoding="utf-8")
         Path(json_tmp).write_text(report_text(doc), encoding="utf-8")
     return doc

@@ -210,10 +210,13 @@ def describe_signature(*, path: PathLike, signature: PathLike | None = None) -> 
     if not sig.is_file():
         return None
     parsed = _bundle(sig)
-    material = parsed["bundle"].get("verificationMaterial", {})
-    kind, signer = _signer_of(material)
-    files = {s.get("name", ""): s.get("digest", {}).get("sha256", "")
-             for s in parsed["statement"].get("subject", [])}
+    try:
+        kind, signer = _signer_of(parsed["bundle"].get("verificationMaterial", {}))
+        files = {s.get("name", ""): s.get("digest", {}).get("sha256", "")
+                 for s in parsed["statement"].get("subject", [])}
+    except (AttributeError, TypeError, KeyError, IndexError):  # a field of the wrong JSON type: edited by hand
+        raise EvidenceError(f"The signature {sig} is not a readable Sigstore bundle: it was altered or "
+                            "truncated.") from None
     return SignatureInfo(path=str(path), signature=str(sig), signer_kind=kind, signer=signer, verified=False,
                          files=files).to_dict()
 

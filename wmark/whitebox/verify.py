@@ -385,21 +385,23 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
     if not candidates:
         raise UsageError(f"The suspect {sus.path} has no tensor of shape {marked_shape} (the marked layer's), "
                          "so white-box verification cannot apply; try black-box verification.")
-    predecessors, chosen, skipped = _find_predecessors(anchor_w[:-1], names[:-1], ref, sus, set(candidates))
-
-    if skipped:
-        align_to = _layers(anchor_w[len(skipped):-1])
-    sus_layers = _layers(predecessors)
-    best: tuple[int, str, np.ndarray, list[float]] | None = None
+    # Earlier layers may share the marked layer's shape (an MLP's equal hidden widths): each candidate
+    # excludes only itself, so a permuted copy still aligns through them. The chain found without any
+    # exclusion serves every candidate it does not use.
+    shared = _find_predecessors(anchor_w[:-1], names[:-1], ref, sus, set())
+    best: tuple[int, str, np.ndarray, list[float], list[str], list[str]] | None = None
     for name in candidates:
+        predecessors, chosen, skipped = shared if name not in shared[1] else _find_predecessors(
+            anchor_w[:-1], names[:-1], ref, sus, {name})
+        sus_layers = _layers(predecessors)
         marked = _layers([sus.load(name)], after=sus_layers[-1] if sus_layers else None)[0]
-        vector, q = _align(align_to, [*sus_layers, marked])
+        vector, q = _align(_layers(anchor_w[len(skipped):-1]) if skipped else align_to, [*sus_layers, marked])
         got = _bits(x, vector)
         matches = int(np.sum(got == expected))
         if best is None or matches > best[0]:
-            best = (matches, name, got, q)
+            best = (matches, name, got, q, chosen, skipped)
     assert best is not None
-    matches, found, got, q = best
+    matches, found, got, q, chosen, skipped = best
     test = weights_test_result(
         key=key, matches=matches, bits=bits, candidates=len(candidates), got=got, exact=anchor is not None,
         not_exact_why="the alignment reads only the reference's layers before the marked one (never the projected "
