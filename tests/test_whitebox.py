@@ -207,9 +207,21 @@ def test_reference_alignment_null_on_a_small_panel(tmp_path) -> None:
 def test_anchor_that_is_not_the_base_is_refused(tmp_path) -> None:
     save_model(tiny_model(42), tmp_path / "other.safetensors")
     key, _ = _pair(2, tmp_path, same_base=False)
-    with pytest.raises(UsageError, match="is not the model the reference was fine-tuned from"):
+    with pytest.raises(UsageError, match="is not the model the reference was fine-tuned from .its layers differ"):
         verify_whitebox(key=key, reference=tmp_path / "ref.safetensors", suspect=tmp_path / "sus.safetensors",
                         anchor=tmp_path / "other.safetensors")
+
+
+def test_a_half_precision_copy_of_the_base_is_refused_naming_its_precision(tmp_path) -> None:
+    """The recorded digest is of the full-precision base, which a float16 copy cannot match; the refusal said only
+    that the anchor was some other model."""
+    key, _ = _pair(3, tmp_path, same_base=False)
+    base, _ = load_tensors(tmp_path / "base.safetensors")
+    save_tensors({n: t.half() for n, t in base.items()}, tmp_path / "base16.safetensors")
+    with pytest.raises(UsageError, match=r"\(its layers are stored as F16 and the base's were recorded in full "
+                                         r"precision; pass the base as it was saved, or no anchor\)\.$"):
+        verify_whitebox(key=key, reference=tmp_path / "ref.safetensors", suspect=tmp_path / "sus.safetensors",
+                        anchor=tmp_path / "base16.safetensors")
 
 
 def test_match_neurons_recovers_a_permutation() -> None:

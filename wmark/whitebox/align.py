@@ -42,7 +42,7 @@ from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
 from wmark.verify import Verdict, decide
 from wmark.whitebox.graph import BINORM_ITERS, FIXED, SIGNED, Layer, binorm_vector, binormalize
-from wmark.whitebox.verify import match_neurons, weights_test_result
+from wmark.whitebox.verify import anchor_refusal, match_neurons, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
 
@@ -351,8 +351,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
                              "model the reference was fine-tuned from.")
         recorded = info.get("anchor_digest")
         if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
-            raise UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from (its layers "
-                             "differ from those recorded at embedding); pass that base model, or no anchor.")
+            raise anchor_refusal(anc, [lay.name for lay in layers[:-1]])
         source = anc
     aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=sus.shapes,
                       suspect=sus.load, iters=iters)

@@ -121,6 +121,16 @@ class _File:
         return tensor
 
 
+def anchor_refusal(anc: _File, names: Sequence[str]) -> UsageError:
+    """Why an anchor whose layers do not match the recorded digest is refused; a lower-precision copy of the
+    right base cannot match (the digest is of the full-precision layers), and says so."""
+    low = sorted({anc.dtypes[n] for n in names if anc.dtypes.get(n) not in ("F32", "F64")})
+    why = (f"its layers are stored as {', '.join(low)} and the base's were recorded in full precision; pass the base "
+           "as it was saved, or no anchor" if low else
+           "its layers differ from those recorded at embedding; pass that base model, or no anchor")
+    return UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from ({why}).")
+
+
 @dataclass
 class _Layer:
     """One chain layer in canonical form, kept implicit: raw weight, input scales and row norms.
@@ -375,8 +385,7 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
         anchor_w = [anc.load(n) for n in names[:-1]] + [ref_w[-1]]
         recorded = info.get("anchor_digest")
         if recorded and anchor_digest(dict(zip(names[:-1], anchor_w[:-1]))) != recorded:
-            raise UsageError(f"The anchor {anc.path} is not the model the reference was fine-tuned from (its layers "
-                             "differ from those recorded at embedding); pass that base model, or no anchor.")
+            raise anchor_refusal(anc, names[:-1])
         align_to = _layers(anchor_w[:-1])
 
     sus = _File.open(suspect, "suspect")
