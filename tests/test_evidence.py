@@ -73,3 +73,30 @@ def test_a_suspect_answering_the_wrong_number_of_labels_is_a_runtime_error():
     with pytest.raises(RuntimeFailure, match="answered 1 labels for 2 queries"):
         _ask(suspect=Short(), xs=np.zeros((2, 1, 4, 4), np.float32), lo=np.zeros(2, int), hi=np.ones(2, int),
              use_scores=False)
+
+
+def test_the_verdict_reports_the_null_and_matches_of_the_test_that_gives_its_p_value():
+    # Weighted Holm can put a heavier test's adjusted p below that of the test with the smallest raw p: the
+    # trigger set at 10^-5 (weight 1) is not rejected at 10^-4.8, the log test at 10^-4.95 (weight 8) is, and
+    # the verdict's log10 p is the log test's -4.95 + log10(10/8). Its null and matches must be reported with it.
+    from wmark.evidence import decide
+    from wmark.stats import holm
+
+    key = generate_key(owner="ACME", num_classes=10, input_shape=(2,))
+    trigger = TestResult(name="trigger-set", evidence_of="copy", null={"distribution": "Binomial(answered, 1/10)"},
+                         log10_p=-5.0, queries=100, matches=30)
+    log = TestResult(name="api-tiebreak-log", evidence_of="extracted", null={"distribution": "N(0, 1)"},
+                     log10_p=-4.95, queries=1000, matches=600, weight=8.0)
+    committed = TestResult(name="api-tiebreak", evidence_of="extracted", null={"distribution": "N(0, 1)"},
+                           log10_p=0.0, queries=1000, matches=500)
+    verdict = decide(key=key, tests=[trigger, log, committed], alpha=10 ** -4.8, suspect="s")
+    expected = holm([-5.0, -4.95, 0.0], [1.0, 8.0, 1.0])
+    assert verdict.adjusted == pytest.approx(expected)
+    assert verdict.log10_p == pytest.approx(-4.95 - math.log10(0.8)) == pytest.approx(min(expected))
+    assert verdict.detected and verdict.kind == "extracted"
+    doc = verdict.to_dict()
+    assert verdict.primary is log
+    assert doc["null"] == {"distribution": "N(0, 1)"} and doc["matches"] == 600
+    # equal weights: still the test of smallest raw p
+    plain = decide(key=key, tests=[committed, trigger], alpha=1e-6, suspect="s")
+    assert plain.primary is trigger and plain.to_dict()["matches"] == 30

@@ -102,8 +102,9 @@ class Verdict:
         return self.decision == "detected"
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready document; never contains the key's secret."""
-        primary = min(self.tests, key=lambda t: t.log10_p) if self.tests else None
+        """A JSON-ready document; never contains the key's secret. Its ``matches`` and ``null`` are those of the
+        test that gives ``log10_p`` (:attr:`primary`)."""
+        primary = self.primary
         return {
             "decision": self.decision,
             "kind": self.kind,
@@ -124,6 +125,15 @@ class Verdict:
                       for t, a in zip(self.tests, self.adjusted or [t.log10_p for t in self.tests])],
             "wmark_version": __version__,
         }
+
+    @property
+    def primary(self) -> TestResult | None:
+        """The test whose adjusted p-value is the verdict's: the first in weighted Holm's order (smallest
+        ``p / weight``). With unequal weights it need not be the test of smallest raw p (whose null and matches
+        would then be reported beside another test's p-value)."""
+        if not self.tests:
+            return None
+        return min(self.tests, key=lambda t: t.log10_p - math.log10(t.weight))
 
     @property
     def correction(self) -> str:
