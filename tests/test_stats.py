@@ -86,6 +86,19 @@ def test_mixture_eprocess_rejects_bad_input() -> None:
         stats.MixtureEProcess(p0=0.5).update(2)
 
 
+def test_mixture_eprocess_refuses_nan_or_no_alternatives() -> None:
+    # A NaN alternative used to pass the range check (NaN <= p0 is False) and make every e-value NaN, which the
+    # running maximum ignores: 40 straight matches at p0 = 0.1 gave log10 e = 0 (p = 1) instead of about 28.
+    with pytest.raises(ValueError, match="strictly between p0 and 1"):
+        stats.MixtureEProcess(p0=0.1, alternatives=[0.5, float("nan")])
+    with pytest.raises(ValueError, match="at least one"):
+        stats.MixtureEProcess(p0=0.1, alternatives=[])
+    e = stats.MixtureEProcess(p0=0.1, alternatives=[0.5])
+    for _ in range(40):
+        e.update(1)
+    assert e.compute() == pytest.approx(40 * math.log10(5.0))
+
+
 def test_clopper_pearson_matches_scipy_beta() -> None:
     for k, n in [(0, 10), (3, 20), (19, 20), (50, 100)]:
         assert stats.clopper_pearson_upper(k, n, 0.95) == pytest.approx(sps.beta.ppf(0.95, k + 1, n - k))

@@ -132,8 +132,10 @@ class MixtureEProcess(_RunningEvidence):
         if not 0.0 < p0 < 1.0:
             raise ValueError(f"p0 must be in (0, 1), got {p0}")
         q = np.asarray(default_alternatives(p0) if alternatives is None else alternatives, dtype=np.float64)
-        if np.any(q <= p0) or np.any(q >= 1.0):
-            raise ValueError("every alternative must lie strictly between p0 and 1")
+        # Written as the positive condition: a NaN alternative fails every comparison, so ``q <= p0`` would let it
+        # through and turn every e-value into NaN, which the running maximum then ignores (p = 1 forever).
+        if q.size == 0 or not np.all((q > p0) & (q < 1.0)):
+            raise ValueError("every alternative must lie strictly between p0 and 1 (and there must be at least one)")
         self.p0 = p0
         self._log_win = np.log(q) - math.log(p0)
         self._log_loss = np.log1p(-q) - math.log1p(-p0)
