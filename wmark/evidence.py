@@ -190,8 +190,9 @@ class Verifier:
             raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
         if not tests:
             raise UsageError("No test was given to the verifier.")
-        if any(not t.weight > 0 for t in tests):
-            raise UsageError("Every test's weight must be positive.")
+        if any(not 0 < t.weight < math.inf for t in tests):
+            # an infinite weight makes the other tests' alpha shares NaN, which Holm cannot order
+            raise UsageError("Every test's weight must be a positive finite number.")
         self.key, self.alpha, self.tests = key, float(alpha), list(tests)
 
     def shares(self) -> list[float]:

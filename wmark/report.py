@@ -71,7 +71,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     from wmark.signing import file_sha256
 
     doc = verdict.to_dict()
-    primary = min(verdict.tests, key=lambda t: t.log10_p) if verdict.tests else None
+    primary = verdict.primary  # the test whose adjusted p is the verdict's, so its probe details go beside it
     details = primary.details if primary else {}
     trigger = next((t.details for t in verdict.tests if t.name == "trigger-set"), {})
     transcript = details.get("transcript") or trigger.get("transcript")
