@@ -242,3 +242,35 @@ def test_several_labels_per_input_are_a_runtime_failure(key):
         with pytest.raises(RuntimeFailure, match="2 integers per input instead of one label"):
             suspect.query(generate_triggers(key).inputs.numpy()[:1])
         suspect.close()
+
+
+def _scripted_app(bodies: list[str]) -> Starlette:
+    """A JSON endpoint at /m whose n-th answer is ``bodies[n]`` (raw text, so literal NaN tokens pass)."""
+    calls = {"n": 0}
+
+    async def answer(_: Request) -> Response:
+        body = bodies[min(calls["n"], len(bodies) - 1)]
+        calls["n"] += 1
+        return Response(body.encode(), media_type="application/json")
+
+    return Starlette(routes=[Route("/m", answer, methods=["POST"])])
+
+
+def test_hugging_face_scores_that_cannot_rank_the_labels_are_abstentions():
+    """A NaN score was taken as the top (argmax of a NaN), and a label without a score outranked every scored
+    one (the first item was taken); both are malformed answers now, as NaN scores already were elsewhere."""
+    bodies = ['[[{"label": "LABEL_1", "score": 0.9}, {"label": "LABEL_0", "score": 0.1}]]',
+              '[[{"label": "LABEL_1", "score": NaN}, {"label": "LABEL_2", "score": 0.9}]]',
+              '[{"label": "LABEL_3", "score": Infinity}, {"label": "LABEL_2", "score": 0.9}]',
+              '[{"label": "LABEL_1"}, {"label": "LABEL_2", "score": 0.9}]',
+              '[{"label": "LABEL_1", "score": 0.2}, {"label": "LABEL_2", "score": 0.7}]',
+              '[{"label": "LABEL_3"}]']
+    with serve_in_background(_scripted_app(bodies)) as server:
+        suspect = open_http_suspect(url=f"{server.url}/m", protocol="json", template="hf", num_classes=4,
+                                    input_shape=(2,), options=HttpOptions(retries=0))
+        outcomes = [o for _, o in suspect.stream(np.zeros((len(bodies), 2), dtype=np.float32))]
+        suspect.close()
+    assert [o.label for o in outcomes] == [1, -1, -1, -1, 2, 3]
+    assert [o.status for o in outcomes] == ["ok", "malformed", "malformed", "malformed", "ok", "ok"]
+    assert "NaN or infinite" in outcomes[1].error and "NaN or infinite" in outcomes[2].error
+    assert "some labels have a 'score' and some have none" in outcomes[3].error
