@@ -274,3 +274,29 @@ def test_hugging_face_scores_that_cannot_rank_the_labels_are_abstentions():
     assert [o.status for o in outcomes] == ["ok", "malformed", "malformed", "malformed", "ok", "ok"]
     assert "NaN or infinite" in outcomes[1].error and "NaN or infinite" in outcomes[2].error
     assert "some labels have a 'score' and some have none" in outcomes[3].error
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT64"])
+def test_v2_answers_nested_row_major_are_read(key, copy_model, datatype):
+    """The v2 protocol allows tensor data nested ([[0.1, ...]]) as well as flat; nested data was read as a list
+    where a label belongs, so every answer of such a server was an abstention and nothing could be concluded."""
+    async def meta(_: Request) -> JSONResponse:
+        return JSONResponse({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
+                             "outputs": [{"name": "y", "datatype": datatype, "shape": [-1, 10]}]})
+
+    async def infer(request: Request) -> JSONResponse:
+        x = np.asarray(json.loads(await request.body())["inputs"][0]["data"], dtype=np.float32).reshape(-1, *SHAPE)
+        p = _probs(copy_model, x)
+        data = p.tolist() if datatype == "FP32" else p.argmax(1)[:, None].tolist()
+        return JSONResponse({"outputs": [{"name": "y", "datatype": datatype, "shape": list(np.shape(data)),
+                                          "data": data}]})
+
+    app = Starlette(routes=[Route("/v2/models/m", meta), Route("/v2/models/m/infer", infer, methods=["POST"])])
+    triggers = generate_triggers(key).inputs.numpy()
+    with serve_in_background(app) as server:
+        suspect = open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=10, input_shape=SHAPE,
+                                    options=HttpOptions(retries=0))
+        answers = suspect.query(triggers)
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, triggers).argmax(1))
+    assert (answers.scores is not None) == (datatype == "FP32")

@@ -288,7 +288,7 @@ class V2Protocol(WireProtocol):
         if not isinstance(out, dict) or not isinstance(out.get("data"), list):
             raise MalformedAnswer("the output has no data")
         datatype = str(out.get("datatype", "")).upper()
-        data = out["data"]
+        data = _row_major(out["data"])
         if datatype == "BYTES":
             return self._from_classification(data)
         if datatype.startswith(("INT", "UINT")) or (len(data) == 1 and self.num_classes > 1):
@@ -305,6 +305,13 @@ class V2Protocol(WireProtocol):
         if len(parts) < 2:
             raise MalformedAnswer(f"{data[0]!r} is not a score:index classification")
         return self._from_label(parts[1])
+
+
+def _row_major(values: list[Any]) -> list[Any]:
+    """Tensor data flattened: the v2 protocol lets a server send it nested row-major (``[[0.1, 0.9]]``) or flat."""
+    while values and all(isinstance(v, list) for v in values):
+        values = [x for v in values for x in v]
+    return values
 
 
 def _preferred_output(outputs: list[Any]) -> str | None:
