@@ -73,6 +73,10 @@ def tfserving_app(model: torch.nn.Module, *, style: str, channels_last: bool = F
         if style == "named":
             top = np.argsort(-p[0])[:3]
             return JSONResponse({"predictions": [{"classes": top.tolist(), "scores": p[0][top].tolist()}]})
+        if style == "named-nested":
+            return JSONResponse({"predictions": [{"probabilities": p.tolist()}]})
+        if style == "named-12":  # another model's 12 classes
+            return JSONResponse({"predictions": [{"probabilities": np.pad(p[0], (0, 2)).tolist()}]})
         return JSONResponse({"predictions": p.argmax(1).tolist()})
 
     return Starlette(routes=[
@@ -91,6 +95,25 @@ def test_tfserving_detects_a_copy(key, copy_model, style):
         suspect.close()
     assert verdict.detected
     assert verdict.tests[0].queries <= 20
+
+
+def test_tfserving_named_scores_nested_are_read_and_another_class_count_is_refused(key, copy_model):
+    """Named scores nested as a batch of one ({"probabilities": [[...]]}) and named scores for 12 classes under a
+    10-class key were both malformed answers, every one an abstention; the first are read now, and the second
+    refused in one sentence like any answer of another model's class count."""
+    triggers = generate_triggers(key).inputs.numpy()[:8]
+    with serve_in_background(tfserving_app(copy_model, style="named-nested")) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE)
+        answers = suspect.query(triggers)
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, triggers).argmax(1))
+    with serve_in_background(tfserving_app(copy_model, style="named-12")) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE, options=HttpOptions(retries=0))
+        with pytest.raises(UsageError, match="does not fit the key: .*12 scores per input .* 10 classes"):
+            suspect.query(triggers)
+        suspect.close()
 
 
 def test_tfserving_nan_tokens_are_abstentions(key, copy_model):

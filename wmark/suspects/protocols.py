@@ -389,8 +389,9 @@ class TFServingProtocol(WireProtocol):
     def _parse_row(self, row: Any) -> Parsed:
         if isinstance(row, dict):
             for name in self._SCORE_KEYS:
-                if name in row and isinstance(row[name], list) and len(row[name]) == self.num_classes:
-                    return self._from_scores(_unwrap(row[name]))
+                scores = _unwrap(row.get(name))  # a batch of one may nest the scores: [[0.1, 0.9]]
+                if isinstance(scores, list) and len(scores) == self.num_classes:
+                    return self._from_scores(scores)
             for name in self._LABEL_KEYS:
                 if name in row:
                     value = row[name]
@@ -398,6 +399,10 @@ class TFServingProtocol(WireProtocol):
                         scores = next((row[s] for s in self._SCORE_KEYS if isinstance(row.get(s), list)), None)
                         value = _top_of(value, scores)
                     return self._from_label(value)
+            other = next((_unwrap(row[s]) for s in self._SCORE_KEYS if isinstance(row.get(s), list)), None)
+            if other is not None:
+                # Scores for another number of classes and no label: another model than the key's, say so.
+                return self._from_scores(other)
             raise MalformedAnswer(f"no scores or label among the outputs {sorted(row)[:5]}")
         if isinstance(row, list):
             if len(row) == 1:
