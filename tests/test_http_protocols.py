@@ -20,6 +20,7 @@ from wmark.serve import serve_in_background
 from wmark.suspects.http import HttpOptions, open_http_suspect
 from wmark.suspects.json_template import load_template
 from wmark.suspects.protocols import (
+    AnswerCountMismatch,
     AnswerMismatch,
     MalformedAnswer,
     TFServingProtocol,
@@ -245,6 +246,11 @@ def test_tfserving_parsing_of_literal_nan_tokens():
         proto.parse(json.loads('{"predictions": [[NaN, Infinity, 0.1]]}'))
     with pytest.raises(MalformedAnswer, match="error"):
         proto.parse({"error": "bad input"})
+    # Two rows for the one input sent was read as its first row's answer.
+    with pytest.raises(AnswerCountMismatch, match="2 predictions for one input"):
+        proto.parse({"predictions": [[0.1, 0.8, 0.1], [0.8, 0.1, 0.1]]})
+    with pytest.raises(AnswerCountMismatch, match="2 predictions for one input"):
+        proto.parse({"predictions": [{"classes": 1}, {"classes": 2}]})
 
 
 def test_several_labels_per_input_are_a_runtime_failure(key):

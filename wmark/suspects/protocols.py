@@ -384,7 +384,12 @@ class TFServingProtocol(WireProtocol):
         rows = doc.get("predictions", doc.get("outputs"))
         if not isinstance(rows, list) or not rows:
             raise MalformedAnswer("the answer has no predictions")
-        return self._parse_row(rows[0] if len(rows) == 1 or not isinstance(rows[0], (int, float)) else rows)
+        if len(rows) == 1 or not isinstance(rows[0], (int, float)):
+            if len(rows) > 1:
+                # One input was sent: reading the first of several rows would take an answer meant for no query.
+                raise AnswerCountMismatch(f"the suspect answers {len(rows)} predictions for one input")
+            return self._parse_row(rows[0])
+        return self._parse_row(rows)
 
     def _parse_row(self, row: Any) -> Parsed:
         if isinstance(row, dict):
