@@ -330,3 +330,34 @@ def test_bad_transport_options_exit_2_before_any_request(tmp_path, args, message
     result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect",
                                        "http://127.0.0.1:9/v2/models/m", *args])
     assert (result.exit_code, result.stderr) == (2, f"error: {message}\n")
+
+
+def test_an_html_page_answered_with_200_stops_at_the_first_query(tmp_path):
+    """A JSON endpoint URL that answers an HTML page with HTTP 200 (a login page, a proxy) was asked every trigger
+    of the budget, each a malformed abstention, showing the page's owner all the triggers for "no usable answer";
+    the first such answer now stops the run (exit 3) with one sentence."""
+    from click.testing import CliRunner
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import HTMLResponse
+    from starlette.routing import Route
+
+    from wmark.cli import main
+    from wmark.keys import save_key
+
+    calls = {"n": 0}
+
+    async def page(_: Request) -> HTMLResponse:
+        calls["n"] += 1
+        return HTMLResponse("<html><body>Please log in</body></html>")
+
+    key_file = tmp_path / "k.key"
+    save_key(generate_key(owner="o", num_classes=10, input_shape=SHAPE, num_triggers=20), key_file)
+    with serve_in_background(Starlette(routes=[Route("/m", page, methods=["POST"])])) as server:
+        result = CliRunner().invoke(main, ["verify", "api", "--key", str(key_file), "--suspect", f"{server.url}/m",
+                                           "--protocol", "json", "--template", "hf", "--retries", "0",
+                                           "--transcript", str(tmp_path / "t.sqlite")])
+    assert result.exit_code == 3, result.output
+    assert result.stderr == (f"error: The suspect at {server.url}/m answered the first query with something that is "
+                             "not JSON (text/html); check the URL and the protocol.\n")
+    assert calls["n"] == 1

@@ -20,6 +20,7 @@ from wmark.serve import serve_in_background
 from wmark.suspects.http import HttpOptions, open_http_suspect
 from wmark.suspects.json_template import load_template
 from wmark.suspects.protocols import (
+    AnswerCountMismatch,
     AnswerMismatch,
     MalformedAnswer,
     TFServingProtocol,
@@ -73,6 +74,10 @@ def tfserving_app(model: torch.nn.Module, *, style: str, channels_last: bool = F
         if style == "named":
             top = np.argsort(-p[0])[:3]
             return JSONResponse({"predictions": [{"classes": top.tolist(), "scores": p[0][top].tolist()}]})
+        if style == "named-nested":
+            return JSONResponse({"predictions": [{"probabilities": p.tolist()}]})
+        if style == "named-12":  # another model's 12 classes
+            return JSONResponse({"predictions": [{"probabilities": np.pad(p[0], (0, 2)).tolist()}]})
         return JSONResponse({"predictions": p.argmax(1).tolist()})
 
     return Starlette(routes=[
@@ -91,6 +96,25 @@ def test_tfserving_detects_a_copy(key, copy_model, style):
         suspect.close()
     assert verdict.detected
     assert verdict.tests[0].queries <= 20
+
+
+def test_tfserving_named_scores_nested_are_read_and_another_class_count_is_refused(key, copy_model):
+    """Named scores nested as a batch of one ({"probabilities": [[...]]}) and named scores for 12 classes under a
+    10-class key were both malformed answers, every one an abstention; the first are read now, and the second
+    refused in one sentence like any answer of another model's class count."""
+    triggers = generate_triggers(key).inputs.numpy()[:8]
+    with serve_in_background(tfserving_app(copy_model, style="named-nested")) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE)
+        answers = suspect.query(triggers)
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, triggers).argmax(1))
+    with serve_in_background(tfserving_app(copy_model, style="named-12")) as server:
+        suspect = open_http_suspect(url=server.url, protocol="tfserving", model_name="m", num_classes=10,
+                                    input_shape=SHAPE, options=HttpOptions(retries=0))
+        with pytest.raises(UsageError, match="does not fit the key: .*12 scores per input .* 10 classes"):
+            suspect.query(triggers)
+        suspect.close()
 
 
 def test_tfserving_nan_tokens_are_abstentions(key, copy_model):
@@ -222,6 +246,11 @@ def test_tfserving_parsing_of_literal_nan_tokens():
         proto.parse(json.loads('{"predictions": [[NaN, Infinity, 0.1]]}'))
     with pytest.raises(MalformedAnswer, match="error"):
         proto.parse({"error": "bad input"})
+    # Two rows for the one input sent was read as its first row's answer.
+    with pytest.raises(AnswerCountMismatch, match="2 predictions for one input"):
+        proto.parse({"predictions": [[0.1, 0.8, 0.1], [0.8, 0.1, 0.1]]})
+    with pytest.raises(AnswerCountMismatch, match="2 predictions for one input"):
+        proto.parse({"predictions": [{"classes": 1}, {"classes": 2}]})
 
 
 def test_several_labels_per_input_are_a_runtime_failure(key):
@@ -242,3 +271,61 @@ def test_several_labels_per_input_are_a_runtime_failure(key):
         with pytest.raises(RuntimeFailure, match="2 integers per input instead of one label"):
             suspect.query(generate_triggers(key).inputs.numpy()[:1])
         suspect.close()
+
+
+def _scripted_app(bodies: list[str]) -> Starlette:
+    """A JSON endpoint at /m whose n-th answer is ``bodies[n]`` (raw text, so literal NaN tokens pass)."""
+    calls = {"n": 0}
+
+    async def answer(_: Request) -> Response:
+        body = bodies[min(calls["n"], len(bodies) - 1)]
+        calls["n"] += 1
+        return Response(body.encode(), media_type="application/json")
+
+    return Starlette(routes=[Route("/m", answer, methods=["POST"])])
+
+
+def test_hugging_face_scores_that_cannot_rank_the_labels_are_abstentions():
+    """A NaN score was taken as the top (argmax of a NaN), and a label without a score outranked every scored
+    one (the first item was taken); both are malformed answers now, as NaN scores already were elsewhere."""
+    bodies = ['[[{"label": "LABEL_1", "score": 0.9}, {"label": "LABEL_0", "score": 0.1}]]',
+              '[[{"label": "LABEL_1", "score": NaN}, {"label": "LABEL_2", "score": 0.9}]]',
+              '[{"label": "LABEL_3", "score": Infinity}, {"label": "LABEL_2", "score": 0.9}]',
+              '[{"label": "LABEL_1"}, {"label": "LABEL_2", "score": 0.9}]',
+              '[{"label": "LABEL_1", "score": 0.2}, {"label": "LABEL_2", "score": 0.7}]',
+              '[{"label": "LABEL_3"}]']
+    with serve_in_background(_scripted_app(bodies)) as server:
+        suspect = open_http_suspect(url=f"{server.url}/m", protocol="json", template="hf", num_classes=4,
+                                    input_shape=(2,), options=HttpOptions(retries=0))
+        outcomes = [o for _, o in suspect.stream(np.zeros((len(bodies), 2), dtype=np.float32))]
+        suspect.close()
+    assert [o.label for o in outcomes] == [1, -1, -1, -1, 2, 3]
+    assert [o.status for o in outcomes] == ["ok", "malformed", "malformed", "malformed", "ok", "ok"]
+    assert "NaN or infinite" in outcomes[1].error and "NaN or infinite" in outcomes[2].error
+    assert "some labels have a 'score' and some have none" in outcomes[3].error
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT64"])
+def test_v2_answers_nested_row_major_are_read(key, copy_model, datatype):
+    """The v2 protocol allows tensor data nested ([[0.1, ...]]) as well as flat; nested data was read as a list
+    where a label belongs, so every answer of such a server was an abstention and nothing could be concluded."""
+    async def meta(_: Request) -> JSONResponse:
+        return JSONResponse({"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, *SHAPE]}],
+                             "outputs": [{"name": "y", "datatype": datatype, "shape": [-1, 10]}]})
+
+    async def infer(request: Request) -> JSONResponse:
+        x = np.asarray(json.loads(await request.body())["inputs"][0]["data"], dtype=np.float32).reshape(-1, *SHAPE)
+        p = _probs(copy_model, x)
+        data = p.tolist() if datatype == "FP32" else p.argmax(1)[:, None].tolist()
+        return JSONResponse({"outputs": [{"name": "y", "datatype": datatype, "shape": list(np.shape(data)),
+                                          "data": data}]})
+
+    app = Starlette(routes=[Route("/v2/models/m", meta), Route("/v2/models/m/infer", infer, methods=["POST"])])
+    triggers = generate_triggers(key).inputs.numpy()
+    with serve_in_background(app) as server:
+        suspect = open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=10, input_shape=SHAPE,
+                                    options=HttpOptions(retries=0))
+        answers = suspect.query(triggers)
+        suspect.close()
+    np.testing.assert_array_equal(answers.labels, _probs(copy_model, triggers).argmax(1))
+    assert (answers.scores is not None) == (datatype == "FP32")

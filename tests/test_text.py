@@ -79,6 +79,36 @@ def test_a_tokenizer_that_does_not_match_the_key_is_refused(tmp_path):
     assert set(" ".join(generate_triggers(own).texts).split()) <= {"apple", "banana", "cherry", "grape", "melon"}
 
 
+@pytest.mark.parametrize("content", ['{"x": 1}', '{"added_tokens": []}', "[]"])
+def test_a_tokenizer_file_that_is_json_but_no_tokenizer_is_refused_in_one_sentence(tmp_path, content):
+    """tokenizer.json holding JSON that is no tokenizer failed with 'unexpected KeyError' (or the tokenizers
+    library's bare Exception, or a TypeError), exit 3, naming no fix."""
+    from click.testing import CliRunner
+
+    from wmark.cli import main
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text(content)
+    result = CliRunner().invoke(main, ["keygen", "--owner", "x", "--classes", "4", "--modality", "text",
+                                       "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "k.key")])
+    assert result.exit_code == 2, result.output
+    assert "Cannot load a tokenizer from" in result.output and "tokenizer.json or vocab.txt" in result.output
+    assert not (tmp_path / "k.key").exists()
+
+
+@pytest.mark.parametrize("modality", ['{"kind": "text"}', '{not json', {"kind": "text", "max_length": 64},
+                                      {"kind": "text", "tokenizer": {"name": MINILM}, "max_length": "64"}])
+def test_a_served_files_broken_text_modality_is_refused_in_one_sentence(modality):
+    """wmark serve read a text modality without its tokenizer as a KeyError, and one that is not JSON as a
+    JSONDecodeError: 'unexpected' errors, exit 3, naming no fix."""
+    from wmark.text_serving import text_inputs_of
+
+    with pytest.raises(UsageError, match=r"^The model file's wmark.modality metadata is not a text modality .*"
+                                         r"save the model again with wmark\.$"):
+        text_inputs_of({"modality": modality})
+    assert text_inputs_of({"modality": {"kind": "image"}}) is None
+
+
 def test_text_longer_than_the_keys_maximum_is_refused():
     inputs = TextInputs.from_key(text_key(max_length=16))
     assert inputs is not None

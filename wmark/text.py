@@ -72,7 +72,7 @@ def _load(path: str) -> Any:
 
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - a malformed tokenizer.json fails with KeyError, or a bare Exception
         raise UsageError(f"Cannot load a tokenizer from {path} ({exc.__class__.__name__}); point at a "
                          "directory with tokenizer.json or vocab.txt.") from None
 

@@ -25,19 +25,33 @@ from wmark.text import TextInputs, load_tokenizer
 
 Answer = Callable[[np.ndarray, str], Answers]
 
+_BAD_MODALITY = ("The model file's wmark.modality metadata is not a text modality as wmark writes it (a tokenizer name "
+                 "and vocabulary digest, and a maximum length); save the model again with wmark.")
+
 
 def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
     """The text inputs a model file's ``wmark.modality`` metadata records (``None`` for an image model)."""
     modality = metadata.get("modality")
     if isinstance(modality, str):
-        modality = json.loads(modality)
+        try:
+            modality = json.loads(modality)
+        except (ValueError, RecursionError):
+            raise UsageError(_BAD_MODALITY) from None
     if not isinstance(modality, dict) or modality.get("kind") != "text":
         return None
     from wmark.text import check_tokenizer
 
-    tok = load_tokenizer(os.fspath(modality["tokenizer"]["name"]))
+    # The file's metadata is whatever was last written into it: a text modality without its tokenizer or maximum
+    # length failed with a KeyError here.
+    tokenizer, max_length = modality.get("tokenizer"), modality.get("max_length")
+    if not (isinstance(tokenizer, dict) and isinstance(tokenizer.get("name"), str)
+            and isinstance(tokenizer.get("vocab_sha256"), str)
+            and isinstance(max_length, int) and not isinstance(max_length, bool) and max_length > 0):
+        raise UsageError(_BAD_MODALITY)
+    tok = load_tokenizer(os.fspath(tokenizer["name"]))
     check_tokenizer(modality, tok)
-    return TextInputs(tokenizer=tok, max_length=int(modality["max_length"]))
+    return TextInputs(tokenizer=tok, max_length=max_length)
+
 
 
 def label_name(index: int) -> str:

@@ -325,7 +325,19 @@ class HttpSuspect:
             return Outcome(status="malformed", answer=text, answer_sha256=digest, attempts=attempts,
                            http_status=resp.status_code, error=f"HTTP {resp.status_code}: {message}")
         try:
-            parsed: Parsed = self.protocol.parse(json.loads(text))
+            doc = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            if not self._seen_ok.is_set():
+                # An HTML page or plain text answered with 200 (a login page, a proxy, a wrong path) would
+                # otherwise show the suspect every trigger of the budget for abstentions only.
+                kind = resp.headers.get("content-type", "no content type").split(";")[0].strip() or "no content type"
+                raise RuntimeFailure(
+                    f"The suspect at {self.description} answered the first query with something that is not JSON "
+                    f"({kind}); check the URL and the protocol."
+                ) from None
+            return self._malformed(text, digest, attempts, resp.status_code, _short(exc))
+        try:
+            parsed: Parsed = self.protocol.parse(doc)
         except AnswerMismatch as exc:
             if not self._seen_ok.is_set():
                 failure = RuntimeFailure if isinstance(exc, AnswerCountMismatch) else UsageError

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,10 @@ class JsonTemplateProtocol(WireProtocol):
             if not isinstance(items, list) or not items or not all(isinstance(i, dict) and lf in i for i in items):
                 raise MalformedAnswer(f"the answer is not a list of objects with {lf!r}")
             scores = [i.get(sf) for i in items]
-            numbers = _numbers(scores, "scores") if all(s is not None for s in scores) else None
+            if any(s is None for s in scores) and not all(s is None for s in scores):
+                # Ranking by the first item would rank a scoreless label above every scored one.
+                raise MalformedAnswer(f"some labels have a {sf!r} and some have none")
+            numbers = _numbers(scores, "scores") if scores[0] is not None else None
             return self._from_label_list([i[lf] for i in items], numbers)
         mapping = _unwrap(_at(doc, extractor["topk_map"]))
         if not isinstance(mapping, dict) or not mapping:
@@ -205,11 +209,14 @@ class JsonTemplateProtocol(WireProtocol):
 
         Raises:
             AnswerMismatch: If a label is not one of the key's classes.
-            MalformedAnswer: If a label is listed twice.
+            MalformedAnswer: If a label is listed twice or a score is NaN or infinite.
         """
         indices = [label_index(value, self.num_classes, self.names) for value in labels]
         if len(set(indices)) != len(indices):
             raise MalformedAnswer("the answer lists a label twice")
+        if scores is not None and not all(math.isfinite(s) for s in scores):
+            # argmax takes a NaN for the largest score: the label scored NaN would be read as the answer.
+            raise MalformedAnswer("the scores contain NaN or infinite values")
         return Parsed(label=indices[int(np.argmax(scores))] if scores is not None else indices[0])
 
 

@@ -288,7 +288,7 @@ class V2Protocol(WireProtocol):
         if not isinstance(out, dict) or not isinstance(out.get("data"), list):
             raise MalformedAnswer("the output has no data")
         datatype = str(out.get("datatype", "")).upper()
-        data = out["data"]
+        data = _row_major(out["data"])
         if datatype == "BYTES":
             return self._from_classification(data)
         if datatype.startswith(("INT", "UINT")) or (len(data) == 1 and self.num_classes > 1):
@@ -305,6 +305,13 @@ class V2Protocol(WireProtocol):
         if len(parts) < 2:
             raise MalformedAnswer(f"{data[0]!r} is not a score:index classification")
         return self._from_label(parts[1])
+
+
+def _row_major(values: list[Any]) -> list[Any]:
+    """Tensor data flattened: the v2 protocol lets a server send it nested row-major (``[[0.1, 0.9]]``) or flat."""
+    while values and all(isinstance(v, list) for v in values):
+        values = [x for v in values for x in v]
+    return values
 
 
 def _preferred_output(outputs: list[Any]) -> str | None:
@@ -377,13 +384,19 @@ class TFServingProtocol(WireProtocol):
         rows = doc.get("predictions", doc.get("outputs"))
         if not isinstance(rows, list) or not rows:
             raise MalformedAnswer("the answer has no predictions")
-        return self._parse_row(rows[0] if len(rows) == 1 or not isinstance(rows[0], (int, float)) else rows)
+        if len(rows) == 1 or not isinstance(rows[0], (int, float)):
+            if len(rows) > 1:
+                # One input was sent: reading the first of several rows would take an answer meant for no query.
+                raise AnswerCountMismatch(f"the suspect answers {len(rows)} predictions for one input")
+            return self._parse_row(rows[0])
+        return self._parse_row(rows)
 
     def _parse_row(self, row: Any) -> Parsed:
         if isinstance(row, dict):
             for name in self._SCORE_KEYS:
-                if name in row and isinstance(row[name], list) and len(row[name]) == self.num_classes:
-                    return self._from_scores(_unwrap(row[name]))
+                scores = _unwrap(row.get(name))  # a batch of one may nest the scores: [[0.1, 0.9]]
+                if isinstance(scores, list) and len(scores) == self.num_classes:
+                    return self._from_scores(scores)
             for name in self._LABEL_KEYS:
                 if name in row:
                     value = row[name]
@@ -391,6 +404,10 @@ class TFServingProtocol(WireProtocol):
                         scores = next((row[s] for s in self._SCORE_KEYS if isinstance(row.get(s), list)), None)
                         value = _top_of(value, scores)
                     return self._from_label(value)
+            other = next((_unwrap(row[s]) for s in self._SCORE_KEYS if isinstance(row.get(s), list)), None)
+            if other is not None:
+                # Scores for another number of classes and no label: another model than the key's, say so.
+                return self._from_scores(other)
             raise MalformedAnswer(f"no scores or label among the outputs {sorted(row)[:5]}")
         if isinstance(row, list):
             if len(row) == 1:
