@@ -130,3 +130,25 @@ def test_a_report_over_a_file_the_command_reads_is_refused_before_work(key_and_p
     assert result.exit_code == 2, result.output
     assert "choose another" in result.stderr and "Traceback" not in result.output
     assert path.read_bytes() == before and not path.with_name(path.name + ".json").exists()
+
+
+def test_the_probe_details_are_reported_whichever_test_gives_the_verdict(key_and_path):
+    """An HTTP run records its probe on the first test; when a weighted test (the log test's weight is 8) gives
+    the verdict's p-value, the report looked for the probe on that test and left it out."""
+    from wmark.evidence import TestResult
+    from wmark.report import report_document
+    from wmark.verify import decide
+
+    key, _ = key_and_path
+    probe = {"protocol": "json", "endpoint": "http://127.0.0.1:9/m", "options": {"cover_data": "digits"}}
+    tests = [TestResult(name="trigger-set", evidence_of="copy", null={"p": 0.1}, log10_p=-5.0, queries=40,
+                        matches=9, details={"probe": probe}),
+             TestResult(name="api-tiebreak-log", evidence_of="extracted", null={"z": "N(0, 1)"}, log10_p=-4.95,
+                        queries=1000, matches=0, weight=8.0),
+             TestResult(name="api-tiebreak", evidence_of="extracted", null={"z": "N(0, 1)"}, log10_p=0.0,
+                        queries=1000, matches=0)]
+    verdict = decide(key=key, tests=tests, alpha=10 ** -4.8, suspect="http://127.0.0.1:9/m")
+    assert verdict.primary is tests[1] and verdict.kind == "extracted"
+    doc = report_document(verdict=verdict, key=key)
+    assert doc["suspect"]["probe"] == probe
+    assert doc["seeds"]["cover_traffic"].startswith("derived from the key's secret")

@@ -71,10 +71,11 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     from wmark.signing import file_sha256
 
     doc = verdict.to_dict()
-    primary = verdict.primary  # the test whose adjusted p is the verdict's, so its probe details go beside it
-    details = primary.details if primary else {}
+    # The probe and the transcript describe the run, not one test: found on whichever test carries them (the
+    # first; an HTTP run records them there), never by which test's p-value is smallest.
+    probe = next((t.details["probe"] for t in verdict.tests if t.details.get("probe")), None)
     trigger = next((t.details for t in verdict.tests if t.name == "trigger-set"), {})
-    transcript = details.get("transcript") or trigger.get("transcript")
+    transcript = next((t.details["transcript"] for t in verdict.tests if t.details.get("transcript")), None)
     if transcript and Path(transcript["path"]).is_file():
         transcript = dict(transcript, file_sha256=file_sha256(transcript["path"]))
     has_record = trigger.get("answers") is not None or bool(transcript)
@@ -84,7 +85,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         "generated_at": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "verdict": doc,
         "key": {"commitment": key.commitment(), "fingerprint": key.fingerprint(), "public": key.public_params()},
-        "suspect": {"description": verdict.suspect, "probe": details.get("probe"),
+        "suspect": {"description": verdict.suspect, "probe": probe,
                     "file": trigger.get("suspect_file") or _file_digest(verdict.suspect),
                     "transcript_sha256_chain": (transcript or {}).get("sha256_chain")},
         "transcript": transcript,
@@ -101,7 +102,7 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
             "query_order": "derived from the key's secret (HMAC-SHA256, purpose 'trigger/order'); recomputable "
                            "once the key is revealed",
             "cover_traffic": "derived from the key's secret (purpose 'cover/traffic')"
-            if details.get("probe", {}).get("options", {}).get("cover_data") else "no cover traffic",
+            if (probe or {}).get("options", {}).get("cover_data") else "no cover traffic",
             "retry_jitter": "fresh randomness; it changes only when requests are sent, never which or in what "
                             "order answers are counted",
         },
