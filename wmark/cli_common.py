@@ -95,9 +95,10 @@ def check_outputs(*paths: str | None, report: str | None = None, reads: Iterable
     wanted = [p for p in paths if p is not None]
     if report is not None:
         wanted += [str(p) for p in report_paths(report)]
-        for out in report_paths(report):
-            for src in (r for r in reads if r is not None):
-                if os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src):
-                    raise UsageError(f"The report would be written over {src}, which this command reads; choose "
-                                     "another --report path.")
+    # first, so that a report over the key file is refused for what it would destroy: the key's secret
     check_outputs_spare_keys(*wanted)
+    for out in report_paths(report) if report is not None else ():
+        for src in (r for r in reads if r is not None):
+            if os.path.exists(out) and os.path.exists(src) and os.path.samefile(out, src):
+                raise UsageError(f"The report would be written over {src}, which this command reads; choose "
+                                 "another --report path.")
