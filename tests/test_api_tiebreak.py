@@ -232,6 +232,29 @@ def test_the_log_keeps_each_clients_near_tie_inputs_and_is_bound_to_the_key(tmp_
         TieBreakAPI(key=key, backend=backend, rule=rule, log=log)
 
 
+def test_a_log_is_bound_to_the_rule_and_served_model_that_answered_its_clients(tmp_path, data):
+    # a log written while one rule served is no evidence about another rule's head: refused, not read silently
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    served = build_tiebreak_rule(key=key, x=data[:1000], featurizer=featurizer, feature_space="test", components=8)
+    other = build_tiebreak_rule(key=key, x=data[500:], featurizer=featurizer, feature_space="test", components=8)
+    moved = dataclasses.replace(served, model_digest="another served model")
+    path = tmp_path / "tiebreak.sqlite"
+    with TieBreakLog(path, key=key, rule=served.served_digest) as log:
+        TieBreakAPI(key=key, backend=backend, rule=served, log=log).for_client("alice").query(data[:300])
+    refused = "written while another tie-break rule or served model answered"
+    for rule in (other, moved):
+        with pytest.raises(UsageError, match=refused):
+            TieBreakLog(path, key=key, rule=rule.served_digest)
+        with TieBreakLog(path, key=key, create=False) as log:
+            with pytest.raises(UsageError, match=refused):
+                TieBreakAPI(key=key, backend=backend, rule=rule, log=log)
+            with pytest.raises(UsageError, match=refused):
+                select_log_inputs(key=key, rule=rule, served=backend, log=log, client="alice")
+    with TieBreakLog(path, key=key, create=False, rule=served.served_digest) as log:
+        assert len(select_log_inputs(key=key, rule=served, served=backend, log=log, client="alice").x) > 0
+
+
 def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_follower(tmp_path, data):
     # A client whose queries are a fixed dataset (not chosen by the answers): over 300 keys an innocent
     # suspect's Z on that client's logged inputs is N(0, 1) (KS against scipy), with the later rounds

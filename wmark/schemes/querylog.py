@@ -92,6 +92,8 @@ class QueryLog:
         params: The mark's parameters, recorded in a new log (flip: ``rate`` and ``candidates``; tie-break:
             ``min_ratio``, default ``LOG_MIN_RATIO``); checked against an existing log where given.
         create: Make a new log if missing (the API does); verification opens existing logs only.
+        rule: Tie-break: the served rule's digest (:attr:`~wmark.schemes.tiebreak.TieBreakRule.served_digest`),
+            recorded in a new log and checked against an existing one that records one.
         durability: ``"process"`` (each request's rows survive a crash of the server process, not a power cut;
             no fsync per request) or ``"fsync"`` (each request's rows reach the disk before it is answered,
             several milliseconds per request on most disks).
@@ -101,7 +103,8 @@ class QueryLog:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, mark: str | None = None,
-                 params: dict[str, Any] | None = None, create: bool = False, durability: str = "process") -> None:
+                 params: dict[str, Any] | None = None, create: bool = False, durability: str = "process",
+                 rule: str | None = None) -> None:
         self.path = Path(path)
         if durability not in ("process", "fsync"):
             raise UsageError(f"Unknown query log durability {durability!r}; use process or fsync.")
@@ -125,13 +128,13 @@ class QueryLog:
                 raise UsageError(f"Cannot create the query log {self.path} ({exc.strerror}); choose a writable "
                                  "path.") from None
         try:
-            self._open(key, mark, params, create, durability)
+            self._open(key, mark, params, create, durability, rule)
         except BaseException:
             self.discard()
             raise
 
     def _open(self, key: Key, mark: str | None, params: dict[str, Any] | None, create: bool,
-              durability: str) -> None:
+              durability: str, rule: str | None) -> None:
         try:
             # a server answers from worker threads; the lock serialises them on this one connection
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
@@ -161,7 +164,7 @@ class QueryLog:
         if not meta:
             if not create or mark is None:
                 raise UsageError(f"{self.path} is an empty query log; the marked API writes it.")
-            meta = self._initialise(key, mark, dict(params or {}))
+            meta = self._initialise(key, mark, dict(params or {}), rule)
         want = TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT
         if meta.get("format") in (LOG_FORMAT, TEXT_LOG_FORMAT) and meta.get("format") != want:
             raise UsageError(f"The query log {self.path} holds {'text' if want == LOG_FORMAT else 'image'} inputs, the "
@@ -180,12 +183,16 @@ class QueryLog:
         self.commitment = key.commitment()
         self.input_shape = tuple(json.loads(meta["input_shape"]))
         self.params = json.loads(meta["params"])
+        # a log from before logs recorded their rule has none to compare
+        self.rule = meta.get("rule", "")
+        if rule is not None:
+            self.check_rule(rule)
         for name, value in (params or {}).items():
             if self.params.get(name) != value:
                 raise UsageError(f"The log {self.path} was written with {name} {self.params.get(name)}, not {value}; "
                                  "use a new log.")
 
-    def _initialise(self, key: Key, mark: str, params: dict[str, Any]) -> dict[str, str]:
+    def _initialise(self, key: Key, mark: str, params: dict[str, Any], rule: str | None) -> dict[str, str]:
         if mark == "tiebreak":
             params.setdefault("min_ratio", LOG_MIN_RATIO)
         elif {"rate", "candidates"} - set(params):
@@ -195,9 +202,22 @@ class QueryLog:
         meta = {"format": TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes),
                 "input_shape": json.dumps(list(key.input_shape)), "mark": mark,
                 "params": json.dumps(params, sort_keys=True)}
+        if rule is not None:
+            meta["rule"] = rule
         with self._db:
             self._db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
         return meta
+
+    def check_rule(self, digest: str) -> None:
+        """Tie-break: refuse a log written while another rule or served model answered (``digest``: the rule's
+        :attr:`~wmark.schemes.tiebreak.TieBreakRule.served_digest`); its clients were answered with another head.
+
+        Raises:
+            UsageError: If the log records another rule.
+        """
+        if self.rule and self.rule != digest:
+            raise UsageError(f"The query log {self.path} was written while another tie-break rule or served model "
+                             "answered; use the rule and served model that wrote it, or a new log.")
 
     @property
     def min_ratio(self) -> float:
@@ -315,8 +335,8 @@ class TieBreakLog(QueryLog):
     """A :class:`QueryLog` of the tie-break mark (created if missing unless ``create`` is false)."""
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, create: bool = True,
-                 durability: str = "process") -> None:
-        super().__init__(path, key=key, mark="tiebreak", create=create, durability=durability)
+                 durability: str = "process", rule: str | None = None) -> None:
+        super().__init__(path, key=key, mark="tiebreak", create=create, durability=durability, rule=rule)
 
 
 class MarkLog(QueryLog):

@@ -8,6 +8,7 @@ re-derived from the key (:func:`load_tiebreak_rule`). See :mod:`wmark.schemes.ti
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -104,6 +105,16 @@ class TieBreakRule:
     @property
     def components(self) -> int:
         return int(self.projection.shape[1])
+
+    @property
+    def served_digest(self) -> str:
+        """SHA-256 of what the marked answers depend on besides the key: the feature map and the served model's
+        digest. A query log records it, so a log written while another rule or served model answered is refused."""
+        h = hashlib.sha256(f"{self.commitment}|{self.model_digest}|".encode())
+        for a in (self.mean, self.projection):
+            arr = np.ascontiguousarray(a, dtype="<f8")
+            h.update(f"{arr.shape}|".encode() + arr.tobytes())
+        return h.hexdigest()
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Whitened features ``psi`` of ``x`` (n×k)."""

@@ -255,6 +255,7 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Que
     if log.mark != "tiebreak":
         raise UsageError(f"The query log {log.path} was written by the {log.mark} mark's API; the tie-break log test "
                          "reads the tie-break mark's log.")
+    log.check_rule(rule.served_digest)
     if count is not None and count < 1:
         raise UsageError(f"queries must be at least 1, got {count}.")
     x = _owner_inputs(key, rule, log.inputs(client))
@@ -532,7 +533,7 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
     if log is not None:
         if client is None:
             raise UsageError("A query log is read for one client; name the client suspected of extraction.")
-        with TieBreakLog(log, key=key, create=False) as opened:
+        with TieBreakLog(log, key=key, create=False, rule=loaded.served_digest) as opened:
             chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
                                      rounds=log_rounds, mode=log_mode, use_scores=use_scores))
