@@ -569,6 +569,26 @@ def test_a_suspect_that_never_answers_in_pair_is_inconclusive(data):
     assert "no data" in res.details["inconclusive"]
 
 
+def test_answers_in_pairs_asked_once_are_inconclusive_not_a_p_of_one(tmp_path, data):
+    # one near-tie per class pair: the per-pair centred features are all zero, so Z carries nothing
+    from wmark.schemes.tiebreak import tiebreak_log_sequential
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    rule, _ = make(key, data, backend)
+    res = tiebreak_test(key=key, rule=rule, served=backend, suspect=backend, inputs=data, queries=1)
+    assert res.details["in_pair"] == 1 and res.log10_p == 0.0
+    assert "no data; ask more inputs" in res.details["inconclusive"]
+    with TieBreakLog(tmp_path / "few.sqlite", key=key) as log:
+        TieBreakAPI(key=key, backend=backend, rule=rule, log=log).for_client("few").query(data[:1])
+        chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="few")
+    fixed = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=backend, chosen=chosen)
+    ongoing = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=backend, chosen=chosen,
+                                      alpha=1e-3, share=1.0)
+    for res in (fixed, ongoing):
+        assert res.queries == 1 and "no data; ask more inputs" in res.details["inconclusive"]
+
+
 def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     import json
 

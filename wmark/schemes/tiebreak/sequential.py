@@ -50,6 +50,7 @@ from wmark.keys import Key
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.rule import SCHEME, TieBreakRule, top_pairs
 from wmark.schemes.tiebreak.tests import (
+    FEW_PAIRS,
     LOG_TEST_WEIGHT,
     NULL_WHY,
     LogInputs,
@@ -189,6 +190,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
     }
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
+    elif eproc.weight == 0:
+        details["inconclusive"] = FEW_PAIRS
     return TestResult(
         name=f"{SCHEME}-log", evidence_of="extracted", log10_p=-eproc.compute(), queries=len(answers),
         matches=info["agree"], abstentions=int((answers < 0).sum()),

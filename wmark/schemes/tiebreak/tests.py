@@ -169,6 +169,8 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
                    null={"distribution": "N(0, 1)", "why": NULL_WHY})
 
 
+FEW_PAIRS = ("The suspect's answers carry no evidence for the tie-break test (each class pair it answered was asked "
+             "once, or its answers lean neither way), so the tie-break test has no data; ask more inputs.")
 NULL_WHY = ("the keyed directions are independent standard normal vectors, independent of a suspect made without "
             "the marked answers and of the owner-chosen inputs, so the normalised projection of the suspect's "
             "pair-signed feature sums on them is exactly N(0, 1)")
@@ -210,6 +212,9 @@ def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, r
                                "selection": selection, "budget": int(budget), "read": read, **info, **(extra or {})}
     if info["in_pair"] == 0:
         details["inconclusive"] = "The suspect never answered either class of a near-tie; the tie-break test has no data."
+    elif z == 0.0:
+        # Z is 0 only when the pair sums are: the features are centred per pair, so a pair asked once adds nothing
+        details["inconclusive"] = FEW_PAIRS
     return TestResult(name=name, evidence_of="extracted", null=null, log10_p=min(0.0, log10_p), queries=len(answers),
                       matches=info["agree"], abstentions=int((answers < 0).sum()), method=method, details=details,
                       weight=weight)
