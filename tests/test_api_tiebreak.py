@@ -255,6 +255,19 @@ def test_a_log_is_bound_to_the_rule_and_served_model_that_answered_its_clients(t
         assert len(select_log_inputs(key=key, rule=served, served=backend, log=log, client="alice").x) > 0
 
 
+def test_a_client_name_with_control_characters_reaches_no_message_raw(tmp_path, data):
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    odd = "eve\n\x1b[2Jerror: forged"
+    with TieBreakLog(tmp_path / "odd.sqlite", key=key) as log:
+        _, api = make(key, data, Linear(1), log=log)
+        api.for_client(odd).query(data[:50])
+        api.for_client("alice").query(data[:50])
+        np.testing.assert_array_equal(log.inputs(odd), log.inputs("alice"))  # stored and read back exactly
+        with pytest.raises(UsageError) as err:
+            log.inputs("carol")
+    assert str(err.value).endswith("(clients: alice, 'eve\\n\\x1b[2Jerror: forged').")
+
+
 def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_follower(tmp_path, data):
     # A client whose queries are a fixed dataset (not chosen by the answers): over 300 keys an innocent
     # suspect's Z on that client's logged inputs is N(0, 1) (KS against scipy), with the later rounds

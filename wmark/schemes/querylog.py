@@ -39,6 +39,7 @@ import numpy as np
 
 from wmark.errors import UsageError
 from wmark.keys import Key
+from wmark.text import shown_claim
 from wmark.transcript import foreign_sqlite
 
 if TYPE_CHECKING:
@@ -297,7 +298,8 @@ class QueryLog:
         """
         rows = self._rows(client, None)
         if not rows:
-            known = ", ".join(sorted(self.clients())) or "none"
+            # client names come from the server's token file: control characters must not reach a terminal
+            known = ", ".join(shown_claim(c, 80) for c in sorted(self.clients())) or "none"
             raise UsageError(f"The query log {self.path} holds no inputs of client {client!r} (clients: {known}).")
         if self.text:
             texts = np.empty(len(rows), dtype=object)
