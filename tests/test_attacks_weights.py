@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from wmark.attacks import finetune, noise, permute, rename_tensors
 from wmark.cli import main
 from wmark.errors import UsageError
-from wmark.io import load_tensors, save_model
+from wmark.io import load_tensors, save_model, wmark_metadata
 from wmark.models import build_model
 
 
@@ -81,3 +81,16 @@ def test_attack_cli_bad_input_writes_nothing(tmp_path) -> None:
                                        str(tmp_path / "bad.safetensors"), "--out", str(out)])
     assert result.exit_code == 2 and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.safetensors"]
+
+
+def test_attack_cli_keeps_a_text_model_s_modality(tmp_path) -> None:
+    """An attacked text model still records its tokenizer: without it the copy was served as an image model."""
+    src, out = tmp_path / "m.safetensors", tmp_path / "a.safetensors"
+    modality = {"kind": "text", "tokenizer": {"name": "all-MiniLM-L6-v2", "vocab_sha256": "0" * 64}, "max_length": 16}
+    save_model(build_model("text-bow", num_classes=4, input_shape=(16,), seed=0), src,
+               metadata={"arch": "text-bow", "num_classes": 4, "input_shape": [16], "modality": modality})
+    result = CliRunner().invoke(main, ["attack", "prune", "--arch", "text-bow", "--weights", str(src),
+                                       "--out", str(out), "--sparsity", "0.3"])
+    assert result.exit_code == 0, result.output
+    meta = wmark_metadata(load_tensors(out)[1])
+    assert meta["modality"] == modality and meta["attack"] == {"kind": "prune", "sparsity": 0.3}
