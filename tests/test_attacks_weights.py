@@ -7,7 +7,7 @@ import torch
 from _whitebox_helpers import tiny_model
 from click.testing import CliRunner
 
-from wmark.attacks import finetune, noise, permute, rename_tensors
+from wmark.attacks import finetune, noise, permute, prune, quantize, rename_tensors
 from wmark.cli import main
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_model, wmark_metadata
@@ -94,3 +94,16 @@ def test_attack_cli_keeps_a_text_model_s_modality(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     meta = wmark_metadata(load_tensors(out)[1])
     assert meta["modality"] == modality and meta["attack"] == {"kind": "prune", "sparsity": 0.3}
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_prune_zeroes_exactly_the_asked_fraction(bits) -> None:
+    """Quantized weights share magnitudes; pruning by a threshold zeroed every weight tied with the cut-off."""
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0)
+    model = model if bits is None else quantize(model, bits=bits)
+    pruned = prune(model, sparsity=0.1)
+    weights = [m.weight for m in pruned.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == int(0.1 * total)
+    kept = torch.cat([w.flatten() for w in weights])
+    assert kept.abs().max() == max(m.weight.abs().max() for m in model.modules() if isinstance(m, torch.nn.Linear))
