@@ -7,10 +7,10 @@ import torch
 from _whitebox_helpers import tiny_model
 from click.testing import CliRunner
 
-from wmark.attacks import finetune, noise, permute, rename_tensors
+from wmark.attacks import finetune, noise, permute, prune, quantize, rename_tensors
 from wmark.cli import main
 from wmark.errors import UsageError
-from wmark.io import load_tensors, save_model
+from wmark.io import load_tensors, save_model, wmark_metadata
 from wmark.models import build_model
 
 
@@ -81,3 +81,29 @@ def test_attack_cli_bad_input_writes_nothing(tmp_path) -> None:
                                        str(tmp_path / "bad.safetensors"), "--out", str(out)])
     assert result.exit_code == 2 and not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.safetensors"]
+
+
+def test_attack_cli_keeps_a_text_model_s_modality(tmp_path) -> None:
+    """An attacked text model still records its tokenizer: without it the copy was served as an image model."""
+    src, out = tmp_path / "m.safetensors", tmp_path / "a.safetensors"
+    modality = {"kind": "text", "tokenizer": {"name": "all-MiniLM-L6-v2", "vocab_sha256": "0" * 64}, "max_length": 16}
+    save_model(build_model("text-bow", num_classes=4, input_shape=(16,), seed=0), src,
+               metadata={"arch": "text-bow", "num_classes": 4, "input_shape": [16], "modality": modality})
+    result = CliRunner().invoke(main, ["attack", "prune", "--arch", "text-bow", "--weights", str(src),
+                                       "--out", str(out), "--sparsity", "0.3"])
+    assert result.exit_code == 0, result.output
+    meta = wmark_metadata(load_tensors(out)[1])
+    assert meta["modality"] == modality and meta["attack"] == {"kind": "prune", "sparsity": 0.3}
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_prune_zeroes_exactly_the_asked_fraction(bits) -> None:
+    """Quantized weights share magnitudes; pruning by a threshold zeroed every weight tied with the cut-off."""
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0)
+    model = model if bits is None else quantize(model, bits=bits)
+    pruned = prune(model, sparsity=0.1)
+    weights = [m.weight for m in pruned.modules() if isinstance(m, torch.nn.Linear)]
+    total = sum(w.numel() for w in weights)
+    assert sum(int((w == 0).sum()) for w in weights) == int(0.1 * total)
+    kept = torch.cat([w.flatten() for w in weights])
+    assert kept.abs().max() == max(m.weight.abs().max() for m in model.modules() if isinstance(m, torch.nn.Linear))

@@ -299,3 +299,15 @@ def test_a_batch_size_below_1_exits_2(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     code, err = _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--batch-size", "0", "--out", str(out))
     assert (code, err) == (2, "error: The batch size must be at least 1, got 0.\n") and not out.exists()
+
+
+def test_a_cnn_on_images_too_small_to_pool_twice_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    """A 1×2×2 image failed in the CNN's forward with 'unexpected RuntimeError' (exit 3)."""
+    from wmark.io import save_tensors
+
+    data, out = tmp_path / "d.safetensors", tmp_path / "m.safetensors"
+    save_tensors({"x": torch.rand(10, 1, 2, 2), "y": torch.arange(10) % 2}, data)
+    result = CliRunner().invoke(main, ["train", "--arch", "fmnist-cnn", "--data", str(data), "--out", str(out),
+                                       "--epochs", "1"])
+    assert result.exit_code == 2 and "at least 4×4 pixels" in result.output and "unexpected" not in result.output
+    assert not out.exists()

@@ -73,3 +73,28 @@ def test_safetensors_dataset(tmp_path) -> None:
 def test_unknown_spec() -> None:
     with pytest.raises(UsageError, match="Unknown dataset"):
         load_dataset("imagenet")
+
+
+@pytest.mark.parametrize("tensors,match", [
+    ({"x": torch.rand(0, 4), "y": torch.zeros(0, dtype=torch.int64)}, "no training examples"),
+    ({"x": torch.rand(10, 4), "y": -torch.ones(10, dtype=torch.int64)}, "non-negative integer class label"),
+    ({"x": torch.rand(10, 4), "y": torch.zeros(10, 1, dtype=torch.int64)}, r"per row \(shape N\), got \(10, 1\)"),
+    ({"x": torch.rand(10, 4), "y": torch.full((10,), 0.7)}, "integer class label"),
+    ({"x": torch.rand(10, 4), "y": torch.zeros(10, dtype=torch.int64), "x_test": torch.rand(3, 4)}, "only one of"),
+    ({"x": torch.rand(10, 4), "y": torch.zeros(10, dtype=torch.int64), "x_test": torch.rand(3, 5),
+      "y_test": torch.zeros(3, dtype=torch.int64)}, "x_test is"),
+])
+def test_unusable_safetensors_data_is_refused(tmp_path, tensors, match) -> None:
+    """These failed in training as unexpected errors (or x_test was silently dropped) instead of one sentence."""
+    path = tmp_path / "d.safetensors"
+    save_tensors(tensors, path)
+    with pytest.raises(UsageError, match=match):
+        load_dataset(str(path))
+
+
+def test_safetensors_labels_of_any_integer_dtype_load(tmp_path) -> None:
+    path = tmp_path / "d.safetensors"
+    save_tensors({"x": torch.rand(10, 4), "y": torch.tensor([0, 1] * 5, dtype=torch.bool),
+                  "x_test": torch.rand(2, 4), "y_test": torch.tensor([2.0, 0.0])}, path)
+    ds = load_dataset(str(path))
+    assert ds.y_train.dtype == torch.int64 and ds.num_classes == 3 and len(ds.x_train) == 10

@@ -139,6 +139,13 @@ def test_resnet_permutations_and_folding_keep_the_function() -> None:
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
 
 
+def test_fold_batchnorm_refuses_a_model_without_batchnorm() -> None:
+    """A BERT-style encoder failed in torch.fx's tracer; a plain CNN came back unchanged, as if folded."""
+    for model in (TinyBert(4), nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 2))):
+        with pytest.raises(UsageError, match="no BatchNorm layer to fold"):
+            fold_batchnorm(model)
+
+
 def test_transformer_rewrites_keep_the_function() -> None:
     model = TinyBert(4).eval()
     ids = text_task(5, 16)[0]

@@ -439,7 +439,8 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
         params = {"seed": seed}
     else:
         raise UsageError(f"Unknown attack {kind!r}.")
-    keep = {k: v for k, v in meta.items() if k in ("arch", "num_classes", "input_shape")}
+    # the modality too: without it an attacked text model is served, extracted and verified as an image model
+    keep = {k: v for k, v in meta.items() if k in ("arch", "num_classes", "input_shape", "modality")}
     acc = accuracy(attacked, ds.x_test, ds.y_test) if ds is not None else None
     attack_meta = {**keep, "attack": {"kind": kind, **params}, "test_accuracy": acc}
     if kind == "rename":

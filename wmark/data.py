@@ -222,16 +222,32 @@ def _load_file(path: Path) -> Dataset:
     tensors, _ = load_tensors(path)
     if "x" not in tensors or "y" not in tensors:
         raise UsageError(f"{path} must hold tensors named 'x' and 'y' (found {sorted(tensors)}).")
-    x, y = tensors["x"].float(), tensors["y"].long()
+    if ("x_test" in tensors) != ("y_test" in tensors):
+        raise UsageError(f"{path} holds only one of 'x_test' and 'y_test'; give both, or neither to hold out 20 % of x.")
+    x, y = tensors["x"].float(), _labels(tensors["y"], path, "y")
     if len(x) != len(y):
         raise UsageError(f"{path}: x has {len(x)} rows but y has {len(y)}.")
-    if "x_test" in tensors and "y_test" in tensors:
-        xte, yte = tensors["x_test"].float(), tensors["y_test"].long()
+    if "x_test" in tensors:
+        xte, yte = tensors["x_test"].float(), _labels(tensors["y_test"], path, "y_test")
+        if len(xte) != len(yte) or xte.shape[1:] != x.shape[1:]:
+            raise UsageError(f"{path}: x_test is {tuple(xte.shape)} and y_test {tuple(yte.shape)}, which do not "
+                             f"match each other or x's examples {tuple(x.shape[1:])}; write test tensors like x and y.")
     else:
         cut = int(0.8 * len(x))
         x, xte, y, yte = x[:cut], x[cut:], y[:cut], y[cut:]
+    if not len(x):
+        raise UsageError(f"{path} leaves no training examples (without x_test, 20 % of x is held out); write more rows.")
     num_classes = int(max(y.max().item(), yte.max().item() if len(yte) else 0)) + 1
     return Dataset(os.fspath(path), x, y, xte, yte, num_classes)
+
+
+def _labels(t: torch.Tensor, path: Path, name: str) -> torch.Tensor:
+    # Negative, fractional or N×1 labels were cast and passed on, to fail as an unexpected error in training.
+    fractional = t.is_floating_point() and not torch.equal(t, t.trunc())
+    if t.dim() != 1 or t.is_complex() or fractional or (len(t) and bool((t < 0).any())):
+        raise UsageError(f"{path}: {name} must be one non-negative integer class label per row (shape N), got "
+                         f"{tuple(t.shape)} {str(t.dtype).removeprefix('torch.')} values.")
+    return t.long()
 
 
 def _load_fortunes(spec: str, directory: str, part: str) -> Dataset:

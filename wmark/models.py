@@ -37,6 +37,10 @@ class ConvNet(nn.Module):
         super().__init__()
         if len(input_shape) != 3:
             raise UsageError(f"A CNN needs inputs shaped C×H×W, got {tuple(input_shape)}.")
+        if min(input_shape[1:]) < 4:
+            # two 2×2 poolings leave nothing of a smaller image: its forward failed with a raw RuntimeError
+            raise UsageError(f"A CNN needs images of at least 4×4 pixels (it pools twice), got {tuple(input_shape)}; "
+                             "use fmnist-mlp for smaller inputs.")
         c1, c2 = channels
         self.conv1 = nn.Conv2d(input_shape[0], c1, 3, padding=1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)

@@ -134,8 +134,13 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     BatchNorm becomes an identity.
 
     Raises:
-        UsageError: If the graph cannot be traced, or a BatchNorm follows something other than a conv.
+        UsageError: If the model has no BatchNorm, the graph cannot be traced, or a BatchNorm follows something
+            other than a conv.
     """
+    # a model without one (a BERT-style encoder: read by rules, not by torch.fx) failed in fx's tracer, or
+    # came back unchanged
+    if not any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)) for m in model.modules()):
+        raise UsageError("The model has no BatchNorm layer to fold; fold the BatchNorms of a model that has them.")
     read_graph(model)
     traced = torch.fx.symbolic_trace(model)
     modules = dict(traced.named_modules())

@@ -27,9 +27,12 @@ def prune(model: nn.Module, *, sparsity: float) -> nn.Module:
     k = int(sparsity * magnitudes.numel())
     if k == 0:
         return attacked
-    threshold = torch.kthvalue(magnitudes, k).values
-    for w in weights:
-        w.mul_((w.abs() > threshold).to(w.dtype))
+    # exactly the k smallest by rank: a threshold zeroed every weight tied with the k-th (quantized weights
+    # share few magnitudes), so more than the asked fraction
+    keep = torch.ones_like(magnitudes, dtype=torch.bool)
+    keep[torch.topk(magnitudes, k, largest=False, sorted=False).indices] = False
+    for w, mask in zip(weights, keep.split([w.numel() for w in weights])):
+        w.mul_(mask.view(w.shape).to(w.dtype))
     return attacked
 
 
