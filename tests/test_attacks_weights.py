@@ -107,3 +107,14 @@ def test_prune_zeroes_exactly_the_asked_fraction(bits) -> None:
     assert sum(int((w == 0).sum()) for w in weights) == int(0.1 * total)
     kept = torch.cat([w.flatten() for w in weights])
     assert kept.abs().max() == max(m.weight.abs().max() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_permute_refuses_a_residual_network_naming_the_permutation_that_fits_it():
+    """The refusal called the plain chains 'the built-in models', while the built-in resnet-small is refused."""
+    import re
+
+    model = build_model("resnet-small", num_classes=10, input_shape=(3, 32, 32))
+    with pytest.raises(UsageError, match=re.escape("permute supports plain conv/linear chains (fmnist-mlp, fmnist-cnn), "
+                                                   "and a residual network's permutation is "
+                                                   "wmark.attacks.symmetry.permute_spaces.")):
+        permute(model, seed=0)

@@ -80,7 +80,8 @@ def permute(model: nn.Module, *, seed: int = 0, scale_range: tuple[float, float]
             layer_units(shapes[nxt], shapes[prev])
         except UsageError:
             raise UsageError(f"{nxt} does not take {prev}'s outputs as inputs; permute supports plain conv/linear "
-                             "chains such as the built-in models.") from None
+                             "chains (fmnist-mlp, fmnist-cnn), and a residual network's permutation is "
+                             "wmark.attacks.symmetry.permute_spaces.") from None
     if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules()):
         raise UsageError("Permuting models with normalisation layers is not supported; use a plain conv/linear chain.")
     attacked = copy.deepcopy(model)
