@@ -98,3 +98,9 @@ def test_safetensors_labels_of_any_integer_dtype_load(tmp_path) -> None:
                   "x_test": torch.rand(2, 4), "y_test": torch.tensor([2.0, 0.0])}, path)
     ds = load_dataset(str(path))
     assert ds.y_train.dtype == torch.int64 and ds.num_classes == 3 and len(ds.x_train) == 10
+
+
+def test_digits_refuses_an_argument_it_would_ignore() -> None:
+    """`digits:/some/dir` loaded the bundled digits, as if the directory had been read."""
+    with pytest.raises(UsageError, match=r"^digits takes no argument \(got 'digits:/nonexistent'\); it is bundled"):
+        load_dataset("digits:/nonexistent")

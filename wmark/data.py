@@ -135,6 +135,9 @@ def load_dataset(spec: str) -> Dataset:
         gray = _load_fashion_mnist(Path(arg) if arg else FASHION_MNIST_DIR, spec)
         return Dataset(spec, _rgb32(gray.x_train), gray.y_train, _rgb32(gray.x_test), gray.y_test, 10)
     if name == "digits":
+        if arg:
+            # digits is bundled with scikit-learn: an argument would be ignored, and the user meant other data
+            raise UsageError(f"digits takes no argument (got {spec!r}); it is bundled with scikit-learn.")
         return _load_digits()
     if spec.endswith(".safetensors"):
         return _load_file(Path(spec))
