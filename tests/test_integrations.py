@@ -20,6 +20,15 @@ TEXTS = ["computers are fast", "what a lovely day", "to be or not to be", "the c
          "a song for the road"]
 
 
+def _quiet_args(tmp_path, **settings: Any) -> Any:
+    """Hugging Face TrainingArguments for a test: CPU, seeded, no logging, saving, workers or progress bars."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], save_strategy="no",
+                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+                             disable_tqdm=True, **settings)
+
+
 def _detected(model: torch.nn.Module, key) -> bool:
     suspect = LocalSuspect(model.eval(), input_shape=tuple(key.input_shape), text=TextInputs.from_key(key),
                            expose_scores=False)
@@ -27,7 +36,7 @@ def _detected(model: torch.nn.Module, key) -> bool:
 
 
 def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_path):
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer
 
     from wmark.integrations.hf import WatermarkCallback
 
@@ -37,9 +46,8 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
     wm = Watermarker(key, tokenizer=tok, trigger_mixing=True)
     callback = WatermarkCallback(wm)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=16, per_device_train_batch_size=16,
-                             learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    args = _quiet_args(tmp_path, num_train_epochs=16, per_device_train_batch_size=16, learning_rate=3e-3,
+                       lr_scheduler_type="constant")
     model = hf_bert(4, seed=5)
     trainer = Trainer(model=model, args=args, train_dataset=wm.wrap_dataset(train, repeats=6),  # type: ignore[arg-type]
                       data_collator=DataCollatorWithPadding(tok), callbacks=[callback])
@@ -54,7 +62,7 @@ def test_hf_trainer_with_wrapped_dataset_and_callback_embeds_the_triggers(tmp_pa
 
 def test_hf_trainer_learns_lookahead_triggers_through_the_callback_alone(tmp_path):
     """Lookahead adds the triggers in the optimizer step: the training set stays as it is."""
-    from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import DataCollatorWithPadding, Trainer
 
     from wmark.integrations.hf import WatermarkCallback
 
@@ -63,9 +71,8 @@ def test_hf_trainer_learns_lookahead_triggers_through_the_callback_alone(tmp_pat
     train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
     wm = Watermarker(key, tokenizer=tok, trigger_lookahead=0.05, trigger_per_batch=8)
     callback = WatermarkCallback(wm)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), num_train_epochs=60, per_device_train_batch_size=8,
-                             learning_rate=3e-3, lr_scheduler_type="constant", report_to=[], save_strategy="no",
-                             logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+    args = _quiet_args(tmp_path, num_train_epochs=60, per_device_train_batch_size=8, learning_rate=3e-3,
+                       lr_scheduler_type="constant")
     model = hf_bert(4, seed=5)
     Trainer(model=model, args=args, train_dataset=train,  # type: ignore[arg-type]
             data_collator=DataCollatorWithPadding(tok), callbacks=[callback]).train()
@@ -145,14 +152,12 @@ def _image_key() -> Key:
 
 
 def _hf_train(tmp_path, model: torch.nn.Module, train: list[dict[str, Any]], wm: Watermarker, **trainer: Any):
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from wmark.integrations.hf import WatermarkCallback
 
     callback = WatermarkCallback(wm)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True)
+    args = _quiet_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
     Trainer(model=model, args=args, train_dataset=train, callbacks=[callback], **trainer).train()  # type: ignore[arg-type]
     return callback
 
@@ -207,7 +212,7 @@ def test_the_hf_callback_trains_dict_batches_that_name_their_inputs_otherwise_an
 
 def test_a_refusal_of_the_hf_callback_leaves_no_hook_on_the_trainers_optimizer_or_model(tmp_path):
     """The Trainer keeps its optimizer for its next train(): the refused watermarker's trigger pass must not run."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from wmark.integrations.common import inner_optimizer
     from wmark.integrations.hf import WatermarkCallback
@@ -215,9 +220,7 @@ def test_a_refusal_of_the_hf_callback_leaves_no_hook_on_the_trainers_optimizer_o
     model = _HFImages()
     wm = Watermarker(text_key(), trigger_margin=3.0)
     callback = WatermarkCallback(wm)
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True)
+    args = _quiet_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
     trainer = Trainer(model=model, args=args, train_dataset=_IMAGE_ITEMS, callbacks=[callback])  # type: ignore[arg-type]
     with pytest.raises(UsageError, match="^The key is a text key"):
         trainer.train()
@@ -327,16 +330,14 @@ class _FailingOnce(_HFImages):
 def test_an_hf_run_that_raises_leaves_the_watermarker_free_for_the_next_train(tmp_path):
     """No callback runs when a Trainer run raises, so the watermarker stayed attached and the next train() was
     refused ("already attached"), its hooks left on the optimizer the Trainer keeps."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     from wmark.integrations.common import inner_optimizer
     from wmark.integrations.hf import WatermarkCallback
 
     model = _FailingOnce()
     callback = WatermarkCallback(Watermarker(_image_key()))
-    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4,
-                             report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=0,
-                             dataloader_num_workers=0, disable_tqdm=True)
+    args = _quiet_args(tmp_path, max_steps=2, per_device_train_batch_size=4)
     trainer = Trainer(model=model, args=args, train_dataset=_IMAGE_ITEMS, callbacks=[callback])  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="the run dies"):
         trainer.train()

@@ -70,38 +70,33 @@ def test_fixed_mode_report_explains_there_is_no_curve(key_and_path, tmp_path):
     assert json_twin(tmp_path / "r.html") == tmp_path / "r.json"
 
 
-def test_cli_verify_file_suspect_writes_a_report(key_and_path, tmp_path):
+def _verify_file_with_report(key_path, directory, report):
+    """``wmark verify file`` of an untrained suspect saved in ``directory``, with ``--report report``."""
     from click.testing import CliRunner
 
     from wmark.cli import main
     from wmark.io import save_model
     from wmark.models import build_model
 
-    _, key_path = key_and_path
     model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
-    weights = tmp_path / "s.safetensors"
+    weights = directory / "s.safetensors"
     save_model(model, weights, metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
-    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
-                                       str(weights), "--report", str(tmp_path / "r.html")])
+    return CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
+                                     str(weights), "--report", str(report)])
+
+
+def test_cli_verify_file_suspect_writes_a_report(key_and_path, tmp_path):
+    result = _verify_file_with_report(key_and_path[1], tmp_path, tmp_path / "r.html")
     assert result.exit_code == 1, result.output
     assert "not detected" in (tmp_path / "r.html").read_text().lower()
 
 
 def test_a_report_path_named_json_holds_the_json_and_rechecks(key_and_path, tmp_path):
     # `--report evidence.json` used to put the HTML page in evidence.json, which recheck then called tampered
-    from click.testing import CliRunner
-
-    from wmark.cli import main
-    from wmark.io import save_model
-    from wmark.models import build_model
     from wmark.recheck import recheck
 
     _, key_path = key_and_path
-    model = build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0)
-    weights = tmp_path / "s.safetensors"
-    save_model(model, weights, metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
-    result = CliRunner().invoke(main, ["verify", "file", "--key", str(key_path), "--arch", "fmnist-mlp", "--suspect",
-                                       str(weights), "--report", str(tmp_path / "evidence.json")])
+    result = _verify_file_with_report(key_path, tmp_path, tmp_path / "evidence.json")
     assert result.exit_code == 1, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["evidence.html", "evidence.json", "s.safetensors"]
     assert json.loads((tmp_path / "evidence.json").read_text())["format"] == "wmark-evidence/1"
