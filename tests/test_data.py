@@ -104,3 +104,17 @@ def test_digits_refuses_an_argument_it_would_ignore() -> None:
     """`digits:/some/dir` loaded the bundled digits, as if the directory had been read."""
     with pytest.raises(UsageError, match=r"^digits takes no argument \(got 'digits:/nonexistent'\); it is bundled"):
         load_dataset("digits:/nonexistent")
+
+
+def test_a_data_file_under_a_path_holding_an_at_sign_loads_and_splits(tmp_path) -> None:
+    """The first "@" was taken as the split, so a file in a directory named "a@b" was refused as split 'b/...'."""
+    folder = tmp_path / "a@b"
+    folder.mkdir()
+    path = folder / "d.safetensors"
+    save_tensors({"x": torch.rand(20, 1, 4, 4), "y": torch.arange(20) % 2}, path)
+    assert len(load_dataset(str(path)).x_train) == 16
+    assert len(load_dataset(f"{path}@owner").x_train) + len(load_dataset(f"{path}@attacker").x_train) == 16
+    with pytest.raises(UsageError, match=r"^Unknown split 'nope' in "):
+        load_dataset(f"{path}@nope")
+    with pytest.raises(UsageError, match=r"^'digits@owner@owner' names two splits; give one, @owner or @attacker.$"):
+        load_dataset("digits@owner@owner")

@@ -119,7 +119,11 @@ def load_dataset(spec: str) -> Dataset:
     Raises:
         UsageError: If the data is not on this machine, with the command that installs it.
     """
-    base, _, part = spec.partition("@")
+    base, at, part = spec.rpartition("@")
+    if not at or (part not in ("owner", "attacker") and ("/" in part or part.endswith(".safetensors"))):
+        base, part = spec, ""  # no split: a file path may hold "@" itself (a user's directory, say)
+    if part and base.rpartition("@")[2] in ("owner", "attacker"):
+        raise UsageError(f"{spec!r} names two splits; give one, @owner or @attacker.")
     if base.partition(":")[0] == "fortunes":
         return _load_fortunes(spec, base.partition(":")[2], part)
     if part:
