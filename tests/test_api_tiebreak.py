@@ -240,18 +240,18 @@ def test_a_log_is_bound_to_the_rule_and_served_model_that_answered_its_clients(t
     other = build_tiebreak_rule(key=key, x=data[500:], featurizer=featurizer, feature_space="test", components=8)
     moved = dataclasses.replace(served, model_digest="another served model")
     path = tmp_path / "tiebreak.sqlite"
-    with TieBreakLog(path, key=key, rule=served.served_digest) as log:
+    with TieBreakLog(path, key=key) as log:
         TieBreakAPI(key=key, backend=backend, rule=served, log=log).for_client("alice").query(data[:300])
+        assert log.rule == served.served_digest  # the API answering into a new log binds it to its rule
     refused = "written while another tie-break rule or served model answered"
     for rule in (other, moved):
-        with pytest.raises(UsageError, match=refused):
-            TieBreakLog(path, key=key, rule=rule.served_digest)
         with TieBreakLog(path, key=key, create=False) as log:
             with pytest.raises(UsageError, match=refused):
                 TieBreakAPI(key=key, backend=backend, rule=rule, log=log)
             with pytest.raises(UsageError, match=refused):
                 select_log_inputs(key=key, rule=rule, served=backend, log=log, client="alice")
-    with TieBreakLog(path, key=key, create=False, rule=served.served_digest) as log:
+    with TieBreakLog(path, key=key, create=False) as log:
+        assert log.rule == served.served_digest
         assert len(select_log_inputs(key=key, rule=served, served=backend, log=log, client="alice").x) > 0
 
 

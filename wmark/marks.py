@@ -97,8 +97,7 @@ def open_served(*, key: Key | None = None, mark: str | None = None, arch: str | 
         from wmark.schemes.tiebreak import TieBreakAPI, open_tiebreak_rule
 
         loaded, backend = open_tiebreak_rule(key=key, rule=rule, served=weights, arch=arch)
-        opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability,
-                                                                     rule=loaded.served_digest)
+        opened: QueryLog | None = None if log is None else TieBreakLog(log, key=key, durability=log_durability)
         try:
             answerer: Any = TieBreakAPI(key=key, backend=backend, rule=loaded,
                                         beta=beta, log=opened, client=client)

@@ -93,8 +93,6 @@ class QueryLog:
         params: The mark's parameters, recorded in a new log (flip: ``rate`` and ``candidates``; tie-break:
             ``min_ratio``, default ``LOG_MIN_RATIO``); checked against an existing log where given.
         create: Make a new log if missing (the API does); verification opens existing logs only.
-        rule: Tie-break: the served rule's digest (:attr:`~wmark.schemes.tiebreak.TieBreakRule.served_digest`),
-            recorded in a new log and checked against an existing one that records one.
         durability: ``"process"`` (each request's rows survive a crash of the server process, not a power cut;
             no fsync per request) or ``"fsync"`` (each request's rows reach the disk before it is answered,
             several milliseconds per request on most disks).
@@ -104,8 +102,7 @@ class QueryLog:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, mark: str | None = None,
-                 params: dict[str, Any] | None = None, create: bool = False, durability: str = "process",
-                 rule: str | None = None) -> None:
+                 params: dict[str, Any] | None = None, create: bool = False, durability: str = "process") -> None:
         self.path = Path(path)
         if durability not in ("process", "fsync"):
             raise UsageError(f"Unknown query log durability {durability!r}; use process or fsync.")
@@ -129,13 +126,13 @@ class QueryLog:
                 raise UsageError(f"Cannot create the query log {self.path} ({exc.strerror}); choose a writable "
                                  "path.") from None
         try:
-            self._open(key, mark, params, create, durability, rule)
+            self._open(key, mark, params, create, durability)
         except BaseException:
             self.discard()
             raise
 
     def _open(self, key: Key, mark: str | None, params: dict[str, Any] | None, create: bool,
-              durability: str, rule: str | None) -> None:
+              durability: str) -> None:
         try:
             # a server answers from worker threads; the lock serialises them on this one connection
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
@@ -165,7 +162,7 @@ class QueryLog:
         if not meta:
             if not create or mark is None:
                 raise UsageError(f"{self.path} is an empty query log; the marked API writes it.")
-            meta = self._initialise(key, mark, dict(params or {}), rule)
+            meta = self._initialise(key, mark, dict(params or {}))
         want = TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT
         if meta.get("format") in (LOG_FORMAT, TEXT_LOG_FORMAT) and meta.get("format") != want:
             raise UsageError(f"The query log {self.path} holds {'text' if want == LOG_FORMAT else 'image'} inputs, the "
@@ -186,14 +183,12 @@ class QueryLog:
         self.params = json.loads(meta["params"])
         # a log from before logs recorded their rule has none to compare
         self.rule = meta.get("rule", "")
-        if rule is not None:
-            self.check_rule(rule)
         for name, value in (params or {}).items():
             if self.params.get(name) != value:
                 raise UsageError(f"The log {self.path} was written with {name} {self.params.get(name)}, not {value}; "
                                  "use a new log.")
 
-    def _initialise(self, key: Key, mark: str, params: dict[str, Any], rule: str | None) -> dict[str, str]:
+    def _initialise(self, key: Key, mark: str, params: dict[str, Any]) -> dict[str, str]:
         if mark == "tiebreak":
             params.setdefault("min_ratio", LOG_MIN_RATIO)
         elif {"rate", "candidates"} - set(params):
@@ -203,8 +198,6 @@ class QueryLog:
         meta = {"format": TEXT_LOG_FORMAT if key.kind == "text" else LOG_FORMAT, "key_commitment": key.commitment(), "num_classes": str(key.num_classes),
                 "input_shape": json.dumps(list(key.input_shape)), "mark": mark,
                 "params": json.dumps(params, sort_keys=True)}
-        if rule is not None:
-            meta["rule"] = rule
         with self._db:
             self._db.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
         return meta
@@ -219,6 +212,20 @@ class QueryLog:
         if self.rule and self.rule != digest:
             raise UsageError(f"The query log {self.path} was written while another tie-break rule or served model "
                              "answered; use the rule and served model that wrote it, or a new log.")
+
+    def bind_rule(self, digest: str) -> None:
+        """Tie-break: the API answering into this log binds it to its rule (:meth:`check_rule`, then, in a log that
+        records none and holds no client yet, record ``digest``). A log of an older wmark, with clients and no
+        rule, stays unbound.
+
+        Raises:
+            UsageError: If the log records another rule.
+        """
+        self.check_rule(digest)
+        with self._lock, self._db:
+            if not self.rule and not self._db.execute("SELECT 1 FROM clients LIMIT 1").fetchone():
+                self._db.execute("INSERT INTO meta VALUES (?, ?)", ("rule", digest))
+                self.rule = digest
 
     @property
     def min_ratio(self) -> float:
@@ -337,8 +344,8 @@ class TieBreakLog(QueryLog):
     """A :class:`QueryLog` of the tie-break mark (created if missing unless ``create`` is false)."""
 
     def __init__(self, path: str | os.PathLike[str], *, key: Key, create: bool = True,
-                 durability: str = "process", rule: str | None = None) -> None:
-        super().__init__(path, key=key, mark="tiebreak", create=create, durability=durability, rule=rule)
+                 durability: str = "process") -> None:
+        super().__init__(path, key=key, mark="tiebreak", create=create, durability=durability)
 
 
 class MarkLog(QueryLog):

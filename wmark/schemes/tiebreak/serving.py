@@ -108,7 +108,7 @@ class TieBreakAPI:
             raise UsageError(f"The query log {log.path} belongs to the {log.mark} mark; give the tie-break mark its "
                              "own log.")
         if log is not None:
-            log.check_rule(rule.served_digest)
+            log.bind_rule(rule.served_digest)
         if (rule.text is not None) != (key.kind == "text"):
             raise UsageError(f"The tie-break rule is for {'text' if rule.text is not None else 'image'} inputs, the "
                              f"key for {key.kind} inputs; build the rule under the serving key.")

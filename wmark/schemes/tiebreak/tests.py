@@ -538,7 +538,7 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
     if log is not None:
         if client is None:
             raise UsageError("A query log is read for one client; name the client suspected of extraction.")
-        with TieBreakLog(log, key=key, create=False, rule=loaded.served_digest) as opened:
+        with TieBreakLog(log, key=key, create=False) as opened:
             chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
                                      rounds=log_rounds, mode=log_mode, use_scores=use_scores))
