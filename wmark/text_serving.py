@@ -53,7 +53,6 @@ def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
     return TextInputs(tokenizer=tok, max_length=max_length)
 
 
-
 def label_name(index: int) -> str:
     """The label a text endpoint answers for class ``index`` (Hugging Face's default ``LABEL_i``)."""
     return f"LABEL_{int(index)}"
