@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from wmark.errors import UsageError
-from wmark.evidence import TestResult, Verifier, alpha_share
+from wmark.evidence import TestResult, Verifier, alpha_share, decide
 from wmark.keys import generate_key
 
 
@@ -101,3 +101,13 @@ def test_the_verdict_reports_the_null_and_matches_of_the_test_that_gives_its_p_v
     # equal weights: still the test of smallest raw p
     plain = decide(key=key, tests=[committed, trigger], alpha=1e-6, suspect="s")
     assert plain.primary is trigger and plain.to_dict()["matches"] == 30
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0, 0.0, -1e-6, float("nan")])
+def test_decide_refuses_an_alpha_outside_0_1(alpha):
+    # alpha >= 1 put the threshold at log10 alpha >= 0, above every adjusted p-value: a suspect whose tests all
+    # gave p = 1 (an independent model) was 'detected'; recheck passes the alpha read from a report to decide
+    key = generate_key(owner="ACME", num_classes=3, input_shape=(2,))
+    innocent = TestResult(name="a", evidence_of="copy", null={"why": "fixed"}, log10_p=0.0, queries=1, matches=0)
+    with pytest.raises(UsageError, match=r"alpha must be in \(0, 1\)"):
+        decide(key=key, tests=[innocent], alpha=alpha, suspect="s")

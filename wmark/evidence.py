@@ -216,7 +216,12 @@ def decide(*, key: Key, tests: list[TestResult], alpha: float, suspect: str) -> 
 
     Each test enters with its prior :attr:`TestResult.weight`; the weights are fixed by the kinds of test
     run, never by their answers, so the family-wise bound alpha holds (:func:`wmark.stats.holm`).
+
+    Raises:
+        UsageError: On an alpha outside (0, 1) or no tests.
     """
+    if not 0.0 < alpha < 1.0:
+        raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
     if not tests:
         raise UsageError("No test was run.")
     adjusted = holm([t.log10_p for t in tests], [t.weight for t in tests])
