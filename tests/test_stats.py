@@ -142,3 +142,13 @@ def test_weighted_holm_is_the_closed_weighted_bonferroni_procedure() -> None:
         stats.holm([-1.0, -2.0], [1.0, 0.0])
     with pytest.raises(ValueError, match="one positive, finite weight per p-value"):
         stats.holm([-1.0, -2.0], [1.0])
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 0.0, -0.1, float("nan")])
+def test_eprocesses_refuse_an_alpha_outside_0_1(alpha: float) -> None:
+    # alpha >= 1 made the bar -log10(alpha) <= 0, which compute() (never below 0) always reaches: an e-process that
+    # had seen nothing had 'crossed'; alpha = 0 failed with a math domain error, NaN never crossed
+    for eproc in (stats.MixtureEProcess(p0=0.1), stats.GaussianMixtureEProcess(rho=0.13)):
+        with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
+            eproc.crossed(alpha)
+    assert not stats.MixtureEProcess(p0=0.1).crossed(0.5)

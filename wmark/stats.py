@@ -111,6 +111,8 @@ class _RunningEvidence:
 
     def crossed(self, alpha: float) -> bool:
         """Whether the evidence has reached 1/α."""
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}; give the false-accusation bound, e.g. 1e-6.")
         return self.compute() >= -math.log10(alpha)
 
 
