@@ -34,6 +34,21 @@ def test_binomial_edge_cases() -> None:
         stats.binomial_log_sf(1, 10, 1.5)
 
 
+@pytest.mark.parametrize(("k", "n"), [(2.5, 10), (3, 10.5), (float("nan"), 10), (3, float("nan")), (3, math.inf)])
+def test_binomial_tail_refuses_counts_that_are_not_whole(k: float, n: float) -> None:
+    # a fractional k or n went into the sum and gave a tail of no binomial (k = 2.5 of 10 at 1/2 gave p = 0.974);
+    # NaN failed inside numpy ('arange: cannot compute length')
+    with pytest.raises(ValueError, match="give whole numbers"):
+        stats.binomial_log_sf(k, n, 0.5)
+
+
+def test_binomial_tail_takes_numpy_counts() -> None:
+    # numpy counts are read as Python integers: n + 1 of an int32 n no longer wraps around
+    assert stats.binomial_log_sf(np.int64(3), np.int32(10), 0.5) == pytest.approx(sps.binom.logsf(2, 10, 0.5))
+    big = np.int32(2**31 - 1)
+    assert stats.binomial_log_sf(big, big, 0.5) == pytest.approx(big * math.log(0.5))
+
+
 def test_binomial_test_accumulator_equals_functional() -> None:
     acc = stats.BinomialTest(p0=0.1)
     acc.update([1, 0, 1, 1])

@@ -35,6 +35,9 @@ def binomial_log_sf(k: int, n: int, p: float) -> float:
     """
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"p must be in [0, 1], got {p}")
+    if not (float(k).is_integer() and float(n).is_integer()):
+        raise ValueError(f"k and n are counts: give whole numbers, got k={k}, n={n}")
+    k, n = int(k), int(n)
     if n < 0 or k > n + 1:
         raise ValueError(f"need 0 <= n and k <= n + 1, got k={k}, n={n}")
     if k <= 0:
