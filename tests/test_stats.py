@@ -58,6 +58,17 @@ def test_binomial_test_accumulator_equals_functional() -> None:
     assert (acc.successes, acc.trials) == (0, 0)
 
 
+@pytest.mark.parametrize("outcomes", [[0.5], [1, 1.7], [float("nan")], [2]])
+def test_binomial_test_refuses_outcomes_that_are_not_0_or_1(outcomes: list[float]) -> None:
+    # values were cut to integers before the check: 0.5 counted as a miss and 1.7 as a match, silently
+    acc = stats.BinomialTest(p0=0.1)
+    with pytest.raises(ValueError, match="outcomes must be 0 or 1"):
+        acc.update(outcomes)
+    assert (acc.successes, acc.trials) == (0, 0)
+    acc.update(np.array([True, False, 1.0]))
+    assert (acc.successes, acc.trials) == (2, 3)
+
+
 def _closed_form_log10(outcomes: np.ndarray, p0: float) -> np.ndarray:
     """log10 e-values of the uniform mixture, for many sequences at once (rows), by cumulative sums."""
     q = stats.default_alternatives(p0)

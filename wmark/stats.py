@@ -78,10 +78,10 @@ class BinomialTest:
         self.trials = 0
 
     def update(self, outcomes: int | Iterable[int]) -> None:
-        values = [int(outcomes)] if isinstance(outcomes, (int, np.integer)) else [int(v) for v in outcomes]
+        values = [outcomes] if isinstance(outcomes, (int, np.integer)) else list(outcomes)
         if any(v not in (0, 1) for v in values):
             raise ValueError("outcomes must be 0 or 1")
-        self.successes += sum(values)
+        self.successes += sum(int(v) for v in values)
         self.trials += len(values)
 
     def compute(self) -> float:
