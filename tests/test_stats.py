@@ -69,6 +69,13 @@ def test_binomial_test_refuses_outcomes_that_are_not_0_or_1(outcomes: list[float
     assert (acc.successes, acc.trials) == (2, 3)
 
 
+@pytest.mark.parametrize("p0", [0.0, 1.0, 1.5, -0.1, float("nan")])
+def test_binomial_test_refuses_p0_outside_0_1(p0: float) -> None:
+    # p0 = 0 made a single match p = 0 (log10 p = -inf, an accusation); 1.5 or NaN failed only at compute()
+    with pytest.raises(ValueError, match=r"p0 must be in \(0, 1\)"):
+        stats.BinomialTest(p0=p0)
+
+
 def _closed_form_log10(outcomes: np.ndarray, p0: float) -> np.ndarray:
     """log10 e-values of the uniform mixture, for many sequences at once (rows), by cumulative sums."""
     q = stats.default_alternatives(p0)

@@ -70,6 +70,8 @@ class BinomialTest:
     """
 
     def __init__(self, *, p0: float) -> None:
+        if not 0.0 < p0 < 1.0:
+            raise ValueError(f"p0 must be in (0, 1), got {p0}; give the null's match rate, e.g. 1/C for C classes.")
         self.p0 = p0
         self.reset()
 
