@@ -138,6 +138,14 @@ def test_clopper_pearson_matches_scipy_beta() -> None:
     assert stats.clopper_pearson_upper(5, 5, 0.95) == 1.0
 
 
+@pytest.mark.parametrize(("k", "n", "confidence"), [(12, 10, 0.95), (-1, 10, 0.95), (0, -3, 0.95), (3, 10, 1.5),
+                                                    (3, 10, 0.0), (3, 10, float("nan"))])
+def test_clopper_pearson_refuses_impossible_counts_and_confidences(k: int, n: int, confidence: float) -> None:
+    # k > n (or n < 0) gave a bound of 1.0 and k < 0 or a confidence outside (0, 1) gave NaN, silently
+    with pytest.raises(ValueError, match=r"give 0 <= k <= n successes and a confidence in \(0, 1\)"):
+        stats.clopper_pearson_upper(k, n, confidence)
+
+
 def test_holm_matches_manual_procedure() -> None:
     ps = [0.01, 0.04, 0.03, 0.2]
     adjusted = [10 ** v for v in stats.holm([math.log10(p) for p in ps])]

@@ -216,6 +216,9 @@ class GaussianMixtureEProcess(_RunningEvidence):
 
 def clopper_pearson_upper(k: int, n: int, confidence: float) -> float:
     """One-sided upper confidence bound for a binomial rate (exact, Clopper-Pearson)."""
+    if not 0 <= k <= n or not 0.0 < confidence < 1.0:
+        raise ValueError(f"give 0 <= k <= n successes and a confidence in (0, 1), got k={k}, n={n}, "
+                         f"confidence={confidence}")
     if n <= 0:
         return 1.0
     if k >= n:
