@@ -193,3 +193,11 @@ def test_eprocesses_refuse_an_alpha_outside_0_1(alpha: float) -> None:
         with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\)"):
             eproc.crossed(alpha)
     assert not stats.MixtureEProcess(p0=0.1).crossed(0.5)
+
+
+def test_holm_refuses_a_nan_pvalue() -> None:
+    # a NaN broke the sort (every later comparison is False) and came out adjusted to 0 (p = 1) without a word:
+    # [-3, nan, -1] gave -1 an adjusted 0 instead of -1 + log10 2
+    with pytest.raises(ValueError, match="log10 p-value that is a number for every test"):
+        stats.holm([-3.0, float("nan"), -1.0])
+    assert stats.holm([-3.0, -math.inf, -1.0]) == pytest.approx([-3.0 + math.log10(2), -math.inf, -1.0])

@@ -235,12 +235,14 @@ def holm(log10_pvalues: Sequence[float], weights: Sequence[float] | None = None)
     plain procedure.
 
     Raises:
-        ValueError: On weights that do not match the p-values or are not positive and finite.
+        ValueError: On a NaN p-value, or weights that do not match the p-values or are not positive and finite.
     """
     m = len(log10_pvalues)
     w = [1.0] * m if weights is None else [float(v) for v in weights]
     if len(w) != m or not all(math.isfinite(v) and v > 0 for v in w):
         raise ValueError(f"Give one positive, finite weight per p-value (got {list(w)} for {m} p-values).")
+    if any(math.isnan(v) for v in log10_pvalues):
+        raise ValueError(f"Give a log10 p-value that is a number for every test (got {list(log10_pvalues)}).")
     order = sorted(range(m), key=lambda i: log10_pvalues[i] - math.log10(w[i]))
     adjusted = [0.0] * m
     running = -math.inf
