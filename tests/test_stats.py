@@ -49,6 +49,14 @@ def test_binomial_tail_takes_numpy_counts() -> None:
     assert stats.binomial_log_sf(big, big, 0.5) == pytest.approx(big * math.log(0.5))
 
 
+def test_log10_to_p_refuses_nan() -> None:
+    # NaN failed the 'log10_p > -320' test and came out as p = 0.0, the strongest evidence there is
+    with pytest.raises(ValueError, match="log10_p is NaN"):
+        stats.log10_to_p(float("nan"))
+    assert stats.log10_to_p(-2.0) == pytest.approx(0.01)
+    assert stats.log10_to_p(-400.0) == 0.0 and stats.log10_to_p(-math.inf) == 0.0
+
+
 def test_binomial_test_accumulator_equals_functional() -> None:
     acc = stats.BinomialTest(p0=0.1)
     acc.update([1, 0, 1, 1])

@@ -60,6 +60,8 @@ def binomial_log10_sf(k: int, n: int, p: float) -> float:
 
 def log10_to_p(log10_p: float) -> float:
     """The p-value as a float (0.0 once it underflows; keep log10_p as the record)."""
+    if math.isnan(log10_p):
+        raise ValueError("log10_p is NaN, which is no p-value; fix the test that computed it.")
     return float(10.0 ** log10_p) if log10_p > -320 else 0.0
 
 
