@@ -51,6 +51,17 @@ def test_labels_are_uniform() -> None:
     assert sps.chisquare(counts).pvalue > 1e-4
 
 
+@pytest.mark.parametrize("classes", [0, 1, -3, 2**32 + 1])
+def test_labels_refuse_a_class_count_outside_2_to_2_32(classes: int) -> None:
+    # 0 failed with ZeroDivisionError, -3 gave labels in {-2, -1, 0}, and above 2**32 no 32-bit word was under the
+    # rejection limit (0), so the loop drew blocks for ever
+    key = seeded_key("keys/labels", num_classes=10, input_shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="Labels are drawn over 2 to 2\\*\\*32 classes"):
+        key.labels("labels", 5, num_classes=classes)
+    assert set(key.labels("labels", 200, num_classes=2).tolist()) == {0, 1}
+    assert key.labels("labels", 3, num_classes=2**32).min() >= 0
+
+
 def test_normal_has_unit_moments(digits_key: Key) -> None:
     z = digits_key.normal("z", 40001)
     assert z.shape == (40001,)

@@ -119,6 +119,8 @@ class Key:
     def labels(self, purpose: str, count: int, num_classes: int | None = None) -> np.ndarray:
         """Labels exactly uniform on ``range(num_classes)`` by rejection sampling 32-bit words."""
         c = self.num_classes if num_classes is None else num_classes
+        if not 2 <= c <= 2**32:
+            raise ValueError(f"Labels are drawn over 2 to 2**32 classes, got {c}; give the models' number of classes.")
         limit = (2**32 // c) * c
         out: list[int] = []
         block = 0
