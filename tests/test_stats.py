@@ -209,3 +209,16 @@ def test_holm_refuses_a_nan_pvalue() -> None:
     with pytest.raises(ValueError, match="log10 p-value that is a number for every test"):
         stats.holm([-3.0, float("nan"), -1.0])
     assert stats.holm([-3.0, -math.inf, -1.0]) == pytest.approx([-3.0 + math.log10(2), -math.inf, -1.0])
+
+
+@pytest.mark.parametrize(("score", "weight", "rho"), [(-1.6e12, 0.08, 0.024), (-1e10, 53.0, 0.09), (-1e8, 1.0, 1.0)])
+def test_gaussian_eprocess_stays_below_one_for_a_drift_far_below_zero(score: float, weight: float, rho: float) -> None:
+    # the closed form added x²/2 to log Φ(x), which cancel for x far below 0: a score of -1.6e12 gave log10 e = +445
+    # (evidence 'crossed' at any alpha) where e is below 1e-12; for x << 0, x²/2 + log Φ(x) -> -log(-x √(2π))
+    e = stats.GaussianMixtureEProcess(rho=rho)
+    e.update(score, weight)
+    r = rho ** 2 * weight ** 2
+    x = rho * score * weight / math.sqrt(1 + r)
+    expected = math.log(2) - 0.5 * math.log1p(r) - math.log(-x) - 0.5 * math.log(2 * math.pi)
+    assert e.log_e() == pytest.approx(expected, rel=1e-9)
+    assert e.compute() == 0.0 and not e.crossed(0.5)

@@ -23,7 +23,7 @@ import math
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-from scipy.special import betaincinv, gammaln, log_ndtr, logsumexp
+from scipy.special import betaincinv, erfcx, gammaln, log_ndtr, logsumexp
 
 LN10 = math.log(10.0)
 
@@ -203,9 +203,10 @@ class GaussianMixtureEProcess(_RunningEvidence):
     def log_e(self) -> float:
         """Natural log of the current e-value."""
         r = self.rho ** 2 * self.weight
-        m = self.rho * self.total
-        return float(math.log(2.0) - 0.5 * math.log1p(r) + m * m / (2.0 * (1.0 + r))
-                     + log_ndtr(m / math.sqrt(1.0 + r)))
+        x = self.rho * self.total / math.sqrt(1.0 + r)
+        # x²/2 + log Φ(x): for x < 0 the two terms cancel (catastrophically, far out), so use erfcx(-x/√2) / 2
+        tail = math.log(erfcx(-x / math.sqrt(2.0)) / 2.0) if x < 0 else x * x / 2.0 + float(log_ndtr(x))
+        return float(math.log(2.0) - 0.5 * math.log1p(r) + tail)
 
     def update(self, score: float, weight: float) -> float:
         """Add one score with its predictable weight; return log10 of the current e-value."""
