@@ -19,6 +19,21 @@ def test_binomial_tail_matches_scipy(seed: int) -> None:
             assert stats.binomial_log_sf(k, n, p) == pytest.approx(math.log(ref), rel=1e-9, abs=1e-12)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_binomial_tail_near_one_keeps_its_relative_precision(seed: int) -> None:
+    # a tail near 1 was the log of a sum that rounds to 1: P(X >= 2) of Binomial(10, 0.999), 1 - 1e-26, gave
+    # log p = 0.0, and P(X >= 5) of Binomial(10, 0.99) came out 6e-7 off; the reference takes the small lower tail
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        n = int(rng.integers(2, 400))
+        k = int(rng.integers(1, max(2, n // 3)))
+        p = float(1.0 - 10 ** rng.uniform(-4, -0.3))
+        ref = math.log1p(-sps.binom.cdf(k - 1, n, p))
+        if ref < -1e-200:  # scipy's lower tail loses digits further out
+            assert stats.binomial_log_sf(k, n, p) == pytest.approx(ref, rel=1e-9, abs=1e-300)
+    assert stats.binomial_log_sf(2, 10, 0.999) == pytest.approx(-9.991e-27, rel=1e-12)
+
+
 def test_binomial_tail_does_not_underflow() -> None:
     # scipy's logsf gives -inf here; the exact tail is about 10^-496.7.
     value = stats.binomial_log10_sf(3500, 4096, 0.5)

@@ -26,10 +26,12 @@ import numpy as np
 from scipy.special import betaincinv, erfcx, gammaln, log_ndtr, logsumexp
 
 LN10 = math.log(10.0)
+LN2 = math.log(2.0)
 
 
 def binomial_log_sf(k: int, n: int, p: float) -> float:
-    """Natural log of P(X ≥ k) for X ~ Binomial(n, p), exact by summing the tail's log-pmf.
+    """Natural log of P(X ≥ k) for X ~ Binomial(n, p), exact by summing the log-pmf of the tail below 1/2 (the
+    upper one, or the lower one taken from 1).
 
     scipy's ``binom.logsf`` returns -inf for extreme tails; this does not.
     """
@@ -48,9 +50,18 @@ def binomial_log_sf(k: int, n: int, p: float) -> float:
         return -math.inf
     if p == 1.0:
         return 0.0
-    i = np.arange(k, n + 1, dtype=np.float64)
+    upper = _binomial_log_mass(k, n + 1, n, p)
+    if upper > -LN2:
+        # a tail above 1/2 sums to 1 less a little that rounding loses: take the lower tail (below 1/2) from 1
+        return math.log1p(-math.exp(_binomial_log_mass(0, k, n, p)))
+    return upper
+
+
+def _binomial_log_mass(start: int, stop: int, n: int, p: float) -> float:
+    """Natural log of P(start <= X < stop) for X ~ Binomial(n, p), 0 < p < 1, summed in log space."""
+    i = np.arange(start, stop, dtype=np.float64)
     logpmf = gammaln(n + 1) - gammaln(i + 1) - gammaln(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
-    return float(min(0.0, logsumexp(logpmf)))
+    return float(logsumexp(logpmf))
 
 
 def binomial_log10_sf(k: int, n: int, p: float) -> float:
