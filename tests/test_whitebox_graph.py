@@ -332,6 +332,17 @@ def test_graphs_that_cannot_be_aligned_are_refused() -> None:
         WeightsEmbedder(key, TinyBert(0), layer="encoder.embeddings.word_embeddings")
 
 
+def test_an_electra_style_embedding_projection_is_refused_not_misread() -> None:
+    """The word embeddings' width was taken as the hidden stream's: 16 units read as 16 blocks of 2 columns."""
+    from transformers import ElectraConfig, ElectraModel
+
+    torch.manual_seed(0)
+    model = ElectraModel(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=32))
+    with pytest.raises(UsageError, match="ELECTRA-style embedding projection"):
+        read_graph(model)
+
+
 def test_cli_refuses_a_reference_plan_it_cannot_align(bert, tmp_path) -> None:
     key, _, d = bert
     tensors, meta = load_tensors(d / "ref.safetensors")

@@ -372,6 +372,12 @@ def _read_bert(model: nn.Module) -> Graph:
         norms += [f"{base}attention.output.LayerNorm", f"{base}output.LayerNorm"]
     for norm in norms:
         sp.info[stream].params += [need(f"{norm}.{p}") for p in ("weight", "bias")]
+    for name, _, out, _ in layers:  # every layer so far reads or writes the hidden stream
+        shape = params[name].shape
+        if shape[0 if out == stream and name not in transposed else 1] != hidden:
+            raise UsageError(f"{name} has shape {tuple(shape)} but the word embeddings give {hidden} hidden units, so "
+                             "something the BERT rules do not place (an ELECTRA-style embedding projection) sits between "
+                             "them; wmark cannot align this layout, use black-box verification.")
     embedding_names = {f"{prefix}embeddings.{p}_embeddings.weight" for p in ("word", "position", "token_type")}
     used = {name for name, *_ in layers}
     head_input = sp.new("head input", hidden, "opaque", why="a head the rules cannot place (pooled hidden states or "
