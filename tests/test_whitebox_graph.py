@@ -332,6 +332,33 @@ def test_graphs_that_cannot_be_aligned_are_refused() -> None:
         WeightsEmbedder(key, TinyBert(0), layer="encoder.embeddings.word_embeddings")
 
 
+class TokenMLP(nn.Module):
+    """A linear layer over each of 10 tokens, then a flatten: its units sit on the last axis, not dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(8, 16)
+        self.mix = nn.Linear(160, 64)
+        self.conv = nn.Conv1d(10, 4, 3)
+        self.fc = nn.Linear(64 + 4 * 14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.tok(x))
+        return self.fc(torch.cat([torch.relu(self.mix(h.flatten(1))), self.conv(h).flatten(1)], 1))
+
+
+def test_a_flatten_or_conv_of_a_linear_layers_output_is_refused_not_misread() -> None:
+    """The 160 columns of mix were read as 16 units of 10 columns each; they are 10 tokens of 16 units."""
+    g = read_graph(TokenMLP())
+    assert TokenMLP()(torch.randn(2, 10, 8)).shape == (2, 3)
+    for name in ("mix.weight", "conv.weight"):
+        assert g.spaces[g.layer(name).inp].kind == "opaque"
+        with pytest.raises(UsageError, match="units sit on the last axis"):
+            plan(g, name)
+    mlp = read_graph(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 2)))
+    assert mlp.layers[1].inp == mlp.layers[0].out
+
+
 def test_an_electra_style_embedding_projection_is_refused_not_misread() -> None:
     """The word embeddings' width was taken as the hidden stream's: 16 units read as 16 blocks of 2 columns."""
     from transformers import ElectraConfig, ElectraModel

@@ -5,7 +5,9 @@ changing the function, as long as every tensor that writes or reads it is permut
 
 * a conv/linear layer *writes* its output space (its rows) and *reads* its input space (its columns,
   ``rest`` columns per unit: a kernel window, or ``H·W`` columns after a flatten);
-* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space;
+* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space, but
+  only elementwise ops keep a linear layer's output, whose units sit on the last axis (a flatten, reshape,
+  pooling, mean or conv of it regroups them differently);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
@@ -68,6 +70,13 @@ _KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SCALES = {operator.mul, operator.truediv, torch.mul}
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Ops that regroup the units of dimension 1: wrong for a linear layer's output, whose units sit on the last axis.
+_REGROUP_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_REGROUP_FUNCTIONS = {torch.flatten, nn.functional.max_pool2d, nn.functional.avg_pool2d,
+                      nn.functional.adaptive_avg_pool2d}
+_REGROUP_METHODS = {"flatten", "view", "reshape", "mean"}
+_LAST_AXIS = "a reshape, pooling, mean or conv of a linear layer's output (its units sit on the last axis)"
 
 
 @dataclass(frozen=True)
@@ -227,9 +236,16 @@ def _read_fx(model: nn.Module) -> Graph:
     label: dict[Any, str] = {}
     layers: list[tuple[str, str, str, str | None]] = []
     seen: set[str] = set()
+    last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
+            continue
+        layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
+        if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
+            last_axis.add(node)
         if node.op == "placeholder":
             label[node] = sp.new(f"input{fixed or ''}", 0, FIXED)
             fixed += 1
@@ -240,7 +256,10 @@ def _read_fx(model: nn.Module) -> Graph:
             seen.add(target)
             mod = modules[target]
             out = sp.new(target, int(mod.weight.shape[0]))
-            src = sp.find(label[tensor_args[0]]) if tensor_args else sp.new(f"opaque:{node.name}", 0, "opaque")
+            if tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+                src = sp.find(label[tensor_args[0]])
+            else:
+                src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             layers.append((f"{target}.weight", src, out, bias))
             label[node] = out
@@ -255,6 +274,12 @@ def _read_fx(model: nn.Module) -> Graph:
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
     return _assemble(sp, layers, params, family="fx")
+
+
+def _regroups(node: Any, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _REGROUP_MODULES)
+    return node.target in _REGROUP_FUNCTIONS if node.op == "call_function" else node.target in _REGROUP_METHODS
 
 
 def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spaces) -> str:
