@@ -286,6 +286,25 @@ def test_transformer_mark_survives(bert, attack) -> None:
     assert verdict.detected and verdict.tests[0].details["family"] == "bert", verdict.tests[0].matches
 
 
+def test_a_negated_layernorm_stream_keeps_the_function_and_the_mark(bert) -> None:
+    """LN(-x) = -LN(x) once the norm's bias is negated, so a thief may negate BERT's whole hidden stream; it was
+    aligned as if it could not be, and the verdict read about half the bits (18 of 32)."""
+    key, model, d = bert
+    sd = permute_spaces(model.state_dict(), graph=read_graph(model), seed=5, signs=True,
+                        extra_readers={"hidden": ["head.weight"]})
+    ids = text_task(5, 16)[0]
+    other = TinyBert(9)
+    other.load_state_dict(sd)
+    assert torch.allclose(other.eval()(ids), model(ids), atol=1e-4)
+    word = "encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(sd[word].abs().sort(1).values, model.state_dict()[word].abs().sort(1).values)
+    assert not torch.equal(sd[word].sort(1).values, model.state_dict()[word].sort(1).values)
+    aligner, _ = guarded_aligner(d, sd)
+    assert torch.equal(aligner.signs["hidden"], -torch.ones(32))
+    verdict = check(key, d, rename_tensors(sd, seed=3), "negated")
+    assert verdict.detected and verdict.tests[0].matches >= 30, verdict.tests[0].matches
+
+
 def test_independent_transformers_are_not_detected(bert) -> None:
     key, _, d = bert
     for seed in range(3):

@@ -19,7 +19,8 @@ How the graph is read:
   and ``encoder.layer.N`` with ``intermediate.dense`` / ``output.dense``), whose Hugging Face ``forward``
   cannot be traced: one hidden space shared by the word/position/token-type embeddings (as writers: their
   columns are hidden units), every ``attention.output.dense`` and ``output.dense`` (rows) and every
-  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it; one MLP
+  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it, *negatable*
+  (``LN(−x) = −LN(x)`` once the norm's bias is negated, so a thief may negate the whole stream); one MLP
   space per layer (``intermediate.dense`` rows, ``output.dense`` columns). Attention heads are opaque for
   alignment (heads permute and each head's factors admit invertible maps, not a permutation);
 * explicit rules for Llama-style decoders with RMSNorm (:mod:`wmark.whitebox.decoder`), whose hidden
@@ -53,6 +54,7 @@ from wmark.errors import UsageError
 
 FIXED = "fixed"
 SIGNED = "signed"
+NEGATABLE = "negatable"
 BINORM_ITERS = 20
 _TINY = 1e-20
 
@@ -125,7 +127,8 @@ class Space:
 
     Attributes:
         size: Number of units.
-        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``signed``
+        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``negatable``
+            (permutable and negated as a whole: a hidden stream normalised by LayerNorm), ``signed``
             (permutable with sign flips: a hidden stream normalised by RMSNorm, SwiGLU neurons) or ``opaque``.
         params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
         why: For an opaque space, the op that made it so.
@@ -191,7 +194,7 @@ class _Spaces:
             raise UsageError(f"A residual add joins {ia.size} and {ib.size} channels; the graph cannot be aligned.")
         kinds = (ia.kind, ib.kind)
         # The most constrained kind wins: a joined space may flip signs only if every part may.
-        kind = next(k for k in ("opaque", FIXED, "free", SIGNED) if k in kinds)
+        kind = next(k for k in ("opaque", FIXED, "free", NEGATABLE, SIGNED) if k in kinds)
         self.parent[rb] = ra
         self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why)
         return ra
@@ -360,7 +363,7 @@ def _read_bert(model: nn.Module) -> Graph:
     params = dict(model.named_parameters())
     sp = _Spaces()
     hidden = int(params[f"{prefix}embeddings.word_embeddings.weight"].shape[1])
-    stream = sp.new("hidden", hidden)
+    stream = sp.new("hidden", hidden, NEGATABLE)
     layers: list[tuple[str, str, str, str | None]] = []
     transposed = set()
 
@@ -420,9 +423,10 @@ def _read_bert(model: nn.Module) -> Graph:
 def plan(graph: Graph, marked: str) -> list[Layer]:
     """The layers verification aligns for ``marked`` (marked last): writers of every space it depends on.
 
-    A marked layer whose rows flip with a signed output space (a down-projection writing an RMSNorm hidden
-    stream) also depends on that space: its statistic, a mean over rows, is read with the rows un-flipped.
-    Every signed space needs a writer other than the marked layer whose rows carry its signs.
+    A marked layer whose rows flip with a signed or negatable output space (a down-projection writing an
+    RMSNorm or LayerNorm hidden stream) also depends on that space: its statistic, a mean over rows, is read
+    with the rows un-flipped. Every such space needs a writer other than the marked layer whose rows carry
+    its signs.
 
     Raises:
         UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
@@ -436,7 +440,7 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
                          "residual adds.")
     needed: list[str] = []
     todo = [target.inp]
-    if graph.spaces[target.out].kind == SIGNED and target.signs:
+    if graph.spaces[target.out].kind in (SIGNED, NEGATABLE) and target.signs:
         todo.append(target.out)
     while todo:
         s = todo.pop()
@@ -447,7 +451,7 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         if not writers:
             raise UsageError(f"Space {s!r} feeding {marked} is written by no layer wmark can align (only through "
                              "opaque ops or the marked layer itself); mark another layer.")
-        if graph.spaces[s].kind == SIGNED and not any(w.signs for w in writers):
+        if graph.spaces[s].kind in (SIGNED, NEGATABLE) and not any(w.signs for w in writers):
             raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
                              "itself; mark another layer.")
         gained = {w.gain for w in writers if w.gain}
