@@ -305,6 +305,17 @@ def test_a_negated_layernorm_stream_keeps_the_function_and_the_mark(bert) -> Non
     assert verdict.detected and verdict.tests[0].matches >= 30, verdict.tests[0].matches
 
 
+def test_extra_tensors_of_another_dtype_or_holding_nan_are_no_candidates(bert) -> None:
+    """An extra int64 or NaN tensor shaped like a plan layer aborted graph verification (exit 2 or 3)."""
+    key, model, d = bert
+    sd = dict(model.state_dict())
+    mlp_in, mlp_out = (sd[f"encoder.encoder.layer.0.{p}.dense.weight"] for p in ("intermediate", "output"))
+    decoys = {"x.ids": torch.zeros_like(mlp_out, dtype=torch.int64), "y.nan": torch.full_like(mlp_out, float("nan")),
+              "z.nan": torch.full_like(mlp_in, float("nan"))}
+    verdict = check(key, d, {**sd, **decoys}, "decoys")
+    assert verdict.detected and verdict.tests[0].details["candidates"] == 1
+
+
 def test_independent_transformers_are_not_detected(bert) -> None:
     key, _, d = bert
     for seed in range(3):

@@ -372,7 +372,12 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
             raise anchor_refusal(anc, [lay.name for lay in layers[:-1]])
         source = anc
-    aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=sus.shapes,
+    # Only suspect tensors of the plan's shapes that read as weights (an extra one of another dtype or holding
+    # NaN is no candidate).
+    usable: dict[str, tuple[int, ...]] = {}
+    for shape in {lay.shape for lay in layers}:
+        usable.update(dict.fromkeys(sus.usable(sorted(n for n, s in sus.shapes.items() if s == shape)), shape))
+    aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=usable,
                       suspect=sus.load, iters=iters)
     aligner.run()
     candidates = aligner.candidates()
