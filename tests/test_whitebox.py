@@ -272,6 +272,18 @@ def test_corrupt_and_odd_dtype_files(setup, tmp_path) -> None:
         verify_whitebox(key=key, reference=d / "marked.safetensors", suspect=tmp_path / "nan.safetensors")
 
 
+def test_extra_tensors_of_another_dtype_or_holding_nan_do_not_stop_verification(setup, tmp_path) -> None:
+    """A thief's extra tensor shaped like a chain layer (an int64 buffer, a NaN-filled decoy) aborted verification."""
+    key, model, d = setup
+    tensors = dict(model.state_dict())
+    fc1, conv2 = tensors["fc1.weight"], tensors["conv2.weight"]
+    decoys = {"a.mask": torch.zeros_like(fc1, dtype=torch.int64), "b.decoy": torch.full_like(fc1, float("nan")),
+              "c.decoy": torch.full_like(conv2, float("inf"))}
+    save_tensors({**tensors, **decoys}, tmp_path / "decoys.safetensors")
+    verdict = verify_whitebox(key=key, reference=d / "marked.safetensors", suspect=tmp_path / "decoys.safetensors")
+    assert verdict.detected and verdict.tests[0].details["candidates"] == 1
+
+
 def test_cli_whitebox_exit_codes(setup, tmp_path) -> None:
     key, _, d = setup
     save_key(key, tmp_path / "k.key")

@@ -286,6 +286,36 @@ def test_transformer_mark_survives(bert, attack) -> None:
     assert verdict.detected and verdict.tests[0].details["family"] == "bert", verdict.tests[0].matches
 
 
+def test_a_negated_layernorm_stream_keeps_the_function_and_the_mark(bert) -> None:
+    """LN(-x) = -LN(x) once the norm's bias is negated, so a thief may negate BERT's whole hidden stream; it was
+    aligned as if it could not be, and the verdict read about half the bits (18 of 32)."""
+    key, model, d = bert
+    sd = permute_spaces(model.state_dict(), graph=read_graph(model), seed=5, signs=True,
+                        extra_readers={"hidden": ["head.weight"]})
+    ids = text_task(5, 16)[0]
+    other = TinyBert(9)
+    other.load_state_dict(sd)
+    assert torch.allclose(other.eval()(ids), model(ids), atol=1e-4)
+    word = "encoder.embeddings.word_embeddings.weight"
+    assert torch.equal(sd[word].abs().sort(1).values, model.state_dict()[word].abs().sort(1).values)
+    assert not torch.equal(sd[word].sort(1).values, model.state_dict()[word].sort(1).values)
+    aligner, _ = guarded_aligner(d, sd)
+    assert torch.equal(aligner.signs["hidden"], -torch.ones(32))
+    verdict = check(key, d, rename_tensors(sd, seed=3), "negated")
+    assert verdict.detected and verdict.tests[0].matches >= 30, verdict.tests[0].matches
+
+
+def test_extra_tensors_of_another_dtype_or_holding_nan_are_no_candidates(bert) -> None:
+    """An extra int64 or NaN tensor shaped like a plan layer aborted graph verification (exit 2 or 3)."""
+    key, model, d = bert
+    sd = dict(model.state_dict())
+    mlp_in, mlp_out = (sd[f"encoder.encoder.layer.0.{p}.dense.weight"] for p in ("intermediate", "output"))
+    decoys = {"x.ids": torch.zeros_like(mlp_out, dtype=torch.int64), "y.nan": torch.full_like(mlp_out, float("nan")),
+              "z.nan": torch.full_like(mlp_in, float("nan"))}
+    verdict = check(key, d, {**sd, **decoys}, "decoys")
+    assert verdict.detected and verdict.tests[0].details["candidates"] == 1
+
+
 def test_independent_transformers_are_not_detected(bert) -> None:
     key, _, d = bert
     for seed in range(3):
@@ -330,6 +360,44 @@ def test_graphs_that_cannot_be_aligned_are_refused() -> None:
         WeightsEmbedder(key, Branchy())
     with pytest.raises(UsageError, match="is an embedding table"):
         WeightsEmbedder(key, TinyBert(0), layer="encoder.embeddings.word_embeddings")
+
+
+class TokenMLP(nn.Module):
+    """A linear layer over each of 10 tokens, then a flatten: its units sit on the last axis, not dimension 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Linear(8, 16)
+        self.mix = nn.Linear(160, 64)
+        self.conv = nn.Conv1d(10, 4, 3)
+        self.fc = nn.Linear(64 + 4 * 14, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.tok(x))
+        return self.fc(torch.cat([torch.relu(self.mix(h.flatten(1))), self.conv(h).flatten(1)], 1))
+
+
+def test_a_flatten_or_conv_of_a_linear_layers_output_is_refused_not_misread() -> None:
+    """The 160 columns of mix were read as 16 units of 10 columns each; they are 10 tokens of 16 units."""
+    g = read_graph(TokenMLP())
+    assert TokenMLP()(torch.randn(2, 10, 8)).shape == (2, 3)
+    for name in ("mix.weight", "conv.weight"):
+        assert g.spaces[g.layer(name).inp].kind == "opaque"
+        with pytest.raises(UsageError, match="units sit on the last axis"):
+            plan(g, name)
+    mlp = read_graph(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Dropout(), nn.Linear(8, 2)))
+    assert mlp.layers[1].inp == mlp.layers[0].out
+
+
+def test_an_electra_style_embedding_projection_is_refused_not_misread() -> None:
+    """The word embeddings' width was taken as the hidden stream's: 16 units read as 16 blocks of 2 columns."""
+    from transformers import ElectraConfig, ElectraModel
+
+    torch.manual_seed(0)
+    model = ElectraModel(ElectraConfig(vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64, max_position_embeddings=32))
+    with pytest.raises(UsageError, match="ELECTRA-style embedding projection"):
+        read_graph(model)
 
 
 def test_cli_refuses_a_reference_plan_it_cannot_align(bert, tmp_path) -> None:

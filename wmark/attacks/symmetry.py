@@ -7,7 +7,8 @@ What a thief can do to a stolen model's weights without changing one prediction:
   that writes it (BatchNorm statistics and parameters follow), a transformer's hidden dimension across
   embeddings, every Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and
   its MLP neurons; with ``signs=True`` also a random sign flip of every unit of a *signed* space (an
-  RMSNorm decoder's hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns);
+  RMSNorm decoder's hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns) and the
+  negation of every *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too);
 * :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
 * :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
 * :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;
@@ -32,7 +33,7 @@ import torch
 from torch import nn
 
 from wmark.errors import UsageError
-from wmark.whitebox.graph import SIGNED, Graph, read_graph
+from wmark.whitebox.graph import NEGATABLE, SIGNED, Graph, read_graph
 
 
 @torch.no_grad()
@@ -51,7 +52,8 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
             classifier on mean-pooled hidden states of a BERT-style encoder): their columns are permuted too.
         signs: Also flip the sign of a random half of the units of every signed space: the rows of its
             writers that carry signs (not a SwiGLU gate's) and their biases, and the columns of its readers.
-            Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain.
+            Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain. Negate
+            every negatable space whole the same way, with its LayerNorms' biases (``LN(−x) = −LN(x)`` then).
 
     Raises:
         UsageError: If a named space is fixed or opaque, or a tensor is missing.
@@ -61,12 +63,14 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
     rng = np.random.default_rng(seed)
     for s in names:
         space = graph.spaces.get(s)
-        if space is None or space.kind not in ("free", SIGNED):
+        if space is None or space.kind not in ("free", NEGATABLE, SIGNED):
             raise UsageError(f"Space {s!r} is not a permutable space of this graph.")
         perm = torch.from_numpy(rng.permutation(space.size))
         flip = torch.ones(space.size)
         if signs and space.kind == SIGNED:
             flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=space.size)).float()
+        elif signs and space.kind == NEGATABLE:
+            flip = -flip
         for lay in graph.layers:
             if lay.out == s:
                 row = flip if lay.signs else torch.ones(space.size)
@@ -78,6 +82,8 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
                 out[lay.name] = _permute_columns(_need(out, lay.name), perm, flip)
         for p in space.params:
             out[p] = _need(out, p)[perm]
+            if space.kind == NEGATABLE and p.endswith(".bias"):
+                out[p] = out[p] * flip.to(out[p])
         for name in (extra_readers or {}).get(s, ()):
             out[name] = _permute_columns(_need(out, name), perm, flip)
     return out
@@ -353,4 +359,4 @@ def lora_merge(model: nn.Module, *, train: Callable[[nn.Module], None], rank: in
 def free_spaces(graph: Graph) -> list[str]:
     """Spaces a thief may permute: free and read by some layer (outputs of the model are not)."""
     readers = {lay.inp for lay in graph.layers}
-    return [s for s, sp in graph.spaces.items() if sp.kind in ("free", SIGNED) and s in readers]
+    return [s for s, sp in graph.spaces.items() if sp.kind in ("free", NEGATABLE, SIGNED) and s in readers]

@@ -15,10 +15,12 @@ may also have its units' signs flipped. Its assignment maximises ``|Σ s| + Σ g
 similarity of the writers whose rows carry the signs and ``g`` that of the others (a SwiGLU gate), and each
 unit's sign is the sign of its matched ``s``. The signs are applied with the permutation wherever the
 space is read (input columns) and, when the marked layer's rows carry them, to its rows before the mean
-the mark is read from. The layers reading a signed space through a norm gain (a decoder's ``gate_proj`` and
-``up_proj``) may carry that gain's own signs on their columns; they are read from the writers whose rows
-never flip (the gate): neurons matched on sign-blind magnitudes, each column's sign from the matched rows,
-matched again with those signs, kept only if they fit the rows better than no extra signs.
+the mark is read from. A *negatable* space (a BERT encoder's LayerNorm stream) may only be negated as a
+whole: its assignment maximises ``Σ g ± Σ s`` for the better sign, which then applies to every unit. The
+layers reading a signed space through a norm gain (a decoder's ``gate_proj`` and ``up_proj``) may carry
+that gain's own signs on their columns; they are read from the writers whose rows never flip (the gate):
+neurons matched on sign-blind magnitudes, each column's sign from the matched rows, matched again with
+those signs, kept only if they fit the rows better than no extra signs.
 
 Resolution goes in two passes: first each space from the writers whose inputs are already aligned
 (the stem or the embeddings come first because their inputs are fixed), then every space again from all
@@ -41,7 +43,7 @@ from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
 from wmark.verify import Verdict, decide
-from wmark.whitebox.graph import BINORM_ITERS, FIXED, SIGNED, Layer, binorm_vector, binormalize
+from wmark.whitebox.graph import BINORM_ITERS, FIXED, NEGATABLE, SIGNED, Layer, binorm_vector, binormalize
 from wmark.whitebox.verify import anchor_refusal, match_neurons, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
@@ -63,7 +65,7 @@ def plan_layers(info: dict[str, Any]) -> tuple[list[Layer], dict[str, dict[str, 
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UsageError("The reference's wmark.weights.graph metadata is malformed; pass the model written by "
                          "`wmark embed`.") from None
-    if not layers or any(s.get("kind") not in (FIXED, "free", SIGNED) for s in spaces.values()):
+    if not layers or any(s.get("kind") not in (FIXED, "free", NEGATABLE, SIGNED) for s in spaces.values()):
         raise UsageError("The reference's weight plan is empty or names a space that cannot be aligned; pass the "
                          "model written by `wmark embed`.")
     return layers, spaces, iters
@@ -166,6 +168,10 @@ class Aligner:
     def _signed(self, space: str) -> bool:
         return self.spaces[space]["kind"] == SIGNED
 
+    def _flips(self, space: str) -> bool:
+        """Whether the space's units may change sign (each, or all together)."""
+        return self.spaces[space]["kind"] in (SIGNED, NEGATABLE)
+
     def _choose(self, layer: Layer) -> str:
         """The unused suspect tensor of the layer's shape whose rows best match the source's, one by one."""
         if layer.name in self.chosen:
@@ -181,7 +187,7 @@ class Aligner:
             # Its columns may carry a norm gain's signs, not known yet: choose on sign-blind magnitudes.
             pick = max(options, key=lambda n: float(self._magnitude_similarity(layer, n).amax(dim=1).mean()))
         else:
-            signed = self._signed(layer.out)
+            signed = self._flips(layer.out)
             pick = max(options, key=lambda n: float(
                 (self._similarity(layer, n).abs() if signed else self._similarity(layer, n)).amax(dim=1).mean()))
         self.chosen[layer.name] = pick
@@ -241,18 +247,25 @@ class Aligner:
         carried: torch.Tensor | None = None
         for layer in writers:
             sim = self._similarity(layer, self._choose(layer))
-            if self._signed(space) and layer.signs:
+            if self._flips(space) and layer.signs:
                 carried = sim if carried is None else carried + sim
             else:
                 total = sim if total is None else total + sim
-        if carried is not None:
+        whole: float | None = None
+        if carried is not None and self.spaces[space]["kind"] == NEGATABLE:
+            # One sign for every unit (the stream negated as a whole): keep the better of the two assignments.
+            whole = max((1.0, -1.0), key=lambda s: _assigned(carried * s if total is None else total + carried * s))
+            total = carried * whole if total is None else total + carried * whole
+        elif carried is not None:
             total = carried.abs() if total is None else total + carried.abs()
         assert total is not None
         sim_np = total.numpy() / len(writers)
         order = match_neurons(sim_np)
         self.quality[space] = float(sim_np[np.arange(len(order)), order].mean())
         self.perms[space] = torch.from_numpy(order)
-        if carried is not None:
+        if whole is not None:
+            self.signs[space] = torch.full((len(order),), whole)
+        elif carried is not None:
             matched = carried[torch.arange(len(order)), self.perms[space]]
             self.signs[space] = torch.where(matched < 0, -1.0, 1.0)
 
@@ -302,7 +315,7 @@ class Aligner:
     def _row_signs(self) -> torch.Tensor | None:
         """±1 per suspect row of the marked layer when its rows flip with a signed space, else None."""
         out = self.marked.out
-        if not (self.marked.signs and self._signed(out)):
+        if not (self.marked.signs and self._flips(out)):
             return None
         order, sign = self.perms.get(out), self.signs.get(out)
         if order is None or sign is None:
@@ -311,6 +324,12 @@ class Aligner:
         rows = torch.empty_like(sign)
         rows[order] = sign
         return rows
+
+
+def _assigned(sim: torch.Tensor) -> float:
+    """The total similarity of the optimal assignment."""
+    order = match_neurons(sim.numpy())
+    return float(sim.numpy()[np.arange(len(order)), order].sum())
 
 
 def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
@@ -353,7 +372,12 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
             raise anchor_refusal(anc, [lay.name for lay in layers[:-1]])
         source = anc
-    aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=sus.shapes,
+    # Only suspect tensors of the plan's shapes that read as weights (an extra one of another dtype or holding
+    # NaN is no candidate).
+    usable: dict[str, tuple[int, ...]] = {}
+    for shape in {lay.shape for lay in layers}:
+        usable.update(dict.fromkeys(sus.usable(sorted(n for n, s in sus.shapes.items() if s == shape)), shape))
+    aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=usable,
                       suspect=sus.load, iters=iters)
     aligner.run()
     candidates = aligner.candidates()

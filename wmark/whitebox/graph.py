@@ -5,7 +5,9 @@ changing the function, as long as every tensor that writes or reads it is permut
 
 * a conv/linear layer *writes* its output space (its rows) and *reads* its input space (its columns,
   ``rest`` columns per unit: a kernel window, or ``H·W`` columns after a flatten);
-* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space;
+* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space, but
+  only elementwise ops keep a linear layer's output, whose units sit on the last axis (a flatten, reshape,
+  pooling, mean or conv of it regroups them differently);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
@@ -17,7 +19,8 @@ How the graph is read:
   and ``encoder.layer.N`` with ``intermediate.dense`` / ``output.dense``), whose Hugging Face ``forward``
   cannot be traced: one hidden space shared by the word/position/token-type embeddings (as writers: their
   columns are hidden units), every ``attention.output.dense`` and ``output.dense`` (rows) and every
-  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it; one MLP
+  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it, *negatable*
+  (``LN(−x) = −LN(x)`` once the norm's bias is negated, so a thief may negate the whole stream); one MLP
   space per layer (``intermediate.dense`` rows, ``output.dense`` columns). Attention heads are opaque for
   alignment (heads permute and each head's factors admit invertible maps, not a permutation);
 * explicit rules for Llama-style decoders with RMSNorm (:mod:`wmark.whitebox.decoder`), whose hidden
@@ -51,6 +54,7 @@ from wmark.errors import UsageError
 
 FIXED = "fixed"
 SIGNED = "signed"
+NEGATABLE = "negatable"
 BINORM_ITERS = 20
 _TINY = 1e-20
 
@@ -68,6 +72,13 @@ _KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SCALES = {operator.mul, operator.truediv, torch.mul}
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Ops that regroup the units of dimension 1: wrong for a linear layer's output, whose units sit on the last axis.
+_REGROUP_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_REGROUP_FUNCTIONS = {torch.flatten, nn.functional.max_pool2d, nn.functional.avg_pool2d,
+                      nn.functional.adaptive_avg_pool2d}
+_REGROUP_METHODS = {"flatten", "view", "reshape", "mean"}
+_LAST_AXIS = "a reshape, pooling, mean or conv of a linear layer's output (its units sit on the last axis)"
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,8 @@ class Space:
 
     Attributes:
         size: Number of units.
-        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``signed``
+        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``negatable``
+            (permutable and negated as a whole: a hidden stream normalised by LayerNorm), ``signed``
             (permutable with sign flips: a hidden stream normalised by RMSNorm, SwiGLU neurons) or ``opaque``.
         params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
         why: For an opaque space, the op that made it so.
@@ -182,7 +194,7 @@ class _Spaces:
             raise UsageError(f"A residual add joins {ia.size} and {ib.size} channels; the graph cannot be aligned.")
         kinds = (ia.kind, ib.kind)
         # The most constrained kind wins: a joined space may flip signs only if every part may.
-        kind = next(k for k in ("opaque", FIXED, "free", SIGNED) if k in kinds)
+        kind = next(k for k in ("opaque", FIXED, "free", NEGATABLE, SIGNED) if k in kinds)
         self.parent[rb] = ra
         self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why)
         return ra
@@ -227,9 +239,16 @@ def _read_fx(model: nn.Module) -> Graph:
     label: dict[Any, str] = {}
     layers: list[tuple[str, str, str, str | None]] = []
     seen: set[str] = set()
+    last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
+            continue
+        layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
+        if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
+            last_axis.add(node)
         if node.op == "placeholder":
             label[node] = sp.new(f"input{fixed or ''}", 0, FIXED)
             fixed += 1
@@ -240,7 +259,10 @@ def _read_fx(model: nn.Module) -> Graph:
             seen.add(target)
             mod = modules[target]
             out = sp.new(target, int(mod.weight.shape[0]))
-            src = sp.find(label[tensor_args[0]]) if tensor_args else sp.new(f"opaque:{node.name}", 0, "opaque")
+            if tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+                src = sp.find(label[tensor_args[0]])
+            else:
+                src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             layers.append((f"{target}.weight", src, out, bias))
             label[node] = out
@@ -255,6 +277,12 @@ def _read_fx(model: nn.Module) -> Graph:
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
     return _assemble(sp, layers, params, family="fx")
+
+
+def _regroups(node: Any, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _REGROUP_MODULES)
+    return node.target in _REGROUP_FUNCTIONS if node.op == "call_function" else node.target in _REGROUP_METHODS
 
 
 def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spaces) -> str:
@@ -335,7 +363,7 @@ def _read_bert(model: nn.Module) -> Graph:
     params = dict(model.named_parameters())
     sp = _Spaces()
     hidden = int(params[f"{prefix}embeddings.word_embeddings.weight"].shape[1])
-    stream = sp.new("hidden", hidden)
+    stream = sp.new("hidden", hidden, NEGATABLE)
     layers: list[tuple[str, str, str, str | None]] = []
     transposed = set()
 
@@ -372,6 +400,12 @@ def _read_bert(model: nn.Module) -> Graph:
         norms += [f"{base}attention.output.LayerNorm", f"{base}output.LayerNorm"]
     for norm in norms:
         sp.info[stream].params += [need(f"{norm}.{p}") for p in ("weight", "bias")]
+    for name, _, out, _ in layers:  # every layer so far reads or writes the hidden stream
+        shape = params[name].shape
+        if shape[0 if out == stream and name not in transposed else 1] != hidden:
+            raise UsageError(f"{name} has shape {tuple(shape)} but the word embeddings give {hidden} hidden units, so "
+                             "something the BERT rules do not place (an ELECTRA-style embedding projection) sits between "
+                             "them; wmark cannot align this layout, use black-box verification.")
     embedding_names = {f"{prefix}embeddings.{p}_embeddings.weight" for p in ("word", "position", "token_type")}
     used = {name for name, *_ in layers}
     head_input = sp.new("head input", hidden, "opaque", why="a head the rules cannot place (pooled hidden states or "
@@ -389,9 +423,10 @@ def _read_bert(model: nn.Module) -> Graph:
 def plan(graph: Graph, marked: str) -> list[Layer]:
     """The layers verification aligns for ``marked`` (marked last): writers of every space it depends on.
 
-    A marked layer whose rows flip with a signed output space (a down-projection writing an RMSNorm hidden
-    stream) also depends on that space: its statistic, a mean over rows, is read with the rows un-flipped.
-    Every signed space needs a writer other than the marked layer whose rows carry its signs.
+    A marked layer whose rows flip with a signed or negatable output space (a down-projection writing an
+    RMSNorm or LayerNorm hidden stream) also depends on that space: its statistic, a mean over rows, is read
+    with the rows un-flipped. Every such space needs a writer other than the marked layer whose rows carry
+    its signs.
 
     Raises:
         UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
@@ -405,7 +440,7 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
                          "residual adds.")
     needed: list[str] = []
     todo = [target.inp]
-    if graph.spaces[target.out].kind == SIGNED and target.signs:
+    if graph.spaces[target.out].kind in (SIGNED, NEGATABLE) and target.signs:
         todo.append(target.out)
     while todo:
         s = todo.pop()
@@ -416,7 +451,7 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         if not writers:
             raise UsageError(f"Space {s!r} feeding {marked} is written by no layer wmark can align (only through "
                              "opaque ops or the marked layer itself); mark another layer.")
-        if graph.spaces[s].kind == SIGNED and not any(w.signs for w in writers):
+        if graph.spaces[s].kind in (SIGNED, NEGATABLE) and not any(w.signs for w in writers):
             raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
                              "itself; mark another layer.")
         gained = {w.gain for w in writers if w.gain}

@@ -5,7 +5,9 @@ metadata names the marked layer and the chain of layers feeding it) and the susp
 It never needs the suspect's architecture code:
 
 1. **Find the layers.** Every suspect tensor whose shape equals the marked layer's is a candidate (names
-   may have been scrambled); each earlier layer of the chain is the same-shaped tensor that aligns best.
+   may have been scrambled); each earlier layer of the chain is the same-shaped tensor that aligns best. An
+   extra tensor of the same shape that does not read as finite weights (an int64 buffer, a NaN decoy) is
+   skipped when another one does.
 2. **Undo rescaling.** Both models are put in the canonical form of :mod:`wmark.whitebox.chain` (rows
    normalised after undoing earlier layers' scales), which positive per-neuron rescaling cannot change;
    int8 tensors without their scales are per-row rescalings too, so they read correctly.
@@ -54,7 +56,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,7 @@ class _File:
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str]
     metadata: dict[str, str]
+    _readable: dict[str, bool] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: PathLike, role: str) -> _File:
@@ -119,6 +122,20 @@ class _File:
             raise RuntimeFailure(f"Tensor {name!r} in {self.path} holds NaN or infinite values; white-box "
                                  "verification needs finite weights.")
         return tensor
+
+    def usable(self, names: Sequence[str]) -> list[str]:
+        """Those of ``names`` (same-shaped tensors) that read as finite weights, or all of them if none does: an
+        extra tensor of another dtype or holding NaN is skipped, and a lone unreadable one still says why."""
+        if len(names) < 2:
+            return list(names)
+        for name in names:
+            if name not in self._readable:
+                try:
+                    self.load(name)
+                    self._readable[name] = True
+                except (UsageError, RuntimeFailure):
+                    self._readable[name] = False
+        return [n for n in names if self._readable[n]] or list(names)
 
 
 def anchor_refusal(anc: _File, names: Sequence[str]) -> UsageError:
@@ -327,7 +344,7 @@ def _reference_chain(key: Key, ref: _File, chain: Sequence[str] | None) -> tuple
 
 
 def _candidates(sus: _File, shape: tuple[int, ...], used: set[str]) -> list[str]:
-    return sorted(n for n, s in sus.shapes.items() if s == shape and n not in used)
+    return sus.usable(sorted(n for n, s in sus.shapes.items() if s == shape and n not in used))
 
 
 def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: float = DEFAULT_ALPHA,
