@@ -311,3 +311,24 @@ def test_a_cnn_on_images_too_small_to_pool_twice_exits_2_and_writes_nothing(tmp_
                                        "--epochs", "1"])
     assert result.exit_code == 2 and "at least 4×4 pixels" in result.output and "unexpected" not in result.output
     assert not out.exists()
+
+
+def hf_text_classifier(*, num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """A Hugging Face text classifier, whatever input shape it is asked for (a factory for --arch)."""
+    from textkit import hf_bert
+
+    return hf_bert(num_classes)
+
+
+def test_a_hugging_face_text_model_asked_with_an_image_key_names_the_key_to_use(key_file: Path, tmp_path: Path) -> None:
+    """Given the key's images as its token ids, a BertForSequenceClassification failed with 'unexpected ValueError: too
+    many values to unpack' (exit 3)."""
+    from wmark.io import save_model
+
+    suspect, report = tmp_path / "bert.safetensors", tmp_path / "r.html"
+    save_model(hf_text_classifier(num_classes=10, input_shape=(1, 8, 8)), suspect, metadata={"num_classes": 10})
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", f"{__name__}:hf_text_classifier",
+                     "--suspect", str(suspect), "--report", str(report))
+    assert (code, err) == (2, f"error: The suspect {suspect}'s forward takes input_ids, so it is a text model, but it is "
+                              "asked images; verify it with a text key (`wmark keygen --modality text`).\n")
+    assert not report.exists()

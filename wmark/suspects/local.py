@@ -38,7 +38,8 @@ class LocalSuspect:
     Raises:
         UsageError: If the model fails on a probe input of ``input_shape`` with an index, key, type or attribute
             error (typically a model that wants a dict batch), or its forward does not take the inputs by the
-            names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images).
+            names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images), or
+            it takes token ids (its forward names ``input_ids``) but is to be asked images.
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
@@ -52,6 +53,10 @@ class LocalSuspect:
         self.expose_scores = expose_scores
         self.text = text
         self.input_key = input_key
+        if text is None and input_key is None and "input_ids" in forward_names(self.model):
+            # Given an image tensor as its token ids, a Hugging Face text model fails deep inside, naming neither.
+            raise UsageError(f"The suspect {description}'s forward takes input_ids, so it is a text model, but it is "
+                             "asked images; verify it with a text key (`wmark keygen --modality text`).")
         probe_input = self._batch(self._probe_input())
         try:
             with torch.no_grad():
