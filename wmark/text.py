@@ -241,6 +241,11 @@ class TextInputs:
         return cls(tokenizer=tok, max_length=int(key.modality["max_length"]))
 
     @property
+    def vocab_size(self) -> int:
+        """One more than the largest token id the tokenizer makes (added tokens included)."""
+        return max(self.tokenizer.get_vocab().values()) + 1
+
+    @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id or 0)
 
