@@ -311,3 +311,55 @@ def test_a_cnn_on_images_too_small_to_pool_twice_exits_2_and_writes_nothing(tmp_
                                        "--epochs", "1"])
     assert result.exit_code == 2 and "at least 4×4 pixels" in result.output and "unexpected" not in result.output
     assert not out.exists()
+
+
+def hf_text_classifier(*, num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """A Hugging Face text classifier, whatever input shape it is asked for (a factory for --arch)."""
+    from textkit import hf_bert
+
+    return hf_bert(num_classes)
+
+
+def test_a_hugging_face_text_model_asked_with_an_image_key_names_the_key_to_use(key_file: Path, tmp_path: Path) -> None:
+    """Given the key's images as its token ids, a BertForSequenceClassification failed with 'unexpected ValueError: too
+    many values to unpack' (exit 3)."""
+    from wmark.io import save_model
+
+    suspect, report = tmp_path / "bert.safetensors", tmp_path / "r.html"
+    save_model(hf_text_classifier(num_classes=10, input_shape=(1, 8, 8)), suspect, metadata={"num_classes": 10})
+    code, err = _cli("verify", "file", "--key", str(key_file), "--arch", f"{__name__}:hf_text_classifier",
+                     "--suspect", str(suspect), "--report", str(report))
+    assert (code, err) == (2, f"error: The suspect {suspect}'s forward takes input_ids, so it is a text model, but it is "
+                              "asked images; verify it with a text key (`wmark keygen --modality text`).\n")
+    assert not report.exists()
+
+
+def short_vocabulary_bow(*, num_classes: int, input_shape: tuple[int, ...]) -> torch.nn.Module:
+    """A bag of words over the first 30000 of MiniLM's 30522 token ids (a factory for --arch)."""
+    from wmark.text_models import BagOfWords
+
+    return BagOfWords(num_classes=num_classes, vocab_size=30000)
+
+
+def test_a_text_model_with_a_smaller_vocabulary_than_the_keys_tokenizer_is_refused_in_one_sentence(
+        tmp_path: Path) -> None:
+    """A trigger word past the model's vocabulary failed with 'unexpected IndexError: index out of range in self'
+    (exit 3), and a served endpoint answered such a word with HTTP 500; the model is refused before any query."""
+    from textkit import text_key
+
+    from wmark.io import save_model
+    from wmark.serve import build_app
+    from wmark.text import TextInputs
+
+    key, suspect, report = tmp_path / "text.key", tmp_path / "bow.safetensors", tmp_path / "r.html"
+    save_key(text_key(num_classes=4, max_length=32), key)
+    model = short_vocabulary_bow(num_classes=4, input_shape=(32,))
+    save_model(model, suspect, metadata={"num_classes": 4, "input_shape": [32]})
+    sentence = ("cannot take every token id of the tokenizer it is asked through (IndexError: index out of range in "
+                "self): its vocabulary is smaller than the tokenizer's 30522 tokens; use a key made with the tokenizer "
+                "the model was trained with.")
+    code, err = _cli("verify", "file", "--key", str(key), "--arch", f"{__name__}:short_vocabulary_bow",
+                     "--suspect", str(suspect), "--report", str(report))
+    assert (code, err) == (2, f"error: The suspect {suspect} {sentence}\n") and not report.exists()
+    with pytest.raises(UsageError, match=r"vocabulary is smaller than the tokenizer's 30522 tokens"):
+        build_app(model=model, name="m", num_classes=4, input_shape=(32,), text=TextInputs.from_key(load_key(key)))

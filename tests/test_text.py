@@ -119,6 +119,14 @@ def test_text_longer_than_the_keys_maximum_is_refused():
         inputs.encode([3])  # type: ignore[list-item]
 
 
+def test_a_lone_surrogate_is_refused_as_text_in_one_sentence():
+    """It failed inside the tokenizer with a TypeError naming TextEncodeInput."""
+    text = TextInputs.from_key(text_key())
+    with pytest.raises(UsageError, match=r"^Text inputs must be valid Unicode text \(no lone surrogates\)\.$"):
+        text.encode(["fine", "\ud800"])
+    assert text.encode(["caf\u00e9"])["input_ids"].shape[0] == 1
+
+
 def test_contract_reads_model_outputs_and_dict_batches():
     model = hf_bert(3)
     batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),

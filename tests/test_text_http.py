@@ -141,6 +141,21 @@ def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, t
         proc.wait(timeout=10)
 
 
+def test_wmark_serve_refuses_a_text_model_whose_file_records_no_tokenizer(tmp_path):
+    """Served over v2 as an image model, it answered every request with HTTP 500 and a traceback."""
+    from wmark.models import build_model
+
+    weights = tmp_path / "bert.safetensors"
+    save_model(build_model("tiny-bert", num_classes=4, input_shape=(32,), seed=3), weights,
+               metadata={"arch": "tiny-bert", "num_classes": 4, "input_shape": [32]})
+    done = CliRunner().invoke(main, ["serve", "--arch", "tiny-bert", "--weights", str(weights), "--name", "m",
+                                     "--port", str(_free_port())])
+    assert (done.exit_code, done.stderr) == (2, f"error: {weights} holds a text model but records no tokenizer "
+                                                "(wmark.modality), so its text endpoint cannot tokenize; save it with "
+                                                "wmark (`wmark train` or `wmark embed`, or save_model with "
+                                                "metadata=Watermarker.metadata() of its text key).\n")
+
+
 def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
     import numpy as np
 

@@ -39,7 +39,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from wmark import __version__
-from wmark.contract import forward_logits
+from wmark.contract import forward_logits, forward_names
 from wmark.errors import UsageError, WmarkError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
@@ -395,7 +395,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
 
     Raises:
         UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
-            of a mark is given without it, or the policy file or monitor profile is invalid.
+            of a mark is given without it, the policy file or monitor profile is invalid, or the weights hold a text
+            model (its forward takes ``input_ids``) whose file records no tokenizer.
     """
     from wmark.io import read_metadata, wmark_metadata
     from wmark.keys import load_key
@@ -422,6 +423,11 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     serving = False
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
+        if text is None and "input_ids" in forward_names(served.model):
+            # served over v2 as an image model, it would answer every request with HTTP 500
+            raise UsageError(f"{served.weights} holds a text model but records no tokenizer (wmark.modality), so its "
+                             "text endpoint cannot tokenize; save it with wmark (`wmark train` or `wmark embed`, or "
+                             "save_model with metadata=Watermarker.metadata() of its text key).")
         gate = _make_gate(policy=policy, monitor=monitor, alarm_log=alarm_log, monitor_state=monitor_state,
                           clients=list(clients or [ANONYMOUS]), labels_only=labels_only,
                           num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)))

@@ -241,6 +241,11 @@ class TextInputs:
         return cls(tokenizer=tok, max_length=int(key.modality["max_length"]))
 
     @property
+    def vocab_size(self) -> int:
+        """One more than the largest token id the tokenizer makes (added tokens included)."""
+        return max(self.tokenizer.get_vocab().values()) + 1
+
+    @property
     def pad_token_id(self) -> int:
         return int(self.tokenizer.pad_token_id or 0)
 
@@ -248,11 +253,15 @@ class TextInputs:
         """Token ids and attention masks (padded to the longest text, or to ``max_length``).
 
         Raises:
-            UsageError: If an input is not a string or is longer than ``max_length`` tokens.
+            UsageError: If an input is not a string, holds a lone surrogate or is longer than ``max_length`` tokens.
         """
         items = [t.item() if isinstance(t, np.generic) else t for t in texts]
         if not all(isinstance(t, str) for t in items):
             raise UsageError("Text inputs must be strings.")
+        try:
+            "".join(items).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate failed inside the tokenizer with a TypeError
+            raise UsageError("Text inputs must be valid Unicode text (no lone surrogates).") from None
         ids = self.tokenizer(list(items), add_special_tokens=True, truncation=False)["input_ids"]
         longest = max((len(i) for i in ids), default=0)
         if longest > self.max_length:

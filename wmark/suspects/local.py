@@ -38,7 +38,9 @@ class LocalSuspect:
     Raises:
         UsageError: If the model fails on a probe input of ``input_shape`` with an index, key, type or attribute
             error (typically a model that wants a dict batch), or its forward does not take the inputs by the
-            names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images).
+            names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images), or
+            it takes token ids (its forward names ``input_ids``) but is to be asked images, or a text model cannot
+            take the largest token id of ``text``'s tokenizer (its vocabulary is smaller).
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
@@ -52,14 +54,29 @@ class LocalSuspect:
         self.expose_scores = expose_scores
         self.text = text
         self.input_key = input_key
+        if text is None and input_key is None and "input_ids" in forward_names(self.model):
+            # Given an image tensor as its token ids, a Hugging Face text model fails deep inside, naming neither.
+            raise UsageError(f"The suspect {description}'s forward takes input_ids, so it is a text model, but it is "
+                             "asked images; verify it with a text key (`wmark keygen --modality text`).")
         probe_input = self._batch(self._probe_input())
         try:
             with torch.no_grad():
                 probe = forward_logits(self.model, probe_input)
+                if self.text is not None:
+                    # the trigger words and a text endpoint's strings may use any id the tokenizer makes
+                    top = self.text.vocab_size - 1
+                    forward_logits(self.model, dict(probe_input, input_ids=probe_input["input_ids"].masked_fill(
+                        probe_input["attention_mask"].bool(), top)))
         except BatchKeysError as e:
             # The contract's own fix ("name the inputs in the batch") is not open here: this class builds the batch.
             raise UsageError(self._names_fix(e.held)) from e
         except (IndexError, KeyError, TypeError, AttributeError) as e:
+            if self.text is not None and isinstance(e, IndexError):
+                # an embedding lookup past the model's vocabulary: another tokenizer than the one it was trained with
+                raise UsageError(f"The suspect {self.description} cannot take every token id of the tokenizer it is "
+                                 f"asked through (IndexError: {e}): its vocabulary is smaller than the tokenizer's "
+                                 f"{self.text.vocab_size} tokens; use a key made with the tokenizer the model was "
+                                 "trained with.") from e
             # Raised inside the user's model, which cannot say what it was given; the probe can.
             given = (f"a dict of {', '.join(map(repr, probe_input))}" if isinstance(probe_input, Mapping)
                      else f"a tensor of shape {tuple(probe_input.shape)}")
