@@ -208,3 +208,22 @@ def test_an_image_suspect_asked_under_another_input_key_is_told_which_to_give() 
                                          r"under 'image'; give input_key= the name it takes them by, or wrap"):
         LocalSuspect(_NamedImages(), input_shape=(1, 8, 8), input_key="image")
     assert LocalSuspect(_NamedImages(), input_shape=(1, 8, 8), input_key="pixel_values").num_classes == 4
+
+
+def test_an_image_suspect_built_for_another_input_shape_is_refused_in_one_sentence() -> None:
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 4))  # takes 1×8×8
+    with pytest.raises(UsageError, match=r"^The suspect local model fails on an input of shape \(1, 28, 28\) "
+                                         r"\(RuntimeError: mat1 and mat2 shapes cannot be multiplied.*\); use a key "
+                                         r"whose input shape is the model's\.$"):
+        LocalSuspect(model, input_shape=(1, 28, 28))
+
+
+def test_a_local_suspect_asked_nothing_answers_nothing() -> None:
+    from wmark.text import TextInputs
+
+    text_suspect = LocalSuspect(_Named(_PositionalText()), input_shape=(32,), text=TextInputs.from_key(text_key()),
+                                expose_scores=False)
+    none = text_suspect.query(np.asarray([], dtype=object))
+    assert none.labels.shape == (0,) and none.labels.dtype == np.int64 and none.scores is None
+    image_suspect = LocalSuspect(nn.Sequential(nn.Flatten(), nn.Linear(64, 4)), input_shape=(1, 8, 8))
+    assert image_suspect.query(np.zeros((0, 1, 8, 8), dtype=np.float32)).scores.shape == (0, 4)

@@ -40,7 +40,8 @@ class LocalSuspect:
             error (typically a model that wants a dict batch), or its forward does not take the inputs by the
             names they are given under (``input_ids`` and ``attention_mask`` for text, ``input_key`` for images), or
             it takes token ids (its forward names ``input_ids``) but is to be asked images, or a text model cannot
-            take the largest token id of ``text``'s tokenizer (its vocabulary is smaller).
+            take the largest token id of ``text``'s tokenizer (its vocabulary is smaller), or an image model fails on a
+            probe input of ``input_shape`` with a runtime error (a shape mismatch).
     """
 
     def __init__(self, model: nn.Module, *, input_shape: tuple[int, ...], description: str = "local model",
@@ -85,6 +86,13 @@ class LocalSuspect:
                    "input_shape")
             raise UsageError(f"The suspect {self.description} fails on {given} ({type(e).__name__}: {e}); "
                              f"{fix}.") from e
+        except RuntimeError as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError) or self.text is not None:
+                raise
+            # a shape mismatch inside the model (mat1 and mat2 shapes...): the key's input shape is not the model's
+            raise UsageError(f"The suspect {self.description} fails on an input of shape {tuple(self.input_shape)} "
+                             f"(RuntimeError: {str(e).splitlines()[0]}); use a key whose input shape is the "
+                             "model's.") from e
         self.num_classes: int | None = int(probe.shape[1])
 
     def _names_fix(self, held: list[str]) -> str:
@@ -118,6 +126,10 @@ class LocalSuspect:
 
     @torch.no_grad()
     def query(self, inputs: np.ndarray) -> Answers:
+        if len(inputs) == 0:  # a tokenizer fails on no text, and a model may on an empty batch
+            c = self.num_classes or 0
+            return Answers(labels=np.zeros(0, dtype=np.int64),
+                           scores=np.zeros((0, c), dtype=np.float32) if self.expose_scores else None)
         return self._answers(forward_logits(self.model, self._batch(inputs)))
 
     @torch.no_grad()
