@@ -39,6 +39,7 @@ from wmark.keys import Key
 from wmark.schemes import trigger_set
 from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
+from wmark.text import TextInputs
 
 KNOWN_SCHEMES = ("trigger", "weights")
 
@@ -136,11 +137,14 @@ class Watermarker:
         """Prepare a training loop; returns ``(model, optimizer, data_loader)`` to train with.
 
         Raises:
-            UsageError: If already attached, or if a scheme lacks what it needs (a data loader for the
-                trigger scheme).
+            UsageError: If already attached, if a scheme lacks what it needs (a data loader for the
+                trigger scheme), or if a text key's tokenizer makes ids the model cannot embed
+                (:meth:`check_vocabulary`).
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "trigger" in self.schemes:
+            self.check_vocabulary(model)
         with self._all_or_nothing():
             if "trigger" in self.schemes:
                 if data_loader is None:
@@ -213,6 +217,8 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "trigger" in self.schemes:
+            self.check_vocabulary(model)
         with self._all_or_nothing():
             if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
                 # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
@@ -222,6 +228,25 @@ class Watermarker:
             if "weights" in self.schemes:
                 self._hook_weights(model, optimizer)
         self._attached = True
+
+    def check_vocabulary(self, model: nn.Module) -> None:
+        """Refuse a text key whose tokenizer makes token ids past the model's input embedding table.
+
+        Checked from the sizes alone, before any trigger reaches the model: an out-of-range id failed the trigger
+        pass with a bare ``IndexError`` on the CPU, and is a device-side assert on CUDA. Only a model that names
+        its input embeddings (``get_input_embeddings()``, as Hugging Face models do, or a module inside it that
+        does) is checked.
+
+        Raises:
+            UsageError: If the tokenizer's largest token id is not below the embedding table's size.
+        """
+        if self.key.kind != "text":
+            return
+        size = _input_vocabulary(model)
+        text = TextInputs.from_key(self.key, tokenizer=self.tokenizer)
+        if size is not None and text is not None and text.vocab_size > size:
+            raise UsageError(f"The key's tokenizer makes token ids up to {text.vocab_size - 1} but the model embeds "
+                             f"only {size} tokens; use a key made with the tokenizer the model was trained with.")
 
     def _refuse_lookahead(self) -> None:
         if "trigger" in self.schemes and self.trigger_step:
@@ -273,3 +298,19 @@ class Watermarker:
             **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }
+
+
+def _input_vocabulary(model: nn.Module) -> int | None:
+    """The size of the input embedding table of the first module (the model, or one inside it: a Lightning module's
+    or a DDP wrapper's) that names one through ``get_input_embeddings()``; None when none does."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            embedding = getter()
+        except NotImplementedError:
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return int(embedding.num_embeddings)
+    return None
