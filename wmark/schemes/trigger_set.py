@@ -267,11 +267,7 @@ class TriggerMixingLoader(LoaderProxy):
                 ids = self.triggers.tokens(idx)["input_ids"]
                 mixed = (_pad_cat(x, ids, self.triggers.pad_token_id), torch.cat([y, ty.to(y.device, y.dtype)]))
                 return type(batch)(mixed) if isinstance(batch, list) else mixed
-            if tuple(x.shape[1:]) != tuple(tx.shape[1:]):
-                raise UsageError(
-                    f"Batches hold inputs of shape {tuple(x.shape[1:])} but the key's triggers are "
-                    f"{tuple(tx.shape[1:])}; make a key whose input shape matches the model's."
-                )
+            _check_shape(x, self.triggers)
             mixed = (torch.cat([x, tx.to(x.device, x.dtype)]), torch.cat([y, ty.to(y.device, y.dtype)]))
             return type(batch)(mixed) if isinstance(batch, list) else mixed
         raise UsageError("Batches must be (inputs, labels) pairs or dicts; wrap the dataset instead.")
@@ -298,6 +294,7 @@ class TriggerMixingLoader(LoaderProxy):
         out = dict(batch)
         out[self.label_key] = torch.cat([y, triggers.labels[idx].to(y.device, y.dtype)])
         if not triggers.is_text:
+            _check_shape(x, triggers)
             out[input_key] = torch.cat([x, triggers.inputs[idx].to(x.device, x.dtype)])
             return out
         tokens = triggers.tokens(idx)
@@ -309,6 +306,13 @@ class TriggerMixingLoader(LoaderProxy):
         if types is not None:
             out["token_type_ids"] = _pad_cat(types, torch.zeros_like(tokens["input_ids"]), 0)
         return out
+
+
+def _check_shape(x: torch.Tensor, triggers: TriggerSet) -> None:
+    """Refuse a batch of images of another shape than the key's triggers, which cannot join it."""
+    if tuple(x.shape[1:]) != tuple(triggers.inputs.shape[1:]):
+        raise UsageError(f"Batches hold inputs of shape {tuple(x.shape[1:])} but the key's triggers are "
+                         f"{tuple(triggers.inputs.shape[1:])}; make a key whose input shape matches the model's.")
 
 
 class TriggerMixingDataset(Dataset):
