@@ -121,6 +121,7 @@ class Watermarker:
         self.weights_layer = weights_layer
         self._weights: WeightsEmbedder | None = None
         self._hooks: list[Any] = []
+        self._loaders: list[trigger_set.LoaderProxy] = []
         self.input_key = input_key or ("input_ids" if key.kind == "text" else "pixel_values")
         self.label_key = label_key
         self.tokenizer = tokenizer
@@ -173,15 +174,20 @@ class Watermarker:
             raise
 
     def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
+        loader: trigger_set.LoaderProxy
         if not self.trigger_step:
-            return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
-                                                   input_key=self.input_key, label_key=self.label_key)
-        if optimizer is None:
-            raise UsageError("The trigger pass needs optimizer= (it adds its gradient in a step pre-hook); pass it, or "
-                             "make the Watermarker with trigger_mixing=True to mix the triggers into the batches.")
-        step = self.lookahead_step(model)
-        self._hooks.append(optimizer.register_step_pre_hook(step.hook))
-        return step.wrap_loader(data_loader, label_key=self.label_key)
+            loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
+                                                     input_key=self.input_key, label_key=self.label_key)
+        else:
+            if optimizer is None:
+                raise UsageError("The trigger pass needs optimizer= (it adds its gradient in a step pre-hook); pass "
+                                 "it, or make the Watermarker with trigger_mixing=True to mix the triggers into the "
+                                 "batches.")
+            step = self.lookahead_step(model)
+            self._hooks.append(optimizer.register_step_pre_hook(step.hook))
+            loader = step.wrap_loader(data_loader, label_key=self.label_key)
+        self._loaders.append(loader)
+        return loader
 
     def lookahead_step(self, model: nn.Module) -> LookaheadTriggerStep:
         """The trigger step for ``model`` (for a trainer integration that calls it itself); radius 0 without lookahead.
@@ -279,10 +285,14 @@ class Watermarker:
                                                 label_key=self.label_key)
 
     def detach(self) -> None:
-        """Release everything attach() installed. Safe to call when not attached."""
+        """Release everything attach() installed: its optimizer hooks, and the loader it returned, which then yields
+        the wrapped loader's batches as they are. Safe to call when not attached."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for loader in self._loaders:
+            loader.released = True
+        self._loaders.clear()
         self._attached = False
 
     def metadata(self) -> dict[str, Any]:

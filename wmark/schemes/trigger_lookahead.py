@@ -45,7 +45,8 @@ class _BatchSizeLoader(LoaderProxy):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            self.step.see_batch(batch, label_key=self.label_key)
+            if not self.released:
+                self.step.see_batch(batch, label_key=self.label_key)
             yield batch
 
 

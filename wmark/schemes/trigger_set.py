@@ -206,9 +206,13 @@ def _check_other_inputs(batch: Mapping[str, Any], triggers: TriggerSet, *, lone:
 
 
 class LoaderProxy:
-    """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``)."""
+    """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``).
+
+    Once ``released`` (:meth:`wmark.embed.Watermarker.detach`) it passes the loader's batches through untouched.
+    """
 
     loader: Iterable
+    released = False
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -249,7 +253,7 @@ class TriggerMixingLoader(LoaderProxy):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield self._mix(batch, self._next_triggers())
+            yield batch if self.released else self._mix(batch, self._next_triggers())
 
     def _mix(self, batch: Any, idx: list[int]) -> Any:
         tx, ty = self.triggers.inputs[idx], self.triggers.labels[idx]
