@@ -297,14 +297,15 @@ class Watermarker:
 
     def metadata(self) -> dict[str, Any]:
         """``wmark.*`` metadata for the marked model's file: schemes, parameters, commitment; never the secret."""
+        trigger = "trigger" in self.schemes  # a weights-only file records no trigger settings
         return {
             "schemes": list(self.schemes),
             "commitment": self.key.commitment(),
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
-            "trigger_per_batch": self.trigger_per_batch,
-            **({"trigger_lookahead": self.trigger_lookahead} if self.trigger_lookahead > 0 else {}),
-            **({"trigger_margin": self.trigger_margin} if self.trigger_margin is not None else {}),
+            **({"trigger_per_batch": self.trigger_per_batch} if trigger else {}),
+            **({"trigger_lookahead": self.trigger_lookahead} if trigger and self.trigger_lookahead > 0 else {}),
+            **({"trigger_margin": self.trigger_margin} if trigger and self.trigger_margin is not None else {}),
             **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }
