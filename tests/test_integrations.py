@@ -364,3 +364,45 @@ def test_a_lightning_run_that_raises_leaves_the_watermarker_free_for_the_next_fi
     hook.remove()
     callback = _lightning_fit(net, _IMAGE_PAIRS, wm)
     assert callback.trigger_accuracy is not None and not wm._attached
+
+
+def _small_vocabulary_bert() -> torch.nn.Module:
+    """A tiny BERT whose embedding table (1000 tokens) is smaller than the MiniLM tokenizer's vocabulary."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=1000, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=64, num_labels=4)
+    return BertForSequenceClassification(config)
+
+
+_SMALL_VOCABULARY = (r"^The key's tokenizer makes token ids up to 30521 but the model embeds only 1000 tokens; use a "
+                     r"key made with the tokenizer the model was trained with\.$")
+
+
+@pytest.mark.parametrize("options", [{"trigger_mixing": True}, {"trigger_margin": 3.0}])
+def test_attach_refuses_a_text_key_whose_tokenizer_outgrows_the_models_vocabulary(options):
+    """The trigger pass failed with a bare IndexError (a device-side assert on CUDA); now attach refuses it."""
+    model = _small_vocabulary_bert()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    wm = Watermarker(text_key(), tokenizer=load_tokenizer(MINILM), **options)
+    with pytest.raises(UsageError, match=_SMALL_VOCABULARY):
+        wm.attach(model=model, optimizer=optimizer, data_loader=[])
+    assert not wm._attached and not optimizer._optimizer_step_pre_hooks
+
+
+def test_the_trainer_callbacks_refuse_a_text_key_whose_tokenizer_outgrows_the_models_vocabulary(tmp_path):
+    from transformers import DataCollatorWithPadding
+
+    tok = load_tokenizer(MINILM)
+    model = _small_vocabulary_bert()
+    before = _weights(model)
+    train = [dict(tok(t), labels=i % 4) for i, t in enumerate(TEXTS)]
+    with pytest.raises(UsageError, match=_SMALL_VOCABULARY):
+        _hf_train(tmp_path, model, train, Watermarker(text_key(), tokenizer=tok, trigger_margin=3.0),
+                  data_collator=DataCollatorWithPadding(tok))
+    tokens = [(torch.randint(0, 1000, (6,)), i % 4) for i in range(8)]
+    wm = Watermarker(text_key(), tokenizer=tok, trigger_mixing=True)
+    with pytest.raises(UsageError, match=_SMALL_VOCABULARY):
+        _lightning_fit(model, tokens, wm)
+    assert _unchanged(model, before) and not wm._attached

@@ -233,6 +233,35 @@ def test_lookahead_refuses_what_it_cannot_do(digits_key) -> None:
 
 
 
+def test_detach_releases_the_lookahead_loader(digits_key) -> None:
+    """The loader attach() returned went on checking batches for the detached trigger pass."""
+    model = _tiny()
+    wm = Watermarker(digits_key)
+    _, _, loader = wm.attach(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                             data_loader=[(torch.arange(4)[:, None], torch.zeros(4, dtype=torch.long))])
+    with pytest.raises(UsageError, match="integer inputs"):
+        next(iter(loader))
+    wm.detach()
+    assert len(list(loader)) == 1
+
+
+def test_the_trigger_pass_names_the_shapes_when_a_key_for_other_inputs_fails_the_model(digits_key) -> None:
+    """The default lookahead pass fed the key's 1×8×8 triggers to a model of 3×16×16 images, which failed in the
+    optimizer step with its own "mat1 and mat2 shapes cannot be multiplied"."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    base = make_loader(torch.rand(8, 3, 16, 16), torch.zeros(8, dtype=torch.long), batch_size=4)
+    wm = Watermarker(digits_key)
+    _, _, loader = wm.attach(model=model, optimizer=optimizer, data_loader=base)
+    x, y = next(iter(loader))
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(UsageError, match=r"^Batches hold inputs of shape \(3, 16, 16\) but the key's triggers are "
+                                         r"\(1, 8, 8\), on which the model fails; make a key whose input shape "
+                                         r"matches the model's\.$"):
+        optimizer.step()
+
+
 def test_an_attach_that_fails_part_way_leaves_the_optimizer_as_it_was(digits_key) -> None:
     """The weights scheme refusing its layer left the trigger hook on the optimizer: training learnt triggers the
     caller believed unattached, and attaching again after the fix added them twice."""

@@ -51,6 +51,30 @@ def test_loader_refuses_mismatched_shapes_and_dict_batches_work(digits_key) -> N
     assert out["pixel_values"].shape[0] == 12 and out["labels"].shape[0] == 12
 
 
+def test_detach_releases_the_mixing_loader_so_a_second_attach_mixes_its_triggers_once(digits_key) -> None:
+    """The loader attach() returned kept mixing triggers after detach(), and attaching again with it mixed them
+    twice into every batch."""
+    base = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=8)
+    wm = Watermarker(digits_key, trigger_mixing=True, trigger_per_batch=3)
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=base)
+    assert [len(x) for x, _ in loader] == [11]
+    wm.detach()
+    assert [len(x) for x, _ in loader] == [8]
+    _, _, again = wm.attach(model=torch.nn.Linear(1, 1), data_loader=loader)
+    assert [len(x) for x, _ in again] == [11]
+
+
+def test_mixing_refuses_dict_batches_of_another_shape_than_the_triggers(digits_key) -> None:
+    """A dict batch of images of another shape failed inside torch.cat ("Sizes of tensors must match"); (x, y) pairs
+    were already refused."""
+    wm = Watermarker(digits_key, trigger_mixing=True)
+    batch = {"pixel_values": torch.rand(4, 3, 16, 16), "labels": torch.zeros(4, dtype=torch.long)}
+    _, _, loader = wm.attach(model=torch.nn.Linear(1, 1), data_loader=[batch])
+    with pytest.raises(UsageError, match=r"^Batches hold inputs of shape \(3, 16, 16\) but the key's triggers are "
+                                         r"\(1, 8, 8\); make a key whose input shape matches the model's\.$"):
+        next(iter(loader))
+
+
 @pytest.mark.parametrize(("batch", "message"), [
     ({"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4),
       "weight": torch.ones(4)},

@@ -123,6 +123,13 @@ def test_watermarker_owns_its_hook_and_records_metadata_without_secret() -> None
     assert key.secret.hex() not in json.dumps(meta)
 
 
+def test_a_weights_only_watermarker_records_no_trigger_settings() -> None:
+    """A weights-only file recorded trigger_per_batch and the default trigger_lookahead, as if triggers were embedded."""
+    meta = Watermarker(tiny_key(), schemes=("weights",)).metadata()
+    assert meta["schemes"] == ["weights"]
+    assert not [name for name in meta if name.startswith("trigger")]
+
+
 def test_trigger_and_weights_together() -> None:
     import dataclasses
     import hashlib

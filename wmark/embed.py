@@ -39,6 +39,7 @@ from wmark.keys import Key
 from wmark.schemes import trigger_set
 from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
 from wmark.schemes.weights import WeightsEmbedder
+from wmark.text import TextInputs
 
 KNOWN_SCHEMES = ("trigger", "weights")
 
@@ -120,6 +121,7 @@ class Watermarker:
         self.weights_layer = weights_layer
         self._weights: WeightsEmbedder | None = None
         self._hooks: list[Any] = []
+        self._loaders: list[trigger_set.LoaderProxy] = []
         self.input_key = input_key or ("input_ids" if key.kind == "text" else "pixel_values")
         self.label_key = label_key
         self.tokenizer = tokenizer
@@ -136,11 +138,14 @@ class Watermarker:
         """Prepare a training loop; returns ``(model, optimizer, data_loader)`` to train with.
 
         Raises:
-            UsageError: If already attached, or if a scheme lacks what it needs (a data loader for the
-                trigger scheme).
+            UsageError: If already attached, if a scheme lacks what it needs (a data loader for the
+                trigger scheme), or if a text key's tokenizer makes ids the model cannot embed
+                (:meth:`check_vocabulary`).
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "trigger" in self.schemes:
+            self.check_vocabulary(model)
         with self._all_or_nothing():
             if "trigger" in self.schemes:
                 if data_loader is None:
@@ -169,15 +174,20 @@ class Watermarker:
             raise
 
     def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
+        loader: trigger_set.LoaderProxy
         if not self.trigger_step:
-            return trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
-                                                   input_key=self.input_key, label_key=self.label_key)
-        if optimizer is None:
-            raise UsageError("The trigger pass needs optimizer= (it adds its gradient in a step pre-hook); pass it, or "
-                             "make the Watermarker with trigger_mixing=True to mix the triggers into the batches.")
-        step = self.lookahead_step(model)
-        self._hooks.append(optimizer.register_step_pre_hook(step.hook))
-        return step.wrap_loader(data_loader, label_key=self.label_key)
+            loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
+                                                     input_key=self.input_key, label_key=self.label_key)
+        else:
+            if optimizer is None:
+                raise UsageError("The trigger pass needs optimizer= (it adds its gradient in a step pre-hook); pass "
+                                 "it, or make the Watermarker with trigger_mixing=True to mix the triggers into the "
+                                 "batches.")
+            step = self.lookahead_step(model)
+            self._hooks.append(optimizer.register_step_pre_hook(step.hook))
+            loader = step.wrap_loader(data_loader, label_key=self.label_key)
+        self._loaders.append(loader)
+        return loader
 
     def lookahead_step(self, model: nn.Module) -> LookaheadTriggerStep:
         """The trigger step for ``model`` (for a trainer integration that calls it itself); radius 0 without lookahead.
@@ -213,6 +223,8 @@ class Watermarker:
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        if "trigger" in self.schemes:
+            self.check_vocabulary(model)
         with self._all_or_nothing():
             if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
                 # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
@@ -222,6 +234,25 @@ class Watermarker:
             if "weights" in self.schemes:
                 self._hook_weights(model, optimizer)
         self._attached = True
+
+    def check_vocabulary(self, model: nn.Module) -> None:
+        """Refuse a text key whose tokenizer makes token ids past the model's input embedding table.
+
+        Checked from the sizes alone, before any trigger reaches the model: an out-of-range id failed the trigger
+        pass with a bare ``IndexError`` on the CPU, and is a device-side assert on CUDA. Only a model that names
+        its input embeddings (``get_input_embeddings()``, as Hugging Face models do, or a module inside it that
+        does) is checked.
+
+        Raises:
+            UsageError: If the tokenizer's largest token id is not below the embedding table's size.
+        """
+        if self.key.kind != "text":
+            return
+        size = _input_vocabulary(model)
+        text = TextInputs.from_key(self.key, tokenizer=self.tokenizer)
+        if size is not None and text is not None and text.vocab_size > size:
+            raise UsageError(f"The key's tokenizer makes token ids up to {text.vocab_size - 1} but the model embeds "
+                             f"only {size} tokens; use a key made with the tokenizer the model was trained with.")
 
     def _refuse_lookahead(self) -> None:
         if "trigger" in self.schemes and self.trigger_step:
@@ -254,22 +285,43 @@ class Watermarker:
                                                 label_key=self.label_key)
 
     def detach(self) -> None:
-        """Release everything attach() installed. Safe to call when not attached."""
+        """Release everything attach() installed: its optimizer hooks, and the loader it returned, which then yields
+        the wrapped loader's batches as they are. Safe to call when not attached."""
         for handle in self._hooks:
             handle.remove()
         self._hooks.clear()
+        for loader in self._loaders:
+            loader.released = True
+        self._loaders.clear()
         self._attached = False
 
     def metadata(self) -> dict[str, Any]:
         """``wmark.*`` metadata for the marked model's file: schemes, parameters, commitment; never the secret."""
+        trigger = "trigger" in self.schemes  # a weights-only file records no trigger settings
         return {
             "schemes": list(self.schemes),
             "commitment": self.key.commitment(),
             "owner": self.key.owner,
             "scheme_params": {s: self.key.schemes.get(s, {}) for s in self.schemes},
-            "trigger_per_batch": self.trigger_per_batch,
-            **({"trigger_lookahead": self.trigger_lookahead} if self.trigger_lookahead > 0 else {}),
-            **({"trigger_margin": self.trigger_margin} if self.trigger_margin is not None else {}),
+            **({"trigger_per_batch": self.trigger_per_batch} if trigger else {}),
+            **({"trigger_lookahead": self.trigger_lookahead} if trigger and self.trigger_lookahead > 0 else {}),
+            **({"trigger_margin": self.trigger_margin} if trigger and self.trigger_margin is not None else {}),
             **({"modality": self.key.modality} if self.key.modality is not None else {}),
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }
+
+
+def _input_vocabulary(model: nn.Module) -> int | None:
+    """The size of the input embedding table of the first module (the model, or one inside it: a Lightning module's
+    or a DDP wrapper's) that names one through ``get_input_embeddings()``; None when none does."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            embedding = getter()
+        except NotImplementedError:
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return int(embedding.num_embeddings)
+    return None

@@ -69,6 +69,8 @@ class WatermarkCallback(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wm = self.watermarker
+        if "trigger" in wm.schemes:
+            wm.check_vocabulary(pl_module)
         if "trigger" in wm.schemes and wm.trigger_step:
             self._lookahead = wm.lookahead_step(pl_module)
         if "weights" in wm.schemes:

@@ -45,7 +45,8 @@ class _BatchSizeLoader(LoaderProxy):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            self.step.see_batch(batch, label_key=self.label_key)
+            if not self.released:
+                self.step.see_batch(batch, label_key=self.label_key)
             yield batch
 
 
@@ -86,6 +87,7 @@ class LookaheadTriggerStep:
         self.input_key = input_key
         self.batch_key = batch_key or ("input_ids" if triggers.is_text else "pixel_values")
         self.batch_size: int | None = None
+        self._seen_shape: tuple[int, ...] | None = None  # one natural image's shape, as the loader gave it
         self._cursor = 0
         self._call = _Call(self.model)
 
@@ -103,6 +105,9 @@ class LookaheadTriggerStep:
         inputs, labels = split_batch(batch, label_key=label_key)
         self.batch_size = len(labels)
         check_inputs(inputs, self.triggers, batch_key=self.batch_key)
+        x = inputs.get(self.batch_key) if isinstance(inputs, Mapping) else inputs
+        if isinstance(x, torch.Tensor) and not self.triggers.is_text:
+            self._seen_shape = tuple(x.shape[1:])
         if isinstance(inputs, Mapping) and self.input_key is None:
             # A forward that takes the whole dict (one parameter, no input named) indexes it by the batch's key,
             # so the triggers go under that key, as mixing puts them.
@@ -151,7 +156,11 @@ class LookaheadTriggerStep:
                      for n, p in named}
             state = {**moved, **{f"model.{n}": b.clone() for n, b in self.model.named_buffers()}}
         with torch.enable_grad(), _running_statistics(self.model):
-            logits = logits_of(functional_call(self._call, state, (batch,)))
+            try:
+                logits = logits_of(functional_call(self._call, state, (batch,)))
+            except RuntimeError as e:
+                self._refuse_shape(e)
+                raise
             labels = self.triggers.labels[idx].to(logits.device)
             losses = F.cross_entropy(logits, labels, reduction="none")
             if self.margin is not None:
@@ -168,6 +177,14 @@ class LookaheadTriggerStep:
                 p.grad = g.to(p.dtype)
             else:
                 p.grad.add_(g.to(p.dtype))
+
+    def _refuse_shape(self, error: RuntimeError) -> None:
+        """Name the shapes when the model fails on the triggers and the natural images it was given are shaped
+        otherwise (a key made for other inputs), instead of the model's own error (a matmul's shapes)."""
+        want = tuple(self.triggers.inputs.shape[1:])
+        if self._seen_shape not in (None, want) and not isinstance(error, torch.OutOfMemoryError):
+            raise UsageError(f"Batches hold inputs of shape {self._seen_shape} but the key's triggers are {want}, on "
+                             "which the model fails; make a key whose input shape matches the model's.") from error
 
 
 @contextlib.contextmanager

@@ -206,9 +206,13 @@ def _check_other_inputs(batch: Mapping[str, Any], triggers: TriggerSet, *, lone:
 
 
 class LoaderProxy:
-    """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``)."""
+    """A data loader wrapper that keeps the wrapped loader's length and attributes (``self.loader``).
+
+    Once ``released`` (:meth:`wmark.embed.Watermarker.detach`) it passes the loader's batches through untouched.
+    """
 
     loader: Iterable
+    released = False
 
     def __len__(self) -> int:
         return len(self.loader)  # type: ignore[arg-type]
@@ -249,7 +253,7 @@ class TriggerMixingLoader(LoaderProxy):
 
     def __iter__(self) -> Iterator[Any]:
         for batch in self.loader:
-            yield self._mix(batch, self._next_triggers())
+            yield batch if self.released else self._mix(batch, self._next_triggers())
 
     def _mix(self, batch: Any, idx: list[int]) -> Any:
         tx, ty = self.triggers.inputs[idx], self.triggers.labels[idx]
@@ -267,11 +271,7 @@ class TriggerMixingLoader(LoaderProxy):
                 ids = self.triggers.tokens(idx)["input_ids"]
                 mixed = (_pad_cat(x, ids, self.triggers.pad_token_id), torch.cat([y, ty.to(y.device, y.dtype)]))
                 return type(batch)(mixed) if isinstance(batch, list) else mixed
-            if tuple(x.shape[1:]) != tuple(tx.shape[1:]):
-                raise UsageError(
-                    f"Batches hold inputs of shape {tuple(x.shape[1:])} but the key's triggers are "
-                    f"{tuple(tx.shape[1:])}; make a key whose input shape matches the model's."
-                )
+            _check_shape(x, self.triggers)
             mixed = (torch.cat([x, tx.to(x.device, x.dtype)]), torch.cat([y, ty.to(y.device, y.dtype)]))
             return type(batch)(mixed) if isinstance(batch, list) else mixed
         raise UsageError("Batches must be (inputs, labels) pairs or dicts; wrap the dataset instead.")
@@ -298,6 +298,7 @@ class TriggerMixingLoader(LoaderProxy):
         out = dict(batch)
         out[self.label_key] = torch.cat([y, triggers.labels[idx].to(y.device, y.dtype)])
         if not triggers.is_text:
+            _check_shape(x, triggers)
             out[input_key] = torch.cat([x, triggers.inputs[idx].to(x.device, x.dtype)])
             return out
         tokens = triggers.tokens(idx)
@@ -309,6 +310,13 @@ class TriggerMixingLoader(LoaderProxy):
         if types is not None:
             out["token_type_ids"] = _pad_cat(types, torch.zeros_like(tokens["input_ids"]), 0)
         return out
+
+
+def _check_shape(x: torch.Tensor, triggers: TriggerSet) -> None:
+    """Refuse a batch of images of another shape than the key's triggers, which cannot join it."""
+    if tuple(x.shape[1:]) != tuple(triggers.inputs.shape[1:]):
+        raise UsageError(f"Batches hold inputs of shape {tuple(x.shape[1:])} but the key's triggers are "
+                         f"{tuple(triggers.inputs.shape[1:])}; make a key whose input shape matches the model's.")
 
 
 class TriggerMixingDataset(Dataset):
