@@ -355,11 +355,35 @@ def test_a_text_model_with_a_smaller_vocabulary_than_the_keys_tokenizer_is_refus
     save_key(text_key(num_classes=4, max_length=32), key)
     model = short_vocabulary_bow(num_classes=4, input_shape=(32,))
     save_model(model, suspect, metadata={"num_classes": 4, "input_shape": [32]})
-    sentence = ("cannot take every token id of the tokenizer it is asked through (IndexError: index out of range in "
-                "self): its vocabulary is smaller than the tokenizer's 30522 tokens; use a key made with the tokenizer "
-                "the model was trained with.")
+    sentence = ("cannot take every token id of the tokenizer it is asked through: it embeds 30000 tokens but the "
+                "tokenizer makes 30522; use a key made with the tokenizer the model was trained with.")
     code, err = _cli("verify", "file", "--key", str(key), "--arch", f"{__name__}:short_vocabulary_bow",
                      "--suspect", str(suspect), "--report", str(report))
     assert (code, err) == (2, f"error: The suspect {suspect} {sentence}\n") and not report.exists()
-    with pytest.raises(UsageError, match=r"vocabulary is smaller than the tokenizer's 30522 tokens"):
+    with pytest.raises(UsageError, match=r"it embeds 30000 tokens but the tokenizer makes 30522"):
         build_app(model=model, name="m", num_classes=4, input_shape=(32,), text=TextInputs.from_key(load_key(key)))
+
+
+class _UnnamedTable(torch.nn.Module):
+    """A text model with no get_input_embeddings(): its vocabulary shows only by running it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(30000, 8)
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.head(self.table(input_ids).mean(1))
+
+
+def test_a_text_model_that_names_no_embedding_table_is_probed_with_the_tokenizers_largest_id() -> None:
+    from textkit import text_key
+
+    from wmark.suspects import LocalSuspect
+    from wmark.text import TextInputs
+
+    with pytest.raises(UsageError, match=r"^The suspect local model cannot take every token id of the tokenizer it is "
+                                         r"asked through \(IndexError: index out of range in self\): its vocabulary is "
+                                         r"smaller than the tokenizer's 30522 tokens; use a key made with the "
+                                         r"tokenizer the model was trained with\.$"):
+        LocalSuspect(_UnnamedTable(), input_shape=(32,), text=TextInputs.from_key(text_key()))

@@ -207,3 +207,19 @@ def host_array(x: Any) -> np.ndarray:
 def as_float_tensor(x: Any) -> torch.Tensor:
     """Verifier inputs (NumPy or tensor) as a float32 tensor, for image-like models."""
     return torch.as_tensor(host_array(x), dtype=torch.float32)
+
+
+def input_vocabulary(model: nn.Module) -> int | None:
+    """The size of the input embedding table of the first module (the model, or one inside it: a Lightning module's
+    or a DDP wrapper's) that names one through ``get_input_embeddings()``; None when none does."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if not callable(getter):
+            continue
+        try:
+            embedding = getter()
+        except NotImplementedError:
+            continue
+        if isinstance(embedding, nn.Embedding):
+            return int(embedding.num_embeddings)
+    return None

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from wmark.contract import input_vocabulary
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
@@ -248,7 +249,7 @@ class Watermarker:
         """
         if self.key.kind != "text":
             return
-        size = _input_vocabulary(model)
+        size = input_vocabulary(model)
         text = TextInputs.from_key(self.key, tokenizer=self.tokenizer)
         if size is not None and text is not None and text.vocab_size > size:
             raise UsageError(f"The key's tokenizer makes token ids up to {text.vocab_size - 1} but the model embeds "
@@ -310,18 +311,3 @@ class Watermarker:
             **({"weights": self._weights.metadata()} if self._weights is not None else {}),
         }
 
-
-def _input_vocabulary(model: nn.Module) -> int | None:
-    """The size of the input embedding table of the first module (the model, or one inside it: a Lightning module's
-    or a DDP wrapper's) that names one through ``get_input_embeddings()``; None when none does."""
-    for module in model.modules():
-        getter = getattr(module, "get_input_embeddings", None)
-        if not callable(getter):
-            continue
-        try:
-            embedding = getter()
-        except NotImplementedError:
-            continue
-        if isinstance(embedding, nn.Embedding):
-            return int(embedding.num_embeddings)
-    return None

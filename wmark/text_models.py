@@ -61,6 +61,10 @@ class BagOfWords(nn.Module):
         self.hidden = nn.Linear(dim, dim)
         self.head = nn.Linear(dim, num_classes)
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (the Hugging Face convention, so its vocabulary can be checked)."""
+        return self.embed
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         ids, mask = _trim(input_ids, attention_mask, self.pad_token_id)

@@ -9,7 +9,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from wmark.contract import BatchKeysError, as_float_tensor, forward_logits, forward_names, model_device
+from wmark.contract import (
+    BatchKeysError,
+    as_float_tensor,
+    forward_logits,
+    forward_names,
+    input_vocabulary,
+    model_device,
+)
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, is_text_array
@@ -59,12 +66,18 @@ class LocalSuspect:
             # Given an image tensor as its token ids, a Hugging Face text model fails deep inside, naming neither.
             raise UsageError(f"The suspect {description}'s forward takes input_ids, so it is a text model, but it is "
                              "asked images; verify it with a text key (`wmark keygen --modality text`).")
+        embeds = input_vocabulary(self.model) if text is not None else None
+        if text is not None and embeds is not None and embeds < text.vocab_size:
+            raise UsageError(f"The suspect {description} cannot take every token id of the tokenizer it is asked "
+                             f"through: it embeds {embeds} tokens but the tokenizer makes {text.vocab_size}; use a key "
+                             "made with the tokenizer the model was trained with.")
         probe_input = self._batch(self._probe_input())
         try:
             with torch.no_grad():
                 probe = forward_logits(self.model, probe_input)
-                if self.text is not None:
-                    # the trigger words and a text endpoint's strings may use any id the tokenizer makes
+                if self.text is not None and embeds is None and self.device.type == "cpu":
+                    # The trigger words and a text endpoint's strings may use any id the tokenizer makes. Off the CPU
+                    # an id past the table is a device-side assert that breaks the process, so only the CPU tries it.
                     top = self.text.vocab_size - 1
                     forward_logits(self.model, dict(probe_input, input_ids=probe_input["input_ids"].masked_fill(
                         probe_input["attention_mask"].bool(), top)))
