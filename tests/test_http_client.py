@@ -361,3 +361,16 @@ def test_an_html_page_answered_with_200_stops_at_the_first_query(tmp_path):
     assert result.stderr == (f"error: The suspect at {server.url}/m answered the first query with something that is "
                              "not JSON (text/html); check the URL and the protocol.\n")
     assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("value", ["Wed Oct 21 07:28:00 2015", "Wed, 21 Oct 2015 07:28:00 -0000"])
+def test_retry_after_dates_without_a_zone_are_gmt_whatever_the_local_time_zone(value, monkeypatch):
+    """The asctime HTTP date and a "-0000" zone parse as naive datetimes, read as local time: in New York a
+    10 s Retry-After became 4 hours (and stopped the run as too long a wait), east of UTC no wait at all."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(value, now=1445412470.0) == pytest.approx(10.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime
 import email.utils
 import hashlib
 import json
@@ -189,6 +190,10 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if when is None:
         return None
+    if when.tzinfo is None:
+        # An HTTP date is always GMT; the asctime form and "-0000" parse without a zone, which .timestamp() would
+        # read as local time (hours off the server's meaning anywhere but UTC).
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
