@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
 import torch
-from httpkit import Counting, faulty_v2_app, independent_model, memorising_model
+from httpkit import Counting, faulty_v2_app, independent_model, memorising_model, v2_meta
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
@@ -374,3 +376,72 @@ def test_retry_after_dates_without_a_zone_are_gmt_whatever_the_local_time_zone(v
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+def _streaming_v2_app(body: Callable[[int], AsyncIterator[bytes]]):
+    """A label-only v2 server whose n-th inference answer is the byte stream ``body(n)`` (200, JSON)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    calls = {"n": 0}
+
+    async def meta(_):
+        return JSONResponse(v2_meta("m", SHAPE, {"name": "label", "datatype": "INT64", "shape": [-1]}))
+
+    async def infer(_):
+        calls["n"] += 1
+        return StreamingResponse(body(calls["n"] - 1), media_type="application/json")
+
+    return Starlette(routes=[Route("/v2/models/{model}", meta),
+                             Route("/v2/models/{model}/infer", infer, methods=["POST"])]), calls
+
+
+_LABEL_3 = b'{"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3]}]}'
+
+
+def test_an_answer_trickling_in_past_the_timeout_is_abandoned(key):
+    """httpx's timeout bounds each read, not the answer: a server sending a byte every 50 ms held a query with
+    --timeout 0.5 for 4 s (and one sending a byte every few seconds, forever)."""
+    async def trickle(n: int) -> AsyncIterator[bytes]:
+        if n == 0:
+            yield _LABEL_3
+            return
+        for b in _LABEL_3:
+            yield bytes([b])
+            await asyncio.sleep(0.05)
+
+    app, calls = _streaming_v2_app(trickle)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, timeout=0.5, retries=1)
+        start = time.perf_counter()
+        outcomes = [o for _, o in suspect.stream(generate_triggers(key).inputs.numpy()[:2])]
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert outcomes[0].label == 3
+    assert (outcomes[1].status, outcomes[1].error, outcomes[1].attempts) == ("failed", "no answer within 0.5 s", 2)
+    assert calls["n"] == 3 and elapsed < 2.0
+
+
+def test_a_huge_answer_is_malformed_and_never_held_whole(key):
+    """An answer of any size used to be read whole into memory before it was even parsed."""
+    from wmark.suspects.http import MAX_ANSWER_BYTES
+
+    async def huge(n: int) -> AsyncIterator[bytes]:
+        if n == 0:
+            yield _LABEL_3
+            return
+        yield b'{"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3], "pad": "'
+        for _ in range(MAX_ANSWER_BYTES // 2**16 + 2):
+            yield b"x" * 2**16
+        yield b'"}]}'
+
+    app, calls = _streaming_v2_app(huge)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, retries=2)
+        outcomes = [o for _, o in suspect.stream(generate_triggers(key).inputs.numpy()[:2])]
+        suspect.close()
+    assert outcomes[0].label == 3
+    assert (outcomes[1].status, outcomes[1].label, outcomes[1].answer) == ("malformed", -1, "")
+    assert outcomes[1].error == f"malformed answer: an answer larger than {MAX_ANSWER_BYTES} bytes"
+    assert calls["n"] == 2

@@ -48,6 +48,8 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
+MAX_ANSWER_BYTES = 4 * 2**20
+"""The largest answer read (after content decoding); a larger one is a malformed answer, never held whole."""
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -56,7 +58,8 @@ class HttpOptions:
     """Transport settings.
 
     Attributes:
-        timeout: Seconds to wait for one answer (connect, read, write each).
+        timeout: Seconds to wait for one answer: for the connection, each read and write, and for the whole body
+            (an answer trickling in byte by byte past it is abandoned as a timeout).
         retries: Further attempts after a failed one (timeouts, 429, 5xx, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
@@ -312,6 +315,8 @@ class HttpSuspect:
     def _ask(self, x: np.ndarray) -> Outcome:
         req = self.protocol.request(x)
         resp, attempts, error = self._send(req.method, req.url, req.body, what="inference")
+        if resp is not None and error:
+            return self._malformed("", None, attempts, resp.status_code, error)
         if resp is None:
             self.stats.add(failed=1)
             return Outcome(status="failed", error=error, attempts=attempts,
@@ -355,7 +360,7 @@ class HttpSuspect:
         return Outcome(status="ok", label=parsed.label, scores=parsed.scores, answer=text, answer_sha256=digest,
                        http_status=resp.status_code, attempts=attempts)
 
-    def _malformed(self, text: str, digest: str, attempts: int, status: int, error: str) -> Outcome:
+    def _malformed(self, text: str, digest: str | None, attempts: int, status: int, error: str) -> Outcome:
         self.stats.add(malformed=1)
         return Outcome(status="malformed", answer=text, answer_sha256=digest, error=f"malformed answer: {error}",
                        http_status=status, attempts=attempts)
@@ -366,6 +371,8 @@ class HttpSuspect:
             raise RuntimeFailure(
                 f"The suspect at {redact_url(url)} did not answer ({error}); try again later or allow more retries."
             )
+        if error:
+            raise RuntimeFailure(f"GET {redact_url(url)} answered {error}; is this the right protocol?")
         if resp.status_code >= 400:
             raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
         try:
@@ -374,7 +381,10 @@ class HttpSuspect:
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
-        """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors."""
+        """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors.
+
+        A response comes back with an error only when its body exceeds ``MAX_ANSWER_BYTES`` (then its content is empty).
+        """
         error = ""
         connect_failures = 0
         attempts = 0
@@ -384,8 +394,7 @@ class HttpSuspect:
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
             try:
-                resp = self._client.request(method, url, json=body) if body is not None else \
-                    self._client.request(method, url)
+                resp, oversize = self._receive(method, url, body)
             except httpx.ConnectError as exc:
                 if _is_tls(exc):
                     raise RuntimeFailure(
@@ -413,7 +422,7 @@ class HttpSuspect:
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
                     )
                 if code not in _RETRY_STATUSES:
-                    return resp, attempts, ""
+                    return resp, attempts, f"an answer larger than {MAX_ANSWER_BYTES} bytes" if oversize else ""
                 error = f"HTTP {code}"
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
@@ -437,6 +446,32 @@ class HttpSuspect:
                 "same verification with the same transcript to resume."
             )
         return None, attempts, error
+
+    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, bool]:
+        """One request, its body read within the timeout and up to ``MAX_ANSWER_BYTES``; whether it was larger.
+
+        httpx's timeouts bound each read, not the whole body: a server sending a byte every few seconds would
+        otherwise hold a query forever, and a huge answer would be held in memory whole.
+        """
+        deadline = time.monotonic() + self.options.timeout
+        request = self._client.build_request(method, url, json=body) if body is not None else \
+            self._client.build_request(method, url)
+        resp = self._client.send(request, stream=True)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer did not arrive in full within the timeout", request=request)
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    chunks, size = [], -1
+                    break
+                chunks.append(chunk)
+        finally:
+            resp.close()
+        headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+        return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=request), size < 0
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
