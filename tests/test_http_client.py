@@ -445,3 +445,48 @@ def test_a_huge_answer_is_malformed_and_never_held_whole(key):
     assert (outcomes[1].status, outcomes[1].label, outcomes[1].answer) == ("malformed", -1, "")
     assert outcomes[1].error == f"malformed answer: an answer larger than {MAX_ANSWER_BYTES} bytes"
     assert calls["n"] == 2
+
+
+def test_a_suspect_echoing_the_token_never_gets_it_into_the_transcript_or_a_message(key, tmp_path):
+    """An answer or error quoting the request's headers (a debug endpoint, a verbose error) went into the
+    transcript's answer and error columns and into the run's error message with the bearer token in full."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from wmark.suspects.probe import ProbeSuspect
+    from wmark.transcript import Transcript
+
+    token = "tok/abc+def=="
+    calls = {"n": 0}
+
+    async def meta(_):
+        return JSONResponse(v2_meta("m", SHAPE, {"name": "label", "datatype": "INT64", "shape": [-1]}))
+
+    async def infer(request: Request):
+        calls["n"] += 1
+        auth = request.headers["authorization"]
+        if calls["n"] == 1:
+            return JSONResponse({"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3]}],
+                                 "echo": auth})
+        if calls["n"] == 2:
+            return Response(json.dumps({"outputs": [], "echo": auth}).replace("/", "\\/"), media_type="application/json")
+        return JSONResponse({"error": f"bad request with headers authorization={auth}"}, status_code=400)
+
+    app = Starlette(routes=[Route("/v2/models/{model}", meta), Route("/v2/models/{model}/infer", infer, methods=["POST"])])
+    path = tmp_path / "t.sqlite"
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, token=token, retries=0)
+        record = Transcript(path, key_commitment="a" * 64, suspect=suspect.description, protocol="v2")
+        ProbeSuspect(suspect, transcript=record).query(generate_triggers(key).inputs.numpy()[:3])
+        record.close()
+        suspect.close()
+        fresh = _open(server.url, key, token=token, retries=0)
+        with pytest.raises(UsageError, match=r"rejected the first query \(HTTP 400: bad request with headers "
+                                             r"authorization=Bearer \[token\]\)") as refused:
+            fresh.query(generate_triggers(key).inputs.numpy()[:1])
+        fresh.close()
+    assert "abc" not in str(refused.value)
+    stored = path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("t.sqlite-*"))
+    assert b"abc+def" not in stored and b"[token]" in stored

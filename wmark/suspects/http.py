@@ -255,6 +255,9 @@ class HttpSuspect:
             follow_redirects=False,
         )
         self._has_token = bool(token)
+        # A suspect echoing the request (a debug endpoint, an error quoting the headers) must not put the token in
+        # the transcript, a report or a message: every answer is read with it replaced.
+        self._token_forms = {token, token.replace("/", "\\/")} if token else set()
 
     def __repr__(self) -> str:
         return f"HttpSuspect({self.description!r}, protocol={self.protocol.name!r})"
@@ -323,9 +326,9 @@ class HttpSuspect:
                            http_status=None if not error.startswith("HTTP ") else int(error.split()[1]))
         raw = resp.content
         digest = hashlib.sha256(raw).hexdigest()
-        text = raw.decode("utf-8", errors="replace")
+        text = self._scrub(raw.decode("utf-8", errors="replace"))
         if resp.status_code >= 400:
-            message = _server_error(resp)
+            message = _server_error(text, resp.reason_phrase)
             if not self._seen_ok.is_set():
                 raise UsageError(
                     f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
@@ -373,11 +376,13 @@ class HttpSuspect:
             )
         if error:
             raise RuntimeFailure(f"GET {redact_url(url)} answered {error}; is this the right protocol?")
+        text = self._scrub(resp.content.decode("utf-8", errors="replace"))
         if resp.status_code >= 400:
-            raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
+            message = _server_error(text, resp.reason_phrase)
+            raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {message}.")
         try:
-            return json.loads(resp.content)
-        except (ValueError, UnicodeDecodeError):
+            return json.loads(text)
+        except ValueError:
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
@@ -473,6 +478,11 @@ class HttpSuspect:
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
         return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=request), size < 0
 
+    def _scrub(self, text: str) -> str:
+        for form in self._token_forms:
+            text = text.replace(form, "[token]")
+        return text
+
     def _backoff(self, attempt: int) -> float:
         # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
         return self._jitter(min(self.options.max_backoff, self.options.backoff * 2.0**attempt))
@@ -491,14 +501,14 @@ def redact_url(url: str) -> str:
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
 
 
-def _server_error(resp: httpx.Response) -> str:
+def _server_error(text: str, reason: str) -> str:
     try:
-        doc = resp.json()
+        doc = json.loads(text)
         if isinstance(doc, dict) and "error" in doc:
             return str(doc["error"])[:200]
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         pass
-    return (resp.text or resp.reason_phrase or "no message")[:200].strip() or "no message"
+    return (text or reason or "no message")[:200].strip() or "no message"
 
 
 def _is_tls(exc: BaseException) -> bool:
