@@ -490,3 +490,25 @@ def test_a_suspect_echoing_the_token_never_gets_it_into_the_transcript_or_a_mess
     assert "abc" not in str(refused.value)
     stored = path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("t.sqlite-*"))
     assert b"abc+def" not in stored and b"[token]" in stored
+
+
+def test_ctrl_c_at_concurrency_keeps_the_answers_already_in_flight(key, copy_model):
+    """Ctrl-C while concurrent requests were in flight waited for their answers, then dropped them: the transcript
+    kept them pending and a resumed run sent those queries again."""
+    import os
+    import signal
+    import threading
+
+    app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: None if n == 0 else 0.6)
+    got: list[int] = []
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, concurrency=4)
+        suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            for i, outcome in suspect.stream(generate_triggers(key).inputs.numpy()[:12]):
+                assert outcome.ok
+                got.append(i)
+        suspect.close()
+    assert calls["requests"] == 1 + 4
+    assert sorted(got) == [0, 1, 2, 3]

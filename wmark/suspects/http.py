@@ -286,8 +286,8 @@ class HttpSuspect:
     def stream(self, inputs: np.ndarray) -> Iterator[tuple[int, Outcome]]:
         """Yield ``(index, outcome)`` for every input as its answer arrives (completion order).
 
-        When a fatal error (refused token, host gone, wrong model) happens, the answers that already arrived
-        are still yielded before it is raised, so a transcript loses nothing.
+        When a fatal error (refused token, host gone, wrong model) or a first Ctrl-C happens, the answers of the
+        requests already sent are still yielded before it is raised, so a transcript loses nothing.
         """
         x = inputs if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         if self.options.concurrency == 1 or len(x) <= 1:
@@ -298,18 +298,28 @@ class HttpSuspect:
         pool = cf.ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="wmark-http")
         try:
             futures = {pool.submit(self._ask, x[i]): i for i in range(len(x))}
-            for fut in cf.as_completed(futures):
-                if fut.cancelled():
-                    continue
+            waiting = set(futures)
+            while waiting:
                 try:
-                    outcome = fut.result()
-                except (UsageError, RuntimeFailure) as exc:
-                    if fatal is None:
-                        fatal = exc
-                        for other in futures:
-                            other.cancel()
-                    continue
-                yield futures[fut], outcome
+                    done, waiting = cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+                except KeyboardInterrupt as exc:
+                    if fatal is not None:
+                        raise  # a second Ctrl-C (or one while stopping anyway) stops without waiting
+                    fatal, done = exc, set()
+                    for other in waiting:
+                        other.cancel()
+                for fut in done:
+                    if fut.cancelled():
+                        continue
+                    try:
+                        outcome = fut.result()
+                    except (UsageError, RuntimeFailure) as exc:
+                        if fatal is None:
+                            fatal = exc
+                            for other in waiting:
+                                other.cancel()
+                        continue
+                    yield futures[fut], outcome
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         if fatal is not None:
