@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import re
 import socket
 import time
+from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 import pytest
 import torch
-from httpkit import Counting, faulty_v2_app, independent_model, memorising_model
+from httpkit import Counting, faulty_v2_app, independent_model, memorising_model, v2_meta
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
@@ -361,3 +363,152 @@ def test_an_html_page_answered_with_200_stops_at_the_first_query(tmp_path):
     assert result.stderr == (f"error: The suspect at {server.url}/m answered the first query with something that is "
                              "not JSON (text/html); check the URL and the protocol.\n")
     assert calls["n"] == 1
+
+
+@pytest.mark.parametrize("value", ["Wed Oct 21 07:28:00 2015", "Wed, 21 Oct 2015 07:28:00 -0000"])
+def test_retry_after_dates_without_a_zone_are_gmt_whatever_the_local_time_zone(value, monkeypatch):
+    """The asctime HTTP date and a "-0000" zone parse as naive datetimes, read as local time: in New York a
+    10 s Retry-After became 4 hours (and stopped the run as too long a wait), east of UTC no wait at all."""
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert parse_retry_after(value, now=1445412470.0) == pytest.approx(10.0)
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+def _streaming_v2_app(body: Callable[[int], AsyncIterator[bytes]]):
+    """A label-only v2 server whose n-th inference answer is the byte stream ``body(n)`` (200, JSON)."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    calls = {"n": 0}
+
+    async def meta(_):
+        return JSONResponse(v2_meta("m", SHAPE, {"name": "label", "datatype": "INT64", "shape": [-1]}))
+
+    async def infer(_):
+        calls["n"] += 1
+        return StreamingResponse(body(calls["n"] - 1), media_type="application/json")
+
+    return Starlette(routes=[Route("/v2/models/{model}", meta),
+                             Route("/v2/models/{model}/infer", infer, methods=["POST"])]), calls
+
+
+_LABEL_3 = b'{"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3]}]}'
+
+
+def test_an_answer_trickling_in_past_the_timeout_is_abandoned(key):
+    """httpx's timeout bounds each read, not the answer: a server sending a byte every 50 ms held a query with
+    --timeout 0.5 for 4 s (and one sending a byte every few seconds, forever)."""
+    async def trickle(n: int) -> AsyncIterator[bytes]:
+        if n == 0:
+            yield _LABEL_3
+            return
+        for b in _LABEL_3:
+            yield bytes([b])
+            await asyncio.sleep(0.05)
+
+    app, calls = _streaming_v2_app(trickle)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, timeout=0.5, retries=1)
+        start = time.perf_counter()
+        outcomes = [o for _, o in suspect.stream(generate_triggers(key).inputs.numpy()[:2])]
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert outcomes[0].label == 3
+    assert (outcomes[1].status, outcomes[1].error, outcomes[1].attempts) == ("failed", "no answer within 0.5 s", 2)
+    assert calls["n"] == 3 and elapsed < 2.0
+
+
+def test_a_huge_answer_is_malformed_and_never_held_whole(key):
+    """An answer of any size used to be read whole into memory before it was even parsed."""
+    from wmark.suspects.http import MAX_ANSWER_BYTES
+
+    async def huge(n: int) -> AsyncIterator[bytes]:
+        if n == 0:
+            yield _LABEL_3
+            return
+        yield b'{"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3], "pad": "'
+        for _ in range(MAX_ANSWER_BYTES // 2**16 + 2):
+            yield b"x" * 2**16
+        yield b'"}]}'
+
+    app, calls = _streaming_v2_app(huge)
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, retries=2)
+        outcomes = [o for _, o in suspect.stream(generate_triggers(key).inputs.numpy()[:2])]
+        suspect.close()
+    assert outcomes[0].label == 3
+    assert (outcomes[1].status, outcomes[1].label, outcomes[1].answer) == ("malformed", -1, "")
+    assert outcomes[1].error == f"malformed answer: an answer larger than {MAX_ANSWER_BYTES} bytes"
+    assert calls["n"] == 2
+
+
+def test_a_suspect_echoing_the_token_never_gets_it_into_the_transcript_or_a_message(key, tmp_path):
+    """An answer or error quoting the request's headers (a debug endpoint, a verbose error) went into the
+    transcript's answer and error columns and into the run's error message with the bearer token in full."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from wmark.suspects.probe import ProbeSuspect
+    from wmark.transcript import Transcript
+
+    token = "tok/abc+def=="
+    calls = {"n": 0}
+
+    async def meta(_):
+        return JSONResponse(v2_meta("m", SHAPE, {"name": "label", "datatype": "INT64", "shape": [-1]}))
+
+    async def infer(request: Request):
+        calls["n"] += 1
+        auth = request.headers["authorization"]
+        if calls["n"] == 1:
+            return JSONResponse({"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3]}],
+                                 "echo": auth})
+        if calls["n"] == 2:
+            return Response(json.dumps({"outputs": [], "echo": auth}).replace("/", "\\/"), media_type="application/json")
+        return JSONResponse({"error": f"bad request with headers authorization={auth}"}, status_code=400)
+
+    app = Starlette(routes=[Route("/v2/models/{model}", meta), Route("/v2/models/{model}/infer", infer, methods=["POST"])])
+    path = tmp_path / "t.sqlite"
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, token=token, retries=0)
+        record = Transcript(path, key_commitment="a" * 64, suspect=suspect.description, protocol="v2")
+        ProbeSuspect(suspect, transcript=record).query(generate_triggers(key).inputs.numpy()[:3])
+        record.close()
+        suspect.close()
+        fresh = _open(server.url, key, token=token, retries=0)
+        with pytest.raises(UsageError, match=r"rejected the first query \(HTTP 400: bad request with headers "
+                                             r"authorization=Bearer \[token\]\)") as refused:
+            fresh.query(generate_triggers(key).inputs.numpy()[:1])
+        fresh.close()
+    assert "abc" not in str(refused.value)
+    stored = path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("t.sqlite-*"))
+    assert b"abc+def" not in stored and b"[token]" in stored
+
+
+def test_ctrl_c_at_concurrency_keeps_the_answers_already_in_flight(key, copy_model):
+    """Ctrl-C while concurrent requests were in flight waited for their answers, then dropped them: the transcript
+    kept them pending and a resumed run sent those queries again."""
+    import os
+    import signal
+    import threading
+
+    app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: None if n == 0 else 0.6)
+    got: list[int] = []
+    with serve_in_background(app) as server:
+        suspect = _open(server.url, key, concurrency=4)
+        suspect.query(generate_triggers(key).inputs.numpy()[:1])
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        with pytest.raises(KeyboardInterrupt):
+            for i, outcome in suspect.stream(generate_triggers(key).inputs.numpy()[:12]):
+                assert outcome.ok
+                got.append(i)
+        suspect.close()
+    assert calls["requests"] == 1 + 4
+    assert sorted(got) == [0, 1, 2, 3]

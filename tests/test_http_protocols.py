@@ -238,6 +238,19 @@ def test_v2_parsing_variants():
         V2Protocol(url="http://h:1", model_name=None, num_classes=3, input_shape=(2,))
 
 
+def test_v2_scores_of_several_rows_for_one_input_are_refused_not_flattened():
+    """Two 5-class rows answered for the one input sent were flattened into one 10-class answer and read as its
+    label (here 4: the first row's top class), a prediction meant for no query."""
+    proto = V2Protocol(url="http://h:1", model_name="m", num_classes=10, input_shape=(2,))
+    rows = [[0.1, 0.1, 0.1, 0.1, 0.6], [0.2, 0.2, 0.2, 0.2, 0.2]]
+    for out in ({"datatype": "FP32", "shape": [2, 5], "data": rows[0] + rows[1]}, {"datatype": "FP32", "data": rows}):
+        with pytest.raises(AnswerCountMismatch, match="^the suspect answers 2 rows for one input$"):
+            proto.parse({"outputs": [{"name": "p", **out}]})
+    one = [0.0] * 9 + [1.0]
+    assert proto.parse({"outputs": [{"datatype": "FP32", "shape": [1, 10], "data": [one]}]}).label == 9
+    assert proto.parse({"outputs": [{"datatype": "FP32", "shape": [10], "data": one}]}).label == 9
+
+
 def test_tfserving_parsing_of_literal_nan_tokens():
     proto = TFServingProtocol(url="http://h:1/v1/models/m", model_name=None, num_classes=3, input_shape=(2,))
     assert proto.endpoint == "http://h:1/v1/models/m:predict"

@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import datetime
 import email.utils
 import hashlib
 import json
@@ -47,6 +48,8 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
+MAX_ANSWER_BYTES = 4 * 2**20
+"""The largest answer read (after content decoding); a larger one is a malformed answer, never held whole."""
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -55,7 +58,8 @@ class HttpOptions:
     """Transport settings.
 
     Attributes:
-        timeout: Seconds to wait for one answer (connect, read, write each).
+        timeout: Seconds to wait for one answer: for the connection, each read and write, and for the whole body
+            (an answer trickling in byte by byte past it is abandoned as a timeout).
         retries: Further attempts after a failed one (timeouts, 429, 5xx, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
@@ -189,6 +193,10 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         return None
     if when is None:
         return None
+    if when.tzinfo is None:
+        # An HTTP date is always GMT; the asctime form and "-0000" parse without a zone, which .timestamp() would
+        # read as local time (hours off the server's meaning anywhere but UTC).
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
@@ -247,6 +255,9 @@ class HttpSuspect:
             follow_redirects=False,
         )
         self._has_token = bool(token)
+        # A suspect echoing the request (a debug endpoint, an error quoting the headers) must not put the token in
+        # the transcript, a report or a message: every answer is read with it replaced.
+        self._token_forms = {token, token.replace("/", "\\/")} if token else set()
 
     def __repr__(self) -> str:
         return f"HttpSuspect({self.description!r}, protocol={self.protocol.name!r})"
@@ -275,8 +286,8 @@ class HttpSuspect:
     def stream(self, inputs: np.ndarray) -> Iterator[tuple[int, Outcome]]:
         """Yield ``(index, outcome)`` for every input as its answer arrives (completion order).
 
-        When a fatal error (refused token, host gone, wrong model) happens, the answers that already arrived
-        are still yielded before it is raised, so a transcript loses nothing.
+        When a fatal error (refused token, host gone, wrong model) or a first Ctrl-C happens, the answers of the
+        requests already sent are still yielded before it is raised, so a transcript loses nothing.
         """
         x = inputs if is_text_array(inputs) else np.asarray(inputs, dtype=np.float32)
         if self.options.concurrency == 1 or len(x) <= 1:
@@ -287,18 +298,28 @@ class HttpSuspect:
         pool = cf.ThreadPoolExecutor(max_workers=self.options.concurrency, thread_name_prefix="wmark-http")
         try:
             futures = {pool.submit(self._ask, x[i]): i for i in range(len(x))}
-            for fut in cf.as_completed(futures):
-                if fut.cancelled():
-                    continue
+            waiting = set(futures)
+            while waiting:
                 try:
-                    outcome = fut.result()
-                except (UsageError, RuntimeFailure) as exc:
-                    if fatal is None:
-                        fatal = exc
-                        for other in futures:
-                            other.cancel()
-                    continue
-                yield futures[fut], outcome
+                    done, waiting = cf.wait(waiting, return_when=cf.FIRST_COMPLETED)
+                except KeyboardInterrupt as exc:
+                    if fatal is not None:
+                        raise  # a second Ctrl-C (or one while stopping anyway) stops without waiting
+                    fatal, done = exc, set()
+                    for other in waiting:
+                        other.cancel()
+                for fut in done:
+                    if fut.cancelled():
+                        continue
+                    try:
+                        outcome = fut.result()
+                    except (UsageError, RuntimeFailure) as exc:
+                        if fatal is None:
+                            fatal = exc
+                            for other in waiting:
+                                other.cancel()
+                        continue
+                    yield futures[fut], outcome
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
         if fatal is not None:
@@ -307,15 +328,17 @@ class HttpSuspect:
     def _ask(self, x: np.ndarray) -> Outcome:
         req = self.protocol.request(x)
         resp, attempts, error = self._send(req.method, req.url, req.body, what="inference")
+        if resp is not None and error:
+            return self._malformed("", None, attempts, resp.status_code, error)
         if resp is None:
             self.stats.add(failed=1)
             return Outcome(status="failed", error=error, attempts=attempts,
                            http_status=None if not error.startswith("HTTP ") else int(error.split()[1]))
         raw = resp.content
         digest = hashlib.sha256(raw).hexdigest()
-        text = raw.decode("utf-8", errors="replace")
+        text = self._scrub(raw.decode("utf-8", errors="replace"))
         if resp.status_code >= 400:
-            message = _server_error(resp)
+            message = _server_error(text, resp.reason_phrase)
             if not self._seen_ok.is_set():
                 raise UsageError(
                     f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
@@ -350,7 +373,7 @@ class HttpSuspect:
         return Outcome(status="ok", label=parsed.label, scores=parsed.scores, answer=text, answer_sha256=digest,
                        http_status=resp.status_code, attempts=attempts)
 
-    def _malformed(self, text: str, digest: str, attempts: int, status: int, error: str) -> Outcome:
+    def _malformed(self, text: str, digest: str | None, attempts: int, status: int, error: str) -> Outcome:
         self.stats.add(malformed=1)
         return Outcome(status="malformed", answer=text, answer_sha256=digest, error=f"malformed answer: {error}",
                        http_status=status, attempts=attempts)
@@ -361,15 +384,22 @@ class HttpSuspect:
             raise RuntimeFailure(
                 f"The suspect at {redact_url(url)} did not answer ({error}); try again later or allow more retries."
             )
+        if error:
+            raise RuntimeFailure(f"GET {redact_url(url)} answered {error}; is this the right protocol?")
+        text = self._scrub(resp.content.decode("utf-8", errors="replace"))
         if resp.status_code >= 400:
-            raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {_server_error(resp)}.")
+            message = _server_error(text, resp.reason_phrase)
+            raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {message}.")
         try:
-            return json.loads(resp.content)
-        except (ValueError, UnicodeDecodeError):
+            return json.loads(text)
+        except ValueError:
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
-        """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors."""
+        """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors.
+
+        A response comes back with an error only when its body exceeds ``MAX_ANSWER_BYTES`` (then its content is empty).
+        """
         error = ""
         connect_failures = 0
         attempts = 0
@@ -379,8 +409,7 @@ class HttpSuspect:
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
             try:
-                resp = self._client.request(method, url, json=body) if body is not None else \
-                    self._client.request(method, url)
+                resp, oversize = self._receive(method, url, body)
             except httpx.ConnectError as exc:
                 if _is_tls(exc):
                     raise RuntimeFailure(
@@ -408,7 +437,7 @@ class HttpSuspect:
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
                     )
                 if code not in _RETRY_STATUSES:
-                    return resp, attempts, ""
+                    return resp, attempts, f"an answer larger than {MAX_ANSWER_BYTES} bytes" if oversize else ""
                 error = f"HTTP {code}"
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
@@ -433,6 +462,37 @@ class HttpSuspect:
             )
         return None, attempts, error
 
+    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, bool]:
+        """One request, its body read within the timeout and up to ``MAX_ANSWER_BYTES``; whether it was larger.
+
+        httpx's timeouts bound each read, not the whole body: a server sending a byte every few seconds would
+        otherwise hold a query forever, and a huge answer would be held in memory whole.
+        """
+        deadline = time.monotonic() + self.options.timeout
+        request = self._client.build_request(method, url, json=body) if body is not None else \
+            self._client.build_request(method, url)
+        resp = self._client.send(request, stream=True)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_bytes():
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the answer did not arrive in full within the timeout", request=request)
+                size += len(chunk)
+                if size > MAX_ANSWER_BYTES:
+                    chunks, size = [], -1
+                    break
+                chunks.append(chunk)
+        finally:
+            resp.close()
+        headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
+        return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=request), size < 0
+
+    def _scrub(self, text: str) -> str:
+        for form in self._token_forms:
+            text = text.replace(form, "[token]")
+        return text
+
     def _backoff(self, attempt: int) -> float:
         # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
         return self._jitter(min(self.options.max_backoff, self.options.backoff * 2.0**attempt))
@@ -451,14 +511,14 @@ def redact_url(url: str) -> str:
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
 
 
-def _server_error(resp: httpx.Response) -> str:
+def _server_error(text: str, reason: str) -> str:
     try:
-        doc = resp.json()
+        doc = json.loads(text)
         if isinstance(doc, dict) and "error" in doc:
             return str(doc["error"])[:200]
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):
         pass
-    return (resp.text or resp.reason_phrase or "no message")[:200].strip() or "no message"
+    return (text or reason or "no message")[:200].strip() or "no message"
 
 
 def _is_tls(exc: BaseException) -> bool:

@@ -287,6 +287,10 @@ class V2Protocol(WireProtocol):
         out = chosen or outputs[0]
         if not isinstance(out, dict) or not isinstance(out.get("data"), list):
             raise MalformedAnswer("the output has no data")
+        rows = _answer_rows(out)
+        if rows > 1:
+            # One input was sent: flattening several rows would read, say, two 5-class rows as one 10-class answer.
+            raise AnswerCountMismatch(f"the suspect answers {rows} rows for one input")
         datatype = str(out.get("datatype", "")).upper()
         data = _row_major(out["data"])
         if datatype == "BYTES":
@@ -305,6 +309,15 @@ class V2Protocol(WireProtocol):
         if len(parts) < 2:
             raise MalformedAnswer(f"{data[0]!r} is not a score:index classification")
         return self._from_label(parts[1])
+
+
+def _answer_rows(out: dict[str, Any]) -> int:
+    """The rows of a v2 output: its declared first dimension when it has several, else its nesting."""
+    shape = out.get("shape")
+    if isinstance(shape, list) and len(shape) > 1 and isinstance(shape[0], int) and shape[0] > 1:
+        return shape[0]
+    data = out["data"]
+    return len(data) if len(data) > 1 and all(isinstance(v, list) for v in data) else 1
 
 
 def _row_major(values: list[Any]) -> list[Any]:
