@@ -272,3 +272,17 @@ def test_the_alarm_log_exists_from_the_start_so_a_quiet_server_reports_no_alarms
     assert monitor_report(alarm_log=log) == {"clients": {}, "alarms": 0}
     with pytest.raises(UsageError, match="Cannot create the alarm log .* choose a writable path"):
         Gate(policy=Policy(), clients=["shop"], alarm_log=tmp_path / "missing" / "alarms.jsonl")
+
+
+def test_one_large_request_is_checked_at_every_check_point_it_spans(fmap):
+    """A request spanning several check points was checked once, at its end, over its last `window` queries: a
+    thief hid 192 chained queries behind 64 natural ones in one request and was never flagged."""
+    profile = calibrate(feature_map=fmap, streams=honest_streams(12, 5), num_classes=4, target_rate=0.1, config=CONFIG)
+    x = np.concatenate([chain(192, 6), natural(64, 77)])
+    p = np.concatenate([confident(192, [0], 0), confident(64, [0, 1], 1)])
+    at, _, signals = first_alarm(profile, run_stream(profile, x, p, chunk=1))
+    assert at is not None
+    monitor = ExtractionMonitor(profile=profile)
+    alarm = monitor.observe("thief", x, p)
+    assert alarm is not None and alarm.queries == at and alarm.signals == pytest.approx(signals, abs=1e-5)
+    assert monitor.latest("thief")[1] == pytest.approx(run_stream(profile, x, p, chunk=1)[-1][1], abs=1e-5)
