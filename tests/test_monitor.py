@@ -286,3 +286,20 @@ def test_one_large_request_is_checked_at_every_check_point_it_spans(fmap):
     alarm = monitor.observe("thief", x, p)
     assert alarm is not None and alarm.queries == at and alarm.signals == pytest.approx(signals, abs=1e-5)
     assert monitor.latest("thief")[1] == pytest.approx(run_stream(profile, x, p, chunk=1)[-1][1], abs=1e-5)
+
+
+def test_an_alarm_restored_from_the_state_file_is_not_raised_and_logged_again(fmap, tmp_path):
+    """The monitor's latch lived only in memory: after a restart the same client's next check raised a second
+    alarm, wrote a second log line and replaced the saved alarm, though an alarm is raised once per client."""
+    profile = calibrate(feature_map=fmap, streams=honest_streams(12, 7), num_classes=4, target_rate=0.1, config=CONFIG)
+    policy = parse_policy({"default": {"on_alarm": {"action": "label-only"}}}, clients=["thief"])
+    state, log = tmp_path / "state.json", tmp_path / "alarms.jsonl"
+    for _ in range(2):
+        gate = Gate(policy=policy, clients=["thief"], monitor=ExtractionMonitor(profile=profile), alarm_log=log,
+                    state_path=state)
+        x = chain(64, 8)
+        alarms = [gate.after_answer("thief", x[i:i + 16], confident(16, [0], 0)) for i in range(0, 64, 16)]
+        gate.close()
+    assert alarms == [None] * 4
+    assert len(log.read_text().splitlines()) == 1
+    assert json.loads(state.read_text())["clients"]["thief"]["alarm"]["queries"] == 32

@@ -273,6 +273,8 @@ class Gate:
                     self.m_signal.labels(client, s).set(latest[1][s])
         now = self.clock()
         with self.lock:
+            if alarm is not None and self.clients[client].alarm is not None:
+                alarm = None  # latched before a restart (the state file): the monitor's own latch is in memory only
             if alarm is not None:
                 c = self.clients[client]
                 record = alarm.to_dict()
