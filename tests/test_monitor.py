@@ -248,7 +248,8 @@ def test_state_file_keeps_quotas_and_alarms_across_restarts(fmap, tmp_path):
 
 
 @pytest.mark.parametrize("record", [{"queries_total": "x"}, {"queries_total": None}, {"day": 1e400},
-                                    {"queries_today": -50}, {"alarm": "yes"}, {"alarm": [1, 2]}])
+                                    {"queries_today": -50}, {"alarm": "yes"}, {"alarm": [1, 2]}, {"requests": -1},
+                                    {"refusals": [1]}, {"refusals": {"rate": "2"}}])
 def test_a_hand_edited_state_record_is_refused_in_one_sentence(tmp_path, record):
     """Each of these crashed the server's start in int() or dict() (exit 3, "unexpected ValueError")."""
     state = tmp_path / "state.json"
@@ -303,3 +304,16 @@ def test_an_alarm_restored_from_the_state_file_is_not_raised_and_logged_again(fm
     assert alarms == [None] * 4
     assert len(log.read_text().splitlines()) == 1
     assert json.loads(state.read_text())["clients"]["thief"]["alarm"]["queries"] == 32
+
+
+def test_requests_and_refusals_survive_a_restart_like_the_query_counts(tmp_path):
+    """Only the query counts were read back: after a restart the state file (and `wmark monitor report`) showed
+    a client's requests and refusals since the restart beside its queries since the start."""
+    policy = parse_policy({"default": {"quota": {"total": 10}}}, clients=["shop"])
+    state = tmp_path / "state.json"
+    for _ in range(2):
+        gate = Gate(policy=policy, clients=["shop"], state_path=state)
+        assert gate.admit("shop", 5) is None and gate.admit("shop", 6).reason == "total-quota"
+        gate.close()
+    saved = json.loads(state.read_text())["clients"]["shop"]
+    assert (saved["queries_total"], saved["requests"], saved["refusals"]) == (10, 2, {"total-quota": 2})

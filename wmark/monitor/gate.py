@@ -167,15 +167,18 @@ class Gate:
             c = self.clients.get(name)
             if c is None or not isinstance(rec, dict):
                 continue
-            counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0)]
+            refusals = rec.get("refusals", {})
+            counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0),
+                      rec.get("requests", 0), *(refusals.values() if isinstance(refusals, dict) else [None])]
             alarm = rec.get("alarm")
             # Checked before any is applied: a hand-edited count ("x", null, 1e400) or alarm crashed int()/dict().
             if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= -1 for v in counts)
-                    or min(counts[0], counts[2]) < 0 or not (alarm is None or isinstance(alarm, dict))):
+                    or min(counts[0], *counts[2:]) < 0 or not (alarm is None or isinstance(alarm, dict))):
                 raise UsageError(f"Monitor state file {self.state_path} has an invalid record for client {name!r} "
                                  "(counts must be integers of at least 0, an alarm an object); fix it or move the "
                                  "file away.")
-            c.total, c.day, c.today = counts
+            c.total, c.day, c.today, c.requests = counts[:4]
+            c.refusals = dict(refusals)
             if alarm:
                 self._apply_alarm(name, c, dict(alarm), now)
 
