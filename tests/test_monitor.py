@@ -317,3 +317,17 @@ def test_requests_and_refusals_survive_a_restart_like_the_query_counts(tmp_path)
         gate.close()
     saved = json.loads(state.read_text())["clients"]["shop"]
     assert (saved["queries_total"], saved["requests"], saved["refusals"]) == (10, 2, {"total-quota": 2})
+
+
+def test_a_client_missing_from_the_token_file_keeps_its_saved_state(tmp_path):
+    """A restart without one client's token dropped its record at the next save: its alarm (a block) and its
+    quota counts were gone when the client came back."""
+    policy = parse_policy({"default": {"quota": {"total": 10}, "on_alarm": {"action": "block"}}},
+                          clients=["shop", "thief"])
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {
+        "thief": {"queries_total": 4, "alarm": {"event": "alarm", "queries": 32}}}}))
+    Gate(policy=policy, clients=["shop"], state_path=state).close()
+    back = Gate(policy=policy, clients=["shop", "thief"], state_path=state)
+    assert back.admit("thief", 1).reason == "blocked"
+    assert json.loads(state.read_text())["clients"]["thief"]["queries_total"] == 4

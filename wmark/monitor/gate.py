@@ -112,6 +112,7 @@ class Gate:
             self.clients[name] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate, now=now))
         self.last_save = now
         self.exported: dict[str, int] = {}
+        self.absent: dict[str, Any] = {}  # state records of clients this server has no token for, kept as they are
         self.registry = prom.CollectorRegistry(auto_describe=True)
         self.m_queries = prom.Counter("wmark_queries", "Inputs answered, per client.", ["client"],
                                       registry=self.registry)
@@ -165,7 +166,10 @@ class Gate:
             raise UsageError(f"Monitor state file {self.state_path} is not a wmark state file; move it away.")
         for name, rec in saved.items():
             c = self.clients.get(name)
-            if c is None or not isinstance(rec, dict):
+            if c is None:
+                self.absent[name] = rec
+                continue
+            if not isinstance(rec, dict):
                 continue
             refusals = rec.get("refusals", {})
             counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0),
@@ -293,12 +297,13 @@ class Gate:
         assert self.state_path is not None
         self.last_save = now
         status = self.monitor.status() if self.monitor is not None else {}
+        records = {name: {"queries_total": c.total, "day": c.day, "queries_today": c.today,
+                          "requests": c.requests, "refusals": dict(c.refusals), "alarm": c.alarm,
+                          "score": status.get(name, {}).get("score"),
+                          "signals": status.get(name, {}).get("signals", {})}
+                   for name, c in self.clients.items()}
         doc = {"format": STATE_FORMAT, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-               "clients": {name: {"queries_total": c.total, "day": c.day, "queries_today": c.today,
-                                  "requests": c.requests, "refusals": dict(c.refusals), "alarm": c.alarm,
-                                  "score": status.get(name, {}).get("score"),
-                                  "signals": status.get(name, {}).get("signals", {})}
-                           for name, c in self.clients.items()}}
+               "clients": {**self.absent, **records}}
         with atomic_write(self.state_path) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
