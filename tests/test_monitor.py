@@ -174,6 +174,12 @@ def test_monitor_latches_one_alarm_per_client(fmap):
     ({"default": {"rate": {"queries_per_second": 10 ** 400}}}, r"queries_per_second: is too large; give at most"),
     ({"default": {"rate": {"queries_per_second": 1, "burst": 10 ** 400}}}, r"default.rate.burst: is too large"),
     ({"default": {"quota": {"per_day": -10 ** 400}}}, r"default.quota.per_day: is too large"),
+    # a throttle above the client's own rate was accepted: the alarm loosened the limit it was meant to tighten
+    ({"default": {"rate": {"queries_per_second": 1, "burst": 4},
+                  "on_alarm": {"action": "throttle", "queries_per_second": 50}}},
+     r"default.on_alarm: throttles to 50 queries/s \(burst 50\), which is not below the client's rate of 1 \(burst 4\)"),
+    ({"default": {"on_alarm": {"action": "throttle", "queries_per_second": 1, "burst": 64}},
+      "clients": {"shop": {"rate": {"queries_per_second": 5, "burst": 8}}}}, r"clients.shop.on_alarm: throttles to 1"),
 ])
 def test_bad_policies_get_one_sentence(doc, message):
     with pytest.raises(UsageError, match=message) as err:
