@@ -84,6 +84,16 @@ def test_a_feature_dimension_below_1_is_refused(dim):
         fit_feature_map(x=natural(200, 0), dim=dim)
 
 
+@pytest.mark.parametrize("x, message", [
+    (natural(7, 0), r"^Fitting the monitor's feature space with dimension 4 needs at least 8 natural inputs, got 7.$"),
+    (np.ones((100, D)), r"^The natural inputs the monitor's feature space is fitted on are all the same input"),
+])
+def test_too_few_or_identical_natural_inputs_are_refused(x, message):
+    """Too few inputs gave NaN or infinite radii silently (every query a near duplicate); identical ones an IndexError."""
+    with pytest.raises(UsageError, match=message):
+        fit_feature_map(x=x, dim=4)
+
+
 @pytest.mark.parametrize("n", [20, 57, 256])
 def test_shapiro_statistic_matches_scipy(n):
     from scipy import stats

@@ -118,10 +118,16 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
         sample: Most inputs used.
 
     Raises:
-        UsageError: If ``dim`` is below 1 (0 crashed, and a negative one silently dropped directions from the end).
+        UsageError: If ``dim`` is below 1 (0 crashed, and a negative one silently dropped directions from the end),
+            or there are too few inputs, or too few distinct ones, to set the radii.
     """
     if dim < 1:
         raise UsageError(f"The reduced feature dimension (--dim) must be at least 1, got {dim}.")
+    need = max(2 * dim, 4)
+    if min(len(x), sample) < need:
+        # with fewer, the radii were NaN or infinite (every query then a near duplicate, or none ever out of place)
+        raise UsageError(f"Fitting the monitor's feature space with dimension {dim} needs at least {need} natural "
+                         f"inputs, got {min(len(x), sample)}.")
     flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(flat))[:sample]
@@ -135,6 +141,9 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
     np.fill_diagonal(d2, np.inf)
     nearest = np.sqrt(d2.min(1))
     nearest = nearest[nearest > 1e-6]
+    if not len(nearest):
+        raise UsageError("The natural inputs the monitor's feature space is fitted on are all the same input; give "
+                         "the owner's varied natural inputs.")
     return FeatureMap(probe.mean, components, float(np.quantile(nearest, 0.001)), float(np.quantile(residual, 0.999)))
 
 
