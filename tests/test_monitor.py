@@ -94,6 +94,18 @@ def test_too_few_or_identical_natural_inputs_are_refused(x, message):
         fit_feature_map(x=x, dim=4)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("store", 0, r"^The monitor's store must be an integer of at least 1, not 0.$"),
+    ("window", 0, r"^The monitor's window must be"), ("check_every", 2.5, r"^The monitor's check_every must be"),
+    ("near_tie_ratio", 0.0, r"^The monitor's near_tie_ratio must be in \(0, 1\], not 0.0.$"),
+])
+def test_window_settings_that_make_no_sense_are_refused(field, value, message):
+    """An empty store or window crashed the first request (IndexError, ValueError); a ratio of 0 made every query a
+    near tie."""
+    with pytest.raises(UsageError, match=message):
+        MonitorConfig(**{field: value})
+
+
 @pytest.mark.parametrize("n", [20, 57, 256])
 def test_shapiro_statistic_matches_scipy(n):
     from scipy import stats

@@ -232,7 +232,7 @@ class ExtractionMonitor:
                 # Cut at every check point: a large request checked only at its end showed the signals of its
                 # last `window` queries alone, so a thief could hide any queries before an honest-looking tail.
                 due = max(cfg.min_queries, state.last_check + cfg.check_every) - state.queries
-                end = start + max(due, 1)
+                end = start + due
                 signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end])
                 start = end
                 if signals is None:

@@ -63,6 +63,10 @@ class MonitorConfig:
         check_every: Queries between two evaluations of the signals.
         min_queries: Queries before the first evaluation.
         near_tie_ratio: Runner-up / top probability ratio from which a query counts as a near tie.
+
+    Raises:
+        UsageError: If a count is below 1 or the ratio is outside (0, 1] (an empty store or window crashed the
+            first request; a ratio of 0 or less made every query a near tie).
     """
 
     window: int = 256
@@ -70,6 +74,16 @@ class MonitorConfig:
     check_every: int = 32
     min_queries: int = 128
     near_tie_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        counts = {"window": self.window, "store": self.store, "check_every": self.check_every,
+                  "min_queries": self.min_queries}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"The monitor's {name} must be an integer of at least 1, not {value!r}.")
+        if isinstance(self.near_tie_ratio, bool) or not isinstance(self.near_tie_ratio, int | float) \
+                or not 0 < self.near_tie_ratio <= 1:
+            raise UsageError(f"The monitor's near_tie_ratio must be in (0, 1], not {self.near_tie_ratio!r}.")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
