@@ -359,3 +359,13 @@ def test_a_client_missing_from_the_token_file_keeps_its_saved_state(tmp_path):
     back = Gate(policy=policy, clients=["shop", "thief"], state_path=state)
     assert back.admit("thief", 1).reason == "blocked"
     assert json.loads(state.read_text())["clients"]["thief"]["queries_total"] == 4
+
+
+@pytest.mark.parametrize("record", [[1], "x", {"alarm": "yes"}])
+def test_the_report_refuses_a_hand_edited_state_record_in_one_sentence(tmp_path, record):
+    """These crashed `wmark monitor report --state` with an AttributeError (exit 3)."""
+    log, state = tmp_path / "alarms.jsonl", tmp_path / "state.json"
+    log.write_text("")
+    state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {"shop": record}}))
+    with pytest.raises(UsageError, match=r"has an invalid record for client 'shop' .*; fix it or move the file away"):
+        monitor_report(alarm_log=log, state=state)
