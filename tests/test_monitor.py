@@ -84,6 +84,28 @@ def test_a_feature_dimension_below_1_is_refused(dim):
         fit_feature_map(x=natural(200, 0), dim=dim)
 
 
+@pytest.mark.parametrize("x, message", [
+    (natural(7, 0), r"^Fitting the monitor's feature space with dimension 4 needs at least 8 natural inputs, got 7.$"),
+    (np.ones((100, D)), r"^The natural inputs the monitor's feature space is fitted on are all the same input"),
+])
+def test_too_few_or_identical_natural_inputs_are_refused(x, message):
+    """Too few inputs gave NaN or infinite radii silently (every query a near duplicate); identical ones an IndexError."""
+    with pytest.raises(UsageError, match=message):
+        fit_feature_map(x=x, dim=4)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("store", 0, r"^The monitor's store must be an integer of at least 1, not 0.$"),
+    ("window", 0, r"^The monitor's window must be"), ("check_every", 2.5, r"^The monitor's check_every must be"),
+    ("near_tie_ratio", 0.0, r"^The monitor's near_tie_ratio must be in \(0, 1\], not 0.0.$"),
+])
+def test_window_settings_that_make_no_sense_are_refused(field, value, message):
+    """An empty store or window crashed the first request (IndexError, ValueError); a ratio of 0 made every query a
+    near tie."""
+    with pytest.raises(UsageError, match=message):
+        MonitorConfig(**{field: value})
+
+
 @pytest.mark.parametrize("n", [20, 57, 256])
 def test_shapiro_statistic_matches_scipy(n):
     from scipy import stats
@@ -174,6 +196,12 @@ def test_monitor_latches_one_alarm_per_client(fmap):
     ({"default": {"rate": {"queries_per_second": 10 ** 400}}}, r"queries_per_second: is too large; give at most"),
     ({"default": {"rate": {"queries_per_second": 1, "burst": 10 ** 400}}}, r"default.rate.burst: is too large"),
     ({"default": {"quota": {"per_day": -10 ** 400}}}, r"default.quota.per_day: is too large"),
+    # a throttle above the client's own rate was accepted: the alarm loosened the limit it was meant to tighten
+    ({"default": {"rate": {"queries_per_second": 1, "burst": 4},
+                  "on_alarm": {"action": "throttle", "queries_per_second": 50}}},
+     r"default.on_alarm: throttles to 50 queries/s \(burst 50\), which is not below the client's rate of 1 \(burst 4\)"),
+    ({"default": {"on_alarm": {"action": "throttle", "queries_per_second": 1, "burst": 64}},
+      "clients": {"shop": {"rate": {"queries_per_second": 5, "burst": 8}}}}, r"clients.shop.on_alarm: throttles to 1"),
 ])
 def test_bad_policies_get_one_sentence(doc, message):
     with pytest.raises(UsageError, match=message) as err:
@@ -248,7 +276,8 @@ def test_state_file_keeps_quotas_and_alarms_across_restarts(fmap, tmp_path):
 
 
 @pytest.mark.parametrize("record", [{"queries_total": "x"}, {"queries_total": None}, {"day": 1e400},
-                                    {"queries_today": -50}, {"alarm": "yes"}, {"alarm": [1, 2]}])
+                                    {"queries_today": -50}, {"alarm": "yes"}, {"alarm": [1, 2]}, {"requests": -1},
+                                    {"refusals": [1]}, {"refusals": {"rate": "2"}}])
 def test_a_hand_edited_state_record_is_refused_in_one_sentence(tmp_path, record):
     """Each of these crashed the server's start in int() or dict() (exit 3, "unexpected ValueError")."""
     state = tmp_path / "state.json"
@@ -272,3 +301,71 @@ def test_the_alarm_log_exists_from_the_start_so_a_quiet_server_reports_no_alarms
     assert monitor_report(alarm_log=log) == {"clients": {}, "alarms": 0}
     with pytest.raises(UsageError, match="Cannot create the alarm log .* choose a writable path"):
         Gate(policy=Policy(), clients=["shop"], alarm_log=tmp_path / "missing" / "alarms.jsonl")
+
+
+def test_one_large_request_is_checked_at_every_check_point_it_spans(fmap):
+    """A request spanning several check points was checked once, at its end, over its last `window` queries: a
+    thief hid 192 chained queries behind 64 natural ones in one request and was never flagged."""
+    profile = calibrate(feature_map=fmap, streams=honest_streams(12, 5), num_classes=4, target_rate=0.1, config=CONFIG)
+    x = np.concatenate([chain(192, 6), natural(64, 77)])
+    p = np.concatenate([confident(192, [0], 0), confident(64, [0, 1], 1)])
+    at, _, signals = first_alarm(profile, run_stream(profile, x, p, chunk=1))
+    assert at is not None
+    monitor = ExtractionMonitor(profile=profile)
+    alarm = monitor.observe("thief", x, p)
+    assert alarm is not None and alarm.queries == at and alarm.signals == pytest.approx(signals, abs=1e-5)
+    assert monitor.latest("thief")[1] == pytest.approx(run_stream(profile, x, p, chunk=1)[-1][1], abs=1e-5)
+
+
+def test_an_alarm_restored_from_the_state_file_is_not_raised_and_logged_again(fmap, tmp_path):
+    """The monitor's latch lived only in memory: after a restart the same client's next check raised a second
+    alarm, wrote a second log line and replaced the saved alarm, though an alarm is raised once per client."""
+    profile = calibrate(feature_map=fmap, streams=honest_streams(12, 7), num_classes=4, target_rate=0.1, config=CONFIG)
+    policy = parse_policy({"default": {"on_alarm": {"action": "label-only"}}}, clients=["thief"])
+    state, log = tmp_path / "state.json", tmp_path / "alarms.jsonl"
+    for _ in range(2):
+        gate = Gate(policy=policy, clients=["thief"], monitor=ExtractionMonitor(profile=profile), alarm_log=log,
+                    state_path=state)
+        x = chain(64, 8)
+        alarms = [gate.after_answer("thief", x[i:i + 16], confident(16, [0], 0)) for i in range(0, 64, 16)]
+        gate.close()
+    assert alarms == [None] * 4
+    assert len(log.read_text().splitlines()) == 1
+    assert json.loads(state.read_text())["clients"]["thief"]["alarm"]["queries"] == 32
+
+
+def test_requests_and_refusals_survive_a_restart_like_the_query_counts(tmp_path):
+    """Only the query counts were read back: after a restart the state file (and `wmark monitor report`) showed
+    a client's requests and refusals since the restart beside its queries since the start."""
+    policy = parse_policy({"default": {"quota": {"total": 10}}}, clients=["shop"])
+    state = tmp_path / "state.json"
+    for _ in range(2):
+        gate = Gate(policy=policy, clients=["shop"], state_path=state)
+        assert gate.admit("shop", 5) is None and gate.admit("shop", 6).reason == "total-quota"
+        gate.close()
+    saved = json.loads(state.read_text())["clients"]["shop"]
+    assert (saved["queries_total"], saved["requests"], saved["refusals"]) == (10, 2, {"total-quota": 2})
+
+
+def test_a_client_missing_from_the_token_file_keeps_its_saved_state(tmp_path):
+    """A restart without one client's token dropped its record at the next save: its alarm (a block) and its
+    quota counts were gone when the client came back."""
+    policy = parse_policy({"default": {"quota": {"total": 10}, "on_alarm": {"action": "block"}}},
+                          clients=["shop", "thief"])
+    state = tmp_path / "state.json"
+    state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {
+        "thief": {"queries_total": 4, "alarm": {"event": "alarm", "queries": 32}}}}))
+    Gate(policy=policy, clients=["shop"], state_path=state).close()
+    back = Gate(policy=policy, clients=["shop", "thief"], state_path=state)
+    assert back.admit("thief", 1).reason == "blocked"
+    assert json.loads(state.read_text())["clients"]["thief"]["queries_total"] == 4
+
+
+@pytest.mark.parametrize("record", [[1], "x", {"alarm": "yes"}])
+def test_the_report_refuses_a_hand_edited_state_record_in_one_sentence(tmp_path, record):
+    """These crashed `wmark monitor report --state` with an AttributeError (exit 3)."""
+    log, state = tmp_path / "alarms.jsonl", tmp_path / "state.json"
+    log.write_text("")
+    state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {"shop": record}}))
+    with pytest.raises(UsageError, match=r"has an invalid record for client 'shop' .*; fix it or move the file away"):
+        monitor_report(alarm_log=log, state=state)

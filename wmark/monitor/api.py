@@ -112,6 +112,10 @@ def monitor_report(*, alarm_log: PathLike, state: PathLike | None = None) -> dic
         if not isinstance(saved, dict):
             raise UsageError(f"State file {p} is missing or not a wmark monitor state file.")
         for name, rec in saved.items():
+            if not isinstance(rec, dict) or not isinstance(rec.get("alarm") or {}, dict):
+                # a hand-edited record crashed the report with an AttributeError
+                raise UsageError(f"State file {p} has an invalid record for client {name!r} (an object, its alarm an "
+                                 "object); fix it or move the file away.")
             entry = clients.setdefault(name, {"alarms": 0})
             entry.update({k: rec.get(k) for k in ("queries_total", "queries_today", "requests", "refusals", "score",
                                                   "signals")})

@@ -112,6 +112,7 @@ class Gate:
             self.clients[name] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate, now=now))
         self.last_save = now
         self.exported: dict[str, int] = {}
+        self.absent: dict[str, Any] = {}  # state records of clients this server has no token for, kept as they are
         self.registry = prom.CollectorRegistry(auto_describe=True)
         self.m_queries = prom.Counter("wmark_queries", "Inputs answered, per client.", ["client"],
                                       registry=self.registry)
@@ -165,17 +166,23 @@ class Gate:
             raise UsageError(f"Monitor state file {self.state_path} is not a wmark state file; move it away.")
         for name, rec in saved.items():
             c = self.clients.get(name)
-            if c is None or not isinstance(rec, dict):
+            if c is None:
+                self.absent[name] = rec
                 continue
-            counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0)]
+            if not isinstance(rec, dict):
+                continue
+            refusals = rec.get("refusals", {})
+            counts = [rec.get("queries_total", 0), rec.get("day", -1), rec.get("queries_today", 0),
+                      rec.get("requests", 0), *(refusals.values() if isinstance(refusals, dict) else [None])]
             alarm = rec.get("alarm")
             # Checked before any is applied: a hand-edited count ("x", null, 1e400) or alarm crashed int()/dict().
             if (not all(isinstance(v, int) and not isinstance(v, bool) and v >= -1 for v in counts)
-                    or min(counts[0], counts[2]) < 0 or not (alarm is None or isinstance(alarm, dict))):
+                    or min(counts[0], *counts[2:]) < 0 or not (alarm is None or isinstance(alarm, dict))):
                 raise UsageError(f"Monitor state file {self.state_path} has an invalid record for client {name!r} "
                                  "(counts must be integers of at least 0, an alarm an object); fix it or move the "
                                  "file away.")
-            c.total, c.day, c.today = counts
+            c.total, c.day, c.today, c.requests = counts[:4]
+            c.refusals = dict(refusals)
             if alarm:
                 self._apply_alarm(name, c, dict(alarm), now)
 
@@ -273,6 +280,8 @@ class Gate:
                     self.m_signal.labels(client, s).set(latest[1][s])
         now = self.clock()
         with self.lock:
+            if alarm is not None and self.clients[client].alarm is not None:
+                alarm = None  # latched before a restart (the state file): the monitor's own latch is in memory only
             if alarm is not None:
                 c = self.clients[client]
                 record = alarm.to_dict()
@@ -288,12 +297,13 @@ class Gate:
         assert self.state_path is not None
         self.last_save = now
         status = self.monitor.status() if self.monitor is not None else {}
+        records = {name: {"queries_total": c.total, "day": c.day, "queries_today": c.today,
+                          "requests": c.requests, "refusals": dict(c.refusals), "alarm": c.alarm,
+                          "score": status.get(name, {}).get("score"),
+                          "signals": status.get(name, {}).get("signals", {})}
+                   for name, c in self.clients.items()}
         doc = {"format": STATE_FORMAT, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-               "clients": {name: {"queries_total": c.total, "day": c.day, "queries_today": c.today,
-                                  "requests": c.requests, "refusals": dict(c.refusals), "alarm": c.alarm,
-                                  "score": status.get(name, {}).get("score"),
-                                  "signals": status.get(name, {}).get("signals", {})}
-                           for name, c in self.clients.items()}}
+               "clients": {**self.absent, **records}}
         with atomic_write(self.state_path) as tmp:
             Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 

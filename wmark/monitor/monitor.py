@@ -223,19 +223,25 @@ class ExtractionMonitor:
             ps.append(probs)
             if state.queries + sum(len(b) for b in xs) < max(cfg.min_queries, state.last_check + cfg.check_every):
                 return None
-            batch, batch_probs = np.concatenate(xs), np.concatenate(ps)
+            feats, residual = self.profile.feature_map.transform(np.concatenate(xs))
+            batch_probs = np.asarray(np.concatenate(ps), dtype=np.float64)
             xs.clear()
             ps.clear()
-            signals = state.observe(*self.profile.feature_map.transform(batch),
-                                    np.asarray(batch_probs, dtype=np.float64))
-            if signals is None:
-                return None
-            self.checked[client] = state.queries
-            score = self.scores[client] = self.profile.score(signals)
-            if score <= self.threshold or client in self.alarms:
-                return None
-            alarm = self.alarms[client] = Alarm(client, state.queries, score, self.threshold, dict(signals),
-                                                time.time())
+            alarm, start = None, 0
+            while start < len(feats):
+                # Cut at every check point: a large request checked only at its end showed the signals of its
+                # last `window` queries alone, so a thief could hide any queries before an honest-looking tail.
+                due = max(cfg.min_queries, state.last_check + cfg.check_every) - state.queries
+                end = start + due
+                signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end])
+                start = end
+                if signals is None:
+                    continue
+                self.checked[client] = state.queries
+                score = self.scores[client] = self.profile.score(signals)
+                if score > self.threshold and client not in self.alarms:
+                    alarm = self.alarms[client] = Alarm(client, state.queries, score, self.threshold, dict(signals),
+                                                        time.time())
             return alarm
 
     def latest(self, client: str) -> tuple[int, dict[str, float], float] | None:

@@ -174,6 +174,12 @@ def _client(value: Any, where: str, base: ClientPolicy) -> ClientPolicy:
         if doc["mark"] not in MARK_MODES:
             raise _fail(f"{where}.mark", f"is {json.dumps(doc['mark'])}; use one of {', '.join(MARK_MODES)}")
         out = replace(out, mark=doc["mark"])
+    slow, rate = out.on_alarm.rate, out.rate
+    if slow is not None and rate is not None and (slow.queries_per_second > rate.queries_per_second
+                                                  or slow.burst > rate.burst):
+        raise _fail(f"{where}.on_alarm", f"throttles to {slow.queries_per_second:g} queries/s (burst {slow.burst}), "
+                    f"which is not below the client's rate of {rate.queries_per_second:g} (burst {rate.burst}): an "
+                    "alarm would loosen its limit")
     return out
 
 
@@ -186,7 +192,7 @@ def parse_policy(doc: Any, *, clients: Iterable[str]) -> Policy:
 
     Raises:
         UsageError: On unknown fields, wrong types, negative quotas or rates, an unknown answer mode or
-            alarm action, or a client the server has no token for.
+            alarm action, a throttle faster than the client's rate, or a client the server has no token for.
     """
     top = _object(doc, "file", _TOP_FIELDS)
     default = _client(top.get("default", {}), "default", ClientPolicy())

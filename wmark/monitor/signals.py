@@ -63,6 +63,10 @@ class MonitorConfig:
         check_every: Queries between two evaluations of the signals.
         min_queries: Queries before the first evaluation.
         near_tie_ratio: Runner-up / top probability ratio from which a query counts as a near tie.
+
+    Raises:
+        UsageError: If a count is below 1 or the ratio is outside (0, 1] (an empty store or window crashed the
+            first request; a ratio of 0 or less made every query a near tie).
     """
 
     window: int = 256
@@ -70,6 +74,16 @@ class MonitorConfig:
     check_every: int = 32
     min_queries: int = 128
     near_tie_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        counts = {"window": self.window, "store": self.store, "check_every": self.check_every,
+                  "min_queries": self.min_queries}
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"The monitor's {name} must be an integer of at least 1, not {value!r}.")
+        if isinstance(self.near_tie_ratio, bool) or not isinstance(self.near_tie_ratio, int | float) \
+                or not 0 < self.near_tie_ratio <= 1:
+            raise UsageError(f"The monitor's near_tie_ratio must be in (0, 1], not {self.near_tie_ratio!r}.")
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -118,10 +132,16 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
         sample: Most inputs used.
 
     Raises:
-        UsageError: If ``dim`` is below 1 (0 crashed, and a negative one silently dropped directions from the end).
+        UsageError: If ``dim`` is below 1 (0 crashed, and a negative one silently dropped directions from the end),
+            or there are too few inputs, or too few distinct ones, to set the radii.
     """
     if dim < 1:
         raise UsageError(f"The reduced feature dimension (--dim) must be at least 1, got {dim}.")
+    need = max(2 * dim, 4)
+    if min(len(x), sample) < need:
+        # with fewer, the radii were NaN or infinite (every query then a near duplicate, or none ever out of place)
+        raise UsageError(f"Fitting the monitor's feature space with dimension {dim} needs at least {need} natural "
+                         f"inputs, got {min(len(x), sample)}.")
     flat = np.asarray(x, dtype=np.float32).reshape(len(x), -1)
     rng = np.random.default_rng(seed)
     idx = rng.permutation(len(flat))[:sample]
@@ -135,6 +155,9 @@ def fit_feature_map(*, x: np.ndarray, dim: int = 32, seed: int = 0, sample: int 
     np.fill_diagonal(d2, np.inf)
     nearest = np.sqrt(d2.min(1))
     nearest = nearest[nearest > 1e-6]
+    if not len(nearest):
+        raise UsageError("The natural inputs the monitor's feature space is fitted on are all the same input; give "
+                         "the owner's varied natural inputs.")
     return FeatureMap(probe.mean, components, float(np.quantile(nearest, 0.001)), float(np.quantile(residual, 0.999)))
 
 
