@@ -231,8 +231,9 @@ class ExtractionMonitor:
             while start < len(feats):
                 # Cut at every check point: a large request checked only at its end showed the signals of its
                 # last `window` queries alone, so a thief could hide any queries before an honest-looking tail.
+                # (at least one query: a state restored under another config may already be past its check point)
                 due = max(cfg.min_queries, state.last_check + cfg.check_every) - state.queries
-                end = start + due
+                end = start + max(1, due)
                 signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end])
                 start = end
                 if signals is None:
