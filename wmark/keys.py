@@ -280,12 +280,16 @@ def load_key(path: str | os.PathLike[str]) -> Key:
         raise UsageError(f"Key file {p} is not valid JSON (truncated or corrupt?).") from None
     if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
         raise UsageError(f"{p} is not a wmark key file (expected format {KEY_FORMAT!r}).")
+    classes = doc.get("num_classes")
+    if "num_classes" in doc and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 2):
+        raise UsageError(f"Key file {p} gives num_classes {json.dumps(classes)[:40]}; a key is for a whole number of "
+                         "at least 2 classes.")
     try:
         secret = bytes.fromhex(doc["secret"])
         key = Key(
             owner=str(doc["owner"]),
             secret=secret,
-            num_classes=int(doc["num_classes"]),
+            num_classes=doc["num_classes"],
             input_shape=tuple(int(d) for d in doc["input_shape"]),
             schemes=dict(doc["schemes"]),
             created=str(doc["created"]),
