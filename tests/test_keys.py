@@ -122,6 +122,26 @@ def test_a_key_file_for_fewer_than_2_or_a_fractional_number_of_classes_is_refuse
         load_key(path)
 
 
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"input_shape": ["1", "8", "8"]}, "malformed values in input_shape"),
+    ({"input_shape": [1.0, 8, 8]}, "malformed values in input_shape"),
+    ({"input_shape": [0, 8, 8]}, "malformed values in input_shape"),
+    ({"input_shape": []}, "malformed values in input_shape"),
+    ({"owner": " "}, "malformed values in owner"),
+    ({"schemes": [["trigger", {"version": 1, "pattern": "blocks", "n": 5}]]}, "malformed values in schemes"),
+    ({"num_triggers": 5}, r"fields a wmark key does not have \(num_triggers\)"),
+])
+def test_a_key_file_with_values_of_another_type_or_unknown_fields_is_refused(tmp_path, digits_key: Key, fields,
+                                                                             match) -> None:
+    # each loaded: "1", 1.0 and a list of pairs were converted (under the original commitment), a zero or empty shape
+    # and a blank owner were kept, and an unknown field was ignored as if the edit had done something
+    path = tmp_path / "k.key"
+    save_key(digits_key, path)
+    _rewrite(path, **fields)
+    with pytest.raises(UsageError, match=match):
+        load_key(path)
+
+
 def test_generate_key_validates() -> None:
     with pytest.raises(UsageError, match="owner name is empty"):
         generate_key(owner=" ")
