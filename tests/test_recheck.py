@@ -132,6 +132,32 @@ def test_a_re_digested_report_with_fields_of_the_wrong_type_is_refused_in_one_se
     assert code == 2
 
 
+def _redigest(report, edit) -> None:
+    """Edit a report's JSON and recompute its content digest, as anyone (not only its author) can."""
+    from wmark.recheck import canonical_sha256
+
+    doc = json.loads(report.read_text())
+    edit(doc)
+    doc["integrity"].pop("content_sha256")
+    doc["integrity"]["content_sha256"] = canonical_sha256(doc)
+    report.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("edit", [lambda doc: doc["verdict"].update(owner="Someone Else"),
+                                  lambda doc: doc["key"]["public"].update(owner="Someone Else"),
+                                  lambda doc: doc["key"]["public"].update(num_classes=2),
+                                  lambda doc: doc["key"].update(fingerprint="0" * 16)])
+def test_a_report_showing_another_owner_or_key_parameters_than_the_committed_key_is_tampering(files, tmp_path, edit):
+    # recheck compared only the commitment string, so these edits (the claimant, the chance level 1/C the page
+    # explains) passed as the "same" verdict
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "copy.safetensors", mode="fixed")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    _redigest(tmp_path / "r.json", edit)
+    with pytest.raises(EvidenceError, match="shows another owner, fingerprint or public parameters than the revealed key"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key")
+
+
 def test_a_signed_report_must_verify_and_another_key_is_refused(files, tmp_path):
     key, d = files
     private, public = signing_pair(tmp_path)

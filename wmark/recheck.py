@@ -366,7 +366,8 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
 
     Raises:
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
-            key's commitment is not the report's, or a trigger's answer is missing (exit 2).
+            key's commitment is not the report's, the report shows another owner or public parameters than the key,
+            or a trigger's answer is missing (exit 2).
     """
     from wmark.report import report_text
 
@@ -393,6 +394,10 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     if k.commitment() != committed or doc["verdict"].get("key_commitment") != committed:
         raise EvidenceError(f"The revealed key's commitment {k.commitment()[:16]}... is not the one the report was made "
                             f"with ({str(committed)[:16]}...).")
+    if (doc["key"].get("public") != k.public_params() or doc["key"].get("fingerprint") != k.fingerprint()
+            or doc["verdict"].get("owner") != k.owner):
+        raise EvidenceError(f"The report {path} shows another owner, fingerprint or public parameters than the revealed "
+                            "key it names by commitment: it was edited.")
     checks.append("key commitment")
     verdict = doc["verdict"]
     alpha = float(verdict["alpha"])
