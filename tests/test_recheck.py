@@ -158,6 +158,29 @@ def test_a_report_showing_another_owner_or_key_parameters_than_the_committed_key
         recheck(report=tmp_path / "r.json", key=d / "owner.key")
 
 
+@pytest.mark.parametrize("edit,field", [
+    (lambda doc: doc["verdict"].update(status="inconclusive"), "status"),
+    (lambda doc: doc["verdict"].update(kind="extracted"), "kind"),
+    (lambda doc: doc["verdict"]["tests"][0].update(matches=3), "tests[0].matches"),
+    (lambda doc: doc["verdict"]["tests"][0].update(queries=400), "tests[0].queries"),
+    (lambda doc: doc["verdict"]["tests"][0]["null"].update(p0=0.5), "tests[0].null"),
+    (lambda doc: doc["verdict"].update(matches=39, queries=400), "queries, matches"),
+    (lambda doc: doc["verdict"].update(p_value=0.5), "p_value"),
+    (lambda doc: doc["verdict"]["tests"][0].update(trajectory=[1.0, 20.0]), "tests[0].trajectory"),
+])
+def test_a_report_whose_stated_counts_or_status_differ_from_the_recomputed_verdict_is_different(files, tmp_path, edit,
+                                                                                                field):
+    # only the decision and log10 p were compared: a report edited to show other counts, another null, p-value or
+    # evidence curve, or an inconclusive status, rechecked as the "same" verdict
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    _redigest(tmp_path / "r.json", edit)
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "different" and outcome.exit_code == 1
+    assert f"differs from the report in {field}, though its decision and log10 p are the same" in outcome.message
+
+
 def test_a_signed_report_must_verify_and_another_key_is_refused(files, tmp_path):
     key, d = files
     private, public = signing_pair(tmp_path)
