@@ -1,3 +1,7 @@
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +28,27 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
             open(tmp, "w").write("partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_respect_the_umask(tmp_path) -> None:
+    # the temporary file was chmod-ed to 0644 outright: a report written under umask 077 came out world-readable
+    old = os.umask(0o077)
+    try:
+        with atomic_write(tmp_path / "r.json") as tmp:
+            Path(tmp).write_text("{}")
+        with atomic_write(tmp_path / "k.key", mode=0o600) as tmp:
+            Path(tmp).write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "k.key").st_mode) == 0o600
+    os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "r.json") as tmp:
+            Path(tmp).write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
 
 
 def test_corrupt_and_truncated_files_are_refused(tmp_path) -> None:

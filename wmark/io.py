@@ -61,6 +61,8 @@ def check_output(path: str | os.PathLike[str]) -> None:
 def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator[list[str]]:
     """Yield temporary paths next to ``paths``; rename them all into place only if the block succeeds.
 
+    The files get ``mode`` less the process's umask, as files opened for writing do.
+
     A crash or an exception leaves no partial file behind, and readers never see a half-written one. Every
     file is complete on disk before the first rename, and a failed rename takes back the renames before it,
     so files that belong together (a report and its JSON twin) appear all together or not at all.
@@ -81,7 +83,7 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
                 fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
                 os.close(fd)
                 tmps.append(tmp)
-                os.chmod(tmp, mode)
+                os.chmod(tmp, mode & ~_umask())
         except OSError as exc:
             raise _write_error(target, exc) from None
         try:
@@ -106,6 +108,13 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
         for leftover in [*tmps, *(b for b in backups if b is not None)]:
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def _umask() -> int:
+    """The process's umask (set to 077, the safe side, for the instant it takes to read it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
 
 
 def _backup(target: Path) -> str | None:
