@@ -51,6 +51,23 @@ def test_atomic_writes_respect_the_umask(tmp_path) -> None:
     assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc")
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch) -> None:
+    # nothing was fsync-ed: after a power cut a just-written key could be an empty file under its final name
+    synced: list[tuple[str, bool]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), (tmp_path / "k.key").exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_write(tmp_path / "k.key", mode=0o600) as tmp:
+        Path(tmp).write_text("secret")
+    assert (os.path.realpath(tmp), False) in synced
+    assert (os.path.realpath(tmp_path), True) in synced
+
+
 def test_corrupt_and_truncated_files_are_refused(tmp_path) -> None:
     path = tmp_path / "m.safetensors"
     save_tensors({"w": torch.ones(100)}, path)

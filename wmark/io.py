@@ -88,6 +88,8 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
             raise _write_error(target, exc) from None
         try:
             yield list(tmps)
+            for tmp in tmps:
+                _fsync(tmp)
         except OSError as exc:
             raise _write_error(" and ".join(str(t) for t in targets), exc) from None
         # what each target held before: a failed rename puts those files back instead of leaving a mix
@@ -104,10 +106,22 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
                         os.replace(old, placed)
                 raise _write_error(target, exc) from None
             done.append((target, backup))
+        if os.name == "posix":  # the renames themselves reach the disk with their directories
+            for parent in dict.fromkeys(t.parent for t in targets):
+                with contextlib.suppress(OSError):  # some file systems cannot sync a directory; the files are synced
+                    _fsync(parent)
     finally:
         for leftover in [*tmps, *(b for b in backups if b is not None)]:
             if os.path.exists(leftover):
                 os.unlink(leftover)
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
