@@ -68,6 +68,17 @@ def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch) -
     assert (os.path.realpath(tmp_path), True) in synced
 
 
+def test_a_file_name_near_the_length_limit_is_written(tmp_path) -> None:
+    # the temporary name (".NAME.xxxxxxxx.tmp") outgrew 255 bytes: "File name too long; free space or choose another
+    # directory" for a name the file system takes
+    target = tmp_path / ("é" * 120 + ".key")
+    with atomic_write(target, mode=0o600) as tmp:
+        Path(tmp).write_text("{}")
+    with atomic_write(target, mode=0o600) as tmp:  # over an existing file too (its backup link has such a name)
+        Path(tmp).write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+
+
 def test_corrupt_and_truncated_files_are_refused(tmp_path) -> None:
     path = tmp_path / "m.safetensors"
     save_tensors({"w": torch.ones(100)}, path)

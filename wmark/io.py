@@ -50,7 +50,7 @@ def check_output(path: str | os.PathLike[str]) -> None:
         if target.is_dir():
             raise UsageError(f"Cannot write {target}: it is a directory; give a file path.")
         # A real probe file, not os.access: root, read-only mounts and ACLs all answer access() wrongly.
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=parent)
     except OSError as exc:  # is_dir() raises too when a directory on the way may not be searched
         raise _write_error(target, exc) from None
     os.close(fd)
@@ -80,7 +80,7 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
     try:
         try:
             for target in targets:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
                 os.close(fd)
                 tmps.append(tmp)
                 os.chmod(tmp, mode & ~_umask())
@@ -116,6 +116,12 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
                 os.unlink(leftover)
 
 
+def _tmp_prefix(target: Path) -> str:
+    """The start of a temporary file's name next to ``target``: its name, cut so that the temporary name still fits
+    the 255 bytes a file name may have wherever ``target``'s own name does."""
+    return f".{target.name[:32]}."
+
+
 def _fsync(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -135,7 +141,7 @@ def _backup(target: Path) -> str | None:
     """A hard link to ``target``'s current file (None if there is none, or links are not supported there)."""
     if not target.is_file():
         return None
-    fd, backup = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+    fd, backup = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".old", dir=target.parent)
     os.close(fd)
     os.unlink(backup)
     try:
