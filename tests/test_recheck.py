@@ -228,6 +228,26 @@ def test_an_api_verdict_is_recomputed_from_its_transcript_and_a_flipped_byte_fai
     assert code == 0 and "Same verdict" in out
 
 
+def test_a_transcript_whose_path_has_uri_characters_is_read_and_left_alone(files, tmp_path):
+    # the path went into an SQLite URI as is: "#" and "?" ended it, so another file was opened (and created, read-write:
+    # the read-only mode was lost with the rest of the URI) and the genuine transcript was called altered or truncated
+    from httpkit import memorising_model
+
+    from wmark.serve import build_app, serve_in_background
+
+    _, d = files
+    folder = tmp_path / "run #1?%20"
+    folder.mkdir()
+    app = build_app(model=memorising_model(files[0], keep=0.7), name="m", num_classes=10, input_shape=SHAPE,
+                    labels_only=True)
+    with serve_in_background(app) as server:
+        api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", transcript=folder / "t.sqlite",
+                          report=folder / "r.html")
+    outcome = recheck(report=folder / "r.json", key=d / "owner.key", transcript=folder / "t.sqlite")
+    assert outcome.status == "same", outcome.message
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+
+
 def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed(files, tmp_path):
     from wmark.recheck import RecordingSuspect
     from wmark.suspects import LocalSuspect

@@ -35,7 +35,7 @@ from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
 from wmark.text import is_text_array
-from wmark.transcript import input_sha256, transcript_digest
+from wmark.transcript import input_sha256, readonly_uri, transcript_digest
 from wmark.verify import trigger_set_test
 
 PathLike = str | os.PathLike[str]
@@ -165,7 +165,7 @@ def transcript_answers(path: PathLike) -> dict[str, int]:
     the latest ``ok``
     answer, else an abstention (``-1``) for an input answered only with garbage or never answered."""
     try:
-        db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        db = sqlite3.connect(readonly_uri(path), uri=True)
         try:
             rows = db.execute("SELECT input_sha256, status, label FROM queries WHERE role = 'trigger' "
                               "ORDER BY seq").fetchall()
