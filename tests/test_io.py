@@ -1,3 +1,7 @@
+import os
+import stat
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -24,6 +28,55 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
             open(tmp, "w").write("partial")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_writes_respect_the_umask(tmp_path) -> None:
+    # the temporary file was chmod-ed to 0644 outright: a report written under umask 077 came out world-readable
+    old = os.umask(0o077)
+    try:
+        with atomic_write(tmp_path / "r.json") as tmp:
+            Path(tmp).write_text("{}")
+        with atomic_write(tmp_path / "k.key", mode=0o600) as tmp:
+            Path(tmp).write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(tmp_path / "k.key").st_mode) == 0o600
+    os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "r.json") as tmp:
+            Path(tmp).write_text("{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "r.json").st_mode) == 0o644
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names an open file through /proc")
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch) -> None:
+    # nothing was fsync-ed: after a power cut a just-written key could be an empty file under its final name
+    synced: list[tuple[str, bool]] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append((os.path.realpath(f"/proc/self/fd/{fd}"), (tmp_path / "k.key").exists()))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with atomic_write(tmp_path / "k.key", mode=0o600) as tmp:
+        Path(tmp).write_text("secret")
+    assert (os.path.realpath(tmp), False) in synced
+    assert (os.path.realpath(tmp_path), True) in synced
+
+
+def test_a_file_name_near_the_length_limit_is_written(tmp_path) -> None:
+    # the temporary name (".NAME.xxxxxxxx.tmp") outgrew 255 bytes: "File name too long; free space or choose another
+    # directory" for a name the file system takes
+    target = tmp_path / ("é" * 120 + ".key")
+    with atomic_write(target, mode=0o600) as tmp:
+        Path(tmp).write_text("{}")
+    with atomic_write(target, mode=0o600) as tmp:  # over an existing file too (its backup link has such a name)
+        Path(tmp).write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
 
 
 def test_corrupt_and_truncated_files_are_refused(tmp_path) -> None:

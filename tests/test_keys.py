@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import stat
@@ -97,6 +98,48 @@ def test_tampered_and_truncated_keys_are_refused(tmp_path, digits_key: Key) -> N
         load_key(path)
     with pytest.raises(UsageError, match="does not exist"):
         load_key(tmp_path / "missing.key")
+
+
+def _rewrite(path, **fields) -> None:
+    """Edit a saved key's fields and store the commitment of what the file now says, as a careful forger would."""
+    doc = json.loads(path.read_text())
+    doc.update(fields)
+    public = {name: doc[name] for name in ("format", "owner", "num_classes", "input_shape", "schemes", "created")}
+    secret_sha256 = hashlib.sha256(b"wmark/secret-hash\x00" + bytes.fromhex(doc["secret"])).hexdigest()
+    doc["commitment"] = hashlib.sha256(json.dumps({"public": public, "secret_sha256": secret_sha256}, sort_keys=True,
+                                                  separators=(",", ":")).encode()).hexdigest()
+    path.write_text(json.dumps(doc))
+
+
+@pytest.mark.parametrize("classes", [1, 0, -3, 10.0, 10.7, "10", True, None])
+def test_a_key_file_for_fewer_than_2_or_a_fractional_number_of_classes_is_refused(tmp_path, digits_key: Key,
+                                                                                  classes) -> None:
+    # 1 and 0 loaded (Key.labels failed later, deep in a verification); 10.7 and "10" loaded as 10 classes
+    path = tmp_path / "k.key"
+    save_key(digits_key, path)
+    _rewrite(path, num_classes=classes)
+    with pytest.raises(UsageError, match="a key is for a whole number of at least 2 classes"):
+        load_key(path)
+
+
+@pytest.mark.parametrize(("fields", "match"), [
+    ({"input_shape": ["1", "8", "8"]}, "malformed values in input_shape"),
+    ({"input_shape": [1.0, 8, 8]}, "malformed values in input_shape"),
+    ({"input_shape": [0, 8, 8]}, "malformed values in input_shape"),
+    ({"input_shape": []}, "malformed values in input_shape"),
+    ({"owner": " "}, "malformed values in owner"),
+    ({"schemes": [["trigger", {"version": 1, "pattern": "blocks", "n": 5}]]}, "malformed values in schemes"),
+    ({"num_triggers": 5}, r"fields a wmark key does not have \(num_triggers\)"),
+])
+def test_a_key_file_with_values_of_another_type_or_unknown_fields_is_refused(tmp_path, digits_key: Key, fields,
+                                                                             match) -> None:
+    # each loaded: "1", 1.0 and a list of pairs were converted (under the original commitment), a zero or empty shape
+    # and a blank owner were kept, and an unknown field was ignored as if the edit had done something
+    path = tmp_path / "k.key"
+    save_key(digits_key, path)
+    _rewrite(path, **fields)
+    with pytest.raises(UsageError, match=match):
+        load_key(path)
 
 
 def test_generate_key_validates() -> None:

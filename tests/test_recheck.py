@@ -132,6 +132,55 @@ def test_a_re_digested_report_with_fields_of_the_wrong_type_is_refused_in_one_se
     assert code == 2
 
 
+def _redigest(report, edit) -> None:
+    """Edit a report's JSON and recompute its content digest, as anyone (not only its author) can."""
+    from wmark.recheck import canonical_sha256
+
+    doc = json.loads(report.read_text())
+    edit(doc)
+    doc["integrity"].pop("content_sha256")
+    doc["integrity"]["content_sha256"] = canonical_sha256(doc)
+    report.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+
+
+@pytest.mark.parametrize("edit", [lambda doc: doc["verdict"].update(owner="Someone Else"),
+                                  lambda doc: doc["key"]["public"].update(owner="Someone Else"),
+                                  lambda doc: doc["key"]["public"].update(num_classes=2),
+                                  lambda doc: doc["key"].update(fingerprint="0" * 16)])
+def test_a_report_showing_another_owner_or_key_parameters_than_the_committed_key_is_tampering(files, tmp_path, edit):
+    # recheck compared only the commitment string, so these edits (the claimant, the chance level 1/C the page
+    # explains) passed as the "same" verdict
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "copy.safetensors", mode="fixed")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    _redigest(tmp_path / "r.json", edit)
+    with pytest.raises(EvidenceError, match="shows another owner, fingerprint or public parameters than the revealed key"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key")
+
+
+@pytest.mark.parametrize("edit,field", [
+    (lambda doc: doc["verdict"].update(status="inconclusive"), "status"),
+    (lambda doc: doc["verdict"].update(kind="extracted"), "kind"),
+    (lambda doc: doc["verdict"]["tests"][0].update(matches=3), "tests[0].matches"),
+    (lambda doc: doc["verdict"]["tests"][0].update(queries=400), "tests[0].queries"),
+    (lambda doc: doc["verdict"]["tests"][0]["null"].update(p0=0.5), "tests[0].null"),
+    (lambda doc: doc["verdict"].update(matches=39, queries=400), "queries, matches"),
+    (lambda doc: doc["verdict"].update(p_value=0.5), "p_value"),
+    (lambda doc: doc["verdict"]["tests"][0].update(trajectory=[1.0, 20.0]), "tests[0].trajectory"),
+])
+def test_a_report_whose_stated_counts_or_status_differ_from_the_recomputed_verdict_is_different(files, tmp_path, edit,
+                                                                                                field):
+    # only the decision and log10 p were compared: a report edited to show other counts, another null, p-value or
+    # evidence curve, or an inconclusive status, rechecked as the "same" verdict
+    key, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "independent.safetensors")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    _redigest(tmp_path / "r.json", edit)
+    outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key")
+    assert outcome.status == "different" and outcome.exit_code == 1
+    assert f"differs from the report in {field}, though its decision and log10 p are the same" in outcome.message
+
+
 def test_a_signed_report_must_verify_and_another_key_is_refused(files, tmp_path):
     key, d = files
     private, public = signing_pair(tmp_path)
@@ -177,6 +226,26 @@ def test_an_api_verdict_is_recomputed_from_its_transcript_and_a_flipped_byte_fai
     code, out = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(d / "owner.key"),
                     "--transcript", str(transcript))
     assert code == 0 and "Same verdict" in out
+
+
+def test_a_transcript_whose_path_has_uri_characters_is_read_and_left_alone(files, tmp_path):
+    # the path went into an SQLite URI as is: "#" and "?" ended it, so another file was opened (and created, read-write:
+    # the read-only mode was lost with the rest of the URI) and the genuine transcript was called altered or truncated
+    from httpkit import memorising_model
+
+    from wmark.serve import build_app, serve_in_background
+
+    _, d = files
+    folder = tmp_path / "run #1?%20"
+    folder.mkdir()
+    app = build_app(model=memorising_model(files[0], keep=0.7), name="m", num_classes=10, input_shape=SHAPE,
+                    labels_only=True)
+    with serve_in_background(app) as server:
+        api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", transcript=folder / "t.sqlite",
+                          report=folder / "r.html")
+    outcome = recheck(report=folder / "r.json", key=d / "owner.key", transcript=folder / "t.sqlite")
+    assert outcome.status == "same", outcome.message
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
 
 
 def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed(files, tmp_path):

@@ -50,7 +50,7 @@ def check_output(path: str | os.PathLike[str]) -> None:
         if target.is_dir():
             raise UsageError(f"Cannot write {target}: it is a directory; give a file path.")
         # A real probe file, not os.access: root, read-only mounts and ACLs all answer access() wrongly.
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=parent)
+        fd, probe = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=parent)
     except OSError as exc:  # is_dir() raises too when a directory on the way may not be searched
         raise _write_error(target, exc) from None
     os.close(fd)
@@ -60,6 +60,8 @@ def check_output(path: str | os.PathLike[str]) -> None:
 @contextlib.contextmanager
 def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator[list[str]]:
     """Yield temporary paths next to ``paths``; rename them all into place only if the block succeeds.
+
+    The files get ``mode`` less the process's umask, as files opened for writing do.
 
     A crash or an exception leaves no partial file behind, and readers never see a half-written one. Every
     file is complete on disk before the first rename, and a failed rename takes back the renames before it,
@@ -78,14 +80,16 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
     try:
         try:
             for target in targets:
-                fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+                fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".tmp", dir=target.parent)
                 os.close(fd)
                 tmps.append(tmp)
-                os.chmod(tmp, mode)
+                os.chmod(tmp, mode & ~_umask())
         except OSError as exc:
             raise _write_error(target, exc) from None
         try:
             yield list(tmps)
+            for tmp in tmps:
+                _fsync(tmp)
         except OSError as exc:
             raise _write_error(" and ".join(str(t) for t in targets), exc) from None
         # what each target held before: a failed rename puts those files back instead of leaving a mix
@@ -102,17 +106,42 @@ def atomic_writes(*paths: str | os.PathLike[str], mode: int = 0o644) -> Iterator
                         os.replace(old, placed)
                 raise _write_error(target, exc) from None
             done.append((target, backup))
+        if os.name == "posix":  # the renames themselves reach the disk with their directories
+            for parent in dict.fromkeys(t.parent for t in targets):
+                with contextlib.suppress(OSError):  # some file systems cannot sync a directory; the files are synced
+                    _fsync(parent)
     finally:
         for leftover in [*tmps, *(b for b in backups if b is not None)]:
             if os.path.exists(leftover):
                 os.unlink(leftover)
 
 
+def _tmp_prefix(target: Path) -> str:
+    """The start of a temporary file's name next to ``target``: its name, cut so that the temporary name still fits
+    the 255 bytes a file name may have wherever ``target``'s own name does."""
+    return f".{target.name[:32]}."
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _umask() -> int:
+    """The process's umask (set to 077, the safe side, for the instant it takes to read it)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def _backup(target: Path) -> str | None:
     """A hard link to ``target``'s current file (None if there is none, or links are not supported there)."""
     if not target.is_file():
         return None
-    fd, backup = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent)
+    fd, backup = tempfile.mkstemp(prefix=_tmp_prefix(target), suffix=".old", dir=target.parent)
     os.close(fd)
     os.unlink(backup)
     try:

@@ -253,6 +253,24 @@ def _refuse_key_file(path: str | os.PathLike[str]) -> None:
                          "path.")
 
 
+_KEY_FIELDS = frozenset({"format", "owner", "num_classes", "input_shape", "schemes", "created", "modality", "secret",
+                         "commitment"})
+
+
+def _field_types(doc: dict[str, Any]) -> dict[str, bool]:
+    """Whether each field of a key document has the JSON type (and range) :func:`save_key` writes it with."""
+    shape = doc.get("input_shape")
+    return {
+        "owner": isinstance(doc.get("owner"), str) and bool(doc["owner"].strip()),
+        "secret": isinstance(doc.get("secret"), str),
+        "input_shape": isinstance(shape, list) and 1 <= len(shape) <= MAX_INPUT_DIMS
+        and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in shape),
+        "schemes": isinstance(doc.get("schemes"), dict),
+        "created": isinstance(doc.get("created"), str),
+        "commitment": isinstance(doc.get("commitment"), str),
+    }
+
+
 def load_key(path: str | os.PathLike[str]) -> Key:
     """Read a key written by :func:`save_key`.
 
@@ -280,15 +298,26 @@ def load_key(path: str | os.PathLike[str]) -> Key:
         raise UsageError(f"Key file {p} is not valid JSON (truncated or corrupt?).") from None
     if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT:
         raise UsageError(f"{p} is not a wmark key file (expected format {KEY_FORMAT!r}).")
+    classes = doc.get("num_classes")
+    if "num_classes" in doc and (not isinstance(classes, int) or isinstance(classes, bool) or classes < 2):
+        raise UsageError(f"Key file {p} gives num_classes {json.dumps(classes)[:40]}; a key is for a whole number of "
+                         "at least 2 classes.")
+    unknown = sorted(set(doc) - _KEY_FIELDS)
+    if unknown:
+        raise UsageError(f"Key file {p} has fields a wmark key does not have ({', '.join(unknown)[:80]}): it was "
+                         "edited; remove them.")
+    malformed = [name for name, ok in _field_types(doc).items() if name in doc and not ok]
+    if malformed:
+        raise UsageError(f"Key file {p} has malformed values in {', '.join(malformed)}: it was edited or corrupted.")
     try:
         secret = bytes.fromhex(doc["secret"])
         key = Key(
-            owner=str(doc["owner"]),
+            owner=doc["owner"],
             secret=secret,
-            num_classes=int(doc["num_classes"]),
-            input_shape=tuple(int(d) for d in doc["input_shape"]),
-            schemes=dict(doc["schemes"]),
-            created=str(doc["created"]),
+            num_classes=doc["num_classes"],
+            input_shape=tuple(doc["input_shape"]),
+            schemes=doc["schemes"],
+            created=doc["created"],
             modality=doc.get("modality"),
         )
         if key.modality is not None:

@@ -35,7 +35,7 @@ from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
 from wmark.text import is_text_array
-from wmark.transcript import input_sha256, transcript_digest
+from wmark.transcript import input_sha256, readonly_uri, transcript_digest
 from wmark.verify import trigger_set_test
 
 PathLike = str | os.PathLike[str]
@@ -165,7 +165,7 @@ def transcript_answers(path: PathLike) -> dict[str, int]:
     the latest ``ok``
     answer, else an abstention (``-1``) for an input answered only with garbage or never answered."""
     try:
-        db = sqlite3.connect(f"file:{Path(path)}?mode=ro", uri=True)
+        db = sqlite3.connect(readonly_uri(path), uri=True)
         try:
             rows = db.execute("SELECT input_sha256, status, label FROM queries WHERE role = 'trigger' "
                               "ORDER BY seq").fetchall()
@@ -352,6 +352,29 @@ def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], 
     return test.run(replay, alpha=alpha, share=share)
 
 
+_VERDICT_FIELDS = ("kind", "status", "queries", "matches", "null", "correction")
+_TEST_FIELDS = {"name": "", "evidence_of": "", "null": {}, "queries": 0, "matches": 0, "abstentions": 0}
+
+
+def _differences(reported: dict[str, Any], recomputed: dict[str, Any]) -> list[str]:
+    """The conclusions a report states beside its decision and log10 p (the verdict's kind, status, counts and
+    null, the p-value, each test's counts, null and evidence curve) whose recomputed value differs, by field name."""
+    recomputed = json.loads(json.dumps(recomputed))  # as the report holds it: lists, not tuples
+    out = [name for name in _VERDICT_FIELDS if reported.get(name) != recomputed[name]]
+    if not math.isclose(float(reported.get("p_value", -1.0)), recomputed["p_value"], rel_tol=1e-6):
+        out.append("p_value")
+    for i, (test, again) in enumerate(zip(reported["tests"], recomputed["tests"])):
+        out += [f"tests[{i}].{name}" for name, default in _TEST_FIELDS.items() if test.get(name, default) != again[name]]
+        if abs(float(test.get("adjusted_log10_p", test["log10_p"]))
+               - again.get("adjusted_log10_p", again["log10_p"])) > TOLERANCE:
+            out.append(f"tests[{i}].adjusted_log10_p")
+        trajectory = test.get("trajectory", [])
+        if len(trajectory) != len(again["trajectory"]) or any(
+                abs(a - b) > TOLERANCE for a, b in zip(trajectory, again["trajectory"])):
+            out.append(f"tests[{i}].trajectory")
+    return out
+
+
 def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | None = None,
             signer_key: PathLike | None = None, owner_files: Mapping[str, PathLike] | None = None) -> Recheck:
     """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
@@ -366,7 +389,8 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
 
     Raises:
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
-            key's commitment is not the report's, or a trigger's answer is missing (exit 2).
+            key's commitment is not the report's, the report shows another owner or public parameters than the key,
+            or a trigger's answer is missing (exit 2).
     """
     from wmark.report import report_text
 
@@ -393,6 +417,10 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     if k.commitment() != committed or doc["verdict"].get("key_commitment") != committed:
         raise EvidenceError(f"The revealed key's commitment {k.commitment()[:16]}... is not the one the report was made "
                             f"with ({str(committed)[:16]}...).")
+    if (doc["key"].get("public") != k.public_params() or doc["key"].get("fingerprint") != k.fingerprint()
+            or doc["verdict"].get("owner") != k.owner):
+        raise EvidenceError(f"The report {path} shows another owner, fingerprint or public parameters than the revealed "
+                            "key it names by commitment: it was edited.")
     checks.append("key commitment")
     verdict = doc["verdict"]
     alpha = float(verdict["alpha"])
@@ -431,10 +459,15 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     same = (same_tests and again.decision == verdict["decision"]
             and abs(_finite(again.log10_p) - float(verdict["log10_p"])) <= TOLERANCE)
     unchecked = [r["name"] for r in rows if not r["rechecked"]]
+    differing = _differences(verdict, again.to_dict())
     if not same:
         status = "different"
         message = (f"The recomputed verdict differs: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, the "
                    f"report says {verdict['decision']} at {float(verdict['log10_p']):.6f}.")
+    elif differing:
+        status = "different"
+        message = (f"The recomputed verdict differs from the report in {', '.join(differing)}, though its decision and "
+                   "log10 p are the same.")
     elif unchecked:
         status = "partial"
         message = (f"The re-checkable tests match, but {', '.join(unchecked)} cannot be recomputed here, so the verdict "

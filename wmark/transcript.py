@@ -259,6 +259,12 @@ def _chain(db: sqlite3.Connection) -> str:
     return h.hexdigest()
 
 
+def readonly_uri(path: str | os.PathLike[str]) -> str:
+    """An SQLite URI opening ``path`` read-only, its ``#``, ``?`` and ``%`` escaped (as is, they end the path or
+    start the query, so another file is opened, read-write)."""
+    return Path(path).absolute().as_uri() + "?mode=ro"
+
+
 def transcript_digest(path: str | os.PathLike[str]) -> str:
     """Recompute a transcript's digest: SHA-256 chained over its metadata and every row in order.
 
@@ -269,7 +275,7 @@ def transcript_digest(path: str | os.PathLike[str]) -> str:
     if not p.is_file():
         raise UsageError(f"Transcript {p} does not exist.")
     try:
-        db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        db = sqlite3.connect(readonly_uri(p), uri=True)
         try:
             return _chain(db)
         finally:
