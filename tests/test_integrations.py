@@ -123,6 +123,26 @@ def test_lightning_callback_embeds_the_triggers():
     assert _detected(module.model, key)
 
 
+def test_the_lightning_mixing_pass_draws_the_same_dropout_whatever_the_loops_seed_and_leaves_its_stream_alone():
+    # Under Lightning's DDP strategy each rank adds this pass's gradient alone: ranks seeded apart must agree.
+    from wmark.integrations.lightning import WatermarkCallback
+
+    key = _image_key()
+    grads = []
+    for loop_seed in (1, 2):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Dropout(0.5),
+                                  torch.nn.Linear(32, 4))
+        callback = WatermarkCallback(Watermarker(key, trigger_mixing=True))
+        torch.manual_seed(loop_seed)
+        state = torch.get_rng_state()
+        for _ in range(2):
+            callback.on_before_optimizer_step(None, net, None)  # type: ignore[arg-type]
+        assert torch.equal(torch.get_rng_state(), state)
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.equal(*grads)
+
+
 # The trainer integrations check the user's batches before their trigger pass, as Watermarker.attach does.
 
 

@@ -416,3 +416,26 @@ def test_the_lightning_callback_learns_lookahead_triggers() -> None:
     assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
     with pytest.raises(UsageError, match="drop forward="):
         WatermarkCallback(Watermarker(digits_key), forward=lambda m, b: m(b))
+
+
+def test_the_trigger_pass_draws_the_same_dropout_whatever_the_loops_seed_and_leaves_its_stream_alone() -> None:
+    # Under DDP each rank adds the trigger gradient alone: ranks seeded apart must still draw the same masks.
+    key = seeded_key("lookahead/dropout", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
+    grads = []
+    for loop_seed in (1, 2):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 48), torch.nn.ReLU(),
+                                    torch.nn.Dropout(0.5), torch.nn.Linear(48, 10))
+        step = Watermarker(key, trigger_per_batch=8).lookahead_step(model)
+        torch.manual_seed(loop_seed)
+        state = torch.get_rng_state()
+        passes = []
+        for _ in range(2):
+            for p in model.parameters():
+                p.grad = torch.full_like(p, 0.01)
+            step.add_gradient(weight=1.0)
+            passes.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+        assert torch.equal(torch.get_rng_state(), state)
+        grads.append(passes)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    assert not torch.cuda.is_initialized()  # a CPU model's pass leaves CUDA alone

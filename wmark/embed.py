@@ -38,7 +38,12 @@ from wmark.contract import input_vocabulary
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes import trigger_set
-from wmark.schemes.trigger_lookahead import DEFAULT_LOOKAHEAD, LOOKAHEAD_PER_BATCH, LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import (
+    DEFAULT_LOOKAHEAD,
+    LOOKAHEAD_PER_BATCH,
+    LookaheadTriggerStep,
+    pass_seed,
+)
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.text import TextInputs
 
@@ -201,7 +206,7 @@ class Watermarker:
                              "trigger_lookahead or a trigger_margin for a trigger step.")
         return LookaheadTriggerStep(model=model, triggers=self.triggers, radius=self.trigger_lookahead,
                                     per_batch=self.trigger_per_batch, input_key=self._trigger_input_name(model),
-                                    margin=self.trigger_margin, batch_key=self.input_key)
+                                    margin=self.trigger_margin, batch_key=self.input_key, seed=pass_seed(self.key))
 
     def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                          trigger_batch_size: int | None = None) -> None:

@@ -7,7 +7,10 @@ gradient of their cross-entropy, so the step uses the gradient of the ordinary l
 lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the default for image keys) that gradient is
 taken at the looked-ahead weights, and with a ``trigger_margin`` learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
 module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
-``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own. Each
+``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own, but draws
+its random numbers (dropout masks) from a stream forked and seeded from the key's commitment and the step's count
+(:func:`~wmark.schemes.trigger_lookahead.shared_rng`): every DDP rank adds the same trigger gradient, which DDP does
+not all-reduce, and the training loop's own stream is left as if the pass had not run. Each
 training batch's kind is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers
 on an image model, or the reverse, are refused before the trigger pass reaches the module.
 
@@ -36,7 +39,7 @@ from wmark.integrations.common import (
     trigger_accuracy,
     trigger_batch,
 )
-from wmark.schemes.trigger_lookahead import LookaheadTriggerStep
+from wmark.schemes.trigger_lookahead import LookaheadTriggerStep, pass_seed, shared_rng
 
 
 class WatermarkCallback(L.Callback):
@@ -65,6 +68,7 @@ class WatermarkCallback(L.Callback):
         self.forward = forward
         self.trigger_accuracy: float | None = None
         self._cursor = 0
+        self._passes = 0
         self._lookahead: LookaheadTriggerStep | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -112,7 +116,8 @@ class WatermarkCallback(L.Callback):
         idx = [(self._cursor + i) % n for i in range(wm.trigger_per_batch)]
         self._cursor = (self._cursor + wm.trigger_per_batch) % n
         batch = trigger_batch(triggers, idx, input_key=input_key_for(pl_module, triggers, wm.input_key))
-        with torch.enable_grad():
+        self._passes += 1
+        with torch.enable_grad(), shared_rng(pl_module, pass_seed(wm.key) + self._passes):
             logits = self._logits(pl_module, batch)
             loss = torch.nn.functional.cross_entropy(logits, triggers.labels[idx].to(logits.device))
             (self.weight * loss).backward()

@@ -19,6 +19,8 @@ null is unchanged: a model that never saw the key matches each label with probab
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -29,6 +31,7 @@ from torch.func import functional_call
 
 from wmark.contract import call_model, logits_of, split_batch, to_model
 from wmark.errors import UsageError
+from wmark.keys import Key
 from wmark.schemes.trigger_set import LoaderProxy, TriggerSet, check_inputs
 
 DEFAULT_LOOKAHEAD = 0.05
@@ -66,13 +69,16 @@ class LookaheadTriggerStep:
         margin: If set, a trigger whose label already leads every other logit by at least this much at the
             looked-ahead weights adds no loss, so learnt triggers stop pulling the weights away from the natural
             task (the loss is still divided by ``per_batch``).
+        seed: Seeds the trigger pass's random draws (dropout), with the pass's count; the same on every rank
+            (:func:`pass_seed` of the key, as :meth:`wmark.embed.Watermarker.lookahead_step` gives it).
 
     Raises:
         UsageError: If ``radius`` or ``margin`` is negative or ``per_batch`` is below 1.
     """
 
     def __init__(self, *, model: nn.Module, triggers: TriggerSet, radius: float, per_batch: int,
-                 input_key: str | None = None, margin: float | None = None, batch_key: str | None = None) -> None:
+                 input_key: str | None = None, margin: float | None = None, batch_key: str | None = None,
+                 seed: int = 0) -> None:
         if not radius >= 0:
             raise UsageError(f"The lookahead radius must be at least 0, got {radius}.")
         if per_batch < 1:
@@ -89,6 +95,8 @@ class LookaheadTriggerStep:
         self.batch_size: int | None = None
         self._seen_shape: tuple[int, ...] | None = None  # one natural image's shape, as the loader gave it
         self._cursor = 0
+        self.seed = seed
+        self._passes = 0
         self._call = _Call(self.model)
 
     def wrap_loader(self, loader: Iterable, *, label_key: str = "labels") -> _BatchSizeLoader:
@@ -136,6 +144,10 @@ class LookaheadTriggerStep:
         before-optimizer-step callback). The model's weights and buffers are not touched: the trigger forward runs
         on looked-ahead copies of the weights and of the buffers, with batch norms on their running statistics
         (as the triggers meet them at inference; the statistics stay the natural data's).
+
+        The pass draws its random numbers (dropout masks) from a forked stream seeded by ``seed`` and the pass's
+        count (:func:`shared_rng`): every DDP rank draws the same masks, and the training loop's own stream is left
+        where it was, as if the pass had not run.
         """
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         live: list[torch.Tensor] = [p for _, p in named if p.grad is not None]
@@ -155,7 +167,8 @@ class LookaheadTriggerStep:
             moved = {f"model.{n}": (next(ahead) if p.grad is not None else p.detach()).requires_grad_(True)
                      for n, p in named}
             state = {**moved, **{f"model.{n}": b.clone() for n, b in self.model.named_buffers()}}
-        with torch.enable_grad(), _running_statistics(self.model):
+        self._passes += 1
+        with torch.enable_grad(), _running_statistics(self.model), shared_rng(self.model, self.seed + self._passes):
             try:
                 logits = logits_of(functional_call(self._call, state, (batch,)))
             except RuntimeError as e:
@@ -185,6 +198,33 @@ class LookaheadTriggerStep:
         if self._seen_shape not in (None, want) and not isinstance(error, torch.OutOfMemoryError):
             raise UsageError(f"Batches hold inputs of shape {self._seen_shape} but the key's triggers are {want}, on "
                              "which the model fails; make a key whose input shape matches the model's.") from error
+
+
+def pass_seed(key: Key) -> int:
+    """The seed of a key's trigger passes: from its public commitment, so it tells nothing of the secret."""
+    digest = hashlib.sha256(b"wmark/trigger-pass-rng\x00" + key.commitment().encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def shared_rng(model: nn.Module, seed: int) -> Iterator[None]:
+    """Draw from CPU and model-device CUDA streams seeded by ``seed``, restoring the caller's streams afterwards.
+
+    DDP all-reduces only the gradients of its own backward. A trigger pass's gradient is added on each rank alone,
+    so the replicas stay identical only if every rank computes the same one; with dropout that needs the same masks,
+    which per-rank seeds (or data pipelines that draw unevenly) would otherwise make differ. Seeding a fork costs no
+    communication and needs no process group, where all-reducing the trigger gradient would send a second full
+    gradient every step and would have to tell data parallelism (same weights) from sharded or model-parallel
+    wrappers (different weights). Forking also leaves the training loop's own stream untouched.
+    """
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    devices = sorted({t.device.index or 0 for t in tensors if t.device.type == "cuda"})
+    seed %= 2**63
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        for d in devices:
+            torch.cuda.default_generators[d].manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
