@@ -805,6 +805,16 @@ def test_cli_build_extract_through_the_tiebreak_api_then_verify(tmp_path):
     assert res.exit_code == 0, res.output
     assert [t["log10_p"] for t in json.loads(res.output)["tests"]] == [t["log10_p"] for t in doc["tests"]]
     assert counting.rows == 0
+    # but its answers were seen: a fixed test asked further on them, or the log test made sequential, is a
+    # repeated test (alpha lost), refused before anything is asked
+    with serve_in_background(app, port=port) as server:
+        for extra, why in ((["--log-queries", "2000"], "rerun with the recorded plan or start a new transcript"),
+                           (["--rule-queries", "500"], "rerun with the recorded plan or start a new transcript"),
+                           (["--log-sequential"], "start a new transcript: reading the same answers under another")):
+            res = runner.invoke(main, remote_verify + ["--suspect", f"{server.url}/v2/models/thief", "--transcript",
+                                                       str(tmp_path / "t.sqlite")] + tb + logged + extra)
+            assert res.exit_code == 2 and res.stdout == "" and why in res.stderr, res.output
+    assert counting.rows == 0
     with serve_in_background(app) as server:
         res = runner.invoke(main, ["verify", "extraction", "--key", str(key), "--suspect",
                                    f"{server.url}/v2/models/thief", "--json", "--alpha", "1e-4", "--rule-queries",

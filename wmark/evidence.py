@@ -172,6 +172,12 @@ class EvidenceTest(Protocol):
         a fixed-n test ignores it."""
         ...
 
+    def plan(self) -> dict[str, Any]:
+        """What fixes the test's outcome before any answer is seen, besides alpha: ``{"mode": "sequential"}``
+        for an anytime-valid test, else ``{"mode": "fixed", "budget": n, ...}`` (a transcript holding its
+        answers takes only a run of the same plan, :mod:`wmark.testplan`)."""
+        ...
+
 
 class Verifier:
     """Splits ``alpha`` over its tests by their weights, runs them on one suspect and decides.

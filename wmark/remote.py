@@ -20,6 +20,7 @@ from wmark.recheck import record_tiebreak_files, tiebreak_files
 from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
+from wmark.testplan import verification_plan
 from wmark.text import TextInputs
 from wmark.transcript import Transcript
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
@@ -104,7 +105,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     try:
         if transcript is not None:
             record = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
-                             protocol=protocol, durability=transcript_sync)
+                                protocol=protocol, durability=transcript_sync,
+                                plan=verification_plan(tests, alpha=alpha, client=client))
         probe = ProbeSuspect(suspect, transcript=record, cover=cover)
         verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)
         verdict.tests[0].details["probe"] = {
@@ -118,6 +120,7 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         }
         if record is not None:
             verdict.tests[0].details["transcript"] = record.summary()
+            verdict.message = " ".join(filter(None, [verdict.message, record.plan_note]))
         files = tiebreak_files(rule=rule, served=served, served_arch=served_arch, holdout=holdout,
                                queries=rule_queries)
         if files is not None:  # the report names the rule and served model, so the tie-break test can be re-checked

@@ -6,7 +6,11 @@ before the next one is counted, surviving even a power cut) unless ``durability=
 only need to outlive the process (a lost one is simply sent again), so they skip the fsync. A process
 killed with ``kill -9`` therefore loses at most the answers of requests that were in flight. Rows hold the SHA-256 of the input bytes, the answer (raw text and SHA-256), the parsed label, and
 whether the query was a trigger or cover traffic. The file is bound to one key (by its public commitment,
-never the secret) and one suspect URL, so a transcript cannot be replayed against another claim.
+never the secret) and one suspect URL, so a transcript cannot be replayed against another claim, and, once it
+holds an answer, to the test plan of the run that gathered it (:mod:`wmark.testplan`): a fixed-n test is never
+extended or changed on answers already seen, nor switched to or from a sequential one; a sequential test may
+raise its budget. A transcript an older wmark wrote without a plan resumes only sequentially, and is bound to
+that plan from then on.
 
 Resuming (what :meth:`Transcript.lookup` reuses):
 
@@ -36,6 +40,7 @@ import numpy as np
 
 from wmark import __version__
 from wmark.errors import UsageError
+from wmark.testplan import is_fixed, plan_refusal
 
 FORMAT = "wmark-transcript/1"
 FINAL_STATUSES = ("ok", "malformed")
@@ -67,6 +72,8 @@ CREATE INDEX IF NOT EXISTS queries_by_input ON queries (input_sha256, status);
 """
 
 MAX_ANSWER_CHARS = 65536
+LEGACY_FIXED = ("The transcript {path} holds answers an older wmark recorded without their test plan, so a fixed-n "
+                "test cannot be checked against them; start a new transcript (a sequential run may still resume it).")
 
 
 def input_sha256(x: np.ndarray | str) -> str:
@@ -109,13 +116,17 @@ class Transcript:
         durability: ``"fsync"`` (every answer reaches the disk before the next is counted) or ``"process"``
             (every answer survives the process being killed, but not an operating-system crash; faster on
             disks with slow fsync).
+        plan: The run's test plan (:func:`wmark.testplan.verification_plan`), recorded while the transcript holds
+            no answer; once it holds one, a run of another plan is refused (:func:`wmark.testplan.plan_refusal`),
+            and so is a fixed-n run on answers an older wmark recorded without a plan. ``None``: none is checked.
 
     Raises:
-        UsageError: If the file belongs to another key or suspect, or is not a transcript.
+        UsageError: If the file belongs to another key or suspect, or is not a transcript, or holds answers
+            gathered under another test plan.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key_commitment: str, suspect: str,
-                 protocol: str = "", durability: str = "fsync") -> None:
+                 protocol: str = "", durability: str = "fsync", plan: dict[str, Any] | None = None) -> None:
         if durability not in ("fsync", "process"):
             raise UsageError(f"Unknown transcript durability {durability!r}; use fsync or process.")
         self._answer_sync = "FULL" if durability == "fsync" else "NORMAL"
@@ -149,11 +160,38 @@ class Transcript:
             with self._tx():
                 self._db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)",
                                      [*want.items(), ("created", _now())])
+        recorded = have.get("plan")
+        answered = self._db.execute("SELECT COUNT(*) FROM queries WHERE role = 'trigger' AND status IN ('ok', 'malformed')").fetchone()[0]
+        if plan is not None and answered:
+            refusal = (plan_refusal(self.path, json.loads(recorded), plan) if recorded is not None
+                       else LEGACY_FIXED.format(path=self.path) if is_fixed(plan) else None)
+            if refusal is not None:
+                self._db.close()
+                raise UsageError(refusal)
         with self._tx():
             cur = self._db.execute("INSERT INTO runs (started_at, wmark_version) VALUES (?, ?)",
                                    (_now(), __version__))
+            if plan is not None and not (recorded is not None and answered):
+                # no answer seen yet, so this run's plan becomes the transcript's; an older wmark's answers (seen
+                # under a plan nobody recorded) are bound to it from this run on
+                since = [("plan_since_run", str(cur.lastrowid))] if answered else []
+                self._db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
+                                     [("plan", json.dumps(plan, sort_keys=True)), *since])
         self.run = int(cur.lastrowid or 0)
         self.meta = want
+        stored = dict(self._db.execute("SELECT name, value FROM meta WHERE name IN ('plan', 'plan_since_run')"))
+        self.plan: dict[str, Any] | None = json.loads(stored["plan"]) if "plan" in stored else None
+        self.plan_since_run = int(stored["plan_since_run"]) if "plan_since_run" in stored else None
+
+    @property
+    def plan_note(self) -> str:
+        """A note for the verdict when earlier runs of the transcript recorded no plan (an older wmark), else ``""``."""
+        if self.plan_since_run is None:
+            return ""
+        earlier = "Run 1" if self.plan_since_run == 2 else f"Runs 1 to {self.plan_since_run - 1}"
+        return (f"{earlier} of the transcript {self.path} recorded no test plan (an older wmark), so whether a fixed-n "
+                "test was read on its answers is unknown: the sequential test keeps its alpha on its own, not combined "
+                "with a verdict given before.")
 
     def _tx(self) -> _Transaction:
         return _Transaction(self._db)
@@ -213,6 +251,7 @@ class Transcript:
         runs = int(self._db.execute("SELECT COUNT(*) FROM runs").fetchone()[0])
         return {"path": str(self.path), "format": FORMAT, "key_commitment": self.meta["key_commitment"],
                 "suspect": self.meta["suspect"], "protocol": self.meta["protocol"], "runs": runs,
+                "plan": self.plan, "plan_since_run": self.plan_since_run,
                 "counts": self.counts(), "sha256_chain": _chain(self._db)}
 
 

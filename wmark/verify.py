@@ -40,7 +40,7 @@ from wmark.evidence import (
     owner_inputs,
 )
 from wmark.keys import Key
-from wmark.schemes.trigger_set import generate_triggers
+from wmark.schemes.trigger_set import generate_triggers, trigger_params
 from wmark.stats import BinomialTest, MixtureEProcess
 from wmark.suspects.base import Suspect
 
@@ -79,7 +79,7 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
     check_suspect_fits_key(key, suspect)
     stop_at = alpha * share
     triggers = generate_triggers(key)
-    budget = len(triggers) if max_queries is None else min(int(max_queries), len(triggers))
+    budget = trigger_budget(key, max_queries)
     if budget < 1:
         raise UsageError("The query budget must be at least 1.")
     p0 = 1.0 / key.num_classes
@@ -145,6 +145,12 @@ def trigger_set_test(*, key: Key, suspect: Suspect, alpha: float = DEFAULT_ALPHA
     )
 
 
+def trigger_budget(key: Key, max_queries: int | None) -> int:
+    """The triggers a test of budget ``max_queries`` asks at most: all of the key's by default, never more."""
+    n = int(trigger_params(key)["n"])
+    return n if max_queries is None else min(int(max_queries), n)
+
+
 @dataclass(frozen=True)
 class TriggerSetTest:
     """The trigger-set test as an :class:`~wmark.evidence.EvidenceTest` (see :func:`trigger_set_test`)."""
@@ -161,6 +167,11 @@ class TriggerSetTest:
     def null(self) -> str:
         return ("the suspect never saw the key: each answer matches its trigger's label with probability "
                 f"1/{self.key.num_classes}")
+
+    def plan(self) -> dict[str, Any]:
+        if self.mode == "sequential":
+            return {"mode": "sequential"}
+        return {"mode": "fixed", "budget": trigger_budget(self.key, self.max_queries)}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         return trigger_set_test(key=self.key, suspect=suspect, alpha=alpha, mode=self.mode,

@@ -65,6 +65,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -240,6 +241,10 @@ class ApiMarkTest:
     weight: float = 1.0
     null: str = ("the suspect never learned from the marked answers: among its answers inside each candidate set, "
                  "matches with the keyed labels are independent Bernoulli(1/|S|)")
+
+    def plan(self) -> dict[str, Any]:
+        # its p-value is 1 / max e-value over the answers in log order (statistic "anytime"): valid at any budget
+        return {"mode": "sequential"}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:

@@ -456,6 +456,9 @@ class TieBreakTest:
     weight: float = 1.0
     null: str = NULL_WHY
 
+    def plan(self) -> dict[str, Any]:
+        return {"mode": "fixed", "budget": self.queries}
+
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
                              queries=self.queries, use_scores=self.use_scores)
@@ -482,6 +485,12 @@ class TieBreakLogTest:
     name: str = f"{SCHEME}-log"
     weight: float = LOG_TEST_WEIGHT
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
+
+    def plan(self) -> dict[str, Any]:
+        if self.mode == "sequential":
+            return {"mode": "sequential"}
+        return {"mode": "fixed", "budget": DEFAULT_QUERIES if self.queries is None else self.queries,
+                "rounds": self.rounds}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         if self.mode == "sequential":
