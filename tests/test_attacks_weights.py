@@ -118,3 +118,52 @@ def test_permute_refuses_a_residual_network_naming_the_permutation_that_fits_it(
                                                    "and a residual network's permutation is "
                                                    "wmark.attacks.symmetry.permute_spaces.")):
         permute(model, seed=0)
+
+
+class _AttentionNet(torch.nn.Module):
+    """Attention (its input projection is a raw parameter, not an nn.Linear), a transposed conv and a GPT-2-style
+    Conv1D (weight in × out), the layers pruning, quantization and noise skipped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.att = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.up = torch.nn.ConvTranspose1d(16, 8, 3)
+        self.proj = Conv1D(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(self.att(x, x, x)[0].transpose(1, 2)).mean(2)
+        return h @ self.proj.weight
+
+
+class Conv1D(torch.nn.Module):
+    def __init__(self, nx: int, nf: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf))
+
+
+def test_weight_attacks_reach_attention_and_transposed_convs() -> None:
+    torch.manual_seed(0)
+    model = _AttentionNet()
+    named = {"in_proj": model.att.in_proj_weight, "out_proj": model.att.out_proj.weight, "up": model.up.weight,
+             "proj": model.proj.weight}
+    total = sum(w.numel() for w in named.values())
+    pruned = prune(model, sparsity=0.3)
+    pruned_w = [pruned.att.in_proj_weight, pruned.att.out_proj.weight, pruned.up.weight, pruned.proj.weight]
+    assert sum(int((w == 0).sum()) for w in pruned_w) == int(0.3 * total)
+    assert all((w == 0).any() for w in pruned_w)
+    quantized = quantize(model, bits=3)
+    # three levels either side of zero per output channel: in_proj rows, the transposed conv's and Conv1D's columns
+    assert all(len(row.unique()) <= 7 for row in quantized.att.in_proj_weight)
+    assert all(len(quantized.up.weight[:, j].unique()) <= 7 for j in range(8))
+    assert all(len(quantized.proj.weight[:, j].unique()) <= 7 for j in range(4))
+    noisy = noise(model, std=0.5, seed=0)
+    assert not torch.equal(noisy.att.in_proj_weight, model.att.in_proj_weight)
+    assert not torch.equal(noisy.up.weight, model.up.weight) and not torch.equal(noisy.proj.weight, model.proj.weight)
+
+
+def test_prune_counts_a_tied_weight_once() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    model[1].weight = model[0].weight
+    pruned = prune(model, sparsity=0.25)
+    assert pruned[0].weight is pruned[1].weight and int((pruned[0].weight == 0).sum()) == 16
