@@ -167,3 +167,15 @@ def test_prune_counts_a_tied_weight_once() -> None:
     model[1].weight = model[0].weight
     pruned = prune(model, sparsity=0.25)
     assert pruned[0].weight is pruned[1].weight and int((pruned[0].weight == 0).sum()) == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantize_keeps_a_low_precision_model_finite(dtype) -> None:
+    """In float16 the scale's floor (1e-12) rounded to 0: a pruned (all-zero) channel quantized to NaN."""
+    model = prune(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0), sparsity=0.2).to(dtype)
+    with torch.no_grad():
+        model.fc2.weight[3] = 0
+    quantized = quantize(model, bits=8)
+    assert quantized.fc2.weight.dtype == dtype
+    assert all(torch.isfinite(p).all() for p in quantized.parameters())
+    assert torch.equal(quantized.fc2.weight[3], torch.zeros_like(quantized.fc2.weight[3]))

@@ -64,14 +64,15 @@ def quantize(model: nn.Module, *, bits: int = 8) -> nn.Module:
     de-quantized.
 
     The result has exactly the values an int8 deployment computes with, in float32 tensors that load
-    into the original architecture.
+    into the original architecture (a float16 or bfloat16 model keeps its dtype, the values rounded to it).
     """
     if not 2 <= bits <= 16:
         raise UsageError(f"Quantisation bits must be between 2 and 16, got {bits}.")
     attacked = copy.deepcopy(model)
     levels = 2 ** (bits - 1) - 1
     for w, axis in linear_weights(attacked):
-        channels = w.movedim(axis, 0)
+        # in float32: float16 rounds the 1e-12 floor to 0, so an all-zero channel (a pruned one) became 0/0 = NaN
+        channels = w.movedim(axis, 0).float()
         flat = channels.reshape(channels.shape[0], -1)
         scale = flat.abs().amax(dim=1).clamp_min(1e-12) / levels
         q = torch.round(flat / scale[:, None]).clamp(-levels, levels)
