@@ -179,3 +179,13 @@ def test_quantize_keeps_a_low_precision_model_finite(dtype) -> None:
     assert quantized.fc2.weight.dtype == dtype
     assert all(torch.isfinite(p).all() for p in quantized.parameters())
     assert torch.equal(quantized.fc2.weight[3], torch.zeros_like(quantized.fc2.weight[3]))
+
+
+def test_finetune_of_a_float16_model_stays_finite_and_float16() -> None:
+    """Adam's float16 steps are NaN where a gradient is 0 (its eps rounds to 0): the copy came back all NaN."""
+    model = build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8), seed=0).half()
+    x, y = torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,))
+    tuned = finetune(model, x=x, y=y, epochs=2)
+    assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in tuned.parameters())
+    assert not torch.equal(tuned.fc1.weight, model.fc1.weight)
+    assert model.fc1.weight.dtype == torch.float16 and torch.isfinite(model.fc1.weight).all()
