@@ -189,3 +189,11 @@ def test_finetune_of_a_float16_model_stays_finite_and_float16() -> None:
     assert all(p.dtype == torch.float16 and torch.isfinite(p).all() for p in tuned.parameters())
     assert not torch.equal(tuned.fc1.weight, model.fc1.weight)
     assert model.fc1.weight.dtype == torch.float16 and torch.isfinite(model.fc1.weight).all()
+
+
+@pytest.mark.parametrize("norm", [torch.nn.GroupNorm(2, 6), torch.nn.RMSNorm(6), torch.nn.BatchNorm3d(6)])
+def test_permute_refuses_every_normalisation_layer(norm) -> None:
+    """Only BatchNorm1d/2d and LayerNorm were refused: behind a GroupNorm or RMSNorm the 'unchanged' predictions moved."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), norm, torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    with pytest.raises(UsageError, match="Permuting models with normalisation layers is not supported"):
+        permute(model)
