@@ -197,3 +197,17 @@ def test_permute_refuses_every_normalisation_layer(norm) -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 6), norm, torch.nn.ReLU(), torch.nn.Linear(6, 3))
     with pytest.raises(UsageError, match="Permuting models with normalisation layers is not supported"):
         permute(model)
+
+
+@pytest.mark.parametrize("kind,classes,shape", [("finetune", 10, (1, 28, 28)), ("finetune", 3, (1, 8, 8)),
+                                                ("prune", 3, (1, 8, 8))])
+def test_attack_refuses_data_unlike_the_model_s(tmp_path, kind, classes, shape) -> None:
+    """Fine-tuning on other-shaped images or more classes failed deep in PyTorch; pruning measured a meaningless accuracy."""
+    src, out = tmp_path / "m.safetensors", tmp_path / "a.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=classes, input_shape=shape, seed=0), src,
+               metadata={"arch": "fmnist-mlp", "num_classes": classes, "input_shape": list(shape)})
+    result = CliRunner().invoke(main, ["attack", kind, "--arch", "fmnist-mlp", "--weights", str(src), "--out", str(out),
+                                       "--data", "digits", *(["--epochs", "1"] if kind == "finetune" else [])])
+    assert result.exit_code == 2 and not out.exists()
+    assert (f"The data digits has 10 classes of inputs shaped (1, 8, 8) but the model {src} has {classes} classes and "
+            f"takes inputs shaped {shape}; give data like the model's.") in result.output
