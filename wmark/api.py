@@ -39,6 +39,7 @@ from wmark.models import (
     load_model,
     model_metadata,
     penultimate_featurizer,
+    recorded_classes,
     recorded_classes_note,
     recorded_shape_note,
     resolve_arch,
@@ -415,6 +416,8 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     ds = load_dataset(data).subset(max_samples=max_samples) if data else None
     model, metadata = load_model(arch, weights)
     meta = wmark_metadata(metadata)
+    if ds is not None:
+        _check_data_fits_model(ds, meta, data=data, weights=weights)
     params: dict[str, Any]
     if kind == "finetune":
         if ds is None:
@@ -448,6 +451,16 @@ def attack(*, kind: str, arch: str, weights: PathLike, out: PathLike, data: str 
     else:
         save_model(attacked, out, metadata=attack_meta)
     return {"out": str(out), "attack": kind, "params": params, "test_accuracy": acc}
+
+
+def _check_data_fits_model(ds: Dataset, meta: dict[str, Any], *, data: str | None, weights: PathLike) -> None:
+    """Refuse attack data with more classes than the model's, or images of another shape (token ids are trimmed to
+    the model's length): fine-tuning on them failed deep in PyTorch, and a measured accuracy meant nothing."""
+    classes, shape = recorded_classes(meta, weights), tuple(int(d) for d in meta["input_shape"])
+    if ds.num_classes > classes or (ds.texts_train is None and tuple(ds.input_shape) != shape):
+        raise UsageError(f"The data {data} has {ds.num_classes} classes of inputs shaped {tuple(ds.input_shape)} but "
+                         f"the model {weights} has {classes} classes and takes inputs shaped {shape}; give data "
+                         "like the model's.")
 
 
 def extract(*, victim_arch: str | None, victim: PathLike | None, arch: str, data: str, out: PathLike,

@@ -118,8 +118,17 @@ def resolve_arch(arch: str) -> Callable[..., nn.Module]:
 
 
 def build_model(arch: str, *, num_classes: int, input_shape: tuple[int, ...], seed: int | None = None) -> nn.Module:
-    """Instantiate an architecture; ``seed`` makes its initialisation reproducible."""
+    """Instantiate an architecture; ``seed`` makes its initialisation reproducible.
+
+    Raises:
+        UsageError: For fewer than 2 classes or an input dimension below 1 (such a model was built, trained and
+            written, e.g. from a data file whose labels are all 0, and its file refused only when read back).
+    """
     factory = resolve_arch(arch)
+    if isinstance(num_classes, bool) or num_classes < 2:
+        raise UsageError(f"A classifier needs at least 2 classes, got {num_classes}; check the data's labels.")
+    if any(int(d) < 1 for d in input_shape):
+        raise UsageError(f"Every input dimension must be at least 1, got {tuple(input_shape)}.")
     if seed is not None:
         torch.manual_seed(seed)
     model = factory(num_classes=num_classes, input_shape=tuple(input_shape))

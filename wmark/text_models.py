@@ -68,8 +68,9 @@ class BagOfWords(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         ids, mask = _trim(input_ids, attention_mask, self.pad_token_id)
-        weights = mask.unsqueeze(-1).float()
-        pooled = (self.embed(ids) * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        embedded = self.embed(ids)
+        weights = mask.unsqueeze(-1).to(embedded.dtype)
+        pooled = (embedded * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         return self.head(torch.relu(self.hidden(pooled)))
 
 

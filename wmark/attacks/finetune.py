@@ -33,6 +33,12 @@ def finetune(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor, epochs: int 
     if layers not in ("all", "last", "reinit-last"):
         raise UsageError(f"Unknown layers {layers!r} to fine-tune; use all, last or reinit-last.")
     attacked = copy.deepcopy(model)
+    dtypes = {name: t.dtype for name, t in [*attacked.named_parameters(), *attacked.named_buffers()]}
+    # Adam's float16 steps are NaN (its eps rounds to 0: 0/0 where a gradient is 0), so a float16 model trains on
+    # float32 master weights, as mixed-precision training does, and comes back in its own dtypes
+    half = torch.float16 in dtypes.values()
+    if half:
+        attacked.float()
     torch.manual_seed(seed)
     head = last_linear(attacked)
     if layers == "reinit-last":
@@ -41,4 +47,8 @@ def finetune(model: nn.Module, *, x: torch.Tensor, y: torch.Tensor, epochs: int 
     optimizer = torch.optim.Adam(params, lr=lr)
     train_epochs(attacked, make_loader(x, y, batch_size=batch_size, seed=seed), epochs=epochs,
                  optimizer=optimizer, progress=progress, desc="fine-tune")
+    if half:
+        with torch.no_grad():
+            for name, t in [*attacked.named_parameters(), *attacked.named_buffers()]:
+                t.data = t.data.to(dtypes[name])
     return attacked

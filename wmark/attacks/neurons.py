@@ -82,7 +82,9 @@ def permute(model: nn.Module, *, seed: int = 0, scale_range: tuple[float, float]
             raise UsageError(f"{nxt} does not take {prev}'s outputs as inputs; permute supports plain conv/linear "
                              "chains (fmnist-mlp, fmnist-cnn), and a residual network's permutation is "
                              "wmark.attacks.symmetry.permute_spaces.") from None
-    if any(isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)) for m in model.modules()):
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
+             nn.InstanceNorm3d, nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm)
+    if any(isinstance(m, norms) for m in model.modules()):
         raise UsageError("Permuting models with normalisation layers is not supported; use a plain conv/linear chain.")
     attacked = copy.deepcopy(model)
     attacked.load_state_dict(permute_state_dict(model.state_dict(), chain=names, seed=seed, scale_range=scale_range))

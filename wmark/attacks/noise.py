@@ -1,4 +1,5 @@
-"""Weight noise: Gaussian noise on every conv/linear weight, scaled to each tensor's own size."""
+"""Weight noise: Gaussian noise on every conv/linear weight (attention projections included), scaled to each
+tensor's own size."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import copy
 import torch
 from torch import nn
 
+from wmark.attacks.weights import linear_weights
 from wmark.errors import UsageError
-from wmark.whitebox.chain import WEIGHT_LAYERS
 
 
 @torch.no_grad()
@@ -22,9 +23,7 @@ def noise(model: nn.Module, *, std: float, seed: int = 0) -> nn.Module:
         raise UsageError(f"The noise std must be between 0 and 10 (relative to each weight's RMS), got {std}.")
     attacked = copy.deepcopy(model)
     gen = torch.Generator().manual_seed(seed)
-    for m in attacked.modules():
-        if isinstance(m, WEIGHT_LAYERS):
-            w = m.weight
-            rms = w.pow(2).mean().sqrt()
-            w.add_(torch.randn(w.shape, generator=gen).to(w) * std * rms)
+    for w, _ in linear_weights(attacked):
+        rms = w.pow(2).mean().sqrt()
+        w.add_(torch.randn(w.shape, generator=gen).to(w) * std * rms)
     return attacked
