@@ -93,7 +93,10 @@ class Workshop:
         self.info: dict[str, dict[str, Any]] = {}
 
     def path(self, config: dict[str, Any]) -> Path:
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+        # every model is keyed by the data it was trained or measured on as well (a quick run's slice changes it;
+        # a slice file by its name, which holds its sizes, so that the cache can move)
+        keyed = {**config, "data": [Path(spec).name for spec in (self.fam.owner, self.fam.attacker)]}
+        digest = hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest()[:12]
         return self.dir / f"{config['name']}-{digest}.safetensors"
 
     def get(self, config: dict[str, Any], make: Callable[[Path], dict[str, Any]]) -> tuple[Path, dict[str, Any]]:
@@ -114,8 +117,9 @@ class Workshop:
     def marked(self, schemes: tuple[str, ...]) -> tuple[Path, dict[str, Any]]:
         p = self.plan
         name = "+".join(schemes) if schemes else "plain"
+        # keyed by the base model it fine-tunes (its file name holds its configuration's digest)
         cfg = {"name": f"embed-{name}", "epochs": p.embed_epochs, "n": p.owner_samples, "seed": self.seed,
-               "key": self.key.fingerprint()}
+               "key": self.key.fingerprint(), "base": self.base().name}
         per_batch, lookahead = (p.trigger_per_batch, p.trigger_lookahead) if "trigger" in schemes else (None, None)
         cfg.update({k: v for k, v in (("trigger_per_batch", per_batch), ("lookahead", lookahead)) if v is not None})
         return self.get(cfg, lambda out: api.embed(
