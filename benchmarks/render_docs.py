@@ -136,7 +136,13 @@ HISTORY = ("extraction_regions", "extraction_regions_k300", "extraction_tiebreak
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return f"{value:.4g}"
+        # 4 significant digits, but a small number is never rounded onto a whole number it is not: log10 p =
+        # -5.99985 is not -6 (alpha = 1e-6), and a rounded "-6" would read as a detection
+        for digits in range(4, 18):
+            text = f"{value:.{digits}g}"
+            if abs(value) >= 100 or float(text) == value or float(text) != round(float(text)):
+                return text
+        return repr(value)
     if isinstance(value, (list, dict)):
         text = json.dumps(value, sort_keys=True)
         return text if len(text) <= 120 else text[:117] + "..."
