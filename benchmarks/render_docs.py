@@ -62,6 +62,7 @@ WHAT = {
     "text_extraction_low_beta": "the same at shift scales 0.15 and 0.1",
     "text_extraction_minilm": "the same with a thief on the public MiniLM encoder",
     "text_extraction_quick": "its quick mode",
+    "research_lexical_mark": "a keyed lexical text mark against the one-epoch MiniLM thief, a pre-check (negative)",
     "research_text_cost": "what each text trigger embedding costs a MiniLM fine-tune on the whole owner third, per seed",
     "research_lookahead_batchnorm": "lookahead against mixing on a BatchNorm resnet: triggers learnt",
     "research_text_default_scratch": "the margin's own trigger pass against mixing on text models trained from scratch",
