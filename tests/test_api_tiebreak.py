@@ -255,6 +255,38 @@ def test_a_log_is_bound_to_the_rule_and_served_model_that_answered_its_clients(t
         assert len(select_log_inputs(key=key, rule=served, served=backend, log=log, client="alice").x) > 0
 
 
+def test_a_log_keeps_at_most_max_kept_inputs_per_client_the_first_ones_and_counts_the_rest(tmp_path, data):
+    from wmark.schemes.api_mark import MarkedAPI, MarkLog
+    from wmark.schemes.querylog import LOG_MAX_KEPT, QueryLog
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    near = top_pairs(backend.query(data).scores)[0] >= LOG_MIN_RATIO
+    with TieBreakLog(tmp_path / "default.sqlite", key=key) as log:
+        assert log.max_kept == LOG_MAX_KEPT and log.params["max_kept"] == LOG_MAX_KEPT
+    with QueryLog(tmp_path / "small.sqlite", key=key, mark="tiebreak", params={"max_kept": 25}, create=True) as log:
+        _, api = make(key, data, backend, log=log)
+        for start in range(0, 300, 10):  # the cap falls inside a request
+            api.for_client("alice").query(data[start:start + 10])
+        api.for_client("alice").query(data[:50])  # asked again: nothing new kept
+        api.for_client("bob").query(data[300:400])
+        assert log.clients() == {"alice": {"queries": 350, "kept": 25}, "bob": {"queries": 100, "kept": 25}}
+        np.testing.assert_array_equal(log.inputs("alice"), data[:300][near[:300]][:25])
+        np.testing.assert_array_equal(log.inputs("bob"), data[300:400][near[300:400]][:25])
+    with TieBreakLog(tmp_path / "small.sqlite", key=key, create=False) as reopened:  # the cap is the log's own
+        _, api = make(key, data, backend, log=reopened)
+        api.for_client("alice").query(data[400:])
+        assert reopened.max_kept == 25 and reopened.clients()["alice"] == {"queries": 1450, "kept": 25}
+    with MarkLog(tmp_path / "flip.sqlite", key=key, rate=0.5, candidates=2) as flip:
+        flip.params["max_kept"] = 10  # as a log created with that cap
+        MarkedAPI(key=key, backend=backend, rate=0.5, candidates=2, log=flip, client="c").query(data[:200])
+        assert flip.clients()["c"] == {"queries": 200, "kept": 10}
+    for bad in (0, 2.5, True):
+        with pytest.raises(UsageError, match="max_kept .* is not a positive integer"):
+            QueryLog(tmp_path / f"bad{bad}.sqlite", key=key, mark="tiebreak", params={"max_kept": bad}, create=True)
+        assert not (tmp_path / f"bad{bad}.sqlite").exists()
+
+
 def test_a_client_name_with_control_characters_reaches_no_message_raw(tmp_path, data):
     key = generate_key(owner="o", num_classes=C, input_shape=(D,))
     odd = "eve\n\x1b[2Jerror: forged"
