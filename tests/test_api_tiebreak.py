@@ -113,6 +113,24 @@ def test_api_shifts_by_the_keyed_head_changes_only_close_calls_and_is_determinis
     assert cost["accuracy_cost_pp"] == pytest.approx(100 * cost["changed_fraction"])
 
 
+def test_an_empty_batch_is_answered_empty_and_logs_nothing(tmp_path, data):
+    from wmark.models import build_model, penultimate_featurizer
+    from wmark.suspects import LocalSuspect
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,), num_triggers=10)
+    net = build_model("fmnist-mlp", num_classes=C, input_shape=(D,), seed=0).eval()
+    local = LocalSuspect(net, input_shape=(D,))
+    fused = build_tiebreak_rule(key=key, x=data, featurizer=penultimate_featurizer(net), feature_space="t",
+                                components=8)
+    with TieBreakLog(tmp_path / "log.sqlite", key=key) as log:
+        for api in (make(key, data, Linear(1), log=log)[1], TieBreakAPI(key=key, backend=local, rule=fused)):
+            for scores in (True, False):
+                got = TieBreakAPI(key=key, backend=api.backend, rule=api.rule, log=api.log,
+                                  expose_scores=scores).query(data[:0])
+                assert got.labels.shape == (0,) and (got.scores is None or got.scores.shape == (0, C))
+        assert log.clients() == {}
+
+
 def test_statistic_is_exactly_standard_normal_for_a_key_independent_suspect(data):
     # One fixed served model and one fixed innocent suspect, 400 fresh keys: Z must be N(0, 1) (KS test
     # against scipy), the p-value must be scipy's normal tail, and rejection rates must respect their level.
