@@ -324,7 +324,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     # following the references that call its answers best. A rule follower is caught.
     backend, innocent = Linear(1), Linear(2)
     refs = tuple(train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], queries=400))
-    zs = []
+    zs, label_zs = [], []
     for i in range(300):
         key = seeded_key(f"tiebreak/log-null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
         with TieBreakLog(tmp_path / f"log{i}.sqlite", key=key) as log:
@@ -334,6 +334,11 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
             res = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
                                     queries=300)
             zs.append(res.details["z"])
+            # read from its labels, the later rounds also follow the labels it gave outside each pair
+            labels = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
+                                       queries=300, use_scores=False)
+            assert labels.details["read"] == "labels"
+            label_zs.append(labels.details["z"])
     assert res.name == "api-tiebreak-log" and res.evidence_of == "extracted" and res.queries == 300
     assert "without regard to the marked answers" in res.null["assumption"]
     assert res.details["client"] == "c" and "1000 queries logged" in res.details["selection"]
@@ -341,6 +346,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert f"most open for the rule's {n_refs} reference surrogates" in res.details["selection"]
     assert f"asked in {DEFAULT_LOG_ROUNDS} rounds, the first 15 by that ranking" in res.details["selection"]
     assert stats.kstest(zs, "norm").pvalue > 1e-3
+    assert stats.kstest(label_zs, "norm").pvalue > 1e-3
     key = seeded_key("tiebreak/log-follower", owner="o", num_classes=C, input_shape=(D,))
     with TieBreakLog(tmp_path / "follow.sqlite", key=key) as log:
         rule, api = make(key, data, backend, log=log, beta=3.0, components=F)
