@@ -113,6 +113,24 @@ def test_api_shifts_by_the_keyed_head_changes_only_close_calls_and_is_determinis
     assert cost["accuracy_cost_pp"] == pytest.approx(100 * cost["changed_fraction"])
 
 
+def test_an_empty_batch_is_answered_empty_and_logs_nothing(tmp_path, data):
+    from wmark.models import build_model, penultimate_featurizer
+    from wmark.suspects import LocalSuspect
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,), num_triggers=10)
+    net = build_model("fmnist-mlp", num_classes=C, input_shape=(D,), seed=0).eval()
+    local = LocalSuspect(net, input_shape=(D,))
+    fused = build_tiebreak_rule(key=key, x=data, featurizer=penultimate_featurizer(net), feature_space="t",
+                                components=8)
+    with TieBreakLog(tmp_path / "log.sqlite", key=key) as log:
+        for api in (make(key, data, Linear(1), log=log)[1], TieBreakAPI(key=key, backend=local, rule=fused)):
+            for scores in (True, False):
+                got = TieBreakAPI(key=key, backend=api.backend, rule=api.rule, log=api.log,
+                                  expose_scores=scores).query(data[:0])
+                assert got.labels.shape == (0,) and (got.scores is None or got.scores.shape == (0, C))
+        assert log.clients() == {}
+
+
 def test_statistic_is_exactly_standard_normal_for_a_key_independent_suspect(data):
     # One fixed served model and one fixed innocent suspect, 400 fresh keys: Z must be N(0, 1) (KS test
     # against scipy), the p-value must be scipy's normal tail, and rejection rates must respect their level.
@@ -255,6 +273,38 @@ def test_a_log_is_bound_to_the_rule_and_served_model_that_answered_its_clients(t
         assert len(select_log_inputs(key=key, rule=served, served=backend, log=log, client="alice").x) > 0
 
 
+def test_a_log_keeps_at_most_max_kept_inputs_per_client_the_first_ones_and_counts_the_rest(tmp_path, data):
+    from wmark.schemes.api_mark import MarkedAPI, MarkLog
+    from wmark.schemes.querylog import LOG_MAX_KEPT, QueryLog
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    backend = Linear(1)
+    near = top_pairs(backend.query(data).scores)[0] >= LOG_MIN_RATIO
+    with TieBreakLog(tmp_path / "default.sqlite", key=key) as log:
+        assert log.max_kept == LOG_MAX_KEPT and log.params["max_kept"] == LOG_MAX_KEPT
+    with QueryLog(tmp_path / "small.sqlite", key=key, mark="tiebreak", params={"max_kept": 25}, create=True) as log:
+        _, api = make(key, data, backend, log=log)
+        for start in range(0, 300, 10):  # the cap falls inside a request
+            api.for_client("alice").query(data[start:start + 10])
+        api.for_client("alice").query(data[:50])  # asked again: nothing new kept
+        api.for_client("bob").query(data[300:400])
+        assert log.clients() == {"alice": {"queries": 350, "kept": 25}, "bob": {"queries": 100, "kept": 25}}
+        np.testing.assert_array_equal(log.inputs("alice"), data[:300][near[:300]][:25])
+        np.testing.assert_array_equal(log.inputs("bob"), data[300:400][near[300:400]][:25])
+    with TieBreakLog(tmp_path / "small.sqlite", key=key, create=False) as reopened:  # the cap is the log's own
+        _, api = make(key, data, backend, log=reopened)
+        api.for_client("alice").query(data[400:])
+        assert reopened.max_kept == 25 and reopened.clients()["alice"] == {"queries": 1450, "kept": 25}
+    with MarkLog(tmp_path / "flip.sqlite", key=key, rate=0.5, candidates=2) as flip:
+        flip.params["max_kept"] = 10  # as a log created with that cap
+        MarkedAPI(key=key, backend=backend, rate=0.5, candidates=2, log=flip, client="c").query(data[:200])
+        assert flip.clients()["c"] == {"queries": 200, "kept": 10}
+    for bad in (0, 2.5, True):
+        with pytest.raises(UsageError, match="max_kept .* is not a positive integer"):
+            QueryLog(tmp_path / f"bad{bad}.sqlite", key=key, mark="tiebreak", params={"max_kept": bad}, create=True)
+        assert not (tmp_path / f"bad{bad}.sqlite").exists()
+
+
 def test_a_client_name_with_control_characters_reaches_no_message_raw(tmp_path, data):
     key = generate_key(owner="o", num_classes=C, input_shape=(D,))
     odd = "eve\n\x1b[2Jerror: forged"
@@ -274,7 +324,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     # following the references that call its answers best. A rule follower is caught.
     backend, innocent = Linear(1), Linear(2)
     refs = tuple(train_reference_surrogates(served=backend, x=data, archs=["fmnist-mlp"], queries=400))
-    zs = []
+    zs, label_zs = [], []
     for i in range(300):
         key = seeded_key(f"tiebreak/log-null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
         with TieBreakLog(tmp_path / f"log{i}.sqlite", key=key) as log:
@@ -284,6 +334,11 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
             res = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
                                     queries=300)
             zs.append(res.details["z"])
+            # read from its labels, the later rounds also follow the labels it gave outside each pair
+            labels = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=innocent, log=log, client="c",
+                                       queries=300, use_scores=False)
+            assert labels.details["read"] == "labels"
+            label_zs.append(labels.details["z"])
     assert res.name == "api-tiebreak-log" and res.evidence_of == "extracted" and res.queries == 300
     assert "without regard to the marked answers" in res.null["assumption"]
     assert res.details["client"] == "c" and "1000 queries logged" in res.details["selection"]
@@ -291,6 +346,7 @@ def test_log_test_is_exactly_standard_normal_for_a_fixed_client_and_catches_a_fo
     assert f"most open for the rule's {n_refs} reference surrogates" in res.details["selection"]
     assert f"asked in {DEFAULT_LOG_ROUNDS} rounds, the first 15 by that ranking" in res.details["selection"]
     assert stats.kstest(zs, "norm").pvalue > 1e-3
+    assert stats.kstest(label_zs, "norm").pvalue > 1e-3
     key = seeded_key("tiebreak/log-follower", owner="o", num_classes=C, input_shape=(D,))
     with TieBreakLog(tmp_path / "follow.sqlite", key=key) as log:
         rule, api = make(key, data, backend, log=log, beta=3.0, components=F)

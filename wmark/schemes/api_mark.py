@@ -36,7 +36,7 @@ the p-value P(matches ≥ observed) is exact — no reference models, no calibra
 
 Who chose the logged inputs matters: the client did, and it saw each keyed label right after asking. It
 cannot change a label (each new input gets a fresh PRF output, revealed only once the input is logged,
-and every marked query is logged), but it could decide *when to stop* after a run of answers that happen
+and every marked query is logged, up to the log's per-client cap, which keeps the first ones), but it could decide *when to stop* after a run of answers that happen
 to match some innocent model it wants to frame. Because each conditioned answer is a fresh
 Bernoulli(≤ 1/|S|) given everything before it, the matches in log order feed a mixture e-process
 (:class:`wmark.stats.MixtureEProcess`), whose p-value 1/max e-value is valid under any such stopping

@@ -4,9 +4,11 @@ for a text key's log).
 A marked API records, per client, what its extraction test will need: the tie-break mark keeps the inputs
 near a tie of the served model (:meth:`QueryLog.record_near_ties`), the flip mark keeps its marked inputs with
 their served top-1, candidate set and keyed label (:meth:`QueryLog.record_marks`); both count each client's
-queries. The ``meta`` table binds the log to one key (its commitment) and names the mark that wrote it and
-that mark's parameters, so verification reads the right test from the log itself and refuses a log written
-under another key. A text key's log keeps each input as the exact UTF-8 bytes of the string the client sent;
+queries. A log keeps at most ``max_kept`` inputs per client (``LOG_MAX_KEPT`` unless the log was created with
+another): the first ones, in the order asked; later ones are only counted, so a client cannot grow the log
+without bound, and which inputs are kept depends on the order of the client's queries alone. The ``meta``
+table binds the log to one key (its commitment) and names the mark that wrote it and that mark's parameters,
+so verification reads the right test from the log itself and refuses a log written under another key. A text key's log keeps each input as the exact UTF-8 bytes of the string the client sent;
 its format name differs, so a reader of image logs refuses it instead of misreading it. :class:`TieBreakLog` and :class:`MarkLog` open a log of one mark.
 
 Example:
@@ -49,6 +51,7 @@ LOG_FORMAT = "wmark-query-log/1"
 TEXT_LOG_FORMAT = "wmark-query-log/1+text"
 MARKS = ("tiebreak", "flip")
 LOG_MIN_RATIO = 0.05
+LOG_MAX_KEPT = 100_000
 
 
 def input_digest(x: np.ndarray) -> str:
@@ -91,7 +94,8 @@ class QueryLog:
         mark: ``tiebreak`` or ``flip``: required to create a log; when opening one, the mark it must hold
             (None: whichever).
         params: The mark's parameters, recorded in a new log (flip: ``rate`` and ``candidates``; tie-break:
-            ``min_ratio``, default ``LOG_MIN_RATIO``); checked against an existing log where given.
+            ``min_ratio``, default ``LOG_MIN_RATIO``; both: ``max_kept``, the most inputs kept per client, default
+            ``LOG_MAX_KEPT``); checked against an existing log where given.
         create: Make a new log if missing (the API does); verification opens existing logs only.
         durability: ``"process"`` (each request's rows survive a crash of the server process, not a power cut;
             no fsync per request) or ``"fsync"`` (each request's rows reach the disk before it is answered,
@@ -137,6 +141,7 @@ class QueryLog:
             # a server answers from worker threads; the lock serialises them on this one connection
             self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
             self._lock = threading.Lock()
+            self._kept: dict[str, int] = {}  # per client, once counted: inputs kept
             # another SQLite file (a verification transcript given as the log) is refused before anything is written
             foreign = foreign_sqlite(self._db, formats=(LOG_FORMAT, TEXT_LOG_FORMAT),
                                      tables=("meta", "inputs", "clients"))
@@ -189,6 +194,10 @@ class QueryLog:
                                  "use a new log.")
 
     def _initialise(self, key: Key, mark: str, params: dict[str, Any]) -> dict[str, str]:
+        params.setdefault("max_kept", LOG_MAX_KEPT)
+        if type(params["max_kept"]) is not int or params["max_kept"] < 1:
+            raise UsageError(f"A query log keeps at least one input per client; max_kept {params['max_kept']!r} is not "
+                             "a positive integer.")
         if mark == "tiebreak":
             params.setdefault("min_ratio", LOG_MIN_RATIO)
         elif {"rate", "candidates"} - set(params):
@@ -228,6 +237,11 @@ class QueryLog:
                 self.rule = digest
 
     @property
+    def max_kept(self) -> int:
+        """The most inputs kept per client (a log from before logs recorded it: ``LOG_MAX_KEPT``)."""
+        return int(self.params.get("max_kept", LOG_MAX_KEPT))
+
+    @property
     def min_ratio(self) -> float:
         """Tie-break mark: the least runner-up to top score ratio of a kept input."""
         return float(self.params["min_ratio"])
@@ -246,10 +260,22 @@ class QueryLog:
         self._db.execute("INSERT INTO clients VALUES (?, ?) ON CONFLICT(client) DO UPDATE SET queries = queries + ?",
                          (client, n, n))
 
+    def _keep(self, client: str, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows`` of ``client`` (new digests only) up to ``max_kept`` kept per client; the caller holds the lock
+        and the transaction."""
+        kept = self._kept.get(client)
+        if kept is None:
+            kept = self._db.execute("SELECT COUNT(*) FROM inputs WHERE client = ?", (client,)).fetchone()[0]
+        room = max(0, self.max_kept - kept)
+        if room and rows:
+            kept += self._db.executemany("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                         rows[:room]).rowcount
+        self._kept[client] = kept
+
     def record_near_ties(self, client: str, inputs: np.ndarray, ratios: np.ndarray) -> None:
         """Tie-break mark: count one batch for ``client`` and keep the inputs whose served runner-up to top score
-        ratio is at least ``min_ratio`` (a key-free filter: the near ties the log test ranks). A text log takes
-        strings and keeps their UTF-8 bytes.
+        ratio is at least ``min_ratio`` (a key-free filter: the near ties the log test ranks), up to ``max_kept`` per
+        client. A text log takes strings and keeps their UTF-8 bytes.
 
         Raises:
             UsageError: On strings for an image log or numbers for a text log.
@@ -258,7 +284,7 @@ class QueryLog:
         rows = [(client, *self._encode(x), float(r), None, None, None, now)
                 for x, r in zip(inputs, ratios) if r >= self.min_ratio]
         with self._lock, self._db:
-            self._db.executemany("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._keep(client, rows)
             self._count(client, len(inputs))
 
     def _encode(self, x: Any) -> tuple[str, bytes]:
@@ -272,12 +298,13 @@ class QueryLog:
         return input_digest(x), np.ascontiguousarray(x, dtype="<f4").tobytes()
 
     def record_marks(self, client: str, inputs: np.ndarray, decisions: Sequence[Decision]) -> None:
-        """Flip mark: count one batch for ``client`` and keep its marked inputs with their decisions."""
+        """Flip mark: count one batch for ``client`` and keep its marked inputs with their decisions, up to ``max_kept``
+        per client."""
         now = time.time()
         rows = [(client, d.digest, np.ascontiguousarray(x, dtype="<f4").tobytes(), None, d.top1,
                  json.dumps(list(d.candidates)), d.label, now) for x, d in zip(inputs, decisions) if d.marked]
         with self._lock, self._db:
-            self._db.executemany("INSERT OR IGNORE INTO inputs VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._keep(client, rows)
             self._count(client, len(decisions))
 
     def clients(self) -> dict[str, dict[str, int]]:

@@ -56,7 +56,7 @@ class KeyTriggers:
         if self.texts:
             return np.fromiter((str(t) in self.texts for t in x.reshape(-1)), dtype=bool, count=x.size)
         out = np.zeros(len(x), dtype=bool)
-        if not self.rows or x.dtype != np.float32:
+        if not self.rows or x.dtype != np.float32 or len(x) == 0:
             return out
         flat = np.ascontiguousarray(x.reshape(len(x), -1))
         # a row sum is a cheap exact filter; only the few rows it lets through are compared in full
@@ -134,12 +134,11 @@ class TieBreakAPI:
 
     def query(self, inputs: np.ndarray) -> Answers:
         x, scores, shifts = self._scores_and_shifts(inputs)
-        if self.log is not None:
+        if self.log is not None and len(x):
             self.log.record_near_ties(self.client, x, top_pairs(scores)[0])
         shifts[self.triggers.mask(x)] = 0.0
         probs = _shifted(scores, shifts, self.beta)
         return Answers(labels=np.argmax(probs, axis=1), scores=probs if self.expose_scores else None)
-
 
     def _scores_and_shifts(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The inputs (float32, or strings for a text key), the served scores and the keyed shifts: from one forward
@@ -149,6 +148,8 @@ class TieBreakAPI:
         x = self.rule.inputs(inputs)
         if x.ndim > 1 and x.shape[1:] != self.input_shape:
             raise UsageError(f"The API takes inputs shaped {self.input_shape}, got {x.shape[1:]}.")
+        if len(x) == 0:  # no forward pass: a tokenizer fails on no text, the featurizer has no features to give
+            return x, np.zeros((0, self.num_classes)), np.zeros((0, self.num_classes))
         if (isinstance(feat, PenultimateFeaturizer) and isinstance(backend, LocalSuspect) and backend.expose_scores
                 and feat.model is backend.model):
             answers, raw = backend.query_with_features(x, feat)
