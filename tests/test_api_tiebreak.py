@@ -1024,3 +1024,21 @@ def test_a_text_rule_build_scores_the_test_texts_a_text_api_takes(tmp_path):
     assert picked["test_inputs"] == cost["test_inputs"] and picked["max_cost_pp"] == target
     assert picked["accuracy_cost_pp"] + stats.norm.ppf(0.9) * picked["cost_se_pp"] <= target
     assert open_served(key=key, mark="tiebreak", rule=tmp_path / "cheap.safetensors").answerer.beta == picked["beta"]
+
+
+def test_the_marked_api_is_refused_where_the_unmarked_served_model_belongs(data):
+    """Inputs, pairs and references chosen by the marked answers would make the null depend on the key."""
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    rule, api = make(key, data, Linear(1))
+    message = r"^The served model given is the marked API, whose answers depend on the key"
+    with pytest.raises(UsageError, match=message):
+        commit_verification_inputs(rule, served=api, x=data, count=50)
+    with pytest.raises(UsageError, match=message):
+        tiebreak_test(key=key, rule=rule, served=api, suspect=Linear(2), inputs=data, queries=50)
+    with pytest.raises(UsageError, match=message):
+        train_reference_surrogates(served=api, x=data, archs=["mlp"], repeats=1)
+    from wmark.schemes.api_mark import MarkedAPI
+
+    flip = MarkedAPI(key=key, backend=Linear(1))
+    with pytest.raises(UsageError, match=message):
+        train_reference_surrogates(served=flip, x=data, archs=["mlp"], repeats=1)

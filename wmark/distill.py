@@ -28,7 +28,7 @@ from torch import nn
 from wmark.contract import as_float_tensor, host_array
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.models import build_model
-from wmark.suspects.base import Suspect
+from wmark.suspects.base import Suspect, refuse_marked
 from wmark.text import TextInputs, is_text_array
 from wmark.training import accuracy, make_loader, predict_logits, train_epochs
 
@@ -216,10 +216,12 @@ def train_reference_surrogates(*, served: Suspect, x: np.ndarray, archs: Sequenc
         (architecture, model) per surrogate.
 
     Raises:
-        UsageError: If ``repeats`` is below 1.
+        UsageError: If ``repeats`` is below 1, or ``served`` is a marked API
+            (:func:`~wmark.suspects.base.refuse_marked`).
     """
     if repeats < 1:
         raise UsageError(f"repeats must be at least 1, got {repeats}.")
+    refuse_marked(served)
     nets = []
     for r in range(repeats):
         for i, arch in enumerate(archs):

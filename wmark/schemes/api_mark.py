@@ -168,6 +168,8 @@ class MarkedAPI:
         client: Client id the answers are recorded under.
     """
 
+    answers_carry_a_mark = True  # refused where the unmarked served model belongs (suspects.base.refuse_marked)
+
     def __init__(self, *, key: Key, backend: Suspect, rate: float = DEFAULT_RATE,
                  candidates: int | str = DEFAULT_CANDIDATES, max_confidence: float = 1.0,
                  expose_scores: bool = True, log: QueryLog | None = None, client: str = "default") -> None:

@@ -7,6 +7,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from wmark.errors import UsageError
+
 
 @dataclass(frozen=True)
 class Answers:
@@ -49,3 +51,18 @@ class Suspect(Protocol):
     def query(self, inputs: np.ndarray) -> Answers:
         """Answer a batch of float32 inputs shaped N×input_shape."""
         ...
+
+
+def refuse_marked(served: object) -> None:
+    """Refuse an API mark (an object whose ``answers_carry_a_mark`` is true) where the unmarked served model belongs.
+
+    The tie-break tests choose inputs, pairs and reference surrogates by the served model's answers; the null is
+    exact because those never depend on the key. The marked API's answers do, so passed there it would make the
+    null depend on the key too.
+
+    Raises:
+        UsageError: If ``served`` is a marked API.
+    """
+    if getattr(served, "answers_carry_a_mark", False):
+        raise UsageError("The served model given is the marked API, whose answers depend on the key (the test's "
+                         "null would too); pass the unmarked served model, e.g. LocalSuspect(model).")

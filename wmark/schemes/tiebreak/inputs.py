@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from wmark.errors import UsageError
-from wmark.suspects.base import Suspect
+from wmark.suspects.base import Suspect, refuse_marked
 from wmark.text import TextInputs, is_text_array
 
 
@@ -46,8 +46,10 @@ def served_scores(backend: Suspect, x: np.ndarray) -> np.ndarray:
     """The unmarked served model's scores (float64, N×C) on inputs already checked by :func:`rule_inputs`.
 
     Raises:
-        UsageError: If the served model hides its scores (the mark's pairs are chosen by them).
+        UsageError: If the served model hides its scores (the mark's pairs are chosen by them), or is a marked API
+            (:func:`~wmark.suspects.base.refuse_marked`).
     """
+    refuse_marked(backend)
     answers = backend.query(x)
     if answers.scores is None:
         raise UsageError("The served model must expose scores to the tie-break mark (its pairs are chosen by them); "

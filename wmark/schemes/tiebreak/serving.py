@@ -91,6 +91,8 @@ class TieBreakAPI:
             None).
     """
 
+    answers_carry_a_mark = True  # refused where the unmarked served model belongs (suspects.base.refuse_marked)
+
     def __init__(self, *, key: Key, backend: Suspect, rule: TieBreakRule, beta: float | None = None,
                  expose_scores: bool = True, log: QueryLog | None = None, client: str = "anonymous",
                  triggers: KeyTriggers | None = None) -> None:
