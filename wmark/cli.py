@@ -1,7 +1,7 @@
 """The ``wmark`` command line: a thin click shell over :mod:`wmark.api`.
 
 Exit codes: 0 detected / success, 1 not detected, 2 usage error (bad option, missing or corrupt file,
-mismatched key), 3 runtime error (a suspect that fails or answers garbage).
+mismatched key), 3 runtime error (a suspect that fails or answers garbage), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
