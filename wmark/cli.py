@@ -115,6 +115,8 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
     """Fine-tune a model with the key's watermark and write the marked model."""
     check_outputs(out)
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
+    if not schemes:  # api.embed(schemes=()) is the unmarked baseline: never what `wmark embed` is asked for
+        raise UsageError(f"--scheme {scheme!r} names no scheme; give trigger, weights or both, comma-separated.")
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
                      lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
                      progress=_progress(), trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin,
