@@ -25,8 +25,10 @@ def read_streams(path: PathLike) -> list[np.ndarray]:
     """Honest streams from a safetensors file: ``x`` (N×…, arrival order) and ``stream`` (N,) ids.
 
     Raises:
-        UsageError: If the tensors are missing or their lengths differ.
+        UsageError: If the file or its tensors are missing or their lengths differ.
     """
+    if not os.path.isfile(path):
+        raise UsageError(f"Stream file {path} does not exist; give a .safetensors file with tensors x and stream.")
     tensors, _ = load_tensors(path)
     if "x" not in tensors or "stream" not in tensors or len(tensors["x"]) != len(tensors["stream"]):
         raise UsageError(f"Stream file {path} needs tensors x (inputs) and stream (one id per input) of one length.")
