@@ -295,6 +295,46 @@ def test_a_training_setting_no_run_can_use_exits_2_and_writes_nothing(
     assert not out.exists()
 
 
+@pytest.mark.parametrize("scheme", ["", ",", " , "])
+def test_embed_with_no_scheme_exits_2_instead_of_writing_an_unmarked_model(key_file: Path, tmp_path: Path,
+                                                                           scheme: str) -> None:
+    """`--scheme ""` ran the unmarked baseline fine-tune and printed 'wrote OUT' as if the model were marked."""
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    model, out = tmp_path / "m.safetensors", tmp_path / "out.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), model)
+    code, err = _cli("embed", "--key", str(key_file), "--arch", "fmnist-mlp", "--weights", str(model), "--data",
+                     "digits", "--scheme", scheme, "--out", str(out))
+    assert code == 2
+    assert err == f"error: --scheme {scheme!r} names no scheme; give trigger, weights or both, comma-separated.\n"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["verify", "extraction", "--key", "{key}", "--suspect", "{model}", "--arch", "fmnist-mlp", "--rule", "{missing}"],
+     "Tie-break rule {missing} does not exist; build one with `wmark tiebreak build`."),
+    (["serve", "--name", "m", "--arch", "fmnist-mlp", "--weights", "{model}", "--monitor", "{missing}"],
+     "Monitor profile {missing} does not exist; write one with `wmark monitor calibrate`."),
+    (["monitor", "calibrate", "--arch", "fmnist-mlp", "--weights", "{model}", "--data", "digits", "--streams",
+      "{missing}", "--out", "{out}"],
+     "Stream file {missing} does not exist; give a .safetensors file with tensors x and stream."),
+])
+def test_a_missing_rule_profile_or_stream_file_is_named_for_what_it_is(key_file: Path, tmp_path: Path,
+                                                                       args: list[str], message: str) -> None:
+    """Each was refused as 'Model file PATH does not exist.', naming neither what the file is nor how to make it."""
+    from wmark.io import save_model
+    from wmark.models import build_model
+
+    paths = {"key": key_file, "model": tmp_path / "m.safetensors", "missing": tmp_path / "nope.safetensors",
+             "out": tmp_path / "out.safetensors"}
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=(1, 8, 8)), paths["model"],
+               metadata={"num_classes": 10, "input_shape": [1, 8, 8]})
+    code, err = _cli(*(a.format(**paths) for a in args))
+    assert (code, err) == (2, f"error: {message.format(**paths)}\n")
+    assert not paths["out"].exists()
+
+
 def test_a_batch_size_below_1_exits_2(tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     code, err = _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--batch-size", "0", "--out", str(out))

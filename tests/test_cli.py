@@ -151,6 +151,21 @@ def test_help_documents_exit_codes() -> None:
     assert code == 0 and "not detected" in out and "usage error" in out
 
 
+def test_every_command_help_renders_and_says_what_each_option_does() -> None:
+    """--epochs, --lr, --seed, --batch-size and --layers of train, embed and the attacks showed only a default."""
+    import click
+
+    def walk(cmd: click.Command, path: list[str]):
+        yield path, cmd
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, [*path, name])
+
+    for path, cmd in walk(main, []):
+        code, out, _ = run(*path, "--help")
+        assert code == 0 and "Usage:" in out, path
+        assert [p.name for p in cmd.params if isinstance(p, click.Option) and not p.help] == [], path
+
+
 def test_each_verify_workflow_lists_and_takes_only_its_own_options(workdir) -> None:
     key, marked = str(workdir / "owner.key"), str(workdir / "marked.safetensors")
     helps = {name: run("verify", name, "--help")[1] for name in ("file", "api", "extraction")}

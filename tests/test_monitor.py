@@ -361,11 +361,22 @@ def test_a_client_missing_from_the_token_file_keeps_its_saved_state(tmp_path):
     assert json.loads(state.read_text())["clients"]["thief"]["queries_total"] == 4
 
 
-@pytest.mark.parametrize("record", [[1], "x", {"alarm": "yes"}])
+@pytest.mark.parametrize("record", [[1], "x", {"alarm": "yes"}, {"refusals": ["total-quota"]}])
 def test_the_report_refuses_a_hand_edited_state_record_in_one_sentence(tmp_path, record):
-    """These crashed `wmark monitor report --state` with an AttributeError (exit 3)."""
+    """These crashed `wmark monitor report --state` with an AttributeError (exit 3): the last in its summary."""
     log, state = tmp_path / "alarms.jsonl", tmp_path / "state.json"
     log.write_text("")
     state.write_text(json.dumps({"format": STATE_FORMAT, "clients": {"shop": record}}))
     with pytest.raises(UsageError, match=r"has an invalid record for client 'shop' .*; fix it or move the file away"):
         monitor_report(alarm_log=log, state=state)
+
+
+@pytest.mark.parametrize("content", [b"\xf0\x9f binary", b'{"client": ["a"]}\n', b'{"client": null}\n'])
+def test_the_report_refuses_an_alarm_log_it_cannot_read_in_one_sentence(tmp_path, content):
+    """A binary file (a model given by mistake) crashed `wmark monitor report` with a UnicodeDecodeError, a
+    non-string client with a TypeError (exit 3)."""
+    log = tmp_path / "alarms.jsonl"
+    log.write_bytes(content)
+    with pytest.raises(UsageError, match=r"(Cannot read .* as text; pass the alarm log `wmark serve` wrote|"
+                                         r"Line 1 of .* is not an alarm record)"):
+        monitor_report(alarm_log=log)

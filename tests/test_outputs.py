@@ -153,6 +153,21 @@ def test_files_written_together_appear_together_or_not_at_all(tmp_path: Path,
     assert (tmp_path / "r.html").read_text() == "old page" and (tmp_path / "r.json").read_text() == "old twin"
 
 
+def test_ctrl_c_while_writing_exits_130_in_one_line_and_leaves_nothing(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import wmark.io
+
+    def interrupted(_tensors: Any, tmp: str, **_kwargs: Any) -> None:
+        Path(tmp).write_bytes(b"half a model")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(wmark.io, "save_file", interrupted)
+    code, err = _cli("train", "--arch", "fmnist-mlp", "--data", "digits", "--epochs", "1", "--max-samples", "64",
+                     "--out", str(tmp_path / "m.safetensors"))
+    assert (code, err) == (130, "interrupted (Ctrl-C); no output was left half-written.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 # D3: a refused mark leaves no log behind, and never deletes one that was there
 
 

@@ -276,6 +276,24 @@ def test_a_report_without_recorded_answers_is_not_confirmed_rather_than_called_t
     assert outcome.status == "partial" and "neither its answers nor a transcript" in outcome.tests[0]["note"]
 
 
+def test_a_transcript_or_owner_files_the_report_does_not_use_are_refused(files, tmp_path):
+    """`wmark recheck --transcript T` on a model-file report, or `--rule R --served S` on one without a tie-break
+    test, was ignored in silence (exit 0), as if T, R and S had been checked."""
+    from wmark.errors import UsageError
+
+    _, d = files
+    verdict = api.verify(key=d / "owner.key", arch="fmnist-mlp", suspect=d / "copy.safetensors")
+    api.write_report(verdict=verdict, key=d / "owner.key", path=tmp_path / "r.html")
+    with pytest.raises(UsageError, match=r"r\.json names no transcript \(it records the answers itself\), so a "
+                                         r"transcript does not apply; drop --transcript\.$"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
+    with pytest.raises(UsageError, match=r"has no tie-break test, so its rule and served model files do not apply"):
+        recheck(report=tmp_path / "r.json", key=d / "owner.key", owner_files={"rule": tmp_path / "rule.safetensors"})
+    code, _ = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(d / "owner.key"), "--served",
+                  str(d / "copy.safetensors"))
+    assert code == 2
+
+
 def _tiebreak_verdict(files, tmp_path, *, labels_only: bool):
     """A verdict with the committed-input tie-break test on an independent model, its rule and its re-check."""
     key, d = files

@@ -1,7 +1,7 @@
 """The ``wmark`` command line: a thin click shell over :mod:`wmark.api`.
 
 Exit codes: 0 detected / success, 1 not detected, 2 usage error (bad option, missing or corrupt file,
-mismatched key), 3 runtime error (a suspect that fails or answers garbage).
+mismatched key), 3 runtime error (a suspect that fails or answers garbage), 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -71,10 +71,10 @@ def keygen(owner: str, out: str, num_classes: int, input_shape: str, num_trigger
 @click.option("--arch", required=True, help=ARCH_HELP)
 @click.option("--data", required=True, help=DATA_HELP)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Model file to write (.safetensors).")
-@click.option("--epochs", default=3, show_default=True)
+@click.option("--epochs", default=3, show_default=True, help="Passes over the training data.")
 @click.option("--seed", default=0, show_default=True, help="Seed of initialisation and data order.")
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--batch-size", default=64, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--batch-size", default=64, show_default=True, help="Training samples per optimizer step.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @_handle_errors
 def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, batch_size: int,
@@ -95,8 +95,8 @@ def train(arch: str, data: str, out: str, epochs: int, seed: int, lr: float, bat
 @click.option("--scheme", default="trigger", show_default=True, help="Comma-separated schemes to embed.")
 @click.option("--epochs", default=4, show_default=True,
               help="Epochs of the fine-tune that embeds the mark (longer embedding survives a thief's fine-tune better).")
-@click.option("--lr", default=5e-4, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--lr", default=5e-4, show_default=True, help="Adam learning rate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data order and the trigger batches.")
 @click.option("--trigger-per-batch", type=int, default=None,
               help="Trigger samples per optimizer step. [default: 8 when mixing, else 4]")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
@@ -115,6 +115,8 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
     """Fine-tune a model with the key's watermark and write the marked model."""
     check_outputs(out)
     schemes = tuple(s.strip() for s in scheme.split(",") if s.strip())
+    if not schemes:  # api.embed(schemes=()) is the unmarked baseline: never what `wmark embed` is asked for
+        raise UsageError(f"--scheme {scheme!r} names no scheme; give trigger, weights or both, comma-separated.")
     info = api.embed(key=key, arch=arch, weights=weights, data=data, out=out, schemes=schemes, epochs=epochs,
                      lr=lr, seed=seed, trigger_per_batch=trigger_per_batch, max_samples=max_samples,
                      progress=_progress(), trigger_lookahead=trigger_lookahead, trigger_margin=trigger_margin,
@@ -200,10 +202,11 @@ def _report_attack(info: dict[str, Any]) -> None:
 @attack.command("finetune", epilog=EXIT_HELP)
 @_attack_options
 @click.option("--data", required=True, help=DATA_HELP + " (the attacker's own data)")
-@click.option("--epochs", default=5, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--layers", type=click.Choice(["all", "last", "reinit-last"]), default="all", show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=5, show_default=True, help="Passes over the attacker's data.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--layers", type=click.Choice(["all", "last", "reinit-last"]), default="all", show_default=True,
+              help="Train every layer, only the output layer, or every layer after re-initialising the output layer.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the data order.")
 @click.option("--max-samples", type=int, default=None, help="Use only the first N training samples.")
 @_handle_errors
 def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, lr: float, layers: str, seed: int,
@@ -224,9 +227,9 @@ def attack_finetune(arch: str, weights: str, out: str, data: str, epochs: int, l
 @click.option("--queries", default=10_000, show_default=True, help="Query budget.")
 @click.option("--data", required=True, help=DATA_HELP + " (the attacker's query inputs, e.g. fashion-mnist@attacker)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Surrogate to write.")
-@click.option("--epochs", default=6, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=6, show_default=True, help="Passes over the victim's answers.")
+@click.option("--lr", default=1e-3, show_default=True, help="Adam learning rate.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the queries chosen, the surrogate's initialisation and data order.")
 @click.option("--mark", type=click.Choice(["tiebreak", "flip"]), default=None,
               help="Serve the victim behind the owner's marked API (simulates the real path).")
 @click.option("--key", default=None, type=click.Path(dir_okay=False), help="Owner key file (with --mark).")
@@ -286,7 +289,7 @@ def attack_quantize(arch: str, weights: str, out: str, bits: int, data: str | No
 @attack.command("noise", epilog=EXIT_HELP)
 @_attack_options
 @click.option("--std", default=0.1, show_default=True, help="Noise std relative to each weight tensor's RMS.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the noise.")
 @click.option("--data", default=None, help="Optional test data to report accuracy on.")
 @_handle_errors
 def attack_noise(arch: str, weights: str, out: str, std: float, seed: int, data: str | None) -> None:
@@ -297,7 +300,7 @@ def attack_noise(arch: str, weights: str, out: str, std: float, seed: int, data:
 
 @attack.command("permute", epilog=EXIT_HELP)
 @_attack_options
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the permutation and the scales.")
 @click.option("--data", default=None, help="Optional test data to report accuracy on.")
 @_handle_errors
 def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:
@@ -308,7 +311,7 @@ def attack_permute(arch: str, weights: str, out: str, seed: int, data: str | Non
 
 @attack.command("rename", epilog=EXIT_HELP)
 @_attack_options
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed of the new names.")
 @click.option("--data", default=None, help="Optional test data to report accuracy on.")
 @_handle_errors
 def attack_rename(arch: str, weights: str, out: str, seed: int, data: str | None) -> None:

@@ -20,7 +20,8 @@ Exit codes:
   0  detected (verify) or success
   1  not detected or inconclusive (verify)
   2  usage error: bad option, missing/corrupt file, mismatched key
-  3  runtime error: the suspect failed or broke its protocol (e.g. the wrong number of labels)"""
+  3  runtime error: the suspect failed or broke its protocol (e.g. the wrong number of labels)
+  130  interrupted (Ctrl-C)"""
 
 ARCH_HELP = ("built-in name (fmnist-cnn, fmnist-cnn-wide, fmnist-mlp, resnet-small; text: minilm-classifier, "
              "tiny-bert, text-bow) or package.module:factory")
@@ -37,8 +38,9 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("interrupted", err=True)
-            sys.exit(3)
+            # 130 = 128 + SIGINT, what a shell reports for Ctrl-C; 3 told scripts the suspect had failed
+            click.echo("interrupted (Ctrl-C); no output was left half-written.", err=True)
+            sys.exit(130)
         except Exception as exc:
             if os.environ.get("WMARK_DEBUG"):
                 raise

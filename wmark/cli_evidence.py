@@ -23,7 +23,8 @@ EVIDENCE_EXIT_HELP = """\b
 Exit codes:
   0  signature valid / same verdict
   1  recheck: the recomputed verdict differs, or a test could not be recomputed
-  2  tampered: a digest, signature or key commitment fails; or a usage error"""
+  2  tampered: a digest, signature or key commitment fails; or a usage error
+  130  interrupted (Ctrl-C)"""
 
 
 def _is_model(path: Path) -> bool:

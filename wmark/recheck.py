@@ -289,6 +289,11 @@ def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
     details: dict[str, Any] = next((t.get("details", {}) for t in doc["verdict"]["tests"]
                                     if t["name"] == "trigger-set"), {})
     recorded = details.get("answers")
+    summary = doc.get("transcript") or details.get("transcript")
+    if transcript is not None and (recorded is not None or not summary):
+        raise UsageError(f"The report {report} names no transcript (it records "
+                         f"{'the answers itself' if recorded is not None else 'no answers'}), so a transcript does not "
+                         "apply; drop --transcript.")
     if recorded is not None:
         digests, labels = recorded.get("input_sha256", []), recorded.get("labels", [])
         scores = recorded.get("scores", [None] * len(digests))
@@ -297,7 +302,6 @@ def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
                                 f"and {len(scores)} score rows.")
         return _Record(labels={d: int(v) for d, v in zip(digests, labels)}, source=f"the report {report.name}",
                        scores=dict(zip(digests, scores)))
-    summary = doc.get("transcript") or details.get("transcript")
     if not summary:
         return None
     path = Path(transcript) if transcript is not None else Path(summary["path"])
@@ -391,6 +395,8 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
             key's commitment is not the report's, the report shows another owner or public parameters than the key,
             or a trigger's answer is missing (exit 2).
+        UsageError: If a file the report names is missing, or ``transcript`` or ``owner_files`` is given for a report
+            with no transcript or no tie-break test.
     """
     from wmark.report import report_text
 
@@ -423,6 +429,9 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
                             "key it names by commitment: it was edited.")
     checks.append("key commitment")
     verdict = doc["verdict"]
+    if owner_files and not any(t["name"] == TIEBREAK for t in verdict["tests"]):
+        raise UsageError(f"The report {path} has no tie-break test, so its rule and served model files do not apply; "
+                         "drop --rule and --served.")
     alpha = float(verdict["alpha"])
     tests: list[TestResult] = []
     rows: list[dict[str, Any]] = []

@@ -25,8 +25,10 @@ def read_streams(path: PathLike) -> list[np.ndarray]:
     """Honest streams from a safetensors file: ``x`` (N×…, arrival order) and ``stream`` (N,) ids.
 
     Raises:
-        UsageError: If the tensors are missing or their lengths differ.
+        UsageError: If the file or its tensors are missing or their lengths differ.
     """
+    if not os.path.isfile(path):
+        raise UsageError(f"Stream file {path} does not exist; give a .safetensors file with tensors x and stream.")
     tensors, _ = load_tensors(path)
     if "x" not in tensors or "stream" not in tensors or len(tensors["x"]) != len(tensors["stream"]):
         raise UsageError(f"Stream file {path} needs tensors x (inputs) and stream (one id per input) of one length.")
@@ -89,14 +91,20 @@ def monitor_report(*, alarm_log: PathLike, state: PathLike | None = None) -> dic
         raise UsageError(f"Alarm log {log} does not exist; pass the file given to `wmark serve` as the alarm log.")
     clients: dict[str, dict[str, Any]] = {}
     count = 0
-    for number, line in enumerate(log.read_text().splitlines(), 1):
+    try:
+        lines = log.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        raise UsageError(f"Cannot read {log} as text; pass the alarm log `wmark serve` wrote.") from None
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
             name = rec["client"]
         except (ValueError, KeyError, TypeError):
-            raise UsageError(f"Line {number} of {log} is not an alarm record; is it a wmark alarm log?") from None
+            name = None
+        if not isinstance(name, str):
+            raise UsageError(f"Line {number} of {log} is not an alarm record; is it a wmark alarm log?")
         count += 1
         entry = clients.setdefault(name, {"alarms": 0})
         entry["alarms"] += 1
@@ -112,10 +120,10 @@ def monitor_report(*, alarm_log: PathLike, state: PathLike | None = None) -> dic
         if not isinstance(saved, dict):
             raise UsageError(f"State file {p} is missing or not a wmark monitor state file.")
         for name, rec in saved.items():
-            if not isinstance(rec, dict) or not isinstance(rec.get("alarm") or {}, dict):
+            if not isinstance(rec, dict) or not all(isinstance(rec.get(k) or {}, dict) for k in ("alarm", "refusals")):
                 # a hand-edited record crashed the report with an AttributeError
-                raise UsageError(f"State file {p} has an invalid record for client {name!r} (an object, its alarm an "
-                                 "object); fix it or move the file away.")
+                raise UsageError(f"State file {p} has an invalid record for client {name!r} (an object, its alarm and "
+                                 "refusals objects); fix it or move the file away.")
             entry = clients.setdefault(name, {"alarms": 0})
             entry.update({k: rec.get(k) for k in ("queries_total", "queries_today", "requests", "refusals", "score",
                                                   "signals")})

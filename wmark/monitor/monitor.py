@@ -83,8 +83,10 @@ def load_profile(path: str | os.PathLike[str]) -> MonitorProfile:
     """Read a profile written by :func:`save_profile`.
 
     Raises:
-        UsageError: If the file is not a monitor profile or was never calibrated.
+        UsageError: If the file is missing, is not a monitor profile or was never calibrated.
     """
+    if not os.path.isfile(path):
+        raise UsageError(f"Monitor profile {path} does not exist; write one with `wmark monitor calibrate`.")
     tensors, metadata = load_tensors(path)
     doc = wmark_metadata(metadata).get("monitor")
     if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or set(tensors) != {"mean", "components"}:

@@ -351,12 +351,14 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
         The rule (featurizer attached) and the served model as a score-exposing local suspect.
 
     Raises:
-        UsageError: If the rule was built under another key or from another served model file, or the served
-            model cannot be found.
+        UsageError: If the rule is missing or was built under another key or from another served model file, or
+            the served model cannot be found.
     """
     from wmark.io import read_metadata, tensors_digest
     from wmark.models import load_model, penultimate_featurizer
 
+    if not Path(rule).is_file():
+        raise UsageError(f"Tie-break rule {rule} does not exist; build one with `wmark tiebreak build`.")
     meta = wmark_metadata(read_metadata(rule))
     if meta.get("scheme") != SCHEME:
         raise UsageError(f"{rule} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
