@@ -243,6 +243,11 @@ def _read_fx(model: nn.Module) -> Graph:
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
+            # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
+                                                                                  str(node.target)))
+            continue
         if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
             continue
