@@ -48,3 +48,39 @@ def test_a_channel_concatenation_is_refused_not_misread() -> None:
     with pytest.raises(UsageError, match="reads the output of cat that wmark cannot align through"):
         plan(g, "conv.weight")
     assert same_function_after_permuting(model, DenseAdd(), torch.randn(2, 3, 8, 8))
+
+
+class InPlaceAdds(nn.Module):
+    """Residual blocks adding in every way: ``x.add_`` (its result read through ``x``), ``+=``, ``torch.add``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.convs = nn.ModuleList(nn.Conv2d(4, 4, 3, padding=1, bias=False) for _ in range(3))
+        self.short = nn.Identity()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.stem(x)), inplace=True)
+        out = self.convs[0](h)
+        out.add_(self.short(h))
+        h = F.relu(out, inplace=True)
+        out = self.convs[1](h)
+        out += h
+        h = torch.add(self.convs[2](out), out)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(h, 1), 1))
+
+
+def test_an_in_place_add_joins_the_residual_stream() -> None:
+    """``out.add_(h)`` then reading ``out`` left the stream split: a permutation of it changed the outputs."""
+    torch.manual_seed(0)
+    model = InPlaceAdds()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 2.0)
+    g = read_graph(model)
+    stream = g.layer("stem.weight").out
+    assert [lay.name for lay in g.writers(stream)] == ["stem.weight", *(f"convs.{i}.weight" for i in range(3))]
+    assert g.layer("fc.weight").inp == stream and "bn.running_var" in g.spaces[stream].params
+    assert same_function_after_permuting(model, InPlaceAdds(), torch.randn(2, 3, 8, 8))

@@ -294,6 +294,14 @@ def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spac
     """The space of a function/method node's output; opaque unless the op keeps or joins spaces."""
     target = node.target
     first = sp.find(label[tensor_args[0]])
+    if node.op == "call_method" and target.endswith("_") and not target.startswith("_"):
+        # An in-place method (x.add_(y), x.relu_()): x itself holds the result, and later reads of x share its space.
+        return sp.union(first, _through_op(node, target[:-1], first, tensor_args, label, sp))
+    return _through_op(node, target, first, tensor_args, label, sp)
+
+
+def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], label: dict[Any, str],
+                sp: _Spaces) -> str:
     if target in _ADDS or target == "add":
         if len(tensor_args) == 2:
             return sp.union(first, label[tensor_args[1]])
