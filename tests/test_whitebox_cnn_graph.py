@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _whitebox_helpers import tiny_key
 from torch import nn
 from torch.nn import functional as F
 
 from wmark.attacks.symmetry import permute_spaces
 from wmark.errors import UsageError
+from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import plan, read_graph
 
 
@@ -84,3 +86,34 @@ def test_an_in_place_add_joins_the_residual_stream() -> None:
     assert [lay.name for lay in g.writers(stream)] == ["stem.weight", *(f"convs.{i}.weight" for i in range(3))]
     assert g.layer("fc.weight").inp == stream and "bn.running_var" in g.spaces[stream].params
     assert same_function_after_permuting(model, InPlaceAdds(), torch.randn(2, 3, 8, 8))
+
+
+class Separable(nn.Module):
+    """A residual depthwise-separable block (MobileNet-style): a depthwise 3×3 conv, then a pointwise one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.pw = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.stem(x)))
+        h = h + self.pw(torch.relu(self.dw(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+def test_a_grouped_conv_is_refused_not_misread() -> None:
+    """The depthwise conv's 9 columns per row were read as 6 input units (a traceback when permuting)."""
+    torch.manual_seed(0)
+    model = Separable()
+    g = read_graph(model)
+    for name in ("dw.weight", "pw.weight"):
+        with pytest.raises(UsageError, match="reads the output of a grouped conv that wmark cannot align through"):
+            plan(g, name)
+    assert same_function_after_permuting(model, Separable(), torch.randn(2, 3, 8, 8))
+    assert WeightsEmbedder(tiny_key(8, seed=1), model).layer == "stem.weight"
+    with pytest.raises(UsageError, match="grouped conv"):
+        WeightsEmbedder(tiny_key(8, seed=1), model, layer="pw")

@@ -263,8 +263,13 @@ def _read_fx(model: nn.Module) -> Graph:
                 raise UsageError(f"Layer {target} is applied more than once; wmark cannot align shared weights.")
             seen.add(target)
             mod = modules[target]
-            out = sp.new(target, int(mod.weight.shape[0]))
-            if tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+            grouped = getattr(mod, "groups", 1) > 1
+            out = sp.new(target, int(mod.weight.shape[0]), "opaque" if grouped else "free",
+                         why="a grouped conv" if grouped else "")
+            if grouped and tensor_args:
+                # Its channels permute only group by group, tied to its input's: neither side is aligned.
+                src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why="a grouped conv"))
+            elif tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
                 src = sp.find(label[tensor_args[0]])
             else:
                 src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
