@@ -1,4 +1,5 @@
-"""Residual CNN graphs wmark must read right or refuse: channel concatenation, in-place adds, grouped convs."""
+"""Residual CNN graphs wmark must read right or refuse (channel concatenation, in-place adds, grouped convs), and
+BatchNorm folding without affine parameters or running statistics."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from _whitebox_helpers import tiny_key
 from torch import nn
 from torch.nn import functional as F
 
-from wmark.attacks.symmetry import permute_spaces
+from wmark.attacks.symmetry import fold_batchnorm, permute_spaces
 from wmark.errors import UsageError
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import plan, read_graph
@@ -117,3 +118,23 @@ def test_a_grouped_conv_is_refused_not_misread() -> None:
     assert WeightsEmbedder(tiny_key(8, seed=1), model).layer == "stem.weight"
     with pytest.raises(UsageError, match="grouped conv"):
         WeightsEmbedder(tiny_key(8, seed=1), model, layer="pw")
+
+
+def test_fold_batchnorm_without_affine_folds_and_without_running_statistics_is_refused() -> None:
+    """BatchNorm(affine=False) failed with a TypeError, one without running statistics with an AssertionError."""
+    x = torch.randn(2, 3, 8, 8)
+    for kwargs in ({"affine": False}, {"track_running_stats": False}):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, **kwargs), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(4 * 36, 2))
+        model.train()
+        for _ in range(3):
+            model(torch.randn(8, 3, 8, 8))
+        model.eval()
+        if kwargs.get("affine") is False:
+            folded = fold_batchnorm(model)
+            assert torch.allclose(folded(x), model(x), atol=1e-5)
+            assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+        else:
+            with pytest.raises(UsageError, match="keeps no running statistics"):
+                fold_batchnorm(model)
