@@ -140,8 +140,8 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     BatchNorm becomes an identity.
 
     Raises:
-        UsageError: If the model has no BatchNorm, the graph cannot be traced, or a BatchNorm follows something
-            other than a conv.
+        UsageError: If the model has no BatchNorm, the graph cannot be traced, a BatchNorm follows something
+            other than a conv, or one keeps no running statistics.
     """
     # a model without one (a BERT-style encoder: read by rules, not by torch.fx) failed in fx's tracer, or
     # came back unchanged
@@ -159,6 +159,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             if not ok:
                 raise UsageError(f"BatchNorm {node.target} does not directly follow a conv used only by it; it cannot "
                                  "be folded.")
+            if modules[node.target].running_var is None:
+                raise UsageError(f"BatchNorm {node.target} keeps no running statistics (it normalises every batch by "
+                                 "its own), so it cannot be folded into a conv.")
             pairs.append((str(src.target), str(node.target)))
     attacked = copy.deepcopy(model).eval()
     for conv_name, bn_name in pairs:
@@ -166,10 +169,12 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
         assert isinstance(bn, (nn.BatchNorm1d, nn.BatchNorm2d)) and bn.running_var is not None
         assert isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Linear)) and bn.running_mean is not None
         with torch.no_grad():
-            scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+            # affine=False: no γ, β (1 and 0)
+            scale = torch.rsqrt(bn.running_var + bn.eps) * (1.0 if bn.weight is None else bn.weight)
             old = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            shift = (old - bn.running_mean) * scale
             conv.weight.mul_(scale.view(-1, *[1] * (conv.weight.dim() - 1)))
-            conv.bias = nn.Parameter((old - bn.running_mean) * scale + bn.bias)
+            conv.bias = nn.Parameter(shift if bn.bias is None else shift + bn.bias)
         _set(attacked, bn_name, nn.Identity())
     return attacked
 

@@ -243,6 +243,11 @@ def _read_fx(model: nn.Module) -> Graph:
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
+            # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
+                                                                                  str(node.target)))
+            continue
         if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
             continue
@@ -258,8 +263,13 @@ def _read_fx(model: nn.Module) -> Graph:
                 raise UsageError(f"Layer {target} is applied more than once; wmark cannot align shared weights.")
             seen.add(target)
             mod = modules[target]
-            out = sp.new(target, int(mod.weight.shape[0]))
-            if tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+            grouped = getattr(mod, "groups", 1) > 1
+            out = sp.new(target, int(mod.weight.shape[0]), "opaque" if grouped else "free",
+                         why="a grouped conv" if grouped else "")
+            if grouped and tensor_args:
+                # Its channels permute only group by group, tied to its input's: neither side is aligned.
+                src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why="a grouped conv"))
+            elif tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
                 src = sp.find(label[tensor_args[0]])
             else:
                 src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
@@ -289,6 +299,14 @@ def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spac
     """The space of a function/method node's output; opaque unless the op keeps or joins spaces."""
     target = node.target
     first = sp.find(label[tensor_args[0]])
+    if node.op == "call_method" and target.endswith("_") and not target.startswith("_"):
+        # An in-place method (x.add_(y), x.relu_()): x itself holds the result, and later reads of x share its space.
+        return sp.union(first, _through_op(node, target[:-1], first, tensor_args, label, sp))
+    return _through_op(node, target, first, tensor_args, label, sp)
+
+
+def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], label: dict[Any, str],
+                sp: _Spaces) -> str:
     if target in _ADDS or target == "add":
         if len(tensor_args) == 2:
             return sp.union(first, label[tensor_args[1]])
