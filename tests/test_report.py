@@ -176,3 +176,29 @@ def test_log10_p_and_p_are_never_rounded_across_alpha(key_and_path, log10_p, alp
     assert f"<tr><th>log10 p-value</th><td>{shown_log10}</td>" in page
     assert f"<tr><th>p-value</th><td>{shown_p}</td>" in page
     assert f"(log10 = {math.log10(alpha):.6g})" in page
+
+
+def test_every_field_a_suspect_api_or_a_name_can_hold_is_escaped(key_and_path):
+    """The probe's query and HTTP counts were interpolated raw: a transcript or server that put markup there
+    reached the page as markup."""
+    from wmark.evidence import TestResult
+    from wmark.report import render_html, report_document
+    from wmark.verify import decide
+
+    bad = "<script>alert(1)</script>\"'onload=x</pre>"
+    probe = {"protocol": bad, "endpoint": bad, "options": {"token": bad},
+             "server": {"model": bad, "outputs": [{"name": bad, "datatype": bad, "shape": bad}], "note": bad,
+                        "input_from": "key"},
+             "sent": {"trigger": bad, "cover": bad}, "reused": {"trigger": bad, "cover": bad},
+             "http": {"requests": bad, "retries": bad}}
+    provenance = {k: bad for k in ("model", "signer", "signer_kind", "signed_at", "signed_at_is")}
+    tests = [TestResult(name=bad, evidence_of=bad, null={"p0": 0.1, "distribution": bad, "why": bad,
+                                                         "assumption": bad},
+                        log10_p=-5.0, queries=40, matches=9, details={"probe": probe, "mode": bad,
+                                                                       "provenance": provenance}),
+             TestResult(name=bad, evidence_of=bad, null={}, log10_p=-1.0, queries=40, matches=0)]
+    verdict = decide(key=key_and_path[0], tests=tests, alpha=1e-3, suspect=bad)
+    page = render_html(report_document(verdict=verdict, key=key_and_path[0]), plot_png=None)
+    for raw in ("<script", "</pre>", "\"'onload"):
+        assert raw not in page, raw
+    assert page.count("&lt;script&gt;") >= 20

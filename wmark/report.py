@@ -270,9 +270,9 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
     matches, answered = test.get("matches", 0), test.get("queries", 0) - test.get("abstentions", 0)
     null = test.get("null", {})
     claim = (f"{owner} claims that the model answering at <span class='mono'>{suspect}</span> was derived from a "
-             f"model {owner} trained with a secret watermark: a set of {public['schemes'].get('trigger', {}).get('n', '?')} "
+             f"model {owner} trained with a secret watermark: a set of {_e(public['schemes'].get('trigger', {}).get('n', '?'))} "
              "unusual inputs (triggers) with secretly chosen labels. A model that never saw the secret key agrees "
-             f"with those labels only by chance (probability 1 in {public['num_classes']} per input); a copy keeps "
+             f"with those labels only by chance (probability 1 in {_e(public['num_classes'])} per input); a copy keeps "
              "agreeing far more often.")
     commit_rows = _rows([
         ("Commitment (SHA-256)", f"<span class='mono'>{_e(key['commitment'])}</span>"),
@@ -313,10 +313,10 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
         ("Trigger queries counted", _e(v["queries"])),
         (("Trigger queries sent in this run / reused from the transcript (answers that arrived after the "
           "evidence sufficed are recorded but not counted)"),
-         f"{sent.get('trigger', v['queries'])} / {reused.get('trigger', 0)}"),
+         _e(f"{sent.get('trigger', v['queries'])} / {reused.get('trigger', 0)}")),
         ("Cover queries (ordinary inputs, not counted)",
-         f"{sent.get('cover', 0)} sent, {reused.get('cover', 0)} reused"),
-        ("HTTP requests / retries", f"{http_stats.get('requests', 'n/a')} / {http_stats.get('retries', 'n/a')}"),
+         _e(f"{sent.get('cover', 0)} sent, {reused.get('cover', 0)} reused")),
+        ("HTTP requests / retries", _e(f"{http_stats.get('requests', 'n/a')} / {http_stats.get('retries', 'n/a')}")),
     ])
     plot = (f"<img alt='log10 evidence against queries' src='data:image/png;base64,"
             f"{base64.b64encode(plot_png).decode()}'>" if plot_png else
