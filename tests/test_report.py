@@ -202,3 +202,18 @@ def test_every_field_a_suspect_api_or_a_name_can_hold_is_escaped(key_and_path):
     for raw in ("<script", "</pre>", "\"'onload"):
         assert raw not in page, raw
     assert page.count("&lt;script&gt;") >= 20
+
+
+def test_a_suspect_file_name_that_is_not_utf8_is_written_as_its_escape(key_and_path, tmp_path):
+    """A suspect whose file name is not UTF-8 (a lone surrogate in Python) failed the report with a
+    UnicodeEncodeError after the whole verification had run."""
+    from wmark.evidence import TestResult
+    from wmark.verify import decide
+
+    key = key_and_path[0]
+    tests = [TestResult(name="trigger-set", evidence_of="copy", null={"p0": 0.1}, log10_p=-5.0, queries=40,
+                        matches=9)]
+    verdict = decide(key=key, tests=tests, alpha=1e-3, suspect=str(tmp_path / "m\udcff.safetensors"))
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert "m\\udcff.safetensors" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert json.loads(json_twin(tmp_path / "r.html").read_text())["suspect"]["description"].endswith("m\udcff.safetensors")

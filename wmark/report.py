@@ -127,7 +127,9 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
         raise AssertionError("refusing to write a report that contains the key's secret")
     # One transaction for both: a page without its twin cannot be re-checked, a twin without its page misleads.
     with atomic_writes(*report_paths(path)) as (html_tmp, json_tmp):
-        Path(html_tmp).write_text(page, encoding="utf-8")
+        # A name that is not valid UTF-8 (a suspect's file name, as a lone surrogate) is written as its escape, the
+        # way the JSON twin writes it.
+        Path(html_tmp).write_text(page, encoding="utf-8", errors="backslashreplace")
         Path(json_tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
 
