@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import re
 
 import pytest
@@ -147,3 +148,72 @@ def test_the_probe_details_are_reported_whichever_test_gives_the_verdict(key_and
     doc = report_document(verdict=verdict, key=key)
     assert doc["suspect"]["probe"] == probe
     assert doc["seeds"]["cover_traffic"].startswith("derived from the key's secret")
+
+
+def _page(key, *, log10_p, alpha, suspect="http://127.0.0.1:9/m"):
+    from wmark.evidence import TestResult
+    from wmark.report import render_html, report_document
+    from wmark.verify import decide
+
+    tests = [TestResult(name="trigger-set", evidence_of="copy", null={"p0": 0.1}, log10_p=log10_p, queries=40,
+                        matches=9)]
+    verdict = decide(key=key, tests=tests, alpha=alpha, suspect=suspect)
+    return verdict, render_html(report_document(verdict=verdict, key=key), plot_png=None)
+
+
+@pytest.mark.parametrize("log10_p, alpha, shown_log10, shown_p", [
+    (-2.996, 1e-3, "-2.996", "0.001009"),
+    (-1.99999, 1e-2, "-1.99999", "0.0100002"),
+    (-1.3005, 0.05, "-1.30", "0.05006"),
+    (-5.00001, 1e-3, "-5.00", "1.00 &times; 10<sup>-5</sup>"),
+    (float("-inf"), 1e-3, "below -300", "below 10<sup>-300</sup>"),
+])
+def test_log10_p_and_p_are_never_rounded_across_alpha(key_and_path, log10_p, alpha, shown_log10, shown_p):
+    """A log10 p of -2.996 (not detected at alpha = 10^-3) was shown as -3.00 beside alpha's -3.0, p = 0.01 - 1e-7
+    as 0.01, a p of 1e-5 as 10.00 x 10^-6, and -inf as a 300-digit number."""
+    verdict, page = _page(key_and_path[0], log10_p=log10_p, alpha=alpha)
+    assert verdict.detected == (log10_p <= math.log10(alpha))
+    assert f"<tr><th>log10 p-value</th><td>{shown_log10}</td>" in page
+    assert f"<tr><th>p-value</th><td>{shown_p}</td>" in page
+    assert f"(log10 = {math.log10(alpha):.6g})" in page
+
+
+def test_every_field_a_suspect_api_or_a_name_can_hold_is_escaped(key_and_path):
+    """The probe's query and HTTP counts were interpolated raw: a transcript or server that put markup there
+    reached the page as markup."""
+    from wmark.evidence import TestResult
+    from wmark.report import render_html, report_document
+    from wmark.verify import decide
+
+    bad = "<script>alert(1)</script>\"'onload=x</pre>"
+    probe = {"protocol": bad, "endpoint": bad, "options": {"token": bad},
+             "server": {"model": bad, "outputs": [{"name": bad, "datatype": bad, "shape": bad}], "note": bad,
+                        "input_from": "key"},
+             "sent": {"trigger": bad, "cover": bad}, "reused": {"trigger": bad, "cover": bad},
+             "http": {"requests": bad, "retries": bad}}
+    provenance = {k: bad for k in ("model", "signer", "signer_kind", "signed_at", "signed_at_is")}
+    tests = [TestResult(name=bad, evidence_of=bad, null={"p0": 0.1, "distribution": bad, "why": bad,
+                                                         "assumption": bad},
+                        log10_p=-5.0, queries=40, matches=9, details={"probe": probe, "mode": bad,
+                                                                       "provenance": provenance}),
+             TestResult(name=bad, evidence_of=bad, null={}, log10_p=-1.0, queries=40, matches=0)]
+    verdict = decide(key=key_and_path[0], tests=tests, alpha=1e-3, suspect=bad)
+    page = render_html(report_document(verdict=verdict, key=key_and_path[0]), plot_png=None)
+    for raw in ("<script", "</pre>", "\"'onload"):
+        assert raw not in page, raw
+    assert page.count("&lt;script&gt;") >= 20
+
+
+def test_a_suspect_file_name_that_is_not_utf8_is_written_as_its_escape(key_and_path, tmp_path):
+    """A suspect whose file name is not UTF-8 (a lone surrogate in Python) failed the report with a
+    UnicodeEncodeError after the whole verification had run."""
+    from wmark.evidence import TestResult
+    from wmark.verify import decide
+
+    key = key_and_path[0]
+    tests = [TestResult(name="trigger-set", evidence_of="copy", null={"p0": 0.1}, log10_p=-5.0, queries=40,
+                        matches=9)]
+    verdict = decide(key=key, tests=tests, alpha=1e-3, suspect=str(tmp_path / "m\udcff.safetensors"))
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    assert "m\\udcff.safetensors" in (tmp_path / "r.html").read_text(encoding="utf-8")
+    assert json.loads(json_twin(tmp_path / "r.html").read_text())["suspect"]["description"].endswith("m\udcff.safetensors")

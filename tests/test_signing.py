@@ -94,6 +94,23 @@ def test_a_bundle_edited_to_the_wrong_json_types_is_called_altered(tmp_path, pai
     assert code == 2
 
 
+@pytest.mark.parametrize("predicate", [[5], {"resources": [5]}, {"serialization": {"method": "files",
+                                                                                      "hash_type": "md5"}}])
+def test_a_bundle_predicate_edited_to_the_wrong_json_types_is_called_altered(tmp_path, pair, predicate):
+    import base64
+
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    sig = sign_file(path=target, private_key=pair[0])
+    doc = json.loads(sig.read_text())
+    statement = json.loads(base64.b64decode(doc["dsseEnvelope"]["payload"]))
+    doc["dsseEnvelope"]["payload"] = base64.b64encode(json.dumps(dict(statement, predicate=predicate)).encode()).decode()
+    sig.write_text(json.dumps(doc))
+    with pytest.raises(EvidenceError, match="not a readable Sigstore bundle: it was altered"):
+        verify_file(path=target, public_key=pair[1])
+
+
 def test_unsigned_and_other_signer_are_refused(tmp_path, pair):
     target = tmp_path / "t.sqlite"
     target.write_bytes(b"rows")
@@ -221,6 +238,37 @@ def test_a_model_directory_is_signed_as_a_whole_and_bound_to_a_key(tmp_path, pai
     _flip(model / "config.json", 3)
     with pytest.raises(EvidenceError, match="altered after signing"):
         verify_model(path=model, public_key=pair[1])
+
+
+@pytest.mark.parametrize("added", [".gitattributes", ".gitignore", ".git/config", ".github/x.yml"])
+def test_a_git_file_added_to_a_signed_directory_is_detected(tmp_path, pair, added):
+    """model-signing leaves .git* files out of a directory's signature by default: one added (or changed) after
+    signing passed verify_file."""
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_labels": 10}')
+    (model / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    sign_file(path=model, private_key=pair[0])
+    assert verify_file(path=model, public_key=pair[1]).verified
+    (model / added).parent.mkdir(exist_ok=True)
+    (model / added).write_text("smuggled")
+    with pytest.raises(EvidenceError, match="altered after signing"):
+        verify_file(path=model, public_key=pair[1])
+
+
+def test_a_file_a_bundle_does_not_sign_is_named(tmp_path, pair):
+    """A bundle made with the library's defaults (.git* left out) does not vouch for a .gitattributes beside it."""
+    import model_signing
+
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / ".gitattributes").write_text("x")
+    config = model_signing.signing.Config()
+    config.use_elliptic_key_signer(private_key=pair[0])
+    config.sign(model, signature_path(model))
+    with pytest.raises(EvidenceError, match=r"holds \.gitattributes, which .* does not sign"):
+        verify_file(path=model, public_key=pair[1])
 
 
 def test_bundles_verify_with_the_model_signing_command_line(tmp_path, pair, released):

@@ -127,7 +127,9 @@ def write_report(*, verdict: Verdict, key: Key, path: str | os.PathLike[str]) ->
         raise AssertionError("refusing to write a report that contains the key's secret")
     # One transaction for both: a page without its twin cannot be re-checked, a twin without its page misleads.
     with atomic_writes(*report_paths(path)) as (html_tmp, json_tmp):
-        Path(html_tmp).write_text(page, encoding="utf-8")
+        # A name that is not valid UTF-8 (a suspect's file name, as a lone surrogate) is written as its escape, the
+        # way the JSON twin writes it.
+        Path(html_tmp).write_text(page, encoding="utf-8", errors="backslashreplace")
         Path(json_tmp).write_text(report_text(doc), encoding="utf-8")
     return doc
 
@@ -193,14 +195,36 @@ def _alpha_text(alpha: float) -> str:
     return f"{alpha:g}"
 
 
-def _p_text(log10_p: float) -> str:
+def _p_text(log10_p: float, alpha: float) -> str:
+    """The p-value, to as many significant digits as keep it on the side of alpha the decision is on."""
     if log10_p <= -300:
         return "below 10<sup>-300</sup>"
+    detected = log10_p <= math.log10(alpha)
     p = log10_to_p(log10_p)
+    digits = 4 if log10_p > -4 else 3
+    while digits < 15 and (float(f"{p:.{digits - 1}e}") <= alpha) != detected:
+        digits += 1
     if log10_p > -4:
-        return f"{p:.4g}"
-    mantissa = 10 ** (log10_p - math.floor(log10_p))
-    return f"{mantissa:.2f} &times; 10<sup>{math.floor(log10_p)}</sup>"
+        return f"{p:.{digits}g}"
+    mantissa, exponent = f"{p:.{digits - 1}e}".split("e")
+    return f"{mantissa} &times; 10<sup>{int(exponent)}</sup>"
+
+
+def _log10_text(log10_p: float, alpha: float) -> str:
+    """log10 p to two decimals, or as many more as keep it on the side of :func:`_log10_alpha_text` the
+    decision is on (a log10 p of -2.996 is not -3.00 against alpha = 10^-3)."""
+    if log10_p <= -300:
+        return "below -300"
+    detected = log10_p <= math.log10(alpha)
+    shown_alpha = float(_log10_alpha_text(alpha))
+    digits = 2
+    while digits < 15 and (float(f"{log10_p:.{digits}f}") <= shown_alpha) != detected:
+        digits += 1
+    return f"{log10_p:.{digits}f}"
+
+
+def _log10_alpha_text(alpha: float) -> str:
+    return f"{math.log10(alpha):.6g}"
 
 
 _CSS = """
@@ -235,12 +259,12 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
     headline = {
         "detected": f"<b>Detected.</b> The suspect's answers carry the watermark of the key committed to by "
                     f"{owner}: evidence this strong would arise by chance with probability at most "
-                    f"{_p_text(v['log10_p'])}, below the bound alpha = {_alpha_text(v['alpha'])} fixed in advance.",
+                    f"{_p_text(v['log10_p'], v['alpha'])}, below the bound alpha = {_alpha_text(v['alpha'])} fixed in advance.",
         "not_detected": f"<b>Not detected.</b> The suspect's answers do not show {owner}'s watermark at the bound "
                         f"alpha = {_alpha_text(v['alpha'])}. This does not prove independence; it means the evidence is "
                         "insufficient for an accusation.",
         "inconclusive": f"<b>Inconclusive.</b> {_e(v['message'])} Evidence so far: p-value at most "
-                        f"{_p_text(v['log10_p'])} (needs alpha = {_alpha_text(v['alpha'])}).",
+                        f"{_p_text(v['log10_p'], v['alpha'])} (needs alpha = {_alpha_text(v['alpha'])}).",
     }[status]
     # An inconclusive headline quotes the message; otherwise it still holds caveats (an assumption, what the
     # suspect's file records) that the reader must see next to the verdict.
@@ -248,9 +272,9 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
     matches, answered = test.get("matches", 0), test.get("queries", 0) - test.get("abstentions", 0)
     null = test.get("null", {})
     claim = (f"{owner} claims that the model answering at <span class='mono'>{suspect}</span> was derived from a "
-             f"model {owner} trained with a secret watermark: a set of {public['schemes'].get('trigger', {}).get('n', '?')} "
+             f"model {owner} trained with a secret watermark: a set of {_e(public['schemes'].get('trigger', {}).get('n', '?'))} "
              "unusual inputs (triggers) with secretly chosen labels. A model that never saw the secret key agrees "
-             f"with those labels only by chance (probability 1 in {public['num_classes']} per input); a copy keeps "
+             f"with those labels only by chance (probability 1 in {_e(public['num_classes'])} per input); a copy keeps "
              "agreeing far more often.")
     commit_rows = _rows([
         ("Commitment (SHA-256)", f"<span class='mono'>{_e(key['commitment'])}</span>"),
@@ -283,18 +307,18 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
         ("Matches", (f"{matches} of {answered} answered trigger queries"
                      f" (chance level: about {answered * null.get('p0', 0):.1f})")),
         ("Abstentions (failed or malformed answers, never counted as matches)", _e(test.get("abstentions", 0))),
-        ("log10 p-value", f"{v['log10_p']:.2f}"), ("p-value", _p_text(v["log10_p"])),
-        ("alpha (false-accusation bound)", f"{_alpha_text(v['alpha'])} (log10 = {math.log10(v['alpha']):.1f})"),
+        ("log10 p-value", _log10_text(v["log10_p"], v["alpha"])), ("p-value", _p_text(v["log10_p"], v["alpha"])),
+        ("alpha (false-accusation bound)", f"{_alpha_text(v['alpha'])} (log10 = {_log10_alpha_text(v['alpha'])})"),
         ("Decision", _e(f"{v['decision']} ({v['status']})")),
     ])
     query_rows = _rows([
         ("Trigger queries counted", _e(v["queries"])),
         (("Trigger queries sent in this run / reused from the transcript (answers that arrived after the "
           "evidence sufficed are recorded but not counted)"),
-         f"{sent.get('trigger', v['queries'])} / {reused.get('trigger', 0)}"),
+         _e(f"{sent.get('trigger', v['queries'])} / {reused.get('trigger', 0)}")),
         ("Cover queries (ordinary inputs, not counted)",
-         f"{sent.get('cover', 0)} sent, {reused.get('cover', 0)} reused"),
-        ("HTTP requests / retries", f"{http_stats.get('requests', 'n/a')} / {http_stats.get('retries', 'n/a')}"),
+         _e(f"{sent.get('cover', 0)} sent, {reused.get('cover', 0)} reused")),
+        ("HTTP requests / retries", _e(f"{http_stats.get('requests', 'n/a')} / {http_stats.get('retries', 'n/a')}")),
     ])
     plot = (f"<img alt='log10 evidence against queries' src='data:image/png;base64,"
             f"{base64.b64encode(plot_png).decode()}'>" if plot_png else
@@ -323,15 +347,16 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
             f"<tr><td>{_e(t.get('name', ''))}</td><td>{_e(t.get('evidence_of', ''))}</td>"
             f"<td>{_e(t.get('null', {}).get('distribution', ''))}: {_e(t.get('null', {}).get('why', ''))}</td>"
             f"<td>{_e(t.get('null', {}).get('assumption', 'none'))}</td><td>{_e(t.get('queries', 0))}</td>"
-            f"<td>{t.get('weight', 1.0):g}</td><td>{t.get('log10_p', 0.0):.2f}</td>"
-            f"<td>{t.get('adjusted_log10_p', t.get('log10_p', 0.0)):.2f}</td></tr>" for t in v["tests"])
+            f"<td>{t.get('weight', 1.0):g}</td><td>{_log10_text(t.get('log10_p', 0.0), v['alpha'])}</td>"
+            f"<td>{_log10_text(t.get('adjusted_log10_p', t.get('log10_p', 0.0)), v['alpha'])}</td></tr>"
+            for t in v["tests"])
         weighted = v.get("correction") == "weighted holm"
         how = ("Holm's correction, weighted by each test's prior weight (fixed by the kind of test before any "
                "answer; a test of weight w among weights summing to W is judged at alpha w / W first)"
                if weighted else "Holm's correction")
         all_tests_html = (f"<h2>4b. Every test, combined</h2><table>{head}{body}</table><p class='note'>The tests are "
                           f"combined with {how}, which keeps the false-accusation bound alpha over all of "
-                          f"them; the combined log10 p-value is {v['log10_p']:.2f}. The verdict names the kind of "
+                          f"them; the combined log10 p-value is {_log10_text(v['log10_p'], v['alpha'])}. The verdict names the kind of "
                           f"evidence found: {_e(v.get('kind', ''))}.</p>")
     software = _rows([(k, f"<span class='mono'>{_e(val)}</span>") for k, val in doc["software"].items()])
     seeds = _rows([(k.replace("_", " "), _e(val)) for k, val in doc["seeds"].items()])

@@ -166,7 +166,9 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
     check_outputs_spare_keys(out)
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
-    config = ms.signing.Config()
+    # Every file of a directory is signed: the library leaves out .git* files unless told not to.
+    config = ms.signing.Config().set_hashing_config(ms.hashing.Config().set_ignored_paths(paths=[],
+                                                                                         ignore_git_paths=False))
 
     def cannot_sign(why: str) -> UsageError:
         return UsageError(f"Could not sign {target} with {private_key} ({(why.splitlines() or [''])[0][:120]}); "
@@ -256,6 +258,19 @@ def verify_file(*, path: PathLike, public_key: PathLike | None = None,
         raise UsageError("Check a signature against exactly one of a public key or a certificate chain.")
     described = describe_signature(path=target, signature=sig)
     config = ms.verifying.Config()
+    try:
+        predicate = _bundle(sig)["statement"].get("predicate") or {}
+        serialization = predicate.get("serialization") or {}
+        signed = _signed_names(predicate)
+        if serialization.get("method") == "files":
+            # Hash the files as sign_file signed them, .git* included (the library's guess from the bundle skips them).
+            config.set_hashing_config(ms.hashing.Config().use_file_serialization(
+                hashing_algorithm=serialization.get("hash_type", "sha256"),
+                allow_symlinks=serialization.get("allow_symlinks") is True,
+            ).set_ignored_paths(paths=[], ignore_git_paths=False))
+    except (AttributeError, TypeError, ValueError):  # a field of the wrong JSON type or value: edited by hand
+        raise EvidenceError(f"The signature {sig} is not a readable Sigstore bundle: it was altered or "
+                            "truncated.") from None
     if public_key is not None:
         _existing(public_key, "The public key")
         try:
@@ -278,8 +293,31 @@ def verify_file(*, path: PathLike, public_key: PathLike | None = None,
         raise EvidenceError(f"The signature {sig} of {target} does not verify ({type(exc).__name__}): the bundle "
                             "was altered or made with another key.") from None
     assert described is not None
+    if target.is_dir():
+        unsigned = sorted(_files_under(target, skip=sig) - signed)
+        if unsigned:
+            raise EvidenceError(f"{target} holds {unsigned[0]}, which {sig} does not sign: a file was added after "
+                                "signing, or the signer left it out.")
     return SignatureInfo(path=str(target), signature=str(sig), signer_kind=described["signer_kind"],
                          signer=described["signer"], verified=True, files=described["files"])
+
+
+def _files_under(directory: Path, *, skip: Path) -> set[str]:
+    """Every file and symlink under ``directory`` (symlinks are listed, never followed), as POSIX paths."""
+    out = set()
+    for root, dirs, files in os.walk(directory):
+        for name in files + [d for d in dirs if (Path(root) / d).is_symlink()]:
+            f = Path(root) / name
+            if f.absolute() != skip.absolute():
+                out.add(f.relative_to(directory).as_posix())
+    return out
+
+
+def _signed_names(predicate: dict[str, Any]) -> set[str]:
+    """The files a model-signing predicate covers (a sharded one names each shard as ``PATH:START:END``)."""
+    sharded = (predicate.get("serialization") or {}).get("method") == "shards"
+    names = {str(r.get("name", "")) for r in predicate.get("resources") or []}
+    return {n.rsplit(":", 2)[0] for n in names} if sharded else names
 
 
 def _verification_errors() -> tuple[type[BaseException], ...]:
