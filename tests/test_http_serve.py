@@ -86,6 +86,14 @@ def test_malformed_input_values_get_400_not_500(served, data, message, datatype)
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and message in resp.json()["error"]
 
+def test_json_nested_thousands_deep_gets_400_not_500(served):
+    """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""
+    url, _, _ = served
+    raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 400 and "nests JSON too deeply" in resp.json()["error"]
+
+
 def test_cli_verify_over_http_and_an_exhausted_budget(served):
     url, tmp, _ = served
     base = ["verify", "api", "--key", str(tmp / "owner.key"), "--suspect", f"{url}/v2/models/digits",

@@ -203,6 +203,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             doc = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the request body is not JSON")
+        except RecursionError:  # JSON arrays nested thousands deep
+            return _error(400, "the request body nests JSON too deeply")
         try:
             x = _decode_input(doc, shape, per_item)
         except BadRequest as exc:
