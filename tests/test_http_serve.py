@@ -86,6 +86,19 @@ def test_malformed_input_values_get_400_not_500(served, data, message, datatype)
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and message in resp.json()["error"]
 
+@pytest.mark.parametrize("shape, data, message", [
+    ([2 ** 32, 2 ** 32], [], "holds 18446744073709551616 values"),  # int64 wrapped to 0: answered with shape [0]
+    ([2, 32], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),  # two rows of 32 answered as one input
+    ([64, 1], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),
+    ([True, 64], [0.5] * 64, "a \"shape\" of positive integers"),
+])
+def test_a_shape_that_is_not_n_inputs_gets_400(served, shape, data, message):
+    url, _, _ = served
+    raw = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}]})
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 400 and message in resp.json()["error"]
+
+
 def test_json_nested_thousands_deep_gets_400_not_500(served):
     """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""
     url, _, _ = served

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import signal
 import socket
@@ -269,7 +270,8 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
     if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES:
         raise BadRequest(f"unsupported datatype {datatype!r}; send FP32")
     dims = tensor.get("shape")
-    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                         for d in dims):
         raise BadRequest("the input tensor needs a \"shape\" of positive integers")
     data = tensor["data"]
     if any(isinstance(v, list) for v in data[:1]):
@@ -277,12 +279,12 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
             data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
         except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
             raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
-    total = int(np.prod(dims))
+    total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
     if len(data) != total:
         raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
-    if total % per_item:
+    if math.prod(dims[1:]) != per_item:  # [2, 32] is two inputs of 32 values, not one of 64
         raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
-    batch = total // per_item
+    batch = dims[0]
     if batch > MAX_BATCH:
         raise BadRequest(f"at most {MAX_BATCH} inputs per request")
     try:
