@@ -99,6 +99,17 @@ def test_a_shape_that_is_not_n_inputs_gets_400(served, shape, data, message):
     assert resp.status_code == 400 and message in resp.json()["error"]
 
 
+def test_an_unknown_route_or_method_gets_a_json_error(served):
+    """They were plain-text "Not Found" / "Method Not Allowed", which v2 clients fail to decode as an error."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    missing = httpx.post(f"{url}/v2/models/digits/versions/1/infer", json={}, headers=auth)
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong = httpx.get(f"{url}/v2/models/digits/infer", headers=auth)
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+    assert wrong.headers["allow"] == "POST"
+
+
 def test_json_nested_thousands_deep_gets_400_not_500(served):
     """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""
     url, _, _ = served

@@ -35,6 +35,7 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -61,6 +62,12 @@ class BadRequest(Exception):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method it does not take) in the v2 error body, not plain text."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
@@ -257,7 +264,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
             max_batch=MAX_BATCH),
             methods=["POST"]))
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
 def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:
