@@ -86,6 +86,70 @@ def test_malformed_input_values_get_400_not_500(served, data, message, datatype)
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and message in resp.json()["error"]
 
+@pytest.mark.parametrize("shape, data, message", [
+    ([2 ** 32, 2 ** 32], [], "holds 18446744073709551616 values"),  # int64 wrapped to 0: answered with shape [0]
+    ([2, 32], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),  # two rows of 32 answered as one input
+    ([64, 1], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),
+    ([True, 64], [0.5] * 64, "a \"shape\" of positive integers"),
+])
+def test_a_shape_that_is_not_n_inputs_gets_400(served, shape, data, message):
+    url, _, _ = served
+    raw = json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32", "data": data}]})
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 400 and message in resp.json()["error"]
+
+
+def test_an_unknown_route_or_method_gets_a_json_error(served):
+    """They were plain-text "Not Found" / "Method Not Allowed", which v2 clients fail to decode as an error."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    missing = httpx.post(f"{url}/v2/models/digits/versions/1/infer", json={}, headers=auth)
+    assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
+    wrong = httpx.get(f"{url}/v2/models/digits/infer", headers=auth)
+    assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
+    assert wrong.headers["allow"] == "POST"
+
+
+def test_json_nested_thousands_deep_gets_400_not_500(served):
+    """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""
+    url, _, _ = served
+    raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert resp.status_code == 400 and "nests JSON too deeply" in resp.json()["error"]
+
+
+def test_served_answers_are_the_local_suspects_and_non_finite_outputs_get_400():
+    """The bare model's labels were its logits' argmax, not its scores' as LocalSuspect's: logits 1e-9 apart (equal
+    scores) gave label 1 label-only but 0 from the scores and from the file; and inputs near FP32's limit, whose
+    scores are NaN, got HTTP 500 (NaN is no JSON), or label 0 when label-only."""
+    import numpy as np
+    import torch
+
+    from wmark.serve import build_app, serve_in_background
+    from wmark.suspects import LocalSuspect
+
+    tie = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        tie.weight.zero_()
+        tie.bias.copy_(torch.tensor([0.0, 1e-9]))
+    local = LocalSuspect(tie, input_shape=(2,)).query(np.zeros((1, 2), dtype=np.float32))
+    body = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.0]}]}
+    extreme = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [3e38, -3e38]}]}
+    blowup = torch.nn.Linear(2, 2)  # logits [inf, -inf] on the extreme input
+    with torch.no_grad():
+        blowup.weight.copy_(10 * torch.eye(2))
+        blowup.bias.zero_()
+    for labels_only in (True, False):
+        with serve_in_background(build_app(model=tie, name="m", num_classes=2, input_shape=(2,),
+                                           labels_only=labels_only)) as server:
+            out = httpx.post(f"{server.url}/v2/models/m/infer", json=body).json()["outputs"][0]
+        assert (out["data"][0] if labels_only else int(np.argmax(out["data"]))) == local.labels[0] == 0
+        with serve_in_background(build_app(model=blowup, name="m", num_classes=2, input_shape=(2,),
+                                           labels_only=labels_only)) as server:
+            resp = httpx.post(f"{server.url}/v2/models/m/infer", json=extreme)
+        assert resp.status_code == 400 and "NaN or infinite" in resp.json()["error"]
+
+
 def test_cli_verify_over_http_and_an_exhausted_budget(served):
     url, tmp, _ = served
     base = ["verify", "api", "--key", str(tmp / "owner.key"), "--suspect", f"{url}/v2/models/digits",

@@ -81,6 +81,15 @@ def test_the_text_endpoint_refuses_too_many_texts_and_lone_surrogates(key_file):
         surrogate = httpx.post(url, content=b'{"inputs": ["fine", "\\ud800"]}')
         assert surrogate.status_code == 400 and "valid Unicode" in surrogate.json()["error"]
 
+def test_the_text_endpoint_refuses_json_nested_thousands_deep(key_file):
+    """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""
+    key = load_key(key_file)
+    with serve_in_background(_app(hf_bert(4), key, labels_only=False)) as server:
+        raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        resp = httpx.post(f"{server.url}/hf/models/m", content=raw)
+        assert resp.status_code == 400 and "nests JSON too deeply" in resp.json()["error"]
+
+
 @pytest.mark.parametrize("answer, message", [
     ([{"label": "positive", "score": 0.9}, {"label": "negative", "score": 0.1}], "not a class index"),
     ([{"label": "LABEL_7", "score": 1.0}], "outside the key's 4 classes"),

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import signal
 import socket
@@ -34,15 +35,17 @@ import torch
 import uvicorn
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from wmark import __version__
-from wmark.contract import forward_logits, forward_names
-from wmark.errors import UsageError, WmarkError
+from wmark.contract import forward_names
+from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
+from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
 from wmark.training import resolve_device
 
@@ -59,6 +62,12 @@ class BadRequest(Exception):
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    """Starlette's own refusals (no such route, a method it does not take) in the v2 error body, not plain text."""
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
 
 def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shape: tuple[int, ...],
@@ -90,8 +99,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
     Raises:
         UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` for a
-            text model (its endpoint is not gated), or a policy that marks on alarm without an ``answerer`` or
-            without a monitor.
+            text model (its endpoint is not gated), a policy that marks on alarm without an ``answerer`` or
+            without a monitor, or a model that fails on an input of ``input_shape`` (as
+            :class:`~wmark.suspects.LocalSuspect` would).
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
@@ -110,9 +120,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                              "alarms; add --monitor with a calibrated profile.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
-    model.eval()
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
+    # the bare model answers through a LocalSuspect, so that its answers are those of verifying the model file
+    local = LocalSuspect(model, input_shape=shape, text=text)
     # Requests run concurrently in the threadpool: an eval-mode model, the answerers, the query log and the gate
     # are safe to share between threads. A Hugging Face fast tokenizer is not ("Already borrowed"), so the text
     # endpoint encodes under this lock.
@@ -167,13 +178,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
     def predict(x: np.ndarray, client: str) -> tuple[np.ndarray | None, np.ndarray]:
         """The served probabilities (None when the answerer gives labels only) and top-1 labels."""
-        if answerer is not None and (gate is None or gate.marked(client or ANONYMOUS)):
-            answers = by_client.get(client, answerer).query(x)
-            scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
-            return scores, np.asarray(answers.labels, dtype=np.int64)
-        with torch.no_grad():
-            logits = forward_logits(model, torch.from_numpy(x)).float().cpu()
-        return torch.softmax(logits, 1).numpy(), logits.argmax(1).numpy()
+        marked = answerer is not None and (gate is None or gate.marked(client or ANONYMOUS))
+        answers = (by_client.get(client, answerer) if answerer is not None and marked else local).query(x)
+        scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
+        return scores, np.asarray(answers.labels, dtype=np.int64)
 
     def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:
         probs, labels = predict(x, client)
@@ -203,6 +211,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             doc = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             return _error(400, "the request body is not JSON")
+        except RecursionError:  # JSON arrays nested thousands deep
+            return _error(400, "the request body nests JSON too deeply")
         try:
             x = _decode_input(doc, shape, per_item)
         except BadRequest as exc:
@@ -215,7 +225,11 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                                     headers=refusal.headers())
         if on_infer is not None:
             on_infer(x)
-        outputs = await run_in_threadpool(answer, x, client)
+        try:
+            outputs = await run_in_threadpool(answer, x, client)
+        except RuntimeFailure:  # NaN or infinite outputs, from inputs far outside the model's range (1e38)
+            return _error(400, "the model's outputs on these inputs are NaN or infinite; send values in the range "
+                               "it was trained on")
         body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs}
         if isinstance(doc, dict) and "id" in doc:
             body["id"] = doc["id"]
@@ -240,20 +254,17 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     if gate is not None:
         routes.append(Route("/metrics", metrics))
     if text is not None:
-        from wmark.suspects.local import LocalSuspect
         from wmark.text_serving import hf_text_endpoint
-
-        text_suspect = LocalSuspect(model, input_shape=shape, text=text)
 
         def answer_text(x: np.ndarray, client: str) -> Any:
             with text_lock:
-                return by_client.get(client, answerer or text_suspect).query(x)
+                return by_client.get(client, answerer or local).query(x)
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
             max_batch=MAX_BATCH),
             methods=["POST"]))
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
 def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:
@@ -266,7 +277,8 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
     if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES:
         raise BadRequest(f"unsupported datatype {datatype!r}; send FP32")
     dims = tensor.get("shape")
-    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                         for d in dims):
         raise BadRequest("the input tensor needs a \"shape\" of positive integers")
     data = tensor["data"]
     if any(isinstance(v, list) for v in data[:1]):
@@ -274,12 +286,12 @@ def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray
             data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
         except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
             raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
-    total = int(np.prod(dims))
+    total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
     if len(data) != total:
         raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
-    if total % per_item:
+    if math.prod(dims[1:]) != per_item:  # [2, 32] is two inputs of 32 values, not one of 64
         raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
-    batch = total // per_item
+    batch = dims[0]
     if batch > MAX_BATCH:
         raise BadRequest(f"at most {MAX_BATCH} inputs per request")
     try:

@@ -80,6 +80,8 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
             doc = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError):
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+        except RecursionError:  # JSON arrays nested thousands deep
+            return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
         inputs = doc.get("inputs") if isinstance(doc, dict) else None
         single = isinstance(inputs, str)
         texts = [inputs] if single else inputs
