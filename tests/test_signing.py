@@ -459,3 +459,16 @@ def test_verify_signature_refuses_a_public_key_it_cannot_read_in_one_sentence(tm
     assert result.exit_code == 2
     assert result.stderr.startswith(f"error: Could not read {public} as an elliptic-curve public key (")
     assert result.stderr.endswith("; use the P-256/384/521 EC public key (PEM) that matches the signing key.\n")
+
+
+def test_a_directory_holding_a_symbolic_link_is_refused_naming_the_link(tmp_path, pair):
+    """The library's own refusal came out as advice to use another key."""
+    model = tmp_path / "hf-model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_labels": 10}')
+    (tmp_path / "outside.bin").write_bytes(b"x")
+    (model / "weights.bin").symlink_to(tmp_path / "outside.bin")
+    with pytest.raises(UsageError, match=r"^.*hf-model holds a symbolic link \(weights\.bin\), which a signature "
+                                         r"cannot vouch for; replace it with the file it points to"):
+        sign_file(path=model, private_key=pair[0])
+    assert not signature_path(model).exists()

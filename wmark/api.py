@@ -318,7 +318,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
     refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
                                       text=text, device=on) if archs else []
-    recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seeds each"
+    recipes = ", ".join(f"{labels} {epochs} ep" for labels, epochs in REFERENCE_RECIPES) + f"; {repeats} seed{'s' if repeats != 1 else ''} each"
     rule = commit_verification_inputs(rule, served=served, x=x, references=refs, count=verify_count,
                                       how=f"{' and '.join(archs)}; {recipes}; distilled from the unmarked served model")
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),

@@ -166,6 +166,12 @@ def sign_file(*, path: PathLike, private_key: PathLike, certificate: PathLike | 
     check_outputs_spare_keys(out)
     if certificate is not None and not chain:
         raise UsageError("A certificate signature embeds its chain: pass the issuing CA certificate(s) as well.")
+    if target.is_dir():
+        links = sorted(f for f in _files_under(target, skip=out) if (target / f).is_symlink())
+        if links:
+            # model-signing refuses them deep inside, with a message cannot_sign would blame on the key
+            raise UsageError(f"{target} holds a symbolic link ({links[0]}), which a signature cannot vouch for; "
+                             "replace it with the file it points to, or sign a directory without links.")
     # Every file of a directory is signed: the library leaves out .git* files unless told not to.
     config = ms.signing.Config().set_hashing_config(ms.hashing.Config().set_ignored_paths(paths=[],
                                                                                          ignore_git_paths=False))
