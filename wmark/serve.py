@@ -47,6 +47,7 @@ from wmark.monitor.gate import Gate
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
+from wmark.text_serving import read_json
 from wmark.training import resolve_device
 
 MAX_BATCH = 1024
@@ -207,12 +208,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return refused
         if text is not None:
             return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
-        try:
-            doc = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, "the request body is not JSON")
-        except RecursionError:  # JSON arrays nested thousands deep
-            return _error(400, "the request body nests JSON too deeply")
+        doc = await read_json(request)
+        if isinstance(doc, JSONResponse):
+            return doc
         try:
             x = _decode_input(doc, shape, per_item)
         except BadRequest as exc:

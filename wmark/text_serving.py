@@ -29,6 +29,16 @@ _BAD_MODALITY = ("The model file's wmark.modality metadata is not a text modalit
                  "and vocabulary digest, and a maximum length); save the model again with wmark.")
 
 
+async def read_json(request: Request) -> Any:
+    """The request's JSON body, or the HTTP 400 response that refuses it (not JSON, or nested too deeply to read)."""
+    try:
+        return json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+    except RecursionError:  # JSON arrays nested thousands deep
+        return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
+
+
 def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
     """The text inputs a model file's ``wmark.modality`` metadata records (``None`` for an image model)."""
     modality = metadata.get("modality")
@@ -76,12 +86,9 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         refused = check_model(request)
         if refused is not None:
             return refused
-        try:
-            doc = json.loads(await request.body())
-        except (ValueError, UnicodeDecodeError):
-            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
-        except RecursionError:  # JSON arrays nested thousands deep
-            return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
+        doc = await read_json(request)
+        if isinstance(doc, JSONResponse):
+            return doc
         inputs = doc.get("inputs") if isinstance(doc, dict) else None
         single = isinstance(inputs, str)
         texts = [inputs] if single else inputs

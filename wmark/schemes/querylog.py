@@ -8,8 +8,10 @@ queries. A log keeps at most ``max_kept`` inputs per client (``LOG_MAX_KEPT`` un
 another): the first ones, in the order asked; later ones are only counted, so a client cannot grow the log
 without bound, and which inputs are kept depends on the order of the client's queries alone. The ``meta``
 table binds the log to one key (its commitment) and names the mark that wrote it and that mark's parameters,
-so verification reads the right test from the log itself and refuses a log written under another key. A text key's log keeps each input as the exact UTF-8 bytes of the string the client sent;
-its format name differs, so a reader of image logs refuses it instead of misreading it. :class:`TieBreakLog` and :class:`MarkLog` open a log of one mark.
+so verification reads the right test from the log itself and refuses a log written under another key. A text
+key's log keeps each input as the exact UTF-8 bytes of the string the client sent; its format name differs, so
+a reader of image logs refuses it instead of misreading it. :class:`TieBreakLog` and :class:`MarkLog` open a
+log of one mark.
 
 Example:
     >>> import os, tempfile
