@@ -439,3 +439,63 @@ def test_the_trigger_pass_draws_the_same_dropout_whatever_the_loops_seed_and_lea
         grads.append(passes)
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     assert not torch.cuda.is_initialized()  # a CPU model's pass leaves CUDA alone
+
+
+def _step_gradients(model: torch.nn.Module, key, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                    **attach: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """One optimizer step over all of ``x`` in batches, each loss divided by the number of batches: the natural
+    gradient, and what the trigger pass added to it."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    wm = Watermarker(key, trigger_lookahead=0.05, trigger_per_batch=4)
+    model, optimizer, loader = wm.attach(model=model, optimizer=optimizer,
+                                         data_loader=make_loader(x, y, batch_size=batch_size, shuffle=False), **attach)
+    batches = math.ceil(len(x) / batch_size)
+    for bx, by in loader:
+        (F.cross_entropy(model(bx), by) / batches).backward()
+    natural = [p.grad.clone() for p in model.parameters()]
+    optimizer.step()
+    wm.detach()
+    return natural, [p.grad - g for p, g in zip(model.parameters(), natural)]
+
+
+def test_accumulation_steps_give_the_triggers_their_share_of_one_batch_of_that_size(digits_key) -> None:
+    """A plain loop accumulating 4 batches of 8 per step, each loss divided by 4, gave the triggers 4 times the
+    gradient they get in one batch of 32; ``accumulation_steps=4`` weighs them against the step's 32 samples."""
+    torch.manual_seed(0)
+    model = _tiny().double()  # float64: the two ways of summing the natural gradient agree to its last bits
+    x, y = torch.rand(32, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (32,))
+    natural, triggers = _step_gradients(copy.deepcopy(model), digits_key, x, y, batch_size=32)
+    assert all(t.abs().sum() > 0 for t in triggers)
+    acc_natural, acc_triggers = _step_gradients(copy.deepcopy(model), digits_key, x, y, batch_size=8,
+                                                accumulation_steps=4)
+    for a, b in zip(natural, acc_natural):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(triggers, acc_triggers):
+        torch.testing.assert_close(a, b)
+    _, unsaid = _step_gradients(copy.deepcopy(model), digits_key, x, y, batch_size=8)
+    for a, b in zip(triggers, unsaid):
+        torch.testing.assert_close(4 * a, b)  # what the loop got without saying it accumulates
+
+
+@pytest.mark.parametrize("steps", [0, -2, 2.0, True, "4"])
+def test_accumulation_steps_must_be_a_whole_number_of_batches(digits_key, steps) -> None:
+    model = _tiny()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loader = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
+    wm = Watermarker(digits_key)
+    with pytest.raises(UsageError, match=r"^accumulation_steps must be a whole number of batches per optimizer step, "
+                                         r"at least 1, got "):
+        wm.attach(model=model, optimizer=optimizer, data_loader=loader, accumulation_steps=steps)
+    assert not optimizer._optimizer_step_pre_hooks and not wm._attached
+
+
+def test_mixed_triggers_refuse_accumulation_steps(digits_key) -> None:
+    """Mixed triggers join every batch, so a weighting for the step would silently do nothing."""
+    model = _tiny()
+    loader = make_loader(torch.rand(8, 1, 8, 8), torch.zeros(8, dtype=torch.long), batch_size=4)
+    wm = Watermarker(digits_key, trigger_mixing=True)
+    with pytest.raises(UsageError, match=r"^Mixed triggers join every batch, so accumulation_steps does not apply to "
+                                         r"them; drop it"):
+        wm.attach(model=model, data_loader=loader, accumulation_steps=2)
+    wm.attach(model=model, data_loader=loader, accumulation_steps=1)
+    wm.detach()

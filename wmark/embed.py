@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -140,16 +141,39 @@ class Watermarker:
         return self._triggers
 
     def attach(self, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
-               data_loader: Iterable | None = None) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
+               data_loader: Iterable | None = None,
+               accumulation_steps: int = 1) -> tuple[nn.Module, torch.optim.Optimizer | None, Any]:
         """Prepare a training loop; returns ``(model, optimizer, data_loader)`` to train with.
+
+        Args:
+            model: The model being trained.
+            optimizer: Its optimizer (the trigger pass and the weights scheme add their gradients in step pre-hooks).
+            data_loader: The natural training batches (trigger scheme).
+            accumulation_steps: Batches per optimizer step, for a loop that accumulates gradients and divides each
+                batch's loss by this number (as the Hugging Face ``Trainer`` does). The trigger pass runs once per
+                step, so it weighs its triggers against ``batch size × accumulation_steps`` samples: the triggers
+                keep the share of the gradient they have in one batch of that size (left at 1, such a loop gives
+                them ``accumulation_steps`` times that share). A loop that sums the undivided losses leaves it at 1.
+
+        Example (4 batches per optimizer step)::
+
+            model, optimizer, loader = wm.attach(model=model, optimizer=optimizer, data_loader=loader,
+                                                 accumulation_steps=4)
+            for i, (x, y) in enumerate(loader, 1):
+                (F.cross_entropy(model(x), y) / 4).backward()
+                if i % 4 == 0:
+                    optimizer.step()  # the trigger pass adds its gradient here, once per step
+                    optimizer.zero_grad()
 
         Raises:
             UsageError: If already attached, if a scheme lacks what it needs (a data loader for the
-                trigger scheme), or if a text key's tokenizer makes ids the model cannot embed
-                (:meth:`check_vocabulary`).
+                trigger scheme), if a text key's tokenizer makes ids the model cannot embed
+                (:meth:`check_vocabulary`), or if ``accumulation_steps`` is not a whole number of at least 1 (or
+                is above 1 for mixed triggers, which join every batch).
         """
         if self._attached:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
+        self._check_accumulation(accumulation_steps)
         if "trigger" in self.schemes:
             self.check_vocabulary(model)
         with self._all_or_nothing():
@@ -157,7 +181,7 @@ class Watermarker:
                 if data_loader is None:
                     raise UsageError("The trigger scheme needs data_loader= (or use wrap_dataset for a framework's "
                                      "loader).")
-                data_loader = self._attach_triggers(model, optimizer, data_loader)
+                data_loader = self._attach_triggers(model, optimizer, data_loader, accumulation_steps)
             if "weights" in self.schemes:
                 if optimizer is None:
                     raise UsageError("The weights scheme needs optimizer= (it adds its gradient in a step pre-hook).")
@@ -179,7 +203,17 @@ class Watermarker:
             self._weights = None
             raise
 
-    def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable) -> Any:
+    def _check_accumulation(self, steps: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
+            raise UsageError(f"accumulation_steps must be a whole number of batches per optimizer step, at least 1, "
+                             f"got {steps!r}.")
+        if steps > 1 and "trigger" in self.schemes and not self.trigger_step:
+            # Mixed triggers join every batch: each batch's loss, and so the step's, already holds its share of them.
+            raise UsageError("Mixed triggers join every batch, so accumulation_steps does not apply to them; drop it, "
+                             "or lower trigger_per_batch for fewer triggers per step.")
+
+    def _attach_triggers(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, data_loader: Iterable,
+                         accumulation_steps: int) -> Any:
         loader: trigger_set.LoaderProxy
         if not self.trigger_step:
             loader = trigger_set.TriggerMixingLoader(data_loader, self.triggers, per_batch=self.trigger_per_batch,
@@ -190,6 +224,7 @@ class Watermarker:
                                  "it, or make the Watermarker with trigger_mixing=True to mix the triggers into the "
                                  "batches.")
             step = self.lookahead_step(model)
+            step.accumulation_steps = int(accumulation_steps)
             self._hooks.append(optimizer.register_step_pre_hook(step.hook))
             loader = step.wrap_loader(data_loader, label_key=self.label_key)
         self._loaders.append(loader)

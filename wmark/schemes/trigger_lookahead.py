@@ -61,8 +61,8 @@ class LookaheadTriggerStep:
         triggers: The key's trigger set.
         radius: Size of the simulated fine-tune step, relative to each parameter tensor's norm (0: the triggers'
             own pass at the current weights).
-        per_batch: Triggers per step; their loss is weighted ``per_batch / natural batch size``, as if they
-            had joined the batch.
+        per_batch: Triggers per step; their loss is weighted ``per_batch / (natural batch size ×
+            accumulation_steps)``, as if they had joined the step's batches.
         input_key: Name to pass the triggers under, or ``None`` to pass a tensor (until a dict batch is seen).
         batch_key: The inputs' key in natural dict batches (default ``input_ids`` for text triggers, else
             ``pixel_values``); a model trained on dict batches gets its triggers under it.
@@ -93,6 +93,8 @@ class LookaheadTriggerStep:
         self.input_key = input_key
         self.batch_key = batch_key or ("input_ids" if triggers.is_text else "pixel_values")
         self.batch_size: int | None = None
+        # Batches whose losses, each divided by this, one optimizer step sums (gradient accumulation).
+        self.accumulation_steps = 1
         self._seen_shape: tuple[int, ...] | None = None  # one natural image's shape, as the loader gave it
         self._cursor = 0
         self.seed = seed
@@ -133,9 +135,9 @@ class LookaheadTriggerStep:
         return to_model(trigger_batch(self.triggers, idx, input_key=self.input_key), self.model)
 
     def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step pre-hook: add ``per_batch / batch size ×`` the trigger loss's gradient at the looked-ahead
-        weights (nothing when no natural gradient was computed this step)."""
-        self.add_gradient(weight=self.per_batch / (self.batch_size or self.per_batch))
+        """Optimizer step pre-hook: add ``per_batch / (batch size × accumulation_steps) ×`` the trigger loss's
+        gradient at the looked-ahead weights (nothing when no natural gradient was computed this step)."""
+        self.add_gradient(weight=self.per_batch / ((self.batch_size or self.per_batch) * self.accumulation_steps))
 
     def add_gradient(self, *, weight: float) -> None:
         """Add ``weight ×`` the gradient of the next triggers' mean cross-entropy at the looked-ahead weights.
