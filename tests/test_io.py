@@ -21,6 +21,52 @@ def test_metadata_is_namespaced_and_json_encoded(tmp_path) -> None:
     assert torch.equal(tensors["w"], torch.arange(4.0))
 
 
+def _same(a: object, b: object) -> bool:
+    """Equal and of the same type all the way down (``1 == 1.0 == True`` would pass a plain ``==``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)  # type: ignore[attr-defined,index]
+    if isinstance(a, float) and a != a:
+        return b != b  # NaN
+    return a == b
+
+
+ROUND_TRIP = [
+    # strings that read as JSON came back as numbers, bools, None, lists and dicts
+    "2024", "true", "false", "null", "[1]", "{}", '{"a": 1}', '"quoted"', " 5 ", "1e5", "-0", "NaN", "Infinity",
+    # strings that do not, and other values
+    "trigger", "", "ACME Corp 2026", "{not json", "[1,", "ünïcode ✓", "[" * 100_000,
+    0, 2024, -7, 2**70, 0.5, -0.0, 1e300, float("inf"), float("nan"), True, False, None,
+    [], [1, 1.0, True, None, "2024", "x"], {"n": 1, "s": "1", "b": [False, "false"], "d": {"f": 0.0, "z": None}},
+]
+
+
+@pytest.mark.parametrize("value", ROUND_TRIP, ids=lambda v: repr(v)[:30])
+def test_metadata_values_come_back_as_the_same_value_and_type(tmp_path, value) -> None:
+    path = tmp_path / "m.safetensors"
+    save_tensors({"w": torch.zeros(1)}, path, metadata={"v": value})
+    back = wmark_metadata(read_metadata(path))["v"]
+    assert _same(back, value), (value, back)
+
+
+@pytest.mark.parametrize(("raw", "decoded"), [
+    ("trigger", "trigger"), ("5", 5), ("[\"trigger\"]", ["trigger"]), ("{\"c\": 2}", {"c": 2}), ("true", True),
+    ("2024", 2024),  # bare, as the old writer left a string that reads as JSON: it decodes as it always did
+])
+def test_metadata_written_before_quoting_decodes_as_before(raw: str, decoded: object) -> None:
+    assert _same(wmark_metadata({"wmark.v": raw, "format": "pt"}), {"v": decoded})
+
+
+def test_a_plain_string_is_stored_as_it_is_for_other_tools(tmp_path) -> None:
+    path = tmp_path / "m.safetensors"
+    save_tensors({"w": torch.zeros(1)}, path, metadata={"owner": "ACME", "year": "2024"})
+    raw = read_metadata(path)
+    assert (raw["wmark.owner"], raw["wmark.year"]) == ("ACME", '"2024"')
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
     target = tmp_path / "out.bin"
     with pytest.raises(RuntimeError):

@@ -171,11 +171,18 @@ def _write_error(target: str | Path, exc: OSError) -> UsageError | RuntimeFailur
 
 
 def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
-    """Make a safetensors metadata map: keys get the ``wmark.`` prefix, non-strings become JSON."""
+    """Make a safetensors metadata map: keys get the ``wmark.`` prefix, values become text that
+    :func:`wmark_metadata` reads back as the same value and type.
+
+    Non-strings become JSON. A string stays as it is (readable by any safetensors tool) unless it reads as JSON
+    (``"2024"``, ``"true"``, ``"[1]"``), which would come back as a number, a bool or a list: such a string is
+    written as a JSON string (``"\"2024\""``).
+    """
     out: dict[str, str] = {"format": "pt"}
     for name, value in values.items():
         full = name if name.startswith(METADATA_PREFIX) else METADATA_PREFIX + name
-        out[full] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        plain = isinstance(value, str) and _decode(value) is _NOT_JSON
+        out[full] = value if plain else json.dumps(value, sort_keys=True)
     return out
 
 
@@ -234,15 +241,29 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
 
 
 def wmark_metadata(metadata: Mapping[str, str]) -> dict[str, Any]:
-    """The ``wmark.*`` entries of a metadata map, prefix removed and JSON values decoded."""
+    """The ``wmark.*`` entries of a metadata map, prefix removed and values decoded (see :func:`encode_metadata`).
+
+    Text that reads as JSON is decoded, other text is a string. Files written before strings that read as JSON
+    were quoted hold them bare, indistinguishable from the numbers, bools and lists written the same way: they
+    decode as those, as they always did.
+    """
     out: dict[str, Any] = {}
     for name, value in metadata.items():
         if name.startswith(METADATA_PREFIX):
-            try:
-                out[name[len(METADATA_PREFIX):]] = json.loads(value)
-            except (json.JSONDecodeError, RecursionError):  # nested too deep is not JSON wmark wrote either
-                out[name[len(METADATA_PREFIX):]] = value
+            decoded = _decode(value)
+            out[name[len(METADATA_PREFIX):]] = value if decoded is _NOT_JSON else decoded
     return out
+
+
+_NOT_JSON = object()
+
+
+def _decode(text: str) -> Any:
+    """``text`` decoded as JSON, or ``_NOT_JSON``: the one test both the writer and the reader apply."""
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError):  # nested too deep is not JSON wmark wrote either
+        return _NOT_JSON
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> str:
