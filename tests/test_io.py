@@ -1,6 +1,8 @@
+import math
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -21,16 +23,16 @@ def test_metadata_is_namespaced_and_json_encoded(tmp_path) -> None:
     assert torch.equal(tensors["w"], torch.arange(4.0))
 
 
-def _same(a: object, b: object) -> bool:
+def _same(a: Any, b: Any) -> bool:
     """Equal and of the same type all the way down (``1 == 1.0 == True`` would pass a plain ``==``)."""
     if type(a) is not type(b):
         return False
     if isinstance(a, list):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))  # type: ignore[arg-type]
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)  # type: ignore[attr-defined,index]
-    if isinstance(a, float) and a != a:
-        return b != b  # NaN
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, float) and math.isnan(a):
+        return math.isnan(b)
     return a == b
 
 
