@@ -28,7 +28,7 @@ def _shape(value: str) -> tuple[int, ...]:
         raise UsageError(f"--input-shape {value!r} is not a comma-separated list of sizes, e.g. 1,28,28.") from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+@click.group(cls=cli_common.Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
              epilog=EXIT_HELP)
 @click.version_option(__version__, prog_name="wmark")
 def main() -> None:

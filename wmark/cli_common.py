@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from wmark.console import exit_interrupted
 from wmark.errors import UsageError, WmarkError
 from wmark.keys import check_outputs_spare_keys
 from wmark.report import report_paths
@@ -29,6 +30,23 @@ DATA_HELP = ("fashion-mnist[:DIR], fashion-mnist-rgb32[:DIR], digits, fortunes[:
              "or a .safetensors file with tensors x and y")
 
 
+class Group(click.Group):
+    """The ``wmark`` command group: Ctrl-C while click reads the command line, before a command's own handling,
+    exits 130 in one line too (click would print "Aborted!" and exit 1)."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            exit_interrupted()
+
+
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -38,9 +56,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            # 130 = 128 + SIGINT, what a shell reports for Ctrl-C; 3 told scripts the suspect had failed
-            click.echo("interrupted (Ctrl-C); no output was left half-written.", err=True)
-            sys.exit(130)
+            exit_interrupted()  # 130, not 3: that told scripts the suspect had failed
         except Exception as exc:
             if os.environ.get("WMARK_DEBUG"):
                 raise
