@@ -68,7 +68,7 @@ class ConvNeXtBlock(nn.Module):
         self.gamma = nn.Parameter(torch.full((c,), 0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.dw(x).permute(0, 2, 3, 1)
+        h = torch.permute(self.dw(x), (0, 2, 3, 1))
         h = self.gamma * self.pw2(F.gelu(self.pw1(self.norm(h))))
         return x + h.permute(0, 3, 1, 2)
 
@@ -260,3 +260,21 @@ def test_a_plain_chain_with_a_depthwise_conv_is_marked_in_the_graph_form() -> No
     emb = WeightsEmbedder(tiny_key(16, seed=1), model)
     assert emb.graph is not None and emb.chain == ["0.weight", "4.weight", "7.weight"]
     assert "2.weight" in emb.graph.spaces[emb.graph.layer("4.weight").inp].params
+
+
+class OneAxisPermute(nn.Module):
+    """A permute of a 1-D tensor: no dimension 1 for the units to be on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean((2, 3))) + self.conv.weight.flatten().permute(0).sum()
+
+
+def test_a_permute_of_one_axis_is_opaque() -> None:
+    """The unit axis was looked up among the permute's dimensions and raised ValueError."""
+    g = read_graph(OneAxisPermute())
+    assert [lay.name for lay in g.layers] == ["conv.weight", "fc.weight"] and g.layer("fc.weight").inp == "conv"

@@ -328,7 +328,7 @@ def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
     dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
     dims = dims or tuple(node.kwargs.get("dims", ()))
     rank = len(dims)
-    if not rank or not all(isinstance(d, int) for d in dims):
+    if rank < 2 or not all(isinstance(d, int) for d in dims) or sorted(d % rank for d in dims) != list(range(rank)):
         return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute of unknown dimensions"), False
     axis = [d % rank for d in dims].index(rank - 1 if last else 1)
     if axis not in (1, rank - 1):
