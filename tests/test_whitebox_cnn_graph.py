@@ -1,5 +1,5 @@
-"""Residual CNN graphs wmark must read right or refuse (channel concatenation, in-place adds, grouped convs), and
-BatchNorm folding without affine parameters or running statistics."""
+"""Residual CNN graphs wmark must read right or refuse (channel concatenation, in-place adds, depthwise convs),
+and BatchNorm folding without affine parameters or running statistics."""
 
 from __future__ import annotations
 
@@ -106,18 +106,18 @@ class Separable(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
-def test_a_grouped_conv_is_refused_not_misread() -> None:
-    """The depthwise conv's 9 columns per row were read as 6 input units (a traceback when permuting)."""
+def test_a_depthwise_conv_keeps_its_channels_space() -> None:
+    """The depthwise conv's 9 columns per row were read as 6 input units (a traceback when permuting); then it
+    was refused as a grouped conv, although its filters follow their channels as BatchNorm's parameters do."""
     torch.manual_seed(0)
     model = Separable()
     g = read_graph(model)
-    for name in ("dw.weight", "pw.weight"):
-        with pytest.raises(UsageError, match="reads the output of a grouped conv that wmark cannot align through"):
-            plan(g, name)
+    stream = g.layer("stem.weight").out
+    assert [lay.name for lay in plan(g, "pw.weight")] == ["stem.weight", "pw.weight"] and g.layer("pw.weight").inp == stream
+    assert {"dw.weight", "dw.bias"} <= set(g.spaces[stream].params)
     assert same_function_after_permuting(model, Separable(), torch.randn(2, 3, 8, 8))
-    assert WeightsEmbedder(tiny_key(8, seed=1), model).layer == "stem.weight"
-    with pytest.raises(UsageError, match="grouped conv"):
-        WeightsEmbedder(tiny_key(8, seed=1), model, layer="pw")
+    with pytest.raises(UsageError, match="'dw.weight' is a per-channel parameter"):
+        WeightsEmbedder(tiny_key(8, seed=1), model, layer="dw")
 
 
 def test_fold_batchnorm_without_affine_folds_and_without_running_statistics_is_refused() -> None:

@@ -4,11 +4,12 @@ What a thief can do to a stolen model's weights without changing one prediction:
 
 * :func:`permute_spaces` — permute every space of the graph (:mod:`wmark.whitebox.graph`): channels inside
   each residual block, the residual stream's channels together across every block and downsample conv
-  that writes it (BatchNorm statistics and parameters follow), a transformer's hidden dimension across
-  embeddings, every Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and
-  its MLP neurons; with ``signs=True`` also a random sign flip of every unit of a *signed* space (an
-  RMSNorm decoder's hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns) and the
-  negation of every *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too);
+  that writes it (BatchNorm statistics and parameters, depthwise conv filters, LayerNorm / GroupNorm
+  parameters and layer scales follow), a transformer's hidden dimension across embeddings, every
+  Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and its MLP neurons;
+  with ``signs=True`` also a random sign flip of every unit of a *signed* space (an RMSNorm decoder's
+  hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns) and the negation of every
+  *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too);
 * :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
 * :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
 * :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;

@@ -153,16 +153,18 @@ _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.Group
 
 
 def _graph_form(model: nn.Module) -> Graph | None:
-    """The model's graph when the mark needs the graph form (normalisation, embeddings or residual adds),
-    None for a plain conv/linear chain, which keeps the chain form (read by module order, checked here
-    against the traced graph).
+    """The model's graph when the mark needs the graph form (normalisation, depthwise convs, embeddings or
+    residual adds), None for a plain conv/linear chain, which keeps the chain form (read by module order,
+    checked here against the traced graph).
 
     Raises:
         UsageError: If the graph cannot be read.
     """
     graph = read_graph(model)
     joined = any(len(graph.writers(s)) > 1 for s in graph.spaces)
-    if graph.family != "fx" or joined or any(isinstance(m, _NORMS) for m in model.modules()):
+    # Per-channel parameters (a depthwise conv's filters) follow a space but are no link of a chain.
+    per_channel = any(space.params for space in graph.spaces.values())
+    if graph.family != "fx" or joined or per_channel or any(isinstance(m, _NORMS) for m in model.modules()):
         return graph
     return None
 

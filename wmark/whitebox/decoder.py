@@ -1,7 +1,7 @@
 """Explicit graph rules for Llama-style decoders (Llama, Mistral, Qwen2 parameter names, RMSNorm, SwiGLU).
 
 Hugging Face decoders cannot be traced, so their spaces are read from parameter names, as for BERT in
-:mod:`wmark.whitebox.graph`. The layout the rules describe (``P`` the prefix, ``model.`` in a
+:mod:`wmark.whitebox.bert`. The layout the rules describe (``P`` the prefix, ``model.`` in a
 ``LlamaForSequenceClassification``, empty in a ``LlamaModel``):
 
 * ``P.embed_tokens`` (its columns), every ``self_attn.o_proj`` and ``mlp.down_proj`` (rows) write one

@@ -8,6 +8,11 @@ changing the function, as long as every tensor that writes or reads it is permut
 * BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space, but
   only elementwise ops keep a linear layer's output, whose units sit on the last axis (a flatten, reshape,
   pooling, mean or conv of it regroups them differently);
+* a depthwise conv (one filter per channel, channel multiplier 1) keeps the space like BatchNorm, its
+  filters following their channels; so do a LayerNorm over exactly the units on the last axis, a GroupNorm
+  pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale) and a permute
+  moving the units between dimension 1 and the last axis (ConvNeXt's channels-last MLP). Other grouped
+  convs and group norms tie channels into groups no space describes: opaque, as their inputs;
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
@@ -15,14 +20,9 @@ changing the function, as long as every tensor that writes or reads it is permut
 How the graph is read:
 
 * ``torch.fx`` symbolic tracing for plain PyTorch models (ResNet-style CNNs, MLPs, ``nn.Sequential``);
-* explicit rules for BERT-style encoders (detected from the module tree: ``embeddings.word_embeddings``
-  and ``encoder.layer.N`` with ``intermediate.dense`` / ``output.dense``), whose Hugging Face ``forward``
-  cannot be traced: one hidden space shared by the word/position/token-type embeddings (as writers: their
-  columns are hidden units), every ``attention.output.dense`` and ``output.dense`` (rows) and every
-  Q/K/V, ``intermediate.dense``, pooler and head input (columns), with every LayerNorm in it, *negatable*
-  (``LN(−x) = −LN(x)`` once the norm's bias is negated, so a thief may negate the whole stream); one MLP
-  space per layer (``intermediate.dense`` rows, ``output.dense`` columns). Attention heads are opaque for
-  alignment (heads permute and each head's factors admit invertible maps, not a permutation);
+* explicit rules for BERT-style encoders (:mod:`wmark.whitebox.bert`), whose Hugging Face ``forward``
+  cannot be traced: one *negatable* hidden space (``LN(−x) = −LN(x)`` once the norm's bias is negated) and
+  one MLP space per layer; attention heads are opaque;
 * explicit rules for Llama-style decoders with RMSNorm (:mod:`wmark.whitebox.decoder`), whose hidden
   stream and SwiGLU neurons are *signed* spaces: a thief may flip the sign of their units as well as
   permute them.
@@ -42,7 +42,6 @@ Example:
 from __future__ import annotations
 
 import operator
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -64,7 +63,7 @@ _KEEP_MODULES = (
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
 )
 _KEEP_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.gelu,
+    torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
     nn.functional.silu, nn.functional.dropout, nn.functional.max_pool2d, nn.functional.avg_pool2d,
     nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu,
 }
@@ -152,6 +151,10 @@ class Graph:
         for layer in self.layers:
             if layer.name == name:
                 return layer
+        if any(name in space.params for space in self.spaces.values()):
+            raise UsageError(f"{name!r} is a per-channel parameter (a depthwise conv or a norm) that only follows its "
+                             f"channels, so it cannot carry the mark; choose one of "
+                             f"{', '.join(lay.name for lay in self.layers)}.")
         raise UsageError(f"{name!r} is not the weight of a conv/linear layer the graph reader found; choose one of "
                          f"{', '.join(lay.name for lay in self.layers)}.")
 
@@ -216,10 +219,12 @@ def read_graph(model: nn.Module) -> Graph:
                                 bias=None if lay.bias is None else f"module.{lay.bias}",
                                 gain=None if lay.gain is None else f"module.{lay.gain}") for lay in inner.layers]
         return inner
-    if _bert_layers(model):
-        return _read_bert(model)
-    from wmark.whitebox.decoder import decoder_layers, read_decoder  # decoder builds on this module
+    # the BERT and decoder rules build on this module
+    from wmark.whitebox.bert import bert_layers, read_bert
+    from wmark.whitebox.decoder import decoder_layers, read_decoder
 
+    if bert_layers(model):
+        return read_bert(model)
     if decoder_layers(model):
         return read_decoder(model)
     return _read_fx(model)
@@ -251,6 +256,18 @@ def _read_fx(model: nn.Module) -> Graph:
         if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
             continue
+        if tensor_args and node.op != "call_module" and node.target in ("permute", torch.permute):
+            label[node], to_last = _permuted(node, tensor_args[0] in last_axis, label[tensor_args[0]], sp)
+            if to_last:
+                last_axis.add(node)
+            continue
+        gain = _layer_scale(node, tensor_args, last_axis, params)
+        if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
+            # A per-unit gain on the last axis (ConvNeXt's layer scale) keeps the space and follows it.
+            label[node] = sp.find(label[gain[0]])
+            sp.info[label[node]].params.append(gain[1])
+            last_axis.add(node)
+            continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
         if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
             last_axis.add(node)
@@ -263,12 +280,20 @@ def _read_fx(model: nn.Module) -> Graph:
                 raise UsageError(f"Layer {target} is applied more than once; wmark cannot align shared weights.")
             seen.add(target)
             mod = modules[target]
-            grouped = getattr(mod, "groups", 1) > 1
-            out = sp.new(target, int(mod.weight.shape[0]), "opaque" if grouped else "free",
-                         why="a grouped conv" if grouped else "")
-            if grouped and tensor_args:
+            groups = int(getattr(mod, "groups", 1))
+            if groups > 1 and groups == mod.weight.shape[0] and mod.weight.shape[1] == 1 and tensor_args:
+                # Depthwise (one filter per channel): like BatchNorm, it keeps the space and its filters follow it.
+                if tensor_args[0] in last_axis:
+                    label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
+                    continue
+                label[node] = sp.find(label[tensor_args[0]])
+                sp.info[label[node]].params.extend(n for n in (f"{target}.weight", f"{target}.bias") if n in params)
+                continue
+            why = _grouped_why(mod.weight, groups) if groups > 1 else ""
+            out = sp.new(target, int(mod.weight.shape[0]), "opaque" if groups > 1 else "free", why=why)
+            if groups > 1 and tensor_args:
                 # Its channels permute only group by group, tied to its input's: neither side is aligned.
-                src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why="a grouped conv"))
+                src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
             elif tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
                 src = sp.find(label[tensor_args[0]])
             else:
@@ -276,6 +301,10 @@ def _read_fx(model: nn.Module) -> Graph:
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             layers.append((f"{target}.weight", src, out, bias))
             label[node] = out
+        elif node.op == "call_module" and type(modules[node.target]) in (nn.LayerNorm, nn.GroupNorm) and tensor_args:
+            # The exact types: a subclass may override forward to normalise other axes.
+            label[node] = _norm(str(node.target), modules[node.target], tensor_args[0] in last_axis,
+                                sp.find(label[tensor_args[0]]), sp, params)
         elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
             label[node] = sp.find(label[tensor_args[0]])
             mod = modules[node.target]
@@ -287,6 +316,66 @@ def _read_fx(model: nn.Module) -> Graph:
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
     return _assemble(sp, layers, params, family="fx")
+
+
+def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
+    """The space of a ``permute`` and whether its units end on the last axis.
+
+    The units stay a space when they move from dimension 1 to the last axis (channels-last, as ConvNeXt reads
+    a conv's output with linear layers) or back; anywhere else they are opaque.
+    """
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+    dims = dims or tuple(node.kwargs.get("dims", ()))
+    rank = len(dims)
+    if rank < 2 or not all(isinstance(d, int) for d in dims) or sorted(d % rank for d in dims) != list(range(rank)):
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute of unknown dimensions"), False
+    axis = [d % rank for d in dims].index(rank - 1 if last else 1)
+    if axis not in (1, rank - 1):
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute that moves the units off dimension 1 "
+                      "and the last axis"), False
+    return sp.find(src), axis == rank - 1
+
+
+def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
+    """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
+    if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \
+            or len(tensor_args) != 2:
+        return None
+    for gain, x in (tensor_args, tensor_args[::-1]):
+        if gain.op == "get_attr" and x in last_axis and getattr(params.get(str(gain.target)), "ndim", 0) == 1:
+            return x, str(gain.target)
+    return None
+
+
+def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: dict[str, Any]) -> str:
+    """The space after a LayerNorm or GroupNorm: kept (its affine parameters follow it) where permuting the
+    units commutes with the norm, else opaque.
+
+    A LayerNorm must normalise exactly the units, on the last axis; a GroupNorm's statistics must pool all
+    channels or each one alone (a permutation across several multi-channel groups changes what is pooled).
+    """
+    size = sp.info[src].size
+    if isinstance(mod, nn.LayerNorm):
+        shape = tuple(mod.normalized_shape)
+        ok = last and len(shape) == 1 and (not size or shape[0] == size)
+        why = "a LayerNorm not over exactly the units on the last axis"
+    else:
+        assert isinstance(mod, nn.GroupNorm)
+        ok = not last and mod.num_groups in (1, mod.num_channels)
+        why = _LAST_AXIS if last else f"a GroupNorm of {mod.num_groups} groups of several channels"
+    if not ok:
+        return sp.new(f"opaque:{name}", 0, "opaque", why=why)
+    sp.info[src].params.extend(n for n in (f"{name}.weight", f"{name}.bias") if n in params)
+    return src
+
+
+def _grouped_why(weight: torch.Tensor, groups: int) -> str:
+    """Why a grouped conv other than a depthwise one with channel multiplier 1 cannot be aligned through."""
+    if weight.shape[1] == 1 and weight.shape[0] % groups == 0:
+        # Each channel owns a block of k filters: its readers' channels permute as blocks, which no space describes.
+        return f"a depthwise conv with channel multiplier {weight.shape[0] // groups}"
+    return "a grouped conv"
 
 
 def _regroups(node: Any, modules: dict[str, nn.Module]) -> bool:
@@ -353,89 +442,6 @@ def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], p
         if space.kind == FIXED and not space.size:
             space.size = layer.columns if layer.transpose else layer.shape[1]
     return Graph(spaces, out, family)
-
-
-_BERT_LAYER = re.compile(r"^(.*?)encoder\.layer\.(\d+)\.intermediate\.dense$")
-
-
-def _bert_layers(model: nn.Module) -> list[tuple[str, str]]:
-    """``(prefix, index)`` of each encoder layer of a BERT-style model (empty: not one)."""
-    found = []
-    for name, _ in model.named_modules():
-        m = _BERT_LAYER.match(name)
-        if m:
-            found.append((m.group(1), m.group(2)))
-    if not found:
-        return []
-    prefixes = {p for p, _ in found}
-    names = {n for n, _ in model.named_modules()}
-    if len(prefixes) != 1 or f"{found[0][0]}embeddings.word_embeddings" not in names:
-        return []
-    return found
-
-
-def _read_bert(model: nn.Module) -> Graph:
-    """Explicit rules for a BERT-style encoder (module docstring); refuses a layout they do not describe."""
-    blocks = _bert_layers(model)
-    prefix = blocks[0][0]
-    params = dict(model.named_parameters())
-    sp = _Spaces()
-    hidden = int(params[f"{prefix}embeddings.word_embeddings.weight"].shape[1])
-    stream = sp.new("hidden", hidden, NEGATABLE)
-    layers: list[tuple[str, str, str, str | None]] = []
-    transposed = set()
-
-    def need(name: str) -> str:
-        if name not in params:
-            raise UsageError(f"The BERT-style model has no parameter {name!r}; its layout is not one wmark can "
-                             "align (expected Hugging Face BertModel parameter names).")
-        return name
-
-    def bias(name: str) -> str | None:
-        b = name[: -len("weight")] + "bias"
-        return b if b in params else None
-
-    for part in ("word", "position", "token_type"):
-        name = f"{prefix}embeddings.{part}_embeddings.weight"
-        if name in params:
-            layers.append((name, sp.new(f"{part}s", 0, FIXED), stream, None))
-            transposed.add(name)
-    norms = [f"{prefix}embeddings.LayerNorm"]
-    for _, i in blocks:
-        base = f"{prefix}encoder.layer.{i}."
-        heads_qk = sp.new(f"heads{i}.qk", hidden, "opaque", why="attention heads")
-        heads_v = sp.new(f"heads{i}.v", hidden, "opaque", why="attention heads")
-        for qkv, space in (("query", heads_qk), ("key", heads_qk), ("value", heads_v)):
-            w = need(f"{base}attention.self.{qkv}.weight")
-            layers.append((w, stream, space, bias(w)))
-        w = need(f"{base}attention.output.dense.weight")
-        layers.append((w, heads_v, stream, bias(w)))
-        mlp = sp.new(f"mlp{i}", int(params[need(f"{base}intermediate.dense.weight")].shape[0]))
-        w = f"{base}intermediate.dense.weight"
-        layers.append((w, stream, mlp, bias(w)))
-        w = need(f"{base}output.dense.weight")
-        layers.append((w, mlp, stream, bias(w)))
-        norms += [f"{base}attention.output.LayerNorm", f"{base}output.LayerNorm"]
-    for norm in norms:
-        sp.info[stream].params += [need(f"{norm}.{p}") for p in ("weight", "bias")]
-    for name, _, out, _ in layers:  # every layer so far reads or writes the hidden stream
-        shape = params[name].shape
-        if shape[0 if out == stream and name not in transposed else 1] != hidden:
-            raise UsageError(f"{name} has shape {tuple(shape)} but the word embeddings give {hidden} hidden units, so "
-                             "something the BERT rules do not place (an ELECTRA-style embedding projection) sits between "
-                             "them; wmark cannot align this layout, use black-box verification.")
-    embedding_names = {f"{prefix}embeddings.{p}_embeddings.weight" for p in ("word", "position", "token_type")}
-    used = {name for name, *_ in layers}
-    head_input = sp.new("head input", hidden, "opaque", why="a head the rules cannot place (pooled hidden states or "
-                        "pooler output)")
-    for name, p in params.items():
-        # 2-D weights outside the encoder: the pooler reads the hidden space; a classifier may read pooled
-        # hidden states or the pooler's output, which the rules do not guess.
-        if name.endswith(".weight") and p.dim() == 2 and name not in used and name not in embedding_names \
-                and not name.startswith(f"{prefix}encoder."):
-            src = stream if name == f"{prefix}pooler.dense.weight" else head_input
-            layers.append((name, src, sp.new(name, int(p.shape[0])), bias(name)))
-    return _assemble(sp, layers, params, family="bert", transposed=frozenset(transposed))
 
 
 def plan(graph: Graph, marked: str) -> list[Layer]:
