@@ -148,6 +148,20 @@ def honest_streams(n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
             for i in range(n)]
 
 
+def test_with_exact_keys_only_the_same_input_is_a_repeat_and_an_identical_projection_is_a_near_duplicate():
+    """A projection of a bag of tokens can map a copy with one word swapped onto its source: it is no repeat."""
+    cfg = MonitorConfig(window=8, store=2, check_every=1, min_queries=1)
+    feats, residual, probs = np.zeros((4, 2), np.float32), np.zeros(4, np.float32), np.tile([0.9, 0.1], (4, 1))
+    by_radius = ClientState(dim=2, num_classes=2, config=cfg, near_radius=0.5)
+    by_radius.observe(feats, residual, probs)
+    assert by_radius.repeats == 3 and not by_radius.near.any()
+    exact = ClientState(dim=2, num_classes=2, config=cfg, near_radius=0.5)
+    exact.observe(feats, residual, probs, [b"a", b"b", b"a", b"c"])
+    assert exact.repeats == 1 and exact.near[:4].tolist() == [False, True, False, True]
+    exact.observe(feats[:2], residual[:2], probs[:2], [b"a", b"c"])  # a left the store of 2 (b, c), c did not
+    assert exact.repeats == 2 and exact.known == {b"c", b"a"}
+
+
 def test_calibration_keeps_honest_streams_quiet_and_flags_thieves(fmap, tmp_path):
     profile = calibrate(feature_map=fmap, streams=honest_streams(30, 0), num_classes=4, target_rate=0.1,
                         config=CONFIG)

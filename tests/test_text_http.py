@@ -184,17 +184,6 @@ def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():
         b64.request("two words")
 
 
-def test_a_text_model_is_not_served_behind_a_gate_it_would_bypass() -> None:
-    import torch
-
-    from wmark.monitor.gate import Gate
-
-    text = TextInputs.__new__(TextInputs)
-    with pytest.raises(UsageError, match="serve a text model without a policy or monitor"):
-        build_app(model=torch.nn.Linear(2, 2), name="m", num_classes=2, input_shape=(2,), text=text,
-                  gate=Gate(policy=None, clients=["anonymous"]))
-
-
 def test_a_text_key_over_v2_is_refused_in_one_sentence_naming_the_json_protocol(key_file):
     with pytest.raises(UsageError, match=r"the v2 protocol does not carry; use --protocol json --template hf"):
         verify_remote(key=key_file, url="http://127.0.0.1:9/v2/models/m", protocol="v2")

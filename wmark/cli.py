@@ -392,9 +392,11 @@ def monitor() -> None:
 @monitor.command("calibrate", epilog=EXIT_HELP)
 @click.option("--arch", required=True, help="Architecture of the served model: " + ARCH_HELP)
 @click.option("--weights", required=True, type=click.Path(dir_okay=False), help="The served model file.")
-@click.option("--data", required=True, help=DATA_HELP + " (the owner's natural inputs; fits the feature space)")
+@click.option("--data", required=True,
+              help=DATA_HELP + " (the owner's natural inputs, or texts for a text model; fits the feature space)")
 @click.option("--streams", required=True, type=click.Path(dir_okay=False),
-              help="Honest streams: .safetensors with x (inputs in arrival order) and stream (id per input).")
+              help="Honest streams: .safetensors with x (inputs in arrival order) and stream (id per input); for "
+                   "a text model, JSON Lines of {\"stream\": id, \"text\": \"...\"} in arrival order.")
 @click.option("--target-rate", type=float, default=0.01, show_default=True,
               help="Wanted chance that an honest stream as long as these ever alarms.")
 @click.option("--dim", type=int, default=32, show_default=True, help="Reduced feature dimension.")

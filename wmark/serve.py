@@ -44,6 +44,7 @@ from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
+from wmark.monitor.text_features import monitor_featurizer
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
@@ -94,24 +95,24 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             and an ``answerer`` with a ``for_client`` method (a marked API) answers, and logs, as that client.
         gate: Per-client policy and extraction monitor (:class:`~wmark.monitor.gate.Gate`); adds ``/metrics``.
             A client whose policy says ``"mark": "on-alarm"`` gets the bare model's answers (not the
-            ``answerer``'s) until the monitor's alarm for it.
+            ``answerer``'s) until the monitor's alarm for it. It guards the text endpoint as it does ``infer``;
+            there the monitor sees each text as its hashed tokens (:mod:`wmark.monitor.text_features`).
         text: For a text classifier, how strings become its inputs: it is then served at
             ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
 
     Raises:
-        UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` for a
-            text model (its endpoint is not gated), a policy that marks on alarm without an ``answerer`` or
-            without a monitor, or a model that fails on an input of ``input_shape`` (as
-            :class:`~wmark.suspects.LocalSuspect` would).
+        UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` whose
+            monitor profile was calibrated on the other modality (or another tokenizer), a policy that marks on
+            alarm without an ``answerer`` or without a monitor, or a model that fails on an input of
+            ``input_shape`` (as :class:`~wmark.suspects.LocalSuspect` would).
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
     if clients is not None and (not clients or any(not t for t in clients.values())
                                 or len(set(clients.values())) != len(clients)):
         raise UsageError("Per-client tokens must be non-empty and distinct, one per client.")
-    if text is not None and gate is not None:
-        raise UsageError("The policy gate and extraction monitor guard the v2 endpoint of image models; serve a text "
-                         "model without a policy or monitor.")
+    # the text endpoint's monitor sees hashed tokens; refused here, a mismatched profile would watch nothing
+    hashed = None if gate is None or gate.monitor is None else monitor_featurizer(gate.monitor.profile, text)
     if gate is not None and gate.policy.marks_on_alarm:
         if answerer is None:
             raise UsageError("The policy marks clients on alarm (\"mark\": \"on-alarm\") but no API-side mark is "
@@ -184,13 +185,27 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
         return scores, np.asarray(answers.labels, dtype=np.int64)
 
-    def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:
-        probs, labels = predict(x, client)
-        mode, k = "scores", num_classes
+    def watch(client: str, x: np.ndarray, probs: np.ndarray | None, labels: np.ndarray) -> None:
+        """Feed the gate an answered request: the probabilities its client saw (one-hot labels if none)."""
         if gate is not None:
             seen = probs if probs is not None else np.eye(num_classes, dtype=np.float32)[labels]
             gate.after_answer(client or ANONYMOUS, x, seen)
-            mode, k = gate.answer_mode(client or ANONYMOUS)
+
+    def answer_mode(client: str) -> tuple[str, int]:
+        return ("scores", num_classes) if gate is None else gate.answer_mode(client or ANONYMOUS)
+
+    def admit(client: str, n: int) -> JSONResponse | None:
+        """The gate's refusal of a request of ``n`` inputs (``None``: admitted, and counted)."""
+        refusal = None if gate is None else gate.admit(client or ANONYMOUS, n)
+        if refusal is None:
+            return None
+        return JSONResponse({"error": refusal.message, "reason": refusal.reason}, status_code=refusal.status,
+                            headers=refusal.headers())
+
+    def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:
+        probs, labels = predict(x, client)
+        watch(client, x, probs, labels)
+        mode, k = answer_mode(client)
         if labels_only or probs is None or mode == "label":
             return [dict(output if labels_only else LABEL_OUTPUT, shape=[len(x)], data=labels.tolist())]
         assert probs is not None
@@ -216,11 +231,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         except BadRequest as exc:
             return _error(400, str(exc))
         client = client_of(request) or ""
-        if gate is not None:
-            refusal = gate.admit(client or ANONYMOUS, len(x))
-            if refusal is not None:
-                return JSONResponse({"error": refusal.message, "reason": refusal.reason}, status_code=refusal.status,
-                                    headers=refusal.headers())
+        refused = admit(client, len(x))
+        if refused is not None:
+            return refused
         if on_infer is not None:
             on_infer(x)
         try:
@@ -256,11 +269,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
         def answer_text(x: np.ndarray, client: str) -> Any:
             with text_lock:
-                return by_client.get(client, answerer or local).query(x)
+                marked = answerer is not None and (gate is None or gate.marked(client or ANONYMOUS))
+                answers = (by_client.get(client, answerer) if answerer is not None and marked else local).query(x)
+                seen = x if hashed is None else hashed(x)  # the tokenizer again, so under the lock too
+            watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64))
+            return answers
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
-            max_batch=MAX_BATCH),
+            max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -396,9 +413,10 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     ``log_durability`` (``process`` or ``fsync``) says whether each request's rows are fsync'd.
 
     With ``policy`` (a policy file, :mod:`wmark.monitor.policy`) and/or ``monitor`` (a calibrated profile from
-    ``wmark monitor calibrate``), every request passes a :class:`~wmark.monitor.gate.Gate`: quotas, rate
-    limits, answer modes, the extraction monitor's alarms (one JSON line each in ``alarm_log``) and their
-    actions; ``monitor_state`` keeps quota counts and alarms across restarts; ``GET /metrics`` is served.
+    ``wmark monitor calibrate``, on texts for a text model), every inference request, v2 or text, passes a
+    :class:`~wmark.monitor.gate.Gate`: quotas, rate limits, answer modes, the extraction monitor's alarms (one
+    JSON line each in ``alarm_log``) and their actions; ``monitor_state`` keeps quota counts and alarms across
+    restarts; ``GET /metrics`` is served.
 
     The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
     arrive as host arrays and follow it there.
@@ -440,7 +458,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                              "save_model with metadata=Watermarker.metadata() of its text key).")
         gate = _make_gate(policy=policy, monitor=monitor, alarm_log=alarm_log, monitor_state=monitor_state,
                           clients=list(clients or [ANONYMOUS]), labels_only=labels_only,
-                          num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)))
+                          num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)), text=text)
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
                         text=text)
@@ -491,7 +509,8 @@ def _run_until_terminated(server: uvicorn.Server) -> None:
 
 def _make_gate(*, policy: str | os.PathLike[str] | None, monitor: str | os.PathLike[str] | None,
                alarm_log: str | os.PathLike[str] | None, monitor_state: str | os.PathLike[str] | None,
-               clients: list[str], labels_only: bool, num_classes: int, input_size: int) -> Gate | None:
+               clients: list[str], labels_only: bool, num_classes: int, input_size: int,
+               text: TextInputs | None = None) -> Gate | None:
     """The request gate for :func:`serve`, or ``None`` when neither a policy nor a monitor is asked for."""
     from wmark.monitor.monitor import ExtractionMonitor, load_profile
     from wmark.monitor.policy import load_policy
@@ -504,7 +523,8 @@ def _make_gate(*, policy: str | os.PathLike[str] | None, monitor: str | os.PathL
     watcher = None
     if monitor is not None:
         profile = load_profile(monitor)
-        if profile.num_classes != num_classes or profile.feature_map.mean.size != input_size:
+        monitor_featurizer(profile, text)  # a text profile for an image model, or the reverse, is refused
+        if profile.num_classes != num_classes or (text is None and profile.feature_map.mean.size != input_size):
             raise UsageError(f"Monitor profile {monitor} was calibrated for another input shape or class count; "
                              "calibrate it on this model's inputs.")
         watcher = ExtractionMonitor(profile=profile)

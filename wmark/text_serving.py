@@ -4,7 +4,9 @@
 classes as ``[{"label": "LABEL_3", "score": 0.91}, ...]`` sorted by score (a list of such lists for a list of
 strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify api --protocol json --template hf``
 speaks it. A text longer than the model's maximum length, or anything but strings, is refused with HTTP 400
-and one sentence.
+and one sentence. Behind a policy, a client's answer mode cuts each list to its ``top_k`` best classes or to
+the top label, and its quotas and rate limits refuse as on the v2 endpoint (HTTP 429 or 403, ``{"error",
+"reason"}``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
 
 Answer = Callable[[np.ndarray, str], Answers]
+Admit = Callable[[str, int], JSONResponse | None]
 
 _BAD_MODALITY = ("The model file's wmark.modality metadata is not a text modality as wmark writes it (a tokenizer name "
                  "and vocabulary digest, and a maximum length); save the model again with wmark.")
@@ -69,8 +72,9 @@ def label_name(index: int) -> str:
 
 
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
-                     check_model: Callable[[Request], JSONResponse | None],
-                     max_batch: int = 1024) -> Callable[[Request], Any]:
+                     check_model: Callable[[Request], JSONResponse | None], max_batch: int = 1024,
+                     admit: Admit | None = None,
+                     answer_mode: Callable[[str], tuple[str, int]] | None = None) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
     Args:
@@ -80,6 +84,9 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         client_of: The authenticated client of a request.
         check_model: The server's authentication and model-name check (a refusal, or ``None``).
         max_batch: Most strings one request may hold (the v2 endpoint's limit, so neither is a way to exhaust memory).
+        admit: The policy's refusal of a client's request of ``n`` texts, or ``None`` to answer it (it is counted).
+        answer_mode: A client's answer mode after its request (``("scores" | "top-k" | "label", k)``), asked
+            after answering, so that the request that raises an alarm is already answered as the alarm says.
     """
 
     async def handler(request: Request) -> JSONResponse:
@@ -102,17 +109,23 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON) fails inside the tokenizer: a 500
             return JSONResponse({"error": "\"inputs\" must be valid Unicode text (no lone surrogates)"},
                                 status_code=400)
+        client = client_of(request) or ""
+        refused = None if admit is None else admit(client, len(texts))
+        if refused is not None:
+            return refused
         try:
-            answers = await run_in_threadpool(answer, np.asarray(texts, dtype=object), client_of(request) or "")
+            answers = await run_in_threadpool(answer, np.asarray(texts, dtype=object), client)
         except UsageError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        mode, k = ("scores", 0) if answer_mode is None else answer_mode(client)
         rows: list[list[dict[str, Any]]] = []
         for i, label in enumerate(np.asarray(answers.labels).reshape(-1)):
-            if labels_only or answers.scores is None:
+            if labels_only or answers.scores is None or mode == "label":
                 rows.append([{"label": label_name(int(label))}])
                 continue
             scores = np.asarray(answers.scores[i], dtype=np.float64)
-            rows.append([{"label": label_name(int(c)), "score": float(scores[c])} for c in np.argsort(-scores)])
+            ranked = np.argsort(-scores)[:k if mode == "top-k" else None]
+            rows.append([{"label": label_name(int(c)), "score": float(scores[c])} for c in ranked])
         return JSONResponse(rows[0] if single else rows)
 
     return handler

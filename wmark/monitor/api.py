@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from wmark.io import load_tensors
 from wmark.monitor.gate import STATE_FORMAT
 from wmark.monitor.monitor import calibrate, save_profile
 from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map
+from wmark.monitor.text_features import HashedTokens, read_text_streams
 
 PathLike = str | os.PathLike[str]
 
@@ -41,10 +43,14 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
                       signals: Sequence[str] | None = None, device: str | None = None) -> dict[str, Any]:
     """Fit the feature map on the owner's inputs, calibrate the alarm on honest streams, write the profile.
 
+    A text classifier (its file records a tokenizer) is calibrated on texts: the feature map is fitted on the
+    hashed tokens (:class:`~wmark.monitor.text_features.HashedTokens`) of ``data``'s training texts, and
+    ``streams`` is JSON Lines (:func:`~wmark.monitor.text_features.read_text_streams`).
+
     Args:
         arch: Architecture of the served model.
         weights: The served model file (its probabilities feed the decision-region signals).
-        data: Dataset spec of the owner's natural inputs (its training inputs fit the feature map).
+        data: Dataset spec of the owner's natural inputs (its training inputs, or texts, fit the feature map).
         streams: Honest streams (see :func:`read_streams`), held apart from the traffic to be judged.
         out: Profile file to write.
         target_rate: Wanted chance that an honest stream as long as these ever alarms.
@@ -55,24 +61,49 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
 
     Returns:
         The calibration record (threshold, scales, the false-alarm bound that holds, counts).
+
+    Raises:
+        UsageError: If the streams do not fit the model's inputs, or a text model is given data without texts.
     """
     from wmark.data import load_dataset
+    from wmark.io import read_metadata, wmark_metadata
     from wmark.models import load_model
+    from wmark.suspects.local import LocalSuspect
+    from wmark.text_serving import text_inputs_of
     from wmark.training import predict_logits, resolve_device
 
     on = resolve_device(device)
     start = time.perf_counter()
+    metadata = wmark_metadata(read_metadata(weights))
+    text = text_inputs_of(metadata)
     ds = load_dataset(data)
     model, _ = load_model(arch, weights)
     model.to(on)
-    fmap = fit_feature_map(x=ds.x_train.numpy(), dim=dim)
-    honest = read_streams(streams)
-    if honest and honest[0][0].size != fmap.mean.size:
-        raise UsageError(f"The streams in {streams} do not have the shape of the inputs in {data}.")
-    pairs = [(x, torch.softmax(predict_logits(model, torch.from_numpy(x)), 1).numpy()) for x in honest]
+    if text is None:
+        fmap = fit_feature_map(x=ds.x_train.numpy(), dim=dim)
+        honest = read_streams(streams)
+        if honest and honest[0][0].size != fmap.mean.size:
+            raise UsageError(f"The streams in {streams} do not have the shape of the inputs in {data}.")
+        pairs = [(x, torch.softmax(predict_logits(model, torch.from_numpy(x)), 1).numpy()) for x in honest]
+        spec = None
+    else:
+        if ds.texts_train is None:
+            raise UsageError(f"{weights} is a text classifier; give its owner's texts as --data (fortunes[:DIR], "
+                             f"with @owner), not {data}.")
+        features = HashedTokens(text.tokenizer)
+        modality = metadata["modality"]  # valid, as text_inputs_of read it; a JSON string if written as one
+        spec = features.spec((json.loads(modality) if isinstance(modality, str) else modality)["tokenizer"])
+        fmap = fit_feature_map(x=features(ds.texts_train), dim=dim)
+        served = LocalSuspect(model, input_shape=(text.max_length,), text=text)
+        pairs = []
+        for texts in read_text_streams(streams):
+            x = np.asarray(texts, dtype=object)
+            # in slices: the tokenizer pads a batch to its longest text, and a stream may be long
+            probs = [np.asarray(served.query(x[i:i + 256]).scores) for i in range(0, len(x), 256)]
+            pairs.append((features(x), np.concatenate(probs)))
     profile = calibrate(feature_map=fmap, streams=pairs, num_classes=ds.num_classes, target_rate=target_rate,
                         config=config, signals=SIGNALS if signals is None else signals)
-    save_profile(profile, out)
+    save_profile(dataclasses.replace(profile, text=spec), out)
     return {"out": str(out), **profile.calibration, "seconds": time.perf_counter() - start}
 
 

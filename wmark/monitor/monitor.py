@@ -37,7 +37,8 @@ import torch
 
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
-from wmark.monitor.signals import SIGNALS, ClientState, FeatureMap, MonitorConfig
+from wmark.monitor.signals import SIGNALS, ClientState, FeatureMap, MonitorConfig, exact_keys
+from wmark.monitor.text_features import check_text_spec
 
 PROFILE_FORMAT = "wmark-monitor-profile/1"
 
@@ -52,17 +53,25 @@ class MonitorProfile:
         config: Window sizes and cadence.
         calibration: ``scales`` (signal → honest scale), ``threshold`` (alarm when the score exceeds it),
             ``target_rate``, ``false_alarm_bound`` (the bound that holds), ``streams`` and ``queries``.
+        text: For a text classifier, the features its queries become
+            (:meth:`~wmark.monitor.text_features.HashedTokens.spec`); ``None`` for images, which are their own.
     """
 
     feature_map: FeatureMap
     num_classes: int
     config: MonitorConfig
     calibration: dict[str, Any] = field(default_factory=dict)
+    text: dict[str, Any] | None = None
 
     def new_state(self) -> ClientState:
         """A fresh per-client record for this profile."""
         return ClientState(dim=self.feature_map.dim, num_classes=self.num_classes, config=self.config,
                            near_radius=self.feature_map.near_radius, ood_radius=self.feature_map.ood_radius)
+
+    def keys(self, x: np.ndarray) -> list[bytes] | None:
+        """The exact keys that tell repeats for a text profile (:func:`~wmark.monitor.signals.exact_keys` of its
+        feature vectors); ``None`` for images, whose repeats are those within ``REPEAT_RADIUS``."""
+        return None if self.text is None else exact_keys(x)
 
     def score(self, signals: dict[str, float]) -> float:
         """The combined score: the largest signal relative to its honest scale."""
@@ -75,6 +84,8 @@ def save_profile(profile: MonitorProfile, path: str | os.PathLike[str]) -> None:
     fm = profile.feature_map
     doc = {"format": PROFILE_FORMAT, "num_classes": profile.num_classes, "config": profile.config.to_dict(),
            "near_radius": fm.near_radius, "ood_radius": fm.ood_radius, "calibration": profile.calibration}
+    if profile.text is not None:
+        doc["text"] = profile.text
     save_tensors({"mean": torch.from_numpy(fm.mean), "components": torch.from_numpy(fm.components)}, path,
                  metadata={"monitor": doc})
 
@@ -95,7 +106,8 @@ def load_profile(path: str | os.PathLike[str]) -> MonitorProfile:
         raise UsageError(f"Monitor profile {path} has no calibrated threshold; calibrate it on honest streams.")
     fm = FeatureMap(tensors["mean"].numpy(), tensors["components"].numpy(), float(doc["near_radius"]),
                     float(doc["ood_radius"]))
-    return MonitorProfile(fm, int(doc["num_classes"]), MonitorConfig(**doc["config"]), doc["calibration"])
+    text = check_text_spec(doc.get("text"), size=int(fm.mean.size), path=path)
+    return MonitorProfile(fm, int(doc["num_classes"]), MonitorConfig(**doc["config"]), doc["calibration"], text)
 
 
 def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chunk: int | None = None
@@ -110,7 +122,8 @@ def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chu
     out = []
     for i in range(0, len(x), step):
         feats, residual = profile.feature_map.transform(x[i:i + step])
-        signals = state.observe(feats, residual, np.asarray(probs[i:i + step], dtype=np.float64))
+        signals = state.observe(feats, residual, np.asarray(probs[i:i + step], dtype=np.float64),
+                                profile.keys(x[i:i + step]))
         if signals is not None:
             out.append((state.queries, dict(signals)))
     return out
@@ -225,7 +238,9 @@ class ExtractionMonitor:
             ps.append(probs)
             if state.queries + sum(len(b) for b in xs) < max(cfg.min_queries, state.last_check + cfg.check_every):
                 return None
-            feats, residual = self.profile.feature_map.transform(np.concatenate(xs))
+            batch = np.concatenate(xs)
+            feats, residual = self.profile.feature_map.transform(batch)
+            keys = self.profile.keys(batch)
             batch_probs = np.asarray(np.concatenate(ps), dtype=np.float64)
             xs.clear()
             ps.clear()
@@ -236,7 +251,8 @@ class ExtractionMonitor:
                 # (at least one query: a state restored under another config may already be past its check point)
                 due = max(cfg.min_queries, state.last_check + cfg.check_every) - state.queries
                 end = start + max(1, due)
-                signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end])
+                signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end],
+                                        None if keys is None else keys[start:end])
                 start = end
                 if signals is None:
                     continue

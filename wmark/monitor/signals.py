@@ -10,6 +10,9 @@ heuristics for spotting model extraction from a query stream, and each rests on 
   set of such distances, while synthetic chains (seeds plus small perturbations of them) give a skewed,
   multi-modal one. The statistic is ``1 - W`` with ``W`` the Shapiro–Wilk statistic of the window's
   distances. Repeats (within ``REPEAT_RADIUS``: the same input) are left out: re-sending the same input is what honest clients do.
+  Where the caller gives each query an exact key (:func:`exact_keys`, for text), a repeat is a query whose key
+  was seen before instead: a projection of a sparse bag of tokens can map a copy with one word swapped onto its
+  source, which must count as a near duplicate, not as the same input.
 * ``near_dup`` — the JBDA-style synthetic signal (Papernot et al. 2017): the share of queries that lie
   within ``near_radius`` of an earlier query without being a repeat. *Assumes* honest clients do not send
   many slightly perturbed copies of their own inputs.
@@ -40,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -167,6 +171,12 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T), 0.0)
 
 
+def exact_keys(x: np.ndarray) -> list[bytes]:
+    """A 16-byte digest of each input's exact values: equal for the same input only (up to hash collisions)."""
+    flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
+    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
+
+
 def effective_count(values: np.ndarray) -> float:
     """``exp`` of the entropy of the values' histogram: how many distinct values, weighted by use."""
     if not len(values):
@@ -224,6 +234,9 @@ class ClientState:
         self.store_sq = np.zeros(config.store, dtype=np.float32)  # cached squared norms of the stored rows
         self.stored = 0
         self.store_pos = 0
+        # the exact keys of the stored rows, where the caller gives them (slot -> key, and the set of them)
+        self.store_keys: list[bytes | None] = [None] * config.store
+        self.known: set[bytes] = set()
         w = config.window
         self.dmin = np.full(w, np.nan)
         self.near = np.zeros(w, dtype=bool)
@@ -271,26 +284,45 @@ class ClientState:
         self.pos = int((self.pos + n) % w)
         self.filled = min(w, self.filled + n)
 
-    def _remember(self, feats: np.ndarray) -> None:
+    def _remember(self, feats: np.ndarray, keys: list[bytes] | None) -> None:
         cap = self.config.store
         rows = feats[-cap:]
         idx = (self.store_pos + np.arange(len(rows))) % cap
         self.store[idx] = rows
         self.store_sq[idx] = (rows * rows).sum(1)
+        for slot, key in zip(idx.tolist(), [] if keys is None else keys[-cap:]):
+            old = self.store_keys[slot]
+            if old is not None:
+                self.known.discard(old)
+            self.store_keys[slot] = key
+            self.known.add(key)
         self.store_pos = int((self.store_pos + len(rows)) % cap)
         self.stored = min(cap, self.stored + len(rows))
 
-    def observe(self, feats: np.ndarray, residual: np.ndarray, probs: np.ndarray) -> dict[str, float] | None:
-        """Record a batch of queries; return the signals when this batch reaches a check, else ``None``."""
+    def _repeats(self, keys: list[bytes]) -> np.ndarray:
+        """Which keys were seen before: among the stored rows, or earlier in this batch."""
+        seen, repeat = set(), np.zeros(len(keys), dtype=bool)
+        for i, key in enumerate(keys):
+            repeat[i] = key in self.known or key in seen
+            seen.add(key)
+        return repeat
+
+    def observe(self, feats: np.ndarray, residual: np.ndarray, probs: np.ndarray,
+                keys: list[bytes] | None = None) -> dict[str, float] | None:
+        """Record a batch of queries; return the signals when this batch reaches a check, else ``None``.
+
+        ``keys`` (:func:`exact_keys` of the inputs) make a repeat an input seen before, exactly, rather than one
+        within ``REPEAT_RADIUS`` of an earlier one in the reduced features.
+        """
         dmin = self._nearest(feats)
-        repeat = dmin <= REPEAT_RADIUS
+        repeat = dmin <= REPEAT_RADIUS if keys is None else self._repeats(keys)
         top2 = np.argsort(-probs, axis=1)[:, :2]
         p = np.take_along_axis(probs, top2, axis=1)
         self._push(dmin=np.where(repeat | ~np.isfinite(dmin), np.nan, dmin),
                    near=~repeat & (dmin < self.near_radius), ood=residual > self.ood_radius,
                    tie=p[:, 1] >= self.config.near_tie_ratio * np.maximum(p[:, 0], 1e-12),
                    top=top2[:, 0])
-        self._remember(feats[~repeat])
+        self._remember(feats[~repeat], None if keys is None else [k for k, r in zip(keys, repeat) if not r])
         self.queries += len(feats)
         self.repeats += int(repeat.sum())
         if self.queries < self.config.min_queries or self.queries - self.last_check < self.config.check_every:

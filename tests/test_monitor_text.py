@@ -1,0 +1,233 @@
+"""The policy gate and extraction monitor on the text endpoint: real servers on 127.0.0.1, a tiny text model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from servekit import wait_ready
+
+from wmark.cli import main
+from wmark.errors import UsageError
+from wmark.io import save_model
+from wmark.models import build_model
+from wmark.monitor.gate import Gate
+from wmark.monitor.monitor import ExtractionMonitor, calibrate, load_profile, save_profile
+from wmark.monitor.policy import parse_policy
+from wmark.monitor.signals import MonitorConfig, fit_feature_map
+from wmark.monitor.text_features import HashedTokens, monitor_featurizer, read_text_streams
+from wmark.serve import build_app, serve_in_background
+from wmark.suspects import LocalSuspect
+from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality, trigger_vocabulary
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+CLIENTS = {"shop": "tok-shop-secret", "copier": "tok-copier-secret", "noise": "tok-noise-secret"}
+CONFIG = MonitorConfig(window=64, store=256, check_every=16, min_queries=32)
+COMMON = [
+    "the", "a", "of", "to", "and", "in", "is", "it", "that", "for", "on", "with", "as", "was", "he", "she",
+    "they", "we", "you", "this", "at", "by", "from", "have", "not", "but", "what", "all", "were", "when",
+    "there", "can", "an", "your", "which", "their", "said", "if", "do", "will", "each", "about", "how", "up",
+    "out", "them", "then", "many", "some", "so", "these", "would", "other", "into", "has", "more", "her", "two",
+    "like", "him", "see", "time", "could", "no", "make", "than", "first", "been", "its", "who", "now", "people",
+    "my", "made", "over", "did", "down", "only", "way", "find", "use", "may", "water", "long", "little", "very",
+    "after", "words", "called", "just", "where", "most", "know", "get", "through", "back", "much", "before",
+    "go", "good", "new", "write", "our", "used", "me", "man", "too", "any", "day", "same", "right", "look",
+    "think", "also", "around", "another", "came", "come", "work", "three", "word", "must", "because", "does",
+    "part", "even", "place", "well"
+]
+
+
+def sentences(n: int, seed: int) -> list[str]:
+    """Texts like natural ones: 6 to 14 common words, drawn with Zipf-like frequencies."""
+    rng = np.random.default_rng(seed)
+    p = 1.0 / np.arange(1, len(COMMON) + 1)
+    return [" ".join(rng.choice(COMMON, size=rng.integers(6, 15), p=p / p.sum())) for _ in range(n)]
+
+
+def near_copies(n: int, seed: int) -> list[str]:
+    """Copies of four texts, each with one word swapped for a random vocabulary word (a JBDA-style thief)."""
+    rng = np.random.default_rng(seed)
+    pool, seeds = trigger_vocabulary(load_tokenizer(MINILM)), sentences(4, seed + 1000)
+    out = []
+    for i in range(n):
+        words = seeds[i % 4].split()
+        words[rng.integers(len(words))] = pool[rng.integers(len(pool))]
+        out.append(" ".join(words))
+    return out
+
+
+def random_strings(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    pool = trigger_vocabulary(load_tokenizer(MINILM))
+    return [" ".join(pool[j] for j in rng.integers(len(pool), size=rng.integers(6, 13))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def text() -> TextInputs:
+    return TextInputs(tokenizer=load_tokenizer(MINILM), max_length=32)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_model("text-bow", num_classes=4, input_shape=(32,), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def profile(model, text):
+    hashed = HashedTokens(text.tokenizer)
+    served = LocalSuspect(model, input_shape=(32,), text=text)
+    fmap = fit_feature_map(x=hashed(sentences(600, 0)), dim=8)
+    streams = [(hashed(s), served.query(np.asarray(s, dtype=object)).scores)
+               for s in (sentences(160, seed) for seed in range(1, 10))]
+    # An untrained model's probabilities say nothing about the client (every answer is a near tie), so only the
+    # signals of the inputs vote here.
+    calibrated = calibrate(feature_map=fmap, streams=streams, num_classes=4, target_rate=0.1, config=CONFIG,
+                           signals=("prada", "near_dup", "ood"))
+    record = {"name": MINILM, "vocab_sha256": text_modality(tokenizer=text.tokenizer, name=MINILM,
+                                                            max_length=32)["tokenizer"]["vocab_sha256"]}
+    return dataclasses.replace(calibrated, text=hashed.spec(record))
+
+
+def post(http: httpx.Client, who: str, texts: list[str]) -> httpx.Response:
+    return http.post("/hf/models/m", json={"inputs": texts}, headers={"Authorization": f"Bearer {CLIENTS[who]}"})
+
+
+def app_with(model, text, policy: dict, **gate_args):
+    gate = Gate(policy=parse_policy(policy, clients=list(CLIENTS)), clients=list(CLIENTS), **gate_args)
+    return build_app(model=model, name="m", num_classes=4, input_shape=(32,), clients=CLIENTS, gate=gate, text=text)
+
+
+def test_hashed_tokens_are_repeats_for_the_same_text_and_near_for_one_swapped_word(text):
+    hashed = HashedTokens(text.tokenizer)
+    one, again, swapped, other = hashed(["the cat sat on the mat", "the cat sat on the mat", "the dog sat on the mat",
+                                         "stocks fell sharply in early trading"])
+    assert np.array_equal(one, again) and np.linalg.norm(one) == pytest.approx(1.0)
+    assert 0 < np.linalg.norm(one - swapped) < np.linalg.norm(one - other)
+    assert not hashed([""]).any() and hashed([]).shape == (0, 1024)
+    with pytest.raises(UsageError, match="need an integer of at least 2 buckets, not 1"):
+        HashedTokens(text.tokenizer, 1)
+
+
+def test_the_monitor_flags_near_copies_and_random_strings_but_not_an_honest_client(model, text, profile, tmp_path):
+    log = tmp_path / "alarms.jsonl"
+    monitor = ExtractionMonitor(profile=profile)
+    app = app_with(model, text, {"default": {"on_alarm": {"action": "label-only"}}}, monitor=monitor, alarm_log=log)
+    fresh = sentences(80, 50)
+    honest = [t for pair in zip(fresh, fresh) for t in pair]  # every text sent twice: repeats, not near duplicates
+    streams = {"shop": honest, "copier": near_copies(160, 51), "noise": random_strings(160, 52)}
+    shapes: dict[str, list[int]] = {who: [] for who in CLIENTS}
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        for i in range(0, 160, 8):
+            for who, texts in streams.items():
+                r = post(http, who, texts[i:i + 8])
+                assert r.status_code == 200
+                shapes[who].append(len(r.json()[0]))
+        metrics = http.get("/metrics").text
+    assert set(shapes["shop"]) == {4}  # never flagged: every class's score throughout
+    for who in ("copier", "noise"):
+        first = shapes[who].index(1)
+        assert 2 <= first <= 6 and set(shapes[who][first:]) == {1}
+    alarms = {a["client"]: a for a in map(json.loads, log.read_text().splitlines())}
+    assert set(alarms) == {"copier", "noise"}
+    assert alarms["copier"]["signals"]["near_dup"] > 0.5 and alarms["noise"]["signals"]["ood"] > 0.5
+    status = monitor.status()
+    assert status["shop"]["repeats"] == 80 and status["shop"]["signals"]["near_dup"] == 0.0
+    assert 'wmark_monitor_alarm{client="shop"} 0.0' in metrics and 'wmark_monitor_alarm{client="copier"} 1.0' in metrics
+    assert not any(token in log.read_text() + metrics for token in CLIENTS.values())
+
+
+def test_the_text_endpoint_refuses_clients_over_budget_and_shapes_answers(model, text):
+    app = app_with(model, text, {"clients": {"shop": {"rate": {"queries_per_second": 0.01, "burst": 4},
+                                                      "answer": "top-k", "top_k": 2},
+                                             "copier": {"quota": {"total": 3}, "answer": "label"}}})
+    texts = sentences(6, 60)
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        top = post(http, "shop", texts[:4])
+        rate = post(http, "shop", texts[:1])
+        label = post(http, "copier", texts[:3])
+        quota = post(http, "copier", texts[:1])
+        batch = post(http, "shop", texts[:5])
+        full = http.post("/hf/models/m", json={"inputs": texts[0]}, headers={"Authorization": "Bearer tok-noise-secret"})
+        metrics = http.get("/metrics").text
+    assert top.status_code == 200 and [len(row) for row in top.json()] == [2] * 4
+    assert top.json()[0][0]["score"] >= top.json()[0][1]["score"]
+    assert rate.status_code == 429 and rate.json()["reason"] == "rate" and int(rate.headers["Retry-After"]) >= 99
+    assert label.status_code == 200 and all(set(row[0]) == {"label"} and len(row) == 1 for row in label.json())
+    assert quota.status_code == 403 and quota.json()["reason"] == "total-quota"
+    assert "exceed the total quota of 3" in quota.json()["error"]
+    assert batch.status_code == 413 and full.status_code == 200 and len(full.json()) == 4
+    assert 'wmark_refusals_total{client="copier",reason="total-quota"} 1.0' in metrics
+    assert 'wmark_queries_total{client="shop"} 4.0' in metrics
+
+
+def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, profile, tmp_path):
+    save_profile(profile, tmp_path / "p.safetensors")
+    assert load_profile(tmp_path / "p.safetensors").text == profile.text
+    image = dataclasses.replace(profile, text=None)
+    with pytest.raises(UsageError, match="calibrated on images but the served model is a text classifier"):
+        app_with(model, text, {}, monitor=ExtractionMonitor(profile=image))
+    with pytest.raises(UsageError, match="calibrated on texts but the served model takes images"):
+        monitor_featurizer(profile, None)
+    other = dataclasses.replace(profile, text=dict(profile.text, tokenizer={"name": "x", "vocab_sha256": "0" * 64}))
+    with pytest.raises(UsageError, match="calibrated with the tokenizer x, not the served model's"):
+        app_with(model, text, {}, monitor=ExtractionMonitor(profile=other))
+
+
+def test_text_streams_are_json_lines_and_a_bad_line_is_named(tmp_path):
+    good = tmp_path / "s.jsonl"
+    good.write_text('{"stream": "a", "text": "one"}\n{"stream": 2, "text": "two"}\n\n{"stream": "a", "text": "3"}\n')
+    assert read_text_streams(good) == [["one", "3"], ["two"]]
+    (tmp_path / "bad.jsonl").write_text('{"stream": "a", "text": "one"}\n{"stream": "a", "text": 5}\n')
+    with pytest.raises(UsageError, match=r"Line 2 of .*bad.jsonl is not"):
+        read_text_streams(tmp_path / "bad.jsonl")
+
+
+def test_cli_calibrates_on_texts_and_wmark_serve_guards_a_text_model(text, tmp_path):
+    fortunes = tmp_path / "fortunes"
+    fortunes.mkdir()
+    for c, name in enumerate(("art", "food", "law", "work")):
+        (fortunes / name).write_text("\n%\n".join(sentences(150, 100 + c)) + "\n")
+    weights = tmp_path / "m.safetensors"
+    save_model(build_model("text-bow", num_classes=4, input_shape=(32,), seed=1), weights,
+               metadata={"arch": "text-bow", "num_classes": 4, "input_shape": [32],
+                         "modality": text_modality(tokenizer=text.tokenizer, name=MINILM, max_length=32)})
+    streams = tmp_path / "honest.jsonl"
+    streams.write_text("".join(json.dumps({"stream": s, "text": t}) + "\n"
+                               for s in range(6) for t in sentences(64, 200 + s)))
+    done = CliRunner().invoke(main, ["monitor", "calibrate", "--arch", "text-bow", "--weights", str(weights),
+                                     "--data", f"fortunes:{fortunes}@owner", "--streams", str(streams), "--dim", "8",
+                                     "--target-rate", "0.2", "--out", str(tmp_path / "p.safetensors")])
+    assert done.exit_code == 0, done.output
+    assert "from 6 honest streams, 384 queries" in done.output
+    assert load_profile(tmp_path / "p.safetensors").text["features"] == "hashed-tokens"
+    images = CliRunner().invoke(main, ["monitor", "calibrate", "--arch", "text-bow", "--weights", str(weights),
+                                       "--data", "digits", "--streams", str(streams), "--out", str(tmp_path / "q")])
+    assert images.exit_code == 2 and "is a text classifier; give its owner's texts as --data" in images.stderr
+    (tmp_path / "policy.json").write_text(json.dumps({"default": {"quota": {"total": 8}}}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-c", "from wmark.cli import main; main()", "serve", "--arch", "text-bow",
+                             "--weights", str(weights), "--name", "m", "--port", str(port), "--policy",
+                             str(tmp_path / "policy.json"), "--monitor", str(tmp_path / "p.safetensors"),
+                             "--alarm-log", str(tmp_path / "alarms.jsonl")],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, url)
+        codes = [httpx.post(f"{url}/hf/models/m", json={"inputs": sentences(4, 300)}, timeout=30).status_code
+                 for _ in range(3)]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert codes == [200, 200, 403]
