@@ -26,6 +26,7 @@ from wmark.models import PenultimateFeaturizer, build_model
 from wmark.schemes.tiebreak.inputs import pack_texts, rule_inputs, served_scores, unpack_texts
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
+from wmark.testplan import content_sha256
 from wmark.text import TextInputs, check_tokenizer, shown_claim
 
 SCHEME = "api-tiebreak"
@@ -115,6 +116,18 @@ class TieBreakRule:
             arr = np.ascontiguousarray(a, dtype="<f8")
             h.update(f"{arr.shape}|".encode() + arr.tobytes())
         return h.hexdigest()
+
+    @property
+    def content_digest(self) -> str:
+        """SHA-256 of everything verification reads from the rule: :attr:`served_digest` (the key commitment, the
+        served model's digest and the feature map), the committed verification inputs and the reference
+        surrogates (architectures and weights). A transcript's test plan binds it (:mod:`wmark.testplan`), so
+        answers read under one rule are never read again under another."""
+        parts = [self.verification_inputs]
+        for arch, net in self.references:
+            parts.append(np.frombuffer(arch.encode("utf-8"), dtype=np.uint8))
+            parts += [t.detach().cpu().numpy() for _, t in sorted(net.state_dict().items())]
+        return hashlib.sha256(f"{self.served_digest}|{content_sha256(*parts)}".encode()).hexdigest()
 
     def features(self, x: np.ndarray) -> np.ndarray:
         """Whitened features ``psi`` of ``x`` (n×k)."""
