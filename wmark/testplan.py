@@ -117,8 +117,8 @@ def _changed_inputs(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[st
 
 
 def content_sha256(*arrays: Any) -> str:
-    """SHA-256 of arrays as a plan binds them: each one's dtype kind, shape and bytes (float64 for numbers; a
-    text array's strings as length-prefixed UTF-8); ``None`` hashes as absent."""
+    """SHA-256 of arrays as a plan binds them: each one's dtype, shape and bytes (a text array's strings as
+    length-prefixed UTF-8); ``None`` hashes as absent."""
     h = hashlib.sha256()
     for x in arrays:
         if x is None:
@@ -131,8 +131,10 @@ def content_sha256(*arrays: Any) -> str:
                 raw = str(item).encode("utf-8")
                 h.update(f"{len(raw)}|".encode() + raw)
             continue
-        num = np.ascontiguousarray(arr, dtype="<f8")
-        h.update(f"num|{num.shape}|".encode() + num.tobytes())
+        # in its own dtype (named in the digest): a float64 copy of a large holdout would double its memory
+        num = np.ascontiguousarray(arr)
+        h.update(f"num|{num.dtype.str}|{num.shape}|".encode())
+        h.update(num.reshape(-1).view(np.uint8).data)
     return h.hexdigest()
 
 
