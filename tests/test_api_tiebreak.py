@@ -540,6 +540,34 @@ def test_a_rule_opened_with_another_key_names_the_key_before_building_the_served
         open_tiebreak_rule(key=other, rule=tmp_path / "rule.safetensors")
 
 
+def test_a_rule_without_the_served_models_digest_is_refused_wherever_its_served_model_is_opened(tmp_path, data):
+    # built through the Python API without model_digest, the rule would take any model as its served one: serving
+    # (and logging) with one model, then verifying with another, chosen after the answers were seen
+    from wmark.io import save_model
+    from wmark.marks import open_served
+    from wmark.models import build_model, model_metadata
+    from wmark.schemes.tiebreak import tiebreak_tests_from_files
+
+    key = generate_key(owner="o", num_classes=C, input_shape=(D,))
+    for seed in (1, 2):
+        save_model(build_model("fmnist-mlp", num_classes=C, input_shape=(D,), seed=seed),
+                   tmp_path / f"served{seed}.safetensors",
+                   metadata=model_metadata(arch="fmnist-mlp", num_classes=C, input_shape=(D,)))
+    rule = dataclasses.replace(make(key, data, Linear(1))[0], served_arch="fmnist-mlp",
+                               served_path=str(tmp_path / "served1.safetensors"))
+    assert rule.model_digest == ""
+    rule.save(tmp_path / "rule.safetensors")
+    refused = (r"rule.safetensors records no digest of the served model it was built from, so any model would pass "
+               r"for it; rebuild it with `wmark tiebreak build` \(or build_tiebreak_rule with model_digest=")
+    for served in (None, tmp_path / "served2.safetensors"):
+        with pytest.raises(UsageError, match=refused):
+            open_tiebreak_rule(key=key, rule=tmp_path / "rule.safetensors", served=served)
+        with pytest.raises(UsageError, match=refused):
+            open_served(key=key, mark="tiebreak", rule=tmp_path / "rule.safetensors", weights=served)
+        with pytest.raises(UsageError, match=refused):
+            tiebreak_tests_from_files(key=key, rule=tmp_path / "rule.safetensors", served=served)
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"projection": torch.zeros(3, 2)}, r"damaged \(feature map of shapes \(\d+,\) and \(3, 2\), or not finite\)"),
     ({"mean": torch.full((D,), float("nan"))}, r"damaged \(feature map .* or not finite\)"),

@@ -228,6 +228,37 @@ def test_an_api_verdict_is_recomputed_from_its_transcript_and_a_flipped_byte_fai
     assert code == 0 and "Same verdict" in out
 
 
+def test_a_report_whose_test_is_not_the_plan_its_transcript_was_bound_to_is_refused(files, tmp_path):
+    # a fixed-n test cut to 10 queries after the transcript's 20 answers were seen (the budget-10 report, passed off
+    # as a reading of the budget-20 transcript) recomputed the same from the key and the answers: now refused
+    from httpkit import memorising_model
+
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    app = build_app(model=memorising_model(key, keep=0.3), name="m", num_classes=10, input_shape=SHAPE,
+                    labels_only=True)
+    with serve_in_background(app) as server:
+        for budget in (20, 10):
+            api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", max_queries=budget,
+                              transcript=tmp_path / f"t{budget}.sqlite", report=tmp_path / f"r{budget}.html")
+    assert recheck(report=tmp_path / "r10.json", key=d / "owner.key").status == "same"
+    bound = json.loads((tmp_path / "r20.json").read_text())["transcript"]
+
+    def swap(doc):
+        doc["transcript"] = bound
+        doc["suspect"]["transcript_sha256_chain"] = bound["sha256_chain"]
+        doc["verdict"]["tests"][0]["details"]["transcript"] = {k: v for k, v in bound.items() if k != "file_sha256"}
+
+    _redigest(tmp_path / "r10.json", swap)
+    with pytest.raises(EvidenceError, match=r"r10.json gives the test 'fixed-n trigger-set of 10 queries at alpha "
+                                            r"1e-06', but the transcript t20.sqlite holds answers for the test plan "
+                                            r"'fixed-n trigger-set of 20 queries at alpha 1e-06': its answers would be "
+                                            "read under another test than the one they were gathered for"):
+        recheck(report=tmp_path / "r10.json", key=d / "owner.key")
+    assert recheck(report=tmp_path / "r20.json", key=d / "owner.key").status == "same"
+
+
 def test_a_transcript_whose_path_has_uri_characters_is_read_and_left_alone(files, tmp_path):
     # the path went into an SQLite URI as is: "#" and "?" ended it, so another file was opened (and created, read-write:
     # the read-only mode was lost with the rest of the URI) and the genuine transcript was called altered or truncated

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import sqlite3
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 from httpkit import Counting, memorising_model
@@ -171,3 +172,178 @@ def test_the_extraction_plans_bind_every_fixed_test():
     assert ("'sequential trigger-set, fixed-n api-tiebreak of 1000 queries and sequential api-tiebreak-log at alpha "
             "0.0001 for client 'thief'', not 'sequential trigger-set, fixed-n api-tiebreak of 1000 queries and "
             "fixed-n api-tiebreak-log of 1000 queries in 21 rounds at alpha 0.0001 for client 'thief''") in message
+
+
+OTHER_INPUTS = "rerun with the files it was read with or start a new transcript"
+OLDER = "recorded by an older wmark that did not bind the tie-break rule, holdout or query log it read"
+
+
+@pytest.fixture(scope="module")
+def tiebreak_files(owner, tmp_path_factory):
+    """The owner's served model file and two tie-break rules built from it (other feature maps)."""
+    from wmark.io import save_model
+    from wmark.models import build_model, model_metadata
+
+    d = tmp_path_factory.mktemp("tiebreak")
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=3), d / "served.safetensors",
+               metadata=model_metadata(arch="fmnist-mlp", num_classes=10, input_shape=SHAPE))
+    for name, components in (("a", 16), ("b", 12)):
+        api.build_tiebreak(key=owner[1], arch="fmnist-mlp", weights=d / "served.safetensors", data="digits",
+                           out=d / f"rule-{name}.safetensors", references=[], verify_count=60, components=components)
+    return d
+
+
+def _strip_inputs(path) -> None:
+    """What a transcript of a wmark whose plans bound no rule, holdout or log looks like."""
+    db = sqlite3.connect(path)
+    (plan,) = db.execute("SELECT value FROM meta WHERE name = 'plan'").fetchone()
+    doc = json.loads(plan)
+    doc["tests"] = [{k: v for k, v in entry.items() if k not in ("inputs", "reads")} for entry in doc["tests"]]
+    db.execute("UPDATE meta SET value = ? WHERE name = 'plan'", (json.dumps(doc, sort_keys=True),))
+    db.commit()
+    db.close()
+
+
+def test_a_fixed_tiebreak_test_is_not_read_again_under_another_rule(owner, suspect, tiebreak_files, tmp_path):
+    url, counter = suspect
+    transcript = tmp_path / "t.sqlite"
+
+    def run(rule: str):
+        return api.verify_remote(key=owner[1], url=url, model_name="m", mode="fixed", max_queries=20,
+                                 rule=tiebreak_files / f"rule-{rule}.safetensors", rule_queries=60,
+                                 transcript=transcript)
+
+    first = run("a")
+    asked = counter.total
+    entry = first.tests[0].details["transcript"]["plan"]["tests"][1]
+    assert entry["inputs"].keys() == {"rule"} and entry["reads"] == "scores"  # an image rule reads probabilities
+    with pytest.raises(UsageError, match=r"holds answers for the test plan 'fixed-n trigger-set of 20 queries and "
+                                         r"fixed-n api-tiebreak of 60 queries at alpha 1e-06', read with another "
+                                         f"tie-break rule or served model than this run's; {OTHER_INPUTS}"):
+        run("b")
+    assert counter.total == asked
+    again = run("a")
+    assert counter.total == asked and [t.log10_p for t in again.tests] == [t.log10_p for t in first.tests]
+    # a transcript whose plan an older wmark wrote without the rule's digest: a fixed-n test cannot be checked
+    _strip_inputs(transcript)
+    with pytest.raises(UsageError, match=f"{OLDER}, so a fixed-n test cannot be checked against them; start a new "
+                                         r"transcript \(a sequential run may still resume it\)"):
+        run("a")
+    assert counter.total == asked
+
+
+def _binding():
+    return {"key_commitment": "a" * 64, "suspect": "http://x/infer", "protocol": "v2"}
+
+
+def _answer(record: Transcript, digest: str) -> None:
+    (seq,) = record.begin([(digest, "trigger")])
+    record.finish(seq, status="ok", label=1)
+
+
+def test_a_sequential_test_is_not_read_again_under_another_log_or_rule_and_says_what_changed(tmp_path):
+    def plan(**inputs):
+        return {"tests": [{"test": "trigger-set", "mode": "sequential"},
+                          {"test": "api-tiebreak-log", "mode": "sequential", "reads": "labels",
+                           "inputs": {"rule": "r1", "log": "l1", **inputs}}], "client": "thief"}
+
+    path = tmp_path / "t.sqlite"
+    record = Transcript(path, plan=plan(), **_binding())
+    _answer(record, "0" * 64)
+    record.close()
+    Transcript(path, plan=plan(), **_binding()).close()
+    with pytest.raises(UsageError, match=r"read with another query log \(the client's logged inputs\) than this run's; "
+                                         + OTHER_INPUTS):
+        Transcript(path, plan=plan(log="l2"), **_binding())
+    with pytest.raises(UsageError, match=r"read with another tie-break rule or served model and another query log "
+                                         r"\(the client's logged inputs\) than this run's"):
+        Transcript(path, plan=plan(rule="r2", log="l2"), **_binding())
+    read_scores = plan()
+    read_scores["tests"][1]["reads"] = "scores"
+    assert "another reading of the answers (scores, not labels)" in plan_refusal("t", plan(), read_scores)
+    holdout = {"tests": [{"test": "api-tiebreak", "mode": "fixed", "budget": 9, "reads": "labels",
+                          "inputs": {"rule": "r1", "holdout": "h1"}}], "alpha": 1e-6}
+    other = json.loads(json.dumps(holdout))
+    other["tests"][0]["inputs"]["holdout"] = "h2"
+    assert "read with another holdout than this run's" in plan_refusal("t", holdout, other)
+
+
+def test_an_older_plan_without_inputs_resumes_sequentially_and_binds_them_from_then_on(tmp_path):
+    older = {"tests": [{"test": "trigger-set", "mode": "sequential"}, {"test": "api-mark", "mode": "sequential"}],
+             "client": "thief"}
+    bound = json.loads(json.dumps(older))
+    bound["tests"][1]["inputs"] = {"log": "l1"}
+    path = tmp_path / "t.sqlite"
+    record = Transcript(path, plan=older, **_binding())
+    _answer(record, "0" * 64)
+    record.close()
+    record = Transcript(path, plan=bound, **_binding())
+    assert record.plan == bound and record.plan_since_run == 2
+    assert record.plan_note.startswith(f"Run 1 of the transcript {path} recorded a test plan without the tie-break "
+                                       "rule, holdout or query log its tests read (an older wmark)")
+    record.close()
+    moved = json.loads(json.dumps(bound))
+    moved["tests"][1]["inputs"]["log"] = "l2"
+    with pytest.raises(UsageError, match=OTHER_INPUTS):  # bound now: another log is refused
+        Transcript(path, plan=moved, **_binding())
+    # a fixed-n plan on an older plan of the same tests is refused; one without inputs (the trigger set) is the same
+    fixed_older = {"tests": [{"test": "api-tiebreak", "mode": "fixed", "budget": 9}], "alpha": 1e-6}
+    fixed = {"tests": [dict(fixed_older["tests"][0], inputs={"rule": "r"}, reads="labels")], "alpha": 1e-6}
+    assert OLDER in plan_refusal("t", fixed_older, fixed)
+    trigger = {"tests": [{"test": "trigger-set", "mode": "fixed", "budget": 20}], "alpha": 1e-6}
+    assert plan_refusal("t", trigger, json.loads(json.dumps(trigger))) is None
+
+
+def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
+    """The digests behind a plan: the holdout and the client's logged inputs (which grow as the client asks
+    more), and the flip mark's logged records the e-process runs over."""
+    from _api_helpers import LinearModel
+
+    from wmark.schemes.api_mark import ApiMarkTest, MarkedAPI, MarkLog
+    from wmark.schemes.tiebreak import (
+        TieBreakAPI,
+        TieBreakLog,
+        TieBreakLogTest,
+        TieBreakTest,
+        build_tiebreak_rule,
+        select_log_inputs,
+    )
+
+    key = generate_key(owner="o", num_classes=4, input_shape=(6,))
+    backend = LinearModel(1, num_classes=4, dims=6)
+    x = np.random.default_rng(0).normal(size=(900, 6)).astype(np.float32)
+    rule = build_tiebreak_rule(key=key, x=x, featurizer=np.tanh, feature_space="t", components=4)
+    other = build_tiebreak_rule(key=key, x=x[:600], featurizer=np.tanh, feature_space="t", components=4)
+    def held(rule, inputs, **kw) -> dict:
+        return TieBreakTest(key=key, rule=rule, served=backend, inputs=inputs, **kw).plan()
+
+    assert held(rule, x[:300]) == held(rule, x[:300]) and held(rule, x[:300])["reads"] == "scores"
+    assert held(rule, x[:300])["inputs"].keys() == {"rule", "holdout"}
+    assert held(rule, x[:300])["inputs"]["holdout"] != held(rule, x[:301])["inputs"]["holdout"]
+    assert held(rule, x[:300])["inputs"]["rule"] != held(other, x[:300])["inputs"]["rule"]
+    assert held(rule, x, use_scores=False)["reads"] == "labels"
+
+    def log_plan(mode: str) -> dict:
+        with TieBreakLog(tmp_path / "tb.sqlite", key=key, create=False) as log:
+            chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief")
+        return TieBreakLogTest(key=key, rule=rule, served=backend, chosen=chosen, mode=mode).plan()
+
+    with TieBreakLog(tmp_path / "tb.sqlite", key=key) as log:
+        TieBreakAPI(key=key, backend=backend, rule=rule, log=log, client="thief").query(x[:400])
+    before = {mode: log_plan(mode) for mode in ("fixed", "sequential")}
+    assert before["fixed"]["inputs"] == before["sequential"]["inputs"] == log_plan("fixed")["inputs"]
+    with TieBreakLog(tmp_path / "tb.sqlite", key=key, create=False) as log:
+        TieBreakAPI(key=key, backend=backend, rule=rule, log=log, client="thief").query(x[400:])
+    for mode, plan in before.items():  # the client asked more: its ranked inputs, and so the test, changed
+        after = log_plan(mode)
+        assert after["inputs"]["rule"] == plan["inputs"]["rule"] and after["inputs"]["log"] != plan["inputs"]["log"]
+
+    with MarkLog(tmp_path / "flip.sqlite", key=key, rate=0.3, candidates=3) as log:
+        MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[:300])
+    flip = ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=20)
+    first = flip.plan()
+    assert first["mode"] == "sequential" and first == flip.plan()
+    with MarkLog(tmp_path / "flip.sqlite", key=key) as log:
+        MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[300:])
+    assert flip.plan() == first  # later records extend the stream past what the test reads
+    assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=21).plan() != first

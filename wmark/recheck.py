@@ -34,9 +34,10 @@ from wmark.evidence import TestResult, Verdict, decide
 from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
+from wmark.testplan import describe, is_fixed
 from wmark.text import is_text_array
 from wmark.transcript import input_sha256, readonly_uri, transcript_digest
-from wmark.verify import trigger_set_test
+from wmark.verify import TriggerSetTest
 
 PathLike = str | os.PathLike[str]
 TOLERANCE = 1e-9
@@ -182,6 +183,42 @@ def transcript_answers(path: PathLike) -> dict[str, int]:
     return out
 
 
+def transcript_plan(path: PathLike) -> dict[str, Any] | None:
+    """The test plan a transcript's answers are bound to (:mod:`wmark.testplan`), or ``None`` for one an older wmark
+    wrote without a plan."""
+    try:
+        db = sqlite3.connect(readonly_uri(path), uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = 'plan'").fetchone()
+        finally:
+            db.close()
+        return None if row is None else json.loads(row[0])
+    except (sqlite3.DatabaseError, json.JSONDecodeError) as exc:
+        raise EvidenceError(f"{path} is not a readable wmark transcript ({exc}): it was altered or truncated.") from None
+
+
+def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float, report: Path) -> None:
+    """Refuse a test replayed from a transcript that the transcript's plan did not bind: its answers would be read
+    under another test than the one they were gathered for (a fixed-n test cut or extended after they were seen,
+    another mode, alpha, rule or log), which no run of wmark writes."""
+    plan = record.plan
+    if plan is None:
+        return
+    bound = next((e for e in plan["tests"] if e.get("test") == name), None)
+    wanted = {"test": name, **entry}
+    if bound is not None and "inputs" not in bound:  # an older plan bound no inputs: compare what it bound
+        wanted = {k: v for k, v in wanted.items() if k not in ("inputs", "reads")}
+    elif bound is not None and (bound.get("reads"), wanted.get("reads")) == ("scores", "labels"):
+        # a test bound to read scores reads labels where the suspect gave none; the report says which it read
+        wanted["reads"] = "scores"
+    if bound == wanted and (not is_fixed(plan) or plan.get("alpha") == alpha):
+        return
+    shown = describe({"tests": [wanted], **({"alpha": alpha} if wanted["mode"] == "fixed" else {})})
+    raise EvidenceError(f"The report {report} gives the test '{shown}', but {record.source} holds answers for the test "
+                        f"plan '{describe(plan)}': its answers would be read under another test than the one they were "
+                        "gathered for.")
+
+
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -1e300
 
@@ -277,6 +314,7 @@ class _Record:
     labels: dict[str, int]
     source: str
     scores: dict[str, list[float] | None] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
 
     @property
     def has_scores(self) -> bool:
@@ -317,7 +355,7 @@ def _answers_for(doc: dict[str, Any], report: Path, transcript: PathLike | None,
         raise EvidenceError(f"The transcript {path} does not match the digest in the report: rows were altered, added "
                             "or removed.")
     checks.append("transcript digest" + (" and file SHA-256" if want_file else ""))
-    return _Record(labels=transcript_answers(path), source=f"the transcript {path.name}")
+    return _Record(labels=transcript_answers(path), source=f"the transcript {path.name}", plan=transcript_plan(path))
 
 
 def not_recheckable(test: dict[str, Any], *, has_record: bool, has_scores: bool = False) -> str:
@@ -336,9 +374,10 @@ def not_recheckable(test: dict[str, Any], *, has_record: bool, has_scores: bool 
 
 
 def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], overrides: Mapping[str, PathLike],
-                     checks: list[str], alpha: float, share: float, read: str) -> TestResult:
+                     checks: list[str], alpha: float, share: float, read: str) -> tuple[TestResult, dict[str, Any]]:
     """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model,
-    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities)."""
+    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities); and the test's
+    plan entry (:meth:`~wmark.schemes.tiebreak.TieBreakTest.plan`)."""
     from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
     paths = {}
@@ -353,7 +392,7 @@ def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], 
     (test,) = tiebreak_tests_from_files(key=key, rule=paths["rule"], served=paths["served"], arch=files["arch"] or None,
                                         holdout=files.get("holdout"), queries=int(files["queries"]),
                                         use_scores=read != "labels")
-    return test.run(replay, alpha=alpha, share=share)
+    return test.run(replay, alpha=alpha, share=share), test.plan()
 
 
 _VERDICT_FIELDS = ("kind", "status", "queries", "matches", "null", "correction")
@@ -449,13 +488,15 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
                                description=verdict["suspect"], source=record.source, scores=record.scores)
         details = test.get("details", {})
         if test["name"] == TIEBREAK:
-            redone = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
-                                      checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
-                                      read=str(details.get("read", "labels")))
+            redone, entry = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
+                                             checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
+                                             read=str(details.get("read", "labels")))
         else:
-            redone = trigger_set_test(key=k, suspect=replay, alpha=alpha, mode=details.get("mode", "sequential"),
-                                      max_queries=int(details.get("budget", len(record.labels))), batch_size=1,
-                                      share=float(details.get("alpha_share", 1.0)))
+            trigger = TriggerSetTest(key=k, mode=details.get("mode", "sequential"),
+                                     max_queries=int(details.get("budget", len(record.labels))))
+            redone = trigger.run(replay, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
+            entry = trigger.plan()
+        _check_plan(record, test["name"], entry, alpha, path)
         redone.weight = original.weight
         tests.append(redone)
         rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,

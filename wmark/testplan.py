@@ -1,27 +1,45 @@
-"""The test plan a transcript is bound to, so the answers of a fixed-n test are never reused to extend it.
+"""The test plan a transcript is bound to, so the answers of a test are never reused under another test.
 
 A fixed-n test keeps its alpha only at the ``n`` (and alpha) fixed before any answer was seen. Running one at
 ``n``, reading its p-value, then running it again at ``2n`` on the same transcript (whose answers are reused)
 is a repeated fixed-n test: optional stopping, whose false-accusation rate exceeds alpha. An e-process (a
 sequential test) keeps alpha under optional continuation, so its budget may grow from run to run.
 
-The plan lists each test with its mode (``fixed`` or ``sequential``) and, for a fixed-n test, what fixes its
-outcome besides the answers: its budget (and the log test's rounds). Alpha is recorded when some test is
-fixed-n, and the client whose logged queries are asked when there is one. A transcript that holds answers
-takes only runs of exactly its plan (:func:`plan_refusal`).
+The plan lists each test with its mode (``fixed`` or ``sequential``) and, for a fixed-n test, its budget (and
+the log test's rounds). Alpha is recorded when some test is fixed-n, and the client whose logged queries are
+asked when there is one. A test that reads more than the answers records what else fixes its outcome, whether
+fixed-n or sequential: the digest of each such input under ``inputs`` (the tie-break rule's content, which
+names the served model by its digest; the holdout inputs; the query log's inputs of the client) and how it
+reads the answers (``reads``: ``scores`` or ``labels``). Sequential tests bind them too: an e-process keeps
+alpha under optional stopping of *one* statistic over *one* stream of answers; reading the same answers again
+under another rule, log or holdout is a second e-process, and the better of two is no e-process. The key is
+bound by the transcript itself (its commitment), not by the plan.
+
+A transcript that holds answers takes only runs of exactly its plan (:func:`plan_refusal`). A plan an older
+wmark recorded without ``inputs`` (:func:`unbound`) cannot show that a fixed-n test would read the same rule,
+log or holdout as before, so a fixed-n run on it is refused; a sequential run resumes it (an e-process keeps
+alpha on its own) and binds the full plan from then on, as for a transcript that recorded no plan at all.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from wmark.evidence import EvidenceTest
+
+# what each digest under a plan entry's "inputs" names, in a refusal
+INPUT_NAMES = {"rule": "tie-break rule or served model", "holdout": "holdout",
+               "log": "query log (the client's logged inputs)"}
 
 
 def verification_plan(tests: Sequence[EvidenceTest], *, alpha: float, client: str | None = None) -> dict[str, Any]:
-    """The plan of a verification: its tests in order (name, mode and each fixed-n test's budget), the alpha
-    when some test is fixed-n, and the client asked about."""
+    """The plan of a verification: its tests in order (name, mode, each fixed-n test's budget, and the digests of
+    the inputs besides the answers a test reads), the alpha when some test is fixed-n, and the client asked
+    about."""
     entries = [{"test": test.name, **test.plan()} for test in tests]
     plan: dict[str, Any] = {"tests": entries}
     if is_fixed(plan):
@@ -55,15 +73,69 @@ def describe(plan: dict[str, Any]) -> str:
 
 def plan_refusal(path: object, recorded: dict[str, Any], wanted: dict[str, Any]) -> str | None:
     """Why a run of plan ``wanted`` may not reuse the answers of transcript ``path``, recorded under plan
-    ``recorded`` (one sentence), or ``None`` if it may: the same plan, up to the budgets of sequential tests."""
+    ``recorded`` (one sentence), or ``None`` if it may: the same plan (up to the budgets of sequential tests,
+    which it does not hold), or a plan an older wmark recorded without ``inputs`` resumed sequentially."""
     if recorded == wanted:
         return None
-    head = f"The transcript {path} holds answers for the test plan '{describe(recorded)}', not '{describe(wanted)}'"
+    head = f"The transcript {path} holds answers for the test plan '{describe(recorded)}'"
     if _shape(recorded) != _shape(wanted):
-        return (f"{head}; start a new transcript: reading the same answers under another plan (fixed-n instead of "
-                "sequential or back, other tests or another client) repeats the test, which breaks its alpha.")
-    return (f"{head}; rerun with the recorded plan or start a new transcript: a fixed-n test extended or changed on "
-            "answers already seen is a repeated test, which breaks its alpha.")
+        return (f"{head}, not '{describe(wanted)}'; start a new transcript: reading the same answers under another "
+                "plan (fixed-n instead of sequential or back, other tests or another client) repeats the test, which "
+                "breaks its alpha.")
+    if unbound(recorded, wanted):
+        if not is_fixed(wanted):
+            return None
+        return (f"{head}, recorded by an older wmark that did not bind the tie-break rule, holdout or query log it "
+                "read, so a fixed-n test cannot be checked against them; start a new transcript (a sequential run may "
+                "still resume it).")
+    changed = _changed_inputs(recorded, wanted)
+    if changed:
+        return (f"{head}, read with another {' and another '.join(changed)} than this run's; rerun with the files it "
+                "was read with or start a new transcript: the same answers read again under another test is a "
+                "repeated test, which breaks its alpha.")
+    return (f"{head}, not '{describe(wanted)}'; rerun with the recorded plan or start a new transcript: a fixed-n "
+            "test extended or changed on answers already seen is a repeated test, which breaks its alpha.")
+
+
+def unbound(recorded: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether ``recorded`` is a plan an older wmark wrote without the ``inputs`` that ``wanted`` binds (the same
+    tests, one of which reads a rule, holdout or log)."""
+    return _shape(recorded) == _shape(wanted) and any(
+        "inputs" in want and "inputs" not in have for have, want in zip(recorded["tests"], wanted["tests"]))
+
+
+def _changed_inputs(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What the tests of two plans of the same shape read differently, in words (inputs, then the reading)."""
+    names: list[str] = []
+    for have, want in zip(recorded["tests"], wanted["tests"]):
+        ours, theirs = have.get("inputs", {}), want.get("inputs", {})
+        names += [INPUT_NAMES.get(name, name) for name in [*INPUT_NAMES, *sorted(set(ours) | set(theirs))]
+                  if ours.get(name) != theirs.get(name)]
+        if have.get("reads") != want.get("reads"):
+            names.append(f"reading of the answers ({want.get('reads')}, not {have.get('reads')})")
+    return list(dict.fromkeys(names))
+
+
+def content_sha256(*arrays: Any) -> str:
+    """SHA-256 of arrays as a plan binds them: each one's dtype, shape and bytes (a text array's strings as
+    length-prefixed UTF-8); ``None`` hashes as absent."""
+    h = hashlib.sha256()
+    for x in arrays:
+        if x is None:
+            h.update(b"none|")
+            continue
+        arr = np.asarray(x)
+        if arr.dtype.kind in "OUS":
+            h.update(f"text|{arr.size}|".encode())
+            for item in arr.reshape(-1):
+                raw = str(item).encode("utf-8")
+                h.update(f"{len(raw)}|".encode() + raw)
+            continue
+        # in its own dtype (named in the digest): a float64 copy of a large holdout would double its memory
+        num = np.ascontiguousarray(arr)
+        h.update(f"num|{num.dtype.str}|{num.shape}|".encode())
+        h.update(num.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
 
 
 def _shape(plan: dict[str, Any]) -> tuple[Any, ...]:

@@ -8,9 +8,10 @@ killed with ``kill -9`` therefore loses at most the answers of requests that wer
 whether the query was a trigger or cover traffic. The file is bound to one key (by its public commitment,
 never the secret) and one suspect URL, so a transcript cannot be replayed against another claim, and, once it
 holds an answer, to the test plan of the run that gathered it (:mod:`wmark.testplan`): a fixed-n test is never
-extended or changed on answers already seen, nor switched to or from a sequential one; a sequential test may
-raise its budget. A transcript an older wmark wrote without a plan resumes only sequentially, and is bound to
-that plan from then on.
+extended or changed on answers already seen, nor switched to or from a sequential one, and no test reads them
+again under another tie-break rule, holdout or query log; a sequential test may raise its budget. A transcript
+an older wmark wrote without a plan, or with one that binds no rule, holdout or log, resumes only
+sequentially, and is bound to this run's plan from then on.
 
 Resuming (what :meth:`Transcript.lookup` reuses):
 
@@ -40,7 +41,7 @@ import numpy as np
 
 from wmark import __version__
 from wmark.errors import UsageError
-from wmark.testplan import is_fixed, plan_refusal
+from wmark.testplan import is_fixed, plan_refusal, unbound
 
 FORMAT = "wmark-transcript/1"
 FINAL_STATUSES = ("ok", "malformed")
@@ -118,7 +119,8 @@ class Transcript:
             disks with slow fsync).
         plan: The run's test plan (:func:`wmark.testplan.verification_plan`), recorded while the transcript holds
             no answer; once it holds one, a run of another plan is refused (:func:`wmark.testplan.plan_refusal`),
-            and so is a fixed-n run on answers an older wmark recorded without a plan. ``None``: none is checked.
+            and so is a fixed-n run on answers an older wmark recorded without a plan (or without the inputs the
+            plan binds). ``None``: none is checked.
 
     Raises:
         UsageError: If the file belongs to another key or suspect, or is not a transcript, or holds answers
@@ -160,35 +162,45 @@ class Transcript:
             with self._tx():
                 self._db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)",
                                      [*want.items(), ("created", _now())])
-        recorded = have.get("plan")
+        recorded = json.loads(have["plan"]) if "plan" in have else None
         answered = self._db.execute("SELECT COUNT(*) FROM queries WHERE role = 'trigger' AND status IN ('ok', 'malformed')").fetchone()[0]
         if plan is not None and answered:
-            refusal = (plan_refusal(self.path, json.loads(recorded), plan) if recorded is not None
+            refusal = (plan_refusal(self.path, recorded, plan) if recorded is not None
                        else LEGACY_FIXED.format(path=self.path) if is_fixed(plan) else None)
             if refusal is not None:
                 self._db.close()
                 raise UsageError(refusal)
+        older = recorded is None or unbound(recorded, plan) if plan is not None else False
         with self._tx():
             cur = self._db.execute("INSERT INTO runs (started_at, wmark_version) VALUES (?, ?)",
                                    (_now(), __version__))
-            if plan is not None and not (recorded is not None and answered):
+            if plan is not None and (older or not answered):
                 # no answer seen yet, so this run's plan becomes the transcript's; an older wmark's answers (seen
-                # under a plan nobody recorded) are bound to it from this run on
-                since = [("plan_since_run", str(cur.lastrowid))] if answered else []
+                # under a plan nobody recorded, or one that bound no rule, holdout or log) are bound to it from this
+                # run on, and the verdict says so
+                since = [("plan_since_run", str(cur.lastrowid)),
+                         ("plan_before", "none" if recorded is None else "unbound")] if answered else []
                 self._db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
                                      [("plan", json.dumps(plan, sort_keys=True)), *since])
         self.run = int(cur.lastrowid or 0)
         self.meta = want
-        stored = dict(self._db.execute("SELECT name, value FROM meta WHERE name IN ('plan', 'plan_since_run')"))
+        stored = dict(self._db.execute(
+            "SELECT name, value FROM meta WHERE name IN ('plan', 'plan_since_run', 'plan_before')"))
         self.plan: dict[str, Any] | None = json.loads(stored["plan"]) if "plan" in stored else None
         self.plan_since_run = int(stored["plan_since_run"]) if "plan_since_run" in stored else None
+        self._plan_before = stored.get("plan_before", "none")
 
     @property
     def plan_note(self) -> str:
-        """A note for the verdict when earlier runs of the transcript recorded no plan (an older wmark), else ``""``."""
+        """A note for the verdict when earlier runs of the transcript recorded no plan, or one without the inputs its
+        tests read (an older wmark), else ``""``."""
         if self.plan_since_run is None:
             return ""
         earlier = "Run 1" if self.plan_since_run == 2 else f"Runs 1 to {self.plan_since_run - 1}"
+        if self._plan_before == "unbound":
+            return (f"{earlier} of the transcript {self.path} recorded a test plan without the tie-break rule, holdout or "
+                    "query log its tests read (an older wmark), so whether its answers were read under other ones is "
+                    "unknown: the sequential test keeps its alpha on its own, not combined with a verdict given before.")
         return (f"{earlier} of the transcript {self.path} recorded no test plan (an older wmark), so whether a fixed-n "
                 "test was read on its answers is unknown: the sequential test keeps its alpha on its own, not combined "
                 "with a verdict given before.")

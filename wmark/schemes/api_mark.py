@@ -75,6 +75,7 @@ from wmark.keys import Key
 from wmark.schemes.querylog import MarkLog, QueryLog, input_digest
 from wmark.stats import MixtureEProcess
 from wmark.suspects.base import Answers, Suspect
+from wmark.testplan import content_sha256
 
 SCHEME = "api-mark"
 VERSION = 1
@@ -245,8 +246,13 @@ class ApiMarkTest:
                  "matches with the keyed labels are independent Bernoulli(1/|S|)")
 
     def plan(self) -> dict[str, Any]:
-        # its p-value is 1 / max e-value over the answers in log order (statistic "anytime"): valid at any budget
-        return {"mode": "sequential"}
+        """Sequential (its p-value is 1 / max e-value over the answers in log order, statistic ``anytime``), bound to
+        the logged records it reads: the stream the e-process runs over. Raising ``max_queries`` past the records
+        read before reads another stream, so that needs a new transcript too."""
+        with MarkLog(self.log, key=self.key, create=False) as opened:
+            records = opened.records(self.client, limit=self.max_queries)
+        stream = [f"{r['digest']}|{r['top1']}|{r['label']}|{r['candidates']}" for r in records]
+        return {"mode": "sequential", "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:

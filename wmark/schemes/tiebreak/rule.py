@@ -26,6 +26,7 @@ from wmark.models import PenultimateFeaturizer, build_model
 from wmark.schemes.tiebreak.inputs import pack_texts, rule_inputs, served_scores, unpack_texts
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
+from wmark.testplan import content_sha256
 from wmark.text import TextInputs, check_tokenizer, shown_claim
 
 SCHEME = "api-tiebreak"
@@ -116,6 +117,18 @@ class TieBreakRule:
             h.update(f"{arr.shape}|".encode() + arr.tobytes())
         return h.hexdigest()
 
+    @property
+    def content_digest(self) -> str:
+        """SHA-256 of everything verification reads from the rule: :attr:`served_digest` (the key commitment, the
+        served model's digest and the feature map), the committed verification inputs and the reference
+        surrogates (architectures and weights). A transcript's test plan binds it (:mod:`wmark.testplan`), so
+        answers read under one rule are never read again under another."""
+        parts = [self.verification_inputs]
+        for arch, net in self.references:
+            parts.append(np.frombuffer(arch.encode("utf-8"), dtype=np.uint8))
+            parts += [t.detach().cpu().numpy() for _, t in sorted(net.state_dict().items())]
+        return hashlib.sha256(f"{self.served_digest}|{content_sha256(*parts)}".encode()).hexdigest()
+
     def features(self, x: np.ndarray) -> np.ndarray:
         """Whitened features ``psi`` of ``x`` (n×k)."""
         if self.featurizer is None:
@@ -189,7 +202,8 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
         components: Principal directions kept (k); default: ``DEFAULT_COMPONENTS`` or all the live ones
             (non-negligible variance; dead ReLU units have none) below the skipped ones, whichever is fewer.
         skip: Leading (largest-variance) principal directions left out (default none).
-        model_digest: Digest of the served model file, recorded so verification can check it.
+        model_digest: Digest of the served model file (:func:`wmark.io.tensors_digest`), recorded so serving and
+            verification can check it; a rule saved without it is refused by :func:`open_tiebreak_rule`.
         text: For a text key: its tokenization (:meth:`wmark.text.TextInputs.from_key`); ``x`` is then strings
             and ``featurizer`` must tokenize them (``penultimate_featurizer(model, encode=text.encode)``).
 
@@ -339,7 +353,9 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     """Load a rule file with the served model it was built from, checked against each other.
 
     The rule records the served model's architecture, path and digest: the model is loaded from that path
-    unless ``served`` gives its new location (the file moved), and its digest must match either way.
+    unless ``served`` gives its new location (the file moved), and its digest must match either way. A rule that
+    records no digest (one built through the Python API without ``model_digest``) is refused: any model would
+    pass for its served model, so the one serving, logging and verifying need not be the one it was built from.
 
     Args:
         key: The owner's key (the rule must be built under it).
@@ -351,8 +367,8 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
         The rule (featurizer attached) and the served model as a score-exposing local suspect.
 
     Raises:
-        UsageError: If the rule is missing or was built under another key or from another served model file, or
-            the served model cannot be found.
+        UsageError: If the rule is missing, was built under another key or from another served model file, records
+            no served model digest, or the served model cannot be found.
     """
     from wmark.io import read_metadata, tensors_digest
     from wmark.models import load_model, penultimate_featurizer
@@ -363,6 +379,12 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     if meta.get("scheme") != SCHEME:
         raise UsageError(f"{rule} is not a wmark tie-break rule; build one with `wmark tiebreak build`.")
     _check_rule_key(meta, key, rule)  # before the served model is built for this key's classes
+    if not meta.get("model_digest"):
+        # without it any model passes for the served one: the log's binding and the test's pairs and features
+        # would follow whichever model is given, chosen after the answers were seen
+        raise UsageError(f"The tie-break rule {rule} records no digest of the served model it was built from, so any "
+                         "model would pass for it; rebuild it with `wmark tiebreak build` (or build_tiebreak_rule with "
+                         "model_digest=tensors_digest(*load_tensors(served_file))).")
     arch = arch or str(meta.get("served_arch") or "")
     if served is None:
         recorded = str(meta.get("served_path") or "")
@@ -380,7 +402,7 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     loaded = load_tiebreak_rule(rule, key=key, text=text, featurizer=penultimate_featurizer(
         model, encode=None if text is None else text.encode))
     tensors, raw = load_tensors(served)
-    if loaded.model_digest and loaded.model_digest != tensors_digest(tensors, raw):
+    if loaded.model_digest != tensors_digest(tensors, raw):
         raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; give the "
                          "model file the API served.")
     return loaded, LocalSuspect(model, input_shape=tuple(key.input_shape), description=str(served),

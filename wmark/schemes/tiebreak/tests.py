@@ -30,6 +30,7 @@ from wmark.schemes.tiebreak.rule import (
     top_pairs,
 )
 from wmark.suspects.base import Suspect
+from wmark.testplan import content_sha256
 
 LEAN_CLIP = 2.0
 DEFAULT_LOG_ROUNDS = 21
@@ -396,6 +397,11 @@ def reads_scores(rule: TieBreakRule, use_scores: bool | None) -> bool:
     return rule.text is None if use_scores is None else use_scores
 
 
+def _reading(rule: TieBreakRule, use_scores: bool | None) -> str:
+    """How a tie-break test reads its answers, as its plan records it: ``scores`` or ``labels``."""
+    return "scores" if reads_scores(rule, use_scores) else "labels"
+
+
 def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
          use_scores: bool) -> tuple[np.ndarray, np.ndarray, str]:
     """The suspect's labels on ``xs``, its evidence per input (lean or ±1 / 0) and how it was read."""
@@ -457,7 +463,10 @@ class TieBreakTest:
     null: str = NULL_WHY
 
     def plan(self) -> dict[str, Any]:
-        return {"mode": "fixed", "budget": self.queries}
+        inputs = {"rule": self.rule.content_digest}
+        if self.inputs is not None:
+            inputs["holdout"] = content_sha256(self.inputs)
+        return {"mode": "fixed", "budget": self.queries, "inputs": inputs, "reads": _reading(self.rule, self.use_scores)}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
@@ -487,10 +496,16 @@ class TieBreakLogTest:
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
 
     def plan(self) -> dict[str, Any]:
+        # the ranked inputs, their served scores and the references' leans: the log, the served model and the
+        # references fix which inputs each round asks, sequential or not
+        read = {"inputs": {"rule": self.rule.content_digest,
+                           "log": content_sha256(self.chosen.x, self.chosen.scores, self.chosen.leans,
+                                                 self.chosen.reference_leans)},
+                "reads": _reading(self.rule, self.use_scores)}
         if self.mode == "sequential":
-            return {"mode": "sequential"}
+            return {"mode": "sequential", **read}
         return {"mode": "fixed", "budget": DEFAULT_QUERIES if self.queries is None else self.queries,
-                "rounds": self.rounds}
+                "rounds": self.rounds, **read}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         if self.mode == "sequential":
