@@ -19,7 +19,8 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.serve import build_app, serve_in_background
-from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, read_token, redact_url
+from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, redact_url
+from wmark.suspects.tokens import read_token
 from wmark.verify import verify_blackbox
 
 SHAPE = (1, 8, 8)

@@ -22,21 +22,18 @@ import email.utils
 import hashlib
 import json
 import math
-import os
 import random
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
-from wmark.keys import KEY_FORMAT
 from wmark.suspects.base import Answers
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
@@ -137,45 +134,6 @@ class RateLimiter:
             self._next = slot + self.interval
         if slot > now:
             time.sleep(slot - now)
-
-
-def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = None) -> str | None:
-    """The bearer token from an environment variable or a file (never from the command line).
-
-    Raises:
-        UsageError: If both or neither-but-empty sources are given, the variable is unset or the file unreadable.
-    """
-    if env and file:
-        raise UsageError("Give the token either from an environment variable or from a file, not both.")
-    if env:
-        value = os.environ.get(env, "").strip()
-        if not value:
-            raise UsageError(f"The environment variable {env} holding the token is unset or empty; export it first.")
-        return _checked_token(value, f"The environment variable {env}")
-    if file:
-        try:
-            value = Path(file).read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            raise UsageError(f"Cannot read the token file {file}; check the path and its permissions.") from None
-        if not value:
-            raise UsageError(f"The token file {file} is empty.")
-        return _checked_token(value, f"The token file {file}")
-    return None
-
-
-def _checked_token(value: str, source: str) -> str:
-    # The token goes to the suspect, who may be the thief: a key file given by mistake must never be sent, and a
-    # value no header can carry must be refused here, since httpx's refusal quotes the header (the token) in full.
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and doc.get("format") == KEY_FORMAT:
-        raise UsageError(f"{source} holds a wmark key, not a token; sending it would give the suspect the key's "
-                         "secret, so give the bearer token instead.")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise UsageError(f"{source} holds more than one line or control characters; a bearer token is one line.")
-    return value
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
