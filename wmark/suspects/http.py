@@ -2,8 +2,11 @@
 
 :class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
 a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
-``Retry-After`` on 429/503, and a thread pool for concurrent requests. A failed or malformed answer (after
-the retries) is an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
+``Retry-After`` on 429/503, and a thread pool for concurrent requests. An error object answered in place of a
+prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
+"estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
+``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
+an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
 with one sentence: a refused token (401/403), an unknown model (404), an unreachable host, a TLS failure,
 or answers that do not fit the key's classes.
 
@@ -35,6 +38,7 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
+from wmark.suspects.bodies import error_body
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -57,10 +61,11 @@ class HttpOptions:
     Attributes:
         timeout: Seconds to wait for one answer: for the connection, each read and write, and for the whole body
             (an answer trickling in byte by byte past it is abandoned as a timeout).
-        retries: Further attempts after a failed one (timeouts, 429, 5xx, dropped connections).
+        retries: Further attempts after a failed one (timeouts, 429, 5xx, error bodies, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
-        max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run.
+        max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
+            ``estimated_time`` (an estimate, not a demand) is cut to it.
         rate: Most requests per second (``None``: unlimited).
         concurrency: Requests in flight at once.
         verify_tls: Check TLS certificates (a CA bundle path is accepted too).
@@ -394,9 +399,10 @@ class HttpSuspect:
                     raise UsageError(
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
                     )
-                if code not in _RETRY_STATUSES:
+                failure = self._error_answer(resp, what)
+                if code not in _RETRY_STATUSES and failure is None:
                     return resp, attempts, f"an answer larger than {MAX_ANSWER_BYTES} bytes" if oversize else ""
-                error = f"HTTP {code}"
+                error = f"HTTP {code}" if code >= 300 or failure is None else f"HTTP {code} error body: {failure[0]}"
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
                     if wait is not None and wait > self.options.max_retry_after:
@@ -404,6 +410,9 @@ class HttpSuspect:
                             f"The suspect asks to wait {wait:.0f} s before the next request (HTTP {code} "
                             "Retry-After); re-run the same command later, the transcript resumes."
                         )
+                if wait is None and failure is not None and failure[1] is not None:
+                    # An estimate, not a demand like Retry-After: a long one is cut to the longest wait accepted.
+                    wait = min(failure[1], self.options.max_retry_after)
             if attempt == self.options.retries:
                 break
             delay = self._backoff(attempt) if wait is None else wait + self._jitter(0.1 * max(wait, 0.1))
@@ -419,6 +428,31 @@ class HttpSuspect:
                 "same verification with the same transcript to resume."
             )
         return None, attempts, error
+
+    def _error_answer(self, resp: httpx.Response, what: str) -> tuple[str, float | None] | None:
+        """The message (scrubbed, short) and suggested wait of an error body (see :func:`error_body`), else ``None``.
+
+        Only a 2xx answer or one retried anyway counts: a 4xx error body is the server refusing the request. A 2xx
+        inference answer counts only when the protocol cannot read it as a prediction either, so no template that
+        reads its label from an ``error`` member has its answers taken for failures.
+        """
+        if resp.status_code >= 300 and resp.status_code not in _RETRY_STATUSES:
+            return None
+        try:
+            doc = json.loads(resp.content)
+        except (ValueError, RecursionError):
+            return None
+        found = error_body(doc)
+        if found is None:
+            return None
+        if what == "inference" and resp.status_code < 300:
+            try:
+                self.protocol.parse(doc)
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                pass
+            else:
+                return None
+        return self._scrub(found[0])[:200], found[1]
 
     def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, bool]:
         """One request, its body read within the timeout and up to ``MAX_ANSWER_BYTES``; whether it was larger.

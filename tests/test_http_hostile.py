@@ -1,0 +1,103 @@
+"""The HTTP client against flaky or hostile suspect servers (real servers on 127.0.0.1): error bodies answered
+with 200, redirects, compressed bombs, bodies that are not UTF-8."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from wmark.serve import serve_in_background
+from wmark.suspects.bodies import error_body
+from wmark.suspects.http import HttpOptions, open_http_suspect
+
+LOADING = {"error": "Model m is currently loading", "estimated_time": 0.3}
+HF_LABEL_3 = [{"label": "LABEL_3", "score": 0.9}, {"label": "LABEL_1", "score": 0.1}]
+
+
+def _scripted(answers: list[Any]) -> tuple[Starlette, dict[str, int]]:
+    """A JSON endpoint at /m whose n-th answer is ``answers[n]`` (the last one repeats).
+
+    An answer is a JSON-able document (sent with 200), a ``(status, document)`` pair, or a :class:`Response`.
+    """
+    calls = {"n": 0}
+
+    async def answer(_: Request) -> Response:
+        action = answers[min(calls["n"], len(answers) - 1)]
+        calls["n"] += 1
+        if isinstance(action, Response):
+            return action
+        status, doc = action if isinstance(action, tuple) else (200, action)
+        return Response(json.dumps(doc), status_code=status, media_type="application/json")
+
+    return Starlette(routes=[Route("/m", answer, methods=["POST"])]), calls
+
+
+def _hf(url: str, **options: Any):
+    return open_http_suspect(url=f"{url}/m", protocol="json", template=options.pop("template", "hf"), num_classes=4,
+                             input_shape=(2,), options=HttpOptions(**{"backoff": 0.0, **options}), seed=0)
+
+
+def test_an_error_body_answered_with_200_is_retried_after_its_estimated_time_never_recorded():
+    """The Hugging Face Inference API's {"error": "Model x is currently loading", "estimated_time": 20.0} answered
+    with 200 was stored as a malformed answer, reused on every resume and never retried."""
+    app, calls = _scripted([(503, LOADING), LOADING, HF_LABEL_3])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=3)
+        start = time.perf_counter()
+        [(_, outcome)] = suspect.stream(np.zeros((1, 2), dtype=np.float32))
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert (outcome.status, outcome.label, outcome.attempts, calls["n"]) == ("ok", 3, 3, 3)
+    assert elapsed >= 0.6  # both waits were the body's estimated_time, although the backoff is 0
+
+
+def test_an_error_body_that_never_clears_fails_the_query_like_an_exhausted_503():
+    endless = {"error": "Model m is currently loading", "estimated_time": 1e9, "warnings": ["cold start"]}
+    app, calls = _scripted([HF_LABEL_3, endless])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=2, max_retry_after=0.2)
+        start = time.perf_counter()
+        outcomes = [o for _, o in suspect.stream(np.zeros((2, 2), dtype=np.float32))]
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    assert outcomes[0].label == 3
+    failed = outcomes[1]
+    assert (failed.status, failed.label, failed.answer, failed.http_status, failed.attempts) == \
+        ("failed", -1, None, 200, 3)
+    assert failed.error == "HTTP 200 error body: Model m is currently loading"
+    assert calls["n"] == 4
+    assert 0.4 <= elapsed < 2.0  # the estimate of 1e9 s was cut to max_retry_after, not obeyed nor fatal
+
+
+def test_an_answer_read_from_an_error_member_is_an_answer(tmp_path):
+    """A template reading its label from `error` must get its answers, however much they look like error bodies."""
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps({"request": {"x": "$input_flat"}, "response": [{"label": "error"}]}))
+    app, calls = _scripted([{"error": "LABEL_2"}])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, template=str(template), retries=2)
+        [(_, outcome)] = suspect.stream(np.zeros((1, 2), dtype=np.float32))
+        suspect.close()
+    assert (outcome.status, outcome.label, outcome.attempts, calls["n"]) == ("ok", 2, 1, 1)
+
+
+def test_which_bodies_are_error_bodies():
+    assert error_body(LOADING) == ("Model m is currently loading", 0.3)
+    assert error_body({"error": ["bad input", " "], "warnings": [], "code": 7}) == ("bad input", None)
+    assert error_body({"error": "x", "error_type": "overloaded", "estimated_time": "soon"}) == ("x", None)
+    assert error_body({"error": "x", "estimated_time": 10**400}) == ("x", float("inf"))
+    assert error_body({"error": "x", "estimated_time": -1}) == ("x", None)
+    not_errors: list[Any] = [
+        {"error": "x", "outputs": []}, {"error": "x", "label": 3}, {"error": "  "}, {"error": []},
+        {"error": None}, {"error": 3}, {"error": {"message": "x"}}, {"error": ["x", 3]}, {"estimated_time": 2},
+        [{"error": "x"}], "error", None,
+    ]
+    assert [error_body(doc) for doc in not_errors] == [None] * len(not_errors)
