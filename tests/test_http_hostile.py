@@ -4,6 +4,7 @@ with 200, redirects, compressed bombs, bodies that are not UTF-8."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from typing import Any
 
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from wmark.errors import UsageError
 from wmark.serve import serve_in_background
 from wmark.suspects.bodies import error_body
 from wmark.suspects.http import HttpOptions, open_http_suspect
@@ -101,3 +103,44 @@ def test_which_bodies_are_error_bodies():
         [{"error": "x"}], "error", None,
     ]
     assert [error_body(doc) for doc in not_errors] == [None] * len(not_errors)
+
+
+def test_a_redirect_is_refused_naming_its_target_and_the_token_never_follows():
+    """A redirect came back as an answer that "is not JSON" (the metadata's "is this the right protocol?"), which
+    named neither the redirect nor where it pointed; it is refused in one sentence, and nothing reaches the target."""
+    from httpkit import v2_meta
+    from starlette.responses import JSONResponse, RedirectResponse
+
+    seen: list[str | None] = []
+
+    async def elsewhere(request: Request) -> Response:
+        seen.append(request.headers.get("authorization"))
+        return JSONResponse({"outputs": [{"name": "label", "datatype": "INT64", "shape": [1], "data": [3]}]})
+
+    other = Starlette(routes=[Route("/{path:path}", elsewhere, methods=["GET", "POST"])])
+    with serve_in_background(other) as target:
+        async def meta(request: Request) -> Response:
+            if request.path_params["model"] == "moved":
+                return RedirectResponse(f"{target.url}/v2/models/moved?sig=abc", status_code=307)
+            return JSONResponse(v2_meta("m", (2,), {"name": "label", "datatype": "INT64", "shape": [-1]}))
+
+        async def infer(_: Request) -> Response:
+            return RedirectResponse(f"{target.url}/v2/models/m/infer", status_code=308)
+
+        app = Starlette(routes=[Route("/v2/models/{model}", meta),
+                                Route("/v2/models/{model}/infer", infer, methods=["POST"])])
+        with serve_in_background(app) as server:
+            def connect(model: str):
+                return open_http_suspect(url=server.url, protocol="v2", model_name=model, num_classes=4,
+                                         input_shape=(2,), token="tok-123", options=HttpOptions(retries=2))
+
+            with pytest.raises(UsageError, match=(
+                    f"^{re.escape(server.url)}/v2/models/moved redirects to {re.escape(target.url)}/v2/models/moved "
+                    r"\(HTTP 307\), and redirects are not followed so that the token goes nowhere else; give that URL "
+                    "instead if you trust it.$")):
+                connect("moved")
+            suspect = connect("m")
+            with pytest.raises(UsageError, match=r"/v2/models/m/infer redirects to .*/v2/models/m/infer \(HTTP 308\)"):
+                suspect.query(np.zeros((1, 2), dtype=np.float32))
+            suspect.close()
+    assert seen == []

@@ -7,8 +7,9 @@ prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is c
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
 ``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
 an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
-with one sentence: a refused token (401/403), an unknown model (404), an unreachable host, a TLS failure,
-or answers that do not fit the key's classes.
+with one sentence: a refused token (401/403), an unknown model (404), a redirect (never followed, so the
+token goes to no other address), an unreachable host, a TLS failure, or answers that do not fit the key's
+classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -398,6 +399,17 @@ class HttpSuspect:
                 if code == 404:
                     raise UsageError(
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
+                    )
+                if 300 <= code < 400 and "location" in resp.headers:
+                    # Following would send the token to wherever the suspect points, another host included.
+                    try:
+                        target = redact_url(str(resp.request.url.join(resp.headers["location"])))
+                    except (httpx.InvalidURL, ValueError):
+                        target = "an invalid URL"
+                    target = self._scrub(target)[:200]
+                    raise UsageError(
+                        f"{redact_url(url)} redirects to {target} (HTTP {code}), and redirects are not followed so "
+                        "that the token goes nowhere else; give that URL instead if you trust it."
                     )
                 failure = self._error_answer(resp, what)
                 if code not in _RETRY_STATUSES and failure is None:
