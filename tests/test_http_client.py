@@ -426,7 +426,7 @@ def test_an_answer_trickling_in_past_the_timeout_is_abandoned(key):
 
 def test_a_huge_answer_is_malformed_and_never_held_whole(key):
     """An answer of any size used to be read whole into memory before it was even parsed."""
-    from wmark.suspects.http import MAX_ANSWER_BYTES
+    from wmark.suspects.bodies import MAX_ANSWER_BYTES
 
     async def huge(n: int) -> AsyncIterator[bytes]:
         if n == 0:

@@ -144,3 +144,44 @@ def test_a_redirect_is_refused_naming_its_target_and_the_token_never_follows():
                 suspect.query(np.zeros((1, 2), dtype=np.float32))
             suspect.close()
     assert seen == []
+
+
+def _gzip_bomb(mebibytes: int) -> bytes:
+    """A gzip body of that many MiB of zeros, about a thousandth of it on the wire."""
+    import zlib
+
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(2**20)
+    return b"".join(packer.compress(block) for _ in range(mebibytes)) + packer.flush()
+
+
+def test_a_compressed_answer_is_inflated_only_up_to_the_answer_limit():
+    """httpx inflated each network chunk whole: 64 KiB of gzip on the wire became 64 MiB in memory at once, before
+    the answer limit was checked (brotli or zstd, when installed, far more); an encoding not asked for is refused."""
+    import gzip
+    import tracemalloc
+
+    from wmark.suspects.bodies import MAX_ANSWER_BYTES
+
+    gz = {"content-encoding": "gzip"}
+    answers = [Response(gzip.compress(json.dumps(HF_LABEL_3).encode()), headers=gz, media_type="application/json"),
+               Response(_gzip_bomb(256), headers=gz, media_type="application/json"),
+               Response(b"\x1b\x00\x00", headers={"content-encoding": "br"}, media_type="application/json"),
+               Response(b"\x1f\x8b not gzip", headers=gz, media_type="application/json")]
+    app, _ = _scripted(answers)
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=0)
+        tracemalloc.start()
+        try:
+            outcomes = [o for _, o in suspect.stream(np.zeros((4, 2), dtype=np.float32))]
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        suspect.close()
+    assert (outcomes[0].status, outcomes[0].label) == ("ok", 3)
+    assert peak < 2 * MAX_ANSWER_BYTES  # 142 MiB before
+    assert [(o.status, o.answer) for o in outcomes[1:]] == [("malformed", "")] * 3
+    assert [o.error for o in outcomes[1:]] == [
+        f"malformed answer: an answer larger than {MAX_ANSWER_BYTES} bytes",
+        "malformed answer: an answer in the content encoding 'br', which was not asked for",
+        "malformed answer: an answer whose gzip data is corrupt"]

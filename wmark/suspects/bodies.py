@@ -1,13 +1,20 @@
-"""Reading what a prediction API sent back: which bodies are an error object in place of an answer.
+"""Reading what a prediction API sent back: its body within a size limit, and which bodies are an error object.
 
-:mod:`wmark.suspects.http` uses these rules to decide whether a body is retried, read as an answer, or
-refused; they touch no network themselves.
+:mod:`wmark.suspects.http` uses these to decide whether a body is retried, read as an answer, or refused; they
+touch no network themselves.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Any
+
+MAX_ANSWER_BYTES = 4 * 2**20
+"""The largest answer read (after content decoding); a larger one is a malformed answer, never held whole."""
+
+ACCEPT_ENCODING = "gzip, deflate"
+"""The content encodings asked for, and the only ones :class:`BoundedBody` decodes."""
 
 ERROR_BODY_MEMBERS = frozenset({"error", "error_type", "estimated_time", "warnings", "code"})
 """The only members an error body may have: the envelopes of the Hugging Face Inference API, Text Generation
@@ -40,3 +47,61 @@ def error_body(doc: Any) -> tuple[str, float | None] | None:
     except OverflowError:  # an integer beyond any float: as long a wait as infinity
         wait = math.inf
     return "; ".join(m.strip() for m in messages if m.strip()), wait if wait >= 0 else None
+
+
+class BoundedBody:
+    """An answer's body, decoded from its content encoding chunk by chunk and never held past ``limit`` bytes.
+
+    httpx inflates each network chunk whole: 64 KiB of gzip can hold 64 MiB of answer, in memory at once before
+    any limit is checked. Here inflating stops one byte past the limit. Decodes identity, gzip and deflate (zlib
+    format); a body in another encoding, or whose compressed data is corrupt, is not read.
+
+    Args:
+        encoding: The ``Content-Encoding`` header's value.
+        limit: The most decoded bytes kept.
+
+    Attributes:
+        problem: Why the body is not readable (it is too large, in an encoding not asked for, or corrupt), else ``""``.
+    """
+
+    def __init__(self, encoding: str, limit: int = MAX_ANSWER_BYTES) -> None:
+        self.name = encoding.strip().lower()
+        self.limit = limit
+        self.problem = ""
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._inflater = None
+        if self.name in ("gzip", "x-gzip", "deflate"):
+            self._inflater = zlib.decompressobj(32 + zlib.MAX_WBITS)  # reads a gzip or a zlib header
+        elif self.name not in ("", "identity"):
+            self.problem = f"an answer in the content encoding {encoding.strip()[:40]!r}, which was not asked for"
+
+    def feed(self, data: bytes) -> bool:
+        """Add raw bytes from the wire; ``False`` once the body is not readable (stop reading then)."""
+        if self.problem:
+            return False
+        if self._inflater is None:
+            return self._keep(data)
+        try:
+            while data:
+                # Small pieces: inflating a large one at once holds it twice (zlib's blocks, then the joined bytes).
+                if not self._keep(self._inflater.decompress(data, min(self.limit + 1 - self._size, 2**16))):
+                    return False
+                data = self._inflater.unconsumed_tail
+        except zlib.error:
+            self.problem = f"an answer whose {self.name} data is corrupt"
+            return False
+        return True
+
+    @property
+    def content(self) -> bytes:
+        """The decoded body; empty when it is not readable."""
+        return b"" if self.problem else b"".join(self._chunks)
+
+    def _keep(self, piece: bytes) -> bool:
+        self._size += len(piece)
+        if self._size > self.limit:
+            self.problem, self._chunks = f"an answer larger than {self.limit} bytes", []
+            return False
+        self._chunks.append(piece)
+        return True

@@ -39,7 +39,7 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.suspects.bodies import error_body
+from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, error_body
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -50,8 +50,6 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
-MAX_ANSWER_BYTES = 4 * 2**20
-"""The largest answer read (after content decoding); a larger one is a malformed answer, never held whole."""
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -207,7 +205,8 @@ class HttpSuspect:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._seen_ok = threading.Event()
-        send_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        send_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Accept-Encoding": ACCEPT_ENCODING,
+                        **(headers or {})}
         if token:
             send_headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -362,7 +361,8 @@ class HttpSuspect:
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
         """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors.
 
-        A response comes back with an error only when its body exceeds ``MAX_ANSWER_BYTES`` (then its content is empty).
+        A response comes back with an error only when its body is not readable (:class:`BoundedBody`: larger than
+        ``MAX_ANSWER_BYTES``, in an encoding not asked for, or corrupt); its content is empty then.
         """
         error = ""
         connect_failures = 0
@@ -373,7 +373,7 @@ class HttpSuspect:
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
             try:
-                resp, oversize = self._receive(method, url, body)
+                resp, problem = self._receive(method, url, body)
             except httpx.ConnectError as exc:
                 if _is_tls(exc):
                     raise RuntimeFailure(
@@ -413,7 +413,7 @@ class HttpSuspect:
                     )
                 failure = self._error_answer(resp, what)
                 if code not in _RETRY_STATUSES and failure is None:
-                    return resp, attempts, f"an answer larger than {MAX_ANSWER_BYTES} bytes" if oversize else ""
+                    return resp, attempts, problem
                 error = f"HTTP {code}" if code >= 300 or failure is None else f"HTTP {code} error body: {failure[0]}"
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
@@ -466,31 +466,28 @@ class HttpSuspect:
                 return None
         return self._scrub(found[0])[:200], found[1]
 
-    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, bool]:
-        """One request, its body read within the timeout and up to ``MAX_ANSWER_BYTES``; whether it was larger.
+    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, str]:
+        """One request, its body read within the timeout and decoded by a :class:`BoundedBody`; why it is unreadable.
 
         httpx's timeouts bound each read, not the whole body: a server sending a byte every few seconds would
-        otherwise hold a query forever, and a huge answer would be held in memory whole.
+        otherwise hold a query forever, and a huge (or hugely inflating) answer would be held in memory whole.
         """
         deadline = time.monotonic() + self.options.timeout
         request = self._client.build_request(method, url, json=body) if body is not None else \
             self._client.build_request(method, url)
         resp = self._client.send(request, stream=True)
-        chunks: list[bytes] = []
-        size = 0
+        decoded = BoundedBody(resp.headers.get("content-encoding", ""))
         try:
-            for chunk in resp.iter_bytes():
+            for chunk in resp.iter_raw():
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("the answer did not arrive in full within the timeout", request=request)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    chunks, size = [], -1
+                if not decoded.feed(chunk):
                     break
-                chunks.append(chunk)
         finally:
             resp.close()
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
-        return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=request), size < 0
+        return httpx.Response(resp.status_code, headers=headers, content=decoded.content, request=request), \
+            decoded.problem
 
     def _scrub(self, text: str) -> str:
         for form in self._token_forms:
