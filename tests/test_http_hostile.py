@@ -185,3 +185,28 @@ def test_a_compressed_answer_is_inflated_only_up_to_the_answer_limit():
         f"malformed answer: an answer larger than {MAX_ANSWER_BYTES} bytes",
         "malformed answer: an answer in the content encoding 'br', which was not asked for",
         "malformed answer: an answer whose gzip data is corrupt"]
+
+
+def test_answers_are_read_as_json_text_utf8_with_a_bom_or_utf16_and_other_bytes_refused(tmp_path):
+    """A UTF-8 byte order mark made a good answer "not JSON" and UTF-16 was read as garbage; a Latin-1 body had its
+    bad bytes replaced and was read on, its label "Caf\\ufffd" blamed on the key's class names."""
+    from wmark.errors import RuntimeFailure
+
+    template = tmp_path / "t.json"
+    template.write_text(json.dumps({"request": {"inputs": "$input"}, "response": [{"topk": ""}],
+                                    "labels": ["a", "b", "Café", "d"]}))
+    doc = json.dumps([{"label": "Café", "score": 0.9}, {"label": "a", "score": 0.1}], ensure_ascii=False)
+    bodies = [doc.encode("utf-8-sig"), doc.encode("utf-16"), doc.encode("latin-1")]
+    app, _ = _scripted([Response(b, media_type="application/json") for b in bodies])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, template=str(template), retries=0)
+        outcomes = [o for _, o in suspect.stream(np.zeros((3, 2), dtype=np.float32))]
+        suspect.close()
+        fresh = _hf(server.url, template=str(template), retries=0)
+        with pytest.raises(RuntimeFailure, match=r"answered the first query with something that is not JSON "
+                                                 r"\(application/json, not UTF-8\); check the URL and the protocol\.$"):
+            fresh.query(np.zeros((1, 2), dtype=np.float32))
+        fresh.close()
+    assert [(o.status, o.label) for o in outcomes] == [("ok", 2), ("ok", 2), ("malformed", -1)]
+    assert outcomes[2].error == "malformed answer: the answer is not UTF-8 text, as JSON must be"
+    assert outcomes[2].answer is not None and "Caf\ufffd" in outcomes[2].answer

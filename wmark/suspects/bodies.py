@@ -6,6 +6,7 @@ touch no network themselves.
 
 from __future__ import annotations
 
+import json
 import math
 import zlib
 from typing import Any
@@ -48,6 +49,30 @@ def error_body(doc: Any) -> tuple[str, float | None] | None:
         wait = math.inf
     return "; ".join(m.strip() for m in messages if m.strip()), wait if wait >= 0 else None
 
+
+
+def decode_body(raw: bytes) -> tuple[str, bool]:
+    """The body as text, and whether it is text at all: JSON is UTF-8 (RFC 8259).
+
+    A UTF-8 byte order mark and UTF-16 or UTF-32 (which :func:`json.loads` detects in bytes) are decoded too; a
+    body that does not decode comes back with U+FFFD in place of its bad bytes, for the record, and ``False``:
+    reading it as JSON would read names (labels) the server never sent.
+    """
+    try:
+        return raw.decode(json.detect_encoding(raw)), True
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), False
+
+
+def server_message(text: str, reason: str) -> str:
+    """The short message of an error answer: its ``error`` member when it is a JSON object with one, else its text."""
+    try:
+        doc = json.loads(text)
+        if isinstance(doc, dict) and "error" in doc:
+            return str(doc["error"])[:200]
+    except (ValueError, RecursionError):
+        pass
+    return (text or reason or "no message")[:200].strip() or "no message"
 
 class BoundedBody:
     """An answer's body, decoded from its content encoding chunk by chunk and never held past ``limit`` bytes.

@@ -39,7 +39,7 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, error_body
+from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -299,9 +299,10 @@ class HttpSuspect:
                            http_status=None if not error.startswith("HTTP ") else int(error.split()[1]))
         raw = resp.content
         digest = hashlib.sha256(raw).hexdigest()
-        text = self._scrub(raw.decode("utf-8", errors="replace"))
+        text, is_text = decode_body(raw)
+        text = self._scrub(text)
         if resp.status_code >= 400:
-            message = _server_error(text, resp.reason_phrase)
+            message = server_message(text, resp.reason_phrase)
             if not self._seen_ok.is_set():
                 raise UsageError(
                     f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
@@ -311,12 +312,15 @@ class HttpSuspect:
             return Outcome(status="malformed", answer=text, answer_sha256=digest, attempts=attempts,
                            http_status=resp.status_code, error=f"HTTP {resp.status_code}: {message}")
         try:
+            if not is_text:
+                raise ValueError("the answer is not UTF-8 text, as JSON must be")
             doc = json.loads(text)
         except (ValueError, RecursionError) as exc:
             if not self._seen_ok.is_set():
                 # An HTML page or plain text answered with 200 (a login page, a proxy, a wrong path) would
                 # otherwise show the suspect every trigger of the budget for abstentions only.
                 kind = resp.headers.get("content-type", "no content type").split(";")[0].strip() or "no content type"
+                kind += "" if is_text else ", not UTF-8"
                 raise RuntimeFailure(
                     f"The suspect at {self.description} answered the first query with something that is not JSON "
                     f"({kind}); check the URL and the protocol."
@@ -349,11 +353,14 @@ class HttpSuspect:
             )
         if error:
             raise RuntimeFailure(f"GET {redact_url(url)} answered {error}; is this the right protocol?")
-        text = self._scrub(resp.content.decode("utf-8", errors="replace"))
+        text, is_text = decode_body(resp.content)
+        text = self._scrub(text)
         if resp.status_code >= 400:
-            message = _server_error(text, resp.reason_phrase)
+            message = server_message(text, resp.reason_phrase)
             raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {message}.")
         try:
+            if not is_text:
+                raise ValueError("not UTF-8")
             return json.loads(text)
         except ValueError:
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
@@ -510,16 +517,6 @@ def redact_url(url: str) -> str:
     except (httpx.InvalidURL, TypeError):
         return url
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
-
-
-def _server_error(text: str, reason: str) -> str:
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])[:200]
-    except (ValueError, RecursionError):
-        pass
-    return (text or reason or "no message")[:200].strip() or "no message"
 
 
 def _is_tls(exc: BaseException) -> bool:
