@@ -210,3 +210,30 @@ def test_answers_are_read_as_json_text_utf8_with_a_bom_or_utf16_and_other_bytes_
     assert [(o.status, o.label) for o in outcomes] == [("ok", 2), ("ok", 2), ("malformed", -1)]
     assert outcomes[2].error == "malformed answer: the answer is not UTF-8 text, as JSON must be"
     assert outcomes[2].answer is not None and "Caf\ufffd" in outcomes[2].answer
+
+
+@pytest.mark.parametrize(("meta", "error", "message"), [
+    (b"[" * 100_000, "RuntimeFailure", r"/v2/models/m did not return JSON; is this the right protocol\?$"),
+    (b'{"name": "m", "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, Infinity]}]}', "UsageError",
+     r"/v2/models/m does not describe its inputs as the v2 protocol requires; is this a v2 server\?$"),
+    (b'{"name": "m", "inputs": [], "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1, Infinity]}]}', None,
+     None),
+])
+def test_v2_metadata_too_deep_or_with_infinite_dimensions_is_refused_in_one_sentence(meta, error, message):
+    """JSON nested 100,000 deep stopped the connection with a RecursionError traceback, and an Infinity dimension
+    (Python's JSON reads it) with an OverflowError one."""
+    from wmark import errors
+
+    async def model(_: Request) -> Response:
+        return Response(meta, media_type="application/json")
+
+    app = Starlette(routes=[Route("/v2/models/m", model)])
+    with serve_in_background(app) as server:
+        def connect():
+            return open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=4, input_shape=(2,),
+                                     options=HttpOptions(retries=0))
+        if error is None:  # an output of unreadable shape is not checked, as one of no shape
+            connect().close()
+        else:
+            with pytest.raises(getattr(errors, error), match=message):
+                connect()

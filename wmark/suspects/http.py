@@ -362,7 +362,7 @@ class HttpSuspect:
             if not is_text:
                 raise ValueError("not UTF-8")
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:

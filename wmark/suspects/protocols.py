@@ -235,7 +235,7 @@ class V2Protocol(WireProtocol):
             self.input_name = self.chosen_input_name or str(first["name"])
             self.datatype = str(first.get("datatype", "FP32")).upper()
             shape = [int(s) for s in first.get("shape", [])]
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
             raise UsageError(
                 f"{self._model_path} does not describe its inputs as the v2 protocol requires; is this a v2 server?"
             ) from None
@@ -257,7 +257,7 @@ class V2Protocol(WireProtocol):
         for out in described:
             try:
                 dims = [int(s) for s in out.get("shape") or []]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 dims = []
             is_scores = dims and str(out.get("datatype", "")).upper().startswith("FP") and dims[-1] > 1
             if is_scores and dims[-1] != self.num_classes:
