@@ -19,7 +19,8 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.serve import build_app, serve_in_background
-from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, read_token, redact_url
+from wmark.suspects.http import HttpOptions, open_http_suspect, parse_retry_after, redact_url
+from wmark.suspects.tokens import read_token
 from wmark.verify import verify_blackbox
 
 SHAPE = (1, 8, 8)
@@ -425,7 +426,7 @@ def test_an_answer_trickling_in_past_the_timeout_is_abandoned(key):
 
 def test_a_huge_answer_is_malformed_and_never_held_whole(key):
     """An answer of any size used to be read whole into memory before it was even parsed."""
-    from wmark.suspects.http import MAX_ANSWER_BYTES
+    from wmark.suspects.bodies import MAX_ANSWER_BYTES
 
     async def huge(n: int) -> AsyncIterator[bytes]:
         if n == 0:

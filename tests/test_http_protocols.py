@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -264,6 +265,25 @@ def test_tfserving_parsing_of_literal_nan_tokens():
         proto.parse({"predictions": [[0.1, 0.8, 0.1], [0.8, 0.1, 0.1]]})
     with pytest.raises(AnswerCountMismatch, match="2 predictions for one input"):
         proto.parse({"predictions": [{"classes": 1}, {"classes": 2}]})
+
+
+def test_tfserving_flat_predictions_are_read_by_the_one_instance_sent_and_other_lengths_refused():
+    """A flat list of numbers for the one instance sent is its label (one entry) or its row of scores (the key's
+    number of entries); any other length was read as scores of another class count, a guess: it is refused naming
+    what the server should send."""
+    proto = TFServingProtocol(url="http://h:1/v1/models/m", model_name=None, num_classes=3, input_shape=(2,))
+    assert proto.request(np.zeros(2, dtype=np.float32)).body == {"instances": [[0.0, 0.0]]}
+    assert proto.parse({"predictions": [2]}) == proto.parse({"predictions": [[2]]}) == proto.parse({"predictions": [2.0]})
+    assert proto.parse({"predictions": [0.1, 0.7, 0.2]}) == proto.parse({"predictions": [[0.1, 0.7, 0.2]]})
+    assert proto.parse({"predictions": [0.1, 0.7, 0.2]}).label == 1
+    for flat in ([1, 2], [0.1, 0.2, 0.3, 0.4]):
+        message = (f"the suspect answers a flat list of {len(flat)} numbers for one input, neither one label nor the "
+                   'key\'s 3 scores; the server should answer {"predictions": [<label>]} or {"predictions": '
+                   "[[<3 scores>]]}")
+        with pytest.raises(AnswerMismatch, match=f"^{re.escape(message)}$"):
+            proto.parse({"predictions": flat})
+    with pytest.raises(MalformedAnswer, match="predictions contain a non-number"):
+        proto.parse({"predictions": [0.1, [0.7]]})
 
 
 def test_several_labels_per_input_are_a_runtime_failure(key):

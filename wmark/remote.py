@@ -18,8 +18,9 @@ from wmark.errors import UsageError
 from wmark.keys import Key, load_key
 from wmark.recheck import record_tiebreak_files, tiebreak_files
 from wmark.schemes.tiebreak.inputs import owner_texts
-from wmark.suspects.http import HttpOptions, open_http_suspect, read_token
+from wmark.suspects.http import HttpOptions, open_http_suspect
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
+from wmark.suspects.tokens import read_token
 from wmark.testplan import verification_plan
 from wmark.text import TextInputs
 from wmark.transcript import Transcript

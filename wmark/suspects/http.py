@@ -2,10 +2,14 @@
 
 :class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
 a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
-``Retry-After`` on 429/503, and a thread pool for concurrent requests. A failed or malformed answer (after
-the retries) is an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
-with one sentence: a refused token (401/403), an unknown model (404), an unreachable host, a TLS failure,
-or answers that do not fit the key's classes.
+``Retry-After`` on 429/503, and a thread pool for concurrent requests. An error object answered in place of a
+prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
+"estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
+``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
+an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
+with one sentence: a refused token (401/403), an unknown model (404), a redirect (never followed, so the
+token goes to no other address), an unreachable host, a TLS failure, or answers that do not fit the key's
+classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -22,22 +26,20 @@ import email.utils
 import hashlib
 import json
 import math
-import os
 import random
 import ssl
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
-from wmark.keys import KEY_FORMAT
 from wmark.suspects.base import Answers
+from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -48,8 +50,6 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
-MAX_ANSWER_BYTES = 4 * 2**20
-"""The largest answer read (after content decoding); a larger one is a malformed answer, never held whole."""
 _RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 
 
@@ -60,10 +60,11 @@ class HttpOptions:
     Attributes:
         timeout: Seconds to wait for one answer: for the connection, each read and write, and for the whole body
             (an answer trickling in byte by byte past it is abandoned as a timeout).
-        retries: Further attempts after a failed one (timeouts, 429, 5xx, dropped connections).
+        retries: Further attempts after a failed one (timeouts, 429, 5xx, error bodies, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
-        max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run.
+        max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
+            ``estimated_time`` (an estimate, not a demand) is cut to it.
         rate: Most requests per second (``None``: unlimited).
         concurrency: Requests in flight at once.
         verify_tls: Check TLS certificates (a CA bundle path is accepted too).
@@ -139,45 +140,6 @@ class RateLimiter:
             time.sleep(slot - now)
 
 
-def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = None) -> str | None:
-    """The bearer token from an environment variable or a file (never from the command line).
-
-    Raises:
-        UsageError: If both or neither-but-empty sources are given, the variable is unset or the file unreadable.
-    """
-    if env and file:
-        raise UsageError("Give the token either from an environment variable or from a file, not both.")
-    if env:
-        value = os.environ.get(env, "").strip()
-        if not value:
-            raise UsageError(f"The environment variable {env} holding the token is unset or empty; export it first.")
-        return _checked_token(value, f"The environment variable {env}")
-    if file:
-        try:
-            value = Path(file).read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            raise UsageError(f"Cannot read the token file {file}; check the path and its permissions.") from None
-        if not value:
-            raise UsageError(f"The token file {file} is empty.")
-        return _checked_token(value, f"The token file {file}")
-    return None
-
-
-def _checked_token(value: str, source: str) -> str:
-    # The token goes to the suspect, who may be the thief: a key file given by mistake must never be sent, and a
-    # value no header can carry must be refused here, since httpx's refusal quotes the header (the token) in full.
-    try:
-        doc = json.loads(value)
-    except ValueError:
-        doc = None
-    if isinstance(doc, dict) and doc.get("format") == KEY_FORMAT:
-        raise UsageError(f"{source} holds a wmark key, not a token; sending it would give the suspect the key's "
-                         "secret, so give the bearer token instead.")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise UsageError(f"{source} holds more than one line or control characters; a bearer token is one line.")
-    return value
-
-
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/invalid."""
     if not value:
@@ -243,7 +205,8 @@ class HttpSuspect:
         self._rng = random.Random(seed)
         self._rng_lock = threading.Lock()
         self._seen_ok = threading.Event()
-        send_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
+        send_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", "Accept-Encoding": ACCEPT_ENCODING,
+                        **(headers or {})}
         if token:
             send_headers["Authorization"] = f"Bearer {token}"
         self._client = httpx.Client(
@@ -336,9 +299,10 @@ class HttpSuspect:
                            http_status=None if not error.startswith("HTTP ") else int(error.split()[1]))
         raw = resp.content
         digest = hashlib.sha256(raw).hexdigest()
-        text = self._scrub(raw.decode("utf-8", errors="replace"))
+        text, is_text = decode_body(raw)
+        text = self._scrub(text)
         if resp.status_code >= 400:
-            message = _server_error(text, resp.reason_phrase)
+            message = server_message(text, resp.reason_phrase)
             if not self._seen_ok.is_set():
                 raise UsageError(
                     f"The suspect at {self.description} rejected the first query (HTTP {resp.status_code}: "
@@ -348,12 +312,15 @@ class HttpSuspect:
             return Outcome(status="malformed", answer=text, answer_sha256=digest, attempts=attempts,
                            http_status=resp.status_code, error=f"HTTP {resp.status_code}: {message}")
         try:
+            if not is_text:
+                raise ValueError("the answer is not UTF-8 text, as JSON must be")
             doc = json.loads(text)
         except (ValueError, RecursionError) as exc:
             if not self._seen_ok.is_set():
                 # An HTML page or plain text answered with 200 (a login page, a proxy, a wrong path) would
                 # otherwise show the suspect every trigger of the budget for abstentions only.
                 kind = resp.headers.get("content-type", "no content type").split(";")[0].strip() or "no content type"
+                kind += "" if is_text else ", not UTF-8"
                 raise RuntimeFailure(
                     f"The suspect at {self.description} answered the first query with something that is not JSON "
                     f"({kind}); check the URL and the protocol."
@@ -386,19 +353,23 @@ class HttpSuspect:
             )
         if error:
             raise RuntimeFailure(f"GET {redact_url(url)} answered {error}; is this the right protocol?")
-        text = self._scrub(resp.content.decode("utf-8", errors="replace"))
+        text, is_text = decode_body(resp.content)
+        text = self._scrub(text)
         if resp.status_code >= 400:
-            message = _server_error(text, resp.reason_phrase)
+            message = server_message(text, resp.reason_phrase)
             raise UsageError(f"GET {redact_url(url)} failed with HTTP {resp.status_code}: {message}.")
         try:
+            if not is_text:
+                raise ValueError("not UTF-8")
             return json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RuntimeFailure(f"GET {redact_url(url)} did not return JSON; is this the right protocol?") from None
 
     def _send(self, method: str, url: str, body: Any, *, what: str) -> tuple[httpx.Response | None, int, str]:
         """Send with retries; return (response or None, attempts, last error). Raises on unfixable errors.
 
-        A response comes back with an error only when its body exceeds ``MAX_ANSWER_BYTES`` (then its content is empty).
+        A response comes back with an error only when its body is not readable (:class:`BoundedBody`: larger than
+        ``MAX_ANSWER_BYTES``, in an encoding not asked for, or corrupt); its content is empty then.
         """
         error = ""
         connect_failures = 0
@@ -409,7 +380,7 @@ class HttpSuspect:
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
             try:
-                resp, oversize = self._receive(method, url, body)
+                resp, problem = self._receive(method, url, body)
             except httpx.ConnectError as exc:
                 if _is_tls(exc):
                     raise RuntimeFailure(
@@ -436,9 +407,21 @@ class HttpSuspect:
                     raise UsageError(
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
                     )
-                if code not in _RETRY_STATUSES:
-                    return resp, attempts, f"an answer larger than {MAX_ANSWER_BYTES} bytes" if oversize else ""
-                error = f"HTTP {code}"
+                if 300 <= code < 400 and "location" in resp.headers:
+                    # Following would send the token to wherever the suspect points, another host included.
+                    try:
+                        target = redact_url(str(resp.request.url.join(resp.headers["location"])))
+                    except (httpx.InvalidURL, ValueError):
+                        target = "an invalid URL"
+                    target = self._scrub(target)[:200]
+                    raise UsageError(
+                        f"{redact_url(url)} redirects to {target} (HTTP {code}), and redirects are not followed so "
+                        "that the token goes nowhere else; give that URL instead if you trust it."
+                    )
+                failure = self._error_answer(resp, what)
+                if code not in _RETRY_STATUSES and failure is None:
+                    return resp, attempts, problem
+                error = f"HTTP {code}" if code >= 300 or failure is None else f"HTTP {code} error body: {failure[0]}"
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
                     if wait is not None and wait > self.options.max_retry_after:
@@ -446,6 +429,9 @@ class HttpSuspect:
                             f"The suspect asks to wait {wait:.0f} s before the next request (HTTP {code} "
                             "Retry-After); re-run the same command later, the transcript resumes."
                         )
+                if wait is None and failure is not None and failure[1] is not None:
+                    # An estimate, not a demand like Retry-After: a long one is cut to the longest wait accepted.
+                    wait = min(failure[1], self.options.max_retry_after)
             if attempt == self.options.retries:
                 break
             delay = self._backoff(attempt) if wait is None else wait + self._jitter(0.1 * max(wait, 0.1))
@@ -462,31 +448,53 @@ class HttpSuspect:
             )
         return None, attempts, error
 
-    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, bool]:
-        """One request, its body read within the timeout and up to ``MAX_ANSWER_BYTES``; whether it was larger.
+    def _error_answer(self, resp: httpx.Response, what: str) -> tuple[str, float | None] | None:
+        """The message (scrubbed, short) and suggested wait of an error body (see :func:`error_body`), else ``None``.
+
+        Only a 2xx answer or one retried anyway counts: a 4xx error body is the server refusing the request. A 2xx
+        inference answer counts only when the protocol cannot read it as a prediction either, so no template that
+        reads its label from an ``error`` member has its answers taken for failures.
+        """
+        if resp.status_code >= 300 and resp.status_code not in _RETRY_STATUSES:
+            return None
+        try:
+            doc = json.loads(resp.content)
+        except (ValueError, RecursionError):
+            return None
+        found = error_body(doc)
+        if found is None:
+            return None
+        if what == "inference" and resp.status_code < 300:
+            try:
+                self.protocol.parse(doc)
+            except (ValueError, TypeError, KeyError, IndexError, RecursionError):
+                pass
+            else:
+                return None
+        return self._scrub(found[0])[:200], found[1]
+
+    def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, str]:
+        """One request, its body read within the timeout and decoded by a :class:`BoundedBody`; why it is unreadable.
 
         httpx's timeouts bound each read, not the whole body: a server sending a byte every few seconds would
-        otherwise hold a query forever, and a huge answer would be held in memory whole.
+        otherwise hold a query forever, and a huge (or hugely inflating) answer would be held in memory whole.
         """
         deadline = time.monotonic() + self.options.timeout
         request = self._client.build_request(method, url, json=body) if body is not None else \
             self._client.build_request(method, url)
         resp = self._client.send(request, stream=True)
-        chunks: list[bytes] = []
-        size = 0
+        decoded = BoundedBody(resp.headers.get("content-encoding", ""))
         try:
-            for chunk in resp.iter_bytes():
+            for chunk in resp.iter_raw():
                 if time.monotonic() > deadline:
                     raise httpx.ReadTimeout("the answer did not arrive in full within the timeout", request=request)
-                size += len(chunk)
-                if size > MAX_ANSWER_BYTES:
-                    chunks, size = [], -1
+                if not decoded.feed(chunk):
                     break
-                chunks.append(chunk)
         finally:
             resp.close()
         headers = [(k, v) for k, v in resp.headers.multi_items() if k.lower() != "content-encoding"]
-        return httpx.Response(resp.status_code, headers=headers, content=b"".join(chunks), request=request), size < 0
+        return httpx.Response(resp.status_code, headers=headers, content=decoded.content, request=request), \
+            decoded.problem
 
     def _scrub(self, text: str) -> str:
         for form in self._token_forms:
@@ -509,16 +517,6 @@ def redact_url(url: str) -> str:
     except (httpx.InvalidURL, TypeError):
         return url
     return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
-
-
-def _server_error(text: str, reason: str) -> str:
-    try:
-        doc = json.loads(text)
-        if isinstance(doc, dict) and "error" in doc:
-            return str(doc["error"])[:200]
-    except (ValueError, RecursionError):
-        pass
-    return (text or reason or "no message")[:200].strip() or "no message"
 
 
 def _is_tls(exc: BaseException) -> bool:

@@ -235,7 +235,7 @@ class V2Protocol(WireProtocol):
             self.input_name = self.chosen_input_name or str(first["name"])
             self.datatype = str(first.get("datatype", "FP32")).upper()
             shape = [int(s) for s in first.get("shape", [])]
-        except (KeyError, TypeError, ValueError, AttributeError):
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # OverflowError: int(Infinity)
             raise UsageError(
                 f"{self._model_path} does not describe its inputs as the v2 protocol requires; is this a v2 server?"
             ) from None
@@ -257,7 +257,7 @@ class V2Protocol(WireProtocol):
         for out in described:
             try:
                 dims = [int(s) for s in out.get("shape") or []]
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 dims = []
             is_scores = dims and str(out.get("datatype", "")).upper().startswith("FP") and dims[-1] > 1
             if is_scores and dims[-1] != self.num_classes:
@@ -342,6 +342,11 @@ class TFServingProtocol(WireProtocol):
     images (H×W×C), inputs are transposed to match. Answers may be a score list, a bare label, or a dict of
     named outputs (``scores``/``probabilities`` and ``classes``/``class_ids``); literal ``NaN`` and
     ``Infinity`` tokens are read (and such a row counts as malformed).
+
+    ``predictions`` holds one entry per instance and exactly one instance is sent, so a flat list of numbers is
+    read by that row count, not guessed: one entry is the label (``[3]``); several cannot be one per instance,
+    so they are the instance's row from an output without a batch dimension, read as scores when there are as
+    many as the key's classes and refused otherwise.
     """
 
     name = "tfserving"
@@ -402,6 +407,14 @@ class TFServingProtocol(WireProtocol):
                 # One input was sent: reading the first of several rows would take an answer meant for no query.
                 raise AnswerCountMismatch(f"the suspect answers {len(rows)} predictions for one input")
             return self._parse_row(rows[0])
+        if len(_numbers(rows, "predictions")) != self.num_classes:
+            # Neither one label nor one row of the key's scores: naming a cause (another model's class count,
+            # several labels for one input) would be a guess.
+            raise AnswerMismatch(
+                f"the suspect answers a flat list of {len(rows)} numbers for one input, neither one label nor the "
+                f"key's {self.num_classes} scores; the server should answer {{\"predictions\": [<label>]}} or "
+                f"{{\"predictions\": [[<{self.num_classes} scores>]]}}"
+            )
         return self._parse_row(rows)
 
     def _parse_row(self, row: Any) -> Parsed:
