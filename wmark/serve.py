@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import math
 import os
 import signal
 import socket
@@ -44,22 +43,14 @@ from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
+from wmark.serve_input import MAX_BATCH, BadRequest, decode_v2_input, read_json
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
-from wmark.text_serving import read_json
 from wmark.training import resolve_device
 
-MAX_BATCH = 1024
-_FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 ANONYMOUS = "anonymous"
 LABEL_OUTPUT = {"name": "label", "datatype": "INT64", "shape": [-1]}
-_INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
-
-
-class BadRequest(Exception):
-    """A request the server answers with HTTP 400."""
-
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
@@ -212,7 +203,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         if isinstance(doc, JSONResponse):
             return doc
         try:
-            x = _decode_input(doc, shape, per_item)
+            x = decode_v2_input(doc, shape, per_item)
         except BadRequest as exc:
             return _error(400, str(exc))
         client = client_of(request) or ""
@@ -263,50 +254,6 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             max_batch=MAX_BATCH),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-
-
-def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
-        raise BadRequest("the request needs \"inputs\": a list with one input tensor")
-    tensor = doc["inputs"][0]
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("data"), list):
-        raise BadRequest("the input tensor needs \"data\" (a flat list)")
-    datatype = str(tensor.get("datatype", "FP32")).upper()
-    if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES:
-        raise BadRequest(f"unsupported datatype {datatype!r}; send FP32")
-    dims = tensor.get("shape")
-    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                         for d in dims):
-        raise BadRequest("the input tensor needs a \"shape\" of positive integers")
-    data = tensor["data"]
-    if any(isinstance(v, list) for v in data[:1]):
-        try:
-            data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
-        except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
-            raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
-    total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
-    if len(data) != total:
-        raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
-    if math.prod(dims[1:]) != per_item:  # [2, 32] is two inputs of 32 values, not one of 64
-        raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
-    batch = dims[0]
-    if batch > MAX_BATCH:
-        raise BadRequest(f"at most {MAX_BATCH} inputs per request")
-    try:
-        x = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest("data must be numbers") from None
-    if datatype in _INT_TYPES:
-        # integer data are 8-bit pixel values; anything else divided by 255 would be a silently wrong image
-        if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):
-            raise BadRequest(f"{datatype} data are pixel values, whole numbers from 0 to 255; send FP32 for others")
-        x = x / _INT_TYPES[datatype]
-    with np.errstate(over="ignore"):
-        x = x.astype(np.float32)
-    # checked after the cast: a value beyond FP32's range (1e39) becomes inf there, and its NaN scores are no JSON
-    if not np.isfinite(x).all():
-        raise BadRequest("data contains NaN or infinite values, or values beyond FP32's range")
-    return x.reshape(batch, *shape)
 
 
 class BackgroundServer:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from wmark.errors import UsageError
+from wmark.serve_input import read_json
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
 
@@ -27,16 +28,6 @@ Answer = Callable[[np.ndarray, str], Answers]
 
 _BAD_MODALITY = ("The model file's wmark.modality metadata is not a text modality as wmark writes it (a tokenizer name "
                  "and vocabulary digest, and a maximum length); save the model again with wmark.")
-
-
-async def read_json(request: Request) -> Any:
-    """The request's JSON body, or the HTTP 400 response that refuses it (not JSON, or nested too deeply to read)."""
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
-    except RecursionError:  # JSON arrays nested thousands deep
-        return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
 
 
 def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
