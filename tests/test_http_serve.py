@@ -12,6 +12,7 @@ import httpx
 import pytest
 from servekit import wait_ready
 
+from wmark.errors import UsageError
 from wmark.io import save_model
 from wmark.keys import generate_key, save_key
 from wmark.models import build_model
@@ -42,7 +43,8 @@ def served(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
     proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
-                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN"),
+                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN",
+                                 "--max-body-bytes", "300000"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
@@ -116,6 +118,56 @@ def test_json_nested_thousands_deep_gets_400_not_500(served):
     raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and "nests JSON too deeply" in resp.json()["error"]
+
+
+def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(served):
+    """A body of any size was read and parsed whole before the 1024-input cap was checked."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    big = b'{"inputs": []}' + b" " * 300_000
+    declared = httpx.post(f"{url}/v2/models/digits/infer", content=big, headers=auth)
+    chunked = httpx.post(f"{url}/v2/models/digits/infer", content=iter([big[:150_000], big[150_000:]]), headers=auth)
+    for resp in (declared, chunked):
+        assert resp.status_code == 413 and resp.json() == {
+            "error": "the request body is larger than this server's limit of 300000 bytes; send fewer inputs per request"}
+    at_limit = httpx.post(f"{url}/v2/models/digits/infer", content=big[:300_000], headers=auth)
+    assert at_limit.status_code == 400 and "one input tensor" in at_limit.json()["error"]
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from wmark.serve_input import read_json
+
+    pulled: list[int] = []
+
+    async def receive() -> dict:
+        pulled.append(1)
+        return {"type": "http.request", "body": b" " * 1000, "more_body": len(pulled) < 10_000}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": []}
+    refused = asyncio.run(read_json(Request(scope, receive), 5000))
+    assert refused.status_code == 413 and len(pulled) == 6
+
+
+def test_the_default_body_limit_admits_the_largest_request_json_writers_produce():
+    import numpy as np
+
+    from wmark.serve import build_app
+    from wmark.serve_input import MAX_BATCH, default_body_limit, text_char_limit
+
+    longest = np.full((MAX_BATCH, *SHAPE), -2.2250738585072014e-308).tolist()  # float64's longest repr
+    doc = {"id": "x" * 1000, "inputs": [{"name": "input", "shape": [MAX_BATCH, *SHAPE], "datatype": "FP32",
+                                         "data": longest}]}
+    limit = default_body_limit(input_size=64)
+    assert max(len(json.dumps(doc, indent=indent)) for indent in (None, 2, 4)) <= limit
+    texts = {"inputs": ["\U0001f600" * text_char_limit(32)] * MAX_BATCH}  # escaped as 12 bytes per character
+    assert len(json.dumps(texts)) <= default_body_limit(input_size=32, text_max_length=32)
+    with pytest.raises(UsageError, match="body limit must be a positive number of bytes, got 0"):
+        build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                  input_shape=SHAPE, max_body_bytes=0)
 
 
 def test_served_answers_are_the_local_suspects_and_non_finite_outputs_get_400():

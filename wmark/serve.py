@@ -2,9 +2,9 @@
 
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server metadata),
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
-``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``. With ``labels_only``
-the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise softmax scores
-(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
+``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the size
+limit HTTP 413 (:mod:`wmark.serve_input`). With ``labels_only`` the model answers only its top-1 label (an
+INT64 output), as many paid APIs do; otherwise softmax scores (FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
 is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
 
 Example:
@@ -43,7 +43,14 @@ from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
-from wmark.serve_input import MAX_BATCH, BadRequest, decode_v2_input, read_json
+from wmark.serve_input import (
+    MAX_BATCH,
+    BadRequest,
+    decode_v2_input,
+    default_body_limit,
+    read_json,
+    text_char_limit,
+)
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
@@ -66,7 +73,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
               clients: Mapping[str, str] | None = None, gate: Gate | None = None,
-              text: TextInputs | None = None) -> Starlette:
+              text: TextInputs | None = None, max_body_bytes: int | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -88,12 +95,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             ``answerer``'s) until the monitor's alarm for it.
         text: For a text classifier, how strings become its inputs: it is then served at
             ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
+        max_body_bytes: Largest request body read; a larger one is refused with HTTP 413 while it is being read.
+            Default :func:`~wmark.serve_input.default_body_limit`, room for the largest request the model
+            answers (:data:`~wmark.serve_input.MAX_BATCH` inputs): below it, legal requests would be refused.
 
     Raises:
         UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` for a
             text model (its endpoint is not gated), a policy that marks on alarm without an ``answerer`` or
-            without a monitor, or a model that fails on an input of ``input_shape`` (as
-            :class:`~wmark.suspects.LocalSuspect` would).
+            without a monitor, a ``max_body_bytes`` that is not a positive integer, or a model that fails on an
+            input of ``input_shape`` (as :class:`~wmark.suspects.LocalSuspect` would).
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
@@ -110,10 +120,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         if gate.monitor is None:
             raise UsageError("The policy marks clients on alarm (\"mark\": \"on-alarm\") but no monitor raises "
                              "alarms; add --monitor with a calibrated profile.")
+    if max_body_bytes is not None and (isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int)
+                                       or max_body_bytes <= 0):
+        raise UsageError(f"The request body limit must be a positive number of bytes, got {max_body_bytes!r}.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
+    body_limit = max_body_bytes or default_body_limit(input_size=per_item,
+                                                      text_max_length=None if text is None else text.max_length)
     # the bare model answers through a LocalSuspect, so that its answers are those of verifying the model file
     local = LocalSuspect(model, input_shape=shape, text=text)
     # Requests run concurrently in the threadpool: an eval-mode model, the answerers, the query log and the gate
@@ -199,7 +214,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return refused
         if text is not None:
             return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
-        doc = await read_json(request)
+        doc = await read_json(request, body_limit)
         if isinstance(doc, JSONResponse):
             return doc
         try:
@@ -251,7 +266,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
-            max_batch=MAX_BATCH),
+            max_batch=MAX_BATCH, max_body_bytes=body_limit, max_chars=text_char_limit(text.max_length)),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -331,7 +346,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           policy: str | os.PathLike[str] | None = None,
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
-          announce: Callable[[str], None] | None = None) -> None:
+          max_body_bytes: int | None = None, announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking).
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
@@ -350,8 +365,11 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
     arrive as host arrays and follow it there.
 
+    A request body over ``max_body_bytes`` is refused with HTTP 413 as it is read; the default is room for the
+    largest request the model answers (:func:`~wmark.serve_input.default_body_limit`).
+
     Raises:
-        UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
+        UsageError: If the weights do not load, the port or body limit is invalid, the token variable is unset, an option
             of a mark is given without it, the policy file or monitor profile is invalid, or the weights hold a text
             model (its forward takes ``input_ids``) whose file records no tokenizer.
     """
@@ -390,7 +408,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                           num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)))
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
-                        text=text)
+                        text=text, max_body_bytes=max_body_bytes)
         port = _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)

@@ -1,8 +1,9 @@
 """What `wmark serve` reads from a client: a request's JSON body, and the v2 input tensor in it.
 
 Both endpoints (v2 ``infer`` and the Hugging Face style text endpoint) read their body with :func:`read_json`,
-and the v2 endpoint decodes its input tensor with :func:`decode_v2_input`; what either refuses is answered
-with HTTP 400 and ``{"error": ...}``, one sentence.
+no further than a size limit (HTTP 413 past it; by default :func:`default_body_limit`, room for the largest
+request the endpoint answers), and the v2 endpoint decodes its input tensor with :func:`decode_v2_input`; what
+either refuses is answered with ``{"error": ...}``, one sentence.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from starlette.responses import JSONResponse
 
 MAX_BATCH = 1024
 """Most inputs (images or texts) one request may hold."""
+JSON_BYTES_PER_VALUE = 64
+"""Room for one number of a v2 input in a request body: the longest float64 as JSON writers print it (24
+characters, ``-2.2250738585072014e-308``), its separator, and nested-list brackets and indentation as
+pretty-printers write them."""
+TEXT_CHARS_PER_TOKEN = 32
+"""Most characters a served text may hold per token of the model's maximum length (natural text averages four
+or five): a longer text is refused before it is tokenized, which bounds both the tokenizer's work and the body."""
+JSON_BYTES_PER_CHAR = 12
+"""Most bytes one character of a string takes in JSON: one beyond the BMP escaped as a surrogate pair."""
+ENVELOPE_BYTES = 64 * 1024
+"""Room for everything in a request but its values: names, shape, datatype, id, parameters."""
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 _INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
 
@@ -25,10 +37,50 @@ class BadRequest(Exception):
     """A request the server answers with HTTP 400."""
 
 
-async def read_json(request: Request) -> Any:
-    """The request's JSON body, or the HTTP 400 response that refuses it (not JSON, or nested too deeply to read)."""
+def text_char_limit(max_length: int) -> int:
+    """Most characters the text endpoint takes in one text, for a model of ``max_length`` tokens."""
+    return TEXT_CHARS_PER_TOKEN * max_length
+
+
+def default_body_limit(*, input_size: int, text_max_length: int | None = None) -> int:
+    """The largest request body the server reads by default: room for the largest request it answers.
+
+    That request holds :data:`MAX_BATCH` inputs, each of ``input_size`` numbers at :data:`JSON_BYTES_PER_VALUE`
+    bytes, or for a text model (``text_max_length`` tokens) each a text of :func:`text_char_limit` characters
+    at :data:`JSON_BYTES_PER_CHAR` bytes, plus :data:`ENVELOPE_BYTES`. A smaller default would refuse requests
+    the endpoint answers; a larger one would only read more of a body that is refused anyway. (JSON allows a
+    number any count of digits and spaces, so no limit admits every spelling; this one admits every request as
+    JSON writers produce it.)
+    """
+    if text_max_length is not None:
+        per_input = JSON_BYTES_PER_CHAR * text_char_limit(text_max_length) + 4  # quotes, comma, space
+    else:
+        per_input = JSON_BYTES_PER_VALUE * input_size
+    return MAX_BATCH * per_input + ENVELOPE_BYTES
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request's JSON body, or the response that refuses it.
+
+    A body over ``max_bytes`` gets HTTP 413: a declared ``Content-Length`` is checked before anything is read,
+    and a chunked body is counted as it arrives, so no more than ``max_bytes`` (plus one chunk) is ever held.
+    A body that is not JSON, or nests too deeply to parse, gets HTTP 400.
+    """
     try:
-        return json.loads(await request.body())
+        declared = int(request.headers.get("content-length", "0"))
+    except ValueError:
+        declared = 0
+    body = bytearray()
+    if declared <= max_bytes:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:
+                break
+    if declared > max_bytes or len(body) > max_bytes:
+        return JSONResponse({"error": f"the request body is larger than this server's limit of {max_bytes} bytes; "
+                                      "send fewer inputs per request"}, status_code=413)
+    try:
+        return json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
     except RecursionError:  # JSON arrays nested thousands deep

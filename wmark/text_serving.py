@@ -3,7 +3,8 @@
 ``POST /hf/models/{name}`` takes one string or a list of strings under ``inputs`` and answers, per string, the
 classes as ``[{"label": "LABEL_3", "score": 0.91}, ...]`` sorted by score (a list of such lists for a list of
 strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify api --protocol json --template hf``
-speaks it. A text longer than the model's maximum length, or anything but strings, is refused with HTTP 400
+speaks it. A text longer than the model's maximum length (or than
+:func:`~wmark.serve_input.text_char_limit` characters), or anything but strings, is refused with HTTP 400
 and one sentence.
 """
 
@@ -61,7 +62,7 @@ def label_name(index: int) -> str:
 
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
                      check_model: Callable[[Request], JSONResponse | None],
-                     max_batch: int = 1024) -> Callable[[Request], Any]:
+                     max_batch: int, max_body_bytes: int, max_chars: int) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
     Args:
@@ -71,13 +72,16 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         client_of: The authenticated client of a request.
         check_model: The server's authentication and model-name check (a refusal, or ``None``).
         max_batch: Most strings one request may hold (the v2 endpoint's limit, so neither is a way to exhaust memory).
+        max_body_bytes: Largest request body read (HTTP 413 past it).
+        max_chars: Most characters one string may hold (HTTP 400 past it), so that no text costs the tokenizer
+            more than a model-length one can.
     """
 
     async def handler(request: Request) -> JSONResponse:
         refused = check_model(request)
         if refused is not None:
             return refused
-        doc = await read_json(request)
+        doc = await read_json(request, max_body_bytes)
         if isinstance(doc, JSONResponse):
             return doc
         inputs = doc.get("inputs") if isinstance(doc, dict) else None
@@ -87,6 +91,10 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
             return JSONResponse({"error": "\"inputs\" must be a string or a non-empty list of strings"}, status_code=400)
         if len(texts) > max_batch:
             return JSONResponse({"error": f"at most {max_batch} inputs per request"}, status_code=400)
+        longest = max(len(t) for t in texts)
+        if longest > max_chars:
+            return JSONResponse({"error": f"an input text is {longest} characters long, more than the {max_chars} "
+                                          "this server takes; shorten it"}, status_code=400)
         try:
             for t in texts:
                 t.encode("utf-8")
