@@ -76,7 +76,12 @@ def test_v2_routes_and_errors(served):
 @pytest.mark.parametrize("data, message, datatype", [
     ([[0.5] * 32, [0.5]], "nested lists of equal lengths", "FP32"),  # ragged: numpy's ValueError was a 500
     ([["a"] * 64], "nested lists of equal lengths", "FP32"),
-    ([10 ** 400] + [0] * 63, "must be numbers", "FP32"),  # beyond a float: OverflowError, a 500
+    # NumPy read these as 0.5, 1 and NaN: answered as numbers, or refused as "NaN or infinite values"
+    (["0.5"] + [0] * 63, "must be numbers (not strings, booleans or null)", "FP32"),
+    ([[0.5] * 8] * 7 + [[0.5] * 7 + [True]], "must be numbers (not strings, booleans or null)", "FP32"),
+    ([None] + [0] * 63, "must be numbers (not strings, booleans or null)", "FP32"),
+    ([False] + [0] * 63, "must be numbers (not strings, booleans or null)", "UINT8"),
+    ([10 ** 400] + [0] * 63, "must be numbers a float can hold", "FP32"),  # beyond a float: OverflowError, a 500
     ([1e39] + [0] * 63, "beyond FP32's range", "FP32"),  # finite in JSON, inf in FP32: NaN scores failed to serialise
     ([-5] + [0] * 63, "whole numbers from 0 to 255", "UINT8"),  # was divided by 255 into a silently wrong image
     ([256] + [0] * 63, "whole numbers from 0 to 255", "INT32"),

@@ -32,6 +32,8 @@ ENVELOPE_BYTES = 64 * 1024
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 _INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
 
+_NOT_NUMBERS = "data must be numbers (not strings, booleans or null), in a flat list or in nested lists of equal lengths"
+
 
 class BadRequest(Exception):
     """A request the server answers with HTTP 400."""
@@ -106,12 +108,7 @@ def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarr
     if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                                          for d in dims):
         raise BadRequest("the input tensor needs a \"shape\" of positive integers")
-    data = tensor["data"]
-    if any(isinstance(v, list) for v in data[:1]):
-        try:
-            data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
-        except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
-            raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
+    data = _flat_numbers(tensor["data"])
     total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
     if len(data) != total:
         raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
@@ -122,8 +119,8 @@ def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarr
         raise BadRequest(f"at most {MAX_BATCH} inputs per request")
     try:
         x = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest("data must be numbers") from None
+    except OverflowError:  # an integer beyond a float
+        raise BadRequest("data must be numbers a float can hold") from None
     if datatype in _INT_TYPES:
         # integer data are 8-bit pixel values; anything else divided by 255 would be a silently wrong image
         if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):
@@ -135,3 +132,20 @@ def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarr
     if not np.isfinite(x).all():
         raise BadRequest("data contains NaN or infinite values, or values beyond FP32's range")
     return x.reshape(batch, *shape)
+
+
+def _flat_numbers(data: list[Any]) -> list[Any]:
+    """``data`` in row-major order: a flat list of JSON numbers, or nested lists of equal lengths holding them.
+
+    Raises:
+        BadRequest: On ragged lists, or on an item that is not a JSON number: NumPy would read the string
+            ``"0.5"`` as 0.5, ``true`` as 1 and ``null`` as NaN.
+    """
+    while data and isinstance(data[0], list):
+        width = len(data[0])
+        if not all(isinstance(row, list) and len(row) == width for row in data):
+            raise BadRequest(_NOT_NUMBERS)
+        data = [v for row in data for v in row]
+    if not {type(v) for v in data} <= {int, float}:  # exact types: a JSON boolean is a Python int
+        raise BadRequest(_NOT_NUMBERS)
+    return data
