@@ -73,6 +73,36 @@ def test_v2_routes_and_errors(served):
 
 
 
+def test_the_versioned_routes_answer_the_served_version_only(served):
+    """`/v2/models/{name}/versions/{version}/...` were no routes (404 "Not Found"), so a v2 client pinned to a version
+    could not talk to `wmark serve`."""
+    import numpy as np
+
+    from wmark.suspects.http import HttpSuspect
+    from wmark.suspects.protocols import V2Protocol
+
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    base, versioned, other = (f"{url}/v2/models/digits{v}" for v in ("", "/versions/1", "/versions/2"))
+    assert httpx.get(versioned, headers=auth).json() == httpx.get(base, headers=auth).json()
+    assert httpx.get(f"{versioned}/ready", headers=auth).json() == {"name": "digits", "ready": True}
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    answer = httpx.post(f"{versioned}/infer", json=body, headers=auth).json()
+    assert answer["model_version"] == "1" and answer["outputs"][0]["shape"] == [1]
+    assert httpx.get(versioned).status_code == 401
+    for resp in (httpx.get(other, headers=auth), httpx.get(f"{other}/ready", headers=auth),
+                 httpx.post(f"{other}/infer", json=body, headers=auth)):
+        assert resp.status_code == 404 and resp.json() == {
+            "error": "model 'digits' has no version '2'; this server serves version '1'"}
+    pinned = HttpSuspect(protocol=V2Protocol(url=f"{url}/v2/models/digits", model_name=None, num_classes=10,
+                                             input_shape=SHAPE, version="1"), token=TOKEN)
+    try:
+        pinned.connect()
+        assert (pinned.query(np.full((3, *SHAPE), 0.5, dtype=np.float32)).labels >= 0).all()
+    finally:
+        pinned.close()
+
+
 @pytest.mark.parametrize("data, message, datatype", [
     ([[0.5] * 32, [0.5]], "nested lists of equal lengths", "FP32"),  # ragged: numpy's ValueError was a 500
     ([["a"] * 64], "nested lists of equal lengths", "FP32"),
@@ -110,7 +140,7 @@ def test_an_unknown_route_or_method_gets_a_json_error(served):
     """They were plain-text "Not Found" / "Method Not Allowed", which v2 clients fail to decode as an error."""
     url, _, _ = served
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    missing = httpx.post(f"{url}/v2/models/digits/versions/1/infer", json={}, headers=auth)
+    missing = httpx.post(f"{url}/v2/models/digits/explain", json={}, headers=auth)
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
     wrong = httpx.get(f"{url}/v2/models/digits/infer", headers=auth)
     assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}

@@ -2,7 +2,9 @@
 
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server metadata),
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
-``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the size
+``POST /v2/models/{name}/infer``, each model route also under ``/v2/models/{name}/versions/{version}``. The
+server holds one model, so one version: ``"1"`` unless ``build_app`` is given another; any other version
+gets HTTP 404 like any other model name. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the size
 limit HTTP 413 (:mod:`wmark.serve_input`). With ``labels_only`` the model answers only its top-1 label (an
 INT64 output), as many paid APIs do; otherwise softmax scores (FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
 is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
@@ -83,7 +85,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         input_shape: Shape of one input (without the batch dimension).
         labels_only: Answer only the top-1 label instead of every class's probability.
         token: Bearer token required on model routes (``None``: open).
-        version: The model version reported in metadata.
+        version: The served model's version: reported in metadata and answers, and the only one its versioned
+            routes (``/v2/models/{name}/versions/{version}/...``) answer.
         on_infer: Called with each batch of inputs before inference (tests count requests with it).
         answerer: What answers instead of the bare model, e.g. a
             :class:`~wmark.schemes.tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
@@ -159,6 +162,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return _error(401, "missing or invalid bearer token")
         if request.path_params["model"] != name:
             return _error(404, f"unknown model {request.path_params['model']!r}")
+        asked = request.path_params.get("version")
+        if asked is not None and asked != version:
+            return _error(404, f"model {name!r} has no version {asked!r}; this server serves version {version!r}")
         return None
 
     async def live(_: Request) -> JSONResponse:
@@ -254,6 +260,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         Route("/v2/models/{model}", model_meta),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}", model_meta),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
     ]
     if gate is not None:
         routes.append(Route("/metrics", metrics))
@@ -347,7 +356,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
           max_body_bytes: int | None = None, announce: Callable[[str], None] | None = None) -> None:
-    """Load a model file and serve it until interrupted (blocking).
+    """Load a model file and serve it until interrupted (blocking), as version ``"1"`` of ``name``.
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
     ``tiebreak`` with ``rule`` (from ``wmark tiebreak build``, which names the served model, so ``arch`` and
