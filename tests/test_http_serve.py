@@ -124,7 +124,12 @@ def test_malformed_input_values_get_400_not_500(served, data, message, datatype)
     assert resp.status_code == 400 and message in resp.json()["error"]
 
 @pytest.mark.parametrize("shape, data, message", [
-    ([2 ** 32, 2 ** 32], [], "holds 18446744073709551616 values"),  # int64 wrapped to 0: answered with shape [0]
+    ([2 ** 32, 2 ** 32], [], "must be shaped [N, 1, 8, 8]"),  # int64 wrapped to 0: answered with shape [0]
+    ([1, 2] + [1] * 100, [0.5] * 2, "got [1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...]"),
+    # a product of more digits than str() prints was a 500, after minutes of the event loop for thousand-digit ones
+    ([10 ** 99] * 50, [], "must be shaped [N, 1, 8, 8], got [1" + "0" * 74 + "...]"),
+    ([int("9" * 4000)] * 60, [], "must be shaped [N, 1, 8, 8]"),
+    ([2000, 64], [0.5] * 64, "at most 1024 inputs per request"),
     ([2, 32], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),  # two rows of 32 answered as one input
     ([64, 1], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),
     ([True, 64], [0.5] * 64, "a \"shape\" of positive integers"),

@@ -9,7 +9,6 @@ either refuses is answered with ``{"error": ...}``, one sentence.
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
 import numpy as np
@@ -108,15 +107,17 @@ def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarr
     if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
                                                          for d in dims):
         raise BadRequest("the input tensor needs a \"shape\" of positive integers")
-    data = _flat_numbers(tensor["data"])
-    total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
-    if len(data) != total:
-        raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
-    if math.prod(dims[1:]) != per_item:  # [2, 32] is two inputs of 32 values, not one of 64
-        raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
+    # [2, 32] is two inputs of 32 values, not one of 64; the product stops past per_item, as the full product of
+    # a shape of thousand-digit dimensions takes minutes, and its digits are more than str() may print
+    if _product_up_to(dims[1:], per_item) != per_item:
+        raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {_shortened(dims)}")
     batch = dims[0]
     if batch > MAX_BATCH:
         raise BadRequest(f"at most {MAX_BATCH} inputs per request")
+    data = _flat_numbers(tensor["data"])
+    total = batch * per_item
+    if len(data) != total:
+        raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
     try:
         x = np.asarray(data, dtype=np.float64)
     except OverflowError:  # an integer beyond a float
@@ -149,3 +150,22 @@ def _flat_numbers(data: list[Any]) -> list[Any]:
     if not {type(v) for v in data} <= {int, float}:  # exact types: a JSON boolean is a Python int
         raise BadRequest(_NOT_NUMBERS)
     return data
+
+
+def _shortened(dims: list[int]) -> str:
+    """``dims`` as a list, cut to about 80 characters (a refusal need not echo a shape of thousands of digits)."""
+    shown = str(dims)
+    if len(shown) <= 80:
+        return shown
+    cut = shown.rfind(", ", 0, 76)
+    return shown[:cut] + ", ...]" if cut > 0 else shown[:76] + "...]"
+
+
+def _product_up_to(dims: list[int], bound: int) -> int:
+    """The product of positive ``dims``, or ``bound + 1`` once it passes ``bound`` (it can only grow then)."""
+    product = 1
+    for d in dims:
+        product *= d
+        if product > bound:
+            return bound + 1
+    return product
