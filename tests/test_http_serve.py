@@ -141,6 +141,20 @@ def test_a_shape_that_is_not_n_inputs_gets_400(served, shape, data, message):
     assert resp.status_code == 400 and message in resp.json()["error"]
 
 
+@pytest.mark.parametrize("request_id", [b"NaN", b"-Infinity", b"1e400", b"7", b'{"a": NaN}'])
+def test_an_id_that_is_not_a_string_gets_400_before_it_is_answered(served, request_id):
+    """The id is echoed in the answer: NaN or 1e400 (inf) there failed to serialise, a 500 after the model had
+    answered (and the query was counted)."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    tensor = b'[{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [' + b", ".join([b"0.5"] * 64) + b"]}]"
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=b'{"id": ' + request_id + b', "inputs": ' + tensor + b"}",
+                      headers=auth)
+    assert resp.status_code == 400 and resp.json() == {"error": "the request's \"id\" must be a string, as the v2 protocol says"}
+    echoed = httpx.post(f"{url}/v2/models/digits/infer", content=b'{"id": "q-1", "inputs": ' + tensor + b"}", headers=auth)
+    assert echoed.status_code == 200 and echoed.json()["id"] == "q-1"
+
+
 def test_an_unknown_route_or_method_gets_a_json_error(served):
     """They were plain-text "Not Found" / "Method Not Allowed", which v2 clients fail to decode as an error."""
     url, _, _ = served

@@ -93,10 +93,12 @@ def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarr
 
     Raises:
         BadRequest: If the request is not one input tensor of ``N`` inputs of ``per_item`` finite numbers each,
-            with ``N`` at most :data:`MAX_BATCH`.
+            with ``N`` at most :data:`MAX_BATCH`, or has an ``id`` that is not a string.
     """
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
         raise BadRequest("the request needs \"inputs\": a list with one input tensor")
+    if not isinstance(doc.get("id", ""), str):  # it is echoed back: NaN or 1e400 there was a 500 after answering
+        raise BadRequest("the request's \"id\" must be a string, as the v2 protocol says")
     tensor = doc["inputs"][0]
     if not isinstance(tensor, dict) or not isinstance(tensor.get("data"), list):
         raise BadRequest("the input tensor needs \"data\" (a flat list)")
