@@ -188,6 +188,26 @@ def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(served):
     assert at_limit.status_code == 400 and "one input tensor" in at_limit.json()["error"]
 
 
+@pytest.mark.parametrize("kind", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                  "multipart/form-data; boundary=x"])
+def test_a_body_sent_as_another_type_than_json_gets_415(kind):
+    """A web page may POST these cross-site without a preflight; they were answered, so any page a user opened
+    could put queries into an open server's query log and quotas."""
+    from wmark.serve import build_app, serve_in_background
+
+    raw = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
+    app = build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                    input_shape=SHAPE)
+    with serve_in_background(app) as server:
+        refused = httpx.post(f"{server.url}/v2/models/m/infer", content=raw, headers={"Content-Type": kind})
+        assert refused.status_code == 415 and refused.json() == {
+            "error": "the request body must be JSON, sent with Content-Type: application/json "
+                     f"(not {kind.split(';')[0]})"}
+        for taken in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "application/vnd.x+json"},
+                      {}):
+            assert httpx.post(f"{server.url}/v2/models/m/infer", content=raw, headers=taken).status_code == 200
+
+
 def test_a_chunked_body_is_read_no_further_than_the_limit():
     import asyncio
 

@@ -64,6 +64,8 @@ def test_the_text_endpoint_answers_like_hugging_face_and_refuses_bad_input(key_f
         assert too_long.status_code == 400 and "more than the key's maximum of 32" in too_long.json()["error"]
         for body in ({"inputs": 3}, {"inputs": []}, {"text": "x"}):
             assert httpx.post(url, json=body).status_code == 400
+        plain = httpx.post(url, content=b'{"inputs": "x"}', headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and "Content-Type: application/json" in plain.json()["error"]
         v2 = httpx.post(f"{server.url}/v2/models/m/infer", json={"inputs": []})
         assert v2.status_code == 400 and "/hf/models/m" in v2.json()["error"]
 

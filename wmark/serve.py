@@ -4,10 +4,12 @@ Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server m
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
 ``POST /v2/models/{name}/infer``, each model route also under ``/v2/models/{name}/versions/{version}``. The
 server holds one model, so one version: ``"1"`` unless ``build_app`` is given another; any other version
-gets HTTP 404 like any other model name. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the size
-limit HTTP 413 (:mod:`wmark.serve_input`). With ``labels_only`` the model answers only its top-1 label (an
-INT64 output), as many paid APIs do; otherwise softmax scores (FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
-is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
+gets HTTP 404 like any other model name. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the
+size limit HTTP 413, one sent as another type than JSON HTTP 415 (:mod:`wmark.serve_input`).
+
+With ``labels_only`` the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise
+softmax scores (FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text
+classifier is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
 
 Example:
     >>> from wmark.models import build_model

@@ -2,7 +2,7 @@
 
 Both endpoints (v2 ``infer`` and the Hugging Face style text endpoint) read their body with :func:`read_json`,
 no further than a size limit (HTTP 413 past it; by default :func:`default_body_limit`, room for the largest
-request the endpoint answers), and the v2 endpoint decodes its input tensor with :func:`decode_v2_input`; what
+request the endpoint answers) and only when it is sent as JSON (HTTP 415 otherwise), and the v2 endpoint decodes its input tensor with :func:`decode_v2_input`; what
 either refuses is answered with ``{"error": ...}``, one sentence.
 """
 
@@ -65,8 +65,15 @@ async def read_json(request: Request, max_bytes: int) -> Any:
 
     A body over ``max_bytes`` gets HTTP 413: a declared ``Content-Length`` is checked before anything is read,
     and a chunked body is counted as it arrives, so no more than ``max_bytes`` (plus one chunk) is ever held.
-    A body that is not JSON, or nests too deeply to parse, gets HTTP 400.
+    A body that is not JSON, or nests too deeply to parse, gets HTTP 400. A ``Content-Type`` other than JSON
+    (``application/json`` or ``application/*+json``; none is taken as JSON) gets HTTP 415, as FastAPI (and so
+    KServe) refuses it: the types a web page may send cross-site without asking (``text/plain``, forms) would
+    otherwise let any page a user opens put queries into an open server's query log and quotas.
     """
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind and kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
+        return JSONResponse({"error": f"the request body must be JSON, sent with Content-Type: application/json "
+                                      f"(not {kind[:60]})"}, status_code=415)
     try:
         declared = int(request.headers.get("content-length", "0"))
     except ValueError:
