@@ -226,6 +226,25 @@ def test_a_chunked_body_is_read_no_further_than_the_limit():
     assert refused.status_code == 413 and len(pulled) == 6
 
 
+def test_a_client_that_leaves_mid_body_is_no_error_of_the_server():
+    """Starlette's ClientDisconnect went uncaught: uvicorn logged a traceback ("Exception in ASGI application") for
+    every client that hung up mid-request."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from wmark.serve_input import read_json
+
+    messages = iter([{"type": "http.request", "body": b'{"inp', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": []}
+    left = asyncio.run(read_json(Request(scope, receive), 5000))
+    assert left.status_code == 400 and json.loads(left.body) == {"error": "the client left before sending the whole body"}
+
+
 def test_the_default_body_limit_admits_the_largest_request_json_writers_produce():
     import numpy as np
 

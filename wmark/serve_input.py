@@ -12,7 +12,7 @@ import json
 from typing import Any
 
 import numpy as np
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 MAX_BATCH = 1024
@@ -80,10 +80,13 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         declared = 0
     body = bytearray()
     if declared <= max_bytes:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_bytes:
-                break
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > max_bytes:
+                    break
+        except ClientDisconnect:  # uncaught, each one logged a traceback as an error of the application
+            return JSONResponse({"error": "the client left before sending the whole body"}, status_code=400)
     if declared > max_bytes or len(body) > max_bytes:
         return JSONResponse({"error": f"the request body is larger than this server's limit of {max_bytes} bytes; "
                                       "send fewer inputs per request"}, status_code=413)
