@@ -1,9 +1,9 @@
 """What `wmark serve` reads from a client: a request's JSON body, and the v2 input tensor in it.
 
-Both endpoints (v2 ``infer`` and the Hugging Face style text endpoint) read their body with :func:`read_json`,
-no further than a size limit (HTTP 413 past it; by default :func:`default_body_limit`, room for the largest
-request the endpoint answers) and only when it is sent as JSON (HTTP 415 otherwise), and the v2 endpoint decodes its input tensor with :func:`decode_v2_input`; what
-either refuses is answered with ``{"error": ...}``, one sentence.
+Both endpoints (v2 ``infer`` and the Hugging Face style text endpoint) read their body with :func:`read_json`:
+only when it is sent as JSON (HTTP 415 otherwise) and no further than a size limit (HTTP 413 past it; by
+default :func:`default_body_limit`, room for the largest request the endpoint answers). The v2 endpoint
+decodes its input tensor with :func:`decode_v2_input`. Every refusal is ``{"error": ...}``, one sentence.
 """
 
 from __future__ import annotations
