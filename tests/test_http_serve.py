@@ -12,6 +12,7 @@ import httpx
 import pytest
 from servekit import wait_ready
 
+from wmark.errors import UsageError
 from wmark.io import save_model
 from wmark.keys import generate_key, save_key
 from wmark.models import build_model
@@ -42,7 +43,8 @@ def served(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
     proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
-                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN"),
+                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN",
+                                 "--max-body-bytes", "300000"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
@@ -71,10 +73,45 @@ def test_v2_routes_and_errors(served):
 
 
 
+def test_the_versioned_routes_answer_the_served_version_only(served):
+    """`/v2/models/{name}/versions/{version}/...` were no routes (404 "Not Found"), so a v2 client pinned to a version
+    could not talk to `wmark serve`."""
+    import numpy as np
+
+    from wmark.suspects.http import HttpSuspect
+    from wmark.suspects.protocols import V2Protocol
+
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    base, versioned, other = (f"{url}/v2/models/digits{v}" for v in ("", "/versions/1", "/versions/2"))
+    assert httpx.get(versioned, headers=auth).json() == httpx.get(base, headers=auth).json()
+    assert httpx.get(f"{versioned}/ready", headers=auth).json() == {"name": "digits", "ready": True}
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    answer = httpx.post(f"{versioned}/infer", json=body, headers=auth).json()
+    assert answer["model_version"] == "1" and answer["outputs"][0]["shape"] == [1]
+    assert httpx.get(versioned).status_code == 401
+    for resp in (httpx.get(other, headers=auth), httpx.get(f"{other}/ready", headers=auth),
+                 httpx.post(f"{other}/infer", json=body, headers=auth)):
+        assert resp.status_code == 404 and resp.json() == {
+            "error": "model 'digits' has no version '2'; this server serves version '1'"}
+    pinned = HttpSuspect(protocol=V2Protocol(url=f"{url}/v2/models/digits", model_name=None, num_classes=10,
+                                             input_shape=SHAPE, version="1"), token=TOKEN)
+    try:
+        pinned.connect()
+        assert (pinned.query(np.full((3, *SHAPE), 0.5, dtype=np.float32)).labels >= 0).all()
+    finally:
+        pinned.close()
+
+
 @pytest.mark.parametrize("data, message, datatype", [
     ([[0.5] * 32, [0.5]], "nested lists of equal lengths", "FP32"),  # ragged: numpy's ValueError was a 500
     ([["a"] * 64], "nested lists of equal lengths", "FP32"),
-    ([10 ** 400] + [0] * 63, "must be numbers", "FP32"),  # beyond a float: OverflowError, a 500
+    # NumPy read these as 0.5, 1 and NaN: answered as numbers, or refused as "NaN or infinite values"
+    (["0.5"] + [0] * 63, "must be numbers (not strings, booleans or null)", "FP32"),
+    ([[0.5] * 8] * 7 + [[0.5] * 7 + [True]], "must be numbers (not strings, booleans or null)", "FP32"),
+    ([None] + [0] * 63, "must be numbers (not strings, booleans or null)", "FP32"),
+    ([False] + [0] * 63, "must be numbers (not strings, booleans or null)", "UINT8"),
+    ([10 ** 400] + [0] * 63, "must be numbers a float can hold", "FP32"),  # beyond a float: OverflowError, a 500
     ([1e39] + [0] * 63, "beyond FP32's range", "FP32"),  # finite in JSON, inf in FP32: NaN scores failed to serialise
     ([-5] + [0] * 63, "whole numbers from 0 to 255", "UINT8"),  # was divided by 255 into a silently wrong image
     ([256] + [0] * 63, "whole numbers from 0 to 255", "INT32"),
@@ -87,7 +124,12 @@ def test_malformed_input_values_get_400_not_500(served, data, message, datatype)
     assert resp.status_code == 400 and message in resp.json()["error"]
 
 @pytest.mark.parametrize("shape, data, message", [
-    ([2 ** 32, 2 ** 32], [], "holds 18446744073709551616 values"),  # int64 wrapped to 0: answered with shape [0]
+    ([2 ** 32, 2 ** 32], [], "must be shaped [N, 1, 8, 8]"),  # int64 wrapped to 0: answered with shape [0]
+    ([1, 2] + [1] * 100, [0.5] * 2, "got [1, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, ...]"),
+    # a product of more digits than str() prints was a 500, after minutes of the event loop for thousand-digit ones
+    ([10 ** 99] * 50, [], "must be shaped [N, 1, 8, 8], got [1" + "0" * 74 + "...]"),
+    ([int("9" * 4000)] * 60, [], "must be shaped [N, 1, 8, 8]"),
+    ([2000, 64], [0.5] * 64, "at most 1024 inputs per request"),
     ([2, 32], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),  # two rows of 32 answered as one input
     ([64, 1], [0.5] * 64, "must be shaped [N, 1, 8, 8]"),
     ([True, 64], [0.5] * 64, "a \"shape\" of positive integers"),
@@ -99,11 +141,25 @@ def test_a_shape_that_is_not_n_inputs_gets_400(served, shape, data, message):
     assert resp.status_code == 400 and message in resp.json()["error"]
 
 
+@pytest.mark.parametrize("request_id", [b"NaN", b"-Infinity", b"1e400", b"7", b'{"a": NaN}'])
+def test_an_id_that_is_not_a_string_gets_400_before_it_is_answered(served, request_id):
+    """The id is echoed in the answer: NaN or 1e400 (inf) there failed to serialise, a 500 after the model had
+    answered (and the query was counted)."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    tensor = b'[{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [' + b", ".join([b"0.5"] * 64) + b"]}]"
+    resp = httpx.post(f"{url}/v2/models/digits/infer", content=b'{"id": ' + request_id + b', "inputs": ' + tensor + b"}",
+                      headers=auth)
+    assert resp.status_code == 400 and resp.json() == {"error": "the request's \"id\" must be a string, as the v2 protocol says"}
+    echoed = httpx.post(f"{url}/v2/models/digits/infer", content=b'{"id": "q-1", "inputs": ' + tensor + b"}", headers=auth)
+    assert echoed.status_code == 200 and echoed.json()["id"] == "q-1"
+
+
 def test_an_unknown_route_or_method_gets_a_json_error(served):
     """They were plain-text "Not Found" / "Method Not Allowed", which v2 clients fail to decode as an error."""
     url, _, _ = served
     auth = {"Authorization": f"Bearer {TOKEN}"}
-    missing = httpx.post(f"{url}/v2/models/digits/versions/1/infer", json={}, headers=auth)
+    missing = httpx.post(f"{url}/v2/models/digits/explain", json={}, headers=auth)
     assert missing.status_code == 404 and missing.json() == {"error": "Not Found"}
     wrong = httpx.get(f"{url}/v2/models/digits/infer", headers=auth)
     assert wrong.status_code == 405 and wrong.json() == {"error": "Method Not Allowed"}
@@ -116,6 +172,95 @@ def test_json_nested_thousands_deep_gets_400_not_500(served):
     raw = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     resp = httpx.post(f"{url}/v2/models/digits/infer", content=raw, headers={"Authorization": f"Bearer {TOKEN}"})
     assert resp.status_code == 400 and "nests JSON too deeply" in resp.json()["error"]
+
+
+def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(served):
+    """A body of any size was read and parsed whole before the 1024-input cap was checked."""
+    url, _, _ = served
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    big = b'{"inputs": []}' + b" " * 300_000
+    declared = httpx.post(f"{url}/v2/models/digits/infer", content=big, headers=auth)
+    chunked = httpx.post(f"{url}/v2/models/digits/infer", content=iter([big[:150_000], big[150_000:]]), headers=auth)
+    for resp in (declared, chunked):
+        assert resp.status_code == 413 and resp.json() == {
+            "error": "the request body is larger than this server's limit of 300000 bytes; send fewer inputs per request"}
+    at_limit = httpx.post(f"{url}/v2/models/digits/infer", content=big[:300_000], headers=auth)
+    assert at_limit.status_code == 400 and "one input tensor" in at_limit.json()["error"]
+
+
+@pytest.mark.parametrize("kind", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
+                                  "multipart/form-data; boundary=x"])
+def test_a_body_sent_as_another_type_than_json_gets_415(kind):
+    """A web page may POST these cross-site without a preflight; they were answered, so any page a user opened
+    could put queries into an open server's query log and quotas."""
+    from wmark.serve import build_app, serve_in_background
+
+    raw = json.dumps({"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
+    app = build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                    input_shape=SHAPE)
+    with serve_in_background(app) as server:
+        refused = httpx.post(f"{server.url}/v2/models/m/infer", content=raw, headers={"Content-Type": kind})
+        assert refused.status_code == 415 and refused.json() == {
+            "error": "the request body must be JSON, sent with Content-Type: application/json "
+                     f"(not {kind.split(';')[0]})"}
+        for taken in ({"Content-Type": "application/json; charset=utf-8"}, {"Content-Type": "application/vnd.x+json"},
+                      {}):
+            assert httpx.post(f"{server.url}/v2/models/m/infer", content=raw, headers=taken).status_code == 200
+
+
+def test_a_chunked_body_is_read_no_further_than_the_limit():
+    import asyncio
+
+    from starlette.requests import Request
+
+    from wmark.serve_input import read_json
+
+    pulled: list[int] = []
+
+    async def receive() -> dict:
+        pulled.append(1)
+        return {"type": "http.request", "body": b" " * 1000, "more_body": len(pulled) < 10_000}
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": []}
+    refused = asyncio.run(read_json(Request(scope, receive), 5000))
+    assert refused.status_code == 413 and len(pulled) == 6
+
+
+def test_a_client_that_leaves_mid_body_is_no_error_of_the_server():
+    """Starlette's ClientDisconnect went uncaught: uvicorn logged a traceback ("Exception in ASGI application") for
+    every client that hung up mid-request."""
+    import asyncio
+
+    from starlette.requests import Request
+
+    from wmark.serve_input import read_json
+
+    messages = iter([{"type": "http.request", "body": b'{"inp', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive() -> dict:
+        return next(messages)
+
+    scope = {"type": "http", "method": "POST", "path": "/", "query_string": b"", "headers": []}
+    left = asyncio.run(read_json(Request(scope, receive), 5000))
+    assert left.status_code == 400 and json.loads(left.body) == {"error": "the client left before sending the whole body"}
+
+
+def test_the_default_body_limit_admits_the_largest_request_json_writers_produce():
+    import numpy as np
+
+    from wmark.serve import build_app
+    from wmark.serve_input import MAX_BATCH, default_body_limit, text_char_limit
+
+    longest = np.full((MAX_BATCH, *SHAPE), -2.2250738585072014e-308).tolist()  # float64's longest repr
+    doc = {"id": "x" * 1000, "inputs": [{"name": "input", "shape": [MAX_BATCH, *SHAPE], "datatype": "FP32",
+                                         "data": longest}]}
+    limit = default_body_limit(input_size=64)
+    assert max(len(json.dumps(doc, indent=indent)) for indent in (None, 2, 4)) <= limit
+    texts = {"inputs": ["\U0001f600" * text_char_limit(32)] * MAX_BATCH}  # escaped as 12 bytes per character
+    assert len(json.dumps(texts)) <= default_body_limit(input_size=32, text_max_length=32)
+    with pytest.raises(UsageError, match="body limit must be a positive number of bytes, got 0"):
+        build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                  input_shape=SHAPE, max_body_bytes=0)
 
 
 def test_served_answers_are_the_local_suspects_and_non_finite_outputs_get_400():

@@ -64,6 +64,8 @@ def test_the_text_endpoint_answers_like_hugging_face_and_refuses_bad_input(key_f
         assert too_long.status_code == 400 and "more than the key's maximum of 32" in too_long.json()["error"]
         for body in ({"inputs": 3}, {"inputs": []}, {"text": "x"}):
             assert httpx.post(url, json=body).status_code == 400
+        plain = httpx.post(url, content=b'{"inputs": "x"}', headers={"Content-Type": "text/plain"})
+        assert plain.status_code == 415 and "Content-Type: application/json" in plain.json()["error"]
         v2 = httpx.post(f"{server.url}/v2/models/m/infer", json={"inputs": []})
         assert v2.status_code == 400 and "/hf/models/m" in v2.json()["error"]
 
@@ -80,6 +82,22 @@ def test_the_text_endpoint_refuses_too_many_texts_and_lone_surrogates(key_file):
         assert httpx.post(url, json={"inputs": ["hi"] * 1024}, timeout=30).status_code == 200
         surrogate = httpx.post(url, content=b'{"inputs": ["fine", "\\ud800"]}')
         assert surrogate.status_code == 400 and "valid Unicode" in surrogate.json()["error"]
+
+def test_the_text_endpoint_refuses_a_body_over_its_limit_and_a_text_longer_than_its_tokens_can_hold(key_file):
+    """The body was read whole whatever its size, and a text of millions of characters was tokenized whole (under
+    the lock every text request waits on) before its length in tokens was checked."""
+    key = load_key(key_file)
+    with serve_in_background(build_app(model=hf_bert(4), name="m", num_classes=4, input_shape=(32,),
+                                       text=TextInputs.from_key(key), max_body_bytes=10_000)) as server:
+        url = f"{server.url}/hf/models/m"
+        over = httpx.post(url, json={"inputs": "word " * 2000})
+        assert over.status_code == 413 and "limit of 10000 bytes" in over.json()["error"]
+        assert httpx.post(url, json={"inputs": "word " * 20}).status_code == 200
+    with serve_in_background(_app(hf_bert(4), key, labels_only=True)) as server:
+        long = httpx.post(f"{server.url}/hf/models/m", json={"inputs": ["fine", " " * 1025]})
+    assert long.status_code == 400 and long.json() == {
+        "error": "an input text is 1025 characters long, more than the 1024 this server takes; shorten it"}
+
 
 def test_the_text_endpoint_refuses_json_nested_thousands_deep(key_file):
     """json.loads raises RecursionError, not ValueError, on arrays nested thousands deep: it was a 500."""

@@ -158,12 +158,16 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--monitor-state", default=None, type=click.Path(dir_okay=False),
               help="Keep quota counts and alarms in this JSON file across restarts.")
 @click.option("--device", default=None, help="Answer on this device: cpu, cuda, cuda:N or mps [default: CUDA when present].")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
+              help="Refuse a request body larger than this (HTTP 413, before it is read whole) [default: room for the "
+                   "largest request the model answers: 1024 inputs of its size as JSON].")
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
           beta: float | None, rate: float | None, candidates: str | None, log: str | None, log_sync: str,
           policy: str | None,
-          monitor: str | None, alarm_log: str | None, monitor_state: str | None, device: str | None) -> None:
+          monitor: str | None, alarm_log: str | None, monitor_state: str | None, device: str | None,
+          max_body_bytes: int | None) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
     from wmark.serve import serve as run_server
 
@@ -179,7 +183,8 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
                clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
-               monitor_state=monitor_state, device=device, announce=lambda line: click.echo(line, err=True))
+               monitor_state=monitor_state, device=device, max_body_bytes=max_body_bytes,
+               announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)

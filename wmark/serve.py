@@ -2,10 +2,14 @@
 
 Routes: ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2`` (server metadata),
 ``GET /v2/models/{name}`` (model metadata), ``GET /v2/models/{name}/ready`` and
-``POST /v2/models/{name}/infer``. Bad requests get HTTP 400 with ``{"error": ...}``. With ``labels_only``
-the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise softmax scores
-(FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text classifier
-is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
+``POST /v2/models/{name}/infer``, each model route also under ``/v2/models/{name}/versions/{version}``. The
+server holds one model, so one version: ``"1"`` unless ``build_app`` is given another; any other version
+gets HTTP 404 like any other model name. Bad requests get HTTP 400 with ``{"error": ...}``, a body over the
+size limit HTTP 413, one sent as another type than JSON HTTP 415 (:mod:`wmark.serve_input`).
+
+With ``labels_only`` the model answers only its top-1 label (an INT64 output), as many paid APIs do; otherwise
+softmax scores (FP32, N×C). With a token, model routes require ``Authorization: Bearer <token>``. A text
+classifier is served Hugging Face style at ``POST /hf/models/{name}`` (:mod:`wmark.text_serving`).
 
 Example:
     >>> from wmark.models import build_model
@@ -21,7 +25,6 @@ import asyncio
 import contextlib
 import hmac
 import json
-import math
 import os
 import signal
 import socket
@@ -45,22 +48,21 @@ from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
 from wmark.monitor.text_features import monitor_featurizer
+from wmark.serve_input import (
+    MAX_BATCH,
+    BadRequest,
+    decode_v2_input,
+    default_body_limit,
+    read_json,
+    text_char_limit,
+)
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
-from wmark.text_serving import read_json
 from wmark.training import resolve_device
 
-MAX_BATCH = 1024
-_FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 ANONYMOUS = "anonymous"
 LABEL_OUTPUT = {"name": "label", "datatype": "INT64", "shape": [-1]}
-_INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
-
-
-class BadRequest(Exception):
-    """A request the server answers with HTTP 400."""
-
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
@@ -76,7 +78,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
               clients: Mapping[str, str] | None = None, gate: Gate | None = None,
-              text: TextInputs | None = None) -> Starlette:
+              text: TextInputs | None = None, max_body_bytes: int | None = None) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -86,7 +88,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         input_shape: Shape of one input (without the batch dimension).
         labels_only: Answer only the top-1 label instead of every class's probability.
         token: Bearer token required on model routes (``None``: open).
-        version: The model version reported in metadata.
+        version: The served model's version: reported in metadata and answers, and the only one its versioned
+            routes (``/v2/models/{name}/versions/{version}/...``) answer.
         on_infer: Called with each batch of inputs before inference (tests count requests with it).
         answerer: What answers instead of the bare model, e.g. a
             :class:`~wmark.schemes.tiebreak.TieBreakAPI` wrapping it (the owner's API-side mark); it
@@ -99,12 +102,16 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             there the monitor sees each text as its hashed tokens (:mod:`wmark.monitor.text_features`).
         text: For a text classifier, how strings become its inputs: it is then served at
             ``/hf/models/{name}`` (``{"inputs": "..."}`` in, ``[{label, score}]`` out) instead of ``infer``.
+        max_body_bytes: Largest request body read; a larger one is refused with HTTP 413 while it is being read.
+            Default :func:`~wmark.serve_input.default_body_limit`, room for the largest request the model
+            answers (:data:`~wmark.serve_input.MAX_BATCH` inputs): below it, legal requests would be refused.
 
     Raises:
         UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` whose
             monitor profile was calibrated on the other modality (or another tokenizer), a policy that marks on
-            alarm without an ``answerer`` or without a monitor, or a model that fails on an input of
-            ``input_shape`` (as :class:`~wmark.suspects.LocalSuspect` would).
+            alarm without an ``answerer`` or without a monitor, a ``max_body_bytes`` that is not a positive
+            integer, or a model that fails on an input of ``input_shape`` (as
+            :class:`~wmark.suspects.LocalSuspect` would).
     """
     if token is not None and clients is not None:
         raise UsageError("Give one bearer token or per-client tokens, not both.")
@@ -120,10 +127,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         if gate.monitor is None:
             raise UsageError("The policy marks clients on alarm (\"mark\": \"on-alarm\") but no monitor raises "
                              "alarms; add --monitor with a calibrated profile.")
+    if max_body_bytes is not None and (isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int)
+                                       or max_body_bytes <= 0):
+        raise UsageError(f"The request body limit must be a positive number of bytes, got {max_body_bytes!r}.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     shape = tuple(int(s) for s in input_shape)
     per_item = int(np.prod(shape))
+    body_limit = max_body_bytes or default_body_limit(input_size=per_item,
+                                                      text_max_length=None if text is None else text.max_length)
     # the bare model answers through a LocalSuspect, so that its answers are those of verifying the model file
     local = LocalSuspect(model, input_shape=shape, text=text)
     # Requests run concurrently in the threadpool: an eval-mode model, the answerers, the query log and the gate
@@ -154,6 +166,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return _error(401, "missing or invalid bearer token")
         if request.path_params["model"] != name:
             return _error(404, f"unknown model {request.path_params['model']!r}")
+        asked = request.path_params.get("version")
+        if asked is not None and asked != version:
+            return _error(404, f"model {name!r} has no version {asked!r}; this server serves version {version!r}")
         return None
 
     async def live(_: Request) -> JSONResponse:
@@ -223,11 +238,11 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return refused
         if text is not None:
             return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
-        doc = await read_json(request)
+        doc = await read_json(request, body_limit)
         if isinstance(doc, JSONResponse):
             return doc
         try:
-            x = _decode_input(doc, shape, per_item)
+            x = decode_v2_input(doc, shape, per_item)
         except BadRequest as exc:
             return _error(400, str(exc))
         client = client_of(request) or ""
@@ -261,6 +276,9 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         Route("/v2/models/{model}", model_meta),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}", model_meta),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
     ]
     if gate is not None:
         routes.append(Route("/metrics", metrics))
@@ -277,53 +295,10 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
-            max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode),
+            max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode, max_body_bytes=body_limit,
+            max_chars=text_char_limit(text.max_length)),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
-
-
-def _decode_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
-        raise BadRequest("the request needs \"inputs\": a list with one input tensor")
-    tensor = doc["inputs"][0]
-    if not isinstance(tensor, dict) or not isinstance(tensor.get("data"), list):
-        raise BadRequest("the input tensor needs \"data\" (a flat list)")
-    datatype = str(tensor.get("datatype", "FP32")).upper()
-    if datatype not in _FLOAT_TYPES and datatype not in _INT_TYPES:
-        raise BadRequest(f"unsupported datatype {datatype!r}; send FP32")
-    dims = tensor.get("shape")
-    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
-                                                         for d in dims):
-        raise BadRequest("the input tensor needs a \"shape\" of positive integers")
-    data = tensor["data"]
-    if any(isinstance(v, list) for v in data[:1]):
-        try:
-            data = np.asarray(data, dtype=np.float64).reshape(-1).tolist()
-        except (TypeError, ValueError, OverflowError):  # ragged lists, strings, integers beyond a float
-            raise BadRequest("data must be numbers, in a flat list or in nested lists of equal lengths") from None
-    total = math.prod(dims)  # Python integers: NumPy's int64 product wrapped around ([2**32, 2**32] held 0 values)
-    if len(data) != total:
-        raise BadRequest(f"the shape {dims} holds {total} values but data has {len(data)}")
-    if math.prod(dims[1:]) != per_item:  # [2, 32] is two inputs of 32 values, not one of 64
-        raise BadRequest(f"inputs must be shaped [N, {', '.join(map(str, shape))}], got {dims}")
-    batch = dims[0]
-    if batch > MAX_BATCH:
-        raise BadRequest(f"at most {MAX_BATCH} inputs per request")
-    try:
-        x = np.asarray(data, dtype=np.float64)
-    except (TypeError, ValueError, OverflowError):
-        raise BadRequest("data must be numbers") from None
-    if datatype in _INT_TYPES:
-        # integer data are 8-bit pixel values; anything else divided by 255 would be a silently wrong image
-        if not np.all((x >= 0) & (x <= 255) & (x == np.round(x))):
-            raise BadRequest(f"{datatype} data are pixel values, whole numbers from 0 to 255; send FP32 for others")
-        x = x / _INT_TYPES[datatype]
-    with np.errstate(over="ignore"):
-        x = x.astype(np.float32)
-    # checked after the cast: a value beyond FP32's range (1e39) becomes inf there, and its NaN scores are no JSON
-    if not np.isfinite(x).all():
-        raise BadRequest("data contains NaN or infinite values, or values beyond FP32's range")
-    return x.reshape(batch, *shape)
 
 
 class BackgroundServer:
@@ -401,8 +376,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           policy: str | os.PathLike[str] | None = None,
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
-          announce: Callable[[str], None] | None = None) -> None:
-    """Load a model file and serve it until interrupted (blocking).
+          max_body_bytes: int | None = None, announce: Callable[[str], None] | None = None) -> None:
+    """Load a model file and serve it until interrupted (blocking), as version ``"1"`` of ``name``.
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
     ``tiebreak`` with ``rule`` (from ``wmark tiebreak build``, which names the served model, so ``arch`` and
@@ -421,8 +396,11 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
     arrive as host arrays and follow it there.
 
+    A request body over ``max_body_bytes`` is refused with HTTP 413 as it is read; the default is room for the
+    largest request the model answers (:func:`~wmark.serve_input.default_body_limit`).
+
     Raises:
-        UsageError: If the weights do not load, the port is invalid, the token variable is unset, an option
+        UsageError: If the weights do not load, the port or body limit is invalid, the token variable is unset, an option
             of a mark is given without it, the policy file or monitor profile is invalid, or the weights hold a text
             model (its forward takes ``input_ids``) whose file records no tokenizer.
     """
@@ -461,7 +439,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                           num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)), text=text)
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
-                        text=text)
+                        text=text, max_body_bytes=max_body_bytes)
         port = _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)

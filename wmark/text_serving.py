@@ -3,7 +3,8 @@
 ``POST /hf/models/{name}`` takes one string or a list of strings under ``inputs`` and answers, per string, the
 classes as ``[{"label": "LABEL_3", "score": 0.91}, ...]`` sorted by score (a list of such lists for a list of
 strings), or ``[{"label": "LABEL_3"}]`` when serving labels only. ``wmark verify api --protocol json --template hf``
-speaks it. A text longer than the model's maximum length, or anything but strings, is refused with HTTP 400
+speaks it. A text longer than the model's maximum length (or than
+:func:`~wmark.serve_input.text_char_limit` characters), or anything but strings, is refused with HTTP 400
 and one sentence. Behind a policy, a client's answer mode cuts each list to its ``top_k`` best classes or to
 the top label, and its quotas and rate limits refuse as on the v2 endpoint (HTTP 429 or 403, ``{"error",
 "reason"}``).
@@ -22,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from wmark.errors import UsageError
+from wmark.serve_input import read_json
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
 
@@ -30,16 +32,6 @@ Admit = Callable[[str, int], JSONResponse | None]
 
 _BAD_MODALITY = ("The model file's wmark.modality metadata is not a text modality as wmark writes it (a tokenizer name "
                  "and vocabulary digest, and a maximum length); save the model again with wmark.")
-
-
-async def read_json(request: Request) -> Any:
-    """The request's JSON body, or the HTTP 400 response that refuses it (not JSON, or nested too deeply to read)."""
-    try:
-        return json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
-        return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
-    except RecursionError:  # JSON arrays nested thousands deep
-        return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
 
 
 def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
@@ -72,8 +64,8 @@ def label_name(index: int) -> str:
 
 
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
-                     check_model: Callable[[Request], JSONResponse | None], max_batch: int = 1024,
-                     admit: Admit | None = None,
+                     check_model: Callable[[Request], JSONResponse | None], max_batch: int, max_body_bytes: int,
+                     max_chars: int, admit: Admit | None = None,
                      answer_mode: Callable[[str], tuple[str, int]] | None = None) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
@@ -84,6 +76,9 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         client_of: The authenticated client of a request.
         check_model: The server's authentication and model-name check (a refusal, or ``None``).
         max_batch: Most strings one request may hold (the v2 endpoint's limit, so neither is a way to exhaust memory).
+        max_body_bytes: Largest request body read (HTTP 413 past it).
+        max_chars: Most characters one string may hold (HTTP 400 past it), so that no text costs the tokenizer
+            more than a model-length one can.
         admit: The policy's refusal of a client's request of ``n`` texts, or ``None`` to answer it (it is counted).
         answer_mode: A client's answer mode after its request (``("scores" | "top-k" | "label", k)``), asked
             after answering, so that the request that raises an alarm is already answered as the alarm says.
@@ -93,7 +88,7 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         refused = check_model(request)
         if refused is not None:
             return refused
-        doc = await read_json(request)
+        doc = await read_json(request, max_body_bytes)
         if isinstance(doc, JSONResponse):
             return doc
         inputs = doc.get("inputs") if isinstance(doc, dict) else None
@@ -103,6 +98,10 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
             return JSONResponse({"error": "\"inputs\" must be a string or a non-empty list of strings"}, status_code=400)
         if len(texts) > max_batch:
             return JSONResponse({"error": f"at most {max_batch} inputs per request"}, status_code=400)
+        longest = max(len(t) for t in texts)
+        if longest > max_chars:
+            return JSONResponse({"error": f"an input text is {longest} characters long, more than the {max_chars} "
+                                          "this server takes; shorten it"}, status_code=400)
         try:
             for t in texts:
                 t.encode("utf-8")
