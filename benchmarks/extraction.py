@@ -25,14 +25,14 @@ from typing import Any
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "research")]
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from boundary_fingerprint import (  # noqa: E402
+import numpy as np
+import torch
+from boundary_fingerprint import (
     craft_boundary_fingerprint,
     fingerprint_test,
     match_count,
 )
-from common import (  # noqa: E402
+from common import (
     CACHE,
     cached,
     extraction_copy,
@@ -42,12 +42,12 @@ from common import (  # noqa: E402
     write_results,
 )
 
-from wmark import api  # noqa: E402
-from wmark.data import load_dataset  # noqa: E402
-from wmark.models import load_model  # noqa: E402
-from wmark.schemes.api_mark import MarkedAPI, MarkLog, api_mark_test, parse_candidates  # noqa: E402
-from wmark.suspects import LocalSuspect  # noqa: E402
-from wmark.verify import decide, trigger_set_test  # noqa: E402
+from wmark import api
+from wmark.data import load_dataset
+from wmark.models import load_model
+from wmark.schemes.api_mark import MarkedAPI, MarkLog, api_mark_test, parse_candidates
+from wmark.suspects import LocalSuspect
+from wmark.verify import decide, trigger_set_test
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 ALPHA = 1e-6
@@ -102,7 +102,8 @@ def main() -> None:
                 stale.unlink()
         info: dict = {}
 
-        def make(p: Path, arch: str = arch, labels: str = labels, epochs: int = epochs, name: str = name) -> None:
+        def make(p: Path, arch: str = arch, labels: str = labels, epochs: int = epochs, name: str = name,
+                 info: dict = info) -> None:
             info.update(api.extract(victim_arch="fmnist-cnn", victim=victim_path, arch=arch, data=ATTACKER, out=p,
                                     labels=labels, queries=10_000, epochs=epochs, seed=1, key=key_path,
                                     mark="flip", log=log_path, client=f"thief-{name}", rate=args.rate,

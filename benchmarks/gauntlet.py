@@ -52,20 +52,31 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import torch  # noqa: E402
-from common import CACHE, RESULTS, machine, table  # noqa: E402
-from gauntlet_families import (EMBEDS, FULL_ROW, REWRITES, SCHEMES, Family, Plan, family,  # noqa: E402
-                               family_doc, family_lines, rewrite, sliced)
-from tqdm.auto import tqdm  # noqa: E402
+import torch
+from common import CACHE, RESULTS, machine, table
+from gauntlet_families import (
+    EMBEDS,
+    FULL_ROW,
+    REWRITES,
+    SCHEMES,
+    Family,
+    Plan,
+    family,
+    family_doc,
+    family_lines,
+    rewrite,
+    sliced,
+)
+from tqdm.auto import tqdm
 
-from wmark import api  # noqa: E402
-from wmark.errors import UsageError  # noqa: E402
-from wmark.keys import save_key  # noqa: E402
-from wmark.models import load_model  # noqa: E402
-from wmark.evidence import alpha_share  # noqa: E402
-from wmark.schemes.api_mark import api_mark_test  # noqa: E402
-from wmark.schemes.querylog import MarkLog, TieBreakLog  # noqa: E402
-from wmark.schemes.tiebreak import (  # noqa: E402
+from wmark import api
+from wmark.errors import UsageError
+from wmark.evidence import alpha_share
+from wmark.keys import save_key
+from wmark.models import load_model
+from wmark.schemes.api_mark import api_mark_test
+from wmark.schemes.querylog import MarkLog, TieBreakLog
+from wmark.schemes.tiebreak import (
     LOG_TEST_WEIGHT,
     LogInputs,
     open_tiebreak_rule,
@@ -73,9 +84,9 @@ from wmark.schemes.tiebreak import (  # noqa: E402
     tiebreak_log_test,
     tiebreak_test,
 )
-from wmark.suspects import LocalSuspect  # noqa: E402
-from wmark.text import TextInputs  # noqa: E402
-from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test  # noqa: E402
+from wmark.suspects import LocalSuspect
+from wmark.text import TextInputs
+from wmark.verify import DEFAULT_ALPHA, TestResult, decide, trigger_set_test
 
 TIEBREAK_QUERIES = 1000
 
@@ -451,14 +462,14 @@ def markdown(doc: dict[str, Any], png: str) -> str:
     fam = doc.get("family")
     title = f"# Gauntlet: {fam['name']} family" if fam else "# Gauntlet"
     lines = [f"{title} ({'quick' if doc['quick'] else 'full'} run, seed {doc['seed']})", "",
-             f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}; "
-             f"wall time {doc['wall_seconds'] / 60:.1f} min; alpha = {DEFAULT_ALPHA:g}.", "",
-             "Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
+             (f"Machine: {doc['machine']['platform']}, {doc['machine']['cpus']} CPUs, torch {doc['machine']['torch']}; "
+             f"wall time {doc['wall_seconds'] / 60:.1f} min; alpha = {DEFAULT_ALPHA:g}."), "",
+             ("Each cell: ✔ detected / ✘ not detected, then log10 p (and the verdict's kind where the API mark "
              "takes part); – not run. Attacked accuracy is in the second table; *italic* marks an attack that "
-             "lost more than 5 pp (it does not count).", "", f"![heatmap]({png})", "",
+             "lost more than 5 pp (it does not count)."), "", f"![heatmap]({png})", "",
              *([doc["note"], ""] if doc.get("note") else []), *family_lines(fam),
-             *([f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
-                f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run.", ""]
+             *([(f"Rows measured in an earlier run ({doc['carried']['from']}) and kept, not re-run: "
+                f"{', '.join(doc['carried']['rows'])}; the null panel below covers only the rows of this run."), ""]
                if doc.get("carried") else []),
              "| scheme | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for s in schemes:
@@ -478,9 +489,9 @@ def markdown(doc: dict[str, Any], png: str) -> str:
             f"{by[(s, a)]['attacked_accuracy']:.3f}" if (by[(s, a)] or {}).get("attacked_accuracy") is not None
             else "" for a in attacks)
             + " |")
-    lines += ["", "Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time (seconds as measured "
+    lines += ["", ("Fidelity (test accuracy; gap vs the unmarked fine-tune) and embedding time (seconds as measured "
               "when the cached model was made, whatever the machine's load then; `benchmarks/embed_overhead.py` "
-              "times embedding side by side):", "",
+              "times embedding side by side):"), "",
               "| scheme | accuracy | gap (pp) | embed s |", "|---|---|---|---|"]
     for s, f in doc["fidelity"].items():
         when = " (earlier run)" if f.get("measured") else ""
@@ -490,13 +501,13 @@ def markdown(doc: dict[str, Any], png: str) -> str:
               f"the 5-pp budget caught" + (f"; missed: {', '.join(full['missed'])}" if full["missed"] else "")
               + (f"; weakest log10 p = {full['weakest_log10_p']:.2f}." if full["weakest_log10_p"] is not None else ".")]
     n = doc["null_panel"]
-    lines += ["", f"Null panel: {n['models']} independent models, {n['checks']} checks, "
-              f"**{n['false_accusations']} false accusations**, smallest log10 p = {n['min_log10_p']:.2f}.", ""]
+    lines += ["", (f"Null panel: {n['models']} independent models, {n['checks']} checks, "
+              f"**{n['false_accusations']} false accusations**, smallest log10 p = {n['min_log10_p']:.2f}."), ""]
     if doc.get("carried"):
         e = doc["carried"]["null_panel"]
-        lines += [f"The earlier run's null panel (rows {', '.join(doc['carried']['rows'])}): {e['models']} models, "
+        lines += [(f"The earlier run's null panel (rows {', '.join(doc['carried']['rows'])}): {e['models']} models, "
                   f"{e['checks']} checks, {e['false_accusations']} false accusations, smallest log10 p = "
-                  f"{e['min_log10_p']:.2f}.", ""]
+                  f"{e['min_log10_p']:.2f}."), ""]
     return "\n".join(lines)
 
 

@@ -39,16 +39,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from common import cached, table, write_results  # noqa: E402
+import numpy as np
+import torch
+from common import cached, table, write_results
 
-from wmark import api  # noqa: E402
-from wmark.data import load_dataset  # noqa: E402
-from wmark.models import load_model  # noqa: E402
-from wmark.monitor.monitor import MonitorProfile, calibrate_maxima, run_stream  # noqa: E402
-from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map  # noqa: E402
-from wmark.training import predict_logits  # noqa: E402
+from wmark import api
+from wmark.data import load_dataset
+from wmark.models import load_model
+from wmark.monitor.monitor import MonitorProfile, calibrate_maxima, run_stream
+from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map
+from wmark.training import predict_logits
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 TRAIN_SIZE = 20_000

@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import cached, table, write_results  # noqa: E402
+from common import cached, table, write_results
 
-from wmark import api  # noqa: E402
-from wmark.keys import generate_key, save_key  # noqa: E402
+from wmark import api
+from wmark.keys import generate_key, save_key
 
 OWNER, ATTACKER = "fashion-mnist@owner", "fashion-mnist@attacker"
 

@@ -195,7 +195,7 @@ def main() -> None:
         lp = r["log10_p"] if math.isfinite(r["log10_p"]) else -999
         alp = r["anchor_log10_p"] if math.isfinite(r["anchor_log10_p"]) else -999
         print(f"{r['suspect']:44s} {acc:>7s} {r['bit_error_rate']:6.3f} {lp:9.2f} {r['candidates']:4d} "
-              f"{str(r['detected']):>8s} {r['anchor_bit_error_rate']:10.3f} {alp:9.2f} {str(r['anchor_detected']):>8s}")
+              f"{r['detected']!s:>8s} {r['anchor_bit_error_rate']:10.3f} {alp:9.2f} {r['anchor_detected']!s:>8s}")
     print(f"independent models: {len(independents)}, detected {doc['independent_detected']} "
           f"(with anchor {doc['independent_anchor_detected']}), min log10 p {doc['independent_min_log10_p']:.2f} "
           f"(with anchor {doc['independent_min_anchor_log10_p']:.2f})")

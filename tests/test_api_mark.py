@@ -169,9 +169,10 @@ def test_bad_input_is_refused_or_inconclusive(key, tmp_path):
         api_mark_test(key=key, suspect=innocent, log=edited, client="thief")
     from wmark.schemes.querylog import TieBreakLog
 
-    with TieBreakLog(tmp_path / "tb.sqlite", key=key) as other_mark:  # one log format, but the test checks the mark
-        with pytest.raises(UsageError, match="flip-mark test reads the flip mark's log"):
-            api_mark_test(key=key, suspect=innocent, log=other_mark, client="thief")
+    # one log format, but the test checks the mark
+    with TieBreakLog(tmp_path / "tb.sqlite", key=key) as other_mark, \
+            pytest.raises(UsageError, match="flip-mark test reads the flip mark's log"):
+        api_mark_test(key=key, suspect=innocent, log=other_mark, client="thief")
     with pytest.raises(UsageError, match="written by the tiebreak mark's API, not the flip"):
         MarkLog(tmp_path / "tb.sqlite", key=key, create=False)
 

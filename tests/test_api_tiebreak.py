@@ -19,10 +19,10 @@ from wmark.io import load_tensors, save_tensors, wmark_metadata
 from wmark.keys import generate_key
 from wmark.schemes.tiebreak import (
     DEFAULT_LOG_ROUNDS,
-    KeyTriggers,
     LOG_MIN_RATIO,
     REFERENCE_RECIPES,
     REFERENCE_REPEATS,
+    KeyTriggers,
     TieBreakAPI,
     TieBreakLog,
     accuracy_cost,

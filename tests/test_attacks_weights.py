@@ -70,7 +70,7 @@ def test_attack_cli_writes_safetensors(tmp_path, kind, extra) -> None:
                                        "--out", str(out), *extra])
     assert result.exit_code == 0, result.output
     tensors, meta = load_tensors(out)
-    assert '"kind": "%s"' % kind in meta["wmark.attack"]
+    assert f'"kind": "{kind}"' in meta["wmark.attack"]
     assert ("conv1.weight" in tensors) == (kind != "rename")
 
 

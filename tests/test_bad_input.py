@@ -369,8 +369,8 @@ def test_a_hugging_face_text_model_asked_with_an_image_key_names_the_key_to_use(
     save_model(hf_text_classifier(num_classes=10, input_shape=(1, 8, 8)), suspect, metadata={"num_classes": 10})
     code, err = _cli("verify", "file", "--key", str(key_file), "--arch", f"{__name__}:hf_text_classifier",
                      "--suspect", str(suspect), "--report", str(report))
-    assert (code, err) == (2, f"error: The suspect {suspect}'s forward takes input_ids, so it is a text model, but it is "
-                              "asked images; verify it with a text key (`wmark keygen --modality text`).\n")
+    assert (code, err) == (2, (f"error: The suspect {suspect}'s forward takes input_ids, so it is a text model, but it is "
+                              "asked images; verify it with a text key (`wmark keygen --modality text`).\n"))
     assert not report.exists()
 
 

@@ -51,9 +51,9 @@ def test_tiebreak_surrogate_is_caught_on_its_own_queries_and_the_independent_is_
     from wmark.schemes.tiebreak import (
         TieBreakAPI,
         TieBreakLog,
+        accuracy_costs,
         build_tiebreak_rule,
         commit_verification_inputs,
-        accuracy_costs,
         largest_beta_within,
         tiebreak_log_test,
         tiebreak_test,

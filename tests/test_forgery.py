@@ -8,9 +8,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from keykit import seeded_key
 from sigkit import save_marked, signing_pair
 
-from keykit import seeded_key
 from wmark.models import build_model
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.signing import EvidenceError, check_key_provenance, sign_model

@@ -9,8 +9,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-import gauntlet  # noqa: E402
-from gauntlet_families import family  # noqa: E402
+import gauntlet
+from gauntlet_families import family
 
 
 def _shop(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **plan: Any) -> gauntlet.Workshop:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from wmark.errors import UsageError
-from wmark.io import (atomic_write, load_tensors, read_metadata, save_tensors, tensors_digest,
-                      wmark_metadata)
+from wmark.io import atomic_write, load_tensors, read_metadata, save_tensors, tensors_digest, wmark_metadata
 
 
 def test_metadata_is_namespaced_and_json_encoded(tmp_path) -> None:
@@ -71,10 +70,9 @@ def test_a_plain_string_is_stored_as_it_is_for_other_tools(tmp_path) -> None:
 
 def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
     target = tmp_path / "out.bin"
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as tmp:
-            open(tmp, "w").write("partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        Path(tmp).write_text("partial")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 from clikit import run
+from keykit import seeded_key
 from sigkit import memorised_mlp, save_marked, signing_pair
 
-from keykit import seeded_key
 from wmark import api
 from wmark.io import save_model
 from wmark.keys import save_key
@@ -69,7 +69,7 @@ def test_recheck_in_a_fresh_process_gives_the_same_verdict(files, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.getcwd())
     proc = subprocess.run([sys.executable, "-m", "wmark.cli", "recheck", "--report", str(tmp_path / "r.json"),
                            "--key", str(d / "owner.key"), "--json"], capture_output=True, text=True, env=env,
-                          timeout=120)
+                          timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
     report = json.loads((tmp_path / "r.json").read_text())
@@ -283,7 +283,7 @@ def test_a_test_that_cannot_be_recomputed_is_named_and_the_verdict_not_confirmed
     from wmark.recheck import RecordingSuspect
     from wmark.suspects import LocalSuspect
 
-    key, d = files
+    key, _d = files
     suspect = RecordingSuspect(LocalSuspect(memorised_mlp(key), input_shape=SHAPE))
     trig = trigger_set_test(key=key, suspect=suspect, share=0.5)
     other = TestResult(name="api-tiebreak-log", evidence_of="extracted", null={"p0": 0.5}, log10_p=-1.0, queries=10,
@@ -366,7 +366,7 @@ def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript
     from wmark.models import load_model
     from wmark.serve import build_app, serve_in_background
 
-    key, d = files
+    _key, d = files
     rule = tmp_path / "rule.safetensors"
     api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
                        out=rule, references=[], verify_count=120)

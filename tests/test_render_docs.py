@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from render_docs import render  # noqa: E402
+from render_docs import render
 
 
 def test_every_results_file_gets_a_section_with_its_summary(tmp_path: Path) -> None:

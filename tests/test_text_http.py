@@ -177,10 +177,10 @@ def test_wmark_serve_refuses_a_text_model_whose_file_records_no_tokenizer(tmp_pa
                metadata={"arch": "tiny-bert", "num_classes": 4, "input_shape": [32]})
     done = CliRunner().invoke(main, ["serve", "--arch", "tiny-bert", "--weights", str(weights), "--name", "m",
                                      "--port", str(_free_port())])
-    assert (done.exit_code, done.stderr) == (2, f"error: {weights} holds a text model but records no tokenizer "
+    assert (done.exit_code, done.stderr) == (2, (f"error: {weights} holds a text model but records no tokenizer "
                                                 "(wmark.modality), so its text endpoint cannot tokenize; save it with "
                                                 "wmark (`wmark train` or `wmark embed`, or save_model with "
-                                                "metadata=Watermarker.metadata() of its text key).\n")
+                                                "metadata=Watermarker.metadata() of its text key).\n"))
 
 
 def test_json_templates_send_text_as_a_string_and_refuse_numeric_placeholders():

@@ -78,11 +78,11 @@ def test_mixing_refuses_dict_batches_of_another_shape_than_the_triggers(digits_k
 @pytest.mark.parametrize(("batch", "message"), [
     ({"pixel_values": torch.rand(4, 1, 8, 8), "labels": torch.zeros(4, dtype=torch.long), "idx": torch.arange(4),
       "weight": torch.ones(4)},
-     "The dict batch holds per-sample 'idx', 'weight', which trigger mixing cannot extend to the triggers; drop them "
-     "from the batch or embed with lookahead (the default)."),
+     ("The dict batch holds per-sample 'idx', 'weight', which trigger mixing cannot extend to the triggers; drop them "
+     "from the batch or embed with lookahead (the default).")),
     ((torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), torch.ones(4)),
-     "Batches of 3 elements cannot be mixed with triggers, only (inputs, labels) pairs; embed with lookahead (the "
-     "default) instead of trigger mixing."),
+     ("Batches of 3 elements cannot be mixed with triggers, only (inputs, labels) pairs; embed with lookahead (the "
+     "default) instead of trigger mixing.")),
 ])
 def test_mixing_refuses_per_sample_values_it_cannot_extend(digits_key, batch, message) -> None:
     """They came out with the batch's rows while inputs and labels grew by the triggers (or, in a tuple, were

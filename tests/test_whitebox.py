@@ -95,7 +95,7 @@ def test_permuted_copy_verifies_when_an_earlier_layer_shares_the_marked_shape(tm
 
 
 def test_unaligned_reading_of_a_permuted_copy_fails_so_alignment_matters(setup) -> None:
-    key, model, d = setup
+    key, model, _d = setup
     from wmark.schemes.weights import extract_bits, payload_bits
 
     attacked = permute_state_dict(model.state_dict(), chain=CHAIN, seed=4)

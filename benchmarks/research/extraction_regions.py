@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--name", default="extraction_regions", help="results file name")
     args = parser.parse_args()
     start = time.perf_counter()
-    key_path, key, victim_path = extraction_victim(OWNER)
+    _key_path, key, victim_path = extraction_victim(OWNER)
     tag = key.fingerprint()
     owner, attacker = load_dataset(OWNER), load_dataset(ATTACKER)
     victim, _ = load_model("fmnist-cnn", victim_path)

@@ -19,9 +19,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import table, write_results  # noqa: E402
-from benchmarks.text_extraction import fortunes_minilm_victim, text_key  # noqa: E402
-from wmark.schemes.tiebreak import TieBreakAPI, accuracy_cost, build_tiebreak_rule  # noqa: E402
+from benchmarks.common import table, write_results
+from benchmarks.text_extraction import fortunes_minilm_victim, text_key
+from wmark.schemes.tiebreak import TieBreakAPI, accuracy_cost, build_tiebreak_rule
 
 
 def main() -> None:

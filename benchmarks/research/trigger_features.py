@@ -3,14 +3,22 @@ fine-tune, baseline embedding vs pulling trigger features to their label's class
 
 Usage: python benchmarks/research/trigger_features.py base|feat KEYS [LAMBDA] [THREADS]
 """
-import sys, time, json, copy
-import numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import copy
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmark.attacks.finetune import finetune
 from wmark.data import load_dataset
-from wmark.models import build_model
 from wmark.keys import generate_key
+from wmark.models import build_model
 from wmark.schemes.trigger_set import generate_triggers
 from wmark.stats import MixtureEProcess
-from wmark.attacks.finetune import finetune
 
 torch.set_num_threads(int(sys.argv[4]) if len(sys.argv) > 4 else 2)
 ds = load_dataset("fashion-mnist")
@@ -79,8 +87,10 @@ def queries(m, trig, alpha=1e-6):
 torch.manual_seed(0)
 base = build_model("fmnist-cnn", num_classes=10, input_shape=(1, 28, 28))
 import os
+
 bp = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "cache", "research-base2.safetensors")
-from safetensors.torch import save_file, load_file
+from safetensors.torch import load_file, save_file
+
 if os.path.exists(bp):
     base.load_state_dict(load_file(bp))
 else:
