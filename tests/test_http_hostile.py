@@ -321,3 +321,16 @@ def test_a_server_trickling_its_headers_is_abandoned_at_the_timeout_and_retried(
     assert server.calls == {"fast": 4, "trickled": 2}
     assert elapsed < 2 * (0.3 + 0.5)  # 6 s before
 
+
+def test_408_request_timeout_is_retried_never_recorded_as_an_answer():
+    """A 408 was recorded as a malformed answer (reused on every resume) or, on the first query, stopped the run
+    as a rejected request; HTTP says the client may repeat it."""
+    timed_out = (408, {"error": "request timed out"})
+    app, calls = _scripted([timed_out, HF_LABEL_3, timed_out])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=1)
+        outcomes = [o for _, o in suspect.stream(np.zeros((2, 2), dtype=np.float32))]
+        suspect.close()
+    assert [(o.status, o.label, o.attempts, o.http_status) for o in outcomes] == \
+        [("ok", 3, 2, 200), ("failed", -1, 2, 408)]
+    assert (outcomes[1].answer, outcomes[1].error, calls["n"]) == (None, "HTTP 408", 4)

@@ -51,7 +51,7 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ class HttpOptions:
     Attributes:
         timeout: Seconds to wait for one answer, the whole exchange: connecting, sending, the status line, the
             headers and the body (a server trickling any of them byte by byte past it is abandoned as a timeout).
-        retries: Further attempts after a failed one (timeouts, 429, 5xx, error bodies, dropped connections).
+        retries: Further attempts after a failed one (timeouts, 408, 429, 5xx, error bodies, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
         max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
