@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import threading
 import time
 from typing import Any
 
@@ -237,3 +239,98 @@ def test_v2_metadata_too_deep_or_with_infinite_dimensions_is_refused_in_one_sent
         else:
             with pytest.raises(getattr(errors, error), match=message):
                 connect()
+
+
+class _RawServer:
+    """A raw HTTP/1.1 server on 127.0.0.1 (threading + socket): it answers ``HF_LABEL_3`` at once, except that a
+    request whose first input is 1.0 gets its status line and headers trickled a byte every 20 ms (3 s in all)."""
+
+    def __init__(self) -> None:
+        self.calls = {"fast": 0, "trickled": 0}
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self._sock.settimeout(0.05)
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self._threads = [threading.Thread(target=self._accept)]
+        self._threads[0].start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(5)
+        self._sock.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except TimeoutError:
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn,))
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, body = data.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+            while len(body) < length:
+                body += conn.recv(65536)
+            answer = json.dumps(HF_LABEL_3).encode()
+            if json.loads(body)["inputs"][0] != 1.0:
+                self.calls["fast"] += 1
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                             b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+                return
+            self.calls["trickled"] += 1
+            slow = b"HTTP/1.1 200 OK\r\nX-Padding: " + b"a" * 100 + b"\r\nContent-Length: %d\r\n\r\n" % len(answer)
+            try:
+                for byte in slow:
+                    if self._stop.is_set():
+                        return
+                    conn.sendall(bytes([byte]))
+                    time.sleep(0.02)
+                conn.sendall(answer)
+            except OSError:  # the client gave up and closed the connection, as it should
+                return
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_a_server_trickling_its_headers_is_abandoned_at_the_timeout_and_retried(concurrency):
+    """httpx's timeout bounds each read, so headers sent a byte at a time (each within the timeout) held a query
+    with a 0.5 s timeout for 6.4 s, and without bound in general; the timeout now covers the whole exchange, for
+    each request on its own when others share the client."""
+    inputs = np.zeros((5, 2), dtype=np.float32)
+    inputs[2, 0] = 1.0
+    server = _RawServer()
+    try:
+        suspect = _hf(server.url, retries=1, timeout=0.3, concurrency=concurrency)
+        start = time.perf_counter()
+        outcomes = dict(suspect.stream(inputs))
+        elapsed = time.perf_counter() - start
+        suspect.close()
+    finally:
+        server.close()
+    slow = outcomes.pop(2)
+    assert (slow.status, slow.label, slow.answer, slow.error, slow.attempts) == \
+        ("failed", -1, None, "no answer within 0.3 s", 2)
+    assert [(o.status, o.label) for o in outcomes.values()] == [("ok", 3)] * 4
+    assert server.calls == {"fast": 4, "trickled": 2}
+    assert elapsed < 2 * (0.3 + 0.5)  # 6 s before
+
+
+def test_408_request_timeout_is_retried_never_recorded_as_an_answer():
+    """A 408 was recorded as a malformed answer (reused on every resume) or, on the first query, stopped the run
+    as a rejected request; HTTP says the client may repeat it."""
+    timed_out = (408, {"error": "request timed out"})
+    app, calls = _scripted([timed_out, HF_LABEL_3, timed_out])
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=1)
+        outcomes = [o for _, o in suspect.stream(np.zeros((2, 2), dtype=np.float32))]
+        suspect.close()
+    assert [(o.status, o.label, o.attempts, o.http_status) for o in outcomes] == \
+        [("ok", 3, 2, 200), ("failed", -1, 2, 408)]
+    assert (outcomes[1].answer, outcomes[1].error, calls["n"]) == (None, "HTTP 408", 4)

@@ -18,7 +18,7 @@ Resuming (what :meth:`Transcript.lookup` reuses):
 * ``ok`` — the answer is reused; the query is never sent again.
 * ``malformed`` — the server did answer, with something that is not a prediction; it is reused as an
   abstention rather than paying for the same garbage again.
-* ``failed`` (no answer after every retry: timeouts, 429/5xx, dropped connections) and ``pending`` (sent,
+* ``failed`` (no answer after every retry: timeouts, 408/429/5xx, dropped connections) and ``pending`` (sent,
   but the process died before the answer was recorded) — sent again: they carry no information, and
   re-asking cannot bias the test because whether a query is re-asked never depends on its answer.
 

@@ -40,6 +40,7 @@ import numpy as np
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
+from wmark.suspects.deadline import DEADLINE, DeadlineTransport
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -50,7 +51,7 @@ from wmark.suspects.protocols import (
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
-_RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+_RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
 
 @dataclass(frozen=True)
@@ -58,9 +59,9 @@ class HttpOptions:
     """Transport settings.
 
     Attributes:
-        timeout: Seconds to wait for one answer: for the connection, each read and write, and for the whole body
-            (an answer trickling in byte by byte past it is abandoned as a timeout).
-        retries: Further attempts after a failed one (timeouts, 429, 5xx, error bodies, dropped connections).
+        timeout: Seconds to wait for one answer, the whole exchange: connecting, sending, the status line, the
+            headers and the body (a server trickling any of them byte by byte past it is abandoned as a timeout).
+        retries: Further attempts after a failed one (timeouts, 408, 429, 5xx, error bodies, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
         max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
@@ -209,12 +210,12 @@ class HttpSuspect:
                         **(headers or {})}
         if token:
             send_headers["Authorization"] = f"Bearer {token}"
+        limits = httpx.Limits(max_connections=self.options.concurrency + 2,
+                              max_keepalive_connections=self.options.concurrency + 2)
         self._client = httpx.Client(
             headers=send_headers,
             timeout=httpx.Timeout(self.options.timeout),
-            verify=self.options.verify_tls,
-            limits=httpx.Limits(max_connections=self.options.concurrency + 2,
-                                max_keepalive_connections=self.options.concurrency + 2),
+            transport=DeadlineTransport(verify=self.options.verify_tls, limits=limits),
             follow_redirects=False,
         )
         self._has_token = bool(token)
@@ -474,14 +475,14 @@ class HttpSuspect:
         return self._scrub(found[0])[:200], found[1]
 
     def _receive(self, method: str, url: str, body: Any) -> tuple[httpx.Response, str]:
-        """One request, its body read within the timeout and decoded by a :class:`BoundedBody`; why it is unreadable.
+        """One request, answered in full within the timeout and decoded by a :class:`BoundedBody`; why it is unreadable.
 
-        httpx's timeouts bound each read, not the whole body: a server sending a byte every few seconds would
-        otherwise hold a query forever, and a huge (or hugely inflating) answer would be held in memory whole.
+        httpx's timeouts bound each read, not the whole exchange: a server sending its headers or body a byte every
+        few seconds would otherwise hold a query forever (the :data:`DEADLINE` extension bounds every socket
+        operation), and a huge (or hugely inflating) answer would be held in memory whole.
         """
         deadline = time.monotonic() + self.options.timeout
-        request = self._client.build_request(method, url, json=body) if body is not None else \
-            self._client.build_request(method, url)
+        request = self._client.build_request(method, url, json=body, extensions={DEADLINE: deadline})
         resp = self._client.send(request, stream=True)
         decoded = BoundedBody(resp.headers.get("content-encoding", ""))
         try:

@@ -1,0 +1,180 @@
+"""An httpx transport that holds a whole HTTP exchange to one deadline, not each socket operation to a timeout.
+
+httpx's timeouts bound each connect, read and write: a server that trickles its status line and headers a byte at a
+time, every byte inside the read timeout, holds a request for as long as it likes. :class:`DeadlineTransport` runs
+httpcore's connection pool (its public ``network_backend`` hook) on streams whose every operation waits at most the
+time left before the deadline of the request being served, so connecting, sending, the status line, the headers
+and the body all fit in it, and a late one raises the timeout httpx would. The deadline travels with its request
+(the :data:`DEADLINE` extension, a :func:`time.monotonic` instant), so concurrent requests sharing the pool, each
+served on its caller's thread, keep their own.
+
+Only what the suspect client needs is built: direct HTTP/1.1 connections (no proxies from the environment).
+
+Example:
+    >>> import httpx, time
+    >>> with httpx.Client(transport=DeadlineTransport(verify=True, limits=httpx.Limits())) as client:
+    ...     request = client.build_request("GET", "http://127.0.0.1:9/", extensions={DEADLINE: time.monotonic() + 5})
+    >>> sorted(request.extensions)
+    ['timeout', 'wmark.deadline']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import httpcore
+import httpx
+
+DEADLINE = "wmark.deadline"
+
+# Most specific first: an httpcore error becomes the first httpx error whose httpcore twin it is an instance of.
+_ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
+    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
+    (httpcore.ReadTimeout, httpx.ReadTimeout),
+    (httpcore.WriteTimeout, httpx.WriteTimeout),
+    (httpcore.PoolTimeout, httpx.PoolTimeout),
+    (httpcore.ConnectError, httpx.ConnectError),
+    (httpcore.ReadError, httpx.ReadError),
+    (httpcore.WriteError, httpx.WriteError),
+    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
+    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
+    (httpcore.ProxyError, httpx.ProxyError),
+    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
+    (httpcore.TimeoutException, httpx.TimeoutException),
+    (httpcore.NetworkError, httpx.NetworkError),
+    (httpcore.ProtocolError, httpx.ProtocolError),
+)
+
+
+class _Deadline(threading.local):
+    """The deadline of the request this thread is serving (``None``: none, each operation keeps its timeout)."""
+
+    at: float | None = None
+
+    @contextlib.contextmanager
+    def within(self, at: float | None) -> Iterator[None]:
+        before, self.at = self.at, at
+        try:
+            yield
+        finally:
+            self.at = before
+
+    def cap(self, timeout: float | None, late: type[httpcore.TimeoutException]) -> float | None:
+        """``timeout`` cut to the time left; raises ``late`` once none is (a zero socket timeout would not block)."""
+        if self.at is None:
+            return timeout
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise late("the request's deadline passed")
+        return left if timeout is None else min(timeout, left)
+
+
+class _Stream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, deadline: _Deadline) -> None:
+        self._inner = inner
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._deadline.cap(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._deadline.cap(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname, self._deadline.cap(timeout, httpcore.ConnectTimeout))
+        return _Stream(inner, self._deadline)
+
+    def get_extra_info(self, info: str) -> object:
+        return self._inner.get_extra_info(info)
+
+
+class _Backend(httpcore.NetworkBackend):
+    def __init__(self, deadline: _Deadline) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._deadline = deadline
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
+                    socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
+        stream = self._inner.connect_tcp(host, port, self._deadline.cap(timeout, httpcore.ConnectTimeout),
+                                         local_address, socket_options)
+        return _Stream(stream, self._deadline)
+
+
+@contextlib.contextmanager
+def _as_httpx_errors() -> Iterator[None]:
+    try:
+        yield
+    except Exception as exc:
+        for raw, mapped in _ERRORS:
+            if isinstance(exc, raw):
+                raise mapped(str(exc)) from exc
+        raise
+
+
+class _Body(httpx.SyncByteStream):
+    """A response body read under its request's deadline, one part at a time (the caller runs between parts)."""
+
+    def __init__(self, parts: Iterable[bytes], deadline: _Deadline, at: float | None) -> None:
+        self._parts = parts
+        self._deadline = deadline
+        self._at = at
+
+    def __iter__(self) -> Iterator[bytes]:
+        parts = iter(self._parts)
+        while True:
+            with self._deadline.within(self._at), _as_httpx_errors():
+                part = next(parts, None)
+            if part is None:
+                return
+            yield part
+
+    def close(self) -> None:
+        close = getattr(self._parts, "close", None)
+        if close is not None:
+            close()
+
+
+class DeadlineTransport(httpx.BaseTransport):
+    """Direct HTTP/1.1 connections whose exchanges end by their request's :data:`DEADLINE`, when it has one.
+
+    Args:
+        verify: Check TLS certificates (``True``), not (``False``), or against this CA bundle path.
+        limits: Connection pool sizes.
+    """
+
+    def __init__(self, *, verify: bool | str, limits: httpx.Limits) -> None:
+        self._deadline = _Deadline()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=verify),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_Backend(self._deadline),
+        )
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        at = request.extensions.get(DEADLINE)
+        core = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port,
+                             target=request.url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with self._deadline.within(at), _as_httpx_errors():
+            resp = self._pool.handle_request(core)
+        assert isinstance(resp.stream, Iterable)  # a sync pool's body, never an async one
+        return httpx.Response(status_code=resp.status, headers=resp.headers,
+                              stream=_Body(resp.stream, self._deadline, at), extensions=resp.extensions)
+
+    def close(self) -> None:
+        self._pool.close()
