@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wmark.contract import Batch, forward_logits, forward_names
+from wmark.errors import UsageError
 from wmark.schemes.trigger_set import TriggerSet, check_inputs
 
 
@@ -36,6 +37,28 @@ def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, lab
     else:
         inputs = batch
     check_inputs(inputs, triggers, batch_key=input_key, require_key=False)
+
+
+def natural_batch_size(batch: Any, *, label_key: str) -> int:
+    """Samples in a user's training batch, against which a trigger pass weighs its triggers.
+
+    The labels' count of an ``(inputs, labels)`` pair or of a dict holding ``label_key``; otherwise the length of
+    the batch's first tensor (its inputs alone, or a dict that names its labels otherwise).
+
+    Raises:
+        UsageError: If the batch holds no tensor to count.
+    """
+    if isinstance(batch, Mapping):
+        values: list[Any] = [batch[label_key]] if label_key in batch else list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        values = [batch[1]] if len(batch) >= 2 and isinstance(batch[1], torch.Tensor) else list(batch)
+    else:
+        values = [batch]
+    for value in values:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return len(value)
+    raise UsageError("The training batch holds no tensor to count its samples by; give batches as (inputs, labels) "
+                     "pairs or dicts of tensors.")
 
 
 def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:
