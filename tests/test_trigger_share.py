@@ -124,3 +124,18 @@ def test_one_step_moves_the_weights_alike_in_a_plain_loop_the_hf_trainer_and_lig
         paths["hf"] = _update(_Net(), lambda net: _hf(net, _watermarker(setting), steps, tmp_path))
     for name, update in paths.items():
         torch.testing.assert_close(update, plain, rtol=1e-9, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_a_batchs_samples_are_counted_by_its_labels_or_first_tensor_and_a_batch_without_either_is_refused():
+    """Lightning hands the callback the user's batch, whose size the triggers are weighed against."""
+    from wmark.errors import UsageError
+    from wmark.integrations.common import natural_batch_size
+
+    assert natural_batch_size((torch.rand(5, 3), torch.zeros(5)), label_key="labels") == 5
+    assert natural_batch_size({"mask": torch.ones(7, 2), "labels": torch.zeros(6)}, label_key="labels") == 6
+    assert natural_batch_size({"image": torch.rand(3, 1, 8, 8), "y": torch.zeros(3)}, label_key="labels") == 3
+    assert natural_batch_size(torch.rand(2, 4), label_key="labels") == 2
+    assert natural_batch_size((["a text", "another", "a third"], [0, 1, 0]), label_key="labels") == 3
+    with pytest.raises(UsageError, match=r"^The training batch holds neither labels nor a tensor to count its samples "
+                                         r"by; give batches as \(inputs, labels\) pairs or dicts holding the labels\.$"):
+        natural_batch_size(["a text", "another"], label_key="labels")

@@ -42,23 +42,28 @@ def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, lab
 def natural_batch_size(batch: Any, *, label_key: str) -> int:
     """Samples in a user's training batch, against which a trigger pass weighs its triggers.
 
-    The labels' count of an ``(inputs, labels)`` pair or of a dict holding ``label_key``; otherwise the length of
-    the batch's first tensor (its inputs alone, or a dict that names its labels otherwise).
+    The labels' count (a tensor or a list) of an ``(inputs, labels)`` pair or of a dict holding ``label_key``;
+    otherwise the length of the batch's first tensor (its inputs alone, or a dict that names its labels otherwise).
 
     Raises:
-        UsageError: If the batch holds no tensor to count.
+        UsageError: If the batch holds neither labels nor a tensor to count.
     """
+    labels: Any = None
     if isinstance(batch, Mapping):
-        values: list[Any] = [batch[label_key]] if label_key in batch else list(batch.values())
+        labels = batch.get(label_key)
+        tensors = list(batch.values())
     elif isinstance(batch, (tuple, list)):
-        values = [batch[1]] if len(batch) >= 2 and isinstance(batch[1], torch.Tensor) else list(batch)
+        labels = batch[1] if len(batch) >= 2 else None
+        tensors = list(batch)
     else:
-        values = [batch]
-    for value in values:
+        tensors = [batch]
+    if isinstance(labels, (list, tuple)) or isinstance(labels, torch.Tensor) and labels.ndim >= 1:
+        return len(labels)
+    for value in tensors:
         if isinstance(value, torch.Tensor) and value.ndim >= 1:
             return len(value)
-    raise UsageError("The training batch holds no tensor to count its samples by; give batches as (inputs, labels) "
-                     "pairs or dicts of tensors.")
+    raise UsageError("The training batch holds neither labels nor a tensor to count its samples by; give batches as "
+                     "(inputs, labels) pairs or dicts holding the labels.")
 
 
 def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:
