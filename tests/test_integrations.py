@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -137,7 +138,7 @@ def test_the_lightning_mixing_pass_draws_the_same_dropout_whatever_the_loops_see
         torch.manual_seed(loop_seed)
         state = torch.get_rng_state()
         for _ in range(2):
-            callback.on_before_optimizer_step(None, net, None)  # type: ignore[arg-type]
+            callback.on_before_optimizer_step(SimpleNamespace(accumulate_grad_batches=1), net, None)  # type: ignore[arg-type]
         assert torch.equal(torch.get_rng_state(), state)
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.equal(*grads)

@@ -409,7 +409,8 @@ def test_the_lightning_callback_learns_lookahead_triggers() -> None:
             return torch.optim.Adam(self.parameters(), lr=1e-2)
 
     module = Module()
-    callback = WatermarkCallback(Watermarker(digits_key, trigger_per_batch=8), weight=0.25)
+    # 8 triggers per batch of 32: each weighs like a natural sample, a quarter of the batch's loss (weight=1).
+    callback = WatermarkCallback(Watermarker(digits_key, trigger_per_batch=8))
     trainer = L.Trainer(max_epochs=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
     trainer.fit(module, make_loader(x, y, batch_size=32, seed=0))

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from wmark.contract import Batch, forward_logits, forward_names
+from wmark.errors import UsageError
 from wmark.schemes.trigger_set import TriggerSet, check_inputs
 
 
@@ -36,6 +37,33 @@ def check_natural_batch(batch: Any, triggers: TriggerSet, *, input_key: str, lab
     else:
         inputs = batch
     check_inputs(inputs, triggers, batch_key=input_key, require_key=False)
+
+
+def natural_batch_size(batch: Any, *, label_key: str) -> int:
+    """Samples in a user's training batch, against which a trigger pass weighs its triggers.
+
+    The labels' count (a tensor or a list) of an ``(inputs, labels)`` pair or of a dict holding ``label_key``;
+    otherwise the length of the batch's first tensor (its inputs alone, or a dict that names its labels otherwise).
+
+    Raises:
+        UsageError: If the batch holds neither labels nor a tensor to count.
+    """
+    labels: Any = None
+    if isinstance(batch, Mapping):
+        labels = batch.get(label_key)
+        tensors = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        labels = batch[1] if len(batch) >= 2 else None
+        tensors = list(batch)
+    else:
+        tensors = [batch]
+    if isinstance(labels, (list, tuple)) or isinstance(labels, torch.Tensor) and labels.ndim >= 1:
+        return len(labels)
+    for value in tensors:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1:
+            return len(value)
+    raise UsageError("The training batch holds neither labels nor a tensor to count its samples by; give batches as "
+                     "(inputs, labels) pairs or dicts holding the labels.")
 
 
 def trigger_batch(triggers: TriggerSet, idx: list[int], *, input_key: str | None = None) -> Batch:

@@ -2,17 +2,25 @@
 
 Lightning owns the loop, so the callback adds the watermark where Lightning lets a callback touch gradients:
 in ``on_before_optimizer_step`` (after the training step's backward, before the optimizer step) it runs the
-module on the next ``per_batch`` triggers (cycled in key order, identical on every DDP rank) and adds the
-gradient of their cross-entropy, so the step uses the gradient of the ordinary loss plus the trigger loss; with
-lookahead (:class:`~wmark.embed.Watermarker`'s ``trigger_lookahead``, the default for image keys) that gradient is
-taken at the looked-ahead weights, and with a ``trigger_margin`` learnt triggers add none. The weights scheme's hook goes on the optimizer when training starts. The
-module's ``forward`` must take the model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass
-``forward=`` otherwise (mixing only). The trigger forward runs in training mode, like the module's own, but draws
-its random numbers (dropout masks) from a stream forked and seeded from the key's commitment and the step's count
+module on the next triggers (cycled in key order, identical on every DDP rank) and adds the gradient of their
+cross-entropy. The triggers weigh as they do in :meth:`wmark.embed.Watermarker.attach`'s plain loop:
+
+* a trigger pass of their own (lookahead, :class:`~wmark.embed.Watermarker`'s default for image keys, or a
+  ``trigger_margin``) takes ``trigger_per_batch`` triggers per optimizer step, each counting like one natural
+  sample among the step's ``batch size × accumulate_grad_batches`` (whose losses Lightning divides by
+  ``accumulate_grad_batches``), at the looked-ahead weights, learnt triggers adding none under a margin;
+* mixed triggers (``trigger_mixing=True``) give exactly the gradient of ``trigger_per_batch`` triggers joining
+  each of the step's batches: the natural gradient is scaled by ``batch size / (batch size + trigger_per_batch)``
+  and the step's triggers add theirs, as the mean loss over a mixed batch weighs them.
+
+The weights scheme's hook goes on the optimizer when training starts. The module's ``forward`` must take the
+model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass ``forward=`` otherwise (mixing only).
+The trigger forward runs in training mode, like the module's own, but draws its random numbers (dropout masks)
+from a stream forked and seeded from the key's commitment and the step's count
 (:func:`~wmark.schemes.trigger_lookahead.shared_rng`): every DDP rank adds the same trigger gradient, which DDP does
-not all-reduce, and the training loop's own stream is left as if the pass had not run. Each
-training batch's kind is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers
-on an image model, or the reverse, are refused before the trigger pass reaches the module.
+not all-reduce, and the training loop's own stream is left as if the pass had not run. Each training batch's
+kind is checked first, as :meth:`wmark.embed.Watermarker.attach` checks it: a text key's triggers on an image
+model, or the reverse, are refused before the trigger pass reaches the module.
 
 Example:
     >>> import lightning as L  # doctest: +SKIP
@@ -36,6 +44,7 @@ from wmark.integrations.common import (
     check_natural_batch,
     inner_optimizer,
     input_key_for,
+    natural_batch_size,
     trigger_accuracy,
     trigger_batch,
 )
@@ -46,9 +55,10 @@ class WatermarkCallback(L.Callback):
     """Embeds a :class:`~wmark.embed.Watermarker`'s schemes in a ``lightning.Trainer`` run.
 
     Args:
-        watermarker: What to embed (its ``trigger_per_batch`` triggers join every optimizer step).
-        weight: Multiplier of the trigger loss (1: a trigger counts like an ordinary sample of a batch of
-            ``trigger_per_batch``).
+        watermarker: What to embed (its ``trigger_per_batch`` triggers join every optimizer step, or with mixed
+            triggers every batch; see the module docstring).
+        weight: Multiplier of each trigger's loss relative to a natural sample's (1, the default: a trigger counts
+            like one natural sample of the batch it joins, as in :meth:`wmark.embed.Watermarker.attach`'s loop).
         forward: ``forward(module, batch) -> logits`` when the module's own ``forward`` does not take the
             model's batch.
 
@@ -69,6 +79,7 @@ class WatermarkCallback(L.Callback):
         self.trigger_accuracy: float | None = None
         self._cursor = 0
         self._passes = 0
+        self._batch_size: int | None = None  # the last training batch's, against which the triggers weigh
         self._lookahead: LookaheadTriggerStep | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -93,6 +104,7 @@ class WatermarkCallback(L.Callback):
         if "trigger" in wm.schemes:
             try:
                 check_natural_batch(batch, wm.triggers, input_key=wm.input_key, label_key=wm.label_key)
+                self._batch_size = natural_batch_size(batch, label_key=wm.label_key)
             except UsageError:
                 wm.detach()  # the run ends here, so the Watermarker can be attached again once fixed
                 raise
@@ -108,19 +120,40 @@ class WatermarkCallback(L.Callback):
         wm = self.watermarker
         if "trigger" not in wm.schemes:
             return
+        # Under automatic optimization Lightning divides each batch's loss by accumulate_grad_batches (and refuses
+        # accumulation under manual optimization), so the step's natural gradient is the mean over all its batches.
+        steps = int(trainer.accumulate_grad_batches) if getattr(pl_module, "automatic_optimization", True) else 1
         if self._lookahead is not None:
-            self._lookahead.add_gradient(weight=self.weight)
+            self._lookahead.batch_size = self._batch_size
+            self._lookahead.accumulation_steps = steps
+            self._lookahead.add_gradient(weight=self.weight * self._lookahead.share())
             return
+        self._mix(pl_module, steps)
+
+    def _mix(self, pl_module: L.LightningModule, steps: int) -> None:
+        """Turn the step's natural gradient into that of its batches with ``trigger_per_batch`` triggers mixed in.
+
+        A mixed batch of ``size`` natural samples and ``per_batch`` triggers averages over both, so the natural
+        gradient shrinks by ``size / (size + per_batch)`` and each of the step's ``steps × per_batch`` triggers adds
+        ``weight / (steps × (size + per_batch))`` times its loss's gradient.
+        """
+        wm = self.watermarker
         triggers = wm.triggers
-        n = len(triggers)
-        idx = [(self._cursor + i) % n for i in range(wm.trigger_per_batch)]
-        self._cursor = (self._cursor + wm.trigger_per_batch) % n
+        per_batch = wm.trigger_per_batch
+        size = self._batch_size or per_batch
+        n, count = len(triggers), per_batch * steps
+        idx = [(self._cursor + i) % n for i in range(count)]
+        self._cursor = (self._cursor + count) % n
         batch = trigger_batch(triggers, idx, input_key=input_key_for(pl_module, triggers, wm.input_key))
+        with torch.no_grad():
+            for p in pl_module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(size / (size + per_batch))
         self._passes += 1
         with torch.enable_grad(), shared_rng(pl_module, pass_seed(wm.key) + self._passes):
             logits = self._logits(pl_module, batch)
             loss = torch.nn.functional.cross_entropy(logits, triggers.labels[idx].to(logits.device))
-            (self.weight * loss).backward()
+            (self.weight * per_batch / (size + per_batch) * loss).backward()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         # A run that raised never reaches on_train_end: without this the Watermarker stayed attached, its hooks on the

@@ -134,10 +134,19 @@ class LookaheadTriggerStep:
 
         return to_model(trigger_batch(self.triggers, idx, input_key=self.input_key), self.model)
 
+    def share(self) -> float:
+        """The triggers' weight in a step: ``per_batch / (batch size × accumulation_steps)``.
+
+        Each trigger's loss then counts like one natural sample's among the step's ``batch size ×
+        accumulation_steps``, as if the triggers had joined the step's batch (before any natural batch is seen,
+        the batch is taken to be ``per_batch`` samples). Every integration weighs its trigger pass by it.
+        """
+        return self.per_batch / ((self.batch_size or self.per_batch) * self.accumulation_steps)
+
     def hook(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        """Optimizer step pre-hook: add ``per_batch / (batch size × accumulation_steps) ×`` the trigger loss's
-        gradient at the looked-ahead weights (nothing when no natural gradient was computed this step)."""
-        self.add_gradient(weight=self.per_batch / ((self.batch_size or self.per_batch) * self.accumulation_steps))
+        """Optimizer step pre-hook: add :meth:`share` ``×`` the trigger loss's gradient at the looked-ahead weights
+        (nothing when no natural gradient was computed this step)."""
+        self.add_gradient(weight=self.share())
 
     def add_gradient(self, *, weight: float) -> None:
         """Add ``weight ×`` the gradient of the next triggers' mean cross-entropy at the looked-ahead weights.
