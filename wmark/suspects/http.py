@@ -21,8 +21,6 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import datetime
-import email.utils
 import hashlib
 import json
 import math
@@ -41,6 +39,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
 from wmark.suspects.deadline import DEADLINE, DeadlineTransport
+from wmark.suspects.pacing import RateLimiter, parse_retry_after
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -120,47 +119,6 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.status == "ok"
-
-
-class RateLimiter:
-    """Spaces requests at least ``1/rate`` seconds apart across threads."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.interval = 0.0 if rate is None else 1.0 / rate
-        self._next = time.monotonic()
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if self.interval == 0.0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        # An HTTP date is always GMT; the asctime form and "-0000" parse without a zone, which .timestamp() would
-        # read as local time (hours off the server's meaning anywhere but UTC).
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 @dataclass
