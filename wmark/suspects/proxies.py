@@ -90,8 +90,11 @@ class Proxies:
 
 
 def _covers(entry: str, host: str, port: int) -> bool:
-    """Whether a ``NO_PROXY`` entry covers ``host:port``: ``*``, an IP address or network (``10.0.0.0/8``), or a
-    domain and its subdomains, each with an optional ``:port``."""
+    """Whether one ``NO_PROXY`` entry covers ``host:port``.
+
+    An entry is ``*``, an IP address or network (``10.0.0.0/8``), or a domain (covering its subdomains), any of
+    them with an optional ``:port``.
+    """
     if entry == "*":
         return True
     name, colon, wanted = entry.rpartition(":")
