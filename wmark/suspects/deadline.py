@@ -8,7 +8,10 @@ and the body all fit in it, and a late one raises the timeout httpx would. The d
 (the :data:`DEADLINE` extension, a :func:`time.monotonic` instant), so concurrent requests sharing the pool, each
 served on its caller's thread, keep their own.
 
-Only what the suspect client needs is built: direct HTTP/1.1 connections (no proxies from the environment).
+Only what the suspect client needs is built: HTTP/1.1, directly or through the proxy that
+:class:`~wmark.suspects.proxies.Proxies` selects for the request, whose connection holds to the deadline as well
+(httpx reads no proxy from the environment for a client given its own transport: the caller passes
+:meth:`~wmark.suspects.proxies.Proxies.from_environment`).
 
 Example:
     >>> import httpx, time
@@ -25,9 +28,12 @@ import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import httpcore
 import httpx
+
+from wmark.suspects.proxies import Proxies
 
 DEADLINE = "wmark.deadline"
 
@@ -143,22 +149,27 @@ class _Body(httpx.SyncByteStream):
 
 
 class DeadlineTransport(httpx.BaseTransport):
-    """Direct HTTP/1.1 connections whose exchanges end by their request's :data:`DEADLINE`, when it has one.
+    """HTTP/1.1 connections whose exchanges end by their request's :data:`DEADLINE`, when it has one.
 
     Args:
-        verify: Check TLS certificates (``True``), not (``False``), or against this CA bundle path.
-        limits: Connection pool sizes.
+        verify: Check TLS certificates (``True``), not (``False``), or against this CA bundle path; an https://
+            proxy is checked the same way.
+        limits: Connection pool sizes (of each proxy's pool too).
+        proxies: Which proxy carries a request (``None``: every request goes directly).
     """
 
-    def __init__(self, *, verify: bool | str, limits: httpx.Limits) -> None:
+    def __init__(self, *, verify: bool | str, limits: httpx.Limits, proxies: Proxies | None = None) -> None:
         self._deadline = _Deadline()
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=_Backend(self._deadline),
-        )
+        self._verify = verify
+        self._limits = limits
+        self._proxies = proxies
+        self._pool = httpcore.ConnectionPool(**self._pool_options())
+        self._via: dict[tuple[str, tuple[bytes, bytes] | None], httpcore.HTTPProxy] = {}
+        self._lock = threading.Lock()
+
+    def proxy_for(self, url: httpx.URL) -> httpx.Proxy | None:
+        """The proxy a request to ``url`` goes through, ``None`` when it goes directly (see :meth:`Proxies.select`)."""
+        return None if self._proxies is None else self._proxies.select(url)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         at = request.extensions.get(DEADLINE)
@@ -170,11 +181,42 @@ class DeadlineTransport(httpx.BaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
+        pool = self._pool_for(request.url)
         with self._deadline.within(at), _as_httpx_errors():
-            resp = self._pool.handle_request(core)
+            resp = pool.handle_request(core)
         assert isinstance(resp.stream, Iterable)  # a sync pool's body, never an async one
         return httpx.Response(status_code=resp.status, headers=resp.headers,
                               stream=_Body(resp.stream, self._deadline, at), extensions=resp.extensions)
 
     def close(self) -> None:
-        self._pool.close()
+        with self._lock:
+            pools = [self._pool, *self._via.values()]
+        for pool in pools:
+            pool.close()
+
+    def _pool_for(self, url: httpx.URL) -> httpcore.ConnectionPool:
+        proxy = self.proxy_for(url)
+        if proxy is None:
+            return self._pool
+        # Keyed by the credentials too: HTTP_PROXY and HTTPS_PROXY may name one proxy as two users.
+        name = (str(proxy.url), proxy.raw_auth)
+        with self._lock:
+            if name not in self._via:
+                https = proxy.url.scheme == "https"
+                self._via[name] = httpcore.HTTPProxy(
+                    proxy_url=httpcore.URL(scheme=proxy.url.raw_scheme, host=proxy.url.raw_host, port=proxy.url.port,
+                                           target=proxy.url.raw_path),
+                    proxy_auth=proxy.raw_auth,
+                    proxy_ssl_context=httpx.create_ssl_context(verify=self._verify) if https else None,
+                    **self._pool_options(),
+                )
+            return self._via[name]
+
+    def _pool_options(self) -> dict[str, Any]:
+        return {
+            "ssl_context": httpx.create_ssl_context(verify=self._verify),
+            "max_connections": self._limits.max_connections,
+            "max_keepalive_connections": self._limits.max_keepalive_connections,
+            "keepalive_expiry": self._limits.keepalive_expiry,
+            "network_backend": _Backend(self._deadline),
+        }

@@ -2,14 +2,15 @@
 
 :class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
 a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
-``Retry-After`` on 429/503, and a thread pool for concurrent requests. An error object answered in place of a
+``Retry-After`` on 429/503, and a thread pool for concurrent requests; it goes through the environment's proxy
+(:mod:`wmark.suspects.proxies`). An error object answered in place of a
 prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
 ``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
 an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
 with one sentence: a refused token (401/403), an unknown model (404), a redirect (never followed, so the
-token goes to no other address), an unreachable host, a TLS failure, or answers that do not fit the key's
-classes.
+token goes to no other address), a proxy refusing its credentials (407), an unreachable host, a TLS failure,
+or answers that do not fit the key's classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -21,8 +22,6 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
-import datetime
-import email.utils
 import hashlib
 import json
 import math
@@ -41,6 +40,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
 from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
 from wmark.suspects.deadline import DEADLINE, DeadlineTransport
+from wmark.suspects.pacing import RateLimiter, parse_retry_after
 from wmark.suspects.protocols import (
     AnswerCountMismatch,
     AnswerMismatch,
@@ -48,6 +48,7 @@ from wmark.suspects.protocols import (
     Parsed,
     WireProtocol,
 )
+from wmark.suspects.proxies import Proxies
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
@@ -122,47 +123,6 @@ class Outcome:
         return self.status == "ok"
 
 
-class RateLimiter:
-    """Spaces requests at least ``1/rate`` seconds apart across threads."""
-
-    def __init__(self, rate: float | None) -> None:
-        self.interval = 0.0 if rate is None else 1.0 / rate
-        self._next = time.monotonic()
-        self._lock = threading.Lock()
-
-    def wait(self) -> None:
-        if self.interval == 0.0:
-            return
-        with self._lock:
-            now = time.monotonic()
-            slot = max(now, self._next)
-            self._next = slot + self.interval
-        if slot > now:
-            time.sleep(slot - now)
-
-
-def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/invalid."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when is None:
-        return None
-    if when.tzinfo is None:
-        # An HTTP date is always GMT; the asctime form and "-0000" parse without a zone, which .timestamp() would
-        # read as local time (hours off the server's meaning anywhere but UTC).
-        when = when.replace(tzinfo=datetime.timezone.utc)
-    return max(0.0, when.timestamp() - (time.time() if now is None else now))
-
-
 @dataclass
 class _Stats:
     requests: int = 0
@@ -212,16 +172,18 @@ class HttpSuspect:
             send_headers["Authorization"] = f"Bearer {token}"
         limits = httpx.Limits(max_connections=self.options.concurrency + 2,
                               max_keepalive_connections=self.options.concurrency + 2)
-        self._client = httpx.Client(
-            headers=send_headers,
-            timeout=httpx.Timeout(self.options.timeout),
-            transport=DeadlineTransport(verify=self.options.verify_tls, limits=limits),
-            follow_redirects=False,
-        )
+        # The environment's proxies (HTTP_PROXY, HTTPS_PROXY, ALL_PROXY, NO_PROXY), read once as httpx would.
+        proxies = Proxies.from_environment()
+        self._transport = DeadlineTransport(verify=self.options.verify_tls, limits=limits, proxies=proxies)
+        self._client = httpx.Client(headers=send_headers, timeout=httpx.Timeout(self.options.timeout),
+                                    transport=self._transport, follow_redirects=False)
         self._has_token = bool(token)
-        # A suspect echoing the request (a debug endpoint, an error quoting the headers) must not put the token in
-        # the transcript, a report or a message: every answer is read with it replaced.
-        self._token_forms = {token, token.replace("/", "\\/")} if token else set()
+        # A suspect echoing the request (a debug endpoint, an error quoting the headers) must not put the token or
+        # a proxy's password in the transcript, a report or a message: every answer is read with them replaced,
+        # longest form first (one may hold another).
+        secrets = {form: "[proxy password]" for form in proxies.secrets()}
+        secrets |= {form: "[token]" for form in ({token, token.replace("/", "\\/")} if token else ())}
+        self._secrets = sorted(secrets.items(), key=lambda item: -len(item[0]))
 
     def __repr__(self) -> str:
         return f"HttpSuspect({self.description!r}, protocol={self.protocol.name!r})"
@@ -389,7 +351,12 @@ class HttpSuspect:
                         "the server's certificate."
                     ) from None
                 connect_failures += 1
-                error = f"cannot connect ({_short(exc)})"
+                error = f"cannot connect{self._via(url)} ({_short(exc)})"
+            except httpx.ProxyError as exc:
+                if str(exc).startswith("407"):
+                    raise self._proxy_auth(url) from None
+                connect_failures += 1  # the proxy opened no tunnel: nothing reached the suspect
+                error = f"no tunnel{self._via(url)} ({_short(exc)})"
             except httpx.TimeoutException:
                 error = f"no answer within {self.options.timeout:g} s"
             except httpx.TransportError as exc:
@@ -398,6 +365,8 @@ class HttpSuspect:
                 error = f"connection dropped ({_short(exc)})"
             else:
                 code = resp.status_code
+                if code == 407:
+                    raise self._proxy_auth(url)
                 if code in (401, 403):
                     hint = "the token was refused" if self._has_token else "it needs a bearer token"
                     raise UsageError(
@@ -498,9 +467,22 @@ class HttpSuspect:
             decoded.problem
 
     def _scrub(self, text: str) -> str:
-        for form in self._token_forms:
-            text = text.replace(form, "[token]")
+        for form, placeholder in self._secrets:
+            text = text.replace(form, placeholder)
         return text
+
+    def _via(self, url: str) -> str:
+        """`` through the proxy …`` (named without its credentials) when one carries requests to ``url``."""
+        proxy = self._transport.proxy_for(httpx.URL(url))
+        return "" if proxy is None else f" through the proxy {_host(str(proxy.url))}"
+
+    def _proxy_auth(self, url: str) -> UsageError:
+        """The error for HTTP 407 (the proxy wants credentials): only the proxy URL in the environment can fix it."""
+        proxy = self._transport.proxy_for(httpx.URL(url))
+        named = "" if proxy is None else f" {_host(str(proxy.url))}"
+        what = "refused the credentials in its URL" if proxy is not None and proxy.auth else "needs credentials"
+        return UsageError(f"The proxy{named} {what} (HTTP 407); set {httpx.URL(url).scheme.upper()}_PROXY to "
+                          "http://user:password@host:port with valid ones.")
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
