@@ -30,6 +30,15 @@ def _few_threads(request: pytest.FixtureRequest) -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
+def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The HTTP tests talk to servers on 127.0.0.1; a proxy set on the machine running them would carry (and fail)
+    # that traffic. The proxy tests set their own.
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+@pytest.fixture(autouse=True)
 def _reproducible_secrets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
     """Key secrets drawn in a test come from a stream seeded by the test's id.
 
