@@ -167,3 +167,15 @@ def test_tied_and_overlapping_tensors_are_saved_under_every_name(tmp_path) -> No
     save_tensors({"fused": fused, "q": fused[:4], "k": fused[4:8]}, tmp_path / "views.safetensors")
     tensors, _ = load_tensors(tmp_path / "views.safetensors")
     assert torch.equal(tensors["fused"], fused) and torch.equal(tensors["k"], fused[4:8])
+
+
+def test_metadata_as_stored_is_copied_verbatim(tmp_path) -> None:
+    # load_tensors gives the stored text; saving it again (the paired verbs) must not quote it a second time, or a
+    # copied file's JSON values (a weights plan, a key commitment list) come back as strings
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    values = {"plan": {"layer": "fc1.weight", "bits": 256}, "year": "2024", "owner": "ACME", "n": 3}
+    save_tensors({"w": torch.zeros(1)}, first, metadata=values)
+    tensors, stored = load_tensors(first)
+    save_tensors(tensors, second, metadata=stored)
+    assert read_metadata(second) == read_metadata(first)
+    assert _same(wmark_metadata(read_metadata(second)), values)

@@ -177,11 +177,18 @@ def encode_metadata(values: Mapping[str, Any]) -> dict[str, str]:
     Non-strings become JSON. A string stays as it is (readable by any safetensors tool) unless it reads as JSON
     (``"2024"``, ``"true"``, ``"[1]"``), which would come back as a number, a bool or a list: such a string is
     written as a JSON string (``"\"2024\""``).
+
+    A name that already has the prefix is metadata as stored, as :func:`load_tensors` and :func:`read_metadata`
+    return it: its text is kept verbatim, so ``save_tensors(tensors, p, metadata=load_tensors(q)[1])`` copies a
+    file's metadata unchanged (its ``format: pt`` marker is written anyway).
     """
     out: dict[str, str] = {"format": "pt"}
     for name, value in values.items():
-        full = name if name.startswith(METADATA_PREFIX) else METADATA_PREFIX + name
-        plain = isinstance(value, str) and _decode(value) is _NOT_JSON
+        if name == "format" and value == "pt":  # the marker safetensors' PyTorch files carry, not a wmark value
+            continue
+        stored = name.startswith(METADATA_PREFIX)
+        full = name if stored else METADATA_PREFIX + name
+        plain = isinstance(value, str) and (stored or _decode(value) is _NOT_JSON)
         out[full] = value if plain else json.dumps(value, sort_keys=True)
     return out
 
