@@ -18,7 +18,7 @@ from servekit import wait_ready
 
 from wmark.cli import main
 from wmark.errors import UsageError
-from wmark.io import save_model
+from wmark.io import load_tensors, read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.models import build_model
 from wmark.monitor.gate import Gate
 from wmark.monitor.monitor import ExtractionMonitor, calibrate, load_profile, save_profile
@@ -181,6 +181,26 @@ def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, pr
     other = dataclasses.replace(profile, text=dict(profile.text, tokenizer={"name": "x", "vocab_sha256": "0" * 64}))
     with pytest.raises(UsageError, match="calibrated with the tokenizer x, not the served model's"):
         app_with(model, text, {}, monitor=ExtractionMonitor(profile=other))
+
+
+def test_a_text_profile_has_a_format_older_readers_refuse_and_an_image_profile_keeps_theirs(profile, tmp_path):
+    def written_format(path) -> str:
+        return wmark_metadata(read_metadata(path))["monitor"]["format"]
+
+    save_profile(profile, tmp_path / "text.safetensors")
+    save_profile(dataclasses.replace(profile, text=None), tmp_path / "image.safetensors")
+    # what an older wmark accepts: exactly the image format; it read a text profile as a 1024-input image profile
+    assert written_format(tmp_path / "text.safetensors") == "wmark-monitor-profile/2"
+    assert written_format(tmp_path / "image.safetensors") == "wmark-monitor-profile/1"
+    assert load_profile(tmp_path / "text.safetensors").text == profile.text
+    assert load_profile(tmp_path / "image.safetensors").text is None
+    # a text format without its text features is no profile this version wrote
+    tensors, metadata = load_tensors(tmp_path / "text.safetensors")
+    doc = wmark_metadata(metadata)["monitor"]
+    bare = {k: v for k, v in doc.items() if k != "text"}
+    save_tensors(tensors, tmp_path / "bare.safetensors", metadata={"monitor": bare})
+    with pytest.raises(UsageError, match="bare.safetensors is not a monitor profile; write one with"):
+        load_profile(tmp_path / "bare.safetensors")
 
 
 def test_text_streams_are_json_lines_and_a_bad_line_is_named(tmp_path):

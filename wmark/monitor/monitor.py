@@ -41,6 +41,10 @@ from wmark.monitor.signals import SIGNALS, ClientState, FeatureMap, MonitorConfi
 from wmark.monitor.text_features import check_text_spec
 
 PROFILE_FORMAT = "wmark-monitor-profile/1"
+"""The format of an image profile, as earlier versions of wmark write and read it."""
+TEXT_PROFILE_FORMAT = "wmark-monitor-profile/2"
+"""The format of a text profile: a reader of :data:`PROFILE_FORMAT` alone would take one for an image profile of
+a model of ``buckets`` inputs, so it carries a format such readers refuse."""
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,12 @@ class MonitorProfile:
 
 
 def save_profile(profile: MonitorProfile, path: str | os.PathLike[str]) -> None:
-    """Write a profile as safetensors (tensors ``mean`` and ``components``; the rest as ``wmark.monitor``)."""
+    """Write a profile as safetensors (tensors ``mean`` and ``components``; the rest as ``wmark.monitor``), an image
+    profile as :data:`PROFILE_FORMAT` and a text profile as :data:`TEXT_PROFILE_FORMAT`."""
     fm = profile.feature_map
-    doc = {"format": PROFILE_FORMAT, "num_classes": profile.num_classes, "config": profile.config.to_dict(),
-           "near_radius": fm.near_radius, "ood_radius": fm.ood_radius, "calibration": profile.calibration}
+    doc = {"format": PROFILE_FORMAT if profile.text is None else TEXT_PROFILE_FORMAT,
+           "num_classes": profile.num_classes, "config": profile.config.to_dict(), "near_radius": fm.near_radius,
+           "ood_radius": fm.ood_radius, "calibration": profile.calibration}
     if profile.text is not None:
         doc["text"] = profile.text
     save_tensors({"mean": torch.from_numpy(fm.mean), "components": torch.from_numpy(fm.components)}, path,
@@ -100,7 +106,9 @@ def load_profile(path: str | os.PathLike[str]) -> MonitorProfile:
         raise UsageError(f"Monitor profile {path} does not exist; write one with `wmark monitor calibrate`.")
     tensors, metadata = load_tensors(path)
     doc = wmark_metadata(metadata).get("monitor")
-    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or set(tensors) != {"mean", "components"}:
+    text_format = isinstance(doc, dict) and doc.get("format") == TEXT_PROFILE_FORMAT
+    if (not isinstance(doc, dict) or doc.get("format") not in (PROFILE_FORMAT, TEXT_PROFILE_FORMAT)
+            or (text_format and doc.get("text") is None) or set(tensors) != {"mean", "components"}):
         raise UsageError(f"{path} is not a monitor profile; write one with `wmark monitor calibrate`.")
     if "threshold" not in doc.get("calibration", {}):
         raise UsageError(f"Monitor profile {path} has no calibrated threshold; calibrate it on honest streams.")
