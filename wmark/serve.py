@@ -47,7 +47,7 @@ from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
-from wmark.monitor.text_features import monitor_featurizer
+from wmark.monitor.text_features import monitor_featurizer, text_keys
 from wmark.serve_input import (
     MAX_BATCH,
     BadRequest,
@@ -200,11 +200,13 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
         return scores, np.asarray(answers.labels, dtype=np.int64)
 
-    def watch(client: str, x: np.ndarray, probs: np.ndarray | None, labels: np.ndarray) -> None:
-        """Feed the gate an answered request: the probabilities its client saw (one-hot labels if none)."""
+    def watch(client: str, x: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
+              keys: list[bytes] | None = None) -> None:
+        """Feed the gate an answered request: the probabilities its client saw (one-hot labels if none), and for
+        texts each one's key, which tells a repeat."""
         if gate is not None:
             seen = probs if probs is not None else np.eye(num_classes, dtype=np.float32)[labels]
-            gate.after_answer(client or ANONYMOUS, x, seen)
+            gate.after_answer(client or ANONYMOUS, x, seen, keys)
 
     def answer_mode(client: str) -> tuple[str, int]:
         return ("scores", num_classes) if gate is None else gate.answer_mode(client or ANONYMOUS)
@@ -290,7 +292,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                 marked = answerer is not None and (gate is None or gate.marked(client or ANONYMOUS))
                 answers = (by_client.get(client, answerer) if answerer is not None and marked else local).query(x)
                 seen = x if hashed is None else hashed(x)  # the tokenizer again, so under the lock too
-            watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64))
+            watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64), text_keys(x))
             return answers
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
