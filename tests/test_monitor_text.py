@@ -192,6 +192,16 @@ def test_the_text_endpoint_refuses_clients_over_budget_and_shapes_answers(model,
     assert 'wmark_queries_total{client="shop"} 4.0' in metrics
 
 
+def test_a_text_longer_than_the_model_takes_is_refused_before_it_counts_against_the_quota(model, text):
+    app = app_with(model, text, {"clients": {"copier": {"quota": {"total": 3}}}})
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        long = post(http, "copier", ["word " * 40, "short"])  # 200 characters, within the character limit
+        fits = post(http, "copier", sentences(3, 61))
+        metrics = http.get("/metrics").text
+    assert long.status_code == 400 and "42 tokens long, more than the key's maximum of 32" in long.json()["error"]
+    assert fits.status_code == 200 and 'wmark_queries_total{client="copier"} 3.0' in metrics
+
+
 def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, profile, tmp_path):
     save_profile(profile, tmp_path / "p.safetensors")
     assert load_profile(tmp_path / "p.safetensors").text == profile.text

@@ -295,10 +295,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64), text_keys(x))
             return answers
 
+        def check_text(texts: list[str]) -> None:
+            assert text is not None
+            with text_lock:
+                text.token_ids(texts)
+
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
             max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode, max_body_bytes=body_limit,
-            max_chars=text_char_limit(text.max_length)),
+            max_chars=text_char_limit(text.max_length), check=check_text if gate is not None else None),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 

@@ -66,7 +66,8 @@ def label_name(index: int) -> str:
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
                      check_model: Callable[[Request], JSONResponse | None], max_batch: int, max_body_bytes: int,
                      max_chars: int, admit: Admit | None = None,
-                     answer_mode: Callable[[str], tuple[str, int]] | None = None) -> Callable[[Request], Any]:
+                     answer_mode: Callable[[str], tuple[str, int]] | None = None,
+                     check: Callable[[list[str]], None] | None = None) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
     Args:
@@ -80,6 +81,8 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         max_chars: Most characters one string may hold (HTTP 400 past it), so that no text costs the tokenizer
             more than a model-length one can.
         admit: The policy's refusal of a client's request of ``n`` texts, or ``None`` to answer it (it is counted).
+        check: Raises :class:`~wmark.errors.UsageError` (HTTP 400) on texts the model cannot take (longer than its
+            maximum length in tokens); run before ``admit``, so that a request refused anyway costs no quota.
         answer_mode: A client's answer mode after its request (``("scores" | "top-k" | "label", k)``), asked
             after answering, so that the request that raises an alarm is already answered as the alarm says.
     """
@@ -108,6 +111,11 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON) fails inside the tokenizer: a 500
             return JSONResponse({"error": "\"inputs\" must be valid Unicode text (no lone surrogates)"},
                                 status_code=400)
+        if check is not None:
+            try:
+                await run_in_threadpool(check, texts)  # the tokenizer, off the event loop
+            except UsageError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
         client = client_of(request) or ""
         refused = None if admit is None else admit(client, len(texts))
         if refused is not None:
