@@ -10,7 +10,7 @@ import sys
 
 import httpx
 import pytest
-from servekit import wait_ready
+from servekit import trickle, wait_ready
 
 from wmark.errors import UsageError
 from wmark.io import save_model
@@ -44,7 +44,7 @@ def served(tmp_path_factory):
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
     proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
                                  "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN",
-                                 "--max-body-bytes", "300000"),
+                                 "--max-body-bytes", "300000", "--body-timeout", "2"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
@@ -186,6 +186,98 @@ def test_a_body_over_the_limit_gets_413_whether_declared_or_chunked(served):
             "error": "the request body is larger than this server's limit of 300000 bytes; send fewer inputs per request"}
     at_limit = httpx.post(f"{url}/v2/models/digits/infer", content=big[:300_000], headers=auth)
     assert at_limit.status_code == 400 and "one input tensor" in at_limit.json()["error"]
+
+
+def test_a_body_trickled_slower_than_its_deadline_gets_408_and_its_connection_closed(served):
+    """uvicorn sets no deadline for a body: a client sending a byte every few seconds held a connection, and the body
+    so far, indefinitely (slowloris)."""
+    url, _, port = served
+    head = (f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n").encode()
+    answer = trickle("127.0.0.1", port, head)  # returns once the server has closed the connection
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower()
+    assert json.loads(body) == {"error": "the request body did not arrive within 2 seconds; send it faster or in "
+                                         "smaller requests"}
+    fine = httpx.post(f"{url}/v2/models/digits/infer", headers={"Authorization": f"Bearer {TOKEN}"},
+                      json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]})
+    assert fine.status_code == 200
+    from wmark.serve import build_app
+
+    for bad in (0, -1.0, float("nan"), float("inf"), True):
+        with pytest.raises(UsageError, match="body deadline must be a positive number of seconds"):
+            build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                      input_shape=SHAPE, body_timeout=bad)
+
+
+def test_a_small_request_is_answered_while_a_large_body_is_parsed(monkeypatch):
+    """A body of tens of megabytes was parsed and decoded on the event loop, so no other request was answered for
+    about a second. Here the large body's parse is held until the small request is answered: on the event loop,
+    it would hold that answer too (the small request times out)."""
+    import threading
+
+    import numpy as np
+
+    from wmark import serve_input
+    from wmark.serve import build_app, serve_in_background
+
+    started, released, parse = threading.Event(), threading.Event(), serve_input._parse
+
+    def held(body, decode, *, yielding):
+        if yielding:  # the worker thread's parse of a body over PARSE_ON_LOOP_BYTES
+            started.set()
+            assert released.wait(60)
+        return parse(body, decode, yielding=yielding)
+
+    monkeypatch.setattr(serve_input, "_parse", held)
+    x = np.random.default_rng(0).random((1024, 64)).round(6)
+    large = {"inputs": [{"name": "input", "shape": [1024, *SHAPE], "datatype": "FP32", "data": x.tolist()}]}
+    assert len(json.dumps(large)) > serve_input.PARSE_ON_LOOP_BYTES
+    small = {"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}
+    app = build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
+                    input_shape=SHAPE)
+    answers: list[httpx.Response] = []
+    with serve_in_background(app) as server:
+        sender = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{server.url}/v2/models/m/infer", json=large, timeout=120)))
+        sender.start()
+        try:
+            assert started.wait(60)
+            quick = httpx.post(f"{server.url}/v2/models/m/infer", json=small, timeout=10)
+        finally:
+            released.set()
+            sender.join(120)
+    assert quick.status_code == 200 and quick.json()["outputs"][0]["shape"] == [1, 10]
+    assert answers[0].status_code == 200 and answers[0].json()["outputs"][0]["shape"] == [1024, 10]
+
+
+def test_a_large_body_is_parsed_handing_the_interpreter_to_other_threads():
+    """json.loads holds the interpreter lock until it returns, so parsing in a worker thread alone still stopped the
+    event loop's thread; a Python call per number lets other threads run every switch interval (5 ms)."""
+    import threading
+    import time
+
+    import numpy as np
+
+    from wmark.serve_input import _parse
+
+    values = np.random.default_rng(0).random(400_000)
+    body = json.dumps({"data": values.tolist(), "n": 7}).encode()  # 8 MB: ~0.2 s in the C parser alone
+    started, parsed = threading.Event(), []
+
+    def work() -> None:
+        started.set()
+        parsed.append(_parse(body, None, yielding=True))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started.wait()
+    turns = 0
+    while worker.is_alive():  # without the hooks this thread gets a turn or two before the parse returns
+        turns += 1
+        time.sleep(0.001)
+    worker.join()
+    assert turns >= 5 and parsed[0]["n"] == 7 and np.array_equal(parsed[0]["data"], values)
 
 
 @pytest.mark.parametrize("kind", ["text/plain;charset=UTF-8", "application/x-www-form-urlencoded",

@@ -18,13 +18,13 @@ from servekit import wait_ready
 
 from wmark.cli import main
 from wmark.errors import UsageError
-from wmark.io import save_model
+from wmark.io import load_tensors, read_metadata, save_model, save_tensors, wmark_metadata
 from wmark.models import build_model
 from wmark.monitor.gate import Gate
 from wmark.monitor.monitor import ExtractionMonitor, calibrate, load_profile, save_profile
 from wmark.monitor.policy import parse_policy
 from wmark.monitor.signals import MonitorConfig, fit_feature_map
-from wmark.monitor.text_features import HashedTokens, monitor_featurizer, read_text_streams
+from wmark.monitor.text_features import HashedTokens, monitor_featurizer, read_text_streams, text_keys
 from wmark.serve import build_app, serve_in_background
 from wmark.suspects import LocalSuspect
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality, trigger_vocabulary
@@ -87,12 +87,12 @@ def profile(model, text):
     hashed = HashedTokens(text.tokenizer)
     served = LocalSuspect(model, input_shape=(32,), text=text)
     fmap = fit_feature_map(x=hashed(sentences(600, 0)), dim=8)
-    streams = [(hashed(s), served.query(np.asarray(s, dtype=object)).scores)
-               for s in (sentences(160, seed) for seed in range(1, 10))]
+    texts = [sentences(160, seed) for seed in range(1, 10)]
+    streams = [(hashed(s), served.query(np.asarray(s, dtype=object)).scores) for s in texts]
     # An untrained model's probabilities say nothing about the client (every answer is a near tie), so only the
     # signals of the inputs vote here.
     calibrated = calibrate(feature_map=fmap, streams=streams, num_classes=4, target_rate=0.1, config=CONFIG,
-                           signals=("prada", "near_dup", "ood"))
+                           signals=("prada", "near_dup", "ood"), keys=[text_keys(s) for s in texts])
     record = {"name": MINILM, "vocab_sha256": text_modality(tokenizer=text.tokenizer, name=MINILM,
                                                             max_length=32)["tokenizer"]["vocab_sha256"]}
     return dataclasses.replace(calibrated, text=hashed.spec(record))
@@ -146,6 +146,28 @@ def test_the_monitor_flags_near_copies_and_random_strings_but_not_an_honest_clie
     assert not any(token in log.read_text() + metrics for token in CLIENTS.values())
 
 
+def test_a_shuffled_copy_is_a_near_duplicate_and_only_an_identical_resend_is_a_repeat(model, text, profile):
+    originals = sentences(16, 70)
+    rng = np.random.default_rng(71)
+    shuffled = []
+    for t in originals:
+        words = t.split()
+        while " ".join(words) == t:  # the same bag of tokens in another order: a copy a thief might send
+            words = list(rng.permutation(t.split()))
+        shuffled.append(" ".join(words))
+    assert len(set(originals)) == 16 and not set(originals) & set(shuffled)
+    monitor = ExtractionMonitor(profile=profile)
+    with serve_in_background(app_with(model, text, {}, monitor=monitor)) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        codes = [post(http, "shop", texts).status_code for texts in (originals, shuffled, originals)]
+    status = monitor.status()["shop"]
+    assert codes == [200] * 3 and status["queries"] == 48
+    assert status["repeats"] == 16  # the re-sent originals; the shuffled copies counted as repeats too
+    assert status["signals"]["near_dup"] >= 16 / 48  # each shuffled copy lies at distance 0 from its original
+    with pytest.raises(ValueError, match="needs one key per text"):
+        monitor.observe("shop", HashedTokens(text.tokenizer)(originals), np.full((16, 4), 0.25))
+
+
 def test_the_text_endpoint_refuses_clients_over_budget_and_shapes_answers(model, text):
     app = app_with(model, text, {"clients": {"shop": {"rate": {"queries_per_second": 0.01, "burst": 4},
                                                       "answer": "top-k", "top_k": 2},
@@ -170,6 +192,16 @@ def test_the_text_endpoint_refuses_clients_over_budget_and_shapes_answers(model,
     assert 'wmark_queries_total{client="shop"} 4.0' in metrics
 
 
+def test_a_text_longer_than_the_model_takes_is_refused_before_it_counts_against_the_quota(model, text):
+    app = app_with(model, text, {"clients": {"copier": {"quota": {"total": 3}}}})
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        long = post(http, "copier", ["word " * 40, "short"])  # 200 characters, within the character limit
+        fits = post(http, "copier", sentences(3, 61))
+        metrics = http.get("/metrics").text
+    assert long.status_code == 400 and "42 tokens long, more than the key's maximum of 32" in long.json()["error"]
+    assert fits.status_code == 200 and 'wmark_queries_total{client="copier"} 3.0' in metrics
+
+
 def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, profile, tmp_path):
     save_profile(profile, tmp_path / "p.safetensors")
     assert load_profile(tmp_path / "p.safetensors").text == profile.text
@@ -181,6 +213,30 @@ def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, pr
     other = dataclasses.replace(profile, text=dict(profile.text, tokenizer={"name": "x", "vocab_sha256": "0" * 64}))
     with pytest.raises(UsageError, match="calibrated with the tokenizer x, not the served model's"):
         app_with(model, text, {}, monitor=ExtractionMonitor(profile=other))
+
+
+def test_a_text_profile_has_a_format_older_readers_refuse_and_an_image_profile_keeps_theirs(profile, tmp_path):
+    def written_format(path) -> str:
+        return wmark_metadata(read_metadata(path))["monitor"]["format"]
+
+    save_profile(profile, tmp_path / "text.safetensors")
+    save_profile(dataclasses.replace(profile, text=None), tmp_path / "image.safetensors")
+    # what an older wmark accepts: exactly the image format; it read a text profile as a 1024-input image profile
+    assert written_format(tmp_path / "text.safetensors") == "wmark-monitor-profile/2"
+    assert written_format(tmp_path / "image.safetensors") == "wmark-monitor-profile/1"
+    assert load_profile(tmp_path / "text.safetensors").text == profile.text
+    assert load_profile(tmp_path / "image.safetensors").text is None
+    # a text format without its text features is no profile this version wrote
+    tensors, metadata = load_tensors(tmp_path / "text.safetensors")
+    doc = wmark_metadata(metadata)["monitor"]
+    bare = {k: v for k, v in doc.items() if k != "text"}
+    save_tensors(tensors, tmp_path / "bare.safetensors", metadata={"monitor": bare})
+    with pytest.raises(UsageError, match="bare.safetensors is not a monitor profile; write one with"):
+        load_profile(tmp_path / "bare.safetensors")
+    # a text profile in the image format was calibrated with repeats told by its features, not its texts
+    save_tensors(tensors, tmp_path / "old.safetensors", metadata={"monitor": dict(doc, format="wmark-monitor-profile/1")})
+    with pytest.raises(UsageError, match="old.safetensors is a text profile in an older format, calibrated with other"):
+        load_profile(tmp_path / "old.safetensors")
 
 
 def test_text_streams_are_json_lines_and_a_bad_line_is_named(tmp_path):

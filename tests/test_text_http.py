@@ -11,7 +11,7 @@ import sys
 import httpx
 import pytest
 from click.testing import CliRunner
-from servekit import wait_ready
+from servekit import trickle, wait_ready
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -97,6 +97,16 @@ def test_the_text_endpoint_refuses_a_body_over_its_limit_and_a_text_longer_than_
         long = httpx.post(f"{server.url}/hf/models/m", json={"inputs": ["fine", " " * 1025]})
     assert long.status_code == 400 and long.json() == {
         "error": "an input text is 1025 characters long, more than the 1024 this server takes; shorten it"}
+
+
+def test_the_text_endpoint_gives_a_trickled_body_408(key_file):
+    key = load_key(key_file)
+    with serve_in_background(build_app(model=hf_bert(4), name="m", num_classes=4, input_shape=(32,),
+                                       text=TextInputs.from_key(key), body_timeout=0.5)) as server:
+        head = (b"POST /hf/models/m HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 1000\r\n\r\n")
+        status, _, body = trickle(server.host, server.port, head).partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408 ") and "within 0.5 seconds" in json.loads(body)["error"]
 
 
 def test_the_text_endpoint_refuses_json_nested_thousands_deep(key_file):

@@ -161,13 +161,16 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--max-body-bytes", type=click.IntRange(min=1), default=None,
               help="Refuse a request body larger than this (HTTP 413, before it is read whole) [default: room for the "
                    "largest request the model answers: 1024 inputs of its size as JSON].")
+@click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=60.0,
+              show_default=True, help="Seconds a client has to send a request's whole body (HTTP 408 past it): a "
+                                      "client trickling a body holds a connection no longer.")
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
           beta: float | None, rate: float | None, candidates: str | None, log: str | None, log_sync: str,
           policy: str | None,
           monitor: str | None, alarm_log: str | None, monitor_state: str | None, device: str | None,
-          max_body_bytes: int | None) -> None:
+          max_body_bytes: int | None, body_timeout: float) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
     from wmark.serve import serve as run_server
 
@@ -183,7 +186,7 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
     run_server(arch=arch, weights=weights, name=name, host=host, port=port, labels_only=labels_only,
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
                clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
-               monitor_state=monitor_state, device=device, max_body_bytes=max_body_bytes,
+               monitor_state=monitor_state, device=device, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
                announce=lambda line: click.echo(line, err=True))
 
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import math
 import os
 import signal
 import socket
@@ -47,8 +48,9 @@ from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
 from wmark.monitor.gate import Gate
-from wmark.monitor.text_features import monitor_featurizer
+from wmark.monitor.text_features import monitor_featurizer, text_keys
 from wmark.serve_input import (
+    BODY_TIMEOUT_S,
     MAX_BATCH,
     BadRequest,
     decode_v2_input,
@@ -78,7 +80,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
               labels_only: bool = False, token: str | None = None, version: str = "1",
               on_infer: Callable[[np.ndarray], None] | None = None, answerer: Suspect | None = None,
               clients: Mapping[str, str] | None = None, gate: Gate | None = None,
-              text: TextInputs | None = None, max_body_bytes: int | None = None) -> Starlette:
+              text: TextInputs | None = None, max_body_bytes: int | None = None,
+              body_timeout: float = BODY_TIMEOUT_S) -> Starlette:
     """The ASGI application serving ``model`` as ``name``.
 
     Args:
@@ -105,12 +108,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         max_body_bytes: Largest request body read; a larger one is refused with HTTP 413 while it is being read.
             Default :func:`~wmark.serve_input.default_body_limit`, room for the largest request the model
             answers (:data:`~wmark.serve_input.MAX_BATCH` inputs): below it, legal requests would be refused.
+        body_timeout: Seconds a client has to send a request's whole body; a slower one gets HTTP 408 and its
+            connection is closed (default :data:`~wmark.serve_input.BODY_TIMEOUT_S`, which says why).
 
     Raises:
         UsageError: On both ``token`` and ``clients``, an empty or duplicated client token, a ``gate`` whose
             monitor profile was calibrated on the other modality (or another tokenizer), a policy that marks on
             alarm without an ``answerer`` or without a monitor, a ``max_body_bytes`` that is not a positive
-            integer, or a model that fails on an input of ``input_shape`` (as
+            integer, a ``body_timeout`` that is not a positive number of seconds, or a model that fails on an input
+            of ``input_shape`` (as
             :class:`~wmark.suspects.LocalSuspect` would).
     """
     if token is not None and clients is not None:
@@ -130,6 +136,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     if max_body_bytes is not None and (isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int)
                                        or max_body_bytes <= 0):
         raise UsageError(f"The request body limit must be a positive number of bytes, got {max_body_bytes!r}.")
+    if isinstance(body_timeout, bool) or not isinstance(body_timeout, int | float) or not 0 < body_timeout < math.inf:
+        raise UsageError(f"The request body deadline must be a positive number of seconds, got {body_timeout!r}.")
     by_client = {name: answerer.for_client(name) for name in clients or {}
                  } if answerer is not None and hasattr(answerer, "for_client") else {}
     shape = tuple(int(s) for s in input_shape)
@@ -200,11 +208,13 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         scores = None if answers.scores is None else np.asarray(answers.scores, dtype=np.float32)
         return scores, np.asarray(answers.labels, dtype=np.int64)
 
-    def watch(client: str, x: np.ndarray, probs: np.ndarray | None, labels: np.ndarray) -> None:
-        """Feed the gate an answered request: the probabilities its client saw (one-hot labels if none)."""
+    def watch(client: str, x: np.ndarray, probs: np.ndarray | None, labels: np.ndarray,
+              keys: list[bytes] | None = None) -> None:
+        """Feed the gate an answered request: the probabilities its client saw (one-hot labels if none), and for
+        texts each one's key, which tells a repeat."""
         if gate is not None:
             seen = probs if probs is not None else np.eye(num_classes, dtype=np.float32)[labels]
-            gate.after_answer(client or ANONYMOUS, x, seen)
+            gate.after_answer(client or ANONYMOUS, x, seen, keys)
 
     def answer_mode(client: str) -> tuple[str, int]:
         return ("scores", num_classes) if gate is None else gate.answer_mode(client or ANONYMOUS)
@@ -238,13 +248,15 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             return refused
         if text is not None:
             return _error(400, f"this model takes text; POST {{\"inputs\": \"...\"}} to /hf/models/{name}")
-        doc = await read_json(request, body_limit)
-        if isinstance(doc, JSONResponse):
-            return doc
         try:
-            x = decode_v2_input(doc, shape, per_item)
+            # decoded where it is parsed: in a worker thread for a large body, as decoding takes as long as parsing
+            read = await read_json(request, body_limit, timeout=body_timeout,
+                                   decode=lambda doc: (doc, decode_v2_input(doc, shape, per_item)))
         except BadRequest as exc:
             return _error(400, str(exc))
+        if isinstance(read, JSONResponse):
+            return read
+        doc, x = read
         client = client_of(request) or ""
         refused = admit(client, len(x))
         if refused is not None:
@@ -290,13 +302,19 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
                 marked = answerer is not None and (gate is None or gate.marked(client or ANONYMOUS))
                 answers = (by_client.get(client, answerer) if answerer is not None and marked else local).query(x)
                 seen = x if hashed is None else hashed(x)  # the tokenizer again, so under the lock too
-            watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64))
+            watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64), text_keys(x))
             return answers
+
+        def check_text(texts: list[str]) -> None:
+            assert text is not None
+            with text_lock:
+                text.token_ids(texts)
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
             max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode, max_body_bytes=body_limit,
-            max_chars=text_char_limit(text.max_length)),
+            max_chars=text_char_limit(text.max_length), check=check_text if gate is not None else None,
+            body_timeout=body_timeout),
             methods=["POST"]))
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
@@ -376,7 +394,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           policy: str | os.PathLike[str] | None = None,
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
-          max_body_bytes: int | None = None, announce: Callable[[str], None] | None = None) -> None:
+          max_body_bytes: int | None = None, body_timeout: float = BODY_TIMEOUT_S,
+          announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking), as version ``"1"`` of ``name``.
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
@@ -397,7 +416,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     arrive as host arrays and follow it there.
 
     A request body over ``max_body_bytes`` is refused with HTTP 413 as it is read; the default is room for the
-    largest request the model answers (:func:`~wmark.serve_input.default_body_limit`).
+    largest request the model answers (:func:`~wmark.serve_input.default_body_limit`). One not received whole within
+    ``body_timeout`` seconds is refused with HTTP 408 (:data:`~wmark.serve_input.BODY_TIMEOUT_S`).
 
     Raises:
         UsageError: If the weights do not load, the port or body limit is invalid, the token variable is unset, an option
@@ -439,7 +459,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                           num_classes=served.num_classes, input_size=int(np.prod(served.input_shape)), text=text)
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
-                        text=text, max_body_bytes=max_body_bytes)
+                        text=text, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
         port = _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
         server = uvicorn.Server(config)

@@ -1,17 +1,22 @@
 """What `wmark serve` reads from a client: a request's JSON body, and the v2 input tensor in it.
 
 Both endpoints (v2 ``infer`` and the Hugging Face style text endpoint) read their body with :func:`read_json`:
-only when it is sent as JSON (HTTP 415 otherwise) and no further than a size limit (HTTP 413 past it; by
-default :func:`default_body_limit`, room for the largest request the endpoint answers). The v2 endpoint
-decodes its input tensor with :func:`decode_v2_input`. Every refusal is ``{"error": ...}``, one sentence.
+only when it is sent as JSON (HTTP 415 otherwise), no further than a size limit (HTTP 413 past it; by
+default :func:`default_body_limit`, room for the largest request the endpoint answers) and no longer than a
+deadline (HTTP 408 past it; :data:`BODY_TIMEOUT_S` by default). A large body is parsed in a worker thread, so
+that other requests are answered meanwhile. The v2 endpoint decodes its input tensor with
+:func:`decode_v2_input`. Every refusal is ``{"error": ...}``, one sentence.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
@@ -28,6 +33,14 @@ JSON_BYTES_PER_CHAR = 12
 """Most bytes one character of a string takes in JSON: one beyond the BMP escaped as a surrogate pair."""
 ENVELOPE_BYTES = 64 * 1024
 """Room for everything in a request but its values: names, shape, datatype, id, parameters."""
+BODY_TIMEOUT_S = 60.0
+"""Default seconds a client has to send a request's whole body. uvicorn sets no deadline for a body, so a client
+sending a byte every few seconds held a connection, and the body read so far, for as long as it liked; a few
+hundred such clients exhaust a server. A minute lets the largest default body of a 28×28 model (about 50 MB)
+arrive at 7 Mbit/s; serve larger bodies over slower links with a longer deadline."""
+PARSE_ON_LOOP_BYTES = 256 * 1024
+"""Largest body parsed on the event loop: it takes about the interpreter's switch interval between threads (5 ms)
+to parse, so a worker thread would not let other requests in sooner. A larger one is parsed in a thread."""
 _FLOAT_TYPES = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16}
 _INT_TYPES = {"UINT8": 255.0, "INT8": 255.0, "INT16": 255.0, "INT32": 255.0, "INT64": 255.0}
 
@@ -60,15 +73,21 @@ def default_body_limit(*, input_size: int, text_max_length: int | None = None) -
     return MAX_BATCH * per_input + ENVELOPE_BYTES
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request's JSON body, or the response that refuses it.
+async def read_json(request: Request, max_bytes: int, *, timeout: float = BODY_TIMEOUT_S,
+                    decode: Callable[[Any], Any] | None = None) -> Any:
+    """The request's JSON body (passed through ``decode`` if given), or the response that refuses it.
 
     A body over ``max_bytes`` gets HTTP 413: a declared ``Content-Length`` is checked before anything is read,
     and a chunked body is counted as it arrives, so no more than ``max_bytes`` (plus one chunk) is ever held.
-    A body that is not JSON, or nests too deeply to parse, gets HTTP 400. A ``Content-Type`` other than JSON
+    A body not received whole within ``timeout`` seconds gets HTTP 408, and its connection is closed. A body
+    that is not JSON, or nests too deeply to parse, gets HTTP 400. A ``Content-Type`` other than JSON
     (``application/json`` or ``application/*+json``; none is taken as JSON) gets HTTP 415, as FastAPI (and so
     KServe) refuses it: the types a web page may send cross-site without asking (``text/plain``, forms) would
     otherwise let any page a user opens put queries into an open server's query log and quotas.
+
+    A body over :data:`PARSE_ON_LOOP_BYTES` is parsed, and ``decode`` run on it, in a worker thread: parsing
+    tens of megabytes takes about a second, during which the event loop answered no other request.
+    ``decode``'s exceptions reach the caller.
     """
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind and kind != "application/json" and not (kind.startswith("application/") and kind.endswith("+json")):
@@ -79,23 +98,55 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     except ValueError:
         declared = 0
     body = bytearray()
+
+    async def receive() -> None:
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_bytes:
+                break
+
     if declared <= max_bytes:
         try:
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_bytes:
-                    break
+            await asyncio.wait_for(receive(), timeout)
         except ClientDisconnect:  # uncaught, each one logged a traceback as an error of the application
             return JSONResponse({"error": "the client left before sending the whole body"}, status_code=400)
+        except asyncio.TimeoutError:
+            # closed: the rest of the body may still be trickling in, and nothing else can follow it
+            return JSONResponse({"error": f"the request body did not arrive within {timeout:g} seconds; send it "
+                                          "faster or in smaller requests"}, status_code=408,
+                                headers={"Connection": "close"})
     if declared > max_bytes or len(body) > max_bytes:
         return JSONResponse({"error": f"the request body is larger than this server's limit of {max_bytes} bytes; "
                                       "send fewer inputs per request"}, status_code=413)
+    if len(body) <= PARSE_ON_LOOP_BYTES:
+        return _parse(body, decode, yielding=False)
+    return await run_in_threadpool(_parse, body, decode, yielding=True)
+
+
+def _parse(body: bytes | bytearray, decode: Callable[[Any], Any] | None, *, yielding: bool) -> Any:
+    """``body`` parsed as JSON and passed through ``decode``, or the response that refuses it.
+
+    ``yielding`` parses numbers with Python functions: the C parser holds the interpreter's lock until it
+    returns, so in a worker thread alone it would still stop the event loop; a Python call per number lets the
+    loop's thread take the lock at every switch interval. (Strings have no such hook; their C scanning runs at
+    hundreds of megabytes a second.)
+    """
+    hooks: dict[str, Any] = {"parse_float": _float, "parse_int": _int} if yielding else {}
     try:
-        return json.loads(body)
+        doc = json.loads(body, **hooks)
     except (ValueError, UnicodeDecodeError):
         return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
     except RecursionError:  # JSON arrays nested thousands deep
         return JSONResponse({"error": "the request body nests JSON too deeply"}, status_code=400)
+    return doc if decode is None else decode(doc)
+
+
+def _float(text: str) -> float:
+    return float(text)
+
+
+def _int(text: str) -> int:
+    return int(text)
 
 
 def decode_v2_input(doc: Any, shape: tuple[int, ...], per_item: int) -> np.ndarray:

@@ -255,18 +255,8 @@ class TextInputs:
         Raises:
             UsageError: If an input is not a string, holds a lone surrogate or is longer than ``max_length`` tokens.
         """
-        items = [t.item() if isinstance(t, np.generic) else t for t in texts]
-        if not all(isinstance(t, str) for t in items):
-            raise UsageError("Text inputs must be strings.")
-        try:
-            "".join(items).encode("utf-8")
-        except UnicodeEncodeError:  # a lone surrogate failed inside the tokenizer with a TypeError
-            raise UsageError("Text inputs must be valid Unicode text (no lone surrogates).") from None
-        ids = self.tokenizer(list(items), add_special_tokens=True, truncation=False)["input_ids"]
+        ids = self.token_ids(texts)
         longest = max((len(i) for i in ids), default=0)
-        if longest > self.max_length:
-            raise UsageError(f"An input text is {longest} tokens long, more than the key's maximum of "
-                             f"{self.max_length}; shorten it.")
         width = self.max_length if pad_to_max else max(longest, 1)
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.int64)
         mask = torch.zeros((len(ids), width), dtype=torch.int64)
@@ -274,6 +264,27 @@ class TextInputs:
             input_ids[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.int64)
             mask[row, :len(seq)] = 1
         return {"input_ids": input_ids, "attention_mask": mask}
+
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Each text's token ids, special tokens included, checked as :meth:`encode` checks them (a server checks
+        a request with it before counting it against a client's quota).
+
+        Raises:
+            UsageError: If an input is not a string, holds a lone surrogate or is longer than ``max_length`` tokens.
+        """
+        items = [t.item() if isinstance(t, np.generic) else t for t in texts]
+        if not all(isinstance(t, str) for t in items):
+            raise UsageError("Text inputs must be strings.")
+        try:
+            "".join(items).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate failed inside the tokenizer with a TypeError
+            raise UsageError("Text inputs must be valid Unicode text (no lone surrogates).") from None
+        ids: list[list[int]] = self.tokenizer(list(items), add_special_tokens=True, truncation=False)["input_ids"]
+        longest = max((len(i) for i in ids), default=0)
+        if longest > self.max_length:
+            raise UsageError(f"An input text is {longest} tokens long, more than the key's maximum of "
+                             f"{self.max_length}; shorten it.")
+        return ids
 
 
 def is_text_array(x: Any) -> bool:

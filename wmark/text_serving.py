@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from wmark.errors import UsageError
-from wmark.serve_input import read_json
+from wmark.serve_input import BODY_TIMEOUT_S, read_json
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
 
@@ -66,7 +66,9 @@ def label_name(index: int) -> str:
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
                      check_model: Callable[[Request], JSONResponse | None], max_batch: int, max_body_bytes: int,
                      max_chars: int, admit: Admit | None = None,
-                     answer_mode: Callable[[str], tuple[str, int]] | None = None) -> Callable[[Request], Any]:
+                     answer_mode: Callable[[str], tuple[str, int]] | None = None,
+                     check: Callable[[list[str]], None] | None = None,
+                     body_timeout: float = BODY_TIMEOUT_S) -> Callable[[Request], Any]:
     """The request handler of ``POST /hf/models/{model}``.
 
     Args:
@@ -77,9 +79,12 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         check_model: The server's authentication and model-name check (a refusal, or ``None``).
         max_batch: Most strings one request may hold (the v2 endpoint's limit, so neither is a way to exhaust memory).
         max_body_bytes: Largest request body read (HTTP 413 past it).
+        body_timeout: Seconds a client has to send the whole body (HTTP 408 past it).
         max_chars: Most characters one string may hold (HTTP 400 past it), so that no text costs the tokenizer
             more than a model-length one can.
         admit: The policy's refusal of a client's request of ``n`` texts, or ``None`` to answer it (it is counted).
+        check: Raises :class:`~wmark.errors.UsageError` (HTTP 400) on texts the model cannot take (longer than its
+            maximum length in tokens); run before ``admit``, so that a request refused anyway costs no quota.
         answer_mode: A client's answer mode after its request (``("scores" | "top-k" | "label", k)``), asked
             after answering, so that the request that raises an alarm is already answered as the alarm says.
     """
@@ -88,7 +93,7 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         refused = check_model(request)
         if refused is not None:
             return refused
-        doc = await read_json(request, max_body_bytes)
+        doc = await read_json(request, max_body_bytes, timeout=body_timeout)
         if isinstance(doc, JSONResponse):
             return doc
         inputs = doc.get("inputs") if isinstance(doc, dict) else None
@@ -108,6 +113,11 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON) fails inside the tokenizer: a 500
             return JSONResponse({"error": "\"inputs\" must be valid Unicode text (no lone surrogates)"},
                                 status_code=400)
+        if check is not None:
+            try:
+                await run_in_threadpool(check, texts)  # the tokenizer, off the event loop
+            except UsageError as exc:
+                return JSONResponse({"error": str(exc)}, status_code=400)
         client = client_of(request) or ""
         refused = None if admit is None else admit(client, len(texts))
         if refused is not None:

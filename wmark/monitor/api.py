@@ -18,7 +18,7 @@ from wmark.io import load_tensors
 from wmark.monitor.gate import STATE_FORMAT
 from wmark.monitor.monitor import calibrate, save_profile
 from wmark.monitor.signals import SIGNALS, MonitorConfig, fit_feature_map
-from wmark.monitor.text_features import HashedTokens, read_text_streams
+from wmark.monitor.text_features import HashedTokens, read_text_streams, text_keys
 
 PathLike = str | os.PathLike[str]
 
@@ -85,7 +85,7 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
         if honest and honest[0][0].size != fmap.mean.size:
             raise UsageError(f"The streams in {streams} do not have the shape of the inputs in {data}.")
         pairs = [(x, torch.softmax(predict_logits(model, torch.from_numpy(x)), 1).numpy()) for x in honest]
-        spec = None
+        spec, keys = None, None
     else:
         if ds.texts_train is None:
             raise UsageError(f"{weights} is a text classifier; give its owner's texts as --data (fortunes[:DIR], "
@@ -95,14 +95,15 @@ def calibrate_profile(*, arch: str, weights: PathLike, data: str, streams: PathL
         spec = features.spec((json.loads(modality) if isinstance(modality, str) else modality)["tokenizer"])
         fmap = fit_feature_map(x=features(ds.texts_train), dim=dim)
         served = LocalSuspect(model, input_shape=(text.max_length,), text=text)
-        pairs = []
+        pairs, keys = [], []
         for texts in read_text_streams(streams):
             x = np.asarray(texts, dtype=object)
             # in slices: the tokenizer pads a batch to its longest text, and a stream may be long
             probs = [np.asarray(served.query(x[i:i + 256]).scores) for i in range(0, len(x), 256)]
             pairs.append((features(x), np.concatenate(probs)))
+            keys.append(text_keys(x))
     profile = calibrate(feature_map=fmap, streams=pairs, num_classes=ds.num_classes, target_rate=target_rate,
-                        config=config, signals=SIGNALS if signals is None else signals)
+                        config=config, signals=SIGNALS if signals is None else signals, keys=keys)
     save_profile(dataclasses.replace(profile, text=spec), out)
     return {"out": str(out), **profile.calibration, "seconds": time.perf_counter() - start}
 

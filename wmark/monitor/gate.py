@@ -264,11 +264,16 @@ class Gate:
             rules = c.rules if c is not None else self.policy.default
             return rules.mark == "always" or (c is not None and c.alarm is not None)
 
-    def after_answer(self, client: str, x: np.ndarray, probs: np.ndarray) -> Alarm | None:
-        """Feed the monitor with an answered request; apply and log a newly raised alarm."""
+    def after_answer(self, client: str, x: np.ndarray, probs: np.ndarray,
+                     keys: list[bytes] | None = None) -> Alarm | None:
+        """Feed the monitor with an answered request; apply and log a newly raised alarm.
+
+        ``keys`` are the inputs' exact keys (:func:`~wmark.monitor.text_features.text_keys` of a text request),
+        which a text profile's monitor needs: its feature vectors do not tell the same text from a reordering.
+        """
         alarm = None
         if self.monitor is not None:
-            alarm = self.monitor.observe(client, x, probs)
+            alarm = self.monitor.observe(client, x, probs, keys)
             latest = None
             if self.monitor.checked.get(client) != self.exported.get(client):
                 latest = self.monitor.latest(client)

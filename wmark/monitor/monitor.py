@@ -37,10 +37,14 @@ import torch
 
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_tensors, wmark_metadata
-from wmark.monitor.signals import SIGNALS, ClientState, FeatureMap, MonitorConfig, exact_keys
+from wmark.monitor.signals import SIGNALS, ClientState, FeatureMap, MonitorConfig
 from wmark.monitor.text_features import check_text_spec
 
 PROFILE_FORMAT = "wmark-monitor-profile/1"
+"""The format of an image profile, as earlier versions of wmark write and read it."""
+TEXT_PROFILE_FORMAT = "wmark-monitor-profile/2"
+"""The format of a text profile: a reader of :data:`PROFILE_FORMAT` alone would take one for an image profile of
+a model of ``buckets`` inputs, so it carries a format such readers refuse."""
 
 
 @dataclass(frozen=True)
@@ -68,11 +72,6 @@ class MonitorProfile:
         return ClientState(dim=self.feature_map.dim, num_classes=self.num_classes, config=self.config,
                            near_radius=self.feature_map.near_radius, ood_radius=self.feature_map.ood_radius)
 
-    def keys(self, x: np.ndarray) -> list[bytes] | None:
-        """The exact keys that tell repeats for a text profile (:func:`~wmark.monitor.signals.exact_keys` of its
-        feature vectors); ``None`` for images, whose repeats are those within ``REPEAT_RADIUS``."""
-        return None if self.text is None else exact_keys(x)
-
     def score(self, signals: dict[str, float]) -> float:
         """The combined score: the largest signal relative to its honest scale."""
         scales = self.calibration.get("scales", {})
@@ -80,10 +79,12 @@ class MonitorProfile:
 
 
 def save_profile(profile: MonitorProfile, path: str | os.PathLike[str]) -> None:
-    """Write a profile as safetensors (tensors ``mean`` and ``components``; the rest as ``wmark.monitor``)."""
+    """Write a profile as safetensors (tensors ``mean`` and ``components``; the rest as ``wmark.monitor``), an image
+    profile as :data:`PROFILE_FORMAT` and a text profile as :data:`TEXT_PROFILE_FORMAT`."""
     fm = profile.feature_map
-    doc = {"format": PROFILE_FORMAT, "num_classes": profile.num_classes, "config": profile.config.to_dict(),
-           "near_radius": fm.near_radius, "ood_radius": fm.ood_radius, "calibration": profile.calibration}
+    doc = {"format": PROFILE_FORMAT if profile.text is None else TEXT_PROFILE_FORMAT,
+           "num_classes": profile.num_classes, "config": profile.config.to_dict(), "near_radius": fm.near_radius,
+           "ood_radius": fm.ood_radius, "calibration": profile.calibration}
     if profile.text is not None:
         doc["text"] = profile.text
     save_tensors({"mean": torch.from_numpy(fm.mean), "components": torch.from_numpy(fm.components)}, path,
@@ -94,14 +95,21 @@ def load_profile(path: str | os.PathLike[str]) -> MonitorProfile:
     """Read a profile written by :func:`save_profile`.
 
     Raises:
-        UsageError: If the file is missing, is not a monitor profile or was never calibrated.
+        UsageError: If the file is missing, is not a monitor profile, was never calibrated, or is a text profile in
+            the image format: those were calibrated with repeats told by their features, not by their texts as the
+            server tells them now, so their false-alarm bound does not hold for the served signals.
     """
     if not os.path.isfile(path):
         raise UsageError(f"Monitor profile {path} does not exist; write one with `wmark monitor calibrate`.")
     tensors, metadata = load_tensors(path)
     doc = wmark_metadata(metadata).get("monitor")
-    if not isinstance(doc, dict) or doc.get("format") != PROFILE_FORMAT or set(tensors) != {"mean", "components"}:
+    text_format = isinstance(doc, dict) and doc.get("format") == TEXT_PROFILE_FORMAT
+    if (not isinstance(doc, dict) or doc.get("format") not in (PROFILE_FORMAT, TEXT_PROFILE_FORMAT)
+            or (text_format and doc.get("text") is None) or set(tensors) != {"mean", "components"}):
         raise UsageError(f"{path} is not a monitor profile; write one with `wmark monitor calibrate`.")
+    if not text_format and doc.get("text") is not None:
+        raise UsageError(f"Monitor profile {path} is a text profile in an older format, calibrated with other "
+                         "repeats than the server counts; calibrate it again with `wmark monitor calibrate`.")
     if "threshold" not in doc.get("calibration", {}):
         raise UsageError(f"Monitor profile {path} has no calibrated threshold; calibrate it on honest streams.")
     fm = FeatureMap(tensors["mean"].numpy(), tensors["components"].numpy(), float(doc["near_radius"]),
@@ -110,12 +118,13 @@ def load_profile(path: str | os.PathLike[str]) -> MonitorProfile:
     return MonitorProfile(fm, int(doc["num_classes"]), MonitorConfig(**doc["config"]), doc["calibration"], text)
 
 
-def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chunk: int | None = None
-               ) -> list[tuple[int, dict[str, float]]]:
+def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chunk: int | None = None,
+               keys: Sequence[bytes] | None = None) -> list[tuple[int, dict[str, float]]]:
     """Feed one client's stream through a fresh record; return (queries so far, signals) at every check.
 
     ``chunk`` (default ``check_every``) is how many queries arrive per request; with the default the checks
-    fall exactly where one-query requests would put them.
+    fall exactly where one-query requests would put them. ``keys`` are the queries' exact keys
+    (:func:`~wmark.monitor.text_features.text_keys` for texts; ``None``: repeats are told by distance).
     """
     state = profile.new_state()
     step = chunk or profile.config.check_every
@@ -123,7 +132,7 @@ def run_stream(profile: MonitorProfile, x: np.ndarray, probs: np.ndarray, *, chu
     for i in range(0, len(x), step):
         feats, residual = profile.feature_map.transform(x[i:i + step])
         signals = state.observe(feats, residual, np.asarray(probs[i:i + step], dtype=np.float64),
-                                profile.keys(x[i:i + step]))
+                                None if keys is None else list(keys[i:i + step]))
         if signals is not None:
             out.append((state.queries, dict(signals)))
     return out
@@ -136,7 +145,7 @@ def stream_maxima(checks: Sequence[tuple[int, dict[str, float]]]) -> dict[str, f
 
 def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np.ndarray]], num_classes: int,
               target_rate: float = 0.01, config: MonitorConfig | None = None, signals: Sequence[str] = SIGNALS,
-              scale_share: float = 1 / 3) -> MonitorProfile:
+              scale_share: float = 1 / 3, keys: Sequence[Sequence[bytes]] | None = None) -> MonitorProfile:
     """Set the alarm on honest streams so that an honest stream alarms with probability ≤ ``target_rate``.
 
     Args:
@@ -148,6 +157,8 @@ def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np
         config: Window settings (default :class:`~wmark.monitor.signals.MonitorConfig`).
         signals: The signals that vote in the alarm (all are still computed and exported).
         scale_share: Share of the streams that set the per-signal scales; the rest set the threshold.
+        keys: For texts, each stream's :func:`~wmark.monitor.text_features.text_keys`, as the server tells
+            repeats by them: calibrated otherwise, the alarm's bound would be for other signals than it serves.
 
     Raises:
         UsageError: With fewer than 3 streams, a rate outside (0, 1) or an unknown signal.
@@ -155,8 +166,8 @@ def calibrate(*, feature_map: FeatureMap, streams: Iterable[tuple[np.ndarray, np
     cfg = config or MonitorConfig()
     probe = MonitorProfile(feature_map, num_classes, cfg)
     maxima, queries = [], 0
-    for x, probs in streams:
-        maxima.append(stream_maxima(run_stream(probe, x, probs)))
+    for i, (x, probs) in enumerate(streams):
+        maxima.append(stream_maxima(run_stream(probe, x, probs, keys=None if keys is None else keys[i])))
         queries += len(x)
     profile = calibrate_maxima(maxima=maxima, feature_map=feature_map, num_classes=num_classes, config=cfg,
                                target_rate=target_rate, signals=signals, scale_share=scale_share)
@@ -220,30 +231,43 @@ class ExtractionMonitor:
         self.profile = profile
         self.threshold = float(profile.calibration["threshold"])
         self.states: dict[str, ClientState] = {}
-        self.waiting: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        self.waiting: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[bytes]]] = {}
         self.scores: dict[str, float] = {}
         self.alarms: dict[str, Alarm] = {}
         self.checked: dict[str, int] = {}  # queries at each client's latest check (read without the lock)
         self.lock = threading.Lock()
 
-    def observe(self, client: str, x: np.ndarray, probs: np.ndarray) -> Alarm | None:
-        """Record a request's inputs and the served model's probabilities; return a newly raised alarm."""
+    def observe(self, client: str, x: np.ndarray, probs: np.ndarray,
+                keys: Sequence[bytes] | None = None) -> Alarm | None:
+        """Record a request's inputs and the served model's probabilities; return a newly raised alarm.
+
+        ``keys`` are the inputs' exact keys, which a text profile needs
+        (:func:`~wmark.monitor.text_features.text_keys`: its feature vectors, a bag of tokens, are the same for
+        the same words in another order, which is no repeat); images are told apart by distance.
+
+        Raises:
+            ValueError: If the profile is a text profile and no keys, or not one per input, are given.
+        """
+        if self.profile.text is not None and (keys is None or len(keys) != len(x)):
+            raise ValueError("a text profile's monitor needs one key per text (text_keys), to tell repeats")
         cfg = self.profile.config
         with self.lock:
             state = self.states.get(client)
             if state is None:
                 state = self.states[client] = self.profile.new_state()
-            xs, ps = self.waiting.setdefault(client, ([], []))
+            xs, ps, ks = self.waiting.setdefault(client, ([], [], []))
             xs.append(x)
             ps.append(probs)
+            ks.extend(keys or [])
             if state.queries + sum(len(b) for b in xs) < max(cfg.min_queries, state.last_check + cfg.check_every):
                 return None
             batch = np.concatenate(xs)
             feats, residual = self.profile.feature_map.transform(batch)
-            keys = self.profile.keys(batch)
+            batch_keys = list(ks) if self.profile.text is not None else None
             batch_probs = np.asarray(np.concatenate(ps), dtype=np.float64)
             xs.clear()
             ps.clear()
+            ks.clear()
             alarm, start = None, 0
             while start < len(feats):
                 # Cut at every check point: a large request checked only at its end showed the signals of its
@@ -252,7 +276,7 @@ class ExtractionMonitor:
                 due = max(cfg.min_queries, state.last_check + cfg.check_every) - state.queries
                 end = start + max(1, due)
                 signals = state.observe(feats[start:end], residual[start:end], batch_probs[start:end],
-                                        None if keys is None else keys[start:end])
+                                        None if batch_keys is None else batch_keys[start:end])
                 start = end
                 if signals is None:
                     continue
@@ -274,7 +298,7 @@ class ExtractionMonitor:
     def status(self) -> dict[str, dict[str, Any]]:
         """Per client: queries, repeats, latest signals and score, alarm state."""
         with self.lock:
-            return {c: {"queries": s.queries + sum(len(b) for b in self.waiting.get(c, ([], []))[0]),
+            return {c: {"queries": s.queries + sum(len(b) for b in self.waiting.get(c, ([], [], []))[0]),
                         "repeats": s.repeats, "signals": dict(s.signals),
                         "score": self.scores.get(c, 0.0), "alarm": c in self.alarms}
                     for c, s in self.states.items()}

@@ -10,9 +10,9 @@ heuristics for spotting model extraction from a query stream, and each rests on 
   set of such distances, while synthetic chains (seeds plus small perturbations of them) give a skewed,
   multi-modal one. The statistic is ``1 - W`` with ``W`` the Shapiro–Wilk statistic of the window's
   distances. Repeats (within ``REPEAT_RADIUS``: the same input) are left out: re-sending the same input is what honest clients do.
-  Where the caller gives each query an exact key (:func:`exact_keys`, for text), a repeat is a query whose key
-  was seen before instead: a projection of a sparse bag of tokens can map a copy with one word swapped onto its
-  source, which must count as a near duplicate, not as the same input.
+  Where the caller gives each query an exact key (a digest of each text, for text), a repeat is a query whose
+  key was seen before instead: a projection of a sparse bag of tokens can map a copy with one word swapped (or
+  its words reordered) onto its source, which must count as a near duplicate, not as the same input.
 * ``near_dup`` — the JBDA-style synthetic signal (Papernot et al. 2017): the share of queries that lie
   within ``near_radius`` of an earlier query without being a repeat. *Assumes* honest clients do not send
   many slightly perturbed copies of their own inputs.
@@ -43,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import hashlib
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -169,12 +168,6 @@ def _sqdist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     # float64: the expansion |a|² + |b|² - 2ab cancels, and float32 would turn repeats into near duplicates.
     a, b = a.astype(np.float64), b.astype(np.float64)
     return np.maximum((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T), 0.0)
-
-
-def exact_keys(x: np.ndarray) -> list[bytes]:
-    """A 16-byte digest of each input's exact values: equal for the same input only (up to hash collisions)."""
-    flat = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(len(x), -1))
-    return [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in flat]
 
 
 def effective_count(values: np.ndarray) -> float:
@@ -311,8 +304,9 @@ class ClientState:
                 keys: list[bytes] | None = None) -> dict[str, float] | None:
         """Record a batch of queries; return the signals when this batch reaches a check, else ``None``.
 
-        ``keys`` (:func:`exact_keys` of the inputs) make a repeat an input seen before, exactly, rather than one
-        within ``REPEAT_RADIUS`` of an earlier one in the reduced features.
+        ``keys`` (a digest of each input, e.g. :func:`~wmark.monitor.text_features.text_keys`) make a repeat an
+        input seen before, exactly, rather than one within ``REPEAT_RADIUS`` of an earlier one in the reduced
+        features.
         """
         dmin = self._nearest(feats)
         repeat = dmin <= REPEAT_RADIUS if keys is None else self._repeats(keys)

@@ -4,15 +4,17 @@ The signals of :mod:`wmark.monitor.signals` need one fixed-size vector per query
 :class:`HashedTokens`: the counts of its token ids hashed into ``buckets`` bins, scaled to unit length. This
 rather than the served model's pooled penultimate features (what the tie-break mark reads), because it is
 
-* exact: a text always tokenizes to the same ids, so a re-sent text gives the bit-identical vector, which the
-  monitor recognises as a repeat by its digest (:func:`~wmark.monitor.signals.exact_keys`; the same words in
-  another order are the same bag, so a repeat too), whereas penultimate features move with the padding of the
-  batch a text arrives in and with the device's kernels;
+* exact: a text always tokenizes to the same ids, so a re-sent text gives the bit-identical vector, whereas
+  penultimate features move with the padding of the batch a text arrives in and with the device's kernels;
 * cheap and independent of the weights: the tokenizer the endpoint already runs, no second forward pass, and a
   profile that stays valid when the model is retrained;
 * sensitive to what extraction does to text: a copy with one word swapped differs in two bins (a near
   duplicate), and a string of random vocabulary words lies outside the principal subspace of the owner's texts
   (out of distribution).
+
+A repeat (left out of the near-duplicate and PRADA signals, as honest clients re-send texts) is the same text,
+told by :func:`text_keys`, a digest of the text itself: the same words in another order make the same bag, and a
+thief shuffling words must count as sending near duplicates, not repeats.
 
 Its blind spot: it sees wording, not meaning, so a paraphrase is no near duplicate of its source. Unit length
 keeps long texts from dominating the principal directions. The bin of a token is Knuth's multiplicative hash
@@ -29,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -84,6 +87,15 @@ class HashedTokens:
         """What a profile records of these features (``tokenizer``: its ``{"name", "vocab_sha256"}``)."""
         return {"features": TEXT_FEATURES, "buckets": self.buckets,
                 "tokenizer": {"name": str(tokenizer["name"]), "vocab_sha256": str(tokenizer["vocab_sha256"])}}
+
+
+def text_keys(texts: Sequence[str] | np.ndarray) -> list[bytes]:
+    """Each text's SHA-256 digest of its UTF-8: equal for the same text only, which is what a repeat is.
+
+    Lone surrogates (JSON may spell them) are encoded as they stand, so every string has its key.
+    """
+    return [hashlib.sha256(str(t).encode("utf-8", "surrogatepass")).digest()
+            for t in np.asarray(texts, dtype=object).reshape(-1)]
 
 
 def check_text_spec(spec: Any, *, size: int, path: str | os.PathLike[str]) -> dict[str, Any] | None:
