@@ -87,7 +87,7 @@ def test_a_whitebox_verdict_is_recomputed_from_the_recorded_bits_and_the_reveale
     assert outcome.tests[0]["rechecked"] and outcome.tests[0]["matches"] == doc["verdict"]["tests"][0]["matches"]
     assert outcome.recomputed == {"decision": expected, "log10_p": doc["verdict"]["log10_p"]}
     code, out = run("recheck", "--report", str(tmp_path / "r.json"), "--key", str(d / "owner.key"))
-    assert code == 0 and "64 bits from the bits read recorded in the report" in out
+    assert code == 0 and "64 bits from the bits read that the report r.json records" in out
 
 
 @pytest.mark.parametrize("edit", [
@@ -96,7 +96,7 @@ def test_a_whitebox_verdict_is_recomputed_from_the_recorded_bits_and_the_reveale
     lambda t: t["details"].update(candidates=t["details"]["candidates"] + 4),
     lambda t: t["details"].update(decoded_message="ACME"),
     _flip_bit,
-])
+], ids=["matches", "log10_p", "candidates", "decoded_message", "bits_read"])
 def test_an_edited_count_p_value_or_bits_is_a_different_verdict(files, tmp_path, edit):
     _, d = files
     _report(files, tmp_path, "indep")

@@ -105,7 +105,7 @@ def recheck_weights(*, key: Key, test: Mapping[str, Any], alpha: float, report: 
     if len(text) != bits:
         raise EvidenceError(f"The report {report} records {len(text)} bits read, but the revealed key's payload has "
                             f"{bits}: the record is not of this key's verification, or was altered.")
-    source = f"the bits read recorded in the report {report.name}"
+    source = f"the bits read that the report {report.name} records"
     if files:
         _reread(key=key, details=details, alpha=alpha, files=files, checks=checks)
         source = "the suspect file, re-read: the bits the report records"
