@@ -238,6 +238,21 @@ def test_alignment_matters_for_a_permuted_resnet(cnn) -> None:
     assert hits[0] >= 60 and hits[1] < 48, hits
 
 
+def test_a_graph_plan_verdict_rechecks_from_its_report_and_re_reads_from_its_files(cnn, tmp_path) -> None:
+    from wmark.recheck import recheck
+    from wmark.report import write_report
+
+    key, model, d = cnn
+    verdict = check(key, d, resnet_attacks(model)["stream+block permutation, renamed"](), "rechecked")
+    write_report(verdict=verdict, key=key, path=tmp_path / "r.html")
+    plain = recheck(report=tmp_path / "r.json", key=key)
+    files = {"suspect": d / "rechecked.safetensors", "reference": d / "ref.safetensors",
+             "anchor": d / "anchor.safetensors"}
+    again = recheck(report=tmp_path / "r.json", key=key, model_files=files)
+    assert plain.status == again.status == "same" and plain.recomputed["decision"] == "detected", plain.message
+    assert "white-box files SHA-256 and the bits re-read from them" in again.checks
+
+
 def test_independent_resnets_are_not_detected(cnn) -> None:
     key, _, d = cnn
     for seed in range(3):

@@ -150,15 +150,29 @@ def register(main: click.Group, handle_errors: Any) -> None:
                   help="Tie-break test: the owner's rule file (default: the path the report names).")
     @click.option("--served", default=None, type=click.Path(dir_okay=False),
                   help="Tie-break test: the owner's served model file (default: the path the report names).")
+    @click.option("--suspect", default=None, type=click.Path(dir_okay=False),
+                  help="White-box test, optional: the suspect file, to re-read its bits (with --reference).")
+    @click.option("--reference", default=None, type=click.Path(dir_okay=False),
+                  help="White-box test: the owner's marked model the report names (with --suspect).")
+    @click.option("--anchor", default=None, type=click.Path(dir_okay=False),
+                  help="White-box test: the unmarked base model, where the report aligned to one (with --suspect).")
     @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
     @handle_errors
     def recheck(report: str, key: str, transcript: str | None, signer_key: str | None, rule: str | None,
-                served: str | None, as_json: bool) -> None:
-        """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect."""
+                served: str | None, suspect: str | None, reference: str | None, anchor: str | None,
+                as_json: bool) -> None:
+        """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
+
+        A white-box verdict is recomputed from the bits read its report records; given the suspect and the
+        reference (and the anchor), the bits are also re-read from them.
+        """
         from wmark.recheck import recheck as run
 
         owner_files = {k: v for k, v in (("rule", rule), ("served", served)) if v is not None}
-        outcome = run(report=report, key=key, transcript=transcript, signer_key=signer_key, owner_files=owner_files)
+        model_files = {k: v for k, v in (("suspect", suspect), ("reference", reference), ("anchor", anchor))
+                       if v is not None}
+        outcome = run(report=report, key=key, transcript=transcript, signer_key=signer_key, owner_files=owner_files,
+                      model_files=model_files)
         if as_json:
             click.echo(json.dumps(outcome.to_dict(), indent=2, sort_keys=True))
         else:
@@ -166,7 +180,7 @@ def register(main: click.Group, handle_errors: Any) -> None:
             for row in outcome.tests:
                 if row["rechecked"]:
                     click.echo(f"  {row['name']}: log10 p {row['original_log10_p']:.9f} in the report, "
-                               f"{row['recomputed_log10_p']:.9f} recomputed ({row['queries']} answers from "
+                               f"{row['recomputed_log10_p']:.9f} recomputed ({row['queries']} {row['unit']} from "
                                f"{row['answers_from']})")
                 else:
                     click.echo(f"  {row['name']}: {row['note']}")

@@ -8,7 +8,9 @@ for an API), alpha, the test parameters and p-values, and the software versions.
 the key, :func:`recheck` regenerates the triggers from it, feeds the recorded answers, looked up by the
 digest of each input, to the very same test code the verifier ran (:func:`wmark.verify.trigger_set_test`,
 :func:`wmark.schemes.tiebreak.tiebreak_tests_from_files` with the owner's rule and served model, and
-:func:`wmark.verify.decide`: not a second implementation), and compares the decision and log10 p.
+:func:`wmark.verify.decide`: not a second implementation), and compares the decision and log10 p. A
+white-box verdict is recomputed from the bits read that its report records (:mod:`wmark.whitebox.recheck`);
+the suspect's file, with the reference and anchor, is needed only to re-read them.
 
 Outcomes: ``same`` (exit 0), ``different`` or ``partial`` (exit 1: a test that cannot be recomputed here is
 named, and the verdict is then not confirmed), and tampered (an :class:`~wmark.signing.EvidenceError`,
@@ -38,6 +40,13 @@ from wmark.testplan import describe, is_fixed
 from wmark.text import is_text_array
 from wmark.transcript import input_sha256, readonly_uri, transcript_digest
 from wmark.verify import TriggerSetTest
+from wmark.whitebox.recheck import (
+    WHITEBOX,
+    check_model_files,
+    recheck_weights,
+    recorded_inputs,
+    weights_differences,
+)
 
 PathLike = str | os.PathLike[str]
 TOLERANCE = 1e-9
@@ -362,6 +371,8 @@ def not_recheckable(test: dict[str, Any], *, has_record: bool, has_scores: bool 
     """Why a test (as a report holds it) cannot be recomputed here; empty when it can. ``has_scores``: the
     record holds the suspect's scores (a model file read with them), so a test that read them can be replayed."""
     details = test.get("details", {})
+    if test["name"] == WHITEBOX:
+        return "" if recorded_inputs(details) else "not re-checkable here: the report does not record the bits read"
     if test["name"] not in RECHECKABLE:
         return "not re-checkable here"
     if not has_record:
@@ -418,8 +429,29 @@ def _differences(reported: dict[str, Any], recomputed: dict[str, Any]) -> list[s
     return out
 
 
+def _replay(test: dict[str, Any], *, record: _Record, key: Key, verdict: dict[str, Any],
+            owner_files: Mapping[str, PathLike], checks: list[str], report: Path) -> TestResult:
+    """A black-box test (the trigger set, or the tie-break test) replayed from the recorded answers."""
+    alpha = float(verdict["alpha"])
+    replay = ReplaySuspect(record.labels, num_classes=key.num_classes, input_shape=tuple(key.input_shape),
+                           description=verdict["suspect"], source=record.source, scores=record.scores)
+    details = test.get("details", {})
+    if test["name"] == TIEBREAK:
+        redone, entry = _replay_tiebreak(key=key, replay=replay, files=details["files"], overrides=owner_files,
+                                         checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
+                                         read=str(details.get("read", "labels")))
+    else:
+        trigger = TriggerSetTest(key=key, mode=details.get("mode", "sequential"),
+                                 max_queries=int(details.get("budget", len(record.labels))))
+        redone = trigger.run(replay, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
+        entry = trigger.plan()
+    _check_plan(record, test["name"], entry, alpha, report)
+    return redone
+
+
 def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | None = None,
-            signer_key: PathLike | None = None, owner_files: Mapping[str, PathLike] | None = None) -> Recheck:
+            signer_key: PathLike | None = None, owner_files: Mapping[str, PathLike] | None = None,
+            model_files: Mapping[str, PathLike] | None = None) -> Recheck:
     """Recompute a report's verdict from the revealed key and the recorded answers, without the suspect.
 
     Args:
@@ -429,13 +461,18 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
         signer_key: The owner's public key: the report's signature ``R.json.sig`` must then verify.
         owner_files: The tie-break test's ``rule`` and ``served`` model files, where they are not at the paths the
             report names (their SHA-256 must match the report's).
+        model_files: For a white-box test, optionally: the ``suspect``, ``reference`` and (where the verdict was
+            aligned to one) ``anchor`` files, whose SHA-256 must be the report's; the alignment and the reading are
+            then re-run and must give the bits the report records (:mod:`wmark.whitebox.recheck`).
 
     Raises:
         EvidenceError: If the report's content digest or signature fails, the transcript's digests differ, the
             key's commitment is not the report's, the report shows another owner or public parameters than the key,
-            or a trigger's answer is missing (exit 2).
-        UsageError: If a file the report names is missing, or ``transcript`` or ``owner_files`` is given for a report
-            with no transcript or no tie-break test.
+            a trigger's answer is missing, or a white-box record is not as many bits as the key's payload, or
+            not what its files read (exit 2).
+        UsageError: If a file the report names is missing, or ``transcript``, ``owner_files`` or ``model_files`` is
+            given for a report with no transcript, no tie-break test or no white-box test (or ``model_files`` lacks
+            the suspect, the reference, or the anchor the verdict was aligned to).
     """
     from wmark.report import report_text
 
@@ -471,11 +508,18 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     if owner_files and not any(t["name"] == TIEBREAK for t in verdict["tests"]):
         raise UsageError(f"The report {path} has no tie-break test, so its rule and served model files do not apply; "
                          "drop --rule and --served.")
+    whitebox = next((t for t in verdict["tests"] if t["name"] == WHITEBOX), None)
+    if model_files and whitebox is None:
+        raise UsageError(f"The report {path} has no white-box test, so model files do not apply; drop --suspect, "
+                         "--reference and --anchor.")
+    if whitebox is not None:
+        check_model_files(whitebox.get("details", {}), model_files or {}, path)
     alpha = float(verdict["alpha"])
     tests: list[TestResult] = []
     rows: list[dict[str, Any]] = []
     record = _answers_for(doc, path, transcript, checks)
-    for test in verdict["tests"]:
+    detail_differences: list[str] = []
+    for i, test in enumerate(verdict["tests"]):
         original = _test_from_dict(test)
         why = not_recheckable(test, has_record=record is not None, has_scores=record is not None and record.has_scores)
         if why:
@@ -483,25 +527,20 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
             rows.append({"name": test["name"], "rechecked": False, "original_log10_p": original.log10_p,
                          "recomputed_log10_p": None, "note": f"{why}: its p-value is taken from the report, not recomputed"})
             continue
-        assert record is not None
-        replay = ReplaySuspect(record.labels, num_classes=k.num_classes, input_shape=tuple(k.input_shape),
-                               description=verdict["suspect"], source=record.source, scores=record.scores)
-        details = test.get("details", {})
-        if test["name"] == TIEBREAK:
-            redone, entry = _replay_tiebreak(key=k, replay=replay, files=details["files"], overrides=owner_files or {},
-                                             checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
-                                             read=str(details.get("read", "labels")))
+        if test["name"] == WHITEBOX:
+            redone, source = recheck_weights(key=k, test=test, alpha=alpha, report=path, files=model_files or {},
+                                             checks=checks)
+            detail_differences += weights_differences(i, test, redone)
         else:
-            trigger = TriggerSetTest(key=k, mode=details.get("mode", "sequential"),
-                                     max_queries=int(details.get("budget", len(record.labels))))
-            redone = trigger.run(replay, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
-            entry = trigger.plan()
-        _check_plan(record, test["name"], entry, alpha, path)
+            assert record is not None
+            redone, source = _replay(test, record=record, key=k, verdict=verdict, owner_files=owner_files or {},
+                                     checks=checks, report=path), record.source
         redone.weight = original.weight
         tests.append(redone)
         rows.append({"name": test["name"], "rechecked": True, "original_log10_p": original.log10_p,
                      "recomputed_log10_p": _finite(redone.log10_p), "queries": redone.queries,
-                     "matches": redone.matches, "answers_from": record.source})
+                     "matches": redone.matches, "answers_from": source,
+                     "unit": "bits" if test["name"] == WHITEBOX else "answers"})
     again = decide(key=k, tests=tests, alpha=alpha, suspect=verdict["suspect"])
     original_doc = {"decision": verdict["decision"], "log10_p": float(verdict["log10_p"])}
     recomputed_doc = {"decision": again.decision, "log10_p": _finite(again.log10_p)}
@@ -509,7 +548,7 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     same = (same_tests and again.decision == verdict["decision"]
             and abs(_finite(again.log10_p) - float(verdict["log10_p"])) <= TOLERANCE)
     unchecked = [r["name"] for r in rows if not r["rechecked"]]
-    differing = _differences(verdict, again.to_dict())
+    differing = _differences(verdict, again.to_dict()) + detail_differences
     if not same:
         status = "different"
         message = (f"The recomputed verdict differs: {again.decision} at log10 p = {_finite(again.log10_p):.6f}, the "

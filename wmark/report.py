@@ -80,6 +80,9 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
     if transcript and Path(transcript["path"]).is_file():
         transcript = dict(transcript, file_sha256=file_sha256(transcript["path"]))
     has_record = trigger.get("answers") is not None or bool(transcript)
+    # a white-box test records the files it read (reference, suspect, anchor) with their SHA-256
+    model_files: dict[str, Any] = next((t.details["files"] for t in verdict.tests
+                                        if t.name == "weights" and "files" in t.details), {})
     has_scores = bool((trigger.get("answers") or {}).get("scores"))
     body = {
         "format": "wmark-evidence/1",
@@ -87,16 +90,20 @@ def report_document(*, verdict: Verdict, key: Key) -> dict[str, Any]:
         "verdict": doc,
         "key": {"commitment": key.commitment(), "fingerprint": key.fingerprint(), "public": key.public_params()},
         "suspect": {"description": verdict.suspect, "probe": probe,
-                    "file": trigger.get("suspect_file") or _file_digest(verdict.suspect),
+                    "file": trigger.get("suspect_file") or model_files.get("suspect") or _file_digest(verdict.suspect),
                     "transcript_sha256_chain": (transcript or {}).get("sha256_chain")},
         "transcript": transcript,
         "provenance": next((t.details["provenance"] for t in verdict.tests if "provenance" in t.details), None),
         "recheck": {
             "command": "wmark recheck --report REPORT.json --key REVEALED.key"
-                       + (" --transcript TRANSCRIPT" if transcript else ""),
+                       + (" --transcript TRANSCRIPT" if transcript else "")
+                       + (" [--suspect S --reference R" + (" --anchor A" if model_files.get("anchor") else "") + "]"
+                          if model_files else ""),
             "tests": {t.name: (not_recheckable({"name": t.name, "details": t.details}, has_record=has_record,
                                                has_scores=has_scores)
-                               or "recomputed from the revealed key and the recorded answers")
+                               or ("recomputed from the revealed key and the bits read recorded here; with the "
+                                   "files, re-read from them" if t.name == "weights" else
+                                   "recomputed from the revealed key and the recorded answers"))
                       for t in verdict.tests},
         },
         "seeds": {
@@ -405,6 +412,9 @@ def _recheck_html(doc: dict[str, Any]) -> str:
     suspect_file = (doc.get("suspect") or {}).get("file")
     if suspect_file:
         rows.append(("Suspect file SHA-256", f"<span class='mono'>{_e(suspect_file['sha256'])}</span>"))
+    weights: dict[str, Any] = next((t["details"] for t in doc["verdict"]["tests"] if t["name"] == "weights"), {})
+    rows += [(f"{role.capitalize()} file SHA-256", f"<span class='mono'>{_e(f['sha256'])}</span>")
+             for role, f in (weights.get("files") or {}).items() if f and role != "suspect"]
     rows.append(("Content digest of the JSON twin",
                  f"<span class='mono'>{_e(doc.get('integrity', {}).get('content_sha256', ''))}</span>"))
     prov = doc.get("provenance")

@@ -394,8 +394,6 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
     matches, found, got = best
     test = weights_test_result(
         key=key, matches=matches, bits=bits, candidates=len(candidates), got=got, exact=anc is not None,
-        not_exact_why="the alignment reads the reference's layers other than the marked one; they were trained "
-                      "alongside it, so pass the unmarked base model as anchor for a null exact by construction",
         details={"form": "graph", "family": info.get("graph", {}).get("family"), "layer_found": found,
                  "reference_layer": marked.name, "layers_found": dict(aligner.chosen),
                  "alignment_similarity": {s: round(v, 4) for s, v in aligner.quality.items()},

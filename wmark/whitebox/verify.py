@@ -69,6 +69,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.io import wmark_metadata
 from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, decode_message, payload_bits, projection, scheme_params
+from wmark.signing import file_sha256
 from wmark.stats import binomial_log10_sf
 from wmark.verify import DEFAULT_ALPHA, TestResult, Verdict, decide
 from wmark.whitebox.chain import layer_units
@@ -78,6 +79,14 @@ SUPPORTED_DTYPES = {"F16", "BF16", "F32", "F64", "I8", "I16", "I32"}
 SKETCH_DIM = 256
 _TINY = 1e-12
 _EXACT_LIMIT = 2e8
+# Why the null is not exact by construction without an anchor, by the form of the mark (a chain, or a graph plan).
+NOT_EXACT_WHY = {
+    "chain": "the alignment reads only the reference's layers before the marked one (never the projected layer); they "
+             "were trained alongside it, so exactness is checked empirically (benchmarks/whitebox_null.py); pass the "
+             "unmarked base model as anchor for a null exact by construction",
+    "graph": "the alignment reads the reference's layers other than the marked one; they were trained alongside it, "
+             "so pass the unmarked base model as anchor for a null exact by construction",
+}
 
 
 @dataclass
@@ -361,7 +370,9 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
         chain: Names of the reference's chain (marked layer last), when its metadata lacks them.
 
     Returns:
-        A :class:`wmark.verify.Verdict` with one ``weights`` test (evidence of a copy).
+        A :class:`wmark.verify.Verdict` with one ``weights`` test (evidence of a copy). Its details record the
+        bits read and the SHA-256 of the three files (``files``), what :mod:`wmark.whitebox.recheck` needs to
+        recompute the verdict from the revealed key, or to re-read the files it names.
 
     Raises:
         UsageError: On unreadable files, a reference that does not carry the key's mark or whose layers do
@@ -369,6 +380,17 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
     """
     if not 0.0 < alpha < 1.0:
         raise UsageError(f"alpha must be in (0, 1), got {alpha}.")
+    verdict = _verify(key=key, reference=reference, suspect=suspect, alpha=alpha, anchor=anchor, chain=chain)
+    details = verdict.tests[0].details
+    details["files"] = {role: None if p is None else {"path": str(p), "sha256": file_sha256(p)}
+                        for role, p in (("reference", reference), ("suspect", suspect), ("anchor", anchor))}
+    if chain:
+        details["chain"] = list(chain)
+    return verdict
+
+
+def _verify(*, key: Key, reference: PathLike, suspect: PathLike, alpha: float, anchor: PathLike | None,
+            chain: Sequence[str] | None) -> Verdict:
     bits = int(scheme_params(key)["bits"])
     ref = _File.open(reference, "reference")
     recorded_info = wmark_metadata(ref.metadata).get("weights")
@@ -430,10 +452,6 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
     matches, found, got, q, chosen, skipped = best
     test = weights_test_result(
         key=key, matches=matches, bits=bits, candidates=len(candidates), got=got, exact=anchor is not None,
-        not_exact_why="the alignment reads only the reference's layers before the marked one (never the projected "
-                      "layer); they were trained alongside it, so exactness is checked empirically "
-                      "(benchmarks/whitebox_null.py); pass the unmarked base model as anchor for a null exact by "
-                      "construction",
         details={"layer_found": found, "reference_layer": names[-1], "chain_found": [*chosen, found],
                  "alignment_similarity": [round(v, 4) for v in q], "unaligned_layers": skipped,
                  "anchor_recorded": bool(info.get("anchor_digest")), "reference_bit_errors": ref_errors})
@@ -441,9 +459,13 @@ def verify_whitebox(*, key: Key, reference: PathLike, suspect: PathLike, alpha: 
 
 
 def weights_test_result(*, key: Key, matches: int, bits: int, candidates: int, got: np.ndarray, exact: bool,
-                        not_exact_why: str, details: dict[str, Any]) -> TestResult:
+                        details: dict[str, Any]) -> TestResult:
     """The weight mark's test result: the exact Binomial(bits, 1/2) tail of the best of ``candidates``
-    tensors, Bonferroni-corrected, with the null stated (exact by construction when aligned to the anchor)."""
+    tensors, Bonferroni-corrected, with the null stated (exact by construction when aligned to the anchor).
+
+    ``details`` (``form``: ``graph`` for a graph plan, else a chain) is kept; the bits read (``got``) are recorded
+    as ``bits_read`` so that :mod:`wmark.whitebox.recheck` can recompute the test from the revealed key alone.
+    """
     raw = binomial_log10_sf(matches, bits, 0.5)
     return TestResult(
         name="weights",
@@ -455,7 +477,7 @@ def weights_test_result(*, key: Key, matches: int, bits: int, candidates: int, g
                    "the key's Gaussian projection, so each bit is the sign of an independent N(0, 1) and matches "
                    "the payload with probability exactly 1/2; " + (
                        "the alignment reads only the suspect and the unmarked anchor, both independent of the key, "
-                       "so this holds by construction" if exact else not_exact_why),
+                       "so this holds by construction" if exact else NOT_EXACT_WHY[details.get("form", "chain")]),
             "exact_by_construction": exact,
         },
         log10_p=min(0.0, raw + math.log10(candidates)),
@@ -466,8 +488,18 @@ def weights_test_result(*, key: Key, matches: int, bits: int, candidates: int, g
         details={"mode": "whitebox", "bits": bits, "bit_error_rate": (bits - matches) / bits,
                  "log10_p_uncorrected": raw, "candidates": candidates,
                  "aligned_to": "anchor" if exact else "reference", **details,
-                 "decoded_message": decode_message(key, got)},
+                 "decoded_message": decode_message(key, got), "bits_read": bits_text(got)},
     )
+
+
+def bits_text(got: np.ndarray) -> str:
+    """The bits read, in projection-row order, as text: ``0``/``1`` each, ``-`` for a vector that read none."""
+    return "".join("-" if b < 0 else str(int(b)) for b in got)
+
+
+def bits_from_text(text: str) -> np.ndarray:
+    """The inverse of :func:`bits_text`."""
+    return np.array([-1 if c == "-" else int(c) for c in text], dtype=np.int64)
 
 
 def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
