@@ -108,6 +108,43 @@ def test_bn_sign_flips_keep_the_function_and_are_undone_by_folding() -> None:
     assert torch.allclose(fold_batchnorm(other)(x), model(x), atol=1e-5)
 
 
+class Norms(nn.Module):
+    """Each kind of norm that absorbs a layer's row signs: per row (GroupNorm(C, C), BatchNorm1d) or whole
+    (GroupNorm(1, C), a LayerNorm over a linear layer's units)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3), nn.GroupNorm(8, 8)
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3), nn.GroupNorm(1, 8)
+        self.f1, self.n3 = nn.Linear(8, 16), nn.BatchNorm1d(16)
+        self.f2, self.n4 = nn.Linear(16, 16), nn.LayerNorm(16)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.n2(self.c2(torch.relu(self.n1(self.c1(x)))))).mean((2, 3))
+        return self.head(torch.relu(self.n4(self.f2(torch.relu(self.n3(self.f1(h)))))))
+
+
+def test_every_norm_that_absorbs_row_signs_keeps_the_function_when_they_flip() -> None:
+    torch.manual_seed(0)
+    model = Norms()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.BatchNorm1d)):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_()
+        model.n3.running_mean.normal_()
+    model.eval()
+    g = read_graph(model)
+    assert [lay.own for lay in g.layers] == ["rows", "whole", "rows", "whole", ""]
+    x = torch.randn(4, 3, 8, 8)
+    sd = permute_spaces(model.state_dict(), graph=g, seed=2, signs=True)
+    assert (sd["n2.weight"] < 0).all() and (sd["n1.weight"] < 0).any() and (sd["n1.weight"] > 0).any()
+    other = Norms()
+    other.load_state_dict(sd)
+    assert torch.allclose(other.eval()(x), model(x), atol=1e-5)
+
+
 def test_the_mark_survives_sign_flips_permutation_fine_tune_and_pruning(cnn) -> None:
     key, model, d = cnn
     for seed in (0, 1):
