@@ -26,9 +26,13 @@ Resolution goes in two passes: first each space from the writers whose inputs ar
 (the stem or the embeddings come first because their inputs are fixed), then every space again from all
 of its writers, now that every input is aligned.
 
+A writer whose row signs a norm right after it absorbs (a conv read only by a BatchNorm) is matched on
+absolute similarity; the marked layer's own row signs are read against the anchor's unmarked copy of it
+(:meth:`Aligner.own_row_signs`), and left unread without an anchor.
+
 The null stays exact with an anchor: every similarity reads the suspect and the *anchor's* copies of the
-plan's layers, never the marked layer, so the permutation applied to the suspect's marked vector is a
-function of two key-independent files.
+plan's layers, never the reference's marked layer, so the permutation and signs applied to the suspect's
+marked vector are a function of two key-independent files.
 """
 
 from __future__ import annotations
