@@ -7,7 +7,9 @@ several multi-channel groups, LayerNorms not over the units) is refused."""
 from __future__ import annotations
 
 import copy
+import json
 
+import numpy as np
 import pytest
 import torch
 from _whitebox_helpers import check, guarded_aligner, tiny_key
@@ -18,9 +20,10 @@ from torch.nn import functional as F
 from wmark.attacks import prune, rename_tensors
 from wmark.attacks.symmetry import fold_batchnorm, free_spaces, permute_spaces
 from wmark.errors import UsageError
-from wmark.io import save_model
+from wmark.io import load_tensors, save_model, save_tensors
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import plan, read_graph
+from wmark.whitebox.verify import verify_whitebox
 
 
 class InvertedResidual(nn.Module):
@@ -125,10 +128,25 @@ def marked(request, tmp_path_factory):
     return key, arch, model, d
 
 
-def permuted(model: nn.Module, arch: str, seed: int) -> nn.Module:
+def permuted(model: nn.Module, arch: str, seed: int, *, signs: bool = False) -> nn.Module:
     out = ARCHS[arch](99)
-    out.load_state_dict(permute_spaces(model.state_dict(), graph=read_graph(model), seed=seed))
+    out.load_state_dict(permute_spaces(model.state_dict(), graph=read_graph(model), seed=seed, signs=signs))
     return out.eval()
+
+
+def flip_stream(model: nn.Module, seed: int) -> nn.Module:
+    """A ConvNeXt-style net with a random half of its stream's channels negated: the stem norm's gain and bias,
+    each block's depthwise filters (whose outputs then do not change) and layer scale, and the head's columns
+    follow. Aligned layers show it only in rows whose signs a layer scale owns (``pw2``)."""
+    out = copy.deepcopy(model)
+    flip = torch.from_numpy(np.random.default_rng(seed).choice([-1.0, 1.0], size=32)).float()
+    with torch.no_grad():
+        for t in (out.stem[1].weight, out.stem[1].bias, *(b.gamma for b in out.blocks)):
+            t.mul_(flip)
+        for b in out.blocks:
+            b.dw.weight.mul_(flip[:, None, None, None])
+        out.head.weight.mul_(flip)
+    return out
 
 
 @pytest.mark.parametrize("arch", list(ARCHS))
@@ -153,9 +171,15 @@ def test_depthwise_nets_read_as_spaces_and_permuting_them_keeps_the_function(arc
         "stem.0.weight", *(f"blocks.{i}.{n}.weight" for i in (0, 1) for n in (first, inner))]
     x = torch.randn(4, 3, 16, 16)
     for seed in range(3):
-        other = permuted(model, arch, seed)
+        other = permuted(model, arch, seed, signs=seed > 0)
         assert not torch.equal(other.blocks[1].dw.weight, model.blocks[1].dw.weight)
         assert torch.allclose(other(x), model(x), atol=1e-5)
+    marked = g.layer(f"blocks.1.{inner}.weight")
+    assert marked.own == "rows" and marked.absorbers == (
+        ("blocks.1.bn3.weight", "blocks.1.bn3.running_mean") if arch == "mobilenet" else ("blocks.1.gamma",))
+    if arch == "convnext":
+        assert g.layer("stem.0.weight").own == "whole"
+        assert torch.allclose(flip_stream(model, 1)(x), model(x), atol=1e-5)
     with pytest.raises(UsageError, match="'blocks.1.dw.weight' is a per-channel parameter .* cannot carry the mark"):
         WeightsEmbedder(tiny_key(8, seed=1), model, layer="blocks.1.dw")
 
@@ -171,10 +195,33 @@ def test_the_mark_survives_permutation_fine_tune_and_pruning(marked) -> None:
     assert test.null["exact_by_construction"] and test.details["form"] == "graph"
 
 
+def signed(model: nn.Module, arch: str, seed: int) -> nn.Module:
+    """Every space permuted and every sign a norm absorbs flipped; a ConvNeXt's stream channels flipped too."""
+    out = permuted(model, arch, seed, signs=True)
+    return flip_stream(out, seed) if arch == "convnext" else out
+
+
+def test_the_mark_survives_sign_flips_permutation_fine_tune_and_pruning(marked, tmp_path) -> None:
+    """Not folded (folding would undo the BatchNorm flips); without the recorded signs the flipped copy is lost."""
+    key, arch, model, d = marked
+    attacked = prune(train(signed(model, arch, 3), 2, steps=40), sparsity=0.3)
+    verdict = check(key, d, rename_tensors(attacked.state_dict(), seed=1), "attacked")
+    assert verdict.detected and verdict.tests[0].matches >= 30, (arch, verdict.tests[0].matches)
+    tensors, meta = load_tensors(d / "ref.safetensors")
+    info = json.loads(meta["wmark.weights"])
+    info["graph"]["layers"] = [dict(lay, own="") for lay in info["graph"]["layers"]]
+    save_tensors(tensors, tmp_path / "blind.safetensors", metadata={"weights": info,
+                                                                    "commitment": meta["wmark.commitment"]})
+    save_tensors(signed(model, arch, 3).state_dict(), tmp_path / "sus.safetensors")
+    verdict = verify_whitebox(key=key, reference=tmp_path / "blind.safetensors", suspect=tmp_path / "sus.safetensors",
+                              anchor=d / "anchor.safetensors")
+    assert not verdict.detected and verdict.tests[0].matches < 24, (arch, verdict.tests[0].matches)
+
+
 def test_an_independent_twin_is_not_detected_and_alignment_never_reads_the_marked_layer(marked) -> None:
     key, arch, _, d = marked
     twin = train(ARCHS[arch](100), 100, steps=80)
-    verdict = check(key, d, permuted(twin, arch, 5).state_dict(), "twin")
+    verdict = check(key, d, signed(twin, arch, 5).state_dict(), "twin")
     assert not verdict.detected and verdict.tests[0].log10_p > -3, verdict.tests[0].matches
     aligner, layers = guarded_aligner(d, dict(twin.state_dict()))
     assert layers[-1].inp in aligner.perms and aligner.candidates()

@@ -8,8 +8,9 @@ What a thief can do to a stolen model's weights without changing one prediction:
   parameters and layer scales follow), a transformer's hidden dimension across embeddings, every
   Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and its MLP neurons;
   with ``signs=True`` also a random sign flip of every unit of a *signed* space (an RMSNorm decoder's
-  hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns) and the negation of every
-  *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too);
+  hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns), the negation of every
+  *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too) and the sign flips a
+  norm absorbs (conv rows with their BatchNorm's γ and running mean, ConvNeXt's rows with their layer scale);
 * :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
 * :func:`fold_batchnorm` — fold each BatchNorm into the conv before it (``w·γ/σ``, shifted bias);
 * :func:`permute_heads` — permute the attention heads of every layer of a BERT-style encoder;
@@ -55,6 +56,9 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
             writers that carry signs (not a SwiGLU gate's) and their biases, and the columns of its readers.
             Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain. Negate
             every negatable space whole the same way, with its LayerNorms' biases (``LN(−x) = −LN(x)`` then).
+            And flip the signs a layer owns (:attr:`wmark.whitebox.graph.Layer.own`): a random half of the rows
+            (and biases) of each layer followed by a BatchNorm, with the norm's γ and running mean, or by a layer
+            scale, with the scale; every row of one followed by a LayerNorm or GroupNorm(1, C), with its gain.
 
     Raises:
         UsageError: If a named space is fixed or opaque, or a tensor is missing.
@@ -87,6 +91,13 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
                 out[p] = out[p] * flip.to(out[p])
         for name in (extra_readers or {}).get(s, ()):
             out[name] = _permute_columns(_need(out, name), perm, flip)
+    for lay in graph.layers if signs else ():
+        if lay.own:
+            own = torch.from_numpy(rng.choice([-1.0, 1.0], size=lay.rows)).float() if lay.own == "rows" \
+                else -torch.ones(lay.rows)
+            out[lay.name] = _scale_rows(_need(out, lay.name), own)
+            for name in (lay.bias, *lay.absorbers) if lay.bias else lay.absorbers:
+                out[name] = _need(out, name) * own.to(out[name])
     return out
 
 

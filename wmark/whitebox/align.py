@@ -26,13 +26,18 @@ Resolution goes in two passes: first each space from the writers whose inputs ar
 (the stem or the embeddings come first because their inputs are fixed), then every space again from all
 of its writers, now that every input is aligned.
 
+A writer whose row signs a norm right after it absorbs (a conv read only by a BatchNorm) is matched on
+absolute similarity; the marked layer's own row signs are read against the anchor's unmarked copy of it
+(:meth:`Aligner.own_row_signs`), and left unread without an anchor.
+
 The null stays exact with an anchor: every similarity reads the suspect and the *anchor's* copies of the
-plan's layers, never the marked layer, so the permutation applied to the suspect's marked vector is a
-function of two key-independent files.
+plan's layers, never the reference's marked layer, so the permutation and signs applied to the suspect's
+marked vector are a function of two key-independent files.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -42,6 +47,7 @@ import torch
 from wmark.errors import UsageError
 from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
+from wmark.stats import binomial_log10_sf
 from wmark.verify import Verdict, decide
 from wmark.whitebox.graph import BINORM_ITERS, FIXED, NEGATABLE, SIGNED, Layer, binorm_vector, binormalize
 from wmark.whitebox.verify import anchor_refusal, match_neurons, weights_test_result
@@ -58,14 +64,15 @@ def plan_layers(info: dict[str, Any]) -> tuple[list[Layer], dict[str, dict[str, 
     graph = info.get("graph")
     try:
         layers = [Layer(d["name"], tuple(int(s) for s in d["shape"]), d["in"], d["out"], bool(d["transpose"]),
-                        signs=bool(d.get("signs", True)), gain=d.get("gain") or None)
+                        signs=bool(d.get("signs", True)), gain=d.get("gain") or None, own=str(d.get("own") or ""))
                   for d in graph["layers"]]  # type: ignore[index]
         spaces = {k: dict(v) for k, v in graph["spaces"].items()}  # type: ignore[index]
         iters = int(graph.get("iters", BINORM_ITERS))  # type: ignore[union-attr]
     except (KeyError, TypeError, ValueError, AttributeError):
         raise UsageError("The reference's wmark.weights.graph metadata is malformed; pass the model written by "
                          "`wmark embed`.") from None
-    if not layers or any(s.get("kind") not in (FIXED, "free", NEGATABLE, SIGNED) for s in spaces.values()):
+    if not layers or any(s.get("kind") not in (FIXED, "free", NEGATABLE, SIGNED) for s in spaces.values()) \
+            or any(lay.own not in ("", "rows", "whole") for lay in layers):
         raise UsageError("The reference's weight plan is empty or names a space that cannot be aligned; pass the "
                          "model written by `wmark embed`.")
     return layers, spaces, iters
@@ -113,10 +120,14 @@ class Aligner:
         suspect_shapes: Every suspect tensor's shape.
         suspect: Loads a suspect tensor by name.
         iters: Binormalisation iterations.
+        anchor_marked: The unmarked anchor's copy of the marked layer, which the row signs the marked layer owns
+            are read against (see :meth:`own_row_signs`); None (no anchor) leaves them unread. Never the
+            reference's: its rows carry the mark.
     """
 
     def __init__(self, *, layers: Sequence[Layer], spaces: dict[str, dict[str, Any]], source: Loader,
-                 suspect_shapes: dict[str, tuple[int, ...]], suspect: Loader, iters: int = BINORM_ITERS) -> None:
+                 suspect_shapes: dict[str, tuple[int, ...]], suspect: Loader, iters: int = BINORM_ITERS,
+                 anchor_marked: torch.Tensor | None = None) -> None:
         self.writers = list(layers[:-1])
         self.marked = layers[-1]
         self.spaces = spaces
@@ -124,6 +135,7 @@ class Aligner:
         self.shapes = suspect_shapes
         self.suspect = suspect
         self.iters = iters
+        self.anchor_marked = anchor_marked
         self.perms: dict[str, torch.Tensor | None] = {s: None for s, v in spaces.items() if v["kind"] == FIXED}
         # Per reference unit of a signed space: ±1, the sign of the suspect unit matched to it.
         self.signs: dict[str, torch.Tensor] = {}
@@ -187,7 +199,7 @@ class Aligner:
             # Its columns may carry a norm gain's signs, not known yet: choose on sign-blind magnitudes.
             pick = max(options, key=lambda n: float(self._magnitude_similarity(layer, n).amax(dim=1).mean()))
         else:
-            signed = self._flips(layer.out)
+            signed = self._flips(layer.out) or bool(layer.own)
             pick = max(options, key=lambda n: float(
                 (self._similarity(layer, n).abs() if signed else self._similarity(layer, n)).amax(dim=1).mean()))
         self.chosen[layer.name] = pick
@@ -247,7 +259,11 @@ class Aligner:
         carried: torch.Tensor | None = None
         for layer in writers:
             sim = self._similarity(layer, self._choose(layer))
-            if self._flips(space) and layer.signs:
+            if layer.own:
+                # Signs that a norm right after the layer absorbs show in no other tensor: match blind to them.
+                sim = sim.abs() if layer.own == "rows" else sim * _better_sign(sim)
+                total = sim if total is None else total + sim
+            elif self._flips(space) and layer.signs:
                 carried = sim if carried is None else carried + sim
             else:
                 total = sim if total is None else total + sim
@@ -301,7 +317,7 @@ class Aligner:
             UsageError: If the marked rows follow a signed space whose signs the plan did not resolve.
         """
         units = self._units(self.marked)
-        rows = self._row_signs()
+        rows = self.own_row_signs(name) if self.marked.own else self._row_signs()
         if rows is None:
             v = marked_vector(self.suspect(name), self.marked, units, iters=self.iters).reshape(units, -1)
         else:
@@ -311,6 +327,32 @@ class Aligner:
         v = v if perm is None else v[perm]
         sign = self._column_signs(self.marked)
         return (v if sign is None else v * sign[:, None]).flatten()
+
+    def own_row_signs(self, name: str) -> torch.Tensor | None:
+        """±1 per row of suspect tensor ``name``: the signs the marked layer's rows own, None without an anchor.
+
+        A norm right after the marked layer absorbs its rows' signs (BatchNorm: ``BN(−z) = BN(z)`` once γ and
+        the running mean are negated; a layer scale), so nothing else in the graph shows them, yet the mark is
+        a mean over rows. Each suspect row is matched to a row of the anchor's unmarked copy of the layer on
+        absolute similarity (inputs aligned) and takes the sign of that similarity; for ``whole``, one sign,
+        the better of the two assignments. The decision reads the suspect and the anchor only, never the key,
+        the payload or the reference, so for a suspect that never saw the key the aligned vector stays
+        independent of the key and the null stays exact. (The reference's rows would pull any suspect's
+        signs toward its mark.)
+        """
+        if self.anchor_marked is None:
+            return None
+        units = self._units(self.marked)
+        anchor = _signature(view2d(self.anchor_marked, self.marked), units, None, None, self.iters)
+        sus = _signature(view2d(self.suspect(name), self.marked), units, self.perms.get(self.marked.inp),
+                         self._column_signs(self.marked), self.iters)
+        sim = anchor @ sus.T
+        if self.marked.own == "whole":
+            return torch.full((sim.shape[1],), _better_sign(sim))
+        order = torch.from_numpy(match_neurons(sim.abs().numpy()))
+        rows = torch.empty(sim.shape[1])
+        rows[order] = torch.where(sim[torch.arange(len(order)), order] < 0, -1.0, 1.0)
+        return rows
 
     def _row_signs(self) -> torch.Tensor | None:
         """±1 per suspect row of the marked layer when its rows flip with a signed space, else None."""
@@ -330,6 +372,11 @@ def _assigned(sim: torch.Tensor) -> float:
     """The total similarity of the optimal assignment."""
     order = match_neurons(sim.numpy())
     return float(sim.numpy()[np.arange(len(order)), order].sum())
+
+
+def _better_sign(sim: torch.Tensor) -> float:
+    """The sign (±1) of ``sim`` whose optimal assignment has the larger total similarity."""
+    return 1.0 if _assigned(sim) >= _assigned(-sim) else -1.0
 
 
 def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
@@ -363,6 +410,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
                          "weight watermark; check the key and the reference.")
     source = ref
+    anchor_marked: torch.Tensor | None = None
     if anc is not None:
         bad = [lay.name for lay in layers[:-1] if anc.shapes.get(lay.name) != lay.shape]
         if bad:
@@ -372,13 +420,20 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         if recorded and anchor_digest({lay.name: anc.load(lay.name) for lay in layers[:-1]}) != recorded:
             raise anchor_refusal(anc, [lay.name for lay in layers[:-1]])
         source = anc
+        if marked.own and anc.shapes.get(marked.name) == marked.shape:
+            anchor_marked = anc.load(marked.name)
+            hits = int(np.sum(_bits(x, marked_vector(anchor_marked, marked, units, iters=iters)) == expected))
+            if binomial_log10_sf(hits, bits, 0.5) <= math.log10(alpha):
+                raise UsageError(f"The anchor {anc.path} reads {hits} of {bits} bits of this key's mark in "
+                                 f"{marked.name}, so it is not the unmarked base; pass the model the reference was "
+                                 "fine-tuned from.")
     # Only suspect tensors of the plan's shapes that read as weights (an extra one of another dtype or holding
     # NaN is no candidate).
     usable: dict[str, tuple[int, ...]] = {}
     for shape in {lay.shape for lay in layers}:
         usable.update(dict.fromkeys(sus.usable(sorted(n for n, s in sus.shapes.items() if s == shape)), shape))
     aligner = Aligner(layers=layers, spaces=spaces, source=source.load, suspect_shapes=usable,
-                      suspect=sus.load, iters=iters)
+                      suspect=sus.load, iters=iters, anchor_marked=anchor_marked)
     aligner.run()
     candidates = aligner.candidates()
     if not candidates:
@@ -397,5 +452,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         details={"form": "graph", "family": info.get("graph", {}).get("family"), "layer_found": found,
                  "reference_layer": marked.name, "layers_found": dict(aligner.chosen),
                  "alignment_similarity": {s: round(v, 4) for s, v in aligner.quality.items()},
-                 "anchor_recorded": bool(info.get("anchor_digest")), "reference_bit_errors": ref_errors})
+                 "anchor_recorded": bool(info.get("anchor_digest")), "reference_bit_errors": ref_errors,
+                 **({"own_row_signs": "read against the anchor" if anchor_marked is not None else
+                     "not read (no anchor with the marked layer)"} if marked.own else {})})
     return decide(key=key, tests=[test], alpha=alpha, suspect=suspect_label)

@@ -95,6 +95,11 @@ class Layer:
             whose output passes through the non-odd SiLU before the product that carries the sign).
         gain: The per-unit gain (an RMSNorm weight) its columns read a signed ``inp`` space through, if any:
             a thief may flip the signs of that gain and of its readers' columns, on top of the space's own.
+        own: Signs of its rows that the op right after it absorbs, so that no other tensor of the graph shows
+            them: ``rows`` (each row on its own: a BatchNorm, whose γ and running mean flip with the row, or a
+            per-unit gain such as a layer scale), ``whole`` (all rows together: a LayerNorm or GroupNorm(1, C),
+            whose gain flips), or empty.
+        absorbers: The per-unit tensors negated with those rows (the norm's γ and running mean, the gain).
     """
 
     name: str
@@ -105,6 +110,8 @@ class Layer:
     bias: str | None = None
     signs: bool = True
     gain: str | None = None
+    own: str = ""
+    absorbers: tuple[str, ...] = ()
 
     @property
     def rows(self) -> int:
@@ -217,7 +224,8 @@ def read_graph(model: nn.Module) -> Graph:
             space.params = [f"module.{p}" for p in space.params]
         inner.layers = [replace(lay, name=f"module.{lay.name}",
                                 bias=None if lay.bias is None else f"module.{lay.bias}",
-                                gain=None if lay.gain is None else f"module.{lay.gain}") for lay in inner.layers]
+                                gain=None if lay.gain is None else f"module.{lay.gain}",
+                                absorbers=tuple(f"module.{a}" for a in lay.absorbers)) for lay in inner.layers]
         return inner
     # the BERT and decoder rules build on this module
     from wmark.whitebox.bert import bert_layers, read_bert
@@ -245,6 +253,14 @@ def _read_fx(model: nn.Module) -> Graph:
     layers: list[tuple[str, str, str, str | None]] = []
     seen: set[str] = set()
     last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
+    made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
+    owns: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+    def absorb(src: Any, mode: str, names: Sequence[str]) -> None:
+        # Only a layer whose output feeds nothing but this op may flip rows that the op's parameters absorb.
+        if src in made and len(src.users) == 1 and names:
+            owns[made[src]] = (mode, tuple(names))
+
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
@@ -266,6 +282,7 @@ def _read_fx(model: nn.Module) -> Graph:
             # A per-unit gain on the last axis (ConvNeXt's layer scale) keeps the space and follows it.
             label[node] = sp.find(label[gain[0]])
             sp.info[label[node]].params.append(gain[1])
+            absorb(gain[0], "rows", [gain[1]])
             last_axis.add(node)
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
@@ -301,21 +318,30 @@ def _read_fx(model: nn.Module) -> Graph:
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             layers.append((f"{target}.weight", src, out, bias))
             label[node] = out
+            made[node] = f"{target}.weight"
         elif node.op == "call_module" and type(modules[node.target]) in (nn.LayerNorm, nn.GroupNorm) and tensor_args:
             # The exact types: a subclass may override forward to normalise other axes.
-            label[node] = _norm(str(node.target), modules[node.target], tensor_args[0] in last_axis,
-                                sp.find(label[tensor_args[0]]), sp, params)
+            mod = modules[node.target]
+            label[node] = _norm(str(node.target), mod, tensor_args[0] in last_axis, sp.find(label[tensor_args[0]]),
+                                sp, params)
+            if sp.info[label[node]].kind != "opaque" and getattr(mod, "weight", None) is not None:
+                # A norm over every unit reads -z as -(its reading of z): its gain absorbs one sign of all rows.
+                alone = isinstance(mod, nn.GroupNorm) and mod.num_groups == mod.num_channels
+                absorb(tensor_args[0], "rows" if alone else "whole", [f"{node.target}.weight"])
         elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
             label[node] = sp.find(label[tensor_args[0]])
             mod = modules[node.target]
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
                 sp.info[label[node]].params.extend(n for n in names if n in params or n in buffers)
+                if mod.weight is not None:
+                    # BN(-z) with γ and μ negated is BN(z): each row's sign is the layer's own.
+                    absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp)
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
-    return _assemble(sp, layers, params, family="fx")
+    return _assemble(sp, layers, params, family="fx", owns=owns)
 
 
 def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
@@ -427,12 +453,14 @@ def _dims(value: Any) -> set[int]:
 
 def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
               family: str, transposed: frozenset[str] = frozenset(), unsigned: frozenset[str] = frozenset(),
-              gains: Mapping[str, str] | None = None) -> Graph:
+              gains: Mapping[str, str] | None = None,
+              owns: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> Graph:
     out: list[Layer] = []
     for name, inp, outp, bias in layers:
         shape = tuple(int(d) for d in params[name].shape)
+        own, absorbers = (owns or {}).get(name, ("", ()))
         out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias, name not in unsigned,
-                         (gains or {}).get(name)))
+                         (gains or {}).get(name), own, absorbers))
     spaces: dict[str, Space] = {}
     for name in sp.parent:
         root = sp.find(name)
@@ -500,7 +528,8 @@ def plan_metadata(graph: Graph, layers: Sequence[Layer]) -> dict[str, Any]:
         "iters": BINORM_ITERS,
         "spaces": {s: {"size": graph.spaces[s].size, "kind": graph.spaces[s].kind} for s in sorted(spaces)},
         "layers": [{"name": lay.name, "shape": list(lay.shape), "in": lay.inp, "out": lay.out,
-                    "transpose": lay.transpose, "signs": lay.signs, "gain": lay.gain} for lay in layers],
+                    "transpose": lay.transpose, "signs": lay.signs, "gain": lay.gain, "own": lay.own}
+                   for lay in layers],
     }
 
 
