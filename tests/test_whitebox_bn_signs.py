@@ -174,16 +174,32 @@ def test_reading_without_the_sign_recovery_loses_the_mark(cnn, tmp_path) -> None
     assert not verdict.detected and verdict.tests[0].details["own_row_signs"].startswith("not read")
 
 
-def test_an_anchor_whose_marked_layer_carries_the_mark_is_refused(cnn, tmp_path) -> None:
-    """The anchor digest covers the plan's other layers only, and the marked layer's signs are read against the
-    anchor's copy: one carrying the mark would pull every suspect's signs toward it."""
-    key, model, d = cnn
+def test_an_anchor_whose_marked_layer_is_not_the_base_is_refused(cnn, tmp_path) -> None:
+    """The marked layer's signs are read against the anchor's copy of it: one carrying the mark would pull every
+    suspect's signs toward it, so that copy must be the base's as recorded at embedding, even nudged slightly."""
+    key, _, d = cnn
     tensors, _ = load_tensors(d / "anchor.safetensors")
-    save_tensors({**tensors, MARKED: model.state_dict()[MARKED]}, tmp_path / "doctored.safetensors")
+    nudged = tensors[MARKED] + 1e-3 * torch.randn_like(tensors[MARKED])
+    save_tensors({**tensors, MARKED: nudged}, tmp_path / "doctored.safetensors")
+    save_tensors(train(resnet(100), 100, steps=20).state_dict(), tmp_path / "sus.safetensors")
+    with pytest.raises(UsageError, match="is not the model the reference was fine-tuned from"):
+        verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=tmp_path / "sus.safetensors",
+                        anchor=tmp_path / "doctored.safetensors")
+
+
+def test_without_a_recorded_digest_an_anchor_carrying_the_mark_is_refused(cnn, tmp_path) -> None:
+    """A reference embedded before the marked layer's digest was recorded: the anchor is checked by reading it."""
+    key, model, d = cnn
+    tensors, meta = load_tensors(d / "ref.safetensors")
+    info = json.loads(meta["wmark.weights"])
+    del info["anchor_marked_digest"]
+    save_tensors(tensors, tmp_path / "old-ref.safetensors", metadata={**meta, "wmark.weights": json.dumps(info)})
+    anchor, _ = load_tensors(d / "anchor.safetensors")
+    save_tensors({**anchor, MARKED: model.state_dict()[MARKED]}, tmp_path / "doctored.safetensors")
     save_tensors(train(resnet(100), 100, steps=20).state_dict(), tmp_path / "sus.safetensors")
     with pytest.raises(UsageError, match=f"reads 64 of 64 bits of this key's mark in {MARKED}, so it is not the "
                                          "unmarked base"):
-        verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=tmp_path / "sus.safetensors",
+        verify_whitebox(key=key, reference=tmp_path / "old-ref.safetensors", suspect=tmp_path / "sus.safetensors",
                         anchor=tmp_path / "doctored.safetensors")
 
 

@@ -223,6 +223,9 @@ class WeightsEmbedder:
         self._signs = torch.from_numpy(2.0 * payload_bits(key) - 1.0).float()
         # Taken before any key-driven step: these layers as they are now form a key-independent anchor.
         self.anchor_digest = anchor_digest({n: p.detach() for n, p in zip(self.chain[:-1], self._params[:-1])})
+        # The marked layer before marking, apart: an anchor's copy of it is read only for the row signs a norm
+        # absorbs, and only an unmarked copy keeps that reading independent of the key.
+        self.anchor_marked_digest = anchor_digest({self.chain[-1]: self._params[-1].detach()})
 
     @property
     def layer(self) -> str:
@@ -285,6 +288,7 @@ class WeightsEmbedder:
             "statistic": "mean canonical row, unit-normalised, signs of a key-derived Gaussian projection",
             "bit_errors_at_save": self.bit_errors(),
             "anchor_digest": self.anchor_digest,
+            "anchor_marked_digest": self.anchor_marked_digest,
             **({"graph": plan_metadata(self.graph, self._plan)} if self.graph is not None else {}),
         }
 

@@ -422,6 +422,10 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
         source = anc
         if marked.own and anc.shapes.get(marked.name) == marked.shape:
             anchor_marked = anc.load(marked.name)
+            recorded_marked = info.get("anchor_marked_digest")
+            if recorded_marked and anchor_digest({marked.name: anchor_marked}) != recorded_marked:
+                raise anchor_refusal(anc, [marked.name])
+            # an embedding older than that digest: at least refuse an anchor that carries the mark outright
             hits = int(np.sum(_bits(x, marked_vector(anchor_marked, marked, units, iters=iters)) == expected))
             if binomial_log10_sf(hits, bits, 0.5) <= math.log10(alpha):
                 raise UsageError(f"The anchor {anc.path} reads {hits} of {bits} bits of this key's mark in "
