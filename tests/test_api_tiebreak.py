@@ -581,7 +581,8 @@ def test_a_damaged_rule_file_is_refused_in_one_sentence(tmp_path, data, change, 
     tensors, raw = load_tensors(tmp_path / "rule.safetensors")
     tensors.update({n: t for n, t in change.items() if not n.startswith("wmark.")})
     save_tensors(tensors, tmp_path / "bad.safetensors",
-                 metadata={**wmark_metadata(raw), **{n[6:]: v for n, v in change.items() if n.startswith("wmark.")}})
+                 metadata={**{n: v for n, v in wmark_metadata(raw).items() if f"wmark.{n}" not in change},
+                           **{n: v for n, v in change.items() if n.startswith("wmark.")}})  # stored text, verbatim
     with pytest.raises(UsageError, match=rf"^The tie-break rule .*bad.safetensors is {message}; rebuild it with"):
         load_tiebreak_rule(tmp_path / "bad.safetensors", key=key, featurizer=featurizer)
 
