@@ -380,3 +380,36 @@ def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript
     outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
     assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
     assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9
+
+
+def test_a_report_dropping_a_test_its_transcript_was_bound_to_is_refused(files, tmp_path):
+    # the report of a trigger-set and tie-break run, re-written to show the trigger-set test alone (Holm over one
+    # test instead of two halves its p-value), recomputed the same from the key and the transcript
+    from wmark.models import load_model
+    from wmark.recheck import _test_from_dict
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    rule = tmp_path / "rule.safetensors"
+    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
+                       out=rule, references=[], verify_count=60)
+    model, _ = load_model("fmnist-mlp", d / "copy.safetensors")
+    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
+    with serve_in_background(app) as server:
+        api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
+                          rule_queries=60, transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+    report = tmp_path / "r.json"
+
+    def drop_tiebreak(doc):
+        kept = doc["verdict"]["tests"][:1]
+        alone = _test_from_dict(kept[0])
+        again = decide(key=key, tests=[alone], alpha=doc["verdict"]["alpha"], suspect=doc["verdict"]["suspect"])
+        doc["verdict"].update({k: v for k, v in json.loads(json.dumps(again.to_dict())).items() if k != "tests"})
+        kept[0]["adjusted_log10_p"] = again.to_dict()["tests"][0].get("adjusted_log10_p", alone.log10_p)
+        doc["verdict"]["tests"] = kept
+
+    _redigest(report, drop_tiebreak)
+    with pytest.raises(EvidenceError, match=r"r.json gives the tests 'trigger-set', but the transcript t.sqlite holds "
+                                            r"answers for the test plan 'fixed-n trigger-set of .* and fixed-n "
+                                            r"api-tiebreak of 60 queries at alpha 1e-06': a test left out of the report"):
+        recheck(report=report, key=d / "owner.key")

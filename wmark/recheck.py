@@ -228,6 +228,18 @@ def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float,
                         "gathered for.")
 
 
+def _check_planned_tests(record: _Record | None, verdict: dict[str, Any], report: Path) -> None:
+    """Refuse a report whose tests are not those its transcript's plan bound: weighted Holm corrects over every test
+    run, so a test left out of the report (or one added) makes the others' p-values smaller than the run's."""
+    if record is None or record.plan is None:
+        return
+    names = [t["name"] for t in verdict["tests"]]
+    if names != [entry["test"] for entry in record.plan["tests"]]:
+        raise EvidenceError(f"The report {report} gives the tests '{', '.join(names)}', but {record.source} holds "
+                            f"answers for the test plan '{describe(record.plan)}': a test left out of the report (or "
+                            "added to it) changes the correction over the tests run, which breaks its alpha.")
+
+
 def _finite(value: float) -> float:
     return value if math.isfinite(value) else -1e300
 
@@ -518,6 +530,7 @@ def recheck(*, report: PathLike, key: PathLike | Key, transcript: PathLike | Non
     tests: list[TestResult] = []
     rows: list[dict[str, Any]] = []
     record = _answers_for(doc, path, transcript, checks)
+    _check_planned_tests(record, verdict, path)
     detail_differences: list[str] = []
     for i, test in enumerate(verdict["tests"]):
         original = _test_from_dict(test)
