@@ -382,14 +382,12 @@ def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript
     assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9
 
 
-def test_a_report_dropping_a_test_its_transcript_was_bound_to_is_refused(files, tmp_path):
-    # the report of a trigger-set and tie-break run, re-written to show the trigger-set test alone (Holm over one
-    # test instead of two halves its p-value), recomputed the same from the key and the transcript
+def _two_test_transcript(files, tmp_path):
+    """A fixed-n trigger-set and tie-break run on a copy, with its transcript t.sqlite and report r.json."""
     from wmark.models import load_model
-    from wmark.recheck import _test_from_dict
     from wmark.serve import build_app, serve_in_background
 
-    key, d = files
+    _key, d = files
     rule = tmp_path / "rule.safetensors"
     api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
                        out=rule, references=[], verify_count=60)
@@ -398,18 +396,49 @@ def test_a_report_dropping_a_test_its_transcript_was_bound_to_is_refused(files, 
     with serve_in_background(app) as server:
         api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
                           rule_queries=60, transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
-    report = tmp_path / "r.json"
+    return tmp_path / "r.json"
 
-    def drop_tiebreak(doc):
-        kept = doc["verdict"]["tests"][:1]
-        alone = _test_from_dict(kept[0])
-        again = decide(key=key, tests=[alone], alpha=doc["verdict"]["alpha"], suspect=doc["verdict"]["suspect"])
-        doc["verdict"].update({k: v for k, v in json.loads(json.dumps(again.to_dict())).items() if k != "tests"})
-        kept[0]["adjusted_log10_p"] = again.to_dict()["tests"][0].get("adjusted_log10_p", alone.log10_p)
-        doc["verdict"]["tests"] = kept
 
-    _redigest(report, drop_tiebreak)
+def _rewrite_verdict(doc, key, tests):
+    """Give a report's verdict ``tests`` (as dicts) with the decision, p-values and counts they recompute to."""
+    from wmark.recheck import _test_from_dict
+
+    again = decide(key=key, tests=[_test_from_dict(t) for t in tests], alpha=doc["verdict"]["alpha"],
+                   suspect=doc["verdict"]["suspect"])
+    new = json.loads(json.dumps(again.to_dict()))
+    doc["verdict"].update({k: v for k, v in new.items() if k != "tests"})
+    for test, redone in zip(tests, new["tests"]):
+        test["adjusted_log10_p"] = redone.get("adjusted_log10_p", redone["log10_p"])
+    doc["verdict"]["tests"] = tests
+
+
+def test_a_report_dropping_a_test_its_transcript_was_bound_to_is_refused(files, tmp_path):
+    # the report of a trigger-set and tie-break run, re-written to show the trigger-set test alone (Holm over one
+    # test instead of two halves its p-value), recomputed the same from the key and the transcript
+    key, d = files
+    report = _two_test_transcript(files, tmp_path)
+    _redigest(report, lambda doc: _rewrite_verdict(doc, key, doc["verdict"]["tests"][:1]))
     with pytest.raises(EvidenceError, match=r"r.json gives the tests 'trigger-set', but the transcript t.sqlite holds "
                                             r"answers for the test plan 'fixed-n trigger-set of .* and fixed-n "
                                             r"api-tiebreak of 60 queries at alpha 1e-06': a test left out of the report"):
+        recheck(report=report, key=d / "owner.key")
+
+
+def test_a_report_reweighting_the_tests_its_transcript_was_bound_to_is_refused(files, tmp_path):
+    # the trigger-set test given weight 9 of 10 (its adjusted p-value 10/9 of its own instead of twice it) was
+    # recomputed with the report's own weights, the same
+    key, d = files
+    report = _two_test_transcript(files, tmp_path)
+    assert recheck(report=report, key=d / "owner.key").status == "same"
+
+    def reweigh(doc):
+        tests = doc["verdict"]["tests"]
+        tests[0]["weight"] = 9.0
+        _rewrite_verdict(doc, key, tests)
+
+    _redigest(report, reweigh)
+    with pytest.raises(EvidenceError, match=r"r.json gives the test 'fixed-n trigger-set of weight 9 of 40 queries at "
+                                            r"alpha 1e-06', but the transcript t.sqlite holds answers for the test "
+                                            r"plan 'fixed-n trigger-set of 40 queries and fixed-n api-tiebreak of 60 "
+                                            r"queries at alpha 1e-06'"):
         recheck(report=report, key=d / "owner.key")

@@ -347,3 +347,25 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
         MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[300:])
     assert flip.plan() == first  # later records extend the stream past what the test reads
     assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=21).plan() != first
+
+
+def test_the_plan_binds_a_prior_weight_and_a_run_weighted_otherwise_is_refused():
+    # weighted Holm keeps alpha only with weights fixed before the answers; the plan held no weight, so a resumed
+    # run (or a report) could weigh its tests otherwise on the same answers
+    from wmark.testplan import verification_plan
+
+    class Stub:
+        def __init__(self, name, weight):
+            self.name, self.weight = name, weight
+
+        def plan(self):
+            return {"mode": "sequential"}
+
+    plan = verification_plan([Stub("trigger-set", 1.0), Stub("api-tiebreak-log", 0.8)], alpha=1e-4)
+    assert plan == {"tests": [{"test": "trigger-set", "mode": "sequential"},
+                              {"test": "api-tiebreak-log", "mode": "sequential", "weight": 0.8}]}
+    heavier = verification_plan([Stub("trigger-set", 1.0), Stub("api-tiebreak-log", 4.0)], alpha=1e-4)
+    assert plan_refusal("t", plan, heavier) == (
+        "The transcript t holds answers for the test plan 'sequential trigger-set and sequential api-tiebreak-log of "
+        "weight 0.8', weighted otherwise than this run's tests; rerun with the recorded weights or start a new "
+        "transcript: weighted Holm keeps alpha only with weights fixed before any answer was seen.")

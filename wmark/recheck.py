@@ -36,7 +36,7 @@ from wmark.evidence import TestResult, Verdict, decide
 from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
-from wmark.testplan import describe, is_fixed
+from wmark.testplan import describe, is_fixed, plan_weight
 from wmark.text import is_text_array
 from wmark.transcript import input_sha256, readonly_uri, transcript_digest
 from wmark.verify import TriggerSetTest
@@ -206,15 +206,15 @@ def transcript_plan(path: PathLike) -> dict[str, Any] | None:
         raise EvidenceError(f"{path} is not a readable wmark transcript ({exc}): it was altered or truncated.") from None
 
 
-def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float, report: Path) -> None:
+def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float, report: Path, weight: float) -> None:
     """Refuse a test replayed from a transcript that the transcript's plan did not bind: its answers would be read
     under another test than the one they were gathered for (a fixed-n test cut or extended after they were seen,
-    another mode, alpha, rule or log), which no run of wmark writes."""
+    another mode, alpha, rule, log or prior weight), which no run of wmark writes."""
     plan = record.plan
     if plan is None:
         return
     bound = next((e for e in plan["tests"] if e.get("test") == name), None)
-    wanted = {"test": name, **entry}
+    wanted = {"test": name, **entry, **plan_weight(weight)}
     if bound is not None and "inputs" not in bound:  # an older plan bound no inputs: compare what it bound
         wanted = {k: v for k, v in wanted.items() if k not in ("inputs", "reads")}
     elif bound is not None and (bound.get("reads"), wanted.get("reads")) == ("scores", "labels"):
@@ -457,7 +457,7 @@ def _replay(test: dict[str, Any], *, record: _Record, key: Key, verdict: dict[st
                                  max_queries=int(details.get("budget", len(record.labels))))
         redone = trigger.run(replay, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
         entry = trigger.plan()
-    _check_plan(record, test["name"], entry, alpha, report)
+    _check_plan(record, test["name"], entry, alpha, report, float(test.get("weight", 1.0)))
     return redone
 
 

@@ -37,16 +37,25 @@ INPUT_NAMES = {"rule": "tie-break rule or served model", "holdout": "holdout",
 
 
 def verification_plan(tests: Sequence[EvidenceTest], *, alpha: float, client: str | None = None) -> dict[str, Any]:
-    """The plan of a verification: its tests in order (name, mode, each fixed-n test's budget, and the digests of
-    the inputs besides the answers a test reads), the alpha when some test is fixed-n, and the client asked
-    about."""
-    entries = [{"test": test.name, **test.plan()} for test in tests]
+    """The plan of a verification: its tests in order (name, mode, each fixed-n test's budget, the digests of the
+    inputs besides the answers a test reads, and a prior weight other than 1), the alpha when some test is
+    fixed-n, and the client asked about.
+
+    The weights are bound because weighted Holm keeps alpha only with weights fixed before the answers: a report
+    re-weighting its tests would otherwise be recomputed with its own weights."""
+    entries = [{"test": test.name, **test.plan(), **plan_weight(test.weight)} for test in tests]
     plan: dict[str, Any] = {"tests": entries}
     if is_fixed(plan):
         plan["alpha"] = float(alpha)
     if client is not None:
         plan["client"] = client
     return plan
+
+
+def plan_weight(weight: float) -> dict[str, float]:
+    """A test's prior weight as its plan entry holds it: only when it is not 1, so that plans of weight-1 tests
+    (the trigger set, the tie-break test on committed inputs) stay as an older wmark wrote them."""
+    return {} if weight == 1.0 else {"weight": float(weight)}
 
 
 def is_fixed(plan: dict[str, Any]) -> bool:
@@ -58,11 +67,12 @@ def describe(plan: dict[str, Any]) -> str:
     """The plan in words, e.g. ``fixed-n trigger-set of 50 queries at alpha 1e-06``."""
     parts = []
     for entry in plan["tests"]:
+        weight = f" of weight {entry['weight']:g}" if "weight" in entry else ""
         if entry["mode"] == "sequential":
-            parts.append(f"sequential {entry['test']}")
+            parts.append(f"sequential {entry['test']}{weight}")
             continue
         rounds = f" in {entry['rounds']} rounds" if "rounds" in entry else ""
-        parts.append(f"fixed-n {entry['test']} of {entry['budget']} queries{rounds}")
+        parts.append(f"fixed-n {entry['test']}{weight} of {entry['budget']} queries{rounds}")
     words = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     if "alpha" in plan:
         words += f" at alpha {plan['alpha']:g}"
@@ -88,6 +98,9 @@ def plan_refusal(path: object, recorded: dict[str, Any], wanted: dict[str, Any])
         return (f"{head}, recorded by an older wmark that did not bind the tie-break rule, holdout or query log it "
                 "read, so a fixed-n test cannot be checked against them; start a new transcript (a sequential run may "
                 "still resume it).")
+    if [e.get("weight", 1.0) for e in recorded["tests"]] != [e.get("weight", 1.0) for e in wanted["tests"]]:
+        return (f"{head}, weighted otherwise than this run's tests; rerun with the recorded weights or start a new "
+                "transcript: weighted Holm keeps alpha only with weights fixed before any answer was seen.")
     changed = _changed_inputs(recorded, wanted)
     if changed:
         return (f"{head}, read with another {' and another '.join(changed)} than this run's; rerun with the files it "
