@@ -140,10 +140,12 @@ def test_edited_bits_or_a_file_digest_are_tampering(files, tmp_path):
         recheck(report=report, key=d / "owner.key")
     code, _ = run("recheck", "--report", str(report), "--key", str(d / "owner.key"))
     assert code == 2
-    report.write_text(original)
-    _edit(tmp_path, lambda t: t["details"].update(bits_read=["0"] * 64))
-    with pytest.raises(EvidenceError, match="with the wrong type: it was edited"):
-        recheck(report=report, key=d / "owner.key")
+    for wrong in ({"bits_read": ["0"] * 64}, {"form": "binorm", "aligned_to": "reference"}):
+        # a form other than a chain's or a graph's stopped the re-check with a KeyError traceback
+        report.write_text(original)
+        _edit(tmp_path, lambda t, wrong=wrong: t["details"].update(wrong))
+        with pytest.raises(EvidenceError, match="with the wrong type: it was edited"):
+            recheck(report=report, key=d / "owner.key")
 
 
 @pytest.mark.parametrize("anchored", [True, False])

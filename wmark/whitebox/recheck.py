@@ -92,15 +92,16 @@ def recheck_weights(*, key: Key, test: Mapping[str, Any], alpha: float, report: 
             not the one the report names, or the files read other bits than the report records (tampered).
         UsageError: If a given file does not exist.
     """
-    from wmark.whitebox.verify import bits_from_text, weights_test_result
+    from wmark.whitebox.verify import NOT_EXACT_WHY, bits_from_text, weights_test_result
 
     details = test["details"]
     text, candidates = details.get("bits_read"), details.get("candidates")
+    # the form names the null's stated reason when not aligned to an anchor: another would fail to be looked up
     if (not isinstance(text, str) or not re.fullmatch(r"[01-]*", text) or isinstance(candidates, bool)
-            or not isinstance(candidates, int) or candidates < 1
+            or not isinstance(candidates, int) or candidates < 1 or details.get("form", "chain") not in NOT_EXACT_WHY
             or details.get("aligned_to") not in ("anchor", "reference") or not isinstance(details.get("files"), dict)):
-        raise EvidenceError(f"The report {report} holds its white-box test's bits read, candidate count or files with "
-                            "the wrong type: it was edited (and its digest recomputed) or written by another tool.")
+        raise EvidenceError(f"The report {report} holds its white-box test's bits read, candidate count, form or files "
+                            "with the wrong type: it was edited (and its digest recomputed) or written by another tool.")
     bits = int(scheme_params(key)["bits"])
     if len(text) != bits:
         raise EvidenceError(f"The report {report} records {len(text)} bits read, but the revealed key's payload has "
