@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from wmark.attacks import prune, rename_tensors
-from wmark.attacks.symmetry import fold_batchnorm, free_spaces, permute_spaces
+from wmark.attacks.symmetry import flip_gain_signs, fold_batchnorm, free_spaces, permute_spaces
 from wmark.errors import UsageError
 from wmark.io import load_tensors, save_model, save_tensors
 from wmark.schemes.weights import WeightsEmbedder
@@ -225,6 +225,24 @@ def test_an_independent_twin_is_not_detected_and_alignment_never_reads_the_marke
     assert not verdict.detected and verdict.tests[0].log10_p > -3, verdict.tests[0].matches
     aligner, layers = guarded_aligner(d, dict(twin.state_dict()))
     assert layers[-1].inp in aligner.perms and aligner.candidates()
+
+
+def test_norm_gain_sign_flips_before_the_mlp_are_undone(marked) -> None:
+    """A ConvNeXt block's LayerNorm feeds only ``pw1``: negating entries of its gain and bias with ``pw1``'s columns
+    keeps the function, and took the mark to chance (17/32) when the graph did not record that gain."""
+    key, arch, model, d = marked
+    g = read_graph(model)
+    if arch == "mobilenet":
+        with pytest.raises(UsageError, match="records no norm gains"):
+            flip_gain_signs(model.state_dict(), graph=g)
+        return
+    assert g.layer("blocks.1.pw1.weight").gain == "blocks.1.norm.weight" and not g.layer("blocks.1.pw1.weight").signs
+    flipped = ARCHS[arch](99)
+    flipped.load_state_dict(flip_gain_signs(signed(model, arch, 4).state_dict(), graph=g, seed=2))
+    x = torch.randn(4, 3, 16, 16)
+    assert torch.allclose(flipped.eval()(x), model(x), atol=1e-5)
+    verdict = check(key, d, rename_tensors(flipped.state_dict(), seed=2), "gains")
+    assert verdict.detected and verdict.tests[0].matches >= 30, verdict.tests[0].matches
 
 
 class Refused(nn.Module):

@@ -105,9 +105,10 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
 def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:
     """Flip the sign of a random half of every norm gain's entries and of the columns that read them.
 
-    An RMSNorm gain multiplies each unit elementwise, so negating entry ``j`` of the gain and column ``j`` of
-    every layer reading the norm's output keeps the function; each norm gets its own flips, independent of
-    the hidden stream's. The gains are those the graph records for its layers (Llama-style decoders).
+    A norm gain multiplies each unit elementwise, so negating entry ``j`` of the gain (and of a LayerNorm's or
+    GroupNorm's bias) and column ``j`` of every layer reading the norm's output keeps the function; each norm
+    gets its own flips, independent of the hidden stream's. The gains are those the graph records for its
+    layers (Llama-style decoders; a ConvNeXt block's LayerNorm read by its MLP).
 
     Raises:
         UsageError: If the graph records no gains, or a tensor is missing.
@@ -120,6 +121,9 @@ def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: 
     for gain in gains:
         flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
         out[gain] = out[gain] * flip.to(out[gain])
+        bias = gain.removesuffix("weight") + "bias"
+        if gain.endswith(".weight") and bias in out:
+            out[bias] = out[bias] * flip.to(out[bias])
         for lay in graph.layers:
             if lay.gain == gain:
                 out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)

@@ -195,7 +195,7 @@ class Aligner:
                              "needs; white-box verification cannot apply, try black-box verification.")
         if len(options) == 1:
             pick = options[0]
-        elif layer.gain and self._signed(layer.inp):
+        elif layer.gain:
             # Its columns may carry a norm gain's signs, not known yet: choose on sign-blind magnitudes.
             pick = max(options, key=lambda n: float(self._magnitude_similarity(layer, n).amax(dim=1).mean()))
         else:
@@ -252,7 +252,7 @@ class Aligner:
         self.gain_signs[gain] = max(candidates, key=lambda c: c[0])[1]
 
     def _resolve(self, space: str, writers: Sequence[Layer]) -> None:
-        for gain in dict.fromkeys(w.gain for w in writers if w.gain and self._signed(w.inp)):
+        for gain in dict.fromkeys(w.gain for w in writers if w.gain):
             if any(w.gain == gain and not w.signs for w in writers):
                 self._resolve_gain(gain, writers)
         total: torch.Tensor | None = None

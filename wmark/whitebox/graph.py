@@ -92,9 +92,11 @@ class Layer:
         transpose: True for an embedding table, whose *columns* are the units of ``out`` (rows: tokens).
         bias: The bias parameter (permuted with the rows), if any.
         signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
-            whose output passes through the non-odd SiLU before the product that carries the sign).
-        gain: The per-unit gain (an RMSNorm weight) its columns read a signed ``inp`` space through, if any:
-            a thief may flip the signs of that gain and of its readers' columns, on top of the space's own.
+            whose output passes through the non-odd SiLU before the product that carries the sign, and for a
+            reader of a norm gain that no norm after it owns: its rows show the gain's signs).
+        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's or GroupNorm's) its columns read
+            ``inp`` through, if any: a thief may flip the signs of that gain (and its bias) and of its readers'
+            columns, on top of the space's own.
         own: Signs of its rows that the op right after it absorbs, so that no other tensor of the graph shows
             them: ``rows`` (each row on its own: a BatchNorm, whose γ and running mean flip with the row, or a
             per-unit gain such as a layer scale), ``whole`` (all rows together: a LayerNorm or GroupNorm(1, C),
@@ -255,6 +257,10 @@ def _read_fx(model: nn.Module) -> Graph:
     last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
+    # node → the affine norm gain it is the output of (through permutes and dropout): a thief may flip the
+    # signs of entries of the gain and its bias with the columns of the layers reading the node.
+    tags: dict[Any, str] = {}
+    gains: dict[str, str] = {}
 
     def absorb(src: Any, mode: str, names: Sequence[str]) -> None:
         # Only a layer whose output feeds nothing but this op may flip rows that the op's parameters absorb.
@@ -274,6 +280,8 @@ def _read_fx(model: nn.Module) -> Graph:
             continue
         if tensor_args and node.op != "call_module" and node.target in ("permute", torch.permute):
             label[node], to_last = _permuted(node, tensor_args[0] in last_axis, label[tensor_args[0]], sp)
+            if tensor_args[0] in tags:
+                tags[node] = tags[tensor_args[0]]
             if to_last:
                 last_axis.add(node)
             continue
@@ -316,6 +324,8 @@ def _read_fx(model: nn.Module) -> Graph:
             else:
                 src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
+            if tensor_args and tensor_args[0] in tags:
+                gains[f"{target}.weight"] = tags[tensor_args[0]]
             layers.append((f"{target}.weight", src, out, bias))
             label[node] = out
             made[node] = f"{target}.weight"
@@ -328,9 +338,12 @@ def _read_fx(model: nn.Module) -> Graph:
                 # A norm over every unit reads -z as -(its reading of z): its gain absorbs one sign of all rows.
                 alone = isinstance(mod, nn.GroupNorm) and mod.num_groups == mod.num_channels
                 absorb(tensor_args[0], "rows" if alone else "whole", [f"{node.target}.weight"])
+                tags[node] = f"{node.target}.weight"
         elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
             label[node] = sp.find(label[tensor_args[0]])
             mod = modules[node.target]
+            if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
+                tags[node] = tags[tensor_args[0]]
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
                 sp.info[label[node]].params.extend(n for n in names if n in params or n in buffers)
@@ -339,9 +352,13 @@ def _read_fx(model: nn.Module) -> Graph:
                     absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp)
+            if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
+                tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
-    return _assemble(sp, layers, params, family="fx", owns=owns)
+    # A reader of a norm gain whose rows never flip (no norm after it owns them) shows the gain's signs in them.
+    return _assemble(sp, layers, params, family="fx", owns=owns, gains=gains,
+                     unsigned=frozenset(name for name in gains if name not in owns))
 
 
 def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
@@ -513,7 +530,7 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         todo.extend(w.inp for w in writers)
     chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
               and graph.spaces[lay.inp].kind != "opaque"]
-    if target.gain and first.kind == SIGNED and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
+    if target.gain and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
         raise UsageError(f"The signs {marked} reads through {target.gain} show in no other layer wmark aligns; mark "
                          "another layer.")
     return [*chosen, target]
