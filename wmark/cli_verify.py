@@ -75,7 +75,7 @@ def _http_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--token-env", default=None, help="Environment variable holding a bearer token."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False),
                      help="File holding a bearer token."),
-        click.option("--rate", type=float, default=None, help="Most requests per second."),
+        click.option("--rate", type=float, default=None, help="Most requests per second (each HTTP 429 slows down further)."),
         click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per answer."),
         click.option("--retries", type=int, default=3, show_default=True,
                      help="Retries (backoff with jitter, honouring Retry-After)."),

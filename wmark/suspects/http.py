@@ -1,8 +1,9 @@
 """A suspect behind a prediction API: one HTTP request per input, with the manners a paid API expects.
 
 :class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
-a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
-``Retry-After`` on 429/503, and a thread pool for concurrent requests; it goes through the environment's proxy
+a request-rate limit that slows on every 429 (:class:`~wmark.suspects.pacing.RateLimiter`), timeouts, retries with
+exponential backoff and full jitter that honour ``Retry-After`` on 429/503, and a thread pool for concurrent
+requests; it goes through the environment's proxy
 (:mod:`wmark.suspects.proxies`). An error object answered in place of a
 prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
@@ -67,7 +68,7 @@ class HttpOptions:
         max_backoff: Cap of one backoff wait.
         max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
             ``estimated_time`` (an estimate, not a demand) is cut to it.
-        rate: Most requests per second (``None``: unlimited).
+        rate: Most requests per second (``None``: unlimited); a server answering 429 slows the pace further.
         concurrency: Requests in flight at once.
         verify_tls: Check TLS certificates (a CA bundle path is accepted too).
     """
@@ -338,7 +339,7 @@ class HttpSuspect:
         connect_failures = 0
         attempts = 0
         for attempt in range(self.options.retries + 1):
-            self._limiter.wait()
+            slot = self._limiter.wait()
             attempts += 1
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
@@ -365,6 +366,10 @@ class HttpSuspect:
                 error = f"connection dropped ({_short(exc)})"
             else:
                 code = resp.status_code
+                if code == 429:
+                    self._limiter.throttled(slot)
+                elif code < 400:
+                    self._limiter.answered()
                 if code == 407:
                     raise self._proxy_auth(url)
                 if code in (401, 403):
