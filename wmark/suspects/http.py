@@ -380,7 +380,8 @@ class HttpSuspect:
                     )
                 if code == 404:
                     raise UsageError(
-                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
+                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL, the model name and "
+                        "version."
                     )
                 if 300 <= code < 400 and "location" in resp.headers:
                     # Following would send the token to wherever the suspect points, another host included.
@@ -546,6 +547,8 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
         raise UsageError(f"The suspect URL {url!r} must start with http:// or https://.")
     if input_name is not None and protocol != "v2":
         raise UsageError(f"An input name applies to the v2 protocol only, not {protocol}.")
+    if version is not None and protocol == "json":
+        raise UsageError("A model version applies to the v2 and tfserving protocols only; for json put it in the URL.")
     if protocol == "v2":
         return V2Protocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
                           version=version, input_name=input_name)
@@ -563,15 +566,17 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
 def open_http_suspect(*, url: str, protocol: str, num_classes: int, input_shape: tuple[int, ...],
                       model_name: str | None = None, template: str | None = None, token: str | None = None,
                       options: HttpOptions | None = None, seed: int | None = None,
-                      input_name: str | None = None) -> HttpSuspect:
+                      input_name: str | None = None, version: str | None = None) -> HttpSuspect:
     """Build an :class:`HttpSuspect` and check the server (see :meth:`HttpSuspect.connect`).
 
     ``input_name`` names the v2 input tensor: it overrides the server's name, and is needed when the server
     describes no inputs and its model wants a name other than ``input-0`` (the key's input shape and FP32 are
-    sent then; ``server_info["input_from"]`` says ``"key"``).
+    sent then; ``server_info["input_from"]`` says ``"key"``). ``version`` pins one model version on a v2 or
+    TensorFlow Serving server (``.../versions/{version}/...``), which the endpoint, and so the transcript and the
+    report, then name.
     """
     proto = make_protocol(protocol=protocol, url=url, model_name=model_name, num_classes=num_classes,
-                          input_shape=input_shape, template=template, input_name=input_name)
+                          input_shape=input_shape, template=template, input_name=input_name, version=version)
     headers = getattr(proto, "headers", None)
     suspect = HttpSuspect(protocol=proto, token=token, options=options, headers=headers, seed=seed)
     try:

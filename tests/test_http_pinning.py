@@ -1,0 +1,58 @@
+"""What a transcript and a verification are pinned to over HTTP: the model version asked, the JSON template read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from httpkit import Counting, memorising_model
+
+from wmark.cli import main
+from wmark.errors import UsageError
+from wmark.keys import generate_key, save_key
+from wmark.serve import build_app, serve_in_background
+from wmark.transcript import Transcript
+
+SHAPE = (1, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def key():
+    return generate_key(owner="Test Owner", num_classes=10, input_shape=SHAPE, num_triggers=40)
+
+
+@pytest.fixture
+def key_file(key, tmp_path):
+    path = tmp_path / "owner.key"
+    save_key(key, path)
+    return str(path)
+
+
+def test_verify_api_asks_the_pinned_model_version_and_refuses_one_the_server_lacks(key, key_file, tmp_path):
+    counting = Counting()
+    app = build_app(model=memorising_model(key), name="m", num_classes=10, input_shape=SHAPE, labels_only=True,
+                    version="2", on_infer=counting)
+    runner = CliRunner()
+    with serve_in_background(app) as server:
+        base = ["verify", "api", "--key", key_file, "--suspect", server.url, "--model-name", "m", "--json"]
+        pinned = runner.invoke(main, [*base, "--model-version", "2", "--budget", "5",
+                                      "--transcript", str(tmp_path / "t.sqlite")])
+        missing = runner.invoke(main, [*base, "--model-version", "3", "--retries", "0"])
+    assert pinned.exit_code in (0, 1), pinned.output
+    assert json.loads(pinned.output)["tests"][0]["details"]["probe"]["endpoint"] == \
+        f"{server.url}/v2/models/m/versions/2/infer"
+    assert counting.total == 5
+    with pytest.raises(UsageError, match="made for another suspect"):
+        Transcript(tmp_path / "t.sqlite", key_commitment=key.commitment(), suspect=f"{server.url}/v2/models/m/infer",
+                   protocol="v2")
+    assert missing.exit_code == 2
+    assert missing.output.strip().endswith("/v2/models/m/versions/3 does not exist on the server (HTTP 404); check "
+                                           "the URL, the model name and version.")
+
+
+def test_a_model_version_is_refused_for_the_json_protocol(key_file):
+    out = CliRunner().invoke(main, ["verify", "api", "--key", key_file, "--suspect", "http://127.0.0.1:9/predict",
+                                    "--protocol", "json", "--template", "hf", "--model-version", "2"])
+    assert out.exit_code == 2
+    assert "A model version applies to the v2 and tfserving protocols only; for json put it in the URL." in out.output
