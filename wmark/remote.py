@@ -19,6 +19,7 @@ from wmark.keys import Key, load_key
 from wmark.recheck import record_tiebreak_files, tiebreak_files
 from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.suspects.http import HttpOptions, open_http_suspect
+from wmark.suspects.json_template import JsonTemplateProtocol, template_digest
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.suspects.tokens import read_token
 from wmark.testplan import verification_plan
@@ -109,8 +110,10 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
     record = None
     try:
         if transcript is not None:
+            template_id = (template_digest(suspect.protocol.template)
+                           if isinstance(suspect.protocol, JsonTemplateProtocol) else "")
             record = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
-                                protocol=protocol, durability=transcript_sync,
+                                protocol=protocol, template=template_id, durability=transcript_sync,
                                 plan=verification_plan(tests, alpha=alpha, client=client))
         probe = ProbeSuspect(suspect, transcript=record, cover=cover)
         verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)
