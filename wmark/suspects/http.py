@@ -183,7 +183,8 @@ class HttpSuspect:
         # a proxy's password in the transcript, a report or a message: every answer is read with them replaced,
         # longest form first (one may hold another).
         secrets = {form: "[proxy password]" for form in proxies.secrets()}
-        secrets |= {form: "[token]" for form in ({token, token.replace("/", "\\/")} if token else ())}
+        secrets |= {form: "[token]" for form in ({token, token.replace("/", "\\/"), json.dumps(token)[1:-1]}
+                                                 if token else ())}
         self._secrets = sorted(secrets.items(), key=lambda item: -len(item[0]))
 
     def __repr__(self) -> str:
@@ -473,9 +474,24 @@ class HttpSuspect:
             decoded.problem
 
     def _scrub(self, text: str) -> str:
+        """``text`` without the token or a proxy password, in any spelling JSON gives them.
+
+        JSON may write any character as ``\\uXXXX``: a suspect echoing the token so would slip past its literal
+        forms, so a JSON text that holds a secret once decoded is kept as its canonical spelling, scrubbed.
+        """
         for form, placeholder in self._secrets:
             text = text.replace(form, placeholder)
-        return text
+        if not self._secrets or "\\u" not in text:
+            return text
+        try:
+            canonical = json.dumps(json.loads(text), ensure_ascii=False)
+        except (ValueError, RecursionError):
+            return text
+        if not any(form in canonical for form, _ in self._secrets):
+            return text
+        for form, placeholder in self._secrets:
+            canonical = canonical.replace(form, placeholder)
+        return canonical
 
     def _via(self, url: str) -> str:
         """`` through the proxy …`` (named without its credentials) when one carries requests to ``url``."""
