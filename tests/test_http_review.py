@@ -67,3 +67,12 @@ def test_a_token_echoed_in_json_unicode_escapes_never_reaches_the_transcript_or_
     assert "abc" not in str(refused.value)
     stored = path.read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("t.sqlite-*"))
     assert b"abc" not in stored and _escaped("abc").encode() not in stored and b"[token]" in stored
+
+
+def test_an_empty_token_file_is_refused_with_the_fix(tmp_path):
+    from wmark.suspects.tokens import read_token
+
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(UsageError, match=r"^The token file .*token is empty; write the bearer token into it\.$"):
+        read_token(file=empty)
