@@ -1,17 +1,16 @@
 """A suspect behind a prediction API: one HTTP request per input, with the manners a paid API expects.
 
-:class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
-a request-rate limit that slows on every 429 (:class:`~wmark.suspects.pacing.RateLimiter`), timeouts, retries with
+:class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token, a
+request-rate limit that slows on every 429 (:class:`~wmark.suspects.pacing.RateLimiter`), timeouts, retries with
 exponential backoff and full jitter that honour ``Retry-After`` on 429/503, and a thread pool for concurrent
-requests; it goes through the environment's proxy
-(:mod:`wmark.suspects.proxies`). An error object answered in place of a
-prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
+requests; it goes through the environment's proxy (:mod:`wmark.suspects.proxies`). An error object answered in
+place of a prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
-``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
-an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
-with one sentence: a refused token (401/403), an unknown model (404), a redirect (never followed, so the
-token goes to no other address), a proxy refusing its credentials (407), an unreachable host, a TLS failure,
-or answers that do not fit the key's classes.
+``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is an
+abstention (label ``-1``), never a match. Errors that no retry can fix stop the run with one sentence: a refused
+token (401/403), an unknown model (404), a redirect (never followed, so the token goes to no other address), a
+proxy refusing its credentials (407), an unreachable host, a TLS failure, or answers that do not fit the key's
+classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -39,7 +38,14 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
+from wmark.suspects.bodies import (
+    ACCEPT_ENCODING,
+    BoundedBody,
+    decode_body,
+    error_body,
+    scrubbed,
+    server_message,
+)
 from wmark.suspects.deadline import DEADLINE, DeadlineTransport
 from wmark.suspects.pacing import RateLimiter, parse_retry_after
 from wmark.suspects.protocols import (
@@ -474,24 +480,7 @@ class HttpSuspect:
             decoded.problem
 
     def _scrub(self, text: str) -> str:
-        """``text`` without the token or a proxy password, in any spelling JSON gives them.
-
-        JSON may write any character as ``\\uXXXX``: a suspect echoing the token so would slip past its literal
-        forms, so a JSON text that holds a secret once decoded is kept as its canonical spelling, scrubbed.
-        """
-        for form, placeholder in self._secrets:
-            text = text.replace(form, placeholder)
-        if not self._secrets or "\\u" not in text:
-            return text
-        try:
-            canonical = json.dumps(json.loads(text), ensure_ascii=False)
-        except (ValueError, RecursionError):
-            return text
-        if not any(form in canonical for form, _ in self._secrets):
-            return text
-        for form, placeholder in self._secrets:
-            canonical = canonical.replace(form, placeholder)
-        return canonical
+        return scrubbed(text, self._secrets)
 
     def _via(self, url: str) -> str:
         """`` through the proxy …`` (named without its credentials) when one carries requests to ``url``."""
