@@ -35,8 +35,8 @@ from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_ROUN
 from wmark.verify import Mode
 
 SUSPECT_DEVICE_HELP = "A model-file suspect answers on this device: cpu, cuda, cuda:N or mps [default: CUDA when present]."
-HTTP_OPTIONS = ("protocol", "model_name", "input_name", "template", "token_env", "token_file", "rate", "timeout", "retries",
-                "concurrency", "transcript", "transcript_sync", "cover_data", "cover_ratio")
+HTTP_OPTIONS = ("protocol", "model_name", "model_version", "input_name", "template", "token_env", "token_file", "rate",
+                "timeout", "retries", "concurrency", "transcript", "transcript_sync", "cover_data", "cover_ratio")
 
 
 def _common(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -69,13 +69,15 @@ def _http_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--protocol", type=click.Choice(["v2", "tfserving", "json"]), default="v2", show_default=True,
                      help="Open Inference Protocol v2, TensorFlow Serving REST, or a JSON template."),
         click.option("--model-name", default=None, help="Model name on a v2/TF Serving server."),
+        click.option("--model-version", default=None,
+                     help="v2/TF Serving: the model version to ask (default: whichever the server picks)."),
         click.option("--input-name", default=None,
                      help="v2: input tensor name (default: the server's, else input-0 with the key's shape)."),
         click.option("--template", default=None, help="json protocol: torchserve, hf, or a template file."),
         click.option("--token-env", default=None, help="Environment variable holding a bearer token."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False),
                      help="File holding a bearer token."),
-        click.option("--rate", type=float, default=None, help="Most requests per second."),
+        click.option("--rate", type=float, default=None, help="Most requests per second (each HTTP 429 slows down further)."),
         click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds per answer."),
         click.option("--retries", type=int, default=3, show_default=True,
                      help="Retries (backoff with jitter, honouring Retry-After)."),

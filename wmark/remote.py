@@ -19,6 +19,7 @@ from wmark.keys import Key, load_key
 from wmark.recheck import record_tiebreak_files, tiebreak_files
 from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.suspects.http import HttpOptions, open_http_suspect
+from wmark.suspects.json_template import JsonTemplateProtocol, template_digest
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.suspects.tokens import read_token
 from wmark.testplan import verification_plan
@@ -30,6 +31,7 @@ PathLike = str | os.PathLike[str]
 
 
 def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: str | None = None,
+                  model_version: str | None = None,
                   input_name: str | None = None, template: str | None = None, token_env: str | None = None, token_file: PathLike | None = None,
                   alpha: float = DEFAULT_ALPHA, mode: Mode = "sequential", max_queries: int | None = None,
                   rate: float | None = None, timeout: float = 10.0, retries: int = 3, concurrency: int = 1,
@@ -45,6 +47,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         url: The server or endpoint (``http://host:port``, ``.../v2/models/NAME``, or the JSON endpoint).
         protocol: ``v2``, ``tfserving`` or ``json``.
         model_name: The model's name on a v2 / TensorFlow Serving server (unless ``url`` names it).
+        model_version: The model version to ask on a v2 / TensorFlow Serving server (default: the server's
+            choice, which may change between runs).
         input_name: The v2 input tensor's name (default: the server's, or ``input-0`` when the server describes
             no inputs and the key's input spec is sent; the report says which).
         template: For ``json``: ``torchserve``, ``hf`` or a template file.
@@ -101,12 +105,15 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         cover = CoverTraffic(_cover_inputs(k, cover_data), ratio=cover_ratio, seed=k.seed("cover/traffic"))
     suspect = open_http_suspect(url=url, protocol=protocol, num_classes=k.num_classes,
                                 input_shape=tuple(k.input_shape), model_name=model_name, template=template,
-                                token=token, options=options, input_name=input_name)
+                                token=token, options=options, input_name=input_name,
+                                version=model_version)
     record = None
     try:
         if transcript is not None:
+            template_id = (template_digest(suspect.protocol.template)
+                           if isinstance(suspect.protocol, JsonTemplateProtocol) else "")
             record = Transcript(transcript, key_commitment=k.commitment(), suspect=suspect.description,
-                                protocol=protocol, durability=transcript_sync,
+                                protocol=protocol, template=template_id, durability=transcript_sync,
                                 plan=verification_plan(tests, alpha=alpha, client=client))
         probe = ProbeSuspect(suspect, transcript=record, cover=cover)
         verdict = Verifier(key=k, alpha=alpha, tests=tests).run(suspect=probe, description=suspect.description)

@@ -114,6 +114,10 @@ class Transcript:
         key_commitment: The key's public commitment.
         suspect: The suspect's URL (or description).
         protocol: The wire protocol's name.
+        template: What identifies the JSON protocol's template
+            (:func:`~wmark.suspects.json_template.template_digest`; ``""`` for other protocols): the recorded labels
+            were read by its extractors and class names, so no run under another one resumes them. A transcript an
+            older wmark wrote without one is bound to this run's.
         durability: ``"fsync"`` (every answer reaches the disk before the next is counted) or ``"process"``
             (every answer survives the process being killed, but not an operating-system crash; faster on
             disks with slow fsync).
@@ -128,7 +132,8 @@ class Transcript:
     """
 
     def __init__(self, path: str | os.PathLike[str], *, key_commitment: str, suspect: str,
-                 protocol: str = "", durability: str = "fsync", plan: dict[str, Any] | None = None) -> None:
+                 protocol: str = "", template: str = "", durability: str = "fsync",
+                 plan: dict[str, Any] | None = None) -> None:
         if durability not in ("fsync", "process"):
             raise UsageError(f"Unknown transcript durability {durability!r}; use fsync or process.")
         self._answer_sync = "FULL" if durability == "fsync" else "NORMAL"
@@ -148,20 +153,25 @@ class Transcript:
             self._db.executescript(_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise UsageError(f"{self.path} is not a wmark transcript ({exc}); give a new transcript path.") from None
-        want = {"format": FORMAT, "key_commitment": key_commitment, "suspect": suspect, "protocol": protocol}
+        want = {"format": FORMAT, "key_commitment": key_commitment, "suspect": suspect, "protocol": protocol,
+                "template": template}
         have = dict(self._db.execute("SELECT name, value FROM meta").fetchall())
         if have:
             for name, value in want.items():
-                if have.get(name) != value:
+                if name != "template" and have.get(name) != value:
                     self._db.close()
                     raise UsageError(
                         f"The transcript {self.path} was made for another {name.replace('_', ' ')} "
                         f"({have.get(name)!r}, not {value!r}); give a new transcript path."
                     )
-        else:
-            with self._tx():
-                self._db.executemany("INSERT INTO meta (name, value) VALUES (?, ?)",
-                                     [*want.items(), ("created", _now())])
+            if have.get("template", template) != template:
+                self._db.close()
+                raise UsageError(f"The transcript {self.path} holds answers read under another JSON template; resume "
+                                 "it with the template it was made with, or give a new transcript path.")
+        with self._tx():
+            # a transcript an older wmark wrote has no template row: it is bound to this run's from now on
+            self._db.executemany("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
+                                 [*want.items(), ("created", _now())])
         recorded = json.loads(have["plan"]) if "plan" in have else None
         answered = self._db.execute("SELECT COUNT(*) FROM queries WHERE role = 'trigger' AND status IN ('ok', 'malformed')").fetchone()[0]
         if plan is not None and answered:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 MAX_ANSWER_BYTES = 4 * 2**20
@@ -73,6 +74,31 @@ def server_message(text: str, reason: str) -> str:
     except (ValueError, RecursionError):
         pass
     return (text or reason or "no message")[:200].strip() or "no message"
+
+
+def scrubbed(text: str, secrets: Sequence[tuple[str, str]]) -> str:
+    """``text`` with each secret (the token, a proxy password) replaced by its placeholder, in any JSON spelling.
+
+    JSON may write any character as ``\\uXXXX``: a suspect echoing the token so would slip past its literal
+    forms, so a JSON text that holds a secret once decoded is kept as its canonical spelling, scrubbed.
+
+    Args:
+        secrets: ``(form, placeholder)`` pairs, longest form first (one may hold another).
+    """
+    for form, placeholder in secrets:
+        text = text.replace(form, placeholder)
+    if not secrets or "\\u" not in text:
+        return text
+    try:
+        canonical = json.dumps(json.loads(text), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return text
+    if not any(form in canonical for form, _ in secrets):
+        return text
+    for form, placeholder in secrets:
+        canonical = canonical.replace(form, placeholder)
+    return canonical
+
 
 class BoundedBody:
     """An answer's body, decoded from its content encoding chunk by chunk and never held past ``limit`` bytes.

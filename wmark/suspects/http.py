@@ -1,16 +1,16 @@
 """A suspect behind a prediction API: one HTTP request per input, with the manners a paid API expects.
 
-:class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token,
-a request-rate limit, timeouts, retries with exponential backoff and full jitter that honour
-``Retry-After`` on 429/503, and a thread pool for concurrent requests; it goes through the environment's proxy
-(:mod:`wmark.suspects.proxies`). An error object answered in place of a
-prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
+:class:`HttpSuspect` speaks one :mod:`wire protocol <wmark.suspects.protocols>` and adds a bearer token, a
+request-rate limit that slows on every 429 (:class:`~wmark.suspects.pacing.RateLimiter`), timeouts, retries with
+exponential backoff and full jitter that honour ``Retry-After`` on 429/503, and a thread pool for concurrent
+requests; it goes through the environment's proxy (:mod:`wmark.suspects.proxies`). An error object answered in
+place of a prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
-``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is
-an abstention (label ``-1``), never a match. Errors that no retry can fix stop the run
-with one sentence: a refused token (401/403), an unknown model (404), a redirect (never followed, so the
-token goes to no other address), a proxy refusing its credentials (407), an unreachable host, a TLS failure,
-or answers that do not fit the key's classes.
+``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is an
+abstention (label ``-1``), never a match. Errors that no retry can fix stop the run with one sentence: a refused
+token (401/403), an unknown model (404), a redirect (never followed, so the token goes to no other address), a
+proxy refusing its credentials (407), an unreachable host, a TLS failure, or answers that do not fit the key's
+classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -38,7 +38,14 @@ import numpy as np
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.suspects.base import Answers
-from wmark.suspects.bodies import ACCEPT_ENCODING, BoundedBody, decode_body, error_body, server_message
+from wmark.suspects.bodies import (
+    ACCEPT_ENCODING,
+    BoundedBody,
+    decode_body,
+    error_body,
+    scrubbed,
+    server_message,
+)
 from wmark.suspects.deadline import DEADLINE, DeadlineTransport
 from wmark.suspects.pacing import RateLimiter, parse_retry_after
 from wmark.suspects.protocols import (
@@ -67,7 +74,7 @@ class HttpOptions:
         max_backoff: Cap of one backoff wait.
         max_retry_after: The longest ``Retry-After`` wait accepted; a longer one stops the run. An error body's
             ``estimated_time`` (an estimate, not a demand) is cut to it.
-        rate: Most requests per second (``None``: unlimited).
+        rate: Most requests per second (``None``: unlimited); a server answering 429 slows the pace further.
         concurrency: Requests in flight at once.
         verify_tls: Check TLS certificates (a CA bundle path is accepted too).
     """
@@ -182,7 +189,8 @@ class HttpSuspect:
         # a proxy's password in the transcript, a report or a message: every answer is read with them replaced,
         # longest form first (one may hold another).
         secrets = {form: "[proxy password]" for form in proxies.secrets()}
-        secrets |= {form: "[token]" for form in ({token, token.replace("/", "\\/")} if token else ())}
+        secrets |= {form: "[token]" for form in ({token, token.replace("/", "\\/"), json.dumps(token)[1:-1]}
+                                                 if token else ())}
         self._secrets = sorted(secrets.items(), key=lambda item: -len(item[0]))
 
     def __repr__(self) -> str:
@@ -338,7 +346,7 @@ class HttpSuspect:
         connect_failures = 0
         attempts = 0
         for attempt in range(self.options.retries + 1):
-            self._limiter.wait()
+            slot = self._limiter.wait()
             attempts += 1
             self.stats.add(requests=1, retries=int(attempt > 0))
             wait: float | None = None
@@ -365,6 +373,10 @@ class HttpSuspect:
                 error = f"connection dropped ({_short(exc)})"
             else:
                 code = resp.status_code
+                if code == 429:
+                    self._limiter.throttled(slot)
+                elif code < 400:
+                    self._limiter.answered()
                 if code == 407:
                     raise self._proxy_auth(url)
                 if code in (401, 403):
@@ -375,7 +387,8 @@ class HttpSuspect:
                     )
                 if code == 404:
                     raise UsageError(
-                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL and the model name."
+                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL, the model name and "
+                        "version."
                     )
                 if 300 <= code < 400 and "location" in resp.headers:
                     # Following would send the token to wherever the suspect points, another host included.
@@ -467,9 +480,7 @@ class HttpSuspect:
             decoded.problem
 
     def _scrub(self, text: str) -> str:
-        for form, placeholder in self._secrets:
-            text = text.replace(form, placeholder)
-        return text
+        return scrubbed(text, self._secrets)
 
     def _via(self, url: str) -> str:
         """`` through the proxy …`` (named without its credentials) when one carries requests to ``url``."""
@@ -541,6 +552,8 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
         raise UsageError(f"The suspect URL {url!r} must start with http:// or https://.")
     if input_name is not None and protocol != "v2":
         raise UsageError(f"An input name applies to the v2 protocol only, not {protocol}.")
+    if version is not None and protocol == "json":
+        raise UsageError("A model version applies to the v2 and tfserving protocols only; for json put it in the URL.")
     if protocol == "v2":
         return V2Protocol(url=url, model_name=model_name, num_classes=num_classes, input_shape=input_shape,
                           version=version, input_name=input_name)
@@ -558,15 +571,17 @@ def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classe
 def open_http_suspect(*, url: str, protocol: str, num_classes: int, input_shape: tuple[int, ...],
                       model_name: str | None = None, template: str | None = None, token: str | None = None,
                       options: HttpOptions | None = None, seed: int | None = None,
-                      input_name: str | None = None) -> HttpSuspect:
+                      input_name: str | None = None, version: str | None = None) -> HttpSuspect:
     """Build an :class:`HttpSuspect` and check the server (see :meth:`HttpSuspect.connect`).
 
     ``input_name`` names the v2 input tensor: it overrides the server's name, and is needed when the server
     describes no inputs and its model wants a name other than ``input-0`` (the key's input shape and FP32 are
-    sent then; ``server_info["input_from"]`` says ``"key"``).
+    sent then; ``server_info["input_from"]`` says ``"key"``). ``version`` pins one model version on a v2 or
+    TensorFlow Serving server (``.../versions/{version}/...``), which the endpoint, and so the transcript and the
+    report, then name.
     """
     proto = make_protocol(protocol=protocol, url=url, model_name=model_name, num_classes=num_classes,
-                          input_shape=input_shape, template=template, input_name=input_name)
+                          input_shape=input_shape, template=template, input_name=input_name, version=version)
     headers = getattr(proto, "headers", None)
     suspect = HttpSuspect(protocol=proto, token=token, options=options, headers=headers, seed=seed)
     try:

@@ -8,6 +8,7 @@ protocols live in :mod:`wmark.suspects.protocols`.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -47,6 +48,15 @@ BUILTIN_TEMPLATES: dict[str, dict[str, Any]] = {
 
 _PLACEHOLDERS = ("$input", "$input_flat", "$input_batch", "$input_b64")
 _EXTRACTORS = ("scores", "label", "topk", "topk_map")
+
+
+def template_digest(template: dict[str, Any]) -> str:
+    """``sha256:`` and the digest of what a template asks and how it reads answers (a transcript is bound to it).
+
+    Its headers are left out: they may carry credentials, and they change neither the question nor the label read.
+    """
+    parts = {name: template.get(name) for name in ("method", "request", "response", "labels")}
+    return "sha256:" + hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def load_template(spec: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ def read_token(*, env: str | None = None, file: str | os.PathLike[str] | None = 
         except (OSError, UnicodeDecodeError):
             raise UsageError(f"Cannot read the token file {file}; check the path and its permissions.") from None
         if not value:
-            raise UsageError(f"The token file {file} is empty.")
+            raise UsageError(f"The token file {file} is empty; write the bearer token into it.")
         return _checked_token(value, f"The token file {file}")
     return None
 
