@@ -10,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+import torch
 from click.testing import CliRunner
 from servekit import trickle, wait_ready
 from starlette.applications import Starlette
@@ -240,3 +241,15 @@ def test_a_top_k_label_list_is_read_at_its_top_label_and_a_repeated_label_is_mal
     assert proto.parse(top2).label == 1
     with pytest.raises(MalformedAnswer, match="lists a label twice"):
         proto.parse([{"label": "LABEL_1", "score": 0.6}, {"label": "1", "score": 0.4}])
+
+
+def test_a_text_model_with_nan_outputs_answers_a_json_500(key_file):
+    # v2 answers 400 for inputs far outside a model's range; no text is, so NaN outputs are the model's fault
+    key = load_key(key_file)
+    model = hf_bert(4)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.endswith("classifier.weight")).fill_(float("nan"))
+    with serve_in_background(_app(model, key, labels_only=False)) as server:
+        resp = httpx.post(f"{server.url}/hf/models/m", json={"inputs": "a short fortune"})
+    assert resp.status_code == 500
+    assert "NaN or infinite" in resp.json()["error"]

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from wmark.errors import UsageError
+from wmark.errors import RuntimeFailure, UsageError
 from wmark.serve_input import BODY_TIMEOUT_S, read_json
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
@@ -126,6 +126,10 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
             answers = await run_in_threadpool(answer, np.asarray(texts, dtype=object), client)
         except UsageError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
+        except RuntimeFailure:
+            # no text is out of a model's range (v2 answers 400 for values far outside it): the model is broken
+            return JSONResponse({"error": "the served model's outputs on these texts are NaN or infinite; its weights "
+                                          "are damaged, check the model file"}, status_code=500)
         mode, k = ("scores", 0) if answer_mode is None else answer_mode(client)
         rows: list[list[dict[str, Any]]] = []
         for i, label in enumerate(np.asarray(answers.labels).reshape(-1)):
