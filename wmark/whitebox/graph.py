@@ -13,6 +13,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale) and a permute
   moving the units between dimension 1 and the last axis (ConvNeXt's channels-last MLP). Other grouped
   convs and group norms tie channels into groups no space describes: opaque, as their inputs;
+* every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
+  its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
+  reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
@@ -53,12 +56,15 @@ from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
+    _flatten,
     _grouped_why,
     _layer_scale,
     _norm,
     _permuted,
     _regroups,
     _through,
+    misread,
+    out_rank,
 )
 
 FIXED = "fixed"
@@ -243,6 +249,9 @@ def _read_fx(model: nn.Module) -> Graph:
     layers: list[tuple[str, str, str, str | None]] = []
     seen: set[str] = set()
     last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
+    # node → its rank where known: whether an op reads the units depends on it (a linear layer reads the last
+    # axis, which holds a conv's channels only in a rank-2 tensor; mean(-3) is over them in a rank-3 one).
+    ranks: dict[Any, int | None] = {}
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
     # node → the affine norm gain it is the output of (through permutes and dropout): a thief may flip the
@@ -258,6 +267,7 @@ def _read_fx(model: nn.Module) -> Graph:
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
@@ -296,8 +306,9 @@ def _read_fx(model: nn.Module) -> Graph:
             groups = int(getattr(mod, "groups", 1))
             if groups > 1 and groups == mod.weight.shape[0] and mod.weight.shape[1] == 1 and tensor_args:
                 # Depthwise (one filter per channel): like BatchNorm, it keeps the space and its filters follow it.
-                if tensor_args[0] in last_axis:
-                    label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
+                why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+                if why and sp.info[sp.find(label[tensor_args[0]])].kind != "opaque":
+                    label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                     continue
                 label[node] = sp.find(label[tensor_args[0]])
                 sp.info[label[node]].params.extend(n for n in (f"{target}.weight", f"{target}.bias") if n in params)
@@ -307,10 +318,14 @@ def _read_fx(model: nn.Module) -> Graph:
             if groups > 1 and tensor_args:
                 # Its channels permute only group by group, tied to its input's: neither side is aligned.
                 src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
-            elif tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+            elif tensor_args:
                 src = sp.find(label[tensor_args[0]])
+                why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+                if why and sp.info[src].kind not in (FIXED, "opaque"):
+                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its units.
+                    src = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             else:
-                src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
+                src = sp.new(f"opaque:{node.name}", 0, "opaque")
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             if tensor_args and tensor_args[0] in tags:
                 gains[f"{target}.weight"] = tags[tensor_args[0]]
@@ -320,7 +335,8 @@ def _read_fx(model: nn.Module) -> Graph:
         elif node.op == "call_module" and type(modules[node.target]) in (nn.LayerNorm, nn.GroupNorm) and tensor_args:
             # The exact types: a subclass may override forward to normalise other axes.
             mod = modules[node.target]
-            label[node] = _norm(str(node.target), mod, tensor_args[0] in last_axis, sp.find(label[tensor_args[0]]),
+            label[node] = _norm(str(node.target), mod,
+                                tensor_args[0] in last_axis or ranks[tensor_args[0]] == 2, sp.find(label[tensor_args[0]]),
                                 sp, params)
             if sp.info[label[node]].kind != "opaque" and getattr(mod, "weight", None) is not None:
                 # A norm over every unit reads -z as -(its reading of z): its gain absorbs one sign of all rows.
@@ -328,8 +344,14 @@ def _read_fx(model: nn.Module) -> Graph:
                 absorb(tensor_args[0], "rows" if alone else "whole", [f"{node.target}.weight"])
                 tags[node] = f"{node.target}.weight"
         elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
-            label[node] = sp.find(label[tensor_args[0]])
             mod = modules[node.target]
+            label[node] = sp.find(label[tensor_args[0]])
+            why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+            if isinstance(mod, nn.Flatten):
+                why = _flatten(mod.start_dim, mod.end_dim, ranks[tensor_args[0]])[0]
+            if why and sp.info[label[node]].kind not in (FIXED, "opaque"):
+                label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+                continue
             if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
@@ -339,7 +361,7 @@ def _read_fx(model: nn.Module) -> Graph:
                     # BN(-z) with γ and μ negated is BN(z): each row's sign is the layer's own.
                     absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
         elif node.op in ("call_function", "call_method") and tensor_args:
-            label[node] = _through(node, tensor_args, label, sp)
+            label[node] = _through(node, tensor_args, label, sp, ranks)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
