@@ -13,6 +13,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale) and a permute
   moving the units between dimension 1 and the last axis (ConvNeXt's channels-last MLP). Other grouped
   convs and group norms tie channels into groups no space describes: opaque, as their inputs;
+* every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
+  its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
+  reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
@@ -41,7 +44,6 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -50,34 +52,26 @@ import torch
 from torch import nn
 
 from wmark.errors import UsageError
+from wmark.whitebox.fx_rules import (
+    _KEEP_MODULES,
+    _LAST_AXIS,
+    _LAYERS,
+    _flatten,
+    _grouped_why,
+    _layer_scale,
+    _norm,
+    _permuted,
+    _regroups,
+    _through,
+    misread,
+    out_rank,
+)
 
 FIXED = "fixed"
 SIGNED = "signed"
 NEGATABLE = "negatable"
 BINORM_ITERS = 20
 _TINY = 1e-20
-
-_KEEP_MODULES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
-    nn.Sigmoid, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
-)
-_KEEP_FUNCTIONS = {
-    torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
-    nn.functional.silu, nn.functional.dropout, nn.functional.max_pool2d, nn.functional.avg_pool2d,
-    nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu,
-}
-_KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
-_ADDS = {operator.add, operator.iadd, torch.add}
-_SCALES = {operator.mul, operator.truediv, torch.mul}
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Ops that regroup the units of dimension 1: wrong for a linear layer's output, whose units sit on the last axis.
-_REGROUP_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
-                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-_REGROUP_FUNCTIONS = {torch.flatten, nn.functional.max_pool2d, nn.functional.avg_pool2d,
-                      nn.functional.adaptive_avg_pool2d}
-_REGROUP_METHODS = {"flatten", "view", "reshape", "mean"}
-_LAST_AXIS = "a reshape, pooling, mean or conv of a linear layer's output (its units sit on the last axis)"
 
 
 @dataclass(frozen=True)
@@ -255,6 +249,9 @@ def _read_fx(model: nn.Module) -> Graph:
     layers: list[tuple[str, str, str, str | None]] = []
     seen: set[str] = set()
     last_axis: set[Any] = set()  # nodes whose units sit on the last axis: a linear layer's output, kept elementwise
+    # node → its rank where known: whether an op reads the units depends on it (a linear layer reads the last
+    # axis, which holds a conv's channels only in a rank-2 tensor; mean(-3) is over them in a rank-3 one).
+    ranks: dict[Any, int | None] = {}
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
     # node → the affine norm gain it is the output of (through permutes and dropout): a thief may flip the
@@ -270,6 +267,7 @@ def _read_fx(model: nn.Module) -> Graph:
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
+        ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
@@ -308,8 +306,9 @@ def _read_fx(model: nn.Module) -> Graph:
             groups = int(getattr(mod, "groups", 1))
             if groups > 1 and groups == mod.weight.shape[0] and mod.weight.shape[1] == 1 and tensor_args:
                 # Depthwise (one filter per channel): like BatchNorm, it keeps the space and its filters follow it.
-                if tensor_args[0] in last_axis:
-                    label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
+                why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+                if why and sp.info[sp.find(label[tensor_args[0]])].kind != "opaque":
+                    label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                     continue
                 label[node] = sp.find(label[tensor_args[0]])
                 sp.info[label[node]].params.extend(n for n in (f"{target}.weight", f"{target}.bias") if n in params)
@@ -319,10 +318,14 @@ def _read_fx(model: nn.Module) -> Graph:
             if groups > 1 and tensor_args:
                 # Its channels permute only group by group, tied to its input's: neither side is aligned.
                 src = sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
-            elif tensor_args and (isinstance(mod, nn.Linear) or tensor_args[0] not in last_axis):
+            elif tensor_args:
                 src = sp.find(label[tensor_args[0]])
+                why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+                if why and sp.info[src].kind not in (FIXED, "opaque"):
+                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its units.
+                    src = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             else:
-                src = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS if tensor_args else "")
+                src = sp.new(f"opaque:{node.name}", 0, "opaque")
             bias = f"{target}.bias" if getattr(mod, "bias", None) is not None else None
             if tensor_args and tensor_args[0] in tags:
                 gains[f"{target}.weight"] = tags[tensor_args[0]]
@@ -332,7 +335,8 @@ def _read_fx(model: nn.Module) -> Graph:
         elif node.op == "call_module" and type(modules[node.target]) in (nn.LayerNorm, nn.GroupNorm) and tensor_args:
             # The exact types: a subclass may override forward to normalise other axes.
             mod = modules[node.target]
-            label[node] = _norm(str(node.target), mod, tensor_args[0] in last_axis, sp.find(label[tensor_args[0]]),
+            label[node] = _norm(str(node.target), mod,
+                                tensor_args[0] in last_axis or ranks[tensor_args[0]] == 2, sp.find(label[tensor_args[0]]),
                                 sp, params)
             if sp.info[label[node]].kind != "opaque" and getattr(mod, "weight", None) is not None:
                 # A norm over every unit reads -z as -(its reading of z): its gain absorbs one sign of all rows.
@@ -340,8 +344,14 @@ def _read_fx(model: nn.Module) -> Graph:
                 absorb(tensor_args[0], "rows" if alone else "whole", [f"{node.target}.weight"])
                 tags[node] = f"{node.target}.weight"
         elif node.op == "call_module" and isinstance(modules[node.target], _KEEP_MODULES) and tensor_args:
-            label[node] = sp.find(label[tensor_args[0]])
             mod = modules[node.target]
+            label[node] = sp.find(label[tensor_args[0]])
+            why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
+            if isinstance(mod, nn.Flatten):
+                why = _flatten(mod.start_dim, mod.end_dim, ranks[tensor_args[0]])[0]
+            if why and sp.info[label[node]].kind not in (FIXED, "opaque"):
+                label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+                continue
             if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
@@ -351,7 +361,7 @@ def _read_fx(model: nn.Module) -> Graph:
                     # BN(-z) with γ and μ negated is BN(z): each row's sign is the layer's own.
                     absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
         elif node.op in ("call_function", "call_method") and tensor_args:
-            label[node] = _through(node, tensor_args, label, sp)
+            label[node] = _through(node, tensor_args, label, sp, ranks)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
@@ -359,113 +369,6 @@ def _read_fx(model: nn.Module) -> Graph:
     # A reader of a norm gain whose rows never flip (no norm after it owns them) shows the gain's signs in them.
     return _assemble(sp, layers, params, family="fx", owns=owns, gains=gains,
                      unsigned=frozenset(name for name in gains if name not in owns))
-
-
-def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
-    """The space of a ``permute`` and whether its units end on the last axis.
-
-    The units stay a space when they move from dimension 1 to the last axis (channels-last, as ConvNeXt reads
-    a conv's output with linear layers) or back; anywhere else they are opaque.
-    """
-    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
-    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
-    dims = dims or tuple(node.kwargs.get("dims", ()))
-    rank = len(dims)
-    if rank < 2 or not all(isinstance(d, int) for d in dims) or sorted(d % rank for d in dims) != list(range(rank)):
-        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute of unknown dimensions"), False
-    axis = [d % rank for d in dims].index(rank - 1 if last else 1)
-    if axis not in (1, rank - 1):
-        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute that moves the units off dimension 1 "
-                      "and the last axis"), False
-    return sp.find(src), axis == rank - 1
-
-
-def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
-    """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
-    if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \
-            or len(tensor_args) != 2:
-        return None
-    for gain, x in (tensor_args, tensor_args[::-1]):
-        if gain.op == "get_attr" and x in last_axis and getattr(params.get(str(gain.target)), "ndim", 0) == 1:
-            return x, str(gain.target)
-    return None
-
-
-def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: dict[str, Any]) -> str:
-    """The space after a LayerNorm or GroupNorm: kept (its affine parameters follow it) where permuting the
-    units commutes with the norm, else opaque.
-
-    A LayerNorm must normalise exactly the units, on the last axis; a GroupNorm's statistics must pool all
-    channels or each one alone (a permutation across several multi-channel groups changes what is pooled).
-    """
-    size = sp.info[src].size
-    if isinstance(mod, nn.LayerNorm):
-        shape = tuple(mod.normalized_shape)
-        ok = last and len(shape) == 1 and (not size or shape[0] == size)
-        why = "a LayerNorm not over exactly the units on the last axis"
-    else:
-        assert isinstance(mod, nn.GroupNorm)
-        ok = not last and mod.num_groups in (1, mod.num_channels)
-        why = _LAST_AXIS if last else f"a GroupNorm of {mod.num_groups} groups of several channels"
-    if not ok:
-        return sp.new(f"opaque:{name}", 0, "opaque", why=why)
-    sp.info[src].params.extend(n for n in (f"{name}.weight", f"{name}.bias") if n in params)
-    return src
-
-
-def _grouped_why(weight: torch.Tensor, groups: int) -> str:
-    """Why a grouped conv other than a depthwise one with channel multiplier 1 cannot be aligned through."""
-    if weight.shape[1] == 1 and weight.shape[0] % groups == 0:
-        # Each channel owns a block of k filters: its readers' channels permute as blocks, which no space describes.
-        return f"a depthwise conv with channel multiplier {weight.shape[0] // groups}"
-    return "a grouped conv"
-
-
-def _regroups(node: Any, modules: dict[str, nn.Module]) -> bool:
-    if node.op == "call_module":
-        return isinstance(modules[node.target], _REGROUP_MODULES)
-    return node.target in _REGROUP_FUNCTIONS if node.op == "call_function" else node.target in _REGROUP_METHODS
-
-
-def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spaces) -> str:
-    """The space of a function/method node's output; opaque unless the op keeps or joins spaces."""
-    target = node.target
-    first = sp.find(label[tensor_args[0]])
-    if node.op == "call_method" and target.endswith("_") and not target.startswith("_"):
-        # An in-place method (x.add_(y), x.relu_()): x itself holds the result, and later reads of x share its space.
-        return sp.union(first, _through_op(node, target[:-1], first, tensor_args, label, sp))
-    return _through_op(node, target, first, tensor_args, label, sp)
-
-
-def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], label: dict[Any, str],
-                sp: _Spaces) -> str:
-    if target in _ADDS or target == "add":
-        if len(tensor_args) == 2:
-            return sp.union(first, label[tensor_args[1]])
-        return first
-    if (target in _SCALES or target in ("mul", "div")) and len(tensor_args) == 1:
-        return first
-    if target in _KEEP_FUNCTIONS or (node.op == "call_method" and target in _KEEP_METHODS):
-        if target in (torch.flatten, "flatten") and _arg(node, 1, "start_dim", 0) != 1:
-            return sp.new(f"opaque:{node.name}", 0, "opaque", why="flatten not from dim 1")
-        return first
-    if node.op == "call_method" and target in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
-        return first
-    if node.op == "call_method" and target == "mean" and 1 not in _dims(_arg(node, 1, "dim", None)):
-        return first
-    return sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(target, "__name__", str(target)))
-
-
-def _arg(node: Any, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _dims(value: Any) -> set[int]:
-    if value is None:
-        return {1}
-    return set(value) if isinstance(value, (tuple, list)) else {int(value)}
 
 
 def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,

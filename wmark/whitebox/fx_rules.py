@@ -1,0 +1,279 @@
+"""The ``torch.fx`` rules of the graph reader: which ops keep, regroup or hide a space of units.
+
+:func:`wmark.whitebox.graph.read_graph` walks a traced forward node by node; these helpers decide, for the
+ops that are not conv/linear layers, whether a node's output still holds the units of its input's space in
+a place the next layer reads (dimension 1, or the last axis after a linear layer or a channels-last
+permute), or is *opaque*: nothing is aligned through an op whose effect on the units is not known.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from wmark.whitebox.graph import _Spaces
+
+_KEEP_MODULES = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
+    nn.Sigmoid, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
+    nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+)
+_KEEP_FUNCTIONS = {
+    torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
+    nn.functional.silu, nn.functional.dropout, nn.functional.max_pool2d, nn.functional.avg_pool2d,
+    nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu,
+}
+_KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
+_ADDS = {operator.add, operator.iadd, torch.add}
+_SCALES = {operator.mul, operator.truediv, torch.mul}
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Ops that regroup the units of dimension 1: wrong for a linear layer's output, whose units sit on the last axis.
+_REGROUP_MODULES = (nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_REGROUP_FUNCTIONS = {torch.flatten, nn.functional.max_pool2d, nn.functional.avg_pool2d,
+                      nn.functional.adaptive_avg_pool2d, torch.mean, torch.sum, torch.amax, torch.amin}
+_REGROUP_METHODS = {"flatten", "view", "reshape", "mean", "sum", "amax", "amin"}
+_REDUCTIONS = {"mean", "sum", "amax", "amin", torch.mean, torch.sum, torch.amax, torch.amin}
+_POOL_FUNCTIONS = {nn.functional.max_pool2d, nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d}
+# The number of spatial dimensions of the maps a pooling module reads in a batch.
+_SPATIAL: dict[type, int] = {
+    nn.MaxPool1d: 1, nn.AvgPool1d: 1, nn.AdaptiveAvgPool1d: 1, nn.MaxPool2d: 2, nn.AvgPool2d: 2,
+    nn.AdaptiveAvgPool2d: 2, nn.AdaptiveMaxPool2d: 2,
+}
+_LAST_AXIS = "a reshape, pooling, mean or conv of a linear layer's output (its units sit on the last axis)"
+
+
+def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
+    """The space of a ``permute`` and whether its units end on the last axis.
+
+    The units stay a space when they move from dimension 1 to the last axis (channels-last, as ConvNeXt reads
+    a conv's output with linear layers) or back; anywhere else they are opaque.
+    """
+    dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+    dims = tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else tuple(dims)
+    dims = dims or tuple(node.kwargs.get("dims", ()))
+    rank = len(dims)
+    if rank < 2 or not all(isinstance(d, int) for d in dims) or sorted(d % rank for d in dims) != list(range(rank)):
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute of unknown dimensions"), False
+    axis = [d % rank for d in dims].index(rank - 1 if last else 1)
+    if axis not in (1, rank - 1):
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a permute that moves the units off dimension 1 "
+                      "and the last axis"), False
+    return sp.find(src), axis == rank - 1
+
+
+def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
+    """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
+    if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \
+            or len(tensor_args) != 2:
+        return None
+    for gain, x in (tensor_args, tensor_args[::-1]):
+        if gain.op == "get_attr" and x in last_axis and getattr(params.get(str(gain.target)), "ndim", 0) == 1:
+            return x, str(gain.target)
+    return None
+
+
+def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: dict[str, Any]) -> str:
+    """The space after a LayerNorm or GroupNorm: kept (its affine parameters follow it) where permuting the
+    units commutes with the norm, else opaque.
+
+    A LayerNorm must normalise exactly the units, on the last axis; a GroupNorm's statistics must pool all
+    channels or each one alone (a permutation across several multi-channel groups changes what is pooled).
+    """
+    size = sp.info[src].size
+    if isinstance(mod, nn.LayerNorm):
+        shape = tuple(mod.normalized_shape)
+        ok = last and len(shape) == 1 and (not size or shape[0] == size)
+        why = "a LayerNorm not over exactly the units on the last axis"
+    else:
+        assert isinstance(mod, nn.GroupNorm)
+        ok = not last and mod.num_groups in (1, mod.num_channels)
+        why = _LAST_AXIS if last else f"a GroupNorm of {mod.num_groups} groups of several channels"
+    if not ok:
+        return sp.new(f"opaque:{name}", 0, "opaque", why=why)
+    sp.info[src].params.extend(n for n in (f"{name}.weight", f"{name}.bias") if n in params)
+    return src
+
+
+def _grouped_why(weight: torch.Tensor, groups: int) -> str:
+    """Why a grouped conv other than a depthwise one with channel multiplier 1 cannot be aligned through."""
+    if weight.shape[1] == 1 and weight.shape[0] % groups == 0:
+        # Each channel owns a block of k filters: its readers' channels permute as blocks, which no space describes.
+        return f"a depthwise conv with channel multiplier {weight.shape[0] // groups}"
+    return "a grouped conv"
+
+
+def _regroups(node: Any, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules[node.target], _REGROUP_MODULES)
+    return node.target in _REGROUP_FUNCTIONS if node.op == "call_function" else node.target in _REGROUP_METHODS
+
+
+def _through(node: Any, tensor_args: list[Any], label: dict[Any, str], sp: _Spaces,
+             ranks: dict[Any, int | None]) -> str:
+    """The space of a function/method node's output; opaque unless the op keeps or joins spaces."""
+    target = node.target
+    first = sp.find(label[tensor_args[0]])
+    if node.op == "call_method" and target.endswith("_") and not target.startswith("_"):
+        # An in-place method (x.add_(y), x.relu_()): x itself holds the result, and later reads of x share its space.
+        return sp.union(first, _through_op(node, target[:-1], first, tensor_args, label, sp, ranks))
+    return _through_op(node, target, first, tensor_args, label, sp, ranks)
+
+
+def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], label: dict[Any, str],
+                sp: _Spaces, ranks: dict[Any, int | None]) -> str:
+    rank = ranks.get(tensor_args[0])
+    if target in _ADDS or target == "add":
+        if len(tensor_args) == 2:
+            other = ranks.get(tensor_args[1])
+            if rank is not None and other is not None and rank != other:
+                # Broadcasting aligns the last axes: dimension 1 of one operand meets another axis of the other.
+                return sp.new(f"opaque:{node.name}", 0, "opaque", why=f"an add of rank-{rank} and rank-{other} tensors")
+            return sp.union(first, label[tensor_args[1]])
+        return first
+    if (target in _SCALES or target in ("mul", "div")) and len(tensor_args) == 1:
+        return first
+    why = ""
+    if target in (torch.flatten, "flatten"):
+        why = _flatten(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), rank)[0]
+    elif target in _POOL_FUNCTIONS and rank != 4 and sp.info[first].kind not in ("fixed", "opaque"):
+        why = f"{target.__name__} of a {_rank(rank)} (only a batch of 2-D maps keeps its channels on dimension 1)"
+    elif target in _KEEP_FUNCTIONS or (node.op == "call_method" and target in _KEEP_METHODS):
+        return first
+    elif node.op == "call_method" and target in ("view", "reshape"):
+        if len(node.args) == 3 and node.args[2] == -1 and _batch_size(node.args[1]):
+            return first
+        why = f"a {target} other than x.{target}(x.size(0), -1)"
+    elif target in _REDUCTIONS:
+        why = _reduction(node, rank)[0]
+    else:
+        why = getattr(target, "__name__", str(target))
+    if not why:
+        return first
+    return sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+
+
+def _rank(rank: int | None) -> str:
+    return "tensor of unknown rank" if rank is None else f"rank-{rank} tensor"
+
+
+def _batch_size(arg: Any) -> bool:
+    """Whether an fx argument is ``x.size(0)`` or ``x.shape[0]`` (the batch size, read from a tensor)."""
+    if not isinstance(arg, torch.fx.Node):
+        return False
+    if arg.op == "call_method" and arg.target == "size":
+        return _arg(arg, 1, "dim", None) == 0
+    src = arg.args[0] if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0 else None
+    return isinstance(src, torch.fx.Node) and ((src.op == "call_function" and src.target is getattr
+                                                 and src.args[1] == "shape")
+                                                or (src.op == "call_method" and src.target == "size"
+                                                    and len(src.args) == 1))
+
+
+def _flatten(start: Any, end: Any, rank: int | None) -> tuple[str, int | None]:
+    """``(why the flatten regroups the units, or '', its output rank if known)``.
+
+    Only a flatten of every dimension from 1 to the last keeps the units of dimension 1 (as blocks of columns
+    of the linear layer reading it); a flatten that stops earlier or starts elsewhere mixes them with others.
+    """
+    if not isinstance(start, int) or not isinstance(end, int):
+        return "a flatten of unknown dimensions", None
+    if rank is not None:
+        start, end = start % rank, end % rank
+        out: int | None = rank - (end - start)
+    else:
+        out = start + 1 if end == -1 and start >= 0 else None
+    if start != 1:
+        return "a flatten not from dimension 1", out
+    if end != -1 and (rank is None or end != rank - 1):
+        return f"a flatten of dimensions 1 to {end} of a {_rank(rank)} (not to the last)", out
+    return "", out
+
+
+def _reduction(node: Any, rank: int | None) -> tuple[str, int | None]:
+    """``(why a mean/sum/amax/amin hides the units of dimension 1, or '', its output rank if known)``."""
+    dim = _arg(node, 1, "dim", None)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (() if dim is None else (dim,))
+    if not dims or not all(isinstance(d, int) for d in dims):
+        return "a reduction over every dimension or unknown ones", None
+    if rank is None and any(d < 0 for d in dims):
+        return "a reduction over negative dimensions of a tensor of unknown rank", None
+    axes = {d % rank for d in dims} if rank is not None else set(dims)
+    keep = _arg(node, 2, "keepdim", False)
+    out = rank if keep is True else (rank - len(axes) if rank is not None and keep is False else None)
+    if axes & {0, 1}:
+        return "a reduction over the batch or the units' dimension 1", out
+    return "", out
+
+
+def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], modules: dict[str, nn.Module],
+             tensors: dict[str, torch.Tensor]) -> int | None:
+    """The rank of a node's output where the reader knows it (``None`` for the model's inputs).
+
+    A conv's output is a batch of ``k``-D maps (rank ``k + 2``; the reader reads every conv as batched and refuses
+    one fed anything else); linear layers, norms, activations, pooling and elementwise ops keep the rank;
+    flatten, view/reshape, permute and reductions change it.
+    """
+    rank = ranks.get(tensor_args[0]) if tensor_args else None
+    target = node.target
+    if node.op == "get_attr":
+        return tensors[target].ndim if target in tensors else None
+    if node.op == "call_module":
+        mod = modules[target]
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            return len(mod.kernel_size) + 2
+        if isinstance(mod, nn.Flatten):
+            return _flatten(mod.start_dim, mod.end_dim, rank)[1]
+        return rank if tensor_args else None
+    if node.op not in ("call_function", "call_method") or not tensor_args:
+        return None
+    if target in (torch.flatten, "flatten"):
+        return _flatten(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), rank)[1]
+    if target in ("permute", torch.permute):
+        dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
+        return len(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else len(dims) or None
+    if target in ("view", "reshape"):
+        shape = node.args[1:]
+        return len(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else len(shape) or None
+    if target in _REDUCTIONS:
+        return _reduction(node, rank)[1]
+    elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS
+                   or target in ("add", "mul", "div", "contiguous") or target in _KEEP_METHODS
+                   or (isinstance(target, str) and target.endswith("_")))
+    known = [ranks.get(a) for a in tensor_args]
+    return max(known) if elementwise and None not in known else None  # type: ignore[type-var]
+
+
+def misread(mod: nn.Module, last: bool, rank: int | None) -> str:
+    """Why a module does not read the units of its input where they sit, or '' if it does.
+
+    ``last``: the units sit on the last axis (a linear layer's output), else on dimension 1; a rank-2 tensor
+    has them on both. A linear layer reads the last axis; a conv, pooling or BatchNorm reads dimension 1 of a
+    batch of maps of its own dimension (a conv fed one rank less reads it as unbatched, channels on dimension 0).
+    """
+    both = rank == 2
+    if isinstance(mod, nn.Linear):
+        return "" if last or both else f"a linear layer over the last axis of a {_rank(rank)} whose units " \
+                                         "sit on dimension 1"
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
+        return "" if not last or both else f"a BatchNorm of a linear layer's output, a {_rank(rank)} (it normalises " \
+                                             "dimension 1, not the units)"
+    dim = _SPATIAL.get(type(mod), len(getattr(mod, "kernel_size", ())) if isinstance(mod, _LAYERS) else 0)
+    if not dim:
+        return ""
+    if last:
+        return _LAST_AXIS
+    if rank != dim + 2:
+        return f"a {type(mod).__name__} of a {_rank(rank)} (only a batch of {dim}-D maps keeps its channels " \
+               "on dimension 1)"
+    return ""
+
+
+def _arg(node: Any, index: int, name: str, default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
