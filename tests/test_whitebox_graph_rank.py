@@ -100,3 +100,28 @@ def test_a_linear_layer_reads_any_axis_of_the_fixed_input() -> None:
     """The model's input is never permuted, so a linear layer over an image's width still has fixed inputs."""
     g = read_graph(nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 8 * 4, 2)))
     assert g.spaces[g.layers[0].inp].kind == "fixed"
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
+
+
+def test_a_batchnorm_after_a_first_linear_layer_is_read_with_the_input_rank_known() -> None:
+    # the raw input's rank is unknown to the graph alone (BatchNorm1d of a rank-3 batch normalises another axis);
+    # the key says it: an MLP with BatchNorm1d on vector inputs keeps its hidden space
+    for rank, kind in ((None, "opaque"), (2, "free"), (3, "opaque")):
+        g = read_graph(_mlp(), input_rank=rank)
+        assert g.spaces[g.layer("3.weight").inp].kind == kind, rank
+
+
+def test_the_weights_scheme_marks_an_mlp_with_batchnorm_on_vector_inputs() -> None:
+    from wmark.keys import default_schemes, generate_key
+    from wmark.schemes.weights import WeightsEmbedder
+
+    schemes = default_schemes(10)
+    schemes["weights"] = dict(schemes["weights"], bits=16)
+    key = generate_key(owner="o", num_classes=10, input_shape=(64,), schemes=schemes)
+    emb = WeightsEmbedder(key, _mlp(), layer="3.weight")
+    assert emb.graph is not None and emb.layer == "3.weight"

@@ -152,7 +152,7 @@ def extract_bits(key: Key, weights: Sequence[torch.Tensor]) -> np.ndarray:
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
 
 
-def _graph_form(model: nn.Module) -> Graph | None:
+def _graph_form(model: nn.Module, input_rank: int | None = None) -> Graph | None:
     """The model's graph when the mark needs the graph form (normalisation, depthwise convs, embeddings or
     residual adds), None for a plain conv/linear chain, which keeps the chain form (read by module order,
     checked here against the traced graph).
@@ -160,7 +160,7 @@ def _graph_form(model: nn.Module) -> Graph | None:
     Raises:
         UsageError: If the graph cannot be read.
     """
-    graph = read_graph(model)
+    graph = read_graph(model, input_rank=input_rank)
     joined = any(len(graph.writers(s)) > 1 for s in graph.spaces)
     # Per-channel parameters (a depthwise conv's filters) follow a space but are no link of a chain.
     per_channel = any(space.params for space in graph.spaces.values())
@@ -195,7 +195,8 @@ class WeightsEmbedder:
         params = scheme_params(key)
         self.key = key
         self.bits = int(params["bits"])
-        self.graph = _graph_form(model)
+        # a text key's input_shape is its token count, one axis as the model sees it (ids, not embeddings)
+        self.graph = _graph_form(model, len(key.input_shape) + 1)
         self._plan: list[Layer] = []
         if self.graph is None:
             self.chain = module_chain(model, layer)

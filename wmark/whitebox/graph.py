@@ -206,8 +206,14 @@ class _Spaces:
         return ra
 
 
-def read_graph(model: nn.Module) -> Graph:
+def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
     """The model's spaces and layers, from ``torch.fx`` or the BERT-style encoder rules.
+
+    Args:
+        model: The model.
+        input_rank: The rank of a batch of the model's inputs (``len(key.input_shape) + 1``), where known: a layer
+            reading the raw input then has an output of known rank (a BatchNorm1d after a first linear layer of
+            an MLP reads its units only on a rank-2 batch). ``None`` reads such ops as opaque rather than guess.
 
     Raises:
         UsageError: If the model cannot be traced.
@@ -215,7 +221,7 @@ def read_graph(model: nn.Module) -> Graph:
     wrapped = getattr(model, "module", None)
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(wrapped, nn.Module):
         # Data-parallel wrappers cannot be traced; their parameters are the wrapped model's under "module.".
-        inner = read_graph(wrapped)
+        inner = read_graph(wrapped, input_rank=input_rank)
         for space in inner.spaces.values():
             space.params = [f"module.{p}" for p in space.params]
         inner.layers = [replace(lay, name=f"module.{lay.name}",
@@ -231,10 +237,10 @@ def read_graph(model: nn.Module) -> Graph:
         return read_bert(model)
     if decoder_layers(model):
         return read_decoder(model)
-    return _read_fx(model)
+    return _read_fx(model, input_rank)
 
 
-def _read_fx(model: nn.Module) -> Graph:
+def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     try:
         traced = torch.fx.symbolic_trace(model)
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds; all mean "cannot read this forward"
@@ -268,6 +274,8 @@ def _read_fx(model: nn.Module) -> Graph:
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
         ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
+        if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
+            ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
