@@ -148,6 +148,32 @@ def test_a_redirect_is_refused_naming_its_target_and_the_token_never_follows():
     assert seen == []
 
 
+def test_a_redirect_without_a_location_is_refused_never_read_as_an_answer():
+    """A 3xx with no Location header fell through to being read as an answer: with a prediction in its body it was
+    recorded as the suspect's answer (or a malformed one, or a stop on the first query); it is refused like any
+    redirect, in one sentence naming the status."""
+    from httpkit import v2_meta
+    from starlette.responses import JSONResponse
+
+    async def meta(_: Request) -> Response:
+        return JSONResponse(v2_meta("m", (2,), {"name": "label", "datatype": "INT64", "shape": [-1]}), status_code=300)
+
+    app, calls = _scripted([HF_LABEL_3, (303, HF_LABEL_3)])
+    app.routes.append(Route("/v2/models/{model}", meta))
+    with serve_in_background(app) as server:
+        suspect = _hf(server.url, retries=2)
+        [(_, first)] = suspect.stream(np.zeros((1, 2), dtype=np.float32))
+        assert first.ok and first.label == 3
+        with pytest.raises(UsageError, match=(
+                f"^{re.escape(server.url)}/m answered HTTP 303, a redirect that names no target \\(no Location "
+                r"header\), so there is no answer to read; check the URL.$")):
+            suspect.query(np.zeros((1, 2), dtype=np.float32))
+        suspect.close()
+        assert calls["n"] == 2  # refused at once, never retried
+        with pytest.raises(UsageError, match=r"/v2/models/m answered HTTP 300, a redirect that names no target"):
+            open_http_suspect(url=server.url, protocol="v2", model_name="m", num_classes=4, input_shape=(2,))
+
+
 def _gzip_bomb(mebibytes: int) -> bytes:
     """A gzip body of that many MiB of zeros, about a thousandth of it on the wire."""
     import zlib

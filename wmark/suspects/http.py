@@ -390,8 +390,12 @@ class HttpSuspect:
                         f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL, the model name and "
                         "version."
                     )
-                if 300 <= code < 400 and "location" in resp.headers:
-                    # Following would send the token to wherever the suspect points, another host included.
+                if 300 <= code < 400:
+                    # Following would send the token to wherever the suspect points, another host included; a 3xx
+                    # naming no target is no answer either, whatever its body says.
+                    if "location" not in resp.headers:
+                        raise UsageError(f"{redact_url(url)} answered HTTP {code}, a redirect that names no target "
+                                         "(no Location header), so there is no answer to read; check the URL.")
                     try:
                         target = redact_url(str(resp.request.url.join(resp.headers["location"])))
                     except (httpx.InvalidURL, ValueError):
