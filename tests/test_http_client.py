@@ -161,11 +161,26 @@ def test_retry_after_parsing():
     assert parse_retry_after(None) is None
 
 
-def test_too_long_retry_after_stops_with_a_clear_message(key, copy_model):
-    app, _ = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: (503, {"Retry-After": "3600"}))
+def test_too_long_retry_after_stops_saying_whether_the_answers_so_far_are_kept(key, copy_model, tmp_path):
+    """The message promised that "the transcript resumes" even when no transcript was kept: it says what is true."""
+    from wmark.keys import save_key
+    from wmark.remote import verify_remote
+
+    app, _ = faulty_v2_app(copy_model, name="m", shape=SHAPE,
+                           behaviour=lambda n: None if n < 2 else (503, {"Retry-After": "3600"}))
+    save_key(key, tmp_path / "owner.key")
+    lost = (r"^The suspect asks to wait 3600 s before the next request \(HTTP 503 Retry-After\); answers so far are "
+            r"lost: re-run the same command later, with --transcript to keep them next time\.$")
+    kept = (r"^The suspect asks to wait 3600 s before the next request \(HTTP 503 Retry-After\); answers so far are "
+            r"kept: re-run the same command later, with the same transcript, to resume\.$")
     with serve_in_background(app) as server:
+        run = {"key": tmp_path / "owner.key", "url": server.url, "model_name": "m", "retries": 0}
+        with pytest.raises(RuntimeFailure, match=lost):
+            verify_remote(**run)
+        with pytest.raises(RuntimeFailure, match=kept):
+            verify_remote(**run, transcript=tmp_path / "t.sqlite")
         suspect = _open(server.url, key)
-        with pytest.raises(RuntimeFailure, match="asks to wait 3600 s"):
+        with pytest.raises(RuntimeFailure, match=lost):
             suspect.query(generate_triggers(key).inputs.numpy()[:1])
         suspect.close()
 
@@ -176,7 +191,8 @@ def test_server_dying_mid_run_is_a_clear_error(key, copy_model):
         suspect = _open(server.url, key, retries=1)
         first = suspect.query(generate_triggers(key).inputs.numpy()[:3])
     assert (first.labels >= 0).all()
-    with pytest.raises(RuntimeFailure, match="stopped answering.*re-run the same verification"):
+    with pytest.raises(RuntimeFailure, match="stopped answering.*; answers so far are lost: re-run the same "
+                       "verification once it is back, with --transcript to keep them next time\\.$"):
         suspect.query(generate_triggers(key).inputs.numpy()[3:6])
     suspect.close()
 

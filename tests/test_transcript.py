@@ -118,7 +118,8 @@ def test_resume_after_the_server_died(key200, model200, tmp_path):
     app = build_app(model=model200, name="m", num_classes=10, input_shape=SHAPE, labels_only=True,
                     on_infer=die_after_25)
     holder["server"] = server = BackgroundServer(app).start()
-    with pytest.raises(RuntimeFailure, match="stopped answering"):
+    with pytest.raises(RuntimeFailure,
+                       match="stopped answering.*; answers so far are kept: .*, with the same transcript, to resume"):
         api.verify_remote(key=key_path, url=server.url, model_name="m", mode="fixed", max_queries=60,
                           transcript=transcript, retries=1, timeout=2.0)
     server.stop()

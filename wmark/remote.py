@@ -99,7 +99,8 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
                            holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
                            log_mode=log_mode)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
-    options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency)
+    options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency,
+                          resumable=transcript is not None)
     cover = None
     if cover_data:
         cover = CoverTraffic(_cover_inputs(k, cover_data), ratio=cover_ratio, seed=k.seed("cover/traffic"))

@@ -77,6 +77,8 @@ class HttpOptions:
         rate: Most requests per second (``None``: unlimited); a server answering 429 slows the pace further.
         concurrency: Requests in flight at once.
         verify_tls: Check TLS certificates (a CA bundle path is accepted too).
+        resumable: The answers go to a transcript that a re-run resumes from; a stop's message says so, or else
+            that the answers so far are lost.
     """
 
     timeout: float = 10.0
@@ -87,6 +89,7 @@ class HttpOptions:
     rate: float | None = None
     concurrency: int = 1
     verify_tls: bool | str = True
+    resumable: bool = False
 
     def __post_init__(self) -> None:
         # `not (0 < x)` also refuses NaN: a NaN timeout crashed httpx, a NaN rate silently lifted the limit
@@ -401,10 +404,8 @@ class HttpSuspect:
                     except (httpx.InvalidURL, ValueError):
                         target = "an invalid URL"
                     target = self._scrub(target)[:200]
-                    raise UsageError(
-                        f"{redact_url(url)} redirects to {target} (HTTP {code}), and redirects are not followed so "
-                        "that the token goes nowhere else; give that URL instead if you trust it."
-                    )
+                    raise UsageError(f"{redact_url(url)} redirects to {target} (HTTP {code}), and redirects are not "
+                                     "followed so that the token goes nowhere else; give that URL instead if you trust it.")
                 failure = self._error_answer(resp, what)
                 if code not in _RETRY_STATUSES and failure is None:
                     return resp, attempts, problem
@@ -412,10 +413,8 @@ class HttpSuspect:
                 if code in (429, 503):
                     wait = parse_retry_after(resp.headers.get("Retry-After"))
                     if wait is not None and wait > self.options.max_retry_after:
-                        raise RuntimeFailure(
-                            f"The suspect asks to wait {wait:.0f} s before the next request (HTTP {code} "
-                            "Retry-After); re-run the same command later, the transcript resumes."
-                        )
+                        raise RuntimeFailure(f"The suspect asks to wait {wait:.0f} s before the next request (HTTP "
+                                             f"{code} Retry-After); {self._resume_hint('re-run the same command later')}.")
                 if wait is None and failure is not None and failure[1] is not None:
                     # An estimate, not a demand like Retry-After: a long one is cut to the longest wait accepted.
                     wait = min(failure[1], self.options.max_retry_after)
@@ -429,11 +428,15 @@ class HttpSuspect:
                 raise RuntimeFailure(
                     f"Cannot reach the suspect at {_host(url)} ({error}); check the URL and that the server is up."
                 )
-            raise RuntimeFailure(
-                f"The suspect at {_host(url)} stopped answering ({error}); answers so far are kept: re-run the "
-                "same verification with the same transcript to resume."
-            )
+            raise RuntimeFailure(f"The suspect at {_host(url)} stopped answering ({error}); "
+                                 f"{self._resume_hint('re-run the same verification once it is back')}.")
         return None, attempts, error
+
+    def _resume_hint(self, rerun: str) -> str:
+        """What becomes of the answers so far when the run stops: a transcript keeps them, else they are lost."""
+        if self.options.resumable:
+            return f"answers so far are kept: {rerun}, with the same transcript, to resume"
+        return f"answers so far are lost: {rerun}, with --transcript to keep them next time"
 
     def _error_answer(self, resp: httpx.Response, what: str) -> tuple[str, float | None] | None:
         """The message (scrubbed, short) and suggested wait of an error body (see :func:`error_body`), else ``None``.
