@@ -97,6 +97,37 @@ def test_rate_limit_and_quotas_refuse_with_retry_after(model):
     assert not any(token in metrics for token in CLIENTS.values())
 
 
+class _Summing(torch.nn.Module):
+    """Sums its inputs into every logit: infinite, so NaN probabilities, on inputs near FP32's largest value."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).sum(1, keepdim=True).expand(-1, 10)
+
+
+def test_a_request_costs_quota_once_the_model_runs_on_it_and_not_when_its_input_is_refused_before():
+    """Counting attempts: a request that reaches the model costs quota whatever its outcome (here a 400 for NaN
+    outputs), so failures give an extractor no free queries; one refused for its input before costs none."""
+    app = app_with(_Summing(), {"clients": {"thief": {"quota": {"total": 3}}}})
+    fine, huge, overflow = (np.full((1, *SHAPE), v, dtype=np.float32) for v in (0.5, 1e38, 3e38))
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        beyond = body(huge)
+        beyond["inputs"][0]["data"][0] = 1e39  # beyond FP32: refused while decoding, before the gate
+        refused_early = [http.post("/v2/models/m/infer", json=beyond, headers={"Authorization": f"Bearer "
+                                                                                f"{CLIENTS['thief']}"}),
+                         post(http, "thief", np.zeros((1, 1, 2, 2), dtype=np.float32))]
+        nan_outputs = [post(http, "thief", overflow) for _ in range(2)]
+        answered = post(http, "thief", fine)
+        over = post(http, "thief", fine)
+        metrics = http.get("/metrics").text
+    assert [r.status_code for r in refused_early] == [400, 400]
+    assert all(r.status_code == 400 and "NaN or infinite" in r.json()["error"] for r in nan_outputs)
+    assert answered.status_code == 200
+    assert over.status_code == 403 and "total quota of 3 (0 left)" in over.json()["error"]
+    assert 'wmark_quota_used_total{client="thief"} 3.0' in metrics
+    assert "# HELP wmark_queries_total Inputs admitted to the model, per client." in metrics
+    assert 'wmark_queries_total{client="thief"} 3.0' in metrics and 'wmark_requests_total{client="thief"} 3.0' in metrics
+
+
 def test_answer_modes_per_client(model):
     app = app_with(model, {"default": {"answer": "scores"},
                            "clients": {"lab": {"answer": "top-k", "top_k": 3}, "thief": {"answer": "label"}}})

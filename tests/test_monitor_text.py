@@ -202,6 +202,24 @@ def test_a_text_longer_than_the_model_takes_is_refused_before_it_counts_against_
     assert fits.status_code == 200 and 'wmark_queries_total{client="copier"} 3.0' in metrics
 
 
+def test_a_text_request_the_model_fails_on_still_costs_quota_as_on_the_v2_endpoint(text):
+    """As on the v2 endpoint, a request that reaches the model is counted whatever its outcome (here a 500 for NaN
+    outputs); one refused for its texts before the model runs (too many tokens) costs nothing."""
+    broken = build_model("text-bow", num_classes=4, input_shape=(32,), seed=0).eval()
+    for p in broken.parameters():
+        p.data.fill_(float("nan"))
+    app = app_with(broken, text, {"clients": {"copier": {"quota": {"total": 2}}}})
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        long = post(http, "copier", ["word " * 40])
+        failed = [post(http, "copier", sentences(1, 62 + i)) for i in range(2)]
+        over = post(http, "copier", sentences(1, 64))
+        metrics = http.get("/metrics").text
+    assert long.status_code == 400 and "tokens long" in long.json()["error"]
+    assert all(r.status_code == 500 and "NaN or infinite" in r.json()["error"] for r in failed)
+    assert over.status_code == 403 and "total quota of 2 (0 left)" in over.json()["error"]
+    assert 'wmark_quota_used_total{client="copier"} 2.0' in metrics and "Inputs admitted to the model" in metrics
+
+
 def test_a_profile_of_the_other_modality_or_tokenizer_is_refused(model, text, profile, tmp_path):
     save_profile(profile, tmp_path / "p.safetensors")
     assert load_profile(tmp_path / "p.safetensors").text == profile.text

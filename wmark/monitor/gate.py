@@ -114,10 +114,11 @@ class Gate:
         self.exported: dict[str, int] = {}
         self.absent: dict[str, Any] = {}  # state records of clients this server has no token for, kept as they are
         self.registry = prom.CollectorRegistry(auto_describe=True)
-        self.m_queries = prom.Counter("wmark_queries", "Inputs answered, per client.", ["client"],
+        # Counted at admission, like the quotas: a request the model then fails on is counted too.
+        self.m_queries = prom.Counter("wmark_queries", "Inputs admitted to the model, per client.", ["client"],
                                       registry=self.registry)
-        self.m_requests = prom.Counter("wmark_requests", "Inference requests answered, per client.", ["client"],
-                                       registry=self.registry)
+        self.m_requests = prom.Counter("wmark_requests", "Inference requests admitted to the model, per client.",
+                                       ["client"], registry=self.registry)
         self.m_refusals = prom.Counter("wmark_refusals", "Inference requests refused, per client and reason.",
                                        ["client", "reason"], registry=self.registry)
         self.m_alarm = prom.Gauge("wmark_monitor_alarm", "1 once the extraction monitor raised an alarm.",
@@ -202,7 +203,12 @@ class Gate:
         return refusal
 
     def admit(self, client: str, n: int) -> Refusal | None:
-        """Count ``n`` queries for ``client`` and return ``None``, or count nothing and return a refusal."""
+        """Count ``n`` queries for ``client`` and return ``None``, or count nothing and return a refusal.
+
+        Call it once the request's input is known to be valid, right before the model runs: what it counts is an
+        attempt, kept whether the model then answers or fails, so that failing requests are no free queries for an
+        extractor and concurrent requests can never overrun a quota between admission and answer.
+        """
         now = self.clock()
         with self.lock:
             c = self.clients.get(client)
