@@ -7,7 +7,9 @@ own pass (lookahead, the default for image keys, or a ``trigger_margin``) need n
 pre-hook on the Trainer's optimizer, weighted as if they had joined each optimizer step's
 ``per_device_train_batch_size × gradient_accumulation_steps`` samples, after checking the first batch the model
 receives (a text key's triggers on an image model, or the reverse, are refused as
-:meth:`wmark.embed.Watermarker.attach` refuses them). The callback also checks that a mixing run's training set
+:meth:`wmark.embed.Watermarker.attach` refuses them). The Trainer clips gradients (``max_grad_norm``) before
+``optimizer.step()``, so that trigger gradient is added unclipped to the clipped natural one (and a lookahead
+pass looks ahead along the clipped natural gradient). The callback also checks that a mixing run's training set
 carries the triggers, installs the weights scheme's hook, and measures the trigger accuracy at the end.
 
 Example:

@@ -13,6 +13,9 @@ cross-entropy. The triggers weigh as they do in :meth:`wmark.embed.Watermarker.a
   each of the step's batches: the natural gradient is scaled by ``batch size / (batch size + trigger_per_batch)``
   and the step's triggers add theirs, as the mean loss over a mixed batch weighs them.
 
+Lightning clips gradients (``gradient_clip_val``) after ``on_before_optimizer_step``, so the clipped gradient
+includes the triggers' (a lookahead pass looks ahead along the unclipped natural gradient).
+
 The weights scheme's hook goes on the optimizer when training starts. The module's ``forward`` must take the
 model's batch (a tensor, or ``input_ids``/``attention_mask`` for text); pass ``forward=`` otherwise (mixing only).
 The trigger forward runs in training mode, like the module's own, but draws its random numbers (dropout masks)
