@@ -132,10 +132,12 @@ def test_gradient_clipping_bounds_the_trigger_gradient_in_lightning_but_not_in_t
     Trainer clips before ``optimizer.step()``, whose pre-hook then adds the trigger gradient unclipped. Documented
     in docs/trigger-embedding.md; this pins it so a change of either framework's order is noticed."""
     clip = 1e-3
-    wm = lambda: _watermarker("margin")  # noqa: E731 - a pass of their own at the current weights (no lookahead)
-    triggers = _update(_Net(), lambda net: _plain(net, wm(), 1)) - _update(_Net(), lambda net: _plain(net, None, 1))
-    lightning = _update(_Net(), lambda net: _lightning(net, wm(), 1, clip=clip))
-    hf = _update(_Net(), lambda net: _hf(net, wm(), 1, tmp_path, clip=clip))
+    # "margin": a trigger pass of their own at the current weights (no lookahead), so its gradient is comparable
+    mark = "margin"
+    triggers = _update(_Net(), lambda net: _plain(net, _watermarker(mark), 1)) - \
+        _update(_Net(), lambda net: _plain(net, None, 1))
+    lightning = _update(_Net(), lambda net: _lightning(net, _watermarker(mark), 1, clip=clip))
+    hf = _update(_Net(), lambda net: _hf(net, _watermarker(mark), 1, tmp_path, clip=clip))
     hf_natural = _update(_Net(), lambda net: _hf(net, None, 1, tmp_path, clip=clip))
     assert triggers.norm() > 100 * LR * clip  # clipping would change the trigger gradient
     torch.testing.assert_close(lightning.norm(), torch.tensor(LR * clip, dtype=lightning.dtype), rtol=1e-3, atol=0)
