@@ -10,6 +10,7 @@ import sys
 
 import httpx
 import pytest
+import torch
 from servekit import trickle, wait_ready
 
 from wmark.errors import UsageError
@@ -511,3 +512,33 @@ def test_serve_on_port_0_announces_the_port_it_listens_on(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class _Breaks(torch.nn.Module):
+    """A model that raises once told to (after the server's start-up probe), with a message that must not leak."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.broken = False
+
+    def forward(self, *args, **kwargs):
+        if self.broken:
+            raise RuntimeError("CUDA out of memory at /srv/secret/model.py")
+        return self.inner(*args, **kwargs)
+
+
+def test_a_model_that_raises_answers_a_json_500_naming_only_the_exception_type():
+    # Starlette answered a plain-text 500 and re-raised, and uvicorn dropped the connection: a client read a
+    # network failure and retried
+    from wmark.serve import build_app, serve_in_background
+
+    model = _Breaks(torch.nn.Linear(2, 2))
+    body = {"inputs": [{"name": "input", "shape": [1, 2], "datatype": "FP32", "data": [0.0, 0.0]}]}
+    with serve_in_background(build_app(model=model, name="m", num_classes=2, input_shape=(2,))) as server:
+        model.broken = True
+        resp = httpx.post(f"{server.url}/v2/models/m/infer", json=body)
+        model.broken = False
+        again = httpx.post(f"{server.url}/v2/models/m/infer", json=body)
+    assert resp.status_code == 500 and "RuntimeError" in resp.json()["error"] and "secret" not in resp.text
+    assert again.status_code == 200

@@ -253,3 +253,12 @@ def test_a_text_model_with_nan_outputs_answers_a_json_500(key_file):
         resp = httpx.post(f"{server.url}/hf/models/m", json={"inputs": "a short fortune"})
     assert resp.status_code == 500
     assert "NaN or infinite" in resp.json()["error"]
+
+
+def test_a_text_model_that_raises_answers_a_json_500(key_file):
+    key = load_key(key_file)
+    model = hf_bert(4)
+    with serve_in_background(_app(model, key, labels_only=False)) as server:
+        model.forward = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("at /srv/secret"))
+        resp = httpx.post(f"{server.url}/hf/models/m", json={"inputs": "a short fortune"})
+    assert resp.status_code == 500 and "RuntimeError" in resp.json()["error"] and "secret" not in resp.text

@@ -55,6 +55,7 @@ from wmark.serve_input import (
     BadRequest,
     decode_v2_input,
     default_body_limit,
+    model_failed,
     read_json,
     text_char_limit,
 )
@@ -268,6 +269,8 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         except RuntimeFailure:  # NaN or infinite outputs, from inputs far outside the model's range (1e38)
             return _error(400, "the model's outputs on these inputs are NaN or infinite; send values in the range "
                                "it was trained on")
+        except Exception as exc:  # noqa: BLE001 - any failure of the owner's model: a JSON 500, not a dropped connection
+            return model_failed(exc)
         body: dict[str, Any] = {"model_name": name, "model_version": version, "outputs": outputs}
         if isinstance(doc, dict) and "id" in doc:
             body["id"] = doc["id"]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -232,3 +233,14 @@ def _product_up_to(dims: list[int], bound: int) -> int:
         if product > bound:
             return bound + 1
     return product
+
+def model_failed(exc: BaseException) -> JSONResponse:
+    """The answer to a request the served model raised on: a JSON 500 naming only the exception's type (its
+    message may hold the server's paths or data), with the traceback in the server's log.
+
+    Starlette would answer a plain-text 500 and re-raise, and uvicorn then drops the connection, which a client
+    reads as a network failure and retries.
+    """
+    logging.getLogger("wmark.serve").error("the served model failed on a request", exc_info=exc)
+    return JSONResponse({"error": f"the served model failed on these inputs ({type(exc).__name__}); the server's "
+                                  "log has the details"}, status_code=500)

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from wmark.errors import RuntimeFailure, UsageError
-from wmark.serve_input import BODY_TIMEOUT_S, read_json
+from wmark.serve_input import BODY_TIMEOUT_S, model_failed, read_json
 from wmark.suspects.base import Answers
 from wmark.text import TextInputs, load_tokenizer
 
@@ -130,6 +130,8 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
             # no text is out of a model's range (v2 answers 400 for values far outside it): the model is broken
             return JSONResponse({"error": "the served model's outputs on these texts are NaN or infinite; its weights "
                                           "are damaged, check the model file"}, status_code=500)
+        except Exception as exc:  # noqa: BLE001 - any failure of the owner's model: a JSON 500, not a dropped connection
+            return model_failed(exc)
         mode, k = ("scores", 0) if answer_mode is None else answer_mode(client)
         rows: list[list[dict[str, Any]]] = []
         for i, label in enumerate(np.asarray(answers.labels).reshape(-1)):
