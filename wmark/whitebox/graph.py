@@ -218,16 +218,20 @@ def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
     Raises:
         UsageError: If the model cannot be traced.
     """
-    wrapped = getattr(model, "module", None)
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(wrapped, nn.Module):
-        # Data-parallel wrappers cannot be traced; their parameters are the wrapped model's under "module.".
-        inner = read_graph(wrapped, input_rank=input_rank)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError("The model is a TorchScript module, whose weight graph torch.fx cannot read; mark the "
+                         "Python module and script it after marking.")
+    unwrapped = _wrapped(model)
+    if unwrapped is not None:
+        # Wrappers cannot be traced; their parameters are the wrapped model's under the wrapper's prefix.
+        inner_model, prefix = unwrapped
+        inner = read_graph(inner_model, input_rank=input_rank)
         for space in inner.spaces.values():
-            space.params = [f"module.{p}" for p in space.params]
-        inner.layers = [replace(lay, name=f"module.{lay.name}",
-                                bias=None if lay.bias is None else f"module.{lay.bias}",
-                                gain=None if lay.gain is None else f"module.{lay.gain}",
-                                absorbers=tuple(f"module.{a}" for a in lay.absorbers)) for lay in inner.layers]
+            space.params = [f"{prefix}{p}" for p in space.params]
+        inner.layers = [replace(lay, name=f"{prefix}{lay.name}",
+                                bias=None if lay.bias is None else f"{prefix}{lay.bias}",
+                                gain=None if lay.gain is None else f"{prefix}{lay.gain}",
+                                absorbers=tuple(f"{prefix}{a}" for a in lay.absorbers)) for lay in inner.layers]
         return inner
     # the BERT and decoder rules build on this module
     from wmark.whitebox.bert import bert_layers, read_bert
@@ -238,6 +242,17 @@ def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
     if decoder_layers(model):
         return read_decoder(model)
     return _read_fx(model, input_rank)
+
+
+def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module a data-parallel or ``torch.compile`` wrapper holds and the prefix its parameter names get."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner, prefix = getattr(model, "module", None), "module."
+    elif type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper, not importable from a stable path
+        inner, prefix = getattr(model, "_orig_mod", None), "_orig_mod."
+    else:
+        return None
+    return (inner, prefix) if isinstance(inner, nn.Module) else None
 
 
 def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
