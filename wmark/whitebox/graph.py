@@ -88,9 +88,9 @@ class Layer:
         signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
             whose output passes through the non-odd SiLU before the product that carries the sign, and for a
             reader of a norm gain that no norm after it owns: its rows show the gain's signs).
-        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's or GroupNorm's) its columns read
-            ``inp`` through, if any: a thief may flip the signs of that gain (and its bias) and of its readers'
-            columns, on top of the space's own.
+        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's, GroupNorm's or BatchNorm's, a 1-D
+            layer scale) its columns read ``inp`` through with no activation between, if any: a thief may flip
+            the signs of that gain (and its bias) and of its readers' columns, on top of the space's own.
         own: Signs of its rows that the op right after it absorbs, so that no other tensor of the graph shows
             them: ``rows`` (each row on its own: a BatchNorm, whose γ and running mean flip with the row, or a
             per-unit gain such as a layer scale), ``whole`` (all rows together: a LayerNorm or GroupNorm(1, C),
@@ -275,8 +275,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     ranks: dict[Any, int | None] = {}
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
-    # node → the affine norm gain it is the output of (through permutes and dropout): a thief may flip the
-    # signs of entries of the gain and its bias with the columns of the layers reading the node.
+    # node → the affine norm gain or layer scale it is the output of (through permutes and dropout): a thief may
+    # flip the signs of entries of the gain and its bias with the columns of the layers reading the node.
     tags: dict[Any, str] = {}
     gains: dict[str, str] = {}
 
@@ -313,6 +313,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             sp.info[label[node]].params.append(gain[1])
             absorb(gain[0], "rows", [gain[1]])
             last_axis.add(node)
+            tags[node] = gain[1]
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
         if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
@@ -383,6 +384,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 if mod.weight is not None:
                     # BN(-z) with γ and μ negated is BN(z): each row's sign is the layer's own.
                     absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
+                    tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
