@@ -105,10 +105,11 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
 def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: int = 0) -> dict[str, torch.Tensor]:
     """Flip the sign of a random half of every norm gain's entries and of the columns that read them.
 
-    A norm gain multiplies each unit elementwise, so negating entry ``j`` of the gain (and of a LayerNorm's or
-    GroupNorm's bias) and column ``j`` of every layer reading the norm's output keeps the function; each norm
-    gets its own flips, independent of the hidden stream's. The gains are those the graph records for its
-    layers (Llama-style decoders; a ConvNeXt block's LayerNorm read by its MLP).
+    A norm gain multiplies each unit elementwise, so negating entry ``j`` of the gain (and of a LayerNorm's,
+    GroupNorm's or BatchNorm's bias) and column ``j`` of every layer reading the norm's output keeps the
+    function; each norm gets its own flips, independent of the hidden stream's. The gains are those the graph
+    records for its layers (Llama-style decoders; a ConvNeXt block's LayerNorm read by its MLP; a BatchNorm or
+    a layer scale read by a conv/linear layer with no activation between).
 
     Raises:
         UsageError: If the graph records no gains, or a tensor is missing.

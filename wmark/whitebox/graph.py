@@ -88,9 +88,9 @@ class Layer:
         signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
             whose output passes through the non-odd SiLU before the product that carries the sign, and for a
             reader of a norm gain that no norm after it owns: its rows show the gain's signs).
-        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's or GroupNorm's) its columns read
-            ``inp`` through, if any: a thief may flip the signs of that gain (and its bias) and of its readers'
-            columns, on top of the space's own.
+        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's, GroupNorm's or BatchNorm's, a 1-D
+            layer scale) its columns read ``inp`` through with no activation between, if any: a thief may flip
+            the signs of that gain (and its bias) and of its readers' columns, on top of the space's own.
         own: Signs of its rows that the op right after it absorbs, so that no other tensor of the graph shows
             them: ``rows`` (each row on its own: a BatchNorm, whose γ and running mean flip with the row, or a
             per-unit gain such as a layer scale), ``whole`` (all rows together: a LayerNorm or GroupNorm(1, C),
@@ -218,16 +218,20 @@ def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
     Raises:
         UsageError: If the model cannot be traced.
     """
-    wrapped = getattr(model, "module", None)
-    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) and isinstance(wrapped, nn.Module):
-        # Data-parallel wrappers cannot be traced; their parameters are the wrapped model's under "module.".
-        inner = read_graph(wrapped, input_rank=input_rank)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise UsageError("The model is a TorchScript module, whose weight graph torch.fx cannot read; mark the "
+                         "Python module and script it after marking.")
+    unwrapped = _wrapped(model)
+    if unwrapped is not None:
+        # Wrappers cannot be traced; their parameters are the wrapped model's under the wrapper's prefix.
+        inner_model, prefix = unwrapped
+        inner = read_graph(inner_model, input_rank=input_rank)
         for space in inner.spaces.values():
-            space.params = [f"module.{p}" for p in space.params]
-        inner.layers = [replace(lay, name=f"module.{lay.name}",
-                                bias=None if lay.bias is None else f"module.{lay.bias}",
-                                gain=None if lay.gain is None else f"module.{lay.gain}",
-                                absorbers=tuple(f"module.{a}" for a in lay.absorbers)) for lay in inner.layers]
+            space.params = [f"{prefix}{p}" for p in space.params]
+        inner.layers = [replace(lay, name=f"{prefix}{lay.name}",
+                                bias=None if lay.bias is None else f"{prefix}{lay.bias}",
+                                gain=None if lay.gain is None else f"{prefix}{lay.gain}",
+                                absorbers=tuple(f"{prefix}{a}" for a in lay.absorbers)) for lay in inner.layers]
         return inner
     # the BERT and decoder rules build on this module
     from wmark.whitebox.bert import bert_layers, read_bert
@@ -238,6 +242,17 @@ def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
     if decoder_layers(model):
         return read_decoder(model)
     return _read_fx(model, input_rank)
+
+
+def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """The module a data-parallel or ``torch.compile`` wrapper holds and the prefix its parameter names get."""
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        inner, prefix = getattr(model, "module", None), "module."
+    elif type(model).__name__ == "OptimizedModule":  # torch.compile's wrapper, not importable from a stable path
+        inner, prefix = getattr(model, "_orig_mod", None), "_orig_mod."
+    else:
+        return None
+    return (inner, prefix) if isinstance(inner, nn.Module) else None
 
 
 def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
@@ -260,8 +275,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     ranks: dict[Any, int | None] = {}
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
-    # node → the affine norm gain it is the output of (through permutes and dropout): a thief may flip the
-    # signs of entries of the gain and its bias with the columns of the layers reading the node.
+    # node → the affine norm gain or layer scale it is the output of (through permutes and dropout): a thief may
+    # flip the signs of entries of the gain and its bias with the columns of the layers reading the node.
     tags: dict[Any, str] = {}
     gains: dict[str, str] = {}
 
@@ -298,6 +313,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             sp.info[label[node]].params.append(gain[1])
             absorb(gain[0], "rows", [gain[1]])
             last_axis.add(node)
+            tags[node] = gain[1]
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
         if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
@@ -368,6 +384,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 if mod.weight is not None:
                     # BN(-z) with γ and μ negated is BN(z): each row's sign is the layer's own.
                     absorb(tensor_args[0], "rows", [n for n in names[::2] if n in params or n in buffers])
+                    tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
