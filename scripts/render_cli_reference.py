@@ -30,6 +30,16 @@ def commands(group: click.Group, prefix: tuple[str, ...] = ("wmark",)) -> list[t
     return out
 
 
+def _help(cmd: click.Command, parent: click.Context | None, name: str, parts: list[str], path: tuple[str, ...]) -> None:
+    # each context under its parent, as click makes them when run: settings such as `-h` are inherited
+    settings = {"max_content_width": WIDTH, **cmd.context_settings, "terminal_width": WIDTH}
+    ctx = click.Context(cmd, parent=parent, info_name=name, **settings)
+    parts += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx).rstrip(), "```", ""]
+    if isinstance(cmd, click.Group):
+        for sub in sorted(cmd.commands):
+            _help(cmd.commands[sub], ctx, sub, parts, (*path, sub))
+
+
 def render() -> str:
     """The page's Markdown."""
     from wmark.cli import main
@@ -37,9 +47,7 @@ def render() -> str:
     parts = ["# `wmark` command reference", "",
              "Generated from the command line itself by `scripts/render_cli_reference.py`; do not edit. The",
              "workflows and what each command is for are in [cli.md](cli.md).", ""]
-    for path, cmd in commands(main):
-        ctx = click.Context(cmd, info_name=" ".join(path), max_content_width=WIDTH, terminal_width=WIDTH)
-        parts += [f"## `{' '.join(path)}`", "", "```text", cmd.get_help(ctx).rstrip(), "```", ""]
+    _help(main, None, "wmark", parts, ("wmark",))
     return "\n".join(parts)
 
 
@@ -50,8 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.check:
         current = PAGE.read_text(encoding="utf-8") if PAGE.exists() else ""
-        if current.split() != text.split():  # wrapping may differ between click versions; words may not
-            print(f"{PAGE.relative_to(ROOT)} is stale; run python scripts/render_cli_reference.py", file=sys.stderr)
+        old, new = current.split(), text.split()
+        if old != new:  # wrapping may differ between click versions; words may not
+            at = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+            print(f"{PAGE.relative_to(ROOT)} is stale (at {' '.join(old[at - 8:at + 8])!r}, now "
+                  f"{' '.join(new[at - 8:at + 8])!r}); run python scripts/render_cli_reference.py", file=sys.stderr)
             return 1
         return 0
     PAGE.write_text(text, encoding="utf-8")
