@@ -50,7 +50,7 @@ from wmark.schemes.weights import anchor_digest, payload_bits, projection, schem
 from wmark.stats import binomial_log10_sf
 from wmark.verify import Verdict, decide
 from wmark.whitebox.graph import BINORM_ITERS, FIXED, NEGATABLE, SIGNED, Layer, binorm_vector, binormalize
-from wmark.whitebox.verify import anchor_refusal, match_neurons, weights_test_result
+from wmark.whitebox.verify import anchor_refusal, match_neurons, read_bits, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
 
@@ -379,12 +379,6 @@ def _better_sign(sim: torch.Tensor) -> float:
     return 1.0 if _assigned(sim) >= _assigned(-sim) else -1.0
 
 
-def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
-    norm = vector.norm()
-    if not torch.isfinite(norm) or norm == 0:
-        return np.full(x.shape[0], -1, dtype=np.int64)
-    return ((x @ (vector / norm)) >= 0).to(torch.int64).numpy()
-
 
 def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any | None, alpha: float,
                  suspect_label: str) -> Verdict:
@@ -405,7 +399,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
     ref_vec = marked_vector(ref.load(marked.name), marked, units, iters=iters)
     x = projection(key, ref_vec.numel())
     expected = payload_bits(key)
-    ref_errors = int(np.sum(_bits(x, ref_vec) != expected))
+    ref_errors = int(np.sum(read_bits(x, ref_vec) != expected))
     if ref_errors > bits // 4:
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
                          "weight watermark; check the key and the reference.")
@@ -426,7 +420,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
             if recorded_marked and anchor_digest({marked.name: anchor_marked}) != recorded_marked:
                 raise anchor_refusal(anc, [marked.name])
             # an embedding older than that digest: at least refuse an anchor that carries the mark outright
-            hits = int(np.sum(_bits(x, marked_vector(anchor_marked, marked, units, iters=iters)) == expected))
+            hits = int(np.sum(read_bits(x, marked_vector(anchor_marked, marked, units, iters=iters)) == expected))
             if binomial_log10_sf(hits, bits, 0.5) <= math.log10(alpha):
                 raise UsageError(f"The anchor {anc.path} reads {hits} of {bits} bits of this key's mark in "
                                  f"{marked.name}, so it is not the unmarked base; pass the model the reference was "
@@ -445,7 +439,7 @@ def verify_graph(*, key: Key, info: dict[str, Any], ref: Any, sus: Any, anc: Any
                          "so white-box verification cannot apply; try black-box verification.")
     best: tuple[int, str, np.ndarray] | None = None
     for name in candidates:
-        got = _bits(x, aligner.vector(name))
+        got = read_bits(x, aligner.vector(name))
         matches = int(np.sum(got == expected))
         if best is None or matches > best[0]:
             best = (matches, name, got)

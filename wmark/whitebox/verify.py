@@ -408,7 +408,7 @@ def _verify(*, key: Key, reference: PathLike, suspect: PathLike, alpha: float, a
     expected = payload_bits(key)
 
     ref_layers = _layers(ref_w)
-    ref_bits = _bits(x, ref_layers[-1].mean_row().flatten())
+    ref_bits = read_bits(x, ref_layers[-1].mean_row().flatten())
     ref_errors = int(np.sum(ref_bits != expected))
     if ref_errors > bits // 4:
         raise UsageError(f"The reference reads {ref_errors} of {bits} bits wrong, so it does not carry this key's "
@@ -444,7 +444,7 @@ def _verify(*, key: Key, reference: PathLike, suspect: PathLike, alpha: float, a
         sus_layers = _layers(predecessors)
         marked = _layers([sus.load(name)], after=sus_layers[-1] if sus_layers else None)[0]
         vector, q = _align(_layers(anchor_w[len(skipped):-1]) if skipped else align_to, [*sus_layers, marked])
-        got = _bits(x, vector)
+        got = read_bits(x, vector)
         matches = int(np.sum(got == expected))
         if best is None or matches > best[0]:
             best = (matches, name, got, q, chosen, skipped)
@@ -502,7 +502,9 @@ def bits_from_text(text: str) -> np.ndarray:
     return np.array([-1 if c == "-" else int(c) for c in text], dtype=np.int64)
 
 
-def _bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
+def read_bits(x: torch.Tensor, vector: torch.Tensor) -> np.ndarray:
+    """The bits a canonical vector reads under projection ``x`` (signs of ``x @ vector``; -1 each for a zero or
+    non-finite vector)."""
     norm = vector.norm()
     if not torch.isfinite(norm) or norm == 0:
         # A zero or broken vector carries no bits; count every bit as wrong rather than guess.
