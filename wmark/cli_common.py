@@ -55,9 +55,7 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except WmarkError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            exit_interrupted()  # 130, not 3: that told scripts the suspect had failed
-        except Exception as exc:
+        except Exception as exc:  # not KeyboardInterrupt: the command group turns that into exit 130
             if os.environ.get("WMARK_DEBUG"):
                 raise
             click.echo(f"error: unexpected {type(exc).__name__}: {exc} (set WMARK_DEBUG=1 for a traceback)", err=True)
