@@ -7,10 +7,10 @@ requests; it goes through the environment's proxy (:mod:`wmark.suspects.proxies`
 place of a prediction (:func:`~wmark.suspects.bodies.error_body`: ``{"error": "Model x is currently loading",
 "estimated_time": 20.0}``, also with HTTP 200) is retried like a 503, waiting its ``estimated_time`` (at most
 ``max_retry_after``), and is never recorded as an answer. A failed or malformed answer (after the retries) is an
-abstention (label ``-1``), never a match. Errors that no retry can fix stop the run with one sentence: a refused
-token (401/403), an unknown model (404), a redirect (never followed, so the token goes to no other address), a
-proxy refusing its credentials (407), an unreachable host, a TLS failure, or answers that do not fit the key's
-classes.
+abstention (label ``-1``), never a match. Errors that no retry can fix stop the run with one sentence
+(:mod:`~wmark.suspects.refusals`): a refused token (401/403), an unknown model (404), a redirect (never followed,
+so the token goes to no other address), a proxy refusing its credentials (407), an unreachable host, a TLS failure,
+or answers that do not fit the key's classes.
 
 Example:
     >>> from wmark.suspects.protocols import V2Protocol
@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import random
-import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -56,6 +55,8 @@ from wmark.suspects.protocols import (
     WireProtocol,
 )
 from wmark.suspects.proxies import Proxies
+from wmark.suspects.refusals import proxy_refusal, refusal, short_reason, tls_failure
+from wmark.suspects.urls import origin, redact_url
 from wmark.text import is_text_array
 
 USER_AGENT = "wmark-verifier"
@@ -299,7 +300,7 @@ class HttpSuspect:
                     f"The suspect at {self.description} answered the first query with something that is not JSON "
                     f"({kind}); check the URL and the protocol."
                 ) from None
-            return self._malformed(text, digest, attempts, resp.status_code, _short(exc))
+            return self._malformed(text, digest, attempts, resp.status_code, short_reason(exc))
         try:
             parsed: Parsed = self.protocol.parse(doc)
         except AnswerMismatch as exc:
@@ -308,7 +309,7 @@ class HttpSuspect:
                 raise failure(f"The suspect at {self.description} does not fit the key: {exc}.") from None
             return self._malformed(text, digest, attempts, resp.status_code, str(exc))
         except (MalformedAnswer, ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
-            return self._malformed(text, digest, attempts, resp.status_code, _short(exc))
+            return self._malformed(text, digest, attempts, resp.status_code, short_reason(exc))
         self._seen_ok.set()
         self.stats.add(ok=1)
         return Outcome(status="ok", label=parsed.label, scores=parsed.scores, answer=text, answer_sha256=digest,
@@ -356,24 +357,21 @@ class HttpSuspect:
             try:
                 resp, problem = self._receive(method, url, body)
             except httpx.ConnectError as exc:
-                if _is_tls(exc):
-                    raise RuntimeFailure(
-                        f"The TLS handshake with {_host(url)} failed ({_short(exc)}); check the https URL, or "
-                        "the server's certificate."
-                    ) from None
+                if (tls := tls_failure(exc, url, handshake=True)) is not None:
+                    raise tls from None
                 connect_failures += 1
-                error = f"cannot connect{self._via(url)} ({_short(exc)})"
+                error = f"cannot connect{self._via(url)} ({short_reason(exc)})"
             except httpx.ProxyError as exc:
                 if str(exc).startswith("407"):
                     raise self._proxy_auth(url) from None
                 connect_failures += 1  # the proxy opened no tunnel: nothing reached the suspect
-                error = f"no tunnel{self._via(url)} ({_short(exc)})"
+                error = f"no tunnel{self._via(url)} ({short_reason(exc)})"
             except httpx.TimeoutException:
                 error = f"no answer within {self.options.timeout:g} s"
             except httpx.TransportError as exc:
-                if _is_tls(exc):
-                    raise RuntimeFailure(f"The TLS connection to {_host(url)} failed ({_short(exc)}).") from None
-                error = f"connection dropped ({_short(exc)})"
+                if (tls := tls_failure(exc, url, handshake=False)) is not None:
+                    raise tls from None
+                error = f"connection dropped ({short_reason(exc)})"
             else:
                 code = resp.status_code
                 if code == 429:
@@ -382,30 +380,8 @@ class HttpSuspect:
                     self._limiter.answered()
                 if code == 407:
                     raise self._proxy_auth(url)
-                if code in (401, 403):
-                    hint = "the token was refused" if self._has_token else "it needs a bearer token"
-                    raise UsageError(
-                        f"The suspect at {_host(url)} answered HTTP {code}: {hint}; pass a valid token from an "
-                        "environment variable or a file."
-                    )
-                if code == 404:
-                    raise UsageError(
-                        f"{redact_url(url)} does not exist on the server (HTTP 404); check the URL, the model name and "
-                        "version."
-                    )
-                if 300 <= code < 400:
-                    # Following would send the token to wherever the suspect points, another host included; a 3xx
-                    # naming no target is no answer either, whatever its body says.
-                    if "location" not in resp.headers:
-                        raise UsageError(f"{redact_url(url)} answered HTTP {code}, a redirect that names no target "
-                                         "(no Location header), so there is no answer to read; check the URL.")
-                    try:
-                        target = redact_url(str(resp.request.url.join(resp.headers["location"])))
-                    except (httpx.InvalidURL, ValueError):
-                        target = "an invalid URL"
-                    target = self._scrub(target)[:200]
-                    raise UsageError(f"{redact_url(url)} redirects to {target} (HTTP {code}), and redirects are not "
-                                     "followed so that the token goes nowhere else; give that URL instead if you trust it.")
+                if (refused := refusal(resp, url, has_token=self._has_token, scrub=self._scrub)) is not None:
+                    raise refused
                 failure = self._error_answer(resp, what)
                 if code not in _RETRY_STATUSES and failure is None:
                     return resp, attempts, problem
@@ -426,9 +402,9 @@ class HttpSuspect:
         if connect_failures == attempts:
             if what == "metadata" or not self._seen_ok.is_set():
                 raise RuntimeFailure(
-                    f"Cannot reach the suspect at {_host(url)} ({error}); check the URL and that the server is up."
+                    f"Cannot reach the suspect at {origin(url)} ({error}); check the URL and that the server is up."
                 )
-            raise RuntimeFailure(f"The suspect at {_host(url)} stopped answering ({error}); "
+            raise RuntimeFailure(f"The suspect at {origin(url)} stopped answering ({error}); "
                                  f"{self._resume_hint('re-run the same verification once it is back')}.")
         return None, attempts, error
 
@@ -492,15 +468,11 @@ class HttpSuspect:
     def _via(self, url: str) -> str:
         """`` through the proxy …`` (named without its credentials) when one carries requests to ``url``."""
         proxy = self._transport.proxy_for(httpx.URL(url))
-        return "" if proxy is None else f" through the proxy {_host(str(proxy.url))}"
+        return "" if proxy is None else f" through the proxy {origin(str(proxy.url))}"
 
     def _proxy_auth(self, url: str) -> UsageError:
-        """The error for HTTP 407 (the proxy wants credentials): only the proxy URL in the environment can fix it."""
-        proxy = self._transport.proxy_for(httpx.URL(url))
-        named = "" if proxy is None else f" {_host(str(proxy.url))}"
-        what = "refused the credentials in its URL" if proxy is not None and proxy.auth else "needs credentials"
-        return UsageError(f"The proxy{named} {what} (HTTP 407); set {httpx.URL(url).scheme.upper()}_PROXY to "
-                          "http://user:password@host:port with valid ones.")
+        """The error for HTTP 407 from the proxy that carries requests to ``url``."""
+        return proxy_refusal(url, self._transport.proxy_for(httpx.URL(url)))
 
     def _backoff(self, attempt: int) -> float:
         # Full jitter (uniform on [0, cap]) spreads retries of concurrent clients apart.
@@ -509,39 +481,6 @@ class HttpSuspect:
     def _jitter(self, upper: float) -> float:
         with self._rng_lock:
             return self._rng.uniform(0.0, upper)
-
-
-def redact_url(url: str) -> str:
-    """The URL without user info or query string, which may carry credentials (for logs and reports)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, TypeError):
-        return url
-    return str(parsed.copy_with(username=None, password=None, query=None, fragment=None))
-
-
-def _is_tls(exc: BaseException) -> bool:
-    seen: BaseException | None = exc
-    depth = 0
-    while seen is not None and depth < 10:
-        if isinstance(seen, ssl.SSLError) or "SSL" in type(seen).__name__ or "CERTIFICATE" in str(seen).upper():
-            return True
-        seen = seen.__cause__ or seen.__context__
-        depth += 1
-    return False
-
-
-def _host(url: str) -> str:
-    try:
-        parsed = httpx.URL(url)
-        return f"{parsed.scheme}://{parsed.host}" + (f":{parsed.port}" if parsed.port else "")
-    except (httpx.InvalidURL, TypeError):
-        return url
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:160]
 
 
 def make_protocol(*, protocol: str, url: str, model_name: str | None, num_classes: int,
