@@ -3,10 +3,11 @@
 httpx's timeouts bound each connect, read and write: a server that trickles its status line and headers a byte at a
 time, every byte inside the read timeout, holds a request for as long as it likes. :class:`DeadlineTransport` runs
 httpcore's connection pool (its public ``network_backend`` hook) on streams whose every operation waits at most the
-time left before the deadline of the request being served, so connecting, sending, the status line, the headers
-and the body all fit in it, and a late one raises the timeout httpx would. The deadline travels with its request
-(the :data:`DEADLINE` extension, a :func:`time.monotonic` instant), so concurrent requests sharing the pool, each
-served on its caller's thread, keep their own.
+time left before the deadline of the request being served, so looking the host name up (on a thread of a
+:class:`~wmark.suspects.lookup.Resolver`: the system's lookup takes no timeout), connecting, sending, the status
+line, the headers and the body all fit in it, and a late one raises the timeout httpx would. The deadline travels
+with its request (the :data:`DEADLINE` extension, a :func:`time.monotonic` instant), so concurrent requests
+sharing the pool, each served on its caller's thread, keep their own.
 
 Only what the suspect client needs is built: HTTP/1.1, directly or through the proxy that
 :class:`~wmark.suspects.proxies.Proxies` selects for the request, whose connection holds to the deadline as well
@@ -33,9 +34,11 @@ from typing import Any
 import httpcore
 import httpx
 
+from wmark.suspects.lookup import Resolver
 from wmark.suspects.proxies import Proxies
 
 DEADLINE = "wmark.deadline"
+_LOOKUPS = 8  # name lookups at once when the pool's connections are unlimited
 
 # Most specific first: an httpcore error becomes the first httpx error whose httpcore twin it is an instance of.
 _ERRORS: tuple[tuple[type[Exception], type[httpx.TransportError]], ...] = (
@@ -103,15 +106,26 @@ class _Stream(httpcore.NetworkStream):
 
 
 class _Backend(httpcore.NetworkBackend):
-    def __init__(self, deadline: _Deadline) -> None:
+    def __init__(self, deadline: _Deadline, resolver: Resolver) -> None:
         self._inner = httpcore.SyncBackend()
         self._deadline = deadline
+        self._resolver = resolver
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None) -> httpcore.NetworkStream:
-        stream = self._inner.connect_tcp(host, port, self._deadline.cap(timeout, httpcore.ConnectTimeout),
-                                         local_address, socket_options)
-        return _Stream(stream, self._deadline)
+        # The name is looked up here, under the deadline, and each address connected to in turn as
+        # socket.create_connection would; TLS still checks the host name, which httpcore passes to start_tls.
+        addresses = self._resolver.addresses(host, port, self._deadline.cap(timeout, httpcore.ConnectTimeout))
+        failure: httpcore.ConnectError | httpcore.ConnectTimeout | None = None
+        for address in addresses:
+            left = self._deadline.cap(timeout, httpcore.ConnectTimeout)
+            try:
+                stream = self._inner.connect_tcp(address, port, left, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:  # the next address may answer
+                failure = exc
+                continue
+            return _Stream(stream, self._deadline)
+        raise failure or httpcore.ConnectError(f"{host} has no address")
 
 
 @contextlib.contextmanager
@@ -154,12 +168,15 @@ class DeadlineTransport(httpx.BaseTransport):
     Args:
         verify: Check TLS certificates (``True``), not (``False``), or against this CA bundle path; an https://
             proxy is checked the same way.
-        limits: Connection pool sizes (of each proxy's pool too).
+        limits: Connection pool sizes (of each proxy's pool too); ``max_connections`` also bounds the host name
+            lookups running at once, hung ones included.
         proxies: Which proxy carries a request (``None``: every request goes directly).
     """
 
     def __init__(self, *, verify: bool | str, limits: httpx.Limits, proxies: Proxies | None = None) -> None:
         self._deadline = _Deadline()
+        # Shared by every pool, so a hung resolver holds at most this many threads, however many proxies there are.
+        self._resolver = Resolver(bound=limits.max_connections or _LOOKUPS)
         self._verify = verify
         self._limits = limits
         self._proxies = proxies
@@ -218,5 +235,5 @@ class DeadlineTransport(httpx.BaseTransport):
             "max_connections": self._limits.max_connections,
             "max_keepalive_connections": self._limits.max_keepalive_connections,
             "keepalive_expiry": self._limits.keepalive_expiry,
-            "network_backend": _Backend(self._deadline),
+            "network_backend": _Backend(self._deadline, self._resolver),
         }

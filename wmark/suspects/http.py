@@ -68,8 +68,9 @@ class HttpOptions:
     """Transport settings.
 
     Attributes:
-        timeout: Seconds to wait for one answer, the whole exchange: connecting, sending, the status line, the
-            headers and the body (a server trickling any of them byte by byte past it is abandoned as a timeout).
+        timeout: Seconds to wait for one answer, the whole exchange: looking the host name up, connecting, sending,
+            the status line, the headers and the body (a resolver hanging, or a server trickling any of them byte by
+            byte, past it is abandoned as a timeout).
         retries: Further attempts after a failed one (timeouts, 408, 429, 5xx, error bodies, dropped connections).
         backoff: Base of the exponential backoff in seconds (attempt k waits up to ``backoff * 2**k``).
         max_backoff: Cap of one backoff wait.
@@ -443,8 +444,8 @@ class HttpSuspect:
         """One request, answered in full within the timeout and decoded by a :class:`BoundedBody`; why it is unreadable.
 
         httpx's timeouts bound each read, not the whole exchange: a server sending its headers or body a byte every
-        few seconds would otherwise hold a query forever (the :data:`DEADLINE` extension bounds every socket
-        operation), and a huge (or hugely inflating) answer would be held in memory whole.
+        few seconds would otherwise hold a query forever (the :data:`DEADLINE` extension bounds the host name's
+        lookup and every socket operation), and a huge (or hugely inflating) answer would be held in memory whole.
         """
         deadline = time.monotonic() + self.options.timeout
         request = self._client.build_request(method, url, json=body, extensions={DEADLINE: deadline})
