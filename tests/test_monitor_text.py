@@ -202,6 +202,57 @@ def test_a_text_longer_than_the_model_takes_is_refused_before_it_counts_against_
     assert fits.status_code == 200 and 'wmark_queries_total{client="copier"} 3.0' in metrics
 
 
+class CountingTokenizer:
+    """A tokenizer that counts its calls (every other attribute read through)."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.calls = tokenizer, 0
+
+    def __getattr__(self, name: str):
+        return getattr(self.__dict__["tokenizer"], name)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.tokenizer(*args, **kwargs)
+
+
+def test_a_blocked_client_costs_no_tokenization_and_an_admitted_request_one(model, text, profile):
+    # the length check tokenized before admission, so a client over its quota or rate still cost the tokenizer; an
+    # admitted request was tokenized three times (length check, model, monitor's hashed tokens)
+    counting = CountingTokenizer(text.tokenizer)
+    app = app_with(model, TextInputs(tokenizer=counting, max_length=32),
+                   {"clients": {"copier": {"quota": {"total": 3}},
+                                "shop": {"rate": {"queries_per_second": 0.01, "burst": 2}}}},
+                   monitor=ExtractionMonitor(profile=profile))
+    counting.calls = 0  # the served model was probed with a text when the app was built
+    texts = sentences(4, 65)
+    with serve_in_background(app) as server, httpx.Client(base_url=server.url, timeout=30) as http:
+        admitted = post(http, "copier", texts[:3])
+        assert admitted.status_code == 200 and counting.calls == 1
+        over = post(http, "copier", texts[3:])
+        assert over.status_code == 403 and over.json()["reason"] == "total-quota" and counting.calls == 1
+        assert post(http, "shop", texts[:2]).status_code == 200 and counting.calls == 2
+        rate = post(http, "shop", texts[2:3])
+        assert rate.status_code == 429 and rate.json()["reason"] == "rate" and counting.calls == 2
+        metrics = http.get("/metrics").text
+    assert 'wmark_refusals_total{client="copier",reason="total-quota"} 1.0' in metrics  # counted once, not twice
+    assert 'wmark_refusals_total{client="shop",reason="rate"} 1.0' in metrics
+
+
+def test_shared_tokens_give_the_ids_the_tokenizer_gives_with_and_without_special_tokens(text):
+    from wmark.text_serving import SharedTokens
+
+    counting = CountingTokenizer(text.tokenizer)
+    shared = SharedTokens(counting)
+    texts = ["a text [SEP] with a special token typed in", "", "naïve café"]
+    for special in (True, False, True):
+        assert shared(list(texts), add_special_tokens=special, truncation=False)["input_ids"] == text.tokenizer(
+            texts, add_special_tokens=special, truncation=False)["input_ids"]
+    assert counting.calls == 1 and shared.pad_token_id == text.tokenizer.pad_token_id
+    shared(texts[:1], add_special_tokens=False)
+    assert counting.calls == 2  # other texts: asked again
+
+
 def test_a_text_request_the_model_fails_on_still_costs_quota_as_on_the_v2_endpoint(text):
     """As on the v2 endpoint, a request that reaches the model is counted whatever its outcome (here a 500 for NaN
     outputs); one refused for its texts before the model runs (too many tokens) costs nothing."""

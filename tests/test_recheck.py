@@ -442,3 +442,75 @@ def test_a_report_reweighting_the_tests_its_transcript_was_bound_to_is_refused(f
                                             r"plan 'fixed-n trigger-set of 40 queries and fixed-n api-tiebreak of 60 "
                                             r"queries at alpha 1e-06'"):
         recheck(report=report, key=d / "owner.key")
+
+
+def _api_runs(files, tmp_path, **runs):
+    """Sequential runs of verify_remote on a weak copy, one transcript t{name}.sqlite and report r{name}.json each,
+    with the keyword arguments given per name."""
+    from httpkit import memorising_model
+
+    from wmark.serve import build_app, serve_in_background
+
+    key, d = files
+    app = build_app(model=memorising_model(key, keep=0.3), name="m", num_classes=10, input_shape=SHAPE,
+                    labels_only=True)
+    with serve_in_background(app) as server:
+        for name, kwargs in runs.items():
+            api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", transcript=tmp_path / f"t{name}.sqlite",
+                              report=tmp_path / f"r{name}.html", **kwargs)
+
+
+def _point_at(transcript):
+    """An edit giving a report the transcript summary (and digests) of ``transcript`` as it is now."""
+    from wmark.signing import file_sha256
+    from wmark.transcript import transcript_digest
+
+    def edit(doc):
+        bound = dict(doc["transcript"], path=str(transcript), sha256_chain=transcript_digest(transcript),
+                     file_sha256=file_sha256(transcript))
+        doc["transcript"] = bound
+        doc["suspect"]["transcript_sha256_chain"] = bound["sha256_chain"]
+        doc["verdict"]["tests"][0]["details"]["transcript"] = {k: v for k, v in bound.items() if k != "file_sha256"}
+
+    return edit
+
+
+def test_a_sequential_report_restated_at_another_alpha_than_its_transcript_was_run_at_is_refused(files, tmp_path):
+    # the plan bound alpha only when a test was fixed-n: the report of a sequential run at alpha 0.01, passed off as
+    # a reading of the transcript run at 1e-6 (its first answers the same), recomputed the same from the key
+    _key, d = files
+    _api_runs(files, tmp_path, strict={"alpha": 1e-6}, loose={"alpha": 1e-2})
+    assert recheck(report=tmp_path / "rloose.json", key=d / "owner.key").status == "same"
+    _redigest(tmp_path / "rloose.json", _point_at(tmp_path / "tstrict.sqlite"))
+    with pytest.raises(EvidenceError, match=r"rloose.json gives the test 'sequential trigger-set at alpha 0.01', but "
+                                            r"the transcript tstrict.sqlite holds answers for the test plan 'sequential "
+                                            r"trigger-set at alpha 1e-06': its answers would be read under another "
+                                            "test than the one they were gathered for"):
+        recheck(report=tmp_path / "rloose.json", key=d / "owner.key")
+    assert recheck(report=tmp_path / "rstrict.json", key=d / "owner.key").status == "same"
+
+
+def test_a_sequential_report_whose_share_of_alpha_was_edited_is_refused(files, tmp_path):
+    # the replay stopped where the report's own alpha_share said, so an edited share was recomputed as it stated
+    _key, d = files
+    _api_runs(files, tmp_path, run={})
+    report = tmp_path / "rrun.json"
+    _redigest(report, lambda doc: doc["verdict"]["tests"][0]["details"].update(alpha_share=0.01))
+    with pytest.raises(EvidenceError, match=r"rrun.json gives the sequential trigger-set test a share of alpha of "
+                                            r"0.01, but its tests' weights give it 1: it was edited"):
+        recheck(report=report, key=d / "owner.key")
+
+
+def test_a_sequential_transcript_whose_older_plan_bound_no_alpha_is_still_rechecked(files, tmp_path):
+    import sqlite3
+
+    _key, d = files
+    _api_runs(files, tmp_path, run={})
+    transcript = tmp_path / "trun.sqlite"
+    db = sqlite3.connect(transcript)
+    db.execute("UPDATE meta SET value = ? WHERE name = 'plan'",
+               (json.dumps({"tests": [{"test": "trigger-set", "mode": "sequential"}]}),))
+    db.commit()
+    db.close()
+    _redigest(tmp_path / "rrun.json", _point_at(transcript))
+    assert recheck(report=tmp_path / "rrun.json", key=d / "owner.key").status == "same"

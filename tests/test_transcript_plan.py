@@ -1,5 +1,6 @@
 """A transcript is bound to its test plan: a fixed-n test is never extended on answers already seen (a repeated
-fixed-n test breaks alpha), nor switched to or from a sequential one; a sequential test may raise its budget."""
+fixed-n test breaks alpha), nor switched to or from a sequential one; the sequential trigger-set test may raise
+its budget, at its alpha."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from wmark.cli import main
 from wmark.errors import UsageError
 from wmark.keys import generate_key, save_key
 from wmark.serve import build_app, serve_in_background
+from wmark.stats import mixture_plan
 from wmark.testplan import plan_refusal
 from wmark.transcript import Transcript
 
@@ -88,7 +90,7 @@ def test_a_sequential_test_raises_its_budget_but_never_turns_fixed(owner, suspec
     assert counter.total == doc["queries"]
     switched = _verify(owner, url, transcript, "--fixed", "--budget", str(doc["queries"]))
     assert switched.exit_code == 2 and switched.stdout == ""
-    assert ("holds answers for the test plan 'sequential trigger-set', not 'fixed-n trigger-set of "
+    assert ("holds answers for the test plan 'sequential trigger-set at alpha 1e-06', not 'fixed-n trigger-set of "
             f"{doc['queries']} queries at alpha 1e-06'; {SWITCH}") in switched.stderr
     assert counter.total == doc["queries"]
 
@@ -143,7 +145,8 @@ def test_a_transcript_without_a_plan_resumes_only_sequentially(owner, suspect, t
     assert resumed.detected and resumed.tests[0].details["probe"]["reused"]["trigger"] == 5
     assert f"Run 1 of the transcript {transcript} recorded no test plan" in resumed.message
     summary = resumed.tests[0].details["transcript"]
-    assert summary["plan"] == {"tests": [{"test": "trigger-set", "mode": "sequential"}]}
+    assert summary["plan"] == {"tests": [{"test": "trigger-set", "mode": "sequential", "eprocess": mixture_plan()}],
+                               "alpha": 1e-6}
     assert summary["plan_since_run"] == 2
     assert counter.total == resumed.tests[0].queries
     with pytest.raises(UsageError, match=SWITCH):
@@ -280,7 +283,8 @@ def test_an_older_plan_without_inputs_resumes_sequentially_and_binds_them_from_t
     record = Transcript(path, plan=bound, **_binding())
     assert record.plan == bound and record.plan_since_run == 2
     assert record.plan_note.startswith(f"Run 1 of the transcript {path} recorded a test plan without the tie-break "
-                                       "rule, holdout or query log its tests read (an older wmark)")
+                                       "rule, holdout or query log its tests read, or a sequential test's alpha or "
+                                       "budget (an older wmark)")
     record.close()
     moved = json.loads(json.dumps(bound))
     moved["tests"][1]["inputs"]["log"] = "l2"
@@ -332,6 +336,8 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
         TieBreakAPI(key=key, backend=backend, rule=rule, log=log, client="thief").query(x[:400])
     before = {mode: log_plan(mode) for mode in ("fixed", "sequential")}
     assert before["fixed"]["inputs"] == before["sequential"]["inputs"] == log_plan("fixed")["inputs"]
+    assert before["sequential"]["max_queries"] == 10_000 and before["sequential"]["eprocess"] == {"rho": 0.13,
+                                                                                                  "round_size": 50}
     with TieBreakLog(tmp_path / "tb.sqlite", key=key, create=False) as log:
         TieBreakAPI(key=key, backend=backend, rule=rule, log=log, client="thief").query(x[400:])
     for mode, plan in before.items():  # the client asked more: its ranked inputs, and so the test, changed
@@ -342,7 +348,7 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
         MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[:300])
     flip = ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=20)
     first = flip.plan()
-    assert first["mode"] == "sequential" and first == flip.plan()
+    assert first["mode"] == "sequential" and first == flip.plan() and first["eprocess"] == mixture_plan()
     with MarkLog(tmp_path / "flip.sqlite", key=key) as log:
         MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[300:])
     assert flip.plan() == first  # later records extend the stream past what the test reads
@@ -363,9 +369,62 @@ def test_the_plan_binds_a_prior_weight_and_a_run_weighted_otherwise_is_refused()
 
     plan = verification_plan([Stub("trigger-set", 1.0), Stub("api-tiebreak-log", 0.8)], alpha=1e-4)
     assert plan == {"tests": [{"test": "trigger-set", "mode": "sequential"},
-                              {"test": "api-tiebreak-log", "mode": "sequential", "weight": 0.8}]}
+                              {"test": "api-tiebreak-log", "mode": "sequential", "weight": 0.8}], "alpha": 1e-4}
     heavier = verification_plan([Stub("trigger-set", 1.0), Stub("api-tiebreak-log", 4.0)], alpha=1e-4)
     assert plan_refusal("t", plan, heavier) == (
         "The transcript t holds answers for the test plan 'sequential trigger-set and sequential api-tiebreak-log of "
-        "weight 0.8', weighted otherwise than this run's tests; rerun with the recorded weights or start a new "
+        "weight 0.8 at alpha 0.0001', weighted otherwise than this run's tests; rerun with the recorded weights or start a new "
         "transcript: weighted Holm keeps alpha only with weights fixed before any answer was seen.")
+
+
+SECOND = "an e-process keeps alpha only at the alpha and under the e-process fixed before any answer was seen"
+
+
+def test_a_sequential_test_resumes_only_at_its_alpha_and_an_older_plan_binds_it_from_then_on(owner, suspect, tmp_path):
+    # a sequential plan bound no alpha: a run at 1e-6 could be re-run at 1e-2 on its answers, an alpha chosen after
+    # seeing them
+    url, counter = suspect
+    transcript = tmp_path / "t.sqlite"
+    assert api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=3, transcript=transcript).status == (
+        "inconclusive")
+    with pytest.raises(UsageError, match=r"holds answers for the test plan 'sequential trigger-set at alpha 1e-06', "
+                                         r"not 'sequential trigger-set at alpha 0.01' \(another alpha\); rerun with the "
+                                         f"recorded plan or start a new transcript: {SECOND}"):
+        api.verify_remote(key=owner[1], url=url, model_name="m", alpha=1e-2, transcript=transcript)
+    assert counter.total == 3
+    # a plan an older wmark recorded without alpha (or the mixture) resumes sequentially and binds them from then on
+    db = sqlite3.connect(transcript)
+    db.execute("UPDATE meta SET value = ? WHERE name = 'plan'",
+               (json.dumps({"tests": [{"test": "trigger-set", "mode": "sequential"}]}),))
+    db.commit()
+    db.close()
+    resumed = api.verify_remote(key=owner[1], url=url, model_name="m", alpha=1e-2, transcript=transcript)
+    assert resumed.detected and f"Run 1 of the transcript {transcript}" in resumed.message
+    assert resumed.tests[0].details["transcript"]["plan"]["alpha"] == 1e-2
+    with pytest.raises(UsageError, match=r"\(another alpha\)"):
+        api.verify_remote(key=owner[1], url=url, model_name="m", transcript=transcript)
+
+
+def test_a_sequential_log_test_binds_its_budget_and_e_process():
+    from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_RHO, SEQUENTIAL_ROUND
+
+    def plan(log: dict, rule_budget: int = 1000) -> dict:
+        return {"tests": [{"test": "api-tiebreak", "mode": "fixed", "budget": rule_budget},
+                          {"test": "api-tiebreak-log", "mode": "sequential", **log}], "alpha": 1e-4, "client": "c"}
+
+    bound = {"max_queries": SEQUENTIAL_BUDGET, "eprocess": {"rho": SEQUENTIAL_RHO, "round_size": SEQUENTIAL_ROUND}}
+    assert plan_refusal("t", plan(bound), plan(bound)) is None
+    more = dict(bound, max_queries=20_000)
+    assert plan_refusal("t", plan(bound), plan(more)) == (
+        "The transcript t holds answers for the test plan 'fixed-n api-tiebreak of 1000 queries and sequential "
+        "api-tiebreak-log of at most 10000 queries at alpha 0.0001 for client 'c'', not 'fixed-n api-tiebreak of 1000 "
+        "queries and sequential api-tiebreak-log of at most 20000 queries at alpha 0.0001 for client 'c'' (another "
+        f"budget of the api-tiebreak-log test); rerun with the recorded plan or start a new transcript: {SECOND}, and "
+        "the same answers read under another is a second test, which breaks its alpha.")
+    other = dict(bound, eprocess={"rho": 0.5, "round_size": SEQUENTIAL_ROUND})
+    assert "(another e-process of the api-tiebreak-log test)" in plan_refusal("t", plan(bound), plan(other))
+    # an older plan bound neither: its e-process is the one every wmark ran, its budget is bound from then on, and
+    # the fixed-n test beside it is still checked against what it bound
+    assert plan_refusal("t", plan({}), plan(bound)) is None
+    assert plan_refusal("t", plan({"eprocess": {"rho": 0.5, "round_size": 50}}), plan(bound)) is not None
+    assert EXTEND in plan_refusal("t", plan({}), plan(bound, rule_budget=2000))

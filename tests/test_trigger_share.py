@@ -158,3 +158,33 @@ def test_a_batchs_samples_are_counted_by_its_labels_or_first_tensor_and_a_batch_
     with pytest.raises(UsageError, match=r"^The training batch holds neither labels nor a tensor to count its samples "
                                          r"by; give batches as \(inputs, labels\) pairs or dicts holding the labels\.$"):
         natural_batch_size(["a text", "another"], label_key="labels")
+
+
+@pytest.mark.parametrize("setting", ["lookahead", "margin"])
+@pytest.mark.parametrize("steps,batches", [(2, 1), (3, 2)])
+def test_the_hf_trainers_short_last_accumulation_window_keeps_the_trigger_share(tmp_path, setting, steps, batches):
+    """An epoch of fewer micro-batches than ``gradient_accumulation_steps`` is one short window, whose losses the
+    Trainer divides by the micro-batches it holds (``len(batch_samples)``), not by the accumulation steps. The
+    triggers were weighed against the full window's samples, so they got ``batches / steps`` of their share there;
+    they must weigh as in a plain loop accumulating that window's batches."""
+    x, y = _data(batches)
+    plain = _update(_Net(), lambda net: _plain(net, _watermarker(setting), batches))
+
+    def hf(net: _Net) -> None:
+        from transformers import Trainer, TrainingArguments
+
+        from wmark.integrations.hf import WatermarkCallback
+
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], save_strategy="no",
+                                 logging_strategy="no", use_cpu=True, seed=0, dataloader_num_workers=0,
+                                 disable_tqdm=True, num_train_epochs=1, per_device_train_batch_size=BATCH,
+                                 gradient_accumulation_steps=steps, learning_rate=LR, lr_scheduler_type="constant",
+                                 weight_decay=0.0, max_grad_norm=0.0)
+        train = [{"pixel_values": x[i], "labels": y[i]} for i in range(len(x))]
+        trainer = Trainer(model=net, args=args, train_dataset=train,  # type: ignore[arg-type]
+                          optimizers=(torch.optim.SGD(net.parameters(), lr=LR), None),
+                          callbacks=[WatermarkCallback(_watermarker(setting))])
+        trainer.train()
+        assert trainer.state.global_step == 1  # the one window of the epoch, short
+
+    torch.testing.assert_close(_update(_Net(), hf), plain, rtol=1e-9, atol=1e-12)

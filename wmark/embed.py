@@ -244,9 +244,11 @@ class Watermarker:
                                     margin=self.trigger_margin, batch_key=self.input_key, seed=pass_seed(self.key))
 
     def attach_optimizer(self, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         trigger_batch_size: int | None = None) -> None:
+                         trigger_batch_size: int | None = None) -> LookaheadTriggerStep | None:
         """Install the step pre-hooks on an optimizer a framework built: the weights scheme's and, with
-        ``trigger_batch_size``, the lookahead trigger step's.
+        ``trigger_batch_size``, the lookahead trigger step's, which is returned (``None`` without one) so that an
+        integration can tell it the samples of a step that has fewer (the short last accumulation window of an
+        epoch).
 
         The trainer integrations (:mod:`wmark.integrations`) call this when training starts. Mixed triggers
         reach the model through :meth:`wrap_dataset`; lookahead triggers through this hook (the Hugging Face
@@ -266,6 +268,7 @@ class Watermarker:
             raise UsageError("This Watermarker is already attached; call detach() before attaching again.")
         if "trigger" in self.schemes:
             self.check_vocabulary(model)
+        step = None
         with self._all_or_nothing():
             if trigger_batch_size is not None and "trigger" in self.schemes and self.trigger_step:
                 # Before the weights scheme's hook, as in attach(): the simulated step follows the natural gradient.
@@ -275,6 +278,7 @@ class Watermarker:
             if "weights" in self.schemes:
                 self._hook_weights(model, optimizer)
         self._attached = True
+        return step
 
     def check_vocabulary(self, model: nn.Module) -> None:
         """Refuse a text key whose tokenizer makes token ids past the model's input embedding table.

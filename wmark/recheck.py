@@ -32,11 +32,11 @@ from typing import Any
 import numpy as np
 
 from wmark.errors import UsageError
-from wmark.evidence import TestResult, Verdict, decide
+from wmark.evidence import TestResult, Verdict, alpha_share, decide
 from wmark.keys import Key, load_key
 from wmark.signing import EvidenceError, file_sha256, signature_path, verify_file
 from wmark.suspects.base import Answers, Suspect
-from wmark.testplan import describe, is_fixed, plan_weight
+from wmark.testplan import describe, plan_weight, recorded_eprocess
 from wmark.text import is_text_array
 from wmark.transcript import input_sha256, readonly_uri, transcript_digest
 from wmark.verify import TriggerSetTest
@@ -209,10 +209,11 @@ def transcript_plan(path: PathLike) -> dict[str, Any] | None:
 def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float, report: Path, weight: float) -> None:
     """Refuse a test replayed from a transcript that the transcript's plan did not bind: its answers would be read
     under another test than the one they were gathered for (a fixed-n test cut or extended after they were seen,
-    another mode, alpha, rule, log or prior weight), which no run of wmark writes."""
+    another mode, alpha, e-process, rule, log or prior weight), which no run of wmark writes."""
     plan = record.plan
     if plan is None:
         return
+    plan = recorded_eprocess(plan)
     bound = next((e for e in plan["tests"] if e.get("test") == name), None)
     wanted = {"test": name, **entry, **plan_weight(weight)}
     if bound is not None and "inputs" not in bound:  # an older plan bound no inputs: compare what it bound
@@ -220,9 +221,12 @@ def _check_plan(record: _Record, name: str, entry: dict[str, Any], alpha: float,
     elif bound is not None and (bound.get("reads"), wanted.get("reads")) == ("scores", "labels"):
         # a test bound to read scores reads labels where the suspect gave none; the report says which it read
         wanted["reads"] = "scores"
-    if bound == wanted and (not is_fixed(plan) or plan.get("alpha") == alpha):
+    if bound is not None:  # nor a sequential test's budget or e-process, where an older plan bound none
+        wanted = {k: v for k, v in wanted.items() if k not in ("max_queries", "eprocess") or k in bound}
+    # an older plan of sequential tests bound no alpha
+    if bound == wanted and plan.get("alpha", alpha) == alpha:
         return
-    shown = describe({"tests": [wanted], **({"alpha": alpha} if wanted["mode"] == "fixed" else {})})
+    shown = describe({"tests": [wanted], "alpha": alpha})
     raise EvidenceError(f"The report {report} gives the test '{shown}', but {record.source} holds answers for the test "
                         f"plan '{describe(plan)}': its answers would be read under another test than the one they were "
                         "gathered for.")
@@ -455,7 +459,14 @@ def _replay(test: dict[str, Any], *, record: _Record, key: Key, verdict: dict[st
     else:
         trigger = TriggerSetTest(key=key, mode=details.get("mode", "sequential"),
                                  max_queries=int(details.get("budget", len(record.labels))))
-        redone = trigger.run(replay, alpha=alpha, share=float(details.get("alpha_share", 1.0)))
+        share = float(details.get("alpha_share", 1.0))
+        weights = [float(t.get("weight", 1.0)) for t in verdict["tests"]]
+        given = alpha_share(float(test.get("weight", 1.0)), weights)
+        if trigger.mode == "sequential" and not math.isclose(share, given, rel_tol=1e-12):
+            # where a sequential test stops is fixed by alpha and the weights, never by a report's own figure
+            raise EvidenceError(f"The report {report} gives the sequential {test['name']} test a share of alpha of "
+                                f"{share:g}, but its tests' weights give it {given:g}: it was edited.")
+        redone = trigger.run(replay, alpha=alpha, share=share)
         entry = trigger.plan()
     _check_plan(record, test["name"], entry, alpha, report, float(test.get("weight", 1.0)))
     return redone

@@ -339,7 +339,7 @@ def render_html(doc: dict[str, Any], *, plot_png: bytes | None) -> str:
             ("File", f"<span class='mono'>{_e(transcript['path'])}</span>"),
             ("Digest (SHA-256 chain over every row)", f"<span class='mono'>{_e(transcript['sha256_chain'])}</span>"),
             ("Rows", _e(counts)), ("Runs (a resumed probe adds one)", _e(transcript["runs"])),
-            ("Test plan (a resumed run must keep it; a sequential test may raise its budget)",
+            ("Test plan (a resumed run must keep it; a sequential trigger-set test may raise its budget)",
              _e(describe(transcript["plan"]) if transcript.get("plan") else "not recorded (an older wmark)")),
         ]) + "</table>" + ("<p class='note'>Every query is recorded before it is sent and every answer as it arrives, with "
               "SHA-256 hashes of the input and of the raw answer. Recompute the digest with <code>python -c "

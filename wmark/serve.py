@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hmac
 import json
 import math
@@ -47,7 +48,7 @@ from starlette.routing import Route
 from wmark import __version__
 from wmark.contract import forward_names
 from wmark.errors import RuntimeFailure, UsageError, WmarkError
-from wmark.monitor.gate import Gate
+from wmark.monitor.gate import Gate, Refusal
 from wmark.monitor.text_features import monitor_featurizer, text_keys
 from wmark.serve_input import (
     BODY_TIMEOUT_S,
@@ -69,6 +70,11 @@ LABEL_OUTPUT = {"name": "label", "datatype": "INT64", "shape": [-1]}
 
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
+
+
+def _refusal(refusal: Refusal) -> JSONResponse:
+    return JSONResponse({"error": refusal.message, "reason": refusal.reason}, status_code=refusal.status,
+                        headers=refusal.headers())
 
 
 async def _http_error(_: Request, exc: Exception) -> JSONResponse:
@@ -125,6 +131,11 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     if clients is not None and (not clients or any(not t for t in clients.values())
                                 or len(set(clients.values())) != len(clients)):
         raise UsageError("Per-client tokens must be non-empty and distinct, one per client.")
+    if text is not None:
+        from wmark.text_serving import SharedTokens
+
+        # one tokenization per request for the length check, the model and the monitor (under text_lock below)
+        text = dataclasses.replace(text, tokenizer=SharedTokens(text.tokenizer))
     # the text endpoint's monitor sees hashed tokens; refused here, a mismatched profile would watch nothing
     hashed = None if gate is None or gate.monitor is None else monitor_featurizer(gate.monitor.profile, text)
     if gate is not None and gate.policy.marks_on_alarm:
@@ -225,8 +236,12 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
         refusal = None if gate is None else gate.admit(client or ANONYMOUS, n)
         if refusal is None:
             return None
-        return JSONResponse({"error": refusal.message, "reason": refusal.reason}, status_code=refusal.status,
-                            headers=refusal.headers())
+        return _refusal(refusal)
+
+    def precheck(client: str, n: int) -> JSONResponse | None:
+        """The gate's refusal of a request of ``n`` inputs before any work on them (``None``: ask :func:`admit`)."""
+        refusal = None if gate is None else gate.precheck(client or ANONYMOUS, n)
+        return None if refusal is None else _refusal(refusal)
 
     def answer(x: np.ndarray, client: str) -> list[dict[str, Any]]:
         probs, labels = predict(x, client)
@@ -304,7 +319,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
             with text_lock:
                 marked = answerer is not None and (gate is None or gate.marked(client or ANONYMOUS))
                 answers = (by_client.get(client, answerer) if answerer is not None and marked else local).query(x)
-                seen = x if hashed is None else hashed(x)  # the tokenizer again, so under the lock too
+                seen = x if hashed is None else hashed(x)  # from the encoding SharedTokens keeps, under the lock
             watch(client, seen, answers.scores, np.asarray(answers.labels, dtype=np.int64), text_keys(x))
             return answers
 
@@ -315,7 +330,7 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
 
         routes.append(Route("/hf/models/{model}", hf_text_endpoint(
             answer=answer_text, labels_only=labels_only, client_of=client_of, check_model=check_model,
-            max_batch=MAX_BATCH, admit=admit, answer_mode=answer_mode, max_body_bytes=body_limit,
+            max_batch=MAX_BATCH, admit=admit, precheck=precheck, answer_mode=answer_mode, max_body_bytes=body_limit,
             max_chars=text_char_limit(text.max_length), check=check_text if gate is not None else None,
             body_timeout=body_timeout),
             methods=["POST"]))

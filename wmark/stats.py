@@ -103,9 +103,21 @@ class BinomialTest:
         return binomial_log10_sf(self.successes, self.trials, self.p0)
 
 
-def default_alternatives(p0: float, size: int = 20) -> np.ndarray:
+# The default mixture's alternatives: MIXTURE_SIZE rates evenly spread from MIXTURE_SPAN[0] to MIXTURE_SPAN[1] of
+# the way from p0 to 1, each of prior weight 1 / MIXTURE_SIZE.
+MIXTURE_SPAN = (0.05, 0.99)
+MIXTURE_SIZE = 20
+
+
+def default_alternatives(p0: float, size: int = MIXTURE_SIZE) -> np.ndarray:
     """Alternative success rates spread over (p0, 1), up to 99 % of the way to 1."""
-    return p0 + (1.0 - p0) * np.linspace(0.05, 0.99, size)
+    return p0 + (1.0 - p0) * np.linspace(*MIXTURE_SPAN, size)
+
+
+def mixture_plan() -> dict[str, float | int]:
+    """The default :class:`MixtureEProcess` as a test plan binds it (:mod:`wmark.testplan`): its alternatives, a
+    uniform prior over ``alternatives`` rates spread from ``from`` to ``to`` of the way from p0 to 1."""
+    return {"alternatives": MIXTURE_SIZE, "from": MIXTURE_SPAN[0], "to": MIXTURE_SPAN[1]}
 
 
 class _RunningEvidence:

@@ -58,6 +58,43 @@ def text_inputs_of(metadata: Mapping[str, Any]) -> TextInputs | None:
     return TextInputs(tokenizer=tok, max_length=max_length)
 
 
+class SharedTokens:
+    """A Hugging Face tokenizer that keeps its last batch's encoding, so that an endpoint tokenizes a request once.
+
+    The length check, the model's inputs and the monitor's hashed tokens each ask the tokenizer for the same texts;
+    the first call encodes them (special tokens included, never truncated) and the others are answered from that
+    encoding: its ids, or (``add_special_tokens=False``) the ids of the texts themselves, those of a fast
+    tokenizer's encoding that belong to the text (its ``sequence_ids``; a slow one is asked again). Any other
+    call passes through. Not thread-safe: call it under the endpoint's tokenizer lock, which a Hugging Face fast
+    tokenizer needs anyway.
+
+    Args:
+        tokenizer: The tokenizer; its other attributes are read through.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self._last: tuple[tuple[str, ...], Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["tokenizer"], name)
+
+    def __call__(self, texts: Any, *, add_special_tokens: bool = True, truncation: bool = False,
+                 **kwargs: Any) -> Any:
+        if kwargs or truncation or not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            return self.tokenizer(texts, add_special_tokens=add_special_tokens, truncation=truncation, **kwargs)
+        key = tuple(texts)
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self.tokenizer(texts, add_special_tokens=True, truncation=False))
+        encoding = self._last[1]
+        if add_special_tokens:
+            return {"input_ids": encoding["input_ids"]}
+        if not getattr(encoding, "is_fast", False):
+            return self.tokenizer(texts, add_special_tokens=False, truncation=False)
+        return {"input_ids": [[t for t, seq in zip(ids, encoding.sequence_ids(i)) if seq is not None]
+                              for i, ids in enumerate(encoding["input_ids"])]}
+
+
 def label_name(index: int) -> str:
     """The label a text endpoint answers for class ``index`` (Hugging Face's default ``LABEL_i``)."""
     return f"LABEL_{int(index)}"
@@ -65,7 +102,7 @@ def label_name(index: int) -> str:
 
 def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[Request], str | None],
                      check_model: Callable[[Request], JSONResponse | None], max_batch: int, max_body_bytes: int,
-                     max_chars: int, admit: Admit | None = None,
+                     max_chars: int, admit: Admit | None = None, precheck: Admit | None = None,
                      answer_mode: Callable[[str], tuple[str, int]] | None = None,
                      check: Callable[[list[str]], None] | None = None,
                      body_timeout: float = BODY_TIMEOUT_S) -> Callable[[Request], Any]:
@@ -83,6 +120,8 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         max_chars: Most characters one string may hold (HTTP 400 past it), so that no text costs the tokenizer
             more than a model-length one can.
         admit: The policy's refusal of a client's request of ``n`` texts, or ``None`` to answer it (it is counted).
+        precheck: The refusal ``admit`` would give now, counting nothing (or ``None``); asked before ``check``, so
+            that a blocked or exhausted client costs no tokenization.
         check: Raises :class:`~wmark.errors.UsageError` (HTTP 400) on texts the model cannot take (longer than its
             maximum length in tokens); run before ``admit``, so that a request refused anyway costs no quota.
         answer_mode: A client's answer mode after its request (``("scores" | "top-k" | "label", k)``), asked
@@ -113,12 +152,15 @@ def hf_text_endpoint(*, answer: Answer, labels_only: bool, client_of: Callable[[
         except UnicodeEncodeError:  # a lone surrogate ("\\ud800" is valid JSON) fails inside the tokenizer: a 500
             return JSONResponse({"error": "\"inputs\" must be valid Unicode text (no lone surrogates)"},
                                 status_code=400)
+        client = client_of(request) or ""
+        refused = None if precheck is None else precheck(client, len(texts))
+        if refused is not None:
+            return refused
         if check is not None:
             try:
                 await run_in_threadpool(check, texts)  # the tokenizer, off the event loop
             except UsageError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
-        client = client_of(request) or ""
         refused = None if admit is None else admit(client, len(texts))
         if refused is not None:
             return refused

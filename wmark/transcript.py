@@ -9,9 +9,9 @@ whether the query was a trigger or cover traffic. The file is bound to one key (
 never the secret) and one suspect URL, so a transcript cannot be replayed against another claim, and, once it
 holds an answer, to the test plan of the run that gathered it (:mod:`wmark.testplan`): a fixed-n test is never
 extended or changed on answers already seen, nor switched to or from a sequential one, and no test reads them
-again under another tie-break rule, holdout or query log; a sequential test may raise its budget. A transcript
-an older wmark wrote without a plan, or with one that binds no rule, holdout or log, resumes only
-sequentially, and is bound to this run's plan from then on.
+again under another tie-break rule, holdout, query log, alpha or e-process; the sequential trigger-set test may
+raise its budget. A transcript an older wmark wrote without a plan, or with one that binds no rule, holdout or
+log, resumes only sequentially, and is bound to this run's plan from then on.
 
 Resuming (what :meth:`Transcript.lookup` reuses):
 
@@ -186,8 +186,8 @@ class Transcript:
                                    (_now(), __version__))
             if plan is not None and (older or not answered):
                 # no answer seen yet, so this run's plan becomes the transcript's; an older wmark's answers (seen
-                # under a plan nobody recorded, or one that bound no rule, holdout or log) are bound to it from this
-                # run on, and the verdict says so
+                # under a plan nobody recorded, or one that bound no rule, holdout, log, or sequential alpha or
+                # budget) are bound to it from this run on, and the verdict says so
                 since = [("plan_since_run", str(cur.lastrowid)),
                          ("plan_before", "none" if recorded is None else "unbound")] if answered else []
                 self._db.executemany("INSERT OR REPLACE INTO meta (name, value) VALUES (?, ?)",
@@ -209,8 +209,9 @@ class Transcript:
         earlier = "Run 1" if self.plan_since_run == 2 else f"Runs 1 to {self.plan_since_run - 1}"
         if self._plan_before == "unbound":
             return (f"{earlier} of the transcript {self.path} recorded a test plan without the tie-break rule, holdout or "
-                    "query log its tests read (an older wmark), so whether its answers were read under other ones is "
-                    "unknown: the sequential test keeps its alpha on its own, not combined with a verdict given before.")
+                    "query log its tests read, or a sequential test's alpha or budget (an older wmark), so whether its "
+                    "answers were read under other ones is unknown: the sequential test keeps its alpha on its own, not "
+                    "combined with a verdict given before.")
         return (f"{earlier} of the transcript {self.path} recorded no test plan (an older wmark), so whether a fixed-n "
                 "test was read on its answers is unknown: the sequential test keeps its alpha on its own, not combined "
                 "with a verdict given before.")

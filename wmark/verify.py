@@ -41,7 +41,7 @@ from wmark.evidence import (
 )
 from wmark.keys import Key
 from wmark.schemes.trigger_set import generate_triggers, trigger_params
-from wmark.stats import BinomialTest, MixtureEProcess
+from wmark.stats import BinomialTest, MixtureEProcess, mixture_plan
 from wmark.suspects.base import Suspect
 
 __all__ = ["DEFAULT_ALPHA", "EvidenceTest", "Mode", "TestResult", "TriggerSetTest", "Verdict", "Verifier",
@@ -169,8 +169,10 @@ class TriggerSetTest:
                 f"1/{self.key.num_classes}")
 
     def plan(self) -> dict[str, Any]:
+        """Fixed-n: its budget. Sequential: its e-process's mixture; not its budget, as one more run of a larger
+        budget continues the same e-process over the same key-ordered triggers (optional continuation)."""
         if self.mode == "sequential":
-            return {"mode": "sequential"}
+            return {"mode": "sequential", "eprocess": mixture_plan()}
         return {"mode": "fixed", "budget": trigger_budget(self.key, self.max_queries)}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:

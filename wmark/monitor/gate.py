@@ -1,7 +1,8 @@
 """The request-path side of the policy and the monitor: admit or refuse, shape the answer, watch, count.
 
-:class:`Gate` is what :func:`wmark.serve.build_app` consults on each inference request: :meth:`Gate.admit`
-before the model runs (quotas, rate limit, a block after an alarm), :meth:`Gate.answer_mode` for the shape
+:class:`Gate` is what :func:`wmark.serve.build_app` consults on each inference request: :meth:`Gate.precheck`
+before any work on its inputs (a text endpoint's tokenizer), :meth:`Gate.admit` before the model runs (quotas,
+rate limit, a block after an alarm), :meth:`Gate.answer_mode` for the shape
 of the answer, and :meth:`Gate.after_answer` with the served probabilities (the extraction monitor, alarm
 actions, the alarm log). Counters and gauges go to a private Prometheus registry that ``GET /metrics``
 renders. Only client *names* ever reach metrics, logs and the state file, never their tokens.
@@ -211,37 +212,12 @@ class Gate:
         """
         now = self.clock()
         with self.lock:
-            c = self.clients.get(client)
-            if c is None:
-                rules = self.policy.default
-                c = self.clients[client] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate,
-                                                                                                       now=now))
-            if c.alarm is not None and c.alarm["action"] == "block":
-                return self._refuse(client, c, Refusal(403, "blocked", "this client is blocked after an extraction "
-                                                       "alarm; contact the API owner"))
-            quota = c.rules.quota
-            if quota.per_day is not None and n > quota.per_day:
-                return self._refuse(client, c, Refusal(413, "batch", f"send at most {quota.per_day} inputs per "
-                                                       "request (the daily quota)"))
-            if quota.total is not None and c.total + n > quota.total:
-                return self._refuse(client, c, Refusal(403, "total-quota", f"this request of {n} queries would "
-                                    f"exceed the total quota of {quota.total} ({quota.total - c.total} left)"))
+            c = self._client(client, now)
+            refusal = self._refusal(c, n, now, take=True)
+            if refusal is not None:
+                return self._refuse(client, c, refusal)
             day = _utc_day(now)
-            today = c.today if c.day == day else 0
-            if quota.per_day is not None and today + n > quota.per_day:
-                return self._refuse(client, c, Refusal(429, "daily-quota", f"this request of {n} queries would "
-                                    f"exceed the daily quota of {quota.per_day} ({quota.per_day - today} left "
-                                    "today, UTC)", (day + 1) * 86_400 - now))
-            if c.bucket is not None:
-                rate: RateLimit = c.bucket.rate
-                if n > rate.burst:
-                    return self._refuse(client, c, Refusal(413, "batch", f"send at most {rate.burst} inputs per "
-                                                           "request (the rate limit's burst)"))
-                wait = c.bucket.take(n, now=now)
-                if wait > 0:
-                    return self._refuse(client, c, Refusal(429, "rate", f"rate limit of {rate.queries_per_second:g}"
-                                                           " queries/s exceeded; retry later", wait))
-            c.day, c.today, c.total = day, today + n, c.total + n
+            c.day, c.today, c.total = day, (c.today if c.day == day else 0) + n, c.total + n
             c.requests += 1
             if c.series is None:
                 c.series = (self.m_queries.labels(client), self.m_requests.labels(client),
@@ -252,6 +228,52 @@ class Gate:
             used_today.set(c.today)
             used_total.set(c.total)
             return None
+
+    def precheck(self, client: str, n: int) -> Refusal | None:
+        """The refusal :meth:`admit` would give a request of ``n`` queries now (counted as one), else ``None``,
+        counting no query and taking no rate-limit token.
+
+        Call it before any work on the request's inputs that the admission does not need (a text endpoint's
+        tokenizer): a blocked or exhausted client then costs none of it. ``None`` does not admit: :meth:`admit`
+        decides, once the inputs are known to be valid.
+        """
+        now = self.clock()
+        with self.lock:
+            c = self._client(client, now)
+            refusal = self._refusal(c, n, now, take=False)
+            return None if refusal is None else self._refuse(client, c, refusal)
+
+    def _client(self, client: str, now: float) -> _Client:
+        c = self.clients.get(client)
+        if c is None:
+            rules = self.policy.default
+            c = self.clients[client] = _Client(rules, None if rules.rate is None else TokenBucket(rules.rate, now=now))
+        return c
+
+    def _refusal(self, c: _Client, n: int, now: float, *, take: bool) -> Refusal | None:
+        """Why ``c`` may not send ``n`` queries now, or ``None``; with ``take``, the rate limit's tokens are taken."""
+        if c.alarm is not None and c.alarm["action"] == "block":
+            return Refusal(403, "blocked", "this client is blocked after an extraction alarm; contact the API owner")
+        quota = c.rules.quota
+        if quota.per_day is not None and n > quota.per_day:
+            return Refusal(413, "batch", f"send at most {quota.per_day} inputs per request (the daily quota)")
+        if quota.total is not None and c.total + n > quota.total:
+            return Refusal(403, "total-quota", f"this request of {n} queries would exceed the total quota of "
+                           f"{quota.total} ({quota.total - c.total} left)")
+        day = _utc_day(now)
+        today = c.today if c.day == day else 0
+        if quota.per_day is not None and today + n > quota.per_day:
+            return Refusal(429, "daily-quota", f"this request of {n} queries would exceed the daily quota of "
+                           f"{quota.per_day} ({quota.per_day - today} left today, UTC)", (day + 1) * 86_400 - now)
+        if c.bucket is not None:
+            rate: RateLimit = c.bucket.rate
+            if n > rate.burst:
+                return Refusal(413, "batch", f"send at most {rate.burst} inputs per request (the rate limit's burst)")
+            wait = c.bucket.take(n, now=now) if take else c.bucket.wait(n, now=now)
+            if wait > 0:
+                return Refusal(429, "rate", f"rate limit of {rate.queries_per_second:g} queries/s exceeded; retry "
+                               "later", wait)
+        return None
 
     def answer_mode(self, client: str) -> tuple[str, int]:
         """``(mode, k)``: ``"scores"``, ``"top-k"`` or ``"label"`` for this client now."""

@@ -247,8 +247,12 @@ class TokenBucket:
 
     def take(self, n: int, *, now: float) -> float:
         """Take ``n`` tokens and return 0, or take none and return the seconds until ``n`` are there."""
-        self._refill(now)
-        if n <= self.tokens:
+        wait = self.wait(n, now=now)
+        if wait == 0:
             self.tokens -= n
-            return 0.0
-        return (n - self.tokens) / self.rate.queries_per_second
+        return wait
+
+    def wait(self, n: int, *, now: float) -> float:
+        """The seconds until ``n`` tokens are there (0: they are), taking none."""
+        self._refill(now)
+        return 0.0 if n <= self.tokens else (n - self.tokens) / self.rate.queries_per_second

@@ -73,7 +73,7 @@ from wmark.errors import RuntimeFailure, UsageError
 from wmark.evidence import TestResult, check_suspect_fits_key
 from wmark.keys import Key
 from wmark.schemes.querylog import MarkLog, QueryLog, input_digest
-from wmark.stats import MixtureEProcess
+from wmark.stats import MixtureEProcess, mixture_plan
 from wmark.suspects.base import Answers, Suspect
 from wmark.testplan import content_sha256
 
@@ -247,12 +247,13 @@ class ApiMarkTest:
 
     def plan(self) -> dict[str, Any]:
         """Sequential (its p-value is 1 / max e-value over the answers in log order, statistic ``anytime``), bound to
-        the logged records it reads: the stream the e-process runs over. Raising ``max_queries`` past the records
+        its e-process's mixture and to the logged records it reads: the stream the e-process runs over. Raising ``max_queries`` past the records
         read before reads another stream, so that needs a new transcript too."""
         with MarkLog(self.log, key=self.key, create=False) as opened:
             records = opened.records(self.client, limit=self.max_queries)
         stream = [f"{r['digest']}|{r['top1']}|{r['label']}|{r['candidates']}" for r in records]
-        return {"mode": "sequential", "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
+        return {"mode": "sequential", "eprocess": mixture_plan(),
+                "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:

@@ -503,7 +503,11 @@ class TieBreakLogTest:
                                                  self.chosen.reference_leans)},
                 "reads": _reading(self.rule, self.use_scores)}
         if self.mode == "sequential":
-            return {"mode": "sequential", **read}
+            from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_RHO, SEQUENTIAL_ROUND
+
+            # the mixing scale and the rounds fix its e-process, and the budget the size of its last round
+            return {"mode": "sequential", "max_queries": SEQUENTIAL_BUDGET if self.queries is None else self.queries,
+                    "eprocess": {"rho": SEQUENTIAL_RHO, "round_size": SEQUENTIAL_ROUND}, **read}
         return {"mode": "fixed", "budget": DEFAULT_QUERIES if self.queries is None else self.queries,
                 "rounds": self.rounds, **read}
 
