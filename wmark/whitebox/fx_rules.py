@@ -277,3 +277,64 @@ def _arg(node: Any, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+_ODD_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.Flatten)
+_ODD_TARGETS = {
+    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", "view", "reshape", "contiguous",
+    "permute", torch.permute, "mean", "sum", torch.mean, torch.sum, nn.functional.dropout,
+    nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
+}
+
+
+def odd_spaces(nodes: Any, label: dict[Any, str], sp: _Spaces, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Free spaces on which every op is odd in each unit, each with the per-unit tensors a unit's flip negates.
+
+    Negating unit ``c`` wherever such a space is written (a writer's row and bias, a BatchNorm's bias and running
+    mean, a depthwise conv's bias) negates it in every tensor of the space, and the layers reading the space undo
+    it in their columns: the function is kept, so a thief may flip the sign of each unit (MobileNetV2's
+    linear-bottleneck stream: projections and BatchNorm write it, adds and average pooling carry it, expansion
+    convs and the head read it). A single other op on any tensor of the space (an activation, max pooling, a
+    LayerNorm, the model's output) rules the space out.
+    """
+    bad: set[str] = set()
+    negated: dict[str, list[str]] = {}
+    for node in nodes:
+        root = sp.find(label[node]) if node in label else ""
+        if not root or sp.info[root].kind != "free" or root in bad:
+            continue
+        for user in node.users:
+            names = _odd_user(user, root, label, sp, modules)
+            if names is None:
+                bad.add(root)
+                break
+            negated.setdefault(root, []).extend(names)
+    return {root: list(dict.fromkeys(names)) for root, names in negated.items() if root not in bad}
+
+
+def _odd_user(user: Any, root: str, label: dict[Any, str], sp: _Spaces,
+              modules: dict[str, nn.Module]) -> list[str] | None:
+    """The per-unit tensors negated with a unit for ``user`` to stay odd in a tensor of ``root``, or None if it
+    is not odd there (or moves the units out of the space)."""
+    same = user in label and sp.find(label[user]) == root
+    if user.op == "call_module":
+        mod = modules[user.target]
+        bias = [f"{user.target}.bias"] if getattr(mod, "bias", None) is not None else []
+        if isinstance(mod, _LAYERS):
+            # A conv/linear layer reads the units (its columns follow the flip); a depthwise one keeps them.
+            return (bias if same else None) if int(getattr(mod, "groups", 1)) > 1 else []
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and same:
+            # BN(-z) = -BN(z) once its bias and running mean are negated (γ and the variance stay).
+            return bias + ([f"{user.target}.running_mean"] if mod.running_mean is not None else [])
+        return [] if isinstance(mod, _ODD_MODULES) and same else None
+    if (user.op == "call_function" and user.target is getattr) or (user.op == "call_method"
+                                                                   and user.target in ("size", "dim")):
+        return []  # reads the shape, which no sign changes
+    if user.op not in ("call_function", "call_method") or not same or user.target not in _ODD_TARGETS:
+        return None
+    if user.target in _ADDS or user.target in ("add", "add_"):
+        # x + y is odd only when both operands flip (a constant added would not); both are in the space then.
+        operands = [a for a in user.args if isinstance(a, torch.fx.Node)]
+        return [] if len(operands) == 2 and all(a in label and sp.find(label[a]) == root for a in operands) else None
+    return []
