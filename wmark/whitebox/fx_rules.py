@@ -66,6 +66,17 @@ def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
     return sp.find(src), axis == rank - 1
 
 
+def mixed_add(node: Any, tensor_args: list[Any], last_axis: set[Any], ranks: dict[Any, int | None]) -> str:
+    """Why an add of two tensors of one rank meets units of different axes (one holds them on the last axis, the
+    other on dimension 1), or ''."""
+    if node.op == "call_module" or len(tensor_args) != 2 or not (node.target in _ADDS or node.target in ("add", "add_")):
+        return ""
+    a, b = (ranks.get(t) for t in tensor_args)
+    if (tensor_args[0] in last_axis) == (tensor_args[1] in last_axis) or a == b == 2 or (None not in (a, b) and a != b):
+        return ""  # the same axis, a rank-2 tensor's units on both, or ranks the add rule refuses on its own
+    return "an add of a channels-last and a channels-first tensor"
+
+
 def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
     """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
     if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \

@@ -66,6 +66,7 @@ from wmark.whitebox.fx_rules import (
     _regroups,
     _through,
     misread,
+    mixed_add,
     odd_spaces,
     out_rank,
 )
@@ -312,6 +313,12 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 tags[node] = tags[tensor_args[0]]
             if to_last:
                 last_axis.add(node)
+            continue
+        why = mixed_add(node, tensor_args, last_axis, ranks)
+        if why:
+            # Each operand's units meet other units: neither side is aligned (as a grouped conv's input).
+            sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
+            label[node] = sp.union(label[tensor_args[1]], f"opaque:{node.name}")
             continue
         gain = _layer_scale(node, tensor_args, last_axis, params)
         if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
