@@ -124,10 +124,10 @@ def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: 
     rng = np.random.default_rng(seed)
     for gain in gains:
         flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
-        out[gain] = out[gain] * flip.to(out[gain])
+        out[gain] = _scale_rows(out[gain], flip)
         bias = gain.removesuffix("weight") + "bias"
         if gain.endswith(".weight") and bias in out:
-            out[bias] = out[bias] * flip.to(out[bias])
+            out[bias] = _scale_rows(out[bias], flip)
         for lay in graph.layers:
             if lay.gain == gain:
                 out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)

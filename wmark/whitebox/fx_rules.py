@@ -77,15 +77,46 @@ def mixed_add(node: Any, tensor_args: list[Any], last_axis: set[Any], ranks: dic
     return "an add of a channels-last and a channels-first tensor"
 
 
-def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
-    """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
+def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any],
+                 ranks: dict[Any, int | None]) -> tuple[Any, str] | None:
+    """``(operand, gain)`` of a product of a tensor and a per-unit parameter broadcast over its units: 1-D on a
+    last-axis tensor, ``(C, 1, …, 1)`` on a channels-first batch one rank higher (torchvision's ``CNBlock``)."""
     if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \
             or len(tensor_args) != 2:
         return None
     for gain, x in (tensor_args, tensor_args[::-1]):
-        if gain.op == "get_attr" and x in last_axis and getattr(params.get(str(gain.target)), "ndim", 0) == 1:
+        shape = tuple(getattr(params.get(str(gain.target)), "shape", ())) if gain.op == "get_attr" else ()
+        if x in last_axis and len(shape) == 1:
+            return x, str(gain.target)
+        if x not in last_axis and len(shape) > 1 and ranks.get(x) == len(shape) + 1 and set(shape[1:]) == {1}:
             return x, str(gain.target)
     return None
+
+
+def functional_norm(node: Any, label: dict[Any, str], last: bool, rank: int | None, sp: _Spaces,
+                    params: dict[str, Any]) -> tuple[str, str | None] | None:
+    """``(space, gain)`` of ``F.layer_norm`` with its affine parameters read from the model (torchvision's
+    ``LayerNorm2d`` permutes the channels last and calls it); None for any other node.
+
+    The space is kept, with the parameters following it, where the norm is over exactly the units on the last
+    axis, as for ``nn.LayerNorm``; else opaque (and no gain).
+    """
+    if node.op != "call_function" or node.target is not nn.functional.layer_norm:
+        return None
+    bound = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)), **node.kwargs}
+    x, shape = node.args[0] if node.args else None, bound.get("normalized_shape")
+    affine = [bound.get(k) for k in ("weight", "bias")]
+    size = sp.info[sp.find(label[x])].size if x in label else -1
+    ok = (last or rank == 2) and isinstance(shape, (tuple, list)) and len(shape) == 1 and size in (0, shape[0]) \
+        and not isinstance(bound.get("eps"), torch.fx.Node) \
+        and all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                              and tuple(getattr(params.get(str(a.target)), "shape", ())) == tuple(shape)) for a in affine)
+    if not ok:
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a LayerNorm not over exactly the units on the last "
+                      "axis"), None
+    src = sp.find(label[x])
+    sp.info[src].params.extend(str(a.target) for a in affine if a is not None)
+    return src, None if affine[0] is None else str(affine[0].target)
 
 
 def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: dict[str, Any]) -> str:

@@ -65,6 +65,7 @@ from wmark.whitebox.fx_rules import (
     _permuted,
     _regroups,
     _through,
+    functional_norm,
     misread,
     mixed_add,
     odd_spaces,
@@ -299,6 +300,16 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
         if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
             ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
+        norm = functional_norm(node, label, bool(tensor_args) and tensor_args[0] in last_axis,
+                               ranks[tensor_args[0]] if tensor_args else None, sp, params)
+        if norm is not None:
+            label[node] = norm[0]
+            if sp.info[norm[0]].kind != "opaque":
+                last_axis.add(node)
+            if norm[1]:
+                tags[node] = norm[1]
+                absorb(tensor_args[0], "whole", [norm[1]])
+            continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
@@ -311,6 +322,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             label[node], to_last = _permuted(node, tensor_args[0] in last_axis, label[tensor_args[0]], sp)
             if tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
+            if tensor_args[0] in made and len(tensor_args[0].users) == 1:
+                made[node] = made[tensor_args[0]]  # a norm after the permute may own the layer's row signs
             if to_last:
                 last_axis.add(node)
             continue
@@ -320,13 +333,14 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
             label[node] = sp.union(label[tensor_args[1]], f"opaque:{node.name}")
             continue
-        gain = _layer_scale(node, tensor_args, last_axis, params)
+        gain = _layer_scale(node, tensor_args, last_axis, params, ranks)
         if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
-            # A per-unit gain on the last axis (ConvNeXt's layer scale) keeps the space and follows it.
+            # A per-unit gain over the units (ConvNeXt's layer scale) keeps the space and follows it.
             label[node] = sp.find(label[gain[0]])
             sp.info[label[node]].params.append(gain[1])
             absorb(gain[0], "rows", [gain[1]])
-            last_axis.add(node)
+            if gain[0] in last_axis:
+                last_axis.add(node)
             tags[node] = gain[1]
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
