@@ -330,8 +330,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         why = mixed_add(node, tensor_args, last_axis, ranks)
         if why:
             # Each operand's units meet other units: neither side is aligned (as a grouped conv's input).
-            sp.union(label[tensor_args[0]], sp.new(f"opaque:{node.name}", 0, "opaque", why=why))
-            label[node] = sp.union(label[tensor_args[1]], f"opaque:{node.name}")
+            for i, arg in enumerate(tensor_args):
+                sp.union(label[arg], sp.new(f"opaque:{node.name}:{i}", 0, "opaque", why=why))
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             continue
         gain = _layer_scale(node, tensor_args, last_axis, params, ranks)
         if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
