@@ -279,8 +279,22 @@ class ChannelsFirstNorm(nn.Module):
         return self.norm(x)
 
 
+class ChannelsLast(nn.Module):
+    """A linear layer over the channels left channels-last: the residual add meets its units with the width's
+    (with one unit, broadcast over the width)."""
+
+    def __init__(self, units: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, units)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.permute(0, 2, 3, 1))
+
+
 @pytest.mark.parametrize(("op", "why"), [
     (nn.Conv2d(8, 8, 3, padding=1, groups=2), "a grouped conv"),
+    (ChannelsLast(8), "an add of a channels-last and a channels-first tensor"),
+    (ChannelsLast(1), "an add of a channels-last and a channels-first tensor"),
     (nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, groups=8), nn.Conv2d(16, 8, 1)),
      "a depthwise conv with channel multiplier 2"),
     (nn.GroupNorm(2, 8), "a GroupNorm of 2 groups of several channels"),

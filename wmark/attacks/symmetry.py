@@ -8,7 +8,8 @@ What a thief can do to a stolen model's weights without changing one prediction:
   parameters and layer scales follow), a transformer's hidden dimension across embeddings, every
   Q/K/V/up-projection input and output/down-projection output and every LayerNorm, and its MLP neurons;
   with ``signs=True`` also a random sign flip of every unit of a *signed* space (an RMSNorm decoder's
-  hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns), the negation of every
+  hidden stream, SwiGLU neurons through ``up`` rows and ``down`` columns, a MobileNetV2 linear-bottleneck
+  stream through its writers' rows and BatchNorms), the negation of every
   *negatable* one (a BERT encoder's LayerNorm stream, its norms' biases negated too) and the sign flips a
   norm absorbs (conv rows with their BatchNorm's γ and running mean, ConvNeXt's rows with their layer scale);
 * :func:`flip_gain_signs` — flip signs of each RMSNorm gain and of the columns reading it (per norm);
@@ -54,7 +55,9 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
             classifier on mean-pooled hidden states of a BERT-style encoder): their columns are permuted too.
         signs: Also flip the sign of a random half of the units of every signed space: the rows of its
             writers that carry signs (not a SwiGLU gate's) and their biases, and the columns of its readers.
-            Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain. Negate
+            Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain; those a
+            flip negates (:attr:`wmark.whitebox.graph.Space.negated`: the biases and running means of the
+            BatchNorms on a linear-bottleneck stream) are negated with their units. Negate
             every negatable space whole the same way, with its LayerNorms' biases (``LN(−x) = −LN(x)`` then).
             And flip the signs a layer owns (:attr:`wmark.whitebox.graph.Layer.own`): a random half of the rows
             (and biases) of each layer followed by a BatchNorm, with the norm's γ and running mean, or by a layer
@@ -87,8 +90,8 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
                 out[lay.name] = _permute_columns(_need(out, lay.name), perm, flip)
         for p in space.params:
             out[p] = _need(out, p)[perm]
-            if space.kind == NEGATABLE and p.endswith(".bias"):
-                out[p] = out[p] * flip.to(out[p])
+            if (space.kind == NEGATABLE and p.endswith(".bias")) or p in space.negated:
+                out[p] = _scale_rows(out[p], flip)
         for name in (extra_readers or {}).get(s, ()):
             out[name] = _permute_columns(_need(out, name), perm, flip)
     for lay in graph.layers if signs else ():
@@ -97,7 +100,7 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
                 else -torch.ones(lay.rows)
             out[lay.name] = _scale_rows(_need(out, lay.name), own)
             for name in (lay.bias, *lay.absorbers) if lay.bias else lay.absorbers:
-                out[name] = _need(out, name) * own.to(out[name])
+                out[name] = _scale_rows(_need(out, name), own)
     return out
 
 
@@ -121,10 +124,10 @@ def flip_gain_signs(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: 
     rng = np.random.default_rng(seed)
     for gain in gains:
         flip = torch.from_numpy(rng.choice([-1.0, 1.0], size=int(_need(out, gain).shape[0]))).float()
-        out[gain] = out[gain] * flip.to(out[gain])
+        out[gain] = _scale_rows(out[gain], flip)
         bias = gain.removesuffix("weight") + "bias"
         if gain.endswith(".weight") and bias in out:
-            out[bias] = out[bias] * flip.to(out[bias])
+            out[bias] = _scale_rows(out[bias], flip)
         for lay in graph.layers:
             if lay.gain == gain:
                 out[lay.name] = _permute_columns(_need(out, lay.name), torch.arange(len(flip)), flip)

@@ -20,7 +20,9 @@ whole: its assignment maximises ``Σ g ± Σ s`` for the better sign, which then
 layers reading a signed space through a norm gain (a decoder's ``gate_proj`` and ``up_proj``) may carry
 that gain's own signs on their columns; they are read from the writers whose rows never flip (the gate):
 neurons matched on sign-blind magnitudes, each column's sign from the matched rows, matched again with
-those signs, kept only if they fit the rows better than no extra signs.
+those signs, kept only if they fit the rows better than no extra signs. A signed space whose writers' row
+signs are each a norm's own (MobileNetV2's linear-bottleneck stream) shows its signs only in the columns of
+the layers reading it, whose rows may flip on their own: a rank-one sign fit of matched rows reads them.
 
 Resolution goes in two passes: first each space from the writers whose inputs are already aligned
 (the stem or the embeddings come first because their inputs are fixed), then every space again from all
@@ -180,6 +182,10 @@ class Aligner:
     def _signed(self, space: str) -> bool:
         return self.spaces[space]["kind"] == SIGNED
 
+    def _read_from_readers(self, space: str) -> bool:
+        """Whether a signed space's signs show in no writer's rows (a norm owns each), only in its readers' columns."""
+        return self._signed(space) and not any(w.out == space and w.signs and not w.own for w in self.writers)
+
     def _flips(self, space: str) -> bool:
         """Whether the space's units may change sign (each, or all together)."""
         return self.spaces[space]["kind"] in (SIGNED, NEGATABLE)
@@ -195,8 +201,8 @@ class Aligner:
                              "needs; white-box verification cannot apply, try black-box verification.")
         if len(options) == 1:
             pick = options[0]
-        elif layer.gain:
-            # Its columns may carry a norm gain's signs, not known yet: choose on sign-blind magnitudes.
+        elif layer.gain or self._read_from_readers(layer.inp):
+            # Its columns may carry a norm gain's or its input's signs, not known yet: choose on sign-blind magnitudes.
             pick = max(options, key=lambda n: float(self._magnitude_similarity(layer, n).amax(dim=1).mean()))
         else:
             signed = self._flips(layer.out) or bool(layer.own)
@@ -284,6 +290,58 @@ class Aligner:
         elif carried is not None:
             matched = carried[torch.arange(len(order)), self.perms[space]]
             self.signs[space] = torch.where(matched < 0, -1.0, 1.0)
+        elif self._read_from_readers(space):
+            self._resolve_reader_signs(space)
+
+    def _reader_products(self, space: str, readers: Sequence[Layer], free: Sequence[bool]) -> torch.Tensor:
+        """``(Σ reader rows, units)``: per anchor row of each reader and unit of ``space``, the product of the
+        anchor's binormalised column with the matched suspect row's (unflipped, in the anchor's unit order).
+
+        Rows are matched on sign-blind magnitudes while ``space`` has no signs yet, else on the similarity with
+        its signs (absolute where the row's own sign is free).
+        """
+        parts = []
+        for layer, loose in zip(readers, free):
+            name = self._choose(layer)
+            if space in self.signs:
+                sim = self._similarity(layer, name)
+                sim = sim.abs() if loose else sim
+            else:
+                sim = self._magnitude_similarity(layer, name)
+            order = torch.from_numpy(match_neurons(sim.numpy()))
+            units = self._units(layer)
+            ref = binormalize(self._load(layer.name, self.source, layer, f"ref:{layer.name}"), units, iters=self.iters)
+            sus = binormalize(self._load(name, self.suspect, layer, f"sus:{name}"), units, iters=self.iters)
+            perm = self.perms[space]
+            parts.append((ref * (sus if perm is None else sus[:, perm, :])[order]).sum(dim=2))
+        return torch.cat(parts)
+
+    def _resolve_reader_signs(self, space: str) -> None:
+        """The signs of a signed space whose writers' rows a norm owns (MobileNetV2's linear-bottleneck stream),
+        read from the columns of the plan layers reading it.
+
+        A reader's matched rows satisfy ``suspect[r, c] ≈ s_r·t_c·anchor[r, c]``, with ``t`` the space's signs and
+        ``s_r`` the row's own (free where a norm owns it or its output space flips, else +1): a rank-one sign fit
+        of the products reads ``t``. Rows are matched first on sign-blind magnitudes, then again with ``t``,
+        which is read again; kept only if it fits the rows better than no signs. Where no row is fixed, ``t`` and
+        ``−t`` fit alike and the one flipping fewer units is taken (a reader whose rows flip on their own absorbs
+        the difference; :func:`wmark.whitebox.graph.plan` refuses a marked layer that would not).
+        """
+        # A reader through a norm gain shows the gain's signs on top: they are read from it afterwards.
+        readers = [w for w in self.writers if w.inp == space and not w.gain]
+        if not readers:
+            return
+        loose = [bool(w.own) or self._flips(w.out) for w in readers]
+        free = torch.cat([torch.full((w.rows,), f) for w, f in zip(readers, loose)])
+        self.signs.pop(space, None)
+        estimate, _ = _sign_fit(self._reader_products(space, readers, loose), free)
+        candidates = []
+        for signs in (estimate, torch.ones_like(estimate)):
+            self.signs[space] = signs
+            products = self._reader_products(space, readers, loose)
+            fit = _sign_fit(products, free) if signs is estimate else (signs, _fit_score(products, free, signs))
+            candidates.append((fit[1], fit[0]))
+        self.signs[space] = max(candidates, key=lambda c: c[0])[1]
 
     def run(self) -> None:
         """Resolve every space of the plan (two passes; see the module docstring).
@@ -366,6 +424,29 @@ class Aligner:
         rows = torch.empty_like(sign)
         rows[order] = sign
         return rows
+
+
+def _fit_score(products: torch.Tensor, free: torch.Tensor, signs: torch.Tensor) -> float:
+    """``Σ_r s_r Σ_c t_c p[r, c]`` with each free row's ``s_r`` at its best and the others +1."""
+    rows = products @ signs
+    return float(torch.where(free, rows.abs(), rows).sum())
+
+
+def _sign_fit(products: torch.Tensor, free: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Column signs ``t`` maximising :func:`_fit_score`: alternating maximisation over row and column signs,
+    started from the fixed rows' column sums or, with none, the leading singular vector."""
+    fixed = ~free
+    start = products[fixed].sum(dim=0) if fixed.any() else torch.linalg.svd(products, full_matrices=False)[2][0]
+    signs = torch.where(start < 0, -1.0, 1.0)
+    for _ in range(100):
+        rows = torch.where(free & (products @ signs < 0), -1.0, 1.0)
+        new = torch.where(rows @ products < 0, -1.0, 1.0)
+        if torch.equal(new, signs):
+            break
+        signs = new
+    if not fixed.any() and signs.sum() < 0:
+        signs = -signs
+    return signs, _fit_score(products, free, signs)
 
 
 def _assigned(sim: torch.Tensor) -> float:

@@ -66,15 +66,57 @@ def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
     return sp.find(src), axis == rank - 1
 
 
-def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any]) -> tuple[Any, str] | None:
-    """``(operand, gain)`` of a product of a last-axis tensor and a 1-D parameter (broadcast over its units)."""
+def mixed_add(node: Any, tensor_args: list[Any], last_axis: set[Any], ranks: dict[Any, int | None]) -> str:
+    """Why an add of two tensors of one rank meets units of different axes (one holds them on the last axis, the
+    other on dimension 1), or ''."""
+    if node.op == "call_module" or len(tensor_args) != 2 or not (node.target in _ADDS or node.target in ("add", "add_")):
+        return ""
+    a, b = (ranks.get(t) for t in tensor_args)
+    if (tensor_args[0] in last_axis) == (tensor_args[1] in last_axis) or a == b == 2 or (None not in (a, b) and a != b):
+        return ""  # the same axis, a rank-2 tensor's units on both, or ranks the add rule refuses on its own
+    return "an add of a channels-last and a channels-first tensor"
+
+
+def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any],
+                 ranks: dict[Any, int | None]) -> tuple[Any, str] | None:
+    """``(operand, gain)`` of a product of a tensor and a per-unit parameter broadcast over its units: 1-D on a
+    last-axis tensor, ``(C, 1, …, 1)`` on a channels-first batch one rank higher (torchvision's ``CNBlock``)."""
     if node.op == "call_module" or node.target not in (operator.mul, torch.mul, "mul") or len(node.args) != 2 \
             or len(tensor_args) != 2:
         return None
     for gain, x in (tensor_args, tensor_args[::-1]):
-        if gain.op == "get_attr" and x in last_axis and getattr(params.get(str(gain.target)), "ndim", 0) == 1:
+        shape = tuple(getattr(params.get(str(gain.target)), "shape", ())) if gain.op == "get_attr" else ()
+        if x in last_axis and len(shape) == 1:
+            return x, str(gain.target)
+        if x not in last_axis and len(shape) > 1 and ranks.get(x) == len(shape) + 1 and set(shape[1:]) == {1}:
             return x, str(gain.target)
     return None
+
+
+def functional_norm(node: Any, label: dict[Any, str], last: bool, rank: int | None, sp: _Spaces,
+                    params: dict[str, Any]) -> tuple[str, str | None] | None:
+    """``(space, gain)`` of ``F.layer_norm`` with its affine parameters read from the model (torchvision's
+    ``LayerNorm2d`` permutes the channels last and calls it); None for any other node.
+
+    The space is kept, with the parameters following it, where the norm is over exactly the units on the last
+    axis, as for ``nn.LayerNorm``; else opaque (and no gain).
+    """
+    if node.op != "call_function" or node.target is not nn.functional.layer_norm:
+        return None
+    bound = {**dict(zip(("input", "normalized_shape", "weight", "bias", "eps"), node.args)), **node.kwargs}
+    x, shape = node.args[0] if node.args else None, bound.get("normalized_shape")
+    affine = [bound.get(k) for k in ("weight", "bias")]
+    size = sp.info[sp.find(label[x])].size if x in label else -1
+    ok = (last or rank == 2) and isinstance(shape, (tuple, list)) and len(shape) == 1 and size in (0, shape[0]) \
+        and not isinstance(bound.get("eps"), torch.fx.Node) \
+        and all(a is None or (isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                              and tuple(getattr(params.get(str(a.target)), "shape", ())) == tuple(shape)) for a in affine)
+    if not ok:
+        return sp.new(f"opaque:{node.name}", 0, "opaque", why="a LayerNorm not over exactly the units on the last "
+                      "axis"), None
+    src = sp.find(label[x])
+    sp.info[src].params.extend(str(a.target) for a in affine if a is not None)
+    return src, None if affine[0] is None else str(affine[0].target)
 
 
 def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: dict[str, Any]) -> str:
@@ -277,3 +319,64 @@ def _arg(node: Any, index: int, name: str, default: Any) -> Any:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+_ODD_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
+                nn.AdaptiveAvgPool2d, nn.Flatten)
+_ODD_TARGETS = {
+    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", "view", "reshape", "contiguous",
+    "permute", torch.permute, "mean", "sum", torch.mean, torch.sum, nn.functional.dropout,
+    nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
+}
+
+
+def odd_spaces(nodes: Any, label: dict[Any, str], sp: _Spaces, modules: dict[str, nn.Module]) -> dict[str, list[str]]:
+    """Free spaces on which every op is odd in each unit, each with the per-unit tensors a unit's flip negates.
+
+    Negating unit ``c`` wherever such a space is written (a writer's row and bias, a BatchNorm's bias and running
+    mean, a depthwise conv's bias) negates it in every tensor of the space, and the layers reading the space undo
+    it in their columns: the function is kept, so a thief may flip the sign of each unit (MobileNetV2's
+    linear-bottleneck stream: projections and BatchNorm write it, adds and average pooling carry it, expansion
+    convs and the head read it). A single other op on any tensor of the space (an activation, max pooling, a
+    LayerNorm, the model's output) rules the space out.
+    """
+    bad: set[str] = set()
+    negated: dict[str, list[str]] = {}
+    for node in nodes:
+        root = sp.find(label[node]) if node in label else ""
+        if not root or sp.info[root].kind != "free" or root in bad:
+            continue
+        for user in node.users:
+            names = _odd_user(user, root, label, sp, modules)
+            if names is None:
+                bad.add(root)
+                break
+            negated.setdefault(root, []).extend(names)
+    return {root: list(dict.fromkeys(names)) for root, names in negated.items() if root not in bad}
+
+
+def _odd_user(user: Any, root: str, label: dict[Any, str], sp: _Spaces,
+              modules: dict[str, nn.Module]) -> list[str] | None:
+    """The per-unit tensors negated with a unit for ``user`` to stay odd in a tensor of ``root``, or None if it
+    is not odd there (or moves the units out of the space)."""
+    same = user in label and sp.find(label[user]) == root
+    if user.op == "call_module":
+        mod = modules[user.target]
+        bias = [f"{user.target}.bias"] if getattr(mod, "bias", None) is not None else []
+        if isinstance(mod, _LAYERS):
+            # A conv/linear layer reads the units (its columns follow the flip); a depthwise one keeps them.
+            return (bias if same else None) if int(getattr(mod, "groups", 1)) > 1 else []
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)) and same:
+            # BN(-z) = -BN(z) once its bias and running mean are negated (γ and the variance stay).
+            return bias + ([f"{user.target}.running_mean"] if mod.running_mean is not None else [])
+        return [] if isinstance(mod, _ODD_MODULES) and same else None
+    if (user.op == "call_function" and user.target is getattr) or (user.op == "call_method"
+                                                                   and user.target in ("size", "dim")):
+        return []  # reads the shape, which no sign changes
+    if user.op not in ("call_function", "call_method") or not same or user.target not in _ODD_TARGETS:
+        return None
+    if user.target in _ADDS or user.target in ("add", "add_"):
+        # x + y is odd only when both operands flip (a constant added would not); both are in the space then.
+        operands = [a for a in user.args if isinstance(a, torch.fx.Node)]
+        return [] if len(operands) == 2 and all(a in label and sp.find(label[a]) == root for a in operands) else None
+    return []

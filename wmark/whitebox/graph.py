@@ -18,7 +18,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it;
-* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it.
+* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it;
+* a space on which every op is odd in each unit (adds, BatchNorm, average pooling, the layers reading it; no
+  activation: MobileNetV2's linear-bottleneck stream) is *signed*: a thief may flip each unit's sign.
 
 How the graph is read:
 
@@ -63,7 +65,10 @@ from wmark.whitebox.fx_rules import (
     _permuted,
     _regroups,
     _through,
+    functional_norm,
     misread,
+    mixed_add,
+    odd_spaces,
     out_rank,
 )
 
@@ -134,12 +139,15 @@ class Space:
             (permutable with sign flips: a hidden stream normalised by RMSNorm, SwiGLU neurons) or ``opaque``.
         params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
         why: For an opaque space, the op that made it so.
+        negated: Those of ``params`` that a unit's sign flip negates (a BatchNorm's bias and running mean, a
+            depthwise conv's bias) where the space is signed because every op on it is odd in each unit.
     """
 
     size: int
     kind: str = "free"
     params: list[str] = field(default_factory=list)
     why: str = ""
+    negated: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -202,7 +210,8 @@ class _Spaces:
         # The most constrained kind wins: a joined space may flip signs only if every part may.
         kind = next(k for k in ("opaque", FIXED, "free", NEGATABLE, SIGNED) if k in kinds)
         self.parent[rb] = ra
-        self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why)
+        self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why,
+                              ia.negated + ib.negated)
         return ra
 
 
@@ -291,6 +300,16 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
         if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
             ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
+        norm = functional_norm(node, label, bool(tensor_args) and tensor_args[0] in last_axis,
+                               ranks[tensor_args[0]] if tensor_args else None, sp, params)
+        if norm is not None:
+            label[node] = norm[0]
+            if sp.info[norm[0]].kind != "opaque":
+                last_axis.add(node)
+            if norm[1]:
+                tags[node] = norm[1]
+                absorb(tensor_args[0], "whole", [norm[1]])
+            continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
@@ -303,16 +322,26 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             label[node], to_last = _permuted(node, tensor_args[0] in last_axis, label[tensor_args[0]], sp)
             if tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
+            if tensor_args[0] in made and len(tensor_args[0].users) == 1:
+                made[node] = made[tensor_args[0]]  # a norm after the permute may own the layer's row signs
             if to_last:
                 last_axis.add(node)
             continue
-        gain = _layer_scale(node, tensor_args, last_axis, params)
+        why = mixed_add(node, tensor_args, last_axis, ranks)
+        if why:
+            # Each operand's units meet other units: neither side is aligned (as a grouped conv's input).
+            for i, arg in enumerate(tensor_args):
+                sp.union(label[arg], sp.new(f"opaque:{node.name}:{i}", 0, "opaque", why=why))
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+            continue
+        gain = _layer_scale(node, tensor_args, last_axis, params, ranks)
         if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
-            # A per-unit gain on the last axis (ConvNeXt's layer scale) keeps the space and follows it.
+            # A per-unit gain over the units (ConvNeXt's layer scale) keeps the space and follows it.
             label[node] = sp.find(label[gain[0]])
             sp.info[label[node]].params.append(gain[1])
             absorb(gain[0], "rows", [gain[1]])
-            last_axis.add(node)
+            if gain[0] in last_axis:
+                last_axis.add(node)
             tags[node] = gain[1]
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
@@ -391,6 +420,17 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
+    # A flipped gain shows in every op reading its output: only the layers credited with it may read it.
+    loose = {g for n, g in tags.items() for u in n.users
+             if tags.get(u) != g and gains.get(f"{u.target}.weight") != g}
+    gains = {name: g for name, g in gains.items() if g not in loose}
+    # Where a layer's own row signs and the gain of the norm owning them already describe every flip of a space
+    # (one writer, its norm, the layers reading it), the gain's readers read them.
+    covered = {sp.find(label[n]) for n, g in tags.items() if g in gains.values()
+               and any(g in names for _, names in owns.values())}
+    for root, negated in odd_spaces(traced.graph.nodes, label, sp, modules).items():
+        if root not in covered:
+            sp.info[root].kind, sp.info[root].negated = SIGNED, negated
     # A reader of a norm gain whose rows never flip (no norm after it owns them) shows the gain's signs in them.
     return _assemble(sp, layers, params, family="fx", owns=owns, gains=gains,
                      unsigned=frozenset(name for name in gains if name not in owns))
@@ -423,7 +463,9 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
     A marked layer whose rows flip with a signed or negatable output space (a down-projection writing an
     RMSNorm or LayerNorm hidden stream) also depends on that space: its statistic, a mean over rows, is read
     with the rows un-flipped. Every such space needs a writer other than the marked layer whose rows carry
-    its signs.
+    its signs, or, where a norm owns every writer's row signs (a linear-bottleneck stream), a reader other
+    than the marked layer, one whose rows never flip if the marked layer's own rows do not absorb the
+    stream's overall sign.
 
     Raises:
         UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
@@ -458,6 +500,18 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         todo.extend(w.inp for w in writers)
     chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
               and graph.spaces[lay.inp].kind != "opaque"]
+    for s in needed:
+        if graph.spaces[s].kind != SIGNED or any(w.signs and not w.own for w in chosen if w.out == s):
+            continue
+        # Its writers' rows are each a norm's own: its signs show only in its readers' columns.
+        readers = [lay for lay in chosen if lay.inp == s and not lay.gain]
+        if not readers:
+            raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
+                             "itself; mark another layer.")
+        if (target.inp == s or (target.out == s and target.signs)) and not target.own \
+                and all(lay.own or graph.spaces[lay.out].kind in (SIGNED, NEGATABLE) for lay in readers):
+            raise UsageError(f"The overall sign of space {s!r}'s flips shows in no layer wmark aligns but {marked}; "
+                             "mark another layer.")
     if target.gain and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
         raise UsageError(f"The signs {marked} reads through {target.gain} show in no other layer wmark aligns; mark "
                          "another layer.")

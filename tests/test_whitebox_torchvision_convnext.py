@@ -1,0 +1,157 @@
+"""torchvision's ConvNeXt layout, reproduced (torchvision is not a dependency): ``LayerNorm2d`` (an
+``nn.LayerNorm`` subclass that permutes the channels last and calls ``F.layer_norm`` with its own parameters)
+on the stem and before the downsampling conv, and ``CNBlock``'s ``(C, 1, 1)`` layer scale multiplied onto a
+channels-first tensor. Both were opaque, so the stream and every block were refused; the graph now reads them,
+permuting and flipping them keeps the function, and a mark in the last block survives."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from _whitebox_helpers import check, tiny_key
+from test_whitebox_depthwise import train
+from torch import nn
+from torch.nn import functional as F
+
+from wmark.attacks import prune, rename_tensors
+from wmark.attacks.symmetry import flip_gain_signs, permute_spaces
+from wmark.errors import UsageError
+from wmark.io import save_model
+from wmark.schemes.weights import WeightsEmbedder
+from wmark.whitebox.graph import plan, read_graph
+
+MARKED = "stage2.0.block.5.weight"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision.models.convnext.LayerNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class Permute(nn.Module):
+    """torchvision.ops.misc.Permute."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class CNBlock(nn.Module):
+    """torchvision's CNBlock (stochastic depth left out: an identity at inference)."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), Permute([0, 2, 3, 1]),
+                                   nn.LayerNorm(c, eps=1e-6), nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c),
+                                   Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.full((c, 1, 1), 0.5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.layer_scale * self.block(x)
+        result += x
+        return result
+
+
+class TorchvisionConvNeXt(nn.Module):
+    """Stem (patchify conv + LayerNorm2d), a 16-channel stage, LayerNorm2d + downsampling conv, a 32-channel stage
+    (MLP 128: room for 32 bits), LayerNorm2d and head."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 2, stride=2), LayerNorm2d(16, eps=1e-6))
+        self.stage1 = nn.Sequential(CNBlock(16))
+        self.down = nn.Sequential(LayerNorm2d(16, eps=1e-6), nn.Conv2d(16, 32, 2, stride=2))
+        self.stage2 = nn.Sequential(CNBlock(32))
+        self.norm = LayerNorm2d(32, eps=1e-6)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.stage2(self.down(self.stage1(self.stem(x))))).mean((2, 3)))
+
+
+def rewritten(model: nn.Module, seed: int) -> TorchvisionConvNeXt:
+    """Every space permuted, every sign a norm absorbs flipped and every norm gain's signs with its readers'."""
+    g = read_graph(model)
+    out = TorchvisionConvNeXt(99)
+    out.load_state_dict(flip_gain_signs(permute_spaces(model.state_dict(), graph=g, seed=seed, signs=True),
+                                        graph=g, seed=seed))
+    return out.eval()
+
+
+def test_layernorm2d_and_a_channels_first_layer_scale_keep_the_stream() -> None:
+    model = TorchvisionConvNeXt(0)
+    with torch.no_grad():  # gains and biases away from 1 and 0, so a misplaced one would show
+        for name, p in model.named_parameters():
+            if "layer_scale" in name or p.ndim == 1:
+                p.normal_()
+    model.eval()
+    g = read_graph(model)
+    stream, wide = g.layer("stem.0.weight").out, g.layer("down.1.weight").out
+    assert [lay.name for lay in g.writers(stream)] == ["stem.0.weight", "stage1.0.block.5.weight"]
+    assert {"stem.1.weight", "stem.1.bias", "stage1.0.layer_scale", "down.0.weight"} <= set(g.spaces[stream].params)
+    assert {"norm.weight", "stage2.0.layer_scale"} <= set(g.spaces[wide].params)
+    assert g.layer("stem.0.weight").own == "whole" and g.layer(MARKED).absorbers == ("stage2.0.layer_scale",)
+    assert g.layer("down.1.weight").gain == "down.0.weight" and g.layer("head.weight").inp == wide
+    assert [lay.name for lay in plan(g, MARKED)] == [
+        "stem.0.weight", "stage1.0.block.3.weight", "stage1.0.block.5.weight", "down.1.weight",
+        "stage2.0.block.3.weight", MARKED]
+    x = torch.randn(4, 3, 16, 16)
+    for seed in range(3):
+        other = rewritten(model, seed)
+        assert (other.stage2[0].layer_scale * model.stage2[0].layer_scale < 0).any()
+        assert torch.allclose(other(x), model(x), atol=1e-5)
+
+
+class Misread(nn.Module):
+    """``F.layer_norm`` over the width of a channels-first map and a ``(C, 1)`` scale on one: neither is over the
+    channels."""
+
+    def __init__(self, scale: bool) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(8, 1)) if scale else None
+        self.norm = nn.LayerNorm(8)
+        self.conv = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x)
+        h = h * self.scale if self.scale is not None else F.layer_norm(h, (8,), self.norm.weight, self.norm.bias)
+        return self.conv(h).mean((2, 3))
+
+
+@pytest.mark.parametrize(("scale", "why"), [(False, "a LayerNorm not over exactly the units on the last axis"),
+                                            (True, "mul")])
+def test_a_functional_norm_or_scale_not_over_the_channels_is_refused(scale, why) -> None:
+    g = read_graph(Misread(scale))
+    with pytest.raises(UsageError, match=f"^conv.weight reads the output of {why} that wmark cannot align through"):
+        plan(g, "conv.weight")
+
+
+def test_the_mark_survives_rewrites_fine_tune_and_pruning_and_a_twin_is_not_detected(tmp_path) -> None:
+    torch.set_num_threads(1)
+    key = tiny_key(32, seed=41)
+    base = train(TorchvisionConvNeXt(0), 0, steps=30)
+    save_model(base, tmp_path / "anchor.safetensors")
+    model = copy.deepcopy(base)
+    emb = WeightsEmbedder(key, model)
+    train(model, 1, steps=80, embedder=emb)
+    assert emb.bit_errors() == 0 and emb.layer == MARKED
+    save_model(model, tmp_path / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
+    verdict = check(key, tmp_path, rename_tensors(rewritten(model, 1).state_dict(), seed=1), "rewritten")
+    assert verdict.detected and verdict.tests[0].matches == 32, verdict.tests[0].matches
+    attacked = prune(train(rewritten(model, 2), 2, steps=40), sparsity=0.3)
+    verdict = check(key, tmp_path, rename_tensors(attacked.state_dict(), seed=2), "attacked")
+    assert verdict.detected and verdict.tests[0].matches >= 30, verdict.tests[0].matches
+    twin = train(TorchvisionConvNeXt(100), 100, steps=80)
+    verdict = check(key, tmp_path, rewritten(twin, 3).state_dict(), "twin")
+    assert not verdict.detected and verdict.tests[0].log10_p > -3, verdict.tests[0].matches
