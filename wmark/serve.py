@@ -60,6 +60,7 @@ from wmark.serve_input import (
     read_json,
     text_char_limit,
 )
+from wmark.serve_protocol import HEADER_TIMEOUT_S, http_protocol
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
@@ -346,11 +347,13 @@ class BackgroundServer:
         app: The ASGI application.
         host: Interface to bind (default loopback only).
         port: Port (0: any free one).
+        header_timeout: Seconds a connection has to send a request line and headers (:mod:`wmark.serve_protocol`).
     """
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
+                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
         self.config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False,
-                                     lifespan="off", timeout_keep_alive=30)
+                                     lifespan="off", timeout_keep_alive=30, http=http_protocol(header_timeout))
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True, name="wmark-uvicorn")
         self.host = host
@@ -382,9 +385,10 @@ class BackgroundServer:
 
 
 @contextlib.contextmanager
-def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[BackgroundServer]:
+def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0,
+                        header_timeout: float = HEADER_TIMEOUT_S) -> Iterator[BackgroundServer]:
     """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block."""
-    server = BackgroundServer(app, host=host, port=port).start()
+    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout).start()
     try:
         yield server
     finally:
@@ -413,7 +417,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
           monitor: str | os.PathLike[str] | None = None, alarm_log: str | os.PathLike[str] | None = None,
           monitor_state: str | os.PathLike[str] | None = None, device: str | None = None,
           max_body_bytes: int | None = None, body_timeout: float = BODY_TIMEOUT_S,
-          announce: Callable[[str], None] | None = None) -> None:
+          header_timeout: float = HEADER_TIMEOUT_S, announce: Callable[[str], None] | None = None) -> None:
     """Load a model file and serve it until interrupted (blocking), as version ``"1"`` of ``name``.
 
     With ``mark`` and the owner's ``key``, answers go through that API-side mark (:func:`wmark.marks.open_served`):
@@ -435,12 +439,14 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
 
     A request body over ``max_body_bytes`` is refused with HTTP 413 as it is read; the default is room for the
     largest request the model answers (:func:`~wmark.serve_input.default_body_limit`). One not received whole within
-    ``body_timeout`` seconds is refused with HTTP 408 (:data:`~wmark.serve_input.BODY_TIMEOUT_S`).
+    ``body_timeout`` seconds is refused with HTTP 408 (:data:`~wmark.serve_input.BODY_TIMEOUT_S`), and so is a
+    request line and headers not received whole within ``header_timeout`` seconds (:mod:`wmark.serve_protocol`).
 
     Raises:
-        UsageError: If the weights do not load, the port or body limit is invalid, the token variable is unset, an option
-            of a mark is given without it, the policy file or monitor profile is invalid, or the weights hold a text
-            model (its forward takes ``input_ids``) whose file records no tokenizer.
+        UsageError: If the weights do not load, the port, body limit or header deadline is invalid, the token
+            variable is unset, an option of a mark is given without it, the policy file or monitor profile is
+            invalid, or the weights hold a text model (its forward takes ``input_ids``) whose file records no
+            tokenizer.
     """
     from wmark.io import read_metadata, wmark_metadata
     from wmark.keys import load_key
@@ -451,6 +457,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError(f"Port {port} is out of range 0-65535.")
     if not name or "/" in name:
         raise UsageError(f"Model name {name!r} must be non-empty and contain no '/'.")
+    protocol = http_protocol(header_timeout)
     on = resolve_device(device)
     token = None
     if token_env:
@@ -479,7 +486,8 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
                         text=text, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
         port = _check_port_free(host, port)
-        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
+                                http=protocol)
         server = uvicorn.Server(config)
         if announce is not None:
             mode = "label-only" if labels_only else "scores"
