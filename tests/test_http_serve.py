@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -45,7 +46,8 @@ def served(tmp_path_factory):
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
     proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
                                  "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN",
-                                 "--max-body-bytes", "300000", "--body-timeout", "2"),
+                                 "--max-body-bytes", "300000", "--body-timeout", "2",
+                                 "--header-timeout", "1"),
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     wait_ready(proc, url)
@@ -209,6 +211,23 @@ def test_a_body_trickled_slower_than_its_deadline_gets_408_and_its_connection_cl
         with pytest.raises(UsageError, match="body deadline must be a positive number of seconds"):
             build_app(model=build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE), name="m", num_classes=10,
                       input_shape=SHAPE, body_timeout=bad)
+
+
+def test_headers_trickled_past_the_header_timeout_get_408_and_the_connection_closed(served):
+    """uvicorn sets no deadline for a request line and headers: a client trickling them held a connection
+    indefinitely (slowloris); `--header-timeout` now closes it."""
+    _, _, port = served
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the blank line
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    assert time.monotonic() - start < 2.5
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 408 ") and b"connection: close" in status.lower()
+    assert json.loads(body) == {"error": "the request line and headers did not arrive within 1 seconds; send them "
+                                         "at once"}
 
 
 def test_a_small_request_is_answered_while_a_large_body_is_parsed(monkeypatch):

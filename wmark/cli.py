@@ -164,13 +164,16 @@ def embed(key: str, arch: str, weights: str, data: str, out: str, scheme: str, e
 @click.option("--body-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=60.0,
               show_default=True, help="Seconds a client has to send a request's whole body (HTTP 408 past it): a "
                                       "client trickling a body holds a connection no longer.")
+@click.option("--header-timeout", type=click.FloatRange(min=0, min_open=True, max=86400), default=10.0,
+              show_default=True, help="Seconds a connection has to send a request line and headers, from connecting "
+                                      "or from a kept-alive request's first byte (HTTP 408 past it, and closed).")
 @_handle_errors
 def serve(name: str, arch: str | None, weights: str | None, port: int, host: str, labels_only: bool,
           token_env: str | None, clients_file: str | None, mark: str | None, key: str | None, rule: str | None,
           beta: float | None, rate: float | None, candidates: str | None, log: str | None, log_sync: str,
           policy: str | None,
           monitor: str | None, alarm_log: str | None, monitor_state: str | None, device: str | None,
-          max_body_bytes: int | None, body_timeout: float) -> None:
+          max_body_bytes: int | None, body_timeout: float, header_timeout: float) -> None:
     """Serve a model over the Open Inference Protocol v2 until interrupted, optionally behind an API mark."""
     from wmark.serve import serve as run_server
 
@@ -187,7 +190,7 @@ def serve(name: str, arch: str | None, weights: str | None, port: int, host: str
                token_env=token_env, key=key, mark=mark, rule=rule, beta=beta, rate=rate, candidates=candidates,
                clients_file=clients_file, log=log, log_durability=log_sync, policy=policy, monitor=monitor, alarm_log=alarm_log,
                monitor_state=monitor_state, device=device, max_body_bytes=max_body_bytes, body_timeout=body_timeout,
-               announce=lambda line: click.echo(line, err=True))
+               header_timeout=header_timeout, announce=lambda line: click.echo(line, err=True))
 
 
 @main.group(epilog=EXIT_HELP)
