@@ -253,6 +253,20 @@ def test_shared_tokens_give_the_ids_the_tokenizer_gives_with_and_without_special
     assert counting.calls == 2  # other texts: asked again
 
 
+def test_shared_tokens_copy_and_pickle_like_the_tokenizer_they_wrap(text):
+    # __getattr__ read self.__dict__["tokenizer"], so the bare instance copy and pickle probe for __setstate__
+    # raised KeyError instead of AttributeError
+    import copy
+    import pickle
+
+    from wmark.text_serving import SharedTokens
+
+    shared = SharedTokens(text.tokenizer)
+    for again in (copy.copy(shared), copy.deepcopy(shared), pickle.loads(pickle.dumps(shared))):
+        assert again(["a text"], add_special_tokens=True)["input_ids"] == text.tokenizer(["a text"])["input_ids"]
+    assert not hasattr(SharedTokens.__new__(SharedTokens), "pad_token_id")
+
+
 def test_a_text_request_the_model_fails_on_still_costs_quota_as_on_the_v2_endpoint(text):
     """As on the v2 endpoint, a request that reaches the model is counted whatever its outcome (here a 500 for NaN
     outputs); one refused for its texts before the model runs (too many tokens) costs nothing."""

@@ -77,6 +77,8 @@ class SharedTokens:
         self._last: tuple[tuple[str, ...], Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
+        if "tokenizer" not in self.__dict__:  # copy and pickle probe a bare instance before its state is set
+            raise AttributeError(name)
         return getattr(self.__dict__["tokenizer"], name)
 
     def __call__(self, texts: Any, *, add_special_tokens: bool = True, truncation: bool = False,
