@@ -77,6 +77,18 @@ def mixed_add(node: Any, tensor_args: list[Any], last_axis: set[Any], ranks: dic
     return "an add of a channels-last and a channels-first tensor"
 
 
+def taint(operands: list[Any], why: str, name: str, sp: _Spaces, label: dict[Any, str]) -> None:
+    """Make the space of each operand opaque (a fixed one is never permuted and stays fixed).
+
+    An op that meets the units with another axis (a broadcast across ranks or layouts, a contraction, a layer
+    reading the wrong axis) keeps no permutation or sign flip of them alone: nothing is aligned through them.
+    """
+    for i, operand in enumerate(operands):
+        root = sp.find(label[operand])
+        if sp.info[root].kind not in ("fixed", "opaque"):
+            sp.union(root, sp.new(f"opaque:{name}:{i}", 0, "opaque", why=f"a layer whose units also feed {why}"))
+
+
 def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any],
                  ranks: dict[Any, int | None]) -> tuple[Any, str] | None:
     """``(operand, gain)`` of a product of a tensor and a per-unit parameter broadcast over its units: 1-D on a

@@ -70,6 +70,7 @@ from wmark.whitebox.fx_rules import (
     mixed_add,
     odd_spaces,
     out_rank,
+    taint,
 )
 
 FIXED = "fixed"
@@ -361,6 +362,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 # Depthwise (one filter per channel): like BatchNorm, it keeps the space and its filters follow it.
                 why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
                 if why and sp.info[sp.find(label[tensor_args[0]])].kind != "opaque":
+                    taint(tensor_args[:1], why, node.name, sp, label)
                     label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                     continue
                 label[node] = sp.find(label[tensor_args[0]])
@@ -375,7 +377,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 src = sp.find(label[tensor_args[0]])
                 why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
                 if why and sp.info[src].kind not in (FIXED, "opaque"):
-                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its units.
+                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its
+                    # units, else its flips and permutations pass the layer on another axis, undone nowhere.
+                    taint(tensor_args[:1], why, node.name, sp, label)
                     src = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             else:
                 src = sp.new(f"opaque:{node.name}", 0, "opaque")
