@@ -14,7 +14,7 @@ from torch import nn
 
 from wmark.attacks.symmetry import permute_spaces
 from wmark.errors import UsageError
-from wmark.whitebox.graph import plan, read_graph
+from wmark.whitebox.graph import Graph, plan, read_graph
 
 Op = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -71,7 +71,7 @@ def _model(op: Op) -> Joined:
     return model.eval()
 
 
-def _keeps_function(model: Joined, graph) -> None:  # noqa: ANN001
+def _keeps_function(model: Joined, graph: Graph) -> None:
     """Every permutation and sign flip the graph claims keeps the model's outputs."""
     x = torch.randn(1, 3, 8, 8)  # a batch of one: a rank-3 operand broadcasts over the other's batch
     other = copy.deepcopy(model)
@@ -82,6 +82,15 @@ def _keeps_function(model: Joined, graph) -> None:  # noqa: ANN001
 
 
 @pytest.mark.parametrize(("op", "why"), [
+    (lambda h, k: h + h.mean(2), "an add of rank-4 and rank-3 tensors"),
+    (lambda h, k: h - h.mean(2), "a sub of rank-4 and rank-3 tensors"),
+    (lambda h, k: h * h.mean(2), "a mul of rank-4 and rank-3 tensors"),
+    (lambda h, k: torch.where(k > 0, h, k.mean(3)), "a where of rank-4 and rank-3 tensors"),
+    (lambda h, k: torch.lerp(h, h.mean(2), 0.5), "a lerp of rank-4 and rank-3 tensors"),
+    (lambda h, k: h @ k, "a matmul"),
+    (lambda h, k: torch.bmm(h.mean(2), k.mean(3)).unsqueeze(1), "a bmm"),
+    (lambda h, k: torch.einsum("nchw,nc->nhw", h, k.mean((2, 3))).unsqueeze(1), "an einsum"),
+    (lambda h, k: torch.cat([h, h.permute(0, 2, 3, 1)], 2), "a cat of a channels-last and a channels-first tensor"),
     (Width(), "a linear layer over the last axis of a rank-4 tensor whose units sit on dimension 1"),
     (ChannelsLastDepthwise(), r"a reshape, pooling, mean or conv of a linear layer's output"),
 ])
@@ -92,4 +101,28 @@ def test_an_op_meeting_the_units_with_another_axis_makes_their_space_opaque(op: 
     with pytest.raises(UsageError, match=f"conv.weight reads the output of a layer whose units also feed {why}.* that "
                                          "wmark cannot align through"):
         plan(g, "conv.weight")
+    _keeps_function(model, g)
+
+
+@pytest.mark.parametrize("op", [
+    lambda h, k: h * k,
+    lambda h, k: torch.cat([h, k], 2),
+    lambda h, k: torch.stack([h, k], 0).sum(0),
+    lambda h, k: h - k,
+])
+def test_an_op_pairing_unit_with_unit_joins_the_spaces(op: Op) -> None:
+    """Each branch's channels were permuted on their own, which the product or the cat along the rows undoes."""
+    model = _model(op)
+    g = read_graph(model)
+    assert g.layer("a.weight").out == g.layer("b.weight").out
+    assert g.spaces[g.layer("a.weight").out].kind == "free"
+    plan(g, "conv.weight")
+    _keeps_function(model, g)
+
+
+def test_a_cat_along_the_units_keeps_each_space() -> None:
+    model = _model(lambda h, k: torch.cat([h, k], 1))
+    g = read_graph(model)
+    assert g.layer("a.weight").out != g.layer("b.weight").out
+    assert g.spaces[g.layer("a.weight").out].kind == "free"  # the cat's output is opaque: no sign flips
     _keeps_function(model, g)
