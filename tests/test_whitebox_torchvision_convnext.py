@@ -130,7 +130,7 @@ class Misread(nn.Module):
 
 
 @pytest.mark.parametrize(("scale", "why"), [(False, "a LayerNorm not over exactly the units on the last axis"),
-                                            (True, "mul")])
+                                            (True, "a mul of rank-4 and rank-2 tensors")])
 def test_a_functional_norm_or_scale_not_over_the_channels_is_refused(scale, why) -> None:
     g = read_graph(Misread(scale))
     with pytest.raises(UsageError, match=f"^conv.weight reads the output of {why} that wmark cannot align through"):

@@ -66,15 +66,83 @@ def _permuted(node: Any, last: bool, src: str, sp: _Spaces) -> tuple[str, bool]:
     return sp.find(src), axis == rank - 1
 
 
-def mixed_add(node: Any, tensor_args: list[Any], last_axis: set[Any], ranks: dict[Any, int | None]) -> str:
-    """Why an add of two tensors of one rank meets units of different axes (one holds them on the last axis, the
-    other on dimension 1), or ''."""
-    if node.op == "call_module" or len(tensor_args) != 2 or not (node.target in _ADDS or node.target in ("add", "add_")):
-        return ""
-    a, b = (ranks.get(t) for t in tensor_args)
-    if (tensor_args[0] in last_axis) == (tensor_args[1] in last_axis) or a == b == 2 or (None not in (a, b) and a != b):
-        return ""  # the same axis, a rank-2 tensor's units on both, or ranks the add rule refuses on its own
-    return "an add of a channels-last and a channels-first tensor"
+# Ops that meet their tensor operands unit by unit, broadcasting (in-place methods end in "_").
+_ELEMENTWISE = {
+    *_ADDS, *_SCALES, operator.isub, operator.imul, operator.itruediv, operator.sub, torch.sub, torch.div, torch.where,
+    torch.maximum, torch.minimum, torch.max, torch.min, torch.pow, torch.lerp, torch.addcmul, torch.addcdiv, "add",
+    "sub", "mul", "div", "where", "maximum", "minimum", "max", "min", "pow", "lerp", "addcmul", "addcdiv",
+}
+# Ops that contract or batch an operand's axes against another's: no unit of either stays on its own.
+_CONTRACTIONS = {
+    operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, torch.tensordot,
+    torch.inner, torch.outer, nn.functional.linear, nn.functional.bilinear, "matmul", "mm", "bmm", "baddbmm", "addmm",
+}
+_STACKS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_NAMES = {operator.iadd: "add", operator.isub: "sub", operator.mul: "mul", operator.imul: "mul",
+          operator.truediv: "div", operator.itruediv: "div", nn.functional.linear: "functional linear",
+          nn.functional.bilinear: "functional bilinear"}
+
+
+def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, int | None], sp: _Spaces,
+         label: dict[Any, str]) -> tuple[str, str]:
+    """How an op meets the units of its tensor operands: ``("union", "")`` where it pairs unit with unit (an
+    elementwise op of tensors of one rank and layout, a cat along another axis, a stack), so that only one
+    permutation of all their spaces keeps the function; ``("taint", why)`` where it meets them with another axis
+    (a broadcast across ranks or layouts) or contracts them; ``("", "")`` where it joins nothing (one operand, a
+    rank-0 one, a cat along the units: each operand a block of its own) or the add rule decides.
+
+    A rank-2 tensor holds its units on both axes; a last-axis tensor (in ``last_axis``) on its last, any other on
+    dimension 1.
+    """
+    target = node.target[:-1] if node.op == "call_method" and node.target.endswith("_") else node.target
+    name = _NAMES.get(target, getattr(target, "__name__", str(target)))
+    article = "an" if name[0] in "aeiou" else "a"
+    if node.op == "call_module" or not (target in _ELEMENTWISE or target in _CONTRACTIONS or target in _STACKS):
+        return "", ""
+    if target in _CONTRACTIONS:
+        return "taint", f"{article} {name}"
+    ops = [t for t in operands if ranks.get(t) != 0]  # a scalar tensor broadcasts over every unit alike
+    if len(ops) < 2:
+        return "", ""
+    rank = {ranks.get(t) for t in ops}
+    placed = sorted(r for r in rank if r is not None)
+    if len(placed) > 1:
+        # Broadcasting aligns the last axes: dimension 1 of one operand meets another axis of the other.
+        return "taint", f"{article} {name} of rank-{placed[-1]} and rank-{placed[0]} tensors"
+    known = None not in rank
+    axes = {placed[0] - 1 if t in last_axis or placed[0] == 2 else 1 for t in ops} if known else \
+        {t in last_axis for t in ops}
+    if len(axes) > 1:
+        return "taint", f"{article} {name} of a channels-last and a channels-first tensor"
+    if target in _ADDS or target == "add":
+        return "", ""  # one rank and layout: the add rule joins the operands and refuses unit counts that differ
+    if not known:
+        return "taint", f"{article} {name} of tensors of unknown rank"
+    if target in (torch.cat, torch.concat, torch.concatenate):
+        dim = _arg(node, 1, "dim", 0)
+        if not isinstance(dim, int):
+            return "taint", f"{article} {name} along an unknown dimension"
+        if {dim % placed[0]} == axes:
+            return "", ""
+    spaces = [sp.info[sp.find(label[t])] for t in ops]
+    if any(space.kind == "opaque" for space in spaces):
+        return "taint", f"{article} {name} with an operand wmark cannot place"
+    sizes = {space.size for space in spaces if space.size}
+    if len(sizes) > 1:
+        return "taint", f"{article} {name} of {min(sizes)} and {max(sizes)} units"
+    return "union", ""
+
+
+def taint(operands: list[Any], why: str, name: str, sp: _Spaces, label: dict[Any, str]) -> None:
+    """Make the space of each operand opaque (a fixed one is never permuted and stays fixed).
+
+    An op that meets the units with another axis (a broadcast across ranks or layouts, a contraction, a layer
+    reading the wrong axis) keeps no permutation or sign flip of them alone: nothing is aligned through them.
+    """
+    for i, operand in enumerate(operands):
+        root = sp.find(label[operand])
+        if sp.info[root].kind not in ("fixed", "opaque"):
+            sp.union(root, sp.new(f"opaque:{name}:{i}", 0, "opaque", why=f"a layer whose units also feed {why}"))
 
 
 def _layer_scale(node: Any, tensor_args: list[Any], last_axis: set[Any], params: dict[str, Any],

@@ -17,7 +17,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
-  only together across every block that adds into it and every downsample conv writing it;
+  only together across every block that adds into it and every downsample conv writing it; so do other
+  elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
+  ranks or layouts, a matmul, a layer reading the wrong axis) makes its operands' spaces opaque;
 * any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it;
 * a space on which every op is odd in each unit (adds, BatchNorm, average pooling, the layers reading it; no
   activation: MobileNetV2's linear-bottleneck stream) is *signed*: a thief may flip each unit's sign.
@@ -66,10 +68,11 @@ from wmark.whitebox.fx_rules import (
     _regroups,
     _through,
     functional_norm,
+    join,
     misread,
-    mixed_add,
     odd_spaces,
     out_rank,
+    taint,
 )
 
 FIXED = "fixed"
@@ -311,9 +314,13 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 absorb(tensor_args[0], "whole", [norm[1]])
             continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
-            # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it.
-            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=getattr(node.target, "__name__",
-                                                                                  str(node.target)))
+            # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it,
+            # but the operands a cat or stack pairs unit with unit are joined, and those it misaligns made opaque.
+            listed = [a for a in node.all_input_nodes if a in label]
+            how, why = join(node, listed, last_axis, ranks, sp, label)
+            _join(how, why, listed, node.name, sp, label)
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why or getattr(node.target, "__name__",
+                                                                                         str(node.target)))
             continue
         if tensor_args and tensor_args[0] in last_axis and _regroups(node, modules):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=_LAST_AXIS)
@@ -327,13 +334,6 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if to_last:
                 last_axis.add(node)
             continue
-        why = mixed_add(node, tensor_args, last_axis, ranks)
-        if why:
-            # Each operand's units meet other units: neither side is aligned (as a grouped conv's input).
-            for i, arg in enumerate(tensor_args):
-                sp.union(label[arg], sp.new(f"opaque:{node.name}:{i}", 0, "opaque", why=why))
-            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
-            continue
         gain = _layer_scale(node, tensor_args, last_axis, params, ranks)
         if gain is not None and sp.info[sp.find(label[gain[0]])].size in (0, params[gain[1]].shape[0]):
             # A per-unit gain over the units (ConvNeXt's layer scale) keeps the space and follows it.
@@ -343,6 +343,10 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if gain[0] in last_axis:
                 last_axis.add(node)
             tags[node] = gain[1]
+            continue
+        how, why = join(node, tensor_args, last_axis, ranks, sp, label)
+        if _join(how, why, tensor_args, node.name, sp, label):
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             continue
         layer = modules[node.target] if node.op == "call_module" and isinstance(modules[node.target], _LAYERS) else None
         if isinstance(layer, nn.Linear) or (layer is None and any(a in last_axis for a in tensor_args)):
@@ -361,6 +365,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 # Depthwise (one filter per channel): like BatchNorm, it keeps the space and its filters follow it.
                 why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
                 if why and sp.info[sp.find(label[tensor_args[0]])].kind != "opaque":
+                    taint(tensor_args[:1], why, node.name, sp, label)
                     label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                     continue
                 label[node] = sp.find(label[tensor_args[0]])
@@ -375,7 +380,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 src = sp.find(label[tensor_args[0]])
                 why = misread(mod, tensor_args[0] in last_axis, ranks[tensor_args[0]])
                 if why and sp.info[src].kind not in (FIXED, "opaque"):
-                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its units.
+                    # A fixed input is never permuted, so any axis of it may be read; a space must be read on its
+                    # units, else its flips and permutations pass the layer on another axis, undone nowhere.
+                    taint(tensor_args[:1], why, node.name, sp, label)
                     src = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
             else:
                 src = sp.new(f"opaque:{node.name}", 0, "opaque")
@@ -434,6 +441,16 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     # A reader of a norm gain whose rows never flip (no norm after it owns them) shows the gain's signs in them.
     return _assemble(sp, layers, params, family="fx", owns=owns, gains=gains,
                      unsigned=frozenset(name for name in gains if name not in owns))
+
+
+def _join(how: str, why: str, operands: list[Any], name: str, sp: _Spaces, label: dict[Any, str]) -> bool:
+    """Apply :func:`~wmark.whitebox.fx_rules.join`'s decision to the operands; True if it made them opaque."""
+    if how == "union":
+        for operand in operands[1:]:
+            sp.union(label[operands[0]], label[operand])
+    elif how == "taint":
+        taint(operands, why, name, sp, label)
+    return how == "taint"
 
 
 def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
