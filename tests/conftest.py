@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import secrets
 import types
@@ -15,10 +16,26 @@ from keykit import seeded_key
 import wmark.keys
 from wmark.keys import Key
 
-_CORES = torch.get_num_threads()
+# Under pytest-xdist each worker gets its share of the cores: workers that each ran every core would oversubscribe
+# them, and OpenMP's spinning threads then slow the slow tests several times over. Subprocesses (the CLI, the
+# gauntlet) read the same share from the environment.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = max(1, torch.get_num_threads() // _WORKERS)
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(_CORES))
 # Module and session fixtures are set up before the per-test fixture below: they get one thread too, whatever ran
 # before them, so what they train does not depend on the order of the tests.
 torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the files holding slow tests first, each file's tests kept together and in order.
+
+    A parallel run (``-n 2 --dist loadfile``) then starts its longest files at once instead of meeting one at the
+    end, when the other worker has nothing left to take.
+    """
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(autouse=True)
