@@ -227,7 +227,7 @@ def verify(*, key: PathLike, arch: str, suspect: PathLike, alpha: float = DEFAUL
     what = f"The model file {suspect}"
     notes = [recorded_classes_note(meta, k.num_classes, what=what), recorded_shape_note(meta, shape, what=what),
              recorded_tokenizer_note(k.modality, recorded_tokenizer(meta), what=what)]
-    from wmark.recheck import RecordingSuspect, tiebreak_files
+    from wmark.recording import RecordingSuspect, tiebreak_files
 
     local = RecordingSuspect(LocalSuspect(model, input_shape=tuple(k.input_shape), description=str(suspect),
                                           expose_scores=not labels_only, text=TextInputs.from_key(k)))

@@ -29,7 +29,7 @@ from wmark.cli_common import (
 )
 from wmark.errors import UsageError
 from wmark.evidence import Verdict
-from wmark.recheck import tiebreak_files
+from wmark.recording import tiebreak_files
 from wmark.schemes.tiebreak import DEFAULT_LOG_ROUNDS, DEFAULT_QUERIES
 from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_ROUND
 from wmark.verify import Mode

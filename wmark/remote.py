@@ -16,7 +16,7 @@ import numpy as np
 from wmark.data import load_dataset
 from wmark.errors import UsageError
 from wmark.keys import Key, load_key
-from wmark.recheck import record_tiebreak_files, tiebreak_files
+from wmark.recording import record_tiebreak_files, tiebreak_files
 from wmark.schemes.tiebreak.inputs import owner_texts
 from wmark.suspects.http import HttpOptions, open_http_suspect
 from wmark.suspects.json_template import JsonTemplateProtocol, template_digest

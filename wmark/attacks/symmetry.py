@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from wmark.errors import UsageError
-from wmark.whitebox.graph import NEGATABLE, SIGNED, Graph, read_graph
+from wmark.whitebox.graph import read_graph
+from wmark.whitebox.spaces import NEGATABLE, SIGNED, Graph
 
 
 @torch.no_grad()
@@ -56,10 +57,10 @@ def permute_spaces(tensors: Mapping[str, torch.Tensor], *, graph: Graph, seed: i
         signs: Also flip the sign of a random half of the units of every signed space: the rows of its
             writers that carry signs (not a SwiGLU gate's) and their biases, and the columns of its readers.
             Its per-unit parameters (RMSNorm gains) are only permuted: a sign passes through a gain; those a
-            flip negates (:attr:`wmark.whitebox.graph.Space.negated`: the biases and running means of the
+            flip negates (:attr:`wmark.whitebox.spaces.Space.negated`: the biases and running means of the
             BatchNorms on a linear-bottleneck stream) are negated with their units. Negate
             every negatable space whole the same way, with its LayerNorms' biases (``LN(−x) = −LN(x)`` then).
-            And flip the signs a layer owns (:attr:`wmark.whitebox.graph.Layer.own`): a random half of the rows
+            And flip the signs a layer owns (:attr:`wmark.whitebox.spaces.Layer.own`): a random half of the rows
             (and biases) of each layer followed by a BatchNorm, with the norm's γ and running mean, or by a layer
             scale, with the scale; every row of one followed by a LayerNorm or GroupNorm(1, C), with its gain.
 

@@ -49,7 +49,9 @@ from wmark.errors import UsageError
 from wmark.io import tensors_digest
 from wmark.keys import Key, default_schemes
 from wmark.whitebox.chain import module_chain, watermark_vector
-from wmark.whitebox.graph import Graph, Layer, binorm_vector, default_marked, plan, plan_metadata, read_graph
+from wmark.whitebox.graph import read_graph
+from wmark.whitebox.plan import binorm_vector, default_marked, plan, plan_metadata
+from wmark.whitebox.spaces import Graph, Layer
 
 SCHEME = "weights"
 
@@ -175,7 +177,7 @@ class WeightsEmbedder:
     Plain conv/linear chains (the built-in models) carry the mark in the *chain form* of
     :mod:`wmark.whitebox.chain`. Models with normalisation, embeddings or residual adds (ResNets,
     BERT-style encoders, Llama-style decoders) carry it in the *graph form*: the mean binormalised row of
-    the marked layer (:func:`wmark.whitebox.graph.binorm_vector`), with the alignment plan read from the real graph
+    the marked layer (:func:`wmark.whitebox.plan.binorm_vector`), with the alignment plan read from the real graph
     (:mod:`wmark.whitebox.graph`) recorded in the metadata.
 
     Args:

@@ -1,12 +1,12 @@
 """White-box verification of a mark recorded with a graph plan (residual CNNs, BERT encoders, Llama decoders).
 
-The marked model's ``wmark.weights.graph`` metadata (:func:`wmark.whitebox.graph.plan_metadata`) lists the
+The marked model's ``wmark.weights.graph`` metadata (:func:`wmark.whitebox.plan.plan_metadata`) lists the
 layers to align: writers of the marked layer's input space, writers of *their* input spaces, back to
 fixed spaces (image channels, the vocabulary). The suspect's tensors are found by shape (names may be
 scrambled), then each space's permutation is recovered by optimal assignment on the binormalised rows of
 its writers (every writer of a space, summed: a residual stream is matched across all the blocks that
 write it at once), after their own inputs have been put in the reference order. Binormalisation
-(:func:`~wmark.whitebox.graph.binormalize`) makes the comparison blind to positive per-row and per-input
+(:func:`~wmark.whitebox.plan.binormalize`) makes the comparison blind to positive per-row and per-input
 rescaling, so BatchNorm folded into a conv, norm gains absorbed into the next layer or int8 row scales do
 not disturb it.
 
@@ -51,7 +51,8 @@ from wmark.keys import Key
 from wmark.schemes.weights import anchor_digest, payload_bits, projection, scheme_params
 from wmark.stats import binomial_log10_sf
 from wmark.verify import Verdict, decide
-from wmark.whitebox.graph import BINORM_ITERS, FIXED, NEGATABLE, SIGNED, Layer, binorm_vector, binormalize
+from wmark.whitebox.plan import BINORM_ITERS, binorm_vector, binormalize
+from wmark.whitebox.spaces import FIXED, NEGATABLE, SIGNED, Layer
 from wmark.whitebox.verify import anchor_refusal, match_neurons, read_bits, weights_test_result
 
 Loader = Callable[[str], torch.Tensor]
@@ -325,7 +326,7 @@ class Aligner:
         of the products reads ``t``. Rows are matched first on sign-blind magnitudes, then again with ``t``,
         which is read again; kept only if it fits the rows better than no signs. Where no row is fixed, ``t`` and
         ``−t`` fit alike and the one flipping fewer units is taken (a reader whose rows flip on their own absorbs
-        the difference; :func:`wmark.whitebox.graph.plan` refuses a marked layer that would not).
+        the difference; :func:`wmark.whitebox.plan.plan` refuses a marked layer that would not).
         """
         # A reader through a norm gain shows the gain's signs on top: they are read from it afterwards.
         readers = [w for w in self.writers if w.inp == space and not w.gain]

@@ -17,7 +17,7 @@ import re
 from torch import nn
 
 from wmark.errors import UsageError
-from wmark.whitebox.graph import FIXED, NEGATABLE, Graph, _assemble, _Spaces
+from wmark.whitebox.spaces import FIXED, NEGATABLE, Graph, _assemble, _Spaces
 
 _BERT_LAYER = re.compile(r"^(.*?)encoder\.layer\.(\d+)\.intermediate\.dense$")
 

@@ -35,7 +35,7 @@ import re
 from torch import nn
 
 from wmark.errors import UsageError
-from wmark.whitebox.graph import FIXED, SIGNED, Graph, _assemble, _Spaces
+from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
 
 _DECODER_LAYER = re.compile(r"^(.*?)layers\.(\d+)\.mlp\.gate_proj$")
 _HEADS = ("score", "lm_head")

@@ -1,4 +1,4 @@
-"""The unit spaces of a network, read from its real computation graph, and the alignment plan of a weight mark.
+"""The unit spaces of a network, read from its real computation graph.
 
 A *space* is a set of units (channels, hidden dimensions, neurons) whose order a thief may permute without
 changing the function, as long as every tensor that writes or reads it is permuted the same way:
@@ -34,9 +34,9 @@ How the graph is read:
   stream and SwiGLU neurons are *signed* spaces: a thief may flip the sign of their units as well as
   permute them.
 
-The *plan* of a marked layer is what verification aligns: the marked layer's input space, the writers
-of that space, the writers of their input spaces, and so on back to spaces that are fixed (image channels,
-the vocabulary). It is recorded in the marked model's metadata so the verifier needs no model code.
+The spaces and layers found are the data classes of :mod:`wmark.whitebox.spaces`. The *plan* of a marked
+layer, what verification aligns, is built from them by :mod:`wmark.whitebox.plan` (its :func:`plan` and
+:func:`binormalize` are re-exported here).
 
 Example:
     >>> from torch import nn
@@ -48,14 +48,16 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from wmark.errors import UsageError
+from wmark.whitebox.bert import bert_layers, read_bert
+from wmark.whitebox.decoder import decoder_layers, read_decoder
 from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
@@ -74,148 +76,11 @@ from wmark.whitebox.fx_rules import (
     out_rank,
     taint,
 )
+from wmark.whitebox.plan import binormalize, plan
+from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
 
-FIXED = "fixed"
-SIGNED = "signed"
-NEGATABLE = "negatable"
-BINORM_ITERS = 20
-_TINY = 1e-20
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One weight tensor as a map from one space to another.
-
-    Attributes:
-        name: The weight's parameter name.
-        shape: Its shape.
-        inp: The space its columns read (``fixed``-kind spaces are never permuted).
-        out: The space its rows write.
-        transpose: True for an embedding table, whose *columns* are the units of ``out`` (rows: tokens).
-        bias: The bias parameter (permuted with the rows), if any.
-        signs: Whether its rows flip with the sign flips of a signed ``out`` space (False for a SwiGLU gate,
-            whose output passes through the non-odd SiLU before the product that carries the sign, and for a
-            reader of a norm gain that no norm after it owns: its rows show the gain's signs).
-        gain: The per-unit gain (an RMSNorm weight, an affine LayerNorm's, GroupNorm's or BatchNorm's, a 1-D
-            layer scale) its columns read ``inp`` through with no activation between, if any: a thief may flip
-            the signs of that gain (and its bias) and of its readers' columns, on top of the space's own.
-        own: Signs of its rows that the op right after it absorbs, so that no other tensor of the graph shows
-            them: ``rows`` (each row on its own: a BatchNorm, whose γ and running mean flip with the row, or a
-            per-unit gain such as a layer scale), ``whole`` (all rows together: a LayerNorm or GroupNorm(1, C),
-            whose gain flips), or empty.
-        absorbers: The per-unit tensors negated with those rows (the norm's γ and running mean, the gain).
-    """
-
-    name: str
-    shape: tuple[int, ...]
-    inp: str
-    out: str
-    transpose: bool = False
-    bias: str | None = None
-    signs: bool = True
-    gain: str | None = None
-    own: str = ""
-    absorbers: tuple[str, ...] = ()
-
-    @property
-    def rows(self) -> int:
-        return self.shape[1] if self.transpose else self.shape[0]
-
-    @property
-    def columns(self) -> int:
-        if self.transpose:
-            return self.shape[0]
-        n = 1
-        for d in self.shape[1:]:
-            n *= d
-        return n
-
-
-@dataclass
-class Space:
-    """A set of units that permute together.
-
-    Attributes:
-        size: Number of units.
-        kind: ``fixed`` (input channels, vocabulary: never permuted), ``free`` (permutable), ``negatable``
-            (permutable and negated as a whole: a hidden stream normalised by LayerNorm), ``signed``
-            (permutable with sign flips: a hidden stream normalised by RMSNorm, SwiGLU neurons) or ``opaque``.
-        params: 1-D tensors indexed by the space's units (BatchNorm / LayerNorm gains, biases, statistics).
-        why: For an opaque space, the op that made it so.
-        negated: Those of ``params`` that a unit's sign flip negates (a BatchNorm's bias and running mean, a
-            depthwise conv's bias) where the space is signed because every op on it is odd in each unit.
-    """
-
-    size: int
-    kind: str = "free"
-    params: list[str] = field(default_factory=list)
-    why: str = ""
-    negated: list[str] = field(default_factory=list)
-
-
-@dataclass
-class Graph:
-    """Spaces and layers of a model, in forward order."""
-
-    spaces: dict[str, Space]
-    layers: list[Layer]
-    family: str
-
-    def layer(self, name: str) -> Layer:
-        for layer in self.layers:
-            if layer.name == name:
-                return layer
-        if any(name in space.params for space in self.spaces.values()):
-            raise UsageError(f"{name!r} is a per-channel parameter (a depthwise conv or a norm) that only follows its "
-                             f"channels, so it cannot carry the mark; choose one of "
-                             f"{', '.join(lay.name for lay in self.layers)}.")
-        raise UsageError(f"{name!r} is not the weight of a conv/linear layer the graph reader found; choose one of "
-                         f"{', '.join(lay.name for lay in self.layers)}.")
-
-    def units(self, layer: Layer) -> tuple[int, int]:
-        """``(units, rest)`` of the layer's input side."""
-        size = self.spaces[layer.inp].size
-        if layer.columns % size:
-            raise UsageError(f"{layer.name} has {layer.columns} inputs, not a multiple of the {size} units feeding it; "
-                             "the graph cannot be aligned.")
-        return size, layer.columns // size
-
-    def writers(self, space: str) -> list[Layer]:
-        return [lay for lay in self.layers if lay.out == space]
-
-
-class _Spaces:
-    """Union-find over space names, with sizes, kinds and per-unit parameters."""
-
-    def __init__(self) -> None:
-        self.parent: dict[str, str] = {}
-        self.info: dict[str, Space] = {}
-
-    def new(self, name: str, size: int, kind: str = "free", why: str = "") -> str:
-        self.parent[name] = name
-        self.info[name] = Space(size, kind, why=why)
-        return name
-
-    def find(self, name: str) -> str:
-        while self.parent[name] != name:
-            self.parent[name] = self.parent[self.parent[name]]
-            name = self.parent[name]
-        return name
-
-    def union(self, a: str, b: str) -> str:
-        ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return ra
-        ia, ib = self.info[ra], self.info[rb]
-        if ia.size and ib.size and ia.size != ib.size:
-            raise UsageError(f"A residual add joins {ia.size} and {ib.size} channels; the graph cannot be aligned.")
-        kinds = (ia.kind, ib.kind)
-        # The most constrained kind wins: a joined space may flip signs only if every part may.
-        kind = next(k for k in ("opaque", FIXED, "free", NEGATABLE, SIGNED) if k in kinds)
-        self.parent[rb] = ra
-        self.info[ra] = Space(ia.size or ib.size, kind, ia.params + ib.params, ia.why or ib.why,
-                              ia.negated + ib.negated)
-        return ra
+# binormalize and plan live in wmark.whitebox.plan and are re-exported for the callers that import them from here.
+__all__ = ["Graph", "binormalize", "plan", "read_graph"]
 
 
 def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
@@ -245,10 +110,6 @@ def read_graph(model: nn.Module, *, input_rank: int | None = None) -> Graph:
                                 gain=None if lay.gain is None else f"{prefix}{lay.gain}",
                                 absorbers=tuple(f"{prefix}{a}" for a in lay.absorbers)) for lay in inner.layers]
         return inner
-    # the BERT and decoder rules build on this module
-    from wmark.whitebox.bert import bert_layers, read_bert
-    from wmark.whitebox.decoder import decoder_layers, read_decoder
-
     if bert_layers(model):
         return read_bert(model)
     if decoder_layers(model):
@@ -451,146 +312,3 @@ def _join(how: str, why: str, operands: list[Any], name: str, sp: _Spaces, label
     elif how == "taint":
         taint(operands, why, name, sp, label)
     return how == "taint"
-
-
-def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], params: dict[str, Any], *,
-              family: str, transposed: frozenset[str] = frozenset(), unsigned: frozenset[str] = frozenset(),
-              gains: Mapping[str, str] | None = None,
-              owns: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> Graph:
-    out: list[Layer] = []
-    for name, inp, outp, bias in layers:
-        shape = tuple(int(d) for d in params[name].shape)
-        own, absorbers = (owns or {}).get(name, ("", ()))
-        out.append(Layer(name, shape, sp.find(inp), sp.find(outp), name in transposed, bias, name not in unsigned,
-                         (gains or {}).get(name), own, absorbers))
-    spaces: dict[str, Space] = {}
-    for name in sp.parent:
-        root = sp.find(name)
-        spaces.setdefault(root, sp.info[root])
-    for layer in out:
-        space = spaces[layer.inp]
-        if space.kind == FIXED and not space.size:
-            space.size = layer.columns if layer.transpose else layer.shape[1]
-    return Graph(spaces, out, family)
-
-
-def plan(graph: Graph, marked: str) -> list[Layer]:
-    """The layers verification aligns for ``marked`` (marked last): writers of every space it depends on.
-
-    A marked layer whose rows flip with a signed or negatable output space (a down-projection writing an
-    RMSNorm or LayerNorm hidden stream) also depends on that space: its statistic, a mean over rows, is read
-    with the rows un-flipped. Every such space needs a writer other than the marked layer whose rows carry
-    its signs, or, where a norm owns every writer's row signs (a linear-bottleneck stream), a reader other
-    than the marked layer, one whose rows never flip if the marked layer's own rows do not absorb the
-    stream's overall sign.
-
-    Raises:
-        UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
-            can be aligned), or the signs of a space it depends on cannot be read.
-    """
-    target = graph.layer(marked)
-    first = graph.spaces[target.inp]
-    if first.kind == "opaque":
-        raise UsageError(f"{marked} reads the output of {first.why or 'an op'} that wmark cannot align through; "
-                         "mark a layer fed only by conv/linear layers, normalisation, activations, pooling and "
-                         "residual adds.")
-    needed: list[str] = []
-    todo = [target.inp]
-    if graph.spaces[target.out].kind in (SIGNED, NEGATABLE) and target.signs:
-        todo.append(target.out)
-    while todo:
-        s = todo.pop()
-        if s in needed or graph.spaces[s].kind == FIXED:
-            continue
-        needed.append(s)
-        writers = [w for w in graph.writers(s) if w.name != marked and graph.spaces[w.inp].kind != "opaque"]
-        if not writers:
-            raise UsageError(f"Space {s!r} feeding {marked} is written by no layer wmark can align (only through "
-                             "opaque ops or the marked layer itself); mark another layer.")
-        if graph.spaces[s].kind in (SIGNED, NEGATABLE) and not any(w.signs for w in writers):
-            raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
-                             "itself; mark another layer.")
-        gained = {w.gain for w in writers if w.gain}
-        if any(all(w.signs for w in writers if w.gain == g) for g in gained):
-            raise UsageError(f"The norm-gain signs of the writers of space {s!r}, which {marked} depends on, show "
-                             f"only in {marked} itself; mark another layer.")
-        todo.extend(w.inp for w in writers)
-    chosen = [lay for lay in graph.layers if lay.out in needed and lay.name != marked
-              and graph.spaces[lay.inp].kind != "opaque"]
-    for s in needed:
-        if graph.spaces[s].kind != SIGNED or any(w.signs and not w.own for w in chosen if w.out == s):
-            continue
-        # Its writers' rows are each a norm's own: its signs show only in its readers' columns.
-        readers = [lay for lay in chosen if lay.inp == s and not lay.gain]
-        if not readers:
-            raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
-                             "itself; mark another layer.")
-        if (target.inp == s or (target.out == s and target.signs)) and not target.own \
-                and all(lay.own or graph.spaces[lay.out].kind in (SIGNED, NEGATABLE) for lay in readers):
-            raise UsageError(f"The overall sign of space {s!r}'s flips shows in no layer wmark aligns but {marked}; "
-                             "mark another layer.")
-    if target.gain and not any(lay.gain == target.gain and not lay.signs for lay in chosen):
-        raise UsageError(f"The signs {marked} reads through {target.gain} show in no other layer wmark aligns; mark "
-                         "another layer.")
-    return [*chosen, target]
-
-
-def plan_metadata(graph: Graph, layers: Sequence[Layer]) -> dict[str, Any]:
-    """The plan as JSON for the marked model's metadata."""
-    spaces = {s for lay in layers for s in (lay.inp, lay.out)}
-    return {
-        "family": graph.family,
-        "form": "binorm",
-        "iters": BINORM_ITERS,
-        "spaces": {s: {"size": graph.spaces[s].size, "kind": graph.spaces[s].kind} for s in sorted(spaces)},
-        "layers": [{"name": lay.name, "shape": list(lay.shape), "in": lay.inp, "out": lay.out,
-                    "transpose": lay.transpose, "signs": lay.signs, "gain": lay.gain, "own": lay.own}
-                   for lay in layers],
-    }
-
-
-def default_marked(graph: Graph, *, bits: int) -> str:
-    """The largest weight (ties: the latest) whose inputs can be aligned and hold ``2·bits`` columns per row.
-
-    The last layer (the head) is never chosen.
-
-    Raises:
-        UsageError: If no layer qualifies.
-    """
-    best: tuple[int, int, str] | None = None
-    for i, lay in enumerate(graph.layers[:-1]):
-        if lay.transpose or lay.columns < 2 * bits:
-            continue
-        try:
-            plan(graph, lay.name)
-        except UsageError:
-            continue
-        cand = (lay.rows * lay.columns, i, lay.name)
-        best = cand if best is None or cand > best else best
-    if best is None:
-        raise UsageError(f"No layer of this model both has {2 * bits} inputs per neuron and inputs wmark can align; "
-                         "use a key with fewer weights bits or a wider model.")
-    return best[2]
-
-
-def binormalize(weight: torch.Tensor, units: int, *, iters: int = BINORM_ITERS) -> torch.Tensor:
-    """``(out, units, rest)`` view of a weight scaled so that every row and every unit's column block has the
-    same norm (Sinkhorn on squared block norms).
-
-    Positive per-row and per-unit rescaling (BatchNorm folded in, norm gains absorbed, int8 scales, ReLU
-    rescaling) leaves the result unchanged once the iteration has converged; permuting units permutes it.
-    """
-    v = weight.reshape(weight.shape[0], units, -1)
-    a = v.pow(2).sum(2)
-    rows, cols = a.shape
-    c = torch.ones(cols, dtype=a.dtype, device=a.device)
-    r = torch.ones(rows, dtype=a.dtype, device=a.device)
-    for _ in range(iters):
-        r = 1.0 / (a @ c).clamp_min(_TINY)
-        c = (rows / cols) / (a.T @ r).clamp_min(_TINY)
-    return v * r.sqrt()[:, None, None] * c.sqrt()[None, :, None]
-
-
-def binorm_vector(weight: torch.Tensor, units: int, *, iters: int = BINORM_ITERS) -> torch.Tensor:
-    """The marked statistic: the mean binormalised row, ``(units·rest,)`` (invariant to permuting rows)."""
-    return binormalize(weight, units, iters=iters).mean(dim=0).flatten()
