@@ -120,8 +120,14 @@ def test_an_op_pairing_unit_with_unit_joins_the_spaces(op: Op) -> None:
     _keeps_function(model, g)
 
 
-def test_a_cat_along_the_units_keeps_each_space() -> None:
-    model = _model(lambda h, k: torch.cat([h, k], 1))
+@pytest.mark.parametrize("op", [
+    lambda h, k: torch.cat([h, k], 1),
+    lambda h, k: torch.cat([h, k], dim=1),
+    lambda h, k: torch.cat([h, k], axis=1),  # numpy's name, which torch takes too: it was read as dim 0
+    lambda h, k: torch.concat([h, k], axis=-3),
+])
+def test_a_cat_along_the_units_keeps_each_space(op: Op) -> None:
+    model = _model(op)
     g = read_graph(model)
     assert g.layer("a.weight").out != g.layer("b.weight").out
     assert g.spaces[g.layer("a.weight").out].kind == "free"  # the cat's output is opaque: no sign flips

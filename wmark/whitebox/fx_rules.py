@@ -119,7 +119,7 @@ def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, i
     if not known:
         return "taint", f"{article} {name} of tensors of unknown rank"
     if target in (torch.cat, torch.concat, torch.concatenate):
-        dim = _arg(node, 1, "dim", 0)
+        dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))  # torch.cat takes numpy's axis= too
         if not isinstance(dim, int):
             return "taint", f"{article} {name} along an unknown dimension"
         if {dim % placed[0]} == axes:
