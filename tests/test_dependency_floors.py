@@ -19,3 +19,9 @@ def test_h11_is_a_release_without_the_chunked_body_smuggling_flaw() -> None:
     before 0.16 accepted malformed chunk terminators (CVE-2025-43859, request smuggling behind a proxy)."""
     assert _floor("h11") >= (0, 16)
 
+
+def test_pytest_xdist_knows_every_option_the_test_command_passes() -> None:
+    """scripts/test.sh runs `pytest --no-loadscope-reorder`, an option pytest-xdist has from 3.8: with 3.5 to 3.7,
+    which the dev extras allowed, pytest stops at an unrecognized argument and no test runs."""
+    assert "--no-loadscope-reorder" in (ROOT / "scripts" / "test.sh").read_text()
+    assert _floor("pytest-xdist") >= (3, 8)
