@@ -41,6 +41,28 @@ class ChannelsLastDepthwise(nn.Module):
         return self.dw(h.permute(0, 2, 3, 1))
 
 
+class Gated(nn.Module):
+    """A learned scalar (ReZero's gate, shape ``(1,)`` or ``()``) scaling the stream before a branch is added."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.s = nn.Parameter(torch.full(shape, 0.5))
+
+    def forward(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return h * self.s + k
+
+
+class SpatialAttention(nn.Module):
+    """A single-channel map scaling the stream (spatial attention): one value for all channels of a position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.g = nn.Conv2d(8, 1, 1)
+
+    def forward(self, h: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return h * torch.sigmoid(self.g(k))
+
+
 class Joined(nn.Module):
     """A stream ``h`` (``a`` through a BatchNorm plus a 1×1 ``skip``, no activation: each channel's sign may flip)
     and a branch ``k`` on 8×8 maps with 8 channels, met by ``op``; ``conv`` reads the stream. Every axis but the
@@ -109,9 +131,15 @@ def test_an_op_meeting_the_units_with_another_axis_makes_their_space_opaque(op: 
     lambda h, k: torch.cat([h, k], 2),
     lambda h, k: torch.stack([h, k], 0).sum(0),
     lambda h, k: h - k,
+    Gated((1,)),
+    Gated(()),
 ])
 def test_an_op_pairing_unit_with_unit_joins_the_spaces(op: Op) -> None:
-    """Each branch's channels were permuted on their own, which the product or the cat along the rows undoes."""
+    """Each branch's channels were permuted on their own, which the product or the cat along the rows undoes.
+
+    A one-element parameter scales every unit alike, as a number does: a ``(1,)`` one was read as a rank-1
+    operand meeting the units with another axis (the stream made opaque), a ``()`` one left the product opaque.
+    """
     model = _model(op)
     g = read_graph(model)
     assert g.layer("a.weight").out == g.layer("b.weight").out
@@ -120,9 +148,27 @@ def test_an_op_pairing_unit_with_unit_joins_the_spaces(op: Op) -> None:
     _keeps_function(model, g)
 
 
-def test_a_cat_along_the_units_keeps_each_space() -> None:
-    model = _model(lambda h, k: torch.cat([h, k], 1))
+@pytest.mark.parametrize("op", [
+    lambda h, k: torch.cat([h, k], 1),
+    lambda h, k: torch.cat([h, k], dim=1),
+    lambda h, k: torch.cat([h, k], axis=1),  # numpy's name, which torch takes too: it was read as dim 0
+    lambda h, k: torch.concat([h, k], axis=-3),
+])
+def test_a_cat_along_the_units_keeps_each_space(op: Op) -> None:
+    model = _model(op)
     g = read_graph(model)
     assert g.layer("a.weight").out != g.layer("b.weight").out
     assert g.spaces[g.layer("a.weight").out].kind == "free"  # the cat's output is opaque: no sign flips
+    _keeps_function(model, g)
+
+
+def test_a_single_channel_map_scaling_the_units_joins_nothing() -> None:
+    """The map gives every channel of a position one value, so the stream's channels still permute on their own;
+    its 1 unit was read as a count the stream's 8 did not match, and the stream made opaque."""
+    model = _model(SpatialAttention())
+    g = read_graph(model)
+    a, b = g.layer("a.weight").out, g.layer("b.weight").out
+    assert a != b and g.spaces[a].kind == g.spaces[b].kind == "free"
+    assert g.layer("op.g.weight").inp == b
+    plan(g, "conv.weight")
     _keeps_function(model, g)

@@ -11,7 +11,13 @@ its own deadline (:mod:`wmark.serve_input`).
 
 h11 rather than httptools, uvicorn's pick when it is installed: h11 refuses a request head over 16 KB (HTTP 400)
 where httptools buffers headers without limit, so a head is bounded in size as well as in time, and every install
-parses requests the same way.
+parses requests the same way. h11 before 0.16 let malformed chunked bodies through (CVE-2025-43859, request
+smuggling behind a proxy): pyproject asks for 0.16.
+
+The subclass reads attributes of uvicorn's ``H11Protocol`` that uvicorn does not document (``conn``, ``loop``,
+``transport``, ``server_state``, the ``on_response_complete`` hook its request cycle calls): checked against
+uvicorn 0.23.0, the lower bound in pyproject, and 0.55.0 (tests/test_serve_protocol.py passes on both). Check
+again before raising the upper end of what is tested.
 """
 
 from __future__ import annotations

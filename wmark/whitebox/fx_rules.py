@@ -118,8 +118,13 @@ def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, i
         return "", ""  # one rank and layout: the add rule joins the operands and refuses unit counts that differ
     if not known:
         return "taint", f"{article} {name} of tensors of unknown rank"
+    # A one-unit operand (a single-channel map, as spatial attention multiplies in) broadcasts one value over the
+    # units of the others on their axis: it pairs with none of them.
+    ops = [t for t in ops if sp.info[sp.find(label[t])].size != 1]
+    if len(ops) < 2:
+        return "", ""
     if target in (torch.cat, torch.concat, torch.concatenate):
-        dim = _arg(node, 1, "dim", 0)
+        dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))  # torch.cat takes numpy's axis= too
         if not isinstance(dim, int):
             return "taint", f"{article} {name} along an unknown dimension"
         if {dim % placed[0]} == axes:
@@ -131,6 +136,15 @@ def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, i
     if len(sizes) > 1:
         return "taint", f"{article} {name} of {min(sizes)} and {max(sizes)} units"
     return "union", ""
+
+
+def one_value(root: nn.Module, node: Any) -> bool:
+    """Whether a ``get_attr`` node is a tensor of one element and rank 0 or 1 (a learned scalar such as ReZero's
+    gate, ``nn.Parameter(torch.zeros(1))``): broadcast alike over every unit, it is no operand, as a number is not."""
+    obj: Any = root
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return isinstance(obj, torch.Tensor) and obj.ndim <= 1 and obj.numel() == 1
 
 
 def taint(operands: list[Any], why: str, name: str, sp: _Spaces, label: dict[Any, str]) -> None:

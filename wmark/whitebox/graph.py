@@ -73,6 +73,7 @@ from wmark.whitebox.fx_rules import (
     join,
     misread,
     odd_spaces,
+    one_value,
     out_rank,
     taint,
 )
@@ -162,6 +163,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
         ranks[node] = out_rank(node, tensor_args, ranks, modules, {**buffers, **params})
+        if node.op == "get_attr" and one_value(traced, node):
+            continue  # unlabelled: the ops using it see one tensor operand fewer (x * s keeps x's space)
         if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
             ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
         norm = functional_norm(node, label, bool(tensor_args) and tensor_args[0] in last_axis,
