@@ -327,9 +327,9 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
     assert held(rule, x[:300])["inputs"]["rule"] != held(other, x[:300])["inputs"]["rule"]
     assert held(rule, x, use_scores=False)["reads"] == "labels"
 
-    def log_plan(mode: str) -> dict:
+    def log_plan(mode: str, read: int | None = None) -> dict:
         with TieBreakLog(tmp_path / "tb.sqlite", key=key, create=False) as log:
-            chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief")
+            chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client="thief", read=read)
         return TieBreakLogTest(key=key, rule=rule, served=backend, chosen=chosen, mode=mode).plan()
 
     with TieBreakLog(tmp_path / "tb.sqlite", key=key) as log:
@@ -343,6 +343,8 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
     for mode, plan in before.items():  # the client asked more: its ranked inputs, and so the test, changed
         after = log_plan(mode)
         assert after["inputs"]["rule"] == plan["inputs"]["rule"] and after["inputs"]["log"] != plan["inputs"]["log"]
+        assert after["log_read"] > plan["log_read"]
+        assert log_plan(mode, read=plan["log_read"]) == plan  # but not the inputs it had asked first, read again
 
     with MarkLog(tmp_path / "flip.sqlite", key=key, rate=0.3, candidates=3) as log:
         MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[:300])
@@ -351,8 +353,24 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
     assert first["mode"] == "sequential" and first == flip.plan() and first["eprocess"] == mixture_plan()
     with MarkLog(tmp_path / "flip.sqlite", key=key) as log:
         MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client="thief").query(x[300:])
-    assert flip.plan() == first  # later records extend the stream past what the test reads
+    again = ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=20)
+    assert again.plan() == first and first["log_read"] == 20  # later records extend the stream past what it reads
     assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=21).plan() != first
+    assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=300, read=20).plan() == first
+    # the run asks the records its plan bound, not those the API logged in between
+    def serve(client: str, inputs: np.ndarray) -> None:
+        with MarkLog(tmp_path / "flip.sqlite", key=key) as log:
+            MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=log, client=client).query(inputs)
+
+    serve("other", x[:60])
+    short, none = (ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client=client) for client in ("other", "late"))
+    bound = short.plan()["log_read"]
+    assert none.plan()["log_read"] == 0
+    serve("other", x[60:])
+    serve("late", x)
+    assert short.run(backend, alpha=1e-6, share=1.0).queries == bound < 60
+    with pytest.raises(UsageError, match="no marked queries for client 'late'"):
+        none.run(backend, alpha=1e-6, share=1.0)
 
 
 def test_the_plan_binds_a_prior_weight_and_a_run_weighted_otherwise_is_refused():
@@ -428,3 +446,111 @@ def test_a_sequential_log_test_binds_its_budget_and_e_process():
     assert plan_refusal("t", plan({}), plan(bound)) is None
     assert plan_refusal("t", plan({"eprocess": {"rho": 0.5, "round_size": 50}}), plan(bound)) is not None
     assert EXTEND in plan_refusal("t", plan({}), plan(bound, rule_budget=2000))
+
+
+def _thief_rows(log) -> list[int]:
+    """The rowids of the thief's logged inputs, in log order."""
+    db = sqlite3.connect(log)
+    rows = [r for (r,) in db.execute("SELECT rowid FROM inputs WHERE client = 'thief' ORDER BY rowid")]
+    db.close()
+    return rows
+
+
+def _change(log, sql: str, rowid: int) -> None:
+    db = sqlite3.connect(log)
+    db.execute(sql, (rowid,))
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("log_mode", ["fixed", "sequential"])
+def test_a_log_test_resumes_on_a_log_grown_by_appending_but_not_on_one_whose_read_inputs_changed(
+        owner, suspect, tiebreak_files, tmp_path, log_mode):
+    """The owner's API keeps logging while an investigation runs: the plan bound the digest of the whole log, so a
+    resumed run saw the thief's later queries as another log and was refused. It binds the first inputs read."""
+    from wmark.schemes.tiebreak import TieBreakAPI, TieBreakLog, open_tiebreak_rule
+
+    url, counter = suspect
+    key, rule, log, transcript = owner[0], tiebreak_files / "rule-a.safetensors", tmp_path / "api.sqlite", tmp_path / "t"
+    loaded, backend = open_tiebreak_rule(key=key, rule=rule)
+    x = np.random.default_rng(7).random((600, *SHAPE), dtype=np.float32)
+
+    def serve(client: str, inputs: np.ndarray) -> None:  # what the marked API's logger writes, client by client
+        with TieBreakLog(log, key=key) as opened:
+            TieBreakAPI(key=key, backend=backend, rule=loaded, log=opened, client=client).query(inputs)
+
+    def run():
+        return api.verify_remote(key=owner[1], url=url, model_name="m", mode="fixed", max_queries=20, rule=rule,
+                                 rule_queries=0, log=log, client="thief", log_queries=30, log_mode=log_mode,
+                                 transcript=transcript)
+
+    serve("thief", x[:200])
+    first = run()
+    asked, read = counter.total, len(_thief_rows(log))
+    assert first.tests[0].details["transcript"]["plan"]["tests"][1]["log_read"] == read
+    serve("thief", x[200:400])
+    serve("other", x[400:])
+    assert len(_thief_rows(log)) > read
+    again = run()
+    assert counter.total == asked and [t.log10_p for t in again.tests] == [t.log10_p for t in first.tests]
+    assert f"among the first {read} near-tie inputs" in again.tests[1].details["selection"]
+    rows = _thief_rows(log)
+    _change(log, "DELETE FROM inputs WHERE rowid = ?", rows[-1])  # one never read: the test reads the same ones
+    assert [t.log10_p for t in run().tests] == [t.log10_p for t in first.tests]
+    changed = r"read with another query log \(the client's logged inputs\) than this run's; " + OTHER_INPUTS
+    _change(log, "UPDATE inputs SET input = zeroblob(length(input)) WHERE rowid = ?", rows[3])
+    with pytest.raises(UsageError, match=changed):
+        run()
+    _change(log, "DELETE FROM inputs WHERE rowid = ?", rows[3])
+    with pytest.raises(UsageError, match=changed):
+        run()
+    assert counter.total == asked
+
+
+def test_a_flip_mark_test_resumes_on_its_log_grown_by_appending(owner, suspect, tmp_path):
+    """The flip mark's test reads at most its budget of a client's records: on a log shorter than that, the records
+    the API logged after a run made the resumed run read another stream than the plan bound, and it was refused."""
+    from wmark.schemes.api_mark import MarkedAPI, MarkLog
+    from wmark.suspects import LocalSuspect
+
+    url, counter = suspect
+    key, log, transcript = owner[0], tmp_path / "flip.sqlite", tmp_path / "t"
+    backend = LocalSuspect(memorising_model(key, seed=5), input_shape=SHAPE)
+    x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
+
+    def serve(client: str, inputs: np.ndarray) -> None:
+        with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
+            MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client=client).query(inputs)
+
+    def run():
+        return api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=20, log=log, client="thief",
+                                 transcript=transcript)
+
+    serve("thief", x[:100])
+    first = run()
+    asked, read = counter.total, len(_thief_rows(log))
+    assert read < 300 and first.tests[1].queries == read
+    serve("thief", x[100:200])
+    serve("other", x[200:])
+    again = run()
+    assert counter.total == asked and again.tests[1].queries == read
+    assert [t.log10_p for t in again.tests] == [t.log10_p for t in first.tests]
+    _change(log, "UPDATE inputs SET label = (label + 1) % 10 WHERE rowid = ?", _thief_rows(log)[0])
+    with pytest.raises(UsageError, match=r"read with another query log \(the client's logged inputs\)"):
+        run()
+
+
+def test_a_plan_recorded_before_it_bound_how_much_of_the_log_was_read_is_compared_as_before():
+    from wmark.testplan import recorded_log_read
+
+    def plan(digest: str, **read) -> dict:
+        return {"tests": [{"test": "trigger-set", "mode": "sequential"},
+                          {"test": "api-tiebreak-log", "mode": "fixed", "budget": 30, "rounds": 21, "reads": "labels",
+                           "inputs": {"rule": "r", "log": digest}, **read}], "alpha": 1e-6, "client": "thief"}
+
+    older = plan("whole log")
+    assert recorded_log_read(older, "thief") is None  # the resumed run reads the whole log, as the older one did
+    assert plan_refusal("t", older, plan("whole log", log_read=40)) is None
+    assert OTHER_INPUTS in plan_refusal("t", older, plan("grown log", log_read=50))
+    assert recorded_log_read(plan("l", log_read=40), "thief") == 40
+    assert recorded_log_read(plan("l", log_read=40), "other") is None

@@ -22,9 +22,9 @@ from wmark.suspects.http import HttpOptions, open_http_suspect
 from wmark.suspects.json_template import JsonTemplateProtocol, template_digest
 from wmark.suspects.probe import CoverTraffic, ProbeSuspect
 from wmark.suspects.tokens import read_token
-from wmark.testplan import verification_plan
+from wmark.testplan import recorded_log_read, verification_plan
 from wmark.text import TextInputs
-from wmark.transcript import Transcript
+from wmark.transcript import Transcript, answered_plan
 from wmark.verify import DEFAULT_ALPHA, Mode, Verdict, Verifier, assemble_tests
 
 PathLike = str | os.PathLike[str]
@@ -94,10 +94,13 @@ def verify_remote(*, key: PathLike, url: str, protocol: str = "v2", model_name: 
         # sending a string as one would fail on the first trigger rather than say what to do.
         raise UsageError(f"A text key asks its suspect strings, which the {protocol} protocol does not carry; use "
                          "--protocol json --template hf with the suspect's /hf/models/NAME endpoint.")
+    # a transcript's answers were read with the client's first logged inputs its plan counts: read those again, not
+    # the ones the API logged since
+    log_read = recorded_log_read(answered_plan(transcript), client) if transcript is not None else None
     tests = assemble_tests(key=k, mode=mode, max_queries=max_queries, batch_size=concurrency, progress=progress,
                            log=log, client=client, rule=rule, served=served, served_arch=served_arch,
                            holdout=holdout, rule_queries=rule_queries, log_queries=log_queries, log_rounds=log_rounds,
-                           log_mode=log_mode)
+                           log_mode=log_mode, log_read=log_read)
     token = read_token(env=token_env, file=os.fspath(token_file) if token_file else None)
     options = HttpOptions(timeout=timeout, retries=retries, rate=rate, concurrency=concurrency,
                           resumable=transcript is not None)

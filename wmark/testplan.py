@@ -19,6 +19,14 @@ bind them too: an e-process keeps alpha under optional stopping of *one* statist
 answers; reading the same answers again under another rule, log or holdout is a second e-process, and the
 better of two is no e-process. The key is bound by the transcript itself (its commitment), not by the plan.
 
+A log test reads a prefix of the client's logged inputs: the first ones in log order (all it had logged, for
+the tie-break log test, which ranks them; at most its budget, for the flip mark's). The API keeps serving, and
+its log only grows by appending (rows are never moved, and are read in rowid order), so the plan binds the
+digest of what the test read together with how many it read (``log_read``), and a run resuming the plan reads
+that many again (:func:`recorded_log_read`): the same inputs, the same test, however far the log grew since.
+A log whose inputs already read were edited, reordered or deleted gives another digest and is refused. A plan
+recorded before ``log_read`` bound the digest of the whole log as it stood, and is compared as it was.
+
 A transcript that holds answers takes only runs of exactly its plan (:func:`plan_refusal`). A plan an older
 wmark recorded without ``inputs`` (:func:`unbound`) cannot show that a fixed-n test would read the same rule,
 log or holdout as before, so a fixed-n run on it is refused; a sequential run resumes it (an e-process keeps
@@ -100,7 +108,7 @@ def plan_refusal(path: object, recorded: dict[str, Any], wanted: dict[str, Any])
     which it does not hold), or a plan an older wmark recorded without some of what ``wanted`` binds
     (:func:`unbound`), resumed sequentially (or, where only a sequential test's alpha or budget is missing, by
     any run)."""
-    recorded, wanted = recorded_eprocess(recorded), recorded_eprocess(wanted)
+    recorded, wanted = recorded_eprocess(recorded), _without_log_read(recorded, recorded_eprocess(wanted))
     if recorded == wanted:
         return None
     head = f"The transcript {path} holds answers for the test plan '{describe(recorded)}'"
@@ -135,6 +143,22 @@ def plan_refusal(path: object, recorded: dict[str, Any], wanted: dict[str, Any])
                 "test, which breaks its alpha.")
     return (f"{head}, not '{describe(wanted)}'; rerun with the recorded plan or start a new transcript: a fixed-n "
             "test extended or changed on answers already seen is a repeated test, which breaks its alpha.")
+
+
+def recorded_log_read(plan: dict[str, Any] | None, client: str | None) -> int | None:
+    """How many of ``client``'s logged inputs the log test of a recorded ``plan`` read (its ``log_read``), for a run
+    resuming it to read the same first ones; ``None`` for no plan, another client's, or one without ``log_read``."""
+    if plan is None or client is None or plan.get("client") != client:
+        return None
+    return next((int(entry["log_read"]) for entry in plan["tests"] if "log_read" in entry), None)
+
+
+def _without_log_read(recorded: dict[str, Any], wanted: dict[str, Any]) -> dict[str, Any]:
+    """``wanted`` without the ``log_read`` of a test whose entry in ``recorded`` holds none (an older wmark's, whose
+    log digest covers the whole log as it stood: it is compared as before)."""
+    entries = [{k: v for k, v in want.items() if k != "log_read" or "log_read" in have}
+               for have, want in zip(recorded["tests"], wanted["tests"])]
+    return dict(wanted, tests=entries + wanted["tests"][len(entries):])
 
 
 def recorded_eprocess(plan: dict[str, Any]) -> dict[str, Any]:

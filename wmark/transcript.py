@@ -45,6 +45,8 @@ from wmark.testplan import is_fixed, plan_refusal, unbound
 
 FORMAT = "wmark-transcript/1"
 FINAL_STATUSES = ("ok", "malformed")
+# the answers that bind a transcript to its plan (a cover answer says nothing about the test)
+_ANSWERED = "SELECT COUNT(*) FROM queries WHERE role = 'trigger' AND status IN ('ok', 'malformed')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -173,7 +175,7 @@ class Transcript:
             self._db.executemany("INSERT OR IGNORE INTO meta (name, value) VALUES (?, ?)",
                                  [*want.items(), ("created", _now())])
         recorded = json.loads(have["plan"]) if "plan" in have else None
-        answered = self._db.execute("SELECT COUNT(*) FROM queries WHERE role = 'trigger' AND status IN ('ok', 'malformed')").fetchone()[0]
+        answered = self._db.execute(_ANSWERED).fetchone()[0]
         if plan is not None and answered:
             refusal = (plan_refusal(self.path, recorded, plan) if recorded is not None
                        else LEGACY_FIXED.format(path=self.path) if is_fixed(plan) else None)
@@ -276,6 +278,25 @@ class Transcript:
                 "suspect": self.meta["suspect"], "protocol": self.meta["protocol"], "runs": runs,
                 "plan": self.plan, "plan_since_run": self.plan_since_run,
                 "counts": self.counts(), "sha256_chain": _chain(self._db)}
+
+
+def answered_plan(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The test plan a transcript's answers are bound to, read without writing to the file: what a run resuming it
+    must read the same way before it opens the transcript (:func:`wmark.testplan.recorded_log_read`). ``None``
+    where the file does not exist, holds no answer yet, records no plan or is no transcript (:class:`Transcript`
+    then says what to do)."""
+    if not Path(path).is_file():
+        return None
+    try:
+        db = sqlite3.connect(readonly_uri(path), uri=True)
+        try:
+            row = db.execute("SELECT value FROM meta WHERE name = 'plan'").fetchone()
+            answered = db.execute(_ANSWERED).fetchone()[0]
+        finally:
+            db.close()
+        return json.loads(row[0]) if row is not None and answered else None
+    except (sqlite3.DatabaseError, json.JSONDecodeError):
+        return None
 
 
 def foreign_sqlite(db: sqlite3.Connection, *, formats: tuple[str, ...], tables: tuple[str, ...]) -> str | None:

@@ -202,8 +202,8 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
                    progress: bool = False, log: PathLike | None = None, client: str | None = None,
                    rule: PathLike | None = None, served: PathLike | None = None, served_arch: str | None = None,
                    holdout: str | None = None, rule_queries: int = 1000, log_queries: int | None = None,
-                   log_rounds: int = 21, log_mode: Mode = "fixed",
-                   use_scores: bool | None = None) -> list[EvidenceTest]:
+                   log_rounds: int = 21, log_mode: Mode = "fixed", use_scores: bool | None = None,
+                   log_read: int | None = None) -> list[EvidenceTest]:
     """The tests one verification runs, in order: the trigger set, then the API-side marks the files given
     allow. The one place a workflow's tests are put together (a model file and an HTTP suspect alike).
 
@@ -234,6 +234,8 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         use_scores: The tie-break tests: read the suspect's probabilities where it gives them (True), its labels
             (False), or by default probabilities for an image key and labels for a text key
             (:func:`~wmark.schemes.tiebreak.tests.reads_scores`).
+        log_read: A log test reads only the client's first ``log_read`` logged inputs: those a transcript's plan
+            read (:func:`~wmark.testplan.recorded_log_read`), for a run resuming it while the API kept logging.
 
     Raises:
         UsageError: On a partial or inconsistent set of files.
@@ -262,7 +264,7 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
         from wmark.schemes.api_mark import ApiMarkTest
 
         tests.append(ApiMarkTest(key=key, log=log, client=client,  # type: ignore[arg-type]
-                                 max_queries=300 if log_queries is None else log_queries))
+                                 max_queries=300 if log_queries is None else log_queries, read=log_read))
         return tests
     if mark == "tiebreak" and rule is None:
         raise UsageError(f"The query log {log} was written by the tie-break mark's API; give the rule it served with.")
@@ -274,5 +276,6 @@ def assemble_tests(*, key: Key, mode: Mode = "sequential", max_queries: int | No
 
         tests.extend(tiebreak_tests_from_files(key=key, rule=rule, served=served, arch=served_arch, holdout=holdout,
                                                queries=rule_queries, log=log, client=client, log_queries=log_queries,
-                                               log_rounds=log_rounds, log_mode=log_mode, use_scores=use_scores))
+                                               log_rounds=log_rounds, log_mode=log_mode, use_scores=use_scores,
+                                               log_read=log_read))
     return tests

@@ -65,6 +65,7 @@ import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -234,31 +235,41 @@ class MarkedAPI:
 @dataclass(frozen=True)
 class ApiMarkTest:
     """:func:`api_mark_test` on one client's logged marked inputs as an :class:`~wmark.evidence.EvidenceTest`
-    of weight 1 (the log is opened when the test runs)."""
+    of weight 1: the first ``max_queries`` in log order, or only the first ``read`` (the count a transcript's plan
+    bound, for a run resuming it while the API kept logging). The log is read once, when the plan or the run first
+    needs it, so that the run asks exactly the records the plan binds."""
 
     key: Key
     log: str | os.PathLike[str]
     client: str
     max_queries: int | None = 300
+    read: int | None = None
     name: str = SCHEME
     weight: float = 1.0
     null: str = ("the suspect never learned from the marked answers: among its answers inside each candidate set, "
                  "matches with the keyed labels are independent Bernoulli(1/|S|)")
 
+    @cached_property
+    def records(self) -> list[dict[str, Any]]:
+        """The client's marked records the test reads: a prefix of the log, which the API only appends to."""
+        limits = [n for n in (self.max_queries, self.read) if n is not None]
+        with MarkLog(self.log, key=self.key, create=False) as opened:
+            return opened.records(self.client, limit=min(limits) if limits else None)
+
     def plan(self) -> dict[str, Any]:
         """Sequential (its p-value is 1 / max e-value over the answers in log order, statistic ``anytime``), bound to
-        its e-process's mixture and to the logged records it reads: the stream the e-process runs over. Raising ``max_queries`` past the records
-        read before reads another stream, so that needs a new transcript too."""
-        with MarkLog(self.log, key=self.key, create=False) as opened:
-            records = opened.records(self.client, limit=self.max_queries)
-        stream = [f"{r['digest']}|{r['top1']}|{r['label']}|{r['candidates']}" for r in records]
-        return {"mode": "sequential", "eprocess": mixture_plan(),
+        its e-process's mixture and to the logged records it reads, the stream the e-process runs over: their count
+        (``log_read``, the first ones in log order) and digest. A run resuming the plan reads as many (``read``),
+        however far the log grew since and whatever ``max_queries`` above them it is given: the same stream. One
+        whose records read before changed, or a lower ``max_queries``, reads another and needs a new transcript."""
+        stream = [f"{r['digest']}|{r['top1']}|{r['label']}|{r['candidates']}" for r in self.records]
+        return {"mode": "sequential", "eprocess": mixture_plan(), "log_read": len(self.records),
                 "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:
             return api_mark_test(key=self.key, suspect=suspect, log=opened, client=self.client,
-                                 max_queries=self.max_queries)
+                                 max_queries=len(self.records))
 
 
 def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:

@@ -322,17 +322,21 @@ class QueryLog:
     def _rows(self, client: str, limit: int | None) -> list[tuple[Any, ...]]:
         sql = "SELECT digest, input, top1, candidates, label FROM inputs WHERE client = ? ORDER BY rowid"
         with self._lock:
-            rows = self._db.execute(sql + (" LIMIT ?" if limit else ""), (client, limit) if limit else (client,))
+            bounded = limit is not None
+            rows = self._db.execute(sql + (" LIMIT ?" if bounded else ""), (client, limit) if bounded else (client,))
             return rows.fetchall()
 
-    def inputs(self, client: str) -> np.ndarray:
+    def inputs(self, client: str, limit: int | None = None) -> np.ndarray:
         """The kept inputs of one client, in the order they were first asked (N×shape, float32; for a text log an
-        object array of the strings, exactly as sent).
+        object array of the strings, exactly as sent); with ``limit``, only the first ``limit`` of them.
+
+        Rows are only ever appended (a client's repeated input is ignored, not moved) and read in rowid order, so
+        the first ``limit`` stay the same while the API keeps logging.
 
         Raises:
             UsageError: If the log holds nothing for ``client``.
         """
-        rows = self._rows(client, None)
+        rows = self._rows(client, limit)
         if not rows:
             # client names come from the server's token file: control characters must not reach a terminal
             known = ", ".join(shown_claim(c, 80) for c in sorted(self.clients())) or "none"
@@ -344,7 +348,8 @@ class QueryLog:
         return np.stack([np.frombuffer(r[1], dtype="<f4") for r in rows]).reshape(-1, *self.input_shape).copy()
 
     def records(self, client: str, limit: int | None = None) -> list[dict[str, Any]]:
-        """Flip mark: the marked inputs of one client with their decisions, in the order first answered."""
+        """Flip mark: the marked inputs of one client with their decisions, in the order first answered (the first
+        ``limit`` of them when given)."""
         return [{"digest": digest, "x": np.frombuffer(blob, dtype="<f4").reshape(self.input_shape).copy(),
                  "top1": int(top1), "candidates": json.loads(cands), "label": int(label)}
                 for digest, blob, top1, cands, label in self._rows(client, limit)]

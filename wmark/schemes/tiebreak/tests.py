@@ -233,6 +233,8 @@ class LogInputs:
         leans: The key-free lean towards each pair's smaller class that ranked them: the reference
             surrogates' mean ``log(p_lo / p_hi)``, or the served model's own without references.
         selection: How they were chosen (recorded in the test's details).
+        logged: How many of the client's logged inputs were read, the first ones in log order: a test plan binds
+            the count, so that a run resuming it reads the same ones however far the log has grown since.
         reference_leans: Each reference surrogate's own lean (R×n; None without references): the test's
             later rounds follow the references that call the suspect's answers best.
     """
@@ -242,17 +244,20 @@ class LogInputs:
     scores: np.ndarray
     leans: np.ndarray
     selection: str
+    logged: int
     reference_leans: np.ndarray | None = None
 
 
 def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: QueryLog, client: str,
-                      count: int | None = None) -> LogInputs:
+                      count: int | None = None, read: int | None = None) -> LogInputs:
     """Rank ``client``'s logged inputs for :func:`tiebreak_log_test`: first those the rule's reference
     surrogates leave most open (without references, the served model's nearest ties). Key-free: it reads the
     log, the unmarked served model and the references, never the key's directions.
 
     Args:
         count: Keep only the best ``count`` (default all: the test's later rounds choose among the rest).
+        read: Rank only the client's first ``read`` logged inputs (default all): those a transcript's test plan
+            read (:attr:`LogInputs.logged`), for a run resuming it while the API kept logging.
 
     Raises:
         UsageError: On a key/rule mismatch, a bad count or a client with no logged inputs.
@@ -264,7 +269,7 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Que
     log.check_rule(rule.served_digest)
     if count is not None and count < 1:
         raise UsageError(f"queries must be at least 1, got {count}.")
-    x = _owner_inputs(key, rule, log.inputs(client))
+    x = _owner_inputs(key, rule, log.inputs(client, limit=read))
     scores = served_scores(served, x)
     refs = reference_scores(rule.references, x, rule.text)
     per_reference = reference_leans(scores, refs) if refs else None
@@ -273,9 +278,10 @@ def select_log_inputs(*, key: Key, rule: TieBreakRule, served: Suspect, log: Que
     how = (f"most open for the rule's {len(rule.references)} reference surrogates" if rule.references
            else "nearest ties of the served model")
     queries = log.clients().get(client, {}).get("queries", 0)
-    return LogInputs(client=client, x=x[chosen], scores=scores[chosen], leans=leans[chosen],
-                     selection=f"{how} among the {len(x)} near-tie inputs client {client!r} asked ({queries} queries "
-                               "logged)",
+    first = "" if read is None else "first "
+    return LogInputs(client=client, x=x[chosen], scores=scores[chosen], leans=leans[chosen], logged=len(x),
+                     selection=f"{how} among the {first}{len(x)} near-tie inputs client {client!r} asked ({queries} "
+                               "queries logged)",
                      reference_leans=None if per_reference is None else per_reference[:, chosen])
 
 
@@ -497,8 +503,10 @@ class TieBreakLogTest:
 
     def plan(self) -> dict[str, Any]:
         # the ranked inputs, their served scores and the references' leans: the log, the served model and the
-        # references fix which inputs each round asks, sequential or not
-        read = {"inputs": {"rule": self.rule.content_digest,
+        # references fix which inputs each round asks, sequential or not; and how many of the client's logged inputs
+        # (the first ones) were ranked, so that a resumed run ranks the same ones however far the log grew since
+        read = {"log_read": self.chosen.logged,
+                "inputs": {"rule": self.rule.content_digest,
                            "log": content_sha256(self.chosen.x, self.chosen.scores, self.chosen.leans,
                                                  self.chosen.reference_leans)},
                 "reads": _reading(self.rule, self.use_scores)}
@@ -528,12 +536,13 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
                               arch: str | None = None, holdout: str | None = None, queries: int = DEFAULT_QUERIES,
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
                               log_queries: int | None = None, log_rounds: int = DEFAULT_LOG_ROUNDS,
-                              log_mode: str = "fixed", use_scores: bool | None = None) -> list[TieBreakTest | TieBreakLogTest]:
+                              log_mode: str = "fixed", use_scores: bool | None = None,
+                              log_read: int | None = None) -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
     ``client``, the log test on that client's queries (``log_mode``, ``log_queries`` and ``log_rounds`` as
-    :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``; ``use_scores`` for both, as
-    :func:`tiebreak_test`'s). The served model is the one the rule records
+    :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``, ``log_read`` as :func:`select_log_inputs`'s
+    ``read``; ``use_scores`` for both, as :func:`tiebreak_test`'s). The served model is the one the rule records
     (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
 
     Raises:
@@ -567,7 +576,7 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
         if client is None:
             raise UsageError("A query log is read for one client; name the client suspected of extraction.")
         with TieBreakLog(log, key=key, create=False) as opened:
-            chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client)
+            chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client, read=log_read)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
                                      rounds=log_rounds, mode=log_mode, use_scores=use_scores))
     return tests
