@@ -356,7 +356,10 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
     again = ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=20)
     assert again.plan() == first and first["log_read"] == 20  # later records extend the stream past what it reads
     assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=21).plan() != first
-    assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=300, read=20).plan() == first
+    assert ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=20, read=20).plan() == first
+    # the records the plan bound, under another budget: the same stream, but the plan binds the budget too
+    more = ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client="thief", max_queries=300, read=20).plan()
+    assert more == dict(first, max_queries=300) and first["max_queries"] == 20
     # the run asks the records its plan bound, not those the API logged in between
     def serve(client: str, inputs: np.ndarray) -> None:
         with MarkLog(tmp_path / "flip.sqlite", key=key) as log:
@@ -522,22 +525,44 @@ def test_a_flip_mark_test_resumes_on_its_log_grown_by_appending(owner, suspect, 
         with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
             MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client=client).query(inputs)
 
-    def run():
+    def run(**budget):
         return api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=20, log=log, client="thief",
-                                 transcript=transcript)
+                                 transcript=transcript, **budget)
 
     serve("thief", x[:100])
     first = run()
     asked, read = counter.total, len(_thief_rows(log))
     assert read < 300 and first.tests[1].queries == read
+    assert first.tests[0].details["transcript"]["plan"]["tests"][1]["max_queries"] == 300
     serve("thief", x[100:200])
     serve("other", x[200:])
-    again = run()
+    again = run(log_queries=300)  # the same budget (the default, given) on the grown log: the same records
     assert counter.total == asked and again.tests[1].queries == read
     assert [t.log10_p for t in again.tests] == [t.log10_p for t in first.tests]
+    # another budget is another test: it was read silently as the records the plan bound, the new one ignored
+    for other in (400, read + 1, read - 1, 5):
+        with pytest.raises(UsageError, match=r"sequential api-mark of at most 300 queries at alpha 1e-06 for client "
+                                             rf"'thief'', not '.* at most {other} queries .*' \(another budget of the "
+                                             r"api-mark test\); rerun with the recorded plan"):
+            run(log_queries=other)
+    assert counter.total == asked
+    # a plan an older wmark recorded without the budget resumes on the records it bound, and binds it from then on
+    db = sqlite3.connect(transcript)
+    (text,) = db.execute("SELECT value FROM meta WHERE name = 'plan'").fetchone()
+    plan = json.loads(text)
+    del plan["tests"][1]["max_queries"]
+    db.execute("UPDATE meta SET value = ? WHERE name = 'plan'", (json.dumps(plan),))
+    db.commit()
+    db.close()
+    older = run(log_queries=400)
+    assert counter.total == asked and older.tests[1].queries == read
+    assert [t.log10_p for t in older.tests] == [t.log10_p for t in first.tests]
+    assert older.tests[0].details["transcript"]["plan"]["tests"][1]["max_queries"] == 400
+    with pytest.raises(UsageError, match=r"\(another budget of the api-mark test\)"):
+        run()
     _change(log, "UPDATE inputs SET label = (label + 1) % 10 WHERE rowid = ?", _thief_rows(log)[0])
     with pytest.raises(UsageError, match=r"read with another query log \(the client's logged inputs\)"):
-        run()
+        run(log_queries=400)
 
 
 def test_a_plan_recorded_before_it_bound_how_much_of_the_log_was_read_is_compared_as_before():

@@ -6,8 +6,8 @@ is a repeated fixed-n test: optional stopping, whose false-accusation rate excee
 sequential test) keeps alpha under optional continuation, so the trigger set's budget may grow from run to run
 (one more run continues the same e-process over the same key-ordered triggers); but only at the alpha fixed
 before its answers were seen (a verdict at an alpha chosen after them is no test at that alpha) and under the
-same e-process: its mixture (``eprocess``) and, for the log test, whose last round its budget cuts short, its
-``max_queries``.
+same e-process: its mixture (``eprocess``) and its ``max_queries`` for a log test (the tie-break log test's budget
+cuts its last round short, the flip mark's cuts the stream of logged records it reads).
 
 The plan lists each test with its mode (``fixed`` or ``sequential``), for a fixed-n test its budget (and the
 log test's rounds), and for a sequential one its e-process's parameters. Alpha is recorded, and the client
@@ -23,8 +23,9 @@ A log test reads a prefix of the client's logged inputs: the first ones in log o
 the tie-break log test, which ranks them; at most its budget, for the flip mark's). The API keeps serving, and
 its log only grows by appending (rows are never moved, and are read in rowid order), so the plan binds the
 digest of what the test read together with how many it read (``log_read``), and a run resuming the plan reads
-that many again (:func:`recorded_log_read`): the same inputs, the same test, however far the log grew since.
-A log whose inputs already read were edited, reordered or deleted gives another digest and is refused. A plan
+that many again (:func:`recorded_log_read`): the same inputs, the same test, however far the log grew since. A
+run at another budget is another test, refused naming the budget (not the other prefix of the log it reads). A
+log whose inputs already read were edited, reordered or deleted gives another digest and is refused. A plan
 recorded before ``log_read`` bound the digest of the whole log as it stood, and is compared as it was.
 
 A transcript that holds answers takes only runs of exactly its plan (:func:`plan_refusal`). A plan an older
@@ -89,7 +90,7 @@ def describe(plan: dict[str, Any]) -> str:
     for entry in plan["tests"]:
         weight = f" of weight {entry['weight']:g}" if "weight" in entry else ""
         if entry["mode"] == "sequential":
-            most = f" of at most {entry['max_queries']} queries" if "max_queries" in entry else ""
+            most = f" of at most {entry['max_queries']} queries" if entry.get("max_queries") is not None else ""
             parts.append(f"sequential {entry['test']}{weight}{most}")
             continue
         rounds = f" in {entry['rounds']} rounds" if "rounds" in entry else ""
@@ -130,12 +131,13 @@ def plan_refusal(path: object, recorded: dict[str, Any], wanted: dict[str, Any])
     if [e.get("weight", 1.0) for e in recorded["tests"]] != [e.get("weight", 1.0) for e in wanted["tests"]]:
         return (f"{head}, weighted otherwise than this run's tests; rerun with the recorded weights or start a new "
                 "transcript: weighted Holm keeps alpha only with weights fixed before any answer was seen.")
-    changed = _changed_inputs(recorded, wanted)
+    sequential = _changed_sequential(recorded, wanted)
+    # another budget of the flip mark's test also reads another prefix of its log: name the budget, not the log
+    changed = [] if any(name.startswith("budget") for name in sequential) else _changed_inputs(recorded, wanted)
     if changed:
         return (f"{head}, read with another {' and another '.join(changed)} than this run's; rerun with the files it "
                 "was read with or start a new transcript: the same answers read again under another test is a "
                 "repeated test, which breaks its alpha.")
-    sequential = _changed_sequential(recorded, wanted)
     if sequential and (not is_fixed(wanted) or sequential != ["alpha"]):
         return (f"{head}, not '{describe(wanted)}' (another {' and another '.join(sequential)}); rerun with the "
                 "recorded plan or start a new transcript: an e-process keeps alpha only at the alpha and under the "

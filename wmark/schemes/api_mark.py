@@ -258,13 +258,15 @@ class ApiMarkTest:
 
     def plan(self) -> dict[str, Any]:
         """Sequential (its p-value is 1 / max e-value over the answers in log order, statistic ``anytime``), bound to
-        its e-process's mixture and to the logged records it reads, the stream the e-process runs over: their count
-        (``log_read``, the first ones in log order) and digest. A run resuming the plan reads as many (``read``),
-        however far the log grew since and whatever ``max_queries`` above them it is given: the same stream. One
-        whose records read before changed, or a lower ``max_queries``, reads another and needs a new transcript."""
+        its e-process's mixture, its budget (``max_queries``: it cuts the stream the e-process runs over) and the
+        logged records it reads, that stream: their count (``log_read``, the first ones in log order) and digest. A
+        run resuming the plan with the same budget reads as many (``read``), however far the log grew since: the same
+        stream. One given another budget, or whose records read before changed, needs a new transcript. A plan an
+        older wmark recorded without the budget resumes on the records it bound and binds the budget from then on
+        (:func:`~wmark.testplan.unbound`)."""
         stream = [f"{r['digest']}|{r['top1']}|{r['label']}|{r['candidates']}" for r in self.records]
-        return {"mode": "sequential", "eprocess": mixture_plan(), "log_read": len(self.records),
-                "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
+        return {"mode": "sequential", "max_queries": self.max_queries, "eprocess": mixture_plan(),
+                "log_read": len(self.records), "inputs": {"log": content_sha256(np.asarray(stream, dtype=str))}}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:
