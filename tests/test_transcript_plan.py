@@ -368,12 +368,11 @@ def test_each_test_binds_what_it_reads_besides_the_answers(owner, tmp_path):
     serve("other", x[:60])
     short, none = (ApiMarkTest(key=key, log=tmp_path / "flip.sqlite", client=client) for client in ("other", "late"))
     bound = short.plan()["log_read"]
-    assert none.plan()["log_read"] == 0
+    with pytest.raises(UsageError, match="no marked queries for client 'late'"):
+        none.plan()  # no plan binds an empty stream
     serve("other", x[60:])
     serve("late", x)
     assert short.run(backend, alpha=1e-6, share=1.0).queries == bound < 60
-    with pytest.raises(UsageError, match="no marked queries for client 'late'"):
-        none.run(backend, alpha=1e-6, share=1.0)
 
 
 def test_the_plan_binds_a_prior_weight_and_a_run_weighted_otherwise_is_refused():
@@ -563,6 +562,35 @@ def test_a_flip_mark_test_resumes_on_its_log_grown_by_appending(owner, suspect, 
     _change(log, "UPDATE inputs SET label = (label + 1) % 10 WHERE rowid = ?", _thief_rows(log)[0])
     with pytest.raises(UsageError, match=r"read with another query log \(the client's logged inputs\)"):
         run(log_queries=400)
+
+
+def test_a_flip_mark_client_with_no_marked_record_is_refused_before_its_plan_binds_an_empty_stream(owner, suspect,
+                                                                                                    tmp_path):
+    """The plan bound log_read 0 for a client with no marked record yet, after the trigger set's answers were
+    recorded: every resumed run then read 0 records and said the log had no marked queries for a client it listed."""
+    from wmark.schemes.api_mark import MarkedAPI, MarkLog
+    from wmark.suspects import LocalSuspect
+
+    url, counter = suspect
+    key, log, transcript = owner[0], tmp_path / "flip.sqlite", tmp_path / "t"
+    backend = LocalSuspect(memorising_model(key, seed=5), input_shape=SHAPE)
+    x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
+
+    def serve(client: str, inputs: np.ndarray) -> None:
+        with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
+            MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client=client).query(inputs)
+
+    def run():
+        return api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=20, log=log, client="late",
+                                 transcript=transcript)
+
+    serve("other", x[:50])
+    with pytest.raises(UsageError, match=r"no marked queries for client 'late' \(clients: other\)"):
+        run()
+    assert counter.total == 0  # refused before the suspect was asked anything
+    serve("late", x)
+    resumed = run()
+    assert resumed.tests[1].queries > 0 and resumed.tests[0].details["transcript"]["plan"]["tests"][1]["log_read"] > 0
 
 
 def test_a_plan_recorded_before_it_bound_how_much_of_the_log_was_read_is_compared_as_before():

@@ -251,10 +251,18 @@ class ApiMarkTest:
 
     @cached_property
     def records(self) -> list[dict[str, Any]]:
-        """The client's marked records the test reads: a prefix of the log, which the API only appends to."""
+        """The client's marked records the test reads: a prefix of the log, which the API only appends to.
+
+        Raises:
+            UsageError: If the log holds no marked record of the client: refused before the plan binds an empty
+                stream (which a run resuming it would read again however many the client's later queries logged).
+        """
         limits = [n for n in (self.max_queries, self.read) if n is not None]
         with MarkLog(self.log, key=self.key, create=False) as opened:
-            return opened.records(self.client, limit=min(limits) if limits else None)
+            records = opened.records(self.client, limit=min(limits) if limits else None)
+            if not records:
+                raise _no_marks(opened, self.client)
+        return records
 
     def plan(self) -> dict[str, Any]:
         """Sequential (its p-value is 1 / max e-value over the answers in log order, statistic ``anytime``), bound to
@@ -298,6 +306,11 @@ def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
     return float(min(0.0, logsumexp(log_dist[k:]))) / math.log(10.0)
 
 
+def _no_marks(log: QueryLog, client: str) -> UsageError:
+    known = ", ".join(sorted(log.clients())) or "none"
+    return UsageError(f"The query log has no marked queries for client {client!r} (clients: {known}).")
+
+
 def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max_queries: int | None = None,
                   batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> TestResult:
     """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
@@ -336,8 +349,7 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max
                          f"{tuple(key.input_shape)}; use the log of this model's API.")
     records = log.records(client, limit=max_queries)
     if not records:
-        known = ", ".join(sorted(log.clients())) or "none"
-        raise UsageError(f"The query log has no marked queries for client {client!r} (clients: {known}).")
+        raise _no_marks(log, client)
     for r in records:
         if input_digest(r["x"]) != r["digest"] or r["label"] != r["candidates"][_prf_index(key, r["digest"],
                                                                                         len(r["candidates"]))]:
