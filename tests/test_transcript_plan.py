@@ -593,6 +593,30 @@ def test_a_flip_mark_client_with_no_marked_record_is_refused_before_its_plan_bin
     assert resumed.tests[1].queries > 0 and resumed.tests[0].details["transcript"]["plan"]["tests"][1]["log_read"] > 0
 
 
+def test_a_flip_mark_run_asks_the_records_its_plan_read_even_if_the_log_file_was_replaced_since(owner, tmp_path):
+    """The run read the log again (its first log_read records), so a log replaced while the trigger set was asked
+    (rotated: a new log of the same key at the same path) gave the run other records than the plan bound."""
+    from wmark.schemes.api_mark import ApiMarkTest, MarkedAPI, MarkLog
+    from wmark.suspects import LocalSuspect
+
+    key, log = owner[0], tmp_path / "flip.sqlite"
+    backend = LocalSuspect(memorising_model(key, seed=5), input_shape=SHAPE)
+    x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
+
+    def serve(inputs: np.ndarray) -> None:
+        with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
+            MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client="thief").query(inputs)
+
+    serve(x[:100])
+    test = ApiMarkTest(key=key, log=log, client="thief", max_queries=20)
+    assert test.plan()["log_read"] == 20
+    log.unlink()
+    serve(x[100:115])
+    with MarkLog(log, key=key, create=False) as opened:
+        assert 0 < len(opened.records("thief")) < 20
+    assert test.run(backend, alpha=1e-6, share=1.0).queries == 20
+
+
 def test_a_plan_recorded_before_it_bound_how_much_of_the_log_was_read_is_compared_as_before():
     from wmark.testplan import recorded_log_read
 

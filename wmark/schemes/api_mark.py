@@ -278,8 +278,7 @@ class ApiMarkTest:
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         with MarkLog(self.log, key=self.key, create=False) as opened:
-            return api_mark_test(key=self.key, suspect=suspect, log=opened, client=self.client,
-                                 max_queries=len(self.records))
+            return api_mark_test(key=self.key, suspect=suspect, log=opened, client=self.client, records=self.records)
 
 
 def poisson_binomial_log10_sf(k: int, probs: Sequence[float]) -> float:
@@ -312,7 +311,8 @@ def _no_marks(log: QueryLog, client: str) -> UsageError:
 
 
 def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max_queries: int | None = None,
-                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime") -> TestResult:
+                  batch_size: int = 256, min_answered: float = 0.5, statistic: str = "anytime",
+                  records: list[dict[str, Any]] | None = None) -> TestResult:
     """Ask the suspect the logged marked inputs of one client and test its answers against the keyed labels.
 
     Null hypothesis (exact, see the module docstring): the suspect never learned from the marked answers,
@@ -330,6 +330,8 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max
             answers in log order (valid whatever rule the client used to choose and stop its queries);
             ``exact``: the Poisson-binomial tail (exact for a log whose content did not adapt to the
             answers). Both are always reported in ``details``.
+        records: The client's records to ask, as :meth:`~wmark.schemes.querylog.QueryLog.records` read them
+            (default: read from ``log``, the first ``max_queries``): those a test plan bound, read once.
 
     Returns:
         A :class:`wmark.evidence.TestResult` with ``evidence_of="extracted"``.
@@ -347,7 +349,8 @@ def api_mark_test(*, key: Key, suspect: Suspect, log: QueryLog, client: str, max
     if tuple(log.input_shape) != tuple(key.input_shape):
         raise UsageError(f"The query log holds inputs shaped {tuple(log.input_shape)} but the key's are "
                          f"{tuple(key.input_shape)}; use the log of this model's API.")
-    records = log.records(client, limit=max_queries)
+    if records is None:
+        records = log.records(client, limit=max_queries)
     if not records:
         raise _no_marks(log, client)
     for r in records:
