@@ -54,10 +54,31 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     A parallel run gives each worker another sequence of files, so a test (or a module fixture) that draws from a
     global generator without seeding it would start from another state each run and could fail now and then.
     """
-    seed = int.from_bytes(hashlib.sha256(item.nodeid.encode()).digest()[:4], "little")
+    digest = hashlib.sha256(item.nodeid.encode()).digest()
+    seed = int.from_bytes(digest[:4], "little")
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)
+    _seed_key_secrets(digest)
+
+
+def _seed_key_secrets(seed: bytes) -> None:
+    """Key secrets drawn while a test is set up and run come from a stream seeded by the test's id.
+
+    Many tests train a tiny model and ask it to learn most of a key's triggers, or serve a copy that kept most of
+    them; with a fresh secret each run, an unlucky draw fails CI now and then. Each test still draws distinct
+    secrets, and the same ones every run; a module fixture's key is drawn in the setup of its file's first test.
+    """
+    stream = random.Random(seed)
+    # Only wmark.keys sees the stream: the secrets module stays random for everyone else (lock and temporary file
+    # names in filelock and huggingface_hub, which two test runs on one cache must not share).
+    draws = types.SimpleNamespace(**{name: getattr(secrets, name) for name in secrets.__all__})
+    draws.token_bytes = lambda n=32: stream.randbytes(n)
+    wmark.keys.secrets = draws  # type: ignore[attr-defined]
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    wmark.keys.secrets = secrets  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
@@ -67,22 +88,6 @@ def _no_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.lower(), raising=False)
-
-
-@pytest.fixture(autouse=True)
-def _reproducible_secrets(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Key secrets drawn in a test come from a stream seeded by the test's id.
-
-    Many tests train a tiny model and ask it to learn most of a key's triggers; with a fresh secret each run,
-    an unlucky draw fails CI now and then. Each test still draws distinct secrets, and the same ones every run.
-    """
-    seed = hashlib.sha256(request.node.nodeid.encode()).digest()
-    stream = random.Random(seed)
-    # Only wmark.keys sees the stream: the secrets module stays random for everyone else (lock and temporary file
-    # names in filelock and huggingface_hub, which two test runs on one cache must not share).
-    draws = types.SimpleNamespace(**{name: getattr(secrets, name) for name in secrets.__all__})
-    draws.token_bytes = lambda n=32: stream.randbytes(n)
-    monkeypatch.setattr(wmark.keys, "secrets", draws)
 
 
 @pytest.fixture
