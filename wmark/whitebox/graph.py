@@ -76,6 +76,7 @@ from wmark.whitebox.fx_rules import (
     one_value,
     out_rank,
     taint,
+    unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
@@ -176,6 +177,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if norm[1]:
                 tags[node] = norm[1]
                 absorb(tensor_args[0], "whole", [norm[1]])
+            continue
+        if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis) is not None:
+            label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
             continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it,
