@@ -322,6 +322,16 @@ def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
     return None
 
 
+# Ops that read the units of dimension 1 in a fixed order (a slice, a chunk, a partial flatten, an axis inserted
+# before them): where one makes its output opaque, a layer reading that output keeps its columns while the
+# input's units permute, so the input's space is made opaque too.
+ORDERED = {
+    operator.getitem, "chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "narrow",
+    torch.narrow, "unbind", torch.unbind, "unsqueeze", torch.unsqueeze, "flatten", torch.flatten, "view", "reshape",
+    torch.reshape, "transpose", torch.transpose, "flip", torch.flip, "roll", torch.roll,
+}
+
+
 def _rank(rank: int | None) -> str:
     return "tensor of unknown rank" if rank is None else f"rank-{rank} tensor"
 

@@ -62,6 +62,7 @@ from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
+    ORDERED,
     _flatten,
     _grouped_why,
     _layer_scale,
@@ -278,6 +279,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if isinstance(mod, nn.Flatten):
                 why = _flatten(mod.start_dim, mod.end_dim, ranks[tensor_args[0]])[0]
             if why and sp.info[label[node]].kind not in (FIXED, "opaque"):
+                if isinstance(mod, nn.Flatten):
+                    taint(tensor_args[:1], why, node.name, sp, label)  # it reads the units in a fixed order
                 label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                 continue
             if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
@@ -291,6 +294,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                     tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
+            made_opaque = sp.info[sp.find(label[node])]
+            if made_opaque.kind == "opaque" and node.target in ORDERED:
+                taint(tensor_args[:1], made_opaque.why or str(node.target), node.name, sp, label)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
