@@ -4,12 +4,14 @@ makes its output opaque, and a layer reading it is refused rather than aligned o
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
 
+from wmark.attacks.symmetry import permute_spaces
 from wmark.errors import UsageError
 from wmark.whitebox.graph import plan, read_graph
 
@@ -125,3 +127,34 @@ def test_the_weights_scheme_marks_an_mlp_with_batchnorm_on_vector_inputs() -> No
     key = generate_key(owner="o", num_classes=10, input_shape=(64,), schemes=schemes)
     emb = WeightsEmbedder(key, _mlp(), layer="3.weight")
     assert emb.graph is not None and emb.layer == "3.weight"
+
+
+class Sliced(nn.Module):
+    """A conv's channels read by a 1×1 conv and, through ``op``, by another layer in a fixed order."""
+
+    def __init__(self, op: Callable[[torch.Tensor], torch.Tensor], fc: nn.Module) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.op, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1), op, fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        return self.b(h).mean((2, 3)) + self.fc(self.op(h)).flatten(1)[:, :4]
+
+
+@pytest.mark.parametrize(("op", "fc"), [
+    (lambda h: h.chunk(2, 1)[0], nn.Conv2d(4, 4, 1)),
+    (lambda h: h[:, :4], nn.Conv2d(4, 4, 1)),
+    (lambda h: torch.flatten(h, 1, 2), nn.Conv1d(64, 4, 1)),
+    (nn.Flatten(1, 2), nn.Conv1d(64, 4, 1)),
+    (lambda h: h.mean((2, 3)).unsqueeze(1), nn.Conv1d(1, 4, 1)),
+])
+def test_an_op_reading_the_units_in_a_fixed_order_makes_their_space_opaque(op, fc) -> None:
+    """Only the op's output was opaque: the conv's channels were claimed permutable, though the layer after the op
+    reads them in a fixed order (each permutation changed the outputs by 0.2-0.7)."""
+    model = Sliced(op, fc).eval()
+    g = read_graph(model)
+    assert g.spaces[g.layer("a.weight").out].kind == "opaque"
+    other, x = copy.deepcopy(model), torch.randn(2, 3, 8, 8)
+    other.load_state_dict(permute_spaces(model.state_dict(), graph=g, seed=1))
+    assert torch.allclose(other(x), model(x), atol=1e-6)

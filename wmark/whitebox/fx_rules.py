@@ -259,8 +259,9 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
                 return sp.new(f"opaque:{node.name}", 0, "opaque", why=f"an add of rank-{rank} and rank-{other} tensors")
             return sp.union(first, label[tensor_args[1]])
         return first
-    if (target in _SCALES or target in ("mul", "div")) and len(tensor_args) == 1:
-        return first
+    if (target in _SCALES or target in ("mul", "div")) and (
+            len(tensor_args) == 1 or (len(tensor_args) == 2 and sp.find(label[tensor_args[1]]) == first)):
+        return first  # a product by a number, or of two tensors join() paired unit with unit (an SE gate)
     why = ""
     if target in (torch.flatten, "flatten"):
         why = _flatten(_arg(node, 1, "start_dim", 0), _arg(node, 2, "end_dim", -1), rank)[0]
@@ -279,6 +280,56 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
     if not why:
         return first
     return sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+
+
+_UNSQUEEZES = {"unsqueeze", torch.unsqueeze}
+
+
+def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
+    """The output rank of an op that only inserts singleton axes after dimension 1 of a tensor holding its units
+    there (rank 2, or channels-first), so that they stay on dimension 1 of a channels-first tensor: a
+    squeeze-and-excitation gate ``s[:, :, None, None]``, ``s.view(b, c, 1, 1)`` or ``s.unsqueeze(-1).unsqueeze(-1)``
+    before ``x * s``; None for any other op.
+
+    A view must name the batch size first (``x.size(0)``, ``x.shape[0]``) and only literal 1s after the units,
+    so that the element count fixes the units' axis to the input's units.
+    """
+    if rank is None or rank < 2 or (last and rank != 2) or node.op not in ("call_function", "call_method"):
+        return None
+    if node.target in _UNSQUEEZES:
+        dim = _arg(node, 1, "dim", None)
+        ok = isinstance(dim, int) and -rank - 1 <= dim <= rank and dim % (rank + 1) >= 2
+        return rank + 1 if ok else None
+    if node.target is operator.getitem and len(node.args) == 2 and isinstance(node.args[1], tuple):
+        index = node.args[1]
+        full = sum(isinstance(i, slice) and i == slice(None) for i in index)
+        seen, new = 0, 0
+        for i in index:
+            if i is None and seen >= 2:
+                new += 1
+            elif i is Ellipsis:
+                seen += rank - full
+            elif isinstance(i, slice) and i == slice(None):
+                seen += 1
+            else:
+                return None  # an index, a partial slice, or a new axis before the units
+        return rank + new if new and seen <= rank else None
+    if node.op == "call_method" and node.target in ("view", "reshape") and rank == 2:
+        shape = node.args[1:]
+        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        if len(shape) > 2 and _batch_size(shape[0]) and all(type(d) is int and d == 1 for d in shape[2:]):
+            return len(shape)
+    return None
+
+
+# Ops that read the units of dimension 1 in a fixed order (a slice, a chunk, a partial flatten, an axis inserted
+# before them): where one makes its output opaque, a layer reading that output keeps its columns while the
+# input's units permute, so the input's space is made opaque too.
+ORDERED = {
+    operator.getitem, "chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "narrow",
+    torch.narrow, "unbind", torch.unbind, "unsqueeze", torch.unsqueeze, "flatten", torch.flatten, "view", "reshape",
+    torch.reshape, "transpose", torch.transpose, "flip", torch.flip, "roll", torch.roll,
+}
 
 
 def _rank(rank: int | None) -> str:
@@ -365,6 +416,8 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
         return len(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else len(shape) or None
     if target in _REDUCTIONS:
         return _reduction(node, rank)[1]
+    if target is operator.getitem or target in _UNSQUEEZES:
+        return unsqueezed(node, rank)
     elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS
                    or target in ("add", "mul", "div", "contiguous") or target in _KEEP_METHODS
                    or (isinstance(target, str) and target.endswith("_")))
@@ -461,4 +514,9 @@ def _odd_user(user: Any, root: str, label: dict[Any, str], sp: _Spaces,
         # x + y is odd only when both operands flip (a constant added would not); both are in the space then.
         operands = [a for a in user.args if isinstance(a, torch.fx.Node)]
         return [] if len(operands) == 2 and all(a in label and sp.find(label[a]) == root for a in operands) else None
+    if user.target in _SCALES or user.target in ("mul", "div"):
+        # x * s flips with x alone; a product of two tensors of the space (a gate joined with the stream) does not:
+        # (-x)(-s) = xs.
+        operands = [a for a in user.args if isinstance(a, torch.fx.Node) and a in label and sp.find(label[a]) == root]
+        return [] if len(operands) < 2 else None
     return []

@@ -62,6 +62,7 @@ from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
+    ORDERED,
     _flatten,
     _grouped_why,
     _layer_scale,
@@ -76,6 +77,7 @@ from wmark.whitebox.fx_rules import (
     one_value,
     out_rank,
     taint,
+    unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
@@ -177,6 +179,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 tags[node] = norm[1]
                 absorb(tensor_args[0], "whole", [norm[1]])
             continue
+        if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis) is not None:
+            label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
+            continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it,
             # but the operands a cat or stack pairs unit with unit are joined, and those it misaligns made opaque.
@@ -274,6 +279,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if isinstance(mod, nn.Flatten):
                 why = _flatten(mod.start_dim, mod.end_dim, ranks[tensor_args[0]])[0]
             if why and sp.info[label[node]].kind not in (FIXED, "opaque"):
+                if isinstance(mod, nn.Flatten):
+                    taint(tensor_args[:1], why, node.name, sp, label)  # it reads the units in a fixed order
                 label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
                 continue
             if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
@@ -287,6 +294,9 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                     tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
+            made_opaque = sp.info[sp.find(label[node])]
+            if made_opaque.kind == "opaque" and node.target in ORDERED:
+                taint(tensor_args[:1], made_opaque.why or str(node.target), node.name, sp, label)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
