@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
+
 import torch
 from keykit import seeded_key
 from torch import nn
@@ -75,6 +78,32 @@ def marked_file(key: Key, path, *, seed: int = 0, steps: int = 60) -> tuple[nn.M
     emb = WeightsEmbedder(key, model)
     train(model, steps=steps, seed=seed, embedder=emb)
     save_model(model, path, metadata={"weights": emb.metadata(), "commitment": key.commitment()})
+    return model, emb
+
+
+def image_task(seed: int, n: int = 384, *, channels: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` random ``channels``×16×16 images labelled by a fixed linear teacher on their 4×4 average-pooled map."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, channels, 16, 16, generator=gen)
+    teacher = torch.randn(channels * 16, 10, generator=torch.Generator().manual_seed(7))
+    return x, ((nn.functional.avg_pool2d(x, 4).flatten(1) - 0.5) @ teacher).argmax(1)
+
+
+def train_on_images(model: nn.Module, seed: int, *, steps: int, embedder: WeightsEmbedder | None = None,
+                    channels: int = 3) -> nn.Module:
+    """:func:`train` on :func:`image_task`'s images of ``seed``: the small CNN tests' task."""
+    return train(model, data=image_task(seed, channels=channels), steps=steps, seed=seed, embedder=embedder, lr=3e-3)
+
+
+def mark_over_anchor(key: Key, base: nn.Module, d, train: Callable[..., nn.Module], *, steps: int = 80,
+                     layer: str | None = None) -> tuple[nn.Module, WeightsEmbedder]:
+    """Save ``base`` as ``d/anchor.safetensors``, mark a copy of it with ``train(model, 1, steps=, embedder=)`` and
+    save that as ``d/ref.safetensors`` with the metadata the verifier reads: the layout of every anchored test."""
+    save_model(base, d / "anchor.safetensors")
+    model = copy.deepcopy(base)
+    emb = WeightsEmbedder(key, model) if layer is None else WeightsEmbedder(key, model, layer=layer)
+    train(model, 1, steps=steps, embedder=emb)
+    save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return model, emb
 
 

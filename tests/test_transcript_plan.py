@@ -509,20 +509,27 @@ def test_a_log_test_resumes_on_a_log_grown_by_appending_but_not_on_one_whose_rea
     assert counter.total == asked
 
 
-def test_a_flip_mark_test_resumes_on_its_log_grown_by_appending(owner, suspect, tmp_path):
-    """The flip mark's test reads at most its budget of a client's records: on a log shorter than that, the records
-    the API logged after a run made the resumed run read another stream than the plan bound, and it was refused."""
+def _flip_api(key, log):
+    """A function that serves a client's inputs through the flip-marked API of a copy of ``key``, logging to ``log``."""
     from wmark.schemes.api_mark import MarkedAPI, MarkLog
     from wmark.suspects import LocalSuspect
 
-    url, counter = suspect
-    key, log, transcript = owner[0], tmp_path / "flip.sqlite", tmp_path / "t"
     backend = LocalSuspect(memorising_model(key, seed=5), input_shape=SHAPE)
-    x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
 
     def serve(client: str, inputs: np.ndarray) -> None:
         with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
             MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client=client).query(inputs)
+
+    return serve
+
+
+def test_a_flip_mark_test_resumes_on_its_log_grown_by_appending(owner, suspect, tmp_path):
+    """The flip mark's test reads at most its budget of a client's records: on a log shorter than that, the records
+    the API logged after a run made the resumed run read another stream than the plan bound, and it was refused."""
+    url, counter = suspect
+    key, log, transcript = owner[0], tmp_path / "flip.sqlite", tmp_path / "t"
+    x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
+    serve = _flip_api(key, log)
 
     def run(**budget):
         return api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=20, log=log, client="thief",
@@ -568,17 +575,10 @@ def test_a_flip_mark_client_with_no_marked_record_is_refused_before_its_plan_bin
                                                                                                     tmp_path):
     """The plan bound log_read 0 for a client with no marked record yet, after the trigger set's answers were
     recorded: every resumed run then read 0 records and said the log had no marked queries for a client it listed."""
-    from wmark.schemes.api_mark import MarkedAPI, MarkLog
-    from wmark.suspects import LocalSuspect
-
     url, counter = suspect
     key, log, transcript = owner[0], tmp_path / "flip.sqlite", tmp_path / "t"
-    backend = LocalSuspect(memorising_model(key, seed=5), input_shape=SHAPE)
     x = np.random.default_rng(3).random((300, *SHAPE), dtype=np.float32)
-
-    def serve(client: str, inputs: np.ndarray) -> None:
-        with MarkLog(log, key=key, rate=0.3, candidates=3) as opened:
-            MarkedAPI(key=key, backend=backend, rate=0.3, candidates=3, log=opened, client=client).query(inputs)
+    serve = _flip_api(key, log)
 
     def run():
         return api.verify_remote(key=owner[1], url=url, model_name="m", max_queries=20, log=log, client="late",

@@ -6,23 +6,21 @@ reading without the recovery loses the mark."""
 
 from __future__ import annotations
 
-import copy
 import json
 
 import numpy as np
 import pytest
 import torch
-from _whitebox_helpers import check, tiny_key
-from _whitebox_helpers import train as _train
+from _whitebox_helpers import check, image_task, mark_over_anchor, tiny_key
+from _whitebox_helpers import train_on_images as train
 from scipy import stats
 from torch import nn
 
 from wmark.attacks import prune, rename_tensors
 from wmark.attacks.symmetry import fold_batchnorm, permute_spaces
 from wmark.errors import UsageError
-from wmark.io import load_tensors, save_model, save_tensors
+from wmark.io import load_tensors, save_tensors
 from wmark.resnet import ResNet
-from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import read_graph
 from wmark.whitebox.verify import verify_whitebox
 
@@ -34,15 +32,6 @@ def resnet(seed: int) -> ResNet:
     return ResNet(num_classes=10, input_shape=(3, 16, 16), widths=(8, 16, 32))
 
 
-def image_task(seed: int, n: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 16, 16, generator=gen)
-    teacher = torch.randn(48, 10, generator=torch.Generator().manual_seed(7))
-    return x, ((nn.functional.avg_pool2d(x, 4).flatten(1) - 0.5) @ teacher).argmax(1)
-
-
-def train(model: nn.Module, seed: int, *, steps: int, embedder: WeightsEmbedder | None = None) -> nn.Module:
-    return _train(model, data=image_task(seed), steps=steps, seed=seed, embedder=embedder, lr=3e-3)
 
 
 def flipped(model: nn.Module, seed: int) -> ResNet:
@@ -58,13 +47,8 @@ def cnn(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("bnsigns")
     key = tiny_key(64, seed=31)
-    base = train(resnet(0), 0, steps=30)
-    save_model(base, d / "anchor.safetensors")
-    model = copy.deepcopy(base)
-    emb = WeightsEmbedder(key, model)
-    train(model, 1, steps=50, embedder=emb)
+    model, emb = mark_over_anchor(key, train(resnet(0), 0, steps=30), d, train, steps=50)
     assert emb.bit_errors() == 0 and emb.layer == MARKED
-    save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return key, model, d
 
 

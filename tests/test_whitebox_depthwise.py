@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from _whitebox_helpers import check, guarded_aligner, tiny_key
-from _whitebox_helpers import train as _train
+from _whitebox_helpers import train_on_images as train
 from torch import nn
 from torch.nn import functional as F
 
@@ -100,15 +100,6 @@ PARAMS = {"mobilenet": ("hidden", {"blocks.1.dw.weight", "blocks.1.bn2.weight", 
                                   "blocks.1.norm.bias", "blocks.1.gamma", "stem.1.weight"})}
 
 
-def image_task(seed: int, n: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 3, 16, 16, generator=gen)
-    teacher = torch.randn(48, 10, generator=torch.Generator().manual_seed(7))
-    return x, ((F.avg_pool2d(x, 4).flatten(1) - 0.5) @ teacher).argmax(1)
-
-
-def train(model: nn.Module, seed: int, *, steps: int, embedder: WeightsEmbedder | None = None) -> nn.Module:
-    return _train(model, data=image_task(seed), steps=steps, seed=seed, embedder=embedder, lr=3e-3)
 
 
 @pytest.fixture(scope="module", params=list(ARCHS))

@@ -10,13 +10,10 @@ import copy
 
 import pytest
 import torch
-from _whitebox_helpers import check, tiny_key
-from _whitebox_helpers import train as _train
+from _whitebox_helpers import check, mark_over_anchor, tiny_key, train_on_images
 from torch import nn
-from torch.nn import functional as F
 
 from wmark.attacks.symmetry import permute_spaces
-from wmark.io import save_model
 from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import plan, read_graph
 
@@ -153,15 +150,8 @@ def test_only_singleton_axes_after_the_units_keep_them(op, rank) -> None:
     assert (g.layer("b.weight").inp == g.layer("a.weight").out) == bool(rank)
 
 
-def image_task(seed: int, n: int = 384) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.rand(n, 1, 16, 16, generator=gen)
-    teacher = torch.randn(16, 10, generator=torch.Generator().manual_seed(7))
-    return x, ((F.avg_pool2d(x, 4).flatten(1) - 0.5) @ teacher).argmax(1)
-
-
 def train(model: nn.Module, seed: int, *, steps: int, embedder: WeightsEmbedder | None = None) -> nn.Module:
-    return _train(model, data=image_task(seed), steps=steps, seed=seed, embedder=embedder, lr=3e-3)
+    return train_on_images(model, seed, steps=steps, embedder=embedder, channels=1)
 
 
 @pytest.fixture(scope="module")
@@ -169,13 +159,8 @@ def marked(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("se")
     key = tiny_key(32, seed=41)
-    base = train(SENet(0), 0, steps=30)
-    save_model(base, d / "anchor.safetensors")
-    model = copy.deepcopy(base)
-    emb = WeightsEmbedder(key, model, layer="proj")
-    train(model, 1, steps=80, embedder=emb)
+    model, emb = mark_over_anchor(key, train(SENet(0), 0, steps=30), d, train, layer="proj")
     assert emb.bit_errors() <= 1  # one bit of this key sits at -0.04 in this layer, with or without the SE block
-    save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return key, model, d
 
 

@@ -13,15 +13,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from _whitebox_helpers import check, guarded_aligner, tiny_key
+from _whitebox_helpers import check, guarded_aligner, mark_over_anchor, tiny_key
 from test_whitebox_depthwise import InvertedResidual, MobileNetish, train
 from torch import nn
 
 from wmark.attacks import prune, rename_tensors
 from wmark.attacks.symmetry import permute_spaces
 from wmark.errors import UsageError
-from wmark.io import load_tensors, save_model, save_tensors
-from wmark.schemes.weights import WeightsEmbedder
+from wmark.io import load_tensors, save_tensors
 from wmark.whitebox.graph import plan, read_graph
 from wmark.whitebox.verify import verify_whitebox
 
@@ -71,13 +70,8 @@ def marked(tmp_path_factory):
     torch.set_num_threads(1)
     d = tmp_path_factory.mktemp("stream")
     key = tiny_key(32, seed=41)
-    base = train(LinearStem(0), 0, steps=30)
-    save_model(base, d / "anchor.safetensors")
-    model = copy.deepcopy(base)
-    emb = WeightsEmbedder(key, model)
-    train(model, 1, steps=80, embedder=emb)
+    model, emb = mark_over_anchor(key, train(LinearStem(0), 0, steps=30), d, train)
     assert emb.bit_errors() == 0 and emb.layer == MARKED
-    save_model(model, d / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     return key, model, d
 
 

@@ -6,11 +6,9 @@ permuting and flipping them keeps the function, and a mark in the last block sur
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from _whitebox_helpers import check, tiny_key
+from _whitebox_helpers import check, mark_over_anchor, tiny_key
 from test_whitebox_depthwise import train
 from torch import nn
 from torch.nn import functional as F
@@ -18,8 +16,6 @@ from torch.nn import functional as F
 from wmark.attacks import prune, rename_tensors
 from wmark.attacks.symmetry import flip_gain_signs, permute_spaces
 from wmark.errors import UsageError
-from wmark.io import save_model
-from wmark.schemes.weights import WeightsEmbedder
 from wmark.whitebox.graph import plan, read_graph
 
 MARKED = "stage2.0.block.5.weight"
@@ -140,13 +136,8 @@ def test_a_functional_norm_or_scale_not_over_the_channels_is_refused(scale, why)
 def test_the_mark_survives_rewrites_fine_tune_and_pruning_and_a_twin_is_not_detected(tmp_path) -> None:
     torch.set_num_threads(1)
     key = tiny_key(32, seed=41)
-    base = train(TorchvisionConvNeXt(0), 0, steps=30)
-    save_model(base, tmp_path / "anchor.safetensors")
-    model = copy.deepcopy(base)
-    emb = WeightsEmbedder(key, model)
-    train(model, 1, steps=80, embedder=emb)
+    model, emb = mark_over_anchor(key, train(TorchvisionConvNeXt(0), 0, steps=30), tmp_path, train)
     assert emb.bit_errors() == 0 and emb.layer == MARKED
-    save_model(model, tmp_path / "ref.safetensors", metadata={"weights": emb.metadata(), "commitment": key.commitment()})
     verdict = check(key, tmp_path, rename_tensors(rewritten(model, 1).state_dict(), seed=1), "rewritten")
     assert verdict.detected and verdict.tests[0].matches == 32, verdict.tests[0].matches
     attacked = prune(train(rewritten(model, 2), 2, steps=40), sparsity=0.3)
