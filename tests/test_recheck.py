@@ -363,39 +363,34 @@ def test_a_tiebreak_test_that_read_the_suspects_probabilities_is_recomputed_from
 
 
 def test_an_api_verdict_with_the_tiebreak_test_is_recomputed_from_its_transcript(files, tmp_path):
-    from wmark.models import load_model
-    from wmark.serve import build_app, serve_in_background
-
     _key, d = files
-    rule = tmp_path / "rule.safetensors"
-    api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
-                       out=rule, references=[], verify_count=120)
-    model, _ = load_model("fmnist-mlp", d / "independent.safetensors")
-    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
-    with serve_in_background(app) as server:
-        verdict = api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
-                                    rule_queries=120,
-                                    transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+    verdict = _tiebreak_run(files, tmp_path, served="independent", queries=120)
     assert [t.name for t in verdict.tests] == ["trigger-set", "api-tiebreak"]
     outcome = recheck(report=tmp_path / "r.json", key=d / "owner.key", transcript=tmp_path / "t.sqlite")
     assert outcome.status == "same" and [t["rechecked"] for t in outcome.tests] == [True, True]
     assert abs(outcome.recomputed["log10_p"] - verdict.log10_p) <= 1e-9
 
 
-def _two_test_transcript(files, tmp_path):
-    """A fixed-n trigger-set and tie-break run on a copy, with its transcript t.sqlite and report r.json."""
+def _tiebreak_run(files, tmp_path, *, served: str, queries: int):
+    """A fixed-n trigger-set and tie-break run (a rule built on the copy, ``queries`` committed inputs) against the
+    label-only API serving ``served``, with its transcript t.sqlite and report r.json; returns the verdict."""
     from wmark.models import load_model
     from wmark.serve import build_app, serve_in_background
 
     _key, d = files
     rule = tmp_path / "rule.safetensors"
     api.build_tiebreak(key=d / "owner.key", arch="fmnist-mlp", weights=d / "copy.safetensors", data="digits",
-                       out=rule, references=[], verify_count=60)
-    model, _ = load_model("fmnist-mlp", d / "copy.safetensors")
+                       out=rule, references=[], verify_count=queries)
+    model, _ = load_model("fmnist-mlp", d / f"{served}.safetensors")
     app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, labels_only=True)
     with serve_in_background(app) as server:
-        api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
-                          rule_queries=60, transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+        return api.verify_remote(key=d / "owner.key", url=server.url, model_name="m", mode="fixed", rule=rule,
+                                 rule_queries=queries, transcript=tmp_path / "t.sqlite", report=tmp_path / "r.html")
+
+
+def _two_test_transcript(files, tmp_path):
+    """A fixed-n trigger-set and tie-break run on a copy; the path of its report r.json (transcript t.sqlite)."""
+    _tiebreak_run(files, tmp_path, served="copy", queries=60)
     return tmp_path / "r.json"
 
 
