@@ -248,6 +248,17 @@ def minilm_features(texts: list[str], text: TextInputs) -> dict[str, np.ndarray]
     return dict(zip(texts, feats))
 
 
+def base_featurizer(features: dict[str, np.ndarray] | None) -> Any:
+    """The public MiniLM encoder's cached mean-pooled features of each text, as a rule's featurizer (research: a map
+    the MiniLM thief starts from, instead of the served model's fine-tuned features)."""
+    assert features is not None
+
+    def featurize(x: Any) -> np.ndarray:
+        return np.stack([features[str(t)] for t in np.asarray(x, dtype=object).reshape(-1)]).astype(np.float32)
+
+    return featurize
+
+
 def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray, features: dict[str, np.ndarray],
                 *, target: float | None, seed: int, max_epochs: int = 400) -> tuple[MiniLMProbe, int]:
     """A MiniLM-probe surrogate fitted (full-batch Adam) to the API's labels on the thief's texts, stopped at the
@@ -340,6 +351,10 @@ def main() -> None:
                         help="Results file name (default text_extraction, text_extraction_quick with --quick).")
     parser.add_argument("--components", type=int, default=None,
                         help="Principal directions of the served features the rule keeps (default: the library's).")
+    parser.add_argument("--feature-map", choices=("served", "base"), default="served",
+                        help="What the rule's keyed shift is read from: the served model's penultimate features (the "
+                             "library's map) or, research, the public MiniLM encoder's mean-pooled features (the "
+                             "encoder the MiniLM victim and thieves start from).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -380,7 +395,7 @@ def main() -> None:
         archs = tuple(args.thieves.split(","))
     log_queries = args.log_queries or queries
     features = None
-    if any(a.startswith("minilm-probe") for a in archs):
+    if any(a.startswith("minilm-probe") for a in archs) or args.feature_map == "base":
         needed = sorted(set(xa) | set(xe) | set(xo))
         features = minilm_features(needed, text)
         print(f"MiniLM features of {len(needed)} texts ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -419,8 +434,11 @@ def main() -> None:
     kept = None
     for k, key in enumerate(keyset):
         featurizer = backend.features if minilm else penultimate_featurizer(victim, encode=text.encode)
+        space = "served-penultimate"
+        if args.feature_map == "base":
+            featurizer, space = base_featurizer(features), "public-minilm-mean-pooled"
         rule = build_tiebreak_rule(key=key, x=xo, featurizer=featurizer, components=args.components,
-                                   feature_space="served-penultimate", text=text)
+                                   feature_space=space, text=text)
         kept = rule.components
         rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
         for beta in betas:
@@ -469,7 +487,7 @@ def main() -> None:
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
-           "components": kept,
+           "components": kept, "feature_map": args.feature_map,
            "references": "4 text-bow (hard 3/6/10 epochs, soft 4), distilled from the unmarked victim on the owner's texts",
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
