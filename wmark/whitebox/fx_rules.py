@@ -269,8 +269,10 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
         why = f"{target.__name__} of a {_rank(rank)} (only a batch of 2-D maps keeps its channels on dimension 1)"
     elif target in _KEEP_FUNCTIONS or (node.op == "call_method" and target in _KEEP_METHODS):
         return first
-    elif node.op == "call_method" and target in ("view", "reshape"):
-        if len(node.args) == 3 and node.args[2] == -1 and _batch_size(node.args[1]):
+    elif node.op == "call_method" and target in _RESHAPES:
+        shape = _sizes(node)
+        if len(shape) == 2 and _batch_size(shape[0]):
+            # x.view(b, n) is x.flatten(1) whatever n is: the element count fixes n (n = C on a pooled 1×1 map).
             return first
         why = f"a {target} other than x.{target}(x.size(0), -1)"
     elif target in _REDUCTIONS:
@@ -283,6 +285,13 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
 
 
 _UNSQUEEZES = {"unsqueeze", torch.unsqueeze}
+_RESHAPES = {"view", "reshape"}
+
+
+def _sizes(node: Any) -> tuple[Any, ...]:
+    """The sizes a view or reshape is given, as separate arguments or one tuple."""
+    sizes = node.args[1:]
+    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
 def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
@@ -315,8 +324,7 @@ def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
                 return None  # an index, a partial slice, or a new axis before the units
         return rank + new if new and seen <= rank else None
     if node.op == "call_method" and node.target in ("view", "reshape") and rank == 2:
-        shape = node.args[1:]
-        shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else tuple(shape)
+        shape = _sizes(node)
         if len(shape) > 2 and _batch_size(shape[0]) and all(type(d) is int and d == 1 for d in shape[2:]):
             return len(shape)
     return None
@@ -411,9 +419,8 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
     if target in ("permute", torch.permute):
         dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
         return len(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else len(dims) or None
-    if target in ("view", "reshape"):
-        shape = node.args[1:]
-        return len(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else len(shape) or None
+    if target in _RESHAPES:
+        return len(_sizes(node)) or None
     if target in _REDUCTIONS:
         return _reduction(node, rank)[1]
     if target is operator.getitem or target in _UNSQUEEZES:
@@ -459,7 +466,7 @@ def _arg(node: Any, index: int, name: str, default: Any) -> Any:
 _ODD_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.Flatten)
 _ODD_TARGETS = {
-    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", "view", "reshape", "contiguous",
+    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", *_RESHAPES, "contiguous",
     "permute", torch.permute, "mean", "sum", torch.mean, torch.sum, nn.functional.dropout,
     nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
 }

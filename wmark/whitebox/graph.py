@@ -15,7 +15,8 @@ changing the function, as long as every tensor that writes or reads it is permut
   convs and group norms tie channels into groups no space describes: opaque, as their inputs;
 * every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
-  reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`);
+  reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`). ``x.view(b, n)`` is a
+  flatten from dimension 1 (the element count fixes n);
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it; so do other
   elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
