@@ -1,8 +1,9 @@
 """Squeeze-and-excitation gates written as MobileNetV3/EfficientNet ports often write them: the pooled 1×1 map
-squeezed with ``view(b, c)`` or ``reshape(b, c)`` before the linear layers. A view to ``(batch, n)`` is a
-``flatten(1)``, the element count fixing n, so the channels stay where they were, but the reader made the stream
-opaque there, so such a net could not be marked. A reshape that does move the channels (the spatial size folded
-into them) stays opaque."""
+squeezed with ``view(b, c)`` or ``reshape(b, c)`` before the linear layers, and the gate broadcast back with
+``expand_as(x)`` or ``expand(-1, -1, h, w)`` before ``x * s``. Both keep the channels where they were (a view to
+``(batch, n)`` is a ``flatten(1)``, the element count fixing n; an expand copies values along size-1 axes only), but
+the reader made the stream opaque at either, so such a net could not be marked. A reshape or expand that does move
+the channels (the spatial size folded into them, one unit copied across them) stays opaque."""
 
 from __future__ import annotations
 
@@ -24,16 +25,20 @@ SQUEEZES: dict[str, Op] = {  # (pooled map or map, stream) → the (B, C) tensor
     "mean-view": lambda h, x: h.mean((2, 3), keepdim=True).view(x.size(0), x.size(1)),
     "pool-reshape": lambda h, x: F.adaptive_avg_pool2d(h, 1).reshape(x.shape[0], x.shape[1]),
     "pool-view-literal": lambda h, x: F.adaptive_avg_pool2d(h, 1).view(x.size(0), 64),
+    "pool-flatten": lambda h, x: F.adaptive_avg_pool2d(h, 1).flatten(1),  # read before: the expands alone are new
 }
 EXCITES: dict[str, Op] = {  # (gate (B, C), stream) → the gated stream
-    "view": lambda s, x: x * s.view(x.size(0), x.size(1), 1, 1),
+    "view": lambda s, x: x * s.view(x.size(0), x.size(1), 1, 1),  # read before: the squeezes alone are new
+    "expand_as": lambda s, x: x * s.view(x.size(0), x.size(1), 1, 1).expand_as(x),
+    "expand": lambda s, x: x * s[:, :, None, None].expand(-1, -1, x.size(2), x.size(3)),
+    "expand-full": lambda s, x: s.view(x.size(0), -1, 1, 1).expand(x.size(0), x.size(1), x.size(2), x.size(3)) * x,
 }
 
 
 class SENet(nn.Module):
     """Stem, a 64-channel conv (room for 32 bits in the 1×1 conv reading it), a linear SE on its output, head."""
 
-    def __init__(self, seed: int, squeeze: str = "mean-view", excite: str = "view") -> None:
+    def __init__(self, seed: int, squeeze: str = "mean-view", excite: str = "expand_as") -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.stem = nn.Conv2d(1, 16, 3, stride=2, padding=1)
@@ -107,7 +112,13 @@ def test_a_view_to_batch_and_features_of_a_larger_map_is_a_flatten() -> None:
     (lambda h, x: h.mean(2, keepdim=True).reshape(x.size(0), 64, 1, 1), nn.Conv2d(64, 2, 1), False,
      "a reshape other"),
     (lambda h, x: h.view(x.size(0), 4, -1), nn.Conv1d(4, 2, 1), False, "a view other"),  # (B, 4, 128)
-], ids=["pool2-view", "mean-h-reshape", "view-b-4"])
+    # One unit (a one-channel attention map) copied across the channels' axis.
+    (lambda g, x: x * g.expand_as(x), nn.Conv2d(8, 2, 1), True, "an expand_as that may copy one unit"),
+    (lambda g, x: x * g.expand(x.size(0), x.size(1), 8, 8), nn.Conv2d(8, 2, 1), True,
+     "an expand that may copy one unit"),
+    # New leading axes move the channels to dimension 2.
+    (lambda h, x: h.expand(2, -1, -1, -1, -1).sum(0), nn.Conv2d(8, 2, 1), False, "an expand to another or unknown"),
+], ids=["pool2-view", "mean-h-reshape", "view-b-4", "gate-expand_as", "gate-expand", "expand-leading"])
 def test_a_reshape_or_expand_that_moves_the_channels_stays_opaque(op: Op, fc: nn.Module, gate: bool, why: str) -> None:
     model = ConvThen(op, fc, gate).eval()
     model(torch.randn(2, 3, 8, 8))  # the forward is real: each case runs
@@ -149,3 +160,32 @@ def test_an_independent_twin_is_near_chance(marked) -> None:
     verdict = check(key, d, permuted(train(SENet(100), 100, steps=80), 100).state_dict(), "twin")
     assert not verdict.detected and verdict.tests[0].log10_p > -3, verdict.tests[0].matches
 
+
+class CentredStream(nn.Module):
+    """A stream with no activation plus its own spatial mean broadcast back with ``expand_as``: every op on it is odd
+    in each channel, so a thief may flip channels through the BatchNorm and the conv reading the stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.bn, self.conv = nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.stem(x))
+        return self.conv(h + h.mean((2, 3), keepdim=True).expand_as(h)).mean((2, 3))
+
+
+def test_an_expand_is_odd_in_each_unit_so_the_stream_stays_signed() -> None:
+    model = CentredStream()
+    with torch.no_grad():
+        model.bn.bias.normal_()
+        model.bn.running_mean.normal_()
+    model.eval()
+    g = read_graph(model)
+    assert g.spaces[g.layer("stem.weight").out].kind == "signed"
+    other, x = copy.deepcopy(model), torch.randn(2, 1, 8, 8)
+    other.load_state_dict(permute_spaces(model.state_dict(), graph=g, seed=0, signs=True))
+    # The same biases up to order and sign, some of them negated: the channels were flipped, not only moved.
+    assert torch.equal(other.bn.bias.abs().sort().values, model.bn.bias.abs().sort().values)
+    assert not torch.equal(other.bn.bias.sort().values, model.bn.bias.sort().values)
+    assert torch.allclose(other(x), model(x), atol=1e-5)

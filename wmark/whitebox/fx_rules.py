@@ -286,12 +286,37 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
 
 _UNSQUEEZES = {"unsqueeze", torch.unsqueeze}
 _RESHAPES = {"view", "reshape"}
+_EXPANDS = {"expand", "expand_as"}
 
 
 def _sizes(node: Any) -> tuple[Any, ...]:
-    """The sizes a view or reshape is given, as separate arguments or one tuple."""
+    """The sizes a view, reshape or expand is given, as separate arguments or one tuple."""
     sizes = node.args[1:]
     return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
+
+
+def expanded(node: Any, ranks: dict[Any, int | None], last: bool, units: int) -> str:
+    """Why ``x.expand(...)`` or ``x.expand_as(y)`` does not keep x's units in place, or '' if it does.
+
+    An expand copies values along axes of size 1, as broadcasting does: a squeeze-and-excitation gate of shape
+    ``(B, C, 1, 1)`` expanded to its map's ``(B, C, H, W)`` before ``x * s`` keeps its units on dimension 1. The
+    rank must stay (new leading axes move the units) and the units' axis (the last if ``last`` and the rank is
+    not 2, else dimension 1) must not be expanded: it cannot be where it holds ``units`` >= 2 (only axes of size
+    1 expand), and ``expand`` keeps it where given -1 or 1 there; one unit copied across it is opaque.
+    """
+    rank = ranks.get(node.args[0])
+    if node.target == "expand_as":
+        sizes: tuple[Any, ...] = ()
+        out = ranks.get(node.args[1]) if len(node.args) == 2 else None
+    else:
+        sizes = _sizes(node)
+        out = len(sizes) or None
+    if rank is None or out != rank:
+        return f"an {node.target} to another or unknown rank (new leading axes move the units)"
+    axis = rank - 1 if last else 1
+    if units < 2 and not (sizes and type(sizes[axis]) is int and sizes[axis] in (-1, 1)):
+        return f"an {node.target} that may copy one unit across the units' axis"
+    return ""
 
 
 def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
@@ -419,8 +444,10 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
     if target in ("permute", torch.permute):
         dims = node.args[1:] if node.op == "call_method" else node.args[1:2]
         return len(dims[0]) if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else len(dims) or None
-    if target in _RESHAPES:
+    if target in _RESHAPES or target == "expand":
         return len(_sizes(node)) or None
+    if target == "expand_as":
+        return ranks.get(node.args[1]) if len(node.args) == 2 else None
     if target in _REDUCTIONS:
         return _reduction(node, rank)[1]
     if target is operator.getitem or target in _UNSQUEEZES:
@@ -466,7 +493,7 @@ def _arg(node: Any, index: int, name: str, default: Any) -> Any:
 _ODD_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,
                 nn.AdaptiveAvgPool2d, nn.Flatten)
 _ODD_TARGETS = {
-    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", *_RESHAPES, "contiguous",
+    *_ADDS, *_SCALES, "add", "add_", "mul", "div", torch.flatten, "flatten", *_RESHAPES, *_EXPANDS, "contiguous",
     "permute", torch.permute, "mean", "sum", torch.mean, torch.sum, nn.functional.dropout,
     nn.functional.avg_pool2d, nn.functional.adaptive_avg_pool2d,
 }

@@ -16,7 +16,8 @@ changing the function, as long as every tensor that writes or reads it is permut
 * every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`). ``x.view(b, n)`` is a
-  flatten from dimension 1 (the element count fixes n);
+  flatten from dimension 1 (the element count fixes n); an ``expand`` along size-1 axes keeps the units in place
+  (a squeeze-and-excitation gate broadcast to its map) unless it copies one unit across their axis;
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it; so do other
   elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
@@ -60,6 +61,7 @@ from wmark.errors import UsageError
 from wmark.whitebox.bert import bert_layers, read_bert
 from wmark.whitebox.decoder import decoder_layers, read_decoder
 from wmark.whitebox.fx_rules import (
+    _EXPANDS,
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
@@ -71,6 +73,7 @@ from wmark.whitebox.fx_rules import (
     _permuted,
     _regroups,
     _through,
+    expanded,
     functional_norm,
     join,
     misread,
@@ -182,6 +185,17 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             continue
         if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis) is not None:
             label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
+            continue
+        if tensor_args and node.op == "call_method" and node.target in _EXPANDS:
+            # The units sit where the first operand's do; expand_as's other operand lends only its shape.
+            src, last = sp.find(label[tensor_args[0]]), tensor_args[0] in last_axis
+            why = expanded(node, ranks, last and ranks[tensor_args[0]] != 2, sp.info[src].size)
+            if why and sp.info[src].kind not in (FIXED, "opaque"):
+                taint(tensor_args[:1], why, node.name, sp, label)  # its readers see the units' copies, not the units
+                src = sp.new(f"opaque:{node.name}", 0, "opaque", why=why)
+            label[node] = src
+            if last:
+                last_axis.add(node)
             continue
         if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it,
