@@ -60,7 +60,7 @@ from wmark.serve_input import (
     read_json,
     text_char_limit,
 )
-from wmark.serve_protocol import HEADER_TIMEOUT_S, http_protocol
+from wmark.serve_protocol import HEADER_TIMEOUT_S, header_deadline, http_protocol
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
@@ -348,12 +348,15 @@ class BackgroundServer:
         host: Interface to bind (default loopback only).
         port: Port (0: any free one).
         header_timeout: Seconds a connection has to send a request line and headers (:mod:`wmark.serve_protocol`).
+        on_header_timeout: Called once for each connection closed at that deadline, e.g. the
+            :meth:`~wmark.monitor.gate.Gate.header_timed_out` of the app's gate.
     """
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
+                 on_header_timeout: Callable[[], None] | None = None) -> None:
         self.config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False,
-                                     lifespan="off", timeout_keep_alive=30, http=http_protocol(header_timeout))
+                                     lifespan="off", timeout_keep_alive=30,
+                                     http=http_protocol(header_timeout, on_header_timeout))
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True, name="wmark-uvicorn")
         self.host = host
@@ -385,10 +388,12 @@ class BackgroundServer:
 
 
 @contextlib.contextmanager
-def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                        header_timeout: float = HEADER_TIMEOUT_S) -> Iterator[BackgroundServer]:
-    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block."""
-    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout).start()
+def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
+                        on_header_timeout: Callable[[], None] | None = None) -> Iterator[BackgroundServer]:
+    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block (see
+    :class:`BackgroundServer`)."""
+    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout,
+                              on_header_timeout=on_header_timeout).start()
     try:
         yield server
     finally:
@@ -432,7 +437,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     ``wmark monitor calibrate``, on texts for a text model), every inference request, v2 or text, passes a
     :class:`~wmark.monitor.gate.Gate`: quotas, rate limits, answer modes, the extraction monitor's alarms (one
     JSON line each in ``alarm_log``) and their actions; ``monitor_state`` keeps quota counts and alarms across
-    restarts; ``GET /metrics`` is served.
+    restarts; ``GET /metrics`` is served, counting connections closed at the header deadline too.
 
     The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
     arrive as host arrays and follow it there.
@@ -457,7 +462,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError(f"Port {port} is out of range 0-65535.")
     if not name or "/" in name:
         raise UsageError(f"Model name {name!r} must be non-empty and contain no '/'.")
-    protocol = http_protocol(header_timeout)
+    header_timeout = header_deadline(header_timeout)  # refused before the model loads
     on = resolve_device(device)
     token = None
     if token_env:
@@ -487,7 +492,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                         text=text, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
         port = _check_port_free(host, port)
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-                                http=protocol)
+                                http=http_protocol(header_timeout, None if gate is None else gate.header_timed_out))
         server = uvicorn.Server(config)
         if announce is not None:
             mode = "label-only" if labels_only else "scores"
