@@ -7,14 +7,13 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from servekit import start_serve, wait_ready
 
 from wmark.cli import main
 from wmark.errors import UsageError
@@ -263,9 +262,8 @@ def test_a_connection_closed_at_the_header_deadline_is_logged_and_counted(model,
         after = http.get("/metrics").text
     assert got.startswith(b"HTTP/1.1 408 ")
     assert "\nwmark_header_timeouts_total 0.0\n" in before and "\nwmark_header_timeouts_total 1.0\n" in after
-    assert [r.getMessage() for r in caplog.records if r.name == "wmark.serve"] == [
-        f"closed the connection from 127.0.0.1:{peer}: its request line and headers did not arrive within 0.5 "
-        "seconds"]
+    line = f"closed the connection from 127.0.0.1:{peer}: its request line and headers did not arrive within 0.5 seconds"
+    assert [r.getMessage() for r in caplog.records if r.name == "wmark.serve"] == [line]
     assert CLIENTS["thief"] not in caplog.text
 
 
@@ -284,10 +282,6 @@ def test_mark_on_alarm_needs_a_served_mark_and_a_monitor(model, profile):
                   answerer=TieBreakAPI(key=key, backend=LocalSuspect(model, input_shape=SHAPE), rule=rule))
     with pytest.raises(UsageError, match='Policy default.mark: is "sometimes"; use one of always, on-alarm.'):
         parse_policy({"default": {"mark": "sometimes"}}, clients=list(CLIENTS))
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
 
 
 @pytest.mark.parametrize("policy, message", [
@@ -321,30 +315,18 @@ def test_wmark_serve_policy_monitor_and_report(model, profile, tmp_path):
     (tmp_path / "policy.json").write_text(json.dumps({"default": {"on_alarm": {"action": "block"}},
                                                       "clients": {"shop": {"quota": {"total": 64}}}}))
     save_profile(profile, tmp_path / "profile.safetensors")
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log, state = tmp_path / "alarms.jsonl", tmp_path / "state.json"
-    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
-                                 "--port", str(port), "--clients", str(tmp_path / "clients.json"),
-                                 "--policy", str(tmp_path / "policy.json"), "--monitor",
-                                 str(tmp_path / "profile.safetensors"), "--alarm-log", str(log),
-                                 "--monitor-state", str(state), "--header-timeout", "1"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url, _ = start_serve("--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m", "--clients",
+                               str(tmp_path / "clients.json"), "--policy", str(tmp_path / "policy.json"), "--monitor",
+                               str(tmp_path / "profile.safetensors"), "--alarm-log", str(log), "--monitor-state",
+                               str(state), "--header-timeout", "1")
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                __import__("time").sleep(0.1)
+        wait_ready(proc, url)
         with httpx.Client(base_url=url, timeout=30) as http:
             noise = np.random.default_rng(6).random((64, *SHAPE), dtype=np.float32)
             thief = [post(http, "thief", noise[i:i + 16]).status_code for i in range(0, 64, 16)]
             shop = [post(http, "shop", natural(32, 7)).status_code for _ in range(3)]
-            peer, got = _trickled_head("127.0.0.1", port, CLIENTS["lab"])
+            peer, got = _trickled_head("127.0.0.1", int(url.rsplit(":", 1)[1]), CLIENTS["lab"])
             metrics = http.get("/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
