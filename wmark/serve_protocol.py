@@ -17,7 +17,7 @@ parses requests the same way. h11 before 0.16 let malformed chunked bodies throu
 smuggling behind a proxy): pyproject asks for 0.16.
 
 The subclass reads attributes of uvicorn's ``H11Protocol`` that uvicorn does not document (``conn``, ``loop``,
-``transport``, ``server_state``, the ``on_response_complete`` hook its request cycle calls): checked against
+``transport``, ``server_state``, ``client``, the ``on_response_complete`` hook its request cycle calls): checked against
 uvicorn 0.23.0, the lower bound in pyproject, and 0.55.0 (tests/test_serve_protocol.py passes on both). Check
 again before raising the upper end of what is tested.
 """
