@@ -6,7 +6,6 @@ import asyncio
 import copy
 import json
 import re
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from httpkit import Counting, faulty_v2_app, independent_model, memorising_model, v2_meta
+from servekit import unused_port
 
 from wmark.errors import RuntimeFailure, UsageError
 from wmark.keys import generate_key
@@ -40,12 +40,6 @@ def _open(url: str, key, **options):
     return open_http_suspect(url=url, protocol="v2", model_name=options.pop("model_name", "m"),
                              num_classes=key.num_classes, input_shape=SHAPE, token=options.pop("token", None),
                              options=HttpOptions(**{"backoff": 0.01, **options}), seed=0)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_stolen_copy_served_label_only_is_detected_and_independent_is_not(marked_digits, digits):
@@ -199,7 +193,7 @@ def test_server_dying_mid_run_is_a_clear_error(key, copy_model):
 
 def test_unreachable_host(key):
     with pytest.raises(RuntimeFailure, match="Cannot reach the suspect"):
-        _open(f"http://127.0.0.1:{_free_port()}", key, retries=0)
+        _open(f"http://127.0.0.1:{unused_port()}", key, retries=0)
 
 
 def test_tls_error_is_named(key, copy_model):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import socket
 import threading
 import time
 import urllib.parse
@@ -16,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from servekit import unused_port
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -152,12 +152,6 @@ def _ask(url: str, n: int = 1, **options: Any) -> list[Any]:
         suspect.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("name", ["HTTP_PROXY", "http_proxy", "ALL_PROXY"])
 def test_answers_arrive_through_the_proxy_the_environment_names(env, name):
     """The deadline transport made httpx ignore the environment's proxies: a suspect reachable only through a
@@ -223,7 +217,7 @@ def _must_not_leak(text: str) -> None:
 
 
 def test_a_proxy_that_cannot_be_reached_is_named_without_its_credentials(env):
-    port = _free_port()
+    port = unused_port()
     env.setenv("HTTP_PROXY", f"http://{CREDENTIALS}@127.0.0.1:{port}")
     with pytest.raises(RuntimeFailure, match=rf"^Cannot reach the suspect at http://127.0.0.1:9 \(cannot connect "
                                              rf"through the proxy http://127.0.0.1:{port} \(") as caught:

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 import torch
-from servekit import trickle, wait_ready
+from servekit import start_serve, trickle, unused_port, wait_ready
 
 from wmark.errors import UsageError
 from wmark.io import save_model
@@ -21,12 +21,6 @@ from wmark.models import build_model
 
 SHAPE = (1, 8, 8)
 TOKEN = "serve-test-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cli(*args: str) -> list[str]:
@@ -42,16 +36,12 @@ def served(tmp_path_factory):
                metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
     key = generate_key(owner="Test Owner", num_classes=10, input_shape=SHAPE, num_triggers=30)
     save_key(key, tmp / "owner.key")
-    port = _free_port()
     env = dict(os.environ, WMARK_SERVE_TOKEN=TOKEN)
-    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits",
-                                 "--port", str(port), "--labels-only", "--token-env", "WMARK_SERVE_TOKEN",
-                                 "--max-body-bytes", "300000", "--body-timeout", "2",
-                                 "--header-timeout", "1"),
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _ = start_serve("--arch", "fmnist-mlp", "--weights", str(weights), "--name", "digits", "--labels-only",
+                               "--token-env", "WMARK_SERVE_TOKEN", "--max-body-bytes", "300000", "--body-timeout", "2",
+                               "--header-timeout", "1", env=env)
     wait_ready(proc, url)
-    yield url, tmp, port
+    yield url, tmp, int(url.rsplit(":", 1)[1])
     proc.terminate()
     proc.wait(timeout=10)
 
@@ -432,7 +422,7 @@ def test_cli_errors_are_one_sentence(served):
     refused = runner.invoke(main, ["verify", "api", "--key", key, "--suspect", url, "--model-name", "digits"])
     assert refused.exit_code == 2 and "needs a bearer token" in refused.output
     assert len(refused.output.strip().splitlines()) == 1
-    gone = runner.invoke(main, ["verify", "api", "--key", key, "--suspect", f"http://127.0.0.1:{_free_port()}",
+    gone = runner.invoke(main, ["verify", "api", "--key", key, "--suspect", f"http://127.0.0.1:{unused_port()}",
                                 "--model-name", "digits", "--retries", "0"])
     assert gone.exit_code == 3 and "Cannot reach the suspect" in gone.output
     busy = runner.invoke(main, ["serve", "--arch", "fmnist-mlp", "--weights", str(tmp / "m.safetensors"), "--name",
@@ -468,15 +458,11 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
     clients = tmp_path / "clients.json"
     clients.write_text(json.dumps({"thief": "thief-token", "honest": "honest-token"}))
     clients.chmod(0o600)
-    port = _free_port()
     # the rule names the served model: no --arch/--weights for the tie-break mark
     served = (["--rule", str(tmp_path / "rule.safetensors")] if mark == "tiebreak"
               else ["--arch", "fmnist-mlp", "--weights", str(weights), "--rate", "0.2"])
-    proc = subprocess.Popen(_cli("serve", "--name", "m", "--port", str(port), "--labels-only", "--mark", mark,
-                                 "--key", str(key), *served, "--clients", str(clients),
-                                 "--log", str(tmp_path / "served.sqlite")),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, announced = start_serve("--name", "m", "--labels-only", "--mark", mark, "--key", str(key), *served,
+                                       "--clients", str(clients), "--log", str(tmp_path / "served.sqlite"))
     try:
         wait_ready(proc, url)
         for client, n in (("thief", 300), ("honest", 40)):
@@ -489,7 +475,6 @@ def test_serve_logs_each_client_of_either_marked_api(tmp_path, mark):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
-    announced = proc.stderr.read().decode() if proc.stderr else ""
     # the served scale is the rule's (1 unless `tiebreak build --max-cost` chose another)
     assert (", tiebreak marked at beta 1, logging to" if mark == "tiebreak" else ", flip marked, logging to") in announced
     with QueryLog(tmp_path / "served.sqlite", key=load_key(key)) as log:
@@ -531,6 +516,33 @@ def test_serve_on_port_0_announces_the_port_it_listens_on(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+class _Announced(Exception):
+    """Raised by the announce callback below to stop `serve` before it runs uvicorn."""
+
+
+def test_serve_holds_the_port_it_announces_until_uvicorn_listens(tmp_path):
+    """`wmark serve` bound a probe socket to learn its port, closed it, and only then let uvicorn bind the port:
+    another process could take it in between, and with `--port 0` the announced port was free for anyone."""
+    from wmark.serve import serve
+
+    weights = tmp_path / "m.safetensors"
+    save_model(build_model("fmnist-mlp", num_classes=10, input_shape=SHAPE, seed=0), weights,
+               metadata={"arch": "fmnist-mlp", "num_classes": 10, "input_shape": list(SHAPE)})
+    ports: list[int] = []
+
+    def announce(line: str) -> None:
+        ports.append(int(line.rsplit(":", 1)[1].split("/")[0]))
+        with socket.socket() as other, pytest.raises(OSError, match="in use"):
+            other.bind(("127.0.0.1", ports[0]))
+        raise _Announced
+
+    with pytest.raises(_Announced):
+        serve(name="m", arch="fmnist-mlp", weights=weights, port=0, device="cpu", announce=announce)
+    assert len(ports) == 1 and ports[0] != 0
+    with socket.socket() as after:  # and it lets the port go when it stops
+        after.bind(("127.0.0.1", ports[0]))
 
 
 class _Breaks(torch.nn.Module):

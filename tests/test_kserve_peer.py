@@ -4,7 +4,6 @@ its v2 metadata; verification falls back to the key's input spec and says so in 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from clikit import run
 from httpkit import memorising_model
 from keykit import seeded_key
 from safetensors.torch import save_file
+from servekit import unused_port
 
 from wmark.errors import UsageError
 from wmark.keys import save_key
@@ -27,12 +27,6 @@ from wmark.suspects.protocols import DEFAULT_INPUT_NAME, V2Protocol
 
 SHAPE = (1, 8, 8)
 SERVER = Path(__file__).resolve().parent / "scripts" / "kserve_server.py"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _save(model: torch.nn.Module, path: Path) -> Path:
@@ -50,7 +44,8 @@ def kserve_peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     other = seeded_key("kserve-peer-other", num_classes=10, input_shape=SHAPE, num_triggers=40)
     marked = _save(memorising_model(key, keep=0.9, seed=0), tmp / "marked.safetensors")
     unmarked = _save(memorising_model(other, keep=0.9, seed=1), tmp / "unmarked.safetensors")
-    port = _free_port()
+    # KServe's server does not say which port it bound: it gets one that was free a moment ago
+    port = unused_port()
     log = (tmp / "server.log").open("w")
     proc = subprocess.Popen([sys.executable, str(SERVER), str(port), f"marked={marked}", f"unmarked={unmarked}"],
                             stdout=log, stderr=subprocess.STDOUT)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
-import subprocess
-import sys
+import socket
 
 import httpx
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from servekit import start_serve, wait_ready
 
 from wmark.cli import main
 from wmark.errors import UsageError
@@ -237,6 +238,35 @@ def test_mark_on_alarm_marks_only_the_flagged_client_from_its_alarm_on(model, pr
     assert all(tuple(np.round(v.reshape(-1), 5)) in marked for v in thief_logged)
 
 
+def _trickled_head(host: str, port: int, token: str) -> tuple[int, bytes]:
+    """Send a request line and headers bearing ``token`` but never the blank line that ends them; return the
+    client's own port and all the server sent before it closed the connection."""
+    head = f"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n".encode()
+    with socket.create_connection((host, port), timeout=10) as conn:
+        conn.sendall(head)
+        got = b""
+        while chunk := conn.recv(65536):
+            got += chunk
+        return conn.getsockname()[1], got
+
+
+def test_a_connection_closed_at_the_header_deadline_is_logged_and_counted(model, caplog):
+    """A connection closed with HTTP 408 because its head never arrived left no trace: no log line, no metric."""
+    gate = Gate(policy=None, clients=list(CLIENTS))
+    app = build_app(model=model, name="m", num_classes=10, input_shape=SHAPE, clients=CLIENTS, gate=gate)
+    with caplog.at_level(logging.WARNING, logger="wmark.serve"), \
+            serve_in_background(app, header_timeout=0.5, on_header_timeout=gate.header_timed_out) as server, \
+            httpx.Client(base_url=server.url, timeout=30) as http:
+        before = http.get("/metrics").text
+        peer, got = _trickled_head(server.host, server.port, CLIENTS["thief"])
+        after = http.get("/metrics").text
+    assert got.startswith(b"HTTP/1.1 408 ")
+    assert "\nwmark_header_timeouts_total 0.0\n" in before and "\nwmark_header_timeouts_total 1.0\n" in after
+    line = f"closed the connection from 127.0.0.1:{peer}: its request line and headers did not arrive within 0.5 seconds"
+    assert [r.getMessage() for r in caplog.records if r.name == "wmark.serve"] == [line]
+    assert CLIENTS["thief"] not in caplog.text
+
+
 def test_mark_on_alarm_needs_a_served_mark_and_a_monitor(model, profile):
     gate = Gate(policy=parse_policy({"default": {"mark": "on-alarm"}}, clients=list(CLIENTS)), clients=list(CLIENTS),
                 monitor=ExtractionMonitor(profile=profile))
@@ -252,10 +282,6 @@ def test_mark_on_alarm_needs_a_served_mark_and_a_monitor(model, profile):
                   answerer=TieBreakAPI(key=key, backend=LocalSuspect(model, input_shape=SHAPE), rule=rule))
     with pytest.raises(UsageError, match='Policy default.mark: is "sometimes"; use one of always, on-alarm.'):
         parse_policy({"default": {"mark": "sometimes"}}, clients=list(CLIENTS))
-
-
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-c", "from wmark.cli import main; main()", *args]
 
 
 @pytest.mark.parametrize("policy, message", [
@@ -289,31 +315,27 @@ def test_wmark_serve_policy_monitor_and_report(model, profile, tmp_path):
     (tmp_path / "policy.json").write_text(json.dumps({"default": {"on_alarm": {"action": "block"}},
                                                       "clients": {"shop": {"quota": {"total": 64}}}}))
     save_profile(profile, tmp_path / "profile.safetensors")
-    with __import__("socket").socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log, state = tmp_path / "alarms.jsonl", tmp_path / "state.json"
-    proc = subprocess.Popen(_cli("serve", "--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m",
-                                 "--port", str(port), "--clients", str(tmp_path / "clients.json"),
-                                 "--policy", str(tmp_path / "policy.json"), "--monitor",
-                                 str(tmp_path / "profile.safetensors"), "--alarm-log", str(log),
-                                 "--monitor-state", str(state)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, url, _ = start_serve("--arch", "fmnist-mlp", "--weights", str(weights), "--name", "m", "--clients",
+                               str(tmp_path / "clients.json"), "--policy", str(tmp_path / "policy.json"), "--monitor",
+                               str(tmp_path / "profile.safetensors"), "--alarm-log", str(log), "--monitor-state",
+                               str(state), "--header-timeout", "1")
     try:
-        url = f"http://127.0.0.1:{port}"
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-                __import__("time").sleep(0.1)
+        wait_ready(proc, url)
         with httpx.Client(base_url=url, timeout=30) as http:
             noise = np.random.default_rng(6).random((64, *SHAPE), dtype=np.float32)
             thief = [post(http, "thief", noise[i:i + 16]).status_code for i in range(0, 64, 16)]
             shop = [post(http, "shop", natural(32, 7)).status_code for _ in range(3)]
+            peer, got = _trickled_head("127.0.0.1", int(url.rsplit(":", 1)[1]), CLIENTS["lab"])
+            metrics = http.get("/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
+    assert proc.stderr is not None
+    stderr = proc.stderr.read().decode()
+    assert got.startswith(b"HTTP/1.1 408 ") and "\nwmark_header_timeouts_total 1.0\n" in metrics
+    assert f"closed the connection from 127.0.0.1:{peer}: its request line and headers did not arrive" in stderr
+    assert not any(t in stderr for t in CLIENTS.values())
     assert thief == [200, 200, 403, 403] and shop == [200, 200, 403]
     code, out = _run_cli("monitor", "report", "--alarm-log", str(log), "--state", str(state), "--json")
     doc = json.loads(out)

@@ -6,15 +6,12 @@ import dataclasses
 import json
 import os
 import signal
-import socket
-import subprocess
-import sys
 
 import httpx
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from servekit import wait_ready
+from servekit import start_serve, wait_ready
 
 from wmark.cli import main
 from wmark.errors import UsageError
@@ -353,15 +350,9 @@ def test_cli_calibrates_on_texts_and_wmark_serve_guards_a_text_model(text, tmp_p
                                        "--data", "digits", "--streams", str(streams), "--out", str(tmp_path / "q")])
     assert images.exit_code == 2 and "is a text classifier; give its owner's texts as --data" in images.stderr
     (tmp_path / "policy.json").write_text(json.dumps({"default": {"quota": {"total": 8}}}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-c", "from wmark.cli import main; main()", "serve", "--arch", "text-bow",
-                             "--weights", str(weights), "--name", "m", "--port", str(port), "--policy",
-                             str(tmp_path / "policy.json"), "--monitor", str(tmp_path / "p.safetensors"),
-                             "--alarm-log", str(tmp_path / "alarms.jsonl")],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _ = start_serve("--arch", "text-bow", "--weights", str(weights), "--name", "m", "--policy",
+                               str(tmp_path / "policy.json"), "--monitor", str(tmp_path / "p.safetensors"),
+                               "--alarm-log", str(tmp_path / "alarms.jsonl"), env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
         wait_ready(proc, url)
         codes = [httpx.post(f"{url}/hf/models/m", json={"inputs": sentences(4, 300)}, timeout=30).status_code

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import httpx
 import pytest
 import torch
 from click.testing import CliRunner
-from servekit import trickle, wait_ready
+from servekit import start_serve, trickle, wait_ready
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -148,12 +145,6 @@ def test_cli_keygen_makes_a_text_key_and_refuses_half_a_request(tmp_path):
     assert not (tmp_path / "v.key").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, tmp_path):
     from wmark.models import build_model
 
@@ -161,12 +152,8 @@ def test_wmark_serve_serves_a_text_classifier_that_cli_verify_clears(key_file, t
     weights = tmp_path / "bert.safetensors"
     save_model(build_model("tiny-bert", num_classes=4, input_shape=(32,), seed=3), weights,
                metadata={"arch": "tiny-bert", "num_classes": 4, "input_shape": [32], "modality": key.modality})
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from wmark.cli import main; main()", "serve", "--arch", "tiny-bert",
-                             "--weights", str(weights), "--name", "fortunes", "--port", str(port), "--labels-only"],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url, _ = start_serve("--arch", "tiny-bert", "--weights", str(weights), "--name", "fortunes", "--labels-only",
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
     try:
         wait_ready(proc, url)
         answer = httpx.post(f"{url}/hf/models/fortunes", json={"inputs": "computers are fast"}).json()
@@ -187,7 +174,7 @@ def test_wmark_serve_refuses_a_text_model_whose_file_records_no_tokenizer(tmp_pa
     save_model(build_model("tiny-bert", num_classes=4, input_shape=(32,), seed=3), weights,
                metadata={"arch": "tiny-bert", "num_classes": 4, "input_shape": [32]})
     done = CliRunner().invoke(main, ["serve", "--arch", "tiny-bert", "--weights", str(weights), "--name", "m",
-                                     "--port", str(_free_port())])
+                                     "--port", "0"])
     assert (done.exit_code, done.stderr) == (2, (f"error: {weights} holds a text model but records no tokenizer "
                                                 "(wmark.modality), so its text endpoint cannot tokenize; save it with "
                                                 "wmark (`wmark train` or `wmark embed`, or save_model with "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from scipy import stats
-from servekit import wait_ready
+from servekit import start_serve, wait_ready
 from textkit import text_key
 
 from wmark.distill import extract
@@ -298,27 +298,20 @@ def test_wmark_serve_marks_a_text_model_and_cli_verify_extraction_catches_its_th
     """`wmark serve --mark tiebreak` answers the HF text endpoint through the marked API and logs near-tie strings;
     `wmark verify extraction` tests a surrogate file against the rule and a client's log."""
     import os
-    import socket
-    import subprocess
-    import sys
 
     from click.testing import CliRunner
 
     from wmark.cli import main
 
     tmp = world["tmp"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log_path = tmp_path / "served.sqlite"
-    proc = subprocess.Popen([sys.executable, "-c", "from wmark.cli import main; main()", "serve", "--name", "fortunes",
-                             "--port", str(port), "--labels-only", "--mark", "tiebreak", "--key", str(tmp / "owner.key"),
-                             "--rule", str(tmp / "rule.safetensors"), "--beta", str(BETA), "--log", str(log_path)],
-                            env=dict(os.environ, HF_HUB_OFFLINE="1"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}/hf/models/fortunes"
+    proc, base, _ = start_serve("--name", "fortunes", "--labels-only", "--mark", "tiebreak", "--key",
+                                str(tmp / "owner.key"), "--rule", str(tmp / "rule.safetensors"), "--beta", str(BETA),
+                                "--log", str(log_path), env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    url = f"{base}/hf/models/fortunes"
     texts = list(world["thief_x"][:40])
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}")
+        wait_ready(proc, base)
         answer = httpx.post(url, json={"inputs": texts}).json()
         assert httpx.post(url, json={"inputs": [[1.0, 2.0]]}).status_code == 400
     finally:

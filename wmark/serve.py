@@ -60,7 +60,7 @@ from wmark.serve_input import (
     read_json,
     text_char_limit,
 )
-from wmark.serve_protocol import HEADER_TIMEOUT_S, http_protocol
+from wmark.serve_protocol import HEADER_TIMEOUT_S, header_deadline, http_protocol
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
@@ -348,12 +348,15 @@ class BackgroundServer:
         host: Interface to bind (default loopback only).
         port: Port (0: any free one).
         header_timeout: Seconds a connection has to send a request line and headers (:mod:`wmark.serve_protocol`).
+        on_header_timeout: Called once for each connection closed at that deadline, e.g. the
+            :meth:`~wmark.monitor.gate.Gate.header_timed_out` of the app's gate.
     """
 
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                 header_timeout: float = HEADER_TIMEOUT_S) -> None:
+    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
+                 on_header_timeout: Callable[[], None] | None = None) -> None:
         self.config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False,
-                                     lifespan="off", timeout_keep_alive=30, http=http_protocol(header_timeout))
+                                     lifespan="off", timeout_keep_alive=30,
+                                     http=http_protocol(header_timeout, on_header_timeout))
         self.server = uvicorn.Server(self.config)
         self.thread = threading.Thread(target=self._run, daemon=True, name="wmark-uvicorn")
         self.host = host
@@ -385,26 +388,34 @@ class BackgroundServer:
 
 
 @contextlib.contextmanager
-def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0,
-                        header_timeout: float = HEADER_TIMEOUT_S) -> Iterator[BackgroundServer]:
-    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block."""
-    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout).start()
+def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
+                        on_header_timeout: Callable[[], None] | None = None) -> Iterator[BackgroundServer]:
+    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block (see
+    :class:`BackgroundServer`)."""
+    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout,
+                              on_header_timeout=on_header_timeout).start()
     try:
         yield server
     finally:
         server.stop()
 
 
-def _check_port_free(host: str, port: int) -> int:
-    """The port to serve on: ``port``, or for 0 a free one the system picks (announced, so clients can reach it)."""
-    # uvicorn reports a busy port by logging and calling sys.exit; say it in one sentence instead.
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (0: a free port the system picks) for uvicorn to listen on: bound once, not
+    probed and bound again, so no other process can take the port in between and the port announced is the one
+    served. uvicorn reports a busy port by logging and calling sys.exit; this says it in one sentence instead.
+
+    Raises:
+        UsageError: If the address cannot be bound (a busy port, an address not on this machine).
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-            return int(probe.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as exc:
+        sock.close()
         raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another port.") from None
+    return sock
 
 
 def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
@@ -432,7 +443,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     ``wmark monitor calibrate``, on texts for a text model), every inference request, v2 or text, passes a
     :class:`~wmark.monitor.gate.Gate`: quotas, rate limits, answer modes, the extraction monitor's alarms (one
     JSON line each in ``alarm_log``) and their actions; ``monitor_state`` keeps quota counts and alarms across
-    restarts; ``GET /metrics`` is served.
+    restarts; ``GET /metrics`` is served, counting connections closed at the header deadline too.
 
     The model answers on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default CUDA when present); requests
     arrive as host arrays and follow it there.
@@ -457,7 +468,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise UsageError(f"Port {port} is out of range 0-65535.")
     if not name or "/" in name:
         raise UsageError(f"Model name {name!r} must be non-empty and contain no '/'.")
-    protocol = http_protocol(header_timeout)
+    header_timeout = header_deadline(header_timeout)  # refused before the model loads
     on = resolve_device(device)
     token = None
     if token_env:
@@ -471,6 +482,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
                          beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
     served.model.to(on)
     gate = None
+    listener: socket.socket | None = None
     serving = False
     try:
         text = text_inputs_of(wmark_metadata(read_metadata(served.weights)))
@@ -485,9 +497,10 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
                         text=text, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
-        port = _check_port_free(host, port)
+        listener = _listen(host, port)
+        port = int(listener.getsockname()[1])
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
-                                http=protocol)
+                                http=http_protocol(header_timeout, None if gate is None else gate.header_timed_out))
         server = uvicorn.Server(config)
         if announce is not None:
             mode = "label-only" if labels_only else "scores"
@@ -500,7 +513,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             route = "hf" if text is not None else "v2"
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
         serving = True
-        _run_until_terminated(server)
+        _run_until_terminated(server, listener)
     except WmarkError:
         # refused before the first request (a bad policy, a busy port): a log this run created holds nothing yet
         if not serving and served.log is not None:
@@ -510,15 +523,17 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         raise
     finally:
         served.close()
+        if listener is not None:
+            listener.close()
         if gate is not None:
             gate.close(save=serving)
 
 
-def _run_until_terminated(server: uvicorn.Server) -> None:
-    """Run uvicorn; on SIGTERM, exit through ``finally`` blocks (uvicorn re-raises the signal after its
+def _run_until_terminated(server: uvicorn.Server, listener: socket.socket) -> None:
+    """Run uvicorn on ``listener``; on SIGTERM, exit through ``finally`` blocks (uvicorn re-raises the signal after its
     graceful shutdown, and the default handler would kill the process before logs and state are saved)."""
     if threading.current_thread() is not threading.main_thread():
-        server.run()
+        server.run(sockets=[listener])
         return
 
     def stop(_sig: int, _frame: Any) -> None:
@@ -526,7 +541,7 @@ def _run_until_terminated(server: uvicorn.Server) -> None:
 
     previous = signal.signal(signal.SIGTERM, stop)
     try:
-        server.run()
+        server.run(sockets=[listener])
     finally:
         signal.signal(signal.SIGTERM, previous)
 

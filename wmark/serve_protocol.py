@@ -7,7 +7,9 @@ uvicorn's h11 protocol a header deadline: a connection must deliver a request li
 wait for that byte is bounded by uvicorn's own keep-alive timeout, which this leaves as it is). Past the deadline
 the server answers HTTP 408 with ``{"error": ...}`` and closes the connection; no response has begun while a head
 is incomplete, so h11 lets the server answer one there, as uvicorn answers a malformed request with 400. A body has
-its own deadline (:mod:`wmark.serve_input`).
+its own deadline (:mod:`wmark.serve_input`). Each connection closed at the deadline is logged (one warning on the
+``wmark.serve`` logger naming the peer's address, never the head's bytes) and reported to the ``on_timeout`` hook
+given to :func:`http_protocol` (a gate's ``wmark_header_timeouts_total`` counter).
 
 h11 rather than httptools, uvicorn's pick when it is installed: h11 refuses a request head over 16 KB (HTTP 400)
 where httptools buffers headers without limit, so a head is bounded in size as well as in time, and every install
@@ -15,7 +17,7 @@ parses requests the same way. h11 before 0.16 let malformed chunked bodies throu
 smuggling behind a proxy): pyproject asks for 0.16.
 
 The subclass reads attributes of uvicorn's ``H11Protocol`` that uvicorn does not document (``conn``, ``loop``,
-``transport``, ``server_state``, the ``on_response_complete`` hook its request cycle calls): checked against
+``transport``, ``server_state``, ``client``, the ``on_response_complete`` hook its request cycle calls): checked against
 uvicorn 0.23.0, the lower bound in pyproject, and 0.55.0 (tests/test_serve_protocol.py passes on both). Check
 again before raising the upper end of what is tested.
 """
@@ -24,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -97,10 +101,19 @@ class HeaderDeadlineProtocol(H11Protocol):
                           h11.Data(data=body), h11.EndOfMessage()):
                 self.transport.write(self.conn.send(event) or b"")
         self.transport.close()
+        # the peer's address only: the head may hold a bearer token
+        peer = "an unknown peer" if not self.client else ":".join(str(part) for part in self.client)
+        logging.getLogger("wmark.serve").warning(
+            "closed the connection from %s: its request line and headers did not arrive within %g seconds",
+            peer, self.header_timeout)
+        self.header_timed_out()
+
+    def header_timed_out(self) -> None:
+        """Called once for each connection closed at the header deadline; :func:`http_protocol` reports it."""
 
 
-def http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type[HeaderDeadlineProtocol]:
-    """The protocol class to give ``uvicorn.Config(http=...)``: h11 with a ``header_timeout`` second header deadline.
+def header_deadline(header_timeout: float) -> float:
+    """``header_timeout`` as float seconds, checked (a server refuses a bad one before it loads its model).
 
     Raises:
         UsageError: If ``header_timeout`` is not a positive number of seconds.
@@ -108,9 +121,28 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type[HeaderDeadli
     if isinstance(header_timeout, bool) or not isinstance(header_timeout, int | float) \
             or not 0 < header_timeout < math.inf:
         raise UsageError(f"The request header deadline must be a positive number of seconds, got {header_timeout!r}.")
-    seconds = float(header_timeout)
+    return float(header_timeout)
+
+
+def http_protocol(header_timeout: float = HEADER_TIMEOUT_S,
+                  on_timeout: Callable[[], None] | None = None) -> type[HeaderDeadlineProtocol]:
+    """The protocol class to give ``uvicorn.Config(http=...)``: h11 with a ``header_timeout`` second header deadline.
+
+    Args:
+        header_timeout: Seconds a connection has to send a request line and headers.
+        on_timeout: Called (on the event loop, so it must not block) once for each connection closed at the
+            deadline, e.g. to count them; the log line is written either way.
+
+    Raises:
+        UsageError: If ``header_timeout`` is not a positive number of seconds.
+    """
+    seconds = header_deadline(header_timeout)
 
     class Protocol(HeaderDeadlineProtocol):
         header_timeout = seconds
+
+        def header_timed_out(self) -> None:
+            if on_timeout is not None:
+                on_timeout()
 
     return Protocol

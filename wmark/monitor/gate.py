@@ -134,6 +134,10 @@ class Gate:
                                   registry=self.registry)
         self.m_total = prom.Gauge("wmark_quota_used_total", "Queries counted against the total quota.", ["client"],
                                   registry=self.registry)
+        # no client label: the head that would name the client is what did not arrive
+        self.m_header_timeouts = prom.Counter(
+            "wmark_header_timeouts", "Connections closed because their request line and headers did not arrive "
+            "within the header deadline.", registry=self.registry)
         if monitor is not None:
             self.m_threshold.set(monitor.threshold)
         for name in self.clients:
@@ -345,6 +349,11 @@ class Gate:
         if save and self.state_path is not None:
             with self.lock:
                 self._save_state(self.clock())
+
+    def header_timed_out(self) -> None:
+        """Count a connection closed at the header deadline (the ``on_timeout`` hook of
+        :func:`wmark.serve_protocol.http_protocol`)."""
+        self.m_header_timeouts.inc()
 
     def metrics(self) -> tuple[bytes, str]:
         """The Prometheus text exposition and its content type."""
