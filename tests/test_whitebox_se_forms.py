@@ -189,3 +189,34 @@ def test_an_expand_is_odd_in_each_unit_so_the_stream_stays_signed() -> None:
     assert torch.equal(other.bn.bias.abs().sort().values, model.bn.bias.abs().sort().values)
     assert not torch.equal(other.bn.bias.sort().values, model.bn.bias.sort().values)
     assert torch.allclose(other(x), model(x), atol=1e-5)
+
+
+class HardSENet(SENet):
+    """MobileNetV3's block: hard-swish activations and a hard-sigmoid gate, as modules and as functions."""
+
+    def __init__(self, seed: int, functional: bool) -> None:
+        super().__init__(seed)
+        self.functional = functional
+        self.act, self.gate = nn.Hardswish(), nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = F.hardswish if self.functional else self.act
+        gate = F.hardsigmoid if self.functional else self.gate
+        h = act(self.conv(act(self.stem(x))))
+        s = gate(self.fc2(F.relu6(self.fc1(F.adaptive_avg_pool2d(h, 1).flatten(1)))))
+        return self.head(act(self.proj(h * s.view(x.size(0), -1, 1, 1))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("functional", [False, True])
+def test_hard_swish_and_hard_sigmoid_keep_the_stream(functional: bool) -> None:
+    model = HardSENet(0, functional).eval()
+    x = torch.randn(4, 1, 16, 16)
+    g = read_graph(model)
+    stream = g.layer("conv.weight").out
+    assert g.spaces[stream].kind == "free"
+    assert g.layer("fc1.weight").inp == stream == g.layer("fc2.weight").out == g.layer("proj.weight").inp
+    other = HardSENet(99, functional)
+    other.load_state_dict(permute_spaces(model.state_dict(), graph=g, seed=0))
+    other.eval()
+    assert not torch.equal(other.fc2.weight, model.fc2.weight)
+    assert torch.allclose(other(x), model(x), atol=1e-5)

@@ -21,11 +21,15 @@ _KEEP_MODULES = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh,
     nn.Sigmoid, nn.ELU, nn.Dropout, nn.Dropout2d, nn.Identity, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d,
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
+    # elementwise, so equivariant under any permutation of the units (MobileNetV3's hard gates among them)
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.SELU, nn.CELU,
 )
 _KEEP_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
     nn.functional.silu, nn.functional.dropout, nn.functional.max_pool2d, nn.functional.avg_pool2d,
-    nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu,
+    nn.functional.adaptive_avg_pool2d, nn.functional.leaky_relu, nn.functional.hardswish, nn.functional.hardsigmoid,
+    nn.functional.hardtanh, nn.functional.mish, nn.functional.softplus, nn.functional.elu, nn.functional.selu,
+    nn.functional.celu,
 }
 _KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
 _ADDS = {operator.add, operator.iadd, torch.add}
