@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from keykit import seeded_key
@@ -112,6 +112,19 @@ def check(key: Key, d, tensors: dict[str, torch.Tensor], name: str):
     save_tensors(tensors, d / f"{name}.safetensors")
     return verify_whitebox(key=key, reference=d / "ref.safetensors", suspect=d / f"{name}.safetensors",
                            anchor=d / "anchor.safetensors")
+
+
+def assert_reads_back(key: Key, d, model: nn.Module, permuted: Callable[[nn.Module, int], nn.Module], *,
+                      seeds: Sequence[int] = (0, 1), at_least: int = 30) -> list[int]:
+    """Verify ``permuted(model, seed)`` for each seed against ``d``'s files: detected, at least ``at_least`` bits
+    matching, under the exact null; returns the matches."""
+    results = []
+    for seed in seeds:
+        verdict = check(key, d, permuted(model, seed).state_dict(), f"attacked{seed}")
+        results.append(verdict.tests[0].matches)
+        assert verdict.detected and verdict.tests[0].matches >= at_least, results
+        assert verdict.tests[0].null["exact_by_construction"]
+    return results
 
 
 def guarded_aligner(d, sus: dict[str, torch.Tensor]):
