@@ -21,17 +21,14 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import hmac
 import json
 import math
 import os
-import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +58,14 @@ from wmark.serve_input import (
     text_char_limit,
 )
 from wmark.serve_protocol import HEADER_TIMEOUT_S, header_deadline, http_protocol
+from wmark.serve_runtime import BackgroundServer, listen, run_until_terminated, serve_in_background
 from wmark.suspects.base import Suspect
 from wmark.suspects.local import LocalSuspect
 from wmark.text import TextInputs
 from wmark.training import resolve_device
+
+# the server's public surface, with the runtime (wmark.serve_runtime) it starts
+__all__ = ["BackgroundServer", "build_app", "read_clients", "serve", "serve_in_background"]
 
 ANONYMOUS = "anonymous"
 LABEL_OUTPUT = {"name": "label", "datatype": "INT64", "shape": [-1]}
@@ -338,86 +339,6 @@ def build_app(*, model: torch.nn.Module, name: str, num_classes: int, input_shap
     return Starlette(routes=routes, exception_handlers={HTTPException: _http_error})
 
 
-class BackgroundServer:
-    """Runs an ASGI app with uvicorn in a daemon thread (for tests, benchmarks and notebooks).
-
-    ``port=0`` picks a free port; read it from :attr:`url` after :meth:`start` (or use :func:`serve_in_background`).
-
-    Args:
-        app: The ASGI application.
-        host: Interface to bind (default loopback only).
-        port: Port (0: any free one).
-        header_timeout: Seconds a connection has to send a request line and headers (:mod:`wmark.serve_protocol`).
-        on_header_timeout: Called once for each connection closed at that deadline, e.g. the
-            :meth:`~wmark.monitor.gate.Gate.header_timed_out` of the app's gate.
-    """
-
-    def __init__(self, app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
-                 on_header_timeout: Callable[[], None] | None = None) -> None:
-        self.config = uvicorn.Config(app, host=host, port=port, log_level="error", access_log=False,
-                                     lifespan="off", timeout_keep_alive=30,
-                                     http=http_protocol(header_timeout, on_header_timeout))
-        self.server = uvicorn.Server(self.config)
-        self.thread = threading.Thread(target=self._run, daemon=True, name="wmark-uvicorn")
-        self.host = host
-        self.port = port
-
-    def _run(self) -> None:
-        asyncio.run(self.server.serve())
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 10.0) -> BackgroundServer:
-        self.thread.start()
-        waited = 0.0
-        while not self.server.started:
-            if not self.thread.is_alive() or waited > timeout:
-                raise RuntimeError("the server thread did not start")
-            threading.Event().wait(0.01)
-            waited += 0.01
-        sockets = [s for srv in self.server.servers for s in srv.sockets]
-        self.port = int(sockets[0].getsockname()[1])
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
-
-@contextlib.contextmanager
-def serve_in_background(app: Any, *, host: str = "127.0.0.1", port: int = 0, header_timeout: float = HEADER_TIMEOUT_S,
-                        on_header_timeout: Callable[[], None] | None = None) -> Iterator[BackgroundServer]:
-    """Run ``app`` on ``host:port`` (0: a free port) for the duration of a ``with`` block (see
-    :class:`BackgroundServer`)."""
-    server = BackgroundServer(app, host=host, port=port, header_timeout=header_timeout,
-                              on_header_timeout=on_header_timeout).start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
-def _listen(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (0: a free port the system picks) for uvicorn to listen on: bound once, not
-    probed and bound again, so no other process can take the port in between and the port announced is the one
-    served. uvicorn reports a busy port by logging and calling sys.exit; this says it in one sentence instead.
-
-    Raises:
-        UsageError: If the address cannot be bound (a busy port, an address not on this machine).
-    """
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise UsageError(f"Cannot listen on {host}:{port} ({exc.strerror or exc}); pick another port.") from None
-    return sock
-
-
 def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str] | None = None, host: str = "127.0.0.1",
           port: int = 8080, labels_only: bool = False, token_env: str | None = None,
           key: str | os.PathLike[str] | None = None, mark: str | None = None,
@@ -497,7 +418,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
         app = build_app(model=served.model, name=name, num_classes=served.num_classes, input_shape=served.input_shape,
                         labels_only=labels_only, token=token, answerer=served.answerer, clients=clients, gate=gate,
                         text=text, max_body_bytes=max_body_bytes, body_timeout=body_timeout)
-        listener = _listen(host, port)
+        listener = listen(host, port)
         port = int(listener.getsockname()[1])
         config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off",
                                 http=http_protocol(header_timeout, None if gate is None else gate.header_timed_out))
@@ -513,7 +434,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             route = "hf" if text is not None else "v2"
             announce(f"serving {name} ({mode}{auth}) on http://{host}:{port}/{route}/models/{name}")
         serving = True
-        _run_until_terminated(server, listener)
+        run_until_terminated(server, listener)
     except WmarkError:
         # refused before the first request (a bad policy, a busy port): a log this run created holds nothing yet
         if not serving and served.log is not None:
@@ -527,23 +448,6 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
             listener.close()
         if gate is not None:
             gate.close(save=serving)
-
-
-def _run_until_terminated(server: uvicorn.Server, listener: socket.socket) -> None:
-    """Run uvicorn on ``listener``; on SIGTERM, exit through ``finally`` blocks (uvicorn re-raises the signal after its
-    graceful shutdown, and the default handler would kill the process before logs and state are saved)."""
-    if threading.current_thread() is not threading.main_thread():
-        server.run(sockets=[listener])
-        return
-
-    def stop(_sig: int, _frame: Any) -> None:
-        raise SystemExit(0)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        server.run(sockets=[listener])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _make_gate(*, policy: str | os.PathLike[str] | None, monitor: str | os.PathLike[str] | None,
