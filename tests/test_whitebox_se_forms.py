@@ -214,3 +214,23 @@ def test_hard_swish_and_hard_sigmoid_keep_the_stream(functional: bool) -> None:
     other.eval()
     assert not torch.equal(other.fc2.weight, model.fc2.weight)
     assert torch.allclose(other(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("squeeze", [
+    lambda h, x: F.adaptive_avg_pool2d(h, 1).view((x.size(0), x.size(1))),  # one tuple of sizes
+    lambda h, x: torch.reshape(F.adaptive_avg_pool2d(h, 1), (x.shape[0], -1)),  # the function, not the method
+    lambda h, x: F.adaptive_avg_pool2d(h, 1).reshape([x.size(0), x.size(1) * x.size(2) // x.size(2)]),
+])
+def test_sizes_given_as_one_tuple_or_to_torch_reshape_are_read_as_sizes(squeeze: Op) -> None:
+    SQUEEZES["probe"] = squeeze
+    try:
+        model = SENet(0, "probe", "view").eval()
+        g = read_graph(model)
+        stream = g.layer("conv.weight").out
+        assert g.spaces[stream].kind == "free"
+        assert g.layer("fc1.weight").inp == stream
+        x = torch.randn(2, 1, 16, 16)
+        assert torch.allclose(permuted(model, 0)(x), model(x), atol=1e-5)
+    finally:
+        del SQUEEZES["probe"]
+

@@ -273,12 +273,13 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
         why = f"{target.__name__} of a {_rank(rank)} (only a batch of 2-D maps keeps its channels on dimension 1)"
     elif target in _KEEP_FUNCTIONS or (node.op == "call_method" and target in _KEEP_METHODS):
         return first
-    elif node.op == "call_method" and target in _RESHAPES:
+    elif target in _RESHAPES:
         shape = _sizes(node)
         if len(shape) == 2 and _batch_size(shape[0]):
             # x.view(b, n) is x.flatten(1) whatever n is: the element count fixes n (n = C on a pooled 1×1 map).
             return first
-        why = f"a {target} other than x.{target}(x.size(0), -1)"
+        name = getattr(target, "__name__", target)
+        why = f"a {name} other than x.{name}(x.size(0), -1)"
     elif target in _REDUCTIONS:
         why = _reduction(node, rank)[0]
     else:
@@ -289,8 +290,23 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
 
 
 _UNSQUEEZES = {"unsqueeze", torch.unsqueeze}
-_RESHAPES = {"view", "reshape"}
+_RESHAPES = {"view", "reshape", torch.reshape}
 _EXPANDS = {"expand", "expand_as"}
+
+
+def shape_read(node: Any) -> bool:
+    """Whether an fx node is a size read from a tensor (``x.size(...)``, ``x.shape``, an item of one, or arithmetic
+    of those): an integer argument, never a tensor whose units an op could mix."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op != "call_function":
+        return False
+    if node.target is getattr and len(node.args) > 1 and node.args[1] == "shape":
+        return True
+    if node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub):
+        nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        return bool(nodes) and all(shape_read(a) for a in nodes)
+    return False
 
 
 def _sizes(node: Any) -> tuple[Any, ...]:

@@ -80,6 +80,7 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
+    shape_read,
     taint,
     unsqueezed,
 )
@@ -197,7 +198,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             if last:
                 last_axis.add(node)
             continue
-        if node.op != "output" and any(a in label and a not in tensor_args for a in node.all_input_nodes):
+        if node.op != "output" and any(a in label and a not in tensor_args and not shape_read(a)
+                                       for a in node.all_input_nodes):
             # A list of tensors (torch.cat, torch.stack) or a tensor passed by keyword: nothing is guessed through it,
             # but the operands a cat or stack pairs unit with unit are joined, and those it misaligns made opaque.
             listed = [a for a in node.all_input_nodes if a in label]
