@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The entry point pyproject.toml names, run with torch's import held up (until the test's SIGINT ends it) so that the
 # signal lands while the command imports, whatever the machine's speed.
 SLOW_START = """
-import importlib, importlib.abc, sys, time
+import importlib, importlib.abc, signal, sys, time
+
+# Ctrl-C as a terminal delivers it: a test run in the background by a shell without job control ignores SIGINT
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 class SlowTorch(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):

@@ -512,14 +512,19 @@ def test_ctrl_c_at_concurrency_keeps_the_answers_already_in_flight(key, copy_mod
 
     app, calls = faulty_v2_app(copy_model, name="m", shape=SHAPE, behaviour=lambda n: None if n == 0 else 0.6)
     got: list[int] = []
-    with serve_in_background(app) as server:
-        suspect = _open(server.url, key, concurrency=4)
-        suspect.query(generate_triggers(key).inputs.numpy()[:1])
-        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-        with pytest.raises(KeyboardInterrupt):
-            for i, outcome in suspect.stream(generate_triggers(key).inputs.numpy()[:12]):
-                assert outcome.ok
-                got.append(i)
-        suspect.close()
+    # a run started in the background by a shell without job control inherits SIGINT ignored; Ctrl-C is the default
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with serve_in_background(app) as server:
+            suspect = _open(server.url, key, concurrency=4)
+            suspect.query(generate_triggers(key).inputs.numpy()[:1])
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            with pytest.raises(KeyboardInterrupt):
+                for i, outcome in suspect.stream(generate_triggers(key).inputs.numpy()[:12]):
+                    assert outcome.ok
+                    got.append(i)
+            suspect.close()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert calls["requests"] == 1 + 4
     assert sorted(got) == [0, 1, 2, 3]
