@@ -107,6 +107,21 @@ def mark_over_anchor(key: Key, base: nn.Module, d, train: Callable[..., nn.Modul
     return model, emb
 
 
+def train_gray(model: nn.Module, seed: int, *, steps: int, embedder: WeightsEmbedder | None = None) -> nn.Module:
+    """:func:`train_on_images` on one-channel images (the squeeze-excitation tests' task)."""
+    return train_on_images(model, seed, steps=steps, embedder=embedder, channels=1)
+
+
+def mark_proj(base: nn.Module, d) -> tuple[Key, nn.Module]:
+    """``base`` trained 30 steps (:func:`train_gray`) as the anchor and its ``proj`` layer marked over it with a
+    32-bit key: the squeeze-excitation tests' set-up. One bit of that key sits near 0 in such a layer, so at most
+    one bit is wrong."""
+    key = tiny_key(32, seed=41)
+    model, emb = mark_over_anchor(key, train_gray(base, 0, steps=30), d, train_gray, layer="proj")
+    assert emb.bit_errors() <= 1
+    return key, model
+
+
 def check(key: Key, d, tensors: dict[str, torch.Tensor], name: str):
     """Verify ``tensors`` (saved as ``d/name.safetensors``) against ``d``'s reference and anchor files."""
     save_tensors(tensors, d / f"{name}.safetensors")
@@ -124,6 +139,18 @@ def assert_reads_back(key: Key, d, model: nn.Module, permuted: Callable[[nn.Modu
         results.append(verdict.tests[0].matches)
         assert verdict.detected and verdict.tests[0].matches >= at_least, results
         assert verdict.tests[0].null["exact_by_construction"]
+    return results
+
+
+def assert_twins_near_chance(key: Key, d, twins: dict[int, nn.Module],
+                             permuted: Callable[[nn.Module, int], nn.Module]) -> list[int]:
+    """Verify each independently trained twin (by seed), permuted with its seed: never detected, log10 p above -3;
+    returns the matches."""
+    results = []
+    for seed, twin in twins.items():
+        verdict = check(key, d, permuted(twin, seed).state_dict(), f"twin{seed}")
+        results.append(verdict.tests[0].matches)
+        assert not verdict.detected and verdict.tests[0].log10_p > -3, results
     return results
 
 
