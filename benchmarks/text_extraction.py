@@ -52,11 +52,14 @@ from wmark.io import load_tensors, save_model, save_tensors
 from wmark.keys import generate_key
 from wmark.models import build_model, penultimate_featurizer
 from wmark.schemes.tiebreak import (
+    COST_CONFIDENCE,
     TieBreakAPI,
     TieBreakLog,
     accuracy_cost,
+    accuracy_costs,
     build_tiebreak_rule,
     commit_verification_inputs,
+    largest_beta_within,
     owner_texts,
     select_log_inputs,
     tiebreak_log_test,
@@ -324,6 +327,21 @@ def text_key(k: int, keys_dir: Path | None, modality: dict[str, Any]) -> Any:
                                                           modality=modality))
 
 
+RESEARCH_GRID = tuple(round(0.05 * i, 2) for i in range(1, 31))
+
+
+def scale_within(key: Any, backend: Any, rule: Any, xe: np.ndarray, ye: np.ndarray, max_cost: float) -> float:
+    """The largest scale on :data:`RESEARCH_GRID` within ``max_cost`` points on the test third, chosen as the
+    library chooses (:func:`largest_beta_within`), but on a grid that goes past the default 1 (a cheaper map may
+    afford a larger scale)."""
+    api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=1.0, expose_scores=False)
+    chosen = largest_beta_within(accuracy_costs(api=api, x=xe, y=ye, betas=RESEARCH_GRID), max_cost,
+                                 confidence=COST_CONFIDENCE)
+    if chosen is None:
+        raise SystemExit(f"no scale costs at most {max_cost:g} pp on this key")
+    return float(chosen["beta"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 key, 300/300 queries, fewer epochs: minutes.")
@@ -355,6 +373,10 @@ def main() -> None:
                         help="What the rule's keyed shift is read from: the served model's penultimate features (the "
                              "library's map) or, research, the public MiniLM encoder's mean-pooled features (the "
                              "encoder the MiniLM victim and thieves start from).")
+    parser.add_argument("--max-cost", type=float, default=None,
+                        help="Research: per key, serve the largest scale (0.05 to 1.5 in steps of 0.05) whose honest "
+                             "cost on the test third is at most this many points with the library's confidence, as "
+                             "`wmark tiebreak build --max-cost` picks up to 1 (replaces --betas).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -441,6 +463,9 @@ def main() -> None:
                                    feature_space=space, text=text)
         kept = rule.components
         rule = commit_verification_inputs(rule, served=backend, x=xo, references=refs, count=queries, how="text-bow")
+        if args.max_cost is not None:
+            betas = [scale_within(key, backend, rule, xe, ye, args.max_cost)]
+            print(f"key {k}: beta {betas[0]:g} within {args.max_cost:g} pp", flush=True)
         for beta in betas:
             with TieBreakLog(workdir / f"key{k}-beta{beta:g}.sqlite", key=key) as log:
                 api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=beta, expose_scores=False, log=log)
@@ -477,13 +502,13 @@ def main() -> None:
                            "caught_in_scope_scores": sum(r.get("scores_verdict") == "extracted" and r["within_5pp"]
                                                          for r in rows if r["beta"] == b),
                            "in_scope": sum(r["within_5pp"] for r in rows if r["beta"] == b),
-                           "thieves": sum(r["beta"] == b for r in rows)} for b in betas}
+                           "thieves": sum(r["beta"] == b for r in rows)} for b in sorted({r["beta"] for r in rows})}
     print(table([{"beta": b, **v} for b, v in per_beta.items()], ["beta", "mean_cost_pp", "thieves", "in_scope",
                                                                  "caught", "caught_in_scope",
                                                                  "caught_in_scope_scores"]))
     print(f"independent models accused reading probabilities: {len(accused_scores)}/"
           f"{sum('scores_verdict' in n for n in nulls)}")
-    doc = {"quick": quick, "alpha": ALPHA, "betas": betas, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
+    doc = {"quick": quick, "alpha": ALPHA, "betas": sorted({r["beta"] for r in rows}), "max_cost": args.max_cost, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
            "minilm_thief": bool(args.minilm_thief), "texts": {"owner": len(xo), "thief": len(xa), "test": len(xe), "max_tokens": LENGTH},
