@@ -384,7 +384,9 @@ def test_the_cli_embeds_with_lookahead_and_records_it(tmp_path) -> None:
     assert "trigger_margin" not in meta and "trigger_lookahead" not in meta and meta["trigger_per_batch"] == 8
 
 
-def test_the_lightning_callback_learns_lookahead_triggers() -> None:
+def _lightning_lookahead_fit(**trainer_options: object) -> tuple[object, list[float], list[float]]:
+    """Fit a tiny net with the Lightning callback's lookahead pass; ``(callback, the gradient norm each step
+    as the hooks after the callback's see it, as the optimizer steps on it)``."""
     L = pytest.importorskip("lightning")
     # a fixed key: how fast triggers are learnt varies with the key, and a fresh one once learnt 0.75 (< 0.8)
     digits_key = seeded_key("lookahead/lightning", num_classes=10, input_shape=(1, 8, 8), num_triggers=40)
@@ -393,6 +395,11 @@ def test_the_lightning_callback_learns_lookahead_triggers() -> None:
     L.seed_everything(0, verbose=False)  # the data and the initialisation
     x = torch.rand(256, 1, 8, 8)
     y = x.flatten(1)[:, :10].argmax(1)
+    before_step: list[float] = []
+    stepped: list[float] = []
+
+    def norm(params: object) -> float:
+        return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
 
     class Module(L.LightningModule):
         def __init__(self) -> None:
@@ -405,18 +412,42 @@ def test_the_lightning_callback_learns_lookahead_triggers() -> None:
         def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
             return F.cross_entropy(self(batch[0]), batch[1])
 
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
+        def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+            # Lightning calls the callbacks' hook first, so the trigger gradient is in already
+            before_step.append(norm(self.parameters()))
 
-    module = Module()
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+            # Lightning runs the step's closure (backward, hooks, clipping) inside step(), so a pre-hook fires too
+            # early; Adam leaves .grad as it stepped on it
+            opt.register_step_post_hook(lambda o, args, kwargs: stepped.append(norm(self.parameters())))
+            return opt
+
     # 8 triggers per batch of 32: each weighs like a natural sample, a quarter of the batch's loss (weight=1).
     callback = WatermarkCallback(Watermarker(digits_key, trigger_per_batch=8))
     trainer = L.Trainer(max_epochs=30, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])
-    trainer.fit(module, make_loader(x, y, batch_size=32, seed=0))
-    assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
+                        **trainer_options)
+    trainer.fit(Module(), make_loader(x, y, batch_size=32, seed=0))
     with pytest.raises(UsageError, match="drop forward="):
         WatermarkCallback(Watermarker(digits_key), forward=lambda m, b: m(b))
+    return callback, before_step, stepped
+
+
+def test_the_lightning_callback_learns_lookahead_triggers() -> None:
+    callback, before_step, stepped = _lightning_lookahead_fit()
+    assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
+    assert len(stepped) == len(before_step) == 240 and stepped == before_step
+
+
+def test_lightning_clips_the_gradient_with_the_lookahead_triggers_in_it_and_the_triggers_are_still_learnt() -> None:
+    clip = 0.5
+    callback, before_step, stepped = _lightning_lookahead_fit(gradient_clip_val=clip)
+    assert callback.trigger_accuracy is not None and callback.trigger_accuracy >= 0.8
+    # the optimizer steps on the natural and trigger gradients together, clipped as one by Lightning
+    assert len(stepped) == len(before_step) == 240
+    assert sum(b > clip for b in before_step) > 120
+    assert stepped == pytest.approx([min(b, clip) for b in before_step], rel=1e-4)
 
 
 def test_the_trigger_pass_draws_the_same_dropout_whatever_the_loops_seed_and_leaves_its_stream_alone() -> None:
