@@ -130,6 +130,35 @@ def test_a_reshape_or_expand_that_moves_the_channels_stays_opaque(op: Op, fc: nn
         plan(g, "fc.weight")
 
 
+class SizeFrom(nn.Module):
+    """``view(n, -1)`` of the pooled (B, 8) map with ``n`` the first size of the *input transposed*: 8 on 8×8
+    inputs, so (B, 8) → (8, B) puts the units on dimension 0 (the forward runs at batch size 2 only, as such a
+    net would at its own); ``square`` views it to (8, B, 1, 1) for a 1×1 conv instead."""
+
+    def __init__(self, square: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc: nn.Module = nn.Conv2d(2, 2, 1) if square else nn.Linear(2, 2)
+        self.square = square
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.relu(self.conv(x)).mean((2, 3))
+        n = x.transpose(0, 2).size(0)
+        return self.fc(pooled.view(n, -1, 1, 1) if self.square else pooled.view(n, -1))
+
+
+@pytest.mark.parametrize("square", [False, True])
+def test_a_view_whose_first_size_is_not_the_batch_size_stays_opaque(square: bool) -> None:
+    model = SizeFrom(square).eval()
+    model(torch.randn(2, 3, 8, 8))
+    g = read_graph(model)
+    space = g.spaces[g.layer("conv.weight").out]
+    assert space.kind == "opaque" and "a view other" in space.why
+    with pytest.raises(UsageError, match="fc.weight reads the output of"):
+        plan(g, "fc.weight")
+
+
 @pytest.fixture(scope="module")
 def marked(tmp_path_factory):
     torch.set_num_threads(1)

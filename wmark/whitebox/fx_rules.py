@@ -9,10 +9,13 @@ permute), or is *opaque*: nothing is aligned through an op whose effect on the u
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from wmark.whitebox.sizes import _arg, _batch_size, _sizes, batch_led
 
 if TYPE_CHECKING:
     from wmark.whitebox.graph import _Spaces
@@ -275,7 +278,7 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
         return first
     elif target in _RESHAPES:
         shape = _sizes(node)
-        if len(shape) == 2 and _batch_size(shape[0]):
+        if len(shape) == 2 and _batch_size(shape[0], batch_led(label, sp)):
             # x.view(b, n) is x.flatten(1) whatever n is: the element count fixes n (n = C on a pooled 1×1 map).
             return first
         name = getattr(target, "__name__", target)
@@ -292,27 +295,6 @@ def _through_op(node: Any, target: Any, first: str, tensor_args: list[Any], labe
 _UNSQUEEZES = {"unsqueeze", torch.unsqueeze}
 _RESHAPES = {"view", "reshape", torch.reshape}
 _EXPANDS = {"expand", "expand_as"}
-
-
-def shape_read(node: Any) -> bool:
-    """Whether an fx node is a size read from a tensor (``x.size(...)``, ``x.shape``, an item of one, or arithmetic
-    of those): an integer argument, never a tensor whose units an op could mix."""
-    if node.op == "call_method" and node.target == "size":
-        return True
-    if node.op != "call_function":
-        return False
-    if node.target is getattr and len(node.args) > 1 and node.args[1] == "shape":
-        return True
-    if node.target in (operator.getitem, operator.mul, operator.floordiv, operator.add, operator.sub):
-        nodes = [a for a in node.args if isinstance(a, torch.fx.Node)]
-        return bool(nodes) and all(shape_read(a) for a in nodes)
-    return False
-
-
-def _sizes(node: Any) -> tuple[Any, ...]:
-    """The sizes a view, reshape or expand is given, as separate arguments or one tuple."""
-    sizes = node.args[1:]
-    return tuple(sizes[0]) if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)) else tuple(sizes)
 
 
 def expanded(node: Any, ranks: dict[Any, int | None], last: bool, units: int) -> str:
@@ -339,14 +321,16 @@ def expanded(node: Any, ranks: dict[Any, int | None], last: bool, units: int) ->
     return ""
 
 
-def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
+def unsqueezed(node: Any, rank: int | None, last: bool = False,
+               batch: Callable[[Any], bool] | None = None) -> int | None:
     """The output rank of an op that only inserts singleton axes after dimension 1 of a tensor holding its units
     there (rank 2, or channels-first), so that they stay on dimension 1 of a channels-first tensor: a
     squeeze-and-excitation gate ``s[:, :, None, None]``, ``s.view(b, c, 1, 1)`` or ``s.unsqueeze(-1).unsqueeze(-1)``
     before ``x * s``; None for any other op.
 
-    A view must name the batch size first (``x.size(0)``, ``x.shape[0]``) and only literal 1s after the units,
-    so that the element count fixes the units' axis to the input's units.
+    A view must name the batch size first (``x.size(0)``, ``x.shape[0]`` of a tensor ``batch`` says leads with
+    the batch; any tensor's when ``batch`` is None, which only the output rank may rely on) and only literal 1s
+    after the units, so that the element count fixes the units' axis to the input's units.
     """
     if rank is None or rank < 2 or (last and rank != 2) or node.op not in ("call_function", "call_method"):
         return None
@@ -370,7 +354,7 @@ def unsqueezed(node: Any, rank: int | None, last: bool = False) -> int | None:
         return rank + new if new and seen <= rank else None
     if node.op == "call_method" and node.target in ("view", "reshape") and rank == 2:
         shape = _sizes(node)
-        if len(shape) > 2 and _batch_size(shape[0]) and all(type(d) is int and d == 1 for d in shape[2:]):
+        if len(shape) > 2 and _batch_size(shape[0], batch) and all(type(d) is int and d == 1 for d in shape[2:]):
             return len(shape)
     return None
 
@@ -387,19 +371,6 @@ ORDERED = {
 
 def _rank(rank: int | None) -> str:
     return "tensor of unknown rank" if rank is None else f"rank-{rank} tensor"
-
-
-def _batch_size(arg: Any) -> bool:
-    """Whether an fx argument is ``x.size(0)`` or ``x.shape[0]`` (the batch size, read from a tensor)."""
-    if not isinstance(arg, torch.fx.Node):
-        return False
-    if arg.op == "call_method" and arg.target == "size":
-        return _arg(arg, 1, "dim", None) == 0
-    src = arg.args[0] if arg.op == "call_function" and arg.target is operator.getitem and arg.args[1] == 0 else None
-    return isinstance(src, torch.fx.Node) and ((src.op == "call_function" and src.target is getattr
-                                                 and src.args[1] == "shape")
-                                                or (src.op == "call_method" and src.target == "size"
-                                                    and len(src.args) == 1))
 
 
 def _flatten(start: Any, end: Any, rank: int | None) -> tuple[str, int | None]:
@@ -502,12 +473,6 @@ def misread(mod: nn.Module, last: bool, rank: int | None) -> str:
         return f"a {type(mod).__name__} of a {_rank(rank)} (only a batch of {dim}-D maps keeps its channels " \
                "on dimension 1)"
     return ""
-
-
-def _arg(node: Any, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
 
 
 _ODD_MODULES = (nn.Dropout, nn.Dropout2d, nn.Identity, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d,

@@ -80,11 +80,11 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
-    shape_read,
     taint,
     unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
+from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
 
 # binormalize and plan live in wmark.whitebox.plan and are re-exported for the callers that import them from here.
@@ -184,7 +184,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 tags[node] = norm[1]
                 absorb(tensor_args[0], "whole", [norm[1]])
             continue
-        if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis) is not None:
+        if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis,
+                                      batch_led(label, sp)) is not None:
             label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
             continue
         if tensor_args and node.op == "call_method" and node.target in _EXPANDS:
