@@ -68,7 +68,8 @@ class TieBreakRule:
         projection: Whitening onto the chosen principal directions (D×k).
         directions: The keyed ``w`` (C×k); derived from the key, never stored.
         commitment: The key commitment the rule was built under.
-        feature_space: Name of the featurizer's space (e.g. ``served-penultimate``).
+        feature_space: Name of the featurizer's space (:mod:`wmark.schemes.tiebreak.features`, e.g.
+            ``served-penultimate``).
         model_digest: Digest of the served model file whose features define the rule (empty if unknown).
         featurizer: The feature function (not stored; pass it again when loading).
         verification_inputs: The owner's verification inputs, ranked, committed with the rule (or None: pass
@@ -84,6 +85,8 @@ class TieBreakRule:
             against the key); the rule's inputs are then strings. Not stored: rebuilt from the key on load.
         beta: The scale of the keyed shift the API serves with unless told otherwise (the owner's choice of
             cost against evidence, e.g. from ``wmark tiebreak build --max-cost``).
+        features_digest: Digest of the weights the featurizer reads besides the served model's (the public
+            encoder's; empty for the served model's own features), checked when the rule is opened.
     """
 
     mean: np.ndarray
@@ -102,6 +105,7 @@ class TieBreakRule:
     input_shape: tuple[int, ...] = ()
     text: TextInputs | None = field(default=None, compare=False)
     beta: float = DEFAULT_BETA
+    features_digest: str = ""
 
     @property
     def components(self) -> int:
@@ -109,9 +113,12 @@ class TieBreakRule:
 
     @property
     def served_digest(self) -> str:
-        """SHA-256 of what the marked answers depend on besides the key: the feature map and the served model's
-        digest. A query log records it, so a log written while another rule or served model answered is refused."""
+        """SHA-256 of what the marked answers depend on besides the key: the feature map, the served model's
+        digest and, for a map read from other weights, theirs. A query log records it, so a log written while
+        another rule, served model or encoder answered is refused."""
         h = hashlib.sha256(f"{self.commitment}|{self.model_digest}|".encode())
+        if self.features_digest:  # only then: a served-map rule keeps the digest its logs and transcripts bound
+            h.update(f"{self.feature_space}|{self.features_digest}|".encode())
         for a in (self.mean, self.projection):
             arr = np.ascontiguousarray(a, dtype="<f8")
             h.update(f"{arr.shape}|".encode() + arr.tobytes())
@@ -132,8 +139,8 @@ class TieBreakRule:
     def features(self, x: np.ndarray) -> np.ndarray:
         """Whitened features ``psi`` of ``x`` (n×k)."""
         if self.featurizer is None:
-            raise UsageError("This tie-break rule was loaded without its featurizer; pass featurizer= to "
-                             "load_tiebreak_rule (the served model's penultimate_featurizer).")
+            raise UsageError("This tie-break rule was loaded without its featurizer; open it with open_tiebreak_rule, "
+                             "or pass load_tiebreak_rule the featurizer of its feature space (rule_featurizer).")
         return self.whiten(self.featurizer(self.inputs(x)))
 
     def inputs(self, x: Any) -> np.ndarray:
@@ -176,7 +183,9 @@ class TieBreakRule:
                                               "served_arch": self.served_arch, "served_path": self.served_path,
                                               "input_shape": list(self.input_shape),
                                               "input_kind": "image" if self.text is None else "text",
-                                              "beta": self.beta})
+                                              "beta": self.beta,
+                                              **({"features_digest": self.features_digest}
+                                                 if self.features_digest else {})})
 
 
 def x_shape(x: Any) -> tuple[int, ...]:
@@ -190,7 +199,8 @@ def _directions(key: Key, k: int) -> np.ndarray:
 
 def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feature_space: str,
                         components: int | None = None, skip: int = 0,
-                        model_digest: str = "", text: TextInputs | None = None) -> TieBreakRule:
+                        model_digest: str = "", text: TextInputs | None = None,
+                        features_digest: str = "") -> TieBreakRule:
     """Build the rule's feature map from the owner's inputs.
 
     Args:
@@ -206,6 +216,8 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
             verification can check it; a rule saved without it is refused by :func:`open_tiebreak_rule`.
         text: For a text key: its tokenization (:meth:`wmark.text.TextInputs.from_key`); ``x`` is then strings
             and ``featurizer`` must tokenize them (``penultimate_featurizer(model, encode=text.encode)``).
+        features_digest: Digest of the weights ``featurizer`` reads besides the served model's
+            (:func:`~wmark.schemes.tiebreak.features.rule_featurizer` gives it), bound into the rule.
 
     Raises:
         UsageError: On inconsistent sizes, too few inputs, inputs of the other kind than the key's, or a
@@ -240,7 +252,7 @@ def build_tiebreak_rule(*, key: Key, x: np.ndarray, featurizer: Featurizer, feat
     projection = evecs[:, kept] / np.sqrt(evals[kept])
     return TieBreakRule(mean=mean, projection=projection, directions=_directions(key, components),
                         commitment=key.commitment(), feature_space=feature_space, model_digest=model_digest,
-                        featurizer=featurizer, skipped=skip, text=text,
+                        featurizer=featurizer, skipped=skip, text=text, features_digest=features_digest,
                         input_shape=tuple(key.input_shape) if text is not None else ())
 
 
@@ -313,7 +325,8 @@ def load_tiebreak_rule(path: str | os.PathLike[str], *, key: Key, featurizer: Fe
                         verification=str(meta.get("verification", "")),
                         skipped=_meta_int(meta, "skipped_leading", 0, path), references=tuple(references),
                         served_arch=str(meta.get("served_arch", "")), served_path=str(meta.get("served_path", "")),
-                        input_shape=shape, text=text, beta=_meta_beta(meta, path))
+                        input_shape=shape, text=text, beta=_meta_beta(meta, path),
+                        features_digest=str(meta.get("features_digest", "")))
 
 
 def _meta_beta(meta: dict[str, Any], path: str | os.PathLike[str]) -> float:
@@ -356,6 +369,8 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     unless ``served`` gives its new location (the file moved), and its digest must match either way. A rule that
     records no digest (one built through the Python API without ``model_digest``) is refused: any model would
     pass for its served model, so the one serving, logging and verifying need not be the one it was built from.
+    The featurizer is the one the rule's feature space names (:mod:`wmark.schemes.tiebreak.features`); a public
+    encoder's weights must match the digest the rule records.
 
     Args:
         key: The owner's key (the rule must be built under it).
@@ -368,10 +383,12 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
 
     Raises:
         UsageError: If the rule is missing, was built under another key or from another served model file, records
-            no served model digest, or the served model cannot be found.
+            no served model digest, names a feature space wmark cannot build or was built with other encoder
+            weights than the installed ones, or the served model cannot be found.
     """
     from wmark.io import read_metadata, tensors_digest
-    from wmark.models import load_model, penultimate_featurizer
+    from wmark.models import load_model
+    from wmark.schemes.tiebreak.features import SERVED, SPACES, rule_featurizer
 
     if not Path(rule).is_file():
         raise UsageError(f"Tie-break rule {rule} does not exist; build one with `wmark tiebreak build`.")
@@ -385,6 +402,11 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
         raise UsageError(f"The tie-break rule {rule} records no digest of the served model it was built from, so any "
                          "model would pass for it; rebuild it with `wmark tiebreak build` (or build_tiebreak_rule with "
                          "model_digest=tensors_digest(*load_tensors(served_file))).")
+    space = str(meta.get("feature_space", ""))
+    if space not in SPACES:
+        raise UsageError(f"The tie-break rule {rule} reads the feature space {shown_claim(space, 80) or '(none)'}, "
+                         f"which wmark cannot build ({SERVED} or {SPACES[1]}); rebuild it with `wmark tiebreak build`, "
+                         "or load it with load_tiebreak_rule(featurizer=...) in Python.")
     arch = arch or str(meta.get("served_arch") or "")
     if served is None:
         recorded = str(meta.get("served_path") or "")
@@ -399,8 +421,13 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
         raise UsageError(f"The tie-break rule {rule} does not record the served model's architecture; give it.")
     model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
     text = TextInputs.from_key(key)
-    loaded = load_tiebreak_rule(rule, key=key, text=text, featurizer=penultimate_featurizer(
-        model, encode=None if text is None else text.encode))
+    featurizer, digest = rule_featurizer(space, served_model=model, text=text)
+    recorded = str(meta.get("features_digest", ""))
+    if digest != recorded:
+        raise UsageError(f"The tie-break rule {rule} was built with other {space} weights (digest "
+                         f"{shown_claim(recorded, 12) or 'none'}…) than the installed ones ({digest[:12] or 'none'}…); "
+                         "rebuild the rule or install the encoder it was built with.")
+    loaded = load_tiebreak_rule(rule, key=key, text=text, featurizer=featurizer)
     tensors, raw = load_tensors(served)
     if loaded.model_digest != tensors_digest(tensors, raw):
         raise UsageError(f"The tie-break rule {rule} was built from another served model than {served}; give the "

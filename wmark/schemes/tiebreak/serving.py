@@ -74,8 +74,8 @@ class TieBreakAPI:
 
     For a text key it takes arrays of strings, as the served text classifier does (a
     :class:`~wmark.suspects.LocalSuspect` with ``text=``); the shift is read from the served model's penultimate
-    features of the tokenized strings, from the same forward pass as its answer, and the log keeps the
-    near-tie strings themselves.
+    features of the tokenized strings, from the same forward pass as its answer (or, for a rule of the public
+    encoder's features, from that encoder's own forward pass), and the log keeps the near-tie strings themselves.
 
     Args:
         key: The owner's key.
