@@ -38,7 +38,6 @@ from wmark.models import (
     fitted_classes,
     load_model,
     model_metadata,
-    penultimate_featurizer,
     recorded_classes,
     recorded_classes_note,
     recorded_shape_note,
@@ -247,7 +246,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
                    references: Sequence[str] | None = None, verify_count: int = 1000,
                    seed: int = 0, reference_repeats: int | None = None,
                    max_samples: int | None = None, device: str | None = None,
-                   max_cost: float | None = None) -> dict[str, Any]:
+                   max_cost: float | None = None, features: str = "served") -> dict[str, Any]:
     """Build the keyed tie-break rule for the served model ``weights`` from the owner's ``data``; write ``out``.
 
     The rule file holds the key-independent feature map (no secret, no directions) and the owner's ranked
@@ -270,8 +269,13 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     (:func:`~wmark.schemes.tiebreak.largest_beta_within`); the API serves it unless told another. A lower cost
     catches fewer thieves (docs/extraction.md, "Which point to choose").
 
+    ``features`` names the feature map the keyed shift is read from: ``served``, the served model's own
+    penultimate features, or ``public``, the public all-MiniLM-L6-v2 encoder's mean-pooled features (a text key
+    over its tokenizer; for a served model fine-tuned from it, about the same evidence at two thirds of the cost,
+    for a second encoder forward per request; :mod:`wmark.schemes.tiebreak.features`).
+
     Raises:
-        UsageError: On mismatched files or settings, or when ``max_cost`` is given and the data's test split has
+        UsageError: On mismatched files or settings, ``public`` features for an image key or another tokenizer, or when ``max_cost`` is given and the data's test split has
             fewer than ``MIN_COST_INPUTS`` inputs the API takes, or no scale costs that little (refused before
             the references train; nothing is written).
     """
@@ -284,10 +288,12 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
         commit_verification_inputs,
         train_reference_surrogates,
     )
+    from wmark.schemes.tiebreak.features import chosen_space, rule_featurizer
     from wmark.schemes.tiebreak.inputs import owner_texts
 
     on = resolve_device(device)
     k = load_key(key)
+    space = chosen_space(features, key=k)
     ds = load_dataset(data).subset(max_samples=max_samples)
     _check_key_fits_data(k, ds)
     if verify_count < 1:
@@ -309,9 +315,10 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     start = time.perf_counter()
     tensors, raw = load_tensors(weights)
     x: Any = ds.x_train.numpy() if text is None else owner_texts(ds.texts_train or (), text)
-    rule = build_tiebreak_rule(key=k, x=x, featurizer=penultimate_featurizer(
-        model, encode=None if text is None else text.encode), feature_space="served-penultimate",
-        components=components, skip=skip, model_digest=tensors_digest(tensors, raw), text=text)
+    featurizer, features_digest = rule_featurizer(space, served_model=model, text=text, device=on)
+    rule = build_tiebreak_rule(key=k, x=x, featurizer=featurizer, feature_space=space, components=components,
+                               skip=skip, model_digest=tensors_digest(tensors, raw), text=text,
+                               features_digest=features_digest)
     # the cost depends only on the feature map, the key and the served model: a target no scale meets is refused
     # before the references train
     cost = _test_split_cost(k, served, rule, ds, text, max_cost)
@@ -324,7 +331,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
     rule = dataclasses.replace(rule, served_arch=arch, served_path=os.path.abspath(weights),
                                input_shape=tuple(k.input_shape), beta=DEFAULT_BETA if cost is None else cost["beta"])
     rule.save(out)
-    return {"out": str(out), "components": rule.components, "skipped": rule.skipped, "inputs": len(x),
+    return {"out": str(out), "feature_space": rule.feature_space, "components": rule.components,
+            "skipped": rule.skipped, "inputs": len(x),
             "references": len(refs),
             "verification_inputs": len(rule.verification_inputs), "verification": rule.verification,  # type: ignore[arg-type]
             "honest_cost": cost, "seconds": time.perf_counter() - start}

@@ -362,10 +362,14 @@ def tiebreak() -> None:
               help="Accuracy points honest clients may lose: the rule records the largest scale of the mark (up to "
                    "the default 1.0) within it with 90 % confidence on the data's test split, and `wmark serve` "
                    "serves that scale.")
+@click.option("--features", type=click.Choice(["served", "public"]), default="served", show_default=True,
+              help="Feature map the keyed shift is read from: the served model's own, or the public all-MiniLM-L6-v2 "
+                   "encoder's (text keys over its tokenizer, a served model fine-tuned from it: measured about the "
+                   "same evidence for two thirds of the cost, at a second encoder forward per request).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,
-                   max_samples: int | None, device: str | None, max_cost: float | None) -> None:
+                   max_samples: int | None, device: str | None, max_cost: float | None, features: str) -> None:
     """Build the tie-break rule that `wmark serve --mark tiebreak` serves with and `wmark verify extraction` tests.
 
     The file holds the key-independent feature map, the owner's verification inputs (committed before any
@@ -377,9 +381,10 @@ def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, compo
     info = api.build_tiebreak(key=key, arch=arch, weights=weights, data=data, out=out, components=components,
                               skip=skip, references=refs, verify_count=verify_count,
                               reference_repeats=reference_repeats, max_samples=max_samples, device=device,
-                              max_cost=max_cost)
+                              max_cost=max_cost, features=features)
     skipped = f" after the leading {info['skipped']}" if info["skipped"] else ""
-    click.echo(f"wrote {info['out']} ({info['components']} components{skipped} from {info['inputs']} inputs; "
+    space = "" if features == "served" else f" of {info['feature_space']}"
+    click.echo(f"wrote {info['out']} ({info['components']} components{space}{skipped} from {info['inputs']} inputs; "
                f"{info['verification_inputs']} verification inputs chosen by {info['verification']}; "
                f"{info['seconds']:.1f} s)")
     cost = info["honest_cost"]

@@ -51,6 +51,15 @@ class Served:
     log: QueryLog | None = None
     mark: str = ""
 
+    def to(self, device: torch.device | str) -> None:
+        """Move the served model, and any other model its marked answers read (a tie-break rule's public
+        encoder), to ``device``, so that the encoder does not stay behind on the CPU."""
+        self.model.to(device)
+        featurizer = getattr(getattr(self.answerer, "rule", None), "featurizer", None)
+        other = getattr(featurizer, "model", None)
+        if isinstance(other, torch.nn.Module) and other is not self.model:
+            other.to(device)
+
     def close(self) -> None:
         if self.log is not None:
             self.log.close()

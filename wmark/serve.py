@@ -401,7 +401,7 @@ def serve(*, name: str, arch: str | None = None, weights: str | os.PathLike[str]
     clients = None if clients_file is None else read_clients(clients_file)
     served = open_served(key=None if key is None else load_key(key), mark=mark, arch=arch, weights=weights, rule=rule,
                          beta=beta, rate=rate, candidates=candidates, log=log, log_durability=log_durability)
-    served.model.to(on)
+    served.to(on)
     gate = None
     listener: socket.socket | None = None
     serving = False
