@@ -20,6 +20,7 @@ from textkit import text_key
 
 from wmark import api
 from wmark.cli import main
+from wmark.contract import model_device
 from wmark.data import load_dataset
 from wmark.errors import UsageError
 from wmark.io import load_tensors, read_metadata, save_model, save_tensors, wmark_metadata
@@ -123,6 +124,9 @@ def test_the_marked_api_answers_through_the_public_map_and_its_thief_is_verified
         shifts = rule.shifts_of(rule.whiten(reference_features(list(texts), text)))
         expected = (np.log(scores) + served.answerer.beta * shifts).argmax(1)
         assert np.array_equal(served.answerer.query(texts).labels, expected)
+        # `wmark serve --device` moves the encoder with the served model (the meta device shows it without a GPU)
+        served.to("meta")
+        assert model_device(served.model).type == model_device(rule.featurizer.model).type == "meta"
     finally:
         served.close()
     out = api.extract(victim_arch=None, victim=None, arch="text-bow", data=f"{world['data']}@attacker",
