@@ -422,10 +422,10 @@ def open_tiebreak_rule(*, key: Key, rule: str | os.PathLike[str], served: str | 
     model, _ = load_model(arch, served, num_classes=key.num_classes, input_shape=tuple(key.input_shape))
     text = TextInputs.from_key(key)
     featurizer, digest = rule_featurizer(space, served_model=model, text=text)
-    recorded = str(meta.get("features_digest", ""))
-    if digest != recorded:
+    bound = str(meta.get("features_digest", ""))
+    if digest != bound:
         raise UsageError(f"The tie-break rule {rule} was built with other {space} weights (digest "
-                         f"{shown_claim(recorded, 12) or 'none'}…) than the installed ones ({digest[:12] or 'none'}…); "
+                         f"{shown_claim(bound, 12) or 'none'}…) than the installed ones ({digest[:12] or 'none'}…); "
                          "rebuild the rule or install the encoder it was built with.")
     loaded = load_tiebreak_rule(rule, key=key, text=text, featurizer=featurizer)
     tensors, raw = load_tensors(served)
