@@ -26,6 +26,8 @@ _KEEP_MODULES = (
     nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten,
     # elementwise, so equivariant under any permutation of the units (MobileNetV3's hard gates among them)
     nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.SELU, nn.CELU,
+    # one slope, or one per channel of dimension 1 (its weight then permutes with the units, as a BatchNorm's)
+    nn.PReLU,
 )
 _KEEP_FUNCTIONS = {
     torch.relu, torch.sigmoid, torch.tanh, torch.flatten, nn.functional.relu, nn.functional.relu6, nn.functional.gelu,
@@ -464,6 +466,9 @@ def misread(mod: nn.Module, last: bool, rank: int | None) -> str:
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
         return "" if not last or both else f"a BatchNorm of a linear layer's output, a {_rank(rank)} (it normalises " \
                                              "dimension 1, not the units)"
+    if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+        return "" if not last or both else f"a PReLU of a linear layer's output, a {_rank(rank)} (its slopes are " \
+                                             "per entry of dimension 1, not per unit)"
     dim = _SPATIAL.get(type(mod), len(getattr(mod, "kernel_size", ())) if isinstance(mod, _LAYERS) else 0)
     if not dim:
         return ""

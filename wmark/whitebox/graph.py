@@ -303,6 +303,8 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 continue
             if isinstance(mod, (nn.Dropout, nn.Dropout2d, nn.Identity)) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
+            if isinstance(mod, nn.PReLU) and mod.num_parameters > 1:
+                sp.info[label[node]].params.append(f"{node.target}.weight")  # one slope per unit
             if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)):
                 names = [f"{node.target}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
                 sp.info[label[node]].params.extend(n for n in names if n in params or n in buffers)
