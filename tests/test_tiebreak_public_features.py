@@ -232,3 +232,16 @@ def test_an_independent_model_has_an_exact_standard_normal_z_over_keys_under_the
     z = np.array(zs)
     assert stats.kstest(z, "norm").pvalue > 1e-3
     assert abs(z.mean()) < 0.2 and 0.85 < z.std() < 1.15
+
+
+def test_a_cost_bound_searches_up_to_1_5_under_the_public_map_and_up_to_1_under_the_served_map(world, tmp_path,
+                                                                                           monkeypatch):
+    # the corpus's test split is small: a bound of every point admits each scale, so the grid's last one is chosen
+    monkeypatch.setattr(api, "MIN_COST_INPUTS", 1)
+    tmp = world["tmp"]
+    for features, top in (("public", 1.5), ("served", 1.0)):
+        info = api.build_tiebreak(key=tmp / "owner.key", arch="text-bow", weights=tmp / "served.safetensors",
+                                  data=world["data"], out=tmp_path / f"{features}.safetensors", references=[],
+                                  verify_count=40, components=8, max_cost=100.0, features=features)
+        assert info["honest_cost"]["beta"] == top
+        assert open_tiebreak_rule(key=world["key"], rule=tmp_path / f"{features}.safetensors")[0].beta == top

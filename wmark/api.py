@@ -264,8 +264,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
 
     The result's ``honest_cost`` is what the marked API costs honest clients on ``data``'s test split (accuracy
     points lost with their standard error, answers changed), measured for this key, since it varies by key.
-    With ``max_cost`` (accuracy points) the rule records the largest scale of the keyed shift, up to the default,
-    whose cost (and every smaller scale's) is at most that with 90 % one-sided confidence on the test split
+    With ``max_cost`` (accuracy points) the rule records the largest scale of the keyed shift (up to 1 for the
+    served map, 1.5 for the public encoder's: :data:`~wmark.schemes.tiebreak.features.COST_GRIDS`) whose cost (and every smaller scale's) is at most that with 90 % one-sided confidence on the test split
     (:func:`~wmark.schemes.tiebreak.largest_beta_within`); the API serves it unless told another. A lower cost
     catches fewer thieves (docs/extraction.md, "Which point to choose").
 
@@ -288,7 +288,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
         commit_verification_inputs,
         train_reference_surrogates,
     )
-    from wmark.schemes.tiebreak.features import chosen_space, rule_featurizer
+    from wmark.schemes.tiebreak.features import COST_GRIDS, chosen_space, rule_featurizer
     from wmark.schemes.tiebreak.inputs import owner_texts
 
     on = resolve_device(device)
@@ -321,7 +321,7 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
                                features_digest=features_digest)
     # the cost depends only on the feature map, the key and the served model: a target no scale meets is refused
     # before the references train
-    cost = _test_split_cost(k, served, rule, ds, text, max_cost)
+    cost = _test_split_cost(k, served, rule, ds, text, max_cost, COST_GRIDS[space])
     repeats = (1 if text is not None else REFERENCE_REPEATS) if reference_repeats is None else reference_repeats
     refs = train_reference_surrogates(served=served, x=x, archs=archs, seed=seed, repeats=repeats,
                                       text=text, device=on) if archs else []
@@ -339,9 +339,9 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
 
 
 def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, text: TextInputs | None,
-                     max_cost: float | None) -> dict[str, Any] | None:
+                     max_cost: float | None, grid: Sequence[float]) -> dict[str, Any] | None:
     """What the marked API costs honest clients on the data's test split (``None``: no split), at the default scale
-    or, with ``max_cost``, at the largest scale within it.
+    or, with ``max_cost``, at the largest scale of ``grid`` within it.
 
     The cost of a scale depends on the key about twofold, so the owner sees their own key's before serving it.
     A text API takes only texts within the key's maximum length, so those are the ones scored.
@@ -349,7 +349,6 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, tex
     import numpy as np
 
     from wmark.schemes.tiebreak import (
-        BETA_GRID,
         COST_CONFIDENCE,
         DEFAULT_BETA,
         TieBreakAPI,
@@ -374,7 +373,7 @@ def _test_split_cost(key: Key, served: LocalSuspect, rule: Any, ds: Dataset, tex
         raise UsageError(f"The test split has {len(x)} inputs the API takes; bounding the cost needs at least "
                          f"{MIN_COST_INPUTS}: drop max_cost or use data with a larger test split.")
     marked = TieBreakAPI(key=key, backend=served, rule=rule, beta=DEFAULT_BETA, expose_scores=False)
-    costs = accuracy_costs(api=marked, x=x, y=y, betas=[DEFAULT_BETA] if max_cost is None else BETA_GRID)
+    costs = accuracy_costs(api=marked, x=x, y=y, betas=[DEFAULT_BETA] if max_cost is None else grid)
     if max_cost is None:
         return {"test_inputs": len(x), **costs[0]}
     chosen = largest_beta_within(costs, max_cost, confidence=COST_CONFIDENCE)

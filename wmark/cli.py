@@ -360,12 +360,12 @@ def tiebreak() -> None:
                    "[default: CUDA when present].")
 @click.option("--max-cost", type=float, default=None,
               help="Accuracy points honest clients may lose: the rule records the largest scale of the mark (up to "
-                   "the default 1.0) within it with 90 % confidence on the data's test split, and `wmark serve` "
-                   "serves that scale.")
+                   "1.0, or 1.5 with --features public) within it with 90 % confidence on the data's test split, and "
+                   "`wmark serve` serves that scale.")
 @click.option("--features", type=click.Choice(["served", "public"]), default="served", show_default=True,
               help="Feature map the keyed shift is read from: the served model's own, or the public all-MiniLM-L6-v2 "
-                   "encoder's (text keys over its tokenizer, a served model fine-tuned from it: measured about the "
-                   "same evidence for two thirds of the cost, at a second encoder forward per request).")
+                   "encoder's (text keys over its tokenizer, a served model fine-tuned from it: at the same --max-cost "
+                   "it also caught the thieves that stop after one epoch, at a second encoder forward per request).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,

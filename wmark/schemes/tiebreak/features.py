@@ -3,9 +3,10 @@
 * :data:`SERVED` (the default): the served model's own penultimate features, read from the same forward pass
   as its answer.
 * :data:`PUBLIC_MINILM` (text keys over MiniLM's tokenizer): the mean-pooled features of the public
-  all-MiniLM-L6-v2 encoder, the input of ``minilm-classifier``'s head. For a served model fine-tuned from that
-  encoder it gave about the served map's evidence for two thirds of its cost to honest clients, at a second
-  encoder forward per request (docs/extraction.md, "Text classifiers").
+  all-MiniLM-L6-v2 encoder, the input of ``minilm-classifier``'s head. A thief fine-tuning the same encoder has
+  these features from its first step, so it learns a shift read from them sooner: for a served model fine-tuned
+  from that encoder, at the same bound on honest cost, it caught the thieves that stop after one epoch, which
+  the served map missed, at a second encoder forward per request (docs/extraction.md, "Text classifiers").
 
 Both maps are key-free, so the test's null stays exact under either: which one to read is the owner's trade of
 cost against evidence. A rule of the public map records the encoder's weight digest, so it is served and
@@ -21,11 +22,15 @@ from wmark.errors import UsageError
 from wmark.io import tensors_digest
 from wmark.keys import Key
 from wmark.models import PenultimateFeaturizer, build_model, penultimate_featurizer
+from wmark.schemes.tiebreak.serving import BETA_GRID
 from wmark.text import MINILM, TextInputs, load_tokenizer, vocab_sha256
 
 SERVED = "served-penultimate"
 PUBLIC_MINILM = f"public-encoder:{MINILM}"
 SPACES = (SERVED, PUBLIC_MINILM)
+COST_GRIDS = {SERVED: BETA_GRID, PUBLIC_MINILM: tuple(round(0.05 * i, 2) for i in range(1, 31))}
+"""The scales ``max_cost`` searches, per map: up to the default 1 for the served map; up to 1.5 for the public
+encoder's, which costs less per unit of scale, so a cost bound can afford more (the grid it was measured on)."""
 CHOICES = {"served": SERVED, "public": PUBLIC_MINILM}
 """What ``wmark tiebreak build --features`` (``features=`` in :func:`wmark.api.build_tiebreak`) names each space."""
 
