@@ -271,13 +271,13 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
 
     ``features`` names the feature map the keyed shift is read from: ``served``, the served model's own
     penultimate features, or ``public``, the public all-MiniLM-L6-v2 encoder's mean-pooled features (a text key
-    over its tokenizer; for a served model fine-tuned from it, about the same evidence at two thirds of the cost,
-    for a second encoder forward per request; :mod:`wmark.schemes.tiebreak.features`).
+    over its tokenizer, for a served model fine-tuned from it: at the same cost bound it also caught the thieves
+    that stop after one epoch, for a second encoder forward per request; :mod:`wmark.schemes.tiebreak.features`).
 
     Raises:
-        UsageError: On mismatched files or settings, ``public`` features for an image key or another tokenizer, or when ``max_cost`` is given and the data's test split has
-            fewer than ``MIN_COST_INPUTS`` inputs the API takes, or no scale costs that little (refused before
-            the references train; nothing is written).
+        UsageError: On mismatched files or settings, ``public`` features for an image key or another tokenizer,
+            or when ``max_cost`` is given and the data's test split has fewer than ``MIN_COST_INPUTS`` inputs the
+            API takes, or no scale costs that little (refused before the references train; nothing is written).
     """
     from wmark.io import load_tensors, tensors_digest
     from wmark.schemes.tiebreak import (
