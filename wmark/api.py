@@ -271,8 +271,8 @@ def build_tiebreak(*, key: PathLike, arch: str, weights: PathLike, data: str, ou
 
     ``features`` names the feature map the keyed shift is read from: ``served``, the served model's own
     penultimate features, or ``public``, the public all-MiniLM-L6-v2 encoder's mean-pooled features (a text key
-    over its tokenizer, for a served model fine-tuned from it: at the same cost bound it also caught the thieves
-    that stop after one epoch, for a second encoder forward per request; :mod:`wmark.schemes.tiebreak.features`).
+    over its tokenizer, for a served model fine-tuned from it: at the same cost bound, stronger evidence on average
+    but no more thieves caught, for a second encoder forward per request; :mod:`wmark.schemes.tiebreak.features`).
 
     Raises:
         UsageError: On mismatched files or settings, ``public`` features for an image key or another tokenizer,

@@ -364,8 +364,8 @@ def tiebreak() -> None:
                    "`wmark serve` serves that scale.")
 @click.option("--features", type=click.Choice(["served", "public"]), default="served", show_default=True,
               help="Feature map the keyed shift is read from: the served model's own, or the public all-MiniLM-L6-v2 "
-                   "encoder's (text keys over its tokenizer, a served model fine-tuned from it: at the same --max-cost "
-                   "it also caught the thieves that stop after one epoch, at a second encoder forward per request).")
+                   "encoder's (text keys over its tokenizer, a served model fine-tuned from it: at the same --max-cost, "
+                   "stronger evidence on average but no more thieves caught; a second encoder forward per request).")
 @_handle_errors
 def tiebreak_build(key: str, arch: str, weights: str, data: str, out: str, components: int | None,
                    skip: int, references: str | None, reference_repeats: int | None, verify_count: int,

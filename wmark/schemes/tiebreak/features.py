@@ -4,9 +4,9 @@
   as its answer.
 * :data:`PUBLIC_MINILM` (text keys over MiniLM's tokenizer): the mean-pooled features of the public
   all-MiniLM-L6-v2 encoder, the input of ``minilm-classifier``'s head. A thief fine-tuning the same encoder has
-  these features from its first step, so it learns a shift read from them sooner: for a served model fine-tuned
-  from that encoder, at the same bound on honest cost, it caught the thieves that stop after one epoch, which
-  the served map missed, at a second encoder forward per request (docs/extraction.md, "Text classifiers").
+  these features from its first step. For a served model fine-tuned from that encoder, at the same bound on
+  honest cost, the evidence against such a thief was stronger on average but no more thieves were caught, at a
+  second encoder forward per request (docs/extraction.md, "Text classifiers").
 
 Both maps are key-free, so the test's null stays exact under either: which one to read is the owner's trade of
 cost against evidence. A rule of the public map records the encoder's weight digest, so it is served and
