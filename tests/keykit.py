@@ -13,9 +13,14 @@ from typing import Any
 
 from wmark.keys import Key, generate_key
 
+FIXED_CREATED = "2026-01-01T00:00:00+00:00"
+"""The creation time of a fixed key: the commitment hashes it, and a trigger pass seeds its dropout from the
+commitment, so a key stamped with the clock would train differently from one second to the next."""
+
 
 def seeded_key(tag: str, **kwargs: Any) -> Key:
-    """``generate_key(**kwargs)`` with its secret replaced by SHA-256 of ``tag``."""
+    """``generate_key(**kwargs)`` with its secret replaced by SHA-256 of ``tag`` and a fixed creation time."""
     kwargs.setdefault("owner", "Test Owner")
     key = generate_key(**kwargs)
-    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest())
+    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest(),
+                               created=FIXED_CREATED)

@@ -7,6 +7,7 @@ import hashlib
 import os
 
 import torch
+from keykit import FIXED_CREATED
 
 from wmark.keys import Key, generate_key
 from wmark.schemes.trigger_set import generate_triggers
@@ -16,14 +17,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def text_key(*, num_classes: int = 4, num_triggers: int = 24, max_length: int = 32, tag: str | None = None) -> Key:
-    """A text key over the MiniLM tokenizer; with ``tag``, a fixed one (its secret derived from the tag), so that
-    training tests see the same trigger words and labels on every run."""
+    """A text key over the MiniLM tokenizer; with ``tag``, a fixed one (its secret derived from the tag, its
+    creation time fixed), so that training tests see the same trigger words, labels and trigger-pass dropout on
+    every run."""
     tok = load_tokenizer(MINILM)
     key = generate_key(owner="Text Owner", num_classes=num_classes, num_triggers=num_triggers,
                        modality=text_modality(tokenizer=tok, name=MINILM, max_length=max_length))
     if tag is None:
         return key
-    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest())
+    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest(),
+                               created=FIXED_CREATED)
 
 
 def hf_bert(num_classes: int, *, seed: int = 0) -> torch.nn.Module:
