@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import os
 import random
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 import torch
-from keykit import seeded_key
+from keykit import FIXED_CREATED, seeded_key
 
 import wmark.keys
 from wmark.keys import Key
@@ -75,10 +76,22 @@ def _seed_key_secrets(seed: bytes) -> None:
     draws = types.SimpleNamespace(**{name: getattr(secrets, name) for name in secrets.__all__})
     draws.token_bytes = lambda n=32: stream.randbytes(n)
     wmark.keys.secrets = draws  # type: ignore[attr-defined]
+    # A key's commitment hashes its creation time, and a trigger pass seeds its dropout from the commitment: with
+    # the clock's time, a test would train differently from one second to the next.
+    wmark.keys._dt = types.SimpleNamespace(datetime=_FixedClock, timezone=datetime.timezone)  # type: ignore[attr-defined]
+
+
+class _FixedClock:
+    """``datetime`` as :mod:`wmark.keys` sees it during a test: ``now`` is the fixed keys' creation time."""
+
+    @staticmethod
+    def now(tz: datetime.tzinfo | None = None) -> datetime.datetime:
+        return datetime.datetime.fromisoformat(FIXED_CREATED).astimezone(tz)
 
 
 def pytest_runtest_teardown(item: pytest.Item) -> None:
     wmark.keys.secrets = secrets  # type: ignore[attr-defined]
+    wmark.keys._dt = datetime  # type: ignore[attr-defined]
 
 
 @pytest.fixture(autouse=True)
