@@ -66,6 +66,7 @@ from wmark.schemes.tiebreak import (
     tiebreak_test,
     train_reference_surrogates,
 )
+from wmark.schemes.tiebreak.features import COST_GRIDS, PUBLIC_MINILM
 from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
@@ -327,13 +328,13 @@ def text_key(k: int, keys_dir: Path | None, modality: dict[str, Any]) -> Any:
                                                           modality=modality))
 
 
-RESEARCH_GRID = tuple(round(0.05 * i, 2) for i in range(1, 31))
+# both maps are searched on the public map's grid (to 1.5), so that neither is capped where the other is not
+RESEARCH_GRID = COST_GRIDS[PUBLIC_MINILM]
 
 
 def scale_within(key: Any, backend: Any, rule: Any, xe: np.ndarray, ye: np.ndarray, max_cost: float) -> float:
     """The largest scale on :data:`RESEARCH_GRID` within ``max_cost`` points on the test third, chosen as the
-    library chooses (:func:`largest_beta_within`), but on a grid that goes past the default 1 (a cheaper map may
-    afford a larger scale)."""
+    library chooses (:func:`largest_beta_within`)."""
     api = TieBreakAPI(key=key, backend=backend, rule=rule, beta=1.0, expose_scores=False)
     chosen = largest_beta_within(accuracy_costs(api=api, x=xe, y=ye, betas=RESEARCH_GRID), max_cost,
                                  confidence=COST_CONFIDENCE)
