@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import os
 import sys
 import time
@@ -40,6 +41,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.special import log_ndtr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,6 +69,9 @@ from wmark.schemes.tiebreak import (
     train_reference_surrogates,
 )
 from wmark.schemes.tiebreak.features import COST_GRIDS, PUBLIC_MINILM
+from wmark.schemes.tiebreak.inputs import served_scores
+from wmark.schemes.tiebreak.rule import pair_log_odds, top_pairs
+from wmark.schemes.tiebreak.tests import _outside, _pair_sums
 from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
@@ -174,11 +179,11 @@ class TextTable:
 
 
 def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, chosen: Any,
-               *, queries: int, log_queries: int) -> dict[str, Any]:
+               *, queries: int, log_queries: int, readings: bool = False) -> dict[str, Any]:
     """The committed-input and log tests on the suspect's labels, combined by weighted Holm at ``ALPHA``; where the
     suspect has probabilities (a model, or a memo of one), the same tests reading them beside (``scores_*``)."""
     out = _verdict(key, rule, backend, _reading(model, text, scores=False), chosen, queries=queries,
-                   log_queries=log_queries, use_scores=False)
+                   log_queries=log_queries, use_scores=False, readings=readings)
     scored = _reading(model, text, scores=True)
     if scored is not None:
         out.update({f"scores_{k}": v for k, v in _verdict(key, rule, backend, scored, chosen, queries=queries,
@@ -197,15 +202,82 @@ def _reading(model: Any, text: TextInputs, *, scores: bool) -> Any:
     return None if scores else model
 
 
+class Recorder:
+    """A suspect that keeps every input it was asked and the labels it answered (for :func:`other_readings`)."""
+
+    def __init__(self, suspect: Any) -> None:
+        self.suspect, self.asked, self.said = suspect, [], []
+        self.num_classes = getattr(suspect, "num_classes", None)
+        self.input_shape = getattr(suspect, "input_shape", None)
+        self.description = getattr(suspect, "description", "suspect")
+
+    def query(self, x: Any) -> Answers:
+        answers = self.suspect.query(x)
+        self.asked.append(np.asarray(x, dtype=object))
+        self.said.append(np.asarray(answers.labels, dtype=np.int64))
+        return answers
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        x, y = np.concatenate(self.asked), np.concatenate(self.said)
+        self.asked, self.said = [], []
+        return x, y
+
+
+def other_readings(rule: Any, backend: Any, x: np.ndarray, answers: np.ndarray) -> dict[str, float]:
+    """Research (``--readings``): ``Z`` of the same label answers read three ways, each a function of the answers and
+    key-free quantities (so exactly N(0, 1) under the null): ``library``; ``centred``, each in-pair sign minus the
+    served model's own expected sign within its pair, ``tanh(m / 2)`` for its pair log-odds ``m``; ``centred-proj``,
+    centred and with the served head's class directions (least squares on the rule's committed inputs) projected
+    out of the features."""
+    scores = served_scores(backend, x)
+    _, lo, hi = top_pairs(scores)
+    psi = rule.features(x)
+    signs = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
+    centred = signs - np.where(signs != 0, np.tanh(pair_log_odds(scores, lo, hi) / 2), 0.0)
+    ref_x = rule.verification_inputs
+    ref_psi, ref_logp = rule.features(ref_x), np.log(np.maximum(served_scores(backend, ref_x), 1e-300))
+    design = np.hstack([ref_psi, np.ones((len(ref_psi), 1))])
+    coef = np.linalg.lstsq(design, ref_logp - ref_logp.mean(axis=1, keepdims=True), rcond=None)[0][:-1]
+    q, r = np.linalg.qr(coef)
+    basis = q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(r).max()]
+    out = {}
+    for name, s, phi in (("library", signs, psi), ("centred", centred, psi),
+                         ("centred-proj", centred, psi - (psi @ basis) @ basis.T)):
+        v = _pair_sums(phi, lo, hi, s, num_classes=rule.directions.shape[0], outside=_outside(answers, lo, hi))
+        norm = float(np.sqrt((v ** 2).sum()))
+        out[name] = float((rule.directions * v).sum() / norm) if norm > 0 else 0.0
+    return out
+
+
+def _z_log10_p(z: float) -> float:
+    return min(0.0, float(log_ndtr(-z) / np.log(10.0))) if z != 0.0 else 0.0
+
+
 def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
-             *, queries: int, log_queries: int, use_scores: bool) -> dict[str, Any]:
-    committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=suspect, queries=queries,
+             *, queries: int, log_queries: int, use_scores: bool, readings: bool = False) -> dict[str, Any]:
+    readings = readings and not use_scores
+    asking = Recorder(suspect) if readings else suspect
+    committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=asking, queries=queries,
                               use_scores=use_scores)
-    logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen,
+    asked_committed = asking.take() if readings else None
+    logged = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=asking, chosen=chosen,
                                queries=log_queries, use_scores=use_scores)
     verdict = decide(key=key, tests=[committed, logged], alpha=ALPHA, suspect="suspect")
     out = {"committed_log10_p": round(committed.log10_p, 2), "log_log10_p": round(logged.log10_p, 2),
            "verdict": verdict.kind, "verdict_log10_p": round(min(verdict.adjusted), 2)}
+    if readings:
+        assert asked_committed is not None
+        z_committed = other_readings(rule, backend, *asked_committed)
+        z_log = other_readings(rule, backend, *asking.take())
+        if abs(z_committed["library"] - committed.details["z"]) > 1e-6 or abs(z_log["library"] - logged.details["z"]) > 1e-6:
+            raise SystemExit("the recorded answers do not reproduce the library's Z")
+        for name in ("centred", "centred-proj"):
+            tests = [dataclasses.replace(committed, log10_p=_z_log10_p(z_committed[name])),
+                     dataclasses.replace(logged, log10_p=_z_log10_p(z_log[name]))]
+            read = decide(key=key, tests=tests, alpha=ALPHA, suspect="suspect")
+            out.update({f"{name}_committed_log10_p": round(tests[0].log10_p, 2),
+                        f"{name}_log_log10_p": round(tests[1].log10_p, 2), f"{name}_verdict": read.kind,
+                        f"{name}_verdict_log10_p": round(min(read.adjusted), 2)})
     if log_queries != queries:  # the same log test at the committed test's size, side by side
         fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries,
                                   use_scores=use_scores)
@@ -286,7 +358,7 @@ def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray
 def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: Any, text: TextInputs,
             xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
             victim_acc: float, cap: int, queries: int, log_queries: int, seed: int, archs: tuple[str, ...],
-            features: dict[str, np.ndarray] | None = None) -> Any:
+            features: dict[str, np.ndarray] | None = None, readings: bool = False) -> Any:
     """The honest cost of ``api``, then per thief its label-only surrogate (trained until within 5 pp of the victim
     or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
     cost = accuracy_cost(api=api.for_client("honest"), x=xe, y=ye)
@@ -301,7 +373,8 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         chosen = select_log_inputs(key=key, rule=rule, served=backend, log=log, client=client)
         row = {"thief": f"minilm-probe ({variant})", **common, "surrogate_acc": round(probe.accuracy(xe, ye), 3),
                "epochs": epochs, "queries": len(xa), "logged": len(chosen.x),
-               **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=log_queries)}
+               **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=log_queries,
+                          readings=readings)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
     # "minilm-3ep" / "minilm-1ep": the MiniLM thief's whole 3-epoch or exactly one-epoch fine-tune, not stopped once
@@ -317,7 +390,7 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         row = {"thief": name, **common, "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3),
                "epochs": stolen.epochs, "queries": stolen.queries, "logged": len(chosen.x),
                **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries,
-                            log_queries=log_queries)}
+                            log_queries=log_queries, readings=readings)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
 
@@ -378,6 +451,9 @@ def main() -> None:
                         help="Research: per key, serve the largest scale (0.05 to 1.5 in steps of 0.05) whose honest "
                              "cost on the test third is at most this many points with the library's confidence, as "
                              "`wmark tiebreak build --max-cost` picks up to 1 (replaces --betas).")
+    parser.add_argument("--readings", action="store_true",
+                        help="Research: read every label verdict's answers also centred by the served model's expected "
+                             "sign (and with its head directions projected out), side by side (other_readings).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -473,13 +549,13 @@ def main() -> None:
                 for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
                                            ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
                                            queries=queries, log_queries=log_queries, seed=100 + 10 * k,
-                                           archs=archs, features=features):
+                                           archs=archs, features=features, readings=args.readings):
                     rows.append({"key": k, "beta": beta, **row})
                     print(table([rows[-1]], list(rows[-1])), flush=True)
                     for name, model in panel:
                         nulls.append({"key": k, "beta": beta, "log_of": row["thief"], "model": name,
                                       **verdict_of(key, rule, backend, model, text, chosen, queries=queries,
-                                                   log_queries=log_queries)})
+                                                   log_queries=log_queries, readings=args.readings)})
         print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
     accused = [n for n in nulls if n["verdict"] != "none"]
     accused_scores = [n for n in nulls if n.get("scores_verdict", "none") != "none"]
@@ -509,6 +585,15 @@ def main() -> None:
                                                                  "caught_in_scope_scores"]))
     print(f"independent models accused reading probabilities: {len(accused_scores)}/"
           f"{sum('scores_verdict' in n for n in nulls)}")
+    other = {name: {"caught_in_scope": sum(r.get(f"{name}_verdict") == "extracted" and r["within_5pp"] for r in rows),
+                    "caught": sum(r.get(f"{name}_verdict") == "extracted" for r in rows),
+                    "independent_accused": sum(n.get(f"{name}_verdict", "none") != "none" for n in nulls),
+                    "min_null_verdict_log10_p": min((n[f"{name}_verdict_log10_p"] for n in nulls
+                                                     if f"{name}_verdict_log10_p" in n), default=0.0)}
+             for name in ("centred", "centred-proj") if args.readings}
+    if other:
+        print(table([{"reading": k, **v} for k, v in other.items()],
+                    ["reading", "caught", "caught_in_scope", "independent_accused", "min_null_verdict_log10_p"]))
     doc = {"quick": quick, "alpha": ALPHA, "betas": sorted({r["beta"] for r in rows}), "max_cost": args.max_cost, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
@@ -518,6 +603,7 @@ def main() -> None:
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
                        "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls),
+                       "other_readings": other,
                        "independent_accused_scores": len(accused_scores),
                        "independent_tests_scores": sum("scores_verdict" in n for n in nulls),
                        "min_null_verdict_log10_p_scores": min((n["scores_verdict_log10_p"] for n in nulls
