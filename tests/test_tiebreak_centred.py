@@ -18,6 +18,7 @@ from wmark.keys import generate_key
 from wmark.schemes.tiebreak import (
     TieBreakLogTest,
     TieBreakTest,
+    expected_signs,
     select_log_inputs,
     tiebreak_log_test,
     tiebreak_statistic,
@@ -25,7 +26,6 @@ from wmark.schemes.tiebreak import (
     top_pairs,
 )
 from wmark.schemes.tiebreak.rule import TieBreakRule, _directions, pair_log_odds
-from wmark.schemes.tiebreak.tests import expected_signs
 
 
 def _rule(key, k: int) -> TieBreakRule:
