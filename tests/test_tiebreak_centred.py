@@ -18,6 +18,7 @@ from wmark.keys import generate_key
 from wmark.schemes.tiebreak import (
     TieBreakLogTest,
     TieBreakTest,
+    expected_evidence,
     expected_signs,
     select_log_inputs,
     tiebreak_log_test,
@@ -33,14 +34,18 @@ def _rule(key, k: int) -> TieBreakRule:
                         commitment=key.commitment(), feature_space="identity")
 
 
-def _reference_z(w, psi, lo, hi, answers, centre, num_classes):
+def _reference_z(w, psi, lo, hi, answers, centre, num_classes, leans=None):
     """Z by its definition, written out input by input (no shared helper)."""
     v = np.zeros((num_classes, psi.shape[1]))
     for g in {(a, b) for a, b in zip(lo, hi)}:
         rows = [i for i in range(len(lo)) if (lo[i], hi[i]) == g]
         phi = psi[rows] - psi[rows].mean(axis=0)
         for j, i in enumerate(rows):
-            if answers[i] == lo[i] or answers[i] == hi[i]:
+            if leans is not None:
+                s = leans[i] - (centre[i] if answers[i] >= 0 else 0.0)
+                v[lo[i]] += s * phi[j]
+                v[hi[i]] -= s * phi[j]
+            elif answers[i] == lo[i] or answers[i] == hi[i]:
                 s = (1.0 if answers[i] == lo[i] else -1.0) - centre[i]
                 v[lo[i]] += s * phi[j]
                 v[hi[i]] -= s * phi[j]
@@ -68,6 +73,12 @@ def test_the_centred_statistic_matches_its_definition_and_the_served_models_expe
     plain, _ = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers)
     assert plain == pytest.approx(_reference_z(rule.directions, psi, lo, hi, answers, np.zeros(200), 4), rel=1e-10)
     assert z != pytest.approx(plain)
+    # a probability reading: each answered lean less the served model's own clipped lean
+    leans = np.where(answers >= 0, np.clip(rng.normal(size=200) * 2, -2, 2), 0.0)
+    own = expected_evidence(scores, lo, hi, "scores")
+    np.testing.assert_allclose(own, np.clip(np.log(p_lo / p_hi), -2, 2))
+    z, _ = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers, leans=leans, centre=own)
+    assert z == pytest.approx(_reference_z(rule.directions, psi, lo, hi, answers, own, 4, leans=leans), rel=1e-10)
 
 
 def test_centred_signs_keep_an_exact_standard_normal_null_over_keys():
@@ -131,9 +142,12 @@ def test_a_text_rule_reads_labels_centred_by_default_and_its_plans_say_so(world)
     assert sequential.plan()["reads"] == "labels"
 
 
-def test_an_image_rule_reads_plain_signs_unless_asked(world):  # noqa: F811
+def test_an_image_rule_reads_plain_evidence_unless_asked(world):  # noqa: F811
     rule = dataclasses.replace(world["rule"], text=None)
     assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"], use_scores=False).plan()["reads"] == \
         "labels"
     assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"], use_scores=False,
                         centred=True).plan()["reads"] == "labels-centred"
+    assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"]).plan()["reads"] == "scores"
+    assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"], centred=True).plan()["reads"] == \
+        "scores-centred"

@@ -93,15 +93,24 @@ def expected_signs(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.nda
     return np.tanh(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi) / 2)
 
 
-def centres_labels(rule: TieBreakRule, centred: bool | None) -> bool:
-    """Whether a fixed-n tie-break test centres the label signs it reads (:func:`expected_signs`): ``centred`` when
-    given, else for a text rule.
+def expected_evidence(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, read: str) -> np.ndarray:
+    """What the served model itself would give as evidence per input: its expected sign for a label reading
+    (:func:`expected_signs`), its own lean clipped at ``±LEAN_CLIP`` for a probability reading."""
+    if read == "labels":
+        return expected_signs(scores, lo, hi)
+    return np.clip(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi), -LEAN_CLIP, LEAN_CLIP)
 
-    Near a tie a suspect's sign still follows its own decision, largely a linear function of the rule's features
-    (the served head's directions), and that key-free part adds noise to ``Z``, not signal. Measured on MiniLM
-    text thieves (``docs/extraction.md``); image rules read probabilities by default and keep the plain signs.
+
+def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
+    """Whether a fixed-n tie-break test centres the evidence it reads on the served model's own
+    (:func:`expected_evidence`): ``centred`` when given, else for a text rule's label reading.
+
+    Near a tie a suspect's calls still follow its own fit, largely a linear function of the rule's features (the
+    served head's directions), and that key-free part adds noise to ``Z``, not signal. Measured on MiniLM text
+    thieves read from their labels (``docs/extraction.md``); image rules read probabilities by default and keep
+    the plain reading until it is measured there.
     """
-    return rule.text is not None if centred is None else centred
+    return read == "labels" and rule.text is not None if centred is None else centred
 
 
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -118,8 +127,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
         leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
             used in place of the labels: any function of the suspect's own answers keeps the null exact, and
             a lean also counts the calls a surrogate moved without flipping.
-        centre: Optionally, for a label reading, a key-free expected sign per input (:func:`expected_signs`)
-            subtracted from each in-pair sign: any key-free centring keeps the null exact.
+        centre: Optionally a key-free expected evidence per input (:func:`expected_evidence`), subtracted from
+            each in-pair sign (or each answered lean): any key-free centring keeps the null exact.
 
     Returns:
         ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
@@ -127,8 +136,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     a = np.asarray(answers, dtype=np.int64)
     signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
     s = signs if leans is None else np.asarray(leans, dtype=np.float64)
-    if leans is None and centre is not None:
-        s = signs - np.where(signs != 0, np.asarray(centre, dtype=np.float64), 0.0)
+    if centre is not None:  # never on an abstention, nor (labels) on an answer outside the pair
+        s = s - np.where(signs != 0 if leans is None else a >= 0, np.asarray(centre, dtype=np.float64), 0.0)
     outside = _outside(a, lo, hi) if leans is None else None
     v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
     groups = lo * rule.directions.shape[0] + hi
@@ -161,8 +170,8 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         use_scores: True: when the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)``
             (clipped) instead of its labels' signs; False: read labels. None (the default): probabilities for an
             image rule, labels for a text rule (:func:`reads_scores`). The null is exact either way.
-        centred: Read labels centred on the served model's expected sign in each pair (:func:`expected_signs`);
-            None (the default): for a text rule (:func:`centres_labels`). The null is exact either way.
+        centred: Centre the evidence read on the served model's own (:func:`expected_evidence`); None (the
+            default): for a text rule's label reading (:func:`centres`). The null is exact either way.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
@@ -228,14 +237,17 @@ def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair
                    use_scores: bool, centred: bool | None) -> tuple[float, dict[str, Any], np.ndarray, str]:
     _, lo, hi = top_pairs(pair_scores)
     answers, evidence, read = _ask(suspect=suspect, xs=xs, lo=lo, hi=hi, use_scores=use_scores)
-    centre = expected_signs(pair_scores, lo, hi) if read == "labels" and centres_labels(rule, centred) else None
+    centre = expected_evidence(pair_scores, lo, hi, read) if centres(rule, centred, read) else None
     z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers,
                                  leans=None if read == "labels" else evidence, centre=centre)
-    return z, info | _centring(centre), answers, read
+    return z, info | _centring(centre, read), answers, read
 
 
-def _centring(centre: np.ndarray | None) -> dict[str, str]:
-    return {} if centre is None else {"centred": "each in-pair sign less the served model's expected sign in its pair"}
+def _centring(centre: np.ndarray | None, read: str) -> dict[str, str]:
+    if centre is None:
+        return {}
+    return {"centred": "each in-pair sign less the served model's expected sign in its pair" if read == "labels"
+            else "each lean less the served model's own clipped lean"}
 
 
 def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
@@ -374,7 +386,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
         use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`; by default for an
             image rule only).
-        centred: Centre the label signs (see :func:`tiebreak_test`; by default for a text rule).
+        centred: Centre the evidence read (see :func:`tiebreak_test`; by default for a text rule's labels).
 
     Raises:
         UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
@@ -412,11 +424,10 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
     read = reads[0] if len(set(reads)) == 1 else "labels"
-    centre = (expected_signs(chosen.scores[asked], lo[asked], hi[asked])
-              if read == "labels" and centres_labels(rule, centred) else None)
+    centre = expected_evidence(chosen.scores[asked], lo[asked], hi[asked], read) if centres(rule, centred, read) else None
     z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
                                  leans=None if read == "labels" else evidence, centre=centre)
-    info |= _centring(centre)
+    info |= _centring(centre, read)
     rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
                                           "by that ranking, the rest where the suspect's answers so far put it "
                                           "closest to a tie")
@@ -442,11 +453,10 @@ def reads_scores(rule: TieBreakRule, use_scores: bool | None) -> bool:
 
 
 def _reading(rule: TieBreakRule, use_scores: bool | None, centred: bool | None) -> str:
-    """How a tie-break test reads its answers, as its plan records it: ``scores``, ``labels`` or ``labels-centred``
-    (:func:`centres_labels`)."""
-    if reads_scores(rule, use_scores):
-        return "scores"
-    return "labels-centred" if centres_labels(rule, centred) else "labels"
+    """How a tie-break test reads its answers, as its plan records it: ``scores`` or ``labels``, with ``-centred``
+    where it centres them (:func:`centres`)."""
+    read = "scores" if reads_scores(rule, use_scores) else "labels"
+    return f"{read}-centred" if centres(rule, centred, read) else read
 
 
 def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
