@@ -160,7 +160,7 @@ def _check_plan(record: Record, name: str, entry: dict[str, Any], alpha: float, 
     wanted = {"test": name, **entry, **plan_weight(weight)}
     if bound is not None and "inputs" not in bound:  # an older plan bound no inputs: compare what it bound
         wanted = {k: v for k, v in wanted.items() if k not in ("inputs", "reads")}
-    elif bound is not None and (bound.get("reads"), wanted.get("reads")) == ("scores", "labels"):
+    elif bound is not None and str(bound.get("reads")).startswith("scores") and str(wanted.get("reads")).startswith("labels"):
         # a test bound to read scores reads labels where the suspect gave none; the report says which it read
         wanted["reads"] = "scores"
     if bound is not None:  # nor a sequential test's budget or e-process, where an older plan bound none
@@ -187,10 +187,12 @@ def check_planned_tests(record: Record | None, verdict: dict[str, Any], report: 
 
 
 def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], overrides: Mapping[str, PathLike],
-                     checks: list[str], alpha: float, share: float, read: str) -> tuple[TestResult, dict[str, Any]]:
+                     checks: list[str], alpha: float, share: float, read: str,
+                     centred: bool) -> tuple[TestResult, dict[str, Any]]:
     """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model,
-    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities); and the test's
-    plan entry (:meth:`~wmark.schemes.tiebreak.TieBreakTest.plan`)."""
+    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities; ``centred``: its
+    label signs centred, as a text rule's are since they were first read so); and the test's plan entry
+    (:meth:`~wmark.schemes.tiebreak.TieBreakTest.plan`)."""
     from wmark.schemes.tiebreak import tiebreak_tests_from_files
 
     paths = {}
@@ -204,7 +206,7 @@ def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], 
     checks.append("tie-break rule and served model SHA-256")
     (test,) = tiebreak_tests_from_files(key=key, rule=paths["rule"], served=paths["served"], arch=files["arch"] or None,
                                         holdout=files.get("holdout"), queries=int(files["queries"]),
-                                        use_scores=read != "labels")
+                                        use_scores=read != "labels", centred=centred)
     return test.run(replay, alpha=alpha, share=share), test.plan()
 
 
@@ -218,7 +220,7 @@ def replay_test(test: dict[str, Any], *, record: Record, key: Key, verdict: dict
     if test["name"] == TIEBREAK:
         redone, entry = _replay_tiebreak(key=key, replay=replay, files=details["files"], overrides=owner_files,
                                          checks=checks, alpha=alpha, share=float(details.get("alpha_share", 1.0)),
-                                         read=str(details.get("read", "labels")))
+                                         read=str(details.get("read", "labels")), centred="centred" in details)
     else:
         trigger = TriggerSetTest(key=key, mode=details.get("mode", "sequential"),
                                  max_queries=int(details.get("budget", len(record.labels))))

@@ -24,6 +24,10 @@ surrogate's own fit leaves the call open and the keyed lean it learnt decides it
 the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (abstentions carry no evidence). A
 suspect that answers with probabilities (a leaked model file, an API that returns them) gives more:
 ``s_i = log(p_lo / p_hi)`` clipped at ``±2``, which also counts the calls it moved without flipping. With
+A text rule reads labels **centred** (:func:`expected_signs`): each in-pair
+``s_i`` less the served model's own expected sign in its pair, ``(p_lo − p_hi) / (p_lo + p_hi)``. Near a tie a
+suspect's calls still follow its own fit, largely a linear function of the same features; that key-free part
+of the sums adds to their norm, not to their projection on the keyed directions. With
 ``phi_i`` the features centred per pair over the chosen inputs,
 ``v_c = Σ_i phi_i (s_i ([lo_i = c] − [hi_i = c]) + t_i ([o_i = c] − ([lo_i = c] + [hi_i = c]) / 2))``
 and ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``, where a label ``o_i`` outside the pair counts with
@@ -32,7 +36,7 @@ class against the pair. ``H0``: the suspect was made without access to the marke
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
 the served model, the references distilled from it and the owner's data, never from the key), and the
-``s_i`` are functions of the suspect's answers alone; given all of those, ``Z`` is a fixed linear
+``s_i`` are functions of the suspect's answers and the served model's scores alone; given all of those, ``Z`` is a fixed linear
 combination of independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
 ``p = P(N(0, 1) ≥ Z)``, computed in log space. The inputs share the ``w_c``, so per-input agreements are
 correlated; the statistic accounts for that, a per-input binomial would not. (Gaussian draws come from
@@ -120,6 +124,9 @@ from wmark.schemes.tiebreak.tests import (
     LogInputs,
     TieBreakLogTest,
     TieBreakTest,
+    centres,
+    expected_evidence,
+    expected_signs,
     probability_leans,
     select_log_inputs,
     tiebreak_log_test,
@@ -134,7 +141,7 @@ __all__ = [
     "OUTSIDE_WEIGHT", "REFERENCE_QUERIES", "REFERENCE_RECIPES", "REFERENCE_REPEATS", "SCHEME", "SEQUENTIAL_BUDGET",
     "SEQUENTIAL_RHO", "SEQUENTIAL_ROUND", "TEXT_LOG_FORMAT", "VERSION",
     "KeyTriggers", "LogInputs", "TieBreakAPI", "TieBreakLog", "TieBreakLogTest", "TieBreakRule", "TieBreakTest", "accuracy_cost",
-    "accuracy_costs", "build_tiebreak_rule", "commit_verification_inputs", "largest_beta_within", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
+    "accuracy_costs", "build_tiebreak_rule", "centres", "commit_verification_inputs", "expected_evidence", "expected_signs", "largest_beta_within", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
     "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
     "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates",

@@ -84,8 +84,38 @@ def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *
     return v
 
 
+def expected_signs(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The unmarked served model's own expected sign within each input's pair, ``(p_lo − p_hi) / (p_lo + p_hi)``
+    (``tanh(m / 2)`` for its pair log-odds ``m``): the part of a label answer's sign its own fit predicts.
+
+    Key-free (the served model's scores), so subtracting it from the signs keeps the null exact.
+    """
+    return np.tanh(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi) / 2)
+
+
+def expected_evidence(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, read: str) -> np.ndarray:
+    """What the served model itself would give as evidence per input: its expected sign for a label reading
+    (:func:`expected_signs`), its own lean clipped at ``±LEAN_CLIP`` for a probability reading."""
+    if read == "labels":
+        return expected_signs(scores, lo, hi)
+    return np.clip(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi), -LEAN_CLIP, LEAN_CLIP)
+
+
+def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
+    """Whether a fixed-n tie-break test centres the evidence it reads on the served model's own
+    (:func:`expected_evidence`): ``centred`` when given, else for a text rule's label reading.
+
+    Near a tie a suspect's calls still follow its own fit, largely a linear function of the rule's features (the
+    served head's directions), and that key-free part adds noise to ``Z``, not signal. Measured on MiniLM text
+    thieves read from their labels (``docs/extraction.md``); image rules read probabilities by default and keep
+    the plain reading until it is measured there.
+    """
+    return read == "labels" and rule.text is not None if centred is None else centred
+
+
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                       answers: np.ndarray, leans: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
+                       answers: np.ndarray, leans: np.ndarray | None = None,
+                       centre: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
     """The exact Z statistic of the module docstring for answers on inputs with features ``psi``.
 
     Args:
@@ -97,6 +127,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
         leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
             used in place of the labels: any function of the suspect's own answers keeps the null exact, and
             a lean also counts the calls a surrogate moved without flipping.
+        centre: Optionally a key-free expected evidence per input (:func:`expected_evidence`), subtracted from
+            each in-pair sign (or each answered lean): any key-free centring keeps the null exact.
 
     Returns:
         ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
@@ -104,6 +136,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     a = np.asarray(answers, dtype=np.int64)
     signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
     s = signs if leans is None else np.asarray(leans, dtype=np.float64)
+    if centre is not None:  # never on an abstention, nor (labels) on an answer outside the pair
+        s = s - np.where(signs != 0 if leans is None else a >= 0, np.asarray(centre, dtype=np.float64), 0.0)
     outside = _outside(a, lo, hi) if leans is None else None
     v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
     groups = lo * rule.directions.shape[0] + hi
@@ -118,7 +152,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                   inputs: np.ndarray | None = None, queries: int = DEFAULT_QUERIES,
-                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool | None = None) -> TestResult:
+                  min_ratio: float = DEFAULT_PAIR_RATIO, use_scores: bool | None = None,
+                  centred: bool | None = None) -> TestResult:
     """Test whether a suspect breaks the served model's near-ties the way the keyed head does.
 
     Args:
@@ -135,6 +170,8 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         use_scores: True: when the suspect answers with probabilities, read its lean ``log(p_lo / p_hi)``
             (clipped) instead of its labels' signs; False: read labels. None (the default): probabilities for an
             image rule, labels for a text rule (:func:`reads_scores`). The null is exact either way.
+        centred: Centre the evidence read on the served model's own (:func:`expected_evidence`); None (the
+            default): for a text rule's label reading (:func:`centres`). The null is exact either way.
 
     Returns:
         A ``TestResult`` with ``evidence_of="extracted"``; ``matches`` counts answers that lean the keyed way.
@@ -164,7 +201,7 @@ def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Sus
         selection = f"nearest ties of the served model among the {len(x)} held inputs (p_b/p_a >= {min_ratio})"
         pair_scores = all_scores[chosen]
     z, info, answers, read = _ask_and_score(rule=rule, suspect=suspect, xs=xs, pair_scores=pair_scores,
-                                            use_scores=reads_scores(rule, use_scores))
+                                            use_scores=reads_scores(rule, use_scores), centred=centred)
     return _result(name=SCHEME, z=z, info=info, answers=answers, read=read, rule=rule, selection=selection,
                    budget=queries, method="exact Gaussian (fixed n, owner-chosen inputs)",
                    null={"distribution": "N(0, 1)", "why": NULL_WHY})
@@ -197,12 +234,20 @@ def _owner_inputs(key: Key, rule: TieBreakRule, inputs: Any) -> np.ndarray:
 
 
 def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair_scores: np.ndarray,
-                   use_scores: bool) -> tuple[float, dict[str, Any], np.ndarray, str]:
+                   use_scores: bool, centred: bool | None) -> tuple[float, dict[str, Any], np.ndarray, str]:
     _, lo, hi = top_pairs(pair_scores)
     answers, evidence, read = _ask(suspect=suspect, xs=xs, lo=lo, hi=hi, use_scores=use_scores)
+    centre = expected_evidence(pair_scores, lo, hi, read) if centres(rule, centred, read) else None
     z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers,
-                                 leans=None if read == "labels" else evidence)
-    return z, info, answers, read
+                                 leans=None if read == "labels" else evidence, centre=centre)
+    return z, info | _centring(centre, read), answers, read
+
+
+def _centring(centre: np.ndarray | None, read: str) -> dict[str, str]:
+    if centre is None:
+        return {}
+    return {"centred": "each in-pair sign less the served model's expected sign in its pair" if read == "labels"
+            else "each lean less the served model's own clipped lean"}
 
 
 def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
@@ -294,7 +339,8 @@ def _round_sizes(queries: int, rounds: int, first_share: float) -> list[int]:
 def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
                       log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                       queries: int = DEFAULT_QUERIES, rounds: int = DEFAULT_LOG_ROUNDS,
-                      first_share: float = LOG_FIRST_ROUND, use_scores: bool | None = None) -> TestResult:
+                      first_share: float = LOG_FIRST_ROUND, use_scores: bool | None = None,
+                      centred: bool | None = None) -> TestResult:
     """The tie-break test on the inputs one client asked the marked API (its log), not the owner's.
 
     A surrogate is trained on exactly its maker's queries, so it repeats the marked answers there more
@@ -340,6 +386,7 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         first_share: The share of ``queries`` the first round asks by the ranking alone (with ``rounds`` > 1).
         use_scores: Read probabilities when the suspect gives them (see :func:`tiebreak_test`; by default for an
             image rule only).
+        centred: Centre the evidence read (see :func:`tiebreak_test`; by default for a text rule's labels).
 
     Raises:
         UsageError: On a key/rule/log/suspect mismatch, or a client with no logged inputs.
@@ -377,8 +424,10 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
     read = reads[0] if len(set(reads)) == 1 else "labels"
+    centre = expected_evidence(chosen.scores[asked], lo[asked], hi[asked], read) if centres(rule, centred, read) else None
     z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
-                                 leans=None if read == "labels" else evidence)
+                                 leans=None if read == "labels" else evidence, centre=centre)
+    info |= _centring(centre, read)
     rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
                                           "by that ranking, the rest where the suspect's answers so far put it "
                                           "closest to a tie")
@@ -403,9 +452,11 @@ def reads_scores(rule: TieBreakRule, use_scores: bool | None) -> bool:
     return rule.text is None if use_scores is None else use_scores
 
 
-def _reading(rule: TieBreakRule, use_scores: bool | None) -> str:
-    """How a tie-break test reads its answers, as its plan records it: ``scores`` or ``labels``."""
-    return "scores" if reads_scores(rule, use_scores) else "labels"
+def _reading(rule: TieBreakRule, use_scores: bool | None, centred: bool | None) -> str:
+    """How a tie-break test reads its answers, as its plan records it: ``scores`` or ``labels``, with ``-centred``
+    where it centres them (:func:`centres`)."""
+    read = "scores" if reads_scores(rule, use_scores) else "labels"
+    return f"{read}-centred" if centres(rule, centred, read) else read
 
 
 def _ask(*, suspect: Suspect, xs: np.ndarray, lo: np.ndarray, hi: np.ndarray,
@@ -464,6 +515,7 @@ class TieBreakTest:
     inputs: np.ndarray | None = None
     queries: int = DEFAULT_QUERIES
     use_scores: bool | None = None
+    centred: bool | None = None
     name: str = SCHEME
     weight: float = 1.0
     null: str = NULL_WHY
@@ -472,11 +524,12 @@ class TieBreakTest:
         inputs = {"rule": self.rule.content_digest}
         if self.inputs is not None:
             inputs["holdout"] = content_sha256(self.inputs)
-        return {"mode": "fixed", "budget": self.queries, "inputs": inputs, "reads": _reading(self.rule, self.use_scores)}
+        return {"mode": "fixed", "budget": self.queries, "inputs": inputs,
+                "reads": _reading(self.rule, self.use_scores, self.centred)}
 
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         return tiebreak_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect, inputs=self.inputs,
-                             queries=self.queries, use_scores=self.use_scores)
+                             queries=self.queries, use_scores=self.use_scores, centred=self.centred)
 
 
 @dataclass(frozen=True)
@@ -497,6 +550,7 @@ class TieBreakLogTest:
     rounds: int = DEFAULT_LOG_ROUNDS
     mode: str = "fixed"
     use_scores: bool | None = None
+    centred: bool | None = None
     name: str = f"{SCHEME}-log"
     weight: float = LOG_TEST_WEIGHT
     null: str = NULL_WHY.replace("owner-chosen inputs", "client's inputs")
@@ -509,7 +563,7 @@ class TieBreakLogTest:
                 "inputs": {"rule": self.rule.content_digest,
                            "log": content_sha256(self.chosen.x, self.chosen.scores, self.chosen.leans,
                                                  self.chosen.reference_leans)},
-                "reads": _reading(self.rule, self.use_scores)}
+                "reads": _reading(self.rule, self.use_scores, False if self.mode == "sequential" else self.centred)}
         if self.mode == "sequential":
             from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_RHO, SEQUENTIAL_ROUND
 
@@ -529,7 +583,7 @@ class TieBreakLogTest:
                                            use_scores=self.use_scores)
         return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
                                  chosen=self.chosen, queries=DEFAULT_QUERIES if self.queries is None else self.queries,
-                                 rounds=self.rounds, use_scores=self.use_scores)
+                                 rounds=self.rounds, use_scores=self.use_scores, centred=self.centred)
 
 
 def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served: str | os.PathLike[str] | None = None,
@@ -537,12 +591,12 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
                               log: str | os.PathLike[str] | None = None, client: str | None = None,
                               log_queries: int | None = None, log_rounds: int = DEFAULT_LOG_ROUNDS,
                               log_mode: str = "fixed", use_scores: bool | None = None,
-                              log_read: int | None = None) -> list[TieBreakTest | TieBreakLogTest]:
+                              log_read: int | None = None, centred: bool | None = None) -> list[TieBreakTest | TieBreakLogTest]:
     """The tie-break tests a dispute's files allow: the committed-input test (``queries`` > 0; the owner's
     ``holdout`` inputs, a dataset spec, only for a rule that commits none) and, with the API's ``log`` and a
     ``client``, the log test on that client's queries (``log_mode``, ``log_queries`` and ``log_rounds`` as
     :class:`TieBreakLogTest`'s ``mode``, ``queries`` and ``rounds``, ``log_read`` as :func:`select_log_inputs`'s
-    ``read``; ``use_scores`` for both, as :func:`tiebreak_test`'s). The served model is the one the rule records
+    ``read``; ``use_scores`` and ``centred`` for both, as :func:`tiebreak_test`'s). The served model is the one the rule records
     (``served`` and ``arch`` only if it moved, see :func:`~wmark.schemes.tiebreak.rule.open_tiebreak_rule`).
 
     Raises:
@@ -571,12 +625,12 @@ def tiebreak_tests_from_files(*, key: Key, rule: str | os.PathLike[str], served:
             raise UsageError(f"The tie-break rule {rule} carries no committed verification inputs; give the owner's "
                              "held inputs (holdout), or rebuild the rule with `wmark tiebreak build`.")
         tests.append(TieBreakTest(key=key, rule=loaded, served=backend, inputs=inputs, queries=queries,
-                                  use_scores=use_scores))
+                                  use_scores=use_scores, centred=centred))
     if log is not None:
         if client is None:
             raise UsageError("A query log is read for one client; name the client suspected of extraction.")
         with TieBreakLog(log, key=key, create=False) as opened:
             chosen = select_log_inputs(key=key, rule=loaded, served=backend, log=opened, client=client, read=log_read)
         tests.append(TieBreakLogTest(key=key, rule=loaded, served=backend, chosen=chosen, queries=log_queries,
-                                     rounds=log_rounds, mode=log_mode, use_scores=use_scores))
+                                     rounds=log_rounds, mode=log_mode, use_scores=use_scores, centred=centred))
     return tests
