@@ -117,10 +117,15 @@ SHAPE = (1, 28, 28)
 SUBSETS = ("all", "cnn", "mlp", "none")
 LFO_SUBSET = {"conv": "mlp", "mlp": "cnn", "both": "none"}
 # other readings beside the library's (the suspect's probabilities, 1000 logged queries in 21 rounds), on the LFO
-# and all subsets: the log test asking 2000 logged queries; both tests reading only the suspect's labels
+# and all subsets: the log test asking 2000 logged queries; both tests reading only the suspect's labels; both
+# tests centred on the served model's own evidence (probabilities or labels)
 VARIANTS: dict[str, dict[str, dict[str, Any]]] = {
     "log2000": {"log": {"queries": 2000}, "committed": {}},
     "labels": {"log": {"use_scores": False}, "committed": {"use_scores": False}},
+    # each answer's evidence less the served model's own (its clipped lean, or its expected sign): key-free
+    "centred": {"log": {"centred": True}, "committed": {"centred": True}},
+    "labels-centred": {"log": {"use_scores": False, "centred": True},
+                       "committed": {"use_scores": False, "centred": True}},
 }
 Train = Callable[[Any, np.ndarray, int, Callable[[nn.Module], bool]], tuple[nn.Module, int]]
 
