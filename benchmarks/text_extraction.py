@@ -81,6 +81,7 @@ ALPHA = 1e-6
 LENGTH = 64
 VICTIM_LR = {"tiny-bert": 1e-3, "text-bow": 3e-3, "minilm-classifier": 1e-4}
 VICTIM_ARCH = {"tiny-bert": "tiny-bert", "minilm": "minilm-classifier"}
+READINGS = ("plain", "centred", "centred-proj")  # --readings: the label verdicts read these ways beside
 
 
 def texts_and_labels(texts: Any, labels: torch.Tensor, text: TextInputs) -> tuple[np.ndarray, np.ndarray]:
@@ -225,8 +226,8 @@ class Recorder:
 
 def other_readings(rule: Any, backend: Any, x: np.ndarray, answers: np.ndarray) -> dict[str, float]:
     """Research (``--readings``): ``Z`` of the same label answers read three ways, each a function of the answers and
-    key-free quantities (so exactly N(0, 1) under the null): ``library``; ``centred``, each in-pair sign minus the
-    served model's own expected sign within its pair, ``tanh(m / 2)`` for its pair log-odds ``m``; ``centred-proj``,
+    key-free quantities (so exactly N(0, 1) under the null): ``plain`` signs; ``centred`` (the library's default for
+    a text rule), each in-pair sign minus the served model's own expected sign within its pair, ``tanh(m / 2)`` for its pair log-odds ``m``; ``centred-proj``,
     centred and with the served head's class directions (least squares on the rule's committed inputs) projected
     out of the features."""
     scores = served_scores(backend, x)
@@ -241,7 +242,7 @@ def other_readings(rule: Any, backend: Any, x: np.ndarray, answers: np.ndarray) 
     q, r = np.linalg.qr(coef)
     basis = q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(r).max()]
     out = {}
-    for name, s, phi in (("library", signs, psi), ("centred", centred, psi),
+    for name, s, phi in (("plain", signs, psi), ("centred", centred, psi),
                          ("centred-proj", centred, psi - (psi @ basis) @ basis.T)):
         v = _pair_sums(phi, lo, hi, s, num_classes=rule.directions.shape[0], outside=_outside(answers, lo, hi))
         norm = float(np.sqrt((v ** 2).sum()))
@@ -269,9 +270,10 @@ def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
         assert asked_committed is not None
         z_committed = other_readings(rule, backend, *asked_committed)
         z_log = other_readings(rule, backend, *asking.take())
-        if abs(z_committed["library"] - committed.details["z"]) > 1e-6 or abs(z_log["library"] - logged.details["z"]) > 1e-6:
+        mine = "centred" if "centred" in logged.details else "plain"  # the library's own reading
+        if abs(z_committed[mine] - committed.details["z"]) > 1e-6 or abs(z_log[mine] - logged.details["z"]) > 1e-6:
             raise SystemExit("the recorded answers do not reproduce the library's Z")
-        for name in ("centred", "centred-proj"):
+        for name in READINGS:
             tests = [dataclasses.replace(committed, log10_p=_z_log10_p(z_committed[name])),
                      dataclasses.replace(logged, log10_p=_z_log10_p(z_log[name]))]
             read = decide(key=key, tests=tests, alpha=ALPHA, suspect="suspect")
@@ -452,8 +454,8 @@ def main() -> None:
                              "cost on the test third is at most this many points with the library's confidence, as "
                              "`wmark tiebreak build --max-cost` picks up to 1 (replaces --betas).")
     parser.add_argument("--readings", action="store_true",
-                        help="Research: read every label verdict's answers also centred by the served model's expected "
-                             "sign (and with its head directions projected out), side by side (other_readings).")
+                        help="Research: read every label verdict's answers also with plain signs, centred on the served "
+                             "model's expected sign, and centred with its head directions projected out (other_readings).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -590,7 +592,7 @@ def main() -> None:
                     "independent_accused": sum(n.get(f"{name}_verdict", "none") != "none" for n in nulls),
                     "min_null_verdict_log10_p": min((n[f"{name}_verdict_log10_p"] for n in nulls
                                                      if f"{name}_verdict_log10_p" in n), default=0.0)}
-             for name in ("centred", "centred-proj") if args.readings}
+             for name in READINGS if args.readings}
     if other:
         print(table([{"reading": k, **v} for k, v in other.items()],
                     ["reading", "caught", "caught_in_scope", "independent_accused", "min_null_verdict_log10_p"]))
