@@ -151,3 +151,29 @@ def test_an_image_rule_reads_plain_evidence_unless_asked(world):  # noqa: F811
     assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"]).plan()["reads"] == "scores"
     assert TieBreakTest(key=world["key"], rule=rule, served=world["backend"], centred=True).plan()["reads"] == \
         "scores-centred"
+
+
+def test_a_report_read_with_plain_signs_is_rechecked_with_plain_signs(world, tmp_path, monkeypatch):  # noqa: F811
+    """A report written before text labels were centred (simulated: centring switched off while it is made) replays
+    the way it was read, and one read centred replays centred."""
+    from wmark import api
+    from wmark.io import save_model
+    from wmark.recheck import recheck
+    from wmark.report import write_report
+    from wmark.schemes.tiebreak import tests as tiebreak_tests
+
+    tmp = world["tmp"]
+    save_model(world["surrogate"], tmp_path / "s.safetensors",
+               metadata={"arch": "text-bow", "num_classes": CLASSES, "input_shape": [world["key"].input_shape[0]]})
+    real = tiebreak_tests.centres
+    for plain in (True, False):
+        if plain:
+            monkeypatch.setattr(tiebreak_tests, "centres", lambda rule, centred, read: False)
+        verdict = api.verify(key=tmp / "owner.key", arch="text-bow", suspect=tmp_path / "s.safetensors", mode="fixed",
+                             rule=tmp / "rule.safetensors", rule_queries=300, labels_only=True)
+        monkeypatch.setattr(tiebreak_tests, "centres", real)
+        (test,) = [t for t in verdict.tests if t.name == "api-tiebreak"]
+        assert ("centred" in test.details) is not plain
+        write_report(verdict=verdict, key=world["key"], path=tmp_path / f"r{plain}.html")
+        outcome = recheck(report=tmp_path / f"r{plain}.json", key=tmp / "owner.key")
+        assert outcome.status == "same", outcome.message

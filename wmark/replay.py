@@ -162,7 +162,7 @@ def _check_plan(record: Record, name: str, entry: dict[str, Any], alpha: float, 
         wanted = {k: v for k, v in wanted.items() if k not in ("inputs", "reads")}
     elif bound is not None and str(bound.get("reads")).startswith("scores") and str(wanted.get("reads")).startswith("labels"):
         # a test bound to read scores reads labels where the suspect gave none; the report says which it read
-        wanted["reads"] = "scores"
+        wanted["reads"] = bound["reads"]
     if bound is not None:  # nor a sequential test's budget or e-process, where an older plan bound none
         wanted = {k: v for k, v in wanted.items() if k not in ("max_queries", "eprocess") or k in bound}
     # an older plan of sequential tests bound no alpha
@@ -190,8 +190,8 @@ def _replay_tiebreak(*, key: Key, replay: ReplaySuspect, files: dict[str, Any], 
                      checks: list[str], alpha: float, share: float, read: str,
                      centred: bool) -> tuple[TestResult, dict[str, Any]]:
     """The tie-break test on the committed inputs, replayed from the record with the owner's rule and served model,
-    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities; ``centred``: its
-    label signs centred, as a text rule's are since they were first read so); and the test's plan entry
+    reading the suspect as the report says it was read (``read``: ``labels`` or its probabilities; ``centred``:
+    whether the test centred what it read, as its details say); and the test's plan entry
     (:meth:`~wmark.schemes.tiebreak.TieBreakTest.plan`)."""
     from wmark.schemes.tiebreak import tiebreak_tests_from_files
 

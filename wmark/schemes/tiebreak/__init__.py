@@ -23,12 +23,12 @@ p_r(b))|``; without references, the served model's own nearest ties, largest ``p
 surrogate's own fit leaves the call open and the keyed lean it learnt decides it. The suspect answers them; ``s_i = +1`` if it answers
 the pair's smaller class index, ``−1`` for the larger, ``0`` otherwise (abstentions carry no evidence). A
 suspect that answers with probabilities (a leaked model file, an API that returns them) gives more:
-``s_i = log(p_lo / p_hi)`` clipped at ``±2``, which also counts the calls it moved without flipping. With
-A text rule reads labels **centred** (:func:`expected_signs`): each in-pair
-``s_i`` less the served model's own expected sign in its pair, ``(p_lo − p_hi) / (p_lo + p_hi)``. Near a tie a
-suspect's calls still follow its own fit, largely a linear function of the same features; that key-free part
-of the sums adds to their norm, not to their projection on the keyed directions. With
-``phi_i`` the features centred per pair over the chosen inputs,
+``s_i = log(p_lo / p_hi)`` clipped at ``±2``, which also counts the calls it moved without flipping. A text
+rule reads labels **centred** (:func:`expected_signs`): each in-pair ``s_i`` less the served model's own
+expected sign in its pair, ``(p_lo − p_hi) / (p_lo + p_hi)``. Near a tie a suspect's calls still follow its
+own fit, largely a linear function of the same features; that key-free part of the sums adds to their norm,
+not to their projection on the keyed directions. With ``phi_i`` the features centred per pair over the
+chosen inputs,
 ``v_c = Σ_i phi_i (s_i ([lo_i = c] − [hi_i = c]) + t_i ([o_i = c] − ([lo_i = c] + [hi_i = c]) / 2))``
 and ``Z = Σ_c <w_c, v_c> / sqrt(Σ_c |v_c|²)``, where a label ``o_i`` outside the pair counts with
 ``t_i = OUTSIDE_WEIGHT`` (1; an in-pair label weighs 2 on the same scale): the keyed head raised that
@@ -36,8 +36,8 @@ class against the pair. ``H0``: the suspect was made without access to the marke
 answers. Under ``H0`` (HMAC-SHA256 as a pseudo-random function) the ``w_c`` are independent standard
 normal vectors, independent of the suspect's answers, of the inputs and of the features (which come from
 the served model, the references distilled from it and the owner's data, never from the key), and the
-``s_i`` are functions of the suspect's answers and the served model's scores alone; given all of those, ``Z`` is a fixed linear
-combination of independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
+``s_i`` are functions of the suspect's answers and the served model's scores alone; given all of those,
+``Z`` is a fixed linear combination of independent standard normals with unit variance, so **Z ~ N(0, 1) exactly** and
 ``p = P(N(0, 1) ≥ Z)``, computed in log space. The inputs share the ``w_c``, so per-input agreements are
 correlated; the statistic accounts for that, a per-input binomial would not. (Gaussian draws come from
 32-bit uniforms by Box–Muller; the discretisation is far below any reported p-value.)
