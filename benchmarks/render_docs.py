@@ -63,6 +63,16 @@ WHAT = {
     "text_extraction_minilm": "the same with a thief on the public MiniLM encoder",
     "text_extraction_quick": "its quick mode",
     "research_lexical_mark": "a keyed lexical text mark against the one-epoch MiniLM thief, a pre-check (negative)",
+    "research_residual_statistic": "the tie-break statistic read centred or with the served head projected out, on "
+                                   "simulated MiniLM thieves (a pre-check)",
+    "text_extraction_minilm_centred_a": "the stopped MiniLM thief at beta 1, its label verdicts read plain and centred "
+                                        "side by side (six fresh keys; the stage that adopted centring)",
+    "text_extraction_minilm_centred_b": "the same on six more fresh keys",
+    "text_extraction_minilm_centred_1ep": "the MiniLM thief trained exactly one epoch, read plain and centred (eight "
+                                          "fresh keys, a replication)",
+    "extraction_families_centred_a": "five image thief families at beta 1, read centred beside the library's reading "
+                                     "(one fresh key, a pre-check)",
+    "extraction_families_centred_b": "the same on another fresh key",
     "research_text_cost": "what each text trigger embedding costs a MiniLM fine-tune on the whole owner third, per seed",
     "research_lookahead_batchnorm": "lookahead against mixing on a BatchNorm resnet: triggers learnt",
     "research_text_default_scratch": "the margin's own trigger pass against mixing on text models trained from scratch",
