@@ -106,9 +106,10 @@ def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
     (:func:`expected_evidence`): ``centred`` when given, else for a text rule's label reading.
 
     Near a tie a suspect's calls still follow its own fit, largely a linear function of the rule's features (the
-    served head's directions), and that key-free part adds noise to ``Z``, not signal. Measured on MiniLM text
-    thieves read from their labels (``docs/extraction.md``); image rules read probabilities by default and keep
-    the plain reading until it is measured there.
+    served head's directions), and that key-free part adds noise to ``Z``, not signal. That is what a text thief
+    stopped early looks like (MiniLM thieves read from their labels: ``docs/extraction.md``). An image surrogate
+    trained to scope answers near-ties much as the marked API does, and centring its reading made it slightly
+    weaker, so image rules keep the plain reading.
     """
     return read == "labels" and rule.text is not None if centred is None else centred
 
