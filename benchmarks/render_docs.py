@@ -76,6 +76,9 @@ WHAT = {
     "text_extraction_tinybert_centred_probe_a": "the MiniLM probe thief against the tiny-BERT victim, read plain and "
                                                 "centred (four fresh keys)",
     "text_extraction_tinybert_centred_probe_b": "the same on four more fresh keys",
+    "text_extraction_tinybert_public_probe_a": "the same probes with the rule read from the public MiniLM encoder "
+                                               "(same keys and seeds)",
+    "text_extraction_tinybert_public_probe_b": "the same on the other four keys",
     "extraction_families_centred_a": "five image thief families at beta 1, read centred beside the library's reading "
                                      "(one fresh key, a pre-check)",
     "extraction_families_centred_b": "the same on another fresh key",
