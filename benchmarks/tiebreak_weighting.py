@@ -62,7 +62,7 @@ from wmark.schemes.tiebreak import (
     tiebreak_test,
     top_pairs,
 )
-from wmark.schemes.tiebreak.tests import _outside, _pair_sums
+from wmark.schemes.tiebreak.statistic import _outside, _pair_sums
 from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 

@@ -114,23 +114,26 @@ from wmark.schemes.tiebreak.serving import (
     accuracy_costs,
     largest_beta_within,
 )
-from wmark.schemes.tiebreak.tests import (
-    DEFAULT_LOG_ROUNDS,
-    FOLLOWED_REFERENCES,
+from wmark.schemes.tiebreak.statistic import (
     LEAN_CLIP,
-    LOG_FIRST_ROUND,
-    LOG_TEST_WEIGHT,
     OUTSIDE_WEIGHT,
-    LogInputs,
-    TieBreakLogTest,
-    TieBreakTest,
     centres,
     expected_evidence,
     expected_signs,
     probability_leans,
+    tiebreak_statistic,
+    z_log10_p,
+)
+from wmark.schemes.tiebreak.tests import (
+    DEFAULT_LOG_ROUNDS,
+    FOLLOWED_REFERENCES,
+    LOG_FIRST_ROUND,
+    LOG_TEST_WEIGHT,
+    LogInputs,
+    TieBreakLogTest,
+    TieBreakTest,
     select_log_inputs,
     tiebreak_log_test,
-    tiebreak_statistic,
     tiebreak_test,
     tiebreak_tests_from_files,
 )
@@ -144,5 +147,5 @@ __all__ = [
     "accuracy_costs", "build_tiebreak_rule", "centres", "commit_verification_inputs", "expected_evidence", "expected_signs", "largest_beta_within", "load_tiebreak_rule", "open_tiebreak_rule", "owner_texts",
     "pair_log_odds", "probability_leans", "reference_lean", "reference_leans", "select_log_inputs",
     "select_verification_inputs", "tiebreak_log_sequential", "tiebreak_log_test", "tiebreak_statistic", "tiebreak_test",
-    "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates",
+    "tiebreak_tests_from_files", "top_pairs", "train_reference_surrogates", "z_log10_p",
 ]

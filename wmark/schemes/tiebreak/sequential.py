@@ -49,6 +49,7 @@ from wmark.evidence import DEFAULT_ALPHA, TestResult, check_suspect_fits_key
 from wmark.keys import Key
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.rule import SCHEME, TieBreakRule, top_pairs
+from wmark.schemes.tiebreak.statistic import _outside, _pair_sums, tiebreak_statistic
 from wmark.schemes.tiebreak.tests import (
     FEW_PAIRS,
     LOG_TEST_WEIGHT,
@@ -57,11 +58,8 @@ from wmark.schemes.tiebreak.tests import (
     _ask,
     _check_rule_key,
     _next_round,
-    _outside,
-    _pair_sums,
     reads_scores,
     select_log_inputs,
-    tiebreak_statistic,
 )
 from wmark.stats import GaussianMixtureEProcess
 from wmark.suspects.base import Suspect

@@ -1,6 +1,7 @@
-"""The tie-break tests: the exact Gaussian statistic, the committed-input test and the log test.
+"""The tie-break tests: the committed-input test and the log test, and their evidence-test wrappers.
 
-See :mod:`wmark.schemes.tiebreak` for the statistic and why its null is exact.
+The statistic they share is in :mod:`wmark.schemes.tiebreak.statistic`; :mod:`wmark.schemes.tiebreak` says why its
+null is exact.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import log_ndtr
 
 from wmark.distill import reference_scores
 from wmark.errors import RuntimeFailure, UsageError
@@ -29,126 +29,23 @@ from wmark.schemes.tiebreak.rule import (
     select_verification_inputs,
     top_pairs,
 )
+from wmark.schemes.tiebreak.statistic import (
+    LEAN_CLIP,
+    _outside,
+    _pair_sums,
+    centres,
+    expected_evidence,
+    probability_leans,
+    tiebreak_statistic,
+    z_log10_p,
+)
 from wmark.suspects.base import Suspect
 from wmark.testplan import content_sha256
 
-LEAN_CLIP = 2.0
 DEFAULT_LOG_ROUNDS = 21
 LOG_FIRST_ROUND = 0.05
 LOG_TEST_WEIGHT = 8.0
-OUTSIDE_WEIGHT = 1.0
 FOLLOWED_REFERENCES = 4
-
-
-def probability_leans(scores: np.ndarray | None, lo: np.ndarray, hi: np.ndarray) -> np.ndarray | None:
-    """The suspect's lean ``log(p_lo / p_hi)`` per input, clipped at ``±LEAN_CLIP``; NaN rows (abstentions) 0.
-
-    Returns None unless ``scores`` are probabilities (non-negative rows summing to 1): logits or other
-    scores are not guessed at, and the test then reads the labels.
-    """
-    if scores is None:
-        return None
-    sc = np.asarray(scores, dtype=np.float64)
-    if sc.ndim != 2 or sc.shape[0] != len(lo):
-        return None
-    ok = np.isfinite(sc).all(axis=1)
-    if not ok.any() or (sc[ok] < 0).any() or not np.allclose(sc[ok].sum(axis=1), 1.0, atol=1e-3):
-        return None
-    with np.errstate(invalid="ignore"):
-        lean = np.clip(pair_log_odds(sc, lo, hi), -LEAN_CLIP, LEAN_CLIP)
-    return np.where(ok, lean, 0.0)
-
-
-def _outside(answers: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The class answered where it is neither of the pair, else −1 (in the pair, or an abstention)."""
-    a = np.asarray(answers, dtype=np.int64)
-    return np.where((a >= 0) & (a != lo) & (a != hi), a, -1)
-
-
-def _pair_sums(psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, *, num_classes: int,
-               outside: np.ndarray | None = None) -> np.ndarray:
-    """``v_c`` of the module docstring (C×k), the features centred per pair; ``outside`` (from
-    :func:`_outside`) adds the labels outside each pair, None leaves them out (a probability reading)."""
-    phi = np.array(psi, dtype=np.float64)
-    groups = lo * num_classes + hi
-    for g in np.unique(groups):
-        phi[groups == g] -= phi[groups == g].mean(axis=0)
-    v = np.zeros((num_classes, phi.shape[1]))
-    np.add.at(v, lo, s[:, None] * phi)
-    np.add.at(v, hi, -s[:, None] * phi)
-    if outside is not None:
-        out = outside >= 0
-        np.add.at(v, outside[out], OUTSIDE_WEIGHT * phi[out])
-        np.add.at(v, lo[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
-        np.add.at(v, hi[out], -0.5 * OUTSIDE_WEIGHT * phi[out])
-    return v
-
-
-def expected_signs(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """The unmarked served model's own expected sign within each input's pair, ``(p_lo − p_hi) / (p_lo + p_hi)``
-    (``tanh(m / 2)`` for its pair log-odds ``m``): the part of a label answer's sign its own fit predicts.
-
-    Key-free (the served model's scores), so subtracting it from the signs keeps the null exact.
-    """
-    return np.tanh(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi) / 2)
-
-
-def expected_evidence(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, read: str) -> np.ndarray:
-    """What the served model itself would give as evidence per input: its expected sign for a label reading
-    (:func:`expected_signs`), its own lean clipped at ``±LEAN_CLIP`` for a probability reading."""
-    if read == "labels":
-        return expected_signs(scores, lo, hi)
-    return np.clip(pair_log_odds(np.asarray(scores, dtype=np.float64), lo, hi), -LEAN_CLIP, LEAN_CLIP)
-
-
-def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
-    """Whether a fixed-n tie-break test centres the evidence it reads on the served model's own
-    (:func:`expected_evidence`): ``centred`` when given, else for a text rule's label reading.
-
-    Near a tie a suspect's calls still follow its own fit, largely a linear function of the rule's features (the
-    served head's directions), and that key-free part adds noise to ``Z``, not signal. That is what a text thief
-    stopped early looks like (MiniLM thieves read from their labels: ``docs/extraction.md``). An image surrogate
-    trained to scope answers near-ties much as the marked API does, and centring its reading made it slightly
-    weaker, so image rules keep the plain reading.
-    """
-    return read == "labels" and rule.text is not None if centred is None else centred
-
-
-def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
-                       answers: np.ndarray, leans: np.ndarray | None = None,
-                       centre: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
-    """The exact Z statistic of the module docstring for answers on inputs with features ``psi``.
-
-    Args:
-        rule: The tie-break rule (its directions are used only here).
-        psi: Features of the verification inputs (n×k), as :meth:`TieBreakRule.features` gives them.
-        lo: The smaller class of each input's pair (under the unmarked served model).
-        hi: The larger class of each input's pair.
-        answers: The suspect's labels (−1 = abstention); labels outside an input's pair count too.
-        leans: Optionally the suspect's continuous lean towards ``lo`` per input (:func:`probability_leans`),
-            used in place of the labels: any function of the suspect's own answers keeps the null exact, and
-            a lean also counts the calls a surrogate moved without flipping.
-        centre: Optionally a key-free expected evidence per input (:func:`expected_evidence`), subtracted from
-            each in-pair sign (or each answered lean): any key-free centring keeps the null exact.
-
-    Returns:
-        ``Z`` (N(0, 1) exactly under H0; 0 when no answer carries evidence) and details.
-    """
-    a = np.asarray(answers, dtype=np.int64)
-    signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
-    s = signs if leans is None else np.asarray(leans, dtype=np.float64)
-    if centre is not None:  # never on an abstention, nor (labels) on an answer outside the pair
-        s = s - np.where(signs != 0 if leans is None else a >= 0, np.asarray(centre, dtype=np.float64), 0.0)
-    outside = _outside(a, lo, hi) if leans is None else None
-    v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
-    groups = lo * rule.directions.shape[0] + hi
-    variance = float((v ** 2).sum())
-    z = float((rule.directions * v).sum() / np.sqrt(variance)) if variance > 0 else 0.0
-    u = psi @ rule.directions.T
-    lean = u[np.arange(len(a)), lo] - u[np.arange(len(a)), hi]
-    in_pair = signs != 0
-    return z, {"in_pair": int(in_pair.sum()), "agree": int(np.sum(in_pair & (np.sign(lean) == signs))),
-               "pairs": len(np.unique(groups[in_pair])), "outside_pair": int(((a >= 0) & ~in_pair).sum())}
 
 
 def tiebreak_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect: Suspect,
@@ -254,7 +151,7 @@ def _centring(centre: np.ndarray | None, read: str) -> dict[str, str]:
 def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
             selection: str, budget: int, method: str, null: dict[str, str],
             extra: dict[str, Any] | None = None, weight: float = 1.0) -> TestResult:
-    log10_p = float(log_ndtr(-z) / np.log(10.0)) if z != 0.0 else 0.0
+    log10_p = z_log10_p(z)
     details: dict[str, Any] = {"z": z, "components": rule.components, "skipped_leading": rule.skipped,
                                "selection": selection, "budget": int(budget), "read": read, **info, **(extra or {})}
     if info["in_pair"] == 0:
