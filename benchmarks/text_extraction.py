@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.special import log_ndtr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,8 +69,8 @@ from wmark.schemes.tiebreak import (
 )
 from wmark.schemes.tiebreak.features import COST_GRIDS, PUBLIC_MINILM
 from wmark.schemes.tiebreak.inputs import served_scores
-from wmark.schemes.tiebreak.rule import pair_log_odds, top_pairs
-from wmark.schemes.tiebreak.tests import _outside, _pair_sums
+from wmark.schemes.tiebreak.rule import top_pairs
+from wmark.schemes.tiebreak.statistic import expected_signs, tiebreak_statistic, z_log10_p
 from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
@@ -224,34 +223,31 @@ class Recorder:
         return x, y
 
 
+def head_basis(psi: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (k×r) of the served log-probabilities' linear directions in a rule's whitened space,
+    fitted by least squares on features ``psi`` and served ``scores`` of key-free inputs."""
+    logp = np.log(np.maximum(scores, 1e-300))
+    design = np.hstack([psi, np.ones((len(psi), 1))])
+    coef = np.linalg.lstsq(design, logp - logp.mean(axis=1, keepdims=True), rcond=None)[0][:-1]
+    q, r = np.linalg.qr(coef)
+    return q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(r).max()]
+
+
 def other_readings(rule: Any, backend: Any, x: np.ndarray, answers: np.ndarray) -> dict[str, float]:
-    """Research (``--readings``): ``Z`` of the same label answers read three ways, each a function of the answers and
-    key-free quantities (so exactly N(0, 1) under the null): ``plain`` signs; ``centred`` (the library's default for
-    a text rule), each in-pair sign minus the served model's own expected sign within its pair, ``tanh(m / 2)`` for its pair log-odds ``m``; ``centred-proj``,
-    centred and with the served head's class directions (least squares on the rule's committed inputs) projected
-    out of the features."""
+    """Research (``--readings``): ``Z`` of the same label answers read three ways by the library's statistic, each a
+    function of the answers and key-free quantities (so exactly N(0, 1) under the null): ``plain`` signs;
+    ``centred`` on the served model's expected sign (:func:`expected_signs`, the library's default for a text rule);
+    ``centred-proj``, centred and with the served head's class directions (:func:`head_basis` on the rule's
+    committed inputs) projected out of the features."""
     scores = served_scores(backend, x)
     _, lo, hi = top_pairs(scores)
     psi = rule.features(x)
-    signs = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
-    centred = signs - np.where(signs != 0, np.tanh(pair_log_odds(scores, lo, hi) / 2), 0.0)
     ref_x = rule.verification_inputs
-    ref_psi, ref_logp = rule.features(ref_x), np.log(np.maximum(served_scores(backend, ref_x), 1e-300))
-    design = np.hstack([ref_psi, np.ones((len(ref_psi), 1))])
-    coef = np.linalg.lstsq(design, ref_logp - ref_logp.mean(axis=1, keepdims=True), rcond=None)[0][:-1]
-    q, r = np.linalg.qr(coef)
-    basis = q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(r).max()]
-    out = {}
-    for name, s, phi in (("plain", signs, psi), ("centred", centred, psi),
-                         ("centred-proj", centred, psi - (psi @ basis) @ basis.T)):
-        v = _pair_sums(phi, lo, hi, s, num_classes=rule.directions.shape[0], outside=_outside(answers, lo, hi))
-        norm = float(np.sqrt((v ** 2).sum()))
-        out[name] = float((rule.directions * v).sum() / norm) if norm > 0 else 0.0
-    return out
-
-
-def _z_log10_p(z: float) -> float:
-    return min(0.0, float(log_ndtr(-z) / np.log(10.0))) if z != 0.0 else 0.0
+    basis = head_basis(rule.features(ref_x), served_scores(backend, ref_x))
+    centre = expected_signs(scores, lo, hi)
+    return {name: tiebreak_statistic(rule=rule, psi=phi, lo=lo, hi=hi, answers=answers, centre=c)[0]
+            for name, phi, c in (("plain", psi, None), ("centred", psi, centre),
+                                 ("centred-proj", psi - (psi @ basis) @ basis.T, centre))}
 
 
 def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
@@ -274,8 +270,8 @@ def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
         if abs(z_committed[mine] - committed.details["z"]) > 1e-6 or abs(z_log[mine] - logged.details["z"]) > 1e-6:
             raise SystemExit("the recorded answers do not reproduce the library's Z")
         for name in READINGS:
-            tests = [dataclasses.replace(committed, log10_p=_z_log10_p(z_committed[name])),
-                     dataclasses.replace(logged, log10_p=_z_log10_p(z_log[name]))]
+            tests = [dataclasses.replace(committed, log10_p=z_log10_p(z_committed[name])),
+                     dataclasses.replace(logged, log10_p=z_log10_p(z_log[name]))]
             read = decide(key=key, tests=tests, alpha=ALPHA, suspect="suspect")
             out.update({f"{name}_committed_log10_p": round(tests[0].log10_p, 2),
                         f"{name}_log_log10_p": round(tests[1].log10_p, 2), f"{name}_verdict": read.kind,

@@ -40,6 +40,7 @@ from benchmarks.text_extraction import (
     _cached_minilm,
     _digest,
     fortunes_minilm_victim,
+    head_basis,
     texts_and_labels,
     trained,
 )
@@ -49,29 +50,18 @@ from wmark.keys import generate_key
 from wmark.schemes.querylog import LOG_MIN_RATIO
 from wmark.schemes.tiebreak import build_tiebreak_rule
 from wmark.schemes.tiebreak.rule import pair_log_odds, top_pairs
-from wmark.schemes.tiebreak.tests import _outside, _pair_sums
+from wmark.schemes.tiebreak.statistic import _outside, _pair_sums, expected_signs
 
 READINGS = ("library", "proj", "resid", "both")
 GAMMAS = (0.0, 0.15, 0.25, 0.4)
 
 
-def head_basis(rule: Any, victim: TextTable, xo: np.ndarray) -> np.ndarray:
-    """An orthonormal basis (k×r) of the served log-probabilities' linear directions in the rule's whitened space,
-    fitted by least squares on the owner's texts (key-free)."""
-    psi = rule.features(xo)
-    logp = np.log(np.maximum(victim.query(xo).scores, 1e-300))
-    design = np.hstack([psi, np.ones((len(psi), 1))])
-    coef = np.linalg.lstsq(design, logp - logp.mean(axis=1, keepdims=True), rcond=None)[0][:-1]
-    q, r = np.linalg.qr(coef)
-    return q[:, np.abs(np.diag(r)) > 1e-8 * np.abs(r).max()]
-
-
 def z_of(reading: str, *, w: np.ndarray, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, answers: np.ndarray,
-         margin: np.ndarray, basis: np.ndarray) -> tuple[float, float]:
-    """``Z`` and ``|v|`` of one reading of label answers."""
+         centre: np.ndarray, basis: np.ndarray) -> tuple[float, float]:
+    """``Z`` and ``|v|`` of one reading of label answers (``centre``: the served model's expected signs)."""
     signs = np.where(answers == lo, 1.0, np.where(answers == hi, -1.0, 0.0))
     phi = psi - (psi @ basis) @ basis.T if reading in ("proj", "both") else psi
-    s = signs - np.where(signs != 0, np.tanh(margin / 2), 0.0) if reading in ("resid", "both") else signs
+    s = signs - np.where(signs != 0, centre, 0.0) if reading in ("resid", "both") else signs
     v = _pair_sums(phi, lo, hi, s, num_classes=w.shape[0], outside=_outside(answers, lo, hi))
     norm = float(np.sqrt((v ** 2).sum()))
     return (float((w * v).sum() / norm) if norm > 0 else 0.0), norm
@@ -104,7 +94,8 @@ def main() -> None:
     margin_all = pair_log_odds(scores, lo, hi)
     order = np.argsort(np.abs(margin_all), kind="stable")
     order = order[near[order]][:args.queries]
-    x, lo, hi, margin = xa[order], lo[order], hi[order], margin_all[order]
+    x, lo, hi = xa[order], lo[order], hi[order]
+    centre = expected_signs(scores[order], lo, hi)
     logits = {name: t._rows(x)[0] for name, t in tables.items()}
     print(f"setting ready: {len(x)} near ties ({time.perf_counter() - start:.0f} s)", flush=True)
     rows: list[dict[str, Any]] = []
@@ -113,7 +104,7 @@ def main() -> None:
         key = generate_key(owner=f"residual pre-check {k}", num_classes=8, modality=modality)
         rule = build_tiebreak_rule(key=key, x=xo, featurizer=victim.features, feature_space="served-penultimate",
                                    text=text)
-        basis = head_basis(rule, victim, xo)
+        basis = head_basis(rule.features(xo), victim.query(xo).scores)
         psi = rule.features(x)
         shift = rule.shifts_of(psi)
         for name, lg in logits.items():
@@ -121,7 +112,7 @@ def main() -> None:
                 answers = np.argmax(lg + gamma * shift, axis=1)
                 row: dict[str, Any] = {"key": k, "model": name, "gamma": gamma}
                 for reading in READINGS:
-                    z, norm = z_of(reading, w=rule.directions, psi=psi, lo=lo, hi=hi, answers=answers, margin=margin,
+                    z, norm = z_of(reading, w=rule.directions, psi=psi, lo=lo, hi=hi, answers=answers, centre=centre,
                                    basis=basis)
                     row[f"z_{reading}"], row[f"norm_{reading}"] = round(z, 3), round(norm, 1)
                 rows.append(row)
