@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import os
 
 import torch
-from keykit import FIXED_CREATED
+from keykit import seeded_key
 
 from wmark.keys import Key, generate_key
 from wmark.schemes.trigger_set import generate_triggers
@@ -17,16 +15,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def text_key(*, num_classes: int = 4, num_triggers: int = 24, max_length: int = 32, tag: str | None = None) -> Key:
-    """A text key over the MiniLM tokenizer; with ``tag``, a fixed one (its secret derived from the tag, its
-    creation time fixed), so that training tests see the same trigger words, labels and trigger-pass dropout on
-    every run."""
+    """A text key over the MiniLM tokenizer; with ``tag``, a fixed one (:func:`keykit.seeded_key`: its secret derived
+    from the tag, its creation time fixed), so that training tests see the same trigger words, labels and
+    trigger-pass dropout on every run."""
     tok = load_tokenizer(MINILM)
-    key = generate_key(owner="Text Owner", num_classes=num_classes, num_triggers=num_triggers,
-                       modality=text_modality(tokenizer=tok, name=MINILM, max_length=max_length))
-    if tag is None:
-        return key
-    return dataclasses.replace(key, secret=hashlib.sha256(f"wmark-test-key/{tag}".encode()).digest(),
-                               created=FIXED_CREATED)
+    kwargs = {"owner": "Text Owner", "num_classes": num_classes, "num_triggers": num_triggers,
+              "modality": text_modality(tokenizer=tok, name=MINILM, max_length=max_length)}
+    return generate_key(**kwargs) if tag is None else seeded_key(tag, **kwargs)
 
 
 def hf_bert(num_classes: int, *, seed: int = 0) -> torch.nn.Module:
