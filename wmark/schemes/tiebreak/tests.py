@@ -135,17 +135,23 @@ def _ask_and_score(*, rule: TieBreakRule, suspect: Suspect, xs: np.ndarray, pair
                    use_scores: bool, centred: bool | None) -> tuple[float, dict[str, Any], np.ndarray, str]:
     _, lo, hi = top_pairs(pair_scores)
     answers, evidence, read = _ask(suspect=suspect, xs=xs, lo=lo, hi=hi, use_scores=use_scores)
-    centre = expected_evidence(pair_scores, lo, hi, read) if centres(rule, centred, read) else None
-    z, info = tiebreak_statistic(rule=rule, psi=rule.features(xs), lo=lo, hi=hi, answers=answers,
+    z, info = _read(rule=rule, psi=rule.features(xs), scores=pair_scores, answers=answers, evidence=evidence, read=read,
+                    centred=centred)
+    return z, info, answers, read
+
+
+def _read(*, rule: TieBreakRule, psi: np.ndarray, scores: np.ndarray, answers: np.ndarray, evidence: np.ndarray,
+          read: str, centred: bool | None) -> tuple[float, dict[str, Any]]:
+    """``Z`` of the answers as read (labels or leans), centred where :func:`centres` says, with the details saying
+    how; ``scores`` are the unmarked served model's on the inputs asked."""
+    _, lo, hi = top_pairs(scores)
+    centre = expected_evidence(scores, lo, hi, read) if centres(rule, centred, read) else None
+    z, info = tiebreak_statistic(rule=rule, psi=psi, lo=lo, hi=hi, answers=answers,
                                  leans=None if read == "labels" else evidence, centre=centre)
-    return z, info | _centring(centre, read), answers, read
-
-
-def _centring(centre: np.ndarray | None, read: str) -> dict[str, str]:
-    if centre is None:
-        return {}
-    return {"centred": "each in-pair sign less the served model's expected sign in its pair" if read == "labels"
-            else "each lean less the served model's own clipped lean"}
+    if centre is not None:
+        info["centred"] = ("each in-pair sign less the served model's expected sign in its pair" if read == "labels"
+                           else "each lean less the served model's own clipped lean")
+    return z, info
 
 
 def _result(*, name: str, z: float, info: dict[str, Any], answers: np.ndarray, read: str, rule: TieBreakRule,
@@ -322,10 +328,8 @@ def tiebreak_log_test(*, key: Key, rule: TieBreakRule, served: Suspect, suspect:
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
     read = reads[0] if len(set(reads)) == 1 else "labels"
-    centre = expected_evidence(chosen.scores[asked], lo[asked], hi[asked], read) if centres(rule, centred, read) else None
-    z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
-                                 leans=None if read == "labels" else evidence, centre=centre)
-    info |= _centring(centre, read)
+    z, info = _read(rule=rule, psi=psi[asked], scores=chosen.scores[asked], answers=answers, evidence=evidence,
+                    read=read, centred=centred)
     rounds_note = "" if rounds == 1 else (f"; asked in {rounds} rounds, the first {sizes[0]} "
                                           "by that ranking, the rest where the suspect's answers so far put it "
                                           "closest to a tie")
