@@ -52,7 +52,7 @@ from wmark.schemes.tiebreak import build_tiebreak_rule
 from wmark.schemes.tiebreak.rule import pair_log_odds, top_pairs
 from wmark.schemes.tiebreak.statistic import _outside, _pair_sums, expected_signs
 
-READINGS = ("library", "proj", "resid", "both")
+READINGS = ("library", "proj", "resid", "both")  # "library": plain signs, its reading when this pre-check ran
 GAMMAS = (0.0, 0.15, 0.25, 0.4)
 
 

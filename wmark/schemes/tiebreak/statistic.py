@@ -88,7 +88,7 @@ def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
     trained to scope answers near-ties much as the marked API does, and centring its reading made it slightly
     weaker, so image rules keep the plain reading.
     """
-    return read == "labels" and rule.text is not None if centred is None else centred
+    return (read == "labels" and rule.text is not None) if centred is None else centred
 
 
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
