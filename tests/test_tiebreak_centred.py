@@ -140,6 +140,9 @@ def test_a_text_rule_reads_labels_centred_by_default_and_its_plans_say_so(world)
     # the sequential log test keeps its own e-process over the plain signs
     sequential = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=chosen, mode="sequential")
     assert sequential.plan()["reads"] == "labels"
+    assert "centred" not in sequential.run(thief, alpha=1e-6, share=0.8).details
+    asked = dataclasses.replace(sequential, centred=True)
+    assert asked.plan()["reads"] == "labels-centred" and "centred" in asked.run(thief, alpha=1e-6, share=0.8).details
 
 
 def test_an_image_rule_reads_plain_evidence_unless_asked(world):  # noqa: F811

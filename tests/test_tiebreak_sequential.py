@@ -22,8 +22,12 @@ from wmark.schemes.tiebreak import (
     TieBreakLog,
     TieBreakLogTest,
     build_tiebreak_rule,
+    expected_evidence,
+    probability_leans,
     select_log_inputs,
     tiebreak_log_sequential,
+    tiebreak_statistic,
+    top_pairs,
 )
 from wmark.stats import GaussianMixtureEProcess
 
@@ -80,10 +84,12 @@ def test_the_e_process_is_its_mixture_integral_and_starts_at_one():
         e.update(1.0, -1.0)
 
 
-def test_the_null_holds_over_many_keys_under_optional_stopping(data, logged):
+@pytest.mark.parametrize("centred", [False, True])
+def test_the_null_holds_over_many_keys_under_optional_stopping(data, logged, centred):
     # One fixed innocent suspect, 200 keys, the same client's log: stopping as soon as E >= 1/0.05 (after
     # every round of 25 inputs), the rejection rate stays within the binomial bound of 0.05 and the stopped
-    # e-value's mean within 1; run to the budget, the weighted sum's z is N(0, 1) (KS against scipy).
+    # e-value's mean within 1; run to the budget, the weighted sum's z is N(0, 1) (KS against scipy). Centring
+    # on the served model's own evidence (key-free) keeps all of it.
     _, _, _, backend, ranked = logged
     innocent = Linear(2)
     rejected, stopped_e, zs = [], [], []
@@ -91,13 +97,13 @@ def test_the_null_holds_over_many_keys_under_optional_stopping(data, logged):
         key = seeded_key(f"tiebreak/sequential/null/{i}", owner=f"k{i}", num_classes=C, input_shape=(D,))
         rule = rule_for(key, data)
         res = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=innocent, chosen=ranked,
-                                      alpha=0.05, max_queries=400, round_size=25)
+                                      alpha=0.05, max_queries=400, round_size=25, centred=centred)
         rejected.append(res.log10_p <= math.log10(0.05))
         assert (res.details["stopped"] == "evidence") == rejected[-1]
         assert res.queries == 400 or rejected[-1]
         stopped_e.append(10.0 ** res.trajectory[-1])
         full = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=innocent, chosen=ranked,
-                                       alpha=1e-300, max_queries=400, round_size=25)
+                                       alpha=1e-300, max_queries=400, round_size=25, centred=centred)
         assert full.queries == 400 and full.details["stopped"] == "budget"
         zs.append(full.details["drift_z"])
     assert stats.binom.sf(sum(rejected) - 1, len(rejected), 0.05) > 1e-3, sum(rejected)
@@ -121,6 +127,25 @@ def test_a_follower_is_caught_early_and_an_innocent_asks_the_whole_log(logged):
     assert clean.details["stopped"] == "log" and clean.queries == len(ranked.x) == clean.details["log_inputs"]
     assert clean.log10_p > -3
     assert clean.details["budget"] == len(ranked.x) < SEQUENTIAL_BUDGET
+
+
+def test_centred_it_reads_the_answers_as_the_fixed_test_does_and_catches_a_follower(logged):
+    key, rule, api, backend, ranked = logged
+    suspect = Linear(5)
+    res = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=suspect, chosen=ranked,
+                                  max_queries=200, round_size=200, centred=True)
+    x = ranked.x[:200]  # one round: the first 200 by the ranking
+    _, lo, hi = top_pairs(ranked.scores[:200])
+    z, _ = tiebreak_statistic(rule=rule, psi=rule.features(x), lo=lo, hi=hi, answers=suspect.query(x).labels,
+                              leans=probability_leans(suspect.query(x).scores, lo, hi),
+                              centre=expected_evidence(ranked.scores[:200], lo, hi, "scores"))
+    assert res.details["z"] == pytest.approx(z, rel=1e-10) and "centred" in res.details
+    plain = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=suspect, chosen=ranked,
+                                    max_queries=200, round_size=200)
+    assert "centred" not in plain.details and plain.details["z"] != pytest.approx(z)
+    caught = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=Follower(api, q=0.9),
+                                     chosen=ranked, alpha=1e-6, share=0.8, centred=True)
+    assert caught.details["stopped"] == "evidence" and caught.queries < len(ranked.x)
 
 
 def test_the_budget_is_respected_and_the_p_value_is_the_largest_e_value(logged):

@@ -49,7 +49,7 @@ from wmark.evidence import DEFAULT_ALPHA, TestResult, check_suspect_fits_key
 from wmark.keys import Key
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.rule import SCHEME, TieBreakRule, top_pairs
-from wmark.schemes.tiebreak.statistic import _outside, _pair_sums, tiebreak_statistic
+from wmark.schemes.tiebreak.statistic import _outside, evidence_sums, expected_evidence
 from wmark.schemes.tiebreak.tests import (
     FEW_PAIRS,
     LOG_TEST_WEIGHT,
@@ -58,6 +58,7 @@ from wmark.schemes.tiebreak.tests import (
     _ask,
     _check_rule_key,
     _next_round,
+    _read,
     reads_scores,
     select_log_inputs,
 )
@@ -74,7 +75,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
                             log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                             alpha: float = DEFAULT_ALPHA, share: float = 1.0, max_queries: int = SEQUENTIAL_BUDGET,
                             round_size: int = SEQUENTIAL_ROUND, rho: float = SEQUENTIAL_RHO,
-                            use_scores: bool | None = None) -> TestResult:
+                            use_scores: bool | None = None, centred: bool = False) -> TestResult:
     """The anytime-valid log test: ask the client's logged inputs until the evidence decides (module docstring).
 
     The first round asks the ``round_size`` inputs the reference surrogates leave most open
@@ -99,6 +100,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
         rho: The mixing scale of the e-process (see the module docstring for the default's choice).
         use_scores: Read probabilities when the suspect gives them (see :func:`~wmark.schemes.tiebreak.tiebreak_test`;
             by default for an image rule only).
+        centred: Centre each answer's evidence on the served model's own (:func:`expected_evidence`), as the
+            fixed-n tests do for a text rule; key-free, so the e-process stays valid either way.
 
     Returns:
         A ``TestResult`` of weight ``LOG_TEST_WEIGHT`` whose ``log10_p`` is ``-log10 max E`` (anytime-valid),
@@ -156,8 +159,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
         asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
-        v = _sums(psi=psi, lo=lo, hi=hi, asked=asked, answers=answers, evidence=evidence, reads=reads,
-                  num_classes=key.num_classes)
+        v = _sums(psi=psi, lo=lo, hi=hi, scores=chosen.scores, asked=asked, answers=answers, evidence=evidence,
+                  reads=reads, num_classes=key.num_classes, centred=centred)
         residual = v - basis.T @ (basis @ v)
         residual -= basis.T @ (basis @ residual)  # twice: Gram–Schmidt stays orthogonal in floating point
         norm = float(np.linalg.norm(residual))
@@ -172,8 +175,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
             stopped = "evidence"
             break
     read = reads[0] if len(set(reads)) == 1 else "labels"
-    z, info = tiebreak_statistic(rule=rule, psi=psi[asked], lo=lo[asked], hi=hi[asked], answers=answers,
-                                 leans=None if read == "labels" else evidence)
+    z, info = _read(rule=rule, psi=psi[asked], scores=chosen.scores[asked], answers=answers, evidence=evidence,
+                    read=read, centred=centred)
     why = {"evidence": f"the evidence reached 1/(share x alpha) = {1 / stop_at:.3g}",
            "budget": f"the budget of {budget} inputs was asked", "log": f"the client's log ({budget} inputs) ran out"}
     details = {
@@ -204,14 +207,12 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
     )
 
 
-def _sums(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, asked: np.ndarray, answers: np.ndarray,
-          evidence: np.ndarray, reads: list[str], num_classes: int) -> np.ndarray:
-    """The pair-sum vector ``v`` (flattened) over every answer so far, read as the fixed-n test reads them."""
-    labels = set(reads) != {reads[0]} or reads[0] == "labels"
-    if labels:
-        a = answers
-        s = np.where(a == lo[asked], 1.0, np.where(a == hi[asked], -1.0, 0.0))
-        outside = _outside(a, lo[asked], hi[asked])
-    else:
-        s, outside = evidence, None
-    return _pair_sums(psi[asked], lo[asked], hi[asked], s, num_classes=num_classes, outside=outside).reshape(-1)
+def _sums(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray, asked: np.ndarray,
+          answers: np.ndarray, evidence: np.ndarray, reads: list[str], num_classes: int, centred: bool) -> np.ndarray:
+    """The pair-sum vector ``v`` (flattened) over every answer so far, read as the fixed-n test reads them
+    (labels when any round was read from labels), centred on the served ``scores``' own evidence if ``centred``."""
+    read = "labels" if "labels" in reads else "scores"
+    lo, hi = lo[asked], hi[asked]
+    centre = expected_evidence(scores[asked], lo, hi, read) if centred else None
+    return evidence_sums(psi=psi[asked], lo=lo, hi=hi, answers=answers, leans=None if read == "labels" else evidence,
+                         centre=centre, num_classes=num_classes).reshape(-1)

@@ -91,6 +91,18 @@ def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
     return (read == "labels" and rule.text is not None) if centred is None else centred
 
 
+def evidence_sums(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, answers: np.ndarray,
+                  leans: np.ndarray | None, centre: np.ndarray | None, num_classes: int) -> np.ndarray:
+    """The pair sums ``v`` (C×k) of answers read as :func:`tiebreak_statistic` reads them: in-pair signs (with the
+    labels outside each pair) or ``leans``, less ``centre`` where given."""
+    a = np.asarray(answers, dtype=np.int64)
+    signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
+    s = signs if leans is None else np.asarray(leans, dtype=np.float64)
+    if centre is not None:  # never on an abstention, nor (labels) on an answer outside the pair
+        s = s - np.where(signs != 0 if leans is None else a >= 0, np.asarray(centre, dtype=np.float64), 0.0)
+    return _pair_sums(psi, lo, hi, s, num_classes=num_classes, outside=_outside(a, lo, hi) if leans is None else None)
+
+
 def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray,
                        answers: np.ndarray, leans: np.ndarray | None = None,
                        centre: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
@@ -113,11 +125,8 @@ def tiebreak_statistic(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, h
     """
     a = np.asarray(answers, dtype=np.int64)
     signs = np.where(a == lo, 1.0, np.where(a == hi, -1.0, 0.0))
-    s = signs if leans is None else np.asarray(leans, dtype=np.float64)
-    if centre is not None:  # never on an abstention, nor (labels) on an answer outside the pair
-        s = s - np.where(signs != 0 if leans is None else a >= 0, np.asarray(centre, dtype=np.float64), 0.0)
-    outside = _outside(a, lo, hi) if leans is None else None
-    v = _pair_sums(psi, lo, hi, s, num_classes=rule.directions.shape[0], outside=outside)
+    v = evidence_sums(psi=psi, lo=lo, hi=hi, answers=a, leans=leans, centre=centre,
+                      num_classes=rule.directions.shape[0])
     groups = lo * rule.directions.shape[0] + hi
     variance = float((v ** 2).sum())
     z = float((rule.directions * v).sum() / np.sqrt(variance)) if variance > 0 else 0.0
