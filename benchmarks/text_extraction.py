@@ -48,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from benchmarks.common import cached, shared_key, table, write_results
 from wmark.data import load_dataset
 from wmark.distill import accuracy_reached, extract
-from wmark.evidence import decide
+from wmark.evidence import alpha_share, decide
 from wmark.io import load_tensors, save_model, save_tensors
 from wmark.keys import generate_key
 from wmark.models import build_model, penultimate_featurizer
@@ -70,7 +70,9 @@ from wmark.schemes.tiebreak import (
 from wmark.schemes.tiebreak.features import COST_GRIDS, PUBLIC_MINILM
 from wmark.schemes.tiebreak.inputs import served_scores
 from wmark.schemes.tiebreak.rule import top_pairs
+from wmark.schemes.tiebreak.sequential import tiebreak_log_sequential
 from wmark.schemes.tiebreak.statistic import expected_signs, tiebreak_statistic, z_log10_p
+from wmark.schemes.tiebreak.tests import LOG_TEST_WEIGHT
 from wmark.suspects import LocalSuspect
 from wmark.suspects.base import Answers
 from wmark.text import MINILM, TextInputs, load_tokenizer, text_modality
@@ -179,11 +181,11 @@ class TextTable:
 
 
 def verdict_of(key: Any, rule: Any, backend: Any, model: Any, text: TextInputs, chosen: Any,
-               *, queries: int, log_queries: int, readings: bool = False) -> dict[str, Any]:
+               *, queries: int, log_queries: int, readings: bool = False, sequential: bool = False) -> dict[str, Any]:
     """The committed-input and log tests on the suspect's labels, combined by weighted Holm at ``ALPHA``; where the
     suspect has probabilities (a model, or a memo of one), the same tests reading them beside (``scores_*``)."""
     out = _verdict(key, rule, backend, _reading(model, text, scores=False), chosen, queries=queries,
-                   log_queries=log_queries, use_scores=False, readings=readings)
+                   log_queries=log_queries, use_scores=False, readings=readings, sequential=sequential)
     scored = _reading(model, text, scores=True)
     if scored is not None:
         out.update({f"scores_{k}": v for k, v in _verdict(key, rule, backend, scored, chosen, queries=queries,
@@ -251,7 +253,8 @@ def other_readings(rule: Any, backend: Any, x: np.ndarray, answers: np.ndarray) 
 
 
 def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
-             *, queries: int, log_queries: int, use_scores: bool, readings: bool = False) -> dict[str, Any]:
+             *, queries: int, log_queries: int, use_scores: bool, readings: bool = False,
+             sequential: bool = False) -> dict[str, Any]:
     readings = readings and not use_scores
     asking = Recorder(suspect) if readings else suspect
     committed = tiebreak_test(key=key, rule=rule, served=backend, suspect=asking, queries=queries,
@@ -276,10 +279,31 @@ def _verdict(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any,
             out.update({f"{name}_committed_log10_p": round(tests[0].log10_p, 2),
                         f"{name}_log_log10_p": round(tests[1].log10_p, 2), f"{name}_verdict": read.kind,
                         f"{name}_verdict_log10_p": round(min(read.adjusted), 2)})
+    if sequential and not use_scores:
+        out.update(sequential_readings(key, rule, backend, suspect, chosen, committed))
     if log_queries != queries:  # the same log test at the committed test's size, side by side
         fewer = tiebreak_log_test(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, queries=queries,
                                   use_scores=use_scores)
         out[f"log_log10_p_at_{queries}"] = round(fewer.log10_p, 2)
+    return out
+
+
+SEQUENTIAL_READINGS = ("plain", "centred")  # --sequential: the sequential log test reads labels these ways
+
+
+def sequential_readings(key: Any, rule: Any, backend: Any, suspect: Any, chosen: Any, committed: Any) -> dict[str, Any]:
+    """Research (``--sequential``): the sequential log test on the suspect's labels read plain and centred, each
+    stopping at its weighted-Holm share of ``ALPHA`` beside the committed-input test, and the verdict of each with
+    the committed-input test as the library reads it."""
+    share = alpha_share(LOG_TEST_WEIGHT, [committed.weight, LOG_TEST_WEIGHT])
+    out: dict[str, Any] = {}
+    for name in SEQUENTIAL_READINGS:
+        seq = tiebreak_log_sequential(key=key, rule=rule, served=backend, suspect=suspect, chosen=chosen, alpha=ALPHA,
+                                      share=share, use_scores=False, centred=name == "centred")
+        verdict = decide(key=key, tests=[committed, seq], alpha=ALPHA, suspect="suspect")
+        out.update({f"seq_{name}_log10_p": round(seq.log10_p, 2), f"seq_{name}_queries": seq.queries,
+                    f"seq_{name}_stopped": seq.details["stopped"], f"seq_{name}_verdict": verdict.kind,
+                    f"seq_{name}_verdict_log10_p": round(min(verdict.adjusted), 2)})
     return out
 
 
@@ -356,7 +380,7 @@ def probe_thief(api: TieBreakAPI, xa: np.ndarray, xe: np.ndarray, ye: np.ndarray
 def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend: Any, text: TextInputs,
             xa: np.ndarray, ids_e: torch.Tensor, y_e: torch.Tensor, xe: np.ndarray, ye: np.ndarray,
             victim_acc: float, cap: int, queries: int, log_queries: int, seed: int, archs: tuple[str, ...],
-            features: dict[str, np.ndarray] | None = None, readings: bool = False) -> Any:
+            features: dict[str, np.ndarray] | None = None, readings: bool = False, sequential: bool = False) -> Any:
     """The honest cost of ``api``, then per thief its label-only surrogate (trained until within 5 pp of the victim
     or the epoch cap) and the verdict on it; yields (row, the thief's ranked logged inputs)."""
     cost = accuracy_cost(api=api.for_client("honest"), x=xe, y=ye)
@@ -372,7 +396,7 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         row = {"thief": f"minilm-probe ({variant})", **common, "surrogate_acc": round(probe.accuracy(xe, ye), 3),
                "epochs": epochs, "queries": len(xa), "logged": len(chosen.x),
                **verdict_of(key, rule, backend, probe, text, chosen, queries=queries, log_queries=log_queries,
-                          readings=readings)}
+                          readings=readings, sequential=sequential)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
     # "minilm-3ep" / "minilm-1ep": the MiniLM thief's whole 3-epoch or exactly one-epoch fine-tune, not stopped once
@@ -388,7 +412,7 @@ def thieves(api: TieBreakAPI, log: TieBreakLog, *, key: Any, rule: Any, backend:
         row = {"thief": name, **common, "surrogate_acc": round(accuracy(stolen.model, ids_e, y_e), 3),
                "epochs": stolen.epochs, "queries": stolen.queries, "logged": len(chosen.x),
                **verdict_of(key, rule, backend, stolen.model, text, chosen, queries=queries,
-                            log_queries=log_queries, readings=readings)}
+                            log_queries=log_queries, readings=readings, sequential=sequential)}
         row["within_5pp"] = row["surrogate_acc"] >= victim_acc - 0.05
         yield row, chosen
 
@@ -452,6 +476,9 @@ def main() -> None:
     parser.add_argument("--readings", action="store_true",
                         help="Research: read every label verdict's answers also with plain signs, centred on the served "
                              "model's expected sign, and centred with its head directions projected out (other_readings).")
+    parser.add_argument("--sequential", action="store_true",
+                        help="Research: also run the sequential log test on every label verdict's suspect, reading its "
+                             "labels plain and centred (sequential_readings).")
     parser.add_argument("--keys-dir", type=Path, default=None,
                         help="Load the keys k0.key, k1.key, ... from here, or write fresh ones there (to compare "
                              "settings side by side in separate processes on the same keys and thief seeds).")
@@ -547,13 +574,15 @@ def main() -> None:
                 for row, chosen in thieves(api, log, key=key, rule=rule, backend=backend, text=text, xa=xa,
                                            ids_e=ids_e, y_e=y_e, xe=xe, ye=ye, victim_acc=victim_acc, cap=cap,
                                            queries=queries, log_queries=log_queries, seed=100 + 10 * k,
-                                           archs=archs, features=features, readings=args.readings):
+                                           archs=archs, features=features, readings=args.readings,
+                                           sequential=args.sequential):
                     rows.append({"key": k, "beta": beta, **row})
                     print(table([rows[-1]], list(rows[-1])), flush=True)
                     for name, model in panel:
                         nulls.append({"key": k, "beta": beta, "log_of": row["thief"], "model": name,
                                       **verdict_of(key, rule, backend, model, text, chosen, queries=queries,
-                                                   log_queries=log_queries, readings=args.readings)})
+                                                   log_queries=log_queries, readings=args.readings,
+                                                   sequential=args.sequential)})
         print(f"key {k} done ({time.perf_counter() - start:.0f} s)", flush=True)
     accused = [n for n in nulls if n["verdict"] != "none"]
     accused_scores = [n for n in nulls if n.get("scores_verdict", "none") != "none"]
@@ -592,6 +621,19 @@ def main() -> None:
     if other:
         print(table([{"reading": k, **v} for k, v in other.items()],
                     ["reading", "caught", "caught_in_scope", "independent_accused", "min_null_verdict_log10_p"]))
+    seq_summary = {name: {
+        "stopped_on_evidence_in_scope": sum(r.get(f"seq_{name}_stopped") == "evidence" and r["within_5pp"] for r in rows),
+        "caught_in_scope": sum(r.get(f"seq_{name}_verdict") == "extracted" and r["within_5pp"] for r in rows),
+        "median_queries_in_scope_stopped": float(np.median(
+            [r[f"seq_{name}_queries"] for r in rows if r.get(f"seq_{name}_stopped") == "evidence" and r["within_5pp"]]
+            or [float("nan")])),
+        "null_stopped_on_evidence": sum(n.get(f"seq_{name}_stopped") == "evidence" for n in nulls),
+        "independent_accused": sum(n.get(f"seq_{name}_verdict", "none") != "none" for n in nulls),
+        "min_null_log10_p": min((n[f"seq_{name}_log10_p"] for n in nulls if f"seq_{name}_log10_p" in n), default=0.0)}
+        for name in SEQUENTIAL_READINGS if args.sequential}
+    if seq_summary:
+        print(table([{"sequential": k, **v} for k, v in seq_summary.items()], ["sequential", *next(iter(
+            seq_summary.values()))]))
     doc = {"quick": quick, "alpha": ALPHA, "betas": sorted({r["beta"] for r in rows}), "max_cost": args.max_cost, "thief_epoch_cap": cap, "keys": n_keys, "queries": queries, "log_queries": log_queries,
            "victim": {"arch": "MiniLM fine-tuned" if minilm else "tiny-bert (from scratch)", "epochs": victim_epochs,
                       "accuracy": round(victim_acc, 4)},
@@ -601,7 +643,7 @@ def main() -> None:
            "thieves": rows, "null_panel": {"models": panel_acc, "tests": nulls, "accused": len(accused)},
            "summary": {"caught": len(caught), "thieves": len(rows), "in_scope": sum(r["within_5pp"] for r in rows),
                        "per_beta": per_beta, "independent_accused": len(accused), "independent_tests": len(nulls),
-                       "other_readings": other,
+                       "other_readings": other, "sequential_readings": seq_summary,
                        "independent_accused_scores": len(accused_scores),
                        "independent_tests_scores": sum("scores_verdict" in n for n in nulls),
                        "min_null_verdict_log10_p_scores": min((n["scores_verdict_log10_p"] for n in nulls
