@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from wmark.whitebox.sizes import _arg, _batch_size, _sizes, batch_led
+from wmark.whitebox.sizes import _arg, _batch_size, _sizes, batch_led, metadata_read
 
 if TYPE_CHECKING:
     from wmark.whitebox.graph import _Spaces
@@ -86,7 +86,8 @@ _CONTRACTIONS = {
     operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, torch.tensordot,
     torch.inner, torch.outer, nn.functional.linear, nn.functional.bilinear, "matmul", "mm", "bmm", "baddbmm", "addmm",
 }
-_STACKS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_STACKS = {*_CATS, torch.stack}
 _NAMES = {operator.iadd: "add", operator.isub: "sub", operator.mul: "mul", operator.imul: "mul",
           operator.truediv: "div", operator.itruediv: "div", nn.functional.linear: "functional linear",
           nn.functional.bilinear: "functional bilinear"}
@@ -132,7 +133,7 @@ def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, i
     ops = [t for t in ops if sp.info[sp.find(label[t])].size != 1]
     if len(ops) < 2:
         return "", ""
-    if target in (torch.cat, torch.concat, torch.concatenate):
+    if target in _CATS:
         dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))  # torch.cat takes numpy's axis= too
         if not isinstance(dim, int):
             return "taint", f"{article} {name} along an unknown dimension"
@@ -361,14 +362,47 @@ def unsqueezed(node: Any, rank: int | None, last: bool = False,
     return None
 
 
-# Ops that read the units of dimension 1 in a fixed order (a slice, a chunk, a partial flatten, an axis inserted
-# before them): where one makes its output opaque, a layer reading that output keeps its columns while the
-# input's units permute, so the input's space is made opaque too.
-ORDERED = {
-    operator.getitem, "chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "narrow",
-    torch.narrow, "unbind", torch.unbind, "unsqueeze", torch.unsqueeze, "flatten", torch.flatten, "view", "reshape",
-    torch.reshape, "transpose", torch.transpose, "flip", torch.flip, "roll", torch.roll,
-}
+def seal(nodes: Any, label: dict[Any, str], sp: _Spaces, modules: dict[str, nn.Module], ranks: dict[Any, int | None],
+         last_axis: set[Any]) -> None:
+    """Make opaque the space of every tensor an op reads where the op makes its output opaque.
+
+    A layer reading an opaque output keeps its columns while the units of the op's input permute, and nothing
+    says how the op moves them (a slice, a partial flatten, an unknown function, a concatenation along the units,
+    a parameter used functionally): a permutation claimed for the input's space would change the outputs. Exempt
+    are the ops whose output ignores the units' order (a reduction over their axis or every axis; an elementwise
+    op or a cat of channels-first tensors read only by such reductions) and those whose output holds no unit
+    (layers, whose output is a space of their own; reads of a tensor's shape, dtype or device).
+    """
+    for node in list(nodes):
+        if node not in label or sp.info[sp.find(label[node])].kind != "opaque" or metadata_read(node) \
+                or node.op not in ("call_function", "call_method", "call_module") \
+                or (node.op == "call_module" and isinstance(modules[node.target], _LAYERS)) \
+                or _order_blind(node, ranks, last_axis):
+            continue
+        operands = [a for a in node.all_input_nodes if a in label]
+        moves_no_axis = node.op != "call_module" and (
+            node.target in _ELEMENTWISE or (node.target in _CATS and not any(a in last_axis for a in operands)))
+        if moves_no_axis and all(_order_blind(u, ranks, last_axis) for u in node.users):
+            continue  # the units stay where its readers reduce them
+        why = sp.info[sp.find(label[node])].why or getattr(node.target, "__name__", str(node.target))
+        taint(operands, why, node.name, sp, label)
+
+
+def _order_blind(node: Any, ranks: dict[Any, int | None], last_axis: set[Any]) -> bool:
+    """Whether a mean/sum/amax/amin reduces over the axis of its input's units (or every axis), so that its output
+    is the same however they are ordered."""
+    if node.op == "call_module" or node.target not in _REDUCTIONS or not node.args:
+        return False
+    rank, last = ranks.get(node.args[0]), node.args[0] in last_axis
+    dim = _arg(node, 1, "dim", None)
+    dims = tuple(dim) if isinstance(dim, (tuple, list)) else (() if dim is None else (dim,))
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    if not dims:
+        return True
+    if rank is None:
+        return not last and 1 in dims
+    return (rank - 1 if last else 1) in {d % rank for d in dims}
 
 
 def _rank(rank: int | None) -> str:

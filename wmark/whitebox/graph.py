@@ -22,7 +22,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   only together across every block that adds into it and every downsample conv writing it; so do other
   elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
   ranks or layouts, a matmul, a layer reading the wrong axis) makes its operands' spaces opaque;
-* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it;
+* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it; and the spaces
+  it reads opaque too (a layer reading its output keeps its columns while they permute), unless its output ignores
+  the units' order (a reduction over them) or holds none (a size read);
 * a space on which every op is odd in each unit (adds, BatchNorm, average pooling, the layers reading it; no
   activation: MobileNetV2's linear-bottleneck stream) is *signed*: a thief may flip each unit's sign.
 
@@ -65,7 +67,6 @@ from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
-    ORDERED,
     _flatten,
     _grouped_why,
     _layer_scale,
@@ -80,6 +81,7 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
+    seal,
     taint,
     unsqueezed,
 )
@@ -314,13 +316,11 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                     tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
-            made_opaque = sp.info[sp.find(label[node])]
-            if made_opaque.kind == "opaque" and node.target in ORDERED:
-                taint(tensor_args[:1], made_opaque.why or str(node.target), node.name, sp, label)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
+    seal(traced.graph.nodes, label, sp, modules, ranks, last_axis)
     # A flipped gain shows in every op reading its output: only the layers credited with it may read it.
     loose = {g for n, g in tags.items() for u in n.users
              if tags.get(u) != g and gains.get(f"{u.target}.weight") != g}
