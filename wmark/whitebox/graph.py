@@ -17,7 +17,10 @@ changing the function, as long as every tensor that writes or reads it is permut
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`). ``x.view(b, n)`` is a
   flatten from dimension 1 (the element count fixes n); an ``expand`` along size-1 axes keeps the units in place
-  (a squeeze-and-excitation gate broadcast to its map) unless it copies one unit across their axis;
+  (a squeeze-and-excitation gate broadcast to its map) unless it copies one unit across their axis; a
+  ``squeeze`` of axes other than the batch and the units' keeps them, its output rank known where those axes
+  are known to have size 1 (a global pool's; :mod:`wmark.whitebox.singletons`), and a bare ``squeeze()`` only
+  there;
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it; so do other
   elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
@@ -86,6 +89,7 @@ from wmark.whitebox.fx_rules import (
     unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
+from wmark.whitebox.singletons import singleton_axes, squeezed
 from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
 
@@ -156,6 +160,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     # node → its rank where known: whether an op reads the units depends on it (a linear layer reads the last
     # axis, which holds a conv's channels only in a rank-2 tensor; mean(-3) is over them in a rank-3 one).
     ranks: dict[Any, int | None] = {}
+    ones: dict[Any, frozenset[int]] = {}  # node → the axes of its output known to have size 1 (a global pool's)
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
     # node → the affine norm gain or layer scale it is the output of (through permutes and dropout): a thief may
@@ -176,6 +181,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             continue  # unlabelled: the ops using it see one tensor operand fewer (x * s keeps x's space)
         if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
             ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
+        ones[node] = singleton_axes(node, tensor_args, ranks, ones, modules)
         norm = functional_norm(node, label, bool(tensor_args) and tensor_args[0] in last_axis,
                                ranks[tensor_args[0]] if tensor_args else None, sp, params)
         if norm is not None:
@@ -189,6 +195,15 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis,
                                       batch_led(label, sp)) is not None:
             label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
+            continue
+        squeeze = squeezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis, ones[tensor_args[0]],
+                           sp.info[sp.find(label[tensor_args[0]])].size) if tensor_args else None
+        if squeeze is not None:
+            # It removes only axes other than the batch and the units': they stay where they sat.
+            ranks[node], why = squeeze
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if tensor_args[0] in last_axis and not why:
+                last_axis.add(node)
             continue
         if tensor_args and node.op == "call_method" and node.target in _EXPANDS:
             # The units sit where the first operand's do; expand_as's other operand lends only its shape.
