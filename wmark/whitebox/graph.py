@@ -84,11 +84,11 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
-    seal,
     taint,
     unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
+from wmark.whitebox.seal import seal
 from wmark.whitebox.singletons import singleton_axes, squeezed
 from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
