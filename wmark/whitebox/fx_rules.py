@@ -37,6 +37,7 @@ _KEEP_FUNCTIONS = {
     nn.functional.celu,
 }
 _KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
+PRELUS = {torch.prelu, nn.functional.prelu}  # kept where their slopes are the model's (see prelu_slopes)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SCALES = {operator.mul, operator.truediv, torch.mul}
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -231,6 +232,29 @@ def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: 
         return sp.new(f"opaque:{name}", 0, "opaque", why=why)
     sp.info[src].params.extend(n for n in (f"{name}.weight", f"{name}.bias") if n in params)
     return src
+
+
+def prelu_slopes(node: Any, last: bool, rank: int | None, params: dict[str, Any]) -> tuple[str, str | None] | None:
+    """``(why it hides the units or '', its per-unit slopes)`` of ``F.prelu``/``torch.prelu``; None for other nodes.
+
+    Slopes that are a parameter of the model act as ``nn.PReLU``'s weight: one slope on every unit alike, one per
+    channel of dimension 1 (a 1-D parameter) following the units where they sit on dimension 1 (a channels-first
+    tensor or a rank-2 one); slopes computed in ``forward`` or of another shape are opaque.
+    """
+    if node.op != "call_function" or node.target not in PRELUS:
+        return None
+    weight = _arg(node, 1, "weight", None)
+    slopes = params.get(str(weight.target)) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+    if slopes is None:
+        return "a PReLU whose slopes are not a parameter of the model", None
+    if slopes.numel() == 1:
+        return "", None
+    if slopes.ndim != 1:
+        return f"a PReLU with slopes of shape {tuple(slopes.shape)}", None
+    if last and rank != 2:
+        return (f"a PReLU of a linear layer's output, a {_rank(rank)} (its slopes are per entry of dimension 1, "
+                "not per unit)"), None
+    return "", str(weight.target)
 
 
 def _grouped_why(weight: torch.Tensor, groups: int) -> str:
@@ -436,7 +460,7 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
         return _reduction(node, rank)[1]
     if target is operator.getitem or target in _UNSQUEEZES:
         return unsqueezed(node, rank)
-    elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS
+    elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS or target in PRELUS
                    or target in ("add", "mul", "div", "contiguous") or target in _KEEP_METHODS
                    or (isinstance(target, str) and target.endswith("_")))
     known = [ranks.get(a) for a in tensor_args]

@@ -10,8 +10,10 @@ changing the function, as long as every tensor that writes or reads it is permut
   pooling, mean or conv of it regroups them differently);
 * a depthwise conv (one filter per channel, channel multiplier 1) keeps the space like BatchNorm, its
   filters following their channels; so do a LayerNorm over exactly the units on the last axis, a GroupNorm
-  pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale) and a permute
-  moving the units between dimension 1 and the last axis (ConvNeXt's channels-last MLP). Other grouped
+  pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale), a PReLU
+  (``nn.PReLU`` or ``F.prelu`` with the model's own slopes: one per channel follows them where they sit on
+  dimension 1) and a permute moving the units between dimension 1 and the last axis (ConvNeXt's
+  channels-last MLP). Other grouped
   convs and group norms tie channels into groups no space describes: opaque, as their inputs;
 * every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
@@ -84,6 +86,7 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
+    prelu_slopes,
     taint,
     unsqueezed,
 )
@@ -167,6 +170,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     # flip the signs of entries of the gain and its bias with the columns of the layers reading the node.
     tags: dict[Any, str] = {}
     gains: dict[str, str] = {}
+    slopes: dict[str, str] = {}  # a functional PReLU's per-unit slopes → a space they follow
 
     def absorb(src: Any, mode: str, names: Sequence[str]) -> None:
         # Only a layer whose output feeds nothing but this op may flip rows that the op's parameters absorb.
@@ -199,9 +203,21 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         squeeze = squeezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis, ones[tensor_args[0]],
                            sp.info[sp.find(label[tensor_args[0]])].size) if tensor_args else None
         if squeeze is not None:
-            # It removes only axes other than the batch and the units': they stay where they sat.
+            # One removing only axes other than the batch and the units' leaves the units where they sat.
             ranks[node], why = squeeze
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if tensor_args[0] in last_axis and not why:
+                last_axis.add(node)
+            continue
+        prelu = prelu_slopes(node, tensor_args[0] in last_axis, ranks[tensor_args[0]], params) if tensor_args else None
+        if prelu is not None:
+            why, weight = prelu
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if weight and sp.info[label[node]].kind != FIXED:
+                # One slope per unit, as nn.PReLU(C)'s: it permutes with them, so every space it scales is one.
+                label[node] = sp.union(slopes.setdefault(weight, label[node]), label[node])
+                if weight not in sp.info[label[node]].params:
+                    sp.info[label[node]].params.append(weight)
             if tensor_args[0] in last_axis and not why:
                 last_axis.add(node)
             continue

@@ -25,6 +25,7 @@ from wmark.whitebox.fx_rules import (
     _REGROUP_METHODS,
     _REGROUP_MODULES,
     _UNSQUEEZES,
+    PRELUS,
 )
 from wmark.whitebox.sizes import _arg, _sizes
 
@@ -39,7 +40,7 @@ _ADAPTIVE_FUNCTIONS: dict[Any, int] = {
     nn.functional.adaptive_max_pool1d: 1, nn.functional.adaptive_max_pool2d: 2, nn.functional.adaptive_max_pool3d: 3,
 }
 # Ops that keep every axis of their (first) operand: its axes of size 1 stay so.
-_UNARY = (_KEEP_FUNCTIONS - _REGROUP_FUNCTIONS) | (_KEEP_METHODS - _REGROUP_METHODS)
+_UNARY = (_KEEP_FUNCTIONS - _REGROUP_FUNCTIONS) | (_KEEP_METHODS - _REGROUP_METHODS) | PRELUS
 
 
 def _ones(size: Any) -> bool:
