@@ -129,7 +129,6 @@ def test_an_op_meeting_the_units_with_another_axis_makes_their_space_opaque(op: 
 @pytest.mark.parametrize("op", [
     lambda h, k: h * k,
     lambda h, k: torch.cat([h, k], 2),
-    lambda h, k: torch.stack([h, k], 0).sum(0),
     lambda h, k: h - k,
     Gated((1,)),
     Gated(()),
@@ -145,6 +144,16 @@ def test_an_op_pairing_unit_with_unit_joins_the_spaces(op: Op) -> None:
     assert g.layer("a.weight").out == g.layer("b.weight").out
     assert g.spaces[g.layer("a.weight").out].kind == "free"
     plan(g, "conv.weight")
+    _keeps_function(model, g)
+
+
+def test_a_stack_joins_the_spaces_and_hides_their_units() -> None:
+    """A stack along dimension 0 moves the units to dimension 2 before ``sum(0)`` moves them back; the reader follows
+    no unit through an opaque op, so the joined space is opaque too (no permutation claimed, none broken)."""
+    model = _model(lambda h, k: torch.stack([h, k], 0).sum(0))
+    g = read_graph(model)
+    assert g.layer("a.weight").out == g.layer("b.weight").out
+    assert g.spaces[g.layer("a.weight").out].kind == "opaque"
     _keeps_function(model, g)
 
 

@@ -37,6 +37,7 @@ _KEEP_FUNCTIONS = {
     nn.functional.celu,
 }
 _KEEP_METHODS = {"relu", "sigmoid", "tanh", "flatten", "contiguous"}
+PRELUS = {torch.prelu, nn.functional.prelu}  # kept where their slopes are the model's (see prelu_slopes)
 _ADDS = {operator.add, operator.iadd, torch.add}
 _SCALES = {operator.mul, operator.truediv, torch.mul}
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -86,7 +87,8 @@ _CONTRACTIONS = {
     operator.matmul, torch.matmul, torch.mm, torch.bmm, torch.baddbmm, torch.addmm, torch.einsum, torch.tensordot,
     torch.inner, torch.outer, nn.functional.linear, nn.functional.bilinear, "matmul", "mm", "bmm", "baddbmm", "addmm",
 }
-_STACKS = {torch.cat, torch.concat, torch.concatenate, torch.stack}
+_CATS = {torch.cat, torch.concat, torch.concatenate}
+_STACKS = {*_CATS, torch.stack}
 _NAMES = {operator.iadd: "add", operator.isub: "sub", operator.mul: "mul", operator.imul: "mul",
           operator.truediv: "div", operator.itruediv: "div", nn.functional.linear: "functional linear",
           nn.functional.bilinear: "functional bilinear"}
@@ -132,7 +134,7 @@ def join(node: Any, operands: list[Any], last_axis: set[Any], ranks: dict[Any, i
     ops = [t for t in ops if sp.info[sp.find(label[t])].size != 1]
     if len(ops) < 2:
         return "", ""
-    if target in (torch.cat, torch.concat, torch.concatenate):
+    if target in _CATS:
         dim = _arg(node, 1, "dim", node.kwargs.get("axis", 0))  # torch.cat takes numpy's axis= too
         if not isinstance(dim, int):
             return "taint", f"{article} {name} along an unknown dimension"
@@ -230,6 +232,29 @@ def _norm(name: str, mod: nn.Module, last: bool, src: str, sp: _Spaces, params: 
         return sp.new(f"opaque:{name}", 0, "opaque", why=why)
     sp.info[src].params.extend(n for n in (f"{name}.weight", f"{name}.bias") if n in params)
     return src
+
+
+def prelu_slopes(node: Any, last: bool, rank: int | None, params: dict[str, Any]) -> tuple[str, str | None] | None:
+    """``(why it hides the units or '', its per-unit slopes)`` of ``F.prelu``/``torch.prelu``; None for other nodes.
+
+    Slopes that are a parameter of the model act as ``nn.PReLU``'s weight: one slope on every unit alike, one per
+    channel of dimension 1 (a 1-D parameter) following the units where they sit on dimension 1 (a channels-first
+    tensor or a rank-2 one); slopes computed in ``forward`` or of another shape are opaque.
+    """
+    if node.op != "call_function" or node.target not in PRELUS:
+        return None
+    weight = _arg(node, 1, "weight", None)
+    slopes = params.get(str(weight.target)) if isinstance(weight, torch.fx.Node) and weight.op == "get_attr" else None
+    if slopes is None:
+        return "a PReLU whose slopes are not a parameter of the model", None
+    if slopes.numel() == 1:
+        return "", None
+    if slopes.ndim != 1:
+        return f"a PReLU with slopes of shape {tuple(slopes.shape)}", None
+    if last and rank != 2:
+        return (f"a PReLU of a linear layer's output, a {_rank(rank)} (its slopes are per entry of dimension 1, "
+                "not per unit)"), None
+    return "", str(weight.target)
 
 
 def _grouped_why(weight: torch.Tensor, groups: int) -> str:
@@ -361,16 +386,6 @@ def unsqueezed(node: Any, rank: int | None, last: bool = False,
     return None
 
 
-# Ops that read the units of dimension 1 in a fixed order (a slice, a chunk, a partial flatten, an axis inserted
-# before them): where one makes its output opaque, a layer reading that output keeps its columns while the
-# input's units permute, so the input's space is made opaque too.
-ORDERED = {
-    operator.getitem, "chunk", torch.chunk, "split", torch.split, "tensor_split", torch.tensor_split, "narrow",
-    torch.narrow, "unbind", torch.unbind, "unsqueeze", torch.unsqueeze, "flatten", torch.flatten, "view", "reshape",
-    torch.reshape, "transpose", torch.transpose, "flip", torch.flip, "roll", torch.roll,
-}
-
-
 def _rank(rank: int | None) -> str:
     return "tensor of unknown rank" if rank is None else f"rank-{rank} tensor"
 
@@ -445,7 +460,7 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
         return _reduction(node, rank)[1]
     if target is operator.getitem or target in _UNSQUEEZES:
         return unsqueezed(node, rank)
-    elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS
+    elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS or target in PRELUS
                    or target in ("add", "mul", "div", "contiguous") or target in _KEEP_METHODS
                    or (isinstance(target, str) and target.endswith("_")))
     known = [ranks.get(a) for a in tensor_args]

@@ -10,19 +10,26 @@ changing the function, as long as every tensor that writes or reads it is permut
   pooling, mean or conv of it regroups them differently);
 * a depthwise conv (one filter per channel, channel multiplier 1) keeps the space like BatchNorm, its
   filters following their channels; so do a LayerNorm over exactly the units on the last axis, a GroupNorm
-  pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale) and a permute
-  moving the units between dimension 1 and the last axis (ConvNeXt's channels-last MLP). Other grouped
+  pooling all channels or each alone, a 1-D gain on the last axis (ConvNeXt's layer scale), a PReLU
+  (``nn.PReLU`` or ``F.prelu`` with the model's own slopes: one per channel follows them where they sit on
+  dimension 1) and a permute moving the units between dimension 1 and the last axis (ConvNeXt's
+  channels-last MLP). Other grouped
   convs and group norms tie channels into groups no space describes: opaque, as their inputs;
 * every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`). ``x.view(b, n)`` is a
   flatten from dimension 1 (the element count fixes n); an ``expand`` along size-1 axes keeps the units in place
-  (a squeeze-and-excitation gate broadcast to its map) unless it copies one unit across their axis;
+  (a squeeze-and-excitation gate broadcast to its map) unless it copies one unit across their axis; a
+  ``squeeze`` of axes other than the batch and the units' keeps them, its output rank known where those axes
+  are known to have size 1 (a global pool's; :mod:`wmark.whitebox.singletons`), and a bare ``squeeze()`` only
+  there;
 * a residual add joins the spaces of its operands into one: the *residual stream*, whose channels permute
   only together across every block that adds into it and every downsample conv writing it; so do other
   elementwise ops and a cat along another axis; an op meeting the units with another axis (a broadcast across
   ranks or layouts, a matmul, a layer reading the wrong axis) makes its operands' spaces opaque;
-* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it;
+* any other op makes its output *opaque*: it cannot be aligned, so nothing is guessed through it; and the spaces
+  it reads opaque too (a layer reading its output keeps its columns while they permute), unless its output ignores
+  the units' order (a reduction over them) or holds none (a size read);
 * a space on which every op is odd in each unit (adds, BatchNorm, average pooling, the layers reading it; no
   activation: MobileNetV2's linear-bottleneck stream) is *signed*: a thief may flip each unit's sign.
 
@@ -65,7 +72,6 @@ from wmark.whitebox.fx_rules import (
     _KEEP_MODULES,
     _LAST_AXIS,
     _LAYERS,
-    ORDERED,
     _flatten,
     _grouped_why,
     _layer_scale,
@@ -80,10 +86,13 @@ from wmark.whitebox.fx_rules import (
     odd_spaces,
     one_value,
     out_rank,
+    prelu_slopes,
     taint,
     unsqueezed,
 )
 from wmark.whitebox.plan import binormalize, plan
+from wmark.whitebox.seal import seal
+from wmark.whitebox.singletons import singleton_axes, squeezed
 from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
 
@@ -154,12 +163,14 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     # node → its rank where known: whether an op reads the units depends on it (a linear layer reads the last
     # axis, which holds a conv's channels only in a rank-2 tensor; mean(-3) is over them in a rank-3 one).
     ranks: dict[Any, int | None] = {}
+    ones: dict[Any, frozenset[int]] = {}  # node → the axes of its output known to have size 1 (a global pool's)
     made: dict[Any, str] = {}  # node of a conv/linear layer's output → its weight
     owns: dict[str, tuple[str, tuple[str, ...]]] = {}
     # node → the affine norm gain or layer scale it is the output of (through permutes and dropout): a thief may
     # flip the signs of entries of the gain and its bias with the columns of the layers reading the node.
     tags: dict[Any, str] = {}
     gains: dict[str, str] = {}
+    slopes: dict[str, str] = {}  # a functional PReLU's per-unit slopes → a space they follow
 
     def absorb(src: Any, mode: str, names: Sequence[str]) -> None:
         # Only a layer whose output feeds nothing but this op may flip rows that the op's parameters absorb.
@@ -174,6 +185,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             continue  # unlabelled: the ops using it see one tensor operand fewer (x * s keeps x's space)
         if node.op == "placeholder" and not any(n.op == "placeholder" for n in ranks if n is not node):
             ranks[node] = input_rank  # the batch of inputs: only the first argument of forward is one
+        ones[node] = singleton_axes(node, tensor_args, ranks, ones, modules)
         norm = functional_norm(node, label, bool(tensor_args) and tensor_args[0] in last_axis,
                                ranks[tensor_args[0]] if tensor_args else None, sp, params)
         if norm is not None:
@@ -187,6 +199,27 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         if tensor_args and unsqueezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis,
                                       batch_led(label, sp)) is not None:
             label[node] = sp.find(label[tensor_args[0]])  # the units stay on dimension 1, now channels-first
+            continue
+        squeeze = squeezed(node, ranks[tensor_args[0]], tensor_args[0] in last_axis, ones[tensor_args[0]],
+                           sp.info[sp.find(label[tensor_args[0]])].size) if tensor_args else None
+        if squeeze is not None:
+            # One removing only axes other than the batch and the units' leaves the units where they sat.
+            ranks[node], why = squeeze
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if tensor_args[0] in last_axis and not why:
+                last_axis.add(node)
+            continue
+        prelu = prelu_slopes(node, tensor_args[0] in last_axis, ranks[tensor_args[0]], params) if tensor_args else None
+        if prelu is not None:
+            why, weight = prelu
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if weight and sp.info[label[node]].kind != FIXED:
+                # One slope per unit, as nn.PReLU(C)'s: it permutes with them, so every space it scales is one.
+                label[node] = sp.union(slopes.setdefault(weight, label[node]), label[node])
+                if weight not in sp.info[label[node]].params:
+                    sp.info[label[node]].params.append(weight)
+            if tensor_args[0] in last_axis and not why:
+                last_axis.add(node)
             continue
         if tensor_args and node.op == "call_method" and node.target in _EXPANDS:
             # The units sit where the first operand's do; expand_as's other operand lends only its shape.
@@ -314,13 +347,11 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                     tags[node] = names[0]
         elif node.op in ("call_function", "call_method") and tensor_args:
             label[node] = _through(node, tensor_args, label, sp, ranks)
-            made_opaque = sp.info[sp.find(label[node])]
-            if made_opaque.kind == "opaque" and node.target in ORDERED:
-                taint(tensor_args[:1], made_opaque.why or str(node.target), node.name, sp, label)
             if node.target in ("contiguous", nn.functional.dropout) and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
+    seal(traced.graph.nodes, label, sp, modules, ranks, last_axis)
     # A flipped gain shows in every op reading its output: only the layers credited with it may read it.
     loose = {g for n, g in tags.items() for u in n.users
              if tags.get(u) != g and gains.get(f"{u.target}.weight") != g}

@@ -32,6 +32,15 @@ def shape_read(node: Any) -> bool:
     return False
 
 
+def metadata_read(node: Any) -> bool:
+    """Whether an fx node reads only a tensor's metadata (a size read, ``x.dim()``, ``x.numel()``, ``x.dtype``,
+    ``x.device``, ``x.ndim``): no unit of the tensor reaches its output."""
+    if shape_read(node) or (node.op == "call_method" and node.target in ("dim", "numel", "get_device")):
+        return True
+    return node.op == "call_function" and node.target is getattr and len(node.args) > 1 \
+        and node.args[1] in ("ndim", "dtype", "device", "is_cuda")
+
+
 def _sizes(node: Any) -> tuple[Any, ...]:
     """The sizes a view, reshape or expand is given, as separate arguments or one tuple."""
     sizes = node.args[1:]
