@@ -14,7 +14,9 @@ changing the function, as long as every tensor that writes or reads it is permut
   (``nn.PReLU`` or ``F.prelu`` with the model's own slopes: one per channel follows them where they sit on
   dimension 1) and a permute moving the units between dimension 1 and the last axis (ConvNeXt's
   channels-last MLP). Other grouped
-  convs and group norms tie channels into groups no space describes: opaque, as their inputs;
+  convs and group norms tie channels into groups no space describes: opaque, as their inputs. Such per-unit
+  parameters applied to several tensors permute once: the spaces they follow join, or turn opaque where one use
+  cannot permute (:mod:`wmark.whitebox.shared`);
 * every op is judged with its input's rank known where it matters (a linear layer over a conv's output reads
   its width unless the tensor is rank 2; ``mean(-3)`` of a rank-4 tensor is over the channels); an op the
   reader cannot place for that rank is opaque (rules in :mod:`wmark.whitebox.fx_rules`). ``x.view(b, n)`` is a
@@ -92,6 +94,7 @@ from wmark.whitebox.fx_rules import (
 )
 from wmark.whitebox.plan import binormalize, plan
 from wmark.whitebox.seal import seal
+from wmark.whitebox.shared import share
 from wmark.whitebox.singletons import singleton_axes, squeezed
 from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
@@ -170,7 +173,6 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
     # flip the signs of entries of the gain and its bias with the columns of the layers reading the node.
     tags: dict[Any, str] = {}
     gains: dict[str, str] = {}
-    slopes: dict[str, str] = {}  # a functional PReLU's per-unit slopes → a space they follow
 
     def absorb(src: Any, mode: str, names: Sequence[str]) -> None:
         # Only a layer whose output feeds nothing but this op may flip rows that the op's parameters absorb.
@@ -214,10 +216,7 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
             why, weight = prelu
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
             if weight and sp.info[label[node]].kind != FIXED:
-                # One slope per unit, as nn.PReLU(C)'s: it permutes with them, so every space it scales is one.
-                label[node] = sp.union(slopes.setdefault(weight, label[node]), label[node])
-                if weight not in sp.info[label[node]].params:
-                    sp.info[label[node]].params.append(weight)
+                sp.info[label[node]].params.append(weight)  # one slope per unit, as nn.PReLU(C)'s: it permutes with them
             if tensor_args[0] in last_axis and not why:
                 last_axis.add(node)
             continue
@@ -351,10 +350,17 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 tags[node] = tags[tensor_args[0]]
         elif node.op in ("call_module", "get_attr") or (node.op != "output" and tensor_args):
             label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=str(node.target))
+    # A per-unit parameter used twice permutes once: the spaces it follows join, and no layer's row signs alone
+    # may be absorbed by negating its entries.
+    uses = share(traced.graph.nodes, label, sp, modules)
+    owns = {name: own for name, own in owns.items() if not any(len(uses.get(n, ())) > 1 for n in own[1])}
     seal(traced.graph.nodes, label, sp, modules, ranks, last_axis)
     # A flipped gain shows in every op reading its output: only the layers credited with it may read it.
     loose = {g for n, g in tags.items() for u in n.users
              if tags.get(u) != g and gains.get(f"{u.target}.weight") != g}
+    # So does every other use of the gain and its bias (an op reading the parameter that is no norm of the units).
+    loose |= {g for g in tags.values() for u in (*uses.get(g, ()), *uses.get(g.removesuffix(".weight") + ".bias", ()))
+              if tags.get(u) != g}
     gains = {name: g for name, g in gains.items() if g not in loose}
     # Where a layer's own row signs and the gain of the norm owning them already describe every flip of a space
     # (one writer, its norm, the layers reading it), the gain's readers read them.

@@ -173,6 +173,8 @@ def _assemble(sp: _Spaces, layers: Sequence[tuple[str, str, str, str | None]], p
     for name in sp.parent:
         root = sp.find(name)
         spaces.setdefault(root, sp.info[root])
+    for space in spaces.values():
+        space.params = list(dict.fromkeys(space.params))  # a norm applied twice in one space permutes its gain once
     for layer in out:
         space = spaces[layer.inp]
         if space.kind == FIXED and not space.size:
