@@ -79,6 +79,12 @@ WHAT = {
     "text_extraction_tinybert_public_probe_a": "the same probes with the rule read from the public MiniLM encoder "
                                                "(same keys and seeds)",
     "text_extraction_tinybert_public_probe_b": "the same on the other four keys",
+    "text_extraction_tinybert_sequential_probe_a": "the same probes (served map) with the sequential log test read "
+                                                   "plain and centred beside (same keys and seeds)",
+    "text_extraction_tinybert_sequential_probe_b": "the same on the other four keys",
+    "text_extraction_minilm_sequential_a": "the stopped MiniLM thief with the sequential log test read plain and "
+                                           "centred side by side (four fresh keys; the stage on its reading)",
+    "text_extraction_minilm_sequential_b": "the same on four more fresh keys",
     "extraction_families_centred_a": "five image thief families at beta 1, read centred beside the library's reading "
                                      "(one fresh key, a pre-check)",
     "extraction_families_centred_b": "the same on another fresh key",
