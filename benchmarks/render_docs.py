@@ -82,6 +82,11 @@ WHAT = {
     "text_extraction_tinybert_sequential_probe_a": "the same probes (served map) with the sequential log test read "
                                                    "plain and centred beside (same keys and seeds)",
     "text_extraction_tinybert_sequential_probe_b": "the same on the other four keys",
+    "text_extraction_tinybert_half_served_a": "the MiniLM probe thief against the tiny-BERT victim at beta 0.5, served "
+                                              "map (same keys and seeds)",
+    "text_extraction_tinybert_half_served_b": "the same on the other four keys",
+    "text_extraction_tinybert_half_public_a": "the same probes at beta 0.5 with the public-encoder map",
+    "text_extraction_tinybert_half_public_b": "the same on the other four keys",
     "text_extraction_minilm_sequential_a": "the stopped MiniLM thief with the sequential log test read plain and "
                                            "centred side by side (four fresh keys; the stage on its reading)",
     "text_extraction_minilm_sequential_b": "the same on four more fresh keys",
