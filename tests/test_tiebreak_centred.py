@@ -137,12 +137,12 @@ def test_a_text_rule_reads_labels_centred_by_default_and_its_plans_say_so(world)
     assert TieBreakTest(key=key, rule=rule, served=backend, centred=False).plan()["reads"] == "labels"
     chosen = select_log_inputs(key=key, rule=rule, served=backend, log=world["log"], client="thief")
     assert TieBreakLogTest(key=key, rule=rule, served=backend, chosen=chosen).plan()["reads"] == "labels-centred"
-    # the sequential log test keeps its own e-process over the plain signs
+    # the sequential log test reads them centred too, unless told not to
     sequential = TieBreakLogTest(key=key, rule=rule, served=backend, chosen=chosen, mode="sequential")
-    assert sequential.plan()["reads"] == "labels"
-    assert "centred" not in sequential.run(thief, alpha=1e-6, share=0.8).details
-    asked = dataclasses.replace(sequential, centred=True)
-    assert asked.plan()["reads"] == "labels-centred" and "centred" in asked.run(thief, alpha=1e-6, share=0.8).details
+    assert sequential.plan()["reads"] == "labels-centred"
+    assert "centred" in sequential.run(thief, alpha=1e-6, share=0.8).details
+    plain = dataclasses.replace(sequential, centred=False)
+    assert plain.plan()["reads"] == "labels" and "centred" not in plain.run(thief, alpha=1e-6, share=0.8).details
 
 
 def test_an_image_rule_reads_plain_evidence_unless_asked(world):  # noqa: F811

@@ -11,7 +11,8 @@ N(0, 1)) and ``v_n`` for the pair-sum vector of the module :mod:`wmark.schemes.t
 answer of rounds ``1..n``. Picture the test run to its budget without stopping: which inputs each round
 asks is a function of the suspect's earlier answers, the log, the served model, the references and the
 rule's features, never of ``w``; the suspect's answers are, under ``H0`` (it was made without the marked
-answers), independent of ``w`` too. So the whole sequence ``V = (v_1, ..., v_N)`` is independent of ``w``.
+answers), independent of ``w`` too, and so is the served model's own expected evidence that a centred reading
+subtracts (a text key's labels, by default). So the whole sequence ``V = (v_1, ..., v_N)`` is independent of ``w``.
 Gram–Schmidt it: ``e_n = v_n − P_{n−1} v_n``, with ``P_{n−1}`` the projection on ``span(v_1..v_{n−1})``,
 and ``T_n = <w, e_n> / |e_n|`` for each ``e_n ≠ 0``. Given ``V`` the unit vectors ``e_n / |e_n|`` are fixed
 and orthonormal, so the ``T_n`` are iid N(0, 1) (projections of an iid Gaussian vector on orthonormal
@@ -49,7 +50,7 @@ from wmark.evidence import DEFAULT_ALPHA, TestResult, check_suspect_fits_key
 from wmark.keys import Key
 from wmark.schemes.querylog import QueryLog
 from wmark.schemes.tiebreak.rule import SCHEME, TieBreakRule, top_pairs
-from wmark.schemes.tiebreak.statistic import _outside, evidence_sums, expected_evidence
+from wmark.schemes.tiebreak.statistic import _outside, centres, evidence_sums, expected_evidence
 from wmark.schemes.tiebreak.tests import (
     FEW_PAIRS,
     LOG_TEST_WEIGHT,
@@ -75,7 +76,7 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
                             log: QueryLog | None = None, client: str | None = None, chosen: LogInputs | None = None,
                             alpha: float = DEFAULT_ALPHA, share: float = 1.0, max_queries: int = SEQUENTIAL_BUDGET,
                             round_size: int = SEQUENTIAL_ROUND, rho: float = SEQUENTIAL_RHO,
-                            use_scores: bool | None = None, centred: bool = False) -> TestResult:
+                            use_scores: bool | None = None, centred: bool | None = None) -> TestResult:
     """The anytime-valid log test: ask the client's logged inputs until the evidence decides (module docstring).
 
     The first round asks the ``round_size`` inputs the reference surrogates leave most open
@@ -100,8 +101,9 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
         rho: The mixing scale of the e-process (see the module docstring for the default's choice).
         use_scores: Read probabilities when the suspect gives them (see :func:`~wmark.schemes.tiebreak.tiebreak_test`;
             by default for an image rule only).
-        centred: Centre each answer's evidence on the served model's own (:func:`expected_evidence`), as the
-            fixed-n tests do for a text rule; key-free, so the e-process stays valid either way.
+        centred: Centre each answer's evidence on the served model's own (:func:`expected_evidence`); None (the
+            default): for a text rule's label reading, as the fixed-n tests (:func:`centres`). Key-free, so the
+            e-process stays valid either way.
 
     Returns:
         A ``TestResult`` of weight ``LOG_TEST_WEIGHT`` whose ``log10_p`` is ``-log10 max E`` (anytime-valid),
@@ -159,8 +161,8 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
         asked, answers = np.concatenate([asked, batch]), np.concatenate([answers, said])
         evidence = np.concatenate([evidence, signs])
         reads.append(read)
-        v = _sums(psi=psi, lo=lo, hi=hi, scores=chosen.scores, asked=asked, answers=answers, evidence=evidence,
-                  reads=reads, num_classes=key.num_classes, centred=centred)
+        v = _sums(rule=rule, psi=psi, lo=lo, hi=hi, scores=chosen.scores, asked=asked, answers=answers,
+                  evidence=evidence, reads=reads, centred=centred)
         residual = v - basis.T @ (basis @ v)
         residual -= basis.T @ (basis @ residual)  # twice: Gram–Schmidt stays orthogonal in floating point
         norm = float(np.linalg.norm(residual))
@@ -207,12 +209,14 @@ def tiebreak_log_sequential(*, key: Key, rule: TieBreakRule, served: Suspect, su
     )
 
 
-def _sums(*, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray, asked: np.ndarray,
-          answers: np.ndarray, evidence: np.ndarray, reads: list[str], num_classes: int, centred: bool) -> np.ndarray:
+def _sums(*, rule: TieBreakRule, psi: np.ndarray, lo: np.ndarray, hi: np.ndarray, scores: np.ndarray,
+          asked: np.ndarray, answers: np.ndarray, evidence: np.ndarray, reads: list[str],
+          centred: bool | None) -> np.ndarray:
     """The pair-sum vector ``v`` (flattened) over every answer so far, read as the fixed-n test reads them
-    (labels when any round was read from labels), centred on the served ``scores``' own evidence if ``centred``."""
+    (labels when any round was read from labels), centred on the served ``scores``' own evidence where
+    :func:`centres` says."""
     read = "labels" if "labels" in reads else "scores"
     lo, hi = lo[asked], hi[asked]
-    centre = expected_evidence(scores[asked], lo, hi, read) if centred else None
+    centre = expected_evidence(scores[asked], lo, hi, read) if centres(rule, centred, read) else None
     return evidence_sums(psi=psi[asked], lo=lo, hi=hi, answers=answers, leans=None if read == "labels" else evidence,
-                         centre=centre, num_classes=num_classes).reshape(-1)
+                         centre=centre, num_classes=rule.directions.shape[0]).reshape(-1)

@@ -79,7 +79,7 @@ def expected_evidence(scores: np.ndarray, lo: np.ndarray, hi: np.ndarray, read: 
 
 
 def centres(rule: TieBreakRule, centred: bool | None, read: str) -> bool:
-    """Whether a fixed-n tie-break test centres the evidence it reads on the served model's own
+    """Whether a tie-break test (fixed-n or sequential) centres the evidence it reads on the served model's own
     (:func:`expected_evidence`): ``centred`` when given, else for a text rule's label reading.
 
     Near a tie a suspect's calls still follow its own fit, largely a linear function of the rule's features (the

@@ -465,7 +465,7 @@ class TieBreakLogTest:
                 "inputs": {"rule": self.rule.content_digest,
                            "log": content_sha256(self.chosen.x, self.chosen.scores, self.chosen.leans,
                                                  self.chosen.reference_leans)},
-                "reads": _reading(self.rule, self.use_scores, self._centred())}
+                "reads": _reading(self.rule, self.use_scores, self.centred)}
         if self.mode == "sequential":
             from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, SEQUENTIAL_RHO, SEQUENTIAL_ROUND
 
@@ -475,10 +475,6 @@ class TieBreakLogTest:
         return {"mode": "fixed", "budget": DEFAULT_QUERIES if self.queries is None else self.queries,
                 "rounds": self.rounds, **read}
 
-    def _centred(self) -> bool | None:
-        # the sequential test centres only when asked: its e-process was measured on plain signs
-        return bool(self.centred) if self.mode == "sequential" else self.centred
-
     def run(self, suspect: Suspect, *, alpha: float, share: float) -> TestResult:
         if self.mode == "sequential":
             from wmark.schemes.tiebreak.sequential import SEQUENTIAL_BUDGET, tiebreak_log_sequential
@@ -486,7 +482,7 @@ class TieBreakLogTest:
             return tiebreak_log_sequential(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
                                            chosen=self.chosen, alpha=alpha, share=share,
                                            max_queries=SEQUENTIAL_BUDGET if self.queries is None else self.queries,
-                                           use_scores=self.use_scores, centred=bool(self._centred()))
+                                           use_scores=self.use_scores, centred=self.centred)
         return tiebreak_log_test(key=self.key, rule=self.rule, served=self.served, suspect=suspect,
                                  chosen=self.chosen, queries=DEFAULT_QUERIES if self.queries is None else self.queries,
                                  rounds=self.rounds, use_scores=self.use_scores, centred=self.centred)
