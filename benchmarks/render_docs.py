@@ -65,6 +65,8 @@ WHAT = {
     "research_lexical_mark": "a keyed lexical text mark against the one-epoch MiniLM thief, a pre-check (negative)",
     "research_residual_statistic": "the tie-break statistic read centred or with the served head projected out, on "
                                    "simulated MiniLM thieves (a pre-check)",
+    "research_whitebox_real_graphs": "the white-box graph reader on 18 torchvision classifiers (random weights), "
+                                     "before and after the stricter opaque-op rules, its claims checked on each model",
     "text_extraction_minilm_centred_a": "the stopped MiniLM thief at beta 1, its label verdicts read plain and centred "
                                         "side by side (six fresh keys; the stage that adopted centring)",
     "text_extraction_minilm_centred_b": "the same on six more fresh keys",
