@@ -12,10 +12,12 @@ import json
 
 import numpy as np
 import pytest
+import test_whitebox_torchvision_convnext as tv_convnext
 import torch
 from _whitebox_helpers import check, guarded_aligner, mark_over_anchor, tiny_key
 from test_whitebox_depthwise import InvertedResidual, MobileNetish, train
 from torch import nn
+from torch.nn import functional as F
 
 from wmark.attacks import prune, rename_tensors
 from wmark.attacks.symmetry import permute_spaces
@@ -62,6 +64,37 @@ def attacked(model: LinearStem, seed: int) -> LinearStem:
     out = LinearStem(99)
     out.load_state_dict(permute_spaces(model.state_dict(), graph=read_graph(model), seed=seed, signs=True))
     return flip_stream(out.eval(), seed + 1)
+
+
+class DropPathResidual(InvertedResidual):
+    """EfficientNet's MBConv layout: torchvision's stochastic depth (a stand-in) on the projection before the add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu6(self.bn2(self.dw(F.relu6(self.bn1(self.expand(x))))))
+        # Called through its module, whose globals torch.fx patches to keep it a call_function.
+        return x + tv_convnext.stochastic_depth(self.bn3(self.project(h)), 0.5, "row", self.training)
+
+
+def test_stochastic_depth_on_the_branch_keeps_the_stream_signed() -> None:
+    model = LinearStem(0)
+    model.blocks = nn.Sequential(DropPathResidual(16, 8), DropPathResidual(16, 8))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.bias.normal_()
+    g = read_graph(model.eval())
+    stream = g.layer("stem.0.weight").out
+    assert g.spaces[stream].kind == "signed" and g.layer("blocks.1.expand.weight").inp == stream
+    x = torch.randn(8, 3, 16, 16)
+    for seed in range(2):
+        other = flip_stream(copy.deepcopy(model), seed)
+        other.load_state_dict(permute_spaces(other.state_dict(), graph=g, seed=seed, signs=True))
+        assert torch.allclose(other(x), model(x), atol=1e-5)
+        torch.manual_seed(seed)
+        want = model.train()(x)
+        torch.manual_seed(seed)
+        assert torch.allclose(other.train()(x), want, atol=1e-4)
+        model.eval()
 
 
 @pytest.fixture(scope="module")

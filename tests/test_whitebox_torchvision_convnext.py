@@ -1,10 +1,13 @@
 """torchvision's ConvNeXt layout, reproduced (torchvision is not a dependency): ``LayerNorm2d`` (an
 ``nn.LayerNorm`` subclass that permutes the channels last and calls ``F.layer_norm`` with its own parameters)
-on the stem and before the downsampling conv, and ``CNBlock``'s ``(C, 1, 1)`` layer scale multiplied onto a
-channels-first tensor. Both were opaque, so the stream and every block were refused; the graph now reads them,
+on the stem and before the downsampling conv, ``CNBlock``'s ``(C, 1, 1)`` layer scale multiplied onto a
+channels-first tensor, and its ``stochastic_depth`` on the branch (an ``fx``-wrapped function, so a call_function
+in the trace). All three were opaque, so the stream and every block were refused; the graph now reads them,
 permuting and flipping them keeps the function, and a mark in the last block survives."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import pytest
 import torch
@@ -19,6 +22,32 @@ from wmark.errors import UsageError
 from wmark.whitebox.graph import plan, read_graph
 
 MARKED = "stage2.0.block.5.weight"
+
+
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth.stochastic_depth, defined where torchvision defines it."""
+    if not training or p == 0.0:
+        return input
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    return input * torch.empty(size, dtype=input.dtype).bernoulli_(1.0 - p).div_(1.0 - p)
+
+
+def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
+    """timm.layers.drop.drop_path (per sample), defined where timm defines it."""
+    return stochastic_depth(x, drop_prob, "row", training)
+
+
+def look_alike(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """The same code and name under another module: the reader cannot know what it does."""
+    return stochastic_depth(input, p, mode, training)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+drop_path.__module__ = "timm.layers.drop"
+look_alike.__module__, look_alike.__name__, look_alike.__qualname__ = "mylib.ops", "stochastic_depth", \
+    "stochastic_depth"
+for _name in ("stochastic_depth", "drop_path", "look_alike"):
+    torch.fx.wrap(_name)  # kept as a call_function in the trace, as torchvision wraps its own
 
 
 class LayerNorm2d(nn.LayerNorm):
@@ -42,10 +71,11 @@ class Permute(nn.Module):
 
 
 class CNBlock(nn.Module):
-    """torchvision's CNBlock (stochastic depth left out: an identity at inference)."""
+    """torchvision's CNBlock; ``drop`` names the stochastic depth its branch calls, with ``p`` and ``mode``."""
 
-    def __init__(self, c: int) -> None:
+    def __init__(self, c: int, p: float = 0.0, mode: str = "row", drop: str = "stochastic_depth") -> None:
         super().__init__()
+        self.p, self.mode, self.drop = p, mode, drop
         self.block = nn.Sequential(nn.Conv2d(c, c, 7, padding=3, groups=c), Permute([0, 2, 3, 1]),
                                    nn.LayerNorm(c, eps=1e-6), nn.Linear(c, 4 * c), nn.GELU(), nn.Linear(4 * c, c),
                                    Permute([0, 3, 1, 2]))
@@ -53,6 +83,12 @@ class CNBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.layer_scale * self.block(x)
+        if self.drop == "stochastic_depth":
+            result = stochastic_depth(result, self.p, self.mode, self.training)
+        elif self.drop == "drop_path":
+            result = drop_path(result, self.p, self.training)
+        else:
+            result = look_alike(result, self.p, self.mode, self.training)
         result += x
         return result
 
@@ -61,13 +97,13 @@ class TorchvisionConvNeXt(nn.Module):
     """Stem (patchify conv + LayerNorm2d), a 16-channel stage, LayerNorm2d + downsampling conv, a 32-channel stage
     (MLP 128: room for 32 bits), LayerNorm2d and head."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, **drop: Any) -> None:
         super().__init__()
         torch.manual_seed(seed)
         self.stem = nn.Sequential(nn.Conv2d(3, 16, 2, stride=2), LayerNorm2d(16, eps=1e-6))
-        self.stage1 = nn.Sequential(CNBlock(16))
+        self.stage1 = nn.Sequential(CNBlock(16, **drop))
         self.down = nn.Sequential(LayerNorm2d(16, eps=1e-6), nn.Conv2d(16, 32, 2, stride=2))
-        self.stage2 = nn.Sequential(CNBlock(32))
+        self.stage2 = nn.Sequential(CNBlock(32, **drop))
         self.norm = LayerNorm2d(32, eps=1e-6)
         self.head = nn.Linear(32, 10)
 
@@ -75,10 +111,10 @@ class TorchvisionConvNeXt(nn.Module):
         return self.head(self.norm(self.stage2(self.down(self.stage1(self.stem(x))))).mean((2, 3)))
 
 
-def rewritten(model: nn.Module, seed: int) -> TorchvisionConvNeXt:
+def rewritten(model: nn.Module, seed: int, **drop: Any) -> TorchvisionConvNeXt:
     """Every space permuted, every sign a norm absorbs flipped and every norm gain's signs with its readers'."""
     g = read_graph(model)
-    out = TorchvisionConvNeXt(99)
+    out = TorchvisionConvNeXt(99, **drop)
     out.load_state_dict(flip_gain_signs(permute_spaces(model.state_dict(), graph=g, seed=seed, signs=True),
                                         graph=g, seed=seed))
     return out.eval()
@@ -106,6 +142,43 @@ def test_layernorm2d_and_a_channels_first_layer_scale_keep_the_stream() -> None:
         other = rewritten(model, seed)
         assert (other.stage2[0].layer_scale * model.stage2[0].layer_scale < 0).any()
         assert torch.allclose(other(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("drop", [{"p": 0.5}, {"p": 0.5, "mode": "batch"}, {"p": 0.5, "drop": "drop_path"}])
+def test_stochastic_depth_keeps_the_stream_in_eval_and_train_mode(drop) -> None:
+    model = TorchvisionConvNeXt(0, **drop)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "layer_scale" in name or p.ndim == 1:
+                p.normal_()
+    g = read_graph(model.eval())
+    stream = g.layer("stem.0.weight").out
+    assert g.spaces[stream].kind == "free"
+    assert [lay.name for lay in g.writers(stream)] == ["stem.0.weight", "stage1.0.block.5.weight"]
+    assert g.layer("down.1.weight").inp == stream and g.layer(MARKED).absorbers == ("stage2.0.layer_scale",)
+    x = torch.randn(8, 3, 16, 16)
+    for seed in range(2):
+        other = rewritten(model, seed, **drop)
+        assert torch.allclose(other(x), model(x), atol=1e-5)
+        model.train(), other.train()
+        torch.manual_seed(seed)
+        want = model(x)
+        torch.manual_seed(seed)
+        got = other(x)
+        model.eval()
+        assert not torch.allclose(want, model(x), atol=1e-3)  # some sample was dropped: the scale is live
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+@pytest.mark.parametrize(("drop", "why"), [
+    ({"drop": "look_alike"}, "stochastic_depth"),
+    ({"mode": "column"}, "a stochastic depth of an unknown mode"),
+])
+def test_a_look_alike_or_unknown_stochastic_depth_stays_opaque(drop, why) -> None:
+    g = read_graph(TorchvisionConvNeXt(0, p=0.5, **drop))
+    assert g.spaces[g.layer("stem.0.weight").out].kind == "opaque"
+    with pytest.raises(UsageError, match=f"^stage2.0.block.3.weight reads the output of {why} that wmark cannot"):
+        plan(g, "stage2.0.block.3.weight")
 
 
 class Misread(nn.Module):

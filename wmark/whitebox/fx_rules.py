@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from wmark.whitebox.sizes import _arg, _batch_size, _sizes, batch_led
+from wmark.whitebox.stochastic_depth import is_stochastic_depth
 
 if TYPE_CHECKING:
     from wmark.whitebox.graph import _Spaces
@@ -462,7 +463,7 @@ def out_rank(node: Any, tensor_args: list[Any], ranks: dict[Any, int | None], mo
         return unsqueezed(node, rank)
     elementwise = (target in _ADDS or target in _SCALES or target in _KEEP_FUNCTIONS or target in PRELUS
                    or target in ("add", "mul", "div", "contiguous") or target in _KEEP_METHODS
-                   or (isinstance(target, str) and target.endswith("_")))
+                   or (isinstance(target, str) and target.endswith("_")) or is_stochastic_depth(node))
     known = [ranks.get(a) for a in tensor_args]
     return max(known) if elementwise and None not in known else None  # type: ignore[type-var]
 
@@ -547,7 +548,8 @@ def _odd_user(user: Any, root: str, label: dict[Any, str], sp: _Spaces,
     if (user.op == "call_function" and user.target is getattr) or (user.op == "call_method"
                                                                    and user.target in ("size", "dim")):
         return []  # reads the shape, which no sign changes
-    if user.op not in ("call_function", "call_method") or not same or user.target not in _ODD_TARGETS:
+    if user.op not in ("call_function", "call_method") or not same or (user.target not in _ODD_TARGETS
+                                                                      and not is_stochastic_depth(user)):
         return None
     if user.target in _ADDS or user.target in ("add", "add_"):
         # x + y is odd only when both operands flip (a constant added would not); both are in the space then.

@@ -5,7 +5,8 @@ changing the function, as long as every tensor that writes or reads it is permut
 
 * a conv/linear layer *writes* its output space (its rows) and *reads* its input space (its columns,
   ``rest`` columns per unit: a kernel window, or ``H·W`` columns after a flatten);
-* BatchNorm, ReLU-like activations, dropout, pooling and a flatten into a linear layer keep the space, but
+* BatchNorm, ReLU-like activations, dropout, stochastic depth (torchvision's ``stochastic_depth``, timm's
+  ``drop_path``: a per-sample scale of a batch), pooling and a flatten into a linear layer keep the space, but
   only elementwise ops keep a linear layer's output, whose units sit on the last axis (a flatten, reshape,
   pooling, mean or conv of it regroups them differently);
 * a depthwise conv (one filter per channel, channel multiplier 1) keeps the space like BatchNorm, its
@@ -98,6 +99,7 @@ from wmark.whitebox.shared import share
 from wmark.whitebox.singletons import singleton_axes, squeezed
 from wmark.whitebox.sizes import batch_led, shape_read
 from wmark.whitebox.spaces import FIXED, SIGNED, Graph, _assemble, _Spaces
+from wmark.whitebox.stochastic_depth import is_stochastic_depth, stochastic_depth_why
 
 # binormalize and plan live in wmark.whitebox.plan and are re-exported for the callers that import them from here.
 __all__ = ["Graph", "binormalize", "plan", "read_graph"]
@@ -219,6 +221,15 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
                 sp.info[label[node]].params.append(weight)  # one slope per unit, as nn.PReLU(C)'s: it permutes with them
             if tensor_args[0] in last_axis and not why:
                 last_axis.add(node)
+            continue
+        if tensor_args and is_stochastic_depth(node):
+            # A per-sample scale in training, the identity in eval mode: the units stay where they sit, as dropout.
+            why = stochastic_depth_why(node, ranks[tensor_args[0]], batch_led(label, sp))
+            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            if not why and tensor_args[0] in last_axis:
+                last_axis.add(node)
+            if not why and tensor_args[0] in tags:
+                tags[node] = tags[tensor_args[0]]
             continue
         if tensor_args and node.op == "call_method" and node.target in _EXPANDS:
             # The units sit where the first operand's do; expand_as's other operand lends only its shape.
