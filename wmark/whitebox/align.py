@@ -20,7 +20,9 @@ whole: its assignment maximises ``Σ g ± Σ s`` for the better sign, which then
 layers reading a signed space through a norm gain (a decoder's ``gate_proj`` and ``up_proj``) may carry
 that gain's own signs on their columns; they are read from the writers whose rows never flip (the gate):
 neurons matched on sign-blind magnitudes, each column's sign from the matched rows, matched again with
-those signs, kept only if they fit the rows better than no extra signs. A signed space whose writers' row
+those signs, kept only if they fit the rows better than no extra signs; a writer of a free space reading a
+gain that no such writer resolves (MobileNetV2's expansion after a linear projection) is matched on sign-blind
+magnitudes. A signed space whose writers' row
 signs are each a norm's own (MobileNetV2's linear-bottleneck stream) shows its signs only in the columns of
 the layers reading it, whose rows may flip on their own: a rank-one sign fit of matched rows reads them.
 
@@ -265,6 +267,12 @@ class Aligner:
         total: torch.Tensor | None = None
         carried: torch.Tensor | None = None
         for layer in writers:
+            if layer.gain and layer.gain not in self.gain_signs:
+                # Its columns carry a gain's signs no writer resolves (only in a free space: the plan refuses the
+                # rest), so it is matched blind to every sign, its rows' included.
+                sim = self._magnitude_similarity(layer, self._choose(layer))
+                total = sim if total is None else total + sim
+                continue
             sim = self._similarity(layer, self._choose(layer))
             if layer.own:
                 # Signs that a norm right after the layer absorbs show in no other tensor: match blind to them.

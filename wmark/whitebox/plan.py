@@ -34,7 +34,8 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
     with the rows un-flipped. Every such space needs a writer other than the marked layer whose rows carry
     its signs, or, where a norm owns every writer's row signs (a linear-bottleneck stream), a reader other
     than the marked layer, one whose rows never flip if the marked layer's own rows do not absorb the
-    stream's overall sign.
+    stream's overall sign. A signed or negatable space's writers reading a norm gain need one among them
+    whose rows never flip, to read the gain's signs; a free space's are matched on sign-blind magnitudes.
 
     Raises:
         UsageError: If the marked layer's inputs cannot be aligned (opaque, or written by nothing that
@@ -62,7 +63,8 @@ def plan(graph: Graph, marked: str) -> list[Layer]:
         if graph.spaces[s].kind in (SIGNED, NEGATABLE) and not any(w.signs for w in writers):
             raise UsageError(f"The sign flips of space {s!r}, which {marked} depends on, show only in {marked} "
                              "itself; mark another layer.")
-        gained = {w.gain for w in writers if w.gain}
+        # A free space's writers reading a gain no row-fixed writer resolves are matched blind to its signs.
+        gained = {w.gain for w in writers if w.gain} if graph.spaces[s].kind in (SIGNED, NEGATABLE) else set()
         if any(all(w.signs for w in writers if w.gain == g) for g in gained):
             raise UsageError(f"The norm-gain signs of the writers of space {s!r}, which {marked} depends on, show "
                              f"only in {marked} itself; mark another layer.")
