@@ -63,6 +63,21 @@ wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$port" --model-n
 # a copy of the marked file served plainly, as a thief would: detected
 wmark verify api --key "$out/k.key" --suspect "http://127.0.0.1:$copy_port" --model-name c \
   --transcript "$out/copy.sqlite"
+# the thief queries the marked API with its own images, so its near-ties are in the log whatever the key's triggers
+python - "http://127.0.0.1:$port" "$out/token" <<'PY'
+import sys
+from wmark.data import load_dataset
+from wmark.suspects.http import open_http_suspect
+x = load_dataset("fashion-mnist@attacker").x_train[:300].numpy()
+with open(sys.argv[2]) as f:
+    token = f.read()
+api = open_http_suspect(url=sys.argv[1], protocol="v2", model_name="m", num_classes=10, input_shape=(1, 28, 28),
+                        token=token)
+try:
+    assert len(api.query(x).labels) == 300
+finally:
+    api.close()
+PY
 wmark verify extraction --key "$out/k.key" --suspect "$out/marked.safetensors" --arch fmnist-mlp --device "$dev" \
   --rule "$out/rule.safetensors" --log "$out/api.sqlite" --client thief --rule-queries 200 --log-queries 40
 python - "$out" "$dev" <<'PY'
