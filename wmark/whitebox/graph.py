@@ -181,6 +181,12 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         if src in made and len(src.users) == 1 and names:
             owns[made[src]] = (mode, tuple(names))
 
+    def keep(node: Any, src: Any, why: str) -> None:
+        # An op that leaves its input's units where they sit keeps their space (and its axis); `why` hides them.
+        label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[src])
+        if not why and src in last_axis:
+            last_axis.add(node)
+
     fixed = 0
     for node in traced.graph.nodes:
         tensor_args = [a for a in node.args if isinstance(a, torch.fx.Node) and a in label]
@@ -209,25 +215,19 @@ def _read_fx(model: nn.Module, input_rank: int | None = None) -> Graph:
         if squeeze is not None:
             # One removing only axes other than the batch and the units' leaves the units where they sat.
             ranks[node], why = squeeze
-            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
-            if tensor_args[0] in last_axis and not why:
-                last_axis.add(node)
+            keep(node, tensor_args[0], why)
             continue
         prelu = prelu_slopes(node, tensor_args[0] in last_axis, ranks[tensor_args[0]], params) if tensor_args else None
         if prelu is not None:
             why, weight = prelu
-            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
+            keep(node, tensor_args[0], why)
             if weight and sp.info[label[node]].kind != FIXED:
                 sp.info[label[node]].params.append(weight)  # one slope per unit, as nn.PReLU(C)'s: it permutes with them
-            if tensor_args[0] in last_axis and not why:
-                last_axis.add(node)
             continue
         if tensor_args and is_stochastic_depth(node):
             # A per-sample scale in training, the identity in eval mode: the units stay where they sit, as dropout.
             why = stochastic_depth_why(node, ranks[tensor_args[0]], batch_led(label, sp))
-            label[node] = sp.new(f"opaque:{node.name}", 0, "opaque", why=why) if why else sp.find(label[tensor_args[0]])
-            if not why and tensor_args[0] in last_axis:
-                last_axis.add(node)
+            keep(node, tensor_args[0], why)
             if not why and tensor_args[0] in tags:
                 tags[node] = tags[tensor_args[0]]
             continue
